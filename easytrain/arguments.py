@@ -1,0 +1,215 @@
+"""`TrainingArguments`: every knob of a run, with a default, a help string and a fast check.
+
+The dataclass is the single source of defaults. It round-trips through JSON and YAML and is parsed
+from the command line by `transformers.HfArgumentParser` (see `easytrain.config_io`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+from easytrain.errors import ArgumentError
+
+DTYPES = ("float32", "bfloat16", "float16")
+OPTIMIZERS = ("adamw", "adafactor", "lion", "sgd")
+SCHEDULES = ("constant", "linear", "cosine")
+STRATEGIES = ("no", "steps", "epoch")
+NON_FINITE_POLICIES = ("skip", "stop", "ignore")
+
+
+def _arg(default: Any, help: str, **kwargs: Any) -> Any:
+    """A dataclass field whose help text shows in `--help` and in the generated reference."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kwargs})
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class TrainingArguments:
+    """Everything a run needs, in one place. Defaults train the embedded arithmetic task."""
+
+    # --- run -----------------------------------------------------------------------------------
+    output_dir: str = _arg("outputs/easytrain", "Where checkpoints, logs, arguments and the exported model go.")
+    overwrite_output_dir: bool = _arg(
+        False, "Allow starting a fresh run in an output_dir that already holds another run's checkpoints."
+    )
+    task: str = _arg(
+        "lm",
+        "What to train: a registered task name ('lm', 'arithmetic') or 'package.module:TrainerClass' "
+        "for any class that implements easytrain.TrainerProtocol.",
+    )
+    seed: int = _arg(42, "Seed for parameter init, data order and dropout/sampling RNG.")
+
+    # --- model ---------------------------------------------------------------------------------
+    model_name_or_path: Optional[str] = _arg(
+        None, "Directory (or hub name) of a pretrained model in Hugging Face format to start from."
+    )
+    model_config: str = _arg(
+        "tiny",
+        "Architecture when training from scratch: a preset ('tiny', 'small') or a path to a config.json. "
+        "Ignored when model_name_or_path is set.",
+    )
+    tokenizer_name: Optional[str] = _arg(
+        None, "Tokenizer directory or hub name. Defaults to model_name_or_path, or to the task's own tokenizer."
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = _arg("float32", "Compute dtype of activations.")
+    param_dtype: Literal["float32", "bfloat16", "float16"] = _arg(
+        "float32", "Storage dtype of parameters and optimizer state (master weights)."
+    )
+
+    # --- data ----------------------------------------------------------------------------------
+    dataset_name: Optional[str] = _arg(None, "A dataset name or local directory for datasets.load_dataset.")
+    dataset_config_name: Optional[str] = _arg(None, "The dataset's configuration name, if it has several.")
+    train_file: Optional[str] = _arg(None, "Local training file: .json, .jsonl, .csv, .parquet or .txt.")
+    validation_file: Optional[str] = _arg(None, "Local validation file, same formats as train_file.")
+    text_column: str = _arg("text", "Name of the dataset column holding the raw text.")
+    validation_split_percentage: int = _arg(
+        5, "Percent of the training set held out for evaluation when there is no validation split."
+    )
+    max_length: int = _arg(128, "Sequence length of every training block, in tokens.")
+    max_train_samples: Optional[int] = _arg(None, "Truncate the training set to this many rows (debugging).")
+    max_eval_samples: Optional[int] = _arg(None, "Truncate the evaluation set to this many rows.")
+    preprocessing_num_workers: Optional[int] = _arg(None, "Processes used to tokenise the dataset.")
+
+    # --- optimisation --------------------------------------------------------------------------
+    num_train_epochs: int = _arg(3, "Passes over the training set (ignored when max_steps > 0).")
+    max_steps: int = _arg(-1, "Total optimizer updates; overrides num_train_epochs when > 0.")
+    train_batch_size: int = _arg(
+        32, "Global batch size: examples per optimizer update, summed over devices, hosts and micro-batches."
+    )
+    eval_batch_size: int = _arg(32, "Global batch size for evaluation.")
+    gradient_accumulation_steps: int = _arg(
+        1, "Split each global batch into this many micro-batches, accumulated inside the compiled step."
+    )
+    learning_rate: float = _arg(3e-4, "Peak learning rate.")
+    lr_scheduler_type: Literal["constant", "linear", "cosine"] = _arg(
+        "cosine", "Decay after warmup, counted in optimizer updates (never micro-batches)."
+    )
+    warmup_steps: int = _arg(0, "Linear warmup length in optimizer updates; takes precedence over warmup_ratio.")
+    warmup_ratio: float = _arg(0.0, "Warmup as a fraction of the total optimizer updates.")
+    optimizer: Literal["adamw", "adafactor", "lion", "sgd"] = _arg("adamw", "Optimizer.")
+    weight_decay: float = _arg(0.0, "Decoupled weight decay (AdamW, Lion, Adafactor); L2 for SGD.")
+    adam_beta1: float = _arg(0.9, "beta1 of AdamW and Lion.")
+    adam_beta2: float = _arg(0.999, "beta2 of AdamW and Lion.")
+    adam_epsilon: float = _arg(1e-8, "epsilon of AdamW.")
+    sgd_momentum: float = _arg(0.9, "Momentum of SGD (0 for plain SGD).")
+    max_grad_norm: float = _arg(1.0, "Clip gradients to this global norm; 0 disables clipping.")
+    non_finite_policy: Literal["skip", "stop", "ignore"] = _arg(
+        "skip", "On a NaN/Inf loss or gradient: 'skip' the update (counted in the logs), 'stop', or 'ignore'."
+    )
+
+    # --- logging, evaluation, checkpoints ------------------------------------------------------
+    logging_steps: int = _arg(10, "Fetch metrics from the device and log them every N optimizer updates.")
+    eval_strategy: Literal["no", "steps", "epoch"] = _arg("steps", "When to evaluate during training.")
+    eval_steps: int = _arg(100, "Evaluate every N updates when eval_strategy='steps'.")
+    save_strategy: Literal["no", "steps", "epoch"] = _arg(
+        "steps", "When to checkpoint during training (a final checkpoint is written unless 'no')."
+    )
+    save_steps: int = _arg(200, "Checkpoint every N updates when save_strategy='steps'.")
+    save_total_limit: Optional[int] = _arg(3, "Keep the newest N checkpoints (plus the best one, if tracked).")
+    async_checkpointing: bool = _arg(True, "Write checkpoints in the background while training continues.")
+    resume_from_checkpoint: Optional[str] = _arg(
+        None, "'latest' (or 'true') to resume the newest checkpoint in output_dir, or a checkpoint path."
+    )
+    metric_for_best_model: Optional[str] = _arg(
+        None, "Eval metric (e.g. 'eval_loss') used to keep the best checkpoint and for early stopping."
+    )
+    greater_is_better: bool = _arg(False, "Whether a larger metric_for_best_model is better.")
+    early_stopping_patience: Optional[int] = _arg(
+        None, "Stop after this many evaluations without improvement of metric_for_best_model (or eval_loss)."
+    )
+    report_to: list[str] = _arg(["tensorboard", "jsonl"], "Metric sinks: 'tensorboard', 'jsonl' or 'none'.")
+    disable_progress_bar: bool = _arg(False, "Print log lines only, without a live progress bar.")
+    save_pretrained_at_end: bool = _arg(
+        True, "Export the final model in Hugging Face format to output_dir/final_model."
+    )
+
+    # --- devices -------------------------------------------------------------------------------
+    data_parallel_size: int = _arg(-1, "Size of the 'data' mesh axis; -1 takes the devices left over.")
+    fsdp_size: int = _arg(1, "Size of the 'fsdp' mesh axis (parameters and optimizer state sharded).")
+    tensor_parallel_size: int = _arg(1, "Size of the 'tensor' mesh axis (matmuls split across devices).")
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    # --- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, indent: int = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainingArguments":
+        """Build from a dict, rejecting unknown keys with a suggestion."""
+        check_known_fields(values, source="the configuration")
+        return cls(**values)
+
+    @property
+    def uses_epochs(self) -> bool:
+        return self.max_steps <= 0
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(TrainingArguments)]
+
+
+def check_known_fields(values: dict[str, Any], *, source: str) -> None:
+    import difflib
+
+    known = field_names()
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else " Run `easytrain train --help` for the list."
+            raise ArgumentError(key, f"unknown argument in {source}.{hint}")
+
+
+def _require(condition: bool, name: str, message: str) -> None:
+    if not condition:
+        raise ArgumentError(name, message)
+
+
+def validate(args: TrainingArguments) -> None:
+    """Fail before any compute, naming the field and the fix."""
+    positive_ints = ("train_batch_size", "eval_batch_size", "gradient_accumulation_steps", "max_length",
+                     "logging_steps", "eval_steps", "save_steps")
+    for name in positive_ints:
+        value = getattr(args, name)
+        _require(isinstance(value, int) and value > 0, name, f"must be a positive integer, got {value!r}.")
+    _require(args.learning_rate > 0 and math.isfinite(args.learning_rate), "learning_rate",
+             f"must be a positive number, got {args.learning_rate!r}.")
+    _require(args.num_train_epochs > 0 or args.max_steps > 0, "num_train_epochs",
+             "must be positive, or set max_steps > 0.")
+    _require(args.train_batch_size % args.gradient_accumulation_steps == 0, "gradient_accumulation_steps",
+             f"must divide train_batch_size={args.train_batch_size}; e.g. use "
+             f"{_divisors_hint(args.train_batch_size)}.")
+    _require(0.0 <= args.warmup_ratio < 1.0, "warmup_ratio", f"must be in [0, 1), got {args.warmup_ratio}.")
+    _require(args.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {args.warmup_steps}.")
+    _require(args.weight_decay >= 0, "weight_decay", f"must be >= 0, got {args.weight_decay}.")
+    _require(args.max_grad_norm >= 0, "max_grad_norm", f"must be >= 0 (0 disables), got {args.max_grad_norm}.")
+    _require(0 <= args.validation_split_percentage < 100, "validation_split_percentage",
+             f"must be in [0, 100), got {args.validation_split_percentage}.")
+    _require(args.save_total_limit is None or args.save_total_limit > 0, "save_total_limit",
+             f"must be a positive integer or unset, got {args.save_total_limit}.")
+    for name, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES), ("optimizer", OPTIMIZERS),
+                          ("lr_scheduler_type", SCHEDULES), ("eval_strategy", STRATEGIES),
+                          ("save_strategy", STRATEGIES), ("non_finite_policy", NON_FINITE_POLICIES)):
+        value = getattr(args, name)
+        _require(value in allowed, name, f"must be one of {', '.join(allowed)}; got {value!r}.")
+    bad_sinks = [s for s in args.report_to if s not in ("tensorboard", "jsonl", "none")]
+    _require(not bad_sinks, "report_to", f"unknown sink(s) {bad_sinks}; use 'tensorboard', 'jsonl' or 'none'.")
+    for name in ("data_parallel_size", "fsdp_size", "tensor_parallel_size"):
+        value = getattr(args, name)
+        _require(value == -1 or value > 0, name, f"must be a positive size or -1, got {value}.")
+    _require(args.early_stopping_patience is None or args.early_stopping_patience > 0, "early_stopping_patience",
+             f"must be a positive integer or unset, got {args.early_stopping_patience}.")
+
+
+def _divisors_hint(n: int) -> str:
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    return ", ".join(str(d) for d in divisors[:8])

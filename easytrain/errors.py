@@ -1,0 +1,23 @@
+"""Errors raised before any compute starts. Each names the offending field and the fix."""
+
+from __future__ import annotations
+
+
+class EasytrainError(Exception):
+    """Base class of every error easytrain raises on purpose."""
+
+
+class ArgumentError(EasytrainError, ValueError):
+    """A `TrainingArguments` field (or command-line flag) has a bad value."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+class OutputDirError(EasytrainError, ValueError):
+    """The output directory holds another run, or cannot be written."""
+
+
+class NonFiniteLossError(EasytrainError, FloatingPointError):
+    """Training produced a NaN/Inf loss or gradient under `non_finite_policy='stop'`."""

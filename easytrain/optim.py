@@ -1,0 +1,57 @@
+"""Optimizer and learning-rate schedule from `TrainingArguments`, built with optax.
+
+The schedule is a pure function of the optimizer-update count, so gradient accumulation never
+shifts warmup or decay.
+"""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+from easytrain.arguments import TrainingArguments
+
+
+def warmup_steps(args: TrainingArguments, total_steps: int) -> int:
+    if args.warmup_steps > 0:
+        return min(args.warmup_steps, total_steps)
+    return int(args.warmup_ratio * total_steps)
+
+
+def build_schedule(args: TrainingArguments, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 to the peak, then constant, linear or cosine decay to 0 at `total_steps`."""
+    peak = args.learning_rate
+    warmup = warmup_steps(args, total_steps)
+    decay_steps = max(total_steps - warmup, 1)
+    if args.lr_scheduler_type == "constant":
+        decay = optax.constant_schedule(peak)
+    elif args.lr_scheduler_type == "linear":
+        decay = optax.linear_schedule(peak, 0.0, decay_steps)
+    else:
+        decay = optax.cosine_decay_schedule(peak, decay_steps)
+    if warmup == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], boundaries=[warmup])
+
+
+def decay_mask(params: optax.Params) -> optax.Params:
+    """Weight decay applies to matrices only, never to norm scales or biases."""
+    return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def build_optimizer(args: TrainingArguments, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """Clipping (if asked) chained before the chosen optimizer."""
+    wd = args.weight_decay
+    if args.optimizer == "adamw":
+        opt = optax.adamw(schedule, b1=args.adam_beta1, b2=args.adam_beta2, eps=args.adam_epsilon,
+                          weight_decay=wd, mask=decay_mask)
+    elif args.optimizer == "lion":
+        opt = optax.lion(schedule, b1=args.adam_beta1, b2=args.adam_beta2, weight_decay=wd, mask=decay_mask)
+    elif args.optimizer == "adafactor":
+        opt = optax.adafactor(schedule, weight_decay_rate=wd or None, weight_decay_mask=decay_mask)
+    else:
+        opt = optax.chain(optax.add_decayed_weights(wd, mask=decay_mask),
+                          optax.sgd(schedule, momentum=args.sgd_momentum or None))
+    if args.max_grad_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(args.max_grad_norm), opt)
+    return opt
