@@ -1,0 +1,77 @@
+"""Create the `TrainState` directly in its sharded layout.
+
+Shapes come from `nnx.eval_shape`; shardings from the parameters' logical axes; then the whole state
+(parameters and optimizer moments) is built inside `jax.jit(..., out_shardings=...)`, so no array is
+ever materialised whole on one device.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from easytrain import sharding
+from easytrain.state import TrainState, raw_key
+
+
+def abstract_module(model_fn: Callable[[], nnx.Module]) -> nnx.Module:
+    """The module with `ShapeDtypeStruct` leaves: no memory, no compute."""
+    with nnx.use_eager_sharding(False):
+        return nnx.eval_shape(model_fn)
+
+
+def state_shardings(abstract_model: nnx.Module, tx: optax.GradientTransformation, mesh: Mesh,
+                    rules: sharding.LogicalRules = sharding.DEFAULT_RULES) -> TrainState:
+    """A `TrainState`-shaped tree of `NamedSharding`s for this model, optimizer and mesh."""
+    graphdef, abs_params, abs_rest = nnx.split(abstract_model, nnx.Param, ...)
+    params_sh = sharding.param_shardings(abs_params, mesh, rules)
+    rest_sh = sharding.param_shardings(abs_rest, mesh, rules)
+    pure_params = nnx.to_pure_dict(abs_params)
+    abs_opt = jax.eval_shape(tx.init, pure_params)
+    opt_sh = sharding.optimizer_shardings(tx, abs_opt, pure_params, params_sh, mesh)
+    replicated = sharding.replicated(mesh)
+    return TrainState(step=replicated, params=params_sh, model_state=rest_sh, opt_state=opt_sh,
+                      rng=replicated, graphdef=graphdef, tx=tx)
+
+
+def create_state(model_fn: Callable[[], nnx.Module], tx: optax.GradientTransformation, *, seed: int,
+                 mesh: Mesh, rules: sharding.LogicalRules = sharding.DEFAULT_RULES) -> tuple[TrainState, TrainState]:
+    """Initialise a fresh model and its optimizer state in place on the mesh.
+
+    Returns `(state, shardings)`; `shardings` is also the layout every checkpoint restores onto.
+    """
+    shardings = state_shardings(abstract_module(model_fn), tx, mesh, rules)
+
+    def init() -> TrainState:
+        with nnx.use_eager_sharding(False):
+            graphdef, params, rest = nnx.split(model_fn(), nnx.Param, ...)
+        return TrainState.create(graphdef=graphdef, params=nnx.to_pure_dict(params),
+                                 model_state=nnx.to_pure_dict(rest), tx=tx, rng=raw_key(seed))
+
+    with jax.set_mesh(mesh):
+        state = jax.jit(init, out_shardings=shardings)()
+    return state, shardings
+
+
+def place_module(model: nnx.Module, tx: optax.GradientTransformation, *, seed: int, mesh: Mesh,
+                 rules: sharding.LogicalRules = sharding.DEFAULT_RULES) -> tuple[TrainState, TrainState]:
+    """Place an existing (e.g. pretrained) module's weights on the mesh and build its optimizer state."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    shardings = state_shardings(model, tx, mesh, rules)
+    params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+
+    def init(params: Any, rest: Any) -> TrainState:
+        return TrainState.create(graphdef=graphdef, params=params, model_state=rest, tx=tx, rng=raw_key(seed))
+
+    with jax.set_mesh(mesh):
+        state = jax.jit(init, out_shardings=shardings)(params, rest)
+    return state, shardings
+
+
+def abstract_state(shardings: TrainState, state: TrainState) -> TrainState:
+    """`ShapeDtypeStruct`s carrying the target shardings: the restore target for checkpoints."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)

@@ -1,0 +1,175 @@
+"""The pure step functions against independent references (NumPy, a hand-written loop)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import transformers
+
+from easytrain import TrainState, token_cross_entropy_sums
+from easytrain.losses import causal_lm_loss
+from easytrain.models import init_model
+from easytrain.state import raw_key, split_model
+from easytrain.steps import eval_step, split_microbatches, summarize, train_step
+
+CONFIG = transformers.LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+
+
+def make_state(tx=None, seed=0) -> TrainState:
+    graphdef, params, rest = split_model(init_model(CONFIG, seed=seed))
+    return TrainState.create(graphdef=graphdef, params=params, model_state=rest,
+                             tx=tx or optax.adamw(1e-2), rng=raw_key(seed))
+
+
+def ragged_batch(rows=8, length=12, seed=0):
+    """Rows of different lengths (right padding) and partially masked targets."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, CONFIG.vocab_size, (rows, length + 1)).astype(np.int32)
+    lengths = rng.integers(1, length + 1, rows)
+    attention = (np.arange(length)[None, :] < lengths[:, None]).astype(np.int32)
+    loss_mask = attention * (rng.random((rows, length)) < 0.7)
+    loss_mask[0] = 0  # one example with no supervised token at all
+    return {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": loss_mask.astype(np.float32),
+            "attention_mask": attention, "example_id": np.arange(rows, dtype=np.int32)}
+
+
+def test_cross_entropy_sums_match_numpy():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 5, 7)).astype(np.float32)
+    targets = rng.integers(0, 7, (3, 5))
+    mask = (rng.random((3, 5)) < 0.6).astype(np.float32)
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
+    loss_sum, count, correct = token_cross_entropy_sums(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask))
+    np.testing.assert_allclose(loss_sum, (nll * mask).sum(), rtol=1e-5)
+    assert float(count) == mask.sum()
+    assert float(correct) == ((logits.argmax(-1) == targets) * mask).sum()
+
+
+def test_loss_is_token_normalised_not_mean_of_means():
+    state = make_state()
+    batch = ragged_batch()
+    _, metrics = jax.jit(functools.partial(train_step, loss_fn=causal_lm_loss, schedule=lambda s: 1e-2))(state, batch)
+    logits = np.asarray(state.model()(batch["input_ids"], attention_mask_BT=batch["attention_mask"]))
+    log_probs = logits - np.log(np.exp(logits.astype(np.float64)).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(log_probs, batch["targets"][..., None], -1)[..., 0]
+    expected = (nll * batch["loss_mask"]).sum() / batch["loss_mask"].sum()
+    assert float(metrics["loss_sum"] / metrics["num_tokens"]) == pytest.approx(expected, rel=1e-5)
+    assert summarize([jax.device_get(metrics)])["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_batch_without_supervised_tokens_gives_zero_not_nan():
+    state = make_state()
+    batch = ragged_batch()
+    batch["loss_mask"] = np.zeros_like(batch["loss_mask"])
+    new_state, metrics = jax.jit(functools.partial(train_step, loss_fn=causal_lm_loss, schedule=lambda s: 1e-2))(
+        state, batch)
+    assert float(metrics["num_tokens"]) == 0 and float(metrics["loss_sum"]) == 0.0
+    assert int(metrics["skipped"]) == 0 and float(metrics["grad_norm"]) == 0.0
+    assert summarize([jax.device_get(metrics)])["loss"] == 0.0
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(new_state.params))
+
+
+@pytest.mark.parametrize("num_micro", [2, 4, 8])
+def test_gradient_accumulation_equals_full_batch(num_micro):
+    """Loss and updated parameters are identical for any micro-batch split of one global batch."""
+    tx = optax.sgd(1.0)  # updates equal the gradients, so parameters compare gradients directly
+    batch = ragged_batch()
+    step = lambda a: jax.jit(functools.partial(train_step, loss_fn=causal_lm_loss, schedule=lambda s: 1.0,
+                                               num_micro=a))
+    full_state, full = step(1)(make_state(tx), batch)
+    split_state, split = step(num_micro)(make_state(tx), batch)
+    assert float(split["num_tokens"]) == float(full["num_tokens"])
+    np.testing.assert_allclose(split["loss_sum"], full["loss_sum"], rtol=1e-6)
+    np.testing.assert_allclose(split["grad_norm"], full["grad_norm"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(split_state.params), jax.tree.leaves(full_state.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    differs = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(full_state.params),
+                                                     jax.tree.leaves(make_state(tx).params))]
+    assert any(differs), "the update must actually change parameters for this test to mean anything"
+
+
+def test_microbatches_interleave_rows():
+    batch = {"x": np.arange(8)}
+    np.testing.assert_array_equal(split_microbatches(batch, 2)["x"], [[0, 2, 4, 6], [1, 3, 5, 7]])
+
+
+def test_apply_gradients_returns_new_state_and_leaves_old_untouched():
+    state = make_state()
+    before = jax.tree.map(np.asarray, state.params)
+    grads = jax.tree.map(jnp.ones_like, state.params)
+    new = state.apply_gradients(grads)
+    assert int(new.step) == 1 and int(state.step) == 0
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state.params)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(Exception):
+        state.step = 5  # frozen dataclass
+
+
+def test_train_step_donates_the_old_state():
+    state = make_state()
+    step = jax.jit(functools.partial(train_step, loss_fn=causal_lm_loss, schedule=lambda s: 1e-2), donate_argnums=0)
+    old_leaves = jax.tree.leaves(state.params)
+    new_state, _ = step(state, ragged_batch())
+    assert all(leaf.is_deleted() for leaf in old_leaves)
+    assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(new_state.params))
+
+
+def test_matches_a_hand_written_training_loop():
+    """Five steps of the library step equal a from-scratch jitted loop on the same weights and data."""
+    tx = optax.adamw(3e-3, weight_decay=0.01)
+    state = make_state(tx)
+    model = state.model()
+    params = jax.tree.map(jnp.array, state.params)
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def reference_step(params, opt_state, batch):
+        def loss(params):
+            import flax.nnx as nnx
+            logits = nnx.merge(state.graphdef, params, state.model_state)(
+                batch["input_ids"], attention_mask_BT=batch["attention_mask"])
+            logp = jax.nn.log_softmax(logits)
+            nll = -jnp.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
+            return jnp.sum(nll * batch["loss_mask"]) / jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+
+        value, grads = jax.value_and_grad(loss)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    step = jax.jit(functools.partial(train_step, loss_fn=causal_lm_loss, schedule=lambda s: 3e-3))
+    del model
+    for i in range(5):
+        batch = ragged_batch(seed=i)
+        params, opt_state, expected = reference_step(params, opt_state, batch)
+        state, metrics = step(state, batch)
+        assert float(metrics["loss_sum"] / metrics["num_tokens"]) == pytest.approx(float(expected), rel=1e-5)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_non_finite_step_is_skipped():
+    state = make_state()
+    batch = ragged_batch()
+    poisoned = jax.tree.map(lambda x: x, state.params)
+    poisoned["norm"]["scale"] = poisoned["norm"]["scale"].at[0].set(jnp.nan)
+    bad_state = state.replace(params=poisoned)
+    new_state, metrics = jax.jit(functools.partial(train_step, loss_fn=causal_lm_loss, schedule=lambda s: 1e-2))(
+        bad_state, batch)
+    assert int(metrics["skipped"]) == 1
+    assert int(new_state.step) == 1  # the batch was consumed ...
+    for a, b in zip(jax.tree.leaves(new_state.opt_state), jax.tree.leaves(bad_state.opt_state)):
+        np.testing.assert_array_equal(a, b)  # ... but nothing was updated
+
+
+def test_eval_step_ignores_padding_rows():
+    state = make_state()
+    batch = ragged_batch()
+    padded = {k: np.concatenate([v, np.zeros_like(v[:3])]) for k, v in batch.items()}
+    a, b = eval_step(state, batch, loss_fn=causal_lm_loss), eval_step(state, padded, loss_fn=causal_lm_loss)
+    np.testing.assert_allclose(a["loss_sum"], b["loss_sum"], rtol=1e-6)
+    assert float(a["num_tokens"]) == float(b["num_tokens"])
