@@ -1,0 +1,409 @@
+"""Checkpointing on Orbax: asynchronous saves, strict and exact resume.
+
+Layout: ``<output_dir>/checkpoints/<step>/`` holds three items:
+
+* ``state`` -- the train-state pytree (params, optimizer state, step, PRNG key).
+* ``data_state`` -- JSON position of the data iterator.
+* ``run_info`` -- JSON arguments, model config and format version, readable on
+  its own so a resume can be validated before any array is loaded.
+
+Orbax writes each step into ``<step>.orbax-checkpoint-tmp`` and renames it once
+complete, so only finalized directories ever count as checkpoints. Typed PRNG
+keys (``jax.random.key``) are stored natively by Orbax as raw key data plus the
+key implementation; no conversion is needed on either side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as ocp_policies
+
+from easytrain.errors import EasytrainError
+
+__all__ = ["CHECKPOINTS_DIRNAME", "CheckpointManager", "CheckpointMismatchError", "CheckpointNotFoundError",
+           "finalized_steps", "resolve_checkpoint"]
+
+CHECKPOINTS_DIRNAME = "checkpoints"
+_LATEST_ALIASES = frozenset({"true", "latest"})
+_DISABLED_ALIASES = frozenset({"false", "none", ""})
+
+Signature = dict[str, tuple[tuple[int, ...], str]]
+
+
+class CheckpointNotFoundError(EasytrainError, FileNotFoundError):
+    """The requested checkpoint does not exist or is not a complete checkpoint."""
+
+
+class CheckpointMismatchError(EasytrainError, ValueError):
+    """The stored state tree differs from the tree the caller wants to restore into.
+
+    Attributes:
+        missing: Keys the caller expects but the checkpoint lacks.
+        unexpected: Keys stored in the checkpoint that the caller does not expect.
+        mismatched: ``key -> (stored, expected)`` shape/dtype descriptions.
+    """
+
+    def __init__(self, missing: list[str], unexpected: list[str], mismatched: dict[str, tuple[str, str]]):
+        self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
+        lines = ["checkpoint does not match the state to restore into (nothing was loaded):"]
+        lines += [f"  missing in checkpoint: {key}" for key in missing]
+        lines += [f"  unexpected in checkpoint: {key}" for key in unexpected]
+        lines += [f"  {key}: stored {got}, expected {want}" for key, (got, want) in mismatched.items()]
+        super().__init__("\n".join(lines))
+
+
+# ----------------------------------------------------------------------------- tree metadata
+
+
+def _key_name(entry: Any) -> str:
+    """One path entry as Orbax names it (dict key, attribute or index)."""
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def _path_name(path: tuple[Any, ...]) -> str:
+    """Dotted name of a pytree path; dicts, dataclasses and namedtuples agree."""
+    return ".".join(_key_name(entry) for entry in path)
+
+
+def _leaf_signature(leaf: Any) -> tuple[tuple[int, ...], str]:
+    """(shape, dtype) as stored on disk; typed PRNG keys are stored as raw key data."""
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is None:
+        return tuple(getattr(leaf, "shape", ())), type(leaf).__name__
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        leaf = jax.eval_shape(jax.random.key_data, leaf)
+    return tuple(leaf.shape), str(leaf.dtype)
+
+
+def tree_signature(tree: Any) -> Signature:
+    """Maps every leaf's dotted path to its (shape, dtype)."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {_path_name(path): _leaf_signature(leaf) for path, leaf in leaves}
+
+
+def _describe(signature: tuple[tuple[int, ...], str]) -> str:
+    shape, dtype = signature
+    return f"{dtype}{list(shape)}"
+
+
+def check_signatures(stored: Signature, expected: Signature) -> None:
+    """Raises CheckpointMismatchError unless both trees have identical leaves.
+
+    Raises:
+        CheckpointMismatchError: listing missing, unexpected and mismatched keys.
+    """
+    missing = sorted(expected.keys() - stored.keys())
+    unexpected = sorted(stored.keys() - expected.keys())
+    mismatched = {
+        key: (_describe(stored[key]), _describe(expected[key]))
+        for key in sorted(stored.keys() & expected.keys())
+        if stored[key] != expected[key]
+    }
+    if missing or unexpected or mismatched:
+        raise CheckpointMismatchError(missing, unexpected, mismatched)
+
+
+# ----------------------------------------------------------------------------- directories
+
+
+def _is_checkpoint(step_dir: Path) -> bool:
+    """True for a finalized ``<step>`` directory holding this library's items."""
+    return (
+        step_dir.name.isdigit()
+        and step_dir.is_dir()
+        and ocp.step.is_path_finalized(step_dir)
+        and (step_dir / "state").is_dir()
+        and (step_dir / "run_info").is_dir()
+    )
+
+
+def finalized_steps(directory: str | os.PathLike) -> list[int]:
+    """Steps of the complete checkpoints under ``directory``, ascending.
+
+    Half-written (tmp) directories left by a killed save are ignored.
+    """
+    root = Path(directory)
+    if not root.is_dir():
+        return []
+    return sorted(int(child.name) for child in root.iterdir() if _is_checkpoint(child))
+
+
+def _not_found(value: Any, problem: str) -> CheckpointNotFoundError:
+    return CheckpointNotFoundError(
+        f"resume_from_checkpoint={value!r}: {problem}. Pass a step directory such as "
+        f"'<output_dir>/{CHECKPOINTS_DIRNAME}/<step>', a '{CHECKPOINTS_DIRNAME}' directory, "
+        "or 'latest'; leave resume_from_checkpoint unset to start from scratch."
+    )
+
+
+def resolve_checkpoint(
+    output_dir: str | os.PathLike, resume_from_checkpoint: str | os.PathLike | bool | None
+) -> tuple[Path, int] | None:
+    """Turns a ``resume_from_checkpoint`` setting into a checkpoint to restore.
+
+    Args:
+        output_dir: The run's output directory; ``True``/``"latest"`` look in
+            ``output_dir/checkpoints``.
+        resume_from_checkpoint: ``None``/``False`` (no resume), ``True``/``"true"``/
+            ``"latest"``, or a path to a step directory, a checkpoints directory
+            or an output directory.
+
+    Returns:
+        ``(checkpoints_dir, step)`` of a complete checkpoint, or None for no resume.
+
+    Raises:
+        CheckpointNotFoundError: the path does not exist or holds no complete checkpoint.
+    """
+    value = resume_from_checkpoint
+    if value is None or value is False or (isinstance(value, str) and value.lower() in _DISABLED_ALIASES):
+        return None
+    if value is True or (isinstance(value, str) and value.lower() in _LATEST_ALIASES):
+        root = Path(output_dir).absolute() / CHECKPOINTS_DIRNAME
+        steps = finalized_steps(root)
+        if not steps:
+            raise _not_found(value, f"no complete checkpoint under {root}")
+        return root, steps[-1]
+    path = Path(value).expanduser().absolute()
+    if not path.exists():
+        raise _not_found(value, f"{path} does not exist")
+    if _is_checkpoint(path):
+        return path.parent, int(path.name)
+    for root in (path, path / CHECKPOINTS_DIRNAME):
+        if steps := finalized_steps(root):
+            return root, steps[-1]
+    raise _not_found(value, f"{path} is not a complete checkpoint and contains none")
+
+
+# ----------------------------------------------------------------------------- retention
+
+
+def _metric_value(metrics: Mapping[str, Any] | None, name: str) -> float:
+    """``metrics[name]`` as a float; NaN when absent so it never ranks as best."""
+    value = (metrics or {}).get(name)
+    return math.nan if value is None else float(value)
+
+
+def _best_index(values: list[float], greater_is_better: bool) -> int | None:
+    """Index of the best finite value (the earliest on ties), or None if there is none."""
+    finite = [(value, index) for index, value in enumerate(values) if math.isfinite(value)]
+    if not finite:
+        return None
+    pick = max if greater_is_better else min
+    return pick(finite, key=lambda item: item[0])[1]
+
+
+@dataclasses.dataclass
+class _KeepBest:
+    """Orbax preservation policy keeping the one checkpoint with the best metric.
+
+    Unlike Orbax's ``BestN``, checkpoints whose metric is missing or NaN are
+    never chosen, even when no checkpoint has the metric yet.
+    """
+
+    metric: str
+    greater_is_better: bool = False
+
+    def should_preserve(self, checkpoints: Sequence[Any], *, context: Any) -> list[bool]:
+        values = [_metric_value(info.metrics, self.metric) for info in checkpoints]
+        best = _best_index(values, self.greater_is_better)
+        return [index == best for index in range(len(checkpoints))]
+
+
+def _preservation_policy(max_to_keep: int | None, best_metric: str | None, greater_is_better: bool) -> Any:
+    """Keeps the newest ``max_to_keep`` steps, plus the best one when ranking.
+
+    Orbax's ``best_fn`` + ``max_to_keep`` means "the best N", which can delete
+    the newest checkpoint; the union of two policies keeps both guarantees.
+    """
+    policies: list[Any] = [ocp_policies.LatestN(n=max_to_keep)]
+    if best_metric is not None:
+        policies.append(_KeepBest(best_metric, greater_is_better))
+    return ocp_policies.AnyPreservationPolicy(policies)
+
+
+def _json_ready(name: str, value: Mapping[str, Any]) -> dict[str, Any]:
+    """Copies a JSON dict, failing now rather than inside a background save."""
+    try:
+        return json.loads(json.dumps(dict(value)))
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{name} must be JSON-serializable: {err}") from err
+
+
+# ----------------------------------------------------------------------------- manager
+
+
+class CheckpointManager:
+    """Saves and restores ``(state, data_state, run_info)`` triples by step.
+
+    Retention keeps the newest ``max_to_keep`` checkpoints for resuming and, when
+    ``best_metric`` is set, also the best one by that metric. Restores are strict:
+    the stored tree must match ``abstract_state`` leaf by leaf.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        max_to_keep: int | None = None,
+        async_save: bool = True,
+        best_metric: str | None = None,
+        greater_is_better: bool = False,
+    ):
+        """Opens (creating if needed) the checkpoint directory.
+
+        Args:
+            directory: Where ``<step>/`` directories live, usually ``output_dir/checkpoints``.
+            max_to_keep: Newest checkpoints to keep; None keeps all.
+            async_save: Write arrays in a background thread after a short device-to-host copy.
+            best_metric: Metric name (as passed to ``save(metrics=...)``) whose best
+                checkpoint is kept in addition to the newest ones.
+            greater_is_better: Direction of ``best_metric``.
+        """
+        if max_to_keep is not None and max_to_keep < 1:
+            raise ValueError(f"max_to_keep must be None or >= 1, got {max_to_keep}")
+        self.directory = Path(directory).absolute()
+        self.best_metric = best_metric
+        self.greater_is_better = greater_is_better
+        options = ocp.CheckpointManagerOptions(
+            enable_async_checkpointing=async_save,
+            # A best_fn only makes Orbax persist metrics, so the ranking survives a
+            # restart; which steps are kept is decided by the preservation policy.
+            best_fn=functools.partial(_metric_value, name=best_metric) if best_metric else None,
+            best_mode="max" if greater_is_better else "min",
+            preservation_policy=_preservation_policy(max_to_keep, best_metric, greater_is_better),
+            cleanup_tmp_directories=True,
+        )
+        handlers = {
+            "state": ocp.StandardCheckpointHandler(),
+            "data_state": ocp.JsonCheckpointHandler(),
+            "run_info": ocp.JsonCheckpointHandler(),
+        }
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        self._closed = False
+
+    def save(
+        self,
+        step: int,
+        *,
+        state: Any,
+        data_state: Mapping[str, Any],
+        run_info: Mapping[str, Any],
+        metrics: Mapping[str, float] | None = None,
+        force: bool = False,
+    ) -> bool:
+        """Starts saving a checkpoint; with ``async_save`` it completes in the background.
+
+        Arrays are copied off the device before this returns, so the caller may
+        keep updating (or donating) ``state`` right away.
+
+        Args:
+            step: Global step; must be newer than every existing step unless ``force``.
+            state: Pytree of jax arrays.
+            data_state: JSON dict, e.g. the data-iterator position.
+            run_info: JSON dict of arguments, model config and format version.
+            metrics: Values used to rank checkpoints when ``best_metric`` is set.
+            force: Save even if ``step`` is older than the latest checkpoint.
+
+        Returns:
+            True if a save was started; False if ``step`` is already saved, or is
+            not newer than the latest checkpoint and ``force`` is off.
+        """
+        if step in self._manager.all_steps():  # includes a save still in flight
+            return False
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data_state=ocp.args.JsonSave(_json_ready("data_state", data_state)),
+            run_info=ocp.args.JsonSave(_json_ready("run_info", run_info)),
+        )
+        ranked = {name: float(value) for name, value in (metrics or {}).items()} if self.best_metric else None
+        return bool(self._manager.save(int(step), args=args, metrics=ranked, force=force))
+
+    def all_steps(self) -> list[int]:
+        """Steps of complete checkpoints on disk, ascending (in-flight saves excluded)."""
+        return finalized_steps(self.directory)
+
+    def latest_step(self) -> int | None:
+        """Newest complete checkpoint step, or None."""
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def best_step(self) -> int | None:
+        """Complete checkpoint with the best ``best_metric``; None when not ranking."""
+        if self.best_metric is None:
+            return None
+        steps = self.all_steps()
+        values = [_metric_value(self._manager.metrics(step), self.best_metric) for step in steps]
+        best = _best_index(values, self.greater_is_better)
+        return None if best is None else steps[best]
+
+    def _require(self, step: int) -> None:
+        if step not in self.all_steps():
+            raise CheckpointNotFoundError(
+                f"no complete checkpoint for step {step} in {self.directory}; available: {self.all_steps()}"
+            )
+
+    def read_run_info(self, step: int) -> dict[str, Any]:
+        """Reads only the ``run_info`` JSON of ``step``: cheap, no arrays touched."""
+        self._require(step)
+        restored = self._manager.restore(step, args=ocp.args.Composite(run_info=ocp.args.JsonRestore()))
+        return dict(restored.run_info)
+
+    def stored_signature(self, step: int) -> Signature:
+        """(shape, dtype) per dotted key of the state stored at ``step``, from metadata only."""
+        self._require(step)
+        metadata = self._manager.item_metadata(step).state
+        return tree_signature(getattr(metadata, "tree", metadata))
+
+    def restore(self, step: int, *, abstract_state: Any) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+        """Restores ``step`` into the structure, shapes and shardings of ``abstract_state``.
+
+        Args:
+            step: A step from ``all_steps()``.
+            abstract_state: Pytree like the saved state whose leaves are
+                ``jax.ShapeDtypeStruct(shape, dtype, sharding=...)`` carrying the
+                target shardings (a different mesh than at save time is fine).
+
+        Returns:
+            ``(state, data_state, run_info)``.
+
+        Raises:
+            CheckpointNotFoundError: ``step`` is not a complete checkpoint.
+            CheckpointMismatchError: keys, shapes or dtypes differ; nothing is loaded.
+        """
+        check_signatures(self.stored_signature(step), tree_signature(abstract_state))
+        args = ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data_state=ocp.args.JsonRestore(),
+            run_info=ocp.args.JsonRestore(),
+        )
+        restored = self._manager.restore(step, args=args)
+        return restored.state, dict(restored.data_state), dict(restored.run_info)
+
+    def wait_until_finished(self) -> None:
+        """Blocks until background saves (and their cleanup) finish; re-raises their errors."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for pending saves, then releases Orbax resources. Idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._manager.close()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

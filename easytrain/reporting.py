@@ -1,0 +1,267 @@
+"""Metric reporting: console progress, TensorBoard events and a JSONL log.
+
+Every sink takes the explicit global step, so a resumed run continues the same
+curves: on resume, entries written after the restored step by the interrupted
+run are dropped (JSONL) or superseded (TensorBoard ``purge_step``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Protocol
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+__all__ = [
+    "METRICS_FILENAME",
+    "REPORT_TO_CHOICES",
+    "TENSORBOARD_DIRNAME",
+    "Reporter",
+    "format_metrics",
+    "parse_report_to",
+    "progress_description",
+    "tensorboard_tag",
+    "truncate_jsonl",
+]
+
+REPORT_TO_CHOICES = ("tensorboard", "jsonl", "none")
+METRICS_FILENAME = "metrics.jsonl"
+TENSORBOARD_DIRNAME = "tensorboard"
+_DESCRIPTION_KEYS = (("loss", "loss"), ("learning_rate", "lr"))
+
+
+# ----------------------------------------------------------------------------- pure helpers
+
+
+def parse_report_to(report_to: str | Sequence[str]) -> frozenset[str]:
+    """Validates ``report_to`` and returns the file sinks to enable.
+
+    Raises:
+        ValueError: on an unknown value, or "none" combined with a sink.
+    """
+    values = [report_to] if isinstance(report_to, str) else list(report_to)
+    unknown = [value for value in values if value not in REPORT_TO_CHOICES]
+    if unknown:
+        raise ValueError(f"report_to has unknown value(s) {unknown}; allowed: {list(REPORT_TO_CHOICES)}")
+    if "none" in values and len(set(values)) > 1:
+        raise ValueError(f"report_to={values} combines 'none' with other sinks; use one or the other")
+    return frozenset(values) - {"none"}
+
+
+def format_value(value: float) -> str:
+    """Four significant digits, but large counts (tokens, throughput) as whole numbers."""
+    return f"{value:.0f}" if 1e4 <= abs(value) < 1e15 else f"{value:.4g}"
+
+
+def format_metrics(metrics: Mapping[str, float]) -> str:
+    """``name value`` pairs for one compact console line."""
+    return "  ".join(f"{name} {format_value(value)}" for name, value in metrics.items())
+
+
+def _with_si_suffix(value: float) -> str:
+    for threshold, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= threshold:
+            return f"{value / threshold:.1f}{suffix}"
+    return f"{value:.0f}"
+
+
+def progress_description(metrics: Mapping[str, float]) -> str:
+    """Short progress-bar label from loss, learning rate and throughput, when present."""
+    parts = [f"{label} {format_value(metrics[key])}" for key, label in _DESCRIPTION_KEYS if key in metrics]
+    if "tokens_per_second" in metrics:
+        parts.append(f"{_with_si_suffix(metrics['tokens_per_second'])} tok/s")
+    return " · ".join(parts)
+
+
+def tensorboard_tag(split: str, name: str) -> str:
+    """``split/name``, dropping a redundant ``split_`` prefix (``eval/eval_loss`` -> ``eval/loss``)."""
+    prefix = f"{split}_"
+    return f"{split}/{name[len(prefix):] if name.startswith(prefix) else name}"
+
+
+def _step_of(line: str) -> int | None:
+    """Step of one JSONL line, or None for a torn/garbled line."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def truncate_jsonl(path: Path, last_step: int) -> None:
+    """Atomically drops lines with ``step > last_step`` (and torn lines) from ``path``."""
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if (step := _step_of(line)) is not None and step <= last_step]
+    if len(kept) == len(lines) and all(line.endswith("\n") for line in kept):
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line if line.endswith("\n") else line + "\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- sinks
+
+
+class _Sink(Protocol):
+    def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class _JsonlSink:
+    """Appends one JSON object per ``log`` call, flushed so a crash loses at most one line."""
+
+    def __init__(self, path: Path, initial_step: int):
+        if initial_step > 0:
+            truncate_jsonl(path, initial_step)
+        self._file = path.open("a", encoding="utf-8")
+
+    def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
+        record = {"step": step, "split": split, **metrics, "time": time.time()}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class _TensorBoardSink:
+    """Scalars under ``split/name``; on resume, later stale events are purged."""
+
+    def __init__(self, logdir: Path, initial_step: int):
+        from tensorboardX import SummaryWriter  # deferred: only paid for when enabled
+
+        purge_step = initial_step + 1 if initial_step > 0 else None
+        self._writer = SummaryWriter(logdir=str(logdir), purge_step=purge_step, flush_secs=10)
+
+    def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
+        for name, value in metrics.items():
+            self._writer.add_scalar(tensorboard_tag(split, name), value, global_step=step)
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+class _ConsoleSink:
+    """A live progress bar on interactive terminals; plain log lines everywhere."""
+
+    def __init__(self, total_steps: int, initial_step: int, show_progress: bool):
+        self._console = Console(stderr=True, soft_wrap=True)
+        self._total_steps = total_steps
+        self._progress: Progress | None = None
+        if show_progress and self._console.is_interactive:
+            self._progress = Progress(
+                TextColumn("{task.description}", markup=False),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=self._console,
+            )
+            self._task = self._progress.add_task("", total=total_steps, completed=initial_step)
+            self._progress.start()
+
+    def advance(self, step: int) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step)
+
+    def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
+        if self._progress is not None and split == "train":
+            self._progress.update(self._task, completed=step, description=progress_description(metrics))
+        line = f"[{split}] step {step}/{self._total_steps}  {format_metrics(metrics)}"
+        self._console.print(line, markup=False, highlight=False)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+
+# ----------------------------------------------------------------------------- reporter
+
+
+def _as_floats(metrics: Mapping[str, float]) -> dict[str, float]:
+    """Plain floats (device scalars and numpy values included) so every sink agrees."""
+    return {str(name): float(value) for name, value in metrics.items()}
+
+
+class Reporter:
+    """Sends metrics to the console, TensorBoard and a JSONL file.
+
+    Only the main process should report; other processes pass ``enabled=False``
+    and the reporter then writes and shows nothing.
+    """
+
+    def __init__(
+        self,
+        *,
+        output_dir: str | os.PathLike,
+        report_to: Sequence[str] = ("tensorboard", "jsonl"),
+        total_steps: int,
+        initial_step: int = 0,
+        enabled: bool = True,
+        show_progress: bool = True,
+    ):
+        """Opens the requested sinks.
+
+        Args:
+            output_dir: Run directory; receives ``tensorboard/`` and ``metrics.jsonl``.
+            report_to: Any of "tensorboard", "jsonl", or just "none".
+            total_steps: Last step of the run, for the progress bar.
+            initial_step: Step restored from a checkpoint; later entries left by
+                the interrupted run are dropped so no step is reported twice.
+            enabled: False writes nothing and shows nothing (non-main processes).
+            show_progress: Show the live progress bar on interactive terminals.
+
+        Raises:
+            ValueError: ``report_to`` holds an unknown value.
+        """
+        targets = parse_report_to(report_to)
+        self._sinks: list[_Sink] = []
+        self._console: _ConsoleSink | None = None
+        if not enabled:
+            return
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if "jsonl" in targets:
+            self._sinks.append(_JsonlSink(output_dir / METRICS_FILENAME, initial_step))
+        if "tensorboard" in targets:
+            self._sinks.append(_TensorBoardSink(output_dir / TENSORBOARD_DIRNAME, initial_step))
+        self._console = _ConsoleSink(total_steps, initial_step, show_progress)
+        self._sinks.append(self._console)
+
+    def advance(self, step: int) -> None:
+        """Moves the progress bar to ``step``; cheap enough to call every step."""
+        if self._console is not None:
+            self._console.advance(step)
+
+    def log(self, step: int, metrics: Mapping[str, float], split: str = "train") -> None:
+        """Reports ``metrics`` at global ``step`` to every sink.
+
+        Args:
+            step: Global optimizer step the metrics belong to.
+            metrics: Name to value; values may be Python, numpy or 0-d jax scalars.
+            split: "train", "eval", ...; becomes the TensorBoard tag prefix.
+        """
+        if not self._sinks:
+            return
+        values = _as_floats(metrics)
+        for sink in self._sinks:
+            sink.write(int(step), split, values)
+
+    def close(self) -> None:
+        """Flushes and closes every sink; safe to call twice."""
+        sinks, self._sinks, self._console = self._sinks, [], None
+        for sink in sinks:
+            sink.close()
+
+    def __enter__(self) -> Reporter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,169 @@
+"""Callback dispatch and early stopping, driven by a fake trainer."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from easytrain.callbacks import EVENTS, Callback, CallbackList, EarlyStopping, MissingMetricError
+
+
+class Recorder(Callback):
+    """Records every hook call as (name, event, args after the trainer)."""
+
+    def __init__(self, name: str, journal: list):
+        self.name, self.journal = name, journal
+
+    def _record(self, event: str, *args) -> None:
+        self.journal.append((self.name, event, args))
+
+    def on_train_begin(self, trainer) -> None:
+        self._record("on_train_begin")
+
+    def on_train_end(self, trainer) -> None:
+        self._record("on_train_end")
+
+    def on_step_end(self, trainer, step) -> None:
+        self._record("on_step_end", step)
+
+    def on_log(self, trainer, step, logs) -> None:
+        self._record("on_log", step, dict(logs))
+
+    def on_evaluate(self, trainer, step, metrics) -> None:
+        self._record("on_evaluate", step, dict(metrics))
+
+    def on_save(self, trainer, step, checkpoint_dir) -> None:
+        self._record("on_save", step, checkpoint_dir)
+
+
+def fake_trainer() -> SimpleNamespace:
+    return SimpleNamespace(should_stop=False)
+
+
+def evaluate(callback: Callback, trainer, values: list[float], metric: str = "eval_loss") -> None:
+    for step, value in enumerate(values, start=1):
+        callback.on_evaluate(trainer, step * 10, {metric: value, "eval_tokens": 1000.0})
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def test_base_callback_hooks_are_no_ops() -> None:
+    callback, trainer = Callback(), fake_trainer()
+    callback.on_train_begin(trainer)
+    callback.on_step_end(trainer, 1)
+    callback.on_log(trainer, 1, {"loss": 1.0})
+    callback.on_evaluate(trainer, 1, {"eval_loss": 1.0})
+    callback.on_save(trainer, 1, "/tmp/ckpt")
+    callback.on_train_end(trainer)
+    assert trainer.should_stop is False
+    assert callback.state_dict() == {}
+
+
+def test_callback_list_dispatches_in_order() -> None:
+    journal: list = []
+    callbacks = CallbackList([Recorder("a", journal)])
+    callbacks.add(Recorder("b", journal))
+    trainer = fake_trainer()
+    callbacks.on_step_end(trainer, 3)
+    callbacks.call("on_save", trainer, 3, "/out/checkpoints/3")
+    callbacks.on_evaluate(trainer, 3, {"eval_loss": 0.5})
+    assert journal == [
+        ("a", "on_step_end", (3,)),
+        ("b", "on_step_end", (3,)),
+        ("a", "on_save", (3, "/out/checkpoints/3")),
+        ("b", "on_save", (3, "/out/checkpoints/3")),
+        ("a", "on_evaluate", (3, {"eval_loss": 0.5})),
+        ("b", "on_evaluate", (3, {"eval_loss": 0.5})),
+    ]
+
+
+@pytest.mark.parametrize("event", EVENTS)
+def test_every_event_reaches_callbacks(event: str) -> None:
+    journal: list = []
+    args = {"on_step_end": (1,), "on_log": (1, {}), "on_evaluate": (1, {}), "on_save": (1, "/c")}.get(event, ())
+    CallbackList([Recorder("a", journal)]).call(event, fake_trainer(), *args)
+    assert journal == [("a", event, args)]
+
+
+def test_unknown_event_is_rejected() -> None:
+    with pytest.raises(ValueError, match="on_epoch_end.*on_train_begin"):
+        CallbackList().call("on_epoch_end", fake_trainer())
+
+
+def test_class_instead_of_instance_is_rejected() -> None:
+    with pytest.raises(TypeError, match=r"EarlyStopping\(\)"):
+        CallbackList([EarlyStopping])
+    with pytest.raises(TypeError, match="subclass"):
+        CallbackList().add(print)
+
+
+# ----------------------------------------------------------------------------- early stopping
+
+
+def test_early_stopping_after_patience_without_improvement() -> None:
+    callback, trainer = EarlyStopping(patience=2), fake_trainer()
+    evaluate(callback, trainer, [1.0, 0.8, 0.9])
+    assert trainer.should_stop is False
+    evaluate(callback, trainer, [1.0, 0.8, 0.9, 0.85])
+    assert trainer.should_stop is True
+    assert (callback.best, callback.best_step) == (0.8, 20)
+    assert "eval_loss" in callback.stop_reason and "step 40" in callback.stop_reason
+
+
+def test_improvement_resets_patience() -> None:
+    callback, trainer = EarlyStopping(patience=2), fake_trainer()
+    evaluate(callback, trainer, [1.0, 1.1, 0.9, 1.2, 0.7, 0.8])
+    assert trainer.should_stop is False
+    assert callback.evaluations_without_improvement == 1
+
+
+def test_min_delta_requires_a_real_improvement() -> None:
+    callback, trainer = EarlyStopping(patience=2, min_delta=0.1), fake_trainer()
+    evaluate(callback, trainer, [1.0, 0.95, 0.92])
+    assert trainer.should_stop is True
+    assert callback.best == 1.0
+
+
+def test_greater_is_better() -> None:
+    callback, trainer = EarlyStopping("eval_accuracy", patience=1, greater_is_better=True), fake_trainer()
+    evaluate(callback, trainer, [0.5, 0.6], metric="eval_accuracy")
+    assert trainer.should_stop is False
+    evaluate(callback, trainer, [0.5, 0.6, 0.55], metric="eval_accuracy")
+    assert trainer.should_stop is True
+
+
+def test_nan_never_counts_as_improvement() -> None:
+    callback, trainer = EarlyStopping(patience=2), fake_trainer()
+    evaluate(callback, trainer, [float("nan"), float("nan")])
+    assert trainer.should_stop is True
+    assert callback.best is None
+
+
+def test_missing_metric_names_the_available_ones() -> None:
+    callback = EarlyStopping(metric="eval_acc")
+    with pytest.raises(KeyError) as caught:
+        callback.on_evaluate(fake_trainer(), 10, {"eval_loss": 1.0, "eval_perplexity": 2.7})
+    assert isinstance(caught.value, MissingMetricError)
+    assert str(caught.value).startswith("EarlyStopping monitors 'eval_acc'")
+    assert "['eval_loss', 'eval_perplexity']" in str(caught.value)
+
+
+@pytest.mark.parametrize("kwargs", [{"patience": 0}, {"min_delta": -1.0}])
+def test_invalid_settings(kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        EarlyStopping(**kwargs)
+
+
+def test_state_round_trips_through_json_for_resume() -> None:
+    before = CallbackList([Callback(), EarlyStopping(patience=3)])
+    evaluate(before, fake_trainer(), [1.0, 0.5, 0.6, 0.7])
+    state = json.loads(json.dumps(before.state_dict()))
+    assert list(state) == ["1:EarlyStopping"]
+    after = CallbackList([Callback(), EarlyStopping(patience=3)])
+    after.load_state_dict(state)
+    trainer = fake_trainer()
+    after.on_evaluate(trainer, 50, {"eval_loss": 0.8})
+    assert trainer.should_stop is True
