@@ -1,0 +1,22 @@
+"""Model definitions and Hugging Face checkpoint conversion."""
+
+from easytrain.models.hf_io import (
+    CheckpointError,
+    from_hf_state_dict,
+    load_pretrained,
+    save_pretrained,
+    to_hf_state_dict,
+)
+from easytrain.models.llama import ConfigError, LlamaForCausalLM, UnsupportedConfigError, init_model
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "LlamaForCausalLM",
+    "UnsupportedConfigError",
+    "from_hf_state_dict",
+    "init_model",
+    "load_pretrained",
+    "save_pretrained",
+    "to_hf_state_dict",
+]
