@@ -1,0 +1,207 @@
+"""Causal language-modelling data: documents -> fixed-size token blocks -> batches.
+
+Documents are tokenised, joined with an EOS after each one (so the model learns
+where documents end), and cut into equal blocks of ``max_length + 1`` tokens.
+One extra token per block lets every position have a next-token target without
+padding, so every batch has the same static shape.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeAlias
+
+import datasets
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+from easytrain.data.errors import DataError
+
+#: One batch: static-shape host arrays keyed by name (see ``lm_collate``).
+Batch: TypeAlias = dict[str, np.ndarray]
+
+#: The column holding token ids, both after tokenisation and after grouping.
+TOKENS = "input_ids"
+_NUM_TOKENS = "num_tokens"
+
+# Grouping runs per ``map`` batch and each batch drops its own partial block,
+# so batches are sized to hold about this many blocks: under 2% of tokens lost.
+_BLOCKS_PER_GROUP_BATCH = 64
+
+
+def tokenize_and_group(
+    dataset: datasets.Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    text_column: str = "text",
+    max_length: int,
+    num_proc: int | None = None,
+    append_eos: bool = True,
+) -> datasets.Dataset:
+    """Tokenise documents and pack the tokens into blocks of ``max_length + 1``.
+
+    Both steps are cached ``datasets.map`` calls, so a rerun over the same
+    file-backed data with the same tokenizer reuses the Arrow files.
+
+    Args:
+        dataset: One split whose ``text_column`` holds a document per row.
+        tokenizer: Tokenizer used without its own special tokens; the EOS
+            appended here is the only document separator.
+        text_column: Name of the column with the documents.
+        max_length: Sequence length the model sees; blocks hold one more token.
+        num_proc: Worker processes for tokenising (``None`` runs in-process).
+        append_eos: Add ``tokenizer.eos_token_id`` after every document.
+
+    Returns:
+        A dataset with only an ``"input_ids"`` column of equal-length blocks;
+        the trainer feeds ``block[:-1]`` and predicts ``block[1:]``.
+
+    Raises:
+        DataError: Missing text column, no EOS token while ``append_eos``,
+            a non-positive ``max_length``, or too few tokens for one block.
+    """
+    _check_text_column(dataset, text_column)
+    if max_length < 1:
+        raise DataError(f"`max_length` must be at least 1, got {max_length}.")
+    eos_id = _eos_id(tokenizer) if append_eos else None
+    tokenized = _tokenize_documents(dataset, tokenizer, text_column, eos_id, num_proc)
+    return _group_blocks(tokenized, max_length + 1)
+
+
+def lm_collate(blocks_NL: np.ndarray, example_ids: np.ndarray) -> Batch:
+    """Shift token blocks into the trainer's batch format.
+
+    Args:
+        blocks_NL: ``[N, T + 1]`` token blocks.
+        example_ids: ``[N]`` row index of each block in its dataset.
+
+    Returns:
+        ``input_ids``/``targets`` int32 ``[N, T]`` (targets already shifted),
+        ``loss_mask`` float32 and ``attention_mask`` int32 ``[N, T]`` of ones,
+        and ``example_id`` int32 ``[N]``.
+    """
+    if isinstance(blocks_NL, Mapping):
+        raise DataError(
+            "`lm_collate` takes the [N, T + 1] block array, not a mapping of columns; "
+            "give the loaders `collate=lm_collate_rows` instead."
+        )
+    blocks_NL = np.asarray(blocks_NL, dtype=np.int32)
+    if blocks_NL.ndim != 2 or blocks_NL.shape[1] < 2:
+        raise DataError(
+            f"`lm_collate` needs [N, T + 1] blocks with T >= 1, got shape {blocks_NL.shape}."
+        )
+    inputs_NT = blocks_NL[:, :-1]
+    return {
+        "input_ids": inputs_NT,
+        "targets": blocks_NL[:, 1:],
+        "loss_mask": np.ones(inputs_NT.shape, np.float32),
+        "attention_mask": np.ones(inputs_NT.shape, np.int32),
+        "example_id": np.asarray(example_ids, dtype=np.int32),
+    }
+
+
+def lm_collate_rows(rows: Mapping[str, np.ndarray], example_ids: np.ndarray) -> Batch:
+    """``lm_collate`` for rows read from a source: uses its ``"input_ids"`` column.
+
+    This is the loaders' default collate, since loaders hand over whole rows.
+    """
+    if TOKENS not in rows:
+        raise DataError(
+            f"Rows have no {TOKENS!r} column (they have {', '.join(rows)}); "
+            "run `tokenize_and_group` first or pass a `collate` for these columns."
+        )
+    return lm_collate(rows[TOKENS], example_ids)
+
+
+def _check_text_column(dataset: datasets.Dataset, text_column: str) -> None:
+    if text_column not in dataset.column_names:
+        raise DataError(
+            f"Text column {text_column!r} is not in the dataset (columns: "
+            f"{', '.join(dataset.column_names) or 'none'}); set `text_column` to one of them."
+        )
+
+
+def _eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    if tokenizer.eos_token_id is None:
+        raise DataError(
+            "The tokenizer has no EOS token, which `append_eos=True` needs to mark "
+            "document ends; give the tokenizer an `eos_token` or pass `append_eos=False`."
+        )
+    return int(tokenizer.eos_token_id)
+
+
+def _tokenize_documents(
+    dataset: datasets.Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    text_column: str,
+    eos_id: int | None,
+    num_proc: int | None,
+) -> datasets.Dataset:
+    """One cached ``map``; keeps per-document token counts for sizing the grouping."""
+    return dataset.map(
+        _tokenize,
+        batched=True,
+        num_proc=num_proc,
+        remove_columns=dataset.column_names,
+        load_from_cache_file=True,
+        fn_kwargs={"tokenizer": tokenizer, "text_column": text_column, "eos_id": eos_id},
+        desc="Tokenizing",
+    )
+
+
+def _group_blocks(tokenized: datasets.Dataset, block_size: int) -> datasets.Dataset:
+    """Pack token rows into blocks, failing early when not even one block fits.
+
+    Runs in one process: it is cheap, and worker shards would each drop a tail,
+    making the blocks depend on ``num_proc``.
+    """
+    num_tokens = int(np.sum(tokenized[_NUM_TOKENS]))
+    if num_tokens < block_size:
+        raise DataError(
+            f"The dataset has {num_tokens} tokens after tokenisation, but one block needs "
+            f"{block_size} (max_length + 1); add data or lower `max_length`."
+        )
+    return tokenized.map(
+        _group,
+        batched=True,
+        batch_size=_group_batch_size(len(tokenized), num_tokens, block_size),
+        remove_columns=tokenized.column_names,
+        load_from_cache_file=True,
+        fn_kwargs={"block_size": block_size},
+        desc=f"Grouping into blocks of {block_size}",
+    )
+
+
+def _tokenize(
+    batch: Mapping[str, Sequence[Any]],
+    *,
+    tokenizer: PreTrainedTokenizerBase,
+    text_column: str,
+    eos_id: int | None,
+) -> dict[str, list[Any]]:
+    """Tokenise without the tokenizer's own special tokens, then add EOS.
+
+    Empty documents become empty rows rather than lone EOS tokens.
+    """
+    texts = [text or "" for text in batch[text_column]]
+    ids = tokenizer(texts, add_special_tokens=False)[TOKENS]
+    suffix = [] if eos_id is None else [eos_id]
+    rows = [row + suffix if text else [] for row, text in zip(ids, texts, strict=True)]
+    return {TOKENS: rows, _NUM_TOKENS: [len(row) for row in rows]}
+
+
+def _group_batch_size(num_docs: int, num_tokens: int, block_size: int) -> int:
+    """Documents per grouping batch so an average batch fills many blocks."""
+    docs_per_block = num_docs * block_size / num_tokens
+    return max(1, min(num_docs, math.ceil(_BLOCKS_PER_GROUP_BATCH * docs_per_block)))
+
+
+def _group(
+    batch: Mapping[str, Sequence[Sequence[int]]], *, block_size: int
+) -> dict[str, np.ndarray]:
+    """Concatenate a batch of token rows and cut it into whole blocks, dropping the tail."""
+    tokens = np.fromiter(itertools.chain.from_iterable(batch[TOKENS]), dtype=np.int32)
+    num_blocks = len(tokens) // block_size
+    return {TOKENS: tokens[: num_blocks * block_size].reshape(num_blocks, block_size)}

@@ -1,0 +1,206 @@
+"""Turn whatever the user points at into a ``DatasetDict`` with train/validation.
+
+Sources are an in-memory ``Dataset``/``DatasetDict``, a dataset name or local
+directory understood by ``datasets.load_dataset``, or local data files. Every
+path ends in the same shape so the rest of the pipeline has one case to handle.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from typing import TypeAlias
+
+import datasets
+
+from easytrain.data.errors import DataError
+
+TRAIN = "train"
+VALIDATION = "validation"
+
+#: File extension -> ``datasets`` builder that reads it.
+FILE_BUILDERS: Mapping[str, str] = {
+    ".json": "json",
+    ".jsonl": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".txt": "text",
+    ".text": "text",
+}
+
+PathLike: TypeAlias = str | os.PathLike[str]
+
+
+def load_text_datasets(
+    *,
+    dataset: datasets.Dataset | datasets.DatasetDict | None = None,
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    train_file: PathLike | None = None,
+    validation_file: PathLike | None = None,
+    validation_split_percentage: int = 5,
+    seed: int = 0,
+    cache_dir: PathLike | None = None,
+) -> datasets.DatasetDict:
+    """Load a training corpus and make sure it has a validation split.
+
+    Exactly one source must be given: ``dataset``, ``dataset_name`` or
+    ``train_file`` (optionally with ``validation_file``).
+
+    Args:
+        dataset: An in-memory ``Dataset`` (used as the train split) or a
+            ``DatasetDict`` with a ``"train"`` split.
+        dataset_name: A dataset name or local directory for
+            ``datasets.load_dataset``.
+        dataset_config_name: The configuration of ``dataset_name``, if any.
+        train_file: A local ``.json``/``.jsonl``/``.csv``/``.parquet``/
+            ``.txt``/``.text`` file with the training data.
+        validation_file: A local file of the same format with validation data.
+        validation_split_percentage: Percentage of train rows to hold out when
+            the source has no validation split; 0 keeps everything for training.
+        seed: Seed of the held-out split, so reruns hold out the same rows.
+        cache_dir: Where ``datasets`` caches downloads and Arrow files.
+
+    Returns:
+        A ``DatasetDict`` with a non-empty ``"train"`` split and, when the
+        source has one or one was split off, a non-empty ``"validation"`` split.
+
+    Raises:
+        DataError: No source or several sources, missing or unsupported files,
+            a bad ``validation_split_percentage``, or an empty split.
+    """
+    _check_one_source(dataset, dataset_name, train_file, validation_file)
+    _check_percentage(validation_split_percentage)
+    cache = None if cache_dir is None else os.fspath(cache_dir)
+    if dataset is not None:
+        splits = _from_memory(dataset)
+    elif dataset_name is not None:
+        splits = _from_name(dataset_name, dataset_config_name, cache)
+    else:
+        assert train_file is not None  # guaranteed by _check_one_source
+        splits = _from_files(train_file, validation_file, cache)
+    splits = _keep_train_and_validation(splits)
+    _check_not_empty(splits)
+    if VALIDATION not in splits and validation_split_percentage > 0:
+        splits = _split_off_validation(splits[TRAIN], validation_split_percentage, seed)
+    return splits
+
+
+def _check_one_source(
+    dataset: object, dataset_name: str | None, train_file: object, validation_file: object
+) -> None:
+    """Reject zero or several sources: guessing which one was meant hides mistakes."""
+    given = [
+        name
+        for name, value in (
+            ("dataset", dataset),
+            ("dataset_name", dataset_name),
+            ("train_file", train_file),
+        )
+        if value is not None
+    ]
+    if len(given) > 1:
+        raise DataError(
+            f"Got several data sources ({', '.join(given)}); pass exactly one of "
+            "`dataset`, `dataset_name` or `train_file`."
+        )
+    if validation_file is not None and train_file is None:
+        raise DataError(
+            "`validation_file` was given without `train_file`; pass `train_file` too, "
+            "or drop `validation_file` and let a validation split be held out."
+        )
+    if not given:
+        raise DataError(
+            "No data source given; pass `dataset` (an in-memory Dataset), "
+            "`dataset_name` (a dataset name or local directory) or `train_file` "
+            "(a local .json/.jsonl/.csv/.parquet/.txt file)."
+        )
+
+
+def _check_percentage(validation_split_percentage: int) -> None:
+    if not 0 <= validation_split_percentage < 100:
+        raise DataError(
+            f"`validation_split_percentage` must be in [0, 100), got "
+            f"{validation_split_percentage}; use e.g. 5, or 0 to hold nothing out."
+        )
+
+
+def _from_memory(dataset: datasets.Dataset | datasets.DatasetDict) -> datasets.DatasetDict:
+    if isinstance(dataset, datasets.Dataset):
+        return datasets.DatasetDict({TRAIN: dataset})
+    if isinstance(dataset, datasets.DatasetDict):
+        return dataset
+    raise DataError(
+        f"`dataset` must be a datasets.Dataset or datasets.DatasetDict, got "
+        f"{type(dataset).__name__}; build one with datasets.Dataset.from_dict(...)."
+    )
+
+
+def _from_name(name: str, config: str | None, cache_dir: str | None) -> datasets.DatasetDict:
+    loaded = datasets.load_dataset(name, config, cache_dir=cache_dir)
+    if not isinstance(loaded, datasets.DatasetDict):
+        raise DataError(
+            f"`dataset_name={name!r}` did not load as a set of splits "
+            f"(got {type(loaded).__name__}); point it at a map-style dataset."
+        )
+    return loaded
+
+
+def _from_files(
+    train_file: PathLike, validation_file: PathLike | None, cache_dir: str | None
+) -> datasets.DatasetDict:
+    data_files = {TRAIN: os.fspath(train_file)}
+    if validation_file is not None:
+        data_files[VALIDATION] = os.fspath(validation_file)
+    builders = {split: _builder_for(path, f"{split}_file") for split, path in data_files.items()}
+    if len(set(builders.values())) > 1:
+        raise DataError(
+            f"`train_file` and `validation_file` have different formats "
+            f"({builders[TRAIN]} vs {builders[VALIDATION]}); convert them to one format."
+        )
+    return datasets.load_dataset(builders[TRAIN], data_files=data_files, cache_dir=cache_dir)
+
+
+def _builder_for(path: str, argument: str) -> str:
+    """Pick the ``datasets`` builder from the file extension, checking the file exists."""
+    if not os.path.isfile(path):
+        raise DataError(f"`{argument}` {path!r} does not exist; check the path.")
+    extension = os.path.splitext(path)[1].lower()
+    if extension not in FILE_BUILDERS:
+        raise DataError(
+            f"`{argument}` {path!r} has unsupported extension {extension!r}; "
+            f"use one of {', '.join(FILE_BUILDERS)}."
+        )
+    return FILE_BUILDERS[extension]
+
+
+def _keep_train_and_validation(splits: datasets.DatasetDict) -> datasets.DatasetDict:
+    if TRAIN not in splits:
+        raise DataError(
+            f"The data source has no {TRAIN!r} split (it has {', '.join(splits) or 'none'}); "
+            f"rename the training split to {TRAIN!r}."
+        )
+    kept = {name: splits[name] for name in (TRAIN, VALIDATION) if name in splits}
+    return datasets.DatasetDict(kept)
+
+
+def _check_not_empty(splits: datasets.DatasetDict) -> None:
+    for name, split in splits.items():
+        if len(split) == 0:
+            raise DataError(f"The {name!r} split has no rows; point the source at non-empty data.")
+
+
+def _split_off_validation(
+    train: datasets.Dataset, percentage: int, seed: int
+) -> datasets.DatasetDict:
+    """Hold out ``percentage`` of the rows (at least one), seeded for reproducibility."""
+    num_validation = max(1, math.ceil(len(train) * percentage / 100))
+    if num_validation >= len(train):
+        raise DataError(
+            f"The 'train' split has {len(train)} rows, too few to hold out "
+            f"{percentage}% for validation; add data, pass `validation_file`, or set "
+            "`validation_split_percentage=0`."
+        )
+    parts = train.train_test_split(test_size=num_validation, seed=seed, shuffle=True)
+    return datasets.DatasetDict({TRAIN: parts["train"], VALIDATION: parts["test"]})
