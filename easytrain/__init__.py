@@ -1,0 +1,19 @@
+"""easytrain: a subclassable, sharded, exactly-resumable trainer for JAX/Flax NNX models."""
+
+from easytrain.arguments import TrainingArguments
+from easytrain.callbacks import Callback, EarlyStopping
+from easytrain.config_io import load_arguments, parse_arguments, save_arguments
+from easytrain.errors import ArgumentError, EasytrainError, NonFiniteLossError, OutputDirError
+from easytrain.losses import LossOutput, causal_lm_loss, token_cross_entropy_sums
+from easytrain.protocol import ConfiguredDataloaders, ConfiguredFunctions, ConfiguredModel, TrainerProtocol
+from easytrain.state import TrainState
+from easytrain.trainers import BaseTrainer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArgumentError", "BaseTrainer", "Callback", "ConfiguredDataloaders", "ConfiguredFunctions",
+    "ConfiguredModel", "EarlyStopping", "EasytrainError", "LossOutput", "NonFiniteLossError",
+    "OutputDirError", "TrainState", "TrainerProtocol", "TrainingArguments", "causal_lm_loss",
+    "load_arguments", "parse_arguments", "save_arguments", "token_cross_entropy_sums",
+]

@@ -1,0 +1,55 @@
+"""Evaluators: extra metrics computed by `evaluate()`, each `trainer -> dict[str, float]`."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from easytrain.generation import greedy_complete
+
+Evaluator = Callable[[Any], Mapping[str, float]]
+
+
+class ExactMatch:
+    """Fraction of prompts whose greedy completion equals the expected answer exactly.
+
+    Args:
+        prompts / answers: strings; the completion is compared after decoding up to EOS.
+        tokenizer: encodes prompts (each preceded by EOS, as documents are in training) and decodes.
+        name: metric key, reported as `eval_<name>`.
+    """
+
+    def __init__(self, prompts: Sequence[str], answers: Sequence[str], tokenizer: Any, *,
+                 name: str = "exact_match", max_new_tokens: int | None = None):
+        self.prompts, self.answers, self.tokenizer, self.name = list(prompts), list(answers), tokenizer, name
+        longest = max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in self.answers)
+        self.max_new_tokens = max_new_tokens or longest + 1
+
+    def __call__(self, trainer: Any) -> dict[str, float]:
+        encoded = [self._context() + self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in self.prompts]
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        completions = greedy_complete(trainer.model, encoded, self.max_new_tokens, pad)
+        correct = [self._decode(row) == answer for row, answer in zip(completions, self.answers)]
+        return {f"eval_{self.name}": float(np.mean(correct))}
+
+    def _context(self) -> list[int]:
+        """Start each prompt as a document starts in training: right after an EOS separator."""
+        start = self.tokenizer.eos_token_id
+        if start is None:
+            start = self.tokenizer.bos_token_id
+        return [] if start is None else [start]
+
+    def _decode(self, ids: np.ndarray) -> str:
+        ids = list(ids)
+        if self.tokenizer.eos_token_id in ids:
+            ids = ids[: ids.index(self.tokenizer.eos_token_id)]
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def arithmetic_exact_match(validation: Any, tokenizer: Any, limit: int = 256) -> ExactMatch:
+    """Exact-match accuracy on held-out problems of the embedded arithmetic corpus."""
+    from easytrain.tasks.arithmetic import split_problem
+
+    pairs = [split_problem(text) for text in validation["text"][:limit]]
+    return ExactMatch([p for p, _ in pairs], [a for _, a in pairs], tokenizer, name="exact_match")

@@ -1,0 +1,105 @@
+"""Turn `TrainingArguments` into a tokenizer, a model config and tokenised datasets.
+
+Every check here runs before any model is initialised or compiled.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import datasets
+import transformers
+
+from easytrain.arguments import TrainingArguments
+from easytrain.data import load_text_datasets, tokenize_and_group
+from easytrain.errors import ArgumentError
+from easytrain.models.presets import llama_config
+from easytrain.tasks import arithmetic
+
+logger = logging.getLogger("easytrain")
+DEFAULT_PAD_TOKEN = "<pad>"
+
+
+def uses_embedded_data(args: TrainingArguments, dataset_train: Any) -> bool:
+    """No dataset anywhere: train on the arithmetic corpus that ships with easytrain."""
+    return dataset_train is None and not (args.dataset_name or args.train_file)
+
+
+def build_tokenizer(args: TrainingArguments, *, embedded: bool) -> transformers.PreTrainedTokenizerBase:
+    name = args.tokenizer_name or args.model_name_or_path
+    if name is None:
+        if embedded:
+            return arithmetic.build_arithmetic_tokenizer()
+        raise ArgumentError("tokenizer_name", "training on your own data needs a tokenizer: pass "
+                                              "--tokenizer_name DIR (or --model_name_or_path of a pretrained model).")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(name)
+    return ensure_pad_token(tokenizer)
+
+
+def ensure_pad_token(tokenizer: transformers.PreTrainedTokenizerBase) -> transformers.PreTrainedTokenizerBase:
+    """Use EOS as padding when the tokenizer has no pad token (loss masks never depend on token ids)."""
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.eos_token or DEFAULT_PAD_TOKEN
+        logger.warning("tokenizer has no pad token; using %r. Padding is excluded from the loss by the "
+                       "attention/loss masks, never by token id.", fallback)
+        if tokenizer.eos_token is None:
+            tokenizer.add_special_tokens({"pad_token": DEFAULT_PAD_TOKEN})
+        else:
+            tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def build_model_config(args: TrainingArguments, tokenizer: transformers.PreTrainedTokenizerBase):
+    """The architecture: the pretrained model's config, or a preset/config file sized to the tokenizer."""
+    if args.model_name_or_path:
+        config = transformers.AutoConfig.from_pretrained(args.model_name_or_path)
+    else:
+        config = llama_config(args.model_config, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if len(tokenizer) > config.vocab_size:
+        raise ArgumentError("tokenizer_name", f"the tokenizer has {len(tokenizer)} tokens but the model's "
+                                              f"vocab_size is {config.vocab_size}; use the model's own tokenizer.")
+    check_max_length(args, config)
+    return config
+
+
+def check_max_length(args: TrainingArguments, config: Any) -> None:
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and args.max_length > limit:
+        raise ArgumentError("max_length", f"{args.max_length} is longer than the model allows "
+                                          f"(max_position_embeddings={limit}); use --max_length {limit} or less.")
+
+
+def raw_datasets(args: TrainingArguments, dataset_train: Any, dataset_eval: Any) -> datasets.DatasetDict:
+    """The raw text splits from in-memory datasets, files, a dataset name, or the embedded corpus."""
+    if uses_embedded_data(args, dataset_train):
+        return arithmetic.make_arithmetic_splits(seed=args.seed)
+    if dataset_train is not None:
+        source = dataset_train
+        if dataset_eval is not None:
+            train = dataset_train["train"] if isinstance(dataset_train, datasets.DatasetDict) else dataset_train
+            source = datasets.DatasetDict(train=train, validation=dataset_eval)
+        return load_text_datasets(dataset=source, validation_split_percentage=args.validation_split_percentage,
+                                  seed=args.seed)
+    return load_text_datasets(dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name,
+                              train_file=args.train_file, validation_file=args.validation_file,
+                              validation_split_percentage=args.validation_split_percentage, seed=args.seed)
+
+
+def _truncate(dataset: datasets.Dataset, limit: int | None) -> datasets.Dataset:
+    return dataset if limit is None else dataset.select(range(min(limit, len(dataset))))
+
+
+def lm_blocks(args: TrainingArguments, tokenizer: Any, splits: datasets.DatasetDict
+              ) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """Tokenise and group each split into `max_length + 1`-token blocks, as numpy-formatted datasets."""
+
+    def blocks(split: datasets.Dataset, limit: int | None) -> datasets.Dataset:
+        grouped = tokenize_and_group(split, tokenizer, text_column=args.text_column, max_length=args.max_length,
+                                     num_proc=args.preprocessing_num_workers)
+        return _truncate(grouped, limit).with_format("numpy")
+
+    train = blocks(splits["train"], args.max_train_samples)
+    eval_split = splits.get("validation")
+    return train, (blocks(eval_split, args.max_eval_samples) if eval_split is not None else None)

@@ -1,0 +1,76 @@
+"""Bad input fails before any compute, naming the field and the fix, and never touches checkpoints."""
+
+from pathlib import Path
+
+import datasets
+import pytest
+
+from easytrain import ArgumentError, BaseTrainer, OutputDirError, TrainingArguments
+from easytrain.checkpoint import CheckpointNotFoundError
+from easytrain.data import DataError
+
+
+def args_for(tmp_path, **overrides) -> TrainingArguments:
+    values = dict(output_dir=str(tmp_path / "run"), max_length=16, train_batch_size=4, eval_batch_size=4,
+                  max_steps=2, logging_steps=1, eval_strategy="no", save_strategy="steps", save_steps=2,
+                  report_to=["none"], disable_progress_bar=True, save_pretrained_at_end=False)
+    values.update(overrides)
+    return TrainingArguments(**values)
+
+
+def no_checkpoints(args) -> bool:
+    return not (Path(args.output_dir) / "checkpoints").exists()
+
+
+def test_dataset_without_the_text_column(tmp_path, tokenizer):
+    data = datasets.Dataset.from_dict({"content": ["some words here"] * 50})
+    args = args_for(tmp_path)
+    with pytest.raises(DataError, match="content.*text_column"):
+        BaseTrainer(args, tokenizer=tokenizer, dataset_train=data).setup()
+    assert no_checkpoints(args)
+
+
+def test_empty_dataset(tmp_path, tokenizer):
+    data = datasets.Dataset.from_dict({"text": []})
+    with pytest.raises(DataError, match="empty|no rows|0 rows"):
+        BaseTrainer(args_for(tmp_path), tokenizer=tokenizer, dataset_train=data).setup()
+
+
+def test_max_length_longer_than_the_model_allows(tmp_path):
+    with pytest.raises(ArgumentError, match="max_length.*max_position_embeddings=1024"):
+        BaseTrainer(args_for(tmp_path, max_length=4096)).setup()
+
+
+def test_resume_path_that_does_not_exist(tmp_path):
+    with pytest.raises(CheckpointNotFoundError, match="resume_from_checkpoint"):
+        BaseTrainer(args_for(tmp_path, resume_from_checkpoint=str(tmp_path / "nope")))
+
+
+def test_output_dir_holding_another_run_is_refused_then_overwritten_on_request(tmp_path):
+    args = args_for(tmp_path)
+    BaseTrainer(args).train()
+    checkpoint = Path(args.output_dir) / "checkpoints" / "2"
+    assert checkpoint.is_dir()
+    with pytest.raises(OutputDirError, match="output_dir.*resume_from_checkpoint latest.*overwrite_output_dir"):
+        BaseTrainer(args_for(tmp_path))
+    assert checkpoint.is_dir(), "a refused run must leave existing checkpoints untouched"
+    BaseTrainer(args_for(tmp_path, overwrite_output_dir=True)).train()
+
+
+def test_own_data_without_a_tokenizer(tmp_path):
+    data = datasets.Dataset.from_dict({"text": ["hello world"] * 10})
+    with pytest.raises(ArgumentError, match="tokenizer_name"):
+        BaseTrainer(args_for(tmp_path), dataset_train=data).setup()
+
+
+def test_batch_not_divisible_by_data_parallel_devices(tmp_path, monkeypatch):
+    import easytrain.sharding as sharding
+
+    monkeypatch.setattr(sharding, "data_parallel_size", lambda mesh: 3)
+    with pytest.raises(ArgumentError, match="train_batch_size.*multiple of 3"):
+        BaseTrainer(args_for(tmp_path)).setup()
+
+
+def test_mesh_that_does_not_match_the_devices(tmp_path):
+    with pytest.raises(ArgumentError, match="needs 2 devices but 1 are available"):
+        BaseTrainer(args_for(tmp_path, data_parallel_size=2))

@@ -1,0 +1,150 @@
+"""BaseTrainer end to end on the embedded arithmetic task at tiny size."""
+
+import json
+import logging
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from easytrain import BaseTrainer, Callback, TrainerProtocol, TrainingArguments
+from easytrain.checkpoint import CheckpointManager
+from easytrain.placement import abstract_state
+
+
+def tiny_args(tmp_path, **overrides) -> TrainingArguments:
+    values = dict(output_dir=str(tmp_path / "run"), max_length=32, train_batch_size=8, eval_batch_size=8,
+                  max_steps=8, learning_rate=3e-3, logging_steps=1, eval_strategy="no", save_strategy="no",
+                  report_to=["jsonl"], disable_progress_bar=True, save_pretrained_at_end=False,
+                  max_train_samples=64, max_eval_samples=16)
+    values.update(overrides)
+    return TrainingArguments(**values)
+
+
+def logged(output_dir, split="train", key="loss") -> dict[int, float]:
+    lines = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {line["step"]: line[key] for line in lines if line["split"] == split and key in line}
+
+
+class Recorder(Callback):
+    def __init__(self, stop_at: int | None = None):
+        self.events: list[str] = []
+        self.stop_at = stop_at
+
+    def on_train_begin(self, trainer): self.events.append("train_begin")
+    def on_train_end(self, trainer): self.events.append("train_end")
+    def on_log(self, trainer, step, logs): self.events.append(f"log:{step}")
+    def on_evaluate(self, trainer, step, metrics): self.events.append(f"evaluate:{step}")
+    def on_save(self, trainer, step, checkpoint_dir): self.events.append(f"save:{step}")
+
+    def on_step_end(self, trainer, step):
+        self.events.append(f"step:{step}")
+        if step == self.stop_at:
+            trainer.should_stop = True
+
+
+def test_base_trainer_satisfies_the_protocol(tmp_path):
+    trainer = BaseTrainer(tiny_args(tmp_path))
+    assert isinstance(trainer, TrainerProtocol)
+    for name in ("dataset_train", "dataset_eval", "model", "state", "dtype", "param_dtype", "optimizer",
+                 "scheduler"):
+        assert getattr(trainer, name) is not None, name
+
+
+def test_loss_decreases_on_the_embedded_task(tmp_path):
+    args = tiny_args(tmp_path, max_steps=60, logging_steps=10, max_train_samples=None, warmup_steps=5)
+    logs = BaseTrainer(args).train()
+    losses = logged(args.output_dir)
+    assert losses[10] > losses[60] + 0.5, losses
+    assert logs["loss"] == pytest.approx(losses[60])
+    assert np.isfinite(logs["tokens_per_second"]) and logs["skipped_steps"] == 0
+
+
+def test_callback_events_in_order(tmp_path):
+    recorder = Recorder()
+    args = tiny_args(tmp_path, max_steps=4, logging_steps=2, eval_strategy="steps", eval_steps=2,
+                     save_strategy="steps", save_steps=4)
+    BaseTrainer(args, callbacks=[recorder]).train()
+    assert recorder.events == ["train_begin", "step:1", "log:2", "evaluate:2", "step:2", "step:3", "log:4",
+                               "evaluate:4", "save:4", "step:4", "train_end"]
+
+
+def test_compiles_train_and_eval_steps_once_across_epochs(tmp_path, caplog):
+    args = tiny_args(tmp_path, max_steps=None or -1, num_train_epochs=3, max_train_samples=24,
+                     eval_strategy="epoch", logging_steps=2)
+    trainer = BaseTrainer(args)
+    trainer.setup()
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        trainer.train()
+        trainer.evaluate()
+    compiled = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
+    assert trainer._data.steps_per_epoch * 3 == 6
+    assert sum("train_step" in m for m in compiled) == 1, compiled
+    assert sum("eval_step" in m for m in compiled) == 1, compiled
+
+
+def test_evaluate_does_not_depend_on_eval_batch_size(tmp_path):
+    results = [BaseTrainer(tiny_args(tmp_path / str(size), eval_batch_size=size, max_eval_samples=13)).evaluate()
+               for size in (1, 3, 8)]
+    for other in results[1:]:
+        assert other["eval_num_tokens"] == results[0]["eval_num_tokens"] == 13 * 32
+        assert other["eval_loss"] == pytest.approx(results[0]["eval_loss"], rel=1e-6)
+        assert other["eval_perplexity"] == pytest.approx(results[0]["eval_perplexity"], rel=1e-6)
+
+
+def test_checkpoint_restores_identical_parameters_and_optimizer_state(tmp_path):
+    args = tiny_args(tmp_path, max_steps=3, save_strategy="steps", save_steps=3)
+    trainer = BaseTrainer(args)
+    trainer.train()
+    manager = CheckpointManager(Path(args.output_dir) / "checkpoints")
+    assert manager.latest_step() == 3
+    target = abstract_state(trainer._model.state_shardings, trainer.state)
+    restored, data_state, run_info = manager.restore(3, abstract_state=target)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(trainer.state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert int(restored.step) == 3 and run_info["arguments"]["seed"] == args.seed
+    assert data_state
+
+
+def test_resume_continues_the_step_count_and_loss_curve(tmp_path):
+    common = dict(max_steps=8, save_strategy="steps", save_steps=4)
+    straight = tiny_args(tmp_path / "straight", **common)
+    BaseTrainer(straight).train()
+    interrupted = tiny_args(tmp_path / "interrupted", **common)
+    BaseTrainer(interrupted, callbacks=[Recorder(stop_at=3)]).train()  # stops at 3 and checkpoints it
+    resumed = tiny_args(tmp_path / "interrupted", resume_from_checkpoint="latest", **common)
+    BaseTrainer(resumed).train()
+    reference, continued = logged(straight.output_dir), logged(interrupted.output_dir)
+    assert sorted(continued) == list(range(1, 9))  # no duplicated or missing steps
+    for step in range(1, 9):
+        assert continued[step] == pytest.approx(reference[step], rel=1e-6, abs=1e-7), step
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    from easytrain.models import load_pretrained
+
+    trainer = BaseTrainer(tiny_args(tmp_path, max_steps=2))
+    trainer.train()
+    directory = trainer.save_pretrained(tmp_path / "export")
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in directory.iterdir()}
+    reloaded = load_pretrained(directory)
+    from flax import nnx
+
+    expected = nnx.to_pure_dict(nnx.state(trainer.model, nnx.Param))
+    actual = nnx.to_pure_dict(nnx.state(reloaded, nnx.Param))
+    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(actual)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_custom_loss_by_overriding_compute_loss(tmp_path):
+    from easytrain import LossOutput, causal_lm_loss
+
+    class DoubledLoss(BaseTrainer):
+        def compute_loss(self, model, batch, rng, train):
+            out = causal_lm_loss(model, batch, rng, train)
+            return LossOutput(2.0 * out.loss_sum, out.num_tokens, out.metric_sums)
+
+    plain = BaseTrainer(tiny_args(tmp_path / "a", max_steps=1)).train()
+    doubled = DoubledLoss(tiny_args(tmp_path / "b", max_steps=1)).train()
+    assert doubled["loss"] == pytest.approx(2 * plain["loss"], rel=1e-6)
