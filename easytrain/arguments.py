@@ -39,7 +39,7 @@ class TrainingArguments:
     )
     task: str = _arg(
         "lm",
-        "What to train: a registered task name ('lm', 'arithmetic') or 'package.module:TrainerClass' "
+        "What to train: a registered task name ('lm') or 'package.module:TrainerClass' "
         "for any class that implements easytrain.TrainerProtocol.",
     )
     seed: int = _arg(42, "Seed for parameter init, data order and dropout/sampling RNG.")

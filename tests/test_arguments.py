@@ -90,3 +90,12 @@ def test_bad_choice_and_sink():
         TrainingArguments(report_to=["wandbx"])
     with pytest.raises(SystemExit):  # argparse rejects an invalid choice before the dataclass exists
         parse_arguments(["--optimizer", "adamx"])
+
+
+def test_arguments_reference_is_up_to_date():
+    from pathlib import Path
+
+    from easytrain.reference import render_markdown
+
+    committed = (Path(__file__).resolve().parents[1] / "docs" / "arguments.md").read_text()
+    assert committed == render_markdown(), "regenerate: python -m easytrain.reference > docs/arguments.md"

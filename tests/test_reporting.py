@@ -154,7 +154,16 @@ def test_non_interactive_console_prints_plain_lines(tmp_path: Path, capsys: pyte
 def test_interactive_console_shows_progress(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("TTY_INTERACTIVE", "1")
+    # Force an interactive console: terminal detection is process-global and earlier tests that
+    # fork worker processes can change it.
+    import functools
+
+    import rich.console
+
+    import easytrain.reporting
+
+    forced = functools.partial(rich.console.Console, force_terminal=True, force_interactive=True)
+    monkeypatch.setattr(easytrain.reporting, "Console", forced)
     with make_reporter(tmp_path, report_to=["none"], show_progress=True, initial_step=2) as reporter:
         reporter.advance(3)
         reporter.log(4, {"loss": 1.5, "tokens_per_second": 12345.0})

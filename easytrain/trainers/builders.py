@@ -96,6 +96,8 @@ def lm_blocks(args: TrainingArguments, tokenizer: Any, splits: datasets.DatasetD
     """Tokenise and group each split into `max_length + 1`-token blocks, as numpy-formatted datasets."""
 
     def blocks(split: datasets.Dataset, limit: int | None) -> datasets.Dataset:
+        if is_pretokenized(split, args):
+            return _truncate(check_block_length(split, args), limit).with_format("numpy")
         grouped = tokenize_and_group(split, tokenizer, text_column=args.text_column, max_length=args.max_length,
                                      num_proc=args.preprocessing_num_workers)
         return _truncate(grouped, limit).with_format("numpy")
@@ -103,3 +105,16 @@ def lm_blocks(args: TrainingArguments, tokenizer: Any, splits: datasets.DatasetD
     train = blocks(splits["train"], args.max_train_samples)
     eval_split = splits.get("validation")
     return train, (blocks(eval_split, args.max_eval_samples) if eval_split is not None else None)
+
+
+def is_pretokenized(split: datasets.Dataset, args: TrainingArguments) -> bool:
+    """Rows that are already token blocks (`input_ids`, no text column) are used as they are."""
+    return "input_ids" in split.column_names and args.text_column not in split.column_names
+
+
+def check_block_length(split: datasets.Dataset, args: TrainingArguments) -> datasets.Dataset:
+    length = len(split[0]["input_ids"]) if len(split) else 0
+    if length != args.max_length + 1:
+        raise ArgumentError("max_length", f"pre-tokenized rows hold {length} tokens but training needs blocks of "
+                                          f"max_length + 1 = {args.max_length + 1}; set --max_length {length - 1}.")
+    return split

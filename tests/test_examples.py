@@ -1,0 +1,32 @@
+"""Every example runs, at tiny size."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_from_text_file(tmp_path):
+    metrics = load("train_from_text_file").main(["--output_dir", str(tmp_path), "--max_steps", "4",
+                                                 "--vocab_size", "300"])
+    assert metrics["eval_loss"] > 0
+    assert (tmp_path / "final_model" / "model.safetensors").is_file()
+
+
+def test_custom_loss(tmp_path):
+    logs = load("custom_loss").main(["--output_dir", str(tmp_path), "--max_steps", "3"])
+    assert logs["z_loss"] > 0 and logs["loss"] > 0
+
+
+@pytest.mark.parametrize("name", ["train_from_text_file", "custom_loss"])
+def test_examples_document_how_to_run_them(name):
+    assert f"python examples/{name}.py" in (EXAMPLES / f"{name}.py").read_text()
