@@ -36,6 +36,7 @@ from easytrain.trainers.run_dir import prepare_output_dir
 
 logger = logging.getLogger("easytrain")
 FORMAT_VERSION = 1
+HOST_ONLY_FIELDS = ("example_id",)
 
 
 class BaseTrainer:
@@ -232,9 +233,13 @@ class BaseTrainer:
         return jax.device_get(sums)
 
     def to_global(self, host_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
-        """One global array per field from this host's rows (no copy of other hosts' data)."""
+        """One global array per field from this host's rows (no copy of other hosts' data).
+
+        Host-only bookkeeping fields (`example_id`) stay on the host.
+        """
         batch_sh = sharding.batch_sharding(self.mesh)
-        return {key: jax.make_array_from_process_local_data(batch_sh, value) for key, value in host_batch.items()}
+        return {key: jax.make_array_from_process_local_data(batch_sh, value) for key, value in host_batch.items()
+                if key not in HOST_ONLY_FIELDS}
 
     # ------------------------------------------------------------------ checkpoints and export
     def checkpoint_manager(self) -> CheckpointManager:
