@@ -76,21 +76,23 @@ class TrainingArguments:
     preprocessing_num_workers: Optional[int] = _arg(None, "Processes used to tokenise the dataset.")
 
     # --- optimisation --------------------------------------------------------------------------
-    num_train_epochs: int = _arg(3, "Passes over the training set (ignored when max_steps > 0).")
-    max_steps: int = _arg(-1, "Total optimizer updates; overrides num_train_epochs when > 0.")
+    num_train_epochs: int = _arg(3, "Passes over the training set; used only when max_steps <= 0.")
+    max_steps: int = _arg(1000, "Total optimizer updates; set <= 0 to train for num_train_epochs instead.")
     train_batch_size: int = _arg(
-        32, "Global batch size: examples per optimizer update, summed over devices, hosts and micro-batches."
+        16, "Global batch size: examples per optimizer update, summed over devices, hosts and micro-batches."
     )
-    eval_batch_size: int = _arg(32, "Global batch size for evaluation.")
+    eval_batch_size: int = _arg(16, "Global batch size for evaluation.")
     gradient_accumulation_steps: int = _arg(
         1, "Split each global batch into this many micro-batches, accumulated inside the compiled step."
     )
-    learning_rate: float = _arg(3e-4, "Peak learning rate.")
+    learning_rate: float = _arg(
+        3e-3, "Peak learning rate. The default suits small models trained from scratch; fine-tuning a "
+        "pretrained model usually wants 1e-5 to 1e-4.")
     lr_scheduler_type: Literal["constant", "linear", "cosine"] = _arg(
         "cosine", "Decay after warmup, counted in optimizer updates (never micro-batches)."
     )
     warmup_steps: int = _arg(0, "Linear warmup length in optimizer updates; takes precedence over warmup_ratio.")
-    warmup_ratio: float = _arg(0.0, "Warmup as a fraction of the total optimizer updates.")
+    warmup_ratio: float = _arg(0.05, "Warmup as a fraction of the total optimizer updates.")
     optimizer: Literal["adamw", "adafactor", "lion", "sgd"] = _arg("adamw", "Optimizer.")
     weight_decay: float = _arg(0.0, "Decoupled weight decay (AdamW, Lion, Adafactor); L2 for SGD.")
     adam_beta1: float = _arg(0.9, "beta1 of AdamW and Lion.")
@@ -105,11 +107,11 @@ class TrainingArguments:
     # --- logging, evaluation, checkpoints ------------------------------------------------------
     logging_steps: int = _arg(10, "Fetch metrics from the device and log them every N optimizer updates.")
     eval_strategy: Literal["no", "steps", "epoch"] = _arg("steps", "When to evaluate during training.")
-    eval_steps: int = _arg(100, "Evaluate every N updates when eval_strategy='steps'.")
+    eval_steps: int = _arg(250, "Evaluate every N updates when eval_strategy='steps'.")
     save_strategy: Literal["no", "steps", "epoch"] = _arg(
         "steps", "When to checkpoint during training (a final checkpoint is written unless 'no')."
     )
-    save_steps: int = _arg(200, "Checkpoint every N updates when save_strategy='steps'.")
+    save_steps: int = _arg(500, "Checkpoint every N updates when save_strategy='steps'.")
     save_total_limit: Optional[int] = _arg(3, "Keep the newest N checkpoints (plus the best one, if tracked).")
     async_checkpointing: bool = _arg(True, "Write checkpoints in the background while training continues.")
     resume_from_checkpoint: Optional[str] = _arg(

@@ -74,3 +74,16 @@ def test_batch_not_divisible_by_data_parallel_devices(tmp_path, monkeypatch):
 def test_mesh_that_does_not_match_the_devices(tmp_path):
     with pytest.raises(ArgumentError, match="needs 2 devices but 1 are available"):
         BaseTrainer(args_for(tmp_path, data_parallel_size=2))
+
+
+def test_tokenizer_without_pad_token_falls_back_to_eos_with_a_warning(tmp_path, tokenizer_dir, caplog, text_lines):
+    from transformers import AutoTokenizer
+
+    no_pad = AutoTokenizer.from_pretrained(tokenizer_dir)
+    no_pad.pad_token = None
+    data = datasets.Dataset.from_dict({"text": text_lines})
+    trainer = BaseTrainer(args_for(tmp_path), tokenizer=no_pad, dataset_train=data)
+    with caplog.at_level("WARNING", logger="easytrain"):
+        trainer.setup()
+    assert trainer.tokenizer.pad_token == trainer.tokenizer.eos_token
+    assert "no pad token" in caplog.text

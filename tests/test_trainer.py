@@ -71,7 +71,7 @@ def test_callback_events_in_order(tmp_path):
 
 
 def test_compiles_train_and_eval_steps_once_across_epochs(tmp_path, caplog):
-    args = tiny_args(tmp_path, max_steps=None or -1, num_train_epochs=3, max_train_samples=24,
+    args = tiny_args(tmp_path, max_steps=-1, num_train_epochs=3, max_train_samples=24,
                      eval_strategy="epoch", logging_steps=2)
     trainer = BaseTrainer(args)
     trainer.setup()
@@ -99,7 +99,7 @@ def test_checkpoint_restores_identical_parameters_and_optimizer_state(tmp_path):
     trainer.train()
     manager = CheckpointManager(Path(args.output_dir) / "checkpoints")
     assert manager.latest_step() == 3
-    target = abstract_state(trainer._model.state_shardings, trainer.state)
+    target = abstract_state(trainer.state_shardings, trainer.state)
     restored, data_state, run_info = manager.restore(3, abstract_state=target)
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(trainer.state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

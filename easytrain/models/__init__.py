@@ -4,6 +4,7 @@ from easytrain.models.hf_io import (
     CheckpointError,
     from_hf_state_dict,
     load_pretrained,
+    load_pretrained as from_pretrained,
     save_pretrained,
     to_hf_state_dict,
 )
@@ -15,6 +16,7 @@ __all__ = [
     "LlamaForCausalLM",
     "UnsupportedConfigError",
     "from_hf_state_dict",
+    "from_pretrained",
     "init_model",
     "load_pretrained",
     "save_pretrained",

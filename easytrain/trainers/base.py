@@ -103,6 +103,12 @@ class BaseTrainer:
         return self._state
 
     @property
+    def state_shardings(self) -> Any:
+        """`NamedSharding`s of every state leaf on the current mesh (also the checkpoint restore layout)."""
+        self.setup()
+        return self._model.state_shardings
+
+    @property
     def dtype(self) -> np.dtype:
         return jnp.dtype(self._arguments.dtype)
 
@@ -139,6 +145,7 @@ class BaseTrainer:
         embedded = builders.uses_embedded_data(args, self._raw_train)
         if self.tokenizer is None:
             self.tokenizer = builders.build_tokenizer(args, embedded=embedded)
+        self.tokenizer = builders.ensure_pad_token(self.tokenizer)
         self.model_config = self._given_model.config if self._given_model is not None else \
             builders.build_model_config(args, self.tokenizer)
         builders.check_max_length(args, self.model_config)

@@ -33,8 +33,7 @@ def build_tokenizer(args: TrainingArguments, *, embedded: bool) -> transformers.
             return arithmetic.build_arithmetic_tokenizer()
         raise ArgumentError("tokenizer_name", "training on your own data needs a tokenizer: pass "
                                               "--tokenizer_name DIR (or --model_name_or_path of a pretrained model).")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(name)
-    return ensure_pad_token(tokenizer)
+    return transformers.AutoTokenizer.from_pretrained(name)
 
 
 def ensure_pad_token(tokenizer: transformers.PreTrainedTokenizerBase) -> transformers.PreTrainedTokenizerBase:
