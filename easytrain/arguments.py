@@ -77,7 +77,7 @@ class TrainingArguments:
 
     # --- optimisation --------------------------------------------------------------------------
     num_train_epochs: int = _arg(3, "Passes over the training set; used only when max_steps <= 0.")
-    max_steps: int = _arg(1000, "Total optimizer updates; set <= 0 to train for num_train_epochs instead.")
+    max_steps: int = _arg(1500, "Total optimizer updates; set <= 0 to train for num_train_epochs instead.")
     train_batch_size: int = _arg(
         16, "Global batch size: examples per optimizer update, summed over devices, hosts and micro-batches."
     )
