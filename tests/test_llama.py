@@ -13,19 +13,7 @@ from flax import nnx, traverse_util
 
 from easytrain.models import ConfigError, LlamaForCausalLM, UnsupportedConfigError, init_model
 
-VOCAB = 128
-
-
-def tiny_config(**overrides) -> transformers.LlamaConfig:
-    fields = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-    )
-    return transformers.LlamaConfig(**(fields | overrides))
+from model_configs import VOCAB, tiny_config
 
 
 @pytest.fixture(scope="module")
