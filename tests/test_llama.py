@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import transformers
 from flax import nnx, traverse_util
 
 from easytrain.models import ConfigError, LlamaForCausalLM, UnsupportedConfigError, init_model

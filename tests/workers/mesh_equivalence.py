@@ -1,0 +1,52 @@
+"""Train 5 steps on one mesh layout and print per-step losses and shard facts as JSON.
+
+Run with XLA_FLAGS=--xla_force_host_platform_device_count=8 by tests/test_sharding.py.
+"""
+
+import json
+import sys
+import tempfile
+
+import jax
+import numpy as np
+
+from easytrain import BaseTrainer, TrainingArguments
+
+
+def main(data: int, fsdp: int, tensor: int, num_devices: int) -> None:
+    args = TrainingArguments(
+        output_dir=tempfile.mkdtemp(), max_steps=5, max_length=32, train_batch_size=16, eval_batch_size=16,
+        logging_steps=1, eval_strategy="no", save_strategy="no", report_to=["jsonl"], disable_progress_bar=True,
+        save_pretrained_at_end=False, max_train_samples=128, max_eval_samples=16, warmup_steps=0,
+        data_parallel_size=data, fsdp_size=fsdp, tensor_parallel_size=tensor)
+
+    class Trainer(BaseTrainer):
+        def configure_mesh(self):
+            from easytrain.sharding import make_mesh
+            return make_mesh(data, fsdp, tensor, devices=jax.devices()[:num_devices])
+
+    trainer = Trainer(args)
+    losses = []
+
+    from easytrain import Callback
+
+    class Record(Callback):
+        def on_log(self, trainer, step, logs):
+            losses.append(logs["loss"])
+
+    trainer.callbacks.add(Record())
+    trainer.train()
+    state = trainer.state
+    leaves = jax.tree_util.tree_leaves_with_path(state.params)
+    specs = {jax.tree_util.keystr(path): str(leaf.sharding.spec) for path, leaf in leaves}
+    shard_shapes = {jax.tree_util.keystr(path): list(leaf.addressable_shards[0].data.shape) for path, leaf in leaves}
+    per_device = lambda tree: sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(tree)
+                                  if hasattr(leaf, "addressable_shards"))
+    total = lambda tree: sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(tree))
+    print(json.dumps({"losses": losses, "specs": specs, "shard_shapes": shard_shapes,
+                      "param_bytes_per_device": per_device(state.params), "param_bytes": total(state.params),
+                      "opt_bytes_per_device": per_device(state.opt_state), "opt_bytes": total(state.opt_state)}))
+
+
+if __name__ == "__main__":
+    main(*map(int, sys.argv[1:]))
