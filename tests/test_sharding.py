@@ -17,11 +17,11 @@ LAYOUTS = {"1 device": (1, 1, 1, 1), "(8,1,1)": (8, 1, 1, 8), "(1,8,1)": (1, 8, 
            "(2,4,1)": (2, 4, 1, 8), "(2,2,2)": (2, 2, 2, 8)}
 
 
-def run_layout(data, fsdp, tensor, devices) -> dict:
+def run_layout(data, fsdp, tensor, devices, *extra) -> dict:
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PYTHONPATH": str(ROOT),
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     result = subprocess.run([sys.executable, str(ROOT / "tests" / "workers" / "mesh_equivalence.py"),
-                             str(data), str(fsdp), str(tensor), str(devices)],
+                             *map(str, (data, fsdp, tensor, devices, *extra))],
                             capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -60,6 +60,20 @@ def test_fsdp_holds_about_one_eighth_per_device(layouts):
     assert fsdp["param_bytes_per_device"] < 0.16 * fsdp["param_bytes"]
     assert fsdp["opt_bytes_per_device"] < 0.16 * fsdp["opt_bytes"]
     assert layouts["(8,1,1)"]["param_bytes_per_device"] == layouts["(8,1,1)"]["param_bytes"]
+
+
+@pytest.mark.slow
+def test_checkpoint_from_one_layout_resumes_on_others(layouts, tmp_path):
+    """Saved on (2,2,2) at step 3; resumed on (8,1,1) and on 1 device: the loss curve continues."""
+    import shutil
+
+    reference = layouts["1 device"]["losses"]
+    saved = run_layout(2, 2, 2, 8, str(tmp_path / "a"), 3, 0)
+    assert saved["losses"] == pytest.approx(reference[:3], abs=1e-5)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    for directory, shape in (("a", (8, 1, 1, 8)), ("b", (1, 1, 1, 1))):
+        resumed = run_layout(*shape, str(tmp_path / directory), 0, 1)
+        assert resumed["losses"] == pytest.approx(reference[3:], abs=1e-5, rel=1e-5), (directory, shape)
 
 
 def test_mesh_shape_resolution_and_errors():

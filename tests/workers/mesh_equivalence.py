@@ -13,10 +13,13 @@ import numpy as np
 from easytrain import BaseTrainer, TrainingArguments
 
 
-def main(data: int, fsdp: int, tensor: int, num_devices: int) -> None:
+def main(data: int, fsdp: int, tensor: int, num_devices: int, output_dir: str = "", stop_at: int = 0,
+         resume: int = 0) -> None:
+    """`stop_at` ends the run after that step (checkpointing it); `resume` continues the latest checkpoint."""
     args = TrainingArguments(
-        output_dir=tempfile.mkdtemp(), max_steps=5, max_length=32, train_batch_size=16, eval_batch_size=16,
-        logging_steps=1, eval_strategy="no", save_strategy="no", report_to=["jsonl"], disable_progress_bar=True,
+        output_dir=output_dir or tempfile.mkdtemp(), resume_from_checkpoint="latest" if resume else None,
+        save_strategy="no" if not (stop_at or resume) else "steps", save_steps=1000, max_steps=5, max_length=32, train_batch_size=16, eval_batch_size=16,
+        logging_steps=1, eval_strategy="no", report_to=["jsonl"], disable_progress_bar=True,
         save_pretrained_at_end=False, max_train_samples=128, max_eval_samples=16, warmup_steps=0,
         data_parallel_size=data, fsdp_size=fsdp, tensor_parallel_size=tensor)
 
@@ -34,6 +37,9 @@ def main(data: int, fsdp: int, tensor: int, num_devices: int) -> None:
         def on_log(self, trainer, step, logs):
             losses.append(logs["loss"])
 
+        def on_step_end(self, trainer, step):
+            trainer.should_stop = step == stop_at
+
     trainer.callbacks.add(Record())
     trainer.train()
     state = trainer.state
@@ -49,4 +55,6 @@ def main(data: int, fsdp: int, tensor: int, num_devices: int) -> None:
 
 
 if __name__ == "__main__":
-    main(*map(int, sys.argv[1:]))
+    numbers = [int(a) for a in sys.argv[1:5]]
+    extra = sys.argv[5:]
+    main(*numbers, *(extra[:1] + [int(a) for a in extra[1:]]))
