@@ -76,6 +76,13 @@ def test_checkpoint_from_one_layout_resumes_on_others(layouts, tmp_path):
         assert resumed["losses"] == pytest.approx(reference[3:], abs=1e-5, rel=1e-5), (directory, shape)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("shape, accumulation", [((1, 1, 1, 1), 4), ((2, 2, 2, 8), 2), ((8, 1, 1, 8), 2)])
+def test_gradient_accumulation_on_any_layout_matches(layouts, shape, accumulation):
+    result = run_layout(*shape, "", 0, 0, accumulation)
+    assert result["losses"] == pytest.approx(layouts["1 device"]["losses"], abs=1e-5, rel=1e-5)
+
+
 def test_mesh_shape_resolution_and_errors():
     assert resolve_mesh_shape({"data": -1, "fsdp": 2, "tensor": 2}, 8) == {"data": 2, "fsdp": 2, "tensor": 2}
     with pytest.raises(ArgumentError, match="needs 6 devices but 8"):

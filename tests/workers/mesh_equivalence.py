@@ -14,14 +14,16 @@ from easytrain import BaseTrainer, TrainingArguments
 
 
 def main(data: int, fsdp: int, tensor: int, num_devices: int, output_dir: str = "", stop_at: int = 0,
-         resume: int = 0) -> None:
-    """`stop_at` ends the run after that step (checkpointing it); `resume` continues the latest checkpoint."""
+         resume: int = 0, accumulation: int = 1) -> None:
+    """`stop_at` ends the run after that step (checkpointing it); `resume` continues the latest checkpoint;
+    `accumulation` splits each global batch into that many micro-batches."""
     args = TrainingArguments(
         output_dir=output_dir or tempfile.mkdtemp(), resume_from_checkpoint="latest" if resume else None,
         save_strategy="no" if not (stop_at or resume) else "steps", save_steps=1000, max_steps=5, max_length=32, train_batch_size=16, eval_batch_size=16,
         logging_steps=1, eval_strategy="no", report_to=["jsonl"], disable_progress_bar=True,
         save_pretrained_at_end=False, max_train_samples=128, max_eval_samples=16, warmup_steps=0,
-        data_parallel_size=data, fsdp_size=fsdp, tensor_parallel_size=tensor)
+        data_parallel_size=data, fsdp_size=fsdp, tensor_parallel_size=tensor,
+        gradient_accumulation_steps=accumulation)
 
     class Trainer(BaseTrainer):
         def configure_mesh(self):
