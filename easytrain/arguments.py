@@ -134,6 +134,11 @@ class TrainingArguments:
     data_parallel_size: int = _arg(-1, "Size of the 'data' mesh axis; -1 takes the devices left over.")
     fsdp_size: int = _arg(1, "Size of the 'fsdp' mesh axis (parameters and optimizer state sharded).")
     tensor_parallel_size: int = _arg(1, "Size of the 'tensor' mesh axis (matmuls split across devices).")
+    coordinator_address: Optional[str] = _arg(
+        None, "host:port of process 0 for a multi-process run (SLURM and Cloud TPU launches are detected "
+        "without it).")
+    num_processes: Optional[int] = _arg(None, "Number of processes (usually one per host) in a multi-process run.")
+    process_id: Optional[int] = _arg(None, "This process's index in [0, num_processes).")
 
     def __post_init__(self) -> None:
         validate(self)

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from easytrain import placement, sharding, steps
+from easytrain import distributed, placement, sharding, steps
 from easytrain.arguments import TrainingArguments
 from easytrain.callbacks import Callback, CallbackList, EarlyStopping
 from easytrain.checkpoint import CHECKPOINTS_DIRNAME, CheckpointManager
@@ -59,6 +59,7 @@ class BaseTrainer:
                  tokenizer: Any = None, dataset_train: Any = None, dataset_eval: Any = None,
                  callbacks: Sequence[Callback] = (), evaluators: Sequence[Evaluator] = ()):
         self._arguments = arguments if arguments is not None else TrainingArguments()
+        distributed.initialize(self._arguments)  # before any other JAX call
         self._given_model = model
         self.tokenizer = tokenizer
         self._raw_train, self._raw_eval = dataset_train, dataset_eval

@@ -4,6 +4,7 @@ Run with XLA_FLAGS=--xla_force_host_platform_device_count=8 by tests/test_shardi
 """
 
 import json
+import os
 import sys
 import tempfile
 
@@ -11,6 +12,15 @@ import jax
 import numpy as np
 
 from easytrain import BaseTrainer, TrainingArguments
+
+
+def multi_process_arguments() -> dict:
+    """Set by the 2-process test: `host:port,num_processes,process_id`."""
+    spec = os.environ.get("EASYTRAIN_TEST_PROCESSES")
+    if not spec:
+        return {}
+    address, count, index = spec.split(",")
+    return {"coordinator_address": address, "num_processes": int(count), "process_id": int(index)}
 
 
 def main(data: int, fsdp: int, tensor: int, num_devices: int, output_dir: str = "", stop_at: int = 0,
@@ -23,7 +33,7 @@ def main(data: int, fsdp: int, tensor: int, num_devices: int, output_dir: str = 
         logging_steps=1, eval_strategy="no", report_to=["jsonl"], disable_progress_bar=True,
         save_pretrained_at_end=False, max_train_samples=128, max_eval_samples=16, warmup_steps=0,
         data_parallel_size=data, fsdp_size=fsdp, tensor_parallel_size=tensor,
-        gradient_accumulation_steps=accumulation)
+        gradient_accumulation_steps=accumulation, **multi_process_arguments())
 
     class Trainer(BaseTrainer):
         def configure_mesh(self):
@@ -51,7 +61,10 @@ def main(data: int, fsdp: int, tensor: int, num_devices: int, output_dir: str = 
     per_device = lambda tree: sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(tree)
                                   if hasattr(leaf, "addressable_shards"))
     total = lambda tree: sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(tree))
-    print(json.dumps({"losses": losses, "specs": specs, "shard_shapes": shard_shapes,
+    rows = trainer._data.train.iterator(0)
+    example_ids = [next(rows)["example_id"].tolist() for _ in range(5)]
+    written = sorted(os.listdir(args.output_dir))
+    print(json.dumps({"losses": losses, "example_ids": example_ids, "process": jax.process_index(), "written": written, "specs": specs, "shard_shapes": shard_shapes,
                       "param_bytes_per_device": per_device(state.params), "param_bytes": total(state.params),
                       "opt_bytes_per_device": per_device(state.opt_state), "opt_bytes": total(state.opt_state)}))
 

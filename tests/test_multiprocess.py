@@ -1,0 +1,91 @@
+"""Two processes x 4 CPU devices on localhost behave like one process with 8 devices."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "workers" / "mesh_equivalence.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(devices_per_process: int, processes: int, *worker_args: str) -> list[dict]:
+    port = free_port()
+    base = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+            "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}"}
+    procs = []
+    for index in range(processes):
+        env = dict(base)
+        if processes > 1:
+            env["EASYTRAIN_TEST_PROCESSES"] = f"127.0.0.1:{port},{processes},{index}"
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), *worker_args], env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_eight_devices(tmp_path):
+    (single,) = launch(8, 1, "8", "1", "1", "8")
+    first, second = launch(4, 2, "8", "1", "1", "8", str(tmp_path / "run"))
+    assert (first["process"], second["process"]) == (0, 1)
+    for result in (first, second):
+        assert result["losses"] == pytest.approx(single["losses"], abs=1e-5, rel=1e-5)
+    for step, (a, b, whole) in enumerate(zip(first["example_ids"], second["example_ids"], single["example_ids"])):
+        assert not set(a) & set(b), f"step {step}: both processes read the same example"
+        assert a + b == whole, f"step {step}: together they read exactly the single-process batch"
+    assert "metrics.jsonl" in first["written"] and "arguments.json" in first["written"]
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4, 5], "only process 0 logs, once per step"
+
+
+@pytest.mark.slow
+def test_two_processes_checkpoint_and_resume_together(tmp_path):
+    """Both processes write one checkpoint at step 3, then both restore it and continue the curve."""
+    (single,) = launch(8, 1, "8", "1", "1", "8")
+    run_dir = str(tmp_path / "run")
+    stopped = launch(4, 2, "8", "1", "1", "8", run_dir, "3", "0")
+    assert (tmp_path / "run" / "checkpoints" / "3").is_dir()
+    resumed = launch(4, 2, "8", "1", "1", "8", run_dir, "0", "1")
+    for result in stopped:
+        assert result["losses"] == pytest.approx(single["losses"][:3], abs=1e-5, rel=1e-5)
+    for result in resumed:
+        assert result["losses"] == pytest.approx(single["losses"][3:], abs=1e-5, rel=1e-5)
+
+
+def test_partial_multi_process_arguments_are_refused(monkeypatch):
+    import jax
+
+    from easytrain import ArgumentError, TrainingArguments
+    from easytrain.distributed import initialize
+
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    with pytest.raises(ArgumentError, match="coordinator_address, num_processes and process_id together"):
+        initialize(TrainingArguments(coordinator_address="10.0.0.1:1234"))
+
+
+@pytest.mark.parametrize("env, expected", [({"SLURM_NTASKS": "4"}, "SLURM"), ({"SLURM_NTASKS": "1"}, None),
+                                           ({"TPU_WORKER_HOSTNAMES": "a,b"}, "Cloud TPU (multi-host)"),
+                                           ({"OMPI_COMM_WORLD_SIZE": "2"}, "Open MPI"), ({}, None)])
+def test_cluster_auto_detection(monkeypatch, env, expected):
+    from easytrain.distributed import auto_detected_cluster
+
+    for variable in ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(variable, raising=False)
+    for variable, value in env.items():
+        monkeypatch.setenv(variable, value)
+    assert auto_detected_cluster() == expected
