@@ -55,6 +55,9 @@ class BaseTrainer:
         >>> trainer.train()["loss"]  # doctest: +SKIP
     """
 
+    #: Logical parameter axis -> mesh axis (or axes, or None). Override for a model with other names.
+    partition_rules: sharding.LogicalRules = sharding.DEFAULT_RULES
+
     def __init__(self, arguments: TrainingArguments | None = None, *, model: nnx.Module | None = None,
                  tokenizer: Any = None, dataset_train: Any = None, dataset_eval: Any = None,
                  callbacks: Sequence[Callback] = (), evaluators: Sequence[Evaluator] = ()):
@@ -169,13 +172,15 @@ class BaseTrainer:
         if self._given_model is not None or args.model_name_or_path:
             module = self._given_model or load_pretrained(args.model_name_or_path, dtype=self.dtype,
                                                           param_dtype=self.param_dtype)
-            state, shardings = placement.place_module(module, tx, seed=args.seed, mesh=self.mesh)
+            state, shardings = placement.place_module(module, tx, seed=args.seed, mesh=self.mesh,
+                                                      rules=self.partition_rules)
         else:
             def model_fn() -> nnx.Module:  # Rngs are created inside the traced init, never captured
                 return LlamaForCausalLM(self.model_config, dtype=self.dtype, param_dtype=self.param_dtype,
                                         rngs=nnx.Rngs(args.seed))
 
-            state, shardings = placement.create_state(model_fn, tx, seed=args.seed, mesh=self.mesh)
+            state, shardings = placement.create_state(model_fn, tx, seed=args.seed, mesh=self.mesh,
+                                                      rules=self.partition_rules)
         return ConfiguredModel(state.model(), state, shardings, self.mesh)
 
     def configure_schedule(self, total_steps: int) -> optax.Schedule:
