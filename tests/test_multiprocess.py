@@ -89,3 +89,14 @@ def test_cluster_auto_detection(monkeypatch, env, expected):
     for variable, value in env.items():
         monkeypatch.setenv(variable, value)
     assert auto_detected_cluster() == expected
+
+
+@pytest.mark.slow
+def test_checkpoint_from_one_process_resumes_in_two(tmp_path):
+    """Saved by one process on a (2,2,2) mesh; resumed by 2 processes x 4 devices on (8,1,1)."""
+    (single,) = launch(8, 1, "8", "1", "1", "8")
+    run_dir = str(tmp_path / "run")
+    launch(8, 1, "2", "2", "2", "8", run_dir, "3", "0")
+    resumed = launch(4, 2, "8", "1", "1", "8", run_dir, "0", "1")
+    for result in resumed:
+        assert result["losses"] == pytest.approx(single["losses"][3:], abs=1e-5, rel=1e-5)
