@@ -148,3 +148,24 @@ def test_custom_loss_by_overriding_compute_loss(tmp_path):
     plain = BaseTrainer(tiny_args(tmp_path / "a", max_steps=1)).train()
     doubled = DoubledLoss(tiny_args(tmp_path / "b", max_steps=1)).train()
     assert doubled["loss"] == pytest.approx(2 * plain["loss"], rel=1e-6)
+
+
+def test_non_finite_stop_policy_checkpoints_the_finite_state_and_names_the_step(tmp_path):
+    from easytrain import LossOutput, NonFiniteLossError, causal_lm_loss
+
+    class NaNLoss(BaseTrainer):
+        def compute_loss(self, model, batch, rng, train):
+            out = causal_lm_loss(model, batch, rng, train)
+            return LossOutput(out.loss_sum * np.nan, out.num_tokens, out.metric_sums)
+
+    args = tiny_args(tmp_path, max_steps=3, logging_steps=3, non_finite_policy="stop")
+    trainer = NaNLoss(args)
+    initial = jax.tree.map(np.asarray, trainer.state.params)
+    with pytest.raises(NonFiniteLossError, match="at step 1 .*example ids"):
+        trainer.train()
+    manager = CheckpointManager(Path(args.output_dir) / "checkpoints")
+    assert manager.latest_step() == 3
+    restored, data_state, _ = manager.restore(3, abstract_state=abstract_state(trainer.state_shardings, trainer.state))
+    assert int(restored.step) == 3 and data_state["step"] == 3  # saved under its own step
+    for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(initial)):
+        np.testing.assert_array_equal(np.asarray(a), b)  # every non-finite update was skipped

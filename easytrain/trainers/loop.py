@@ -120,23 +120,29 @@ class TrainLoop:
         logs["epoch"] = step / self.data.steps_per_epoch
         if not self.compile_logged:
             logs["compile_seconds"], self.compile_logged = self.compile_seconds, True
-        self.check_finite(fetched)
+        self.check_finite(step, fetched)
         self.pending = []
         self.last_logs = logs
         self.reporter.log(step, logs, split="train")
         self.trainer.callbacks.on_log(self.trainer, step, logs)
         self.window_start = time.perf_counter()
 
-    def check_finite(self, fetched: list[dict[str, Any]]) -> None:
+    def check_finite(self, current_step: int, fetched: list[dict[str, Any]]) -> None:
+        """Under `non_finite_policy='stop'`: checkpoint the (finite) current state and raise.
+
+        Non-finite updates were skipped inside the step, so the state in memory is finite; it is saved
+        under its own step, with the matching data position.
+        """
         if self.args.non_finite_policy != "stop":
             return
         for (step, _, example_ids), metrics in zip(self.pending, fetched):
             if int(metrics["skipped"]):
-                self.save(step - 1 if step - 1 > self.last_saved_step else self.last_saved_step, force=True)
+                self.save(current_step, force=True)
+                self.manager.wait_until_finished()  # the checkpoint must be complete before the error ends the run
                 raise NonFiniteLossError(
                     f"non-finite loss or gradient at step {step} (batch example ids {list(map(int, example_ids))}); "
-                    f"the update was not applied and the last good state was checkpointed. Inspect those "
-                    f"examples, lower learning_rate, or set non_finite_policy='skip'.")
+                    f"that update was skipped and the state after step {current_step} was checkpointed. Inspect "
+                    f"those examples, lower learning_rate, or set non_finite_policy='skip'.")
 
     def evaluate(self, step: int) -> None:
         trainer = self.trainer
