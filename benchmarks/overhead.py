@@ -24,7 +24,6 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import datasets  # noqa: E402
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 import transformers  # noqa: E402
@@ -68,9 +67,10 @@ def hand_written_loop(config: transformers.LlamaConfig, blocks: np.ndarray, seed
         return float(loss)  # one sync per segment, as the trainer does per logging window
 
     started = time.perf_counter()
-    first = jax.jit(step).lower(params, opt_state, blocks[:BATCH, :-1], blocks[:BATCH, 1:]).compile()
-    del first
-    return run, time.perf_counter() - started
+    compiled = step.lower(params, opt_state, blocks[:BATCH, :-1], blocks[:BATCH, 1:]).compile()
+    compile_seconds = time.perf_counter() - started
+    step = compiled  # `run` calls the executable compiled (and timed) here: no second compile
+    return run, compile_seconds
 
 
 class Alternate(Callback):

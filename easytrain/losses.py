@@ -6,7 +6,7 @@ more).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -59,15 +59,3 @@ def safe_mean(total: jax.Array, count: jax.Array) -> jax.Array:
     """`total / count`, and 0 (not NaN) when nothing was supervised."""
     return total / jnp.maximum(count, 1.0)
 
-
-def register_loss(name: str) -> Callable[[LossFn], LossFn]:
-    """Decorator adding a loss to the registry, so tasks can name it in configuration."""
-
-    def add(fn: LossFn) -> LossFn:
-        LOSSES[name] = fn
-        return fn
-
-    return add
-
-
-LOSSES: dict[str, Any] = {"causal_lm": causal_lm_loss}

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from easytrain.losses import Batch, LossFn, safe_mean
+from easytrain.losses import Batch, LossFn
 from easytrain.state import TrainState
 
 Metrics = dict[str, jax.Array]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import transformers
 from flax import nnx
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
 from easytrain.models import (
     CheckpointError,

@@ -8,7 +8,6 @@ them once and drives the loop. Override `compute_loss` to change the objective, 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -29,9 +28,11 @@ from easytrain.errors import ArgumentError
 from easytrain.evaluators import Evaluator, arithmetic_exact_match
 from easytrain.losses import Batch, LossOutput, causal_lm_loss
 from easytrain.models import LlamaForCausalLM, load_pretrained, save_pretrained
+from easytrain.optim import build_optimizer, build_schedule
 from easytrain.protocol import ConfiguredDataloaders, ConfiguredFunctions, ConfiguredModel
 from easytrain.trainers import builders
 from easytrain.trainers.loop import TrainLoop
+from easytrain.trainers.resume import config_dict
 from easytrain.trainers.run_dir import prepare_output_dir
 
 logger = logging.getLogger("easytrain")
@@ -184,13 +185,9 @@ class BaseTrainer:
         return ConfiguredModel(state.model(), state, shardings, self.mesh)
 
     def configure_schedule(self, total_steps: int) -> optax.Schedule:
-        from easytrain.optim import build_schedule
-
         return build_schedule(self._arguments, total_steps)
 
     def configure_optimizer(self, schedule: optax.Schedule) -> optax.GradientTransformation:
-        from easytrain.optim import build_optimizer
-
         return build_optimizer(self._arguments, schedule)
 
     def configure_functions(self) -> ConfiguredFunctions:
@@ -266,9 +263,8 @@ class BaseTrainer:
 
     def run_info(self) -> dict[str, Any]:
         """Everything besides arrays that a checkpoint must carry to be resumed or audited."""
-        config = json.loads(self.model_config.to_json_string()) if hasattr(self.model_config, "to_json_string") \
-            else None
-        return {"format_version": FORMAT_VERSION, "arguments": self._arguments.to_dict(), "model_config": config}
+        return {"format_version": FORMAT_VERSION, "arguments": self._arguments.to_dict(),
+                "model_config": config_dict(self.model_config)}
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write config.json, model.safetensors and the tokenizer in Hugging Face layout."""

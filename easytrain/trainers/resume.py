@@ -23,11 +23,15 @@ def _differences(stored: dict[str, Any], current: dict[str, Any], keys: tuple[st
             for key in keys if stored.get(key) != current.get(key)]
 
 
+def config_dict(config: Any) -> dict[str, Any] | None:
+    """A Hugging Face config as plain JSON values (None for models without one)."""
+    return json.loads(config.to_json_string()) if hasattr(config, "to_json_string") else None
+
+
 def check_resumable(run_info: dict[str, Any], trainer: "BaseTrainer") -> None:
     """Refuse a resume whose model or data order differs from the checkpoint's."""
     stored_config = run_info.get("model_config") or {}
-    current = trainer.model_config
-    current_config = json.loads(current.to_json_string()) if hasattr(current, "to_json_string") else {}
+    current_config = config_dict(trainer.model_config) or {}
     if stored_config and current_config:
         diffs = _differences(stored_config, current_config, ARCHITECTURE_KEYS)
         if diffs:
