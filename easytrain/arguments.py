@@ -115,12 +115,20 @@ class TrainingArguments:
     save_total_limit: Optional[int] = _arg(3, "Keep the newest N checkpoints (plus the best one, if tracked).")
     async_checkpointing: bool = _arg(True, "Write checkpoints in the background while training continues.")
     resume_from_checkpoint: Optional[str] = _arg(
-        None, "'latest' (or 'true') to resume the newest checkpoint in output_dir, or a checkpoint path."
+        None, "'latest' (or 'true') to resume the newest checkpoint in output_dir, or a checkpoint path. "
+        "Resuming an older step of this output_dir moves its newer checkpoints to superseded_checkpoints/."
+    )
+    allow_data_order_change: bool = _arg(
+        False, "Resume even though seed, batch size, dataset or max_length changed since the checkpoint; "
+        "the data then continues in the order the new settings give at the restored step (not exact)."
     )
     metric_for_best_model: Optional[str] = _arg(
         None, "Eval metric (e.g. 'eval_loss') used to keep the best checkpoint and for early stopping."
     )
     greater_is_better: bool = _arg(False, "Whether a larger metric_for_best_model is better.")
+    load_best_model_at_end: bool = _arg(
+        False, "After training, restore the checkpoint with the best metric_for_best_model (before the export)."
+    )
     early_stopping_patience: Optional[int] = _arg(
         None, "Stop after this many evaluations without improvement of metric_for_best_model (or eval_loss)."
     )
@@ -213,8 +221,25 @@ def validate(args: TrainingArguments) -> None:
     for name in ("data_parallel_size", "fsdp_size", "tensor_parallel_size"):
         value = getattr(args, name)
         _require(value == -1 or value > 0, name, f"must be a positive size or -1, got {value}.")
+    if args.load_best_model_at_end:
+        _check_best_model_settings(args)
     _require(args.early_stopping_patience is None or args.early_stopping_patience > 0, "early_stopping_patience",
              f"must be a positive integer or unset, got {args.early_stopping_patience}.")
+
+
+def _check_best_model_settings(args: TrainingArguments) -> None:
+    """The best checkpoint exists only if checkpoints are saved at steps that were also evaluated."""
+    _require(args.metric_for_best_model is not None, "load_best_model_at_end",
+             "needs metric_for_best_model (e.g. 'eval_loss') to rank checkpoints.")
+    _require(args.save_strategy != "no" and args.eval_strategy != "no", "load_best_model_at_end",
+             "needs both eval_strategy and save_strategy other than 'no'.")
+    if args.save_strategy == "steps":
+        _require(args.eval_strategy == "steps" and args.save_steps % args.eval_steps == 0, "save_steps",
+                 f"with load_best_model_at_end every checkpoint must follow an evaluation: use eval_strategy="
+                 f"'steps' and a save_steps that is a multiple of eval_steps={args.eval_steps}.")
+    else:
+        _require(args.eval_strategy == args.save_strategy, "eval_strategy",
+                 f"with load_best_model_at_end it must equal save_strategy={args.save_strategy!r}.")
 
 
 def _divisors_hint(n: int) -> str:

@@ -6,6 +6,8 @@ Layout: ``<output_dir>/checkpoints/<step>/`` holds three items:
 * ``data_state`` -- JSON position of the data iterator.
 * ``run_info`` -- JSON arguments, model config and format version, readable on
   its own so a resume can be validated before any array is loaded.
+* ``fingerprint`` -- JSON digests of every state array (``easytrain.integrity``),
+  checked on restore so damaged files fail loudly instead of loading wrong values.
 
 Orbax writes each step into ``<step>.orbax-checkpoint-tmp`` and renames it once
 complete, so only finalized directories ever count as checkpoints. Typed PRNG
@@ -28,6 +30,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocp_policies
 
+from easytrain import integrity
 from easytrain.errors import EasytrainError
 
 __all__ = ["CHECKPOINTS_DIRNAME", "CheckpointManager", "CheckpointMismatchError", "CheckpointNotFoundError",
@@ -290,6 +293,7 @@ class CheckpointManager:
             "state": ocp.StandardCheckpointHandler(),
             "data_state": ocp.JsonCheckpointHandler(),
             "run_info": ocp.JsonCheckpointHandler(),
+            "fingerprint": ocp.JsonCheckpointHandler(),
         }
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         self._closed = False
@@ -327,6 +331,7 @@ class CheckpointManager:
             state=ocp.args.StandardSave(state),
             data_state=ocp.args.JsonSave(_json_ready("data_state", data_state)),
             run_info=ocp.args.JsonSave(_json_ready("run_info", run_info)),
+            fingerprint=ocp.args.JsonSave(integrity.fingerprint(state)),
         )
         ranked = {name: float(value) for name, value in (metrics or {}).items()} if self.best_metric else None
         return bool(self._manager.save(int(step), args=args, metrics=ranked, force=force))
@@ -382,14 +387,17 @@ class CheckpointManager:
         Raises:
             CheckpointNotFoundError: ``step`` is not a complete checkpoint.
             CheckpointMismatchError: keys, shapes or dtypes differ; nothing is loaded.
+            integrity.CorruptCheckpointError: restored values differ from the saved fingerprint.
         """
         check_signatures(self.stored_signature(step), tree_signature(abstract_state))
-        args = ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data_state=ocp.args.JsonRestore(),
-            run_info=ocp.args.JsonRestore(),
-        )
-        restored = self._manager.restore(step, args=args)
+        items = {"state": ocp.args.StandardRestore(abstract_state), "data_state": ocp.args.JsonRestore(),
+                 "run_info": ocp.args.JsonRestore()}
+        fingerprinted = (self.directory / str(step) / "fingerprint").is_dir()  # absent in older checkpoints
+        if fingerprinted:
+            items["fingerprint"] = ocp.args.JsonRestore()
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        if fingerprinted:
+            integrity.verify(restored.state, dict(restored.fingerprint), where=str(self.directory / str(step)))
         return restored.state, dict(restored.data_state), dict(restored.run_info)
 
     def wait_until_finished(self) -> None:

@@ -51,6 +51,18 @@ def run(arguments: TrainingArguments) -> dict[str, float]:
     return summary
 
 
+def _show_progress_messages() -> None:
+    """INFO lines of the `easytrain` logger on stderr (resumed from, compiled, saved), whatever else
+    (absl, jax) configured the root logger first."""
+    logger = logging.getLogger("easytrain")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -63,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "-h" in rest or "--help" in rest:
         build_parser().print_help()
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    _show_progress_messages()
     try:
         summary = run(parse_arguments(rest))
     except EasytrainError as error:

@@ -49,3 +49,11 @@ def initialize(args: TrainingArguments) -> None:
         return
     logger.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
                 jax.local_device_count(), jax.device_count())
+
+
+def barrier(name: str) -> None:
+    """Wait until every process reaches this point (no-op in a single-process run)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

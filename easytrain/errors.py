@@ -21,3 +21,7 @@ class OutputDirError(EasytrainError, ValueError):
 
 class NonFiniteLossError(EasytrainError, FloatingPointError):
     """Training produced a NaN/Inf loss or gradient under `non_finite_policy='stop'`."""
+
+
+class CheckpointReadError(EasytrainError, OSError):
+    """A complete-looking checkpoint could not be read (corrupted or truncated files)."""

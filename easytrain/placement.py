@@ -38,6 +38,15 @@ def state_shardings(abstract_model: nnx.Module, tx: optax.GradientTransformation
                       rng=replicated, graphdef=graphdef, tx=tx)
 
 
+def _fresh_state(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, seed: int) -> Callable[..., TrainState]:
+    """`(params, model_state) -> TrainState` at step 0 with fresh optimizer moments."""
+
+    def create(params: Any, rest: Any) -> TrainState:
+        return TrainState.create(graphdef=graphdef, params=params, model_state=rest, tx=tx, rng=raw_key(seed))
+
+    return create
+
+
 def create_state(model_fn: Callable[[], nnx.Module], tx: optax.GradientTransformation, *, seed: int,
                  mesh: Mesh, rules: sharding.LogicalRules = sharding.DEFAULT_RULES) -> tuple[TrainState, TrainState]:
     """Initialise a fresh model and its optimizer state in place on the mesh.
@@ -49,8 +58,7 @@ def create_state(model_fn: Callable[[], nnx.Module], tx: optax.GradientTransform
     def init() -> TrainState:
         with nnx.use_eager_sharding(False):
             graphdef, params, rest = nnx.split(model_fn(), nnx.Param, ...)
-        return TrainState.create(graphdef=graphdef, params=nnx.to_pure_dict(params),
-                                 model_state=nnx.to_pure_dict(rest), tx=tx, rng=raw_key(seed))
+        return _fresh_state(graphdef, tx, seed)(nnx.to_pure_dict(params), nnx.to_pure_dict(rest))
 
     with jax.set_mesh(mesh):
         state = jax.jit(init, out_shardings=shardings)()
@@ -62,14 +70,23 @@ def place_module(model: nnx.Module, tx: optax.GradientTransformation, *, seed: i
     """Place an existing (e.g. pretrained) module's weights on the mesh and build its optimizer state."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     shardings = state_shardings(model, tx, mesh, rules)
-    params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
-
-    def init(params: Any, rest: Any) -> TrainState:
-        return TrainState.create(graphdef=graphdef, params=params, model_state=rest, tx=tx, rng=raw_key(seed))
-
     with jax.set_mesh(mesh):
-        state = jax.jit(init, out_shardings=shardings)(params, rest)
+        state = jax.jit(_fresh_state(graphdef, tx, seed), out_shardings=shardings)(
+            nnx.to_pure_dict(params), nnx.to_pure_dict(rest))
     return state, shardings
+
+
+def abstract_train_state(model: nnx.Module, tx: optax.GradientTransformation, *, seed: int, mesh: Mesh,
+                         rules: sharding.LogicalRules = sharding.DEFAULT_RULES) -> tuple[TrainState, TrainState]:
+    """The state `create_state`/`place_module` would build, as sharded `ShapeDtypeStruct`s.
+
+    Nothing is allocated or computed: this is the target a checkpoint restores straight into, so a resumed
+    run never initialises (or loads pretrained) weights only to overwrite them. `model` may be abstract.
+    """
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    shardings = state_shardings(model, tx, mesh, rules)
+    shapes = jax.eval_shape(_fresh_state(graphdef, tx, seed), nnx.to_pure_dict(params), nnx.to_pure_dict(rest))
+    return abstract_state(shardings, shapes), shardings
 
 
 def abstract_state(shardings: TrainState, state: TrainState) -> TrainState:

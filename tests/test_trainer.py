@@ -169,3 +169,18 @@ def test_non_finite_stop_policy_checkpoints_the_finite_state_and_names_the_step(
     assert int(restored.step) == 3 and data_state["step"] == 3  # saved under its own step
     for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(initial)):
         np.testing.assert_array_equal(np.asarray(a), b)  # every non-finite update was skipped
+
+
+def test_load_best_model_at_end_restores_the_best_checkpoint_while_the_metric_degrades(tmp_path):
+    scores = iter([3.0, 2.0, 1.0])  # best first, then worse at every evaluation
+    args = tiny_args(tmp_path, max_steps=6, eval_strategy="steps", eval_steps=2, save_strategy="steps",
+                     save_steps=2, save_total_limit=1, metric_for_best_model="eval_score", greater_is_better=True,
+                     load_best_model_at_end=True, max_eval_samples=8)
+    trainer = BaseTrainer(args, evaluators=[lambda trainer: {"eval_score": next(scores)}])
+    logs = trainer.train()
+    manager = CheckpointManager(Path(args.output_dir) / "checkpoints")
+    assert manager.all_steps() == [2, 6], "the newest (6) and the best (2) survive save_total_limit=1"
+    assert logs["best_step"] == 2 and int(trainer.state.step) == 2
+    best, _, _ = manager.restore(2, abstract_state=abstract_state(trainer.state_shardings, trainer.state))
+    for a, b in zip(jax.tree.leaves(best.params), jax.tree.leaves(trainer.state.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

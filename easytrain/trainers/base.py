@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +32,7 @@ from easytrain.optim import build_optimizer, build_schedule
 from easytrain.protocol import ConfiguredDataloaders, ConfiguredFunctions, ConfiguredModel
 from easytrain.trainers import builders
 from easytrain.trainers.loop import TrainLoop
-from easytrain.trainers.resume import config_dict
+from easytrain.trainers.resume import config_dict, restore_checkpoint
 from easytrain.trainers.run_dir import prepare_output_dir
 
 logger = logging.getLogger("easytrain")
@@ -72,6 +72,7 @@ class BaseTrainer:
         self.should_stop = False
         self.is_main_process = jax.process_index() == 0
         self._resume_from = prepare_output_dir(self._arguments, is_main_process=self.is_main_process)
+        distributed.barrier("easytrain:output_dir")  # process 0 may have cleared or moved checkpoints
         self.mesh = self.configure_mesh()
         self._data: ConfiguredDataloaders | None = None
         self._model: ConfiguredModel | None = None
@@ -79,6 +80,7 @@ class BaseTrainer:
         self._schedule: optax.Schedule | None = None
         self._checkpoints: CheckpointManager | None = None
         self.model_config: Any = None
+        self.resumed_data_state: dict[str, Any] | None = None
         self.loop: TrainLoop | None = None
 
     # ------------------------------------------------------------------ protocol properties
@@ -166,23 +168,29 @@ class BaseTrainer:
         return ConfiguredDataloaders(loader, self._dataset_eval, per_epoch, total)
 
     def configure_model(self) -> ConfiguredModel:
-        """Create (or restore the layout for) the train state directly on the mesh."""
+        """Create the train state directly on the mesh, or restore a resumed run's state straight into it."""
         args = self._arguments
         self._schedule = self.configure_schedule(self._data.total_steps)
         tx = self.configure_optimizer(self._schedule)
-        if self._given_model is not None or args.model_name_or_path:
+        placed = dict(seed=args.seed, mesh=self.mesh, rules=self.partition_rules)
+        if self._resume_from is not None:  # never initialise (or load) weights only to overwrite them
+            module = self._given_model or placement.abstract_module(self._model_fn())
+            target, shardings = placement.abstract_train_state(module, tx, **placed)
+            state, self.resumed_data_state = restore_checkpoint(self._resume_from, self, target)
+        elif self._given_model is not None or args.model_name_or_path:
             module = self._given_model or load_pretrained(args.model_name_or_path, dtype=self.dtype,
                                                           param_dtype=self.param_dtype)
-            state, shardings = placement.place_module(module, tx, seed=args.seed, mesh=self.mesh,
-                                                      rules=self.partition_rules)
+            state, shardings = placement.place_module(module, tx, **placed)
         else:
-            def model_fn() -> nnx.Module:  # Rngs are created inside the traced init, never captured
-                return LlamaForCausalLM(self.model_config, dtype=self.dtype, param_dtype=self.param_dtype,
-                                        rngs=nnx.Rngs(args.seed))
-
-            state, shardings = placement.create_state(model_fn, tx, seed=args.seed, mesh=self.mesh,
-                                                      rules=self.partition_rules)
+            state, shardings = placement.create_state(self._model_fn(), tx, **placed)
         return ConfiguredModel(state.model(), state, shardings, self.mesh)
+
+    def _model_fn(self) -> Callable[[], nnx.Module]:
+        """Builds the configured architecture; Rngs are created inside, so a traced init never captures them."""
+        def model_fn() -> nnx.Module:
+            return LlamaForCausalLM(self.model_config, dtype=self.dtype, param_dtype=self.param_dtype,
+                                    rngs=nnx.Rngs(self._arguments.seed))
+        return model_fn
 
     def configure_schedule(self, total_steps: int) -> optax.Schedule:
         return build_schedule(self._arguments, total_steps)

@@ -7,6 +7,7 @@ device runs step N.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,10 +15,9 @@ from typing import TYPE_CHECKING, Any
 import jax
 
 from easytrain import placement, steps
-from easytrain.checkpoint import CheckpointManager
 from easytrain.errors import NonFiniteLossError
 from easytrain.reporting import Reporter
-from easytrain.trainers.resume import check_resumable
+from easytrain.trainers.preemption import PreemptionWatcher, TrainingPreempted
 
 if TYPE_CHECKING:
     from easytrain.trainers.base import BaseTrainer
@@ -53,22 +53,24 @@ class TrainLoop:
     # ------------------------------------------------------------------ run
     def run(self) -> dict[str, float]:
         trainer, args = self.trainer, self.args
-        step, data_state = self.restore()
+        step = trainer._resume_from[1] if trainer._resume_from else 0
         self.iterator = self.data.train.iterator(step)
-        if data_state:
-            self.iterator.set_state(data_state)
+        if trainer.resumed_data_state:
+            self.iterator.set_state(trainer.resumed_data_state)
         trainer.save_arguments()
         self.reporter = Reporter(output_dir=args.output_dir, report_to=args.report_to,
                                  total_steps=self.data.total_steps, initial_step=step,
                                  enabled=trainer.is_main_process, show_progress=not args.disable_progress_bar)
         self.manager = trainer.checkpoint_manager()
-        self.last_saved_step = step if data_state else -1
+        self.last_saved_step = step if trainer._resume_from else -1
         try:
-            trainer.callbacks.on_train_begin(trainer)
-            step = self.iterate(step)
-            self.finish(step)
+            with PreemptionWatcher() as self.preemption:
+                trainer.callbacks.on_train_begin(trainer)
+                step = self.iterate(step)
+                self.finish(step)
         finally:
             self.reporter.close()
+            self.settle_saves()
         return self.last_logs
 
     def iterate(self, step: int) -> int:
@@ -86,6 +88,8 @@ class TrainLoop:
             if is_due(step, args.save_strategy, args.save_steps, data.steps_per_epoch):
                 self.save(step)
             trainer.callbacks.on_step_end(trainer, step)
+            if self.preemption.should_stop(step):
+                self.stop_for_signal(step)
         return step
 
     def dispatch(self, global_batch: dict[str, jax.Array]) -> None:
@@ -106,9 +110,52 @@ class TrainLoop:
         if self.args.save_strategy != "no" and self.last_saved_step != step:
             self.save(step)
         self.manager.wait_until_finished()
+        if self.args.load_best_model_at_end:
+            self.load_best(step)
         trainer.callbacks.on_train_end(trainer)
         if self.args.save_pretrained_at_end:
             trainer.save_pretrained(Path(self.args.output_dir) / "final_model")
+
+    def stop_for_signal(self, step: int) -> None:
+        """Checkpoint the state after `step`, flush the logs, and leave with `PREEMPTED_EXIT_CODE`."""
+        if self.pending:
+            self.log(step)
+        checkpoint = None
+        if self.args.save_strategy != "no":
+            if self.last_saved_step != step:
+                self.save(step, force=True)
+            self.manager.wait_until_finished()  # the process may be killed soon after: finish the write now
+            checkpoint = str(self.manager.directory / str(step))
+        self.reporter.close()
+        error = TrainingPreempted(step, self.preemption.received or "a signal", checkpoint)
+        logger.warning("%s", error)
+        raise error
+
+    def settle_saves(self) -> None:
+        """However the loop ends, let in-flight saves finish so they are complete (or cleanly absent).
+
+        A save error is raised here unless another error is already propagating (then it is logged),
+        so a background failure is never swallowed.
+        """
+        try:
+            self.manager.wait_until_finished()
+        except Exception:
+            if sys.exc_info()[0] is None:
+                raise
+            logger.exception("a background checkpoint save failed while training was stopping")
+
+    def load_best(self, step: int) -> None:
+        """Restore the best-ranked checkpoint's state (`load_best_model_at_end`)."""
+        best = self.manager.best_step()
+        if best is None:
+            logger.warning("load_best_model_at_end: no checkpoint has %s; keeping the final state",
+                           self.args.metric_for_best_model)
+            return
+        if best != step:
+            target = placement.abstract_state(self.trainer.state_shardings, self.trainer._state)
+            self.trainer._state, _, _ = self.manager.restore(best, abstract_state=target)
+        logger.info("load_best_model_at_end: loaded step %d (%s)", best, self.args.metric_for_best_model)
+        self.last_logs = {**self.last_logs, "best_step": best}
 
     # ------------------------------------------------------------------ events
     def log(self, step: int) -> None:
@@ -158,20 +205,3 @@ class TrainLoop:
         if saved:
             self.last_saved_step = step
             trainer.callbacks.on_save(trainer, step, str(self.manager.directory / str(step)))
-
-    # ------------------------------------------------------------------ resume
-    def restore(self) -> tuple[int, dict[str, Any] | None]:
-        """Load the checkpoint named by `resume_from_checkpoint`; `(0, None)` for a fresh run."""
-        trainer = self.trainer
-        if trainer._resume_from is None:
-            return 0, None
-        root, step = trainer._resume_from
-        manager = CheckpointManager(root)
-        try:
-            check_resumable(manager.read_run_info(step), trainer)
-            target = placement.abstract_state(trainer._model.state_shardings, trainer._state)
-            trainer._state, data_state, _ = manager.restore(step, abstract_state=target)
-        finally:
-            manager.close()
-        logger.info("resumed from %s at step %d", root / str(step), step)
-        return step, data_state

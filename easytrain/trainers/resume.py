@@ -1,18 +1,26 @@
-"""Checks that a checkpoint can continue this run unchanged, before anything is restored."""
+"""Resuming: check that a checkpoint can continue this run unchanged, then restore it in place."""
 
 from __future__ import annotations
 
 import json
+import logging
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from easytrain.errors import ArgumentError
+from easytrain.checkpoint import CheckpointManager, CheckpointMismatchError
+from easytrain.errors import ArgumentError, CheckpointReadError
 
 if TYPE_CHECKING:
     from easytrain.trainers.base import BaseTrainer
 
+logger = logging.getLogger("easytrain")
+
 # Changing any of these would silently change which examples a resumed run sees, or in what order.
 DATA_ORDER_FIELDS = ("seed", "train_batch_size", "dataset_name", "dataset_config_name", "train_file",
                      "max_length", "text_column", "max_train_samples", "validation_split_percentage")
+# Changing these is allowed (e.g. training longer) but bends the learning-rate curve from the restored step on.
+SCHEDULE_FIELDS = ("max_steps", "num_train_epochs", "learning_rate", "lr_scheduler_type", "warmup_ratio",
+                   "warmup_steps")
 # Architecture keys compared between the checkpoint and the model about to be trained.
 ARCHITECTURE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings")
@@ -38,8 +46,50 @@ def check_resumable(run_info: dict[str, Any], trainer: "BaseTrainer") -> None:
             raise ArgumentError("model_config", "the checkpoint was trained with a different architecture ("
                                 + "; ".join(diffs) + "). Resume with the same model, or start a new output_dir.")
     stored_args = run_info.get("arguments") or {}
+    if schedule_diffs := _differences(stored_args, trainer.arguments.to_dict(), SCHEDULE_FIELDS):
+        logger.warning("resuming with a different learning-rate schedule (%s): from the restored step on, the "
+                       "curve differs from the one the checkpointed run would have followed", "; ".join(schedule_diffs))
     diffs = _differences(stored_args, trainer.arguments.to_dict(), DATA_ORDER_FIELDS)
-    if diffs:
+    if diffs and trainer.arguments.allow_data_order_change:
+        logger.warning("resuming with a changed data order (%s): allow_data_order_change is set, so the data "
+                       "continues in the new settings' order at the restored step", "; ".join(diffs))
+    elif diffs:
         raise ArgumentError("resume_from_checkpoint", "these arguments changed since the checkpoint and would "
-                            "alter the resumed run's data order (" + "; ".join(diffs) + "). Restore their values "
-                            "or start a new output_dir.")
+                            "alter the resumed run's data order (" + "; ".join(diffs) + "). Restore their values, "
+                            "pass --allow_data_order_change to continue anyway, or start a new output_dir.")
+
+
+def restore_checkpoint(checkpoint: tuple[Path, int], trainer: "BaseTrainer",
+                       target: Any) -> tuple[Any, dict[str, Any] | None]:
+    """Validate, then restore `(state, data_state)` straight into `target`'s shapes and shardings.
+
+    The data state is None when `allow_data_order_change` let the data settings change: the old
+    position would not mean the same examples.
+    """
+    root, step = checkpoint
+    with CheckpointManager(root) as manager:
+        try:
+            run_info = manager.read_run_info(step)
+        except Exception as error:  # any unreadable file means the same to the user: use another checkpoint
+            raise _unreadable(root, step, manager.all_steps(), error) from error
+        check_resumable(run_info, trainer)
+        try:
+            state, data_state, _ = manager.restore(step, abstract_state=target)
+        except CheckpointMismatchError:
+            raise
+        except Exception as error:
+            raise _unreadable(root, step, manager.all_steps(), error) from error
+    logger.info("resumed from %s at step %d", root / str(step), step)
+    changed = _differences(run_info.get("arguments") or {}, trainer.arguments.to_dict(), DATA_ORDER_FIELDS)
+    return state, (None if changed else data_state)
+
+
+def _unreadable(root: Path, step: int, steps: list[int], error: Exception) -> CheckpointReadError:
+    earlier = [s for s in steps if s < step]
+    hint = (f"resume from an earlier one, e.g. --resume_from_checkpoint {root / str(earlier[-1])}" if earlier
+            else "no earlier checkpoint exists; start a new output_dir")
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    detail = first_line if len(first_line) <= 200 else first_line[:200] + " ..."
+    return CheckpointReadError(f"resume_from_checkpoint: the checkpoint {root / str(step)} cannot be read "
+                               f"({type(error).__name__}: {detail}); it may be corrupted or truncated. It was left "
+                               f"untouched; {hint}.")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
+import time
 import uuid
 from pathlib import Path
 
@@ -11,6 +13,9 @@ from easytrain.checkpoint import CHECKPOINTS_DIRNAME, finalized_steps, resolve_c
 from easytrain.errors import OutputDirError
 
 RUN_ARTIFACTS = (CHECKPOINTS_DIRNAME, "tensorboard", "metrics.jsonl")
+SUPERSEDED_DIRNAME = "superseded_checkpoints"
+
+logger = logging.getLogger("easytrain")
 
 
 def check_writable(directory: Path) -> None:
@@ -35,6 +40,8 @@ def prepare_output_dir(args: TrainingArguments, *, is_main_process: bool = True)
     if is_main_process:
         check_writable(output_dir)
     if resume is not None:
+        if is_main_process:
+            set_aside_newer_checkpoints(output_dir, *resume)
         return resume
     existing = finalized_steps(output_dir / CHECKPOINTS_DIRNAME)
     if existing and not args.overwrite_output_dir:
@@ -50,3 +57,21 @@ def prepare_output_dir(args: TrainingArguments, *, is_main_process: bool = True)
             elif target.exists():
                 target.unlink()
     return None
+
+
+def set_aside_newer_checkpoints(output_dir: Path, root: Path, step: int) -> list[Path]:
+    """Resuming an older step of this run: move its newer checkpoints out of the way, never delete them.
+
+    Left in place, they would be resumed by the next `latest` instead of the continued run, and would
+    block its saves. They go to `output_dir/superseded_checkpoints/<time>/<step>`.
+    """
+    if root.resolve() != (output_dir / CHECKPOINTS_DIRNAME).resolve():
+        return []
+    newer = [s for s in finalized_steps(root) if s > step]
+    if not newer:
+        return []
+    destination = output_dir / SUPERSEDED_DIRNAME / time.strftime("%Y%m%d-%H%M%S")
+    destination.mkdir(parents=True, exist_ok=True)
+    moved = [Path(shutil.move(str(root / str(s)), str(destination / str(s)))) for s in newer]
+    logger.warning("resuming step %d of %s: moved its newer checkpoints %s to %s", step, root, newer, destination)
+    return moved

@@ -1,0 +1,70 @@
+"""A real SIGTERM / SIGINT to a training process: it finishes the step, checkpoints, flushes its logs and exits
+with status 75; the next start resumes from that checkpoint."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from easytrain.checkpoint import finalized_steps
+from easytrain.trainers.preemption import PREEMPTED_EXIT_CODE
+
+FLAGS = ["--max_length", "16", "--train_batch_size", "4", "--eval_batch_size", "4", "--logging_steps", "1",
+         "--eval_strategy", "no", "--save_steps", "100000", "--report_to", "jsonl", "tensorboard",
+         "--disable_progress_bar", "--save_pretrained_at_end", "false", "--max_train_samples", "64",
+         # a schedule that does not depend on max_steps, so runs of different lengths share a curve
+         "--lr_scheduler_type", "constant", "--warmup_ratio", "0"]
+
+
+def train(output_dir: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
+    return subprocess.Popen([sys.executable, "-m", "easytrain", "train", "--output_dir", str(output_dir), *FLAGS,
+                             *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def train_steps(output_dir: Path) -> dict[int, float]:
+    path = output_dir / "metrics.jsonl"
+    if not path.exists():
+        return {}
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+    return {r["step"]: r["loss"] for r in records if r["split"] == "train"}
+
+
+def wait_for_steps(process: subprocess.Popen, output_dir: Path, count: int, timeout: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout
+    while len(train_steps(output_dir)) < count:
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"training did not reach {count} logged steps:\n{process.communicate()[0][-3000:]}")
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_checkpoints_flushes_and_exits_75_then_resumes(tmp_path, sig):
+    output_dir = tmp_path / "run"
+    process = train(output_dir, "--max_steps", "100000")
+    wait_for_steps(process, output_dir, 3)
+    process.send_signal(sig)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == PREEMPTED_EXIT_CODE, output[-3000:]
+    logged = train_steps(output_dir)
+    stopped_at = max(logged)
+    assert f"stopped by {sig.name} after step {stopped_at}" in output
+    assert sorted(logged) == list(range(1, stopped_at + 1)), "every finished step is in the flushed log"
+    assert finalized_steps(output_dir / "checkpoints") == [stopped_at], "complete checkpoint at the stopped step"
+
+    resumed = train(output_dir, "--max_steps", str(stopped_at + 3), "--resume_from_checkpoint", "latest")
+    output, _ = resumed.communicate(timeout=240)
+    assert resumed.returncode == 0, output[-3000:]
+    assert f"resumed from {output_dir / 'checkpoints' / str(stopped_at)}" in output
+    assert sorted(train_steps(output_dir)) == list(range(1, stopped_at + 4))
+    if sig is signal.SIGTERM:  # the continued curve equals a run that was never stopped
+        reference_dir = tmp_path / "reference"
+        reference = train(reference_dir, "--max_steps", str(stopped_at + 3))
+        assert reference.wait(timeout=240) == 0
+        assert train_steps(output_dir) == train_steps(reference_dir)

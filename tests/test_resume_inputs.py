@@ -1,0 +1,150 @@
+"""Bad input around resuming: each case fails before any compute, names the field and the fix, and leaves
+every existing checkpoint byte-for-byte untouched."""
+
+import hashlib
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from easytrain import ArgumentError, BaseTrainer, OutputDirError, TrainingArguments, placement
+from easytrain.checkpoint import CheckpointNotFoundError
+from easytrain.errors import CheckpointReadError
+
+
+def args_for(output_dir, **overrides) -> TrainingArguments:
+    values = dict(output_dir=str(output_dir), max_length=16, train_batch_size=4, eval_batch_size=4, max_steps=4,
+                  logging_steps=1, eval_strategy="no", save_strategy="steps", save_steps=2, report_to=["jsonl"],
+                  disable_progress_bar=True, save_pretrained_at_end=False, max_train_samples=64,
+                  max_eval_samples=16)
+    return TrainingArguments(**(values | overrides))
+
+
+def snapshot(directory: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every file under `directory`."""
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A 4-step run with checkpoints at steps 2 and 4."""
+    output_dir = tmp_path_factory.mktemp("finished") / "run"
+    BaseTrainer(args_for(output_dir)).train()
+    return output_dir
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path) -> Path:
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(finished_run, copy)
+    return copy
+
+
+class NoCompute(BaseTrainer):
+    """Fails the test if the train step is ever built: every check must come first."""
+
+    def configure_functions(self):
+        raise AssertionError("compute started before the bad input was reported")
+
+
+def resume(output_dir, **overrides):
+    return NoCompute(args_for(output_dir, max_steps=6, resume_from_checkpoint="latest", **overrides))
+
+
+def test_mismatched_model_config_on_resume(run_copy):
+    before = snapshot(run_copy)
+    with pytest.raises(ArgumentError, match=r"model_config.*hidden_size: checkpoint 128 vs now 256.*new output_dir"):
+        resume(run_copy, model_config="small").setup()
+    assert snapshot(run_copy) == before
+
+
+@pytest.mark.parametrize("change", [dict(seed=1), dict(train_batch_size=8), dict(max_train_samples=32)])
+def test_data_order_changes_are_refused_unless_allowed(run_copy, change):
+    before = snapshot(run_copy)
+    field = next(iter(change))
+    with pytest.raises(ArgumentError, match=rf"resume_from_checkpoint.*{field}.*--allow_data_order_change"):
+        resume(run_copy, **change).setup()
+    assert snapshot(run_copy) == before
+    trainer = BaseTrainer(args_for(run_copy, max_steps=6, resume_from_checkpoint="latest",
+                                   allow_data_order_change=True, **change))
+    trainer.setup()
+    assert int(trainer.state.step) == 4 and trainer.resumed_data_state is None  # old position is meaningless now
+
+
+def test_directory_that_is_not_a_checkpoint(run_copy, tmp_path):
+    not_a_checkpoint = tmp_path / "notes"
+    not_a_checkpoint.mkdir()
+    (not_a_checkpoint / "README.txt").write_text("just some files")
+    (not_a_checkpoint / "7").mkdir()  # looks like a step directory but holds no checkpoint
+    with pytest.raises(CheckpointNotFoundError, match=r"resume_from_checkpoint=.*notes.*not a complete checkpoint"):
+        NoCompute(args_for(tmp_path / "fresh", resume_from_checkpoint=str(not_a_checkpoint)))
+
+
+def _largest_array_file(step_dir: Path) -> Path:
+    return max((p for p in (step_dir / "state").rglob("*") if p.is_file() and "/d/" in str(p)),
+               key=lambda p: p.stat().st_size)
+
+
+@pytest.mark.parametrize("damage", ["overwrite", "truncate", "metadata"])
+def test_corrupted_checkpoint_file(run_copy, damage):
+    step_dir = run_copy / "checkpoints" / "4"
+    target = _largest_array_file(step_dir)
+    data = bytearray(target.read_bytes())
+    if damage == "overwrite":  # same size, garbage in the middle: only the fingerprint notices
+        data[len(data) // 3: len(data) // 3 + 512] = os.urandom(512)
+        target.write_bytes(bytes(data))
+    elif damage == "truncate":
+        target.write_bytes(bytes(data[: len(data) // 2]))
+    else:
+        (step_dir / "state" / "_METADATA").write_text("{not json")
+    before = snapshot(run_copy)
+    with pytest.raises(CheckpointReadError, match=r"resume_from_checkpoint: the checkpoint .*/4 cannot be read"
+                       r".*resume from an earlier one.*checkpoints/2"):
+        resume(run_copy).setup()
+    assert snapshot(run_copy) == before
+
+
+def test_resume_restores_into_the_abstract_state_without_initialising(run_copy, monkeypatch):
+    def no_init(*args, **kwargs):
+        raise AssertionError("a resumed run must not initialise weights only to overwrite them")
+
+    monkeypatch.setattr(placement, "create_state", no_init)
+    trainer = BaseTrainer(args_for(run_copy, max_steps=6, resume_from_checkpoint="latest"))
+    trainer.setup()
+    assert int(trainer.state.step) == 4 and trainer.resumed_data_state["step"] == 4
+
+
+@pytest.fixture
+def read_only_dir(tmp_path) -> Path:
+    """A directory this process cannot create files in (root ignores permission bits, so use /sys)."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    try:
+        (locked / "probe").write_text("")
+    except OSError:
+        yield locked
+        locked.chmod(stat.S_IRWXU)
+        return
+    locked.chmod(stat.S_IRWXU)
+    if not Path("/sys").is_dir():
+        pytest.skip("no read-only location available to this user")
+    yield Path("/sys")
+
+
+def test_output_dir_on_a_read_only_path(read_only_dir):
+    with pytest.raises(OutputDirError, match=r"output_dir: cannot write to .*choose a writable --output_dir"):
+        NoCompute(args_for(read_only_dir / "easytrain-run"))
+
+
+def test_resuming_an_older_step_sets_newer_checkpoints_aside(run_copy):
+    newer = snapshot(run_copy / "checkpoints" / "4")
+    trainer = BaseTrainer(args_for(run_copy, resume_from_checkpoint=str(run_copy / "checkpoints" / "2")))
+    aside = list((run_copy / "superseded_checkpoints").glob("*/4"))
+    assert len(aside) == 1 and snapshot(aside[0]) == newer, "the newer checkpoint is moved, never deleted"
+    trainer.train()  # continues from 2 and saves its own step 4 (it would be refused with the old 4 in place)
+    assert (run_copy / "checkpoints" / "4").is_dir()
