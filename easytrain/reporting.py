@@ -12,10 +12,12 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from tensorboardX.event_file_writer import EventsWriter
+from tensorboardX.proto import event_pb2, summary_pb2
 
 __all__ = [
     "METRICS_FILENAME",
@@ -132,17 +134,28 @@ class _JsonlSink:
 
 
 class _TensorBoardSink:
-    """Scalars under ``split/name``; on resume, later stale events are purged."""
+    """Scalars under ``split/name``, written and flushed synchronously at every log call.
+
+    tensorboardX's ``SummaryWriter`` queues events and flushes every few seconds, so a killed run loses
+    steps it had already checkpointed, and it names files by the second, so a restart within the same
+    second overwrites the previous file. Its synchronous ``EventsWriter`` avoids both. On resume a
+    ``SessionLog.START`` at the first new step tells TensorBoard to drop the killed run's later events.
+    """
 
     def __init__(self, logdir: Path, initial_step: int):
-        from tensorboardX import SummaryWriter  # deferred: only paid for when enabled
+        logdir.mkdir(parents=True, exist_ok=True)
+        self._writer = EventsWriter(str(logdir / "events"), filename_suffix=f".{os.getpid()}.{time.time_ns()}")
+        if initial_step > 0:
+            self._write(step=initial_step + 1, session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START))
 
-        purge_step = initial_step + 1 if initial_step > 0 else None
-        self._writer = SummaryWriter(logdir=str(logdir), purge_step=purge_step, flush_secs=10)
+    def _write(self, **fields: Any) -> None:
+        self._writer.write_event(event_pb2.Event(wall_time=time.time(), **fields))
+        self._writer.flush()
 
     def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
-        for name, value in metrics.items():
-            self._writer.add_scalar(tensorboard_tag(split, name), value, global_step=step)
+        values = [summary_pb2.Summary.Value(tag=tensorboard_tag(split, name), simple_value=value)
+                  for name, value in metrics.items()]
+        self._write(step=step, summary=summary_pb2.Summary(value=values))
 
     def close(self) -> None:
         self._writer.close()

@@ -70,6 +70,7 @@ class TrainLoop:
                 self.finish(step)
         finally:
             self.reporter.close()
+            self.iterator.close()  # stop the data prefetch threads
             self.settle_saves()
         return self.last_logs
 
