@@ -29,7 +29,7 @@ class ExactMatch:
     def __call__(self, trainer: Any) -> dict[str, float]:
         encoded = [self._context() + self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in self.prompts]
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        completions = greedy_complete(trainer.model, encoded, self.max_new_tokens, pad)
+        completions = greedy_complete(trainer.model, encoded, self.max_new_tokens, pad, self.tokenizer.eos_token_id)
         correct = [self._decode(row) == answer for row, answer in zip(completions, self.answers)]
         return {f"eval_{self.name}": float(np.mean(correct))}
 

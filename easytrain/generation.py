@@ -1,47 +1,217 @@
-"""Greedy completion of a batch of prompts at static shapes (one compile per prompt-buffer shape).
+"""Batched text generation with a key/value cache, compiled once per shape.
 
-Without a KV cache it re-runs the whole buffer each token: fine for short evaluation completions
-on small models.
+The prompt is read in one prefill pass, then one token per row per step inside a ``lax.while_loop``
+that stops as soon as every row has emitted EOS. Everything has static shapes, so a call compiles
+once per (batch, prompt length, ``GenerationConfig``); pad prompts to a few length buckets
+(``pad_prompts(..., multiple=...)``) to reuse compilations.
+
+Padding: prompts may be left- or right-padded, even mixed, with ``attention_mask`` marking real
+tokens. Positions count real tokens only and padding is never attended, so each row's output equals
+generating that prompt alone (up to float rounding in batched matmuls).
+
+Example::
+
+    ids, mask = pad_prompts([[1, 5, 9], [1, 7]], pad_id=0)
+    new_tokens = generate(model, ids, mask, max_new_tokens=16, eos_token_id=2, pad_token_id=0)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from easytrain.errors import EasytrainError
 
-def right_pad(prompts: list[list[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Prompts packed into a `[N, length]` buffer, plus each prompt's length."""
-    ids_NL = np.full((len(prompts), length), pad_id, np.int32)
-    for row, prompt in enumerate(prompts):
-        ids_NL[row, : len(prompt)] = prompt
-    return ids_NL, np.asarray([len(p) for p in prompts], np.int32)
+Array = jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("max_new_tokens",))
-def _greedy(graphdef, params, model_state, ids_NL, lengths_N, max_new_tokens: int):
-    model = nnx.merge(graphdef, params, model_state)
-    rows = jnp.arange(ids_NL.shape[0])
-    positions_L = jnp.arange(ids_NL.shape[1])
-
-    def body(t, ids_NL):
-        mask_NL = (positions_L[None, :] < (lengths_N + t)[:, None]).astype(jnp.int32)
-        logits_NLV = model(ids_NL, attention_mask_BT=mask_NL)
-        next_N = jnp.argmax(logits_NLV[rows, lengths_N + t - 1], axis=-1).astype(ids_NL.dtype)
-        return ids_NL.at[rows, lengths_N + t].set(next_N)
-
-    ids_NL = jax.lax.fori_loop(0, max_new_tokens, body, ids_NL)
-    new_tokens = lengths_N[:, None] + jnp.arange(max_new_tokens)[None, :]
-    return jnp.take_along_axis(ids_NL, new_tokens, axis=1)
+class GenerationError(EasytrainError, ValueError):
+    """Generation settings or inputs that cannot work."""
 
 
-def greedy_complete(model: nnx.Module, prompts: list[list[int]], max_new_tokens: int, pad_id: int) -> np.ndarray:
-    """Token ids of the `max_new_tokens` greedy continuations of each prompt, `[N, max_new_tokens]`."""
-    length = max(len(p) for p in prompts) + max_new_tokens
-    ids_NL, lengths_N = right_pad(prompts, length, pad_id)
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+    """Decoding settings; hashable, since they are static for the compiled loop.
+
+    Attributes:
+        max_new_tokens: Tokens generated per row (the output width).
+        do_sample: Sample from the filtered distribution; False picks the argmax (greedy).
+        temperature: Logits are divided by it before filtering (sampling only).
+        top_k: Keep only the k highest logits (ties with the k-th kept too).
+        top_p: Keep the smallest set of most likely tokens whose probability reaches top_p.
+        eos_token_id: Ids that end a row; the EOS itself is emitted, pad after it.
+        pad_token_id: Emitted by rows that have finished.
+    """
+
+    max_new_tokens: int
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    eos_token_id: tuple[int, ...] = ()
+    pad_token_id: int = 0
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens = {self.max_new_tokens}; ask for at least 1 token.")
+        if not self.temperature > 0:
+            raise GenerationError(f"temperature = {self.temperature} must be > 0; use do_sample=False for greedy.")
+        if self.top_k is not None and self.top_k < 1:
+            raise GenerationError(f"top_k = {self.top_k} must be >= 1, or None to keep every token.")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise GenerationError(f"top_p = {self.top_p} must be in (0, 1], or None to keep every token.")
+        if not self.do_sample and (self.top_k is not None or self.top_p is not None or self.temperature != 1.0):
+            raise GenerationError("temperature, top_k and top_p only apply when sampling; set do_sample=True.")
+
+
+def filter_logits(logits_BV: Array, top_k: int | None = None, top_p: float | None = None) -> Array:
+    """Logits with every token outside the top-k, then outside the top-p nucleus, set to -inf.
+
+    Top-p keeps, in decreasing probability order, each token whose preceding tokens hold less than
+    ``top_p`` of the mass (the same set as transformers' ``TopPLogitsWarper``).
+    """
+    if top_k is not None and top_k < logits_BV.shape[-1]:
+        kth_B1 = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
+        logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+    if top_p is not None and top_p < 1:
+        sorted_BV = -jnp.sort(-logits_BV, axis=-1)
+        probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+        before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+        kept_B1 = jnp.sum(before_BV < top_p, axis=-1, keepdims=True)
+        threshold_B1 = jnp.take_along_axis(sorted_BV, kept_B1 - 1, axis=-1)
+        logits_BV = jnp.where(logits_BV < threshold_B1, -jnp.inf, logits_BV)
+    return logits_BV
+
+
+def sample_logits(
+    logits_BV: Array, rng: Array, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
+) -> Array:
+    """One token id per row drawn from ``softmax(filter_logits(logits / temperature))``, int32 ``[B]``."""
+    filtered_BV = filter_logits(logits_BV.astype(jnp.float32) / temperature, top_k, top_p)
+    return jax.random.categorical(rng, filtered_BV, axis=-1).astype(jnp.int32)
+
+
+def _next_token(logits_BV: Array, rng: Array, config: GenerationConfig) -> Array:
+    if not config.do_sample:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    return sample_logits(logits_BV, rng, config.temperature, config.top_k, config.top_p)
+
+
+def _is_eos(token_B: Array, config: GenerationConfig) -> Array:
+    if not config.eos_token_id:
+        return jnp.zeros(token_B.shape, bool)
+    return jnp.isin(token_B, jnp.asarray(config.eos_token_id, jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _generate(graphdef, params, rest, ids_BL: Array, mask_BL: Array, rng: Array, config: GenerationConfig) -> Array:
+    """New tokens ``[B, max_new_tokens]``: prefill, then a while loop of one-token decoding steps."""
+    model = nnx.merge(graphdef, params, rest)
+    batch, length = ids_BL.shape
+    steps = config.max_new_tokens
+    cache = model.init_cache(batch, length + steps - 1)
+    last_B = length - 1 - jnp.argmax(mask_BL[:, ::-1] != 0, axis=1)  # Each row's last real prompt token.
+    logits_B1V, cache = model.decode(ids_BL, cache, attention_mask_BT=mask_BL, logits_index_B=last_B)
+    token_B = _next_token(logits_B1V[:, 0], jax.random.fold_in(rng, 0), config)
+    tokens_BN = jnp.full((batch, steps), config.pad_token_id, jnp.int32).at[:, 0].set(token_B)
+
+    def running(carry) -> Array:
+        step, _, _, done_B, _ = carry
+        return (step < steps) & ~jnp.all(done_B)
+
+    def step_fn(carry):
+        step, cache, token_B, done_B, tokens_BN = carry
+        logits_B1V, cache = model.decode(token_B[:, None], cache, attention_mask_BT=~done_B[:, None])
+        sampled_B = _next_token(logits_B1V[:, 0], jax.random.fold_in(rng, step), config)
+        token_B = jnp.where(done_B, config.pad_token_id, sampled_B)
+        tokens_BN = jax.lax.dynamic_update_slice_in_dim(tokens_BN, token_B[:, None], step, axis=1)
+        return step + 1, cache, token_B, done_B | _is_eos(token_B, config), tokens_BN
+
+    carry = (jnp.int32(1), cache, token_B, _is_eos(token_B, config), tokens_BN)
+    return jax.lax.while_loop(running, step_fn, carry)[-1]
+
+
+def _check_inputs(model: nnx.Module, input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
+    if not (hasattr(model, "init_cache") and hasattr(model, "decode")):
+        raise GenerationError(
+            f"{type(model).__name__} has no init_cache()/decode(); generation needs a model with a "
+            "key/value cache such as easytrain.models.LlamaForCausalLM."
+        )
+    ids_BL = np.asarray(input_ids, np.int32)
+    if ids_BL.ndim != 2:
+        raise GenerationError(f"input_ids has shape {ids_BL.shape}; pass a [batch, length] array (see pad_prompts).")
+    mask_BL = np.ones_like(ids_BL) if attention_mask is None else np.asarray(attention_mask, np.int32)
+    if mask_BL.shape != ids_BL.shape:
+        raise GenerationError(f"attention_mask has shape {mask_BL.shape}; it must match input_ids {ids_BL.shape}.")
+    if empty := np.flatnonzero(mask_BL.sum(axis=1) == 0).tolist():
+        raise GenerationError(f"attention_mask rows {empty} have no real token; give every prompt at least one.")
+    return ids_BL, mask_BL
+
+
+def generate(
+    model: nnx.Module,
+    input_ids: np.ndarray | Array,
+    attention_mask: np.ndarray | Array | None = None,
+    *,
+    max_new_tokens: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    seed: int = 0,
+) -> np.ndarray:
+    """Continues each prompt of a padded batch; greedy unless ``do_sample``.
+
+    Args:
+        model: A model with ``init_cache``/``decode`` (``LlamaForCausalLM``); it is not modified.
+        input_ids: ``[B, L]`` prompts, left- or right-padded (see ``pad_prompts``).
+        attention_mask: ``[B, L]``, 1 for real tokens, 0 for padding; default all real.
+        max_new_tokens / do_sample / temperature / top_k / top_p: see ``GenerationConfig``.
+        eos_token_id: Id(s) that end a row; None generates exactly ``max_new_tokens`` everywhere.
+        pad_token_id: Filler after a row's EOS; default the first EOS id (else 0).
+        seed: Sampling seed; the same seed and inputs give the same tokens.
+
+    Returns:
+        int32 ``[B, max_new_tokens]`` new tokens only: each row's EOS is included, then pad.
+    """
+    eos = () if eos_token_id is None else tuple(np.atleast_1d(eos_token_id).astype(int).tolist())
+    pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+    config = GenerationConfig(max_new_tokens, do_sample, temperature, top_k, top_p, eos, pad)
+    ids_BL, mask_BL = _check_inputs(model, input_ids, attention_mask)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    return np.asarray(_greedy(graphdef, params, rest, ids_NL, lengths_N, max_new_tokens))
+    return np.asarray(_generate(graphdef, params, rest, ids_BL, mask_BL, jax.random.key(seed), config))
+
+
+def pad_prompts(
+    prompts: Sequence[Sequence[int]], pad_id: int, *, side: str = "left", multiple: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """Token lists packed into ``[N, L]`` ids and attention mask; L is the longest rounded up to ``multiple``."""
+    if side not in ("left", "right"):
+        raise GenerationError(f"side = {side!r}; choose 'left' or 'right'.")
+    longest = max(len(p) for p in prompts)
+    length = -(-longest // multiple) * multiple
+    ids_NL = np.full((len(prompts), length), pad_id, np.int32)
+    mask_NL = np.zeros((len(prompts), length), np.int32)
+    for row, prompt in enumerate(prompts):
+        span = slice(length - len(prompt), length) if side == "left" else slice(0, len(prompt))
+        ids_NL[row, span], mask_NL[row, span] = prompt, 1
+    return ids_NL, mask_NL
+
+
+def greedy_complete(
+    model: nnx.Module, prompts: list[list[int]], max_new_tokens: int, pad_id: int, eos_id: int | None = None
+) -> np.ndarray:
+    """The greedy continuations of each prompt, ``[N, max_new_tokens]``; after ``eos_id`` (kept) come pads.
+
+    Prompt lengths are bucketed to multiples of 16 so varied prompt sets share compilations.
+    """
+    ids_NL, mask_NL = pad_prompts(prompts, pad_id, multiple=16)
+    return generate(model, ids_NL, mask_NL, max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=pad_id)

@@ -1,6 +1,8 @@
 """Llama-family causal language model in Flax NNX.
 
-Built from a ``transformers.LlamaConfig`` with the Hugging Face parameter layout
+One code path for Llama, Mistral, Qwen2 and Qwen3: ``features_of(config)`` turns the
+config's family into a few switches (biases, q/k norm, per-layer sliding windows).
+Built from a ``transformers`` config with the Hugging Face parameter layout
 (rotate-half RoPE, flattened ``[D, heads * head_dim]`` projections), so Hugging
 Face checkpoints load with plain transposes and no permutation.
 
@@ -16,7 +18,6 @@ dimensions and is markedly slower on CPU.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from functools import partial
 
 import jax
@@ -24,94 +25,27 @@ import jax.numpy as jnp
 import transformers
 from flax import nnx
 
-from easytrain.errors import EasytrainError
+from easytrain.models.attention import (
+    DType,
+    apply_rope,
+    attention_mask,
+    cached_attention_mask,
+    grouped_attention,
+    rope_tables,
+)
+from easytrain.models.families import (
+    ACTIVATIONS,
+    ArchFeatures,
+    ConfigError,
+    activation_name,
+    features_of,
+    head_dim_of,
+    rope_theta,
+)
+from easytrain.models.kv_cache import KVCache, LayerCache, advance, init_cache, with_layers
 
 Array = jax.Array
-DType = jnp.dtype | type
 
-_ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-    "silu": jax.nn.silu,
-    "gelu": partial(jax.nn.gelu, approximate=False),
-    "gelu_pytorch_tanh": partial(jax.nn.gelu, approximate=True),
-}
-
-
-class ConfigError(EasytrainError, ValueError):
-    """The config cannot describe a valid model."""
-
-
-class UnsupportedConfigError(ConfigError, NotImplementedError):
-    """The config asks for a feature this model does not implement."""
-
-
-def _rope_theta(config: transformers.LlamaConfig) -> float:
-    """Reads the RoPE base; only the default (unscaled) RoPE is implemented."""
-    rope = config.rope_parameters or {}
-    rope_type = rope.get("rope_type", "default")
-    if rope_type != "default":
-        raise UnsupportedConfigError(
-            f"config.rope_parameters['rope_type'] = {rope_type!r} is not supported; "
-            "only 'default' RoPE is implemented. Use a checkpoint without RoPE scaling."
-        )
-    if "rope_theta" not in rope:
-        raise ConfigError("config.rope_parameters has no 'rope_theta'; set it (e.g. 10000.0).")
-    return float(rope["rope_theta"])
-
-
-def _activation_name(config: transformers.LlamaConfig) -> str:
-    """Validates ``config.hidden_act`` at construction rather than at the first forward pass."""
-    if config.hidden_act not in _ACTIVATIONS:
-        raise UnsupportedConfigError(
-            f"config.hidden_act = {config.hidden_act!r} is not supported; "
-            f"choose one of {sorted(_ACTIVATIONS)}."
-        )
-    return config.hidden_act
-
-
-def head_dim_of(config: transformers.LlamaConfig) -> int:
-    """Per-head width; ``config.head_dim`` may differ from hidden / heads."""
-    head_dim = getattr(config, "head_dim", None)
-    return head_dim or config.hidden_size // config.num_attention_heads
-
-
-def rope_tables(positions_BT: Array, head_dim: int, theta: float, dtype: DType) -> tuple[Array, Array]:
-    """Cos/sin tables in rotate-half layout (frequencies repeated, not interleaved).
-
-    Angles are computed in float32 and only then cast, so low-precision compute
-    does not lose positional resolution.
-    """
-    exponents_K2 = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
-    inv_freq_K2 = 1.0 / (theta**exponents_K2)
-    angles_BTK2 = positions_BT.astype(jnp.float32)[..., None] * inv_freq_K2
-    angles_BTK = jnp.concatenate([angles_BTK2, angles_BTK2], axis=-1)
-    return jnp.cos(angles_BTK).astype(dtype), jnp.sin(angles_BTK).astype(dtype)
-
-
-def apply_rope(x_BTHK: Array, cos_BTK: Array, sin_BTK: Array) -> Array:
-    """Rotates each head's (first half, second half) pairs by the position angle."""
-    first_BTHK2, second_BTHK2 = jnp.split(x_BTHK, 2, axis=-1)
-    rotated_BTHK = jnp.concatenate([-second_BTHK2, first_BTHK2], axis=-1)
-    return x_BTHK * cos_BTK[:, :, None, :] + rotated_BTHK * sin_BTK[:, :, None, :]
-
-
-def attention_mask(
-    batch: int,
-    length: int,
-    attention_mask_BT: Array | None = None,
-    segment_ids_BT: Array | None = None,
-) -> Array:
-    """Boolean ``[B, T, S]`` mask: causal, key is a real token, same segment.
-
-    Causality follows sequence order, not ``positions``, so packed documents with
-    restarted positions stay causal.
-    """
-    index_T = jnp.arange(length)
-    mask_BTS = jnp.broadcast_to(index_T[:, None] >= index_T[None, :], (batch, length, length))
-    if attention_mask_BT is not None:
-        mask_BTS = mask_BTS & (attention_mask_BT[:, None, :] != 0)
-    if segment_ids_BT is not None:
-        mask_BTS = mask_BTS & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
-    return mask_BTS
 
 
 def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype: DType) -> Array:
@@ -184,26 +118,6 @@ class RMSNorm(nnx.Module):
         return normed_MD * self.scale[...].astype(self.dtype)
 
 
-def grouped_attention(q_BTNGK: Array, k_BSNK: Array, v_BSNK: Array, mask_BTS: Array) -> Array:
-    """Softmax attention where each key/value head serves G query heads.
-
-    Heads are moved ahead of time and the G query heads of a group are folded into the query axis,
-    so both products are plain batched matmuls (about 7% faster end to end on XLA:CPU than
-    contracting the 5-D layout directly). Scores and softmax are float32. A fully masked query
-    row (padding) gets a uniform distribution instead of NaN, because masked scores are a finite
-    minimum rather than -inf.
-    """
-    batch, length, kv_heads, group, head_dim = q_BTNGK.shape
-    q_BNQK = jnp.transpose(q_BTNGK, (0, 2, 3, 1, 4)).reshape(batch, kv_heads, group * length, head_dim)
-    k_BNSK, v_BNSK = jnp.transpose(k_BSNK, (0, 2, 1, 3)), jnp.transpose(v_BSNK, (0, 2, 1, 3))
-    scores_BNQS = jnp.einsum("bnqk,bnsk->bnqs", q_BNQK, k_BNSK, preferred_element_type=jnp.float32)
-    scores_BNGTS = scores_BNQS.reshape(batch, kv_heads, group, length, -1) * head_dim**-0.5
-    scores_BNGTS = jnp.where(mask_BTS[:, None, None], scores_BNGTS, jnp.finfo(jnp.float32).min)
-    probs_BNQS = jax.nn.softmax(scores_BNGTS, axis=-1).astype(v_BSNK.dtype).reshape(scores_BNQS.shape)
-    out_BNQK = jnp.einsum("bnqs,bnsk->bnqk", probs_BNQS, v_BNSK)
-    return jnp.transpose(out_BNQK.reshape(batch, kv_heads, group, length, head_dim), (0, 3, 1, 2, 4))
-
-
 def _dense_factory(config: transformers.LlamaConfig, dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
     return partial(Dense, std=config.initializer_range, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
@@ -211,7 +125,16 @@ def _dense_factory(config: transformers.LlamaConfig, dtype: DType, param_dtype: 
 class Attention(nnx.Module):
     """Grouped-query self-attention with rotary position embeddings."""
 
-    def __init__(self, config: transformers.LlamaConfig, *, dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: transformers.LlamaConfig,
+        *,
+        features: ArchFeatures | None = None,
+        dtype: DType,
+        param_dtype: DType,
+        rngs: nnx.Rngs,
+    ):
+        features = features or features_of(config)
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = head_dim_of(config)
@@ -222,57 +145,95 @@ class Attention(nnx.Module):
             )
         hidden = config.hidden_size
         q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        qkv_bias = o_bias = config.attention_bias  # Separate switches: some families bias q/k/v only.
+        qkv_bias, o_bias = features.qkv_bias, features.o_bias
         dense = _dense_factory(config, dtype, param_dtype, rngs)
         self.q_proj = dense(hidden, q_width, axes=("embed", "heads"), use_bias=qkv_bias)
         self.k_proj = dense(hidden, kv_width, axes=("embed", "heads"), use_bias=qkv_bias)
         self.v_proj = dense(hidden, kv_width, axes=("embed", "heads"), use_bias=qkv_bias)
         self.o_proj = dense(q_width, hidden, axes=("heads", "embed"), use_bias=o_bias)
+        head_norm = partial(
+            RMSNorm, self.head_dim, eps=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype
+        )
+        self.q_norm = head_norm() if features.qk_norm else None
+        self.k_norm = head_norm() if features.qk_norm else None
 
-    def __call__(self, x_MD: Array, cos_BTK: Array, sin_BTK: Array, mask_BTS: Array) -> Array:
+    def __call__(
+        self, x_MD: Array, cos_BTK: Array, sin_BTK: Array, mask_BTS: Array, cache: LayerCache | None = None
+    ) -> Array | tuple[Array, LayerCache]:
+        """Attention output; with a ``cache``, keys are every cached slot and the cache comes back too."""
         batch, length = cos_BTK.shape[:2]
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
         q_BTHK = self.q_proj(x_MD).reshape(batch, length, heads, head_dim)
         k_BTNK = self.k_proj(x_MD).reshape(batch, length, kv_heads, head_dim)
         v_BTNK = self.v_proj(x_MD).reshape(batch, length, kv_heads, head_dim)
+        if self.q_norm is not None:
+            q_BTHK, k_BTNK = self.q_norm(q_BTHK), self.k_norm(k_BTNK)
         q_BTHK = apply_rope(q_BTHK, cos_BTK, sin_BTK)
         k_BTNK = apply_rope(k_BTNK, cos_BTK, sin_BTK)
         q_BTNGK = q_BTHK.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
-        out_BTNGK = grouped_attention(q_BTNGK, k_BTNK, v_BTNK, mask_BTS)
-        return self.o_proj(out_BTNGK.reshape(batch * length, heads * head_dim))
+        if cache is None:
+            out_BTNGK = grouped_attention(q_BTNGK, k_BTNK, v_BTNK, mask_BTS)
+            return self.o_proj(out_BTNGK.reshape(batch * length, heads * head_dim))
+        cache = cache.write(k_BTNK, v_BTNK)
+        out_BTNGK = grouped_attention(q_BTNGK, cache.keys_BSNK, cache.values_BSNK, mask_BTS)
+        return self.o_proj(out_BTNGK.reshape(batch * length, heads * head_dim)), cache
 
 
 class MLP(nnx.Module):
     """Gated feed-forward block: ``down(act(gate(x)) * up(x))``."""
 
-    def __init__(self, config: transformers.LlamaConfig, *, dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
-        self.hidden_act = _activation_name(config)
-        hidden, inner, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+    def __init__(
+        self,
+        config: transformers.LlamaConfig,
+        *,
+        features: ArchFeatures | None = None,
+        dtype: DType,
+        param_dtype: DType,
+        rngs: nnx.Rngs,
+    ):
+        self.hidden_act = activation_name(config)
+        bias = (features or features_of(config)).mlp_bias
+        hidden, inner = config.hidden_size, config.intermediate_size
         dense = _dense_factory(config, dtype, param_dtype, rngs)
         self.gate_proj = dense(hidden, inner, axes=("embed", "mlp"), use_bias=bias)
         self.up_proj = dense(hidden, inner, axes=("embed", "mlp"), use_bias=bias)
         self.down_proj = dense(inner, hidden, axes=("mlp", "embed"), use_bias=bias)
 
     def __call__(self, x_MD: Array) -> Array:
-        gate_MF = _ACTIVATIONS[self.hidden_act](self.gate_proj(x_MD))
+        gate_MF = ACTIVATIONS[self.hidden_act](self.gate_proj(x_MD))
         return self.down_proj(gate_MF * self.up_proj(x_MD))
 
 
 class DecoderLayer(nnx.Module):
     """Pre-norm transformer block: attention then MLP, each with a residual."""
 
-    def __init__(self, config: transformers.LlamaConfig, *, dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: transformers.LlamaConfig,
+        *,
+        features: ArchFeatures | None = None,
+        dtype: DType,
+        param_dtype: DType,
+        rngs: nnx.Rngs,
+    ):
         norm = partial(
             RMSNorm, config.hidden_size, eps=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype
         )
+        features = features or features_of(config)
         self.input_layernorm = norm()
-        self.self_attn = Attention(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.self_attn = Attention(config, features=features, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.post_attention_layernorm = norm()
-        self.mlp = MLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.mlp = MLP(config, features=features, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x_MD: Array, cos_BTK: Array, sin_BTK: Array, mask_BTS: Array) -> Array:
-        x_MD = x_MD + self.self_attn(self.input_layernorm(x_MD), cos_BTK, sin_BTK, mask_BTS)
-        return x_MD + self.mlp(self.post_attention_layernorm(x_MD))
+    def __call__(
+        self, x_MD: Array, cos_BTK: Array, sin_BTK: Array, mask_BTS: Array, cache: LayerCache | None = None
+    ) -> Array | tuple[Array, LayerCache]:
+        if cache is None:
+            x_MD = x_MD + self.self_attn(self.input_layernorm(x_MD), cos_BTK, sin_BTK, mask_BTS)
+            return x_MD + self.mlp(self.post_attention_layernorm(x_MD))
+        attn_MD, cache = self.self_attn(self.input_layernorm(x_MD), cos_BTK, sin_BTK, mask_BTS, cache)
+        x_MD = x_MD + attn_MD
+        return x_MD + self.mlp(self.post_attention_layernorm(x_MD)), cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,10 +245,11 @@ class _StaticConfig:
 
 
 class LlamaForCausalLM(nnx.Module):
-    """Llama-family decoder-only language model.
+    """Llama-family decoder-only language model (Llama, Mistral, Qwen2, Qwen3).
 
     Args:
-        config: Architecture description; treated as read-only after construction.
+        config: Architecture description, ``model_type`` in ``SUPPORTED_MODEL_TYPES``; treated as
+            read-only after construction.
         dtype: Compute dtype of activations and matmuls.
         param_dtype: Storage dtype of the parameters.
         rngs: Random streams; ``rngs.params`` initialises the weights.
@@ -302,7 +264,8 @@ class LlamaForCausalLM(nnx.Module):
         rngs: nnx.Rngs,
     ):
         self._config = _StaticConfig(config.to_json_string(use_diff=False), config)
-        self.rope_theta = _rope_theta(config)
+        self.features = features_of(config)
+        self.rope_theta = rope_theta(config)
         self.head_dim = head_dim_of(config)
         self.dtype = dtype
         std = config.initializer_range
@@ -310,7 +273,7 @@ class LlamaForCausalLM(nnx.Module):
             config.vocab_size, config.hidden_size, std=std, dtype=dtype, param_dtype=param_dtype, rngs=rngs
         )
         self.layers = nnx.List(
-            DecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            DecoderLayer(config, features=self.features, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
             for _ in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
@@ -349,16 +312,69 @@ class LlamaForCausalLM(nnx.Module):
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(length), (batch, length))
         cos_BTK, sin_BTK = rope_tables(positions_BT, self.head_dim, self.rope_theta, self.dtype)
-        mask_BTS = attention_mask(batch, length, attention_mask_BT, segment_ids_BT)
+        masks = {  # One mask per distinct window: full-attention layers share the causal one.
+            window: attention_mask(batch, length, attention_mask_BT, segment_ids_BT, sliding_window=window)
+            for window in dict.fromkeys(self.features.windows)
+        }
         x_MD = self.embed_tokens(input_ids_BT).reshape(batch * length, -1)
-        for layer in self.layers:
-            x_MD = layer(x_MD, cos_BTK, sin_BTK, mask_BTS)
+        for layer, window in zip(self.layers, self.features.windows, strict=True):
+            x_MD = layer(x_MD, cos_BTK, sin_BTK, masks[window])
+        return self._logits(x_MD).reshape(batch, length, -1)
+
+    def _logits(self, x_MD: Array) -> Array:
+        """Final norm and output head, float32 logits ``[M, V]``."""
         x_MD = self.norm(x_MD)
         if self.lm_head is None:
-            logits_MV = self.embed_tokens.attend(x_MD)
-        else:
-            logits_MV = self.lm_head(x_MD, out_dtype=jnp.float32)
-        return logits_MV.reshape(batch, length, -1)
+            return self.embed_tokens.attend(x_MD)
+        return self.lm_head(x_MD, out_dtype=jnp.float32)
+
+    def init_cache(self, batch: int, max_length: int) -> KVCache:
+        """An empty key/value cache for ``decode``: ``max_length`` slots per row, prompt included."""
+        attn = self.layers[0].self_attn
+        return init_cache(len(self.layers), batch, max_length, attn.num_kv_heads, attn.head_dim, self.dtype)
+
+    def decode(
+        self,
+        input_ids_BT: Array,
+        cache: KVCache,
+        *,
+        attention_mask_BT: Array | None = None,
+        logits_index_B: Array | None = None,
+    ) -> tuple[Array, KVCache]:
+        """Logits of tokens that continue the ones in ``cache``, and the cache holding them too.
+
+        Prefill passes the whole padded prompt at once, then each step one token per row. Each real
+        token's position continues its row's count, and attention is masked by position, so any
+        padding (left, right, rows that stopped) is skipped and every row decodes as it would alone.
+
+        Args:
+            input_ids_BT: New tokens.
+            cache: From ``init_cache`` or a previous ``decode``; ``cache.index + T`` must not exceed
+                the ``max_length`` it was made with (an overflowing write is clamped and corrupts it).
+            attention_mask_BT: 1 for real tokens, 0 for padding; default all real.
+            logits_index_B: If given, only each row's logits at this index of ``T`` are computed,
+                ``[B, 1, V]`` (prefill needs only the last prompt token's).
+
+        Returns:
+            Float32 logits ``[B, T, V]`` (or ``[B, 1, V]``) and the updated cache.
+        """
+        batch, length = input_ids_BT.shape
+        if attention_mask_BT is None:
+            attention_mask_BT = jnp.ones((batch, length), jnp.int32)
+        positions_BT, advanced = advance(cache, attention_mask_BT)
+        cos_BTK, sin_BTK = rope_tables(positions_BT, self.head_dim, self.rope_theta, self.dtype)
+        masks = {
+            window: cached_attention_mask(positions_BT, advanced.positions_BS, sliding_window=window)
+            for window in dict.fromkeys(self.features.windows)
+        }
+        x_MD = self.embed_tokens(input_ids_BT).reshape(batch * length, -1)
+        layer_caches = []
+        for i, (layer, window) in enumerate(zip(self.layers, self.features.windows, strict=True)):
+            x_MD, layer_cache = layer(x_MD, cos_BTK, sin_BTK, masks[window], cache.layer(i))
+            layer_caches.append(layer_cache)
+        if logits_index_B is not None:
+            x_MD, length = x_MD.reshape(batch, length, -1)[jnp.arange(batch), logits_index_B], 1
+        return self._logits(x_MD).reshape(batch, length, -1), with_layers(advanced, layer_caches)
 
 
 def init_model(

@@ -1,0 +1,145 @@
+"""Model families as configuration: where Mistral, Qwen2 and Qwen3 depart from Llama.
+
+``features_of(config)`` reads ``config.model_type`` once and returns a few switches (biases, q/k norm,
+per-layer sliding windows), so the layers never test the family themselves. Adding a family means adding
+one entry to ``_FAMILIES`` (see docs/models.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from functools import partial
+
+import jax
+import transformers
+
+from easytrain.errors import EasytrainError
+
+Array = jax.Array
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "silu": jax.nn.silu,
+    "gelu": partial(jax.nn.gelu, approximate=False),
+    "gelu_pytorch_tanh": partial(jax.nn.gelu, approximate=True),
+}
+
+
+class ConfigError(EasytrainError, ValueError):
+    """The config cannot describe a valid model."""
+
+
+class UnsupportedConfigError(ConfigError, NotImplementedError):
+    """The config asks for a feature this model does not implement."""
+
+
+def rope_theta(config: transformers.LlamaConfig) -> float:
+    """Reads the RoPE base; only the default (unscaled) RoPE is implemented."""
+    rope = config.rope_parameters or {}
+    rope_type = rope.get("rope_type", "default")
+    if rope_type != "default":
+        raise UnsupportedConfigError(
+            f"config.rope_parameters['rope_type'] = {rope_type!r} is not supported; "
+            "only 'default' RoPE is implemented. Use a checkpoint without RoPE scaling."
+        )
+    if "rope_theta" not in rope:
+        raise ConfigError("config.rope_parameters has no 'rope_theta'; set it (e.g. 10000.0).")
+    return float(rope["rope_theta"])
+
+
+def activation_name(config: transformers.LlamaConfig) -> str:
+    """Validates ``config.hidden_act`` at construction rather than at the first forward pass."""
+    if config.hidden_act not in ACTIVATIONS:
+        raise UnsupportedConfigError(
+            f"config.hidden_act = {config.hidden_act!r} is not supported; "
+            f"choose one of {sorted(ACTIVATIONS)}."
+        )
+    return config.hidden_act
+
+
+def head_dim_of(config: transformers.LlamaConfig) -> int:
+    """Per-head width; ``config.head_dim`` may differ from hidden / heads."""
+    head_dim = getattr(config, "head_dim", None)
+    return head_dim or config.hidden_size // config.num_attention_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class ArchFeatures:
+    """Where a family departs from Llama, resolved once so layers never test ``model_type``.
+
+    Attributes:
+        qkv_bias: Bias on the q/k/v projections.
+        o_bias: Bias on the attention output projection.
+        mlp_bias: Bias on the gate/up/down projections.
+        qk_norm: Per-head RMSNorm on queries and keys before RoPE (Qwen3).
+        windows: Per layer, the sliding-window length in tokens, or None for full causal attention.
+    """
+
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+    windows: tuple[int | None, ...]
+
+
+def _layer_windows(config: transformers.PretrainedConfig) -> tuple[int | None, ...]:
+    """Qwen-style ``config.layer_types``: each layer is 'full_attention' or 'sliding_attention'."""
+    types = tuple(config.layer_types)
+    if unknown := sorted(set(types) - {"full_attention", "sliding_attention"}):
+        raise UnsupportedConfigError(
+            f"config.layer_types contains {unknown}; only 'full_attention' and 'sliding_attention' "
+            "are implemented."
+        )
+    if len(types) != config.num_hidden_layers:
+        raise ConfigError(
+            f"config.layer_types has {len(types)} entries for config.num_hidden_layers = "
+            f"{config.num_hidden_layers}; give one type per layer."
+        )
+    if "sliding_attention" in types and config.sliding_window is None:
+        raise ConfigError(
+            "config.layer_types has 'sliding_attention' layers but config.sliding_window is None; "
+            "set use_sliding_window=True and sliding_window, or make every layer 'full_attention'."
+        )
+    return tuple(config.sliding_window if kind == "sliding_attention" else None for kind in types)
+
+
+def _llama(c: transformers.PretrainedConfig) -> ArchFeatures:
+    windows = (None,) * c.num_hidden_layers
+    return ArchFeatures(c.attention_bias, c.attention_bias, c.mlp_bias, qk_norm=False, windows=windows)
+
+
+def _mistral(c: transformers.PretrainedConfig) -> ArchFeatures:
+    windows = (c.sliding_window,) * c.num_hidden_layers  # Like transformers, ignores any layer_types.
+    return ArchFeatures(False, False, False, qk_norm=False, windows=windows)
+
+
+def _qwen2(c: transformers.PretrainedConfig) -> ArchFeatures:
+    return ArchFeatures(True, False, False, qk_norm=False, windows=_layer_windows(c))
+
+
+def _qwen3(c: transformers.PretrainedConfig) -> ArchFeatures:
+    return ArchFeatures(c.attention_bias, c.attention_bias, False, qk_norm=True, windows=_layer_windows(c))
+
+
+_FAMILIES: dict[str, Callable[[transformers.PretrainedConfig], ArchFeatures]] = {
+    "llama": _llama,
+    "mistral": _mistral,
+    "qwen2": _qwen2,
+    "qwen3": _qwen3,
+}
+SUPPORTED_MODEL_TYPES = tuple(_FAMILIES)
+
+
+def features_of(config: transformers.PretrainedConfig) -> ArchFeatures:
+    """The architecture switches of ``config``'s family, chosen by ``config.model_type``."""
+    if config.model_type not in _FAMILIES:
+        raise UnsupportedConfigError(
+            f"config.model_type = {config.model_type!r} is not supported; use a config of one of "
+            f"{SUPPORTED_MODEL_TYPES} (docs/models.md explains how to add a family)."
+        )
+    features = _FAMILIES[config.model_type](config)
+    if any(window is not None and window < 1 for window in features.windows):
+        raise ConfigError(
+            f"config.sliding_window = {config.sliding_window} must be a positive number of tokens."
+        )
+    return features

@@ -1,0 +1,97 @@
+"""Static-shape key/value cache for incremental decoding.
+
+Every array keeps its shape from the first step to the last, so one compiled decoding step serves
+every position. New keys and values go into the slots from a write index shared by all rows, with
+``lax.dynamic_update_slice``.
+
+Each slot also records the RoPE position of the token it holds, or -1 for padding and unwritten
+slots. Decoding masks are computed from query and key *positions*, not slot numbers, so a batch can
+mix prompts of different lengths, left- or right-padded: padding slots are never attended and each
+row sees exactly the keys it would see alone.
+
+Shape suffixes as in ``llama.py``: B batch, T new tokens, S cache slots, N key/value heads, K head dim.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+class LayerCache(NamedTuple):
+    """One attention layer's slice of the cache, as its ``__call__`` reads and returns it."""
+
+    keys_BSNK: Array
+    values_BSNK: Array
+    index: Array  # Slot where this call's first new token goes.
+
+    def write(self, k_BTNK: Array, v_BTNK: Array) -> LayerCache:
+        """Stores this call's keys and values (after RoPE) from slot ``index`` on."""
+        keys_BSNK = jax.lax.dynamic_update_slice_in_dim(
+            self.keys_BSNK, k_BTNK.astype(self.keys_BSNK.dtype), self.index, axis=1
+        )
+        values_BSNK = jax.lax.dynamic_update_slice_in_dim(
+            self.values_BSNK, v_BTNK.astype(self.values_BSNK.dtype), self.index, axis=1
+        )
+        return LayerCache(keys_BSNK, values_BSNK, self.index)
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer plus per-row position bookkeeping (a pytree).
+
+    Attributes:
+        keys / values: one ``[B, S, N, K]`` array per layer.
+        positions_BS: int32 RoPE position of the token in each slot; -1 for padding or empty.
+        lengths_B: int32 count of real tokens per row, hence the position of its next token.
+        index: int32 scalar, the next slot to write (the same for every row).
+    """
+
+    keys: tuple[Array, ...]
+    values: tuple[Array, ...]
+    positions_BS: Array
+    lengths_B: Array
+    index: Array
+
+    def layer(self, i: int) -> LayerCache:
+        return LayerCache(self.keys[i], self.values[i], self.index)
+
+
+def init_cache(
+    num_layers: int, batch: int, max_length: int, kv_heads: int, head_dim: int, dtype: jnp.dtype | type
+) -> KVCache:
+    """An empty cache of ``max_length`` slots per row; it must hold the prompt and every new token."""
+    zeros = jnp.zeros((batch, max_length, kv_heads, head_dim), dtype)
+    return KVCache(
+        keys=(zeros,) * num_layers,
+        values=(zeros,) * num_layers,
+        positions_BS=jnp.full((batch, max_length), -1, jnp.int32),
+        lengths_B=jnp.zeros((batch,), jnp.int32),
+        index=jnp.zeros((), jnp.int32),
+    )
+
+
+def advance(cache: KVCache, attention_mask_BT: Array) -> tuple[Array, KVCache]:
+    """Positions of ``T`` new tokens, and the cache's bookkeeping with them appended.
+
+    Real tokens continue each row's count (so left, right or no padding give the same positions);
+    padding gets -1. Keys and values are left to the layers, which write at the old ``index``.
+    """
+    real_BT = attention_mask_BT != 0
+    counts_BT = jnp.cumsum(real_BT, axis=1, dtype=jnp.int32)
+    positions_BT = jnp.where(real_BT, cache.lengths_B[:, None] + counts_BT - 1, -1)
+    positions_BS = jax.lax.dynamic_update_slice_in_dim(cache.positions_BS, positions_BT, cache.index, axis=1)
+    return positions_BT, cache._replace(
+        positions_BS=positions_BS,
+        lengths_B=cache.lengths_B + counts_BT[:, -1],
+        index=cache.index + attention_mask_BT.shape[1],
+    )
+
+
+def with_layers(cache: KVCache, layers: list[LayerCache]) -> KVCache:
+    """The cache holding the keys and values the layers wrote."""
+    return cache._replace(keys=tuple(l.keys_BSNK for l in layers), values=tuple(l.values_BSNK for l in layers))
+
