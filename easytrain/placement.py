@@ -67,13 +67,19 @@ def create_state(model_fn: Callable[[], nnx.Module], tx: optax.GradientTransform
 
 def place_module(model: nnx.Module, tx: optax.GradientTransformation, *, seed: int, mesh: Mesh,
                  rules: sharding.LogicalRules = sharding.DEFAULT_RULES) -> tuple[TrainState, TrainState]:
-    """Place an existing (e.g. pretrained) module's weights on the mesh and build its optimizer state."""
+    """Place an existing (e.g. pretrained) module's weights on the mesh and build its optimizer state.
+
+    Weights already in the target layout (`from_pretrained(..., mesh=...)`) are kept as they are, not
+    copied: only the optimizer state and the rest of the state are created under jit.
+    """
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     shardings = state_shardings(model, tx, mesh, rules)
+    create = _fresh_state(graphdef, tx, seed)
     with jax.set_mesh(mesh):
-        state = jax.jit(_fresh_state(graphdef, tx, seed), out_shardings=shardings)(
-            nnx.to_pure_dict(params), nnx.to_pure_dict(rest))
-    return state, shardings
+        params = jax.device_put(nnx.to_pure_dict(params), shardings.params)
+        state = jax.jit(lambda p, r: create(p, r).replace(params=None),
+                        out_shardings=shardings.replace(params=None))(params, nnx.to_pure_dict(rest))
+    return state.replace(params=params), shardings
 
 
 def abstract_train_state(model: nnx.Module, tx: optax.GradientTransformation, *, seed: int, mesh: Mesh,

@@ -27,6 +27,13 @@ def test_custom_loss(tmp_path):
     assert logs["z_loss"] > 0 and logs["loss"] > 0
 
 
-@pytest.mark.parametrize("name", ["train_from_text_file", "custom_loss"])
+def test_finetune_hf_model(tmp_path):
+    result = load("finetune_hf_model").main(["--output_dir", str(tmp_path), "--max_steps", "3",
+                                             "--max_shard_size", "100KB"])
+    assert result["loss"] > 0 and result["max_logit_difference"] <= 1e-4
+    assert (tmp_path / "export" / "model.safetensors.index.json").is_file()
+
+
+@pytest.mark.parametrize("name", ["train_from_text_file", "custom_loss", "finetune_hf_model"])
 def test_examples_document_how_to_run_them(name):
     assert f"python examples/{name}.py" in (EXAMPLES / f"{name}.py").read_text()

@@ -4,33 +4,36 @@ Tensors travel as numpy arrays (bfloat16 through ml_dtypes), so easytrain never
 needs torch at runtime. Parameter paths map to Hugging Face names by rule:
 ``layers/0/self_attn/q_proj/kernel`` <-> ``model.layers.0.self_attn.q_proj.weight``,
 with kernels transposed because a Hugging Face linear weight is ``[out, in]``.
+
+This module holds the naming and dict conversion; streaming a checkpoint onto a mesh lives in
+``hf_load`` and sharded export in ``hf_export`` (both re-exported here under their old names).
 """
 
 from __future__ import annotations
 
-import copy
+import importlib
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import transformers
 from flax import nnx, traverse_util
-from safetensors.numpy import load_file, save_file
 
 from easytrain.errors import EasytrainError
-from easytrain.models.llama import DType, LlamaForCausalLM
+from easytrain.models.attention import DType
+from easytrain.models.families import SUPPORTED_MODEL_TYPES
+from easytrain.models.llama import LlamaForCausalLM
 
 ParamPath = tuple[str | int, ...]
 Shapes = Mapping[str, tuple[int, ...]]
 
-SUPPORTED_MODEL_TYPES = ("llama",)
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+EMBEDDING_NAME = "model.embed_tokens.weight"
+HEAD_NAME = "lm_head.weight"
 # Non-persistent buffers some exporters still write; they are recomputed, never loaded.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 # Parameter leaf name -> (Hugging Face tensor suffix, stored transposed?).
@@ -84,7 +87,7 @@ def _preview(names: list[str]) -> str:
     return shown + (f", ... ({len(names) - _PREVIEW} more)" if len(names) > _PREVIEW else "")
 
 
-def _check_keys(found: Shapes, expected: Shapes, what: str) -> None:
+def check_shapes(found: Shapes, expected: Shapes, what: str) -> None:
     """Raises one error listing every missing, unexpected and mis-shaped entry."""
     missing = sorted(expected.keys() - found.keys())
     unexpected = sorted(found.keys() - expected.keys())
@@ -119,7 +122,7 @@ def to_hf_state_dict(params: dict, config: transformers.PretrainedConfig) -> dic
     """
     flat = traverse_util.flatten_dict(params)
     expected = {_join(path): shape for path, shape in _expected_shapes(config).items()}
-    _check_keys({_join(path): np.shape(value) for path, value in flat.items()}, expected, "parameters")
+    check_shapes({_join(path): np.shape(value) for path, value in flat.items()}, expected, "parameters")
     tensors = {}
     for path, value in flat.items():
         name, transpose = hf_name(path)
@@ -128,16 +131,37 @@ def to_hf_state_dict(params: dict, config: transformers.PretrainedConfig) -> dic
     return tensors
 
 
-def _drop_ignorable(
-    tensors: Mapping[str, np.ndarray], config: transformers.PretrainedConfig
-) -> dict[str, np.ndarray]:
-    """Removes recomputed buffers, and an lm_head that merely repeats tied embeddings."""
-    kept = {name: t for name, t in tensors.items() if not name.endswith(_IGNORED_SUFFIXES)}
-    head, embedding = kept.get("lm_head.weight"), kept.get("model.embed_tokens.weight")
-    if config.tie_word_embeddings and head is not None and embedding is not None:
-        if np.shape(head) == np.shape(embedding) and np.array_equal(head, embedding):
-            del kept["lm_head.weight"]
-    return kept
+def hf_layout(config: transformers.PretrainedConfig) -> dict[str, tuple[ParamPath, bool, tuple[int, ...]]]:
+    """Every tensor the config implies: Hugging Face name -> (parameter path, transposed?, stored shape)."""
+    layout = {}
+    for path, shape in _expected_shapes(config).items():
+        name, transpose = hf_name(path)
+        layout[name] = (path, transpose, shape[::-1] if transpose else shape)
+    return layout
+
+
+def loadable_shapes(shapes: Shapes, config: transformers.PretrainedConfig) -> tuple[dict[str, tuple[int, ...]], bool]:
+    """Drops recomputed buffers and sets aside an lm_head that may repeat tied embeddings.
+
+    Returns the shapes left to check, and whether such a head was set aside: the caller must then
+    confirm with ``check_tied_head`` that its values equal the embedding's.
+    """
+    kept = {name: tuple(shape) for name, shape in shapes.items() if not name.endswith(_IGNORED_SUFFIXES)}
+    head = kept.get(HEAD_NAME)
+    maybe_tied = bool(config.tie_word_embeddings) and head is not None and head == kept.get(EMBEDDING_NAME)
+    if maybe_tied:
+        del kept[HEAD_NAME]
+    return kept, maybe_tied
+
+
+def check_tied_head(head: np.ndarray, embedding: np.ndarray) -> None:
+    """A stored lm_head is accepted under tied embeddings only as an exact copy of them."""
+    if not np.array_equal(head, embedding):
+        raise CheckpointError(
+            f"checkpoint tensors do not match the config. unexpected (1): {HEAD_NAME}: the config has "
+            f"tie_word_embeddings=True but {HEAD_NAME} differs from {EMBEDDING_NAME}; set "
+            "tie_word_embeddings=False in config.json if the head was trained separately."
+        )
 
 
 def from_hf_state_dict(tensors: Mapping[str, np.ndarray], config: transformers.PretrainedConfig) -> dict:
@@ -153,54 +177,16 @@ def from_hf_state_dict(tensors: Mapping[str, np.ndarray], config: transformers.P
     Raises:
         CheckpointError: Listing all missing, unexpected and mis-shaped tensors.
     """
-    tensors = _drop_ignorable(tensors, config)
-    layout = {}
-    for path, shape in _expected_shapes(config).items():
-        name, transpose = hf_name(path)
-        layout[name] = (path, transpose, shape[::-1] if transpose else shape)
-    expected = {name: hf_shape for name, (_, _, hf_shape) in layout.items()}
-    _check_keys({name: np.shape(t) for name, t in tensors.items()}, expected, "checkpoint tensors")
+    shapes, maybe_tied = loadable_shapes({name: np.shape(t) for name, t in tensors.items()}, config)
+    layout = hf_layout(config)
+    check_shapes(shapes, {name: hf_shape for name, (_, _, hf_shape) in layout.items()}, "checkpoint tensors")
+    if maybe_tied:
+        check_tied_head(np.asarray(tensors[HEAD_NAME]), np.asarray(tensors[EMBEDDING_NAME]))
     flat = {}
     for name, (path, transpose, _) in layout.items():
         array = np.asarray(tensors[name])
         flat[path] = array.T if transpose else array
     return traverse_util.unflatten_dict(flat)
-
-
-def _params_of(model_or_params: LlamaForCausalLM | dict) -> dict:
-    if isinstance(model_or_params, nnx.Module):
-        return nnx.to_pure_dict(nnx.state(model_or_params, nnx.Param))
-    return model_or_params
-
-
-def save_pretrained(
-    directory: str | os.PathLike,
-    model_or_params: LlamaForCausalLM | dict,
-    config: transformers.PretrainedConfig,
-    *,
-    dtype: DType | str | None = None,
-    tokenizer: Any = None,
-) -> None:
-    """Writes a Hugging Face checkpoint directory.
-
-    Args:
-        directory: Created if needed; gets ``config.json`` and ``model.safetensors``.
-        model_or_params: A model, or its ``nnx.Param`` pure dict.
-        config: The model's config; written with ``dtype`` recorded.
-        dtype: Storage dtype of the saved tensors (e.g. ``jnp.bfloat16``); default keeps the params' dtype.
-        tokenizer: Anything with ``save_pretrained(directory)``; saved alongside when given.
-    """
-    tensors = to_hf_state_dict(_params_of(model_or_params), config)
-    if dtype is not None:
-        tensors = {name: t.astype(jnp.dtype(dtype)) for name, t in tensors.items()}
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    config = copy.deepcopy(config)
-    config.dtype = str(tensors["model.embed_tokens.weight"].dtype)
-    config.save_pretrained(directory)
-    save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
 
 
 def _read_config(directory: Path) -> transformers.PretrainedConfig:
@@ -217,47 +203,12 @@ def _read_config(directory: Path) -> transformers.PretrainedConfig:
     return transformers.AutoConfig.from_pretrained(directory)
 
 
-def _read_tensors(directory: Path) -> dict[str, np.ndarray]:
-    """Reads a single safetensors file or every shard named by the index."""
-    if (directory / WEIGHTS_NAME).is_file():
-        return load_file(directory / WEIGHTS_NAME)
-    index_path = directory / WEIGHTS_INDEX_NAME
-    if not index_path.is_file():
-        raise CheckpointError(
-            f"no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} in {directory}; only safetensors "
-            "checkpoints are supported (re-save other formats as safetensors)."
-        )
-    shards = sorted(set(json.loads(index_path.read_text())["weight_map"].values()))
-    tensors: dict[str, np.ndarray] = {}
-    for shard in shards:
-        tensors.update(load_file(directory / shard))
-    return tensors
+# Loading and export live in their own modules; ``hf_io`` keeps exporting their names (PEP 562,
+# so the modules that import from ``hf_io`` are not imported in a cycle).
+_MOVED = {"from_pretrained": "hf_load", "load_pretrained": "hf_load", "save_pretrained": "hf_export"}
 
 
-def load_pretrained(
-    directory: str | os.PathLike,
-    *,
-    dtype: DType = jnp.float32,
-    param_dtype: DType = jnp.float32,
-) -> LlamaForCausalLM:
-    """Builds a model from a Hugging Face checkpoint directory.
-
-    Args:
-        directory: Holds ``config.json`` and ``model.safetensors`` (or a sharded index).
-        dtype: Compute dtype.
-        param_dtype: Parameters are cast to this dtype on load.
-
-    Returns:
-        The model with every parameter loaded; no random initialisation is run.
-
-    Raises:
-        CheckpointError: Unsupported ``model_type``, no weights, or weights not matching the config.
-    """
-    directory = Path(directory)
-    config = _read_config(directory)
-    params = from_hf_state_dict(_read_tensors(directory), config)
-    model = _abstract_model(config, dtype, param_dtype)
-    state = nnx.state(model, nnx.Param)
-    nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: jnp.asarray(a, dtype=param_dtype), params))
-    nnx.update(model, state)
-    return model
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        return getattr(importlib.import_module(f"easytrain.models.{_MOVED[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -27,7 +27,7 @@ from easytrain.data import TrainBatches, eval_batches
 from easytrain.errors import ArgumentError
 from easytrain.evaluators import Evaluator, arithmetic_exact_match
 from easytrain.losses import Batch, LossOutput, causal_lm_loss
-from easytrain.models import LlamaForCausalLM, load_pretrained, save_pretrained
+from easytrain.models import LlamaForCausalLM, from_pretrained, save_pretrained
 from easytrain.optim import build_optimizer, build_schedule
 from easytrain.protocol import ConfiguredDataloaders, ConfiguredFunctions, ConfiguredModel
 from easytrain.trainers import builders
@@ -177,9 +177,11 @@ class BaseTrainer:
             module = self._given_model or placement.abstract_module(self._model_fn())
             target, shardings = placement.abstract_train_state(module, tx, **placed)
             state, self.resumed_data_state = restore_checkpoint(self._resume_from, self, target)
-        elif self._given_model is not None or args.model_name_or_path:
-            module = self._given_model or load_pretrained(args.model_name_or_path, dtype=self.dtype,
-                                                          param_dtype=self.param_dtype)
+        elif self._given_model is not None:
+            state, shardings = placement.place_module(self._given_model, tx, **placed)
+        elif args.model_name_or_path:  # streamed tensor by tensor straight into the training layout
+            module = from_pretrained(args.model_name_or_path, dtype=self.dtype, param_dtype=self.param_dtype,
+                                     mesh=self.mesh, rules=self.partition_rules)
             state, shardings = placement.place_module(module, tx, **placed)
         else:
             state, shardings = placement.create_state(self._model_fn(), tx, **placed)
@@ -279,9 +281,8 @@ class BaseTrainer:
         self.setup()
         if self._checkpoints is not None:
             self._checkpoints.wait_until_finished()
-        directory = Path(directory)
-        if self.is_main_process:
-            save_pretrained(directory, self.model, self.model_config, tokenizer=self.tokenizer)
+        directory = Path(directory)  # every process takes part (gathers); only process 0 writes
+        save_pretrained(directory, self.model, self.model_config, tokenizer=self.tokenizer)
         return directory
 
     def save_arguments(self) -> Path | None:

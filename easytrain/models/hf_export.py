@@ -1,0 +1,196 @@
+"""Export to a Hugging Face checkpoint directory, one shard file of tensors at a time.
+
+Parameters may be sharded over many devices (and many processes): each tensor is fetched to the host
+on its own, converted to the Hugging Face layout and dtype, and dropped once its shard file is
+written, so the host never holds more than one shard file of tensors. Only process 0 writes.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import transformers
+from flax import nnx, traverse_util
+from huggingface_hub.serialization import split_state_dict_into_shards_factory
+from jax.experimental import multihost_utils
+from safetensors.numpy import save_file
+
+from easytrain.models.attention import DType
+from easytrain.models.hf_io import (
+    EMBEDDING_NAME,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+    CheckpointError,
+    _expected_shapes,
+    _join,
+    check_shapes,
+    hf_name,
+)
+from easytrain.models.llama import LlamaForCausalLM
+
+SHARD_PATTERN = "model{suffix}.safetensors"
+_SHARD_FILE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Planned:
+    """One tensor to write: where its value is, and its stored layout."""
+
+    value: Any
+    transpose: bool
+    dtype: np.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(np.shape(self.value), dtype=np.int64)) * self.dtype.itemsize
+
+
+def _params_of(model_or_params: LlamaForCausalLM | dict) -> dict:
+    if isinstance(model_or_params, nnx.Module):
+        return nnx.to_pure_dict(nnx.state(model_or_params, nnx.Param))
+    return model_or_params
+
+
+def _storage_dtype(dtype: DType | str | None, value: Any) -> np.dtype:
+    stored = jnp.dtype(dtype) if dtype is not None else jnp.dtype(value.dtype)
+    if not jnp.issubdtype(stored, jnp.floating):
+        raise CheckpointError(f"dtype={dtype!r} is not a floating dtype; use 'float32', 'bfloat16' or 'float16'.")
+    return stored
+
+
+def export_plan(params: dict, config: transformers.PretrainedConfig, dtype: DType | str | None) -> dict[str, _Planned]:
+    """Hugging Face name -> tensor to write, checked against the config from shapes alone."""
+    flat = traverse_util.flatten_dict(params)
+    expected = {_join(path): shape for path, shape in _expected_shapes(config).items()}
+    check_shapes({_join(path): np.shape(value) for path, value in flat.items()}, expected, "parameters")
+    plan = {}
+    for path, value in flat.items():
+        name, transpose = hf_name(path)
+        plan[name] = _Planned(value, transpose, _storage_dtype(dtype, value))
+    return plan
+
+
+def _to_host(value: Any) -> np.ndarray:
+    """The whole tensor on this host; a collective when other processes hold some of its shards.
+
+    Assembled from the device shards because ``np.asarray(array)`` would cache the host copy on
+    the parameter itself, and the host would end up holding every tensor it exported.
+    """
+    if not isinstance(value, jax.Array):
+        return np.asarray(value)
+    if not value.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(value, tiled=True))
+    host = np.empty(value.shape, value.dtype)
+    done: set[str] = set()
+    for shard in value.addressable_shards:
+        if repr(shard.index) not in done:  # replicas hold the same block
+            host[shard.index] = np.asarray(shard.data)
+            done.add(repr(shard.index))
+    return host
+
+
+def _fetch(planned: _Planned) -> np.ndarray:
+    array = _to_host(planned.value)
+    return np.ascontiguousarray(array.T if planned.transpose else array, dtype=planned.dtype)
+
+
+def _split(plan: dict[str, _Planned], max_shard_size: int | str) -> Any:
+    """Shard files exactly as transformers names and fills them (greedy, in parameter order)."""
+    if isinstance(max_shard_size, bool) or (isinstance(max_shard_size, int) and max_shard_size <= 0):
+        raise CheckpointError(f"max_shard_size={max_shard_size!r} must be a positive number of bytes or a "
+                              "string like '200MB' or '5GB'.")
+    try:
+        return split_state_dict_into_shards_factory(plan, get_storage_size=lambda p: p.nbytes,
+                                                    filename_pattern=SHARD_PATTERN, max_shard_size=max_shard_size)
+    except (ValueError, TypeError, AttributeError) as error:
+        raise CheckpointError(f"max_shard_size={max_shard_size!r} is not a size ({error}); use an int of bytes "
+                              "or a string like '200MB' or '5GB'.") from error
+
+
+def _remove_stale_weights(directory: Path, keep: set[str]) -> None:
+    """Weight files of an earlier save that this one does not overwrite would shadow or confuse loaders."""
+    for file in directory.iterdir():
+        stale = file.name in (WEIGHTS_NAME, WEIGHTS_INDEX_NAME) or _SHARD_FILE.fullmatch(file.name)
+        if stale and file.name not in keep and file.is_file():
+            file.unlink()
+
+
+def _write_configs(directory: Path, config: transformers.PretrainedConfig, dtype: np.dtype,
+                   generation_config: transformers.GenerationConfig | None) -> None:
+    config = copy.deepcopy(config)
+    config.dtype = str(dtype)  # transformers reads the storage dtype from here
+    config.save_pretrained(directory)
+    if generation_config is None:
+        generation_config = transformers.GenerationConfig.from_model_config(config)
+    generation_config.save_pretrained(directory)
+
+
+def _write_index(directory: Path, split: Any, plan: dict[str, _Planned]) -> None:
+    total_parameters = sum(int(np.prod(np.shape(p.value), dtype=np.int64)) for p in plan.values())
+    index = {"metadata": {"total_parameters": total_parameters, **split.metadata},
+             "weight_map": split.tensor_to_filename}
+    (directory / WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def save_pretrained(
+    directory: str | os.PathLike,
+    model_or_params: LlamaForCausalLM | dict,
+    config: transformers.PretrainedConfig,
+    *,
+    dtype: DType | str | None = None,
+    tokenizer: Any = None,
+    max_shard_size: int | str = "5GB",
+    generation_config: transformers.GenerationConfig | None = None,
+) -> Path:
+    """Writes a Hugging Face checkpoint directory that ``transformers`` loads as is.
+
+    In a multi-process run every process must call this (arrays that span processes are gathered
+    collectively); only process 0 writes.
+
+    Args:
+        directory: Created if needed; gets ``config.json``, ``generation_config.json`` and either
+            ``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` plus
+            ``model.safetensors.index.json``. Weight files of an earlier save are replaced.
+        model_or_params: A model, or its ``nnx.Param`` pure dict; arrays may be sharded.
+        config: The model's config; written with the storage ``dtype`` recorded.
+        dtype: Storage dtype (e.g. ``"bfloat16"``); default keeps each parameter's dtype.
+        tokenizer: Anything with ``save_pretrained(directory)`` (chat template included); saved alongside.
+        max_shard_size: Largest shard file, in bytes or as ``"200MB"``/``"5GB"``; a single tensor
+            larger than this gets a file of its own, as in transformers.
+        generation_config: Written as ``generation_config.json``; default derives one from the
+            config's ``bos/eos/pad_token_id``.
+
+    Returns:
+        ``directory``.
+
+    Example:
+        >>> save_pretrained("export", model, model.config, dtype="bfloat16", max_shard_size="2GB")  # doctest: +SKIP
+    """
+    plan = export_plan(_params_of(model_or_params), config, dtype)
+    split = _split(plan, max_shard_size)
+    directory, writer = Path(directory), jax.process_index() == 0
+    if writer:
+        directory.mkdir(parents=True, exist_ok=True)
+        _remove_stale_weights(directory, keep=set(split.filename_to_tensors))
+        _write_configs(directory, config, plan[EMBEDDING_NAME].dtype, generation_config)
+    for filename, names in split.filename_to_tensors.items():
+        tensors = {name: _fetch(plan[name]) for name in names}  # every process: gathers are collective
+        if writer:
+            save_file(tensors, directory / filename, metadata={"format": "pt"})
+        del tensors
+    if writer and split.is_sharded:
+        _write_index(directory, split, plan)
+    if writer and tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("easytrain:save_pretrained")  # files exist when any process returns
+    return directory

@@ -1,0 +1,243 @@
+"""Hugging Face checkpoints streamed straight into their sharded layout.
+
+Names and shapes are checked against the config from the safetensors headers before any tensor data
+is read. Then one tensor at a time, each device's slice is read from the file (only the rows or
+columns that device holds), transposed to the easytrain layout, cast and placed, so the host never
+holds more than about one tensor beyond what the devices keep.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import huggingface_hub
+import jax
+import jax.numpy as jnp
+import numpy as np
+import transformers
+from flax import nnx, traverse_util
+from jax.sharding import Mesh
+from safetensors import safe_open
+
+from easytrain import sharding
+from easytrain.models.attention import DType
+from easytrain.models.hf_io import (
+    EMBEDDING_NAME,
+    HEAD_NAME,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+    CheckpointError,
+    ParamPath,
+    _abstract_model,
+    _read_config,
+    check_shapes,
+    check_tied_head,
+    hf_layout,
+    loadable_shapes,
+)
+from easytrain.models.llama import LlamaForCausalLM
+
+# What a hub download fetches: config, weights and tokenizer files, never PyTorch .bin duplicates.
+HUB_PATTERNS = (
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    WEIGHTS_INDEX_NAME,
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.*",
+    "merges.txt",
+    "*.model",
+    "chat_template.*",
+)
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorEntry:
+    """One stored tensor as its safetensors header describes it (no data read)."""
+
+    file: Path
+    shape: tuple[int, ...]
+    dtype: str
+
+
+def resolve_checkpoint(path_or_name: str | os.PathLike) -> Path:
+    """A local checkpoint directory, or the snapshot of a Hugging Face Hub model (cache first).
+
+    Raises:
+        CheckpointError: Not a directory and not downloadable (offline, no network, unknown name).
+    """
+    path = Path(path_or_name).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path} is a file; pass the checkpoint directory that holds config.json.")
+    try:
+        return Path(huggingface_hub.snapshot_download(str(path_or_name), allow_patterns=list(HUB_PATTERNS)))
+    except (OSError, ValueError) as error:
+        offline = " (HF_HUB_OFFLINE=1 is set: only models already in the cache resolve)" if os.environ.get(
+            "HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on") else ""
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise CheckpointError(
+            f"{str(path_or_name)!r} is not a local directory and could not be fetched from the Hugging Face "
+            f"Hub{offline}: {type(error).__name__}: {reason}. Pass the path of a local checkpoint directory "
+            "(config.json + *.safetensors), e.g. one written by save_pretrained or huggingface-cli download."
+        ) from error
+
+
+def _weight_files(directory: Path) -> tuple[list[Path], dict[str, str] | None]:
+    """The safetensors files to read, and the index's weight map when the checkpoint is sharded."""
+    if (directory / WEIGHTS_NAME).is_file():
+        return [directory / WEIGHTS_NAME], None
+    index_path = directory / WEIGHTS_INDEX_NAME
+    if not index_path.is_file():
+        raise CheckpointError(
+            f"no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} in {directory}; only safetensors "
+            "checkpoints are supported (re-save other formats as safetensors)."
+        )
+    weight_map = json.loads(index_path.read_text()).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index_path} has no 'weight_map' object; re-save the checkpoint.")
+    files = [directory / name for name in sorted(set(weight_map.values()))]
+    if absent := [f.name for f in files if not f.is_file()]:
+        raise CheckpointError(f"{index_path} names shard files that are not in {directory}: {absent}; "
+                              "download or copy every shard.")
+    return files, weight_map
+
+
+def read_headers(directory: Path) -> dict[str, TensorEntry]:
+    """Name -> file, shape and dtype of every stored tensor, from the headers alone."""
+    files, weight_map = _weight_files(directory)
+    entries = {}
+    for file in files:
+        with safe_open(file, framework="numpy") as handle:
+            for name in handle.keys():
+                view = handle.get_slice(name)
+                entries[name] = TensorEntry(file, tuple(view.get_shape()), view.get_dtype())
+    if weight_map is not None:
+        misplaced = sorted(n for n, f in weight_map.items() if n not in entries or entries[n].file.name != f)
+        if misplaced:
+            raise CheckpointError(f"{directory / WEIGHTS_INDEX_NAME} maps tensors to files that do not hold "
+                                  f"them: {misplaced[:8]}; the index and the shards are out of sync.")
+    return entries
+
+
+def _validate(entries: dict[str, TensorEntry], config: transformers.PretrainedConfig) -> bool:
+    """Checks names, shapes and dtypes; returns whether a tied lm_head still needs its value check."""
+    shapes, maybe_tied = loadable_shapes({name: e.shape for name, e in entries.items()}, config)
+    expected = {name: hf_shape for name, (_, _, hf_shape) in hf_layout(config).items()}
+    check_shapes(shapes, expected, "checkpoint tensors")
+    if bad := sorted(f"{n} ({entries[n].dtype})" for n in shapes if entries[n].dtype not in _FLOAT_DTYPES):
+        raise CheckpointError(f"tensors with non-float dtypes cannot be loaded: {bad[:8]}; only "
+                              f"{_FLOAT_DTYPES} are supported (dequantise the checkpoint first).")
+    return maybe_tied
+
+
+def _check_tied_head_values(entries: dict[str, TensorEntry]) -> None:
+    """Reads the head and the embedding (two tensors) to confirm the head only repeats the embedding."""
+    head, embedding = entries[HEAD_NAME], entries[EMBEDDING_NAME]
+    with safe_open(head.file, framework="numpy") as handle:
+        head_value = handle.get_tensor(HEAD_NAME)
+    with safe_open(embedding.file, framework="numpy") as handle:
+        check_tied_head(head_value, handle.get_tensor(EMBEDDING_NAME))
+
+
+def _param_shardings(abstract_params: nnx.State, mesh: Mesh | None,
+                     rules: sharding.LogicalRules | None) -> dict[ParamPath, jax.sharding.Sharding | None]:
+    """The trainer's layout on ``mesh`` (same rules, same function); None: the default device."""
+    if mesh is None:
+        return dict.fromkeys(traverse_util.flatten_dict(nnx.to_pure_dict(abstract_params)))
+    tree = sharding.param_shardings(abstract_params, mesh, rules if rules is not None else sharding.DEFAULT_RULES)
+    return traverse_util.flatten_dict(tree)
+
+
+def _place(view: Any, shape: tuple[int, ...], transpose: bool, target: jax.sharding.Sharding | None,
+           dtype: np.dtype) -> jax.Array:
+    """One parameter on its devices; each distinct slice is read from the file once.
+
+    Without a target the array is left uncommitted on the default device, as ``jnp.asarray`` would,
+    so a later ``jit`` over a mesh may still move it.
+    """
+    blocks: dict[str, np.ndarray] = {}
+
+    def read(index: tuple[slice, ...]) -> np.ndarray:
+        key = repr(index)
+        if key not in blocks:
+            block = view[index[::-1] if transpose else index]
+            blocks[key] = np.ascontiguousarray(block.T if transpose else block, dtype=dtype)
+        return blocks[key]
+
+    if target is None:
+        return jax.device_put(read((slice(None),) * len(shape)))
+    return jax.make_array_from_callback(shape, target, read)
+
+
+def from_pretrained(
+    path_or_name: str | os.PathLike,
+    *,
+    dtype: DType = jnp.float32,
+    param_dtype: DType = jnp.float32,
+    mesh: Mesh | None = None,
+    rules: sharding.LogicalRules | None = None,
+) -> LlamaForCausalLM:
+    """Builds a model from a Hugging Face checkpoint, loading each weight straight into its sharding.
+
+    Args:
+        path_or_name: A directory with ``config.json`` and ``model.safetensors`` (or a sharded index),
+            or a Hugging Face Hub name, fetched with ``huggingface_hub.snapshot_download``.
+        dtype: Compute dtype.
+        param_dtype: Parameters are cast to this dtype as they are read.
+        mesh: Place every parameter on this mesh by its logical axes; None: the default device.
+        rules: Logical axis -> mesh axis table (default ``easytrain.sharding.DEFAULT_RULES``); pass
+            the trainer's ``partition_rules`` so the loaded layout is the training layout.
+
+    Returns:
+        The model with every parameter loaded; no random initialisation is run.
+
+    Raises:
+        CheckpointError: Unresolvable name, unsupported ``model_type``, no weights, or weights not
+            matching the config (one error listing every missing, unexpected and mis-shaped tensor).
+
+    Example:
+        >>> mesh = easytrain.sharding.make_mesh(data=1, fsdp=-1)  # doctest: +SKIP
+        >>> model = from_pretrained("path/to/llama", param_dtype=jnp.bfloat16, mesh=mesh)  # doctest: +SKIP
+    """
+    directory = resolve_checkpoint(path_or_name)
+    config = _read_config(directory)
+    entries = read_headers(directory)
+    if _validate(entries, config):
+        _check_tied_head_values(entries)
+    model = _abstract_model(config, dtype, param_dtype)
+    abstract_params = nnx.state(model, nnx.Param)
+    targets = _param_shardings(abstract_params, mesh, rules)
+    by_file: dict[Path, list[str]] = defaultdict(list)
+    layout = hf_layout(config)
+    for name in layout:
+        by_file[entries[name].file].append(name)
+    flat = {}
+    for file, names in by_file.items():  # one open file at a time: its mapped pages are released on close
+        with safe_open(file, framework="numpy") as handle:
+            for name in names:
+                path, transpose, _ = layout[name]
+                shape = entries[name].shape[::-1] if transpose else entries[name].shape
+                flat[path] = _place(handle.get_slice(name), shape, transpose, targets[path], jnp.dtype(param_dtype))
+    nnx.replace_by_pure_dict(abstract_params, traverse_util.unflatten_dict(flat))
+    nnx.update(model, abstract_params)
+    return model
+
+
+def load_pretrained(
+    directory: str | os.PathLike,
+    *,
+    dtype: DType = jnp.float32,
+    param_dtype: DType = jnp.float32,
+) -> LlamaForCausalLM:
+    """``from_pretrained`` onto the default device (the original single-device entry point)."""
+    return from_pretrained(directory, dtype=dtype, param_dtype=param_dtype)
