@@ -184,3 +184,14 @@ def test_load_best_model_at_end_restores_the_best_checkpoint_while_the_metric_de
     best, _, _ = manager.restore(2, abstract_state=abstract_state(trainer.state_shardings, trainer.state))
     for a, b in zip(jax.tree.leaves(best.params), jax.tree.leaves(trainer.state.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_trains_another_family_from_a_config_file(tmp_path):
+    config = dict(model_type="qwen3", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
+    path = tmp_path / "qwen3.json"
+    path.write_text(json.dumps(config))
+    trainer = BaseTrainer(tiny_args(tmp_path, model_config=str(path), max_steps=2))
+    logs = trainer.train()
+    assert trainer.model_config.model_type == "qwen3" and np.isfinite(logs["loss"])
+    assert "q_norm" in trainer.state.params["layers"][0]["self_attn"]

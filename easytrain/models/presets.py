@@ -8,6 +8,7 @@ from pathlib import Path
 import transformers
 
 from easytrain.errors import ArgumentError
+from easytrain.models.families import SUPPORTED_MODEL_TYPES
 
 PRESETS: dict[str, dict] = {
     # About 0.3M parameters: with the default arguments it reaches 99% exact match on held-out
@@ -21,8 +22,8 @@ PRESETS: dict[str, dict] = {
 
 
 def llama_config(name_or_path: str, *, vocab_size: int, bos_token_id: int | None = None,
-                 eos_token_id: int | None = None, pad_token_id: int | None = None) -> transformers.LlamaConfig:
-    """A `LlamaConfig` from a preset name or a config.json path, sized to the tokenizer's vocabulary."""
+                 eos_token_id: int | None = None, pad_token_id: int | None = None) -> transformers.PretrainedConfig:
+    """A preset (Llama) or a config.json of any supported family, sized to the tokenizer's vocabulary."""
     specials = dict(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
     if name_or_path in PRESETS:
         return transformers.LlamaConfig(vocab_size=vocab_size, **PRESETS[name_or_path], **specials)
@@ -33,8 +34,9 @@ def llama_config(name_or_path: str, *, vocab_size: int, bos_token_id: int | None
         raise ArgumentError("model_config", f"{name_or_path!r} is neither a preset ({', '.join(PRESETS)}) "
                                             "nor an existing config.json; pass one of those.")
     values = json.loads(path.read_text())
-    if values.get("model_type", "llama") != "llama":
-        raise ArgumentError("model_config", f"model_type {values['model_type']!r} is not supported; use a "
-                                            "Llama-family config.")
+    model_type = values.pop("model_type", "llama")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ArgumentError("model_config", f"{path} has model_type {model_type!r}; supported: "
+                                            f"{', '.join(SUPPORTED_MODEL_TYPES)}.")
     values.setdefault("vocab_size", vocab_size)
-    return transformers.LlamaConfig(**values)
+    return transformers.AutoConfig.for_model(model_type, **values)

@@ -22,7 +22,7 @@ DATA_ORDER_FIELDS = ("seed", "train_batch_size", "dataset_name", "dataset_config
 SCHEDULE_FIELDS = ("max_steps", "num_train_epochs", "learning_rate", "lr_scheduler_type", "warmup_ratio",
                    "warmup_steps")
 # Architecture keys compared between the checkpoint and the model about to be trained.
-ARCHITECTURE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+ARCHITECTURE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings")
 
 
