@@ -195,3 +195,18 @@ def test_trains_another_family_from_a_config_file(tmp_path):
     logs = trainer.train()
     assert trainer.model_config.model_type == "qwen3" and np.isfinite(logs["loss"])
     assert "q_norm" in trainer.state.params["layers"][0]["self_attn"]
+
+
+def test_non_finite_skip_policy_counts_and_logs_skipped_updates(tmp_path):
+    from easytrain import LossOutput, causal_lm_loss
+
+    class NaNOnSomeSteps(BaseTrainer):
+        def compute_loss(self, model, batch, rng, train):
+            out = causal_lm_loss(model, batch, rng, train)
+            bad = jax.random.bits(rng) % 2 == 0  # a deterministic coin per step (the step RNG)
+            return LossOutput(jax.numpy.where(bad, np.nan, out.loss_sum), out.num_tokens, out.metric_sums)
+
+    args = tiny_args(tmp_path, max_steps=6, non_finite_policy="skip")
+    NaNOnSomeSteps(args).train()
+    skipped = logged(args.output_dir, key="skipped_steps")
+    assert set(skipped.values()) == {0, 1} and sorted(skipped) == list(range(1, 7)), skipped
