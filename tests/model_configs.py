@@ -1,6 +1,9 @@
-"""Tiny model configurations shared by the model tests."""
+"""Tiny model configurations and the forward/reference helpers shared by the model tests."""
 
+import jax
+import numpy as np
 import transformers
+from flax import nnx
 
 VOCAB = 128
 
@@ -28,3 +31,24 @@ def family_config(model_type: str, **overrides) -> transformers.PretrainedConfig
     fields = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, intermediate_size=128)
     return transformers.AutoConfig.for_model(model_type, **(fields | FAMILY_FIELDS[model_type] | overrides))
+
+
+def right_padded_batch(seed: int = 0, lengths: tuple[int, ...] = (12, 7, 3)) -> tuple[np.ndarray, np.ndarray]:
+    """Random ids ``[len(lengths), max(lengths)]`` and a mask with each row's real tokens first."""
+    ids_BT = np.random.RandomState(seed).randint(0, VOCAB, (len(lengths), max(lengths)))
+    mask_BT = (np.arange(max(lengths))[None, :] < np.asarray(lengths)[:, None]).astype(ids_BT.dtype)
+    return ids_BT, mask_BT
+
+
+@nnx.jit
+def forward(model, ids_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:
+    """easytrain logits with a padding mask."""
+    return model(ids_BT, attention_mask_BT=mask_BT)
+
+
+def reference_logits(model, ids_BT: np.ndarray, mask_BT: np.ndarray) -> np.ndarray:
+    """The PyTorch transformers model's float32 logits on the same batch."""
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor(ids_BT), attention_mask=torch.tensor(mask_BT)).logits.float().numpy()

@@ -26,7 +26,7 @@ from easytrain.models import (
 
 torch = pytest.importorskip("torch")
 
-from model_configs import VOCAB, tiny_config
+from model_configs import tiny_config, forward, reference_logits, right_padded_batch
 
 
 def reference_model(config: transformers.LlamaConfig, seed: int = 0):
@@ -47,24 +47,6 @@ def randomise(model: LlamaForCausalLM, seed: int = 0) -> None:
     state = nnx.state(model, nnx.Param)
     nnx.replace_by_pure_dict(state, noisy)
     nnx.update(model, state)
-
-
-def batch_with_right_padding(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    ids_BT = np.random.RandomState(seed).randint(0, VOCAB, (3, 12))
-    mask_BT = np.ones_like(ids_BT)
-    mask_BT[1, 7:] = 0
-    mask_BT[2, 3:] = 0
-    return ids_BT, mask_BT
-
-
-@nnx.jit
-def forward(model: LlamaForCausalLM, ids_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:
-    return model(ids_BT, attention_mask_BT=mask_BT)
-
-
-def reference_logits(model, ids_BT: np.ndarray, mask_BT: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.tensor(ids_BT), attention_mask=torch.tensor(mask_BT)).logits.float().numpy()
 
 
 def assert_same_real_token_logits(ours_BTV, theirs_BTV, mask_BT, atol: float = 1e-4) -> None:
@@ -89,7 +71,7 @@ def test_loaded_reference_checkpoint_matches_reference_logits(tmp_path, override
     reference = reference_model(config)
     reference.save_pretrained(tmp_path)
     model = load_pretrained(tmp_path)
-    ids_BT, mask_BT = batch_with_right_padding()
+    ids_BT, mask_BT = right_padded_batch()
     ours = forward(model, jnp.asarray(ids_BT), jnp.asarray(mask_BT))
     assert_same_real_token_logits(ours, reference_logits(reference, ids_BT, mask_BT), mask_BT)
 
@@ -101,7 +83,7 @@ def test_saved_model_loads_in_transformers_with_same_logits(tmp_path, tied):
     randomise(model)
     save_pretrained(tmp_path, model, config)
     reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    ids_BT, mask_BT = batch_with_right_padding(seed=1)
+    ids_BT, mask_BT = right_padded_batch(seed=1)
     ours = forward(model, jnp.asarray(ids_BT), jnp.asarray(mask_BT))
     assert_same_real_token_logits(ours, reference_logits(reference, ids_BT, mask_BT), mask_BT)
 

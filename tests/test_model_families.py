@@ -26,7 +26,7 @@ from easytrain.models.families import features_of
 
 torch = pytest.importorskip("torch")
 
-from model_configs import VOCAB, family_config
+from model_configs import family_config, forward, reference_logits, right_padded_batch
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -41,33 +41,14 @@ def reference_model(config: transformers.PretrainedConfig, seed: int = 0):
     return model
 
 
-def padded_batch(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Three rows of 12 tokens, two right-padded; every window under test is shorter than 12."""
-    ids_BT = np.random.RandomState(seed).randint(0, VOCAB, (3, 12))
-    mask_BT = np.ones_like(ids_BT)
-    mask_BT[1, 9:] = 0
-    mask_BT[2, 3:] = 0
-    return ids_BT, mask_BT
-
-
-@nnx.jit
-def forward(model: LlamaForCausalLM, ids_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:
-    return model(ids_BT, attention_mask_BT=mask_BT)
-
-
-def reference_logits(model, ids_BT: np.ndarray, mask_BT: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.tensor(ids_BT), attention_mask=torch.tensor(mask_BT)).logits.float().numpy()
-
-
 def params_by_name(model: LlamaForCausalLM) -> dict[str, jax.Array]:
     flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     return {"/".join(map(str, path)): value for path, value in flat.items()}
 
 
 def real_token_error(model: LlamaForCausalLM, reference, seed: int = 0) -> float:
-    """Largest logit difference over the real (unpadded) tokens of ``padded_batch``."""
-    ids_BT, mask_BT = padded_batch(seed)
+    """Largest logit difference over the real (unpadded) tokens of ``right_padded_batch``."""
+    ids_BT, mask_BT = right_padded_batch(seed, lengths=(12, 9, 3))
     ours_BTV = np.asarray(forward(model, jnp.asarray(ids_BT), jnp.asarray(mask_BT)))
     real = mask_BT.astype(bool)
     return float(np.abs(ours_BTV[real] - reference_logits(reference, ids_BT, mask_BT)[real]).max())

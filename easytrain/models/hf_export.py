@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import transformers
-from flax import nnx, traverse_util
+from flax import nnx
 from huggingface_hub.serialization import split_state_dict_into_shards_factory
 from jax.experimental import multihost_utils
 from safetensors.numpy import save_file
@@ -30,9 +30,7 @@ from easytrain.models.hf_io import (
     WEIGHTS_INDEX_NAME,
     WEIGHTS_NAME,
     CheckpointError,
-    _expected_shapes,
-    _join,
-    check_shapes,
+    checked_params,
     hf_name,
 )
 from easytrain.models.llama import LlamaForCausalLM
@@ -69,11 +67,8 @@ def _storage_dtype(dtype: DType | str | None, value: Any) -> np.dtype:
 
 def export_plan(params: dict, config: transformers.PretrainedConfig, dtype: DType | str | None) -> dict[str, _Planned]:
     """Hugging Face name -> tensor to write, checked against the config from shapes alone."""
-    flat = traverse_util.flatten_dict(params)
-    expected = {_join(path): shape for path, shape in _expected_shapes(config).items()}
-    check_shapes({_join(path): np.shape(value) for path, value in flat.items()}, expected, "parameters")
     plan = {}
-    for path, value in flat.items():
+    for path, value in checked_params(params, config).items():
         name, transpose = hf_name(path)
         plan[name] = _Planned(value, transpose, _storage_dtype(dtype, value))
     return plan

@@ -110,6 +110,14 @@ def check_shapes(found: Shapes, expected: Shapes, what: str) -> None:
     )
 
 
+def checked_params(params: dict, config: transformers.PretrainedConfig) -> dict[ParamPath, Any]:
+    """Flattened parameters, after checking their names and shapes against the config (one error lists all)."""
+    flat = traverse_util.flatten_dict(params)
+    expected = {_join(path): shape for path, shape in _expected_shapes(config).items()}
+    check_shapes({_join(path): np.shape(value) for path, value in flat.items()}, expected, "parameters")
+    return flat
+
+
 def to_hf_state_dict(params: dict, config: transformers.PretrainedConfig) -> dict[str, np.ndarray]:
     """Converts easytrain parameters to Hugging Face names and layouts.
 
@@ -120,11 +128,8 @@ def to_hf_state_dict(params: dict, config: transformers.PretrainedConfig) -> dic
     Returns:
         Contiguous numpy tensors keyed by Hugging Face name, in the parameters' dtype.
     """
-    flat = traverse_util.flatten_dict(params)
-    expected = {_join(path): shape for path, shape in _expected_shapes(config).items()}
-    check_shapes({_join(path): np.shape(value) for path, value in flat.items()}, expected, "parameters")
     tensors = {}
-    for path, value in flat.items():
+    for path, value in checked_params(params, config).items():
         name, transpose = hf_name(path)
         array = np.asarray(value)
         tensors[name] = np.ascontiguousarray(array.T if transpose else array)
