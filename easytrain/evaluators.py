@@ -27,11 +27,15 @@ class ExactMatch:
         self.max_new_tokens = max_new_tokens or longest + 1
 
     def __call__(self, trainer: Any) -> dict[str, float]:
+        correct = [completion == answer for completion, answer in zip(self.completions(trainer), self.answers)]
+        return {f"eval_{self.name}": float(np.mean(correct))}
+
+    def completions(self, trainer: Any) -> list[str]:
+        """The decoded greedy completion of every prompt; in a multi-process run, the same on every process."""
         encoded = [self._context() + self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in self.prompts]
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        completions = greedy_complete(trainer.model, encoded, self.max_new_tokens, pad, self.tokenizer.eos_token_id)
-        correct = [self._decode(row) == answer for row, answer in zip(completions, self.answers)]
-        return {f"eval_{self.name}": float(np.mean(correct))}
+        rows = greedy_complete(trainer.model, encoded, self.max_new_tokens, pad, self.tokenizer.eos_token_id)
+        return [self._decode(row) for row in rows]
 
     def _context(self) -> list[int]:
         """Start each prompt as a document starts in training: right after an EOS separator."""

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from easytrain.errors import EasytrainError
 
@@ -109,8 +110,9 @@ def _is_eos(token_B: Array, config: GenerationConfig) -> Array:
     return jnp.isin(token_B, jnp.asarray(config.eos_token_id, jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def _generate(graphdef, params, rest, ids_BL: Array, mask_BL: Array, rng: Array, config: GenerationConfig) -> Array:
+@functools.partial(jax.jit, static_argnames=("config", "out_sharding"))
+def _generate(graphdef, params, rest, ids_BL: Array, mask_BL: Array, rng: Array, config: GenerationConfig,
+              out_sharding: NamedSharding | None = None) -> Array:
     """New tokens ``[B, max_new_tokens]``: prefill, then a while loop of one-token decoding steps."""
     model = nnx.merge(graphdef, params, rest)
     batch, length = ids_BL.shape
@@ -134,7 +136,21 @@ def _generate(graphdef, params, rest, ids_BL: Array, mask_BL: Array, rng: Array,
         return step + 1, cache, token_B, done_B | _is_eos(token_B, config), tokens_BN
 
     carry = (jnp.int32(1), cache, token_B, _is_eos(token_B, config), tokens_BN)
-    return jax.lax.while_loop(running, step_fn, carry)[-1]
+    tokens_BN = jax.lax.while_loop(running, step_fn, carry)[-1]
+    return tokens_BN if out_sharding is None else jax.lax.with_sharding_constraint(tokens_BN, out_sharding)
+
+
+def _replicated_on_mesh(params) -> NamedSharding | None:
+    """Replicated on the mesh of weights spread over several devices, else None.
+
+    With weights sharded across hosts, every process must hold all output tokens to read them back;
+    left to the compiler, the output could stay split over devices another process owns.
+    """
+    for leaf in jax.tree.leaves(params):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
+            return NamedSharding(sharding.mesh, PartitionSpec())
+    return None
 
 
 def _check_inputs(model: nnx.Module, input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
@@ -171,7 +187,9 @@ def generate(
     """Continues each prompt of a padded batch; greedy unless ``do_sample``.
 
     Args:
-        model: A model with ``init_cache``/``decode`` (``LlamaForCausalLM``); it is not modified.
+        model: A model with ``init_cache``/``decode`` (``LlamaForCausalLM``); it is not modified. Its
+            weights may be sharded on a mesh, across processes too: then every process calls with the
+            same inputs and gets every row.
         input_ids: ``[B, L]`` prompts, left- or right-padded (see ``pad_prompts``).
         attention_mask: ``[B, L]``, 1 for real tokens, 0 for padding; default all real.
         max_new_tokens / do_sample / temperature / top_k / top_p: see ``GenerationConfig``.
@@ -187,7 +205,9 @@ def generate(
     config = GenerationConfig(max_new_tokens, do_sample, temperature, top_k, top_p, eos, pad)
     ids_BL, mask_BL = _check_inputs(model, input_ids, attention_mask)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    return np.asarray(_generate(graphdef, params, rest, ids_BL, mask_BL, jax.random.key(seed), config))
+    tokens_BN = _generate(graphdef, params, rest, ids_BL, mask_BL, jax.random.key(seed), config=config,
+                          out_sharding=_replicated_on_mesh(params))
+    return np.asarray(tokens_BN)
 
 
 def pad_prompts(

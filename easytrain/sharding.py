@@ -2,19 +2,21 @@
 
 Models annotate every parameter with logical axis names (`"embed"`, `"mlp"`, ...). A rule table maps
 each logical name to a mesh axis (or to nothing: replicated). The optimizer state follows the
-parameters; batches are split over the data-parallel axes.
+parameters; batches are split over the data-parallel axes. Activations are pinned with the same
+names and rules (`constrain`) wherever a step is traced under `with_activation_layout`.
 """
 
 from __future__ import annotations
 
+import contextvars
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from easytrain.errors import ArgumentError
 
@@ -115,3 +117,47 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def data_parallel_size(mesh: Mesh) -> int:
     return math.prod(mesh.shape[name] for name in BATCH_AXES)
+
+
+_ACTIVATION_RULES: contextvars.ContextVar[LogicalRules] = contextvars.ContextVar("activation_rules",
+                                                                               default=DEFAULT_RULES)
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """Pin an activation's layout from logical axis names, resolved like the parameters' by the rules.
+
+    A no-op when no mesh of several devices is in context (one device, a model called outside the
+    trainer, generation), so models can call it unconditionally. Rule targets that the context mesh
+    lacks are ignored.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return x
+    rules = [(name, _present_axes(target, mesh.axis_names)) for name, target in _ACTIVATION_RULES.get()]
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, x.shape, mesh, rules))
+
+
+def _present_axes(target: Any, axis_names: Sequence[str]) -> tuple[str, ...]:
+    names = (target,) if isinstance(target, str) else tuple(target or ())
+    return tuple(name for name in names if name in axis_names)
+
+
+def with_activation_layout(fn: Callable[..., Any], mesh: Mesh | AbstractMesh,
+                           rules: LogicalRules = DEFAULT_RULES) -> Callable[..., Any]:
+    """`fn` traced with `mesh` and `rules` in context, so the model's `constrain` calls take effect.
+
+    Wrap a step before `jax.jit`: the mesh has to be in context while the step is traced, and
+    `jax.set_mesh` cannot be entered inside a trace. Keeps `fn`'s name for compile logs.
+    """
+
+    def traced(*args: Any, **kwargs: Any) -> Any:
+        token = _ACTIVATION_RULES.set(tuple(rules))
+        try:
+            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+                return fn(*args, **kwargs)
+        finally:
+            _ACTIVATION_RULES.reset(token)
+
+    inner = getattr(fn, "func", fn)  # a functools.partial of the step
+    traced.__name__ = traced.__qualname__ = getattr(fn, "__name__", getattr(inner, "__name__", "step"))
+    return traced

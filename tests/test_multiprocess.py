@@ -38,13 +38,24 @@ def launch(devices_per_process: int, processes: int, *worker_args: str) -> list[
     return results
 
 
+@pytest.fixture(scope="module")
+def single() -> dict:
+    """One process with 8 devices on (8,1,1): 5 steps, then evaluate() with the exact-match evaluator."""
+    (result,) = launch(8, 1, "8", "1", "1", "8", "--evaluate")
+    return result
+
+
 @pytest.mark.slow
-def test_two_processes_match_one_process_with_eight_devices(tmp_path):
-    (single,) = launch(8, 1, "8", "1", "1", "8")
-    first, second = launch(4, 2, "8", "1", "1", "8", str(tmp_path / "run"))
+def test_two_processes_match_one_process_with_eight_devices(tmp_path, single):
+    """Same losses; and evaluate(), generation included, gives both processes the single-process metrics."""
+    first, second = launch(4, 2, "8", "1", "1", "8", "--output-dir", str(tmp_path / "run"), "--evaluate")
     assert (first["process"], second["process"]) == (0, 1)
+    assert len({tuple(row) for row in single["sampled"]}) > 16, "samples too uniform to compare generation"
     for result in (first, second):
         assert result["losses"] == pytest.approx(single["losses"], abs=1e-5, rel=1e-5)
+        assert result["sampled"] == result["sampled_under_mesh"] == single["sampled"]
+        assert result["eval"]["eval_exact_match"] == single["eval"]["eval_exact_match"]
+        assert result["eval"]["eval_loss"] == pytest.approx(single["eval"]["eval_loss"], rel=1e-5)
     for step, (a, b, whole) in enumerate(zip(first["example_ids"], second["example_ids"], single["example_ids"])):
         assert not set(a) & set(b), f"step {step}: both processes read the same example"
         assert a + b == whole, f"step {step}: together they read exactly the single-process batch"
@@ -54,13 +65,12 @@ def test_two_processes_match_one_process_with_eight_devices(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_checkpoint_and_resume_together(tmp_path):
+def test_two_processes_checkpoint_and_resume_together(tmp_path, single):
     """Both processes write one checkpoint at step 3, then both restore it and continue the curve."""
-    (single,) = launch(8, 1, "8", "1", "1", "8")
     run_dir = str(tmp_path / "run")
-    stopped = launch(4, 2, "8", "1", "1", "8", run_dir, "3", "0")
+    stopped = launch(4, 2, "8", "1", "1", "8", "--output-dir", run_dir, "--stop-at", "3")
     assert (tmp_path / "run" / "checkpoints" / "3").is_dir()
-    resumed = launch(4, 2, "8", "1", "1", "8", run_dir, "0", "1")
+    resumed = launch(4, 2, "8", "1", "1", "8", "--output-dir", run_dir, "--resume")
     for result in stopped:
         assert result["losses"] == pytest.approx(single["losses"][:3], abs=1e-5, rel=1e-5)
     for result in resumed:
@@ -92,11 +102,10 @@ def test_cluster_auto_detection(monkeypatch, env, expected):
 
 
 @pytest.mark.slow
-def test_checkpoint_from_one_process_resumes_in_two(tmp_path):
+def test_checkpoint_from_one_process_resumes_in_two(tmp_path, single):
     """Saved by one process on a (2,2,2) mesh; resumed by 2 processes x 4 devices on (8,1,1)."""
-    (single,) = launch(8, 1, "8", "1", "1", "8")
     run_dir = str(tmp_path / "run")
-    launch(8, 1, "2", "2", "2", "8", run_dir, "3", "0")
-    resumed = launch(4, 2, "8", "1", "1", "8", run_dir, "0", "1")
+    launch(8, 1, "2", "2", "2", "8", "--output-dir", run_dir, "--stop-at", "3")
+    resumed = launch(4, 2, "8", "1", "1", "8", "--output-dir", run_dir, "--resume")
     for result in resumed:
         assert result["losses"] == pytest.approx(single["losses"][3:], abs=1e-5, rel=1e-5)

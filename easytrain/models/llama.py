@@ -43,9 +43,17 @@ from easytrain.models.families import (
     rope_theta,
 )
 from easytrain.models.kv_cache import KVCache, LayerCache, advance, init_cache, with_layers
+from easytrain.sharding import constrain
 
 Array = jax.Array
 
+# Logical axes of activations for `constrain`, resolved to mesh axes by the parameters' rules (no-ops
+# outside a mesh context). M is flattened batch-major, so "batch" splits it like the batch.
+RESIDUAL_MD = ("batch", "embed")
+HEADS_BTHK = ("batch", None, "heads", None)
+HEADS_MX = ("batch", "heads")
+MLP_MF = ("batch", "mlp")
+LOGITS_MV = ("batch", "vocab")
 
 
 def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype: DType) -> Array:
@@ -95,7 +103,10 @@ class Embedding(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, ids_BT: Array) -> Array:
-        return jnp.take(self.embedding[...], ids_BT, axis=0).astype(self.dtype)
+        # Gather the embed axis first, as FSDP does for every weight: rows looked up in a table split
+        # along embed come out split along embed, and would need a full relayout to split by batch.
+        table_VD = constrain(self.embedding[...], ("vocab", None))
+        return jnp.take(table_VD, ids_BT, axis=0).astype(self.dtype)
 
     def attend(self, x_MD: Array) -> Array:
         """Float32 logits against the embedding table (tied output head)."""
@@ -163,9 +174,9 @@ class Attention(nnx.Module):
         """Attention output; with a ``cache``, keys are every cached slot and the cache comes back too."""
         batch, length = cos_BTK.shape[:2]
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
-        q_BTHK = self.q_proj(x_MD).reshape(batch, length, heads, head_dim)
-        k_BTNK = self.k_proj(x_MD).reshape(batch, length, kv_heads, head_dim)
-        v_BTNK = self.v_proj(x_MD).reshape(batch, length, kv_heads, head_dim)
+        q_BTHK = constrain(self.q_proj(x_MD).reshape(batch, length, heads, head_dim), HEADS_BTHK)
+        k_BTNK = constrain(self.k_proj(x_MD).reshape(batch, length, kv_heads, head_dim), HEADS_BTHK)
+        v_BTNK = constrain(self.v_proj(x_MD).reshape(batch, length, kv_heads, head_dim), HEADS_BTHK)
         if self.q_norm is not None:
             q_BTHK, k_BTNK = self.q_norm(q_BTHK), self.k_norm(k_BTNK)
         q_BTHK = apply_rope(q_BTHK, cos_BTK, sin_BTK)
@@ -173,10 +184,11 @@ class Attention(nnx.Module):
         q_BTNGK = q_BTHK.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
         if cache is None:
             out_BTNGK = grouped_attention(q_BTNGK, k_BTNK, v_BTNK, mask_BTS)
-            return self.o_proj(out_BTNGK.reshape(batch * length, heads * head_dim))
-        cache = cache.write(k_BTNK, v_BTNK)
-        out_BTNGK = grouped_attention(q_BTNGK, cache.keys_BSNK, cache.values_BSNK, mask_BTS)
-        return self.o_proj(out_BTNGK.reshape(batch * length, heads * head_dim)), cache
+        else:
+            cache = cache.write(k_BTNK, v_BTNK)
+            out_BTNGK = grouped_attention(q_BTNGK, cache.keys_BSNK, cache.values_BSNK, mask_BTS)
+        out_MD = self.o_proj(constrain(out_BTNGK.reshape(batch * length, heads * head_dim), HEADS_MX))
+        return out_MD if cache is None else (out_MD, cache)
 
 
 class MLP(nnx.Module):
@@ -201,7 +213,7 @@ class MLP(nnx.Module):
 
     def __call__(self, x_MD: Array) -> Array:
         gate_MF = ACTIVATIONS[self.hidden_act](self.gate_proj(x_MD))
-        return self.down_proj(gate_MF * self.up_proj(x_MD))
+        return self.down_proj(constrain(gate_MF * self.up_proj(x_MD), MLP_MF))
 
 
 class DecoderLayer(nnx.Module):
@@ -316,17 +328,17 @@ class LlamaForCausalLM(nnx.Module):
             window: attention_mask(batch, length, attention_mask_BT, segment_ids_BT, sliding_window=window)
             for window in dict.fromkeys(self.features.windows)
         }
-        x_MD = self.embed_tokens(input_ids_BT).reshape(batch * length, -1)
+        x_MD = constrain(self.embed_tokens(input_ids_BT).reshape(batch * length, -1), RESIDUAL_MD)
         for layer, window in zip(self.layers, self.features.windows, strict=True):
-            x_MD = layer(x_MD, cos_BTK, sin_BTK, masks[window])
+            x_MD = constrain(layer(x_MD, cos_BTK, sin_BTK, masks[window]), RESIDUAL_MD)
         return self._logits(x_MD).reshape(batch, length, -1)
 
     def _logits(self, x_MD: Array) -> Array:
         """Final norm and output head, float32 logits ``[M, V]``."""
         x_MD = self.norm(x_MD)
         if self.lm_head is None:
-            return self.embed_tokens.attend(x_MD)
-        return self.lm_head(x_MD, out_dtype=jnp.float32)
+            return constrain(self.embed_tokens.attend(x_MD), LOGITS_MV)
+        return constrain(self.lm_head(x_MD, out_dtype=jnp.float32), LOGITS_MV)
 
     def init_cache(self, batch: int, max_length: int) -> KVCache:
         """An empty key/value cache for ``decode``: ``max_length`` slots per row, prompt included."""
@@ -367,10 +379,11 @@ class LlamaForCausalLM(nnx.Module):
             window: cached_attention_mask(positions_BT, advanced.positions_BS, sliding_window=window)
             for window in dict.fromkeys(self.features.windows)
         }
-        x_MD = self.embed_tokens(input_ids_BT).reshape(batch * length, -1)
+        x_MD = constrain(self.embed_tokens(input_ids_BT).reshape(batch * length, -1), RESIDUAL_MD)
         layer_caches = []
         for i, (layer, window) in enumerate(zip(self.layers, self.features.windows, strict=True)):
             x_MD, layer_cache = layer(x_MD, cos_BTK, sin_BTK, masks[window], cache.layer(i))
+            x_MD = constrain(x_MD, RESIDUAL_MD)
             layer_caches.append(layer_cache)
         if logits_index_B is not None:
             x_MD, length = x_MD.reshape(batch, length, -1)[jnp.arange(batch), logits_index_B], 1

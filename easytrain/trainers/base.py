@@ -209,6 +209,9 @@ class BaseTrainer:
                                   num_micro=args.gradient_accumulation_steps,
                                   skip_non_finite=args.non_finite_policy != "ignore")
         evaluate = functools.partial(steps.eval_step, loss_fn=self.compute_loss)
+        # Activation sharding constraints resolve logical names against this mesh and rules while tracing.
+        train, evaluate = (sharding.with_activation_layout(step, self.mesh, self.partition_rules)
+                           for step in (train, evaluate))
         return ConfiguredFunctions(
             train_step=jax.jit(train, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
                                donate_argnums=0),

@@ -1,17 +1,24 @@
 """Train 5 steps on one mesh layout and print per-step losses and shard facts as JSON.
 
-Run with XLA_FLAGS=--xla_force_host_platform_device_count=8 by tests/test_sharding.py.
+    python mesh_equivalence.py DATA FSDP TENSOR DEVICES [--output-dir D] [--stop-at N] [--resume]
+        [--accumulation A] [--ragged] [--save-params FILE.npz] [--evaluate]
+
+Run with XLA_FLAGS=--xla_force_host_platform_device_count=8 by tests/test_sharding.py, and as
+2 processes x 4 devices by tests/test_multiprocess.py.
 """
 
+import argparse
 import json
 import os
-import sys
 import tempfile
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
-from easytrain import BaseTrainer, TrainingArguments
+from easytrain import BaseTrainer, Callback, TrainingArguments
+from easytrain.generation import generate, pad_prompts
+from easytrain.sharding import make_mesh
 
 
 def multi_process_arguments() -> dict:
@@ -23,53 +30,124 @@ def multi_process_arguments() -> dict:
     return {"coordinator_address": address, "num_processes": int(count), "process_id": int(index)}
 
 
-def main(data: int, fsdp: int, tensor: int, num_devices: int, output_dir: str = "", stop_at: int = 0,
-         resume: int = 0, accumulation: int = 1) -> None:
-    """`stop_at` ends the run after that step (checkpointing it); `resume` continues the latest checkpoint;
-    `accumulation` splits each global batch into that many micro-batches."""
+def ragged_loss_mask(example_id_N: np.ndarray, length: int) -> np.ndarray:
+    """Each row supervises only its last few tokens, a different number per example; every 4th none.
+
+    Depends only on the example, so every layout and process count sees the same masks.
+    """
+    supervised_N = (example_id_N.astype(np.int64) * 7919 + 3) % (length + 1)
+    supervised_N = np.where(example_id_N % 4 == 0, 0, supervised_N)
+    return (np.arange(length)[None, :] >= length - supervised_N[:, None]).astype(np.float32)
+
+
+def parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    for axis in ("data", "fsdp", "tensor", "devices"):
+        parser.add_argument(axis, type=int)
+    parser.add_argument("--output-dir", default="")
+    parser.add_argument("--stop-at", type=int, default=0, help="end after this step, checkpointing it")
+    parser.add_argument("--resume", action="store_true", help="continue the latest checkpoint")
+    parser.add_argument("--accumulation", type=int, default=1, help="micro-batches per global batch")
+    parser.add_argument("--ragged", action="store_true", help="ragged loss masks, some rows fully masked; SGD")
+    parser.add_argument("--save-params", default="", help="write the initial and final parameters to this .npz")
+    parser.add_argument("--evaluate", action="store_true", help="run evaluate() with the exact-match evaluator")
+    return parser.parse_args()
+
+
+def build_trainer(options: argparse.Namespace) -> BaseTrainer:
+    checkpointing = options.stop_at or options.resume
     args = TrainingArguments(
-        output_dir=output_dir or tempfile.mkdtemp(), resume_from_checkpoint="latest" if resume else None,
-        save_strategy="no" if not (stop_at or resume) else "steps", save_steps=1000, max_steps=5, max_length=32, train_batch_size=16, eval_batch_size=16,
-        logging_steps=1, eval_strategy="no", report_to=["jsonl"], disable_progress_bar=True,
-        save_pretrained_at_end=False, max_train_samples=128, max_eval_samples=16, warmup_steps=0,
-        data_parallel_size=data, fsdp_size=fsdp, tensor_parallel_size=tensor,
-        gradient_accumulation_steps=accumulation, **multi_process_arguments())
+        output_dir=options.output_dir or tempfile.mkdtemp(),
+        resume_from_checkpoint="latest" if options.resume else None,
+        save_strategy="steps" if checkpointing else "no", save_steps=1000, max_steps=5, max_length=32,
+        train_batch_size=16, eval_batch_size=16, logging_steps=1, eval_strategy="no", report_to=["jsonl"],
+        disable_progress_bar=True, save_pretrained_at_end=False, max_train_samples=128, max_eval_samples=16,
+        warmup_steps=0, data_parallel_size=options.data, fsdp_size=options.fsdp,
+        tensor_parallel_size=options.tensor, gradient_accumulation_steps=options.accumulation,
+        # SGD's update is linear in the gradient; Adam divides near-zero gradients by their own size,
+        # which turns float32 rounding into learning-rate-sized differences in a few weights.
+        **(dict(optimizer="sgd", learning_rate=0.3) if options.ragged else {}), **multi_process_arguments())
 
     class Trainer(BaseTrainer):
         def configure_mesh(self):
-            from easytrain.sharding import make_mesh
-            return make_mesh(data, fsdp, tensor, devices=jax.devices()[:num_devices])
+            return make_mesh(options.data, options.fsdp, options.tensor, devices=jax.devices()[:options.devices])
 
-    trainer = Trainer(args)
-    losses = []
+        def to_global(self, host_batch):
+            if options.ragged:
+                mask = ragged_loss_mask(host_batch["example_id"], host_batch["loss_mask"].shape[1])
+                host_batch = {**host_batch, "loss_mask": host_batch["loss_mask"] * mask}
+            return super().to_global(host_batch)
 
-    from easytrain import Callback
+    return Trainer(args)
+
+
+def shard_facts(state) -> dict:
+    leaves = jax.tree_util.tree_leaves_with_path(state.params)
+    per_device = lambda tree: sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(tree)
+                                  if hasattr(leaf, "addressable_shards"))
+    total = lambda tree: sum(leaf.nbytes for leaf in jax.tree.leaves(tree))
+    return {"specs": {jax.tree_util.keystr(path): str(leaf.sharding.spec) for path, leaf in leaves},
+            "shard_shapes": {jax.tree_util.keystr(path): list(leaf.addressable_shards[0].data.shape)
+                             for path, leaf in leaves},
+            "param_bytes_per_device": per_device(state.params), "param_bytes": total(state.params),
+            "opt_bytes_per_device": per_device(state.opt_state), "opt_bytes": total(state.opt_state)}
+
+
+def constraints_in_train_step(trainer: BaseTrainer) -> int:
+    """How many activation sharding constraints the trainer's jitted train step traces to (0: none took effect)."""
+    batch = trainer.to_global(next(trainer._data.train.iterator(0)))
+    return str(trainer._functions.train_step.trace(trainer.state, batch).jaxpr).count("sharding_constraint")
+
+
+def host_params(trainer: BaseTrainer, prefix: str) -> dict[str, np.ndarray]:
+    params = multihost_utils.process_allgather(trainer.state.params, tiled=True)
+    return {prefix + jax.tree_util.keystr(path): np.asarray(leaf)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+
+
+def sampled_tokens(trainer: BaseTrainer) -> dict[str, list]:
+    """Sampled continuations of 32 held-out prompts, generated outside and inside the mesh context.
+
+    Samples vary even from a barely trained model, whose greedy completions all look alike; inside the
+    mesh context the activation constraints split the rows across processes.
+    """
+    tokenizer = trainer.tokenizer
+    prompts = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in trainer.evaluators[0].prompts[:32]]
+    ids, mask = pad_prompts(prompts, tokenizer.pad_token_id)
+    sample = lambda: generate(trainer.model, ids, mask, max_new_tokens=8, do_sample=True, seed=0).tolist()
+    sampled = sample()
+    with jax.set_mesh(trainer.mesh):
+        return {"sampled": sampled, "sampled_under_mesh": sample()}
+
+
+def main() -> None:
+    options = parse()
+    trainer = build_trainer(options)
+    initial = host_params(trainer, "initial") if options.save_params else {}
+    losses, tokens = [], []
 
     class Record(Callback):
         def on_log(self, trainer, step, logs):
             losses.append(logs["loss"])
+            tokens.append(logs["num_tokens"])
 
         def on_step_end(self, trainer, step):
-            trainer.should_stop = step == stop_at
+            trainer.should_stop = step == options.stop_at
 
     trainer.callbacks.add(Record())
     trainer.train()
-    state = trainer.state
-    leaves = jax.tree_util.tree_leaves_with_path(state.params)
-    specs = {jax.tree_util.keystr(path): str(leaf.sharding.spec) for path, leaf in leaves}
-    shard_shapes = {jax.tree_util.keystr(path): list(leaf.addressable_shards[0].data.shape) for path, leaf in leaves}
-    per_device = lambda tree: sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(tree)
-                                  if hasattr(leaf, "addressable_shards"))
-    total = lambda tree: sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(tree))
     rows = trainer._data.train.iterator(0)
-    example_ids = [next(rows)["example_id"].tolist() for _ in range(5)]
-    written = sorted(os.listdir(args.output_dir))
-    print(json.dumps({"losses": losses, "example_ids": example_ids, "process": jax.process_index(), "written": written, "specs": specs, "shard_shapes": shard_shapes,
-                      "param_bytes_per_device": per_device(state.params), "param_bytes": total(state.params),
-                      "opt_bytes_per_device": per_device(state.opt_state), "opt_bytes": total(state.opt_state)}))
+    result = {"losses": losses, "num_tokens": tokens, "process": jax.process_index(),
+              "example_ids": [next(rows)["example_id"].tolist() for _ in range(5)],
+              "written": sorted(os.listdir(trainer.arguments.output_dir)),
+              "constraints": constraints_in_train_step(trainer), **shard_facts(trainer.state)}
+    if options.evaluate:
+        result["eval"] = trainer.evaluate()
+        result.update(sampled_tokens(trainer))
+    if options.save_params:
+        np.savez(options.save_params, **initial, **host_params(trainer, "final"))
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":
-    numbers = [int(a) for a in sys.argv[1:5]]
-    extra = sys.argv[5:]
-    main(*numbers, *(extra[:1] + [int(a) for a in extra[1:]]))
+    main()
