@@ -7,7 +7,6 @@ device runs step N.
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -68,10 +67,10 @@ class TrainLoop:
                 trainer.callbacks.on_train_begin(trainer)
                 step = self.iterate(step)
                 self.finish(step)
-        finally:
-            self.reporter.close()
-            self.iterator.close()  # stop the data prefetch threads
-            self.settle_saves()
+        except BaseException:
+            self.shut_down(failing=True)
+            raise
+        self.shut_down(failing=False)
         return self.last_logs
 
     def iterate(self, step: int) -> int:
@@ -106,42 +105,47 @@ class TrainLoop:
 
     def finish(self, step: int) -> None:
         trainer = self.trainer
-        if self.pending:
-            self.log(step)
-        if self.args.save_strategy != "no" and self.last_saved_step != step:
-            self.save(step)
-        self.manager.wait_until_finished()
+        self.checkpoint_now(step)
         if self.args.load_best_model_at_end:
             self.load_best(step)
         trainer.callbacks.on_train_end(trainer)
         if self.args.save_pretrained_at_end:
             trainer.save_pretrained(Path(self.args.output_dir) / "final_model")
 
-    def stop_for_signal(self, step: int) -> None:
-        """Checkpoint the state after `step`, flush the logs, and leave with `PREEMPTED_EXIT_CODE`."""
+    def checkpoint_now(self, step: int, *, force: bool = False) -> str | None:
+        """Log pending metrics and complete a checkpoint of `step` (none under save_strategy='no').
+
+        Returns the checkpoint's path. `force` saves even if `step` is not newer than the latest checkpoint.
+        """
         if self.pending:
             self.log(step)
-        checkpoint = None
-        if self.args.save_strategy != "no":
-            if self.last_saved_step != step:
-                self.save(step, force=True)
-            self.manager.wait_until_finished()  # the process may be killed soon after: finish the write now
-            checkpoint = str(self.manager.directory / str(step))
-        self.reporter.close()
+        if self.args.save_strategy == "no":
+            return None
+        if self.last_saved_step != step:
+            self.save(step, force=force)
+        self.manager.wait_until_finished()
+        return str(self.manager.directory / str(step))
+
+    def stop_for_signal(self, step: int) -> None:
+        """Checkpoint the state after `step`, flush the logs, and leave with `PREEMPTED_EXIT_CODE`."""
+        checkpoint = self.checkpoint_now(step, force=True)  # the process may be killed soon after: complete it
         error = TrainingPreempted(step, self.preemption.received or "a signal", checkpoint)
         logger.warning("%s", error)
         raise error
 
-    def settle_saves(self) -> None:
-        """However the loop ends, let in-flight saves finish so they are complete (or cleanly absent).
+    def shut_down(self, *, failing: bool) -> None:
+        """However the loop ends: close the logs and the data prefetch threads, and let in-flight saves
+        finish so they are complete (or cleanly absent).
 
-        A save error is raised here unless another error is already propagating (then it is logged),
-        so a background failure is never swallowed.
+        A background save error is raised, unless the loop is already failing with another error (then
+        it is logged), so it is never swallowed.
         """
+        self.reporter.close()
+        self.iterator.close()
         try:
             self.manager.wait_until_finished()
         except Exception:
-            if sys.exc_info()[0] is None:
+            if not failing:
                 raise
             logger.exception("a background checkpoint save failed while training was stopping")
 

@@ -36,8 +36,11 @@ def config_dict(config: Any) -> dict[str, Any] | None:
     return json.loads(config.to_json_string()) if hasattr(config, "to_json_string") else None
 
 
-def check_resumable(run_info: dict[str, Any], trainer: "BaseTrainer") -> None:
-    """Refuse a resume whose model or data order differs from the checkpoint's."""
+def check_resumable(run_info: dict[str, Any], trainer: "BaseTrainer") -> list[str]:
+    """Refuse a resume whose model or data order differs from the checkpoint's.
+
+    Returns the data-order changes that `allow_data_order_change` let through (empty for an exact resume).
+    """
     stored_config = run_info.get("model_config") or {}
     current_config = config_dict(trainer.model_config) or {}
     if stored_config and current_config:
@@ -45,11 +48,11 @@ def check_resumable(run_info: dict[str, Any], trainer: "BaseTrainer") -> None:
         if diffs:
             raise ArgumentError("model_config", "the checkpoint was trained with a different architecture ("
                                 + "; ".join(diffs) + "). Resume with the same model, or start a new output_dir.")
-    stored_args = run_info.get("arguments") or {}
-    if schedule_diffs := _differences(stored_args, trainer.arguments.to_dict(), SCHEDULE_FIELDS):
+    stored_args, current_args = run_info.get("arguments") or {}, trainer.arguments.to_dict()
+    if schedule_diffs := _differences(stored_args, current_args, SCHEDULE_FIELDS):
         logger.warning("resuming with a different learning-rate schedule (%s): from the restored step on, the "
                        "curve differs from the one the checkpointed run would have followed", "; ".join(schedule_diffs))
-    diffs = _differences(stored_args, trainer.arguments.to_dict(), DATA_ORDER_FIELDS)
+    diffs = _differences(stored_args, current_args, DATA_ORDER_FIELDS)
     if diffs and trainer.arguments.allow_data_order_change:
         logger.warning("resuming with a changed data order (%s): allow_data_order_change is set, so the data "
                        "continues in the new settings' order at the restored step", "; ".join(diffs))
@@ -57,6 +60,7 @@ def check_resumable(run_info: dict[str, Any], trainer: "BaseTrainer") -> None:
         raise ArgumentError("resume_from_checkpoint", "these arguments changed since the checkpoint and would "
                             "alter the resumed run's data order (" + "; ".join(diffs) + "). Restore their values, "
                             "pass --allow_data_order_change to continue anyway, or start a new output_dir.")
+    return diffs
 
 
 def restore_checkpoint(checkpoint: tuple[Path, int], trainer: "BaseTrainer",
@@ -72,7 +76,7 @@ def restore_checkpoint(checkpoint: tuple[Path, int], trainer: "BaseTrainer",
             run_info = manager.read_run_info(step)
         except Exception as error:  # any unreadable file means the same to the user: use another checkpoint
             raise _unreadable(root, step, manager.all_steps(), error) from error
-        check_resumable(run_info, trainer)
+        data_order_changed = check_resumable(run_info, trainer)
         try:
             state, data_state, _ = manager.restore(step, abstract_state=target)
         except CheckpointMismatchError:
@@ -80,8 +84,7 @@ def restore_checkpoint(checkpoint: tuple[Path, int], trainer: "BaseTrainer",
         except Exception as error:
             raise _unreadable(root, step, manager.all_steps(), error) from error
     logger.info("resumed from %s at step %d", root / str(step), step)
-    changed = _differences(run_info.get("arguments") or {}, trainer.arguments.to_dict(), DATA_ORDER_FIELDS)
-    return state, (None if changed else data_state)
+    return state, (None if data_order_changed else data_state)
 
 
 def _unreadable(root: Path, step: int, steps: list[int], error: Exception) -> CheckpointReadError:
