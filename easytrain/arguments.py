@@ -14,7 +14,7 @@ from typing import Any, Literal, Optional
 
 from easytrain.errors import ArgumentError
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16")  # float16 parses, then validate() refuses it (no loss scaling)
 OPTIMIZERS = ("adamw", "adafactor", "lion", "sgd")
 SCHEDULES = ("constant", "linear", "cosine")
 STRATEGIES = ("no", "steps", "epoch")
@@ -56,10 +56,13 @@ class TrainingArguments:
     tokenizer_name: Optional[str] = _arg(
         None, "Tokenizer directory or hub name. Defaults to model_name_or_path, or to the task's own tokenizer."
     )
-    dtype: Literal["float32", "bfloat16", "float16"] = _arg("float32", "Compute dtype of activations.")
+    # 'float16' stays in the Literal so that the parser accepts it and validate() says why it is refused.
+    dtype: Literal["float32", "bfloat16", "float16"] = _arg(
+        "float32", "Compute dtype of activations: 'float32' or 'bfloat16' ('float16' is refused: it needs "
+        "loss scaling, which easytrain does not do).")
     param_dtype: Literal["float32", "bfloat16", "float16"] = _arg(
-        "float32", "Storage dtype of parameters and optimizer state (master weights)."
-    )
+        "float32", "Storage dtype of parameters and optimizer state (master weights): 'float32' or 'bfloat16' "
+        "('float16' is refused, as for dtype).")
 
     # --- data ----------------------------------------------------------------------------------
     dataset_name: Optional[str] = _arg(None, "A dataset name or local directory for datasets.load_dataset.")
@@ -211,6 +214,10 @@ def validate(args: TrainingArguments) -> None:
              f"must be in [0, 100), got {args.validation_split_percentage}.")
     _require(args.save_total_limit is None or args.save_total_limit > 0, "save_total_limit",
              f"must be a positive integer or unset, got {args.save_total_limit}.")
+    for name in ("dtype", "param_dtype"):
+        _require(getattr(args, name) != "float16", name,
+                 "float16 needs dynamic loss scaling, which easytrain does not do: without it small gradients "
+                 "underflow to zero silently. Use 'bfloat16' (same exponent range as float32) or 'float32'.")
     for name, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES), ("optimizer", OPTIMIZERS),
                           ("lr_scheduler_type", SCHEDULES), ("eval_strategy", STRATEGIES),
                           ("save_strategy", STRATEGIES), ("non_finite_policy", NON_FINITE_POLICIES)):

@@ -99,3 +99,18 @@ def test_arguments_reference_is_up_to_date():
 
     committed = (Path(__file__).resolve().parents[1] / "docs" / "arguments.md").read_text()
     assert committed == render_markdown(), "regenerate: python -m easytrain.reference > docs/arguments.md"
+
+
+@pytest.mark.parametrize("field", ["dtype", "param_dtype"])
+def test_float16_is_refused_for_want_of_loss_scaling(field):
+    with pytest.raises(ArgumentError, match="float16.*loss scaling.*bfloat16") as caught:
+        TrainingArguments(**{field: "float16"})
+    assert caught.value.field == field
+    TrainingArguments(**{field: "bfloat16"})
+
+
+@pytest.mark.parametrize("field", ["dtype", "param_dtype"])
+def test_float16_on_the_command_line_gets_the_same_message_not_invalid_choice(field):
+    with pytest.raises(ArgumentError, match="loss scaling.*bfloat16") as caught:
+        parse_arguments([f"--{field}", "float16"])
+    assert caught.value.field == field
