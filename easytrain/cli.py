@@ -12,10 +12,12 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+import jax
+
 from easytrain.arguments import TrainingArguments
 from easytrain.config_io import build_parser, parse_arguments
 from easytrain.errors import ArgumentError, EasytrainError
-from easytrain.protocol import TrainerProtocol
+from easytrain.protocol import TrainerProtocol, check_implements
 
 TrainerFactory = Callable[[TrainingArguments], TrainerProtocol]
 TASKS: dict[str, str] = {"lm": "easytrain.trainers.base:BaseTrainer"}
@@ -39,15 +41,18 @@ def resolve_trainer(task: str) -> TrainerFactory:
 
 
 def run(arguments: TrainingArguments) -> dict[str, float]:
-    """Build the trainer, train, evaluate and export: the whole job the CLI runs."""
+    """Build the trainer, train, evaluate and export: the whole job the CLI runs.
+
+    Every process returns the summary; only process 0 writes `results.json`, like every other file.
+    """
     trainer = resolve_trainer(arguments.task)(arguments)
-    if not isinstance(trainer, TrainerProtocol):
-        raise ArgumentError("task", f"{type(trainer).__name__} does not implement easytrain.TrainerProtocol.")
+    check_implements(trainer)  # not isinstance: on Python 3.11 that evaluates properties, i.e. builds the run
     train_logs = dict(trainer.train())
     eval_logs = dict(trainer.evaluate())
     summary = {**{f"train_{k}": v for k, v in train_logs.items()}, **eval_logs}
-    Path(arguments.output_dir).mkdir(parents=True, exist_ok=True)
-    (Path(arguments.output_dir) / "results.json").write_text(json.dumps(summary, indent=2))
+    if jax.process_index() == 0:
+        Path(arguments.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(arguments.output_dir) / "results.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 

@@ -1,12 +1,15 @@
 """`TrainerProtocol`: what every easytrain trainer has, and the small tuples its hooks return.
 
 Anything that implements these members can be driven by the `easytrain train` command, whether it
-subclasses `BaseTrainer` or not.
+subclasses `BaseTrainer` or not. Check that with `check_implements(trainer)`, not `isinstance`: on
+Python 3.11 `isinstance` against a runtime-checkable Protocol evaluates every property, and
+`BaseTrainer`'s properties load the data, build the model and compile.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, NamedTuple, Optional, Protocol, runtime_checkable
+import inspect
+from typing import Any, Callable, Generic, Mapping, NamedTuple, Optional, Protocol, runtime_checkable
 
 import jax
 import numpy as np
@@ -15,6 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from easytrain.arguments import TrainingArguments
+from easytrain.errors import ArgumentError
 
 
 class ConfiguredModel(NamedTuple):
@@ -84,3 +88,36 @@ class TrainerProtocol(Protocol):
     def evaluate(self) -> Mapping[str, float]: ...
 
     def save_pretrained(self, directory: str) -> Any: ...
+
+
+_ABSENT = object()
+
+
+def protocol_members(protocol: type = TrainerProtocol) -> list[str]:
+    """The public members `protocol` declares, read from the class so the list never drifts from it."""
+    names: set[str] = set()
+    for base in protocol.__mro__:
+        if base not in (Protocol, Generic, object):
+            names.update(vars(base), vars(base).get("__annotations__", {}))
+    return sorted(name for name in names if not name.startswith("_"))
+
+
+def missing_members(obj: Any, protocol: type = TrainerProtocol) -> list[str]:
+    """Members of `protocol` that `obj` lacks, found without running any of obj's code.
+
+    `inspect.getattr_static` sees instance and class attributes (properties unevaluated), not names
+    a `__getattr__` would make up. As with `isinstance`, a method member set to None counts as missing.
+    """
+    missing = []
+    for name in protocol_members(protocol):
+        value = inspect.getattr_static(obj, name, _ABSENT)
+        if value is _ABSENT or (value is None and callable(getattr(protocol, name, None))):
+            missing.append(name)
+    return missing
+
+
+def check_implements(obj: Any) -> None:
+    """Refuse a `--task` class that lacks members of `TrainerProtocol`, naming each one."""
+    if missing := missing_members(obj):
+        raise ArgumentError("task", f"{type(obj).__name__} does not implement easytrain.TrainerProtocol: it lacks "
+                                    f"{', '.join(missing)}. Add them, or subclass easytrain.BaseTrainer.")

@@ -107,3 +107,17 @@ def test_cli_drives_a_hand_written_protocol_implementation(tmp_path, monkeypatch
 def test_unknown_task_is_named():
     with pytest.raises(Exception, match="task"):
         run(TrainingArguments(task="no_such_module:Nothing"))
+
+
+@pytest.mark.parametrize("process_index, writes", [(0, True), (1, False)])
+def test_only_process_zero_writes_results_json(tmp_path, monkeypatch, process_index, writes):
+    import jax
+
+    (tmp_path / "hand_written_trainer.py").write_text(textwrap.dedent(HAND_WRITTEN))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(jax, "process_index", lambda: process_index)  # the jax that easytrain.cli calls
+    args = TrainingArguments(task="hand_written_trainer:LinearRegressionTrainer", max_steps=2,
+                             output_dir=str(tmp_path / "out"))
+    summary = run(args)
+    assert {"train_loss", "eval_loss"} <= set(summary)  # every process still returns the summary
+    assert (Path(args.output_dir) / "results.json").is_file() is writes
