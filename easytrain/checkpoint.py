@@ -6,6 +6,8 @@ Layout: ``<output_dir>/checkpoints/<step>/`` holds three items:
 * ``data_state`` -- JSON position of the data iterator.
 * ``run_info`` -- JSON arguments, model config and format version, readable on
   its own so a resume can be validated before any array is loaded.
+* ``progress`` -- JSON progress of the trainer's helpers (callback states such as
+  early stopping's best value and patience), so they resume where they were.
 * ``fingerprint`` -- JSON digests of every state array (``easytrain.integrity``),
   checked on restore so damaged files fail loudly instead of loading wrong values.
 
@@ -294,6 +296,7 @@ class CheckpointManager:
             "data_state": ocp.JsonCheckpointHandler(),
             "run_info": ocp.JsonCheckpointHandler(),
             "fingerprint": ocp.JsonCheckpointHandler(),
+            "progress": ocp.JsonCheckpointHandler(),
         }
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         self._closed = False
@@ -307,6 +310,7 @@ class CheckpointManager:
         run_info: Mapping[str, Any],
         metrics: Mapping[str, float] | None = None,
         force: bool = False,
+        progress: Mapping[str, Any] | None = None,
     ) -> bool:
         """Starts saving a checkpoint; with ``async_save`` it completes in the background.
 
@@ -320,6 +324,7 @@ class CheckpointManager:
             run_info: JSON dict of arguments, model config and format version.
             metrics: Values used to rank checkpoints when ``best_metric`` is set.
             force: Save even if ``step`` is older than the latest checkpoint.
+            progress: JSON dict of helper progress, e.g. ``{"callbacks": ...}``; copied now.
 
         Returns:
             True if a save was started; False if ``step`` is already saved, or is
@@ -332,6 +337,7 @@ class CheckpointManager:
             data_state=ocp.args.JsonSave(_json_ready("data_state", data_state)),
             run_info=ocp.args.JsonSave(_json_ready("run_info", run_info)),
             fingerprint=ocp.args.JsonSave(integrity.fingerprint(state)),
+            progress=ocp.args.JsonSave(_json_ready("progress", progress or {})),
         )
         ranked = {name: float(value) for name, value in (metrics or {}).items()} if self.best_metric else None
         return bool(self._manager.save(int(step), args=args, metrics=ranked, force=force))
@@ -365,6 +371,14 @@ class CheckpointManager:
         self._require(step)
         restored = self._manager.restore(step, args=ocp.args.Composite(run_info=ocp.args.JsonRestore()))
         return dict(restored.run_info)
+
+    def read_progress(self, step: int) -> dict[str, Any]:
+        """The ``progress`` JSON of ``step``; empty for checkpoints written before it existed."""
+        self._require(step)
+        if not (self.directory / str(step) / "progress").is_dir():
+            return {}
+        restored = self._manager.restore(step, args=ocp.args.Composite(progress=ocp.args.JsonRestore()))
+        return dict(restored.progress)
 
     def stored_signature(self, step: int) -> Signature:
         """(shape, dtype) per dotted key of the state stored at ``step``, from metadata only."""

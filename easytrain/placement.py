@@ -17,6 +17,8 @@ from jax.sharding import Mesh
 from easytrain import sharding
 from easytrain.state import TrainState, raw_key
 
+Filter = nnx.filterlib.Filter
+
 
 def abstract_module(model_fn: Callable[[], nnx.Module]) -> nnx.Module:
     """The module with `ShapeDtypeStruct` leaves: no memory, no compute."""
@@ -25,9 +27,9 @@ def abstract_module(model_fn: Callable[[], nnx.Module]) -> nnx.Module:
 
 
 def state_shardings(abstract_model: nnx.Module, tx: optax.GradientTransformation, mesh: Mesh,
-                    rules: sharding.LogicalRules = sharding.DEFAULT_RULES) -> TrainState:
+                    rules: sharding.LogicalRules = sharding.DEFAULT_RULES, trainable: Filter = nnx.Param) -> TrainState:
     """A `TrainState`-shaped tree of `NamedSharding`s for this model, optimizer and mesh."""
-    graphdef, abs_params, abs_rest = nnx.split(abstract_model, nnx.Param, ...)
+    graphdef, abs_params, abs_rest = nnx.split(abstract_model, trainable, ...)
     params_sh = sharding.param_shardings(abs_params, mesh, rules)
     rest_sh = sharding.param_shardings(abs_rest, mesh, rules)
     pure_params = nnx.to_pure_dict(abs_params)
@@ -35,30 +37,33 @@ def state_shardings(abstract_model: nnx.Module, tx: optax.GradientTransformation
     opt_sh = sharding.optimizer_shardings(tx, abs_opt, pure_params, params_sh, mesh)
     replicated = sharding.replicated(mesh)
     return TrainState(step=replicated, params=params_sh, model_state=rest_sh, opt_state=opt_sh,
-                      rng=replicated, graphdef=graphdef, tx=tx)
+                      rng=replicated, graphdef=graphdef, tx=tx, trainable=trainable)
 
 
-def _fresh_state(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, seed: int) -> Callable[..., TrainState]:
+def _fresh_state(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, seed: int,
+                 trainable: Filter) -> Callable[..., TrainState]:
     """`(params, model_state) -> TrainState` at step 0 with fresh optimizer moments."""
 
     def create(params: Any, rest: Any) -> TrainState:
-        return TrainState.create(graphdef=graphdef, params=params, model_state=rest, tx=tx, rng=raw_key(seed))
+        return TrainState.create(graphdef=graphdef, params=params, model_state=rest, tx=tx, rng=raw_key(seed),
+                                 trainable=trainable)
 
     return create
 
 
 def create_state(model_fn: Callable[[], nnx.Module], tx: optax.GradientTransformation, *, seed: int,
-                 mesh: Mesh, rules: sharding.LogicalRules = sharding.DEFAULT_RULES) -> tuple[TrainState, TrainState]:
+                 mesh: Mesh, rules: sharding.LogicalRules = sharding.DEFAULT_RULES,
+                 trainable: Filter = nnx.Param) -> tuple[TrainState, TrainState]:
     """Initialise a fresh model and its optimizer state in place on the mesh.
 
     Returns `(state, shardings)`; `shardings` is also the layout every checkpoint restores onto.
     """
-    shardings = state_shardings(abstract_module(model_fn), tx, mesh, rules)
+    shardings = state_shardings(abstract_module(model_fn), tx, mesh, rules, trainable)
 
     def init() -> TrainState:
         with nnx.use_eager_sharding(False):
-            graphdef, params, rest = nnx.split(model_fn(), nnx.Param, ...)
-        return _fresh_state(graphdef, tx, seed)(nnx.to_pure_dict(params), nnx.to_pure_dict(rest))
+            graphdef, params, rest = nnx.split(model_fn(), trainable, ...)
+        return _fresh_state(graphdef, tx, seed, trainable)(nnx.to_pure_dict(params), nnx.to_pure_dict(rest))
 
     with jax.set_mesh(mesh):
         state = jax.jit(init, out_shardings=shardings)()
@@ -66,32 +71,37 @@ def create_state(model_fn: Callable[[], nnx.Module], tx: optax.GradientTransform
 
 
 def place_module(model: nnx.Module, tx: optax.GradientTransformation, *, seed: int, mesh: Mesh,
-                 rules: sharding.LogicalRules = sharding.DEFAULT_RULES) -> tuple[TrainState, TrainState]:
-    """Place an existing (e.g. pretrained) module's weights on the mesh and build its optimizer state.
+                 rules: sharding.LogicalRules = sharding.DEFAULT_RULES, trainable: Filter = nnx.Param,
+                 copy: bool = True) -> tuple[TrainState, TrainState]:
+    """Place an existing module's variables on the mesh and build its optimizer state.
 
-    Weights already in the target layout (`from_pretrained(..., mesh=...)`) are kept as they are, not
-    copied: only the optimizer state and the rest of the state are created under jit.
+    The train step donates the state's buffers, so by default they are copies and the caller's arrays
+    stay valid. `copy=False` keeps variables already in the target layout as they are, for modules the
+    trainer built itself (`from_pretrained(..., mesh=...)`), where a copy would only double the memory.
     """
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    shardings = state_shardings(model, tx, mesh, rules)
-    create = _fresh_state(graphdef, tx, seed)
+    graphdef, params, rest = nnx.split(model, trainable, ...)
+    shardings = state_shardings(model, tx, mesh, rules, trainable)
+    create = _fresh_state(graphdef, tx, seed, trainable)
+    put = lambda tree, target: jax.device_put(nnx.to_pure_dict(tree), target, may_alias=False if copy else None)
     with jax.set_mesh(mesh):
-        params = jax.device_put(nnx.to_pure_dict(params), shardings.params)
-        state = jax.jit(lambda p, r: create(p, r).replace(params=None),
-                        out_shardings=shardings.replace(params=None))(params, nnx.to_pure_dict(rest))
-    return state.replace(params=params), shardings
+        params, rest = put(params, shardings.params), put(rest, shardings.model_state)
+        state = jax.jit(lambda p, r: create(p, r).replace(params=None, model_state=None),
+                        out_shardings=shardings.replace(params=None, model_state=None))(params, rest)
+    return state.replace(params=params, model_state=rest), shardings
 
 
 def abstract_train_state(model: nnx.Module, tx: optax.GradientTransformation, *, seed: int, mesh: Mesh,
-                         rules: sharding.LogicalRules = sharding.DEFAULT_RULES) -> tuple[TrainState, TrainState]:
+                         rules: sharding.LogicalRules = sharding.DEFAULT_RULES,
+                         trainable: Filter = nnx.Param) -> tuple[TrainState, TrainState]:
     """The state `create_state`/`place_module` would build, as sharded `ShapeDtypeStruct`s.
 
     Nothing is allocated or computed: this is the target a checkpoint restores straight into, so a resumed
     run never initialises (or loads pretrained) weights only to overwrite them. `model` may be abstract.
     """
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    shardings = state_shardings(model, tx, mesh, rules)
-    shapes = jax.eval_shape(_fresh_state(graphdef, tx, seed), nnx.to_pure_dict(params), nnx.to_pure_dict(rest))
+    graphdef, params, rest = nnx.split(model, trainable, ...)
+    shardings = state_shardings(model, tx, mesh, rules, trainable)
+    shapes = jax.eval_shape(_fresh_state(graphdef, tx, seed, trainable), nnx.to_pure_dict(params),
+                            nnx.to_pure_dict(rest))
     return abstract_state(shardings, shapes), shardings
 
 

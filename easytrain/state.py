@@ -1,8 +1,8 @@
 """`TrainState`: the whole mutable part of a run as one immutable pytree.
 
-Parameters and the rest of the model's variables are plain nested dicts (`nnx.to_pure_dict`), so
-checkpoint keys are stable parameter paths and `nnx.merge(graphdef, params, model_state)` rebuilds
-the module inside the traced step. The optimizer and graph definition are static (not leaves).
+Trainable variables and the rest of the module's variables are plain nested dicts
+(`nnx.to_pure_dict`), so checkpoint keys are stable variable paths and `model()` rebuilds the module
+inside the traced step. The graph definition, the optimizer and the trainable filter are static.
 """
 
 from __future__ import annotations
@@ -18,11 +18,14 @@ PyTree = Any
 
 
 class TrainState(struct.PyTreeNode):
-    """Step counter, parameters, other model state, optimizer state and a raw PRNG key.
+    """Step counter, trainable parameters, other module state, optimizer state and a raw PRNG key.
 
-    `step` counts optimizer updates (batches consumed), never micro-batches; the learning-rate
-    schedule reads it. `rng` is raw `uint32[2]` key data so it checkpoints like any array; per-step
-    keys are `fold_in(rng, step)`, so a resumed run draws exactly the same randomness.
+    `step` counts batches consumed (optimizer steps, skipped ones included), never micro-batches; the
+    learning-rate schedule reads it. `params` holds the variables that `trainable` selects; they alone
+    get gradients and optimizer state. `model_state` holds every other variable of the module (frozen
+    parameters, BatchNorm statistics, dropout RNG streams); the train step writes its new values back.
+    `rng` is raw `uint32[2]` key data so it checkpoints like any array; per-step keys are
+    `fold_in(rng, step)`, so a resumed run draws exactly the same randomness.
     """
 
     step: jax.Array
@@ -32,12 +35,14 @@ class TrainState(struct.PyTreeNode):
     rng: jax.Array
     graphdef: nnx.GraphDef = struct.field(pytree_node=False)
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
+    trainable: nnx.filterlib.Filter = struct.field(pytree_node=False, default=nnx.Param)
 
     @classmethod
     def create(cls, *, graphdef: nnx.GraphDef, params: PyTree, model_state: PyTree,
-               tx: optax.GradientTransformation, rng: jax.Array) -> "TrainState":
+               tx: optax.GradientTransformation, rng: jax.Array,
+               trainable: nnx.filterlib.Filter = nnx.Param) -> "TrainState":
         return cls(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
-                   opt_state=tx.init(params), rng=rng, graphdef=graphdef, tx=tx)
+                   opt_state=tx.init(params), rng=rng, graphdef=graphdef, tx=tx, trainable=trainable)
 
     def apply_gradients(self, grads: PyTree) -> "TrainState":
         """One optimizer update; returns a new state and leaves `self` untouched."""
@@ -45,19 +50,42 @@ class TrainState(struct.PyTreeNode):
         params = optax.apply_updates(self.params, updates)
         return self.replace(step=self.step + 1, params=params, opt_state=opt_state)
 
-    def model(self) -> nnx.Module:
-        """The NNX module these parameters describe (inside or outside `jax.jit`)."""
-        return nnx.merge(self.graphdef, self.params, self.model_state)
+    def model(self, train: bool | None = None) -> nnx.Module:
+        """The NNX module these variables describe (inside or outside `jax.jit`).
+
+        `train=True` / `False` switches it to training / evaluation mode (`nnx.Module.train()` / `.eval()`:
+        dropout on or off, BatchNorm batch or running statistics); None leaves the mode it was built with.
+        """
+        module = nnx.merge(self.graphdef, self.params, self.model_state)
+        if train is True:
+            module.train()
+        elif train is False:
+            module.eval()
+        return module
+
+    def model_state_of(self, module: nnx.Module) -> PyTree:
+        """`module`'s non-trainable variables as a pure dict, e.g. after a forward pass updated them."""
+        return split_model(module, self.trainable)[2]
 
     def step_rng(self) -> jax.Array:
         """A PRNG key unique to this step, reproducible after a resume."""
         return jax.random.fold_in(jax.random.wrap_key_data(self.rng), self.step)
 
 
-def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, PyTree, PyTree]:
-    """Graph definition plus parameter and non-parameter variables as pure dicts."""
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+def split_model(model: nnx.Module, trainable: nnx.filterlib.Filter = nnx.Param
+                ) -> tuple[nnx.GraphDef, PyTree, PyTree]:
+    """Graph definition plus trainable and all other variables, as pure dicts."""
+    graphdef, params, rest = nnx.split(model, trainable, ...)
     return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+
+
+def bind(module: nnx.Module, state: TrainState) -> nnx.Module:
+    """Point `module`'s variables at `state`'s arrays (no copy), so a handed-out module shows the current state."""
+    graph_state = nnx.state(module)
+    nnx.replace_by_pure_dict(graph_state, state.params)
+    nnx.replace_by_pure_dict(graph_state, state.model_state)
+    nnx.update(module, graph_state)
+    return module
 
 
 def raw_key(seed: int) -> jax.Array:

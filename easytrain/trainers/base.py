@@ -30,6 +30,7 @@ from easytrain.losses import Batch, LossOutput, causal_lm_loss
 from easytrain.models import LlamaForCausalLM, from_pretrained, save_pretrained
 from easytrain.optim import build_optimizer, build_schedule
 from easytrain.protocol import ConfiguredDataloaders, ConfiguredFunctions, ConfiguredModel
+from easytrain.state import bind
 from easytrain.trainers import builders
 from easytrain.trainers.loop import TrainLoop
 from easytrain.trainers.resume import config_dict, restore_checkpoint
@@ -58,6 +59,8 @@ class BaseTrainer:
 
     #: Logical parameter axis -> mesh axis (or axes, or None). Override for a model with other names.
     partition_rules: sharding.LogicalRules = sharding.DEFAULT_RULES
+    #: Which variables get gradients and optimizer state (an NNX filter); all others stay frozen.
+    trainable: nnx.filterlib.Filter = nnx.Param
 
     def __init__(self, arguments: TrainingArguments | None = None, *, model: nnx.Module | None = None,
                  tokenizer: Any = None, dataset_train: Any = None, dataset_eval: Any = None,
@@ -100,9 +103,13 @@ class BaseTrainer:
 
     @property
     def model(self) -> nnx.Module:
-        """The module with the current parameters (a fresh view of `state`)."""
+        """The module being trained, showing the current state.
+
+        Always the same object (the one passed as `model=`, if any), re-pointed at the current arrays
+        whenever it is read and when `train()` ends, so a reference kept across training stays valid.
+        """
         self.setup()
-        return self.state.model()
+        return bind(self._model.model, self._state)
 
     @property
     def state(self) -> Any:
@@ -172,20 +179,23 @@ class BaseTrainer:
         args = self._arguments
         self._schedule = self.configure_schedule(self._data.total_steps)
         tx = self.configure_optimizer(self._schedule)
-        placed = dict(seed=args.seed, mesh=self.mesh, rules=self.partition_rules)
+        placed = dict(seed=args.seed, mesh=self.mesh, rules=self.partition_rules, trainable=self.trainable)
         if self._resume_from is not None:  # never initialise (or load) weights only to overwrite them
             module = self._given_model or placement.abstract_module(self._model_fn())
             target, shardings = placement.abstract_train_state(module, tx, **placed)
-            state, self.resumed_data_state = restore_checkpoint(self._resume_from, self, target)
-        elif self._given_model is not None:
+            restored = restore_checkpoint(self._resume_from, self, target)
+            state, self.resumed_data_state = restored.state, restored.data_state
+            self.callbacks.load_state_dict(restored.callbacks_state)
+        elif self._given_model is not None:  # copied: the step donates its buffers, the caller keeps theirs
             state, shardings = placement.place_module(self._given_model, tx, **placed)
         elif args.model_name_or_path:  # streamed tensor by tensor straight into the training layout
             module = from_pretrained(args.model_name_or_path, dtype=self.dtype, param_dtype=self.param_dtype,
                                      mesh=self.mesh, rules=self.partition_rules)
-            state, shardings = placement.place_module(module, tx, **placed)
+            state, shardings = placement.place_module(module, tx, copy=False, **placed)
         else:
             state, shardings = placement.create_state(self._model_fn(), tx, **placed)
-        return ConfiguredModel(state.model(), state, shardings, self.mesh)
+        module = self._given_model if self._given_model is not None else state.model()
+        return ConfiguredModel(bind(module, state), state, shardings, self.mesh)
 
     def _model_fn(self) -> Callable[[], nnx.Module]:
         """Builds the configured architecture; Rngs are created inside, so a traced init never captures them."""
@@ -231,7 +241,10 @@ class BaseTrainer:
         """Train until `max_steps` / `num_train_epochs` (or a stop request); returns the last logs."""
         self.setup()
         self.loop = TrainLoop(self)
-        return self.loop.run()
+        try:
+            return self.loop.run()
+        finally:  # the step donated the arrays the module pointed at: show it the final ones
+            bind(self._model.model, self._state)
 
     def evaluate(self) -> dict[str, float]:
         """Token-weighted eval loss, perplexity and accuracy over the whole eval set, plus evaluators.

@@ -206,6 +206,7 @@ class TrainLoop:
         trainer = self.trainer
         saved = self.manager.save(step, state=trainer._state, data_state=self.iterator.get_state(),
                                   run_info=trainer.run_info(), force=force,
+                                  progress={"callbacks": trainer.callbacks.state_dict()},
                                   metrics=self.last_eval if self.last_eval_step == step else None)
         if saved:
             self.last_saved_step = step

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from easytrain.checkpoint import CheckpointManager, CheckpointMismatchError
 from easytrain.errors import ArgumentError, CheckpointReadError
@@ -63,13 +63,18 @@ def check_resumable(run_info: dict[str, Any], trainer: "BaseTrainer") -> list[st
     return diffs
 
 
-def restore_checkpoint(checkpoint: tuple[Path, int], trainer: "BaseTrainer",
-                       target: Any) -> tuple[Any, dict[str, Any] | None]:
-    """Validate, then restore `(state, data_state)` straight into `target`'s shapes and shardings.
+class Restored(NamedTuple):
+    """What a resumed run continues from. `data_state` is None when `allow_data_order_change` let the data
+    settings change (the old position would not mean the same examples)."""
 
-    The data state is None when `allow_data_order_change` let the data settings change: the old
-    position would not mean the same examples.
-    """
+    state: Any
+    data_state: dict[str, Any] | None
+    callbacks_state: dict[str, Any]
+
+
+def restore_checkpoint(checkpoint: tuple[Path, int], trainer: "BaseTrainer", target: Any) -> Restored:
+    """Validate, then restore the state straight into `target`'s shapes and shardings, with the data
+    position and the callbacks' progress."""
     root, step = checkpoint
     with CheckpointManager(root) as manager:
         try:
@@ -79,12 +84,13 @@ def restore_checkpoint(checkpoint: tuple[Path, int], trainer: "BaseTrainer",
         data_order_changed = check_resumable(run_info, trainer)
         try:
             state, data_state, _ = manager.restore(step, abstract_state=target)
+            progress = manager.read_progress(step)
         except CheckpointMismatchError:
             raise
         except Exception as error:
             raise _unreadable(root, step, manager.all_steps(), error) from error
     logger.info("resumed from %s at step %d", root / str(step), step)
-    return state, (None if data_order_changed else data_state)
+    return Restored(state, None if data_order_changed else data_state, progress.get("callbacks", {}))
 
 
 def _unreadable(root: Path, step: int, steps: list[int], error: Exception) -> CheckpointReadError:
