@@ -6,6 +6,8 @@ per leaf, computed on device when it is saved and checked when it is restored.
 
 The digests are wrapping sums over the raw bits, so they are exact and independent of how the array
 is sharded: a checkpoint restored onto another mesh or process count checks against the same values.
+They are reduced in each array's own shape and sharding (never flattened), so every device sums only
+its shard and no weight is gathered, however large the model.
 """
 
 from __future__ import annotations
@@ -26,16 +28,39 @@ class CorruptCheckpointError(EasytrainError, ValueError):
     """Restored arrays differ from what was saved (damaged or tampered files)."""
 
 
+def _flat_positions(shape: tuple[int, ...]) -> jax.Array:
+    """Row-major flat index (mod 2**32) of every element, laid out in `shape` itself.
+
+    Built from per-dimension iotas instead of `ravel()`: flattening a tensor-sharded array makes XLA
+    all-gather it (a full replica of every weight per device at each save and restore), while an iota
+    in the array's own shape is partitioned like the array: each device makes its own shard's positions
+    inside the multiply's fusion. Wrapping uint32 arithmetic is exact mod 2**32, so the value equals
+    `arange(size)` of the flattened array and checkpoints saved by the flattening version still verify.
+    """
+    position = jnp.zeros(shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(len(shape))):
+        position = position + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * np.uint32(stride % 2**32)
+        stride *= shape[axis]
+    return position
+
+
 def _leaf_digest(leaf: jax.Array) -> jax.Array:
-    """`[sum(bits), sum(bits * weight(position))]` mod 2**32 of one array's raw bits."""
+    """`[sum(bits), sum(bits * weight(position))]` mod 2**32 of one array's raw bits.
+
+    Both are reductions over every axis of the unflattened array, so each device sums its own shard
+    and only two scalars cross devices; no layout change is needed.
+    """
     if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
         leaf = jax.random.key_data(leaf)
+    if leaf.dtype == jnp.bool_:  # bitcast refuses bool; its byte is 0 or 1, as NumPy stores it
+        leaf = leaf.astype(jnp.uint8)
     unsigned = _UNSIGNED.get(jnp.dtype(leaf.dtype).itemsize)
     if unsigned is None:  # 8-byte types: compare a float32/int32 view's digest instead of failing
         leaf = leaf.astype(jnp.float32 if jnp.issubdtype(leaf.dtype, jnp.floating) else jnp.int32)
         unsigned = jnp.uint32
-    bits = jax.lax.bitcast_convert_type(leaf, unsigned).astype(jnp.uint32).ravel()
-    weights = jnp.arange(bits.size, dtype=jnp.uint32) * _GOLDEN + jnp.uint32(1)
+    bits = jax.lax.bitcast_convert_type(leaf, unsigned).astype(jnp.uint32)
+    weights = _flat_positions(bits.shape) * _GOLDEN + jnp.uint32(1)
     return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * weights, dtype=jnp.uint32)])
 
 

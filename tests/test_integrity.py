@@ -1,0 +1,194 @@
+"""Checkpoint fingerprints: the values of the first (ravel-based) formula, computed shard by shard.
+
+Checkpoints written before the digests stopped flattening must still verify, so every value is
+compared with that formula evaluated in NumPy. The multi-device facts come from this file run as a
+script with 8 emulated CPU devices (the test process itself has one).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from easytrain import integrity
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = 2654435761
+BIG = (1024, 4096)  # float32: a 2 MB shard per device on the (fsdp 2, tensor 4) mesh
+COLLECTIVES = ("all-gather", "all-to-all", "collective-permute", "all-reduce")
+
+
+def reference(array) -> list[int]:
+    """`[sum(bits), sum(bits * (i * GOLDEN + 1))]` mod 2**32 over the raveled bits, in uint64 NumPy."""
+    if jax.dtypes.issubdtype(array.dtype, jax.dtypes.prng_key):
+        array = jax.random.key_data(array)
+    values = np.asarray(array)
+    if values.dtype.itemsize == 8:
+        values = values.astype(np.float32 if np.issubdtype(values.dtype, np.floating) else np.int32)
+    bits = values.view(f"uint{8 * values.dtype.itemsize}").ravel().astype(np.uint64)
+    weights = (np.arange(bits.size, dtype=np.uint64) * GOLDEN + 1) % 2**32
+    return [int(bits.sum() % 2**32), int((bits * weights % 2**32).sum() % 2**32)]
+
+
+def samples() -> dict[str, jax.Array]:
+    rng = np.random.default_rng(0)
+    return {
+        "float32": jnp.asarray(rng.standard_normal((64, 48), dtype=np.float32)),
+        "bfloat16": jnp.asarray(rng.standard_normal((33, 17)).astype(jnp.bfloat16)),
+        "int32": jnp.asarray(rng.integers(-2**31, 2**31, (7, 11), dtype=np.int32)),
+        "int8": jnp.asarray(rng.integers(-128, 128, (4, 4, 4), dtype=np.int8)),
+        "uint8": jnp.asarray(rng.integers(0, 256, (300,), dtype=np.uint8)),
+        "bool": jnp.asarray(rng.random((5, 9)) < 0.5),
+        "key": jax.random.split(jax.random.key(0), 6),
+        "scalar": jnp.asarray(np.float32(-3.25)),
+        "odd": jnp.asarray(rng.standard_normal((3, 5, 7), dtype=np.float32)),
+    }
+
+
+def test_digests_equal_the_ravel_formula():
+    state = samples()
+    assert integrity.fingerprint(state) == {name: reference(leaf) for name, leaf in state.items()}
+
+
+def test_eight_byte_types_digest_their_32_bit_view():
+    with jax.enable_x64(True):
+        state = {"f64": jnp.asarray(np.linspace(-2, 2, 30).reshape(5, 6)),
+                 "i64": jnp.asarray(np.arange(-10, 14, dtype=np.int64).reshape(2, 3, 4))}
+        assert state["f64"].dtype == jnp.float64 and state["i64"].dtype == jnp.int64
+        assert integrity.fingerprint(state) == {name: reference(leaf) for name, leaf in state.items()}
+
+
+def test_flat_positions_are_row_major_indices():
+    for shape in [(), (5,), (3, 5, 7), (2, 1, 4, 3)]:
+        expected = np.arange(int(np.prod(shape)), dtype=np.uint32).reshape(shape)
+        np.testing.assert_array_equal(np.asarray(integrity._flat_positions(shape)), expected)
+
+
+def test_one_changed_element_changes_the_digest():
+    values = np.random.default_rng(1).standard_normal((16, 32), dtype=np.float32)
+    saved = integrity.fingerprint({"w": jnp.asarray(values)})
+    damaged = values.copy()
+    damaged.view(np.uint32)[5, 7] ^= 1 << 3  # one flipped mantissa bit
+    assert integrity.fingerprint({"w": jnp.asarray(damaged)})["w"] != saved["w"]
+    with pytest.raises(integrity.CorruptCheckpointError, match=r"\bw\b"):
+        integrity.verify({"w": jnp.asarray(damaged)}, saved, where="step 3")
+
+
+def test_two_swapped_elements_change_the_position_weighted_digest():
+    values = np.random.default_rng(2).standard_normal((16, 32), dtype=np.float32)
+    saved = integrity.fingerprint({"w": jnp.asarray(values)})["w"]
+    swapped = values.copy()
+    swapped[2, 3], swapped[9, 30] = values[9, 30], values[2, 3]
+    digest = integrity.fingerprint({"w": jnp.asarray(swapped)})["w"]
+    assert digest[0] == saved[0] and digest[1] != saved[1]  # same bits, moved
+    integrity.verify({"w": jnp.asarray(values)}, {"w": saved}, where="step 3")  # the original still passes
+
+
+# ----------------------------------------------------------------------------- 8 devices, in a subprocess
+def big_array() -> np.ndarray:
+    return np.random.default_rng(3).standard_normal(BIG, dtype=np.float32)
+
+
+LAYOUTS = {  # the same leaves replicated, split along one mesh axis, and along both
+    "replicated": {},
+    "one axis": {"float32": P("fsdp"), "bfloat16": P(None, "tensor"), "int32": P("tensor"), "bool": P(None, "fsdp"),
+                 "key": P("tensor")},
+    "two axes": {"float32": P("tensor", "fsdp"), "bfloat16": P("fsdp", "tensor"), "int32": P("tensor", "fsdp"),
+                 "bool": P("fsdp", "tensor"), "key": P(("fsdp", "tensor"))},
+}
+
+
+def layout_samples() -> dict[str, jax.Array]:
+    rng = np.random.default_rng(4)
+    return {
+        "float32": jnp.asarray(rng.standard_normal((16, 24), dtype=np.float32)),
+        "bfloat16": jnp.asarray(rng.standard_normal((8, 12, 3)).astype(jnp.bfloat16)),
+        "int32": jnp.asarray(rng.integers(-2**31, 2**31, (8, 4), dtype=np.int32)),
+        "bool": jnp.asarray(rng.random((2, 8)) < 0.5),
+        "key": jax.random.split(jax.random.key(1), 8),
+    }
+
+
+def multi_device_facts() -> dict:
+    """Compiled collectives and scratch of the digest of BIG per layout, and digests per layout."""
+    from jax.sharding import NamedSharding
+
+    from easytrain.sharding import make_mesh
+
+    assert jax.device_count() == 8, jax.devices()
+    mesh = make_mesh(data=1, fsdp=2, tensor=4)
+    big = big_array()
+    compiled = {}
+    for spec in (P("fsdp", "tensor"), P("tensor", "fsdp"), P(None, "tensor"), P(("fsdp", "tensor"), None)):
+        x = jax.device_put(big, NamedSharding(mesh, spec))
+        executable = integrity._digests.lower([x]).compile()
+        text = executable.as_text()
+        compiled[str(spec)] = {
+            "counts": {op: text.count(op) for op in COLLECTIVES},
+            "temp_bytes": executable.memory_analysis().temp_size_in_bytes,
+            "shard_bytes": x.addressable_shards[0].data.nbytes,
+            "input_sharding_kept": executable.input_shardings[0][0][0].is_equivalent_to(x.sharding, x.ndim),
+            "digest": integrity.fingerprint({"w": x})["w"],
+        }
+    damaged = big.copy()
+    damaged.view(np.uint32)[700, 3000] ^= 1
+    damaged_digest = integrity.fingerprint({"w": jax.device_put(damaged, NamedSharding(mesh, P("fsdp", "tensor")))})
+
+    layouts = {}
+    for name, specs in LAYOUTS.items():
+        state = {key: jax.device_put(leaf, NamedSharding(mesh, specs.get(key, P())))
+                 for key, leaf in layout_samples().items()}
+        layouts[name] = {"digests": integrity.fingerprint(state),
+                         "shard_fraction": {key: leaf.addressable_shards[0].data.size / leaf.size
+                                            for key, leaf in state.items()}}
+    return {"compiled": compiled, "damaged": damaged_digest["w"], "layouts": layouts}
+
+
+@pytest.fixture(scope="module")
+def facts() -> dict:
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_sharded_digest_gathers_nothing_and_needs_little_scratch(facts):
+    for spec, fact in facts["compiled"].items():
+        counts = fact["counts"]
+        assert counts["all-gather"] == counts["all-to-all"] == counts["collective-permute"] == 0, (spec, counts)
+        assert counts["all-reduce"] > 0, spec  # per-shard partial sums, then scalars cross devices
+        assert fact["input_sharding_kept"], spec
+        # Of the order of the shard, never the array: XLA:CPU splits large sums into reduce-windows that
+        # do not fuse their operands, so it holds the shard's bits and weighted bits for the two sums.
+        assert fact["temp_bytes"] <= 2 * fact["shard_bytes"] + 64 * 1024, (spec, fact)
+
+
+def test_sharded_digest_equals_the_ravel_formula(facts):
+    expected = reference(big_array())
+    for spec, fact in facts["compiled"].items():
+        assert fact["digest"] == expected, spec
+    damaged = big_array()
+    damaged.view(np.uint32)[700, 3000] ^= 1
+    assert facts["damaged"] == reference(damaged) != expected
+
+
+def test_digests_do_not_depend_on_the_layout(facts):
+    layouts = facts["layouts"]
+    assert set(layouts["replicated"]["shard_fraction"].values()) == {1.0}
+    assert set(layouts["one axis"]["shard_fraction"].values()) == {1 / 2, 1 / 4}
+    assert set(layouts["two axes"]["shard_fraction"].values()) == {1 / 8}
+    expected = {name: reference(leaf) for name, leaf in layout_samples().items()}
+    for name, layout in layouts.items():
+        assert layout["digests"] == expected, name
+
+
+if __name__ == "__main__":
+    print(json.dumps(multi_device_facts()))
