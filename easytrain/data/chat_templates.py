@@ -1,0 +1,132 @@
+"""Render conversations to token ids with a chat template, and the assistant-token mask.
+
+A thin, checked layer over ``tokenizer.apply_chat_template`` (transformers v5, which returns
+a ``BatchEncoding``): it picks the template once, refuses templates that cannot produce an
+assistant mask instead of silently returning zeros, and cleans the ``None`` fields that Arrow
+adds when rows of one column have different keys.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from easytrain.data.errors import DataError
+
+# The same pattern transformers uses to decide whether a template can return an assistant mask.
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+Message = Mapping[str, Any]
+
+
+def chat_template_of(tokenizer: PreTrainedTokenizerBase, chat_template: str | None) -> str:
+    """The template to render with: ``chat_template`` if given, else the tokenizer's own.
+
+    Raises:
+        DataError: Neither exists, so conversational data cannot be rendered.
+    """
+    template = chat_template if chat_template is not None else tokenizer.chat_template
+    if isinstance(template, Mapping):  # named templates: use the default one
+        template = template.get("default")
+    if not isinstance(template, str) or not template:
+        raise DataError(
+            "Conversational data needs a chat template, but the tokenizer has none; set "
+            "`tokenizer.chat_template` or pass `chat_template` (a Jinja string)."
+        )
+    return template
+
+
+def has_generation_markers(template: str) -> bool:
+    """Whether ``template`` marks assistant text with ``{% generation %}`` blocks."""
+    return _GENERATION_TAG.search(template) is not None
+
+
+def require_generation_markers(template: str) -> None:
+    """Refuse a template whose assistant mask would be all zeros.
+
+    Stock templates of Llama 3, Qwen and Gemma lack the markers; transformers then only
+    warns and returns an all-zero mask, which trains on nothing while looking healthy.
+    """
+    if not has_generation_markers(template):
+        raise DataError(
+            "`assistant_only_loss=True` needs a chat template that wraps each assistant turn "
+            "(content and end-of-turn token) in `{% generation %}...{% endgeneration %}`, but "
+            "this template has no such markers. Add the markers to the template, pass "
+            "`chat_template` with a template that has them, or set `assistant_only_loss=False`."
+        )
+
+
+def render_chat(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Sequence[Message],
+    *,
+    template: str,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    add_generation_prompt: bool = False,
+    assistant_mask: bool = False,
+) -> tuple[list[int], list[int] | None]:
+    """Token ids of the rendered conversation, and its assistant mask when asked.
+
+    The template adds its own special tokens; the tokenizer adds none (transformers
+    tokenises rendered chats with ``add_special_tokens=False``).
+
+    Returns:
+        ``(input_ids, mask)``: ``mask[i]`` is 1 where token ``i`` lies inside a
+        ``{% generation %}`` block, or ``None`` when ``assistant_mask`` is False.
+    """
+    if not messages:
+        raise DataError("A conversation has no messages; give each example at least one message.")
+    encoded = tokenizer.apply_chat_template(
+        [drop_none(dict(message)) for message in messages],
+        tools=None if tools is None else [drop_none(dict(tool)) for tool in tools],
+        chat_template=template,
+        add_generation_prompt=add_generation_prompt,
+        tokenize=True,
+        return_dict=True,
+        return_assistant_tokens_mask=assistant_mask,
+    )
+    ids = [int(token) for token in encoded["input_ids"]]
+    if not assistant_mask:
+        return ids, None
+    return ids, [int(bit) for bit in encoded["assistant_masks"]]
+
+
+def parse_tools(tools: Any, column: str = "tools") -> list[dict[str, Any]] | None:
+    """Tool definitions from a row: a list of JSON-schema dicts, a JSON string of one, or None."""
+    if tools is None:
+        return None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools) if tools.strip() else None
+        except json.JSONDecodeError as error:
+            raise DataError(
+                f"Column {column!r} holds a string that is not JSON ({error}); store tool "
+                "definitions as a list of JSON-schema dicts or a JSON string of that list."
+            ) from error
+        if tools is None:
+            return None
+    if isinstance(tools, Mapping):
+        tools = [tools]
+    if not all(isinstance(tool, Mapping) for tool in tools):
+        raise DataError(
+            f"Column {column!r} must hold a list of tool definitions (JSON-schema dicts), "
+            f"got {type(tools).__name__} of {[type(tool).__name__ for tool in tools][:3]}."
+        )
+    return [dict(tool) for tool in tools] or None
+
+
+def drop_none(value: Any) -> Any:
+    """``value`` without dict entries whose value is None, at every depth.
+
+    Arrow stores a column of dicts with the union of their keys and fills missing ones
+    with None; templates test keys with ``if message.tool_calls`` or render ``None``.
+    """
+    if isinstance(value, Mapping):
+        return {key: drop_none(item) for key, item in value.items() if item is not None}
+    if isinstance(value, list | tuple):
+        return [drop_none(item) for item in value]
+    return value

@@ -1,0 +1,403 @@
+"""Supervised fine-tuning data: examples -> ``input_ids`` and a per-token ``loss_mask``.
+
+Three formats, recognised from the columns: language modelling (``text``), prompt-completion
+(``prompt`` + ``completion``, strings or message lists) and conversational (``messages``).
+Every mask comes from how the example was tokenised (separate prompt/completion tokenisation,
+prefix renderings, the template's ``{% generation %}`` blocks), never from searching for a
+response string or from token ids, so ``pad_token == eos_token`` cannot unmask the EOS.
+
+``loss_mask[i] == 1`` means token ``i`` is supervised: the model is trained to predict it from
+the tokens before it. Token 0 is never supervised, since nothing precedes it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
+
+import datasets
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+from easytrain.data.chat_templates import (
+    chat_template_of,
+    parse_tools,
+    render_chat,
+    require_generation_markers,
+)
+from easytrain.data.errors import DataError
+
+DataFormat = Literal["language_modeling", "prompt_completion", "conversational"]
+TruncationSide = Literal["right", "left", "drop"]
+
+LANGUAGE_MODELING: DataFormat = "language_modeling"
+PROMPT_COMPLETION: DataFormat = "prompt_completion"
+CONVERSATIONAL: DataFormat = "conversational"
+
+#: Format -> the columns that select it, in the order they are tried.
+FORMAT_COLUMNS: Mapping[DataFormat, tuple[str, ...]] = {
+    CONVERSATIONAL: ("messages",),
+    PROMPT_COMPLETION: ("prompt", "completion"),
+    LANGUAGE_MODELING: ("text",),
+}
+
+#: Keys of the statistics ``tokenize_sft_dataset`` returns.
+SFT_STATS_KEYS = (
+    "num_examples", "num_kept", "truncated", "dropped_too_long",
+    "dropped_no_supervised_tokens", "num_tokens", "num_supervised_tokens",
+)
+
+_FEATURES = datasets.Features({
+    "input_ids": datasets.List(datasets.Value("int32")), "loss_mask": datasets.List(datasets.Value("int8")),
+    "length": datasets.Value("int32"), "num_supervised": datasets.Value("int32"),
+    "truncated": datasets.Value("int8"), "too_long": datasets.Value("int8"),
+})
+
+
+@dataclass(frozen=True)
+class SFTDataOptions:
+    """How examples become tokens and masks.
+
+    Attributes:
+        max_length: Most tokens per example (BOS and EOS included); None keeps all.
+        truncation_side: For longer examples: ``"right"`` keeps the start, ``"left"``
+            keeps BOS and the end, ``"drop"`` drops the example. All are counted.
+        assistant_only_loss: Conversational data: supervise only the assistant turns
+            (the template's ``{% generation %}`` blocks); otherwise every token.
+        completion_only_loss: Prompt-completion data: supervise only the completion.
+        add_bos: Make the example start with exactly one BOS (when the tokenizer has one).
+        add_eos: Make the example end with an EOS unless it already does (trailing
+            whitespace after it allowed), so the model learns to stop.
+        chat_template: A Jinja template that replaces the tokenizer's own.
+    """
+
+    max_length: int | None = 1024
+    truncation_side: TruncationSide = "right"
+    assistant_only_loss: bool = False
+    completion_only_loss: bool = True
+    add_bos: bool = True
+    add_eos: bool = True
+    chat_template: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_length is not None and self.max_length < 2:
+            raise DataError(
+                f"`max_length` must be at least 2 tokens (one input, one target), got "
+                f"{self.max_length}; use e.g. 1024, or None for no limit."
+            )
+        if self.truncation_side not in ("right", "left", "drop"):
+            raise DataError(
+                f"`truncation_side` must be 'right', 'left' or 'drop', got {self.truncation_side!r}."
+            )
+
+
+class TokenizedExample(NamedTuple):
+    """One example's tokens, which of them are supervised, and what truncation did."""
+
+    input_ids: list[int]
+    loss_mask: list[int]
+    truncated: bool = False
+    too_long: bool = False
+
+
+def detect_format(column_names: Sequence[str]) -> DataFormat:
+    """The data format the columns select: ``messages``, then ``prompt``+``completion``, then ``text``.
+
+    Raises:
+        DataError: No format fits; the message lists the columns found and expected.
+    """
+    names = set(column_names)
+    for data_format, required in FORMAT_COLUMNS.items():
+        if names.issuperset(required):
+            return data_format
+    expected = "; ".join(f"{{{', '.join(cols)}}} ({fmt})" for fmt, cols in FORMAT_COLUMNS.items())
+    hint = ""
+    if ("prompt" in names) != ("completion" in names):
+        hint = " A prompt-completion dataset needs both 'prompt' and 'completion'."
+    raise DataError(
+        f"Cannot tell the SFT data format from the columns {sorted(names) or 'none'}; expected "
+        f"one of: {expected}.{hint} Rename the columns or pass a `formatting_func` that maps "
+        "each example to one of these formats."
+    )
+
+
+def tokenize_example(
+    example: Mapping[str, Any],
+    tokenizer: PreTrainedTokenizerBase,
+    options: SFTDataOptions,
+    data_format: DataFormat,
+) -> TokenizedExample:
+    """Tokenise one example of ``data_format`` into ids and a supervised-token mask.
+
+    Special tokens: one BOS at position 0 (none if the tokenizer has none), one EOS at the
+    end (not added when the last non-whitespace token already is one). An added EOS is
+    supervised for text formats, and for chats when the turn it closes is. Then
+    ``max_length`` applies.
+
+    Raises:
+        DataError: Missing fields, a template unable to make the requested mask, or a
+            prompt rendering that is not a token prefix of the full conversation.
+    """
+    ids, mask, eos_supervised = _render(example, tokenizer, options, data_format)
+    if not ids:  # empty text: nothing to learn, and no EOS-only example either
+        return TokenizedExample([], [])
+    ids, mask = _ensure_bos(ids, mask, tokenizer.bos_token_id, options.add_bos)
+    if options.add_eos:
+        ids, mask = _ensure_eos(ids, mask, _eos_id(tokenizer), tokenizer, eos_supervised)
+    out = _truncate(ids, mask, options, has_bos=ids[0] == tokenizer.bos_token_id)
+    if out.loss_mask:
+        out.loss_mask[0] = 0  # nothing precedes token 0, so nothing can predict it
+    return out
+
+
+def tokenize_sft_dataset(
+    dataset: datasets.Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    options: SFTDataOptions = SFTDataOptions(),
+    *,
+    formatting_func: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None,
+    num_proc: int | None = None,
+) -> tuple[datasets.Dataset, dict[str, int]]:
+    """Tokenise a whole dataset, drop what cannot be trained on, and count everything.
+
+    Both the optional ``formatting_func`` and the tokenisation are cached ``datasets.map``
+    calls, so a rerun over the same file-backed data reuses the Arrow files.
+
+    Args:
+        dataset: Rows in one of the three formats (or any columns ``formatting_func`` reads).
+        tokenizer: The model's tokenizer; its chat template renders conversations.
+        options: Masking, special-token and truncation settings.
+        formatting_func: Maps one example to a dict in one of the formats, applied first.
+        num_proc: Worker processes for ``map`` (``None`` runs in-process).
+
+    Returns:
+        ``(tokenized, stats)``: ``tokenized`` has columns ``input_ids``, ``loss_mask`` (0/1
+        per token) and ``length``; ``stats`` has the keys in ``SFT_STATS_KEYS``, which the
+        trainer should log. Dropped examples (too long with ``truncation_side="drop"``, or
+        left without a supervised token) are counted, never silently trained with zero loss.
+
+    Raises:
+        DataError: Unknown format, bad template for the options, or no example left.
+
+    Example::
+
+        rows = datasets.Dataset.from_list([{"messages": [{"role": "user", "content": "Hi"},
+                                                         {"role": "assistant", "content": "Hello!"}]}])
+        tokenized, stats = tokenize_sft_dataset(rows, tokenizer, SFTDataOptions(assistant_only_loss=True))
+        packed = pack_examples(tokenized, seq_length=1024)  # or PaddedCollate(bucket_lengths(1024))
+    """
+    if formatting_func is not None:
+        dataset = dataset.map(formatting_func, remove_columns=dataset.column_names,
+                              num_proc=num_proc, desc="Formatting")
+    data_format = detect_format(dataset.column_names)
+    _check_options(tokenizer, options, data_format, dataset)
+    tokenized = dataset.map(
+        _tokenize_batch, batched=True, num_proc=num_proc, features=_FEATURES,
+        remove_columns=dataset.column_names, load_from_cache_file=True, desc="Tokenizing SFT data",
+        fn_kwargs={"tokenizer": tokenizer, "options": options, "data_format": data_format},
+    )
+    stats = _stats(tokenized)
+    if stats["num_kept"] == 0:
+        raise DataError(
+            f"No example is left to train on: {stats}. Raise `max_length`, use "
+            "`truncation_side='left'` or 'right' instead of 'drop', check that examples "
+            "have assistant turns / non-empty completions, or set the *_only_loss options to False."
+        )
+    kept = tokenized.filter(_keep, batched=True, input_columns=["num_supervised", "too_long"],
+                            num_proc=num_proc, desc="Dropping unusable examples")
+    return kept.remove_columns(["num_supervised", "truncated", "too_long"]), stats
+
+
+def _check_options(tokenizer: PreTrainedTokenizerBase, options: SFTDataOptions,
+                   data_format: DataFormat, dataset: datasets.Dataset) -> None:
+    """Fail before any work when the options cannot be honoured for this data."""
+    if options.add_eos:
+        _eos_id(tokenizer)
+    uses_template = data_format == CONVERSATIONAL or (
+        data_format == PROMPT_COMPLETION and len(dataset) and not isinstance(dataset[0]["prompt"], str)
+    )
+    if options.assistant_only_loss and not uses_template:
+        raise DataError(
+            f"`assistant_only_loss=True` needs conversational data (a 'messages' column of "
+            f"role/content dicts), but this dataset is {data_format} (columns "
+            f"{dataset.column_names}); set `assistant_only_loss=False` or convert the data."
+        )
+    if uses_template:
+        template = chat_template_of(tokenizer, options.chat_template)
+        if options.assistant_only_loss:
+            require_generation_markers(template)
+
+
+def _render(example: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase,
+            options: SFTDataOptions, data_format: DataFormat) -> tuple[list[int], list[int], bool]:
+    """Ids and mask before BOS/EOS handling, and whether an appended EOS is supervised."""
+    if data_format == LANGUAGE_MODELING:
+        ids = _encode(tokenizer, _field(example, "text", str))
+        return ids, [1] * len(ids), True
+    if data_format == CONVERSATIONAL:
+        return _render_conversation(example, tokenizer, options)
+    if data_format == PROMPT_COMPLETION:
+        if isinstance(example.get("prompt"), str):
+            return _render_prompt_completion_text(example, tokenizer, options)
+        return _render_prompt_completion_messages(example, tokenizer, options)
+    raise DataError(f"Unknown SFT data format {data_format!r}; use one of {list(FORMAT_COLUMNS)}.")
+
+
+def _render_conversation(example: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase,
+                         options: SFTDataOptions) -> tuple[list[int], list[int], bool]:
+    template = chat_template_of(tokenizer, options.chat_template)
+    if options.assistant_only_loss:
+        require_generation_markers(template)
+    ids, assistant_mask = render_chat(
+        tokenizer, _field(example, "messages", list), template=template,
+        tools=parse_tools(example.get("tools")), assistant_mask=options.assistant_only_loss,
+    )
+    mask = assistant_mask if assistant_mask is not None else [1] * len(ids)
+    return ids, mask, _last_content_supervised(ids, mask, tokenizer)
+
+
+def _render_prompt_completion_text(example: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase,
+                                   options: SFTDataOptions) -> tuple[list[int], list[int], bool]:
+    """Prompt and completion tokenised apart: the boundary is exact, as at inference time."""
+    prompt = _encode(tokenizer, _field(example, "prompt", str))
+    completion = _encode(tokenizer, _field(example, "completion", str))
+    prompt_bit = 0 if options.completion_only_loss else 1
+    return prompt + completion, [prompt_bit] * len(prompt) + [1] * len(completion), True
+
+
+def _render_prompt_completion_messages(
+    example: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, options: SFTDataOptions
+) -> tuple[list[int], list[int], bool]:
+    """The prompt rendered with the generation prompt must be a token prefix of the whole."""
+    template = chat_template_of(tokenizer, options.chat_template)
+    prompt_messages = _field(example, "prompt", list)
+    messages = prompt_messages + _field(example, "completion", list)
+    tools = parse_tools(example.get("tools"))
+    prompt_ids, _ = render_chat(tokenizer, prompt_messages, template=template, tools=tools,
+                                add_generation_prompt=True)
+    ids, assistant_mask = render_chat(tokenizer, messages, template=template, tools=tools,
+                                      assistant_mask=options.assistant_only_loss)
+    if ids[: len(prompt_ids)] != prompt_ids:
+        differ = next((i for i, (a, b) in enumerate(zip(prompt_ids, ids)) if a != b), len(ids))
+        raise DataError(
+            f"The prompt rendered with `add_generation_prompt=True` is not a token prefix of "
+            f"the prompt + completion rendering (they differ from token {differ}: "
+            f"{tokenizer.decode(prompt_ids[differ:differ + 8])!r} vs "
+            f"{tokenizer.decode(ids[differ:differ + 8])!r}), so the completion boundary is "
+            "unknown. Fix the chat template's generation prompt, or put the whole conversation "
+            "in a 'messages' column and use `assistant_only_loss=True`."
+        )
+    prompt_bit = 0 if options.completion_only_loss else 1
+    mask = [prompt_bit] * len(prompt_ids) + [1] * (len(ids) - len(prompt_ids))
+    if assistant_mask is not None:
+        mask = [a & b for a, b in zip(mask, assistant_mask, strict=True)]
+    return ids, mask, _last_content_supervised(ids, mask, tokenizer)
+
+
+def _ensure_bos(ids: list[int], mask: list[int], bos_id: int | None,
+                add_bos: bool) -> tuple[list[int], list[int]]:
+    """Collapse leading BOS copies to one, adding it when asked and missing."""
+    if bos_id is None:
+        return ids, mask
+    leading = next((i for i, token in enumerate(ids) if token != bos_id), len(ids))
+    if leading == 0 and not add_bos:
+        return ids, mask
+    return [bos_id] + ids[leading:], [0] + mask[leading:]
+
+
+def _ensure_eos(ids: list[int], mask: list[int], eos_id: int, tokenizer: PreTrainedTokenizerBase,
+                supervised: bool) -> tuple[list[int], list[int]]:
+    """Append EOS unless the last non-whitespace token already is one (ChatML ends ``<|im_end|>\\n``)."""
+    last = _last_content_index(ids, tokenizer)
+    if last is not None and ids[last] == eos_id:
+        return ids, mask
+    return ids + [eos_id], mask + [int(supervised)]
+
+
+def _truncate(ids: list[int], mask: list[int], options: SFTDataOptions,
+              has_bos: bool) -> TokenizedExample:
+    limit = options.max_length
+    if limit is None or len(ids) <= limit:
+        return TokenizedExample(ids, mask)
+    if options.truncation_side == "drop":
+        return TokenizedExample([], [], too_long=True)
+    if options.truncation_side == "right":
+        return TokenizedExample(ids[:limit], mask[:limit], truncated=True)
+    keep = 1 if has_bos else 0  # left: keep the BOS, then the end
+    tail = limit - keep
+    return TokenizedExample(ids[:keep] + ids[-tail:], mask[:keep] + mask[-tail:], truncated=True)
+
+
+def _last_content_index(ids: Sequence[int], tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """Index of the last token that is not whitespace only, or None if there is none."""
+    for index in range(len(ids) - 1, -1, -1):
+        if tokenizer.decode([ids[index]], skip_special_tokens=False).strip():
+            return index
+    return None
+
+
+def _last_content_supervised(ids: Sequence[int], mask: Sequence[int],
+                             tokenizer: PreTrainedTokenizerBase) -> bool:
+    """An EOS appended to a chat is supervised only if the turn it closes is."""
+    last = _last_content_index(ids, tokenizer)
+    return last is not None and bool(mask[last])
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    if tokenizer.eos_token_id is None:
+        raise DataError(
+            "The tokenizer has no EOS token, which `add_eos=True` needs so the model learns "
+            "to stop; give the tokenizer an `eos_token` or set `add_eos=False`."
+        )
+    return int(tokenizer.eos_token_id)
+
+
+def _field(example: Mapping[str, Any], name: str, kind: type) -> Any:
+    value = example.get(name)
+    if not isinstance(value, kind):
+        raise DataError(
+            f"Field {name!r} must be a {kind.__name__}, got {type(value).__name__} "
+            f"({str(value)[:60]!r}); fix the data or the `formatting_func`."
+        )
+    return value
+
+
+def _tokenize_batch(batch: Mapping[str, Sequence[Any]], *, tokenizer: PreTrainedTokenizerBase,
+                    options: SFTDataOptions, data_format: DataFormat) -> dict[str, list[Any]]:
+    """Tokenise every row and record the flags the statistics are counted from."""
+    size = len(next(iter(batch.values())))
+    rows = [tokenize_example({k: v[i] for k, v in batch.items()}, tokenizer, options, data_format)
+            for i in range(size)]
+    return {
+        "input_ids": [row.input_ids for row in rows],
+        "loss_mask": [row.loss_mask for row in rows],
+        "length": [len(row.input_ids) for row in rows],
+        "num_supervised": [sum(row.loss_mask) for row in rows],
+        "truncated": [int(row.truncated) for row in rows],
+        "too_long": [int(row.too_long) for row in rows],
+    }
+
+
+def _keep(num_supervised: Sequence[int], too_long: Sequence[int]) -> list[bool]:
+    return [n > 0 and not long for n, long in zip(num_supervised, too_long, strict=True)]
+
+
+def _stats(tokenized: datasets.Dataset) -> dict[str, int]:
+    columns = tokenized.with_format("numpy", columns=["length", "num_supervised", "truncated", "too_long"])[:]
+    length, supervised = columns["length"].astype(np.int64), columns["num_supervised"].astype(np.int64)
+    too_long = columns["too_long"].astype(bool)
+    kept = (supervised > 0) & ~too_long
+    return {
+        "num_examples": len(tokenized),
+        "num_kept": int(kept.sum()),
+        "truncated": int(columns["truncated"].astype(bool).sum()),
+        "dropped_too_long": int(too_long.sum()),
+        "dropped_no_supervised_tokens": int(((supervised == 0) & ~too_long).sum()),
+        "num_tokens": int(length[kept].sum()),
+        "num_supervised_tokens": int(supervised[kept].sum()),
+    }
