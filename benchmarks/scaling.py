@@ -111,7 +111,7 @@ def measure(mesh: tuple[int, int, int], blocks: np.ndarray, rounds: int) -> dict
             variant["state"], metrics = variant["compiled"](variant["state"], batch)
             jax.block_until_ready(metrics)
             variant["times"].append(time.perf_counter() - started)
-            variant["losses"].append(float(metrics["loss_sum"] / metrics["num_tokens"]))
+            variant["losses"].append(metrics["loss"].result())
     state = trainer.state
     result = {"mesh": {"data": mesh[0], "fsdp": mesh[1], "tensor": mesh[2]},
               "param_bytes_total": sum(leaf.nbytes for leaf in jax.tree.leaves(state.params)),

@@ -1,29 +1,45 @@
-"""Loss functions. Each returns sums and a token count, never a mean: the caller divides once,
-after summing over micro-batches and devices, so the loss is the mean over every supervised token
-of the global batch (a mean of per-example or per-micro-batch means would weight short sequences
-more).
+"""Loss functions. Each returns a sum and the count it is normalised by, never a mean: the caller
+divides once, after summing over micro-batches and devices, so the loss is the mean over every
+supervised token (or example, or pair) of the global batch; a mean of per-example or per-micro-batch
+means would weight short sequences more. Other metrics say how they reduce (`easytrain.metrics`).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from easytrain.metrics import ExpMean, Mean, Metric, Sum
+
 Batch = Mapping[str, jax.Array]
+Frozen = Mapping[str, Any]
 
 
 class LossOutput(NamedTuple):
-    """`loss_sum` over supervised tokens, their count, and extra metric *sums* (divided by `num_tokens`)."""
+    """What a loss returns.
+
+    Attributes:
+        loss_sum: the loss summed over what it averages (supervised tokens, examples, pairs).
+        count: how many of those; the step divides the global `loss_sum` by the global `count` once.
+        metrics: name -> `easytrain.metrics` value (`Mean`, `Sum`, `Max`, `Min`, `Last`), each reduced its
+            own way. A bare array is read as a sum over the same things as the loss (`Mean(value, count)`).
+    """
 
     loss_sum: jax.Array
-    num_tokens: jax.Array
-    metric_sums: dict[str, jax.Array] = {}
+    count: jax.Array
+    metrics: Mapping[str, Metric | jax.Array] = {}
+
+    @property
+    def num_tokens(self) -> jax.Array:
+        """`count`, under the name it has for token-level losses."""
+        return self.count
 
 
-LossFn = Callable[[nnx.Module, Batch, jax.Array, bool], LossOutput]
+#: `(model, batch, rng, train, frozen) -> LossOutput`; `frozen` maps names to frozen modules or pytrees.
+LossFn = Callable[[nnx.Module, Batch, jax.Array, bool, Frozen], LossOutput]
 
 
 def token_cross_entropy_sums(logits_BTV: jax.Array, targets_BT: jax.Array,
@@ -47,15 +63,21 @@ def model_logits(model: nnx.Module, batch: Batch) -> jax.Array:
                  segment_ids_BT=batch.get("segment_ids"), positions_BT=batch.get("positions"))
 
 
-def causal_lm_loss(model: nnx.Module, batch: Batch, rng: jax.Array, train: bool) -> LossOutput:
-    """Next-token cross-entropy over the tokens where `loss_mask` is 1."""
-    del rng, train  # the default objective is deterministic
+def causal_lm_loss(model: nnx.Module, batch: Batch, rng: jax.Array, train: bool,
+                   frozen: Frozen | None = None) -> LossOutput:
+    """Next-token cross-entropy over the tokens where `loss_mask` is 1.
+
+    Metrics: `num_tokens` (supervised tokens), token `accuracy`, and in evaluation `perplexity`.
+    """
+    del rng, frozen  # the default objective is deterministic and uses no frozen model
     loss_sum, count, correct = token_cross_entropy_sums(model_logits(model, batch), batch["targets"],
                                                         batch["loss_mask"])
-    return LossOutput(loss_sum, count, {"accuracy": correct})
+    metrics: dict[str, Metric] = {"num_tokens": Sum(count), "accuracy": Mean(correct, count)}
+    if not train:
+        metrics["perplexity"] = ExpMean(loss_sum, count)
+    return LossOutput(loss_sum, count, metrics)
 
 
 def safe_mean(total: jax.Array, count: jax.Array) -> jax.Array:
     """`total / count`, and 0 (not NaN) when nothing was supervised."""
     return total / jnp.maximum(count, 1.0)
-

@@ -34,7 +34,7 @@ class ConfiguredDataloaders(NamedTuple):
     """Returned by `configure_dataloaders`: resumable train batches and the eval set."""
 
     train: Any  # easytrain.data.TrainBatches
-    eval: Optional[Any]  # a row-access source for easytrain.data.eval_batches, or None
+    eval: Optional[Any]  # easytrain.data.EvalBatches (re-iterable: one pass per iter()), or None
     steps_per_epoch: int
     total_steps: int
 

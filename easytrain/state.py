@@ -25,7 +25,11 @@ class TrainState(struct.PyTreeNode):
     get gradients and optimizer state. `model_state` holds every other variable of the module (frozen
     parameters, BatchNorm statistics, dropout RNG streams); the train step writes its new values back.
     `rng` is raw `uint32[2]` key data so it checkpoints like any array; per-step keys are
-    `fold_in(rng, step)`, so a resumed run draws exactly the same randomness.
+    `fold_in(rng, step)`, so a resumed run draws exactly the same randomness. `frozen` holds named
+    non-trainable pytrees beside the model (a reference policy, a teacher, an EMA copy): arguments of
+    the compiled step like everything else here, never differentiated, with no optimizer state. Those
+    named in `frozen_modules` are module states, handed to the loss as modules in eval mode; only those
+    in `frozen_checkpointed` are written to checkpoints, the others are rebuilt on resume.
     """
 
     step: jax.Array
@@ -36,6 +40,9 @@ class TrainState(struct.PyTreeNode):
     graphdef: nnx.GraphDef = struct.field(pytree_node=False)
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
     trainable: nnx.filterlib.Filter = struct.field(pytree_node=False, default=nnx.Param)
+    frozen: dict[str, PyTree] = struct.field(default_factory=dict)
+    frozen_modules: tuple[tuple[str, nnx.GraphDef], ...] = struct.field(pytree_node=False, default=())
+    frozen_checkpointed: tuple[str, ...] = struct.field(pytree_node=False, default=())
 
     @classmethod
     def create(cls, *, graphdef: nnx.GraphDef, params: PyTree, model_state: PyTree,
@@ -66,6 +73,21 @@ class TrainState(struct.PyTreeNode):
     def model_state_of(self, module: nnx.Module) -> PyTree:
         """`module`'s non-trainable variables as a pure dict, e.g. after a forward pass updated them."""
         return split_model(module, self.trainable)[2]
+
+    def frozen_views(self) -> dict[str, Any]:
+        """The frozen entries as the loss sees them: modules (in eval mode) or plain pytrees."""
+        graphdefs = dict(self.frozen_modules)
+        views = {}
+        for name, value in self.frozen.items():
+            if name in graphdefs:
+                value = nnx.merge(graphdefs[name], value)
+                value.eval()
+            views[name] = value
+        return views
+
+    def checkpointed(self) -> "TrainState":
+        """The part of the state a checkpoint holds: frozen entries that are rebuilt on resume are left out."""
+        return self.replace(frozen={k: v for k, v in self.frozen.items() if k in self.frozen_checkpointed})
 
     def step_rng(self) -> jax.Array:
         """A PRNG key unique to this step, reproducible after a resume."""

@@ -3,7 +3,7 @@
 Configuration (the loss, accumulation, the non-finite policy) is bound with `functools.partial`
 before `jax.jit`, never through static positional arguments. Gradient accumulation is a `lax.scan`
 over micro-batches inside the compiled step, and the loss and gradients are normalised once by the
-supervised-token count of the whole global batch.
+loss's count over the whole global batch. Metrics are `easytrain.metrics` values, merged, not averaged.
 """
 
 from __future__ import annotations
@@ -15,25 +15,29 @@ import jax.numpy as jnp
 import optax
 
 from easytrain.losses import Batch, LossFn, LossOutput
+from easytrain.metrics import Last, Mean, Metric, Sum, identities, is_metric, merge_all
 from easytrain.state import TrainState
 
-Metrics = dict[str, jax.Array]
+Metrics = dict[str, Metric]
 #: Metric names the steps produce themselves; a loss's own metric may not take one of them.
-BUILT_IN_METRICS = ("loss_sum", "num_tokens", "grad_norm", "learning_rate", "skipped")
+BUILT_IN_METRICS = ("loss", "grad_norm", "learning_rate", "skipped_steps")
 
 
 def loss_metrics(out: LossOutput) -> Metrics:
-    """The loss's sums under their metric names, refusing a user metric that would shadow a built-in one."""
-    if clashes := sorted(set(out.metric_sums) & set(BUILT_IN_METRICS)):
+    """The loss and its metrics as reducible values; a bare array is a sum over the loss's own count."""
+    if clashes := sorted(set(out.metrics) & set(BUILT_IN_METRICS)):
         raise ValueError(f"the loss returns metric(s) {', '.join(map(repr, clashes))}, which would overwrite the "
                          f"built-in one(s) of that name ({', '.join(BUILT_IN_METRICS)}); rename them.")
-    return {"loss_sum": out.loss_sum, "num_tokens": out.num_tokens, **out.metric_sums}
+    count = jnp.asarray(out.count, jnp.float32)
+    extra = {name: value if is_metric(value) else Mean(value, count) for name, value in out.metrics.items()}
+    return {"loss": Mean(out.loss_sum, count), **extra}
 
 
 def split_microbatches(batch: Batch, num_micro: int) -> Batch:
     """`[G, ...] -> [num_micro, G // num_micro, ...]`, micro-batch i taking rows i, i + A, i + 2A, ...
 
-    Interleaving keeps every micro-batch spread evenly over the data-parallel devices.
+    Interleaving keeps every micro-batch spread evenly over the data-parallel devices; a row (an
+    example, a preference pair) is never split.
     """
 
     def split(x: jax.Array) -> jax.Array:
@@ -45,12 +49,13 @@ def split_microbatches(batch: Batch, num_micro: int) -> Batch:
 
 def _micro_grads(state: TrainState, loss_fn: LossFn, micro: Batch, rng: jax.Array,
                  model_state: Any) -> tuple[Any, Metrics, Any]:
-    """Gradients of the summed (not averaged) loss of one micro-batch, its metric sums, and the module's
+    """Gradients of the summed (not averaged) loss of one micro-batch, its metrics, and the module's
     non-trainable state after the forward pass (running statistics, advanced RNG streams)."""
+    frozen = state.frozen_views()
 
     def summed_loss(params):
         module = state.replace(params=params, model_state=model_state).model(train=True)
-        out = loss_fn(module, micro, rng, True)
+        out = loss_fn(module, micro, rng, True, frozen)
         return out.loss_sum, (out, state.model_state_of(module))
 
     (_, (out, new_model_state)), grads = jax.value_and_grad(summed_loss, has_aux=True)(state.params)
@@ -59,28 +64,27 @@ def _micro_grads(state: TrainState, loss_fn: LossFn, micro: Batch, rng: jax.Arra
 
 def accumulate_gradients(state: TrainState, batch: Batch, *, loss_fn: LossFn,
                          num_micro: int) -> tuple[Any, Metrics, Any]:
-    """Summed gradients, metric sums and the new non-trainable module state over `num_micro`
+    """Summed gradients, merged metrics and the new non-trainable module state over `num_micro`
     micro-batches (`lax.scan`, no Python loop); module state flows from one micro-batch to the next."""
     rng = state.step_rng()
     if num_micro == 1:
         return _micro_grads(state, loss_fn, batch, rng, state.model_state)
     micro_batches = split_microbatches(batch, num_micro)
-    zero_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
     first = jax.tree.map(lambda x: x[0], micro_batches)
-    sums_shape = jax.eval_shape(lambda: _micro_grads(state, loss_fn, first, rng, state.model_state)[1])
-    zero_sums = jax.tree.map(jnp.zeros_like, sums_shape)
+    shapes = jax.eval_shape(lambda: _micro_grads(state, loss_fn, first, rng, state.model_state)[1])
+    zero_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
 
     def body(carry, xs):
-        grads_acc, sums_acc, model_state = carry
+        grads_acc, metrics_acc, model_state = carry
         index, micro = xs
-        grads, sums, model_state = _micro_grads(state, loss_fn, micro, jax.random.fold_in(rng, index), model_state)
+        grads, metrics, model_state = _micro_grads(state, loss_fn, micro, jax.random.fold_in(rng, index), model_state)
         grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
-        return (grads_acc, jax.tree.map(jnp.add, sums_acc, sums), model_state), None
+        return (grads_acc, merge_all(metrics_acc, metrics), model_state), None
 
-    carry = (zero_grads, zero_sums, state.model_state)
-    (grads, sums, model_state), _ = jax.lax.scan(body, carry, (jnp.arange(num_micro), micro_batches))
+    carry = (zero_grads, identities(shapes), state.model_state)
+    (grads, metrics, model_state), _ = jax.lax.scan(body, carry, (jnp.arange(num_micro), micro_batches))
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
-    return grads, sums, model_state
+    return grads, metrics, model_state
 
 
 def _is_counter(leaf: jax.Array) -> bool:
@@ -102,46 +106,27 @@ def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn, schedule: op
                num_micro: int = 1, skip_non_finite: bool = True) -> tuple[TrainState, Metrics]:
     """One optimizer update on one global batch.
 
-    Returns per-step metrics as device scalars: `loss_sum` and `num_tokens` (so any window of steps
-    can be token-averaged later), `grad_norm`, `learning_rate` (the rate this update applied),
-    `skipped` (1 when a non-finite loss or gradient made the step leave parameters unchanged), and the
-    loss's extra metric sums.
+    Returns the loss's metrics plus `grad_norm`, `learning_rate` (the rate this update applied) and
+    `skipped_steps` (1 when a non-finite loss or gradient made the step leave parameters unchanged),
+    each a reducible `easytrain.metrics` value.
     """
-    grad_sums, sums, model_state = accumulate_gradients(state, batch, loss_fn=loss_fn, num_micro=num_micro)
-    count = jnp.maximum(sums["num_tokens"], 1.0)
-    grads = jax.tree.map(lambda g: g / count.astype(g.dtype), grad_sums)
+    grad_sums, metrics, model_state = accumulate_gradients(state, batch, loss_fn=loss_fn, num_micro=num_micro)
+    loss = metrics["loss"]
+    grads = jax.tree.map(lambda g: g / jnp.maximum(loss.count, 1.0).astype(g.dtype), grad_sums)
     grad_norm = optax.tree.norm(grads)
     new_state = state.apply_gradients(grads).replace(model_state=model_state)
-    finite = jnp.isfinite(sums["loss_sum"]) & jnp.isfinite(grad_norm)
+    finite = jnp.isfinite(loss.total) & jnp.isfinite(grad_norm)
     if skip_non_finite:
         updated = (new_state.params, new_state.opt_state, new_state.model_state)
         params, opt_state, model_state = keep_if_not_finite(updated, (state.params, state.opt_state,
                                                                       state.model_state), finite)
         new_state = new_state.replace(params=params, opt_state=opt_state, model_state=model_state)
-    metrics = {**sums, "grad_norm": grad_norm, "learning_rate": schedule(state.step),
-               "skipped": (~finite).astype(jnp.int32)}
+    metrics = {**metrics, "grad_norm": Mean(grad_norm, jnp.ones((), jnp.float32)),
+               "learning_rate": Last(jnp.asarray(schedule(state.step), jnp.float32)),
+               "skipped_steps": Sum((~finite).astype(jnp.int32))}
     return new_state, metrics
 
 
 def eval_step(state: TrainState, batch: Batch, *, loss_fn: LossFn) -> Metrics:
-    """Metric sums of one eval batch, the module in eval mode; padded rows carry `loss_mask == 0` and add nothing."""
-    return loss_metrics(loss_fn(state.model(train=False), batch, state.step_rng(), False))
-
-
-def summarize(step_metrics: list[dict[str, Any]], prefix: str = "") -> dict[str, float]:
-    """Token-weighted averages of fetched per-step (or per-batch) metric sums."""
-    totals: dict[str, float] = {}
-    for metrics in step_metrics:
-        for key, value in metrics.items():
-            totals[key] = totals.get(key, 0.0) + float(value)
-    tokens = totals.pop("num_tokens", 0.0)
-    denominator = max(tokens, 1.0)
-    out = {"loss": totals.pop("loss_sum", 0.0) / denominator, "num_tokens": tokens}
-    n = max(len(step_metrics), 1)
-    for key in ("grad_norm", "learning_rate"):
-        if key in totals:
-            out[key] = totals.pop(key) / n
-    if "skipped" in totals:
-        out["skipped_steps"] = totals.pop("skipped")
-    out.update({key: value / denominator for key, value in totals.items()})
-    return {f"{prefix}{key}": value for key, value in out.items()}
+    """Metrics of one eval batch, the module in eval mode; padded rows must weigh nothing in the loss."""
+    return loss_metrics(loss_fn(state.model(train=False), batch, state.step_rng(), False, state.frozen_views()))

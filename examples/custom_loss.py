@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from easytrain import BaseTrainer, LossOutput, TrainingArguments, token_cross_entropy_sums
 from easytrain.losses import model_logits
+from easytrain.metrics import Mean, Sum
 
 
 class ZLossTrainer(BaseTrainer):
@@ -23,12 +24,13 @@ class ZLossTrainer(BaseTrainer):
 
     z_weight = 1e-4
 
-    def compute_loss(self, model, batch, rng, train: bool) -> LossOutput:
+    def compute_loss(self, model, batch, rng, train: bool, frozen) -> LossOutput:
         logits_BTV = model_logits(model, batch)
         loss_sum, count, correct = token_cross_entropy_sums(logits_BTV, batch["targets"], batch["loss_mask"])
         log_z_BT = jax.nn.logsumexp(logits_BTV.astype(jnp.float32), axis=-1)
         z_sum = jnp.sum(jnp.square(log_z_BT) * batch["loss_mask"])
-        return LossOutput(loss_sum + self.z_weight * z_sum, count, {"accuracy": correct, "z_loss": z_sum})
+        metrics = {"num_tokens": Sum(count), "accuracy": Mean(correct, count), "z_loss": Mean(z_sum, count)}
+        return LossOutput(loss_sum + self.z_weight * z_sum, count, metrics)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

@@ -76,7 +76,7 @@ class Regressor(nnx.Module):
         return self.head(self.dropout(self.norm(self.linear(x_BF))))[:, 0]
 
 
-def regression_loss(model, batch, rng, train):
+def regression_loss(model, batch, rng, train, frozen=None):
     error = model(batch["x"]) - batch["y"]
     return LossOutput(jnp.sum(error ** 2), jnp.asarray(error.shape[0], jnp.float32))
 
@@ -100,7 +100,7 @@ def test_train_step_writes_back_running_statistics_and_advances_dropout():
     losses = []
     for _ in range(3):
         state, metrics = step(state, batch)
-        losses.append(float(metrics["loss_sum"]))
+        losses.append(float(metrics["loss"].total))
     assert not np.allclose(np.asarray(state.model_state["norm"]["mean"]), initial_mean), "running mean never moved"
     assert len(set(losses)) == 3, f"the same dropout mask every step: {losses}"
 
@@ -119,11 +119,11 @@ def test_eval_step_runs_the_module_in_eval_mode():
     batch = regression_batch(seed=2)
     first = eval_step(state, batch, loss_fn=regression_loss)
     second = eval_step(state, batch, loss_fn=regression_loss)
-    assert float(first["loss_sum"]) == float(second["loss_sum"]), "evaluation must be deterministic"
+    assert float(first["loss"].total) == float(second["loss"].total), "evaluation must be deterministic"
     module = nnx.merge(state.graphdef, state.params, state.model_state)
     module.eval()  # running statistics, no dropout: the independent reference
     expected = float(jnp.sum((module(batch["x"]) - batch["y"]) ** 2))
-    assert float(first["loss_sum"]) == pytest.approx(expected, rel=1e-6)
+    assert float(first["loss"].total) == pytest.approx(expected, rel=1e-6)
     module.train()
     assert float(jnp.sum((module(batch["x"]) - batch["y"]) ** 2)) != pytest.approx(expected, rel=1e-3)
 
@@ -131,7 +131,7 @@ def test_eval_step_runs_the_module_in_eval_mode():
 class RegressionTrainer(BaseTrainer):
     """The regressor through the whole trainer: features from the token blocks, mean next token as target."""
 
-    def compute_loss(self, model, batch, rng, train):
+    def compute_loss(self, model, batch, rng, train, frozen):
         x = batch["input_ids"][:, :8].astype(jnp.float32) / 16.0
         return regression_loss(model, {"x": x, "y": batch["targets"].astype(jnp.float32).mean(-1) / 16.0},
                                rng, train)
@@ -183,7 +183,7 @@ def test_skipped_steps_keep_the_applied_and_logged_learning_rate_equal():
                               rng=raw_key(0))
     poison = {1, 2, 4}
 
-    def loss_fn(model, batch, rng, train):
+    def loss_fn(model, batch, rng, train, frozen):
         out = regression_loss(model, batch, rng, train)
         return out._replace(loss_sum=jnp.where(batch["poison"], jnp.nan, out.loss_sum))
 
@@ -198,16 +198,16 @@ def test_skipped_steps_keep_the_applied_and_logged_learning_rate_equal():
         grads = np.concatenate([g.ravel() for g in leaves(jax.grad(mean_loss)(before, batch))])
         state, metrics = step(state, {**batch, "poison": np.asarray(index in poison)})
         delta = np.concatenate([(a - b).ravel() for a, b in zip(leaves(state.params), leaves(before))])
-        assert int(metrics["skipped"]) == (index in poison)
+        assert int(metrics["skipped_steps"].total) == (index in poison)
         assert int(state.step) == index + 1, "a skipped step still consumed its batch"
         counters = [int(c) for c in leaves(state.opt_state) if np.issubdtype(c.dtype, np.integer)]
         assert counters and set(counters) == {index + 1}, f"the optimizer's own step count lags: {counters}"
-        assert float(metrics["learning_rate"]) == pytest.approx(float(schedule(index)), rel=1e-6)
+        assert float(metrics["learning_rate"].value) == pytest.approx(float(schedule(index)), rel=1e-6)
         if index in poison:
             assert not delta.any(), "a skipped step must not move the parameters"
         else:
             applied = -float(delta @ grads) / float(grads @ grads)
-            assert applied == pytest.approx(float(metrics["learning_rate"]), rel=1e-4), index
+            assert applied == pytest.approx(float(metrics["learning_rate"].value), rel=1e-4), index
 
 
 def test_skipped_steps_keep_adam_moments_and_advance_its_count():
@@ -219,7 +219,7 @@ def test_skipped_steps_keep_adam_moments_and_advance_its_count():
     moments = [leaf for leaf in leaves(state.opt_state) if np.issubdtype(leaf.dtype, np.floating)]
     nan_batch = {**regression_batch(seed=1), "y": np.full((8,), np.nan, np.float32)}
     state, metrics = step(state, nan_batch)
-    assert int(metrics["skipped"]) == 1
+    assert int(metrics["skipped_steps"].total) == 1
     after = [leaf for leaf in leaves(state.opt_state) if np.issubdtype(leaf.dtype, np.floating)]
     for a, b in zip(after, moments):
         np.testing.assert_array_equal(a, b)
@@ -252,11 +252,11 @@ def test_early_stopping_patience_survives_a_resume(tmp_path):
 
 
 # ------------------------------------------------------------------------- 7. reserved metric names
-@pytest.mark.parametrize("name", ["loss_sum", "num_tokens", "grad_norm", "learning_rate", "skipped"])
+@pytest.mark.parametrize("name", ["loss", "grad_norm", "learning_rate", "skipped_steps"])
 def test_a_metric_named_like_a_built_in_one_is_refused(name):
-    def loss_fn(model, batch, rng, train):
+    def loss_fn(model, batch, rng, train, frozen):
         out = regression_loss(model, batch, rng, train)
-        return out._replace(metric_sums={name: out.loss_sum})
+        return out._replace(metrics={name: out.loss_sum})
 
     step = jax.jit(functools.partial(train_step, loss_fn=loss_fn, schedule=lambda s: 0.0))
     with pytest.raises(ValueError, match=f"'{name}'.*built-in"):

@@ -230,17 +230,16 @@ def test_eval_processes_share_batches_and_agree_on_their_count(num_rows, batch_s
 
 
 def test_eval_with_a_custom_collate_and_dataset_source():
+    """The loader names no field: padding rows reach the collate with example id -1, and it weighs them."""
     def collate(rows, example_ids):
-        return {
-            "x": rows["x"].astype(np.float32),
-            "loss_mask": np.ones(len(example_ids)),
-            "example_id": example_ids,
-        }
+        return {"x": rows["x"].astype(np.float32), "weight": (example_ids >= 0).astype(np.float32),
+                "example_id": example_ids}
 
     source = datasets.Dataset.from_dict({"x": [10, 11, 12]})
     batches = list(eval_batches(source, 2, collate=collate))
     assert [b["x"].tolist() for b in batches] == [[10, 11], [12, 10]]
-    assert [b["loss_mask"].tolist() for b in batches] == [[1, 1], [1, 0]]
+    assert [b["example_id"].tolist() for b in batches] == [[0, 1], [2, -1]]
+    assert [b["weight"].tolist() for b in batches] == [[1, 1], [1, 0]]
 
 
 def test_eval_rejects_an_empty_source():

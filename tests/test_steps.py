@@ -13,7 +13,8 @@ from easytrain import TrainState, token_cross_entropy_sums
 from easytrain.losses import causal_lm_loss
 from easytrain.models import init_model
 from easytrain.state import raw_key, split_model
-from easytrain.steps import eval_step, split_microbatches, summarize, train_step
+from easytrain.metrics import fetch, reduce_window
+from easytrain.steps import eval_step, split_microbatches, train_step
 
 CONFIG = transformers.LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
@@ -58,8 +59,8 @@ def test_loss_is_token_normalised_not_mean_of_means():
     log_probs = logits - np.log(np.exp(logits.astype(np.float64)).sum(-1, keepdims=True))
     nll = -np.take_along_axis(log_probs, batch["targets"][..., None], -1)[..., 0]
     expected = (nll * batch["loss_mask"]).sum() / batch["loss_mask"].sum()
-    assert float(metrics["loss_sum"] / metrics["num_tokens"]) == pytest.approx(expected, rel=1e-5)
-    assert summarize([jax.device_get(metrics)])["loss"] == pytest.approx(expected, rel=1e-5)
+    assert float(metrics["loss"].total / metrics["loss"].count) == pytest.approx(expected, rel=1e-5)
+    assert reduce_window([fetch(metrics)])["loss"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_batch_without_supervised_tokens_gives_zero_not_nan():
@@ -68,9 +69,9 @@ def test_batch_without_supervised_tokens_gives_zero_not_nan():
     batch["loss_mask"] = np.zeros_like(batch["loss_mask"])
     new_state, metrics = jax.jit(functools.partial(train_step, loss_fn=causal_lm_loss, schedule=lambda s: 1e-2))(
         state, batch)
-    assert float(metrics["num_tokens"]) == 0 and float(metrics["loss_sum"]) == 0.0
-    assert int(metrics["skipped"]) == 0 and float(metrics["grad_norm"]) == 0.0
-    assert summarize([jax.device_get(metrics)])["loss"] == 0.0
+    assert float(metrics["num_tokens"].total) == 0 and float(metrics["loss"].total) == 0.0
+    assert int(metrics["skipped_steps"].total) == 0 and float(metrics["grad_norm"].total) == 0.0
+    assert reduce_window([fetch(metrics)])["loss"] == 0.0
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(new_state.params))
 
 
@@ -83,9 +84,10 @@ def test_gradient_accumulation_equals_full_batch(num_micro):
                                                num_micro=a))
     full_state, full = step(1)(make_state(tx), batch)
     split_state, split = step(num_micro)(make_state(tx), batch)
-    assert float(split["num_tokens"]) == float(full["num_tokens"])
-    np.testing.assert_allclose(split["loss_sum"], full["loss_sum"], rtol=1e-6)
-    np.testing.assert_allclose(split["grad_norm"], full["grad_norm"], rtol=1e-5)
+    assert float(split["num_tokens"].total) == float(full["num_tokens"].total)
+    np.testing.assert_allclose(split["loss"].total, full["loss"].total, rtol=1e-6)
+    np.testing.assert_allclose(split["accuracy"].total, full["accuracy"].total, rtol=1e-6)
+    np.testing.assert_allclose(split["grad_norm"].total, full["grad_norm"].total, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(split_state.params), jax.tree.leaves(full_state.params)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     differs = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(full_state.params),
@@ -147,7 +149,7 @@ def test_matches_a_hand_written_training_loop():
         batch = ragged_batch(seed=i)
         params, opt_state, expected = reference_step(params, opt_state, batch)
         state, metrics = step(state, batch)
-        assert float(metrics["loss_sum"] / metrics["num_tokens"]) == pytest.approx(float(expected), rel=1e-5)
+        assert metrics["loss"].result() == pytest.approx(float(expected), rel=1e-5)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state.params)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
@@ -160,7 +162,7 @@ def test_non_finite_step_is_skipped():
     bad_state = state.replace(params=poisoned)
     new_state, metrics = jax.jit(functools.partial(train_step, loss_fn=causal_lm_loss, schedule=lambda s: 1e-2))(
         bad_state, batch)
-    assert int(metrics["skipped"]) == 1
+    assert int(metrics["skipped_steps"].total) == 1
     assert int(new_state.step) == 1  # the batch was consumed, so step counters advance ...
     for a, b in zip(jax.tree.leaves(new_state.opt_state), jax.tree.leaves(bad_state.opt_state)):
         if np.issubdtype(a.dtype, np.integer):
@@ -176,5 +178,5 @@ def test_eval_step_ignores_padding_rows():
     batch = ragged_batch()
     padded = {k: np.concatenate([v, np.zeros_like(v[:3])]) for k, v in batch.items()}
     a, b = eval_step(state, batch, loss_fn=causal_lm_loss), eval_step(state, padded, loss_fn=causal_lm_loss)
-    np.testing.assert_allclose(a["loss_sum"], b["loss_sum"], rtol=1e-6)
-    assert float(a["num_tokens"]) == float(b["num_tokens"])
+    np.testing.assert_allclose(a["loss"].total, b["loss"].total, rtol=1e-6)
+    assert float(a["num_tokens"].total) == float(b["num_tokens"].total)

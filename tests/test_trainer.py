@@ -141,9 +141,9 @@ def test_custom_loss_by_overriding_compute_loss(tmp_path):
     from easytrain import LossOutput, causal_lm_loss
 
     class DoubledLoss(BaseTrainer):
-        def compute_loss(self, model, batch, rng, train):
-            out = causal_lm_loss(model, batch, rng, train)
-            return LossOutput(2.0 * out.loss_sum, out.num_tokens, out.metric_sums)
+        def compute_loss(self, model, batch, rng, train, frozen):
+            out = causal_lm_loss(model, batch, rng, train, frozen)
+            return LossOutput(2.0 * out.loss_sum, out.count, out.metrics)
 
     plain = BaseTrainer(tiny_args(tmp_path / "a", max_steps=1)).train()
     doubled = DoubledLoss(tiny_args(tmp_path / "b", max_steps=1)).train()
@@ -154,9 +154,9 @@ def test_non_finite_stop_policy_checkpoints_the_finite_state_and_names_the_step(
     from easytrain import LossOutput, NonFiniteLossError, causal_lm_loss
 
     class NaNLoss(BaseTrainer):
-        def compute_loss(self, model, batch, rng, train):
-            out = causal_lm_loss(model, batch, rng, train)
-            return LossOutput(out.loss_sum * np.nan, out.num_tokens, out.metric_sums)
+        def compute_loss(self, model, batch, rng, train, frozen):
+            out = causal_lm_loss(model, batch, rng, train, frozen)
+            return LossOutput(out.loss_sum * np.nan, out.count, out.metrics)
 
     args = tiny_args(tmp_path, max_steps=3, logging_steps=3, non_finite_policy="stop")
     trainer = NaNLoss(args)
@@ -201,10 +201,10 @@ def test_non_finite_skip_policy_counts_and_logs_skipped_updates(tmp_path):
     from easytrain import LossOutput, causal_lm_loss
 
     class NaNOnSomeSteps(BaseTrainer):
-        def compute_loss(self, model, batch, rng, train):
-            out = causal_lm_loss(model, batch, rng, train)
+        def compute_loss(self, model, batch, rng, train, frozen):
+            out = causal_lm_loss(model, batch, rng, train, frozen)
             bad = jax.random.bits(rng) % 2 == 0  # a deterministic coin per step (the step RNG)
-            return LossOutput(jax.numpy.where(bad, np.nan, out.loss_sum), out.num_tokens, out.metric_sums)
+            return LossOutput(jax.numpy.where(bad, np.nan, out.loss_sum), out.count, out.metrics)
 
     args = tiny_args(tmp_path, max_steps=6, non_finite_policy="skip")
     NaNOnSomeSteps(args).train()

@@ -79,8 +79,9 @@ def lm_collate(blocks_NL: np.ndarray, example_ids: np.ndarray) -> Batch:
 
     Returns:
         ``input_ids``/``targets`` int32 ``[N, T]`` (targets already shifted),
-        ``loss_mask`` float32 and ``attention_mask`` int32 ``[N, T]`` of ones,
-        and ``example_id`` int32 ``[N]``.
+        ``loss_mask`` float32 (ones; zeros on padding rows, whose example id
+        is negative) and ``attention_mask`` int32 ``[N, T]`` of ones, and
+        ``example_id`` int32 ``[N]``.
     """
     if isinstance(blocks_NL, Mapping):
         raise DataError(
@@ -93,12 +94,14 @@ def lm_collate(blocks_NL: np.ndarray, example_ids: np.ndarray) -> Batch:
             f"`lm_collate` needs [N, T + 1] blocks with T >= 1, got shape {blocks_NL.shape}."
         )
     inputs_NT = blocks_NL[:, :-1]
+    example_ids = np.asarray(example_ids, dtype=np.int32)
+    real_N1 = (example_ids >= 0)[:, None]
     return {
         "input_ids": inputs_NT,
         "targets": blocks_NL[:, 1:],
-        "loss_mask": np.ones(inputs_NT.shape, np.float32),
+        "loss_mask": np.broadcast_to(real_N1, inputs_NT.shape).astype(np.float32),
         "attention_mask": np.ones(inputs_NT.shape, np.int32),
-        "example_id": np.asarray(example_ids, dtype=np.int32),
+        "example_id": example_ids,
     }
 
 

@@ -178,10 +178,11 @@ def eval_batches(
 ) -> Iterator[Batch]:
     """One ordered pass over ``source`` in static-shape batches.
 
-    The last global batch is padded with copies of row 0 whose ``loss_mask``
-    is 0 and ``example_id`` is -1: the shape never changes (no recompiles),
-    every example counts exactly once, and padded rows keep real attention so
-    they cannot produce NaNs that a zero mask would not cancel.
+    The last global batch is padded with copies of row 0 handed to ``collate``
+    with example id -1, which must give them zero weight (the language-model
+    collate zeroes their ``loss_mask``): the shape never changes (no
+    recompiles), every example counts exactly once, and padded rows hold real
+    data so they cannot produce NaNs that a zero weight would not cancel.
 
     Args:
         source: Rows to evaluate; a ``datasets.Dataset`` is read in numpy format.
@@ -208,6 +209,23 @@ def eval_batches(
     indices = positions.batch(local_batch_size)[process_index::process_count]
     load = functools.partial(_load_padded_batch, reader, collate)
     return iter(indices.map(load).to_iter_dataset(_or_default(read_options)))
+
+
+class EvalBatches:
+    """A re-iterable evaluation set: every ``iter()`` is one ordered pass (see ``eval_batches``)."""
+
+    def __init__(self, source: RowSource, global_batch_size: int, *, collate: RowsCollate = lm_collate_rows,
+                 process_index: int = 0, process_count: int = 1) -> None:
+        self.source = source
+        self.global_batch_size = global_batch_size
+        self._options = dict(collate=collate, process_index=process_index, process_count=process_count)
+        _local_batch_size(global_batch_size, process_index, process_count)  # fail now, not at the first eval
+
+    def __iter__(self) -> Iterator[Batch]:
+        return eval_batches(self.source, self.global_batch_size, **self._options)
+
+    def __len__(self) -> int:
+        return math.ceil(len(_RowReader(self.source)) / self.global_batch_size)
 
 
 class _RowReader:
@@ -331,12 +349,8 @@ def _load_batch(reader: _RowReader, collate: RowsCollate, indices: np.ndarray) -
 
 
 def _load_padded_batch(reader: _RowReader, collate: RowsCollate, indices: np.ndarray) -> Batch:
-    """Collate the real rows, filling positions past the end with masked copies of row 0."""
+    """Collate the real rows, filling positions past the end with copies of row 0 whose example id is
+    -1; the collate gives those rows zero weight (it knows which fields weigh)."""
     real = indices < len(reader)
     example_ids = np.where(real, indices, -1).astype(np.int32)
-    batch = collate(reader.read(np.where(real, indices, 0)), example_ids)
-    loss_mask = batch["loss_mask"]
-    real_rows = real.reshape(real.shape + (1,) * (loss_mask.ndim - 1))
-    batch["loss_mask"] = np.where(real_rows, loss_mask, 0).astype(loss_mask.dtype)
-    batch["example_id"] = example_ids
-    return batch
+    return collate(reader.read(np.where(real, indices, 0)), example_ids)

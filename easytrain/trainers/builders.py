@@ -11,7 +11,9 @@ from typing import Any
 import datasets
 import transformers
 
+from easytrain import sharding
 from easytrain.arguments import TrainingArguments
+from easytrain.callbacks import Callback, EarlyStopping
 from easytrain.data import load_text_datasets, tokenize_and_group
 from easytrain.errors import ArgumentError
 from easytrain.models.presets import llama_config
@@ -117,3 +119,23 @@ def check_block_length(split: datasets.Dataset, args: TrainingArguments) -> data
         raise ArgumentError("max_length", f"pre-tokenized rows hold {length} tokens but training needs blocks of "
                                           f"max_length + 1 = {args.max_length + 1}; set --max_length {length - 1}.")
     return split
+
+
+def default_callbacks(args: TrainingArguments) -> list[Callback]:
+    """Callbacks the arguments ask for (early stopping)."""
+    if args.early_stopping_patience is None:
+        return []
+    return [EarlyStopping(metric=args.metric_for_best_model or "eval_loss", patience=args.early_stopping_patience,
+                          greater_is_better=args.greater_is_better)]
+
+
+def check_batch_sizes(args: TrainingArguments, mesh: Any) -> None:
+    """Every micro-batch and eval batch splits evenly over the data-parallel devices."""
+    dp = sharding.data_parallel_size(mesh)
+    micro = args.train_batch_size // args.gradient_accumulation_steps
+    if micro % dp:
+        raise ArgumentError("train_batch_size", f"each micro-batch has {micro} rows, which the {dp} data-parallel "
+                            f"devices cannot split evenly; use a train_batch_size that is a multiple of "
+                            f"{dp * args.gradient_accumulation_steps}.")
+    if args.eval_batch_size % dp:
+        raise ArgumentError("eval_batch_size", f"must be a multiple of the {dp} data-parallel devices.")

@@ -1,27 +1,31 @@
-"""The training loop: dispatch steps, and only at logging steps fetch metrics from the device.
+"""The training loop: dispatch iterations, and only at logging steps fetch metrics from the device.
 
 Between logging steps nothing blocks on device values, so the host prepares batch N+1 while the
-device runs step N.
+device runs step N. The loop gets every collaborator explicitly (`LoopParts`); it knows no trainer
+class and no batch field by name.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable, Mapping
 
 import jax
 
-from easytrain import placement, steps
+from easytrain import metrics as metrics_lib
+from easytrain.arguments import TrainingArguments
+from easytrain.callbacks import CallbackList
+from easytrain.checkpoint import CheckpointManager
 from easytrain.errors import NonFiniteLossError
+from easytrain.protocol import ConfiguredDataloaders
 from easytrain.reporting import Reporter
 from easytrain.trainers.preemption import PreemptionWatcher, TrainingPreempted
 
-if TYPE_CHECKING:
-    from easytrain.trainers.base import BaseTrainer
-
 logger = logging.getLogger("easytrain")
+HostBatch = Mapping[str, Any]
 
 
 def is_due(step: int, strategy: str, every: int, steps_per_epoch: int) -> bool:
@@ -33,14 +37,40 @@ def is_due(step: int, strategy: str, every: int, steps_per_epoch: int) -> bool:
     return False
 
 
-class TrainLoop:
-    """One call of `BaseTrainer.train()`: restore, iterate, log, evaluate, checkpoint."""
+@dataclasses.dataclass
+class LoopParts:
+    """What one training run uses.
 
-    def __init__(self, trainer: "BaseTrainer"):
-        self.trainer = trainer
-        self.args = trainer.arguments
-        self.data = trainer._data
-        self.pending: list[tuple[int, dict[str, jax.Array], Any]] = []
+    `iteration(state, device_batch) -> (state, metrics)` is one iteration (by default one compiled
+    train step; a subclass may run several updates per batch). `publish(state)` hands the newest state
+    to its owner after every iteration, so callbacks and evaluators see it. `owner` is passed to the
+    callbacks, which may set `owner.should_stop`.
+    """
+
+    arguments: TrainingArguments
+    data: ConfiguredDataloaders
+    iteration: Callable[[Any, Mapping[str, jax.Array]], tuple[Any, dict[str, Any]]]
+    to_device: Callable[[HostBatch], Mapping[str, jax.Array]]
+    count_tokens: Callable[[HostBatch], int]
+    publish: Callable[[Any], None]
+    checkpoints: CheckpointManager
+    run_info: Callable[[], dict[str, Any]]
+    evaluate: Callable[[], dict[str, float]]
+    export: Callable[[Path], Any]
+    restore_best: Callable[[int, Any], Any]
+    callbacks: CallbackList
+    owner: Any
+    is_main_process: bool
+
+
+class TrainLoop:
+    """One call of `train()`: iterate, log, evaluate, checkpoint, from a given state and data position."""
+
+    def __init__(self, parts: LoopParts):
+        self.parts = parts
+        self.args = parts.arguments
+        self.data = parts.data
+        self.pending: list[tuple[int, dict[str, Any], Any, int]] = []
         self.last_eval: dict[str, float] = {}
         self.last_eval_step = -1
         self.last_logs: dict[str, float] = {}
@@ -50,22 +80,21 @@ class TrainLoop:
         self.window_start = time.perf_counter()
 
     # ------------------------------------------------------------------ run
-    def run(self) -> dict[str, float]:
-        trainer, args = self.trainer, self.args
-        step = trainer._resume_from[1] if trainer._resume_from else 0
-        self.iterator = self.data.train.iterator(step)
-        if trainer.resumed_data_state:
-            self.iterator.set_state(trainer.resumed_data_state)
-        trainer.save_arguments()
+    def run(self, state: Any, start_step: int, data_state: dict[str, Any] | None, resumed: bool) -> dict[str, float]:
+        parts, args = self.parts, self.args
+        self.state = state
+        self.iterator = self.data.train.iterator(start_step)
+        if data_state:
+            self.iterator.set_state(data_state)
         self.reporter = Reporter(output_dir=args.output_dir, report_to=args.report_to,
-                                 total_steps=self.data.total_steps, initial_step=step,
-                                 enabled=trainer.is_main_process, show_progress=not args.disable_progress_bar)
-        self.manager = trainer.checkpoint_manager()
-        self.last_saved_step = step if trainer._resume_from else -1
+                                 total_steps=self.data.total_steps, initial_step=start_step,
+                                 enabled=parts.is_main_process, show_progress=not args.disable_progress_bar)
+        self.manager = parts.checkpoints
+        self.last_saved_step = start_step if resumed else -1
         try:
             with PreemptionWatcher() as self.preemption:
-                trainer.callbacks.on_train_begin(trainer)
-                step = self.iterate(step)
+                parts.callbacks.on_train_begin(parts.owner)
+                step = self.iterate(start_step)
                 self.finish(step)
         except BaseException:
             self.shut_down(failing=True)
@@ -74,12 +103,12 @@ class TrainLoop:
         return self.last_logs
 
     def iterate(self, step: int) -> int:
-        trainer, args, data = self.trainer, self.args, self.data
-        while step < data.total_steps and not trainer.should_stop:
+        parts, args, data = self.parts, self.args, self.data
+        while step < data.total_steps and not parts.owner.should_stop:
             batch = next(self.iterator)
-            self.dispatch(trainer.to_global(batch))
+            metrics = self.dispatch(parts.to_device(batch))
             step += 1
-            self.pending.append((step, self.metrics, batch["example_id"]))
+            self.pending.append((step, metrics, batch.get("example_id"), parts.count_tokens(batch)))
             self.reporter.advance(step)
             if step % args.logging_steps == 0 or step == data.total_steps:
                 self.log(step)
@@ -87,30 +116,29 @@ class TrainLoop:
                 self.evaluate(step)
             if is_due(step, args.save_strategy, args.save_steps, data.steps_per_epoch):
                 self.save(step)
-            trainer.callbacks.on_step_end(trainer, step)
+            parts.callbacks.on_step_end(parts.owner, step)
             if self.preemption.should_stop(step):
                 self.stop_for_signal(step)
         return step
 
-    def dispatch(self, global_batch: dict[str, jax.Array]) -> None:
-        """Launch one step asynchronously; the first call also compiles (timed separately)."""
-        trainer = self.trainer
+    def dispatch(self, global_batch: Mapping[str, jax.Array]) -> dict[str, Any]:
+        """Launch one iteration asynchronously; the first call also compiles (timed separately)."""
         started = time.perf_counter()
-        trainer._state, self.metrics = trainer._functions.train_step(trainer._state, global_batch)
+        self.state, metrics = self.parts.iteration(self.state, global_batch)
+        self.parts.publish(self.state)
         if self.compile_seconds is None:
             self.compile_seconds = time.perf_counter() - started
             logger.info("compiled the train step in %.2f s", self.compile_seconds)
             self.window_start = time.perf_counter()
-            self.tokens_per_step = int(global_batch["input_ids"].size)
+        return metrics
 
     def finish(self, step: int) -> None:
-        trainer = self.trainer
         self.checkpoint_now(step)
         if self.args.load_best_model_at_end:
             self.load_best(step)
-        trainer.callbacks.on_train_end(trainer)
+        self.parts.callbacks.on_train_end(self.parts.owner)
         if self.args.save_pretrained_at_end:
-            trainer.save_pretrained(Path(self.args.output_dir) / "final_model")
+            self.parts.export(Path(self.args.output_dir) / "final_model")
 
     def checkpoint_now(self, step: int, *, force: bool = False) -> str | None:
         """Log pending metrics and complete a checkpoint of `step` (none under save_strategy='no').
@@ -157,18 +185,21 @@ class TrainLoop:
                            self.args.metric_for_best_model)
             return
         if best != step:
-            target = placement.abstract_state(self.trainer.state_shardings, self.trainer._state)
-            self.trainer._state, _, _ = self.manager.restore(best, abstract_state=target)
+            self.state = self.parts.restore_best(best, self.state)
+            self.parts.publish(self.state)
         logger.info("load_best_model_at_end: loaded step %d (%s)", best, self.args.metric_for_best_model)
         self.last_logs = {**self.last_logs, "best_step": best}
 
     # ------------------------------------------------------------------ events
     def log(self, step: int) -> None:
-        """Fetch the metrics of every step since the last log in one transfer, and report them."""
-        fetched = jax.device_get([metrics for _, metrics, _ in self.pending])
+        """Fetch the metrics of every step since the last log in one transfer, merge and report them."""
+        fetched = metrics_lib.fetch([metrics for _, metrics, _, _ in self.pending])
         elapsed = max(time.perf_counter() - self.window_start, 1e-9)
-        logs = steps.summarize(fetched)
-        logs["tokens_per_second"] = len(self.pending) * self.tokens_per_step / elapsed
+        logs = metrics_lib.reduce_window(fetched)
+        tokens = sum(count for _, _, _, count in self.pending) * jax.process_count()
+        if tokens:
+            logs["tokens_per_second"] = tokens / elapsed
+        logs["examples_per_second"] = len(self.pending) * self.args.train_batch_size / elapsed
         logs["epoch"] = step / self.data.steps_per_epoch
         if not self.compile_logged:
             logs["compile_seconds"], self.compile_logged = self.compile_seconds, True
@@ -176,7 +207,7 @@ class TrainLoop:
         self.pending = []
         self.last_logs = logs
         self.reporter.log(step, logs, split="train")
-        self.trainer.callbacks.on_log(self.trainer, step, logs)
+        self.parts.callbacks.on_log(self.parts.owner, step, logs)
         self.window_start = time.perf_counter()
 
     def check_finite(self, current_step: int, fetched: list[dict[str, Any]]) -> None:
@@ -187,27 +218,27 @@ class TrainLoop:
         """
         if self.args.non_finite_policy != "stop":
             return
-        for (step, _, example_ids), metrics in zip(self.pending, fetched):
-            if int(metrics["skipped"]):
+        for (step, _, example_ids, _), metrics in zip(self.pending, fetched):
+            if int(metrics["skipped_steps"].result()):
                 self.save(current_step, force=True)
                 self.manager.wait_until_finished()  # the checkpoint must be complete before the error ends the run
+                batch = "" if example_ids is None else f" (batch example ids {list(map(int, example_ids))})"
                 raise NonFiniteLossError(
-                    f"non-finite loss or gradient at step {step} (batch example ids {list(map(int, example_ids))}); "
-                    f"that update was skipped and the state after step {current_step} was checkpointed. Inspect "
-                    f"those examples, lower learning_rate, or set non_finite_policy='skip'.")
+                    f"non-finite loss or gradient at step {step}{batch}; that update was skipped and the state "
+                    f"after step {current_step} was checkpointed. Inspect those examples, lower learning_rate, "
+                    f"or set non_finite_policy='skip'.")
 
     def evaluate(self, step: int) -> None:
-        trainer = self.trainer
-        self.last_eval, self.last_eval_step = trainer.evaluate(), step
+        self.last_eval, self.last_eval_step = self.parts.evaluate(), step
         self.reporter.log(step, self.last_eval, split="eval")
-        trainer.callbacks.on_evaluate(trainer, step, self.last_eval)
+        self.parts.callbacks.on_evaluate(self.parts.owner, step, self.last_eval)
 
     def save(self, step: int, force: bool = False) -> None:
-        trainer = self.trainer
-        saved = self.manager.save(step, state=trainer._state, data_state=self.iterator.get_state(),
-                                  run_info=trainer.run_info(), force=force,
-                                  progress={"callbacks": trainer.callbacks.state_dict()},
+        parts = self.parts
+        saved = self.manager.save(step, state=self.state.checkpointed(), data_state=self.iterator.get_state(),
+                                  run_info=parts.run_info(), force=force,
+                                  progress={"callbacks": parts.callbacks.state_dict()},
                                   metrics=self.last_eval if self.last_eval_step == step else None)
         if saved:
             self.last_saved_step = step
-            trainer.callbacks.on_save(trainer, step, str(self.manager.directory / str(step)))
+            parts.callbacks.on_save(parts.owner, step, str(self.manager.directory / str(step)))

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
+
+import jax
 
 from easytrain.checkpoint import CheckpointManager, CheckpointMismatchError
+from easytrain.arguments import TrainingArguments
 from easytrain.errors import ArgumentError, CheckpointReadError
-
-if TYPE_CHECKING:
-    from easytrain.trainers.base import BaseTrainer
 
 logger = logging.getLogger("easytrain")
 
@@ -36,24 +36,24 @@ def config_dict(config: Any) -> dict[str, Any] | None:
     return json.loads(config.to_json_string()) if hasattr(config, "to_json_string") else None
 
 
-def check_resumable(run_info: dict[str, Any], trainer: "BaseTrainer") -> list[str]:
+def check_resumable(run_info: dict[str, Any], arguments: TrainingArguments, model_config: Any) -> list[str]:
     """Refuse a resume whose model or data order differs from the checkpoint's.
 
     Returns the data-order changes that `allow_data_order_change` let through (empty for an exact resume).
     """
     stored_config = run_info.get("model_config") or {}
-    current_config = config_dict(trainer.model_config) or {}
+    current_config = config_dict(model_config) or {}
     if stored_config and current_config:
         diffs = _differences(stored_config, current_config, ARCHITECTURE_KEYS)
         if diffs:
             raise ArgumentError("model_config", "the checkpoint was trained with a different architecture ("
                                 + "; ".join(diffs) + "). Resume with the same model, or start a new output_dir.")
-    stored_args, current_args = run_info.get("arguments") or {}, trainer.arguments.to_dict()
+    stored_args, current_args = run_info.get("arguments") or {}, arguments.to_dict()
     if schedule_diffs := _differences(stored_args, current_args, SCHEDULE_FIELDS):
         logger.warning("resuming with a different learning-rate schedule (%s): from the restored step on, the "
                        "curve differs from the one the checkpointed run would have followed", "; ".join(schedule_diffs))
     diffs = _differences(stored_args, current_args, DATA_ORDER_FIELDS)
-    if diffs and trainer.arguments.allow_data_order_change:
+    if diffs and arguments.allow_data_order_change:
         logger.warning("resuming with a changed data order (%s): allow_data_order_change is set, so the data "
                        "continues in the new settings' order at the restored step", "; ".join(diffs))
     elif diffs:
@@ -72,7 +72,8 @@ class Restored(NamedTuple):
     callbacks_state: dict[str, Any]
 
 
-def restore_checkpoint(checkpoint: tuple[Path, int], trainer: "BaseTrainer", target: Any) -> Restored:
+def restore_checkpoint(checkpoint: tuple[Path, int], arguments: TrainingArguments, model_config: Any,
+                       target: Any) -> Restored:
     """Validate, then restore the state straight into `target`'s shapes and shardings, with the data
     position and the callbacks' progress."""
     root, step = checkpoint
@@ -81,7 +82,7 @@ def restore_checkpoint(checkpoint: tuple[Path, int], trainer: "BaseTrainer", tar
             run_info = manager.read_run_info(step)
         except Exception as error:  # any unreadable file means the same to the user: use another checkpoint
             raise _unreadable(root, step, manager.all_steps(), error) from error
-        data_order_changed = check_resumable(run_info, trainer)
+        data_order_changed = check_resumable(run_info, arguments, model_config)
         try:
             state, data_state, _ = manager.restore(step, abstract_state=target)
             progress = manager.read_progress(step)
@@ -102,3 +103,11 @@ def _unreadable(root: Path, step: int, steps: list[int], error: Exception) -> Ch
     return CheckpointReadError(f"resume_from_checkpoint: the checkpoint {root / str(step)} cannot be read "
                                f"({type(error).__name__}: {detail}); it may be corrupted or truncated. It was left "
                                f"untouched; {hint}.")
+
+
+def restore_step(manager: CheckpointManager, shardings: Any, step: int, current: Any) -> Any:
+    """The state of checkpoint `step` in `current`'s layout, keeping the frozen entries that are rebuilt
+    rather than checkpointed (`load_best_model_at_end`)."""
+    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), current, shardings)
+    restored, _, _ = manager.restore(step, abstract_state=target.checkpointed())
+    return restored.replace(frozen={**current.frozen, **restored.frozen})

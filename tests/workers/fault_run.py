@@ -67,9 +67,9 @@ class RandomDropoutTrainer(BaseTrainer):
     evaluating = False
     last_ids: list[int] = []
 
-    def compute_loss(self, model, batch, rng, train):
+    def compute_loss(self, model, batch, rng, train, frozen):
         keep = jax.random.bernoulli(rng, KEEP_PROBABILITY, batch["loss_mask"].shape)
-        return causal_lm_loss(model, {**batch, "loss_mask": batch["loss_mask"] * keep}, rng, train)
+        return causal_lm_loss(model, {**batch, "loss_mask": batch["loss_mask"] * keep}, rng, train, frozen)
 
     def to_global(self, host_batch):
         if not self.evaluating:  # eval batches pass through here too

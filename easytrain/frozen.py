@@ -1,0 +1,128 @@
+"""Frozen state: named non-trainable pytrees a trainer carries next to the model.
+
+A reference policy, a teacher, an EMA copy or a reward model is declared once with `Frozen` in
+`BaseTrainer.configure_frozen`. It is placed on the mesh by the same logical-axis rules as the
+parameters, lives in `TrainState.frozen` (so it reaches the compiled step as an argument, never as a
+compile-time constant, and is donated and returned without a copy), is handed to the loss, gets no
+gradient and no optimizer state, and is either checkpointed or rebuilt on resume, as declared.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, NamedTuple
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh
+
+from easytrain import sharding
+
+PyTree = Any
+
+
+class Frozen(NamedTuple):
+    """One frozen entry.
+
+    Attributes:
+        value: an `nnx.Module` or a pytree of arrays (copied onto the mesh), or a zero-argument function
+            building one. A builder runs under `jax.jit` with sharded outputs, so a large module is never
+            materialised whole on one device; it must create its own `nnx.Rngs` (like `create_module`).
+        checkpoint: True writes the entry into every checkpoint and restores it on resume (state that
+            changes, e.g. an EMA); False rebuilds it from `value` on resume (a fixed reference or teacher).
+    """
+
+    value: nnx.Module | PyTree | Callable[[], nnx.Module | PyTree]
+    checkpoint: bool = False
+
+
+class PlacedFrozen(NamedTuple):
+    """Frozen entries on the mesh, with what `TrainState` records about them."""
+
+    values: dict[str, PyTree]
+    shardings: dict[str, PyTree]
+    modules: tuple[tuple[str, nnx.GraphDef], ...]
+    checkpointed: tuple[str, ...]
+
+
+def _is_builder(value: Any) -> bool:
+    return callable(value) and not isinstance(value, nnx.Module)
+
+
+def _split(value: Any) -> tuple[nnx.GraphDef | None, Any]:
+    """A module as (graphdef, nnx.State); a plain pytree as (None, itself)."""
+    if isinstance(value, nnx.Module):
+        graphdef, state = nnx.split(value)
+        return graphdef, state
+    return None, value
+
+
+def _shardings(state: Any, mesh: Mesh, rules: sharding.LogicalRules) -> PyTree:
+    """Module variables by their logical axes, as parameters are; plain arrays replicated."""
+    if isinstance(state, nnx.State):
+        return sharding.param_shardings(state, mesh, rules)
+    return jax.tree.map(lambda _: sharding.replicated(mesh), state)
+
+
+def _pure(state: Any) -> PyTree:
+    return nnx.to_pure_dict(state) if isinstance(state, nnx.State) else state
+
+
+def place_frozen(specs: Mapping[str, Frozen], mesh: Mesh, rules: sharding.LogicalRules, *,
+                 abstract: bool = False) -> PlacedFrozen:
+    """Build and place every entry, or with `abstract=True` only describe it (shapes and shardings: the
+    restore target of checkpointed entries, at no memory cost)."""
+    values, shardings, modules = {}, {}, []
+    for name, spec in specs.items():
+        if _is_builder(spec.value):
+            with nnx.use_eager_sharding(False):
+                graphdef, shapes = _split(nnx.eval_shape(spec.value))
+        else:
+            graphdef, shapes = _split(spec.value)
+        target = _shardings(shapes, mesh, rules)
+        if abstract:
+            value = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), _pure(shapes), target)
+        elif _is_builder(spec.value):
+            with jax.set_mesh(mesh):
+                value = jax.jit(lambda build=spec.value: _pure(_split(_built(build))[1]), out_shardings=target)()
+        else:
+            value = jax.device_put(_pure(shapes), target, may_alias=False)  # owned: the step donates it
+        values[name], shardings[name] = value, target
+        if graphdef is not None:
+            modules.append((name, graphdef))
+    checkpointed = tuple(name for name, spec in specs.items() if spec.checkpoint)
+    return PlacedFrozen(values, shardings, tuple(modules), checkpointed)
+
+
+def _built(build: Callable[[], Any]) -> Any:
+    with nnx.use_eager_sharding(False):
+        return build()
+
+
+
+def attach(tree: Any, values: Mapping[str, PyTree], specs: Mapping[str, Frozen],
+           modules: tuple[tuple[str, nnx.GraphDef], ...]) -> Any:
+    """`tree` (a `TrainState`, or its tree of shardings or shapes) with frozen `values` added and the
+    static facts every such tree must share (jit matches their structure exactly)."""
+    return tree.replace(frozen={**tree.frozen, **values}, frozen_modules=modules,
+                        frozen_checkpointed=tuple(name for name, spec in specs.items() if spec.checkpoint))
+
+
+class FrozenPlan:
+    """Where each declared entry comes from in this run: built now, or (checkpointed entries of a resumed
+    run) restored from the checkpoint into an abstract target."""
+
+    def __init__(self, specs: Mapping[str, Frozen], mesh: Mesh, rules: sharding.LogicalRules, *, resuming: bool):
+        self.specs = dict(specs)
+        self.built = place_frozen({k: f for k, f in specs.items() if not (resuming and f.checkpoint)}, mesh, rules)
+        self.restored = place_frozen({k: f for k, f in specs.items() if resuming and f.checkpoint}, mesh, rules,
+                                     abstract=True)
+        self.modules = self.restored.modules + self.built.modules
+
+    def restore_target(self, abstract_state: Any) -> Any:
+        """The abstract state a checkpoint of this run holds (with its checkpointed frozen entries)."""
+        return attach(abstract_state, self.restored.values, self.specs, self.modules)
+
+    def attach_to(self, state: Any, shardings: Any) -> tuple[Any, Any]:
+        """The state with every entry in place, and its shardings."""
+        return (attach(state, self.built.values, self.specs, self.modules),
+                attach(shardings, {**self.restored.shardings, **self.built.shardings}, self.specs, self.modules))

@@ -1,0 +1,80 @@
+"""`BaseTrainer`'s default hooks: causal language modelling of tokenised text with a Llama-family
+model, exported in Hugging Face layout.
+
+Each is one public hook; a trainer for another kind of data or module (an image classifier, a
+preference model) overrides the ones it needs and inherits the rest of `BaseTrainer` unchanged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from flax import nnx
+
+from easytrain.data import RowSource, lm_collate_rows
+from easytrain.evaluators import arithmetic_exact_match
+from easytrain.losses import Batch, LossOutput, causal_lm_loss
+from easytrain.models import LlamaForCausalLM, save_pretrained
+from easytrain.trainers import builders
+from easytrain.trainers.resume import config_dict
+
+
+class LanguageModelHooks:
+    """Data, module, loss and export of causal language modelling (mixed into `BaseTrainer`)."""
+
+    def prepare_datasets(self) -> tuple[RowSource, RowSource | None]:
+        """Rows to train and evaluate on, before batching. Default: text tokenised into blocks for
+        causal language modelling (also sets `tokenizer` and `model_config`)."""
+        args = self._arguments
+        embedded = builders.uses_embedded_data(args, self._raw_train)
+        self.tokenizer = builders.ensure_pad_token(self.tokenizer or builders.build_tokenizer(args, embedded=embedded))
+        self.model_config = getattr(self._given_model, "config", None) if self._given_model is not None \
+            else builders.build_model_config(args, self.tokenizer)
+        builders.check_max_length(args, self.model_config)
+        splits = builders.raw_datasets(args, self._raw_train, self._raw_eval)
+        if embedded and not self.evaluators and "validation" in splits:
+            self.evaluators.append(arithmetic_exact_match(splits["validation"], self.tokenizer))
+        return builders.lm_blocks(args, self.tokenizer, splits)
+
+    def collate(self, rows: Mapping[str, np.ndarray], example_ids: np.ndarray) -> dict[str, np.ndarray]:
+        """Rows -> one host batch, for training and evaluation alike. Rows whose example id is negative
+        pad the last eval batch and must weigh nothing in the loss. Default: shifted token blocks."""
+        return lm_collate_rows(rows, example_ids)
+
+    def count_tokens(self, batch: Mapping[str, np.ndarray]) -> int:
+        """Tokens in this process's host batch, for `tokens_per_second` (0: not a token model)."""
+        return int(np.size(batch["input_ids"])) if "input_ids" in batch else 0
+
+    def create_module(self) -> nnx.Module:
+        """A freshly initialised module of the configured architecture. Runs under `jax.jit` (sharded init)
+        or `nnx.eval_shape`, so it creates its own `nnx.Rngs`."""
+        return LlamaForCausalLM(self.model_config, dtype=self.dtype, param_dtype=self.param_dtype,
+                                rngs=nnx.Rngs(self._arguments.seed))
+
+    def compute_loss(self, model: nnx.Module, batch: Batch, rng: jax.Array, train: bool,
+                     frozen: Mapping[str, Any]) -> LossOutput:
+        """The objective, traced inside the compiled step. Override to change it.
+
+        Return `LossOutput(loss_sum, count, metrics)`: a *sum* and the count it is normalised by, never
+        a mean, so accumulation and data parallelism divide once by the global count. `frozen` holds
+        the `configure_frozen` entries (modules in eval mode). `train` is False in evaluation.
+        """
+        return causal_lm_loss(model, batch, rng, train, frozen)
+
+    def export_problem(self) -> str | None:
+        """Why `save_pretrained` cannot export this run, or None; asked before training starts."""
+        if type(self).save_pretrained is LanguageModelHooks.save_pretrained and config_dict(self.model_config) is None:
+            return "the model has no Hugging Face config, so it cannot be exported in Hugging Face layout"
+        return None
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write config.json, model.safetensors and the tokenizer in Hugging Face layout."""
+        self.setup()
+        if self._checkpoints is not None:
+            self._checkpoints.wait_until_finished()
+        directory = Path(directory)  # every process takes part (gathers); only process 0 writes
+        save_pretrained(directory, self.model, self.model_config, tokenizer=self.tokenizer)
+        return directory

@@ -1,0 +1,226 @@
+"""The extension surface methods build on: frozen state, the trainable filter, reducible metrics,
+batch layouts, extra compiled functions and the iteration hook."""
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from easytrain import BaseTrainer, Callback, LossOutput, TrainingArguments, causal_lm_loss
+from easytrain.checkpoint import CheckpointManager
+from easytrain.frozen import Frozen
+from easytrain.losses import model_logits
+from easytrain.metrics import Max, Mean, mean_over, merge_all
+
+
+def tiny_args(tmp_path, **overrides) -> TrainingArguments:
+    values = dict(output_dir=str(tmp_path / "run"), max_length=32, train_batch_size=8, eval_batch_size=8,
+                  max_steps=4, learning_rate=3e-3, logging_steps=1, eval_strategy="no", save_strategy="no",
+                  report_to=["jsonl"], disable_progress_bar=True, save_pretrained_at_end=False,
+                  max_train_samples=64, max_eval_samples=16, model_config="tiny")
+    values.update(overrides)
+    return TrainingArguments(**values)
+
+
+def logged(output_dir, key="loss", split="train") -> dict[int, float]:
+    lines = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {line["step"]: line[key] for line in lines if line["split"] == split and key in line}
+
+
+def nbytes(tree) -> int:
+    return sum(leaf.nbytes for leaf in jax.tree.leaves(tree))
+
+
+class StopAt(Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, trainer, step):
+        if step == self.step:
+            trainer.should_stop = True
+
+
+# --------------------------------------------------------------------------------- frozen state
+class AnchoredTrainer(BaseTrainer):
+    """Cross-entropy plus a pull towards a frozen copy of the initial model (a reference policy)."""
+
+    checkpoint_reference = False
+
+    def configure_frozen(self):
+        return {"reference": Frozen(self.create_module, checkpoint=self.checkpoint_reference)}
+
+    def compute_loss(self, model, batch, rng, train, frozen):
+        out = causal_lm_loss(model, batch, rng, train, frozen)
+        drift_BTV = model_logits(model, batch) - model_logits(frozen["reference"], batch)
+        drift = jnp.sum(jnp.mean(jnp.square(drift_BTV), axis=-1) * batch["loss_mask"])
+        return LossOutput(out.loss_sum + drift, out.count, {**out.metrics, "drift": Mean(drift, out.count)})
+
+
+def test_a_frozen_copy_is_an_argument_stays_bit_identical_and_is_not_duplicated(tmp_path):
+    trainer = AnchoredTrainer(tiny_args(tmp_path))
+    state = trainer.state
+    reference = jax.tree.map(np.asarray, state.frozen["reference"])
+    for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(state.params)):  # built like the policy
+        np.testing.assert_array_equal(a, np.asarray(b))
+    batch = trainer.to_global(next(trainer.dataloaders.train.iterator(0)))
+    traced = trainer.functions.train_step.trace(state, batch)
+    big = [c.shape for c in traced.jaxpr.consts if np.size(c) > 64]
+    assert not big, f"large compile-time constants in the step: {big}"
+    memory = traced.lower().compile().memory_analysis()
+    assert memory.alias_size_in_bytes >= nbytes(state.frozen), "the frozen copy is donated and passed through"
+    assert "reference" not in str(jax.tree_util.tree_structure(state.opt_state))
+    logs = trainer.train()
+    assert logs["drift"] > 0
+    for a, b in zip(jax.tree.leaves(trainer.state.frozen["reference"]), jax.tree.leaves(reference)):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    assert nbytes(trainer.state.opt_state) < 3 * nbytes(trainer.state.params), "no optimizer state for it"
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_frozen_entries_are_rebuilt_or_restored_on_resume_with_an_exact_curve(tmp_path, checkpointed):
+    class Trainer(AnchoredTrainer):
+        checkpoint_reference = checkpointed
+
+    common = dict(max_steps=4, save_strategy="steps", save_steps=2)
+    straight = tiny_args(tmp_path / "straight", **common)
+    Trainer(straight).train()
+    interrupted = tiny_args(tmp_path / "interrupted", **common)
+    Trainer(interrupted, callbacks=[StopAt(2)]).train()
+    keys = CheckpointManager(Path(interrupted.output_dir) / "checkpoints").stored_signature(2)
+    assert any(key.startswith("frozen.reference.") for key in keys) == checkpointed
+    resumed = Trainer(tiny_args(tmp_path / "interrupted", resume_from_checkpoint="latest", **common))
+    resumed.train()
+    assert logged(interrupted.output_dir) == logged(straight.output_dir)
+    assert logged(interrupted.output_dir, "drift") == logged(straight.output_dir, "drift")
+
+
+# ----------------------------------------------------------------------------- what trains
+class FrozenEmbeddings(BaseTrainer):
+    trainable = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("embed_tokens")))
+
+
+def test_the_trainable_filter_gives_gradients_and_optimizer_state_to_the_subset_only(tmp_path):
+    common = dict(max_steps=4, save_strategy="steps", save_steps=2)
+    trainer = FrozenEmbeddings(tiny_args(tmp_path / "straight", **common))
+    state = trainer.state
+    embedding = np.asarray(state.model_state["embed_tokens"]["embedding"])
+    assert "embed_tokens" not in state.params and "embed_tokens" in state.model_state
+    moments = [leaf for leaf in jax.tree.leaves(state.opt_state) if leaf.ndim > 0]
+    assert nbytes(moments) == 2 * nbytes(state.params), "Adam's two moments, for trainable weights only"
+    before = jax.tree.map(np.asarray, state.params)
+    trainer.train()
+    np.testing.assert_array_equal(np.asarray(trainer.state.model_state["embed_tokens"]["embedding"]),
+                                  embedding)
+    assert any(not np.array_equal(a, np.asarray(b)) for a, b in
+               zip(jax.tree.leaves(before), jax.tree.leaves(trainer.state.params)))
+    interrupted = tiny_args(tmp_path / "interrupted", **common)
+    FrozenEmbeddings(interrupted, callbacks=[StopAt(2)]).train()
+    FrozenEmbeddings(tiny_args(tmp_path / "interrupted", resume_from_checkpoint="latest", **common)).train()
+    assert logged(interrupted.output_dir) == logged(tmp_path / "straight" / "run")
+
+
+# ------------------------------------------------------------------- batch layouts, metrics
+class PairedTrainer(BaseTrainer):
+    """A paired layout: each row holds a block and its reversal; a per-pair preference-style metric."""
+
+    def collate(self, rows, example_ids):
+        single = super().collate(rows, example_ids)
+        pair = lambda x: np.stack([x, x[:, ::-1]], axis=1)  # [B, 2, T]
+        return {"pair_ids": pair(single["input_ids"]), "pair_targets": pair(single["targets"]),
+                "pair_mask": pair(single["loss_mask"]), "example_id": single["example_id"]}
+
+    def count_tokens(self, batch):
+        return int(batch["pair_ids"].size)
+
+    def compute_loss(self, model, batch, rng, train, frozen):
+        ids_NT = batch["pair_ids"].reshape(-1, batch["pair_ids"].shape[-1])
+        logits = model(ids_NT).astype(jnp.float32)
+        logp_NT = jnp.take_along_axis(jax.nn.log_softmax(logits), batch["pair_targets"].reshape(ids_NT.shape)[..., None],
+                                      axis=-1)[..., 0]
+        seq_B2 = jnp.sum(logp_NT * batch["pair_mask"].reshape(ids_NT.shape), axis=-1).reshape(-1, 2)
+        margin_B = seq_B2[:, 0] - seq_B2[:, 1]
+        valid_B = (jnp.sum(batch["pair_mask"], axis=(1, 2)) > 0).astype(jnp.float32)
+        loss_B = -jax.nn.log_sigmoid(margin_B)
+        return LossOutput(jnp.sum(loss_B * valid_B), jnp.sum(valid_B),
+                          {"margin": mean_over(margin_B, valid_B), "max_margin": Max(jnp.max(margin_B))})
+
+
+@pytest.mark.parametrize("accumulation", [1, 4])
+def test_a_paired_layout_trains_and_its_per_pair_metrics_are_exact(tmp_path, accumulation):
+    args = tiny_args(tmp_path / str(accumulation), max_steps=1, gradient_accumulation_steps=accumulation)
+    trainer = PairedTrainer(args)
+    batch = next(trainer.dataloaders.train.iterator(0))
+    assert batch["pair_ids"].shape == (8, 2, 32)
+    model = trainer.model
+    logits = np.asarray(model(batch["pair_ids"].reshape(16, 32)), np.float64)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    token = np.take_along_axis(logp, batch["pair_targets"].reshape(16, 32)[..., None], -1)[..., 0]
+    margins = (token * batch["pair_mask"].reshape(16, 32)).sum(-1).reshape(8, 2) @ np.array([1.0, -1.0])
+    logs = trainer.train()
+    assert logs["margin"] == pytest.approx(margins.mean(), rel=1e-4, abs=1e-4)
+    assert logs["max_margin"] == pytest.approx(margins.max(), rel=1e-4, abs=1e-4)
+    assert logs["loss"] == pytest.approx(np.mean(np.log1p(np.exp(-margins))), rel=1e-4)
+
+
+def test_metric_reductions_are_exact_on_a_mesh_with_accumulation():
+    """Per-example means equal NumPy's on 1 device and on a (2,2,2) mesh with 4 micro-batches."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    results = {}
+    for name, flags in {"1 device": ["1", "1", "1", "1", "1"], "(2,2,2) x4": ["2", "2", "2", "8", "4"]}.items():
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={flags[3]}",
+               "PYTHONPATH": str(root)}
+        run = subprocess.run([sys.executable, str(root / "tests" / "workers" / "metric_reduction.py"), *flags],
+                             capture_output=True, text=True, env=env, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        results[name] = json.loads(run.stdout.strip().splitlines()[-1])
+    assert results["(2,2,2) x4"]["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+    for name, result in results.items():
+        assert result["per_example"] == pytest.approx(result["numpy_per_example"], rel=1e-5), name
+        assert result["max_example"] == pytest.approx(result["numpy_max_example"], rel=1e-5), name
+        assert result["loss"] == pytest.approx(result["numpy_per_token"], rel=1e-5), name
+        # the two means differ on these ragged masks, so dividing by the wrong count would fail
+        assert abs(result["numpy_per_example"] - result["numpy_per_token"]) > 1e-2
+
+
+# ------------------------------------------------------------- compiled helpers and iteration
+class ScoringTrainer(BaseTrainer):
+    """An extra compiled pass in one line: summed log-likelihood of a batch under the current state."""
+
+    def configure_functions(self):
+        functions = super().configure_functions()
+        self.score = self.compile_step(lambda state, batch: causal_lm_loss(
+            state.model(train=False), batch, None, False).loss_sum)
+        return functions
+
+
+def test_compile_step_compiles_any_pure_function_of_state_and_batch(tmp_path):
+    trainer = ScoringTrainer(tiny_args(tmp_path))
+    batch = trainer.to_global(next(iter(trainer.dataloaders.eval)))
+    score = trainer.score(trainer.state, batch)
+    expected = trainer.functions.eval_step(trainer.state, batch)["loss"].total
+    assert float(score) == pytest.approx(float(expected), rel=1e-6)
+    assert score.sharding.is_fully_replicated
+    assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(trainer.state.params)), "nothing donated"
+
+
+class TwoUpdatesPerBatch(BaseTrainer):
+    def train_iteration(self, state, batch):
+        state, first = self.functions.train_step(state, batch)
+        state, second = self.functions.train_step(state, batch)
+        return state, merge_all(first, second)
+
+
+def test_train_iteration_can_run_several_updates_per_batch(tmp_path):
+    args = tiny_args(tmp_path, max_steps=3)
+    trainer = TwoUpdatesPerBatch(args)
+    trainer.train()
+    assert int(trainer.state.step) == 6
+    assert sorted(logged(args.output_dir)) == [1, 2, 3]
