@@ -1,51 +1,47 @@
-"""`easytrain train ...` (and `python -m easytrain train ...`).
+"""`easytrain train|tasks|plot ...` (and `python -m easytrain ...`).
 
-`--task` picks a registered trainer or any `package.module:Class` implementing `TrainerProtocol`.
+`--task` picks a registered task (see `easytrain.tasks.registry`: decorators, lazy 'module:Class'
+strings, the `easytrain.tasks` entry-point group) or any `package.module:Class` implementing
+`TrainerProtocol`. A task's own argument dataclasses are parsed next to `TrainingArguments`.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any
 
 import jax
 
 from easytrain.arguments import TrainingArguments
-from easytrain.config_io import build_parser, parse_arguments
-from easytrain.errors import ArgumentError, EasytrainError
+from easytrain.config_io import build_parser, parse_task_arguments, peek_task
+from easytrain.errors import EasytrainError
 from easytrain.protocol import TrainerProtocol, check_implements
+from easytrain.tasks.registry import Task, available_tasks, register_task, resolve_task
 
-TrainerFactory = Callable[[TrainingArguments], TrainerProtocol]
-TASKS: dict[str, str] = {"lm": "easytrain.trainers.base:BaseTrainer"}
-USAGE = "usage: easytrain train [--config FILE] [--FIELD VALUE ...]   (easytrain train --help lists every field)"
+__all__ = ["main", "register_task", "resolve_task", "resolve_trainer", "run"]
 
-
-def register_task(name: str, target: str) -> None:
-    """Make `--task name` build `target` ('package.module:Class')."""
-    TASKS[name] = target
+TrainerFactory = Callable[..., TrainerProtocol]
+USAGE = """usage: easytrain train [--task NAME] [--config FILE] [--FIELD VALUE ...]   train (--help lists every field)
+       easytrain tasks                                                      list the tasks --task accepts
+       easytrain plot RUN_DIR [RUN_DIR ...] [--out DIR]                     PNG figures of runs' metrics.jsonl"""
 
 
 def resolve_trainer(task: str) -> TrainerFactory:
-    target = TASKS.get(task, task)
-    if ":" not in target:
-        raise ArgumentError("task", f"unknown task {task!r}; use one of {sorted(TASKS)} or 'package.module:Class'.")
-    module_name, _, attribute = target.partition(":")
-    try:
-        return getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as error:
-        raise ArgumentError("task", f"cannot import {target!r} ({error}); check the module path and class name.")
+    """The factory `--task task` builds: `factory(training_arguments, *task_arguments)`."""
+    return resolve_task(task).target
 
 
-def run(arguments: TrainingArguments) -> dict[str, float]:
+def run(arguments: TrainingArguments, task_arguments: Sequence[Any] | None = None) -> dict[str, float]:
     """Build the trainer, train, evaluate and export: the whole job the CLI runs.
 
+    `task_arguments` are the instances of the task's argument dataclasses (their defaults when None).
     Every process returns the summary; only process 0 writes `results.json`, like every other file.
     """
-    trainer = resolve_trainer(arguments.task)(arguments)
+    trainer = resolve_task(arguments.task).build(arguments, task_arguments)
     check_implements(trainer)  # not isinstance: on Python 3.11 that evaluates properties, i.e. builds the run
     train_logs = dict(trainer.train())
     eval_logs = dict(trainer.evaluate())
@@ -68,23 +64,49 @@ def _show_progress_messages() -> None:
         logger.propagate = False
 
 
+def _train(argv: list[str]) -> int:
+    task = resolve_task(peek_task(argv))
+    if "-h" in argv or "--help" in argv:
+        parser = build_parser(task.arguments, task.name)
+        if task.description:
+            parser.description = f"{parser.description}\n\nTask {task.name!r}: {task.description}"
+        parser.print_help()
+        return 0
+    _show_progress_messages()
+    arguments, task_arguments = parse_task_arguments(argv, task.arguments, task.name)
+    print(json.dumps(run(arguments, task_arguments)))
+    return 0
+
+
+def format_tasks(tasks: Sequence[Task]) -> str:
+    """One line per task: name, description, where it comes from."""
+    width = max((len(task.name) for task in tasks), default=4)
+    lines = [f"  {task.name:<{width}}  {task.description or '(no description)'}  [{task.origin}]" for task in tasks]
+    return "\n".join(["Tasks for `easytrain train --task NAME` (`--task NAME --help` shows a task's flags):",
+                      *lines, "Or `--task package.module:Class` for any class implementing easytrain.TrainerProtocol."])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    if command != "train":
-        print(f"easytrain: unknown command {command!r}\n{USAGE}", file=sys.stderr)
-        return 2
-    if "-h" in rest or "--help" in rest:
-        build_parser().print_help()
-        return 0
-    _show_progress_messages()
     try:
-        summary = run(parse_arguments(rest))
+        if command == "train":
+            return _train(rest)
+        if command == "tasks":
+            if rest:
+                print("usage: easytrain tasks   (lists every task; it takes no arguments)")
+                return 0 if rest[0] in ("-h", "--help") else 2
+            print(format_tasks(available_tasks()))
+            return 0
+        if command == "plot":
+            from easytrain.plots import main as plot_main
+
+            return plot_main(rest)
     except EasytrainError as error:
         print(f"easytrain: error: {error}", file=sys.stderr)
         return 2
-    print(json.dumps(summary))
-    return 0
+    print(f"easytrain: unknown command {command!r}\n{USAGE}", file=sys.stderr)
+    return 2

@@ -1,28 +1,33 @@
-"""Read `TrainingArguments` from the command line, YAML or JSON files, and write them back.
+"""Read `TrainingArguments` (and a task's own argument dataclasses) from the command line, YAML or
+JSON files, and write them back.
 
-Precedence: dataclass defaults < `--config FILE` < command-line flags.
+Precedence: dataclass defaults < `--config FILE` < command-line flags. One `HfArgumentParser` parses
+`TrainingArguments` and the task's dataclasses together, so a config file may hold both.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, get_type_hints
 
 import yaml
 from transformers import HfArgumentParser
 
-from easytrain.arguments import TrainingArguments, check_known_fields, field_names
+from easytrain.arguments import TrainingArguments, field_names
 from easytrain.errors import ArgumentError
+from easytrain.tasks.registry import check_argument_dataclasses
 
 ARGUMENTS_FILE = "arguments.json"
 
 
-def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a YAML (.yaml/.yml) or JSON (.json) file of argument values."""
+def load_config_file(path: str | os.PathLike, task_arguments: Sequence[type] = ()) -> dict[str, Any]:
+    """Read a YAML (.yaml/.yml) or JSON (.json) file of argument values (TrainingArguments' and the task's)."""
     path = Path(path)
     if not path.is_file():
         raise ArgumentError("config", f"file {str(path)!r} does not exist; pass an existing .yaml or .json file.")
@@ -35,39 +40,111 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
         raise ArgumentError("config", f"unsupported file type {path.suffix!r}; use .yaml, .yml or .json.")
     if not isinstance(values, dict):
         raise ArgumentError("config", f"{str(path)!r} must hold a mapping of argument names to values.")
-    check_known_fields(values, source=str(path))
+    known = _known_fields(task_arguments)
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else " Run `easytrain train --help` for the list."
+            raise ArgumentError(str(key), f"unknown argument in {path}.{hint}")
     return values
 
 
-def build_parser() -> HfArgumentParser:
-    parser = HfArgumentParser(TrainingArguments, allow_abbrev=False, prog="easytrain train",
-                              description="Train a model with easytrain. Every flag has a default; "
-                                          "with none, a tiny model learns arithmetic on embedded data.")
+class _GroupedParser(HfArgumentParser):
+    """`HfArgumentParser` with one help group per dataclass, so `--help` shows which flags a task adds."""
+
+    def __init__(self, dataclass_types: Sequence[type], titles: dict[type, str], **kwargs: Any):
+        self._titles = titles
+        super().__init__(dataclass_types, **kwargs)
+
+    def _add_dataclass_arguments(self, dtype: type) -> None:
+        doc = (dtype.__doc__ or "").strip()
+        description = doc.splitlines()[0] if doc and not doc.startswith(f"{dtype.__name__}(") else None
+        group = self.add_argument_group(self._titles.get(dtype, dtype.__name__), description)
+        try:
+            hints = get_type_hints(dtype)
+        except NameError as error:
+            raise ArgumentError("task", f"cannot resolve the field types of {dtype.__name__} ({error}); "
+                                        f"define it at module level with importable annotations.")
+        for field in dataclasses.fields(dtype):
+            if field.init:
+                field.type = hints[field.name]
+                self._parse_dataclass_field(group, field)
+
+
+def build_parser(task_arguments: Sequence[type] = (), task: str | None = None) -> HfArgumentParser:
+    """One parser over `TrainingArguments` and the task's dataclasses (a flag declared twice is refused)."""
+    check_argument_dataclasses(task_arguments, task=task or "?")
+    name = task or "lm"
+    titles = {TrainingArguments: "training arguments (TrainingArguments, shared by every task)",
+              **{cls: f"task {name!r} arguments ({cls.__name__})" for cls in task_arguments}}
+    parser = _GroupedParser([TrainingArguments, *task_arguments], titles, allow_abbrev=False,
+                            prog="easytrain train",
+                            usage="easytrain train [--task NAME] [--config FILE] [--FIELD VALUE ...]",
+                            description="Train a model with easytrain. Every flag has a default; "
+                                        "with none, a tiny model learns arithmetic on embedded data.",
+                            epilog="A task's own flags show with `easytrain train --task NAME --help`; "
+                                   "`easytrain tasks` lists the tasks.")
     parser.add_argument("--config", default=None,
                         help="YAML or JSON file of arguments; command-line flags override its values.")
     return parser
 
 
+def peek_task(argv: Sequence[str]) -> str:
+    """The task a command line selects (`--task`, else the config file's `task`, else the default), read
+    before the full parse because the task decides which flags exist."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config", default=None)
+    pre.add_argument("--task", default=None)
+    known, _ = pre.parse_known_args(list(argv))
+    if known.task:
+        return known.task
+    if known.config:
+        values = load_config_file_values(known.config)
+        if isinstance(values.get("task"), str):
+            return values["task"]
+    return TrainingArguments.__dataclass_fields__["task"].default
+
+
+def load_config_file_values(path: str | os.PathLike) -> dict[str, Any]:
+    """The raw mapping of a config file, unchecked (checked later by `load_config_file`)."""
+    path = Path(path)
+    if not path.is_file() or path.suffix not in (".yaml", ".yml", ".json"):
+        return {}
+    values = yaml.safe_load(path.read_text()) if path.suffix != ".json" else json.loads(path.read_text())
+    return values if isinstance(values, dict) else {}
+
+
 def parse_arguments(argv: Sequence[str] | None = None) -> TrainingArguments:
     """Parse `[--config FILE] [--field value ...]` into validated `TrainingArguments`."""
+    return parse_task_arguments(argv)[0]
+
+
+def parse_task_arguments(argv: Sequence[str] | None = None, task_arguments: Sequence[type] = (),
+                         task: str | None = None) -> tuple[TrainingArguments, tuple[Any, ...]]:
+    """Parse a command line into `TrainingArguments` and one instance of each of the task's dataclasses."""
     argv = list(argv) if argv is not None else []
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)
-    parser = build_parser()
+    parser = build_parser(task_arguments, task)
     if known.config:
-        parser.set_defaults(**load_config_file(known.config))
+        parser.set_defaults(**load_config_file(known.config, task_arguments))
     outputs = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-    arguments, remaining = outputs[0], outputs[-1]
+    remaining = outputs[-1]
     if remaining:
-        raise _unknown_flag_error(remaining)
-    return arguments
+        raise _unknown_flag_error(remaining, _known_fields(task_arguments))
+    count = 1 + len(task_arguments)
+    return outputs[0], tuple(outputs[1:count])
 
 
-def _unknown_flag_error(remaining: list[str]) -> ArgumentError:
+def _known_fields(task_arguments: Sequence[type]) -> list[str]:
+    return field_names() + [f.name for cls in task_arguments for f in dataclasses.fields(cls) if f.init]
+
+
+def _unknown_flag_error(remaining: list[str], known: list[str]) -> ArgumentError:
     flag = next((r for r in remaining if r.startswith("-")), remaining[0])
     name = flag.lstrip("-").split("=")[0].replace("-", "_")
-    close = difflib.get_close_matches(name, field_names(), n=1)
+    close = difflib.get_close_matches(name, known, n=1)
     hint = f"Did you mean --{close[0]}?" if close else "Run `easytrain train --help` for the list."
     return ArgumentError(name, f"unknown command-line argument {flag!r}. {hint}")
 

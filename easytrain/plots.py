@@ -1,0 +1,247 @@
+"""`easytrain plot RUN_DIR [RUN_DIR ...] [--out DIR]`: PNG figures of runs' `metrics.jsonl` logs.
+
+Writes `loss.png` (training loss), `learning_rate.png`, `eval.png` (one panel per `eval_*` metric)
+and `throughput.png` (tokens per second), each with one line per run, so runs compare at a glance
+without TensorBoard. A figure whose metric no run logged is skipped.
+
+matplotlib is an optional dependency (`pip install 'easytrain[plot]'`). Figures are drawn with its
+object-oriented API on the Agg canvas: headless, and it leaves the caller's pyplot backend alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from easytrain.errors import ArgumentError, EasytrainError
+from easytrain.reporting import METRICS_FILENAME
+
+PLOTS_DIRNAME = "plots"
+NOT_METRICS = ("eval_num_tokens",)  # how many tokens were evaluated: bookkeeping, not a curve worth a panel
+INSTALL_HINT = "pip install 'easytrain[plot]'"
+Series = tuple[list[int], list[float]]
+
+
+@dataclass
+class Run:
+    """One run's metrics: `train[name]` and `eval[name]` are (steps, values), sorted by step."""
+
+    label: str
+    path: Path
+    train: dict[str, Series] = field(default_factory=dict)
+    eval: dict[str, Series] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def metrics_path(run_dir: str | Path) -> Path:
+    """`RUN_DIR/metrics.jsonl`, or the file itself when a `.jsonl` file is given."""
+    path = Path(run_dir)
+    path = path if path.is_file() else path / METRICS_FILENAME
+    if not path.is_file():
+        raise ArgumentError("run_dir", f"{str(path)!r} does not exist; pass the output_dir of a run trained "
+                                       f"with --report_to jsonl (the default).")
+    return path
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a metrics file; a torn last line (a killed run) is skipped."""
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "step" in record:
+            records.append(record)
+    return records
+
+
+def series_by_split(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, Series]]:
+    """`{split: {metric: (steps, values)}}`; the last value logged at a step wins (a resumed run)."""
+    points: dict[str, dict[str, dict[int, float]]] = {}
+    for record in records:
+        split, step = str(record.get("split", "train")), int(record["step"])
+        for name, value in record.items():
+            if name in ("step", "split", "time") or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if math.isfinite(value):
+                points.setdefault(split, {}).setdefault(name, {})[step] = float(value)
+    return {split: {name: (sorted(values), [values[s] for s in sorted(values)]) for name, values in metrics.items()}
+            for split, metrics in points.items()}
+
+
+def run_labels(paths: Sequence[Path]) -> list[str]:
+    """Directory names, with parent directories added until they differ (`a/run`, `b/run`)."""
+    parts = [Path(path).resolve().parts[1:] or ("/",) for path in paths]  # parts[0] is the root
+    for depth in range(1, max(len(p) for p in parts) + 1 if parts else 1):
+        labels = ["/".join(p[-depth:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [f"{p[-1]} ({i + 1})" for i, p in enumerate(parts)]  # the same directory given twice
+
+
+def load_runs(run_dirs: Sequence[str | Path]) -> list[Run]:
+    files = [metrics_path(run_dir) for run_dir in run_dirs]
+    labels = run_labels([path.parent for path in files])
+    runs = []
+    for label, path in zip(labels, files):
+        splits = series_by_split(read_records(path))
+        runs.append(Run(label, path.parent, splits.get("train", {}), splits.get("eval", {})))
+    return runs
+
+
+# ----------------------------------------------------------------------------- drawing
+
+
+def _matplotlib() -> Any:
+    try:
+        import matplotlib
+        from matplotlib import ticker
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise EasytrainError(f"`easytrain plot` needs matplotlib ({error}); install it with: {INSTALL_HINT}")
+    return matplotlib, ticker, Figure
+
+
+def _wants_log_scale(values: Sequence[float]) -> bool:
+    """Log y when every value is positive and they span more than a decade and a half (losses, perplexity)."""
+    return bool(values) and min(values) > 0 and max(values) / min(values) > 30
+
+
+def _style_axes(ax: Any, title: str, ylabel: str, values: Sequence[float], ticker: Any, log_ok: bool) -> None:
+    ax.set_title(title, fontsize="medium")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.xaxis.set_major_formatter(ticker.EngFormatter(sep=""))
+    if log_ok and _wants_log_scale(values):
+        ax.set_yscale("log")
+        ax.grid(True, which="minor", alpha=0.1)
+
+
+def _figure(runs: Sequence[Run], Figure: Any, nrows: int = 1, ncols: int = 1) -> tuple[Any, Any]:
+    width = 4.6 * ncols + (1.4 if len(runs) > 1 else 0.4)  # room for the legend on the right
+    figure = Figure(figsize=(width, 3.4 * nrows + 0.6), layout="constrained")
+    return figure, figure.subplots(nrows, ncols, squeeze=False)
+
+
+def _title(title: str, runs: Sequence[Run]) -> str:
+    """A single run is named in the title instead of a legend."""
+    return f"{title} — {runs[0].label}" if len(runs) == 1 else title
+
+
+def _legend(figure: Any, axes: Any, runs: Sequence[Run]) -> None:
+    """One legend per figure, outside the panels so it never hides a curve; none for a single run
+    (its name is the figure's title)."""
+    if len(runs) < 2:
+        return
+    handles, labels = {}, []
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            if label not in handles:
+                handles[label] = handle
+                labels.append(label)
+    figure.legend([handles[label] for label in labels], labels, loc="outside right upper", fontsize="small",
+                  frameon=False)
+
+
+def _line_plot(runs: Sequence[Run], metric: str, title: str, ylabel: str, ticker: Any, Figure: Any,
+               colors: Sequence[Any], log_ok: bool = False) -> Any | None:
+    """One line per run of train metric `metric`, or None when no run logged it. `log_ok` lets a wide
+    range switch to a log axis (losses; a schedule or a throughput reads better linear)."""
+    present = [(run, color) for run, color in zip(runs, colors) if metric in run.train]
+    if not present:
+        return None
+    figure, axes = _figure(runs, Figure)
+    ax = axes[0, 0]
+    values: list[float] = []
+    for run, color in present:
+        steps, ys = run.train[metric]
+        ax.plot(steps, ys, color=color, label=run.label, linewidth=1.4, marker="." if len(steps) < 30 else None)
+        values += ys
+    _style_axes(ax, _title(title, runs), ylabel, values, ticker, log_ok)
+    _legend(figure, axes, runs)
+    return figure
+
+
+def _eval_plot(runs: Sequence[Run], ticker: Any, Figure: Any, colors: Sequence[Any]) -> Any | None:
+    """One panel per `eval_*` metric (any run), one line with markers per run."""
+    names = sorted({name for run in runs for name in run.eval if name.startswith("eval_")} - set(NOT_METRICS),
+                   key=lambda name: (name != "eval_loss", name))
+    if not names:
+        return None
+    ncols = 2 if len(names) == 4 else min(3, len(names))  # 2x2 rather than a row of 3 and a lone panel
+    nrows = math.ceil(len(names) / ncols)
+    figure, axes = _figure(runs, Figure, nrows, ncols)
+    for ax, name in zip(axes.flat, names):
+        values: list[float] = []
+        for run, color in zip(runs, colors):
+            if name in run.eval:
+                steps, ys = run.eval[name]
+                ax.plot(steps, ys, color=color, label=run.label, linewidth=1.4, marker="o", markersize=3.5)
+                values += ys
+        log_ok = "loss" in name or "perplexity" in name
+        _style_axes(ax, name.removeprefix("eval_").replace("_", " "), name, values, ticker, log_ok)
+    for ax in list(axes.flat)[len(names):]:
+        ax.set_visible(False)
+    figure.suptitle(_title("Evaluation", runs), fontsize="large")
+    _legend(figure, axes, runs)
+    return figure
+
+
+def make_figures(runs: Sequence[Run]) -> dict[str, Any]:
+    """`{name: matplotlib Figure}` for every figure some run has data for."""
+    matplotlib, ticker, Figure = _matplotlib()
+    cycle = matplotlib.rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
+    colors = [cycle[i % len(cycle)] for i in range(len(runs))]
+    figures = {
+        "loss": _line_plot(runs, "loss", "Training loss", "loss", ticker, Figure, colors, log_ok=True),
+        "learning_rate": _line_plot(runs, "learning_rate", "Learning rate", "learning rate", ticker, Figure, colors),
+        "eval": _eval_plot(runs, ticker, Figure, colors),
+        "throughput": _line_plot(runs, "tokens_per_second", "Throughput", "tokens / second", ticker, Figure, colors),
+    }
+    if figures["throughput"] is not None:  # from zero: a dip (an eval inside the window) reads at its true size
+        axis = figures["throughput"].axes[0]
+        axis.yaxis.set_major_formatter(ticker.EngFormatter(sep=""))
+        axis.set_ylim(bottom=0)
+    return {name: figure for name, figure in figures.items() if figure is not None}
+
+
+def write_figures(runs: Sequence[Run], out: str | Path, dpi: int = 130) -> list[Path]:
+    """Save every figure as `out/NAME.png`; returns the paths written."""
+    figures = make_figures(runs)
+    if not figures:
+        raise ArgumentError("run_dir", f"no loss, learning_rate, eval_* or tokens_per_second values in "
+                                       f"{', '.join(str(run.path) for run in runs)}; nothing to plot.")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, figure in figures.items():
+        path = out / f"{name}.png"
+        figure.savefig(path, dpi=dpi)
+        written.append(path)
+    return written
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="easytrain plot", allow_abbrev=False,
+                                     description="PNG figures (loss, learning rate, eval metrics, throughput) "
+                                                 "of one or more runs' metrics.jsonl, one line per run.")
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                        help="A run's output_dir (holding metrics.jsonl), or a metrics .jsonl file.")
+    parser.add_argument("--out", default=None,
+                        help=f"Output directory; default RUN_DIR/{PLOTS_DIRNAME} for one run, ./{PLOTS_DIRNAME} "
+                             f"for several.")
+    options = parser.parse_args(list(argv))
+    runs = load_runs(options.run_dirs)
+    out = options.out or (runs[0].path / PLOTS_DIRNAME if len(runs) == 1 else Path(PLOTS_DIRNAME))
+    for path in write_figures(runs, out):
+        print(path)
+    return 0
