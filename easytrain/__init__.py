@@ -6,14 +6,18 @@ from easytrain.config_io import load_arguments, parse_arguments, save_arguments
 from easytrain.errors import ArgumentError, EasytrainError, NonFiniteLossError, OutputDirError
 from easytrain.losses import LossOutput, causal_lm_loss, token_cross_entropy_sums
 from easytrain.protocol import ConfiguredDataloaders, ConfiguredFunctions, ConfiguredModel, TrainerProtocol
+from easytrain.frozen import Frozen
+from easytrain.metrics import Last, Max, Mean, Min, Sum, mean_over
 from easytrain.state import TrainState
+from easytrain.tasks.registry import register_task
 from easytrain.trainers import BaseTrainer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ArgumentError", "BaseTrainer", "Callback", "ConfiguredDataloaders", "ConfiguredFunctions",
-    "ConfiguredModel", "EarlyStopping", "EasytrainError", "LossOutput", "NonFiniteLossError",
-    "OutputDirError", "TrainState", "TrainerProtocol", "TrainingArguments", "causal_lm_loss",
-    "load_arguments", "parse_arguments", "save_arguments", "token_cross_entropy_sums",
+    "ConfiguredModel", "EarlyStopping", "EasytrainError", "Frozen", "Last", "LossOutput", "Max", "Mean", "Min",
+    "NonFiniteLossError", "OutputDirError", "Sum", "TrainState", "TrainerProtocol", "TrainingArguments",
+    "causal_lm_loss", "load_arguments", "mean_over", "parse_arguments", "register_task", "save_arguments",
+    "token_cross_entropy_sums",
 ]
