@@ -93,7 +93,7 @@ def compile_variant(trainer: BaseTrainer, batch: dict, constrained: bool):
 
 def measure(mesh: tuple[int, int, int], blocks: np.ndarray, rounds: int) -> dict:
     trainer = build_trainer(mesh, blocks)
-    batch = trainer.to_global(next(trainer._data.train.iterator(0)))
+    batch = trainer.to_global(next(trainer.dataloaders.train.iterator(0)))
     copy = jax.jit(lambda s: jax.tree.map(jnp.copy, s), out_shardings=trainer.state_shardings)
     variants = {}
     for name, constrained in (("plain", False), ("constrained", True)):

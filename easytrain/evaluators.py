@@ -45,10 +45,43 @@ class ExactMatch:
         return [] if start is None else [start]
 
     def _decode(self, ids: np.ndarray) -> str:
-        ids = list(ids)
-        if self.tokenizer.eos_token_id in ids:
-            ids = ids[: ids.index(self.tokenizer.eos_token_id)]
-        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        return _until_eos(ids, self.tokenizer)
+
+
+class CompletionMetrics:
+    """Greedy completions of tokenised prompts, scored by exact match and an optional user function.
+
+    Args:
+        prompts: token ids of each prompt, as training tokenised them (`easytrain.data.prompts`).
+        references: the expected answer of each prompt.
+        compute_metrics: `(predictions, references) -> {name: value}` on decoded, stripped strings;
+            reported as `eval_<name>`.
+    """
+
+    def __init__(self, prompts: Sequence[Sequence[int]], references: Sequence[str], tokenizer: Any, *,
+                 compute_metrics: Callable[[list[str], list[str]], Mapping[str, float]] | None = None,
+                 max_new_tokens: int = 64):
+        self.prompts, self.references, self.tokenizer = [list(p) for p in prompts], list(references), tokenizer
+        self.compute_metrics, self.max_new_tokens = compute_metrics, max_new_tokens
+
+    def __call__(self, trainer: Any) -> dict[str, float]:
+        predictions = self.completions(trainer)
+        metrics = {"exact_match": float(np.mean([p == r.strip() for p, r in zip(predictions, self.references)]))}
+        if self.compute_metrics is not None:
+            metrics.update(self.compute_metrics(predictions, self.references))
+        return {f"eval_{name}": float(value) for name, value in metrics.items()}
+
+    def completions(self, trainer: Any) -> list[str]:
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        rows = greedy_complete(trainer.model, self.prompts, self.max_new_tokens, pad, self.tokenizer.eos_token_id)
+        return [_until_eos(row, self.tokenizer) for row in rows]
+
+
+def _until_eos(ids: np.ndarray, tokenizer: Any) -> str:
+    ids = list(ids)
+    if tokenizer.eos_token_id in ids:
+        ids = ids[: ids.index(tokenizer.eos_token_id)]
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
 def arithmetic_exact_match(validation: Any, tokenizer: Any, limit: int = 256) -> ExactMatch:

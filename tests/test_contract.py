@@ -14,6 +14,7 @@ from easytrain import (BaseTrainer, Callback, ConfiguredDataloaders, ConfiguredF
                        TrainingArguments, TrainState)
 from easytrain.cli import run
 from easytrain.protocol import missing_members
+from easytrain.trainers.sft import SFTArguments, SFTTrainer
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -34,10 +35,17 @@ def image_trainer():
     return module.ImageClassifierTrainer, "image_classifier:ImageClassifierTrainer"
 
 
-#: name -> (trainer class, --task value, extra arguments)
+def packed_sft(arguments, **kwargs):
+    return SFTTrainer(arguments, SFTArguments(packing=True, assistant_only_loss=True), **kwargs)
+
+
+TEXT = dict(max_length=32, max_train_samples=64, max_eval_samples=20)
+#: name -> (trainer factory, --task value, extra arguments)
 TRAINERS = {
-    "BaseTrainer": lambda: (BaseTrainer, "lm", dict(max_length=32, max_train_samples=64, max_eval_samples=20)),
+    "BaseTrainer": lambda: (BaseTrainer, "lm", TEXT),
     "ImageClassifierTrainer": lambda: (*image_trainer(), {}),
+    "SFTTrainer": lambda: (SFTTrainer, "sft", {**TEXT, "max_eval_samples": 8}),
+    "SFTTrainer, packed": lambda: (packed_sft, "sft", {**TEXT, "max_eval_samples": 8}),
 }
 
 

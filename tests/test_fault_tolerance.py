@@ -411,7 +411,7 @@ def test_resumed_trainer_reads_one_batch_before_its_first_step(runs, tmp_path, m
         trainer = worker.build_trainer(spec, trainer_class=CountingTrainer)
         trainer.train()
         assert trainer.rows_before_first_step == BATCH, (k, trainer.rows_before_first_step)
-        assert trainer._data.train.rows_read == (MAX_STEPS - k) * BATCH  # nothing before step k was read
+        assert trainer.dataloaders.train.rows_read == (MAX_STEPS - k) * BATCH  # nothing before step k was read
         resumed = {log["step"]: log["loss"] for log in train_logs(tmp_path / str(k))}
         assert resumed == {step: expected[step] for step in range(k + 1, MAX_STEPS + 1)}
 

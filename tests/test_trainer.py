@@ -79,7 +79,7 @@ def test_compiles_train_and_eval_steps_once_across_epochs(tmp_path, caplog):
         trainer.train()
         trainer.evaluate()
     compiled = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
-    assert trainer._data.total_steps == 3 * trainer._data.steps_per_epoch == 9
+    assert trainer.dataloaders.total_steps == 3 * trainer.dataloaders.steps_per_epoch == 9
     assert sum("train_step" in m for m in compiled) == 1, compiled
     assert sum("eval_step" in m for m in compiled) == 1, compiled
 

@@ -156,3 +156,36 @@ def _problem_text(problem_id: int, max_operand: int, operators: Sequence[str]) -
     operator = operators[operator_index]
     result = left + right if operator == "+" else left - right
     return f"{left}{operator}{right}={result}"
+
+
+USER, ASSISTANT, END = "<|user|>", "<|assistant|>", "<|end|>"
+#: Generation markers delimit what `assistant_only_loss` supervises: the answer and its end-of-turn.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}<|user|>{{ message['content'] }}<|end|>"
+    "{% elif message['role'] == 'assistant' %}<|assistant|>{% generation %}{{ message['content'] }}<|end|>"
+    "{% endgeneration %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def build_arithmetic_chat_tokenizer() -> PreTrainedTokenizerFast:
+    """The character tokenizer plus role and end-of-turn tokens and a chat template with generation
+    markers; `<|end|>` closes every turn and is the EOS, so generation stops after the answer."""
+    tokenizer = build_arithmetic_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": [USER, ASSISTANT, END]})
+    tokenizer.eos_token = END
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def make_arithmetic_chat_splits(num_train: int = 8000, num_validation: int = 500, *, seed: int = 0,
+                                max_operand: int = 99) -> datasets.DatasetDict:
+    """The problems as conversations: the user asks `"37+45"`, the assistant answers `"82"`."""
+    splits = make_arithmetic_splits(num_train, num_validation, seed=seed, max_operand=max_operand)
+
+    def to_messages(row: dict) -> dict:
+        prompt, answer = split_problem(row[TEXT])
+        return {"messages": [{"role": "user", "content": prompt[:-1]}, {"role": "assistant", "content": answer}]}
+
+    return splits.map(to_messages, remove_columns=[TEXT])

@@ -276,3 +276,5 @@ def _from_entry_point(name: str) -> Task | None:
 
 _REGISTRY["lm"] = Task("lm", "easytrain.trainers.base:BaseTrainer", (),
                        "Causal language modelling with BaseTrainer on any text dataset (the default).", "built-in")
+_REGISTRY["sft"] = Task("sft", "easytrain.trainers.sft:SFTTrainer", (),
+                        "Supervised fine-tuning on text, prompt-completion or chat data (packing optional).", "built-in")

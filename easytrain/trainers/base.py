@@ -23,7 +23,7 @@ from flax import nnx
 from easytrain import distributed, metrics as metrics_lib, placement, sharding, steps
 from easytrain.arguments import TrainingArguments
 from easytrain.callbacks import Callback, CallbackList
-from easytrain.checkpoint import CHECKPOINTS_DIRNAME, CheckpointManager
+from easytrain.checkpoint import CheckpointManager
 from easytrain.config_io import save_arguments
 from easytrain.data import EvalBatches, TrainBatches
 from easytrain.errors import ArgumentError
@@ -200,8 +200,7 @@ class BaseTrainer(LanguageModelHooks):
         if self._resume_from is not None:  # never initialise (or load) weights only to overwrite them
             module = self._given_model or placement.abstract_module(self.create_module)
             target, shardings = placement.abstract_train_state(module, tx, **placed)
-            restored = restore_checkpoint(self._resume_from, self._arguments, self.model_config,
-                                          frozen.restore_target(target))
+            restored = restore_checkpoint(self._resume_from, self.run_info(), frozen.restore_target(target))
             state, self.resumed_data_state = restored.state, restored.data_state
             self.callbacks.load_state_dict(restored.callbacks_state)
         else:
@@ -300,12 +299,7 @@ class BaseTrainer(LanguageModelHooks):
 
     # ------------------------------------------------------------------ checkpoints and export
     def checkpoint_manager(self) -> CheckpointManager:
-        if self._checkpoints is None:
-            args = self._arguments
-            self._checkpoints = CheckpointManager(
-                Path(args.output_dir) / CHECKPOINTS_DIRNAME, max_to_keep=args.save_total_limit,
-                async_save=args.async_checkpointing, best_metric=args.metric_for_best_model,
-                greater_is_better=args.greater_is_better)
+        self._checkpoints = self._checkpoints or builders.checkpoint_manager(self._arguments)
         return self._checkpoints
 
     def run_info(self) -> dict[str, Any]:

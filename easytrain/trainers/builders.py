@@ -6,6 +6,7 @@ Every check here runs before any model is initialised or compiled.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import datasets
@@ -14,6 +15,7 @@ import transformers
 from easytrain import sharding
 from easytrain.arguments import TrainingArguments
 from easytrain.callbacks import Callback, EarlyStopping
+from easytrain.checkpoint import CHECKPOINTS_DIRNAME, CheckpointManager
 from easytrain.data import load_text_datasets, tokenize_and_group
 from easytrain.errors import ArgumentError
 from easytrain.models.presets import llama_config
@@ -139,3 +141,10 @@ def check_batch_sizes(args: TrainingArguments, mesh: Any) -> None:
                             f"{dp * args.gradient_accumulation_steps}.")
     if args.eval_batch_size % dp:
         raise ArgumentError("eval_batch_size", f"must be a multiple of the {dp} data-parallel devices.")
+
+
+def checkpoint_manager(args: TrainingArguments) -> CheckpointManager:
+    """The run's checkpoint manager: retention, async saves and best-model ranking as the arguments say."""
+    return CheckpointManager(Path(args.output_dir) / CHECKPOINTS_DIRNAME, max_to_keep=args.save_total_limit,
+                             async_save=args.async_checkpointing, best_metric=args.metric_for_best_model,
+                             greater_is_better=args.greater_is_better)

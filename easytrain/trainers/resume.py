@@ -10,7 +10,6 @@ from typing import Any, NamedTuple
 import jax
 
 from easytrain.checkpoint import CheckpointManager, CheckpointMismatchError
-from easytrain.arguments import TrainingArguments
 from easytrain.errors import ArgumentError, CheckpointReadError
 
 logger = logging.getLogger("easytrain")
@@ -36,24 +35,28 @@ def config_dict(config: Any) -> dict[str, Any] | None:
     return json.loads(config.to_json_string()) if hasattr(config, "to_json_string") else None
 
 
-def check_resumable(run_info: dict[str, Any], arguments: TrainingArguments, model_config: Any) -> list[str]:
-    """Refuse a resume whose model or data order differs from the checkpoint's.
+def check_resumable(run_info: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Refuse a resume whose model or data order differs from the checkpoint's. `run_info` is the
+    checkpoint's, `current` this run's (`BaseTrainer.run_info()`); a task's own options
+    (`task_arguments`, e.g. packing) count as data-order settings.
 
     Returns the data-order changes that `allow_data_order_change` let through (empty for an exact resume).
     """
     stored_config = run_info.get("model_config") or {}
-    current_config = config_dict(model_config) or {}
+    current_config = current.get("model_config") or {}
     if stored_config and current_config:
         diffs = _differences(stored_config, current_config, ARCHITECTURE_KEYS)
         if diffs:
             raise ArgumentError("model_config", "the checkpoint was trained with a different architecture ("
                                 + "; ".join(diffs) + "). Resume with the same model, or start a new output_dir.")
-    stored_args, current_args = run_info.get("arguments") or {}, arguments.to_dict()
+    stored_args, current_args = run_info.get("arguments") or {}, current["arguments"]
     if schedule_diffs := _differences(stored_args, current_args, SCHEDULE_FIELDS):
         logger.warning("resuming with a different learning-rate schedule (%s): from the restored step on, the "
                        "curve differs from the one the checkpointed run would have followed", "; ".join(schedule_diffs))
     diffs = _differences(stored_args, current_args, DATA_ORDER_FIELDS)
-    if diffs and arguments.allow_data_order_change:
+    stored_task, current_task = run_info.get("task_arguments") or {}, current.get("task_arguments") or {}
+    diffs += _differences(stored_task, current_task, tuple(sorted(stored_task.keys() | current_task.keys())))
+    if diffs and current_args.get("allow_data_order_change"):
         logger.warning("resuming with a changed data order (%s): allow_data_order_change is set, so the data "
                        "continues in the new settings' order at the restored step", "; ".join(diffs))
     elif diffs:
@@ -72,8 +75,7 @@ class Restored(NamedTuple):
     callbacks_state: dict[str, Any]
 
 
-def restore_checkpoint(checkpoint: tuple[Path, int], arguments: TrainingArguments, model_config: Any,
-                       target: Any) -> Restored:
+def restore_checkpoint(checkpoint: tuple[Path, int], current: dict[str, Any], target: Any) -> Restored:
     """Validate, then restore the state straight into `target`'s shapes and shardings, with the data
     position and the callbacks' progress."""
     root, step = checkpoint
@@ -82,7 +84,7 @@ def restore_checkpoint(checkpoint: tuple[Path, int], arguments: TrainingArgument
             run_info = manager.read_run_info(step)
         except Exception as error:  # any unreadable file means the same to the user: use another checkpoint
             raise _unreadable(root, step, manager.all_steps(), error) from error
-        data_order_changed = check_resumable(run_info, arguments, model_config)
+        data_order_changed = check_resumable(run_info, current)
         try:
             state, data_state, _ = manager.restore(step, abstract_state=target)
             progress = manager.read_progress(step)

@@ -95,8 +95,8 @@ def shard_facts(state) -> dict:
 
 def constraints_in_train_step(trainer: BaseTrainer) -> int:
     """How many activation sharding constraints the trainer's jitted train step traces to (0: none took effect)."""
-    batch = trainer.to_global(next(trainer._data.train.iterator(0)))
-    return str(trainer._functions.train_step.trace(trainer.state, batch).jaxpr).count("sharding_constraint")
+    batch = trainer.to_global(next(trainer.dataloaders.train.iterator(0)))
+    return str(trainer.functions.train_step.trace(trainer.state, batch).jaxpr).count("sharding_constraint")
 
 
 def host_params(trainer: BaseTrainer, prefix: str) -> dict[str, np.ndarray]:
@@ -136,7 +136,7 @@ def main() -> None:
 
     trainer.callbacks.add(Record())
     trainer.train()
-    rows = trainer._data.train.iterator(0)
+    rows = trainer.dataloaders.train.iterator(0)
     result = {"losses": losses, "num_tokens": tokens, "process": jax.process_index(),
               "example_ids": [next(rows)["example_id"].tolist() for _ in range(5)],
               "written": sorted(os.listdir(trainer.arguments.output_dir)),

@@ -1,0 +1,151 @@
+"""`SFTTrainer`: supervised fine-tuning as a batch layout and a loss mask on top of `BaseTrainer`.
+
+The data preparation is pure functions in `easytrain.data` (formats, masks from tokenisation,
+special tokens, packing, bucketed padding); this class only chooses them from `SFTArguments` and
+reports what they counted. Sharding, accumulation, checkpoints, exact resume, logging and export
+are `BaseTrainer`'s, untouched; the loss is its token cross-entropy over the supervised tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Mapping, Optional
+
+import jax
+import numpy as np
+
+from easytrain.arguments import TrainingArguments
+from easytrain.data import (PaddedCollate, RowSource, SFTDataOptions, bucket_lengths, pack_examples, packed_collate,
+                            tokenize_sft_dataset)
+from easytrain.data.prompts import prompts_and_references
+from easytrain.evaluators import CompletionMetrics
+from easytrain.tasks import arithmetic
+from easytrain.tasks.registry import register_task
+from easytrain.trainers import builders
+from easytrain.trainers.base import BaseTrainer
+
+logger = logging.getLogger("easytrain")
+
+
+@dataclass
+class SFTArguments:
+    """Supervised fine-tuning options (`easytrain train --task sft --help` lists them)."""
+
+    packing: bool = field(default=False, metadata={"help": "Pack several examples into each max_length row "
+                          "(segment ids and restarted positions: no attention across examples)."})
+    packing_strategy: Literal["bfd", "wrapped"] = field(default="bfd", metadata={"help": "'bfd': best-fit "
+                                                        "decreasing, whole examples; 'wrapped': concatenate and "
+                                                        "split long documents (pretraining-style text)."})
+    completion_only_loss: bool = field(default=True, metadata={"help": "Prompt-completion data: supervise only "
+                                                               "the completion (and its EOS)."})
+    assistant_only_loss: bool = field(default=False, metadata={"help": "Conversations: supervise only the "
+                                      "assistant turns, from the chat template's generation markers (see docs/sft.md)."})
+    truncation_side: Literal["right", "left", "drop"] = field(default="right", metadata={
+        "help": "Examples longer than max_length + 1 tokens: keep the start ('right'), the end ('left'), or drop."})
+    chat_template_path: Optional[str] = field(default=None, metadata={"help": "A Jinja chat template file that "
+                                              "replaces the tokenizer's own."})
+    generation_eval_samples: int = field(default=0, metadata={"help": "Greedily complete this many eval prompts "
+                                         "at each evaluation and report eval_exact_match (0: off; the embedded "
+                                         "task uses 256)."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Tokens generated per prompt in that evaluation."})
+
+    def __post_init__(self) -> None:
+        from easytrain.errors import ArgumentError
+        if self.generation_eval_samples < 0 or self.max_new_tokens < 1:
+            raise ArgumentError("generation_eval_samples", "needs generation_eval_samples >= 0 and "
+                                "max_new_tokens >= 1.")
+
+
+@register_task("sft", arguments=(SFTArguments,), replace=True,
+               description="Supervised fine-tuning on text, prompt-completion or chat data (packing optional).")
+class SFTTrainer(BaseTrainer):
+    """Supervised fine-tuning. Without a dataset it trains the embedded arithmetic task as conversations.
+
+    Args:
+        arguments / sft_arguments: the run and the SFT options.
+        formatting_func: maps a raw example to text, prompt-completion or messages form.
+        compute_metrics: `(predictions, references) -> metrics` on generated completions (with
+            `generation_eval_samples > 0`).
+        **kwargs: as for `BaseTrainer` (model, tokenizer, dataset_train, dataset_eval, callbacks, evaluators).
+    """
+
+    def __init__(self, arguments: TrainingArguments | None = None, sft_arguments: SFTArguments | None = None, *,
+                 formatting_func: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None,
+                 compute_metrics: Callable[[list[str], list[str]], Mapping[str, float]] | None = None,
+                 **kwargs: Any):
+        self.sft_arguments = sft_arguments or SFTArguments()
+        self.formatting_func, self.compute_metrics = formatting_func, compute_metrics
+        self.data_stats: dict[str, dict[str, float]] = {}
+        super().__init__(arguments, **kwargs)
+
+    def prepare_datasets(self) -> tuple[RowSource, RowSource | None]:
+        args, sft = self.arguments, self.sft_arguments
+        embedded = builders.uses_embedded_data(args, self._raw_train)
+        if self.tokenizer is None:
+            self.tokenizer = (arithmetic.build_arithmetic_chat_tokenizer() if embedded
+                              else builders.build_tokenizer(args, embedded=False))
+        self.tokenizer = builders.ensure_pad_token(self.tokenizer)
+        if sft.chat_template_path:
+            self.tokenizer.chat_template = Path(sft.chat_template_path).read_text()
+        self.model_config = getattr(self._given_model, "config", None) if self._given_model is not None \
+            else builders.build_model_config(args, self.tokenizer)
+        builders.check_max_length(args, self.model_config)
+        splits = (arithmetic.make_arithmetic_chat_splits(seed=args.seed) if embedded
+                  else builders.raw_datasets(args, self._raw_train, self._raw_eval))
+        limits = {"train": args.max_train_samples, "validation": args.max_eval_samples}
+        rows = {name: self._rows(name, split if limits[name] is None else split.select(range(min(limits[name],
+                                                                                                len(split)))))
+                for name, split in splits.items() if name in limits}
+        samples = min(sft.generation_eval_samples or (256 if embedded else 0), args.max_eval_samples or 1 << 30)
+        if samples and "validation" in splits:
+            prompts, references = prompts_and_references(splits["validation"], self.tokenizer, samples)
+            self.evaluators.append(CompletionMetrics(prompts, references, self.tokenizer, max_new_tokens=sft.max_new_tokens,
+                                                     compute_metrics=self.compute_metrics))
+        self._report_data_stats()
+        return rows["train"], rows.get("validation")
+
+    def _rows(self, name: str, split: Any) -> RowSource:
+        """Tokenised (and packed) rows of one split; what was counted goes to `data_stats`."""
+        args, sft = self.arguments, self.sft_arguments
+        options = SFTDataOptions(max_length=args.max_length + 1, truncation_side=sft.truncation_side,
+                                 assistant_only_loss=sft.assistant_only_loss,
+                                 completion_only_loss=sft.completion_only_loss)
+        tokenized, stats = tokenize_sft_dataset(split, self.tokenizer, options, formatting_func=self.formatting_func,
+                                                num_proc=args.preprocessing_num_workers)
+        self.data_stats[name] = dict(stats)
+        if not sft.packing:
+            buckets = bucket_lengths(args.max_length) if jax.process_count() == 1 else (args.max_length,)
+            self._pad = PaddedCollate(buckets, pad_id=self.tokenizer.pad_token_id or 0)  # one shape per process set
+            return tokenized
+        packed = pack_examples(tokenized, args.max_length, strategy=sft.packing_strategy, seed=args.seed)
+        self.data_stats[name].update({f"packing_{key}": value for key, value in packed.stats.items()})
+        return packed.rows
+
+    def collate(self, rows: Mapping[str, np.ndarray], example_ids: np.ndarray) -> dict[str, np.ndarray]:
+        return packed_collate(rows, example_ids) if self.sft_arguments.packing else self._pad(rows, example_ids)
+
+    def count_tokens(self, batch: Mapping[str, np.ndarray]) -> int:
+        """Real (non-padding) tokens, so `tokens_per_second` is comparable between packing and padding."""
+        return int(np.sum(batch["attention_mask"]))
+
+    def _report_data_stats(self) -> None:
+        """Log what preparation truncated, dropped and packed, and keep it in the output directory."""
+        for name, stats in self.data_stats.items():
+            logger.info("SFT %s data: %s", name, ", ".join(f"{k}={v:.4g}" for k, v in stats.items()))
+            if stats.get("dropped_no_supervised_tokens") or stats.get("truncated"):
+                logger.warning("SFT %s data: %d example(s) truncated, %d dropped with no supervised token left",
+                               name, stats.get("truncated", 0), stats.get("dropped_no_supervised_tokens", 0))
+        if self.is_main_process:
+            path = Path(self.arguments.output_dir) / "sft_data_stats.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(self.data_stats, indent=2))
+
+    def run_info(self) -> dict[str, Any]:
+        """Also the SFT options that decide the rows: a resume under different packing, masking or truncation
+        is refused like any data-order change (`check_resumable` compares `task_arguments`)."""
+        return {**super().run_info(), "task_arguments": {name: getattr(self.sft_arguments, name) for name in (
+            "packing", "packing_strategy", "completion_only_loss", "assistant_only_loss", "truncation_side",
+            "chat_template_path")}}

@@ -1,0 +1,140 @@
+"""SFTTrainer end to end: masks in real batches, the CLI, bucketed compilations, pretrained in and out,
+resume checks, and the example that learns."""
+
+import importlib.util
+import json
+import logging
+from pathlib import Path
+
+import datasets
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from easytrain import ArgumentError, Callback, TrainingArguments
+from easytrain.cli import main
+from easytrain.tasks.arithmetic import build_arithmetic_chat_tokenizer
+from easytrain.trainers.sft import SFTArguments, SFTTrainer
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def tiny_args(tmp_path, **overrides) -> TrainingArguments:
+    values = dict(output_dir=str(tmp_path / "run"), max_length=16, train_batch_size=8, eval_batch_size=8,
+                  max_steps=4, learning_rate=3e-3, logging_steps=1, eval_strategy="no", save_strategy="no",
+                  report_to=["jsonl"], disable_progress_bar=True, save_pretrained_at_end=False,
+                  max_train_samples=64, max_eval_samples=16)
+    values.update(overrides)
+    return TrainingArguments(**values)
+
+
+def supervised_texts(trainer, batch) -> list[str]:
+    """Each row's supervised targets, decoded per segment (one per example)."""
+    texts = []
+    segments = batch.get("segment_ids", np.ones_like(batch["targets"]))
+    for targets, mask, segment in zip(batch["targets"], batch["loss_mask"], segments):
+        for seg in sorted(set(segment[mask > 0].tolist())):
+            keep = (mask > 0) & (segment == seg)
+            texts.append(trainer.tokenizer.decode(targets[keep].tolist()))
+    return texts
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_batches_supervise_exactly_the_answers_and_their_end_of_turn(tmp_path, packing):
+    trainer = SFTTrainer(tiny_args(tmp_path, max_length=32), SFTArguments(assistant_only_loss=True, packing=packing))
+    batch = next(trainer.dataloaders.train.iterator(0))
+    texts = supervised_texts(trainer, batch)
+    assert len(texts) >= 8 and all(text.endswith("<|end|>") for text in texts), texts
+    assert all(text[: -len("<|end|>")].lstrip("-").isdigit() for text in texts), texts
+    if packing:
+        assert batch["segment_ids"].max() > 1, "several conversations share a row"
+        assert trainer.data_stats["train"]["packing_fill_rate"] > 0.5
+
+
+def test_the_cli_runs_sft_with_its_own_options(tmp_path, capsys):
+    assert main(["train", "--task", "sft", "--help"]) == 0
+    help_text = capsys.readouterr().out
+    assert "--packing" in help_text and "generation markers" in help_text
+    status = main(["train", "--task", "sft", "--output_dir", str(tmp_path), "--max_steps", "2", "--max_length", "32",
+                   "--train_batch_size", "8", "--max_train_samples", "64", "--max_eval_samples", "8",
+                   "--packing", "--assistant_only_loss", "--generation_eval_samples", "4", "--max_new_tokens", "4",
+                   "--report_to", "none", "--disable_progress_bar", "--no_save_pretrained_at_end"])
+    assert status == 0
+    summary = json.loads((tmp_path / "results.json").read_text())
+    assert np.isfinite(summary["train_loss"]) and 0 <= summary["eval_exact_match"] <= 1
+    stats = json.loads((tmp_path / "sft_data_stats.json").read_text())
+    assert stats["train"]["num_kept"] == 64 and "packing_fill_rate" in stats["train"]
+
+
+def test_padding_compiles_once_per_bucket_at_most(tmp_path, caplog):
+    rng = np.random.default_rng(0)
+    prompt_lengths = np.where(rng.random(96) < 0.05, 45, rng.integers(1, 8, 96))  # skewed: a few long ones
+    rows = [{"prompt": "1" * int(n), "completion": "2" * int(m)} for n, m in zip(prompt_lengths, rng.integers(1, 6, 96))]
+    args = tiny_args(tmp_path, max_length=64, max_steps=-1, num_train_epochs=2, max_train_samples=None,
+                     validation_split_percentage=0, eval_strategy="no")
+    trainer = SFTTrainer(args, dataset_train=datasets.Dataset.from_list(rows),
+                         tokenizer=build_arithmetic_chat_tokenizer())
+    trainer.setup()
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        trainer.train()
+    compiled = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage() and "train_step" in r.getMessage()]
+    assert 1 < len(compiled) <= len(trainer._pad.buckets), compiled
+
+
+class StopAt(Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, trainer, step):
+        trainer.should_stop = trainer.should_stop or step == self.step
+
+
+def test_resume_under_different_packing_is_refused_before_compute(tmp_path):
+    args = tiny_args(tmp_path, save_strategy="steps", save_steps=2)
+    SFTTrainer(args, SFTArguments(packing=False), callbacks=[StopAt(2)]).train()
+    with pytest.raises(ArgumentError, match="packing: checkpoint False vs now True"):
+        SFTTrainer(tiny_args(tmp_path, save_strategy="steps", save_steps=2, resume_from_checkpoint="latest"),
+                   SFTArguments(packing=True)).setup()
+
+
+def test_fine_tunes_a_local_hugging_face_model_and_exports_the_same_logits(tmp_path):
+    tokenizer = build_arithmetic_chat_tokenizer()
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=64, bos_token_id=tokenizer.bos_token_id,
+                                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    args = tiny_args(tmp_path, model_name_or_path=str(tmp_path / "base"), save_pretrained_at_end=True,
+                     learning_rate=1e-2)
+    trainer = SFTTrainer(args, SFTArguments(assistant_only_loss=True))
+    trainer.train()
+    export = Path(args.output_dir) / "final_model"
+    ids_BT = np.asarray([tokenizer.apply_chat_template([{"role": "user", "content": "12+30"}],
+                                                       add_generation_prompt=True, tokenize=True, return_dict=True)
+                         ["input_ids"]])
+    ours = np.asarray(trainer.model(ids_BT))
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = reloaded(torch.tensor(ids_BT)).logits.numpy()
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32).eval()
+    with torch.no_grad():
+        untrained = base(torch.tensor(ids_BT)).logits.numpy()
+    assert np.abs(ours - theirs).max() < 1e-4
+    assert np.abs(untrained - theirs).max() > 1e-3, "the export holds the fine-tuned weights"
+    assert transformers.AutoTokenizer.from_pretrained(export).chat_template == tokenizer.chat_template
+
+
+def test_the_example_learns(tmp_path):
+    spec = importlib.util.spec_from_file_location("sft_arithmetic", EXAMPLES / "sft_arithmetic.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--output_dir", str(tmp_path), "--max_steps", "150", "--eval_samples", "16",
+                          "--train_batch_size", "32"])
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [line["loss"] for line in lines if line["split"] == "train"]
+    assert losses[-1] < losses[0] - 0.5, losses
+    assert result["eval_accuracy"] > 0.35 and 0 <= result["eval_exact_match"] <= 1
