@@ -34,6 +34,14 @@ def test_finetune_hf_model(tmp_path):
     assert (tmp_path / "export" / "model.safetensors.index.json").is_file()
 
 
-@pytest.mark.parametrize("name", ["train_from_text_file", "custom_loss", "finetune_hf_model"])
+def test_image_classifier_learns_far_above_chance(tmp_path):
+    result = load("image_classifier").main(["--output_dir", str(tmp_path), "--max_steps", "150",
+                                            "--train_size", "1024"])
+    assert result["eval_accuracy"] > 0.6, result  # four classes: chance is 0.25
+    assert (tmp_path / "final_model" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("name", ["train_from_text_file", "custom_loss", "finetune_hf_model", "image_classifier",
+                                  "sft_arithmetic"])
 def test_examples_document_how_to_run_them(name):
     assert f"python examples/{name}.py" in (EXAMPLES / f"{name}.py").read_text()
