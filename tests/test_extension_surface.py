@@ -224,3 +224,24 @@ def test_train_iteration_can_run_several_updates_per_batch(tmp_path):
     trainer.train()
     assert int(trainer.state.step) == 6
     assert sorted(logged(args.output_dir)) == [1, 2, 3]
+
+
+def test_an_unexportable_model_is_refused_before_training(tmp_path):
+    from easytrain import ArgumentError
+
+    class NoConfig(FrozenEmbeddings):
+        def prepare_datasets(self):
+            rows = super().prepare_datasets()
+            self.model_config = None  # a module with no Hugging Face config
+            return rows
+
+        def create_module(self):
+            from easytrain.models.presets import llama_config
+            config = llama_config("tiny", vocab_size=len(self.tokenizer))
+            from easytrain.models import LlamaForCausalLM
+            return LlamaForCausalLM(config, rngs=nnx.Rngs(0))
+
+    trainer = NoConfig(tiny_args(tmp_path, save_pretrained_at_end=True))
+    with pytest.raises(ArgumentError, match="save_pretrained_at_end.*no Hugging Face config"):
+        trainer.train()
+    assert not (Path(tmp_path) / "run" / "metrics.jsonl").exists(), "refused before any step"

@@ -138,3 +138,23 @@ def test_the_example_learns(tmp_path):
     losses = [line["loss"] for line in lines if line["split"] == "train"]
     assert losses[-1] < losses[0] - 0.5, losses
     assert result["eval_accuracy"] > 0.35 and 0 <= result["eval_exact_match"] <= 1
+
+
+def test_chat_data_from_a_local_jsonl_file_with_user_metrics_on_generated_answers(tmp_path):
+    rows = [{"messages": [{"role": "system", "content": "0"}, {"role": "user", "content": f"{i}+1"},
+                          {"role": "assistant", "content": str(i + 1)}]} for i in range(40)]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in rows))
+    seen = {}
+
+    def compute_metrics(predictions, references):
+        seen["references"] = references
+        return {"answered": float(np.mean([bool(p) for p in predictions]))}
+
+    args = tiny_args(tmp_path, train_file=str(path), validation_split_percentage=20, max_train_samples=None)
+    trainer = SFTTrainer(args, SFTArguments(assistant_only_loss=True, generation_eval_samples=4, max_new_tokens=3),
+                         tokenizer=build_arithmetic_chat_tokenizer(), compute_metrics=compute_metrics)
+    metrics = trainer.evaluate()
+    assert 0 <= metrics["eval_answered"] <= 1 and 0 <= metrics["eval_exact_match"] <= 1
+    assert len(seen["references"]) == 4 and all(r.isdigit() for r in seen["references"])
+    assert trainer.data_stats["train"]["num_kept"] == 32
