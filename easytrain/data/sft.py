@@ -27,6 +27,8 @@ from easytrain.data.chat_templates import (
     require_generation_markers,
 )
 from easytrain.data.errors import DataError
+from easytrain.data.special_tokens import (encode_text, ensure_bos, ensure_eos, eos_id, last_content_index,
+                                           typed_field)
 
 DataFormat = Literal["language_modeling", "prompt_completion", "conversational"]
 TruncationSide = Literal["right", "left", "drop"]
@@ -142,9 +144,9 @@ def tokenize_example(
     ids, mask, eos_supervised = _render(example, tokenizer, options, data_format)
     if not ids:  # empty text: nothing to learn, and no EOS-only example either
         return TokenizedExample([], [])
-    ids, mask = _ensure_bos(ids, mask, tokenizer.bos_token_id, options.add_bos)
+    ids, mask = ensure_bos(ids, mask, tokenizer.bos_token_id, options.add_bos)
     if options.add_eos:
-        ids, mask = _ensure_eos(ids, mask, _eos_id(tokenizer), tokenizer, eos_supervised)
+        ids, mask = ensure_eos(ids, mask, eos_id(tokenizer), tokenizer, eos_supervised)
     out = _truncate(ids, mask, options, has_bos=ids[0] == tokenizer.bos_token_id)
     if out.loss_mask:
         out.loss_mask[0] = 0  # nothing precedes token 0, so nothing can predict it
@@ -213,7 +215,7 @@ def _check_options(tokenizer: PreTrainedTokenizerBase, options: SFTDataOptions,
                    data_format: DataFormat, dataset: datasets.Dataset) -> None:
     """Fail before any work when the options cannot be honoured for this data."""
     if options.add_eos:
-        _eos_id(tokenizer)
+        eos_id(tokenizer)
     uses_template = data_format == CONVERSATIONAL or (
         data_format == PROMPT_COMPLETION and len(dataset) and not isinstance(dataset[0]["prompt"], str)
     )
@@ -233,7 +235,7 @@ def _render(example: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase,
             options: SFTDataOptions, data_format: DataFormat) -> tuple[list[int], list[int], bool]:
     """Ids and mask before BOS/EOS handling, and whether an appended EOS is supervised."""
     if data_format == LANGUAGE_MODELING:
-        ids = _encode(tokenizer, _field(example, "text", str))
+        ids = encode_text(tokenizer, typed_field(example, "text", str))
         return ids, [1] * len(ids), True
     if data_format == CONVERSATIONAL:
         return _render_conversation(example, tokenizer, options)
@@ -250,7 +252,7 @@ def _render_conversation(example: Mapping[str, Any], tokenizer: PreTrainedTokeni
     if options.assistant_only_loss:
         require_generation_markers(template)
     ids, assistant_mask = render_chat(
-        tokenizer, _field(example, "messages", list), template=template,
+        tokenizer, typed_field(example, "messages", list), template=template,
         tools=parse_tools(example.get("tools")), assistant_mask=options.assistant_only_loss,
     )
     mask = assistant_mask if assistant_mask is not None else [1] * len(ids)
@@ -260,8 +262,8 @@ def _render_conversation(example: Mapping[str, Any], tokenizer: PreTrainedTokeni
 def _render_prompt_completion_text(example: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase,
                                    options: SFTDataOptions) -> tuple[list[int], list[int], bool]:
     """Prompt and completion tokenised apart: the boundary is exact, as at inference time."""
-    prompt = _encode(tokenizer, _field(example, "prompt", str))
-    completion = _encode(tokenizer, _field(example, "completion", str))
+    prompt = encode_text(tokenizer, typed_field(example, "prompt", str))
+    completion = encode_text(tokenizer, typed_field(example, "completion", str))
     prompt_bit = 0 if options.completion_only_loss else 1
     return prompt + completion, [prompt_bit] * len(prompt) + [1] * len(completion), True
 
@@ -271,8 +273,8 @@ def _render_prompt_completion_messages(
 ) -> tuple[list[int], list[int], bool]:
     """The prompt rendered with the generation prompt must be a token prefix of the whole."""
     template = chat_template_of(tokenizer, options.chat_template)
-    prompt_messages = _field(example, "prompt", list)
-    messages = prompt_messages + _field(example, "completion", list)
+    prompt_messages = typed_field(example, "prompt", list)
+    messages = prompt_messages + typed_field(example, "completion", list)
     tools = parse_tools(example.get("tools"))
     prompt_ids, _ = render_chat(tokenizer, prompt_messages, template=template, tools=tools,
                                 add_generation_prompt=True)
@@ -295,24 +297,6 @@ def _render_prompt_completion_messages(
     return ids, mask, _last_content_supervised(ids, mask, tokenizer)
 
 
-def _ensure_bos(ids: list[int], mask: list[int], bos_id: int | None,
-                add_bos: bool) -> tuple[list[int], list[int]]:
-    """Collapse leading BOS copies to one, adding it when asked and missing."""
-    if bos_id is None:
-        return ids, mask
-    leading = next((i for i, token in enumerate(ids) if token != bos_id), len(ids))
-    if leading == 0 and not add_bos:
-        return ids, mask
-    return [bos_id] + ids[leading:], [0] + mask[leading:]
-
-
-def _ensure_eos(ids: list[int], mask: list[int], eos_id: int, tokenizer: PreTrainedTokenizerBase,
-                supervised: bool) -> tuple[list[int], list[int]]:
-    """Append EOS unless the last non-whitespace token already is one (ChatML ends ``<|im_end|>\\n``)."""
-    last = _last_content_index(ids, tokenizer)
-    if last is not None and ids[last] == eos_id:
-        return ids, mask
-    return ids + [eos_id], mask + [int(supervised)]
 
 
 def _truncate(ids: list[int], mask: list[int], options: SFTDataOptions,
@@ -329,42 +313,15 @@ def _truncate(ids: list[int], mask: list[int], options: SFTDataOptions,
     return TokenizedExample(ids[:keep] + ids[-tail:], mask[:keep] + mask[-tail:], truncated=True)
 
 
-def _last_content_index(ids: Sequence[int], tokenizer: PreTrainedTokenizerBase) -> int | None:
-    """Index of the last token that is not whitespace only, or None if there is none."""
-    for index in range(len(ids) - 1, -1, -1):
-        if tokenizer.decode([ids[index]], skip_special_tokens=False).strip():
-            return index
-    return None
-
 
 def _last_content_supervised(ids: Sequence[int], mask: Sequence[int],
                              tokenizer: PreTrainedTokenizerBase) -> bool:
     """An EOS appended to a chat is supervised only if the turn it closes is."""
-    last = _last_content_index(ids, tokenizer)
+    last = last_content_index(ids, tokenizer)
     return last is not None and bool(mask[last])
 
 
-def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-
-def _eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    if tokenizer.eos_token_id is None:
-        raise DataError(
-            "The tokenizer has no EOS token, which `add_eos=True` needs so the model learns "
-            "to stop; give the tokenizer an `eos_token` or set `add_eos=False`."
-        )
-    return int(tokenizer.eos_token_id)
-
-
-def _field(example: Mapping[str, Any], name: str, kind: type) -> Any:
-    value = example.get(name)
-    if not isinstance(value, kind):
-        raise DataError(
-            f"Field {name!r} must be a {kind.__name__}, got {type(value).__name__} "
-            f"({str(value)[:60]!r}); fix the data or the `formatting_func`."
-        )
-    return value
 
 
 def _tokenize_batch(batch: Mapping[str, Sequence[Any]], *, tokenizer: PreTrainedTokenizerBase,

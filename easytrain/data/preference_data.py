@@ -1,0 +1,453 @@
+"""Preference pairs for DPO-style training: (prompt, chosen, rejected) -> two token sequences.
+
+Formats, recognised from the columns: ``prompt`` + ``chosen`` + ``rejected`` (three strings, or a
+prompt message list and two completion message lists), or only ``chosen`` + ``rejected`` as full
+conversations whose longest common message prefix is the prompt (``split_implicit_prompt``).
+
+The prompt is tokenised once and both sequences are built from those very tokens, so chosen and
+rejected can only differ after it; a log-ratio never sees a prompt-side difference such as a
+doubled BOS or a template mismatch. Special tokens follow SFT (``easytrain.data.sft``): exactly one
+leading BOS, and an EOS appended (and supervised) unless the completion already ends with one.
+``loss_mask`` is 1 on completion tokens only, EOS included, taken from the token boundary and never
+from token ids, so ``pad == eos`` cannot unmask the EOS.
+
+Truncation to ``max_length`` tokens per sequence (one cut of the prompt, shared by both):
+``keep = min(P, max_prompt_length, max_length - min(C, min_completion_length))`` prompt tokens,
+where P is the prompt's length and C the longer completion's (EOS included); the prompt keeps its
+leading BOS (if any) and its last tokens, ``keep`` in all; then each completion keeps its first
+``max_length - keep`` tokens. So the prompt is cut only when prompt + min(C,
+min_completion_length) exceed ``max_length``; ``min_completion_length`` defaults to half of
+``max_length``, which gives TRL's cut (1024 / 512) when prompt and completion are both long.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
+
+import datasets
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+from easytrain.data.chat_templates import (
+    Message,
+    chat_template_of,
+    drop_none,
+    parse_tools,
+    render_chat,
+)
+from easytrain.data.errors import DataError
+from easytrain.data.lm import Batch
+from easytrain.data.packing import BATCH_KEYS, PaddedCollate
+from easytrain.data.special_tokens import (  # SFT's special-token rules: the same layout in SFT and DPO
+    encode_text,
+    ensure_bos,
+    ensure_eos,
+    eos_id,
+    typed_field,
+)
+
+PreferenceFormat = Literal["explicit_prompt", "implicit_prompt"]
+
+#: Format -> the columns that select it, in the order they are tried.
+PREFERENCE_FORMAT_COLUMNS: Mapping[PreferenceFormat, tuple[str, ...]] = {
+    "explicit_prompt": ("prompt", "chosen", "rejected"),
+    "implicit_prompt": ("chosen", "rejected"),
+}
+
+#: Columns of the tokenised dataset (``prompt_length`` and ``length`` stay out of batches).
+PAIR_COLUMNS = ("prompt_length", "chosen_input_ids", "chosen_loss_mask", "rejected_input_ids",
+                "rejected_loss_mask", "length")
+
+#: Keys of the statistics ``tokenize_preference_dataset`` returns.
+PREFERENCE_STATS_KEYS = ("num_pairs", "num_kept", "prompt_truncated", "completion_truncated",
+                         "dropped_no_supervised_tokens", "identical_pairs", "num_tokens", "num_supervised_tokens")
+
+_FLAGS = ("tokens", "prompt_truncated", "completion_truncated", "chosen_supervised",
+          "rejected_supervised", "identical")
+_FEATURES = datasets.Features({
+    "prompt_length": datasets.Value("int32"),
+    **{f"{side}_{kind}": datasets.List(datasets.Value(dtype)) for side in ("chosen", "rejected")
+       for kind, dtype in (("input_ids", "int32"), ("loss_mask", "int8"))},
+    "length": datasets.Value("int32"),
+    **{flag: datasets.Value("int32") for flag in _FLAGS},
+})
+
+
+@dataclass(frozen=True)
+class PreferenceDataOptions:
+    """How pairs become tokens, masks and cuts (see the module docstring for the truncation rule).
+
+    Attributes:
+        max_length: Most tokens per sequence, prompt + completion; None keeps all.
+        max_prompt_length: Most prompt tokens (BOS included), applied even without ``max_length``.
+        min_completion_length: Completion tokens guaranteed room before the prompt is cut;
+            None means ``max_length // 2``.
+        add_bos: Start every sequence with exactly one BOS (when the tokenizer has one).
+        add_eos: End each completion with an EOS unless it already does, so the model learns to stop.
+        chat_template: A Jinja template that replaces the tokenizer's own.
+    """
+
+    max_length: int | None = 1024
+    max_prompt_length: int | None = None
+    min_completion_length: int | None = None
+    add_bos: bool = True
+    add_eos: bool = True
+    chat_template: str | None = None
+
+    def __post_init__(self) -> None:
+        for name, low in (("max_length", 2), ("max_prompt_length", 1), ("min_completion_length", 1)):
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise DataError(f"`{name}` must be at least {low} or None, got {value}.")
+        if self.max_length is not None and self.completion_room >= self.max_length:
+            raise DataError(
+                f"`min_completion_length` ({self.min_completion_length}) must be below `max_length` "
+                f"({self.max_length}) so the prompt keeps a token; lower it or leave it None."
+            )
+
+    @property
+    def completion_room(self) -> int:
+        """Completion tokens that may push the prompt out (``min_completion_length`` resolved)."""
+        return self.min_completion_length or (self.max_length or 2) // 2
+
+
+class TokenizedPair(NamedTuple):
+    """Two sequences sharing their first ``prompt_length`` tokens, and what truncation did."""
+
+    prompt_length: int
+    chosen_input_ids: list[int]
+    chosen_loss_mask: list[int]
+    rejected_input_ids: list[int]
+    rejected_loss_mask: list[int]
+    prompt_truncated: bool = False
+    chosen_truncated: bool = False
+    rejected_truncated: bool = False
+
+
+def detect_preference_format(column_names: Sequence[str]) -> PreferenceFormat:
+    """``explicit_prompt`` with a ``prompt`` column, else ``implicit_prompt``; both need chosen/rejected.
+
+    Raises:
+        DataError: No format fits; the message lists the columns found and expected.
+    """
+    names = set(column_names)
+    for data_format, required in PREFERENCE_FORMAT_COLUMNS.items():
+        if names.issuperset(required):
+            return data_format
+    expected = "; ".join(f"{{{', '.join(cols)}}} ({fmt})" for fmt, cols in PREFERENCE_FORMAT_COLUMNS.items())
+    raise DataError(
+        f"Cannot tell the preference data format from the columns {sorted(names) or 'none'}; "
+        f"expected one of: {expected}. Rename the columns or pass a `formatting_func` that maps "
+        "each example to {'prompt', 'chosen', 'rejected'}."
+    )
+
+
+def split_implicit_prompt(chosen: Sequence[Message], rejected: Sequence[Message]
+                          ) -> tuple[list[Message], list[Message], list[Message]]:
+    """``(prompt, chosen_tail, rejected_tail)``: the longest common message prefix and the rest.
+
+    Raises:
+        DataError: No common first message, an empty tail (one conversation is a prefix of the
+            other), or a tail that does not open with an assistant message.
+    """
+    a, b = ([drop_none(dict(message)) for message in side] for side in (chosen, rejected))
+    shared = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    if shared == 0:
+        raise DataError(
+            "'chosen' and 'rejected' share no leading message, so there is no implicit prompt; "
+            "start both with the same prompt messages or add a 'prompt' column."
+        )
+    for name, tail in (("chosen", a[shared:]), ("rejected", b[shared:])):
+        if not tail:
+            raise DataError(
+                f"'{name}' has no messages after the prompt the two conversations share ({shared} "
+                "messages), so it has no completion; make each end with a different assistant reply."
+            )
+        if tail[0].get("role") != "assistant":
+            raise DataError(
+                f"'{name}' continues the shared prompt with a {tail[0].get('role')!r} message, but a "
+                "completion must start with an assistant message; the conversations must first "
+                "differ in an assistant reply, or give an explicit 'prompt' column."
+            )
+    return list(chosen[:shared]), list(chosen[shared:]), list(rejected[shared:])
+
+
+def tokenize_pair(example: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase,
+                  options: PreferenceDataOptions = PreferenceDataOptions()) -> TokenizedPair:
+    """Tokenise one pair: one prompt, two completions with SFT's BOS/EOS rules, then truncation.
+
+    Raises:
+        DataError: Missing or mistyped fields, or a template whose generation prompt is not a token
+            prefix of the rendered conversation.
+    """
+    prompt, chosen, rejected = _pair_tokens(example, tokenizer, options)
+    prompt, _ = ensure_bos(prompt, [0] * len(prompt), tokenizer.bos_token_id, options.add_bos)
+    if options.add_eos:
+        eos = eos_id(tokenizer)
+        chosen, rejected = (ensure_eos(ids, [1] * len(ids), eos, tokenizer, True)[0]
+                            for ids in (chosen, rejected))
+    keep = _prompt_keep(len(prompt), max(len(chosen), len(rejected)), options)
+    kept_prompt = _keep_end(prompt, keep, tokenizer.bos_token_id)
+    room = None if options.max_length is None else options.max_length - len(kept_prompt)
+    sequences = [_sequence(kept_prompt, completion[:room]) for completion in (chosen, rejected)]
+    return TokenizedPair(len(kept_prompt), *sequences[0], *sequences[1],
+                         prompt_truncated=len(kept_prompt) < len(prompt),
+                         chosen_truncated=room is not None and len(chosen) > room,
+                         rejected_truncated=room is not None and len(rejected) > room)
+
+
+def tokenize_preference_dataset(
+    dataset: datasets.Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    options: PreferenceDataOptions = PreferenceDataOptions(),
+    *,
+    formatting_func: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None,
+    num_proc: int | None = None,
+) -> tuple[datasets.Dataset, dict[str, int]]:
+    """Tokenise every pair (cached ``datasets.map``), drop unusable ones and count everything.
+
+    Args:
+        dataset: Rows in one of the formats (or any columns ``formatting_func`` reads).
+        tokenizer: The model's tokenizer; its chat template renders conversations.
+        options: Special-token, template and truncation settings.
+        formatting_func: Maps one example to a dict in one of the formats, applied first.
+        num_proc: Worker processes for ``map`` (``None`` runs in-process).
+
+    Returns:
+        ``(tokenized, stats)``: ``tokenized`` has the ``PAIR_COLUMNS`` (``*_loss_mask`` is 1 on
+        completion tokens); ``stats`` has the ``PREFERENCE_STATS_KEYS``, to log. Truncation counts
+        are pairs over the whole input; a pair where either completion keeps no supervised token is
+        dropped and counted, never trained on silently. ``identical_pairs`` (kept) carry no
+        preference signal.
+
+    Raises:
+        DataError: Unknown format, missing template or EOS, or no pair left.
+
+    Example::
+
+        rows = datasets.Dataset.from_list([{"prompt": "2+2=", "chosen": " 4", "rejected": " 5"}])
+        pairs, stats = tokenize_preference_dataset(rows, tokenizer, PreferenceDataOptions(max_length=512))
+        loader = TrainBatches(pair_rows(pairs), 8, seed=0,
+                              collate=PairedCollate(bucket_lengths(512), tokenizer.pad_token_id))
+    """
+    if formatting_func is not None:
+        dataset = dataset.map(formatting_func, remove_columns=dataset.column_names,
+                              num_proc=num_proc, desc="Formatting")
+    data_format = detect_preference_format(dataset.column_names)
+    _check_options(tokenizer, options, data_format, dataset)
+    tokenized = dataset.map(
+        _tokenize_batch, batched=True, num_proc=num_proc, features=_FEATURES,
+        remove_columns=dataset.column_names, load_from_cache_file=True, desc="Tokenizing pairs",
+        fn_kwargs={"tokenizer": tokenizer, "options": options},
+    )
+    stats = _stats(tokenized)
+    if stats["num_kept"] == 0:
+        raise DataError(
+            f"No preference pair is left to train on: {stats}. Check that completions are "
+            "non-empty, or keep `add_eos=True` so an empty completion still teaches to stop."
+        )
+    kept = tokenized.filter(_keep, batched=True, num_proc=num_proc, desc="Dropping unusable pairs",
+                            input_columns=["chosen_supervised", "rejected_supervised"])
+    return kept.remove_columns(list(_FLAGS)), stats
+
+
+def pair_rows(tokenized: datasets.Dataset,
+              extra: Mapping[str, np.ndarray | Sequence[float]] | None = None) -> datasets.Dataset:
+    """The loader rows: tokenised pairs plus per-pair numeric columns that ``PairedCollate`` passes on.
+
+    ``extra`` maps a column name to ``[N]`` or ``[N, 2]`` numbers (e.g. ``ref_chosen_logps`` and
+    ``ref_rejected_logps``, or ``ref_logps`` as (chosen, rejected)); they reach the batch as ``[B]``
+    or ``[B, 2]``. A column of that name already there is replaced (recomputed reference log-probs).
+
+    Raises:
+        DataError: Missing pair columns, a wrong length or shape, non-numbers, NaN or inf.
+    """
+    missing = [name for name in PAIR_COLUMNS[1:5] if name not in tokenized.column_names]
+    if missing:
+        raise DataError(f"The rows lack {missing}; make them with `tokenize_preference_dataset` first.")
+    for name, values in (extra or {}).items():
+        array = _extra_array(name, values, len(tokenized))
+        if not np.isfinite(array).all():
+            bad = int(np.flatnonzero(~np.isfinite(array.reshape(len(array), -1)).all(1))[0])
+            raise DataError(f"Column {name!r} has NaN or inf at pair {bad}; recompute it before training.")
+        if name in tokenized.column_names:
+            tokenized = tokenized.remove_columns(name)
+        value = datasets.Value("float32" if array.dtype.kind == "f" else "int64")
+        feature = value if array.ndim == 1 else datasets.List(value, length=2)
+        tokenized = tokenized.add_column(name, array.tolist(), feature=feature)
+    return tokenized
+
+
+class PairedCollate:
+    """Pairs as rows: ``[B, 2, T]`` arrays (index 0 chosen, 1 rejected), right-padded to a bucket.
+
+    Keys: ``input_ids``, ``targets`` (next token), ``loss_mask`` (float, 1 where the target is a
+    supervised completion token), ``segment_ids``, ``positions``, ``attention_mask`` (all
+    ``[B, 2, T]``), ``example_id`` ``[B]``, plus every other numeric column of the rows as ``[B]``
+    or ``[B, 2]`` (see ``pair_rows``). T is the smallest bucket holding the batch's longest
+    sequence, so one compilation per bucket. A pair is one row, so gradient accumulation and data
+    parallelism never split it; rows with ``example_id < 0`` get an all-zero ``loss_mask``.
+    """
+
+    def __init__(self, buckets: Sequence[int], pad_id: int = 0) -> None:
+        """Args: buckets: allowed lengths T (positions, i.e. tokens - 1); pad_id: filler id."""
+        self._padded = PaddedCollate(buckets, pad_id)
+        self.buckets, self.pad_id = self._padded.buckets, self._padded.pad_id
+
+    def __call__(self, rows: Mapping[str, np.ndarray], example_ids: np.ndarray) -> Batch:
+        interleaved = {  # row 2b is pair b's chosen, row 2b + 1 its rejected
+            key: [seq for pair in zip(rows[f"chosen_{key}"], rows[f"rejected_{key}"], strict=True) for seq in pair]
+            for key in ("input_ids", "loss_mask")}
+        example_ids = np.asarray(example_ids, np.int32)
+        flat = self._padded(interleaved, np.repeat(example_ids, 2))
+        batch = {key: value.reshape(len(example_ids), 2, -1) for key, value in flat.items()
+                 if key != "example_id"}
+        batch["example_id"] = example_ids
+        for name in rows:
+            if name not in PAIR_COLUMNS:
+                batch[name] = _extra_array(name, rows[name], len(example_ids))
+        return batch
+
+
+def _pair_tokens(example: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase,
+                 options: PreferenceDataOptions) -> tuple[list[int], list[int], list[int]]:
+    """Prompt and completion ids before special-token handling; the prompt is tokenised once."""
+    if "prompt" not in example:
+        prompt, chosen, rejected = split_implicit_prompt(typed_field(example, "chosen", list),
+                                                         typed_field(example, "rejected", list))
+        return _render_pair(prompt, chosen, rejected, tokenizer, options, example.get("tools"))
+    if isinstance(example["prompt"], str):
+        if not all(isinstance(example.get(name), str) for name in ("chosen", "rejected")):
+            raise DataError(
+                f"'prompt' is a string but 'chosen'/'rejected' are "
+                f"{type(example.get('chosen')).__name__}/{type(example.get('rejected')).__name__}; "
+                "give three strings, or three message lists. For full conversations in "
+                "'chosen'/'rejected', drop the 'prompt' column (`dataset.remove_columns('prompt')`)."
+            )
+        return tuple(encode_text(tokenizer, example[name]) for name in ("prompt", "chosen", "rejected"))
+    return _render_pair(typed_field(example, "prompt", list), typed_field(example, "chosen", list),
+                        typed_field(example, "rejected", list), tokenizer, options, example.get("tools"))
+
+
+def _render_pair(prompt: list[Message], chosen: list[Message], rejected: list[Message],
+                 tokenizer: PreTrainedTokenizerBase, options: PreferenceDataOptions,
+                 tools: Any) -> tuple[list[int], list[int], list[int]]:
+    """Render the prompt once with the generation prompt; each completion is what follows it."""
+    template = chat_template_of(tokenizer, options.chat_template)
+    tools = parse_tools(tools)
+    prompt_ids, _ = render_chat(tokenizer, prompt, template=template, tools=tools,
+                                add_generation_prompt=True)
+    completions = []
+    for name, completion in (("chosen", chosen), ("rejected", rejected)):
+        ids, _ = render_chat(tokenizer, prompt + completion, template=template, tools=tools)
+        if ids[: len(prompt_ids)] != prompt_ids:
+            differ = next((i for i, (a, b) in enumerate(zip(prompt_ids, ids)) if a != b), len(ids))
+            raise DataError(
+                f"The prompt rendered with `add_generation_prompt=True` is not a token prefix of "
+                f"prompt + {name!r} (they differ from token {differ}: "
+                f"{tokenizer.decode(prompt_ids[differ:differ + 8])!r} vs "
+                f"{tokenizer.decode(ids[differ:differ + 8])!r}), so chosen and rejected cannot "
+                "share the prompt tokens. Fix the template's generation prompt or pass `chat_template`."
+            )
+        completions.append(ids[len(prompt_ids):])
+    return prompt_ids, completions[0], completions[1]
+
+
+def _prompt_keep(prompt: int, longest: int, options: PreferenceDataOptions) -> int:
+    """Prompt tokens to keep: cut only when prompt + min(longest, completion room) overflow."""
+    keep = prompt if options.max_prompt_length is None else min(prompt, options.max_prompt_length)
+    if options.max_length is not None:
+        keep = min(keep, options.max_length - min(longest, options.completion_room))
+    return keep
+
+
+def _keep_end(ids: list[int], keep: int, bos_id: int | None) -> list[int]:
+    """The last ``keep`` tokens, a leading BOS kept in front (and counted)."""
+    if len(ids) <= keep:
+        return ids
+    head = ids[:1] if bos_id is not None and ids[0] == bos_id else []
+    tail = keep - len(head)
+    return head + (ids[len(ids) - tail:] if tail > 0 else [])
+
+
+def _sequence(prompt: list[int], completion: list[int]) -> tuple[list[int], list[int]]:
+    """Ids and mask: completion tokens supervised, token 0 never (nothing precedes it)."""
+    mask = [0] * len(prompt) + [1] * len(completion)
+    if mask:
+        mask[0] = 0
+    return prompt + completion, mask
+
+
+def _extra_array(name: str, values: Any, rows: int) -> np.ndarray:
+    """A per-pair numeric column as ``[rows]`` or ``[rows, 2]`` float32/int32."""
+    array = np.asarray(values)
+    if array.dtype == object:  # a column of equal-length arrays read from Arrow
+        try:
+            array = np.stack([np.asarray(value) for value in array])
+        except ValueError:
+            pass
+    if name in BATCH_KEYS or array.dtype.kind not in "biuf" or array.shape not in ((rows,), (rows, 2)):
+        raise DataError(
+            f"Column {name!r} ({array.dtype}, shape {array.shape}) cannot join a batch of {rows} "
+            "pairs: extra columns must be numbers, one or two (chosen, rejected) per pair, and not "
+            f"named like a batch key {BATCH_KEYS}; remove or rename it (`dataset.remove_columns`)."
+        )
+    return array.astype(np.float32 if array.dtype.kind == "f" else np.int32)
+
+
+def _check_options(tokenizer: PreTrainedTokenizerBase, options: PreferenceDataOptions,
+                   data_format: PreferenceFormat, dataset: datasets.Dataset) -> None:
+    """Fail before any work when the options cannot be honoured for this data."""
+    if options.add_eos:
+        eos_id(tokenizer)
+    if len(dataset) == 0:
+        raise DataError("The preference dataset has no rows; give it at least one pair.")
+    first = dataset[0]
+    if data_format == "implicit_prompt" and not isinstance(first["chosen"], list):
+        raise DataError(
+            f"Without a 'prompt' column, 'chosen' and 'rejected' must be conversations (message "
+            f"lists) sharing their prompt messages, got {type(first['chosen']).__name__}; add a "
+            "'prompt' column, or split text pairs with a `formatting_func`."
+        )
+    if isinstance(first["chosen"], list):
+        chat_template_of(tokenizer, options.chat_template)
+
+
+def _tokenize_batch(batch: Mapping[str, Sequence[Any]], *, tokenizer: PreTrainedTokenizerBase,
+                    options: PreferenceDataOptions) -> dict[str, list[Any]]:
+    size = len(next(iter(batch.values())))
+    rows = [_row(tokenize_pair({k: v[i] for k, v in batch.items()}, tokenizer, options)) for i in range(size)]
+    return {name: [row[name] for row in rows] for name in _FEATURES}
+
+
+def _row(pair: TokenizedPair) -> dict[str, Any]:
+    """The stored columns of one pair, and the flags the statistics are counted from."""
+    chosen, rejected = pair.chosen_input_ids, pair.rejected_input_ids
+    return {**{name: getattr(pair, name) for name in PAIR_COLUMNS[:5]},
+            "length": max(len(chosen), len(rejected)), "tokens": len(chosen) + len(rejected),
+            "prompt_truncated": int(pair.prompt_truncated),
+            "completion_truncated": int(pair.chosen_truncated or pair.rejected_truncated),
+            "chosen_supervised": sum(pair.chosen_loss_mask), "rejected_supervised": sum(pair.rejected_loss_mask),
+            "identical": int(chosen == rejected)}
+
+
+def _keep(chosen_supervised: Sequence[int], rejected_supervised: Sequence[int]) -> list[bool]:
+    return [c > 0 and r > 0 for c, r in zip(chosen_supervised, rejected_supervised, strict=True)]
+
+
+def _stats(tokenized: datasets.Dataset) -> dict[str, int]:
+    flags = {k: v.astype(np.int64) for k, v in tokenized.with_format("numpy", columns=list(_FLAGS))[:].items()}
+    supervised = flags["chosen_supervised"] + flags["rejected_supervised"]
+    kept = (flags["chosen_supervised"] > 0) & (flags["rejected_supervised"] > 0)
+    return {
+        "num_pairs": len(tokenized),
+        "num_kept": int(kept.sum()),
+        "prompt_truncated": int(flags["prompt_truncated"].sum()),
+        "completion_truncated": int(flags["completion_truncated"].sum()),
+        "dropped_no_supervised_tokens": int((~kept).sum()),
+        "identical_pairs": int(((flags["identical"] > 0) & kept).sum()),
+        "num_tokens": int(flags["tokens"][kept].sum()),
+        "num_supervised_tokens": int(supervised[kept].sum()),
+    }
