@@ -94,16 +94,33 @@ def param_shardings(abstract_params: nnx.State, mesh: Mesh, rules: LogicalRules 
 
 def optimizer_shardings(tx: optax.GradientTransformation, abstract_opt_state: Any, abstract_params: Any,
                         params_sharding: Any, mesh: Mesh) -> Any:
-    """Optimizer moments take their parameter's sharding; anything else (counts, factored rows) is replicated."""
+    """Optimizer moments take their parameter's sharding; anything else (counts, factored rows) is replicated.
+
+    A moment is recognised by its path: optax keeps each parameter's dict keys under the state that
+    tracks it (`mu['layers'][0]['mlp']['kernel']`), also inside `multi_transform` and `masked`, so the
+    longest suffix of a leaf's path that names a parameter of the same shape picks the sharding. No
+    `tx.init` is traced, so optimizers whose init reads the parameters (label functions) work too.
+    """
+    del tx
     replicated = NamedSharding(mesh, P())
+    params = {_keys(path): (leaf, sharding) for (path, leaf), sharding in
+              zip(jax.tree_util.tree_flatten_with_path(abstract_params)[0], jax.tree.leaves(params_sharding))}
 
-    def follow(leaf, param, sharding):
-        return sharding if getattr(leaf, "shape", None) == param.shape else replicated
+    def follow(path: tuple, leaf: Any) -> NamedSharding:
+        keys = _keys(path)
+        for start in range(len(keys)):
+            match = params.get(keys[start:])
+            if match is not None and getattr(match[0], "shape", None) == getattr(leaf, "shape", None):
+                return match[1]
+        return replicated
 
-    mapped = optax.tree_map_params(tx, follow, abstract_opt_state, abstract_params, params_sharding,
-                                   transform_non_params=lambda _: replicated)
-    return jax.tree.map(lambda x: x if isinstance(x, NamedSharding) else replicated, mapped,
-                        is_leaf=lambda x: isinstance(x, NamedSharding))
+    return jax.tree_util.tree_map_with_path(follow, abstract_opt_state)
+
+
+def _keys(path: tuple) -> tuple:
+    """The dict keys and sequence indices of a pytree path (attribute names of optax states dropped)."""
+    return tuple(entry.key if hasattr(entry, "key") else entry.idx for entry in path
+                 if hasattr(entry, "key") or hasattr(entry, "idx"))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -245,3 +245,19 @@ def test_an_unexportable_model_is_refused_before_training(tmp_path):
     with pytest.raises(ArgumentError, match="save_pretrained_at_end.*no Hugging Face config"):
         trainer.train()
     assert not (Path(tmp_path) / "run" / "metrics.jsonl").exists(), "refused before any step"
+
+
+def test_an_optimizer_whose_init_reads_the_parameters_places_its_state(tmp_path):
+    """Per-group learning rates with optax.multi_transform: its state follows the parameters' shardings."""
+    import optax
+
+    class GroupedRates(BaseTrainer):
+        def configure_optimizer(self, schedule):
+            labels = lambda params: {name: "embed" if name == "embed_tokens" else "rest" for name in params}
+            return optax.multi_transform({"embed": optax.adam(1e-4), "rest": optax.adam(schedule)}, labels)
+
+    trainer = GroupedRates(tiny_args(tmp_path, max_steps=2))
+    logs = trainer.train()
+    assert np.isfinite(logs["loss"])
+    shardings = jax.tree.leaves(trainer.state_shardings.opt_state)
+    assert len(shardings) == len(jax.tree.leaves(trainer.state.opt_state))
