@@ -29,10 +29,13 @@ class Frozen(NamedTuple):
             materialised whole on one device; it must create its own `nnx.Rngs` (like `create_module`).
         checkpoint: True writes the entry into every checkpoint and restores it on resume (state that
             changes, e.g. an EMA); False rebuilds it from `value` on resume (a fixed reference or teacher).
+        copy: False keeps a given value's arrays when they are already in the target layout, for modules
+            nobody else holds (e.g. just loaded with `from_pretrained(..., mesh=...)`): no second copy.
     """
 
     value: nnx.Module | PyTree | Callable[[], nnx.Module | PyTree]
     checkpoint: bool = False
+    copy: bool = True
 
 
 class PlacedFrozen(NamedTuple):
@@ -85,7 +88,7 @@ def place_frozen(specs: Mapping[str, Frozen], mesh: Mesh, rules: sharding.Logica
             with jax.set_mesh(mesh):
                 value = jax.jit(lambda build=spec.value: _pure(_split(_built(build))[1]), out_shardings=target)()
         else:
-            value = jax.device_put(_pure(shapes), target, may_alias=False)  # owned: the step donates it
+            value = jax.device_put(_pure(shapes), target, may_alias=False if spec.copy else None)  # the step donates it
         values[name], shardings[name] = value, target
         if graphdef is not None:
             modules.append((name, graphdef))

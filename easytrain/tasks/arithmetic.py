@@ -189,3 +189,18 @@ def make_arithmetic_chat_splits(num_train: int = 8000, num_validation: int = 500
         return {"messages": [{"role": "user", "content": prompt[:-1]}, {"role": "assistant", "content": answer}]}
 
     return splits.map(to_messages, remove_columns=[TEXT])
+
+
+def make_arithmetic_preference_splits(num_train: int = 4000, num_validation: int = 256, *, seed: int = 0,
+                                      max_operand: int = 99) -> datasets.DatasetDict:
+    """Preference pairs: the user asks `"37+45"`; chosen is the right answer, rejected a near miss."""
+    splits = make_arithmetic_splits(num_train, num_validation, seed=seed, max_operand=max_operand)
+
+    def to_pair(row: dict, index: int) -> dict:
+        prompt, answer = split_problem(row[TEXT])
+        offset = int(np.random.default_rng([seed, index]).choice([-10, -2, -1, 1, 2, 10]))
+        assistant = lambda content: [{"role": "assistant", "content": content}]
+        return {"prompt": [{"role": "user", "content": prompt[:-1]}], "chosen": assistant(answer),
+                "rejected": assistant(str(int(answer) + offset))}
+
+    return splits.map(to_pair, with_indices=True, remove_columns=[TEXT])

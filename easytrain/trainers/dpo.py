@@ -1,0 +1,245 @@
+"""`DPOTrainer`: preference optimisation as a paired batch layout, a reference and a loss on `BaseTrainer`.
+
+One forward pass of the policy runs over chosen and rejected together (`[B, 2, T]` rows reshaped to
+`[2B, T]`); per-sequence log-probabilities are float32 sums over completion tokens, computed without a
+float32 log-softmax over the vocabulary (`easytrain.preference.token_logps`). The reference is a frozen
+copy of the initial policy (default), another model, precomputed log-probs, or a copy that moves
+toward the policy (TR-DPO). The losses are the pure functions of `easytrain.preference`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, traverse_util
+
+from easytrain.arguments import TrainingArguments
+from easytrain.data import RowSource, bucket_lengths
+from easytrain.data.preference_data import PairedCollate, PreferenceDataOptions, pair_rows, tokenize_preference_dataset
+from easytrain.errors import ArgumentError
+from easytrain.frozen import Frozen
+from easytrain.losses import LossOutput
+from easytrain.metrics import Mean, mean_over
+from easytrain.models import from_pretrained
+from easytrain.preference import PREFERENCE_LOSSES, REFERENCE_FREE, PairLogps, combined_loss, sequence_logps, token_logps
+from easytrain.tasks import arithmetic
+from easytrain.tasks.registry import register_task
+from easytrain.trainers import builders
+from easytrain.trainers.base import BaseTrainer
+from easytrain.trainers.dpo_reference import CACHE_DIRNAME, precomputed_reference_logps
+
+logger = logging.getLogger("easytrain")
+
+
+def _help(text: str, default: Any = None, **kwargs: Any) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": text, **kwargs})
+    return field(default=default, metadata={"help": text, **kwargs})
+
+
+@dataclass
+class DPOArguments:
+    """Preference-optimisation options (`easytrain train --task dpo --help` lists them)."""
+
+    beta: float = _help("Strength of the KL-style tie to the reference (the inverse temperature).", 0.1)
+    loss_type: list[str] = _help("One loss or several, summed with loss_weights: "
+                                 + ", ".join(PREFERENCE_LOSSES) + ".", ["sigmoid"])
+    loss_weights: Optional[list[float]] = _help("A weight per loss_type entry (default 1 each).")
+    label_smoothing: float = _help("Label noise for sigmoid (cDPO) and robust, in [0, 0.5).", 0.0)
+    simpo_gamma: float = _help("Target reward margin of simpo.", 0.5)
+    max_prompt_length: Optional[int] = _help("Cut prompts to their last N tokens (default: only as needed).")
+    ref_model_name_or_path: Optional[str] = _help("Reference model (default: a frozen copy of the initial policy).")
+    precompute_ref_log_probs: bool = _help("Compute reference log-probs in one pass before training, cache "
+                                           "them in output_dir, and keep no reference model in memory.", False)
+    sync_ref_model: bool = _help("TR-DPO: move the reference toward the policy every ref_model_sync_steps.", False)
+    ref_model_mixup_alpha: float = _help("TR-DPO: reference <- alpha * policy + (1 - alpha) * reference.", 0.6)
+    ref_model_sync_steps: int = _help("TR-DPO: optimizer steps between reference updates.", 512)
+    logps_chunk_size: int = _help("Vocabulary entries per chunk of the float32 log-prob computation.", 4096)
+
+    def __post_init__(self) -> None:
+        unknown = [name for name in self.loss_type if name not in PREFERENCE_LOSSES]
+        checks = [
+            (not self.loss_type or unknown, "loss_type", f"unknown loss(es) {unknown}; choose from "
+                                                         f"{', '.join(PREFERENCE_LOSSES)}."),
+            (self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type), "loss_weights",
+             f"needs one weight per loss_type entry ({len(self.loss_type)})."),
+            (self.beta <= 0, "beta", f"must be positive, got {self.beta}."),
+            (not 0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)."),
+            (self.sync_ref_model and self.precompute_ref_log_probs, "sync_ref_model",
+             "a moving reference cannot be precomputed; drop one of sync_ref_model, precompute_ref_log_probs."),
+            (not 0 < self.ref_model_mixup_alpha <= 1 or self.ref_model_sync_steps < 1, "ref_model_mixup_alpha",
+             "needs 0 < ref_model_mixup_alpha <= 1 and ref_model_sync_steps >= 1."),
+        ]
+        for failed, name, message in checks:
+            if failed:
+                raise ArgumentError(name, message)
+
+    @property
+    def needs_reference(self) -> bool:
+        return not set(self.loss_type) <= REFERENCE_FREE
+
+
+@register_task("dpo", arguments=(DPOArguments,), replace=True,
+               description="Preference optimisation (DPO, IPO, SimPO, ORPO, ...) on prompt/chosen/rejected pairs.")
+class DPOTrainer(BaseTrainer):
+    """Preference optimisation. Without a dataset it trains on generated arithmetic pairs (right vs. near-miss).
+
+    Args:
+        arguments / dpo_arguments: the run and the preference options.
+        formatting_func: maps a raw example to `prompt`/`chosen`/`rejected` form.
+        **kwargs: as for `BaseTrainer`.
+    """
+
+    def __init__(self, arguments: TrainingArguments | None = None, dpo_arguments: DPOArguments | None = None, *,
+                 formatting_func: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None, **kwargs: Any):
+        self.dpo = dpo_arguments or DPOArguments()
+        self.formatting_func = formatting_func
+        self.data_stats: dict[str, dict[str, float]] = {}
+        self.reference_logps_cached: dict[str, bool] = {}  # split -> read from the cache (not recomputed)
+        super().__init__(arguments, **kwargs)
+
+    # ------------------------------------------------------------------ data
+    def prepare_datasets(self) -> tuple[RowSource, RowSource | None]:
+        args = self.arguments
+        embedded = builders.uses_embedded_data(args, self._raw_train)
+        if self.tokenizer is None:
+            self.tokenizer = (arithmetic.build_arithmetic_chat_tokenizer() if embedded and not args.model_name_or_path
+                              else builders.build_tokenizer(args, embedded=False))
+        self.tokenizer = builders.ensure_pad_token(self.tokenizer)
+        self.model_config = getattr(self._given_model, "config", None) if self._given_model is not None \
+            else builders.build_model_config(args, self.tokenizer)
+        builders.check_max_length(args, self.model_config)
+        splits = (arithmetic.make_arithmetic_preference_splits(seed=args.seed) if embedded
+                  else builders.raw_datasets(args, self._raw_train, self._raw_eval))
+        options = PreferenceDataOptions(max_length=args.max_length + 1, max_prompt_length=self.dpo.max_prompt_length)
+        self._pad = PairedCollate(bucket_lengths(args.max_length) if jax.process_count() == 1 else (args.max_length,),
+                                  pad_id=self.tokenizer.pad_token_id or 0)
+        rows = {}
+        for name, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples)):
+            if name in splits:
+                split = splits[name] if limit is None else splits[name].select(range(min(limit, len(splits[name]))))
+                rows[name], self.data_stats[name] = tokenize_preference_dataset(
+                    split, self.tokenizer, options, formatting_func=self.formatting_func,
+                    num_proc=args.preprocessing_num_workers)
+                if self.dpo.precompute_ref_log_probs and self.dpo.needs_reference:
+                    rows[name] = self._with_reference_logps(name, rows[name])
+        for name, stats in self.data_stats.items():
+            logger.info("DPO %s pairs: %s", name, ", ".join(f"{k}={v}" for k, v in stats.items()))
+        return rows["train"], rows.get("validation")
+
+    def _with_reference_logps(self, name: str, rows: Any) -> Any:
+        settings = {"max_length": self.arguments.max_length, "chunk": self.dpo.logps_chunk_size}
+        logps, cached = precomputed_reference_logps(
+            self.reference(), rows, data_fingerprint=rows._fingerprint, settings=settings, collate=self.collate,
+            batch_size=self.arguments.eval_batch_size, sequence_logps=lambda m, b: self.pair_logps(m, b)[0],
+            mesh=self.mesh, rules=self.partition_rules, cache_dir=self.cache_dir, is_main_process=self.is_main_process)
+        self.reference_logps_cached[name] = cached
+        return pair_rows(rows, {"ref_logps": logps})
+
+    @property
+    def cache_dir(self) -> Path:
+        """Where precomputed reference log-probs are cached, beside the checkpoints."""
+        return Path(self.arguments.output_dir) / CACHE_DIRNAME
+
+    def collate(self, rows: Mapping[str, np.ndarray], example_ids: np.ndarray) -> dict[str, np.ndarray]:
+        return self._pad(rows, example_ids)
+
+    def count_tokens(self, batch: Mapping[str, np.ndarray]) -> int:
+        return int(np.sum(batch["attention_mask"]))
+
+    # ------------------------------------------------------------------ reference
+    def reference(self) -> Frozen:
+        """The reference model: `ref_model_name_or_path`, else the initial policy (loaded again, copied from the
+        module you passed, or initialised like the policy). Checkpointed only when it moves (TR-DPO)."""
+        path = self.dpo.ref_model_name_or_path or self.arguments.model_name_or_path
+        moving = self.dpo.sync_ref_model
+        if path:
+            return Frozen(from_pretrained(path, dtype=self.dtype, param_dtype=self.param_dtype, mesh=self.mesh,
+                                          rules=self.partition_rules), checkpoint=moving, copy=False)
+        return Frozen(self._given_model if self._given_model is not None else self.create_module, checkpoint=moving)
+
+    def configure_frozen(self) -> Mapping[str, Frozen]:
+        if not self.dpo.needs_reference or self.dpo.precompute_ref_log_probs:
+            return {}  # no reference parameters in device memory
+        return {"reference": self.reference()}
+
+    # ------------------------------------------------------------------ the objective
+    def pair_logps(self, model: nnx.Module, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """`[B, 2]` summed completion log-probs, completion lengths and summed mean-over-vocab logits."""
+        rows, _, length = batch["input_ids"].shape
+        flat = lambda x: x.reshape((rows * 2, length))
+        logits_NTV = model(flat(batch["input_ids"]), attention_mask_BT=flat(batch["attention_mask"]))
+        mask_NT = flat(batch["loss_mask"])
+        sums_N, counts_N = sequence_logps(token_logps(logits_NTV, flat(batch["targets"]), self.dpo.logps_chunk_size),
+                                          mask_NT)
+        mean_logits_N = jnp.sum(jnp.mean(logits_NTV.astype(jnp.float32), axis=-1) * mask_NT, axis=-1)
+        return sums_N.reshape(rows, 2), counts_N.reshape(rows, 2), mean_logits_N.reshape(rows, 2)
+
+    def compute_loss(self, model: nnx.Module, batch: Mapping[str, jax.Array], rng: jax.Array, train: bool,
+                     frozen: Mapping[str, Any]) -> LossOutput:
+        policy_B2, lengths_B2, logits_B2 = self.pair_logps(model, batch)
+        if "ref_logps" in batch:
+            reference_B2 = batch["ref_logps"]
+        elif "reference" in frozen:
+            reference_B2 = jax.lax.stop_gradient(self.pair_logps(frozen["reference"], batch)[0])
+        else:  # reference-free losses: rewards are beta * policy log-probs, as TRL reports them
+            reference_B2 = jnp.zeros_like(policy_B2)
+        valid_B = (lengths_B2[:, 0] > 0).astype(jnp.float32)  # padding rows of the last eval batch weigh 0
+        rewards_B2 = self.dpo.beta * jax.lax.stop_gradient(policy_B2 - reference_B2)
+        delta = jnp.sum(rewards_B2.mean(-1) * valid_B) / jnp.maximum(jnp.sum(valid_B), 1.0)  # bco_pair's baseline
+        inputs = PairLogps(policy_B2[:, 0], policy_B2[:, 1], reference_B2[:, 0], reference_B2[:, 1],
+                           lengths_B2[:, 0], lengths_B2[:, 1])
+        losses_B = combined_loss(self.dpo.loss_type, self.dpo.loss_weights, inputs, beta=self.dpo.beta,
+                                 label_smoothing=self.dpo.label_smoothing, gamma=self.dpo.simpo_gamma, delta=delta)
+        pair = functools.partial(mean_over, weights=valid_B)
+        metrics = {"rewards/chosen": pair(rewards_B2[:, 0]), "rewards/rejected": pair(rewards_B2[:, 1]),
+                   "rewards/accuracies": pair(rewards_B2[:, 0] > rewards_B2[:, 1]),
+                   "rewards/margins": pair(rewards_B2[:, 0] - rewards_B2[:, 1]),
+                   "logps/chosen": pair(policy_B2[:, 0]), "logps/rejected": pair(policy_B2[:, 1]),
+                   "logits/chosen": Mean(jnp.sum(logits_B2[:, 0] * valid_B), jnp.sum(lengths_B2[:, 0] * valid_B)),
+                   "logits/rejected": Mean(jnp.sum(logits_B2[:, 1] * valid_B), jnp.sum(lengths_B2[:, 1] * valid_B))}
+        return LossOutput(jnp.sum(losses_B * valid_B), jnp.sum(valid_B), metrics)
+
+    # ------------------------------------------------------------------ TR-DPO
+    def configure_functions(self):
+        functions = super().configure_functions()
+        if self.dpo.sync_ref_model:
+            sync = functools.partial(sync_reference, alpha=self.dpo.ref_model_mixup_alpha,
+                                     every=self.dpo.ref_model_sync_steps)
+            self._sync = self.compile_step(sync, donate_state=True, returns_state=True)
+        return functions
+
+    def train_iteration(self, state: Any, batch: Mapping[str, jax.Array]) -> tuple[Any, dict]:
+        state, metrics = super().train_iteration(state, batch)
+        if self.dpo.sync_ref_model:
+            state, _ = self._sync(state, batch)
+        return state, metrics
+
+    def run_info(self) -> dict[str, Any]:
+        """Also the options that decide the rows, so a resume under different ones is refused."""
+        return {**super().run_info(), "task_arguments": {"max_prompt_length": self.dpo.max_prompt_length}}
+
+
+def sync_reference(state: Any, batch: Mapping[str, jax.Array], *, alpha: float, every: int) -> tuple[Any, dict]:
+    """TR-DPO (Gorbatovski et al. 2024): after every `every`-th update, reference <- alpha * policy +
+    (1 - alpha) * reference, on the trained variables the two share."""
+    del batch
+    reference = traverse_util.flatten_dict(state.frozen["reference"])
+    policy = traverse_util.flatten_dict(state.params)
+
+    def mixed() -> dict:
+        out = dict(reference)
+        for key, value in policy.items():
+            out[key] = (alpha * value.astype(jnp.float32)
+                        + (1 - alpha) * reference[key].astype(jnp.float32)).astype(reference[key].dtype)
+        return out
+
+    new = jax.lax.cond(state.step % every == 0, mixed, lambda: dict(reference))
+    return state.replace(frozen={**state.frozen, "reference": traverse_util.unflatten_dict(new)}), {}

@@ -1,0 +1,79 @@
+"""The reference side of preference training: which model, and log-probabilities computed ahead of time.
+
+`precomputed_reference_logps` runs the reference model over every pair once, in one compiled pass,
+before training, and caches the result on disk under a key made of the data's and the reference
+weights' fingerprints; a second run (or a resumed one) with the same data and reference reads the
+cache instead of recomputing, and the reference's parameters are released before training starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from easytrain import integrity, sharding
+from easytrain.data import EvalBatches, RowSource
+from easytrain.frozen import Frozen, place_frozen
+
+logger = logging.getLogger("easytrain")
+CACHE_DIRNAME = "reference_logps"
+
+
+def cache_key(data_fingerprint: str, reference_digests: Mapping[str, Any], settings: Mapping[str, Any]) -> str:
+    """A name for one (data, reference weights, tokenisation settings) combination."""
+    payload = json.dumps({"data": data_fingerprint, "reference": reference_digests, "settings": settings},
+                         sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+def precomputed_reference_logps(reference: Frozen, rows: RowSource, *, data_fingerprint: str,
+                                settings: Mapping[str, Any], collate: Callable, batch_size: int,
+                                sequence_logps: Callable[[nnx.Module, Mapping[str, jax.Array]], jax.Array],
+                                mesh: jax.sharding.Mesh, rules: sharding.LogicalRules, cache_dir: Path,
+                                is_main_process: bool) -> tuple[np.ndarray, bool]:
+    """`[num_pairs, 2]` reference log-probs of (chosen, rejected) for every row, and whether they were
+    read from the cache. The reference lives on the mesh only inside this function."""
+    placed = place_frozen({"reference": reference}, mesh, rules)
+    values, graphdef = placed.values["reference"], dict(placed.modules)["reference"]
+    key = cache_key(data_fingerprint, integrity.fingerprint(values), settings)
+    path = cache_dir / f"{key}.npy"
+    if path.is_file():
+        logger.info("reference log-probs read from %s", path)
+        return np.load(path), True
+    batch_sh = sharding.batch_sharding(mesh)
+
+    def pass_(reference_values: Any, batch: Mapping[str, jax.Array]) -> jax.Array:
+        module = nnx.merge(graphdef, reference_values)
+        module.eval()
+        return sequence_logps(module, batch)
+
+    compiled = jax.jit(sharding.with_activation_layout(pass_, mesh, rules),
+                       in_shardings=(placed.shardings["reference"], batch_sh), out_shardings=batch_sh)
+    num_rows = len(rows["example_id"]) if isinstance(rows, Mapping) and "example_id" in rows else len(rows)
+    result = np.zeros((num_rows, 2), np.float32)
+    loader = EvalBatches(rows, batch_size, collate=collate, process_index=jax.process_index(),
+                         process_count=jax.process_count())
+    for batch in loader:
+        ids = batch.pop("example_id")
+        device_batch = {k: jax.make_array_from_process_local_data(batch_sh, v) for k, v in batch.items()}
+        logps = np.asarray(jax.experimental.multihost_utils.process_allgather(compiled(values, device_batch),
+                                                                               tiled=True))
+        all_ids = np.asarray(jax.experimental.multihost_utils.process_allgather(jnp.asarray(ids), tiled=True))
+        real = all_ids >= 0
+        result[all_ids[real]] = logps[real]
+    del values, placed  # the reference leaves device memory before training
+    if is_main_process:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(".tmp.npy")
+        np.save(temporary, result)
+        temporary.replace(path)  # atomic: a killed run never leaves a half-written cache
+    logger.info("reference log-probs computed for %d pairs and cached in %s", num_rows, path)
+    return result, False

@@ -1,0 +1,170 @@
+"""DPOTrainer end to end: ln 2 at the start, the three kinds of reference, padding invariance, layouts and
+accumulation, TR-DPO, the CLI and the metrics."""
+
+import gc
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from easytrain import Callback, TrainingArguments
+from easytrain.checkpoint import CheckpointManager
+from easytrain.cli import main
+from easytrain.tasks.arithmetic import build_arithmetic_chat_tokenizer
+from easytrain.trainers.dpo import DPOArguments, DPOTrainer
+
+ROOT = Path(__file__).resolve().parents[1]
+METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+           "logps/rejected", "logits/chosen", "logits/rejected")
+
+
+def tiny_args(tmp_path, **overrides) -> TrainingArguments:
+    values = dict(output_dir=str(tmp_path / "run"), max_length=16, train_batch_size=8, eval_batch_size=8,
+                  max_steps=3, learning_rate=1e-2, logging_steps=1, eval_strategy="no", save_strategy="no",
+                  report_to=["jsonl"], disable_progress_bar=True, save_pretrained_at_end=False,
+                  max_train_samples=32, max_eval_samples=8)
+    values.update(overrides)
+    return TrainingArguments(**values)
+
+
+def logged(output_dir, key="loss") -> dict[int, float]:
+    lines = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {line["step"]: line[key] for line in lines if line["split"] == "train" and key in line}
+
+
+def live_bytes() -> int:
+    gc.collect()  # trainers of earlier tests hold device arrays until collected
+    return sum(array.nbytes for array in jax.live_arrays())
+
+
+def test_starts_at_ln2_and_online_and_precomputed_references_agree(tmp_path):
+    online = DPOTrainer(tiny_args(tmp_path / "online"))
+    online_logs = online.train()
+    assert set(METRICS) <= set(online_logs)
+    assert "reference" in online.state.frozen
+    precomputed = DPOTrainer(tiny_args(tmp_path / "pre"), DPOArguments(precompute_ref_log_probs=True))
+    assert precomputed.state.frozen == {}, "no reference parameters in the train state"
+    precomputed.train()
+    first, second = logged(tmp_path / "online" / "run"), logged(tmp_path / "pre" / "run")
+    assert first[1] == pytest.approx(np.log(2), abs=1e-6)
+    for step in first:
+        assert second[step] == pytest.approx(first[step], rel=1e-5, abs=1e-6), step
+
+
+def test_precomputed_log_probs_are_cached_reused_and_free_the_reference(tmp_path):
+    first = DPOTrainer(tiny_args(tmp_path / "b"), DPOArguments(precompute_ref_log_probs=True))
+    baseline = live_bytes()
+    first.setup()
+    without_reference = live_bytes() - baseline
+    frozen = DPOTrainer(tiny_args(tmp_path / "a"))
+    baseline = live_bytes()
+    frozen.setup()
+    with_reference = live_bytes() - baseline
+    params = sum(leaf.nbytes for leaf in jax.tree.leaves(first.state.params))
+    assert with_reference - without_reference >= 0.9 * params, (with_reference, without_reference, params)
+    assert first.reference_logps_cached == {"train": False, "validation": False}
+    again = DPOTrainer(tiny_args(tmp_path / "b", overwrite_output_dir=True),
+                       DPOArguments(precompute_ref_log_probs=True))
+    again.setup()
+    assert again.reference_logps_cached == {"train": True, "validation": True}, "same data and reference: cached"
+    other = DPOTrainer(tiny_args(tmp_path / "b", overwrite_output_dir=True, max_train_samples=24),
+                       DPOArguments(precompute_ref_log_probs=True))
+    other.setup()
+    assert other.reference_logps_cached == {"train": False, "validation": True}, "other data: recomputed"
+
+
+def test_pair_log_probs_do_not_depend_on_padding_or_batch_company(tmp_path):
+    import datasets
+
+    turn = lambda role, content: [{"role": role, "content": content}]
+    pairs = [{"prompt": turn("user", "12+3"), "chosen": turn("assistant", "15"), "rejected": turn("assistant", "16")},
+             {"prompt": turn("user", "1" * 30 + "+1"), "chosen": turn("assistant", "2"),
+              "rejected": turn("assistant", "3")}] * 8
+    trainer = DPOTrainer(tiny_args(tmp_path, max_length=64, max_train_samples=None, validation_split_percentage=0,
+                                   eval_strategy="no"), dataset_train=datasets.Dataset.from_list(pairs),
+                         tokenizer=build_arithmetic_chat_tokenizer())
+    rows = trainer.dataset_train
+    alone = trainer.collate(rows[[0]], np.array([0]))
+    longest = int(np.argmax(rows["length"]))
+    together = trainer.collate(rows[[0, longest]], np.array([0, longest]))
+    assert together["input_ids"].shape[-1] > alone["input_ids"].shape[-1], "the company pads pair 0 further"
+    model = trainer.model
+    a = np.asarray(trainer.pair_logps(model, alone)[0])[0]
+    b = np.asarray(trainer.pair_logps(model, together)[0])[0]
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def run_layout(data, fsdp, tensor, accumulation, devices):
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "workers" / "dpo_layout.py"),
+                             *map(str, (data, fsdp, tensor, accumulation))], capture_output=True, text=True,
+                            env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return np.asarray(json.loads(result.stdout.strip().splitlines()[-1]))
+
+
+@pytest.mark.slow
+def test_a_mesh_and_accumulation_give_the_full_batch_curve():
+    reference = run_layout(1, 1, 1, 1, 1)
+    assert not np.allclose(reference[0], reference[-1]), "the steps must move the model"
+    for layout in [(2, 2, 2, 4, 8), (1, 1, 1, 4, 1)]:
+        np.testing.assert_allclose(run_layout(*layout), reference, rtol=1e-4, atol=1e-5, err_msg=str(layout))
+
+
+def test_tr_dpo_moves_the_reference_toward_the_policy_and_checkpoints_it(tmp_path):
+    args = tiny_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
+    trainer = DPOTrainer(args, DPOArguments(sync_ref_model=True, ref_model_sync_steps=2, ref_model_mixup_alpha=0.25))
+    initial = jax.tree.map(np.asarray, trainer.state.frozen["reference"])
+    trainer.train()
+    policy, reference = trainer.state.params, trainer.state.frozen["reference"]
+    for p, r, r0 in zip(jax.tree.leaves(policy), jax.tree.leaves(reference), jax.tree.leaves(initial)):
+        np.testing.assert_allclose(np.asarray(r), 0.25 * np.asarray(p) + 0.75 * r0, rtol=1e-5, atol=1e-7)
+    keys = CheckpointManager(Path(args.output_dir) / "checkpoints").stored_signature(2)
+    assert any(key.startswith("frozen.reference.") for key in keys)
+
+
+class StopAt(Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, trainer, step):
+        trainer.should_stop = trainer.should_stop or step == self.step
+
+
+def test_resume_with_a_precomputed_reference_never_recomputes(tmp_path):
+    common = dict(max_steps=4, save_strategy="steps", save_steps=2)
+    options = DPOArguments(precompute_ref_log_probs=True)
+    DPOTrainer(tiny_args(tmp_path / "straight", **common), options).train()
+    DPOTrainer(tiny_args(tmp_path / "cut", **common), options, callbacks=[StopAt(2)]).train()
+    resumed = DPOTrainer(tiny_args(tmp_path / "cut", resume_from_checkpoint="latest", **common), options)
+    resumed.train()
+    assert resumed.reference_logps_cached == {"train": True, "validation": True}
+    assert logged(tmp_path / "cut" / "run") == logged(tmp_path / "straight" / "run")
+
+
+def test_the_cli_runs_a_weighted_loss_combination(tmp_path, capsys):
+    assert main(["train", "--task", "dpo", "--help"]) == 0
+    assert "--loss_type" in capsys.readouterr().out
+    status = main(["train", "--task", "dpo", "--output_dir", str(tmp_path), "--max_steps", "2", "--max_length", "16",
+                   "--train_batch_size", "8", "--max_train_samples", "16", "--max_eval_samples", "8",
+                   "--loss_type", "sigmoid", "sft", "--loss_weights", "1.0", "0.5", "--beta", "0.2",
+                   "--report_to", "none", "--disable_progress_bar", "--no_save_pretrained_at_end"])
+    assert status == 0
+    summary = json.loads((tmp_path / "results.json").read_text())
+    assert all(f"eval_{name}" in summary for name in METRICS)
+
+
+def test_bad_options_fail_with_the_field_named():
+    from easytrain import ArgumentError
+
+    with pytest.raises(ArgumentError, match="loss_type.*unknown loss"):
+        DPOArguments(loss_type=["sigmod"])
+    with pytest.raises(ArgumentError, match="loss_weights"):
+        DPOArguments(loss_type=["sigmoid", "sft"], loss_weights=[1.0])
+    with pytest.raises(ArgumentError, match="sync_ref_model"):
+        DPOArguments(sync_ref_model=True, precompute_ref_log_probs=True)
