@@ -132,11 +132,11 @@ def test_the_example_learns(tmp_path):
     spec = importlib.util.spec_from_file_location("sft_arithmetic", EXAMPLES / "sft_arithmetic.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    result = module.main(["--output_dir", str(tmp_path), "--max_steps", "150", "--eval_samples", "16",
-                          "--train_batch_size", "32"])
+    result = module.main(["--output_dir", str(tmp_path), "--max_steps", "100", "--eval_samples", "16",
+                          "--train_batch_size", "8"])
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     losses = [line["loss"] for line in lines if line["split"] == "train"]
-    assert losses[-1] < losses[0] - 0.5, losses
+    assert losses[-1] < losses[0] - 0.2 and losses[0] < np.log(21) - 0.5, losses  # 21 tokens: ln 21 at random
     assert result["eval_accuracy"] > 0.35 and 0 <= result["eval_exact_match"] <= 1
 
 
