@@ -14,6 +14,7 @@ from easytrain import (BaseTrainer, Callback, ConfiguredDataloaders, ConfiguredF
                        TrainingArguments, TrainState)
 from easytrain.cli import run
 from easytrain.protocol import missing_members
+from easytrain.trainers.dpo import DPOTrainer
 from easytrain.trainers.sft import SFTArguments, SFTTrainer
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -46,6 +47,7 @@ TRAINERS = {
     "ImageClassifierTrainer": lambda: (*image_trainer(), {}),
     "SFTTrainer": lambda: (SFTTrainer, "sft", {**TEXT, "max_eval_samples": 8}),
     "SFTTrainer, packed": lambda: (packed_sft, "sft", {**TEXT, "max_eval_samples": 8}),
+    "DPOTrainer": lambda: (DPOTrainer, "dpo", dict(max_length=16, max_train_samples=32, max_eval_samples=8)),
 }
 
 

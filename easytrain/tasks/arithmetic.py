@@ -191,9 +191,13 @@ def make_arithmetic_chat_splits(num_train: int = 8000, num_validation: int = 500
     return splits.map(to_messages, remove_columns=[TEXT])
 
 
-def make_arithmetic_preference_splits(num_train: int = 4000, num_validation: int = 256, *, seed: int = 0,
+def make_arithmetic_preference_splits(num_train: int = 8000, num_validation: int = 500, *, seed: int = 0,
                                       max_operand: int = 99) -> datasets.DatasetDict:
-    """Preference pairs: the user asks `"37+45"`; chosen is the right answer, rejected a near miss."""
+    """Preference pairs: the user asks `"37+45"`; chosen is the right answer, rejected a near miss.
+
+    With the same sizes and seed, the questions are those of `make_arithmetic_chat_splits`, split the
+    same way, so a model fine-tuned on one is evaluated on held-out questions of the other.
+    """
     splits = make_arithmetic_splits(num_train, num_validation, seed=seed, max_operand=max_operand)
 
     def to_pair(row: dict, index: int) -> dict:
