@@ -168,3 +168,15 @@ def test_bad_options_fail_with_the_field_named():
         DPOArguments(loss_type=["sigmoid", "sft"], loss_weights=[1.0])
     with pytest.raises(ArgumentError, match="sync_ref_model"):
         DPOArguments(sync_ref_model=True, precompute_ref_log_probs=True)
+
+
+def test_the_example_raises_reward_accuracy_and_margins(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dpo_arithmetic", ROOT / "examples" / "dpo_arithmetic.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--output_dir", str(tmp_path), "--sft_steps", "60", "--dpo_steps", "80",
+                          "--eval_samples", "32"])
+    assert result["reward_accuracy_before"] == 0.0 and result["margin_before"] == 0.0  # policy == reference
+    assert result["reward_accuracy_after"] > 0.5 and result["margin_after"] > 0

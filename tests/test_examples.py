@@ -42,6 +42,6 @@ def test_image_classifier_learns_far_above_chance(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["train_from_text_file", "custom_loss", "finetune_hf_model", "image_classifier",
-                                  "sft_arithmetic"])
+                                  "sft_arithmetic", "dpo_arithmetic"])
 def test_examples_document_how_to_run_them(name):
     assert f"python examples/{name}.py" in (EXAMPLES / f"{name}.py").read_text()

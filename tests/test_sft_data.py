@@ -369,3 +369,14 @@ def test_tokenised_chats_pack_and_pad_with_the_same_supervised_targets(toks):
     assert tok.decode(padded["targets"][padded["loss_mask"] > 0]) == expected
     supervised = sorted(packed["targets"][packed["loss_mask"] > 0].tolist())
     assert supervised == sorted(padded["targets"][padded["loss_mask"] > 0].tolist())
+
+
+def test_generation_prompts_render_tools_as_training_did():
+    from easytrain.data.prompts import prompt_and_reference
+    from chat_fixtures import TOOL_CHAT, WEATHER_TOOL, build_chat_tokenizer
+
+    tokenizer = build_chat_tokenizer("llama3")
+    example = {"messages": TOOL_CHAT, "tools": [WEATHER_TOOL]}
+    prompt, reference = prompt_and_reference(example, tokenizer, "conversational")
+    full = tokenize_example(example, tokenizer, SFTDataOptions(max_length=None), "conversational").input_ids
+    assert full[: len(prompt)] == prompt and reference == TOOL_CHAT[-1]["content"]

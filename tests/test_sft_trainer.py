@@ -158,3 +158,16 @@ def test_chat_data_from_a_local_jsonl_file_with_user_metrics_on_generated_answer
     assert 0 <= metrics["eval_answered"] <= 1 and 0 <= metrics["eval_exact_match"] <= 1
     assert len(seen["references"]) == 4 and all(r.isdigit() for r in seen["references"])
     assert trainer.data_stats["train"]["num_kept"] == 32
+
+
+def test_a_formatting_func_also_shapes_the_generation_prompts(tmp_path):
+    rows = datasets.Dataset.from_list([{"question": f"{i}+1", "answer": str(i + 1)} for i in range(40)])
+
+    def to_chat(example):
+        return {"messages": [{"role": "user", "content": example["question"]},
+                             {"role": "assistant", "content": example["answer"]}]}
+
+    trainer = SFTTrainer(tiny_args(tmp_path, max_length=32, validation_split_percentage=20, max_train_samples=None),
+                         SFTArguments(generation_eval_samples=4, max_new_tokens=3),
+                         tokenizer=build_arithmetic_chat_tokenizer(), dataset_train=rows, formatting_func=to_chat)
+    assert 0 <= trainer.evaluate()["eval_exact_match"] <= 1

@@ -35,7 +35,8 @@ def chat_template_of(tokenizer: PreTrainedTokenizerBase, chat_template: str | No
     if not isinstance(template, str) or not template:
         raise DataError(
             "Conversational data needs a chat template, but the tokenizer has none; set "
-            "`tokenizer.chat_template` or pass `chat_template` (a Jinja string)."
+            "`tokenizer.chat_template` or pass `chat_template` (a Jinja string; on the command line "
+            "`--chat_template_path FILE`)."
         )
     return template
 
@@ -56,7 +57,8 @@ def require_generation_markers(template: str) -> None:
             "`assistant_only_loss=True` needs a chat template that wraps each assistant turn "
             "(content and end-of-turn token) in `{% generation %}...{% endgeneration %}`, but "
             "this template has no such markers. Add the markers to the template, pass "
-            "`chat_template` with a template that has them, or set `assistant_only_loss=False`."
+            "`chat_template` with a template that has them (on the command line `--chat_template_path FILE`), "
+            "or set `assistant_only_loss=False`."
         )
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from easytrain.data.chat_templates import chat_template_of, drop_none
+from easytrain.data.chat_templates import chat_template_of, drop_none, parse_tools, render_chat
 from easytrain.data.errors import DataError
 from easytrain.data.sft import CONVERSATIONAL, PROMPT_COMPLETION, detect_format
 
@@ -26,14 +26,14 @@ def prompt_and_reference(example: Mapping[str, Any], tokenizer: PreTrainedTokeni
         messages = [drop_none(dict(m)) for m in example["messages"]]
         if not messages or messages[-1].get("role") != "assistant":
             raise DataError("evaluation by generation needs conversations that end with an assistant message.")
-        return _chat_prompt(messages[:-1], tokenizer), str(messages[-1]["content"])
+        return _chat_prompt(messages[:-1], tokenizer, example.get("tools")), str(messages[-1]["content"])
     if data_format == PROMPT_COMPLETION:
         prompt, completion = example["prompt"], example["completion"]
         if isinstance(prompt, str):
             bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
             return bos + tokenizer(prompt, add_special_tokens=False)["input_ids"], str(completion)
         reference = completion[-1]["content"] if isinstance(completion, Sequence) else completion
-        return _chat_prompt([drop_none(dict(m)) for m in prompt], tokenizer), str(reference)
+        return _chat_prompt([drop_none(dict(m)) for m in prompt], tokenizer, example.get("tools")), str(reference)
     raise DataError(f"evaluation by generation needs prompts: '{data_format}' data has none; use "
                     "prompt-completion or conversational data.")
 
@@ -47,7 +47,8 @@ def prompts_and_references(rows: Any, tokenizer: PreTrainedTokenizerBase,
     return [p for p, _ in pairs], [r for _, r in pairs]
 
 
-def _chat_prompt(messages: list[dict], tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    encoded = tokenizer.apply_chat_template(messages, chat_template=chat_template_of(tokenizer, None),
-                                            add_generation_prompt=True, tokenize=True, return_dict=True)
-    return list(encoded["input_ids"])
+def _chat_prompt(messages: list[dict], tokenizer: PreTrainedTokenizerBase, tools: Any = None) -> list[int]:
+    """Rendered as training rendered it: the same template, tools and generation prompt."""
+    ids, _ = render_chat(tokenizer, messages, template=chat_template_of(tokenizer, None), tools=parse_tools(tools),
+                         add_generation_prompt=True)
+    return ids

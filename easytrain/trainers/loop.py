@@ -199,7 +199,7 @@ class TrainLoop:
         tokens = sum(count for _, _, _, count in self.pending) * jax.process_count()
         if tokens:
             logs["tokens_per_second"] = tokens / elapsed
-        logs["examples_per_second"] = len(self.pending) * self.args.train_batch_size / elapsed
+        logs["samples_per_second"] = len(self.pending) * self.args.train_batch_size / elapsed  # rows (packed or not)
         logs["epoch"] = step / self.data.steps_per_epoch
         if not self.compile_logged:
             logs["compile_seconds"], self.compile_logged = self.compile_seconds, True

@@ -101,7 +101,10 @@ class SFTTrainer(BaseTrainer):
                 for name, split in splits.items() if name in limits}
         samples = min(sft.generation_eval_samples or (256 if embedded else 0), args.max_eval_samples or 1 << 30)
         if samples and "validation" in splits:
-            prompts, references = prompts_and_references(splits["validation"], self.tokenizer, samples)
+            validation = splits["validation"]
+            if self.formatting_func is not None:  # the prompts come from the same formatted examples
+                validation = validation.map(self.formatting_func, remove_columns=validation.column_names)
+            prompts, references = prompts_and_references(validation, self.tokenizer, samples)
             self.evaluators.append(CompletionMetrics(prompts, references, self.tokenizer, max_new_tokens=sft.max_new_tokens,
                                                      compute_metrics=self.compute_metrics))
         self._report_data_stats()
