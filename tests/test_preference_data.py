@@ -19,13 +19,12 @@ import pytest
 from chat_fixtures import CHAT, MARKED, SPECS, assistant_span, build_chat_tokenizer
 
 from easytrain.data import DataError, EvalBatches, TrainBatches, bucket_lengths
+from easytrain.data.paired_batches import PairedCollate, pair_rows
 from easytrain.data.preference_data import (
     PAIR_COLUMNS,
     PREFERENCE_STATS_KEYS,
-    PairedCollate,
     PreferenceDataOptions,
     detect_preference_format,
-    pair_rows,
     split_implicit_prompt,
     tokenize_pair,
     tokenize_preference_dataset,

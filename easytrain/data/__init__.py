@@ -18,12 +18,11 @@ from easytrain.data.packing import (
     pack_examples,
     packed_collate,
 )
+from easytrain.data.paired_batches import PairedCollate, pair_rows
 from easytrain.data.preference_data import (
-    PairedCollate,
     PreferenceDataOptions,
     TokenizedPair,
     detect_preference_format,
-    pair_rows,
     split_implicit_prompt,
     tokenize_pair,
     tokenize_preference_dataset,

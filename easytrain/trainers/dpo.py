@@ -22,7 +22,8 @@ from flax import nnx, traverse_util
 
 from easytrain.arguments import TrainingArguments
 from easytrain.data import RowSource, bucket_lengths
-from easytrain.data.preference_data import PairedCollate, PreferenceDataOptions, pair_rows, tokenize_preference_dataset
+from easytrain.data.paired_batches import PairedCollate, pair_rows
+from easytrain.data.preference_data import PreferenceDataOptions, tokenize_preference_dataset
 from easytrain.errors import ArgumentError
 from easytrain.frozen import Frozen
 from easytrain.losses import LossOutput
