@@ -54,6 +54,10 @@ class _Planned:
 
 def _params_of(model_or_params: LlamaForCausalLM | dict) -> dict:
     if isinstance(model_or_params, nnx.Module):
+        if nnx.state(model_or_params, nnx.LoRAParam):
+            raise CheckpointError("the model has LoRA adapters, which have no transformers name; export "
+                                  "easytrain.lora.merge_lora(model), or save the adapters with "
+                                  "easytrain.models.peft_io.save_peft_adapter.")
         return nnx.to_pure_dict(nnx.state(model_or_params, nnx.Param))
     return model_or_params
 

@@ -1,0 +1,411 @@
+"""Low-rank adapters (LoRA) on easytrain's models, laid out and initialised as Hugging Face PEFT does.
+
+``apply_lora`` swaps each targeted ``Dense`` for a ``LoRADense`` that keeps the very same ``kernel`` and
+``bias`` variables (no copy of the base weights; their paths stay ``.../q_proj/kernel``) and adds two
+``nnx.LoRAParam`` matrices beside them::
+
+    y = x @ kernel + bias + dropout(x) @ lora_a @ lora_b * scaling      scaling = alpha / rank
+
+``lora_a`` ``[in, rank]`` starts like PEFT's ``lora_A`` (Kaiming-uniform, bound ``1/sqrt(in)``) and
+``lora_b`` ``[rank, out]`` at zero, so an adapted model computes exactly what its base did until it is
+trained. Their logical axes follow the kernel's (``lora_a``: ``(kernel_in_axis, None)``, ``lora_b``:
+``(None, kernel_out_axis)``), so on an FSDP or tensor-parallel mesh they are split like the weight they
+adapt. ``lora_trainable(config)`` is the NNX filter a trainer's ``trainable`` takes: the adapters (plus
+embeddings and norms when asked), never the base weights.
+
+Module names are Hugging Face's (``model.layers.0.self_attn.q_proj``, ``lm_head``) and
+``target_modules`` matches them as PEFT does, so a config round-trips through ``adapter_config.json``
+(see ``easytrain.models.peft_io``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import re
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from easytrain import integrity
+from easytrain.errors import ArgumentError, EasytrainError
+from easytrain.models.llama import Dense
+from easytrain.sharding import constrain
+
+Filter = nnx.filterlib.Filter
+ModulePath = tuple[str | int, ...]
+
+#: The attention and MLP projections: on these models the same layers as PEFT's ``"all-linear"``.
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+#: How ``lora_a`` starts: PEFT's ``init_lora_weights=True`` (``"kaiming_uniform"``) or ``"gaussian"``.
+INIT_A_CHOICES = ("kaiming_uniform", "gaussian")
+_EMBEDDING_MODULES = ("embed_tokens", "lm_head")
+#: PEFT's shorthand for every linear layer but the output head.
+ALL_LINEAR = "all-linear"
+
+
+class LoRAConfigError(ArgumentError):
+    """A ``LoRAConfig`` field has a bad value; ``field`` names it."""
+
+
+class LoRAError(EasytrainError, ValueError):
+    """A model cannot take (or give up) adapters as asked."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """What to adapt and how.
+
+    Args:
+        rank: Inner dimension ``r`` of each adapter (> 0).
+        alpha: Adapter output is scaled by ``alpha / rank`` (``alpha / sqrt(rank)`` with ``use_rslora``), as PEFT.
+        dropout: Dropout probability on the adapters' input, in [0, 1); active in train mode only.
+        target_modules: Module names (a module is adapted when its Hugging Face name equals one or ends
+            with ``"." + name``), or one regular expression that must match a whole name (e.g.
+            ``r"model\\.layers\\.\\d+\\.self_attn\\.(q|v)_proj"``), exactly PEFT's rule; ``"all-linear"``:
+            every dense layer but ``lm_head``, as in PEFT. Names are Hugging Face's:
+            ``model.layers.0.mlp.down_proj``, ``lm_head``. Only dense (linear) layers take adapters.
+        train_embeddings: Also train the full input embedding and the output head (``embed_tokens``,
+            ``lm_head``; PEFT's ``modules_to_save``), e.g. after adding tokens.
+        train_norms: Also train every RMSNorm scale.
+        use_rslora: Rank-stabilised scaling ``alpha / sqrt(rank)`` (PEFT's ``use_rslora``).
+        init_a: ``"kaiming_uniform"`` (PEFT's default) or ``"gaussian"`` (normal, std ``1 / rank``).
+        param_dtype: Storage dtype of the adapters; default float32 (PEFT's ``autocast_adapter_dtype``
+            keeps adapters in float32 under a bfloat16 base); None: the dtype of the kernel they adapt.
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: Sequence[str] | str = DEFAULT_TARGET_MODULES
+    train_embeddings: bool = False
+    train_norms: bool = False
+    use_rslora: bool = False
+    init_a: str = "kaiming_uniform"
+    param_dtype: str | None = "float32"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, (int, np.integer)) or self.rank <= 0:
+            raise LoRAConfigError("rank", f"must be a positive integer (the adapters' inner dimension), "
+                                          f"got {self.rank!r}.")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(
+                self.alpha) or self.alpha <= 0:
+            raise LoRAConfigError("alpha", f"must be a positive number (scaling = alpha / rank), got {self.alpha!r}.")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise LoRAConfigError("dropout", f"must be a probability in [0, 1), got {self.dropout!r}.")
+        object.__setattr__(self, "rank", int(self.rank))
+        object.__setattr__(self, "alpha", float(self.alpha))
+        object.__setattr__(self, "dropout", float(self.dropout))
+        object.__setattr__(self, "target_modules", _checked_targets(self.target_modules))
+        if self.init_a not in INIT_A_CHOICES:
+            raise LoRAConfigError("init_a", f"must be one of {INIT_A_CHOICES}, got {self.init_a!r}.")
+        if self.param_dtype is not None:
+            try:
+                dtype = jnp.dtype(self.param_dtype)
+            except TypeError as error:
+                raise LoRAConfigError("param_dtype", f"{self.param_dtype!r} is not a dtype ({error}).") from None
+            if not jnp.issubdtype(dtype, jnp.floating):
+                raise LoRAConfigError("param_dtype", f"must be a floating dtype such as 'float32' or "
+                                                     f"'bfloat16', got {self.param_dtype!r}.")
+
+    @property
+    def scaling(self) -> float:
+        """Factor applied to ``x @ lora_a @ lora_b``."""
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+
+def _checked_targets(targets: Any) -> tuple[str, ...] | str:
+    if isinstance(targets, str):
+        if not targets:
+            raise LoRAConfigError("target_modules", "is an empty string; pass module names such as "
+                                                    "['q_proj', 'v_proj'] or a regular expression.")
+        try:
+            re.compile(targets)
+        except re.error as error:
+            raise LoRAConfigError("target_modules", f"{targets!r} is not a valid regular expression ({error}).") \
+                from None
+        return targets
+    if not isinstance(targets, (list, tuple, set, frozenset)) or not targets:
+        raise LoRAConfigError("target_modules", f"must be a non-empty list of module names or one regular "
+                                                f"expression, got {targets!r}.")
+    bad = [t for t in targets if not isinstance(t, str) or not t]
+    if bad:
+        raise LoRAConfigError("target_modules", f"names must be non-empty strings, got {bad!r}.")
+    ordered = sorted(targets) if isinstance(targets, (set, frozenset)) else targets
+    return tuple(dict.fromkeys(ordered))
+
+
+# ---------------------------------------------------------------------------------------------- module
+
+
+def _kernel_axes(kernel: nnx.Variable) -> tuple[Any, Any]:
+    axes = kernel.get_metadata().get("out_sharding")
+    return tuple(axes) if axes else (None, None)
+
+
+def _placed_sharding(value: Any) -> NamedSharding | None:
+    """``value``'s sharding when it is a concrete array committed to a mesh; None otherwise (a tracer, an
+    abstract value, an array left on the default device)."""
+    if isinstance(value, jax.core.Tracer) or not isinstance(value, jax.Array) or not value.committed:
+        return None
+    sharding = value.sharding
+    return sharding if isinstance(sharding, NamedSharding) else None
+
+
+def _placed_like(array: jax.Array, kernel_value: Any, dims: tuple[int | None, int | None]) -> jax.Array:
+    """``array`` on the kernel's mesh, its axes split as the kernel's axes ``dims`` are (None: unsplit)."""
+    kernel_sharding = _placed_sharding(kernel_value)
+    if kernel_sharding is None:
+        return array
+    kernel_spec = tuple(kernel_sharding.spec) + (None,) * (2 - len(kernel_sharding.spec))
+    spec = P(*(None if d is None else kernel_spec[d] for d in dims))
+    return jax.device_put(array, NamedSharding(kernel_sharding.mesh, spec))
+
+
+def _init_a(rngs: nnx.Rngs, shape: tuple[int, int], how: str, rank: int, dtype: Any) -> jax.Array:
+    key = rngs.params()
+    if how == "gaussian":  # PEFT: nn.init.normal_(lora_A, std=1 / r)
+        return (jax.random.normal(key, shape, jnp.float32) / rank).astype(dtype)
+    # PEFT: kaiming_uniform_(lora_A.weight [r, in], a=sqrt(5)) -> U(-1/sqrt(in), 1/sqrt(in))
+    bound = 1.0 / math.sqrt(shape[0])
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
+
+
+class LoRADense(Dense):
+    """A ``Dense`` plus a low-rank update: ``x @ kernel + bias + dropout(x) @ lora_a @ lora_b * scaling``.
+
+    Built from an existing ``Dense`` whose ``kernel`` and ``bias`` variables it takes over (the same
+    objects, so no weight is copied and parameter paths are unchanged). The adapter matmuls run in the
+    layer's compute dtype.
+    """
+
+    def __init__(self, base: Dense, *, rank: int, scaling: float, dropout: float = 0.0,
+                 init_a: str = "kaiming_uniform", param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        if isinstance(base, LoRADense):
+            raise LoRAError("this layer already has adapters; merge_lora it first or adapt the base model.")
+        self.kernel = base.kernel
+        self.bias = base.bias
+        self.dtype = base.dtype
+        kernel_value = base.kernel.get_value()
+        in_features, out_features = kernel_value.shape
+        in_axis, out_axis = _kernel_axes(base.kernel)
+        dtype = kernel_value.dtype if param_dtype is None else jnp.dtype(param_dtype)
+        a = _placed_like(_init_a(rngs, (in_features, rank), init_a, rank, dtype), kernel_value, (0, None))
+        b = _placed_like(jnp.zeros((rank, out_features), dtype), kernel_value, (None, 1))
+        self.lora_a = nnx.LoRAParam(a, out_sharding=(in_axis, None))
+        self.lora_b = nnx.LoRAParam(b, out_sharding=(None, out_axis))
+        self.scaling = float(scaling)
+        self.lora_dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
+        self.adapter_enabled = True
+
+    @property
+    def rank(self) -> int:
+        return int(self.lora_a.shape[1])
+
+    def __call__(self, x_MI: jax.Array, *, out_dtype: Any = None) -> jax.Array:
+        y_MO = super().__call__(x_MI, out_dtype=out_dtype)
+        if not self.adapter_enabled:
+            return y_MO
+        if self.lora_dropout is not None:
+            x_MI = self.lora_dropout(x_MI)
+        h_MR = jnp.dot(x_MI.astype(self.dtype), self.lora_a[...].astype(self.dtype))
+        h_MR = constrain(h_MR, ("batch", None))
+        delta_MO = jnp.dot(h_MR, self.lora_b[...].astype(self.dtype), preferred_element_type=out_dtype)
+        return y_MO + (delta_MO * self.scaling).astype(y_MO.dtype)
+
+    def delta(self) -> jax.Array:
+        """``scaling * lora_a @ lora_b`` in float32, laid out like the kernel ``[in, out]``."""
+        a = self.lora_a[...].astype(jnp.float32)
+        b = self.lora_b[...].astype(jnp.float32)
+        return jnp.dot(a, b, precision=jax.lax.Precision.HIGHEST) * self.scaling
+
+    def merged(self) -> Dense:
+        """A plain ``Dense`` whose kernel is ``kernel + scaling * lora_a @ lora_b`` (same dtype, axes, placement)."""
+        kernel = self.kernel.get_value()
+        merge = jax.jit(lambda k, d: (k.astype(jnp.float32) + d).astype(k.dtype),
+                        out_shardings=_placed_sharding(kernel))
+        new_kernel = merge(kernel, self.delta())
+        in_features, out_features = kernel.shape
+        with nnx.use_eager_sharding(False):
+            dense = nnx.eval_shape(lambda: Dense(
+                in_features, out_features, axes=_kernel_axes(self.kernel), use_bias=self.bias is not None,
+                std=0.0, dtype=self.dtype, param_dtype=kernel.dtype, rngs=nnx.Rngs(0)))
+        dense.kernel = self.kernel.replace(new_kernel)
+        dense.bias = self.bias
+        return dense
+
+
+# ---------------------------------------------------------------------------------------------- names
+
+
+def hf_module_name(path: ModulePath) -> str:
+    """Hugging Face (and PEFT) name of an easytrain module path: ``layers/0/mlp/up_proj`` ->
+    ``model.layers.0.mlp.up_proj``; ``lm_head`` stays ``lm_head``."""
+    dotted = ".".join(str(p) for p in path)
+    return dotted if path and path[0] == "lm_head" else "model." + dotted
+
+
+def matches(name: str, targets: Sequence[str] | str) -> bool:
+    """PEFT's rule: a string is a regular expression over the whole name, a list matches by name suffix;
+    ``"all-linear"`` is every module but the output head (only dense layers are ever adapted)."""
+    if targets == ALL_LINEAR:
+        return name != "lm_head"
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def lora_modules(model: nnx.Module) -> dict[str, LoRADense]:
+    """Hugging Face module name -> adapted layer, in graph order."""
+    return {hf_module_name(path): node for path, node in nnx.iter_modules(model) if isinstance(node, LoRADense)}
+
+
+def _targets(model: nnx.Module, config: LoRAConfig) -> dict[ModulePath, Dense]:
+    """The dense layers ``config.target_modules`` names; raises when a name or the pattern finds none."""
+    modules = [(path, node) for path, node in nnx.iter_modules(model) if path]
+    dense = {path: node for path, node in modules if isinstance(node, Dense)}
+    chosen = {path: node for path, node in dense.items() if matches(hf_module_name(path), config.target_modules)}
+    other = [] if config.target_modules == ALL_LINEAR else sorted(
+        hf_module_name(p) for p, n in modules if not isinstance(n, Dense) and matches(hf_module_name(p),
+                                                                                    config.target_modules))
+    if other:
+        raise LoRAConfigError("target_modules", f"{config.target_modules!r} names modules that are not dense "
+                                                f"layers: {other[:4]}; LoRA adapts dense layers only (use "
+                                                "train_embeddings / train_norms to train embeddings or norms).")
+    names = sorted({_leaf_name(p) for p in dense})
+    if isinstance(config.target_modules, str):
+        if not chosen:
+            raise LoRAConfigError("target_modules", f"the pattern {config.target_modules!r} matches no dense layer "
+                                                    f"of this model; it must match a whole name such as "
+                                                    f"{hf_module_name(next(iter(dense)))!r}. Dense layers: {names}.")
+        return chosen
+    unused = [t for t in config.target_modules if not any(matches(hf_module_name(p), (t,)) for p in dense)]
+    if unused:
+        raise LoRAConfigError("target_modules", f"{unused} match no dense layer of this model; its dense "
+                                                f"layers are named {names}.")
+    return chosen
+
+
+def _leaf_name(path: ModulePath) -> str:
+    return str(path[-1])
+
+
+def _set_child(model: nnx.Module, path: ModulePath, module: nnx.Module) -> None:
+    parent: Any = model
+    for key in path[:-1]:
+        parent = parent[key] if isinstance(key, int) else getattr(parent, key)
+    if isinstance(path[-1], int):
+        parent[path[-1]] = module
+    else:
+        setattr(parent, path[-1], module)
+
+
+# ---------------------------------------------------------------------------------------------- API
+
+
+def apply_lora(model: nnx.Module, config: LoRAConfig, rngs: nnx.Rngs | int = 0) -> nnx.Module:
+    """Adds adapters to the targeted dense layers of ``model``, in place, and returns it.
+
+    The base weights are not copied or changed: each adapted layer keeps its ``kernel``/``bias`` variables
+    (same paths, same buffers, same sharding). New adapters are placed on the base kernel's mesh when it
+    is on one. Until ``lora_b`` is trained the model's outputs are unchanged.
+
+    Args:
+        model: An easytrain model (e.g. from ``easytrain.models.from_pretrained``), possibly pretrained.
+        config: What to adapt; ``target_modules`` must each match at least one dense layer.
+        rngs: ``rngs.params`` draws ``lora_a``; with ``config.dropout > 0`` each adapted layer forks its
+            dropout stream from ``rngs.dropout`` (``rngs.default`` when absent); an int seeds ``nnx.Rngs``.
+
+    Returns:
+        ``model``, its targeted layers now ``LoRADense``.
+
+    Raises:
+        LoRAConfigError: ``target_modules`` matches nothing, or names a module that is not a dense layer.
+        LoRAError: A targeted layer already has adapters.
+    """
+    if not isinstance(config, LoRAConfig):
+        raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}.")
+    rngs = nnx.Rngs(rngs) if isinstance(rngs, int) else rngs
+    targets = _targets(model, config)
+    if done := sorted(hf_module_name(p) for p, n in targets.items() if isinstance(n, LoRADense)):
+        raise LoRAError(f"{done[:4]} already have adapters; apply_lora once per model (merge_lora first to "
+                        "stack a second adapter on the merged weights).")
+    param_dtype = None if config.param_dtype is None else jnp.dtype(config.param_dtype)
+    with nnx.use_eager_sharding(False):
+        for path, dense in targets.items():
+            _set_child(model, path, LoRADense(dense, rank=config.rank, scaling=config.scaling,
+                                              dropout=config.dropout, init_a=config.init_a,
+                                              param_dtype=param_dtype, rngs=rngs))
+    return model
+
+
+def merge_lora(model: nnx.Module) -> nnx.Module:
+    """A copy of ``model`` with every adapter folded into its kernel (``kernel + scaling * A @ B``) and removed.
+
+    ``model`` itself is left as it was (it can keep training); the copy shares every array that merging
+    does not change, so only the adapted kernels take new memory. The result has plain ``Dense`` layers
+    and exports with ``easytrain.models.save_pretrained``.
+    """
+    graphdef, state = nnx.split(model)
+    merged = nnx.merge(graphdef, state)
+    for path, node in [(p, n) for p, n in nnx.iter_modules(merged) if isinstance(n, LoRADense)]:
+        _set_child(merged, path, node.merged())
+    return merged
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nnx.Module) -> Iterator[nnx.Module]:
+    """Inside the block ``model`` computes as its base model (every adapter skipped), e.g. the reference
+    policy of DPO on a LoRA model without a second copy of the weights. Works inside a traced step."""
+    modules = list(lora_modules(model).values())
+    previous = [m.adapter_enabled for m in modules]
+    for module in modules:
+        module.adapter_enabled = False
+    try:
+        yield model
+    finally:
+        for module, enabled in zip(modules, previous):
+            module.adapter_enabled = enabled
+
+
+def lora_trainable(config: LoRAConfig | None = None) -> Filter:
+    """The NNX filter of what LoRA trains: every ``nnx.LoRAParam``, plus the embedding/head and the norm
+    scales when ``config`` asks. Equal configs give equal (and hashable) filters."""
+    parts: list[Filter] = [nnx.LoRAParam]
+    if config is not None and config.train_embeddings:
+        parts.append(nnx.All(nnx.Param, nnx.Any(*(nnx.PathContains(name) for name in _EMBEDDING_MODULES))))
+    if config is not None and config.train_norms:
+        parts.append(nnx.All(nnx.Param, nnx.PathContains("scale")))
+    return parts[0] if len(parts) == 1 else nnx.Any(*parts)
+
+
+def adapter_state(model: nnx.Module, config: LoRAConfig | None = None) -> dict:
+    """The trained variables as a pure dict (paths as in the model): the adapters, plus embeddings/norms
+    when ``config`` trains them. What an adapter-only checkpoint stores."""
+    return nnx.to_pure_dict(nnx.state(model, lora_trainable(config)))
+
+
+def base_state(model: nnx.Module, config: LoRAConfig | None = None) -> dict:
+    """Every parameter that LoRA leaves frozen, as a pure dict."""
+    return nnx.to_pure_dict(nnx.state(model, nnx.All(nnx.Param, nnx.Not(lora_trainable(config)))))
+
+
+def base_fingerprint(model: nnx.Module, config: LoRAConfig | None = None) -> dict[str, list[int]]:
+    """Content digests (``easytrain.integrity.fingerprint``) of the frozen base parameters.
+
+    Stored beside an adapter-only checkpoint, it proves on restore that the adapters are put back on the
+    very base weights they were trained on (same values, same dtype; any mesh or process count).
+    """
+    return integrity.fingerprint(base_state(model, config))
+
+
+def count_params(tree: Any) -> int:
+    """Number of scalars in a pytree of arrays (e.g. ``adapter_state(model)``)."""
+    return int(sum(np.prod(np.shape(leaf), dtype=np.int64) for leaf in jax.tree.leaves(tree)))
