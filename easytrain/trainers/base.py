@@ -248,7 +248,8 @@ class BaseTrainer(LanguageModelHooks):
     # ------------------------------------------------------------------ running
     def train_iteration(self, state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict]:
         """One iteration of the loop on one global batch. Default: one compiled train step; override for,
-        e.g., several updates per batch (merge their metrics with `easytrain.metrics.merge_all`)."""
+        e.g., several updates per batch (merge their metrics with `easytrain.metrics.merge_all`; the
+        schedule counts updates, so size it with `configure_schedule(updates_per_batch * total_steps)`)."""
         return self._functions.train_step(state, batch)
 
     # ------------------------------------------------------------------ running
