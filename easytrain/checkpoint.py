@@ -19,20 +19,18 @@ key implementation; no conversion is needed on either side.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
-import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
-from orbax.checkpoint import checkpoint_managers as ocp_policies
 
 from easytrain import integrity
+from easytrain.retention import best_index, metric_value, preservation_policy
 from easytrain.errors import EasytrainError
 
 __all__ = ["CHECKPOINTS_DIRNAME", "CheckpointManager", "CheckpointMismatchError", "CheckpointNotFoundError",
@@ -192,53 +190,6 @@ def resolve_checkpoint(
     raise _not_found(value, f"{path} is not a complete checkpoint and contains none")
 
 
-# ----------------------------------------------------------------------------- retention
-
-
-def _metric_value(metrics: Mapping[str, Any] | None, name: str) -> float:
-    """``metrics[name]`` as a float; NaN when absent so it never ranks as best."""
-    value = (metrics or {}).get(name)
-    return math.nan if value is None else float(value)
-
-
-def _best_index(values: list[float], greater_is_better: bool) -> int | None:
-    """Index of the best finite value (the earliest on ties), or None if there is none."""
-    finite = [(value, index) for index, value in enumerate(values) if math.isfinite(value)]
-    if not finite:
-        return None
-    pick = max if greater_is_better else min
-    return pick(finite, key=lambda item: item[0])[1]
-
-
-@dataclasses.dataclass
-class _KeepBest:
-    """Orbax preservation policy keeping the one checkpoint with the best metric.
-
-    Unlike Orbax's ``BestN``, checkpoints whose metric is missing or NaN are
-    never chosen, even when no checkpoint has the metric yet.
-    """
-
-    metric: str
-    greater_is_better: bool = False
-
-    def should_preserve(self, checkpoints: Sequence[Any], *, context: Any) -> list[bool]:
-        values = [_metric_value(info.metrics, self.metric) for info in checkpoints]
-        best = _best_index(values, self.greater_is_better)
-        return [index == best for index in range(len(checkpoints))]
-
-
-def _preservation_policy(max_to_keep: int | None, best_metric: str | None, greater_is_better: bool) -> Any:
-    """Keeps the newest ``max_to_keep`` steps, plus the best one when ranking.
-
-    Orbax's ``best_fn`` + ``max_to_keep`` means "the best N", which can delete
-    the newest checkpoint; the union of two policies keeps both guarantees.
-    """
-    policies: list[Any] = [ocp_policies.LatestN(n=max_to_keep)]
-    if best_metric is not None:
-        policies.append(_KeepBest(best_metric, greater_is_better))
-    return ocp_policies.AnyPreservationPolicy(policies)
-
-
 def _json_ready(name: str, value: Mapping[str, Any]) -> dict[str, Any]:
     """Copies a JSON dict, failing now rather than inside a background save."""
     try:
@@ -286,9 +237,9 @@ class CheckpointManager:
             enable_async_checkpointing=async_save,
             # A best_fn only makes Orbax persist metrics, so the ranking survives a
             # restart; which steps are kept is decided by the preservation policy.
-            best_fn=functools.partial(_metric_value, name=best_metric) if best_metric else None,
+            best_fn=functools.partial(metric_value, name=best_metric) if best_metric else None,
             best_mode="max" if greater_is_better else "min",
-            preservation_policy=_preservation_policy(max_to_keep, best_metric, greater_is_better),
+            preservation_policy=preservation_policy(max_to_keep, best_metric, greater_is_better),
             cleanup_tmp_directories=True,
         )
         handlers = {
@@ -356,8 +307,8 @@ class CheckpointManager:
         if self.best_metric is None:
             return None
         steps = self.all_steps()
-        values = [_metric_value(self._manager.metrics(step), self.best_metric) for step in steps]
-        best = _best_index(values, self.greater_is_better)
+        values = [metric_value(self._manager.metrics(step), self.best_metric) for step in steps]
+        best = best_index(values, self.greater_is_better)
         return None if best is None else steps[best]
 
     def _require(self, step: int) -> None:
