@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from easytrain import (BaseTrainer, Callback, ConfiguredDataloaders, ConfiguredFunctions, ConfiguredModel,
+from easytrain import (BaseTrainer, ConfiguredDataloaders, ConfiguredFunctions, ConfiguredModel,
                        TrainingArguments, TrainState)
 from easytrain.cli import run
 from easytrain.protocol import missing_members
 from easytrain.trainers.dpo import DPOTrainer
 from easytrain.trainers.sft import SFTArguments, SFTTrainer
+from runs import StopAt, logged
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -57,19 +58,6 @@ def arguments(tmp_path, task, extra, **overrides) -> TrainingArguments:
                   disable_progress_bar=True, save_pretrained_at_end=False, **extra)
     values.update(overrides)
     return TrainingArguments(**values)
-
-
-def logged(output_dir) -> dict[int, float]:
-    lines = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
-    return {line["step"]: line["loss"] for line in lines if line["split"] == "train"}
-
-
-class StopAt(Callback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, trainer, step):
-        trainer.should_stop = trainer.should_stop or step == self.step
 
 
 @pytest.fixture(params=sorted(TRAINERS))

@@ -12,11 +12,12 @@ import jax
 import numpy as np
 import pytest
 
-from easytrain import Callback, TrainingArguments
+from easytrain import TrainingArguments
 from easytrain.checkpoint import CheckpointManager
 from easytrain.cli import main
 from easytrain.tasks.arithmetic import build_arithmetic_chat_tokenizer
 from easytrain.trainers.dpo import DPOArguments, DPOTrainer
+from runs import StopAt, logged
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -30,11 +31,6 @@ def tiny_args(tmp_path, **overrides) -> TrainingArguments:
                   max_train_samples=32, max_eval_samples=8)
     values.update(overrides)
     return TrainingArguments(**values)
-
-
-def logged(output_dir, key="loss") -> dict[int, float]:
-    lines = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
-    return {line["step"]: line[key] for line in lines if line["split"] == "train" and key in line}
 
 
 def live_bytes() -> int:
@@ -126,14 +122,6 @@ def test_tr_dpo_moves_the_reference_toward_the_policy_and_checkpoints_it(tmp_pat
         np.testing.assert_allclose(np.asarray(r), 0.25 * np.asarray(p) + 0.75 * r0, rtol=1e-5, atol=1e-7)
     keys = CheckpointManager(Path(args.output_dir) / "checkpoints").stored_signature(2)
     assert any(key.startswith("frozen.reference.") for key in keys)
-
-
-class StopAt(Callback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, trainer, step):
-        trainer.should_stop = trainer.should_stop or step == self.step
 
 
 def test_resume_with_a_precomputed_reference_never_recomputes(tmp_path):

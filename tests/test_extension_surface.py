@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from easytrain import BaseTrainer, Callback, LossOutput, TrainingArguments, causal_lm_loss
+from easytrain import BaseTrainer, LossOutput, TrainingArguments, causal_lm_loss
 from easytrain.checkpoint import CheckpointManager
 from easytrain.frozen import Frozen
 from easytrain.losses import model_logits
 from easytrain.metrics import Max, Mean, mean_over, merge_all
+from runs import StopAt, logged
 
 
 def tiny_args(tmp_path, **overrides) -> TrainingArguments:
@@ -26,22 +27,8 @@ def tiny_args(tmp_path, **overrides) -> TrainingArguments:
     return TrainingArguments(**values)
 
 
-def logged(output_dir, key="loss", split="train") -> dict[int, float]:
-    lines = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
-    return {line["step"]: line[key] for line in lines if line["split"] == split and key in line}
-
-
 def nbytes(tree) -> int:
     return sum(leaf.nbytes for leaf in jax.tree.leaves(tree))
-
-
-class StopAt(Callback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, trainer, step):
-        if step == self.step:
-            trainer.should_stop = True
 
 
 # --------------------------------------------------------------------------------- frozen state

@@ -2,8 +2,6 @@
 skipped steps and the schedule, callback state across a resume."""
 
 import functools
-import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -12,12 +10,13 @@ import optax
 import pytest
 from flax import nnx
 
-from easytrain import BaseTrainer, Callback, EarlyStopping, LossOutput, TrainState, TrainingArguments
+from easytrain import BaseTrainer, EarlyStopping, LossOutput, TrainState, TrainingArguments
 from easytrain.models import init_model
 from easytrain.models.presets import llama_config
 from easytrain.state import raw_key, split_model
 from easytrain.steps import eval_step, train_step
 from easytrain.tasks.arithmetic import build_arithmetic_tokenizer
+from runs import StopAt, logged
 
 
 def tiny_args(tmp_path, **overrides) -> TrainingArguments:
@@ -27,11 +26,6 @@ def tiny_args(tmp_path, **overrides) -> TrainingArguments:
                   max_train_samples=64, max_eval_samples=16)
     values.update(overrides)
     return TrainingArguments(**values)
-
-
-def logged(output_dir, key="loss", split="train") -> dict[int, float]:
-    lines = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
-    return {line["step"]: line[key] for line in lines if line["split"] == split and key in line}
 
 
 def leaves(tree) -> list[np.ndarray]:
@@ -141,15 +135,6 @@ def regression_trainer(args, **kwargs) -> RegressionTrainer:
     module = Regressor(nnx.Rngs(0))
     module.config = None  # no Hugging Face config: nothing to export
     return RegressionTrainer(args, model=module, tokenizer=build_arithmetic_tokenizer(), **kwargs)
-
-
-class StopAt(Callback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, trainer, step):
-        if step == self.step:
-            trainer.should_stop = True
 
 
 def test_dropout_masks_after_a_resume_equal_an_uninterrupted_run(tmp_path):

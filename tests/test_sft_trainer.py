@@ -13,10 +13,11 @@ import pytest
 import torch
 import transformers
 
-from easytrain import ArgumentError, Callback, TrainingArguments
+from easytrain import ArgumentError, TrainingArguments
 from easytrain.cli import main
 from easytrain.tasks.arithmetic import build_arithmetic_chat_tokenizer
 from easytrain.trainers.sft import SFTArguments, SFTTrainer
+from runs import StopAt
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -81,14 +82,6 @@ def test_padding_compiles_once_per_bucket_at_most(tmp_path, caplog):
         trainer.train()
     compiled = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage() and "train_step" in r.getMessage()]
     assert 1 < len(compiled) <= len(trainer._pad.buckets), compiled
-
-
-class StopAt(Callback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, trainer, step):
-        trainer.should_stop = trainer.should_stop or step == self.step
 
 
 def test_resume_under_different_packing_is_refused_before_compute(tmp_path):
