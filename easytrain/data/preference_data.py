@@ -37,6 +37,7 @@ from easytrain.data.chat_templates import (
     parse_tools,
     render_chat,
 )
+from easytrain.data.columns import format_from_columns
 from easytrain.data.errors import DataError
 from easytrain.data.special_tokens import (  # SFT's special-token rules: the same layout in SFT and DPO
     encode_text,
@@ -130,16 +131,9 @@ def detect_preference_format(column_names: Sequence[str]) -> PreferenceFormat:
     Raises:
         DataError: No format fits; the message lists the columns found and expected.
     """
-    names = set(column_names)
-    for data_format, required in PREFERENCE_FORMAT_COLUMNS.items():
-        if names.issuperset(required):
-            return data_format
-    expected = "; ".join(f"{{{', '.join(cols)}}} ({fmt})" for fmt, cols in PREFERENCE_FORMAT_COLUMNS.items())
-    raise DataError(
-        f"Cannot tell the preference data format from the columns {sorted(names) or 'none'}; "
-        f"expected one of: {expected}. Rename the columns or pass a `formatting_func` that maps "
-        "each example to {'prompt', 'chosen', 'rejected'}."
-    )
+    return format_from_columns(column_names, PREFERENCE_FORMAT_COLUMNS, kind="preference",
+                               fix="Rename the columns or pass a `formatting_func` that maps each example "
+                                   "to {'prompt', 'chosen', 'rejected'}.")
 
 
 def split_implicit_prompt(chosen: Sequence[Message], rejected: Sequence[Message]

@@ -26,6 +26,7 @@ from easytrain.data.chat_templates import (
     render_chat,
     require_generation_markers,
 )
+from easytrain.data.columns import format_from_columns
 from easytrain.data.errors import DataError
 from easytrain.data.special_tokens import (encode_text, ensure_bos, ensure_eos, eos_id, last_content_index,
                                            typed_field)
@@ -110,18 +111,10 @@ def detect_format(column_names: Sequence[str]) -> DataFormat:
         DataError: No format fits; the message lists the columns found and expected.
     """
     names = set(column_names)
-    for data_format, required in FORMAT_COLUMNS.items():
-        if names.issuperset(required):
-            return data_format
-    expected = "; ".join(f"{{{', '.join(cols)}}} ({fmt})" for fmt, cols in FORMAT_COLUMNS.items())
-    hint = ""
-    if ("prompt" in names) != ("completion" in names):
-        hint = " A prompt-completion dataset needs both 'prompt' and 'completion'."
-    raise DataError(
-        f"Cannot tell the SFT data format from the columns {sorted(names) or 'none'}; expected "
-        f"one of: {expected}.{hint} Rename the columns or pass a `formatting_func` that maps "
-        "each example to one of these formats."
-    )
+    hint = (" A prompt-completion dataset needs both 'prompt' and 'completion'."
+            if ("prompt" in names) != ("completion" in names) else "")
+    return format_from_columns(names, FORMAT_COLUMNS, kind="SFT", hint=hint, fix="Rename the columns or pass a "
+                               "`formatting_func` that maps each example to one of these formats.")
 
 
 def tokenize_example(
