@@ -1,0 +1,113 @@
+"""`LoRAConfig`: what LoRA adapts and how, checked before anything is built (PEFT's field meanings)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from easytrain.errors import ArgumentError, EasytrainError
+
+#: The attention and MLP projections: on these models the same layers as PEFT's ``"all-linear"``.
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+#: How ``lora_a`` starts: PEFT's ``init_lora_weights=True`` (``"kaiming_uniform"``) or ``"gaussian"``.
+INIT_A_CHOICES = ("kaiming_uniform", "gaussian")
+EMBEDDING_MODULES = ("embed_tokens", "lm_head")
+#: PEFT's shorthand for every linear layer but the output head.
+ALL_LINEAR = "all-linear"
+
+
+class LoRAConfigError(ArgumentError):
+    """A ``LoRAConfig`` field has a bad value; ``field`` names it."""
+
+
+class LoRAError(EasytrainError, ValueError):
+    """A model cannot take (or give up) adapters as asked."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """What to adapt and how.
+
+    Args:
+        rank: Inner dimension ``r`` of each adapter (> 0).
+        alpha: Adapter output is scaled by ``alpha / rank`` (``alpha / sqrt(rank)`` with ``use_rslora``), as PEFT.
+        dropout: Dropout probability on the adapters' input, in [0, 1); active in train mode only.
+        target_modules: Module names (a module is adapted when its Hugging Face name equals one or ends
+            with ``"." + name``), or one regular expression that must match a whole name (e.g.
+            ``r"model\\.layers\\.\\d+\\.self_attn\\.(q|v)_proj"``), exactly PEFT's rule; ``"all-linear"``:
+            every dense layer but ``lm_head``, as in PEFT. Names are Hugging Face's:
+            ``model.layers.0.mlp.down_proj``, ``lm_head``. Only dense (linear) layers take adapters.
+        train_embeddings: Also train the full input embedding and the output head (``embed_tokens``,
+            ``lm_head``; PEFT's ``modules_to_save``), e.g. after adding tokens.
+        train_norms: Also train every RMSNorm scale.
+        use_rslora: Rank-stabilised scaling ``alpha / sqrt(rank)`` (PEFT's ``use_rslora``).
+        init_a: ``"kaiming_uniform"`` (PEFT's default) or ``"gaussian"`` (normal, std ``1 / rank``).
+        param_dtype: Storage dtype of the adapters; default float32 (PEFT's ``autocast_adapter_dtype``
+            keeps adapters in float32 under a bfloat16 base); None: the dtype of the kernel they adapt.
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: Sequence[str] | str = DEFAULT_TARGET_MODULES
+    train_embeddings: bool = False
+    train_norms: bool = False
+    use_rslora: bool = False
+    init_a: str = "kaiming_uniform"
+    param_dtype: str | None = "float32"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, (int, np.integer)) or self.rank <= 0:
+            raise LoRAConfigError("rank", f"must be a positive integer (the adapters' inner dimension), "
+                                          f"got {self.rank!r}.")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(
+                self.alpha) or self.alpha <= 0:
+            raise LoRAConfigError("alpha", f"must be a positive number (scaling = alpha / rank), got {self.alpha!r}.")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise LoRAConfigError("dropout", f"must be a probability in [0, 1), got {self.dropout!r}.")
+        object.__setattr__(self, "rank", int(self.rank))
+        object.__setattr__(self, "alpha", float(self.alpha))
+        object.__setattr__(self, "dropout", float(self.dropout))
+        object.__setattr__(self, "target_modules", _checked_targets(self.target_modules))
+        if self.init_a not in INIT_A_CHOICES:
+            raise LoRAConfigError("init_a", f"must be one of {INIT_A_CHOICES}, got {self.init_a!r}.")
+        if self.param_dtype is not None:
+            try:
+                dtype = jnp.dtype(self.param_dtype)
+            except TypeError as error:
+                raise LoRAConfigError("param_dtype", f"{self.param_dtype!r} is not a dtype ({error}).") from None
+            if not jnp.issubdtype(dtype, jnp.floating):
+                raise LoRAConfigError("param_dtype", f"must be a floating dtype such as 'float32' or "
+                                                     f"'bfloat16', got {self.param_dtype!r}.")
+
+    @property
+    def scaling(self) -> float:
+        """Factor applied to ``x @ lora_a @ lora_b``."""
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+
+def _checked_targets(targets: Any) -> tuple[str, ...] | str:
+    if isinstance(targets, str):
+        if not targets:
+            raise LoRAConfigError("target_modules", "is an empty string; pass module names such as "
+                                                    "['q_proj', 'v_proj'] or a regular expression.")
+        try:
+            re.compile(targets)
+        except re.error as error:
+            raise LoRAConfigError("target_modules", f"{targets!r} is not a valid regular expression ({error}).") \
+                from None
+        return targets
+    if not isinstance(targets, (list, tuple, set, frozenset)) or not targets:
+        raise LoRAConfigError("target_modules", f"must be a non-empty list of module names or one regular "
+                                                f"expression, got {targets!r}.")
+    bad = [t for t in targets if not isinstance(t, str) or not t]
+    if bad:
+        raise LoRAConfigError("target_modules", f"names must be non-empty strings, got {bad!r}.")
+    ordered = sorted(targets) if isinstance(targets, (set, frozenset)) else targets
+    return tuple(dict.fromkeys(ordered))
