@@ -115,6 +115,7 @@ def _generate(graphdef, params, rest, ids_BL: Array, mask_BL: Array, rng: Array,
               out_sharding: NamedSharding | None = None) -> Array:
     """New tokens ``[B, max_new_tokens]``: prefill, then a while loop of one-token decoding steps."""
     model = nnx.merge(graphdef, params, rest)
+    model.eval()  # inference: no dropout (e.g. on LoRA adapters), whatever mode the caller's module is in
     batch, length = ids_BL.shape
     steps = config.max_new_tokens
     cache = model.init_cache(batch, length + steps - 1)
