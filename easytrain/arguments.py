@@ -64,6 +64,25 @@ class TrainingArguments:
         "float32", "Storage dtype of parameters and optimizer state (master weights): 'float32' or 'bfloat16' "
         "('float16' is refused, as for dtype).")
 
+    # --- LoRA (docs/lora.md) --------------------------------------------------------------------
+    lora_rank: int = _arg(0, "Train LoRA adapters of this rank instead of every weight; 0 trains the full model.")
+    lora_alpha: float = _arg(16.0, "LoRA scaling numerator: adapter outputs are multiplied by lora_alpha / lora_rank.")
+    lora_dropout: float = _arg(0.0, "Dropout on the adapters' input during training, in [0, 1).")
+    lora_target_modules: list[str] = _arg(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "Dense layers that get adapters: module names (matching a Hugging Face module name or its suffix), "
+        "'all-linear', or one regular expression over whole module names written 're:PATTERN' (in YAML/JSON "
+        "also a plain string, as in PEFT).")
+    lora_train_embeddings: bool = _arg(False, "With LoRA, also train the input embedding and the output head in full.")
+    lora_train_norms: bool = _arg(False, "With LoRA, also train the RMSNorm scales.")
+    lora_use_rslora: bool = _arg(False, "Rank-stabilised LoRA: scale by lora_alpha / sqrt(lora_rank).")
+    lora_adapter_path: Optional[str] = _arg(
+        None, "Start from this PEFT adapter directory (adapter_config.json + adapter_model.safetensors) on the "
+        "model_name_or_path base; its adapter_config.json decides rank, alpha and targets.")
+    lora_export: Literal["adapter", "merged", "both"] = _arg(
+        "both", "What save_pretrained writes for a LoRA run: the merged model in Hugging Face layout, a PEFT "
+        "adapter in its adapter/ subdirectory, or both.")
+
     # --- data ----------------------------------------------------------------------------------
     dataset_name: Optional[str] = _arg(None, "A dataset name or local directory for datasets.load_dataset.")
     dataset_config_name: Optional[str] = _arg(None, "The dataset's configuration name, if it has several.")
@@ -230,6 +249,14 @@ def validate(args: TrainingArguments) -> None:
         _require(value == -1 or value > 0, name, f"must be a positive size or -1, got {value}.")
     if args.load_best_model_at_end:
         _check_best_model_settings(args)
+    _require(isinstance(args.lora_rank, int) and args.lora_rank >= 0, "lora_rank",
+             f"must be a positive integer, or 0 to train every weight; got {args.lora_rank!r}.")
+    _require(args.lora_export in ("adapter", "merged", "both"), "lora_export",
+             f"must be 'adapter', 'merged' or 'both'; got {args.lora_export!r}.")
+    if args.lora_rank:
+        from easytrain.lora_config import from_arguments
+
+        from_arguments(args)  # raises naming the lora_* field
     _require(args.early_stopping_patience is None or args.early_stopping_patience > 0, "early_stopping_patience",
              f"must be a positive integer or unset, got {args.early_stopping_patience}.")
 

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from easytrain import distributed, metrics as metrics_lib, placement, sharding, steps
+from easytrain import distributed, integrity, metrics as metrics_lib, placement, sharding, steps
 from easytrain.arguments import TrainingArguments
 from easytrain.callbacks import Callback, CallbackList
 from easytrain.checkpoint import CheckpointManager
@@ -33,7 +33,7 @@ from easytrain.models import from_pretrained
 from easytrain.optim import build_optimizer, build_schedule
 from easytrain.protocol import ConfiguredDataloaders, ConfiguredFunctions, ConfiguredModel
 from easytrain.state import TrainState, bind
-from easytrain.trainers import builders
+from easytrain.trainers import adapters, builders
 from easytrain.trainers.language_model import LanguageModelHooks
 from easytrain.trainers.loop import LoopParts, TrainLoop
 from easytrain.trainers.resume import config_dict, restore_checkpoint, restore_step
@@ -71,6 +71,7 @@ class BaseTrainer(LanguageModelHooks):
                  callbacks: Sequence[Callback] = (), evaluators: Sequence[Evaluator] = ()):
         self._arguments = arguments if arguments is not None else TrainingArguments()
         distributed.initialize(self._arguments)  # before any other JAX call
+        self.lora = adapters.run_config(self._arguments)  # a LoRAConfig when lora_rank > 0 or lora_adapter_path
         self._given_model = model
         self.tokenizer = tokenizer
         self._raw_train, self._raw_eval = dataset_train, dataset_eval
@@ -87,6 +88,7 @@ class BaseTrainer(LanguageModelHooks):
         self._schedule: optax.Schedule | None = None
         self._checkpoints: CheckpointManager | None = None
         self.model_config: Any = None
+        self.base_fingerprint: dict[str, list[int]] | None = None  # of the frozen base under LoRA
         self.resumed_data_state: dict[str, Any] | None = None
         self.loop: TrainLoop | None = None
 
@@ -189,34 +191,48 @@ class BaseTrainer(LanguageModelHooks):
         EMA copy); sharded by the same rules, never differentiated. Default: none."""
         return {}
 
+    def adapt_module(self, module: nnx.Module) -> nnx.Module:
+        """Change the module before it is placed (eagerly, or under `nnx.eval_shape`); default: add the LoRA
+        adapters the `lora_*` arguments ask for (in place: a module passed as `model=` gets them too)."""
+        return adapters.adapt(module, self.lora, self._arguments.seed, self._arguments.lora_adapter_path)
+
     def configure_model(self) -> ConfiguredModel:
         """Create the train state directly on the mesh, or restore a resumed run's state straight into it."""
         args = self._arguments
         self._schedule = self.configure_schedule(self._data.total_steps)
         tx = self.configure_optimizer(self._schedule)
-        placed = dict(seed=args.seed, mesh=self.mesh, rules=self.partition_rules, trainable=self.trainable)
+        placed = dict(seed=args.seed, mesh=self.mesh, rules=self.partition_rules,
+                      **adapters.partition(self.lora, self.trainable))
         frozen = FrozenPlan(self.configure_frozen(), self.mesh, self.partition_rules,
                             resuming=self._resume_from is not None)
-        if self._resume_from is not None:  # never initialise (or load) weights only to overwrite them
-            module = self._given_model or placement.abstract_module(self.create_module)
-            target, shardings = placement.abstract_train_state(module, tx, **placed)
-            restored = restore_checkpoint(self._resume_from, self.run_info(), frozen.restore_target(target))
-            state, self.resumed_data_state = restored.state, restored.data_state
-            self.callbacks.load_state_dict(restored.callbacks_state)
-        else:
+        if self._resume_from is None or self.lora is not None:  # a LoRA base is loaded anyway; adapters are small
             state, shardings = self._place_module(tx, placed)
+            if self.lora is not None:
+                self.base_fingerprint = integrity.fingerprint(state.base)
+        if self._resume_from is not None:  # never initialise (or load) full weights only to overwrite them
+            if self.lora is None:
+                module = (self.adapt_module(self._given_model) if self._given_model is not None
+                          else placement.abstract_module(lambda: self.adapt_module(self.create_module())))
+                target, shardings = placement.abstract_train_state(module, tx, **placed)
+            else:
+                target = placement.abstract_state(shardings, state)
+            restored = restore_checkpoint(self._resume_from, self.run_info(),
+                                          frozen.restore_target(target).checkpointed())
+            state = restored.state.replace(base=state.base if self.lora is not None else {})
+            self.resumed_data_state = restored.data_state
+            self.callbacks.load_state_dict(restored.callbacks_state)
         state, shardings = frozen.attach_to(state, shardings)
         module = self._given_model if self._given_model is not None else state.model()
         return ConfiguredModel(bind(module, state), state, shardings, self.mesh)
 
     def _place_module(self, tx: optax.GradientTransformation, placed: dict[str, Any]) -> tuple[TrainState, Any]:
         if self._given_model is not None:  # copied: the step donates its buffers, the caller keeps theirs
-            return placement.place_module(self._given_model, tx, **placed)
+            return placement.place_module(self.adapt_module(self._given_model), tx, **placed)
         if self._arguments.model_name_or_path:  # streamed tensor by tensor straight into the training layout
             module = from_pretrained(self._arguments.model_name_or_path, dtype=self.dtype,
                                      param_dtype=self.param_dtype, mesh=self.mesh, rules=self.partition_rules)
-            return placement.place_module(module, tx, copy=False, **placed)
-        return placement.create_state(self.create_module, tx, **placed)
+            return placement.place_module(self.adapt_module(module), tx, copy=False, **placed)
+        return placement.create_state(lambda: self.adapt_module(self.create_module()), tx, **placed)
 
     def configure_schedule(self, total_steps: int) -> optax.Schedule:
         return build_schedule(self._arguments, total_steps)
@@ -305,8 +321,9 @@ class BaseTrainer(LanguageModelHooks):
 
     def run_info(self) -> dict[str, Any]:
         """Everything besides arrays that a checkpoint must carry to be resumed or audited."""
-        return {"format_version": FORMAT_VERSION, "arguments": self._arguments.to_dict(),
+        info = {"format_version": FORMAT_VERSION, "arguments": self._arguments.to_dict(),
                 "model_config": config_dict(self.model_config)}
+        return info if self.base_fingerprint is None else {**info, "base_fingerprint": self.base_fingerprint}
 
     def save_arguments(self) -> Path | None:
         return save_arguments(self._arguments, self._arguments.output_dir) if self.is_main_process else None

@@ -18,7 +18,7 @@ from easytrain.data import RowSource, lm_collate_rows
 from easytrain.evaluators import arithmetic_exact_match
 from easytrain.losses import Batch, LossOutput, causal_lm_loss
 from easytrain.models import LlamaForCausalLM, save_pretrained
-from easytrain.trainers import builders
+from easytrain.trainers import adapters, builders
 from easytrain.trainers.resume import config_dict
 
 
@@ -71,10 +71,15 @@ class LanguageModelHooks:
         return None
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write config.json, model.safetensors and the tokenizer in Hugging Face layout."""
+        """Write config.json, model.safetensors and the tokenizer in Hugging Face layout; under LoRA, as
+        `lora_export` says: the merged model, and/or a PEFT adapter in `directory/adapter`."""
         self.setup()
         if self._checkpoints is not None:
             self._checkpoints.wait_until_finished()
         directory = Path(directory)  # every process takes part (gathers); only process 0 writes
+        if self.lora is not None:
+            return adapters.export(directory, self.model, self.lora, how=self.arguments.lora_export,
+                                   model_config=self.model_config, tokenizer=self.tokenizer,
+                                   base_model_name_or_path=self.arguments.model_name_or_path)
         save_pretrained(directory, self.model, self.model_config, tokenizer=self.tokenizer)
         return directory
