@@ -205,34 +205,43 @@ class BaseTrainer(LanguageModelHooks):
                       **adapters.partition(self.lora, self.trainable))
         frozen = FrozenPlan(self.configure_frozen(), self.mesh, self.partition_rules,
                             resuming=self._resume_from is not None)
-        if self._resume_from is None or self.lora is not None:  # a LoRA base is loaded anyway; adapters are small
+        if self._resume_from is None:
             state, shardings = self._place_module(tx, placed)
-            if self.lora is not None:
-                self.base_fingerprint = integrity.fingerprint(state.base)
-        if self._resume_from is not None:  # never initialise (or load) full weights only to overwrite them
-            if self.lora is None:
-                module = (self.adapt_module(self._given_model) if self._given_model is not None
-                          else placement.abstract_module(lambda: self.adapt_module(self.create_module())))
-                target, shardings = placement.abstract_train_state(module, tx, **placed)
-            else:
-                target = placement.abstract_state(shardings, state)
-            restored = restore_checkpoint(self._resume_from, self.run_info(),
-                                          frozen.restore_target(target).checkpointed())
-            state = restored.state.replace(base=state.base if self.lora is not None else {})
-            self.resumed_data_state = restored.data_state
-            self.callbacks.load_state_dict(restored.callbacks_state)
+        else:
+            state, shardings = self._restore(tx, placed, frozen)
         state, shardings = frozen.attach_to(state, shardings)
         module = self._given_model if self._given_model is not None else state.model()
         return ConfiguredModel(bind(module, state), state, shardings, self.mesh)
 
     def _place_module(self, tx: optax.GradientTransformation, placed: dict[str, Any]) -> tuple[TrainState, Any]:
         if self._given_model is not None:  # copied: the step donates its buffers, the caller keeps theirs
-            return placement.place_module(self.adapt_module(self._given_model), tx, **placed)
-        if self._arguments.model_name_or_path:  # streamed tensor by tensor straight into the training layout
+            state, shardings = placement.place_module(self.adapt_module(self._given_model), tx, **placed)
+        elif self._arguments.model_name_or_path:  # streamed tensor by tensor straight into the training layout
             module = from_pretrained(self._arguments.model_name_or_path, dtype=self.dtype,
                                      param_dtype=self.param_dtype, mesh=self.mesh, rules=self.partition_rules)
-            return placement.place_module(self.adapt_module(module), tx, copy=False, **placed)
-        return placement.create_state(lambda: self.adapt_module(self.create_module()), tx, **placed)
+            state, shardings = placement.place_module(self.adapt_module(module), tx, copy=False, **placed)
+        else:
+            state, shardings = placement.create_state(lambda: self.adapt_module(self.create_module()), tx, **placed)
+        if state.base:  # what a resume must find again before it restores the adapters
+            self.base_fingerprint = integrity.fingerprint(state.base)
+        return state, shardings
+
+    def _restore(self, tx: optax.GradientTransformation, placed: dict[str, Any],
+                 frozen: FrozenPlan) -> tuple[TrainState, Any]:
+        """The resumed state, restored straight into its layout: full weights are never initialised (or loaded)
+        only to be overwritten; a LoRA base is not in the checkpoint, so it is placed (and checked) first."""
+        if self.lora is None:
+            module = (self.adapt_module(self._given_model) if self._given_model is not None
+                      else placement.abstract_module(lambda: self.adapt_module(self.create_module())))
+            target, shardings = placement.abstract_train_state(module, tx, **placed)
+            base = {}
+        else:
+            fresh, shardings = self._place_module(tx, placed)
+            target, base = placement.abstract_state(shardings, fresh), fresh.base
+        restored = restore_checkpoint(self._resume_from, self.run_info(), frozen.restore_target(target).checkpointed())
+        self.resumed_data_state = restored.data_state
+        self.callbacks.load_state_dict(restored.callbacks_state)
+        return restored.state.replace(base=base), shardings
 
     def configure_schedule(self, total_steps: int) -> optax.Schedule:
         return build_schedule(self._arguments, total_steps)
