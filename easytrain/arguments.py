@@ -48,6 +48,10 @@ class TrainingArguments:
     model_name_or_path: Optional[str] = _arg(
         None, "Directory (or hub name) of a pretrained model in Hugging Face format to start from."
     )
+    init_weights_from: Optional[str] = _arg(
+        None, "Start from these weights but a fresh optimizer, step count, RNG and data order (not a resume): an "
+        "exported model directory (config.json + safetensors) or another run's checkpoint (its output_dir, "
+        "checkpoints/ or checkpoints/STEP). Variables are matched by path and must have the model's shapes.")
     model_config: str = _arg(
         "tiny",
         "Architecture when training from scratch: a preset ('tiny', 'small') or a path to a config.json. "

@@ -33,7 +33,7 @@ from easytrain.models import from_pretrained
 from easytrain.optim import build_optimizer, build_schedule
 from easytrain.protocol import ConfiguredDataloaders, ConfiguredFunctions, ConfiguredModel
 from easytrain.state import TrainState, bind
-from easytrain.trainers import adapters, builders
+from easytrain.trainers import adapters, builders, init_weights
 from easytrain.trainers.language_model import LanguageModelHooks
 from easytrain.trainers.loop import LoopParts, TrainLoop
 from easytrain.trainers.resume import config_dict, restore_checkpoint, restore_step
@@ -222,9 +222,21 @@ class BaseTrainer(LanguageModelHooks):
             state, shardings = placement.place_module(self.adapt_module(module), tx, copy=False, **placed)
         else:
             state, shardings = placement.create_state(lambda: self.adapt_module(self.create_module()), tx, **placed)
+        if self._arguments.init_weights_from:
+            state = self._initial_weights(state, shardings)
         if state.base:  # what a resume must find again before it restores the adapters
             self.base_fingerprint = integrity.fingerprint(state.base)
         return state, shardings
+
+    def _initial_weights(self, state: TrainState, shardings: TrainState) -> TrainState:
+        """`init_weights_from`'s variables in place of the fresh ones (new LoRA adapters, and a base already
+        loaded from `model_name_or_path`, may stay as they are)."""
+        load = functools.partial(from_pretrained, dtype=self.dtype, param_dtype=self.param_dtype, mesh=self.mesh,
+                                 rules=self.partition_rules)
+        keeps = lambda path, part: (self.lora is not None and path[-1] in ("lora_a", "lora_b")) or (
+            part == "base" and bool(self._arguments.model_name_or_path))
+        return init_weights.initialise_from(self._arguments.init_weights_from, state, shardings,
+                                            load_pretrained=load, fresh_ok=keeps)
 
     def _restore(self, tx: optax.GradientTransformation, placed: dict[str, Any],
                  frozen: FrozenPlan) -> tuple[TrainState, Any]:
