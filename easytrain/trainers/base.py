@@ -268,7 +268,8 @@ class BaseTrainer(LanguageModelHooks):
         """The collaborators the loop runs with."""
         return LoopParts(
             arguments=self._arguments, data=self._data, iteration=self.train_iteration, to_device=self.to_global,
-            count_tokens=self.count_tokens, publish=functools.partial(setattr, self, "_state"),
+            count_tokens=self.count_tokens, count_token_slots=self.count_token_slots, model_flops=self.model_flops,
+            publish=functools.partial(setattr, self, "_state"),
             checkpoints=self.checkpoint_manager(), run_info=self.run_info, evaluate=self.evaluate,
             export=self.save_pretrained,
             restore_best=functools.partial(restore_step, self.checkpoint_manager(), self._model.state_shardings), callbacks=self.callbacks, owner=self,
