@@ -87,7 +87,7 @@ def measured_cpu_matmul_flops(size: int = 1024, repeats: int = 5) -> float:
 
     Measured once per process (cached): about 0.1 s for the default size on two cores.
     """
-    device = jax.devices("cpu")[0]
+    device = jax.local_devices(backend="cpu")[0]
     operand = jax.device_put(np.random.default_rng(0).standard_normal((size, size), np.float32), device)
     matmul = jax.jit(lambda a: a @ a)
     matmul(operand).block_until_ready()  # compile and warm up

@@ -45,7 +45,8 @@ class LoopParts:
     `iteration(state, device_batch) -> (state, metrics)` is one iteration (by default one compiled
     train step; a subclass may run several updates per batch). `publish(state)` hands the newest state
     to its owner after every iteration, so callbacks and evaluators see it. `owner` is passed to the
-    callbacks, which may set `owner.should_stop`.
+    callbacks, which may set `owner.should_stop`. `count_tokens`, `count_token_slots` and `model_flops`
+    read each host batch for the throughput logs (`easytrain.throughput`).
     """
 
     arguments: TrainingArguments
