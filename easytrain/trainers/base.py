@@ -50,7 +50,8 @@ class BaseTrainer(LanguageModelHooks):
         arguments: every knob of the run; defaults train the embedded arithmetic task.
         model: an NNX module to train instead of building one from `arguments`.
         tokenizer: a Hugging Face tokenizer; by default loaded from `arguments`.
-        dataset_train / dataset_eval: `datasets.Dataset`s of raw text (or a `DatasetDict`).
+        dataset_train: a `datasets.Dataset` of raw text (or a `DatasetDict`).
+        dataset_eval: the same, to evaluate on.
         callbacks: `Callback`s notified of train/step/log/evaluate/save events.
         evaluators: extra `Evaluator`s run by `evaluate()`; each returns a dict of metrics.
 
