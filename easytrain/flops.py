@@ -85,7 +85,8 @@ def table_peak(device_kind: str) -> float | None:
 def measured_cpu_matmul_flops(size: int = 1024, repeats: int = 5) -> float:
     """FLOP/s of a jitted float32 `size` x `size` matmul on the CPU, the best of `repeats` runs.
 
-    Measured once per process (cached): about 0.1 s for the default size on two cores.
+    Measured once per process (cached), in a fraction of a second. A busy CPU measures low, and the
+    `mfu` of a run on that process reads high.
     """
     device = jax.local_devices(backend="cpu")[0]
     operand = jax.device_put(np.random.default_rng(0).standard_normal((size, size), np.float32), device)
