@@ -50,7 +50,8 @@ class BaseTrainer(LanguageModelHooks):
         arguments: every knob of the run; defaults train the embedded arithmetic task.
         model: an NNX module to train instead of building one from `arguments`.
         tokenizer: a Hugging Face tokenizer; by default loaded from `arguments`.
-        dataset_train / dataset_eval: `datasets.Dataset`s of raw text (or a `DatasetDict`).
+        dataset_train: a `datasets.Dataset` of raw text (or a `DatasetDict`).
+        dataset_eval: the same, to evaluate on.
         callbacks: `Callback`s notified of train/step/log/evaluate/save events.
         evaluators: extra `Evaluator`s run by `evaluate()`; each returns a dict of metrics.
 
@@ -305,7 +306,8 @@ class BaseTrainer(LanguageModelHooks):
         """The collaborators the loop runs with."""
         return LoopParts(
             arguments=self._arguments, data=self._data, iteration=self.train_iteration, to_device=self.to_global,
-            count_tokens=self.count_tokens, publish=functools.partial(setattr, self, "_state"),
+            count_tokens=self.count_tokens, count_token_slots=self.count_token_slots, model_flops=self.model_flops,
+            publish=functools.partial(setattr, self, "_state"),
             checkpoints=self.checkpoint_manager(), run_info=self.run_info, evaluate=self.evaluate,
             export=self.save_pretrained,
             restore_best=functools.partial(restore_step, self.checkpoint_manager(), self._model.state_shardings), callbacks=self.callbacks, owner=self,

@@ -94,7 +94,8 @@ class DPOTrainer(BaseTrainer):
     """Preference optimisation. Without a dataset it trains on generated arithmetic pairs (right vs. near-miss).
 
     Args:
-        arguments / dpo_arguments: the run and the preference options.
+        arguments: the run.
+        dpo_arguments: the preference options.
         formatting_func: maps a raw example to `prompt`/`chosen`/`rejected` form.
         **kwargs: as for `BaseTrainer`.
     """

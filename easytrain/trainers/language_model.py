@@ -14,10 +14,11 @@ import jax
 import numpy as np
 from flax import nnx
 
+from easytrain import flops, throughput
 from easytrain.data import RowSource, lm_collate_rows
 from easytrain.evaluators import arithmetic_exact_match
 from easytrain.losses import Batch, LossOutput, causal_lm_loss
-from easytrain.models import LlamaForCausalLM, save_pretrained
+from easytrain.models import SUPPORTED_MODEL_TYPES, LlamaForCausalLM, save_pretrained
 from easytrain.trainers import adapters, builders
 from easytrain.trainers.resume import config_dict
 
@@ -47,6 +48,20 @@ class LanguageModelHooks:
     def count_tokens(self, batch: Mapping[str, np.ndarray]) -> int:
         """Tokens in this process's host batch, for `tokens_per_second` (0: not a token model)."""
         return int(np.size(batch["input_ids"])) if "input_ids" in batch else 0
+
+    def count_token_slots(self, batch: Mapping[str, np.ndarray]) -> tuple[int, int]:
+        """(real tokens, token slots) in this process's host batch, for `padding_efficiency`; real means
+        attended or supervised. (0, 0): not a token model, nothing logged."""
+        return throughput.token_slots(batch)
+
+    def model_flops(self, batch: Mapping[str, np.ndarray]) -> float:
+        """Model FLOPs of one training step on this process's host batch, for `mfu` (0: unknown, not
+        logged). Default: the Llama-family count (`easytrain.flops`) over every token slot, padding
+        included (padding is computed too; `padding_efficiency` says how much of it is useful)."""
+        if "input_ids" not in batch or getattr(self.model_config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+            return 0.0
+        ids = np.asarray(batch["input_ids"])
+        return float(flops.training_flops_per_token(self.model_config, ids.shape[-1]) * ids.size)
 
     def create_module(self) -> nnx.Module:
         """A freshly initialised module of the configured architecture. Runs under `jax.jit` (sharded init)

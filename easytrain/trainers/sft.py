@@ -65,7 +65,8 @@ class SFTTrainer(BaseTrainer):
     """Supervised fine-tuning. Without a dataset it trains the embedded arithmetic task as conversations.
 
     Args:
-        arguments / sft_arguments: the run and the SFT options.
+        arguments: the run.
+        sft_arguments: the SFT options.
         formatting_func: maps a raw example to text, prompt-completion or messages form.
         compute_metrics: `(predictions, references) -> metrics` on generated completions (with
             `generation_eval_samples > 0`).
