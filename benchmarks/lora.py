@@ -9,24 +9,25 @@ vocab 32000, untied head: 99.5M parameters, 380 MiB), the same initialisation (s
 projections (the default `lora_target_modules`) over the frozen `state.base`.
 
 Each side runs in a child process of its own (`python -m benchmarks.lora --side full|lora`), since
-peak resident memory (`ru_maxrss`) is a per-process high-water mark; `--rounds` rounds of (full, lora)
-alternate, so other load on the machine reaches both. A child builds its trainer (`setup()`) and fails
-loudly unless training is restricted as configured (LoRA params are only `lora_a`/`lora_b`, numbering
+peak resident memory is per process; `--rounds` rounds of (full, lora) alternate, so other load on the
+machine reaches both. A child builds its trainer (`setup()`, waited for) and fails loudly unless
+training is restricted as configured (LoRA params are only `lora_a`/`lora_b`, numbering
 `rank * (in + out)` per adapted kernel of the base; the full side has no base; AdamW's floating-point
-state is exactly 2x the params'). It reports: `trainable_params`; state bytes (`params`, `opt_state`
-and its floating-point part, `base`, `model_state`, `total`); `init_checksum` (the parent checks both
-sides start from the same weights); the trainer's own `functions.train_step`, lowered and compiled on
-a fixed batch (random tokens at full length, every position supervised, in the trainer's `collate`
-layout, placed once by `to_global`): `compile_seconds`, its `memory_analysis()` (argument, output,
-alias, temp bytes, `step_peak_estimate` = argument + output - alias + temp), `first_step_seconds`;
-then, after `--warmup_steps`, `--windows` windows of `--steps` steps (state donated; a window ends when
-the device is done): wall and process-CPU seconds per step and tokens/s. Host memory (on CPU the state
-lives there): `ru_maxrss` after imports, after `setup()` and at the end (`peak_rss_mib`), and
-`peak_rss_steps_mib`, the peak from the first step on (Linux `VmHWM`, reset through
-`/proc/self/clear_refs` after compiling). Device memory: `memory_stats()["peak_bytes_in_use"]` (None on
-CPU, which has no such counter). The parent reports per side the medians over rounds (of each child's
-window median for times; min/max over all windows) and lora / full ratios, prints a table and one JSON
-line (also written to `--out`). No timing is asserted anywhere.
+state is exactly 2x the params'). It reports `trainable_params`; state bytes (`params`, `opt_state` and
+its floating-point part, `base`, `model_state`, `total`); `init_checksum` (the parent checks both sides
+start from the same weights); for the trainer's own `functions.train_step`, lowered and compiled on a
+fixed batch (random tokens at full length, every position supervised, in the trainer's `collate`
+layout, placed once by `to_global`): `compile_seconds`, the executable's `memory_analysis()` (argument,
+output, alias, temp bytes; `step_peak_estimate` = argument + output - alias + temp) and
+`first_step_seconds`; then, after `--warmup_steps`, `--windows` windows of `--steps` steps (state
+donated; a window ends when the device is done): wall and process-CPU seconds per step, tokens/s.
+Host memory (on CPU the train state lives there): the peak RSS (`ru_maxrss`) after imports, after
+`setup()` and after compiling; then Linux's `VmHWM` is reset (`/proc/self/clear_refs`) and read at the
+end: `peak_rss_steps_mib`, the peak of the steps alone; `peak_rss_mib` is the process's peak. Device
+memory: `memory_stats()["peak_bytes_in_use"]` (None on CPU, which has no such counter).
+The parent reports per side the medians over rounds (of each child's window median for times; min/max
+over all windows) and lora / full ratios, prints a table and one JSON line (also written to `--out`).
+No timing is asserted anywhere.
 """
 
 from __future__ import annotations
@@ -147,7 +148,7 @@ def fixed_batch(trainer: SFTTrainer, options: argparse.Namespace, vocab_size: in
     iterator = trainer.dataloaders.train.iterator(0)
     real = next(iterator)
     iterator.close()
-    assert set(real) <= set(values), f"the trainer's batches have fields this benchmark does not fill: {set(real) - set(values)}"
+    assert set(real) <= set(values), f"the trainer's batches have fields not filled here: {set(real) - set(values)}"
     return {key: np.ascontiguousarray(values[key], dtype=real[key].dtype) for key in real}
 
 
@@ -161,9 +162,10 @@ def memory_analysis(compiled: Any) -> dict[str, int] | None:
 
 
 def state_report(state: Any) -> dict[str, int]:
-    return {"total": tree_bytes(state), "params": tree_bytes(state.params), "params_float": tree_bytes(state.params, True),
-            "opt_state": tree_bytes(state.opt_state), "opt_state_float": tree_bytes(state.opt_state, True),
-            "base": tree_bytes(state.base), "model_state": tree_bytes(state.model_state)}
+    return {"total": tree_bytes(state), "params": tree_bytes(state.params),
+            "params_float": tree_bytes(state.params, True), "opt_state": tree_bytes(state.opt_state),
+            "opt_state_float": tree_bytes(state.opt_state, True), "base": tree_bytes(state.base),
+            "model_state": tree_bytes(state.model_state)}
 
 
 def timed_windows(step: Any, state: Any, batch: Any, options: argparse.Namespace) -> tuple[list[float], list[float]]:
@@ -187,25 +189,28 @@ def run_side(options: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix=f"easytrain-bench-lora-{options.side}-") as scratch:
         started = time.perf_counter()
         trainer = build_trainer(options, options.config, scratch, options.lora_rank if options.side == "lora" else 0)
-        result.update(setup_seconds=round(time.perf_counter() - started, 2), rss_after_setup_mib=rss_mib())
+        state, step = jax.block_until_ready(trainer.state), trainer.functions.train_step  # dispatch is asynchronous
+        result.update(setup_seconds=round(time.perf_counter() - started, 2), peak_rss_setup_mib=rss_mib())
         check_restricted(trainer, options.side)
-        state, step = trainer.state, trainer.functions.train_step
-        weights = state.base if options.side == "lora" else state.params
-        result.update(init_checksum=float(sum(np.sum(np.asarray(leaf, np.float64)) for leaf in jax.tree.leaves(weights))),
-                      trainable_params=int(sum(leaf.size for leaf in jax.tree.leaves(state.params))),
-                      state_bytes=state_report(state))
+        weights = state.base if options.side == "lora" else state.params  # summed on the device: no host copy
+        sums = jax.jit(lambda tree: [jnp.sum(leaf, dtype=jnp.float32) for leaf in jax.tree.leaves(tree)])(weights)
+        result.update(init_checksum=sum(float(value) for value in sums), state_bytes=state_report(state),
+                      trainable_params=int(sum(leaf.size for leaf in jax.tree.leaves(state.params))))
         batch = trainer.to_global(fixed_batch(trainer, options, int(trainer.model_config.vocab_size)))
         started = time.perf_counter()
         result["train_step_memory"] = memory_analysis(step.lower(state, batch).compile())
         result["compile_seconds"] = round(time.perf_counter() - started, 2)
-        result["rss_before_steps_mib"] = vm_hwm_mib(reset=True)  # the peak from here on is the steps'
+        # From here on the peak is the steps' (Linux resets getrusage's ru_maxrss with VmHWM).
+        result.update(peak_rss_before_steps_mib=rss_mib(), rss_before_steps_mib=vm_hwm_mib(reset=True))
         started = time.perf_counter()
         state, _ = step(state, batch)
         jax.block_until_ready(state.params)
         result["first_step_seconds"] = round(time.perf_counter() - started, 2)
         result["step_seconds"], result["step_cpu_seconds"] = timed_windows(step, state, batch, options)
     stats = jax.devices()[0].memory_stats()
-    result.update(peak_rss_steps_mib=vm_hwm_mib(reset=False), peak_rss_mib=rss_mib(),
+    steps_peak = vm_hwm_mib(reset=False)
+    peak = max(result["peak_rss_before_steps_mib"], rss_mib(), steps_peak or 0)  # rss_mib(): if VmHWM is missing
+    result.update(peak_rss_steps_mib=steps_peak, peak_rss_mib=peak,
                   device_peak_bytes=stats.get("peak_bytes_in_use") if stats else None)
     result["load_average_1m"].append(round(os.getloadavg()[0], 2))
     return result
@@ -228,9 +233,9 @@ def run_rounds(options: argparse.Namespace) -> tuple[dict[str, Any], dict[str, l
         return json.loads(Path(config).read_text()), children
 
 
-def median_of(children: list[dict[str, Any]], key: str, digits: int = 2) -> float | None:
+def median_of(children: list[dict[str, Any]], key: str) -> float | None:
     values = [child[key] for child in children]
-    return None if None in values else round(statistics.median(values), digits)
+    return None if None in values else round(statistics.median(values), 1 if key.endswith("_mib") else 2)
 
 
 def aggregate(children: list[dict[str, Any]], tokens: int) -> dict[str, Any]:
@@ -240,14 +245,15 @@ def aggregate(children: list[dict[str, Any]], tokens: int) -> dict[str, Any]:
     windows = lambda key: {"median": round(statistics.median(statistics.median(c[key]) for c in children), 4),
                            "min": round(min(min(c[key]) for c in children), 4),
                            "max": round(max(max(c[key]) for c in children), 4)}
-    peak = median_of(children, "device_peak_bytes", 0)
+    peak = median_of(children, "device_peak_bytes")
     return {"trainable_params": first["trainable_params"], "state_bytes": first["state_bytes"],
             "train_step_memory": first["train_step_memory"], "step_seconds": windows("step_seconds"),
             "step_cpu_seconds": windows("step_cpu_seconds"),
             "tokens_per_second": round(tokens / windows("step_seconds")["median"], 1),
             "peak_rss_mib": spread([c["peak_rss_mib"] for c in children], 1),
             **{key: median_of(children, key) for key in (
-                "peak_rss_steps_mib", "rss_after_imports_mib", "rss_after_setup_mib", "rss_before_steps_mib",
+                "peak_rss_steps_mib", "rss_after_imports_mib", "peak_rss_setup_mib", "peak_rss_before_steps_mib",
+                "rss_before_steps_mib",
                 "setup_seconds", "compile_seconds", "first_step_seconds")},
             "device_peak_bytes": None if peak is None else int(peak),
             "device_peak_note": NO_PEAK_REASON if peak is None else None,
@@ -332,7 +338,8 @@ def print_table(result: dict[str, Any]) -> None:
     both = lambda label, cell, ratio_key=None: (label, *(cell(sides[side]) for side in SIDES),
                                                 "" if ratio_key is None else str(ratio[ratio_key]))
     step_memory = lambda key: lambda s: mib((s["train_step_memory"] or {}).get(key))
-    rows = [("", *SIDES, "lora / full"), both("trainable params", lambda s: str(s["trainable_params"]), "trainable_params"),
+    rows = [("", *SIDES, "lora / full"),
+            both("trainable params", lambda s: str(s["trainable_params"]), "trainable_params"),
             both("state total MiB", lambda s: mib(s["state_bytes"]["total"]), "state_bytes"),
             both("  params MiB", lambda s: mib(s["state_bytes"]["params"])),
             both("  optimizer MiB", lambda s: mib(s["state_bytes"]["opt_state"]), "opt_state_bytes"),
@@ -341,12 +348,15 @@ def print_table(result: dict[str, Any]) -> None:
             both("step peak estimate MiB", step_memory("step_peak_estimate"), "step_peak_estimate"),
             both("peak RSS MiB (process)", lambda s: str(s["peak_rss_mib"]["median"]), "peak_rss"),
             both("peak RSS MiB (steps only)", lambda s: str(s["peak_rss_steps_mib"]), "peak_rss_steps"),
-            both("RSS MiB imports / setup / pre-steps", lambda s: f"{s['rss_after_imports_mib']} / "
-                 f"{s['rss_after_setup_mib']} / {s['rss_before_steps_mib']}"),
+            both("peak RSS MiB (to setup / to compile)", lambda s: f"{s['peak_rss_setup_mib']} / "
+                 f"{s['peak_rss_before_steps_mib']}"),
+            both("RSS MiB after imports / before steps", lambda s: f"{s['rss_after_imports_mib']} / "
+                 f"{s['rss_before_steps_mib']}"),
             both("device peak MiB", lambda s: mib(s["device_peak_bytes"])),
             both("s/step wall (median [min, max])", lambda s: times(s["step_seconds"]), "step_seconds_of_medians"),
             ("  lora / full per round", "", "", times(ratio["step_seconds_per_round"])),
-            both("s/step CPU (median [min, max])", lambda s: times(s["step_cpu_seconds"]), "step_cpu_seconds_of_medians"),
+            both("s/step CPU (median [min, max])", lambda s: times(s["step_cpu_seconds"]),
+                 "step_cpu_seconds_of_medians"),
             both("tokens/s", lambda s: str(s["tokens_per_second"])),
             both("setup / compile / first step s", lambda s: f"{s['setup_seconds']} / {s['compile_seconds']} / "
                  f"{s['first_step_seconds']}")]

@@ -37,7 +37,8 @@ Reported per side:
   the trained model and a plain float model whose kernels are `dequantise(base) + alpha/r * A @ B`
   (a merge is possible), and `adapters_on_float_base_eval_loss`: the adapters put on the float32 base
   (what a PEFT export onto the original weights would compute); `step_seconds` (median, after
-  compilation; not asserted anywhere) and the compiled step's `memory_analysis()` (argument / temp bytes).
+  compilation; not asserted anywhere) and the compiled step's `memory_analysis()` (argument, output, alias,
+  temp bytes, and `peak_estimate_bytes` = argument + output - alias + temp: CPU has no peak counter).
 
 `compat` records, on a tiny model, what the qwix path does with the rest of easytrain: the decode path
 (`generate`), eval-mode dropout, `lora.merge_lora`, and the `WithAux.astype` failure of qwix 0.1.8 that
@@ -80,8 +81,8 @@ from qwix._src.providers import ptq as qwix_ptq  # noqa: E402
 #: Sizes of one run: the full profile (about 3 minutes on 2 CPU cores), and `--quick` (a smoke test).
 PROFILES = {
     "full": dict(hidden_size=256, intermediate_size=512, num_layers=4, num_heads=4, num_kv_heads=2,
-                 vocab_size=4096, task_vocab=512, branch=4, changed=0.25, max_length=64, batch_size=16,
-                 pretrain_steps=200, steps=150, eval_rows=64, rank=16, alpha=32.0, learning_rate=5e-3,
+                 vocab_size=4096, task_vocab=512, branch=4, changed=0.25, max_length=64, batch_size=8,
+                 pretrain_steps=200, steps=120, eval_rows=32, rank=16, alpha=32.0, learning_rate=5e-3,
                  pretrain_learning_rate=3e-3, tile_size=64, loss_window=10),
     "quick": dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
                   vocab_size=256, task_vocab=64, branch=4, changed=0.25, max_length=16, batch_size=8,
@@ -265,7 +266,9 @@ def train(model: nnx.Module, batches: np.ndarray, learning_rate: float, trainabl
                 seconds.append(time.perf_counter() - started)
     step_memory = None if memory is None else {
         "argument_bytes": int(memory.argument_size_in_bytes), "output_bytes": int(memory.output_size_in_bytes),
-        "alias_bytes": int(memory.alias_size_in_bytes), "temp_bytes": int(memory.temp_size_in_bytes)}
+        "alias_bytes": int(memory.alias_size_in_bytes), "temp_bytes": int(memory.temp_size_in_bytes),
+        "peak_estimate_bytes": int(memory.argument_size_in_bytes + memory.output_size_in_bytes
+                                   - memory.alias_size_in_bytes + memory.temp_size_in_bytes)}
     del model  # its arrays were copied onto the mesh; the trained values are in `state`
     return {"model": state.model(), "losses": losses,
             "final_train_loss": round(float(np.mean(losses[-loss_window:])), 4),
@@ -421,6 +424,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             entry: dict[str, Any] = {
                 "base_bytes": base_bytes(adapted),
                 "init": {"max_abs_logit_diff_vs_float_base": float(np.max(np.abs(init_logits_b - float_logits_b))),
+                         "mean_abs_logit_diff_vs_float_base": float(np.mean(np.abs(init_logits_b - float_logits_b))),
                          "float_base_max_abs_logit": float(np.max(np.abs(float_logits_b))),
                          "eval_loss_task_a": round(init_loss_a, 4), "eval_loss": round(init_loss_b, 4)},
             }
@@ -481,8 +485,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def print_table(result: dict[str, Any]) -> None:
-    header = ("side", "base bytes (nbytes)", "on device", "packed", "proj ratio", "max|dlogit| init",
-              "train loss", "eval loss", "on float base", "step s")
+    header = ("side", "base bytes (nbytes)", "on device", "packed", "proj packed / f32", "max|dlogit| init",
+              "train loss", "eval loss", "on float base", "step peak est.", "step s")
     rows = [header]
     for side, entry in result["sides"].items():
         ratio = (result["base_bytes_over_float"] or {}).get(side, {})
@@ -490,7 +494,7 @@ def print_table(result: dict[str, Any]) -> None:
                      str(entry["base_bytes"]["packed_bytes"]), str(ratio.get("packed_bytes", "")),
                      f"{entry['init']['max_abs_logit_diff_vs_float_base']:.4g}", str(entry["final_train_loss"]),
                      str(entry["eval_loss"]), str(entry["merge"]["adapters_on_float_base_eval_loss"]),
-                     str(entry["step_seconds"])))
+                     str((entry["step_memory"] or {}).get("peak_estimate_bytes")), str(entry["step_seconds"])))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)))

@@ -158,6 +158,10 @@ class TrainingArguments:
     early_stopping_patience: Optional[int] = _arg(
         None, "Stop after this many evaluations without improvement of metric_for_best_model (or eval_loss)."
     )
+    eval_metrics: Optional[list[str]] = _arg(
+        None, "Evaluation metrics besides eval_loss: 'accuracy' and 'perplexity' (on device, from the loss's "
+        "predictions), 'exact_match' (greedy answers to held-out prompts, where the trainer has them). Unset: "
+        "accuracy and perplexity when the loss gives predictions, exact_match where available.")
     report_to: list[str] = _arg(["tensorboard", "jsonl"], "Metric sinks: 'tensorboard', 'jsonl' or 'none'.")
     disable_progress_bar: bool = _arg(False, "Print log lines only, without a live progress bar.")
     save_pretrained_at_end: bool = _arg(
@@ -246,6 +250,12 @@ def validate(args: TrainingArguments) -> None:
                           ("save_strategy", STRATEGIES), ("non_finite_policy", NON_FINITE_POLICIES)):
         value = getattr(args, name)
         _require(value in allowed, name, f"must be one of {', '.join(allowed)}; got {value!r}.")
+    if args.eval_metrics is not None:
+        from easytrain.eval_metrics import NAMES
+
+        unknown = [name for name in args.eval_metrics if name not in NAMES]
+        _require(not unknown, "eval_metrics", f"unknown metric(s) {unknown}; choose from {', '.join(NAMES)}, or "
+                                              "override compute_metrics in your trainer for others.")
     bad_sinks = [s for s in args.report_to if s not in ("tensorboard", "jsonl", "none")]
     _require(not bad_sinks, "report_to", f"unknown sink(s) {bad_sinks}; use 'tensorboard', 'jsonl' or 'none'.")
     for name in ("data_parallel_size", "fsdp_size", "tensor_parallel_size"):

@@ -165,6 +165,7 @@ class BaseTrainer(LanguageModelHooks):
         self._model = self.configure_model()
         self._state = self._model.state
         self._functions = self.configure_functions()
+        builders.check_eval_metrics(self._arguments, self.eval_metric_names(), self.evaluators)
         if self._arguments.save_pretrained_at_end and (problem := self.export_problem()):
             raise ArgumentError("save_pretrained_at_end", f"{problem}; pass --no_save_pretrained_at_end, or "
                                                           "override save_pretrained in your trainer.")
@@ -182,6 +183,7 @@ class BaseTrainer(LanguageModelHooks):
         loader = TrainBatches(self._dataset_train, args.train_batch_size, seed=args.seed, **hosts)
         evaluation = None if self._dataset_eval is None else EvalBatches(self._dataset_eval, args.eval_batch_size,
                                                                          **hosts)
+        self._eval_batches = functools.partial(EvalBatches, global_batch_size=args.eval_batch_size, **hosts)
         per_epoch = loader.steps_per_epoch
         total = args.max_steps if args.max_steps > 0 else per_epoch * args.num_train_epochs
         return ConfiguredDataloaders(loader, evaluation, per_epoch, total)
@@ -279,7 +281,7 @@ class BaseTrainer(LanguageModelHooks):
         train = functools.partial(steps.train_step, loss_fn=self.compute_loss, schedule=self._schedule,
                                   num_micro=args.gradient_accumulation_steps,
                                   skip_non_finite=args.non_finite_policy != "ignore")
-        evaluate = functools.partial(steps.eval_step, loss_fn=self.compute_loss)
+        evaluate = functools.partial(steps.eval_step, loss_fn=self.compute_loss, metrics_fn=self.compute_metrics)
         return ConfiguredFunctions(train_step=self.compile_step(train, donate_state=True, returns_state=True),
                                    eval_step=self.compile_step(evaluate))
 
@@ -313,22 +315,32 @@ class BaseTrainer(LanguageModelHooks):
             restore_best=functools.partial(restore_step, self.checkpoint_manager(), self._model.state_shardings), callbacks=self.callbacks, owner=self,
             is_main_process=self.is_main_process)
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, dataset: Any = None) -> dict[str, float]:
         """Every eval metric over the whole eval set (`eval_` prefixed), plus the evaluators'.
 
-        Results do not depend on the eval batch size: metrics are merged on device and divided once.
+        Results do not depend on the eval batch size: metrics are merged on device and divided once. With
+        `dataset` (raw examples, like the configured eval set's), that set instead, prepared by
+        `prepare_eval_dataset`; evaluators (generation metrics) run on the configured set only.
         """
         self.setup()
         metrics: dict[str, float] = {}
-        if self._data.eval is not None:
+        batches = self._data.eval if dataset is None else self._eval_batches(self.prepare_eval_dataset(dataset))
+        if batches is not None:
             merged = None
-            for batch in self._data.eval:
+            for batch in batches:
                 values = self._functions.eval_step(self._state, self.to_global(batch))
                 merged = values if merged is None else metrics_lib.merge_all(merged, values)
             metrics = metrics_lib.reduce_window([metrics_lib.fetch(merged)], prefix="eval_")
-        for evaluator in self.evaluators:
+        for evaluator in self.evaluators if dataset is None else ():
             metrics.update(evaluator(self))
         return metrics
+
+    def eval_metric_names(self) -> set[str]:
+        """The `eval_`-prefixed names the eval step returns, from tracing it on the first eval batch (no compute)."""
+        if self._data.eval is None:
+            return set()
+        batch = self.to_global(next(iter(self._data.eval)))
+        return {f"eval_{name}" for name in jax.eval_shape(self._functions.eval_step, self._state, batch)}
 
     def to_global(self, host_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
         """One global array per field from this host's rows (no copy of other hosts' data); the

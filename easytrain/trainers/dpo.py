@@ -138,6 +138,17 @@ class DPOTrainer(BaseTrainer):
             logger.info("DPO %s pairs: %s", name, ", ".join(f"{k}={v}" for k, v in stats.items()))
         return rows["train"], rows.get("validation")
 
+    def prepare_eval_dataset(self, dataset: Any) -> RowSource:
+        """Another eval set's pairs, tokenised as the configured one's (with precomputed reference log-probs
+        when the run uses them)."""
+        options = PreferenceDataOptions(max_length=self.arguments.max_length + 1,
+                                        max_prompt_length=self.dpo.max_prompt_length)
+        rows, _ = tokenize_preference_dataset(dataset, self.tokenizer, options, formatting_func=self.formatting_func,
+                                              num_proc=self.arguments.preprocessing_num_workers)
+        if self.dpo.precompute_ref_log_probs and self.dpo.needs_reference:
+            rows = self._with_reference_logps("evaluate", rows)
+        return rows
+
     def _with_reference_logps(self, name: str, rows: Any) -> Any:
         settings = {"max_length": self.arguments.max_length, "chunk": self.dpo.logps_chunk_size}
         logps, cached = precomputed_reference_logps(

@@ -17,7 +17,11 @@ from flax import nnx
 from easytrain import flops, throughput
 from easytrain.data import RowSource, lm_collate_rows
 from easytrain.evaluators import arithmetic_exact_match
+from easytrain import eval_metrics
+from easytrain.errors import ArgumentError
+from easytrain.eval_metrics import Predictions
 from easytrain.losses import Batch, LossOutput, causal_lm_loss
+from easytrain.metrics import Metric
 from easytrain.models import SUPPORTED_MODEL_TYPES, LlamaForCausalLM, save_pretrained
 from easytrain.trainers import adapters, builders
 from easytrain.trainers.resume import config_dict
@@ -36,7 +40,7 @@ class LanguageModelHooks:
             else builders.build_model_config(args, self.tokenizer)
         builders.check_max_length(args, self.model_config)
         splits = builders.raw_datasets(args, self._raw_train, self._raw_eval)
-        if embedded and not self.evaluators and "validation" in splits:
+        if embedded and not self.evaluators and "validation" in splits and self.wants_metric("exact_match"):
             self.evaluators.append(arithmetic_exact_match(splits["validation"], self.tokenizer))
         return builders.lm_blocks(args, self.tokenizer, splits)
 
@@ -78,6 +82,26 @@ class LanguageModelHooks:
         the `configure_frozen` entries (modules in eval mode). `train` is False in evaluation.
         """
         return causal_lm_loss(model, batch, rng, train, frozen)
+
+    def compute_metrics(self, predictions: Predictions | None, batch: Batch) -> dict[str, Metric]:
+        """Evaluation metrics from the loss's `predictions`, traced inside the eval step (never gathered to the
+        host); each says how it reduces (`easytrain.metrics`). Default: the on-device metrics `eval_metrics`
+        names (`easytrain.eval_metrics`). Override to add your own; reported as `eval_<name>`."""
+        requested = self._arguments.eval_metrics
+        try:
+            return eval_metrics.on_device_metrics(tuple(requested or eval_metrics.DEFAULT), predictions,
+                                                  requested=requested is not None)
+        except ValueError as error:
+            raise ArgumentError("eval_metrics", str(error)) from None
+
+    def wants_metric(self, name: str) -> bool:
+        """Whether `eval_metrics` asks for `name` (unset: every metric the trainer can compute)."""
+        return self._arguments.eval_metrics is None or name in self._arguments.eval_metrics
+
+    def prepare_eval_dataset(self, dataset: Any) -> RowSource:
+        """Rows of another evaluation set for `evaluate(dataset)`: raw examples (a `datasets.Dataset`) prepared
+        as the configured eval set is. Default: text tokenised into blocks."""
+        return builders.lm_eval_blocks(self._arguments, self.tokenizer, dataset)
 
     def export_problem(self) -> str | None:
         """Why `save_pretrained` cannot export this run, or None; asked before training starts."""
