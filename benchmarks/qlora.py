@@ -73,9 +73,9 @@ from flax import nnx  # noqa: E402
 
 from easytrain import lora, placement, sharding, steps  # noqa: E402
 from easytrain.losses import causal_lm_loss  # noqa: E402
-from easytrain.models.llama import LlamaForCausalLM, init_model  # noqa: E402
+from easytrain.models.llama import init_model  # noqa: E402
 
-import qwix  # noqa: E402  (after easytrain: an ImportError here names the missing optional package)
+import qwix  # noqa: E402  (optional: pip install qwix==0.1.8 -c constraints.txt)
 from qwix._src.providers import ptq as qwix_ptq  # noqa: E402
 
 #: Sizes of one run: the full profile (about 3 minutes on 2 CPU cores), and `--quick` (a smoke test).

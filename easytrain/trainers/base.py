@@ -339,7 +339,9 @@ class BaseTrainer(LanguageModelHooks):
         """The `eval_`-prefixed names the eval step returns, from tracing it on the first eval batch (no compute)."""
         if self._data.eval is None:
             return set()
-        batch = self.to_global(next(iter(self._data.eval)))
+        batch_sh, hosts = sharding.batch_sharding(self.mesh), jax.process_count()
+        batch = {key: jax.ShapeDtypeStruct((value.shape[0] * hosts, *value.shape[1:]), value.dtype, sharding=batch_sh)
+                 for key, value in next(iter(self._data.eval)).items() if key not in self.host_only_fields}
         return {f"eval_{name}" for name in jax.eval_shape(self._functions.eval_step, self._state, batch)}
 
     def to_global(self, host_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
