@@ -30,20 +30,25 @@ Reported per side:
 - `base_bytes`: the frozen base as held in the model state: `nbytes` by dtype and in total, the
   bytes the runtime allocates for those arrays (`on_device_size_in_bytes`), and `packed_bytes` (what a
   runtime that packs 4-bit values two to a byte would hold); the projections alone under `projections`.
-- `trainable_params`; `init`: the max |logit| difference from the float base on the eval rows at
-  step 0 (the quality cost of quantisation alone), the float base's max |logit|, and task A and B
+- `trainable_params`; `init`: the max and mean |logit| difference from the float base on the eval rows
+  at step 0 (the quality cost of quantisation alone), the float base's max |logit|, and task A and B
   eval losses at step 0; `final_train_loss` (mean of the last `--loss_window` steps), `eval_loss` and
   `eval_accuracy` on held-out task B rows; for qwix sides, `merge`: the max |logit| difference between
   the trained model and a plain float model whose kernels are `dequantise(base) + alpha/r * A @ B`
   (a merge is possible), and `adapters_on_float_base_eval_loss`: the adapters put on the float32 base
   (what a PEFT export onto the original weights would compute); `step_seconds` (median, after
   compilation; not asserted anywhere) and the compiled step's `memory_analysis()` (argument, output, alias,
-  temp bytes, and `peak_estimate_bytes` = argument + output - alias + temp: CPU has no peak counter).
+  temp bytes, and `peak_estimate_bytes` = argument + output - alias + temp: CPU has no peak counter);
+  `aot_executable_rejected_state`: set when that executable refused the state's int4 arrays (the steps
+  then run through the jit call path, which accepts them).
 
 `compat` records, on a tiny model, what the qwix path does with the rest of easytrain: the decode path
-(`generate`), eval-mode dropout, `lora.merge_lora`, and the `WithAux.astype` failure of qwix 0.1.8 that
-this script patches (`qwix_patch`) so that easytrain's `Dense` (`kernel[...].astype(dtype)`) can run a
-quantised kernel more than once. Prints a table and one JSON line (also written to `--out`).
+(`generate`), LoRA dropout and eval mode, `lora.merge_lora` / `lora.adapters_disabled` (DPO's reference),
+`lora.base_fingerprint` of a 4-bit base, gradients over every `nnx.Param`, the adapters' dtype under a
+bfloat16 base, and the `WithAux.astype` failure of qwix 0.1.8 that this script patches (`qwix_patch`,
+only while it runs) so that easytrain's `Dense` (`kernel[...].astype(dtype)`) can run a quantised kernel
+more than once. Prints a table and one JSON line (also written to `--out`). The full profile takes about
+170 s of CPU time (4 minutes wall on 2 shared cores); `--quick` well under a minute.
 """
 
 from __future__ import annotations
@@ -78,10 +83,10 @@ from easytrain.models.llama import init_model  # noqa: E402
 import qwix  # noqa: E402  (optional: pip install qwix==0.1.8 -c constraints.txt)
 from qwix._src.providers import ptq as qwix_ptq  # noqa: E402
 
-#: Sizes of one run: the full profile (about 3 minutes on 2 CPU cores), and `--quick` (a smoke test).
+#: Sizes of one run: the full profile (about 170 s of CPU time), and `--quick` (a smoke test).
 PROFILES = {
     "full": dict(hidden_size=256, intermediate_size=512, num_layers=4, num_heads=4, num_kv_heads=2,
-                 vocab_size=4096, task_vocab=512, branch=4, changed=0.25, max_length=64, batch_size=8,
+                 vocab_size=4096, task_vocab=256, branch=4, changed=0.25, max_length=64, batch_size=8,
                  pretrain_steps=200, steps=120, eval_rows=32, rank=16, alpha=32.0, learning_rate=5e-3,
                  pretrain_learning_rate=3e-3, tile_size=64, loss_window=10),
     "quick": dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -120,9 +125,11 @@ def qwix_astype_patch() -> Iterator[None]:
 
 
 def qwix_provider(options: argparse.Namespace, side: str, **rule: Any) -> qwix.LoraProvider:
+    """The `LoraProvider` of `side`; `rule` adds or overrides `LoraRule` fields (dropout, tile_size)."""
     qtype, tiled = QTYPES[side]
+    rule = {"tile_size": options.tile_size if tiled else None, **rule}
     return qwix.LoraProvider(module_path=PROJECTIONS, rank=options.rank, alpha=options.alpha, weight_qtype=qtype,
-                             tile_size=options.tile_size if tiled else None, **rule)
+                             **rule)
 
 
 def apply_qwix(base: nnx.Module, provider: qwix.LoraProvider, example_ids: jax.Array, seed: int) -> nnx.Module:
@@ -350,13 +357,22 @@ def compat_checks(options: argparse.Namespace) -> dict[str, Any]:
         out["easytrain_lora_modules_found"] = len(lora.lora_modules(model))
         merged = lora.merge_lora(model)
         out["merge_lora_still_has_qwix_adapters"] = bool(adapted_modules(merged))
-        # 5. the quantised kernel cannot take a gradient (integer arrays), so it must stay out of `trainable`.
+        with lora.adapters_disabled(model):  # DPO's adapter-off reference
+            out["adapters_disabled_max_abs_logit_change"] = float(jnp.max(jnp.abs(model(ids) - full)))
+        # 5. The base fingerprint (checked on resume) of a 4-bit base.
+        model4 = apply_qwix(base, qwix_provider(options, "qwix_qlora_nf4", tile_size=None), ids, options.seed)
+        try:
+            lora.base_fingerprint(model4)
+            out["base_fingerprint_4bit_error"] = None
+        except Exception as error:  # noqa: BLE001
+            out["base_fingerprint_4bit_error"] = f"{type(error).__name__}: {error}"[:160]
+        # 6. the quantised kernel cannot take a gradient (integer arrays), so it must stay out of `trainable`.
         try:
             nnx.grad(lambda m: m(ids).sum(), argnums=nnx.DiffState(0, nnx.Param))(model)
             out["grad_wrt_all_params_error"] = None
         except Exception as error:  # noqa: BLE001
             out["grad_wrt_all_params_error"] = f"{type(error).__name__}: {error}"[:120]
-        # 6. A bfloat16 base gives bfloat16 adapters (LoraRule has no adapter dtype).
+        # 7. A bfloat16 base gives bfloat16 adapters (LoraRule has no adapter dtype).
         base16 = init_model(config, seed=options.seed, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
         model16 = apply_qwix(base16, qwix_provider(options, "qwix_qlora_int8"), ids, options.seed)
         out["bfloat16_base_adapter_dtype"] = str(next(iter(adapted_modules(model16).values())).kernel_lora_a.dtype)

@@ -105,6 +105,8 @@ def test_compat_findings_are_recorded(result):
     assert "rngs" in compat["dropout_without_qwix_rngs_error"]
     assert compat["dropout_eval_mode_two_calls_max_abs_diff"] > 0
     assert compat["easytrain_lora_modules_found"] == 0 and compat["merge_lora_still_has_qwix_adapters"]
+    assert compat["adapters_disabled_max_abs_logit_change"] == 0.0  # DPO's adapter-off reference would be the policy
+    assert "4 bits" in compat["base_fingerprint_4bit_error"]
     assert "int8" in compat["grad_wrt_all_params_error"]
     assert compat["bfloat16_base_adapter_dtype"] == "bfloat16"
     assert result["qwix_patch"] and result["qwix_version"] == "0.1.8"
