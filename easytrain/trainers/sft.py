@@ -69,7 +69,8 @@ class SFTTrainer(BaseTrainer):
         sft_arguments: the SFT options.
         formatting_func: maps a raw example to text, prompt-completion or messages form.
         compute_metrics: `(predictions, references) -> metrics` on generated completions (with
-            `generation_eval_samples > 0`).
+            `generation_eval_samples > 0`); kept as `answer_metrics` (the `compute_metrics` method is the
+            on-device hook of `BaseTrainer`).
         **kwargs: as for `BaseTrainer` (model, tokenizer, dataset_train, dataset_eval, callbacks, evaluators).
     """
 
@@ -78,7 +79,7 @@ class SFTTrainer(BaseTrainer):
                  compute_metrics: Callable[[list[str], list[str]], Mapping[str, float]] | None = None,
                  **kwargs: Any):
         self.sft_arguments = sft_arguments or SFTArguments()
-        self.formatting_func, self.compute_metrics = formatting_func, compute_metrics
+        self.formatting_func, self.answer_metrics = formatting_func, compute_metrics  # not the on-device hook
         self.data_stats: dict[str, dict[str, float]] = {}
         super().__init__(arguments, **kwargs)
 
@@ -107,7 +108,7 @@ class SFTTrainer(BaseTrainer):
                 validation = validation.map(self.formatting_func, remove_columns=validation.column_names)
             prompts, references = prompts_and_references(validation, self.tokenizer, samples)
             self.evaluators.append(CompletionMetrics(prompts, references, self.tokenizer, max_new_tokens=sft.max_new_tokens,
-                                                     compute_metrics=self.compute_metrics))
+                                                     compute_metrics=self.answer_metrics))
         self._report_data_stats()
         return rows["train"], rows.get("validation")
 
