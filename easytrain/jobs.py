@@ -152,25 +152,29 @@ class Job(contextlib.ContextDecorator):
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, error: BaseException | None, tb: Any) -> bool:
-        if self in _ACTIVE:
-            _ACTIVE.remove(self)
-        if error is None:
-            self.finish()
-        else:
-            self.fail(error)
+        try:
+            if error is None:
+                self.finish()
+            else:
+                self.fail(error)
+        finally:
+            deactivate(self)
         return False
 
     def open(self) -> None:
-        """Write the "queued" record (keeping the previous run's record, to continue it on resume)."""
+        """Write the "queued" record. An unfinished previous record of this directory (a killed or stopped run,
+        perhaps about to be resumed) keeps its progress until `begin` says from which step this run starts."""
         if self.enabled is None:
             import jax
 
             self.enabled = jax.process_index() == 0
         self._previous = read_job(self.output_dir)
+        unfinished = self._previous is not None and self._previous.get("status") != "completed"
         now = time.time()
         self.record = {
             "name": self._name or self.output_dir.resolve().name, "status": "queued",
-            "progress": self.progress_start, "progress_range": [self.progress_start, self.progress_end],
+            "progress": float(self._previous["progress"]) if unfinished else self.progress_start,
+            "progress_range": [self.progress_start, self.progress_end],
             "step": None, "total_steps": None, "eta_seconds": None, "metrics": {}, "data": {},
             "stop_reason": None, "error": None, "resumed_from_step": None, "pid": os.getpid(),
             "host": socket.gethostname(), "created_at": now, "started_at": None, "updated_at": now,

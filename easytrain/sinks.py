@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -188,7 +189,7 @@ class WandbSink:
 
         self._state_path = output_dir / WANDB_STATE_FILENAME
         previous = _read_json(self._state_path) if initial_step > 0 else None
-        run_id = previous["run_id"] if previous else wandb.util.generate_id()
+        run_id = previous["run_id"] if previous else uuid.uuid4().hex[:12]  # W&B ids: lowercase letters, digits
         floor = int(previous.get("last_step", 0)) if previous else 0
         self._steps = _AppendOnlySteps("W&B", floor, initial_step)
         self._state = {"run_id": run_id, "last_step": floor}
