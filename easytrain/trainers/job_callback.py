@@ -62,7 +62,8 @@ class JobCallback(Callback):
         if self.job is not None:
             if self._listener in self.job.listeners:
                 self.job.listeners.remove(self._listener)
-            deactivate(self.job)
+            if self._owned:
+                deactivate(self.job)
 
     def on_train_end(self, trainer: Any) -> None:
         if self.job is None:
