@@ -53,7 +53,8 @@ def check_progress_range(start: float, end: float) -> None:
 
 def outcome_of(error: BaseException) -> RunStatus:
     """'stopped' for a preemption (SIGTERM: checkpointed, exit 75), Ctrl-C or a clean `sys.exit`; else 'failed'."""
-    from easytrain.trainers.preemption import TrainingPreempted  # lazy: easytrain.trainers imports this module
+    # imported here: easytrain.trainers imports this module
+    from easytrain.trainers.preemption import TrainingPreempted
 
     if isinstance(error, (TrainingPreempted, KeyboardInterrupt)):
         return "stopped"
@@ -151,7 +152,7 @@ class Job(contextlib.ContextDecorator):
         _ACTIVE.append(self)
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, error: BaseException | None, tb: Any) -> bool:
+    def __exit__(self, exc_type: type[BaseException] | None, error: BaseException | None, tb: object) -> bool:
         try:
             if error is None:
                 self.finish()
@@ -276,7 +277,8 @@ class Job(contextlib.ContextDecorator):
         """Send one metric at global `step` to the job's sinks (`report_to`) and keep it in the record."""
         self._ensure_running()
         if self._reporter is None:
-            from easytrain.reporting import Reporter  # lazy: reporting imports rich and tensorboardX
+            # imported here: reporting imports rich and tensorboardX, which a job without metrics never needs
+            from easytrain.reporting import Reporter
 
             self._reporter = Reporter(output_dir=self.output_dir, report_to=self._report_to,
                                       total_steps=self._total_steps or 0, initial_step=self._initial_step,

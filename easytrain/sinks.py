@@ -69,8 +69,7 @@ def check_report_to(values: Sequence[str]) -> frozenset[str]:
 
 def metric_tag(split: str, name: str) -> str:
     """``split/name``, dropping a redundant ``split_`` prefix (``eval/eval_loss`` -> ``eval/loss``)."""
-    prefix = f"{split}_"
-    return f"{split}/{name[len(prefix):] if name.startswith(prefix) else name}"
+    return f"{split}/{name.removeprefix(f'{split}_')}"
 
 
 def write_json_atomically(path: Path, value: Any) -> None:
