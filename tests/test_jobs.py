@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from doc_snippets import python_blocks, run_block
 
 from easytrain import TrainingArguments
 from easytrain.errors import ArgumentError
@@ -219,3 +220,20 @@ def test_progress_settings_are_checked(tmp_path: Path) -> None:
         Job(tmp_path, report_to=["neptune"])
     with job(tmp_path), pytest.raises(ValueError, match=r"percentage in \[0, 100\], got 150"):
         progress_update(150)
+
+
+def test_the_hand_written_loop_examples_of_the_docs_run_as_written(tmp_path: Path, monkeypatch, capsys) -> None:
+    """docs/jobs.md: the decorated loop, then its resume from step 10 (the pipeline block trains two default
+    runs; test_job_runs.py::test_trainers_of_a_pipeline_report_into_the_enclosing_job covers it at tiny size)."""
+    blocks = python_blocks(Path(__file__).resolve().parents[1] / "docs" / "jobs.md")
+    assert "BaseTrainer" in blocks[2].source and len(blocks) == 3
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    run_block(blocks[0], namespace)
+    assert float(capsys.readouterr().out) == pytest.approx(3.0, abs=1e-3)
+    run_block(blocks[1], namespace)
+    output_dir = tmp_path / "runs" / "handwritten"
+    record = read_job(output_dir)
+    assert (record["status"], record["resumed_from_step"], record["progress"]) == ("completed", 10, 100.0)
+    assert record["data"] == {"model": "y = w * x"}
+    assert [int(row["step"]) for row in csv_rows(output_dir)] == list(range(1, 21))
