@@ -99,8 +99,10 @@ class TrainLoop:
                 step = self.iterate(start_step)
                 self.finish(step)
         except BaseException as error:
-            parts.callbacks.on_exception(parts.owner, error)
-            self.shut_down(failing=True, status=outcome_of(error))
+            try:
+                parts.callbacks.on_exception(parts.owner, error)
+            finally:  # even if a callback fails too
+                self.shut_down(failing=True, status=outcome_of(error))
             raise
         self.shut_down(failing=False)
         return self.last_logs
