@@ -318,6 +318,12 @@ class Job(contextlib.ContextDecorator):
         return self._stop_reason is not None
 
     # ------------------------------------------------------------------ writing
+    def flush(self) -> None:
+        """Write the record now, whatever the interval (a trainer does at every checkpoint)."""
+        if self.enabled and self.record:
+            write_json_atomically(self.path, self.record)
+            self._written_at = time.monotonic()
+
     def _publish(self, force: bool = False) -> None:
         """Tell the listeners; write the file at once for status changes, else at most every interval."""
         self.record["updated_at"] = time.time()
@@ -325,10 +331,8 @@ class Job(contextlib.ContextDecorator):
             return
         for listener in list(self.listeners):
             listener(copy.deepcopy(self.record))
-        now = time.monotonic()
-        if force or now - self._written_at >= self._min_write_interval:
-            write_json_atomically(self.path, self.record)
-            self._written_at = now
+        if force or time.monotonic() - self._written_at >= self._min_write_interval:
+            self.flush()
 
 
 job = Job  # `@job(...)` / `with job(...) as j:` read better than the class name

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import struct
+import time
 from pathlib import Path
 
 _WANDB_BLOCK = 32768  # the .wandb transaction log is a LevelDB-style log: 32 KiB blocks of framed records
@@ -37,6 +38,8 @@ def _wandb_records(path: Path):
         if kind == 0:  # block padding
             offset += left
             continue
+        if offset + 7 + length > len(data):  # W&B is still writing this record
+            return
         chunks.append(data[offset + 7 : offset + 7 + length])
         offset += 7 + length
         if kind in (1, 4):  # a full record, or the last chunk of one
@@ -46,20 +49,33 @@ def _wandb_records(path: Path):
             yield record
 
 
-def wandb_segments(output_dir: Path) -> list[dict]:
+def wandb_segments(output_dir: Path, finished: int = 0, timeout: float = 60.0) -> list[dict]:
     """One entry per offline W&B run started in `output_dir` (a resume starts another, oldest first):
     its run id (also in its directory name), whether it resumes that run (so `wandb sync` appends to it), config keys, and history rows as
     `{metric: value}` with the step under "_step". A segment killed with SIGKILL may hold nothing: W&B
-    buffers its log and loses the unflushed part."""
+    buffers its log and loses the unflushed part. W&B also writes a finished run's log after `finish()`
+    returns: wait until `finished` segments hold their exit record."""
+    deadline = time.monotonic() + timeout
+    segments = _read_segments(output_dir)
+    while sum(segment["exited"] for segment in segments) < finished:
+        assert time.monotonic() < deadline, f"W&B wrote fewer than {finished} finished runs in {timeout} s"
+        time.sleep(0.2)
+        segments = _read_segments(output_dir)
+    return segments
+
+
+def _read_segments(output_dir: Path) -> list[dict]:
     segments = []
     for directory in sorted((Path(output_dir) / "wandb").glob("offline-run-*")):
         segment = {"directory_id": directory.name.rsplit("-", 1)[1], "run_id": None, "resume": None,
-                   "config": set(), "history": []}
+                   "config": set(), "history": [], "exited": False}
         for record in _wandb_records(next(directory.glob("run-*.wandb"))):
             kind = record.WhichOneof("record_type")
             if kind == "run":
                 segment["run_id"], segment["resume"] = record.run.run_id, record.run.resume
                 segment["config"] |= {item.key for item in record.run.config.update}
+            elif kind == "exit":
+                segment["exited"] = True
             elif kind == "history":
                 segment["history"].append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
                                            for item in record.history.item})

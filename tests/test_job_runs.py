@@ -152,11 +152,14 @@ def kill_after_checkpoint(output_dir: Path, env: dict[str, str], timeout: float 
 
 def test_killed_run_says_running_and_its_resume_continues_every_sink(tmp_path: Path, monkeypatch) -> None:
     output_dir, trackers = tmp_path / "run", tracker_env(tmp_path)
-    kill_after_checkpoint(output_dir, {**os.environ, "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu", **trackers})
+    # WANDB_SERVICE: this process's W&B service, if an earlier test started one; the killed run must use its own,
+    # or its never-finished run would stay open in ours and block the resume below ("run ID is in use")
+    inherited = {name: value for name, value in os.environ.items() if name != "WANDB_SERVICE"}
+    kill_after_checkpoint(output_dir, {**inherited, "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu", **trackers})
     killed = read_job(output_dir)
     restored, last_logged = finalized_steps(output_dir / "checkpoints")[-1], max(logged(output_dir))
     assert killed["status"] == "running" and killed["finished_at"] is None
-    assert 1 <= killed["step"] <= last_logged and killed["progress"] == pytest.approx(
+    assert restored <= killed["step"] <= last_logged and killed["progress"] == pytest.approx(
         100 * killed["step"] / KILLED_MAX_STEPS)
 
     for name, value in trackers.items():
@@ -177,7 +180,7 @@ def test_killed_run_says_running_and_its_resume_continues_every_sink(tmp_path: P
     assert [int(row["step"]) for row in csv_rows(output_dir)] == list(range(1, total + 1))
     # W&B: the same run, resumed, at the global steps after the restored one (a SIGKILL loses what W&B had not
     # flushed of the killed segment, so only the resumed segment is checked point by point)
-    killed_segment, resumed = wandb_segments(output_dir)
+    killed_segment, resumed = wandb_segments(output_dir, finished=1)
     assert resumed["resume"] and resumed["run_id"] == killed_segment["directory_id"] == read_wandb_id(output_dir)
     assert [(row["_step"], row["train/loss"]) for row in resumed["history"] if "train/loss" in row] == [
         (step, pytest.approx(losses[step])) for step in range(restored + 1, total + 1)]

@@ -65,7 +65,7 @@ def test_wandb_resume_reopens_the_run_with_steps_continuing(tmp_path: Path, offl
     run_dir = tmp_path / "run"
     log_steps(run_dir, ["wandb"], range(1, 6))  # interrupted after step 5; its checkpoint is step 3
     log_steps(run_dir, ["wandb"], range(4, 8), initial_step=3, scale=10.0)
-    first, resumed = wandb_segments(run_dir)
+    first, resumed = wandb_segments(run_dir, finished=2)
     assert first["run_id"] == resumed["run_id"] and resumed["resume"], "a resume continues the same W&B run"
     assert {"learning_rate", "seed"} <= first["config"]
     assert [(row["_step"], row["train/loss"]) for row in first["history"]] == [(s, float(s)) for s in range(1, 6)]
@@ -73,7 +73,7 @@ def test_wandb_resume_reopens_the_run_with_steps_continuing(tmp_path: Path, offl
     # (steps 4 and 5, which it holds, are ignored when this segment reaches the same run).
     assert [(row["_step"], row["train/loss"]) for row in resumed["history"]] == [(s, 10.0 * s) for s in range(4, 8)]
     log_steps(run_dir, ["wandb"], [1, 2])  # a fresh start (no restored step) is a new W&B run
-    assert len({segment["run_id"] for segment in wandb_segments(run_dir)}) == 2
+    assert len({segment["run_id"] for segment in wandb_segments(run_dir, finished=3)}) == 2
 
 
 # ----------------------------------------------------------------------------- MLflow

@@ -2,8 +2,8 @@
 
 Added to every `BaseTrainer` by default. At the first hook it joins the running job (a `job` block or
 decorated function around `train()`, or the `easytrain train` command), or opens its own in
-`output_dir`. It reports progress as steps mapped into `[progress_start, progress_end]`, the latest
-train and eval metrics, and turns a stop request into `trainer.should_stop`, so the loop checkpoints
+`output_dir`. It reports progress as steps mapped into `[progress_start, progress_end]` (the file is
+rewritten at least at every checkpoint), the latest train and eval metrics, and turns a stop request into `trainer.should_stop`, so the loop checkpoints
 after the current step. A job it opened it also ends: completed, stopped, or failed with the error.
 """
 
@@ -104,6 +104,12 @@ class JobCallback(Callback):
         if agreed:
             self.job.request_stop("stop requested on process 0")
         return agreed
+
+    def on_save(self, trainer: Any, step: int, checkpoint_dir: str) -> None:
+        """After a kill, the file is at least as recent as the checkpoint the run will resume from."""
+        if self.job is not None:
+            self.job.set_progress(self._percent(step), step=step, total_steps=self._total)
+            self.job.flush()
 
     def on_log(self, trainer: Any, step: int, logs: Mapping[str, float]) -> None:
         if self.job is not None:
