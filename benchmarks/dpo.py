@@ -22,7 +22,9 @@
    "step peak estimate" is argument + output - alias + temp bytes of the executable. With `--naive_step`
    (the full profile's default), a DPO trainer whose `pair_logps` uses a naive float32 `log_softmax` is
    compiled (never run) to show what the chunked log-probs save inside the real step. The adapter-off
-   (LoRA) reference is reported as null: LoRA is not built yet.
+   side `dpo_adapter_off_lora` trains rank-`--lora_rank` adapters on every projection and uses the policy
+   with its adapters off as the reference: no reference weights in the state (its `frozen` is 0) and no
+   full-size optimizer state.
 3. **Log-prob memory.** Compiled temporary bytes of `easytrain.preference.token_logps` against
    `jax.nn.log_softmax` + gather (forward; gradient; value and gradient together, as a train step
    needs), at `--logps_shape` (default 8 x 256 x 32768) for bfloat16 and float32 logits. Nothing is
@@ -69,9 +71,7 @@ PROFILES = {
     "quick": dict(model_config="tiny", vocab_size=1024, max_length=32, pairs=4, steps=3, repeats=5,
                   warmup_steps=1, logps_shape=[8, 256, 32768], naive_step=False),
 }
-SIDES = ("sft", "dpo_frozen", "dpo_precomputed")
-LORA_REASON = ("LoRA is not built yet (its own issue): with it the reference is the base model with the adapters "
-               "off, so no second copy of the weights, and one extra forward pass per step as with the frozen copy.")
+SIDES = ("sft", "dpo_frozen", "dpo_precomputed", "dpo_adapter_off_lora")
 NO_PEAK_REASON = ("this backend has no peak-memory counter (Device.memory_stats() is None on CPU); reported instead: "
                   "train-state bytes, live device bytes after setup, and the compiled step's memory_analysis().")
 
@@ -130,7 +130,8 @@ def tree_bytes(tree: Any) -> int:
 
 def state_bytes(state: Any) -> dict[str, int]:
     parts = {"params": tree_bytes(state.params), "opt_state": tree_bytes(state.opt_state),
-             "model_state": tree_bytes(state.model_state), "frozen": tree_bytes(state.frozen)}
+             "model_state": tree_bytes(state.model_state), "frozen": tree_bytes(state.frozen),
+             "base": tree_bytes(state.base)}
     return {"total": tree_bytes(state), **parts}
 
 
@@ -169,7 +170,8 @@ def build_trainer(kind: str, options: argparse.Namespace, config: str, output_di
         train_batch_size=sequences if kind == "sft" else options.pairs, eval_batch_size=options.pairs,
         max_steps=1_000_000, learning_rate=1e-4, warmup_steps=0, lr_scheduler_type="constant",
         eval_strategy="no", save_strategy="no", report_to=["none"], disable_progress_bar=True,
-        save_pretrained_at_end=False, validation_split_percentage=0, seed=0)
+        save_pretrained_at_end=False, validation_split_percentage=0, seed=0,
+        lora_rank=options.lora_rank if kind == "dpo_adapter_off_lora" else 0)
     tokenizer = build_arithmetic_chat_tokenizer()
     if kind == "sft":
         data = make_arithmetic_chat_splits(4 * sequences, 1, seed=0)["train"]
@@ -260,6 +262,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--naive_step", action=argparse.BooleanOptionalAction,
                         help="also compile a DPO step with a naive log_softmax for its memory (default: full yes, "
                              "quick no: one more trainer and compilation)")
+    parser.add_argument("--lora_rank", type=int, default=16, help="adapter rank of the dpo_adapter_off_lora side")
     parser.add_argument("--logps_chunk_size", type=int, default=DPOArguments.logps_chunk_size,
                         help="vocabulary chunk of token_logps there (DPOArguments' default)")
     options = parser.parse_args(argv)
@@ -322,7 +325,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {kind: {"of_medians": round(statistics.median(getattr(sides[kind], key)) / statistics.median(sft), 3),
                        "of_minimums": round(min(getattr(sides[kind], key)) / min(sft), 3),
                        "per_repeat": spread([a / b for a, b in zip(getattr(sides[kind], key), sft)], 3)}
-                for kind in ("dpo_frozen", "dpo_precomputed")}
+                for kind in SIDES[1:]}
 
     result = {
         "benchmark": "dpo_step_and_memory", "device": device.device_kind, "platform": device.platform,
@@ -339,10 +342,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "memory": {
             "device_peak_bytes": None if not memory_stats else memory_stats.get("peak_bytes_in_use"),
             "device_peak_note": None if memory_stats else NO_PEAK_REASON,
-            "state_bytes": {**states, "dpo_adapter_off_lora": None},
-            "live_bytes_added_by_setup": {**setup_live, "dpo_adapter_off_lora": None},
-            "train_step": {**step_memory, "dpo_adapter_off_lora": None},
-            "dpo_adapter_off_lora_reason": LORA_REASON,
+            "state_bytes": states, "live_bytes_added_by_setup": setup_live, "train_step": step_memory,
+            "lora_rank": options.lora_rank,
         },
         "logps_memory": logps,
         "total_seconds": round(time.perf_counter() - started, 1),
@@ -377,6 +378,8 @@ def print_table(result: dict[str, Any]) -> None:
     memory = result["memory"]
     rows.append(("train state MiB", *(_mib(memory["state_bytes"][k]["total"]) for k in kinds)))
     rows.append(("  of which frozen MiB", *(_mib(memory["state_bytes"][k]["frozen"]) for k in kinds)))
+    rows.append(("  of which LoRA base MiB", *(_mib(memory["state_bytes"][k]["base"]) for k in kinds)))
+    rows.append(("  of which optimizer MiB", *(_mib(memory["state_bytes"][k]["opt_state"]) for k in kinds)))
     rows.append(("live MiB added by setup", *(_mib(memory["live_bytes_added_by_setup"][k]) for k in kinds)))
     for key in ("argument", "output", "alias", "temp", "step_peak_estimate"):
         rows.append((f"step {key} MiB", *(_mib((memory["train_step"][k] or {}).get(key)) for k in kinds)))
@@ -387,7 +390,6 @@ def print_table(result: dict[str, Any]) -> None:
     if naive:
         print(f"dpo_frozen step with a naive log_softmax: temp {_mib(naive['temp'])} MiB "
               f"(chunked token_logps: {_mib(memory['train_step']['dpo_frozen']['temp'])} MiB)")
-    print(f"adapter-off reference (LoRA): null. {memory['dpo_adapter_off_lora_reason']}")
     if memory["device_peak_note"]:
         print(f"device peak: null. {memory['device_peak_note']}")
     logps = result["logps_memory"]

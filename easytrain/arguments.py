@@ -50,6 +50,10 @@ class TrainingArguments:
     model_name_or_path: Optional[str] = _arg(
         None, "Directory (or hub name) of a pretrained model in Hugging Face format to start from."
     )
+    init_weights_from: Optional[str] = _arg(
+        None, "Start from these weights but a fresh optimizer, step count, RNG and data order (not a resume): an "
+        "exported model directory (config.json + safetensors) or another run's checkpoint (its output_dir, "
+        "checkpoints/ or checkpoints/STEP). Variables are matched by path and must have the model's shapes.")
     model_config: str = _arg(
         "tiny",
         "Architecture when training from scratch: a preset ('tiny', 'small') or a path to a config.json. "
@@ -65,6 +69,25 @@ class TrainingArguments:
     param_dtype: Literal["float32", "bfloat16", "float16"] = _arg(
         "float32", "Storage dtype of parameters and optimizer state (master weights): 'float32' or 'bfloat16' "
         "('float16' is refused, as for dtype).")
+
+    # --- LoRA (docs/lora.md) --------------------------------------------------------------------
+    lora_rank: int = _arg(0, "Train LoRA adapters of this rank instead of every weight; 0 trains the full model.")
+    lora_alpha: float = _arg(16.0, "LoRA scaling numerator: adapter outputs are multiplied by lora_alpha / lora_rank.")
+    lora_dropout: float = _arg(0.0, "Dropout on the adapters' input during training, in [0, 1).")
+    lora_target_modules: list[str] = _arg(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "Dense layers that get adapters: module names (matching a Hugging Face module name or its suffix), "
+        "'all-linear', or one regular expression over whole module names written 're:PATTERN' (in YAML/JSON "
+        "also a plain string, as in PEFT).")
+    lora_train_embeddings: bool = _arg(False, "With LoRA, also train the input embedding and the output head in full.")
+    lora_train_norms: bool = _arg(False, "With LoRA, also train the RMSNorm scales.")
+    lora_use_rslora: bool = _arg(False, "Rank-stabilised LoRA: scale by lora_alpha / sqrt(lora_rank).")
+    lora_adapter_path: Optional[str] = _arg(
+        None, "Start from this PEFT adapter directory (adapter_config.json + adapter_model.safetensors) on the "
+        "model_name_or_path base; its adapter_config.json decides rank, alpha and targets.")
+    lora_export: Literal["adapter", "merged", "both"] = _arg(
+        "both", "What save_pretrained writes for a LoRA run: the merged model in Hugging Face layout, a PEFT "
+        "adapter in its adapter/ subdirectory, or both.")
 
     # --- data ----------------------------------------------------------------------------------
     dataset_name: Optional[str] = _arg(None, "A dataset name or local directory for datasets.load_dataset.")
@@ -137,6 +160,10 @@ class TrainingArguments:
     early_stopping_patience: Optional[int] = _arg(
         None, "Stop after this many evaluations without improvement of metric_for_best_model (or eval_loss)."
     )
+    eval_metrics: Optional[list[str]] = _arg(
+        None, "Evaluation metrics besides eval_loss: 'accuracy' and 'perplexity' (on device, from the loss's "
+        "predictions), 'exact_match' (greedy answers to held-out prompts, where the trainer has them). Unset: "
+        "accuracy and perplexity when the loss gives predictions, exact_match where available.")
     report_to: list[str] = _arg(
         ["tensorboard", "jsonl"], "Metric sinks: any of 'tensorboard', 'jsonl', 'csv', 'wandb', 'mlflow', or 'none'. "
         "'wandb' and 'mlflow' need their extras (pip install 'easytrain[wandb]' / 'easytrain[mlflow]').")
@@ -234,6 +261,12 @@ def validate(args: TrainingArguments) -> None:
                           ("save_strategy", STRATEGIES), ("non_finite_policy", NON_FINITE_POLICIES)):
         value = getattr(args, name)
         _require(value in allowed, name, f"must be one of {', '.join(allowed)}; got {value!r}.")
+    if args.eval_metrics is not None:
+        from easytrain.eval_metrics import NAMES
+
+        unknown = [name for name in args.eval_metrics if name not in NAMES]
+        _require(not unknown, "eval_metrics", f"unknown metric(s) {unknown}; choose from {', '.join(NAMES)}, or "
+                                              "override compute_metrics in your trainer for others.")
     check_report_to([sink for sink in args.report_to if sink != "none"])  # names, and optional packages installed
     check_progress_range(args.progress_start, args.progress_end)
     for name in ("data_parallel_size", "fsdp_size", "tensor_parallel_size"):
@@ -241,6 +274,14 @@ def validate(args: TrainingArguments) -> None:
         _require(value == -1 or value > 0, name, f"must be a positive size or -1, got {value}.")
     if args.load_best_model_at_end:
         _check_best_model_settings(args)
+    _require(isinstance(args.lora_rank, int) and args.lora_rank >= 0, "lora_rank",
+             f"must be a positive integer, or 0 to train every weight; got {args.lora_rank!r}.")
+    _require(args.lora_export in ("adapter", "merged", "both"), "lora_export",
+             f"must be 'adapter', 'merged' or 'both'; got {args.lora_export!r}.")
+    if args.lora_rank:
+        from easytrain.lora_config import from_arguments
+
+        from_arguments(args)  # raises naming the lora_* field
     _require(args.early_stopping_patience is None or args.early_stopping_patience > 0, "early_stopping_patience",
              f"must be a positive integer or unset, got {args.early_stopping_patience}.")
 

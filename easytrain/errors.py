@@ -11,7 +11,7 @@ class ArgumentError(EasytrainError, ValueError):
     """A `TrainingArguments` field (or command-line flag) has a bad value."""
 
     def __init__(self, field: str, message: str):
-        self.field = field
+        self.field, self.message = field, message
         super().__init__(f"{field}: {message}")
 
 

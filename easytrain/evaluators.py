@@ -26,6 +26,11 @@ class ExactMatch:
         longest = max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in self.answers)
         self.max_new_tokens = max_new_tokens or longest + 1
 
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """What a call returns, known before it runs (checked against `metric_for_best_model` at set-up)."""
+        return (f"eval_{self.name}",)
+
     def __call__(self, trainer: Any) -> dict[str, float]:
         correct = [completion == answer for completion, answer in zip(self.completions(trainer), self.answers)]
         return {f"eval_{self.name}": float(np.mean(correct))}
@@ -63,6 +68,11 @@ class CompletionMetrics:
                  max_new_tokens: int = 64):
         self.prompts, self.references, self.tokenizer = [list(p) for p in prompts], list(references), tokenizer
         self.compute_metrics, self.max_new_tokens = compute_metrics, max_new_tokens
+
+    @property
+    def metric_names(self) -> tuple[str, ...] | None:
+        """`eval_exact_match`, or None (not known before running) with a user `compute_metrics`."""
+        return ("eval_exact_match",) if self.compute_metrics is None else None
 
     def __call__(self, trainer: Any) -> dict[str, float]:
         predictions = self.completions(trainer)

@@ -115,6 +115,7 @@ def _generate(graphdef, params, rest, ids_BL: Array, mask_BL: Array, rng: Array,
               out_sharding: NamedSharding | None = None) -> Array:
     """New tokens ``[B, max_new_tokens]``: prefill, then a while loop of one-token decoding steps."""
     model = nnx.merge(graphdef, params, rest)
+    model.eval()  # inference: no dropout (e.g. on LoRA adapters), whatever mode the caller's module is in
     batch, length = ids_BL.shape
     steps = config.max_new_tokens
     cache = model.init_cache(batch, length + steps - 1)
@@ -192,7 +193,11 @@ def generate(
             same inputs and gets every row.
         input_ids: ``[B, L]`` prompts, left- or right-padded (see ``pad_prompts``).
         attention_mask: ``[B, L]``, 1 for real tokens, 0 for padding; default all real.
-        max_new_tokens / do_sample / temperature / top_k / top_p: see ``GenerationConfig``.
+        max_new_tokens: Tokens generated per row (as in ``GenerationConfig``, like the next four).
+        do_sample: Sample instead of taking the argmax.
+        temperature: Divides the logits before filtering (sampling only).
+        top_k: Keep only the k highest logits.
+        top_p: Keep the smallest set of most likely tokens whose probability reaches top_p.
         eos_token_id: Id(s) that end a row; None generates exactly ``max_new_tokens`` everywhere.
         pad_token_id: Filler after a row's EOS; default the first EOS id (else 0).
         seed: Sampling seed; the same seed and inputs give the same tokens.

@@ -64,9 +64,13 @@ def _leaf_digest(leaf: jax.Array) -> jax.Array:
     return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * weights, dtype=jnp.uint32)])
 
 
-@jax.jit
+_digest = jax.jit(_leaf_digest)
+
+
 def _digests(tree: Any) -> list[jax.Array]:
-    return [_leaf_digest(leaf) for leaf in jax.tree.leaves(tree)]
+    """One compiled digest per leaf (one compilation per distinct shape, dtype and layout): the scratch
+    memory is that of the largest leaf, never of the whole tree at once."""
+    return [_digest(leaf) for leaf in jax.tree.leaves(tree)]
 
 
 def fingerprint(tree: Any) -> dict[str, list[int]]:

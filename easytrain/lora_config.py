@@ -111,3 +111,45 @@ def _checked_targets(targets: Any) -> tuple[str, ...] | str:
         raise LoRAConfigError("target_modules", f"names must be non-empty strings, got {bad!r}.")
     ordered = sorted(targets) if isinstance(targets, (set, frozenset)) else targets
     return tuple(dict.fromkeys(ordered))
+
+
+#: The prefix that marks a regular expression among command-line ``lora_target_modules`` values.
+REGEX_PREFIX = "re:"
+
+
+def targets_from_arguments(values: Sequence[str] | str) -> Sequence[str] | str:
+    """``lora_target_modules`` as ``LoRAConfig.target_modules``: a plain string (YAML/JSON, as in PEFT) or one
+    ``"re:PATTERN"`` value is a regular expression; ``["all-linear"]`` is PEFT's shorthand; else names."""
+    if isinstance(values, str):
+        return values
+    values = list(values)
+    if len(values) == 1 and (values[0] == ALL_LINEAR or values[0].startswith(REGEX_PREFIX)):
+        return values[0].removeprefix(REGEX_PREFIX)
+    if bad := [v for v in values if v.startswith(REGEX_PREFIX)]:
+        raise LoRAConfigError("lora_target_modules", f"{bad}: a regular expression ('re:PATTERN') must be the "
+                                                     "only value; join alternatives inside it with '|'.")
+    return values
+
+
+def from_arguments(args: Any) -> LoRAConfig | None:
+    """The ``LoRAConfig`` a run's ``lora_*`` arguments describe, or None when ``lora_rank`` is 0.
+
+    Raises:
+        LoRAConfigError: naming the ``lora_*`` argument (``lora_rank``, ``lora_target_modules``, ...).
+    """
+    if not args.lora_rank:
+        return None
+    try:
+        return LoRAConfig(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                          target_modules=targets_from_arguments(args.lora_target_modules),
+                          train_embeddings=args.lora_train_embeddings, train_norms=args.lora_train_norms,
+                          use_rslora=args.lora_use_rslora)
+    except LoRAConfigError as error:
+        raise as_argument_error(error) from None
+
+
+def as_argument_error(error: LoRAConfigError) -> LoRAConfigError:
+    """The same error naming the command-line argument (``target_modules`` -> ``lora_target_modules``)."""
+    if error.field.startswith("lora_"):
+        return error
+    return LoRAConfigError(f"lora_{error.field}", error.message)

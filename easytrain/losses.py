@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from easytrain.metrics import ExpMean, Mean, Metric, Sum
+from easytrain.eval_metrics import Predictions
+from easytrain.metrics import Mean, Metric, Sum
 
 Batch = Mapping[str, jax.Array]
 Frozen = Mapping[str, Any]
@@ -26,11 +27,14 @@ class LossOutput(NamedTuple):
         count: how many of those; the step divides the global `loss_sum` by the global `count` once.
         metrics: name -> `easytrain.metrics` value (`Mean`, `Sum`, `Max`, `Min`, `Last`), each reduced its
             own way. A bare array is read as a sum over the same things as the loss (`Mean(value, count)`).
+        predictions: `easytrain.eval_metrics.Predictions` (logits, labels, weights) that evaluation metrics
+            chosen by name (`eval_metrics`) and `compute_metrics` score on device; None if not scorable.
     """
 
     loss_sum: jax.Array
     count: jax.Array
     metrics: Mapping[str, Metric | jax.Array] = {}
+    predictions: Any = None
 
     @property
     def num_tokens(self) -> jax.Array:
@@ -67,15 +71,16 @@ def causal_lm_loss(model: nnx.Module, batch: Batch, rng: jax.Array, train: bool,
                    frozen: Frozen | None = None) -> LossOutput:
     """Next-token cross-entropy over the tokens where `loss_mask` is 1.
 
-    Metrics: `num_tokens` (supervised tokens), token `accuracy`, and in evaluation `perplexity`.
+    Metrics: `num_tokens` (supervised tokens) and, in training, token `accuracy`; evaluation scores the
+    returned predictions with the metrics `eval_metrics` names (accuracy and perplexity by default).
     """
     del rng, frozen  # the default objective is deterministic and uses no frozen model
-    loss_sum, count, correct = token_cross_entropy_sums(model_logits(model, batch), batch["targets"],
-                                                        batch["loss_mask"])
-    metrics: dict[str, Metric] = {"num_tokens": Sum(count), "accuracy": Mean(correct, count)}
-    if not train:
-        metrics["perplexity"] = ExpMean(loss_sum, count)
-    return LossOutput(loss_sum, count, metrics)
+    logits_BTV = model_logits(model, batch)
+    loss_sum, count, correct = token_cross_entropy_sums(logits_BTV, batch["targets"], batch["loss_mask"])
+    metrics: dict[str, Metric] = {"num_tokens": Sum(count)}
+    if train:
+        metrics["accuracy"] = Mean(correct, count)
+    return LossOutput(loss_sum, count, metrics, Predictions(logits_BTV, batch["targets"], batch["loss_mask"]))
 
 
 def safe_mean(total: jax.Array, count: jax.Array) -> jax.Array:

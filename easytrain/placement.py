@@ -27,43 +27,50 @@ def abstract_module(model_fn: Callable[[], nnx.Module]) -> nnx.Module:
 
 
 def state_shardings(abstract_model: nnx.Module, tx: optax.GradientTransformation, mesh: Mesh,
-                    rules: sharding.LogicalRules = sharding.DEFAULT_RULES, trainable: Filter = nnx.Param) -> TrainState:
+                    rules: sharding.LogicalRules = sharding.DEFAULT_RULES, trainable: Filter = nnx.Param,
+                    base: Filter = nnx.Nothing) -> TrainState:
     """A `TrainState`-shaped tree of `NamedSharding`s for this model, optimizer and mesh."""
-    graphdef, abs_params, abs_rest = nnx.split(abstract_model, trainable, ...)
+    graphdef, abs_params, abs_base, abs_rest = nnx.split(abstract_model, trainable, base, ...)
     params_sh = sharding.param_shardings(abs_params, mesh, rules)
     rest_sh = sharding.param_shardings(abs_rest, mesh, rules)
+    base_sh = sharding.param_shardings(abs_base, mesh, rules)
     pure_params = nnx.to_pure_dict(abs_params)
     abs_opt = jax.eval_shape(tx.init, pure_params)
     opt_sh = sharding.optimizer_shardings(tx, abs_opt, pure_params, params_sh, mesh)
     replicated = sharding.replicated(mesh)
     return TrainState(step=replicated, params=params_sh, model_state=rest_sh, opt_state=opt_sh,
-                      rng=replicated, graphdef=graphdef, tx=tx, trainable=trainable)
+                      rng=replicated, graphdef=graphdef, tx=tx, trainable=trainable, base=base_sh, base_filter=base)
 
 
 def _fresh_state(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, seed: int,
-                 trainable: Filter) -> Callable[..., TrainState]:
-    """`(params, model_state) -> TrainState` at step 0 with fresh optimizer moments."""
+                 trainable: Filter, base_filter: Filter) -> Callable[..., TrainState]:
+    """`(params, base, model_state) -> TrainState` at step 0 with fresh optimizer moments."""
 
-    def create(params: Any, rest: Any) -> TrainState:
+    def create(params: Any, base: Any, rest: Any) -> TrainState:
         return TrainState.create(graphdef=graphdef, params=params, model_state=rest, tx=tx, rng=raw_key(seed),
-                                 trainable=trainable)
+                                 trainable=trainable, base=base, base_filter=base_filter)
 
     return create
 
 
+def _pure_split(model: nnx.Module, trainable: Filter, base: Filter) -> tuple[nnx.GraphDef, Any, Any, Any]:
+    graphdef, *parts = nnx.split(model, trainable, base, ...)
+    return graphdef, *(nnx.to_pure_dict(part) for part in parts)
+
+
 def create_state(model_fn: Callable[[], nnx.Module], tx: optax.GradientTransformation, *, seed: int,
                  mesh: Mesh, rules: sharding.LogicalRules = sharding.DEFAULT_RULES,
-                 trainable: Filter = nnx.Param) -> tuple[TrainState, TrainState]:
+                 trainable: Filter = nnx.Param, base: Filter = nnx.Nothing) -> tuple[TrainState, TrainState]:
     """Initialise a fresh model and its optimizer state in place on the mesh.
 
     Returns `(state, shardings)`; `shardings` is also the layout every checkpoint restores onto.
     """
-    shardings = state_shardings(abstract_module(model_fn), tx, mesh, rules, trainable)
+    shardings = state_shardings(abstract_module(model_fn), tx, mesh, rules, trainable, base)
 
     def init() -> TrainState:
         with nnx.use_eager_sharding(False):
-            graphdef, params, rest = nnx.split(model_fn(), trainable, ...)
-        return _fresh_state(graphdef, tx, seed, trainable)(nnx.to_pure_dict(params), nnx.to_pure_dict(rest))
+            graphdef, *parts = _pure_split(model_fn(), trainable, base)
+        return _fresh_state(graphdef, tx, seed, trainable, base)(*parts)
 
     with jax.set_mesh(mesh):
         state = jax.jit(init, out_shardings=shardings)()
@@ -72,36 +79,37 @@ def create_state(model_fn: Callable[[], nnx.Module], tx: optax.GradientTransform
 
 def place_module(model: nnx.Module, tx: optax.GradientTransformation, *, seed: int, mesh: Mesh,
                  rules: sharding.LogicalRules = sharding.DEFAULT_RULES, trainable: Filter = nnx.Param,
-                 copy: bool = True) -> tuple[TrainState, TrainState]:
+                 base: Filter = nnx.Nothing, copy: bool = True) -> tuple[TrainState, TrainState]:
     """Place an existing module's variables on the mesh and build its optimizer state.
 
     The train step donates the state's buffers, so by default they are copies and the caller's arrays
     stay valid. `copy=False` keeps variables already in the target layout as they are, for modules the
     trainer built itself (`from_pretrained(..., mesh=...)`), where a copy would only double the memory.
     """
-    graphdef, params, rest = nnx.split(model, trainable, ...)
-    shardings = state_shardings(model, tx, mesh, rules, trainable)
-    create = _fresh_state(graphdef, tx, seed, trainable)
-    put = lambda tree, target: jax.device_put(nnx.to_pure_dict(tree), target, may_alias=False if copy else None)
+    graphdef, params, base_values, rest = _pure_split(model, trainable, base)
+    shardings = state_shardings(model, tx, mesh, rules, trainable, base)
+    create = _fresh_state(graphdef, tx, seed, trainable, base)
+    put = lambda tree, target: jax.device_put(tree, target, may_alias=False if copy else None)
+    placed = dict(params=None, base=None, model_state=None)
     with jax.set_mesh(mesh):
-        params, rest = put(params, shardings.params), put(rest, shardings.model_state)
-        state = jax.jit(lambda p, r: create(p, r).replace(params=None, model_state=None),
-                        out_shardings=shardings.replace(params=None, model_state=None))(params, rest)
-    return state.replace(params=params, model_state=rest), shardings
+        params, base_values = put(params, shardings.params), put(base_values, shardings.base)
+        rest = put(rest, shardings.model_state)
+        state = jax.jit(lambda p, b, r: create(p, b, r).replace(**placed),
+                        out_shardings=shardings.replace(**placed))(params, base_values, rest)
+    return state.replace(params=params, base=base_values, model_state=rest), shardings
 
 
 def abstract_train_state(model: nnx.Module, tx: optax.GradientTransformation, *, seed: int, mesh: Mesh,
-                         rules: sharding.LogicalRules = sharding.DEFAULT_RULES,
-                         trainable: Filter = nnx.Param) -> tuple[TrainState, TrainState]:
+                         rules: sharding.LogicalRules = sharding.DEFAULT_RULES, trainable: Filter = nnx.Param,
+                         base: Filter = nnx.Nothing) -> tuple[TrainState, TrainState]:
     """The state `create_state`/`place_module` would build, as sharded `ShapeDtypeStruct`s.
 
     Nothing is allocated or computed: this is the target a checkpoint restores straight into, so a resumed
     run never initialises (or loads pretrained) weights only to overwrite them. `model` may be abstract.
     """
-    graphdef, params, rest = nnx.split(model, trainable, ...)
-    shardings = state_shardings(model, tx, mesh, rules, trainable)
-    shapes = jax.eval_shape(_fresh_state(graphdef, tx, seed, trainable), nnx.to_pure_dict(params),
-                            nnx.to_pure_dict(rest))
+    graphdef, *parts = _pure_split(model, trainable, base)
+    shardings = state_shardings(model, tx, mesh, rules, trainable, base)
+    shapes = jax.eval_shape(_fresh_state(graphdef, tx, seed, trainable, base), *parts)
     return abstract_state(shardings, shapes), shardings
 
 

@@ -112,7 +112,9 @@ def token_logps_from_hidden(hidden_BTD: Array, unembed: Array | Callable[..., Ar
         hidden_BTD: final hidden states (after the last norm).
         unembed: the output projection `unembed_DV`, or a callable `(hidden_BTD, offset, size) -> logits_BTC`
             giving the logits of vocabulary columns [offset, offset + size) (then pass `vocab_size`).
-        targets_BT, chunk_size: as in `token_logps`.
+        targets_BT: as in `token_logps`.
+        chunk_size: as in `token_logps`.
+        vocab_size: the vocabulary size, needed when `unembed` is a callable.
     Returns:
         logps_BT: float32.
     """
@@ -282,7 +284,7 @@ REFERENCE_FREE = frozenset({"sft", "simpo", "orpo"})
 
 def combined_loss(names: str | Sequence[str], weights: Sequence[float] | None, inputs: PairLogps,
                   **hyper: float | Array) -> Array:
-    """Σ_k weights[k] · PREFERENCE_LOSSES[names[k]](inputs, hyper): TRL's `loss_type` list + `loss_weights`.
+    """`Σ_k weights[k] · PREFERENCE_LOSSES[names[k]](inputs, hyper)`: TRL's `loss_type` list + `loss_weights`.
 
     Each loss takes the fields of `inputs` and the `hyper` keywords (`beta`, `label_smoothing`, `gamma`,
     `delta`) it names; `weights=None` weighs every loss 1.

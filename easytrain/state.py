@@ -30,6 +30,10 @@ class TrainState(struct.PyTreeNode):
     the compiled step like everything else here, never differentiated, with no optimizer state. Those
     named in `frozen_modules` are module states, handed to the loss as modules in eval mode; only those
     in `frozen_checkpointed` are written to checkpoints, the others are rebuilt on resume.
+
+    `base` holds the module's variables that `base_filter` selects: the frozen pretrained weights under
+    LoRA adapters. They are part of the module like `model_state`, but never change and are never
+    checkpointed: a resumed run loads them again from their source and checks their fingerprint.
     """
 
     step: jax.Array
@@ -43,13 +47,17 @@ class TrainState(struct.PyTreeNode):
     frozen: dict[str, PyTree] = struct.field(default_factory=dict)
     frozen_modules: tuple[tuple[str, nnx.GraphDef], ...] = struct.field(pytree_node=False, default=())
     frozen_checkpointed: tuple[str, ...] = struct.field(pytree_node=False, default=())
+    base: PyTree = struct.field(default_factory=dict)
+    base_filter: nnx.filterlib.Filter = struct.field(pytree_node=False, default=nnx.Nothing)
 
     @classmethod
     def create(cls, *, graphdef: nnx.GraphDef, params: PyTree, model_state: PyTree,
                tx: optax.GradientTransformation, rng: jax.Array,
-               trainable: nnx.filterlib.Filter = nnx.Param) -> "TrainState":
+               trainable: nnx.filterlib.Filter = nnx.Param, base: PyTree | None = None,
+               base_filter: nnx.filterlib.Filter = nnx.Nothing) -> "TrainState":
         return cls(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
-                   opt_state=tx.init(params), rng=rng, graphdef=graphdef, tx=tx, trainable=trainable)
+                   opt_state=tx.init(params), rng=rng, graphdef=graphdef, tx=tx, trainable=trainable,
+                   base={} if base is None else base, base_filter=base_filter)
 
     def apply_gradients(self, grads: PyTree) -> "TrainState":
         """One optimizer update; returns a new state and leaves `self` untouched."""
@@ -63,7 +71,7 @@ class TrainState(struct.PyTreeNode):
         `train=True` / `False` switches it to training / evaluation mode (`nnx.Module.train()` / `.eval()`:
         dropout on or off, BatchNorm batch or running statistics); None leaves the mode it was built with.
         """
-        module = nnx.merge(self.graphdef, self.params, self.model_state)
+        module = nnx.merge(self.graphdef, self.params, self.base, self.model_state)
         if train is True:
             module.train()
         elif train is False:
@@ -72,7 +80,7 @@ class TrainState(struct.PyTreeNode):
 
     def model_state_of(self, module: nnx.Module) -> PyTree:
         """`module`'s non-trainable variables as a pure dict, e.g. after a forward pass updated them."""
-        return split_model(module, self.trainable)[2]
+        return nnx.to_pure_dict(nnx.split(module, self.trainable, self.base_filter, ...)[3])
 
     def frozen_views(self) -> dict[str, Any]:
         """The frozen entries as the loss sees them: modules (in eval mode) or plain pytrees."""
@@ -86,8 +94,9 @@ class TrainState(struct.PyTreeNode):
         return views
 
     def checkpointed(self) -> "TrainState":
-        """The part of the state a checkpoint holds: frozen entries that are rebuilt on resume are left out."""
-        return self.replace(frozen={k: v for k, v in self.frozen.items() if k in self.frozen_checkpointed})
+        """The part of the state a checkpoint holds: the base and the frozen entries that are rebuilt on resume
+        are left out."""
+        return self.replace(frozen={k: v for k, v in self.frozen.items() if k in self.frozen_checkpointed}, base={})
 
     def step_rng(self) -> jax.Array:
         """A PRNG key unique to this step, reproducible after a resume."""
@@ -104,8 +113,8 @@ def split_model(model: nnx.Module, trainable: nnx.filterlib.Filter = nnx.Param
 def bind(module: nnx.Module, state: TrainState) -> nnx.Module:
     """Point `module`'s variables at `state`'s arrays (no copy), so a handed-out module shows the current state."""
     graph_state = nnx.state(module)
-    nnx.replace_by_pure_dict(graph_state, state.params)
-    nnx.replace_by_pure_dict(graph_state, state.model_state)
+    for part in (state.params, state.base, state.model_state):
+        nnx.replace_by_pure_dict(graph_state, part)
     nnx.update(module, graph_state)
     return module
 

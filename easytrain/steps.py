@@ -8,7 +8,7 @@ loss's count over the whole global batch. Metrics are `easytrain.metrics` values
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -127,6 +127,18 @@ def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn, schedule: op
     return new_state, metrics
 
 
-def eval_step(state: TrainState, batch: Batch, *, loss_fn: LossFn) -> Metrics:
-    """Metrics of one eval batch, the module in eval mode; padded rows must weigh nothing in the loss."""
-    return loss_metrics(loss_fn(state.model(train=False), batch, state.step_rng(), False, state.frozen_views()))
+def eval_step(state: TrainState, batch: Batch, *, loss_fn: LossFn,
+              metrics_fn: Callable[[Any, Batch], Metrics] | None = None) -> Metrics:
+    """Metrics of one eval batch, the module in eval mode; padded rows must weigh nothing in the loss.
+
+    `metrics_fn(predictions, batch)` adds metrics computed from the loss's `predictions` (on device).
+    """
+    out = loss_fn(state.model(train=False), batch, state.step_rng(), False, state.frozen_views())
+    metrics = loss_metrics(out)
+    if metrics_fn is not None:
+        extra = metrics_fn(out.predictions, batch)
+        if clashes := sorted(set(extra) & set(metrics)):
+            raise ValueError(f"compute_metrics returns {clashes}, which the loss already reports; rename them or "
+                             "drop them from eval_metrics.")
+        metrics.update(extra)
+    return metrics

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "dpo.py"
-SIDES = ("sft", "dpo_frozen", "dpo_precomputed")
+SIDES = ("sft", "dpo_frozen", "dpo_precomputed", "dpo_adapter_off_lora")
 
 
 def load():
@@ -23,7 +23,7 @@ def test_dpo_benchmark_smoke(tmp_path):
                                       num_key_value_heads=1, max_position_embeddings=64, vocab_size=64)))
     result = load().main(["--quick", "--model_config", str(config), "--max_length", "16", "--pairs", "2",
                           "--steps", "1", "--repeats", "2", "--warmup_steps", "1", "--naive_step",
-                          "--logps_shape", "2", "8", "512", "--logps_chunk_size", "128", "--out", str(out)])
+                          "--logps_shape", "2", "8", "512", "--logps_chunk_size", "128", "--lora_rank", "2", "--out", str(out)])
     assert json.loads(out.read_text()) == result
     assert result["vocab_size"] == 64 and result["params"] > 0
     assert result["sequences_per_step"] == 4 and result["tokens_per_step"] == 4 * 16
@@ -33,7 +33,7 @@ def test_dpo_benchmark_smoke(tmp_path):
             assert set(seconds) == {"median", "min", "max"} and all(v > 0 for v in seconds.values()), (side, seconds)
         assert result["first_step_seconds"][side] > 0
     for key in ("ratio_over_sft", "cpu_ratio_over_sft"):
-        for side in ("dpo_frozen", "dpo_precomputed"):
+        for side in SIDES[1:]:
             ratio = result[key][side]
             assert ratio["of_medians"] > 0 and ratio["of_minimums"] > 0, (key, side, ratio)
             assert all(v > 0 for v in ratio["per_repeat"].values()), (key, side, ratio)
@@ -50,9 +50,10 @@ def test_dpo_benchmark_smoke(tmp_path):
         step = memory["train_step"][side]
         assert step["argument"] > 0 and step["output"] > 0 and step["alias"] > 0 and step["temp"] >= 0, (side, step)
         assert step["step_peak_estimate"] >= step["argument"]
-    for key in ("state_bytes", "live_bytes_added_by_setup", "train_step"):
-        assert memory[key]["dpo_adapter_off_lora"] is None
-    assert "LoRA" in memory["dpo_adapter_off_lora_reason"]
+    lora = states["dpo_adapter_off_lora"]
+    assert lora["frozen"] == 0, "the adapter-off reference holds no weights of its own"
+    assert lora["base"] + lora["params"] < params + states["dpo_frozen"]["frozen"], "one copy of the base, not two"
+    assert lora["opt_state"] < states["dpo_frozen"]["opt_state"] / 4, "optimizer state for the adapters only"
     if result["platform"] == "cpu":
         assert memory["device_peak_bytes"] is None and memory["device_peak_note"]
 

@@ -42,6 +42,7 @@ def packed_sft(arguments, **kwargs):
 
 
 TEXT = dict(max_length=32, max_train_samples=64, max_eval_samples=20)
+LORA = dict(lora_rank=4, lora_dropout=0.1, lora_train_norms=True)  # adapters, a fully trained extra, RNG streams
 #: name -> (trainer factory, --task value, extra arguments)
 TRAINERS = {
     "BaseTrainer": lambda: (BaseTrainer, "lm", TEXT),
@@ -49,6 +50,9 @@ TRAINERS = {
     "SFTTrainer": lambda: (SFTTrainer, "sft", {**TEXT, "max_eval_samples": 8}),
     "SFTTrainer, packed": lambda: (packed_sft, "sft", {**TEXT, "max_eval_samples": 8}),
     "DPOTrainer": lambda: (DPOTrainer, "dpo", dict(max_length=16, max_train_samples=32, max_eval_samples=8)),
+    "SFTTrainer, LoRA": lambda: (SFTTrainer, "sft", {**TEXT, "max_eval_samples": 8, **LORA}),
+    "DPOTrainer, LoRA": lambda: (DPOTrainer, "dpo", dict(max_length=16, max_train_samples=32, max_eval_samples=8,
+                                                         lora_rank=4)),
 }
 
 

@@ -89,9 +89,10 @@ def test_block_line_numbers_point_into_the_page():
 
 def test_the_table_names_hooks_that_exist():
     table = DOC.read_text().split("## What to override for what")[1].split("\n## ")[0]
-    hooks = ["compute_loss", "collate", "count_tokens", "host_only_fields", "prepare_datasets", "configure_frozen",
-             "trainable", "create_module", "save_pretrained", "compile_step", "configure_functions",
-             "train_iteration", "configure_optimizer", "configure_schedule", "configure_mesh", "partition_rules"]
+    hooks = ["compute_loss", "collate", "count_tokens", "count_token_slots", "host_only_fields", "prepare_datasets",
+             "configure_frozen", "model_flops", "trainable", "create_module", "save_pretrained", "compile_step",
+             "configure_functions", "train_iteration", "configure_optimizer", "configure_schedule", "configure_mesh",
+             "partition_rules"]
     for hook in hooks:
         assert f"`{hook}" in table, hook
         assert hasattr(BaseTrainer, hook), f"the page documents BaseTrainer.{hook}, which does not exist"

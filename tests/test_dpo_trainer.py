@@ -11,6 +11,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from easytrain import TrainingArguments
 from easytrain.checkpoint import CheckpointManager
@@ -95,13 +96,17 @@ def test_pair_log_probs_do_not_depend_on_padding_or_batch_company(tmp_path):
     np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
-def run_layout(data, fsdp, tensor, accumulation, devices):
+def run_layout(data, fsdp, tensor, accumulation, devices, lora_rank=0, specs=False):
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "PYTHONPATH": str(ROOT)}
     result = subprocess.run([sys.executable, str(ROOT / "tests" / "workers" / "dpo_layout.py"),
-                             *map(str, (data, fsdp, tensor, accumulation))], capture_output=True, text=True,
+                             *map(str, (data, fsdp, tensor, accumulation, lora_rank))], capture_output=True, text=True,
                             env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    return np.asarray(json.loads(result.stdout.strip().splitlines()[-1]))
+    lines = result.stdout.strip().splitlines()
+    values = np.asarray(json.loads(lines[-1]))
+    if not specs:
+        return values
+    return {"values": values, "specs": json.loads(next(line for line in lines if line.startswith("SPECS "))[6:])}
 
 
 @pytest.mark.slow
@@ -110,6 +115,16 @@ def test_a_mesh_and_accumulation_give_the_full_batch_curve():
     assert not np.allclose(reference[0], reference[-1]), "the steps must move the model"
     for layout in [(2, 2, 2, 4, 8), (1, 1, 1, 4, 1)]:
         np.testing.assert_allclose(run_layout(*layout), reference, rtol=1e-4, atol=1e-5, err_msg=str(layout))
+
+
+@pytest.mark.slow
+def test_lora_dpo_on_fsdp_and_tensor_mesh_gives_the_one_device_curve_with_adapters_split_like_their_kernel():
+    reference = run_layout(1, 1, 1, 1, 1, lora_rank=4)
+    assert not np.allclose(reference[0], reference[-1]), "the steps must move the adapters"
+    layout = run_layout(2, 2, 2, 2, 8, lora_rank=4, specs=True)
+    np.testing.assert_allclose(layout["values"], reference, rtol=1e-4, atol=1e-5)
+    assert layout["specs"] == {"kernel": str(P("fsdp", "tensor")), "lora_a": str(P("fsdp", None)),
+                               "lora_b": str(P(None, "tensor")), "frozen": []}
 
 
 def test_tr_dpo_moves_the_reference_toward_the_policy_and_checkpoints_it(tmp_path):

@@ -34,6 +34,14 @@ def test_finetune_hf_model(tmp_path):
     assert (tmp_path / "export" / "model.safetensors.index.json").is_file()
 
 
+def test_lora_sft_trains_adapters_that_peft_applies_with_the_same_logits(tmp_path):
+    result = load("lora_sft").main(["--output_dir", str(tmp_path), "--max_steps", "30"])
+    assert result["peft_max_logit_difference"] <= 1e-4
+    assert result["eval_loss_after"] < result["eval_loss_before"] - 0.1, result
+    assert 0 < result["trained_parameters"] < result["frozen_base_parameters"] / 4
+    assert (tmp_path / "run" / "final_model" / "adapter" / "adapter_model.safetensors").is_file()
+
+
 def test_image_classifier_learns_far_above_chance(tmp_path):
     result = load("image_classifier").main(["--output_dir", str(tmp_path), "--max_steps", "150",
                                             "--train_size", "1024"])
@@ -42,6 +50,6 @@ def test_image_classifier_learns_far_above_chance(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["train_from_text_file", "custom_loss", "finetune_hf_model", "image_classifier",
-                                  "sft_arithmetic", "dpo_arithmetic"])
+                                  "sft_arithmetic", "dpo_arithmetic", "lora_sft"])
 def test_examples_document_how_to_run_them(name):
     assert f"python examples/{name}.py" in (EXAMPLES / f"{name}.py").read_text()

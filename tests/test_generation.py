@@ -233,3 +233,20 @@ def test_pad_prompts_layout():
 def test_bad_settings_name_the_field(model, kwargs, field):
     with pytest.raises(GenerationError, match=field):
         generate(model, np.array([[1, 2], [3, 4]]), **kwargs)
+
+
+def test_generation_runs_in_eval_mode_even_for_a_module_in_train_mode():
+    """Decoding is inference: dropout (here on LoRA adapters, p=0.5) must be off, whatever mode the module is
+    in, so greedy tokens equal those of the merged model, which has no dropout at all."""
+    from easytrain import lora
+
+    adapted = lora.apply_lora(init_model(tiny_config(initializer_range=0.2), seed=0),
+                              lora.LoRAConfig(rank=4, dropout=0.5), rngs=nnx.Rngs(0))
+    for module in lora.lora_modules(adapted).values():
+        module.lora_b[...] = 0.5 * jax.random.normal(jax.random.key(2), module.lora_b.shape)
+    adapted.train()
+    merged = lora.merge_lora(adapted)
+    merged.eval()
+    expected = np.array([naive_greedy(merged, p, 6) for p in PROMPTS])
+    ids_BL, mask_BL = pad_prompts(PROMPTS, PAD, side="left", multiple=16)
+    np.testing.assert_array_equal(generate(adapted, ids_BL, mask_BL, max_new_tokens=6), expected)

@@ -128,13 +128,13 @@ def multi_device_facts() -> dict:
     compiled = {}
     for spec in (P("fsdp", "tensor"), P("tensor", "fsdp"), P(None, "tensor"), P(("fsdp", "tensor"), None)):
         x = jax.device_put(big, NamedSharding(mesh, spec))
-        executable = integrity._digests.lower([x]).compile()
+        executable = integrity._digest.lower(x).compile()
         text = executable.as_text()
         compiled[str(spec)] = {
             "counts": {op: text.count(op) for op in COLLECTIVES},
             "temp_bytes": executable.memory_analysis().temp_size_in_bytes,
             "shard_bytes": x.addressable_shards[0].data.nbytes,
-            "input_sharding_kept": executable.input_shardings[0][0][0].is_equivalent_to(x.sharding, x.ndim),
+            "input_sharding_kept": executable.input_shardings[0][0].is_equivalent_to(x.sharding, x.ndim),
             "digest": integrity.fingerprint({"w": x})["w"],
         }
     damaged = big.copy()

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from easytrain import distributed, metrics as metrics_lib, placement, sharding, steps
+from easytrain import distributed, integrity, metrics as metrics_lib, placement, sharding, steps
 from easytrain.arguments import TrainingArguments
 from easytrain.callbacks import Callback, CallbackList
 from easytrain.checkpoint import CheckpointManager
@@ -33,7 +33,7 @@ from easytrain.models import from_pretrained
 from easytrain.optim import build_optimizer, build_schedule
 from easytrain.protocol import ConfiguredDataloaders, ConfiguredFunctions, ConfiguredModel
 from easytrain.state import TrainState, bind
-from easytrain.trainers import builders
+from easytrain.trainers import adapters, builders, init_weights
 from easytrain.trainers.language_model import LanguageModelHooks
 from easytrain.trainers.loop import LoopParts, TrainLoop
 from easytrain.trainers.resume import config_dict, restore_checkpoint, restore_step
@@ -50,7 +50,8 @@ class BaseTrainer(LanguageModelHooks):
         arguments: every knob of the run; defaults train the embedded arithmetic task.
         model: an NNX module to train instead of building one from `arguments`.
         tokenizer: a Hugging Face tokenizer; by default loaded from `arguments`.
-        dataset_train / dataset_eval: `datasets.Dataset`s of raw text (or a `DatasetDict`).
+        dataset_train: a `datasets.Dataset` of raw text (or a `DatasetDict`).
+        dataset_eval: the same, to evaluate on.
         callbacks: `Callback`s notified of train/step/log/evaluate/save events.
         evaluators: extra `Evaluator`s run by `evaluate()`; each returns a dict of metrics.
 
@@ -71,6 +72,7 @@ class BaseTrainer(LanguageModelHooks):
                  callbacks: Sequence[Callback] = (), evaluators: Sequence[Evaluator] = ()):
         self._arguments = arguments if arguments is not None else TrainingArguments()
         distributed.initialize(self._arguments)  # before any other JAX call
+        self.lora = adapters.run_config(self._arguments)  # a LoRAConfig when lora_rank > 0 or lora_adapter_path
         self._given_model = model
         self.tokenizer = tokenizer
         self._raw_train, self._raw_eval = dataset_train, dataset_eval
@@ -87,6 +89,7 @@ class BaseTrainer(LanguageModelHooks):
         self._schedule: optax.Schedule | None = None
         self._checkpoints: CheckpointManager | None = None
         self.model_config: Any = None
+        self.base_fingerprint: dict[str, list[int]] | None = None  # of the frozen base under LoRA
         self.resumed_data_state: dict[str, Any] | None = None
         self.loop: TrainLoop | None = None
 
@@ -162,6 +165,7 @@ class BaseTrainer(LanguageModelHooks):
         self._model = self.configure_model()
         self._state = self._model.state
         self._functions = self.configure_functions()
+        builders.check_eval_metrics(self._arguments, self.eval_metric_names(), self.evaluators)
         if self._arguments.save_pretrained_at_end and (problem := self.export_problem()):
             raise ArgumentError("save_pretrained_at_end", f"{problem}; pass --no_save_pretrained_at_end, or "
                                                           "override save_pretrained in your trainer.")
@@ -179,6 +183,7 @@ class BaseTrainer(LanguageModelHooks):
         loader = TrainBatches(self._dataset_train, args.train_batch_size, seed=args.seed, **hosts)
         evaluation = None if self._dataset_eval is None else EvalBatches(self._dataset_eval, args.eval_batch_size,
                                                                          **hosts)
+        self._eval_batches = functools.partial(EvalBatches, global_batch_size=args.eval_batch_size, **hosts)
         per_epoch = loader.steps_per_epoch
         total = args.max_steps if args.max_steps > 0 else per_epoch * args.num_train_epochs
         return ConfiguredDataloaders(loader, evaluation, per_epoch, total)
@@ -189,34 +194,69 @@ class BaseTrainer(LanguageModelHooks):
         EMA copy); sharded by the same rules, never differentiated. Default: none."""
         return {}
 
+    def adapt_module(self, module: nnx.Module) -> nnx.Module:
+        """Change the module before it is placed (eagerly, or under `nnx.eval_shape`); default: add the LoRA
+        adapters the `lora_*` arguments ask for (in place: a module passed as `model=` gets them too)."""
+        return adapters.adapt(module, self.lora, self._arguments.seed, self._arguments.lora_adapter_path)
+
     def configure_model(self) -> ConfiguredModel:
         """Create the train state directly on the mesh, or restore a resumed run's state straight into it."""
         args = self._arguments
         self._schedule = self.configure_schedule(self._data.total_steps)
         tx = self.configure_optimizer(self._schedule)
-        placed = dict(seed=args.seed, mesh=self.mesh, rules=self.partition_rules, trainable=self.trainable)
+        placed = dict(seed=args.seed, mesh=self.mesh, rules=self.partition_rules,
+                      **adapters.partition(self.lora, self.trainable))
         frozen = FrozenPlan(self.configure_frozen(), self.mesh, self.partition_rules,
                             resuming=self._resume_from is not None)
-        if self._resume_from is not None:  # never initialise (or load) weights only to overwrite them
-            module = self._given_model or placement.abstract_module(self.create_module)
-            target, shardings = placement.abstract_train_state(module, tx, **placed)
-            restored = restore_checkpoint(self._resume_from, self.run_info(), frozen.restore_target(target))
-            state, self.resumed_data_state = restored.state, restored.data_state
-            self.callbacks.load_state_dict(restored.callbacks_state)
-        else:
+        if self._resume_from is None:
             state, shardings = self._place_module(tx, placed)
+        else:
+            state, shardings = self._restore(tx, placed, frozen)
         state, shardings = frozen.attach_to(state, shardings)
         module = self._given_model if self._given_model is not None else state.model()
         return ConfiguredModel(bind(module, state), state, shardings, self.mesh)
 
     def _place_module(self, tx: optax.GradientTransformation, placed: dict[str, Any]) -> tuple[TrainState, Any]:
         if self._given_model is not None:  # copied: the step donates its buffers, the caller keeps theirs
-            return placement.place_module(self._given_model, tx, **placed)
-        if self._arguments.model_name_or_path:  # streamed tensor by tensor straight into the training layout
+            state, shardings = placement.place_module(self.adapt_module(self._given_model), tx, **placed)
+        elif self._arguments.model_name_or_path:  # streamed tensor by tensor straight into the training layout
             module = from_pretrained(self._arguments.model_name_or_path, dtype=self.dtype,
                                      param_dtype=self.param_dtype, mesh=self.mesh, rules=self.partition_rules)
-            return placement.place_module(module, tx, copy=False, **placed)
-        return placement.create_state(self.create_module, tx, **placed)
+            state, shardings = placement.place_module(self.adapt_module(module), tx, copy=False, **placed)
+        else:
+            state, shardings = placement.create_state(lambda: self.adapt_module(self.create_module()), tx, **placed)
+        if self._arguments.init_weights_from:
+            state = self._initial_weights(state, shardings)
+        if state.base:  # what a resume must find again before it restores the adapters
+            self.base_fingerprint = integrity.fingerprint(state.base)
+        return state, shardings
+
+    def _initial_weights(self, state: TrainState, shardings: TrainState) -> TrainState:
+        """`init_weights_from`'s variables in place of the fresh ones (new LoRA adapters, and a base already
+        loaded from `model_name_or_path`, may stay as they are)."""
+        load = functools.partial(from_pretrained, dtype=self.dtype, param_dtype=self.param_dtype, mesh=self.mesh,
+                                 rules=self.partition_rules)
+        keeps = lambda path, part: (self.lora is not None and path[-1] in ("lora_a", "lora_b")) or (
+            part == "base" and bool(self._arguments.model_name_or_path))
+        return init_weights.initialise_from(self._arguments.init_weights_from, state, shardings,
+                                            load_pretrained=load, fresh_ok=keeps)
+
+    def _restore(self, tx: optax.GradientTransformation, placed: dict[str, Any],
+                 frozen: FrozenPlan) -> tuple[TrainState, Any]:
+        """The resumed state, restored straight into its layout: full weights are never initialised (or loaded)
+        only to be overwritten; a LoRA base is not in the checkpoint, so it is placed (and checked) first."""
+        if self.lora is None:
+            module = (self.adapt_module(self._given_model) if self._given_model is not None
+                      else placement.abstract_module(lambda: self.adapt_module(self.create_module())))
+            target, shardings = placement.abstract_train_state(module, tx, **placed)
+            base = {}
+        else:
+            fresh, shardings = self._place_module(tx, placed)
+            target, base = placement.abstract_state(shardings, fresh), fresh.base
+        restored = restore_checkpoint(self._resume_from, self.run_info(), frozen.restore_target(target).checkpointed())
+        self.resumed_data_state = restored.data_state
+        self.callbacks.load_state_dict(restored.callbacks_state)
+        return restored.state.replace(base=base), shardings
 
     def configure_schedule(self, total_steps: int) -> optax.Schedule:
         return build_schedule(self._arguments, total_steps)
@@ -241,7 +281,7 @@ class BaseTrainer(LanguageModelHooks):
         train = functools.partial(steps.train_step, loss_fn=self.compute_loss, schedule=self._schedule,
                                   num_micro=args.gradient_accumulation_steps,
                                   skip_non_finite=args.non_finite_policy != "ignore")
-        evaluate = functools.partial(steps.eval_step, loss_fn=self.compute_loss)
+        evaluate = functools.partial(steps.eval_step, loss_fn=self.compute_loss, metrics_fn=self.compute_metrics)
         return ConfiguredFunctions(train_step=self.compile_step(train, donate_state=True, returns_state=True),
                                    eval_step=self.compile_step(evaluate))
 
@@ -268,28 +308,41 @@ class BaseTrainer(LanguageModelHooks):
         """The collaborators the loop runs with."""
         return LoopParts(
             arguments=self._arguments, data=self._data, iteration=self.train_iteration, to_device=self.to_global,
-            count_tokens=self.count_tokens, publish=functools.partial(setattr, self, "_state"),
+            count_tokens=self.count_tokens, count_token_slots=self.count_token_slots, model_flops=self.model_flops,
+            publish=functools.partial(setattr, self, "_state"),
             checkpoints=self.checkpoint_manager(), run_info=self.run_info, evaluate=self.evaluate,
             export=self.save_pretrained,
             restore_best=functools.partial(restore_step, self.checkpoint_manager(), self._model.state_shardings), callbacks=self.callbacks, owner=self,
             is_main_process=self.is_main_process)
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, dataset: Any = None) -> dict[str, float]:
         """Every eval metric over the whole eval set (`eval_` prefixed), plus the evaluators'.
 
-        Results do not depend on the eval batch size: metrics are merged on device and divided once.
+        Results do not depend on the eval batch size: metrics are merged on device and divided once. With
+        `dataset` (raw examples, like the configured eval set's), that set instead, prepared by
+        `prepare_eval_dataset`; evaluators (generation metrics) run on the configured set only.
         """
         self.setup()
         metrics: dict[str, float] = {}
-        if self._data.eval is not None:
+        batches = self._data.eval if dataset is None else self._eval_batches(self.prepare_eval_dataset(dataset))
+        if batches is not None:
             merged = None
-            for batch in self._data.eval:
+            for batch in batches:
                 values = self._functions.eval_step(self._state, self.to_global(batch))
                 merged = values if merged is None else metrics_lib.merge_all(merged, values)
             metrics = metrics_lib.reduce_window([metrics_lib.fetch(merged)], prefix="eval_")
-        for evaluator in self.evaluators:
+        for evaluator in self.evaluators if dataset is None else ():
             metrics.update(evaluator(self))
         return metrics
+
+    def eval_metric_names(self) -> set[str]:
+        """The `eval_`-prefixed names the eval step returns, from tracing it on the first eval batch (no compute)."""
+        if self._data.eval is None:
+            return set()
+        batch_sh, hosts = sharding.batch_sharding(self.mesh), jax.process_count()
+        batch = {key: jax.ShapeDtypeStruct((value.shape[0] * hosts, *value.shape[1:]), value.dtype, sharding=batch_sh)
+                 for key, value in next(iter(self._data.eval)).items() if key not in self.host_only_fields}
+        return {f"eval_{name}" for name in jax.eval_shape(self._functions.eval_step, self._state, batch)}
 
     def to_global(self, host_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
         """One global array per field from this host's rows (no copy of other hosts' data); the
@@ -305,8 +358,9 @@ class BaseTrainer(LanguageModelHooks):
 
     def run_info(self) -> dict[str, Any]:
         """Everything besides arrays that a checkpoint must carry to be resumed or audited."""
-        return {"format_version": FORMAT_VERSION, "arguments": self._arguments.to_dict(),
+        info = {"format_version": FORMAT_VERSION, "arguments": self._arguments.to_dict(),
                 "model_config": config_dict(self.model_config)}
+        return info if self.base_fingerprint is None else {**info, "base_fingerprint": self.base_fingerprint}
 
     def save_arguments(self) -> Path | None:
         return save_arguments(self._arguments, self._arguments.output_dir) if self.is_main_process else None

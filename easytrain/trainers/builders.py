@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import datasets
 import transformers
@@ -95,20 +95,40 @@ def _truncate(dataset: datasets.Dataset, limit: int | None) -> datasets.Dataset:
     return dataset if limit is None else dataset.select(range(min(limit, len(dataset))))
 
 
+def check_eval_metrics(args: TrainingArguments, device_names: set[str], evaluators: Sequence[Any]) -> None:
+    """Before any compute: `eval_metrics` asks only for what this run can compute, and `metric_for_best_model`
+    names a metric evaluation produces (when every evaluator says what it returns)."""
+    declared = [getattr(evaluator, "metric_names", None) for evaluator in evaluators]
+    known = None if any(names is None for names in declared) else device_names.union(*map(set, declared))
+    generated = {name for names in declared for name in (names or ())}
+    if args.eval_metrics and "exact_match" in args.eval_metrics and "eval_exact_match" not in generated \
+            and known is not None:
+        raise ArgumentError("eval_metrics", "exact_match needs held-out prompts with reference answers, which this "
+                                            "run does not have (the embedded arithmetic data and SFT validation "
+                                            "conversations do); drop it, or pass an evaluator.")
+    metric = args.metric_for_best_model
+    if metric and known is not None and metric not in known | {"eval_loss"}:
+        raise ArgumentError("metric_for_best_model", f"{metric!r} is not a metric this run's evaluation produces; "
+                                                     f"choose from {', '.join(sorted(known | {'eval_loss'}))}.")
+
+
+def lm_eval_blocks(args: TrainingArguments, tokenizer: Any, split: datasets.Dataset,
+                   limit: int | None = None) -> datasets.Dataset:
+    """One split tokenised and grouped into `max_length + 1`-token blocks, numpy-formatted."""
+    if is_pretokenized(split, args):
+        return _truncate(check_block_length(split, args), limit).with_format("numpy")
+    grouped = tokenize_and_group(split, tokenizer, text_column=args.text_column, max_length=args.max_length,
+                                 num_proc=args.preprocessing_num_workers)
+    return _truncate(grouped, limit).with_format("numpy")
+
+
 def lm_blocks(args: TrainingArguments, tokenizer: Any, splits: datasets.DatasetDict
               ) -> tuple[datasets.Dataset, datasets.Dataset | None]:
     """Tokenise and group each split into `max_length + 1`-token blocks, as numpy-formatted datasets."""
-
-    def blocks(split: datasets.Dataset, limit: int | None) -> datasets.Dataset:
-        if is_pretokenized(split, args):
-            return _truncate(check_block_length(split, args), limit).with_format("numpy")
-        grouped = tokenize_and_group(split, tokenizer, text_column=args.text_column, max_length=args.max_length,
-                                     num_proc=args.preprocessing_num_workers)
-        return _truncate(grouped, limit).with_format("numpy")
-
-    train = blocks(splits["train"], args.max_train_samples)
+    train = lm_eval_blocks(args, tokenizer, splits["train"], args.max_train_samples)
     eval_split = splits.get("validation")
-    return train, (blocks(eval_split, args.max_eval_samples) if eval_split is not None else None)
+    return train, (lm_eval_blocks(args, tokenizer, eval_split, args.max_eval_samples) if eval_split is not None
+                   else None)
 
 
 def is_pretokenized(split: datasets.Dataset, args: TrainingArguments) -> bool:

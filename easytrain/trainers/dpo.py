@@ -26,6 +26,7 @@ from easytrain.data.paired_batches import PairedCollate, pair_rows
 from easytrain.data.preference_data import PreferenceDataOptions, tokenize_preference_dataset
 from easytrain.errors import ArgumentError
 from easytrain.frozen import Frozen
+from easytrain.lora import adapters_disabled
 from easytrain.losses import LossOutput
 from easytrain.metrics import Mean, mean_over
 from easytrain.models import from_pretrained
@@ -93,7 +94,8 @@ class DPOTrainer(BaseTrainer):
     """Preference optimisation. Without a dataset it trains on generated arithmetic pairs (right vs. near-miss).
 
     Args:
-        arguments / dpo_arguments: the run and the preference options.
+        arguments: the run.
+        dpo_arguments: the preference options.
         formatting_func: maps a raw example to `prompt`/`chosen`/`rejected` form.
         **kwargs: as for `BaseTrainer`.
     """
@@ -105,6 +107,7 @@ class DPOTrainer(BaseTrainer):
         self.data_stats: dict[str, dict[str, float]] = {}
         self.reference_logps_cached: dict[str, bool] = {}  # split -> read from the cache (not recomputed)
         super().__init__(arguments, **kwargs)
+        self._check_lora_reference()
 
     # ------------------------------------------------------------------ data
     def prepare_datasets(self) -> tuple[RowSource, RowSource | None]:
@@ -134,6 +137,17 @@ class DPOTrainer(BaseTrainer):
         for name, stats in self.data_stats.items():
             logger.info("DPO %s pairs: %s", name, ", ".join(f"{k}={v}" for k, v in stats.items()))
         return rows["train"], rows.get("validation")
+
+    def prepare_eval_dataset(self, dataset: Any) -> RowSource:
+        """Another eval set's pairs, tokenised as the configured one's (with precomputed reference log-probs
+        when the run uses them)."""
+        options = PreferenceDataOptions(max_length=self.arguments.max_length + 1,
+                                        max_prompt_length=self.dpo.max_prompt_length)
+        rows, _ = tokenize_preference_dataset(dataset, self.tokenizer, options, formatting_func=self.formatting_func,
+                                              num_proc=self.arguments.preprocessing_num_workers)
+        if self.dpo.precompute_ref_log_probs and self.dpo.needs_reference:
+            rows = self._with_reference_logps("evaluate", rows)
+        return rows
 
     def _with_reference_logps(self, name: str, rows: Any) -> Any:
         settings = {"max_length": self.arguments.max_length, "chunk": self.dpo.logps_chunk_size}
@@ -166,10 +180,26 @@ class DPOTrainer(BaseTrainer):
                                           rules=self.partition_rules), checkpoint=moving, copy=False)
         return Frozen(self._given_model if self._given_model is not None else self.create_module, checkpoint=moving)
 
+    @property
+    def reference_is_base(self) -> bool:
+        """Under LoRA, the default reference is the policy with its adapters off: no second copy of the weights."""
+        return (self.lora is not None and self.dpo.needs_reference and not self.dpo.precompute_ref_log_probs
+                and not self.dpo.ref_model_name_or_path)
+
     def configure_frozen(self) -> Mapping[str, Frozen]:
-        if not self.dpo.needs_reference or self.dpo.precompute_ref_log_probs:
+        if not self.dpo.needs_reference or self.dpo.precompute_ref_log_probs or self.reference_is_base:
             return {}  # no reference parameters in device memory
         return {"reference": self.reference()}
+
+    def _check_lora_reference(self) -> None:
+        """An adapter-off reference equals the initial policy only when nothing but the adapters trains."""
+        if self.lora is not None and self.dpo.sync_ref_model:
+            raise ArgumentError("sync_ref_model", "TR-DPO mixes the trained weights into a reference copy; under "
+                                                  "LoRA only adapters train. Drop sync_ref_model or lora_rank.")
+        if self.reference_is_base and (self.lora.train_embeddings or self.lora.train_norms):
+            raise ArgumentError("lora_train_embeddings" if self.lora.train_embeddings else "lora_train_norms",
+                                "the adapter-off reference would move with the fully trained embeddings/norms; "
+                                "pass --precompute_ref_log_probs or --ref_model_name_or_path for a fixed reference.")
 
     # ------------------------------------------------------------------ the objective
     def pair_logps(self, model: nnx.Module, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -188,6 +218,9 @@ class DPOTrainer(BaseTrainer):
         policy_B2, lengths_B2, logits_B2 = self.pair_logps(model, batch)
         if "ref_logps" in batch:
             reference_B2 = batch["ref_logps"]
+        elif self.reference_is_base:
+            with adapters_disabled(model):
+                reference_B2 = jax.lax.stop_gradient(self.pair_logps(model, batch)[0])
         elif "reference" in frozen:
             reference_B2 = jax.lax.stop_gradient(self.pair_logps(frozen["reference"], batch)[0])
         else:  # reference-free losses: rewards are beta * policy log-probs, as TRL reports them

@@ -14,11 +14,16 @@ import jax
 import numpy as np
 from flax import nnx
 
+from easytrain import flops, throughput
 from easytrain.data import RowSource, lm_collate_rows
 from easytrain.evaluators import arithmetic_exact_match
+from easytrain import eval_metrics
+from easytrain.errors import ArgumentError
+from easytrain.eval_metrics import Predictions
 from easytrain.losses import Batch, LossOutput, causal_lm_loss
-from easytrain.models import LlamaForCausalLM, save_pretrained
-from easytrain.trainers import builders
+from easytrain.metrics import Metric
+from easytrain.models import SUPPORTED_MODEL_TYPES, LlamaForCausalLM, save_pretrained
+from easytrain.trainers import adapters, builders
 from easytrain.trainers.resume import config_dict
 
 
@@ -35,7 +40,7 @@ class LanguageModelHooks:
             else builders.build_model_config(args, self.tokenizer)
         builders.check_max_length(args, self.model_config)
         splits = builders.raw_datasets(args, self._raw_train, self._raw_eval)
-        if embedded and not self.evaluators and "validation" in splits:
+        if embedded and not self.evaluators and "validation" in splits and self.wants_metric("exact_match"):
             self.evaluators.append(arithmetic_exact_match(splits["validation"], self.tokenizer))
         return builders.lm_blocks(args, self.tokenizer, splits)
 
@@ -47,6 +52,20 @@ class LanguageModelHooks:
     def count_tokens(self, batch: Mapping[str, np.ndarray]) -> int:
         """Tokens in this process's host batch, for `tokens_per_second` (0: not a token model)."""
         return int(np.size(batch["input_ids"])) if "input_ids" in batch else 0
+
+    def count_token_slots(self, batch: Mapping[str, np.ndarray]) -> tuple[int, int]:
+        """(real tokens, token slots) in this process's host batch, for `padding_efficiency`; real means
+        attended or supervised. (0, 0): not a token model, nothing logged."""
+        return throughput.token_slots(batch)
+
+    def model_flops(self, batch: Mapping[str, np.ndarray]) -> float:
+        """Model FLOPs of one training step on this process's host batch, for `mfu` (0: unknown, not
+        logged). Default: the Llama-family count (`easytrain.flops`) over every token slot, padding
+        included (padding is computed too; `padding_efficiency` says how much of it is useful)."""
+        if "input_ids" not in batch or getattr(self.model_config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+            return 0.0
+        ids = np.asarray(batch["input_ids"])
+        return float(flops.training_flops_per_token(self.model_config, ids.shape[-1]) * ids.size)
 
     def create_module(self) -> nnx.Module:
         """A freshly initialised module of the configured architecture. Runs under `jax.jit` (sharded init)
@@ -64,6 +83,26 @@ class LanguageModelHooks:
         """
         return causal_lm_loss(model, batch, rng, train, frozen)
 
+    def compute_metrics(self, predictions: Predictions | None, batch: Batch) -> dict[str, Metric]:
+        """Evaluation metrics from the loss's `predictions`, traced inside the eval step (never gathered to the
+        host); each says how it reduces (`easytrain.metrics`). Default: the on-device metrics `eval_metrics`
+        names (`easytrain.eval_metrics`). Override to add your own; reported as `eval_<name>`."""
+        requested = self._arguments.eval_metrics
+        try:
+            return eval_metrics.on_device_metrics(tuple(requested or eval_metrics.DEFAULT), predictions,
+                                                  requested=requested is not None)
+        except ValueError as error:
+            raise ArgumentError("eval_metrics", str(error)) from None
+
+    def wants_metric(self, name: str) -> bool:
+        """Whether `eval_metrics` asks for `name` (unset: every metric the trainer can compute)."""
+        return self._arguments.eval_metrics is None or name in self._arguments.eval_metrics
+
+    def prepare_eval_dataset(self, dataset: Any) -> RowSource:
+        """Rows of another evaluation set for `evaluate(dataset)`: raw examples (a `datasets.Dataset`) prepared
+        as the configured eval set is. Default: text tokenised into blocks."""
+        return builders.lm_eval_blocks(self._arguments, self.tokenizer, dataset)
+
     def export_problem(self) -> str | None:
         """Why `save_pretrained` cannot export this run, or None; asked before training starts."""
         if type(self).save_pretrained is LanguageModelHooks.save_pretrained and config_dict(self.model_config) is None:
@@ -71,10 +110,15 @@ class LanguageModelHooks:
         return None
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write config.json, model.safetensors and the tokenizer in Hugging Face layout."""
+        """Write config.json, model.safetensors and the tokenizer in Hugging Face layout; under LoRA, as
+        `lora_export` says: the merged model, and/or a PEFT adapter in `directory/adapter`."""
         self.setup()
         if self._checkpoints is not None:
             self._checkpoints.wait_until_finished()
         directory = Path(directory)  # every process takes part (gathers); only process 0 writes
+        if self.lora is not None:
+            return adapters.export(directory, self.model, self.lora, how=self.arguments.lora_export,
+                                   model_config=self.model_config, tokenizer=self.tokenizer,
+                                   base_model_name_or_path=self.arguments.model_name_or_path)
         save_pretrained(directory, self.model, self.model_config, tokenizer=self.tokenizer)
         return directory

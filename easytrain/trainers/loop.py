@@ -7,15 +7,16 @@ class and no batch field by name.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import jax
 
-from easytrain import metrics as metrics_lib
+from easytrain import flops, metrics as metrics_lib, throughput
 from easytrain.arguments import TrainingArguments
 from easytrain.callbacks import CallbackList
 from easytrain.checkpoint import CheckpointManager
@@ -45,7 +46,8 @@ class LoopParts:
     `iteration(state, device_batch) -> (state, metrics)` is one iteration (by default one compiled
     train step; a subclass may run several updates per batch). `publish(state)` hands the newest state
     to its owner after every iteration, so callbacks and evaluators see it. `owner` is passed to the
-    callbacks, which may set `owner.should_stop`.
+    callbacks, which may set `owner.should_stop`. `count_tokens`, `count_token_slots` and `model_flops`
+    read each host batch for the throughput logs (`easytrain.throughput`).
     """
 
     arguments: TrainingArguments
@@ -62,6 +64,8 @@ class LoopParts:
     callbacks: CallbackList
     owner: Any
     is_main_process: bool
+    count_token_slots: Callable[[HostBatch], tuple[int, int]] = lambda batch: (0, 0)
+    model_flops: Callable[[HostBatch], float] = lambda batch: 0.0
 
 
 class TrainLoop:
@@ -71,7 +75,7 @@ class TrainLoop:
         self.parts = parts
         self.args = parts.arguments
         self.data = parts.data
-        self.pending: list[tuple[int, dict[str, Any], Any, int]] = []
+        self.pending: list[tuple[int, dict[str, Any], Any, throughput.BatchCounts]] = []
         self.last_eval: dict[str, float] = {}
         self.last_eval_step = -1
         self.last_logs: dict[str, float] = {}
@@ -113,18 +117,40 @@ class TrainLoop:
             batch = next(self.iterator)
             metrics = self.dispatch(parts.to_device(batch))
             step += 1
-            self.pending.append((step, metrics, batch.get("example_id"), parts.count_tokens(batch)))
+            self.pending.append((step, metrics, batch.get("example_id"), self.count(batch)))
             self.reporter.advance(step)
             if step % args.logging_steps == 0 or step == data.total_steps:
                 self.log(step)
             if is_due(step, args.eval_strategy, args.eval_steps, data.steps_per_epoch):
-                self.evaluate(step)
+                with self.off_the_clock():
+                    self.evaluate(step)
             if is_due(step, args.save_strategy, args.save_steps, data.steps_per_epoch):
-                self.save(step)
+                with self.off_the_clock():
+                    self.save(step)
             parts.callbacks.on_step_end(parts.owner, step)
             if self.preemption.should_stop(step):
                 self.stop_for_signal(step)
         return step
+
+    def count(self, batch: HostBatch) -> throughput.BatchCounts:
+        """Host-side counts of this step's batch for the throughput logs (no device values read)."""
+        parts = self.parts
+        return throughput.BatchCounts(parts.count_tokens(batch), *parts.count_token_slots(batch),
+                                      parts.model_flops(batch))
+
+    @contextlib.contextmanager
+    def off_the_clock(self) -> Iterator[None]:
+        """Evaluation and checkpointing inside a logging window do not count toward its step time.
+
+        Waits for the dispatched steps first (the evaluation or save would wait for them anyway), so
+        their compute stays on the window's clock.
+        """
+        jax.block_until_ready(self.state)
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.window_start += time.perf_counter() - started
 
     def dispatch(self, global_batch: Mapping[str, jax.Array]) -> dict[str, Any]:
         """Launch one iteration asynchronously; the first call also compiles (timed separately)."""
@@ -201,13 +227,14 @@ class TrainLoop:
         fetched = metrics_lib.fetch([metrics for _, metrics, _, _ in self.pending])
         elapsed = max(time.perf_counter() - self.window_start, 1e-9)
         logs = metrics_lib.reduce_window(fetched)
-        tokens = sum(count for _, _, _, count in self.pending) * jax.process_count()
-        if tokens:
-            logs["tokens_per_second"] = tokens / elapsed
-        logs["samples_per_second"] = len(self.pending) * self.args.train_batch_size / elapsed  # rows (packed or not)
+        logs.update(throughput.window_logs([counts for *_, counts in self.pending], seconds=elapsed,
+                                           rows_per_step=self.args.train_batch_size,
+                                           process_count=jax.process_count(), peak=flops.hardware_peak))
         logs["epoch"] = step / self.data.steps_per_epoch
         if not self.compile_logged:
             logs["compile_seconds"], self.compile_logged = self.compile_seconds, True
+            if "mfu" in logs:
+                logs["peak_flops"] = flops.hardware_peak().flops_per_second
         self.check_finite(step, fetched)
         self.pending = []
         self.last_logs = logs

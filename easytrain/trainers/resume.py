@@ -11,6 +11,7 @@ import jax
 
 from easytrain.checkpoint import CheckpointManager, CheckpointMismatchError
 from easytrain.errors import ArgumentError, CheckpointReadError
+from easytrain.trainers.adapters import check_base
 
 logger = logging.getLogger("easytrain")
 
@@ -20,6 +21,9 @@ DATA_ORDER_FIELDS = ("seed", "train_batch_size", "dataset_name", "dataset_config
 # Changing these is allowed (e.g. training longer) but bends the learning-rate curve from the restored step on.
 SCHEDULE_FIELDS = ("max_steps", "num_train_epochs", "learning_rate", "lr_scheduler_type", "warmup_ratio",
                    "warmup_steps")
+# What the adapters are: a change would not fit (or not mean the same on) the checkpoint's adapters.
+LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_train_embeddings",
+               "lora_train_norms", "lora_use_rslora")
 # Architecture keys compared between the checkpoint and the model about to be trained.
 ARCHITECTURE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings")
@@ -50,6 +54,11 @@ def check_resumable(run_info: dict[str, Any], current: dict[str, Any]) -> list[s
             raise ArgumentError("model_config", "the checkpoint was trained with a different architecture ("
                                 + "; ".join(diffs) + "). Resume with the same model, or start a new output_dir.")
     stored_args, current_args = run_info.get("arguments") or {}, current["arguments"]
+    if lora_diffs := _differences(stored_args, current_args, tuple(k for k in LORA_FIELDS if k in stored_args)):
+        raise ArgumentError(lora_diffs[0].split(":")[0], "the checkpoint's adapters were trained with other LoRA "
+                            "settings (" + "; ".join(lora_diffs) + "). Resume with the same lora_* arguments, or "
+                            "start a new output_dir.")
+    check_base(run_info, current)
     if schedule_diffs := _differences(stored_args, current_args, SCHEDULE_FIELDS):
         logger.warning("resuming with a different learning-rate schedule (%s): from the restored step on, the "
                        "curve differs from the one the checkpointed run would have followed", "; ".join(schedule_diffs))
@@ -112,4 +121,4 @@ def restore_step(manager: CheckpointManager, shardings: Any, step: int, current:
     rather than checkpointed (`load_best_model_at_end`)."""
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), current, shardings)
     restored, _, _ = manager.restore(step, abstract_state=target.checkpointed())
-    return restored.replace(frozen={**current.frozen, **restored.frozen})
+    return restored.replace(frozen={**current.frozen, **restored.frozen}, base=current.base)

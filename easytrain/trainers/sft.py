@@ -65,7 +65,8 @@ class SFTTrainer(BaseTrainer):
     """Supervised fine-tuning. Without a dataset it trains the embedded arithmetic task as conversations.
 
     Args:
-        arguments / sft_arguments: the run and the SFT options.
+        arguments: the run.
+        sft_arguments: the SFT options.
         formatting_func: maps a raw example to text, prompt-completion or messages form.
         compute_metrics: `(predictions, references) -> metrics` on generated completions (with
             `generation_eval_samples > 0`).
@@ -100,7 +101,7 @@ class SFTTrainer(BaseTrainer):
                                                                                                 len(split)))))
                 for name, split in splits.items() if name in limits}
         samples = min(sft.generation_eval_samples or (256 if embedded else 0), args.max_eval_samples or 1 << 30)
-        if samples and "validation" in splits:
+        if samples and "validation" in splits and self.wants_metric("exact_match"):
             validation = splits["validation"]
             if self.formatting_func is not None:  # the prompts come from the same formatted examples
                 validation = validation.map(self.formatting_func, remove_columns=validation.column_names)
@@ -109,6 +110,10 @@ class SFTTrainer(BaseTrainer):
                                                      compute_metrics=self.compute_metrics))
         self._report_data_stats()
         return rows["train"], rows.get("validation")
+
+    def prepare_eval_dataset(self, dataset: Any) -> RowSource:
+        """Another eval set's examples, tokenised (and packed) as the configured one's."""
+        return self._rows("evaluate", dataset)
 
     def _rows(self, name: str, split: Any) -> RowSource:
         """Tokenised (and packed) rows of one split; what was counted goes to `data_stats`."""

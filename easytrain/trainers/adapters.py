@@ -1,0 +1,101 @@
+"""LoRA in a trainer run: which variables train, what stays a frozen base, and how the result is exported.
+
+`BaseTrainer` asks this module three things when `lora_rank > 0`: how to split the module's variables
+(adapters train, the base weights are neither differentiated nor checkpointed), how to add the adapters
+(`adapt`), and how to write the trained model (`export`: merged Hugging Face weights, a PEFT adapter,
+or both). Without LoRA every function here is the identity of the full fine-tuning path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+from flax import nnx
+
+from easytrain import lora
+from easytrain.errors import ArgumentError
+from easytrain.lora_config import LoRAConfig, LoRAConfigError, as_argument_error, from_arguments
+from easytrain.models import save_pretrained
+from easytrain.models.peft_io import load_peft_adapter, read_peft_config, save_peft_adapter
+
+#: Subdirectory of an export that holds the PEFT adapter (a merged export next to it stays loadable by
+#: `transformers` without PEFT taking over: it treats a directory with `adapter_config.json` as an adapter).
+ADAPTER_DIRNAME = "adapter"
+
+
+def run_config(args: Any) -> LoRAConfig | None:
+    """The run's `LoRAConfig`: from `lora_adapter_path`'s adapter_config.json when set, else from the `lora_*`
+    arguments (None when `lora_rank` is 0)."""
+    if not args.lora_adapter_path:
+        return from_arguments(args)
+    config, _ = read_peft_config(args.lora_adapter_path)
+    if args.lora_rank not in (0, config.rank):
+        raise ArgumentError("lora_rank", f"is {args.lora_rank} but the adapter in lora_adapter_path has rank "
+                                         f"{config.rank}; drop --lora_rank (the adapter decides it).")
+    return config
+
+
+def partition(config: LoRAConfig | None, trainable: nnx.filterlib.Filter) -> dict[str, nnx.filterlib.Filter]:
+    """`trainable` and `base` filters for `placement`: under LoRA the adapters (and what the config also
+    trains) get gradients and every other parameter is the frozen base; otherwise nothing is a base."""
+    if config is None:
+        return {"trainable": trainable, "base": nnx.Nothing}
+    return {"trainable": lora.lora_trainable(config), "base": nnx.Param}
+
+
+def adapt(module: nnx.Module, config: LoRAConfig | None, seed: int, adapter_path: str | None = None) -> nnx.Module:
+    """`module` with the adapters `config` asks for (in place), named after the `lora_*` arguments on error;
+    with `adapter_path`, the adapters (and values) of that PEFT adapter directory."""
+    if config is None:
+        return module
+    if adapter_path:
+        if not _concrete(module):  # built inside `jax.jit` / `nnx.eval_shape` from random initialisers
+            raise ArgumentError("lora_adapter_path", "needs pretrained base weights: set model_name_or_path (or "
+                                                     "pass model=) to the base model the adapter was trained on.")
+        return load_peft_adapter(adapter_path, module, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+    try:
+        return lora.apply_lora(module, config, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+    except LoRAConfigError as error:
+        raise as_argument_error(error) from None
+
+
+def _concrete(module: nnx.Module) -> bool:
+    return all(isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer)
+               for leaf in jax.tree.leaves(nnx.state(module)))
+
+
+def check_base(stored: Mapping[str, Any], current: Mapping[str, Any]) -> None:
+    """Refuse to put a checkpoint's adapters onto a base other than the one they were trained on.
+
+    `stored` / `current` are run infos; `base_fingerprint` maps each frozen base tensor to its digest.
+    """
+    expected, actual = stored.get("base_fingerprint"), current.get("base_fingerprint")
+    if expected is None and actual is None:
+        return
+    if expected is None or actual is None:
+        had = "adapters on a frozen base" if expected is not None else "the full model"
+        raise ArgumentError("lora_rank", f"the checkpoint trained {had}, this run would train "
+                                         f"{'the full model' if expected is not None else 'adapters'}. Resume "
+                                         "with the checkpoint's lora_rank, or start a new output_dir.")
+    changed = sorted(name for name in expected.keys() | actual.keys() if expected.get(name) != actual.get(name))
+    if changed:
+        shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+        raise ArgumentError("model_name_or_path", f"the base model differs from the one the checkpoint's adapters "
+                                                  f"were trained on ({len(changed)} tensor(s) differ: {shown}). "
+                                                  "Resume over the same base weights, or start a new output_dir.")
+
+
+def export(directory: Path, model: nnx.Module, config: LoRAConfig, *, how: str, model_config: Any,
+           tokenizer: Any = None, base_model_name_or_path: str | None = None) -> Path:
+    """Write an adapted model: `how="merged"` (Hugging Face weights with the adapters folded in) into
+    `directory`, `"adapter"` (PEFT's format) into `directory/adapter`, or `"both"`."""
+    if how in ("merged", "both"):
+        save_pretrained(directory, lora.merge_lora(model), model_config, tokenizer=tokenizer)
+    if how in ("adapter", "both"):
+        adapter_dir = save_peft_adapter(directory / ADAPTER_DIRNAME, model, config,
+                                        base_model_name_or_path=base_model_name_or_path)
+        if tokenizer is not None and jax.process_index() == 0:
+            tokenizer.save_pretrained(adapter_dir)
+    return directory

@@ -1,0 +1,157 @@
+"""Weights-only initialisation (`init_weights_from`): start a fresh run from another run's weights.
+
+The source is an exported model directory (`config.json` + safetensors) or a checkpoint of another run
+(its output directory, its `checkpoints/` directory or one `checkpoints/<step>`). Only module variables
+are read: parameters and statistics such as BatchNorm's, matched by variable path. The optimizer state,
+the step, the RNG and the data order start fresh, which is what distinguishes this from resuming.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from easytrain import integrity
+from easytrain.checkpoint import CheckpointNotFoundError, resolve_checkpoint
+from easytrain.errors import ArgumentError
+from easytrain.state import TrainState
+
+VariablePath = tuple[str, ...]
+#: The `TrainState` fields that hold module variables (`base` is never in a checkpoint).
+MODULE_PARTS = ("params", "base", "model_state")
+
+
+def _key(path: Any) -> str:
+    return str(getattr(path, "key", getattr(path, "idx", getattr(path, "name", path))))
+
+
+def _is_weight(leaf: Any) -> bool:
+    """Float arrays only: integer leaves are counters and RNG keys, which a fresh run draws anew."""
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is None or jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        return False
+    return bool(jnp.issubdtype(dtype, jnp.floating))
+
+
+def _flat(tree: Any) -> dict[VariablePath, Any]:
+    return {tuple(_key(p) for p in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def module_weights(state: TrainState) -> dict[VariablePath, tuple[str, VariablePath]]:
+    """Variable path -> (state part, path inside it) of every float module variable of `state`."""
+    found = {}
+    for part in MODULE_PARTS:
+        for path, leaf in _flat(getattr(state, part)).items():
+            if _is_weight(leaf):
+                found[path] = (part, path)
+    return found
+
+
+def _pretrained_weights(directory: Path, load: Callable[[Path], nnx.Module]) -> dict[VariablePath, jax.Array]:
+    module = load(directory)
+    return {path: leaf for path, leaf in _flat(nnx.to_pure_dict(nnx.state(module))).items() if _is_weight(leaf)}
+
+
+def _checkpoint_weights(source: str, wanted: dict[VariablePath, jax.ShapeDtypeStruct]) -> dict[VariablePath, Any]:
+    """Restore only the module variables of another run's checkpoint whose paths this model has (others are
+    reported as unexpected by the caller from the metadata), verified against the checkpoint's fingerprint."""
+    root, step = resolve_checkpoint(".", source)
+    item = root / str(step) / "state"
+    metadata = ocp.PyTreeCheckpointer().metadata(item)
+    stored = _flat(getattr(getattr(metadata, "item_metadata", metadata), "tree", metadata))
+    available = {path[1:]: path for path in stored if path[0] in ("params", "model_state")
+                 and _is_weight(stored[path])}
+    target: dict = {}
+    for variable, saved_path in available.items():
+        if variable in wanted and tuple(stored[saved_path].shape) == wanted[variable].shape:
+            node = target
+            for key in saved_path[:-1]:
+                node = node.setdefault(key, {})
+            node[saved_path[-1]] = wanted[variable]
+    if not target:  # nothing fits: the caller reports every tensor
+        return {variable: stored[path] for variable, path in available.items()}
+    restored = ocp.PyTreeCheckpointer().restore(item, args=ocp.args.PyTreeRestore(
+        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+    fingerprint_dir = root / str(step) / "fingerprint"
+    if fingerprint_dir.is_dir():
+        expected = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(fingerprint_dir)
+        integrity.verify(restored, dict(expected), where=str(root / str(step)))
+    values = {path[1:]: leaf for path, leaf in _flat(restored).items()}
+    # Paths present but with another shape come back as metadata, so the caller can name them.
+    return {**{variable: stored[path] for variable, path in available.items() if variable not in values}, **values}
+
+
+def _source_kind(source: str) -> str:
+    path = Path(source).expanduser()
+    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        return "pretrained"
+    try:
+        resolve_checkpoint(".", str(path))
+    except CheckpointNotFoundError:
+        raise ArgumentError("init_weights_from", f"{source} is neither an exported model directory (config.json + "
+                                                 "*.safetensors) nor a run's checkpoint (output_dir, checkpoints/ or "
+                                                 "checkpoints/<step>).") from None
+    return "checkpoint"
+
+
+def initialise_from(source: str, state: TrainState, shardings: TrainState, *, load_pretrained: Callable[[Path], Any],
+                    fresh_ok: Callable[[VariablePath, str], bool]) -> TrainState:
+    """`state` with its module variables replaced by `source`'s, placed like `shardings`.
+
+    Args:
+        source: the `init_weights_from` value.
+        state / shardings: the freshly placed state and its layout.
+        load_pretrained: loads an exported model directory as a module (on the mesh).
+        fresh_ok: whether a variable the source lacks may keep its fresh value (e.g. new LoRA adapters).
+
+    Raises:
+        ArgumentError: naming `init_weights_from`, with every missing, unexpected or misshapen tensor.
+    """
+    ours = module_weights(state)
+    wanted = {}
+    for path, (part, inner) in ours.items():
+        leaf = _leaf(state, part, inner)
+        wanted[path] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=_leaf(shardings, part, inner))
+    if _source_kind(source) == "pretrained":
+        theirs = _pretrained_weights(Path(source).expanduser(), load_pretrained)
+    else:
+        theirs = _checkpoint_weights(source, wanted)
+    problems = [f"{'.'.join(p)}: source {tuple(theirs[p].shape)} vs model {wanted[p].shape}"
+                for p in sorted(theirs.keys() & wanted.keys()) if tuple(theirs[p].shape) != wanted[p].shape]
+    problems += [f"{'.'.join(p)}: not in this model" for p in sorted(theirs.keys() - wanted.keys())]
+    problems += [f"{'.'.join(p)}: missing from the source" for p in sorted(wanted.keys() - theirs.keys())
+                 if not fresh_ok(p, ours[p][0])]
+    if problems:
+        shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
+        raise ArgumentError("init_weights_from", f"{source} does not fit this model ({len(problems)} tensor(s): "
+                                                 f"{shown}). Use weights of the same architecture (model_config or "
+                                                 "model_name_or_path), or resume_from_checkpoint to continue a run.")
+    replaced = {part: jax.tree.map(lambda x: x, getattr(state, part)) for part in MODULE_PARTS}
+    for path, (part, inner) in ours.items():
+        if path in theirs:
+            value = jax.device_put(theirs[path], wanted[path].sharding).astype(wanted[path].dtype)
+            _assign(replaced[part], inner, value)
+    return state.replace(**replaced)
+
+
+def _leaf(tree_owner: Any, part: str, inner: VariablePath) -> Any:
+    node = getattr(tree_owner, part)
+    for key in inner:
+        node = node[_match_key(node, key)]
+    return node
+
+
+def _match_key(node: dict, key: str) -> Any:
+    return key if key in node else int(key)
+
+
+def _assign(tree: dict, inner: VariablePath, value: Any) -> None:
+    node = tree
+    for key in inner[:-1]:
+        node = node[_match_key(node, key)]
+    node[_match_key(node, inner[-1])] = value

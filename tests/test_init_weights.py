@@ -1,0 +1,71 @@
+"""`init_weights_from`: a fresh run (optimizer, step, RNG, data order) on another run's weights, read from its
+checkpoint or its exported model, with a clear error when they do not fit."""
+
+import jax
+import numpy as np
+import pytest
+
+from easytrain import ArgumentError, BaseTrainer, TrainingArguments
+
+
+def tiny(output_dir, **overrides) -> TrainingArguments:
+    values = dict(output_dir=str(output_dir), max_length=32, train_batch_size=8, eval_batch_size=8, max_steps=3,
+                  logging_steps=1, eval_strategy="no", save_strategy="steps", save_steps=3, report_to=["jsonl"],
+                  disable_progress_bar=True, save_pretrained_at_end=False, max_train_samples=64, max_eval_samples=8)
+    values.update(overrides)
+    return TrainingArguments(**values)
+
+
+def assert_trees_equal(a, b) -> None:
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope="module")
+def source_run(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("source")
+    trainer = BaseTrainer(tiny(directory, save_pretrained_at_end=True))
+    trainer.train()
+    return directory, jax.device_get(trainer.state.params)
+
+
+def first_batch_ids(trainer) -> np.ndarray:
+    return next(trainer.dataloaders.train.iterator(0))["example_id"]
+
+
+@pytest.mark.parametrize("where", ["output_dir", "checkpoint_step", "exported_model"])
+def test_starts_from_the_weights_with_a_fresh_optimizer_step_and_data_order(tmp_path, source_run, where):
+    directory, trained = source_run
+    source = {"output_dir": directory, "checkpoint_step": directory / "checkpoints" / "3",
+              "exported_model": directory / "final_model"}[where]
+    trainer = BaseTrainer(tiny(tmp_path / "new", init_weights_from=str(source), seed=42))
+    assert_trees_equal(jax.device_get(trainer.state.params), trained)
+    assert int(trainer.state.step) == 0
+    assert all(not np.any(np.asarray(leaf)) for leaf in jax.tree.leaves(trainer.state.opt_state)), "fresh moments"
+    scratch = BaseTrainer(tiny(tmp_path / "scratch", seed=42))
+    np.testing.assert_array_equal(first_batch_ids(trainer), first_batch_ids(scratch))
+    assert np.abs(np.asarray(jax.tree.leaves(scratch.state.params)[0]) - np.asarray(jax.tree.leaves(trained)[0])).max() > 0
+    trainer.train()
+    assert int(trainer.state.step) == 3
+
+
+def test_weights_of_another_architecture_fail_naming_the_argument_before_compute(tmp_path, source_run, monkeypatch):
+    directory, _ = source_run
+    config = tmp_path / "wider.json"
+    config.write_text('{"hidden_size": 96, "intermediate_size": 128, "num_hidden_layers": 2, '
+                      '"num_attention_heads": 4, "num_key_value_heads": 2}')
+    with pytest.raises(ArgumentError) as error:
+        BaseTrainer(tiny(tmp_path / "new", init_weights_from=str(directory), model_config=str(config))).setup()
+    assert error.value.field == "init_weights_from" and "source (" in str(error.value) and "vs model (" in str(error.value)
+    with pytest.raises(ArgumentError) as error:
+        BaseTrainer(tiny(tmp_path / "none", init_weights_from=str(tmp_path / "missing"))).setup()
+    assert error.value.field == "init_weights_from"
+
+
+def test_a_lora_run_takes_its_base_from_a_full_run(tmp_path, source_run):
+    directory, trained = source_run
+    trainer = BaseTrainer(tiny(tmp_path / "lora", init_weights_from=str(directory), lora_rank=4))
+    kernel = trainer.state.base["layers"][0]["self_attn"]["q_proj"]["kernel"]
+    np.testing.assert_array_equal(np.asarray(kernel), np.asarray(trained["layers"][0]["self_attn"]["q_proj"]["kernel"]))
+    assert not np.any(np.asarray(trainer.state.params["layers"][0]["self_attn"]["q_proj"]["lora_b"]))
