@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 from easytrain.errors import ArgumentError
+from easytrain.jobs import check_progress_range
+from easytrain.sinks import check_report_to
 
 DTYPES = ("float32", "bfloat16")  # float16 parses, then validate() refuses it (no loss scaling)
 OPTIMIZERS = ("adamw", "adafactor", "lion", "sgd")
@@ -162,7 +164,16 @@ class TrainingArguments:
         None, "Evaluation metrics besides eval_loss: 'accuracy' and 'perplexity' (on device, from the loss's "
         "predictions), 'exact_match' (greedy answers to held-out prompts, where the trainer has them). Unset: "
         "accuracy and perplexity when the loss gives predictions, exact_match where available.")
-    report_to: list[str] = _arg(["tensorboard", "jsonl"], "Metric sinks: 'tensorboard', 'jsonl' or 'none'.")
+    report_to: list[str] = _arg(
+        ["tensorboard", "jsonl"], "Metric sinks: any of 'tensorboard', 'jsonl', 'csv', 'wandb', 'mlflow', or 'none'. "
+        "'wandb' and 'mlflow' need their extras (pip install 'easytrain[wandb]' / 'easytrain[mlflow]').")
+    progress_start: float = _arg(
+        0.0, "Job progress (output_dir/job.json) at this run's first step, in percent: with progress_end, maps the "
+        "run into a range, e.g. 50 to 100 for the second stage of a pipeline.")
+    progress_end: float = _arg(100.0, "Job progress at this run's last step, in percent (see progress_start).")
+    stop_file: str = _arg(
+        "STOP", "A file of this name appearing in output_dir stops the run after the current step, with a "
+        "checkpoint and job status 'stopped' (the file is then removed); '' turns it off.")
     disable_progress_bar: bool = _arg(False, "Print log lines only, without a live progress bar.")
     save_pretrained_at_end: bool = _arg(
         True, "Export the final model in Hugging Face format to output_dir/final_model."
@@ -256,8 +267,8 @@ def validate(args: TrainingArguments) -> None:
         unknown = [name for name in args.eval_metrics if name not in NAMES]
         _require(not unknown, "eval_metrics", f"unknown metric(s) {unknown}; choose from {', '.join(NAMES)}, or "
                                               "override compute_metrics in your trainer for others.")
-    bad_sinks = [s for s in args.report_to if s not in ("tensorboard", "jsonl", "none")]
-    _require(not bad_sinks, "report_to", f"unknown sink(s) {bad_sinks}; use 'tensorboard', 'jsonl' or 'none'.")
+    check_report_to([sink for sink in args.report_to if sink != "none"])  # names, and optional packages installed
+    check_progress_range(args.progress_start, args.progress_end)
     for name in ("data_parallel_size", "fsdp_size", "tensor_parallel_size"):
         value = getattr(args, name)
         _require(value == -1 or value > 0, name, f"must be a positive size or -1, got {value}.")

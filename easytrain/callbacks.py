@@ -15,7 +15,8 @@ from easytrain.errors import EasytrainError
 
 __all__ = ["EVENTS", "Callback", "CallbackList", "EarlyStopping", "MissingMetricError"]
 
-EVENTS = ("on_train_begin", "on_train_end", "on_step_end", "on_log", "on_evaluate", "on_save")
+EVENTS = ("on_train_begin", "on_train_end", "on_step_end", "on_log", "on_evaluate", "on_save", "on_exception",
+          "on_job_update")
 
 
 class Callback:
@@ -42,6 +43,16 @@ class Callback:
 
     def on_save(self, trainer: Any, step: int, checkpoint_dir: str) -> None:
         """Called after a checkpoint save has been started for ``step``."""
+
+    def on_exception(self, trainer: Any, error: BaseException) -> None:
+        """Called when training ends with ``error`` (a SIGTERM preemption included), before it propagates."""
+
+    def on_job_update(self, trainer: Any, job: Mapping[str, Any]) -> None:
+        """Called on the main process with a copy of the job record (``job.json``) after every change.
+
+        To stop the run from here, call ``easytrain.jobs.current_job().request_stop(reason)``: the stop is
+        then agreed by every process and the run ends with status "stopped".
+        """
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serializable progress to store in checkpoints; empty when stateless."""
@@ -103,6 +114,12 @@ class CallbackList(Callback):
 
     def on_save(self, trainer: Any, step: int, checkpoint_dir: str) -> None:
         self.call("on_save", trainer, step, checkpoint_dir)
+
+    def on_exception(self, trainer: Any, error: BaseException) -> None:
+        self.call("on_exception", trainer, error)
+
+    def on_job_update(self, trainer: Any, job: Mapping[str, Any]) -> None:
+        self.call("on_job_update", trainer, job)
 
     def state_dict(self) -> dict[str, Any]:
         """Per-callback states keyed by position and class name."""

@@ -19,6 +19,7 @@ import jax
 from easytrain.arguments import TrainingArguments
 from easytrain.config_io import build_parser, parse_task_arguments, peek_task
 from easytrain.errors import EasytrainError
+from easytrain.jobs import Job
 from easytrain.protocol import TrainerProtocol, check_implements
 from easytrain.tasks.registry import Task, available_tasks, register_task, resolve_task
 
@@ -40,15 +41,19 @@ def run(arguments: TrainingArguments, task_arguments: Sequence[Any] | None = Non
 
     `task_arguments` are the instances of the task's argument dataclasses (their defaults when None).
     Every process returns the summary; only process 0 writes `results.json`, like every other file.
+    The whole job, from data loading to `results.json`, is reported in `output_dir/job.json` (queued
+    while the data and model are prepared; a failure anywhere is recorded there).
     """
     trainer = resolve_task(arguments.task).build(arguments, task_arguments)
     check_implements(trainer)  # not isinstance: on Python 3.11 that evaluates properties, i.e. builds the run
-    train_logs = dict(trainer.train())
-    eval_logs = dict(trainer.evaluate())
-    summary = {**{f"train_{k}": v for k, v in train_logs.items()}, **eval_logs}
-    if jax.process_index() == 0:
-        Path(arguments.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(arguments.output_dir) / "results.json").write_text(json.dumps(summary, indent=2))
+    with Job(arguments.output_dir, progress_start=arguments.progress_start, progress_end=arguments.progress_end,
+             stop_file=arguments.stop_file or None, report_to=["none"]):  # after the trainer: output_dir checked
+        train_logs = dict(trainer.train())
+        eval_logs = dict(trainer.evaluate())
+        summary = {**{f"train_{k}": v for k, v in train_logs.items()}, **eval_logs}
+        if jax.process_index() == 0:
+            Path(arguments.output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(arguments.output_dir) / "results.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 

@@ -1,8 +1,10 @@
-"""Metric reporting: console progress, TensorBoard events and a JSONL log.
+"""Metric reporting: console progress, TensorBoard events, a JSONL log, and the sinks of `easytrain.sinks`
+(CSV, Weights & Biases, MLflow).
 
 Every sink takes the explicit global step, so a resumed run continues the same
 curves: on resume, entries written after the restored step by the interrupted
-run are dropped (JSONL) or superseded (TensorBoard ``purge_step``).
+run are dropped (JSONL, CSV), superseded (TensorBoard ``purge_step``) or not sent
+again (W&B and MLflow, whose histories are append-only).
 """
 
 from __future__ import annotations
@@ -19,7 +21,19 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from tensorboardX.event_file_writer import EventsWriter
 from tensorboardX.proto import event_pb2, summary_pb2
 
+from easytrain.sinks import (
+    CSV_FILENAME,
+    REPORT_TO_CHOICES,
+    CsvSink,
+    MlflowSink,
+    RunStatus,
+    WandbSink,
+    check_report_to,
+    metric_tag,
+)
+
 __all__ = [
+    "CSV_FILENAME",
     "METRICS_FILENAME",
     "REPORT_TO_CHOICES",
     "TENSORBOARD_DIRNAME",
@@ -31,7 +45,6 @@ __all__ = [
     "truncate_jsonl",
 ]
 
-REPORT_TO_CHOICES = ("tensorboard", "jsonl", "none")
 METRICS_FILENAME = "metrics.jsonl"
 TENSORBOARD_DIRNAME = "tensorboard"
 _DESCRIPTION_KEYS = (("loss", "loss"), ("learning_rate", "lr"))
@@ -41,18 +54,13 @@ _DESCRIPTION_KEYS = (("loss", "loss"), ("learning_rate", "lr"))
 
 
 def parse_report_to(report_to: str | Sequence[str]) -> frozenset[str]:
-    """Validates ``report_to`` and returns the file sinks to enable.
+    """Validates ``report_to`` and returns the sinks to enable besides the console.
 
     Raises:
-        ValueError: on an unknown value, or "none" combined with a sink.
+        ArgumentError (a ValueError): an unknown value, "none" combined with a sink, or a sink whose
+            optional package is not installed (the message names the pip extra).
     """
-    values = [report_to] if isinstance(report_to, str) else list(report_to)
-    unknown = [value for value in values if value not in REPORT_TO_CHOICES]
-    if unknown:
-        raise ValueError(f"report_to has unknown value(s) {unknown}; allowed: {list(REPORT_TO_CHOICES)}")
-    if "none" in values and len(set(values)) > 1:
-        raise ValueError(f"report_to={values} combines 'none' with other sinks; use one or the other")
-    return frozenset(values) - {"none"}
+    return check_report_to([report_to] if isinstance(report_to, str) else list(report_to))
 
 
 def format_value(value: float) -> str:
@@ -80,10 +88,7 @@ def progress_description(metrics: Mapping[str, float]) -> str:
     return " · ".join(parts)
 
 
-def tensorboard_tag(split: str, name: str) -> str:
-    """``split/name``, dropping a redundant ``split_`` prefix (``eval/eval_loss`` -> ``eval/loss``)."""
-    prefix = f"{split}_"
-    return f"{split}/{name[len(prefix):] if name.startswith(prefix) else name}"
+tensorboard_tag = metric_tag  # the same tags in TensorBoard, W&B and MLflow
 
 
 def _step_of(line: str) -> int | None:
@@ -113,7 +118,7 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
 class _Sink(Protocol):
     def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self, status: RunStatus = "completed") -> None: ...
 
 
 class _JsonlSink:
@@ -129,7 +134,7 @@ class _JsonlSink:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
 
-    def close(self) -> None:
+    def close(self, status: RunStatus = "completed") -> None:
         self._file.close()
 
 
@@ -157,7 +162,7 @@ class _TensorBoardSink:
                   for name, value in metrics.items()]
         self._write(step=step, summary=summary_pb2.Summary(value=values))
 
-    def close(self) -> None:
+    def close(self, status: RunStatus = "completed") -> None:
         self._writer.close()
 
 
@@ -187,10 +192,11 @@ class _ConsoleSink:
     def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
         if self._progress is not None and split == "train":
             self._progress.update(self._task, completed=step, description=progress_description(metrics))
-        line = f"[{split}] step {step}/{self._total_steps}  {format_metrics(metrics)}"
+        of_total = f"/{self._total_steps}" if self._total_steps > 0 else ""  # 0: a loop that did not say
+        line = f"[{split}] step {step}{of_total}  {format_metrics(metrics)}"
         self._console.print(line, markup=False, highlight=False)
 
-    def close(self) -> None:
+    def close(self, status: RunStatus = "completed") -> None:
         if self._progress is not None:
             self._progress.stop()
 
@@ -204,7 +210,7 @@ def _as_floats(metrics: Mapping[str, float]) -> dict[str, float]:
 
 
 class Reporter:
-    """Sends metrics to the console, TensorBoard and a JSONL file.
+    """Sends metrics to the console and the sinks ``report_to`` names (TensorBoard, JSONL, CSV, W&B, MLflow).
 
     Only the main process should report; other processes pass ``enabled=False``
     and the reporter then writes and shows nothing.
@@ -219,20 +225,23 @@ class Reporter:
         initial_step: int = 0,
         enabled: bool = True,
         show_progress: bool = True,
+        run_config: Mapping[str, Any] | None = None,
     ):
         """Opens the requested sinks.
 
         Args:
-            output_dir: Run directory; receives ``tensorboard/`` and ``metrics.jsonl``.
-            report_to: Any of "tensorboard", "jsonl", or just "none".
+            output_dir: Run directory; receives ``tensorboard/``, ``metrics.jsonl``, ``metrics.csv``,
+                and the W&B/MLflow run ids.
+            report_to: Any of "tensorboard", "jsonl", "csv", "wandb", "mlflow", or just "none".
             total_steps: Last step of the run, for the progress bar.
             initial_step: Step restored from a checkpoint; later entries left by
                 the interrupted run are dropped so no step is reported twice.
             enabled: False writes nothing and shows nothing (non-main processes).
             show_progress: Show the live progress bar on interactive terminals.
+            run_config: The run's settings, sent to W&B (config) and MLflow (params) when a run starts.
 
         Raises:
-            ValueError: ``report_to`` holds an unknown value.
+            ArgumentError: ``report_to`` holds an unknown value, or names a sink that is not installed.
         """
         targets = parse_report_to(report_to)
         self._sinks: list[_Sink] = []
@@ -241,10 +250,18 @@ class Reporter:
             return
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        if "jsonl" in targets:
-            self._sinks.append(_JsonlSink(output_dir / METRICS_FILENAME, initial_step))
-        if "tensorboard" in targets:
-            self._sinks.append(_TensorBoardSink(output_dir / TENSORBOARD_DIRNAME, initial_step))
+        openers = {
+            "jsonl": lambda: _JsonlSink(output_dir / METRICS_FILENAME, initial_step),
+            "csv": lambda: CsvSink(output_dir / CSV_FILENAME, initial_step),
+            "tensorboard": lambda: _TensorBoardSink(output_dir / TENSORBOARD_DIRNAME, initial_step),
+            "wandb": lambda: WandbSink(output_dir, initial_step, run_config),
+            "mlflow": lambda: MlflowSink(output_dir, initial_step, run_config),
+        }
+        try:
+            self._sinks.extend(open_sink() for name, open_sink in openers.items() if name in targets)
+        except BaseException:
+            self.close("failed")  # the sinks already open
+            raise
         self._console = _ConsoleSink(total_steps, initial_step, show_progress)
         self._sinks.append(self._console)
 
@@ -267,14 +284,18 @@ class Reporter:
         for sink in self._sinks:
             sink.write(int(step), split, values)
 
-    def close(self) -> None:
-        """Flushes and closes every sink; safe to call twice."""
+    def close(self, status: RunStatus = "completed") -> None:
+        """Flushes and closes every sink; safe to call twice.
+
+        Args:
+            status: How the run ended, for the trackers that record it (W&B exit code, MLflow run status).
+        """
         sinks, self._sinks, self._console = self._sinks, [], None
         for sink in sinks:
-            sink.close()
+            sink.close(status)
 
     def __enter__(self) -> Reporter:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        self.close("completed" if exc_type is None else "failed")

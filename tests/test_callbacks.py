@@ -37,6 +37,12 @@ class Recorder(Callback):
     def on_save(self, trainer, step, checkpoint_dir) -> None:
         self._record("on_save", step, checkpoint_dir)
 
+    def on_exception(self, trainer, error) -> None:
+        self._record("on_exception", error)
+
+    def on_job_update(self, trainer, job) -> None:
+        self._record("on_job_update", dict(job))
+
 
 def fake_trainer() -> SimpleNamespace:
     return SimpleNamespace(should_stop=False)
@@ -83,7 +89,9 @@ def test_callback_list_dispatches_in_order() -> None:
 @pytest.mark.parametrize("event", EVENTS)
 def test_every_event_reaches_callbacks(event: str) -> None:
     journal: list = []
-    args = {"on_step_end": (1,), "on_log": (1, {}), "on_evaluate": (1, {}), "on_save": (1, "/c")}.get(event, ())
+    error = RuntimeError("boom")
+    args = {"on_step_end": (1,), "on_log": (1, {}), "on_evaluate": (1, {}), "on_save": (1, "/c"),
+            "on_exception": (error,), "on_job_update": ({"status": "running"},)}.get(event, ())
     CallbackList([Recorder("a", journal)]).call(event, fake_trainer(), *args)
     assert journal == [("a", event, args)]
 

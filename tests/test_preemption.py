@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from easytrain.checkpoint import finalized_steps
+from easytrain.jobs import read_job
 from easytrain.trainers.preemption import PREEMPTED_EXIT_CODE
 
 FLAGS = ["--max_length", "16", "--train_batch_size", "4", "--eval_batch_size", "4", "--logging_steps", "1",
@@ -57,6 +58,9 @@ def test_signal_checkpoints_flushes_and_exits_75_then_resumes(tmp_path, sig):
     assert f"stopped by {sig.name} after step {stopped_at}" in output
     assert sorted(logged) == list(range(1, stopped_at + 1)), "every finished step is in the flushed log"
     assert finalized_steps(output_dir / "checkpoints") == [stopped_at], "complete checkpoint at the stopped step"
+    job = read_job(output_dir)
+    assert (job["status"], job["step"], job["error"]) == ("stopped", stopped_at, None)
+    assert f"stopped by {sig.name} after step {stopped_at}" in job["stop_reason"]
     if sig is not signal.SIGTERM:
         return  # resuming is the same for both signals; checked once below to keep the suite short
 
@@ -64,6 +68,8 @@ def test_signal_checkpoints_flushes_and_exits_75_then_resumes(tmp_path, sig):
     output, _ = resumed.communicate(timeout=240)
     assert resumed.returncode == 0, output[-3000:]
     assert f"resumed from {output_dir / 'checkpoints' / str(stopped_at)}" in output
+    job = read_job(output_dir)
+    assert (job["status"], job["resumed_from_step"], job["progress"]) == ("completed", stopped_at, 100.0)
     assert sorted(train_steps(output_dir)) == list(range(1, stopped_at + 4))
     reference_dir = tmp_path / "reference"  # the continued curve equals a run that was never stopped
     reference = train(reference_dir, "--max_steps", str(stopped_at + 3))

@@ -83,8 +83,9 @@ def test_report_to_selects_sinks(tmp_path: Path) -> None:
 
 
 def test_unknown_report_to_lists_allowed_values_even_when_disabled(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"report_to .*'wandb'.*\['tensorboard', 'jsonl', 'none'\]"):
-        make_reporter(tmp_path, report_to=["wandb"], enabled=False)
+    with pytest.raises(ValueError, match=r"report_to: .*'neptune'.*\['tensorboard', 'jsonl', 'csv', 'wandb', "
+                                         r"'mlflow', 'none'\]"):
+        make_reporter(tmp_path, report_to=["neptune"], enabled=False)
 
 
 def test_none_cannot_be_combined_with_a_sink(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from easytrain.data import load_text_datasets, tokenize_and_group
 from easytrain.errors import ArgumentError
 from easytrain.models.presets import llama_config
 from easytrain.tasks import arithmetic
+from easytrain.trainers.job_callback import JobCallback
 
 logger = logging.getLogger("easytrain")
 DEFAULT_PAD_TOKEN = "<pad>"
@@ -144,11 +145,12 @@ def check_block_length(split: datasets.Dataset, args: TrainingArguments) -> data
 
 
 def default_callbacks(args: TrainingArguments) -> list[Callback]:
-    """Callbacks the arguments ask for (early stopping)."""
-    if args.early_stopping_patience is None:
-        return []
-    return [EarlyStopping(metric=args.metric_for_best_model or "eval_loss", patience=args.early_stopping_patience,
-                          greater_is_better=args.greater_is_better)]
+    """Callbacks the arguments ask for (early stopping), then job reporting (`job.json`, stop file)."""
+    callbacks: list[Callback] = []
+    if args.early_stopping_patience is not None:
+        callbacks.append(EarlyStopping(metric=args.metric_for_best_model or "eval_loss",
+                                       patience=args.early_stopping_patience, greater_is_better=args.greater_is_better))
+    return [*callbacks, JobCallback(args)]
 
 
 def check_batch_sizes(args: TrainingArguments, mesh: Any) -> None:

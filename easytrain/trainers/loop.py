@@ -21,6 +21,7 @@ from easytrain.arguments import TrainingArguments
 from easytrain.callbacks import CallbackList
 from easytrain.checkpoint import CheckpointManager
 from easytrain.errors import NonFiniteLossError
+from easytrain.jobs import outcome_of
 from easytrain.protocol import ConfiguredDataloaders
 from easytrain.reporting import Reporter
 from easytrain.trainers.preemption import PreemptionWatcher, TrainingPreempted
@@ -86,13 +87,14 @@ class TrainLoop:
     # ------------------------------------------------------------------ run
     def run(self, state: Any, start_step: int, data_state: dict[str, Any] | None, resumed: bool) -> dict[str, float]:
         parts, args = self.parts, self.args
-        self.state = state
+        self.state, self.start_step = state, start_step
         self.iterator = self.data.train.iterator(start_step)
         if data_state:
             self.iterator.set_state(data_state)
         self.reporter = Reporter(output_dir=args.output_dir, report_to=args.report_to,
                                  total_steps=self.data.total_steps, initial_step=start_step,
-                                 enabled=parts.is_main_process, show_progress=not args.disable_progress_bar)
+                                 enabled=parts.is_main_process, show_progress=not args.disable_progress_bar,
+                                 run_config=args.to_dict())
         self.manager = parts.checkpoints
         self.last_saved_step = start_step if resumed else -1
         try:
@@ -100,8 +102,11 @@ class TrainLoop:
                 parts.callbacks.on_train_begin(parts.owner)
                 step = self.iterate(start_step)
                 self.finish(step)
-        except BaseException:
-            self.shut_down(failing=True)
+        except BaseException as error:
+            try:
+                parts.callbacks.on_exception(parts.owner, error)
+            finally:  # even if a callback fails too
+                self.shut_down(failing=True, status=outcome_of(error))
             raise
         self.shut_down(failing=False)
         return self.last_logs
@@ -187,14 +192,14 @@ class TrainLoop:
         logger.warning("%s", error)
         raise error
 
-    def shut_down(self, *, failing: bool) -> None:
+    def shut_down(self, *, failing: bool, status: str = "completed") -> None:
         """However the loop ends: close the logs and the data prefetch threads, and let in-flight saves
         finish so they are complete (or cleanly absent).
 
         A background save error is raised, unless the loop is already failing with another error (then
-        it is logged), so it is never swallowed.
+        it is logged), so it is never swallowed. `status` (completed, failed, stopped) goes to the trackers.
         """
-        self.reporter.close()
+        self.reporter.close(status)
         self.iterator.close()
         try:
             self.manager.wait_until_finished()

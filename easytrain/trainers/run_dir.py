@@ -12,7 +12,7 @@ from easytrain.arguments import TrainingArguments
 from easytrain.checkpoint import CHECKPOINTS_DIRNAME, finalized_steps, resolve_checkpoint
 from easytrain.errors import OutputDirError
 
-RUN_ARTIFACTS = (CHECKPOINTS_DIRNAME, "tensorboard", "metrics.jsonl")
+RUN_ARTIFACTS = (CHECKPOINTS_DIRNAME, "tensorboard", "metrics.jsonl", "metrics.csv", "job.json")
 SUPERSEDED_DIRNAME = "superseded_checkpoints"
 
 logger = logging.getLogger("easytrain")

@@ -1,0 +1,384 @@
+"""Job reporting: one JSON file that tells a scheduler, a dashboard or a person what a run is doing.
+
+`output_dir/job.json` holds the status (queued, running, completed, failed, stopped), the progress
+from 0 to 100 mapped into `[progress_start, progress_end]`, an ETA, the latest metrics, data the user
+added, and for a failure the error with its traceback. It is replaced atomically (temporary file, then
+`os.replace`), so a reader never sees half a file, and a run killed with SIGKILL leaves its last state.
+
+Every easytrain trainer reports into it (`easytrain.trainers.job_callback`). A hand-written loop runs
+inside `job(...)`, used as a decorator or a `with` block, and calls `log_metric`, `progress_update`,
+`add_job_data` and `should_stop`. A run stops cooperatively when the stop file appears in its output
+directory or when a callback asks (`Job.request_stop`). Only the main process (`jax.process_index() ==
+0`) writes files and calls listeners.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import socket
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from easytrain.errors import ArgumentError
+from easytrain.sinks import RunStatus, check_report_to, write_json_atomically
+
+__all__ = [
+    "JOB_FILENAME", "STATUSES", "Job", "JobListener", "JobStatus", "add_job_data", "check_progress_range",
+    "current_job", "job", "log_metric", "outcome_of", "progress_update", "read_job", "should_stop",
+]
+
+JOB_FILENAME = "job.json"
+STATUSES = ("queued", "running", "completed", "failed", "stopped")
+JobStatus = Literal["queued", "running", "completed", "failed", "stopped"]
+JobListener = Callable[[Mapping[str, Any]], None]
+
+_ACTIVE: list[Job] = []  # innermost last; `log_metric` and friends report into `_ACTIVE[-1]`
+
+
+def check_progress_range(start: float, end: float) -> None:
+    """0 <= start <= end <= 100, naming the field at fault."""
+    for name, value in (("progress_start", start), ("progress_end", end)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 <= value <= 100):
+            raise ArgumentError(name, f"must be a percentage in [0, 100], got {value!r}.")
+    if start > end:
+        raise ArgumentError("progress_end", f"must be >= progress_start={start}, got {end}.")
+
+
+def outcome_of(error: BaseException) -> RunStatus:
+    """'stopped' for a preemption (SIGTERM: checkpointed, exit 75), Ctrl-C or a clean `sys.exit`; else 'failed'."""
+    # imported here: easytrain.trainers imports this module
+    from easytrain.trainers.preemption import TrainingPreempted
+
+    if isinstance(error, (TrainingPreempted, KeyboardInterrupt)):
+        return "stopped"
+    if isinstance(error, SystemExit) and error.code in (None, 0):
+        return "stopped"
+    return "failed"
+
+
+def read_job(output_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The job record of a run directory, or None when there is none (or it cannot be parsed)."""
+    try:
+        return json.loads((Path(output_dir) / JOB_FILENAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _json_value(value: Any) -> Any:
+    """Floats as JSON allows them: NaN and infinities become the strings "nan", "inf", "-inf"."""
+    if isinstance(value, Mapping):
+        return {str(key): _json_value(item) for key, item in value.items()}
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    number = float(value)  # Python, numpy and 0-d jax scalars
+    return number if math.isfinite(number) else str(number)
+
+
+class Job(contextlib.ContextDecorator):
+    """The state of one job, kept in `output_dir/job.json`; a context manager and a decorator.
+
+    Entering writes status "queued"; the first progress report (`begin`, `progress_update`,
+    `log_metric`, or a trainer's first step) makes it "running". Leaving normally makes it "completed",
+    or "stopped" if a stop was requested; an exception makes it "failed" with the error and traceback
+    ("stopped" for SIGTERM preemption, Ctrl-C and a clean `sys.exit`). As a decorator, every call of
+    the function is a fresh job.
+
+    Example:
+        >>> @job("runs/mine", report_to=["jsonl", "csv"])  # doctest: +SKIP
+        ... def train():
+        ...     for step in range(1, 101):
+        ...         log_metric("loss", 1.0 / step, step)
+        ...         progress_update(step)
+        ...         if should_stop():
+        ...             break  # save a checkpoint first; the job ends as "stopped"
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, *, name: str | None = None, progress_start: float = 0.0,
+                 progress_end: float = 100.0, stop_file: str | None = "STOP",
+                 report_to: Sequence[str] = ("jsonl",), run_config: Mapping[str, Any] | None = None,
+                 listeners: Sequence[JobListener] = (), enabled: bool | None = None,
+                 min_write_interval: float = 1.0):
+        """Configures the job; nothing is written before it is entered.
+
+        Args:
+            output_dir: Receives `job.json` and the metric sinks' files; holds the stop file.
+            name: Shown in the record; defaults to the output directory's name.
+            progress_start, progress_end: The job's 0..100% maps into this range (a stage of a pipeline).
+            stop_file: File name (relative to `output_dir`) whose appearance asks the job to stop; None: off.
+            report_to: Sinks for `log_metric` (as `TrainingArguments.report_to`).
+            run_config: Settings sent to W&B (config) and MLflow (params).
+            listeners: Called with a copy of the record after every change (main process only).
+            enabled: Whether this process writes; default `jax.process_index() == 0`, read on entering.
+            min_write_interval: Seconds between writes of progress, metrics and data (status changes are
+                written at once), so a fast loop does not spend its time rewriting the file.
+        """
+        check_progress_range(progress_start, progress_end)
+        check_report_to(list(report_to))
+        self._options = dict(output_dir=output_dir, name=name, progress_start=progress_start,
+                             progress_end=progress_end, stop_file=stop_file, report_to=report_to,
+                             run_config=run_config, listeners=listeners, enabled=enabled,
+                             min_write_interval=min_write_interval)
+        self.output_dir = Path(output_dir)
+        self.path = self.output_dir / JOB_FILENAME
+        self.stop_path = self.output_dir / stop_file if stop_file else None
+        self.progress_start, self.progress_end = float(progress_start), float(progress_end)
+        self.listeners: list[JobListener] = list(listeners)
+        self.enabled = enabled
+        self.record: dict[str, Any] = {}
+        self._name, self._report_to, self._run_config = name, list(report_to), run_config
+        self._min_write_interval = min_write_interval
+        self._reporter: Any = None  # easytrain.reporting.Reporter, opened by the first `log_metric`
+        self._owns_reporter = False
+        self._previous: dict[str, Any] | None = None
+        self._stop_reason: str | None = None
+        self._stop_by_file = False
+        self._anchor: tuple[float, float] | None = None  # (time, percent) of the first progress after `begin`
+        self._initial_step, self._total_steps = 0, None
+        self._written_at = -math.inf
+
+    # ------------------------------------------------------------------ lifecycle
+    def _recreate_cm(self) -> Job:  # contextlib.ContextDecorator: a fresh job for every decorated call
+        return Job(**self._options)
+
+    def __enter__(self) -> Job:
+        self.open()
+        _ACTIVE.append(self)
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, error: BaseException | None, tb: object) -> bool:
+        try:
+            if error is None:
+                self.finish()
+            else:
+                self.fail(error)
+        finally:
+            deactivate(self)
+        return False
+
+    def open(self) -> None:
+        """Write the "queued" record. An unfinished previous record of this directory (a killed or stopped run,
+        perhaps about to be resumed) keeps its progress until `begin` says from which step this run starts."""
+        if self.enabled is None:
+            import jax
+
+            self.enabled = jax.process_index() == 0
+        self._previous = read_job(self.output_dir)
+        unfinished = self._previous is not None and self._previous.get("status") != "completed"
+        now = time.time()
+        self.record = {
+            "name": self._name or self.output_dir.resolve().name, "status": "queued",
+            "progress": float(self._previous["progress"]) if unfinished else self.progress_start,
+            "progress_range": [self.progress_start, self.progress_end],
+            "step": None, "total_steps": None, "eta_seconds": None, "metrics": {}, "data": {},
+            "stop_reason": None, "error": None, "resumed_from_step": None, "pid": os.getpid(),
+            "host": socket.gethostname(), "created_at": now, "started_at": None, "updated_at": now,
+            "finished_at": None,
+        }
+        if self.enabled:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._publish(force=True)
+
+    def begin(self, *, total_steps: int | None = None, initial_step: int = 0, percent: float | None = None) -> None:
+        """Mark the job "running" from `initial_step` (> 0: resumed from a checkpoint of that step).
+
+        A resumed job keeps the data of the run it continues, and its progress starts at the restored step
+        (from `total_steps`, or the previous record), never at zero. Sinks opened later by `log_metric`
+        drop what the interrupted run logged after `initial_step`.
+        """
+        if not self.record:
+            self.open()
+        self._initial_step, self._total_steps = initial_step, total_steps
+        previous = self._previous if initial_step > 0 else None
+        if percent is None:
+            if total_steps:
+                percent = self._mapped(100.0 * initial_step / total_steps)
+            else:
+                percent = float(previous["progress"]) if previous else self.progress_start
+        self.record.update(status="running", started_at=time.time(), progress=percent, eta_seconds=None,
+                           step=initial_step, total_steps=total_steps, resumed_from_step=initial_step or None)
+        if previous:
+            self.record["data"] = {**previous.get("data", {}), **self.record["data"]}
+        self._anchor = None
+        self._publish(force=True)
+
+    def _ensure_running(self) -> None:
+        """The first report of a job that was not begun explicitly begins it (from step 0)."""
+        if self.record.get("status", "queued") == "queued":
+            self.begin(total_steps=self._total_steps, initial_step=self._initial_step)
+
+    def finish(self, status: JobStatus | None = None, reason: str | None = None) -> None:
+        """End the job: "completed" (progress at `progress_end`), or "stopped" if a stop was requested."""
+        status = status or ("stopped" if self.stop_requested else "completed")
+        if status == "completed":
+            self.record.update(progress=self.progress_end, eta_seconds=0.0)
+        self._end(status, reason or self._stop_reason)
+
+    def fail(self, error: BaseException) -> None:
+        """End the job because of `error`: its type, message and traceback are recorded."""
+        status = outcome_of(error)
+        if status == "failed":
+            trace = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+            self.record["error"] = {"type": type(error).__name__, "message": str(error), "traceback": trace}
+        self._end(status, (str(error) or type(error).__name__) if status == "stopped" else None)
+
+    def _end(self, status: RunStatus, reason: str | None) -> None:
+        self.record.update(status=status, finished_at=time.time(), stop_reason=reason if status == "stopped" else None)
+        if self._reporter is not None and self._owns_reporter:
+            self._reporter.close(status)
+        self._reporter = None
+        if status == "stopped" and self._stop_by_file and self.enabled and self.stop_path is not None:
+            self.stop_path.unlink(missing_ok=True)  # honoured: the next start runs normally
+        self._publish(force=True)
+
+    # ------------------------------------------------------------------ progress and metrics
+    def _mapped(self, percent: float) -> float:
+        return self.progress_start + (self.progress_end - self.progress_start) * percent / 100.0
+
+    def progress_update(self, percent: float) -> None:
+        """Report the job's own progress, 0..100; written mapped into `[progress_start, progress_end]`."""
+        if not (isinstance(percent, (int, float)) and 0 <= percent <= 100):
+            raise ValueError(f"progress_update takes a percentage in [0, 100], got {percent!r}")
+        self.set_progress(self._mapped(float(percent)))
+
+    def set_progress(self, percent: float, *, step: int | None = None, total_steps: int | None = None) -> None:
+        """Record an already mapped progress (a trainer maps its steps itself), and the ETA it implies.
+
+        The ETA extrapolates the rate since the first report after `begin` (so compilation and data
+        loading before it do not count) to `progress_end`.
+        """
+        self._ensure_running()
+        now = time.monotonic()
+        if self._anchor is None:
+            self._anchor, eta = (now, percent), None
+        else:
+            done, elapsed = percent - self._anchor[1], now - self._anchor[0]
+            eta = (self.progress_end - percent) * elapsed / done if done > 0 and elapsed > 0 else None
+        self.record.update(progress=percent, eta_seconds=eta)
+        if step is not None:
+            self.record["step"] = step
+        if total_steps is not None:
+            self.record["total_steps"] = total_steps
+        self._publish()
+
+    def update_metrics(self, split: str, step: int, metrics: Mapping[str, Any]) -> None:
+        """Keep the latest `metrics` of `split` ("train", "eval", ...) in the record, with their step."""
+        latest = self.record["metrics"].setdefault(split, {})
+        latest.update({"step": int(step), **_json_value(metrics)})
+        self._publish()
+
+    def log_metric(self, name: str, value: float, step: int, split: str = "train") -> None:
+        """Send one metric at global `step` to the job's sinks (`report_to`) and keep it in the record."""
+        self._ensure_running()
+        if self._reporter is None:
+            # imported here: reporting imports rich and tensorboardX, which a job without metrics never needs
+            from easytrain.reporting import Reporter
+
+            self._reporter = Reporter(output_dir=self.output_dir, report_to=self._report_to,
+                                      total_steps=self._total_steps or 0, initial_step=self._initial_step,
+                                      enabled=bool(self.enabled), show_progress=False, run_config=self._run_config)
+            self._owns_reporter = True
+        self._reporter.log(step, {name: value}, split=split)
+        self.update_metrics(split, step, {name: value})
+
+    def use_reporter(self, reporter: Any) -> None:
+        """Send `log_metric` to a reporter someone else opened and closes (a trainer's)."""
+        self._reporter, self._owns_reporter = reporter, False
+
+    def add_job_data(self, key: str, value: Any) -> None:
+        """Store `value` (JSON-serializable) under `data[key]` in the record; kept across a resume."""
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError) as error:
+            raise TypeError(f"add_job_data({key!r}, ...): the value must be JSON-serializable (it is written to "
+                            f"{JOB_FILENAME}); {error}") from error
+        self.record["data"][str(key)] = value
+        self._publish()
+
+    # ------------------------------------------------------------------ stopping
+    def request_stop(self, reason: str = "requested by a callback") -> None:
+        """Ask the run to stop at the next step (a trainer checkpoints first); it ends as "stopped"."""
+        if self._stop_reason is None:
+            self._stop_reason = reason
+
+    def should_stop(self) -> bool:
+        """Whether a stop was requested or the stop file exists; cheap enough to call every step."""
+        if self._stop_reason is None and self.stop_path is not None and self.stop_path.exists():
+            self._stop_reason, self._stop_by_file = f"stop file {self.stop_path} found", True
+        return self._stop_reason is not None
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop_reason is not None
+
+    # ------------------------------------------------------------------ writing
+    def flush(self) -> None:
+        """Write the record now, whatever the interval (a trainer does at every checkpoint)."""
+        if self.enabled and self.record:
+            write_json_atomically(self.path, self.record)
+            self._written_at = time.monotonic()
+
+    def _publish(self, force: bool = False) -> None:
+        """Tell the listeners; write the file at once for status changes, else at most every interval."""
+        self.record["updated_at"] = time.time()
+        if not self.enabled:
+            return
+        for listener in list(self.listeners):
+            listener(copy.deepcopy(self.record))
+        if force or time.monotonic() - self._written_at >= self._min_write_interval:
+            self.flush()
+
+
+job = Job  # `@job(...)` / `with job(...) as j:` read better than the class name
+
+
+# ----------------------------------------------------------------------------- the active job
+
+
+def current_job() -> Job | None:
+    """The innermost job being run (a `job` block or decorated call, or a trainer's `train()`), or None."""
+    return _ACTIVE[-1] if _ACTIVE else None
+
+
+def _active(function: str) -> Job:
+    if not _ACTIVE:
+        raise RuntimeError(f"{function}() reports into the running job, and there is none: call it inside a "
+                           "function decorated with @easytrain.jobs.job(output_dir), a `with job(output_dir):` "
+                           "block, or a trainer's train()")
+    return _ACTIVE[-1]
+
+
+def activate(active: Job) -> None:
+    """Make `active` the job that `log_metric` and friends report into, until `deactivate`."""
+    _ACTIVE.append(active)
+
+
+def deactivate(active: Job) -> None:
+    if active in _ACTIVE:
+        _ACTIVE.remove(active)
+
+
+def log_metric(name: str, value: float, step: int, split: str = "train") -> None:
+    """Send `name=value` at global `step` to every sink of the running job (`report_to`)."""
+    _active("log_metric").log_metric(name, value, step, split)
+
+
+def progress_update(percent: float) -> None:
+    """Report the running job's progress, 0..100 (mapped into its `[progress_start, progress_end]`)."""
+    _active("progress_update").progress_update(percent)
+
+
+def add_job_data(key: str, value: Any) -> None:
+    """Store a JSON-serializable `value` under `data[key]` in the running job's record."""
+    _active("add_job_data").add_job_data(key, value)
+
+
+def should_stop() -> bool:
+    """Whether the running job was asked to stop (stop file or `request_stop`): save, then leave the loop."""
+    return _active("should_stop").should_stop()

@@ -1,0 +1,253 @@
+"""Metric sinks beyond the console, TensorBoard and JSONL: a CSV file, Weights & Biases and MLflow.
+
+Each sink takes the explicit global step and keeps one record per step across restarts:
+
+* CSV is rewritten like JSONL: on resume, rows after the restored step are dropped.
+* W&B and MLflow histories are append-only (neither can delete points); a resumed run reopens the
+  same run. MLflow: steps the store already holds are not sent again. W&B: every step after the
+  restored one is sent, and W&B keeps one value per step itself (it ignores a step lower than the
+  last it stored), because only W&B knows what it stored: a SIGKILL loses the records it had not
+  flushed yet. easytrain resumes exactly (same data, same RNG), so a kept value is the one the
+  resumed run would have logged.
+
+W&B and MLflow are optional installs (`pip install 'easytrain[wandb]'`, `'easytrain[mlflow]'`),
+imported only when `report_to` names them, and checked before any compute.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import io
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from easytrain.errors import ArgumentError
+
+__all__ = [
+    "CSV_FILENAME", "MLFLOW_STATE_FILENAME", "OPTIONAL_SINKS", "REPORT_TO_CHOICES", "WANDB_STATE_FILENAME",
+    "CsvSink", "MlflowSink", "RunStatus", "WandbSink", "check_report_to", "metric_tag", "write_json_atomically",
+]
+
+logger = logging.getLogger("easytrain")
+
+RunStatus = Literal["completed", "failed", "stopped"]
+REPORT_TO_CHOICES = ("tensorboard", "jsonl", "csv", "wandb", "mlflow", "none")
+#: report_to value -> (module it imports, pip extra that installs it)
+OPTIONAL_SINKS = {"wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "mlflow")}
+CSV_FILENAME = "metrics.csv"
+WANDB_STATE_FILENAME = "wandb_run.json"
+MLFLOW_STATE_FILENAME = "mlflow_run.json"
+_CSV_FIXED = ("step", "split", "time")
+
+
+def check_report_to(values: Sequence[str]) -> frozenset[str]:
+    """The sinks to open, after checking names and optional packages (before any compute).
+
+    Raises:
+        ArgumentError: an unknown name, "none" with a sink, or a sink whose package is not installed.
+    """
+    unknown = [value for value in values if value not in REPORT_TO_CHOICES]
+    if unknown:
+        raise ArgumentError("report_to", f"unknown sink(s) {unknown}; allowed: {list(REPORT_TO_CHOICES)}")
+    if "none" in values and len(set(values)) > 1:
+        raise ArgumentError("report_to", f"{list(values)} combines 'none' with other sinks; use one or the other")
+    for value in values:
+        if value in OPTIONAL_SINKS:
+            module, extra = OPTIONAL_SINKS[value]
+            if importlib.util.find_spec(module) is None:
+                raise ArgumentError("report_to", f"'{value}' needs the {module} package, which is not installed: "
+                                                 f"pip install 'easytrain[{extra}]' (or drop '{value}' from report_to)")
+    return frozenset(values) - {"none"}
+
+
+def metric_tag(split: str, name: str) -> str:
+    """``split/name``, dropping a redundant ``split_`` prefix (``eval/eval_loss`` -> ``eval/loss``)."""
+    return f"{split}/{name.removeprefix(f'{split}_')}"
+
+
+def write_json_atomically(path: Path, value: Any) -> None:
+    """Write a temporary file then rename it over ``path``: a reader (or a kill) never sees half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(value, indent=2, allow_nan=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+# ----------------------------------------------------------------------------- CSV
+
+
+def _csv_line(values: Iterable[Any]) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerow(values)
+    return buffer.getvalue()
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]], bool]:
+    """Header, complete rows (a torn last line from a kill mid-write is left out) and whether one was."""
+    if not path.exists():
+        return [], [], False
+    text = path.read_text(encoding="utf-8")
+    torn = bool(text) and not text.endswith("\n")
+    lines = text.splitlines(keepends=True)[: -1 if torn else None]
+    rows = list(csv.reader(lines))
+    if not rows:
+        return [], [], torn
+    header = rows[0]
+    complete = [dict(zip(header, row)) for row in rows[1:] if len(row) == len(header)]
+    return header, complete, torn or len(complete) != len(rows) - 1
+
+
+def _row_step(row: Mapping[str, str]) -> int | None:
+    try:
+        return int(row["step"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+class CsvSink:
+    """One row per ``log`` call in ``metrics.csv``: ``step, split, time``, then every metric seen so far.
+
+    A metric that appears later (the first eval, ``compile_seconds``) adds a column: the file is then
+    rewritten atomically with the wider header, which happens a handful of times per run.
+    """
+
+    def __init__(self, path: Path, initial_step: int):
+        self._path = path
+        header, rows, damaged = _read_csv(path)
+        self._columns = header or list(_CSV_FIXED)
+        if initial_step > 0:
+            kept = [row for row in rows if (step := _row_step(row)) is not None and step <= initial_step]
+            if damaged or len(kept) != len(rows):
+                self._rewrite(kept)
+        elif damaged:
+            self._rewrite(rows)
+        self._file = path.open("a", encoding="utf-8")
+        if not header:
+            self._file.write(_csv_line(self._columns))
+            self._file.flush()
+
+    def _rewrite(self, rows: Sequence[Mapping[str, str]]) -> None:
+        tmp = self._path.with_name(f".{self._path.name}.{os.getpid()}.tmp")
+        lines = [_csv_line(self._columns)] + [_csv_line(row.get(c, "") for c in self._columns) for row in rows]
+        tmp.write_text("".join(lines), encoding="utf-8")
+        os.replace(tmp, self._path)
+
+    def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
+        row = {"step": str(step), "split": split, "time": repr(time.time()), **{k: repr(v) for k, v in metrics.items()}}
+        new = [name for name in row if name not in self._columns]
+        if new:
+            self._file.close()
+            _, rows, _ = _read_csv(self._path)
+            self._columns += new
+            self._rewrite(rows)
+            self._file = self._path.open("a", encoding="utf-8")
+        self._file.write(_csv_line(row.get(column, "") for column in self._columns))
+        self._file.flush()
+
+    def close(self, status: RunStatus = "completed") -> None:
+        self._file.close()
+
+
+# ----------------------------------------------------------------------------- trackers
+
+
+class WandbSink:
+    """Scalars under ``split/name`` at ``step=global step`` in a Weights & Biases run.
+
+    The run id is kept in ``output_dir/wandb_run.json``; a resumed run reopens that run
+    (``resume="allow"``, recorded in offline runs too, so ``wandb sync`` appends to it). W&B files go
+    to ``output_dir/wandb``. Set ``WANDB_PROJECT``, ``WANDB_ENTITY``, ``WANDB_MODE=offline`` and
+    others as W&B documents.
+    """
+
+    def __init__(self, output_dir: Path, initial_step: int, run_config: Mapping[str, Any] | None):
+        import wandb
+
+        state_path = output_dir / WANDB_STATE_FILENAME
+        previous = _read_json(state_path) if initial_step > 0 else None
+        run_id = previous["run_id"] if previous else uuid.uuid4().hex[:12]  # W&B ids: lowercase letters, digits
+        write_json_atomically(state_path, {"run_id": run_id})  # before any step: a run killed early keeps its id
+        self._run = wandb.init(id=run_id, resume="allow", dir=str(output_dir), config=dict(run_config or {}),
+                               project=os.environ.get("WANDB_PROJECT", "easytrain"),
+                               name=os.environ.get("WANDB_NAME", output_dir.resolve().name))
+
+    def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
+        self._run.log({metric_tag(split, name): value for name, value in metrics.items()}, step=step)
+
+    def close(self, status: RunStatus = "completed") -> None:
+        self._run.finish(exit_code=1 if status == "failed" else 0)
+
+
+_MLFLOW_STATUS = {"completed": "FINISHED", "stopped": "KILLED", "failed": "FAILED"}
+_MLFLOW_BATCH = 100  # params per log_batch call accepted by every MLflow backend
+
+
+class MlflowSink:
+    """Metrics under ``split/name`` with ``step=global step`` in an MLflow run; arguments as its params.
+
+    The tracking URI is MLflow's own (``MLFLOW_TRACKING_URI``), the experiment ``MLFLOW_EXPERIMENT_NAME``
+    (default "easytrain"). The run id and URI are kept in ``output_dir/mlflow_run.json``; a resumed run
+    reopens that run, marks it RUNNING again, and sends only steps after the last one the store holds
+    (MLflow would otherwise keep two values at a step; it cannot delete one).
+    """
+
+    def __init__(self, output_dir: Path, initial_step: int, run_config: Mapping[str, Any] | None):
+        from mlflow.tracking import MlflowClient
+
+        self._state_path = output_dir / MLFLOW_STATE_FILENAME
+        previous = _read_json(self._state_path) if initial_step > 0 else None
+        if previous:
+            self._client = MlflowClient(tracking_uri=previous["tracking_uri"])
+            self._run_id = previous["run_id"]
+            self._client.update_run(self._run_id, status="RUNNING")
+            self._floor = self._last_logged_step()
+            if self._floor > initial_step:
+                logger.warning("MLflow run %s already holds steps %d..%d from the interrupted run; they are not "
+                               "logged again (an exact resume computes the same values)", self._run_id,
+                               initial_step + 1, self._floor)
+        else:
+            self._client = MlflowClient()
+            name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "easytrain")
+            experiment = self._client.get_experiment_by_name(name)
+            experiment_id = experiment.experiment_id if experiment else self._client.create_experiment(name)
+            self._run_id = self._client.create_run(experiment_id, run_name=output_dir.resolve().name).info.run_id
+            self._log_params(run_config or {})
+            self._floor = 0
+        write_json_atomically(self._state_path, {"run_id": self._run_id, "tracking_uri": self._client.tracking_uri})
+
+    def _last_logged_step(self) -> int:
+        """The highest step of any metric the run holds: read from the tracking store, not remembered."""
+        names = self._client.get_run(self._run_id).data.metrics
+        return max((m.step for name in names for m in self._client.get_metric_history(self._run_id, name)), default=0)
+
+    def _log_params(self, config: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        params = [Param(str(key), str(value)[:500]) for key, value in config.items()]
+        for start in range(0, len(params), _MLFLOW_BATCH):
+            self._client.log_batch(self._run_id, params=params[start:start + _MLFLOW_BATCH])
+
+    def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        if step <= self._floor:
+            return
+        now = int(time.time() * 1000)
+        values = [Metric(metric_tag(split, name), value, now, step) for name, value in metrics.items()]
+        self._client.log_batch(self._run_id, metrics=values)
+
+    def close(self, status: RunStatus = "completed") -> None:
+        self._client.set_terminated(self._run_id, _MLFLOW_STATUS[status])

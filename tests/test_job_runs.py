@@ -1,0 +1,189 @@
+"""Job reporting of real trainer runs: completed, stopped (stop file, a callback), failed, nested in a pipeline,
+and killed with SIGKILL then resumed, with every metric sink (CSV, W&B offline, MLflow file store) checked for
+steps that never overlap or reset."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from easytrain import BaseTrainer, Callback, TrainingArguments, parse_arguments
+from easytrain.checkpoint import finalized_steps
+from easytrain.jobs import current_job, job, read_job
+from runs import logged
+from sink_readers import csv_rows, mlflow_history, mlflow_run, tracker_env, wandb_segments
+
+
+def read_wandb_id(output_dir: Path) -> str:
+    return json.loads((output_dir / "wandb_run.json").read_text())["run_id"]
+
+
+def tiny_args(output_dir: Path, **overrides) -> TrainingArguments:
+    values = dict(output_dir=str(output_dir), max_length=16, train_batch_size=4, eval_batch_size=4, max_steps=6,
+                  logging_steps=1, eval_strategy="no", save_strategy="steps", save_steps=100, report_to=["jsonl"],
+                  disable_progress_bar=True, save_pretrained_at_end=False, max_train_samples=64, max_eval_samples=8,
+                  lr_scheduler_type="constant", warmup_ratio=0.0)
+    return TrainingArguments(**{**values, **overrides})
+
+
+class JobRecorder(Callback):
+    """Every job record the trainer's callbacks receive; optionally acts at a step."""
+
+    def __init__(self, at_step: int | None = None, action=None):
+        self.records: list[dict] = []
+        self.at_step, self.action = at_step, action
+
+    def on_job_update(self, trainer, job):
+        self.records.append(job)
+
+    def on_step_end(self, trainer, step):
+        if step == self.at_step:
+            self.action(trainer)
+
+    def progress(self) -> list[float]:
+        return [record["progress"] for record in self.records]
+
+
+def test_a_completed_run_reports_progress_in_its_range_and_its_metrics(tmp_path: Path) -> None:
+    recorder = JobRecorder()
+    args = tiny_args(tmp_path / "run", progress_start=10, progress_end=60, eval_strategy="steps", eval_steps=3)
+    BaseTrainer(args, callbacks=[recorder]).train()
+    record = read_job(args.output_dir)
+    assert (record["status"], record["progress"], record["step"], record["total_steps"]) == ("completed", 60.0, 6, 6)
+    assert record["metrics"]["train"]["step"] == 6 and record["metrics"]["eval"]["step"] == 6
+    assert record["metrics"]["train"]["loss"] == pytest.approx(logged(args.output_dir)[6])
+    assert "eval_loss" in record["metrics"]["eval"] and record["eta_seconds"] == 0.0
+    steps = [(r["step"], r["progress"]) for r in recorder.records if r["status"] == "running"]
+    assert steps[0] == (0, 10.0) and (3, 35.0) in steps and steps[-1] == (6, 60.0)
+    assert recorder.progress() == sorted(recorder.progress())
+    assert recorder.records[-1]["status"] == "completed"
+
+
+def test_stop_file_checkpoints_stops_then_the_resume_continues(tmp_path: Path) -> None:
+    output_dir = tmp_path / "run"
+    drop_stop_file = JobRecorder(at_step=3, action=lambda trainer: (output_dir / "STOP").touch())
+    BaseTrainer(tiny_args(output_dir), callbacks=[drop_stop_file]).train()
+    record = read_job(output_dir)
+    assert (record["status"], record["step"], record["progress"]) == ("stopped", 3, 50.0)
+    assert "STOP" in record["stop_reason"] and not (output_dir / "STOP").exists()
+    assert finalized_steps(output_dir / "checkpoints") == [3], "stopped with a checkpoint of the last step"
+    assert sorted(logged(output_dir)) == [1, 2, 3]
+
+    resumed = JobRecorder()
+    BaseTrainer(tiny_args(output_dir, resume_from_checkpoint="latest"), callbacks=[resumed]).train()
+    record = read_job(output_dir)
+    assert (record["status"], record["resumed_from_step"], record["progress"]) == ("completed", 3, 100.0)
+    running = [r["progress"] for r in resumed.records if r["status"] == "running"]
+    assert running[0] == 50.0 and running == sorted(running), "progress continues from the restored step"
+    assert sorted(logged(output_dir)) == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_callback_can_stop_the_job(tmp_path: Path) -> None:
+    class StopAtHalf(Callback):
+        def on_job_update(self, trainer, job):
+            if job["progress"] >= 50:
+                current_job().request_stop("enough: half way")
+
+    BaseTrainer(tiny_args(tmp_path / "run", save_strategy="no"), callbacks=[StopAtHalf()]).train()
+    record = read_job(tmp_path / "run")
+    assert (record["status"], record["step"], record["stop_reason"]) == ("stopped", 3, "enough: half way")
+
+
+def test_a_failure_records_the_error_and_its_traceback(tmp_path: Path) -> None:
+    def explode(trainer):
+        raise RuntimeError("the data server went away")
+
+    with pytest.raises(RuntimeError, match="went away"):
+        BaseTrainer(tiny_args(tmp_path / "run"), callbacks=[JobRecorder(at_step=2, action=explode)]).train()
+    record = read_job(tmp_path / "run")
+    assert (record["status"], record["step"]) == ("failed", 1)  # your callbacks run before the job's
+    assert record["error"]["type"] == "RuntimeError" and record["error"]["message"] == "the data server went away"
+    assert "in explode" in record["error"]["traceback"]
+
+
+def test_trainers_of_a_pipeline_report_into_the_enclosing_job(tmp_path: Path) -> None:
+    seen: list[dict] = []
+    with job(tmp_path / "pipeline", listeners=[seen.append], min_write_interval=0):
+        BaseTrainer(tiny_args(tmp_path / "stage1", max_steps=4, progress_end=50)).train()
+        assert read_job(tmp_path / "pipeline")["status"] == "running", "a stage does not end the job"
+        BaseTrainer(tiny_args(tmp_path / "stage2", max_steps=2, progress_start=50)).train()
+        assert current_job() is not None and current_job().output_dir == tmp_path / "pipeline"
+    progress = [(record["step"], record["progress"]) for record in seen if record["status"] == "running"]
+    assert list(dict.fromkeys(progress)) == [(0, 0.0), (1, 12.5), (2, 25.0), (3, 37.5), (4, 50.0),  # stage 1
+                                             (0, 50.0), (1, 75.0), (2, 100.0)]  # stage 2
+    assert read_job(tmp_path / "pipeline")["status"] == "completed"
+    assert read_job(tmp_path / "stage1") is None, "the stages report into the pipeline's job only"
+
+
+# ----------------------------------------------------------------------------- SIGKILL, then resume
+
+FLAGS = ["--max_length", "16", "--train_batch_size", "4", "--eval_batch_size", "4", "--logging_steps", "1",
+         "--eval_strategy", "no", "--save_steps", "4", "--report_to", "jsonl", "csv", "wandb", "mlflow",
+         "--disable_progress_bar", "--save_pretrained_at_end", "false", "--max_train_samples", "64",
+         "--lr_scheduler_type", "constant", "--warmup_ratio", "0", "--async_checkpointing", "false"]
+KILLED_MAX_STEPS = 100_000
+
+
+def kill_after_checkpoint(output_dir: Path, env: dict[str, str], timeout: float = 240.0) -> None:
+    """Train through the CLI; SIGKILL once a checkpoint exists and two more steps are logged."""
+    process = subprocess.Popen([sys.executable, "-m", "easytrain", "train", "--output_dir", str(output_dir), *FLAGS,
+                                "--max_steps", str(KILLED_MAX_STEPS)], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + timeout
+    while True:
+        saved = finalized_steps(output_dir / "checkpoints")
+        steps = logged(output_dir) if (output_dir / "metrics.jsonl").exists() else {}
+        if saved and steps and max(steps) >= saved[-1] + 2:
+            process.send_signal(signal.SIGKILL)
+            process.wait(timeout=60)
+            return
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"the run to kill did not get far enough:\n{process.communicate()[0][-3000:]}")
+        time.sleep(0.05)
+
+
+def test_killed_run_says_running_and_its_resume_continues_every_sink(tmp_path: Path, monkeypatch) -> None:
+    output_dir, trackers = tmp_path / "run", tracker_env(tmp_path)
+    # WANDB_SERVICE: this process's W&B service, if an earlier test started one; the killed run must use its own,
+    # or its never-finished run would stay open in ours and block the resume below ("run ID is in use")
+    inherited = {name: value for name, value in os.environ.items() if name != "WANDB_SERVICE"}
+    kill_after_checkpoint(output_dir, {**inherited, "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu", **trackers})
+    killed = read_job(output_dir)
+    restored, last_logged = finalized_steps(output_dir / "checkpoints")[-1], max(logged(output_dir))
+    assert killed["status"] == "running" and killed["finished_at"] is None
+    assert restored <= killed["step"] <= last_logged and killed["progress"] == pytest.approx(
+        100 * killed["step"] / KILLED_MAX_STEPS)
+
+    for name, value in trackers.items():
+        monkeypatch.setenv(name, value)
+    total = last_logged + 3
+    arguments = parse_arguments(["--output_dir", str(output_dir), *FLAGS, "--max_steps", str(total),
+                                 "--resume_from_checkpoint", "latest"])
+    recorder = JobRecorder()
+    BaseTrainer(arguments, callbacks=[recorder]).train()
+
+    record = read_job(output_dir)
+    assert (record["status"], record["resumed_from_step"], record["progress"]) == ("completed", restored, 100.0)
+    running = [r["progress"] for r in recorder.records if r["status"] == "running"]
+    assert running[0] == pytest.approx(100 * restored / total) and running == sorted(running), "never resets"
+
+    losses = logged(output_dir)  # JSONL: the killed run's steps after the checkpoint were dropped, then redone
+    assert sorted(losses) == list(range(1, total + 1))
+    assert [int(row["step"]) for row in csv_rows(output_dir)] == list(range(1, total + 1))
+    # W&B: the same run, resumed, at the global steps after the restored one (a SIGKILL loses what W&B had not
+    # flushed of the killed segment, so only the resumed segment is checked point by point)
+    killed_segment, resumed = wandb_segments(output_dir, finished=1)
+    assert resumed["resume"] and resumed["run_id"] == killed_segment["directory_id"] == read_wandb_id(output_dir)
+    assert [(row["_step"], row["train/loss"]) for row in resumed["history"] if "train/loss" in row] == [
+        (step, pytest.approx(losses[step])) for step in range(restored + 1, total + 1)]
+    # MLflow: one run, one value per step; the steps it held from the killed run are those an exact resume redoes
+    assert mlflow_history(output_dir, "train/loss") == [(s, pytest.approx(losses[s])) for s in range(1, total + 1)]
+    assert mlflow_run(output_dir)[1].info.status == "FINISHED"
