@@ -1,0 +1,331 @@
+"""Run every benchmark, each in a child process of its own, and summarise them: a table, JSON and a PNG chart.
+
+    python -m benchmarks.run [--suite quick|full] [--only sft,dpo] [--out results.json] [--chart results.png]
+                             [--timeout SECONDS] [--extra 'sft=--steps 5 --repeats 3']
+
+Each benchmark runs as `python -m benchmarks.<name> ...` from the repository root, one after the other, so a
+crash or a timeout fails that benchmark only and peak memory stays per benchmark. `--suite quick` gives
+each its `--quick` profile (or, for the scripts without one, small sizes set here); `--suite full` their
+defaults. `--extra name=ARGS` appends arguments to one benchmark's command line (later flags win).
+Contenders are alternated inside each benchmark (one process, or interleaved child processes), after
+warm-up, and each reports medians and spreads itself; this runner only collects them.
+
+Recorded per benchmark: status (`ok`, `failed` with the tail of its stderr, `timeout`, `skipped` when an
+optional package is missing), wall seconds, the command and its JSON result. A few headline numbers per
+benchmark (with their spread where the benchmark reports one) are printed as a table; the JSON written to
+`--out` also holds the machine (device, CPUs, jax version, date, load average, git commit). Headline
+ratios are drawn as a bar chart (reference line at 1.0) next to `--out` (same name, `.png`) or at `--chart`.
+Exit status 1 if any benchmark failed or timed out. No timing is asserted anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+TAIL_CHARS = 3000
+TIMEOUTS = {"quick": 900, "full": 5400}  # seconds per benchmark, unless --timeout
+
+
+@dataclass(frozen=True)
+class Headline:
+    """One number of the summary: `ratio`s (dimensionless, 1.0 = parity) are also drawn in the chart."""
+
+    benchmark: str
+    label: str
+    value: float | None
+    low: float | None = None  # spread (min, max over the benchmark's repeats), where it reports one
+    high: float | None = None
+    ratio: bool = True
+
+
+def dig(tree: Any, path: str) -> Any:
+    """`tree["a"]["b"]...` for the path "a.b...", or None where any key is missing."""
+    for key in path.split("."):
+        tree = tree.get(key) if isinstance(tree, dict) else None
+    return tree
+
+
+def quotient(a: Any, b: Any, digits: int = 4) -> float | None:
+    ok = all(isinstance(x, (int, float)) for x in (a, b)) and b
+    return round(a / b, digits) if ok else None
+
+
+def overhead(r: dict) -> list[Headline]:
+    return [Headline("overhead", "easytrain / hand-written tokens/s", dig(r, "ratio_trainer_over_loop")),
+            Headline("overhead", "easytrain tokens/s", dig(r, "trainer_tokens_per_second"), ratio=False)]
+
+
+def generation(r: dict) -> list[Headline]:
+    return [Headline("generation", "KV cache / no cache tokens/s", dig(r, "speedup")),
+            Headline("generation", "KV cache new tokens/s", dig(r, "cache_tokens_per_second"), ratio=False)]
+
+
+def scaling(r: dict) -> list[Headline]:
+    def label(m: dict) -> str:
+        return "constrained / plain step, mesh " + ",".join(str(m.get(k, "?")) for k in ("data", "fsdp", "tensor"))
+    return [Headline("scaling", label(dig(m, "mesh") or {}),
+                     quotient(dig(m, "constrained.step_seconds"), dig(m, "plain.step_seconds")))
+            for m in dig(r, "meshes") or [{}]]
+
+
+def sft(r: dict) -> list[Headline]:
+    s = dig(r, "speedup_supervised_tokens_per_second") or {}
+    return [Headline("sft", "packing / padding supervised tokens/s", s.get("median_ratio"),
+                     s.get("per_repeat_min"), s.get("per_repeat_max"))]
+
+
+def dpo(r: dict) -> list[Headline]:
+    def step(side: str, label: str) -> Headline:  # process CPU seconds: steadier than wall on shared cores
+        ratio = dig(r, f"cpu_ratio_over_sft.{side}") or {}
+        return Headline("dpo", label, ratio.get("of_medians"), dig(ratio, "per_repeat.min"),
+                        dig(ratio, "per_repeat.max"))
+    return [step("dpo_frozen", "DPO (frozen ref) / SFT step CPU time"),
+            step("dpo_adapter_off_lora", "DPO (LoRA, adapter-off ref) / SFT step CPU time"),
+            Headline("dpo", "DPO (frozen ref) / SFT state bytes", quotient(
+                dig(r, "memory.state_bytes.dpo_frozen.total"), dig(r, "memory.state_bytes.sft.total")))]
+
+
+def lora(r: dict) -> list[Headline]:
+    ratio = dig(r, "lora_over_full") or {}
+    return [Headline("lora", "LoRA / full step time", ratio.get("step_seconds_of_medians"),
+                     dig(ratio, "step_seconds_per_round.min"), dig(ratio, "step_seconds_per_round.max")),
+            Headline("lora", "LoRA / full optimizer bytes", ratio.get("opt_state_bytes")),
+            Headline("lora", "LoRA / full peak RSS", ratio.get("peak_rss"))]
+
+
+def qlora(r: dict) -> list[Headline]:
+    return [Headline("qlora", "NF4 / float32 projection bytes (packed)",
+                     dig(r, "base_bytes_over_float.qwix_qlora_nf4.packed_bytes")),
+            Headline("qlora", "int8 / float32 projection bytes (held)",
+                     dig(r, "base_bytes_over_float.qwix_qlora_int8.on_device_bytes")),
+            Headline("qlora", "NF4 QLoRA / LoRA eval loss", quotient(
+                dig(r, "sides.qwix_qlora_nf4.eval_loss"), dig(r, "sides.easytrain_lora.eval_loss")))]
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    name: str
+    headlines: Callable[[dict], list[Headline]]
+    quick: tuple[str, ...] = ("--quick",)  # what `--suite quick` passes; the full suite passes nothing
+    writes_out: bool = True  # takes `--out FILE`; otherwise its JSON is the last JSON line of its stdout
+    requires: str | None = None  # an optional package: skipped without it
+
+
+BENCHMARKS = {b.name: b for b in (
+    Benchmark("overhead", overhead, ("--rounds", "3", "--steps_per_round", "5"), writes_out=False),
+    Benchmark("generation", generation, ("--batch", "4", "--prompt", "32", "--new", "32"), writes_out=False),
+    Benchmark("scaling", scaling, ("--rounds", "3", "--meshes", "2,2,2"), writes_out=False),
+    Benchmark("sft", sft), Benchmark("dpo", dpo), Benchmark("lora", lora),
+    Benchmark("qlora", qlora, requires="qwix"),
+) if (ROOT / "benchmarks" / f"{b.name}.py").exists()}
+
+
+def read_result(out: Path | None, stdout: str) -> dict | None:
+    """The JSON the benchmark wrote to `out`, else the last JSON line of its stdout; None if neither parses."""
+    lines = [out.read_text()] if out and out.exists() else reversed(stdout.splitlines())
+    for line in lines:
+        try:
+            return json.loads(line)
+        except ValueError:
+            continue
+    return None
+
+
+def run_one(bench: Benchmark, suite: str, extra: list[str], timeout: float, scratch: Path) -> dict[str, Any]:
+    """Run one benchmark in its own process group (a timeout also ends its children)."""
+    if bench.requires and importlib.util.find_spec(bench.requires) is None:
+        return {"status": "skipped", "reason": f"needs the optional package {bench.requires!r}"}
+    out = scratch / f"{bench.name}.json"
+    command = [sys.executable, "-m", f"benchmarks.{bench.name}", *(bench.quick if suite == "quick" else ()),
+               *(("--out", str(out)) if bench.writes_out else ()), *extra]
+    record: dict[str, Any] = {"command": shlex.join(command[1:])}
+    started = time.perf_counter()
+    child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    timed_out = False
+    try:
+        stdout, stderr = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        os.killpg(child.pid, signal.SIGKILL)
+        stdout, stderr = child.communicate()
+    record.update(seconds=round(time.perf_counter() - started, 1), returncode=child.returncode)
+    result = read_result(out if bench.writes_out else None, stdout)
+    if child.returncode == 0 and isinstance(result, dict):
+        return {"status": "ok", **record, "result": result}
+    status = "timeout" if timed_out else "failed"
+    tail = stderr[-TAIL_CHARS:] or stdout[-TAIL_CHARS:] or "(no output)"
+    return {"status": status, **record, "error": tail if child.returncode else "no JSON result in its output"}
+
+
+def git_commit() -> str | None:
+    try:
+        git = {"cwd": ROOT, "capture_output": True, "text": True, "timeout": 10}
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], check=False, **git)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], check=False, **git)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")) if commit.returncode == 0 else None
+
+
+def machine_info() -> dict[str, Any]:
+    """Device kind from a short child process: the runner itself never starts a JAX backend (and its memory)."""
+    probe = "import jax; d = jax.devices()[0]; print(d.platform, jax.device_count(), d.device_kind)"
+    try:
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                             check=False).stdout
+        platform_name, count, kind = out.strip().split(" ", 2)
+    except (OSError, subprocess.SubprocessError, ValueError):
+        platform_name, count, kind = None, None, None
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), None) if Path("/proc/cpuinfo").exists() else None
+    return {"device_kind": kind, "platform": platform_name, "device_count": count and int(count),
+            "cpu_count": os.cpu_count(), "cpu": cpu or platform.processor() or None,
+            "jax": importlib.metadata.version("jax"), "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "load_average_at_start": [round(x, 2) for x in os.getloadavg()], "git_commit": git_commit()}
+
+
+def headlines(benchmarks: dict[str, dict[str, Any]]) -> list[Headline]:
+    rows = []
+    for name, record in benchmarks.items():
+        if record["status"] != "ok":
+            rows.append(Headline(name, record["status"], None, ratio=False))
+            continue
+        try:
+            rows += BENCHMARKS[name].headlines(record["result"])
+        except Exception as error:  # a changed result layout must not lose the others' numbers
+            rows.append(Headline(name, f"headline error: {error!r}", None, ratio=False))
+    return rows
+
+
+def fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
+def print_table(rows: list[Headline], benchmarks: dict[str, dict[str, Any]]) -> None:
+    table = [("benchmark", "status", "wall s", "headline", "value", "spread [min, max]")]
+    for row in rows:
+        record = benchmarks[row.benchmark]
+        spread = "" if row.low is None and row.high is None else f"[{fmt(row.low)}, {fmt(row.high)}]"
+        table.append((row.benchmark, record["status"], str(record.get("seconds", "")), row.label, fmt(row.value),
+                      spread))
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    for line in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
+
+
+def draw_chart(rows: list[Headline], path: Path, title: str) -> bool:
+    """Bars of the ratio headlines from 1.0 (log scale), spread as error bars; False without matplotlib."""
+    try:
+        from matplotlib import ticker
+        from matplotlib.figure import Figure  # renders through the Agg canvas; pyplot is never imported
+    except ImportError:
+        return False
+    bars = [row for row in rows if row.ratio and row.value is not None and row.value > 0]
+    fig = Figure(figsize=(10, 1.3 + 0.4 * max(len(bars), 1)), layout="constrained")
+    ax = fig.add_subplot()
+    colours = {name: f"C{i % 10}" for i, name in enumerate(dict.fromkeys(row.benchmark for row in bars))}
+    ends = [1.0]
+    for y, row in enumerate(bars):
+        low = row.value if row.low is None else row.low
+        high = row.value if row.high is None else row.high
+        err = [[max(row.value - low, 0)], [max(high - row.value, 0)]] if (low, high) != (row.value,) * 2 else None
+        ax.barh(y, row.value - 1.0, left=1.0, color=colours[row.benchmark], xerr=err, capsize=3)
+        right = row.value >= 1.0  # the value is written beyond the bar's far end (and its whisker)
+        ax.annotate(f" {row.value:.3g} " if right else f"{row.value:.3g} ",
+                    (max(row.value, high) if right else min(row.value, low), y), va="center",
+                    ha="left" if right else "right", fontsize="small")
+        ends += [row.value, low, high]
+    ax.set_yticks(range(len(bars)), [f"{row.benchmark}: {row.label}" for row in bars], fontsize="small")
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlim(min(ends) / 1.6, max(ends) * 1.6)
+    plain = ticker.FuncFormatter(lambda x, _: f"{x:g}")
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain if max(ends) / min(ends) < 30 else ticker.NullFormatter())
+    ax.tick_params(axis="x", which="minor", labelsize="x-small")
+    ax.axvline(1.0, color="black", linewidth=1)
+    ax.set_xlabel("ratio (log scale; bars start at 1.0; whiskers: spread over repeats, where reported)")
+    ax.set_title(title, fontsize="medium")
+    if not bars:
+        ax.text(0.5, 0.5, "no ratios to show", transform=ax.transAxes, ha="center")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=("quick", "full"), default="quick")
+    parser.add_argument("--only", help=f"comma-separated names (default: all of {', '.join(BENCHMARKS)})")
+    parser.add_argument("--out", help="write the JSON summary here (and the chart next to it, as .png)")
+    parser.add_argument("--chart", help="where to write the PNG chart (default: --out with .png)")
+    parser.add_argument("--timeout", type=float, help="seconds per benchmark (default: quick 900, full 5400)")
+    parser.add_argument("--extra", action="append", default=[], metavar="NAME=ARGS",
+                        help="append ARGS (shell-quoted) to one benchmark's command line; repeatable")
+    options = parser.parse_args(argv)
+    options.names = [n.strip() for n in options.only.split(",") if n.strip()] if options.only else list(BENCHMARKS)
+    unknown = [n for n in options.names if n not in BENCHMARKS]
+    options.extras = {}
+    for item in options.extra:
+        name, _, args = item.partition("=")
+        unknown += [name] if name not in BENCHMARKS else []
+        options.extras[name] = options.extras.get(name, []) + shlex.split(args)
+    if unknown:
+        parser.error(f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}")
+    options.timeout = options.timeout or TIMEOUTS[options.suite]
+    return options
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    options = parse(argv)
+    machine = machine_info()
+    benchmarks: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="easytrain-bench-run-") as scratch:
+        for name in options.names:
+            print(f"[{name}] running ...", flush=True)
+            benchmarks[name] = run_one(BENCHMARKS[name], options.suite, options.extras.get(name, []),
+                                       options.timeout, Path(scratch))
+            record = benchmarks[name]
+            why = (record.get("error") or record.get("reason") or "").strip().splitlines()[-1:]
+            print(f"[{name}] {record['status']} in {record.get('seconds', 0)} s", *why, flush=True)
+    machine["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    rows = headlines(benchmarks)
+    print_table(rows, benchmarks)
+    chart = options.chart or (str(Path(options.out).with_suffix(".png")) if options.out else None)
+    if chart and not draw_chart(rows, Path(chart), f"easytrain benchmarks ({options.suite} suite), "
+                                f"{machine['device_kind'] or '?'}, {machine['date'][:10]}"):
+        print("no chart: matplotlib is not installed (pip install 'easytrain[plot]')")
+        chart = None
+    summary = {"suite": options.suite, "machine": machine, "chart": chart,
+               "headlines": [row.__dict__ for row in rows],
+               "statuses": {name: record["status"] for name, record in benchmarks.items()},
+               "seconds": round(sum(r.get("seconds", 0) for r in benchmarks.values()), 1)}
+    print(json.dumps(summary))
+    output = {**summary, "benchmarks": benchmarks}
+    if options.out:
+        Path(options.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(options.out).write_text(json.dumps(output, indent=1) + "\n")
+    return output
+
+
+if __name__ == "__main__":
+    sys.exit(1 if {"failed", "timeout"} & set(main()["statuses"].values()) else 0)
