@@ -1,7 +1,7 @@
 """The training loop: dispatch iterations, and only at logging steps fetch metrics from the device.
 
 Between logging steps nothing blocks on device values, so the host prepares batch N+1 while the
-device runs step N. The loop gets every collaborator explicitly (`LoopParts`); it knows no trainer
+device runs step N; a logging step's metrics are fetched once the step after it is queued. The loop gets every collaborator explicitly (`LoopParts`); it knows no trainer
 class and no batch field by name.
 """
 
@@ -112,19 +112,31 @@ class TrainLoop:
         return self.last_logs
 
     def iterate(self, step: int) -> int:
+        """Dispatch steps; a logging step's metrics are fetched only once the next step is queued behind it
+        (so the device never idles while the host logs), unless an evaluation, a save or the end follows it,
+        which wait for the device anyway. `on_log` of a step therefore runs after the next step's dispatch."""
         parts, args, data = self.parts, self.args, self.data
+        deferred: int | None = None
         while step < data.total_steps and not parts.owner.should_stop:
             batch = next(self.iterator)
             metrics = self.dispatch(parts.to_device(batch))
+            if deferred is not None:  # pending holds steps up to `deferred`; the device already has the next
+                self.log(deferred)
+                deferred = None
             step += 1
             self.pending.append((step, metrics, batch.get("example_id"), self.count(batch)))
             self.reporter.advance(step)
+            evaluating = is_due(step, args.eval_strategy, args.eval_steps, data.steps_per_epoch)
+            saving = is_due(step, args.save_strategy, args.save_steps, data.steps_per_epoch)
             if step % args.logging_steps == 0 or step == data.total_steps:
-                self.log(step)
-            if is_due(step, args.eval_strategy, args.eval_steps, data.steps_per_epoch):
+                if evaluating or saving or step == data.total_steps:
+                    self.log(step)
+                else:
+                    deferred = step
+            if evaluating:
                 with self.off_the_clock():
                     self.evaluate(step)
-            if is_due(step, args.save_strategy, args.save_steps, data.steps_per_epoch):
+            if saving:
                 with self.off_the_clock():
                     self.save(step)
             parts.callbacks.on_step_end(parts.owner, step)

@@ -1,0 +1,39 @@
+"""The loop keeps the device busy while it logs: metrics of a logging step are fetched from the device only
+after the next step has been dispatched, and nothing is fetched between logging steps."""
+
+from easytrain import BaseTrainer, TrainingArguments
+from easytrain.trainers import loop as loop_module
+from runs import logged
+
+
+class Recording(BaseTrainer):
+    """Records dispatches (train iterations) and metric fetches in the order the loop makes them."""
+
+    events: list
+
+    def train_iteration(self, state, batch):
+        self.events.append(("dispatch", sum(kind == "dispatch" for kind, _ in self.events) + 1))
+        return super().train_iteration(state, batch)
+
+
+def test_metrics_of_a_logging_step_are_fetched_after_the_next_step_is_dispatched(tmp_path, monkeypatch):
+    events: list = []
+    fetch = loop_module.metrics_lib.fetch
+
+    def recording_fetch(tree):
+        events.append(("fetch", len(tree)))
+        return fetch(tree)
+
+    monkeypatch.setattr(loop_module.metrics_lib, "fetch", recording_fetch)
+    args = TrainingArguments(output_dir=str(tmp_path), max_length=32, train_batch_size=8, max_steps=7,
+                             logging_steps=2, eval_strategy="no", save_strategy="steps", save_steps=6,
+                             report_to=["jsonl"], disable_progress_bar=True, save_pretrained_at_end=False,
+                             max_train_samples=64, max_eval_samples=8)
+    trainer = Recording(args)
+    trainer.events = events
+    trainer.train()
+    # Step 2's metrics after step 3 is queued, step 4's after step 5; step 6 is saved (the save waits for the
+    # device anyway, so it logs at once); step 7 is the last.
+    assert events == [("dispatch", 1), ("dispatch", 2), ("dispatch", 3), ("fetch", 2), ("dispatch", 4),
+                      ("dispatch", 5), ("fetch", 2), ("dispatch", 6), ("fetch", 2), ("dispatch", 7), ("fetch", 1)]
+    assert sorted(logged(tmp_path)) == [2, 4, 6, 7]
