@@ -37,3 +37,52 @@ def test_metrics_of_a_logging_step_are_fetched_after_the_next_step_is_dispatched
     assert events == [("dispatch", 1), ("dispatch", 2), ("dispatch", 3), ("fetch", 2), ("dispatch", 4),
                       ("dispatch", 5), ("fetch", 2), ("dispatch", 6), ("fetch", 2), ("dispatch", 7), ("fetch", 1)]
     assert sorted(logged(tmp_path)) == [2, 4, 6, 7]
+
+
+def test_nothing_is_read_from_the_device_between_logging_steps(tmp_path, monkeypatch):
+    """Every host read of a `jax.Array` (`__array__`, `_value`, host copies) during the loop happens inside the
+    logging fetch. (`jax.transfer_guard` cannot show this on CPU, where device arrays already live in host
+    memory, so the reads are counted at the array type itself.)"""
+    from jax._src import array as array_module
+
+    state = {"training": False, "fetching": False}
+    stray: list = []
+
+    def counted(name, original):
+        def read(self, *args, **kwargs):
+            if state["training"] and not state["fetching"]:
+                stray.append(name)
+            return original(self, *args, **kwargs)
+        return read
+
+    impl = array_module.ArrayImpl
+    for name in ("__array__", "copy_to_host_async", "_copy_single_device_array_to_host_async"):
+        monkeypatch.setattr(impl, name, counted(name, getattr(impl, name)))
+    monkeypatch.setattr(impl, "_value", property(counted("_value", impl._value.fget)))
+    fetch = loop_module.metrics_lib.fetch
+
+    def fetching(tree):
+        state["fetching"] = True
+        try:
+            return fetch(tree)
+        finally:
+            state["fetching"] = False
+
+    monkeypatch.setattr(loop_module.metrics_lib, "fetch", fetching)
+
+    class Watched(BaseTrainer):
+        def train_iteration(self, train_state, batch):
+            state["training"] = True
+            return super().train_iteration(train_state, batch)
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_length=32, train_batch_size=8, max_steps=9,
+                             logging_steps=4, eval_strategy="no", save_strategy="no", report_to=["jsonl"],
+                             disable_progress_bar=True, save_pretrained_at_end=False, max_train_samples=64,
+                             max_eval_samples=8)
+    trainer = Watched(args)
+    trainer.train()
+    assert sorted(logged(tmp_path)) == [4, 8, 9]
+    assert stray == [], f"host reads outside the logging fetch: {stray}"
+    state["fetching"] = False
+    float(trainer.state.step)
+    assert stray, "the patched reads must observe a host read"
