@@ -119,6 +119,11 @@ def qlora(r: dict) -> list[Headline]:
                 dig(r, "sides.qwix_qlora_nf4.eval_loss"), dig(r, "sides.easytrain_lora.eval_loss")))]
 
 
+def checkpoint(r: dict) -> list[Headline]:
+    return [Headline("checkpoint", "async save: loop blocked / sync save", r.get("blocked_over_sync")),
+            Headline("checkpoint", "peak RSS added by a save / state bytes", dig(r, "peak_added_over_state.async"))]
+
+
 @dataclass(frozen=True)
 class Benchmark:
     name: str
@@ -133,7 +138,7 @@ BENCHMARKS = {b.name: b for b in (
     Benchmark("generation", generation, ("--batch", "4", "--prompt", "32", "--new", "32"), writes_out=False),
     Benchmark("scaling", scaling, ("--rounds", "3", "--meshes", "2,2,2"), writes_out=False),
     Benchmark("sft", sft), Benchmark("dpo", dpo), Benchmark("lora", lora),
-    Benchmark("qlora", qlora, requires="qwix"),
+    Benchmark("qlora", qlora, requires="qwix"), Benchmark("checkpoint", checkpoint),
 ) if (ROOT / "benchmarks" / f"{b.name}.py").exists()}
 
 
