@@ -124,6 +124,14 @@ def checkpoint(r: dict) -> list[Headline]:
             Headline("checkpoint", "peak RSS added by a save / state bytes", dig(r, "peak_added_over_state.async"))]
 
 
+def data(r: dict) -> list[Headline]:
+    resume = list((r.get("resume_first_batch_seconds") or {}).values())
+    return [Headline("data", "tokenise + pack / training tokens/s", r.get("prepare_over_train")),
+            Headline("data", "batching / training tokens/s", r.get("batch_over_train")),
+            Headline("data", "resume to first batch: step 10M / step 0", quotient(resume[-1], resume[0])
+                     if len(resume) > 1 else None)]
+
+
 @dataclass(frozen=True)
 class Benchmark:
     name: str
@@ -138,7 +146,7 @@ BENCHMARKS = {b.name: b for b in (
     Benchmark("generation", generation, ("--batch", "4", "--prompt", "32", "--new", "32"), writes_out=False),
     Benchmark("scaling", scaling, ("--rounds", "3", "--meshes", "2,2,2"), writes_out=False),
     Benchmark("sft", sft), Benchmark("dpo", dpo), Benchmark("lora", lora),
-    Benchmark("qlora", qlora, requires="qwix"), Benchmark("checkpoint", checkpoint),
+    Benchmark("qlora", qlora, requires="qwix"), Benchmark("checkpoint", checkpoint), Benchmark("data", data),
 ) if (ROOT / "benchmarks" / f"{b.name}.py").exists()}
 
 
