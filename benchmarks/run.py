@@ -132,6 +132,13 @@ def data(r: dict) -> list[Headline]:
                      if len(resume) > 1 else None)]
 
 
+def remat(r: dict) -> list[Headline]:
+    return [Headline("remat", f"remat {policy} / none: step temp bytes", dig(r, f"policies.{policy}.temp_over_none"))
+            for policy in ("full", "dots")] + [
+        Headline("remat", f"remat {policy} / none: step time", dig(r, f"policies.{policy}.time_over_none"))
+        for policy in ("full", "dots")]
+
+
 @dataclass(frozen=True)
 class Benchmark:
     name: str
@@ -146,7 +153,7 @@ BENCHMARKS = {b.name: b for b in (
     Benchmark("generation", generation, ("--batch", "4", "--prompt", "32", "--new", "32"), writes_out=False),
     Benchmark("scaling", scaling, ("--rounds", "3", "--meshes", "2,2,2"), writes_out=False),
     Benchmark("sft", sft), Benchmark("dpo", dpo), Benchmark("lora", lora),
-    Benchmark("qlora", qlora, requires="qwix"), Benchmark("checkpoint", checkpoint), Benchmark("data", data),
+    Benchmark("qlora", qlora, requires="qwix"), Benchmark("checkpoint", checkpoint), Benchmark("data", data), Benchmark("remat", remat),
 ) if (ROOT / "benchmarks" / f"{b.name}.py").exists()}
 
 

@@ -70,6 +70,10 @@ class TrainingArguments:
         "float32", "Storage dtype of parameters and optimizer state (master weights): 'float32' or 'bfloat16' "
         "('float16' is refused, as for dtype).")
 
+    remat_policy: Literal["none", "full", "dots"] = _arg(
+        "none", "Recompute decoder-layer activations in the backward pass to save memory: 'full' keeps only each "
+        "layer's input, 'dots' also keeps matmul outputs; same values and gradients, more compute.")
+
     # --- LoRA (docs/lora.md) --------------------------------------------------------------------
     lora_rank: int = _arg(0, "Train LoRA adapters of this rank instead of every weight; 0 trains the full model.")
     lora_alpha: float = _arg(16.0, "LoRA scaling numerator: adapter outputs are multiplied by lora_alpha / lora_rank.")
@@ -276,6 +280,8 @@ def validate(args: TrainingArguments) -> None:
         _check_best_model_settings(args)
     _require(isinstance(args.lora_rank, int) and args.lora_rank >= 0, "lora_rank",
              f"must be a positive integer, or 0 to train every weight; got {args.lora_rank!r}.")
+    _require(args.remat_policy in ("none", "full", "dots"), "remat_policy",
+             f"must be 'none', 'full' or 'dots'; got {args.remat_policy!r}.")
     _require(args.lora_export in ("adapter", "merged", "both"), "lora_export",
              f"must be 'adapter', 'merged' or 'both'; got {args.lora_export!r}.")
     if args.lora_rank:

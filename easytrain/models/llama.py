@@ -42,6 +42,7 @@ from easytrain.models.families import (
     head_dim_of,
     rope_theta,
 )
+from easytrain.models.remat import layer_runner
 from easytrain.models.kv_cache import KVCache, LayerCache, advance, init_cache, with_layers
 from easytrain.sharding import constrain
 
@@ -280,6 +281,7 @@ class LlamaForCausalLM(nnx.Module):
         self.rope_theta = rope_theta(config)
         self.head_dim = head_dim_of(config)
         self.dtype = dtype
+        self.remat = "none"  # decoder layers' rematerialisation policy (easytrain.models.remat.POLICIES)
         std = config.initializer_range
         self.embed_tokens = Embedding(
             config.vocab_size, config.hidden_size, std=std, dtype=dtype, param_dtype=param_dtype, rngs=rngs
@@ -329,8 +331,9 @@ class LlamaForCausalLM(nnx.Module):
             for window in dict.fromkeys(self.features.windows)
         }
         x_MD = constrain(self.embed_tokens(input_ids_BT).reshape(batch * length, -1), RESIDUAL_MD)
+        run = layer_runner(self.remat)
         for layer, window in zip(self.layers, self.features.windows, strict=True):
-            x_MD = constrain(layer(x_MD, cos_BTK, sin_BTK, masks[window]), RESIDUAL_MD)
+            x_MD = constrain(run(layer, x_MD, cos_BTK, sin_BTK, masks[window]), RESIDUAL_MD)
         return self._logits(x_MD).reshape(batch, length, -1)
 
     def _logits(self, x_MD: Array) -> Array:

@@ -195,8 +195,14 @@ class BaseTrainer(LanguageModelHooks):
         return {}
 
     def adapt_module(self, module: nnx.Module) -> nnx.Module:
-        """Change the module before it is placed (eagerly, or under `nnx.eval_shape`); default: add the LoRA
-        adapters the `lora_*` arguments ask for (in place: a module passed as `model=` gets them too)."""
+        """Change the module before it is placed (eagerly, or under `nnx.eval_shape`); default: set its
+        `remat_policy` and add the LoRA adapters the `lora_*` arguments ask for (in place: a module passed as
+        `model=` gets them too)."""
+        if (policy := self._arguments.remat_policy) != "none" or hasattr(module, "remat"):
+            if not hasattr(module, "remat"):
+                raise ArgumentError("remat_policy", f"{type(module).__name__} has no `remat` attribute to set; "
+                                                    "use 'none', or apply nnx.remat inside your module.")
+            module.remat = policy
         return adapters.adapt(module, self.lora, self._arguments.seed, self._arguments.lora_adapter_path)
 
     def configure_model(self) -> ConfiguredModel:
