@@ -216,6 +216,7 @@ def test_the_tuned_optimizer_and_schedule_are_used(page):
 def test_the_callback_stops_training_and_keeps_its_history(page):
     stopper = page["stopper"]
     trainer, logs = page.run("BaseTrainer")
-    assert int(trainer.state.step) == 1 and sorted(logs) == [1]
-    assert stopper.history == [[1, logs[1]["loss"]]]
+    # on_log(1) runs once step 2 is dispatched: the stop takes effect after that step in flight
+    assert int(trainer.state.step) == 2 and sorted(logs) == [1, 2]
+    assert stopper.history == [[1, logs[1]["loss"]], [2, logs[2]["loss"]]]
     assert trainer.callbacks.state_dict() == {"0:StopAtLoss": {"history": stopper.history}}

@@ -129,7 +129,8 @@ class TrainLoop:
             evaluating = is_due(step, args.eval_strategy, args.eval_steps, data.steps_per_epoch)
             saving = is_due(step, args.save_strategy, args.save_steps, data.steps_per_epoch)
             if step % args.logging_steps == 0 or step == data.total_steps:
-                if evaluating or saving or step == data.total_steps:
+                # Several processes log at once: deferred, a 2-process CPU run deadlocked in a collective.
+                if evaluating or saving or step == data.total_steps or jax.process_count() > 1:
                     self.log(step)
                 else:
                     deferred = step
