@@ -20,7 +20,6 @@ reading minus the RSS just before the save, compared with the state's bytes. Med
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -36,6 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 import psutil  # noqa: E402
 
 from easytrain.checkpoint import CheckpointManager  # noqa: E402
+from benchmarks.report import emit  # noqa: E402
 
 PROFILES = {"full": dict(megabytes=1200, repeats=5), "quick": dict(megabytes=24, repeats=2)}
 
@@ -140,11 +140,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"completes in {result['async_total_seconds']['median']} s")
     print(f"  sync save blocks {sync_total['median']} s; blocked / sync = {result['blocked_over_sync']}")
     print(f"  restore {result['restore_seconds']['median']} s; peak RSS added / state: {result['peak_added_over_state']}")
-    line = json.dumps(result)
-    print(line)
-    if options.out:
-        Path(options.out).write_text(line + "\n")
-    return result
+    return emit(result, options.out)
 
 
 if __name__ == "__main__":

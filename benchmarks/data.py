@@ -21,12 +21,10 @@ preparation runs once per run, batching every step). No timing is asserted anywh
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -41,6 +39,7 @@ from easytrain import TrainingArguments  # noqa: E402
 from easytrain.data import SFTDataOptions, pack_examples, tokenize_sft_dataset  # noqa: E402
 from easytrain.tasks.arithmetic import build_arithmetic_chat_tokenizer  # noqa: E402
 from easytrain.trainers.sft import SFTArguments, SFTTrainer  # noqa: E402
+from benchmarks.report import emit  # noqa: E402
 
 PROFILES = {"full": dict(model_config="small", conversations=8000, max_length=256, batch_size=8, batches=200,
                          train_steps=10),
@@ -133,11 +132,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"tok/s ({options.model_config})")
     print(f"  preparation / training {result['prepare_over_train']}x, batching / training {result['batch_over_train']}x")
     print(f"  resume to first batch (s) by step: {resume}")
-    line = json.dumps(result)
-    print(line)
-    if options.out:
-        Path(options.out).write_text(line + "\n")
-    return result
+    return emit(result, options.out)
 
 
 if __name__ == "__main__":

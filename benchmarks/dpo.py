@@ -63,6 +63,7 @@ from easytrain.tasks.arithmetic import (build_arithmetic_chat_tokenizer, make_ar
                                         make_arithmetic_preference_splits)
 from easytrain.trainers.dpo import DPOArguments, DPOTrainer  # noqa: E402
 from easytrain.trainers.sft import SFTArguments, SFTTrainer  # noqa: E402
+from benchmarks.report import emit  # noqa: E402
 
 #: Sizes of one run: the full profile, and `--quick` (under a minute on 2 CPU cores).
 PROFILES = {
@@ -351,11 +352,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "load_average_1m": [round(load_at_start, 2), round(os.getloadavg()[0], 2)],  # other work on the machine
     }
     print_table(result)
-    line = json.dumps(result)
-    print(line)
-    if options.out:
-        Path(options.out).write_text(line + "\n")
-    return result
+    return emit(result, options.out)
 
 
 def _mib(value: int | None) -> str:

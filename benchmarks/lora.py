@@ -57,6 +57,7 @@ import numpy as np  # noqa: E402
 from easytrain import TrainingArguments  # noqa: E402
 from easytrain.tasks.arithmetic import build_arithmetic_chat_tokenizer, make_arithmetic_chat_splits  # noqa: E402
 from easytrain.trainers.sft import SFTArguments, SFTTrainer  # noqa: E402
+from benchmarks.report import emit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA_100M = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12,
@@ -324,11 +325,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         "load_average_1m": [round(load_at_start, 2), round(os.getloadavg()[0], 2)],  # other work on the machine
     }
     print_table(result)
-    line = json.dumps(result)
-    print(line)
-    if options.out:
-        Path(options.out).write_text(line + "\n")
-    return result
+    return emit(result, options.out)
 
 
 def print_table(result: dict[str, Any]) -> None:

@@ -56,14 +56,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import json
 import math
 import os
 import resource
 import statistics
 import time
 import warnings
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -82,6 +80,7 @@ from easytrain.models.llama import init_model  # noqa: E402
 
 import qwix  # noqa: E402  (optional: pip install qwix==0.1.8 -c constraints.txt)
 from qwix._src.providers import ptq as qwix_ptq  # noqa: E402
+from benchmarks.report import emit  # noqa: E402
 
 #: Sizes of one run: the full profile (about 170 s of CPU time), and `--quick` (a smoke test).
 PROFILES = {
@@ -493,11 +492,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "load_average_1m": [round(load_at_start, 2), round(os.getloadavg()[0], 2)],
     }
     print_table(result)
-    line = json.dumps(result)
-    print(line)
-    if options.out:
-        Path(options.out).write_text(line + "\n")
-    return result
+    return emit(result, options.out)
 
 
 def print_table(result: dict[str, Any]) -> None:

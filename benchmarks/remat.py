@@ -12,11 +12,9 @@ estimate (`memory_analysis()`: argument + output + temp), and seconds per step (
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -28,6 +26,7 @@ from flax import nnx
 from easytrain.losses import token_cross_entropy_sums
 from easytrain.models import init_model
 from easytrain.models.remat import POLICIES
+from benchmarks.report import emit
 
 PROFILES = {"full": dict(layers=8, hidden=512, length=512, batch=8, steps=2, repeats=4),
             "quick": dict(layers=2, hidden=64, length=64, batch=4, steps=2, repeats=2)}
@@ -90,11 +89,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         row["time_over_none"] = round(row["step_seconds"]["median"] / base["step_seconds"]["median"], 3)
         print(f"{policy:5} temp {row['temp'] / 2**20:8.1f} MiB ({row['temp_over_none']}x)  peak est "
               f"{row['peak_estimate'] / 2**20:8.1f} MiB  s/step {row['step_seconds']['median']} ({row['time_over_none']}x)")
-    line = json.dumps(result)
-    print(line)
-    if options.out:
-        Path(options.out).write_text(line + "\n")
-    return result
+    return emit(result, options.out)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ Prints a table and one JSON line (also written to `--out`). No timing is asserte
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import statistics
@@ -45,6 +44,7 @@ from easytrain import TrainingArguments  # noqa: E402
 from easytrain.data import bucket_lengths  # noqa: E402
 from easytrain.tasks.arithmetic import build_arithmetic_chat_tokenizer  # noqa: E402
 from easytrain.trainers.sft import SFTArguments, SFTTrainer  # noqa: E402
+from benchmarks.report import emit  # noqa: E402
 
 #: Sizes of one run: the full profile, and `--quick` (under a minute on 2 CPU cores).
 PROFILES = {
@@ -257,11 +257,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "load_average_1m": [round(load_at_start, 2), round(os.getloadavg()[0], 2)],  # other work on the machine
     }
     print_table(result)
-    line = json.dumps(result)
-    print(line)
-    if options.out:
-        Path(options.out).write_text(line + "\n")
-    return result
+    return emit(result, options.out)
 
 
 def print_table(result: dict[str, Any]) -> None:
