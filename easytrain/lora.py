@@ -34,7 +34,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from easytrain import integrity
-from easytrain.models.llama import Dense
+from easytrain.models.layers import Dense
 from easytrain.lora_config import (ALL_LINEAR, DEFAULT_TARGET_MODULES, INIT_A_CHOICES, LoRAConfig,  # noqa: F401
                                    LoRAConfigError, LoRAError, EMBEDDING_MODULES)
 from easytrain.sharding import constrain

@@ -30,7 +30,7 @@ from easytrain import lora
 from easytrain.lora import LoRAConfig, LoRADense
 from easytrain.models.hf_export import _to_host
 from easytrain.models.hf_io import EMBEDDING_NAME, HEAD_NAME, CheckpointError, hf_name
-from easytrain.models.llama import RMSNorm
+from easytrain.models.layers import RMSNorm
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
