@@ -1,11 +1,14 @@
-"""Trainer overhead: `BaseTrainer` vs a minimal hand-written `jax.jit` loop, alternated in one process.
+"""Trainer overhead: `BaseTrainer` vs a minimal hand-written `jax.jit` loop on the same model.
 
-    python benchmarks/overhead.py [--rounds 5] [--steps_per_round 10]
+    python -m benchmarks.overhead [--quick] [--rounds 5] [--steps_per_round 10] [--repeats 2] [--out FILE]
 
-Same model (Llama-style, 6.3M parameters), same token blocks, same AdamW. Every `steps_per_round`
-trainer steps, a callback runs as many hand-written steps, so both sides see the same machine
-state; steady-state tokens/s of each side is the median over rounds (the first round, which holds
-compilation, is excluded). Prints one JSON line.
+Same model (Llama-style, 6.3M parameters), same token blocks, same AdamW. Speed is alternated in one
+process: every `steps_per_round` trainer steps, a callback runs as many hand-written steps, so both sides
+see the same machine state; steady-state tokens/s of each side is the median over rounds (the first
+round, which holds compilation, is excluded). First-step compile time (trace + compile of the step) and
+peak RSS come from each side alone in a fresh child process (`--repeats` of each, alternating), so both
+compile cold and neither's memory counts against the other; both import the same modules. Prints one
+JSON line.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import json
 import os
 import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -32,13 +37,16 @@ from flax import nnx  # noqa: E402
 from easytrain import BaseTrainer, Callback, TrainingArguments  # noqa: E402
 from easytrain.models import init_model  # noqa: E402
 from easytrain.tasks import build_arithmetic_tokenizer  # noqa: E402
+from benchmarks.report import emit  # noqa: E402
 
 CONFIG = dict(vocab_size=4096, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
               num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048)
 BATCH, LENGTH, LR, WD = 8, 256, 3e-4, 0.01
+QUICK = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+             num_key_value_heads=2)
 
 
-def hand_written_loop(config: transformers.LlamaConfig, blocks: np.ndarray, seed: int):
+def hand_written_loop(config: transformers.LlamaConfig, blocks: np.ndarray, seed: int, batch: int = BATCH):
     """The reference: split once, pure jitted step with donation, token-mean cross-entropy."""
     graphdef, params, rest = nnx.split(init_model(config, seed=seed), nnx.Param, ...)
     params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
@@ -60,14 +68,14 @@ def hand_written_loop(config: transformers.LlamaConfig, blocks: np.ndarray, seed
 
     def run(num_steps: int) -> float:
         for _ in range(num_steps):
-            rows = order[np.arange(carry["cursor"], carry["cursor"] + BATCH) % len(blocks)]
-            carry["cursor"] += BATCH
-            batch = blocks[rows]
-            carry["params"], carry["opt"], loss = step(carry["params"], carry["opt"], batch[:, :-1], batch[:, 1:])
+            rows = order[np.arange(carry["cursor"], carry["cursor"] + batch) % len(blocks)]
+            carry["cursor"] += batch
+            tokens = blocks[rows]
+            carry["params"], carry["opt"], loss = step(carry["params"], carry["opt"], tokens[:, :-1], tokens[:, 1:])
         return float(loss)  # one sync per segment, as the trainer does per logging window
 
     started = time.perf_counter()
-    compiled = step.lower(params, opt_state, blocks[:BATCH, :-1], blocks[:BATCH, 1:]).compile()
+    compiled = step.lower(params, opt_state, blocks[:batch, :-1], blocks[:batch, 1:]).compile()
     compile_seconds = time.perf_counter() - started
     step = compiled  # `run` calls the executable compiled (and timed) here: no second compile
     return run, compile_seconds
@@ -93,42 +101,93 @@ class Alternate(Callback):
         self.loop_seconds.append(self.mark - now)
 
 
+def build_trainer(config: transformers.LlamaConfig, blocks: np.ndarray, steps: int, every: int,
+                  callbacks: list[Callback]) -> BaseTrainer:
+    """The trainer side: the same model, blocks and AdamW, logging every `every` steps, nothing else."""
+    arguments = TrainingArguments(
+        output_dir=tempfile.mkdtemp(prefix="easytrain-bench-"), max_length=blocks.shape[1] - 1,
+        train_batch_size=BATCH, max_steps=steps, learning_rate=LR, weight_decay=WD, lr_scheduler_type="constant",
+        max_grad_norm=0.0, logging_steps=every, eval_strategy="no", save_strategy="no", report_to=["none"],
+        disable_progress_bar=True, save_pretrained_at_end=False, validation_split_percentage=0)
+    return BaseTrainer(arguments, model=init_model(config, seed=0), tokenizer=build_arithmetic_tokenizer(),
+                       dataset_train=datasets.Dataset.from_dict({"input_ids": blocks}), callbacks=callbacks)
+
+
+def run_side(side: str, config: transformers.LlamaConfig, blocks: np.ndarray, steps: int) -> dict:
+    """One side alone in a fresh process: its first-step compile seconds and the process's peak RSS."""
+    if side == "trainer":
+        trainer = build_trainer(config, blocks, steps, every=steps, callbacks=[])
+        trainer.setup()
+        trainer.train()
+        compile_seconds = trainer.loop.compile_seconds
+    else:
+        run_loop, compile_seconds = hand_written_loop(config, blocks, seed=0)
+        run_loop(steps)
+    return {"side": side, "compile_seconds": compile_seconds,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def run_sides(options: argparse.Namespace) -> dict[str, list[dict]]:
+    """Each side `--repeats` times in its own child process, alternating, so compilation starts cold."""
+    sides: dict[str, list[dict]] = {"trainer": [], "loop": []}
+    for repeat in range(options.repeats):
+        for side in ("trainer", "loop") if repeat % 2 == 0 else ("loop", "trainer"):
+            command = [sys.executable, "-m", "benchmarks.overhead", "--side", side,
+                       "--steps_per_round", str(options.steps_per_round), *(["--quick"] if options.quick else [])]
+            done = subprocess.run(command, capture_output=True, text=True, check=True)
+            sides[side].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return sides
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="tiny model and few steps: a smoke run")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps_per_round", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=2, help="cold-start child processes per side")
+    parser.add_argument("--side", choices=("trainer", "loop"), help=argparse.SUPPRESS)
+    parser.add_argument("--out")
     options = parser.parse_args(argv)
-    config = transformers.LlamaConfig(**CONFIG)
-    num_rows = BATCH * 16
-    blocks = np.random.default_rng(0).integers(0, CONFIG["vocab_size"], (num_rows, LENGTH + 1)).astype(np.int32)
-    run_loop, loop_compile = hand_written_loop(config, blocks, seed=0)
+    config = transformers.LlamaConfig(**{**CONFIG, **(QUICK if options.quick else {})})
+    length = 16 if options.quick else LENGTH
+    blocks = np.random.default_rng(0).integers(0, config.vocab_size, (BATCH * 16, length + 1)).astype(np.int32)
+    if options.side:
+        result = run_side(options.side, config, blocks, options.steps_per_round)
+        print(json.dumps(result))
+        return result
+    rounds = 2 if options.quick else options.rounds
+    run_loop, _ = hand_written_loop(config, blocks, seed=0)
     run_loop(1)  # first real call: warm the hand-written step outside the timed rounds
-    steps = options.rounds * options.steps_per_round
-    arguments = TrainingArguments(
-        output_dir=tempfile.mkdtemp(prefix="easytrain-bench-"), max_length=LENGTH, train_batch_size=BATCH,
-        max_steps=steps, learning_rate=LR, weight_decay=WD, lr_scheduler_type="constant", max_grad_norm=0.0,
-        logging_steps=options.steps_per_round, eval_strategy="no", save_strategy="no", report_to=["none"],
-        disable_progress_bar=True, save_pretrained_at_end=False, validation_split_percentage=0)
     alternate = Alternate(run_loop, options.steps_per_round)
-    trainer = BaseTrainer(arguments, model=init_model(config, seed=0), tokenizer=build_arithmetic_tokenizer(),
-                          dataset_train=datasets.Dataset.from_dict({"input_ids": blocks}), callbacks=[alternate])
+    trainer = build_trainer(config, blocks, rounds * options.steps_per_round, options.steps_per_round, [alternate])
     trainer.setup()
     alternate.mark = time.perf_counter()
     trainer.train()
-    tokens = options.steps_per_round * BATCH * LENGTH
+    tokens = options.steps_per_round * BATCH * length
     trainer_tps = statistics.median(tokens / s for s in alternate.trainer_seconds[1:])
     loop_tps = statistics.median(tokens / s for s in alternate.loop_seconds[1:])
+    sides = run_sides(options)
+
+    def median_of(side: str, key: str) -> float:
+        return statistics.median(r[key] for r in sides[side])
+
+    compile_ratio = median_of("trainer", "compile_seconds") / median_of("loop", "compile_seconds")
+    rss_ratio = median_of("trainer", "peak_rss_mib") / median_of("loop", "peak_rss_mib")
     result = {
-        "benchmark": "overhead", "device": jax.devices()[0].device_kind, "params": 6_293_760,
-        "tokens_per_step": BATCH * LENGTH, "rounds": options.rounds - 1, "steps_per_round": options.steps_per_round,
+        "benchmark": "overhead", "device": jax.devices()[0].device_kind,
+        "params": sum(x.size for x in jax.tree.leaves(nnx.state(init_model(config), nnx.Param))),
+        "tokens_per_step": BATCH * length, "rounds": rounds - 1, "steps_per_round": options.steps_per_round,
         "trainer_tokens_per_second": round(trainer_tps, 1), "loop_tokens_per_second": round(loop_tps, 1),
         "ratio_trainer_over_loop": round(trainer_tps / loop_tps, 4),
-        "trainer_first_step_seconds": round(trainer.loop.compile_seconds, 3),
-        "loop_compile_seconds": round(loop_compile, 3),
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "trainer_compile_seconds": [round(r["compile_seconds"], 3) for r in sides["trainer"]],
+        "loop_compile_seconds": [round(r["compile_seconds"], 3) for r in sides["loop"]],
+        "ratio_compile_trainer_over_loop": round(compile_ratio, 4),
+        "trainer_peak_rss_mib": [round(r["peak_rss_mib"], 1) for r in sides["trainer"]],
+        "loop_peak_rss_mib": [round(r["peak_rss_mib"], 1) for r in sides["loop"]],
+        "ratio_peak_rss_trainer_over_loop": round(rss_ratio, 4),
+        "load_average": list(os.getloadavg()),
     }
-    print(json.dumps(result))
-    return result
+    return emit(result, options.out)
 
 
 if __name__ == "__main__":

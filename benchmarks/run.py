@@ -69,7 +69,21 @@ def quotient(a: Any, b: Any, digits: int = 4) -> float | None:
 
 def overhead(r: dict) -> list[Headline]:
     return [Headline("overhead", "easytrain / hand-written tokens/s", dig(r, "ratio_trainer_over_loop")),
+            Headline("overhead", "easytrain / hand-written compile s", dig(r, "ratio_compile_trainer_over_loop")),
+            Headline("overhead", "easytrain / hand-written peak RSS", dig(r, "ratio_peak_rss_trainer_over_loop")),
             Headline("overhead", "easytrain tokens/s", dig(r, "trainer_tokens_per_second"), ratio=False)]
+
+
+def versus_torch(r: dict) -> list[Headline]:
+    def side(name: str) -> Headline:
+        c = dig(r, f"contenders.{name}") or {}
+        return Headline("versus_torch", f"{name} tokens/s", c.get("tokens_per_second"), c.get("min"), c.get("max"),
+                        ratio=False)
+
+    return [Headline("versus_torch", "easytrain / HF Trainer tokens/s", dig(r, "ratios.easytrain_over_hf_trainer")),
+            Headline("versus_torch", "easytrain / PyTorch loop tokens/s", dig(r, "ratios.easytrain_over_torch_loop")),
+            *(side(name) for name in ("easytrain", "hf_trainer", "torch_loop", "nnx_step")),
+            Headline("versus_torch", "easytrain CPU MFU", dig(r, "contenders.easytrain.cpu_mfu"))]
 
 
 def generation(r: dict) -> list[Headline]:
@@ -149,7 +163,9 @@ class Benchmark:
 
 
 BENCHMARKS = {b.name: b for b in (
-    Benchmark("overhead", overhead, ("--rounds", "3", "--steps_per_round", "5"), writes_out=False),
+    Benchmark("overhead", overhead, ("--rounds", "3", "--steps_per_round", "5", "--repeats", "1")),
+    Benchmark("versus_torch", versus_torch, ("--rounds", "1", "--windows", "2", "--window_steps", "3"),
+              requires="torch"),
     Benchmark("generation", generation, ("--batch", "4", "--prompt", "32", "--new", "32"), writes_out=False),
     Benchmark("scaling", scaling, ("--rounds", "3", "--meshes", "2,2,2"), writes_out=False),
     Benchmark("sft", sft), Benchmark("dpo", dpo), Benchmark("lora", lora),

@@ -1,0 +1,297 @@
+"""easytrain against the PyTorch peer: the same Llama trained by `transformers.Trainer`, a raw PyTorch loop,
+easytrain's `BaseTrainer` and a plain jitted NNX step, in interleaved child processes.
+
+    python -m benchmarks.versus_torch [--quick] [--rounds 3] [--windows 3] [--window_steps 4] [--out FILE]
+
+Same architecture (vocab 4096, hidden 256, 4 layers, 4 heads, SwiGLU 1024), batch 8 x 256 tokens, AdamW
+(lr 3e-4, weight decay 0.01, constant schedule, no clipping), float32, random token blocks. Each round
+starts one child process per contender, in an order that rotates between rounds, so all of them see the
+same machine; a child warms up (`--warmup` steps, compilation included), then times `--windows` windows of
+`--window_steps` steps, synchronising only at window ends (as a trainer does per logging window).
+Reported per contender: tokens/s (median over every window of every round, with min and max), tokens per
+CPU-second of the process (steadier on a shared machine, but blind to how well each side uses the cores),
+first-step seconds, peak RSS, and CPU MFU: model FLOP/s (6 N per token plus attention, `easytrain.flops`) over the
+best float32 matmul rate measured here by JAX and by PyTorch. Ratios compare medians. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+
+from benchmarks.report import emit  # noqa: E402
+
+CONFIG = dict(vocab_size=4096, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+              num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048)
+BATCH, LENGTH, LR, WD = 8, 256, 3e-4, 0.01
+CONTENDERS = ("hf_trainer", "torch_loop", "easytrain", "nnx_step")
+QUICK = dict(config=dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2), batch=2, length=16)
+
+
+def token_blocks(vocab: int, batch: int, length: int, rows_per_batch: int = 16) -> np.ndarray:
+    """`batch * rows_per_batch` random rows of `length + 1` tokens (inputs and shifted targets)."""
+    return np.random.default_rng(0).integers(0, vocab, (batch * rows_per_batch, length + 1)).astype(np.int32)
+
+
+class Windows:
+    """Wall time of consecutive windows of steps; `sync` waits for the device before each reading."""
+
+    def __init__(self, sync: Callable[[], None]):
+        self.sync, self.seconds, self.cpu_seconds, self.mark, self.cpu_mark = sync, [], [], 0.0, 0.0
+
+    def start(self) -> None:
+        self.sync()
+        self.mark, self.cpu_mark = time.perf_counter(), time.process_time()
+
+    def lap(self) -> None:
+        self.sync()
+        now, cpu_now = time.perf_counter(), time.process_time()
+        self.seconds.append(now - self.mark)
+        self.cpu_seconds.append(cpu_now - self.cpu_mark)
+        self.mark, self.cpu_mark = now, cpu_now
+
+    def result(self, first_step_seconds: float, **details: Any) -> dict[str, Any]:
+        return {"window_seconds": self.seconds, "window_cpu_seconds": self.cpu_seconds,
+                "first_step_seconds": first_step_seconds, "details": details}
+
+
+# ---------------------------------------------------------------------------------------------- PyTorch
+def torch_model(config: dict):
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).float()
+
+
+def run_hf_trainer(config: dict, blocks: np.ndarray, batch: int, warmup: int, windows: int, every: int) -> dict:
+    """`transformers.Trainer` with its defaults except what the comparison fixes (no eval, saves, logs)."""
+    import torch
+    import transformers
+
+    rows = [{"input_ids": torch.from_numpy(row[:-1].astype(np.int64)),
+             "labels": torch.from_numpy(row[:-1].astype(np.int64))} for row in blocks]
+    timer = Windows(sync=lambda: None)
+    first: list[float] = []
+
+    class Timing(transformers.TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 0:
+                first.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                first[0] = time.perf_counter() - first[0]
+            if state.global_step == warmup:
+                timer.start()
+            elif state.global_step > warmup and (state.global_step - warmup) % every == 0:
+                timer.lap()
+
+    arguments = transformers.TrainingArguments(
+        output_dir=tempfile.mkdtemp(prefix="hf-bench-"), per_device_train_batch_size=batch,
+        max_steps=warmup + windows * every, learning_rate=LR, weight_decay=WD, lr_scheduler_type="constant",
+        max_grad_norm=0.0, logging_strategy="no", save_strategy="no", eval_strategy="no", report_to=[],
+        use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, seed=0)
+    trainer = transformers.Trainer(model=torch_model(config), args=arguments, train_dataset=rows,
+                                   callbacks=[Timing()])
+    trainer.train()
+    return timer.result(first[0], optim=str(arguments.optim), attention=trainer.model.config._attn_implementation,
+                        torch_threads=torch.get_num_threads())
+
+
+def run_torch_loop(config: dict, blocks: np.ndarray, batch: int, warmup: int, windows: int, every: int) -> dict:
+    """The same model and AdamW (PyTorch's default implementation) in a bare eager loop."""
+    import torch
+
+    model = torch_model(config).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD)
+    data = torch.from_numpy(blocks[:, :-1].astype(np.int64))
+    order = np.random.default_rng(0).permutation(len(blocks))
+    timer = Windows(sync=lambda: None)
+    started = time.perf_counter()
+    first = 0.0
+    for step in range(warmup + windows * every):
+        rows = data[order[np.arange(step * batch, (step + 1) * batch) % len(blocks)]]
+        model(input_ids=rows, labels=rows).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step == 0:
+            first = time.perf_counter() - started
+        if step + 1 == warmup:
+            timer.start()
+        elif step + 1 > warmup and (step + 1 - warmup) % every == 0:
+            timer.lap()
+    return timer.result(first, torch_threads=torch.get_num_threads())
+
+
+# ---------------------------------------------------------------------------------------------- JAX
+def run_easytrain(config: dict, blocks: np.ndarray, batch: int, warmup: int, windows: int, every: int) -> dict:
+    """`BaseTrainer` with logging every window (its own sync point), no eval, no checkpoints."""
+    import datasets
+    import jax
+    import transformers
+
+    from easytrain import BaseTrainer, Callback, TrainingArguments
+    from easytrain.models import init_model
+    from easytrain.tasks import build_arithmetic_tokenizer
+
+    timer = Windows(sync=lambda: None)
+
+    class Timing(Callback):
+        def on_step_end(self, trainer, step):
+            timer.sync = lambda: jax.block_until_ready(trainer.state.params)
+            if step == warmup:
+                timer.start()
+            elif step > warmup and (step - warmup) % every == 0:
+                timer.lap()
+
+    arguments = TrainingArguments(
+        output_dir=tempfile.mkdtemp(prefix="easytrain-bench-"), max_length=blocks.shape[1] - 1,
+        train_batch_size=batch, max_steps=warmup + windows * every, learning_rate=LR, weight_decay=WD,
+        lr_scheduler_type="constant", max_grad_norm=0.0, logging_steps=every, eval_strategy="no",
+        save_strategy="no", report_to=["none"], disable_progress_bar=True, save_pretrained_at_end=False,
+        validation_split_percentage=0)
+    trainer = BaseTrainer(arguments, model=init_model(transformers.LlamaConfig(**config), seed=0),
+                          tokenizer=build_arithmetic_tokenizer(),
+                          dataset_train=datasets.Dataset.from_dict({"input_ids": blocks}), callbacks=[Timing()])
+    trainer.setup()
+    trainer.train()
+    return timer.result(trainer.loop.compile_seconds)
+
+
+def run_nnx_step(config: dict, blocks: np.ndarray, batch: int, warmup: int, windows: int, every: int) -> dict:
+    """The minimal hand-written jitted NNX step of `benchmarks.overhead` on the same model."""
+    import transformers
+
+    from benchmarks import overhead
+
+    run, compile_seconds = overhead.hand_written_loop(transformers.LlamaConfig(**config), blocks, seed=0,
+                                                      batch=batch)
+    timer = Windows(sync=lambda: None)  # `run` returns a float loss: it has synchronised already
+    run(warmup)
+    timer.start()
+    for _ in range(windows):
+        run(every)
+        timer.lap()
+    return timer.result(compile_seconds)
+
+
+RUNNERS = {"hf_trainer": run_hf_trainer, "torch_loop": run_torch_loop, "easytrain": run_easytrain,
+           "nnx_step": run_nnx_step}
+
+
+# ---------------------------------------------------------------------------------------------- parent
+def best_matmul_flops() -> dict[str, float]:
+    """The float32 1024 x 1024 matmul rate of JAX and of PyTorch on this machine (best of a few runs)."""
+    import torch
+
+    from easytrain.flops import measured_cpu_matmul_flops
+
+    a = torch.randn(1024, 1024)
+    seconds = []
+    for _ in range(6):
+        started = time.perf_counter()
+        a @ a
+        seconds.append(time.perf_counter() - started)
+    return {"jax": measured_cpu_matmul_flops(), "torch": 2 * 1024**3 / min(seconds[1:])}
+
+
+def run_child(contender: str, options: argparse.Namespace) -> dict[str, Any]:
+    command = [sys.executable, "-m", "benchmarks.versus_torch", "--child", contender, "--warmup",
+               str(options.warmup), "--windows", str(options.windows), "--window_steps", str(options.window_steps)]
+    if options.quick:
+        command.append("--quick")
+    completed = subprocess.run(command, capture_output=True, text=True, check=False)
+    if completed.returncode != 0:
+        raise RuntimeError(f"{contender} failed:\n{completed.stderr[-3000:]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def summarise(runs: dict[str, list[dict]], tokens_per_step: int, every: int, flops_per_token: int,
+              peak: float) -> dict[str, Any]:
+    summary = {}
+    for contender, results in runs.items():
+        rates = [tokens_per_step * every / s for r in results for s in r["window_seconds"]]
+        median = statistics.median(rates)
+        cpu_rates = [tokens_per_step * every / s for r in results for s in r["window_cpu_seconds"]]
+        summary[contender] = {
+            "tokens_per_second": round(median, 1), "min": round(min(rates), 1), "max": round(max(rates), 1),
+            "tokens_per_cpu_second": round(statistics.median(cpu_rates), 1),
+            "first_step_seconds": round(statistics.median(r["first_step_seconds"] for r in results), 3),
+            "peak_rss_mib": round(max(r["peak_rss_mib"] for r in results), 1),
+            "cpu_mfu": float(f"{median * flops_per_token / peak:.4g}"), "details": results[0]["details"]}
+    return summary
+
+
+PAIRS = (("easytrain", "hf_trainer"), ("easytrain", "torch_loop"), ("nnx_step", "hf_trainer"),
+         ("easytrain", "nnx_step"), ("hf_trainer", "torch_loop"))
+
+
+def ratios(summary: dict[str, dict], key: str) -> dict[str, float]:
+    """`a_over_b` of `key` for each pair of `PAIRS` that ran."""
+    return {f"{a}_over_{b}": round(summary[a][key] / summary[b][key], 4)
+            for a, b in PAIRS if a in summary and b in summary}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="tiny model, one round: a smoke run")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--windows", type=int, default=3)
+    parser.add_argument("--window_steps", type=int, default=4)
+    parser.add_argument("--only", default=",".join(CONTENDERS), help="comma-separated contenders")
+    parser.add_argument("--child", choices=CONTENDERS, help=argparse.SUPPRESS)
+    parser.add_argument("--out")
+    options = parser.parse_args(argv)
+    config = {**CONFIG, **QUICK["config"]} if options.quick else CONFIG
+    batch, length = (QUICK["batch"], QUICK["length"]) if options.quick else (BATCH, LENGTH)
+    if options.child:
+        blocks = token_blocks(config["vocab_size"], batch, length)
+        result = RUNNERS[options.child](config, blocks, batch, options.warmup, options.windows, options.window_steps)
+        result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps(result))
+        return result
+
+    import transformers
+
+    from easytrain.flops import training_flops_per_token
+
+    contenders = [c for c in options.only.split(",") if c]
+    rounds = 1 if options.quick else options.rounds
+    runs: dict[str, list[dict]] = {c: [] for c in contenders}
+    for r in range(rounds):
+        for contender in contenders[r % len(contenders):] + contenders[:r % len(contenders)]:
+            runs[contender].append(run_child(contender, options))
+    matmul = best_matmul_flops()
+    flops_per_token = training_flops_per_token(transformers.LlamaConfig(**config), length)
+    summary = summarise(runs, batch * length, options.window_steps, flops_per_token, max(matmul.values()))
+
+    speed = ratios(summary, "tokens_per_second")
+    result = {
+        "benchmark": "versus_torch", "config": config, "batch": batch, "length": length, "rounds": rounds,
+        "windows_per_round": options.windows, "window_steps": options.window_steps,
+        "flops_per_token": flops_per_token, "matmul_flops_per_second": {k: round(v) for k, v in matmul.items()},
+        "contenders": summary, "ratio_easytrain_over_hf_trainer": speed.get("easytrain_over_hf_trainer"),
+        "ratios": speed, "cpu_time_ratios": ratios(summary, "tokens_per_cpu_second"),
+        "load_average": list(os.getloadavg()),
+    }
+    return emit(result, options.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,17 @@
+"""Smoke test of benchmarks/overhead.py at a tiny size: speed alternated in one process, compile time and
+peak RSS from each side alone in a child process (no timing asserted)."""
+
+import json
+
+from benchmarks import overhead
+
+
+def test_overhead_benchmark_smoke(tmp_path):
+    out = tmp_path / "overhead.json"
+    result = overhead.main(["--quick", "--steps_per_round", "2", "--repeats", "1", "--out", str(out)])
+    assert json.loads(out.read_text()) == result
+    assert result["trainer_tokens_per_second"] > 0 and result["loop_tokens_per_second"] > 0
+    for side in ("trainer", "loop"):
+        assert len(result[f"{side}_compile_seconds"]) == 1 and result[f"{side}_compile_seconds"][0] > 0
+        assert result[f"{side}_peak_rss_mib"][0] > 100
+    assert result["ratio_compile_trainer_over_loop"] > 0 and result["ratio_peak_rss_trainer_over_loop"] > 0

@@ -1,0 +1,26 @@
+"""Smoke test of benchmarks/versus_torch.py at a tiny size: every contender runs in its own child process and
+reports tokens/s, CPU MFU and the ratios (no timing asserted)."""
+
+import json
+
+import pytest
+
+pytest.importorskip("torch")
+
+from benchmarks import versus_torch  # noqa: E402
+
+
+def test_versus_torch_smoke(tmp_path):
+    out = tmp_path / "versus_torch.json"
+    result = versus_torch.main(["--quick", "--warmup", "1", "--windows", "1", "--window_steps", "2",
+                                "--out", str(out)])
+    assert json.loads(out.read_text()) == result
+    contenders = result["contenders"]
+    assert set(contenders) == set(versus_torch.CONTENDERS)
+    for row in contenders.values():
+        assert row["tokens_per_second"] > 0 and row["tokens_per_cpu_second"] > 0 and 0 < row["cpu_mfu"] < 1
+        assert row["min"] <= row["tokens_per_second"] <= row["max"] and row["peak_rss_mib"] > 0
+    assert contenders["hf_trainer"]["details"]["attention"]  # what the peer really ran, recorded
+    assert set(result["ratios"]) == {f"{a}_over_{b}" for a, b in versus_torch.PAIRS}
+    assert result["ratio_easytrain_over_hf_trainer"] == result["ratios"]["easytrain_over_hf_trainer"]
+    assert result["flops_per_token"] > 0 and min(result["matmul_flops_per_second"].values()) > 0
