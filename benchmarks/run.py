@@ -153,6 +153,13 @@ def remat(r: dict) -> list[Headline]:
         for policy in ("full", "dots")]
 
 
+def attention(r: dict) -> list[Headline]:
+    longest = (r.get("lengths") or [{}])[-1]
+    label = f"dot_product_attention / xla at T={longest.get('length', '?')} ({r.get('kernel', '?')} kernel)"
+    return [Headline("attention", f"{label}: step time", longest.get("time_over_xla")),
+            Headline("attention", f"{label}: step temp bytes", longest.get("temp_over_xla"))]
+
+
 @dataclass(frozen=True)
 class Benchmark:
     name: str
@@ -170,6 +177,7 @@ BENCHMARKS = {b.name: b for b in (
     Benchmark("scaling", scaling, ("--rounds", "3", "--meshes", "2,2,2"), writes_out=False),
     Benchmark("sft", sft), Benchmark("dpo", dpo), Benchmark("lora", lora),
     Benchmark("qlora", qlora, requires="qwix"), Benchmark("checkpoint", checkpoint), Benchmark("data", data), Benchmark("remat", remat),
+    Benchmark("attention", attention),
 ) if (ROOT / "benchmarks" / f"{b.name}.py").exists()}
 
 

@@ -73,6 +73,11 @@ class TrainingArguments:
     remat_policy: Literal["none", "full", "dots"] = _arg(
         "none", "Recompute decoder-layer activations in the backward pass to save memory: 'full' keeps only each "
         "layer's input, 'dots' also keeps matmul outputs; same values and gradients, more compute.")
+    attention_implementation: Literal["xla", "dot_product_attention"] = _arg(
+        "xla", "Training/eval attention: 'xla' applies a dense [B, T, S] mask to explicit scores; "
+        "'dot_product_attention' passes causality, sliding windows and trailing padding to "
+        "jax.nn.dot_product_attention as structure (cuDNN flash attention on CUDA GPUs in bfloat16/float16, "
+        "XLA elsewhere); same values and gradients. Decoding (generate) always uses 'xla'. See docs/models.md.")
 
     # --- LoRA (docs/lora.md) --------------------------------------------------------------------
     lora_rank: int = _arg(0, "Train LoRA adapters of this rank instead of every weight; 0 trains the full model.")
@@ -282,6 +287,8 @@ def validate(args: TrainingArguments) -> None:
              f"must be a positive integer, or 0 to train every weight; got {args.lora_rank!r}.")
     _require(args.remat_policy in ("none", "full", "dots"), "remat_policy",
              f"must be 'none', 'full' or 'dots'; got {args.remat_policy!r}.")
+    _require(args.attention_implementation in ("xla", "dot_product_attention"), "attention_implementation",
+             f"must be 'xla' or 'dot_product_attention'; got {args.attention_implementation!r}.")
     _require(args.lora_export in ("adapter", "merged", "both"), "lora_export",
              f"must be 'adapter', 'merged' or 'both'; got {args.lora_export!r}.")
     if args.lora_rank:

@@ -17,6 +17,7 @@ from flax import nnx
 from easytrain.models.attention import DType, apply_rope, grouped_attention
 from easytrain.models.families import ACTIVATIONS, ArchFeatures, ConfigError, activation_name, features_of, head_dim_of
 from easytrain.models.kv_cache import LayerCache
+from easytrain.models.masks import AttentionMask, attend
 from easytrain.sharding import constrain
 
 Array = jax.Array
@@ -143,9 +144,14 @@ class Attention(nnx.Module):
         self.k_norm = head_norm() if features.qk_norm else None
 
     def __call__(
-        self, x_MD: Array, cos_BTK: Array, sin_BTK: Array, mask_BTS: Array, cache: LayerCache | None = None
+        self, x_MD: Array, cos_BTK: Array, sin_BTK: Array, mask_BTS: Array | AttentionMask,
+        cache: LayerCache | None = None,
     ) -> Array | tuple[Array, LayerCache]:
-        """Attention output; with a ``cache``, keys are every cached slot and the cache comes back too."""
+        """Attention output; with a ``cache``, keys are every cached slot and the cache comes back too.
+
+        ``mask_BTS`` is dense (``grouped_attention``) or an ``AttentionMask`` (``jax.nn.dot_product_attention``,
+        without a cache only).
+        """
         batch, length = cos_BTK.shape[:2]
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
         q_BTHK = constrain(self.q_proj(x_MD).reshape(batch, length, heads, head_dim), HEADS_BTHK)
@@ -157,7 +163,7 @@ class Attention(nnx.Module):
         k_BTNK = apply_rope(k_BTNK, cos_BTK, sin_BTK)
         q_BTNGK = q_BTHK.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
         if cache is None:
-            out_BTNGK = grouped_attention(q_BTNGK, k_BTNK, v_BTNK, mask_BTS)
+            out_BTNGK = attend(q_BTNGK, k_BTNK, v_BTNK, mask_BTS)
         else:
             cache = cache.write(k_BTNK, v_BTNK)
             out_BTNGK = grouped_attention(q_BTNGK, cache.keys_BSNK, cache.values_BSNK, mask_BTS)
@@ -212,7 +218,8 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(config, features=features, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(
-        self, x_MD: Array, cos_BTK: Array, sin_BTK: Array, mask_BTS: Array, cache: LayerCache | None = None
+        self, x_MD: Array, cos_BTK: Array, sin_BTK: Array, mask_BTS: Array | AttentionMask,
+        cache: LayerCache | None = None,
     ) -> Array | tuple[Array, LayerCache]:
         if cache is None:
             x_MD = x_MD + self.self_attn(self.input_layernorm(x_MD), cos_BTK, sin_BTK, mask_BTS)

@@ -22,10 +22,11 @@ import jax.numpy as jnp
 import transformers
 from flax import nnx
 
-from easytrain.models.attention import DType, attention_mask, cached_attention_mask, rope_tables
+from easytrain.models.attention import DType, cached_attention_mask, rope_tables
 from easytrain.models.families import features_of, head_dim_of, rope_theta
 from easytrain.models.kv_cache import KVCache, advance, init_cache, with_layers
 from easytrain.models.layers import LOGITS_MV, RESIDUAL_MD, DecoderLayer, Embedding, RMSNorm, dense_factory
+from easytrain.models.masks import AttentionMask, check_implementation
 from easytrain.models.remat import layer_runner
 from easytrain.sharding import constrain
 
@@ -64,6 +65,7 @@ class LlamaForCausalLM(nnx.Module):
         self.head_dim = head_dim_of(config)
         self.dtype = dtype
         self.remat = "none"  # decoder layers' rematerialisation policy (easytrain.models.remat.POLICIES)
+        self.attention_implementation = "xla"  # or "dot_product_attention" (easytrain.models.masks); not decode's
         std = config.initializer_range
         self.embed_tokens = Embedding(
             config.vocab_size, config.hidden_size, std=std, dtype=dtype, param_dtype=param_dtype, rngs=rngs
@@ -108,10 +110,13 @@ class LlamaForCausalLM(nnx.Module):
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(length), (batch, length))
         cos_BTK, sin_BTK = rope_tables(positions_BT, self.head_dim, self.rope_theta, self.dtype)
+        check_implementation(self.attention_implementation)
         masks = {  # One mask per distinct window: full-attention layers share the causal one.
-            window: attention_mask(batch, length, attention_mask_BT, segment_ids_BT, sliding_window=window)
+            window: AttentionMask(attention_mask_BT, segment_ids_BT, window)
             for window in dict.fromkeys(self.features.windows)
         }
+        if self.attention_implementation == "xla":
+            masks = {window: mask.dense(batch, length) for window, mask in masks.items()}
         x_MD = constrain(self.embed_tokens(input_ids_BT).reshape(batch * length, -1), RESIDUAL_MD)
         run = layer_runner(self.remat)
         for layer, window in zip(self.layers, self.features.windows, strict=True):

@@ -196,14 +196,13 @@ class BaseTrainer(LanguageModelHooks):
 
     def adapt_module(self, module: nnx.Module) -> nnx.Module:
         """Change the module before it is placed (eagerly, or under `nnx.eval_shape`); default: set its
-        `remat_policy` and add the LoRA adapters the `lora_*` arguments ask for (in place: a module passed as
-        `model=` gets them too)."""
-        if (policy := self._arguments.remat_policy) != "none" or hasattr(module, "remat"):
-            if not hasattr(module, "remat"):
-                raise ArgumentError("remat_policy", f"{type(module).__name__} has no `remat` attribute to set; "
-                                                    "use 'none', or apply nnx.remat inside your module.")
-            module.remat = policy
-        return adapters.adapt(module, self.lora, self._arguments.seed, self._arguments.lora_adapter_path)
+        `remat` (from `remat_policy`) and `attention_implementation`, and add the LoRA adapters the `lora_*`
+        arguments ask for (in place: a module passed as `model=` gets them too)."""
+        args = self._arguments
+        _set_switch(module, "remat", args.remat_policy, "none", "remat_policy", "apply nnx.remat inside your module")
+        _set_switch(module, "attention_implementation", args.attention_implementation, "xla",
+                    "attention_implementation", "call jax.nn.dot_product_attention inside your module")
+        return adapters.adapt(module, self.lora, args.seed, args.lora_adapter_path)
 
     def configure_model(self) -> ConfiguredModel:
         """Create the train state directly on the mesh, or restore a resumed run's state straight into it."""
@@ -370,3 +369,12 @@ class BaseTrainer(LanguageModelHooks):
 
     def save_arguments(self) -> Path | None:
         return save_arguments(self._arguments, self._arguments.output_dir) if self.is_main_process else None
+
+
+def _set_switch(module: nnx.Module, attribute: str, value: str, default: str, field: str, otherwise: str) -> None:
+    """`module.<attribute> = value`; a module without the attribute accepts only the argument's default."""
+    if hasattr(module, attribute):
+        setattr(module, attribute, value)
+    elif value != default:
+        raise ArgumentError(field, f"{type(module).__name__} has no `{attribute}` attribute to set; use "
+                                   f"{default!r}, or {otherwise}.")

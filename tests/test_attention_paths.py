@@ -1,0 +1,169 @@
+"""`attention_implementation`: "dot_product_attention" (structured mask) equals "xla" (dense mask), values and gradients."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from easytrain import BaseTrainer, TrainingArguments
+from easytrain.errors import ArgumentError
+from easytrain.generation import generate
+from easytrain.models import init_model
+from easytrain.models.masks import AttentionMask, trailing_lengths
+from model_configs import VOCAB, family_config, right_padded_batch, tiny_config
+from runs import logged
+
+LENGTHS = (12, 7, 3)
+
+
+def packed_batch() -> dict[str, np.ndarray]:
+    """Row 0: documents of 5, 4 and 2 tokens then one padding token; row 1: 7 and 5 tokens."""
+    segments_BT = np.array([[1] * 5 + [2] * 4 + [3] * 2 + [0], [1] * 7 + [2] * 5])
+    starts_BT = np.concatenate([np.ones((2, 1), bool), segments_BT[:, 1:] != segments_BT[:, :-1]], axis=1)
+    index_T = np.arange(12)
+    positions_BT = index_T - np.maximum.accumulate(np.where(starts_BT, index_T, 0), axis=1)
+    return dict(attention_mask_BT=(segments_BT > 0).astype(np.int32), segment_ids_BT=segments_BT,
+                positions_BT=positions_BT)
+
+
+def case(name: str):
+    """(config, ids, model keyword inputs) of one masking case."""
+    ids_BT, right_BT = right_padded_batch(lengths=LENGTHS)
+    if name == "causal":
+        return tiny_config(num_key_value_heads=4), ids_BT, {}
+    if name == "gqa":
+        return tiny_config(), ids_BT, {}
+    if name == "sliding_window":
+        return family_config("mistral", sliding_window=4), ids_BT, {}
+    if name == "right_padding":
+        return tiny_config(), ids_BT, dict(attention_mask_BT=right_BT)
+    if name == "left_padding":  # not trailing: the boolean key-mask fallback
+        return tiny_config(), ids_BT, dict(attention_mask_BT=right_BT[:, ::-1].copy())
+    if name == "packing":
+        return family_config("mistral", sliding_window=4), ids_BT[:2], packed_batch()
+    raise ValueError(name)
+
+
+def value_and_grads(name: str, implementation: str, dtype=jnp.float32):
+    config, ids_BT, inputs = case(name)
+    model = init_model(config, seed=0, dtype=dtype)
+    model.attention_implementation = implementation
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    weights_BTV = jnp.asarray(np.random.RandomState(1).randn(*ids_BT.shape, VOCAB), jnp.float32)
+
+    def loss(p):
+        logits_BTV = nnx.merge(graphdef, p, rest)(jnp.asarray(ids_BT), **jax.tree.map(jnp.asarray, inputs))
+        return jnp.sum(logits_BTV * weights_BTV), logits_BTV
+
+    (_, logits_BTV), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    return logits_BTV, grads
+
+
+def assert_close(actual, expected, rel: float) -> None:
+    """Every element within ``rel`` of the largest magnitude of ``expected`` (tolerance on the leaf's scale)."""
+    actual, expected = np.asarray(actual, np.float32), np.asarray(expected, np.float32)
+    assert np.abs(actual - expected).max() <= rel * np.abs(expected).max()
+
+
+CASES = ["causal", "gqa", "sliding_window", "right_padding", "left_padding", "packing"]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_dot_product_attention_equals_xla_in_float32(name):
+    logits, grads = value_and_grads(name, "xla")
+    dpa_logits, dpa_grads = value_and_grads(name, "dot_product_attention")
+    assert_close(dpa_logits, logits, 1e-5)  # padding positions included
+    for a, b in zip(jax.tree.leaves(dpa_grads), jax.tree.leaves(grads), strict=True):
+        assert_close(a, b, 1e-5)
+
+
+@pytest.mark.parametrize("name", ["gqa", "right_padding", "packing"])
+def test_dot_product_attention_equals_xla_in_bfloat16(name):
+    logits, grads = value_and_grads(name, "xla", jnp.bfloat16)
+    dpa_logits, dpa_grads = value_and_grads(name, "dot_product_attention", jnp.bfloat16)
+    assert_close(dpa_logits, logits, 0.05)
+    for a, b in zip(jax.tree.leaves(dpa_grads), jax.tree.leaves(grads), strict=True):
+        assert_close(a, b, 0.05)
+
+
+def test_trailing_lengths_tells_right_padding_from_any_other():
+    _, right_BT = right_padded_batch(lengths=LENGTHS)
+    lengths_B, trailing = trailing_lengths(jnp.asarray(right_BT))
+    assert lengths_B.tolist() == list(LENGTHS) and bool(trailing)
+    assert not bool(trailing_lengths(jnp.asarray(right_BT[:, ::-1].copy()))[1])
+    assert bool(trailing_lengths(jnp.ones((2, 5), jnp.int32))[1])
+
+
+def bool_shapes(name: str, implementation: str) -> set[str]:
+    config, ids_BT, inputs = case(name)
+    model = init_model(config, seed=0)
+    model.attention_implementation = implementation
+    jaxpr = jax.make_jaxpr(lambda i, kw: model(i, **kw))(jnp.asarray(ids_BT), jax.tree.map(jnp.asarray, inputs))
+    return set(re.findall(r"bool\[([0-9,]*)\]", str(jaxpr)))
+
+
+def test_causal_padding_builds_no_batch_by_query_by_key_mask():
+    """No boolean [B, T, S] or [B, 1, T, S] in the program: the lengths go in (jax's XLA implementation still
+    builds a score-shaped boolean inside, as the dense path's select does; cuDNN builds none)."""
+    batch, length = len(LENGTHS), max(LENGTHS)
+    dense = {f"{batch},{length},{length}", f"{batch},1,{length},{length}"}
+    assert dense & bool_shapes("right_padding", "xla")  # the check can see a dense mask
+    assert not dense & bool_shapes("right_padding", "dot_product_attention")
+
+
+def test_the_structure_is_a_pytree_with_a_static_window():
+    mask = AttentionMask(jnp.ones((2, 3)), None, window=4)
+    leaves, treedef = jax.tree.flatten(mask)
+    assert len(leaves) == 1 and jax.tree.unflatten(treedef, leaves).window == 4
+
+
+def test_decoding_is_unchanged_by_the_implementation():
+    """decode keeps the dense path: greedy generation is unchanged, its prefill equals the structured forward."""
+    model = init_model(tiny_config(initializer_range=0.2), seed=0)
+    prompts, mask = right_padded_batch(lengths=(6, 3))
+    plain = generate(model, prompts, mask, max_new_tokens=5)
+    model.attention_implementation = "dot_product_attention"
+    np.testing.assert_array_equal(generate(model, prompts, mask, max_new_tokens=5), plain)
+    logits, _ = model.decode(jnp.asarray(prompts), model.init_cache(2, 6), attention_mask_BT=jnp.asarray(mask))
+    forward = model(jnp.asarray(prompts), attention_mask_BT=jnp.asarray(mask))
+    real = mask.astype(bool)  # a padding query attends nothing in decode, the real keys before it in the forward
+    np.testing.assert_allclose(logits[real], forward[real], atol=1e-5)
+
+
+def test_a_bad_implementation_is_refused():
+    with pytest.raises(ArgumentError, match="attention_implementation"):
+        TrainingArguments(output_dir="unused", attention_implementation="flash").validate()
+    model = init_model(tiny_config(), seed=0)
+    model.attention_implementation = "flash"
+    with pytest.raises(ValueError, match="xla, dot_product_attention"):
+        model(jnp.zeros((1, 4), jnp.int32))
+
+
+def test_a_module_without_the_attribute_is_refused_a_non_default_value(tmp_path):
+    class Plain(nnx.Module):
+        def __init__(self):
+            self.w = nnx.Param(jnp.ones(3))
+
+    args = TrainingArguments(output_dir=str(tmp_path), attention_implementation="dot_product_attention")
+    with pytest.raises(ArgumentError, match="attention_implementation"):
+        BaseTrainer(args).adapt_module(Plain())
+
+
+def test_the_trainer_applies_it_and_trains_the_same_curve(tmp_path):
+    def run(implementation):
+        args = TrainingArguments(output_dir=str(tmp_path / implementation), max_length=32, train_batch_size=8,
+                                 max_steps=3, logging_steps=1, eval_strategy="no", save_strategy="no",
+                                 report_to=["jsonl"], disable_progress_bar=True, save_pretrained_at_end=False,
+                                 max_train_samples=64, max_eval_samples=8, attention_implementation=implementation)
+        trainer = BaseTrainer(args)
+        trainer.train()
+        return trainer, logged(tmp_path / implementation)
+
+    plain, plain_losses = run("xla")
+    dpa, dpa_losses = run("dot_product_attention")
+    assert dpa.model.attention_implementation == "dot_product_attention"
+    assert plain.model.attention_implementation == "xla"
+    np.testing.assert_allclose(list(dpa_losses.values()), list(plain_losses.values()), rtol=1e-5)
