@@ -73,6 +73,10 @@ class TrainingArguments:
     remat_policy: Literal["none", "full", "dots"] = _arg(
         "none", "Recompute decoder-layer activations in the backward pass to save memory: 'full' keeps only each "
         "layer's input, 'dots' also keeps matmul outputs; same values and gradients, more compute.")
+    loss_chunk_size: int = _arg(
+        0, "Apply the output head and cross-entropy (DPO: the log-probs) to this many tokens at a time, so the "
+        "float32 [tokens, vocab] logits never exist (large vocabularies); 0 computes all the logits at once. Same "
+        "values and gradients; the model needs hidden_states and logits_from_hidden (LlamaForCausalLM has them).")
 
     # --- LoRA (docs/lora.md) --------------------------------------------------------------------
     lora_rank: int = _arg(0, "Train LoRA adapters of this rank instead of every weight; 0 trains the full model.")
@@ -282,6 +286,8 @@ def validate(args: TrainingArguments) -> None:
              f"must be a positive integer, or 0 to train every weight; got {args.lora_rank!r}.")
     _require(args.remat_policy in ("none", "full", "dots"), "remat_policy",
              f"must be 'none', 'full' or 'dots'; got {args.remat_policy!r}.")
+    _require(isinstance(args.loss_chunk_size, int) and args.loss_chunk_size >= 0, "loss_chunk_size",
+             f"must be a positive number of tokens, or 0 to compute the full logits; got {args.loss_chunk_size!r}.")
     _require(args.lora_export in ("adapter", "merged", "both"), "lora_export",
              f"must be 'adapter', 'merged' or 'both'; got {args.lora_export!r}.")
     if args.lora_rank:

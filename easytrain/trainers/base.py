@@ -24,6 +24,7 @@ from easytrain import distributed, integrity, metrics as metrics_lib, placement,
 from easytrain.arguments import TrainingArguments
 from easytrain.callbacks import Callback, CallbackList
 from easytrain.checkpoint import CheckpointManager
+from easytrain.chunked_loss import chunking_problem
 from easytrain.config_io import save_arguments
 from easytrain.data import EvalBatches, TrainBatches
 from easytrain.errors import ArgumentError
@@ -197,13 +198,16 @@ class BaseTrainer(LanguageModelHooks):
     def adapt_module(self, module: nnx.Module) -> nnx.Module:
         """Change the module before it is placed (eagerly, or under `nnx.eval_shape`); default: set its
         `remat_policy` and add the LoRA adapters the `lora_*` arguments ask for (in place: a module passed as
-        `model=` gets them too)."""
+        `model=` gets them too); with `loss_chunk_size`, check the module can have its loss chunked."""
         if (policy := self._arguments.remat_policy) != "none" or hasattr(module, "remat"):
             if not hasattr(module, "remat"):
                 raise ArgumentError("remat_policy", f"{type(module).__name__} has no `remat` attribute to set; "
                                                     "use 'none', or apply nnx.remat inside your module.")
             module.remat = policy
-        return adapters.adapt(module, self.lora, self._arguments.seed, self._arguments.lora_adapter_path)
+        module = adapters.adapt(module, self.lora, self._arguments.seed, self._arguments.lora_adapter_path)
+        if self._arguments.loss_chunk_size and (problem := chunking_problem(module)):
+            raise ArgumentError("loss_chunk_size", problem)
+        return module
 
     def configure_model(self) -> ConfiguredModel:
         """Create the train state directly on the mesh, or restore a resumed run's state straight into it."""
