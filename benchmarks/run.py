@@ -139,6 +139,14 @@ def remat(r: dict) -> list[Headline]:
         for policy in ("full", "dots")]
 
 
+def chunked_ce(r: dict) -> list[Headline]:
+    chunks = [c for c in (r.get("chunks") or {}) if c != "0"] or ["?"]
+    return [Headline("chunked_ce", f"loss chunk {c} / full logits: step temp bytes", dig(r, f"chunks.{c}.temp_over_full"))
+            for c in chunks] + [
+        Headline("chunked_ce", f"loss chunk {c} / full logits: step time", dig(r, f"chunks.{c}.time_over_full"))
+        for c in chunks]
+
+
 @dataclass(frozen=True)
 class Benchmark:
     name: str
@@ -154,6 +162,7 @@ BENCHMARKS = {b.name: b for b in (
     Benchmark("scaling", scaling, ("--rounds", "3", "--meshes", "2,2,2"), writes_out=False),
     Benchmark("sft", sft), Benchmark("dpo", dpo), Benchmark("lora", lora),
     Benchmark("qlora", qlora, requires="qwix"), Benchmark("checkpoint", checkpoint), Benchmark("data", data), Benchmark("remat", remat),
+    Benchmark("chunked_ce", chunked_ce),
 ) if (ROOT / "benchmarks" / f"{b.name}.py").exists()}
 
 

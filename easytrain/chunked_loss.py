@@ -65,10 +65,8 @@ def masked_token_sums(nll_M: Array, correct_M: Array, mask_M: Array) -> tuple[Ar
 
 
 def target_logps(logits_MV: Array, targets_M: Array) -> Array:
-    """`log_softmax(logits)[target]` per token, in float32."""
-    logits_MV = logits_MV.astype(jnp.float32)
-    target_M = jnp.take_along_axis(logits_MV, targets_M[..., None], axis=-1)[..., 0]
-    return target_M - jax.nn.logsumexp(logits_MV, axis=-1)
+    """`log_softmax(logits)[target]` per token, in float32: minus `token_scores`' cross-entropy."""
+    return -token_scores(logits_MV, targets_M)[0]
 
 
 def map_token_chunks(per_token: PerToken, head: Head, x_MD: Array, targets_M: Array, chunk_size: int) -> Any:
