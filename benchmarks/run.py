@@ -160,6 +160,14 @@ def attention(r: dict) -> list[Headline]:
             Headline("attention", f"{label}: step temp bytes", longest.get("temp_over_xla"))]
 
 
+def chunked_ce(r: dict) -> list[Headline]:
+    chunks = [c for c in (r.get("chunks") or {}) if c != "0"] or ["?"]
+    return [Headline("chunked_ce", f"loss chunk {c} / full logits: step temp bytes", dig(r, f"chunks.{c}.temp_over_full"))
+            for c in chunks] + [
+        Headline("chunked_ce", f"loss chunk {c} / full logits: step time", dig(r, f"chunks.{c}.time_over_full"))
+        for c in chunks]
+
+
 @dataclass(frozen=True)
 class Benchmark:
     name: str
@@ -178,6 +186,7 @@ BENCHMARKS = {b.name: b for b in (
     Benchmark("sft", sft), Benchmark("dpo", dpo), Benchmark("lora", lora),
     Benchmark("qlora", qlora, requires="qwix"), Benchmark("checkpoint", checkpoint), Benchmark("data", data), Benchmark("remat", remat),
     Benchmark("attention", attention),
+    Benchmark("chunked_ce", chunked_ce),
 ) if (ROOT / "benchmarks" / f"{b.name}.py").exists()}
 
 

@@ -78,6 +78,10 @@ class TrainingArguments:
         "'dot_product_attention' passes causality, sliding windows and trailing padding to "
         "jax.nn.dot_product_attention as structure (cuDNN flash attention on CUDA GPUs in bfloat16/float16, "
         "XLA elsewhere); same values and gradients. Decoding (generate) always uses 'xla'. See docs/models.md.")
+    loss_chunk_size: int = _arg(
+        0, "Apply the output head and cross-entropy (DPO: the log-probs) to this many tokens at a time, so the "
+        "float32 [tokens, vocab] logits never exist (large vocabularies); 0 computes all the logits at once. Same "
+        "values and gradients; the model needs hidden_states and logits_from_hidden (LlamaForCausalLM has them).")
 
     # --- LoRA (docs/lora.md) --------------------------------------------------------------------
     lora_rank: int = _arg(0, "Train LoRA adapters of this rank instead of every weight; 0 trains the full model.")
@@ -289,6 +293,8 @@ def validate(args: TrainingArguments) -> None:
              f"must be 'none', 'full' or 'dots'; got {args.remat_policy!r}.")
     _require(args.attention_implementation in ("xla", "dot_product_attention"), "attention_implementation",
              f"must be 'xla' or 'dot_product_attention'; got {args.attention_implementation!r}.")
+    _require(isinstance(args.loss_chunk_size, int) and args.loss_chunk_size >= 0, "loss_chunk_size",
+             f"must be a positive number of tokens, or 0 to compute the full logits; got {args.loss_chunk_size!r}.")
     _require(args.lora_export in ("adapter", "merged", "both"), "lora_export",
              f"must be 'adapter', 'merged' or 'both'; got {args.lora_export!r}.")
     if args.lora_rank:

@@ -1,7 +1,7 @@
 """Evaluation metrics chosen by name (`eval_metrics`), computed on device from a loss's predictions.
 
-A loss that can be scored returns `LossOutput(..., predictions=Predictions(logits, labels, weights))`;
-each metric here turns one micro-batch's predictions into an `easytrain.metrics` value that merges
+A loss that can be scored returns `LossOutput(..., predictions=Predictions(logits, labels, weights))`, or
+`TokenScores` when it never holds whole logits (`loss_chunk_size`); each metric here turns one micro-batch's predictions into an `easytrain.metrics` value that merges
 exactly across batches, devices and hosts, so nothing the size of the logits ever leaves the device.
 Generation metrics (`exact_match`) need prompts with reference answers and run on the host instead,
 as evaluators of the trainers that have them.
@@ -14,6 +14,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from easytrain.chunked_loss import token_scores
 from easytrain.metrics import ExpMean, Mean, Metric
 
 
@@ -31,20 +32,40 @@ class Predictions(NamedTuple):
     weights: jax.Array
 
 
-def accuracy(predictions: Predictions) -> Mean:
+class TokenScores(NamedTuple):
+    """Per-position scores that stand in for `Predictions` when the logits are never whole (a loss computed a few
+    tokens at a time, `loss_chunk_size`): `accuracy` and `perplexity` read them and give the same values.
+
+    Attributes:
+        nll: `[...]` float32 cross-entropy of the label, `logsumexp(logits) - logits[label]`.
+        correct: `[...]` 1.0 where the top-scoring class is the label, else 0.0.
+        weights: `[...]` as in `Predictions`.
+    """
+
+    nll: jax.Array
+    correct: jax.Array
+    weights: jax.Array
+
+
+def scores(predictions: Predictions | TokenScores) -> TokenScores:
+    """Per-position cross-entropy and argmax hit of `predictions` (`TokenScores` pass through)."""
+    if isinstance(predictions, TokenScores):
+        return predictions
+    return TokenScores(*token_scores(predictions.logits, predictions.labels), predictions.weights)
+
+
+def accuracy(predictions: Predictions | TokenScores) -> Mean:
     """Share of weighted positions whose top-scoring class is the label."""
-    weights = predictions.weights.astype(jnp.float32)
-    correct = jnp.argmax(predictions.logits, axis=-1) == predictions.labels
-    return Mean(jnp.sum(correct * weights), jnp.sum(weights))
+    scored = scores(predictions)
+    weights = scored.weights.astype(jnp.float32)
+    return Mean(jnp.sum(scored.correct * weights), jnp.sum(weights))
 
 
-def perplexity(predictions: Predictions) -> ExpMean:
+def perplexity(predictions: Predictions | TokenScores) -> ExpMean:
     """`exp` of the weighted mean cross-entropy of the labels, in float32."""
-    logits = predictions.logits.astype(jnp.float32)
-    weights = predictions.weights.astype(jnp.float32)
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    label_logit = jnp.take_along_axis(logits, predictions.labels[..., None], axis=-1)[..., 0]
-    return ExpMean(jnp.sum((log_z - label_logit) * weights), jnp.sum(weights))
+    scored = scores(predictions)
+    weights = scored.weights.astype(jnp.float32)
+    return ExpMean(jnp.sum(scored.nll * weights), jnp.sum(weights))
 
 
 #: Metrics computed inside the compiled eval step from `Predictions`.
@@ -56,7 +77,7 @@ DEFAULT = ("accuracy", "perplexity")
 NAMES = (*ON_DEVICE, *GENERATED)
 
 
-def on_device_metrics(names: tuple[str, ...], predictions: Predictions | None, requested: bool) -> dict[str, Any]:
+def on_device_metrics(names: tuple[str, ...], predictions: Predictions | TokenScores | None, requested: bool) -> dict[str, Any]:
     """The on-device metrics among `names` for one micro-batch.
 
     Raises:

@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from easytrain.eval_metrics import Predictions
+from easytrain.chunked_loss import chunked_token_scores, masked_token_sums, token_scores
+from easytrain.eval_metrics import Predictions, TokenScores
 from easytrain.metrics import Mean, Metric, Sum
 
 Batch = Mapping[str, jax.Array]
@@ -28,7 +29,8 @@ class LossOutput(NamedTuple):
         metrics: name -> `easytrain.metrics` value (`Mean`, `Sum`, `Max`, `Min`, `Last`), each reduced its
             own way. A bare array is read as a sum over the same things as the loss (`Mean(value, count)`).
         predictions: `easytrain.eval_metrics.Predictions` (logits, labels, weights) that evaluation metrics
-            chosen by name (`eval_metrics`) and `compute_metrics` score on device; None if not scorable.
+            chosen by name (`eval_metrics`) and `compute_metrics` score on device, or `TokenScores` (per-token
+            cross-entropy and argmax hit, from a loss that never holds whole logits); None if not scorable.
     """
 
     loss_sum: jax.Array
@@ -52,13 +54,7 @@ def token_cross_entropy_sums(logits_BTV: jax.Array, targets_BT: jax.Array,
 
     cross_entropy[b, t] = logsumexp(logits[b, t]) - logits[b, t, targets[b, t]], computed in float32.
     """
-    logits_BTV = logits_BTV.astype(jnp.float32)
-    mask_BT = mask_BT.astype(jnp.float32)
-    log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-    target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
-    loss_sum = jnp.sum((log_z_BT - target_logit_BT) * mask_BT)
-    correct = jnp.sum((jnp.argmax(logits_BTV, axis=-1) == targets_BT) * mask_BT)
-    return loss_sum, jnp.sum(mask_BT), correct
+    return masked_token_sums(*token_scores(logits_BTV, targets_BT), mask_BT)
 
 
 def model_logits(model: nnx.Module, batch: Batch) -> jax.Array:
@@ -67,20 +63,39 @@ def model_logits(model: nnx.Module, batch: Batch) -> jax.Array:
                  segment_ids_BT=batch.get("segment_ids"), positions_BT=batch.get("positions"))
 
 
+def model_hidden_states(model: nnx.Module, batch: Batch) -> jax.Array:
+    """`model_logits`' final normed hidden states `[B*T, D]` (`model.hidden_states`), before the head."""
+    return model.hidden_states(batch["input_ids"], attention_mask_BT=batch.get("attention_mask"),
+                               segment_ids_BT=batch.get("segment_ids"), positions_BT=batch.get("positions"))
+
+
 def causal_lm_loss(model: nnx.Module, batch: Batch, rng: jax.Array, train: bool,
-                   frozen: Frozen | None = None) -> LossOutput:
+                   frozen: Frozen | None = None, *, chunk_size: int = 0) -> LossOutput:
     """Next-token cross-entropy over the tokens where `loss_mask` is 1.
 
     Metrics: `num_tokens` (supervised tokens) and, in training, token `accuracy`; evaluation scores the
     returned predictions with the metrics `eval_metrics` names (accuracy and perplexity by default).
+
+    With `chunk_size > 0` the model's head runs on that many tokens at a time from `model.hidden_states`
+    (`easytrain.chunked_loss`; the model needs `hidden_states` and `logits_from_hidden`), so the float32
+    logits `[B*T, V]` never exist; the predictions are then per-token `TokenScores`, not logits.
     """
     del rng, frozen  # the default objective is deterministic and uses no frozen model
-    logits_BTV = model_logits(model, batch)
-    loss_sum, count, correct = token_cross_entropy_sums(logits_BTV, batch["targets"], batch["loss_mask"])
+    targets_BT, mask_BT = batch["targets"], batch["loss_mask"]
+    if chunk_size:
+        nll_M, correct_M = chunked_token_scores(model.logits_from_hidden, model_hidden_states(model, batch),
+                                                targets_BT.reshape(-1), chunk_size)
+        nll_BT, correct_BT = nll_M.reshape(targets_BT.shape), correct_M.reshape(targets_BT.shape)
+        loss_sum, count, correct = masked_token_sums(nll_BT, correct_BT, mask_BT)
+        predictions: Any = TokenScores(nll_BT, correct_BT, mask_BT)
+    else:
+        logits_BTV = model_logits(model, batch)
+        loss_sum, count, correct = token_cross_entropy_sums(logits_BTV, targets_BT, mask_BT)
+        predictions = Predictions(logits_BTV, targets_BT, mask_BT)
     metrics: dict[str, Metric] = {"num_tokens": Sum(count)}
     if train:
         metrics["accuracy"] = Mean(correct, count)
-    return LossOutput(loss_sum, count, metrics, Predictions(logits_BTV, batch["targets"], batch["loss_mask"]))
+    return LossOutput(loss_sum, count, metrics, predictions)
 
 
 def safe_mean(total: jax.Array, count: jax.Array) -> jax.Array:

@@ -107,6 +107,21 @@ class LlamaForCausalLM(nnx.Module):
             Float32 logits ``[B, T, V]``.
         """
         batch, length = input_ids_BT.shape
+        x_MD = self.hidden_states(input_ids_BT, attention_mask_BT=attention_mask_BT, segment_ids_BT=segment_ids_BT,
+                                  positions_BT=positions_BT)
+        return self.logits_from_hidden(x_MD).reshape(batch, length, -1)
+
+    def hidden_states(
+        self,
+        input_ids_BT: Array,
+        *,
+        attention_mask_BT: Array | None = None,
+        segment_ids_BT: Array | None = None,
+        positions_BT: Array | None = None,
+    ) -> Array:
+        """Final normed hidden states ``[B*T, D]`` (batch-major), what ``logits_from_hidden`` projects:
+        a loss can apply the head a few tokens at a time (``easytrain.chunked_loss``). Arguments as ``__call__``."""
+        batch, length = input_ids_BT.shape
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(length), (batch, length))
         cos_BTK, sin_BTK = rope_tables(positions_BT, self.head_dim, self.rope_theta, self.dtype)
@@ -121,11 +136,11 @@ class LlamaForCausalLM(nnx.Module):
         run = layer_runner(self.remat)
         for layer, window in zip(self.layers, self.features.windows, strict=True):
             x_MD = constrain(run(layer, x_MD, cos_BTK, sin_BTK, masks[window]), RESIDUAL_MD)
-        return self._logits(x_MD).reshape(batch, length, -1)
+        return self.norm(x_MD)
 
-    def _logits(self, x_MD: Array) -> Array:
-        """Final norm and output head, float32 logits ``[M, V]``."""
-        x_MD = self.norm(x_MD)
+    def logits_from_hidden(self, x_MD: Array) -> Array:
+        """The output head (tied embedding or ``lm_head``, LoRA-adapted or not): float32 logits ``[M, V]``
+        of final normed hidden states ``[M, D]``, any number of tokens."""
         if self.lm_head is None:
             return constrain(self.embed_tokens.attend(x_MD), LOGITS_MV)
         return constrain(self.lm_head(x_MD, out_dtype=jnp.float32), LOGITS_MV)
@@ -177,7 +192,8 @@ class LlamaForCausalLM(nnx.Module):
             layer_caches.append(layer_cache)
         if logits_index_B is not None:
             x_MD, length = x_MD.reshape(batch, length, -1)[jnp.arange(batch), logits_index_B], 1
-        return self._logits(x_MD).reshape(batch, length, -1), with_layers(advanced, layer_caches)
+        logits_MV = self.logits_from_hidden(self.norm(x_MD))
+        return logits_MV.reshape(batch, length, -1), with_layers(advanced, layer_caches)
 
 
 def init_model(

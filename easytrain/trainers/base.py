@@ -24,6 +24,7 @@ from easytrain import distributed, integrity, metrics as metrics_lib, placement,
 from easytrain.arguments import TrainingArguments
 from easytrain.callbacks import Callback, CallbackList
 from easytrain.checkpoint import CheckpointManager
+from easytrain.chunked_loss import chunking_problem
 from easytrain.config_io import save_arguments
 from easytrain.data import EvalBatches, TrainBatches
 from easytrain.errors import ArgumentError
@@ -197,12 +198,16 @@ class BaseTrainer(LanguageModelHooks):
     def adapt_module(self, module: nnx.Module) -> nnx.Module:
         """Change the module before it is placed (eagerly, or under `nnx.eval_shape`); default: set its
         `remat` (from `remat_policy`) and `attention_implementation`, and add the LoRA adapters the `lora_*`
-        arguments ask for (in place: a module passed as `model=` gets them too)."""
+        arguments ask for (in place: a module passed as `model=` gets them too); with `loss_chunk_size`, check the
+        module can have its loss chunked."""
         args = self._arguments
         _set_switch(module, "remat", args.remat_policy, "none", "remat_policy", "apply nnx.remat inside your module")
         _set_switch(module, "attention_implementation", args.attention_implementation, "xla",
                     "attention_implementation", "call jax.nn.dot_product_attention inside your module")
-        return adapters.adapt(module, self.lora, args.seed, args.lora_adapter_path)
+        module = adapters.adapt(module, self.lora, args.seed, args.lora_adapter_path)
+        if args.loss_chunk_size and (problem := chunking_problem(module)):
+            raise ArgumentError("loss_chunk_size", problem)
+        return module
 
     def configure_model(self) -> ConfiguredModel:
         """Create the train state directly on the mesh, or restore a resumed run's state straight into it."""

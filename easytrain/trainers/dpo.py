@@ -2,7 +2,8 @@
 
 One forward pass of the policy runs over chosen and rejected together (`[B, 2, T]` rows reshaped to
 `[2B, T]`); per-sequence log-probabilities are float32 sums over completion tokens, computed without a
-float32 log-softmax over the vocabulary (`easytrain.preference.token_logps`). The reference is a frozen
+float32 log-softmax over the vocabulary (`easytrain.preference.token_logps`), or, with `loss_chunk_size`,
+from the final hidden states a few tokens at a time (`easytrain.chunked_loss`). The reference is a frozen
 copy of the initial policy (default), another model, precomputed log-probs, or a copy that moves
 toward the policy (TR-DPO). The losses are the pure functions of `easytrain.preference`.
 """
@@ -21,6 +22,7 @@ import numpy as np
 from flax import nnx, traverse_util
 
 from easytrain.arguments import TrainingArguments
+from easytrain.chunked_loss import map_token_chunks, target_logps
 from easytrain.data import RowSource, bucket_lengths
 from easytrain.data.paired_batches import PairedCollate, pair_rows
 from easytrain.data.preference_data import PreferenceDataOptions, tokenize_preference_dataset
@@ -206,11 +208,19 @@ class DPOTrainer(BaseTrainer):
         """`[B, 2]` summed completion log-probs, completion lengths and summed mean-over-vocab logits."""
         rows, _, length = batch["input_ids"].shape
         flat = lambda x: x.reshape((rows * 2, length))
-        logits_NTV = model(flat(batch["input_ids"]), attention_mask_BT=flat(batch["attention_mask"]))
-        mask_NT = flat(batch["loss_mask"])
-        sums_N, counts_N = sequence_logps(token_logps(logits_NTV, flat(batch["targets"]), self.dpo.logps_chunk_size),
-                                          mask_NT)
-        mean_logits_N = jnp.sum(jnp.mean(logits_NTV.astype(jnp.float32), axis=-1) * mask_NT, axis=-1)
+        ids_NT, attention_NT, targets_NT, mask_NT = (flat(batch[k]) for k in ("input_ids", "attention_mask",
+                                                                              "targets", "loss_mask"))
+        if chunk_size := self.arguments.loss_chunk_size:  # the head runs a few tokens at a time: no [N*T, V]
+            x_MD = model.hidden_states(ids_NT, attention_mask_BT=attention_NT)
+            logps_M, mean_logit_M = map_token_chunks(logps_and_mean_logit, model.logits_from_hidden, x_MD,
+                                                     targets_NT.reshape(-1), chunk_size)
+            logps_NT, mean_logit_NT = logps_M.reshape(targets_NT.shape), mean_logit_M.reshape(targets_NT.shape)
+        else:
+            logits_NTV = model(ids_NT, attention_mask_BT=attention_NT)
+            logps_NT = token_logps(logits_NTV, targets_NT, self.dpo.logps_chunk_size)
+            mean_logit_NT = jnp.mean(logits_NTV.astype(jnp.float32), axis=-1)
+        sums_N, counts_N = sequence_logps(logps_NT, mask_NT)
+        mean_logits_N = jnp.sum(mean_logit_NT * mask_NT, axis=-1)
         return sums_N.reshape(rows, 2), counts_N.reshape(rows, 2), mean_logits_N.reshape(rows, 2)
 
     def compute_loss(self, model: nnx.Module, batch: Mapping[str, jax.Array], rng: jax.Array, train: bool,
@@ -259,6 +269,11 @@ class DPOTrainer(BaseTrainer):
     def run_info(self) -> dict[str, Any]:
         """Also the options that decide the rows, so a resume under different ones is refused."""
         return {**super().run_info(), "task_arguments": {"max_prompt_length": self.dpo.max_prompt_length}}
+
+
+def logps_and_mean_logit(logits_MV: jax.Array, targets_M: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per token: float32 log p(target) and the mean logit over the vocabulary (the `logits/*` metrics)."""
+    return target_logps(logits_MV, targets_M), jnp.mean(logits_MV.astype(jnp.float32), axis=-1)
 
 
 def sync_reference(state: Any, batch: Mapping[str, jax.Array], *, alpha: float, every: int) -> tuple[Any, dict]:

@@ -81,7 +81,7 @@ class LanguageModelHooks:
         a mean, so accumulation and data parallelism divide once by the global count. `frozen` holds
         the `configure_frozen` entries (modules in eval mode). `train` is False in evaluation.
         """
-        return causal_lm_loss(model, batch, rng, train, frozen)
+        return causal_lm_loss(model, batch, rng, train, frozen, chunk_size=self._arguments.loss_chunk_size)
 
     def compute_metrics(self, predictions: Predictions | None, batch: Batch) -> dict[str, Metric]:
         """Evaluation metrics from the loss's `predictions`, traced inside the eval step (never gathered to the
