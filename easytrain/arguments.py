@@ -73,6 +73,9 @@ class TrainingArguments:
     remat_policy: Literal["none", "full", "dots"] = _arg(
         "none", "Recompute decoder-layer activations in the backward pass to save memory: 'full' keeps only each "
         "layer's input, 'dots' also keeps matmul outputs; same values and gradients, more compute.")
+    scan_layers: bool = _arg(
+        False, "Run the decoder layers as one jax.lax.scan (compiled once, so compile time stops growing with "
+        "depth); same values, gradients and parameter paths, one copy of the layer weights per step.")
 
     # --- LoRA (docs/lora.md) --------------------------------------------------------------------
     lora_rank: int = _arg(0, "Train LoRA adapters of this rank instead of every weight; 0 trains the full model.")

@@ -27,6 +27,7 @@ from easytrain.models.families import features_of, head_dim_of, rope_theta
 from easytrain.models.kv_cache import KVCache, advance, init_cache, with_layers
 from easytrain.models.layers import LOGITS_MV, RESIDUAL_MD, DecoderLayer, Embedding, RMSNorm, dense_factory
 from easytrain.models.remat import layer_runner
+from easytrain.models.scan import scan_layers
 from easytrain.sharding import constrain
 
 Array = jax.Array
@@ -64,6 +65,7 @@ class LlamaForCausalLM(nnx.Module):
         self.head_dim = head_dim_of(config)
         self.dtype = dtype
         self.remat = "none"  # decoder layers' rematerialisation policy (easytrain.models.remat.POLICIES)
+        self.scan_layers = False  # run the decoder layers as one lax.scan in __call__ (easytrain.models.scan)
         std = config.initializer_range
         self.embed_tokens = Embedding(
             config.vocab_size, config.hidden_size, std=std, dtype=dtype, param_dtype=param_dtype, rngs=rngs
@@ -113,10 +115,25 @@ class LlamaForCausalLM(nnx.Module):
             for window in dict.fromkeys(self.features.windows)
         }
         x_MD = constrain(self.embed_tokens(input_ids_BT).reshape(batch * length, -1), RESIDUAL_MD)
-        run = layer_runner(self.remat)
-        for layer, window in zip(self.layers, self.features.windows, strict=True):
-            x_MD = constrain(run(layer, x_MD, cos_BTK, sin_BTK, masks[window]), RESIDUAL_MD)
+        if self.scan_layers:
+            x_MD = self._scanned_layers(x_MD, cos_BTK, sin_BTK, masks)
+        else:
+            run = layer_runner(self.remat)
+            for layer, window in zip(self.layers, self.features.windows, strict=True):
+                x_MD = constrain(run(layer, x_MD, cos_BTK, sin_BTK, masks[window]), RESIDUAL_MD)
         return self._logits(x_MD).reshape(batch, length, -1)
+
+    def _scanned_layers(self, x_MD: Array, cos_BTK: Array, sin_BTK: Array, masks: dict[int | None, Array]) -> Array:
+        """The decoder layers as one scan; a layer picks its window's mask from the distinct ones by a scanned
+        index (``[W, B, T, S]`` for W distinct windows, rather than one mask per layer)."""
+        windows = list(masks)
+        masks_WBTS = jnp.stack([masks[window] for window in windows])
+        window_index_L = jnp.asarray([windows.index(window) for window in self.features.windows])
+
+        def step(layer: DecoderLayer, x_MD: Array, window_index: Array) -> Array:
+            return constrain(layer(x_MD, cos_BTK, sin_BTK, masks_WBTS[window_index]), RESIDUAL_MD)
+
+        return scan_layers(self.layers, x_MD, step, window_index_L, policy=self.remat)
 
     def _logits(self, x_MD: Array) -> Array:
         """Final norm and output head, float32 logits ``[M, V]``."""

@@ -196,13 +196,18 @@ class BaseTrainer(LanguageModelHooks):
 
     def adapt_module(self, module: nnx.Module) -> nnx.Module:
         """Change the module before it is placed (eagerly, or under `nnx.eval_shape`); default: set its
-        `remat_policy` and add the LoRA adapters the `lora_*` arguments ask for (in place: a module passed as
-        `model=` gets them too)."""
+        `remat_policy` and `scan_layers`, and add the LoRA adapters the `lora_*` arguments ask for (in place: a
+        module passed as `model=` gets them too)."""
         if (policy := self._arguments.remat_policy) != "none" or hasattr(module, "remat"):
             if not hasattr(module, "remat"):
                 raise ArgumentError("remat_policy", f"{type(module).__name__} has no `remat` attribute to set; "
                                                     "use 'none', or apply nnx.remat inside your module.")
             module.remat = policy
+        if (scan := self._arguments.scan_layers) or hasattr(module, "scan_layers"):
+            if not hasattr(module, "scan_layers"):
+                raise ArgumentError("scan_layers", f"{type(module).__name__} has no `scan_layers` attribute to "
+                                                   "set; use False, or scan over the layers inside your module.")
+            module.scan_layers = scan
         return adapters.adapt(module, self.lora, self._arguments.seed, self._arguments.lora_adapter_path)
 
     def configure_model(self) -> ConfiguredModel:
