@@ -112,18 +112,19 @@ def arguments(output_dir: Path, **overrides) -> TrainingArguments:
 
 
 def test_training_matches_and_resumes_with_the_same_checkpoint_layout(tmp_path):
+    """Steps 1-2 unrolled, then resumed from that checkpoint with scan_layers and saved again at step 4."""
     unrolled = arguments(tmp_path / "unrolled")
     BaseTrainer(unrolled).train()
-    interrupted = arguments(tmp_path / "scan", scan_layers=True)
-    BaseTrainer(interrupted, callbacks=[StopAt(2)]).train()
-    resumed = BaseTrainer(arguments(tmp_path / "scan", scan_layers=True, resume_from_checkpoint="latest"))
+    switched = arguments(tmp_path / "switched")
+    BaseTrainer(switched, callbacks=[StopAt(2)]).train()
+    resumed = BaseTrainer(arguments(tmp_path / "switched", scan_layers=True, resume_from_checkpoint="latest"))
     resumed.train()
     assert resumed.model.scan_layers
-    scan_losses, unrolled_losses = logged(interrupted.output_dir), logged(unrolled.output_dir)
-    assert sorted(scan_losses) == [1, 2, 3, 4]
-    np.testing.assert_allclose(list(scan_losses.values()), list(unrolled_losses.values()), rtol=1e-5)
-    stored = [CheckpointManager(Path(args.output_dir) / "checkpoints").stored_signature(2)
-              for args in (interrupted, unrolled)]
+    losses, unrolled_losses = logged(switched.output_dir), logged(unrolled.output_dir)
+    assert sorted(losses) == [1, 2, 3, 4]
+    np.testing.assert_allclose(list(losses.values()), list(unrolled_losses.values()), rtol=1e-5)
+    stored = [CheckpointManager(Path(args.output_dir) / "checkpoints").stored_signature(4)
+              for args in (switched, unrolled)]
     assert stored[0] == stored[1] and "params.layers.1.self_attn.q_proj.kernel" in stored[0]
 
 
