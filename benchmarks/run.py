@@ -168,6 +168,14 @@ def chunked_ce(r: dict) -> list[Headline]:
         for c in chunks]
 
 
+def scan(r: dict) -> list[Headline]:
+    deepest = max((dig(r, "depths") or {"?": None}), key=lambda d: int(d) if d.isdigit() else 0)
+    ratio = dig(r, f"depths.{deepest}.scan_over_unrolled") or {}
+    return [Headline("scan", f"scan / unrolled layers: first-step compile, depth {deepest}", ratio.get("first_step_compile")),
+            Headline("scan", f"scan / unrolled layers: step time, depth {deepest}", ratio.get("step_time")),
+            Headline("scan", f"scan / unrolled layers: step temp bytes, depth {deepest}", ratio.get("temp"))]
+
+
 @dataclass(frozen=True)
 class Benchmark:
     name: str
@@ -187,6 +195,7 @@ BENCHMARKS = {b.name: b for b in (
     Benchmark("qlora", qlora, requires="qwix"), Benchmark("checkpoint", checkpoint), Benchmark("data", data), Benchmark("remat", remat),
     Benchmark("attention", attention),
     Benchmark("chunked_ce", chunked_ce),
+    Benchmark("scan", scan),
 ) if (ROOT / "benchmarks" / f"{b.name}.py").exists()}
 
 

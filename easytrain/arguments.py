@@ -82,6 +82,9 @@ class TrainingArguments:
         0, "Apply the output head and cross-entropy (DPO: the log-probs) to this many tokens at a time, so the "
         "float32 [tokens, vocab] logits never exist (large vocabularies); 0 computes all the logits at once. Same "
         "values and gradients; the model needs hidden_states and logits_from_hidden (LlamaForCausalLM has them).")
+    scan_layers: bool = _arg(
+        False, "Run the decoder layers as one jax.lax.scan (compiled once, so compile time stops growing with "
+        "depth); same values, gradients and parameter paths, one copy of the layer weights per step.")
 
     # --- LoRA (docs/lora.md) --------------------------------------------------------------------
     lora_rank: int = _arg(0, "Train LoRA adapters of this rank instead of every weight; 0 trains the full model.")

@@ -28,6 +28,7 @@ from easytrain.models.kv_cache import KVCache, advance, init_cache, with_layers
 from easytrain.models.layers import LOGITS_MV, RESIDUAL_MD, DecoderLayer, Embedding, RMSNorm, dense_factory
 from easytrain.models.masks import AttentionMask, check_implementation
 from easytrain.models.remat import layer_runner
+from easytrain.models.scan import scan_layers
 from easytrain.sharding import constrain
 
 Array = jax.Array
@@ -66,6 +67,7 @@ class LlamaForCausalLM(nnx.Module):
         self.dtype = dtype
         self.remat = "none"  # decoder layers' rematerialisation policy (easytrain.models.remat.POLICIES)
         self.attention_implementation = "xla"  # or "dot_product_attention" (easytrain.models.masks); not decode's
+        self.scan_layers = False  # run the decoder layers as one lax.scan in __call__ (easytrain.models.scan)
         std = config.initializer_range
         self.embed_tokens = Embedding(
             config.vocab_size, config.hidden_size, std=std, dtype=dtype, param_dtype=param_dtype, rngs=rngs
@@ -133,10 +135,31 @@ class LlamaForCausalLM(nnx.Module):
         if self.attention_implementation == "xla":
             masks = {window: mask.dense(batch, length) for window, mask in masks.items()}
         x_MD = constrain(self.embed_tokens(input_ids_BT).reshape(batch * length, -1), RESIDUAL_MD)
-        run = layer_runner(self.remat)
-        for layer, window in zip(self.layers, self.features.windows, strict=True):
-            x_MD = constrain(run(layer, x_MD, cos_BTK, sin_BTK, masks[window]), RESIDUAL_MD)
+        if self.scan_layers:
+            x_MD = self._scanned_layers(x_MD, cos_BTK, sin_BTK, masks)
+        else:
+            run = layer_runner(self.remat)
+            for layer, window in zip(self.layers, self.features.windows, strict=True):
+                x_MD = constrain(run(layer, x_MD, cos_BTK, sin_BTK, masks[window]), RESIDUAL_MD)
         return self.norm(x_MD)
+
+    def _scanned_layers(self, x_MD: Array, cos_BTK: Array, sin_BTK: Array,
+                        masks: dict[int | None, Array | AttentionMask]) -> Array:
+        """The decoder layers as one scan; with mixed windows a layer picks its dense mask from the distinct
+        ones by a scanned index (``[W, B, T, S]`` for W distinct windows, rather than one mask per layer)."""
+        windows = list(masks)
+        if len(windows) > 1 and isinstance(masks[windows[0]], AttentionMask):
+            raise ValueError(  # a structured mask's window is static: it cannot vary along the scan
+                f"scan_layers with attention_implementation 'dot_product_attention' needs one attention window for "
+                f"every layer; this config mixes {windows}. Use attention_implementation 'xla' or scan_layers False.")
+        masks_WBTS = jnp.stack([masks[window] for window in windows]) if len(windows) > 1 else None
+        window_index_L = jnp.asarray([windows.index(window) for window in self.features.windows])
+
+        def step(layer: DecoderLayer, x_MD: Array, window_index: Array) -> Array:
+            mask = masks[windows[0]] if masks_WBTS is None else masks_WBTS[window_index]
+            return constrain(layer(x_MD, cos_BTK, sin_BTK, mask), RESIDUAL_MD)
+
+        return scan_layers(self.layers, x_MD, step, window_index_L, policy=self.remat)
 
     def logits_from_hidden(self, x_MD: Array) -> Array:
         """The output head (tied embedding or ``lm_head``, LoRA-adapted or not): float32 logits ``[M, V]``

@@ -197,11 +197,13 @@ class BaseTrainer(LanguageModelHooks):
 
     def adapt_module(self, module: nnx.Module) -> nnx.Module:
         """Change the module before it is placed (eagerly, or under `nnx.eval_shape`); default: set its
-        `remat` (from `remat_policy`) and `attention_implementation`, and add the LoRA adapters the `lora_*`
-        arguments ask for (in place: a module passed as `model=` gets them too); with `loss_chunk_size`, check the
-        module can have its loss chunked."""
+        `remat` (from `remat_policy`), `scan_layers` and `attention_implementation`, and add the LoRA adapters the
+        `lora_*` arguments ask for (in place: a module passed as `model=` gets them too); with `loss_chunk_size`,
+        check the module can have its loss chunked."""
         args = self._arguments
         _set_switch(module, "remat", args.remat_policy, "none", "remat_policy", "apply nnx.remat inside your module")
+        _set_switch(module, "scan_layers", args.scan_layers, False, "scan_layers",
+                    "scan over the layers inside your module")
         _set_switch(module, "attention_implementation", args.attention_implementation, "xla",
                     "attention_implementation", "call jax.nn.dot_product_attention inside your module")
         module = adapters.adapt(module, self.lora, args.seed, args.lora_adapter_path)
