@@ -34,7 +34,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from easytrain import integrity
-from easytrain.models.layers import Dense
+from easytrain.models.layers import Dense, in_use
 from easytrain.lora_config import (ALL_LINEAR, DEFAULT_TARGET_MODULES, INIT_A_CHOICES, LoRAConfig,  # noqa: F401
                                    LoRAConfigError, LoRAError, EMBEDDING_MODULES)
 from easytrain.sharding import constrain
@@ -115,9 +115,9 @@ class LoRADense(Dense):
             return y_MO
         if self.lora_dropout is not None:
             x_MI = self.lora_dropout(x_MI)
-        h_MR = jnp.dot(x_MI.astype(self.dtype), self.lora_a[...].astype(self.dtype))
+        h_MR = jnp.dot(x_MI.astype(self.dtype), in_use(self.lora_a, self.dtype))
         h_MR = constrain(h_MR, ("batch", None))
-        delta_MO = jnp.dot(h_MR, self.lora_b[...].astype(self.dtype), preferred_element_type=out_dtype)
+        delta_MO = jnp.dot(h_MR, in_use(self.lora_b, self.dtype), preferred_element_type=out_dtype)
         return y_MO + (delta_MO * self.scaling).astype(y_MO.dtype)
 
     def delta(self) -> jax.Array:

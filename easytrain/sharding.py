@@ -147,11 +147,40 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     trainer, generation), so models can call it unconditionally. Rule targets that the context mesh
     lacks are ignored.
     """
+    return _constrain(x, logical_axes)
+
+
+def weight_in_use(w: jax.Array, logical_axes: Sequence[str | None], dtype: Any) -> jax.Array:
+    """A parameter as the computation uses it: cast to `dtype` where each shard lives, then pinned whole
+    over the data-parallel axes (`data`, `fsdp`) and split over the tensor-parallel one as its rules say.
+
+    Under FSDP the all-gather then moves the compute dtype (bfloat16: half the bytes of float32
+    parameters), and the weight's gradient is reduced back to the parameter layout in it too. The cast
+    runs in a `shard_map`: a constraint on the cast weight alone lets the partitioner move the cast after
+    the gather (it does, for every weight). Outside a mesh context just the cast, like `constrain`.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return w.astype(dtype)
+    if w.dtype != jax.numpy.dtype(dtype):
+        stored = _spec(logical_axes, w.shape, mesh)
+        w = jax.shard_map(lambda shard: shard.astype(dtype), mesh=mesh, in_specs=stored, out_specs=stored)(w)
+    return jax.lax.with_sharding_constraint(w, _spec(logical_axes, w.shape, mesh, drop=BATCH_AXES))
+
+
+def _constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return x
-    rules = [(name, _present_axes(target, mesh.axis_names)) for name, target in _ACTIVATION_RULES.get()]
-    return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, x.shape, mesh, rules))
+    return jax.lax.with_sharding_constraint(x, _spec(logical_axes, x.shape, mesh))
+
+
+def _spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: AbstractMesh,
+          drop: Sequence[str] = ()) -> P:
+    """The context rules' spec on `mesh`, leaving out rule targets the mesh lacks and the `drop` axes."""
+    kept = [name for name in mesh.axis_names if name not in drop]
+    rules = [(name, _present_axes(target, kept)) for name, target in _ACTIVATION_RULES.get()]
+    return logical_to_spec(logical_axes, shape, mesh, rules)
 
 
 def _present_axes(target: Any, axis_names: Sequence[str]) -> tuple[str, ...]:

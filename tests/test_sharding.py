@@ -144,18 +144,23 @@ def constraint_specs(fn, *args) -> list[str]:
 
 
 def test_activations_are_constrained_by_the_logical_rules():
-    """Traced against a (2,2,2) mesh (no devices needed): residual, heads, MLP and logits are pinned."""
+    """Traced against a (2,2,2) mesh (no devices needed): residual, heads, MLP and logits are pinned, and
+    every weight in use is pinned whole over data and fsdp, split over tensor."""
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                       num_attention_heads=4, num_key_value_heads=2)
     model, ids_BT = init_model(config), jnp.zeros((4, 8), jnp.int32)
     mesh = AbstractMesh((2, 2, 2), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
     batch = "('data', 'fsdp')"
-    specs = constraint_specs(with_activation_layout(model, mesh), ids_BT)
-    # Embedding table at lookup, residual, q/k/v, attention output, MLP hidden, residual, logits.
-    assert specs == ["P('tensor', None)", f"P({batch}, None)", *[f"P({batch}, None, 'tensor', None)"] * 3,
-                     f"P({batch}, 'tensor')", f"P({batch}, 'tensor')", f"P({batch}, None)", f"P({batch}, 'tensor')"]
-    custom = constraint_specs(with_activation_layout(model, mesh, (*DEFAULT_RULES, ("mlp", None))), ids_BT)
-    assert custom[6] == f"P({batch}, None)" and custom[:6] == specs[:6], "rules choose the activation layout"
+    split = lambda specs: ([s for s in specs if batch in s], [s for s in specs if batch not in s])
+    activations, weights = split(constraint_specs(with_activation_layout(model, mesh), ids_BT))
+    # Residual, q/k/v, attention output, MLP hidden, residual, logits.
+    assert activations == [f"P({batch}, None)", *[f"P({batch}, None, 'tensor', None)"] * 3, f"P({batch}, 'tensor')",
+                           f"P({batch}, 'tensor')", f"P({batch}, None)", f"P({batch}, 'tensor')"]
+    # Embedding table, q/k/v, o, gate/up, down, lm_head.
+    rows, columns = "P('tensor', None)", "P(None, 'tensor')"
+    assert weights == [rows, *[columns] * 3, rows, columns, columns, rows, columns]
+    custom, _ = split(constraint_specs(with_activation_layout(model, mesh, (*DEFAULT_RULES, ("mlp", None))), ids_BT))
+    assert custom[5] == f"P({batch}, None)" and custom[:5] == activations[:5], "rules choose the activation layout"
     assert constraint_specs(model, ids_BT) == [], "no mesh in context: no constraints"
 
 

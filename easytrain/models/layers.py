@@ -18,7 +18,7 @@ from easytrain.models.attention import DType, apply_rope, grouped_attention
 from easytrain.models.families import ACTIVATIONS, ArchFeatures, ConfigError, activation_name, features_of, head_dim_of
 from easytrain.models.kv_cache import LayerCache
 from easytrain.models.masks import AttentionMask, attend
-from easytrain.sharding import constrain
+from easytrain.sharding import constrain, weight_in_use
 
 Array = jax.Array
 
@@ -29,6 +29,17 @@ HEADS_BTHK = ("batch", None, "heads", None)
 HEADS_MX = ("batch", "heads")
 MLP_MF = ("batch", "mlp")
 LOGITS_MV = ("batch", "vocab")
+
+
+def logical_axes(variable: nnx.Variable) -> tuple[str | None, ...]:
+    """The logical axes a parameter was annotated with (`out_sharding`); unannotated: all None."""
+    return tuple(variable.get_metadata().get("out_sharding") or (None,) * variable[...].ndim)
+
+
+def in_use(variable: nnx.Variable, dtype: DType) -> Array:
+    """A weight cast to the compute dtype and gathered (`easytrain.sharding.weight_in_use`): under FSDP
+    the all-gather carries the compute dtype, not the parameter's."""
+    return weight_in_use(variable[...], logical_axes(variable), dtype)
 
 
 def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype: DType) -> Array:
@@ -57,13 +68,9 @@ class Dense(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x_MI: Array, *, out_dtype: DType | None = None) -> Array:
-        y_MO = jnp.dot(
-            x_MI.astype(self.dtype),
-            self.kernel[...].astype(self.dtype),
-            preferred_element_type=out_dtype,
-        )
+        y_MO = jnp.dot(x_MI.astype(self.dtype), in_use(self.kernel, self.dtype), preferred_element_type=out_dtype)
         if self.bias is not None:
-            y_MO = y_MO + self.bias[...].astype(y_MO.dtype)
+            y_MO = y_MO + in_use(self.bias, self.dtype).astype(y_MO.dtype)
         return y_MO
 
 
@@ -78,14 +85,16 @@ class Embedding(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, ids_BT: Array) -> Array:
-        # Gather the embed axis first, as FSDP does for every weight: rows looked up in a table split
-        # along embed come out split along embed, and would need a full relayout to split by batch.
-        table_VD = constrain(self.embedding[...], ("vocab", None))
+        # The table is gathered along embed first, as FSDP does for every weight (rows looked up in a
+        # table split along embed come out split along embed, and would need a full relayout to split
+        # by batch), in the compute dtype; the lookup itself is in the parameter dtype (exact: the
+        # values are already rounded), so its gradient, a scatter-add over every token, sums in it too.
+        table_VD = in_use(self.embedding, self.dtype).astype(self.embedding[...].dtype)
         return jnp.take(table_VD, ids_BT, axis=0).astype(self.dtype)
 
     def attend(self, x_MD: Array) -> Array:
         """Float32 logits against the embedding table (tied output head)."""
-        table_VD = self.embedding[...].astype(self.dtype)
+        table_VD = in_use(self.embedding, self.dtype)
         return jnp.dot(x_MD.astype(self.dtype), table_VD.T, preferred_element_type=jnp.float32)
 
 

@@ -1,0 +1,47 @@
+"""Smoke test of benchmarks/gpu.py at tiny size on the CPU (no timing asserted), and its config choice."""
+
+import json
+
+import pytest
+
+from benchmarks import gpu
+from easytrain.errors import ArgumentError
+
+SIZES = dict(batch=4, length=2048, param_dtype="float32", remat="full")
+
+
+def test_gpu_benchmark_smoke(tmp_path):
+    out = tmp_path / "gpu.json"
+    result = gpu.main(["--quick", "--out", str(out), "--seed", "3"])  # --seed: passed on to TrainingArguments
+    assert json.loads(out.read_text()) == result
+    assert result["config"] == "tiny" and result["measured_steps"] == 2 and result["extra_arguments"] == ["--seed", "3"]
+    assert result["tokens_per_second"]["median"] > 0 and result["tokens_per_second_overall"] > 0
+    assert result["mfu"]["median"] > 0 and result["peak_source"]  # the CPU's measured peak
+
+
+def test_unknown_pass_through_flag_fails_before_anything_is_built():
+    with pytest.raises(ArgumentError, match="no_such_field.*passes flags it does not know on to TrainingArguments"):
+        gpu.main(["--quick", "--no_such_field", "1"])
+
+
+def test_the_largest_config_that_fits_is_chosen():
+    estimates = {name: gpu.estimated_bytes(gpu.llama(name), **SIZES) for name in gpu.CONFIGS}
+    assert list(estimates.values()) == sorted(estimates.values())
+    assert gpu.pick_config(estimates["llama-3b"], **SIZES) == "llama-3b"
+    assert gpu.pick_config(estimates["llama-3b"] - 1, **SIZES) == "llama-1b"
+    assert gpu.pick_config(10**15, **SIZES) == "llama-8b"
+    with pytest.raises(ArgumentError, match="none of"):
+        gpu.pick_config(estimates["llama-1b"] - 1, **SIZES)
+    with pytest.raises(ArgumentError, match="pass --config"):
+        gpu.pick_config(None, **SIZES)
+
+
+def test_parameter_count_matches_the_model():
+    import jax
+    from flax import nnx
+
+    from easytrain.models import init_model
+
+    config = gpu.llama("tiny")
+    params = nnx.state(nnx.eval_shape(lambda: init_model(config)), nnx.Param)
+    assert gpu.parameter_count(config) == sum(leaf.size for leaf in jax.tree.leaves(params))
