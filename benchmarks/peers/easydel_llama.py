@@ -17,16 +17,19 @@ EasyDeL turns on at import is switched off, so every run compiles from scratch. 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
 import time
 import traceback
 
-SCRATCH = tempfile.mkdtemp(prefix="easydel-peer-")
+SCRATCH = tempfile.mkdtemp(prefix="easydel-peer-")  # EasyDeL's checkpoint and compile-cache folders
+atexit.register(shutil.rmtree, SCRATCH, ignore_errors=True)
 os.environ.setdefault("COMPILE_FUNC_DIR", os.path.join(SCRATCH, "compile-cache"))
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
