@@ -6,7 +6,8 @@
 Each benchmark runs as `python -m benchmarks.<name> ...` from the repository root, one after the other, so a
 crash or a timeout fails that benchmark only and peak memory stays per benchmark. `--suite quick` gives
 each its `--quick` profile (or, for the scripts without one, small sizes set here); `--suite full` their
-defaults. `--extra name=ARGS` appends arguments to one benchmark's command line (later flags win).
+defaults; `easydel_peer` (EasyDeL in an environment of its own, minutes) is in the full suite only unless
+named in `--only`. `--extra name=ARGS` appends arguments to one benchmark's command line (later flags win).
 Contenders are alternated inside each benchmark (one process, or interleaved child processes), after
 warm-up, and each reports medians and spreads itself; this runner only collects them.
 
@@ -176,6 +177,15 @@ def scan(r: dict) -> list[Headline]:
             Headline("scan", f"scan / unrolled layers: step temp bytes, depth {deepest}", ratio.get("temp"))]
 
 
+def easydel_peer(r: dict) -> list[Headline]:
+    if r.get("error"):  # no EasyDeL environment, or EasyDeL failed: recorded, shown, not a crash
+        return [Headline("easydel_peer", f"error: {str(r['error']).splitlines()[0][:100]}", None, ratio=False)]
+    ratios = [x for x in r.get("per_repeat_ratio") or [] if isinstance(x, (int, float))]
+    return [Headline("easydel_peer", "easytrain / EasyDeL trainer tokens/s", r.get("ratio_easytrain_over_easydel"),
+                     min(ratios, default=None), max(ratios, default=None)),
+            Headline("easydel_peer", "EasyDeL tokens/s", r.get("tokens_per_second"), ratio=False)]
+
+
 @dataclass(frozen=True)
 class Benchmark:
     name: str
@@ -183,6 +193,7 @@ class Benchmark:
     quick: tuple[str, ...] = ("--quick",)  # what `--suite quick` passes; the full suite passes nothing
     writes_out: bool = True  # takes `--out FILE`; otherwise its JSON is the last JSON line of its stdout
     requires: str | None = None  # an optional package: skipped without it
+    full_only: bool = False  # left out of the default quick suite (still runs when named in --only)
 
 
 BENCHMARKS = {b.name: b for b in (
@@ -196,6 +207,7 @@ BENCHMARKS = {b.name: b for b in (
     Benchmark("attention", attention),
     Benchmark("chunked_ce", chunked_ce),
     Benchmark("scan", scan),
+    Benchmark("easydel_peer", easydel_peer, full_only=True),
 ) if (ROOT / "benchmarks" / f"{b.name}.py").exists()}
 
 
@@ -344,7 +356,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--extra", action="append", default=[], metavar="NAME=ARGS",
                         help="append ARGS (shell-quoted) to one benchmark's command line; repeatable")
     options = parser.parse_args(argv)
-    options.names = [n.strip() for n in options.only.split(",") if n.strip()] if options.only else list(BENCHMARKS)
+    options.names = ([n.strip() for n in options.only.split(",") if n.strip()] if options.only else
+                     [n for n, b in BENCHMARKS.items() if options.suite == "full" or not b.full_only])
     unknown = [n for n in options.names if n not in BENCHMARKS]
     options.extras = {}
     for item in options.extra:
