@@ -140,7 +140,7 @@ def time_phases(options: argparse.Namespace, jax_side: dict[str, Callable[[], An
 INSTRUCTION = re.compile(r"\s*(?:ROOT )?%([\w.\-]+) = \w+\[([\d,]*)\]\S* (\w+)\((.*?)\)(.*)")
 
 
-def dot_flops_by_kernel(hlo: str) -> dict[str, tuple[float, str]]:
+def dot_flops_by_kernel(hlo: str, config: dict) -> dict[str, tuple[float, str]]:
     """Kernel name -> (FLOPs of its dots, their group), for the entry's dots and fusions holding dots."""
     computations: dict[str, list[str]] = {}
     current: list[str] | None = None
@@ -165,7 +165,7 @@ def dot_flops_by_kernel(hlo: str) -> dict[str, tuple[float, str]]:
                 lhs = shapes[operands.split(",")[0].strip().lstrip("%")]
                 contracted = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", attributes).group(1)
                 flops += 2 * float(np.prod(shapes[name])) * float(np.prod([lhs[int(i)] for i in contracted.split(",")]))
-                group = dot_group(shapes[name], lhs, "lhs_batch_dims" in attributes)
+                group = dot_group(shapes[name], lhs, "lhs_batch_dims" in attributes, config)
         return flops, group
 
     found = {}
@@ -185,18 +185,19 @@ def dot_flops_by_kernel(hlo: str) -> dict[str, tuple[float, str]]:
     return found
 
 
-def dot_group(out: list[int], lhs: list[int], batched: bool) -> str:
+def dot_group(out: list[int], lhs: list[int], batched: bool, config: dict) -> str:
+    """What a dot computes, told apart by its sizes (the config keeps vocab, MLP and hidden sizes distinct)."""
     if batched:
         return "attention scores and values"
     sizes = set(out) | set(lhs)
-    if CONFIG["vocab_size"] in sizes or QUICK["config"]["vocab_size"] in sizes:
+    if config["vocab_size"] in sizes:
         return "output head"
-    if CONFIG["intermediate_size"] in sizes or QUICK["config"]["intermediate_size"] in sizes:
+    if config["intermediate_size"] in sizes:
         return "MLP"
     return "attention projections"
 
 
-def kernel_times(compiled: Any, run_step: Callable[[], Any], steps: int) -> dict:
+def kernel_times(compiled: Any, run_step: Callable[[], Any], steps: int, config: dict) -> dict:
     """Per-kernel time of `steps` steps from a `jax.profiler` trace, grouped as in `dot_flops_by_kernel`."""
     import jax
 
@@ -214,7 +215,7 @@ def kernel_times(compiled: Any, run_step: Callable[[], Any], steps: int) -> dict
             for event in line.events:
                 if event.name in kernels:
                     nanoseconds[event.name] += event.duration_ns
-    dots = dot_flops_by_kernel(hlo)
+    dots = dot_flops_by_kernel(hlo, config)
     groups: dict[str, dict[str, float]] = collections.defaultdict(lambda: {"ms": 0.0, "gflop": 0.0})
     for kernel, ns in nanoseconds.items():
         flops, group = dots.get(kernel, (0.0, "everything else (elementwise, reductions, copies, gathers)"))
@@ -275,7 +276,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_enable_xprof_traceme=true".strip()
     jax_side = jax_step_functions(config, blocks, batch)
     phases = time_phases(options, jax_side, torch_step_functions(config, blocks, batch))
-    kernels = kernel_times(jax_side["_compiled_step"](), jax_side["step"], options.trace_steps)
+    kernels = kernel_times(jax_side["_compiled_step"](), jax_side["step"], options.trace_steps, config)
     result = {"benchmark": "xla_cpu", "config": config, "batch": batch, "length": length, "phases": phases,
               "kernels": kernels, "flags": flags, "load_average": list(os.getloadavg())}
     return emit(result, options.out)

@@ -8,6 +8,7 @@ loss's count over the whole global batch. Metrics are `easytrain.metrics` values
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -102,6 +103,18 @@ def keep_if_not_finite(new: Any, old: Any, finite: jax.Array) -> Any:
     return jax.tree.map(lambda n, o: n if _is_counter(o) else jnp.where(finite, n, o), new, old)
 
 
+def updated(state: TrainState, grads: Any, model_state: Any, keep: bool) -> tuple[Any, Any, Any]:
+    """Parameters, optimizer state and module state after the update (`keep`), or after a skipped one: old
+    values with new counters (`keep_if_not_finite`), the optimizer's from an update with zero gradients whose
+    other outputs are discarded, and so never computed."""
+    if keep:
+        new = state.apply_gradients(grads)
+        return new.params, new.opt_state, model_state
+    counted = state.apply_gradients(jax.tree.map(jnp.zeros_like, grads))
+    return keep_if_not_finite((counted.params, counted.opt_state, model_state),
+                              (state.params, state.opt_state, state.model_state), jnp.asarray(False))
+
+
 def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn, schedule: optax.Schedule,
                num_micro: int = 1, skip_non_finite: bool = True) -> tuple[TrainState, Metrics]:
     """One optimizer update on one global batch.
@@ -114,13 +127,15 @@ def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn, schedule: op
     loss = metrics["loss"]
     grads = jax.tree.map(lambda g: g / jnp.maximum(loss.count, 1.0).astype(g.dtype), grad_sums)
     grad_norm = optax.tree.norm(grads)
-    new_state = state.apply_gradients(grads).replace(model_state=model_state)
     finite = jnp.isfinite(loss.total) & jnp.isfinite(grad_norm)
+    # A branch, not a select over every parameter: the update runs only when it is kept, and the frozen parts
+    # of the state (a LoRA base, reference models) stay outside it.
     if skip_non_finite:
-        updated = (new_state.params, new_state.opt_state, new_state.model_state)
-        params, opt_state, model_state = keep_if_not_finite(updated, (state.params, state.opt_state,
-                                                                      state.model_state), finite)
-        new_state = new_state.replace(params=params, opt_state=opt_state, model_state=model_state)
+        params, opt_state, model_state = jax.lax.cond(finite, functools.partial(updated, keep=True),
+                                                      functools.partial(updated, keep=False), state, grads, model_state)
+    else:
+        params, opt_state, model_state = updated(state, grads, model_state, keep=True)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state)
     metrics = {**metrics, "grad_norm": Mean(grad_norm, jnp.ones((), jnp.float32)),
                "learning_rate": Last(jnp.asarray(schedule(state.step), jnp.float32)),
                "skipped_steps": Sum((~finite).astype(jnp.int32))}

@@ -248,3 +248,38 @@ def test_a_metric_named_like_a_built_in_one_is_refused(name):
         step(regression_state(), regression_batch())
     with pytest.raises(ValueError, match=f"'{name}'.*built-in"):
         eval_step(regression_state(), regression_batch(), loss_fn=loss_fn)
+
+
+class NoisyLinear(nnx.Module):
+    """A linear model behind dropout: its RNG stream count is module state the forward pass advances."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.linear = nnx.Linear(8, 1, rngs=rngs)
+        self.dropout = nnx.Dropout(0.5, rngs=rngs)
+
+    def __call__(self, x_BF: jax.Array) -> jax.Array:
+        return self.linear(self.dropout(x_BF))[:, 0]
+
+
+def test_a_skipped_step_keeps_values_and_advances_every_counter():
+    """The update is a branch taken only for a finite step; the skipped branch must still advance the step,
+    the optimizer's count and the module's RNG stream exactly as a kept step does, and change nothing else."""
+    graphdef, params, rest = split_model(NoisyLinear(nnx.Rngs(0)))
+    state = TrainState.create(graphdef=graphdef, params=params, model_state=rest, tx=optax.adam(1e-2),
+                              rng=raw_key(0))
+    step = jax.jit(functools.partial(train_step, loss_fn=regression_loss, schedule=lambda s: 1e-2))
+    state, _ = step(state, regression_batch(seed=0))
+    kept, kept_metrics = step(state, regression_batch(seed=1))
+    skipped, metrics = step(state, {**regression_batch(seed=1), "y": np.full((8,), np.nan, np.float32)})
+    assert int(kept_metrics["skipped_steps"].total) == 0 and int(metrics["skipped_steps"].total) == 1
+    assert int(skipped.step) == int(kept.step) == 2
+    def counts(model_state) -> list[int]:  # the RNG stream counts (keys are left as they are)
+        return [int(leaf) for leaf in jax.tree.leaves(model_state) if jnp.issubdtype(leaf.dtype, jnp.integer)]
+
+    assert counts(state.model_state) and counts(skipped.model_state) == counts(kept.model_state)
+    assert counts(skipped.model_state) == [c + 1 for c in counts(state.model_state)]
+    for a, b in zip(leaves((skipped.params, skipped.opt_state)), leaves((state.params, state.opt_state))):
+        if np.issubdtype(a.dtype, np.integer):
+            assert int(a) == int(b) + 1
+        else:
+            np.testing.assert_array_equal(a, b)
