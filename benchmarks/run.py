@@ -72,6 +72,8 @@ def overhead(r: dict) -> list[Headline]:
     return [Headline("overhead", "easytrain / hand-written tokens/s", dig(r, "ratio_trainer_over_loop")),
             Headline("overhead", "easytrain / hand-written compile s", dig(r, "ratio_compile_trainer_over_loop")),
             Headline("overhead", "easytrain / hand-written peak RSS", dig(r, "ratio_peak_rss_trainer_over_loop")),
+            Headline("overhead", "easytrain / hand-written RSS added by training",
+                     dig(r, "ratio_added_rss_trainer_over_loop")),
             Headline("overhead", "easytrain tokens/s", dig(r, "trainer_tokens_per_second"), ratio=False)]
 
 
@@ -85,6 +87,13 @@ def versus_torch(r: dict) -> list[Headline]:
             Headline("versus_torch", "easytrain / PyTorch loop tokens/s", dig(r, "ratios.easytrain_over_torch_loop")),
             *(side(name) for name in ("easytrain", "hf_trainer", "torch_loop", "nnx_step")),
             Headline("versus_torch", "easytrain CPU MFU", dig(r, "contenders.easytrain.cpu_mfu"))]
+
+
+def xla_cpu(r: dict) -> list[Headline]:
+    return [Headline("xla_cpu", "JAX / PyTorch step time, one process", dig(r, "phases.ms.step.jax_over_torch")),
+            Headline("xla_cpu", "JAX / PyTorch AdamW update time", dig(r, "phases.ms.adamw.jax_over_torch")),
+            *(Headline("xla_cpu", f"XLA flags {name} / default tokens/s", dig(r, f"flags.{name}.over_default"))
+              for name in (dig(r, "flags") or {}) if name != "default")]
 
 
 def generation(r: dict) -> list[Headline]:
@@ -200,6 +209,7 @@ BENCHMARKS = {b.name: b for b in (
     Benchmark("overhead", overhead, ("--rounds", "3", "--steps_per_round", "5", "--repeats", "1")),
     Benchmark("versus_torch", versus_torch, ("--rounds", "1", "--windows", "2", "--window_steps", "3"),
               requires="torch"),
+    Benchmark("xla_cpu", xla_cpu, ("--repeats", "3", "--flag_rounds", "1", "--flag_steps", "3"), requires="torch"),
     Benchmark("generation", generation, ("--batch", "4", "--prompt", "32", "--new", "32"), writes_out=False),
     Benchmark("scaling", scaling, ("--rounds", "3", "--meshes", "2,2,2"), writes_out=False),
     Benchmark("sft", sft), Benchmark("dpo", dpo), Benchmark("lora", lora),
