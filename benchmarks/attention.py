@@ -25,7 +25,7 @@ import numpy as np
 import transformers
 from flax import nnx
 
-from benchmarks.report import emit
+from benchmarks.report import emit, fill_defaults
 from easytrain.losses import token_cross_entropy_sums
 from easytrain.models import init_model
 from easytrain.models.masks import IMPLEMENTATIONS, kernel_for
@@ -89,9 +89,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     parser.add_argument("--out", help="also write the JSON result to this file")
     options = parser.parse_args(argv)
-    for key, value in PROFILES["quick" if options.quick else "full"].items():
-        if getattr(options, key) is None:
-            setattr(options, key, value)
+    fill_defaults(options, PROFILES["quick" if options.quick else "full"])
     lengths = [int(n) for n in options.lengths.split(",")]
     heads = max(1, options.hidden // 64)
     config = transformers.LlamaConfig(vocab_size=8192, hidden_size=options.hidden, num_hidden_layers=options.layers,

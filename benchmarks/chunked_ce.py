@@ -28,7 +28,7 @@ from flax import nnx
 
 from easytrain.losses import causal_lm_loss
 from easytrain.models import init_model
-from benchmarks.report import emit
+from benchmarks.report import compiled_memory, emit, fill_defaults
 
 PROFILES = {"full": dict(vocab=131072, layers=2, hidden=512, length=1024, batch=4, steps=1, repeats=2),
             "quick": dict(vocab=4096, layers=1, hidden=64, length=64, batch=2, steps=1, repeats=1)}
@@ -43,10 +43,7 @@ def compiled_step(chunk_size: int, model: nnx.Module, batch: dict[str, jax.Array
         return out.loss_sum / out.count
 
     step = jax.jit(jax.value_and_grad(loss))
-    analysis = step.lower(params).compile().memory_analysis()
-    memory = {"temp": int(analysis.temp_size_in_bytes),
-              "peak_estimate": int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes
-                                   + analysis.temp_size_in_bytes)}
+    memory = compiled_memory(step.lower(params).compile())
     return step, params, memory
 
 
@@ -59,9 +56,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", help="also write the JSON result to this file")
     options = parser.parse_args(argv)
     profile = "quick" if options.quick else "full"
-    for key, value in PROFILES[profile].items():
-        if getattr(options, key) is None:
-            setattr(options, key, value)
+    fill_defaults(options, PROFILES[profile])
     chunks = [0] + [int(c) for c in (options.chunks or CHUNKS[profile]).split(",")]
     config = transformers.LlamaConfig(vocab_size=options.vocab, hidden_size=options.hidden,
                                       num_hidden_layers=options.layers, intermediate_size=3 * options.hidden,

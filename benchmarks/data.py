@@ -39,7 +39,7 @@ from easytrain import TrainingArguments  # noqa: E402
 from easytrain.data import SFTDataOptions, pack_examples, tokenize_sft_dataset  # noqa: E402
 from easytrain.tasks.arithmetic import build_arithmetic_chat_tokenizer  # noqa: E402
 from easytrain.trainers.sft import SFTArguments, SFTTrainer  # noqa: E402
-from benchmarks.report import emit  # noqa: E402
+from benchmarks.report import emit, fill_defaults  # noqa: E402
 
 PROFILES = {"full": dict(model_config="small", conversations=8000, max_length=256, batch_size=8, batches=200,
                          train_steps=10),
@@ -62,9 +62,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--model_config", help="Llama preset of the consuming trainer (full: small, quick: tiny)")
     parser.add_argument("--out", help="also write the JSON result to this file")
     options = parser.parse_args(argv)
-    for key, value in PROFILES["quick" if options.quick else "full"].items():
-        if getattr(options, key) is None:
-            setattr(options, key, value)
+    fill_defaults(options, PROFILES["quick" if options.quick else "full"])
     tokenizer = build_arithmetic_chat_tokenizer()
     dataset, _ = make_conversations(options.conversations, options.max_length)
     data_options = SFTDataOptions(max_length=options.max_length + 1, assistant_only_loss=True)

@@ -63,7 +63,7 @@ from easytrain.tasks.arithmetic import (build_arithmetic_chat_tokenizer, make_ar
                                         make_arithmetic_preference_splits)
 from easytrain.trainers.dpo import DPOArguments, DPOTrainer  # noqa: E402
 from easytrain.trainers.sft import SFTArguments, SFTTrainer  # noqa: E402
-from benchmarks.report import emit  # noqa: E402
+from benchmarks.report import emit, fill_defaults  # noqa: E402
 
 #: Sizes of one run: the full profile, and `--quick` (under a minute on 2 CPU cores).
 PROFILES = {
@@ -268,9 +268,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         help="vocabulary chunk of token_logps there (DPOArguments' default)")
     options = parser.parse_args(argv)
     options.profile = "quick" if options.quick else "full"
-    for key, value in PROFILES[options.profile].items():
-        if getattr(options, key) is None:
-            setattr(options, key, value)
+    fill_defaults(options, PROFILES[options.profile])
     return options
 
 

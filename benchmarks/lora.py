@@ -57,7 +57,7 @@ import numpy as np  # noqa: E402
 from easytrain import TrainingArguments  # noqa: E402
 from easytrain.tasks.arithmetic import build_arithmetic_chat_tokenizer, make_arithmetic_chat_splits  # noqa: E402
 from easytrain.trainers.sft import SFTArguments, SFTTrainer  # noqa: E402
-from benchmarks.report import emit  # noqa: E402
+from benchmarks.report import emit, fill_defaults  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA_100M = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12,
@@ -293,9 +293,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--result", help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
     options.profile = "quick" if options.quick else "full"
-    for key, value in PROFILES[options.profile].items():
-        if getattr(options, key, None) is None:
-            setattr(options, key, value)
+    fill_defaults(options, PROFILES[options.profile])
     return options
 
 

@@ -80,7 +80,7 @@ from easytrain.models.llama import init_model  # noqa: E402
 
 import qwix  # noqa: E402  (optional: pip install qwix==0.1.8 -c constraints.txt)
 from qwix._src.providers import ptq as qwix_ptq  # noqa: E402
-from benchmarks.report import emit  # noqa: E402
+from benchmarks.report import emit, fill_defaults  # noqa: E402
 
 #: Sizes of one run: the full profile (about 170 s of CPU time), and `--quick` (a smoke test).
 PROFILES = {
@@ -391,9 +391,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     for name, value in PROFILES["full"].items():
         parser.add_argument(f"--{name}", type=type(value), help="default: from the profile")
     options = parser.parse_args(argv)
-    for key, value in PROFILES["quick" if options.quick else "full"].items():
-        if getattr(options, key) is None:
-            setattr(options, key, value)
+    fill_defaults(options, PROFILES["quick" if options.quick else "full"])
     options.sides = tuple(options.sides or SIDES)
     return options
 

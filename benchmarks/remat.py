@@ -26,7 +26,7 @@ from flax import nnx
 from easytrain.losses import token_cross_entropy_sums
 from easytrain.models import init_model
 from easytrain.models.remat import POLICIES
-from benchmarks.report import emit
+from benchmarks.report import compiled_memory, emit, fill_defaults
 
 PROFILES = {"full": dict(layers=8, hidden=512, length=512, batch=8, steps=2, repeats=4),
             "quick": dict(layers=2, hidden=64, length=64, batch=4, steps=2, repeats=2)}
@@ -43,10 +43,7 @@ def compiled_step(policy: str, config: transformers.LlamaConfig, ids: jax.Array)
         return total / count
 
     step = jax.jit(jax.value_and_grad(loss))
-    analysis = step.lower(params).compile().memory_analysis()
-    memory = {"temp": int(analysis.temp_size_in_bytes),
-              "peak_estimate": int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes
-                                   + analysis.temp_size_in_bytes)}
+    memory = compiled_memory(step.lower(params).compile())
     return step, params, memory
 
 
@@ -57,9 +54,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.add_argument(f"--{name}", type=int, help="(default: from the profile)")
     parser.add_argument("--out", help="also write the JSON result to this file")
     options = parser.parse_args(argv)
-    for key, value in PROFILES["quick" if options.quick else "full"].items():
-        if getattr(options, key) is None:
-            setattr(options, key, value)
+    fill_defaults(options, PROFILES["quick" if options.quick else "full"])
     config = transformers.LlamaConfig(vocab_size=8192, hidden_size=options.hidden, num_hidden_layers=options.layers,
                                       intermediate_size=3 * options.hidden, num_attention_heads=max(1, options.hidden // 64),
                                       num_key_value_heads=max(1, options.hidden // 128), max_position_embeddings=4096)

@@ -7,6 +7,21 @@ from pathlib import Path
 from typing import Any
 
 
+def fill_defaults(options: Any, profile: dict[str, Any]) -> None:
+    """Give every option left unset on the command line (None) its value from the chosen profile."""
+    for key, value in profile.items():
+        if getattr(options, key, None) is None:
+            setattr(options, key, value)
+
+
+def compiled_memory(compiled: Any) -> dict[str, int]:
+    """A compiled step's scratch bytes and its peak estimate (arguments + outputs + scratch), from XLA."""
+    analysis = compiled.memory_analysis()
+    return {"temp": int(analysis.temp_size_in_bytes),
+            "peak_estimate": int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+                                 + analysis.temp_size_in_bytes)}
+
+
 def emit(result: dict[str, Any], out: str | None) -> dict[str, Any]:
     """Print `result` as one JSON line (the runner reads it), write it to `out` when given, return it."""
     line = json.dumps(result)

@@ -27,7 +27,7 @@ import optax
 import transformers
 from flax import nnx
 
-from benchmarks.report import emit
+from benchmarks.report import emit, fill_defaults
 from easytrain.losses import token_cross_entropy_sums
 from easytrain.models import init_model
 from easytrain.models.scan import stack_layers
@@ -123,9 +123,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.add_argument(f"--{name}", type=int, help="(default: from the profile)")
     parser.add_argument("--out", help="also write the JSON result to this file")
     options = parser.parse_args(argv)
-    for key, value in PROFILES["quick" if options.quick else "full"].items():
-        if getattr(options, key) is None:
-            setattr(options, key, value)
+    fill_defaults(options, PROFILES["quick" if options.quick else "full"])
     depths = [int(d) for d in options.depths.split(",")]
     result = {"benchmark": "scan", "device": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(),
               "config": {k: getattr(options, k) for k in ("hidden", "length", "batch")}, "depths": {}}

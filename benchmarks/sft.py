@@ -44,7 +44,7 @@ from easytrain import TrainingArguments  # noqa: E402
 from easytrain.data import bucket_lengths  # noqa: E402
 from easytrain.tasks.arithmetic import build_arithmetic_chat_tokenizer  # noqa: E402
 from easytrain.trainers.sft import SFTArguments, SFTTrainer  # noqa: E402
-from benchmarks.report import emit  # noqa: E402
+from benchmarks.report import emit, fill_defaults  # noqa: E402
 
 #: Sizes of one run: the full profile, and `--quick` (under a minute on 2 CPU cores).
 PROFILES = {
@@ -178,9 +178,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                             ("warmup_steps", "untimed steps per side after compilation")):
         parser.add_argument(f"--{name}", type=int, help=f"{help_text} (default: from the profile)")
     options = parser.parse_args(argv)
-    for key, value in PROFILES["quick" if options.quick else "full"].items():
-        if getattr(options, key) is None:
-            setattr(options, key, value)
+    fill_defaults(options, PROFILES["quick" if options.quick else "full"])
     return options
 
 
