@@ -66,18 +66,25 @@ def _leaf_digest(leaf: jax.Array) -> jax.Array:
 
 _digest = jax.jit(_leaf_digest)
 
+# XLA:CPU deadlocks when over 32 programs wait per device (its in-flight limit) on a multi-device mesh: the
+# launch blocking on that limit holds a thread of the pool that would run the waiting programs.
+_IN_FLIGHT = 16
 
-def _digests(tree: Any) -> list[jax.Array]:
+
+def _digests(tree: Any) -> list[np.ndarray]:
     """One compiled digest per leaf (one compilation per distinct shape, dtype and layout): the scratch
-    memory is that of the largest leaf, never of the whole tree at once."""
-    return [_digest(leaf) for leaf in jax.tree.leaves(tree)]
+    memory is that of the largest leaf, never of the whole tree at once. Fetched `_IN_FLIGHT` leaves at a
+    time, so a tree of many leaves never queues more programs than XLA:CPU can run on a mesh."""
+    leaves = jax.tree.leaves(tree)
+    return [value for start in range(0, len(leaves), _IN_FLIGHT)
+            for value in jax.device_get([_digest(leaf) for leaf in leaves[start:start + _IN_FLIGHT]])]
 
 
 def fingerprint(tree: Any) -> dict[str, list[int]]:
     """Dotted leaf path -> two uint32 digests; JSON-ready."""
     paths = [jax.tree_util.keystr(path, simple=True, separator=".")
              for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-    values = jax.device_get(_digests(tree))
+    values = _digests(tree)
     return {path: [int(v) for v in np.asarray(value)] for path, value in zip(paths, values)}
 
 

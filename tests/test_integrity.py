@@ -116,6 +116,11 @@ def layout_samples() -> dict[str, jax.Array]:
     }
 
 
+def many_leaves() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(5)
+    return {f"w{i}": rng.standard_normal((8, 16), dtype=np.float32) for i in range(200)}
+
+
 def multi_device_facts() -> dict:
     """Compiled collectives and scratch of the digest of BIG per layout, and digests per layout."""
     from jax.sharding import NamedSharding
@@ -148,7 +153,10 @@ def multi_device_facts() -> dict:
         layouts[name] = {"digests": integrity.fingerprint(state),
                          "shard_fraction": {key: leaf.addressable_shards[0].data.size / leaf.size
                                             for key, leaf in state.items()}}
-    return {"compiled": compiled, "damaged": damaged_digest["w"], "layouts": layouts}
+    # Far more leaves than XLA:CPU runs in flight per device (32): queued all at once, a save deadlocked.
+    many = {key: jax.device_put(leaf, NamedSharding(mesh, P("fsdp", "tensor"))) for key, leaf in many_leaves().items()}
+    return {"compiled": compiled, "damaged": damaged_digest["w"], "layouts": layouts,
+            "many_leaves": integrity.fingerprint(many)}
 
 
 @pytest.fixture(scope="module")
@@ -188,6 +196,10 @@ def test_digests_do_not_depend_on_the_layout(facts):
     expected = {name: reference(leaf) for name, leaf in layout_samples().items()}
     for name, layout in layouts.items():
         assert layout["digests"] == expected, name
+
+
+def test_a_tree_of_many_sharded_leaves_digests_on_eight_devices(facts):
+    assert facts["many_leaves"] == {name: reference(leaf) for name, leaf in many_leaves().items()}
 
 
 if __name__ == "__main__":
