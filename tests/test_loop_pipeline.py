@@ -86,3 +86,27 @@ def test_nothing_is_read_from_the_device_between_logging_steps(tmp_path, monkeyp
     state["fetching"] = False
     float(trainer.state.step)
     assert stray, "the patched reads must observe a host read"
+
+
+def test_at_most_max_steps_in_flight_are_queued_in_a_long_logging_window(tmp_path, monkeypatch):
+    """With 40 steps between fetches, the loop waits (without a transfer) for the step `MAX_STEPS_IN_FLIGHT`
+    back before queueing more. Past 32 queued programs per device, XLA:CPU blocks a launch on a thread its
+    pending collectives need: a multi-device CPU mesh deadlocks (seen with a bare jitted step on (2,2,2))."""
+    events: list = []
+    wait = loop_module.jax.block_until_ready
+
+    def recording_wait(tree):
+        events.append(("wait", None))
+        return wait(tree)
+
+    monkeypatch.setattr(loop_module.jax, "block_until_ready", recording_wait)
+    monkeypatch.setattr(loop_module, "MAX_STEPS_IN_FLIGHT", 4)
+    args = TrainingArguments(output_dir=str(tmp_path), max_length=32, train_batch_size=8, max_steps=7,
+                             logging_steps=40, eval_strategy="no", save_strategy="no", report_to=["jsonl"],
+                             disable_progress_bar=True, save_pretrained_at_end=False, max_train_samples=64)
+    trainer = Recording(args)
+    trainer.events = events
+    trainer.train()
+    # Steps 1-4 queue freely; from step 5 on, each dispatch waits for the step 4 before it.
+    assert events == [("dispatch", 1), ("dispatch", 2), ("dispatch", 3), ("dispatch", 4), ("dispatch", 5),
+                      ("wait", None), ("dispatch", 6), ("wait", None), ("dispatch", 7), ("wait", None)]

@@ -28,6 +28,9 @@ from easytrain.trainers.preemption import PreemptionWatcher, TrainingPreempted
 
 logger = logging.getLogger("easytrain")
 HostBatch = Mapping[str, Any]
+#: Steps the host may dispatch ahead of the device. Past 32 queued programs per device, XLA:CPU's runtime
+#: blocks a launch on one of the threads its queued collectives need, and a multi-device CPU mesh deadlocks.
+MAX_STEPS_IN_FLIGHT = 16
 
 
 def is_due(step: int, strategy: str, every: int, steps_per_epoch: int) -> bool:
@@ -125,6 +128,8 @@ class TrainLoop:
                 deferred = None
             step += 1
             self.pending.append((step, metrics, batch.get("example_id"), self.count(batch)))
+            if len(self.pending) > MAX_STEPS_IN_FLIGHT:  # wait (no transfer) for the step that far back
+                jax.block_until_ready(self.pending[-MAX_STEPS_IN_FLIGHT - 1][1])
             self.reporter.advance(step)
             evaluating = is_due(step, args.eval_strategy, args.eval_steps, data.steps_per_epoch)
             saving = is_due(step, args.save_strategy, args.save_steps, data.steps_per_epoch)
