@@ -110,3 +110,22 @@ def test_at_most_max_steps_in_flight_are_queued_in_a_long_logging_window(tmp_pat
     # Steps 1-4 queue freely; from step 5 on, each dispatch waits for the step 4 before it.
     assert events == [("dispatch", 1), ("dispatch", 2), ("dispatch", 3), ("dispatch", 4), ("dispatch", 5),
                       ("wait", None), ("dispatch", 6), ("wait", None), ("dispatch", 7), ("wait", None)]
+
+
+def test_evaluation_waits_every_few_batches(tmp_path, monkeypatch):
+    """`evaluate` merges metrics on device and fetches once, but waits (without a transfer) every
+    `EVAL_BATCHES_IN_FLIGHT` batches, for the same XLA:CPU queue limit; the merged result is unchanged."""
+    from easytrain.trainers import base as base_module
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_length=32, train_batch_size=8, eval_batch_size=2,
+                             max_steps=1, eval_strategy="no", save_strategy="no", report_to=["jsonl"],
+                             disable_progress_bar=True, save_pretrained_at_end=False, max_train_samples=64,
+                             max_eval_samples=20)
+    trainer = BaseTrainer(args)
+    reference = trainer.evaluate()
+    waits: list = []
+    wait = base_module.jax.block_until_ready
+    monkeypatch.setattr(base_module.jax, "block_until_ready", lambda tree: waits.append(1) or wait(tree))
+    monkeypatch.setattr(base_module, "EVAL_BATCHES_IN_FLIGHT", 3)
+    assert trainer.evaluate() == reference
+    assert len(waits) == 10 // 3  # 10 eval batches of 2: after the 3rd, 6th and 9th

@@ -43,6 +43,10 @@ from easytrain.trainers.run_dir import prepare_output_dir
 logger = logging.getLogger("easytrain")
 FORMAT_VERSION = 1
 
+#: Eval batches dispatched between waits (each queues its step and its metrics' merges), for the reason of
+#: `easytrain.trainers.loop.MAX_STEPS_IN_FLIGHT`.
+EVAL_BATCHES_IN_FLIGHT = 4
+
 
 class BaseTrainer(LanguageModelHooks):
     """Causal-LM training on one device, a mesh of devices, or many hosts.
@@ -339,9 +343,11 @@ class BaseTrainer(LanguageModelHooks):
         batches = self._data.eval if dataset is None else self._eval_batches(self.prepare_eval_dataset(dataset))
         if batches is not None:
             merged = None
-            for batch in batches:
+            for index, batch in enumerate(batches, start=1):
                 values = self._functions.eval_step(self._state, self.to_global(batch))
                 merged = values if merged is None else metrics_lib.merge_all(merged, values)
+                if index % EVAL_BATCHES_IN_FLIGHT == 0:
+                    jax.block_until_ready(merged)
             metrics = metrics_lib.reduce_window([metrics_lib.fetch(merged)], prefix="eval_")
         for evaluator in self.evaluators if dataset is None else ():
             metrics.update(evaluator(self))
