@@ -38,7 +38,10 @@ def logical_axes(variable: nnx.Variable) -> tuple[str | None, ...]:
 
 def in_use(variable: nnx.Variable, dtype: DType) -> Array:
     """A weight cast to the compute dtype and gathered (`easytrain.sharding.weight_in_use`): under FSDP
-    the all-gather carries the compute dtype, not the parameter's."""
+    the all-gather carries the compute dtype, not the parameter's. A weight that is not an `nnx.Variable` (a
+    quantised one from qwix) carries no axes: it is only cast."""
+    if not isinstance(variable, nnx.Variable):
+        return variable[...].astype(dtype)
     return weight_in_use(variable[...], logical_axes(variable), dtype)
 
 
