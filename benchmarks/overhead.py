@@ -19,8 +19,6 @@ import functools
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 
@@ -37,7 +35,7 @@ from flax import nnx  # noqa: E402
 from easytrain import BaseTrainer, Callback, TrainingArguments  # noqa: E402
 from easytrain.models import init_model  # noqa: E402
 from easytrain.tasks import build_arithmetic_tokenizer  # noqa: E402
-from benchmarks.report import emit  # noqa: E402
+from benchmarks.report import child_json, emit  # noqa: E402
 
 CONFIG = dict(vocab_size=4096, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
               num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048)
@@ -115,9 +113,10 @@ def build_trainer(config: transformers.LlamaConfig, blocks: np.ndarray, steps: i
 
 def memory_mib(field: str) -> float:
     """`VmRSS` (now) or `VmHWM` (peak since the last `reset_peak_rss`) of this process, from /proc."""
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
     raise KeyError(field)
 
 
@@ -149,10 +148,8 @@ def run_sides(options: argparse.Namespace) -> dict[str, list[dict]]:
     sides: dict[str, list[dict]] = {"trainer": [], "loop": []}
     for repeat in range(options.repeats):
         for side in ("trainer", "loop") if repeat % 2 == 0 else ("loop", "trainer"):
-            command = [sys.executable, "-m", "benchmarks.overhead", "--side", side,
-                       "--steps_per_round", str(options.steps_per_round), *(["--quick"] if options.quick else [])]
-            done = subprocess.run(command, capture_output=True, text=True, check=True)
-            sides[side].append(json.loads(done.stdout.strip().splitlines()[-1]))
+            sides[side].append(child_json("benchmarks.overhead", "--side", side, "--steps_per_round",
+                                          str(options.steps_per_round), *(["--quick"] if options.quick else [])))
     return sides
 
 

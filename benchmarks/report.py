@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,15 @@ def compiled_memory(compiled: Any) -> dict[str, int]:
     return {"temp": int(analysis.temp_size_in_bytes),
             "peak_estimate": int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes
                                  + analysis.temp_size_in_bytes)}
+
+
+def child_json(module: str, *args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run `python -m module args...` and return the JSON of its last stdout line; a failure raises with the
+    end of its stderr (contenders run in child processes of their own: cold compiles, separate memory)."""
+    done = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"{module} {' '.join(args)} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def emit(result: dict[str, Any], out: str | None) -> dict[str, Any]:

@@ -21,8 +21,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from typing import Any, Callable
@@ -32,7 +30,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
-from benchmarks.report import emit  # noqa: E402
+from benchmarks.report import child_json, emit  # noqa: E402
 
 CONFIG = dict(vocab_size=4096, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
               num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048)
@@ -211,14 +209,9 @@ def best_matmul_flops() -> dict[str, float]:
 
 
 def run_child(contender: str, options: argparse.Namespace) -> dict[str, Any]:
-    command = [sys.executable, "-m", "benchmarks.versus_torch", "--child", contender, "--warmup",
-               str(options.warmup), "--windows", str(options.windows), "--window_steps", str(options.window_steps)]
-    if options.quick:
-        command.append("--quick")
-    completed = subprocess.run(command, capture_output=True, text=True, check=False)
-    if completed.returncode != 0:
-        raise RuntimeError(f"{contender} failed:\n{completed.stderr[-3000:]}")
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+    return child_json("benchmarks.versus_torch", "--child", contender, "--warmup", str(options.warmup),
+                      "--windows", str(options.windows), "--window_steps", str(options.window_steps),
+                      *(["--quick"] if options.quick else []))
 
 
 def summarise(runs: dict[str, list[dict]], tokens_per_step: int, every: int, flops_per_token: int,

@@ -26,8 +26,6 @@ import json
 import os
 import re
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from typing import Any, Callable
@@ -37,7 +35,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
-from benchmarks.report import emit  # noqa: E402
+from benchmarks.report import child_json, emit  # noqa: E402
 from benchmarks.versus_torch import BATCH, CONFIG, LENGTH, LR, QUICK, WD, token_blocks  # noqa: E402
 
 FLAG_SETS = {
@@ -243,11 +241,10 @@ def sweep_flags(options: argparse.Namespace) -> dict[str, Any]:
     names = ["default", *(name for name in options.flag_sets.split(",") if name and name != "default")]
     for r in range(options.flag_rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
-            command = [sys.executable, "-m", "benchmarks.xla_cpu", "--flag_child", "--flag_steps",
-                       str(options.flag_steps), *(["--quick"] if options.quick else [])]
             env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {FLAG_SETS[name]}".strip()}
-            done = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
-            rates[name].append(json.loads(done.stdout.strip().splitlines()[-1])["tokens_per_second"])
+            child = child_json("benchmarks.xla_cpu", "--flag_child", "--flag_steps", str(options.flag_steps),
+                               *(["--quick"] if options.quick else []), env=env)
+            rates[name].append(child["tokens_per_second"])
     default = statistics.median(rates["default"])
     return {name: {"flags": FLAG_SETS[name], "tokens_per_second": round(statistics.median(v), 1),
                    "min": round(min(v), 1), "max": round(max(v), 1),

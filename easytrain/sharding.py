@@ -147,7 +147,10 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     trainer, generation), so models can call it unconditionally. Rule targets that the context mesh
     lacks are ignored.
     """
-    return _constrain(x, logical_axes)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, _spec(logical_axes, x.shape, mesh))
 
 
 def weight_in_use(w: jax.Array, logical_axes: Sequence[str | None], dtype: Any) -> jax.Array:
@@ -166,13 +169,6 @@ def weight_in_use(w: jax.Array, logical_axes: Sequence[str | None], dtype: Any) 
         stored = _spec(logical_axes, w.shape, mesh)
         w = jax.shard_map(lambda shard: shard.astype(dtype), mesh=mesh, in_specs=stored, out_specs=stored)(w)
     return jax.lax.with_sharding_constraint(w, _spec(logical_axes, w.shape, mesh, drop=BATCH_AXES))
-
-
-def _constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
-        return x
-    return jax.lax.with_sharding_constraint(x, _spec(logical_axes, x.shape, mesh))
 
 
 def _spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: AbstractMesh,
