@@ -85,6 +85,11 @@ class TrainingArguments:
     scan_layers: bool = _arg(
         False, "Run the decoder layers as one jax.lax.scan (compiled once, so compile time stops growing with "
         "depth); same values, gradients and parameter paths, one copy of the layer weights per step.")
+    compiler_options: str = _arg(
+        "auto", "XLA options for the compiled train and eval steps (jax.jit's compiler_options), as 'name=value' "
+        "pairs separated by commas, e.g. 'xla_cpu_enable_fast_math=true'. 'auto': easytrain's measured defaults "
+        "for the backend (on CPU, YNNPACK library fusions off; none on GPU and TPU); '': XLA's own defaults. "
+        "Given options replace the defaults.")
 
     # --- LoRA (docs/lora.md) --------------------------------------------------------------------
     lora_rank: int = _arg(0, "Train LoRA adapters of this rank instead of every weight; 0 trains the full model.")
@@ -296,6 +301,10 @@ def validate(args: TrainingArguments) -> None:
              f"must be 'none', 'full' or 'dots'; got {args.remat_policy!r}.")
     _require(args.attention_implementation in ("xla", "dot_product_attention"), "attention_implementation",
              f"must be 'xla' or 'dot_product_attention'; got {args.attention_implementation!r}.")
+    if args.compiler_options.strip() != "auto":
+        from easytrain.compiler_options import parse
+
+        parse(args.compiler_options)  # raises naming compiler_options
     _require(isinstance(args.loss_chunk_size, int) and args.loss_chunk_size >= 0, "loss_chunk_size",
              f"must be a positive number of tokens, or 0 to compute the full logits; got {args.loss_chunk_size!r}.")
     _require(args.lora_export in ("adapter", "merged", "both"), "lora_export",

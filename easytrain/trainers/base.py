@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from easytrain import distributed, integrity, metrics as metrics_lib, placement, sharding, steps
+from easytrain import compiler_options, distributed, integrity, metrics as metrics_lib, placement, sharding, steps
 from easytrain.arguments import TrainingArguments
 from easytrain.callbacks import Callback, CallbackList
 from easytrain.checkpoint import CheckpointManager
@@ -88,6 +88,8 @@ class BaseTrainer(LanguageModelHooks):
         self._resume_from = prepare_output_dir(self._arguments, is_main_process=self.is_main_process)
         distributed.barrier("easytrain:output_dir")  # process 0 may have cleared or moved checkpoints
         self.mesh = self.configure_mesh()
+        self.compiler_options = compiler_options.for_platform(self._arguments.compiler_options,
+                                                              self.mesh.devices.flat[0].platform)
         self._data: ConfiguredDataloaders | None = None
         self._model: ConfiguredModel | None = None
         self._functions: ConfiguredFunctions | None = None
@@ -283,13 +285,13 @@ class BaseTrainer(LanguageModelHooks):
     # ------------------------------------------------------------------ compiled functions
     def compile_step(self, fn: Callable[..., Any], *, donate_state: bool = False,
                      returns_state: bool = False) -> Callable[..., Any]:
-        """`jax.jit` of a pure `fn(state, batch)` with this trainer's shardings, donation choice and
-        activation layout. Outputs are replicated (or `(state, replicated)` with `returns_state`)."""
+        """`jax.jit` of a pure `fn(state, batch)` with this trainer's shardings, donation choice, activation
+        layout and XLA options. Outputs are replicated (or `(state, replicated)` with `returns_state`)."""
         state_sh, replicated = self._model.state_shardings, sharding.replicated(self.mesh)
         traced = sharding.with_activation_layout(fn, self.mesh, self.partition_rules)
         return jax.jit(traced, in_shardings=(state_sh, sharding.batch_sharding(self.mesh)),
                        out_shardings=(state_sh, replicated) if returns_state else replicated,
-                       donate_argnums=0 if donate_state else ())
+                       donate_argnums=0 if donate_state else (), compiler_options=self.compiler_options)
 
     def configure_functions(self) -> ConfiguredFunctions:
         """The train step (state donated) and the eval step, each compiled once by `compile_step`."""

@@ -156,7 +156,8 @@ class DPOTrainer(BaseTrainer):
         logps, cached = precomputed_reference_logps(
             self.reference(), rows, data_fingerprint=rows._fingerprint, settings=settings, collate=self.collate,
             batch_size=self.arguments.eval_batch_size, sequence_logps=lambda m, b: self.pair_logps(m, b)[0],
-            mesh=self.mesh, rules=self.partition_rules, cache_dir=self.cache_dir, is_main_process=self.is_main_process)
+            mesh=self.mesh, rules=self.partition_rules, cache_dir=self.cache_dir, is_main_process=self.is_main_process,
+            compiler_options=self.compiler_options)
         self.reference_logps_cached[name] = cached
         return pair_rows(rows, {"ref_logps": logps})
 

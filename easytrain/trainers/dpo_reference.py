@@ -38,7 +38,8 @@ def precomputed_reference_logps(reference: Frozen, rows: RowSource, *, data_fing
                                 settings: Mapping[str, Any], collate: Callable, batch_size: int,
                                 sequence_logps: Callable[[nnx.Module, Mapping[str, jax.Array]], jax.Array],
                                 mesh: jax.sharding.Mesh, rules: sharding.LogicalRules, cache_dir: Path,
-                                is_main_process: bool) -> tuple[np.ndarray, bool]:
+                                is_main_process: bool, compiler_options: Mapping[str, Any] | None = None
+                                ) -> tuple[np.ndarray, bool]:
     """`[num_pairs, 2]` reference log-probs of (chosen, rejected) for every row, and whether they were
     read from the cache. The reference lives on the mesh only inside this function."""
     placed = place_frozen({"reference": reference}, mesh, rules)
@@ -56,7 +57,8 @@ def precomputed_reference_logps(reference: Frozen, rows: RowSource, *, data_fing
         return sequence_logps(module, batch)
 
     compiled = jax.jit(sharding.with_activation_layout(pass_, mesh, rules),
-                       in_shardings=(placed.shardings["reference"], batch_sh), out_shardings=batch_sh)
+                       in_shardings=(placed.shardings["reference"], batch_sh), out_shardings=batch_sh,
+                       compiler_options=compiler_options)
     num_rows = len(rows["example_id"]) if isinstance(rows, Mapping) and "example_id" in rows else len(rows)
     result = np.zeros((num_rows, 2), np.float32)
     loader = EvalBatches(rows, batch_size, collate=collate, process_index=jax.process_index(),
