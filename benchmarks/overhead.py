@@ -2,7 +2,8 @@
 
     python -m benchmarks.overhead [--quick] [--rounds 5] [--steps_per_round 10] [--repeats 2] [--out FILE]
 
-Same model (Llama-style, 6.3M parameters), same token blocks, same AdamW. Speed is alternated in one
+Same model (Llama-style, 6.3M parameters), same token blocks, same AdamW, same XLA options (the trainer's
+`compiler_options='auto'`, so the ratio is the trainer's own cost). Speed is alternated in one
 process: every `steps_per_round` trainer steps, a callback runs as many hand-written steps, so both sides
 see the same machine state; steady-state tokens/s of each side is the median over rounds (the first
 round, which holds compilation, is excluded). First-step compile time (trace + compile of the step) and
@@ -32,7 +33,7 @@ import optax  # noqa: E402
 import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from easytrain import BaseTrainer, Callback, TrainingArguments  # noqa: E402
+from easytrain import BaseTrainer, Callback, TrainingArguments, compiler_options  # noqa: E402
 from easytrain.models import init_model  # noqa: E402
 from easytrain.tasks import build_arithmetic_tokenizer  # noqa: E402
 from benchmarks.report import child_json, emit  # noqa: E402
@@ -51,7 +52,9 @@ def hand_written_loop(config: transformers.LlamaConfig, blocks: np.ndarray, seed
     tx = optax.adamw(LR, weight_decay=WD)
     opt_state = tx.init(params)
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    options = compiler_options.for_platform(compiler_options.AUTO, jax.default_backend())
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1), compiler_options=options)
     def step(params, opt_state, inputs, targets):
         def loss_fn(params):
             logits = nnx.merge(graphdef, params, rest)(inputs)

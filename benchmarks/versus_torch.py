@@ -1,5 +1,6 @@
 """easytrain against the PyTorch peer: the same Llama trained by `transformers.Trainer`, a raw PyTorch loop,
-easytrain's `BaseTrainer` and a plain jitted NNX step, in interleaved child processes.
+easytrain's `BaseTrainer` (default `compiler_options='auto'`) and a plain jitted NNX step with the same XLA
+options, in interleaved child processes.
 
     python -m benchmarks.versus_torch [--quick] [--rounds 3] [--windows 3] [--window_steps 4] [--out FILE]
 
@@ -172,7 +173,8 @@ def run_easytrain(config: dict, blocks: np.ndarray, batch: int, warmup: int, win
 
 
 def run_nnx_step(config: dict, blocks: np.ndarray, batch: int, warmup: int, windows: int, every: int) -> dict:
-    """The minimal hand-written jitted NNX step of `benchmarks.overhead` on the same model."""
+    """The minimal hand-written jitted NNX step of `benchmarks.overhead` on the same model, compiled with
+    easytrain's XLA options (`compiler_options='auto'`), so easytrain against it is the trainer's own cost."""
     import transformers
 
     from benchmarks import overhead
