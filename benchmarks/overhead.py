@@ -3,14 +3,14 @@
     python -m benchmarks.overhead [--quick] [--rounds 5] [--steps_per_round 10] [--repeats 2] [--out FILE]
 
 Same model (Llama-style, 6.3M parameters), same token blocks, same AdamW, same XLA options (the trainer's
-`compiler_options='auto'`, so the ratio is the trainer's own cost). Speed is alternated in one
-process: every `steps_per_round` trainer steps, a callback runs as many hand-written steps, so both sides
-see the same machine state; steady-state tokens/s of each side is the median over rounds (the first
-round, which holds compilation, is excluded). First-step compile time (trace + compile of the step) and
-peak RSS come from each side alone in a fresh child process (`--repeats` of each, alternating), so both
-compile cold and neither's memory counts against the other. Both import the same modules; the peak is
-counted from there (Linux `clear_refs`), and `added_rss` is that peak minus the RSS at that moment: what
-building and training the model took. Prints one JSON line.
+`compiler_options='auto'`, so the ratio is the trainer's own cost). Speed is alternated in one process:
+every `steps_per_round` trainer steps, a callback runs as many hand-written steps, so both sides see the
+same machine state; steady-state tokens/s of each side is the median over rounds (the first round, which
+holds compilation, is excluded), and each round's paired ratio is reported too. First-step compile time
+(trace + compile of the step) and peak RSS come from each side alone in a fresh child process (`--repeats`
+of each, alternating), so both compile cold and neither's memory counts against the other. Both import
+the same modules; the peak is counted from there (Linux `clear_refs`), and `added_rss` is that peak minus
+the RSS at that moment: what building and training the model took. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -183,6 +183,8 @@ def main(argv: list[str] | None = None) -> dict:
     tokens = options.steps_per_round * BATCH * length
     trainer_tps = statistics.median(tokens / s for s in alternate.trainer_seconds[1:])
     loop_tps = statistics.median(tokens / s for s in alternate.loop_seconds[1:])
+    # Each round's trainer segment and the hand-written one right after it saw nearly the same machine.
+    per_round = [loop / trainer for trainer, loop in zip(alternate.trainer_seconds[1:], alternate.loop_seconds[1:])]
     sides = run_sides(options)
 
     def median_of(side: str, key: str) -> float:
@@ -197,6 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
         "tokens_per_step": BATCH * length, "rounds": rounds - 1, "steps_per_round": options.steps_per_round,
         "trainer_tokens_per_second": round(trainer_tps, 1), "loop_tokens_per_second": round(loop_tps, 1),
         "ratio_trainer_over_loop": round(trainer_tps / loop_tps, 4),
+        "ratio_trainer_over_loop_per_round": [round(r, 4) for r in per_round],
         "trainer_compile_seconds": [round(r["compile_seconds"], 3) for r in sides["trainer"]],
         "loop_compile_seconds": [round(r["compile_seconds"], 3) for r in sides["loop"]],
         "ratio_compile_trainer_over_loop": round(compile_ratio, 4),

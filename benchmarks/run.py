@@ -69,7 +69,9 @@ def quotient(a: Any, b: Any, digits: int = 4) -> float | None:
 
 
 def overhead(r: dict) -> list[Headline]:
-    return [Headline("overhead", "easytrain / hand-written tokens/s", dig(r, "ratio_trainer_over_loop")),
+    rounds = dig(r, "ratio_trainer_over_loop_per_round") or []
+    low, high = (min(rounds), max(rounds)) if rounds else (None, None)
+    return [Headline("overhead", "easytrain / hand-written tokens/s", dig(r, "ratio_trainer_over_loop"), low, high),
             Headline("overhead", "easytrain / hand-written compile s", dig(r, "ratio_compile_trainer_over_loop")),
             Headline("overhead", "easytrain / hand-written peak RSS", dig(r, "ratio_peak_rss_trainer_over_loop")),
             Headline("overhead", "easytrain / hand-written RSS added by training",

@@ -11,6 +11,8 @@ def test_overhead_benchmark_smoke(tmp_path):
     result = overhead.main(["--quick", "--steps_per_round", "2", "--repeats", "1", "--out", str(out)])
     assert json.loads(out.read_text()) == result
     assert result["trainer_tokens_per_second"] > 0 and result["loop_tokens_per_second"] > 0
+    assert len(result["ratio_trainer_over_loop_per_round"]) == result["rounds"]
+    assert all(r > 0 for r in result["ratio_trainer_over_loop_per_round"])
     for side in ("trainer", "loop"):
         assert len(result[f"{side}_compile_seconds"]) == 1 and result[f"{side}_compile_seconds"][0] > 0
         assert result[f"{side}_peak_rss_mib"][0] > 100
