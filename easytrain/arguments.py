@@ -301,9 +301,11 @@ def validate(args: TrainingArguments) -> None:
              f"must be 'none', 'full' or 'dots'; got {args.remat_policy!r}.")
     _require(args.attention_implementation in ("xla", "dot_product_attention"), "attention_implementation",
              f"must be 'xla' or 'dot_product_attention'; got {args.attention_implementation!r}.")
-    if args.compiler_options.strip() != "auto":
-        from easytrain.compiler_options import parse
+    from easytrain.compiler_options import AUTO, parse
 
+    _require(isinstance(args.compiler_options, str), "compiler_options",
+             f"must be a string: 'auto', 'name=value,...' or ''; got {args.compiler_options!r}.")
+    if args.compiler_options.strip() != AUTO:
         parse(args.compiler_options)  # raises naming compiler_options
     _require(isinstance(args.loss_chunk_size, int) and args.loss_chunk_size >= 0, "loss_chunk_size",
              f"must be a positive number of tokens, or 0 to compute the full logits; got {args.loss_chunk_size!r}.")
