@@ -7,6 +7,7 @@ They go to `jax.jit(..., compiler_options=...)`, so they apply to easytrain's st
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Mapping
 
@@ -69,11 +70,15 @@ def for_platform(setting: str, platform: str) -> Options:
 
 
 def rejection(options: Mapping[str, str | bool | int]) -> str | None:
-    """Why XLA refuses these options (its message), or None; costs one tiny compile."""
-    if not options:
-        return None
+    """Why XLA refuses these options (its message), or None; one tiny compile per distinct set per process
+    (every trainer built checks its options)."""
+    return _rejection(tuple(sorted(options.items()))) if options else None
+
+
+@functools.lru_cache(maxsize=None)
+def _rejection(items: tuple[tuple[str, str | bool | int], ...]) -> str | None:
     try:
-        jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(np.float32(0)).compile()
+        jax.jit(lambda x: x + 1, compiler_options=dict(items)).lower(np.float32(0)).compile()
     except Exception as error:  # XLA raises JaxRuntimeError (INVALID_ARGUMENT) for unknown names or values
         return str(error).splitlines()[0]
     return None
