@@ -167,9 +167,14 @@ def remat(r: dict) -> list[Headline]:
 
 def attention(r: dict) -> list[Headline]:
     longest = (r.get("lengths") or [{}])[-1]
-    label = f"dot_product_attention / xla at T={longest.get('length', '?')} ({r.get('kernel', '?')} kernel)"
-    return [Headline("attention", f"{label}: step time", longest.get("time_over_xla")),
-            Headline("attention", f"{label}: step temp bytes", longest.get("temp_over_xla"))]
+    at = f"xla at T={longest.get('length', '?')}"
+    ratios = longest.get("over_xla", {})
+    label = f"dot_product_attention / {at} ({r.get('kernel', '?')} kernel)"
+    lines = [Headline("attention", f"{label}: step time", dig(ratios, "dot_product_attention.time")),
+             Headline("attention", f"{label}: step temp bytes", dig(ratios, "dot_product_attention.temp"))]
+    if "splash" in ratios:  # off TPU the kernel is interpreted: only its memory means anything there
+        lines.append(Headline("attention", f"splash / {at}: step temp bytes", dig(ratios, "splash.temp")))
+    return lines
 
 
 def chunked_ce(r: dict) -> list[Headline]:

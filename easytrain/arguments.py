@@ -73,11 +73,13 @@ class TrainingArguments:
     remat_policy: Literal["none", "full", "dots"] = _arg(
         "none", "Recompute decoder-layer activations in the backward pass to save memory: 'full' keeps only each "
         "layer's input, 'dots' also keeps matmul outputs; same values and gradients, more compute.")
-    attention_implementation: Literal["xla", "dot_product_attention"] = _arg(
+    attention_implementation: Literal["xla", "dot_product_attention", "splash"] = _arg(
         "xla", "Training/eval attention: 'xla' applies a dense [B, T, S] mask to explicit scores; "
         "'dot_product_attention' passes causality, sliding windows and trailing padding to "
         "jax.nn.dot_product_attention as structure (cuDNN flash attention on CUDA GPUs in bfloat16/float16, "
-        "XLA elsewhere); same values and gradients. Decoding (generate) always uses 'xla'. See docs/models.md.")
+        "XLA elsewhere); 'splash' runs jax's Pallas TPU flash-attention kernel with packing and padding as "
+        "segment ids too (TPU; interpreted on CPU, refused on GPU); same values and gradients at real tokens. "
+        "Decoding (generate) always uses 'xla'. See docs/models.md.")
     loss_chunk_size: int = _arg(
         0, "Apply the output head and cross-entropy (DPO: the log-probs) to this many tokens at a time, so the "
         "float32 [tokens, vocab] logits never exist (large vocabularies); 0 computes all the logits at once. Same "
@@ -299,8 +301,8 @@ def validate(args: TrainingArguments) -> None:
              f"must be a positive integer, or 0 to train every weight; got {args.lora_rank!r}.")
     _require(args.remat_policy in ("none", "full", "dots"), "remat_policy",
              f"must be 'none', 'full' or 'dots'; got {args.remat_policy!r}.")
-    _require(args.attention_implementation in ("xla", "dot_product_attention"), "attention_implementation",
-             f"must be 'xla' or 'dot_product_attention'; got {args.attention_implementation!r}.")
+    _require(args.attention_implementation in ("xla", "dot_product_attention", "splash"), "attention_implementation",
+             f"must be 'xla', 'dot_product_attention' or 'splash'; got {args.attention_implementation!r}.")
     from easytrain.compiler_options import AUTO, parse
 
     _require(isinstance(args.compiler_options, str), "compiler_options",

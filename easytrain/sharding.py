@@ -171,6 +171,21 @@ def weight_in_use(w: jax.Array, logical_axes: Sequence[str | None], dtype: Any) 
     return jax.lax.with_sharding_constraint(w, _spec(logical_axes, w.shape, mesh, drop=BATCH_AXES))
 
 
+def per_device(fn: Callable[..., jax.Array], args: Sequence[jax.Array],
+               logical_axes: Sequence[Sequence[str | None]]) -> jax.Array:
+    """`fn` on each device's shards of `args`, for a kernel the partitioner cannot split (a Pallas call).
+
+    Each argument is split as its logical axes say (leading dimensions; the rest whole), and the result is
+    laid out like the first argument. Outside a mesh of several devices, just `fn(*args)`.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return fn(*args)
+    specs = tuple(_spec(tuple(axes) + (None,) * (x.ndim - len(axes)), x.shape, mesh)
+                  for x, axes in zip(args, logical_axes, strict=True))
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=specs[0], check_vma=False)(*args)
+
+
 def _spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: AbstractMesh,
           drop: Sequence[str] = ()) -> P:
     """The context rules' spec on `mesh`, leaving out rule targets the mesh lacks and the `drop` axes."""

@@ -47,6 +47,15 @@ def test_losses_agree_across_layouts(layouts):
 
 
 @pytest.mark.slow
+def test_splash_attention_runs_on_each_devices_shard(layouts):
+    """On (2,2,2) the splash kernel (interpreted on CPU) trains the 1-device curve, and running it on each
+    device's batch and head shard adds no collective to the compiled step."""
+    plain, kernel = (run_layout(2, 2, 2, 8, "--attention", name, "--collectives") for name in ("xla", "splash"))
+    assert kernel["losses"] == pytest.approx(layouts["1 device"]["losses"], abs=1e-5, rel=1e-5)
+    assert kernel["collectives"] == plain["collectives"]
+
+
+@pytest.mark.slow
 def test_parameters_are_really_sharded(layouts):
     fsdp = layouts["(1,8,1)"]
     assert fsdp["specs"]["['layers'][0]['mlp']['gate_proj']['kernel']"] == str(P('fsdp', None))

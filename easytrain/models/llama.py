@@ -66,7 +66,7 @@ class LlamaForCausalLM(nnx.Module):
         self.head_dim = head_dim_of(config)
         self.dtype = dtype
         self.remat = "none"  # decoder layers' rematerialisation policy (easytrain.models.remat.POLICIES)
-        self.attention_implementation = "xla"  # or "dot_product_attention" (easytrain.models.masks); not decode's
+        self.attention_implementation = "xla"  # or "dot_product_attention", "splash" (models.masks); not decode's
         self.scan_layers = False  # run the decoder layers as one lax.scan in __call__ (easytrain.models.scan)
         std = config.initializer_range
         self.embed_tokens = Embedding(
@@ -129,7 +129,7 @@ class LlamaForCausalLM(nnx.Module):
         cos_BTK, sin_BTK = rope_tables(positions_BT, self.head_dim, self.rope_theta, self.dtype)
         check_implementation(self.attention_implementation)
         masks = {  # One mask per distinct window: full-attention layers share the causal one.
-            window: AttentionMask(attention_mask_BT, segment_ids_BT, window)
+            window: AttentionMask(attention_mask_BT, segment_ids_BT, window, self.attention_implementation)
             for window in dict.fromkeys(self.features.windows)
         }
         if self.attention_implementation == "xla":
@@ -150,8 +150,8 @@ class LlamaForCausalLM(nnx.Module):
         windows = list(masks)
         if len(windows) > 1 and isinstance(masks[windows[0]], AttentionMask):
             raise ValueError(  # a structured mask's window is static: it cannot vary along the scan
-                f"scan_layers with attention_implementation 'dot_product_attention' needs one attention window for "
-                f"every layer; this config mixes {windows}. Use attention_implementation 'xla' or scan_layers False.")
+                f"scan_layers with attention_implementation {self.attention_implementation!r} needs one attention "
+                f"window for every layer; this config mixes {windows}. Use attention_implementation 'xla' or scan_layers False.")
         masks_WBTS = jnp.stack([masks[window] for window in windows]) if len(windows) > 1 else None
         window_index_L = jnp.asarray([windows.index(window) for window in self.features.windows])
 

@@ -5,7 +5,9 @@ keys, same packed segment) without building the boolean ``[B, T, S]`` mask. The 
 implementation builds that mask from it (`AttentionMask.dense`, the same mask as always) and runs
 `causal_grouped_attention` (sequences of `BLOCKED_FROM` tokens or more in `QUERY_BLOCKS` query blocks, each
 scored only against the keys up to its end); ``"dot_product_attention"`` hands the structure to
-`jax.nn.dot_product_attention` as ``is_causal``, ``local_window_size`` and key lengths.
+`jax.nn.dot_product_attention` as ``is_causal``, ``local_window_size`` and key lengths; ``"splash"`` to
+jax's Pallas TPU flash-attention kernel as its block-sparse mask and segment ids (`easytrain.models.splash`:
+packing and padding as structure too).
 
 What each backend receives on the ``"dot_product_attention"`` path (`attend_structured`):
 
@@ -35,11 +37,12 @@ import jax
 import jax.numpy as jnp
 
 from easytrain.models.attention import DType, attention_mask, causal_grouped_attention
+from easytrain.models.splash import attend_splash, splash_segments
 
 Array = jax.Array
 
 #: Values of ``LlamaForCausalLM.attention_implementation`` (and of the training argument).
-IMPLEMENTATIONS = ("xla", "dot_product_attention")
+IMPLEMENTATIONS = ("xla", "dot_product_attention", "splash")
 #: The "xla" path's query blocks (`causal_grouped_attention`) for sequences of at least `BLOCKED_FROM` tokens:
 #: 2 blocks skip a quarter of the scores for one more attention per layer to compile. Measured at 256 tokens
 #: (the benchmark Llama, XLA:CPU): the train step 1.05x faster, compile 1.2x longer; 4 blocks no faster and
@@ -48,18 +51,20 @@ QUERY_BLOCKS, BLOCKED_FROM = 2, 256
 
 
 @partial(jax.tree_util.register_dataclass, data_fields=("attention_mask_BT", "segment_ids_BT"),
-         meta_fields=("window",))
+         meta_fields=("window", "kernel"))
 @dataclasses.dataclass(frozen=True)
 class AttentionMask:
     """Causal attention within ``window`` (None: unbounded), over real keys of the same segment.
 
     Causality and the window count sequence indices (see `causal_mask`); ``attention_mask_BT`` is
-    1 for real tokens, 0 for padding; ``segment_ids_BT`` are packed documents' ids.
+    1 for real tokens, 0 for padding; ``segment_ids_BT`` are packed documents' ids. ``kernel`` is the
+    implementation that reads the structure: ``"dot_product_attention"`` or ``"splash"``.
     """
 
     attention_mask_BT: Array | None = None
     segment_ids_BT: Array | None = None
     window: int | None = None
+    kernel: str = "dot_product_attention"
 
     def dense(self, batch: int, length: int) -> Array:
         """The boolean ``[B, T, S]`` mask the structure describes."""
@@ -73,11 +78,15 @@ def check_implementation(implementation: str) -> None:
 
 
 def attend(q_BTNGK: Array, k_BSNK: Array, v_BSNK: Array, mask: Array | AttentionMask) -> Array:
-    """Self-attention under a dense ``[B, T, S]`` mask ("xla") or a structured one ("dot_product_attention").
+    """Self-attention under a dense ``[B, T, S]`` mask ("xla") or a structured one ("dot_product_attention",
+    "splash": `easytrain.models.splash`).
 
     A dense mask must be causal in sequence order, as `AttentionMask.dense` builds it: its query blocks see
     no later key (`causal_grouped_attention`).
     """
+    if isinstance(mask, AttentionMask) and mask.kernel == "splash":
+        segments_BT = splash_segments(q_BTNGK.shape[1], q_BTNGK.shape[0], mask.attention_mask_BT, mask.segment_ids_BT)
+        return attend_splash(q_BTNGK, k_BSNK, v_BSNK, segments_BT, mask.window)
     if isinstance(mask, AttentionMask):
         return attend_structured(q_BTNGK, k_BSNK, v_BSNK, mask)
     blocks = QUERY_BLOCKS if q_BTNGK.shape[1] >= BLOCKED_FROM else 1

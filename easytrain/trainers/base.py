@@ -30,7 +30,7 @@ from easytrain.data import EvalBatches, TrainBatches
 from easytrain.errors import ArgumentError
 from easytrain.evaluators import Evaluator
 from easytrain.frozen import Frozen, FrozenPlan
-from easytrain.models import from_pretrained
+from easytrain.models import from_pretrained, splash
 from easytrain.optim import build_optimizer, build_schedule
 from easytrain.protocol import ConfiguredDataloaders, ConfiguredFunctions, ConfiguredModel
 from easytrain.state import TrainState, bind
@@ -212,6 +212,8 @@ class BaseTrainer(LanguageModelHooks):
                     "scan over the layers inside your module")
         _set_switch(module, "attention_implementation", args.attention_implementation, "xla",
                     "attention_implementation", "call jax.nn.dot_product_attention inside your module")
+        if args.attention_implementation == "splash":
+            splash.check_backend(self.mesh.devices.flat[0].platform)
         module = adapters.adapt(module, self.lora, args.seed, args.lora_adapter_path)
         if args.loss_chunk_size and (problem := chunking_problem(module)):
             raise ArgumentError("loss_chunk_size", problem)

@@ -1,7 +1,8 @@
 """Train 5 steps on one mesh layout and print per-step losses and shard facts as JSON.
 
     python mesh_equivalence.py DATA FSDP TENSOR DEVICES [--output-dir D] [--stop-at N] [--resume]
-        [--accumulation A] [--ragged] [--save-params FILE.npz] [--evaluate]
+        [--accumulation A] [--ragged] [--save-params FILE.npz] [--evaluate] [--attention IMPLEMENTATION]
+        [--collectives]
 
 Run with XLA_FLAGS=--xla_force_host_platform_device_count=8 by tests/test_sharding.py, and as
 2 processes x 4 devices by tests/test_multiprocess.py.
@@ -10,6 +11,7 @@ Run with XLA_FLAGS=--xla_force_host_platform_device_count=8 by tests/test_shardi
 import argparse
 import json
 import os
+import re
 import tempfile
 
 import jax
@@ -51,6 +53,8 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--ragged", action="store_true", help="ragged loss masks, some rows fully masked; SGD")
     parser.add_argument("--save-params", default="", help="write the initial and final parameters to this .npz")
     parser.add_argument("--evaluate", action="store_true", help="run evaluate() with the exact-match evaluator")
+    parser.add_argument("--attention", default="xla", help="attention_implementation")
+    parser.add_argument("--collectives", action="store_true", help="count the compiled train step's collectives")
     return parser.parse_args()
 
 
@@ -64,6 +68,7 @@ def build_trainer(options: argparse.Namespace) -> BaseTrainer:
         disable_progress_bar=True, save_pretrained_at_end=False, max_train_samples=128, max_eval_samples=16,
         warmup_steps=0, data_parallel_size=options.data, fsdp_size=options.fsdp,
         tensor_parallel_size=options.tensor, gradient_accumulation_steps=options.accumulation,
+        attention_implementation=options.attention,
         # SGD's update is linear in the gradient; Adam divides near-zero gradients by their own size,
         # which turns float32 rounding into learning-rate-sized differences in a few weights.
         **(dict(optimizer="sgd", learning_rate=0.3) if options.ragged else {}), **multi_process_arguments())
@@ -97,6 +102,14 @@ def constraints_in_train_step(trainer: BaseTrainer) -> int:
     """How many activation sharding constraints the trainer's jitted train step traces to (0: none took effect)."""
     batch = trainer.to_global(next(trainer.dataloaders.train.iterator(0)))
     return str(trainer.functions.train_step.trace(trainer.state, batch).jaxpr).count("sharding_constraint")
+
+
+def collectives_in_train_step(trainer: BaseTrainer) -> dict[str, int]:
+    """How many of each collective the compiled train step runs."""
+    batch = trainer.to_global(next(trainer.dataloaders.train.iterator(0)))
+    hlo = trainer.functions.train_step.lower(trainer.state, batch).compile().as_text()
+    kinds = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
+    return {kind: len(re.findall(rf"= \S+ {kind}(?:-start)?\(", hlo)) for kind in kinds}
 
 
 def host_params(trainer: BaseTrainer, prefix: str) -> dict[str, np.ndarray]:
@@ -141,6 +154,8 @@ def main() -> None:
               "example_ids": [next(rows)["example_id"].tolist() for _ in range(5)],
               "written": sorted(os.listdir(trainer.arguments.output_dir)),
               "constraints": constraints_in_train_step(trainer), **shard_facts(trainer.state)}
+    if options.collectives:
+        result["collectives"] = collectives_in_train_step(trainer)
     if options.evaluate:
         result["eval"] = trainer.evaluate()
         result.update(sampled_tokens(trainer))
