@@ -75,6 +75,17 @@ def test_precomputed_log_probs_are_cached_reused_and_free_the_reference(tmp_path
     assert other.reference_logps_cached == {"train": False, "validation": True}, "other data: recomputed"
 
 
+def test_cached_log_probs_are_not_reused_under_another_compute_dtype(tmp_path):
+    """Reference log-probs computed in float32 are not those of the bfloat16 reference a bfloat16 run has."""
+    first = DPOTrainer(tiny_args(tmp_path), DPOArguments(precompute_ref_log_probs=True))
+    first.setup()
+    assert first.reference_logps_cached == {"train": False, "validation": False}
+    half = DPOTrainer(tiny_args(tmp_path, overwrite_output_dir=True, dtype="bfloat16"),
+                      DPOArguments(precompute_ref_log_probs=True))
+    half.setup()
+    assert half.reference_logps_cached == {"train": False, "validation": False}, "other compute dtype: recomputed"
+
+
 def test_pair_log_probs_do_not_depend_on_padding_or_batch_company(tmp_path):
     import datasets
 

@@ -152,7 +152,8 @@ class DPOTrainer(BaseTrainer):
         return rows
 
     def _with_reference_logps(self, name: str, rows: Any) -> Any:
-        settings = {"max_length": self.arguments.max_length, "chunk": self.dpo.logps_chunk_size}
+        settings = {"max_length": self.arguments.max_length, "chunk": self.dpo.logps_chunk_size,
+                    "dtype": str(self.dtype)}  # a bfloat16 run's reference differs from a float32 one's
         logps, cached = precomputed_reference_logps(
             self.reference(), rows, data_fingerprint=rows._fingerprint, settings=settings, collate=self.collate,
             batch_size=self.arguments.eval_batch_size, sequence_logps=lambda m, b: self.pair_logps(m, b)[0],
