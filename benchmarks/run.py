@@ -193,6 +193,11 @@ def scan(r: dict) -> list[Headline]:
             Headline("scan", f"scan / unrolled layers: step temp bytes, depth {deepest}", ratio.get("temp"))]
 
 
+def compile_cache(r: dict) -> list[Headline]:
+    return [Headline("compile_cache", "warm / no persistent cache: first-step compile", r.get("warm_over_off")),
+            Headline("compile_cache", "cold / no persistent cache: first-step compile", r.get("cold_over_off"))]
+
+
 def easydel_peer(r: dict) -> list[Headline]:
     if r.get("error"):  # no EasyDeL environment, or EasyDeL failed: recorded, shown, not a crash
         return [Headline("easydel_peer", f"error: {str(r['error']).splitlines()[0][:100]}", None, ratio=False)]
@@ -224,6 +229,7 @@ BENCHMARKS = {b.name: b for b in (
     Benchmark("attention", attention),
     Benchmark("chunked_ce", chunked_ce),
     Benchmark("scan", scan),
+    Benchmark("compile_cache", compile_cache),
     Benchmark("easydel_peer", easydel_peer, full_only=True),
 ) if (ROOT / "benchmarks" / f"{b.name}.py").exists()}
 

@@ -92,6 +92,10 @@ class TrainingArguments:
         "pairs separated by commas, e.g. 'xla_cpu_enable_fast_math=true'. 'auto': easytrain's measured defaults "
         "for the backend (on CPU, YNNPACK library fusions off; none on GPU and TPU); '': XLA's own defaults. "
         "Given options replace the defaults.")
+    compilation_cache_dir: str | None = _arg(
+        "auto", "JAX's persistent compilation cache (process-wide), so a resumed or repeated run loads its compiled "
+        "steps instead of compiling them: a directory; 'auto': the one JAX already has (JAX_COMPILATION_CACHE_DIR), "
+        "else ~/.cache/easytrain/xla ($XDG_CACHE_HOME respected); '' or null: JAX's own setting (off unless set).")
 
     # --- LoRA (docs/lora.md) --------------------------------------------------------------------
     lora_rank: int = _arg(0, "Train LoRA adapters of this rank instead of every weight; 0 trains the full model.")
@@ -309,6 +313,8 @@ def validate(args: TrainingArguments) -> None:
              f"must be a string: 'auto', 'name=value,...' or ''; got {args.compiler_options!r}.")
     if args.compiler_options.strip() != AUTO:
         parse(args.compiler_options)  # raises naming compiler_options
+    _require(args.compilation_cache_dir is None or isinstance(args.compilation_cache_dir, str), "compilation_cache_dir",
+             f"must be a directory, 'auto' or ''; got {args.compilation_cache_dir!r}.")
     _require(isinstance(args.loss_chunk_size, int) and args.loss_chunk_size >= 0, "loss_chunk_size",
              f"must be a positive number of tokens, or 0 to compute the full logits; got {args.loss_chunk_size!r}.")
     _require(args.lora_export in ("adapter", "merged", "both"), "lora_export",

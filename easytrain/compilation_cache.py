@@ -1,0 +1,67 @@
+"""JAX's persistent compilation cache for the trainer's steps: a resumed, restarted or repeated run loads
+its compiled programs from disk instead of compiling them again.
+
+The cache is JAX's own (`jax_compilation_cache_dir`), keyed by the program, the compiler options, the
+devices and the jax version, so a hit is the executable XLA would have built. It is process-wide: JAX has
+one cache, so the setting holds for every later compilation in the process. JAX only stores programs that
+took at least `jax_persistent_cache_min_compile_time_secs` (1 s by default) to compile.
+
+The directory must be trusted: whoever can write to it can make this process run their code (JAX's
+warning), so the default is under the user's own cache directory, never a shared temporary one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import jax
+from jax.experimental.compilation_cache import compilation_cache
+
+from easytrain.errors import ArgumentError
+
+logger = logging.getLogger("easytrain")
+AUTO = "auto"
+
+
+def default_directory() -> Path:
+    """``$XDG_CACHE_HOME/easytrain/xla``, ``~/.cache/easytrain/xla`` without it."""
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "easytrain" / "xla"
+
+
+def resolve(setting: str | None) -> str | None:
+    """The directory `setting` asks for, or None to leave JAX's own setting alone.
+
+    ``"auto"``: the directory JAX is already given (``JAX_COMPILATION_CACHE_DIR`` or jax.config), else
+    `default_directory`; ``""`` or None: JAX's own setting (no cache unless it has one); a path: that path.
+    """
+    if setting is None or not setting.strip():
+        return None
+    if setting.strip() == AUTO:
+        return jax.config.jax_compilation_cache_dir or str(default_directory())
+    return str(Path(setting).expanduser())
+
+
+def enable(setting: str | None) -> str | None:
+    """Point JAX's persistent cache at the directory `setting` asks for; returns the directory in use.
+
+    Leaves JAX alone when its cache is switched off (``jax_enable_compilation_cache`` false). Raises
+    `ArgumentError` (field `compilation_cache_dir`) when the directory cannot be created.
+    """
+    if not jax.config.jax_enable_compilation_cache:
+        return None
+    directory = resolve(setting)
+    if directory is None or directory == jax.config.jax_compilation_cache_dir:
+        return jax.config.jax_compilation_cache_dir
+    try:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ArgumentError("compilation_cache_dir", f"cannot create {directory!r} ({error}); give a writable "
+                            "directory, or '' to compile without a persistent cache.") from error
+    compilation_cache.set_cache_dir(directory)
+    # A compilation before this one (with no directory) settled "no cache" for the process; start over.
+    compilation_cache.reset_cache()
+    logger.info("XLA compilation cache: %s", directory)
+    return directory
