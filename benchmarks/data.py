@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory(prefix="easytrain-bench-data-") as scratch:
         arguments = TrainingArguments(
+            compilation_cache_dir="",  # no persistent cache: every process compiles cold, as its contender
             output_dir=scratch, model_config=options.model_config, max_length=options.max_length,
             train_batch_size=options.batch_size, max_steps=1_000_000, learning_rate=1e-3, warmup_steps=0,
             eval_strategy="no", save_strategy="no", report_to=["none"], disable_progress_bar=True,

@@ -167,6 +167,7 @@ def build_trainer(kind: str, options: argparse.Namespace, config: str, output_di
     """A set-up trainer of one kind; its data are a few arithmetic rows (the timed batches are synthetic)."""
     sequences = 2 * options.pairs
     arguments = TrainingArguments(
+        compilation_cache_dir="",  # no persistent cache: every process compiles cold, as its contender
         output_dir=output_dir, model_config=config, max_length=options.max_length,
         train_batch_size=sequences if kind == "sft" else options.pairs, eval_batch_size=options.pairs,
         max_steps=1_000_000, learning_rate=1e-4, warmup_steps=0, lr_scheduler_type="constant",

@@ -127,7 +127,8 @@ def training_arguments(options: argparse.Namespace, extra: list[str], output_dir
                 learning_rate=1e-4, lr_scheduler_type="constant", warmup_steps=0, logging_steps=1,
                 eval_strategy="no", save_strategy="no", report_to=["none"], disable_progress_bar=True,
                 save_pretrained_at_end=False, validation_split_percentage=0, model_config=str(Path(output_dir) /
-                                                                                             "config.json"))
+                                                                                             "config.json"),
+                compilation_cache_dir="")  # the first step compiles cold (no persistent cache)
     argv = [item for key, value in ours.items() for item in
             (f"--{key}", *(map(str, value) if isinstance(value, list) else [str(value)]))]
     try:

@@ -110,6 +110,7 @@ def spread(values: list[float], digits: int = 4) -> dict[str, float]:
 def build_trainer(options: argparse.Namespace, config: str, output_dir: str, rank: int) -> SFTTrainer:
     """A set-up trainer; its data are a few arithmetic rows (the timed batch is synthetic)."""
     arguments = TrainingArguments(
+        compilation_cache_dir="",  # no persistent cache: every process compiles cold, as its contender
         output_dir=output_dir, model_config=config, max_length=options.max_length,
         train_batch_size=options.batch_size, max_steps=1_000_000, learning_rate=1e-4, warmup_steps=0,
         lr_scheduler_type="constant", optimizer="adamw", weight_decay=0.01, max_grad_norm=1.0,

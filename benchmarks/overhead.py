@@ -106,6 +106,7 @@ def build_trainer(config: transformers.LlamaConfig, blocks: np.ndarray, steps: i
                   callbacks: list[Callback]) -> BaseTrainer:
     """The trainer side: the same model, blocks and AdamW, logging every `every` steps, nothing else."""
     arguments = TrainingArguments(
+        compilation_cache_dir="",  # no persistent cache: every process compiles cold, as its contender
         output_dir=tempfile.mkdtemp(prefix="easytrain-bench-"), max_length=blocks.shape[1] - 1,
         train_batch_size=BATCH, max_steps=steps, learning_rate=LR, weight_decay=WD, lr_scheduler_type="constant",
         max_grad_norm=0.0, logging_steps=every, eval_strategy="no", save_strategy="no", report_to=["none"],

@@ -69,6 +69,7 @@ def collectives(hlo: str) -> dict[str, dict]:
 def build_trainer(mesh: tuple[int, int, int], blocks: np.ndarray) -> BaseTrainer:
     data, fsdp, tensor = mesh
     arguments = TrainingArguments(
+        compilation_cache_dir="",  # no persistent cache: every process compiles cold, as its contender
         output_dir=tempfile.mkdtemp(prefix="easytrain-scaling-"), max_length=LENGTH, train_batch_size=BATCH,
         max_steps=100, learning_rate=3e-4, lr_scheduler_type="constant", eval_strategy="no",
         save_strategy="no", report_to=["none"], disable_progress_bar=True, save_pretrained_at_end=False,

@@ -157,6 +157,7 @@ def spread(values: list[float], digits: int = 1) -> dict[str, float]:
 def build_trainer(options: argparse.Namespace, packing: bool, dataset: datasets.Dataset,
                   output_dir: str) -> SFTTrainer:
     arguments = TrainingArguments(
+        compilation_cache_dir="",  # no persistent cache: every process compiles cold, as its contender
         output_dir=output_dir, model_config=options.model_config, max_length=options.max_length,
         train_batch_size=options.batch_size, max_steps=1_000_000, learning_rate=1e-3, warmup_steps=0,
         lr_scheduler_type="constant", eval_strategy="no", save_strategy="no", report_to=["none"],

@@ -159,6 +159,7 @@ def run_easytrain(config: dict, blocks: np.ndarray, batch: int, warmup: int, win
                 timer.lap()
 
     arguments = TrainingArguments(
+        compilation_cache_dir="",  # no persistent cache: every process compiles cold, as its contender
         output_dir=tempfile.mkdtemp(prefix="easytrain-bench-"), max_length=blocks.shape[1] - 1,
         train_batch_size=batch, max_steps=warmup + windows * every, learning_rate=LR, weight_decay=WD,
         lr_scheduler_type="constant", max_grad_norm=0.0, logging_steps=every, eval_strategy="no",
