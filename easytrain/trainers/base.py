@@ -31,7 +31,7 @@ from easytrain.data import EvalBatches, TrainBatches
 from easytrain.errors import ArgumentError
 from easytrain.evaluators import Evaluator
 from easytrain.frozen import Frozen, FrozenPlan
-from easytrain.models import from_pretrained, splash
+from easytrain.models import from_pretrained
 from easytrain.optim import build_optimizer, build_schedule
 from easytrain.protocol import ConfiguredDataloaders, ConfiguredFunctions, ConfiguredModel
 from easytrain.state import TrainState, bind
@@ -40,6 +40,7 @@ from easytrain.trainers.language_model import LanguageModelHooks
 from easytrain.trainers.loop import LoopParts, TrainLoop
 from easytrain.trainers.resume import config_dict, restore_checkpoint, restore_step
 from easytrain.trainers.run_dir import prepare_output_dir
+from easytrain.trainers.switches import apply_switches
 
 logger = logging.getLogger("easytrain")
 FORMAT_VERSION = 1
@@ -209,13 +210,7 @@ class BaseTrainer(LanguageModelHooks):
         `lora_*` arguments ask for (in place: a module passed as `model=` gets them too); with `loss_chunk_size`,
         check the module can have its loss chunked."""
         args = self._arguments
-        _set_switch(module, "remat", args.remat_policy, "none", "remat_policy", "apply nnx.remat inside your module")
-        _set_switch(module, "scan_layers", args.scan_layers, False, "scan_layers",
-                    "scan over the layers inside your module")
-        _set_switch(module, "attention_implementation", args.attention_implementation, "xla",
-                    "attention_implementation", "call jax.nn.dot_product_attention inside your module")
-        if args.attention_implementation == "splash":
-            splash.check_backend(self.mesh.devices.flat[0].platform)
+        apply_switches(module, args, self.mesh.devices.flat[0].platform)
         module = adapters.adapt(module, self.lora, args.seed, args.lora_adapter_path)
         if args.loss_chunk_size and (problem := chunking_problem(module)):
             raise ArgumentError("loss_chunk_size", problem)
@@ -389,11 +384,3 @@ class BaseTrainer(LanguageModelHooks):
     def save_arguments(self) -> Path | None:
         return save_arguments(self._arguments, self._arguments.output_dir) if self.is_main_process else None
 
-
-def _set_switch(module: nnx.Module, attribute: str, value: str, default: str, field: str, otherwise: str) -> None:
-    """`module.<attribute> = value`; a module without the attribute accepts only the argument's default."""
-    if hasattr(module, attribute):
-        setattr(module, attribute, value)
-    elif value != default:
-        raise ArgumentError(field, f"{type(module).__name__} has no `{attribute}` attribute to set; use "
-                                   f"{default!r}, or {otherwise}.")
