@@ -305,8 +305,10 @@ def validate(args: TrainingArguments) -> None:
              f"must be a positive integer, or 0 to train every weight; got {args.lora_rank!r}.")
     _require(args.remat_policy in ("none", "full", "dots"), "remat_policy",
              f"must be 'none', 'full' or 'dots'; got {args.remat_policy!r}.")
-    _require(args.attention_implementation in ("xla", "dot_product_attention", "splash"), "attention_implementation",
-             f"must be 'xla', 'dot_product_attention' or 'splash'; got {args.attention_implementation!r}.")
+    from easytrain.models.masks import IMPLEMENTATIONS
+
+    _require(args.attention_implementation in IMPLEMENTATIONS, "attention_implementation",
+             f"must be one of {', '.join(map(repr, IMPLEMENTATIONS))}; got {args.attention_implementation!r}.")
     from easytrain.compiler_options import AUTO, parse
 
     _require(isinstance(args.compiler_options, str), "compiler_options",

@@ -53,7 +53,7 @@ def test_several_blocks_and_a_length_that_is_no_multiple_of_the_block():
         return jnp.sum(grouped_attention(q, k, v, dense_BTS) * weights)
 
     def kernel(q, k, v):
-        segments = splash.splash_segments(length, batch, jnp.asarray(real_BT), jnp.asarray(segments_BT))
+        segments = splash.splash_segments(batch, length, jnp.asarray(real_BT), jnp.asarray(segments_BT))
         return jnp.sum(splash.attend_splash(q, k, v, segments, 129) * weights)
 
     expected, expected_grads = jax.value_and_grad(reference, argnums=(0, 1, 2))(q, k, v)
@@ -80,9 +80,9 @@ def test_padding_and_packing_build_no_batch_by_query_by_key_mask():
 
 
 def test_padding_segment_is_apart_from_every_document():
-    segments = splash.splash_segments(4, 1, jnp.asarray([[1, 1, 0, 1]]), jnp.asarray([[0, 0, 0, 1]]))
+    segments = splash.splash_segments(1, 4, jnp.asarray([[1, 1, 0, 1]]), jnp.asarray([[0, 0, 0, 1]]))
     assert segments.tolist() == [[0, 0, splash.PADDING_SEGMENT, 1]]
-    assert splash.splash_segments(3, 2, None, None).tolist() == [[0] * 3] * 2
+    assert splash.splash_segments(2, 3, None, None).tolist() == [[0] * 3] * 2
 
 
 def test_kernels_are_built_once_per_shape():

@@ -151,7 +151,8 @@ class LlamaForCausalLM(nnx.Module):
         if len(windows) > 1 and isinstance(masks[windows[0]], AttentionMask):
             raise ValueError(  # a structured mask's window is static: it cannot vary along the scan
                 f"scan_layers with attention_implementation {self.attention_implementation!r} needs one attention "
-                f"window for every layer; this config mixes {windows}. Use attention_implementation 'xla' or scan_layers False.")
+                f"window for every layer; this config mixes {windows}. Use attention_implementation 'xla' or "
+                "scan_layers False.")
         masks_WBTS = jnp.stack([masks[window] for window in windows]) if len(windows) > 1 else None
         window_index_L = jnp.asarray([windows.index(window) for window in self.features.windows])
 

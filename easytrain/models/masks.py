@@ -85,7 +85,7 @@ def attend(q_BTNGK: Array, k_BSNK: Array, v_BSNK: Array, mask: Array | Attention
     no later key (`causal_grouped_attention`).
     """
     if isinstance(mask, AttentionMask) and mask.kernel == "splash":
-        segments_BT = splash_segments(q_BTNGK.shape[1], q_BTNGK.shape[0], mask.attention_mask_BT, mask.segment_ids_BT)
+        segments_BT = splash_segments(*q_BTNGK.shape[:2], mask.attention_mask_BT, mask.segment_ids_BT)
         return attend_splash(q_BTNGK, k_BSNK, v_BSNK, segments_BT, mask.window)
     if isinstance(mask, AttentionMask):
         return attend_structured(q_BTNGK, k_BSNK, v_BSNK, mask)

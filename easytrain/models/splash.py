@@ -62,7 +62,7 @@ def splash_kernel(length: int, group: int, window: int | None, block: int, inter
                                        q_seq_shards=1, interpret=interpret)
 
 
-def splash_segments(length: int, batch: int, attention_mask_BT: Array | None, segment_ids_BT: Array | None
+def splash_segments(batch: int, length: int, attention_mask_BT: Array | None, segment_ids_BT: Array | None
                     ) -> Array:
     """Segment ids ``[B, T]`` the kernel compares: documents (one per row unpacked), padding apart."""
     segments_BT = (jnp.zeros((batch, length), jnp.int32) if segment_ids_BT is None
