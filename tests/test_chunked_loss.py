@@ -8,7 +8,7 @@ from flax import nnx
 
 from easytrain import BaseTrainer, TrainingArguments
 from easytrain.chunked_loss import (chunked_cross_entropy_sums, chunked_target_logps, chunked_token_scores, dense_head,
-                                    tied_head)
+                                    tied_head, token_scores)
 from easytrain.errors import ArgumentError
 from easytrain.eval_metrics import Predictions, TokenScores, accuracy, perplexity
 from easytrain.lora import LoRAConfig, apply_lora
@@ -72,6 +72,22 @@ def test_token_scores_give_the_eval_metrics_of_the_logits():
     for metric in (accuracy, perplexity):
         for got, want in zip(metric(scored), metric(logits)):
             np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_a_hit_is_numpys_argmax_even_among_tied_logits():
+    """The first of several equal largest logits is the prediction, as `np.argmax` picks it."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(12, 10)).astype(np.float32)
+    logits[0:3] = 0.0  # all tied (a zero-initialised head): only target 0 is a hit
+    logits[3:6, [2, 7]] = 5.0  # two tied maxima: target 2 is a hit, target 7 is not
+    logits[6] = -np.inf  # nothing finite: index 0 is still numpy's argmax
+    targets = np.array([0, 4, 9, 2, 7, 5, 0, *rng.integers(0, 10, 5)], np.int32)
+    rows = np.arange(7, 12)
+    logits[rows, targets[7:]] = logits[7:].max(-1) + 1.0  # plain hits ...
+    logits[9, targets[9]] -= 2.0  # ... and one miss
+    _, correct = token_scores(jnp.asarray(logits), jnp.asarray(targets))
+    np.testing.assert_array_equal(correct, (logits.argmax(-1) == targets).astype(np.float32))
+    assert list(np.asarray(correct[:7])) == [1, 0, 0, 1, 0, 0, 1]
 
 
 def batch(seed=0, shape=(3, 7)):
