@@ -173,6 +173,47 @@ def test_non_finite_step_is_skipped():
         np.testing.assert_array_equal(a, b)  # ... and no parameter
 
 
+def counting(tx: optax.GradientTransformation, calls: list) -> optax.GradientTransformation:
+    """`tx`, recording each call of its update (each time a step traces it)."""
+    def update(grads, opt_state, params=None):
+        calls.append(1)
+        return tx.update(grads, opt_state, params)
+    return optax.GradientTransformation(tx.init, update)
+
+
+def test_the_guarded_step_traces_the_optimizer_once():
+    """Both branches of the non-finite guard apply the optimizer; the second reuses the first's trace."""
+    calls = []
+    step = jax.jit(functools.partial(train_step, loss_fn=causal_lm_loss, schedule=lambda s: 1e-2))
+    step.trace(make_state(counting(optax.adamw(1e-2), calls)), ragged_batch())
+    assert len(calls) == 1
+
+
+class UnhashableAdam:
+    """An optimizer object that cannot be a static argument of `jax.jit`."""
+    __hash__ = None
+
+    def __init__(self):
+        self.inner = optax.adam(1e-2)
+
+    def init(self, params):
+        return self.inner.init(params)
+
+    def update(self, grads, opt_state, params=None):
+        return self.inner.update(grads, opt_state, params)
+
+
+def test_an_unhashable_optimizer_still_steps():
+    tx = UnhashableAdam()
+    state = make_state(tx)
+    reference = make_state(optax.adam(1e-2))
+    step = jax.jit(functools.partial(train_step, loss_fn=causal_lm_loss, schedule=lambda s: 1e-2))
+    new, _ = step(state, ragged_batch())
+    expected, _ = step(reference, ragged_batch())
+    for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(expected.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
 def test_eval_step_ignores_padding_rows():
     state = make_state()
     batch = ragged_batch()
