@@ -126,9 +126,10 @@ def optimizer_update(tx: optax.GradientTransformation, params: PyTree, opt_state
                      grads: PyTree) -> tuple[PyTree, optax.OptState]:
     """`tx`'s update applied to `params`: the new parameters and optimizer state.
 
-    A nested `jax.jit`, so a step that traces the update twice with the same input types (both branches
-    of the non-finite guard) traces it once and reuses that trace: 0.3 s less first-step compile of the
-    benchmark Llama. An optimizer that cannot be a static argument (not hashable) is traced inline.
+    A nested `jax.jit`, so a step that applies the update twice with the same input types (both branches
+    of the non-finite guard) traces it once and reuses that trace (and its lowering): 0.04 s less of
+    the benchmark Llama's 0.43 s first-step tracing, more with more parameter leaves. An optimizer that
+    cannot be a static argument (not hashable) is traced inline.
     """
     try:
         hash(tx)
