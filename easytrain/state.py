@@ -59,9 +59,14 @@ class TrainState(struct.PyTreeNode):
                    opt_state=tx.init(params), rng=rng, graphdef=graphdef, tx=tx, trainable=trainable,
                    base={} if base is None else base, base_filter=base_filter)
 
-    def apply_gradients(self, grads: PyTree) -> "TrainState":
-        """One optimizer update; returns a new state and leaves `self` untouched."""
-        params, opt_state = optimizer_update(self.tx, self.params, self.opt_state, grads)
+    def apply_gradients(self, grads: PyTree, **extra_args: Any) -> "TrainState":
+        """One optimizer update; returns a new state and leaves `self` untouched.
+
+        `extra_args` (e.g. `grad_norm`, which `easytrain.optim.clip_by_global_norm` reuses) go to the
+        optimizer's update when it takes extra arguments (`optax.GradientTransformationExtraArgs`, as every
+        `optax.chain` is); a plain `GradientTransformation` is called without them.
+        """
+        params, opt_state = optimizer_update(self.tx, self.params, self.opt_state, grads, extra_args)
         return self.replace(step=self.step + 1, params=params, opt_state=opt_state)
 
     def model(self, train: bool | None = None) -> nnx.Module:
@@ -123,7 +128,7 @@ def raw_key(seed: int) -> jax.Array:
 
 
 def optimizer_update(tx: optax.GradientTransformation, params: PyTree, opt_state: optax.OptState,
-                     grads: PyTree) -> tuple[PyTree, optax.OptState]:
+                     grads: PyTree, extra_args: dict[str, Any] | None = None) -> tuple[PyTree, optax.OptState]:
     """`tx`'s update applied to `params`: the new parameters and optimizer state.
 
     A nested `jax.jit`, so a step that applies the update twice with the same input types (both branches
@@ -131,16 +136,17 @@ def optimizer_update(tx: optax.GradientTransformation, params: PyTree, opt_state
     the benchmark Llama's 0.43 s first-step tracing, more with more parameter leaves. An optimizer that
     cannot be a static argument (not hashable) is traced inline.
     """
+    extra_args = extra_args if isinstance(tx, optax.GradientTransformationExtraArgs) and extra_args else {}
     try:
         hash(tx)
     except TypeError:
-        return _update(tx, params, opt_state, grads)
-    return _jitted_update(tx, params, opt_state, grads)
+        return _update(tx, params, opt_state, grads, extra_args)
+    return _jitted_update(tx, params, opt_state, grads, extra_args)
 
 
-def _update(tx: optax.GradientTransformation, params: PyTree, opt_state: optax.OptState,
-            grads: PyTree) -> tuple[PyTree, optax.OptState]:
-    updates, opt_state = tx.update(grads, opt_state, params)
+def _update(tx: optax.GradientTransformation, params: PyTree, opt_state: optax.OptState, grads: PyTree,
+            extra_args: dict[str, Any]) -> tuple[PyTree, optax.OptState]:
+    updates, opt_state = tx.update(grads, opt_state, params, **extra_args)
     return optax.apply_updates(params, updates), opt_state
 
 

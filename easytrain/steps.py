@@ -17,6 +17,7 @@ import optax
 
 from easytrain.losses import Batch, LossFn, LossOutput
 from easytrain.metrics import Last, Mean, Metric, Sum, identities, is_metric, merge_all
+from easytrain.optim import global_norm
 from easytrain.state import TrainState
 
 Metrics = dict[str, Metric]
@@ -103,14 +104,16 @@ def keep_if_not_finite(new: Any, old: Any, finite: jax.Array) -> Any:
     return jax.tree.map(lambda n, o: n if _is_counter(o) else jnp.where(finite, n, o), new, old)
 
 
-def updated(state: TrainState, grads: Any, model_state: Any, keep: bool) -> tuple[Any, Any, Any]:
+def updated(state: TrainState, grads: Any, grad_norm: jax.Array, model_state: Any,
+            keep: bool) -> tuple[Any, Any, Any]:
     """Parameters, optimizer state and module state after the update (`keep`), or after a skipped one: old
     values with new counters (`keep_if_not_finite`), the optimizer's from an update with zero gradients whose
-    other outputs are discarded, and so never computed."""
+    other outputs are discarded, and so never computed. `grad_norm` goes to the optimizer as an extra
+    argument (`easytrain.optim.clip_by_global_norm` clips with it instead of computing it again)."""
     if keep:
-        new = state.apply_gradients(grads)
+        new = state.apply_gradients(grads, grad_norm=grad_norm)
         return new.params, new.opt_state, model_state
-    counted = state.apply_gradients(jax.tree.map(jnp.zeros_like, grads))
+    counted = state.apply_gradients(jax.tree.map(jnp.zeros_like, grads), grad_norm=jnp.zeros_like(grad_norm))
     return keep_if_not_finite((counted.params, counted.opt_state, model_state),
                               (state.params, state.opt_state, state.model_state), jnp.asarray(False))
 
@@ -126,15 +129,16 @@ def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn, schedule: op
     grad_sums, metrics, model_state = accumulate_gradients(state, batch, loss_fn=loss_fn, num_micro=num_micro)
     loss = metrics["loss"]
     grads = jax.tree.map(lambda g: g / jnp.maximum(loss.count, 1.0).astype(g.dtype), grad_sums)
-    grad_norm = optax.tree.norm(grads)
+    grad_norm = global_norm(grads)
     finite = jnp.isfinite(loss.total) & jnp.isfinite(grad_norm)
     # A branch, not a select over every parameter: the update runs only when it is kept, and the frozen parts
     # of the state (a LoRA base, reference models) stay outside it.
     if skip_non_finite:
         params, opt_state, model_state = jax.lax.cond(finite, functools.partial(updated, keep=True),
-                                                      functools.partial(updated, keep=False), state, grads, model_state)
+                                                      functools.partial(updated, keep=False), state, grads,
+                                                      grad_norm, model_state)
     else:
-        params, opt_state, model_state = updated(state, grads, model_state, keep=True)
+        params, opt_state, model_state = updated(state, grads, grad_norm, model_state, keep=True)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state)
     metrics = {**metrics, "grad_norm": Mean(grad_norm, jnp.ones((), jnp.float32)),
                "learning_rate": Last(jnp.asarray(schedule(state.step), jnp.float32)),

@@ -5,7 +5,7 @@ import optax
 import pytest
 
 from easytrain import TrainingArguments
-from easytrain.optim import build_optimizer, build_schedule, decay_mask
+from easytrain.optim import build_optimizer, build_schedule, clip_by_global_norm, decay_mask, global_norm
 
 
 @pytest.mark.parametrize("kind", ["constant", "linear", "cosine"])
@@ -54,3 +54,35 @@ def test_clipping_bounds_the_update():
     params = {"w": jnp.zeros(4)}
     updates, _ = tx.update({"w": jnp.full(4, 100.0)}, tx.init(params), params)
     assert float(optax.tree.norm(updates)) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_global_norm_is_the_float64_norm_of_every_leaf():
+    rng = np.random.default_rng(0)
+    tree = {"w": rng.normal(size=(5, 7)).astype(np.float32), "b": rng.normal(size=3).astype(np.float32),
+            "s": np.float32(2.5), "h": rng.normal(size=(4, 2, 3)).astype(jnp.bfloat16)}
+    want = np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(tree)))
+    got = global_norm(jax.tree.map(jnp.asarray, tree))
+    assert got.dtype == jnp.float32 and float(got) == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.parametrize("scale", [0.01, 100.0])
+def test_clipping_equals_optaxs_with_the_same_state(scale):
+    """Below and above the threshold, with and without the norm handed in; optax's state, so checkpoints
+    written with either restore into the other."""
+    rng = np.random.default_rng(1)
+    grads = {"w": jnp.asarray(rng.normal(size=(6, 4)) * scale, jnp.float32), "b": jnp.asarray(rng.normal(size=4))}
+    ours, theirs = clip_by_global_norm(1.0), optax.clip_by_global_norm(1.0)
+    want, their_state = theirs.update(grads, theirs.init(grads))
+    for extra in ({}, {"grad_norm": global_norm(grads)}):
+        got, state = ours.update(grads, ours.init(grads), **extra)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(a, b, rtol=1e-6)
+        assert jax.tree.structure(state) == jax.tree.structure(their_state)
+    chained = lambda clip: optax.chain(clip, optax.adamw(1e-3)).init(grads)
+    assert jax.tree.structure(chained(ours)) == jax.tree.structure(chained(theirs))
+
+
+def test_clipping_uses_the_norm_it_is_given():
+    grads = {"w": jnp.full((4,), 3.0)}
+    clipped, _ = clip_by_global_norm(1.0).update(grads, optax.EmptyState(), grad_norm=jnp.float32(12.0))
+    np.testing.assert_allclose(clipped["w"], 3.0 / 12.0)

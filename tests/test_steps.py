@@ -14,6 +14,7 @@ from easytrain.losses import causal_lm_loss
 from easytrain.models import init_model
 from easytrain.state import raw_key, split_model
 from easytrain.metrics import fetch, reduce_window
+from easytrain.optim import clip_by_global_norm
 from easytrain.steps import eval_step, split_microbatches, train_step
 
 CONFIG = transformers.LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -121,10 +122,14 @@ def test_train_step_donates_the_old_state():
     assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(new_state.params))
 
 
-def test_matches_a_hand_written_training_loop():
-    """Five steps of the library step equal a from-scratch jitted loop on the same weights and data."""
+@pytest.mark.parametrize("max_norm", [None, 0.05])
+def test_matches_a_hand_written_training_loop(max_norm):
+    """Five steps of the library step equal a from-scratch jitted loop on the same weights and data; with
+    `max_norm`, easytrain's clipping (given the step's norm) against optax's (which computes its own)."""
     tx = optax.adamw(3e-3, weight_decay=0.01)
-    state = make_state(tx)
+    state = make_state(tx if max_norm is None else optax.chain(clip_by_global_norm(max_norm), tx))
+    if max_norm is not None:
+        tx = optax.chain(optax.clip_by_global_norm(max_norm), tx)
     model = state.model()
     params = jax.tree.map(jnp.array, state.params)
     opt_state = tx.init(params)
@@ -187,6 +192,16 @@ def test_the_guarded_step_traces_the_optimizer_once():
     step = jax.jit(functools.partial(train_step, loss_fn=causal_lm_loss, schedule=lambda s: 1e-2))
     step.trace(make_state(counting(optax.adamw(1e-2), calls)), ragged_batch())
     assert len(calls) == 1
+
+
+def test_clipping_takes_the_norm_the_step_computed(monkeypatch):
+    """The default optimizer clips with the step's `grad_norm` instead of computing the norm again."""
+    from easytrain import optim
+    calls = []
+    monkeypatch.setattr(optim, "global_norm", lambda tree: calls.append(1) or optax.tree.norm(tree))
+    step = jax.jit(functools.partial(train_step, loss_fn=causal_lm_loss, schedule=lambda s: 1e-2))
+    step.trace(make_state(optax.chain(clip_by_global_norm(1.0), optax.adamw(1e-2))), ragged_batch())
+    assert calls == []
 
 
 class UnhashableAdam:
