@@ -76,15 +76,24 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArg
     """`optax.clip_by_global_norm`, reusing the norm the train step already has.
 
     The step computes `global_norm` of the gradients for its `grad_norm` metric and its non-finite guard,
-    and passes it as the `grad_norm` extra argument (optax's `chain` forwards extra arguments); without it,
-    the norm is computed here. Same rule (updates scaled to `max_norm` when their norm is not below it) and
-    the same empty state as optax's, so checkpoints of either restore into the other.
+    and hands it to the optimizer as the `grad_norm` extra argument (optax's `chain` forwards extra
+    arguments), with the gradients it belongs to (`grad_norm_of`, added by `TrainState.apply_gradients`).
+    The norm is reused only when the updates reaching this clip are those very arrays (it is first in the
+    chain, or behind transformations that pass updates through); anywhere else, e.g. after `scale_by_adam`,
+    it computes the norm of what it clips. Same rule (updates scaled to `max_norm` when their norm is not
+    below it) and the same empty state as optax's, so checkpoints of either restore into the other.
     """
-    def update(updates: Any, state: optax.EmptyState, params: Any = None, *,
-               grad_norm: jax.Array | None = None, **extra: Any) -> tuple[Any, optax.EmptyState]:
+    def update(updates: Any, state: optax.EmptyState, params: Any = None, *, grad_norm: jax.Array | None = None,
+               grad_norm_of: Any = None, **extra: Any) -> tuple[Any, optax.EmptyState]:
         del params, extra
-        norm = global_norm(updates) if grad_norm is None else grad_norm
+        norm = grad_norm if grad_norm is not None and _same_arrays(updates, grad_norm_of) else global_norm(updates)
         keep = norm < max_norm
         return jax.tree.map(lambda u: jax.lax.select(keep, u, (u / norm.astype(u.dtype)) * max_norm), updates), state
 
     return optax.GradientTransformationExtraArgs(optax.init_empty_state, update)
+
+
+def _same_arrays(tree: Any, other: Any) -> bool:
+    """Whether two pytrees hold the very same array objects (inside a trace: the same tracers)."""
+    leaves, other_leaves = jax.tree.leaves(tree), jax.tree.leaves(other)
+    return len(leaves) == len(other_leaves) and all(a is b for a, b in zip(leaves, other_leaves))

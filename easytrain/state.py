@@ -146,6 +146,8 @@ def optimizer_update(tx: optax.GradientTransformation, params: PyTree, opt_state
 
 def _update(tx: optax.GradientTransformation, params: PyTree, opt_state: optax.OptState, grads: PyTree,
             extra_args: dict[str, Any]) -> tuple[PyTree, optax.OptState]:
+    if "grad_norm" in extra_args:  # the tree the norm belongs to: clipping uses it only on these very gradients
+        extra_args = {**extra_args, "grad_norm_of": grads}
     updates, opt_state = tx.update(grads, opt_state, params, **extra_args)
     return optax.apply_updates(params, updates), opt_state
 

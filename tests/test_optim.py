@@ -73,7 +73,7 @@ def test_clipping_equals_optaxs_with_the_same_state(scale):
     grads = {"w": jnp.asarray(rng.normal(size=(6, 4)) * scale, jnp.float32), "b": jnp.asarray(rng.normal(size=4))}
     ours, theirs = clip_by_global_norm(1.0), optax.clip_by_global_norm(1.0)
     want, their_state = theirs.update(grads, theirs.init(grads))
-    for extra in ({}, {"grad_norm": global_norm(grads)}):
+    for extra in ({}, {"grad_norm": global_norm(grads), "grad_norm_of": grads}):
         got, state = ours.update(grads, ours.init(grads), **extra)
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
             np.testing.assert_allclose(a, b, rtol=1e-6)
@@ -82,7 +82,13 @@ def test_clipping_equals_optaxs_with_the_same_state(scale):
     assert jax.tree.structure(chained(ours)) == jax.tree.structure(chained(theirs))
 
 
-def test_clipping_uses_the_norm_it_is_given():
+def test_clipping_uses_the_norm_given_for_these_updates_only():
+    """A norm handed in is used for the gradients it belongs to; other updates get their own norm."""
     grads = {"w": jnp.full((4,), 3.0)}
-    clipped, _ = clip_by_global_norm(1.0).update(grads, optax.EmptyState(), grad_norm=jnp.float32(12.0))
+    clip = clip_by_global_norm(1.0)
+    clipped, _ = clip.update(grads, optax.EmptyState(), grad_norm=jnp.float32(12.0), grad_norm_of=grads)
     np.testing.assert_allclose(clipped["w"], 3.0 / 12.0)
+    copy = {"w": jnp.full((4,), 3.0)}
+    for extra in ({"grad_norm_of": copy}, {}):
+        clipped, _ = clip.update(grads, optax.EmptyState(), grad_norm=jnp.float32(12.0), **extra)
+        np.testing.assert_allclose(clipped["w"], 3.0 / 6.0)  # its own norm, 6

@@ -122,14 +122,17 @@ def test_train_step_donates_the_old_state():
     assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(new_state.params))
 
 
-@pytest.mark.parametrize("max_norm", [None, 0.05])
-def test_matches_a_hand_written_training_loop(max_norm):
-    """Five steps of the library step equal a from-scratch jitted loop on the same weights and data; with
-    `max_norm`, easytrain's clipping (given the step's norm) against optax's (which computes its own)."""
-    tx = optax.adamw(3e-3, weight_decay=0.01)
-    state = make_state(tx if max_norm is None else optax.chain(clip_by_global_norm(max_norm), tx))
-    if max_norm is not None:
-        tx = optax.chain(optax.clip_by_global_norm(max_norm), tx)
+@pytest.mark.parametrize("clipping", [None, "first", "after_scaling"])
+def test_matches_a_hand_written_training_loop(clipping):
+    """Five steps of the library step equal a from-scratch jitted loop on the same weights and data. With
+    clipping, easytrain's (given the step's norm) against optax's (which computes its own): first in the
+    chain, where the step's norm is the one to clip with, and after a scaling, where it is not."""
+    # SGD after the scaling: Adam would hide a clip by the wrong norm (its update ignores the gradient's scale).
+    tx = optax.sgd(0.1) if clipping == "after_scaling" else optax.adamw(3e-3, weight_decay=0.01)
+    before = [optax.scale(4.0)] if clipping == "after_scaling" else []
+    state = make_state(tx if clipping is None else optax.chain(*before, clip_by_global_norm(0.05), tx))
+    if clipping is not None:
+        tx = optax.chain(*before, optax.clip_by_global_norm(0.05), tx)
     model = state.model()
     params = jax.tree.map(jnp.array, state.params)
     opt_state = tx.init(params)
