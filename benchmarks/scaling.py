@@ -130,6 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--meshes", nargs="*", default=[",".join(map(str, m)) for m in MESHES])
     options = parser.parse_args(argv)
+    if options.rounds < 2:
+        parser.error(f"--rounds must be at least 2 (the first round compiles and is not timed), got {options.rounds}")
     blocks = np.random.default_rng(0).integers(0, CONFIG["vocab_size"], (BATCH * 8, LENGTH + 1)).astype(np.int32)
     meshes = [tuple(int(size) for size in text.split(",")) for text in options.meshes]
     output = {"benchmark": "scaling", "devices": jax.device_count(), "device": jax.devices()[0].device_kind,
