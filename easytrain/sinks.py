@@ -200,8 +200,8 @@ class MlflowSink:
 
     The tracking URI is MLflow's own (``MLFLOW_TRACKING_URI``), the experiment ``MLFLOW_EXPERIMENT_NAME``
     (default "easytrain"). The run id and URI are kept in ``output_dir/mlflow_run.json``; a resumed run
-    reopens that run, marks it RUNNING again, and sends only steps after the last one the store holds
-    (MLflow would otherwise keep two values at a step; it cannot delete one).
+    reopens that run, marks it RUNNING again, and sends each metric only at steps after the last one the
+    store holds for it (MLflow would otherwise keep two values at a step; it cannot delete one).
     """
 
     def __init__(self, output_dir: Path, initial_step: int, run_config: Mapping[str, Any] | None):
@@ -213,11 +213,12 @@ class MlflowSink:
             self._client = MlflowClient(tracking_uri=previous["tracking_uri"])
             self._run_id = previous["run_id"]
             self._client.update_run(self._run_id, status="RUNNING")
-            self._floor = self._last_logged_step()
-            if self._floor > initial_step:
-                logger.warning("MLflow run %s already holds steps %d..%d from the interrupted run; they are not "
-                               "logged again (an exact resume computes the same values)", self._run_id,
-                               initial_step + 1, self._floor)
+            self._floors = self._last_logged_steps()
+            held = max(self._floors.values(), default=0)
+            if held > initial_step:
+                logger.warning("MLflow run %s already holds steps %d..%d from the interrupted run (some metrics "
+                               "of the last may be missing); only what it lacks is logged again (an exact resume "
+                               "computes the same values)", self._run_id, initial_step + 1, held)
         else:
             self._client = MlflowClient()
             name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "easytrain")
@@ -225,13 +226,18 @@ class MlflowSink:
             experiment_id = experiment.experiment_id if experiment else self._client.create_experiment(name)
             self._run_id = self._client.create_run(experiment_id, run_name=output_dir.resolve().name).info.run_id
             self._log_params(run_config or {})
-            self._floor = 0
+            self._floors = {}
         write_json_atomically(self._state_path, {"run_id": self._run_id, "tracking_uri": self._client.tracking_uri})
 
-    def _last_logged_step(self) -> int:
-        """The highest step of any metric the run holds: read from the tracking store, not remembered."""
+    def _last_logged_steps(self) -> dict[str, int]:
+        """The highest step each metric holds, read from the tracking store, not remembered.
+
+        Per metric, because a file store writes a batch one metric at a time: a run killed mid-batch
+        leaves a step that some metrics hold and others lack.
+        """
         names = self._client.get_run(self._run_id).data.metrics
-        return max((m.step for name in names for m in self._client.get_metric_history(self._run_id, name)), default=0)
+        return {name: max((m.step for m in self._client.get_metric_history(self._run_id, name)), default=0)
+                for name in names}
 
     def _log_params(self, config: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
@@ -243,11 +249,11 @@ class MlflowSink:
     def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
         from mlflow.entities import Metric
 
-        if step <= self._floor:
-            return
         now = int(time.time() * 1000)
-        values = [Metric(metric_tag(split, name), value, now, step) for name, value in metrics.items()]
-        self._client.log_batch(self._run_id, metrics=values)
+        tagged = {metric_tag(split, name): value for name, value in metrics.items()}
+        values = [Metric(tag, value, now, step) for tag, value in tagged.items() if step > self._floors.get(tag, 0)]
+        if values:
+            self._client.log_batch(self._run_id, metrics=values)
 
     def close(self, status: RunStatus = "completed") -> None:
         self._client.set_terminated(self._run_id, _MLFLOW_STATUS[status])

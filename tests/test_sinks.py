@@ -92,6 +92,18 @@ def test_mlflow_resume_reopens_the_run_and_never_logs_a_step_twice(tmp_path: Pat
                                                       (6, 60.0), (7, 70.0)]
 
 
+def test_mlflow_resume_completes_a_step_the_kill_tore(tmp_path: Path, offline_trackers) -> None:
+    """A file store writes a batch metric by metric: a kill mid-batch leaves a step some metrics lack."""
+    run_dir = tmp_path / "run"
+    log_steps(run_dir, ["mlflow"], range(1, 6), status="failed")
+    client, run = mlflow_run(run_dir)
+    client.log_metric(run.info.run_id, "train/accuracy", 0.5, step=6)  # step 6 torn: its accuracy, not its loss
+    log_steps(run_dir, ["mlflow"], range(4, 8), initial_step=3, scale=10.0)
+    assert mlflow_history(run_dir, "train/loss") == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 5.0),
+                                                      (6, 60.0), (7, 70.0)]
+    assert mlflow_history(run_dir, "train/accuracy") == [(6, 0.5)]
+
+
 def test_trackers_record_how_the_run_ended(tmp_path: Path, offline_trackers) -> None:
     log_steps(tmp_path / "stopped", ["mlflow"], [1], status="stopped")
     assert mlflow_run(tmp_path / "stopped")[1].info.status == "KILLED"
