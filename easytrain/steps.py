@@ -3,7 +3,9 @@
 Configuration (the loss, accumulation, the non-finite policy) is bound with `functools.partial`
 before `jax.jit`, never through static positional arguments. Gradient accumulation is a `lax.scan`
 over micro-batches inside the compiled step, and the loss and gradients are normalised once by the
-loss's count over the whole global batch. Metrics are `easytrain.metrics` values, merged, not averaged.
+loss's count over the whole global batch (without accumulation, by differentiating the loss divided by
+that count: no division of every gradient afterwards). Metrics are `easytrain.metrics` values, merged,
+not averaged.
 """
 
 from __future__ import annotations
@@ -50,27 +52,33 @@ def split_microbatches(batch: Batch, num_micro: int) -> Batch:
 
 
 def _micro_grads(state: TrainState, loss_fn: LossFn, micro: Batch, rng: jax.Array,
-                 model_state: Any) -> tuple[Any, Metrics, Any]:
-    """Gradients of the summed (not averaged) loss of one micro-batch, its metrics, and the module's
-    non-trainable state after the forward pass (running statistics, advanced RNG streams)."""
+                 model_state: Any, *, mean: bool = False) -> tuple[Any, Metrics, Any]:
+    """Gradients of one micro-batch's summed loss (or, with `mean`, of the loss divided by its count), its
+    metrics, and the module's non-trainable state after the forward pass (running statistics, RNG streams).
+
+    `mean` divides the differentiated scalar by the (constant) count, so the backward pass starts from
+    `1 / count`: the gradients come out averaged, without a division of every gradient afterwards.
+    """
     frozen = state.frozen_views()
 
-    def summed_loss(params):
+    def objective(params):
         module = state.replace(params=params, model_state=model_state).model(train=True)
         out = loss_fn(module, micro, rng, True, frozen)
-        return out.loss_sum, (out, state.model_state_of(module))
+        scale = 1 / jnp.maximum(jax.lax.stop_gradient(jnp.asarray(out.count, jnp.float32)), 1.0) if mean else 1
+        return out.loss_sum * scale, (out, state.model_state_of(module))
 
-    (_, (out, new_model_state)), grads = jax.value_and_grad(summed_loss, has_aux=True)(state.params)
+    (_, (out, new_model_state)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
     return grads, loss_metrics(out), new_model_state
 
 
 def accumulate_gradients(state: TrainState, batch: Batch, *, loss_fn: LossFn,
                          num_micro: int) -> tuple[Any, Metrics, Any]:
-    """Summed gradients, merged metrics and the new non-trainable module state over `num_micro`
-    micro-batches (`lax.scan`, no Python loop); module state flows from one micro-batch to the next."""
+    """Gradients of the loss averaged over its count on the whole global batch, merged metrics and the new
+    non-trainable module state, over `num_micro` micro-batches (`lax.scan`, no Python loop; their summed
+    gradients are divided by the total count once); module state flows from one micro-batch to the next."""
     rng = state.step_rng()
     if num_micro == 1:
-        return _micro_grads(state, loss_fn, batch, rng, state.model_state)
+        return _micro_grads(state, loss_fn, batch, rng, state.model_state, mean=True)
     micro_batches = split_microbatches(batch, num_micro)
     first = jax.tree.map(lambda x: x[0], micro_batches)
     shapes = jax.eval_shape(lambda: _micro_grads(state, loss_fn, first, rng, state.model_state)[1])
@@ -85,7 +93,8 @@ def accumulate_gradients(state: TrainState, batch: Batch, *, loss_fn: LossFn,
 
     carry = (zero_grads, identities(shapes), state.model_state)
     (grads, metrics, model_state), _ = jax.lax.scan(body, carry, (jnp.arange(num_micro), micro_batches))
-    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+    count = jnp.maximum(metrics["loss"].count, 1.0)
+    grads = jax.tree.map(lambda g, p: (g / count).astype(p.dtype), grads, state.params)
     return grads, metrics, model_state
 
 
@@ -126,9 +135,8 @@ def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn, schedule: op
     `skipped_steps` (1 when a non-finite loss or gradient made the step leave parameters unchanged),
     each a reducible `easytrain.metrics` value.
     """
-    grad_sums, metrics, model_state = accumulate_gradients(state, batch, loss_fn=loss_fn, num_micro=num_micro)
+    grads, metrics, model_state = accumulate_gradients(state, batch, loss_fn=loss_fn, num_micro=num_micro)
     loss = metrics["loss"]
-    grads = jax.tree.map(lambda g: g / jnp.maximum(loss.count, 1.0).astype(g.dtype), grad_sums)
     grad_norm = global_norm(grads)
     finite = jnp.isfinite(loss.total) & jnp.isfinite(grad_norm)
     # A branch, not a select over every parameter: the update runs only when it is kept, and the frozen parts
