@@ -17,6 +17,13 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettemp
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
+# XLA:CPU's per-step scratch memory on transparent huge pages, the setting the easytrain command runs with
+# (easytrain.host_memory): pytest-xdist's workers and every subprocess start with it.
+from easytrain import host_memory  # noqa: E402
+
+if host_memory.would_help(os.environ, host_memory.thp_mode(), host_memory.glibc_version()):
+    os.environ.update(host_memory.with_tunable(os.environ))
+
 import pytest  # noqa: E402
 
 CORPUS = (

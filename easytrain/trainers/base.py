@@ -20,7 +20,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from easytrain import compilation_cache, compiler_options, distributed, integrity, placement, sharding, steps
+from easytrain import (compilation_cache, compiler_options, distributed, host_memory, integrity, placement,
+                       sharding, steps)
 from easytrain import metrics as metrics_lib
 from easytrain.arguments import TrainingArguments
 from easytrain.callbacks import Callback, CallbackList
@@ -92,6 +93,7 @@ class BaseTrainer(LanguageModelHooks):
         self.mesh = self.configure_mesh()
         self.compiler_options = compiler_options.for_platform(self._arguments.compiler_options,
                                                               self.mesh.devices.flat[0].platform)
+        host_memory.advise(self.mesh.devices.flat[0].platform)
         self.compilation_cache_dir = compilation_cache.enable(self._arguments.compilation_cache_dir)
         self._data: ConfiguredDataloaders | None = None
         self._model: ConfiguredModel | None = None
