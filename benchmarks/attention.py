@@ -27,7 +27,7 @@ import numpy as np
 import transformers
 from flax import nnx
 
-from benchmarks.report import emit, fill_defaults
+from benchmarks.report import emit, fill_defaults, relaunch_like_the_command
 from easytrain.losses import token_cross_entropy_sums
 from easytrain.models import init_model
 from easytrain.models.masks import IMPLEMENTATIONS, kernel_for
@@ -118,4 +118,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    relaunch_like_the_command()
     main()

@@ -35,7 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 import psutil  # noqa: E402
 
 from easytrain.checkpoint import CheckpointManager  # noqa: E402
-from benchmarks.report import emit  # noqa: E402
+from benchmarks.report import emit, relaunch_like_the_command  # noqa: E402
 
 PROFILES = {"full": dict(megabytes=1200, repeats=5), "quick": dict(megabytes=24, repeats=2)}
 
@@ -144,4 +144,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    relaunch_like_the_command()
     main()

@@ -28,7 +28,7 @@ from flax import nnx
 
 from easytrain.losses import causal_lm_loss
 from easytrain.models import init_model
-from benchmarks.report import compiled_memory, emit, fill_defaults
+from benchmarks.report import compiled_memory, emit, fill_defaults, relaunch_like_the_command
 
 PROFILES = {"full": dict(vocab=131072, layers=2, hidden=512, length=1024, batch=4, steps=1, repeats=2),
             "quick": dict(vocab=4096, layers=1, hidden=64, length=64, batch=2, steps=1, repeats=1)}
@@ -99,4 +99,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    relaunch_like_the_command()
     main()

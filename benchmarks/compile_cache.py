@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.report import emit
+from benchmarks.report import emit, relaunch_like_the_command
 
 CASES = ("off", "cold", "warm")
 
@@ -69,4 +69,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    relaunch_like_the_command()
     main()

@@ -39,7 +39,7 @@ from easytrain import TrainingArguments  # noqa: E402
 from easytrain.data import SFTDataOptions, pack_examples, tokenize_sft_dataset  # noqa: E402
 from easytrain.tasks.arithmetic import build_arithmetic_chat_tokenizer  # noqa: E402
 from easytrain.trainers.sft import SFTArguments, SFTTrainer  # noqa: E402
-from benchmarks.report import emit, fill_defaults  # noqa: E402
+from benchmarks.report import emit, fill_defaults, relaunch_like_the_command  # noqa: E402
 
 PROFILES = {"full": dict(model_config="small", conversations=8000, max_length=256, batch_size=8, batches=200,
                          train_steps=10),
@@ -135,4 +135,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    relaunch_like_the_command()
     main()

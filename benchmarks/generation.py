@@ -27,6 +27,7 @@ from flax import nnx  # noqa: E402
 
 from easytrain.generation import generate, pad_prompts  # noqa: E402
 from easytrain.models import init_model  # noqa: E402
+from benchmarks.report import relaunch_like_the_command  # noqa: E402
 
 CONFIG = dict(vocab_size=4096, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
               num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048)
@@ -92,4 +93,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    relaunch_like_the_command()
     main()

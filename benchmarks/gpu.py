@@ -39,7 +39,7 @@ from easytrain.config_io import parse_arguments  # noqa: E402
 from easytrain.errors import ArgumentError  # noqa: E402
 from easytrain.flops import hardware_peak, matmul_params  # noqa: E402
 from easytrain.tasks import build_arithmetic_tokenizer  # noqa: E402
-from benchmarks.report import emit  # noqa: E402
+from benchmarks.report import emit, relaunch_like_the_command  # noqa: E402
 
 LLAMA3 = dict(vocab_size=128256, num_key_value_heads=8, rope_theta=500000.0, max_position_embeddings=8192)
 #: Candidates, smallest first (Llama 3.2 1B / 3B and Llama 3.1 8B shapes; 'tiny' for --quick).
@@ -197,4 +197,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    relaunch_like_the_command()
     main()

@@ -57,7 +57,7 @@ import numpy as np  # noqa: E402
 from easytrain import TrainingArguments  # noqa: E402
 from easytrain.tasks.arithmetic import build_arithmetic_chat_tokenizer, make_arithmetic_chat_splits  # noqa: E402
 from easytrain.trainers.sft import SFTArguments, SFTTrainer  # noqa: E402
-from benchmarks.report import emit, fill_defaults  # noqa: E402
+from benchmarks.report import emit, fill_defaults, relaunch_like_the_command  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA_100M = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12,
@@ -364,4 +364,5 @@ def print_table(result: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
+    relaunch_like_the_command()
     main()

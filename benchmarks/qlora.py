@@ -80,7 +80,7 @@ from easytrain.models.llama import init_model  # noqa: E402
 
 import qwix  # noqa: E402  (optional: pip install qwix==0.1.8 -c constraints.txt)
 from qwix._src.providers import ptq as qwix_ptq  # noqa: E402
-from benchmarks.report import emit, fill_defaults  # noqa: E402
+from benchmarks.report import emit, fill_defaults, relaunch_like_the_command  # noqa: E402
 
 #: Sizes of one run: the full profile (about 170 s of CPU time), and `--quick` (a smoke test).
 PROFILES = {
@@ -510,4 +510,5 @@ def print_table(result: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
+    relaunch_like_the_command()
     main()

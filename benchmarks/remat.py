@@ -26,7 +26,7 @@ from flax import nnx
 from easytrain.losses import token_cross_entropy_sums
 from easytrain.models import init_model
 from easytrain.models.remat import POLICIES
-from benchmarks.report import compiled_memory, emit, fill_defaults
+from benchmarks.report import compiled_memory, emit, fill_defaults, relaunch_like_the_command
 
 PROFILES = {"full": dict(layers=8, hidden=512, length=512, batch=8, steps=2, repeats=4),
             "quick": dict(layers=2, hidden=64, length=64, batch=4, steps=2, repeats=2)}
@@ -88,4 +88,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    relaunch_like_the_command()
     main()

@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+
+def relaunch_like_the_command() -> None:
+    """Run this benchmark with the malloc setting the `easytrain` command runs with (`easytrain.host_memory`:
+    transparent huge pages for XLA:CPU's per-step scratch memory). Every contender it starts, PyTorch and
+    EasyDeL included, inherits the environment, so all of them run in the same setting; the JSON records it
+    (`glibc_tunables`). `EASYTRAIN_HUGE_PAGES=0` measures without."""
+    from easytrain.host_memory import relaunch_with_huge_pages
+
+    relaunch_with_huge_pages()
 
 
 def fill_defaults(options: Any, profile: dict[str, Any]) -> None:
@@ -35,6 +46,7 @@ def child_json(module: str, *args: str, env: dict[str, str] | None = None) -> di
 
 def emit(result: dict[str, Any], out: str | None) -> dict[str, Any]:
     """Print `result` as one JSON line (the runner reads it), write it to `out` when given, return it."""
+    result = {**result, "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
     line = json.dumps(result)
     print(line)
     if out:

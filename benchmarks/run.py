@@ -14,8 +14,8 @@ warm-up, and each reports medians and spreads itself; this runner only collects 
 Recorded per benchmark: status (`ok`, `failed` with the tail of its stderr, `timeout`, `skipped` when an
 optional package is missing), wall seconds, the command and its JSON result. A few headline numbers per
 benchmark (with their spread where the benchmark reports one) are printed as a table; the JSON written to
-`--out` also holds the machine (device, CPUs, jax version, date, load average, git commit). Headline
-ratios are drawn as a bar chart (reference line at 1.0) next to `--out` (same name, `.png`) or at `--chart`.
+`--out` also holds the machine (device, CPUs, jax version, date, load average, git commit, glibc tunables).
+Headline ratios are drawn as a bar chart (reference line at 1.0) next to `--out` (same name, `.png`) or at `--chart`.
 Exit status 1 if any benchmark failed or timed out. No timing is asserted anywhere.
 """
 
@@ -38,6 +38,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from benchmarks.report import relaunch_like_the_command
 
 ROOT = Path(__file__).resolve().parents[1]
 TAIL_CHARS = 3000
@@ -297,7 +299,8 @@ def machine_info() -> dict[str, Any]:
             "cpu_count": os.cpu_count(), "cpu": cpu or platform.processor() or None,
             "jax": importlib.metadata.version("jax"), "python": platform.python_version(),
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "load_average_at_start": [round(x, 2) for x in os.getloadavg()], "git_commit": git_commit()}
+            "load_average_at_start": [round(x, 2) for x in os.getloadavg()], "git_commit": git_commit(),
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
 
 
 def headlines(benchmarks: dict[str, dict[str, Any]]) -> list[Headline]:
@@ -426,4 +429,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    relaunch_like_the_command()
     sys.exit(1 if {"failed", "timeout"} & set(main()["statuses"].values()) else 0)

@@ -37,6 +37,7 @@ import transformers  # noqa: E402
 from easytrain import BaseTrainer, TrainingArguments, sharding, steps  # noqa: E402
 from easytrain.models import init_model  # noqa: E402
 from easytrain.tasks import build_arithmetic_tokenizer  # noqa: E402
+from benchmarks.report import relaunch_like_the_command  # noqa: E402
 
 CONFIG = dict(vocab_size=4096, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
               num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048)
@@ -141,4 +142,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    relaunch_like_the_command()
     main()

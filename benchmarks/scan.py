@@ -27,7 +27,7 @@ import optax
 import transformers
 from flax import nnx
 
-from benchmarks.report import emit, fill_defaults
+from benchmarks.report import emit, fill_defaults, relaunch_like_the_command
 from easytrain.losses import token_cross_entropy_sums
 from easytrain.models import init_model
 from easytrain.models.scan import stack_layers
@@ -140,5 +140,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    relaunch_like_the_command()
     jax.config.update("jax_enable_compilation_cache", False)  # compile times are the point: never a cache hit
     main()

@@ -44,7 +44,7 @@ from easytrain import TrainingArguments  # noqa: E402
 from easytrain.data import bucket_lengths  # noqa: E402
 from easytrain.tasks.arithmetic import build_arithmetic_chat_tokenizer  # noqa: E402
 from easytrain.trainers.sft import SFTArguments, SFTTrainer  # noqa: E402
-from benchmarks.report import emit, fill_defaults  # noqa: E402
+from benchmarks.report import emit, fill_defaults, relaunch_like_the_command  # noqa: E402
 
 #: Sizes of one run: the full profile, and `--quick` (under a minute on 2 CPU cores).
 PROFILES = {
@@ -277,4 +277,5 @@ def print_table(result: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
+    relaunch_like_the_command()
     main()

@@ -35,7 +35,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
-from benchmarks.report import child_json, emit  # noqa: E402
+from benchmarks.report import child_json, emit, relaunch_like_the_command  # noqa: E402
 from benchmarks.versus_torch import BATCH, CONFIG, LENGTH, LR, QUICK, WD, token_blocks  # noqa: E402
 
 FLAG_SETS = {
@@ -280,4 +280,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    relaunch_like_the_command()
     main()
