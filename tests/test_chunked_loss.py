@@ -123,7 +123,10 @@ def test_the_model_loss_and_every_parameter_gradient_equal_the_full_logits(head)
     leaves, full_leaves = jax.tree.leaves_with_path(grads), jax.tree.leaves(full_grads)
     assert any("lora_b" in jax.tree_util.keystr(path) for path, _ in leaves) == (head == "lora")
     for (path, got), want in zip(leaves, full_leaves, strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+        # Within 1e-5 of the tensor's largest entry: sums taken in another order round differently per CPU
+        # (an AVX2 machine put 3 of 8192 embedding entries 1.6e-5 apart relatively, 1.3e-6 absolutely).
+        scale = float(np.max(np.abs(want)))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * scale, err_msg=jax.tree_util.keystr(path))
 
 
 def test_the_compiled_loss_and_gradient_hold_no_float32_token_by_vocabulary_buffer():
