@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PEER = ROOT / "benchmarks" / "peers" / "easydel_llama.py"
 DEFAULT_PYTHON = "/work/easydel-venv/bin/python"
 INSTALL = ("python3 -m venv /work/easydel-venv && "
-           "/work/easydel-venv/bin/pip install easydel pillow torch==2.13.0")
+           "/work/easydel-venv/bin/pip install easydel==0.3.0 pillow torch==2.13.0")
 TAIL_CHARS = 2000
 
 
