@@ -59,7 +59,10 @@ def test_clipping_bounds_the_update():
 def test_global_norm_is_the_float64_norm_of_every_leaf():
     rng = np.random.default_rng(0)
     tree = {"w": rng.normal(size=(5, 7)).astype(np.float32), "b": rng.normal(size=3).astype(np.float32),
-            "s": np.float32(2.5), "h": rng.normal(size=(4, 2, 3)).astype(jnp.bfloat16)}
+            "s": np.float32(2.5), "h": rng.normal(size=(4, 2, 3)).astype(jnp.bfloat16),
+            # larger leaves of both dtypes and ranks, one with large values
+            "g": rng.normal(size=(300, 256)).astype(np.float32) * 30, "n": rng.normal(size=128).astype(np.float32),
+            "m": rng.normal(size=(2, 3, 64)).astype(jnp.bfloat16)}
     want = np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(tree)))
     got = global_norm(jax.tree.map(jnp.asarray, tree))
     assert got.dtype == jnp.float32 and float(got) == pytest.approx(want, rel=1e-6)
