@@ -22,12 +22,10 @@ Exit status 1 if any benchmark failed or timed out. No timing is asserted anywhe
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.metadata
 import importlib.util
 import json
 import os
-import platform
 import shlex
 import signal
 import subprocess
@@ -39,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.machine import machine_info
 from benchmarks.report import relaunch_like_the_command
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,6 +78,15 @@ def overhead(r: dict) -> list[Headline]:
             Headline("overhead", "easytrain / hand-written RSS added by training",
                      dig(r, "ratio_added_rss_trainer_over_loop")),
             Headline("overhead", "easytrain tokens/s", dig(r, "trainer_tokens_per_second"), ratio=False)]
+
+
+def step_breakdown(r: dict) -> list[Headline]:
+    rows = [Headline("step_breakdown", "hand-written / trainer step time", dig(r, "ratio_hand_written_over_trainer"))]
+    for part in ("grad_norm", "accuracy", "guard"):
+        low, high = dig(r, f"part_ms_spread.{part}") or (None, None)
+        rows.append(Headline("step_breakdown", f"{part}: ms of the trainer's step", dig(r, f"part_ms.{part}"),
+                             low, high, ratio=False))
+    return rows
 
 
 def versus_torch(r: dict) -> list[Headline]:
@@ -221,6 +229,7 @@ class Benchmark:
 
 BENCHMARKS = {b.name: b for b in (
     Benchmark("overhead", overhead, ("--rounds", "3", "--steps_per_round", "5", "--repeats", "1")),
+    Benchmark("step_breakdown", step_breakdown),
     Benchmark("versus_torch", versus_torch, ("--rounds", "1", "--windows", "2", "--window_steps", "3"),
               requires="torch"),
     Benchmark("xla_cpu", xla_cpu, ("--repeats", "3", "--flag_rounds", "1", "--flag_steps", "3"), requires="torch"),
@@ -272,35 +281,6 @@ def run_one(bench: Benchmark, suite: str, extra: list[str], timeout: float, scra
     status = "timeout" if timed_out else "failed"
     tail = stderr[-TAIL_CHARS:] or stdout[-TAIL_CHARS:] or "(no output)"
     return {"status": status, **record, "error": tail if child.returncode else "no JSON result in its output"}
-
-
-def git_commit() -> str | None:
-    try:
-        git = {"cwd": ROOT, "capture_output": True, "text": True, "timeout": 10}
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], check=False, **git)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], check=False, **git)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")) if commit.returncode == 0 else None
-
-
-def machine_info() -> dict[str, Any]:
-    """Device kind from a short child process: the runner itself never starts a JAX backend (and its memory)."""
-    probe = "import jax; d = jax.devices()[0]; print(d.platform, jax.device_count(), d.device_kind)"
-    try:
-        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
-                             check=False).stdout
-        platform_name, count, kind = out.strip().split(" ", 2)
-    except (OSError, subprocess.SubprocessError, ValueError):
-        platform_name, count, kind = None, None, None
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), None) if Path("/proc/cpuinfo").exists() else None
-    return {"device_kind": kind, "platform": platform_name, "device_count": count and int(count),
-            "cpu_count": os.cpu_count(), "cpu": cpu or platform.processor() or None,
-            "jax": importlib.metadata.version("jax"), "python": platform.python_version(),
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "load_average_at_start": [round(x, 2) for x in os.getloadavg()], "git_commit": git_commit(),
-            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
 
 
 def headlines(benchmarks: dict[str, dict[str, Any]]) -> list[Headline]:

@@ -34,6 +34,7 @@ def test_quick_suite_smoke(tmp_path):
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     machine = result["machine"]
     assert machine["cpu_count"] > 0 and machine["jax"] and machine["device_kind"]
+    assert {"cpu", "cpu_family", "cpu_model", "cpu_vector_extension"} <= set(machine)
     assert machine["date"] and len(machine["load_average_at_start"]) == 3 and "git_commit" in machine
 
     benchmarks = result["benchmarks"]
@@ -87,3 +88,18 @@ def test_unknown_benchmark_is_refused():
         runner.parse(["--extra", "no_such_benchmark=--quick"])
     options = runner.parse(["--only", "sft", "--extra", "sft=--steps 2", "--extra", "sft=--repeats '3'"])
     assert options.names == ["sft"] and options.extras == {"sft": ["--steps", "2", "--repeats", "3"]}
+
+
+def test_cpu_details_name_the_generation_and_vector_width():
+    """Two machines both called "AMD EPYC" measured 119 and 502 GFLOP/s: the record tells them apart."""
+    from benchmarks.machine import cpu_details
+
+    zen5 = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\n"
+            "flags\t\t: fpu sse4_2 avx avx2 avx512f avx512bw\n\nprocessor\t: 1\nmodel name\t: other\n")
+    assert cpu_details(zen5) == {"cpu": "AMD EPYC", "cpu_family": "26", "cpu_model": "2",
+                                 "cpu_vector_extension": "avx512f"}
+    zen3 = "cpu family\t: 25\nmodel\t\t: 1\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse4_2 avx avx2\n"
+    assert cpu_details(zen3)["cpu_vector_extension"] == "avx2"
+    arm = "processor\t: 0\nFeatures\t: fp asimd evtstrm\n"
+    assert cpu_details(arm) == {"cpu": None, "cpu_family": None, "cpu_model": None, "cpu_vector_extension": "asimd"}
+    assert cpu_details("") == {"cpu": None, "cpu_family": None, "cpu_model": None, "cpu_vector_extension": None}

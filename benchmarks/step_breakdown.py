@@ -1,0 +1,130 @@
+"""What the trainer's train step costs beyond the hand-written one, part by part.
+
+    python -m benchmarks.step_breakdown [--quick] [--rounds 20] [--steps 3] [--compiles 3] [--out FILE]
+
+The `overhead` benchmark's model, blocks and AdamW. In one process: the trainer's compiled train step
+(`compile_step` of `easytrain.steps.train_step`, as `configure_functions` builds it) and variants of it
+without one of its extras each (the gradient norm, the token-accuracy metric, the non-finite guard's
+`lax.cond`), alternated round by round with `overhead.py`'s hand-written step on the same batch (the order
+reverses every round; the first round is warm-up). Compile time: every variant lowered and compiled
+`--compiles` times, round-robin, caches cleared, after one untimed compile, so no variant pays the process's first-compile
+warm-up. Reports the median milliseconds per step and compile seconds of each, and what each extra costs
+(the median over rounds of the whole step's time minus the variant's in the same round, and the
+range of those differences). Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import statistics
+import time
+from typing import Any, Callable
+from unittest import mock
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import transformers  # noqa: E402
+
+from benchmarks.overhead import BATCH, CONFIG, LENGTH, QUICK, build_trainer, hand_written_loop  # noqa: E402
+from benchmarks.report import emit, relaunch_like_the_command  # noqa: E402
+from easytrain import BaseTrainer, steps  # noqa: E402
+
+VARIANTS = ("trainer", "no_grad_norm", "no_accuracy", "no_guard")
+
+
+def variant_step(trainer: BaseTrainer, variant: str) -> Callable[..., Any]:
+    """The trainer's jitted train step, or one variant of it, with the trainer's shardings and XLA options."""
+    loss_fn = trainer.compute_loss
+    if variant == "no_accuracy":
+        def loss_fn(model, batch, rng, train, frozen=None):
+            out = trainer.compute_loss(model, batch, rng, train, frozen)
+            return out._replace(metrics={k: v for k, v in out.metrics.items() if k != "accuracy"})
+    step = functools.partial(steps.train_step, loss_fn=loss_fn, schedule=trainer.scheduler,
+                             skip_non_finite=variant != "no_guard")
+    if variant == "no_grad_norm":
+        def step(state, batch, _step=step):  # a zero norm, at trace time only
+            with mock.patch.object(steps, "global_norm", lambda tree: jnp.zeros((), jnp.float32)):
+                return _step(state, batch)
+    return trainer.compile_step(step, donate_state=True, returns_state=True)
+
+
+def median_compile_seconds(jitted: dict[str, Any], state: Any, batch: Any, compiles: int) -> dict[str, float]:
+    seconds: dict[str, list[float]] = {name: [] for name in jitted}
+    for _ in range(compiles):
+        for name, fn in jitted.items():
+            jax.clear_caches()  # else `compile` returns the executable it built before
+            started = time.perf_counter()
+            fn.lower(state, batch).compile()
+            seconds[name].append(time.perf_counter() - started)
+    return {name: round(statistics.median(s), 3) for name, s in seconds.items()}
+
+
+def paired(seconds: dict[str, list[float]], variant: str) -> list[float]:
+    """Per timed round: the whole trainer step's seconds minus the variant's."""
+    return [whole - part for whole, part in zip(seconds["trainer"][1:], seconds[variant][1:])]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="tiny model, few rounds: a smoke run")
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=3, help="steps per side per round")
+    parser.add_argument("--compiles", type=int, default=3, help="timed compiles of each variant")
+    parser.add_argument("--out")
+    options = parser.parse_args(argv)
+    config = transformers.LlamaConfig(**{**CONFIG, **(QUICK if options.quick else {})})
+    length = 16 if options.quick else LENGTH
+    rounds, compiles = (3, 1) if options.quick else (options.rounds, options.compiles)
+    blocks = np.random.default_rng(0).integers(0, config.vocab_size, (BATCH * 16, length + 1)).astype(np.int32)
+    run_loop, _ = hand_written_loop(config, blocks, seed=0)
+    trainer = build_trainer(config, blocks, steps=1, every=1, callbacks=[])
+    trainer.setup()
+    batch = trainer.to_global(next(trainer.dataloaders.train.iterator(0)))
+    jitted = {name: variant_step(trainer, name) for name in VARIANTS}
+    jitted[VARIANTS[0]].lower(trainer.state, batch).compile()  # the process's first compile: untimed warm-up
+    compile_seconds = median_compile_seconds(jitted, trainer.state, batch, compiles)
+    compiled = {name: fn.lower(trainer.state, batch).compile() for name, fn in jitted.items()}
+    states = {name: jax.tree.map(jnp.copy, trainer.state) for name in VARIANTS}  # each step donates its own
+
+    def time_variant(name: str) -> float:
+        started = time.perf_counter()
+        if name == "hand_written":
+            run_loop(options.steps)  # ends with a host read of the loss: synchronised
+        else:
+            for _ in range(options.steps):
+                states[name], _ = compiled[name](states[name], batch)
+            jax.block_until_ready(states[name].params)
+        return (time.perf_counter() - started) / options.steps
+
+    sides = (*VARIANTS, "hand_written")
+    seconds: dict[str, list[float]] = {name: [] for name in sides}
+    for r in range(rounds):
+        for name in sides if r % 2 == 0 else sides[::-1]:
+            seconds[name].append(time_variant(name))
+    ms = {name: round(1000 * statistics.median(s[1:]), 2) for name, s in seconds.items()}
+    parts = {"grad_norm": "no_grad_norm", "accuracy": "no_accuracy", "guard": "no_guard"}
+    result = {
+        "benchmark": "step_breakdown", "params": sum(x.size for x in jax.tree.leaves(trainer.state.params)),
+        "tokens_per_step": BATCH * length, "rounds": rounds - 1, "steps_per_round": options.steps,
+        "ms_per_step": ms, "ms_per_step_min": {n: round(1000 * min(s), 2) for n, s in seconds.items()},
+        "compile_seconds": compile_seconds,
+        "ratio_hand_written_over_trainer": round(ms["hand_written"] / ms["trainer"], 4),
+        # Paired per round (the two ran seconds apart), so the machine's drift cancels; min and max show the spread.
+        "part_ms": {part: round(1000 * statistics.median(paired(seconds, v)), 2) for part, v in parts.items()},
+        "part_ms_spread": {part: [round(1000 * min(paired(seconds, v)), 2), round(1000 * max(paired(seconds, v)), 2)]
+                           for part, v in parts.items()},
+        "part_compile_seconds": {part: round(compile_seconds["trainer"] - compile_seconds[v], 3)
+                                 for part, v in parts.items()},
+    }
+    return emit(result, options.out)
+
+
+if __name__ == "__main__":
+    relaunch_like_the_command()
+    main()
