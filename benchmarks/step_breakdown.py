@@ -35,7 +35,9 @@ from benchmarks.overhead import BATCH, CONFIG, LENGTH, QUICK, build_trainer, han
 from benchmarks.report import emit, relaunch_like_the_command  # noqa: E402
 from easytrain import BaseTrainer, steps  # noqa: E402
 
-VARIANTS = ("trainer", "no_grad_norm", "no_accuracy", "no_guard")
+#: Each extra of the trainer's step, and the variant of the step without it.
+PARTS = {"grad_norm": "no_grad_norm", "accuracy": "no_accuracy", "guard": "no_guard"}
+VARIANTS = ("trainer", *PARTS.values())
 
 
 def variant_step(trainer: BaseTrainer, variant: str) -> Callable[..., Any]:
@@ -54,15 +56,18 @@ def variant_step(trainer: BaseTrainer, variant: str) -> Callable[..., Any]:
     return trainer.compile_step(step, donate_state=True, returns_state=True)
 
 
-def median_compile_seconds(jitted: dict[str, Any], state: Any, batch: Any, compiles: int) -> dict[str, float]:
+def compile_round_robin(jitted: dict[str, Any], state: Any, batch: Any,
+                        compiles: int) -> tuple[dict[str, float], dict[str, Any]]:
+    """Median seconds of `compiles` timed compiles of each, round-robin, and each one's last executable."""
     seconds: dict[str, list[float]] = {name: [] for name in jitted}
+    executables: dict[str, Any] = {}
     for _ in range(compiles):
         for name, fn in jitted.items():
             jax.clear_caches()  # else `compile` returns the executable it built before
             started = time.perf_counter()
-            fn.lower(state, batch).compile()
+            executables[name] = fn.lower(state, batch).compile()
             seconds[name].append(time.perf_counter() - started)
-    return {name: round(statistics.median(s), 3) for name, s in seconds.items()}
+    return {name: round(statistics.median(s), 3) for name, s in seconds.items()}, executables
 
 
 def paired(seconds: dict[str, list[float]], variant: str) -> list[float]:
@@ -88,8 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     batch = trainer.to_global(next(trainer.dataloaders.train.iterator(0)))
     jitted = {name: variant_step(trainer, name) for name in VARIANTS}
     jitted[VARIANTS[0]].lower(trainer.state, batch).compile()  # the process's first compile: untimed warm-up
-    compile_seconds = median_compile_seconds(jitted, trainer.state, batch, compiles)
-    compiled = {name: fn.lower(trainer.state, batch).compile() for name, fn in jitted.items()}
+    compile_seconds, compiled = compile_round_robin(jitted, trainer.state, batch, compiles)
     states = {name: jax.tree.map(jnp.copy, trainer.state) for name in VARIANTS}  # each step donates its own
 
     def time_variant(name: str) -> float:
@@ -108,7 +112,6 @@ def main(argv: list[str] | None = None) -> dict:
         for name in sides if r % 2 == 0 else sides[::-1]:
             seconds[name].append(time_variant(name))
     ms = {name: round(1000 * statistics.median(s[1:]), 2) for name, s in seconds.items()}
-    parts = {"grad_norm": "no_grad_norm", "accuracy": "no_accuracy", "guard": "no_guard"}
     result = {
         "benchmark": "step_breakdown", "params": sum(x.size for x in jax.tree.leaves(trainer.state.params)),
         "tokens_per_step": BATCH * length, "rounds": rounds - 1, "steps_per_round": options.steps,
@@ -116,11 +119,11 @@ def main(argv: list[str] | None = None) -> dict:
         "compile_seconds": compile_seconds,
         "ratio_hand_written_over_trainer": round(ms["hand_written"] / ms["trainer"], 4),
         # Paired per round (the two ran seconds apart), so the machine's drift cancels; min and max show the spread.
-        "part_ms": {part: round(1000 * statistics.median(paired(seconds, v)), 2) for part, v in parts.items()},
+        "part_ms": {part: round(1000 * statistics.median(paired(seconds, v)), 2) for part, v in PARTS.items()},
         "part_ms_spread": {part: [round(1000 * min(paired(seconds, v)), 2), round(1000 * max(paired(seconds, v)), 2)]
-                           for part, v in parts.items()},
+                           for part, v in PARTS.items()},
         "part_compile_seconds": {part: round(compile_seconds["trainer"] - compile_seconds[v], 3)
-                                 for part, v in parts.items()},
+                                 for part, v in PARTS.items()},
     }
     return emit(result, options.out)
 

@@ -13,7 +13,7 @@ def test_step_breakdown_smoke(tmp_path):
     sides = (*step_breakdown.VARIANTS, "hand_written")
     assert set(result["ms_per_step"]) == set(sides) and all(result["ms_per_step"][s] > 0 for s in sides)
     assert all(result["compile_seconds"][v] > 0 for v in step_breakdown.VARIANTS)
-    assert set(result["part_ms"]) == {"grad_norm", "accuracy", "guard"}
+    assert set(result["part_ms"]) == set(step_breakdown.PARTS) == {"grad_norm", "accuracy", "guard"}
     assert result["ratio_hand_written_over_trainer"] > 0
 
 
