@@ -15,6 +15,10 @@ class ArgumentError(EasytrainError, ValueError):
         super().__init__(f"{field}: {message}")
 
 
+class MeshError(EasytrainError, ValueError):
+    """The mesh `configure_mesh` returned cannot hold easytrain's layouts (its axes or their types)."""
+
+
 class OutputDirError(EasytrainError, ValueError):
     """The output directory holds another run, or cannot be written."""
 

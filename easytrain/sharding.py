@@ -18,7 +18,7 @@ import optax
 from flax import nnx
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from easytrain.errors import ArgumentError
+from easytrain.errors import ArgumentError, MeshError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -59,6 +59,24 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
     shape = tuple(sizes[name] for name in MESH_AXES)
     grid = np.asarray(devices).reshape(shape)
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def check_mesh(mesh: Mesh) -> None:
+    """Raise `MeshError` unless `mesh` has the axes `data`, `fsdp` and `tensor`, all of type `Auto`.
+
+    easytrain's rules and batch layout name those three axes, and its steps let XLA propagate shardings
+    (`with_sharding_constraint` on activations), which Explicit axes turn into assertions. Checked when the
+    trainer is built, before any data or module exists.
+    """
+    fix = ("return easytrain.sharding.make_mesh(data, fsdp, tensor, devices=...) from configure_mesh, or a "
+           f"jax.sharding.Mesh with the axis names {MESH_AXES} and axis_types=(AxisType.Auto,) * 3")
+    for axis in MESH_AXES:
+        if axis not in mesh.axis_names:
+            raise MeshError(f"configure_mesh returned a mesh that lacks the axis {axis!r} (it has "
+                            f"{', '.join(map(repr, mesh.axis_names))}); {fix}. Give unused axes size 1.")
+    if other := sorted({str(t) for t in mesh.axis_types if t != AxisType.Auto}):
+        raise MeshError(f"configure_mesh returned a mesh with {', '.join(other)} axes (jax.make_mesh makes Explicit "
+                        f"ones by default); easytrain shards by propagation, which needs AxisType.Auto: {fix}.")
 
 
 def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,

@@ -76,6 +76,33 @@ def test_mesh_that_does_not_match_the_devices(tmp_path):
         BaseTrainer(args_for(tmp_path, data_parallel_size=2))
 
 
+@pytest.mark.parametrize("names, axis_type, match", [
+    (("data", "fsdp"), "Auto", r"configure_mesh.*lacks the axis 'tensor'.*make_mesh"),
+    (("batch", "fsdp", "tensor"), "Auto", r"configure_mesh.*lacks the axis 'data'.*has 'batch'"),
+    (("data", "fsdp", "tensor"), "Explicit", r"configure_mesh.*Explicit.*AxisType.Auto"),
+])
+def test_a_mesh_easytrain_cannot_lay_out_is_refused_by_name(tmp_path, names, axis_type, match):
+    """`jax.make_mesh` makes Explicit axes by default; a mesh without easytrain's three axes, or with Explicit
+    ones, failed deep inside placement (a KeyError, a sharding assertion) instead of naming the hook."""
+    import jax
+    import numpy as np
+    from jax.sharding import AxisType, Mesh
+
+    from easytrain import MeshError
+
+    mesh = Mesh(np.asarray(jax.devices()[:1]).reshape((1,) * len(names)), names,
+                axis_types=(getattr(AxisType, axis_type),) * len(names))
+
+    class Trainer(BaseTrainer):
+        def configure_mesh(self):
+            return mesh
+
+    args = args_for(tmp_path)
+    with pytest.raises(MeshError, match=match):
+        Trainer(args)
+    assert no_checkpoints(args)
+
+
 def test_tokenizer_without_pad_token_falls_back_to_eos_with_a_warning(tmp_path, tokenizer_dir, caplog, text_lines):
     from transformers import AutoTokenizer
 

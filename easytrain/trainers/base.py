@@ -91,6 +91,7 @@ class BaseTrainer(LanguageModelHooks):
         self._resume_from = prepare_output_dir(self._arguments, is_main_process=self.is_main_process)
         distributed.barrier("easytrain:output_dir")  # process 0 may have cleared or moved checkpoints
         self.mesh = self.configure_mesh()
+        sharding.check_mesh(self.mesh)
         self.compiler_options = compiler_options.for_platform(self._arguments.compiler_options,
                                                               self.mesh.devices.flat[0].platform)
         host_memory.advise(self.mesh.devices.flat[0].platform)
