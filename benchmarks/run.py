@@ -86,7 +86,8 @@ def step_breakdown(r: dict) -> list[Headline]:
         low, high = dig(r, f"part_ms_spread.{part}") or (None, None)
         rows.append(Headline("step_breakdown", f"{part}: ms of the trainer's step", dig(r, f"part_ms.{part}"),
                              low, high, ratio=False))
-    return rows
+    return rows + [Headline("step_breakdown", "all three: ms of the trainer's step", dig(r, "extras_ms"), ratio=False),
+                   Headline("step_breakdown", "the rest vs hand-written: ms", dig(r, "residual_ms"), ratio=False)]
 
 
 def versus_torch(r: dict) -> list[Headline]:

@@ -5,12 +5,13 @@
 The `overhead` benchmark's model, blocks and AdamW. In one process: the trainer's compiled train step
 (`compile_step` of `easytrain.steps.train_step`, as `configure_functions` builds it) and variants of it
 without one of its extras each (the gradient norm, the token-accuracy metric, the non-finite guard's
-`lax.cond`), alternated round by round with `overhead.py`'s hand-written step on the same batch (the order
+`lax.cond`) and without all three, alternated round by round with `overhead.py`'s hand-written step on the same batch (the order
 reverses every round; the first round is warm-up). Compile time: every variant lowered and compiled
 `--compiles` times, round-robin, caches cleared, after one untimed compile, so no variant pays the process's first-compile
 warm-up. Reports the median milliseconds per step and compile seconds of each, and what each extra costs
 (the median over rounds of the whole step's time minus the variant's in the same round, and the
-range of those differences). Prints one JSON line.
+range of those differences), all three together, and what is left between the step without them and the
+hand-written one. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -37,19 +38,23 @@ from easytrain import BaseTrainer, steps  # noqa: E402
 
 #: Each extra of the trainer's step, and the variant of the step without it.
 PARTS = {"grad_norm": "no_grad_norm", "accuracy": "no_accuracy", "guard": "no_guard"}
-VARIANTS = ("trainer", *PARTS.values())
+#: Variant name -> the parts it leaves out; `no_extras` leaves out all three, to show whether anything else
+#: separates the trainer's step from the hand-written one.
+VARIANTS = {"trainer": (), **{variant: (part,) for part, variant in PARTS.items()}, "no_extras": tuple(PARTS)}
 
 
 def variant_step(trainer: BaseTrainer, variant: str) -> Callable[..., Any]:
-    """The trainer's jitted train step, or one variant of it, with the trainer's shardings and XLA options."""
+    """The trainer's jitted train step without the parts `VARIANTS[variant]` names, with the trainer's
+    shardings and XLA options."""
+    without = VARIANTS[variant]
     loss_fn = trainer.compute_loss
-    if variant == "no_accuracy":
+    if "accuracy" in without:
         def loss_fn(model, batch, rng, train, frozen=None):
             out = trainer.compute_loss(model, batch, rng, train, frozen)
             return out._replace(metrics={k: v for k, v in out.metrics.items() if k != "accuracy"})
     step = functools.partial(steps.train_step, loss_fn=loss_fn, schedule=trainer.scheduler,
-                             skip_non_finite=variant != "no_guard")
-    if variant == "no_grad_norm":
+                             skip_non_finite="guard" not in without)
+    if "grad_norm" in without:
         def step(state, batch, _step=step):  # a zero norm, at trace time only
             with mock.patch.object(steps, "global_norm", lambda tree: jnp.zeros((), jnp.float32)):
                 return _step(state, batch)
@@ -70,9 +75,9 @@ def compile_round_robin(jitted: dict[str, Any], state: Any, batch: Any,
     return {name: round(statistics.median(s), 3) for name, s in seconds.items()}, executables
 
 
-def paired(seconds: dict[str, list[float]], variant: str) -> list[float]:
-    """Per timed round: the whole trainer step's seconds minus the variant's."""
-    return [whole - part for whole, part in zip(seconds["trainer"][1:], seconds[variant][1:])]
+def paired(seconds: dict[str, list[float]], variant: str, minus: str = "trainer") -> list[float]:
+    """Per timed round: `minus`'s seconds (the whole trainer step's) minus the variant's."""
+    return [whole - part for whole, part in zip(seconds[minus][1:], seconds[variant][1:])]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -92,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.setup()
     batch = trainer.to_global(next(trainer.dataloaders.train.iterator(0)))
     jitted = {name: variant_step(trainer, name) for name in VARIANTS}
-    jitted[VARIANTS[0]].lower(trainer.state, batch).compile()  # the process's first compile: untimed warm-up
+    jitted["trainer"].lower(trainer.state, batch).compile()  # the process's first compile: untimed warm-up
     compile_seconds, compiled = compile_round_robin(jitted, trainer.state, batch, compiles)
     states = {name: jax.tree.map(jnp.copy, trainer.state) for name in VARIANTS}  # each step donates its own
 
@@ -124,6 +129,9 @@ def main(argv: list[str] | None = None) -> dict:
                            for part, v in PARTS.items()},
         "part_compile_seconds": {part: round(compile_seconds["trainer"] - compile_seconds[v], 3)
                                  for part, v in PARTS.items()},
+        "extras_ms": round(1000 * statistics.median(paired(seconds, "no_extras")), 2),
+        # What is left once all three are gone: the rest of the trainer's step against the hand-written one.
+        "residual_ms": round(1000 * statistics.median(paired(seconds, "hand_written", minus="no_extras")), 2),
     }
     return emit(result, options.out)
 

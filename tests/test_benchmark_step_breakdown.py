@@ -15,11 +15,12 @@ def test_step_breakdown_smoke(tmp_path):
     assert all(result["compile_seconds"][v] > 0 for v in step_breakdown.VARIANTS)
     assert set(result["part_ms"]) == set(step_breakdown.PARTS) == {"grad_norm", "accuracy", "guard"}
     assert result["ratio_hand_written_over_trainer"] > 0
+    assert isinstance(result["extras_ms"], float) and isinstance(result["residual_ms"], float)
 
 
 def test_each_variant_leaves_out_its_part():
     """The variants differ from the whole step exactly where they say: the norm is zero, the accuracy metric
-    is gone, and without the guard no conditional is left in the program."""
+    is gone, and without the guard no conditional is left in the program; `no_extras` does all three."""
     import numpy as np
     import transformers
 
@@ -37,6 +38,8 @@ def test_each_variant_leaves_out_its_part():
     assert "accuracy" in metrics["trainer"] and "accuracy" not in metrics["no_accuracy"]
     assert "case" in programs["trainer"] and "case" not in programs["no_guard"]
     assert float(metrics["no_guard"]["loss"].total) == float(metrics["trainer"]["loss"].total)
+    bare = metrics["no_extras"]
+    assert float(bare["grad_norm"].total) == 0 and "accuracy" not in bare and "case" not in programs["no_extras"]
 
 
 def jax_copy(tree):
