@@ -5,13 +5,13 @@
 The `overhead` benchmark's model, blocks and AdamW. In one process: the trainer's compiled train step
 (`compile_step` of `easytrain.steps.train_step`, as `configure_functions` builds it) and variants of it
 without one of its extras each (the gradient norm, the token-accuracy metric, the non-finite guard's
-`lax.cond`) and without all three, alternated round by round with `overhead.py`'s hand-written step on the same batch (the order
-reverses every round; the first round is warm-up). Compile time: every variant lowered and compiled
-`--compiles` times, round-robin, caches cleared, after one untimed compile, so no variant pays the process's first-compile
-warm-up. Reports the median milliseconds per step and compile seconds of each, and what each extra costs
-(the median over rounds of the whole step's time minus the variant's in the same round, and the
-range of those differences), all three together, and what is left between the step without them and the
-hand-written one. Prints one JSON line.
+`lax.cond`) and without all three, alternated round by round with `overhead.py`'s hand-written step on the
+same batch (the order reverses every round; the first round is warm-up). Compile time: every variant
+lowered and compiled `--compiles` times, round-robin, caches cleared, after one untimed compile, so no
+variant pays the process's first-compile warm-up. Reports the median milliseconds per step and compile
+seconds of each, what each extra costs (the median over rounds of the whole step's time minus the
+variant's in the same round, and the range of those differences), all three together, and what is left
+between the step without them and the hand-written one. Prints one JSON line.
 """
 
 from __future__ import annotations

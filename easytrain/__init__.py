@@ -16,8 +16,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ArgumentError", "BaseTrainer", "Callback", "ConfiguredDataloaders", "ConfiguredFunctions",
-    "ConfiguredModel", "EarlyStopping", "EasytrainError", "Frozen", "Last", "LossOutput", "Max", "Mean", "MeshError", "Min",
-    "NonFiniteLossError", "OutputDirError", "Sum", "TrainState", "TrainerProtocol", "TrainingArguments",
-    "causal_lm_loss", "load_arguments", "mean_over", "parse_arguments", "register_task", "save_arguments",
-    "token_cross_entropy_sums",
+    "ConfiguredModel", "EarlyStopping", "EasytrainError", "Frozen", "Last", "LossOutput", "Max", "Mean",
+    "MeshError", "Min", "NonFiniteLossError", "OutputDirError", "Sum", "TrainState", "TrainerProtocol",
+    "TrainingArguments", "causal_lm_loss", "load_arguments", "mean_over", "parse_arguments", "register_task",
+    "save_arguments", "token_cross_entropy_sums",
 ]
