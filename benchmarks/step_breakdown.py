@@ -117,16 +117,16 @@ def main(argv: list[str] | None = None) -> dict:
         for name in sides if r % 2 == 0 else sides[::-1]:
             seconds[name].append(time_variant(name))
     ms = {name: round(1000 * statistics.median(s[1:]), 2) for name, s in seconds.items()}
+    # Paired per round (the two ran seconds apart), so the machine's drift cancels; min and max show the spread.
+    part_seconds = {part: paired(seconds, variant) for part, variant in PARTS.items()}
     result = {
         "benchmark": "step_breakdown", "params": sum(x.size for x in jax.tree.leaves(trainer.state.params)),
         "tokens_per_step": BATCH * length, "rounds": rounds - 1, "steps_per_round": options.steps,
         "ms_per_step": ms, "ms_per_step_min": {n: round(1000 * min(s), 2) for n, s in seconds.items()},
         "compile_seconds": compile_seconds,
         "ratio_hand_written_over_trainer": round(ms["hand_written"] / ms["trainer"], 4),
-        # Paired per round (the two ran seconds apart), so the machine's drift cancels; min and max show the spread.
-        "part_ms": {part: round(1000 * statistics.median(paired(seconds, v)), 2) for part, v in PARTS.items()},
-        "part_ms_spread": {part: [round(1000 * min(paired(seconds, v)), 2), round(1000 * max(paired(seconds, v)), 2)]
-                           for part, v in PARTS.items()},
+        "part_ms": {part: round(1000 * statistics.median(d), 2) for part, d in part_seconds.items()},
+        "part_ms_spread": {part: [round(1000 * min(d), 2), round(1000 * max(d), 2)] for part, d in part_seconds.items()},
         "part_compile_seconds": {part: round(compile_seconds["trainer"] - compile_seconds[v], 3)
                                  for part, v in PARTS.items()},
         "extras_ms": round(1000 * statistics.median(paired(seconds, "no_extras")), 2),
