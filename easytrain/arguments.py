@@ -141,7 +141,7 @@ class TrainingArguments:
         1, "Split each global batch into this many micro-batches, accumulated inside the compiled step."
     )
     learning_rate: float = _arg(
-        3e-3, "Peak learning rate. The default suits small models trained from scratch; fine-tuning a "
+        1e-3, "Peak learning rate. The default suits small models trained from scratch; fine-tuning a "
         "pretrained model usually wants 1e-5 to 1e-4.")
     lr_scheduler_type: Literal["constant", "linear", "cosine"] = _arg(
         "cosine", "Decay after warmup, counted in optimizer updates (never micro-batches)."

@@ -2,15 +2,16 @@
 
 Step 1 fine-tunes a tiny Llama on arithmetic conversations (SFT, packed) and exports it. Step 2 loads
 that export with `--model_name_or_path` and runs DPO on generated pairs: the user asks "37+45",
-chosen is "82", rejected a near miss ("83", "72", ...). The reference is a frozen copy of the SFT
+chosen is "082", rejected a near miss ("083", "072", ...). The reference is a frozen copy of the SFT
 model; the loss is DPO's sigmoid plus the chosen answer's NLL (RPO), which keeps the likelihood of
 right answers from sinking with that of the wrong ones. Held-out reward accuracy
 (`eval_rewards/accuracies`) and greedy exact match are reported before and after DPO. Measured on 2
-CPU cores: SFT exact match 0.945; after 600 DPO steps reward accuracy 0.94 and exact match 0.949.
-(Plain `sigmoid` at a 5x higher learning rate reached 0.80 reward accuracy but collapsed exact
-match to 0.30: both answers' log-probs fell.)
+CPU cores (Zen 5, 2026-12-01): SFT exact match 1.0; after 600 DPO steps reward accuracy 0.97 (margin
+0.34) and exact match still 1.0. (Plain `sigmoid` at a 5x higher learning rate, `--loss_type sigmoid
+--dpo_learning_rate 5e-4`, reached 1.0 reward accuracy but collapsed exact match to 0.23: both answers'
+log-probs fell.)
 
-    python examples/dpo_arithmetic.py --output_dir runs/dpo_arithmetic      # about 5 minutes on 2 CPU cores
+    python examples/dpo_arithmetic.py --output_dir runs/dpo_arithmetic      # 1-2 minutes on 2 CPU cores
     python examples/dpo_arithmetic.py --sft_steps 100 --dpo_steps 40         # a quick look
     easytrain train --task dpo --model_name_or_path runs/dpo_arithmetic/sft/final_model --output_dir runs/dpo
 """
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--sft_steps", type=int, default=600)
     parser.add_argument("--dpo_steps", type=int, default=600)
     parser.add_argument("--eval_samples", type=int, default=256)
+    parser.add_argument("--dpo_learning_rate", type=float, default=1e-4)
     parser.add_argument("--loss_type", nargs="+", default=["sigmoid", "sft"])
     options = parser.parse_args(argv)
     quiet = dict(overwrite_output_dir=True, save_strategy="no", disable_progress_bar=True, logging_steps=50)
@@ -50,7 +52,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     prompts, answers = prompts_and_references(validation, sft.tokenizer, options.eval_samples)
     dpo = DPOTrainer(TrainingArguments(
         output_dir=str(options.output_dir / "dpo"), model_name_or_path=str(options.output_dir / "sft" / "final_model"),
-        max_length=16, train_batch_size=16, eval_batch_size=32, max_steps=options.dpo_steps, learning_rate=1e-4,
+        max_length=16, train_batch_size=16, eval_batch_size=32, max_steps=options.dpo_steps,
+        learning_rate=options.dpo_learning_rate,
         warmup_steps=10, eval_steps=max(options.dpo_steps // 2, 1), max_eval_samples=options.eval_samples,
         save_pretrained_at_end=False, **quiet),
         DPOArguments(beta=0.1, loss_type=options.loss_type),

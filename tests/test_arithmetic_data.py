@@ -18,6 +18,7 @@ from easytrain.tasks import (
     make_arithmetic_splits,
     split_problem,
 )
+from easytrain.tasks.arithmetic import answer_text, make_arithmetic_chat_splits, make_arithmetic_preference_splits
 
 PROBLEM = re.compile(r"^(\d+)([+-])(\d+)=(-?\d+)$")
 
@@ -42,6 +43,28 @@ def test_problems_are_correct_and_distinct():
     assert len(set(texts)) == len(texts)
     assert {PROBLEM.match(t).group(2) for t in texts} == {"+", "-"}
     assert any(PROBLEM.match(t).group(4).startswith("-") for t in texts)
+
+
+def test_problems_have_one_width_so_digits_of_equal_place_align():
+    """Operands padded to the widest operand, the answer to one character more (a carry digit or a minus
+    sign): every digit sits at a fixed offset from the '=', which a small model learns in a third of the
+    updates that variable widths need."""
+    for operators, max_operand in ((("+",), 99), (("+", "-"), 99), (("+",), 7), (("+", "-"), 250)):
+        count = min(300, len(operators) * (max_operand + 1) ** 2)
+        texts = list(make_arithmetic_dataset(count, seed=0, max_operand=max_operand, operators=operators)["text"])
+        digits = len(str(max_operand))
+        assert {len(t) for t in texts} == {3 * digits + 3}, (operators, max_operand, texts[:5])
+        assert {t.index("=") for t in texts} == {2 * digits + 1}
+    assert "3+7=10" in make_arithmetic_dataset(64, seed=0, max_operand=7)["text"]
+    addition = set(make_arithmetic_dataset(10_000, seed=0)["text"])
+    assert {"37+45=082", "07+05=012", "99+99=198", "00+00=000"} <= addition
+    subtraction = set(make_arithmetic_dataset(20_000, seed=0, operators=("+", "-"))["text"])
+    assert {"12-45=-33", "45-12=033", "00-99=-99", "05-07=-02"} <= subtraction
+
+
+def test_answer_text_matches_the_problems_width():
+    assert [answer_text(v, 99) for v in (82, 5, 198, -33, -2, 0)] == ["082", "005", "198", "-33", "-02", "000"]
+    assert answer_text(10, 7) == "10" and answer_text(3, 7) == "03"
 
 
 def test_problems_are_a_function_of_the_seed():
@@ -79,7 +102,7 @@ def test_bad_requests(kwargs, match):
 
 
 def test_split_problem():
-    assert split_problem("37+45=82") == ("37+45=", "82")
+    assert split_problem("37+45=082") == ("37+45=", "082")
     assert split_problem("12-45=-33") == ("12-45=", "-33")
     with pytest.raises(DataError, match="no '='"):
         split_problem("37+45")
@@ -110,7 +133,7 @@ def test_tokenizer_special_tokens(tokenizer):
 def test_tokenizer_saves_and_loads(tmp_path, tokenizer):
     tokenizer.save_pretrained(tmp_path)
     loaded = AutoTokenizer.from_pretrained(tmp_path)
-    text = "98+7=105"
+    text = "98+07=105"
     assert loaded(text)["input_ids"] == tokenizer(text)["input_ids"]
     assert loaded.decode(loaded(text)["input_ids"]) == text
     assert (loaded.eos_token_id, loaded.pad_token_id) == (
@@ -127,3 +150,18 @@ def test_task_data_feeds_the_lm_pipeline(tokenizer):
     for block in array:
         for line in tokenizer.decode(block.tolist()).split("<eos>")[1:-1]:  # whole problems
             _check_problem(line, 99)
+
+
+def test_rejected_answers_are_near_misses_of_the_chosen_width():
+    """A rejected answer of another width would let a preference model tell them apart by length alone."""
+    pairs = make_arithmetic_preference_splits(300, 20, seed=0)["train"]
+    for row in pairs:
+        chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
+        assert len(chosen) == len(rejected) == 3 and chosen != rejected
+        assert abs(int(chosen) - int(rejected)) in (1, 2, 10)
+
+
+def test_chat_questions_and_answers_keep_the_width():
+    row = make_arithmetic_chat_splits(50, 5, seed=0)["train"][0]
+    question, answer = row["messages"][0]["content"], row["messages"][1]["content"]
+    assert re.fullmatch(r"\d\d\+\d\d", question) and re.fullmatch(r"\d{3}", answer)
