@@ -90,6 +90,28 @@ def test_a_hit_is_numpys_argmax_even_among_tied_logits():
     assert list(np.asarray(correct[:7])) == [1, 0, 0, 1, 0, 0, 1]
 
 
+def test_one_float_apart_is_no_tie_and_the_cross_entropy_and_its_gradient_are_float64s():
+    """The hit and the log-sum-exp share one max over logits with the earlier ones raised a float: an earlier
+    logit one float below the largest is not a tie, an equal one is, a later equal one is not; the
+    cross-entropy and its gradient match a float64 NumPy log-softmax, for large and -inf logits too."""
+    below_two = np.nextafter(np.float32(2.0), np.float32(0.0))
+    logits = np.array([[1.0, 1.0, 0.5, -3.0], [below_two, 2.0, 0.0, 1.0], [0.5, 3.0, 3.0, -1.0],
+                       [1e4, 1e4 - 1.0, -np.inf, 9e3], [-np.inf, 0.0, -np.inf, -np.inf], [-2.0, 7.5, 7.5, 7.5]],
+                      np.float32)
+    targets = np.array([1, 1, 1, 0, 1, 3], np.int32)
+    nll, correct = token_scores(jnp.asarray(logits), jnp.asarray(targets))
+    np.testing.assert_array_equal(correct, (logits.argmax(-1) == targets).astype(np.float32))
+    assert list(np.asarray(correct)) == [0, 1, 1, 1, 1, 0]
+
+    exact = logits.astype(np.float64)
+    log_softmax = exact - (exact.max(-1, keepdims=True) + np.log(np.exp(exact - exact.max(-1, keepdims=True))
+                                                               .sum(-1, keepdims=True)))
+    np.testing.assert_allclose(nll, -log_softmax[np.arange(6), targets], rtol=1e-6, atol=1e-6)
+    grad = jax.grad(lambda l: token_scores(l, jnp.asarray(targets))[0].sum())(jnp.asarray(logits))
+    expected = np.exp(log_softmax) - np.eye(4)[targets]
+    np.testing.assert_allclose(grad, expected, rtol=1e-6, atol=1e-6)
+
+
 def batch(seed=0, shape=(3, 7)):
     rng = np.random.default_rng(seed)
     mask = rng.integers(0, 2, shape)
