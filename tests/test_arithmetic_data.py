@@ -47,8 +47,8 @@ def test_problems_are_correct_and_distinct():
 
 def test_problems_have_one_width_so_digits_of_equal_place_align():
     """Operands padded to the widest operand, the answer to one character more (a carry digit or a minus
-    sign): every digit sits at a fixed offset from the '=', which a small model learns in a third of the
-    updates that variable widths need."""
+    sign): every digit sits at a fixed offset from the '=', which a small model learns in fewer updates than
+    variable widths (docs/benchmarks.md, "Embedded default job")."""
     for operators, max_operand in ((("+",), 99), (("+", "-"), 99), (("+",), 7), (("+", "-"), 250)):
         count = min(300, len(operators) * (max_operand + 1) ** 2)
         texts = list(make_arithmetic_dataset(count, seed=0, max_operand=max_operand, operators=operators)["text"])
