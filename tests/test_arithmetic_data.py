@@ -13,12 +13,13 @@ from transformers import AutoTokenizer
 
 from easytrain.data import DataError, tokenize_and_group
 from easytrain.tasks import (
+    answer_text,
     build_arithmetic_tokenizer,
     make_arithmetic_dataset,
     make_arithmetic_splits,
     split_problem,
 )
-from easytrain.tasks.arithmetic import answer_text, make_arithmetic_chat_splits, make_arithmetic_preference_splits
+from easytrain.tasks.arithmetic import make_arithmetic_chat_splits, make_arithmetic_preference_splits
 
 PROBLEM = re.compile(r"^(\d+)([+-])(\d+)=(-?\d+)$")
 

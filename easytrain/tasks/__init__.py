@@ -16,7 +16,8 @@ from easytrain.tasks.registry import (
     unregister_task,
 )
 
-_ARITHMETIC = ("build_arithmetic_tokenizer", "make_arithmetic_dataset", "make_arithmetic_splits", "split_problem")
+_ARITHMETIC = ("answer_text", "build_arithmetic_tokenizer", "make_arithmetic_dataset", "make_arithmetic_splits",
+               "split_problem")
 
 
 def __getattr__(name: str) -> Any:
@@ -28,6 +29,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "ENTRY_POINT_GROUP", "Task", "available_tasks", "build_arithmetic_tokenizer", "make_arithmetic_dataset",
-    "make_arithmetic_splits", "register_task", "resolve_task", "split_problem", "task_names", "unregister_task",
+    "ENTRY_POINT_GROUP", "Task", "answer_text", "available_tasks", "build_arithmetic_tokenizer",
+    "make_arithmetic_dataset", "make_arithmetic_splits", "register_task", "resolve_task", "split_problem", "task_names",
+    "unregister_task",
 ]
