@@ -57,6 +57,25 @@ def test_output_dir_holding_another_run_is_refused_then_overwritten_on_request(t
     BaseTrainer(args_for(tmp_path, overwrite_output_dir=True)).train()
 
 
+@pytest.mark.parametrize("bad", ["mesh", "data", "max_length"])
+def test_overwrite_keeps_the_old_run_when_the_new_one_is_refused(tmp_path, tokenizer, bad):
+    """`overwrite_output_dir` removes the old run only once the new one has passed every check: a mesh
+    that does not fit, a dataset without its column, a too-long `max_length` leave its checkpoints alone."""
+    BaseTrainer(args_for(tmp_path)).train()
+    checkpoint = Path(args_for(tmp_path).output_dir) / "checkpoints" / "2"
+    metrics = Path(args_for(tmp_path).output_dir) / "metrics.jsonl"
+    before = sorted(p.name for p in Path(args_for(tmp_path).output_dir).iterdir())
+    overrides = {"mesh": dict(data_parallel_size=2), "max_length": dict(max_length=4096)}.get(bad, {})
+    data = datasets.Dataset.from_dict({"content": ["some words here"] * 50}) if bad == "data" else None
+    with pytest.raises((ArgumentError, DataError)):
+        trainer = BaseTrainer(args_for(tmp_path, overwrite_output_dir=True, **overrides), tokenizer=tokenizer,
+                              dataset_train=data)
+        trainer.train()
+    assert checkpoint.is_dir(), f"a refused run ({bad}) must not remove the old run's checkpoints"
+    assert sorted(p.name for p in Path(args_for(tmp_path).output_dir).iterdir()) == before
+    assert metrics.exists() or "metrics.jsonl" not in before
+
+
 def test_own_data_without_a_tokenizer(tmp_path):
     data = datasets.Dataset.from_dict({"text": ["hello world"] * 10})
     with pytest.raises(ArgumentError, match="tokenizer_name"):

@@ -144,7 +144,9 @@ def test_output_dir_on_a_read_only_path(read_only_dir):
 def test_resuming_an_older_step_sets_newer_checkpoints_aside(run_copy):
     newer = snapshot(run_copy / "checkpoints" / "4")
     trainer = BaseTrainer(args_for(run_copy, resume_from_checkpoint=str(run_copy / "checkpoints" / "2")))
+    trainer.setup()
+    assert snapshot(run_copy / "checkpoints" / "4") == newer, "nothing moves before the run passed its checks"
+    trainer.train()  # continues from 2 and saves its own step 4 (it would be refused with the old 4 in place)
     aside = list((run_copy / "superseded_checkpoints").glob("*/4"))
     assert len(aside) == 1 and snapshot(aside[0]) == newer, "the newer checkpoint is moved, never deleted"
-    trainer.train()  # continues from 2 and saves its own step 4 (it would be refused with the old 4 in place)
     assert (run_copy / "checkpoints" / "4").is_dir()

@@ -40,7 +40,7 @@ from easytrain.trainers import adapters, builders, init_weights
 from easytrain.trainers.language_model import LanguageModelHooks
 from easytrain.trainers.loop import LoopParts, TrainLoop
 from easytrain.trainers.resume import config_dict, restore_checkpoint, restore_step
-from easytrain.trainers.run_dir import prepare_output_dir
+from easytrain.trainers.run_dir import check_output_dir, claim_output_dir
 from easytrain.trainers.switches import apply_switches
 
 logger = logging.getLogger("easytrain")
@@ -88,8 +88,8 @@ class BaseTrainer(LanguageModelHooks):
         self.evaluators: list[Evaluator] = list(evaluators)
         self.should_stop = False
         self.is_main_process = jax.process_index() == 0
-        self._resume_from = prepare_output_dir(self._arguments, is_main_process=self.is_main_process)
-        distributed.barrier("easytrain:output_dir")  # process 0 may have cleared or moved checkpoints
+        self._resume_from = check_output_dir(self._arguments, is_main_process=self.is_main_process)
+        self._output_dir_claimed = False
         self.mesh = self.configure_mesh()
         sharding.check_mesh(self.mesh)
         self.compiler_options = compiler_options.for_platform(self._arguments.compiler_options,
@@ -316,6 +316,7 @@ class BaseTrainer(LanguageModelHooks):
     def train(self) -> dict[str, float]:
         """Train until `max_steps` / `num_train_epochs` (or a stop request); returns the last logs."""
         self.setup()
+        self.claim_output_dir()
         self.save_arguments()
         self.loop = TrainLoop(self.loop_parts())
         start = self._resume_from[1] if self._resume_from else 0
@@ -383,6 +384,16 @@ class BaseTrainer(LanguageModelHooks):
         info = {"format_version": FORMAT_VERSION, "arguments": self._arguments.to_dict(),
                 "model_config": config_dict(self.model_config)}
         return info if self.base_fingerprint is None else {**info, "base_fingerprint": self.base_fingerprint}
+
+    def claim_output_dir(self) -> None:
+        """Once per trainer, after every check of `setup`: move a resumed run's newer checkpoints aside, or
+        remove the previous run under `overwrite_output_dir` (process 0; the others wait for it)."""
+        if self._output_dir_claimed:
+            return
+        if self.is_main_process:
+            claim_output_dir(self._arguments, self._resume_from)
+        distributed.barrier("easytrain:output_dir")  # process 0 may have cleared or moved checkpoints
+        self._output_dir_claimed = True
 
     def save_arguments(self) -> Path | None:
         return save_arguments(self._arguments, self._arguments.output_dir) if self.is_main_process else None

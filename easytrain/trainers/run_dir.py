@@ -29,19 +29,18 @@ def check_writable(directory: Path) -> None:
                              "choose a writable --output_dir.") from error
 
 
-def prepare_output_dir(args: TrainingArguments, *, is_main_process: bool = True) -> tuple[Path, int] | None:
+def check_output_dir(args: TrainingArguments, *, is_main_process: bool = True) -> tuple[Path, int] | None:
     """Validate `output_dir` and `resume_from_checkpoint`; return the checkpoint to resume, if any.
 
-    A directory holding another run's checkpoints is refused unless the run is resumed or
-    `overwrite_output_dir` is set (which removes that run's checkpoints and logs).
+    Only checks: nothing is moved or removed here (`claim_output_dir` does that once the run has passed
+    every other check). A directory holding another run's checkpoints is refused unless the run is resumed
+    or `overwrite_output_dir` is set.
     """
     output_dir = Path(args.output_dir)
     resume = resolve_checkpoint(output_dir, args.resume_from_checkpoint)
     if is_main_process:
         check_writable(output_dir)
     if resume is not None:
-        if is_main_process:
-            set_aside_newer_checkpoints(output_dir, *resume)
         return resume
     existing = finalized_steps(output_dir / CHECKPOINTS_DIRNAME)
     if existing and not args.overwrite_output_dir:
@@ -49,14 +48,24 @@ def prepare_output_dir(args: TrainingArguments, *, is_main_process: bool = True)
             f"output_dir: {str(output_dir)!r} already holds a run with checkpoints at steps {existing}. "
             "Pass --resume_from_checkpoint latest to continue it, --overwrite_output_dir to start over "
             "(removes those checkpoints), or choose another --output_dir.")
-    if args.overwrite_output_dir and is_main_process:
+    return None
+
+
+def claim_output_dir(args: TrainingArguments, resume: tuple[Path, int] | None) -> None:
+    """Make `output_dir` this run's, on the main process, right before its first write: a resumed run moves
+    its newer checkpoints aside (`set_aside_newer_checkpoints`); a fresh run under `overwrite_output_dir`
+    removes the previous run's checkpoints and logs. Called after the data, model and steps are checked, so
+    a run refused for bad input leaves the old one whole."""
+    output_dir = Path(args.output_dir)
+    if resume is not None:
+        set_aside_newer_checkpoints(output_dir, *resume)
+    elif args.overwrite_output_dir:
         for name in RUN_ARTIFACTS:
             target = output_dir / name
             if target.is_dir():
                 shutil.rmtree(target)
             elif target.exists():
                 target.unlink()
-    return None
 
 
 def set_aside_newer_checkpoints(output_dir: Path, root: Path, step: int) -> list[Path]:
