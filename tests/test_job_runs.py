@@ -122,6 +122,30 @@ def test_trainers_of_a_pipeline_report_into_the_enclosing_job(tmp_path: Path) ->
     assert read_job(tmp_path / "stage1") is None, "the stages report into the pipeline's job only"
 
 
+class JobFileAtTrainBegin(Callback):
+    """Reads `job.json` when training begins (after the output directory was claimed), before the job
+    callback marks the run running."""
+
+    def on_train_begin(self, trainer):
+        self.record = read_job(trainer.arguments.output_dir)
+
+
+def test_overwriting_a_run_keeps_the_job_file_of_the_job_running_it(tmp_path: Path) -> None:
+    """As `easytrain train` does: the job is opened on the run's own `output_dir` before `train()`; the
+    overwrite removes the old run's checkpoints and logs, never the live job's record."""
+    BaseTrainer(tiny_args(tmp_path / "run", save_steps=3)).train()
+    old = read_job(tmp_path / "run")
+    watcher = JobFileAtTrainBegin()
+    with job(tmp_path / "run", min_write_interval=0):
+        trainer = BaseTrainer(tiny_args(tmp_path / "run", overwrite_output_dir=True, max_steps=2), callbacks=[watcher])
+        trainer.train()
+    assert watcher.record is not None and watcher.record["status"] == "queued", "the live job's file was removed"
+    assert watcher.record["created_at"] > old["finished_at"]
+    assert finalized_steps(tmp_path / "run" / "checkpoints") == [2], "the old run's checkpoints are gone"
+    assert sorted(logged(tmp_path / "run")) == [1, 2], "and so are its logs"
+    assert read_job(tmp_path / "run")["status"] == "completed"
+
+
 # ----------------------------------------------------------------------------- SIGKILL, then resume
 
 FLAGS = ["--max_length", "16", "--train_batch_size", "4", "--eval_batch_size", "4", "--logging_steps", "1",

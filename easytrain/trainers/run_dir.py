@@ -11,8 +11,9 @@ from pathlib import Path
 from easytrain.arguments import TrainingArguments
 from easytrain.checkpoint import CHECKPOINTS_DIRNAME, finalized_steps, resolve_checkpoint
 from easytrain.errors import OutputDirError
+from easytrain.jobs import JOB_FILENAME, current_job
 
-RUN_ARTIFACTS = (CHECKPOINTS_DIRNAME, "tensorboard", "metrics.jsonl", "metrics.csv", "job.json")
+RUN_ARTIFACTS = (CHECKPOINTS_DIRNAME, "tensorboard", "metrics.jsonl", "metrics.csv", JOB_FILENAME)
 SUPERSEDED_DIRNAME = "superseded_checkpoints"
 
 logger = logging.getLogger("easytrain")
@@ -61,11 +62,18 @@ def claim_output_dir(args: TrainingArguments, resume: tuple[Path, int] | None) -
         set_aside_newer_checkpoints(output_dir, *resume)
     elif args.overwrite_output_dir:
         for name in RUN_ARTIFACTS:
+            if name == JOB_FILENAME and _job_reports_into(output_dir):
+                continue  # the live job's record (the CLI opens it before training), not the old run's
             target = output_dir / name
             if target.is_dir():
                 shutil.rmtree(target)
             elif target.exists():
                 target.unlink()
+
+
+def _job_reports_into(output_dir: Path) -> bool:
+    running = current_job()
+    return running is not None and running.output_dir.resolve() == output_dir.resolve()
 
 
 def set_aside_newer_checkpoints(output_dir: Path, root: Path, step: int) -> list[Path]:
