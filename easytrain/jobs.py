@@ -277,7 +277,7 @@ class Job(contextlib.ContextDecorator):
         """Send one metric at global `step` to the job's sinks (`report_to`) and keep it in the record."""
         self._ensure_running()
         if self._reporter is None:
-            # imported here: reporting imports rich and tensorboardX, which a job without metrics never needs
+            # imported here: reporting imports rich, which a job without metrics never needs
             from easytrain.reporting import Reporter
 
             self._reporter = Reporter(output_dir=self.output_dir, report_to=self._report_to,

@@ -9,17 +9,18 @@ again (W&B and MLflow, whose histories are append-only).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Protocol
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from tensorboardX.event_file_writer import EventsWriter
-from tensorboardX.proto import event_pb2, summary_pb2
 
 from easytrain.sinks import (
     CSV_FILENAME,
@@ -138,6 +139,26 @@ class _JsonlSink:
         self._file.close()
 
 
+@functools.cache
+def _tensorboard_events() -> SimpleNamespace:
+    """tensorboardX's synchronous event writer and its protos, imported on first use.
+
+    tensorboardX's package `__init__` tries `import torch` (only to name a type), which costs about 1 s and
+    180 MiB where PyTorch is installed; the writer and protos never use it, so unless PyTorch is already
+    loaded it is kept out of this import (`sys.modules["torch"] = None` makes `import torch` fail).
+    """
+    blocked = "torch" not in sys.modules
+    if blocked:
+        sys.modules["torch"] = None  # type: ignore[assignment]
+    try:
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto import event_pb2, summary_pb2
+    finally:
+        if blocked:
+            del sys.modules["torch"]
+    return SimpleNamespace(EventsWriter=EventsWriter, event_pb2=event_pb2, summary_pb2=summary_pb2)
+
+
 class _TensorBoardSink:
     """Scalars under ``split/name``, written and flushed synchronously at every log call.
 
@@ -149,18 +170,20 @@ class _TensorBoardSink:
 
     def __init__(self, logdir: Path, initial_step: int):
         logdir.mkdir(parents=True, exist_ok=True)
-        self._writer = EventsWriter(str(logdir / "events"), filename_suffix=f".{os.getpid()}.{time.time_ns()}")
+        self._tb = _tensorboard_events()
+        self._writer = self._tb.EventsWriter(str(logdir / "events"), filename_suffix=f".{os.getpid()}.{time.time_ns()}")
         if initial_step > 0:
-            self._write(step=initial_step + 1, session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START))
+            session_log = self._tb.event_pb2.SessionLog
+            self._write(step=initial_step + 1, session_log=session_log(status=session_log.START))
 
     def _write(self, **fields: Any) -> None:
-        self._writer.write_event(event_pb2.Event(wall_time=time.time(), **fields))
+        self._writer.write_event(self._tb.event_pb2.Event(wall_time=time.time(), **fields))
         self._writer.flush()
 
     def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
-        values = [summary_pb2.Summary.Value(tag=tensorboard_tag(split, name), simple_value=value)
-                  for name, value in metrics.items()]
-        self._write(step=step, summary=summary_pb2.Summary(value=values))
+        summary = self._tb.summary_pb2.Summary
+        values = [summary.Value(tag=tensorboard_tag(split, name), simple_value=value) for name, value in metrics.items()]
+        self._write(step=step, summary=summary(value=values))
 
     def close(self, status: RunStatus = "completed") -> None:
         self._writer.close()

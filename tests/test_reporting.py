@@ -184,3 +184,27 @@ def test_formatting_helpers() -> None:
     assert tensorboard_tag("train", "eval_loss") == "train/eval_loss"
     assert parse_report_to("jsonl") == {"jsonl"}
     assert parse_report_to(["none"]) == set()
+
+
+def test_writing_tensorboard_events_does_not_import_pytorch(tmp_path: Path) -> None:
+    """tensorboardX's package tries `import torch` (about 1 s and 180 MiB where PyTorch is installed) for
+    nothing the event sink uses; a process that had not imported PyTorch still has not after logging."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("torch")  # the test env installs it: otherwise nothing to show
+    script = f"""
+import sys
+from pathlib import Path
+import easytrain
+from easytrain.reporting import Reporter
+reporter = Reporter(output_dir={str(tmp_path)!r}, report_to=["tensorboard"], total_steps=2, show_progress=False)
+reporter.log(1, {{"loss": 1.5}}, split="train")
+reporter.close()
+print("torch" in sys.modules)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "False", "PyTorch was imported"
+    [event] = [e for e in read_events(tmp_path / "tensorboard") if e.summary.value]
+    assert (event.step, event.summary.value[0].tag, event.summary.value[0].simple_value) == (1, "train/loss", 1.5)
