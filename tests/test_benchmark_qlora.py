@@ -39,7 +39,8 @@ def result(tmp_path_factory):
                              "--vocab_size", "128", "--task_vocab", "32", "--pretrain_steps", "4", "--steps", "3",
                              "--batch_size", "4", "--eval_rows", "4", "--out", str(out)])
     assert json.loads(out.read_text()) == result
-    assert benchmark.qwix_ptq.WithAux.astype is not benchmark._withaux_astype, "the qwix patch must be undone"
+    sides = sys.modules["benchmarks.qwix_sides"]
+    assert sides.qwix_ptq.WithAux.astype is not sides.withaux_astype, "the qwix patch must be undone"
     return result
 
 
