@@ -6,10 +6,11 @@ The `overhead` benchmark's model, blocks and AdamW. In one process: the trainer'
 (`compile_step` of `easytrain.steps.train_step`, as `configure_functions` builds it) and variants of it
 without one of its extras each (the gradient norm, the token-accuracy metric, the non-finite guard's
 `lax.cond`) and without all three, alternated round by round with `overhead.py`'s hand-written step on the
-same batch (the order reverses every round; the first round is warm-up). Compile time: every variant
-lowered and compiled `--compiles` times, round-robin, caches cleared, after one untimed compile, so no
-variant pays the process's first-compile warm-up. Reports the median milliseconds per step and compile
-seconds of each, what each extra costs (the median over rounds of the whole step's time minus the
+same batch (the order reverses every round; the first round is warm-up). Compile time: every variant and
+the hand-written step lowered and compiled `--compiles` times, round-robin, caches cleared, after one untimed
+compile, so none pays the process's first-compile warm-up (the in-process counterpart of `overhead`'s
+cold-process compile ratio, with less of the machine's noise). Reports the median milliseconds per step and
+compile seconds of each, what each extra costs (the median over rounds of the whole step's time minus the
 variant's in the same round, and the range of those differences), all three together, and what is left
 between the step without them and the hand-written one. Prints one JSON line.
 """
@@ -61,16 +62,17 @@ def variant_step(trainer: BaseTrainer, variant: str) -> Callable[..., Any]:
     return trainer.compile_step(step, donate_state=True, returns_state=True)
 
 
-def compile_round_robin(jitted: dict[str, Any], state: Any, batch: Any,
+def compile_round_robin(lowerings: dict[str, Callable[[], Any]],
                         compiles: int) -> tuple[dict[str, float], dict[str, Any]]:
-    """Median seconds of `compiles` timed compiles of each, round-robin, and each one's last executable."""
-    seconds: dict[str, list[float]] = {name: [] for name in jitted}
+    """Median seconds of `compiles` timed lowerings + compiles of each, round-robin, and each one's last
+    executable."""
+    seconds: dict[str, list[float]] = {name: [] for name in lowerings}
     executables: dict[str, Any] = {}
     for _ in range(compiles):
-        for name, fn in jitted.items():
+        for name, lower in lowerings.items():
             jax.clear_caches()  # else `compile` returns the executable it built before
             started = time.perf_counter()
-            executables[name] = fn.lower(state, batch).compile()
+            executables[name] = lower().compile()
             seconds[name].append(time.perf_counter() - started)
     return {name: round(statistics.median(s), 3) for name, s in seconds.items()}, executables
 
@@ -98,7 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
     batch = trainer.to_global(next(trainer.dataloaders.train.iterator(0)))
     jitted = {name: variant_step(trainer, name) for name in VARIANTS}
     jitted["trainer"].lower(trainer.state, batch).compile()  # the process's first compile: untimed warm-up
-    compile_seconds, compiled = compile_round_robin(jitted, trainer.state, batch, compiles)
+    lowerings = {name: functools.partial(fn.lower, trainer.state, batch) for name, fn in jitted.items()}
+    compile_seconds, compiled = compile_round_robin({**lowerings, "hand_written": run_loop.lower}, compiles)
     states = {name: jax.tree.map(jnp.copy, trainer.state) for name in VARIANTS}  # each step donates its own
 
     def time_variant(name: str) -> float:
@@ -129,6 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
         "part_ms_spread": {part: [round(1000 * min(d), 2), round(1000 * max(d), 2)] for part, d in part_seconds.items()},
         "part_compile_seconds": {part: round(compile_seconds["trainer"] - compile_seconds[v], 3)
                                  for part, v in PARTS.items()},
+        "ratio_compile_trainer_over_hand_written": round(compile_seconds["trainer"] / compile_seconds["hand_written"], 4),
         "extras_ms": round(1000 * statistics.median(paired(seconds, "no_extras")), 2),
         # What is left once all three are gone: the rest of the trainer's step against the hand-written one.
         "residual_ms": round(1000 * statistics.median(paired(seconds, "hand_written", minus="no_extras")), 2),

@@ -12,7 +12,9 @@ def test_step_breakdown_smoke(tmp_path):
     assert json.loads(out.read_text()) == result
     sides = (*step_breakdown.VARIANTS, "hand_written")
     assert set(result["ms_per_step"]) == set(sides) and all(result["ms_per_step"][s] > 0 for s in sides)
-    assert all(result["compile_seconds"][v] > 0 for v in step_breakdown.VARIANTS)
+    assert all(result["compile_seconds"][v] > 0 for v in sides)
+    assert result["ratio_compile_trainer_over_hand_written"] == round(
+        result["compile_seconds"]["trainer"] / result["compile_seconds"]["hand_written"], 4)
     assert set(result["part_ms"]) == set(step_breakdown.PARTS) == {"grad_norm", "accuracy", "guard"}
     assert result["ratio_hand_written_over_trainer"] > 0
     assert isinstance(result["extras_ms"], float) and isinstance(result["residual_ms"], float)
