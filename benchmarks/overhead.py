@@ -6,8 +6,8 @@ Same model (Llama-style, 6.3M parameters), same token blocks, same AdamW, same X
 `compiler_options='auto'`, so the ratio is the trainer's own cost). Speed is alternated in one process:
 every `steps_per_round` trainer steps, a callback runs as many hand-written steps, so both sides see the
 same machine state; steady-state tokens/s of each side is the median over rounds (the first round, which
-holds compilation, is excluded), and each round's paired ratio is reported too. First-step compile time
-(trace + compile of the step) and peak RSS come from each side alone in a fresh child process (`--repeats`
+holds compilation, is excluded), and each round's paired ratio is reported too, with their median. First-step
+compile time (trace + compile of the step) and peak RSS come from each side alone in a fresh child process (`--repeats`
 of each, alternating), so both compile cold and neither's memory counts against the other. Both import
 the same modules; the peak is counted from there (Linux `clear_refs`), and `added_rss` is that peak minus
 the RSS at that moment: what building and training the model took. Prints one JSON line.
@@ -209,6 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
         "trainer_tokens_per_second": round(trainer_tps, 1), "loop_tokens_per_second": round(loop_tps, 1),
         "ratio_trainer_over_loop": round(trainer_tps / loop_tps, 4),
         "ratio_trainer_over_loop_per_round": [round(r, 4) for r in per_round],
+        "ratio_trainer_over_loop_paired_median": round(statistics.median(per_round), 4),  # drift cancels per round
         "trainer_compile_seconds": [round(r["compile_seconds"], 3) for r in sides["trainer"]],
         "loop_compile_seconds": [round(r["compile_seconds"], 3) for r in sides["loop"]],
         "ratio_compile_trainer_over_loop": round(compile_ratio, 4),

@@ -13,6 +13,8 @@ def test_overhead_benchmark_smoke(tmp_path):
     assert result["trainer_tokens_per_second"] > 0 and result["loop_tokens_per_second"] > 0
     assert len(result["ratio_trainer_over_loop_per_round"]) == result["rounds"]
     assert all(r > 0 for r in result["ratio_trainer_over_loop_per_round"])
+    rounds = sorted(result["ratio_trainer_over_loop_per_round"])
+    assert rounds[0] <= result["ratio_trainer_over_loop_paired_median"] <= rounds[-1]
     for side in ("trainer", "loop"):
         assert len(result[f"{side}_compile_seconds"]) == 1 and result[f"{side}_compile_seconds"][0] > 0
         assert result[f"{side}_peak_rss_mib"][0] > 100
