@@ -145,7 +145,8 @@ def _tensorboard_events() -> SimpleNamespace:
 
     tensorboardX's package `__init__` tries `import torch` (only to name a type), which costs about 1 s and
     180 MiB where PyTorch is installed; the writer and protos never use it, so unless PyTorch is already
-    loaded it is kept out of this import (`sys.modules["torch"] = None` makes `import torch` fail).
+    loaded it is kept out of this import (`sys.modules["torch"] = None` makes `import torch` fail). A run
+    that builds a `transformers` config (every language model) still imports PyTorch there, where installed.
     """
     blocked = "torch" not in sys.modules
     if blocked:
