@@ -81,8 +81,7 @@ def hand_written_loop(config: transformers.LlamaConfig, blocks: np.ndarray, seed
     # Shapes only: `lower` again later (step_breakdown's compile timing) once `run` has donated the arrays.
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                           (params, opt_state, blocks[:batch, :-1], blocks[:batch, 1:]))
-    run.lower = lambda: step_fn.lower(*shapes)
-    step_fn = step
+    run.lower = functools.partial(step.lower, *shapes)  # the jitted step, before `step` names its executable
     started = time.perf_counter()
     compiled = step.lower(params, opt_state, blocks[:batch, :-1], blocks[:batch, 1:]).compile()
     compile_seconds = time.perf_counter() - started
