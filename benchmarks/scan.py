@@ -7,9 +7,8 @@ once, with the same parameters and batch for both sides. A side's step is one ji
 the mean next-token loss plus an AdamW update (parameters and optimizer state donated). Reported per depth
 and side: seconds to lower and to compile that step (what the first step waits for), the compiled step's
 temporary bytes (`memory_analysis()`), and seconds per step (median, min, max over `--repeats` windows of
-`--steps`, the two sides alternating after warm-up). The scan side also reports the time of the stacking on
-its own (a jitted copy of the layer weights into `[L, ...]` arrays, done once per forward pass), the
-measured price of keeping per-layer parameters. No timing is asserted anywhere.
+`--steps`, the two sides alternating after warm-up). The scan side stores its layer weights stacked
+(`[L, ...]`, `easytrain.models.scan`), so its step has no per-layer arrays at all. No timing is asserted anywhere.
 """
 
 from __future__ import annotations
@@ -30,7 +29,6 @@ from flax import nnx
 from benchmarks.report import emit, fill_defaults, relaunch_like_the_command
 from easytrain.losses import token_cross_entropy_sums
 from easytrain.models import init_model
-from easytrain.models.scan import stack_layers
 
 PROFILES = {"full": dict(depths="4,16,32", hidden=256, length=128, batch=4, steps=3, repeats=3),
             "quick": dict(depths="2,4", hidden=64, length=32, batch=2, steps=2, repeats=2)}
@@ -66,11 +64,7 @@ def build_side(config: transformers.LlamaConfig, scan: bool, ids: jax.Array) -> 
     row = {"lower_seconds": round(lower_seconds, 3), "compile_seconds": round(compile_seconds, 3),
            "first_step_compile_seconds": round(lower_seconds + compile_seconds, 3),
            "temp": int(compiled.memory_analysis().temp_size_in_bytes)}
-    side = {"row": row, "step": compiled, "state": (params, opt_state)}
-    if scan:
-        stack = jax.jit(lambda p: stack_layers(nnx.merge(graphdef, p, rest).layers)[1])
-        side["stack"] = stack
-    return side
+    return {"row": row, "step": compiled, "state": (params, opt_state)}
 
 
 def timed(fn: Any, steps: int) -> float:
@@ -94,21 +88,15 @@ def run_depth(options: argparse.Namespace, depth: int) -> dict[str, Any]:
         return value
 
     seconds: dict[str, list[float]] = {name: [] for name in SIDES}
-    stack_seconds: list[float] = []
-    stack = sides["scan"]["stack"]
-    jax.block_until_ready(stack(sides["scan"]["state"][0]))
     for side in sides.values():
         jax.block_until_ready(advance(side))  # warm-up
     for repeat in range(options.repeats):
         for name in SIDES[repeat % 2:] + SIDES[:repeat % 2]:
             seconds[name].append(timed(lambda: advance(sides[name]), options.steps))
-        stack_seconds.append(timed(lambda: stack(sides["scan"]["state"][0]), options.steps))
     rows = {name: {**sides[name]["row"], "step_seconds": {"median": round(statistics.median(seconds[name]), 4),
                                                           "min": round(min(seconds[name]), 4),
                                                           "max": round(max(seconds[name]), 4)}} for name in SIDES}
     scan, unrolled = rows["scan"], rows["unrolled"]
-    scan["stack_seconds"] = round(statistics.median(stack_seconds), 5)
-    scan["stack_over_step"] = round(scan["stack_seconds"] / scan["step_seconds"]["median"], 4)
     return {**rows, "scan_over_unrolled": {
         "first_step_compile": round(scan["first_step_compile_seconds"] / unrolled["first_step_compile_seconds"], 3),
         "step_time": round(scan["step_seconds"]["median"] / unrolled["step_seconds"]["median"], 3),
@@ -133,8 +121,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             side = row[name]
             print(f"depth {depth:3} {name:8} compile {side['first_step_compile_seconds']:7.2f} s  temp "
                   f"{side['temp'] / 2**20:7.1f} MiB  s/step {side['step_seconds']['median']}", flush=True)
-        print(f"depth {depth:3} scan/unrolled {row['scan_over_unrolled']}  stacking {row['scan']['stack_seconds']} s "
-              f"({row['scan']['stack_over_step']} of a scan step)", flush=True)
+        print(f"depth {depth:3} scan/unrolled {row['scan_over_unrolled']}", flush=True)
     result["load_average_1m"] = round(os.getloadavg()[0], 2)
     return emit(result, options.out)
 

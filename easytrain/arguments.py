@@ -85,8 +85,9 @@ class TrainingArguments:
         "float32 [tokens, vocab] logits never exist (large vocabularies); 0 computes all the logits at once. Same "
         "values and gradients; the model needs hidden_states and logits_from_hidden (LlamaForCausalLM has them).")
     scan_layers: bool = _arg(
-        False, "Run the decoder layers as one jax.lax.scan (compiled once, so compile time stops growing with "
-        "depth); same values, gradients and parameter paths, one copy of the layer weights per step.")
+        False, "Store the decoder layers stacked ([L, ...] per weight) and run them as one jax.lax.scan (compiled "
+        "once, so compile time stays flat with depth); same values and gradients. Checkpoints hold the stacked "
+        "layout (resume with the same setting); Hugging Face and PEFT exports stay per layer.")
     compiler_options: str = _arg(
         "auto", "XLA options for the compiled train and eval steps (jax.jit's compiler_options), as 'name=value' "
         "pairs separated by commas, e.g. 'xla_cpu_enable_fast_math=true'. 'auto': easytrain's measured defaults "

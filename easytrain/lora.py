@@ -35,6 +35,7 @@ from jax.sharding import PartitionSpec as P
 
 from easytrain import integrity
 from easytrain.models.layers import Dense, in_use
+from easytrain.models.scan import layers_unstacked
 from easytrain.lora_config import (ALL_LINEAR, DEFAULT_TARGET_MODULES, INIT_A_CHOICES, LoRAConfig,  # noqa: F401
                                    LoRAConfigError, LoRAError, EMBEDDING_MODULES)
 from easytrain.sharding import constrain
@@ -233,6 +234,11 @@ def apply_lora(model: nnx.Module, config: LoRAConfig, rngs: nnx.Rngs | int = 0) 
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}.")
     rngs = nnx.Rngs(rngs) if isinstance(rngs, int) else rngs
+    with layers_unstacked(model):  # targets are named per layer; stacked layers are restacked with adapters
+        return _apply(model, config, rngs)
+
+
+def _apply(model: nnx.Module, config: LoRAConfig, rngs: nnx.Rngs) -> nnx.Module:
     targets = _targets(model, config)
     if done := sorted(hf_module_name(p) for p, n in targets.items() if isinstance(n, LoRADense)):
         raise LoRAError(f"{done[:4]} already have adapters; apply_lora once per model (merge_lora first to "
@@ -255,8 +261,9 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
     """
     graphdef, state = nnx.split(model)
     merged = nnx.merge(graphdef, state)
-    for path, node in [(p, n) for p, n in nnx.iter_modules(merged) if isinstance(n, LoRADense)]:
-        _set_child(merged, path, node.merged())
+    with layers_unstacked(merged):
+        for path, node in [(p, n) for p, n in nnx.iter_modules(merged) if isinstance(n, LoRADense)]:
+            _set_child(merged, path, node.merged())
     return merged
 
 

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from easytrain.arguments import TrainingArguments
+from easytrain.models.scan import is_stacked_path
 
 
 def warmup_steps(args: TrainingArguments, total_steps: int) -> int:
@@ -38,8 +39,9 @@ def build_schedule(args: TrainingArguments, total_steps: int) -> optax.Schedule:
 
 
 def decay_mask(params: optax.Params) -> optax.Params:
-    """Weight decay applies to matrices only, never to norm scales or biases."""
-    return jax.tree.map(lambda p: p.ndim > 1, params)
+    """Weight decay applies to matrices only, never to norm scales or biases; a layer's variable stored stacked
+    (`easytrain.models.scan`) has one more axis than the layer's own."""
+    return jax.tree_util.tree_map_with_path(lambda path, p: p.ndim - is_stacked_path(path) > 1, params)
 
 
 def build_optimizer(args: TrainingArguments, schedule: optax.Schedule) -> optax.GradientTransformation:

@@ -13,6 +13,5 @@ def test_scan_benchmark_smoke(tmp_path):
     for side in ("unrolled", "scan"):
         assert row[side]["first_step_compile_seconds"] > 0 and row[side]["temp"] > 0
         assert row[side]["step_seconds"]["median"] > 0
-    assert row["scan"]["stack_seconds"] > 0 and set(row["scan_over_unrolled"]) == {"first_step_compile",
-                                                                                   "step_time", "temp"}
+    assert set(row["scan_over_unrolled"]) == {"first_step_compile", "step_time", "temp"}
     assert all(h.value is not None for h in run.BENCHMARKS["scan"].headlines(result))

@@ -174,10 +174,13 @@ def test_targets_that_match_nothing_fail_naming_the_argument(tmp_path, base_dir,
     assert error.value.field == field
 
 
-def test_exports_a_merged_model_and_a_peft_adapter_with_the_adapted_logits(tmp_path, base_dir):
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["layers", "stacked layers"])
+def test_exports_a_merged_model_and_a_peft_adapter_with_the_adapted_logits(tmp_path, base_dir, scan_layers):
+    """With scan_layers the adapters train stacked with their layers; both exports are still per layer."""
     peft = pytest.importorskip("peft")
-    trainer = sft(lora_args(tmp_path, base_dir, save_pretrained_at_end=True, max_steps=6))
+    trainer = sft(lora_args(tmp_path, base_dir, save_pretrained_at_end=True, max_steps=6, scan_layers=scan_layers))
     trainer.train()
+    assert trainer.model.scan_layers == scan_layers
     export = tmp_path / "final_model"
     ids = prompt_ids(trainer.tokenizer)
     ours = eval_logits(trainer.model, ids)

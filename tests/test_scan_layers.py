@@ -7,13 +7,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+from flax import nnx, traverse_util
+from safetensors.numpy import load_file
 
 from easytrain import ArgumentError, BaseTrainer, TrainingArguments
 from easytrain.checkpoint import CheckpointManager
+from easytrain.generation import generate
 from easytrain.lora import LoRAConfig, apply_lora
 from easytrain.models import init_model
-from easytrain.models.scan import ScanLayersError
+from easytrain.models.scan import ScanLayersError, unstack_layer_dicts
 from model_configs import VOCAB, family_config, right_padded_batch, tiny_config
 from runs import StopAt, logged
 
@@ -52,18 +54,27 @@ def value_and_grads(model: nnx.Module, scan: bool, remat: str = "none", trainabl
     return logits, grads, after
 
 
+def per_layer(state: nnx.State | dict) -> dict:
+    """Flat `path -> array` in the per-layer layout, whichever way the layers were stored."""
+    tree = nnx.to_pure_dict(state) if isinstance(state, nnx.State) else state
+    flat = traverse_util.flatten_dict(unstack_layer_dicts(tree))
+    return {path: jax.random.key_data(v) if jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key) else v
+            for path, v in flat.items()}
+
+
 def assert_same(scanned, unrolled) -> None:
     (logits, grads, after), (ref_logits, ref_grads, ref_after) = scanned, unrolled
     np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5)
-    flat, ref_flat = nnx.to_flat_state(grads), nnx.to_flat_state(ref_grads)
-    assert [path for path, _ in flat] == [path for path, _ in ref_flat]
-    for (path, grad), (_, ref_grad) in zip(flat, ref_flat):
-        assert np.abs(ref_grad[...]).max() > 0, f"{path}: a zero gradient proves nothing"
-        error = np.abs(grad[...] - ref_grad[...]).max() / np.abs(ref_grad[...]).max()
+    flat, ref_flat = per_layer(grads), per_layer(ref_grads)
+    assert list(flat) == list(ref_flat)
+    for path, ref_grad in ref_flat.items():
+        assert np.abs(ref_grad).max() > 0, f"{path}: a zero gradient proves nothing"
+        error = np.abs(flat[path] - ref_grad).max() / np.abs(ref_grad).max()
         assert error < 1e-5, f"{path}: gradients differ by {error:.2e} of their largest entry"
-    for (path, value), (_, ref_value) in zip(nnx.to_flat_state(after), nnx.to_flat_state(ref_after)):
-        np.testing.assert_array_equal(jax.random.key_data(value[...]) if path[-1] == "key" else value[...],
-                                      jax.random.key_data(ref_value[...]) if path[-1] == "key" else ref_value[...])
+    after, ref_after = per_layer(after), per_layer(ref_after)
+    assert list(after) == list(ref_after)
+    for path, ref_value in ref_after.items():
+        np.testing.assert_array_equal(after[path], ref_value)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -81,17 +92,17 @@ def test_scan_with_lora_adapters_and_their_dropout():
     """Dropout draws each layer's own mask, and the advanced RNG counts are written back to every layer."""
     scanned = value_and_grads(lora_model(dropout=0.2), scan=True, trainable=nnx.LoRAParam)
     unrolled = value_and_grads(lora_model(dropout=0.2), scan=False, trainable=nnx.LoRAParam)
-    counts = [value for path, value in nnx.to_flat_state(scanned[2]) if path[-1] == "count"]
-    assert counts and all(int(count[...]) == 1 for count in counts)
+    counts = [value for path, value in per_layer(scanned[2]).items() if path[-1] == "count"]
+    assert counts and all(int(count) == 1 for count in counts)
     assert_same(scanned, unrolled)
 
 
 def test_layers_built_differently_are_refused_naming_scan_layers():
     model = apply_lora(init_model(tiny_config(num_hidden_layers=3)),
                        LoRAConfig(rank=4, target_modules=r"model\.layers\.1\.mlp\.up_proj"))
-    model.scan_layers = True
     with pytest.raises(ScanLayersError, match=r"scan_layers: layer 1 .*mlp/up_proj/lora_a"):
-        nnx.eval_shape(lambda: model(jnp.zeros((1, 4), jnp.int32)))  # raised while tracing, before any compute
+        model.scan_layers = True  # raised when the layers would be stacked, before any compute
+    assert not model.scan_layers and len(model.layers) == 3
 
 
 def test_decode_runs_unrolled_on_a_scan_model():
@@ -111,21 +122,63 @@ def arguments(output_dir: Path, **overrides) -> TrainingArguments:
         save_pretrained_at_end=False, max_train_samples=64, max_eval_samples=8), **overrides})
 
 
-def test_training_matches_and_resumes_with_the_same_checkpoint_layout(tmp_path):
-    """Steps 1-2 unrolled, then resumed from that checkpoint with scan_layers and saved again at step 4."""
-    unrolled = arguments(tmp_path / "unrolled")
+def test_training_matches_unrolled_and_resumes_from_stacked_checkpoints(tmp_path):
+    """Steps 1-2 with scan_layers, resumed to step 4: the unrolled run's losses (with a weight decay strong enough
+    to show if the stacked norm scales were decayed), checkpoints that hold the stacked layout, and the same
+    Hugging Face export."""
+    overrides = dict(weight_decay=30.0, save_pretrained_at_end=True)
+    unrolled = arguments(tmp_path / "unrolled", **overrides)
     BaseTrainer(unrolled).train()
-    switched = arguments(tmp_path / "switched")
-    BaseTrainer(switched, callbacks=[StopAt(2)]).train()
-    resumed = BaseTrainer(arguments(tmp_path / "switched", scan_layers=True, resume_from_checkpoint="latest"))
+    scanned = arguments(tmp_path / "scanned", scan_layers=True, **overrides)
+    BaseTrainer(scanned, callbacks=[StopAt(2)]).train()
+    resumed = BaseTrainer(arguments(tmp_path / "scanned", scan_layers=True, resume_from_checkpoint="latest",
+                                    **overrides))
     resumed.train()
     assert resumed.model.scan_layers
-    losses, unrolled_losses = logged(switched.output_dir), logged(unrolled.output_dir)
+    losses, unrolled_losses = logged(scanned.output_dir), logged(unrolled.output_dir)
     assert sorted(losses) == [1, 2, 3, 4]
     np.testing.assert_allclose(list(losses.values()), list(unrolled_losses.values()), rtol=1e-5)
-    stored = [CheckpointManager(Path(args.output_dir) / "checkpoints").stored_signature(4)
-              for args in (switched, unrolled)]
-    assert stored[0] == stored[1] and "params.layers.1.self_attn.q_proj.kernel" in stored[0]
+    stored = CheckpointManager(Path(scanned.output_dir) / "checkpoints").stored_signature(4)
+    assert "params.layers.stacked.self_attn.q_proj.kernel" in stored
+    assert not any(key.startswith("params.layers.0.") for key in stored)
+    exported = [load_file(Path(args.output_dir) / "final_model" / "model.safetensors") for args in (scanned, unrolled)]
+    assert sorted(exported[0]) == sorted(exported[1]) and "model.layers.1.self_attn.q_proj.weight" in exported[0]
+    for name, tensor in exported[1].items():  # Adam turns float32 rounding of tiny gradients into lr-sized steps
+        np.testing.assert_allclose(exported[0][name], tensor, rtol=1e-3, atol=1e-4, err_msg=name)
+
+
+def test_resuming_with_the_other_layout_is_refused_naming_scan_layers(tmp_path):
+    BaseTrainer(arguments(tmp_path, scan_layers=True, max_steps=2)).train()
+    trainer = BaseTrainer(arguments(tmp_path, max_steps=4, resume_from_checkpoint="latest"))
+    with pytest.raises(ArgumentError, match="scan_layers: the checkpoint was written with scan_layers=True"):
+        trainer.train()
+    assert CheckpointManager(tmp_path / "checkpoints").all_steps() == [2]
+
+
+def test_a_scan_run_starts_from_exported_weights(tmp_path):
+    """init_weights_from an export (per-layer Hugging Face tensors) into a run whose layers are stacked."""
+    source = arguments(tmp_path / "source", max_steps=2, save_pretrained_at_end=True, save_strategy="no")
+    BaseTrainer(source).train()
+    runs = {scan: BaseTrainer(arguments(tmp_path / f"scan-{scan}", scan_layers=scan, max_steps=2,
+                                        init_weights_from=str(Path(source.output_dir) / "final_model"))) for scan in (False, True)}
+    for trainer in runs.values():
+        trainer.setup()
+    exported = load_file(tmp_path / "source" / "final_model" / "model.safetensors")
+    stacked = np.asarray(runs[True].state.params["layers"]["stacked"]["mlp"]["up_proj"]["kernel"])
+    for index in range(stacked.shape[0]):
+        np.testing.assert_array_equal(stacked[index], exported[f"model.layers.{index}.mlp.up_proj.weight"].T)
+    scanned, unrolled = (per_layer(runs[scan].state.params) for scan in (True, False))
+    assert scanned.keys() == unrolled.keys()
+    for path, value in unrolled.items():
+        np.testing.assert_array_equal(scanned[path], value, err_msg=str(path))
+
+
+def test_generation_on_a_scan_model_matches_unrolled():
+    model = CASES["qwen3 (q/k norm, windows 5 | full)"]()
+    ids, mask = (jnp.asarray(a) for a in right_padded_batch())
+    unrolled = generate(model, ids, mask, max_new_tokens=6, do_sample=True, seed=3)
+    model.scan_layers = True
+    np.testing.assert_array_equal(generate(model, ids, mask, max_new_tokens=6, do_sample=True, seed=3), unrolled)
 
 
 def test_a_module_without_the_attribute_is_refused(tmp_path):

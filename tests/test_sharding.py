@@ -56,6 +56,16 @@ def test_splash_attention_runs_on_each_devices_shard(layouts):
 
 
 @pytest.mark.slow
+def test_stacked_layers_train_the_same_and_stay_split_like_their_layer(layouts):
+    """scan_layers on (2,2,2): the 1-device curve; each stacked weight split as its layer's, the layer axis whole."""
+    scanned = run_layout(2, 2, 2, 8, "--scan")
+    assert scanned["losses"] == pytest.approx(layouts["1 device"]["losses"], abs=1e-5, rel=1e-5)
+    gate = "['layers']['stacked']['mlp']['gate_proj']['kernel']"
+    assert scanned["specs"][gate] == str(P(None, 'fsdp', 'tensor'))
+    assert scanned["shard_shapes"][gate] == [2, 64, 256]
+
+
+@pytest.mark.slow
 def test_parameters_are_really_sharded(layouts):
     fsdp = layouts["(1,8,1)"]
     assert fsdp["specs"]["['layers'][0]['mlp']['gate_proj']['kernel']"] == str(P('fsdp', None))

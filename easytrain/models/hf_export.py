@@ -34,6 +34,7 @@ from easytrain.models.hf_io import (
     hf_name,
 )
 from easytrain.models.llama import LlamaForCausalLM
+from easytrain.models.scan import unstack_layer_dicts
 
 SHARD_PATTERN = "model{suffix}.safetensors"
 _SHARD_FILE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
@@ -50,6 +51,23 @@ class _Planned:
     @property
     def nbytes(self) -> int:
         return int(np.prod(np.shape(self.value), dtype=np.int64)) * self.dtype.itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class _LayerSlice:
+    """Layer `index` of a weight stored stacked (`easytrain.models.scan`), sliced only when it is written: one
+    layer's tensor at a time is ever copied."""
+
+    stacked: Any
+    index: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.stacked.shape[1:])
+
+    @property
+    def dtype(self) -> Any:
+        return self.stacked.dtype
 
 
 def _params_of(model_or_params: LlamaForCausalLM | dict) -> dict:
@@ -72,7 +90,7 @@ def _storage_dtype(dtype: DType | str | None, value: Any) -> np.dtype:
 def export_plan(params: dict, config: transformers.PretrainedConfig, dtype: DType | str | None) -> dict[str, _Planned]:
     """Hugging Face name -> tensor to write, checked against the config from shapes alone."""
     plan = {}
-    for path, value in checked_params(params, config).items():
+    for path, value in checked_params(unstack_layer_dicts(params, _LayerSlice), config).items():
         name, transpose = hf_name(path)
         plan[name] = _Planned(value, transpose, _storage_dtype(dtype, value))
     return plan
@@ -98,7 +116,8 @@ def _to_host(value: Any) -> np.ndarray:
 
 
 def _fetch(planned: _Planned) -> np.ndarray:
-    array = _to_host(planned.value)
+    value = planned.value
+    array = _to_host(value.stacked[value.index] if isinstance(value, _LayerSlice) else value)
     return np.ascontiguousarray(array.T if planned.transpose else array, dtype=planned.dtype)
 
 

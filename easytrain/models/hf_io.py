@@ -26,6 +26,7 @@ from easytrain.errors import EasytrainError
 from easytrain.models.attention import DType
 from easytrain.models.families import SUPPORTED_MODEL_TYPES
 from easytrain.models.llama import LlamaForCausalLM
+from easytrain.models.scan import unstack_layer_dicts
 
 ParamPath = tuple[str | int, ...]
 Shapes = Mapping[str, tuple[int, ...]]
@@ -122,14 +123,14 @@ def to_hf_state_dict(params: dict, config: transformers.PretrainedConfig) -> dic
     """Converts easytrain parameters to Hugging Face names and layouts.
 
     Args:
-        params: ``nnx.to_pure_dict(nnx.state(model, nnx.Param))``.
+        params: ``nnx.to_pure_dict(nnx.state(model, nnx.Param))`` (decoder layers stacked or not).
         config: The config the parameters were built from.
 
     Returns:
         Contiguous numpy tensors keyed by Hugging Face name, in the parameters' dtype.
     """
     tensors = {}
-    for path, value in checked_params(params, config).items():
+    for path, value in checked_params(unstack_layer_dicts(params), config).items():
         name, transpose = hf_name(path)
         array = np.asarray(value)
         tensors[name] = np.ascontiguousarray(array.T if transpose else array)

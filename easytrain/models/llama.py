@@ -16,6 +16,7 @@ The layers live in ``easytrain.models.layers``.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +29,7 @@ from easytrain.models.kv_cache import KVCache, advance, init_cache, with_layers
 from easytrain.models.layers import LOGITS_MV, RESIDUAL_MD, DecoderLayer, Embedding, RMSNorm, dense_factory
 from easytrain.models.masks import AttentionMask, check_implementation
 from easytrain.models.remat import layer_runner
-from easytrain.models.scan import scan_layers
+from easytrain.models.scan import StackedLayers
 from easytrain.sharding import constrain
 
 Array = jax.Array
@@ -67,7 +68,6 @@ class LlamaForCausalLM(nnx.Module):
         self.dtype = dtype
         self.remat = "none"  # decoder layers' rematerialisation policy (easytrain.models.remat.POLICIES)
         self.attention_implementation = "xla"  # or "dot_product_attention", "splash" (models.masks); not decode's
-        self.scan_layers = False  # run the decoder layers as one lax.scan in __call__ (easytrain.models.scan)
         std = config.initializer_range
         self.embed_tokens = Embedding(
             config.vocab_size, config.hidden_size, std=std, dtype=dtype, param_dtype=param_dtype, rngs=rngs
@@ -88,6 +88,18 @@ class LlamaForCausalLM(nnx.Module):
     def config(self) -> transformers.LlamaConfig:
         """The config the model was built from."""
         return self._config.config
+
+    @property
+    def scan_layers(self) -> bool:
+        """Whether the decoder layers are stored stacked and run as one ``lax.scan`` in ``__call__``
+        (``easytrain.models.scan``). Setting it restacks or unstacks ``layers`` (one copy of their weights)."""
+        return isinstance(self.layers, StackedLayers)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name != "scan_layers":
+            return super().__setattr__(name, value)
+        if bool(value) != self.scan_layers:
+            self.layers = StackedLayers(self.layers) if value else nnx.List(self.layers.unstack())
 
     def __call__(
         self,
@@ -160,7 +172,7 @@ class LlamaForCausalLM(nnx.Module):
             mask = masks[windows[0]] if masks_WBTS is None else masks_WBTS[window_index]
             return constrain(layer(x_MD, cos_BTK, sin_BTK, mask), RESIDUAL_MD)
 
-        return scan_layers(self.layers, x_MD, step, window_index_L, policy=self.remat)
+        return self.layers.scan(x_MD, step, window_index_L, policy=self.remat)
 
     def logits_from_hidden(self, x_MD: Array) -> Array:
         """The output head (tied embedding or ``lm_head``, LoRA-adapted or not): float32 logits ``[M, V]``

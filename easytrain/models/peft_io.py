@@ -31,6 +31,7 @@ from easytrain.lora import LoRAConfig, LoRADense
 from easytrain.models.hf_export import _to_host
 from easytrain.models.hf_io import EMBEDDING_NAME, HEAD_NAME, CheckpointError, hf_name
 from easytrain.models.layers import RMSNorm
+from easytrain.models.scan import layers_unstacked, per_layer_view
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -163,6 +164,7 @@ def save_peft_adapter(
     Returns:
         ``directory``.
     """
+    model = per_layer_view(model)  # PEFT names tensors per layer
     modules = lora.lora_modules(model)
     _check_modules(modules, config)
     planned = _planned_tensors(model, config)
@@ -296,7 +298,11 @@ def load_peft_adapter(
         CheckpointError: Unsupported adapter config, tensors that do not fit the model, or (with
             ``verify_base``) base weights other than those the adapter was saved on.
     """
-    directory = Path(directory)
+    with layers_unstacked(model):  # PEFT names tensors per layer; stacked layers are restacked with the adapter
+        return _load_peft_adapter(Path(directory), model, rngs, verify_base)
+
+
+def _load_peft_adapter(directory: Path, model: nnx.Module, rngs: nnx.Rngs | int, verify_base: bool) -> nnx.Module:
     config, raw = read_peft_config(directory)
     tensors, metadata = _read_tensors(directory)
     if verify_base and FINGERPRINT_KEY in metadata:

@@ -1,16 +1,20 @@
-"""Decoder layers as one `jax.lax.scan`: the loop body is traced and compiled once, whatever the depth.
+"""Decoder layers stored stacked and run as one `jax.lax.scan`: traced and compiled once, whatever the depth.
 
-The layers stay separate modules (`layers.0.self_attn.q_proj.kernel`, ...), so every per-layer path
-(Hugging Face import/export, LoRA targets, sharding rules, checkpoints) is unchanged. Only while tracing
-are their variables stacked along a new leading axis `L`, which the scan slices one layer per iteration;
-the stack's transpose hands each layer its own gradient. Stacking copies the layer weights once per
-forward pass (its cost is measured by `benchmarks/scan.py`). Each stacked weight is pinned to its
-parameter's layout with an unsplit leading axis, so under FSDP the loop gathers one layer at a time.
+`StackedLayers` holds one layer module whose variables carry a leading layer axis `L`
+(`layers.stacked.self_attn.q_proj.kernel` is `[L, D, H*K]`). The scan slices one layer per iteration
+and the backward pass writes each layer's gradient into one stacked buffer, so the optimizer update, the
+gradient norm and the compiled program see a handful of `[L, ...]` arrays instead of `L` times as many:
+compile time stays flat with depth. Each stacked variable keeps its layer's logical axes behind an
+unsplit leading axis, so under FSDP the loop gathers one layer at a time.
+
+Hugging Face names, LoRA targets and PEFT adapters are per layer; `unstack_layer_dicts` and
+`per_layer_view` give the per-layer layout where those are read or written.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -19,9 +23,10 @@ from flax import nnx
 
 from easytrain.errors import EasytrainError
 from easytrain.models.remat import checkpointed
-from easytrain.sharding import constrain
 
 Array = jax.Array
+#: `StackedLayers`' attribute holding the layer with stacked variables: the key in state paths.
+STACKED = "stacked"
 
 
 class ScanLayersError(EasytrainError, ValueError):
@@ -49,43 +54,161 @@ def check_uniform(layers: Sequence[nnx.Module]) -> None:
             "Set scan_layers=False, or make the layers alike (e.g. LoRA target_modules that match in every layer).")
 
 
-def _stacked(*variables: nnx.Variable) -> nnx.Variable:
-    """One variable of the layers' values along a new leading axis, each layer split as its parameter is."""
+def _is_variable(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def _with_axes(variable: nnx.Variable, value: Any, axes: tuple | None) -> nnx.Variable:
+    return variable.replace(value=value, out_sharding=axes) if axes is not None else variable.replace(value=value)
+
+
+def _stacked_variable(*variables: nnx.Variable) -> nnx.Variable:
+    """The layers' values along a new leading axis; logical axes `(None, *axes)`: the layer axis unsplit."""
     axes = variables[0].get_metadata().get("out_sharding")
-
-    def stack(*values: Array) -> Array:
-        value_LX = jnp.stack(values)
-        return constrain(value_LX, (None, *axes)) if axes else value_LX
-
-    return jax.tree.map(stack, *variables)
+    value = jnp.stack([variable.get_value() for variable in variables])
+    return _with_axes(variables[0], value, (None, *axes) if axes else None)
 
 
-def stack_layers(layers: Sequence[nnx.Module]) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
-    """The layers' shared graph definition, their stacked parameters and their other stacked variables."""
-    check_uniform(layers)
-    splits = [nnx.split(layer, nnx.Param, ...) for layer in layers]
-    is_variable = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
-    params = jax.tree.map(_stacked, *(p for _, p, _ in splits), is_leaf=is_variable)
-    rest = jax.tree.map(_stacked, *(r for _, _, r in splits), is_leaf=is_variable)
-    return splits[0][0], params, rest
+def _layer_variable(variable: nnx.Variable, value: Any) -> nnx.Variable:
+    """One layer's `value` of a stacked variable, with that layer's logical axes."""
+    axes = variable.get_metadata().get("out_sharding")
+    return _with_axes(variable, value, tuple(axes[1:]) if axes else None)
 
 
-def scan_layers(layers: Sequence[nnx.Module], carry: Any, fn: Callable[[nnx.Module, Any, Any], Any],
-                xs: Any = None, *, policy: str = "none") -> Any:
-    """`for layer, x in zip(layers, xs): carry = fn(layer, carry, x)`, as one `jax.lax.scan`.
+def _layer_states(state: nnx.State, values: Any) -> nnx.State:
+    return jax.tree.map(_layer_variable, state, values, is_leaf=_is_variable)
 
-    `xs` holds per-layer inputs along a leading axis (None: none). The body runs under the remat `policy`
-    (`easytrain.models.remat.POLICIES`). Variables a layer changes in place (RNG stream counts of LoRA
-    dropout) are written back to each layer, as the unrolled loop would leave them.
+
+def _values(state: nnx.State) -> Any:
+    return jax.tree.map(lambda variable: variable.get_value(), state, is_leaf=_is_variable)
+
+
+class StackedLayers(nnx.Module):
+    """`L` layers built alike, stored as one layer whose variables are stacked along a leading axis.
+
+    Built from a list of layers (`StackedLayers(layers)`, one copy of their variables) and turned back into
+    one (`unstack()`). `scan` runs them in order as one `jax.lax.scan`; indexing and iterating give
+    per-layer modules (copies of one layer's slices: for reading, or a decode loop run once per call).
     """
-    graphdef, params, rest = stack_layers(layers)
 
-    def body(carry: Any, sliced: tuple[nnx.State, nnx.State, Any]) -> tuple[Any, nnx.State]:
-        layer_params, layer_rest, x = sliced
-        layer = nnx.merge(graphdef, layer_params, layer_rest)
-        return fn(layer, carry, x), nnx.state(layer, nnx.Not(nnx.Param))
+    def __init__(self, layers: Sequence[nnx.Module]):
+        check_uniform(layers)
+        graphdef, *states = zip(*(nnx.split(layer, nnx.Param, ...) for layer in layers))
+        params, rest = (jax.tree.map(_stacked_variable, *parts, is_leaf=_is_variable) for parts in states)
+        self.num_layers = len(layers)
+        setattr(self, STACKED, nnx.merge(graphdef[0], params, rest))
 
-    carry, new_rest = jax.lax.scan(checkpointed(body, policy), carry, (params, rest, xs))
-    for index, layer in enumerate(layers):
-        nnx.update(layer, jax.tree.map(lambda value: value[index], new_rest))
-    return carry
+    def _split(self) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+        return nnx.split(getattr(self, STACKED), nnx.Param, ...)
+
+    def __len__(self) -> int:
+        return self.num_layers
+
+    def __getitem__(self, index: int) -> nnx.Module:
+        if not -self.num_layers <= index < self.num_layers:
+            raise IndexError(f"layer {index} of {self.num_layers}")
+        graphdef, params, rest = self._split()
+        take = lambda state: _layer_states(state, jax.tree.map(lambda v: v[index], _values(state)))  # noqa: E731
+        return nnx.merge(graphdef, take(params), take(rest))
+
+    def __iter__(self) -> Iterator[nnx.Module]:
+        return (self[index] for index in range(self.num_layers))
+
+    def unstack(self) -> list[nnx.Module]:
+        """The layers as separate modules (one copy of their variables)."""
+        return list(self)
+
+    def scan(self, carry: Any, fn: Callable[[nnx.Module, Any, Any], Any], xs: Any = None, *,
+             policy: str = "none") -> Any:
+        """`for layer, x in zip(layers, xs): carry = fn(layer, carry, x)`, as one `jax.lax.scan`.
+
+        `xs` holds per-layer inputs along a leading axis (None: none). The body runs under the remat `policy`
+        (`easytrain.models.remat.POLICIES`). Variables a layer changes in place (RNG stream counts of LoRA
+        dropout) are written back, each layer's to its own slice, as the unrolled loop would leave them.
+        """
+        graphdef, params, rest = self._split()
+
+        def body(carry: Any, sliced: tuple[Any, Any, Any]) -> tuple[Any, Any]:
+            param_values, rest_values, x = sliced
+            layer = nnx.merge(graphdef, _layer_states(params, param_values), _layer_states(rest, rest_values))
+            return fn(layer, carry, x), _values(nnx.state(layer, nnx.Not(nnx.Param)))
+
+        carry, new_rest = jax.lax.scan(checkpointed(body, policy), carry, (_values(params), _values(rest), xs))
+        nnx.replace_by_pure_dict(rest, new_rest)
+        nnx.update(getattr(self, STACKED), rest)
+        return carry
+
+
+def is_stacked_node(node: Any) -> bool:
+    """A pure-dict node that is a `StackedLayers`' state: `{STACKED: {...}}`."""
+    return isinstance(node, dict) and set(node) == {STACKED}
+
+
+def unstack_layer_dicts(tree: Any, take: Callable[[Any, int], Any] = lambda value, index: value[index]) -> Any:
+    """A pure dict (`nnx.to_pure_dict` of a module, or of its parameters) with every `StackedLayers` node
+    `{STACKED: sub}` replaced by the per-layer layout `{0: take(sub, 0), 1: ...}`, as unstacked layers have it.
+
+    `take(value, index)` slices one leaf (default: index it, a copy on device); an exporter can pass a lazy
+    slice, so that only one layer's tensor at a time is ever copied.
+    """
+    if is_stacked_node(tree):
+        sub = tree[STACKED]
+        count = jax.tree.leaves(sub)[0].shape[0]
+        return {index: jax.tree.map(lambda value, i=index: take(value, i), sub) for index in range(count)}
+    if isinstance(tree, dict):
+        return {key: unstack_layer_dicts(value, take) for key, value in tree.items()}
+    return tree
+
+
+def is_stacked_path(path: Sequence[Any]) -> bool:
+    """Whether a state path (keys or `jax.tree_util` path entries) runs through a `StackedLayers`' layer."""
+    return any(getattr(key, "key", key) == STACKED for key in path)
+
+
+def _stacked_groups(model: nnx.Module) -> list[tuple[nnx.Module, str | int]]:
+    """(parent, attribute or index) of every `StackedLayers` in `model`."""
+    groups = []
+    for path, node in nnx.iter_modules(model):
+        if isinstance(node, StackedLayers):
+            parent = model
+            for key in path[:-1]:
+                parent = parent[key] if isinstance(key, int) else getattr(parent, key)
+            groups.append((parent, path[-1]))
+    return groups
+
+
+def _set(parent: nnx.Module, key: str | int, value: nnx.Module) -> None:
+    if isinstance(key, int):
+        parent[key] = value
+    else:
+        setattr(parent, key, value)
+
+
+def _get(parent: nnx.Module, key: str | int) -> Any:
+    return parent[key] if isinstance(key, int) else getattr(parent, key)
+
+
+def per_layer_view(model: nnx.Module) -> nnx.Module:
+    """`model` itself if no `StackedLayers` is in it, else a module that shares its other variables and holds
+    each stacked group as separate layers (one copy of the stacked variables): what per-layer names
+    (Hugging Face, LoRA targets, PEFT adapters) are read from."""
+    if not _stacked_groups(model):
+        return model
+    view = nnx.merge(*nnx.split(model))  # new module objects over the same arrays
+    for parent, key in _stacked_groups(view):
+        _set(parent, key, nnx.List(_get(parent, key).unstack()))
+    return view
+
+
+@contextlib.contextmanager
+def layers_unstacked(model: nnx.Module) -> Iterator[nnx.Module]:
+    """Inside the block every `StackedLayers` of `model` is separate layers, in place (what per-layer changes
+    such as adding LoRA adapters act on); restacked on leaving it. Each way copies the layer variables once."""
+    groups = _stacked_groups(model)
+    for parent, key in groups:
+        _set(parent, key, nnx.List(_get(parent, key).unstack()))
+    try:
+        yield model
+    finally:
+        for parent, key in groups:
+            _set(parent, key, StackedLayers(list(_get(parent, key))))

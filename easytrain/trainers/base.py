@@ -213,8 +213,8 @@ class BaseTrainer(LanguageModelHooks):
         `lora_*` arguments ask for (in place: a module passed as `model=` gets them too); with `loss_chunk_size`,
         check the module can have its loss chunked."""
         args = self._arguments
+        module = adapters.adapt(module, self.lora, args.seed, args.lora_adapter_path)  # per layer, then stacked
         apply_switches(module, args, self.mesh.devices.flat[0].platform)
-        module = adapters.adapt(module, self.lora, args.seed, args.lora_adapter_path)
         if args.loss_chunk_size and (problem := chunking_problem(module)):
             raise ArgumentError("loss_chunk_size", problem)
         return module
@@ -254,8 +254,12 @@ class BaseTrainer(LanguageModelHooks):
     def _initial_weights(self, state: TrainState, shardings: TrainState) -> TrainState:
         """`init_weights_from`'s variables in place of the fresh ones (new LoRA adapters, and a base already
         loaded from `model_name_or_path`, may stay as they are)."""
-        load = functools.partial(from_pretrained, dtype=self.dtype, param_dtype=self.param_dtype, mesh=self.mesh,
-                                 rules=self.partition_rules)
+        def load(directory: Path) -> nnx.Module:  # in this run's layer layout (stacked under scan_layers)
+            module = from_pretrained(directory, dtype=self.dtype, param_dtype=self.param_dtype, mesh=self.mesh,
+                                     rules=self.partition_rules)
+            module.scan_layers = self._arguments.scan_layers
+            return module
+
         keeps = lambda path, part: (self.lora is not None and path[-1] in ("lora_a", "lora_b")) or (
             part == "base" and bool(self._arguments.model_name_or_path))
         return init_weights.initialise_from(self._arguments.init_weights_from, state, shardings,

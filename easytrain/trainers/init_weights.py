@@ -19,9 +19,12 @@ from flax import nnx
 from easytrain import integrity
 from easytrain.checkpoint import CheckpointNotFoundError, resolve_checkpoint
 from easytrain.errors import ArgumentError
+from easytrain.models.scan import is_stacked_path
 from easytrain.state import TrainState
 
 VariablePath = tuple[str, ...]
+_LAYOUT_HINT = (" A checkpoint of a run with another scan_layers setting holds the decoder layers in the other "
+                "layout (stacked: layers.stacked.*); start from an export of that run (save_pretrained) instead.")
 #: The `TrainState` fields that hold module variables (`base` is never in a checkpoint).
 MODULE_PARTS = ("params", "base", "model_state")
 
@@ -126,11 +129,13 @@ def initialise_from(source: str, state: TrainState, shardings: TrainState, *, lo
     problems += [f"{'.'.join(p)}: not in this model" for p in sorted(theirs.keys() - wanted.keys())]
     problems += [f"{'.'.join(p)}: missing from the source" for p in sorted(wanted.keys() - theirs.keys())
                  if not fresh_ok(p, ours[p][0])]
+    differing = theirs.keys() ^ wanted.keys()
     if problems:
         shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
         raise ArgumentError("init_weights_from", f"{source} does not fit this model ({len(problems)} tensor(s): "
                                                  f"{shown}). Use weights of the same architecture (model_config or "
-                                                 "model_name_or_path), or resume_from_checkpoint to continue a run.")
+                                                 "model_name_or_path), or resume_from_checkpoint to continue a run."
+                                                 + _LAYOUT_HINT * any(is_stacked_path(p) for p in differing))
     replaced = {part: jax.tree.map(lambda x: x, getattr(state, part)) for part in MODULE_PARTS}
     for path, (part, inner) in ours.items():
         if path in theirs:

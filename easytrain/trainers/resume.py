@@ -97,12 +97,25 @@ def restore_checkpoint(checkpoint: tuple[Path, int], current: dict[str, Any], ta
         try:
             state, data_state, _ = manager.restore(step, abstract_state=target)
             progress = manager.read_progress(step)
-        except CheckpointMismatchError:
-            raise
+        except CheckpointMismatchError as error:
+            raise _layout_changed(run_info, current) or error from error
         except Exception as error:
             raise _unreadable(root, step, manager.all_steps(), error) from error
     logger.info("resumed from %s at step %d", root / str(step), step)
     return Restored(state, None if data_order_changed else data_state, progress.get("callbacks", {}))
+
+
+def _layout_changed(run_info: dict[str, Any], current: dict[str, Any]) -> ArgumentError | None:
+    """The reason a checkpoint's variables do not fit, when it is a changed `scan_layers`: stacked decoder layers
+    (`layers.stacked.*`, one `[L, ...]` array per weight) and separate ones (`layers.0.*`) are other trees."""
+    stored = (run_info.get("arguments") or {}).get("scan_layers")
+    now = current["arguments"].get("scan_layers")
+    if stored is None or stored == now:
+        return None
+    return ArgumentError("scan_layers", f"the checkpoint was written with scan_layers={stored}, which stores the "
+                         f"decoder layers {'stacked' if stored else 'one by one'}, and this run has scan_layers={now}. "
+                         f"Resume with --scan_layers {stored}; to switch, start a new run from its weights "
+                         "(--init_weights_from <the checkpoint or an export of it>).")
 
 
 def _unreadable(root: Path, step: int, steps: list[int], error: Exception) -> CheckpointReadError:

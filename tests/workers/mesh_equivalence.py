@@ -2,7 +2,7 @@
 
     python mesh_equivalence.py DATA FSDP TENSOR DEVICES [--output-dir D] [--stop-at N] [--resume]
         [--accumulation A] [--ragged] [--save-params FILE.npz] [--evaluate] [--attention IMPLEMENTATION]
-        [--collectives]
+        [--collectives] [--scan]
 
 Run with XLA_FLAGS=--xla_force_host_platform_device_count=8 by tests/test_sharding.py, and as
 2 processes x 4 devices by tests/test_multiprocess.py.
@@ -55,6 +55,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--evaluate", action="store_true", help="run evaluate() with the exact-match evaluator")
     parser.add_argument("--attention", default="xla", help="attention_implementation")
     parser.add_argument("--collectives", action="store_true", help="count the compiled train step's collectives")
+    parser.add_argument("--scan", action="store_true", help="scan_layers: the decoder layers stored stacked")
     return parser.parse_args()
 
 
@@ -68,7 +69,7 @@ def build_trainer(options: argparse.Namespace) -> BaseTrainer:
         disable_progress_bar=True, save_pretrained_at_end=False, max_train_samples=128, max_eval_samples=16,
         warmup_steps=0, data_parallel_size=options.data, fsdp_size=options.fsdp,
         tensor_parallel_size=options.tensor, gradient_accumulation_steps=options.accumulation,
-        attention_implementation=options.attention,
+        attention_implementation=options.attention, scan_layers=options.scan,
         # SGD's update is linear in the gradient; Adam divides near-zero gradients by their own size,
         # which turns float32 rounding into learning-rate-sized differences in a few weights.
         **(dict(optimizer="sgd", learning_rate=0.3) if options.ragged else {}), **multi_process_arguments())
