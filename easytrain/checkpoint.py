@@ -76,7 +76,7 @@ def _key_name(entry: Any) -> str:
     return str(entry)
 
 
-def _path_name(path: tuple[Any, ...]) -> str:
+def path_name(path: tuple[Any, ...]) -> str:
     """Dotted name of a pytree path; dicts, dataclasses and namedtuples agree."""
     return ".".join(_key_name(entry) for entry in path)
 
@@ -94,7 +94,7 @@ def _leaf_signature(leaf: Any) -> tuple[tuple[int, ...], str]:
 def tree_signature(tree: Any) -> Signature:
     """Maps every leaf's dotted path to its (shape, dtype)."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {_path_name(path): _leaf_signature(leaf) for path, leaf in leaves}
+    return {path_name(path): _leaf_signature(leaf) for path, leaf in leaves}
 
 
 def _describe(signature: tuple[tuple[int, ...], str]) -> str:

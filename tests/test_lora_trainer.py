@@ -160,6 +160,9 @@ def test_resuming_over_another_base_or_other_lora_settings_fails_before_compute(
     with pytest.raises(ArgumentError) as error:
         sft(lora_args(tmp_path / "run", base_dir, lora_rank=0, **resume)).setup()
     assert error.value.field == "lora_rank"
+    with pytest.raises(ArgumentError, match="trained with scan_layers=False") as error:
+        sft(lora_args(tmp_path / "run", base_dir, scan_layers=True, **resume)).setup()
+    assert error.value.field == "scan_layers"
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()] == ["2"]
 
 

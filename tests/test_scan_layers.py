@@ -147,12 +147,21 @@ def test_training_matches_unrolled_and_resumes_from_stacked_checkpoints(tmp_path
         np.testing.assert_allclose(exported[0][name], tensor, rtol=1e-3, atol=1e-4, err_msg=name)
 
 
-def test_resuming_with_the_other_layout_is_refused_naming_scan_layers(tmp_path):
-    BaseTrainer(arguments(tmp_path, scan_layers=True, max_steps=2)).train()
-    trainer = BaseTrainer(arguments(tmp_path, max_steps=4, resume_from_checkpoint="latest"))
-    with pytest.raises(ArgumentError, match="scan_layers: the checkpoint was written with scan_layers=True"):
-        trainer.train()
-    assert CheckpointManager(tmp_path / "checkpoints").all_steps() == [2]
+@pytest.mark.parametrize("first", [False, True], ids=["layers then stacked", "stacked then layers"])
+def test_a_checkpoint_resumes_with_the_other_layout(tmp_path, first):
+    """Steps 1-2 in one layout, 3-4 in the other: parameters, Adam moments and counts carry over exactly, so the
+    losses are those of one uninterrupted run."""
+    straight = arguments(tmp_path / "straight")
+    BaseTrainer(straight).train()
+    BaseTrainer(arguments(tmp_path / "switched", scan_layers=first), callbacks=[StopAt(2)]).train()
+    resumed = BaseTrainer(arguments(tmp_path / "switched", scan_layers=not first, resume_from_checkpoint="latest"))
+    resumed.train()
+    assert resumed.model.scan_layers == (not first)
+    losses = logged(tmp_path / "switched")
+    assert sorted(losses) == [1, 2, 3, 4]
+    np.testing.assert_allclose(list(losses.values()), list(logged(straight.output_dir).values()), rtol=1e-5)
+    stored = CheckpointManager(tmp_path / "switched" / "checkpoints").stored_signature(4)
+    assert ("params.layers.stacked.mlp.up_proj.kernel" in stored) == (not first)
 
 
 def test_a_scan_run_starts_from_exported_weights(tmp_path):

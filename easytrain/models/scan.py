@@ -145,19 +145,37 @@ def is_stacked_node(node: Any) -> bool:
 
 
 def unstack_layer_dicts(tree: Any, take: Callable[[Any, int], Any] = lambda value, index: value[index]) -> Any:
-    """A pure dict (`nnx.to_pure_dict` of a module, or of its parameters) with every `StackedLayers` node
-    `{STACKED: sub}` replaced by the per-layer layout `{0: take(sub, 0), 1: ...}`, as unstacked layers have it.
+    """A pytree of pure dicts (`nnx.to_pure_dict` of a module or its parameters, a train state, optimizer
+    moments) with every `StackedLayers` node `{STACKED: sub}` replaced by the per-layer layout
+    `{0: take(sub, 0), 1: ...}`, as unstacked layers have it.
 
     `take(value, index)` slices one leaf (default: index it, a copy on device); an exporter can pass a lazy
     slice, so that only one layer's tensor at a time is ever copied.
     """
-    if is_stacked_node(tree):
-        sub = tree[STACKED]
-        count = jax.tree.leaves(sub)[0].shape[0]
-        return {index: jax.tree.map(lambda value, i=index: take(value, i), sub) for index in range(count)}
-    if isinstance(tree, dict):
-        return {key: unstack_layer_dicts(value, take) for key, value in tree.items()}
-    return tree
+    def unstack(node: Any) -> Any:
+        if not is_stacked_node(node):
+            return node
+        count = jax.tree.leaves(node[STACKED])[0].shape[0]
+        return {index: jax.tree.map(lambda value, i=index: take(value, i), node[STACKED]) for index in range(count)}
+
+    return jax.tree.map(unstack, tree, is_leaf=is_stacked_node)
+
+
+def _is_layer_list(node: Any) -> bool:
+    """A pure-dict node of separate layers (an `nnx.List`): keys 0 .. n-1."""
+    return isinstance(node, dict) and bool(node) and set(node) == set(range(len(node)))
+
+
+def stack_layer_dicts(tree: Any, where: Callable[[tuple], bool],
+                      stack: Callable[..., Any] = lambda *values: jnp.stack(values)) -> Any:
+    """The inverse of `unstack_layer_dicts`: every node of separate layers `{0: sub_0, 1: ...}` whose
+    `jax.tree_util` path `where(path)` accepts becomes `{STACKED: stack(sub_0[leaf], sub_1[leaf], ...)}`."""
+    def restack(path: tuple, node: Any) -> Any:
+        if not (_is_layer_list(node) and where(path)):
+            return node
+        return {STACKED: jax.tree.map(stack, *(node[index] for index in range(len(node))))}
+
+    return jax.tree_util.tree_map_with_path(restack, tree, is_leaf=_is_layer_list)
 
 
 def is_stacked_path(path: Sequence[Any]) -> bool:

@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from easytrain.checkpoint import CheckpointManager, CheckpointMismatchError
+from easytrain.checkpoint import CheckpointManager, CheckpointMismatchError, path_name, tree_signature
 from easytrain.errors import ArgumentError, CheckpointReadError
+from easytrain.models.scan import STACKED, stack_layer_dicts, unstack_layer_dicts
 from easytrain.trainers.adapters import check_base
 
 logger = logging.getLogger("easytrain")
@@ -58,6 +60,10 @@ def check_resumable(run_info: dict[str, Any], current: dict[str, Any]) -> list[s
         raise ArgumentError(lora_diffs[0].split(":")[0], "the checkpoint's adapters were trained with other LoRA "
                             "settings (" + "; ".join(lora_diffs) + "). Resume with the same lora_* arguments, or "
                             "start a new output_dir.")
+    if run_info.get("base_fingerprint") and _stored_scan_layers(run_info) not in (None, current_args.get("scan_layers")):
+        raise ArgumentError("scan_layers", "the checkpoint's adapters were trained with scan_layers="
+                            f"{_stored_scan_layers(run_info)}, and their frozen base is checked by per-layout "
+                            "fingerprints; resume with the same scan_layers, or start a new output_dir.")
     check_base(run_info, current)
     if schedule_diffs := _differences(stored_args, current_args, SCHEDULE_FIELDS):
         logger.warning("resuming with a different learning-rate schedule (%s): from the restored step on, the "
@@ -95,27 +101,58 @@ def restore_checkpoint(checkpoint: tuple[Path, int], current: dict[str, Any], ta
             raise _unreadable(root, step, manager.all_steps(), error) from error
         data_order_changed = check_resumable(run_info, current)
         try:
-            state, data_state, _ = manager.restore(step, abstract_state=target)
+            if _stored_scan_layers(run_info) in (None, current["arguments"].get("scan_layers")):
+                state, data_state, _ = manager.restore(step, abstract_state=target)
+            else:
+                state, data_state = restore_in_other_layout(manager, step, target)
             progress = manager.read_progress(step)
-        except CheckpointMismatchError as error:
-            raise _layout_changed(run_info, current) or error from error
+        except CheckpointMismatchError:
+            raise
         except Exception as error:
             raise _unreadable(root, step, manager.all_steps(), error) from error
     logger.info("resumed from %s at step %d", root / str(step), step)
     return Restored(state, None if data_order_changed else data_state, progress.get("callbacks", {}))
 
 
-def _layout_changed(run_info: dict[str, Any], current: dict[str, Any]) -> ArgumentError | None:
-    """The reason a checkpoint's variables do not fit, when it is a changed `scan_layers`: stacked decoder layers
-    (`layers.stacked.*`, one `[L, ...]` array per weight) and separate ones (`layers.0.*`) are other trees."""
-    stored = (run_info.get("arguments") or {}).get("scan_layers")
-    now = current["arguments"].get("scan_layers")
-    if stored is None or stored == now:
-        return None
-    return ArgumentError("scan_layers", f"the checkpoint was written with scan_layers={stored}, which stores the "
-                         f"decoder layers {'stacked' if stored else 'one by one'}, and this run has scan_layers={now}. "
-                         f"Resume with --scan_layers {stored}; to switch, start a new run from its weights "
-                         "(--init_weights_from <the checkpoint or an export of it>).")
+def _stored_scan_layers(run_info: dict[str, Any]) -> bool | None:
+    return (run_info.get("arguments") or {}).get("scan_layers")
+
+
+def _drop_layer_axis(leaf: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+    sharding = leaf.sharding
+    if isinstance(sharding, NamedSharding):
+        sharding = NamedSharding(sharding.mesh, P(*tuple(sharding.spec)[1:]))
+    return jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype, sharding=sharding)
+
+
+def _add_layer_axis(*leaves: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+    sharding = leaves[0].sharding
+    if isinstance(sharding, NamedSharding):
+        sharding = NamedSharding(sharding.mesh, P(None, *sharding.spec))
+    return jax.ShapeDtypeStruct((len(leaves), *leaves[0].shape), leaves[0].dtype, sharding=sharding)
+
+
+def restore_in_other_layout(manager: CheckpointManager, step: int, target: Any) -> tuple[Any, dict[str, Any]]:
+    """A checkpoint written with the other `scan_layers` setting, restored in its own layout (stacked decoder
+    layers, `layers.stacked.*`, or separate ones, `layers.0.*`) and converted to `target`'s: every array of the
+    state (parameters, optimizer moments, module state) keeps its values. The conversion holds the restored and
+    the converted copy of the state at once."""
+    def stacked_groups(names: Any) -> set[str]:  # dotted paths of the StackedLayers nodes, e.g. `params.layers`
+        return {name.split(f".{STACKED}.")[0] for name in names if f".{STACKED}." in name}
+
+    now = stacked_groups(tree_signature(target))
+    if now:
+        stored_target = unstack_layer_dicts(target, lambda leaf, _: _drop_layer_axis(leaf))
+    else:
+        stored = stacked_groups(manager.stored_signature(step))
+        stored_target = stack_layer_dicts(target, lambda path: path_name(path) in stored, _add_layer_axis)
+    state, data_state, _ = manager.restore(step, abstract_state=stored_target)
+    if now:
+        state = stack_layer_dicts(state, lambda path: path_name(path) in now)
+    else:
+        state = unstack_layer_dicts(state)
+    logger.info("converted the checkpoint's decoder layers to this run's scan_layers layout")
+    return jax.device_put(state, jax.tree.map(lambda leaf: leaf.sharding, target)), data_state
 
 
 def _unreadable(root: Path, step: int, steps: list[int], error: Exception) -> CheckpointReadError:
