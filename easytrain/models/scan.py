@@ -96,10 +96,10 @@ class StackedLayers(nnx.Module):
         graphdef, *states = zip(*(nnx.split(layer, nnx.Param, ...) for layer in layers))
         params, rest = (jax.tree.map(_stacked_variable, *parts, is_leaf=_is_variable) for parts in states)
         self.num_layers = len(layers)
-        setattr(self, STACKED, nnx.merge(graphdef[0], params, rest))
+        self.stacked = nnx.merge(graphdef[0], params, rest)  # the attribute `STACKED` names
 
     def _split(self) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
-        return nnx.split(getattr(self, STACKED), nnx.Param, ...)
+        return nnx.split(self.stacked, nnx.Param, ...)
 
     def __len__(self) -> int:
         return self.num_layers
@@ -135,7 +135,7 @@ class StackedLayers(nnx.Module):
 
         carry, new_rest = jax.lax.scan(checkpointed(body, policy), carry, (_values(params), _values(rest), xs))
         nnx.replace_by_pure_dict(rest, new_rest)
-        nnx.update(getattr(self, STACKED), rest)
+        nnx.update(self.stacked, rest)
         return carry
 
 
@@ -183,16 +183,8 @@ def is_stacked_path(path: Sequence[Any]) -> bool:
     return any(getattr(key, "key", key) == STACKED for key in path)
 
 
-def _stacked_groups(model: nnx.Module) -> list[tuple[nnx.Module, str | int]]:
-    """(parent, attribute or index) of every `StackedLayers` in `model`."""
-    groups = []
-    for path, node in nnx.iter_modules(model):
-        if isinstance(node, StackedLayers):
-            parent = model
-            for key in path[:-1]:
-                parent = parent[key] if isinstance(key, int) else getattr(parent, key)
-            groups.append((parent, path[-1]))
-    return groups
+def _get(parent: nnx.Module, key: str | int) -> Any:
+    return parent[key] if isinstance(key, int) else getattr(parent, key)
 
 
 def _set(parent: nnx.Module, key: str | int, value: nnx.Module) -> None:
@@ -202,8 +194,16 @@ def _set(parent: nnx.Module, key: str | int, value: nnx.Module) -> None:
         setattr(parent, key, value)
 
 
-def _get(parent: nnx.Module, key: str | int) -> Any:
-    return parent[key] if isinstance(key, int) else getattr(parent, key)
+def _stacked_groups(model: nnx.Module) -> list[tuple[nnx.Module, str | int]]:
+    """(parent, attribute or index) of every `StackedLayers` in `model`."""
+    groups = []
+    for path, node in nnx.iter_modules(model):
+        if isinstance(node, StackedLayers):
+            parent = model
+            for key in path[:-1]:
+                parent = _get(parent, key)
+            groups.append((parent, path[-1]))
+    return groups
 
 
 def per_layer_view(model: nnx.Module) -> nnx.Module:
