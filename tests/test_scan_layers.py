@@ -1,5 +1,5 @@
-"""`scan_layers`: the decoder layers as one `lax.scan` give the unrolled model's logits and gradients, and
-train, save and resume with the same parameter paths."""
+"""`scan_layers`: decoder layers stored stacked and run as one `lax.scan` give the unrolled model's logits,
+gradients and training curve, export the same weights, and resume across a switch of the setting."""
 
 from pathlib import Path
 
@@ -105,7 +105,7 @@ def test_layers_built_differently_are_refused_naming_scan_layers():
     assert not model.scan_layers and len(model.layers) == 3
 
 
-def test_decode_runs_unrolled_on_a_scan_model():
+def test_decode_on_a_scan_model_gives_the_forward_logits():
     model = CASES["qwen2 (full, full, window 3)"]()
     model.scan_layers = True
     ids, mask = (jnp.asarray(a) for a in right_padded_batch())
@@ -141,7 +141,7 @@ def test_training_matches_unrolled_and_resumes_from_stacked_checkpoints(tmp_path
     stored = CheckpointManager(Path(scanned.output_dir) / "checkpoints").stored_signature(4)
     assert "params.layers.stacked.self_attn.q_proj.kernel" in stored
     assert not any(key.startswith("params.layers.0.") for key in stored)
-    exported = [load_file(Path(args.output_dir) / "final_model" / "model.safetensors") for args in (scanned, unrolled)]
+    exported = [load_file(Path(a.output_dir) / "final_model" / "model.safetensors") for a in (scanned, unrolled)]
     assert sorted(exported[0]) == sorted(exported[1]) and "model.layers.1.self_attn.q_proj.weight" in exported[0]
     for name, tensor in exported[1].items():  # Adam turns float32 rounding of tiny gradients into lr-sized steps
         np.testing.assert_allclose(exported[0][name], tensor, rtol=1e-3, atol=1e-4, err_msg=name)
@@ -168,11 +168,12 @@ def test_a_scan_run_starts_from_exported_weights(tmp_path):
     """init_weights_from an export (per-layer Hugging Face tensors) into a run whose layers are stacked."""
     source = arguments(tmp_path / "source", max_steps=2, save_pretrained_at_end=True, save_strategy="no")
     BaseTrainer(source).train()
+    export = Path(source.output_dir) / "final_model"
     runs = {scan: BaseTrainer(arguments(tmp_path / f"scan-{scan}", scan_layers=scan, max_steps=2,
-                                        init_weights_from=str(Path(source.output_dir) / "final_model"))) for scan in (False, True)}
+                                        init_weights_from=str(export))) for scan in (False, True)}
     for trainer in runs.values():
         trainer.setup()
-    exported = load_file(tmp_path / "source" / "final_model" / "model.safetensors")
+    exported = load_file(export / "model.safetensors")
     stacked = np.asarray(runs[True].state.params["layers"]["stacked"]["mlp"]["up_proj"]["kernel"])
     for index in range(stacked.shape[0]):
         np.testing.assert_array_equal(stacked[index], exported[f"model.layers.{index}.mlp.up_proj.weight"].T)
@@ -180,6 +181,20 @@ def test_a_scan_run_starts_from_exported_weights(tmp_path):
     assert scanned.keys() == unrolled.keys()
     for path, value in unrolled.items():
         np.testing.assert_array_equal(scanned[path], value, err_msg=str(path))
+
+
+@pytest.mark.parametrize("source_scan", [False, True], ids=["from layers", "from stacked layers"])
+def test_a_run_starts_from_a_checkpoint_of_the_other_layout(tmp_path, source_scan):
+    source = BaseTrainer(arguments(tmp_path / "source", scan_layers=source_scan, max_steps=2, save_steps=2))
+    source.train()
+    run = BaseTrainer(arguments(tmp_path / "run", scan_layers=not source_scan, max_steps=2,
+                                init_weights_from=str(tmp_path / "source")))
+    run.setup()
+    assert run.model.scan_layers == (not source_scan)
+    ours, theirs = per_layer(run.state.params), per_layer(source.state.params)
+    assert ours.keys() == theirs.keys()
+    for path, value in theirs.items():
+        np.testing.assert_array_equal(ours[path], value, err_msg=str(path))
 
 
 def test_generation_on_a_scan_model_matches_unrolled():

@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from easytrain.errors import EasytrainError
 from easytrain.models.remat import checkpointed
@@ -176,6 +177,22 @@ def stack_layer_dicts(tree: Any, where: Callable[[tuple], bool],
         return {STACKED: jax.tree.map(stack, *(node[index] for index in range(len(node))))}
 
     return jax.tree_util.tree_map_with_path(restack, tree, is_leaf=_is_layer_list)
+
+
+def abstract_layer(leaf: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+    """One layer of an abstract stacked array: the leading axis dropped, from its sharding too."""
+    sharding = leaf.sharding
+    if isinstance(sharding, NamedSharding):
+        sharding = NamedSharding(sharding.mesh, P(*tuple(sharding.spec)[1:]))
+    return jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype, sharding=sharding)
+
+
+def abstract_stack(*leaves: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+    """The abstract stack of layers' arrays: a leading axis, unsplit, before the first layer's axes."""
+    sharding = leaves[0].sharding
+    if isinstance(sharding, NamedSharding):
+        sharding = NamedSharding(sharding.mesh, P(None, *sharding.spec))
+    return jax.ShapeDtypeStruct((len(leaves), *leaves[0].shape), leaves[0].dtype, sharding=sharding)
 
 
 def is_stacked_path(path: Sequence[Any]) -> bool:

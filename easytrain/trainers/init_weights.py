@@ -2,8 +2,10 @@
 
 The source is an exported model directory (`config.json` + safetensors) or a checkpoint of another run
 (its output directory, its `checkpoints/` directory or one `checkpoints/<step>`). Only module variables
-are read: parameters and statistics such as BatchNorm's, matched by variable path. The optimizer state,
-the step, the RNG and the data order start fresh, which is what distinguishes this from resuming.
+are read: parameters and statistics such as BatchNorm's, matched by variable path; decoder layers stored
+stacked (`scan_layers`) in the source or in this run are stacked or split to this run's layout. The
+optimizer state, the step, the RNG and the data order start fresh, which is what distinguishes this from
+resuming.
 """
 
 from __future__ import annotations
@@ -19,12 +21,10 @@ from flax import nnx
 from easytrain import integrity
 from easytrain.checkpoint import CheckpointNotFoundError, resolve_checkpoint
 from easytrain.errors import ArgumentError
-from easytrain.models.scan import is_stacked_path
+from easytrain.models.scan import STACKED, abstract_layer, abstract_stack
 from easytrain.state import TrainState
 
 VariablePath = tuple[str, ...]
-_LAYOUT_HINT = (" A checkpoint of a run with another scan_layers setting holds the decoder layers in the other "
-                "layout (stacked: layers.stacked.*); start from an export of that run (save_pretrained) instead.")
 #: The `TrainState` fields that hold module variables (`base` is never in a checkpoint).
 MODULE_PARTS = ("params", "base", "model_state")
 
@@ -60,13 +60,66 @@ def _pretrained_weights(directory: Path, load: Callable[[Path], nnx.Module]) -> 
     return {path: leaf for path, leaf in _flat(nnx.to_pure_dict(nnx.state(module))).items() if _is_weight(leaf)}
 
 
+def _stored(source: str) -> tuple[Path, int, dict[VariablePath, Any]]:
+    """The checkpoint's directory, step and flat metadata of its whole state."""
+    root, step = resolve_checkpoint(".", source)
+    metadata = ocp.PyTreeCheckpointer().metadata(root / str(step) / "state")
+    return root, step, _flat(getattr(getattr(metadata, "item_metadata", metadata), "tree", metadata))
+
+
+def _layer_paths(path: VariablePath, count: int) -> list[VariablePath]:
+    """The per-layer paths of a stacked variable's path: `STACKED` replaced by each layer's index."""
+    at = path.index(STACKED)
+    return [path[:at] + (str(index),) + path[at + 1:] for index in range(count)]
+
+
+def _split_layers(flat: dict[VariablePath, Any], take: Callable[[Any, int], Any]) -> dict[VariablePath, Any]:
+    """Stacked variables (paths through `STACKED`) as per-layer ones, `take(value, index)` each."""
+    out = {}
+    for path, value in flat.items():
+        pieces = _layer_paths(path, value.shape[0]) if STACKED in path else [path]
+        out.update((piece, take(value, i) if STACKED in path else value) for i, piece in enumerate(pieces))
+    return out
+
+
+def _join_layers(flat: dict[VariablePath, Any], stacked: dict[VariablePath, int],
+                 stack: Callable[..., Any]) -> dict[VariablePath, Any]:
+    """The per-layer variables of each `stacked` path (-> its layer count) as that one stacked variable, when
+    all its layers are there with one shape; anything else as it is."""
+    out = dict(flat)
+    for path, count in stacked.items():
+        pieces = _layer_paths(path, count)
+        if all(p in out and isinstance(out[p], (jax.Array, jax.ShapeDtypeStruct)) for p in pieces) and \
+                len({tuple(out[p].shape) for p in pieces}) == 1:
+            out[path] = stack(*(out.pop(p) for p in pieces))
+    return out
+
+
+def _slice(value: Any, index: int) -> Any:
+    return value[index] if isinstance(value, jax.Array) else jax.ShapeDtypeStruct(value.shape[1:], value.dtype)
+
+
 def _checkpoint_weights(source: str, wanted: dict[VariablePath, jax.ShapeDtypeStruct]) -> dict[VariablePath, Any]:
+    """`_restored_weights`, from a checkpoint whose decoder layers are stacked (`scan_layers`) or not, in this
+    model's layout: read in the checkpoint's layout, then stacked or split."""
+    _, _, stored = _stored(source)
+    theirs = {path[1:]: meta.shape[0] for path, meta in stored.items()
+              if path[0] in ("params", "model_state") and STACKED in path}
+    ours = {path: leaf.shape[0] for path, leaf in wanted.items() if STACKED in path}
+    if ours and not theirs:
+        found = _restored_weights(source, _split_layers(wanted, lambda leaf, _: abstract_layer(leaf)))
+        return _join_layers(found, ours, lambda *values: jnp.stack(values))
+    if theirs and not ours:
+        found = _restored_weights(source, _join_layers(wanted, theirs, abstract_stack))
+        return _split_layers(found, _slice)
+    return _restored_weights(source, wanted)
+
+
+def _restored_weights(source: str, wanted: dict[VariablePath, jax.ShapeDtypeStruct]) -> dict[VariablePath, Any]:
     """Restore only the module variables of another run's checkpoint whose paths this model has (others are
     reported as unexpected by the caller from the metadata), verified against the checkpoint's fingerprint."""
-    root, step = resolve_checkpoint(".", source)
+    root, step, stored = _stored(source)
     item = root / str(step) / "state"
-    metadata = ocp.PyTreeCheckpointer().metadata(item)
-    stored = _flat(getattr(getattr(metadata, "item_metadata", metadata), "tree", metadata))
     available = {path[1:]: path for path in stored if path[0] in ("params", "model_state")
                  and _is_weight(stored[path])}
     target: dict = {}
@@ -129,13 +182,12 @@ def initialise_from(source: str, state: TrainState, shardings: TrainState, *, lo
     problems += [f"{'.'.join(p)}: not in this model" for p in sorted(theirs.keys() - wanted.keys())]
     problems += [f"{'.'.join(p)}: missing from the source" for p in sorted(wanted.keys() - theirs.keys())
                  if not fresh_ok(p, ours[p][0])]
-    differing = theirs.keys() ^ wanted.keys()
     if problems:
         shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
         raise ArgumentError("init_weights_from", f"{source} does not fit this model ({len(problems)} tensor(s): "
                                                  f"{shown}). Use weights of the same architecture (model_config or "
                                                  "model_name_or_path), or resume_from_checkpoint to continue a run."
-                                                 + _LAYOUT_HINT * any(is_stacked_path(p) for p in differing))
+                                                )
     replaced = {part: jax.tree.map(lambda x: x, getattr(state, part)) for part in MODULE_PARTS}
     for path, (part, inner) in ours.items():
         if path in theirs:

@@ -8,11 +8,10 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from easytrain.checkpoint import CheckpointManager, CheckpointMismatchError, path_name, tree_signature
 from easytrain.errors import ArgumentError, CheckpointReadError
-from easytrain.models.scan import STACKED, stack_layer_dicts, unstack_layer_dicts
+from easytrain.models.scan import STACKED, abstract_layer, abstract_stack, stack_layer_dicts, unstack_layer_dicts
 from easytrain.trainers.adapters import check_base
 
 logger = logging.getLogger("easytrain")
@@ -118,20 +117,6 @@ def _stored_scan_layers(run_info: dict[str, Any]) -> bool | None:
     return (run_info.get("arguments") or {}).get("scan_layers")
 
 
-def _drop_layer_axis(leaf: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
-    sharding = leaf.sharding
-    if isinstance(sharding, NamedSharding):
-        sharding = NamedSharding(sharding.mesh, P(*tuple(sharding.spec)[1:]))
-    return jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype, sharding=sharding)
-
-
-def _add_layer_axis(*leaves: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
-    sharding = leaves[0].sharding
-    if isinstance(sharding, NamedSharding):
-        sharding = NamedSharding(sharding.mesh, P(None, *sharding.spec))
-    return jax.ShapeDtypeStruct((len(leaves), *leaves[0].shape), leaves[0].dtype, sharding=sharding)
-
-
 def restore_in_other_layout(manager: CheckpointManager, step: int, target: Any) -> tuple[Any, dict[str, Any]]:
     """A checkpoint written with the other `scan_layers` setting, restored in its own layout (stacked decoder
     layers, `layers.stacked.*`, or separate ones, `layers.0.*`) and converted to `target`'s: every array of the
@@ -142,10 +127,10 @@ def restore_in_other_layout(manager: CheckpointManager, step: int, target: Any) 
 
     now = stacked_groups(tree_signature(target))
     if now:
-        stored_target = unstack_layer_dicts(target, lambda leaf, _: _drop_layer_axis(leaf))
+        stored_target = unstack_layer_dicts(target, lambda leaf, _: abstract_layer(leaf))
     else:
         stored = stacked_groups(manager.stored_signature(step))
-        stored_target = stack_layer_dicts(target, lambda path: path_name(path) in stored, _add_layer_axis)
+        stored_target = stack_layer_dicts(target, lambda path: path_name(path) in stored, abstract_stack)
     state, data_state, _ = manager.restore(step, abstract_state=stored_target)
     if now:
         state = stack_layer_dicts(state, lambda path: path_name(path) in now)
