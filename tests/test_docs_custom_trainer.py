@@ -8,6 +8,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 from doc_snippets import python_blocks, run_page
 
 from easytrain import BaseTrainer, Callback
@@ -180,6 +181,15 @@ def test_the_circle_classifier_exports_and_its_padded_evaluation_is_exact(page):
     metrics = trainer.evaluate()
     assert metrics["eval_accuracy"] == pytest.approx(np.mean(logits.argmax(-1) == points["label"]), abs=1e-6)
     assert "tokens_per_second" not in trainer.loop.last_logs, "no input_ids: no token count"
+
+
+def test_stacked_blocks_compute_what_the_loop_of_blocks_does(page):
+    trainer, _ = page.run("DeepCircleTrainer")
+    assert trainer.state.params["blocks"]["stacked"]["linear"]["kernel"].shape == (8, 64, 64)
+    looped, scanned = (page["DeepMLP"](depth=3, scan=scan, rngs=nnx.Rngs(0)) for scan in (False, True))
+    points = page["circle_points"](16, seed=2)["x"]
+    np.testing.assert_allclose(np.asarray(scanned(points)), np.asarray(looped(points)), rtol=1e-5, atol=1e-6)
+    assert np.abs(np.asarray(looped.blocks[1].linear.kernel[...])).max() > 0
 
 
 def test_compile_step_scores_every_eval_row(page):
