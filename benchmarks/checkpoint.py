@@ -1,7 +1,7 @@
 """Checkpoint cost: how long a save blocks the training loop (async vs synchronous), restore time, and the
 host memory a save needs.
 
-    python -m benchmarks.checkpoint [--quick] [--out FILE]
+    python -m benchmarks.checkpoint [--quick] [--stack_layers N] [--out FILE]
 
 The state is a `TrainState`-like pytree of float32 arrays of `--megabytes` in total (weights plus two
 AdamW-moment copies, in a Llama's shapes), saved with easytrain's `CheckpointManager` exactly as the loop
@@ -40,13 +40,18 @@ from benchmarks.report import emit, relaunch_like_the_command  # noqa: E402
 PROFILES = {"full": dict(megabytes=1200, repeats=5), "quick": dict(megabytes=24, repeats=2)}
 
 
-def make_state(megabytes: int) -> dict[str, Any]:
-    """Parameters and two moment copies (a third each), in 4 MiB-ish blocks like a Llama's matrices."""
+def make_state(megabytes: int, stack_layers: int = 0) -> dict[str, Any]:
+    """Parameters and two moment copies (a third each), in 4 MiB-ish blocks like a Llama's matrices; with
+    `stack_layers` L, every L blocks are one `[L, 1024, 1024]` array, as `scan_layers` stores a model's."""
     per_part = megabytes * 2**20 // 3
     rows = 1024
     count = max(1, per_part // (rows * 1024 * 4))
     key = jax.random.key(0)
     params = {f"layer_{i}": jax.random.normal(jax.random.fold_in(key, i), (rows, 1024)) for i in range(count)}
+    if stack_layers > 1:
+        blocks = list(params.values())
+        params = {f"stack_{i}": jnp.stack(blocks[start:start + stack_layers])
+                  for i, start in enumerate(range(0, len(blocks), stack_layers))}
     state = {"params": params, "mu": jax.tree.map(lambda x: 0.1 * x, params),
              "nu": jax.tree.map(lambda x: x * x, params), "step": jnp.int32(0)}
     return jax.block_until_ready(state)
@@ -106,11 +111,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="24 MB state, 2 repeats")
     parser.add_argument("--megabytes", type=int, help="state size (default: 1200 full, 24 quick)")
     parser.add_argument("--repeats", type=int, help="saves of each kind (default: 5 full, 2 quick)")
+    parser.add_argument("--stack_layers", type=int, default=0,
+                        help="store every N blocks as one [N, ...] array, as scan_layers does (0: separate arrays)")
     parser.add_argument("--out", help="also write the JSON result to this file")
     options = parser.parse_args(argv)
     profile = PROFILES["quick" if options.quick else "full"]
     megabytes, repeats = options.megabytes or profile["megabytes"], options.repeats or profile["repeats"]
-    state = make_state(megabytes)
+    state = make_state(megabytes, options.stack_layers)
     state_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
     runs: dict[str, list[dict[str, float]]] = {"async": [], "sync": []}
     restores: list[float] = []
@@ -128,6 +135,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {
         "benchmark": "checkpoint_cost", "device": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(),
         "jax": jax.__version__, "state_bytes": state_bytes, "leaves": len(jax.tree.leaves(state)), "repeats": repeats,
+        "stack_layers": options.stack_layers,
         "async_blocked_seconds": blocked, "async_total_seconds": spread([r["total"] for r in runs["async"]]),
         "sync_seconds": sync_total, "restore_seconds": spread(restores),
         "blocked_over_sync": round(blocked["median"] / sync_total["median"], 4),

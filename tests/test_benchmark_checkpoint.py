@@ -14,3 +14,10 @@ def test_checkpoint_benchmark_smoke(tmp_path):
         assert set(result[key]) == {"median", "min", "max"} and result[key]["median"] > 0, key
     assert result["blocked_over_sync"] > 0
     assert set(result["peak_added_over_state"]) == {"async", "sync"}
+
+
+def test_checkpoint_benchmark_stacks_blocks_like_scan_layers(tmp_path):
+    result = checkpoint.main(["--megabytes", "24", "--repeats", "1", "--stack_layers", "2"])
+    assert result["stack_layers"] == 2 and result["restore_seconds"]["median"] > 0
+    assert result["leaves"] == 3 * 1 + 1  # two blocks per part stacked into one [2, 1024, 1024], and the step
+    assert checkpoint.main(["--megabytes", "24", "--repeats", "1"])["leaves"] == 3 * 2 + 1
