@@ -186,8 +186,7 @@ def initialise_from(source: str, state: TrainState, shardings: TrainState, *, lo
         shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
         raise ArgumentError("init_weights_from", f"{source} does not fit this model ({len(problems)} tensor(s): "
                                                  f"{shown}). Use weights of the same architecture (model_config or "
-                                                 "model_name_or_path), or resume_from_checkpoint to continue a run."
-                                                )
+                                                 "model_name_or_path), or resume_from_checkpoint to continue a run.")
     replaced = {part: jax.tree.map(lambda x: x, getattr(state, part)) for part in MODULE_PARTS}
     for path, (part, inner) in ours.items():
         if path in theirs:

@@ -59,7 +59,8 @@ def check_resumable(run_info: dict[str, Any], current: dict[str, Any]) -> list[s
         raise ArgumentError(lora_diffs[0].split(":")[0], "the checkpoint's adapters were trained with other LoRA "
                             "settings (" + "; ".join(lora_diffs) + "). Resume with the same lora_* arguments, or "
                             "start a new output_dir.")
-    if run_info.get("base_fingerprint") and _stored_scan_layers(run_info) not in (None, current_args.get("scan_layers")):
+    layout_changed = _stored_scan_layers(run_info) not in (None, current_args.get("scan_layers"))
+    if run_info.get("base_fingerprint") and layout_changed:
         raise ArgumentError("scan_layers", "the checkpoint's adapters were trained with scan_layers="
                             f"{_stored_scan_layers(run_info)}, and their frozen base is checked by per-layout "
                             "fingerprints; resume with the same scan_layers, or start a new output_dir.")
