@@ -12,6 +12,7 @@ from safetensors.numpy import load_file
 
 from easytrain import ArgumentError, BaseTrainer, TrainingArguments
 from easytrain.checkpoint import CheckpointManager
+from easytrain.trainers.dpo import DPOArguments, DPOTrainer
 from easytrain.generation import generate
 from easytrain.lora import LoRAConfig, apply_lora
 from easytrain.models import init_model
@@ -195,6 +196,19 @@ def test_a_run_starts_from_a_checkpoint_of_the_other_layout(tmp_path, source_sca
     assert ours.keys() == theirs.keys()
     for path, value in theirs.items():
         np.testing.assert_array_equal(ours[path], value, err_msg=str(path))
+
+
+@pytest.mark.parametrize("sync", [False, True], ids=["fixed reference", "TR-DPO reference"])
+def test_dpo_with_its_frozen_reference_trains_the_same_with_stacked_layers(tmp_path, sync):
+    """The reference policy, a frozen copy of the module, is stacked like the policy, so TR-DPO can mix them."""
+    for scan in (False, True):
+        trainer = DPOTrainer(arguments(tmp_path / f"scan-{scan}", scan_layers=scan, max_steps=3, save_strategy="no",
+                                       max_train_samples=48),
+                             DPOArguments(sync_ref_model=sync, ref_model_sync_steps=1))
+        trainer.train()
+        assert ("stacked" in trainer.state.frozen["reference"]["layers"]) == scan
+    np.testing.assert_allclose(list(logged(tmp_path / "scan-True").values()),
+                               list(logged(tmp_path / "scan-False").values()), rtol=1e-5)
 
 
 def test_generation_on_a_scan_model_matches_unrolled():

@@ -38,6 +38,7 @@ from easytrain.tasks.registry import register_task
 from easytrain.trainers import builders
 from easytrain.trainers.base import BaseTrainer
 from easytrain.trainers.dpo_reference import CACHE_DIRNAME, precomputed_reference_logps
+from easytrain.trainers.switches import apply_switches
 
 logger = logging.getLogger("easytrain")
 
@@ -180,9 +181,18 @@ class DPOTrainer(BaseTrainer):
         path = self.dpo.ref_model_name_or_path or self.arguments.model_name_or_path
         moving = self.dpo.sync_ref_model
         if path:
-            return Frozen(from_pretrained(path, dtype=self.dtype, param_dtype=self.param_dtype, mesh=self.mesh,
-                                          rules=self.partition_rules), checkpoint=moving, copy=False)
-        return Frozen(self._given_model if self._given_model is not None else self.create_module, checkpoint=moving)
+            return Frozen(self._like_the_policy(from_pretrained(path, dtype=self.dtype, param_dtype=self.param_dtype,
+                                                                mesh=self.mesh, rules=self.partition_rules)),
+                          checkpoint=moving, copy=False)
+        if self._given_model is not None:
+            return Frozen(self._like_the_policy(self._given_model), checkpoint=moving)
+        return Frozen(lambda: self._like_the_policy(self.create_module()), checkpoint=moving)
+
+    def _like_the_policy(self, module: nnx.Module) -> nnx.Module:
+        """The reference with the policy's model switches (`scan_layers`, `attention_implementation`, `remat`):
+        its layers stored as the policy's (TR-DPO mixes the two leaf by leaf) and run by the same kernels."""
+        apply_switches(module, self.arguments, self.mesh.devices.flat[0].platform)
+        return module
 
     @property
     def reference_is_base(self) -> bool:
