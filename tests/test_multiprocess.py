@@ -77,6 +77,21 @@ def test_two_processes_checkpoint_and_resume_together(tmp_path, single):
         assert result["losses"] == pytest.approx(single["losses"][3:], abs=1e-5, rel=1e-5)
 
 
+@pytest.mark.slow
+def test_two_processes_resume_stacked_layers_into_separate_ones(tmp_path, single):
+    """scan_layers' stacked checkpoint written by two processes, converted on restore by both to the per-layer
+    layout of a run without it: the curve continues."""
+    run_dir = str(tmp_path / "run")
+    stopped = launch(4, 2, "8", "1", "1", "8", "--output-dir", run_dir, "--stop-at", "3", "--scan")
+    resumed = launch(4, 2, "8", "1", "1", "8", "--output-dir", run_dir, "--resume")
+    for result in stopped:
+        assert result["losses"] == pytest.approx(single["losses"][:3], abs=1e-5, rel=1e-5)
+        assert "['layers']['stacked']['mlp']['up_proj']['kernel']" in result["specs"]
+    for result in resumed:
+        assert result["losses"] == pytest.approx(single["losses"][3:], abs=1e-5, rel=1e-5)
+        assert "['layers'][0]['mlp']['up_proj']['kernel']" in result["specs"]
+
+
 def test_partial_multi_process_arguments_are_refused(monkeypatch):
     import jax
 
