@@ -254,12 +254,8 @@ class BaseTrainer(LanguageModelHooks):
     def _initial_weights(self, state: TrainState, shardings: TrainState) -> TrainState:
         """`init_weights_from`'s variables in place of the fresh ones (new LoRA adapters, and a base already
         loaded from `model_name_or_path`, may stay as they are)."""
-        def load(directory: Path) -> nnx.Module:  # in this run's layer layout (stacked under scan_layers)
-            module = from_pretrained(directory, dtype=self.dtype, param_dtype=self.param_dtype, mesh=self.mesh,
-                                     rules=self.partition_rules)
-            module.scan_layers = self._arguments.scan_layers
-            return module
-
+        load = functools.partial(from_pretrained, dtype=self.dtype, param_dtype=self.param_dtype, mesh=self.mesh,
+                                 rules=self.partition_rules)
         keeps = lambda path, part: (self.lora is not None and path[-1] in ("lora_a", "lora_b")) or (
             part == "base" and bool(self._arguments.model_name_or_path))
         return init_weights.initialise_from(self._arguments.init_weights_from, state, shardings,

@@ -173,8 +173,10 @@ def initialise_from(source: str, state: TrainState, shardings: TrainState, *, lo
     for path, (part, inner) in ours.items():
         leaf = _leaf(state, part, inner)
         wanted[path] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=_leaf(shardings, part, inner))
-    if _source_kind(source) == "pretrained":
-        theirs = _pretrained_weights(Path(source).expanduser(), load_pretrained)
+    if _source_kind(source) == "pretrained":  # an export holds separate layers: stacked where this run stacks them
+        stacked = {path: leaf.shape[0] for path, leaf in wanted.items() if STACKED in path}
+        theirs = _join_layers(_pretrained_weights(Path(source).expanduser(), load_pretrained), stacked,
+                              lambda *values: jnp.stack(values))
     else:
         theirs = _checkpoint_weights(source, wanted)
     problems = [f"{'.'.join(p)}: source {tuple(theirs[p].shape)} vs model {wanted[p].shape}"
