@@ -102,23 +102,24 @@ def _slice(value: Any, index: int) -> Any:
 def _checkpoint_weights(source: str, wanted: dict[VariablePath, jax.ShapeDtypeStruct]) -> dict[VariablePath, Any]:
     """`_restored_weights`, from a checkpoint whose decoder layers are stacked (`scan_layers`) or not, in this
     model's layout: read in the checkpoint's layout, then stacked or split."""
-    _, _, stored = _stored(source)
-    theirs = {path[1:]: meta.shape[0] for path, meta in stored.items()
+    checkpoint = _stored(source)
+    theirs = {path[1:]: meta.shape[0] for path, meta in checkpoint[2].items()
               if path[0] in ("params", "model_state") and STACKED in path}
     ours = {path: leaf.shape[0] for path, leaf in wanted.items() if STACKED in path}
     if ours and not theirs:
-        found = _restored_weights(source, _split_layers(wanted, lambda leaf, _: abstract_layer(leaf)))
+        found = _restored_weights(checkpoint, _split_layers(wanted, lambda leaf, _: abstract_layer(leaf)))
         return _join_layers(found, ours, lambda *values: jnp.stack(values))
     if theirs and not ours:
-        found = _restored_weights(source, _join_layers(wanted, theirs, abstract_stack))
+        found = _restored_weights(checkpoint, _join_layers(wanted, theirs, abstract_stack))
         return _split_layers(found, _slice)
-    return _restored_weights(source, wanted)
+    return _restored_weights(checkpoint, wanted)
 
 
-def _restored_weights(source: str, wanted: dict[VariablePath, jax.ShapeDtypeStruct]) -> dict[VariablePath, Any]:
-    """Restore only the module variables of another run's checkpoint whose paths this model has (others are
-    reported as unexpected by the caller from the metadata), verified against the checkpoint's fingerprint."""
-    root, step, stored = _stored(source)
+def _restored_weights(checkpoint: tuple[Path, int, dict[VariablePath, Any]],
+                      wanted: dict[VariablePath, jax.ShapeDtypeStruct]) -> dict[VariablePath, Any]:
+    """Restore only the module variables of another run's checkpoint (`_stored`) whose paths this model has
+    (others are reported as unexpected by the caller from the metadata), verified against its fingerprint."""
+    root, step, stored = checkpoint
     item = root / str(step) / "state"
     available = {path[1:]: path for path in stored if path[0] in ("params", "model_state")
                  and _is_weight(stored[path])}
