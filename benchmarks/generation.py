@@ -1,11 +1,12 @@
-"""Greedy generation speed: KV-cache `generate` vs re-running the whole buffer for every token.
+"""Greedy generation speed: KV-cache `generate` vs re-running the whole buffer for every token, and
+`generate` on the same model with its layers stored stacked (`scan_layers`: decoded as one scan).
 
-    python benchmarks/generation.py [--batch 8] [--prompt 64] [--new 64] [--repeats 3]
+    python benchmarks/generation.py [--batch 8] [--prompt 64] [--new 64] [--layers 4] [--repeats 3]
 
-The 6.3M-parameter Llama of `benchmarks/overhead.py`, random weights, no EOS (every row generates
-`--new` tokens). Each side is compiled first (timed separately), then run `--repeats` times; the
-median wall time gives new tokens per second. Both sides must produce the same tokens. Prints one
-JSON line.
+The 6.3M-parameter Llama of `benchmarks/overhead.py` (`--layers` deep), random weights, no EOS (every
+row generates `--new` tokens). Each side is compiled first (timed separately), then run `--repeats` times;
+the median wall time gives new tokens per second. Every side must produce the same tokens. The compiled
+scratch memory of both cached loops is reported too. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np  # noqa: E402
 import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from easytrain.generation import generate, pad_prompts  # noqa: E402
+from easytrain.generation import GenerationConfig, _generate, generate, pad_prompts  # noqa: E402
 from easytrain.models import init_model  # noqa: E402
 from benchmarks.report import relaunch_like_the_command  # noqa: E402
 
@@ -61,19 +62,35 @@ def timed(fn, repeats: int) -> tuple[np.ndarray, float, float]:
     return out, first, statistics.median(times)
 
 
+def scratch_bytes(model: nnx.Module, ids_BL: np.ndarray, mask_BL: np.ndarray, new: int) -> int:
+    """Scratch memory of `generate`'s compiled loop (beyond the weights and inputs it is given)."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    lowered = _generate.lower(graphdef, params, rest, jnp.asarray(ids_BL), jnp.asarray(mask_BL), jax.random.key(0),
+                              config=GenerationConfig(max_new_tokens=new))
+    return lowered.compile().memory_analysis().temp_size_in_bytes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--new", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=CONFIG["num_hidden_layers"])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    model = init_model(transformers.LlamaConfig(**CONFIG), seed=0)
+    model = init_model(transformers.LlamaConfig(**{**CONFIG, "num_hidden_layers": args.layers}), seed=0)
     prompts = np.random.default_rng(0).integers(1, CONFIG["vocab_size"], (args.batch, args.prompt)).tolist()
     ids_BL, mask_BL = pad_prompts(prompts, pad_id=0)
     cached, cached_first, cached_s = timed(
         lambda: generate(model, ids_BL, mask_BL, max_new_tokens=args.new), args.repeats
     )
+    unrolled_scratch = scratch_bytes(model, ids_BL, mask_BL, args.new)
+    model.scan_layers = True
+    scanned, scanned_first, scanned_s = timed(
+        lambda: generate(model, ids_BL, mask_BL, max_new_tokens=args.new), args.repeats
+    )
+    scanned_scratch = scratch_bytes(model, ids_BL, mask_BL, args.new)
+    model.scan_layers = False
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     buffer_BS = np.pad(ids_BL, ((0, 0), (0, args.new)))
     lengths_B = np.full((args.batch,), args.prompt, np.int32)
@@ -83,12 +100,17 @@ def main() -> None:
     tokens = args.batch * args.new
     print(json.dumps({
         "benchmark": "generation", "device": jax.devices()[0].platform,
-        "params": sum(p.size for p in jax.tree.leaves(params)), "batch": args.batch, "prompt": args.prompt,
-        "new_tokens": args.new, "same_tokens": bool((cached == plain).all()),
+        "params": sum(p.size for p in jax.tree.leaves(params)), "layers": args.layers, "batch": args.batch,
+        "prompt": args.prompt, "new_tokens": args.new, "same_tokens": bool((cached == plain).all()),
+        "same_tokens_scan_layers": bool((scanned == cached).all()),
         "cache_tokens_per_second": round(tokens / cached_s, 1),
         "no_cache_tokens_per_second": round(tokens / plain_s, 1),
         "speedup": round(plain_s / cached_s, 2),
         "cache_first_call_seconds": round(cached_first, 3), "no_cache_first_call_seconds": round(plain_first, 3),
+        "scan_layers_tokens_per_second": round(tokens / scanned_s, 1),
+        "scan_layers_over_unrolled_tokens_per_second": round(cached_s / scanned_s, 3),
+        "scan_layers_first_call_seconds": round(scanned_first, 3),
+        "scratch_bytes": {"unrolled": unrolled_scratch, "scan_layers": scanned_scratch},
     }))
 
 

@@ -28,7 +28,6 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from easytrain.errors import EasytrainError
-from easytrain.models.scan import per_layer_view
 
 Array = jax.Array
 
@@ -115,8 +114,7 @@ def _is_eos(token_B: Array, config: GenerationConfig) -> Array:
 def _generate(graphdef, params, rest, ids_BL: Array, mask_BL: Array, rng: Array, config: GenerationConfig,
               out_sharding: NamedSharding | None = None) -> Array:
     """New tokens ``[B, max_new_tokens]``: prefill, then a while loop of one-token decoding steps."""
-    # Stacked decoder layers (scan_layers) are split once per call, not once per token (easytrain.models.scan).
-    model = per_layer_view(nnx.merge(graphdef, params, rest))
+    model = nnx.merge(graphdef, params, rest)
     model.eval()  # inference: no dropout (e.g. on LoRA adapters), whatever mode the caller's module is in
     batch, length = ids_BL.shape
     steps = config.max_new_tokens

@@ -9,7 +9,8 @@ slots. Decoding masks are computed from query and key *positions*, not slot numb
 mix prompts of different lengths, left- or right-padded: padding slots are never attended and each
 row sees exactly the keys it would see alone.
 
-Shape suffixes as in ``llama.py``: B batch, T new tokens, S cache slots, N key/value heads, K head dim.
+Shape suffixes as in ``llama.py``: L layers, B batch, T new tokens, S cache slots, N key/value heads, K head
+dim.
 """
 
 from __future__ import annotations
@@ -23,51 +24,79 @@ Array = jax.Array
 
 
 class LayerCache(NamedTuple):
-    """One attention layer's slice of the cache, as its ``__call__`` reads and returns it."""
+    """One attention layer's slice of the cache, as its ``__call__`` reads and returns it.
 
-    keys_BSNK: Array
-    values_BSNK: Array
+    With ``layer`` set, ``keys``/``values`` are the whole stacked cache ``[L, B, S, N, K]`` and the layer
+    reads and writes its own slice of it in place (decoding stacked layers as one scan); otherwise they
+    are this layer's ``[B, S, N, K]``.
+    """
+
+    keys: Array
+    values: Array
     index: Array  # Slot where this call's first new token goes.
+    layer: Array | None = None
+
+    @property
+    def keys_BSNK(self) -> Array:
+        return self.keys if self.layer is None else self.keys[self.layer]
+
+    @property
+    def values_BSNK(self) -> Array:
+        return self.values if self.layer is None else self.values[self.layer]
+
+    def _written(self, cache: Array, new_BTNK: Array) -> Array:
+        new_BTNK = new_BTNK.astype(cache.dtype)
+        if self.layer is None:
+            return jax.lax.dynamic_update_slice_in_dim(cache, new_BTNK, self.index, axis=1)
+        zero = jnp.zeros((), jnp.int32)  # only the new tokens are written, into this layer's slice
+        return jax.lax.dynamic_update_slice(cache, new_BTNK[None], (self.layer, zero, self.index, zero, zero))
 
     def write(self, k_BTNK: Array, v_BTNK: Array) -> LayerCache:
         """Stores this call's keys and values (after RoPE) from slot ``index`` on."""
-        keys_BSNK = jax.lax.dynamic_update_slice_in_dim(
-            self.keys_BSNK, k_BTNK.astype(self.keys_BSNK.dtype), self.index, axis=1
-        )
-        values_BSNK = jax.lax.dynamic_update_slice_in_dim(
-            self.values_BSNK, v_BTNK.astype(self.values_BSNK.dtype), self.index, axis=1
-        )
-        return LayerCache(keys_BSNK, values_BSNK, self.index)
+        return self._replace(keys=self._written(self.keys, k_BTNK), values=self._written(self.values, v_BTNK))
 
 
 class KVCache(NamedTuple):
     """Keys and values of every layer plus per-row position bookkeeping (a pytree).
 
     Attributes:
-        keys / values: one ``[B, S, N, K]`` array per layer.
+        keys / values: one ``[B, S, N, K]`` array per layer, or (for layers stored stacked, decoded as one
+            scan) one ``[L, B, S, N, K]`` array.
         positions_BS: int32 RoPE position of the token in each slot; -1 for padding or empty.
         lengths_B: int32 count of real tokens per row, hence the position of its next token.
         index: int32 scalar, the next slot to write (the same for every row).
     """
 
-    keys: tuple[Array, ...]
-    values: tuple[Array, ...]
+    keys: tuple[Array, ...] | Array
+    values: tuple[Array, ...] | Array
     positions_BS: Array
     lengths_B: Array
     index: Array
 
-    def layer(self, i: int) -> LayerCache:
+    @property
+    def stacked(self) -> bool:
+        return not isinstance(self.keys, tuple)
+
+    def layer(self, i: int | Array) -> LayerCache:
+        """Layer ``i``'s cache: its own arrays, or (stacked) the stack and the index of its slice."""
+        if self.stacked:
+            return LayerCache(self.keys, self.values, self.index, jnp.asarray(i, jnp.int32))
         return LayerCache(self.keys[i], self.values[i], self.index)
 
 
 def init_cache(
-    num_layers: int, batch: int, max_length: int, kv_heads: int, head_dim: int, dtype: jnp.dtype | type
+    num_layers: int, batch: int, max_length: int, kv_heads: int, head_dim: int, dtype: jnp.dtype | type,
+    stacked: bool = False,
 ) -> KVCache:
-    """An empty cache of ``max_length`` slots per row; it must hold the prompt and every new token."""
-    zeros = jnp.zeros((batch, max_length, kv_heads, head_dim), dtype)
+    """An empty cache of ``max_length`` slots per row; it must hold the prompt and every new token.
+    ``stacked``: one ``[L, ...]`` array for keys and one for values, for layers decoded as one scan."""
+    if stacked:
+        keys = values = jnp.zeros((num_layers, batch, max_length, kv_heads, head_dim), dtype)
+    else:
+        keys = values = (jnp.zeros((batch, max_length, kv_heads, head_dim), dtype),) * num_layers
     return KVCache(
-        keys=(zeros,) * num_layers,
-        values=(zeros,) * num_layers,
+        keys=keys,
+        values=values,
         positions_BS=jnp.full((batch, max_length), -1, jnp.int32),
         lengths_B=jnp.zeros((batch,), jnp.int32),
         index=jnp.zeros((), jnp.int32),
@@ -92,6 +121,6 @@ def advance(cache: KVCache, attention_mask_BT: Array) -> tuple[Array, KVCache]:
 
 
 def with_layers(cache: KVCache, layers: list[LayerCache]) -> KVCache:
-    """The cache holding the keys and values the layers wrote."""
-    return cache._replace(keys=tuple(l.keys_BSNK for l in layers), values=tuple(l.values_BSNK for l in layers))
+    """The cache holding the keys and values the layers wrote (each its own arrays)."""
+    return cache._replace(keys=tuple(l.keys for l in layers), values=tuple(l.values for l in layers))
 

@@ -16,6 +16,7 @@ The layers live in ``easytrain.models.layers``.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -155,10 +156,11 @@ class LlamaForCausalLM(nnx.Module):
                 x_MD = constrain(run(layer, x_MD, cos_BTK, sin_BTK, masks[window]), RESIDUAL_MD)
         return self.norm(x_MD)
 
-    def _scanned_layers(self, x_MD: Array, cos_BTK: Array, sin_BTK: Array,
-                        masks: dict[int | None, Array | AttentionMask]) -> Array:
-        """The decoder layers as one scan; with mixed windows a layer picks its dense mask from the distinct
-        ones by a scanned index (``[W, B, T, S]`` for W distinct windows, rather than one mask per layer)."""
+    def _scanned_masks(self, masks: dict[int | None, Array | AttentionMask]
+                       ) -> tuple[Callable[[Array], Array | AttentionMask], Array]:
+        """Each layer's mask in a scan over the layers: a function of a scanned index, and each layer's index.
+        With mixed windows a layer picks its dense mask from the distinct ones (``[W, B, T, S]`` for W distinct
+        windows, rather than one mask per layer)."""
         windows = list(masks)
         if len(windows) > 1 and isinstance(masks[windows[0]], AttentionMask):
             raise ValueError(  # a structured mask's window is static: it cannot vary along the scan
@@ -167,12 +169,33 @@ class LlamaForCausalLM(nnx.Module):
                 "scan_layers False.")
         masks_WBTS = jnp.stack([masks[window] for window in windows]) if len(windows) > 1 else None
         window_index_L = jnp.asarray([windows.index(window) for window in self.features.windows])
+        return (lambda index: masks[windows[0]] if masks_WBTS is None else masks_WBTS[index]), window_index_L
+
+    def _scanned_layers(self, x_MD: Array, cos_BTK: Array, sin_BTK: Array,
+                        masks: dict[int | None, Array | AttentionMask]) -> Array:
+        """The decoder layers as one scan."""
+        mask_of, window_index_L = self._scanned_masks(masks)
 
         def step(layer: DecoderLayer, x_MD: Array, window_index: Array) -> Array:
-            mask = masks[windows[0]] if masks_WBTS is None else masks_WBTS[window_index]
-            return constrain(layer(x_MD, cos_BTK, sin_BTK, mask), RESIDUAL_MD)
+            return constrain(layer(x_MD, cos_BTK, sin_BTK, mask_of(window_index)), RESIDUAL_MD)
 
         return self.layers.scan(x_MD, step, window_index_L, policy=self.remat)
+
+    def _scanned_decode(self, x_MD: Array, cos_BTK: Array, sin_BTK: Array, masks: dict[int | None, Array],
+                        cache: KVCache) -> tuple[Array, Array, Array]:
+        """Decoding through the stacked layers as one scan: no per-layer copy of the weights is made, and the
+        stacked cache rides in the carry, each layer writing its new keys and values into it in place."""
+        mask_of, window_index_L = self._scanned_masks(masks)
+
+        def step(layer: DecoderLayer, carry: tuple[Array, Array, Array], xs: tuple[Array, Array]):
+            x_MD, keys, values = carry
+            window_index, index = xs
+            x_MD, written = layer(x_MD, cos_BTK, sin_BTK, mask_of(window_index),
+                                  cache._replace(keys=keys, values=values).layer(index))
+            return constrain(x_MD, RESIDUAL_MD), written.keys, written.values
+
+        layer_index_L = jnp.arange(len(self.layers), dtype=jnp.int32)
+        return self.layers.scan((x_MD, cache.keys, cache.values), step, (window_index_L, layer_index_L))
 
     def logits_from_hidden(self, x_MD: Array) -> Array:
         """The output head (tied embedding or ``lm_head``, LoRA-adapted or not): float32 logits ``[M, V]``
@@ -183,8 +206,9 @@ class LlamaForCausalLM(nnx.Module):
 
     def init_cache(self, batch: int, max_length: int) -> KVCache:
         """An empty key/value cache for ``decode``: ``max_length`` slots per row, prompt included."""
-        attn = self.layers[0].self_attn
-        return init_cache(len(self.layers), batch, max_length, attn.num_kv_heads, attn.head_dim, self.dtype)
+        attn = (self.layers.stacked if self.scan_layers else self.layers[0]).self_attn
+        return init_cache(len(self.layers), batch, max_length, attn.num_kv_heads, attn.head_dim, self.dtype,
+                          stacked=self.scan_layers)
 
     def decode(
         self,
@@ -221,15 +245,23 @@ class LlamaForCausalLM(nnx.Module):
             for window in dict.fromkeys(self.features.windows)
         }
         x_MD = constrain(self.embed_tokens(input_ids_BT).reshape(batch * length, -1), RESIDUAL_MD)
-        layer_caches = []
-        for i, (layer, window) in enumerate(zip(self.layers, self.features.windows, strict=True)):
-            x_MD, layer_cache = layer(x_MD, cos_BTK, sin_BTK, masks[window], cache.layer(i))
-            x_MD = constrain(x_MD, RESIDUAL_MD)
-            layer_caches.append(layer_cache)
+        if cache.stacked != self.scan_layers:
+            raise ValueError(f"decode: this cache was made for scan_layers={cache.stacked} but the model has "
+                             f"scan_layers={self.scan_layers}; make the cache with this model's init_cache().")
+        if self.scan_layers:
+            x_MD, keys, values = self._scanned_decode(x_MD, cos_BTK, sin_BTK, masks, cache)
+            advanced = advanced._replace(keys=keys, values=values)
+        else:
+            layer_caches = []
+            for i, (layer, window) in enumerate(zip(self.layers, self.features.windows, strict=True)):
+                x_MD, layer_cache = layer(x_MD, cos_BTK, sin_BTK, masks[window], cache.layer(i))
+                x_MD = constrain(x_MD, RESIDUAL_MD)
+                layer_caches.append(layer_cache)
+            advanced = with_layers(advanced, layer_caches)
         if logits_index_B is not None:
             x_MD, length = x_MD.reshape(batch, length, -1)[jnp.arange(batch), logits_index_B], 1
         logits_MV = self.logits_from_hidden(self.norm(x_MD))
-        return logits_MV.reshape(batch, length, -1), with_layers(advanced, layer_caches)
+        return logits_MV.reshape(batch, length, -1), advanced
 
 
 def init_model(
