@@ -211,8 +211,10 @@ def test_dpo_with_its_frozen_reference_trains_the_same_with_stacked_layers(tmp_p
                                list(logged(tmp_path / "scan-False").values()), rtol=1e-5)
 
 
-def test_generation_on_a_scan_model_matches_unrolled():
-    model = CASES["qwen3 (q/k norm, windows 5 | full)"]()
+@pytest.mark.parametrize("build", [CASES["qwen3 (q/k norm, windows 5 | full)"], lambda: lora_model(dropout=0.2)],
+                         ids=["qwen3 windows", "lora adapters"])
+def test_generation_on_a_scan_model_matches_unrolled(build):
+    model = build()
     ids, mask = (jnp.asarray(a) for a in right_padded_batch())
     unrolled = generate(model, ids, mask, max_new_tokens=6, do_sample=True, seed=3)
     model.scan_layers = True

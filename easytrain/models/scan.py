@@ -128,15 +128,24 @@ class StackedLayers(nnx.Module):
         dropout) are written back, each layer's to its own slice, as the unrolled loop would leave them.
         """
         graphdef, params, rest = self._split()
+        changed = []  # whether the traced body left a new value in any variable
 
         def body(carry: Any, sliced: tuple[Any, Any, Any]) -> tuple[Any, Any]:
             param_values, rest_values, x = sliced
             layer = nnx.merge(graphdef, _layer_states(params, param_values), _layer_states(rest, rest_values))
-            return fn(layer, carry, x), _values(nnx.state(layer, nnx.Not(nnx.Param)))
+            carry = fn(layer, carry, x)
+            after = _values(nnx.state(layer, nnx.Not(nnx.Param)))
+            before = jax.tree.leaves(rest_values)
+            changed.append(any(new is not old for new, old in zip(jax.tree.leaves(after), before)))
+            return carry, after
 
         carry, new_rest = jax.lax.scan(checkpointed(body, policy), carry, (_values(params), _values(rest), xs))
-        nnx.replace_by_pure_dict(rest, new_rest)
-        nnx.update(self.stacked, rest)
+        # Written back only when the layers changed something (as the unrolled loop would leave it): a layer
+        # that changes nothing (eval mode) leaves the module untouched, so a scan may run inside a loop of
+        # another trace level (decoding in a `while_loop`) without mutating variables from outside it.
+        if any(changed):
+            nnx.replace_by_pure_dict(rest, new_rest)
+            nnx.update(self.stacked, rest)
         return carry
 
 
