@@ -34,7 +34,9 @@ def run_layout(data, fsdp, tensor, devices, *flags) -> dict:
 
 @pytest.fixture(scope="module")
 def layouts() -> dict[str, dict]:
-    return {name: run_layout(*shape) for name, shape in LAYOUTS.items()}
+    """Each layout trained 5 steps; the 1-device run also evaluates and samples (the generation reference)."""
+    return {name: run_layout(*shape, *(["--evaluate"] if name == "1 device" else []))
+            for name, shape in LAYOUTS.items()}
 
 
 @pytest.mark.slow
@@ -57,9 +59,13 @@ def test_splash_attention_runs_on_each_devices_shard(layouts):
 
 @pytest.mark.slow
 def test_stacked_layers_train_the_same_and_stay_split_like_their_layer(layouts):
-    """scan_layers on (2,2,2): the 1-device curve; each stacked weight split as its layer's, the layer axis whole."""
-    scanned = run_layout(2, 2, 2, 8, "--scan")
-    assert scanned["losses"] == pytest.approx(layouts["1 device"]["losses"], abs=1e-5, rel=1e-5)
+    """scan_layers on (2,2,2): the 1-device curve; each stacked weight split as its layer's, the layer axis whole;
+    evaluation and sampling (a scan over the sharded stack and a stacked cache) give the 1-device results."""
+    scanned, reference = run_layout(2, 2, 2, 8, "--scan", "--evaluate"), layouts["1 device"]
+    assert scanned["losses"] == pytest.approx(reference["losses"], abs=1e-5, rel=1e-5)
+    assert len({tuple(row) for row in reference["sampled"]}) > 16, "samples too uniform to compare generation"
+    assert scanned["sampled"] == scanned["sampled_under_mesh"] == reference["sampled"]
+    assert scanned["eval"]["eval_loss"] == pytest.approx(reference["eval"]["eval_loss"], rel=1e-5)
     gate = "['layers']['stacked']['mlp']['gate_proj']['kernel']"
     assert scanned["specs"][gate] == str(P(None, 'fsdp', 'tensor'))
     assert scanned["shard_shapes"][gate] == [2, 64, 256]
