@@ -4,7 +4,7 @@ import numpy as np
 import optax
 import pytest
 
-from easytrain import TrainingArguments
+from easytrain import ArgumentError, TrainingArguments
 from easytrain.optim import build_optimizer, build_schedule, clip_by_global_norm, decay_mask, global_norm
 
 
@@ -95,3 +95,24 @@ def test_clipping_uses_the_norm_given_for_these_updates_only():
     for extra in ({"grad_norm_of": copy}, {}):
         clipped, _ = clip.update(grads, optax.EmptyState(), grad_norm=jnp.float32(12.0), **extra)
         np.testing.assert_allclose(clipped["w"], 3.0 / 6.0)  # its own norm, 6
+
+
+def test_adafactor_refuses_stacked_layers_whose_statistics_would_span_every_layer():
+    """Adafactor scales and clips each array's update by that array's RMS: over a stacked `[L, ...]` weight
+    (scan_layers) the statistics mix the layers, and the update is not the per-layer one (checked here with
+    optax's own adafactor), so the combination is refused, naming the field, before anything trains."""
+    keys = jax.random.split(jax.random.key(0), 2)
+    params_L = jnp.stack([jax.random.normal(keys[0], (4, 8)) * scale for scale in (0.1, 1.0, 3.0)])
+    grads_L = jnp.stack([jax.random.normal(keys[1], (4, 8)) * scale for scale in (0.01, 1.0, 10.0)])
+    tx = optax.adafactor(1e-2)
+    stacked = tx.update(grads_L, tx.init(params_L), params_L)[0]
+    per_layer = jnp.stack([tx.update(g, tx.init(p), p)[0] for p, g in zip(params_L, grads_L)])
+    assert float(jnp.abs(stacked - per_layer).max()) > 0.1 * float(jnp.abs(per_layer).max())
+
+    with pytest.raises(ArgumentError, match=r"optimizer: adafactor .* scan_layers"):
+        TrainingArguments(optimizer="adafactor", scan_layers=True)
+    args = TrainingArguments(optimizer="adafactor")
+    adafactor = build_optimizer(args, build_schedule(args, 10))
+    with pytest.raises(ArgumentError, match=r"optimizer: adafactor .*layers\.stacked\.w"):
+        adafactor.init({"layers": {"stacked": {"w": params_L}}, "head": jnp.ones((8, 4))})  # a module's own stack
+    adafactor.init({"layers": {0: {"w": params_L[0]}}, "head": jnp.ones((8, 4))})
