@@ -87,8 +87,7 @@ class TrainingArguments:
     scan_layers: bool = _arg(
         False, "Store the decoder layers stacked ([L, ...] per weight) and run them as one jax.lax.scan (compiled "
         "once, so compile time stays flat with depth); same values and gradients. Checkpoints hold the stacked "
-        "layout (a resume with the other setting converts them); Hugging Face and PEFT exports stay per layer. "
-        "Not with optimizer 'adafactor', whose per-array statistics would span the layers.")
+        "layout (a resume with the other setting converts them); Hugging Face and PEFT exports stay per layer.")
     compiler_options: str = _arg(
         "auto", "XLA options for the compiled train and eval steps (jax.jit's compiler_options), as 'name=value' "
         "pairs separated by commas, e.g. 'xla_cpu_enable_fast_math=true'. 'auto': easytrain's measured defaults "
@@ -254,13 +253,6 @@ def check_known_fields(values: dict[str, Any], *, source: str) -> None:
             raise ArgumentError(key, f"unknown argument in {source}.{hint}")
 
 
-#: Why `optimizer='adafactor'` is refused on layers stored stacked (`easytrain.optim` says it too).
-STACKED_ADAFACTOR = ("adafactor scales and clips each array's update by that array's own RMS, so on layers stored "
-                     "stacked (scan_layers, StackedLayers) its statistics would span every layer and train "
-                     "differently from the per-layer model; use optimizer 'adamw', 'lion' or 'sgd' with stacked "
-                     "layers, or scan_layers False.")
-
-
 def _require(condition: bool, name: str, message: str) -> None:
     if not condition:
         raise ArgumentError(name, message)
@@ -312,7 +304,6 @@ def validate(args: TrainingArguments) -> None:
         _check_best_model_settings(args)
     _require(isinstance(args.lora_rank, int) and args.lora_rank >= 0, "lora_rank",
              f"must be a positive integer, or 0 to train every weight; got {args.lora_rank!r}.")
-    _require(not (args.scan_layers and args.optimizer == "adafactor"), "optimizer", STACKED_ADAFACTOR)
     _require(args.remat_policy in ("none", "full", "dots"), "remat_policy",
              f"must be 'none', 'full' or 'dots'; got {args.remat_policy!r}.")
     from easytrain.models.masks import IMPLEMENTATIONS

@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from easytrain.arguments import STACKED_ADAFACTOR, TrainingArguments
-from easytrain.errors import ArgumentError
+from easytrain.adafactor import adafactor
+from easytrain.arguments import TrainingArguments
 from easytrain.models.scan import is_stacked_path
 
 
@@ -45,20 +45,6 @@ def decay_mask(params: optax.Params) -> optax.Params:
     return jax.tree_util.tree_map_with_path(lambda path, p: p.ndim - is_stacked_path(path) > 1, params)
 
 
-def _per_array_only(opt: optax.GradientTransformationExtraArgs) -> optax.GradientTransformationExtraArgs:
-    """`opt`, whose `init` refuses parameters with layers stored stacked (a module's own `StackedLayers` too):
-    its per-array statistics would span every layer. The optimizer state is `opt`'s own, unchanged."""
-    def init(params: optax.Params) -> optax.OptState:
-        stacked = [jax.tree_util.keystr(path, simple=True, separator=".")
-                   for path, _ in jax.tree_util.tree_flatten_with_path(params)[0] if is_stacked_path(path)]
-        if stacked:
-            raise ArgumentError("optimizer", f"{STACKED_ADAFACTOR} Stacked here: {', '.join(stacked[:3])}"
-                                             f"{', ...' if len(stacked) > 3 else ''}.")
-        return opt.init(params)
-
-    return opt._replace(init=init)
-
-
 def build_optimizer(args: TrainingArguments, schedule: optax.Schedule) -> optax.GradientTransformation:
     """Clipping (if asked) chained before the chosen optimizer."""
     wd = args.weight_decay
@@ -68,7 +54,7 @@ def build_optimizer(args: TrainingArguments, schedule: optax.Schedule) -> optax.
     elif args.optimizer == "lion":
         opt = optax.lion(schedule, b1=args.adam_beta1, b2=args.adam_beta2, weight_decay=wd, mask=decay_mask)
     elif args.optimizer == "adafactor":
-        opt = _per_array_only(optax.adafactor(schedule, weight_decay_rate=wd or None, weight_decay_mask=decay_mask))
+        opt = adafactor(schedule, weight_decay_rate=wd or None, weight_decay_mask=decay_mask)  # stacked: per layer
     else:
         opt = optax.chain(optax.add_decayed_weights(wd, mask=decay_mask),
                           optax.sgd(schedule, momentum=args.sgd_momentum or None))

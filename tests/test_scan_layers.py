@@ -148,14 +148,16 @@ def test_training_matches_unrolled_and_resumes_from_stacked_checkpoints(tmp_path
         np.testing.assert_allclose(exported[0][name], tensor, rtol=1e-3, atol=1e-4, err_msg=name)
 
 
-@pytest.mark.parametrize("first", [False, True], ids=["layers then stacked", "stacked then layers"])
-def test_a_checkpoint_resumes_with_the_other_layout(tmp_path, first):
-    """Steps 1-2 in one layout, 3-4 in the other: parameters, Adam moments and counts carry over exactly, so the
-    losses are those of one uninterrupted run."""
-    straight = arguments(tmp_path / "straight")
+@pytest.mark.parametrize("first, optimizer", [(False, "adamw"), (True, "adamw"), (True, "adafactor")],
+                         ids=["layers then stacked", "stacked then layers", "adafactor, stacked then layers"])
+def test_a_checkpoint_resumes_with_the_other_layout(tmp_path, first, optimizer):
+    """Steps 1-2 in one layout, 3-4 in the other: parameters, optimizer moments and counts carry over exactly,
+    so the losses are those of one uninterrupted run (Adafactor: its statistics per layer while stacked)."""
+    straight = arguments(tmp_path / "straight", optimizer=optimizer)
     BaseTrainer(straight).train()
-    BaseTrainer(arguments(tmp_path / "switched", scan_layers=first), callbacks=[StopAt(2)]).train()
-    resumed = BaseTrainer(arguments(tmp_path / "switched", scan_layers=not first, resume_from_checkpoint="latest"))
+    BaseTrainer(arguments(tmp_path / "switched", scan_layers=first, optimizer=optimizer), callbacks=[StopAt(2)]).train()
+    resumed = BaseTrainer(arguments(tmp_path / "switched", scan_layers=not first, resume_from_checkpoint="latest",
+                                    optimizer=optimizer))
     resumed.train()
     assert resumed.model.scan_layers == (not first)
     losses = logged(tmp_path / "switched")
