@@ -19,7 +19,7 @@ import optax
 
 from easytrain.losses import Batch, LossFn, LossOutput
 from easytrain.metrics import Last, Mean, Metric, Sum, identities, is_metric, merge_all
-from easytrain.optim import global_norm
+from easytrain.norms import global_norm
 from easytrain.state import TrainState
 
 Metrics = dict[str, Metric]

@@ -1,0 +1,71 @@
+"""The global L2 norm of a pytree (the gradient norm every train step takes), cheap to compile on XLA:CPU.
+
+XLA:CPU rewrites every sum over an axis longer than 32 into a tree of `reduce-window` kernels, one kernel per
+level, for accuracy: with the YNNPACK fusions off (easytrain's `compiler_options='auto'`) the norm of the
+benchmark Llama's 39 gradients was 172 kernels and 0.21 s of compile. A sum whose reduced axes are all at most
+32 long is left alone and runs as one vectorised loop. So on CPU each leaf is viewed with every axis split into
+factors of at most 32 (a free reshape) and summed in stages of at most `_BLOCK` elements per partial sum: two
+kernels for a leaf of a million elements, 37 kernels and 0.12 s for the 39 gradients, as accurate as the tree
+(one pass over a million float32 squares is off by about 1e-5). `optimization_barrier` keeps XLA's simplifier
+from folding the split, and the stages, back together before that rewrite runs; it moves no data. An axis
+splits into its own factors, its power of two first, so one sharded over 2, 4, 8, ... devices splits at shard
+boundaries and keeps its sharding (partial sums per shard, then all-reduces). An odd factor above 32 stays
+whole and that leaf's last stage is summed the usual way. Other platforms sum each leaf's squares in one
+reduction, as optax does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+#: XLA:CPU's tree-reduction window: sums over a longer axis become `reduce-window` trees.
+_WINDOW = 32
+#: Elements summed into one partial sum per stage (two stages for a million elements).
+_BLOCK = 1024
+
+
+def global_norm(tree: Any) -> jax.Array:
+    """The L2 norm of all leaves together, accumulated in float32."""
+    sum_of_squares = _staged_sum_of_squares if jax.default_backend() == "cpu" else _sum_of_squares
+    squares = [sum_of_squares(leaf) for leaf in jax.tree.leaves(tree)]
+    return jnp.sqrt(sum(squares, jnp.zeros((), jnp.float32)))
+
+
+def _sum_of_squares(leaf: jax.Array) -> jax.Array:
+    return jnp.sum(jnp.square(jnp.asarray(leaf).astype(jnp.float32)))
+
+
+def _staged_sum_of_squares(leaf: jax.Array) -> jax.Array:
+    """The leaf's sum of squares as a chain of reductions over trailing axes of at most `_WINDOW` each."""
+    leaf = jnp.asarray(leaf)
+    split = [factor for size in leaf.shape for factor in split_axis(size)]
+    values = jnp.square(jax.lax.optimization_barrier(leaf.reshape(split)).astype(jnp.float32))
+    while values.ndim:
+        reduced, block = 1, values.shape[-1]
+        while reduced < values.ndim and block * values.shape[-1 - reduced] <= _BLOCK:
+            block *= values.shape[-1 - reduced]
+            reduced += 1
+        values = values.sum(axis=tuple(range(values.ndim - reduced, values.ndim)))
+        if values.ndim:
+            values = jax.lax.optimization_barrier(values)
+    return values
+
+
+def split_axis(size: int) -> list[int]:
+    """`size` as factors of at most `_WINDOW`: its power of two first, in factors of 32 (so an axis sharded over a
+    power of two of devices splits at shard boundaries), then its odd part, largest factors first; a remainder
+    with no factor up to 32 stays whole (`4096 -> [32, 32, 4]`, `1000 -> [8, 25, 5]`, `50257 -> [29, 1733]`)."""
+    if size == 0:
+        return [0]
+    twos = (size & -size).bit_length() - 1  # the exponent of the power of two dividing size
+    window_twos = _WINDOW.bit_length() - 1
+    factors = [_WINDOW] * (twos // window_twos) + ([2 ** (twos % window_twos)] if twos % window_twos else [])
+    size >>= twos
+    while size > 1:
+        factor = next((f for f in range(_WINDOW, 1, -1) if size % f == 0), size)
+        factors.append(factor)
+        size //= factor
+    return factors or [1]
