@@ -1,34 +1,24 @@
 """Adafactor that treats each layer of a stacked weight as its own array.
 
-optax's `adafactor` scales and clips every array's update by that array's root mean square. On layers
-stored stacked (`scan_layers`, `easytrain.models.scan.StackedLayers`) one array holds every layer, so those
-statistics would mix the layers and the run would train unlike the per-layer model. Here the two RMS steps
-reduce over all but the layer axis of a stacked leaf; optax's factored second moments are already per layer
-whenever the layer axis is not one of the two it factors (checked at `init`). On a tree without stacked
-leaves it is optax's `adafactor` (same updates, same state types, so its checkpoints restore).
+optax's `adafactor` scales and clips every array's update by that array's root mean square, and factors the
+second moments of its two longest axes. On layers stored stacked (`scan_layers`,
+`easytrain.models.scan.StackedLayers`) one array holds every layer, so those statistics would mix the layers
+(and with 128 layers or more the layer axis itself would be factored) and the run would train unlike the
+per-layer model. Here the two RMS steps reduce over all but the layer axis of a stacked leaf, and the factored
+second moments are optax's own, mapped over the layers (`jax.vmap`). On a tree without stacked leaves it is
+optax's `adafactor` (same updates, same state types, so its checkpoints restore).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import functools
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from easytrain.errors import ArgumentError
 from easytrain.models.scan import is_stacked_path
-
-MIN_DIM_TO_FACTOR = 128  # optax's default: an axis shorter than this is never factored
-
-
-def _factored_axes(shape: tuple[int, ...]) -> tuple[int, int] | None:
-    """The two axes optax's `scale_by_factored_rms` factors for `shape` (the two longest), or None."""
-    if len(shape) < 2:
-        return None
-    order = np.argsort(shape)
-    return None if shape[order[-2]] < MIN_DIM_TO_FACTOR else (int(order[-2]), int(order[-1]))
 
 
 def _layer_rms(x: jax.Array, stacked: bool) -> jax.Array:
@@ -61,56 +51,53 @@ def scale_by_param_layer_rms(min_scale: float = 1e-3) -> optax.GradientTransform
     return optax.GradientTransformation(optax.init_empty_state, update)
 
 
-def _check_factoring(params: Any) -> None:
-    """Raise if optax would factor a stacked leaf along its layer axis (a layer count >= 128 among its two
-    longest axes), where the per-layer arrays would be factored otherwise or not at all."""
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        if not is_stacked_path(path):
-            continue
-        per_layer = _factored_axes(tuple(leaf.shape[1:]))
-        if _factored_axes(tuple(leaf.shape)) != (per_layer and (per_layer[0] + 1, per_layer[1] + 1)):
-            name = jax.tree_util.keystr(path, simple=True, separator=".")
-            raise ArgumentError("optimizer", f"adafactor would factor the stacked {name} {tuple(leaf.shape)} "
-                                             "along its layer axis, unlike each layer's own array; use optimizer "
-                                             "'adamw', 'lion' or 'sgd' with this many stacked layers, or "
-                                             "scan_layers False.")
-
-
-def _placeholders(shape: tuple[int, ...]) -> tuple[str, ...]:
-    """The fields of optax's `FactoredState` that hold a `(1,)` placeholder, not a statistic, for a leaf."""
-    return ("v",) if _factored_axes(shape) is not None else ("v_row", "v_col")
-
-
-def _resize_placeholders(state: optax.FactoredState, params: Any, stacked_size: bool) -> optax.FactoredState:
-    """Stacked leaves' placeholders as `(L, 1)` (`stacked_size`), so that they stack and split like every other
-    per-layer statistic when a checkpoint changes layout, or back to optax's `(1,)`."""
-    fields = {name: dict(jax.tree_util.tree_flatten_with_path(getattr(state, name))[0])
-              for name in ("v_row", "v_col", "v")}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        if not is_stacked_path(path):
-            continue
-        for name in _placeholders(tuple(leaf.shape)):
-            value = fields[name][path]
-            fields[name][path] = jnp.zeros((leaf.shape[0], 1) if stacked_size else (1,), value.dtype)
-    rebuilt = {name: jax.tree_util.tree_unflatten(jax.tree.structure(getattr(state, name)), list(values.values()))
-               for name, values in fields.items()}
-    return state._replace(**rebuilt)
+class _LeafResult(NamedTuple):
+    """One leaf's update and new statistics from `optax.scale_by_factored_rms`."""
+    update: jax.Array
+    v_row: jax.Array
+    v_col: jax.Array
+    v: jax.Array
 
 
 def factored_rms_per_layer() -> optax.GradientTransformation:
-    """`optax.scale_by_factored_rms` (its defaults), whose state holds `(L, 1)` placeholders for stacked leaves.
+    """`optax.scale_by_factored_rms` (its defaults) on each leaf, and on each layer of a stacked leaf alone.
 
-    Its statistics are per layer already (`_check_factoring` refuses the case where they would not be); only
-    the `(1,)` placeholders it keeps for unused statistics would not split into layers on a change of layout.
+    optax factors the two longest axes of an array of at least two axes of 128 or more; a stacked leaf is
+    mapped over its layer axis, so each layer is factored (or not) as its per-layer array would be. The state
+    is optax's `FactoredState`; a stacked leaf's statistics, and the `(1,)` placeholders optax keeps for the
+    statistics a leaf does not use, are the per-layer ones stacked (`(L, 1)` placeholders), so that they split
+    and stack by layer when a checkpoint changes layout.
     """
     inner = optax.scale_by_factored_rms()
+    per_layer_state = optax.FactoredState(count=None, v_row=0, v_col=0, v=0)  # vmap axes: one count, L statistics
+    is_result = lambda x: isinstance(x, (_LeafResult, optax.FactoredState))  # noqa: E731
+
+    def leaf_init(stacked: bool, param: jax.Array) -> optax.FactoredState:
+        return (jax.vmap(inner.init, out_axes=per_layer_state) if stacked else inner.init)(param)
+
+    def leaf_update(count: jax.Array, stacked: bool, update: jax.Array, v_row: jax.Array, v_col: jax.Array,
+                    v: jax.Array, param: jax.Array) -> _LeafResult:
+        apply = inner.update
+        if stacked:
+            apply = jax.vmap(inner.update, in_axes=(0, per_layer_state, 0), out_axes=(0, per_layer_state))
+        new_update, new = apply(update, optax.FactoredState(count, v_row, v_col, v), param)
+        return _LeafResult(new_update, new.v_row, new.v_col, new.v)
+
+    def field(results: Any, name: str) -> Any:
+        return jax.tree.map(lambda result: getattr(result, name), results, is_leaf=is_result)
 
     def init(params: Any) -> optax.FactoredState:
-        return _resize_placeholders(inner.init(params), params, stacked_size=True)
+        states = _map_stacked(leaf_init, params)
+        return optax.FactoredState(jnp.zeros([], jnp.int32), *(field(states, n) for n in ("v_row", "v_col", "v")))
 
     def update(updates: Any, state: optax.FactoredState, params: Any = None) -> tuple[Any, optax.FactoredState]:
-        updates, state = inner.update(updates, _resize_placeholders(state, params, stacked_size=False), params)
-        return updates, _resize_placeholders(state, params, stacked_size=True)
+        if params is None:
+            raise ValueError("adafactor's factored statistics need the parameters: pass params to update().")
+        results = _map_stacked(functools.partial(leaf_update, state.count), updates, state.v_row, state.v_col,
+                               state.v, params)
+        new_state = optax.FactoredState(optax.safe_increment(state.count),
+                                        *(field(results, n) for n in ("v_row", "v_col", "v")))
+        return field(results, "update"), new_state
 
     return optax.GradientTransformation(init, update)
 
@@ -123,10 +110,4 @@ def adafactor(learning_rate: optax.ScalarOrSchedule, weight_decay_rate: float | 
              optax.scale_by_learning_rate(learning_rate, flip_sign=False), scale_by_param_layer_rms()]
     if weight_decay_rate is not None:
         steps.append(optax.add_decayed_weights(weight_decay_rate, mask=weight_decay_mask))
-    chained = optax.chain(*steps, optax.scale(-1))
-
-    def init(params: optax.Params) -> optax.OptState:
-        _check_factoring(params)
-        return chained.init(params)
-
-    return chained._replace(init=init)
+    return optax.chain(*steps, optax.scale(-1))

@@ -165,14 +165,36 @@ def test_adafactor_on_stacked_layers_updates_each_layer_as_optaxs_adafactor_does
         np.testing.assert_array_equal(got, want)
 
 
-def test_adafactor_refuses_to_factor_a_stack_along_its_layer_axis():
-    """With 128 or more stacked layers optax would factor the layer axis of a stacked norm scale, which per
-    layer is a vector it never factors: refused naming the field, before anything trains."""
-    args = TrainingArguments(optimizer="adafactor")
-    adafactor = build_optimizer(args, build_schedule(args, 10))
-    with pytest.raises(ArgumentError, match=r"optimizer: adafactor would factor the stacked layers\.stacked\.scale"):
-        adafactor.init({"layers": {"stacked": {"scale": jnp.ones((128, 256))}}})
-    adafactor.init({"layers": {"stacked": {"scale": jnp.ones((32, 256)), "kernel": jnp.ones((32, 256, 512))}}})
+def test_adafactor_never_factors_the_layer_axis_of_a_stack_of_128_layers_or_more():
+    """With 128 or more stacked layers optax would factor a stacked norm scale `[L, 256]` over its layer axis,
+    where each layer's `[256]` vector is never factored, and a stacked `[L, 130, 4]` kernel over `(L, 130)`
+    instead of each layer's `(130, 4)` (not factored either): easytrain's update is still each layer's own,
+    and its state stacks the per-layer states (placeholders included), so it splits by layer."""
+    layers, keys = 128, jax.random.split(jax.random.key(2), 4)
+    scales = jnp.linspace(0.1, 3.0, layers)
+    tree = lambda k: {"layers": {"stacked": {  # noqa: E731
+        "scale": jax.random.normal(keys[k], (layers, 256)) * scales[:, None],
+        "kernel": jax.random.normal(keys[k + 1], (layers, 130, 4)) * scales[:, None, None]}}}
+    params, grads = tree(0), tree(2)
+    per_layer = lambda t: {"layers": {i: jax.tree.map(lambda v: v[i], t["layers"]["stacked"])  # noqa: E731
+                                      for i in range(layers)}}
+    args = TrainingArguments(optimizer="adafactor", scan_layers=True, learning_rate=1e-2, weight_decay=0.01,
+                             lr_scheduler_type="constant", max_grad_norm=0.0, warmup_steps=0)
+    schedule = build_schedule(args, 10)
+    ours, reference = build_optimizer(args, schedule), optax.adafactor(schedule, weight_decay_rate=0.01,
+                                                                       weight_decay_mask=decay_mask)
+    state, reference_state = ours.init(params), reference.init(per_layer(params))
+    for _ in range(2):
+        updates, state = ours.update(grads, state, params)
+        expected, reference_state = reference.update(per_layer(grads), reference_state, per_layer(params))
+        for got, want in zip(jax.tree.leaves(per_layer(updates)), jax.tree.leaves(expected)):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    # Every statistic (and placeholder) of the stacked state is the per-layer one, stacked.
+    factored, reference_factored = state[0], reference_state[0]
+    for name in ("v_row", "v_col", "v"):
+        for got, want in zip(jax.tree.leaves(per_layer(getattr(factored, name))),
+                             jax.tree.leaves(getattr(reference_factored, name))):
+            np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------- 8 devices, in a subprocess
