@@ -190,9 +190,12 @@ def test_the_example_raises_reward_accuracy_and_margins(tmp_path):
     spec = importlib.util.spec_from_file_location("dpo_arithmetic", ROOT / "examples" / "dpo_arithmetic.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    # 200 SFT steps: the policy has learnt some answers (after 60 it was near chance on every pair, and the
-    # held-out reward accuracy after DPO a coin toss: 18 of 32 pairs with the old task, 11 with the new).
-    result = module.main(["--output_dir", str(tmp_path), "--sft_steps", "200", "--dpo_steps", "80",
+    # 450 SFT steps, where the policy has learnt the task whatever the seed: at 200 its exact match was 0.03-0.88
+    # over seeds 1, 2, 3 and 42, and the held-out reward accuracy after 80 DPO steps 0.56-0.78, moved across any
+    # threshold by a change of float rounding in the gradient norm. At 450 + 200 steps over the same seeds: exact
+    # match 0.88-1.0, reward accuracy 0.91-0.97, margins 0.09-0.18, exact match kept (2026-12-01).
+    result = module.main(["--output_dir", str(tmp_path), "--sft_steps", "450", "--dpo_steps", "200",
                           "--eval_samples", "32"])
     assert result["reward_accuracy_before"] == 0.0 and result["margin_before"] == 0.0  # policy == reference
-    assert result["reward_accuracy_after"] > 0.6 and result["margin_after"] > 0
+    assert result["reward_accuracy_after"] > 0.75 and result["margin_after"] > 0.04
+    assert result["exact_match_after"] > 0.75  # the SFT term keeps right answers likely
