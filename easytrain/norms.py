@@ -41,7 +41,7 @@ def _sum_of_squares(leaf: jax.Array) -> jax.Array:
 def _staged_sum_of_squares(leaf: jax.Array) -> jax.Array:
     """The leaf's sum of squares as a chain of reductions over trailing axes of at most `_WINDOW` each."""
     leaf = jnp.asarray(leaf)
-    split = [factor for size in leaf.shape for factor in split_axis(size)]
+    split = [factor for size in leaf.shape for factor in _split_axis(size)]
     values = jnp.square(jax.lax.optimization_barrier(leaf.reshape(split)).astype(jnp.float32))
     while values.ndim:
         reduced, block = 1, values.shape[-1]
@@ -54,7 +54,7 @@ def _staged_sum_of_squares(leaf: jax.Array) -> jax.Array:
     return values
 
 
-def split_axis(size: int) -> list[int]:
+def _split_axis(size: int) -> list[int]:
     """`size` as factors of at most `_WINDOW`: its power of two first, in factors of 32 (so an axis sharded over a
     power of two of devices splits at shard boundaries), then its odd part, largest factors first; a remainder
     with no factor up to 32 stays whole (`4096 -> [32, 32, 4]`, `1000 -> [8, 25, 5]`, `50257 -> [29, 1733]`)."""

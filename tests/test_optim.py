@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from easytrain import ArgumentError, TrainingArguments, compiler_options
+from easytrain import TrainingArguments, compiler_options
 from easytrain.optim import build_optimizer, build_schedule, clip_by_global_norm, decay_mask, global_norm
 
 
