@@ -77,8 +77,8 @@ def test_global_norm_is_the_float64_norm_of_every_leaf():
 @pytest.mark.parametrize("shape, plain", [((4096, 256), True), ((1024, 256), True), ((256,), True),
                                           ((1733, 64), False), ((37, 29, 3), False)])
 def test_global_norm_compiles_to_plain_reductions_on_cpu_and_keeps_float64_accuracy(shape, plain):
-    """XLA:CPU turns every large sum into a tree of `reduce-window` kernels (compile time; 3x slower than a
-    vectorised reduction without YNNPACK): the norm of a million-element gradient compiles with none and sums
+    """XLA:CPU turns every large sum into a tree of `reduce-window` kernels (one more kernel to compile per
+    level): the norm of a million-element gradient compiles with none and sums
     its squares in blocks small enough to stay exact to 1e-6 (one plain reduction over all of it is 1e-5 off).
     Axes with a prime factor above 32 (1733, 37) still sum correctly, the usual way."""
     leaf = np.random.default_rng(0).normal(1.0, 1.0, size=shape).astype(np.float32)  # positive mean: no cancelling
