@@ -1,6 +1,10 @@
-"""Helpers shared by the tests that train: read a run's logged metrics, stop a run at a given step."""
+"""Helpers shared by the tests: read a run's logged metrics, stop a run at a given step, run a script on 8 CPU
+devices."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from easytrain import Callback
@@ -21,3 +25,13 @@ class StopAt(Callback):
     def on_step_end(self, trainer, step):
         if step == self.step:
             trainer.should_stop = True
+
+
+def facts_on_eight_devices(script: str | Path, *args: str) -> dict:
+    """Run `script` in a fresh process with 8 CPU devices and return the JSON of its last printed line."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    result = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])

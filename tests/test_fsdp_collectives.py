@@ -1,13 +1,11 @@
 """FSDP with bfloat16 compute and float32 parameters gathers every weight in bfloat16 (half the bytes),
 read from the trainer's compiled train step on a (data=2, fsdp=2, tensor=2) mesh of 8 CPU devices."""
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from runs import facts_on_eight_devices
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYOUT = "2,2,2"
@@ -15,11 +13,7 @@ LAYOUT = "2,2,2"
 
 @pytest.fixture(scope="module")
 def step() -> dict:
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, str(ROOT / "tests" / "workers" / "fsdp_collectives.py"), LAYOUT],
-                            capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])[LAYOUT]
+    return facts_on_eight_devices(ROOT / "tests" / "workers" / "fsdp_collectives.py", LAYOUT)[LAYOUT]
 
 
 def weight_collectives(run: dict, kind: str, shapes: dict) -> list[dict]:

@@ -6,10 +6,6 @@ script with 8 emulated CPU devices (the test process itself has one).
 """
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +14,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from easytrain import integrity
+from runs import facts_on_eight_devices
 
-ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = 2654435761
 BIG = (1024, 4096)  # float32: a 2 MB shard per device on the (fsdp 2, tensor 4) mesh
 STACKED = (8, 1024, 2048)  # float32, a stacked layer weight: an 8 MB shard per device, summed a layer at a time
@@ -202,11 +198,7 @@ def multi_device_facts() -> dict:
 
 @pytest.fixture(scope="module")
 def facts() -> dict:
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return facts_on_eight_devices(__file__)
 
 
 def test_sharded_digest_gathers_nothing_and_needs_little_scratch(facts):

@@ -1,8 +1,4 @@
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +8,7 @@ import pytest
 
 from easytrain import TrainingArguments, compiler_options
 from easytrain.optim import build_optimizer, build_schedule, clip_by_global_norm, decay_mask, global_norm
+from runs import facts_on_eight_devices
 
 
 @pytest.mark.parametrize("kind", ["constant", "linear", "cosine"])
@@ -118,6 +115,13 @@ def test_clipping_uses_the_norm_given_for_these_updates_only():
         np.testing.assert_allclose(clipped["w"], 3.0 / 6.0)  # its own norm, 6
 
 
+def per_layer(tree: dict) -> dict:
+    """`tree` with its `["layers"]["stacked"]` leaves split into one subtree per layer, the per-layer layout."""
+    stack = tree["layers"]["stacked"]
+    layers = jax.tree.leaves(stack)[0].shape[0]
+    return {**tree, "layers": {i: jax.tree.map(lambda v: v[i], stack) for i in range(layers)}}
+
+
 def stacked_and_per_layer_trees(layers: int = 3):
     """Parameters and gradients with a stacked `[L, ...]` matrix and norm scale (each layer at its own scale)
     and a leaf outside the stack, and the same values in the per-layer layout."""
@@ -128,16 +132,14 @@ def stacked_and_per_layer_trees(layers: int = 3):
         "scale": jax.random.normal(keys[k + 1], (layers, 8)) * scales[:, None] ** 2}},
         "head": jax.random.normal(keys[k + 2], (8, 4))}
     params, grads = tree(0), tree(3)
-    per_layer = lambda t: {"layers": {i: jax.tree.map(lambda v: v[i], t["layers"]["stacked"])  # noqa: E731
-                                      for i in range(layers)}, "head": t["head"]}
-    return params, grads, per_layer(params), per_layer(grads), per_layer
+    return params, grads, per_layer(params), per_layer(grads)
 
 
 def test_adafactor_on_stacked_layers_updates_each_layer_as_optaxs_adafactor_does_alone():
     """Adafactor clips and scales each array's update by that array's RMS: over a stacked `[L, ...]` weight
     optax's own adafactor mixes the layers (its update differs by about half of itself); easytrain's gives
     each layer what optax gives the per-layer array, over several steps, with the same state types."""
-    params, grads, params_per_layer, grads_per_layer, per_layer = stacked_and_per_layer_trees()
+    params, grads, params_per_layer, grads_per_layer = stacked_and_per_layer_trees()
     args = TrainingArguments(optimizer="adafactor", scan_layers=True, learning_rate=1e-2, weight_decay=0.1,
                              lr_scheduler_type="constant", max_grad_norm=0.0, warmup_steps=0)
     schedule = build_schedule(args, 10)
@@ -176,8 +178,6 @@ def test_adafactor_never_factors_the_layer_axis_of_a_stack_of_128_layers_or_more
         "scale": jax.random.normal(keys[k], (layers, 256)) * scales[:, None],
         "kernel": jax.random.normal(keys[k + 1], (layers, 130, 4)) * scales[:, None, None]}}}
     params, grads = tree(0), tree(2)
-    per_layer = lambda t: {"layers": {i: jax.tree.map(lambda v: v[i], t["layers"]["stacked"])  # noqa: E731
-                                      for i in range(layers)}}
     args = TrainingArguments(optimizer="adafactor", scan_layers=True, learning_rate=1e-2, weight_decay=0.01,
                              lr_scheduler_type="constant", max_grad_norm=0.0, warmup_steps=0)
     schedule = build_schedule(args, 10)
@@ -237,11 +237,7 @@ def sharded_norm_facts() -> dict:
 
 @pytest.fixture(scope="module")
 def norm_facts() -> dict:
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    result = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return facts_on_eight_devices(__file__)
 
 
 def test_the_sharded_global_norm_moves_no_gradient_and_stays_exact(norm_facts):
