@@ -29,3 +29,7 @@ class NonFiniteLossError(EasytrainError, FloatingPointError):
 
 class CheckpointReadError(EasytrainError, OSError):
     """A complete-looking checkpoint could not be read (corrupted or truncated files)."""
+
+
+class DeviceMemoryError(EasytrainError, MemoryError):
+    """A compiled step needs more device memory than the device has free (`easytrain.memory_plan`)."""

@@ -40,7 +40,7 @@ def test_the_site_builds_strictly_with_the_api_reference(tmp_path):
         "lora": ["lora.apply_lora", "lora_config.LoRAConfig"],
         "preference": ["preference.dpo_sigmoid_loss", "preference.combined_loss"],
         "data": ["data.pack_examples", "data.TrainBatches"],
-        "throughput": ["throughput.window_logs", "flops.training_flops_per_token"],
+        "throughput": ["throughput.window_logs", "flops.training_flops_per_token", "memory_plan.MemoryPlan"],
     }
     for name, objects in expected.items():
         for obj in objects:

@@ -20,8 +20,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from easytrain import (compilation_cache, compiler_options, distributed, host_memory, integrity, placement,
-                       sharding, steps)
+from easytrain import (compilation_cache, compiler_options, distributed, host_memory, integrity, memory_plan,
+                       placement, sharding, steps)
 from easytrain import metrics as metrics_lib
 from easytrain.arguments import TrainingArguments
 from easytrain.callbacks import Callback, CallbackList
@@ -178,7 +178,9 @@ class BaseTrainer(LanguageModelHooks):
         self._model = self.configure_model()
         self._state = self._model.state
         self._functions = self.configure_functions()
-        builders.check_eval_metrics(self._arguments, self.eval_metric_names(), self.evaluators)
+        names = builders.eval_metric_names(self._functions.eval_step, self._state, self._data.eval, self.mesh,
+                                          self.host_only_fields)
+        builders.check_eval_metrics(self._arguments, names, self.evaluators)
         if self._arguments.save_pretrained_at_end and (problem := self.export_problem()):
             raise ArgumentError("save_pretrained_at_end", f"{problem}; pass --no_save_pretrained_at_end, or "
                                                           "override save_pretrained in your trainer.")
@@ -312,7 +314,12 @@ class BaseTrainer(LanguageModelHooks):
         schedule counts updates, so size it with `configure_schedule(updates_per_batch * total_steps)`)."""
         return self._functions.train_step(state, batch)
 
-    # ------------------------------------------------------------------ running
+    def plan_memory(self, state: TrainState, batch: Mapping[str, jax.Array]) -> memory_plan.MemoryPlan | None:
+        """Before the first iteration: compile the train step for this batch (its first call reuses that), and raise
+        `DeviceMemoryError` if it cannot fit (`easytrain.memory_plan`). Override to return None when
+        `train_iteration` gives the train step other shapes than the loop's batch (it compiles at its first call)."""
+        return memory_plan.compile_ahead(self._functions.train_step, state, batch, self.mesh.devices.flat)
+
     def train(self) -> dict[str, float]:
         """Train until `max_steps` / `num_train_epochs` (or a stop request); returns the last logs."""
         self.setup()
@@ -330,10 +337,12 @@ class BaseTrainer(LanguageModelHooks):
         return LoopParts(
             arguments=self._arguments, data=self._data, iteration=self.train_iteration, to_device=self.to_global,
             count_tokens=self.count_tokens, count_token_slots=self.count_token_slots, model_flops=self.model_flops,
+            plan_memory=self.plan_memory,
             publish=functools.partial(setattr, self, "_state"),
             checkpoints=self.checkpoint_manager(), run_info=self.run_info, evaluate=self.evaluate,
             export=self.save_pretrained,
-            restore_best=functools.partial(restore_step, self.checkpoint_manager(), self._model.state_shardings), callbacks=self.callbacks, owner=self,
+            restore_best=functools.partial(restore_step, self.checkpoint_manager(), self._model.state_shardings),
+            callbacks=self.callbacks, owner=self,
             is_main_process=self.is_main_process)
 
     def evaluate(self, dataset: Any = None) -> dict[str, float]:
@@ -357,15 +366,6 @@ class BaseTrainer(LanguageModelHooks):
         for evaluator in self.evaluators if dataset is None else ():
             metrics.update(evaluator(self))
         return metrics
-
-    def eval_metric_names(self) -> set[str]:
-        """The `eval_`-prefixed names the eval step returns, from tracing it on the first eval batch (no compute)."""
-        if self._data.eval is None:
-            return set()
-        batch_sh, hosts = sharding.batch_sharding(self.mesh), jax.process_count()
-        batch = {key: jax.ShapeDtypeStruct((value.shape[0] * hosts, *value.shape[1:]), value.dtype, sharding=batch_sh)
-                 for key, value in next(iter(self._data.eval)).items() if key not in self.host_only_fields}
-        return {f"eval_{name}" for name in jax.eval_shape(self._functions.eval_step, self._state, batch)}
 
     def to_global(self, host_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
         """One global array per field from this host's rows (no copy of other hosts' data); the

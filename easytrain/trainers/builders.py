@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import datasets
+import jax
 import transformers
 
 from easytrain import sharding
@@ -93,6 +94,16 @@ def raw_datasets(args: TrainingArguments, dataset_train: Any, dataset_eval: Any)
 
 def _truncate(dataset: datasets.Dataset, limit: int | None) -> datasets.Dataset:
     return dataset if limit is None else dataset.select(range(min(limit, len(dataset))))
+
+
+def eval_metric_names(eval_step: Any, state: Any, eval_batches: Any, mesh: Any, host_only: Sequence[str]) -> set[str]:
+    """The `eval_`-prefixed names `eval_step` returns, from tracing it on the first eval batch (no compute)."""
+    if eval_batches is None:
+        return set()
+    batch_sh, hosts = sharding.batch_sharding(mesh), jax.process_count()
+    batch = {key: jax.ShapeDtypeStruct((value.shape[0] * hosts, *value.shape[1:]), value.dtype, sharding=batch_sh)
+             for key, value in next(iter(eval_batches)).items() if key not in host_only}
+    return {f"eval_{name}" for name in jax.eval_shape(eval_step, state, batch)}
 
 
 def check_eval_metrics(args: TrainingArguments, device_names: set[str], evaluators: Sequence[Any]) -> None:

@@ -22,6 +22,7 @@ from easytrain.callbacks import CallbackList
 from easytrain.checkpoint import CheckpointManager
 from easytrain.errors import NonFiniteLossError
 from easytrain.jobs import outcome_of
+from easytrain.memory_plan import MemoryPlan
 from easytrain.protocol import ConfiguredDataloaders
 from easytrain.reporting import Reporter
 from easytrain.trainers.preemption import PreemptionWatcher, TrainingPreempted
@@ -50,7 +51,8 @@ class LoopParts:
     train step; a subclass may run several updates per batch). `publish(state)` hands the newest state
     to its owner after every iteration, so callbacks and evaluators see it. `owner` is passed to the
     callbacks, which may set `owner.should_stop`. `count_tokens`, `count_token_slots` and `model_flops`
-    read each host batch for the throughput logs (`easytrain.throughput`).
+    read each host batch for the throughput logs (`easytrain.throughput`). `plan_memory(state, device_batch)`
+    runs once, before the first iteration: it may compile ahead and check memory (`easytrain.memory_plan`).
     """
 
     arguments: TrainingArguments
@@ -69,6 +71,7 @@ class LoopParts:
     is_main_process: bool
     count_token_slots: Callable[[HostBatch], tuple[int, int]] = lambda batch: (0, 0)
     model_flops: Callable[[HostBatch], float] = lambda batch: 0.0
+    plan_memory: Callable[[Any, Mapping[str, jax.Array]], MemoryPlan | None] = lambda state, batch: None
 
 
 class TrainLoop:
@@ -84,6 +87,7 @@ class TrainLoop:
         self.last_logs: dict[str, float] = {}
         self.last_saved_step = -1
         self.compile_seconds: float | None = None
+        self.memory_plan: MemoryPlan | None = None
         self.compile_logged = False
         self.window_start = time.perf_counter()
 
@@ -171,13 +175,16 @@ class TrainLoop:
             self.window_start += time.perf_counter() - started
 
     def dispatch(self, global_batch: Mapping[str, jax.Array]) -> dict[str, Any]:
-        """Launch one iteration asynchronously; the first call also compiles (timed separately)."""
-        started = time.perf_counter()
+        """Launch one iteration asynchronously; the first call also plans memory and compiles (timed separately)."""
+        started, first = time.perf_counter(), self.compile_seconds is None
+        if first:  # raises, before anything runs, if the step cannot fit
+            self.memory_plan = self.parts.plan_memory(self.state, global_batch)
         self.state, metrics = self.parts.iteration(self.state, global_batch)
         self.parts.publish(self.state)
-        if self.compile_seconds is None:
+        if first:
             self.compile_seconds = time.perf_counter() - started
-            logger.info("compiled the train step in %.2f s", self.compile_seconds)
+            planned = f"; it holds {self.memory_plan.describe()}" if self.memory_plan else ""
+            logger.info("compiled the train step in %.2f s%s", self.compile_seconds, planned)
             self.window_start = time.perf_counter()
         return metrics
 
@@ -251,6 +258,7 @@ class TrainLoop:
         logs["epoch"] = step / self.data.steps_per_epoch
         if not self.compile_logged:
             logs["compile_seconds"], self.compile_logged = self.compile_seconds, True
+            logs.update(self.memory_plan.logs() if self.memory_plan else {})
             if "mfu" in logs:
                 logs["peak_flops"] = flops.hardware_peak().flops_per_second
         self.check_finite(step, fetched)
