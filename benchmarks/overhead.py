@@ -10,7 +10,8 @@ holds compilation, is excluded), and each round's paired ratio is reported too, 
 compile time (trace + compile of the step) and peak RSS come from each side alone in a fresh child process (`--repeats`
 of each, alternating), so both compile cold and neither's memory counts against the other. Both import
 the same modules; the peak is counted from there (Linux `clear_refs`), and `added_rss` is that peak minus
-the RSS at that moment: what building and training the model took. Prints one JSON line.
+the RSS at that moment: what building and training the model took. The planned memory of each compiled step
+(`easytrain.memory_plan`: XLA's per-device buffer assignment, no noise) is compared too. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from easytrain import BaseTrainer, Callback, TrainingArguments, compiler_options  # noqa: E402
+from easytrain.memory_plan import MIB, plan_of  # noqa: E402
 from easytrain.models import init_model  # noqa: E402
 from easytrain.tasks import build_arithmetic_tokenizer  # noqa: E402
 from benchmarks.report import child_json, emit, relaunch_like_the_command  # noqa: E402
@@ -86,6 +88,7 @@ def hand_written_loop(config: transformers.LlamaConfig, blocks: np.ndarray, seed
     compiled = step.lower(params, opt_state, blocks[:batch, :-1], blocks[:batch, 1:]).compile()
     compile_seconds = time.perf_counter() - started
     step = compiled  # `run` calls the executable compiled (and timed) here: no second compile
+    run.memory_plan = plan_of(compiled)
     return run, compile_seconds
 
 
@@ -199,6 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
         return statistics.median(r[key] for r in sides[side])
 
     compile_ratio = median_of("trainer", "compile_seconds") / median_of("loop", "compile_seconds")
+    planned = {"trainer": trainer.loop.memory_plan.peak / MIB, "loop": run_loop.memory_plan.peak / MIB}
     rss_ratio = median_of("trainer", "peak_rss_mib") / median_of("loop", "peak_rss_mib")
     added_ratio = median_of("trainer", "added_rss_mib") / median_of("loop", "added_rss_mib")
     result = {
@@ -218,6 +222,10 @@ def main(argv: list[str] | None = None) -> dict:
         "trainer_added_rss_mib": [round(r["added_rss_mib"], 1) for r in sides["trainer"]],
         "loop_added_rss_mib": [round(r["added_rss_mib"], 1) for r in sides["loop"]],
         "ratio_added_rss_trainer_over_loop": round(added_ratio, 4),
+        # XLA's buffer assignment of each compiled step, per device: deterministic, unlike RSS.
+        "trainer_planned_memory_mib": round(planned["trainer"], 2),
+        "loop_planned_memory_mib": round(planned["loop"], 2),
+        "ratio_planned_memory_trainer_over_loop": round(planned["trainer"] / planned["loop"], 4),
         "load_average": list(os.getloadavg()),
     }
     return emit(result, options.out)

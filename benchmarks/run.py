@@ -77,6 +77,8 @@ def overhead(r: dict) -> list[Headline]:
             Headline("overhead", "easytrain / hand-written peak RSS", dig(r, "ratio_peak_rss_trainer_over_loop")),
             Headline("overhead", "easytrain / hand-written RSS added by training",
                      dig(r, "ratio_added_rss_trainer_over_loop")),
+            Headline("overhead", "easytrain / hand-written planned device memory",
+                     dig(r, "ratio_planned_memory_trainer_over_loop")),
             Headline("overhead", "easytrain tokens/s", dig(r, "trainer_tokens_per_second"), ratio=False)]
 
 

@@ -3,6 +3,8 @@ peak RSS from each side alone in a child process (no timing asserted)."""
 
 import json
 
+import pytest
+
 from benchmarks import overhead
 
 
@@ -20,3 +22,6 @@ def test_overhead_benchmark_smoke(tmp_path):
         assert result[f"{side}_peak_rss_mib"][0] > 100
     assert result["ratio_compile_trainer_over_loop"] > 0 and result["ratio_peak_rss_trainer_over_loop"] > 0
     assert result["trainer_added_rss_mib"][0] > 0 and result["ratio_added_rss_trainer_over_loop"] > 0
+    planned = result["trainer_planned_memory_mib"], result["loop_planned_memory_mib"]
+    assert min(planned) > 0
+    assert result["ratio_planned_memory_trainer_over_loop"] == pytest.approx(planned[0] / planned[1], rel=0.02)
