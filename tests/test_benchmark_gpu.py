@@ -17,6 +17,7 @@ def test_gpu_benchmark_smoke(tmp_path):
     assert result["config"] == "tiny" and result["measured_steps"] == 2 and result["extra_arguments"] == ["--seed", "3"]
     assert result["tokens_per_second"]["median"] > 0 and result["tokens_per_second_overall"] > 0
     assert result["mfu"]["median"] > 0 and result["peak_source"]  # the CPU's measured peak
+    assert result["planned_mib"] > 0  # the compiled step's plan, beside the estimate
 
 
 def test_unknown_pass_through_flag_fails_before_anything_is_built():
