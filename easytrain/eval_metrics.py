@@ -1,8 +1,9 @@
 """Evaluation metrics chosen by name (`eval_metrics`), computed on device from a loss's predictions.
 
 A loss that can be scored returns `LossOutput(..., predictions=Predictions(logits, labels, weights))`, or
-`TokenScores` when it never holds whole logits (`loss_chunk_size`); each metric here turns one micro-batch's predictions into an `easytrain.metrics` value that merges
-exactly across batches, devices and hosts, so nothing the size of the logits ever leaves the device.
+`TokenScores` when it never holds whole logits (`loss_chunk_size`); each metric here turns one micro-batch's
+predictions into an `easytrain.metrics` value that merges exactly across batches, devices and hosts, so
+nothing the size of the logits ever leaves the device.
 Generation metrics (`exact_match`) need prompts with reference answers and run on the host instead,
 as evaluators of the trainers that have them.
 """
@@ -77,7 +78,8 @@ DEFAULT = ("accuracy", "perplexity")
 NAMES = (*ON_DEVICE, *GENERATED)
 
 
-def on_device_metrics(names: tuple[str, ...], predictions: Predictions | TokenScores | None, requested: bool) -> dict[str, Any]:
+def on_device_metrics(names: tuple[str, ...], predictions: Predictions | TokenScores | None,
+                      requested: bool) -> dict[str, Any]:
     """The on-device metrics among `names` for one micro-batch.
 
     Raises:

@@ -3,8 +3,8 @@
 A loss returns each metric as a small pytree that says how to combine it with another partial value
 of itself: `Mean` (a sum with its own count: per token, per example, per pair, ...), `ExpMean`
 (perplexity), `Sum`, `Max`, `Min`, `Last`. Inside a compiled step the values are already global over
-devices and processes (the loss sees global arrays); gradient accumulation, a logging window of steps and the batches of an
-evaluation merge partial values with `merge`, and `result` divides once at the end. So every metric
+devices and processes (the loss sees global arrays); gradient accumulation, a logging window of steps and
+the batches of an evaluation merge partial values with `merge`, and `result` divides once at the end. So every metric
 is exact whatever the micro-batch split, device count or eval batch size, and no name is special.
 """
 

@@ -183,7 +183,8 @@ class _TensorBoardSink:
 
     def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
         summary = self._tb.summary_pb2.Summary
-        values = [summary.Value(tag=tensorboard_tag(split, name), simple_value=value) for name, value in metrics.items()]
+        values = [summary.Value(tag=tensorboard_tag(split, name), simple_value=value)
+                  for name, value in metrics.items()]
         self._write(step=step, summary=summary(value=values))
 
     def close(self, status: RunStatus = "completed") -> None:

@@ -277,7 +277,8 @@ def _from_entry_point(name: str) -> Task | None:
 _REGISTRY["lm"] = Task("lm", "easytrain.trainers.base:BaseTrainer", (),
                        "Causal language modelling with BaseTrainer on any text dataset (the default).", "built-in")
 _REGISTRY["sft"] = Task("sft", "easytrain.trainers.sft:SFTTrainer", (),
-                        "Supervised fine-tuning on text, prompt-completion or chat data (packing optional).", "built-in")
+                        "Supervised fine-tuning on text, prompt-completion or chat data (packing optional).",
+                        "built-in")
 _REGISTRY["dpo"] = Task("dpo", "easytrain.trainers.dpo:DPOTrainer", (),
                         "Preference optimisation (DPO, IPO, SimPO, ORPO, ...) on prompt/chosen/rejected pairs.",
                         "built-in")

@@ -32,7 +32,8 @@ from easytrain.lora import adapters_disabled
 from easytrain.losses import LossOutput
 from easytrain.metrics import Mean, mean_over
 from easytrain.models import from_pretrained
-from easytrain.preference import PREFERENCE_LOSSES, REFERENCE_FREE, PairLogps, combined_loss, sequence_logps, token_logps
+from easytrain.preference import (PREFERENCE_LOSSES, REFERENCE_FREE, PairLogps, combined_loss, sequence_logps,
+                                  token_logps)
 from easytrain.tasks import arithmetic
 from easytrain.tasks.registry import register_task
 from easytrain.trainers import builders

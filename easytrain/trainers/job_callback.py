@@ -3,8 +3,9 @@
 Added to every `BaseTrainer` by default. At the first hook it joins the running job (a `job` block or
 decorated function around `train()`, or the `easytrain train` command), or opens its own in
 `output_dir`. It reports progress as steps mapped into `[progress_start, progress_end]` (the file is
-rewritten at least at every checkpoint), the latest train and eval metrics, and turns a stop request into `trainer.should_stop`, so the loop checkpoints
-after the current step. A job it opened it also ends: completed, stopped, or failed with the error.
+rewritten at least at every checkpoint), the latest train and eval metrics, and turns a stop request into
+`trainer.should_stop`, so the loop checkpoints after the current step. A job it opened it also ends:
+completed, stopped, or failed with the error.
 """
 
 from __future__ import annotations

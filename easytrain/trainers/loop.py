@@ -1,8 +1,8 @@
 """The training loop: dispatch iterations, and only at logging steps fetch metrics from the device.
 
 Between logging steps nothing blocks on device values, so the host prepares batch N+1 while the
-device runs step N; a logging step's metrics are fetched once the step after it is queued. The loop gets every collaborator explicitly (`LoopParts`); it knows no trainer
-class and no batch field by name.
+device runs step N; a logging step's metrics are fetched once the step after it is queued. The loop gets
+every collaborator explicitly (`LoopParts`); it knows no trainer class and no batch field by name.
 """
 
 from __future__ import annotations

@@ -42,7 +42,8 @@ class SFTArguments:
     completion_only_loss: bool = field(default=True, metadata={"help": "Prompt-completion data: supervise only "
                                                                "the completion (and its EOS)."})
     assistant_only_loss: bool = field(default=False, metadata={"help": "Conversations: supervise only the "
-                                      "assistant turns, from the chat template's generation markers (see docs/sft.md)."})
+                                      "assistant turns, from the chat template's generation markers "
+                                      "(see docs/sft.md)."})
     truncation_side: Literal["right", "left", "drop"] = field(default="right", metadata={
         "help": "Examples longer than max_length + 1 tokens: keep the start ('right'), the end ('left'), or drop."})
     chat_template_path: Optional[str] = field(default=None, metadata={"help": "A Jinja chat template file that "
@@ -107,7 +108,8 @@ class SFTTrainer(BaseTrainer):
             if self.formatting_func is not None:  # the prompts come from the same formatted examples
                 validation = validation.map(self.formatting_func, remove_columns=validation.column_names)
             prompts, references = prompts_and_references(validation, self.tokenizer, samples)
-            self.evaluators.append(CompletionMetrics(prompts, references, self.tokenizer, max_new_tokens=sft.max_new_tokens,
+            self.evaluators.append(CompletionMetrics(prompts, references, self.tokenizer,
+                                                     max_new_tokens=sft.max_new_tokens,
                                                      compute_metrics=self.answer_metrics))
         self._report_data_stats()
         return rows["train"], rows.get("validation")
