@@ -94,7 +94,7 @@ def check_fits(plan: MemoryPlan, room: Headroom | None, what: str = "the train s
         f"{what} needs {plan.added / GIB:.2f} GiB per device beyond its inputs (outputs "
         f"{(plan.outputs - plan.donated) / GIB:.2f} not donated, temporaries {plan.temporaries / GIB:.2f}), but "
         f"{room.device} has {room.free / GIB:.2f} GiB free of {room.limit / GIB:.2f} GiB ({room.in_use / GIB:.2f} "
-        f"in use, the state and the batch among it). Nothing has run and no checkpoint was touched. To fit: "
+        f"in use, the state and the batch among it). Nothing has run and no checkpoint was written. To fit: "
         f"{FIXES}.")
 
 

@@ -84,7 +84,7 @@ def test_a_step_that_cannot_fit_is_refused_before_it_runs_and_the_checkpoint_is_
     message = str(refused.value)
     for fix in ("train_batch_size", "gradient_accumulation_steps", "remat_policy", "loss_chunk_size", "fsdp_size"):
         assert fix in message
-    assert "gpu:0" in message and "no checkpoint was touched" in message
+    assert "gpu:0" in message and "no checkpoint was written" in message
     assert int(resumed.state.step) == 2  # nothing ran: the restored state is intact, not donated
     assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(resumed.state.params))
     with CheckpointManager(output_dir / CHECKPOINTS_DIRNAME) as manager:
