@@ -63,7 +63,7 @@ from easytrain.tasks.arithmetic import (build_arithmetic_chat_tokenizer, make_ar
                                         make_arithmetic_preference_splits)
 from easytrain.trainers.dpo import DPOArguments, DPOTrainer  # noqa: E402
 from easytrain.trainers.sft import SFTArguments, SFTTrainer  # noqa: E402
-from benchmarks.report import emit, fill_defaults, relaunch_like_the_command  # noqa: E402
+from benchmarks.report import emit, fill_defaults, relaunch_like_the_command, step_memory  # noqa: E402
 
 #: Sizes of one run: the full profile, and `--quick` (under a minute on 2 CPU cores).
 PROFILES = {
@@ -138,12 +138,7 @@ def state_bytes(state: Any) -> dict[str, int]:
 
 def memory_analysis(jitted: Callable[..., Any], *args: Any) -> dict[str, int] | None:
     """Argument / output / alias / temp bytes of the executable `jitted` compiles for `args`."""
-    analysis = jitted.lower(*args).compile().memory_analysis()
-    if analysis is None:
-        return None
-    out = {key: int(getattr(analysis, f"{key}_size_in_bytes")) for key in ("argument", "output", "alias", "temp")}
-    out["step_peak_estimate"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
-    return out
+    return step_memory(jitted.lower(*args).compile())
 
 
 def spread(values: list[float], digits: int = 4) -> dict[str, float]:
@@ -307,13 +302,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for side in order[repeat % len(order):] + order[:repeat % len(order)]:
                 side.window(options.steps)
 
-        step_memory = {kind: memory_analysis(side.trainer.functions.train_step, side.state, side.batch)
-                       for kind, side in sides.items()}
-        step_memory["dpo_frozen_naive_logps"] = None
+        step_memories = {kind: memory_analysis(side.trainer.functions.train_step, side.state, side.batch)
+                         for kind, side in sides.items()}
+        step_memories["dpo_frozen_naive_logps"] = None
         if options.naive_step:
             naive = build_trainer("dpo_naive_logps", options, config, str(Path(scratch) / "naive"))
-            step_memory["dpo_frozen_naive_logps"] = memory_analysis(naive.functions.train_step, naive.state,
-                                                                    sides["dpo_frozen"].batch)
+            step_memories["dpo_frozen_naive_logps"] = memory_analysis(naive.functions.train_step, naive.state,
+                                                                      sides["dpo_frozen"].batch)
             del naive
     logps = logps_memory(options.logps_shape, options.logps_chunk_size)
     memory_stats = device.memory_stats()
@@ -342,7 +337,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "memory": {
             "device_peak_bytes": None if not memory_stats else memory_stats.get("peak_bytes_in_use"),
             "device_peak_note": None if memory_stats else NO_PEAK_REASON,
-            "state_bytes": states, "live_bytes_added_by_setup": setup_live, "train_step": step_memory,
+            "state_bytes": states, "live_bytes_added_by_setup": setup_live, "train_step": step_memories,
             "lora_rank": options.lora_rank,
         },
         "logps_memory": logps,

@@ -57,7 +57,7 @@ import numpy as np  # noqa: E402
 from easytrain import TrainingArguments  # noqa: E402
 from easytrain.tasks.arithmetic import build_arithmetic_chat_tokenizer, make_arithmetic_chat_splits  # noqa: E402
 from easytrain.trainers.sft import SFTArguments, SFTTrainer  # noqa: E402
-from benchmarks.report import emit, fill_defaults, relaunch_like_the_command  # noqa: E402
+from benchmarks.report import emit, fill_defaults, relaunch_like_the_command, step_memory  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA_100M = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12,
@@ -154,15 +154,6 @@ def fixed_batch(trainer: SFTTrainer, options: argparse.Namespace, vocab_size: in
     return {key: np.ascontiguousarray(values[key], dtype=real[key].dtype) for key in real}
 
 
-def memory_analysis(compiled: Any) -> dict[str, int] | None:
-    analysis = compiled.memory_analysis()
-    if analysis is None:
-        return None
-    out = {key: int(getattr(analysis, f"{key}_size_in_bytes")) for key in ("argument", "output", "alias", "temp")}
-    out["step_peak_estimate"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
-    return out
-
-
 def state_report(state: Any) -> dict[str, int]:
     return {"total": tree_bytes(state), "params": tree_bytes(state.params),
             "params_float": tree_bytes(state.params, True), "opt_state": tree_bytes(state.opt_state),
@@ -200,7 +191,7 @@ def run_side(options: argparse.Namespace) -> dict[str, Any]:
                       trainable_params=int(sum(leaf.size for leaf in jax.tree.leaves(state.params))))
         batch = trainer.to_global(fixed_batch(trainer, options, int(trainer.model_config.vocab_size)))
         started = time.perf_counter()
-        result["train_step_memory"] = memory_analysis(step.lower(state, batch).compile())
+        result["train_step_memory"] = step_memory(step.lower(state, batch).compile())
         result["compile_seconds"] = round(time.perf_counter() - started, 2)
         # From here on the peak is the steps' (Linux resets getrusage's ru_maxrss with VmHWM).
         result.update(peak_rss_before_steps_mib=rss_mib(), rss_before_steps_mib=vm_hwm_mib(reset=True))
@@ -333,15 +324,15 @@ def print_table(result: dict[str, Any]) -> None:
     times = lambda s: f"{s['median']} [{s['min']}, {s['max']}]"
     both = lambda label, cell, ratio_key=None: (label, *(cell(sides[side]) for side in SIDES),
                                                 "" if ratio_key is None else str(ratio[ratio_key]))
-    step_memory = lambda key: lambda s: mib((s["train_step_memory"] or {}).get(key))
+    step_mib = lambda key: lambda s: mib((s["train_step_memory"] or {}).get(key))
     rows = [("", *SIDES, "lora / full"),
             both("trainable params", lambda s: str(s["trainable_params"]), "trainable_params"),
             both("state total MiB", lambda s: mib(s["state_bytes"]["total"]), "state_bytes"),
             both("  params MiB", lambda s: mib(s["state_bytes"]["params"])),
             both("  optimizer MiB", lambda s: mib(s["state_bytes"]["opt_state"]), "opt_state_bytes"),
             both("  frozen base MiB", lambda s: mib(s["state_bytes"]["base"])),
-            *(both(f"step {key} MiB", step_memory(key)) for key in ("argument", "output", "alias", "temp")),
-            both("step peak estimate MiB", step_memory("step_peak_estimate"), "step_peak_estimate"),
+            *(both(f"step {key} MiB", step_mib(key)) for key in ("argument", "output", "alias", "temp")),
+            both("step peak estimate MiB", step_mib("step_peak_estimate"), "step_peak_estimate"),
             both("peak RSS MiB (process)", lambda s: str(s["peak_rss_mib"]["median"]), "peak_rss"),
             both("peak RSS MiB (steps only)", lambda s: str(s["peak_rss_steps_mib"]), "peak_rss_steps"),
             both("peak RSS MiB (to setup / to compile)", lambda s: f"{s['peak_rss_setup_mib']} / "

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from easytrain.memory_plan import plan_of
+
 
 def relaunch_like_the_command() -> None:
     """Run this benchmark with the malloc setting the `easytrain` command runs with (`easytrain.host_memory`:
@@ -25,6 +27,16 @@ def fill_defaults(options: Any, profile: dict[str, Any]) -> None:
     for key, value in profile.items():
         if getattr(options, key, None) is None:
             setattr(options, key, value)
+
+
+def step_memory(compiled: Any) -> dict[str, int] | None:
+    """Argument / output / alias / temp bytes of a compiled step and its peak estimate (arguments + outputs -
+    aliased + temp: what `easytrain.memory_plan` plans, without generated code); None where XLA gives none."""
+    plan = plan_of(compiled)
+    if plan is None:
+        return None
+    return {"argument": plan.arguments, "output": plan.outputs, "alias": plan.donated, "temp": plan.temporaries,
+            "step_peak_estimate": plan.arguments + plan.outputs - plan.donated + plan.temporaries}
 
 
 def compiled_memory(compiled: Any) -> dict[str, int]:
