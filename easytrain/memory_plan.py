@@ -10,7 +10,7 @@ run is under way. Backends whose allocator reports no limit (CPU) get the plan w
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import jax
 
@@ -109,3 +109,13 @@ def compile_ahead(step: Any, state: Any, batch: Any, devices: Iterable[Any], wha
     if plan is not None:
         check_fits(plan, headroom(device for device in devices if device.process_index == jax.process_index()), what)
     return plan
+
+
+def stretched(batch: Mapping[str, Any], length: int) -> Mapping[str, Any]:
+    """`batch` with its sequence axis (the last axis of every field as long as `input_ids`'s) at `length`, as
+    shapes: the largest batch a run that pads to buckets can feed its step, which is the one to plan for."""
+    current = batch["input_ids"].shape[-1]
+    if current == length:
+        return batch
+    return {key: jax.ShapeDtypeStruct(value.shape[:-1] + (length,) if value.shape[-1:] == (current,) else value.shape,
+                                      value.dtype, sharding=value.sharding) for key, value in batch.items()}

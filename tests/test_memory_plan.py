@@ -19,6 +19,9 @@ from easytrain.checkpoint import CHECKPOINTS_DIRNAME, CheckpointManager
 from easytrain.memory_plan import MIB, Headroom
 from easytrain.models import init_model
 from easytrain.tasks import build_arithmetic_tokenizer
+from easytrain.tasks.arithmetic import build_arithmetic_chat_tokenizer
+from easytrain.trainers.dpo import DPOTrainer
+from easytrain.trainers.sft import SFTTrainer
 
 #: The benchmark Llama's train step (6.3M parameters, batch 8 x 256, AdamW, float32, one device): temporaries
 #: per device as XLA:CPU planned them with jax 0.10.2 (the same under --xla_cpu_max_isa=AVX2). Activations
@@ -94,6 +97,32 @@ def test_a_step_that_cannot_fit_is_refused_before_it_runs_and_the_checkpoint_is_
     fits = BaseTrainer(tiny_args(output_dir, max_steps=4, resume_from_checkpoint="latest"))
     fits.train()  # exactly enough room
     assert int(fits.state.step) == 4
+
+
+def short_conversations(count: int) -> datasets.Dataset:
+    rng = np.random.default_rng(0)
+    return datasets.Dataset.from_list([{"prompt": "1" * int(n), "completion": "2" * int(m)}
+                                       for n, m in zip(rng.integers(1, 8, count), rng.integers(1, 6, count))])
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_padded_batches_are_planned_at_their_largest_bucket_and_each_shape_compiles_once(tmp_path, caplog, method):
+    args = tiny_args(tmp_path, max_length=64, max_steps=4, max_train_samples=None, validation_split_percentage=0)
+    trainer = (SFTTrainer(args, dataset_train=short_conversations(48), tokenizer=build_arithmetic_chat_tokenizer())
+               if method == "sft" else DPOTrainer(args))  # short arithmetic pairs: the 64-token bucket never comes
+    batch = first_batch(trainer)
+    length = batch["input_ids"].shape[-1]
+    assert length < 64 == trainer._pad.buckets[-1]
+    state_bytes = device_bytes(trainer.state)
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        narrow = memory_plan.plan_of(trainer.functions.train_step.lower(trainer.state, batch).compile())
+        trainer.train()
+    # Every batch field the step reads is [..., T] (jit drops the ones it does not): its bytes scale with T.
+    assert (trainer.loop.memory_plan.arguments - state_bytes) * length == (narrow.arguments - state_bytes) * 64
+    compiled = [message for message in map(logging.LogRecord.getMessage, caplog.records)
+                if "Compiling" in message and "train_step" in message]
+    assert len(compiled) == len(set(compiled)) >= 2, compiled  # the planned bucket, then each one met, once each
+    assert any("64]" in message for message in compiled)
 
 
 def test_headroom_is_the_tightest_device_and_unknown_where_one_reports_no_limit():

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
+from easytrain import memory_plan
 from easytrain.arguments import TrainingArguments
 from easytrain.chunked_loss import map_token_chunks, target_logps
 from easytrain.data import RowSource, bucket_lengths
@@ -278,6 +279,10 @@ class DPOTrainer(BaseTrainer):
         if self.dpo.sync_ref_model:
             state, _ = self._sync(state, batch)
         return state, metrics
+
+    def plan_memory(self, state: Any, batch: Mapping[str, jax.Array]) -> memory_plan.MemoryPlan | None:
+        """The plan of the largest bucket, the most memory a batch of pairs can take."""
+        return super().plan_memory(state, memory_plan.stretched(batch, self._pad.buckets[-1]))
 
     def run_info(self) -> dict[str, Any]:
         """Also the options that decide the rows, so a resume under different ones is refused."""

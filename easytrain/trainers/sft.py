@@ -17,6 +17,7 @@ from typing import Any, Callable, Literal, Mapping, Optional
 import jax
 import numpy as np
 
+from easytrain import memory_plan
 from easytrain.arguments import TrainingArguments
 from easytrain.data import (PaddedCollate, RowSource, SFTDataOptions, bucket_lengths, pack_examples, packed_collate,
                             tokenize_sft_dataset)
@@ -137,6 +138,12 @@ class SFTTrainer(BaseTrainer):
 
     def collate(self, rows: Mapping[str, np.ndarray], example_ids: np.ndarray) -> dict[str, np.ndarray]:
         return packed_collate(rows, example_ids) if self.sft_arguments.packing else self._pad(rows, example_ids)
+
+    def plan_memory(self, state: Any, batch: Mapping[str, jax.Array]) -> memory_plan.MemoryPlan | None:
+        """Padded rows: the plan of the largest bucket, the most memory a batch can take (packed rows have one
+        shape)."""
+        padded = not self.sft_arguments.packing
+        return super().plan_memory(state, memory_plan.stretched(batch, self._pad.buckets[-1]) if padded else batch)
 
     def count_tokens(self, batch: Mapping[str, np.ndarray]) -> int:
         """Real (non-padding) tokens, so `tokens_per_second` is comparable between packing and padding."""
