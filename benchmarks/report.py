@@ -36,7 +36,7 @@ def step_memory(compiled: Any) -> dict[str, int] | None:
     if plan is None:
         return None
     return {"argument": plan.arguments, "output": plan.outputs, "alias": plan.donated, "temp": plan.temporaries,
-            "step_peak_estimate": plan.arguments + plan.outputs - plan.donated + plan.temporaries}
+            "step_peak_estimate": plan.peak - plan.code}
 
 
 def compiled_memory(compiled: Any) -> dict[str, int]:

@@ -86,20 +86,19 @@ def headroom(devices: Iterable[Any]) -> Headroom | None:
     return min(rooms, key=lambda room: room.free, default=None)
 
 
-def check_fits(plan: MemoryPlan, room: Headroom | None, what: str = "the train step") -> None:
+def check_fits(plan: MemoryPlan, room: Headroom | None) -> None:
     """Raise `DeviceMemoryError` when `plan` adds more than `room` has free (its arguments already sit there)."""
     if room is None or plan.added <= room.free:
         return
     raise DeviceMemoryError(
-        f"{what} needs {plan.added / GIB:.2f} GiB per device beyond its inputs (outputs "
+        f"the train step needs {plan.added / GIB:.2f} GiB per device beyond its inputs (outputs "
         f"{(plan.outputs - plan.donated) / GIB:.2f} not donated, temporaries {plan.temporaries / GIB:.2f}), but "
         f"{room.device} has {room.free / GIB:.2f} GiB free of {room.limit / GIB:.2f} GiB ({room.in_use / GIB:.2f} "
         f"in use, the state and the batch among it). Nothing has run and no checkpoint was written. To fit: "
         f"{FIXES}.")
 
 
-def compile_ahead(step: Any, state: Any, batch: Any, devices: Iterable[Any], what: str = "the train step"
-                  ) -> MemoryPlan | None:
+def compile_ahead(step: Any, state: Any, batch: Any, devices: Iterable[Any]) -> MemoryPlan | None:
     """Compile the jitted `step` for `(state, batch)` now (its first call then reuses the executable: `jax.jit`
     caches the lowering and its compilation), check that it fits the local `devices`, and return its plan.
     None, with nothing compiled, for a step that is not a `jax.jit` function."""
@@ -107,7 +106,7 @@ def compile_ahead(step: Any, state: Any, batch: Any, devices: Iterable[Any], wha
         return None
     plan = plan_of(step.lower(state, batch).compile())
     if plan is not None:
-        check_fits(plan, headroom(device for device in devices if device.process_index == jax.process_index()), what)
+        check_fits(plan, headroom(device for device in devices if device.process_index == jax.process_index()))
     return plan
 
 
