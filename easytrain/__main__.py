@@ -2,6 +2,6 @@
 
 import sys
 
-from easytrain.cli import main
+from easytrain.command import main
 
 sys.exit(main())

@@ -16,7 +16,6 @@ from typing import Any
 
 import jax
 
-from easytrain import host_memory
 from easytrain.arguments import TrainingArguments
 from easytrain.config_io import build_parser, parse_task_arguments, peek_task
 from easytrain.errors import EasytrainError
@@ -93,8 +92,6 @@ def format_tasks(tasks: Sequence[Task]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    if argv is None and sys.argv[1:2] == ["train"]:  # the process's own command line, not a call from Python
-        host_memory.relaunch_with_huge_pages()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)

@@ -59,7 +59,7 @@ RELAUNCHED = textwrap.dedent("""
     import os, sys
     print("start", os.getpid(), os.environ.get("GLIBC_TUNABLES", ""), flush=True)
     sys.argv = ["easytrain", "train", "--help"]
-    from easytrain.cli import main
+    from easytrain.command import main
     sys.exit(main())
 """)
 
