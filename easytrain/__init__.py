@@ -10,6 +10,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from easytrain.hf_advice import hide_pytorch_advice
+
+hide_pytorch_advice()  # before anything imports transformers
+
 __version__ = "0.1.0"
 
 #: Each module and the public names it gives the package.

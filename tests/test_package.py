@@ -79,3 +79,15 @@ def test_the_command_relaunches_before_importing_jax_and_the_rest(start: str) ->
     done = run_python(COMMAND.format(heavy=HEAVY, start=start))
     assert done.stdout.splitlines()[-1] == "relaunched []"
 
+
+def test_transformers_advice_about_a_missing_pytorch_is_not_shown() -> None:
+    """Without PyTorch (easytrain's runtime install) transformers says "Models won't be available" on import:
+    untrue for easytrain, whose models are its own."""
+    done = run_python("""
+        import sys
+        sys.modules["torch"] = None  # as if PyTorch were not installed
+        import easytrain
+        from easytrain import BaseTrainer
+        from transformers import AutoTokenizer, LlamaConfig
+    """)
+    assert "PyTorch was not found" not in done.stderr, done.stderr
