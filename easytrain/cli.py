@@ -7,8 +7,10 @@ strings, the `easytrain.tasks` entry-point group) or any `package.module:Class` 
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
+import platform
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,7 +30,10 @@ __all__ = ["main", "register_task", "resolve_task", "resolve_trainer", "run"]
 TrainerFactory = Callable[..., TrainerProtocol]
 USAGE = """usage: easytrain train [--task NAME] [--config FILE] [--FIELD VALUE ...]   train (--help lists every field)
        easytrain tasks                                                      list the tasks --task accepts
-       easytrain plot RUN_DIR [RUN_DIR ...] [--out DIR]                     PNG figures of runs' metrics.jsonl"""
+       easytrain plot RUN_DIR [RUN_DIR ...] [--out DIR]                     PNG figures of runs' metrics.jsonl
+       easytrain --version                                                  versions of easytrain and its stack"""
+#: The libraries whose versions decide a run's numbers, reported by `easytrain --version` (for bug reports).
+STACK = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "transformers", "datasets", "tokenizers")
 
 
 def resolve_trainer(task: str) -> TrainerFactory:
@@ -83,6 +88,18 @@ def _train(argv: list[str]) -> int:
     return 0
 
 
+def versions() -> str:
+    """`easytrain X (jax Y, ...; Python Z)` from the installed distributions' metadata: nothing is imported."""
+    def version(name: str) -> str:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    stack = ", ".join(f"{name} {version(name)}" for name in STACK)
+    return f"easytrain {version('easytrain')} ({stack}; Python {platform.python_version()})"
+
+
 def format_tasks(tasks: Sequence[Task]) -> str:
     """One line per task: name, description, where it comes from."""
     width = max((len(task.name) for task in tasks), default=4)
@@ -97,6 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
+    if command == "--version":
+        print(versions())
+        return 0
     try:
         if command == "train":
             return _train(rest)

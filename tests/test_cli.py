@@ -29,6 +29,18 @@ def test_help_lists_every_argument(capsys):
     assert not missing
 
 
+def test_version_names_easytrain_and_the_stack_a_bug_report_needs(capsys):
+    import importlib.metadata
+
+    import easytrain
+
+    assert main(["--version"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"easytrain {easytrain.__version__} (jax {importlib.metadata.version('jax')}, ")
+    assert f"flax {importlib.metadata.version('flax')}" in line and "Python 3." in line
+    assert easytrain.__version__ == importlib.metadata.version("easytrain"), "pyproject.toml and __version__ differ"
+
+
 def test_bad_argument_exits_with_a_clear_message(capsys):
     assert main(["train", "--train_batch_size", "0"]) == 2
     assert "train_batch_size: must be a positive integer" in capsys.readouterr().err
