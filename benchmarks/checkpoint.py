@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"  async save blocks the loop {blocked['median']} s [{blocked['min']}, {blocked['max']}], "
           f"completes in {result['async_total_seconds']['median']} s")
     print(f"  sync save blocks {sync_total['median']} s; blocked / sync = {result['blocked_over_sync']}")
-    print(f"  restore {result['restore_seconds']['median']} s; peak RSS added / state: {result['peak_added_over_state']}")
+    print(f"  restore {result['restore_seconds']['median']} s; "
+          f"peak RSS added / state: {result['peak_added_over_state']}")
     return emit(result, options.out)
 
 

@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"  tokenise {result['tokenize_tokens_per_second']} tok/s, pack {result['pack_tokens_per_second']} tok/s, "
           f"batch {result['batch_tokens_per_second']} tok/s; training consumes {result['train_tokens_per_second']} "
           f"tok/s ({options.model_config})")
-    print(f"  preparation / training {result['prepare_over_train']}x, batching / training {result['batch_over_train']}x")
+    print(f"  preparation / training {result['prepare_over_train']}x, "
+          f"batching / training {result['batch_over_train']}x")
     print(f"  resume to first batch (s) by step: {resume}")
     return emit(result, options.out)
 

@@ -285,7 +285,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for kind, side in sides.items():
             side.batch = side.trainer.to_global(fixed_batch(side.trainer, sequences, paired=kind != "sft"))
         pre = sides["dpo_precomputed"]
-        pre.batch["ref_logps"] = jax.device_put(reference_logps(pre.trainer, pre.batch), pre.batch["input_ids"].sharding)
+        pre.batch["ref_logps"] = jax.device_put(reference_logps(pre.trainer, pre.batch),
+                                                pre.batch["input_ids"].sharding)
         params = int(sum(leaf.size for leaf in jax.tree.leaves(pre.trainer.state.params)))
 
         for side in sides.values():  # compile (timed apart), then warm up
@@ -356,7 +357,8 @@ def _mib(value: int | None) -> str:
 def print_table(result: dict[str, Any]) -> None:
     kinds = list(result["step_seconds"])
     rows = [("", *kinds)]
-    for unit, seconds, key in (("wall", "step_seconds", "ratio_over_sft"), ("CPU", "step_cpu_seconds", "cpu_ratio_over_sft")):
+    for unit, seconds, key in (("wall", "step_seconds", "ratio_over_sft"),
+                               ("CPU", "step_cpu_seconds", "cpu_ratio_over_sft")):
         ratios = result[key]
         rows.append((f"{unit} s/step (median [min, max])", *(f"{s['median']} [{s['min']}, {s['max']}]"
                                                              for s in result[seconds].values())))

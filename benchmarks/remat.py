@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     options = parser.parse_args(argv)
     fill_defaults(options, PROFILES["quick" if options.quick else "full"])
     config = transformers.LlamaConfig(vocab_size=8192, hidden_size=options.hidden, num_hidden_layers=options.layers,
-                                      intermediate_size=3 * options.hidden, num_attention_heads=max(1, options.hidden // 64),
+                                      intermediate_size=3 * options.hidden,
+                                      num_attention_heads=max(1, options.hidden // 64),
                                       num_key_value_heads=max(1, options.hidden // 128), max_position_embeddings=4096)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 8192, (options.batch, options.length + 1)))
     sides = {policy: compiled_step(policy, config, ids) for policy in POLICIES}
@@ -83,7 +84,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         row["temp_over_none"] = round(row["temp"] / base["temp"], 3)
         row["time_over_none"] = round(row["step_seconds"]["median"] / base["step_seconds"]["median"], 3)
         print(f"{policy:5} temp {row['temp'] / 2**20:8.1f} MiB ({row['temp_over_none']}x)  peak est "
-              f"{row['peak_estimate'] / 2**20:8.1f} MiB  s/step {row['step_seconds']['median']} ({row['time_over_none']}x)")
+              f"{row['peak_estimate'] / 2**20:8.1f} MiB  "
+              f"s/step {row['step_seconds']['median']} ({row['time_over_none']}x)")
     return emit(result, options.out)
 
 

@@ -192,8 +192,8 @@ def attention(r: dict) -> list[Headline]:
 
 def chunked_ce(r: dict) -> list[Headline]:
     chunks = [c for c in (r.get("chunks") or {}) if c != "0"] or ["?"]
-    return [Headline("chunked_ce", f"loss chunk {c} / full logits: step temp bytes", dig(r, f"chunks.{c}.temp_over_full"))
-            for c in chunks] + [
+    return [Headline("chunked_ce", f"loss chunk {c} / full logits: step temp bytes",
+                     dig(r, f"chunks.{c}.temp_over_full")) for c in chunks] + [
         Headline("chunked_ce", f"loss chunk {c} / full logits: step time", dig(r, f"chunks.{c}.time_over_full"))
         for c in chunks]
 
@@ -201,7 +201,8 @@ def chunked_ce(r: dict) -> list[Headline]:
 def scan(r: dict) -> list[Headline]:
     deepest = max((dig(r, "depths") or {"?": None}), key=lambda d: int(d) if d.isdigit() else 0)
     ratio = dig(r, f"depths.{deepest}.scan_over_unrolled") or {}
-    return [Headline("scan", f"scan / unrolled layers: first-step compile, depth {deepest}", ratio.get("first_step_compile")),
+    return [Headline("scan", f"scan / unrolled layers: first-step compile, depth {deepest}",
+                     ratio.get("first_step_compile")),
             Headline("scan", f"scan / unrolled layers: step time, depth {deepest}", ratio.get("step_time")),
             Headline("scan", f"scan / unrolled layers: step temp bytes, depth {deepest}", ratio.get("temp"))]
 
@@ -239,7 +240,8 @@ BENCHMARKS = {b.name: b for b in (
     Benchmark("generation", generation, ("--batch", "4", "--prompt", "32", "--new", "32"), writes_out=False),
     Benchmark("scaling", scaling, ("--rounds", "3", "--meshes", "2,2,2"), writes_out=False),
     Benchmark("sft", sft), Benchmark("dpo", dpo), Benchmark("lora", lora),
-    Benchmark("qlora", qlora, requires="qwix"), Benchmark("checkpoint", checkpoint), Benchmark("data", data), Benchmark("remat", remat),
+    Benchmark("qlora", qlora, requires="qwix"), Benchmark("checkpoint", checkpoint), Benchmark("data", data),
+    Benchmark("remat", remat),
     Benchmark("attention", attention),
     Benchmark("chunked_ce", chunked_ce),
     Benchmark("scan", scan),

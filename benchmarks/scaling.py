@@ -6,8 +6,8 @@ with and without the model's activation sharding constraints.
 The 6.3M-parameter Llama of `benchmarks/overhead.py`, global batch 16 × 256 tokens, AdamW. For each
 mesh the trainer places the state; then `steps.train_step` with the trainer's loss, shardings and
 donation is compiled twice, once plain and once wrapped in `sharding.with_activation_layout` (so
-`sharding.constrain` in the model takes effect). Reported per variant: the compiled program's per-device temp/argument bytes
-(`memory_analysis()`), the collectives in its HLO (count, bytes, most frequent shapes), and the
+`sharding.constrain` in the model takes effect). Reported per variant: the compiled program's per-device
+temp/argument bytes (`memory_analysis()`), the collectives in its HLO (count, bytes, most frequent shapes), and the
 median step time over `rounds` steps alternated between the variants. Prints one JSON line. On 2
 physical cores the 8 "devices" share the same cores, so step times show the cost of each layout's
 communication and layout changes, not a speed-up.

@@ -77,7 +77,8 @@ def timed(fn: Any, steps: int) -> float:
 
 def run_depth(options: argparse.Namespace, depth: int) -> dict[str, Any]:
     config = transformers.LlamaConfig(vocab_size=8192, hidden_size=options.hidden, num_hidden_layers=depth,
-                                      intermediate_size=3 * options.hidden, num_attention_heads=max(1, options.hidden // 64),
+                                      intermediate_size=3 * options.hidden,
+                                      num_attention_heads=max(1, options.hidden // 64),
                                       num_key_value_heads=max(1, options.hidden // 128), max_position_embeddings=4096)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 8192, (options.batch, options.length + 1)))
     sides = {name: build_side(config, name == "scan", ids) for name in SIDES}

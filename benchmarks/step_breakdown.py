@@ -129,10 +129,12 @@ def main(argv: list[str] | None = None) -> dict:
         "compile_seconds": compile_seconds,
         "ratio_hand_written_over_trainer": round(ms["hand_written"] / ms["trainer"], 4),
         "part_ms": {part: round(1000 * statistics.median(d), 2) for part, d in part_seconds.items()},
-        "part_ms_spread": {part: [round(1000 * min(d), 2), round(1000 * max(d), 2)] for part, d in part_seconds.items()},
+        "part_ms_spread": {part: [round(1000 * min(d), 2), round(1000 * max(d), 2)]
+                           for part, d in part_seconds.items()},
         "part_compile_seconds": {part: round(compile_seconds["trainer"] - compile_seconds[v], 3)
                                  for part, v in PARTS.items()},
-        "ratio_compile_trainer_over_hand_written": round(compile_seconds["trainer"] / compile_seconds["hand_written"], 4),
+        "ratio_compile_trainer_over_hand_written": round(compile_seconds["trainer"]
+                                                         / compile_seconds["hand_written"], 4),
         "extras_ms": round(1000 * statistics.median(paired(seconds, "no_extras")), 2),
         # What is left once all three are gone: the rest of the trainer's step against the hand-written one.
         "residual_ms": round(1000 * statistics.median(paired(seconds, "hand_written", minus="no_extras")), 2),

@@ -88,8 +88,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     result = {"eval_loss_before": before, "eval_loss_after": after, "trained_parameters": int(trained),
               "frozen_base_parameters": int(frozen), "peft_max_logit_difference": difference}
     print(json.dumps(result))
-    print(f"eval loss {before:.3f} -> {after:.3f} training {trained} adapter parameters ({frozen} frozen); PEFT applies "
-          f"{adapter_dir} to the PyTorch base with max |logit difference| {difference:.2e}")
+    print(f"eval loss {before:.3f} -> {after:.3f} training {trained} adapter parameters ({frozen} frozen); "
+          f"PEFT applies {adapter_dir} to the PyTorch base with max |logit difference| {difference:.2e}")
     return result
 
 

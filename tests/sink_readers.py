@@ -51,10 +51,10 @@ def _wandb_records(path: Path):
 
 def wandb_segments(output_dir: Path, finished: int = 0, timeout: float = 60.0) -> list[dict]:
     """One entry per offline W&B run started in `output_dir` (a resume starts another, oldest first):
-    its run id (also in its directory name), whether it resumes that run (so `wandb sync` appends to it), config keys, and history rows as
-    `{metric: value}` with the step under "_step". A segment killed with SIGKILL may hold nothing: W&B
-    buffers its log and loses the unflushed part. W&B also writes a finished run's log after `finish()`
-    returns: wait until `finished` segments hold their exit record."""
+    its run id (also in its directory name), whether it resumes that run (so `wandb sync` appends to it), config
+    keys, and history rows as `{metric: value}` with the step under "_step". A segment killed with SIGKILL may
+    hold nothing: W&B buffers its log and loses the unflushed part. W&B also writes a finished run's log after
+    `finish()` returns: wait until `finished` segments hold their exit record."""
     deadline = time.monotonic() + timeout
     segments = _read_segments(output_dir)
     while sum(segment["exited"] for segment in segments) < finished:

@@ -1,4 +1,5 @@
-"""`attention_implementation`: "dot_product_attention" (structured mask) equals "xla" (dense mask), values and gradients."""
+"""`attention_implementation`: "dot_product_attention" (structured mask) equals "xla" (dense mask), values and
+gradients."""
 
 import re
 

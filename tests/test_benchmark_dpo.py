@@ -23,7 +23,8 @@ def test_dpo_benchmark_smoke(tmp_path):
                                       num_key_value_heads=1, max_position_embeddings=64, vocab_size=64)))
     result = load().main(["--quick", "--model_config", str(config), "--max_length", "16", "--pairs", "2",
                           "--steps", "1", "--repeats", "2", "--warmup_steps", "1", "--naive_step",
-                          "--logps_shape", "2", "8", "512", "--logps_chunk_size", "128", "--lora_rank", "2", "--out", str(out)])
+                          "--logps_shape", "2", "8", "512", "--logps_chunk_size", "128", "--lora_rank", "2",
+                          "--out", str(out)])
     assert json.loads(out.read_text()) == result
     assert result["vocab_size"] == 64 and result["params"] > 0
     assert result["sequences_per_step"] == 4 and result["tokens_per_step"] == 4 * 16

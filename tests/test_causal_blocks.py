@@ -59,7 +59,8 @@ def test_query_blocks_equal_the_full_scores(name, query_blocks):
 def score_shapes(model, ids_BT) -> set[tuple[int, ...]]:
     """Shapes of the float32 4-D products (scores ``[B, N, G*Q, S]``, values ``[B, N, G*Q, K]``) in a fresh trace
     of the forward pass (a new function each call: no cached trace)."""
-    return {tuple(eqn.outvars[0].aval.shape) for eqn in all_equations(jax.make_jaxpr(lambda ids: model(ids))(ids_BT).jaxpr)
+    jaxpr = jax.make_jaxpr(lambda ids: model(ids))(ids_BT).jaxpr
+    return {tuple(eqn.outvars[0].aval.shape) for eqn in all_equations(jaxpr)
             if eqn.primitive.name == "dot_general" and eqn.outvars[0].aval.dtype == jnp.float32
             and eqn.outvars[0].aval.ndim == 4}
 

@@ -27,7 +27,8 @@ def numpy_reference(logits, labels, weights):
     shifted = logits - logits.max(-1, keepdims=True)
     log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
     nll = -np.take_along_axis(log_probs, labels[..., None], -1)[..., 0]
-    return ((logits.argmax(-1) == labels) * weights).sum() / weights.sum(), np.exp((nll * weights).sum() / weights.sum())
+    accuracy = ((logits.argmax(-1) == labels) * weights).sum() / weights.sum()
+    return accuracy, np.exp((nll * weights).sum() / weights.sum())
 
 
 def test_built_in_metrics_equal_numpy_and_merge_exactly_across_batches():

@@ -126,8 +126,8 @@ class PairedTrainer(BaseTrainer):
     def compute_loss(self, model, batch, rng, train, frozen):
         ids_NT = batch["pair_ids"].reshape(-1, batch["pair_ids"].shape[-1])
         logits = model(ids_NT).astype(jnp.float32)
-        logp_NT = jnp.take_along_axis(jax.nn.log_softmax(logits), batch["pair_targets"].reshape(ids_NT.shape)[..., None],
-                                      axis=-1)[..., 0]
+        targets_NT = batch["pair_targets"].reshape(ids_NT.shape)
+        logp_NT = jnp.take_along_axis(jax.nn.log_softmax(logits), targets_NT[..., None], axis=-1)[..., 0]
         seq_B2 = jnp.sum(logp_NT * batch["pair_mask"].reshape(ids_NT.shape), axis=-1).reshape(-1, 2)
         margin_B = seq_B2[:, 0] - seq_B2[:, 1]
         valid_B = (jnp.sum(batch["pair_mask"], axis=(1, 2)) > 0).astype(jnp.float32)

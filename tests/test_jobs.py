@@ -58,7 +58,8 @@ def test_failure_records_error_and_traceback_and_propagates(tmp_path: Path) -> N
     record = read_job(tmp_path)
     assert record["status"] == "failed" and record["progress"] == 10.0
     assert record["error"]["type"] == "ZeroDivisionError" and record["error"]["message"] == "diverged at step 7"
-    assert "in train" in record["error"]["traceback"] and 'raise ZeroDivisionError("diverged' in record["error"]["traceback"]
+    traceback = record["error"]["traceback"]
+    assert "in train" in traceback and 'raise ZeroDivisionError("diverged' in traceback
 
 
 def test_stop_file_stops_the_loop_and_is_removed(tmp_path: Path) -> None:

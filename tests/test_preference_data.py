@@ -149,7 +149,8 @@ def test_eos_is_a_supervised_target_when_pad_is_eos(toks, name):
     for b, side in itertools.product(range(2), range(2)):
         n = int(batch["attention_mask"][b, side].sum())
         assert batch["targets"][b, side, n - 1] == tok.eos_token_id and batch["loss_mask"][b, side, n - 1] == 1
-        assert batch["loss_mask"][b, side, n:].sum() == 0 and (batch["input_ids"][b, side, n:] == tok.pad_token_id).all()
+        assert batch["loss_mask"][b, side, n:].sum() == 0
+        assert (batch["input_ids"][b, side, n:] == tok.pad_token_id).all()
 
 
 def test_template_whose_generation_prompt_is_not_a_prefix_is_refused(toks):
@@ -324,7 +325,8 @@ def test_formatting_func_and_local_jsonl_match_in_memory_data(toks, tmp_path):
     expected, stats = tokenize_preference_dataset(datasets.Dataset.from_list(rows), tok)
     got, file_stats = tokenize_preference_dataset(from_file, tok)
     assert got[:] == expected[:] and stats == file_stats and stats["num_kept"] == 2
-    renamed = datasets.Dataset.from_list([{"question": TEXT["prompt"], "good": TEXT["chosen"], "bad": TEXT["rejected"]}])
+    renamed = datasets.Dataset.from_list([{"question": TEXT["prompt"], "good": TEXT["chosen"],
+                                           "bad": TEXT["rejected"]}])
     mapped, _ = tokenize_preference_dataset(
         renamed, tok, formatting_func=lambda r: {"prompt": r["question"], "chosen": r["good"], "rejected": r["bad"]})
     assert mapped[0] == dict(zip(PAIR_COLUMNS, [*tokenize_pair(TEXT, tok)[:5], mapped[0]["length"]]))

@@ -72,7 +72,8 @@ def test_the_cli_runs_sft_with_its_own_options(tmp_path, capsys):
 def test_padding_compiles_once_per_bucket_at_most(tmp_path, caplog):
     rng = np.random.default_rng(0)
     prompt_lengths = np.where(rng.random(96) < 0.05, 45, rng.integers(1, 8, 96))  # skewed: a few long ones
-    rows = [{"prompt": "1" * int(n), "completion": "2" * int(m)} for n, m in zip(prompt_lengths, rng.integers(1, 6, 96))]
+    completion_lengths = rng.integers(1, 6, 96)
+    rows = [{"prompt": "1" * int(n), "completion": "2" * int(m)} for n, m in zip(prompt_lengths, completion_lengths)]
     args = tiny_args(tmp_path, max_length=64, max_steps=-1, num_train_epochs=2, max_train_samples=None,
                      validation_split_percentage=0, eval_strategy="no")
     trainer = SFTTrainer(args, dataset_train=datasets.Dataset.from_list(rows),
@@ -80,7 +81,8 @@ def test_padding_compiles_once_per_bucket_at_most(tmp_path, caplog):
     trainer.setup()
     with jax.log_compiles(True), caplog.at_level(logging.WARNING):
         trainer.train()
-    compiled = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage() and "train_step" in r.getMessage()]
+    messages = [r.getMessage() for r in caplog.records]
+    compiled = [m for m in messages if "Compiling" in m and "train_step" in m]
     assert 1 < len(compiled) <= len(trainer._pad.buckets), compiled
 
 

@@ -123,7 +123,8 @@ def test_a_missing_tracker_package_names_report_to_and_the_extra(sink, tmp_path,
     import importlib.util
 
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == sink else real_find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == sink else real_find_spec(name, *a))
     expected = rf"report_to: '{sink}' needs the {sink} package.*pip install 'easytrain\[{sink}\]'"
     with pytest.raises(ArgumentError, match=expected):
         TrainingArguments(output_dir=str(tmp_path), report_to=["jsonl", sink])  # before any compute

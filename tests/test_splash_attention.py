@@ -98,7 +98,8 @@ def test_gpus_are_refused_naming_the_field_and_the_fix():
         splash.check_backend("gpu")
     splash.check_backend("tpu")
     splash.check_backend("cpu")
-    assert TrainingArguments(output_dir="unused", attention_implementation="splash").attention_implementation == "splash"
+    arguments = TrainingArguments(output_dir="unused", attention_implementation="splash")
+    assert arguments.attention_implementation == "splash"
 
 
 def test_scanned_layers_run_the_kernel_too():

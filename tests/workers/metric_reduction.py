@@ -34,7 +34,8 @@ class PerExampleTrainer(BaseTrainer):
     def compute_loss(self, model, batch, rng, train, frozen):
         logits_BTV = model_logits(model, batch).astype(jnp.float32)
         loss_sum, count, _ = token_cross_entropy_sums(logits_BTV, batch["targets"], batch["loss_mask"])
-        nll_BT = jax.nn.logsumexp(logits_BTV, -1) - jnp.take_along_axis(logits_BTV, batch["targets"][..., None], -1)[..., 0]
+        target_BT = jnp.take_along_axis(logits_BTV, batch["targets"][..., None], -1)[..., 0]
+        nll_BT = jax.nn.logsumexp(logits_BTV, -1) - target_BT
         tokens_B = jnp.sum(batch["loss_mask"], -1)
         per_example_B = jnp.sum(nll_BT * batch["loss_mask"], -1) / jnp.maximum(tokens_B, 1.0)
         has_tokens_B = (tokens_B > 0).astype(jnp.float32)
