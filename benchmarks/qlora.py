@@ -73,6 +73,7 @@ import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from easytrain import lora, placement, sharding, steps  # noqa: E402
+from easytrain.memory_plan import plan_of  # noqa: E402
 from easytrain.losses import causal_lm_loss  # noqa: E402
 from easytrain.models.llama import init_model  # noqa: E402
 
@@ -172,7 +173,7 @@ def train(model: nnx.Module, batches: np.ndarray, learning_rate: float, trainabl
     with jax.set_mesh(mesh):
         first = jax.device_put(as_batch(batches[0]), sharding.batch_sharding(mesh))
         compiled = step.lower(state, first).compile()
-        memory, runner, aot_rejected = compiled.memory_analysis(), compiled, None
+        plan, runner, aot_rejected = plan_of(compiled), compiled, None
         for i, tokens in enumerate(batches):
             batch = jax.device_put(as_batch(tokens), sharding.batch_sharding(mesh))
             started = time.perf_counter()
@@ -190,11 +191,9 @@ def train(model: nnx.Module, batches: np.ndarray, learning_rate: float, trainabl
             losses.append(float(loss.total / loss.count))  # waits for the step
             if i:
                 seconds.append(time.perf_counter() - started)
-    step_memory = None if memory is None else {
-        "argument_bytes": int(memory.argument_size_in_bytes), "output_bytes": int(memory.output_size_in_bytes),
-        "alias_bytes": int(memory.alias_size_in_bytes), "temp_bytes": int(memory.temp_size_in_bytes),
-        "peak_estimate_bytes": int(memory.argument_size_in_bytes + memory.output_size_in_bytes
-                                   - memory.alias_size_in_bytes + memory.temp_size_in_bytes)}
+    step_memory = None if plan is None else {
+        "argument_bytes": plan.arguments, "output_bytes": plan.outputs, "alias_bytes": plan.donated,
+        "temp_bytes": plan.temporaries, "peak_estimate_bytes": plan.peak - plan.code}
     del model  # its arrays were copied onto the mesh; the trained values are in `state`
     return {"model": state.model(), "losses": losses,
             "final_train_loss": round(float(np.mean(losses[-loss_window:])), 4),

@@ -41,10 +41,8 @@ def step_memory(compiled: Any) -> dict[str, int] | None:
 
 def compiled_memory(compiled: Any) -> dict[str, int]:
     """A compiled step's scratch bytes and its peak estimate (arguments + outputs + scratch), from XLA."""
-    analysis = compiled.memory_analysis()
-    return {"temp": int(analysis.temp_size_in_bytes),
-            "peak_estimate": int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes
-                                 + analysis.temp_size_in_bytes)}
+    plan = plan_of(compiled)
+    return {"temp": plan.temporaries, "peak_estimate": plan.arguments + plan.outputs + plan.temporaries}
 
 
 def child_json(module: str, *args: str, env: dict[str, str] | None = None) -> dict[str, Any]:

@@ -35,6 +35,7 @@ import numpy as np  # noqa: E402
 import transformers  # noqa: E402
 
 from easytrain import BaseTrainer, TrainingArguments, sharding, steps  # noqa: E402
+from easytrain.memory_plan import plan_of  # noqa: E402
 from easytrain.models import init_model  # noqa: E402
 from easytrain.tasks import build_arithmetic_tokenizer  # noqa: E402
 from benchmarks.report import relaunch_like_the_command  # noqa: E402
@@ -101,11 +102,11 @@ def measure(mesh: tuple[int, int, int], blocks: np.ndarray, rounds: int) -> dict
     for name, constrained in (("plain", False), ("constrained", True)):
         started = time.perf_counter()
         compiled = compile_variant(trainer, batch, constrained)
-        memory = compiled.memory_analysis()
+        plan = plan_of(compiled)
         variants[name] = {"compiled": compiled, "state": copy(trainer.state), "times": [], "losses": [],
                           "compile_seconds": round(time.perf_counter() - started, 2),
-                          "temp_bytes": memory.temp_size_in_bytes, "argument_bytes": memory.argument_size_in_bytes,
-                          "output_bytes": memory.output_size_in_bytes, "alias_bytes": memory.alias_size_in_bytes,
+                          "temp_bytes": plan.temporaries, "argument_bytes": plan.arguments,
+                          "output_bytes": plan.outputs, "alias_bytes": plan.donated,
                           "collectives": collectives(compiled.as_text())}
     for _ in range(rounds):  # alternate, so both variants see the same machine load
         for variant in variants.values():
