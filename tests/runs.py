@@ -1,5 +1,5 @@
 """Helpers shared by the tests: read a run's logged metrics, stop a run at a given step, run a script on 8 CPU
-devices."""
+devices, an environment in which the `easytrain` command would relaunch itself for huge pages."""
 
 import json
 import os
@@ -7,7 +7,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-from easytrain import Callback
+from easytrain import Callback, host_memory
+
+#: Whether the `easytrain` command relaunches itself with huge pages here (`host_memory`'s own rule, on Linux).
+RELAUNCHES_FOR_HUGE_PAGES = sys.platform == "linux" and host_memory.would_help({}, host_memory.thp_mode(),
+                                                                             host_memory.glibc_version())
+
+
+def env_without_huge_pages(**extra: str) -> dict[str, str]:
+    """This process's environment (JAX on the CPU) without the tunable and the opt-out, so a relaunch can happen."""
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", host_memory.OPT_OUT)}
+    return {**env, "JAX_PLATFORMS": "cpu", **extra}
 
 
 def logged(output_dir, key: str = "loss", split: str = "train") -> dict[int, float]:

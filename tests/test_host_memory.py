@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import sys
 import textwrap
@@ -12,15 +11,10 @@ from pathlib import Path
 import pytest
 
 from easytrain import host_memory
+from runs import RELAUNCHES_FOR_HUGE_PAGES, env_without_huge_pages as clean_env
 
-ON_THIS_MACHINE = (sys.platform == "linux" and host_memory.thp_mode() == "madvise"
-                   and (host_memory.glibc_version() or (0, 0)) >= (2, 35))
-needs_madvise_thp = pytest.mark.skipif(not ON_THIS_MACHINE, reason="needs Linux, glibc 2.35+ and THP mode madvise")
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", host_memory.OPT_OUT)}
-    return {**env, "JAX_PLATFORMS": "cpu", **extra}
+needs_madvise_thp = pytest.mark.skipif(not RELAUNCHES_FOR_HUGE_PAGES,
+                                       reason="needs Linux, glibc 2.35+ and THP mode madvise")
 
 
 def test_thp_mode_reads_the_bracketed_mode(tmp_path: Path) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ast
-import os
 import subprocess
 import sys
 import textwrap
@@ -12,17 +11,14 @@ from pathlib import Path
 import pytest
 
 import easytrain
-from easytrain import host_memory
+from runs import RELAUNCHES_FOR_HUGE_PAGES, env_without_huge_pages
 
 HEAVY = ("jax", "transformers", "datasets", "orbax.checkpoint", "easytrain.trainers")
-ON_THIS_MACHINE = (sys.platform == "linux" and host_memory.thp_mode() == "madvise"
-                   and (host_memory.glibc_version() or (0, 0)) >= (2, 35))
 
 
 def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
-    environ = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", host_memory.OPT_OUT)}
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          env={**environ, "JAX_PLATFORMS": "cpu", **env}, timeout=300)
+                          env=env_without_huge_pages(**env), timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -72,7 +68,8 @@ STARTS = {
 }
 
 
-@pytest.mark.skipif(not ON_THIS_MACHINE, reason="the command relaunches only with Linux, glibc 2.35+, THP madvise")
+@pytest.mark.skipif(not RELAUNCHES_FOR_HUGE_PAGES,
+                    reason="the command relaunches only with Linux, glibc 2.35+, THP madvise")
 @pytest.mark.parametrize("start", STARTS.values(), ids=STARTS.keys())
 def test_the_command_relaunches_before_importing_jax_and_the_rest(start: str) -> None:
     """Relaunching replaces the process: whatever it imported before is imported again (2-5 s per start)."""
