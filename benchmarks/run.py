@@ -238,7 +238,7 @@ BENCHMARKS = {b.name: b for b in (
               requires="torch"),
     Benchmark("xla_cpu", xla_cpu, ("--repeats", "3", "--flag_rounds", "1", "--flag_steps", "3"), requires="torch"),
     Benchmark("generation", generation, ("--batch", "4", "--prompt", "32", "--new", "32"), writes_out=False),
-    Benchmark("scaling", scaling, ("--rounds", "3", "--meshes", "2,2,2"), writes_out=False),
+    Benchmark("scaling", scaling, ("--quick", "--rounds", "3", "--meshes", "2,2,2"), writes_out=False),
     Benchmark("sft", sft), Benchmark("dpo", dpo), Benchmark("lora", lora),
     Benchmark("qlora", qlora, requires="qwix"), Benchmark("checkpoint", checkpoint), Benchmark("data", data),
     Benchmark("remat", remat),

@@ -1,14 +1,15 @@
 """Per-device memory, collectives and step time of one model on several meshes of 8 CPU devices,
 with and without the model's activation sharding constraints.
 
-    python benchmarks/scaling.py [--rounds 6] [--meshes 8,1,1 1,8,1 2,2,2 1,2,4]
+    python benchmarks/scaling.py [--quick] [--rounds 6] [--meshes 8,1,1 1,8,1 2,2,2 1,2,4]
 
 The 6.3M-parameter Llama of `benchmarks/overhead.py`, global batch 16 × 256 tokens, AdamW. For each
 mesh the trainer places the state; then `steps.train_step` with the trainer's loss, shardings and
 donation is compiled twice, once plain and once wrapped in `sharding.with_activation_layout` (so
 `sharding.constrain` in the model takes effect). Reported per variant: the compiled program's per-device
 temp/argument bytes (`memory_analysis()`), the collectives in its HLO (count, bytes, most frequent shapes), and the
-median step time over `rounds` steps alternated between the variants. Prints one JSON line. On 2
+median step time over `rounds` steps alternated between the variants. Prints one JSON line. `--quick`: a
+tiny model (hidden 32, 1 layer) on 16-token rows, a smoke run. On 2
 physical cores the 8 "devices" share the same cores, so step times show the cost of each layout's
 communication and layout changes, not a speed-up.
 """
@@ -42,6 +43,8 @@ from benchmarks.report import relaunch_like_the_command  # noqa: E402
 
 CONFIG = dict(vocab_size=4096, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
               num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048)
+QUICK = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+             num_key_value_heads=4)
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]
 BATCH, LENGTH = 16, 256
 COLLECTIVE = re.compile(r"= (.+?) (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(-start)?\(")
@@ -68,15 +71,16 @@ def collectives(hlo: str) -> dict[str, dict]:
     return found
 
 
-def build_trainer(mesh: tuple[int, int, int], blocks: np.ndarray) -> BaseTrainer:
+def build_trainer(mesh: tuple[int, int, int], blocks: np.ndarray, config: dict) -> BaseTrainer:
     data, fsdp, tensor = mesh
     arguments = TrainingArguments(
         compilation_cache_dir="",  # no persistent cache: every process compiles cold, as its contender
-        output_dir=tempfile.mkdtemp(prefix="easytrain-scaling-"), max_length=LENGTH, train_batch_size=BATCH,
+        output_dir=tempfile.mkdtemp(prefix="easytrain-scaling-"), max_length=blocks.shape[1] - 1,
+        train_batch_size=BATCH,
         max_steps=100, learning_rate=3e-4, lr_scheduler_type="constant", eval_strategy="no",
         save_strategy="no", report_to=["none"], disable_progress_bar=True, save_pretrained_at_end=False,
         validation_split_percentage=0, data_parallel_size=data, fsdp_size=fsdp, tensor_parallel_size=tensor)
-    trainer = BaseTrainer(arguments, model=init_model(transformers.LlamaConfig(**CONFIG)),
+    trainer = BaseTrainer(arguments, model=init_model(transformers.LlamaConfig(**config)),
                           tokenizer=build_arithmetic_tokenizer(),
                           dataset_train=datasets.Dataset.from_dict({"input_ids": blocks}))
     trainer.setup()
@@ -94,8 +98,8 @@ def compile_variant(trainer: BaseTrainer, batch: dict, constrained: bool):
     return jitted.lower(trainer.state, batch).compile()
 
 
-def measure(mesh: tuple[int, int, int], blocks: np.ndarray, rounds: int) -> dict:
-    trainer = build_trainer(mesh, blocks)
+def measure(mesh: tuple[int, int, int], blocks: np.ndarray, config: dict, rounds: int) -> dict:
+    trainer = build_trainer(mesh, blocks, config)
     batch = trainer.to_global(next(trainer.dataloaders.train.iterator(0)))
     copy = jax.jit(lambda s: jax.tree.map(jnp.copy, s), out_shardings=trainer.state_shardings)
     variants = {}
@@ -129,15 +133,18 @@ def measure(mesh: tuple[int, int, int], blocks: np.ndarray, rounds: int) -> dict
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="tiny model and rows: a smoke run")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--meshes", nargs="*", default=[",".join(map(str, m)) for m in MESHES])
     options = parser.parse_args(argv)
     if options.rounds < 2:
         parser.error(f"--rounds must be at least 2 (the first round compiles and is not timed), got {options.rounds}")
-    blocks = np.random.default_rng(0).integers(0, CONFIG["vocab_size"], (BATCH * 8, LENGTH + 1)).astype(np.int32)
+    config = {**CONFIG, **(QUICK if options.quick else {})}
+    length = 16 if options.quick else LENGTH
+    blocks = np.random.default_rng(0).integers(0, config["vocab_size"], (BATCH * 8, length + 1)).astype(np.int32)
     meshes = [tuple(int(size) for size in text.split(",")) for text in options.meshes]
     output = {"benchmark": "scaling", "devices": jax.device_count(), "device": jax.devices()[0].device_kind,
-              "meshes": [measure(mesh, blocks, options.rounds) for mesh in meshes]}
+              "meshes": [measure(mesh, blocks, config, options.rounds) for mesh in meshes]}
     print(json.dumps(output))
     return output
 
