@@ -140,6 +140,11 @@ def reset_peak_rss() -> None:
         clear.write("5")
 
 
+def standard_error(values: list[float]) -> float:
+    """The standard error of the mean of `values` (0 for fewer than two)."""
+    return statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
+
+
 def run_side(side: str, config: transformers.LlamaConfig, blocks: np.ndarray, steps: int) -> dict:
     """One side alone in a fresh process: its first-step compile seconds, and its peak RSS from the moment
     every module is imported (both sides import the same ones) with what training added to that baseline."""
@@ -213,6 +218,9 @@ def main(argv: list[str] | None = None) -> dict:
         "ratio_trainer_over_loop": round(trainer_tps / loop_tps, 4),
         "ratio_trainer_over_loop_per_round": [round(r, 4) for r in per_round],
         "ratio_trainer_over_loop_paired_median": round(statistics.median(per_round), 4),  # drift cancels per round
+        # How far the mean of the paired ratios may be from the true one: it shrinks with more rounds.
+        "ratio_trainer_over_loop_paired_mean": round(statistics.fmean(per_round), 4),
+        "ratio_trainer_over_loop_paired_standard_error": round(standard_error(per_round), 4),
         "trainer_compile_seconds": [round(r["compile_seconds"], 3) for r in sides["trainer"]],
         "loop_compile_seconds": [round(r["compile_seconds"], 3) for r in sides["loop"]],
         "ratio_compile_trainer_over_loop": round(compile_ratio, 4),
