@@ -16,7 +16,6 @@ import pickle
 import random
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import threading
@@ -27,6 +26,9 @@ import numpy as np
 import pytest
 
 from easytrain.checkpoint import CHECKPOINTS_DIRNAME, finalized_steps, resolve_checkpoint
+
+from event_files import effective_scalars
+from pickle_scan import scan_for_pickles
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "workers" / "fault_run.py"
@@ -195,134 +197,6 @@ def assert_same_batches(records: Path, reference: Path) -> None:
     assert sorted(seen) == list(range(1, MAX_STEPS + 1))
     for step, ids in seen.items():
         assert all(one == expected[step] for one in ids), f"step {step}: {ids} != {expected[step]}"
-
-
-# ----------------------------------------------------------------------------- TensorBoard
-
-
-def tfrecords(data: bytes) -> tuple[list[bytes], int]:
-    """Payloads of a TFRecord file (length, crc, payload, crc) and the bytes they span; reading stops
-    at a torn or corrupt record, as TensorBoard's reader does."""
-    from tensorboardX.record_writer import masked_crc32c
-
-    payloads, pos = [], 0
-    while pos + 12 <= len(data):
-        header, header_crc = data[pos:pos + 8], data[pos + 8:pos + 12]
-        (length,) = struct.unpack("<Q", header)
-        payload, crc = data[pos + 12:pos + 12 + length], data[pos + 12 + length:pos + 16 + length]
-        if len(crc) < 4 or [header_crc, crc] != [struct.pack("<I", masked_crc32c(x)) for x in (header, payload)]:
-            break
-        payloads.append(payload)
-        pos += 16 + length
-    return payloads, pos
-
-
-def read_events(path: Path) -> list:
-    from tensorboardX.proto import event_pb2
-
-    return [event_pb2.Event.FromString(payload) for payload in tfrecords(path.read_bytes())[0]]
-
-
-def effective_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Scalars as TensorBoard's EventAccumulator shows them: files in name order, and a
-    `SessionLog.START` at step s (in a file of version >= 2) drops every value with step >= s."""
-    from tensorboardX.proto.event_pb2 import SessionLog
-
-    series: dict[str, list[tuple[int, float]]] = {}
-    version = 0.0
-    for path in sorted(logdir.glob("events.out.tfevents.*")):
-        for event in read_events(path):
-            if event.HasField("file_version"):
-                version = float(event.file_version.split("brain.Event:")[-1])
-            if version >= 2 and event.HasField("session_log") and event.session_log.status == SessionLog.START:
-                series = {tag: [(s, v) for s, v in values if s < event.step] for tag, values in series.items()}
-            for value in event.summary.value:
-                series.setdefault(value.tag, []).append((event.step, value.simple_value))
-    return series
-
-
-# ----------------------------------------------------------------------------- the pickle scan
-
-PICKLE_PRONE = {".pkl", ".pickle", ".pt", ".pth", ".bin", ".ckpt", ".joblib", ".npy", ".npz", ".msgpack"}
-JSON_NAMES = {"_CHECKPOINT_METADATA", "_METADATA", "_sharding", "metadata"}
-OCDBT_MAGIC = (b"\x0c\xdb\x3a\x2a", b"\x0c\xdb\x20\xde")  # tensorstore OCDBT manifest, B-tree node
-ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"  # OCDBT value files are zstd frames of raw array bytes
-
-
-def is_json(data: bytes) -> bool:
-    try:
-        json.loads(data)
-    except ValueError:
-        return False
-    return True
-
-
-def is_safetensors(data: bytes) -> bool:
-    """8-byte little-endian header length, a JSON header, and exactly the bytes it declares."""
-    if len(data) < 8:
-        return False
-    (size,) = struct.unpack("<Q", data[:8])
-    try:
-        header = json.loads(data[8:8 + size])
-        ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
-    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
-        return False
-    return max(ends, default=0) == len(data) - 8 - size
-
-
-def is_event_file(data: bytes) -> bool:
-    """Whole TFRecords, each an `Event` proto, then at most the torn start of one more (a killed writer)."""
-    from tensorboardX.proto import event_pb2
-    from tensorboardX.record_writer import masked_crc32c
-
-    payloads, consumed = tfrecords(data)
-    try:
-        [event_pb2.Event.FromString(payload) for payload in payloads]
-    except Exception:  # noqa: BLE001 -- any decode error means "not an event file"
-        return False
-    rest = data[consumed:]
-    if len(rest) < 12:
-        return rest[:1] != b"\x80"
-    (length,) = struct.unpack("<Q", rest[:8])
-    return rest[8:12] == struct.pack("<I", masked_crc32c(rest[:8])) and len(rest) < 16 + length
-
-
-def known_kind(path: Path, data: bytes) -> bool:
-    """Every kind of file a run writes, each checked by its content, not only by its name."""
-    name = path.name
-    if name.endswith(".json") or name in JSON_NAMES or path.parent.name == "array_metadatas":
-        return is_json(data)
-    if name.endswith(".jsonl"):
-        return all(is_json(line) for line in data.splitlines())
-    if name.endswith(".safetensors"):
-        return is_safetensors(data)
-    if name.startswith("events.out.tfevents."):
-        return is_event_file(data)
-    if name == "commit_success.txt":
-        return data.startswith(b"Checkpoint commit was successful")
-    if name == "manifest.ocdbt" or path.parent.name == "d":
-        return data.startswith(OCDBT_MAGIC) or (path.parent.name == "d" and data.startswith(ZSTD_MAGIC))
-    return False
-
-
-def scan_for_pickles(root: Path) -> list[str]:
-    """Problems found under `root`: pickle data, pickle-prone file types, or files of no known kind."""
-    problems = []
-    for path in sorted(root.rglob("*")):
-        relative = path.relative_to(root)
-        if path.is_dir() and not path.is_symlink():
-            continue
-        if path.is_symlink() or not path.is_file():
-            problems.append(f"{relative}: not a plain file")
-            continue
-        data = path.read_bytes()
-        if data[:1] == b"\x80" and data[1:2] and 2 <= data[1] <= 5:
-            problems.append(f"{relative}: starts with a pickle protocol {data[1]} header")
-        elif path.suffix.lower() in PICKLE_PRONE:
-            problems.append(f"{relative}: a {path.suffix} file (pickle-prone format)")
-        elif not known_kind(path, data):
-            problems.append(f"{relative}: not a known file kind")
-    return problems
 
 
 # ----------------------------------------------------------------------------- the uninterrupted run

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -19,20 +18,11 @@ from easytrain.reporting import (
     truncate_jsonl,
 )
 
+from event_files import read_event_file
+
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def read_event_file(path: Path) -> list[event_pb2.Event]:
-    """Parses TFRecord framing: u64 length, u32 crc, payload, u32 crc."""
-    events, data, offset = [], path.read_bytes(), 0
-    while offset < len(data):
-        (length,) = struct.unpack("<Q", data[offset : offset + 8])
-        payload = data[offset + 12 : offset + 12 + length]
-        events.append(event_pb2.Event.FromString(payload))
-        offset += 12 + length + 4
-    return events
 
 
 def read_events(logdir: Path) -> list[event_pb2.Event]:
