@@ -1,6 +1,5 @@
-"""LoRA adapters: identity at init, what trains, sharding axes, merge/export, and PEFT round trips.
-
-Reference behaviour comes from transformers + PEFT in PyTorch (the `peft` test extra). Run as a script
+"""LoRA adapters: their configuration, identity at init, what trains, sharding axes, the docs page's examples
+(PEFT round trips: test_lora_peft.py). Run as a script
 (`python tests/test_lora.py mesh OUT.json`) it is the multi-device worker of the mesh test.
 """
 
@@ -16,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import transformers
 from flax import nnx
 from jax.sharding import AbstractMesh, AxisType
 from jax.sharding import PartitionSpec as P
@@ -25,80 +23,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from easytrain import lora
 from easytrain.lora import LoRAConfig, LoRAConfigError, LoRADense, LoRAError
-from easytrain.models import CheckpointError, from_pretrained, save_pretrained
-from easytrain.models.peft_io import (
-    ADAPTER_CONFIG_NAME,
-    ADAPTER_WEIGHTS_NAME,
-    load_peft_adapter,
-    read_peft_config,
-    save_peft_adapter,
-)
+from easytrain.models import from_pretrained
 from easytrain.sharding import MESH_AXES, logical_to_spec
 
+from lora_models import LLAMA, VOCAB, ids_batch, logits, randomise_adapters, write_base
+
 ROOT = Path(__file__).resolve().parents[1]
-VOCAB = 128
-LLAMA = dict(model_type="llama", vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
-             attention_bias=True)
-QWEN3_TIED = dict(model_type="qwen3", vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=24, max_position_embeddings=64,
-                  tie_word_embeddings=True)
-
-
-def ids_batch(seed: int = 0) -> np.ndarray:
-    return np.random.RandomState(seed).randint(0, VOCAB, (2, 10))
-
-
-def write_base(directory: Path, fields: dict, seed: int = 0) -> Path:
-    """A transformers model with every tensor (norms and biases too) randomised, saved as safetensors."""
-    torch = pytest.importorskip("torch")
-    fields = dict(fields)
-    config = transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.1 * torch.randn_like(param))
-    model.save_pretrained(directory)
-    return directory
 
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory) -> Path:
     return write_base(tmp_path_factory.mktemp("llama"), LLAMA)
-
-
-@pytest.fixture(scope="module")
-def qwen3_dir(tmp_path_factory) -> Path:
-    return write_base(tmp_path_factory.mktemp("qwen3"), QWEN3_TIED, seed=1)
-
-
-def torch_model(directory: Path):
-    import torch
-
-    return transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-
-
-def torch_logits(model, ids: np.ndarray) -> np.ndarray:
-    import torch
-
-    with torch.no_grad():
-        return model(torch.tensor(ids)).logits.float().numpy()
-
-
-def logits(model, ids: np.ndarray) -> np.ndarray:
-    model.eval()
-    return np.asarray(model(jnp.asarray(ids)))
-
-
-def randomise_adapters(model, seed: int = 0, scale: float = 0.2) -> None:
-    """Gives every lora_a and lora_b random values, so a wrong transpose or scaling shows."""
-    rng = np.random.RandomState(seed)
-    for module in lora.lora_modules(model).values():
-        for variable in (module.lora_a, module.lora_b):
-            old = variable.get_value()
-            new = jnp.asarray(scale * rng.standard_normal(variable.shape), old.dtype)
-            variable.set_value(jax.device_put(new, old.sharding) if lora._placed_sharding(old) else new)
 
 
 # ----------------------------------------------------------------------------- config
@@ -285,129 +220,6 @@ def test_adapter_state_and_base_fingerprint(llama_dir):
     kernel.set_value(kernel.get_value().at[0, 0].add(1.0))
     changed = [k for k, v in lora.base_fingerprint(model).items() if fingerprint[k] != v]
     assert changed == ["layers.1.mlp.up_proj.kernel"]
-
-
-# ----------------------------------------------------------------------------- export and import
-
-
-def test_merged_model_exports_for_transformers_with_the_adapted_logits(llama_dir, tmp_path):
-    model = lora.apply_lora(from_pretrained(llama_dir), LoRAConfig(rank=4, alpha=16, target_modules=r".*_proj"))
-    randomise_adapters(model)
-    ids = ids_batch(1)
-    adapted = logits(model, ids)
-    assert np.abs(adapted - logits(from_pretrained(llama_dir), ids)).max() > 1e-2
-    with pytest.raises(CheckpointError):  # unmerged adapters have no transformers name
-        save_pretrained(tmp_path / "unmerged", model, model.config)
-    merged = lora.merge_lora(model)
-    assert not lora.lora_modules(merged) and not nnx.state(merged, nnx.LoRAParam)
-    assert len(lora.lora_modules(model)) == 14  # the trained model keeps its adapters
-    assert model.layers[0].mlp.up_proj.kernel.get_value() is not merged.layers[0].mlp.up_proj.kernel.get_value()
-    assert merged.embed_tokens.embedding.get_value() is model.embed_tokens.embedding.get_value()  # shared
-    save_pretrained(tmp_path / "merged", merged, merged.config)
-    reference = torch_logits(torch_model(tmp_path / "merged"), ids)
-    assert np.abs(reference - adapted).max() <= 1e-4
-
-
-def peft_names(directory: Path) -> dict[str, tuple[int, ...]]:
-    from safetensors import safe_open
-
-    with safe_open(directory / ADAPTER_WEIGHTS_NAME, framework="numpy") as handle:
-        return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
-
-
-EXPORTS = {
-    "llama, names": ("llama", dict(rank=4, alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"])),
-    "qwen3 tied, regex, rslora, embeddings and norms": (
-        "qwen3", dict(rank=2, alpha=4, use_rslora=True, target_modules=r"model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj",
-                      train_embeddings=True, train_norms=True)),
-}
-
-
-@pytest.mark.parametrize("case", EXPORTS)
-def test_adapter_saved_by_easytrain_loads_in_peft_with_the_same_logits(case, llama_dir, qwen3_dir, tmp_path):
-    peft = pytest.importorskip("peft")
-    base_dir = {"llama": llama_dir, "qwen3": qwen3_dir}[EXPORTS[case][0]]
-    config = LoRAConfig(**EXPORTS[case][1])
-    model = lora.apply_lora(from_pretrained(base_dir), config, rngs=5)
-    randomise_adapters(model)
-    if config.train_embeddings or config.train_norms:  # the fully trained modules changed too
-        for variable in jax.tree.leaves(nnx.state(model, nnx.All(lora.lora_trainable(config), nnx.Not(nnx.LoRAParam))),
-                                        is_leaf=lambda x: isinstance(x, nnx.Variable)):
-            variable.set_value(variable.get_value() + 0.05)
-    ids = ids_batch(2)
-    ours = logits(model, ids)
-    save_peft_adapter(tmp_path / "adapter", model, config, str(base_dir))
-    # The names and shapes PEFT itself writes for this config.
-    own = peft.get_peft_model(torch_model(base_dir), peft.PeftConfig.from_pretrained(tmp_path / "adapter"))
-    own.save_pretrained(tmp_path / "peft_own")
-    assert peft_names(tmp_path / "adapter") == peft_names(tmp_path / "peft_own")
-    reloaded = peft.PeftModel.from_pretrained(torch_model(base_dir), tmp_path / "adapter").eval()
-    assert np.abs(torch_logits(reloaded, ids) - ours).max() <= 1e-4
-    # And back: the same directory restores the same model in easytrain.
-    again = load_peft_adapter(tmp_path / "adapter", from_pretrained(base_dir), verify_base=True)
-    assert np.abs(logits(again, ids) - ours).max() <= 1e-5
-    assert read_peft_config(tmp_path / "adapter")[0] == config
-
-
-IMPORTS = {
-    "llama, names": ("llama", dict(target_modules=["q_proj", "k_proj", "up_proj"])),
-    "llama, regex, rslora, dropout": ("llama", dict(target_modules=r"model\.layers\.1\.(self_attn\.o|mlp\.gate)_proj",
-                                                    use_rslora=True, lora_dropout=0.1)),
-    "llama, lm_head and modules_to_save": ("llama", dict(target_modules=["v_proj", "lm_head"],
-                                                         modules_to_save=["embed_tokens", "norm"])),
-    "qwen3 tied, all-linear": ("qwen3", dict(target_modules="all-linear")),
-    "qwen3 tied, embeddings tied": ("qwen3", dict(target_modules=["o_proj"], modules_to_save=["embed_tokens", "q_norm"],
-                                                  ensure_weight_tying=True)),
-}
-
-
-@pytest.mark.parametrize("case", IMPORTS)
-def test_adapter_trained_in_peft_loads_into_easytrain_with_the_same_logits(case, llama_dir, qwen3_dir, tmp_path):
-    peft = pytest.importorskip("peft")
-    import torch
-
-    family, fields = IMPORTS[case]
-    base_dir = {"llama": llama_dir, "qwen3": qwen3_dir}[family]
-    torch.manual_seed(0)
-    peft_model = peft.get_peft_model(torch_model(base_dir), peft.LoraConfig(r=4, lora_alpha=12, **fields))
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_" in name or "modules_to_save" in name:
-                param.add_(0.1 * torch.randn_like(param))
-    peft_model.save_pretrained(tmp_path / "adapter")
-    ids = ids_batch(3)
-    expected = torch_logits(peft_model.eval(), ids)
-    assert np.abs(expected - torch_logits(torch_model(base_dir), ids)).max() > 1e-2
-    model = load_peft_adapter(tmp_path / "adapter", from_pretrained(base_dir))
-    assert np.abs(logits(model, ids) - expected).max() <= 1e-4
-    stored = {k.rsplit(".lora_", 1)[0] for k in peft_names(tmp_path / "adapter") if ".lora_" in k}
-    assert {"base_model.model." + name for name in lora.lora_modules(model)} == stored
-
-
-def test_unsupported_or_mismatched_adapters_are_refused_by_name(llama_dir, qwen3_dir, tmp_path):
-    model = lora.apply_lora(from_pretrained(llama_dir), LoRAConfig(rank=4, alpha=8, target_modules=["q_proj"]))
-    save_peft_adapter(tmp_path / "adapter", model, LoRAConfig(rank=4, alpha=8, target_modules=["q_proj"]))
-    config_path = tmp_path / "adapter" / ADAPTER_CONFIG_NAME
-    original = json.loads(config_path.read_text())
-    for field, value in (("use_dora", True), ("rank_pattern", {"q_proj": 8}), ("bias", "all"),
-                         ("peft_type", "IA3")):
-        config_path.write_text(json.dumps({**original, field: value}))
-        with pytest.raises(CheckpointError, match=field):
-            load_peft_adapter(tmp_path / "adapter", from_pretrained(llama_dir))
-    config_path.write_text(json.dumps({**original, "target_modules": ["q_proj", "v_proj"]}))
-    with pytest.raises(CheckpointError, match=r"missing \(4\).*v_proj"):
-        load_peft_adapter(tmp_path / "adapter", from_pretrained(llama_dir))
-    config_path.write_text(json.dumps(original))
-    qwen3 = from_pretrained(qwen3_dir)
-    with pytest.raises(CheckpointError, match="shape mismatch"):  # the hidden sizes differ
-        load_peft_adapter(tmp_path / "adapter", qwen3)
-    assert not lora.lora_modules(qwen3)  # checked before the model is touched
-    other_base = write_base(tmp_path / "other_base", LLAMA, seed=7)
-    with pytest.raises(CheckpointError, match="base weights differ"):
-        load_peft_adapter(tmp_path / "adapter", from_pretrained(other_base), verify_base=True)
-    load_peft_adapter(tmp_path / "adapter", from_pretrained(other_base))  # unchecked by default
-    with pytest.raises(CheckpointError, match="rank=8"):
-        save_peft_adapter(tmp_path / "wrong", model, LoRAConfig(rank=8, alpha=8, target_modules=["q_proj"]))
 
 
 def test_lora_page_examples_run(llama_dir, tmp_path, monkeypatch):
