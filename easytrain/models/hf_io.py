@@ -17,10 +17,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import transformers
 from flax import nnx, traverse_util
+from jax.sharding import AbstractMesh
 
 from easytrain.errors import EasytrainError
 from easytrain.models.attention import DType
@@ -73,7 +75,9 @@ def _abstract_model(
     def build() -> LlamaForCausalLM:
         return LlamaForCausalLM(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
 
-    with nnx.use_eager_sharding(False):
+    # No mesh while shapes are taken, even inside `with jax.set_mesh(mesh):`: flax would otherwise turn the
+    # logical axis names into shardings over that mesh, whose axes they are not (placement comes later).
+    with nnx.use_eager_sharding(False), jax.sharding.use_abstract_mesh(AbstractMesh((), ())):
         return nnx.eval_shape(build)
 
 

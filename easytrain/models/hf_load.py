@@ -203,12 +203,19 @@ def from_pretrained(
 
     Raises:
         CheckpointError: Unresolvable name, unsupported ``model_type``, no weights, or weights not
-            matching the config (one error listing every missing, unexpected and mis-shaped tensor).
+            matching the config (one error listing every missing, unexpected and mis-shaped tensor), or
+            a call inside a trace (``jax.jit``, a ``Frozen`` builder): load outside it and pass the module.
 
     Example:
         >>> mesh = easytrain.sharding.make_mesh(data=1, fsdp=-1)  # doctest: +SKIP
         >>> model = from_pretrained("path/to/llama", param_dtype=jnp.bfloat16, mesh=mesh)  # doctest: +SKIP
     """
+    if _inside_trace():
+        raise CheckpointError(
+            f"from_pretrained({str(path_or_name)!r}) was called inside a trace (jax.jit, nnx.eval_shape, or a "
+            "Frozen builder, which runs under jax.jit): every weight would become a constant of the compiled "
+            "program. Load the model outside and pass the module instead: Frozen(from_pretrained(path, "
+            "mesh=self.mesh, rules=self.partition_rules), checkpoint=False).")
     directory = resolve_checkpoint(path_or_name)
     config = _read_config(directory)
     entries = read_headers(directory)
@@ -231,6 +238,11 @@ def from_pretrained(
     nnx.replace_by_pure_dict(abstract_params, traverse_util.unflatten_dict(flat))
     nnx.update(model, abstract_params)
     return model
+
+
+def _inside_trace() -> bool:
+    """Whether JAX is tracing here (under `jax.jit`, `jax.eval_shape`, ...): its arrays are then tracers."""
+    return isinstance(jnp.zeros(()), jax.core.Tracer)
 
 
 def load_pretrained(
