@@ -149,23 +149,30 @@ def _unknown_flag_error(remaining: list[str], known: list[str]) -> ArgumentError
     return ArgumentError(name, f"unknown command-line argument {flag!r}. {hint}")
 
 
-def save_arguments(arguments: TrainingArguments, directory: str | os.PathLike) -> Path:
-    """Write `arguments.json` atomically, so a crash never leaves half a file."""
+def save_arguments(arguments: TrainingArguments, directory: str | os.PathLike,
+                   task_arguments: Sequence[Any] = ()) -> Path:
+    """Write `arguments.json` atomically, so a crash never leaves half a file. The task's argument dataclasses
+    are saved beside `TrainingArguments`, flat, as a `--config` file holds them: the file reruns the whole job."""
+    values = arguments.to_dict()
+    for extra in task_arguments:
+        values.update(dataclasses.asdict(extra))
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / ARGUMENTS_FILE
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(arguments.to_json())
+    tmp.write_text(json.dumps(values, indent=2))
     os.replace(tmp, path)
     return path
 
 
 def load_arguments(path: str | os.PathLike) -> TrainingArguments:
-    """Read arguments written by `save_arguments` (a file or the directory holding it)."""
+    """The `TrainingArguments` written by `save_arguments` (a file or the directory holding it); the task's
+    fields beside them are left out (`easytrain train --config arguments.json` reads both)."""
     path = Path(path)
     if path.is_dir():
         path = path / ARGUMENTS_FILE
-    return TrainingArguments.from_dict(json.loads(path.read_text()))
+    values = json.loads(path.read_text())
+    return TrainingArguments.from_dict({name: values[name] for name in field_names() if name in values})
 
 
 def to_yaml(arguments: TrainingArguments) -> str:

@@ -59,13 +59,17 @@ class Task:
         return tuple(instances)
 
     def build(self, arguments: TrainingArguments, task_arguments: Sequence[Any] | None = None) -> Any:
-        """`factory(arguments, *task_arguments)`; defaults for the task's dataclasses when not given."""
+        """`factory(arguments, *task_arguments)`; defaults for the task's dataclasses when not given. A trainer
+        with a `task_arguments` attribute (every `BaseTrainer`) records them, for its arguments.json."""
         task = self if self.loaded else _load(self)
         values = task.default_arguments() if task_arguments is None else tuple(task_arguments)
         if len(values) != len(task.arguments):
             raise ArgumentError("task", f"task {self.name!r} takes {len(task.arguments)} argument dataclass(es) "
                                         f"({_names(task.arguments)}), got {len(values)}.")
-        return task.target(arguments, *values)
+        trainer = task.target(arguments, *values)
+        if values and hasattr(trainer, "task_arguments"):  # a BaseTrainer saves them in arguments.json
+            trainer.task_arguments = values
+        return trainer
 
 
 _REGISTRY: dict[str, Task] = {}

@@ -74,6 +74,9 @@ class BaseTrainer(LanguageModelHooks):
     trainable: nnx.filterlib.Filter = nnx.Param
     #: Batch fields kept on the host (bookkeeping), never sent to the device.
     host_only_fields: tuple[str, ...] = ("example_id",)
+    #: The task's argument dataclasses, saved in arguments.json beside `TrainingArguments` (so `--config` on
+    #: that file reruns the same job); `easytrain train --task` sets them, SFT and DPO set their own.
+    task_arguments: tuple[Any, ...] = ()
 
     def __init__(self, arguments: TrainingArguments | None = None, *, model: nnx.Module | None = None,
                  tokenizer: Any = None, dataset_train: Any = None, dataset_eval: Any = None,
@@ -396,5 +399,8 @@ class BaseTrainer(LanguageModelHooks):
         self._output_dir_claimed = True
 
     def save_arguments(self) -> Path | None:
-        return save_arguments(self._arguments, self._arguments.output_dir) if self.is_main_process else None
+        """`arguments.json`: the run's `TrainingArguments` and its `task_arguments` (process 0 writes it)."""
+        if not self.is_main_process:
+            return None
+        return save_arguments(self._arguments, self._arguments.output_dir, self.task_arguments)
 

@@ -108,6 +108,7 @@ class DPOTrainer(BaseTrainer):
     def __init__(self, arguments: TrainingArguments | None = None, dpo_arguments: DPOArguments | None = None, *,
                  formatting_func: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None, **kwargs: Any):
         self.dpo = dpo_arguments or DPOArguments()
+        self.task_arguments = (self.dpo,)
         self.formatting_func = formatting_func
         self.data_stats: dict[str, dict[str, float]] = {}
         self.reference_logps_cached: dict[str, bool] = {}  # split -> read from the cache (not recomputed)

@@ -81,6 +81,7 @@ class SFTTrainer(BaseTrainer):
                  compute_metrics: Callable[[list[str], list[str]], Mapping[str, float]] | None = None,
                  **kwargs: Any):
         self.sft_arguments = sft_arguments or SFTArguments()
+        self.task_arguments = (self.sft_arguments,)
         self.formatting_func, self.answer_metrics = formatting_func, compute_metrics  # not the on-device hook
         self.data_stats: dict[str, dict[str, float]] = {}
         super().__init__(arguments, **kwargs)
