@@ -163,6 +163,12 @@ def test_dpo_loads_its_reference_from_a_pretrained_policy(page, tmp_path):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
 
 
+def test_a_resume_under_another_teacher_is_refused_by_name(page):
+    trainer, _ = page.run("Distillation")
+    assert int(trainer.state.step) == 2 and trainer.teacher_path == "runs/teacher_a"
+    assert "teacher_path: checkpoint 'runs/teacher_a' vs now 'runs/teacher_b'" in page["refusal"]
+
+
 def test_the_trainable_filter_leaves_the_embeddings_untouched(page):
     trainer, _ = page.run("FrozenEmbeddingsTrainer")
     assert "embed_tokens" not in trainer.state.params and "embed_tokens" in trainer.state.model_state

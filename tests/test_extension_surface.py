@@ -213,6 +213,22 @@ def test_train_iteration_can_run_several_updates_per_batch(tmp_path):
     assert sorted(logged(args.output_dir)) == [1, 2, 3]
 
 
+class OwnRows(BaseTrainer):
+    """Rows of its own making (here: the default ones, renamed), and no `prepare_eval_dataset`."""
+
+    def prepare_datasets(self):
+        return super().prepare_datasets()
+
+
+def test_evaluate_on_a_dataset_asks_a_trainer_with_its_own_rows_for_prepare_eval_dataset(tmp_path):
+    import datasets
+
+    trainer = OwnRows(tiny_args(tmp_path))
+    with pytest.raises(NotImplementedError, match=r"OwnRows overrides prepare_datasets.*override "
+                                                  r"prepare_eval_dataset\(dataset\)"):
+        trainer.evaluate(datasets.Dataset.from_dict({"x": [[0.5, 1.0]], "y": [1]}))
+
+
 def test_an_unexportable_model_is_refused_before_training(tmp_path):
     from easytrain import ArgumentError
 

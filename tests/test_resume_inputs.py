@@ -75,6 +75,21 @@ def test_data_order_changes_are_refused_unless_allowed(run_copy, change):
     assert int(trainer.state.step) == 4 and trainer.resumed_data_state is None  # old position is meaningless now
 
 
+class WithTeacher(NoCompute):
+    """A method whose resume must refuse another teacher: it records it in `run_info()['task_arguments']`."""
+
+    def run_info(self):
+        return {**super().run_info(), "task_arguments": {"teacher_path": "teachers/b"}}
+
+
+def test_a_task_setting_recorded_in_run_info_is_refused_naming_it_not_as_data_order(run_copy):
+    before = snapshot(run_copy)
+    with pytest.raises(ArgumentError, match=r"teacher_path: checkpoint None vs now 'teachers/b'") as refused:
+        WithTeacher(args_for(run_copy, max_steps=6, resume_from_checkpoint="latest")).setup()
+    assert "task's own settings" in str(refused.value) and "data order" not in str(refused.value)
+    assert snapshot(run_copy) == before
+
+
 def test_directory_that_is_not_a_checkpoint(run_copy, tmp_path):
     not_a_checkpoint = tmp_path / "notes"
     not_a_checkpoint.mkdir()

@@ -100,7 +100,12 @@ class LanguageModelHooks:
 
     def prepare_eval_dataset(self, dataset: Any) -> RowSource:
         """Rows of another evaluation set for `evaluate(dataset)`: raw examples (a `datasets.Dataset`) prepared
-        as the configured eval set is. Default: text tokenised into blocks."""
+        as the configured eval set is. Default: text tokenised into blocks, for the default rows only."""
+        if type(self).prepare_datasets is not LanguageModelHooks.prepare_datasets:
+            raise NotImplementedError(
+                f"{type(self).__name__} overrides prepare_datasets, so evaluate(dataset) cannot prepare raw "
+                "examples as language-model text blocks: override prepare_eval_dataset(dataset) to turn them into "
+                "the rows your collate takes (return the dataset itself if its examples already are such rows).")
         return builders.lm_eval_blocks(self._arguments, self.tokenizer, dataset)
 
     def export_problem(self) -> str | None:

@@ -41,9 +41,9 @@ def config_dict(config: Any) -> dict[str, Any] | None:
 
 
 def check_resumable(run_info: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Refuse a resume whose model or data order differs from the checkpoint's. `run_info` is the
-    checkpoint's, `current` this run's (`BaseTrainer.run_info()`); a task's own options
-    (`task_arguments`, e.g. packing) count as data-order settings.
+    """Refuse a resume whose model, data order or task settings differ from the checkpoint's. `run_info` is
+    the checkpoint's, `current` this run's (`BaseTrainer.run_info()`); a task's own options (its
+    `task_arguments`: SFT's packing, a distillation teacher) must match like the data-order fields.
 
     Returns the data-order changes that `allow_data_order_change` let through (empty for an exact resume).
     """
@@ -68,16 +68,19 @@ def check_resumable(run_info: dict[str, Any], current: dict[str, Any]) -> list[s
     if schedule_diffs := _differences(stored_args, current_args, SCHEDULE_FIELDS):
         logger.warning("resuming with a different learning-rate schedule (%s): from the restored step on, the "
                        "curve differs from the one the checkpointed run would have followed", "; ".join(schedule_diffs))
-    diffs = _differences(stored_args, current_args, DATA_ORDER_FIELDS)
+    order = _differences(stored_args, current_args, DATA_ORDER_FIELDS)
     stored_task, current_task = run_info.get("task_arguments") or {}, current.get("task_arguments") or {}
-    diffs += _differences(stored_task, current_task, tuple(sorted(stored_task.keys() | current_task.keys())))
+    task = _differences(stored_task, current_task, tuple(sorted(stored_task.keys() | current_task.keys())))
+    diffs = order + task
+    altered = " and ".join(what for what, changed in (("the data order", order), (
+        "the task's own settings (its trainer's run_info()['task_arguments'])", task)) if changed)
     if diffs and current_args.get("allow_data_order_change"):
-        logger.warning("resuming with a changed data order (%s): allow_data_order_change is set, so the data "
-                       "continues in the new settings' order at the restored step", "; ".join(diffs))
+        logger.warning("resuming with changed settings (%s): allow_data_order_change is set, so the run continues "
+                       "under the new ones from the restored step (the data in their order)", "; ".join(diffs))
     elif diffs:
-        raise ArgumentError("resume_from_checkpoint", "these arguments changed since the checkpoint and would "
-                            "alter the resumed run's data order (" + "; ".join(diffs) + "). Restore their values, "
-                            "pass --allow_data_order_change to continue anyway, or start a new output_dir.")
+        raise ArgumentError("resume_from_checkpoint", f"these arguments changed since the checkpoint and would alter "
+                            f"{altered} of the resumed run ({'; '.join(diffs)}). Restore their values, pass "
+                            "--allow_data_order_change to continue anyway, or start a new output_dir.")
     return diffs
 
 
