@@ -234,6 +234,27 @@ def _as_floats(metrics: Mapping[str, float]) -> dict[str, float]:
     return {str(name): float(value) for name, value in metrics.items()}
 
 
+def open_trackers(output_dir: str | os.PathLike, report_to: Sequence[str], initial_step: int = 0,
+                  run_config: Mapping[str, Any] | None = None) -> list[_Sink]:
+    """The remote trackers ``report_to`` names (W&B, MLflow), opened on their own: a trainer opens them before
+    it claims its output_dir, so one that cannot start (no API key, a store it cannot use) fails the run
+    while the previous run's checkpoints are still in place."""
+    targets, output_dir = parse_report_to(report_to), Path(output_dir)
+    openers = {"wandb": lambda: WandbSink(output_dir, initial_step, run_config),
+               "mlflow": lambda: MlflowSink(output_dir, initial_step, run_config)}
+    opened: list[_Sink] = []
+    try:
+        for name, open_tracker in openers.items():
+            if name in targets:
+                output_dir.mkdir(parents=True, exist_ok=True)
+                opened.append(open_tracker())
+    except BaseException:
+        for tracker in opened:
+            tracker.close("failed")
+        raise
+    return opened
+
+
 class Reporter:
     """Sends metrics to the console and the sinks ``report_to`` names (TensorBoard, JSONL, CSV, W&B, MLflow).
 
@@ -251,6 +272,7 @@ class Reporter:
         enabled: bool = True,
         show_progress: bool = True,
         run_config: Mapping[str, Any] | None = None,
+        trackers: Sequence[_Sink] | None = None,
     ):
         """Opens the requested sinks.
 
@@ -264,6 +286,7 @@ class Reporter:
             enabled: False writes nothing and shows nothing (non-main processes).
             show_progress: Show the live progress bar on interactive terminals.
             run_config: The run's settings, sent to W&B (config) and MLflow (params) when a run starts.
+            trackers: The W&B / MLflow sinks, already opened by `open_trackers` (None: opened here).
 
         Raises:
             ArgumentError: ``report_to`` holds an unknown value, or names a sink that is not installed.
@@ -279,11 +302,11 @@ class Reporter:
             "jsonl": lambda: _JsonlSink(output_dir / METRICS_FILENAME, initial_step),
             "csv": lambda: CsvSink(output_dir / CSV_FILENAME, initial_step),
             "tensorboard": lambda: _TensorBoardSink(output_dir / TENSORBOARD_DIRNAME, initial_step),
-            "wandb": lambda: WandbSink(output_dir, initial_step, run_config),
-            "mlflow": lambda: MlflowSink(output_dir, initial_step, run_config),
         }
         try:
             self._sinks.extend(open_sink() for name, open_sink in openers.items() if name in targets)
+            self._sinks.extend(open_trackers(output_dir, report_to, initial_step, run_config)
+                               if trackers is None else trackers)
         except BaseException:
             self.close("failed")  # the sinks already open
             raise

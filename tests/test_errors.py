@@ -57,6 +57,19 @@ def test_output_dir_holding_another_run_is_refused_then_overwritten_on_request(t
     BaseTrainer(args_for(tmp_path, overwrite_output_dir=True)).train()
 
 
+def test_output_dir_holding_a_finished_run_without_checkpoints_is_refused(tmp_path):
+    """A run that saved no checkpoints still left its exported model and logs: a fresh run would overwrite them."""
+    args = args_for(tmp_path, save_strategy="no", save_pretrained_at_end=True, report_to=["jsonl"])
+    BaseTrainer(args).train()
+    exported = Path(args.output_dir) / "final_model" / "model.safetensors"
+    before = exported.read_bytes()
+    with pytest.raises(OutputDirError, match=r"output_dir.*final_model.*metrics.jsonl.*--overwrite_output_dir"):
+        BaseTrainer(args)
+    assert exported.read_bytes() == before
+    BaseTrainer(args_for(tmp_path, save_strategy="no", overwrite_output_dir=True)).train()
+    assert not exported.exists(), "overwriting starts over: the old export goes with the old run"
+
+
 @pytest.mark.parametrize("bad", ["mesh", "data", "max_length"])
 def test_overwrite_keeps_the_old_run_when_the_new_one_is_refused(tmp_path, tokenizer, bad):
     """`overwrite_output_dir` removes the old run only once the new one has passed every check: a mesh
@@ -74,6 +87,29 @@ def test_overwrite_keeps_the_old_run_when_the_new_one_is_refused(tmp_path, token
     assert checkpoint.is_dir(), f"a refused run ({bad}) must not remove the old run's checkpoints"
     assert sorted(p.name for p in Path(args_for(tmp_path).output_dir).iterdir()) == before
     assert metrics.exists() or "metrics.jsonl" not in before
+
+
+@pytest.mark.parametrize("tracker", ["wandb", "mlflow"])
+@pytest.mark.parametrize("how", ["overwrite", "resume an older step"])
+def test_a_tracker_that_cannot_start_leaves_the_old_run_whole(tmp_path, monkeypatch, tracker, how):
+    """W&B without an API key, an MLflow store it cannot use: found when the tracker opens, which comes before
+    the output_dir is claimed (the old run removed, newer checkpoints moved aside)."""
+    import easytrain.sinks as sinks
+
+    pytest.importorskip(tracker)
+    BaseTrainer(args_for(tmp_path, max_steps=4)).train()  # checkpoints at steps 2 and 4
+    run = Path(args_for(tmp_path).output_dir)
+    before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+
+    def not_configured(self, *args, **kwargs):
+        raise RuntimeError(f"{tracker}: not configured")
+
+    monkeypatch.setattr({"wandb": sinks.WandbSink, "mlflow": sinks.MlflowSink}[tracker], "__init__", not_configured)
+    change = (dict(overwrite_output_dir=True) if how == "overwrite" else
+              dict(resume_from_checkpoint=str(run / "checkpoints" / "2"), max_steps=6))
+    with pytest.raises(RuntimeError, match="not configured"):
+        BaseTrainer(args_for(tmp_path, report_to=[tracker], **change)).train()
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before
 
 
 def test_own_data_without_a_tokenizer(tmp_path):

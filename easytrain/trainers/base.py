@@ -38,7 +38,7 @@ from easytrain.protocol import ConfiguredDataloaders, ConfiguredFunctions, Confi
 from easytrain.state import TrainState, bind
 from easytrain.trainers import adapters, builders, init_weights
 from easytrain.trainers.language_model import LanguageModelHooks
-from easytrain.trainers.loop import LoopParts, TrainLoop
+from easytrain.trainers.loop import LoopParts, TrainLoop, trackers_then_claim
 from easytrain.trainers.resume import config_dict, restore_checkpoint, restore_step
 from easytrain.trainers.run_dir import check_output_dir, claim_output_dir
 from easytrain.trainers.switches import apply_switches
@@ -326,14 +326,18 @@ class BaseTrainer(LanguageModelHooks):
     def train(self) -> dict[str, float]:
         """Train until `max_steps` / `num_train_epochs` (or a stop request); returns the last logs."""
         self.setup()
-        self.claim_output_dir()
-        self.save_arguments()
-        self.loop = TrainLoop(self.loop_parts())
         start = self._resume_from[1] if self._resume_from else 0
+        trackers, self.loop = trackers_then_claim(self._arguments, start, self.is_main_process, self._claim)
         try:
-            return self.loop.run(self._state, start, self.resumed_data_state, resumed=self._resume_from is not None)
+            return self.loop.run(self._state, start, self.resumed_data_state, resumed=self._resume_from is not None,
+                                 trackers=trackers)
         finally:  # the step donated the arrays the module pointed at: show it the final ones
             bind(self._model.model, self._state)
+
+    def _claim(self) -> TrainLoop:
+        self.claim_output_dir()
+        self.save_arguments()
+        return TrainLoop(self.loop_parts())  # its checkpoint manager reads the claimed directory
 
     def loop_parts(self) -> LoopParts:
         """The collaborators the loop runs with."""

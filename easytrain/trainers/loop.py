@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 import jax
 
@@ -24,9 +24,10 @@ from easytrain.errors import NonFiniteLossError
 from easytrain.jobs import outcome_of
 from easytrain.memory_plan import MemoryPlan
 from easytrain.protocol import ConfiguredDataloaders
-from easytrain.reporting import Reporter
+from easytrain.reporting import Reporter, open_trackers
 from easytrain.trainers.preemption import PreemptionWatcher, TrainingPreempted
 
+T = TypeVar("T")
 logger = logging.getLogger("easytrain")
 HostBatch = Mapping[str, Any]
 #: Steps the host may dispatch ahead of the device. Past 32 queued programs per device, XLA:CPU's runtime
@@ -74,6 +75,20 @@ class LoopParts:
     plan_memory: Callable[[Any, Mapping[str, jax.Array]], MemoryPlan | None] = lambda state, batch: None
 
 
+def trackers_then_claim(args: TrainingArguments, start_step: int, is_main_process: bool,
+                        claim: Callable[[], T]) -> tuple[list[Any], T]:
+    """Open the remote trackers (W&B, MLflow; the main process only), then `claim()` the output_dir (remove or
+    move an older run's files): a tracker that cannot start (no API key, a store it cannot use) fails the run
+    while the older run is still whole. The trackers are closed if the claim fails."""
+    trackers = open_trackers(args.output_dir, args.report_to, start_step, args.to_dict()) if is_main_process else []
+    try:
+        return trackers, claim()
+    except BaseException:
+        for tracker in trackers:
+            tracker.close("failed")
+        raise
+
+
 class TrainLoop:
     """One call of `train()`: iterate, log, evaluate, checkpoint, from a given state and data position."""
 
@@ -92,7 +107,10 @@ class TrainLoop:
         self.window_start = time.perf_counter()
 
     # ------------------------------------------------------------------ run
-    def run(self, state: Any, start_step: int, data_state: dict[str, Any] | None, resumed: bool) -> dict[str, float]:
+    def run(self, state: Any, start_step: int, data_state: dict[str, Any] | None, resumed: bool,
+            trackers: Sequence[Any] | None = None) -> dict[str, float]:
+        """Train from `state` at `start_step`; `trackers` are the W&B / MLflow sinks `trackers_then_claim`
+        opened (None: the reporter opens them)."""
         parts, args = self.parts, self.args
         self.state, self.start_step = state, start_step
         self.iterator = self.data.train.iterator(start_step)
@@ -101,7 +119,7 @@ class TrainLoop:
         self.reporter = Reporter(output_dir=args.output_dir, report_to=args.report_to,
                                  total_steps=self.data.total_steps, initial_step=start_step,
                                  enabled=parts.is_main_process, show_progress=not args.disable_progress_bar,
-                                 run_config=args.to_dict())
+                                 run_config=args.to_dict(), trackers=trackers)
         self.manager = parts.checkpoints
         self.last_saved_step = start_step if resumed else -1
         try:

@@ -13,7 +13,10 @@ from easytrain.checkpoint import CHECKPOINTS_DIRNAME, finalized_steps, resolve_c
 from easytrain.errors import OutputDirError
 from easytrain.jobs import JOB_FILENAME, current_job
 
-RUN_ARTIFACTS = (CHECKPOINTS_DIRNAME, "tensorboard", "metrics.jsonl", "metrics.csv", JOB_FILENAME)
+#: What a run leaves in its output_dir that a later fresh run would overwrite or mix with its own.
+PREVIOUS_RUN_OUTPUTS = ("final_model", "results.json", "metrics.jsonl", "metrics.csv", "tensorboard")
+#: What `overwrite_output_dir` removes: the previous run, so nothing of it is mistaken for the new one's.
+RUN_ARTIFACTS = (CHECKPOINTS_DIRNAME, *PREVIOUS_RUN_OUTPUTS, JOB_FILENAME)
 SUPERSEDED_DIRNAME = "superseded_checkpoints"
 
 logger = logging.getLogger("easytrain")
@@ -34,8 +37,8 @@ def check_output_dir(args: TrainingArguments, *, is_main_process: bool = True) -
     """Validate `output_dir` and `resume_from_checkpoint`; return the checkpoint to resume, if any.
 
     Only checks: nothing is moved or removed here (`claim_output_dir` does that once the run has passed
-    every other check). A directory holding another run's checkpoints is refused unless the run is resumed
-    or `overwrite_output_dir` is set.
+    every other check). A directory holding another run's checkpoints, exported model or logs is refused
+    unless the run is resumed or `overwrite_output_dir` is set.
     """
     output_dir = Path(args.output_dir)
     resume = resolve_checkpoint(output_dir, args.resume_from_checkpoint)
@@ -43,20 +46,26 @@ def check_output_dir(args: TrainingArguments, *, is_main_process: bool = True) -
         check_writable(output_dir)
     if resume is not None:
         return resume
+    if args.overwrite_output_dir:
+        return None
     existing = finalized_steps(output_dir / CHECKPOINTS_DIRNAME)
-    if existing and not args.overwrite_output_dir:
+    if existing:
         raise OutputDirError(
             f"output_dir: {str(output_dir)!r} already holds a run with checkpoints at steps {existing}. "
             "Pass --resume_from_checkpoint latest to continue it, --overwrite_output_dir to start over "
             "(removes those checkpoints), or choose another --output_dir.")
+    if found := [name for name in PREVIOUS_RUN_OUTPUTS if (output_dir / name).exists()]:
+        raise OutputDirError(
+            f"output_dir: {str(output_dir)!r} holds another run's {', '.join(found)} (and no checkpoint to "
+            "resume). Pass --overwrite_output_dir to start over (removes them), or choose another --output_dir.")
     return None
 
 
 def claim_output_dir(args: TrainingArguments, resume: tuple[Path, int] | None) -> None:
     """Make `output_dir` this run's, on the main process, right before its first write: a resumed run moves
     its newer checkpoints aside (`set_aside_newer_checkpoints`); a fresh run under `overwrite_output_dir`
-    removes the previous run's checkpoints and logs. Called after the data, model and steps are checked, so
-    a run refused for bad input leaves the old one whole."""
+    removes the previous run's checkpoints, logs and export. Called after the data, model and steps are checked,
+    so a run refused for bad input leaves the old one whole."""
     output_dir = Path(args.output_dir)
     if resume is not None:
         set_aside_newer_checkpoints(output_dir, *resume)
