@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -58,11 +58,18 @@ class CheckpointMismatchError(EasytrainError, ValueError):
 
     def __init__(self, missing: list[str], unexpected: list[str], mismatched: dict[str, tuple[str, str]]):
         self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
-        lines = ["checkpoint does not match the state to restore into (nothing was loaded):"]
-        lines += [f"  missing in checkpoint: {key}" for key in missing]
-        lines += [f"  unexpected in checkpoint: {key}" for key in unexpected]
-        lines += [f"  {key}: stored {got}, expected {want}" for key, (got, want) in mismatched.items()]
+        lines = ["checkpoint does not match the state to restore into (nothing was loaded; another optimizer, "
+                 "param_dtype or model than the checkpoint's?):"]
+        lines += _first(f"  missing in checkpoint: {key}" for key in missing)
+        lines += _first(f"  unexpected in checkpoint: {key}" for key in unexpected)
+        lines += _first(f"  {key}: stored {got}, expected {want}" for key, (got, want) in mismatched.items())
         super().__init__("\n".join(lines))
+
+
+def _first(lines: Iterable[str], shown: int = 8) -> list[str]:
+    """At most `shown` lines, then how many more there were: a whole optimizer state would fill a screen."""
+    lines = list(lines)
+    return lines if len(lines) <= shown else lines[:shown] + [f"  ... and {len(lines) - shown} more"]
 
 
 # ----------------------------------------------------------------------------- tree metadata

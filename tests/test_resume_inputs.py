@@ -90,6 +90,38 @@ def test_a_task_setting_recorded_in_run_info_is_refused_naming_it_not_as_data_or
     assert snapshot(run_copy) == before
 
 
+def test_an_incomplete_newer_checkpoint_is_set_aside_and_its_step_saved_again(run_copy):
+    """`latest` skips a step directory without its state (a damaged copy, a lost file system write), resumes the
+    one before, and moves the broken one aside like any newer checkpoint: the continued run saves that step."""
+    import shutil
+
+    from easytrain.checkpoint import finalized_steps
+
+    shutil.rmtree(run_copy / "checkpoints" / "4" / "state")
+    trainer = BaseTrainer(args_for(run_copy, max_steps=6, resume_from_checkpoint="latest"))
+    trainer.train()
+    assert finalized_steps(run_copy / "checkpoints") == [2, 4, 6]  # step 4 saved again, complete
+    [moved] = (run_copy / "superseded_checkpoints").iterdir()
+    assert sorted(p.name for p in (moved / "4").iterdir()) and not (moved / "4" / "state").exists()
+
+
+@pytest.mark.parametrize("change, stored", [(dict(optimizer="sgd"), "'adamw'"), (dict(param_dtype="bfloat16"),
+                                                                                 "'float32'")])
+def test_another_optimizer_or_parameter_dtype_is_refused_by_name(run_copy, change, stored):
+    field = next(iter(change))
+    before = snapshot(run_copy)
+    with pytest.raises(ArgumentError, match=rf"^{field}: .*checkpoint {stored}.*init_weights_from"):
+        resume(run_copy, **change).setup()
+    assert snapshot(run_copy) == before
+
+
+def test_a_state_mismatch_lists_a_few_keys_and_counts_the_rest():
+    from easytrain.checkpoint import CheckpointMismatchError
+
+    error = CheckpointMismatchError([f"opt_state.{i}" for i in range(70)], [], {"params.w": ("f32[2]", "bf16[2]")})
+    assert len(str(error).splitlines()) < 15 and "and 62 more" in str(error) and "params.w" in str(error)
+
+
 def test_directory_that_is_not_a_checkpoint(run_copy, tmp_path):
     not_a_checkpoint = tmp_path / "notes"
     not_a_checkpoint.mkdir()

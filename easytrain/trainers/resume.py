@@ -25,6 +25,8 @@ SCHEDULE_FIELDS = ("max_steps", "num_train_epochs", "learning_rate", "lr_schedul
 # What the adapters are: a change would not fit (or not mean the same on) the checkpoint's adapters.
 LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_train_embeddings",
                "lora_train_norms", "lora_use_rslora")
+# What the stored arrays are: another optimizer has other state, another param_dtype other dtypes.
+STATE_FIELDS = ("optimizer", "param_dtype")
 # Architecture keys compared between the checkpoint and the model about to be trained.
 ARCHITECTURE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings")
@@ -55,6 +57,12 @@ def check_resumable(run_info: dict[str, Any], current: dict[str, Any]) -> list[s
             raise ArgumentError("model_config", "the checkpoint was trained with a different architecture ("
                                 + "; ".join(diffs) + "). Resume with the same model, or start a new output_dir.")
     stored_args, current_args = run_info.get("arguments") or {}, current["arguments"]
+    for name in STATE_FIELDS:
+        if name in stored_args and stored_args[name] != current_args.get(name):
+            raise ArgumentError(name, f"the checkpoint's state was saved for another {name} (checkpoint "
+                                f"{stored_args[name]!r} vs now {current_args.get(name)!r}). Resume with the "
+                                "checkpoint's value, or start a new run from its weights with --init_weights_from "
+                                "(a fresh optimizer state).")
     if lora_diffs := _differences(stored_args, current_args, tuple(k for k in LORA_FIELDS if k in stored_args)):
         raise ArgumentError(lora_diffs[0].split(":")[0], "the checkpoint's adapters were trained with other LoRA "
                             "settings (" + "; ".join(lora_diffs) + "). Resume with the same lora_* arguments, or "

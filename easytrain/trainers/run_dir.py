@@ -93,11 +93,17 @@ def set_aside_newer_checkpoints(output_dir: Path, root: Path, step: int) -> list
     """
     if root.resolve() != (output_dir / CHECKPOINTS_DIRNAME).resolve():
         return []
-    newer = [s for s in finalized_steps(root) if s > step]
+    complete = set(finalized_steps(root))
+    # Incomplete step directories too (a damaged copy, no state): left in place, they would block that step's save.
+    newer = sorted(int(d.name) for d in root.iterdir() if d.name.isdigit() and d.is_dir() and int(d.name) > step)
     if not newer:
         return []
     destination = output_dir / SUPERSEDED_DIRNAME / time.strftime("%Y%m%d-%H%M%S")
     destination.mkdir(parents=True, exist_ok=True)
     moved = [Path(shutil.move(str(root / str(s)), str(destination / str(s)))) for s in newer]
-    logger.warning("resuming step %d of %s: moved its newer checkpoints %s to %s", step, root, newer, destination)
+    if incomplete := [s for s in newer if s not in complete]:
+        logger.warning("%s holds incomplete checkpoint(s) at step(s) %s (not resumable: an item is missing)",
+                       root, incomplete)
+    logger.warning("resuming step %d of %s: moved its newer checkpoint directories %s to %s", step, root, newer,
+                   destination)
     return moved
