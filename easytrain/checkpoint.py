@@ -59,7 +59,7 @@ class CheckpointMismatchError(EasytrainError, ValueError):
     def __init__(self, missing: list[str], unexpected: list[str], mismatched: dict[str, tuple[str, str]]):
         self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
         lines = ["checkpoint does not match the state to restore into (nothing was loaded; another optimizer, "
-                 "param_dtype or model than the checkpoint's?):"]
+                 "param_dtype or model than the checkpoint's, or a damaged checkpoint: resume an earlier step?):"]
         lines += _first(f"  missing in checkpoint: {key}" for key in missing)
         lines += _first(f"  unexpected in checkpoint: {key}" for key in unexpected)
         lines += _first(f"  {key}: stored {got}, expected {want}" for key, (got, want) in mismatched.items())
