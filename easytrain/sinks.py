@@ -180,9 +180,16 @@ class WandbSink:
         previous = _read_json(state_path) if initial_step > 0 else None
         run_id = previous["run_id"] if previous else uuid.uuid4().hex[:12]  # W&B ids: lowercase letters, digits
         write_json_atomically(state_path, {"run_id": run_id})  # before any step: a run killed early keeps its id
-        self._run = wandb.init(id=run_id, resume="allow", dir=str(output_dir), config=dict(run_config or {}),
-                               project=os.environ.get("WANDB_PROJECT", "easytrain"),
-                               name=os.environ.get("WANDB_NAME", output_dir.resolve().name))
+        try:
+            self._run = wandb.init(id=run_id, resume="allow", dir=str(output_dir), config=dict(run_config or {}),
+                                   project=os.environ.get("WANDB_PROJECT", "easytrain"),
+                                   name=os.environ.get("WANDB_NAME", output_dir.resolve().name))
+        except Exception as error:  # not logged in, a bad entity or project: wandb's own message says which
+            if previous is None:
+                state_path.unlink(missing_ok=True)
+            raise ArgumentError("report_to", f"W&B could not start a run ({type(error).__name__}: {error}). Log in "
+                                "(`wandb login`, or WANDB_API_KEY), run offline with WANDB_MODE=offline, or leave "
+                                "wandb out of --report_to.") from error
 
     def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
         self._run.log({metric_tag(split, name): value for name, value in metrics.items()}, step=step)
@@ -205,10 +212,23 @@ class MlflowSink:
     """
 
     def __init__(self, output_dir: Path, initial_step: int, run_config: Mapping[str, Any] | None):
-        from mlflow.tracking import MlflowClient
-
         self._state_path = output_dir / MLFLOW_STATE_FILENAME
         previous = _read_json(self._state_path) if initial_step > 0 else None
+        try:
+            self._open(previous, initial_step, output_dir, run_config)
+        except Exception as error:  # an unreachable server, a store this installation cannot use
+            uri = previous["tracking_uri"] if previous else os.environ.get("MLFLOW_TRACKING_URI", "mlflow's default")
+            raise ArgumentError("report_to", f"MLflow could not start a run at {uri!r} ({type(error).__name__}: "
+                                f"{str(error).strip()[:300]}). Set MLFLOW_TRACKING_URI to a store it can use "
+                                "(a server, or file:///path with MLFLOW_ALLOW_FILE_STORE=true), or leave mlflow "
+                                "out of --report_to.") from error
+        write_json_atomically(self._state_path, {"run_id": self._run_id, "tracking_uri": self._client.tracking_uri})
+
+    def _open(self, previous: dict | None, initial_step: int, output_dir: Path,
+              run_config: Mapping[str, Any] | None) -> None:
+        """Reopen the interrupted run (`previous`) or start one; sets the client, run id and logged-step floors."""
+        from mlflow.tracking import MlflowClient
+
         if previous:
             self._client = MlflowClient(tracking_uri=previous["tracking_uri"])
             self._run_id = previous["run_id"]
@@ -227,7 +247,6 @@ class MlflowSink:
             self._run_id = self._client.create_run(experiment_id, run_name=output_dir.resolve().name).info.run_id
             self._log_params(run_config or {})
             self._floors = {}
-        write_json_atomically(self._state_path, {"run_id": self._run_id, "tracking_uri": self._client.tracking_uri})
 
     def _last_logged_steps(self) -> dict[str, int]:
         """The highest step each metric holds, read from the tracking store, not remembered.

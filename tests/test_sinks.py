@@ -131,3 +131,23 @@ def test_a_missing_tracker_package_names_report_to_and_the_extra(sink, tmp_path,
     with pytest.raises(ArgumentError, match=expected):
         Reporter(output_dir=tmp_path, report_to=[sink], total_steps=1, enabled=False)
     assert not any(tmp_path.iterdir())
+
+
+def test_wandb_that_cannot_start_names_report_to_and_the_ways_out(tmp_path, monkeypatch, offline_trackers) -> None:
+    wandb = pytest.importorskip("wandb")
+
+    def no_key(**kwargs):
+        raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.")
+
+    monkeypatch.setattr(wandb, "init", no_key)
+    with pytest.raises(ArgumentError, match=r"report_to: W&B could not start a run.*No API key.*WANDB_MODE=offline"):
+        Reporter(output_dir=tmp_path, report_to=["wandb"], total_steps=1, show_progress=False)
+    assert not (tmp_path / "wandb_run.json").exists(), "no run id recorded for a run that never started"
+
+
+def test_mlflow_that_cannot_use_its_store_names_report_to(tmp_path, monkeypatch, offline_trackers) -> None:
+    pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "nosuchscheme://nowhere")
+    with pytest.raises(ArgumentError, match=r"report_to: MLflow could not start a run at 'nosuchscheme://nowhere'.*"
+                                            r"MLFLOW_TRACKING_URI"):
+        Reporter(output_dir=tmp_path, report_to=["mlflow"], total_steps=1, show_progress=False)
