@@ -40,6 +40,11 @@ def initialize(args: TrainingArguments) -> None:
         if None in explicit:
             raise ArgumentError("coordinator_address", "a multi-process run needs coordinator_address, "
                                 "num_processes and process_id together (or none, to auto-detect).")
+        if args.num_processes < 1:
+            raise ArgumentError("num_processes", f"must be at least 1, got {args.num_processes}.")
+        if not 0 <= args.process_id < args.num_processes:
+            raise ArgumentError("process_id", f"is {args.process_id}, but with num_processes={args.num_processes} "
+                                f"each process needs a distinct id from 0 to {args.num_processes - 1}.")
         jax.distributed.initialize(coordinator_address=args.coordinator_address,
                                    num_processes=args.num_processes, process_id=args.process_id)
     elif (cluster := auto_detected_cluster()) is not None:

@@ -221,7 +221,11 @@ def write_figures(runs: Sequence[Run], out: str | Path, dpi: int = 130) -> list[
         raise ArgumentError("run_dir", f"no loss, learning_rate, eval_* or tokens_per_second values in "
                                        f"{', '.join(str(run.path) for run in runs)}; nothing to plot.")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file of that name (or in its path), no permission
+        raise ArgumentError("out", f"cannot create the directory {out} ({error.strerror or error}); pass --out "
+                                   "a directory (created if missing), not a file.") from error
     written = []
     for name, figure in figures.items():
         path = out / f"{name}.png"

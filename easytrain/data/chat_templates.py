@@ -9,11 +9,15 @@ adds when rows of one column have different keys.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+import jinja2
 from transformers import PreTrainedTokenizerBase
+from transformers.utils.chat_template_utils import _compile_jinja_template
 
 from easytrain.data.errors import DataError
 
@@ -38,6 +42,27 @@ def chat_template_of(tokenizer: PreTrainedTokenizerBase, chat_template: str | No
             "`tokenizer.chat_template` or pass `chat_template` (a Jinja string; on the command line "
             "`--chat_template_path FILE`)."
         )
+    return template
+
+
+def read_chat_template(path: str | os.PathLike[str], field: str = "chat_template_path") -> str:
+    """The Jinja template in the file at ``path``, checked to compile as transformers compiles it.
+
+    Raises:
+        DataError: The file does not exist or cannot be read, or the template has a syntax error.
+    """
+    try:
+        template = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        reason = "does not exist" if isinstance(error, FileNotFoundError) else f"cannot be read ({error})"
+        raise DataError(f"`{field}` {os.fspath(path)!r} {reason}; pass the path of a Jinja chat template file.") \
+            from error
+    try:
+        _compile_jinja_template(template)
+    except jinja2.TemplateError as error:
+        line = f" (line {error.lineno})" if getattr(error, "lineno", None) else ""
+        raise DataError(f"`{field}` {os.fspath(path)!r} is not a valid Jinja template{line}: {error}; fix the "
+                        "template.") from error
     return template
 
 

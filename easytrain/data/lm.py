@@ -124,6 +124,12 @@ def _check_text_column(dataset: datasets.Dataset, text_column: str) -> None:
             f"Text column {text_column!r} is not in the dataset (columns: "
             f"{', '.join(dataset.column_names) or 'none'}); set `text_column` to one of them."
         )
+    feature = dataset.features.get(text_column)
+    if isinstance(feature, datasets.Value) and feature.dtype not in ("string", "large_string"):
+        raise DataError(
+            f"Text column {text_column!r} holds {feature.dtype} values, not text; set `text_column` to a "
+            "column of strings, or convert this one (e.g. dataset.cast_column(name, datasets.Value('string')))."
+        )
 
 
 def _eos_id(tokenizer: PreTrainedTokenizerBase) -> int:

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import TypeAlias
 
 import datasets
+from datasets.exceptions import DatasetGenerationError
 
 from easytrain.data.errors import DataError
 
@@ -138,7 +139,15 @@ def _from_memory(dataset: datasets.Dataset | datasets.DatasetDict) -> datasets.D
 
 
 def _from_name(name: str, config: str | None, cache_dir: str | None) -> datasets.DatasetDict:
-    loaded = datasets.load_dataset(name, config, cache_dir=cache_dir)
+    try:
+        loaded = datasets.load_dataset(name, config, cache_dir=cache_dir)
+    except (ConnectionError, FileNotFoundError, DatasetGenerationError) as error:  # unreachable, unknown, unreadable
+        offline = " (HF_DATASETS_OFFLINE=1 is set: only datasets already in the cache load)" if _offline() else ""
+        reason = _reason(error, innermost=isinstance(error, DatasetGenerationError))
+        raise DataError(
+            f"`dataset_name` {name!r} could not be loaded{offline}: {reason}. Pass a local "
+            "dataset directory, the name of a dataset on the Hugging Face Hub, or `train_file`."
+        ) from error
     if not isinstance(loaded, datasets.DatasetDict):
         raise DataError(
             f"`dataset_name={name!r}` did not load as a set of splits "
@@ -159,7 +168,30 @@ def _from_files(
             f"`train_file` and `validation_file` have different formats "
             f"({builders[TRAIN]} vs {builders[VALIDATION]}); convert them to one format."
         )
-    return datasets.load_dataset(builders[TRAIN], data_files=data_files, cache_dir=cache_dir)
+    for split, path in data_files.items():
+        if os.path.getsize(path) == 0:
+            raise DataError(f"`{split}_file` {path!r} is empty; point it at a file with data.")
+    try:
+        return datasets.load_dataset(builders[TRAIN], data_files=data_files, cache_dir=cache_dir)
+    except DatasetGenerationError as error:  # a parse error (broken JSON, CSV) or no rows to infer a schema from
+        files = " or ".join(f"`{split}_file` {path!r}" for split, path in data_files.items())
+        raise DataError(
+            f"{files} could not be read as {builders[TRAIN]} ({_reason(error)}); fix the file, e.g. one JSON "
+            "object per line for .jsonl, a header row for .csv."
+        ) from error
+
+
+def _reason(error: BaseException, innermost: bool = True) -> str:
+    """The first line of ``error``, or of the innermost error it chains (``DatasetGenerationError`` says only
+    that generation failed)."""
+    while innermost and (error.__cause__ is not None or error.__context__ is not None):
+        error = error.__cause__ or error.__context__
+    text = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_DATASETS_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _builder_for(path: str, argument: str) -> str:

@@ -80,11 +80,16 @@ def resolve_checkpoint(path_or_name: str | os.PathLike) -> Path:
     if path.exists():
         raise CheckpointError(f"{path} is a file; pass the checkpoint directory that holds config.json.")
     try:
+        huggingface_hub.utils.validate_repo_id(str(path_or_name))
+    except huggingface_hub.errors.HFValidationError as error:
+        raise CheckpointError(f"{str(path_or_name)!r} does not exist, and it is not a Hugging Face Hub id "
+                              "(namespace/name) either; check the path, or pass a hub model id.") from error
+    try:
         return Path(huggingface_hub.snapshot_download(str(path_or_name), allow_patterns=list(HUB_PATTERNS)))
     except (OSError, ValueError) as error:
         offline = " (HF_HUB_OFFLINE=1 is set: only models already in the cache resolve)" if os.environ.get(
             "HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on") else ""
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        reason = str(error).strip().splitlines()[0].rstrip(".") if str(error).strip() else ""
         raise CheckpointError(
             f"{str(path_or_name)!r} is not a local directory and could not be fetched from the Hugging Face "
             f"Hub{offline}: {type(error).__name__}: {reason}. Pass the path of a local checkpoint directory "

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import transformers
+from huggingface_hub.errors import StrictDataclassError
 
 from easytrain.errors import ArgumentError
 from easytrain.models.families import SUPPORTED_MODEL_TYPES
@@ -33,10 +34,22 @@ def llama_config(name_or_path: str, *, vocab_size: int, bos_token_id: int | None
     if not path.is_file():
         raise ArgumentError("model_config", f"{name_or_path!r} is neither a preset ({', '.join(PRESETS)}) "
                                             "nor an existing config.json; pass one of those.")
-    values = json.loads(path.read_text())
+    try:
+        values = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ArgumentError("model_config", f"{path} is not valid JSON ({error}); fix the file, or pass a preset "
+                                            f"({', '.join(PRESETS)}).") from error
+    if not isinstance(values, dict):
+        raise ArgumentError("model_config", f"{path} holds a JSON {type(values).__name__}, not an object of config "
+                                            "fields; write it as {\"hidden_size\": ..., ...}.")
     model_type = values.pop("model_type", "llama")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ArgumentError("model_config", f"{path} has model_type {model_type!r}; supported: "
                                             f"{', '.join(SUPPORTED_MODEL_TYPES)}.")
     values.setdefault("vocab_size", vocab_size)
-    return transformers.AutoConfig.for_model(model_type, **values)
+    try:
+        return transformers.AutoConfig.for_model(model_type, **values)
+    except (ValueError, TypeError, StrictDataclassError) as error:  # transformers' own validation of the fields
+        cause = error.__cause__ if isinstance(error, StrictDataclassError) and error.__cause__ else error
+        raise ArgumentError("model_config", f"{path} does not describe a valid {model_type} model: "
+                                            f"{str(cause).strip().rstrip('.')}; fix the file.") from error

@@ -66,7 +66,15 @@ class Task:
         if len(values) != len(task.arguments):
             raise ArgumentError("task", f"task {self.name!r} takes {len(task.arguments)} argument dataclass(es) "
                                         f"({_names(task.arguments)}), got {len(values)}.")
-        trainer = task.target(arguments, *values)
+        try:
+            trainer = task.target(arguments, *values)
+        except TypeError as error:
+            if not _ad_hoc_function(task):
+                raise
+            raise ArgumentError("task", f"{task.name!r} is not a trainer: calling it with the training arguments "
+                                        f"raised TypeError: {error}. --task takes a task name, a trainer class "
+                                        f"implementing easytrain.TrainerProtocol, or a "
+                                        f"factory(training_arguments, *task_arguments) returning one.") from error
         if values and hasattr(trainer, "task_arguments"):  # a BaseTrainer saves them in arguments.json
             trainer.task_arguments = values
         return trainer
@@ -239,6 +247,13 @@ def _import(target: str) -> Any:
         return obj
     except (ImportError, AttributeError) as error:
         raise ArgumentError("task", f"cannot import {target!r} ({error}); check the module path and class name.")
+
+
+def _ad_hoc_function(task: Task) -> bool:
+    """A `--task package.module:function` that no `@register_task` vouches for (`json:dumps`): a TypeError
+    from calling it most likely says it is no trainer factory. Classes and registered targets raise their own."""
+    return (task.origin == "import path" and not isinstance(task.target, type)
+            and not isinstance(getattr(task.target, "__easytrain_task__", None), Task))
 
 
 def _load(task: Task) -> Task:

@@ -6,10 +6,12 @@ Every check here runs before any model is initialised or compiled.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import datasets
+import huggingface_hub
 import jax
 import transformers
 
@@ -25,6 +27,37 @@ from easytrain.trainers.job_callback import JobCallback
 
 logger = logging.getLogger("easytrain")
 DEFAULT_PAD_TOKEN = "<pad>"
+Loaded = TypeVar("Loaded")
+
+
+def check_pretrained_path(field: str, name: str | os.PathLike) -> None:
+    """Refuse, before anything is loaded or downloaded, a value that is neither an existing local path nor
+    something the Hugging Face Hub could resolve (a `name` or `namespace/name` id)."""
+    if Path(name).expanduser().exists():
+        return
+    try:
+        huggingface_hub.utils.validate_repo_id(os.fspath(name))
+    except huggingface_hub.errors.HFValidationError as error:
+        raise ArgumentError(field, f"{os.fspath(name)!r} does not exist, and it is not a Hugging Face Hub id "
+                                   "(namespace/name) either; check the path, or pass a hub model id.") from error
+
+
+def _offline_hint() -> str:
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    return " (HF_HUB_OFFLINE=1 is set: only hub models already in the cache resolve)" if offline else ""
+
+
+def load_pretrained(field: str, name: str | os.PathLike, load: Callable[[str], Loaded], what: str, fix: str) -> Loaded:
+    """`load(name)` (a transformers `from_pretrained`), with a missing path, an unresolvable hub id and
+    unreadable files refused as an `ArgumentError` naming `field` (the loader's exception chained)."""
+    check_pretrained_path(field, name)
+    try:
+        return load(os.fspath(name))
+    except (OSError, ValueError) as error:  # transformers' ways of saying "cannot load this": files, hub, JSON
+        reason = (str(error).strip().splitlines() or [""])[0].rstrip(" :.")
+        hint = "" if Path(name).expanduser().exists() else _offline_hint()
+        raise ArgumentError(field, f"cannot load {what} from {os.fspath(name)!r}{hint}: "
+                                   f"{type(error).__name__}: {reason}. {fix}") from error
 
 
 def uses_embedded_data(args: TrainingArguments, dataset_train: Any) -> bool:
@@ -39,11 +72,25 @@ def build_tokenizer(args: TrainingArguments, *, embedded: bool) -> transformers.
             return arithmetic.build_arithmetic_tokenizer()
         raise ArgumentError("tokenizer_name", "training on your own data needs a tokenizer: pass "
                                               "--tokenizer_name DIR (or --model_name_or_path of a pretrained model).")
-    return transformers.AutoTokenizer.from_pretrained(name)
+    return load_tokenizer("tokenizer_name" if args.tokenizer_name else "model_name_or_path", name)
 
 
-def ensure_pad_token(tokenizer: transformers.PreTrainedTokenizerBase) -> transformers.PreTrainedTokenizerBase:
-    """Use EOS as padding when the tokenizer has no pad token (loss masks never depend on token ids)."""
+def load_tokenizer(field: str, name: str | os.PathLike) -> transformers.PreTrainedTokenizerBase:
+    """`AutoTokenizer.from_pretrained(name)`; what cannot be loaded is an `ArgumentError` naming `field`."""
+    return load_pretrained(field, name, transformers.AutoTokenizer.from_pretrained, "a tokenizer",
+                           "Pass a directory holding tokenizer files (tokenizer.json, tokenizer_config.json; "
+                           "save_pretrained writes them) or the id of a hub model that has them.")
+
+
+def ensure_pad_token(tokenizer: Any) -> transformers.PreTrainedTokenizerBase:
+    """Use EOS as padding when the tokenizer has no pad token (loss masks never depend on token ids).
+
+    `tokenizer` may also be a path or hub id (the trainers' `tokenizer=` argument), loaded here."""
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = load_tokenizer("tokenizer", tokenizer)
+    if not hasattr(tokenizer, "pad_token"):
+        raise TypeError(f"tokenizer must be a Hugging Face tokenizer or the path (or hub id) of one, got "
+                        f"{type(tokenizer).__name__}; pass e.g. AutoTokenizer.from_pretrained(DIR), or DIR itself.")
     if tokenizer.pad_token is None:
         fallback = tokenizer.eos_token or DEFAULT_PAD_TOKEN
         logger.warning("tokenizer has no pad token; using %r. Padding is excluded from the loss by the "
@@ -58,7 +105,9 @@ def ensure_pad_token(tokenizer: transformers.PreTrainedTokenizerBase) -> transfo
 def build_model_config(args: TrainingArguments, tokenizer: transformers.PreTrainedTokenizerBase):
     """The architecture: the pretrained model's config, or a preset/config file sized to the tokenizer."""
     if args.model_name_or_path:
-        config = transformers.AutoConfig.from_pretrained(args.model_name_or_path)
+        config = load_pretrained("model_name_or_path", args.model_name_or_path, transformers.AutoConfig.from_pretrained,
+                                 "a model config", "Pass a directory holding a valid config.json (save_pretrained "
+                                 "writes one) or the id of a hub model.")
     else:
         config = llama_config(args.model_config, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)

@@ -33,6 +33,8 @@ from easytrain.lora import adapters_disabled
 from easytrain.losses import LossOutput
 from easytrain.metrics import Mean, mean_over
 from easytrain.models import from_pretrained
+from easytrain.models.hf_io import CheckpointError
+from easytrain.models.hf_load import resolve_checkpoint
 from easytrain.preference import (PREFERENCE_LOSSES, REFERENCE_FREE, PairLogps, combined_loss, sequence_logps,
                                   token_logps)
 from easytrain.tasks import arithmetic
@@ -107,7 +109,12 @@ class DPOTrainer(BaseTrainer):
 
     def __init__(self, arguments: TrainingArguments | None = None, dpo_arguments: DPOArguments | None = None, *,
                  formatting_func: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None, **kwargs: Any):
+        if dpo_arguments is not None and not isinstance(dpo_arguments, DPOArguments):
+            raise TypeError(f"dpo_arguments must be a DPOArguments, got {type(dpo_arguments).__name__}; pass "
+                            "DPOArguments(...) (or None for its defaults).")
         self.dpo = dpo_arguments or DPOArguments()
+        if self.dpo.ref_model_name_or_path:  # a path that does not exist: refused before any data work
+            builders.check_pretrained_path("ref_model_name_or_path", self.dpo.ref_model_name_or_path)
         self.task_arguments = (self.dpo,)
         self.formatting_func = formatting_func
         self.data_stats: dict[str, dict[str, float]] = {}
@@ -184,6 +191,11 @@ class DPOTrainer(BaseTrainer):
         path = self.dpo.ref_model_name_or_path or self.arguments.model_name_or_path
         moving = self.dpo.sync_ref_model
         if path:
+            try:
+                path = resolve_checkpoint(path)
+            except CheckpointError as error:
+                field = "ref_model_name_or_path" if self.dpo.ref_model_name_or_path else "model_name_or_path"
+                raise ArgumentError(field, str(error)) from error
             return Frozen(self._like_the_policy(from_pretrained(path, dtype=self.dtype, param_dtype=self.param_dtype,
                                                                 mesh=self.mesh, rules=self.partition_rules)),
                           checkpoint=moving, copy=False)

@@ -21,6 +21,7 @@ from easytrain import memory_plan
 from easytrain.arguments import TrainingArguments
 from easytrain.data import (PaddedCollate, RowSource, SFTDataOptions, bucket_lengths, pack_examples, packed_collate,
                             tokenize_sft_dataset)
+from easytrain.data.chat_templates import read_chat_template
 from easytrain.data.prompts import prompts_and_references
 from easytrain.evaluators import CompletionMetrics
 from easytrain.tasks import arithmetic
@@ -80,7 +81,12 @@ class SFTTrainer(BaseTrainer):
                  formatting_func: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None,
                  compute_metrics: Callable[[list[str], list[str]], Mapping[str, float]] | None = None,
                  **kwargs: Any):
+        if sft_arguments is not None and not isinstance(sft_arguments, SFTArguments):
+            raise TypeError(f"sft_arguments must be an SFTArguments, got {type(sft_arguments).__name__}; pass "
+                            "SFTArguments(...) (or None for its defaults).")
         self.sft_arguments = sft_arguments or SFTArguments()
+        if self.sft_arguments.chat_template_path:  # a missing file or a Jinja syntax error: before any data work
+            read_chat_template(self.sft_arguments.chat_template_path)
         self.task_arguments = (self.sft_arguments,)
         self.formatting_func, self.answer_metrics = formatting_func, compute_metrics  # not the on-device hook
         self.data_stats: dict[str, dict[str, float]] = {}
