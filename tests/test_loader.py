@@ -245,3 +245,15 @@ def test_eval_with_a_custom_collate_and_dataset_source():
 def test_eval_rejects_an_empty_source():
     with pytest.raises(DataError, match="evaluation dataset has no rows"):
         eval_batches({"input_ids": np.zeros((0, 5))}, 2)
+
+
+@pytest.mark.parametrize("batch_size, devices, expected", [(100_000, 8, 40), (16, 8, 16), (100, 1, 38), (7, 1, 7)])
+def test_an_eval_batch_larger_than_the_eval_set_shrinks_to_fit_it(batch_size, devices, expected):
+    """38 rows in batches of 100000 would pad 99962 rows (and may not fit in memory): the batch is the set,
+    rounded up to the data-parallel devices; the same examples are evaluated once each."""
+    from easytrain.data import EvalBatches
+
+    batches = EvalBatches(_rows(38), batch_size, multiple_of=devices)
+    assert batches.global_batch_size == expected and len(batches) == -(-38 // expected)
+    ids = np.concatenate([batch["example_id"] for batch in batches])
+    assert sorted(ids[ids >= 0].tolist()) == list(range(38))

@@ -82,7 +82,8 @@ class TrainBatches:
         if self.steps_per_epoch == 0:
             raise DataError(
                 f"The training dataset has {len(self._reader)} rows, but one global batch "
-                f"needs {global_batch_size}; add data or lower `global_batch_size`."
+                f"needs {global_batch_size} (`train_batch_size`); add data, raise or unset "
+                "`max_train_samples` if it is set, or lower `train_batch_size`."
             )
         if seed < 0:
             raise DataError(f"`seed` must be non-negative, got {seed}.")
@@ -215,9 +216,12 @@ class EvalBatches:
     """A re-iterable evaluation set: every ``iter()`` is one ordered pass (see ``eval_batches``)."""
 
     def __init__(self, source: RowSource, global_batch_size: int, *, collate: RowsCollate = lm_collate_rows,
-                 process_index: int = 0, process_count: int = 1) -> None:
+                 process_index: int = 0, process_count: int = 1, multiple_of: int = 1) -> None:
+        """`multiple_of`: the data-parallel device count. A batch larger than the whole set shrinks to the set
+        rounded up to a multiple of it (and of `process_count`): the same examples, without a batch of padding."""
         self.source = source
-        self.global_batch_size = global_batch_size
+        step = math.lcm(multiple_of, process_count)
+        self.global_batch_size = min(global_batch_size, max(step, math.ceil(len(_RowReader(source)) / step) * step))
         self._options = dict(collate=collate, process_index=process_index, process_count=process_count)
         _local_batch_size(global_batch_size, process_index, process_count)  # fail now, not at the first eval
 

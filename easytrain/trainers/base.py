@@ -199,9 +199,10 @@ class BaseTrainer(LanguageModelHooks):
         builders.check_batch_sizes(args, self.mesh)
         hosts = dict(collate=self.collate, process_index=jax.process_index(), process_count=jax.process_count())
         loader = TrainBatches(self._dataset_train, args.train_batch_size, seed=args.seed, **hosts)
+        eval_hosts = dict(hosts, multiple_of=sharding.data_parallel_size(self.mesh))
         evaluation = None if self._dataset_eval is None else EvalBatches(self._dataset_eval, args.eval_batch_size,
-                                                                         **hosts)
-        self._eval_batches = functools.partial(EvalBatches, global_batch_size=args.eval_batch_size, **hosts)
+                                                                         **eval_hosts)
+        self._eval_batches = functools.partial(EvalBatches, global_batch_size=args.eval_batch_size, **eval_hosts)
         per_epoch = loader.steps_per_epoch
         total = args.max_steps if args.max_steps > 0 else per_epoch * args.num_train_epochs
         return ConfiguredDataloaders(loader, evaluation, per_epoch, total)
