@@ -112,6 +112,17 @@ def test_a_tracker_that_cannot_start_leaves_the_old_run_whole(tmp_path, monkeypa
     assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before
 
 
+@pytest.mark.parametrize("asks", [dict(load_best_model_at_end=True, metric_for_best_model="eval_loss"),
+                                  dict(early_stopping_patience=2)], ids=["load_best", "early_stopping"])
+def test_ranking_evaluations_without_evaluation_data_is_refused(tmp_path, tokenizer, asks):
+    """Own training text and no held-out split: no evaluation runs, so nothing could rank checkpoints or stop."""
+    data = datasets.Dataset.from_dict({"text": ["some words here and there"] * 64})
+    args = args_for(tmp_path, eval_strategy="steps", eval_steps=2, validation_split_percentage=0, **asks)
+    with pytest.raises(ArgumentError, match=rf"{next(iter(asks))}: .*no evaluation data.*validation"):
+        BaseTrainer(args, tokenizer=tokenizer, dataset_train=data).setup()
+    assert no_checkpoints(args)
+
+
 def test_own_data_without_a_tokenizer(tmp_path):
     data = datasets.Dataset.from_dict({"text": ["hello world"] * 10})
     with pytest.raises(ArgumentError, match="tokenizer_name"):

@@ -183,7 +183,7 @@ class BaseTrainer(LanguageModelHooks):
         self._functions = self.configure_functions()
         names = builders.eval_metric_names(self._functions.eval_step, self._state, self._data.eval, self.mesh,
                                           self.host_only_fields)
-        builders.check_eval_metrics(self._arguments, names, self.evaluators)
+        builders.check_eval_metrics(self._arguments, names, self.evaluators, has_eval_data=self._data.eval is not None)
         if self._arguments.save_pretrained_at_end and (problem := self.export_problem()):
             raise ArgumentError("save_pretrained_at_end", f"{problem}; pass --no_save_pretrained_at_end, or "
                                                           "override save_pretrained in your trainer.")

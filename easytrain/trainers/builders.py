@@ -155,9 +155,17 @@ def eval_metric_names(eval_step: Any, state: Any, eval_batches: Any, mesh: Any, 
     return {f"eval_{name}" for name in jax.eval_shape(eval_step, state, batch)}
 
 
-def check_eval_metrics(args: TrainingArguments, device_names: set[str], evaluators: Sequence[Any]) -> None:
-    """Before any compute: `eval_metrics` asks only for what this run can compute, and `metric_for_best_model`
-    names a metric evaluation produces (when every evaluator says what it returns)."""
+def check_eval_metrics(args: TrainingArguments, device_names: set[str], evaluators: Sequence[Any],
+                       has_eval_data: bool = True) -> None:
+    """Before any compute: `eval_metrics` asks only for what this run can compute, `metric_for_best_model`
+    names a metric evaluation produces (when every evaluator says what it returns), and what ranks or stops
+    on evaluations has some to rank by."""
+    if not has_eval_data and not evaluators:
+        for field in ("load_best_model_at_end", "early_stopping_patience"):
+            if getattr(args, field):
+                raise ArgumentError(field, "ranks evaluations, but this run has no evaluation data: give it a "
+                                           "validation_file, a validation split (validation_split_percentage > 0) "
+                                           f"or an eval dataset, or unset {field}.")
     declared = [getattr(evaluator, "metric_names", None) for evaluator in evaluators]
     known = None if any(names is None for names in declared) else device_names.union(*map(set, declared))
     generated = {name for names in declared for name in (names or ())}
