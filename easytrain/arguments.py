@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
+from easytrain import argument_checks
 from easytrain.errors import ArgumentError
 from easytrain.jobs import check_progress_range
 from easytrain.sinks import check_report_to
@@ -37,7 +38,8 @@ class TrainingArguments:
     # --- run -----------------------------------------------------------------------------------
     output_dir: str = _arg("outputs/easytrain", "Where checkpoints, logs, arguments and the exported model go.")
     overwrite_output_dir: bool = _arg(
-        False, "Allow starting a fresh run in an output_dir that already holds another run's checkpoints."
+        False, "Allow starting a fresh run in an output_dir that holds another run (its checkpoints, logs or "
+        "final_model), removing that run first."
     )
     task: str = _arg(
         "lm",
@@ -121,15 +123,16 @@ class TrainingArguments:
     dataset_name: Optional[str] = _arg(None, "A dataset name or local directory for datasets.load_dataset.")
     dataset_config_name: Optional[str] = _arg(None, "The dataset's configuration name, if it has several.")
     train_file: Optional[str] = _arg(None, "Local training file: .json, .jsonl, .csv, .parquet or .txt.")
-    validation_file: Optional[str] = _arg(None, "Local validation file, same formats as train_file.")
+    validation_file: Optional[str] = _arg(None, "Local validation file, same formats as train_file (needs train_file).")
     text_column: str = _arg("text", "Name of the dataset column holding the raw text.")
     validation_split_percentage: int = _arg(
         5, "Percent of the training set held out for evaluation when there is no validation split."
     )
     max_length: int = _arg(128, "Sequence length of every training block, in tokens.")
-    max_train_samples: Optional[int] = _arg(None, "Truncate the training set to this many rows (debugging).")
-    max_eval_samples: Optional[int] = _arg(None, "Truncate the evaluation set to this many rows.")
-    preprocessing_num_workers: Optional[int] = _arg(None, "Processes used to tokenise the dataset.")
+    max_train_samples: Optional[int] = _arg(
+        None, "Truncate the training set to this many rows (debugging); unset: all.")
+    max_eval_samples: Optional[int] = _arg(None, "Truncate the evaluation set to this many rows; unset: all.")
+    preprocessing_num_workers: Optional[int] = _arg(None, "Processes used to tokenise the dataset; unset: this one.")
 
     # --- optimisation --------------------------------------------------------------------------
     num_train_epochs: int = _arg(3, "Passes over the training set; used only when max_steps <= 0.")
@@ -151,10 +154,10 @@ class TrainingArguments:
     warmup_ratio: float = _arg(0.05, "Warmup as a fraction of the total optimizer updates.")
     optimizer: Literal["adamw", "adafactor", "lion", "sgd"] = _arg("adamw", "Optimizer.")
     weight_decay: float = _arg(0.0, "Decoupled weight decay (AdamW, Lion, Adafactor); L2 for SGD.")
-    adam_beta1: float = _arg(0.9, "beta1 of AdamW and Lion.")
-    adam_beta2: float = _arg(0.999, "beta2 of AdamW and Lion.")
-    adam_epsilon: float = _arg(1e-8, "epsilon of AdamW.")
-    sgd_momentum: float = _arg(0.9, "Momentum of SGD (0 for plain SGD).")
+    adam_beta1: float = _arg(0.9, "beta1 of AdamW and Lion, in [0, 1).")
+    adam_beta2: float = _arg(0.999, "beta2 of AdamW and Lion, in [0, 1).")
+    adam_epsilon: float = _arg(1e-8, "epsilon of AdamW (> 0).")
+    sgd_momentum: float = _arg(0.9, "Momentum of SGD, in [0, 1) (0 for plain SGD).")
     max_grad_norm: float = _arg(1.0, "Clip gradients to this global norm; 0 disables clipping.")
     non_finite_policy: Literal["skip", "stop", "ignore"] = _arg(
         "skip", "On a NaN/Inf loss or gradient: 'skip' the update (counted in the logs), 'stop', or 'ignore'."
@@ -186,7 +189,8 @@ class TrainingArguments:
         False, "After training, restore the checkpoint with the best metric_for_best_model (before the export)."
     )
     early_stopping_patience: Optional[int] = _arg(
-        None, "Stop after this many evaluations without improvement of metric_for_best_model (or eval_loss)."
+        None, "Stop after this many evaluations without improvement of metric_for_best_model (or eval_loss); needs an "
+        "eval_strategy other than 'no'."
     )
     eval_metrics: Optional[list[str]] = _arg(
         None, "Evaluation metrics besides eval_loss: 'accuracy' and 'perplexity' (on device, from the loss's "
@@ -260,6 +264,8 @@ def _require(condition: bool, name: str, message: str) -> None:
 
 def validate(args: TrainingArguments) -> None:
     """Fail before any compute, naming the field and the fix."""
+    argument_checks.normalize(args, TrainingArguments)  # a string for a list; YAML's `no` (False) for 'no'
+    argument_checks.check_types(args, TrainingArguments)  # first: the checks below compare values
     positive_ints = ("train_batch_size", "eval_batch_size", "gradient_accumulation_steps", "max_length",
                      "logging_steps", "eval_steps", "save_steps")
     for name in positive_ints:
@@ -288,7 +294,8 @@ def validate(args: TrainingArguments) -> None:
                           ("lr_scheduler_type", SCHEDULES), ("eval_strategy", STRATEGIES),
                           ("save_strategy", STRATEGIES), ("non_finite_policy", NON_FINITE_POLICIES)):
         value = getattr(args, name)
-        _require(value in allowed, name, f"must be one of {', '.join(allowed)}; got {value!r}.")
+        _require(value in allowed, name, f"must be one of {', '.join(allowed)}; got {value!r}."
+                                         f"{argument_checks.choice_hint(value)}")
     if args.eval_metrics is not None:
         from easytrain.eval_metrics import NAMES
 
@@ -328,6 +335,8 @@ def validate(args: TrainingArguments) -> None:
         from_arguments(args)  # raises naming the lora_* field
     _require(args.early_stopping_patience is None or args.early_stopping_patience > 0, "early_stopping_patience",
              f"must be a positive integer or unset, got {args.early_stopping_patience}.")
+    argument_checks.check_ranges(args)
+    argument_checks.check_settings_apply(args)
 
 
 def _check_best_model_settings(args: TrainingArguments) -> None:

@@ -22,6 +22,7 @@ from easytrain.errors import ArgumentError, MeshError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
+MESH_FIELDS = {"data": "data_parallel_size", "fsdp": "fsdp_size", "tensor": "tensor_parallel_size"}  # the arguments
 LogicalRules = Sequence[tuple[str, Any]]
 
 # Logical axis -> mesh axis. Sizes of 1 make a rule a no-op, so one table serves pure data
@@ -40,15 +41,22 @@ def resolve_mesh_shape(sizes: dict[str, int], num_devices: int) -> dict[str, int
     """Fill the one `-1` axis with the devices left over; check the product matches."""
     unknown = [name for name, size in sizes.items() if size == -1]
     if len(unknown) > 1:
-        raise ArgumentError(f"{unknown[1]}_size", "only one mesh axis may be -1.")
+        raise ArgumentError(MESH_FIELDS.get(unknown[1], unknown[1]), "only one mesh axis may be -1 (got "
+                            f"{' and '.join(MESH_FIELDS.get(name, name) for name in unknown)}); give the others "
+                            "a size.")
     known = math.prod(size for size in sizes.values() if size != -1)
     if unknown:
         if num_devices % known:
-            raise ArgumentError(f"{unknown[0]}_size", f"{num_devices} devices are not divisible by the other "
-                                f"axes' product {known}; choose sizes whose product divides {num_devices}.")
+            given = {MESH_FIELDS.get(name, name): size for name, size in sizes.items() if size != -1}
+            culprit = max((name for name, size in given.items() if size > 1), key=given.get, default=None)
+            raise ArgumentError(culprit or MESH_FIELDS.get(unknown[0], unknown[0]),
+                                f"{num_devices} devices are not divisible by "
+                                f"{' * '.join(f'{name}={size}' for name, size in given.items())} = {known}; choose "
+                                f"sizes whose product divides {num_devices}.")
         sizes = {**sizes, unknown[0]: num_devices // known}
     if math.prod(sizes.values()) != num_devices:
-        raise ArgumentError("data_parallel_size", f"mesh {sizes} needs {math.prod(sizes.values())} devices but "
+        shown = ", ".join(f"{MESH_FIELDS.get(name, name)}={size}" for name, size in sizes.items())
+        raise ArgumentError("data_parallel_size", f"mesh {shown} needs {math.prod(sizes.values())} devices but "
                             f"{num_devices} are available; set one size to -1 or make the product {num_devices}.")
     return sizes
 

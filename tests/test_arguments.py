@@ -114,3 +114,132 @@ def test_float16_on_the_command_line_gets_the_same_message_not_invalid_choice(fi
     with pytest.raises(ArgumentError, match="loss scaling.*bfloat16") as caught:
         parse_arguments([f"--{field}", "float16"])
     assert caught.value.field == field
+
+
+# --- argument checks (audit: out-of-range values, types, strings for lists, YAML booleans, unused settings) -------
+NAN = float("nan")
+
+
+@pytest.mark.parametrize("values, field, expected", [
+    ({"adam_beta1": 1.5}, "adam_beta1", r"\[0, 1\)"),
+    ({"adam_beta1": NAN}, "adam_beta1", r"finite"),
+    ({"adam_beta2": 2.0}, "adam_beta2", r"\[0, 1\)"),
+    ({"adam_beta2": -0.1}, "adam_beta2", r"\[0, 1\)"),
+    ({"adam_epsilon": -1.0}, "adam_epsilon", r"positive"),
+    ({"adam_epsilon": 0.0}, "adam_epsilon", r"positive"),
+    ({"sgd_momentum": -3.0}, "sgd_momentum", r"\[0, 1\)"),
+    ({"sgd_momentum": 1.0}, "sgd_momentum", r"\[0, 1\)"),
+    ({"num_processes": 0}, "num_processes", r"positive"),
+    ({"num_processes": 2, "process_id": 5}, "process_id", r"\[0, 2\)"),
+    ({"process_id": -1}, "process_id", r">= 0"),
+    ({"max_train_samples": 0}, "max_train_samples", r"positive.*unset"),
+    ({"max_train_samples": -1}, "max_train_samples", r"positive.*unset"),
+    ({"max_eval_samples": -1}, "max_eval_samples", r"positive.*unset"),
+    ({"preprocessing_num_workers": -2}, "preprocessing_num_workers", r"positive.*unset"),
+    ({"preprocessing_num_workers": 0}, "preprocessing_num_workers", r"positive.*unset"),
+    ({"seed": -1}, "seed", r">= 0"),
+    ({"weight_decay": NAN}, "weight_decay", r"finite"),
+    ({"lora_alpha": float("inf")}, "lora_alpha", r"finite"),
+])
+def test_out_of_range_values_name_the_field_and_the_range(values, field, expected):
+    with pytest.raises(ArgumentError, match=expected) as caught:
+        TrainingArguments(**values)
+    assert caught.value.field == field
+
+
+def test_boundary_values_are_accepted():
+    TrainingArguments(adam_beta1=0.0, adam_beta2=0.0, sgd_momentum=0.0, adam_epsilon=1e-30, max_train_samples=1,
+                      max_eval_samples=1, preprocessing_num_workers=1, num_processes=1, process_id=0, seed=0)
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("learning_rate", "1e-3", r"a number.*got '1e-3' \(str\).*learning_rate=0.001"),
+    ("max_steps", "3", r"an integer.*got '3' \(str\).*max_steps=3"),
+    ("max_steps", 6.5, r"an integer.*got 6.5 \(float\)"),
+    ("train_batch_size", 16.0, r"an integer.*got 16.0 \(float\)"),
+    ("warmup_steps", 2.5, r"an integer"),
+    ("seed", None, r"an integer.*got None"),
+    ("seed", True, r"an integer.*got True \(bool\)"),
+    ("logging_steps", True, r"an integer"),
+    ("output_dir", None, r"a string.*got None"),
+    ("text_column", 3, r"a string"),
+    ("save_pretrained_at_end", "false", r"True or False"),
+    ("max_train_samples", 2.0, r"an integer or None"),
+    ("report_to", ["jsonl", 3], r"strings"),
+])
+def test_wrong_python_types_name_the_field(field, value, expected):
+    with pytest.raises(ArgumentError, match=expected) as caught:
+        TrainingArguments(**{field: value})
+    assert caught.value.field == field
+
+
+def test_float_fields_accept_ints():
+    assert TrainingArguments(learning_rate=1, warmup_ratio=0, max_grad_norm=2).learning_rate == 1
+
+
+@pytest.mark.parametrize("text, field", [("max_steps: 6.5\n", "max_steps"), ("seed: true\n", "seed"),
+                                         ("train_batch_size: 16.0\n", "train_batch_size")])
+def test_config_file_values_are_type_checked(tmp_path, text, field):
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    with pytest.raises(ArgumentError) as caught:
+        parse_arguments(["--config", str(path)])
+    assert caught.value.field == field
+
+
+def test_a_single_string_is_a_one_element_list(tmp_path):
+    assert TrainingArguments(report_to="jsonl").report_to == ["jsonl"]
+    assert TrainingArguments(eval_metrics="accuracy").eval_metrics == ["accuracy"]
+    assert TrainingArguments(report_to=("jsonl", "csv")).report_to == ["jsonl", "csv"]
+    (tmp_path / "a.yaml").write_text("eval_metrics: accuracy\n")
+    assert parse_arguments(["--config", str(tmp_path / "a.yaml")]).eval_metrics == ["accuracy"]
+    (tmp_path / "b.json").write_text('{"report_to": "jsonl"}')
+    assert parse_arguments(["--config", str(tmp_path / "b.json")]).report_to == ["jsonl"]
+    # lora_target_modules keeps PEFT's meaning of a plain string (one regular expression)
+    assert TrainingArguments(lora_rank=4, lora_target_modules="q_proj").lora_target_modules == "q_proj"
+
+
+def test_yaml_unquoted_no_means_no_for_strategies(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("save_strategy: no\neval_strategy: no\n")
+    args = parse_arguments(["--config", str(path)])
+    assert args.eval_strategy == "no" and args.save_strategy == "no"
+    path.write_text("eval_strategy: yes\n")
+    with pytest.raises(ArgumentError, match="eval_strategy.*quote") as caught:
+        parse_arguments(["--config", str(path)])
+    assert caught.value.field == "eval_strategy"
+
+
+def test_validation_file_without_train_file_is_refused():
+    with pytest.raises(ArgumentError, match="train_file") as caught:
+        TrainingArguments(validation_file="valid.jsonl")
+    assert caught.value.field == "validation_file"
+    TrainingArguments(train_file="train.jsonl", validation_file="valid.jsonl")
+
+
+def test_early_stopping_without_evaluation_is_refused():
+    with pytest.raises(ArgumentError, match="eval_strategy") as caught:
+        parse_arguments(["--early_stopping_patience", "2", "--eval_strategy", "no"])
+    assert caught.value.field == "early_stopping_patience"
+    TrainingArguments(early_stopping_patience=2, eval_strategy="epoch")
+
+
+def test_empty_training_set_names_real_fields():
+    from easytrain.data.errors import DataError
+    from easytrain.data.loader import TrainBatches
+
+    with pytest.raises(DataError, match="has 0 rows.*train_batch_size.*max_train_samples") as caught:
+        TrainBatches({"input_ids": __import__("numpy").zeros((0, 4), "int32")}, 16, seed=0)
+    assert "global_batch_size" not in str(caught.value)
+
+
+@pytest.mark.parametrize("sizes, field", [({"data": -1, "fsdp": 16, "tensor": 1}, "fsdp_size"),
+                                          ({"data": -1, "fsdp": 1, "tensor": 3}, "tensor_parallel_size"),
+                                          ({"data": 1, "fsdp": -1, "tensor": -1}, "tensor_parallel_size")])
+def test_mesh_size_errors_name_real_fields(sizes, field):
+    from easytrain.sharding import resolve_mesh_shape
+
+    with pytest.raises(ArgumentError) as caught:
+        resolve_mesh_shape(sizes, 8)
+    assert caught.value.field == field
+    assert "data_size" not in str(caught.value) and "tensor_size" not in str(caught.value)

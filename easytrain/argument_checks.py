@@ -1,0 +1,162 @@
+"""Field-level checks of `TrainingArguments`, run first by `validate` (before any comparison could raise a bare
+`TypeError`): each value has its field's type, and numbers are in a meaningful range.
+
+Types are strict from Python: `TrainingArguments(...)` takes typed values and never parses strings (the command
+line and `--config` files parse them). Two forgiving normalisations, both unambiguous:
+
+* a single string for a list field (`report_to`, `eval_metrics`) is a one-element list, as in Hugging Face's
+  `TrainingArguments`; `lora_target_modules` keeps PEFT's meaning of a string (one regular expression); a tuple
+  for a list field is a list;
+* YAML 1.1 reads an unquoted `no` as `False`: a choice field whose choices include 'no' takes `False` as 'no'.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import types
+import typing
+from typing import Any, Literal, Union
+
+from easytrain.errors import ArgumentError
+
+#: List fields that take a single string as a one-element list.
+STRING_AS_LIST = ("report_to", "eval_metrics")
+_YAML_BOOL_HINT = " YAML reads unquoted yes/no/on/off/true/false as booleans: quote the value."
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _split_optional(hint: Any) -> tuple[Any, bool]:
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        members = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        if len(members) == 1 and len(typing.get_args(hint)) == 2:
+            return members[0], True
+    return hint, False
+
+
+def normalize(args: Any, cls: type) -> None:
+    """The normalisations above, in place, over the fields of the dataclass `cls` (before `check_types`)."""
+    for field in dataclasses.fields(cls):
+        value = getattr(args, field.name)
+        if field.name in STRING_AS_LIST and isinstance(value, str):
+            setattr(args, field.name, [value])
+        elif isinstance(value, tuple) and typing.get_origin(_split_optional(_hints(cls)[field.name])[0]) is list:
+            setattr(args, field.name, list(value))  # so that the JSON/YAML round trip gives an equal object
+        elif value is False:
+            hint, _ = _split_optional(_hints(cls)[field.name])
+            if typing.get_origin(hint) is Literal and "no" in typing.get_args(hint):
+                setattr(args, field.name, "no")
+
+
+def _shown(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _string_fix(name: str, value: Any, kind: type) -> str:
+    """For a numeric string given from Python: the typed spelling to use instead."""
+    try:
+        parsed = kind(value.strip())
+    except (ValueError, AttributeError):
+        return ""
+    return f" Pass {name}={parsed!r}: TrainingArguments takes typed values from Python (strings are parsed only " \
+           f"on the command line and in --config files)."
+
+
+def check_types(args: Any, cls: type) -> None:
+    """Every field holds a value of its declared type: int fields an int (not a bool, not a float), float fields
+    a finite int or float, str fields a string, bool fields a bool, list fields a list of strings; None only
+    where the field is Optional. Only `cls`'s fields: a subclass's own fields are its own to check."""
+    for field in dataclasses.fields(cls):
+        name, value = field.name, getattr(args, field.name)
+        hint, optional = _split_optional(_hints(cls)[name])
+        if value is None:
+            if not optional:
+                raise ArgumentError(name, f"must be {_describe(hint)}, got None; leave it out for the default "
+                                          f"{field.default!r}." if field.default is not dataclasses.MISSING
+                                    else f"must be {_describe(hint)}, got None.")
+            continue
+        if not _matches(hint, value):
+            a = _describe(hint) + (" or None" if optional else "")
+            bool_hint = _YAML_BOOL_HINT if isinstance(value, bool) and (hint is str or "list" in a) else ""
+            kind = {int: int, float: float}.get(hint)
+            fix = _string_fix(name, value, kind) if kind and isinstance(value, str) else ""
+            if not fix and hint is int and isinstance(value, float) and value.is_integer():
+                fix = f" Write {int(value)}."
+            raise ArgumentError(name, f"must be {a}, got {_shown(value)}.{bool_hint}{fix}")
+        if hint is float and not math.isfinite(value):
+            raise ArgumentError(name, f"must be a finite number, got {value!r}.")
+
+
+def _matches(hint: Any, value: Any) -> bool:
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if typing.get_origin(hint) is Literal:
+        return True  # the choice check in `validate` names the choices
+    if typing.get_origin(hint) is list:
+        # a plain string where PEFT allows one (lora_target_modules) is checked by easytrain.lora_config
+        return isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+    return True
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) is list:
+        return "a list of strings"
+    return {bool: "True or False", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
+def choice_hint(value: Any) -> str:
+    """Appended to a 'must be one of' message when YAML turned the value into a boolean."""
+    return _YAML_BOOL_HINT if isinstance(value, bool) else ""
+
+
+def check_ranges(args: Any) -> None:
+    """Numbers whose meaningless values would otherwise train (to NaN, or on nothing)."""
+    for name in ("adam_beta1", "adam_beta2"):
+        value = getattr(args, name)
+        _require(0 <= value < 1, name, f"must be in [0, 1) (e.g. 0.9 / 0.999), got {value!r}.")
+    _require(args.adam_epsilon > 0, "adam_epsilon",
+             f"must be a positive number (e.g. 1e-8): 0 divides by zero where a gradient is 0; "
+             f"got {args.adam_epsilon!r}.")
+    _require(0 <= args.sgd_momentum < 1, "sgd_momentum",
+             f"must be in [0, 1) (0 for plain SGD), got {args.sgd_momentum!r}.")
+    _require(args.seed >= 0, "seed", f"must be an integer >= 0, got {args.seed!r}.")
+    for name in ("max_train_samples", "max_eval_samples"):
+        value = getattr(args, name)
+        _require(value is None or value > 0, name,
+                 f"must be a positive number of rows, or unset (null) to use them all; got {value!r}.")
+    _require(args.preprocessing_num_workers is None or args.preprocessing_num_workers > 0,
+             "preprocessing_num_workers", f"must be a positive number of processes, or unset (null) to tokenise "
+                                          f"in this process; got {args.preprocessing_num_workers!r}.")
+    _require(args.num_processes is None or args.num_processes > 0, "num_processes",
+             f"must be a positive number of processes, or unset to auto-detect; got {args.num_processes!r}.")
+    if args.process_id is not None:
+        _require(args.process_id >= 0, "process_id", f"must be >= 0, got {args.process_id!r}.")
+        _require(args.num_processes is None or args.process_id < args.num_processes, "process_id",
+                 f"must be in [0, {args.num_processes}) for num_processes={args.num_processes}, "
+                 f"got {args.process_id!r}.")
+
+
+def check_settings_apply(args: Any) -> None:
+    """Settings that would otherwise be ignored without a word."""
+    _require(args.validation_file is None or args.train_file is not None, "validation_file",
+             "is used only together with train_file (it would be ignored); pass --train_file too, or drop "
+             "validation_file (validation_split_percentage holds out part of the training data).")
+    _require(args.early_stopping_patience is None or args.eval_strategy != "no", "early_stopping_patience",
+             "counts evaluations, but eval_strategy is 'no' (it would never stop): set eval_strategy to 'steps' "
+             "or 'epoch', or unset early_stopping_patience.")
+
+
+def _require(condition: bool, name: str, message: str) -> None:
+    if not condition:
+        raise ArgumentError(name, message)
