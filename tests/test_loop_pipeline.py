@@ -115,7 +115,7 @@ def test_at_most_max_steps_in_flight_are_queued_in_a_long_logging_window(tmp_pat
 def test_evaluation_waits_every_few_batches(tmp_path, monkeypatch):
     """`evaluate` merges metrics on device and fetches once, but waits (without a transfer) every
     `EVAL_BATCHES_IN_FLIGHT` batches, for the same XLA:CPU queue limit; the merged result is unchanged."""
-    from easytrain.trainers import base as base_module
+    from easytrain.trainers import loop as loop_module
 
     args = TrainingArguments(output_dir=str(tmp_path), max_length=32, train_batch_size=8, eval_batch_size=2,
                              max_steps=1, eval_strategy="no", save_strategy="no", report_to=["jsonl"],
@@ -124,8 +124,8 @@ def test_evaluation_waits_every_few_batches(tmp_path, monkeypatch):
     trainer = BaseTrainer(args)
     reference = trainer.evaluate()
     waits: list = []
-    wait = base_module.jax.block_until_ready
-    monkeypatch.setattr(base_module.jax, "block_until_ready", lambda tree: waits.append(1) or wait(tree))
-    monkeypatch.setattr(base_module, "EVAL_BATCHES_IN_FLIGHT", 3)
+    wait = loop_module.jax.block_until_ready
+    monkeypatch.setattr(loop_module.jax, "block_until_ready", lambda tree: waits.append(1) or wait(tree))
+    monkeypatch.setattr(loop_module, "EVAL_BATCHES_IN_FLIGHT", 3)
     assert trainer.evaluate() == reference
     assert len(waits) == 10 // 3  # 10 eval batches of 2: after the 3rd, 6th and 9th

@@ -22,7 +22,6 @@ from flax import nnx
 
 from easytrain import (compilation_cache, compiler_options, distributed, host_memory, integrity, memory_plan,
                        placement, sharding, steps)
-from easytrain import metrics as metrics_lib
 from easytrain.arguments import TrainingArguments
 from easytrain.callbacks import Callback, CallbackList
 from easytrain.checkpoint import CheckpointManager
@@ -38,17 +37,13 @@ from easytrain.protocol import ConfiguredDataloaders, ConfiguredFunctions, Confi
 from easytrain.state import TrainState, bind
 from easytrain.trainers import adapters, builders, init_weights
 from easytrain.trainers.language_model import LanguageModelHooks
-from easytrain.trainers.loop import LoopParts, TrainLoop, trackers_then_claim
+from easytrain.trainers.loop import LoopParts, TrainLoop, evaluate_batches, trackers_then_claim
 from easytrain.trainers.resume import config_dict, restore_checkpoint, restore_step
 from easytrain.trainers.run_dir import check_output_dir, claim_output_dir
 from easytrain.trainers.switches import apply_switches
 
 logger = logging.getLogger("easytrain")
 FORMAT_VERSION = 1
-
-#: Eval batches dispatched between waits (each queues its step and its metrics' merges), for the reason of
-#: `easytrain.trainers.loop.MAX_STEPS_IN_FLIGHT`.
-EVAL_BATCHES_IN_FLIGHT = 4
 
 
 class BaseTrainer(LanguageModelHooks):
@@ -345,13 +340,11 @@ class BaseTrainer(LanguageModelHooks):
         return LoopParts(
             arguments=self._arguments, data=self._data, iteration=self.train_iteration, to_device=self.to_global,
             count_tokens=self.count_tokens, count_token_slots=self.count_token_slots, model_flops=self.model_flops,
-            plan_memory=self.plan_memory,
-            publish=functools.partial(setattr, self, "_state"),
+            plan_memory=self.plan_memory, publish=functools.partial(setattr, self, "_state"),
             checkpoints=self.checkpoint_manager(), run_info=self.run_info, evaluate=self.evaluate,
             export=self.save_pretrained,
             restore_best=functools.partial(restore_step, self.checkpoint_manager(), self._model.state_shardings),
-            callbacks=self.callbacks, owner=self,
-            is_main_process=self.is_main_process)
+            callbacks=self.callbacks, owner=self, is_main_process=self.is_main_process)
 
     def evaluate(self, dataset: Any = None) -> dict[str, float]:
         """Every eval metric over the whole eval set (`eval_` prefixed), plus the evaluators'.
@@ -364,13 +357,8 @@ class BaseTrainer(LanguageModelHooks):
         metrics: dict[str, float] = {}
         batches = self._data.eval if dataset is None else self._eval_batches(self.prepare_eval_dataset(dataset))
         if batches is not None:
-            merged = None
-            for index, batch in enumerate(batches, start=1):
-                values = self._functions.eval_step(self._state, self.to_global(batch))
-                merged = values if merged is None else metrics_lib.merge_all(merged, values)
-                if index % EVAL_BATCHES_IN_FLIGHT == 0:
-                    jax.block_until_ready(merged)
-            metrics = metrics_lib.reduce_window([metrics_lib.fetch(merged)], prefix="eval_")
+            metrics = evaluate_batches(functools.partial(self._functions.eval_step, self._state),
+                                       map(self.to_global, batches))
         for evaluator in self.evaluators if dataset is None else ():
             metrics.update(evaluator(self))
         return metrics

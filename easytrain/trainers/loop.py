@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 import jax
 
@@ -73,6 +73,23 @@ class LoopParts:
     count_token_slots: Callable[[HostBatch], tuple[int, int]] = lambda batch: (0, 0)
     model_flops: Callable[[HostBatch], float] = lambda batch: 0.0
     plan_memory: Callable[[Any, Mapping[str, jax.Array]], MemoryPlan | None] = lambda state, batch: None
+
+
+#: Eval batches dispatched between waits (each queues its step and its metrics' merges), for the reason of
+#: `MAX_STEPS_IN_FLIGHT`.
+EVAL_BATCHES_IN_FLIGHT = 4
+
+
+def evaluate_batches(eval_step: Callable[[Mapping[str, jax.Array]], dict[str, Any]],
+                     batches: Iterable[Mapping[str, jax.Array]]) -> dict[str, float]:
+    """`eval_` metrics over every batch: merged on device (exact, whatever the batch size), fetched once."""
+    merged = None
+    for index, batch in enumerate(batches, start=1):
+        values = eval_step(batch)
+        merged = values if merged is None else metrics_lib.merge_all(merged, values)
+        if index % EVAL_BATCHES_IN_FLIGHT == 0:
+            jax.block_until_ready(merged)
+    return metrics_lib.reduce_window([metrics_lib.fetch(merged)], prefix="eval_")
 
 
 def trackers_then_claim(args: TrainingArguments, start_step: int, is_main_process: bool,
