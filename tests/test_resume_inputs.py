@@ -197,3 +197,22 @@ def test_resuming_an_older_step_sets_newer_checkpoints_aside(run_copy):
     aside = list((run_copy / "superseded_checkpoints").glob("*/4"))
     assert len(aside) == 1 and snapshot(aside[0]) == newer, "the newer checkpoint is moved, never deleted"
     assert (run_copy / "checkpoints" / "4").is_dir()
+
+
+@pytest.mark.parametrize("run_info, expected", [
+    ({}, r"records no format_version and no arguments"),
+    ({"format_version": 99, "arguments": {}, "model_config": None}, r"format_version 99.*newer easytrain.*reads 1"),
+])
+def test_a_checkpoint_whose_run_info_cannot_be_checked_is_refused(run_copy, run_info, expected):
+    """A run_info without the fields a resume checks (damaged, hand-edited, another tool's) or from a newer
+    format is refused by name, not read as a data-order change that --allow_data_order_change would let
+    through unchecked."""
+    import json
+
+    for step in (2, 4):
+        (run_copy / "checkpoints" / str(step) / "run_info" / "metadata").write_text(json.dumps(run_info))
+    before = snapshot(run_copy)
+    for allow in (False, True):
+        with pytest.raises(ArgumentError, match=rf"resume_from_checkpoint.*{expected}.*init_weights_from"):
+            resume(run_copy, allow_data_order_change=allow).setup()
+    assert snapshot(run_copy) == before

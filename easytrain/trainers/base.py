@@ -38,12 +38,11 @@ from easytrain.state import TrainState, bind
 from easytrain.trainers import adapters, builders, init_weights
 from easytrain.trainers.language_model import LanguageModelHooks
 from easytrain.trainers.loop import LoopParts, TrainLoop, evaluate_batches, trackers_then_claim
-from easytrain.trainers.resume import config_dict, restore_checkpoint, restore_step
+from easytrain.trainers.resume import FORMAT_VERSION, config_dict, restore_checkpoint, restore_step
 from easytrain.trainers.run_dir import check_output_dir, claim_output_dir
 from easytrain.trainers.switches import apply_switches
 
 logger = logging.getLogger("easytrain")
-FORMAT_VERSION = 1
 
 
 class BaseTrainer(LanguageModelHooks):

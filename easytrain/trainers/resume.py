@@ -16,6 +16,8 @@ from easytrain.trainers.adapters import check_base
 
 logger = logging.getLogger("easytrain")
 
+#: The run_info layout this easytrain writes (`BaseTrainer.run_info`) and reads back on resume.
+FORMAT_VERSION = 1
 # Changing any of these would silently change which examples a resumed run sees, or in what order.
 DATA_ORDER_FIELDS = ("seed", "train_batch_size", "dataset_name", "dataset_config_name", "train_file",
                      "max_length", "text_column", "max_train_samples", "validation_split_percentage")
@@ -49,6 +51,7 @@ def check_resumable(run_info: dict[str, Any], current: dict[str, Any]) -> list[s
 
     Returns the data-order changes that `allow_data_order_change` let through (empty for an exact resume).
     """
+    check_format(run_info)
     stored_config = run_info.get("model_config") or {}
     current_config = current.get("model_config") or {}
     if stored_config and current_config:
@@ -90,6 +93,22 @@ def check_resumable(run_info: dict[str, Any], current: dict[str, Any]) -> list[s
                             f"{altered} of the resumed run ({'; '.join(diffs)}). Restore their values, pass "
                             "--allow_data_order_change to continue anyway, or start a new output_dir.")
     return diffs
+
+
+def check_format(run_info: dict[str, Any]) -> None:
+    """Refuse a run_info this easytrain cannot check a resume against: one without its version or arguments
+    (damaged, edited, another tool's), which would otherwise read as every setting changed, or a newer one."""
+    fix = "or start a new output_dir from its weights with --init_weights_from."
+    missing = [name for name, kind in (("format_version", int), ("arguments", dict))
+               if not isinstance(run_info.get(name), kind)]
+    if missing:
+        raise ArgumentError("resume_from_checkpoint", f"the checkpoint's run_info records no {' and no '.join(missing)}"
+                            " (it was damaged, edited, or written by another tool), so nothing shows what run it "
+                            f"continues. Resume a checkpoint this trainer wrote, {fix}")
+    if run_info["format_version"] > FORMAT_VERSION:
+        raise ArgumentError("resume_from_checkpoint", f"the checkpoint's run_info has format_version "
+                            f"{run_info['format_version']}, written by a newer easytrain (this one reads "
+                            f"{FORMAT_VERSION}). Upgrade easytrain to resume it, {fix}")
 
 
 class Restored(NamedTuple):
