@@ -17,6 +17,7 @@ import functools
 import math
 import types
 import typing
+from collections.abc import Sequence
 from typing import Any, Literal, Union
 
 from easytrain.errors import ArgumentError
@@ -69,27 +70,56 @@ def _string_fix(name: str, value: Any, kind: type) -> str:
 
 def check_types(args: Any, cls: type) -> None:
     """Every field holds a value of its declared type: int fields an int (not a bool, not a float), float fields
-    a finite int or float, str fields a string, bool fields a bool, list fields a list of strings; None only
-    where the field is Optional. Only `cls`'s fields: a subclass's own fields are its own to check."""
+    a finite int or float, str fields a string, bool fields a bool, list fields a list of their element type;
+    None only where the field is Optional. Only `cls`'s fields: a subclass's own fields are its own to check."""
     for field in dataclasses.fields(cls):
-        name, value = field.name, getattr(args, field.name)
-        hint, optional = _split_optional(_hints(cls)[name])
-        if value is None:
-            if not optional:
-                raise ArgumentError(name, f"must be {_describe(hint)}, got None; leave it out for the default "
-                                          f"{field.default!r}." if field.default is not dataclasses.MISSING
-                                    else f"must be {_describe(hint)}, got None.")
-            continue
-        if not _matches(hint, value):
-            a = _describe(hint) + (" or None" if optional else "")
-            bool_hint = _YAML_BOOL_HINT if isinstance(value, bool) and (hint is str or "list" in a) else ""
-            kind = {int: int, float: float}.get(hint)
-            fix = _string_fix(name, value, kind) if kind and isinstance(value, str) else ""
-            if not fix and hint is int and isinstance(value, float) and value.is_integer():
-                fix = f" Write {int(value)}."
-            raise ArgumentError(name, f"must be {a}, got {_shown(value)}.{bool_hint}{fix}")
-        if hint is float and not math.isfinite(value):
-            raise ArgumentError(name, f"must be a finite number, got {value!r}.")
+        _check_value(field, getattr(args, field.name), _hints(cls)[field.name])
+
+
+def _check_value(field: dataclasses.Field, value: Any, declared: Any) -> None:
+    name = field.name
+    hint, optional = _split_optional(declared)
+    if value is None:
+        if not optional:
+            raise ArgumentError(name, f"must be {_describe(hint)}, got None; leave it out for the default "
+                                      f"{field.default!r}." if field.default is not dataclasses.MISSING
+                                else f"must be {_describe(hint)}, got None.")
+        return
+    if not _matches(hint, value):
+        a = _describe(hint) + (" or None" if optional else "")
+        bool_hint = _YAML_BOOL_HINT if isinstance(value, bool) and (hint is str or "list" in a) else ""
+        kind = {int: int, float: float}.get(hint)
+        fix = _string_fix(name, value, kind) if kind and isinstance(value, str) else ""
+        if not fix and hint is int and isinstance(value, float) and value.is_integer():
+            fix = f" Write {int(value)}."
+        raise ArgumentError(name, f"must be {a}, got {_shown(value)}.{bool_hint}{fix}")
+    if hint is float and not math.isfinite(value):
+        raise ArgumentError(name, f"must be a finite number, got {value!r}.")
+
+
+def check_file_values(values: dict[str, Any], classes: Sequence[type]) -> dict[str, Any]:
+    """A `--config` file's values for the fields of `classes` (a task's own dataclasses), checked and normalised
+    as `TrainingArguments` checks its own: argparse parses only the file's strings (with the field's type), and
+    checks no choice, so any other value would reach the dataclass as it is. A string for a list field is a
+    one-element list; YAML's `no` (False) is 'no' where that is a choice."""
+    checked = dict(values)
+    for cls in classes:
+        for field in dataclasses.fields(cls):
+            if not field.init or field.name not in values:
+                continue
+            value, (hint, _) = values[field.name], _split_optional(_hints(cls)[field.name])
+            if typing.get_origin(hint) is list and isinstance(value, str):
+                value = checked[field.name] = [value]
+            if typing.get_origin(hint) is Literal:
+                choices = typing.get_args(hint)
+                if value is False and "no" in choices:
+                    value = checked[field.name] = "no"
+                if value is not None and value not in choices:
+                    raise ArgumentError(field.name, f"must be one of {', '.join(map(repr, choices))}, got "
+                                                    f"{_shown(value)}.{choice_hint(value)}")
+            elif not (isinstance(value, str) and hint in (int, float, bool)):  # those strings argparse parses
+                _check_value(field, value, _hints(cls)[field.name])
+    return checked
 
 
 def _matches(hint: Any, value: Any) -> bool:
@@ -104,14 +134,17 @@ def _matches(hint: Any, value: Any) -> bool:
     if typing.get_origin(hint) is Literal:
         return True  # the choice check in `validate` names the choices
     if typing.get_origin(hint) is list:
-        # a plain string where PEFT allows one (lora_target_modules) is checked by easytrain.lora_config
-        return isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+        (element,) = typing.get_args(hint) or (Any,)
+        if element is str and isinstance(value, str):
+            return True  # a plain string where PEFT allows one (lora_target_modules) is checked by lora_config
+        return isinstance(value, list) and all(_matches(element, v) for v in value)
     return True
 
 
 def _describe(hint: Any) -> str:
     if typing.get_origin(hint) is list:
-        return "a list of strings"
+        element = (typing.get_args(hint) or (str,))[0]
+        return {int: "a list of integers", float: "a list of numbers"}.get(element, "a list of strings")
     return {bool: "True or False", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
 
 
