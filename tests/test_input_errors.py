@@ -181,6 +181,17 @@ def test_dpo_missing_reference_path_names_the_field(tmp_path):
     assert info.value.field == "ref_model_name_or_path" and "repo_type" not in str(info.value)
 
 
+def test_dpo_unknown_reference_hub_id_is_refused_before_any_data_work(tmp_path, monkeypatch):
+    """An id the hub (here: the offline cache) cannot resolve failed only once the reference loaded, after the
+    datasets were tokenised."""
+    from easytrain.trainers.dpo import DPOArguments, DPOTrainer
+
+    monkeypatch.setattr(DPOTrainer, "prepare_datasets", lambda self: pytest.fail("data work came first"))
+    with pytest.raises(ArgumentError, match=r"^ref_model_name_or_path: cannot load the reference model's config "
+                                            r"from 'nosuchuser/nosuchmodel' \(HF_HUB_OFFLINE=1"):
+        DPOTrainer(_args(tmp_path), DPOArguments(ref_model_name_or_path="nosuchuser/nosuchmodel")).setup()
+
+
 def test_resolve_checkpoint_of_a_missing_path_gives_no_hub_jargon(tmp_path):
     from easytrain.models.hf_io import CheckpointError
     from easytrain.models.hf_load import resolve_checkpoint

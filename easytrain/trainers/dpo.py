@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+import transformers
 from flax import nnx, traverse_util
 
 from easytrain import memory_plan
@@ -113,8 +114,8 @@ class DPOTrainer(BaseTrainer):
             raise TypeError(f"dpo_arguments must be a DPOArguments, got {type(dpo_arguments).__name__}; pass "
                             "DPOArguments(...) (or None for its defaults).")
         self.dpo = dpo_arguments or DPOArguments()
-        if self.dpo.ref_model_name_or_path:  # a path that does not exist: refused before any data work
-            builders.check_pretrained_path("ref_model_name_or_path", self.dpo.ref_model_name_or_path)
+        if self.dpo.ref_model_name_or_path:  # refused before any data work: no such path, an unresolvable hub id
+            self._check_reference_path(self.dpo.ref_model_name_or_path)
         self.task_arguments = (self.dpo,)
         self.formatting_func = formatting_func
         self.data_stats: dict[str, dict[str, float]] = {}
@@ -202,6 +203,16 @@ class DPOTrainer(BaseTrainer):
         if self._given_model is not None:
             return Frozen(self._like_the_policy(self._given_model), checkpoint=moving)
         return Frozen(lambda: self._like_the_policy(self.create_module()), checkpoint=moving)
+
+    @staticmethod
+    def _check_reference_path(path: str) -> None:
+        """A local path must exist (it may be a checkpoint, resolved when the reference loads); a hub id must
+        resolve, which its config (one small file, from the cache when offline) shows."""
+        builders.check_pretrained_path("ref_model_name_or_path", path)
+        if not Path(path).expanduser().exists():
+            builders.load_pretrained("ref_model_name_or_path", path, transformers.AutoConfig.from_pretrained,
+                                     "the reference model's config", "Pass a local model directory or checkpoint, "
+                                     "or the id of a hub model.")
 
     def _like_the_policy(self, module: nnx.Module) -> nnx.Module:
         """The reference with the policy's model switches (`scan_layers`, `attention_implementation`, `remat`):
