@@ -3,6 +3,7 @@ every existing checkpoint byte-for-byte untouched."""
 
 import hashlib
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -150,9 +151,12 @@ def test_corrupted_checkpoint_file(run_copy, damage):
         (step_dir / "state" / "_METADATA").write_text("{not json")
     before = snapshot(run_copy)
     with pytest.raises(CheckpointReadError, match=r"resume_from_checkpoint: the checkpoint .*/4 cannot be read"
-                       r".*resume from an earlier one.*checkpoints/2"):
+                       r".*resume from an earlier one.*checkpoints/2") as refused:
         resume(run_copy).setup()
     assert snapshot(run_copy) == before
+    assert "bound method" not in str(refused.value)  # the reader's innermost reason, not a wrapper's repr
+    if damage == "truncate":
+        assert re.search(r"\"(params|opt_state)\.[\w.]+/", str(refused.value)), "names the unreadable array"
 
 
 def test_resume_restores_into_the_abstract_state_without_initialising(run_copy, monkeypatch):

@@ -175,11 +175,22 @@ def _unreadable(root: Path, step: int, steps: list[int], error: Exception) -> Ch
     earlier = [s for s in steps if s < step]
     hint = (f"resume from an earlier one, e.g. --resume_from_checkpoint {root / str(earlier[-1])}" if earlier
             else "no earlier checkpoint exists; start a new output_dir")
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    detail = first_line if len(first_line) <= 200 else first_line[:200] + " ..."
+    reason = _innermost(error)
+    first_line = str(reason).strip().splitlines()[0] if str(reason).strip() else ""
+    detail = first_line if len(first_line) <= 300 else first_line[:300] + " ..."
     return CheckpointReadError(f"resume_from_checkpoint: the checkpoint {root / str(step)} cannot be read "
-                               f"({type(error).__name__}: {detail}); it may be corrupted or truncated. It was left "
+                               f"({type(reason).__name__}: {detail}); it may be corrupted or truncated. It was left "
                                f"untouched; {hint}.")
+
+
+def _innermost(error: BaseException) -> BaseException:
+    """The exception at the bottom of `error`'s chain: the reader's own reason (which file, which bytes), where
+    orbax wraps it in a generic one that prints a TensorStore spec."""
+    seen = {id(error)}
+    while (inner := error.__cause__ or error.__context__) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        error = inner
+    return error
 
 
 def restore_step(manager: CheckpointManager, shardings: Any, step: int, current: Any) -> Any:
