@@ -107,7 +107,8 @@ def check_file_values(values: dict[str, Any], classes: Sequence[type]) -> dict[s
         for field in dataclasses.fields(cls):
             if not field.init or field.name not in values:
                 continue
-            value, (hint, _) = values[field.name], _split_optional(_hints(cls)[field.name])
+            value, declared = values[field.name], _hints(cls)[field.name]
+            hint, _ = _split_optional(declared)
             if typing.get_origin(hint) is list and isinstance(value, str):
                 value = checked[field.name] = [value]
             if typing.get_origin(hint) is Literal:
@@ -118,7 +119,7 @@ def check_file_values(values: dict[str, Any], classes: Sequence[type]) -> dict[s
                     raise ArgumentError(field.name, f"must be one of {', '.join(map(repr, choices))}, got "
                                                     f"{_shown(value)}.{choice_hint(value)}")
             elif not (isinstance(value, str) and hint in (int, float, bool)):  # those strings argparse parses
-                _check_value(field, value, _hints(cls)[field.name])
+                _check_value(field, value, declared)
     return checked
 
 

@@ -208,8 +208,7 @@ class DPOTrainer(BaseTrainer):
     def _check_reference_path(path: str) -> None:
         """A local path must exist (it may be a checkpoint, resolved when the reference loads); a hub id must
         resolve, which its config (one small file, from the cache when offline) shows."""
-        builders.check_pretrained_path("ref_model_name_or_path", path)
-        if not Path(path).expanduser().exists():
+        if not Path(path).expanduser().exists():  # `load_pretrained` first refuses what is not a hub id either
             builders.load_pretrained("ref_model_name_or_path", path, transformers.AutoConfig.from_pretrained,
                                      "the reference model's config", "Pass a local model directory or checkpoint, "
                                      "or the id of a hub model.")
