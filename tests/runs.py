@@ -37,9 +37,16 @@ class StopAt(Callback):
             trainer.should_stop = True
 
 
+def xla_flags(devices: int) -> str:
+    """This process's `XLA_FLAGS` (the suite's compile settings, tests/conftest.py) with `devices` CPU devices."""
+    kept = [flag for flag in os.environ.get("XLA_FLAGS", "").split()
+            if not flag.startswith("--xla_force_host_platform_device_count")]
+    return " ".join([*kept, f"--xla_force_host_platform_device_count={devices}"])
+
+
 def facts_on_eight_devices(script: str | Path, *args: str) -> dict:
     """Run `script` in a fresh process with 8 CPU devices and return the JSON of its last printed line."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+    env = {**os.environ, "XLA_FLAGS": xla_flags(8), "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     result = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env,
                             timeout=600)

@@ -18,7 +18,7 @@ from easytrain.checkpoint import CheckpointManager
 from easytrain.cli import main
 from easytrain.tasks.arithmetic import build_arithmetic_chat_tokenizer
 from easytrain.trainers.dpo import DPOArguments, DPOTrainer
-from runs import StopAt, logged
+from runs import StopAt, logged, xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -108,7 +108,7 @@ def test_pair_log_probs_do_not_depend_on_padding_or_batch_company(tmp_path):
 
 
 def run_layout(data, fsdp, tensor, accumulation, devices, lora_rank=0, specs=False):
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(devices), "PYTHONPATH": str(ROOT)}
     result = subprocess.run([sys.executable, str(ROOT / "tests" / "workers" / "dpo_layout.py"),
                              *map(str, (data, fsdp, tensor, accumulation, lora_rank))], capture_output=True, text=True,
                             env=env, timeout=600)

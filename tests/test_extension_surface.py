@@ -15,7 +15,7 @@ from easytrain.checkpoint import CheckpointManager
 from easytrain.frozen import Frozen
 from easytrain.losses import model_logits
 from easytrain.metrics import Max, Mean, mean_over, merge_all
-from runs import StopAt, logged
+from runs import StopAt, logged, xla_flags
 
 
 def tiny_args(tmp_path, **overrides) -> TrainingArguments:
@@ -162,7 +162,7 @@ def test_metric_reductions_are_exact_on_a_mesh_with_accumulation():
     root = Path(__file__).resolve().parents[1]
     results = {}
     for name, flags in {"1 device": ["1", "1", "1", "1", "1"], "(2,2,2) x4": ["2", "2", "2", "8", "4"]}.items():
-        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={flags[3]}",
+        env = {**os.environ, "XLA_FLAGS": xla_flags(flags[3]),
                "PYTHONPATH": str(root)}
         run = subprocess.run([sys.executable, str(root / "tests" / "workers" / "metric_reduction.py"), *flags],
                              capture_output=True, text=True, env=env, timeout=600)

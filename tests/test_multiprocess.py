@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from runs import xla_flags
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "workers" / "mesh_equivalence.py"
 
@@ -22,7 +24,7 @@ def free_port() -> int:
 def launch(devices_per_process: int, processes: int, *worker_args: str) -> list[dict]:
     port = free_port()
     base = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-            "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}"}
+            "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(devices_per_process)}
     procs = []
     for index in range(processes):
         env = dict(base)

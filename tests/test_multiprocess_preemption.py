@@ -14,6 +14,7 @@ import pytest
 
 from easytrain.checkpoint import finalized_steps
 from easytrain.trainers.preemption import PREEMPTED_EXIT_CODE
+from runs import xla_flags
 
 FLAGS = ["--max_length", "16", "--train_batch_size", "8", "--eval_batch_size", "8", "--logging_steps", "1",
          "--eval_strategy", "no", "--save_steps", "100000", "--report_to", "jsonl", "--disable_progress_bar",
@@ -30,7 +31,7 @@ def free_port() -> int:
 def launch(output_dir: Path, *extra: str) -> list[subprocess.Popen]:
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+           "XLA_FLAGS": xla_flags(2)}
     return [subprocess.Popen([sys.executable, "-m", "easytrain", "train", "--output_dir", str(output_dir), *FLAGS,
                               "--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2",
                               "--process_id", str(index), *extra],

@@ -16,6 +16,7 @@ from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
 from easytrain import ArgumentError
 from easytrain.models import init_model
 from easytrain.sharding import DEFAULT_RULES, MESH_AXES, logical_to_spec, resolve_mesh_shape, with_activation_layout
+from runs import xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYOUTS = {"1 device": (1, 1, 1, 1), "(8,1,1)": (8, 1, 1, 8), "(1,8,1)": (1, 8, 1, 8),
@@ -23,7 +24,7 @@ LAYOUTS = {"1 device": (1, 1, 1, 1), "(8,1,1)": (8, 1, 1, 8), "(1,8,1)": (1, 8, 
 
 
 def run_layout(data, fsdp, tensor, devices, *flags) -> dict:
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PYTHONPATH": str(ROOT),
+    env = {**os.environ, "XLA_FLAGS": xla_flags(8), "PYTHONPATH": str(ROOT),
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     result = subprocess.run([sys.executable, str(ROOT / "tests" / "workers" / "mesh_equivalence.py"),
                              *map(str, (data, fsdp, tensor, devices, *flags))],
