@@ -83,9 +83,11 @@ def test_quantised_bases_hold_fewer_bytes(result):
 def test_quantisation_error_and_training(result):
     sides = result["sides"]
     for side in ("easytrain_lora", "qwix_lora"):
-        assert sides[side]["init"]["max_abs_logit_diff_vs_float_base"] == 0.0, side  # B = 0: the base itself
-    for side in QUANTISED:
-        assert sides[side]["init"]["max_abs_logit_diff_vs_float_base"] > 0.0, side
+        # B = 0: the base itself, to float32 rounding (0, or one ulp of the logits where XLA's code generation
+        # computes the base matmul inside the adapted program differently: 6e-8 at -O1).
+        assert sides[side]["init"]["max_abs_logit_diff_vs_float_base"] < 1e-6, side
+    for side in QUANTISED:  # 2e-3 (int8) to 4e-2 (nf4) at this size
+        assert sides[side]["init"]["max_abs_logit_diff_vs_float_base"] > 1e-4, side
     # easytrain's LoRA and qwix's on the same float base start from the same A: the same run, to rounding.
     assert sides["qwix_lora"]["final_train_loss"] == pytest.approx(sides["easytrain_lora"]["final_train_loss"],
                                                                    abs=1e-3)
