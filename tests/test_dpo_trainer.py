@@ -107,33 +107,36 @@ def test_pair_log_probs_do_not_depend_on_padding_or_batch_company(tmp_path):
     np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
-def run_layout(data, fsdp, tensor, accumulation, devices, lora_rank=0, specs=False):
-    env = {**os.environ, "XLA_FLAGS": xla_flags(devices), "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, str(ROOT / "tests" / "workers" / "dpo_layout.py"),
-                             *map(str, (data, fsdp, tensor, accumulation, lora_rank))], capture_output=True, text=True,
-                            env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.strip().splitlines()
-    values = np.asarray(json.loads(lines[-1]))
-    if not specs:
-        return values
-    return {"values": values, "specs": json.loads(next(line for line in lines if line.startswith("SPECS "))[6:])}
+#: Every layout the two mesh tests compare, as `DATA,FSDP,TENSOR,ACCUMULATION[,LORA_RANK]`.
+LAYOUTS = ("1,1,1,1", "2,2,2,4", "1,1,1,4", "1,1,1,1,4", "2,2,2,2,4")
+
+
+@pytest.fixture(scope="module")
+def layouts() -> dict[str, dict]:
+    """Three DPO steps on each layout, all in one 8-device process (tests/workers/dpo_layout.py)."""
+    env = {**os.environ, "XLA_FLAGS": xla_flags(8), "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "workers" / "dpo_layout.py"), *LAYOUTS],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = [json.loads(line) for line in done.stdout.strip().splitlines() if line.startswith("{")]
+    return {result["layout"]: {**result, "values": np.asarray(result["values"])} for result in results}
 
 
 @pytest.mark.slow
-def test_a_mesh_and_accumulation_give_the_full_batch_curve():
-    reference = run_layout(1, 1, 1, 1, 1)
-    assert not np.allclose(reference[0], reference[-1]), "the steps must move the model"
-    for layout in [(2, 2, 2, 4, 8), (1, 1, 1, 4, 1)]:
-        np.testing.assert_allclose(run_layout(*layout), reference, rtol=1e-4, atol=1e-5, err_msg=str(layout))
+def test_a_mesh_and_accumulation_give_the_full_batch_curve(layouts):
+    reference = layouts["1,1,1,1"]
+    assert reference["devices"] == 1 and layouts["2,2,2,4"]["devices"] == 8
+    assert not np.allclose(reference["values"][0], reference["values"][-1]), "the steps must move the model"
+    for layout in ("2,2,2,4", "1,1,1,4"):
+        np.testing.assert_allclose(layouts[layout]["values"], reference["values"], rtol=1e-4, atol=1e-5,
+                                   err_msg=layout)
 
 
 @pytest.mark.slow
-def test_lora_dpo_on_fsdp_and_tensor_mesh_gives_the_one_device_curve_with_adapters_split_like_their_kernel():
-    reference = run_layout(1, 1, 1, 1, 1, lora_rank=4)
-    assert not np.allclose(reference[0], reference[-1]), "the steps must move the adapters"
-    layout = run_layout(2, 2, 2, 2, 8, lora_rank=4, specs=True)
-    np.testing.assert_allclose(layout["values"], reference, rtol=1e-4, atol=1e-5)
+def test_lora_dpo_on_fsdp_and_tensor_mesh_gives_the_one_device_curve_with_adapters_split_like_their_kernel(layouts):
+    reference, layout = layouts["1,1,1,1,4"], layouts["2,2,2,2,4"]
+    assert not np.allclose(reference["values"][0], reference["values"][-1]), "the steps must move the adapters"
+    np.testing.assert_allclose(layout["values"], reference["values"], rtol=1e-4, atol=1e-5)
     assert layout["specs"] == {"kernel": str(P("fsdp", "tensor")), "lora_a": str(P("fsdp", None)),
                                "lora_b": str(P(None, "tensor")), "frozen": []}
 

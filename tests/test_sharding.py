@@ -23,29 +23,41 @@ LAYOUTS = {"1 device": (1, 1, 1, 1), "(8,1,1)": (8, 1, 1, 8), "(1,8,1)": (1, 8, 
            "(2,4,1)": (2, 4, 1, 8), "(2,2,2)": (2, 2, 2, 8)}
 
 
-def run_layout(data, fsdp, tensor, devices, *flags) -> dict:
+def run_layouts(*layouts: tuple) -> list[dict]:
+    """Each `(data, fsdp, tensor, devices, *flags)` trained in turn by one 8-device process; their results."""
     env = {**os.environ, "XLA_FLAGS": xla_flags(8), "PYTHONPATH": str(ROOT),
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, str(ROOT / "tests" / "workers" / "mesh_equivalence.py"),
-                             *map(str, (data, fsdp, tensor, devices, *flags))],
+    each = json.dumps([list(map(str, layout)) for layout in layouts])
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "workers" / "mesh_equivalence.py"), "--each", each],
                             capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == len(layouts), result.stdout[-3000:]
+    return lines
+
+
+def run_layout(data, fsdp, tensor, devices, *flags) -> dict:
+    return run_layouts((data, fsdp, tensor, devices, *flags))[0]
 
 
 @pytest.fixture(scope="module")
 def layouts() -> dict[str, dict]:
-    """Each layout trained 5 steps; the 1-device run also evaluates and samples (the generation reference), the
-    (2,2,2) one counts its step's collectives (the plain attention's, for the splash test)."""
+    """Each layout trained 5 steps in one process; the 1-device run also evaluates and samples (the generation
+    reference), the (2,2,2) one counts its step's collectives (the plain attention's, for the splash test). Also
+    on (2,2,2): the splash kernel, and scan_layers with evaluation and sampling."""
     extra = {"1 device": ["--evaluate"], "(2,2,2)": ["--collectives"]}
-    return {name: run_layout(*shape, *extra.get(name, [])) for name, shape in LAYOUTS.items()}
+    variants = {"(2,2,2) splash": (2, 2, 2, 8, "--attention", "splash", "--collectives"),
+                "(2,2,2) scan": (2, 2, 2, 8, "--scan", "--evaluate")}
+    runs = {**{name: (*shape, *extra.get(name, [])) for name, shape in LAYOUTS.items()}, **variants}
+    return dict(zip(runs, run_layouts(*runs.values())))
 
 
 @pytest.mark.slow
 def test_losses_agree_across_layouts(layouts):
     reference = layouts["1 device"]["losses"]
     assert len(reference) == 5 and reference[0] != reference[-1]
-    for name, result in layouts.items():
+    for name in LAYOUTS:
+        result = layouts[name]
         for step, (a, b) in enumerate(zip(result["losses"], reference), start=1):
             assert a == pytest.approx(b, abs=1e-5, rel=1e-5), f"{name} step {step}: {a} vs {b}"
 
@@ -54,7 +66,7 @@ def test_losses_agree_across_layouts(layouts):
 def test_splash_attention_runs_on_each_devices_shard(layouts):
     """On (2,2,2) the splash kernel (interpreted on CPU) trains the 1-device curve, and running it on each
     device's batch and head shard adds no collective to the compiled step."""
-    plain, kernel = layouts["(2,2,2)"], run_layout(2, 2, 2, 8, "--attention", "splash", "--collectives")
+    plain, kernel = layouts["(2,2,2)"], layouts["(2,2,2) splash"]
     assert kernel["losses"] == pytest.approx(layouts["1 device"]["losses"], abs=1e-5, rel=1e-5)
     assert kernel["collectives"] == plain["collectives"]
 
@@ -63,7 +75,7 @@ def test_splash_attention_runs_on_each_devices_shard(layouts):
 def test_stacked_layers_train_the_same_and_stay_split_like_their_layer(layouts):
     """scan_layers on (2,2,2): the 1-device curve; each stacked weight split as its layer's, the layer axis whole;
     evaluation and sampling (a scan over the sharded stack and a stacked cache) give the 1-device results."""
-    scanned, reference = run_layout(2, 2, 2, 8, "--scan", "--evaluate"), layouts["1 device"]
+    scanned, reference = layouts["(2,2,2) scan"], layouts["1 device"]
     assert scanned["losses"] == pytest.approx(reference["losses"], abs=1e-5, rel=1e-5)
     assert len({tuple(row) for row in reference["sampled"]}) > 16, "samples too uniform to compare generation"
     assert scanned["sampled"] == scanned["sampled_under_mesh"] == reference["sampled"]
@@ -108,11 +120,19 @@ def test_checkpoint_from_one_layout_resumes_on_others(layouts, tmp_path):
         assert resumed["losses"] == pytest.approx(reference[3:], abs=1e-5, rel=1e-5), (directory, shape)
 
 
+RAGGED = [((1, 1, 1, 1), 4), ((2, 2, 2, 8), 4), ((8, 1, 1, 8), 2)]
+
+
 @pytest.fixture(scope="module")
-def ragged_reference(tmp_path_factory) -> tuple[dict, dict]:
-    """1 device, no accumulation, ragged loss masks: the run's results and its initial and final weights."""
-    path = tmp_path_factory.mktemp("ragged") / "params.npz"
-    return run_layout(1, 1, 1, 1, "--ragged", "--save-params", path), dict(np.load(path))
+def ragged_runs(tmp_path_factory) -> dict[tuple, tuple[dict, dict]]:
+    """Ragged loss masks, in one process: the 1-device run without accumulation (key `None`) and each layout of
+    `RAGGED`; each run's results and its initial and final weights."""
+    directory = tmp_path_factory.mktemp("ragged")
+    runs = {None: (1, 1, 1, 1)} | {(shape, accumulation): (*shape, "--accumulation", accumulation)
+                                    for shape, accumulation in RAGGED}
+    paths = {key: directory / f"params{index}.npz" for index, key in enumerate(runs)}
+    results = run_layouts(*((*flags, "--ragged", "--save-params", paths[key]) for key, flags in runs.items()))
+    return {key: (result, dict(np.load(paths[key]))) for key, result in zip(runs, results)}
 
 
 def relative_error(actual: list[np.ndarray], expected: list[np.ndarray]) -> float:
@@ -121,22 +141,20 @@ def relative_error(actual: list[np.ndarray], expected: list[np.ndarray]) -> floa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("shape, accumulation", [((1, 1, 1, 1), 4), ((2, 2, 2, 8), 4), ((8, 1, 1, 8), 2)])
-def test_ragged_masks_with_accumulation_on_any_layout_match_one_device(ragged_reference, tmp_path, shape,
-                                                                       accumulation):
+@pytest.mark.parametrize("shape, accumulation", RAGGED)
+def test_ragged_masks_with_accumulation_on_any_layout_match_one_device(ragged_runs, shape, accumulation):
     """Rows supervise different numbers of tokens (some none): the step divides by the global count.
 
     Normalising per micro-batch or per device instead moves the losses by 0.5-2% (and per micro-batch
     the weight updates by 30%; checked once by breaking `steps.py` on purpose); float32 rounding stays
     below 1e-6 on both.
     """
-    reference, reference_params = ragged_reference
+    reference, reference_params = ragged_runs[None]
     assert all(0 < count < 0.75 * 16 * 32 for count in reference["num_tokens"]), reference["num_tokens"]
     assert len(set(reference["num_tokens"])) > 1
-    result = run_layout(*shape, "--ragged", "--accumulation", accumulation, "--save-params", tmp_path / "p.npz")
+    result, params = ragged_runs[(shape, accumulation)]
     assert result["num_tokens"] == reference["num_tokens"]
     assert result["losses"] == pytest.approx(reference["losses"], abs=1e-6, rel=1e-5)
-    params = dict(np.load(tmp_path / "p.npz"))
     assert params.keys() == reference_params.keys()
     finals = [name for name in params if name.startswith("final")]
     for name in finals:

@@ -1,9 +1,12 @@
-"""Three DPO steps on one mesh layout with gradient accumulation; prints the per-step losses as JSON.
+"""Three DPO steps on each of several mesh layouts, one after another in this process; prints one JSON line
+per layout with its per-step loss, margin, chosen log-prob and gradient norm.
 
-    python dpo_layout.py DATA FSDP TENSOR ACCUMULATION [LORA_RANK]
+    python dpo_layout.py DATA,FSDP,TENSOR,ACCUMULATION[,LORA_RANK] [...]
 
-With LORA_RANK the policy trains adapters (the reference is the base with adapters off) and a line
-`SPECS {...}` first shows how q_proj's kernel, adapters and their AdamW-free SGD state are laid out.
+Each layout's mesh takes the first DATA x FSDP x TENSOR devices. With LORA_RANK the policy trains adapters
+(the reference is the base with adapters off) and the line also shows how q_proj's kernel, adapters and
+their SGD state are laid out. One process for every layout: a process's start (imports, tokenizer, data)
+costs more than a layout's training.
 
 Run with XLA_FLAGS=--xla_force_host_platform_device_count=8 by tests/test_dpo_trainer.py.
 """
@@ -12,18 +15,31 @@ import json
 import sys
 import tempfile
 
+import jax
+
 from easytrain import Callback, TrainingArguments
+from easytrain.sharding import make_mesh
 from easytrain.trainers.dpo import DPOArguments, DPOTrainer
 
 
-def main() -> None:
-    data, fsdp, tensor, accumulation = map(int, sys.argv[1:5])
-    lora_rank = int(sys.argv[5]) if len(sys.argv) > 5 else 0
-    class Record(Callback):
-        values: list = []
+class LayoutTrainer(DPOTrainer):
+    """DPO on the first devices the layout needs, so one 8-device process also runs the 1-device layouts."""
 
+    def configure_mesh(self):
+        args = self.arguments
+        needed = args.data_parallel_size * args.fsdp_size * args.tensor_parallel_size
+        return make_mesh(args.data_parallel_size, args.fsdp_size, args.tensor_parallel_size,
+                         devices=jax.devices()[:needed])
+
+
+def run(layout: str) -> dict:
+    data, fsdp, tensor, accumulation, *rest = map(int, layout.split(","))
+    lora_rank = rest[0] if rest else 0
+    values = []
+
+    class Record(Callback):
         def on_log(self, trainer, step, logs):
-            self.values.append([logs["loss"], logs["rewards/margins"], logs["logps/chosen"], logs["grad_norm"]])
+            values.append([logs["loss"], logs["rewards/margins"], logs["logps/chosen"], logs["grad_norm"]])
 
     args = TrainingArguments(output_dir=tempfile.mkdtemp(), max_length=16, train_batch_size=16, max_steps=3,
                              gradient_accumulation_steps=accumulation, data_parallel_size=data, fsdp_size=fsdp,
@@ -31,17 +47,19 @@ def main() -> None:
                              report_to=["none"], disable_progress_bar=True, save_pretrained_at_end=False,
                              max_train_samples=64, learning_rate=1e-2, optimizer="sgd", sgd_momentum=0.0,
                              lora_rank=lora_rank)
-    recorder = Record()
-    trainer = DPOTrainer(args, DPOArguments(beta=0.5), callbacks=[recorder])
+    trainer = LayoutTrainer(args, DPOArguments(beta=0.5), callbacks=[Record()])
+    result = {"layout": layout, "devices": trainer.mesh.size}
     if lora_rank:
         q_proj = trainer.state.params["layers"][0]["self_attn"]["q_proj"]
         spec = lambda x: str(x.sharding.spec)
-        print("SPECS", json.dumps({"kernel": spec(trainer.state.base["layers"][0]["self_attn"]["q_proj"]["kernel"]),
-                                   "lora_a": spec(q_proj["lora_a"]), "lora_b": spec(q_proj["lora_b"]),
-                                   "frozen": sorted(trainer.state.frozen)}))
+        result["specs"] = {"kernel": spec(trainer.state.base["layers"][0]["self_attn"]["q_proj"]["kernel"]),
+                           "lora_a": spec(q_proj["lora_a"]), "lora_b": spec(q_proj["lora_b"]),
+                           "frozen": sorted(trainer.state.frozen)}
     trainer.train()
-    print(json.dumps(recorder.values))
+    result["values"] = values
+    return result
 
 
 if __name__ == "__main__":
-    main()
+    for layout in sys.argv[1:]:
+        print(json.dumps(run(layout)), flush=True)

@@ -3,6 +3,10 @@
     python mesh_equivalence.py DATA FSDP TENSOR DEVICES [--output-dir D] [--stop-at N] [--resume]
         [--accumulation A] [--ragged] [--save-params FILE.npz] [--evaluate] [--attention IMPLEMENTATION]
         [--collectives] [--scan]
+    python mesh_equivalence.py --each '[["1", "1", "1", "1", "--evaluate"], ["8", "1", "1", "8"], ...]'
+
+`--each`: several layouts one after another in this process, one JSON line each (a process's start, its
+imports, tokenizer and data, costs more than a layout's five steps).
 
 Run with XLA_FLAGS=--xla_force_host_platform_device_count=8 by tests/test_sharding.py, and as
 2 processes x 4 devices by tests/test_multiprocess.py.
@@ -12,6 +16,7 @@ import argparse
 import json
 import os
 import re
+import sys
 import tempfile
 
 import jax
@@ -42,7 +47,7 @@ def ragged_loss_mask(example_id_N: np.ndarray, length: int) -> np.ndarray:
     return (np.arange(length)[None, :] >= length - supervised_N[:, None]).astype(np.float32)
 
 
-def parse() -> argparse.Namespace:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     for axis in ("data", "fsdp", "tensor", "devices"):
         parser.add_argument(axis, type=int)
@@ -56,7 +61,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--attention", default="xla", help="attention_implementation")
     parser.add_argument("--collectives", action="store_true", help="count the compiled train step's collectives")
     parser.add_argument("--scan", action="store_true", help="scan_layers: the decoder layers stored stacked")
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def build_trainer(options: argparse.Namespace) -> BaseTrainer:
@@ -134,8 +139,7 @@ def sampled_tokens(trainer: BaseTrainer) -> dict[str, list]:
         return {"sampled": sampled, "sampled_under_mesh": sample()}
 
 
-def main() -> None:
-    options = parse()
+def run(options: argparse.Namespace) -> dict:
     trainer = build_trainer(options)
     initial = host_params(trainer, "initial") if options.save_params else {}
     losses, tokens = [], []
@@ -162,8 +166,12 @@ def main() -> None:
         result.update(sampled_tokens(trainer))
     if options.save_params:
         np.savez(options.save_params, **initial, **host_params(trainer, "final"))
-    print(json.dumps(result))
+    return result
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--each"]:
+        for argv in json.loads(sys.argv[2]):
+            print(json.dumps(run(parse(argv))), flush=True)
+    else:
+        print(json.dumps(run(parse())))
