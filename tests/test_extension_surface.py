@@ -160,14 +160,14 @@ def test_metric_reductions_are_exact_on_a_mesh_with_accumulation():
     import sys
 
     root = Path(__file__).resolve().parents[1]
-    results = {}
-    for name, flags in {"1 device": ["1", "1", "1", "1", "1"], "(2,2,2) x4": ["2", "2", "2", "8", "4"]}.items():
-        env = {**os.environ, "XLA_FLAGS": xla_flags(flags[3]),
-               "PYTHONPATH": str(root)}
-        run = subprocess.run([sys.executable, str(root / "tests" / "workers" / "metric_reduction.py"), *flags],
-                             capture_output=True, text=True, env=env, timeout=600)
-        assert run.returncode == 0, run.stderr[-3000:]
-        results[name] = json.loads(run.stdout.strip().splitlines()[-1])
+    layouts = {"1 device": "1,1,1,1", "(2,2,2) x4": "2,2,2,4"}  # both in one 8-device process
+    env = {**os.environ, "XLA_FLAGS": xla_flags(8), "PYTHONPATH": str(root)}
+    run = subprocess.run([sys.executable, str(root / "tests" / "workers" / "metric_reduction.py"), *layouts.values()],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    results = {name: next(line for line in lines if line["layout"] == layout) for name, layout in layouts.items()}
+    assert results["1 device"]["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1}
     assert results["(2,2,2) x4"]["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
     for name, result in results.items():
         assert result["per_example"] == pytest.approx(result["numpy_per_example"], rel=1e-5), name

@@ -1,6 +1,9 @@
-"""One training step with per-example metrics on one mesh layout, and NumPy's values for the same batch.
+"""One training step with per-example metrics on each of several mesh layouts, in turn in this process, and
+NumPy's values for the same batch; one JSON line per layout.
 
-    python metric_reduction.py DATA FSDP TENSOR DEVICES ACCUMULATION
+    python metric_reduction.py DATA,FSDP,TENSOR,ACCUMULATION [...]
+
+Each layout's mesh takes the first DATA x FSDP x TENSOR devices.
 
 Run with XLA_FLAGS=--xla_force_host_platform_device_count=8 by tests/test_extension_surface.py.
 """
@@ -16,6 +19,7 @@ import numpy as np
 from easytrain import BaseTrainer, LossOutput, TrainingArguments
 from easytrain.losses import model_logits, token_cross_entropy_sums
 from easytrain.metrics import Max, mean_over
+from easytrain.sharding import make_mesh
 
 
 def ragged_mask(example_ids: np.ndarray, length: int) -> np.ndarray:
@@ -26,6 +30,12 @@ def ragged_mask(example_ids: np.ndarray, length: int) -> np.ndarray:
 
 
 class PerExampleTrainer(BaseTrainer):
+    def configure_mesh(self):
+        args = self.arguments
+        needed = args.data_parallel_size * args.fsdp_size * args.tensor_parallel_size
+        return make_mesh(args.data_parallel_size, args.fsdp_size, args.tensor_parallel_size,
+                         devices=jax.devices()[:needed])
+
     def collate(self, rows, example_ids):
         batch = super().collate(rows, example_ids)
         batch["loss_mask"] = batch["loss_mask"] * ragged_mask(example_ids, batch["loss_mask"].shape[1])
@@ -43,14 +53,13 @@ class PerExampleTrainer(BaseTrainer):
                                             "max_example": Max(jnp.max(per_example_B))})
 
 
-def main() -> None:
-    data, fsdp, tensor, devices, accumulation = map(int, sys.argv[1:6])
+def run(layout: str) -> dict:
+    data, fsdp, tensor, accumulation = map(int, layout.split(","))
     args = TrainingArguments(output_dir=tempfile.mkdtemp(), max_length=16, train_batch_size=16, max_steps=1,
                              gradient_accumulation_steps=accumulation, data_parallel_size=data, fsdp_size=fsdp,
                              tensor_parallel_size=tensor, logging_steps=1, eval_strategy="no", save_strategy="no",
                              report_to=["none"], disable_progress_bar=True, save_pretrained_at_end=False,
                              max_train_samples=64)
-    assert jax.device_count() >= devices
     trainer = PerExampleTrainer(args)
     batch = next(trainer.dataloaders.train.iterator(0))
     logits = np.asarray(jax.device_get(trainer.model(batch["input_ids"])), np.float64)
@@ -60,12 +69,12 @@ def main() -> None:
     tokens = mask.sum(-1)
     per_example = (nll * mask).sum(-1) / np.maximum(tokens, 1)
     logs = trainer.train()
-    print(json.dumps({"per_example": logs["per_example"], "max_example": logs["max_example"], "loss": logs["loss"],
-                      "numpy_per_example": float(per_example[tokens > 0].mean()),
-                      "numpy_max_example": float(per_example.max()),
-                      "numpy_per_token": float((nll * mask).sum() / mask.sum()),
-                      "mesh": dict(trainer.mesh.shape)}))
+    return {"layout": layout, "per_example": logs["per_example"], "max_example": logs["max_example"],
+            "loss": logs["loss"], "numpy_per_example": float(per_example[tokens > 0].mean()),
+            "numpy_max_example": float(per_example.max()), "numpy_per_token": float((nll * mask).sum() / mask.sum()),
+            "mesh": dict(trainer.mesh.shape)}
 
 
 if __name__ == "__main__":
-    main()
+    for layout in sys.argv[1:]:
+        print(json.dumps(run(layout)), flush=True)
