@@ -15,21 +15,16 @@ import json
 import sys
 import tempfile
 
-import jax
-
 from easytrain import Callback, TrainingArguments
-from easytrain.sharding import make_mesh
 from easytrain.trainers.dpo import DPOArguments, DPOTrainer
+from first_devices import layout_mesh
 
 
 class LayoutTrainer(DPOTrainer):
     """DPO on the first devices the layout needs, so one 8-device process also runs the 1-device layouts."""
 
     def configure_mesh(self):
-        args = self.arguments
-        needed = args.data_parallel_size * args.fsdp_size * args.tensor_parallel_size
-        return make_mesh(args.data_parallel_size, args.fsdp_size, args.tensor_parallel_size,
-                         devices=jax.devices()[:needed])
+        return layout_mesh(self.arguments)
 
 
 def run(layout: str) -> dict:

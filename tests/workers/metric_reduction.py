@@ -19,7 +19,7 @@ import numpy as np
 from easytrain import BaseTrainer, LossOutput, TrainingArguments
 from easytrain.losses import model_logits, token_cross_entropy_sums
 from easytrain.metrics import Max, mean_over
-from easytrain.sharding import make_mesh
+from first_devices import layout_mesh
 
 
 def ragged_mask(example_ids: np.ndarray, length: int) -> np.ndarray:
@@ -31,10 +31,7 @@ def ragged_mask(example_ids: np.ndarray, length: int) -> np.ndarray:
 
 class PerExampleTrainer(BaseTrainer):
     def configure_mesh(self):
-        args = self.arguments
-        needed = args.data_parallel_size * args.fsdp_size * args.tensor_parallel_size
-        return make_mesh(args.data_parallel_size, args.fsdp_size, args.tensor_parallel_size,
-                         devices=jax.devices()[:needed])
+        return layout_mesh(self.arguments)
 
     def collate(self, rows, example_ids):
         batch = super().collate(rows, example_ids)
