@@ -37,16 +37,21 @@ class StopAt(Callback):
             trainer.should_stop = True
 
 
-def xla_flags(devices: int) -> str:
-    """This process's `XLA_FLAGS` (the suite's compile settings, tests/conftest.py) with `devices` CPU devices."""
+def xla_flags(devices: int | None) -> str:
+    """This process's `XLA_FLAGS` (the suite's compile settings, tests/conftest.py) with `devices` CPU devices
+    (None: no device count)."""
     kept = [flag for flag in os.environ.get("XLA_FLAGS", "").split()
             if not flag.startswith("--xla_force_host_platform_device_count")]
-    return " ".join([*kept, f"--xla_force_host_platform_device_count={devices}"])
+    count = [f"--xla_force_host_platform_device_count={devices}"] if devices is not None else []
+    return " ".join([*kept, *count])
 
 
-def facts_on_eight_devices(script: str | Path, *args: str) -> dict:
-    """Run `script` in a fresh process with 8 CPU devices and return the JSON of its last printed line."""
-    env = {**os.environ, "XLA_FLAGS": xla_flags(8), "JAX_PLATFORMS": "cpu",
+def facts_on_eight_devices(script: str | Path, *args: str, script_sets_devices: bool = False) -> dict:
+    """Run `script` in a fresh process with 8 CPU devices and return the JSON of its last printed line.
+
+    `script_sets_devices`: pass this process's other XLA flags without a device count, which the script adds.
+    """
+    env = {**os.environ, "XLA_FLAGS": xla_flags(None if script_sets_devices else 8), "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     result = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env,
                             timeout=600)
