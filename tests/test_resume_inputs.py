@@ -157,6 +157,8 @@ def test_corrupted_checkpoint_file(run_copy, damage):
     assert "bound method" not in str(refused.value)  # the reader's innermost reason, not a wrapper's repr
     if damage == "truncate":
         assert re.search(r"\"(params|opt_state)\.[\w.]+/", str(refused.value)), "names the unreadable array"
+    if damage == "metadata":
+        assert "4/state/_METADATA is not valid JSON" in str(refused.value), "names the file that is not JSON"
 
 
 def test_resume_restores_into_the_abstract_state_without_initialising(run_copy, monkeypatch):

@@ -178,9 +178,27 @@ def _unreadable(root: Path, step: int, steps: list[int], error: Exception) -> Ch
     reason = _innermost(error)
     first_line = str(reason).strip().splitlines()[0] if str(reason).strip() else ""
     detail = first_line if len(first_line) <= 300 else first_line[:300] + " ..."
+    if isinstance(reason, json.JSONDecodeError) and (bad := _first_invalid_json(root / str(step))) is not None:
+        detail = f"{bad} is not valid JSON: {detail}"  # the decoder's reason says where in the text, not which file
     return CheckpointReadError(f"resume_from_checkpoint: the checkpoint {root / str(step)} cannot be read "
                                f"({type(reason).__name__}: {detail}); it may be corrupted or truncated. It was left "
                                f"untouched; {hint}.")
+
+
+# The JSON files orbax writes next to the arrays; the arrays themselves live under `d/` and `*.ocdbt`.
+_JSON_METADATA = ("_METADATA", "_CHECKPOINT_METADATA", "_sharding", "metadata")
+
+
+def _first_invalid_json(step_dir: Path) -> Path | None:
+    """The first of the checkpoint's JSON metadata files that does not parse, if any."""
+    candidates = [path for path in sorted(step_dir.rglob("*")) if path.is_file()
+                  and (path.name in _JSON_METADATA or path.parent.name == "array_metadatas")]
+    for path in candidates:
+        try:
+            json.loads(path.read_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return path
+    return None
 
 
 def _innermost(error: BaseException) -> BaseException:
