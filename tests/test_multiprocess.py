@@ -21,7 +21,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(devices_per_process: int, processes: int, *worker_args: str) -> list[dict]:
+def launch_each(devices_per_process: int, processes: int, runs: list[list[str]]) -> list[list[dict]]:
+    """Each run's worker arguments trained in turn by the same `processes` processes (a process's start, its
+    imports and `jax.distributed` join cost more than a run's five steps); results indexed [run][process]."""
     port = free_port()
     base = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
             "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(devices_per_process)}
@@ -30,27 +32,51 @@ def launch(devices_per_process: int, processes: int, *worker_args: str) -> list[
         env = dict(base)
         if processes > 1:
             env["EASYTRAIN_TEST_PROCESSES"] = f"127.0.0.1:{port},{processes},{index}"
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), *worker_args], env=env, text=True,
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), "--each", json.dumps(runs)], env=env, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-    results = []
+    per_process = []
     for proc in procs:
         out, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-3000:]
-        results.append(json.loads(out.strip().splitlines()[-1]))
-    return results
+        per_process.append([json.loads(line) for line in out.splitlines() if line.startswith("{")])
+        assert len(per_process[-1]) == len(runs), out[-3000:]
+    return [list(results) for results in zip(*per_process)]
+
+
+def launch(devices_per_process: int, processes: int, *worker_args: str) -> list[dict]:
+    """One run; each process's result."""
+    return launch_each(devices_per_process, processes, [list(worker_args)])[0]
 
 
 @pytest.fixture(scope="module")
-def single() -> dict:
-    """One process with 8 devices on (8,1,1): 5 steps, then evaluate() with the exact-match evaluator."""
-    (result,) = launch(8, 1, "8", "1", "1", "8", "--evaluate")
-    return result
+def run_dirs(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("multiprocess")
+    return {name: str(root / name) for name in ("match", "together", "stacked", "from_one")}
+
+
+@pytest.fixture(scope="module")
+def single(run_dirs) -> dict:
+    """One process with 8 devices on (8,1,1): 5 steps, then evaluate() with the exact-match evaluator. The same
+    process then trains 3 steps on (2,2,2) and checkpoints them, for the two-process resume of that checkpoint."""
+    reference, _ = launch_each(8, 1, [["8", "1", "1", "8", "--evaluate"],
+                                      ["2", "2", "2", "8", "--output-dir", run_dirs["from_one"], "--stop-at", "3"]])
+    return reference[0]
+
+
+@pytest.fixture(scope="module")
+def two_processes(run_dirs) -> dict[str, list[dict]]:
+    """The first launches of the two-process tests, in one pair of processes: 5 steps with evaluate(), and two
+    runs stopped and checkpointed at step 3 (one with stacked layers). Resumes start fresh processes."""
+    runs = {"match": ["--evaluate"], "together": ["--stop-at", "3"], "stacked": ["--stop-at", "3", "--scan"]}
+    results = launch_each(4, 2, [["8", "1", "1", "8", "--output-dir", run_dirs[name], *flags]
+                                 for name, flags in runs.items()])
+    return dict(zip(runs, results))
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process_with_eight_devices(tmp_path, single):
+def test_two_processes_match_one_process_with_eight_devices(run_dirs, single, two_processes):
     """Same losses; and evaluate(), generation included, gives both processes the single-process metrics."""
-    first, second = launch(4, 2, "8", "1", "1", "8", "--output-dir", str(tmp_path / "run"), "--evaluate")
+    first, second = two_processes["match"]
     assert (first["process"], second["process"]) == (0, 1)
     assert len({tuple(row) for row in single["sampled"]}) > 16, "samples too uniform to compare generation"
     for result in (first, second):
@@ -62,17 +88,16 @@ def test_two_processes_match_one_process_with_eight_devices(tmp_path, single):
         assert not set(a) & set(b), f"step {step}: both processes read the same example"
         assert a + b == whole, f"step {step}: together they read exactly the single-process batch"
     assert "metrics.jsonl" in first["written"] and "arguments.json" in first["written"]
-    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    lines = (Path(run_dirs["match"]) / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4, 5], "only process 0 logs, once per step"
 
 
 @pytest.mark.slow
-def test_two_processes_checkpoint_and_resume_together(tmp_path, single):
+def test_two_processes_checkpoint_and_resume_together(run_dirs, single, two_processes):
     """Both processes write one checkpoint at step 3, then both restore it and continue the curve."""
-    run_dir = str(tmp_path / "run")
-    stopped = launch(4, 2, "8", "1", "1", "8", "--output-dir", run_dir, "--stop-at", "3")
-    assert (tmp_path / "run" / "checkpoints" / "3").is_dir()
-    resumed = launch(4, 2, "8", "1", "1", "8", "--output-dir", run_dir, "--resume")
+    stopped = two_processes["together"]
+    assert (Path(run_dirs["together"]) / "checkpoints" / "3").is_dir()
+    resumed = launch(4, 2, "8", "1", "1", "8", "--output-dir", run_dirs["together"], "--resume")
     for result in stopped:
         assert result["losses"] == pytest.approx(single["losses"][:3], abs=1e-5, rel=1e-5)
     for result in resumed:
@@ -80,12 +105,11 @@ def test_two_processes_checkpoint_and_resume_together(tmp_path, single):
 
 
 @pytest.mark.slow
-def test_two_processes_resume_stacked_layers_into_separate_ones(tmp_path, single):
+def test_two_processes_resume_stacked_layers_into_separate_ones(run_dirs, single, two_processes):
     """scan_layers' stacked checkpoint written by two processes, converted on restore by both to the per-layer
     layout of a run without it: the curve continues."""
-    run_dir = str(tmp_path / "run")
-    stopped = launch(4, 2, "8", "1", "1", "8", "--output-dir", run_dir, "--stop-at", "3", "--scan")
-    resumed = launch(4, 2, "8", "1", "1", "8", "--output-dir", run_dir, "--resume")
+    stopped = two_processes["stacked"]
+    resumed = launch(4, 2, "8", "1", "1", "8", "--output-dir", run_dirs["stacked"], "--resume")
     for result in stopped:
         assert result["losses"] == pytest.approx(single["losses"][:3], abs=1e-5, rel=1e-5)
         assert "['layers']['stacked']['mlp']['up_proj']['kernel']" in result["specs"]
@@ -119,10 +143,10 @@ def test_cluster_auto_detection(monkeypatch, env, expected):
 
 
 @pytest.mark.slow
-def test_checkpoint_from_one_process_resumes_in_two(tmp_path, single):
-    """Saved by one process on a (2,2,2) mesh; resumed by 2 processes x 4 devices on (8,1,1)."""
-    run_dir = str(tmp_path / "run")
-    launch(8, 1, "2", "2", "2", "8", "--output-dir", run_dir, "--stop-at", "3")
-    resumed = launch(4, 2, "8", "1", "1", "8", "--output-dir", run_dir, "--resume")
+def test_checkpoint_from_one_process_resumes_in_two(run_dirs, single):
+    """Saved by one process on a (2,2,2) mesh (the `single` fixture's second run); resumed by 2 processes x 4
+    devices on (8,1,1)."""
+    assert (Path(run_dirs["from_one"]) / "checkpoints" / "3").is_dir()
+    resumed = launch(4, 2, "8", "1", "1", "8", "--output-dir", run_dirs["from_one"], "--resume")
     for result in resumed:
         assert result["losses"] == pytest.approx(single["losses"][3:], abs=1e-5, rel=1e-5)
