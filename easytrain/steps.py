@@ -103,28 +103,29 @@ def _is_counter(leaf: jax.Array) -> bool:
     return jnp.issubdtype(leaf.dtype, jnp.integer) or jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
 
 
-def keep_if_not_finite(new: Any, old: Any, finite: jax.Array) -> Any:
-    """`new` where the step was finite; otherwise `old` values with `new` counters.
+def with_new_counters(new: Any, old: Any) -> Any:
+    """`old` values with `new` counters: the state after a skipped step.
 
     A skipped step consumed its batch: every step counter (optax's `count`, RNG stream counts) advances
     with `TrainState.step`, so the schedule the optimizer applies stays `schedule(step)`, the rate that
-    is logged. Parameters, optimizer moments and running statistics keep their old values.
+    is logged. Parameters, optimizer moments and running statistics keep their old values. The choice is
+    made per leaf while tracing, not by a select, so the discarded values are dead code that lowering drops.
     """
-    return jax.tree.map(lambda n, o: n if _is_counter(o) else jnp.where(finite, n, o), new, old)
+    return jax.tree.map(lambda n, o: n if _is_counter(o) else o, new, old)
 
 
 def updated(state: TrainState, grads: Any, grad_norm: jax.Array, model_state: Any,
             keep: bool) -> tuple[Any, Any, Any]:
     """Parameters, optimizer state and module state after the update (`keep`), or after a skipped one: old
-    values with new counters (`keep_if_not_finite`), the optimizer's from an update with zero gradients whose
-    other outputs are discarded, and so never computed. `grad_norm` goes to the optimizer as an extra
-    argument (`easytrain.optim.clip_by_global_norm` clips with it instead of computing it again)."""
+    values with new counters (`with_new_counters`), the optimizer's from an update with zero gradients of
+    which only the counters are kept, so only they are computed. `grad_norm` goes to the optimizer as an
+    extra argument (`easytrain.optim.clip_by_global_norm` clips with it instead of computing it again)."""
     if keep:
         new = state.apply_gradients(grads, grad_norm=grad_norm)
         return new.params, new.opt_state, model_state
     counted = state.apply_gradients(jax.tree.map(jnp.zeros_like, grads), grad_norm=jnp.zeros_like(grad_norm))
-    return keep_if_not_finite((counted.params, counted.opt_state, model_state),
-                              (state.params, state.opt_state, state.model_state), jnp.asarray(False))
+    return with_new_counters((counted.params, counted.opt_state, model_state),
+                             (state.params, state.opt_state, state.model_state))
 
 
 def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn, schedule: optax.Schedule,

@@ -15,7 +15,7 @@ from easytrain.models import init_model
 from easytrain.state import raw_key, split_model
 from easytrain.metrics import fetch, reduce_window
 from easytrain.optim import clip_by_global_norm
-from easytrain.steps import eval_step, split_microbatches, train_step
+from easytrain.steps import eval_step, split_microbatches, train_step, updated
 
 CONFIG = transformers.LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
@@ -179,6 +179,18 @@ def test_non_finite_step_is_skipped():
             np.testing.assert_array_equal(a, b)  # ... but no moment was updated
     for a, b in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(bad_state.params)):
         np.testing.assert_array_equal(a, b)  # ... and no parameter
+
+
+def test_a_skipped_update_lowers_to_its_counters_only():
+    """The guard's skip branch hands XLA no optimizer math: only the counters it advances survive lowering
+    (a select against the old values would keep the whole update in the program, for XLA to remove)."""
+    state = make_state()
+    grads = jax.tree.map(jnp.ones_like, state.params)
+    norm = jnp.ones((), jnp.float32)
+    skipped = jax.jit(functools.partial(updated, keep=False)).lower(state, grads, norm, state.model_state)
+    kept = jax.jit(functools.partial(updated, keep=True)).lower(state, grads, norm, state.model_state)
+    assert "stablehlo.sqrt" in kept.as_text()  # Adam's denominator: the probe sees an update when there is one
+    assert "stablehlo.sqrt" not in skipped.as_text()
 
 
 def counting(tx: optax.GradientTransformation, calls: list) -> optax.GradientTransformation:
