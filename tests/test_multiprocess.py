@@ -43,11 +43,6 @@ def launch_each(devices_per_process: int, processes: int, runs: list[list[str]])
     return [list(results) for results in zip(*per_process)]
 
 
-def launch(devices_per_process: int, processes: int, *worker_args: str) -> list[dict]:
-    """One run; each process's result."""
-    return launch_each(devices_per_process, processes, [list(worker_args)])[0]
-
-
 @pytest.fixture(scope="module")
 def run_dirs(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("multiprocess")
@@ -73,6 +68,15 @@ def two_processes(run_dirs) -> dict[str, list[dict]]:
     return dict(zip(runs, results))
 
 
+@pytest.fixture(scope="module")
+def resumed(run_dirs, single, two_processes) -> dict[str, list[dict]]:
+    """The three checkpoints written above, each resumed by 2 processes x 4 devices on (8,1,1), in one fresh pair
+    of processes that wrote none of them (a resume from disk, as after a restart)."""
+    names = ("together", "stacked", "from_one")
+    results = launch_each(4, 2, [["8", "1", "1", "8", "--output-dir", run_dirs[name], "--resume"] for name in names])
+    return dict(zip(names, results))
+
+
 @pytest.mark.slow
 def test_two_processes_match_one_process_with_eight_devices(run_dirs, single, two_processes):
     """Same losses; and evaluate(), generation included, gives both processes the single-process metrics."""
@@ -93,27 +97,25 @@ def test_two_processes_match_one_process_with_eight_devices(run_dirs, single, tw
 
 
 @pytest.mark.slow
-def test_two_processes_checkpoint_and_resume_together(run_dirs, single, two_processes):
+def test_two_processes_checkpoint_and_resume_together(run_dirs, single, two_processes, resumed):
     """Both processes write one checkpoint at step 3, then both restore it and continue the curve."""
     stopped = two_processes["together"]
     assert (Path(run_dirs["together"]) / "checkpoints" / "3").is_dir()
-    resumed = launch(4, 2, "8", "1", "1", "8", "--output-dir", run_dirs["together"], "--resume")
     for result in stopped:
         assert result["losses"] == pytest.approx(single["losses"][:3], abs=1e-5, rel=1e-5)
-    for result in resumed:
+    for result in resumed["together"]:
         assert result["losses"] == pytest.approx(single["losses"][3:], abs=1e-5, rel=1e-5)
 
 
 @pytest.mark.slow
-def test_two_processes_resume_stacked_layers_into_separate_ones(run_dirs, single, two_processes):
+def test_two_processes_resume_stacked_layers_into_separate_ones(run_dirs, single, two_processes, resumed):
     """scan_layers' stacked checkpoint written by two processes, converted on restore by both to the per-layer
     layout of a run without it: the curve continues."""
     stopped = two_processes["stacked"]
-    resumed = launch(4, 2, "8", "1", "1", "8", "--output-dir", run_dirs["stacked"], "--resume")
     for result in stopped:
         assert result["losses"] == pytest.approx(single["losses"][:3], abs=1e-5, rel=1e-5)
         assert "['layers']['stacked']['mlp']['up_proj']['kernel']" in result["specs"]
-    for result in resumed:
+    for result in resumed["stacked"]:
         assert result["losses"] == pytest.approx(single["losses"][3:], abs=1e-5, rel=1e-5)
         assert "['layers'][0]['mlp']['up_proj']['kernel']" in result["specs"]
 
@@ -143,10 +145,9 @@ def test_cluster_auto_detection(monkeypatch, env, expected):
 
 
 @pytest.mark.slow
-def test_checkpoint_from_one_process_resumes_in_two(run_dirs, single):
+def test_checkpoint_from_one_process_resumes_in_two(run_dirs, single, resumed):
     """Saved by one process on a (2,2,2) mesh (the `single` fixture's second run); resumed by 2 processes x 4
     devices on (8,1,1)."""
     assert (Path(run_dirs["from_one"]) / "checkpoints" / "3").is_dir()
-    resumed = launch(4, 2, "8", "1", "1", "8", "--output-dir", run_dirs["from_one"], "--resume")
-    for result in resumed:
+    for result in resumed["from_one"]:
         assert result["losses"] == pytest.approx(single["losses"][3:], abs=1e-5, rel=1e-5)
