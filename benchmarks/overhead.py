@@ -47,10 +47,12 @@ QUICK = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_la
              num_key_value_heads=2)
 
 
-def hand_written_loop(config: transformers.LlamaConfig, blocks: np.ndarray, seed: int, batch: int = BATCH):
+def hand_written_loop(config: transformers.LlamaConfig, blocks: np.ndarray, seed: int, batch: int = BATCH,
+                      compile_now: bool = True):
     """The reference: split once, pure jitted step with donation, token-mean cross-entropy.
 
-    Returns `run(num_steps)` (its `lower()` lowers the jitted step again, from shapes) and the compile seconds.
+    Returns `run(num_steps)` (its `lower()` lowers the jitted step again, from shapes) and the compile seconds;
+    with `compile_now=False`, nothing is compiled (None seconds) until `run.lower().compile()` or `run`'s first call.
     """
     graphdef, params, rest = nnx.split(init_model(config, seed=seed), nnx.Param, ...)
     params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
@@ -84,6 +86,8 @@ def hand_written_loop(config: transformers.LlamaConfig, blocks: np.ndarray, seed
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                           (params, opt_state, blocks[:batch, :-1], blocks[:batch, 1:]))
     run.lower = functools.partial(step.lower, *shapes)  # the jitted step, before `step` names its executable
+    if not compile_now:
+        return run, None
     started = time.perf_counter()
     compiled = step.lower(params, opt_state, blocks[:batch, :-1], blocks[:batch, 1:]).compile()
     compile_seconds = time.perf_counter() - started

@@ -1,6 +1,6 @@
 """What the trainer's train step costs beyond the hand-written one, part by part.
 
-    python -m benchmarks.step_breakdown [--quick] [--rounds 20] [--steps 3] [--compiles 3] [--out FILE]
+    python -m benchmarks.step_breakdown [--quick] [--rounds 20] [--steps 3] [--compiles 3] [--cold 0] [--out FILE]
 
 The `overhead` benchmark's model, blocks and AdamW. In one process: the trainer's compiled train step
 (`compile_step` of `easytrain.steps.train_step`, as `configure_functions` builds it) and variants of it
@@ -12,13 +12,18 @@ compile, so none pays the process's first-compile warm-up (the in-process counte
 cold-process compile ratio, with less of the machine's noise). Reports the median milliseconds per step and
 compile seconds of each, what each extra costs (the median over rounds of the whole step's time minus the
 variant's in the same round, and the range of those differences), all three together, and what is left
-between the step without them and the hand-written one. Prints one JSON line.
+between the step without them and the hand-written one. With `--cold N`, each variant and the hand-written
+step are also compiled alone, as their process's first compile, in N fresh child processes each (round-robin,
+the order reversing every repeat): lowering and XLA's compile timed apart, by the wall clock and by the
+process's CPU time (XLA:CPU compiles on several threads), which is what a user's first step pays and what
+`overhead`'s cold compile ratio measures. Prints one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import statistics
 import time
@@ -34,7 +39,7 @@ import numpy as np  # noqa: E402
 import transformers  # noqa: E402
 
 from benchmarks.overhead import BATCH, CONFIG, LENGTH, QUICK, build_trainer, hand_written_loop  # noqa: E402
-from benchmarks.report import emit, relaunch_like_the_command  # noqa: E402
+from benchmarks.report import child_json, emit, relaunch_like_the_command  # noqa: E402
 from easytrain import BaseTrainer, steps  # noqa: E402
 
 #: Each extra of the trainer's step, and the variant of the step without it.
@@ -77,6 +82,64 @@ def compile_round_robin(lowerings: dict[str, Callable[[], Any]],
     return {name: round(statistics.median(s), 3) for name, s in seconds.items()}, executables
 
 
+def blocks_for(config: transformers.LlamaConfig, quick: bool) -> np.ndarray:
+    """The overhead benchmark's token blocks (16 batches of them)."""
+    length = 16 if quick else LENGTH
+    return np.random.default_rng(0).integers(0, config.vocab_size, (BATCH * 16, length + 1)).astype(np.int32)
+
+
+def compile_alone(side: str, quick: bool) -> dict[str, float]:
+    """This process's first compile of one side (a variant of the trainer's step, or `hand_written`): seconds of
+    lowering and of XLA's compile, by the wall clock and by the process's CPU time."""
+    config = transformers.LlamaConfig(**{**CONFIG, **(QUICK if quick else {})})
+    blocks = blocks_for(config, quick)
+    if side == "hand_written":
+        lower = hand_written_loop(config, blocks, seed=0, compile_now=False)[0].lower
+    else:
+        trainer = build_trainer(config, blocks, steps=1, every=1, callbacks=[])
+        trainer.setup()
+        batch = trainer.to_global(next(trainer.dataloaders.train.iterator(0)))
+        lower = functools.partial(variant_step(trainer, side).lower, trainer.state, batch)
+    wall, cpu = time.perf_counter(), time.process_time()
+    lowered = lower()
+    lower_wall, lower_cpu = time.perf_counter() - wall, time.process_time() - cpu
+    wall, cpu = time.perf_counter(), time.process_time()
+    lowered.compile()
+    return {"side": side, "lower_seconds": lower_wall, "lower_cpu_seconds": lower_cpu,
+            "compile_seconds": time.perf_counter() - wall, "compile_cpu_seconds": time.process_time() - cpu}
+
+
+def cold_compiles(repeats: int, quick: bool) -> dict[str, Any]:
+    """Every side compiled alone in `repeats` fresh child processes (`compile_alone`), round-robin, the order
+    reversing every repeat; medians per side, what each part adds, and the trainer / hand-written ratios."""
+    sides = (*VARIANTS, "hand_written")
+    rows: dict[str, list[dict]] = {side: [] for side in sides}
+    for repeat in range(repeats):
+        for side in sides if repeat % 2 == 0 else sides[::-1]:
+            rows[side].append(child_json("benchmarks.step_breakdown", "--compile_alone", side,
+                                         *(["--quick"] if quick else [])))
+
+    def median(side: str, *keys: str) -> float:
+        return statistics.median(sum(row[key] for key in keys) for row in rows[side])
+
+    total = ("lower_seconds", "compile_seconds")
+    return {
+        "cold_repeats": repeats,
+        "cold_lower_seconds": {side: round(median(side, "lower_seconds"), 3) for side in sides},
+        "cold_compile_seconds": {side: round(median(side, "compile_seconds"), 3) for side in sides},
+        "cold_compile_seconds_all": {side: [round(row["compile_seconds"], 3) for row in rows[side]] for side in sides},
+        "cold_compile_cpu_seconds": {side: round(median(side, "compile_cpu_seconds"), 3) for side in sides},
+        "cold_part_compile_seconds": {part: round(median("trainer", "compile_seconds")
+                                                  - median(variant, "compile_seconds"), 3)
+                                      for part, variant in {**PARTS, "extras": "no_extras"}.items()},
+        # Lowering + compile, as `overhead` times each side's first step.
+        "cold_ratio_compile_trainer_over_hand_written": round(median("trainer", *total)
+                                                              / median("hand_written", *total), 4),
+        "cold_ratio_compile_cpu_trainer_over_hand_written": round(
+            median("trainer", "compile_cpu_seconds") / median("hand_written", "compile_cpu_seconds"), 4),
+    }
+
+
 def paired(seconds: dict[str, list[float]], variant: str, minus: str = "trainer") -> list[float]:
     """Per timed round: `minus`'s seconds (the whole trainer step's) minus the variant's."""
     return [whole - part for whole, part in zip(seconds[minus][1:], seconds[variant][1:])]
@@ -88,12 +151,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--steps", type=int, default=3, help="steps per side per round")
     parser.add_argument("--compiles", type=int, default=3, help="timed compiles of each variant")
+    parser.add_argument("--cold", type=int, default=0, help="fresh child processes per side for first compiles")
+    parser.add_argument("--compile_alone", choices=(*VARIANTS, "hand_written"), help=argparse.SUPPRESS)
     parser.add_argument("--out")
     options = parser.parse_args(argv)
+    if options.compile_alone:
+        result = compile_alone(options.compile_alone, options.quick)
+        print(json.dumps(result))
+        return result
     config = transformers.LlamaConfig(**{**CONFIG, **(QUICK if options.quick else {})})
     length = 16 if options.quick else LENGTH
     rounds, compiles = (3, 1) if options.quick else (options.rounds, options.compiles)
-    blocks = np.random.default_rng(0).integers(0, config.vocab_size, (BATCH * 16, length + 1)).astype(np.int32)
+    blocks = blocks_for(config, options.quick)
     run_loop, _ = hand_written_loop(config, blocks, seed=0)
     trainer = build_trainer(config, blocks, steps=1, every=1, callbacks=[])
     trainer.setup()
@@ -138,6 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
         "extras_ms": round(1000 * statistics.median(paired(seconds, "no_extras")), 2),
         # What is left once all three are gone: the rest of the trainer's step against the hand-written one.
         "residual_ms": round(1000 * statistics.median(paired(seconds, "hand_written", minus="no_extras")), 2),
+        **(cold_compiles(options.cold, options.quick) if options.cold else {}),
     }
     return emit(result, options.out)
 

@@ -49,3 +49,33 @@ def jax_copy(tree):
     import jax.numpy as jnp
 
     return jax.tree.map(jnp.copy, tree)
+
+
+def test_a_side_compiled_alone_reports_lowering_and_compile_by_wall_clock_and_cpu():
+    for side in ("hand_written", "no_extras"):
+        result = step_breakdown.main(["--compile_alone", side, "--quick"])
+        assert result["side"] == side
+        assert all(result[key] > 0 for key in ("lower_seconds", "compile_seconds", "compile_cpu_seconds"))
+
+
+def test_cold_compiles_alternate_fresh_processes_and_take_medians(monkeypatch):
+    """Each side in its own child per repeat, the order reversing every repeat; medians and ratios from them."""
+    calls = []
+    seconds = {"trainer": [3.0, 5.0, 4.0], "hand_written": [2.0, 2.5, 3.0]}
+
+    def fake_child(module, flag, side, *rest):
+        assert (module, flag, rest) == ("benchmarks.step_breakdown", "--compile_alone", ("--quick",))
+        calls.append(side)
+        compile_seconds = seconds.get(side, [3.5] * 3)[sum(c == side for c in calls) - 1]
+        return {"side": side, "lower_seconds": 0.5, "lower_cpu_seconds": 0.5, "compile_seconds": compile_seconds,
+                "compile_cpu_seconds": 2 * compile_seconds}
+
+    monkeypatch.setattr(step_breakdown, "child_json", fake_child)
+    result = step_breakdown.cold_compiles(3, quick=True)
+    sides = [*step_breakdown.VARIANTS, "hand_written"]
+    assert calls == sides + sides[::-1] + sides
+    assert result["cold_compile_seconds"]["trainer"] == 4.0 and result["cold_compile_seconds"]["hand_written"] == 2.5
+    assert result["cold_compile_seconds_all"]["trainer"] == [3.0, 5.0, 4.0]
+    assert result["cold_part_compile_seconds"] == {"grad_norm": 0.5, "accuracy": 0.5, "guard": 0.5, "extras": 0.5}
+    assert result["cold_ratio_compile_trainer_over_hand_written"] == round(4.5 / 3.0, 4)
+    assert result["cold_ratio_compile_cpu_trainer_over_hand_written"] == round(8.0 / 5.0, 4)
