@@ -47,6 +47,12 @@ QUICK = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_la
              num_key_value_heads=2)
 
 
+def token_blocks(config: transformers.LlamaConfig, quick: bool) -> np.ndarray:
+    """The benchmark's random token blocks: 16 batches of `LENGTH + 1` tokens (16 + 1 with `quick`)."""
+    length = 16 if quick else LENGTH
+    return np.random.default_rng(0).integers(0, config.vocab_size, (BATCH * 16, length + 1)).astype(np.int32)
+
+
 def hand_written_loop(config: transformers.LlamaConfig, blocks: np.ndarray, seed: int, batch: int = BATCH,
                       compile_now: bool = True):
     """The reference: split once, pure jitted step with donation, token-mean cross-entropy.
@@ -187,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
     options = parser.parse_args(argv)
     config = transformers.LlamaConfig(**{**CONFIG, **(QUICK if options.quick else {})})
     length = 16 if options.quick else LENGTH
-    blocks = np.random.default_rng(0).integers(0, config.vocab_size, (BATCH * 16, length + 1)).astype(np.int32)
+    blocks = token_blocks(config, options.quick)
     if options.side:
         result = run_side(options.side, config, blocks, options.steps_per_round)
         print(json.dumps(result))

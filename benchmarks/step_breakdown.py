@@ -35,10 +35,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 import transformers  # noqa: E402
 
-from benchmarks.overhead import BATCH, CONFIG, LENGTH, QUICK, build_trainer, hand_written_loop  # noqa: E402
+from benchmarks.overhead import (BATCH, CONFIG, LENGTH, QUICK, build_trainer, hand_written_loop,  # noqa: E402
+                                 token_blocks)
 from benchmarks.report import child_json, emit, relaunch_like_the_command  # noqa: E402
 from easytrain import BaseTrainer, steps  # noqa: E402
 
@@ -82,17 +82,11 @@ def compile_round_robin(lowerings: dict[str, Callable[[], Any]],
     return {name: round(statistics.median(s), 3) for name, s in seconds.items()}, executables
 
 
-def blocks_for(config: transformers.LlamaConfig, quick: bool) -> np.ndarray:
-    """The overhead benchmark's token blocks (16 batches of them)."""
-    length = 16 if quick else LENGTH
-    return np.random.default_rng(0).integers(0, config.vocab_size, (BATCH * 16, length + 1)).astype(np.int32)
-
-
 def compile_alone(side: str, quick: bool) -> dict[str, float]:
     """This process's first compile of one side (a variant of the trainer's step, or `hand_written`): seconds of
     lowering and of XLA's compile, by the wall clock and by the process's CPU time."""
     config = transformers.LlamaConfig(**{**CONFIG, **(QUICK if quick else {})})
-    blocks = blocks_for(config, quick)
+    blocks = token_blocks(config, quick)
     if side == "hand_written":
         lower = hand_written_loop(config, blocks, seed=0, compile_now=False)[0].lower
     else:
@@ -162,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
     config = transformers.LlamaConfig(**{**CONFIG, **(QUICK if options.quick else {})})
     length = 16 if options.quick else LENGTH
     rounds, compiles = (3, 1) if options.quick else (options.rounds, options.compiles)
-    blocks = blocks_for(config, options.quick)
+    blocks = token_blocks(config, options.quick)
     run_loop, _ = hand_written_loop(config, blocks, seed=0)
     trainer = build_trainer(config, blocks, steps=1, every=1, callbacks=[])
     trainer.setup()
