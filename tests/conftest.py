@@ -34,6 +34,17 @@ if host_memory.would_help(os.environ, host_memory.thp_mode(), host_memory.glibc_
 
 import pytest  # noqa: E402
 
+from runs import children_without_torch, without_hidden_torch  # noqa: E402
+
+
+def pytest_configure(config):
+    """Child processes started by the tests run without PyTorch (tests/without_torch), as under easytrain's
+    runtime install; the test processes themselves keep it for the interop tests. pytest-xdist's controller
+    leaves the environment alone, or its workers would start without PyTorch too."""
+    controller = not hasattr(config, "workerinput") and config.getoption("dist", "no") != "no"
+    if not controller:
+        os.environ["PYTHONPATH"] = children_without_torch(os.environ.get("PYTHONPATH", ""))
+
 CORPUS = (
     "The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with one step. "
     "All that glitters is not gold. Where there is a will there is a way. Practice makes perfect. "
@@ -70,3 +81,9 @@ def tokenizer(tokenizer_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+@pytest.fixture
+def children_with_torch(monkeypatch):
+    """For a test whose child processes need PyTorch (a PyTorch contender): they start with it."""
+    monkeypatch.setenv("PYTHONPATH", without_hidden_torch(os.environ.get("PYTHONPATH", "")))

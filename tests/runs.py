@@ -9,6 +9,10 @@ from pathlib import Path
 
 from easytrain import Callback, host_memory
 
+ROOT = Path(__file__).resolve().parents[1]
+#: A directory whose sitecustomize hides PyTorch from the process that has it on its PYTHONPATH.
+WITHOUT_TORCH = str(Path(__file__).resolve().parent / "without_torch")
+
 #: Whether the `easytrain` command relaunches itself with huge pages here (`host_memory`'s own rule, on Linux).
 RELAUNCHES_FOR_HUGE_PAGES = sys.platform == "linux" and host_memory.would_help({}, host_memory.thp_mode(),
                                                                              host_memory.glibc_version())
@@ -18,6 +22,24 @@ def env_without_huge_pages(**extra: str) -> dict[str, str]:
     """This process's environment (JAX on the CPU) without the tunable and the opt-out, so a relaunch can happen."""
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", host_memory.OPT_OUT)}
     return {**env, "JAX_PLATFORMS": "cpu", **extra}
+
+
+def without_hidden_torch(pythonpath: str) -> str:
+    """`pythonpath` without WITHOUT_TORCH: the processes started with it may import PyTorch."""
+    return os.pathsep.join(entry for entry in pythonpath.split(os.pathsep) if entry and entry != WITHOUT_TORCH)
+
+
+def children_without_torch(pythonpath: str) -> str:
+    """`pythonpath` with WITHOUT_TORCH in front: the processes started with it import no PyTorch."""
+    return os.pathsep.join(filter(None, [WITHOUT_TORCH, without_hidden_torch(pythonpath)]))
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a child that imports easytrain from this checkout: PYTHONPATH is the
+    checkout, after WITHOUT_TORCH where the suite put it there (tests/conftest.py); then `extra`."""
+    hides_torch = WITHOUT_TORCH in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    pythonpath = os.pathsep.join([WITHOUT_TORCH] * hides_torch + [str(ROOT)])
+    return {**os.environ, "PYTHONPATH": pythonpath, **extra}
 
 
 def logged(output_dir, key: str = "loss", split: str = "train") -> dict[int, float]:
@@ -51,8 +73,7 @@ def facts_on_eight_devices(script: str | Path, *args: str, script_sets_devices: 
 
     `script_sets_devices`: pass this process's other XLA flags without a device count, which the script adds.
     """
-    env = {**os.environ, "XLA_FLAGS": xla_flags(None if script_sets_devices else 8), "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = child_env(XLA_FLAGS=xla_flags(None if script_sets_devices else 8), JAX_PLATFORMS="cpu")
     result = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

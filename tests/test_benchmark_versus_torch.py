@@ -10,7 +10,7 @@ pytest.importorskip("torch")
 from benchmarks import versus_torch  # noqa: E402
 
 
-def test_versus_torch_smoke(tmp_path):
+def test_versus_torch_smoke(tmp_path, children_with_torch):
     out = tmp_path / "versus_torch.json"
     result = versus_torch.main(["--quick", "--warmup", "1", "--windows", "1", "--window_steps", "2",
                                 "--out", str(out)])

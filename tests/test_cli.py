@@ -1,7 +1,6 @@
 """The `easytrain train` command: help, errors, and driving any TrainerProtocol implementation."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -13,11 +12,13 @@ from easytrain import TrainingArguments
 from easytrain.arguments import field_names
 from easytrain.cli import main, run
 
+from runs import child_env
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def cli(*argv: str, cwd=None, timeout=600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env = child_env(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     return subprocess.run([sys.executable, "-m", "easytrain", *argv], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=cwd)
 

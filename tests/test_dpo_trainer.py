@@ -3,7 +3,6 @@ accumulation, TR-DPO, the CLI and the metrics."""
 
 import gc
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ from easytrain.checkpoint import CheckpointManager
 from easytrain.cli import main
 from easytrain.tasks.arithmetic import build_arithmetic_chat_tokenizer
 from easytrain.trainers.dpo import DPOArguments, DPOTrainer
-from runs import StopAt, logged, xla_flags
+from runs import StopAt, child_env, logged, xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -114,7 +113,7 @@ LAYOUTS = ("1,1,1,1", "2,2,2,4", "1,1,1,4", "1,1,1,1,4", "2,2,2,2,4")
 @pytest.fixture(scope="module")
 def layouts() -> dict[str, dict]:
     """Three DPO steps on each layout, all in one 8-device process (tests/workers/dpo_layout.py)."""
-    env = {**os.environ, "XLA_FLAGS": xla_flags(8), "PYTHONPATH": str(ROOT)}
+    env = child_env(XLA_FLAGS=xla_flags(8))
     done = subprocess.run([sys.executable, str(ROOT / "tests" / "workers" / "dpo_layout.py"), *LAYOUTS],
                           capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

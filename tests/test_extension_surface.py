@@ -15,7 +15,7 @@ from easytrain.checkpoint import CheckpointManager
 from easytrain.frozen import Frozen
 from easytrain.losses import model_logits
 from easytrain.metrics import Max, Mean, mean_over, merge_all
-from runs import StopAt, logged, xla_flags
+from runs import StopAt, child_env, logged, xla_flags
 
 
 def tiny_args(tmp_path, **overrides) -> TrainingArguments:
@@ -155,13 +155,12 @@ def test_a_paired_layout_trains_and_its_per_pair_metrics_are_exact(tmp_path, acc
 
 def test_metric_reductions_are_exact_on_a_mesh_with_accumulation():
     """Per-example means equal NumPy's on 1 device and on a (2,2,2) mesh with 4 micro-batches."""
-    import os
     import subprocess
     import sys
 
     root = Path(__file__).resolve().parents[1]
     layouts = {"1 device": "1,1,1,1", "(2,2,2) x4": "2,2,2,4"}  # both in one 8-device process
-    env = {**os.environ, "XLA_FLAGS": xla_flags(8), "PYTHONPATH": str(root)}
+    env = child_env(XLA_FLAGS=xla_flags(8))
     run = subprocess.run([sys.executable, str(root / "tests" / "workers" / "metric_reduction.py"), *layouts.values()],
                          capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -11,7 +11,6 @@ read the uninterrupted run come first, so they overlap the kills."""
 import concurrent.futures
 import importlib.util
 import json
-import os
 import pickle
 import random
 import shutil
@@ -29,6 +28,7 @@ from easytrain.checkpoint import CHECKPOINTS_DIRNAME, finalized_steps, resolve_c
 
 from event_files import effective_scalars
 from pickle_scan import scan_for_pickles
+from runs import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "workers" / "fault_run.py"
@@ -47,10 +47,10 @@ def start(root: Path, output_dir: Path, records: Path, **spec) -> subprocess.Pop
     """One worker; every run of a chain shares the chain's `datasets` cache (keyed by `records`)."""
     spec = dict(output_dir=str(output_dir), records=str(records), max_steps=MAX_STEPS,
                 model_config=str(root / "model.json"), train_file=str(root / "problems.txt"), **spec)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "HF_DATASETS_CACHE": str(datasets_cache(records)), "TOKENIZERS_PARALLELISM": "false",
-           "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(root / "jax_cache"),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    env = child_env(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=str(datasets_cache(records)),
+                    TOKENIZERS_PARALLELISM="false", JAX_PLATFORMS="cpu",
+                    JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     log = root / f"{records.stem}.{time.monotonic_ns()}.log"
     with log.open("w") as sink:
         proc = subprocess.Popen([sys.executable, str(WORKER), json.dumps(spec)], stdout=sink,

@@ -34,7 +34,7 @@ from easytrain.models.hf_io import hf_layout
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from model_configs import VOCAB, tiny_config  # noqa: E402
-from runs import xla_flags  # noqa: E402
+from runs import child_env, xla_flags  # noqa: E402
 
 # ~273 MB of float32: big enough that an extra host copy of the checkpoint would show in peak RSS.
 BIG = dict(vocab_size=8192, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
@@ -117,8 +117,7 @@ def multiprocess_worker(checkpoint: Path, export: Path, coordinator: str, index:
 # ----------------------------------------------------------------------------- the test side
 def run_script(*args: str, devices: int) -> subprocess.Popen:
     """This file as a script; it writes its result as JSON to the path given last (gloo shares stdout)."""
-    env = {**os.environ, "XLA_FLAGS": xla_flags(devices), "PYTHONPATH": str(ROOT),
-           "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"}
+    env = child_env(XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
     return subprocess.Popen([sys.executable, __file__, *args], env=env, text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
 

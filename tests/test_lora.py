@@ -27,7 +27,7 @@ from easytrain.models import from_pretrained
 from easytrain.sharding import MESH_AXES, logical_to_spec
 
 from lora_models import LLAMA, VOCAB, ids_batch, logits, randomise_adapters, write_base
-from runs import xla_flags
+from runs import child_env, xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -243,8 +243,7 @@ def test_lora_page_examples_run(llama_dir, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_adapters_are_placed_and_trained_like_their_kernel_on_a_mesh(llama_dir, tmp_path):
-    env = {**os.environ, "XLA_FLAGS": xla_flags(4), "PYTHONPATH": str(ROOT),
-           "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"}
+    env = child_env(XLA_FLAGS=xla_flags(4), JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
     out = tmp_path / "mesh.json"
     done = subprocess.run([sys.executable, __file__, "mesh", str(llama_dir), str(out)], env=env, text=True,
                           capture_output=True, timeout=600, check=False)

@@ -6,7 +6,6 @@ and DPO tasks train on them offline.
 """
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from easytrain.models.peft_io import save_peft_adapter
 from easytrain.tasks.arithmetic import build_arithmetic_chat_tokenizer
 from easytrain.trainers.dpo import DPOArguments, DPOTrainer
 from easytrain.trainers.sft import SFTArguments, SFTTrainer
-from runs import logged
+from runs import child_env, logged
 
 ROOT = Path(__file__).resolve().parents[1]
 RANK = 4
@@ -134,7 +133,7 @@ args = lora_args(sys.argv[1], {str(base_dir)!r}, max_steps=8, save_strategy="ste
                  resume_from_checkpoint=sys.argv[3] if len(sys.argv) > 3 else None)
 sft(args, callbacks=[KillAfter()] if kill_at else []).train()
 """)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env = child_env(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     run = lambda *argv: subprocess.run([sys.executable, str(script), *argv], env=env, capture_output=True, text=True)
     straight = run(str(tmp_path / "straight"), "0")
     assert straight.returncode == 0, straight.stderr[-3000:]

@@ -1,7 +1,6 @@
 """Two processes x 4 CPU devices on localhost behave like one process with 8 devices."""
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -9,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from runs import xla_flags
+from runs import child_env, xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "workers" / "mesh_equivalence.py"
@@ -25,8 +24,8 @@ def launch_each(devices_per_process: int, processes: int, runs: list[list[str]])
     """Each run's worker arguments trained in turn by the same `processes` processes (a process's start, its
     imports and `jax.distributed` join cost more than a run's five steps); results indexed [run][process]."""
     port = free_port()
-    base = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-            "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(devices_per_process)}
+    base = child_env(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", JAX_PLATFORMS="cpu",
+                     XLA_FLAGS=xla_flags(devices_per_process))
     procs = []
     for index in range(processes):
         env = dict(base)

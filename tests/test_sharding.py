@@ -1,7 +1,6 @@
 """The math does not change with the layout: 1 device vs 8 CPU devices in several meshes."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
 from easytrain import ArgumentError
 from easytrain.models import init_model
 from easytrain.sharding import DEFAULT_RULES, MESH_AXES, logical_to_spec, resolve_mesh_shape, with_activation_layout
-from runs import xla_flags
+from runs import child_env, xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYOUTS = {"1 device": (1, 1, 1, 1), "(8,1,1)": (8, 1, 1, 8), "(1,8,1)": (1, 8, 1, 8),
@@ -25,8 +24,7 @@ LAYOUTS = {"1 device": (1, 1, 1, 1), "(8,1,1)": (8, 1, 1, 8), "(1,8,1)": (1, 8, 
 
 def run_layouts(*layouts: tuple) -> list[dict]:
     """Each `(data, fsdp, tensor, devices, *flags)` trained in turn by one 8-device process; their results."""
-    env = {**os.environ, "XLA_FLAGS": xla_flags(8), "PYTHONPATH": str(ROOT),
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env = child_env(XLA_FLAGS=xla_flags(8), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     each = json.dumps([list(map(str, layout)) for layout in layouts])
     result = subprocess.run([sys.executable, str(ROOT / "tests" / "workers" / "mesh_equivalence.py"), "--each", each],
                             capture_output=True, text=True, env=env, timeout=600)

@@ -3,7 +3,6 @@
 
 import inspect
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -17,6 +16,8 @@ from easytrain import ArgumentError, TrainingArguments
 from easytrain.cli import main, run
 from easytrain.config_io import parse_task_arguments
 from easytrain.tasks import register_task, resolve_task, task_names, unregister_task
+
+from runs import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -302,8 +303,7 @@ def _pip(*args: str) -> None:
 
 
 def _easytrain(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": str(ROOT)}
+    env = child_env(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", JAX_PLATFORMS="cpu")
     return subprocess.run([sys.executable, "-m", "easytrain", *argv], capture_output=True, text=True, timeout=300,
                           env=env, cwd=cwd, check=False)
 

@@ -1,0 +1,50 @@
+"""The suite's child processes start without PyTorch (tests/without_torch, set up by tests/conftest.py), as
+a process of easytrain's runtime install would; the test processes keep it for the interop tests."""
+
+import importlib.metadata
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+
+from runs import child_env
+
+PROBE = """
+import importlib.util, json, sys
+import datasets, transformers
+from transformers import LlamaConfig
+LlamaConfig()
+print(json.dumps({"found": importlib.util.find_spec("torch") is not None, "imported": "torch" in sys.modules,
+                  "transformers": transformers.utils.is_torch_available(), "datasets": datasets.config.TORCH_AVAILABLE}))
+"""
+
+
+def torch_installed() -> bool:
+    try:
+        importlib.metadata.distribution("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def probe() -> dict[str, bool]:
+    done = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=child_env(), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def test_a_child_process_neither_finds_nor_imports_pytorch():
+    assert probe() == {"found": False, "imported": False, "transformers": False, "datasets": False}
+
+
+def test_a_child_that_needs_pytorch_asks_for_it(children_with_torch):
+    if not torch_installed():
+        pytest.skip("PyTorch is not installed")
+    assert probe() == {"found": True, "imported": True, "transformers": True, "datasets": True}
+
+
+def test_the_test_process_keeps_pytorch_where_it_is_installed():
+    """Else every interop test would skip instead of run (`pytest.importorskip("torch")`)."""
+    assert (importlib.util.find_spec("torch") is not None) == torch_installed()
