@@ -17,7 +17,8 @@ import datasets, transformers
 from transformers import LlamaConfig
 LlamaConfig()
 print(json.dumps({"found": importlib.util.find_spec("torch") is not None, "imported": "torch" in sys.modules,
-                  "transformers": transformers.utils.is_torch_available(), "datasets": datasets.config.TORCH_AVAILABLE}))
+                  "transformers": transformers.utils.is_torch_available(),
+                  "datasets": datasets.config.TORCH_AVAILABLE}))
 """
 
 

@@ -14,7 +14,6 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-import torch
 import transformers
 from flax import nnx
 
@@ -33,6 +32,8 @@ RANK = 4
 
 
 def write_base(directory: Path, seed: int = 0) -> Path:
+    import torch  # here, not at the top: test_resume_is_exact_after_sigkill's child imports this module without it
+
     tokenizer = build_arithmetic_chat_tokenizer()
     config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -77,6 +78,8 @@ def prompt_ids(tokenizer) -> np.ndarray:
 
 
 def torch_logits(model, ids: np.ndarray) -> np.ndarray:
+    import torch
+
     with torch.no_grad():
         return model(torch.tensor(ids)).logits.numpy()
 
@@ -180,6 +183,8 @@ def test_targets_that_match_nothing_fail_naming_the_argument(tmp_path, base_dir,
 def test_exports_a_merged_model_and_a_peft_adapter_with_the_adapted_logits(tmp_path, base_dir, scan_layers):
     """With scan_layers the adapters train stacked with their layers; both exports are still per layer."""
     peft = pytest.importorskip("peft")
+    import torch
+
     trainer = sft(lora_args(tmp_path, base_dir, save_pretrained_at_end=True, max_steps=6, scan_layers=scan_layers))
     trainer.train()
     assert trainer.model.scan_layers == scan_layers
