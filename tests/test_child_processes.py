@@ -4,6 +4,7 @@ a process of easytrain's runtime install would; the test processes keep it for t
 import importlib.metadata
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 
@@ -49,3 +50,14 @@ def test_a_child_that_needs_pytorch_asks_for_it(children_with_torch):
 def test_the_test_process_keeps_pytorch_where_it_is_installed():
     """Else every interop test would skip instead of run (`pytest.importorskip("torch")`)."""
     assert (importlib.util.find_spec("torch") is not None) == torch_installed()
+
+
+def test_the_sitecustomize_it_shadows_still_runs(tmp_path):
+    """Some Python distributions ship their own sitecustomize; tests/without_torch's runs it after hiding PyTorch."""
+    (tmp_path / "sitecustomize.py").write_text("import builtins\nbuiltins.OTHER_SITECUSTOMIZE_RAN = True\n")
+    env = child_env()
+    env["PYTHONPATH"] += os.pathsep + str(tmp_path)
+    code = "import builtins, importlib.util; print(builtins.OTHER_SITECUSTOMIZE_RAN, importlib.util.find_spec('torch'))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["True", "None"]

@@ -8,6 +8,8 @@ The path finder, not `sys.modules["torch"] = None`, hides it: with that, `"torch
 where PyTorch is not installed, so `transformers` and `datasets` both treat it as absent.
 """
 
+import importlib.util
+import os
 import sys
 from importlib.machinery import PathFinder
 
@@ -23,3 +25,15 @@ class _PathFinderWithoutTorch(PathFinder):
 
 
 sys.meta_path[sys.meta_path.index(PathFinder)] = _PathFinderWithoutTorch
+
+
+def _run_the_sitecustomize_this_one_shadows() -> None:
+    """The interpreter's own sitecustomize (some distributions ship one), found further along sys.path."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    rest = [entry for entry in sys.path if os.path.abspath(entry or os.curdir) != here]
+    spec = PathFinder.find_spec("sitecustomize", rest)
+    if spec is not None and spec.loader is not None:
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+
+
+_run_the_sitecustomize_this_one_shadows()
