@@ -42,6 +42,19 @@ def child_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": pythonpath, **extra}
 
 
+#: XLA:CPU's LLVM level for a child that trains hundreds of steps: -O1 steps as fast as XLA's default -O3 on
+#: the suite's models, -O0 (the suite's level, tests/conftest.py) twice as slow.
+LONG_TRAINING_LEVEL = 1
+
+
+def long_training_env(**extra: str) -> dict[str, str]:
+    """`child_env` for a child that trains hundreds of steps: compiled at `LONG_TRAINING_LEVEL`."""
+    flags = [flag for flag in os.environ.get("XLA_FLAGS", "").split()
+             if not flag.startswith("--xla_backend_optimization_level")]
+    level = f"--xla_backend_optimization_level={LONG_TRAINING_LEVEL}"
+    return child_env(XLA_FLAGS=" ".join([*flags, level]), **extra)
+
+
 def logged(output_dir, key: str = "loss", split: str = "train") -> dict[int, float]:
     """`step -> value` of one metric from a run's metrics.jsonl."""
     lines = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
