@@ -9,8 +9,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # The suite compiles hundreds of tiny programs and runs most of them a few steps, so XLA:CPU's LLVM backend at
-# -O0 instead of its default -O3: the same HLO passes, fusions and buffer assignment, compiles about a third
-# faster, steps about twice as slow. A test that trains hundreds of steps asks for -O1 in its child process
+# -O0 instead of its default -O3: the same HLO passes, fusions and buffer assignment, compiles about a quarter
+# faster than at -O1, steps about twice as slow. A test that trains hundreds of steps asks for -O1 in its child process
 # (tests/runs.py `long_training_env`). Benchmarks and the easytrain command keep XLA's default.
 # Subprocesses inherit it; tests that set a device count add it to these flags (tests/runs.py `xla_flags`).
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):

@@ -49,10 +49,8 @@ LONG_TRAINING_LEVEL = 1
 
 def long_training_env(**extra: str) -> dict[str, str]:
     """`child_env` for a child that trains hundreds of steps: compiled at `LONG_TRAINING_LEVEL`."""
-    flags = [flag for flag in os.environ.get("XLA_FLAGS", "").split()
-             if not flag.startswith("--xla_backend_optimization_level")]
     level = f"--xla_backend_optimization_level={LONG_TRAINING_LEVEL}"
-    return child_env(XLA_FLAGS=" ".join([*flags, level]), **extra)
+    return child_env(XLA_FLAGS=" ".join([*xla_flags_without("--xla_backend_optimization_level"), level]), **extra)
 
 
 def logged(output_dir, key: str = "loss", split: str = "train") -> dict[int, float]:
@@ -75,10 +73,13 @@ class StopAt(Callback):
 def xla_flags(devices: int | None) -> str:
     """This process's `XLA_FLAGS` (the suite's compile settings, tests/conftest.py) with `devices` CPU devices
     (None: no device count)."""
-    kept = [flag for flag in os.environ.get("XLA_FLAGS", "").split()
-            if not flag.startswith("--xla_force_host_platform_device_count")]
     count = [f"--xla_force_host_platform_device_count={devices}"] if devices is not None else []
-    return " ".join([*kept, *count])
+    return " ".join([*xla_flags_without("--xla_force_host_platform_device_count"), *count])
+
+
+def xla_flags_without(flag: str) -> list[str]:
+    """This process's `XLA_FLAGS`, each setting of `flag` left out (to be set anew)."""
+    return [kept for kept in os.environ.get("XLA_FLAGS", "").split() if not kept.startswith(flag)]
 
 
 def facts_on_eight_devices(script: str | Path, *args: str, script_sets_devices: bool = False) -> dict:
