@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,7 @@ from easytrain.config_io import parse_arguments  # noqa: E402
 from easytrain.errors import ArgumentError  # noqa: E402
 from easytrain.flops import hardware_peak, matmul_params  # noqa: E402
 from easytrain.tasks import build_arithmetic_tokenizer  # noqa: E402
-from benchmarks.report import emit, relaunch_like_the_command  # noqa: E402
+from benchmarks.report import emit, relaunch_like_the_command, scratch_dir  # noqa: E402
 
 LLAMA3 = dict(vocab_size=128256, num_key_value_heads=8, rope_theta=500000.0, max_position_embeddings=8192)
 #: Candidates, smallest first (Llama 3.2 1B / 3B and Llama 3.1 8B shapes; 'tiny' for --quick).
@@ -162,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if options.length > config.max_position_embeddings:
         raise ArgumentError("length", f"{name} has max_position_embeddings {config.max_position_embeddings}; "
                                       f"pass --length at most that.")
-    output_dir = tempfile.mkdtemp(prefix="easytrain-gpu-")
+    output_dir = scratch_dir("easytrain-gpu-")
     config.to_json_file(str(Path(output_dir) / "config.json"))
     arguments = training_arguments(options, extra, output_dir)
     rows = options.batch * (options.warmup + options.steps)

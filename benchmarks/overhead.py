@@ -21,7 +21,6 @@ import functools
 import json
 import os
 import statistics
-import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -38,7 +37,7 @@ from easytrain import BaseTrainer, Callback, TrainingArguments, compiler_options
 from easytrain.memory_plan import MIB, plan_of  # noqa: E402
 from easytrain.models import init_model  # noqa: E402
 from easytrain.tasks import build_arithmetic_tokenizer  # noqa: E402
-from benchmarks.report import child_json, emit, relaunch_like_the_command  # noqa: E402
+from benchmarks.report import child_json, emit, relaunch_like_the_command, scratch_dir  # noqa: E402
 
 CONFIG = dict(vocab_size=4096, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
               num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048)
@@ -127,7 +126,7 @@ def build_trainer(config: transformers.LlamaConfig, blocks: np.ndarray, steps: i
     """The trainer side: the same model, blocks and AdamW, logging every `every` steps, nothing else."""
     arguments = TrainingArguments(
         compilation_cache_dir="",  # no persistent cache: every process compiles cold, as its contender
-        output_dir=tempfile.mkdtemp(prefix="easytrain-bench-"), max_length=blocks.shape[1] - 1,
+        output_dir=scratch_dir("easytrain-bench-"), max_length=blocks.shape[1] - 1,
         train_batch_size=BATCH, max_steps=steps, learning_rate=LR, weight_decay=WD, lr_scheduler_type="constant",
         max_grad_norm=0.0, logging_steps=every, eval_strategy="no", save_strategy="no", report_to=["none"],
         disable_progress_bar=True, save_pretrained_at_end=False, validation_split_percentage=0)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,14 @@ def relaunch_like_the_command() -> None:
     from easytrain.host_memory import relaunch_with_huge_pages
 
     relaunch_with_huge_pages()
+
+
+def scratch_dir(prefix: str) -> str:
+    """A new temporary directory for a trainer's output (arguments, logs, checkpoints), removed when this process
+    exits: a benchmark reports numbers, and repeated runs must not fill the disk with the files it trained."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def fill_defaults(options: Any, profile: dict[str, Any]) -> None:

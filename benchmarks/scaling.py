@@ -22,7 +22,6 @@ import json
 import os
 import re
 import statistics
-import tempfile
 import time
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):  # keep the caller's other flags
@@ -40,7 +39,7 @@ from easytrain import BaseTrainer, TrainingArguments, sharding, steps  # noqa: E
 from easytrain.memory_plan import plan_of  # noqa: E402
 from easytrain.models import init_model  # noqa: E402
 from easytrain.tasks import build_arithmetic_tokenizer  # noqa: E402
-from benchmarks.report import relaunch_like_the_command  # noqa: E402
+from benchmarks.report import relaunch_like_the_command, scratch_dir  # noqa: E402
 
 CONFIG = dict(vocab_size=4096, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
               num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048)
@@ -76,7 +75,7 @@ def build_trainer(mesh: tuple[int, int, int], blocks: np.ndarray, config: dict) 
     data, fsdp, tensor = mesh
     arguments = TrainingArguments(
         compilation_cache_dir="",  # no persistent cache: every process compiles cold, as its contender
-        output_dir=tempfile.mkdtemp(prefix="easytrain-scaling-"), max_length=blocks.shape[1] - 1,
+        output_dir=scratch_dir("easytrain-scaling-"), max_length=blocks.shape[1] - 1,
         train_batch_size=BATCH,
         max_steps=100, learning_rate=3e-4, lr_scheduler_type="constant", eval_strategy="no",
         save_strategy="no", report_to=["none"], disable_progress_bar=True, save_pretrained_at_end=False,

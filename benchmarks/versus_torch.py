@@ -22,7 +22,6 @@ import json
 import os
 import resource
 import statistics
-import tempfile
 import time
 from typing import Any, Callable
 
@@ -31,7 +30,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
-from benchmarks.report import child_json, emit, relaunch_like_the_command  # noqa: E402
+from benchmarks.report import child_json, emit, relaunch_like_the_command, scratch_dir  # noqa: E402
 
 CONFIG = dict(vocab_size=4096, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
               num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048)
@@ -101,7 +100,7 @@ def run_hf_trainer(config: dict, blocks: np.ndarray, batch: int, warmup: int, wi
                 timer.lap()
 
     arguments = transformers.TrainingArguments(
-        output_dir=tempfile.mkdtemp(prefix="hf-bench-"), per_device_train_batch_size=batch,
+        output_dir=scratch_dir("hf-bench-"), per_device_train_batch_size=batch,
         max_steps=warmup + windows * every, learning_rate=LR, weight_decay=WD, lr_scheduler_type="constant",
         max_grad_norm=0.0, logging_strategy="no", save_strategy="no", eval_strategy="no", report_to=[],
         use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, seed=0)
@@ -160,7 +159,7 @@ def run_easytrain(config: dict, blocks: np.ndarray, batch: int, warmup: int, win
 
     arguments = TrainingArguments(
         compilation_cache_dir="",  # no persistent cache: every process compiles cold, as its contender
-        output_dir=tempfile.mkdtemp(prefix="easytrain-bench-"), max_length=blocks.shape[1] - 1,
+        output_dir=scratch_dir("easytrain-bench-"), max_length=blocks.shape[1] - 1,
         train_batch_size=batch, max_steps=warmup + windows * every, learning_rate=LR, weight_decay=WD,
         lr_scheduler_type="constant", max_grad_norm=0.0, logging_steps=every, eval_strategy="no",
         save_strategy="no", report_to=["none"], disable_progress_bar=True, save_pretrained_at_end=False,

@@ -1,6 +1,7 @@
 """Shared fixtures. Tests never touch the network and run on the CPU."""
 
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -19,9 +20,11 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 # One persistent XLA compilation cache per test run, shared by its worker subprocesses (they inherit the
 # environment): the suite compiles the same tiny programs many times (a straight run, an interrupted
 # one and its resume; every trainer of the contract test). "Compiling ..." is still logged on a cache
-# hit, so compile-count tests keep counting. A test run never reads an earlier run's cache.
-_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"easytrain-xla-{_RUN}"))
+# hit, so compile-count tests keep counting. A test run never reads an earlier run's cache, and the process that
+# named it (pytest-xdist's controller, or the only process) removes it at the end (`pytest_unconfigure`).
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), f"easytrain-xla-pid{os.getpid()}")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
@@ -44,6 +47,13 @@ def pytest_configure(config):
     controller = not hasattr(config, "workerinput") and config.getoption("dist", "no") != "no"
     if not controller:
         os.environ["PYTHONPATH"] = children_without_torch(os.environ.get("PYTHONPATH", ""))
+
+
+def pytest_unconfigure(config):
+    """The run's compilation cache goes with the run (pytest-xdist's workers inherit it from the controller)."""
+    if _OWN_CACHE and not hasattr(config, "workerinput"):
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
 
 CORPUS = (
     "The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with one step. "

@@ -12,7 +12,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "scaling.py"
 
 
 def test_scaling_benchmark_smoke():
-    # Given the suite's XLA flags (-O1) and no device count, the script keeps them and adds its 8 devices.
+    # Given the suite's XLA flags and no device count, the script keeps them and adds its 8 devices.
     result = facts_on_eight_devices(SCRIPT, "--quick", "--rounds", "7", "--meshes", "8,1,1", "1,8,1",
                                     script_sets_devices=True)
     assert result["benchmark"] == "scaling" and result["devices"] == 8

@@ -27,7 +27,7 @@ class LayoutTrainer(DPOTrainer):
         return layout_mesh(self.arguments)
 
 
-def run(layout: str) -> dict:
+def run(layout: str, output_dir: str) -> dict:
     data, fsdp, tensor, accumulation, *rest = map(int, layout.split(","))
     lora_rank = rest[0] if rest else 0
     values = []
@@ -36,7 +36,7 @@ def run(layout: str) -> dict:
         def on_log(self, trainer, step, logs):
             values.append([logs["loss"], logs["rewards/margins"], logs["logps/chosen"], logs["grad_norm"]])
 
-    args = TrainingArguments(output_dir=tempfile.mkdtemp(), max_length=16, train_batch_size=16, max_steps=3,
+    args = TrainingArguments(output_dir=output_dir, max_length=16, train_batch_size=16, max_steps=3,
                              gradient_accumulation_steps=accumulation, data_parallel_size=data, fsdp_size=fsdp,
                              tensor_parallel_size=tensor, logging_steps=1, eval_strategy="no", save_strategy="no",
                              report_to=["none"], disable_progress_bar=True, save_pretrained_at_end=False,
@@ -57,4 +57,5 @@ def run(layout: str) -> dict:
 
 if __name__ == "__main__":
     for layout in sys.argv[1:]:
-        print(json.dumps(run(layout)), flush=True)
+        with tempfile.TemporaryDirectory() as scratch:
+            print(json.dumps(run(layout, scratch)), flush=True)

@@ -29,9 +29,9 @@ COLLECTIVE = re.compile(r"= (\w+)\[([\d,]*)\]\S* (all-gather|all-reduce|reduce-s
 BYTES = {"bf16": 2, "f16": 2, "f32": 4, "f64": 8, "s32": 4, "u32": 4}
 
 
-def trainer_on(data: int, fsdp: int, tensor: int) -> BaseTrainer:
+def trainer_on(data: int, fsdp: int, tensor: int, output_dir: str) -> BaseTrainer:
     args = TrainingArguments(
-        output_dir=tempfile.mkdtemp(), dtype="bfloat16", param_dtype="float32", optimizer="sgd", learning_rate=1.0,
+        output_dir=output_dir, dtype="bfloat16", param_dtype="float32", optimizer="sgd", learning_rate=1.0,
         max_steps=1, max_length=32, train_batch_size=16, eval_strategy="no", save_strategy="no", report_to=["none"],
         disable_progress_bar=True, save_pretrained_at_end=False, max_train_samples=32, max_eval_samples=16,
         warmup_steps=0, data_parallel_size=data, fsdp_size=fsdp, tensor_parallel_size=tensor)
@@ -86,7 +86,8 @@ def main() -> None:
     results = {}
     for layout in sys.argv[1:]:
         data, fsdp, tensor = map(int, layout.split(","))
-        trainer = trainer_on(data, fsdp, tensor)
+        with tempfile.TemporaryDirectory() as scratch:
+            trainer = trainer_on(data, fsdp, tensor, scratch)
         batch = trainer.to_global(next(trainer.dataloaders.train.iterator(0)))
         pinned = one_step(trainer, batch)
         in_use = layers.weight_in_use

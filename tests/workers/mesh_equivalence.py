@@ -67,7 +67,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def build_trainer(options: argparse.Namespace) -> BaseTrainer:
     checkpointing = options.stop_at or options.resume
     args = TrainingArguments(
-        output_dir=options.output_dir or tempfile.mkdtemp(),
+        output_dir=options.output_dir,
         resume_from_checkpoint="latest" if options.resume else None,
         save_strategy="steps" if checkpointing else "no", save_steps=1000, max_steps=5, max_length=32,
         train_batch_size=16, eval_batch_size=16, logging_steps=1, eval_strategy="no", report_to=["jsonl"],
@@ -140,6 +140,9 @@ def sampled_tokens(trainer: BaseTrainer) -> dict[str, list]:
 
 
 def run(options: argparse.Namespace) -> dict:
+    if not options.output_dir:  # a scratch directory, gone with the run
+        with tempfile.TemporaryDirectory() as scratch:
+            return run(argparse.Namespace(**{**vars(options), "output_dir": scratch}))
     trainer = build_trainer(options)
     initial = host_params(trainer, "initial") if options.save_params else {}
     losses, tokens = [], []

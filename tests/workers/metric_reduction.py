@@ -50,9 +50,9 @@ class PerExampleTrainer(BaseTrainer):
                                             "max_example": Max(jnp.max(per_example_B))})
 
 
-def run(layout: str) -> dict:
+def run(layout: str, output_dir: str) -> dict:
     data, fsdp, tensor, accumulation = map(int, layout.split(","))
-    args = TrainingArguments(output_dir=tempfile.mkdtemp(), max_length=16, train_batch_size=16, max_steps=1,
+    args = TrainingArguments(output_dir=output_dir, max_length=16, train_batch_size=16, max_steps=1,
                              gradient_accumulation_steps=accumulation, data_parallel_size=data, fsdp_size=fsdp,
                              tensor_parallel_size=tensor, logging_steps=1, eval_strategy="no", save_strategy="no",
                              report_to=["none"], disable_progress_bar=True, save_pretrained_at_end=False,
@@ -74,4 +74,5 @@ def run(layout: str) -> dict:
 
 if __name__ == "__main__":
     for layout in sys.argv[1:]:
-        print(json.dumps(run(layout)), flush=True)
+        with tempfile.TemporaryDirectory() as scratch:
+            print(json.dumps(run(layout, scratch)), flush=True)
