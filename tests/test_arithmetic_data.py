@@ -166,3 +166,18 @@ def test_chat_questions_and_answers_keep_the_width():
     row = make_arithmetic_chat_splits(50, 5, seed=0)["train"][0]
     question, answer = row["messages"][0]["content"], row["messages"][1]["content"]
     assert re.fullmatch(r"\d\d\+\d\d", question) and re.fullmatch(r"\d{3}", answer)
+
+
+@pytest.mark.parametrize("make", [make_arithmetic_splits, make_arithmetic_chat_splits,
+                                  make_arithmetic_preference_splits])
+def test_splits_are_built_once_per_process_and_each_caller_gets_its_own(make):
+    """Every trainer on the embedded data asks for the same splits (the default DPO pairs take seconds to build);
+    a caller that reformats or replaces a split must not change what the next caller gets."""
+    first = make(40, 8, seed=3)
+    table = first["train"].data.table
+    first["train"].set_format("numpy")
+    first["validation"] = first["validation"].select([0])
+    second = make(40, 8, seed=3)
+    assert second["train"].data.table is table, "built again"
+    assert second["train"].format["type"] is None and len(second["validation"]) == 8
+    assert make(40, 8, seed=4)["train"].data.table is not table  # another seed is other data

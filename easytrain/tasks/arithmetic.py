@@ -14,7 +14,9 @@ text (``"7+5=12"``) it took 750-1000 (docs/benchmarks.md, "Embedded default job"
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+import functools
+from collections.abc import Callable, Sequence
 
 import datasets
 import numpy as np
@@ -28,6 +30,21 @@ OPERATORS = ("+", "-")
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 #: Every character a problem can contain, plus space for hand-typed prompts.
 CHARACTERS = "0123456789+-= "
+
+
+def _built_once(make: Callable[..., datasets.DatasetDict]) -> Callable[..., datasets.DatasetDict]:
+    """`make`, memoised per process on its arguments: every trainer on the embedded data asks for the same
+    splits, and the preference pairs take seconds to build. Each call returns its own copy (Arrow data
+    shared, never copied), so a caller that reformats or replaces a split leaves the next caller's alone."""
+    cached = functools.lru_cache(maxsize=8)(make)
+
+    @functools.wraps(make)
+    def splits(*args, **kwargs) -> datasets.DatasetDict:
+        if "operators" in kwargs:
+            kwargs["operators"] = tuple(kwargs["operators"])
+        return copy.deepcopy(cached(*args, **kwargs))
+
+    return splits
 
 
 def make_arithmetic_dataset(
@@ -57,6 +74,7 @@ def make_arithmetic_dataset(
     )
 
 
+@_built_once
 def make_arithmetic_splits(
     num_train: int = 8000,
     num_validation: int = 500,
@@ -192,6 +210,7 @@ def build_arithmetic_chat_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+@_built_once
 def make_arithmetic_chat_splits(num_train: int = 8000, num_validation: int = 500, *, seed: int = 0,
                                 max_operand: int = 99) -> datasets.DatasetDict:
     """The problems as conversations: the user asks `"37+45"`, the assistant answers `"082"`."""
@@ -204,6 +223,7 @@ def make_arithmetic_chat_splits(num_train: int = 8000, num_validation: int = 500
     return splits.map(to_messages, remove_columns=[TEXT])
 
 
+@_built_once
 def make_arithmetic_preference_splits(num_train: int = 8000, num_validation: int = 500, *, seed: int = 0,
                                       max_operand: int = 99) -> datasets.DatasetDict:
     """Preference pairs: the user asks `"37+45"`; chosen is the right answer, rejected a near miss.
