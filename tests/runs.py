@@ -47,10 +47,16 @@ def child_env(**extra: str) -> dict[str, str]:
 LONG_TRAINING_LEVEL = 1
 
 
+def long_training_flags() -> str:
+    """This process's `XLA_FLAGS` at `LONG_TRAINING_LEVEL` instead of the suite's level: for a child whose
+    programs run long enough that their speed outweighs their compile time."""
+    level = f"--xla_backend_optimization_level={LONG_TRAINING_LEVEL}"
+    return " ".join([*xla_flags_without("--xla_backend_optimization_level"), level])
+
+
 def long_training_env(**extra: str) -> dict[str, str]:
     """`child_env` for a child that trains hundreds of steps: compiled at `LONG_TRAINING_LEVEL`."""
-    level = f"--xla_backend_optimization_level={LONG_TRAINING_LEVEL}"
-    return child_env(XLA_FLAGS=" ".join([*xla_flags_without("--xla_backend_optimization_level"), level]), **extra)
+    return child_env(XLA_FLAGS=long_training_flags(), **extra)
 
 
 def logged(output_dir, key: str = "loss", split: str = "train") -> dict[int, float]:

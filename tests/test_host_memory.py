@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from easytrain import host_memory
-from runs import RELAUNCHES_FOR_HUGE_PAGES, env_without_huge_pages as clean_env
+from runs import RELAUNCHES_FOR_HUGE_PAGES, env_without_huge_pages as clean_env, long_training_flags
 
 needs_madvise_thp = pytest.mark.skipif(not RELAUNCHES_FOR_HUGE_PAGES,
                                        reason="needs Linux, glibc 2.35+ and THP mode madvise")
@@ -94,7 +94,8 @@ FAULTS = textwrap.dedent("""
 def test_huge_pages_cut_the_page_faults_of_each_execution() -> None:
     """The mechanism itself: XLA:CPU's scratch memory is mapped afresh per call, 4 KiB or 2 MiB per fault."""
     faults = {}
-    for name, env in (("plain", clean_env()), ("huge", host_memory.with_tunable(clean_env()))):
+    plain = clean_env(XLA_FLAGS=long_training_flags())  # four runs of a 64 MiB scan: at -O0 the test takes 2.5x longer
+    for name, env in (("plain", plain), ("huge", host_memory.with_tunable(plain))):
         done = subprocess.run([sys.executable, "-c", FAULTS], env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
         faults[name] = int(done.stdout.split()[-1])
