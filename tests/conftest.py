@@ -12,10 +12,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The suite compiles hundreds of tiny programs and runs most of them a few steps, so XLA:CPU's LLVM backend at
 # -O0 instead of its default -O3: the same HLO passes, fusions and buffer assignment, compiles about a quarter
 # faster than at -O1, steps about twice as slow. A test that trains hundreds of steps asks for -O1 in its child process
-# (tests/runs.py `long_training_env`). Benchmarks and the easytrain command keep XLA's default.
-# Subprocesses inherit it; tests that set a device count add it to these flags (tests/runs.py `xla_flags`).
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+# (tests/runs.py `long_training_env`). And XLA:CPU's elemental emitters instead of its MLIR fusion emitters: the
+# same HLO, the same losses in the runs compared, a train step's code generated in 0.5-0.8 of the time and run about
+# a tenth slower at -O0 (docs/benchmarks.md). Benchmarks and the easytrain command keep XLA's defaults.
+# Subprocesses inherit these; tests that set a device count add it to them (tests/runs.py `xla_flags`).
+for _flag, _value in (("--xla_backend_optimization_level", "0"), ("--xla_cpu_use_fusion_emitters", "false")):
+    if _flag not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_flag}={_value}".strip()
 
 # One persistent XLA compilation cache per test run, shared by its worker subprocesses (they inherit the
 # environment): the suite compiles the same tiny programs many times (a straight run, an interrupted
