@@ -40,7 +40,11 @@ if host_memory.would_help(os.environ, host_memory.thp_mode(), host_memory.glibc_
 
 import pytest  # noqa: E402
 
+import loaded_executables  # noqa: E402
 from runs import children_without_torch, without_hidden_torch  # noqa: E402
+
+# Each test process keeps the programs it compiled or loaded, for the next trainer that builds the same one.
+loaded_executables.install()
 
 
 def pytest_configure(config):

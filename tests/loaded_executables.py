@@ -1,0 +1,58 @@
+"""A test process keeps its compiled programs loaded for the next identical one (installed by tests/conftest.py).
+
+The suite builds hundreds of trainers that compile the same few programs. The test run's persistent compilation
+cache spares their compilation but not their loading: XLA:CPU deserialises every hit again, 0.3-0.5 s for a
+test-sized train step, as long as tracing and lowering it. This keeps the executables of the process's last
+`SIZE` cache entries and hands them out again, keyed by JAX's cache key (which changes with the cache directory:
+JAX's compile options carry it) and the devices (JAX's key leaves the device assignment out on GPU).
+Every entry's first load still takes JAX's own path, and a program with host callbacks is never kept (JAX does
+not cache those either: the callbacks are baked into the executable).
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from typing import Any
+
+from jax._src import compiler
+
+SIZE = 128
+
+
+def install(size: int = SIZE) -> None:
+    """Wrap JAX's persistent-cache read and write in this process (a no-op where JAX lacks them)."""
+    read, compile_ = getattr(compiler, "_cache_read", None), getattr(compiler, "_compile_and_write_cache", None)
+    if read is None or compile_ is None:
+        return
+    loaded: collections.OrderedDict[tuple, tuple[Any, int]] = collections.OrderedDict()
+
+    def key(cache_key: str, devices: Any) -> tuple:
+        return cache_key, tuple(device.id for device in devices)
+
+    def keep(entry: tuple, executable: Any, compile_time: int) -> None:
+        loaded[entry] = executable, compile_time
+        loaded.move_to_end(entry)
+        while len(loaded) > size:
+            loaded.popitem(last=False)
+
+    def cached_read(module_name, cache_key, compile_options, backend, executable_devices):
+        entry = key(cache_key, executable_devices)
+        if entry in loaded:
+            loaded.move_to_end(entry)
+            return loaded[entry]
+        executable, compile_time = read(module_name, cache_key, compile_options, backend, executable_devices)
+        if executable is not None:
+            keep(entry, executable, compile_time)
+        return executable, compile_time
+
+    def compiled_and_kept(backend, computation, executable_devices, compile_options, host_callbacks, module_name,
+                          cache_key):
+        started = time.monotonic()
+        executable = compile_(backend, computation, executable_devices, compile_options, host_callbacks, module_name,
+                              cache_key)
+        if not host_callbacks:
+            keep(key(cache_key, executable_devices), executable, int(time.monotonic() - started))
+        return executable
+
+    compiler._cache_read, compiler._compile_and_write_cache = cached_read, compiled_and_kept
