@@ -84,24 +84,24 @@ def in_use_shapes(trainer: BaseTrainer) -> dict[str, list[int]]:
 
 def main() -> None:
     results = {}
-    for layout in sys.argv[1:]:
-        data, fsdp, tensor = map(int, layout.split(","))
-        with tempfile.TemporaryDirectory() as scratch:
-            trainer = trainer_on(data, fsdp, tensor, scratch)
-        batch = trainer.to_global(next(trainer.dataloaders.train.iterator(0)))
-        pinned = one_step(trainer, batch)
-        in_use = layers.weight_in_use
-        layers.weight_in_use = lambda w, axes, dtype: w.astype(dtype)  # the partitioner decides where to gather
-        try:
-            plain = one_step(trainer, batch)
-        finally:
-            layers.weight_in_use = in_use
-        difference = max(float(np.max(np.abs(pinned["params"][k] - plain["params"][k]))) for k in plain["params"])
-        shapes = in_use_shapes(trainer)
-        for run in (pinned, plain):
-            del run["params"]
-        results[layout] = {"pinned": pinned, "plain": plain, "param_shapes": shapes,
-                           "max_param_difference": difference}
+    with tempfile.TemporaryDirectory() as scratch:  # the trainers' output directories
+        for layout in sys.argv[1:]:
+            data, fsdp, tensor = map(int, layout.split(","))
+            trainer = trainer_on(data, fsdp, tensor, f"{scratch}/{layout}")
+            batch = trainer.to_global(next(trainer.dataloaders.train.iterator(0)))
+            pinned = one_step(trainer, batch)
+            in_use = layers.weight_in_use
+            layers.weight_in_use = lambda w, axes, dtype: w.astype(dtype)  # the partitioner decides where to gather
+            try:
+                plain = one_step(trainer, batch)
+            finally:
+                layers.weight_in_use = in_use
+            difference = max(float(np.max(np.abs(pinned["params"][k] - plain["params"][k]))) for k in plain["params"])
+            shapes = in_use_shapes(trainer)
+            for run in (pinned, plain):
+                del run["params"]
+            results[layout] = {"pinned": pinned, "plain": plain, "param_shapes": shapes,
+                               "max_param_difference": difference}
     print(json.dumps(results))
 
 
