@@ -98,6 +98,11 @@ def check_fits(plan: MemoryPlan, room: Headroom | None) -> None:
         f"{FIXES}.")
 
 
+def local(devices: Iterable[Any]) -> list[Any]:
+    """The `devices` this process drives: the ones whose free memory it can read."""
+    return [device for device in devices if device.process_index == jax.process_index()]
+
+
 def compile_ahead(step: Any, state: Any, batch: Any, devices: Iterable[Any]) -> MemoryPlan | None:
     """Compile the jitted `step` for `(state, batch)` now (its first call then reuses the executable: `jax.jit`
     caches the lowering and its compilation), check that it fits the local `devices`, and return its plan.
@@ -106,8 +111,15 @@ def compile_ahead(step: Any, state: Any, batch: Any, devices: Iterable[Any]) -> 
         return None
     plan = plan_of(step.lower(state, batch).compile())
     if plan is not None:
-        check_fits(plan, headroom(device for device in devices if device.process_index == jax.process_index()))
+        check_fits(plan, headroom(local(devices)))
     return plan
+
+
+def worst_case(batch: Mapping[str, Any], length: int, devices: Iterable[Any]) -> Mapping[str, Any]:
+    """The batch to plan a run that pads to buckets for: `stretched` to its longest bucket, the most memory a
+    batch can take, where the local `devices` report a limit to check that against; elsewhere (CPU) `batch`
+    itself, whose program the first step runs, rather than compiling a shape that may never come only to log it."""
+    return batch if headroom(local(devices)) is None else stretched(batch, length)
 
 
 def stretched(batch: Mapping[str, Any], length: int) -> Mapping[str, Any]:

@@ -4,6 +4,7 @@ and the benchmark Llama's plan recorded, so a change that grows it (or stops don
 
 import json
 import logging
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -105,24 +106,54 @@ def short_conversations(count: int) -> datasets.Dataset:
                                        for n, m in zip(rng.integers(1, 8, count), rng.integers(1, 6, count))])
 
 
-@pytest.mark.parametrize("method", ["sft", "dpo"])
-def test_padded_batches_are_planned_at_their_largest_bucket_and_each_shape_compiles_once(tmp_path, caplog, method):
+def padded_trainer(tmp_path: Path, method: str) -> SFTTrainer | DPOTrainer:
+    """A padded run whose first batch is shorter than its largest bucket (64 tokens), which never comes."""
     args = tiny_args(tmp_path, max_length=64, max_steps=4, max_train_samples=None, validation_split_percentage=0)
     trainer = (SFTTrainer(args, dataset_train=short_conversations(48), tokenizer=build_arithmetic_chat_tokenizer())
-               if method == "sft" else DPOTrainer(args))  # short arithmetic pairs: the 64-token bucket never comes
+               if method == "sft" else DPOTrainer(args))  # short arithmetic pairs
+    assert first_batch(trainer)["input_ids"].shape[-1] < 64 == trainer._pad.buckets[-1]
+    return trainer
+
+
+def train_step_compiles(caplog) -> list[str]:
+    return [message for message in map(logging.LogRecord.getMessage, caplog.records)
+            if "Compiling" in message and "train_step" in message]
+
+
+def at_longest_bucket(message: str) -> bool:
+    """Whether a compile message's batch is the 64-token bucket: `[8, 64]` rows, or `[8, 2, 64]` pairs."""
+    return re.search(r"int32\[8,(2,)?64\]", message) is not None
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_padded_batches_are_planned_at_their_largest_bucket_and_each_shape_compiles_once(tmp_path, caplog, method,
+                                                                                         monkeypatch):
+    monkeypatch.setattr(memory_plan, "headroom", lambda devices: Headroom("gpu:0", 2**40, 0))  # a limit to check
+    trainer = padded_trainer(tmp_path, method)
     batch = first_batch(trainer)
     length = batch["input_ids"].shape[-1]
-    assert length < 64 == trainer._pad.buckets[-1]
     state_bytes = device_bytes(trainer.state)
     with jax.log_compiles(True), caplog.at_level(logging.WARNING):
         narrow = memory_plan.plan_of(trainer.functions.train_step.lower(trainer.state, batch).compile())
         trainer.train()
     # Every batch field the step reads is [..., T] (jit drops the ones it does not): its bytes scale with T.
     assert (trainer.loop.memory_plan.arguments - state_bytes) * length == (narrow.arguments - state_bytes) * 64
-    compiled = [message for message in map(logging.LogRecord.getMessage, caplog.records)
-                if "Compiling" in message and "train_step" in message]
+    compiled = train_step_compiles(caplog)
     assert len(compiled) == len(set(compiled)) >= 2, compiled  # the planned bucket, then each one met, once each
-    assert any("64]" in message for message in compiled)
+    assert any(map(at_longest_bucket, compiled)), compiled
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_without_a_limit_to_check_a_padded_run_plans_its_first_batch_and_compiles_no_other_shape(tmp_path, caplog,
+                                                                                                method):
+    trainer = padded_trainer(tmp_path, method)  # CPU: its allocator reports no limit
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        first = memory_plan.plan_of(trainer.functions.train_step.lower(trainer.state, first_batch(trainer)).compile())
+        trainer.train()
+    assert trainer.loop.memory_plan == first
+    compiled = train_step_compiles(caplog)
+    assert compiled and len(compiled) == len(set(compiled)), compiled  # each shape met, once each
+    assert not any(map(at_longest_bucket, compiled)), compiled  # and not the bucket that never came
 
 
 def test_headroom_is_the_tightest_device_and_unknown_where_one_reports_no_limit():

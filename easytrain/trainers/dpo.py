@@ -304,8 +304,10 @@ class DPOTrainer(BaseTrainer):
         return state, metrics
 
     def plan_memory(self, state: Any, batch: Mapping[str, jax.Array]) -> memory_plan.MemoryPlan | None:
-        """The plan of the largest bucket, the most memory a batch of pairs can take."""
-        return super().plan_memory(state, memory_plan.stretched(batch, self._pad.buckets[-1]))
+        """The plan of the largest bucket, the most memory a batch of pairs can take, where there is a limit to
+        check it against (`memory_plan.worst_case`)."""
+        batch = memory_plan.worst_case(batch, self._pad.buckets[-1], self.mesh.devices.flat)
+        return super().plan_memory(state, batch)
 
     def run_info(self) -> dict[str, Any]:
         """Also the options that decide the rows, so a resume under different ones is refused."""

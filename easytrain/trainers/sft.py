@@ -147,10 +147,11 @@ class SFTTrainer(BaseTrainer):
         return packed_collate(rows, example_ids) if self.sft_arguments.packing else self._pad(rows, example_ids)
 
     def plan_memory(self, state: Any, batch: Mapping[str, jax.Array]) -> memory_plan.MemoryPlan | None:
-        """Padded rows: the plan of the largest bucket, the most memory a batch can take (packed rows have one
-        shape)."""
-        padded = not self.sft_arguments.packing
-        return super().plan_memory(state, memory_plan.stretched(batch, self._pad.buckets[-1]) if padded else batch)
+        """Padded rows: the plan of the largest bucket, the most memory a batch can take, where there is a limit
+        to check it against (`memory_plan.worst_case`); packed rows have one shape."""
+        if not self.sft_arguments.packing:
+            batch = memory_plan.worst_case(batch, self._pad.buckets[-1], self.mesh.devices.flat)
+        return super().plan_memory(state, batch)
 
     def count_tokens(self, batch: Mapping[str, np.ndarray]) -> int:
         """Real (non-padding) tokens, so `tokens_per_second` is comparable between packing and padding."""
