@@ -92,9 +92,11 @@ def test_configure_hooks_return_working_named_tuples(tmp_path, trainer_kind):
 
 def test_train_returns_logs_and_evaluate_ignores_the_eval_batch_size(tmp_path, trainer_kind):
     cls, task, extra = trainer_kind
-    logs = cls(arguments(tmp_path / "train", task, extra)).train()
+    trainer = cls(arguments(tmp_path / "train", task, extra))  # eval_batch_size 8
+    at_eight = trainer.evaluate()
+    logs = trainer.train()
     assert np.isfinite(logs["loss"]) and logs["skipped_steps"] == 0
-    results = [cls(arguments(tmp_path / str(size), task, extra, eval_batch_size=size)).evaluate() for size in (3, 8)]
+    results = [cls(arguments(tmp_path / "3", task, extra, eval_batch_size=3)).evaluate(), at_eight]
     assert results[0].keys() == results[1].keys() and "eval_loss" in results[0]
     for key, value in results[0].items():
         assert results[1][key] == pytest.approx(value, rel=1e-5), key
