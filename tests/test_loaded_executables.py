@@ -1,9 +1,11 @@
 """The test processes' loaded-executable memo (tests/loaded_executables.py): an identical program is loaded
 once per process, never onto other devices, never from another cache directory, never with host callbacks."""
 
+import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +15,7 @@ from jax._src import compilation_cache as jax_cache
 
 from runs import child_env, xla_flags
 
-TESTS_DIR = __file__.rsplit("/", 1)[0]
+TESTS_DIR = Path(__file__).resolve().parent
 
 
 @pytest.fixture
@@ -96,7 +98,7 @@ def test_the_same_program_on_other_devices_gets_its_own_executable(tmp_path):
     """JAX's cache key names device kinds, not devices: the memo keys by devices too."""
     code = DEVICES.format(cache=str(tmp_path / "cache"))
     env = child_env(XLA_FLAGS=xla_flags(2))
-    env["PYTHONPATH"] += ":" + TESTS_DIR
+    env["PYTHONPATH"] += os.pathsep + str(TESTS_DIR)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == ["ok"]
