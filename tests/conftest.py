@@ -62,24 +62,6 @@ def pytest_unconfigure(config):
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
-#: The modules that took longest in a full run on 2 cores (seconds, 2026-12-03), started first: pytest-xdist hands
-#: each worker a whole module (--dist loadscope), and one started last lengthens the run by its own duration while
-#: the other worker idles. Only the order depends on this list; a module missing from it runs after these.
-LONGEST_MODULES = {
-    "test_dpo_trainer.py": 356, "test_contract.py": 349, "test_scan_layers.py": 195, "test_sharding.py": 159,
-    "test_multiprocess.py": 119, "test_lora_trainer.py": 111, "test_extension_surface.py": 89,
-    "test_sft_trainer.py": 88, "test_errors.py": 87, "test_trainer.py": 86, "test_lora.py": 80,
-    "test_docs_custom_trainer.py": 72, "test_benchmark_versus_torch.py": 60, "test_examples.py": 57,
-}
-
-
-def pytest_collection_modifyitems(config, items):
-    """The longest modules first (`LONGEST_MODULES`), the rest in collection order: with `--no-loadscope-reorder`
-    pytest-xdist deals modules out in this order, each to the worker that runs out of work first."""
-    seconds = {item: LONGEST_MODULES.get(item.path.name, 0) for item in items}
-    items.sort(key=lambda item: -seconds[item])  # stable: a module's tests keep their order
-
-
 CORPUS = (
     "The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with one step. "
     "All that glitters is not gold. Where there is a will there is a way. Practice makes perfect. "
