@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from easytrain import Callback, host_memory
+from easytrain import Callback, compiler_options, host_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 #: A directory whose sitecustomize hides PyTorch from the process that has it on its PYTHONPATH.
@@ -52,6 +52,13 @@ def long_training_flags() -> str:
     programs run long enough that their speed outweighs their compile time."""
     level = f"--xla_backend_optimization_level={LONG_TRAINING_LEVEL}"
     return " ".join([*xla_flags_without("--xla_backend_optimization_level"), level])
+
+
+def long_training_options() -> str:
+    """`compiler_options` for a trainer in the test process that trains tens of steps: easytrain's own CPU
+    options at `LONG_TRAINING_LEVEL`, for its train and eval steps only (the rest stays at the suite's level)."""
+    options = {**compiler_options.BACKEND_DEFAULTS["cpu"], "xla_backend_optimization_level": LONG_TRAINING_LEVEL}
+    return ",".join(f"{name}={value}" for name, value in options.items())
 
 
 def long_training_env(**extra: str) -> dict[str, str]:
