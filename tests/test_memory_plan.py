@@ -156,6 +156,20 @@ def test_without_a_limit_to_check_a_padded_run_plans_its_first_batch_and_compile
     assert not any(map(at_longest_bucket, compiled)), compiled  # and not the bucket that never came
 
 
+def test_a_trainer_of_your_own_that_pads_to_buckets_names_its_longest_batch_and_is_planned_there(tmp_path, caplog,
+                                                                                                 monkeypatch):
+    class Bucketed(BaseTrainer):
+        def longest_batch_length(self) -> int:
+            return 64  # as if its collate padded each batch to 32 or 64 tokens
+
+    monkeypatch.setattr(memory_plan, "headroom", lambda devices: Headroom("gpu:0", 2**40, 0))  # a limit to check
+    trainer = Bucketed(tiny_args(tmp_path, max_steps=1))
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        trainer.train()
+    planned, ran = train_step_compiles(caplog)  # the plan's shape ahead, then the 32-token batch the step met
+    assert at_longest_bucket(planned) and not at_longest_bucket(ran), (planned, ran)
+
+
 def test_headroom_is_the_tightest_device_and_unknown_where_one_reports_no_limit():
     def device(name, stats):
         return SimpleNamespace(memory_stats=lambda: stats, __str__=lambda self: name)

@@ -22,7 +22,6 @@ import numpy as np
 import transformers
 from flax import nnx, traverse_util
 
-from easytrain import memory_plan
 from easytrain.arguments import TrainingArguments
 from easytrain.chunked_loss import map_token_chunks, target_logps
 from easytrain.data import RowSource, bucket_lengths
@@ -303,11 +302,9 @@ class DPOTrainer(BaseTrainer):
             state, _ = self._sync(state, batch)
         return state, metrics
 
-    def plan_memory(self, state: Any, batch: Mapping[str, jax.Array]) -> memory_plan.MemoryPlan | None:
-        """The plan of the largest bucket, the most memory a batch of pairs can take, where there is a limit to
-        check it against (`memory_plan.worst_case`)."""
-        batch = memory_plan.worst_case(batch, self._pad.buckets[-1], self.mesh.devices.flat)
-        return super().plan_memory(state, batch)
+    def longest_batch_length(self) -> int | None:
+        """The largest bucket a batch of pairs is padded to (the memory plan's shape)."""
+        return self._pad.buckets[-1]
 
     def run_info(self) -> dict[str, Any]:
         """Also the options that decide the rows, so a resume under different ones is refused."""

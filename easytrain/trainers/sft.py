@@ -17,7 +17,6 @@ from typing import Any, Callable, Literal, Mapping, Optional
 import jax
 import numpy as np
 
-from easytrain import memory_plan
 from easytrain.arguments import TrainingArguments
 from easytrain.data import (PaddedCollate, RowSource, SFTDataOptions, bucket_lengths, pack_examples, packed_collate,
                             tokenize_sft_dataset)
@@ -146,12 +145,9 @@ class SFTTrainer(BaseTrainer):
     def collate(self, rows: Mapping[str, np.ndarray], example_ids: np.ndarray) -> dict[str, np.ndarray]:
         return packed_collate(rows, example_ids) if self.sft_arguments.packing else self._pad(rows, example_ids)
 
-    def plan_memory(self, state: Any, batch: Mapping[str, jax.Array]) -> memory_plan.MemoryPlan | None:
-        """Padded rows: the plan of the largest bucket, the most memory a batch can take, where there is a limit
-        to check it against (`memory_plan.worst_case`); packed rows have one shape."""
-        if not self.sft_arguments.packing:
-            batch = memory_plan.worst_case(batch, self._pad.buckets[-1], self.mesh.devices.flat)
-        return super().plan_memory(state, batch)
+    def longest_batch_length(self) -> int | None:
+        """Padded rows: the largest bucket (the memory plan's shape); packed rows have one shape."""
+        return None if self.sft_arguments.packing else self._pad.buckets[-1]
 
     def count_tokens(self, batch: Mapping[str, np.ndarray]) -> int:
         """Real (non-padding) tokens, so `tokens_per_second` is comparable between packing and padding."""
