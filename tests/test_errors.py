@@ -1,5 +1,6 @@
 """Bad input fails before any compute, naming the field and the fix, and never touches checkpoints."""
 
+import shutil
 from pathlib import Path
 
 import datasets
@@ -16,6 +17,20 @@ def args_for(tmp_path, **overrides) -> TrainingArguments:
                   report_to=["none"], disable_progress_bar=True, save_pretrained_at_end=False)
     values.update(overrides)
     return TrainingArguments(**values)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A finished 4-step run with checkpoints at steps 2 and 4, trained once for the tests that need an old run."""
+    args = args_for(tmp_path_factory.mktemp("finished"), max_steps=4)
+    BaseTrainer(args).train()
+    return Path(args.output_dir)
+
+
+@pytest.fixture
+def old_run(finished_run, tmp_path) -> Path:
+    """A copy of `finished_run` at this test's `args_for(tmp_path).output_dir`."""
+    return Path(shutil.copytree(finished_run, args_for(tmp_path).output_dir))
 
 
 def no_checkpoints(args) -> bool:
@@ -71,13 +86,12 @@ def test_output_dir_holding_a_finished_run_without_checkpoints_is_refused(tmp_pa
 
 
 @pytest.mark.parametrize("bad", ["mesh", "data", "max_length"])
-def test_overwrite_keeps_the_old_run_when_the_new_one_is_refused(tmp_path, tokenizer, bad):
+def test_overwrite_keeps_the_old_run_when_the_new_one_is_refused(tmp_path, tokenizer, bad, old_run):
     """`overwrite_output_dir` removes the old run only once the new one has passed every check: a mesh
     that does not fit, a dataset without its column, a too-long `max_length` leave its checkpoints alone."""
-    BaseTrainer(args_for(tmp_path)).train()
-    checkpoint = Path(args_for(tmp_path).output_dir) / "checkpoints" / "2"
-    metrics = Path(args_for(tmp_path).output_dir) / "metrics.jsonl"
-    before = sorted(p.name for p in Path(args_for(tmp_path).output_dir).iterdir())
+    checkpoint = old_run / "checkpoints" / "2"
+    metrics = old_run / "metrics.jsonl"
+    before = sorted(p.name for p in old_run.iterdir())
     overrides = {"mesh": dict(data_parallel_size=2), "max_length": dict(max_length=4096)}.get(bad, {})
     data = datasets.Dataset.from_dict({"content": ["some words here"] * 50}) if bad == "data" else None
     with pytest.raises((ArgumentError, DataError)):
@@ -85,20 +99,19 @@ def test_overwrite_keeps_the_old_run_when_the_new_one_is_refused(tmp_path, token
                               dataset_train=data)
         trainer.train()
     assert checkpoint.is_dir(), f"a refused run ({bad}) must not remove the old run's checkpoints"
-    assert sorted(p.name for p in Path(args_for(tmp_path).output_dir).iterdir()) == before
+    assert sorted(p.name for p in old_run.iterdir()) == before
     assert metrics.exists() or "metrics.jsonl" not in before
 
 
 @pytest.mark.parametrize("tracker", ["wandb", "mlflow"])
 @pytest.mark.parametrize("how", ["overwrite", "resume an older step"])
-def test_a_tracker_that_cannot_start_leaves_the_old_run_whole(tmp_path, monkeypatch, tracker, how):
+def test_a_tracker_that_cannot_start_leaves_the_old_run_whole(tmp_path, monkeypatch, tracker, how, old_run):
     """W&B without an API key, an MLflow store it cannot use: found when the tracker opens, which comes before
     the output_dir is claimed (the old run removed, newer checkpoints moved aside)."""
     import easytrain.sinks as sinks
 
     pytest.importorskip(tracker)
-    BaseTrainer(args_for(tmp_path, max_steps=4)).train()  # checkpoints at steps 2 and 4
-    run = Path(args_for(tmp_path).output_dir)
+    run = old_run  # checkpoints at steps 2 and 4
     before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
 
     def not_configured(self, *args, **kwargs):
