@@ -111,18 +111,17 @@ def test_a_tracker_that_cannot_start_leaves_the_old_run_whole(tmp_path, monkeypa
     import easytrain.sinks as sinks
 
     pytest.importorskip(tracker)
-    run = old_run  # checkpoints at steps 2 and 4
-    before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    before = sorted(str(p.relative_to(old_run)) for p in old_run.rglob("*"))  # checkpoints at steps 2 and 4
 
     def not_configured(self, *args, **kwargs):
         raise RuntimeError(f"{tracker}: not configured")
 
     monkeypatch.setattr({"wandb": sinks.WandbSink, "mlflow": sinks.MlflowSink}[tracker], "__init__", not_configured)
     change = (dict(overwrite_output_dir=True) if how == "overwrite" else
-              dict(resume_from_checkpoint=str(run / "checkpoints" / "2"), max_steps=6))
+              dict(resume_from_checkpoint=str(old_run / "checkpoints" / "2"), max_steps=6))
     with pytest.raises(RuntimeError, match="not configured"):
         BaseTrainer(args_for(tmp_path, report_to=[tracker], **change)).train()
-    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before
+    assert sorted(str(p.relative_to(old_run)) for p in old_run.rglob("*")) == before
 
 
 @pytest.mark.parametrize("asks", [dict(load_best_model_at_end=True, metric_for_best_model="eval_loss"),

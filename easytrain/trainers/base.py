@@ -313,15 +313,14 @@ class BaseTrainer(LanguageModelHooks):
         return self._functions.train_step(state, batch)
 
     def longest_batch_length(self) -> int | None:
-        """The sequence length of the longest batch `collate` can make, for a layout that pads each batch to a
-        bucket; None (the default) when every batch has the first one's shape. `plan_memory` plans that length."""
+        """The longest batch `collate` can make where it pads batches to buckets; None: one shape throughout."""
         return None
 
     def plan_memory(self, state: TrainState, batch: Mapping[str, jax.Array]) -> memory_plan.MemoryPlan | None:
-        """Before the first iteration: compile the train step for this batch (its first call reuses that), or for
-        the `longest_batch_length` where the devices report a limit (`memory_plan.worst_case`), and raise
-        `DeviceMemoryError` if it cannot fit (`easytrain.memory_plan`). Override to return None when
-        `train_iteration` gives the train step other shapes than the loop's batch (it compiles at its first call)."""
+        """Before the first iteration: compile the train step for this batch (its first call reuses that), stretched
+        to `longest_batch_length` where devices report a limit, and raise `DeviceMemoryError` if it cannot fit
+        (`easytrain.memory_plan`). Override to return None when `train_iteration` gives the train step other shapes
+        than the loop's batch (it compiles at its first call)."""
         if (length := self.longest_batch_length()) is not None:
             batch = memory_plan.worst_case(batch, length, self.mesh.devices.flat)
         return memory_plan.compile_ahead(self._functions.train_step, state, batch, self.mesh.devices.flat)
