@@ -12,7 +12,7 @@ from flax import nnx
 from easytrain import BaseTrainer, TrainingArguments
 from easytrain.errors import ArgumentError
 from easytrain.generation import generate
-from easytrain.models import init_model
+from easytrain.models import init_model, masks
 from easytrain.models.masks import AttentionMask, trailing_lengths
 from attention_cases import CASES, LENGTHS, assert_close, case, value_and_grads
 from model_configs import right_padded_batch, tiny_config
@@ -44,21 +44,45 @@ def test_trailing_lengths_tells_right_padding_from_any_other():
     assert bool(trailing_lengths(jnp.ones((2, 5), jnp.int32))[1])
 
 
-def bool_shapes(name: str, implementation: str) -> set[str]:
+def forward_jaxpr(name: str, implementation: str) -> str:
+    """The printed jaxpr of one masking case's forward pass."""
     config, ids_BT, inputs = case(name)
     model = init_model(config, seed=0)
     model.attention_implementation = implementation
-    jaxpr = jax.make_jaxpr(lambda i, kw: model(i, **kw))(jnp.asarray(ids_BT), jax.tree.map(jnp.asarray, inputs))
-    return set(re.findall(r"bool\[([0-9,]*)\]", str(jaxpr)))
+    return str(jax.make_jaxpr(lambda i, kw: model(i, **kw))(jnp.asarray(ids_BT), jax.tree.map(jnp.asarray, inputs)))
+
+
+def bool_shapes(name: str, implementation: str) -> set[str]:
+    return set(re.findall(r"bool\[([0-9,]*)\]", forward_jaxpr(name, implementation)))
 
 
 def test_causal_padding_builds_no_batch_by_query_by_key_mask():
-    """No boolean [B, T, S] or [B, 1, T, S] in the program: the lengths go in (jax's XLA implementation still
-    builds a score-shaped boolean inside, as the dense path's select does; cuDNN builds none)."""
+    """No boolean [B, T, S] or [B, 1, T, S] in the program: a [B, 1, 1, S] key mask goes in (jax's XLA
+    implementation still builds a score-shaped boolean inside, as the dense path's select does; cuDNN, given
+    key lengths, builds none)."""
     batch, length = len(LENGTHS), max(LENGTHS)
     dense = {f"{batch},{length},{length}", f"{batch},1,{length},{length}"}
     assert dense & bool_shapes("right_padding", "xla")  # the check can see a dense mask
     assert not dense & bool_shapes("right_padding", "dot_product_attention")
+
+
+def test_jax_xla_implementation_takes_padding_as_a_key_mask_with_no_conditional():
+    """Key lengths buy jax's XLA implementation nothing (it builds the same boolean from them), so only cuDNN
+    gets them, behind a `lax.cond` per layer; on XLA:GPU a conditional blocks the host on its predicate."""
+    assert "cond[" not in forward_jaxpr("right_padding", "dot_product_attention")
+
+
+@pytest.mark.parametrize("name", ["right_padding", "left_padding"])
+def test_the_key_length_branch_cudnn_takes_equals_xla(name, monkeypatch):
+    """cuDNN's path (lengths when every row's padding is trailing, else a mask) run through jax's XLA
+    implementation, the only one on a CPU."""
+    logits, grads = value_and_grads(name, "xla")
+    monkeypatch.setattr(masks, "passes_key_lengths", lambda kernel: True)
+    assert "cond[" in forward_jaxpr(name, "dot_product_attention")  # the branch is really taken here
+    dpa_logits, dpa_grads = value_and_grads(name, "dot_product_attention")
+    assert_close(dpa_logits, logits, 1e-5)
+    for a, b in zip(jax.tree.leaves(dpa_grads), jax.tree.leaves(grads), strict=True):
+        assert_close(a, b, 1e-5)
 
 
 def test_the_structure_is_a_pytree_with_a_static_window():

@@ -13,11 +13,11 @@ What each backend receives on the ``"dot_product_attention"`` path (`attend_stru
 
 - causal, window: static arguments. cuDNN (NVIDIA GPU, bfloat16/float16 inputs) skips the masked
   blocks; jax's XLA implementation (every other case) builds a ``[T, S]`` boolean from them.
-- padding (``attention_mask_BT``): when every row is real tokens then padding (checked on device,
-  one ``lax.cond`` per layer), the key lengths ``[B]`` (cuDNN: its padding mask type, no mask
-  array; XLA: jax builds a ``[B, 1, T, S]`` boolean from them, fused into the select). Otherwise
-  (left or inner padding) a boolean key mask: ``[B, 1, 1, S]`` for XLA, ``[B, 1, T, S]`` for cuDNN,
-  which converts it to an additive bias of that shape. Both branches are compiled.
+- padding (``attention_mask_BT``): XLA: a boolean ``[B, 1, 1, S]`` key mask, always (jax builds the
+  same boolean from key lengths, so they would buy nothing). cuDNN: when every row is real tokens then
+  padding (checked on device, one ``lax.cond`` per layer, both branches compiled), the key lengths
+  ``[B]`` (its padding mask type, no mask array); otherwise (left or inner padding) a boolean
+  ``[B, 1, T, S]`` mask, which it converts to an additive bias of that shape (`passes_key_lengths`).
 - packing (``segment_ids_BT``): a boolean ``[B, 1, T, S]`` mask (same segment, key real), built
   always, because ``jax.nn.dot_product_attention`` has no segment argument (cuDNN's packed layout,
   ``q_offsets``/``kv_offsets``, is reachable only through jax's private cuDNN module). On cuDNN it
@@ -111,6 +111,14 @@ def trailing_lengths(attention_mask_BT: Array) -> tuple[Array, Array]:
     return lengths_B, jnp.all(real_BT == prefix_BT)
 
 
+def passes_key_lengths(kernel: str | None) -> bool:
+    """Whether trailing padding goes in as key lengths: for cuDNN only, whose padding mask type needs no mask
+    array. jax's XLA implementation builds the same key-mask boolean from lengths as from a mask, so there they
+    would buy nothing and cost a `lax.cond` per layer (both branches compiled; on XLA:GPU a conditional copies
+    its predicate to the host and blocks on it)."""
+    return kernel == "cudnn"
+
+
 def attend_structured(q_BTNGK: Array, k_BSNK: Array, v_BSNK: Array, mask: AttentionMask) -> Array:
     """`grouped_attention` through ``jax.nn.dot_product_attention``; what each case passes: module doc."""
     batch, length, kv_heads, group, head_dim = q_BTNGK.shape
@@ -123,13 +131,15 @@ def attend_structured(q_BTNGK: Array, k_BSNK: Array, v_BSNK: Array, mask: Attent
         segments_BT = mask.segment_ids_BT
         keep_B1TS = (segments_BT[:, :, None] == segments_BT[:, None, :])[:, None]
         out_BTHK = call(mask=keep_B1TS if real_BS is None else keep_B1TS & real_BS[:, None, None, :])
-    elif real_BS is not None:
+    elif real_BS is not None and passes_key_lengths(kernel):
         lengths_B, trailing = trailing_lengths(real_BS)
         keep_B11S = real_BS[:, None, None, :]
         if kernel == "cudnn":  # cuDNN takes a mask only as a [.., T, S] bias
             keep_B11S = jnp.broadcast_to(keep_B11S, (batch, 1, length, real_BS.shape[1]))
         out_BTHK = jax.lax.cond(trailing, lambda: call(key_value_seq_lengths=lengths_B),
                                 lambda: call(mask=keep_B11S))
+    elif real_BS is not None:
+        out_BTHK = call(mask=real_BS[:, None, None, :])
     else:
         out_BTHK = call()
     return out_BTHK.reshape(q_BTNGK.shape)
