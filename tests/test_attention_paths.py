@@ -11,7 +11,9 @@ from flax import nnx
 
 from easytrain import BaseTrainer, TrainingArguments
 from easytrain.errors import ArgumentError
+from easytrain.data.lm import lm_collate
 from easytrain.generation import generate
+from easytrain.losses import causal_lm_loss
 from easytrain.models import init_model, masks
 from easytrain.models.masks import AttentionMask, trailing_lengths
 from attention_cases import CASES, LENGTHS, assert_close, case, value_and_grads
@@ -70,6 +72,19 @@ def test_jax_xla_implementation_takes_padding_as_a_key_mask_with_no_conditional(
     """Key lengths buy jax's XLA implementation nothing (it builds the same boolean from them), so only cuDNN
     gets them, behind a `lax.cond` per layer; on XLA:GPU a conditional blocks the host on its predicate."""
     assert "cond[" not in forward_jaxpr("right_padding", "dot_product_attention")
+
+
+def test_token_blocks_attend_with_the_causal_structure_alone(monkeypatch):
+    """Token blocks are never padded (an eval padding row is weighed out by `loss_mask`), so their batch carries
+    no attention mask: the model attends causally with no key mask, and on cuDNN's path with no per-layer
+    `lax.cond` (a host sync on XLA:GPU, twice per layer per step)."""
+    monkeypatch.setattr(masks, "passes_key_lengths", lambda kernel: True)  # cuDNN's path, on a CPU
+    batch = lm_collate(np.random.default_rng(0).integers(0, 64, (2, 9)), np.array([0, -1]))
+    model = init_model(tiny_config(), seed=0)
+    model.attention_implementation = "dot_product_attention"
+    jaxpr = str(jax.make_jaxpr(lambda b: causal_lm_loss(model, b, None, True).loss_sum)(
+        jax.tree.map(jnp.asarray, batch)))
+    assert "cond[" not in jaxpr and "bool[2,1,1,8]" not in jaxpr
 
 
 @pytest.mark.parametrize("name", ["right_padding", "left_padding"])

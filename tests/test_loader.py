@@ -38,7 +38,6 @@ def test_batches_follow_the_contract_and_hold_the_rows_they_name():
         "input_ids": ("int32", (4, 4)),
         "targets": ("int32", (4, 4)),
         "loss_mask": ("float32", (4, 4)),
-        "attention_mask": ("int32", (4, 4)),
         "example_id": ("int32", (4,)),
     }
     np.testing.assert_array_equal(batch["input_ids"][:, 0], batch["example_id"])
@@ -214,7 +213,6 @@ def test_eval_pads_the_last_batch_and_counts_every_example_once(batch_size):
     real = ids >= 0
     assert ids[real].tolist() == list(range(10))  # in order, once each
     assert (ids[~real] == -1).all() and (masks[~real] == 0).all() and (masks[real] == 1).all()
-    assert (np.concatenate([b["attention_mask"] for b in batches]) == 1).all()
 
 
 @pytest.mark.parametrize(("num_rows", "batch_size"), [(10, 4), (3, 8)])

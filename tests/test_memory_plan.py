@@ -201,7 +201,8 @@ def reference_plan(tmp_path: Path, **overrides) -> memory_plan.MemoryPlan:
 @pytest.mark.slow
 def test_the_reference_plan_has_not_grown_and_each_named_fix_shrinks_it(tmp_path):
     plan = reference_plan(tmp_path / "reference")
-    assert plan.donated == plan.arguments - BATCH * LENGTH * 4 * 4  # the state (all of it) is donated
+    # The state (all of it) is donated; the batch is not: input_ids, targets, loss_mask, 4 bytes per token each.
+    assert plan.donated == plan.arguments - BATCH * LENGTH * 4 * 3
     assert plan.temporaries / MIB == pytest.approx(REFERENCE_TEMP_MIB, rel=0.1)
     # Measured: remat 0.91x, chunked loss 0.90x, half the batch over two micro-batches 0.32x the temporaries.
     fixes = {"remat_policy": (dict(remat_policy="full"), 0.95), "loss_chunk_size": (dict(loss_chunk_size=512), 0.95),

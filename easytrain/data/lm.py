@@ -80,8 +80,10 @@ def lm_collate(blocks_NL: np.ndarray, example_ids: np.ndarray) -> Batch:
     Returns:
         ``input_ids``/``targets`` int32 ``[N, T]`` (targets already shifted),
         ``loss_mask`` float32 (ones; zeros on padding rows, whose example id
-        is negative) and ``attention_mask`` int32 ``[N, T]`` of ones, and
-        ``example_id`` int32 ``[N]``.
+        is negative) and ``example_id`` int32 ``[N]``. No ``attention_mask``:
+        a block has no padding, and an all-ones mask would make the model
+        attend through its padding path (a key mask; on cuDNN a conditional
+        per layer) for nothing.
     """
     if isinstance(blocks_NL, Mapping):
         raise DataError(
@@ -100,7 +102,6 @@ def lm_collate(blocks_NL: np.ndarray, example_ids: np.ndarray) -> Batch:
         "input_ids": inputs_NT,
         "targets": blocks_NL[:, 1:],
         "loss_mask": np.broadcast_to(real_N1, inputs_NT.shape).astype(np.float32),
-        "attention_mask": np.ones(inputs_NT.shape, np.int32),
         "example_id": example_ids,
     }
 
