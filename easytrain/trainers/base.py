@@ -39,7 +39,7 @@ from easytrain.trainers import adapters, builders, init_weights
 from easytrain.trainers.language_model import LanguageModelHooks
 from easytrain.trainers.loop import LoopParts, TrainLoop, evaluate_batches, trackers_then_claim
 from easytrain.trainers.resume import FORMAT_VERSION, config_dict, restore_checkpoint, restore_step
-from easytrain.trainers.run_dir import check_output_dir, claim_output_dir
+from easytrain.trainers.run_dir import check_output_dir, claim_run
 from easytrain.trainers.switches import apply_switches
 
 logger = logging.getLogger("easytrain")
@@ -337,7 +337,10 @@ class BaseTrainer(LanguageModelHooks):
             bind(self._model.model, self._state)
 
     def _claim(self) -> TrainLoop:
-        self.claim_output_dir()
+        """Once per trainer, after every check of `setup`: make `output_dir` this run's (`run_dir.claim_run`)."""
+        if not self._output_dir_claimed:
+            claim_run(self._arguments, self._resume_from, self.is_main_process)
+            self._output_dir_claimed = True
         self.save_arguments()
         return TrainLoop(self.loop_parts())  # its checkpoint manager reads the claimed directory
 
@@ -387,19 +390,8 @@ class BaseTrainer(LanguageModelHooks):
                 "model_config": config_dict(self.model_config)}
         return info if self.base_fingerprint is None else {**info, "base_fingerprint": self.base_fingerprint}
 
-    def claim_output_dir(self) -> None:
-        """Once per trainer, after every check of `setup`: move a resumed run's newer checkpoints aside, or
-        remove the previous run under `overwrite_output_dir` (process 0; the others wait for it)."""
-        if self._output_dir_claimed:
-            return
-        if self.is_main_process:
-            claim_output_dir(self._arguments, self._resume_from)
-        distributed.barrier("easytrain:output_dir")  # process 0 may have cleared or moved checkpoints
-        self._output_dir_claimed = True
-
     def save_arguments(self) -> Path | None:
         """`arguments.json`: the run's `TrainingArguments` and its `task_arguments` (process 0 writes it)."""
         if not self.is_main_process:
             return None
         return save_arguments(self._arguments, self._arguments.output_dir, self.task_arguments)
-

@@ -8,6 +8,7 @@ import time
 import uuid
 from pathlib import Path
 
+from easytrain import distributed
 from easytrain.arguments import TrainingArguments
 from easytrain.checkpoint import CHECKPOINTS_DIRNAME, finalized_steps, resolve_checkpoint
 from easytrain.errors import OutputDirError
@@ -59,6 +60,13 @@ def check_output_dir(args: TrainingArguments, *, is_main_process: bool = True) -
             f"output_dir: {str(output_dir)!r} holds another run's {', '.join(found)} (and no checkpoint to "
             "resume). Pass --overwrite_output_dir to start over (removes them), or choose another --output_dir.")
     return None
+
+
+def claim_run(args: TrainingArguments, resume: tuple[Path, int] | None, is_main_process: bool) -> None:
+    """Process 0 claims `output_dir` (`claim_output_dir`); the others wait until it has."""
+    if is_main_process:
+        claim_output_dir(args, resume)
+    distributed.barrier("easytrain:output_dir")  # process 0 may have cleared or moved checkpoints
 
 
 def claim_output_dir(args: TrainingArguments, resume: tuple[Path, int] | None) -> None:
