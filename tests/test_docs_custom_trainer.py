@@ -92,8 +92,8 @@ def test_the_table_names_hooks_that_exist():
     table = DOC.read_text().split("## What to override for what")[1].split("\n## ")[0]
     hooks = ["compute_loss", "collate", "count_tokens", "count_token_slots", "host_only_fields", "prepare_datasets",
              "configure_frozen", "model_flops", "trainable", "create_module", "save_pretrained", "compile_step",
-             "configure_functions", "train_iteration", "configure_optimizer", "configure_schedule", "configure_mesh",
-             "partition_rules"]
+             "configure_functions", "train_function", "train_iteration", "configure_optimizer", "configure_schedule",
+             "configure_mesh", "partition_rules"]
     for hook in hooks:
         assert f"`{hook}" in table, hook
         assert hasattr(BaseTrainer, hook), f"the page documents BaseTrainer.{hook}, which does not exist"

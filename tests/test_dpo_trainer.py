@@ -140,16 +140,37 @@ def test_lora_dpo_on_fsdp_and_tensor_mesh_gives_the_one_device_curve_with_adapte
                                "lora_b": str(P(None, "tensor")), "frozen": []}
 
 
-def test_tr_dpo_moves_the_reference_toward_the_policy_and_checkpoints_it(tmp_path):
-    args = tiny_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
-    trainer = DPOTrainer(args, DPOArguments(sync_ref_model=True, ref_model_sync_steps=2, ref_model_mixup_alpha=0.25))
+def test_tr_dpo_moves_the_reference_inside_the_compiled_train_step(tmp_path):
+    """One program per update: the memory plan, and anyone calling `functions.train_step`, get the sync too."""
+    options = DPOArguments(sync_ref_model=True, ref_model_sync_steps=2, ref_model_mixup_alpha=0.25)
+    trainer = DPOTrainer(tiny_args(tmp_path), options)
     initial = jax.tree.map(np.asarray, trainer.state.frozen["reference"])
-    trainer.train()
-    policy, reference = trainer.state.params, trainer.state.frozen["reference"]
-    for p, r, r0 in zip(jax.tree.leaves(policy), jax.tree.leaves(reference), jax.tree.leaves(initial)):
-        np.testing.assert_allclose(np.asarray(r), 0.25 * np.asarray(p) + 0.75 * r0, rtol=1e-5, atol=1e-7)
-    keys = CheckpointManager(Path(args.output_dir) / "checkpoints").stored_signature(2)
+    batch = trainer.to_global(next(trainer.dataloaders.train.iterator(0)))
+    state, _ = trainer.functions.train_step(trainer.state, batch)  # update 1: the reference stays
+    for r, r0 in zip(jax.tree.leaves(state.frozen["reference"]), jax.tree.leaves(initial)):
+        np.testing.assert_array_equal(np.asarray(r), r0)
+    state, _ = trainer.functions.train_step(state, batch)  # update 2: reference <- 0.25 policy + 0.75 reference
+    moved = [np.asarray(r) for r in jax.tree.leaves(state.frozen["reference"])]
+    for p, r, r0 in zip(jax.tree.leaves(state.params), moved, jax.tree.leaves(initial)):
+        np.testing.assert_allclose(r, 0.25 * np.asarray(p) + 0.75 * r0, rtol=1e-5, atol=1e-7)
+    assert any(not np.array_equal(r, r0) for r, r0 in zip(moved, jax.tree.leaves(initial)))
+
+
+def test_tr_dpo_resumes_exactly_between_two_syncs(tmp_path):
+    """Cut at step 3 (synced at 2, next at 4): the checkpoint must hold the moved reference."""
+    common = dict(max_steps=5, save_strategy="steps", save_steps=3)
+    options = DPOArguments(sync_ref_model=True, ref_model_sync_steps=2, ref_model_mixup_alpha=0.5)
+    straight = DPOTrainer(tiny_args(tmp_path / "straight", **common), options)
+    straight.train()
+    DPOTrainer(tiny_args(tmp_path / "cut", **common), options, callbacks=[StopAt(3)]).train()
+    keys = CheckpointManager(tmp_path / "cut" / "run" / "checkpoints").stored_signature(3)
     assert any(key.startswith("frozen.reference.") for key in keys)
+    resumed = DPOTrainer(tiny_args(tmp_path / "cut", resume_from_checkpoint="latest", **common), options)
+    resumed.train()
+    assert logged(tmp_path / "cut" / "run") == logged(tmp_path / "straight" / "run")
+    for ours, theirs in zip(jax.tree.leaves(resumed.state.frozen["reference"]),
+                            jax.tree.leaves(straight.state.frozen["reference"])):
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
 
 
 def test_resume_with_a_precomputed_reference_never_recomputes(tmp_path):

@@ -295,14 +295,20 @@ class BaseTrainer(LanguageModelHooks):
                        out_shardings=(state_sh, replicated) if returns_state else replicated,
                        donate_argnums=0 if donate_state else (), compiler_options=self.compiler_options)
 
-    def configure_functions(self) -> ConfiguredFunctions:
-        """The train step (state donated) and the eval step, each compiled once by `compile_step`."""
+    def train_function(self) -> Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, dict]]:
+        """The pure `(state, batch) -> (state, metrics)` step `configure_functions` compiles: one update with this
+        trainer's loss, schedule, accumulation and non-finite policy. Wrap it to do more after every update (an
+        EMA, a reference moved toward the policy) inside the same compiled program: no second dispatch."""
         args = self._arguments
-        train = functools.partial(steps.train_step, loss_fn=self.compute_loss, schedule=self._schedule,
-                                  num_micro=args.gradient_accumulation_steps,
-                                  skip_non_finite=args.non_finite_policy != "ignore")
+        return functools.partial(steps.train_step, loss_fn=self.compute_loss, schedule=self._schedule,
+                                 num_micro=args.gradient_accumulation_steps,
+                                 skip_non_finite=args.non_finite_policy != "ignore")
+
+    def configure_functions(self) -> ConfiguredFunctions:
+        """`train_function` (state donated) and the eval step, each compiled once by `compile_step`."""
         evaluate = functools.partial(steps.eval_step, loss_fn=self.compute_loss, metrics_fn=self.compute_metrics)
-        return ConfiguredFunctions(train_step=self.compile_step(train, donate_state=True, returns_state=True),
+        return ConfiguredFunctions(train_step=self.compile_step(self.train_function(), donate_state=True,
+                                                                returns_state=True),
                                    eval_step=self.compile_step(evaluate))
 
     # ------------------------------------------------------------------ running

@@ -288,19 +288,13 @@ class DPOTrainer(BaseTrainer):
         return LossOutput(jnp.sum(losses_B * valid_B), jnp.sum(valid_B), metrics)
 
     # ------------------------------------------------------------------ TR-DPO
-    def configure_functions(self):
-        functions = super().configure_functions()
-        if self.dpo.sync_ref_model:
-            sync = functools.partial(sync_reference, alpha=self.dpo.ref_model_mixup_alpha,
-                                     every=self.dpo.ref_model_sync_steps)
-            self._sync = self.compile_step(sync, donate_state=True, returns_state=True)
-        return functions
-
-    def train_iteration(self, state: Any, batch: Mapping[str, jax.Array]) -> tuple[Any, dict]:
-        state, metrics = super().train_iteration(state, batch)
-        if self.dpo.sync_ref_model:
-            state, _ = self._sync(state, batch)
-        return state, metrics
+    def train_function(self):
+        """With `sync_ref_model`, the update and then the reference's move toward the policy, in one program."""
+        update = super().train_function()
+        if not self.dpo.sync_ref_model:
+            return update
+        return functools.partial(update_then_sync, update=update, alpha=self.dpo.ref_model_mixup_alpha,
+                                 every=self.dpo.ref_model_sync_steps)
 
     def longest_batch_length(self) -> int | None:
         """The largest bucket a batch of pairs is padded to (the memory plan's shape)."""
@@ -316,10 +310,18 @@ def logps_and_mean_logit(logits_MV: jax.Array, targets_M: jax.Array) -> tuple[ja
     return target_logps(logits_MV, targets_M), jnp.mean(logits_MV.astype(jnp.float32), axis=-1)
 
 
-def sync_reference(state: Any, batch: Mapping[str, jax.Array], *, alpha: float, every: int) -> tuple[Any, dict]:
+def update_then_sync(state: Any, batch: Mapping[str, jax.Array], *, update: Callable[..., Any], alpha: float,
+                     every: int) -> tuple[Any, dict]:
+    """One update, then TR-DPO's reference sync (`sync_reference`) when the update count reaches a multiple of
+    `every`; inside the train step, so a checkpoint of step N holds the reference of step N."""
+    state, metrics = update(state, batch)
+    return sync_reference(state, alpha=alpha, every=every), metrics
+
+
+def sync_reference(state: Any, *, alpha: float, every: int) -> Any:
     """TR-DPO (Gorbatovski et al. 2024): after every `every`-th update, reference <- alpha * policy +
-    (1 - alpha) * reference, on the trained variables the two share."""
-    del batch
+    (1 - alpha) * reference, on the trained variables the two share. A branch, not a select: the other steps
+    neither read nor write the reference."""
     reference = traverse_util.flatten_dict(state.frozen["reference"])
     policy = traverse_util.flatten_dict(state.params)
 
@@ -331,4 +333,4 @@ def sync_reference(state: Any, batch: Mapping[str, jax.Array], *, alpha: float, 
         return out
 
     new = jax.lax.cond(state.step % every == 0, mixed, lambda: dict(reference))
-    return state.replace(frozen={**state.frozen, "reference": traverse_util.unflatten_dict(new)}), {}
+    return state.replace(frozen={**state.frozen, "reference": traverse_util.unflatten_dict(new)})
