@@ -2,15 +2,17 @@
 
     python -m benchmarks.dpo [--quick] [--out FILE]
 
-1. **Step time.** Three trainers on the same Llama config, the same `max_length` T and the same
+1. **Step time.** Trainers on the same Llama config, the same `max_length` T and the same
    tokens per step: `SFTTrainer` on a batch of 2B sequences, `DPOTrainer` with its default frozen
-   reference (`state.frozen["reference"]`) and `DPOTrainer(precompute_ref_log_probs=True)`, each on
-   a batch of B pairs (`[B, 2, T]`: the same 2B sequences). Batches are fixed: random tokens at full
+   reference (`state.frozen["reference"]`), `DPOTrainer(precompute_ref_log_probs=True)`, TR-DPO moving
+   its reference after every update (`dpo_sync_every_step`: `sync_ref_model`, `ref_model_sync_steps=1`,
+   the most a sync can cost) and the adapter-off LoRA side below, each DPO side on a batch of B pairs
+   (`[B, 2, T]`: the same 2B sequences). Batches are fixed: random tokens at full
    length (no padding), the second half of each row supervised (the "completion"; SFT supervises the
    same positions), placed on the device once with the trainer's own `to_global`. The precomputed
    side's `ref_logps` are the initial policy's log-probs of that batch. Each side runs its trainer's
    compiled `train_step` (state donated). After compilation and warm-up steps, timed windows of
-   `--steps` steps alternate between the three sides (the order rotates every repeat), `--repeats`
+   `--steps` steps alternate between the sides (the order rotates every repeat), `--repeats`
    times; each window ends when the device is done. Reported: wall seconds per step, and this
    process's CPU seconds per step (`time.process_time()`, all threads: steadier than wall time when
    other work shares the cores), each as median, min, max over windows, and DPO / SFT ratios of both
@@ -72,7 +74,7 @@ PROFILES = {
     "quick": dict(model_config="tiny", vocab_size=1024, max_length=32, pairs=4, steps=3, repeats=5,
                   warmup_steps=1, logps_shape=[8, 256, 32768], naive_step=False),
 }
-SIDES = ("sft", "dpo_frozen", "dpo_precomputed", "dpo_adapter_off_lora")
+SIDES = ("sft", "dpo_frozen", "dpo_precomputed", "dpo_sync_every_step", "dpo_adapter_off_lora")
 NO_PEAK_REASON = ("this backend has no peak-memory counter (Device.memory_stats() is None on CPU); reported instead: "
                   "train-state bytes, live device bytes after setup, and the compiled step's memory_analysis().")
 
@@ -175,7 +177,8 @@ def build_trainer(kind: str, options: argparse.Namespace, config: str, output_di
         trainer = SFTTrainer(arguments, SFTArguments(packing=False), tokenizer=tokenizer, dataset_train=data)
     else:
         data = make_arithmetic_preference_splits(4 * options.pairs, 1, seed=0)["train"]
-        dpo = DPOArguments(precompute_ref_log_probs=kind == "dpo_precomputed")
+        dpo = DPOArguments(precompute_ref_log_probs=kind == "dpo_precomputed",
+                           sync_ref_model=kind == "dpo_sync_every_step", ref_model_sync_steps=1)
         cls = NaiveLogpsDPOTrainer if kind == "dpo_naive_logps" else DPOTrainer
         trainer = cls(arguments, dpo, tokenizer=tokenizer, dataset_train=data)
     trainer.setup()

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "dpo.py"
-SIDES = ("sft", "dpo_frozen", "dpo_precomputed", "dpo_adapter_off_lora")
+SIDES = ("sft", "dpo_frozen", "dpo_precomputed", "dpo_sync_every_step", "dpo_adapter_off_lora")
 
 
 def load():
@@ -46,6 +46,7 @@ def test_dpo_benchmark_smoke(tmp_path):
         assert memory["live_bytes_added_by_setup"][side] > 0
     params = states["sft"]["params"]
     assert states["dpo_frozen"]["frozen"] == params, "the frozen reference is one more copy of the weights"
+    assert states["dpo_sync_every_step"]["frozen"] == params, "TR-DPO moves that one copy, adds none"
     assert states["sft"]["frozen"] == states["dpo_precomputed"]["frozen"] == 0
     for side in (*SIDES, "dpo_frozen_naive_logps"):
         step = memory["train_step"][side]
