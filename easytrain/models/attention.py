@@ -21,7 +21,23 @@ def rope_tables(positions_BT: Array, head_dim: int, theta: float, dtype: DType) 
     inv_freq_K2 = 1.0 / (theta**exponents_K2)
     angles_BTK2 = positions_BT.astype(jnp.float32)[..., None] * inv_freq_K2
     angles_BTK = jnp.concatenate([angles_BTK2, angles_BTK2], axis=-1)
-    return jnp.cos(angles_BTK).astype(dtype), jnp.sin(angles_BTK).astype(dtype)
+    cos_BTK, sin_BTK = jnp.cos(angles_BTK), jnp.sin(angles_BTK)
+    if jax.default_backend() == "cpu":
+        cos_BTK, sin_BTK = _computed_once(cos_BTK, sin_BTK)
+    return cos_BTK.astype(dtype), sin_BTK.astype(dtype)
+
+
+def _computed_once(cos_BTK: Array, sin_BTK: Array) -> tuple[Array, Array]:
+    """The same tables, as one buffer XLA:CPU fills once per step.
+
+    Left alone, XLA:CPU fuses `cos` and `sin` into every consumer, so each layer's query and key rotation,
+    forward and backward, recomputes them for every head: 24 of each in the benchmark Llama's train step,
+    about 5% of its time (docs/benchmarks.md). A stack is a concatenation, which XLA:CPU does not fuse into
+    the consumers' loops; the `reduce_precision` to float32's own format (an identity) keeps the simplifier
+    from folding each slice of the stack back into the `cos` or `sin` it came from.
+    """
+    both_2BTK = jax.lax.reduce_precision(jnp.stack([cos_BTK, sin_BTK]), exponent_bits=8, mantissa_bits=23)
+    return both_2BTK[0], both_2BTK[1]
 
 
 def apply_rope(x_BTHK: Array, cos_BTK: Array, sin_BTK: Array) -> Array:
