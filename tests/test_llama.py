@@ -176,6 +176,7 @@ def test_query_heads_must_group_evenly_over_key_value_heads():
         init_model(tiny_config(num_attention_heads=4, num_key_value_heads=3))
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the stacked tables are XLA:CPU's path only")
 def test_the_rotary_tables_are_computed_once_per_step_on_cpu():
     """XLA:CPU fuses `cos` and `sin` into every consumer unless told otherwise: each layer's query and key rotation,
     forward and backward, recomputed them per head (about 5% of the benchmark Llama's step)."""
