@@ -1,34 +1,66 @@
 #!/usr/bin/env bash
-# Every GPU measurement easytrain still owes, as one device run (about 8 minutes of a 15-minute lease):
+# Every GPU measurement easytrain still owes, as one device run inside a 15-minute lease:
 #   here:    bash benchmarks/gpu_wheels.sh
 #   device:  run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=600)
-# Each step has its own time limit and writes $OUT/<name>.json and <name>.log; a failed step does not stop
-# the next. Order: versions and a smoke run (does easytrain run on the image's jax?), the largest Llama that
-# fits (issue 15 item 9), then the non-finite guard's cost on a GPU (docs/benchmarks.md, "GPU").
+# Steps run in order of value, each under its own time limit and all under one deadline (BUDGET seconds,
+# default 520: a step that would not finish before it is skipped, and says so). A failed step does not stop the
+# next. What comes back (the device returns at most 8 files): $OUT/results.jsonl (one JSON line per step, with
+# its name), $OUT/session.log (this script's output) and $OUT/logs.tar.gz (each step's full log).
+# Order: versions and a smoke run (does easytrain run on the image's jax?), the largest Llama that fits
+# (issue 15 item 9), the same model with `--remat dots`, the non-finite guard's cost on `llama-1b`
+# (docs/benchmarks.md, "GPU"), then the largest model in bfloat16 master weights if time is left.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/easytrain-gpu}
-mkdir -p "$OUT"
+mkdir -p "$OUT/logs"
+DEADLINE=$((SECONDS + ${BUDGET:-520}))
+exec > >(tee "$OUT/session.log") 2>&1
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "wheels did not install: run benchmarks/gpu_wheels.sh here and carry .whl" >&2; exit 1; }
-export PYTHONPATH=/tmp/site:$PWD
+if [ -z "${EASYTRAIN_GPU_NO_INSTALL:-}" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl || { echo "wheels did not install: run benchmarks/gpu_wheels.sh here and carry .whl"; exit 1; }
+    export PYTHONPATH=/tmp/site:$PWD
+fi
 
 python3 -c "
-import jax, flax, optax, orbax.checkpoint as ocp, transformers, grain, datasets
-print({m.__name__: m.__version__ for m in (jax, flax, optax, transformers, datasets)}, 'orbax', ocp.__version__)
-print(jax.devices(), jax.devices()[0].device_kind)" 2>&1 | tee "$OUT/versions.log"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$OUT/versions.log" 2>&1
+import importlib.metadata as m
+def version(name):
+    try:
+        return m.version(name)
+    except m.PackageNotFoundError:
+        return None
+print({name: version(name) for name in ('jax', 'jaxlib', 'jax-cuda13-plugin', 'flax', 'optax', 'orbax-checkpoint',
+       'transformers', 'datasets', 'tokenizers', 'huggingface-hub', 'pyarrow', 'tensorstore', 'numpy')})
+import jax
+print(jax.devices(), jax.devices()[0].device_kind, (jax.devices()[0].memory_stats() or {}).get('bytes_limit'))"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,power.limit --format=csv
 
-step() {  # step NAME SECONDS ARGS...: one benchmarks.gpu run
-    local name=$1 limit=$2
+step() {  # step NAME SECONDS [ENV=VALUE ...] -- ARGS...: one benchmarks.gpu run, if it fits before the deadline
+    local name=$1 limit=$2 left=$((DEADLINE - SECONDS))
     shift 2
-    echo "== $name: python3 -m benchmarks.gpu $*"
-    timeout "$limit" python3 -m benchmarks.gpu "$@" --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1
-    echo "exit $? after ${SECONDS}s in all"
-    tail -c 1500 "$OUT/$name.log"
+    local env=()
+    while [ "$1" != "--" ]; do env+=("$1"); shift; done
+    shift
+    if [ "$left" -lt 45 ]; then echo "== $name: skipped, ${left}s left before the deadline"; return; fi
+    [ "$limit" -gt "$left" ] && limit=$left
+    echo "== $name (limit ${limit}s): ${env[*]} python3 -m benchmarks.gpu $*"
+    env "${env[@]}" timeout "$limit" python3 -m benchmarks.gpu "$@" --out "$OUT/logs/$name.json" \
+        > "$OUT/logs/$name.log" 2>&1
+    echo "exit $? at ${SECONDS}s"
+    if [ -s "$OUT/logs/$name.json" ]; then
+        python3 -c "import json, sys; print(json.dumps({'step': sys.argv[1], **json.load(open(sys.argv[2]))}))" \
+            "$name" "$OUT/logs/$name.json" | tee -a "$OUT/results.jsonl"
+    else
+        tail -c 2500 "$OUT/logs/$name.log"
+    fi
 }
-step quick 90 --quick
-step largest 240 --attention_implementation dot_product_attention
-step guard_on 120 --config llama-1b --attention_implementation dot_product_attention
-step guard_off 120 --config llama-1b --attention_implementation dot_product_attention --non_finite_policy ignore
+DPA=(--attention_implementation dot_product_attention)
+step quick 60 -- --quick
+step largest 200 -- "${DPA[@]}"
+step largest_dots 170 -- --config llama-3b --remat dots "${DPA[@]}"
+step guard_on 80 -- --config llama-1b --steps 20 "${DPA[@]}"
+step guard_off 80 -- --config llama-1b --steps 20 --non_finite_policy ignore "${DPA[@]}"
+step largest_bf16 170 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 -- --config llama-8b --param_dtype bfloat16 "${DPA[@]}"
+nvidia-smi --query-gpu=clocks.sm,temperature.gpu,power.draw --format=csv
+tar -czf "$OUT/logs.tar.gz" -C "$OUT" logs && rm -rf "$OUT/logs"
+echo "done at ${SECONDS}s"

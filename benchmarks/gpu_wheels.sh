@@ -5,9 +5,12 @@
 # device run checks easytrain against that jax. Then: benchmarks/gpu_session.sh on the device.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
-pins=()
-for name in flax optax orbax-checkpoint transformers datasets grain tensorboardX dill multiprocess array_record \
+mkdir -p .git/info && { grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude; }
+# The device image's jax is newer than easytrain's pin (0.11.2 on 2026-12-04), and flax 0.12.8 does not import
+# under it (`flax.nnx.variablelib` needs `jax.experimental.hijax.HiPrimitive`); flax 0.12.12 does, and easytrain's
+# smoke and GPU-path runs pass with it under jax 0.11.2 on CPU. Every other package keeps its pin.
+pins=(flax==0.12.12)
+for name in optax orbax-checkpoint transformers datasets grain tensorboardX dill multiprocess array_record \
             portpicker fsspec; do
     pin=$(grep -i -E "^${name//[-_]/[-_]}==" constraints.txt) || { echo "no pin for $name in constraints.txt" >&2; exit 1; }
     pins+=("$pin")
