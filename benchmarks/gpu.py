@@ -1,8 +1,8 @@
 """Train the largest Llama-style model that fits one accelerator in bfloat16: tokens/s and MFU.
 
     python -m benchmarks.gpu [--config llama-3b] [--steps 10] [--warmup 3] [--batch 4] [--length 2048]
-                             [--remat full|dots|none] [--param_dtype float32] [--quick] [--out FILE]
-                             [--FIELD VALUE ...]
+                             [--remat full|dots|none] [--param_dtype float32] [--quick] [--setup_only]
+                             [--out FILE] [--FIELD VALUE ...]
 
 Without `--config`, the largest of `CONFIGS` (Llama 3.x shapes: 128k vocabulary, grouped-query attention)
 whose estimated training memory fits `memory_stats()['bytes_limit']` of the first device is trained; a
@@ -10,7 +10,9 @@ device that reports no limit (a CPU) needs `--config`. The run goes through `Bas
 initialised in place on the device, AdamW, compute in bfloat16 with `--param_dtype` master weights and
 optimizer moments, synthetic token blocks. Tokens/s and MFU are the trainer's own (`easytrain.throughput`,
 FLOPs from `easytrain.flops`, peak from its table or a measured CPU matmul rate), logged every step; the
-first `--warmup` steps (compilation included) are left out. Any other `--FIELD VALUE` is passed on to
+first `--warmup` steps (compilation included) are left out. `setup_seconds` is the trainer's construction: the
+state initialised in place (compiling and running its `jit_init` program) before any step; `--setup_only` stops
+there. Any other `--FIELD VALUE` is passed on to
 `TrainingArguments` (e.g. `--attention_implementation`, `--scan_layers`, `--loss_chunk_size` where this
 version has those fields; an unknown field is an error before anything is built). `--quick`: a tiny model
 on any device, in seconds. Prints one JSON line. No timing is asserted anywhere.
@@ -108,6 +110,8 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--param_dtype", default="float32", choices=list(DTYPE_BYTES),
                         help="master weights and optimizer moments")
     parser.add_argument("--quick", action="store_true", help="a tiny model, a few steps: a smoke run")
+    parser.add_argument("--setup_only", action="store_true",
+                        help="build the trainer (state initialised on the device) and report its time; no step")
     parser.add_argument("--out", help="also write the JSON result to this file")
     options, extra = parser.parse_known_args(argv)
     for key, value in (QUICK if options.quick else DEFAULTS).items():
@@ -167,10 +171,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = options.batch * (options.warmup + options.steps)
     blocks = np.random.default_rng(0).integers(0, config.vocab_size, (rows, options.length + 1), dtype=np.int32)
     record = Record()
+    started = time.perf_counter()
     trainer = BaseTrainer(arguments, tokenizer=build_arithmetic_tokenizer(), callbacks=[record],
                           dataset_train=datasets.Dataset.from_dict({"input_ids": blocks}))
+    jax.block_until_ready(trainer.state)
+    setup = time.perf_counter() - started
     started = time.perf_counter()
-    trainer.train()
+    if not options.setup_only:
+        trainer.train()
     wall = time.perf_counter() - started
     measured = [log for log in record.logs if log["step"] > options.warmup]
     tokens = [log["tokens_per_second"] for log in measured]
@@ -192,8 +200,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "tokens_per_second_overall": options.batch * options.length * len(measured) / seconds if seconds else None,
         "mfu": spread([log["mfu"] for log in measured if "mfu" in log]),
         "peak_flops_per_second": peak.flops_per_second if peak else None, "peak_source": peak.source if peak else None,
+        "setup_seconds": setup, "setup_only": options.setup_only,
         "final_loss": record.logs[-1].get("loss") if record.logs else None, "wall_seconds": wall,
-        "extra_arguments": extra, "jax": jax.__version__,
+        "extra_arguments": extra, "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "threefry_gpu_kernel_lowering": jax.config.jax_threefry_gpu_kernel_lowering,
     }
     return emit(result, options.out)
 

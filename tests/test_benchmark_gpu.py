@@ -18,6 +18,7 @@ def test_gpu_benchmark_smoke(tmp_path):
     assert result["tokens_per_second"]["median"] > 0 and result["tokens_per_second_overall"] > 0
     assert result["mfu"]["median"] > 0 and result["peak_source"]  # the CPU's measured peak
     assert result["planned_mib"] > 0  # the compiled step's plan, beside the estimate
+    assert result["setup_seconds"] > 0 and not result["setup_only"]
 
 
 def test_unknown_pass_through_flag_fails_before_anything_is_built():
@@ -46,3 +47,10 @@ def test_parameter_count_matches_the_model():
     config = gpu.llama("tiny")
     params = nnx.state(nnx.eval_shape(lambda: init_model(config)), nnx.Param)
     assert gpu.parameter_count(config) == sum(leaf.size for leaf in jax.tree.leaves(params))
+
+
+def test_setup_only_times_the_state_initialisation_and_trains_nothing():
+    result = gpu.main(["--quick", "--setup_only"])
+    assert result["setup_only"] and result["setup_seconds"] > 0
+    assert result["measured_steps"] == 0 and result["tokens_per_second"] is None and result["final_loss"] is None
+    assert result["threefry_gpu_kernel_lowering"] is False
