@@ -1,5 +1,6 @@
 """Shared fixtures. Tests never touch the network and run on the CPU."""
 
+import importlib.metadata
 import os
 import shutil
 import tempfile
@@ -15,8 +16,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # (tests/runs.py `long_training_env`). And XLA:CPU's elemental emitters instead of its MLIR fusion emitters: the
 # same HLO, the same losses in the runs compared, a train step's code generated in 0.5-0.8 of the time and run about
 # a tenth slower at -O0 (docs/benchmarks.md). Benchmarks and the easytrain command keep XLA's defaults.
-# Subprocesses inherit these; tests that set a device count add it to them (tests/runs.py `xla_flags`).
-for _flag, _value in (("--xla_backend_optimization_level", "0"), ("--xla_cpu_use_fusion_emitters", "false")):
+# Subprocesses inherit these; tests that set a device count add it to them (tests/runs.py `xla_flags`). The
+# emitter switch exists in jaxlib 0.10 and is gone from 0.11, whose XLA aborts on an unknown flag at backend start.
+_FLAGS = [("--xla_backend_optimization_level", "0")]
+if tuple(int(part) for part in importlib.metadata.version("jaxlib").split(".")[:2]) < (0, 11):
+    _FLAGS.append(("--xla_cpu_use_fusion_emitters", "false"))
+for _flag, _value in _FLAGS:
     if _flag not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_flag}={_value}".strip()
 

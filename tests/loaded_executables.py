@@ -36,13 +36,16 @@ def install(size: int = SIZE) -> None:
         while len(loaded) > size:
             loaded.popitem(last=False)
 
-    def cached_read(module_name, cache_key, compile_options, backend, executable_devices):
+    def cached_read(module_name, cache_key, compile_options, backend, executable_devices, *host_callbacks):
+        # jax 0.11 passes the host callbacks too (it may cache such programs); a program with any is not kept
+        callbacks = host_callbacks[0] if host_callbacks else ()
         entry = key(cache_key, executable_devices)
-        if entry in loaded:
+        if entry in loaded and not callbacks:
             loaded.move_to_end(entry)
             return loaded[entry]
-        executable, compile_time = read(module_name, cache_key, compile_options, backend, executable_devices)
-        if executable is not None:
+        executable, compile_time = read(module_name, cache_key, compile_options, backend, executable_devices,
+                                        *host_callbacks)
+        if executable is not None and not callbacks:
             keep(entry, executable, compile_time)
         return executable, compile_time
 
