@@ -172,6 +172,14 @@ def scan(r: dict) -> list[Headline]:
             Headline("scan", f"scan / unrolled layers: step temp bytes, depth {deepest}", ratio.get("temp"))]
 
 
+def init_compile(r: dict) -> list[Headline]:
+    per_layer = dig(r, "compile_seconds_per_layer.draws")
+    return [Headline("init_compile", "initialisation compile: share spent on random numbers",
+                     dig(r, "random_share_of_compile"), ratio=False),
+            Headline("init_compile", "initialisation compile: seconds per layer",
+                     round(per_layer, 3) if isinstance(per_layer, float) else None, ratio=False)]
+
+
 def compile_cache(r: dict) -> list[Headline]:
     return [Headline("compile_cache", "warm / no persistent cache: first-step compile", r.get("warm_over_off")),
             Headline("compile_cache", "cold / no persistent cache: first-step compile", r.get("cold_over_off"))]

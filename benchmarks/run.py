@@ -68,7 +68,7 @@ BENCHMARKS = {b.name: b for b in (
     Benchmark("scaling", ("--quick", "--rounds", "3", "--meshes", "2,2,2"), writes_out=False),
     Benchmark("sft"), Benchmark("dpo"), Benchmark("lora"), Benchmark("qlora", requires="qwix"),
     Benchmark("checkpoint"), Benchmark("data"), Benchmark("remat"), Benchmark("attention"), Benchmark("chunked_ce"),
-    Benchmark("scan"), Benchmark("compile_cache"), Benchmark("easydel_peer", full_only=True),
+    Benchmark("scan"), Benchmark("init_compile"), Benchmark("compile_cache"), Benchmark("easydel_peer", full_only=True),
 ) if (ROOT / "benchmarks" / f"{b.name}.py").exists()}
 
 

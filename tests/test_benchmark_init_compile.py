@@ -1,0 +1,28 @@
+"""Smoke test of benchmarks/init_compile.py at a tiny size (no timing asserted)."""
+
+import json
+
+from benchmarks import init_compile, run
+
+
+def test_init_compile_benchmark_smoke(tmp_path):
+    out = tmp_path / "init_compile.json"
+    result = init_compile.main(["--quick", "--out", str(out)])
+    assert json.loads(out.read_text()) == result
+    for depth in ("1", "2"):
+        row = result["depths"][depth]
+        assert set(row) == set(init_compile.WAYS)
+        assert all(way["compile_seconds"] > 0 and way["lower_seconds"] > 0 for way in row.values())
+        # The ways differ in what they trace: each weight drawn, one key per weight, or neither.
+        assert row["draws"]["fusions"] > row["keys_only"]["fusions"] > row["no_random"]["fusions"]
+    assert result["depths"]["2"]["draws"]["fusions"] > result["depths"]["1"]["draws"]["fusions"]
+    assert set(result["compile_seconds_per_layer"]) == set(init_compile.WAYS)
+    assert all(h.value is not None for h in run.BENCHMARKS["init_compile"].headlines(result))
+
+
+def test_the_ways_keep_the_models_initialiser_outside_their_own_compile():
+    from easytrain.models import layers
+
+    original = layers._normal
+    init_compile.compile_once(init_compile.llama(1, 64, 256), "no_random")
+    assert layers._normal is original
