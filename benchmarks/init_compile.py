@@ -38,7 +38,7 @@ from flax import nnx
 
 from benchmarks.report import emit, fill_defaults, relaunch_like_the_command
 from easytrain.models import layers
-from easytrain.models.llama import LlamaForCausalLM
+from easytrain.models import init_model
 
 PROFILES = {"full": dict(depths="4,8,16", hidden=2048, vocab=4096, repeats=2),
             "quick": dict(depths="1,2", hidden=64, vocab=256, repeats=1)}
@@ -65,13 +65,9 @@ def llama(depth: int, hidden: int, vocab: int) -> transformers.LlamaConfig:
 def compile_once(config: transformers.LlamaConfig, way: str) -> dict[str, float]:
     """Lower and compile the initialisation of `config` with `way`'s initialiser (not run)."""
 
-    def init() -> nnx.State:
-        with nnx.use_eager_sharding(False):
-            return nnx.state(LlamaForCausalLM(config, rngs=nnx.Rngs(0)))
-
     with mock.patch.object(layers, "_normal", WAYS[way] or layers._normal):
         started = time.perf_counter()
-        lowered = jax.jit(init).lower()
+        lowered = jax.jit(lambda: nnx.state(init_model(config))).lower()
         lowered_at = time.perf_counter()
         compiled = lowered.compile()
         done = time.perf_counter()
