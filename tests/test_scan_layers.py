@@ -98,6 +98,33 @@ def test_scan_with_lora_adapters_and_their_dropout():
     assert_same(scanned, unrolled)
 
 
+@pytest.mark.parametrize("config", [tiny_config(), family_config("qwen3")], ids=["llama", "qwen3 (q/k norm)"])
+def test_layers_built_stacked_hold_the_weights_built_one_by_one(config):
+    """`init_model(scan_layers=True)` builds the layers stacked in one vmapped build: the same weights, layer by
+    layer, and the same logical axes behind an unsplit layer axis, as the list built one layer at a time."""
+    unrolled_model, stacked_model = init_model(config), init_model(config, scan_layers=True)
+    assert stacked_model.scan_layers and not unrolled_model.scan_layers
+    unrolled, stacked = per_layer(nnx.state(unrolled_model)), per_layer(nnx.state(stacked_model))
+    assert sorted(stacked) == sorted(unrolled)
+    for path, value in unrolled.items():
+        np.testing.assert_array_equal(stacked[path], value, err_msg="/".join(map(str, path)))
+    kernels = [unrolled[("layers", index, "mlp", "up_proj", "kernel")] for index in range(2)]
+    assert not np.array_equal(*kernels)  # each layer draws its own weights, so the comparison can fail
+    axes = unrolled_model.layers[0].mlp.up_proj.kernel.get_metadata()["out_sharding"]
+    assert stacked_model.layers.stacked.mlp.up_proj.kernel.get_metadata()["out_sharding"] == (None, *axes)
+
+
+def test_a_stacked_build_is_one_program_whatever_the_depth():
+    """What keeps a deep model's initialisation from compiling for minutes: the stacked build traces one layer,
+    so its program does not grow with depth; built one layer at a time, every layer adds its own draws."""
+    def program_lines(depth: int, scan: bool) -> int:
+        config = tiny_config(num_hidden_layers=depth)
+        return jax.jit(lambda: nnx.state(init_model(config, scan_layers=scan))).lower().as_text().count("\n")
+
+    assert program_lines(2, scan=True) == program_lines(6, scan=True)
+    assert program_lines(6, scan=False) > program_lines(2, scan=False) + 100
+
+
 def test_layers_built_differently_are_refused_naming_scan_layers():
     model = apply_lora(init_model(tiny_config(num_hidden_layers=3)),
                        LoRAConfig(rank=4, target_modules=r"model\.layers\.1\.mlp\.up_proj"))

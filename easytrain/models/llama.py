@@ -52,6 +52,9 @@ class LlamaForCausalLM(nnx.Module):
         dtype: Compute dtype of activations and matmuls.
         param_dtype: Storage dtype of the parameters.
         rngs: Random streams; ``rngs.params`` initialises the weights.
+        scan_layers: Build the decoder layers stacked (``scan_layers`` below) rather than as a list and then
+            restacked: the weights are the same, but their initialisation is traced and compiled once whatever
+            the depth.
     """
 
     def __init__(
@@ -61,6 +64,7 @@ class LlamaForCausalLM(nnx.Module):
         dtype: DType = jnp.float32,
         param_dtype: DType = jnp.float32,
         rngs: nnx.Rngs,
+        scan_layers: bool = False,
     ):
         self._config = _StaticConfig(config.to_json_string(use_diff=False), config)
         self.features = features_of(config)
@@ -73,10 +77,15 @@ class LlamaForCausalLM(nnx.Module):
         self.embed_tokens = Embedding(
             config.vocab_size, config.hidden_size, std=std, dtype=dtype, param_dtype=param_dtype, rngs=rngs
         )
-        self.layers = nnx.List(
-            DecoderLayer(config, features=self.features, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-            for _ in range(config.num_hidden_layers)
-        )
+        # One key per layer, each layer drawing from its own stream: layer i's weights do not depend on
+        # whether the layers are built one by one or stacked in one vmapped build.
+        layer_keys = jax.random.split(rngs.params(), config.num_hidden_layers)
+
+        def make_layer(layer_rngs: nnx.Rngs) -> DecoderLayer:
+            return DecoderLayer(config, features=self.features, dtype=dtype, param_dtype=param_dtype, rngs=layer_rngs)
+
+        self.layers = (StackedLayers.from_keys(make_layer, layer_keys) if scan_layers
+                       else nnx.List(make_layer(nnx.Rngs(key)) for key in layer_keys))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
         dense = dense_factory(config, dtype, param_dtype, rngs)
         self.lm_head = (
@@ -270,6 +279,7 @@ def init_model(
     seed: int = 0,
     dtype: DType = jnp.float32,
     param_dtype: DType = jnp.float32,
+    scan_layers: bool = False,
 ) -> LlamaForCausalLM:
     """Randomly initialised model, built outside any mesh.
 
@@ -281,9 +291,11 @@ def init_model(
         seed: Seed of the ``params`` random stream.
         dtype: Compute dtype.
         param_dtype: Parameter storage dtype.
+        scan_layers: Build the decoder layers stacked (the same weights).
 
     Returns:
         The model, parameters on the default device.
     """
     with nnx.use_eager_sharding(False):
-        return LlamaForCausalLM(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
+        return LlamaForCausalLM(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed),
+                                scan_layers=scan_layers)

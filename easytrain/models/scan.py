@@ -63,11 +63,16 @@ def _with_axes(variable: nnx.Variable, value: Any, axes: tuple | None) -> nnx.Va
     return variable.replace(value=value, out_sharding=axes) if axes is not None else variable.replace(value=value)
 
 
+def _stacked_value(variable: nnx.Variable, value: Any) -> nnx.Variable:
+    """One layer's `variable` holding the layers' stacked `value`; logical axes `(None, *axes)`: the layer
+    axis unsplit."""
+    axes = variable.get_metadata().get("out_sharding")
+    return _with_axes(variable, value, (None, *axes) if axes else None)
+
+
 def _stacked_variable(*variables: nnx.Variable) -> nnx.Variable:
-    """The layers' values along a new leading axis; logical axes `(None, *axes)`: the layer axis unsplit."""
-    axes = variables[0].get_metadata().get("out_sharding")
-    value = jnp.stack([variable.get_value() for variable in variables])
-    return _with_axes(variables[0], value, (None, *axes) if axes else None)
+    """The layers' values along a new leading axis."""
+    return _stacked_value(variables[0], jnp.stack([variable.get_value() for variable in variables]))
 
 
 def _layer_variable(variable: nnx.Variable, value: Any) -> nnx.Variable:
@@ -87,17 +92,38 @@ def _values(state: nnx.State) -> Any:
 class StackedLayers(nnx.Module):
     """`L` layers built alike, stored as one layer whose variables are stacked along a leading axis.
 
-    Built from a list of layers (`StackedLayers(layers)`, one copy of their variables) and turned back into
-    one (`unstack()`). `scan` runs them in order as one `jax.lax.scan`; indexing and iterating give
-    per-layer modules (copies of one layer's slices: for reading, or a decode loop run once per call).
+    Built from a list of layers (`StackedLayers(layers)`, one copy of their variables) or, with no list ever
+    made, from one key per layer (`from_keys`); turned back into a list by `unstack()`. `scan` runs them in
+    order as one `jax.lax.scan`; indexing and iterating give per-layer modules (copies of one layer's slices:
+    for reading, or a decode loop run once per call).
     """
 
-    def __init__(self, layers: Sequence[nnx.Module]):
-        check_uniform(layers)
-        graphdef, *states = zip(*(nnx.split(layer, nnx.Param, ...) for layer in layers))
-        params, rest = (jax.tree.map(_stacked_variable, *parts, is_leaf=_is_variable) for parts in states)
-        self.num_layers = len(layers)
-        self.stacked = nnx.merge(graphdef[0], params, rest)  # the attribute `STACKED` names
+    def __init__(self, layers: Sequence[nnx.Module] = (), *, stacked: nnx.Module | None = None,
+                 num_layers: int = 0):
+        if stacked is None:
+            check_uniform(layers)
+            graphdef, *states = zip(*(nnx.split(layer, nnx.Param, ...) for layer in layers))
+            params, rest = (jax.tree.map(_stacked_variable, *parts, is_leaf=_is_variable) for parts in states)
+            stacked, num_layers = nnx.merge(graphdef[0], params, rest), len(layers)
+        self.num_layers = num_layers
+        self.stacked = stacked  # the attribute `STACKED` names
+
+    @classmethod
+    def from_keys(cls, make_layer: Callable[[nnx.Rngs], nnx.Module], keys: Array) -> StackedLayers:
+        """The layers `make_layer(nnx.Rngs(key))` for each of `keys` (`[L]` random keys), built stacked by one
+        `jax.vmap`: the same values as `StackedLayers([make_layer(nnx.Rngs(key)) for key in keys])`, but the
+        initialisation is traced and compiled once whatever the depth, and no per-layer copy is ever made."""
+        traced = []  # the one layer the vmap traces: its structure and variables' metadata, values replaced below
+
+        def layer_values(key: Array) -> tuple[Any, Any]:
+            traced.append(nnx.split(make_layer(nnx.Rngs(key)), nnx.Param, ...))
+            return _values(traced[-1][1]), _values(traced[-1][2])
+
+        param_values, rest_values = jax.vmap(layer_values)(keys)
+        graphdef, params, rest = traced[0]
+        stack = lambda state, values: jax.tree.map(_stacked_value, state, values, is_leaf=_is_variable)  # noqa: E731
+        return cls(stacked=nnx.merge(graphdef, stack(params, param_values), stack(rest, rest_values)),
+                   num_layers=len(keys))
 
     def _split(self) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
         return nnx.split(self.stacked, nnx.Param, ...)
