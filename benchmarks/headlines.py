@@ -177,7 +177,9 @@ def init_compile(r: dict) -> list[Headline]:
     return [Headline("init_compile", "initialisation compile: share spent on random numbers",
                      dig(r, "random_share_of_compile"), ratio=False),
             Headline("init_compile", "initialisation compile: seconds per layer",
-                     round(per_layer, 3) if isinstance(per_layer, float) else None, ratio=False)]
+                     round(per_layer, 3) if isinstance(per_layer, float) else None, ratio=False),
+            Headline("init_compile", "initialisation compile: layers built stacked / one at a time",
+                     dig(r, "stacked_over_draws"))]
 
 
 def compile_cache(r: dict) -> list[Headline]:

@@ -7,12 +7,14 @@ A fresh run's state is built inside one jitted program (`easytrain.placement.cre
 first step the trainer compiles that program once; on a GPU the first H200 run did not get past compiling it
 for `llama-3b` in 200 s (docs/benchmarks.md, "GPU"). This lowers and compiles a Llama's initialisation
 (`nnx.state` of the freshly built model, as `create_state` traces it; nothing is run, so no weight is
-allocated) at each depth, three ways, round-robin over `--repeats`:
+allocated) at each depth, four ways, round-robin over `--repeats`:
 
 - `draws`: the model as it is, every weight a normal draw from its own key (`easytrain.models.layers._normal`);
 - `keys_only`: each weight filled from its key's first word instead: flax's `Rngs` still derives one key per
   weight (a threefry hash), no draw;
-- `no_random`: zeros, neither.
+- `no_random`: zeros, neither;
+- `stacked`: the model's draws with its layers built stacked (`scan_layers`): one vmapped build of one layer
+  (`easytrain.models.scan.StackedLayers.from_keys`, the same weights), so the program does not grow with depth.
 
 Reported per depth and way: median seconds to lower and to compile, the fusions in the compiled program, and
 the compile seconds each added layer costs (a line through the depths). Width defaults to Llama 3.2 1B's
@@ -41,7 +43,7 @@ from easytrain.models import layers
 from easytrain.models import init_model
 
 PROFILES = {"full": dict(depths="4,8,16", hidden=2048, vocab=4096, repeats=2),
-            "quick": dict(depths="1,2", hidden=64, vocab=256, repeats=1)}
+            "quick": dict(depths="2,3", hidden=64, vocab=256, repeats=1)}
 
 
 def _keys_only(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype: Any) -> jax.Array:
@@ -52,8 +54,10 @@ def _no_random(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype: Any) -
     return jnp.zeros(shape, dtype)
 
 
-#: Way -> the weight initialiser it traces with (None: the model's own).
-WAYS: dict[str, Callable[..., jax.Array] | None] = {"draws": None, "keys_only": _keys_only, "no_random": _no_random}
+#: Way -> (the weight initialiser it traces with, None: the model's own; whether the layers are built stacked).
+WAYS: dict[str, tuple[Callable[..., jax.Array] | None, bool]] = {
+    "draws": (None, False), "keys_only": (_keys_only, False), "no_random": (_no_random, False),
+    "stacked": (None, True)}
 
 
 def llama(depth: int, hidden: int, vocab: int) -> transformers.LlamaConfig:
@@ -65,9 +69,10 @@ def llama(depth: int, hidden: int, vocab: int) -> transformers.LlamaConfig:
 def compile_once(config: transformers.LlamaConfig, way: str) -> dict[str, float]:
     """Lower and compile the initialisation of `config` with `way`'s initialiser (not run)."""
 
-    with mock.patch.object(layers, "_normal", WAYS[way] or layers._normal):
+    initialiser, stacked = WAYS[way]
+    with mock.patch.object(layers, "_normal", initialiser or layers._normal):
         started = time.perf_counter()
-        lowered = jax.jit(lambda: nnx.state(init_model(config))).lower()
+        lowered = jax.jit(lambda: nnx.state(init_model(config, scan_layers=stacked))).lower()
         lowered_at = time.perf_counter()
         compiled = lowered.compile()
         done = time.perf_counter()
@@ -83,7 +88,7 @@ def per_layer(depths: list[int], seconds: list[float]) -> float | None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny widths and depths: a smoke run")
-    parser.add_argument("--depths", help="comma-separated layer counts (default 4,8,16; --quick 1,2)")
+    parser.add_argument("--depths", help="comma-separated layer counts (default 4,8,16; --quick 2,3)")
     for name in ("hidden", "vocab", "repeats"):
         parser.add_argument(f"--{name}", type=int)
     parser.add_argument("--out", help="also write the JSON result to this file")
@@ -109,6 +114,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "random_share_of_compile": 1 - deepest["no_random"]["compile_seconds"] / deepest["draws"]["compile_seconds"],
         "keys_share_of_compile": ((deepest["keys_only"]["compile_seconds"] - deepest["no_random"]["compile_seconds"])
                                   / deepest["draws"]["compile_seconds"]),
+        # At the deepest depth: the stacked build's compile over the one-layer-at-a-time build's.
+        "stacked_over_draws": deepest["stacked"]["compile_seconds"] / deepest["draws"]["compile_seconds"],
     }
     return emit(result, options.out)
 

@@ -9,13 +9,15 @@ def test_init_compile_benchmark_smoke(tmp_path):
     out = tmp_path / "init_compile.json"
     result = init_compile.main(["--quick", "--out", str(out)])
     assert json.loads(out.read_text()) == result
-    for depth in ("1", "2"):
+    for depth in ("2", "3"):
         row = result["depths"][depth]
         assert set(row) == set(init_compile.WAYS)
         assert all(way["compile_seconds"] > 0 and way["lower_seconds"] > 0 for way in row.values())
         # The ways differ in what they trace: each weight drawn, one key per weight, or neither.
         assert row["draws"]["fusions"] > row["keys_only"]["fusions"] > row["no_random"]["fusions"]
-    assert result["depths"]["2"]["draws"]["fusions"] > result["depths"]["1"]["draws"]["fusions"]
+    assert result["depths"]["3"]["draws"]["fusions"] > result["depths"]["2"]["draws"]["fusions"]
+    # Layers built stacked: one vmapped layer whatever the depth.
+    assert result["depths"]["3"]["stacked"]["fusions"] == result["depths"]["2"]["stacked"]["fusions"]
     assert set(result["compile_seconds_per_layer"]) == set(init_compile.WAYS)
     assert all(h.value is not None for h in run.BENCHMARKS["init_compile"].headlines(result))
 
