@@ -6,11 +6,12 @@
 # default 520: a step that would not finish before it is skipped, and says so). A failed step does not stop the
 # next. What comes back (the device returns at most 8 files): $OUT/results.jsonl (one JSON line per step, with
 # its name), $OUT/session.log (this script's output) and $OUT/logs.tar.gz (each step's full log).
-# Order: versions and a smoke run (does easytrain run on the image's jax?); llama-3b's state initialisation
-# alone with jax's threefry GPU kernel (the first run, 2026-12-04, never got past compiling `jit_init` for
-# llama-3b in 200 s under the default lowering: docs/benchmarks.md, "GPU"); the largest Llama that fits
-# (issue 15 item 9), with that lowering if it initialised, then with `--remat dots`; the default lowering's
-# initialisation as the control; llama-8b in bfloat16 master weights.
+# Order: versions and a smoke run (does easytrain run on the image's jax?); the largest Llama that fits (issue 15
+# item 9) with `--scan_layers`, whose layers are built stacked so that the state initialisation compiles once
+# whatever the depth (the first run, 2026-12-04, never got past compiling `jit_init` for the unrolled llama-3b
+# in 200 s: docs/benchmarks.md, "GPU"), then with `--remat dots`; llama-1b scanned, against the unrolled
+# step measured on 2026-12-04; the unrolled llama-3b's initialisation alone under jax's threefry GPU kernel
+# lowering (does that fix the unrolled layout too?); llama-8b scanned in bfloat16 master weights.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/easytrain-gpu}
@@ -56,25 +57,16 @@ step() {  # step NAME SECONDS [ENV=VALUE ...] -- ARGS...: one benchmarks.gpu run
         tail -c 2500 "$OUT/logs/$name.log"
     fi
 }
-kernel_init() {  # the threefry kernel lowering for the training runs, if llama-3b's state initialised under it
-    python3 -c "
-import json, os, sys
-rows = open(sys.argv[1]).read().splitlines() if os.path.exists(sys.argv[1]) else []
-done = any(json.loads(line)['step'] == 'init_kernel' for line in rows)
-print('JAX_THREEFRY_GPU_KERNEL_LOWERING=' + ('true' if done else 'false'))" "$OUT/results.jsonl"
-}
 DPA=(--attention_implementation dot_product_attention)
 step quick 60 -- --quick
-step init_kernel 150 JAX_THREEFRY_GPU_KERNEL_LOWERING=true -- --config llama-3b --setup_only "${DPA[@]}"
-INIT=$(kernel_init)
-echo "== the training runs initialise with $INIT"
-step largest 240 "$INIT" -- "${DPA[@]}"
-step largest_dots 200 "$INIT" -- --config llama-3b --remat dots "${DPA[@]}"
-# The control: jax's default lowering, which did not finish compiling llama-3b's initialisation in 200 s on
-# 2026-12-04; 100 s here is enough to say whether the kernel lowering is the difference.
-step init_default 100 JAX_THREEFRY_GPU_KERNEL_LOWERING=false -- --config llama-3b --setup_only "${DPA[@]}"
-step largest_bf16 200 "$INIT" XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 -- --config llama-8b --param_dtype bfloat16 \
-    "${DPA[@]}"
+step largest_scan 200 -- --scan_layers "${DPA[@]}"
+step largest_scan_dots 150 -- --config llama-3b --scan_layers --remat dots "${DPA[@]}"
+step llama1b_scan 90 -- --config llama-1b --scan_layers "${DPA[@]}"
+# The unrolled layout draws every layer's weights apart, so its initialisation program grows with depth: does
+# jax's threefry kernel lowering ("compile times faster at a potential runtime memory cost") fix it on CUDA?
+step init_kernel 100 JAX_THREEFRY_GPU_KERNEL_LOWERING=true -- --config llama-3b --setup_only "${DPA[@]}"
+step largest_bf16 150 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 -- --config llama-8b --param_dtype bfloat16 \
+    --scan_layers "${DPA[@]}"
 nvidia-smi --query-gpu=clocks.sm,temperature.gpu,power.draw --format=csv
 tar -czf "$OUT/logs.tar.gz" -C "$OUT" logs && rm -rf "$OUT/logs"
 echo "done at ${SECONDS}s"
