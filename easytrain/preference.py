@@ -40,9 +40,7 @@ def _chunked_logps(chunk_fn: Callable[..., Array], operands: Any, targets_BT: Ar
 
     def body(carry, i):
         max_BT, sum_BT, target_BT = carry
-        # Tying the operands to the step keeps XLA from hoisting whole-array work (XLA:CPU upcasts all of a
-        # bfloat16 operand to slice it) out of the loop.
-        operands_i, _ = lax.optimization_barrier((operands, i))
+        operands_i = _tied_to_step(operands, i)
         start = i * size
         offset = jnp.minimum(start, vocab_size - size)  # a short last chunk overlaps the one before it
         cols_C = offset + jnp.arange(size)
@@ -60,6 +58,29 @@ def _chunked_logps(chunk_fn: Callable[..., Array], operands: Any, targets_BT: Ar
     (max_BT, sum_BT, target_BT), _ = lax.scan(jax.checkpoint(body, prevent_cse=False),
                                               (zeros_BT - jnp.inf, zeros_BT, zeros_BT), jnp.arange(n_chunks))
     return target_BT, _finite_or_zero(max_BT) + jnp.log(sum_BT)
+
+
+@jax.custom_vjp
+def _tied_to_step(operands: Any, i: Array) -> Any:
+    """`operands`, made to look as if they depended on the loop step `i`: keeps XLA from hoisting whole-array
+    work out of the loop (XLA:CPU upcasts all of a bfloat16 operand to slice it).
+
+    The barrier is for the forward pass only; its cotangent passes straight through. jax transposes
+    `optimization_barrier` into a barrier on the cotangents, and jax 0.11 passes the gradient accumulators
+    through it as well, which keeps XLA from adding each chunk's gradient into them in place: one more whole
+    `[D, V]` buffer for an unembedding's gradient (`tests/test_preference_losses.py`)."""
+    return lax.optimization_barrier((operands, i))[0]
+
+
+def _tied_forward(operands: Any, i: Array) -> tuple[Any, None]:
+    return _tied_to_step(operands, i), None
+
+
+def _untied_backward(_: None, cotangent: Any) -> tuple[Any, None]:
+    return cotangent, None
+
+
+_tied_to_step.defvjp(_tied_forward, _untied_backward)
 
 
 def _finite_or_zero(x: Array) -> Array:
