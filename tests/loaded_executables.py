@@ -3,8 +3,8 @@
 The suite builds hundreds of trainers that compile the same few programs. The test run's persistent compilation
 cache spares their compilation but not their loading: XLA:CPU deserialises every hit again, 0.3-0.5 s for a
 test-sized train step, as long as tracing and lowering it. This keeps the executables of the process's last
-`SIZE` cache entries and hands them out again, keyed by JAX's cache key (which changes with the cache directory:
-JAX's compile options carry it) and the devices (JAX's key leaves the device assignment out on GPU).
+`SIZE` cache entries and hands them out again, keyed by JAX's cache key, the cache directory (jax 0.10's key
+changes with it, jax 0.11's does not) and the devices (JAX's key leaves the device assignment out on GPU).
 Every entry's first load still takes JAX's own path, and a program with host callbacks is never kept (JAX does
 not cache those either: the callbacks are baked into the executable).
 """
@@ -15,6 +15,7 @@ import collections
 import time
 from typing import Any
 
+import jax
 from jax._src import compiler
 
 SIZE = 128
@@ -28,7 +29,7 @@ def install(size: int = SIZE) -> None:
     loaded: collections.OrderedDict[tuple, tuple[Any, int]] = collections.OrderedDict()
 
     def key(cache_key: str, devices: Any) -> tuple:
-        return cache_key, tuple(device.id for device in devices)
+        return cache_key, jax.config.jax_compilation_cache_dir, tuple(device.id for device in devices)
 
     def keep(entry: tuple, executable: Any, compile_time: int) -> None:
         loaded[entry] = executable, compile_time
