@@ -30,7 +30,7 @@ from easytrain.models.kv_cache import KVCache, advance, init_cache, with_layers
 from easytrain.models.layers import LOGITS_MV, RESIDUAL_MD, DecoderLayer, Embedding, RMSNorm, dense_factory
 from easytrain.models.masks import AttentionMask, check_implementation
 from easytrain.models.remat import layer_runner
-from easytrain.models.scan import StackedLayers
+from easytrain.models.scan import StackedLayers, build_layers
 from easytrain.sharding import constrain
 
 Array = jax.Array
@@ -77,15 +77,12 @@ class LlamaForCausalLM(nnx.Module):
         self.embed_tokens = Embedding(
             config.vocab_size, config.hidden_size, std=std, dtype=dtype, param_dtype=param_dtype, rngs=rngs
         )
-        # One key per layer, each layer drawing from its own stream: layer i's weights do not depend on
-        # whether the layers are built one by one or stacked in one vmapped build.
-        layer_keys = jax.random.split(rngs.params(), config.num_hidden_layers)
 
         def make_layer(layer_rngs: nnx.Rngs) -> DecoderLayer:
             return DecoderLayer(config, features=self.features, dtype=dtype, param_dtype=param_dtype, rngs=layer_rngs)
 
-        self.layers = (StackedLayers.from_keys(make_layer, layer_keys) if scan_layers
-                       else nnx.List(make_layer(nnx.Rngs(key)) for key in layer_keys))
+        # Each layer draws from its own streams: the same weights built one by one or stacked in one vmap.
+        self.layers = build_layers(make_layer, config.num_hidden_layers, rngs, stacked=scan_layers)
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
         dense = dense_factory(config, dtype, param_dtype, rngs)
         self.lm_head = (

@@ -89,11 +89,42 @@ def _values(state: nnx.State) -> Any:
     return jax.tree.map(lambda variable: variable.get_value(), state, is_leaf=_is_variable)
 
 
+#: Draws one layer may take from each random stream: layer `i`'s streams count from `(i + 1) * LAYER_DRAWS`.
+LAYER_DRAWS = 1 << 20
+
+
+def layer_rngs(rngs: nnx.Rngs, index: int | Array) -> nnx.Rngs:
+    """Layer `index`'s random streams: each of `rngs`' streams with its key and its count starting at
+    `(index + 1) * LAYER_DRAWS`, clear of the parent's own draws and of every other layer's.
+
+    A layer's weights then depend on its index only, not on how many draws the layers before it took or on
+    whether the layers are built one by one or by one vmap (`index` traced). Built one by one, every key
+    stays a constant XLA folds, as when all layers draw from one stream in turn; one key per layer
+    (`jax.random.split`) would make XLA derive each weight's key at run time, a dozen more small fusions per
+    layer to compile."""
+    layer = nnx.Rngs(**{name: stream.key[...] for name, stream in rngs.items()})
+    for _, stream in layer.items():
+        stream.count[...] = (jnp.asarray(index, jnp.uint32) + 1) * LAYER_DRAWS
+    return layer
+
+
+def build_layers(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: nnx.Rngs, *,
+                 stacked: bool) -> nnx.List | StackedLayers:
+    """`num_layers` layers, layer `i` built by `make_layer(layer_rngs(rngs, i))`: one by one as an `nnx.List`, or
+    stacked (`StackedLayers.build`), with the same weights either way."""
+    if num_layers >= (1 << 32) // LAYER_DRAWS:
+        raise ValueError(f"build_layers: {num_layers} layers; at most {(1 << 32) // LAYER_DRAWS - 1} have their own "
+                         "random streams.")
+    if stacked:
+        return StackedLayers.build(make_layer, num_layers, rngs)
+    return nnx.List(make_layer(layer_rngs(rngs, index)) for index in range(num_layers))
+
+
 class StackedLayers(nnx.Module):
     """`L` layers built alike, stored as one layer whose variables are stacked along a leading axis.
 
     Built from a list of layers (`StackedLayers(layers)`, one copy of their variables) or, with no list ever
-    made, from one key per layer (`from_keys`); turned back into a list by `unstack()`. `scan` runs them in
+    made (`build_layers`); turned back into a list by `unstack()`. `scan` runs them in
     order as one `jax.lax.scan`; indexing and iterating give per-layer modules (copies of one layer's slices:
     for reading, or a decode loop run once per call).
     """
@@ -109,21 +140,21 @@ class StackedLayers(nnx.Module):
         self.stacked = stacked  # the attribute `STACKED` names
 
     @classmethod
-    def from_keys(cls, make_layer: Callable[[nnx.Rngs], nnx.Module], keys: Array) -> StackedLayers:
-        """The layers `make_layer(nnx.Rngs(key))` for each of `keys` (`[L]` random keys), built stacked by one
-        `jax.vmap`: the same values as `StackedLayers([make_layer(nnx.Rngs(key)) for key in keys])`, but the
-        initialisation is traced and compiled once whatever the depth, and no per-layer copy is ever made."""
+    def build(cls, make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: nnx.Rngs) -> StackedLayers:
+        """`build_layers(make_layer, num_layers, rngs, stacked=True)`: the layers built stacked by one `jax.vmap`
+        of one layer's construction, so the initialisation is traced and compiled once whatever the depth, and
+        no per-layer copy is ever made."""
         traced = []  # the one layer the vmap traces: its structure and variables' metadata, values replaced below
 
-        def layer_values(key: Array) -> tuple[Any, Any]:
-            traced.append(nnx.split(make_layer(nnx.Rngs(key)), nnx.Param, ...))
+        def layer_values(index: Array) -> tuple[Any, Any]:
+            traced.append(nnx.split(make_layer(layer_rngs(rngs, index)), nnx.Param, ...))
             return _values(traced[-1][1]), _values(traced[-1][2])
 
-        param_values, rest_values = jax.vmap(layer_values)(keys)
+        param_values, rest_values = jax.vmap(layer_values)(jnp.arange(num_layers, dtype=jnp.uint32))
         graphdef, params, rest = traced[0]
         stack = lambda state, values: jax.tree.map(_stacked_value, state, values, is_leaf=_is_variable)  # noqa: E731
         return cls(stacked=nnx.merge(graphdef, stack(params, param_values), stack(rest, rest_values)),
-                   num_layers=len(keys))
+                   num_layers=num_layers)
 
     def _split(self) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
         return nnx.split(self.stacked, nnx.Param, ...)
