@@ -14,13 +14,13 @@ allocated) at each depth, four ways, round-robin over `--repeats`:
   weight (a threefry hash), no draw;
 - `no_random`: zeros, neither;
 - `stacked`: the model's draws with its layers built stacked (`scan_layers`): one vmapped build of one layer
-  (`easytrain.models.scan.StackedLayers.from_keys`, the same weights), so the program does not grow with depth.
+  (`easytrain.models.scan.build_layers`, the same weights), so the program does not grow with depth.
 
 Reported per depth and way: median seconds to lower and to compile, the fusions in the compiled program, and
 the compile seconds each added layer costs (a line through the depths). Width defaults to Llama 3.2 1B's
 (hidden 2048, SwiGLU 8192, 32 heads, 8 key/value heads), the vocabulary kept small so the embedding does not
-dominate. On a 2-core Zen 4, at 16 layers: 6.75 s with draws, 2.30 s keys only, 0.09 s without random
-numbers (docs/benchmarks.md, "Initialisation compile").
+dominate. On a 2-core Zen 4, at 16 layers: 7.29 s with draws, 2.14 s keys only, 0.09 s without random
+numbers, 1.57 s stacked (docs/benchmarks.md, "Initialisation compile").
 Prints one JSON line. No timing is asserted anywhere.
 """
 
