@@ -72,7 +72,9 @@ def assert_same(scanned, unrolled) -> None:
     for path, ref_grad in ref_flat.items():
         assert np.abs(ref_grad).max() > 0, f"{path}: a zero gradient proves nothing"
         error = np.abs(flat[path] - ref_grad).max() / np.abs(ref_grad).max()
-        assert error < 1e-5, f"{path}: gradients differ by {error:.2e} of their largest entry"
+        # float32 sums run in another order in the scan: up to 1.04e-5 of the largest entry (a LoRA gradient,
+        # jax 0.11); a wrong layer, mask or dropout draw differs by whole entries
+        assert error < 3e-5, f"{path}: gradients differ by {error:.2e} of their largest entry"
     after, ref_after = per_layer(after), per_layer(ref_after)
     assert list(after) == list(ref_after)
     for path, ref_value in ref_after.items():
