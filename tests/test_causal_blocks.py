@@ -100,4 +100,5 @@ def test_the_model_scores_query_blocks_from_blocked_from_tokens_with_the_same_va
     (_, full_logits), full_grads = run()
     np.testing.assert_allclose(blocked_logits, full_logits, rtol=1e-5, atol=1e-5)
     for got, want in zip(jax.tree.leaves(blocked_grads), jax.tree.leaves(full_grads), strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+        # float32 sums in another order: rounding scales with the gradient's largest entries (some reach 55)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=max(1e-5, 1e-6 * float(np.abs(want).max())))
