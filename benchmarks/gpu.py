@@ -1,8 +1,8 @@
 """Train the largest Llama-style model that fits one accelerator in bfloat16: tokens/s and MFU.
 
     python -m benchmarks.gpu [--config llama-3b] [--steps 10] [--warmup 3] [--batch 4] [--length 2048]
-                             [--remat full|dots|none] [--param_dtype float32] [--quick] [--setup_only]
-                             [--out FILE] [--FIELD VALUE ...]
+                             [--remat full|dots|none] [--param_dtype float32] [--padding 0.25] [--quick]
+                             [--setup_only] [--out FILE] [--FIELD VALUE ...]
 
 Without `--config`, the largest of `CONFIGS` (Llama 3.x shapes: 128k vocabulary, grouped-query attention)
 whose estimated training memory fits `memory_stats()['bytes_limit']` of the first device is trained; a
@@ -10,7 +10,11 @@ device that reports no limit (a CPU) needs `--config`. The run goes through `Bas
 initialised in place on the device, AdamW, compute in bfloat16 with `--param_dtype` master weights and
 optimizer moments, synthetic token blocks. Tokens/s and MFU are the trainer's own (`easytrain.throughput`,
 FLOPs from `easytrain.flops`, peak from its table or a measured CPU matmul rate), logged every step; the
-first `--warmup` steps (compilation included) are left out. `setup_seconds` is the trainer's construction: the
+first `--warmup` steps (compilation included) are left out. `--padding F` ends each row in padding, a mean
+fraction F of its slots (`attention_mask` 0, no loss; real lengths from 1 - 2F to all of the row): with
+`--attention_implementation dot_product_attention` on a CUDA GPU that is cuDNN's key-length path, one
+`lax.cond` per layer (`easytrain.models.masks`), to compare against the unpadded run; tokens/s and MFU count
+every slot, `padding_efficiency` the real share. `setup_seconds` is the trainer's construction: the
 state initialised in place (compiling and running its `jit_init` program) before any step; `--setup_only` stops
 there. Any other `--FIELD VALUE` is passed on to
 `TrainingArguments` (e.g. `--attention_implementation`, `--scan_layers`, `--loss_chunk_size` where this
@@ -37,6 +41,7 @@ import transformers  # noqa: E402
 
 from easytrain import BaseTrainer, Callback  # noqa: E402
 from easytrain.config_io import parse_arguments  # noqa: E402
+from easytrain.data.lm import lm_collate_rows  # noqa: E402
 from easytrain.errors import ArgumentError  # noqa: E402
 from easytrain.flops import hardware_peak, matmul_params  # noqa: E402
 from easytrain.tasks import build_arithmetic_tokenizer  # noqa: E402
@@ -109,6 +114,8 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--remat", default="full", choices=["none", "full", "dots"], help="remat_policy")
     parser.add_argument("--param_dtype", default="float32", choices=list(DTYPE_BYTES),
                         help="master weights and optimizer moments")
+    parser.add_argument("--padding", type=float, default=0.0,
+                        help="mean fraction of each row that is trailing padding (0 to 0.5; default none)")
     parser.add_argument("--quick", action="store_true", help="a tiny model, a few steps: a smoke run")
     parser.add_argument("--setup_only", action="store_true",
                         help="build the trainer (state initialised on the device) and report its time; no step")
@@ -120,6 +127,8 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     for name in ("steps", "warmup", "batch", "length"):
         if getattr(options, name) < (0 if name == "warmup" else 1):
             parser.error(f"--{name} must be positive, got {getattr(options, name)}")
+    if not 0 <= options.padding <= 0.5:
+        parser.error(f"--padding is a mean fraction of each row, from 0 to 0.5; got {options.padding}")
     return options, extra
 
 
@@ -139,6 +148,27 @@ def training_arguments(options: argparse.Namespace, extra: list[str], output_dir
     except ArgumentError as error:
         raise ArgumentError(error.field, f"{error.message} (benchmarks.gpu passes flags it does not know on to "
                                          "TrainingArguments)") from None
+
+
+def trailing_padding(batch: dict[str, np.ndarray], example_ids: np.ndarray, fraction: float) -> dict[str, np.ndarray]:
+    """`batch` with each row ending in padding, a mean `fraction` of its slots (drawn per batch from its
+    example ids): `attention_mask` 0 and no loss after the row's real tokens."""
+    length = batch["input_ids"].shape[1]
+    draw_N = np.random.default_rng(np.abs(example_ids).tolist()).uniform(0.0, 2 * fraction, len(example_ids))
+    real_N = np.maximum(1, np.round(length * (1 - draw_N))).astype(np.int32)
+    mask_NT = (np.arange(length)[None, :] < real_N[:, None]).astype(np.int32)
+    return {**batch, "attention_mask": mask_NT, "loss_mask": batch["loss_mask"] * mask_NT}
+
+
+class TrailingPadding(BaseTrainer):
+    """The benchmark's trainer with `--padding`: token blocks whose rows end in padding."""
+
+    def __init__(self, *args: Any, fraction: float, **kwargs: Any):
+        self.fraction = fraction
+        super().__init__(*args, **kwargs)
+
+    def collate(self, rows: Any, example_ids: np.ndarray) -> dict[str, np.ndarray]:
+        return trailing_padding(lm_collate_rows(rows, example_ids), example_ids, self.fraction)
 
 
 class Record(Callback):
@@ -172,8 +202,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     blocks = np.random.default_rng(0).integers(0, config.vocab_size, (rows, options.length + 1), dtype=np.int32)
     record = Record()
     started = time.perf_counter()
-    trainer = BaseTrainer(arguments, tokenizer=build_arithmetic_tokenizer(), callbacks=[record],
-                          dataset_train=datasets.Dataset.from_dict({"input_ids": blocks}))
+    padded = dict(fraction=options.padding) if options.padding else {}
+    trainer = (TrailingPadding if padded else BaseTrainer)(
+        arguments, tokenizer=build_arithmetic_tokenizer(), callbacks=[record],
+        dataset_train=datasets.Dataset.from_dict({"input_ids": blocks}), **padded)
     jax.block_until_ready(trainer.state)
     setup = time.perf_counter() - started
     started = time.perf_counter()
@@ -198,7 +230,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "compile_seconds": record.logs[0].get("compile_seconds") if record.logs else None,
         "tokens_per_second": spread(tokens),
         "tokens_per_second_overall": options.batch * options.length * len(measured) / seconds if seconds else None,
-        "mfu": spread([log["mfu"] for log in measured if "mfu" in log]),
+        "mfu": spread([log["mfu"] for log in measured if "mfu" in log]), "padding": options.padding,
+        "padding_efficiency": spread([log["padding_efficiency"] for log in measured if "padding_efficiency" in log]),
         "peak_flops_per_second": peak.flops_per_second if peak else None, "peak_source": peak.source if peak else None,
         "setup_seconds": setup, "setup_only": options.setup_only,
         "final_loss": record.logs[-1].get("loss") if record.logs else None, "wall_seconds": wall,

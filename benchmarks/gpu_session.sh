@@ -10,7 +10,8 @@
 # item 9) with `--scan_layers`, whose layers are built stacked so that the state initialisation compiles once
 # whatever the depth (the first run, 2026-12-04, never got past compiling `jit_init` for the unrolled llama-3b
 # in 200 s: docs/benchmarks.md, "GPU"), then with `--remat dots`; llama-1b scanned, against the unrolled
-# step measured on 2026-12-04; the unrolled llama-3b's initialisation alone under jax's threefry GPU kernel
+# step measured on 2026-12-04, then with a quarter of its slots trailing padding (cuDNN's key lengths behind
+# a conditional per layer); the unrolled llama-3b's initialisation alone under jax's threefry GPU kernel
 # lowering (does that fix the unrolled layout too?); llama-8b scanned in bfloat16 master weights.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -62,6 +63,8 @@ step quick 60 -- --quick
 step largest_scan 200 -- --scan_layers "${DPA[@]}"
 step largest_scan_dots 150 -- --config llama-3b --scan_layers --remat dots "${DPA[@]}"
 step llama1b_scan 90 -- --config llama-1b --scan_layers "${DPA[@]}"
+# Trailing padding: cuDNN's key-length path, one lax.cond per layer (docs/benchmarks.md, "the second check")
+step llama1b_scan_padded 90 -- --config llama-1b --scan_layers --padding 0.25 "${DPA[@]}"
 # The unrolled layout draws every layer's weights apart, so its initialisation program grows with depth: does
 # jax's threefry kernel lowering ("compile times faster at a potential runtime memory cost") fix it on CUDA?
 step init_kernel 100 JAX_THREEFRY_GPU_KERNEL_LOWERING=true -- --config llama-3b --setup_only "${DPA[@]}"

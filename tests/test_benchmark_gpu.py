@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from benchmarks import gpu
@@ -19,6 +20,20 @@ def test_gpu_benchmark_smoke(tmp_path):
     assert result["mfu"]["median"] > 0 and result["peak_source"]  # the CPU's measured peak
     assert result["planned_mib"] > 0  # the compiled step's plan, beside the estimate
     assert result["setup_seconds"] > 0 and not result["setup_only"]
+
+
+def test_trailing_padding_masks_the_end_of_each_row():
+    """`--padding`: rows end in padding (attention mask 0, no loss), a mean fraction of their slots."""
+    result = gpu.main(["--quick", "--padding", "0.25", "--steps", "4", "--batch", "8"])
+    assert result["padding"] == 0.25 and 0.6 < result["padding_efficiency"]["median"] < 0.9
+    blocks = {"input_ids": np.ones((256, 32), np.int32), "loss_mask": np.ones((256, 32), np.float32)}
+    batch = gpu.trailing_padding(blocks, np.arange(256), 0.5)
+    mask = batch["attention_mask"]
+    assert (mask[:, 0] == 1).all() and (batch["loss_mask"] == mask).all()
+    assert (np.diff(mask, axis=1) <= 0).all()  # real tokens, then padding: trailing
+    assert 0.4 < 1 - mask.mean() < 0.6 and mask.sum(1).min() < 8  # a mean half of the slots, some rows mostly
+    with pytest.raises(SystemExit):
+        gpu.parse(["--quick", "--padding", "0.7"])
 
 
 def test_unknown_pass_through_flag_fails_before_anything_is_built():
