@@ -168,6 +168,8 @@ def scan(r: dict) -> list[Headline]:
     ratio = dig(r, f"depths.{deepest}.scan_over_unrolled") or {}
     return [Headline("scan", f"scan / unrolled layers: first-step compile, depth {deepest}",
                      ratio.get("first_step_compile")),
+            Headline("scan", f"scan / unrolled layers: initialisation compile, depth {deepest}",
+                     ratio.get("init_compile")),
             Headline("scan", f"scan / unrolled layers: step time, depth {deepest}", ratio.get("step_time")),
             Headline("scan", f"scan / unrolled layers: step temp bytes, depth {deepest}", ratio.get("temp"))]
 
