@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 from flax import nnx, traverse_util
 from safetensors.numpy import load_file
 
@@ -15,7 +16,9 @@ from easytrain.checkpoint import CheckpointManager
 from easytrain.trainers.dpo import DPOArguments, DPOTrainer
 from easytrain.generation import GenerationConfig, _generate, generate
 from easytrain.lora import LoRAConfig, apply_lora
-from easytrain.models import init_model
+from easytrain.models import from_pretrained, init_model, save_pretrained
+from easytrain.sharding import make_mesh
+from easytrain.trainers import base as base_trainer
 from easytrain.models import scan as scan_module
 from easytrain.models.scan import ScanLayersError, unstack_layer_dicts
 from model_configs import VOCAB, family_config, right_padded_batch, tiny_config
@@ -214,6 +217,35 @@ def test_a_checkpoint_resumes_with_the_other_layout(tmp_path, first, optimizer):
     np.testing.assert_allclose(list(losses.values()), list(logged(straight.output_dir).values()), rtol=1e-5)
     stored = CheckpointManager(tmp_path / "switched" / "checkpoints").stored_signature(4)
     assert ("params.layers.stacked.mlp.up_proj.kernel" in stored) == (not first)
+
+
+def test_a_checkpoint_loads_straight_into_stacked_layers(tmp_path, monkeypatch):
+    """`from_pretrained(scan_layers=True)` stacks each weight as its layers are read (here from several files):
+    the values of loading per layer and then stacking, each stacked weight split like its layer's; a run from
+    `model_name_or_path` with scan_layers starts from them."""
+    config = family_config("qwen3")  # q/k norms: stacked 1-D weights too
+    save_pretrained(tmp_path, nnx.to_pure_dict(nnx.state(init_model(config), nnx.Param)), config,
+                    max_shard_size=50_000)
+    assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) >= 3
+    mesh = make_mesh()
+    stacked = from_pretrained(tmp_path, mesh=mesh, scan_layers=True)
+    reference = from_pretrained(tmp_path, mesh=mesh)
+    layer_spec = reference.layers[0].mlp.up_proj.kernel[...].sharding.spec
+    reference.scan_layers = True
+    assert stacked.scan_layers
+    assert stacked.layers.stacked.mlp.up_proj.kernel[...].sharding.spec == P(None, *layer_spec)
+    got, want = per_layer(nnx.state(stacked)), per_layer(nnx.state(reference))
+    assert sorted(got) == sorted(want)
+    for path, value in want.items():
+        np.testing.assert_array_equal(got[path], value, err_msg="/".join(map(str, path)))
+    loads = []
+    monkeypatch.setattr(base_trainer, "from_pretrained", lambda *a, **k: loads.append(k) or from_pretrained(*a, **k))
+    trainer = BaseTrainer(arguments(tmp_path / "run", model_name_or_path=str(tmp_path), scan_layers=True))
+    kernels = per_layer(trainer.state.params)
+    assert [load["scan_layers"] for load in loads] == [True]
+    for path, value in want.items():
+        if path[-1] == "kernel":
+            np.testing.assert_array_equal(kernels[path], value, err_msg="/".join(map(str, path)))
 
 
 def test_a_scan_run_starts_from_exported_weights(tmp_path):

@@ -68,12 +68,13 @@ def _join(path: ParamPath) -> str:
 
 
 def _abstract_model(
-    config: transformers.PretrainedConfig, dtype: DType, param_dtype: DType
+    config: transformers.PretrainedConfig, dtype: DType, param_dtype: DType, scan_layers: bool = False
 ) -> LlamaForCausalLM:
     """Shape-only model: the single source of truth for names and shapes."""
 
     def build() -> LlamaForCausalLM:
-        return LlamaForCausalLM(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+        return LlamaForCausalLM(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0),
+                                scan_layers=scan_layers)
 
     # No mesh while shapes are taken, even inside `with jax.set_mesh(mesh):`: flax would otherwise turn the
     # logical axis names into shardings over that mesh, whose axes they are not (placement comes later).

@@ -41,6 +41,7 @@ from easytrain.models.hf_io import (
     loadable_shapes,
 )
 from easytrain.models.llama import LlamaForCausalLM
+from easytrain.models.scan import STACKED
 
 # What a hub download fetches: config, weights and tokenizer files, never PyTorch .bin duplicates.
 HUB_PATTERNS = (
@@ -191,6 +192,7 @@ def from_pretrained(
     param_dtype: DType = jnp.float32,
     mesh: Mesh | None = None,
     rules: sharding.LogicalRules | None = None,
+    scan_layers: bool = False,
 ) -> LlamaForCausalLM:
     """Builds a model from a Hugging Face checkpoint, loading each weight straight into its sharding.
 
@@ -202,6 +204,9 @@ def from_pretrained(
         mesh: Place every parameter on this mesh by its logical axes; None: the default device.
         rules: Logical axis -> mesh axis table (default ``easytrain.sharding.DEFAULT_RULES``); pass
             the trainer's ``partition_rules`` so the loaded layout is the training layout.
+        scan_layers: Return the decoder layers stacked (``LlamaForCausalLM.scan_layers``), each weight
+            stacked as soon as its layers are read, so the devices never hold a second copy of every layer
+            (setting ``scan_layers`` on the loaded model would, for a moment).
 
     Returns:
         The model with every parameter loaded; no random initialisation is run.
@@ -226,9 +231,10 @@ def from_pretrained(
     entries = read_headers(directory)
     if _validate(entries, config):
         _check_tied_head_values(entries)
-    model = _abstract_model(config, dtype, param_dtype)
+    per_layer = _abstract_model(config, dtype, param_dtype)
+    model = _abstract_model(config, dtype, param_dtype, scan_layers) if scan_layers else per_layer
     abstract_params = nnx.state(model, nnx.Param)
-    targets = _param_shardings(abstract_params, mesh, rules)
+    targets = _param_shardings(nnx.state(per_layer, nnx.Param), mesh, rules)
     by_file: dict[Path, list[str]] = defaultdict(list)
     layout = hf_layout(config)
     for name in layout:
@@ -240,9 +246,31 @@ def from_pretrained(
                 path, transpose, _ = layout[name]
                 shape = entries[name].shape[::-1] if transpose else entries[name].shape
                 flat[path] = _place(handle.get_slice(name), shape, transpose, targets[path], jnp.dtype(param_dtype))
+    if scan_layers:
+        flat = _stack_layers(flat, _param_shardings(abstract_params, mesh, rules))
     nnx.replace_by_pure_dict(abstract_params, traverse_util.unflatten_dict(flat))
     nnx.update(model, abstract_params)
     return model
+
+
+def _stack_layers(flat: dict[ParamPath, jax.Array], targets: dict[ParamPath, jax.sharding.Sharding | None]
+                  ) -> dict[ParamPath, jax.Array]:
+    """`flat`'s per-layer arrays (`layers.<i>.…`) stacked into `targets`' stacked leaves (`layers.stacked.…`),
+    one weight at a time, each layer's arrays dropped as soon as they are stacked: the devices hold at most one
+    stacked weight more than the model."""
+    for path, target in targets.items():
+        if STACKED not in path:
+            continue
+        at = path.index(STACKED)
+        layers, index = [], 0
+        while (layer_path := (*path[:at], index, *path[at + 1:])) in flat:
+            layers.append(flat.pop(layer_path))
+            index += 1
+        stack = jax.jit(lambda *values: jnp.stack(values), out_shardings=target) if target is not None else (
+            lambda *values: jnp.stack(values))
+        flat[path] = stack(*layers)
+        del layers
+    return flat
 
 
 def _inside_trace() -> bool:

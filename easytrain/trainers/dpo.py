@@ -197,7 +197,8 @@ class DPOTrainer(BaseTrainer):
                 field = "ref_model_name_or_path" if self.dpo.ref_model_name_or_path else "model_name_or_path"
                 raise ArgumentError(field, str(error)) from error
             return Frozen(self._like_the_policy(from_pretrained(path, dtype=self.dtype, param_dtype=self.param_dtype,
-                                                                mesh=self.mesh, rules=self.partition_rules)),
+                                                                mesh=self.mesh, rules=self.partition_rules,
+                                                                scan_layers=self.arguments.scan_layers)),
                           checkpoint=moving, copy=False)
         if self._given_model is not None:
             return Frozen(self._like_the_policy(self._given_model), checkpoint=moving)
