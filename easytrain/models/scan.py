@@ -100,7 +100,7 @@ def layer_rngs(rngs: nnx.Rngs, index: int | Array) -> nnx.Rngs:
     A layer's weights then depend on its index only, not on how many draws the layers before it took or on
     whether the layers are built one by one or by one vmap (`index` traced). Built one by one, every key
     stays a constant XLA folds, as when all layers draw from one stream in turn; one key per layer
-    (`jax.random.split`) would make XLA derive each weight's key at run time, a dozen more small fusions per
+    (`jax.random.split`) would make XLA derive each weight's key at run time, about 15 more small fusions per
     layer to compile."""
     layer = nnx.Rngs(**{name: stream.key[...] for name, stream in rngs.items()})
     for _, stream in layer.items():
@@ -123,8 +123,8 @@ def build_layers(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, 
 class StackedLayers(nnx.Module):
     """`L` layers built alike, stored as one layer whose variables are stacked along a leading axis.
 
-    Built from a list of layers (`StackedLayers(layers)`, one copy of their variables) or, with no list ever
-    made (`build_layers`); turned back into a list by `unstack()`. `scan` runs them in
+    Built from a list of layers (`StackedLayers(layers)`, one copy of their variables), or stacked from the
+    start with no list ever made (`build_layers`); turned back into a list by `unstack()`. `scan` runs them in
     order as one `jax.lax.scan`; indexing and iterating give per-layer modules (copies of one layer's slices:
     for reading, or a decode loop run once per call).
     """
