@@ -266,11 +266,13 @@ def _stack_layers(flat: dict[ParamPath, jax.Array], targets: dict[ParamPath, jax
         while (layer_path := (*path[:at], index, *path[at + 1:])) in flat:
             layers.append(flat.pop(layer_path))
             index += 1
-        stack = jax.jit(lambda *values: jnp.stack(values), out_shardings=target) if target is not None else (
-            lambda *values: jnp.stack(values))
-        flat[path] = stack(*layers)
+        flat[path] = (jax.jit(_stack, out_shardings=target) if target is not None else _stack)(*layers)
         del layers
     return flat
+
+
+def _stack(*values: jax.Array) -> jax.Array:
+    return jnp.stack(values)
 
 
 def _inside_trace() -> bool:

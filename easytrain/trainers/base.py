@@ -240,8 +240,7 @@ class BaseTrainer(LanguageModelHooks):
         if self._given_model is not None:  # copied: the step donates its buffers, the caller keeps theirs
             state, shardings = placement.place_module(self.adapt_module(self._given_model), tx, **placed)
         elif self._arguments.model_name_or_path:  # streamed tensor by tensor straight into the training layout
-            # stacked as loaded under scan_layers, unless LoRA adds its adapters to separate layers first
-            stacked = self._arguments.scan_layers and self.lora is None
+            stacked = self._arguments.scan_layers and self.lora is None  # LoRA adapts separate layers first
             module = from_pretrained(self._arguments.model_name_or_path, dtype=self.dtype, scan_layers=stacked,
                                      param_dtype=self.param_dtype, mesh=self.mesh, rules=self.partition_rules)
             state, shardings = placement.place_module(self.adapt_module(module), tx, copy=False, **placed)
