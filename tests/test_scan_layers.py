@@ -1,6 +1,7 @@
 """`scan_layers`: decoder layers stored stacked and run as one `lax.scan` give the unrolled model's logits,
 gradients and training curve, export the same weights, and resume across a switch of the setting."""
 
+import gc
 from pathlib import Path
 
 import jax
@@ -15,9 +16,10 @@ from easytrain import ArgumentError, BaseTrainer, TrainingArguments
 from easytrain.checkpoint import CheckpointManager
 from easytrain.trainers.dpo import DPOArguments, DPOTrainer
 from easytrain.generation import GenerationConfig, _generate, generate
-from easytrain.lora import LoRAConfig, apply_lora
+from easytrain.lora import LoRAConfig, apply_lora, merge_lora
 from easytrain.models import from_pretrained, init_model, save_pretrained
 from easytrain.sharding import make_mesh
+from easytrain.tasks import build_arithmetic_tokenizer
 from easytrain.trainers import base as base_trainer
 from easytrain.models import scan as scan_module
 from easytrain.models.scan import ScanLayersError, unstack_layer_dicts
@@ -349,3 +351,74 @@ def test_scan_with_structured_attention_masks():
     mixed.attention_implementation = "dot_product_attention"
     with pytest.raises(ValueError, match="scan_layers with attention_implementation 'dot_product_attention'"):
         value_and_grads(mixed, scan=True)
+
+
+def live_bytes() -> int:
+    """Bytes of the device buffers alive now, each counted once (arrays placed with aliasing share one)."""
+    gc.collect()
+    buffers = {(shard.device.id, shard.data.unsafe_buffer_pointer()): shard.data.nbytes
+               for array in jax.live_arrays() for shard in array.addressable_shards}
+    return sum(buffers.values())
+
+
+def bytes_after_each_call(monkeypatch, owner, name: str) -> list[int]:
+    """`live_bytes()` after each call of `owner.<name>`, until `monkeypatch.undo()`."""
+    held, original = [], getattr(owner, name)
+
+    def watched(*args, **kwargs):
+        out = original(*args, **kwargs)
+        held.append(live_bytes())
+        return out
+
+    monkeypatch.setattr(owner, name, watched)
+    return held
+
+
+@pytest.mark.parametrize("direction", ["stack", "unstack"])
+def test_switching_the_layout_holds_at_most_one_stacked_weight_more_than_the_model(monkeypatch, direction):
+    """Setting `scan_layers` moves the weights one variable at a time and lets go of what it moved: the
+    devices never hold a second copy of every layer (what made a LoRA run under scan_layers, which stacks
+    the loaded layers after adding its adapters, peak at twice its base weights)."""
+    model = init_model(tiny_config(hidden_size=128, intermediate_size=512, num_hidden_layers=8))
+    want = {path: np.array(value) for path, value in per_layer(nnx.state(model)).items()}  # copies: no hold
+    model.scan_layers = direction == "unstack"
+    largest = max(leaf.nbytes for leaf in jax.tree.leaves(nnx.state(model.layers))) * (8 if direction == "stack" else 1)
+    before = live_bytes()
+    held = bytes_after_each_call(monkeypatch, *((jnp, "stack") if direction == "stack" else (nnx, "merge")))
+    model.scan_layers = direction == "stack"
+    monkeypatch.undo()
+    assert held and max(held) - before <= largest, (max(held) - before, largest)
+    got = per_layer(nnx.state(model))
+    assert sorted(got) == sorted(want)
+    for path, value in want.items():
+        np.testing.assert_array_equal(got[path], value, err_msg="/".join(map(str, path)))
+
+
+def test_a_lora_run_under_scan_layers_stacks_its_loaded_base_without_a_second_copy(tmp_path, monkeypatch):
+    """A LoRA run from `model_name_or_path` loads per layer, adds its adapters, then stacks: at every stack the
+    devices hold the base and adapters plus at most one stacked weight, never the base twice."""
+    config = tiny_config(hidden_size=128, intermediate_size=512, num_hidden_layers=8)
+    save_pretrained(tmp_path / "base", nnx.to_pure_dict(nnx.state(init_model(config), nnx.Param)), config)
+    build_arithmetic_tokenizer().save_pretrained(tmp_path / "base")
+    before = live_bytes()
+    held = bytes_after_each_call(monkeypatch, jnp, "stack")
+    state = BaseTrainer(arguments(tmp_path / "run", model_name_or_path=str(tmp_path / "base"), scan_layers=True,
+                                    lora_rank=4, max_steps=1)).state  # built here: loaded, adapted, stacked
+    monkeypatch.undo()
+    model_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves((state.base, state.params)))
+    largest = max(leaf.nbytes for leaf in jax.tree.leaves(state.base))
+    assert held and max(held) - before <= model_bytes + largest, (max(held) - before, model_bytes, largest)
+
+
+def test_switching_a_module_merged_from_the_same_state_leaves_the_other_untouched():
+    """Modules merged from one state share their variable objects: a layout switch that lets go of what it moved
+    must not take the values from the other (`merge_lora` unstacks such a copy of a model that keeps training)."""
+    model = lora_model()
+    model.scan_layers = True
+    ids = jnp.asarray(right_padded_batch()[0])
+    want = model(ids)
+    twin = nnx.merge(*nnx.split(model))
+    twin.scan_layers = False
+    np.testing.assert_array_equal(model(ids), want)
+    np.testing.assert_allclose(merge_lora(model)(ids), want, atol=1e-5)
+    np.testing.assert_array_equal(model(ids), want)

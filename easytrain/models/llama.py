@@ -99,14 +99,17 @@ class LlamaForCausalLM(nnx.Module):
     @property
     def scan_layers(self) -> bool:
         """Whether the decoder layers are stored stacked and run as one ``lax.scan`` in ``__call__``
-        (``easytrain.models.scan``). Setting it restacks or unstacks ``layers`` (one copy of their weights)."""
+        (``easytrain.models.scan``). Setting it restacks or unstacks ``layers`` one weight at a time: the devices hold
+        at most one stacked weight more than the model, and a layer module taken from ``layers`` before is left
+        without its variables."""
         return isinstance(self.layers, StackedLayers)
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name != "scan_layers":
             return super().__setattr__(name, value)
         if bool(value) != self.scan_layers:
-            self.layers = StackedLayers(self.layers) if value else nnx.List(self.layers.unstack())
+            layers = self.layers  # moved a variable at a time, each emptied once moved: no second copy of all
+            self.layers = StackedLayers(layers, consume=True) if value else nnx.List(layers.unstack(consume=True))
 
     def __call__(
         self,

@@ -89,6 +89,50 @@ def _values(state: nnx.State) -> Any:
     return jax.tree.map(lambda variable: variable.get_value(), state, is_leaf=_is_variable)
 
 
+def _stack(layers: Sequence[nnx.Module]) -> nnx.Module:
+    """One layer module holding `layers`' variables stacked (a copy; the layers keep theirs)."""
+    graphdef, *states = zip(*(nnx.split(layer, nnx.Param, ...) for layer in layers))
+    params, rest = (jax.tree.map(_stacked_variable, *parts, is_leaf=_is_variable) for parts in states)
+    return nnx.merge(graphdef[0], params, rest)
+
+
+def _variable_paths(module: nnx.Module) -> list[tuple]:
+    return [path for path, node in nnx.iter_graph(module) if isinstance(node, nnx.Variable)]
+
+
+def _detached_value(module: nnx.Module, path: tuple) -> Any:
+    """The value of `module`'s variable at `path`, the variable removed from the module that held it: once the
+    caller drops the value, only another holder of that variable object (a module merged from the same state)
+    keeps it alive. Nothing is emptied, so such a holder keeps its values."""
+    parent = module
+    for key in path[:-1]:
+        parent = _get(parent, key)
+    value = _get(parent, path[-1]).get_value()
+    _set(parent, path[-1], None)
+    return value
+
+
+def _slices(value: Any) -> list[Any]:
+    """`value[0], value[1], ...`: one layer's copy each."""
+    return [value[index] for index in range(value.shape[0])]
+
+
+def _stack_consuming(layers: Sequence[nnx.Module]) -> nnx.Module:
+    """`_stack`, taking each variable out of the layers once its stack exists: one variable at a time, so the
+    devices hold at most one stacked weight more than the layers, not a second copy of all of them."""
+    graphdef, params, rest = nnx.split(layers[0], nnx.Param, ...)
+    flat = {part: [(path, variable.replace(value=None)) for path, variable in nnx.to_flat_state(state)]
+            for part, state in (("params", params), ("rest", rest))}  # metadata only: no value held
+    del params, rest
+    stacked = {path: jnp.stack([_detached_value(layer, path) for layer in layers])
+               for path in _variable_paths(layers[0])}
+
+    def state(part: str) -> nnx.State:
+        return nnx.from_flat_state([(path, _stacked_value(variable, stacked[path])) for path, variable in flat[part]])
+
+    return nnx.merge(graphdef, state("params"), state("rest"))
+
+
 #: Draws one layer may take from each random stream: layer `i`'s streams count from `(i + 1) * LAYER_DRAWS`.
 LAYER_DRAWS = 1 << 20
 
@@ -123,19 +167,18 @@ def build_layers(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, 
 class StackedLayers(nnx.Module):
     """`L` layers built alike, stored as one layer whose variables are stacked along a leading axis.
 
-    Built from a list of layers (`StackedLayers(layers)`, one copy of their variables), or stacked from the
-    start with no list ever made (`build_layers`); turned back into a list by `unstack()`. `scan` runs them in
+    Built from a list of layers (`StackedLayers(layers)`, one copy of their variables; with `consume=True` each
+    variable is taken out of its layer once stacked), or stacked from the start with no list ever made (`build_layers`);
+    turned back into a list by `unstack()`. `scan` runs them in
     order as one `jax.lax.scan`; indexing and iterating give per-layer modules (copies of one layer's slices:
     for reading, or a decode loop run once per call).
     """
 
     def __init__(self, layers: Sequence[nnx.Module] = (), *, stacked: nnx.Module | None = None,
-                 num_layers: int = 0):
+                 num_layers: int = 0, consume: bool = False):
         if stacked is None:
             check_uniform(layers)
-            graphdef, *states = zip(*(nnx.split(layer, nnx.Param, ...) for layer in layers))
-            params, rest = (jax.tree.map(_stacked_variable, *parts, is_leaf=_is_variable) for parts in states)
-            stacked, num_layers = nnx.merge(graphdef[0], params, rest), len(layers)
+            stacked, num_layers = (_stack_consuming if consume else _stack)(layers), len(layers)
         self.num_layers = num_layers
         self.stacked = stacked  # the attribute `STACKED` names
 
@@ -172,9 +215,23 @@ class StackedLayers(nnx.Module):
     def __iter__(self) -> Iterator[nnx.Module]:
         return (self[index] for index in range(self.num_layers))
 
-    def unstack(self) -> list[nnx.Module]:
-        """The layers as separate modules (one copy of their variables)."""
-        return list(self)
+    def unstack(self, *, consume: bool = False) -> list[nnx.Module]:
+        """The layers as separate modules (one copy of their variables). With `consume`, each stacked variable is
+        taken out of this module once sliced, so the devices hold at most one stacked weight more than the layers;
+        this module is then left without its variables (a model switching its own layout drops it)."""
+        if not consume:
+            return list(self)
+        graphdef, params, rest = self._split()
+        flat = {part: [(path, variable.replace(value=None)) for path, variable in nnx.to_flat_state(state)]
+                for part, state in (("params", params), ("rest", rest))}  # metadata only: no value held
+        del params, rest
+        slices = {path: _slices(_detached_value(self.stacked, path)) for path in _variable_paths(self.stacked)}
+
+        def layer(part: str, index: int) -> nnx.State:
+            return nnx.from_flat_state([(path, _layer_variable(variable, slices[path][index]))
+                                        for path, variable in flat[part]])
+
+        return [nnx.merge(graphdef, layer("params", index), layer("rest", index)) for index in range(self.num_layers)]
 
     def scan(self, carry: Any, fn: Callable[[nnx.Module, Any, Any], Any], xs: Any = None, *,
              policy: str = "none") -> Any:
@@ -304,12 +361,13 @@ def per_layer_view(model: nnx.Module) -> nnx.Module:
 @contextlib.contextmanager
 def layers_unstacked(model: nnx.Module) -> Iterator[nnx.Module]:
     """Inside the block every `StackedLayers` of `model` is separate layers, in place (what per-layer changes
-    such as adding LoRA adapters act on); restacked on leaving it. Each way copies the layer variables once."""
+    such as adding LoRA adapters act on); restacked on leaving it. Each way moves the layer variables one at a
+    time (at most one stacked weight more than the model)."""
     groups = _stacked_groups(model)
     for parent, key in groups:
-        _set(parent, key, nnx.List(_get(parent, key).unstack()))
+        _set(parent, key, nnx.List(_get(parent, key).unstack(consume=True)))
     try:
         yield model
     finally:
         for parent, key in groups:
-            _set(parent, key, StackedLayers(list(_get(parent, key))))
+            _set(parent, key, StackedLayers(list(_get(parent, key)), consume=True))
