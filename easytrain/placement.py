@@ -77,6 +77,24 @@ def create_state(model_fn: Callable[[], nnx.Module], tx: optax.GradientTransform
     return state, shardings
 
 
+def initialise_module(model_fn: Callable[[], nnx.Module], *, mesh: Mesh,
+                      rules: sharding.LogicalRules = sharding.DEFAULT_RULES) -> nnx.Module:
+    """A fresh module, its variables built by one jitted program straight into their sharded layout (each split
+    by its logical axes): concrete, to be changed eagerly and then placed with `place_module(..., copy=False)`
+    as a loaded model is. Nothing is ever materialised whole on one device."""
+    graphdef, abstract = nnx.split(abstract_module(model_fn))
+    shardings = sharding.param_shardings(abstract, mesh, rules)
+
+    def init() -> Any:
+        with nnx.use_eager_sharding(False):
+            return nnx.to_pure_dict(nnx.state(model_fn()))
+
+    with jax.set_mesh(mesh):
+        values = jax.jit(init, out_shardings=shardings)()
+    nnx.replace_by_pure_dict(abstract, values)
+    return nnx.merge(graphdef, abstract)
+
+
 def place_module(model: nnx.Module, tx: optax.GradientTransformation, *, seed: int, mesh: Mesh,
                  rules: sharding.LogicalRules = sharding.DEFAULT_RULES, trainable: Filter = nnx.Param,
                  base: Filter = nnx.Nothing, copy: bool = True) -> tuple[TrainState, TrainState]:

@@ -166,6 +166,7 @@ def test_resume_restores_into_the_abstract_state_without_initialising(run_copy, 
         raise AssertionError("a resumed run must not initialise weights only to overwrite them")
 
     monkeypatch.setattr(placement, "create_state", no_init)
+    monkeypatch.setattr(placement, "initialise_module", no_init)
     trainer = BaseTrainer(args_for(run_copy, max_steps=6, resume_from_checkpoint="latest"))
     trainer.setup()
     assert int(trainer.state.step) == 4 and trainer.resumed_data_state["step"] == 4

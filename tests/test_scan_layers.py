@@ -21,7 +21,7 @@ from easytrain.models import from_pretrained, init_model, save_pretrained
 from easytrain.sharding import make_mesh
 from easytrain.tasks import build_arithmetic_tokenizer
 from easytrain.trainers import base as base_trainer
-from easytrain.models import scan as scan_module
+from easytrain.models import llama as llama_module, scan as scan_module
 from easytrain.models.scan import ScanLayersError, unstack_layer_dicts
 from model_configs import VOCAB, family_config, right_padded_batch, tiny_config
 from runs import StopAt, logged
@@ -422,3 +422,24 @@ def test_switching_a_module_merged_from_the_same_state_leaves_the_other_untouche
     np.testing.assert_array_equal(model(ids), want)
     np.testing.assert_allclose(merge_lora(model)(ids), want, atol=1e-5)
     np.testing.assert_array_equal(model(ids), want)
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["layers", "stacked layers"])
+def test_a_fresh_run_builds_its_layers_stacked_and_then_takes_its_layout(tmp_path, monkeypatch, scan):
+    """A fresh run's model is built with its layers stacked (one vmapped layer: an initialisation program that
+    does not grow with depth) and switched to the run's layout outside that program: the weights a seed gives
+    built one by one, in either layout."""
+    builds, real = [], llama_module.build_layers
+    monkeypatch.setattr(llama_module, "build_layers",
+                        lambda *a, stacked, **k: builds.append(stacked) or real(*a, stacked=stacked, **k))
+    trainer = BaseTrainer(arguments(tmp_path, max_steps=1, seed=3, scan_layers=scan))
+    state = trainer.state
+    assert builds and all(builds)
+    assert any(scan_module.is_stacked_path(path) for path in traverse_util.flatten_dict(state.params)) == scan
+    built_one_by_one = jax.jit(lambda: nnx.to_pure_dict(nnx.state(init_model(trainer.model_config, seed=3),
+                                                                   nnx.Param)))  # compiled, as the trainer's
+    want = per_layer(built_one_by_one())
+    got = per_layer(state.params)
+    assert sorted(got) == sorted(want)
+    for path, value in want.items():
+        np.testing.assert_array_equal(got[path], value, err_msg="/".join(map(str, path)))

@@ -244,8 +244,9 @@ class BaseTrainer(LanguageModelHooks):
             module = from_pretrained(self._arguments.model_name_or_path, dtype=self.dtype, scan_layers=stacked,
                                      param_dtype=self.param_dtype, mesh=self.mesh, rules=self.partition_rules)
             state, shardings = placement.place_module(self.adapt_module(module), tx, copy=False, **placed)
-        else:
-            state, shardings = placement.create_state(lambda: self.adapt_module(self.create_module()), tx, **placed)
+        else:  # one program initialises the module; adapted and placed like a loaded one
+            module = placement.initialise_module(self.create_module, mesh=self.mesh, rules=self.partition_rules)
+            state, shardings = placement.place_module(self.adapt_module(module), tx, copy=False, **placed)
         if self._arguments.init_weights_from:
             state = self._initial_weights(state, shardings)
         if state.base:  # what a resume must find again before it restores the adapters

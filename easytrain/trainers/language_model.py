@@ -69,10 +69,12 @@ class LanguageModelHooks:
 
     def create_module(self) -> nnx.Module:
         """A freshly initialised module of the configured architecture. Runs under `jax.jit` (sharded init)
-        or `nnx.eval_shape`, so it creates its own `nnx.Rngs`. Under `scan_layers` the layers are built stacked
-        (the same weights; an initialisation compiled once whatever the depth)."""
+        or `nnx.eval_shape`, so it creates its own `nnx.Rngs`. Its layers are built stacked whatever
+        `scan_layers` says (one vmapped layer: an initialisation compiled once whatever the depth, the same
+        weights as built one by one); `adapt_module` then sets the run's layout, outside the compiled program,
+        one weight at a time."""
         return LlamaForCausalLM(self.model_config, dtype=self.dtype, param_dtype=self.param_dtype,
-                                rngs=nnx.Rngs(self._arguments.seed), scan_layers=self._arguments.scan_layers)
+                                rngs=nnx.Rngs(self._arguments.seed), scan_layers=True)
 
     def compute_loss(self, model: nnx.Module, batch: Batch, rng: jax.Array, train: bool,
                      frozen: Mapping[str, Any]) -> LossOutput:
