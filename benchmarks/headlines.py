@@ -181,7 +181,9 @@ def init_compile(r: dict) -> list[Headline]:
             Headline("init_compile", "initialisation compile: seconds per layer",
                      round(per_layer, 3) if isinstance(per_layer, float) else None, ratio=False),
             Headline("init_compile", "initialisation compile: layers built stacked / one at a time",
-                     dig(r, "stacked_over_draws"))]
+                     dig(r, "stacked_over_draws")),
+            Headline("init_compile", "fresh unrolled train state: built stacked, then laid out / one program (s)",
+                     dig(r, "fresh_state.stacked_then_layout_over_one_program.seconds"))]
 
 
 def compile_cache(r: dict) -> list[Headline]:

@@ -1,7 +1,7 @@
 """What compiling a model's initialisation costs, against depth, and how much of it is random numbers.
 
     python -m benchmarks.init_compile [--quick] [--depths 4,8,16] [--hidden 2048] [--vocab 4096] [--repeats 2]
-                                      [--out FILE]
+                                      [--fresh_depths 8,16,32] [--fresh_hidden 1024] [--out FILE]
 
 A fresh run's state is built inside one jitted program (`easytrain.placement.create_state`), so before the
 first step the trainer compiles that program once; on a GPU the first H200 run did not get past compiling it
@@ -21,12 +21,22 @@ the compile seconds each added layer costs (a line through the depths). Width de
 (hidden 2048, SwiGLU 8192, 32 heads, 8 key/value heads), the vocabulary kept small so the embedding does not
 dominate. On a 2-core Zen 4, at 16 layers: 7.29 s with draws, 2.14 s keys only, 0.09 s without random
 numbers, 1.57 s stacked (docs/benchmarks.md, "Initialisation compile").
+Then, at `--fresh_depths` (width `--fresh_hidden`: the optimizer state of deeper 2048-wide models would not fit
+this machine's memory), the whole way from nothing to a placed fresh train state (AdamW) of the unrolled model,
+each in a fresh child process (`--repeats`, alternating; seconds and peak RSS):
+
+- `one_program`: `easytrain.placement.create_state`, the layers built one by one inside the state's one program
+  (the trainer until 2026-12-04);
+- `stacked_then_layout`: what the trainer does now: the module initialised by one program with its layers
+  stacked (`placement.initialise_module`), unstacked outside it one weight at a time, then `place_module`.
+
 Prints one JSON line. No timing is asserted anywhere.
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import time
 from typing import Any, Callable
@@ -35,15 +45,19 @@ from unittest import mock
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import transformers
 from flax import nnx
 
-from benchmarks.report import emit, fill_defaults, relaunch_like_the_command
-from easytrain.models import layers
-from easytrain.models import init_model
+from benchmarks.report import child_json, emit, fill_defaults, relaunch_like_the_command
+from easytrain import placement
+from easytrain.models import LlamaForCausalLM, init_model, layers
+from easytrain.sharding import make_mesh
 
-PROFILES = {"full": dict(depths="4,8,16", hidden=2048, vocab=4096, repeats=2),
-            "quick": dict(depths="2,3", hidden=64, vocab=256, repeats=1)}
+PROFILES = {"full": dict(depths="4,8,16", hidden=2048, vocab=4096, repeats=2, fresh_depths="8,16,32",
+                         fresh_hidden=1024),
+            "quick": dict(depths="2,3", hidden=64, vocab=256, repeats=1, fresh_depths="2,3", fresh_hidden=64)}
+FRESH_WAYS = ("one_program", "stacked_then_layout")
 
 
 def _keys_only(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype: Any) -> jax.Array:
@@ -80,6 +94,42 @@ def compile_once(config: transformers.LlamaConfig, way: str) -> dict[str, float]
             "fusions": compiled.as_text().count(" fusion(")}
 
 
+def fresh_state(config: transformers.LlamaConfig, way: str) -> dict[str, float]:
+    """Seconds from nothing to a placed fresh AdamW train state of `config`'s unrolled model, `way`'s way, and the
+    process's peak RSS (run in a process of its own)."""
+    mesh, tx = make_mesh(), optax.adamw(1e-3)
+    started = time.perf_counter()
+    if way == "one_program":
+        state, _ = placement.create_state(lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0)), tx, seed=0, mesh=mesh)
+    else:
+        module = placement.initialise_module(lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0), scan_layers=True),
+                                             mesh=mesh)
+        module.scan_layers = False
+        state, _ = placement.place_module(module, tx, seed=0, mesh=mesh, copy=False)
+    jax.block_until_ready(state)
+    return {"seconds": time.perf_counter() - started,
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def fresh_states(options: argparse.Namespace) -> dict[str, Any]:
+    """`fresh_state` per depth and way, each in a child process, alternating over `--repeats`."""
+    depths = [int(d) for d in options.fresh_depths.split(",")]
+    runs: dict[tuple[int, str], list[dict[str, float]]] = {(d, w): [] for d in depths for w in FRESH_WAYS}
+    for _ in range(options.repeats):
+        for depth in depths:
+            for way in FRESH_WAYS:
+                runs[depth, way].append(child_json("benchmarks.init_compile", "--fresh_child", way, "--depths",
+                                                   str(depth), "--hidden", str(options.fresh_hidden), "--vocab",
+                                                   str(options.vocab)))
+    rows = {str(depth): {way: {key: statistics.median(r[key] for r in runs[depth, way])
+                               for key in ("seconds", "peak_rss_gib")} for way in FRESH_WAYS} for depth in depths}
+    deepest = rows[str(max(depths))]
+    return {"hidden": options.fresh_hidden, "depths": rows,
+            "stacked_then_layout_over_one_program": {
+                key: deepest["stacked_then_layout"][key] / deepest["one_program"][key]
+                for key in ("seconds", "peak_rss_gib")}}
+
+
 def per_layer(depths: list[int], seconds: list[float]) -> float | None:
     """Slope of compile seconds against depth (least squares); None with fewer than two depths."""
     return float(np.polyfit(depths, seconds, 1)[0]) if len(set(depths)) > 1 else None
@@ -91,10 +141,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--depths", help="comma-separated layer counts (default 4,8,16; --quick 2,3)")
     for name in ("hidden", "vocab", "repeats"):
         parser.add_argument(f"--{name}", type=int)
+    parser.add_argument("--fresh_depths", help="comma-separated layer counts of the fresh-state runs (default 8,16,32)")
+    parser.add_argument("--fresh_hidden", type=int, help="width of the fresh-state runs (default 1024)")
+    parser.add_argument("--fresh_child", choices=FRESH_WAYS, help=argparse.SUPPRESS)
     parser.add_argument("--out", help="also write the JSON result to this file")
     options = parser.parse_args(argv)
     fill_defaults(options, PROFILES["quick" if options.quick else "full"])
     depths = [int(d) for d in options.depths.split(",")]
+    if options.fresh_child:
+        return emit(fresh_state(llama(depths[0], options.hidden, options.vocab), options.fresh_child), None)
     compile_once(llama(1, 64, 256), "draws")  # the process's first compile pays XLA's warm-up: untimed
     runs: dict[tuple[int, str], list[dict[str, float]]] = {(d, w): [] for d in depths for w in WAYS}
     for _ in range(options.repeats):
@@ -116,6 +171,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                   / deepest["draws"]["compile_seconds"]),
         # At the deepest depth: the stacked build's compile over the one-layer-at-a-time build's.
         "stacked_over_draws": deepest["stacked"]["compile_seconds"] / deepest["draws"]["compile_seconds"],
+        "fresh_state": fresh_states(options),
     }
     return emit(result, options.out)
 

@@ -19,6 +19,9 @@ def test_init_compile_benchmark_smoke(tmp_path):
     # Layers built stacked: one vmapped layer whatever the depth.
     assert result["depths"]["3"]["stacked"]["fusions"] == result["depths"]["2"]["stacked"]["fusions"]
     assert set(result["compile_seconds_per_layer"]) == set(init_compile.WAYS)
+    fresh = result["fresh_state"]["depths"]
+    assert set(fresh) == {"2", "3"} and all(set(row) == set(init_compile.FRESH_WAYS) for row in fresh.values())
+    assert all(way["seconds"] > 0 and way["peak_rss_gib"] > 0 for row in fresh.values() for way in row.values())
     assert all(h.value is not None for h in run.BENCHMARKS["init_compile"].headlines(result))
 
 
