@@ -15,7 +15,7 @@ fraction F of its slots (`attention_mask` 0, no loss; real lengths from 1 - 2F t
 `--attention_implementation dot_product_attention` on a CUDA GPU that is cuDNN's key-length path, one
 `lax.cond` per layer (`easytrain.models.masks`), to compare against the unpadded run; tokens/s and MFU count
 every slot, `padding_efficiency` the real share. `setup_seconds` is the trainer's construction: the
-state initialised in place (compiling and running its `jit_init` program) before any step; `--setup_only` stops
+state initialised in place (compiling and running its initialisation program) before any step; `--setup_only` stops
 there. Any other `--FIELD VALUE` is passed on to
 `TrainingArguments` (e.g. `--attention_implementation`, `--scan_layers`, `--loss_chunk_size` where this
 version has those fields; an unknown field is an error before anything is built). `--quick`: a tiny model

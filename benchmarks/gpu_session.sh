@@ -11,8 +11,8 @@
 # whatever the depth (the first run, 2026-12-04, never got past compiling `jit_init` for the unrolled llama-3b
 # in 200 s: docs/benchmarks.md, "GPU"), then with `--remat dots`; llama-1b scanned, against the unrolled
 # step measured on 2026-12-04, then with a quarter of its slots trailing padding (cuDNN's key lengths behind
-# a conditional per layer); the unrolled llama-3b's initialisation alone under jax's threefry GPU kernel
-# lowering (does that fix the unrolled layout too?); llama-8b scanned in bfloat16 master weights.
+# a conditional per layer); the unrolled llama-3b's setup alone (initialised stacked, then unstacked, since
+# 2026-12-04 evening); llama-8b scanned in bfloat16 master weights.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/easytrain-gpu}
@@ -65,9 +65,10 @@ step largest_scan_dots 150 -- --config llama-3b --scan_layers --remat dots "${DP
 step llama1b_scan 90 -- --config llama-1b --scan_layers "${DPA[@]}"
 # Trailing padding: cuDNN's key-length path, one lax.cond per layer (docs/benchmarks.md, "the second check")
 step llama1b_scan_padded 90 -- --config llama-1b --scan_layers --padding 0.25 "${DPA[@]}"
-# The unrolled layout draws every layer's weights apart, so its initialisation program grows with depth: does
-# jax's threefry kernel lowering ("compile times faster at a potential runtime memory cost") fix it on CUDA?
-step init_kernel 100 JAX_THREEFRY_GPU_KERNEL_LOWERING=true -- --config llama-3b --setup_only "${DPA[@]}"
+# The unrolled llama-3b's setup, which on 2026-12-04 never got past compiling its initialisation in 200 s: the
+# trainer now initialises a fresh model with its layers stacked (one layer's program) and unstacks it outside
+# that program, so this should take about what the scanned run's setup takes.
+step unrolled_3b_setup 100 -- --config llama-3b --setup_only "${DPA[@]}"
 step largest_bf16 150 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 -- --config llama-8b --param_dtype bfloat16 \
     --scan_layers "${DPA[@]}"
 nvidia-smi --query-gpu=clocks.sm,temperature.gpu,power.draw --format=csv
