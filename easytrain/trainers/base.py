@@ -239,13 +239,11 @@ class BaseTrainer(LanguageModelHooks):
     def _place_module(self, tx: optax.GradientTransformation, placed: dict[str, Any]) -> tuple[TrainState, Any]:
         if self._given_model is not None:  # copied: the step donates its buffers, the caller keeps theirs
             state, shardings = placement.place_module(self.adapt_module(self._given_model), tx, **placed)
-        elif self._arguments.model_name_or_path:  # streamed tensor by tensor straight into the training layout
+        else:  # streamed tensor by tensor straight into the training layout, or initialised by one program
             stacked = self._arguments.scan_layers and self.lora is None  # LoRA adapts separate layers first
-            module = from_pretrained(self._arguments.model_name_or_path, dtype=self.dtype, scan_layers=stacked,
-                                     param_dtype=self.param_dtype, mesh=self.mesh, rules=self.partition_rules)
-            state, shardings = placement.place_module(self.adapt_module(module), tx, copy=False, **placed)
-        else:  # one program initialises the module; adapted and placed like a loaded one
-            module = placement.initialise_module(self.create_module, mesh=self.mesh, rules=self.partition_rules)
+            module = (from_pretrained(self._arguments.model_name_or_path, dtype=self.dtype, scan_layers=stacked,
+                                      param_dtype=self.param_dtype, mesh=self.mesh, rules=self.partition_rules)
+                      if self._arguments.model_name_or_path else self.initial_module())
             state, shardings = placement.place_module(self.adapt_module(module), tx, copy=False, **placed)
         if self._arguments.init_weights_from:
             state = self._initial_weights(state, shardings)

@@ -28,7 +28,6 @@ from easytrain.data import RowSource, bucket_lengths
 from easytrain.data.paired_batches import PairedCollate, pair_rows
 from easytrain.data.preference_data import PreferenceDataOptions, tokenize_preference_dataset
 from easytrain.errors import ArgumentError
-from easytrain import placement
 from easytrain.frozen import Frozen
 from easytrain.lora import adapters_disabled
 from easytrain.losses import LossOutput
@@ -205,8 +204,7 @@ class DPOTrainer(BaseTrainer):
             return Frozen(self._like_the_policy(self._given_model), checkpoint=moving)
         if moving and self._resume_from is not None:  # restored from the checkpoint: only its shapes are read
             return Frozen(lambda: self._like_the_policy(self.create_module()), checkpoint=moving)
-        module = placement.initialise_module(self.create_module, mesh=self.mesh, rules=self.partition_rules)
-        return Frozen(self._like_the_policy(module), checkpoint=moving, copy=False)  # switched outside the program
+        return Frozen(self._like_the_policy(self.initial_module()), checkpoint=moving, copy=False)
 
     @staticmethod
     def _check_reference_path(path: str) -> None:

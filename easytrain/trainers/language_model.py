@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from easytrain import flops, throughput
+from easytrain import flops, placement, throughput
 from easytrain.data import RowSource, lm_collate_rows
 from easytrain.evaluators import arithmetic_exact_match
 from easytrain import eval_metrics
@@ -67,14 +67,28 @@ class LanguageModelHooks:
         ids = np.asarray(batch["input_ids"])
         return float(flops.training_flops_per_token(self.model_config, ids.shape[-1]) * ids.size)
 
+    #: True while `initial_module` runs `create_module()`: a module built then is laid out by `adapt_module`.
+    initialising_module: bool = False
+
     def create_module(self) -> nnx.Module:
         """A freshly initialised module of the configured architecture. Runs under `jax.jit` (sharded init)
-        or `nnx.eval_shape`, so it creates its own `nnx.Rngs`. Its layers are built stacked whatever
-        `scan_layers` says (one vmapped layer: an initialisation compiled once whatever the depth, the same
-        weights as built one by one); `adapt_module` then sets the run's layout, outside the compiled program,
-        one weight at a time."""
+        or `nnx.eval_shape`, so it creates its own `nnx.Rngs`. Its layers are built stacked under
+        `scan_layers`, and whenever `initialising_module` is set (one vmapped layer: an initialisation compiled
+        once whatever the depth, the same weights as built one by one); `adapt_module` then sets the run's
+        layout outside that program, one weight at a time."""
         return LlamaForCausalLM(self.model_config, dtype=self.dtype, param_dtype=self.param_dtype,
-                                rngs=nnx.Rngs(self._arguments.seed), scan_layers=True)
+                                rngs=nnx.Rngs(self._arguments.seed),
+                                scan_layers=self._arguments.scan_layers or self.initialising_module)
+
+    def initial_module(self) -> nnx.Module:
+        """A fresh run's module, concrete: `create_module()` inside one jitted program, straight into its sharded
+        layout, with `initialising_module` set (the trainer's policy; DPO's reference when no path is given).
+        Not for `Frozen` builders, which run `create_module()` as it is, in the run's layout."""
+        self.initialising_module = True
+        try:
+            return placement.initialise_module(self.create_module, mesh=self.mesh, rules=self.partition_rules)
+        finally:
+            self.initialising_module = False
 
     def compute_loss(self, model: nnx.Module, batch: Batch, rng: jax.Array, train: bool,
                      frozen: Mapping[str, Any]) -> LossOutput:
