@@ -108,7 +108,7 @@ class LlamaForCausalLM(nnx.Module):
         if name != "scan_layers":
             return super().__setattr__(name, value)
         if bool(value) != self.scan_layers:
-            layers = self.layers  # moved a variable at a time, each emptied once moved: no second copy of all
+            layers = self.layers  # moved a variable at a time, each taken out once moved: no second copy of all
             self.layers = StackedLayers(layers, consume=True) if value else nnx.List(layers.unstack(consume=True))
 
     def __call__(

@@ -117,20 +117,28 @@ def _slices(value: Any) -> list[Any]:
     return [value[index] for index in range(value.shape[0])]
 
 
+def _without_values(module: nnx.Module) -> tuple[nnx.GraphDef, list[list[tuple]]]:
+    """`module`'s graph and, for its parameters and the rest, each variable's path and a copy of it without its
+    value: the metadata to rebuild variables from, holding no array."""
+    graphdef, *states = nnx.split(module, nnx.Param, ...)
+    return graphdef, [[(path, variable.replace(value=None)) for path, variable in nnx.to_flat_state(state)]
+                      for state in states]
+
+
+def _rebuilt(graphdef: nnx.GraphDef, parts: list[list[tuple]], variable_with: Callable[..., nnx.Variable],
+             values: dict[tuple, Any]) -> nnx.Module:
+    """The module of `_without_values`, each variable `variable_with(metadata, values[path])`."""
+    return nnx.merge(graphdef, *(nnx.from_flat_state([(path, variable_with(variable, values[path]))
+                                                      for path, variable in part]) for part in parts))
+
+
 def _stack_consuming(layers: Sequence[nnx.Module]) -> nnx.Module:
     """`_stack`, taking each variable out of the layers once its stack exists: one variable at a time, so the
     devices hold at most one stacked weight more than the layers, not a second copy of all of them."""
-    graphdef, params, rest = nnx.split(layers[0], nnx.Param, ...)
-    flat = {part: [(path, variable.replace(value=None)) for path, variable in nnx.to_flat_state(state)]
-            for part, state in (("params", params), ("rest", rest))}  # metadata only: no value held
-    del params, rest
+    graphdef, parts = _without_values(layers[0])
     stacked = {path: jnp.stack([_detached_value(layer, path) for layer in layers])
                for path in _variable_paths(layers[0])}
-
-    def state(part: str) -> nnx.State:
-        return nnx.from_flat_state([(path, _stacked_value(variable, stacked[path])) for path, variable in flat[part]])
-
-    return nnx.merge(graphdef, state("params"), state("rest"))
+    return _rebuilt(graphdef, parts, _stacked_value, stacked)
 
 
 #: Draws one layer may take from each random stream: layer `i`'s streams count from `(i + 1) * LAYER_DRAWS`.
@@ -168,10 +176,10 @@ class StackedLayers(nnx.Module):
     """`L` layers built alike, stored as one layer whose variables are stacked along a leading axis.
 
     Built from a list of layers (`StackedLayers(layers)`, one copy of their variables; with `consume=True` each
-    variable is taken out of its layer once stacked), or stacked from the start with no list ever made (`build_layers`);
-    turned back into a list by `unstack()`. `scan` runs them in
-    order as one `jax.lax.scan`; indexing and iterating give per-layer modules (copies of one layer's slices:
-    for reading, or a decode loop run once per call).
+    variable is taken out of its layer once stacked), or stacked from the start with no list ever made
+    (`build_layers`); turned back into a list by `unstack()`. `scan` runs them in order as one `jax.lax.scan`;
+    indexing and iterating give per-layer modules (copies of one layer's slices: for reading, or a decode loop
+    run once per call).
     """
 
     def __init__(self, layers: Sequence[nnx.Module] = (), *, stacked: nnx.Module | None = None,
@@ -221,17 +229,10 @@ class StackedLayers(nnx.Module):
         this module is then left without its variables (a model switching its own layout drops it)."""
         if not consume:
             return list(self)
-        graphdef, params, rest = self._split()
-        flat = {part: [(path, variable.replace(value=None)) for path, variable in nnx.to_flat_state(state)]
-                for part, state in (("params", params), ("rest", rest))}  # metadata only: no value held
-        del params, rest
+        graphdef, parts = _without_values(self.stacked)
         slices = {path: _slices(_detached_value(self.stacked, path)) for path in _variable_paths(self.stacked)}
-
-        def layer(part: str, index: int) -> nnx.State:
-            return nnx.from_flat_state([(path, _layer_variable(variable, slices[path][index]))
-                                        for path, variable in flat[part]])
-
-        return [nnx.merge(graphdef, layer("params", index), layer("rest", index)) for index in range(self.num_layers)]
+        return [_rebuilt(graphdef, parts, _layer_variable, {path: values[index] for path, values in slices.items()})
+                for index in range(self.num_layers)]
 
     def scan(self, carry: Any, fn: Callable[[nnx.Module, Any, Any], Any], xs: Any = None, *,
              policy: str = "none") -> Any:
