@@ -29,6 +29,7 @@ each in a fresh child process (`--repeats`, alternating; seconds and peak RSS):
   (the trainer until 2026-12-04);
 - `stacked_then_layout`: what the trainer does now: the module initialised by one program with its layers
   stacked (`placement.initialise_module`), unstacked outside it one weight at a time, then `place_module`.
+  At 32 layers: 32.3 s and 8.9 GiB one program, 10.5 s and 6.1 GiB the trainer's way (the same doc section).
 
 Prints one JSON line. No timing is asserted anywhere.
 """
