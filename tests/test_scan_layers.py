@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 from flax import nnx, traverse_util
 from safetensors.numpy import load_file
 
-from easytrain import ArgumentError, BaseTrainer, TrainingArguments
+from easytrain import ArgumentError, BaseTrainer, TrainingArguments, placement
 from easytrain.checkpoint import CheckpointManager
 from easytrain.trainers.dpo import DPOArguments, DPOTrainer
 from easytrain.generation import GenerationConfig, _generate, generate
@@ -429,12 +429,14 @@ def test_a_fresh_run_builds_its_layers_stacked_and_then_takes_its_layout(tmp_pat
     """A fresh run's model is built with its layers stacked (one vmapped layer: an initialisation program that
     does not grow with depth) and switched to the run's layout outside that program: the weights a seed gives
     built one by one, in either layout."""
-    builds, real = [], llama_module.build_layers
-    monkeypatch.setattr(llama_module, "build_layers",
-                        lambda *a, stacked, **k: builds.append(stacked) or real(*a, stacked=stacked, **k))
+    builds, initialising, real_build, real_init = [], [], llama_module.build_layers, placement.initialise_module
+    monkeypatch.setattr(llama_module, "build_layers", lambda *a, stacked, **k: (
+        initialising and builds.append(stacked)) or real_build(*a, stacked=stacked, **k))
+    monkeypatch.setattr(placement, "initialise_module", lambda *a, **k: (
+        initialising.append(1), real_init(*a, **k), initialising.clear())[1])
     trainer = BaseTrainer(arguments(tmp_path, max_steps=1, seed=3, scan_layers=scan))
     state = trainer.state
-    assert builds and all(builds)
+    assert builds and all(builds)  # the initialisation program's builds (a check on shapes may come before)
     assert any(scan_module.is_stacked_path(path) for path in traverse_util.flatten_dict(state.params)) == scan
     built_one_by_one = jax.jit(lambda: nnx.to_pure_dict(nnx.state(init_model(trainer.model_config, seed=3),
                                                                    nnx.Param)))  # compiled, as the trainer's
@@ -443,3 +445,14 @@ def test_a_fresh_run_builds_its_layers_stacked_and_then_takes_its_layout(tmp_pat
     assert sorted(got) == sorted(want)
     for path, value in want.items():
         np.testing.assert_array_equal(got[path], value, err_msg="/".join(map(str, path)))
+
+
+def test_a_fresh_run_refuses_what_adapt_module_refuses_before_it_draws_a_weight(tmp_path, monkeypatch):
+    """The switches and adapters are checked on shapes before the initialisation program runs: a LoRA target
+    that matches nothing is refused, naming its argument, with no weight drawn."""
+    runs, real = [], placement.initialise_module
+    monkeypatch.setattr(placement, "initialise_module", lambda *a, **k: runs.append(1) or real(*a, **k))
+    trainer = BaseTrainer(arguments(tmp_path, lora_rank=4, lora_target_modules=["no_such_module"]))
+    with pytest.raises(ArgumentError, match="lora_target_modules"):
+        trainer.setup()
+    assert not runs

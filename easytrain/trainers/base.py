@@ -240,6 +240,7 @@ class BaseTrainer(LanguageModelHooks):
         if self._given_model is not None:  # copied: the step donates its buffers, the caller keeps theirs
             state, shardings = placement.place_module(self.adapt_module(self._given_model), tx, **placed)
         else:  # streamed tensor by tensor straight into the training layout, or initialised by one program
+            placement.abstract_module(lambda: self.adapt_module(self.create_module()))  # refusals before any weight
             stacked = self._arguments.scan_layers and self.lora is None  # LoRA adapts separate layers first
             module = (from_pretrained(self._arguments.model_name_or_path, dtype=self.dtype, scan_layers=stacked,
                                       param_dtype=self.param_dtype, mesh=self.mesh, rules=self.partition_rules)
