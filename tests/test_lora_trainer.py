@@ -17,7 +17,7 @@ import pytest
 import transformers
 from flax import nnx
 
-from easytrain import ArgumentError, TrainingArguments, lora
+from easytrain import ArgumentError, TrainingArguments, lora, placement
 from easytrain.checkpoint import CheckpointManager
 from easytrain.cli import main
 from easytrain.models import from_pretrained
@@ -255,3 +255,17 @@ def test_the_cli_trains_lora(tmp_path, base_dir, task):
     config = json.loads((tmp_path / "final_model" / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 8 and not (tmp_path / "final_model" / "config.json").exists()
     assert len(logged(tmp_path)) == 2
+
+
+def test_an_adapter_on_a_random_base_is_refused_before_any_weight_is_drawn(tmp_path, base_dir, monkeypatch):
+    """`lora_adapter_path` needs the base the adapter was trained on: without `model_name_or_path` it is refused,
+    naming the argument, before the fresh model's initialisation runs."""
+    model = lora.apply_lora(from_pretrained(base_dir), lora.LoRAConfig(rank=RANK), rngs=nnx.Rngs(3))
+    adapter = save_peft_adapter(tmp_path / "adapter", model, lora.LoRAConfig(rank=RANK))
+    runs, real = [], placement.initialise_module
+    monkeypatch.setattr(placement, "initialise_module", lambda *a, **k: runs.append(1) or real(*a, **k))
+    arguments = lora_args(tmp_path / "run", "", tokenizer_name=str(base_dir), lora_rank=0,
+                          lora_adapter_path=str(adapter))
+    with pytest.raises(ArgumentError, match="needs pretrained base weights") as error:
+        sft(arguments).setup()
+    assert error.value.field == "lora_adapter_path" and not runs

@@ -239,18 +239,24 @@ class BaseTrainer(LanguageModelHooks):
     def _place_module(self, tx: optax.GradientTransformation, placed: dict[str, Any]) -> tuple[TrainState, Any]:
         if self._given_model is not None:  # copied: the step donates its buffers, the caller keeps theirs
             state, shardings = placement.place_module(self.adapt_module(self._given_model), tx, **placed)
-        else:  # streamed tensor by tensor straight into the training layout, or initialised by one program
-            placement.abstract_module(lambda: self.adapt_module(self.create_module()))  # refusals before any weight
-            stacked = self._arguments.scan_layers and self.lora is None  # LoRA adapts separate layers first
-            module = (from_pretrained(self._arguments.model_name_or_path, dtype=self.dtype, scan_layers=stacked,
-                                      param_dtype=self.param_dtype, mesh=self.mesh, rules=self.partition_rules)
-                      if self._arguments.model_name_or_path else self.initial_module())
-            state, shardings = placement.place_module(self.adapt_module(module), tx, copy=False, **placed)
+        else:
+            state, shardings = placement.place_module(self.adapt_module(self._own_module()), tx, copy=False, **placed)
         if self._arguments.init_weights_from:
             state = self._initial_weights(state, shardings)
         if state.base:  # what a resume must find again before it restores the adapters
             self.base_fingerprint = integrity.fingerprint(state.base)
         return state, shardings
+
+    def _own_module(self) -> nnx.Module:
+        """The module the trainer builds: streamed tensor by tensor from `model_name_or_path` straight into the
+        training layout, or initialised by one program once what `adapt_module` refuses (switches, LoRA targets,
+        an adapter without its base) is refused on shapes, with no weight drawn."""
+        if path := self._arguments.model_name_or_path:
+            stacked = self._arguments.scan_layers and self.lora is None  # LoRA adapts separate layers first
+            return from_pretrained(path, dtype=self.dtype, scan_layers=stacked, param_dtype=self.param_dtype,
+                                   mesh=self.mesh, rules=self.partition_rules)
+        placement.abstract_module(lambda: self.adapt_module(self.create_module()))
+        return self.initial_module()
 
     def _initial_weights(self, state: TrainState, shardings: TrainState) -> TrainState:
         """`init_weights_from`'s variables in place of the fresh ones (new LoRA adapters, and a base already
