@@ -70,11 +70,6 @@ def _stacked_value(variable: nnx.Variable, value: Any) -> nnx.Variable:
     return _with_axes(variable, value, (None, *axes) if axes else None)
 
 
-def _stacked_variable(*variables: nnx.Variable) -> nnx.Variable:
-    """The layers' values along a new leading axis."""
-    return _stacked_value(variables[0], jnp.stack([variable.get_value() for variable in variables]))
-
-
 def _layer_variable(variable: nnx.Variable, value: Any) -> nnx.Variable:
     """One layer's `value` of a stacked variable, with that layer's logical axes."""
     axes = variable.get_metadata().get("out_sharding")
@@ -89,26 +84,20 @@ def _values(state: nnx.State) -> Any:
     return jax.tree.map(lambda variable: variable.get_value(), state, is_leaf=_is_variable)
 
 
-def _stack(layers: Sequence[nnx.Module]) -> nnx.Module:
-    """One layer module holding `layers`' variables stacked (a copy; the layers keep theirs)."""
-    graphdef, *states = zip(*(nnx.split(layer, nnx.Param, ...) for layer in layers))
-    params, rest = (jax.tree.map(_stacked_variable, *parts, is_leaf=_is_variable) for parts in states)
-    return nnx.merge(graphdef[0], params, rest)
-
-
 def _variable_paths(module: nnx.Module) -> list[tuple]:
     return [path for path, node in nnx.iter_graph(module) if isinstance(node, nnx.Variable)]
 
 
-def _detached_value(module: nnx.Module, path: tuple) -> Any:
-    """The value of `module`'s variable at `path`, the variable removed from the module that held it: once the
-    caller drops the value, only another holder of that variable object (a module merged from the same state)
-    keeps it alive. Nothing is emptied, so such a holder keeps its values."""
+def _taken_value(module: nnx.Module, path: tuple, *, detach: bool) -> Any:
+    """The value of `module`'s variable at `path`. With `detach`, the variable is removed from the module that
+    held it: once the caller drops the value, only another holder of that variable object (a module merged from
+    the same state) keeps it alive. Nothing is emptied, so such a holder keeps its values."""
     parent = module
     for key in path[:-1]:
         parent = _get(parent, key)
     value = _get(parent, path[-1]).get_value()
-    _set(parent, path[-1], None)
+    if detach:
+        _set(parent, path[-1], None)
     return value
 
 
@@ -132,11 +121,12 @@ def _rebuilt(graphdef: nnx.GraphDef, parts: list[list[tuple]], variable_with: Ca
                                                       for path, variable in part]) for part in parts))
 
 
-def _stack_consuming(layers: Sequence[nnx.Module]) -> nnx.Module:
-    """`_stack`, taking each variable out of the layers once its stack exists: one variable at a time, so the
-    devices hold at most one stacked weight more than the layers, not a second copy of all of them."""
+def _stack(layers: Sequence[nnx.Module], *, consume: bool) -> nnx.Module:
+    """One layer module holding `layers`' variables stacked, one variable at a time. With `consume`, each variable
+    is taken out of its layer once its stack exists, so the devices hold at most one stacked weight more than the
+    layers, not a second copy of all of them; otherwise the layers keep theirs."""
     graphdef, parts = _without_values(layers[0])
-    stacked = {path: jnp.stack([_detached_value(layer, path) for layer in layers])
+    stacked = {path: jnp.stack([_taken_value(layer, path, detach=consume) for layer in layers])
                for path in _variable_paths(layers[0])}
     return _rebuilt(graphdef, parts, _stacked_value, stacked)
 
@@ -186,7 +176,7 @@ class StackedLayers(nnx.Module):
                  num_layers: int = 0, consume: bool = False):
         if stacked is None:
             check_uniform(layers)
-            stacked, num_layers = (_stack_consuming if consume else _stack)(layers), len(layers)
+            stacked, num_layers = _stack(layers, consume=consume), len(layers)
         self.num_layers = num_layers
         self.stacked = stacked  # the attribute `STACKED` names
 
@@ -227,10 +217,9 @@ class StackedLayers(nnx.Module):
         """The layers as separate modules (one copy of their variables). With `consume`, each stacked variable is
         taken out of this module once sliced, so the devices hold at most one stacked weight more than the layers;
         this module is then left without its variables (a model switching its own layout drops it)."""
-        if not consume:
-            return list(self)
         graphdef, parts = _without_values(self.stacked)
-        slices = {path: _slices(_detached_value(self.stacked, path)) for path in _variable_paths(self.stacked)}
+        slices = {path: _slices(_taken_value(self.stacked, path, detach=consume))
+                  for path in _variable_paths(self.stacked)}
         return [_rebuilt(graphdef, parts, _layer_variable, {path: values[index] for path, values in slices.items()})
                 for index in range(self.num_layers)]
 
