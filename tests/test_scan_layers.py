@@ -20,7 +20,7 @@ from easytrain.lora import LoRAConfig, apply_lora, merge_lora
 from easytrain.models import from_pretrained, init_model, save_pretrained
 from easytrain.sharding import make_mesh
 from easytrain.tasks import build_arithmetic_tokenizer
-from easytrain.trainers import base as base_trainer
+from easytrain.trainers import language_model
 from easytrain.models import llama as llama_module, scan as scan_module
 from easytrain.models.scan import ScanLayersError, unstack_layer_dicts
 from model_configs import VOCAB, family_config, right_padded_batch, tiny_config
@@ -241,7 +241,7 @@ def test_a_checkpoint_loads_straight_into_stacked_layers(tmp_path, monkeypatch):
     for path, value in want.items():
         np.testing.assert_array_equal(got[path], value, err_msg="/".join(map(str, path)))
     loads = []
-    monkeypatch.setattr(base_trainer, "from_pretrained", lambda *a, **k: loads.append(k) or from_pretrained(*a, **k))
+    monkeypatch.setattr(language_model, "from_pretrained", lambda *a, **k: loads.append(k) or from_pretrained(*a, **k))
     trainer = BaseTrainer(arguments(tmp_path / "run", model_name_or_path=str(tmp_path), scan_layers=True))
     kernels = per_layer(trainer.state.params)
     assert [load["scan_layers"] for load in loads] == [True]

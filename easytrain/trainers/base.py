@@ -247,17 +247,6 @@ class BaseTrainer(LanguageModelHooks):
             self.base_fingerprint = integrity.fingerprint(state.base)
         return state, shardings
 
-    def _own_module(self) -> nnx.Module:
-        """The module the trainer builds: streamed tensor by tensor from `model_name_or_path` straight into the
-        training layout, or initialised by one program once what `adapt_module` refuses (switches, LoRA targets,
-        an adapter without its base) is refused on shapes, with no weight drawn."""
-        if path := self._arguments.model_name_or_path:
-            stacked = self._arguments.scan_layers and self.lora is None  # LoRA adapts separate layers first
-            return from_pretrained(path, dtype=self.dtype, scan_layers=stacked, param_dtype=self.param_dtype,
-                                   mesh=self.mesh, rules=self.partition_rules)
-        placement.abstract_module(lambda: self.adapt_module(self.create_module()))
-        return self.initial_module()
-
     def _initial_weights(self, state: TrainState, shardings: TrainState) -> TrainState:
         """`init_weights_from`'s variables in place of the fresh ones (new LoRA adapters, and a base already
         loaded from `model_name_or_path`, may stay as they are)."""

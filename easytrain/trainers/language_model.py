@@ -22,7 +22,7 @@ from easytrain.errors import ArgumentError
 from easytrain.eval_metrics import Predictions
 from easytrain.losses import Batch, LossOutput, causal_lm_loss
 from easytrain.metrics import Metric
-from easytrain.models import SUPPORTED_MODEL_TYPES, LlamaForCausalLM, save_pretrained
+from easytrain.models import SUPPORTED_MODEL_TYPES, LlamaForCausalLM, from_pretrained, save_pretrained
 from easytrain.trainers import adapters, builders
 from easytrain.trainers.resume import config_dict
 
@@ -89,6 +89,17 @@ class LanguageModelHooks:
             return placement.initialise_module(self.create_module, mesh=self.mesh, rules=self.partition_rules)
         finally:
             self.initialising_module = False
+
+    def _own_module(self) -> nnx.Module:
+        """The module the trainer builds: streamed tensor by tensor from `model_name_or_path` straight into the
+        training layout, or initialised by one program once what `adapt_module` refuses (switches, LoRA targets,
+        an adapter without its base) is refused on shapes, with no weight drawn."""
+        if path := self._arguments.model_name_or_path:
+            stacked = self._arguments.scan_layers and self.lora is None  # LoRA adapts separate layers first
+            return from_pretrained(path, dtype=self.dtype, scan_layers=stacked, param_dtype=self.param_dtype,
+                                   mesh=self.mesh, rules=self.partition_rules)
+        placement.abstract_module(lambda: self.adapt_module(self.create_module()))
+        return self.initial_module()
 
     def compute_loss(self, model: nnx.Module, batch: Batch, rng: jax.Array, train: bool,
                      frozen: Mapping[str, Any]) -> LossOutput:
