@@ -9,15 +9,18 @@ gradient and no optimizer state, and is either checkpointed or rebuilt on resume
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, ContextManager, Mapping, NamedTuple
 
 import jax
 from flax import nnx
 from jax.sharding import Mesh
 
 from easytrain import sharding
+from easytrain.models.scan import unstack_layer_dicts
 
 PyTree = Any
+#: A context under which module builders build their layers stacked (`LanguageModelHooks.initialising`).
+StackedBuild = Callable[[], ContextManager[Any]]
 
 
 class Frozen(NamedTuple):
@@ -71,9 +74,10 @@ def _pure(state: Any) -> PyTree:
 
 
 def place_frozen(specs: Mapping[str, Frozen], mesh: Mesh, rules: sharding.LogicalRules, *,
-                 abstract: bool = False) -> PlacedFrozen:
+                 abstract: bool = False, stacked: StackedBuild | None = None) -> PlacedFrozen:
     """Build and place every entry, or with `abstract=True` only describe it (shapes and shardings: the
-    restore target of checkpointed entries, at no memory cost)."""
+    restore target of checkpointed entries, at no memory cost). Builders run under `stacked` when that builds
+    the same values with the layers stacked (`_build`)."""
     values, shardings, modules = {}, {}, []
     for name, spec in specs.items():
         if _is_builder(spec.value):
@@ -85,8 +89,7 @@ def place_frozen(specs: Mapping[str, Frozen], mesh: Mesh, rules: sharding.Logica
         if abstract:
             value = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), _pure(shapes), target)
         elif _is_builder(spec.value):
-            with jax.set_mesh(mesh):
-                value = jax.jit(lambda build=spec.value: _pure(_split(_built(build))[1]), out_shardings=target)()
+            value = _build(spec.value, _pure(shapes), target, mesh, rules, stacked)
         else:
             value = jax.device_put(_pure(shapes), target, may_alias=False if spec.copy else None)  # the step donates it
         values[name], shardings[name] = value, target
@@ -101,6 +104,53 @@ def _built(build: Callable[[], Any]) -> Any:
         return build()
 
 
+def _jitted_values(build: Callable[[], Any], target: PyTree, mesh: Mesh) -> PyTree:
+    with jax.set_mesh(mesh):
+        return jax.jit(lambda: _pure(_split(_built(build))[1]), out_shardings=target)()
+
+
+def _build(build: Callable[[], Any], shapes: PyTree, target: PyTree, mesh: Mesh, rules: sharding.LogicalRules,
+           stacked: StackedBuild | None) -> PyTree:
+    """A builder's values in `target`'s layout, by one jitted program.
+
+    Built as it is, a module of unrolled layers draws every layer's weights separately: the program's compile time
+    grows with depth (minutes for a 3B model on a GPU). Under `stacked` a module built by the trainer's
+    `create_module` draws them as one vmapped layer, the same values. So the builder runs under `stacked` when
+    that gives the same tree once its stacked layers are unstacked, done outside the program one weight at a time
+    (`_unstacked`; slicing inside it would hold every layer twice); otherwise as it is.
+    """
+    if stacked is not None:
+        with stacked(), nnx.use_eager_sharding(False):
+            flagged = _split(nnx.eval_shape(build))[1]
+        layer_shapes = lambda value, index: jax.ShapeDtypeStruct(value.shape[1:], value.dtype)  # noqa: E731
+        if _same_arrays(unstack_layer_dicts(_pure(flagged), layer_shapes), shapes):
+            with stacked():
+                values = _jitted_values(build, _shardings(flagged, mesh, rules), mesh)
+            return _unstacked(values, target)
+    return _jitted_values(build, target, mesh)
+
+
+def _same_arrays(tree: PyTree, shapes: PyTree) -> bool:
+    """The same tree of the same shapes and dtypes."""
+    if jax.tree.structure(tree) != jax.tree.structure(shapes):
+        return False
+    pairs = zip(jax.tree.leaves(tree), jax.tree.leaves(shapes))
+    return all(a.shape == b.shape and a.dtype == b.dtype for a, b in pairs)
+
+
+def _unstacked(values: PyTree, target: PyTree) -> PyTree:
+    """`values` with their stacked layers unstacked into `target`'s layout, one stacked weight at a time: each is
+    sliced into its layers and then deleted, so the devices hold at most one stacked weight more than the layers."""
+    layers: dict[int, list[jax.Array]] = {}
+
+    def take(value: jax.Array, index: int) -> jax.Array:
+        if id(value) not in layers:
+            layers[id(value)] = [value[i] for i in range(value.shape[0])]
+            value.delete()
+        return layers[id(value)][index]
+
+    return jax.device_put(unstack_layer_dicts(values, take), target)
+
 
 def attach(tree: Any, values: Mapping[str, PyTree], specs: Mapping[str, Frozen],
            modules: tuple[tuple[str, nnx.GraphDef], ...]) -> Any:
@@ -114,9 +164,11 @@ class FrozenPlan:
     """Where each declared entry comes from in this run: built now, or (checkpointed entries of a resumed
     run) restored from the checkpoint into an abstract target."""
 
-    def __init__(self, specs: Mapping[str, Frozen], mesh: Mesh, rules: sharding.LogicalRules, *, resuming: bool):
+    def __init__(self, specs: Mapping[str, Frozen], mesh: Mesh, rules: sharding.LogicalRules, *, resuming: bool,
+                 stacked: StackedBuild | None = None):
         self.specs = dict(specs)
-        self.built = place_frozen({k: f for k, f in specs.items() if not (resuming and f.checkpoint)}, mesh, rules)
+        self.built = place_frozen({k: f for k, f in specs.items() if not (resuming and f.checkpoint)}, mesh, rules,
+                                  stacked=stacked)
         self.restored = place_frozen({k: f for k, f in specs.items() if resuming and f.checkpoint}, mesh, rules,
                                      abstract=True)
         self.modules = self.restored.modules + self.built.modules

@@ -85,6 +85,34 @@ def test_frozen_entries_are_rebuilt_or_restored_on_resume_with_an_exact_curve(tm
     assert logged(interrupted.output_dir, "drift") == logged(straight.output_dir, "drift")
 
 
+
+@pytest.mark.parametrize("entry", ["module", "state"])
+def test_a_frozen_builder_draws_its_layers_stacked_and_holds_the_values_drawn_one_by_one(tmp_path, entry):
+    """In the unrolled layout a builder of `create_module` (a reference, an EMA's state) is built with its layers
+    as one vmapped layer, an initialisation compiled once whatever the depth, and unstacked outside that program:
+    every value equals the build that draws the layers one by one."""
+    flags = []  # initialising_module at each call of the builder; the last call draws the values
+
+    class Recording(BaseTrainer):
+        def configure_frozen(self):
+            def build():
+                flags.append(self.initialising_module)
+                module = self.create_module()
+                return module if entry == "module" else nnx.state(module, nnx.Param)
+            return {"copy": Frozen(build, checkpoint=entry == "state")}
+
+    trainer = Recording(tiny_args(tmp_path, max_steps=1, model_config="small"))
+    built = jax.tree.map(np.asarray, trainer.state.frozen["copy"])
+    assert flags[-1], f"the program that drew the values built the layers one by one: {flags}"
+    with nnx.use_eager_sharding(False):
+        one_by_one = jax.jit(lambda: nnx.to_pure_dict(nnx.state(trainer.create_module(), nnx.Param)))()
+    assert not trainer.initialising_module and len(one_by_one["layers"]) == 4
+    assert jax.tree.structure(built) == jax.tree.structure(one_by_one)
+    for a, b in zip(jax.tree.leaves(built), jax.tree.leaves(one_by_one)):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    assert trainer.train()["loss"] > 0
+
+
 # ----------------------------------------------------------------------------- what trains
 class FrozenEmbeddings(BaseTrainer):
     trainable = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("embed_tokens")))

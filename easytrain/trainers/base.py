@@ -227,7 +227,7 @@ class BaseTrainer(LanguageModelHooks):
         placed = dict(seed=args.seed, mesh=self.mesh, rules=self.partition_rules,
                       **adapters.partition(self.lora, self.trainable))
         frozen = FrozenPlan(self.configure_frozen(), self.mesh, self.partition_rules,
-                            resuming=self._resume_from is not None)
+                            resuming=self._resume_from is not None, stacked=self.initialising)
         if self._resume_from is None:
             state, shardings = self._place_module(tx, placed)
         else:

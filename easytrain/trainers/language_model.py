@@ -7,8 +7,9 @@ preference model) overrides the ones it needs and inherits the rest of `BaseTrai
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import jax
 import numpy as np
@@ -67,7 +68,7 @@ class LanguageModelHooks:
         ids = np.asarray(batch["input_ids"])
         return float(flops.training_flops_per_token(self.model_config, ids.shape[-1]) * ids.size)
 
-    #: True while `initial_module` runs `create_module()`: a module built then is laid out by `adapt_module`.
+    #: True inside `initialising()`: a module built then is laid out afterwards (`adapt_module`, `easytrain.frozen`).
     initialising_module: bool = False
 
     def create_module(self) -> nnx.Module:
@@ -80,15 +81,21 @@ class LanguageModelHooks:
                                 rngs=nnx.Rngs(self._arguments.seed),
                                 scan_layers=self._arguments.scan_layers or self.initialising_module)
 
-    def initial_module(self) -> nnx.Module:
-        """A fresh run's module, concrete: `create_module()` inside one jitted program, straight into its sharded
-        layout, with `initialising_module` set (the trainer's policy; DPO's reference when no path is given).
-        Not for `Frozen` builders, which run `create_module()` as it is, in the run's layout."""
+    @contextlib.contextmanager
+    def initialising(self) -> Iterator[None]:
+        """`initialising_module` set for the block: where a fresh module is built and then laid out (the trainer's
+        own, and `Frozen` builders whose stacked build unstacks to their usual tree: `easytrain.frozen`)."""
         self.initialising_module = True
         try:
-            return placement.initialise_module(self.create_module, mesh=self.mesh, rules=self.partition_rules)
+            yield
         finally:
             self.initialising_module = False
+
+    def initial_module(self) -> nnx.Module:
+        """A fresh run's module, concrete: `create_module()` inside one jitted program, straight into its sharded
+        layout, with `initialising_module` set (the trainer's policy; DPO's reference when no path is given)."""
+        with self.initialising():
+            return placement.initialise_module(self.create_module, mesh=self.mesh, rules=self.partition_rules)
 
     def _own_module(self) -> nnx.Module:
         """The module the trainer builds: streamed tensor by tensor from `model_name_or_path` straight into the
