@@ -29,7 +29,12 @@ each in a fresh child process (`--repeats`, alternating; seconds and peak RSS):
   (the trainer until 2026-12-04);
 - `stacked_then_layout`: what the trainer does now: the module initialised by one program with its layers
   stacked (`placement.initialise_module`), unstacked outside it one weight at a time, then `place_module`.
-  At 32 layers: 32.3 s and 8.9 GiB one program, 10.5 s and 6.1 GiB the trainer's way (the same doc section).
+  At 32 layers: 32.3 s and 8.9 GiB one program, 10.5 s and 6.1 GiB the trainer's way (the same doc section);
+- `frozen_builder`: a frozen entry built by a function, as the EMA of docs/custom_trainer.md is
+  (`nnx.state(create_module(), nnx.Param)`), placed by `easytrain.frozen.place_frozen` with its layers drawn
+  one by one in its program (the trainer until 2026-12-04);
+- `frozen_builder_stacked`: the same with `stacked`, as the trainer places it now: drawn as one vmapped layer,
+  unstacked outside the program.
 
 Prints one JSON line. No timing is asserted anywhere.
 """
@@ -37,10 +42,11 @@ Prints one JSON line. No timing is asserted anywhere.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import resource
 import statistics
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 from unittest import mock
 
 import jax
@@ -52,13 +58,14 @@ from flax import nnx
 
 from benchmarks.report import child_json, emit, fill_defaults, relaunch_like_the_command
 from easytrain import placement
+from easytrain.frozen import Frozen, place_frozen
 from easytrain.models import LlamaForCausalLM, init_model, layers
-from easytrain.sharding import make_mesh
+from easytrain.sharding import DEFAULT_RULES, make_mesh
 
 PROFILES = {"full": dict(depths="4,8,16", hidden=2048, vocab=4096, repeats=2, fresh_depths="8,16,32",
                          fresh_hidden=1024),
             "quick": dict(depths="2,3", hidden=64, vocab=256, repeats=1, fresh_depths="2,3", fresh_hidden=64)}
-FRESH_WAYS = ("one_program", "stacked_then_layout")
+FRESH_WAYS = ("one_program", "stacked_then_layout", "frozen_builder", "frozen_builder_stacked")
 
 
 def _keys_only(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype: Any) -> jax.Array:
@@ -95,13 +102,37 @@ def compile_once(config: transformers.LlamaConfig, way: str) -> dict[str, float]
             "fusions": compiled.as_text().count(" fusion(")}
 
 
+class EMABuilder:
+    """An EMA's frozen entry as docs/custom_trainer.md builds it, `nnx.state(create_module(), nnx.Param)`, with a
+    `create_module` that builds its layers stacked inside `stacked()`, as the trainer's does."""
+
+    def __init__(self, config: transformers.LlamaConfig):
+        self.config, self.initialising = config, False
+
+    @contextlib.contextmanager
+    def stacked(self) -> Iterator[None]:
+        self.initialising = True
+        try:
+            yield
+        finally:
+            self.initialising = False
+
+    def __call__(self) -> nnx.State:
+        return nnx.state(LlamaForCausalLM(self.config, rngs=nnx.Rngs(0), scan_layers=self.initialising), nnx.Param)
+
+
 def fresh_state(config: transformers.LlamaConfig, way: str) -> dict[str, float]:
-    """Seconds from nothing to a placed fresh AdamW train state of `config`'s unrolled model, `way`'s way, and the
-    process's peak RSS (run in a process of its own)."""
+    """Seconds from nothing to a placed fresh AdamW train state of `config`'s unrolled model (or, for the frozen
+    ways, to its EMA entry), `way`'s way, and the process's peak RSS (run in a process of its own)."""
     mesh, tx = make_mesh(), optax.adamw(1e-3)
     started = time.perf_counter()
     if way == "one_program":
         state, _ = placement.create_state(lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0)), tx, seed=0, mesh=mesh)
+    elif way.startswith("frozen_builder"):
+        build = EMABuilder(config)
+        placed = place_frozen({"ema": Frozen(build, checkpoint=True)}, mesh, DEFAULT_RULES,
+                              stacked=build.stacked if way == "frozen_builder_stacked" else None)
+        state = placed.values
     else:
         module = placement.initialise_module(lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0), scan_layers=True),
                                              mesh=mesh)
@@ -126,9 +157,8 @@ def fresh_states(options: argparse.Namespace) -> dict[str, Any]:
                                for key in ("seconds", "peak_rss_gib")} for way in FRESH_WAYS} for depth in depths}
     deepest = rows[str(max(depths))]
     return {"hidden": options.fresh_hidden, "depths": rows,
-            "stacked_then_layout_over_one_program": {
-                key: deepest["stacked_then_layout"][key] / deepest["one_program"][key]
-                for key in ("seconds", "peak_rss_gib")}}
+            **{f"{new}_over_{old}": {key: deepest[new][key] / deepest[old][key] for key in ("seconds", "peak_rss_gib")}
+               for new, old in (("stacked_then_layout", "one_program"), ("frozen_builder_stacked", "frozen_builder"))}}
 
 
 def per_layer(depths: list[int], seconds: list[float]) -> float | None:
