@@ -262,8 +262,7 @@ class BaseTrainer(LanguageModelHooks):
         """The resumed state, restored straight into its layout: full weights are never initialised (or loaded)
         only to be overwritten; a LoRA base is not in the checkpoint, so it is placed (and checked) first."""
         if self.lora is None:
-            module = (self.adapt_module(self._given_model) if self._given_model is not None
-                      else placement.abstract_module(lambda: self.adapt_module(self.create_module())))
+            module = self.adapt_module(self._given_model) if self._given_model is not None else self._abstract_module()
             target, shardings = placement.abstract_train_state(module, tx, **placed)
             base = {}
         else:
