@@ -183,7 +183,9 @@ def init_compile(r: dict) -> list[Headline]:
             Headline("init_compile", "initialisation compile: layers built stacked / one at a time",
                      dig(r, "stacked_over_draws")),
             Headline("init_compile", "fresh unrolled train state: built stacked, then laid out / one program (s)",
-                     dig(r, "fresh_state.stacked_then_layout_over_one_program.seconds"))]
+                     dig(r, "fresh_state.stacked_then_layout_over_one_program.seconds")),
+            Headline("init_compile", "frozen EMA builder, unrolled: drawn stacked, then unstacked / one by one (s)",
+                     dig(r, "fresh_state.frozen_builder_stacked_over_frozen_builder.seconds"))]
 
 
 def compile_cache(r: dict) -> list[Headline]:

@@ -85,11 +85,11 @@ class LanguageModelHooks:
     def initialising(self) -> Iterator[None]:
         """`initialising_module` set for the block: where a fresh module is built and then laid out (the trainer's
         own, and `Frozen` builders whose stacked build unstacks to their usual tree: `easytrain.frozen`)."""
-        self.initialising_module = True
+        before, self.initialising_module = self.initialising_module, True
         try:
             yield
         finally:
-            self.initialising_module = False
+            self.initialising_module = before
 
     def initial_module(self) -> nnx.Module:
         """A fresh run's module, concrete: `create_module()` inside one jitted program, straight into its sharded
