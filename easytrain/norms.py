@@ -1,4 +1,5 @@
-"""The global L2 norm of a pytree (the gradient norm every train step takes), cheap to compile on XLA:CPU.
+"""The global L2 norm of a pytree (the gradient norm every train step takes), cheap to compile on XLA:CPU, and the
+staged sums it is made of (`split_for_sum`, `sum_in_stages`; checkpoint digests sum the same way).
 
 XLA:CPU rewrites every sum over an axis longer than 32 into a tree of `reduce-window` kernels, one kernel per
 level, for accuracy: with the YNNPACK fusions off (easytrain's `compiler_options='auto'`) the norm of the
@@ -29,26 +30,38 @@ _BLOCK = 1024
 
 def global_norm(tree: Any) -> jax.Array:
     """The L2 norm of all leaves together, accumulated in float32."""
-    sum_of_squares = _staged_sum_of_squares if jax.default_backend() == "cpu" else _sum_of_squares
-    squares = [sum_of_squares(leaf) for leaf in jax.tree.leaves(tree)]
+    squares = [sum_in_stages(jnp.square(split_for_sum(leaf).astype(jnp.float32))) for leaf in jax.tree.leaves(tree)]
     return jnp.sqrt(sum(squares, jnp.zeros((), jnp.float32)))
 
 
-def _sum_of_squares(leaf: jax.Array) -> jax.Array:
-    return jnp.sum(jnp.square(jnp.asarray(leaf).astype(jnp.float32)))
-
-
-def _staged_sum_of_squares(leaf: jax.Array) -> jax.Array:
-    """The leaf's sum of squares as a chain of reductions over trailing axes of at most `_WINDOW` each."""
+def split_for_sum(leaf: jax.Array) -> jax.Array:
+    """On CPU, `leaf` viewed with every axis split into factors of at most `_WINDOW`, behind an `optimization_barrier`
+    so that XLA's simplifier does not fold the split back (no data moves); elsewhere `leaf` itself. Elementwise work
+    on the result fuses into the first stage of `sum_in_stages`."""
     leaf = jnp.asarray(leaf)
-    split = [factor for size in leaf.shape for factor in _split_axis(size)]
-    values = jnp.square(jax.lax.optimization_barrier(leaf.reshape(split)).astype(jnp.float32))
+    if jax.default_backend() != "cpu":
+        return leaf
+    return jax.lax.optimization_barrier(leaf.reshape([factor for size in leaf.shape for factor in _split_axis(size)]))
+
+
+def sums_in_place(shape: tuple[int, ...]) -> bool:
+    """Whether every axis of `shape` splits into factors of at most `_WINDOW`: then no stage of `sum_in_stages` is
+    rewritten into `reduce-window` kernels on CPU, and the first reads its operand in place, with no scratch."""
+    return all(factor <= _WINDOW for size in shape for factor in _split_axis(size))
+
+
+def sum_in_stages(values: jax.Array) -> jax.Array:
+    """The sum of every element of `values` (from `split_for_sum`, with elementwise work on it): on CPU a chain of
+    reductions over trailing axes of at most `_BLOCK` elements together, each kept apart by a barrier; elsewhere one
+    reduction. In `values`' own dtype (exact, wrapping, for unsigned integers)."""
+    if jax.default_backend() != "cpu":
+        return jnp.sum(values, dtype=values.dtype)
     while values.ndim:
         reduced, block = 1, values.shape[-1]
         while reduced < values.ndim and block * values.shape[-1 - reduced] <= _BLOCK:
             block *= values.shape[-1 - reduced]
             reduced += 1
-        values = values.sum(axis=tuple(range(values.ndim - reduced, values.ndim)))
+        values = values.sum(axis=tuple(range(values.ndim - reduced, values.ndim)), dtype=values.dtype)
         if values.ndim:
             values = jax.lax.optimization_barrier(values)
     return values
