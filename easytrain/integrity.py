@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from easytrain.errors import EasytrainError
-from easytrain.norms import split_for_sum, sum_in_stages, sums_in_place
+from easytrain.norms import split_for_sum, splits_at_shards, sum_in_stages, sums_in_place
 
 _UNSIGNED = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
 _GOLDEN = np.uint32(2654435761)  # Knuth's multiplicative hash: position-weighted sum catches moved data
@@ -63,21 +63,25 @@ def _digestible(leaf: jax.Array) -> jax.Array:
     return leaf
 
 
-def _block_digest(values: jax.Array, offset: jax.Array) -> jax.Array:
+def _block_digest(values: jax.Array, offset: jax.Array, in_place: bool) -> jax.Array:
     """`[sum(bits), sum(bits * weight(offset + position))]` mod 2**32 of one contiguous block of the array.
 
     Both are reductions over every axis of the unflattened block, so each device sums its own shard
-    and only two scalars cross devices; no layout change is needed. On XLA:CPU they are summed in stages
-    (`easytrain.norms.sum_in_stages`) whose first stage reads the block itself: a single sum would write the
-    bits and the weighted bits out in full first. A row-major view keeps every element's flat position.
+    and only two scalars cross devices; no layout change is needed. `in_place` (XLA:CPU, shards that stay
+    whole in the view) sums them in stages (`easytrain.norms.sum_in_stages`) whose first stage reads the block
+    itself: a single sum writes the bits and the weighted bits out in full first. A row-major view keeps every
+    element's flat position.
     """
-    split = split_for_sum(values)
-    bits = jax.lax.bitcast_convert_type(split, _UNSIGNED[jnp.dtype(split.dtype).itemsize]).astype(jnp.uint32)
+    if in_place:
+        values = split_for_sum(values)
+    bits = jax.lax.bitcast_convert_type(values, _UNSIGNED[jnp.dtype(values.dtype).itemsize]).astype(jnp.uint32)
     weights = (_flat_positions(bits.shape) + offset) * _GOLDEN + jnp.uint32(1)
-    return jnp.stack([sum_in_stages(bits), sum_in_stages(bits * weights)])
+    total = sum_in_stages if in_place else functools.partial(jnp.sum, dtype=jnp.uint32)
+    return jnp.stack([total(bits), total(bits * weights)])
 
 
-def _digest_from(values: jax.Array, offset: jax.Array, whole_axes: int, block_elements: int) -> jax.Array:
+def _digest_from(values: jax.Array, offset: jax.Array, whole_axes: int, block_elements: int,
+                 in_place: bool) -> jax.Array:
     """The digest of `values`, whose first element sits at flat position `offset` of the whole array.
 
     XLA:CPU sums an axis longer than 32 through reduce-windows that do not fuse their operands: it writes
@@ -89,24 +93,25 @@ def _digest_from(values: jax.Array, offset: jax.Array, whole_axes: int, block_el
     one block per loop iteration; the sums are exact mod 2**32, so the digest is the same value.
     """
     if whole_axes == 0 or values.ndim == 0 or values.size <= block_elements:
-        return _block_digest(values, offset)
+        return _block_digest(values, offset, in_place)
     rows, row_size = values.shape[0], values.size // values.shape[0]
     count = next((k for k in range(1, rows) if rows % k == 0 and (rows // k) * row_size <= block_elements), rows)
     if count == rows:  # one row per block, digested in turn (blocked again along the next axis if still large)
         blocks, digest = values, functools.partial(_digest_from, whole_axes=whole_axes - 1,
-                                                   block_elements=block_elements)
+                                                   block_elements=block_elements, in_place=in_place)
     else:
-        blocks, digest = values.reshape((count, rows // count) + values.shape[1:]), _block_digest
+        blocks = values.reshape((count, rows // count) + values.shape[1:])
+        digest = functools.partial(_block_digest, in_place=in_place)
     block_size = np.uint32((values.size // count) % 2**32)
     parts = jax.lax.map(lambda block: digest(block[1], offset + block[0] * block_size),
                         (jnp.arange(count, dtype=jnp.uint32), blocks))
     return jnp.sum(parts, axis=0, dtype=jnp.uint32)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _leaf_digest(leaf: jax.Array, whole_axes: int, block_elements: int) -> jax.Array:
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _leaf_digest(leaf: jax.Array, whole_axes: int, block_elements: int, in_place: bool = False) -> jax.Array:
     """`[sum(bits), sum(bits * weight(position))]` mod 2**32 of one array's raw bits."""
-    return _digest_from(_digestible(leaf), jnp.uint32(0), whole_axes, block_elements)
+    return _digest_from(_digestible(leaf), jnp.uint32(0), whole_axes, block_elements, in_place)
 
 
 def _whole_leading_axes(leaf: jax.Array, block_elements: int) -> int:
@@ -123,14 +128,16 @@ def _whole_leading_axes(leaf: jax.Array, block_elements: int) -> int:
     return count
 
 
-def _digest_plan(leaf: jax.Array, block_elements: int = _BLOCK_ELEMENTS) -> tuple[int, int]:
-    """The static arguments of `_leaf_digest` for `leaf`: its whole leading axes and the block size. On XLA:CPU an
-    array whose axes all split into factors of at most 32 is summed in one pass: its staged sums read it in place,
-    with no scratch to bound (a `[16, 1024, 1024]` stacked weight in 8 ms, against 10-15 ms a layer at a time);
-    one with a larger odd factor still goes a block at a time, since a stage sums that factor the usual way."""
-    if jax.default_backend() == "cpu" and sums_in_place(leaf.shape):
-        return 0, block_elements
-    return _whole_leading_axes(leaf, block_elements), block_elements
+def _digest_plan(leaf: jax.Array, block_elements: int = _BLOCK_ELEMENTS) -> tuple[int, int, bool]:
+    """The static arguments of `_leaf_digest` for `leaf`: its whole leading axes, the block size and whether it is
+    summed in place. On XLA:CPU it is, when its shards stay whole in `split_for_sum`'s view (else the view would
+    move data between devices); then an array whose axes all split into factors of at most 32 is summed in one
+    pass, with no scratch to bound (a `[16, 1024, 1024]` stacked weight in 8 ms, against 10-15 ms a layer at a
+    time), and one with a larger odd factor a block at a time, since a stage sums that factor the usual way."""
+    in_place = jax.default_backend() == "cpu" and splits_at_shards(leaf.shape, leaf.sharding.shard_shape(leaf.shape))
+    if in_place and sums_in_place(leaf.shape):
+        return 0, block_elements, True
+    return _whole_leading_axes(leaf, block_elements), block_elements, in_place
 
 
 def _digest(leaf: jax.Array, block_elements: int = _BLOCK_ELEMENTS) -> jax.Array:

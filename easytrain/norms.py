@@ -50,6 +50,14 @@ def sums_in_place(shape: tuple[int, ...]) -> bool:
     return all(factor <= _WINDOW for size in shape for factor in _split_axis(size))
 
 
+def splits_at_shards(shape: tuple[int, ...], shard_shape: tuple[int, ...]) -> bool:
+    """Whether `split_for_sum`'s view of an array of `shape` in shards of `shard_shape` keeps every shard whole: each
+    axis's leading factor is a multiple of its shard count (an axis over 2, 4, 8, ... devices, not over 3), so the
+    view moves no data between devices."""
+    return all(size % shard == 0 and _split_axis(size)[0] % (size // shard) == 0
+               for size, shard in zip(shape, shard_shape) if size)
+
+
 def sum_in_stages(values: jax.Array) -> jax.Array:
     """The sum of every element of `values` (from `split_for_sum`, with elementwise work on it): on CPU a chain of
     reductions over trailing axes of at most `_BLOCK` elements together, each kept apart by a barrier; elsewhere one
