@@ -123,15 +123,15 @@ def _build(build: Callable[[], Any], shapes: PyTree, target: PyTree, mesh: Mesh,
         with stacked(), nnx.use_eager_sharding(False):
             flagged = _split(nnx.eval_shape(build))[1]
         layer_shapes = lambda value, index: jax.ShapeDtypeStruct(value.shape[1:], value.dtype)  # noqa: E731
-        if _same_arrays(unstack_layer_dicts(_pure(flagged), layer_shapes), shapes):
+        if _same_shapes(unstack_layer_dicts(_pure(flagged), layer_shapes), shapes):
             with stacked():
                 values = _jitted_values(build, _shardings(flagged, mesh, rules), mesh)
             return _unstacked(values, target)
     return _jitted_values(build, target, mesh)
 
 
-def _same_arrays(tree: PyTree, shapes: PyTree) -> bool:
-    """The same tree of the same shapes and dtypes."""
+def _same_shapes(tree: PyTree, shapes: PyTree) -> bool:
+    """The same tree of leaves with the same shapes and dtypes."""
     if jax.tree.structure(tree) != jax.tree.structure(shapes):
         return False
     pairs = zip(jax.tree.leaves(tree), jax.tree.leaves(shapes))
