@@ -16,7 +16,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from easytrain import sharding
-from easytrain.models.scan import unstack_layer_dicts
+from easytrain.models.scan import layer_slices, unstack_layer_dicts
 
 PyTree = Any
 #: A context under which module builders build their layers stacked (`LanguageModelHooks.initialising`).
@@ -145,7 +145,7 @@ def _unstacked(values: PyTree, target: PyTree) -> PyTree:
 
     def take(value: jax.Array, index: int) -> jax.Array:
         if id(value) not in layers:
-            layers[id(value)] = [value[i] for i in range(value.shape[0])]
+            layers[id(value)] = layer_slices(value)
             value.delete()
         return layers[id(value)][index]
 

@@ -101,7 +101,7 @@ def _taken_value(module: nnx.Module, path: tuple, *, detach: bool) -> Any:
     return value
 
 
-def _slices(value: Any) -> list[Any]:
+def layer_slices(value: Any) -> list[Any]:
     """`value[0], value[1], ...`: one layer's copy each."""
     return [value[index] for index in range(value.shape[0])]
 
@@ -218,7 +218,7 @@ class StackedLayers(nnx.Module):
         taken out of this module once sliced, so the devices hold at most one stacked weight more than the layers;
         this module is then left without its variables (a model switching its own layout drops it)."""
         graphdef, parts = _without_values(self.stacked)
-        slices = {path: _slices(_taken_value(self.stacked, path, detach=consume))
+        slices = {path: layer_slices(_taken_value(self.stacked, path, detach=consume))
                   for path in _variable_paths(self.stacked)}
         return [_rebuilt(graphdef, parts, _layer_variable, {path: values[index] for path, values in slices.items()})
                 for index in range(self.num_layers)]
