@@ -12,26 +12,36 @@ from model_configs import tiny_config
 from runs import logged
 
 
-def value_grad_and_temp(policy: str):
+def value_grads_and_kept_bytes(policy: str):
+    """The loss, its gradients, and the bytes autodiff keeps from the forward pass for the backward (the arrays
+    `jax.vjp`'s closure holds: parameters, and activations unless the policy recomputes them)."""
     model = init_model(tiny_config(num_hidden_layers=4), seed=0)
     model.remat = policy
     ids = jnp.asarray(np.random.RandomState(0).randint(0, 128, (4, 64)))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    fn = jax.jit(jax.value_and_grad(lambda p: jnp.mean(nnx.merge(graphdef, p, rest)(ids) ** 2)))
+
+    def loss(p):
+        return jnp.mean(nnx.merge(graphdef, p, rest)(ids) ** 2)
+
+    fn = jax.jit(jax.value_and_grad(loss))
     value, grads = fn(params)
     jaxpr = str(jax.make_jaxpr(fn)(params))
-    return float(value), grads, fn.lower(params).compile().memory_analysis().temp_size_in_bytes, jaxpr
+    kept = sum(leaf.nbytes for leaf in jax.tree.leaves(jax.vjp(loss, params)[1]))
+    return float(value), grads, kept, jaxpr
 
 
-@pytest.mark.parametrize("policy", ["full", "dots"])
-def test_remat_gives_the_same_values_and_gradients_with_less_activation_memory(policy):
-    value, grads, temp, _ = value_grad_and_temp("none")
-    remat_value, remat_grads, remat_temp, jaxpr = value_grad_and_temp(policy)
+@pytest.mark.parametrize("policy, at_most", [("full", 0.2), ("dots", 0.4)])
+def test_remat_gives_the_same_values_and_gradients_and_keeps_less_for_the_backward_pass(policy, at_most):
+    """Measured where the policy acts, in what autodiff keeps: XLA:CPU's buffer assignment does not turn the
+    recomputation into a lower scratch peak (docs/benchmarks.md, "Rematerialisation"), so the compiled program's
+    temporaries on CPU cannot show it."""
+    value, grads, kept, _ = value_grads_and_kept_bytes("none")
+    remat_value, remat_grads, remat_kept, jaxpr = value_grads_and_kept_bytes(policy)
     assert "remat" in jaxpr or "checkpoint" in jaxpr, "the layers really are rematerialised"
     assert remat_value == pytest.approx(value, rel=1e-6)
     for a, b in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(grads)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
-    assert remat_temp < temp
+    assert remat_kept < at_most * kept
 
 
 def test_the_trainer_applies_the_policy_and_trains_the_same_curve(tmp_path):

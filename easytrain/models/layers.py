@@ -15,7 +15,8 @@ import transformers
 from flax import nnx
 
 from easytrain.models.attention import DType, apply_rope, grouped_attention
-from easytrain.models.families import ACTIVATIONS, ArchFeatures, ConfigError, activation_name, features_of, head_dim_of
+from easytrain.models.families import ArchFeatures, ConfigError, activation_name, features_of, head_dim_of
+from easytrain.models.gated import gated_activation
 from easytrain.models.kv_cache import LayerCache
 from easytrain.models.masks import AttentionMask, attend
 from easytrain.sharding import constrain, weight_in_use
@@ -204,8 +205,8 @@ class MLP(nnx.Module):
         self.down_proj = dense(inner, hidden, axes=("mlp", "embed"), use_bias=bias)
 
     def __call__(self, x_MD: Array) -> Array:
-        gate_MF = ACTIVATIONS[self.hidden_act](self.gate_proj(x_MD))
-        return self.down_proj(constrain(gate_MF * self.up_proj(x_MD), MLP_MF))
+        hidden_MF = gated_activation(self.hidden_act)(self.gate_proj(x_MD), self.up_proj(x_MD))
+        return self.down_proj(constrain(hidden_MF, MLP_MF))
 
 
 class DecoderLayer(nnx.Module):
