@@ -11,8 +11,9 @@ kernels for a leaf of a million elements, 37 kernels and 0.12 s for the 39 gradi
 from folding the split, and the stages, back together before that rewrite runs; it moves no data. An axis
 splits into its own factors, its power of two first, so one sharded over 2, 4, 8, ... devices splits at shard
 boundaries and keeps its sharding (partial sums per shard, then all-reduces). An odd factor above 32 stays
-whole and that leaf's last stage is summed the usual way. Other platforms sum each leaf's squares in one
-reduction, as optax does.
+whole and that leaf's last stage is summed the usual way. Where the devices in play are not a power of two of at
+most 32, a shard count could cut across the view's factors, so the norm sums each leaf as it is. Other platforms
+sum each leaf's squares in one reduction, as optax does.
 """
 
 from __future__ import annotations
@@ -29,9 +30,23 @@ _BLOCK = 1024
 
 
 def global_norm(tree: Any) -> jax.Array:
-    """The L2 norm of all leaves together, accumulated in float32."""
-    squares = [sum_in_stages(jnp.square(split_for_sum(leaf).astype(jnp.float32))) for leaf in jax.tree.leaves(tree)]
+    """The L2 norm of all leaves together, accumulated in float32; summed in stages only where that view keeps
+    every shard whole (`_views_keep_shards`), each leaf's squares in one reduction otherwise."""
+    if not _views_keep_shards():
+        squares = [jnp.sum(jnp.square(jnp.asarray(leaf, jnp.float32))) for leaf in jax.tree.leaves(tree)]
+    else:
+        squares = [sum_in_stages(jnp.square(split_for_sum(leaf).astype(jnp.float32))) for leaf in jax.tree.leaves(tree)]
     return jnp.sqrt(sum(squares, jnp.zeros((), jnp.float32)))
+
+
+def _views_keep_shards() -> bool:
+    """Whether `split_for_sum`'s view keeps every shard whole however a leaf is sharded over the devices in play (the
+    mesh in context, as the trainer traces its step, else every device): true for a power of two of at most
+    `_WINDOW` devices, since an axis's leading factor is then a multiple of any shard count that divides the axis.
+    Over three devices, 96 rows viewed as 32 x 3 would cut across shards of 32 rows and gather them."""
+    mesh = jax.sharding.get_abstract_mesh()
+    devices = jax.device_count() if mesh.empty else mesh.size
+    return devices & (devices - 1) == 0 and devices <= _WINDOW
 
 
 def split_for_sum(leaf: jax.Array) -> jax.Array:
