@@ -26,8 +26,9 @@ from easytrain.trainers.sft import SFTTrainer
 
 #: The benchmark Llama's train step (6.3M parameters, batch 8 x 256, AdamW, float32, one device): temporaries
 #: per device as XLA:CPU planned them with jax 0.10.2 (the same under --xla_cpu_max_isa=AVX2). Activations
-#: kept for the backward pass, gradients, the optimizer's scratch. Update it when a change shrinks them.
-REFERENCE_TEMP_MIB = 353.94
+#: kept for the backward pass, gradients, the optimizer's scratch. Update it when a change shrinks them (SwiGLU's
+#: own backward, 2026-12-04: 353.94 -> 322.44).
+REFERENCE_TEMP_MIB = 322.44
 
 
 def tiny_args(output_dir: Path, **overrides) -> TrainingArguments:
@@ -204,8 +205,10 @@ def test_the_reference_plan_has_not_grown_and_each_named_fix_shrinks_it(tmp_path
     # The state (all of it) is donated; the batch is not: input_ids, targets, loss_mask, 4 bytes per token each.
     assert plan.donated == plan.arguments - BATCH * LENGTH * 4 * 3
     assert plan.temporaries / MIB == pytest.approx(REFERENCE_TEMP_MIB, rel=0.1)
-    # Measured: remat 0.91x, chunked loss 0.90x, half the batch over two micro-batches 0.32x the temporaries.
-    fixes = {"remat_policy": (dict(remat_policy="full"), 0.95), "loss_chunk_size": (dict(loss_chunk_size=512), 0.95),
+    # Measured: chunked loss 0.90x, half the batch over two micro-batches 0.32x the temporaries. remat_policy's saving
+    # is in what autodiff keeps for the backward pass (tests/test_remat.py): XLA:CPU's buffer assignment does not
+    # turn it into fewer temporaries (0.91x here while SwiGLU kept its sigmoid and silu, 1.00x since).
+    fixes = {"loss_chunk_size": (dict(loss_chunk_size=512), 0.95),
              "train_batch_size": (dict(train_batch_size=BATCH // 2, gradient_accumulation_steps=2), 0.6)}
     for name, (overrides, at_most) in fixes.items():
         smaller = reference_plan(tmp_path / name, **overrides)
