@@ -1,4 +1,4 @@
-"""The MLP's gated activation: SwiGLU's hand-written backward against JAX's own derivative of `silu(g) * u`."""
+"""The MLP's gated activation, rematerialised: what it keeps for the backward pass, its derivatives both ways."""
 
 import os
 
@@ -41,12 +41,25 @@ def test_swiglu_values_and_gradients_match_autodiff(dtype, tolerance):
         np.testing.assert_allclose(np.float32(mine), np.float32(theirs), rtol=tolerance, atol=tolerance)
 
 
-def test_swiglu_keeps_only_its_inputs_for_the_backward_pass():
+def test_every_gated_activation_keeps_only_its_inputs_for_the_backward_pass():
     """Differentiated as written, `silu(g) * u` keeps five `[M, F]` arrays (the sigmoid and silu among them)."""
     gate, up, _ = gate_up_and_cotangent(jnp.float32)
     assert len(jax.tree.leaves(jax.vjp(autodiff_swiglu, gate, up)[1])) == 5
-    residuals = jax.tree.leaves(jax.vjp(swiglu, gate, up)[1])
-    assert len(residuals) == 2 and all(r is gate or r is up for r in residuals)
+    for name in ("silu", "gelu", "gelu_pytorch_tanh"):
+        residuals = jax.tree.leaves(jax.vjp(gated_activation(name), gate, up)[1])
+        assert len(residuals) == 2 and all(r is gate or r is up for r in residuals), name
+
+
+def test_swiglu_has_forward_mode_derivatives():
+    """`jax.jvp` and `jax.hessian` work through it (a `jax.custom_vjp` would refuse both) and equal autodiff's."""
+    gate, up, tangent = gate_up_and_cotangent(jnp.float32, shape=(4, 6))
+    ours = jax.jvp(swiglu, (gate, up), (tangent, tangent))
+    theirs = jax.jvp(autodiff_swiglu, (gate, up), (tangent, tangent))
+    for mine, reference in zip(ours, theirs):
+        np.testing.assert_allclose(mine, reference, rtol=1e-6, atol=1e-6)
+    hessian = jax.hessian(lambda g: jnp.sum(swiglu(g, up)))(gate[0])
+    np.testing.assert_allclose(hessian, jax.hessian(lambda g: jnp.sum(autodiff_swiglu(g, up)))(gate[0]), rtol=1e-5,
+                               atol=1e-6)
 
 
 def test_every_activation_is_gated_as_its_plain_form():
