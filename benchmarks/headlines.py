@@ -57,6 +57,15 @@ def step_breakdown(r: dict) -> list[Headline]:
                    Headline("step_breakdown", "the rest vs hand-written: ms", dig(r, "residual_ms"), ratio=False)]
 
 
+def gated(r: dict) -> list[Headline]:
+    rounds = dig(r, "speedup_per_round") or []
+    low, high = (min(rounds), max(rounds)) if rounds else (None, None)
+    return [Headline("gated", "rematerialised / as-written activation: step speed", dig(r, "speedup_paired_median"),
+                     low, high),
+            Headline("gated", "as-written / rematerialised: scratch", quotient(dig(r, "scratch_mib.as_written"),
+                                                                              dig(r, "scratch_mib.rematerialised")))]
+
+
 def versus_torch(r: dict) -> list[Headline]:
     def side(name: str) -> Headline:
         c = dig(r, f"contenders.{name}") or {}
