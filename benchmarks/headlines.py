@@ -57,13 +57,23 @@ def step_breakdown(r: dict) -> list[Headline]:
                    Headline("step_breakdown", "the rest vs hand-written: ms", dig(r, "residual_ms"), ratio=False)]
 
 
-def gated(r: dict) -> list[Headline]:
+def paired_speedup(benchmark: str, label: str, r: dict) -> Headline:
+    """A `step_forms` comparison's paired median speedup, with the range of its rounds."""
     rounds = dig(r, "speedup_per_round") or []
     low, high = (min(rounds), max(rounds)) if rounds else (None, None)
-    return [Headline("gated", "rematerialised / as-written activation: step speed", dig(r, "speedup_paired_median"),
-                     low, high),
+    return Headline(benchmark, label, dig(r, "speedup_paired_median"), low, high)
+
+
+def gated(r: dict) -> list[Headline]:
+    return [paired_speedup("gated", "rematerialised / as-written activation: step speed", r),
             Headline("gated", "as-written / rematerialised: scratch", quotient(dig(r, "scratch_mib.as_written"),
                                                                               dig(r, "scratch_mib.rematerialised")))]
+
+
+def maxima(r: dict) -> list[Headline]:
+    return [paired_speedup("maxima", "shift_max / jnp.max shifts: step speed", r),
+            Headline("maxima", "jnp.max / shift_max: one logits-sized reduction", quotient(
+                dig(r, "reduction_ms.jnp_max"), dig(r, "reduction_ms.shift_max")))]
 
 
 def versus_torch(r: dict) -> list[Headline]:

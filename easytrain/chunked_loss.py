@@ -21,6 +21,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from easytrain.models.maxima import shift_max
+
 Array = jax.Array
 #: `x_CD -> logits_CV`, float32: the output head applied to a few tokens' final hidden states.
 Head = Callable[[Array], Array]
@@ -79,7 +81,7 @@ def first_max(logits_MV: Array, targets_M: Array) -> Array:
     tiny = jnp.finfo(logits_MV.dtype).tiny
     raised_MV = jnp.where(jnp.abs(logits_MV) < tiny, tiny, jnp.nextafter(logits_MV, jnp.inf))
     earlier_MV = jnp.arange(logits_MV.shape[-1]) < targets_M[..., None]
-    return jnp.max(jnp.where(earlier_MV, raised_MV, logits_MV), axis=-1)
+    return shift_max(jnp.where(earlier_MV, raised_MV, logits_MV), axis=-1)
 
 
 def masked_token_sums(nll_M: Array, correct_M: Array, mask_M: Array) -> tuple[Array, Array, Array]:

@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from easytrain.models.maxima import shift_max
+
 Array = jax.Array
 log_sigmoid, sigmoid = jax.nn.log_sigmoid, jax.nn.sigmoid
 
@@ -46,7 +48,7 @@ def _chunked_logps(chunk_fn: Callable[..., Array], operands: Any, targets_BT: Ar
         cols_C = offset + jnp.arange(size)
         new_C = cols_C >= start  # columns no earlier chunk has counted
         chunk_BTC = jnp.where(new_C, chunk_fn(operands_i, offset, size).astype(jnp.float32), -jnp.inf)
-        new_max_BT = lax.stop_gradient(jnp.maximum(max_BT, chunk_BTC.max(-1)))  # logsumexp does not depend on it
+        new_max_BT = lax.stop_gradient(jnp.maximum(max_BT, shift_max(chunk_BTC)))  # logsumexp does not depend on it
         shift_BT = _finite_or_zero(new_max_BT)  # no −inf − (−inf) while a row has seen only −inf logits
         sum_BT = sum_BT * jnp.exp(max_BT - shift_BT) + jnp.exp(chunk_BTC - shift_BT[..., None]).sum(-1)
         hit_BTC = new_C & (cols_C == targets_BT[..., None])

@@ -7,6 +7,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from easytrain.models.maxima import softmax
+
 Array = jax.Array
 DType = jnp.dtype | type
 
@@ -107,7 +109,7 @@ def grouped_attention(q_BTNGK: Array, k_BSNK: Array, v_BSNK: Array, mask_BTS: Ar
     scores_BNQS = jnp.einsum("bnqk,bnsk->bnqs", q_BNQK, k_BNSK, preferred_element_type=jnp.float32)
     scores_BNGTS = scores_BNQS.reshape(batch, kv_heads, group, length, -1) * head_dim**-0.5
     scores_BNGTS = jnp.where(mask_BTS[:, None, None], scores_BNGTS, jnp.finfo(jnp.float32).min)
-    probs_BNQS = jax.nn.softmax(scores_BNGTS, axis=-1).astype(v_BSNK.dtype).reshape(scores_BNQS.shape)
+    probs_BNQS = softmax(scores_BNGTS, axis=-1).astype(v_BSNK.dtype).reshape(scores_BNQS.shape)
     out_BNQK = jnp.einsum("bnqs,bnsk->bnqk", probs_BNQS, v_BNSK)
     return jnp.transpose(out_BNQK.reshape(batch, kv_heads, group, length, head_dim), (0, 3, 1, 2, 4))
 
