@@ -9,6 +9,8 @@ import pytest
 from easytrain.chunked_loss import token_scores
 from easytrain.models.maxima import shift_max, softmax
 
+from runs import facts_on_eight_devices
+
 
 def special_rows(dtype, shape=(6, 40)):
     """Random rows, then rows of -inf, of one +inf, of signed zeros only, of subnormals and of the largest floats."""
@@ -97,3 +99,44 @@ def test_softmax_and_its_derivatives_match_jax_nn_softmax(axis):
     reference_second = jax.grad(lambda a: jnp.sum(jax.grad(
         lambda b: jnp.sum(jax.nn.softmax(b, axis=axis) ** 3))(a) * tangent))(x)
     np.testing.assert_allclose(second, reference_second, rtol=1e-4, atol=1e-5)
+
+
+SHARDED_VOCAB = """
+import json
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from easytrain.chunked_loss import token_scores
+from easytrain.models.maxima import shift_max, softmax
+mesh = jax.make_mesh((2, 4), ("data", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)  # as the trainer's
+logits = jax.device_put(jnp.asarray(np.random.default_rng(0).normal(size=(16, 64)), jnp.float32),
+                        NamedSharding(mesh, P("data", "tensor")))
+targets = jnp.arange(16, dtype=jnp.int32)
+with jax.set_mesh(mesh):
+    in_context = jax.jit(shift_max)(logits)
+nll, hits = jax.jit(token_scores)(logits, targets)
+reference_nll = jax.nn.logsumexp(logits, -1) - logits[jnp.arange(16), targets]
+print(json.dumps({
+    "max": bool(np.array_equal(jax.jit(shift_max)(logits), np.max(np.asarray(logits), -1))),
+    "max_in_mesh_context": bool(np.array_equal(in_context, np.max(np.asarray(logits), -1))),
+    "softmax": bool(np.allclose(jax.jit(softmax)(logits), jax.nn.softmax(logits), rtol=1e-6, atol=1e-7)),
+    "nll": bool(np.allclose(nll, reference_nll, rtol=1e-5, atol=1e-5)),
+}))
+"""
+
+
+def test_a_maximum_over_an_axis_split_across_devices_compiles_and_agrees(tmp_path):
+    """A tensor-parallel head splits the vocabulary across devices: the reduction then ends in an all-reduce,
+    which XLA:CPU builds only for the standard reductions, so over several devices the maximum is `jnp.max`'s."""
+    script = tmp_path / "sharded_vocab.py"
+    script.write_text(SHARDED_VOCAB)
+    facts = facts_on_eight_devices(script)
+    assert facts == {"max": True, "max_in_mesh_context": True, "softmax": True, "nll": True}
+
+
+def test_over_several_devices_in_context_the_maximum_is_jnp_max():
+    """Traced under a mesh of more than one device (as the trainer traces its step), the select is not used."""
+    x = jnp.ones((4, 8), jnp.float32)
+    assert "reduce_max" not in str(jax.make_jaxpr(shift_max)(x))
+    mesh = jax.sharding.AbstractMesh((2,), ("data",))
+    with jax.sharding.use_abstract_mesh(mesh):
+        assert "reduce_max" in str(jax.make_jaxpr(shift_max)(x))

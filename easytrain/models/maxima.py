@@ -6,7 +6,9 @@ reduction: over a `[2048, 4096]` float32 array `jnp.max` took 3.6 ms against 1.1
 two agree on every array without NaN (a subnormal maximum comes back as it is where `max` flushes it to zero,
 and XLA:CPU's arithmetic reads both as zero); with a NaN, the select may pass it over. Every maximum here is the
 shift of an `exp` over the same row, so a NaN in the row still reaches the result through that `exp`, and a
-non-finite loss is still seen as one. Other platforms keep `jnp.max` (XLA:GPU recognises a softmax by its `max`).
+non-finite loss is still seen as one. Other platforms keep `jnp.max` (XLA:GPU recognises a softmax by its `max`),
+and so does a CPU program over several devices: a reduction over an axis split across them ends in an all-reduce
+with the reduction's own computation, and XLA:CPU's all-reduce takes only the standard ones (sum, max, ...).
 """
 
 from __future__ import annotations
@@ -23,11 +25,19 @@ def shift_max(x: Array, axis: int = -1, keepdims: bool = False) -> Array:
     """The largest element of `x` along `axis` (float dtypes), with no gradient: it is for shifting a softmax
     or log-sum-exp, whose value does not depend on the shift. -inf for a row of -inf."""
     x = jax.lax.stop_gradient(x)
-    if jax.default_backend() != "cpu":
+    if not _select_reduction_applies():
         return jnp.max(x, axis=axis, keepdims=keepdims)
     axis = axis % x.ndim
     largest = jax.lax.reduce(x, jnp.array(-jnp.inf, x.dtype), _larger, (axis,))
     return jnp.expand_dims(largest, axis) if keepdims else largest
+
+
+def _select_reduction_applies() -> bool:
+    """On CPU, with one device in play (the mesh in context, as the trainer traces its step, else every device)."""
+    if jax.default_backend() != "cpu":
+        return False
+    mesh = jax.sharding.get_abstract_mesh()
+    return (jax.device_count() if mesh.empty else mesh.size) == 1
 
 
 def _larger(a: Array, b: Array) -> Array:
