@@ -4,12 +4,11 @@
 
 First the reduction alone: the median milliseconds of `jnp.max` and of `shift_max` over a float32 `[2048, 4096]`
 array (the benchmark Llama's logits), with a sum over the same array for scale, compiled as the trainer compiles
-its steps. Then the whole step, in one
-process (`benchmarks.step_forms`): the trainer's compiled train step as it is (the shifts of the attention's
-softmax and of the cross-entropy by `shift_max`) and the same step with `jnp.max` as the shift, alternated round
-by round on the same batch. Reports the median milliseconds per step of each, the paired median of the per-round
-speedups (`jnp.max` / `shift_max`), the compiled kernels and scratch memory of each, and the first step's loss
-and gradient norm of each (the same to the bit). Prints one JSON line.
+its steps. Then the whole step, in one process (`benchmarks.step_forms`): the trainer's compiled train step as it
+is (the shifts of the attention's softmax and of the cross-entropy by `shift_max`) and the same step with
+`jnp.max` as the shift, alternated round by round on the same batch. Reports the median milliseconds per step of
+each, the paired median of the per-round speedups (`jnp.max` / `shift_max`), the compiled kernels and scratch
+memory of each, and the first step's loss and gradient norm of each (the same to the bit). Prints one JSON line.
 """
 
 from __future__ import annotations
