@@ -73,14 +73,26 @@ def jax_step_functions(config: dict, blocks: np.ndarray, batch: int) -> dict[str
         grads = jax.grad(loss)(p)
         return update(grads, opt_state, p)
 
-    forward, backward, update, step = (jax.jit(f) for f in (loss, jax.value_and_grad(loss), update, step))
-    opt_state = tx.init(params)
+    # The update and the step donate the parameters and moments they replace, as every JAX training loop does
+    # (PyTorch's optimizer updates in place): without donation each call also allocates and faults in a fresh
+    # copy of the whole state, which no loop pays.
+    forward, backward = jax.jit(loss), jax.jit(jax.value_and_grad(loss))
+    update, step = jax.jit(update, donate_argnums=(1, 2)), jax.jit(step, donate_argnums=(0, 1))
+    carry = {"params": params, "opt": tx.init(params)}
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (params, carry["opt"]))
     grads = backward(params)[1]
-    return {"forward": lambda: forward(params).block_until_ready(),
-            "forward_backward": lambda: jax.block_until_ready(backward(params)),
-            "adamw": lambda: jax.block_until_ready(update(grads, opt_state, params)),
-            "step": lambda: jax.block_until_ready(step(params, opt_state)),
-            "_compiled_step": lambda: step.lower(params, opt_state).compile()}
+
+    def run_update() -> None:
+        carry["params"], carry["opt"] = update(grads, carry["opt"], carry["params"])
+        jax.block_until_ready(carry["params"])
+
+    def run_step() -> None:
+        carry["params"], carry["opt"] = step(carry["params"], carry["opt"])
+        jax.block_until_ready(carry["params"])
+
+    return {"forward": lambda: forward(carry["params"]).block_until_ready(),
+            "forward_backward": lambda: jax.block_until_ready(backward(carry["params"])),
+            "adamw": run_update, "step": run_step, "_compiled_step": lambda: step.lower(*shapes).compile()}
 
 
 def torch_step_functions(config: dict, blocks: np.ndarray, batch: int) -> dict[str, Callable[[], Any]]:
