@@ -23,6 +23,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from easytrain.sharding import devices_in_play
+
 #: XLA:CPU's tree-reduction window: sums over a longer axis become `reduce-window` trees.
 _WINDOW = 32
 #: Elements summed into one partial sum per stage (two stages for a million elements).
@@ -44,8 +46,7 @@ def _views_keep_shards() -> bool:
     mesh in context, as the trainer traces its step, else every device): true for a power of two of at most
     `_WINDOW` devices, since an axis's leading factor is then a multiple of any shard count that divides the axis.
     Over three devices, 96 rows viewed as 32 x 3 would cut across shards of 32 rows and gather them."""
-    mesh = jax.sharding.get_abstract_mesh()
-    devices = jax.device_count() if mesh.empty else mesh.size
+    devices = devices_in_play()
     return devices & (devices - 1) == 0 and devices <= _WINDOW
 
 

@@ -166,6 +166,13 @@ _ACTIVATION_RULES: contextvars.ContextVar[LogicalRules] = contextvars.ContextVar
                                                                                default=DEFAULT_RULES)
 
 
+def devices_in_play() -> int:
+    """How many devices a program traced now runs over: the mesh in context's (as the trainer traces its steps),
+    else every device (a `jax.jit` of arrays laid out over them)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return jax.device_count() if mesh.empty else mesh.size
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     """Pin an activation's layout from logical axis names, resolved like the parameters' by the rules.
 

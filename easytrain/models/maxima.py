@@ -18,6 +18,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from easytrain.sharding import devices_in_play
+
 Array = jax.Array
 
 
@@ -34,10 +36,7 @@ def shift_max(x: Array, axis: int = -1, keepdims: bool = False) -> Array:
 
 def _select_reduction_applies() -> bool:
     """On CPU, with one device in play (the mesh in context, as the trainer traces its step, else every device)."""
-    if jax.default_backend() != "cpu":
-        return False
-    mesh = jax.sharding.get_abstract_mesh()
-    return (jax.device_count() if mesh.empty else mesh.size) == 1
+    return jax.default_backend() == "cpu" and devices_in_play() == 1
 
 
 def _larger(a: Array, b: Array) -> Array:
