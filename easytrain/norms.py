@@ -12,8 +12,9 @@ from folding the split, and the stages, back together before that rewrite runs; 
 splits into its own factors, its power of two first, so one sharded over 2, 4, 8, ... devices splits at shard
 boundaries and keeps its sharding (partial sums per shard, then all-reduces). An odd factor above 32 stays
 whole and that leaf's last stage is summed the usual way. Where the devices in play are not a power of two of at
-most 32, a shard count could cut across the view's factors, so the norm sums each leaf as it is. Other platforms
-sum each leaf's squares in one reduction, as optax does.
+most 32, a shard count could cut across the view's factors, so the norm sums each leaf as it is. On one device
+the squares of all leaves of one size are added elementwise into one staged sum (four sizes among the 39
+gradients). Other platforms sum each leaf's squares in one reduction, as optax does.
 """
 
 from __future__ import annotations
@@ -33,12 +34,31 @@ _BLOCK = 1024
 
 def global_norm(tree: Any) -> jax.Array:
     """The L2 norm of all leaves together, accumulated in float32; summed in stages only where that view keeps
-    every shard whole (`_views_keep_shards`), each leaf's squares in one reduction otherwise."""
+    every shard whole (`_views_keep_shards`), each leaf's squares in one reduction otherwise. On one CPU device
+    the squares of leaves of one size are added elementwise inside one staged sum (`_same_size_squares`)."""
+    leaves = [jnp.asarray(leaf) for leaf in jax.tree.leaves(tree)]
     if not _views_keep_shards():
-        squares = [jnp.sum(jnp.square(jnp.asarray(leaf, jnp.float32))) for leaf in jax.tree.leaves(tree)]
+        squares = [jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in leaves]
+    elif jax.default_backend() == "cpu" and devices_in_play() == 1:
+        squares = [sum_in_stages(values) for values in _same_size_squares(leaves)]
     else:
-        squares = [sum_in_stages(jnp.square(split_for_sum(leaf).astype(jnp.float32))) for leaf in jax.tree.leaves(tree)]
+        squares = [sum_in_stages(jnp.square(split_for_sum(leaf).astype(jnp.float32))) for leaf in leaves]
     return jnp.sqrt(sum(squares, jnp.zeros((), jnp.float32)))
+
+
+def _same_size_squares(leaves: list[jax.Array]) -> list[jax.Array]:
+    """Per leaf size, the float32 squares of every leaf of that size added elementwise, each leaf viewed flat.
+
+    A model's gradients are a few sizes many times over (each layer's projections): one staged sum per size is
+    two kernels for XLA:CPU to compile where one per leaf was two per leaf (the benchmark Llama's train step 371
+    -> 336 kernels, 0.15 s less compile). The additions fuse into the first stage, so each gradient is still read
+    once. Only on one device: leaves of one size may be sharded differently, and adding them would move shards.
+    """
+    by_size: dict[int, jax.Array] = {}
+    for leaf in leaves:
+        squared = jnp.square(split_for_sum(leaf.reshape(-1)).astype(jnp.float32))
+        by_size[leaf.size] = by_size[leaf.size] + squared if leaf.size in by_size else squared
+    return list(by_size.values())
 
 
 def _views_keep_shards() -> bool:

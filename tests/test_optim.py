@@ -86,6 +86,22 @@ def test_global_norm_compiles_to_plain_reductions_on_cpu_and_keeps_float64_accur
     assert ("reduce-window" not in compiled.as_text()) == plain
 
 
+def test_global_norm_on_one_device_sums_leaves_of_one_size_together():
+    """A Llama's gradients are a few sizes many times over (every layer's q, k, v and o kernels): on one device the
+    squares of same-sized leaves are added elementwise inside one staged sum, two reductions per size instead of
+    two per leaf (fewer kernels for XLA:CPU to compile), still the float64 norm."""
+    rng = np.random.default_rng(3)
+    shapes = [(256, 256)] * 8 + [(256, 1024), (1024, 256)] * 3 + [(256,)] * 5 + [(1733, 3)]
+    tree = [jnp.asarray(rng.normal(size=shape) * rng.uniform(0.1, 10), jnp.float32) for shape in shapes]
+    tree[0] = tree[0].astype(jnp.bfloat16)
+    want = np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in tree))
+    options = compiler_options.for_platform(compiler_options.AUTO, "cpu")
+    compiled = jax.jit(global_norm, compiler_options=options).lower(tree).compile()
+    assert float(compiled(tree)) == pytest.approx(want, rel=1e-6)
+    reductions = compiled.as_text().count(" reduce(")
+    assert reductions <= 2 * len({np.prod(shape) for shape in shapes}), reductions
+
+
 @pytest.mark.parametrize("scale", [0.01, 100.0])
 def test_clipping_equals_optaxs_with_the_same_state(scale):
     """Below and above the threshold, with and without the norm handed in; optax's state, so checkpoints
