@@ -188,3 +188,15 @@ def test_the_rotary_tables_are_computed_once_per_step_on_cpu():
 
     hlo = jax.jit(jax.grad(loss)).lower(params, random_ids(2, 16)).compile().as_text()
     assert (hlo.count(" sine("), hlo.count(" cosine(")) == (1, 1)
+
+
+def test_a_batch_without_positions_computes_one_row_of_rotary_tables(model):
+    """Every row of a batch without `positions` sits at 0..T-1: the tables are built for one row and broadcast
+    over the batch (the benchmark Llama's table kernel 2.21 -> 0.15 ms per step), with the logits of explicit
+    positions to the bit."""
+    ids_BT = random_ids(4, 9)
+    jaxpr = jax.make_jaxpr(lambda ids: model(ids))(ids_BT)
+    shapes = [eqn.invars[0].aval.shape for eqn in jaxpr.jaxpr.eqns if eqn.primitive.name in ("cos", "sin")]
+    assert shapes and all(shape[0] == 1 for shape in shapes), shapes
+    positions_BT = jnp.broadcast_to(jnp.arange(9), (4, 9))
+    np.testing.assert_array_equal(forward(model, ids_BT), forward(model, ids_BT, positions_BT=positions_BT))

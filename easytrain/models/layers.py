@@ -165,7 +165,8 @@ class Attention(nnx.Module):
         ``mask_BTS`` is dense (``grouped_attention``) or an ``AttentionMask`` (``jax.nn.dot_product_attention``,
         without a cache only).
         """
-        batch, length = cos_BTK.shape[:2]
+        length = cos_BTK.shape[1]  # the tables' batch axis is 1 when every row has the same positions
+        batch = x_MD.shape[0] // length
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
         q_BTHK = constrain(self.q_proj(x_MD).reshape(batch, length, heads, head_dim), HEADS_BTHK)
         k_BTNK = constrain(self.k_proj(x_MD).reshape(batch, length, kv_heads, head_dim), HEADS_BTHK)

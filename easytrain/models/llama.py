@@ -146,8 +146,8 @@ class LlamaForCausalLM(nnx.Module):
         """Final normed hidden states ``[B*T, D]`` (batch-major), what ``logits_from_hidden`` projects:
         a loss can apply the head a few tokens at a time (``easytrain.chunked_loss``). Arguments as ``__call__``."""
         batch, length = input_ids_BT.shape
-        if positions_BT is None:
-            positions_BT = jnp.broadcast_to(jnp.arange(length), (batch, length))
+        if positions_BT is None:  # every row at positions 0..T-1: one row of tables, broadcast over the batch
+            positions_BT = jnp.arange(length)[None, :]
         cos_BTK, sin_BTK = rope_tables(positions_BT, self.head_dim, self.rope_theta, self.dtype)
         check_implementation(self.attention_implementation)
         masks = {  # One mask per distinct window: full-attention layers share the causal one.
