@@ -161,12 +161,15 @@ class TrainLoop:
         deferred: int | None = None
         while step < data.total_steps and not parts.owner.should_stop:
             batch = next(self.iterator)
+            counts = self.count(batch)
+            if self.compile_seconds is None and counts.model_flops:
+                flops.hardware_peak()  # on CPU a timed matmul: taken now, while nothing runs, not at the first log
             metrics = self.dispatch(parts.to_device(batch))
             if deferred is not None:  # pending holds steps up to `deferred`; the device already has the next
                 self.log(deferred)
                 deferred = None
             step += 1
-            self.pending.append((step, metrics, batch.get("example_id"), self.count(batch)))
+            self.pending.append((step, metrics, batch.get("example_id"), counts))
             if len(self.pending) > MAX_STEPS_IN_FLIGHT:  # wait (no transfer) for the step that far back
                 jax.block_until_ready(self.pending[-MAX_STEPS_IN_FLIGHT - 1][1])
             self.reporter.advance(step)
