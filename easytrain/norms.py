@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from easytrain.sharding import devices_in_play
+from easytrain.sharding import devices_in_play, on_one_cpu_device
 
 #: XLA:CPU's tree-reduction window: sums over a longer axis become `reduce-window` trees.
 _WINDOW = 32
@@ -39,7 +39,7 @@ def global_norm(tree: Any) -> jax.Array:
     leaves = [jnp.asarray(leaf) for leaf in jax.tree.leaves(tree)]
     if not _views_keep_shards():
         squares = [jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in leaves]
-    elif jax.default_backend() == "cpu" and devices_in_play() == 1:
+    elif on_one_cpu_device():
         squares = [sum_in_stages(values) for values in _same_size_squares(leaves)]
     else:
         squares = [sum_in_stages(jnp.square(split_for_sum(leaf).astype(jnp.float32))) for leaf in leaves]

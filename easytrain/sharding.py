@@ -173,6 +173,12 @@ def devices_in_play() -> int:
     return jax.device_count() if mesh.empty else mesh.size
 
 
+def on_one_cpu_device() -> bool:
+    """Whether a program traced now runs on the CPU over one device (`devices_in_play`): XLA:CPU-only forms that
+    would move data or fail to compile across devices apply there."""
+    return jax.default_backend() == "cpu" and devices_in_play() == 1
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     """Pin an activation's layout from logical axis names, resolved like the parameters' by the rules.
 

@@ -18,7 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from easytrain.sharding import devices_in_play
+from easytrain.sharding import on_one_cpu_device
 
 Array = jax.Array
 
@@ -27,16 +27,11 @@ def shift_max(x: Array, axis: int = -1, keepdims: bool = False) -> Array:
     """The largest element of `x` along `axis` (float dtypes), with no gradient: it is for shifting a softmax
     or log-sum-exp, whose value does not depend on the shift. -inf for a row of -inf."""
     x = jax.lax.stop_gradient(x)
-    if not _select_reduction_applies():
+    if not on_one_cpu_device():
         return jnp.max(x, axis=axis, keepdims=keepdims)
     axis = axis % x.ndim
     largest = jax.lax.reduce(x, jnp.array(-jnp.inf, x.dtype), _larger, (axis,))
     return jnp.expand_dims(largest, axis) if keepdims else largest
-
-
-def _select_reduction_applies() -> bool:
-    """On CPU, with one device in play (the mesh in context, as the trainer traces its step, else every device)."""
-    return jax.default_backend() == "cpu" and devices_in_play() == 1
 
 
 def _larger(a: Array, b: Array) -> Array:
