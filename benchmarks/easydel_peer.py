@@ -6,7 +6,9 @@ EasyDeL pins other jax/flax versions, so it lives in a virtual environment of it
 (`INSTALL` below) and benchmarks/peers/easydel_llama.py runs under that interpreter: `--python`, else
 `$EASYDEL_PYTHON`, else `DEFAULT_PYTHON`. Each repeat runs the EasyDeL side, then (unless `--quick`)
 easytrain's `benchmarks/overhead.py`, one after the other, so both see nearly the same machine load; the
-headline is the median over repeats of the per-repeat ratio easytrain tokens/s / EasyDeL tokens/s.
+headline is the median over repeats of the per-repeat ratio easytrain tokens/s / EasyDeL tokens/s. Both sides
+measure tokens/s the same way: the median over windows of `--steps_per_round` consecutive steps after the
+warm-up, each window timed whole (EasyDeL's `--steps` give its windows, easytrain's timed `--rounds` its own).
 Without the interpreter, or when EasyDeL fails, the JSON holds `error` and the exit status is still 0:
 a missing peer is a recorded result, not a crash. `--quick` runs the EasyDeL side once at a tiny size
 (no easytrain side, no ratio): a check that the peer still runs. Prints one JSON line.
@@ -72,7 +74,8 @@ def median_or_none(values: list[float | None]) -> float | None:
 def compare(python: str, options: argparse.Namespace) -> dict[str, Any]:
     """Alternate the two sides `repeats` times; medians of each side and of the per-repeat ratios."""
     peer = [python, str(PEER), *(["--quick"] if options.quick else
-                                 ["--steps", str(options.steps), "--warmup", str(options.warmup)])]
+                                 ["--steps", str(options.steps), "--warmup", str(options.warmup),
+                                  "--window_steps", str(options.steps_per_round)])]
     ours = [sys.executable, "-m", "benchmarks.overhead", "--rounds", str(options.rounds),
             "--steps_per_round", str(options.steps_per_round), "--repeats", "1"]
     repeats: list[dict[str, Any]] = []
@@ -101,6 +104,7 @@ def compare(python: str, options: argparse.Namespace) -> dict[str, Any]:
     return {
         "versions": first.get("versions"), "repeats": len(repeats),
         "tokens_per_second": med("easydel", "tokens_per_second"),
+        "tokens_per_second_per_step_median": med("easydel", "tokens_per_second_per_step_median"),
         "compile_seconds": med("easydel", "compile_seconds"),
         "first_step_seconds": med("easydel", "first_step_seconds"),
         "peak_rss_mib": med("easydel", "peak_rss_mib"),
@@ -118,16 +122,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--python", help=f"EasyDeL's interpreter (default: $EASYDEL_PYTHON or {DEFAULT_PYTHON})")
     parser.add_argument("--repeats", type=int, default=3, help="alternations of the two sides")
-    parser.add_argument("--steps", type=int, default=30, help="EasyDeL: timed steps after the warm-up")
+    parser.add_argument("--steps", type=int, default=60, help="EasyDeL: timed steps after the warm-up")
     parser.add_argument("--warmup", type=int, default=5, help="EasyDeL: untimed first steps")
-    parser.add_argument("--rounds", type=int, default=4, help="easytrain (overhead.py): rounds, the first untimed")
-    parser.add_argument("--steps_per_round", type=int, default=10, help="easytrain (overhead.py): steps a round")
+    parser.add_argument("--rounds", type=int, default=7, help="easytrain (overhead.py): rounds, the first untimed")
+    parser.add_argument("--steps_per_round", type=int, default=10,
+                        help="steps per timed window of either side (easytrain: per round)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per child process")
     parser.add_argument("--quick", action="store_true", help="EasyDeL side only, tiny, once")
     parser.add_argument("--out", help="also write the JSON line here")
     options = parser.parse_args(argv)
     if options.repeats < 1:
         parser.error("--repeats must be at least 1")
+    if options.steps < options.steps_per_round:
+        parser.error(f"--steps ({options.steps}) must hold at least one window of --steps_per_round "
+                     f"({options.steps_per_round}) steps")
     python = resolve_python(options.python)
     result: dict[str, Any] = {"benchmark": "easydel_peer", "contender": "easydel", "python": python}
     if not Path(python).exists():

@@ -1,9 +1,14 @@
 """benchmarks/easydel_peer.py without EasyDeL: a missing interpreter is a recorded error (exit 0), not a crash."""
 
 import ast
+import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
+from unittest import mock
+
+import pytest
 
 from benchmarks import easydel_peer
 
@@ -49,3 +54,40 @@ def test_peer_script_is_standalone():
     imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
     assert not {name for name in imported if name.split(".")[0] in ("easytrain", "benchmarks", "tests")}
     assert {"easydel", "datasets"} <= imported
+
+
+def load_peer_script():
+    """The peer script as a module, without leaving the environment variables it sets for EasyDeL behind."""
+    spec = importlib.util.spec_from_file_location("easydel_llama", ROOT / "benchmarks" / "peers" / "easydel_llama.py")
+    module = importlib.util.module_from_spec(spec)
+    with mock.patch.dict(os.environ):
+        spec.loader.exec_module(module)
+    return module
+
+
+def test_peer_windows_are_timed_whole_as_easytrains_rounds():
+    """EasyDeL's tokens/s is the median over windows of consecutive steps, as easytrain's side is measured: a
+    slow step lowers its window, where the median of single steps would leave it out."""
+    peer = load_peer_script()
+    ends = [10.0, 11.0, 12.0, 15.0, 16.0, 17.0, 18.0, 19.0]  # when steps 1-8 ended: 1 compiles, 4 takes 3 s
+    assert peer.window_rates(ends, warmup=1, window_steps=3, tokens_per_step=100) == [60.0, 100.0]
+    assert peer.window_rates(ends, warmup=2, window_steps=3, tokens_per_step=100) == [60.0, 100.0]
+    assert peer.window_rates(ends, warmup=1, window_steps=4, tokens_per_step=10) == [40 / 6]  # 3 steps left over
+    assert peer.window_rates(ends, warmup=1, window_steps=1, tokens_per_step=1) == [1, 1, 1 / 3, 1, 1, 1, 1]
+
+
+def test_both_sides_use_windows_of_the_same_length(monkeypatch, tmp_path):
+    """The peer gets easytrain's round length as its window, and enough steps for one window at least."""
+    commands = []
+    monkeypatch.setattr(easydel_peer, "run_child", lambda command, timeout: commands.append(command) or {
+        "tokens_per_second": 100.0, "trainer_tokens_per_second": 160.0, "trainer_compile_seconds": [1.0],
+        "trainer_peak_rss_mib": [1.0]})
+    python = tmp_path / "python"
+    python.touch()
+    result = easydel_peer.main(["--python", str(python), "--repeats", "1", "--steps_per_round", "7", "--steps", "21"])
+    peer, ours = commands
+    assert peer[peer.index("--window_steps") + 1] == "7" and peer[peer.index("--steps") + 1] == "21"
+    assert ours[ours.index("--steps_per_round") + 1] == "7"
+    assert result["ratio_easytrain_over_easydel"] == 1.6
+    with pytest.raises(SystemExit):
+        easydel_peer.main(["--python", str(python), "--steps", "5", "--steps_per_round", "10"])
