@@ -1,7 +1,6 @@
 """benchmarks/easydel_peer.py without EasyDeL: a missing interpreter is a recorded error (exit 0), not a crash."""
 
 import ast
-import importlib.util
 import json
 import os
 import sys
@@ -11,6 +10,7 @@ from unittest import mock
 import pytest
 
 from benchmarks import easydel_peer
+from script_modules import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,11 +58,8 @@ def test_peer_script_is_standalone():
 
 def load_peer_script():
     """The peer script as a module, without leaving the environment variables it sets for EasyDeL behind."""
-    spec = importlib.util.spec_from_file_location("easydel_llama", ROOT / "benchmarks" / "peers" / "easydel_llama.py")
-    module = importlib.util.module_from_spec(spec)
     with mock.patch.dict(os.environ):
-        spec.loader.exec_module(module)
-    return module
+        return load_script("easydel_llama", ROOT / "benchmarks" / "peers" / "easydel_llama.py")
 
 
 def test_peer_windows_are_timed_whole_as_easytrains_rounds():

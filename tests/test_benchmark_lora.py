@@ -1,11 +1,11 @@
 """benchmarks/lora.py runs at the tiniest size, one round of child processes, and reports every number (no timing
 is asserted)."""
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
+
+from script_modules import load_script
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "lora.py"
 #: One layer, hidden 32, head_dim 16, 1 KV head, MLP 64, vocab 64, untied head.
@@ -19,11 +19,7 @@ FULL_PARAMS = 2 * 64 * 32 + (32 * 32 + 2 * 32 * 16 + 32 * 32) + 3 * 32 * 64 + 3 
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("benchmark_lora", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmark_lora", BENCHMARK, register=True)
 
 
 def positive(value) -> bool:

@@ -4,13 +4,14 @@ held quantised (fewer bytes than the float32 base), and the adapters must train.
 Skipped without the optional `qwix` package (`pip install qwix==0.1.8 -c constraints.txt`).
 """
 
-import importlib.util
 import json
 import math
 import sys
 from pathlib import Path
 
 import pytest
+
+from script_modules import load_script
 
 pytest.importorskip("qwix")
 
@@ -20,11 +21,7 @@ QUANTISED = {"qwix_qlora_int8": "int8", "qwix_qlora_int4": "int4", "qwix_qlora_n
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("benchmark_qlora", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmark_qlora", BENCHMARK, register=True)
 
 
 def finite(value) -> bool:

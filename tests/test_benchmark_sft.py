@@ -1,19 +1,15 @@
 """benchmarks/sft.py runs at the tiniest size and reports every number (no timing is asserted)."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
+
+from script_modules import load_script
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "sft.py"
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("benchmark_sft", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmark_sft", BENCHMARK, register=True)  # its dataclasses look their module up by name
 
 
 def test_sft_benchmark_smoke(tmp_path):

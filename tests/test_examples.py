@@ -1,18 +1,16 @@
 """Every example runs, at tiny size."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+
+from script_modules import load_script
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def load(name: str):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(name, EXAMPLES / f"{name}.py")
 
 
 def test_train_from_text_file(tmp_path):

@@ -9,7 +9,6 @@ compared with one uninterrupted run. Both chains start together, once per module
 read the uninterrupted run come first, so they overlap the kills."""
 
 import concurrent.futures
-import importlib.util
 import json
 import pickle
 import random
@@ -29,6 +28,7 @@ from easytrain.checkpoint import CHECKPOINTS_DIRNAME, finalized_steps, resolve_c
 from event_files import effective_scalars
 from pickle_scan import scan_for_pickles
 from runs import child_env
+from script_modules import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "workers" / "fault_run.py"
@@ -107,10 +107,7 @@ def last_step(records: Path, pid: int) -> int:
 
 
 def load_worker():
-    spec = importlib.util.spec_from_file_location("fault_run", WORKER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("fault_run", WORKER)
 
 
 # ----------------------------------------------------------------------------- the two run chains

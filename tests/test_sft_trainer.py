@@ -2,7 +2,6 @@
 resume checks, and the example that learns."""
 
 import functools
-import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -19,6 +18,7 @@ from easytrain.cli import main
 from easytrain.tasks.arithmetic import build_arithmetic_chat_tokenizer
 from easytrain.trainers.sft import SFTArguments, SFTTrainer
 from runs import StopAt, long_training_options
+from script_modules import load_script
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -125,9 +125,7 @@ def test_fine_tunes_a_local_hugging_face_model_and_exports_the_same_logits(tmp_p
 
 
 def test_the_example_learns(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("sft_arithmetic", EXAMPLES / "sft_arithmetic.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("sft_arithmetic", EXAMPLES / "sft_arithmetic.py")
     # 100 steps: its steps compiled at -O1 run in less than half the time they take at the suite's -O0
     monkeypatch.setattr(module, "TrainingArguments",
                         functools.partial(TrainingArguments, compiler_options=long_training_options()))
