@@ -376,9 +376,8 @@ class BaseTrainer(LanguageModelHooks):
     def to_global(self, host_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
         """One global array per field from this host's rows (no copy of other hosts' data); the
         `host_only_fields` (bookkeeping such as `example_id`) stay on the host."""
-        batch_sh = sharding.batch_sharding(self.mesh)
-        return {key: jax.make_array_from_process_local_data(batch_sh, value) for key, value in host_batch.items()
-                if key not in self.host_only_fields}
+        fields = {key: value for key, value in host_batch.items() if key not in self.host_only_fields}
+        return sharding.to_global_arrays(fields, sharding.batch_sharding(self.mesh))
 
     # ------------------------------------------------------------------ checkpoints and export
     def checkpoint_manager(self) -> CheckpointManager:
