@@ -255,3 +255,44 @@ def test_an_eval_batch_larger_than_the_eval_set_shrinks_to_fit_it(batch_size, de
     assert batches.global_batch_size == expected and len(batches) == -(-38 // expected)
     ids = np.concatenate([batch["example_id"] for batch in batches])
     assert sorted(ids[ids >= 0].tolist()) == list(range(38))
+
+
+def _formats():
+    """Datasets of several column kinds, the last two formatted batch by batch (strings; rows of two lengths)."""
+    rng = np.random.default_rng(0)
+    numeric = datasets.Dataset.from_dict({
+        "input_ids": rng.integers(0, 50, (12, 6)).astype(np.int32), "weight": rng.random(12).astype(np.float32),
+        "keep": rng.random(12) > 0.5, "pixels": rng.random((12, 2, 3)), "label": np.arange(12, dtype=np.uint8)})
+    return {"numeric": (numeric, True), "selected": (numeric.shuffle(seed=1).select(range(9)), True),
+            "strings": (datasets.Dataset.from_dict({"text": [f"row {i}" for i in range(12)]}), False),
+            "ragged": (datasets.Dataset.from_dict({"input_ids": [[1, 2, 3], [4, 5]] * 6}), False),
+            "nulls": (datasets.Dataset.from_dict({"label": [1, None, 3] * 4}), False)}
+
+
+@pytest.mark.parametrize("name", list(_formats()))
+def test_rows_read_from_a_numpy_copy_equal_the_formatted_rows(name):
+    from easytrain.data import loader
+
+    dataset, copied = _formats()[name]
+    reader = loader._RowReader(dataset)
+    for indices in (np.array([3, 0, 7]), np.array([5]), np.arange(len(dataset))[::-1]):
+        read, expected = reader.read(indices), dataset.with_format("numpy")[indices.tolist()]
+        assert sorted(read) == sorted(expected)
+        for column, values in expected.items():
+            if isinstance(values, np.ndarray) and values.dtype != object:
+                assert read[column].dtype == values.dtype, column
+                np.testing.assert_array_equal(read[column], values)
+            else:
+                assert [np.asarray(v).tolist() for v in read[column]] == [np.asarray(v).tolist() for v in values]
+    assert isinstance(reader._source, dict) is copied  # formatted once, or batch by batch
+    assert reader.rows_read == 3 + 1 + len(dataset)
+
+
+def test_a_dataset_over_the_copy_limit_is_formatted_batch_by_batch(monkeypatch):
+    from easytrain.data import loader
+
+    monkeypatch.setattr(loader, "_COPY_LIMIT", 64)
+    dataset = datasets.Dataset.from_dict(_rows(16))
+    reader = loader._RowReader(dataset)
+    np.testing.assert_array_equal(reader.read(np.array([2, 9]))["input_ids"][:, 0], [2, 9])
+    assert isinstance(reader._source, datasets.Dataset)
