@@ -66,7 +66,12 @@ class LanguageModelHooks:
         if "input_ids" not in batch or getattr(self.model_config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
             return 0.0
         ids = np.asarray(batch["input_ids"])
-        return float(flops.training_flops_per_token(self.model_config, ids.shape[-1]) * ids.size)
+        counted = self.__dict__.setdefault("_flops_per_token", {})  # length -> (config, FLOPs per token)
+        config, per_token = counted.get(ids.shape[-1], (None, 0))
+        if config is not self.model_config:  # once per length and config: reading the config takes 20 us a step
+            per_token = flops.training_flops_per_token(self.model_config, ids.shape[-1])
+            counted[ids.shape[-1]] = (self.model_config, per_token)
+        return float(per_token * ids.size)
 
     #: True inside `initialising()`: a module built then is laid out afterwards (`adapt_module`, `easytrain.frozen`).
     initialising_module: bool = False
