@@ -47,6 +47,15 @@ def overhead(r: dict) -> list[Headline]:
             Headline("overhead", "easytrain tokens/s", dig(r, "trainer_tokens_per_second"), ratio=False)]
 
 
+def host_overhead(r: dict) -> list[Headline]:
+    rounds = dig(r, "ratio_trainer_over_loop_per_round") or []
+    low, high = (min(rounds), max(rounds)) if rounds else (None, None)
+    return [Headline("host_overhead", "easytrain / hand-written tokens/s, 0.5 ms steps",
+                     dig(r, "ratio_trainer_over_loop_paired_median"), low, high),
+            Headline("host_overhead", "easytrain host us per step beyond the loop",
+                     dig(r, "trainer_extra_us_per_step"), ratio=False)]
+
+
 def step_breakdown(r: dict) -> list[Headline]:
     rows = [Headline("step_breakdown", "hand-written / trainer step time", dig(r, "ratio_hand_written_over_trainer"))]
     for part in ("grad_norm", "accuracy", "guard"):

@@ -61,6 +61,7 @@ class Benchmark:
 
 BENCHMARKS = {b.name: b for b in (
     Benchmark("overhead", ("--rounds", "3", "--steps_per_round", "5", "--repeats", "1")),
+    Benchmark("host_overhead"),
     Benchmark("step_breakdown"),
     Benchmark("gated"),
     Benchmark("maxima"),
