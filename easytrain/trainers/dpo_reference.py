@@ -65,7 +65,7 @@ def precomputed_reference_logps(reference: Frozen, rows: RowSource, *, data_fing
                          process_count=jax.process_count())
     for batch in loader:
         ids = batch.pop("example_id")
-        device_batch = {k: jax.make_array_from_process_local_data(batch_sh, v) for k, v in batch.items()}
+        device_batch = sharding.to_global_arrays(batch, batch_sh)
         logps = np.asarray(jax.experimental.multihost_utils.process_allgather(compiled(values, device_batch),
                                                                                tiled=True))
         all_ids = np.asarray(jax.experimental.multihost_utils.process_allgather(jnp.asarray(ids), tiled=True))
