@@ -3,13 +3,17 @@ and the host cost of each per-step part (no timing asserted)."""
 
 import json
 
+import pytest
+
 from benchmarks import headlines, host_overhead
 
 
-def test_host_overhead_benchmark_smoke(tmp_path):
+@pytest.mark.parametrize("size", ["tiny", "small"])
+def test_host_overhead_benchmark_smoke(tmp_path, size):
     out = tmp_path / "host_overhead.json"
-    result = host_overhead.main(["--quick", "--out", str(out)])
+    result = host_overhead.main(["--quick", "--size", size, "--out", str(out)])
     assert json.loads(out.read_text()) == result
+    assert result["size"] == size and result["tokens_per_step"] == 8 * host_overhead.SIZES[size][1]
     assert result["trainer_ms_per_step"] > 0 and result["loop_ms_per_step"] > 0
     assert len(result["ratio_trainer_over_loop_per_round"]) == result["rounds"] == 2
     rounds = sorted(result["ratio_trainer_over_loop_per_round"])
