@@ -274,7 +274,7 @@ def test_rows_read_from_a_numpy_copy_equal_the_formatted_rows(name):
     from easytrain.data import loader
 
     dataset, copied = _formats()[name]
-    reader = loader._RowReader(dataset)
+    reader = loader._RowReader(dataset, whole_copy=True)
     for indices in (np.array([3, 0, 7]), np.array([5]), np.arange(len(dataset))[::-1]):
         read, expected = reader.read(indices), dataset.with_format("numpy")[indices.tolist()]
         assert sorted(read) == sorted(expected)
@@ -293,6 +293,16 @@ def test_a_dataset_over_the_copy_limit_is_formatted_batch_by_batch(monkeypatch):
 
     monkeypatch.setattr(loader, "_COPY_LIMIT", 64)
     dataset = datasets.Dataset.from_dict(_rows(16))
-    reader = loader._RowReader(dataset)
+    reader = loader._RowReader(dataset, whole_copy=True)
     np.testing.assert_array_equal(reader.read(np.array([2, 9]))["input_ids"][:, 0], [2, 9])
     assert isinstance(reader._source, datasets.Dataset)
+
+
+def test_only_a_single_process_loader_copies_the_dataset_and_it_reads_the_same_rows():
+    dataset = datasets.Dataset.from_dict(_rows(16))
+    single = TrainBatches(dataset, 4, seed=3, read_options=NO_PREFETCH)
+    shared = TrainBatches(dataset, 4, seed=3, process_index=0, process_count=2, read_options=NO_PREFETCH)
+    first, half = next(single.iterator()), next(shared.iterator())
+    np.testing.assert_array_equal(half["input_ids"], first["input_ids"][:2])
+    assert isinstance(single._reader._source, dict)  # one process: formatted once
+    assert isinstance(shared._reader._source, datasets.Dataset)  # two: each formats only its own rows

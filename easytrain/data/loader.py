@@ -75,7 +75,7 @@ class TrainBatches:
             DataError: Bad batch, seed or process settings, or fewer rows than one
                 global batch.
         """
-        self._reader = _RowReader(source)
+        self._reader = _RowReader(source, whole_copy=process_count == 1)
         self.global_batch_size = global_batch_size
         self.local_batch_size = _local_batch_size(global_batch_size, process_index, process_count)
         self.steps_per_epoch = len(self._reader) // global_batch_size
@@ -201,7 +201,7 @@ def eval_batches(
     Raises:
         DataError: An empty source or bad batch or process settings.
     """
-    reader = _RowReader(source)
+    reader = _RowReader(source, whole_copy=process_count == 1)
     local_batch_size = _local_batch_size(global_batch_size, process_index, process_count)
     if len(reader) == 0:
         raise DataError("The evaluation dataset has no rows; give it at least one.")
@@ -240,10 +240,11 @@ class _RowReader:
     numpy arrays of at most `_COPY_LIMIT` bytes together is formatted once, at the first read, and rows are
     taken from those arrays (the same values and dtypes, `tests/test_loader.py`); a tiny model's step is
     that much shorter (`benchmarks/host_overhead.py`). Larger datasets, and columns of strings or of rows of
-    different lengths, are formatted batch by batch as before.
+    different lengths, are formatted batch by batch as before; so is every dataset without `whole_copy` (the
+    loaders pass it in one process only: over several, each reads only its own rows).
     """
 
-    def __init__(self, source: RowSource) -> None:
+    def __init__(self, source: RowSource, whole_copy: bool = False) -> None:
         if isinstance(source, datasets.Dataset):
             self._source: Any = source.with_format("numpy")
             self._num_rows = len(source)
@@ -257,7 +258,7 @@ class _RowReader:
             )
         self._lock = threading.Lock()
         self._rows_read = 0
-        self._copied = not isinstance(self._source, datasets.Dataset)  # decided at the first read
+        self._copied = not (whole_copy and isinstance(self._source, datasets.Dataset))  # else: at the first read
 
     def __len__(self) -> int:
         return self._num_rows
