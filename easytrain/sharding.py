@@ -169,11 +169,17 @@ def to_global_arrays(host_data: Any, sharding_: NamedSharding) -> Any:
     `make_array_from_process_local_data` 45 us of Python per array, host time a small model's step pays in
     full (`benchmarks/host_overhead.py`). The upload is intended, so a `jax.transfer_guard("disallow")` around
     the loop does not stop it, as it does not stop `device_put`. Over several devices of one process (where
-    the identity program is slower to launch than `device_put`): one `jax.device_put` of the whole tree.
+    the identity program is slower to launch than `device_put`): one `jax.device_put` of the whole tree. Every
+    way the device arrays are copies: the host batch may be changed or reused as soon as this returns
+    (`tests/test_upload.py`).
     """
-    if jax.process_count() > 1:
-        return jax.make_array_from_process_local_data(sharding_, host_data)
-    if sharding_.num_devices > 1:
+    if jax.process_count() > 1 or sharding_.num_devices > 1:
+        if sharding_.mesh.devices.flat[0].platform == "cpu":
+            # Both place numpy slices on CPU devices without copying them (`may_alias=False` notwithstanding): copy
+            # first, so that a host batch changed or reused after this returns never reaches the device arrays.
+            host_data = jax.tree.map(lambda leaf: np.array(leaf) if isinstance(leaf, np.ndarray) else leaf, host_data)
+        if jax.process_count() > 1:
+            return jax.make_array_from_process_local_data(sharding_, host_data)
         return jax.device_put(host_data, sharding_)
     with jax.transfer_guard_host_to_device("allow"):
         return _uploader(sharding_)(host_data)
