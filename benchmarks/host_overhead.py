@@ -50,7 +50,8 @@ def microseconds_per_call(fn: Callable[[], Any], calls: int) -> float:
 
 
 class TimeParts(Callback):
-    """At step `at`: the host cost of each per-step part of the loop, alone (the device idle by then)."""
+    """At step `at`: the host cost of each per-step part of the loop, each called alone `calls` times in a row (the
+    batches drawn here are taken from the run's own loader, which the random-token benchmark does not mind)."""
 
     def __init__(self, at: int, calls: int):
         self.at, self.calls = at, calls
