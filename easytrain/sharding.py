@@ -175,8 +175,9 @@ def to_global_arrays(host_data: Any, sharding_: NamedSharding) -> Any:
     """
     if jax.process_count() > 1 or sharding_.num_devices > 1:
         if sharding_.mesh.devices.flat[0].platform == "cpu":
-            # Both place numpy slices on CPU devices without copying them (`may_alias=False` notwithstanding): copy
-            # first, so that a host batch changed or reused after this returns never reaches the device arrays.
+            # `device_put` (which `make_array_from_process_local_data` places its slices with) shares aligned numpy
+            # buffers with CPU devices, `may_alias=False` notwithstanding: copy first, so that a host batch changed
+            # or reused after this returns never reaches the device arrays.
             host_data = jax.tree.map(lambda leaf: np.array(leaf) if isinstance(leaf, np.ndarray) else leaf, host_data)
         if jax.process_count() > 1:
             return jax.make_array_from_process_local_data(sharding_, host_data)

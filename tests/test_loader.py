@@ -258,7 +258,7 @@ def test_an_eval_batch_larger_than_the_eval_set_shrinks_to_fit_it(batch_size, de
 
 
 def _formats():
-    """Datasets of several column kinds, the last two formatted batch by batch (strings; rows of two lengths)."""
+    """Datasets of several column kinds, the last three formatted batch by batch (strings, ragged rows, nulls)."""
     rng = np.random.default_rng(0)
     numeric = datasets.Dataset.from_dict({
         "input_ids": rng.integers(0, 50, (12, 6)).astype(np.int32), "weight": rng.random(12).astype(np.float32),

@@ -258,7 +258,7 @@ class _RowReader:
             )
         self._lock = threading.Lock()
         self._rows_read = 0
-        self._copied = not (whole_copy and isinstance(self._source, datasets.Dataset))  # else: at the first read
+        self._copy_decided = not (whole_copy and isinstance(self._source, datasets.Dataset))  # else: at the first read
 
     def __len__(self) -> int:
         return self._num_rows
@@ -270,8 +270,8 @@ class _RowReader:
     def read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         with self._lock:
             self._rows_read += len(indices)
-            if not self._copied:
-                self._source, self._copied = _numeric_columns(self._source) or self._source, True
+            if not self._copy_decided:
+                self._source, self._copy_decided = _numeric_columns(self._source) or self._source, True
         if isinstance(self._source, datasets.Dataset):
             return dict(self._source[indices.tolist()])
         return {name: column[indices] for name, column in self._source.items()}
