@@ -165,6 +165,10 @@ def check_ranges(args: Any) -> None:
     _require(0 <= args.sgd_momentum < 1, "sgd_momentum",
              f"must be in [0, 1) (0 for plain SGD), got {args.sgd_momentum!r}.")
     _require(args.seed >= 0, "seed", f"must be an integer >= 0, got {args.seed!r}.")
+    _require(args.profile_steps >= 0, "profile_steps",
+             f"must be a number of steps to trace, or 0 for no trace; got {args.profile_steps!r}.")
+    _require(args.profile_start_step >= 1, "profile_start_step",
+             f"must be a step number >= 1 (the first update is step 1); got {args.profile_start_step!r}.")
     for name in ("max_train_samples", "max_eval_samples"):
         value = getattr(args, name)
         _require(value is None or value > 0, name,
@@ -183,6 +187,10 @@ def check_ranges(args: Any) -> None:
 
 def check_settings_apply(args: Any) -> None:
     """Settings that would otherwise be ignored without a word."""
+    if args.max_steps > 0:  # with epochs, the trainer checks once it knows the run's length
+        from easytrain.profiling import check_window
+
+        check_window(args, args.max_steps)
     _require(args.validation_file is None or args.train_file is not None, "validation_file",
              "is used only together with train_file (it would be ignored); pass --train_file too, or drop "
              "validation_file (validation_split_percentage holds out part of the training data).")

@@ -207,6 +207,13 @@ class TrainingArguments:
         "STOP", "A file of this name appearing in output_dir stops the run after the current step, with a "
         "checkpoint and job status 'stopped' (the file is then removed); '' turns it off.")
     disable_progress_bar: bool = _arg(False, "Print log lines only, without a live progress bar.")
+    profile_steps: int = _arg(
+        0, "Record a jax.profiler trace of this many training steps, from profile_start_step on, into "
+        "output_dir/tensorboard/plugins/profile/ (TensorBoard's profile tab; the perfetto_trace.json.gz beside it "
+        "opens at https://ui.perfetto.dev); 0: no trace. See docs/metrics.md.")
+    profile_start_step: int = _arg(
+        3, "The first traced step with profile_steps (the first update is step 1, which also compiles the train "
+        "step).")
     save_pretrained_at_end: bool = _arg(
         True, "Export the final model in Hugging Face format to output_dir/final_model."
     )

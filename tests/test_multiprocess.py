@@ -59,9 +59,11 @@ def single(run_dirs) -> dict:
 
 @pytest.fixture(scope="module")
 def two_processes(run_dirs) -> dict[str, list[dict]]:
-    """The first launches of the two-process tests, in one pair of processes: 5 steps with evaluate(), and two
-    runs stopped and checkpointed at step 3 (one with stacked layers). Resumes start fresh processes."""
-    runs = {"match": ["--evaluate"], "together": ["--stop-at", "3"], "stacked": ["--stop-at", "3", "--scan"]}
+    """The first launches of the two-process tests, in one pair of processes: 5 steps with evaluate() and steps 2-3
+    traced, and two runs stopped and checkpointed at step 3 (one with stacked layers). Resumes start fresh
+    processes."""
+    runs = {"match": ["--evaluate", "--profile"], "together": ["--stop-at", "3"],
+            "stacked": ["--stop-at", "3", "--scan"]}
     results = launch_each(4, 2, [["8", "1", "1", "8", "--output-dir", run_dirs[name], *flags]
                                  for name, flags in runs.items()])
     return dict(zip(runs, results))
@@ -93,6 +95,15 @@ def test_two_processes_match_one_process_with_eight_devices(run_dirs, single, tw
     assert "metrics.jsonl" in first["written"] and "arguments.json" in first["written"]
     lines = (Path(run_dirs["match"]) / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4, 5], "only process 0 logs, once per step"
+
+
+@pytest.mark.slow
+def test_each_process_writes_its_own_profile(run_dirs, two_processes):
+    """Steps 2-3 traced (`profile_steps`) in each process, into a directory of its own, without changing the losses
+    (the test above compares them with the untraced single process)."""
+    for index in range(2):
+        (trace,) = (Path(run_dirs["match"]) / "tensorboard" / f"process_{index}" / "plugins" / "profile").glob("*")
+        assert list(trace.glob("*.xplane.pb")) and list(trace.glob("perfetto_trace.json.gz"))
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ import optax
 from flax import nnx
 
 from easytrain import (compilation_cache, compiler_options, distributed, host_memory, integrity, memory_plan,
-                       placement, sharding, steps)
+                       placement, profiling, sharding, steps)
 from easytrain.arguments import TrainingArguments
 from easytrain.callbacks import Callback, CallbackList
 from easytrain.checkpoint import CheckpointManager
@@ -172,6 +172,7 @@ class BaseTrainer(LanguageModelHooks):
         if self._functions is not None:
             return
         self._data = self.configure_dataloaders()
+        profiling.check_window(self._arguments, self._data.total_steps)  # the run's length is known from here
         self._model = self.configure_model()
         self._state = self._model.state
         self._functions = self.configure_functions()

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 import jax
 
-from easytrain import flops, metrics as metrics_lib, throughput
+from easytrain import flops, metrics as metrics_lib, profiling, throughput
 from easytrain.arguments import TrainingArguments
 from easytrain.callbacks import CallbackList
 from easytrain.checkpoint import CheckpointManager
@@ -122,6 +122,9 @@ class TrainLoop:
         self.memory_plan: MemoryPlan | None = None
         self.compile_logged = False
         self.window_start = time.perf_counter()
+        self.profiler = profiling.StepProfiler(
+            profiling.trace_dir(self.args.output_dir, jax.process_index(), jax.process_count()),
+            self.args.profile_start_step, self.args.profile_steps)
 
     # ------------------------------------------------------------------ run
     def run(self, state: Any, start_step: int, data_state: dict[str, Any] | None, resumed: bool,
@@ -160,11 +163,13 @@ class TrainLoop:
         parts, args, data = self.parts, self.args, self.data
         deferred: int | None = None
         while step < data.total_steps and not parts.owner.should_stop:
-            batch = next(self.iterator)
-            counts = self.count(batch)
-            if self.compile_seconds is None and counts.model_flops:
-                flops.hardware_peak()  # on CPU a timed matmul: taken now, while nothing runs, not at the first log
-            metrics = self.dispatch(parts.to_device(batch))
+            self.profiler.before_step(step + 1)
+            with self.profiler.annotate(step + 1):
+                batch = next(self.iterator)
+                counts = self.count(batch)
+                if self.compile_seconds is None and counts.model_flops:
+                    flops.hardware_peak()  # on CPU a timed matmul: taken now, while nothing runs, not at the first log
+                metrics = self.dispatch(parts.to_device(batch))
             if deferred is not None:  # pending holds steps up to `deferred`; the device already has the next
                 self.log(deferred)
                 deferred = None
@@ -173,6 +178,9 @@ class TrainLoop:
             if len(self.pending) > MAX_STEPS_IN_FLIGHT:  # wait (no transfer) for the step that far back
                 jax.block_until_ready(self.pending[-MAX_STEPS_IN_FLIGHT - 1][1])
             self.reporter.advance(step)
+            if self.profiler.ends_at(step):
+                with self.off_the_clock():  # waits for the traced steps' device work, then writes the trace
+                    self.profiler.stop()
             evaluating = is_due(step, args.eval_strategy, args.eval_steps, data.steps_per_epoch)
             saving = is_due(step, args.save_strategy, args.save_steps, data.steps_per_epoch)
             if step % args.logging_steps == 0 or step == data.total_steps:
@@ -261,7 +269,9 @@ class TrainLoop:
 
         A background save error is raised, unless the loop is already failing with another error (then
         it is logged), so it is never swallowed. `status` (completed, failed, stopped) goes to the trackers.
+        A trace still running (`profile_steps` past the run's end) is written, as far as it got.
         """
+        self.end_profile(failing)
         self.reporter.close(status)
         self.iterator.close()
         try:
@@ -270,6 +280,17 @@ class TrainLoop:
             if not failing:
                 raise
             logger.exception("a background checkpoint save failed while training was stopping")
+
+    def end_profile(self, failing: bool) -> None:
+        """Write a trace the run ended inside of; while failing, a trace that cannot be written is only logged."""
+        try:
+            if self.profiler.tracing and not failing:
+                jax.block_until_ready(self.state)
+            self.profiler.stop()
+        except Exception:
+            if not failing:
+                raise
+            logger.exception("the profile trace could not be written while training was stopping")
 
     def load_best(self, step: int) -> None:
         """Restore the best-ranked checkpoint's state (`load_best_model_at_end`)."""

@@ -61,6 +61,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--attention", default="xla", help="attention_implementation")
     parser.add_argument("--collectives", action="store_true", help="count the compiled train step's collectives")
     parser.add_argument("--scan", action="store_true", help="scan_layers: the decoder layers stored stacked")
+    parser.add_argument("--profile", action="store_true", help="trace steps 2-3 with jax.profiler (profile_steps)")
     return parser.parse_args(argv)
 
 
@@ -75,6 +76,7 @@ def build_trainer(options: argparse.Namespace) -> BaseTrainer:
         warmup_steps=0, data_parallel_size=options.data, fsdp_size=options.fsdp,
         tensor_parallel_size=options.tensor, gradient_accumulation_steps=options.accumulation,
         attention_implementation=options.attention, scan_layers=options.scan,
+        profile_steps=2 if options.profile else 0, profile_start_step=2,
         # SGD's update is linear in the gradient; Adam divides near-zero gradients by their own size,
         # which turns float32 rounding into learning-rate-sized differences in a few weights.
         **(dict(optimizer="sgd", learning_rate=0.3) if options.ragged else {}), **multi_process_arguments())
