@@ -91,9 +91,9 @@ def test_model_gradients_match_the_autodiff_mlp_under_every_remat_policy(remat, 
 
 def test_the_model_mlp_keeps_only_the_projections_outputs_of_its_hidden_width():
     """Per layer, three `[M, F]` arrays wait for the backward pass (the gate and up projections' outputs and the down
-    projection's input), not six."""
+    projection's input, which on one CPU device waits transposed, `easytrain.models.dense_product`), not six."""
     model = init_model(tiny_config(num_hidden_layers=1, intermediate_size=96), seed=0)
     graphdef, state = nnx.split(model.layers[0].mlp)
     x_MD = jnp.ones((10, 64))
     _, vjp = jax.vjp(lambda state, x_MD: nnx.merge(graphdef, state)(x_MD), state, x_MD)
-    assert sum(leaf.shape == (10, 96) for leaf in jax.tree.leaves(vjp)) == 3
+    assert sum(leaf.shape in ((10, 96), (96, 10)) for leaf in jax.tree.leaves(vjp)) == 3

@@ -15,6 +15,7 @@ import transformers
 from flax import nnx
 
 from easytrain.models.attention import DType, apply_rope, grouped_attention
+from easytrain.models.dense_product import dense_product
 from easytrain.models.families import ArchFeatures, ConfigError, activation_name, features_of, head_dim_of
 from easytrain.models.gated import gated_activation
 from easytrain.models.kv_cache import LayerCache
@@ -72,7 +73,7 @@ class Dense(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x_MI: Array, *, out_dtype: DType | None = None) -> Array:
-        y_MO = jnp.dot(x_MI.astype(self.dtype), in_use(self.kernel, self.dtype), preferred_element_type=out_dtype)
+        y_MO = dense_product(x_MI.astype(self.dtype), in_use(self.kernel, self.dtype), out_dtype)
         if self.bias is not None:
             y_MO = y_MO + in_use(self.bias, self.dtype).astype(y_MO.dtype)
         return y_MO
