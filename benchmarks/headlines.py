@@ -85,6 +85,13 @@ def maxima(r: dict) -> list[Headline]:
                 dig(r, "reduction_ms.jnp_max"), dig(r, "reduction_ms.shift_max")))]
 
 
+def weight_gradients(r: dict) -> list[Headline]:
+    down = next((p for p in dig(r, "products_ms") or [] if p["shape"][1] > p["shape"][2]), {})
+    return [paired_speedup("weight_gradients", "x^T written out / plain weight gradients: step speed", r),
+            Headline("weight_gradients", "plain / x^T written out: the down projection's weight gradient",
+                     down.get("plain_over_transposed"))]
+
+
 def versus_torch(r: dict) -> list[Headline]:
     def side(name: str) -> Headline:
         c = dig(r, f"contenders.{name}") or {}

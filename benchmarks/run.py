@@ -65,6 +65,7 @@ BENCHMARKS = {b.name: b for b in (
     Benchmark("step_breakdown"),
     Benchmark("gated"),
     Benchmark("maxima"),
+    Benchmark("weight_gradients"),
     Benchmark("versus_torch", ("--rounds", "1", "--windows", "2", "--window_steps", "3"), requires="torch"),
     Benchmark("xla_cpu", ("--repeats", "3", "--flag_rounds", "1", "--flag_steps", "3"), requires="torch"),
     Benchmark("generation", ("--batch", "4", "--prompt", "32", "--new", "32"), writes_out=False),
