@@ -19,7 +19,9 @@ state initialised in place (compiling and running its initialisation program) be
 there. Any other `--FIELD VALUE` is passed on to
 `TrainingArguments` (e.g. `--attention_implementation`, `--scan_layers`, `--loss_chunk_size` where this
 version has those fields; an unknown field is an error before anything is built). `--quick`: a tiny model
-on any device, in seconds. Prints one JSON line. No timing is asserted anywhere.
+on any device, in seconds. With `--profile_steps N` (passed on), the result also holds the traced steps' kernel
+time by XLA op (`benchmarks.trace_summary`): where the device's time goes. Prints one JSON line. No timing is
+asserted anywhere.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from easytrain.errors import ArgumentError  # noqa: E402
 from easytrain.flops import hardware_peak, matmul_params  # noqa: E402
 from easytrain.tasks import build_arithmetic_tokenizer  # noqa: E402
 from benchmarks.report import emit, relaunch_like_the_command, scratch_dir  # noqa: E402
+from benchmarks.trace_summary import summarize  # noqa: E402
 
 LLAMA3 = dict(vocab_size=128256, num_key_value_heads=8, rope_theta=500000.0, max_position_embeddings=8192)
 #: Candidates, smallest first (Llama 3.2 1B / 3B and Llama 3.1 8B shapes; 'tiny' for --quick).
@@ -238,7 +241,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "extra_arguments": extra, "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "threefry_gpu_kernel_lowering": jax.config.jax_threefry_gpu_kernel_lowering,
     }
+    if arguments.profile_steps and not options.setup_only:
+        result["trace"] = traced_kernels(Path(output_dir) / "tensorboard")
     return emit(result, options.out)
+
+
+def traced_kernels(directory: Path) -> dict[str, Any]:
+    """`--profile_steps`: the traced steps' kernel time by XLA op (`benchmarks.trace_summary`), or why not."""
+    try:
+        return summarize(directory, top=30)
+    except Exception as error:  # the measurement stands without it
+        return {"error": f"{type(error).__name__}: {error}"}
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@
 # whatever the depth (the first run, 2026-12-04, never got past compiling `jit_init` for the unrolled llama-3b
 # in 200 s: docs/benchmarks.md, "GPU"), then with `--remat dots`; llama-1b scanned without rematerialisation
 # (all its activations kept: the step does only the counted work), then under `dots` at batch 8; llama-1b
-# scanned, against the unrolled
+# under `dots` with two steps traced (the kernel time by XLA op); llama-1b scanned, against the unrolled
 # step measured on 2026-12-04, then with a quarter of its slots trailing padding (cuDNN's key lengths behind
 # a conditional per layer); the unrolled llama-3b's setup alone (initialised stacked, then unstacked, since
 # 2026-12-04 evening); llama-8b scanned in bfloat16 master weights.
@@ -70,6 +70,10 @@ step llama1b_scan_none 90 -- --config llama-1b --scan_layers --remat none "${DPA
 # Twice the tokens per step (8 x 2048): the first run's 8192 tokens leave a 1B model's matmuls small for an H200;
 # under `dots` it held 30.5 GB at batch 4, so batch 8 fits with room to spare.
 step llama1b_dots_b8 90 -- --config llama-1b --scan_layers --remat dots --batch 8 "${DPA[@]}"
+# Where llama-1b's step time goes under `dots`: steps 5-6 traced (profile_steps), the result's "trace" holding the
+# kernel time by XLA op (benchmarks.trace_summary); its tokens/s include the tracing, so they are not a headline.
+step llama1b_dots_trace 120 -- --config llama-1b --scan_layers --remat dots --profile_steps 2 --profile_start_step 5 \
+    "${DPA[@]}"
 step llama1b_scan 90 -- --config llama-1b --scan_layers "${DPA[@]}"
 # Trailing padding: cuDNN's key-length path, one lax.cond per layer (docs/benchmarks.md, "the second check")
 step llama1b_scan_padded 90 -- --config llama-1b --scan_layers --padding 0.25 "${DPA[@]}"
