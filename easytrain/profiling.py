@@ -79,11 +79,16 @@ class StepProfiler:
     def stop(self) -> None:
         """Stops and writes the trace, if one is running (also when a run ends or fails inside the window).
 
-        The caller waits for the device first, so the traced steps' device work is in it."""
+        The caller waits for the device first, so the traced steps' device work is in it. A trace that cannot be
+        written (a full disk) is logged, not raised: it is a diagnostic, and the run goes on."""
         if not self.tracing:
             return
         self.tracing, self.done = False, True
-        jax.profiler.stop_trace()
         steps = f"{self.traced[0]}-{self.traced[-1]}" if self.traced else "none"
+        try:
+            jax.profiler.stop_trace()
+        except Exception:
+            logger.exception("profile_steps: the trace of steps %s could not be written to %s", steps, self.directory)
+            return
         logger.info("profile of steps %s written to %s (tensorboard --logdir %s, or its perfetto_trace.json.gz at "
                     "https://ui.perfetto.dev)", steps, self.directory / "plugins" / "profile", self.directory)

@@ -131,3 +131,17 @@ def test_a_window_past_the_last_epoch_is_refused_before_any_compute(tmp_path):
 def test_each_process_of_several_writes_its_own_trace_directory():
     assert profiling.trace_dir("out", 0, 1) == Path("out/tensorboard")
     assert profiling.trace_dir("out", 1, 2) == Path("out/tensorboard/process_1")
+
+
+def test_a_trace_that_cannot_be_written_is_logged_and_training_goes_on(tmp_path, monkeypatch, caplog):
+    stop = jax.profiler.stop_trace
+
+    def failing_stop():
+        stop()  # the profiler stops; writing its files fails
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(jax.profiler, "stop_trace", failing_stop)
+    with caplog.at_level(logging.ERROR, logger="easytrain"):
+        BaseTrainer(TrainingArguments(output_dir=str(tmp_path), profile_steps=2, profile_start_step=2, **RUN)).train()
+    assert "the trace of steps 2-3 could not be written" in caplog.text and "No space left" in caplog.text
+    assert logged(tmp_path).keys() == {1, 2, 3, 4, 5}, "every step trained and logged"

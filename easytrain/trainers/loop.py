@@ -282,15 +282,11 @@ class TrainLoop:
             logger.exception("a background checkpoint save failed while training was stopping")
 
     def end_profile(self, failing: bool) -> None:
-        """Write a trace the run ended inside of; while failing, a trace that cannot be written is only logged."""
-        try:
-            if self.profiler.tracing and not failing:
-                jax.block_until_ready(self.state)
-            self.profiler.stop()
-        except Exception:
-            if not failing:
-                raise
-            logger.exception("the profile trace could not be written while training was stopping")
+        """Write a trace the run ended inside of: after the device's work, unless the run is failing (its state
+        may never be ready)."""
+        if self.profiler.tracing and not failing:
+            jax.block_until_ready(self.state)
+        self.profiler.stop()
 
     def load_best(self, step: int) -> None:
         """Restore the best-ranked checkpoint's state (`load_best_model_at_end`)."""
