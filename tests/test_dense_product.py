@@ -82,3 +82,20 @@ def test_bfloat16_compute_with_float32_outputs():
     dx, dw = jax.grad(lambda x, w: jnp.sum(dense_product(x, w, jnp.float32) * C_MO), argnums=(0, 1))(x, w)
     assert dx.dtype == dw.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(dw, np.float32), X_MI.T @ C_MO, rtol=0.05, atol=0.5)
+
+
+def test_an_intercepted_product_is_called_as_written(monkeypatch):
+    """qwix's LoRA and quantisation replace `jnp.dot` while a model runs and create their parameters inside it: the
+    call must stay in the module's own trace (inside the custom rule flax refused to create them)."""
+    calls = []
+    plain = jnp.dot
+
+    def intercepting_dot(*args, **kwargs):
+        calls.append(args[0].shape)
+        return plain(*args, **kwargs)
+
+    monkeypatch.setattr(jnp, "dot", intercepting_dot)
+    grad = jax.grad(lambda x, w: loss(dense_product, x, w), argnums=(0, 1))
+    ops = primitives(grad, X_MI, W_IO)
+    assert calls == [X_MI.shape], "the interceptor saw the product, once"
+    assert "optimization_barrier" not in ops and "custom_jvp_call" not in ops

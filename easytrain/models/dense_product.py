@@ -14,7 +14,8 @@ gradient `g @ w^T` are as JAX writes them.
 It is a `jax.custom_jvp`, so forward mode (`jax.jvp`, `jax.hessian`) works through it. Tangents that are zero
 (a frozen weight under LoRA, an input that is not differentiated) stay symbolic: no product is computed for them.
 One CPU device only (`easytrain.sharding.on_one_cpu_device`), where it was measured; elsewhere XLA picks the
-layouts (and the barrier would keep XLA:GPU from fusing the transpose into the product).
+layouts (and the barrier would keep XLA:GPU from fusing the transpose into the product). While `jnp.dot` or
+`lax.dot_general` is intercepted (qwix's LoRA and quantisation), the product is called as written.
 """
 
 from __future__ import annotations
@@ -31,13 +32,17 @@ Array = jax.Array
 DType = jnp.dtype | type | None
 #: `dot_general` dimensions of `x^T @ dw` with `x^T` as `[I, M]` and `dw` as `[I, O]`: contract I, give `[M, O]`.
 _TRANSPOSED_LHS = (((0,), (0,)), ((), ()))
+#: The products as JAX defines them. An interceptor (qwix's LoRA and quantisation providers) replaces them while a
+#: model runs and creates its parameters inside them: it must see the product called as written, in the module's
+#: own trace (inside a custom rule flax refuses to create them), and its weight is frozen or quantised anyway.
+_AS_DEFINED = (jnp.dot, jax.lax.dot_general)
 
 
 def dense_product(x_MI: Array, w_IO: Array, out_dtype: DType = None) -> Array:
     """`jnp.dot(x_MI, w_IO, preferred_element_type=out_dtype)` for 2-D `x_MI`; on one CPU device, for a kernel
     with more inputs than outputs, with the weight gradient computed from `x^T` written out."""
     inputs, outputs = w_IO.shape
-    if inputs <= outputs or not on_one_cpu_device():
+    if inputs <= outputs or (jnp.dot, jax.lax.dot_general) != _AS_DEFINED or not on_one_cpu_device():
         return jnp.dot(x_MI, w_IO, preferred_element_type=out_dtype)
     return _transposed_weight_gradient(x_MI, w_IO, out_dtype)
 
