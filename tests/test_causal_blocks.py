@@ -10,6 +10,7 @@ from flax import nnx
 
 from easytrain.models import init_model, masks
 from easytrain.models.attention import attention_mask, causal_grouped_attention, grouped_attention
+from jaxprs import all_equations
 from model_configs import VOCAB, tiny_config
 
 B, T, N, G, K = 3, 16, 2, 2, 8
@@ -63,15 +64,6 @@ def score_shapes(model, ids_BT) -> set[tuple[int, ...]]:
     return {tuple(eqn.outvars[0].aval.shape) for eqn in all_equations(jaxpr)
             if eqn.primitive.name == "dot_general" and eqn.outvars[0].aval.dtype == jnp.float32
             and eqn.outvars[0].aval.ndim == 4}
-
-
-def all_equations(jaxpr):
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for value in eqn.params.values():
-            inner = getattr(value, "jaxpr", value)
-            if hasattr(inner, "eqns"):
-                yield from all_equations(inner)
 
 
 def test_the_model_scores_query_blocks_from_blocked_from_tokens_with_the_same_values_and_grads(monkeypatch):

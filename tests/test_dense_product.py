@@ -9,6 +9,7 @@ import pytest
 
 from easytrain.models import dense_product as module
 from easytrain.models.dense_product import dense_product
+from jaxprs import all_equations
 
 rng = np.random.default_rng(0)
 X_MI = rng.standard_normal((48, 24)).astype(np.float32)
@@ -22,13 +23,7 @@ def loss(product, x, w):
 
 def primitives(fn, *args) -> list[str]:
     """Every primitive of `fn`'s jaxpr, those inside nested jaxprs (jit, custom rules) included."""
-    def walk(jaxpr):
-        for eqn in jaxpr.eqns:
-            yield str(eqn.primitive)
-            for value in eqn.params.values():
-                if (inner := getattr(value, "jaxpr", None)) is not None:
-                    yield from walk(getattr(inner, "jaxpr", inner))
-    return list(walk(jax.make_jaxpr(fn)(*args).jaxpr))
+    return [str(eqn.primitive) for eqn in all_equations(jax.make_jaxpr(fn)(*args).jaxpr)]
 
 
 def test_values_and_gradients_equal_numpys():
