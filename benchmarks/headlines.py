@@ -98,7 +98,10 @@ def versus_torch(r: dict) -> list[Headline]:
         return Headline("versus_torch", f"{name} tokens/s", c.get("tokens_per_second"), c.get("min"), c.get("max"),
                         ratio=False)
 
-    return [Headline("versus_torch", "easytrain / HF Trainer tokens/s", dig(r, "ratios.easytrain_over_hf_trainer")),
+    per_round = dig(r, "round_ratios.easytrain_over_hf_trainer") or []
+    spread = (min(per_round), max(per_round)) if per_round else (None, None)
+    return [Headline("versus_torch", "easytrain / HF Trainer tokens/s", dig(r, "ratios.easytrain_over_hf_trainer"),
+                     *spread),
             Headline("versus_torch", "easytrain / PyTorch loop tokens/s", dig(r, "ratios.easytrain_over_torch_loop")),
             *(side(name) for name in ("easytrain", "hf_trainer", "torch_loop", "nnx_step")),
             Headline("versus_torch", "easytrain CPU MFU", dig(r, "contenders.easytrain.cpu_mfu"))]

@@ -2,14 +2,15 @@
 easytrain's `BaseTrainer` (default `compiler_options='auto'`) and a plain jitted NNX step with the same XLA
 options, in interleaved child processes.
 
-    python -m benchmarks.versus_torch [--quick] [--rounds 3] [--windows 3] [--window_steps 4] [--out FILE]
+    python -m benchmarks.versus_torch [--quick] [--rounds 5] [--windows 3] [--window_steps 4] [--out FILE]
 
 Same architecture (vocab 4096, hidden 256, 4 layers, 4 heads, SwiGLU 1024), batch 8 x 256 tokens, AdamW
 (lr 3e-4, weight decay 0.01, constant schedule, no clipping), float32, random token blocks. Each round
 starts one child process per contender, in an order that rotates between rounds, so all of them see the
 same machine; a child warms up (`--warmup` steps, compilation included), then times `--windows` windows of
 `--window_steps` steps, synchronising only at window ends (as a trainer does per logging window).
-Reported per contender: tokens/s (median over every window of every round, with min and max), tokens per
+Reported per contender: tokens/s (median over every window of every round, with min and max, and each round's
+median in `per_round`; `round_ratios` are the pairs' ratios round by round), tokens per
 CPU-second of the process (steadier on a shared machine, but blind to how well each side uses the cores),
 first-step seconds, peak RSS, and CPU MFU: model FLOP/s (6 N per token plus attention, `easytrain.flops`) over the
 best float32 matmul rate measured here by JAX and by PyTorch. Ratios compare medians. Prints one JSON line.
@@ -225,6 +226,8 @@ def summarise(runs: dict[str, list[dict]], tokens_per_step: int, every: int, flo
         cpu_rates = [tokens_per_step * every / s for r in results for s in r["window_cpu_seconds"]]
         summary[contender] = {
             "tokens_per_second": round(median, 1), "min": round(min(rates), 1), "max": round(max(rates), 1),
+            "per_round": [round(statistics.median(tokens_per_step * every / s for s in r["window_seconds"]), 1)
+                          for r in results],
             "tokens_per_cpu_second": round(statistics.median(cpu_rates), 1),
             "first_step_seconds": round(statistics.median(r["first_step_seconds"] for r in results), 3),
             "peak_rss_mib": round(max(r["peak_rss_mib"] for r in results), 1),
@@ -242,10 +245,17 @@ def ratios(summary: dict[str, dict], key: str) -> dict[str, float]:
             for a, b in PAIRS if a in summary and b in summary}
 
 
+def round_ratios(summary: dict[str, dict]) -> dict[str, list[float]]:
+    """`a_over_b` of each round's median tokens/s, round by round: the two sides of a round ran minutes apart on
+    the same machine, so these show how far one slow stretch of the machine moves a ratio."""
+    return {f"{a}_over_{b}": [round(x / y, 4) for x, y in zip(summary[a]["per_round"], summary[b]["per_round"])]
+            for a, b in PAIRS if a in summary and b in summary}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="tiny model, one round: a smoke run")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--windows", type=int, default=3)
     parser.add_argument("--window_steps", type=int, default=4)
@@ -282,7 +292,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "windows_per_round": options.windows, "window_steps": options.window_steps,
         "flops_per_token": flops_per_token, "matmul_flops_per_second": {k: round(v) for k, v in matmul.items()},
         "contenders": summary, "ratio_easytrain_over_hf_trainer": speed.get("easytrain_over_hf_trainer"),
-        "ratios": speed, "cpu_time_ratios": ratios(summary, "tokens_per_cpu_second"),
+        "ratios": speed, "round_ratios": round_ratios(summary),
+        "cpu_time_ratios": ratios(summary, "tokens_per_cpu_second"),
         "load_average": list(os.getloadavg()),
     }
     return emit(result, options.out)

@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from benchmarks import versus_torch  # noqa: E402
+from benchmarks import headlines, versus_torch  # noqa: E402
 
 
 def test_versus_torch_smoke(tmp_path, children_with_torch):
@@ -20,7 +20,14 @@ def test_versus_torch_smoke(tmp_path, children_with_torch):
     for row in contenders.values():
         assert row["tokens_per_second"] > 0 and row["tokens_per_cpu_second"] > 0 and 0 < row["cpu_mfu"] < 1
         assert row["min"] <= row["tokens_per_second"] <= row["max"] and row["peak_rss_mib"] > 0
+        assert len(row["per_round"]) == 1 and row["min"] <= row["per_round"][0] <= row["max"]
     assert contenders["hf_trainer"]["details"]["attention"]  # what the peer really ran, recorded
     assert set(result["ratios"]) == {f"{a}_over_{b}" for a, b in versus_torch.PAIRS}
     assert result["ratio_easytrain_over_hf_trainer"] == result["ratios"]["easytrain_over_hf_trainer"]
+    assert set(result["round_ratios"]) == set(result["ratios"])
+    assert result["round_ratios"]["easytrain_over_hf_trainer"] == [pytest.approx(
+        contenders["easytrain"]["per_round"][0] / contenders["hf_trainer"]["per_round"][0], rel=1e-3)]
+    headline = headlines.versus_torch(result)[0]  # the chart's bar, its whisker the rounds' spread
+    assert headline.value == result["ratios"]["easytrain_over_hf_trainer"]
+    assert headline.low == headline.high == result["round_ratios"]["easytrain_over_hf_trainer"][0]
     assert result["flops_per_token"] > 0 and min(result["matmul_flops_per_second"].values()) > 0
