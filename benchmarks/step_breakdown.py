@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import json
 import os
 import statistics
@@ -70,15 +71,23 @@ def variant_step(trainer: BaseTrainer, variant: str) -> Callable[..., Any]:
 def compile_round_robin(lowerings: dict[str, Callable[[], Any]],
                         compiles: int) -> tuple[dict[str, float], dict[str, Any]]:
     """Median seconds of `compiles` timed lowerings + compiles of each, round-robin, and each one's last
-    executable."""
+    executable. Python's garbage collector is off while each is timed: in a process holding half a million
+    objects (a trainer, its data, its libraries), a full collection takes about 0.3 s and fell inside one
+    variant's lowering or another's as tracing filled the young generations, noise larger than the extras
+    compared. A fresh process's first compile, which `--cold` times, ran into none (3 processes a side)."""
     seconds: dict[str, list[float]] = {name: [] for name in lowerings}
     executables: dict[str, Any] = {}
     for _ in range(compiles):
         for name, lower in lowerings.items():
             jax.clear_caches()  # else `compile` returns the executable it built before
-            started = time.perf_counter()
-            executables[name] = lower().compile()
-            seconds[name].append(time.perf_counter() - started)
+            gc.collect()
+            gc.disable()
+            try:
+                started = time.perf_counter()
+                executables[name] = lower().compile()
+                seconds[name].append(time.perf_counter() - started)
+            finally:
+                gc.enable()
     return {name: round(statistics.median(s), 3) for name, s in seconds.items()}, executables
 
 

@@ -10,10 +10,11 @@ starts one child process per contender, in an order that rotates between rounds,
 same machine; a child warms up (`--warmup` steps, compilation included), then times `--windows` windows of
 `--window_steps` steps, synchronising only at window ends (as a trainer does per logging window).
 Reported per contender: tokens/s (median over every window of every round, with min and max, and each round's
-median in `per_round`; `round_ratios` are the pairs' ratios round by round), tokens per
-CPU-second of the process (steadier on a shared machine, but blind to how well each side uses the cores),
-first-step seconds, peak RSS, and CPU MFU: model FLOP/s (6 N per token plus attention, `easytrain.flops`) over the
-best float32 matmul rate measured here by JAX and by PyTorch. Ratios compare medians. Prints one JSON line.
+median in `per_round`, with its minor page faults and kernel CPU milliseconds per timed step; `round_ratios` are
+the pairs' ratios round by round), tokens per CPU-second of the process (steadier on a shared machine, but blind
+to how well each side uses the cores), first-step seconds, peak RSS, and CPU MFU: model FLOP/s (6 N per token
+plus attention, `easytrain.flops`) over the best float32 matmul rate measured here by JAX and by PyTorch. Ratios
+compare medians. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -47,14 +48,18 @@ def token_blocks(vocab: int, batch: int, length: int, rows_per_batch: int = 16) 
 
 
 class Windows:
-    """Wall time of consecutive windows of steps; `sync` waits for the device before each reading."""
+    """Wall time of consecutive windows of steps; `sync` waits for the device before each reading. Also the
+    process's minor page faults and kernel CPU time over them all: a round one contender runs slow in, with
+    more of either, points at memory (huge pages not to be had at once) rather than at its step."""
 
     def __init__(self, sync: Callable[[], None]):
         self.sync, self.seconds, self.cpu_seconds, self.mark, self.cpu_mark = sync, [], [], 0.0, 0.0
+        self.usage_at_start = resource.getrusage(resource.RUSAGE_SELF)
 
     def start(self) -> None:
         self.sync()
         self.mark, self.cpu_mark = time.perf_counter(), time.process_time()
+        self.usage_at_start = resource.getrusage(resource.RUSAGE_SELF)
 
     def lap(self) -> None:
         self.sync()
@@ -64,7 +69,10 @@ class Windows:
         self.mark, self.cpu_mark = now, cpu_now
 
     def result(self, first_step_seconds: float, **details: Any) -> dict[str, Any]:
+        usage = resource.getrusage(resource.RUSAGE_SELF)  # the last `lap` has synchronised
         return {"window_seconds": self.seconds, "window_cpu_seconds": self.cpu_seconds,
+                "timed_minor_faults": usage.ru_minflt - self.usage_at_start.ru_minflt,
+                "timed_system_seconds": usage.ru_stime - self.usage_at_start.ru_stime,
                 "first_step_seconds": first_step_seconds, "details": details}
 
 
@@ -228,6 +236,10 @@ def summarise(runs: dict[str, list[dict]], tokens_per_step: int, every: int, flo
             "tokens_per_second": round(median, 1), "min": round(min(rates), 1), "max": round(max(rates), 1),
             "per_round": [round(statistics.median(tokens_per_step * every / s for s in r["window_seconds"]), 1)
                           for r in results],
+            "per_round_minor_faults_per_step": [round(r["timed_minor_faults"] / (every * len(r["window_seconds"])))
+                                                for r in results],
+            "per_round_system_ms_per_step": [round(1e3 * r["timed_system_seconds"] / (every * len(r["window_seconds"])),
+                                                   1) for r in results],
             "tokens_per_cpu_second": round(statistics.median(cpu_rates), 1),
             "first_step_seconds": round(statistics.median(r["first_step_seconds"] for r in results), 3),
             "peak_rss_mib": round(max(r["peak_rss_mib"] for r in results), 1),
