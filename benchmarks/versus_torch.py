@@ -9,12 +9,13 @@ Same architecture (vocab 4096, hidden 256, 4 layers, 4 heads, SwiGLU 1024), batc
 starts one child process per contender, in an order that rotates between rounds, so all of them see the
 same machine; a child warms up (`--warmup` steps, compilation included), then times `--windows` windows of
 `--window_steps` steps, synchronising only at window ends (as a trainer does per logging window).
-Reported per contender: tokens/s (median over every window of every round, with min and max, and each round's
-median in `per_round`, with its minor page faults and kernel CPU milliseconds per timed step; `round_ratios` are
-the pairs' ratios round by round), tokens per CPU-second of the process (steadier on a shared machine, but blind
-to how well each side uses the cores), first-step seconds, peak RSS, and CPU MFU: model FLOP/s (6 N per token
-plus attention, `easytrain.flops`) over the best float32 matmul rate measured here by JAX and by PyTorch. Ratios
-compare medians. Prints one JSON line.
+Reported per contender: tokens/s (median over every window of every round, with min and max), tokens per
+CPU-second of the process (steadier on a shared machine, but blind to how well each side uses the cores),
+first-step seconds, peak RSS, and CPU MFU: model FLOP/s (6 N per token plus attention, `easytrain.flops`) over the
+best float32 matmul rate measured here by JAX and by PyTorch. Ratios compare medians. Round by round: each
+contender's median tokens/s and tokens per CPU-second, and its minor page faults, kernel CPU milliseconds and the
+machine's stolen CPU milliseconds per timed step (`per_round*`), and the pairs' ratios (`round_ratios`), to tell
+a round that one side ran slow in from a slower step. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -47,19 +48,30 @@ def token_blocks(vocab: int, batch: int, length: int, rows_per_batch: int = 16) 
     return np.random.default_rng(0).integers(0, vocab, (batch * rows_per_batch, length + 1)).astype(np.int32)
 
 
+def stolen_seconds() -> float:
+    """CPU time the hypervisor gave other guests while this one wanted it, all CPUs together, since boot (the
+    `steal` column of Linux's /proc/stat); 0.0 where there is no such file."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = stat.readline().split()
+    except OSError:
+        return 0.0
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 and fields[0] == "cpu" else 0.0
+
+
 class Windows:
-    """Wall time of consecutive windows of steps; `sync` waits for the device before each reading. Also the
-    process's minor page faults and kernel CPU time over them all: a round one contender runs slow in, with
-    more of either, points at memory (huge pages not to be had at once) rather than at its step."""
+    """Wall time of consecutive windows of steps; `sync` waits for the device before each reading. Also, over
+    them all, the process's minor page faults and kernel CPU time and the machine's stolen CPU time: what tells
+    a round that one contender ran slow in from its step getting slower (memory, or the hypervisor)."""
 
     def __init__(self, sync: Callable[[], None]):
         self.sync, self.seconds, self.cpu_seconds, self.mark, self.cpu_mark = sync, [], [], 0.0, 0.0
-        self.usage_at_start = resource.getrusage(resource.RUSAGE_SELF)
+        self.usage_at_start, self.stolen_at_start = resource.getrusage(resource.RUSAGE_SELF), stolen_seconds()
 
     def start(self) -> None:
         self.sync()
         self.mark, self.cpu_mark = time.perf_counter(), time.process_time()
-        self.usage_at_start = resource.getrusage(resource.RUSAGE_SELF)
+        self.usage_at_start, self.stolen_at_start = resource.getrusage(resource.RUSAGE_SELF), stolen_seconds()
 
     def lap(self) -> None:
         self.sync()
@@ -73,6 +85,7 @@ class Windows:
         return {"window_seconds": self.seconds, "window_cpu_seconds": self.cpu_seconds,
                 "timed_minor_faults": usage.ru_minflt - self.usage_at_start.ru_minflt,
                 "timed_system_seconds": usage.ru_stime - self.usage_at_start.ru_stime,
+                "timed_stolen_seconds": stolen_seconds() - self.stolen_at_start,
                 "first_step_seconds": first_step_seconds, "details": details}
 
 
@@ -225,6 +238,11 @@ def run_child(contender: str, options: argparse.Namespace) -> dict[str, Any]:
                       *(["--quick"] if options.quick else []))
 
 
+def per_step(results: list[dict], key: str, every: int, scale: float = 1.0) -> list[float]:
+    """Each round's `key` total over its timed windows, per timed step, times `scale`."""
+    return [round(scale * r[key] / (every * len(r["window_seconds"])), 1) for r in results]
+
+
 def summarise(runs: dict[str, list[dict]], tokens_per_step: int, every: int, flops_per_token: int,
               peak: float) -> dict[str, Any]:
     summary = {}
@@ -236,10 +254,12 @@ def summarise(runs: dict[str, list[dict]], tokens_per_step: int, every: int, flo
             "tokens_per_second": round(median, 1), "min": round(min(rates), 1), "max": round(max(rates), 1),
             "per_round": [round(statistics.median(tokens_per_step * every / s for s in r["window_seconds"]), 1)
                           for r in results],
-            "per_round_minor_faults_per_step": [round(r["timed_minor_faults"] / (every * len(r["window_seconds"])))
-                                                for r in results],
-            "per_round_system_ms_per_step": [round(1e3 * r["timed_system_seconds"] / (every * len(r["window_seconds"])),
-                                                   1) for r in results],
+            "per_round_tokens_per_cpu_second": [
+                round(statistics.median(tokens_per_step * every / s for s in r["window_cpu_seconds"]), 1)
+                for r in results],
+            "per_round_minor_faults_per_step": per_step(results, "timed_minor_faults", every),
+            "per_round_system_ms_per_step": per_step(results, "timed_system_seconds", every, scale=1e3),
+            "per_round_stolen_ms_per_step": per_step(results, "timed_stolen_seconds", every, scale=1e3),
             "tokens_per_cpu_second": round(statistics.median(cpu_rates), 1),
             "first_step_seconds": round(statistics.median(r["first_step_seconds"] for r in results), 3),
             "peak_rss_mib": round(max(r["peak_rss_mib"] for r in results), 1),
