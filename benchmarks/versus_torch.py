@@ -1,22 +1,21 @@
 """easytrain against the PyTorch peer: the same Llama trained by `transformers.Trainer`, a raw PyTorch loop,
 easytrain's `BaseTrainer` (default `compiler_options='auto'`) and a plain jitted NNX step with the same XLA
-options, each in a child process of its own, their timed windows taken in turn.
+options, in interleaved child processes.
 
-    python -m benchmarks.versus_torch [--quick] [--rounds 3] [--windows 5] [--window_steps 4] [--out FILE]
+    python -m benchmarks.versus_torch [--quick] [--rounds 5] [--windows 3] [--window_steps 4] [--out FILE]
 
 Same architecture (vocab 4096, hidden 256, 4 layers, 4 heads, SwiGLU 1024), batch 8 x 256 tokens, AdamW
-(lr 3e-4, weight decay 0.01, constant schedule, no clipping), float32, random token blocks. Each round starts one
-child process per contender, one at a time; a child warms up (`--warmup` steps, compilation included) and waits.
-Then the children time `--windows` windows of `--window_steps` steps each, one window at a time in turn, in an order
-that rotates between turns (`benchmarks.interleave`): a slow stretch of a shared machine falls on every contender
-alike instead of on the one whose process ran through it. A window synchronises only at its end (as a trainer
-does per logging window). Reported per contender: tokens/s (median over every window of every round, with min and
-max), tokens per CPU-second of the process (steadier on a shared machine, but blind to how well each side uses
-the cores), first-step seconds, peak RSS, and CPU MFU: model FLOP/s (6 N per token plus attention,
-`easytrain.flops`) over the best float32 matmul rate measured here by JAX and by PyTorch. Ratios compare medians;
-`paired_ratios` are the medians of the ratios of windows timed in the same turn. Round by round: each contender's
-median tokens/s and tokens per CPU-second, and its minor page faults, kernel CPU milliseconds and the machine's
-stolen CPU milliseconds per timed step (`per_round*`), and the pairs' ratios (`round_ratios`). Prints one JSON line.
+(lr 3e-4, weight decay 0.01, constant schedule, no clipping), float32, random token blocks. Each round
+starts one child process per contender, in an order that rotates between rounds, so all of them see the
+same machine; a child warms up (`--warmup` steps, compilation included), then times `--windows` windows of
+`--window_steps` steps, synchronising only at window ends (as a trainer does per logging window).
+Reported per contender: tokens/s (median over every window of every round, with min and max), tokens per
+CPU-second of the process (steadier on a shared machine, but blind to how well each side uses the cores),
+first-step seconds, peak RSS, and CPU MFU: model FLOP/s (6 N per token plus attention, `easytrain.flops`) over the
+best float32 matmul rate measured here by JAX and by PyTorch. Ratios compare medians. Round by round: each
+contender's median tokens/s and tokens per CPU-second, and its minor page faults, kernel CPU milliseconds and the
+machine's stolen CPU milliseconds per timed step (`per_round*`), and the pairs' ratios (`round_ratios`), to tell
+a round that one side ran slow in from a slower step. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ import json
 import os
 import resource
 import statistics
-import sys
 import time
 from typing import Any, Callable
 
@@ -35,8 +33,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
-from benchmarks.interleave import Gate, take_turns  # noqa: E402
-from benchmarks.report import emit, relaunch_like_the_command, scratch_dir  # noqa: E402
+from benchmarks.report import child_json, emit, relaunch_like_the_command, scratch_dir  # noqa: E402
 
 CONFIG = dict(vocab_size=4096, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
               num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048)
@@ -63,44 +60,33 @@ def stolen_seconds() -> float:
 
 
 class Windows:
-    """Wall and CPU time of `windows` windows of steps; `sync` waits for the device before each reading. With a
-    `gate` (`benchmarks.interleave`), each window opens only when the parent says so. Also, summed over the
-    windows, the process's minor page faults and kernel CPU time and the machine's stolen CPU time: what tells a
-    round one contender ran slow in from its step getting slower (memory, or the hypervisor)."""
+    """Wall time of consecutive windows of steps; `sync` waits for the device before each reading. Also, over
+    them all, the process's minor page faults and kernel CPU time and the machine's stolen CPU time: what tells
+    a round that one contender ran slow in from its step getting slower (memory, or the hypervisor)."""
 
-    def __init__(self, sync: Callable[[], None], windows: int, gate: Gate | None = None):
-        self.sync, self.windows, self.gate = sync, windows, gate
-        self.seconds: list[float] = []
-        self.cpu_seconds: list[float] = []
-        self.minor_faults, self.system_seconds, self.stolen_seconds = 0, 0.0, 0.0
+    def __init__(self, sync: Callable[[], None]):
+        self.sync, self.seconds, self.cpu_seconds, self.mark, self.cpu_mark = sync, [], [], 0.0, 0.0
+        self.usage_at_start, self.stolen_at_start = resource.getrusage(resource.RUSAGE_SELF), stolen_seconds()
 
     def start(self) -> None:
         self.sync()
-        self.open()
-
-    def open(self) -> None:
-        if self.gate is not None:
-            self.gate.wait()
-        self.usage, self.stolen = resource.getrusage(resource.RUSAGE_SELF), stolen_seconds()
         self.mark, self.cpu_mark = time.perf_counter(), time.process_time()
+        self.usage_at_start, self.stolen_at_start = resource.getrusage(resource.RUSAGE_SELF), stolen_seconds()
 
     def lap(self) -> None:
         self.sync()
         now, cpu_now = time.perf_counter(), time.process_time()
-        usage, stolen = resource.getrusage(resource.RUSAGE_SELF), stolen_seconds()
         self.seconds.append(now - self.mark)
         self.cpu_seconds.append(cpu_now - self.cpu_mark)
-        self.minor_faults += usage.ru_minflt - self.usage.ru_minflt
-        self.system_seconds += usage.ru_stime - self.usage.ru_stime
-        self.stolen_seconds += stolen - self.stolen
-        if len(self.seconds) < self.windows:
-            self.open()
+        self.mark, self.cpu_mark = now, cpu_now
 
     def result(self, first_step_seconds: float, **details: Any) -> dict[str, Any]:
+        usage = resource.getrusage(resource.RUSAGE_SELF)  # the last `lap` has synchronised
         return {"window_seconds": self.seconds, "window_cpu_seconds": self.cpu_seconds,
-                "timed_minor_faults": self.minor_faults, "timed_system_seconds": self.system_seconds,
-                "timed_stolen_seconds": self.stolen_seconds, "first_step_seconds": first_step_seconds,
-                "details": details}
+                "timed_minor_faults": usage.ru_minflt - self.usage_at_start.ru_minflt,
+                "timed_system_seconds": usage.ru_stime - self.usage_at_start.ru_stime,
+                "timed_stolen_seconds": stolen_seconds() - self.stolen_at_start,
+                "first_step_seconds": first_step_seconds, "details": details}
 
 
 # ---------------------------------------------------------------------------------------------- PyTorch
@@ -112,14 +98,14 @@ def torch_model(config: dict):
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).float()
 
 
-def run_hf_trainer(config: dict, blocks: np.ndarray, batch: int, warmup: int, windows: int, every: int,
-                   timer: Windows) -> dict:
+def run_hf_trainer(config: dict, blocks: np.ndarray, batch: int, warmup: int, windows: int, every: int) -> dict:
     """`transformers.Trainer` with its defaults except what the comparison fixes (no eval, saves, logs)."""
     import torch
     import transformers
 
     rows = [{"input_ids": torch.from_numpy(row[:-1].astype(np.int64)),
              "labels": torch.from_numpy(row[:-1].astype(np.int64))} for row in blocks]
+    timer = Windows(sync=lambda: None)
     first: list[float] = []
 
     class Timing(transformers.TrainerCallback):
@@ -147,8 +133,7 @@ def run_hf_trainer(config: dict, blocks: np.ndarray, batch: int, warmup: int, wi
                         torch_threads=torch.get_num_threads())
 
 
-def run_torch_loop(config: dict, blocks: np.ndarray, batch: int, warmup: int, windows: int, every: int,
-                   timer: Windows) -> dict:
+def run_torch_loop(config: dict, blocks: np.ndarray, batch: int, warmup: int, windows: int, every: int) -> dict:
     """The same model and AdamW (PyTorch's default implementation) in a bare eager loop."""
     import torch
 
@@ -156,6 +141,7 @@ def run_torch_loop(config: dict, blocks: np.ndarray, batch: int, warmup: int, wi
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD)
     data = torch.from_numpy(blocks[:, :-1].astype(np.int64))
     order = np.random.default_rng(0).permutation(len(blocks))
+    timer = Windows(sync=lambda: None)
     started = time.perf_counter()
     first = 0.0
     for step in range(warmup + windows * every):
@@ -173,8 +159,7 @@ def run_torch_loop(config: dict, blocks: np.ndarray, batch: int, warmup: int, wi
 
 
 # ---------------------------------------------------------------------------------------------- JAX
-def run_easytrain(config: dict, blocks: np.ndarray, batch: int, warmup: int, windows: int, every: int,
-                  timer: Windows) -> dict:
+def run_easytrain(config: dict, blocks: np.ndarray, batch: int, warmup: int, windows: int, every: int) -> dict:
     """`BaseTrainer` with logging every window (its own sync point), no eval, no checkpoints."""
     import datasets
     import jax
@@ -184,6 +169,7 @@ def run_easytrain(config: dict, blocks: np.ndarray, batch: int, warmup: int, win
     from easytrain.models import init_model
     from easytrain.tasks import build_arithmetic_tokenizer
 
+    timer = Windows(sync=lambda: None)
 
     class Timing(Callback):
         def on_step_end(self, trainer, step):
@@ -208,8 +194,7 @@ def run_easytrain(config: dict, blocks: np.ndarray, batch: int, warmup: int, win
     return timer.result(trainer.loop.compile_seconds)
 
 
-def run_nnx_step(config: dict, blocks: np.ndarray, batch: int, warmup: int, windows: int, every: int,
-                 timer: Windows) -> dict:
+def run_nnx_step(config: dict, blocks: np.ndarray, batch: int, warmup: int, windows: int, every: int) -> dict:
     """The minimal hand-written jitted NNX step of `benchmarks.overhead` on the same model, compiled with
     easytrain's XLA options (`compiler_options='auto'`), so easytrain against it is the trainer's own cost."""
     import transformers
@@ -218,8 +203,9 @@ def run_nnx_step(config: dict, blocks: np.ndarray, batch: int, warmup: int, wind
 
     run, compile_seconds = overhead.hand_written_loop(transformers.LlamaConfig(**config), blocks, seed=0,
                                                       batch=batch)
+    timer = Windows(sync=lambda: None)  # `run` returns a float loss: it has synchronised already
     run(warmup)
-    timer.start()  # `run` returns a float loss: it has synchronised already, so `timer.sync` stays a no-op
+    timer.start()
     for _ in range(windows):
         run(every)
         timer.lap()
@@ -246,10 +232,10 @@ def best_matmul_flops() -> dict[str, float]:
     return {"jax": measured_cpu_matmul_flops(), "torch": 2 * 1024**3 / min(seconds[1:])}
 
 
-def child_command(contender: str, options: argparse.Namespace) -> list[str]:
-    return [sys.executable, "-m", "benchmarks.versus_torch", "--child", contender, "--warmup", str(options.warmup),
-            "--windows", str(options.windows), "--window_steps", str(options.window_steps),
-            *(["--quick"] if options.quick else [])]
+def run_child(contender: str, options: argparse.Namespace) -> dict[str, Any]:
+    return child_json("benchmarks.versus_torch", "--child", contender, "--warmup", str(options.warmup),
+                      "--windows", str(options.windows), "--window_steps", str(options.window_steps),
+                      *(["--quick"] if options.quick else []))
 
 
 def per_step(results: list[dict], key: str, every: int, scale: float = 1.0) -> list[float]:
@@ -292,39 +278,28 @@ def ratios(summary: dict[str, dict], key: str) -> dict[str, float]:
 
 
 def round_ratios(summary: dict[str, dict]) -> dict[str, list[float]]:
-    """`a_over_b` of each round's median tokens/s, round by round (a round: one process per contender), so a
-    process that ran slow throughout shows."""
+    """`a_over_b` of each round's median tokens/s, round by round: the two sides of a round ran minutes apart on
+    the same machine, so these show how far one slow stretch of the machine moves a ratio."""
     return {f"{a}_over_{b}": [round(x / y, 4) for x, y in zip(summary[a]["per_round"], summary[b]["per_round"])]
             for a, b in PAIRS if a in summary and b in summary}
-
-
-def paired_ratios(runs: dict[str, list[dict]]) -> dict[str, float]:
-    """`a_over_b`: the median over every round and turn of the ratio of the two sides' windows timed in that turn
-    (seconds apart, so on the same state of the machine)."""
-    return {f"{a}_over_{b}": round(statistics.median(
-        tb / ta for ra, rb in zip(runs[a], runs[b]) for ta, tb in zip(ra["window_seconds"], rb["window_seconds"])), 4)
-        for a, b in PAIRS if a in runs and b in runs}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="tiny model, one round: a smoke run")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--windows", type=int, default=5)
+    parser.add_argument("--windows", type=int, default=3)
     parser.add_argument("--window_steps", type=int, default=4)
     parser.add_argument("--only", default=",".join(CONTENDERS), help="comma-separated contenders")
     parser.add_argument("--child", choices=CONTENDERS, help=argparse.SUPPRESS)
-    parser.add_argument("--gate", help=argparse.SUPPRESS)  # the child's end of `benchmarks.interleave`
     parser.add_argument("--out")
     options = parser.parse_args(argv)
     config = {**CONFIG, **QUICK["config"]} if options.quick else CONFIG
     batch, length = (QUICK["batch"], QUICK["length"]) if options.quick else (BATCH, LENGTH)
     if options.child:
         blocks = token_blocks(config["vocab_size"], batch, length)
-        timer = Windows(sync=lambda: None, windows=options.windows, gate=Gate.parse(options.gate))
-        result = RUNNERS[options.child](config, blocks, batch, options.warmup, options.windows, options.window_steps,
-                                        timer)
+        result = RUNNERS[options.child](config, blocks, batch, options.warmup, options.windows, options.window_steps)
         result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(result))
         return result
@@ -336,10 +311,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     contenders = [c for c in options.only.split(",") if c]
     rounds = 1 if options.quick else options.rounds
     runs: dict[str, list[dict]] = {c: [] for c in contenders}
-    for r in range(rounds):  # one process per contender a round, their windows taken in turn
-        results = take_turns({c: child_command(c, options) for c in contenders}, options.windows, first=r)
-        for contender in contenders:
-            runs[contender].append(results[contender])
+    for r in range(rounds):
+        for contender in contenders[r % len(contenders):] + contenders[:r % len(contenders)]:
+            runs[contender].append(run_child(contender, options))
     matmul = best_matmul_flops()
     flops_per_token = training_flops_per_token(transformers.LlamaConfig(**config), length)
     summary = summarise(runs, batch * length, options.window_steps, flops_per_token, max(matmul.values()))
@@ -350,7 +324,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "windows_per_round": options.windows, "window_steps": options.window_steps,
         "flops_per_token": flops_per_token, "matmul_flops_per_second": {k: round(v) for k, v in matmul.items()},
         "contenders": summary, "ratio_easytrain_over_hf_trainer": speed.get("easytrain_over_hf_trainer"),
-        "ratios": speed, "paired_ratios": paired_ratios(runs), "round_ratios": round_ratios(summary),
+        "ratios": speed, "round_ratios": round_ratios(summary),
         "cpu_time_ratios": ratios(summary, "tokens_per_cpu_second"),
         "load_average": list(os.getloadavg()),
     }

@@ -1,5 +1,5 @@
-"""Smoke test of benchmarks/versus_torch.py at a tiny size: every contender runs in its own child process, the
-windows taken in turn, and reports tokens/s, CPU MFU and the ratios (no timing asserted)."""
+"""Smoke test of benchmarks/versus_torch.py at a tiny size: every contender runs in its own child process and
+reports tokens/s, CPU MFU and the ratios (no timing asserted)."""
 
 import json
 
@@ -12,7 +12,7 @@ from benchmarks import headlines, versus_torch  # noqa: E402
 
 def test_versus_torch_smoke(tmp_path, children_with_torch):
     out = tmp_path / "versus_torch.json"
-    result = versus_torch.main(["--quick", "--warmup", "1", "--windows", "2", "--window_steps", "2",
+    result = versus_torch.main(["--quick", "--warmup", "1", "--windows", "1", "--window_steps", "2",
                                 "--out", str(out)])
     assert json.loads(out.read_text()) == result
     contenders = result["contenders"]
@@ -27,9 +27,7 @@ def test_versus_torch_smoke(tmp_path, children_with_torch):
     assert contenders["hf_trainer"]["details"]["attention"]  # what the peer really ran, recorded
     assert set(result["ratios"]) == {f"{a}_over_{b}" for a, b in versus_torch.PAIRS}
     assert result["ratio_easytrain_over_hf_trainer"] == result["ratios"]["easytrain_over_hf_trainer"]
-    assert set(result["round_ratios"]) == set(result["paired_ratios"]) == set(result["ratios"])
-    assert all(ratio > 0 for ratio in result["paired_ratios"].values())
-    assert all(len(row["per_round"]) == 1 for row in contenders.values())
+    assert set(result["round_ratios"]) == set(result["ratios"])
     assert result["round_ratios"]["easytrain_over_hf_trainer"] == [pytest.approx(
         contenders["easytrain"]["per_round"][0] / contenders["hf_trainer"]["per_round"][0], rel=1e-3)]
     headline = headlines.versus_torch(result)[0]  # the chart's bar, its whisker the rounds' spread
