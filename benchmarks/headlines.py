@@ -56,6 +56,16 @@ def host_overhead(r: dict) -> list[Headline]:
                      dig(r, "trainer_extra_us_per_step"), ratio=False)]
 
 
+def drift(r: dict) -> list[Headline]:
+    return [Headline("drift", "step time, fourth / second quarter of a long run",
+                     r.get("ratio_fourth_over_second_quarter")),
+            Headline("drift", "step time slope per 1000 steps (fraction)", r.get("step_time_slope_per_1000_steps"),
+                     ratio=False),
+            Headline("drift", "live device MiB growth per 1000 steps", dig(r, "live_array_mib.growth_per_1000_steps"),
+                     ratio=False),
+            Headline("drift", "RSS MiB growth per 1000 steps", dig(r, "rss_mib.growth_per_1000_steps"), ratio=False)]
+
+
 def step_breakdown(r: dict) -> list[Headline]:
     rows = [Headline("step_breakdown", "hand-written / trainer step time", dig(r, "ratio_hand_written_over_trainer"))]
     for part in ("grad_norm", "accuracy", "guard"):

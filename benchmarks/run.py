@@ -62,6 +62,7 @@ class Benchmark:
 BENCHMARKS = {b.name: b for b in (
     Benchmark("overhead", ("--rounds", "3", "--steps_per_round", "5", "--repeats", "1")),
     Benchmark("host_overhead"),
+    Benchmark("drift"),
     Benchmark("step_breakdown"),
     Benchmark("gated"),
     Benchmark("maxima"),
