@@ -376,6 +376,10 @@ class CheckpointManager:
         """Blocks until background saves (and their cleanup) finish; re-raises their errors."""
         self._manager.wait_until_finished()
 
+    def is_saving(self) -> bool:
+        """Whether a background save is still being written (never blocks)."""
+        return self._manager.is_saving_in_progress()
+
     def close(self) -> None:
         """Waits for pending saves, then releases Orbax resources. Idempotent."""
         if not self._closed:

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 import jax
 
-from easytrain import flops, metrics as metrics_lib, profiling, throughput
+from easytrain import flops, heap, metrics as metrics_lib, profiling, throughput
 from easytrain.arguments import TrainingArguments
 from easytrain.callbacks import CallbackList
 from easytrain.checkpoint import CheckpointManager
@@ -118,6 +118,7 @@ class TrainLoop:
         self.last_eval_step = -1
         self.last_logs: dict[str, float] = {}
         self.last_saved_step = -1
+        self.heap = heap.TrimAfterSaves()
         self.compile_seconds: float | None = None
         self.memory_plan: MemoryPlan | None = None
         self.compile_logged = False
@@ -264,8 +265,8 @@ class TrainLoop:
         raise error
 
     def shut_down(self, *, failing: bool, status: str = "completed") -> None:
-        """However the loop ends: close the logs and the data prefetch threads, and let in-flight saves
-        finish so they are complete (or cleanly absent).
+        """However the loop ends: close the logs and the data prefetch threads, let in-flight saves finish so
+        they are complete (or cleanly absent), and give the host memory they freed back (`easytrain.heap`).
 
         A background save error is raised, unless the loop is already failing with another error (then
         it is logged), so it is never swallowed. `status` (completed, failed, stopped) goes to the trackers.
@@ -280,6 +281,7 @@ class TrainLoop:
             if not failing:
                 raise
             logger.exception("a background checkpoint save failed while training was stopping")
+        self.heap.check(saving=False)
 
     def end_profile(self, failing: bool) -> None:
         """Write a trace the run ended inside of: after the device's work, unless the run is failing (its state
@@ -321,6 +323,7 @@ class TrainLoop:
         self.last_logs = logs
         self.reporter.log(step, logs, split="train")
         self.parts.callbacks.on_log(self.parts.owner, step, logs)
+        self.heap.check(saving=self.manager.is_saving())  # off the clock, like the log
         self.window_start = time.perf_counter()
 
     def check_finite(self, current_step: int, fetched: list[dict[str, Any]]) -> None:
@@ -353,5 +356,6 @@ class TrainLoop:
                                   progress={"callbacks": parts.callbacks.state_dict()},
                                   metrics=self.last_eval if self.last_eval_step == step else None)
         if saved:
+            self.heap.saved()
             self.last_saved_step = step
             parts.callbacks.on_save(parts.owner, step, str(self.manager.directory / str(step)))
