@@ -13,7 +13,6 @@ at a log, where the host waits on nothing. Elsewhere than glibc (musl, macOS) no
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import logging
 import os
@@ -31,7 +30,7 @@ def _glibc() -> ctypes.CDLL | None:
             return None
     except (AttributeError, ValueError, OSError):
         return None
-    library = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    library = ctypes.CDLL(None)  # the symbols already loaded, glibc's among them: no search for the library
     library.malloc_trim.argtypes, library.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
     return library
 
