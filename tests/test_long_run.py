@@ -43,7 +43,8 @@ def test_training_steps_keep_no_device_arrays_and_no_python_objects(tmp_path):
     held = train(tmp_path, every=None, max_steps=100)
     (arrays, nbytes, objects), (arrays_later, nbytes_later, objects_later) = held.at[40], held.at[95]
     assert (arrays_later, nbytes_later) == (arrays, nbytes)
-    assert objects_later - objects < 10, f"{objects_later - objects} more Python objects after 55 more steps"
+    # One object kept per step would be 55; the margin is for other tests' threads in the same process.
+    assert objects_later - objects < 25, f"{objects_later - objects} more Python objects after 55 more steps"
 
 
 def test_evaluations_and_async_checkpoints_keep_no_device_arrays(tmp_path):
