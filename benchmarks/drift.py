@@ -12,8 +12,9 @@ loop finishes its saves): the least-squares slope of the step time against the s
 of the mean step time, with its standard error, and the median step time of the fourth quarter over the second's;
 for each resource, its floor (the least of its samples) in the second quarter and in the fourth, and the growth
 between them per 1000 steps. The floors, not the samples, because a save in flight holds copies of the state
-for a moment. A run that does not drift shows a step-time slope within a few standard errors of zero, a quarter
-ratio near 1 and floors that do not grow. Prints one JSON line.
+for a moment, and a log deferred behind the next step sees that step's scratch memory mapped. A run that does not
+drift shows a step-time slope within a few standard errors of zero, a quarter ratio near 1 and floors that do not
+grow. Prints one JSON line.
 """
 
 from __future__ import annotations
