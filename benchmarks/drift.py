@@ -30,17 +30,14 @@ from typing import Any, Sequence
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import datasets  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import transformers  # noqa: E402
 
-from benchmarks.overhead import BATCH, CONFIG, LENGTH, LR, QUICK, WD, memory_mib, token_blocks  # noqa: E402
-from benchmarks.report import emit, relaunch_like_the_command, scratch_dir  # noqa: E402
-from easytrain import BaseTrainer, Callback, TrainingArguments  # noqa: E402
+from benchmarks.overhead import BATCH, CONFIG, LENGTH, QUICK, build_trainer, memory_mib, token_blocks  # noqa: E402
+from benchmarks.report import emit, relaunch_like_the_command  # noqa: E402
+from easytrain import Callback  # noqa: E402
 from easytrain.memory_plan import MIB  # noqa: E402
-from easytrain.models import init_model  # noqa: E402
-from easytrain.tasks import build_arithmetic_tokenizer  # noqa: E402
 
 #: What each log samples besides the step time.
 RESOURCES = ("live_arrays", "live_array_mib", "python_objects", "rss_mib", "threads")
@@ -115,21 +112,6 @@ def summarise(samples: list[Sample], total_steps: int) -> dict[str, Any]:
     return result
 
 
-def build_trainer(config: transformers.LlamaConfig, blocks: np.ndarray, eval_blocks: np.ndarray, options,
-                  probe: Probe) -> BaseTrainer:
-    """`overhead.py`'s trainer with evaluation and asynchronous checkpoints every `options.every` steps."""
-    arguments = TrainingArguments(
-        compilation_cache_dir="", output_dir=scratch_dir("easytrain-drift-"), max_length=blocks.shape[1] - 1,
-        train_batch_size=BATCH, eval_batch_size=BATCH, max_steps=options.steps, learning_rate=LR, weight_decay=WD,
-        lr_scheduler_type="constant", max_grad_norm=0.0, logging_steps=options.logging_steps,
-        eval_strategy="steps", eval_steps=options.every, save_strategy="steps", save_steps=options.every,
-        save_total_limit=2, async_checkpointing=True, report_to=["none"], disable_progress_bar=True,
-        save_pretrained_at_end=False, validation_split_percentage=0)
-    return BaseTrainer(arguments, model=init_model(config, seed=0), tokenizer=build_arithmetic_tokenizer(),
-                       dataset_train=datasets.Dataset.from_dict({"input_ids": blocks}),
-                       dataset_eval=datasets.Dataset.from_dict({"input_ids": eval_blocks}), callbacks=[probe])
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="the tiny Llama, 120 steps: a smoke run")
@@ -144,7 +126,9 @@ def main(argv: list[str] | None = None) -> dict:
     blocks = token_blocks(config, options.quick)
     eval_blocks = np.random.default_rng(1).integers(0, config.vocab_size, (BATCH * 2, blocks.shape[1]), np.int32)
     probe = Probe()
-    build_trainer(config, blocks, eval_blocks, options, probe).train()
+    build_trainer(config, blocks, options.steps, options.logging_steps, [probe], eval_blocks=eval_blocks,
+                  eval_batch_size=BATCH, eval_strategy="steps", eval_steps=options.every, save_strategy="steps",
+                  save_steps=options.every, save_total_limit=2, async_checkpointing=True).train()
     result = {
         "benchmark": "drift", "device": jax.devices()[0].device_kind, "steps": options.steps,
         "logging_steps": options.logging_steps, "eval_and_save_every": options.every,

@@ -22,6 +22,7 @@ import json
 import os
 import statistics
 import time
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -122,16 +123,20 @@ class Alternate(Callback):
 
 
 def build_trainer(config: transformers.LlamaConfig, blocks: np.ndarray, steps: int, every: int,
-                  callbacks: list[Callback]) -> BaseTrainer:
-    """The trainer side: the same model, blocks and AdamW, logging every `every` steps, nothing else."""
-    arguments = TrainingArguments(
-        compilation_cache_dir="",  # no persistent cache: every process compiles cold, as its contender
-        output_dir=scratch_dir("easytrain-bench-"), max_length=blocks.shape[1] - 1,
-        train_batch_size=BATCH, max_steps=steps, learning_rate=LR, weight_decay=WD, lr_scheduler_type="constant",
-        max_grad_norm=0.0, logging_steps=every, eval_strategy="no", save_strategy="no", report_to=["none"],
-        disable_progress_bar=True, save_pretrained_at_end=False, validation_split_percentage=0)
+                  callbacks: list[Callback], eval_blocks: np.ndarray | None = None, **overrides: Any) -> BaseTrainer:
+    """The trainer side: the same model, blocks and AdamW, logging every `every` steps, nothing else unless
+    `overrides` (`TrainingArguments` fields) turn it on; `eval_blocks` are the eval set's token blocks."""
+    arguments = TrainingArguments(**{
+        "compilation_cache_dir": "",  # no persistent cache: every process compiles cold, as its contender
+        "output_dir": scratch_dir("easytrain-bench-"), "max_length": blocks.shape[1] - 1,
+        "train_batch_size": BATCH, "max_steps": steps, "learning_rate": LR, "weight_decay": WD,
+        "lr_scheduler_type": "constant", "max_grad_norm": 0.0, "logging_steps": every, "eval_strategy": "no",
+        "save_strategy": "no", "report_to": ["none"], "disable_progress_bar": True, "save_pretrained_at_end": False,
+        "validation_split_percentage": 0, **overrides})
+    evaluated = None if eval_blocks is None else datasets.Dataset.from_dict({"input_ids": eval_blocks})
     return BaseTrainer(arguments, model=init_model(config, seed=0), tokenizer=build_arithmetic_tokenizer(),
-                       dataset_train=datasets.Dataset.from_dict({"input_ids": blocks}), callbacks=callbacks)
+                       dataset_train=datasets.Dataset.from_dict({"input_ids": blocks}), dataset_eval=evaluated,
+                       callbacks=callbacks)
 
 
 def memory_mib(field: str) -> float:
