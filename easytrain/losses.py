@@ -9,12 +9,11 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from easytrain.chunked_loss import chunked_token_scores, masked_token_sums, token_scores
 from easytrain.eval_metrics import Predictions, TokenScores
-from easytrain.metrics import Mean, Metric, Sum
+from easytrain.metrics import Mean, Metric, Sum, divisor
 
 Batch = Mapping[str, jax.Array]
 Frozen = Mapping[str, Any]
@@ -100,4 +99,4 @@ def causal_lm_loss(model: nnx.Module, batch: Batch, rng: jax.Array, train: bool,
 
 def safe_mean(total: jax.Array, count: jax.Array) -> jax.Array:
     """`total / count`, and 0 (not NaN) when nothing was supervised."""
-    return total / jnp.maximum(count, 1.0)
+    return total / divisor(count)

@@ -27,7 +27,8 @@ class Mean(NamedTuple):
         return Mean(self.total + other.total, self.count + other.count)
 
     def result(self) -> float:
-        return float(self.total) / max(float(self.count), 1.0)
+        count = float(self.count)
+        return float(self.total) / count if count != 0 else 0.0
 
 
 class ExpMean(NamedTuple):
@@ -97,6 +98,19 @@ def _traced(value: Any) -> bool:
 
 def is_metric(value: Any) -> bool:
     return isinstance(value, METRIC_TYPES)
+
+
+def numeric(metric: Metric) -> Metric:
+    """`metric` with boolean leaves as int32: a `Sum` of flags counts them (adding booleans would be a logical or)
+    and a `Max` or `Min` of flags has an identity."""
+    return type(metric)(*(jnp.asarray(leaf, jnp.int32) if jnp.asarray(leaf).dtype == jnp.bool_ else leaf
+                          for leaf in metric))
+
+
+def divisor(count: jax.Array) -> jax.Array:
+    """`count` to divide a sum by: 1 where it is 0 (a mean over nothing is 0, not NaN). Any other count divides as it
+    is, one below 1 too (fractional weights)."""
+    return jnp.where(count == 0, jnp.ones_like(count), count)
 
 
 def mean_over(values: jax.Array, weights: jax.Array | None = None) -> Mean:

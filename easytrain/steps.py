@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from easytrain.losses import Batch, LossFn, LossOutput
-from easytrain.metrics import Last, Mean, Metric, Sum, identities, is_metric, merge_all
+from easytrain.metrics import Last, Mean, Metric, Sum, divisor, identities, is_metric, merge_all, numeric
 from easytrain.norms import global_norm
 from easytrain.state import TrainState
 
@@ -33,7 +33,7 @@ def loss_metrics(out: LossOutput) -> Metrics:
         raise ValueError(f"the loss returns metric(s) {', '.join(map(repr, clashes))}, which would overwrite the "
                          f"built-in one(s) of that name ({', '.join(BUILT_IN_METRICS)}); rename them.")
     count = jnp.asarray(out.count, jnp.float32)
-    extra = {name: value if is_metric(value) else Mean(value, count) for name, value in out.metrics.items()}
+    extra = {name: numeric(value if is_metric(value) else Mean(value, count)) for name, value in out.metrics.items()}
     return {"loss": Mean(out.loss_sum, count), **extra}
 
 
@@ -64,7 +64,7 @@ def _micro_grads(state: TrainState, loss_fn: LossFn, micro: Batch, rng: jax.Arra
     def objective(params):
         module = state.replace(params=params, model_state=model_state).model(train=True)
         out = loss_fn(module, micro, rng, True, frozen)
-        scale = 1 / jnp.maximum(jax.lax.stop_gradient(jnp.asarray(out.count, jnp.float32)), 1.0) if mean else 1
+        scale = 1 / divisor(jax.lax.stop_gradient(jnp.asarray(out.count, jnp.float32))) if mean else 1
         return out.loss_sum * scale, (out, state.model_state_of(module))
 
     (_, (out, new_model_state)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
@@ -93,7 +93,7 @@ def accumulate_gradients(state: TrainState, batch: Batch, *, loss_fn: LossFn,
 
     carry = (zero_grads, identities(shapes), state.model_state)
     (grads, metrics, model_state), _ = jax.lax.scan(body, carry, (jnp.arange(num_micro), micro_batches))
-    count = jnp.maximum(metrics["loss"].count, 1.0)
+    count = divisor(metrics["loss"].count)
     grads = jax.tree.map(lambda g, p: (g / count).astype(p.dtype), grads, state.params)
     return grads, metrics, model_state
 
@@ -164,7 +164,8 @@ def eval_step(state: TrainState, batch: Batch, *, loss_fn: LossFn,
     out = loss_fn(state.model(train=False), batch, state.step_rng(), False, state.frozen_views())
     metrics = loss_metrics(out)
     if metrics_fn is not None:
-        extra = metrics_fn(out.predictions, batch)
+        extra = {name: numeric(value) if is_metric(value) else value
+                 for name, value in metrics_fn(out.predictions, batch).items()}
         if clashes := sorted(set(extra) & set(metrics)):
             raise ValueError(f"compute_metrics returns {clashes}, which the loss already reports; rename them or "
                              "drop them from eval_metrics.")

@@ -13,7 +13,7 @@ from easytrain import TrainState, token_cross_entropy_sums
 from easytrain.losses import causal_lm_loss
 from easytrain.models import init_model
 from easytrain.state import raw_key, split_model
-from easytrain.metrics import fetch, reduce_window
+from easytrain.metrics import Max, Mean, Min, Sum, fetch, reduce_window
 from easytrain.optim import clip_by_global_norm
 from easytrain.steps import eval_step, split_microbatches, train_step, updated
 
@@ -94,6 +94,51 @@ def test_gradient_accumulation_equals_full_batch(num_micro):
     differs = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(full_state.params),
                                                      jax.tree.leaves(make_state(tx).params))]
     assert any(differs), "the update must actually change parameters for this test to mean anything"
+
+
+@pytest.mark.parametrize("num_micro", [1, 2])
+def test_fractional_weights_give_the_same_mean_as_whole_ones(num_micro):
+    """Loss weights summing to less than one (importance weights of 0.05) are a weighted mean like any other:
+    scaling every weight by 0.05 changes neither the loss nor the update (a count clipped to 1 would)."""
+    tx = optax.sgd(1.0)
+    batch = ragged_batch()
+    light = {**batch, "loss_mask": batch["loss_mask"] * np.float32(0.05) / batch["loss_mask"].sum()}
+    step = jax.jit(functools.partial(train_step, loss_fn=causal_lm_loss, schedule=lambda s: 1.0, num_micro=num_micro))
+    whole_state, whole = step(make_state(tx), batch)
+    light_state, light_metrics = step(make_state(tx), light)
+    assert float(light_metrics["loss"].count) < 1
+    assert reduce_window([fetch(light_metrics)])["loss"] == pytest.approx(reduce_window([fetch(whole)])["loss"],
+                                                                          rel=1e-5)
+    for a, b in zip(jax.tree.leaves(light_state.params), jax.tree.leaves(whole_state.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_a_mean_over_a_fractional_count_is_not_clipped():
+    assert Mean(np.float32(0.4), np.float32(0.8)).result() == pytest.approx(0.5)
+    assert Mean(np.float32(0.0), np.float32(0.0)).result() == 0.0
+
+
+def flag_metrics_loss(model, batch, rng, train, frozen):
+    """The causal LM loss plus boolean metrics: true on every micro-batch (Sum, Mean) or on some rows (Max, Min)."""
+    out = causal_lm_loss(model, batch, rng, train, frozen)
+    has_rows = jnp.sum(batch["attention_mask"]) > 0
+    first_row = batch["example_id"] == 0
+    return out._replace(metrics={**out.metrics, "batches": Sum(has_rows), "has_first_row": Max(jnp.any(first_row)),
+                                 "all_first_row": Min(jnp.all(first_row)),
+                                 "rows_first": Mean(jnp.sum(first_row), jnp.float32(first_row.size))})
+
+
+@pytest.mark.parametrize("num_micro", [1, 4])
+def test_boolean_metrics_count_and_reduce(num_micro):
+    """A boolean metric counts (Sum) and reduces (Max, Min, Mean) like its 0/1 value, over micro-batches and steps."""
+    step = jax.jit(functools.partial(train_step, loss_fn=flag_metrics_loss, schedule=lambda s: 1e-2,
+                                     num_micro=num_micro))
+    state, first = step(make_state(), ragged_batch())
+    _, second = step(state, ragged_batch(seed=1))
+    logged = reduce_window([fetch(first), fetch(second)])
+    assert logged["batches"] == 2 * num_micro
+    assert logged["has_first_row"] == 1.0 and logged["all_first_row"] == 0.0
+    assert logged["rows_first"] == pytest.approx(2 / 16)
 
 
 def test_microbatches_interleave_rows():
