@@ -23,15 +23,22 @@ from easytrain.norms import global_norm
 from easytrain.state import TrainState
 
 Metrics = dict[str, Metric]
-#: Metric names the steps produce themselves; a loss's own metric may not take one of them.
+#: Metric names the steps produce themselves.
 BUILT_IN_METRICS = ("loss", "grad_norm", "learning_rate", "skipped_steps")
+#: Fields a train log record holds beside the metrics: the record's own keys, the window's throughput, the epoch,
+#: and in the first record the compile time, memory plan and peak FLOP/s.
+LOG_RECORD_FIELDS = ("step", "split", "time", "epoch", "step_time", "tokens_per_second", "samples_per_second",
+                     "padding_efficiency", "mfu", "compile_seconds", "peak_flops", "planned_memory_mib",
+                     "planned_temp_mib")
+#: Names a loss's own metric may not take: it would overwrite, or be overwritten by, the field of that name.
+RESERVED_METRIC_NAMES = BUILT_IN_METRICS + LOG_RECORD_FIELDS
 
 
 def loss_metrics(out: LossOutput) -> Metrics:
     """The loss and its metrics as reducible values; a bare array is a sum over the loss's own count."""
-    if clashes := sorted(set(out.metrics) & set(BUILT_IN_METRICS)):
-        raise ValueError(f"the loss returns metric(s) {', '.join(map(repr, clashes))}, which would overwrite the "
-                         f"built-in one(s) of that name ({', '.join(BUILT_IN_METRICS)}); rename them.")
+    if clashes := sorted(set(out.metrics) & set(RESERVED_METRIC_NAMES)):
+        raise ValueError(f"the loss returns metric(s) {', '.join(map(repr, clashes))}, a name every train log record "
+                         f"already holds ({', '.join(RESERVED_METRIC_NAMES)}); rename them.")
     count = jnp.asarray(out.count, jnp.float32)
     extra = {name: numeric(value if is_metric(value) else Mean(value, count)) for name, value in out.metrics.items()}
     return {"loss": Mean(out.loss_sum, count), **extra}

@@ -204,6 +204,36 @@ def test_metric_reductions_are_exact_on_a_mesh_with_accumulation():
         assert abs(result["numpy_per_example"] - result["numpy_per_token"]) > 1e-2
 
 
+class NamedMetric(BaseTrainer):
+    """The causal LM loss plus one metric under a name given by the test."""
+
+    metric_name = "drift"
+
+    def compute_loss(self, model, batch, rng, train, frozen):
+        out = causal_lm_loss(model, batch, rng, train, frozen)
+        return out._replace(metrics={**out.metrics, self.metric_name: Mean(out.loss_sum, out.count)})
+
+
+@pytest.mark.parametrize("name", ["grad_norm", "epoch", "samples_per_second", "step", "split", "time"])
+def test_a_loss_metric_may_not_take_a_name_the_log_record_holds(tmp_path, name):
+    """A metric named like a field of the log record would be overwritten by it, or overwrite the record's own key."""
+    trainer = type("Clash", (NamedMetric,), {"metric_name": name})(tiny_args(tmp_path))
+    with pytest.raises(ValueError, match=rf"'{name}'.*rename"):
+        trainer.train()
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() or not logged(tmp_path / "run")
+
+
+def test_every_field_of_a_train_log_record_is_reserved(tmp_path):
+    """The reserved names are the record's own: a field the loop starts logging must be added to them."""
+    from easytrain.steps import RESERVED_METRIC_NAMES
+
+    NamedMetric(tiny_args(tmp_path, max_steps=2)).train()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    fields = set().union(*(record for record in records if record["split"] == "train"))
+    assert "compile_seconds" in fields and "step_time" in fields
+    assert fields - {"drift", "num_tokens", "accuracy"} <= set(RESERVED_METRIC_NAMES)
+
+
 # ------------------------------------------------------------- compiled helpers and iteration
 class ScoringTrainer(BaseTrainer):
     """An extra compiled pass in one line: summed log-likelihood of a batch under the current state."""
