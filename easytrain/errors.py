@@ -33,3 +33,7 @@ class CheckpointReadError(EasytrainError, OSError):
 
 class DeviceMemoryError(EasytrainError, MemoryError):
     """A compiled step needs more device memory than the device has free (`easytrain.memory_plan`)."""
+
+
+class TrainedAlreadyError(EasytrainError, RuntimeError):
+    """`train()` was called again on a trainer whose state has moved past the step its run starts from."""

@@ -210,3 +210,17 @@ def test_non_finite_skip_policy_counts_and_logs_skipped_updates(tmp_path):
     NaNOnSomeSteps(args).train()
     skipped = logged(args.output_dir, key="skipped_steps")
     assert set(skipped.values()) == {0, 1} and sorted(skipped) == list(range(1, 7)), skipped
+
+
+def test_a_second_train_call_is_refused_and_leaves_the_run_as_it_was(tmp_path):
+    """A second `train()` would restart the step count and the data at the run's start while the state kept its
+    updates, log the same steps twice and skip the final checkpoint (its step already exists)."""
+    trainer = BaseTrainer(tiny_args(tmp_path, max_steps=3, save_strategy="steps", save_steps=3))
+    trainer.train()
+    params = jax.tree.map(np.asarray, trainer.state.params)
+    with pytest.raises(RuntimeError, match=r"train\(\) has already run.*step 3.*resume_from_checkpoint"):
+        trainer.train()
+    assert int(trainer.state.step) == 3
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(trainer.state.params)):
+        np.testing.assert_array_equal(a, b)
+    assert sorted(logged(tmp_path / "run")) == [1, 2, 3]

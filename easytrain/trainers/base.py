@@ -28,7 +28,7 @@ from easytrain.checkpoint import CheckpointManager
 from easytrain.chunked_loss import chunking_problem
 from easytrain.config_io import save_arguments
 from easytrain.data import EvalBatches, TrainBatches
-from easytrain.errors import ArgumentError
+from easytrain.errors import ArgumentError, TrainedAlreadyError
 from easytrain.evaluators import Evaluator
 from easytrain.frozen import Frozen, FrozenPlan
 from easytrain.models import from_pretrained
@@ -328,9 +328,15 @@ class BaseTrainer(LanguageModelHooks):
         return memory_plan.compile_ahead(self._functions.train_step, state, batch, self.mesh.devices.flat)
 
     def train(self) -> dict[str, float]:
-        """Train until `max_steps` / `num_train_epochs` (or a stop request); returns the last logs."""
+        """Train until `max_steps` / `num_train_epochs` (or a stop request); returns the last logs. Once per
+        trainer: a later run resumes from its checkpoint in a new trainer."""
         self.setup()
         start = self._resume_from[1] if self._resume_from else 0
+        if (step := int(self._state.step)) != start:
+            raise TrainedAlreadyError(
+                f"train() has already run on this trainer (its state is at step {step}, its run starts at step "
+                f"{start}); a second call would count steps and read data from the start again. To train on, "
+                f"build a new trainer with resume_from_checkpoint='latest' and a larger max_steps.")
         trackers, self.loop = trackers_then_claim(self._arguments, start, self.is_main_process, self._claim)
         try:
             return self.loop.run(self._state, start, self.resumed_data_state, resumed=self._resume_from is not None,
