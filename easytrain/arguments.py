@@ -195,7 +195,7 @@ class TrainingArguments:
     eval_metrics: Optional[list[str]] = _arg(
         None, "Evaluation metrics besides eval_loss: 'accuracy' and 'perplexity' (on device, from the loss's "
         "predictions), 'exact_match' (greedy answers to held-out prompts, where the trainer has them). Unset: "
-        "accuracy and perplexity when the loss gives predictions, exact_match where available.")
+        "accuracy and perplexity when the loss gives predictions, exact_match where available; empty: none.")
     report_to: list[str] = _arg(
         ["tensorboard", "jsonl"], "Metric sinks: any of 'tensorboard', 'jsonl', 'csv', 'wandb', 'mlflow', or 'none'. "
         "'wandb' and 'mlflow' need their extras (pip install 'easytrain[wandb]' / 'easytrain[mlflow]').")

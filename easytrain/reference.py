@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 
 from easytrain.arguments import TrainingArguments
@@ -26,7 +27,7 @@ def _type_name(annotation: typing.Any) -> str:
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is typing.Literal:
         return " \\| ".join(repr(arg) for arg in args)
-    if origin is typing.Union:
+    if origin is typing.Union or origin is types.UnionType:  # Optional[str] and str | None
         return " \\| ".join(_type_name(arg) for arg in args if arg is not type(None)) + " (optional)"
     if origin is list:
         return f"list[{_type_name(args[0])}]"

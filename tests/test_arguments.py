@@ -101,6 +101,18 @@ def test_arguments_reference_is_up_to_date():
     assert committed == render_markdown(), "regenerate: python -m easytrain.reference > docs/arguments.md"
 
 
+def test_every_row_of_the_arguments_reference_has_four_cells():
+    """A `|` left unescaped in a type (`str | None`) or a description splits a row into one cell too many."""
+    import re
+
+    from easytrain.reference import render_markdown
+
+    rows = [line for line in render_markdown().splitlines() if line.startswith("| `")]
+    assert len(rows) > 50
+    for row in rows:
+        assert len(re.split(r"(?<!\\)\|", row)) == 6, row
+
+
 @pytest.mark.parametrize("field", ["dtype", "param_dtype"])
 def test_float16_is_refused_for_want_of_loss_scaling(field):
     with pytest.raises(ArgumentError, match="float16.*loss scaling.*bfloat16") as caught:

@@ -53,6 +53,7 @@ def test_eval_metrics_choose_what_evaluate_reports(tmp_path):
     chosen = BaseTrainer(tiny(tmp_path / "some", eval_metrics=["accuracy"])).evaluate()
     assert "eval_accuracy" in chosen and "eval_perplexity" not in chosen and "eval_exact_match" not in chosen
     assert chosen["eval_accuracy"] == everything["eval_accuracy"]
+    assert BaseTrainer(tiny(tmp_path / "none", eval_metrics=[])).evaluate().keys() == {"eval_loss", "eval_num_tokens"}
 
 
 class TopTwo(BaseTrainer):

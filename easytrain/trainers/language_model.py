@@ -135,9 +135,9 @@ class LanguageModelHooks:
         host); each says how it reduces (`easytrain.metrics`). Default: the on-device metrics `eval_metrics`
         names (`easytrain.eval_metrics`). Override to add your own; reported as `eval_<name>`."""
         requested = self._arguments.eval_metrics
+        names = tuple(eval_metrics.DEFAULT if requested is None else requested)
         try:
-            return eval_metrics.on_device_metrics(tuple(requested or eval_metrics.DEFAULT), predictions,
-                                                  requested=requested is not None)
+            return eval_metrics.on_device_metrics(names, predictions, requested=requested is not None)
         except ValueError as error:
             raise ArgumentError("eval_metrics", str(error)) from None
 
