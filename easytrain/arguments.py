@@ -309,7 +309,7 @@ def validate(args: TrainingArguments) -> None:
         unknown = [name for name in args.eval_metrics if name not in NAMES]
         _require(not unknown, "eval_metrics", f"unknown metric(s) {unknown}; choose from {', '.join(NAMES)}, or "
                                               "override compute_metrics in your trainer for others.")
-    check_report_to([sink for sink in args.report_to if sink != "none"])  # names, and optional packages installed
+    check_report_to(args.report_to)  # names, "none" alone, and optional packages installed
     check_progress_range(args.progress_start, args.progress_end)
     for name in ("data_parallel_size", "fsdp_size", "tensor_parallel_size"):
         value = getattr(args, name)

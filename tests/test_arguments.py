@@ -23,10 +23,10 @@ def test_help_lists_every_argument():
 
 
 def test_command_line_parsing():
-    args = parse_arguments(["--learning_rate", "1e-3", "--optimizer", "lion", "--report_to", "jsonl", "none",
+    args = parse_arguments(["--learning_rate", "1e-3", "--optimizer", "lion", "--report_to", "jsonl", "csv",
                             "--no_async_checkpointing", "--max_steps", "7"])
     assert args.learning_rate == 1e-3 and args.optimizer == "lion" and args.max_steps == 7
-    assert args.report_to == ["jsonl", "none"] and args.async_checkpointing is False
+    assert args.report_to == ["jsonl", "csv"] and args.async_checkpointing is False
 
 
 @pytest.mark.parametrize("suffix", [".yaml", ".json"])
@@ -88,6 +88,8 @@ def test_accumulation_must_divide_batch():
 def test_bad_choice_and_sink():
     with pytest.raises(ArgumentError, match="report_to"):
         TrainingArguments(report_to=["wandbx"])
+    with pytest.raises(ArgumentError, match="report_to.*combines 'none' with other sinks"):
+        TrainingArguments(report_to=["none", "jsonl"])  # refused with the arguments, not after the data is prepared
     with pytest.raises(SystemExit):  # argparse rejects an invalid choice before the dataclass exists
         parse_arguments(["--optimizer", "adamx"])
 
