@@ -34,6 +34,25 @@ LOG_RECORD_FIELDS = ("step", "split", "time", "epoch", "step_time", "tokens_per_
 RESERVED_METRIC_NAMES = BUILT_IN_METRICS + LOG_RECORD_FIELDS
 
 
+def checked(out: Any) -> LossOutput:
+    """`out` if it is a `LossOutput` of a scalar sum with scalar metrics; else an error naming what is wrong, raised
+    while the step is traced (before the first step runs) instead of an attribute or shape error deep inside it."""
+    if not isinstance(out, LossOutput):
+        what = f"an array of shape {out.shape}" if hasattr(out, "shape") else f"a {type(out).__name__}"
+        raise TypeError(f"compute_loss returned {what}; return easytrain.LossOutput(loss_sum, count, "
+                        "metrics): the loss summed over what it averages and how many of those (the step divides "
+                        "once over the whole batch).")
+    if (shape := jnp.shape(out.loss_sum)) != ():
+        raise ValueError(f"compute_loss's loss_sum has shape {shape}; it must be a scalar: sum the per-token or "
+                         "per-example losses (and give their number as count).")
+    for name, value in out.metrics.items():
+        for leaf in (value if is_metric(value) else (value,)):
+            if (shape := jnp.shape(leaf)) != ():
+                raise ValueError(f"compute_loss's metric {name!r} has shape {shape}; a metric is a scalar: reduce it "
+                                 "(a sum with its count as Mean(total, count), jnp.max in Max, ...).")
+    return out
+
+
 def loss_metrics(out: LossOutput) -> Metrics:
     """The loss and its metrics as reducible values; a bare array is a sum over the loss's own count."""
     if clashes := sorted(set(out.metrics) & set(RESERVED_METRIC_NAMES)):
@@ -70,7 +89,7 @@ def _micro_grads(state: TrainState, loss_fn: LossFn, micro: Batch, rng: jax.Arra
 
     def objective(params):
         module = state.replace(params=params, model_state=model_state).model(train=True)
-        out = loss_fn(module, micro, rng, True, frozen)
+        out = checked(loss_fn(module, micro, rng, True, frozen))
         scale = 1 / divisor(jax.lax.stop_gradient(jnp.asarray(out.count, jnp.float32))) if mean else 1
         return out.loss_sum * scale, (out, state.model_state_of(module))
 
@@ -168,7 +187,7 @@ def eval_step(state: TrainState, batch: Batch, *, loss_fn: LossFn,
 
     `metrics_fn(predictions, batch)` adds metrics computed from the loss's `predictions` (on device).
     """
-    out = loss_fn(state.model(train=False), batch, state.step_rng(), False, state.frozen_views())
+    out = checked(loss_fn(state.model(train=False), batch, state.step_rng(), False, state.frozen_views()))
     metrics = loss_metrics(out)
     if metrics_fn is not None:
         extra = {name: numeric(value) if is_metric(value) else value

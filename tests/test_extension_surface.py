@@ -234,6 +234,37 @@ def test_every_field_of_a_train_log_record_is_reserved(tmp_path):
     assert fields - {"drift", "num_tokens", "accuracy"} <= set(RESERVED_METRIC_NAMES)
 
 
+class MisshapenLoss(BaseTrainer):
+    """A loss that returns what the test says instead of a well-formed `LossOutput`."""
+
+    def compute_loss(self, model, batch, rng, train, frozen):
+        out = causal_lm_loss(model, batch, rng, train, frozen)
+        return {"tuple": lambda: (out.loss_sum, out.count), "scalar": lambda: out.loss_sum / out.count,
+                "per-token": lambda: out._replace(loss_sum=out.loss_sum * batch["loss_mask"]),
+                "vector metric": lambda: out._replace(metrics={"row_max": Max(jnp.max(batch["loss_mask"], -1))}),
+                "python numbers": lambda: out._replace(metrics={"calls": Mean(1.0, 1), "most": Max(3)}),
+                }[self.mistake]()
+
+
+@pytest.mark.parametrize("mistake, message", [
+    ("tuple", r"compute_loss returned a tuple.*LossOutput\(loss_sum, count"),
+    ("scalar", r"compute_loss returned an array of shape \(\).*LossOutput\(loss_sum, count"),
+    ("per-token", r"loss_sum has shape \(8, 32\).*sum"),
+    ("vector metric", r"metric 'row_max' has shape \(8,\).*scalar"),
+])
+def test_a_misshapen_loss_output_is_refused_before_the_first_step_by_name(tmp_path, mistake, message):
+    trainer = type("Mistaken", (MisshapenLoss,), {"mistake": mistake})(tiny_args(tmp_path))
+    with pytest.raises((TypeError, ValueError), match=message):
+        trainer.train()
+
+
+def test_metrics_given_as_python_numbers_reduce(tmp_path):
+    trainer = type("Numbers", (MisshapenLoss,), {"mistake": "python numbers"})(tiny_args(tmp_path, max_steps=2,
+                                                                                          logging_steps=2))
+    logs = trainer.train()
+    assert logs["calls"] == 1.0 and logs["most"] == 3.0
+
+
 # ------------------------------------------------------------- compiled helpers and iteration
 class ScoringTrainer(BaseTrainer):
     """An extra compiled pass in one line: summed log-likelihood of a batch under the current state."""
