@@ -380,3 +380,27 @@ def test_generation_prompts_render_tools_as_training_did():
     prompt, reference = prompt_and_reference(example, tokenizer, "conversational")
     full = tokenize_example(example, tokenizer, SFTDataOptions(max_length=None), "conversational").input_ids
     assert full[: len(prompt)] == prompt and reference == TOOL_CHAT[-1]["content"]
+
+
+def generation_examples(name):
+    """Every format with a prompt, and prompt strings that already start with the BOS text."""
+    bos = SPECS[name].bos or ""
+    return [({"messages": CHAT}, "conversational"),
+            ({"messages": TOOL_CHAT, "tools": [WEATHER_TOOL]}, "conversational"),
+            ({"prompt": CHAT[:2], "completion": CHAT[2:3]}, "prompt_completion"),
+            ({"prompt": "What is two plus two?", "completion": " Four."}, "prompt_completion"),
+            ({"prompt": bos + "What is two plus two?", "completion": " Four."}, "prompt_completion"),
+            ({"prompt": bos + bos + "What is two plus two?", "completion": " Four."}, "prompt_completion")]
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_generation_prompts_are_a_token_prefix_of_the_training_ids(toks, name):
+    """BOS included: a template without `{{ bos_token }}` or a prompt string holding the BOS text."""
+    from easytrain.data.prompts import prompt_and_reference
+
+    tok = toks[name]
+    for example, data_format in generation_examples(name):
+        prompt, _ = prompt_and_reference(example, tok, data_format)
+        full = tokenize_example(example, tok, SFTDataOptions(max_length=None), data_format).input_ids
+        assert 0 < len(prompt) < len(full) and full[: len(prompt)] == prompt, (
+            data_format, tok.convert_ids_to_tokens(prompt[:4]), tok.convert_ids_to_tokens(full[:4]))

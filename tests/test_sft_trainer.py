@@ -168,3 +168,48 @@ def test_a_formatting_func_also_shapes_the_generation_prompts(tmp_path):
                          SFTArguments(generation_eval_samples=4, max_new_tokens=3),
                          tokenizer=build_arithmetic_chat_tokenizer(), dataset_train=rows, formatting_func=to_chat)
     assert 0 <= trainer.evaluate()["eval_exact_match"] <= 1
+
+
+class Records(logging.Handler):
+    """The `easytrain` logger's records, whether or not it propagates (the CLI turns propagation off)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[tuple[int, str]] = []
+
+    def emit(self, record):
+        self.lines.append((record.levelno, record.getMessage()))
+
+    def __enter__(self):
+        self.logger = logging.getLogger("easytrain")
+        self.level = self.logger.level
+        self.logger.addHandler(self)
+        self.logger.setLevel(logging.INFO)
+        return self
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self.level)
+
+
+def test_examples_dropped_for_length_are_warned_about(tmp_path):
+    short = {"messages": [{"role": "user", "content": "1+1"}, {"role": "assistant", "content": "2"}]}
+    long = {"messages": [{"role": "user", "content": "1" * 60 + "+1"}, {"role": "assistant", "content": "2"}]}
+    args = tiny_args(tmp_path, max_length=32, validation_split_percentage=0, max_train_samples=None)
+    trainer = SFTTrainer(args, SFTArguments(truncation_side="drop"), tokenizer=build_arithmetic_chat_tokenizer(),
+                         dataset_train=datasets.Dataset.from_list([short] * 20 + [long] * 5))
+    with Records() as records:
+        trainer.prepare_datasets()
+    assert trainer.data_stats["train"]["dropped_too_long"] == 5
+    warnings = [message for level, message in records.lines if level == logging.WARNING and "SFT train" in message]
+    assert len(warnings) == 1 and "5 dropped as too long" in warnings[0], records.lines
+
+
+def test_data_stats_log_counts_as_integers(tmp_path):
+    trainer = SFTTrainer(tiny_args(tmp_path))
+    trainer.data_stats = {"train": {"num_examples": 123456, "num_kept": 123450, "truncated": 0,
+                                    "packing_fill_rate": 0.867213}}
+    with Records() as records:
+        trainer._report_data_stats()
+    assert ("SFT train data: num_examples=123456, num_kept=123450, truncated=0, packing_fill_rate=0.8672"
+            in [message for _, message in records.lines]), records.lines

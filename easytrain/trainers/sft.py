@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, Optional
@@ -114,7 +115,7 @@ class SFTTrainer(BaseTrainer):
             validation = splits["validation"]
             if self.formatting_func is not None:  # the prompts come from the same formatted examples
                 validation = validation.map(self.formatting_func, remove_columns=validation.column_names)
-            prompts, references = prompts_and_references(validation, self.tokenizer, samples)
+            prompts, references = prompts_and_references(validation, self.tokenizer, samples, self._data_options())
             self.evaluators.append(CompletionMetrics(prompts, references, self.tokenizer,
                                                      max_new_tokens=sft.max_new_tokens,
                                                      compute_metrics=self.answer_metrics))
@@ -128,10 +129,8 @@ class SFTTrainer(BaseTrainer):
     def _rows(self, name: str, split: Any) -> RowSource:
         """Tokenised (and packed) rows of one split; what was counted goes to `data_stats`."""
         args, sft = self.arguments, self.sft_arguments
-        options = SFTDataOptions(max_length=args.max_length + 1, truncation_side=sft.truncation_side,
-                                 assistant_only_loss=sft.assistant_only_loss,
-                                 completion_only_loss=sft.completion_only_loss)
-        tokenized, stats = tokenize_sft_dataset(split, self.tokenizer, options, formatting_func=self.formatting_func,
+        tokenized, stats = tokenize_sft_dataset(split, self.tokenizer, self._data_options(),
+                                                formatting_func=self.formatting_func,
                                                 num_proc=args.preprocessing_num_workers)
         self.data_stats[name] = dict(stats)
         if not sft.packing:
@@ -141,6 +140,13 @@ class SFTTrainer(BaseTrainer):
         packed = pack_examples(tokenized, args.max_length, strategy=sft.packing_strategy, seed=args.seed)
         self.data_stats[name].update({f"packing_{key}": value for key, value in packed.stats.items()})
         return packed.rows
+
+    def _data_options(self) -> SFTDataOptions:
+        """How every split, and the generation prompts, are tokenised."""
+        args, sft = self.arguments, self.sft_arguments
+        return SFTDataOptions(max_length=args.max_length + 1, truncation_side=sft.truncation_side,
+                              assistant_only_loss=sft.assistant_only_loss,
+                              completion_only_loss=sft.completion_only_loss)
 
     def collate(self, rows: Mapping[str, np.ndarray], example_ids: np.ndarray) -> dict[str, np.ndarray]:
         return packed_collate(rows, example_ids) if self.sft_arguments.packing else self._pad(rows, example_ids)
@@ -156,10 +162,11 @@ class SFTTrainer(BaseTrainer):
     def _report_data_stats(self) -> None:
         """Log what preparation truncated, dropped and packed, and keep it in the output directory."""
         for name, stats in self.data_stats.items():
-            logger.info("SFT %s data: %s", name, ", ".join(f"{k}={v:.4g}" for k, v in stats.items()))
-            if stats.get("dropped_no_supervised_tokens") or stats.get("truncated"):
-                logger.warning("SFT %s data: %d example(s) truncated, %d dropped with no supervised token left",
-                               name, stats.get("truncated", 0), stats.get("dropped_no_supervised_tokens", 0))
+            logger.info("SFT %s data: %s", name, stats_line(stats))
+            if stats.get("truncated") or stats.get("dropped_too_long") or stats.get("dropped_no_supervised_tokens"):
+                logger.warning("SFT %s data: %d example(s) truncated, %d dropped as too long, %d dropped with no "
+                               "supervised token left", name, stats.get("truncated", 0),
+                               stats.get("dropped_too_long", 0), stats.get("dropped_no_supervised_tokens", 0))
         if self.is_main_process:
             path = Path(self.arguments.output_dir) / "sft_data_stats.json"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -171,3 +178,9 @@ class SFTTrainer(BaseTrainer):
         return {**super().run_info(), "task_arguments": {name: getattr(self.sft_arguments, name) for name in (
             "packing", "packing_strategy", "completion_only_loss", "assistant_only_loss", "truncation_side",
             "chat_template_path")}}
+
+
+def stats_line(stats: Mapping[str, Any]) -> str:
+    """`key=value, ...`: counts exactly (`num_examples=123456`, not `1.235e+05`), rates to 4 digits."""
+    return ", ".join(f"{key}={value}" if isinstance(value, numbers.Integral) else f"{key}={value:.4g}"
+                     for key, value in stats.items())
