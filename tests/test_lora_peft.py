@@ -103,10 +103,13 @@ IMPORTS = {
     "llama, names": ("llama", dict(target_modules=["q_proj", "k_proj", "up_proj"])),
     "llama, regex, rslora, dropout": ("llama", dict(target_modules=r"model\.layers\.1\.(self_attn\.o|mlp\.gate)_proj",
                                                     use_rslora=True, lora_dropout=0.1)),
-    "llama, lm_head and modules_to_save": ("llama", dict(target_modules=["v_proj", "lm_head"],
-                                                         modules_to_save=["embed_tokens", "norm"])),
+    "llama, lm_head and every norm": ("llama", dict(target_modules=["v_proj", "lm_head"], modules_to_save=["norm"])),
+    "llama, embeddings and norms": ("llama", dict(target_modules=["q_proj"], modules_to_save=[
+        "embed_tokens", "lm_head", "input_layernorm", "post_attention_layernorm", "model.norm"])),
+    "llama, eva init": ("llama", dict(target_modules=["q_proj"], init_lora_weights="eva")),
+    "llama, orthogonal init": ("llama", dict(target_modules=["k_proj"], init_lora_weights="orthogonal")),
     "qwen3 tied, all-linear": ("qwen3", dict(target_modules="all-linear")),
-    "qwen3 tied, embeddings tied": ("qwen3", dict(target_modules=["o_proj"], modules_to_save=["embed_tokens", "q_norm"],
+    "qwen3 tied, embeddings tied": ("qwen3", dict(target_modules=["o_proj"], modules_to_save=["embed_tokens", "norm"],
                                                   ensure_weight_tying=True)),
 }
 
@@ -158,3 +161,70 @@ def test_unsupported_or_mismatched_adapters_are_refused_by_name(llama_dir, qwen3
     load_peft_adapter(tmp_path / "adapter", from_pretrained(other_base))  # unchecked by default
     with pytest.raises(CheckpointError, match="rank=8"):
         save_peft_adapter(tmp_path / "wrong", model, LoRAConfig(rank=8, alpha=8, target_modules=["q_proj"]))
+
+
+def peft_adapter(base_dir: Path, directory: Path, **fields) -> Path:
+    """An adapter made and trained (randomly moved) in PEFT, saved to `directory`."""
+    peft = pytest.importorskip("peft")
+    import torch
+
+    torch.manual_seed(0)
+    peft_model = peft.get_peft_model(torch_model(base_dir), peft.LoraConfig(r=4, lora_alpha=8, **fields))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                param.add_(0.05 * torch.randn_like(param))
+    peft_model.save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_2", "olora"])
+def test_adapters_made_on_a_rewritten_base_are_refused_and_their_conversion_loads(init, llama_dir, tmp_path):
+    """PiSSA/OLoRA subtract the initial adapter from the base weights: on the original base they are wrong."""
+    peft = pytest.importorskip("peft")
+    import torch
+
+    torch.manual_seed(0)
+    peft_model = peft.get_peft_model(torch_model(llama_dir), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=init))
+    peft_model.peft_config["default"].init_lora_weights = True  # PEFT's recipe: the initial adapter, as plain LoRA
+    peft_model.save_pretrained(tmp_path / "initial")
+    peft_model.peft_config["default"].init_lora_weights = init
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.add_(0.05 * torch.randn_like(param))
+    expected = torch_logits(peft_model.eval(), ids_batch(3))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(CheckpointError, match=rf"init_lora_weights='{init}'.*path_initial_model_for_weight_conversion"):
+        load_peft_adapter(tmp_path / "adapter", from_pretrained(llama_dir))
+    # The way out the message gives: converted to a plain LoRA adapter (rank 2r) on the original base.
+    peft_model.save_pretrained(tmp_path / "converted",
+                               path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
+    converted = load_peft_adapter(tmp_path / "converted", from_pretrained(llama_dir))
+    assert np.abs(logits(converted, ids_batch(3)) - expected).max() <= 1e-4
+
+
+def test_other_initialisations_that_change_the_base_or_the_training_are_refused(llama_dir, tmp_path):
+    model = lora.apply_lora(from_pretrained(llama_dir), LoRAConfig(rank=4, alpha=8, target_modules=["q_proj"]))
+    save_peft_adapter(tmp_path / "adapter", model, LoRAConfig(rank=4, alpha=8, target_modules=["q_proj"]))
+    config_path = tmp_path / "adapter" / ADAPTER_CONFIG_NAME
+    original = json.loads(config_path.read_text())
+    for init, reason in (("corda", "path_initial_model_for_weight_conversion"), ("lora_ga", "base weights"),
+                         ("loftq", "quantis"), ("mica", "lora_B"), ("some_future_init", "true, false")):
+        config_path.write_text(json.dumps({**original, "init_lora_weights": init}))
+        with pytest.raises(CheckpointError, match=rf"init_lora_weights='{init}'.*{reason}"):
+            read_peft_config(tmp_path / "adapter")
+    for init in (False, "gaussian", "orthogonal", "eva"):  # plain LoRA on the unchanged base
+        config_path.write_text(json.dumps({**original, "init_lora_weights": init}))
+        read_peft_config(tmp_path / "adapter")
+
+
+@pytest.mark.parametrize("modules_to_save", [["embed_tokens", "input_layernorm"], ["embed_tokens"], ["lm_head"],
+                                             ["layernorm"], ["layers.0.input_layernorm"]])
+def test_modules_to_save_that_easytrain_would_widen_are_refused(modules_to_save, llama_dir, tmp_path):
+    """easytrain trains the embedding with the head and every norm: a narrower list would train more weights."""
+    adapter = peft_adapter(llama_dir, tmp_path / "adapter", target_modules=["q_proj"],
+                              modules_to_save=modules_to_save)
+    with pytest.raises(CheckpointError, match=r"modules_to_save=.*would also train"):
+        load_peft_adapter(adapter, from_pretrained(llama_dir))

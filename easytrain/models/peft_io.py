@@ -59,6 +59,10 @@ _UNSUPPORTED = {
     "arrow_config": (None,),
 }
 
+#: ``init_lora_weights`` values that leave the base weights as they are: only how A and B started differs, and
+#: the file holds their trained values, so the adapter is plain LoRA on the original checkpoint.
+_PLAIN_INITS = (True, False, "gaussian", "orthogonal", "eva")
+
 
 def _modules_to_save(model: nnx.Module, config: LoRAConfig) -> list[str]:
     """PEFT ``modules_to_save`` names of what ``config`` fully trains besides the adapters."""
@@ -187,12 +191,35 @@ def save_peft_adapter(
     return directory
 
 
+def _check_init(path: Path, init: Any) -> None:
+    """Refuse initialisations after which the adapter does not mean ``W + scaling * B @ A`` on the original ``W``."""
+    if init in _PLAIN_INITS:
+        return
+    if isinstance(init, str) and (init.startswith("pissa") or init in ("olora", "corda", "lora_ga")):
+        why = ("rewrites the base weights when PEFT makes the adapter (the initial adapter is subtracted from them), "
+               "so the adapter gives its trained outputs only on that modified base, not on the original checkpoint "
+               "easytrain loads. Convert it in PEFT to a plain LoRA adapter of rank 2r: before training, set "
+               "peft_model.peft_config['default'].init_lora_weights = True and save_pretrained(initial_dir); after "
+               "training, save_pretrained(out_dir, path_initial_model_for_weight_conversion=initial_dir) and load "
+               "out_dir. Or")
+    elif init == "loftq":
+        why = "quantises the base weights and fits the adapter to that quantised base, which easytrain does not load;"
+    elif init == "mica":
+        why = "is PEFT's MiCA variant, which keeps lora_B frozen while training (easytrain would train it);"
+    else:
+        why = ("is not one easytrain knows to leave the base weights unchanged (it loads true, false, 'gaussian', "
+               "'orthogonal' and 'eva');")
+    raise CheckpointError(f"{path}: init_lora_weights={init!r} {why} merge it in PEFT (merge_and_unload()), save the "
+                          "merged model and load that with easytrain.models.from_pretrained.")
+
+
 def read_peft_config(directory: str | os.PathLike) -> tuple[LoRAConfig, dict[str, Any]]:
     """The ``LoRAConfig`` an adapter directory describes, and its raw ``adapter_config.json``.
 
     Raises:
-        CheckpointError: Not a LoRA adapter, or one using a PEFT feature easytrain does not implement
-            (the message names the field).
+        CheckpointError: Not a LoRA adapter, or one using a PEFT feature easytrain does not implement, or made
+            with an ``init_lora_weights`` that rewrites the base weights (PiSSA, OLoRA, ...): the message names the
+            field. (``load_peft_adapter`` also refuses a ``modules_to_save`` narrower than what the config trains.)
     """
     path = Path(directory) / ADAPTER_CONFIG_NAME
     if not path.is_file():
@@ -212,6 +239,7 @@ def read_peft_config(directory: str | os.PathLike) -> tuple[LoRAConfig, dict[str
                               "trains whole embeddings (embed_tokens, lm_head) and norms only. Merge this adapter "
                               "with PEFT (merge_and_unload) and load the merged model instead.")
     init = raw.get("init_lora_weights", True)
+    _check_init(path, init)
     try:
         config = LoRAConfig(
             rank=raw.get("r", 8), alpha=raw.get("lora_alpha", 8), dropout=raw.get("lora_dropout", 0.0),
@@ -256,6 +284,27 @@ def _check_names(found: set[str], expected: set[str], directory: Path) -> None:
                               "was trained on this base model (same architecture and layer count).")
 
 
+def _check_modules_to_save(model: nnx.Module, config: LoRAConfig, raw: dict[str, Any], directory: Path) -> None:
+    """PEFT trains the modules whose name ends with an entry of ``modules_to_save``; easytrain's booleans train
+    the embedding with the head and every norm. Refuse a list they cannot match, so training trains no more."""
+    tied = _tied(model)
+    names = [lora.hf_module_name(path) for path, _ in nnx.iter_modules(model) if path] + (["lm_head"] if tied else [])
+    suffixes = [str(m) for m in raw.get("modules_to_save") or []]
+    peft = {"model.embed_tokens" if tied and name == "lm_head" else name  # one matrix in a tied model
+            for name in names if any(name.endswith(suffix) for suffix in suffixes)}
+    ours = {lora.hf_module_name(path) for path, node in nnx.iter_modules(model) if path and (
+        (config.train_embeddings and str(path[-1]) in ("embed_tokens", "lm_head"))
+        or (config.train_norms and isinstance(node, RMSNorm)))}
+    if extra := sorted(ours - peft):
+        raise CheckpointError(
+            f"{directory / ADAPTER_CONFIG_NAME}: modules_to_save={raw.get('modules_to_save')!r} has PEFT train "
+            f"{sorted(peft)[:6]}, but easytrain trains the input embedding together with the output head "
+            "(train_embeddings) and every norm (train_norms), so continuing to train would also train "
+            f"{extra[:6]}{' ...' if len(extra) > 6 else ''}. Make the adapter in PEFT with whole groups "
+            "(['embed_tokens', 'lm_head'] and/or ['norm'], which PEFT matches as name suffixes), or merge it in "
+            "PEFT (merge_and_unload()) and load the merged model with easytrain.models.from_pretrained.")
+
+
 def _check_tied_head(tensors: dict[str, np.ndarray], raw: dict[str, Any], directory: Path) -> None:
     """A tied model has one matrix for input embedding and output head; so must the adapter."""
     if not raw.get("ensure_weight_tying"):
@@ -281,7 +330,8 @@ def load_peft_adapter(
 
     The adapted modules are those its ``target_modules`` select, as PEFT selects them, and the file must
     hold exactly their ``lora_A``/``lora_B`` tensors (one error lists every missing and unexpected one).
-    Modules in ``modules_to_save`` (embeddings, norms, ...) overwrite the model's own weights, as in PEFT.
+    Modules in ``modules_to_save`` (embeddings, norms, ...) overwrite the model's own weights, as in PEFT; the list
+    must be exactly what ``train_embeddings``/``train_norms`` train (embedding with head, every norm).
     Adapters land on the kernel's mesh when the model is sharded.
 
     Args:
@@ -295,8 +345,8 @@ def load_peft_adapter(
         ``model`` with the adapter applied (``easytrain.lora.LoRADense`` layers).
 
     Raises:
-        CheckpointError: Unsupported adapter config, tensors that do not fit the model, or (with
-            ``verify_base``) base weights other than those the adapter was saved on.
+        CheckpointError: Unsupported adapter config (``modules_to_save`` included), tensors that do not fit the
+            model, or (with ``verify_base``) base weights other than those the adapter was saved on.
     """
     with layers_unstacked(model):  # PEFT names tensors per layer; stacked layers are restacked with the adapter
         return _load_peft_adapter(Path(directory), model, rngs, verify_base)
@@ -322,6 +372,7 @@ def _load_peft_adapter(directory: Path, model: nnx.Module, rngs: nnx.Rngs | int,
     for path, variable in nnx.to_flat_state(nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))):
         name, transpose = hf_name(path)
         full[PEFT_PREFIX + name] = (variable, transpose)
+    _check_modules_to_save(model, config, raw, directory)
     if _tied(model) and config.train_embeddings:
         _check_tied_head(tensors, raw, directory)
     # Whole tensors: modules_to_save, and base weights of adapted layers PEFT saves as ``<module>.base_layer.weight``
