@@ -265,6 +265,42 @@ def test_metrics_given_as_python_numbers_reduce(tmp_path):
     assert logs["calls"] == 1.0 and logs["most"] == 3.0
 
 
+class SplitsInOne(BaseTrainer):
+    """`prepare_datasets` returning a `DatasetDict` as the train rows: a common slip."""
+
+    def prepare_datasets(self):
+        import datasets
+
+        train, _ = super().prepare_datasets()
+        return datasets.DatasetDict(train=datasets.Dataset.from_dict(dict(train[:])), test=train), None
+
+
+def test_a_dataset_dict_from_prepare_datasets_is_refused_by_name(tmp_path):
+    with pytest.raises(TypeError, match=r"prepare_datasets.*DatasetDict.*\['train', 'test'\].*\(train, eval\)"):
+        SplitsInOne(tiny_args(tmp_path)).train()
+
+
+class Tagged(BaseTrainer):
+    """Batches with a string field the step cannot take."""
+
+    def collate(self, rows, example_ids):
+        return {**super().collate(rows, example_ids), "tag": np.array(["row"] * len(example_ids))}
+
+
+def test_a_string_field_in_the_batch_names_host_only_fields(tmp_path):
+    with pytest.raises(TypeError, match=r"batch field 'tag'.*<U3.*host_only_fields"):
+        Tagged(tiny_args(tmp_path)).train()
+    assert Tagged(tiny_args(tmp_path / "b")).__class__.host_only_fields  # the documented way out exists
+    kept = type("KeptOnHost", (Tagged,), {"host_only_fields": ("example_id", "tag")})(tiny_args(tmp_path / "c"))
+    assert np.isfinite(kept.train()["loss"])
+
+
+def test_compile_step_sets_the_trainer_up_first(tmp_path):
+    trainer = BaseTrainer(tiny_args(tmp_path))
+    total = trainer.compile_step(lambda state, batch: jnp.sum(batch["input_ids"]))
+    assert int(total(trainer.state, trainer.to_global({"input_ids": np.ones((8, 32), np.int32)}))) == 8 * 32
+
+
 # ------------------------------------------------------------- compiled helpers and iteration
 class ScoringTrainer(BaseTrainer):
     """An extra compiled pass in one line: summed log-likelihood of a batch under the current state."""

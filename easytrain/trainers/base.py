@@ -28,7 +28,7 @@ from easytrain.checkpoint import CheckpointManager
 from easytrain.chunked_loss import chunking_problem
 from easytrain.config_io import save_arguments
 from easytrain.data import EvalBatches, TrainBatches
-from easytrain.errors import ArgumentError, TrainedAlreadyError
+from easytrain.errors import ArgumentError
 from easytrain.evaluators import Evaluator
 from easytrain.frozen import Frozen, FrozenPlan
 from easytrain.models import from_pretrained
@@ -191,6 +191,7 @@ class BaseTrainer(LanguageModelHooks):
         """Prepare the rows, then wrap them in resumable per-host loaders that batch with `collate`."""
         args = self._arguments
         self._dataset_train, self._dataset_eval = self.prepare_datasets()
+        builders.check_row_sources(self._dataset_train, self._dataset_eval)
         builders.check_batch_sizes(args, self.mesh)
         hosts = dict(collate=self.collate, process_index=jax.process_index(), process_count=jax.process_count())
         loader = TrainBatches(self._dataset_train, args.train_batch_size, seed=args.seed, **hosts)
@@ -285,6 +286,8 @@ class BaseTrainer(LanguageModelHooks):
                      returns_state: bool = False) -> Callable[..., Any]:
         """`jax.jit` of a pure `fn(state, batch)` with this trainer's shardings, donation choice, activation
         layout and XLA options. Outputs are replicated (or `(state, replicated)` with `returns_state`)."""
+        if self._model is None:  # the shardings come from the model
+            self.setup()
         state_sh, replicated = self._model.state_shardings, sharding.replicated(self.mesh)
         traced = sharding.with_activation_layout(fn, self.mesh, self.partition_rules)
         return jax.jit(traced, in_shardings=(state_sh, sharding.batch_sharding(self.mesh)),
@@ -332,11 +335,7 @@ class BaseTrainer(LanguageModelHooks):
         trainer: a later run resumes from its checkpoint in a new trainer."""
         self.setup()
         start = self._resume_from[1] if self._resume_from else 0
-        if (step := int(self._state.step)) != start:
-            raise TrainedAlreadyError(
-                f"train() has already run on this trainer (its state is at step {step}, its run starts at step "
-                f"{start}); a second call would count steps and read data from the start again. To train on, "
-                f"build a new trainer with resume_from_checkpoint='latest' and a larger max_steps.")
+        builders.check_not_trained(int(self._state.step), start)
         trackers, self.loop = trackers_then_claim(self._arguments, start, self.is_main_process, self._claim)
         try:
             return self.loop.run(self._state, start, self.resumed_data_state, resumed=self._resume_from is not None,
@@ -384,7 +383,11 @@ class BaseTrainer(LanguageModelHooks):
         """One global array per field from this host's rows (no copy of other hosts' data); the
         `host_only_fields` (bookkeeping such as `example_id`) stay on the host."""
         fields = {key: value for key, value in host_batch.items() if key not in self.host_only_fields}
-        return sharding.to_global_arrays(fields, sharding.batch_sharding(self.mesh))
+        try:
+            return sharding.to_global_arrays(fields, sharding.batch_sharding(self.mesh))
+        except TypeError:
+            builders.check_batch_fields(fields, self.host_only_fields)
+            raise
 
     # ------------------------------------------------------------------ checkpoints and export
     def checkpoint_manager(self) -> CheckpointManager:

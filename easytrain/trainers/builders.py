@@ -8,11 +8,12 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import datasets
 import huggingface_hub
 import jax
+import numpy as np
 import transformers
 
 from easytrain import sharding
@@ -20,7 +21,7 @@ from easytrain.arguments import TrainingArguments
 from easytrain.callbacks import Callback, EarlyStopping
 from easytrain.checkpoint import CHECKPOINTS_DIRNAME, CheckpointManager
 from easytrain.data import load_text_datasets, tokenize_and_group
-from easytrain.errors import ArgumentError
+from easytrain.errors import ArgumentError, TrainedAlreadyError
 from easytrain.models.presets import llama_config
 from easytrain.tasks import arithmetic
 from easytrain.trainers.job_callback import JobCallback
@@ -238,3 +239,29 @@ def checkpoint_manager(args: TrainingArguments) -> CheckpointManager:
     return CheckpointManager(Path(args.output_dir) / CHECKPOINTS_DIRNAME, max_to_keep=args.save_total_limit,
                              async_save=args.async_checkpointing, best_metric=args.metric_for_best_model,
                              greater_is_better=args.greater_is_better)
+
+
+def check_row_sources(train: Any, evaluation: Any) -> None:
+    """Before any batching: `prepare_datasets` returned rows, not several splits in one (a `DatasetDict`)."""
+    for name, rows in (("train", train), ("eval", evaluation)):
+        if isinstance(rows, datasets.DatasetDict):
+            raise TypeError(f"prepare_datasets returned a DatasetDict with splits {list(rows)} as its {name} rows; "
+                            "return (train, eval), e.g. (splits['train'], splits['test']), or (train, None).")
+
+
+def check_batch_fields(fields: Mapping[str, Any], host_only: Sequence[str]) -> None:
+    """Name the batch field a device cannot hold (strings, objects) and the way to keep it on the host."""
+    for key, value in fields.items():
+        if np.asarray(value).dtype.kind in "OSUV":
+            raise TypeError(f"batch field {key!r} has dtype {np.asarray(value).dtype}, which a device cannot hold; "
+                            f"drop it in collate, or list it in the trainer's host_only_fields (now "
+                            f"{tuple(host_only)}) to keep it on the host.")
+
+
+def check_not_trained(step: int, start: int) -> None:
+    """`train()` runs once per trainer: a second call would count steps and read data from the run's start again
+    while the state kept its updates (the same steps logged twice, the final save skipped as already written)."""
+    if step != start:
+        raise TrainedAlreadyError(
+            f"train() has already run on this trainer (its state is at step {step}, its run starts at step {start}); "
+            "to train on, build a new trainer with resume_from_checkpoint='latest' and a larger max_steps.")
