@@ -14,7 +14,8 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, get_type_hints
+import typing
+from typing import Any, Callable, get_type_hints
 
 import yaml
 from transformers import HfArgumentParser
@@ -69,7 +70,27 @@ class _GroupedParser(HfArgumentParser):
         for field in dataclasses.fields(dtype):
             if field.init:
                 field.type = hints[field.name]
+                added = len(group._group_actions)
                 self._parse_dataclass_field(group, field)
+                for action in group._group_actions[added:]:
+                    _clarify(action, field, hints[field.name])
+
+
+def _clarify(action: Any, field: dataclasses.Field, hint: Any) -> None:
+    """`--no_<name>` says what it turns off (argparse showed the field's help with "default: False", the opposite);
+    an optional number with a default accepts `none` / `null` to unset it, as a config file's `null` does."""
+    if action.option_strings[0].startswith("--no_"):
+        action.help, action.default = f"Turn off --{field.name}.", argparse.SUPPRESS
+    elif action.type in (int, float) and type(None) in typing.get_args(hint) and field.default is not None:
+        action.type = _or_none(action.type)
+
+
+def _or_none(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        return None if text.strip().lower() in ("none", "null") else convert(text)
+
+    parse.__name__ = convert.__name__  # argparse names the type in its error ("invalid int value")
+    return parse
 
 
 def build_parser(task_arguments: Sequence[type] = (), task: str | None = None) -> HfArgumentParser:

@@ -257,3 +257,20 @@ def test_mesh_size_errors_name_real_fields(sizes, field):
         resolve_mesh_shape(sizes, 8)
     assert caught.value.field == field
     assert "data_size" not in str(caught.value) and "tensor_size" not in str(caught.value)
+
+
+def test_an_optional_number_with_a_default_can_be_unset_on_the_command_line():
+    """`save_total_limit` defaults to 3; `none` keeps every checkpoint, as `null` does in a config file."""
+    assert parse_arguments(["--save_total_limit", "none"]).save_total_limit is None
+    assert parse_arguments(["--save_total_limit", "null"]).save_total_limit is None
+    assert parse_arguments(["--save_total_limit", "5"]).save_total_limit == 5
+    with pytest.raises(SystemExit):
+        parse_arguments(["--save_total_limit", "five"])
+
+
+def test_the_help_of_a_no_flag_says_what_it_turns_off():
+    from easytrain.config_io import build_parser
+
+    helps = {option: action.help for action in build_parser()._actions for option in action.option_strings}
+    assert helps["--no_save_pretrained_at_end"].startswith("Turn off --save_pretrained_at_end")
+    assert "default: False" not in build_parser().format_help().split("--no_save_pretrained_at_end")[1][:300]
