@@ -223,9 +223,17 @@ def robust_loss(policy_chosen_logps_B: Array, policy_rejected_logps_B: Array, re
 def bco_pair_loss(policy_chosen_logps_B: Array, policy_rejected_logps_B: Array, ref_chosen_logps_B: Array,
                   ref_rejected_logps_B: Array, *, beta: float, delta: Array | float) -> Array:
     """BCO on pairs (Jung et al. 2024): −logσ(βa − δ) − logσ(−(βb − δ)); δ is the trainer's running mean of
-    the rewards βa, βb (TRL folds the current batch into it before computing the loss)."""
+    the rewards βa, βb of the pairs trained on before this step (`running_mean`; TRL also folds in the current
+    micro-batch, which would make the loss depend on the accumulation split)."""
     a_B, b_B = _log_ratios(policy_chosen_logps_B, policy_rejected_logps_B, ref_chosen_logps_B, ref_rejected_logps_B)
     return -log_sigmoid(beta * a_B - delta) - log_sigmoid(-(beta * b_B - delta))
+
+
+def running_mean(mean: Array, count: Array, total: Array, added: Array) -> tuple[Array, Array]:
+    """The mean of `count` values updated with `added` more that sum to `total`: `mean + (total - added·mean) /
+    (count + added)`, which keeps float32 precision over a long run where a running sum would lose it."""
+    new_count = count + added
+    return mean + (total - added * mean) / jnp.maximum(new_count, 1.0), new_count
 
 
 def sppo_hard_loss(policy_chosen_logps_B: Array, policy_rejected_logps_B: Array, ref_chosen_logps_B: Array,

@@ -226,3 +226,33 @@ def test_the_example_raises_reward_accuracy_and_margins(tmp_path):
     assert result["reward_accuracy_before"] == 0.0 and result["margin_before"] == 0.0  # policy == reference
     assert result["reward_accuracy_after"] > 0.75 and result["margin_after"] > 0.04
     assert result["exact_match_after"] > 0.75  # the SFT term keeps right answers likely
+
+
+def test_lora_dpo_from_a_trained_adapter_starts_at_the_initial_policy(tmp_path):
+    """`lora_adapter_path` (SFT adapter, then DPO): the reference is the base with that adapter as loaded, online
+    (a copy of the adapter's values, kept over a resume) and precomputed, so the first step is ln 2 with no reward."""
+    from easytrain import lora
+    from easytrain.models import from_pretrained
+    from easytrain.models.peft_io import save_peft_adapter
+    from lora_models import randomise_adapters
+    from test_lora_trainer import write_base
+
+    base = write_base(tmp_path / "base")
+    config = lora.LoRAConfig(rank=4, alpha=8)
+    model = lora.apply_lora(from_pretrained(base), config, rngs=1)
+    randomise_adapters(model, scale=0.3)
+    adapter = str(save_peft_adapter(tmp_path / "sft_adapter", model, config, str(base)))
+    common = dict(model_name_or_path=str(base), lora_adapter_path=adapter, max_steps=3, save_strategy="steps",
+                  save_steps=1)
+    online = DPOTrainer(tiny_args(tmp_path / "online", **common))
+    online.train()
+    precomputed = tiny_args(tmp_path / "pre", **{**common, "max_steps": 1})
+    DPOTrainer(precomputed, DPOArguments(precompute_ref_log_probs=True)).train()
+    for run in ("online", "pre"):
+        assert logged(tmp_path / run / "run")[1] == pytest.approx(np.log(2), abs=1e-6), run
+        for name in ("rewards/chosen", "rewards/rejected"):
+            assert logged(tmp_path / run / "run", name)[1] == pytest.approx(0.0, abs=1e-6), (run, name)
+    assert set(online.state.frozen) == {"initial_adapters"}, "no second copy of the base, only of the adapter"
+    DPOTrainer(tiny_args(tmp_path / "cut", **common), callbacks=[StopAt(1)]).train()
+    DPOTrainer(tiny_args(tmp_path / "cut", resume_from_checkpoint="latest", **common)).train()
+    assert logged(tmp_path / "cut" / "run") == logged(tmp_path / "online" / "run")

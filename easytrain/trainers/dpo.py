@@ -5,7 +5,8 @@ One forward pass of the policy runs over chosen and rejected together (`[B, 2, T
 float32 log-softmax over the vocabulary (`easytrain.preference.token_logps`), or, with `loss_chunk_size`,
 from the final hidden states a few tokens at a time (`easytrain.chunked_loss`). The reference is a frozen
 copy of the initial policy (default), another model, precomputed log-probs, or a copy that moves
-toward the policy (TR-DPO). The losses are the pure functions of `easytrain.preference`.
+toward the policy (TR-DPO); under LoRA, the policy's own weights with the adapters off, or with the adapter
+`lora_adapter_path` loaded. The losses are the pure functions of `easytrain.preference`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import transformers
-from flax import nnx, traverse_util
+from flax import nnx
 
 from easytrain.arguments import TrainingArguments
 from easytrain.chunked_loss import map_token_chunks, target_logps
@@ -35,16 +36,20 @@ from easytrain.metrics import Mean, mean_over
 from easytrain.models import from_pretrained
 from easytrain.models.hf_io import CheckpointError
 from easytrain.models.hf_load import resolve_checkpoint
-from easytrain.preference import (PREFERENCE_LOSSES, REFERENCE_FREE, PairLogps, combined_loss, sequence_logps,
-                                  token_logps)
+from easytrain.preference import (PREFERENCE_LOSSES, REFERENCE_FREE, PairLogps, combined_loss, running_mean,
+                                  sequence_logps, token_logps)
+from easytrain.protocol import ConfiguredModel
 from easytrain.tasks import arithmetic
 from easytrain.tasks.registry import register_task
-from easytrain.trainers import builders
+from easytrain.trainers import adapters, builders
 from easytrain.trainers.base import BaseTrainer
-from easytrain.trainers.dpo_reference import CACHE_DIRNAME, precomputed_reference_logps
+from easytrain.trainers.dpo_reference import (CACHE_DIRNAME, INITIAL_ADAPTERS, precomputed_reference_logps,
+                                              update_then_sync, with_values)
 from easytrain.trainers.switches import apply_switches
 
 logger = logging.getLogger("easytrain")
+#: `state.frozen` entry of `bco_pair`'s δ: the running mean of the rewards of the pairs trained on so far.
+REWARD_MEAN = "bco_delta"
 
 
 def _help(text: str, default: Any = None, **kwargs: Any) -> Any:
@@ -119,6 +124,7 @@ class DPOTrainer(BaseTrainer):
         self.formatting_func = formatting_func
         self.data_stats: dict[str, dict[str, float]] = {}
         self.reference_logps_cached: dict[str, bool] = {}  # split -> read from the cache (not recomputed)
+        self._loaded_adapter: dict | None = None  # `lora_adapter_path`'s values as loaded (`adapt_module`)
         super().__init__(arguments, **kwargs)
         self._check_lora_reference()
 
@@ -196,15 +202,24 @@ class DPOTrainer(BaseTrainer):
             except CheckpointError as error:
                 field = "ref_model_name_or_path" if self.dpo.ref_model_name_or_path else "model_name_or_path"
                 raise ArgumentError(field, str(error)) from error
-            return Frozen(self._like_the_policy(from_pretrained(path, dtype=self.dtype, param_dtype=self.param_dtype,
-                                                                mesh=self.mesh, rules=self.partition_rules,
-                                                                scan_layers=self.arguments.scan_layers)),
-                          checkpoint=moving, copy=False)
+            module = from_pretrained(path, dtype=self.dtype, param_dtype=self.param_dtype, mesh=self.mesh,
+                                     rules=self.partition_rules, scan_layers=self.arguments.scan_layers)
+            if not self.dpo.ref_model_name_or_path:
+                module = self._with_loaded_adapter(module)
+            return Frozen(self._like_the_policy(module), checkpoint=moving, copy=False)
         if self._given_model is not None:
-            return Frozen(self._like_the_policy(self._given_model), checkpoint=moving)
+            return Frozen(self._like_the_policy(self._with_loaded_adapter(self._given_model, clone=True)),
+                          checkpoint=moving)
         if moving and self._resume_from is not None:  # restored from the checkpoint: only its shapes are read
             return Frozen(lambda: self._like_the_policy(self.create_module()), checkpoint=moving)
         return Frozen(self._like_the_policy(self.initial_module()), checkpoint=moving, copy=False)
+
+    def _with_loaded_adapter(self, module: nnx.Module, clone: bool = False) -> nnx.Module:
+        """The initial policy from its base: with `lora_adapter_path`'s adapter loaded, when the run starts from one."""
+        if not self.arguments.lora_adapter_path:
+            return module
+        module = nnx.clone(module) if clone else module
+        return adapters.adapt(module, self.lora, self.arguments.seed, self.arguments.lora_adapter_path)
 
     @staticmethod
     def _check_reference_path(path: str) -> None:
@@ -222,15 +237,51 @@ class DPOTrainer(BaseTrainer):
         return module
 
     @property
-    def reference_is_base(self) -> bool:
-        """Under LoRA, the default reference is the policy with its adapters off: no second copy of the weights."""
+    def _reference_from_policy(self) -> bool:
+        """Under LoRA, the default reference runs the policy's own weights: no second copy of the base."""
         return (self.lora is not None and self.dpo.needs_reference and not self.dpo.precompute_ref_log_probs
                 and not self.dpo.ref_model_name_or_path)
 
+    @property
+    def reference_is_base(self) -> bool:
+        """Under LoRA, the default reference is the policy with its adapters off (fresh adapters add nothing)."""
+        return self._reference_from_policy and not self.arguments.lora_adapter_path
+
+    @property
+    def reference_is_loaded_adapter(self) -> bool:
+        """Under LoRA from a trained adapter (`lora_adapter_path`), the initial policy is the base with that adapter:
+        the reference is the policy's weights with a copy of the adapter's values as loaded (`INITIAL_ADAPTERS`)."""
+        return self._reference_from_policy and bool(self.arguments.lora_adapter_path)
+
     def configure_frozen(self) -> Mapping[str, Frozen]:
-        if not self.dpo.needs_reference or self.dpo.precompute_ref_log_probs or self.reference_is_base:
-            return {}  # no reference parameters in device memory
-        return {"reference": self.reference()}
+        frozen = {}
+        if self.dpo.needs_reference and not self.dpo.precompute_ref_log_probs and not self._reference_from_policy:
+            frozen["reference"] = self.reference()
+        if "bco_pair" in self.dpo.loss_type:  # changes every step, so checkpointed
+            frozen[REWARD_MEAN] = Frozen({"mean": np.zeros((), np.float32), "count": np.zeros((), np.float32)},
+                                         checkpoint=True)
+        return frozen
+
+    def adapt_module(self, module: nnx.Module) -> nnx.Module:
+        """Also keeps the trainable values a `lora_adapter_path` run starts from (loaded again on resume)."""
+        module = super().adapt_module(module)
+        if self.reference_is_loaded_adapter:
+            trainable = adapters.partition(self.lora, self.trainable)["trainable"]
+            self._loaded_adapter = nnx.to_pure_dict(nnx.state(module, trainable))
+        return module
+
+    def configure_model(self) -> ConfiguredModel:
+        """Also places a copy of the loaded adapter's values in `state.frozen` (not checkpointed: small, and loaded
+        again on resume), sharded like the adapters."""
+        configured = super().configure_model()
+        if self._loaded_adapter is None:
+            return configured
+        state, shardings = configured.state, configured.state_shardings
+        values = jax.device_put(self._loaded_adapter, shardings.params, may_alias=False)  # the step donates params
+        self._loaded_adapter = None
+        return configured._replace(state=state.replace(frozen={**state.frozen, INITIAL_ADAPTERS: values}),
+                                   state_shardings=shardings.replace(
+                                       frozen={**shardings.frozen, INITIAL_ADAPTERS: shardings.params}))
 
     def _check_lora_reference(self) -> None:
         """An adapter-off reference equals the initial policy only when nothing but the adapters trains."""
@@ -262,21 +313,31 @@ class DPOTrainer(BaseTrainer):
         mean_logits_N = jnp.sum(mean_logit_NT * mask_NT, axis=-1)
         return sums_N.reshape(rows, 2), counts_N.reshape(rows, 2), mean_logits_N.reshape(rows, 2)
 
+    def reference_logps(self, model: nnx.Module, batch: Mapping[str, jax.Array],
+                        frozen: Mapping[str, Any]) -> jax.Array | None:
+        """`[B, 2]` reference log-probs (no gradient), or None for reference-free losses."""
+        if "ref_logps" in batch:
+            return batch["ref_logps"]
+        if self.reference_is_base:
+            with adapters_disabled(model):
+                return jax.lax.stop_gradient(self.pair_logps(model, batch)[0])
+        if INITIAL_ADAPTERS in frozen:
+            trainable = adapters.partition(self.lora, self.trainable)["trainable"]
+            initial = with_values(model, trainable, frozen[INITIAL_ADAPTERS])
+            return jax.lax.stop_gradient(self.pair_logps(initial, batch)[0])
+        if "reference" in frozen:
+            return jax.lax.stop_gradient(self.pair_logps(frozen["reference"], batch)[0])
+        return None
+
     def compute_loss(self, model: nnx.Module, batch: Mapping[str, jax.Array], rng: jax.Array, train: bool,
                      frozen: Mapping[str, Any]) -> LossOutput:
         policy_B2, lengths_B2, logits_B2 = self.pair_logps(model, batch)
-        if "ref_logps" in batch:
-            reference_B2 = batch["ref_logps"]
-        elif self.reference_is_base:
-            with adapters_disabled(model):
-                reference_B2 = jax.lax.stop_gradient(self.pair_logps(model, batch)[0])
-        elif "reference" in frozen:
-            reference_B2 = jax.lax.stop_gradient(self.pair_logps(frozen["reference"], batch)[0])
-        else:  # reference-free losses: rewards are beta * policy log-probs, as TRL reports them
+        reference_B2 = self.reference_logps(model, batch, frozen)
+        if reference_B2 is None:  # reference-free losses: rewards are beta * policy log-probs, as TRL reports them
             reference_B2 = jnp.zeros_like(policy_B2)
         valid_B = (lengths_B2[:, 0] > 0).astype(jnp.float32)  # padding rows of the last eval batch weigh 0
         rewards_B2 = self.dpo.beta * jax.lax.stop_gradient(policy_B2 - reference_B2)
-        delta = jnp.sum(rewards_B2.mean(-1) * valid_B) / jnp.maximum(jnp.sum(valid_B), 1.0)  # bco_pair's baseline
+        delta = frozen[REWARD_MEAN]["mean"] if REWARD_MEAN in frozen else 0.0  # bco_pair's baseline, fixed in a step
         inputs = PairLogps(policy_B2[:, 0], policy_B2[:, 1], reference_B2[:, 0], reference_B2[:, 1],
                            lengths_B2[:, 0], lengths_B2[:, 1])
         losses_B = combined_loss(self.dpo.loss_type, self.dpo.loss_weights, inputs, beta=self.dpo.beta,
@@ -292,8 +353,10 @@ class DPOTrainer(BaseTrainer):
 
     # ------------------------------------------------------------------ TR-DPO
     def train_function(self):
-        """With `sync_ref_model`, the update and then the reference's move toward the policy, in one program."""
+        """The update, then (in the same program) `bco_pair`'s reward mean and TR-DPO's reference move."""
         update = super().train_function()
+        if "bco_pair" in self.dpo.loss_type:
+            update = functools.partial(update_then_track_rewards, update=update)
         if not self.dpo.sync_ref_model:
             return update
         return functools.partial(update_then_sync, update=update, alpha=self.dpo.ref_model_mixup_alpha,
@@ -313,27 +376,13 @@ def logps_and_mean_logit(logits_MV: jax.Array, targets_M: jax.Array) -> tuple[ja
     return target_logps(logits_MV, targets_M), jnp.mean(logits_MV.astype(jnp.float32), axis=-1)
 
 
-def update_then_sync(state: Any, batch: Mapping[str, jax.Array], *, update: Callable[..., Any], alpha: float,
-                     every: int) -> tuple[Any, dict]:
-    """One update, then TR-DPO's reference sync (`sync_reference`) when the update count reaches a multiple of
-    `every`; inside the train step, so a checkpoint of step N holds the reference of step N."""
+def update_then_track_rewards(state: Any, batch: Mapping[str, jax.Array], *,
+                              update: Callable[..., Any]) -> tuple[Any, dict]:
+    """One update, then `bco_pair`'s δ (`REWARD_MEAN`) takes in the rewards of the whole global batch, read from the
+    merged metrics: the same whatever the micro-batch split. A skipped (non-finite) step trained on nothing."""
     state, metrics = update(state, batch)
-    return sync_reference(state, alpha=alpha, every=every), metrics
-
-
-def sync_reference(state: Any, *, alpha: float, every: int) -> Any:
-    """TR-DPO (Gorbatovski et al. 2024): after every `every`-th update, reference <- alpha * policy +
-    (1 - alpha) * reference, on the trained variables the two share. A branch, not a select: the other steps
-    neither read nor write the reference."""
-    reference = traverse_util.flatten_dict(state.frozen["reference"])
-    policy = traverse_util.flatten_dict(state.params)
-
-    def mixed() -> dict:
-        out = dict(reference)
-        for key, value in policy.items():
-            out[key] = (alpha * value.astype(jnp.float32)
-                        + (1 - alpha) * reference[key].astype(jnp.float32)).astype(reference[key].dtype)
-        return out
-
-    new = jax.lax.cond(state.step % every == 0, mixed, lambda: dict(reference))
-    return state.replace(frozen={**state.frozen, "reference": traverse_util.unflatten_dict(new)})
+    chosen, rejected, old = metrics["rewards/chosen"], metrics["rewards/rejected"], state.frozen[REWARD_MEAN]
+    mean, count = running_mean(old["mean"], old["count"], (chosen.total + rejected.total) / 2, chosen.count)
+    kept = metrics["skipped_steps"].total == 0
+    new = {"mean": jnp.where(kept, mean, old["mean"]), "count": jnp.where(kept, count, old["count"])}
+    return state.replace(frozen={**state.frozen, REWARD_MEAN: new}), metrics

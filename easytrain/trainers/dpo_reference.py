@@ -1,5 +1,9 @@
 """The reference side of preference training: which model, and log-probabilities computed ahead of time.
 
+`update_then_sync` moves a TR-DPO reference toward the policy inside the train step. `with_values` runs the
+policy's own weights with other values for some variables: under LoRA from a trained adapter
+(`lora_adapter_path`), the reference is the base with a copy of that adapter's values as loaded.
+
 `precomputed_reference_logps` runs the reference model over every pair once, in one compiled pass,
 before training, and caches the result on disk under a key made of the data's and the reference
 weights' fingerprints; a second run (or a resumed one) with the same data and reference reads the
@@ -17,7 +21,7 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 
 from easytrain import integrity, sharding
 from easytrain.data import EvalBatches, RowSource
@@ -25,6 +29,17 @@ from easytrain.frozen import Frozen, place_frozen
 
 logger = logging.getLogger("easytrain")
 CACHE_DIRNAME = "reference_logps"
+#: `state.frozen` entry of the trainable values a LoRA run started from (`lora_adapter_path`'s adapter as loaded).
+INITIAL_ADAPTERS = "initial_adapters"
+
+
+def with_values(module: nnx.Module, selected: nnx.filterlib.Filter, values: Any) -> nnx.Module:
+    """A module of `module`'s graph and variables, except those `selected` takes from `values` (a pure dict), in
+    eval mode; `module` is left as it is (also inside a traced step)."""
+    graphdef, _, rest = nnx.split(module, selected, ...)
+    out = nnx.merge(graphdef, values, nnx.to_pure_dict(rest))
+    out.eval()
+    return out
 
 
 def cache_key(data_fingerprint: str, reference_digests: Mapping[str, Any], settings: Mapping[str, Any]) -> str:
@@ -79,3 +94,29 @@ def precomputed_reference_logps(reference: Frozen, rows: RowSource, *, data_fing
         temporary.replace(path)  # atomic: a killed run never leaves a half-written cache
     logger.info("reference log-probs computed for %d pairs and cached in %s", num_rows, path)
     return result, False
+
+
+def update_then_sync(state: Any, batch: Mapping[str, jax.Array], *, update: Callable[..., Any], alpha: float,
+                     every: int) -> tuple[Any, dict]:
+    """One update, then TR-DPO's reference sync (`sync_reference`) when the update count reaches a multiple of
+    `every`; inside the train step, so a checkpoint of step N holds the reference of step N."""
+    state, metrics = update(state, batch)
+    return sync_reference(state, alpha=alpha, every=every), metrics
+
+
+def sync_reference(state: Any, *, alpha: float, every: int) -> Any:
+    """TR-DPO (Gorbatovski et al. 2024): after every `every`-th update, reference <- alpha * policy +
+    (1 - alpha) * reference, on the trained variables the two share. A branch, not a select: the other steps
+    neither read nor write the reference."""
+    reference = traverse_util.flatten_dict(state.frozen["reference"])
+    policy = traverse_util.flatten_dict(state.params)
+
+    def mixed() -> dict:
+        out = dict(reference)
+        for key, value in policy.items():
+            out[key] = (alpha * value.astype(jnp.float32)
+                        + (1 - alpha) * reference[key].astype(jnp.float32)).astype(reference[key].dtype)
+        return out
+
+    new = jax.lax.cond(state.step % every == 0, mixed, lambda: dict(reference))
+    return state.replace(frozen={**state.frozen, "reference": traverse_util.unflatten_dict(new)})
