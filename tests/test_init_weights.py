@@ -1,11 +1,16 @@
 """`init_weights_from`: a fresh run (optimizer, step, RNG, data order) on another run's weights, read from its
 checkpoint or its exported model, with a clear error when they do not fit."""
 
+import json
+import re
+import shutil
+
 import jax
 import numpy as np
 import pytest
 
 from easytrain import ArgumentError, BaseTrainer, TrainingArguments
+from easytrain.errors import CheckpointReadError
 
 
 def tiny(output_dir, **overrides) -> TrainingArguments:
@@ -71,3 +76,50 @@ def test_a_lora_run_takes_its_base_from_a_full_run(tmp_path, source_run):
     kernel = trainer.state.base["layers"][0]["self_attn"]["q_proj"]["kernel"]
     np.testing.assert_array_equal(np.asarray(kernel), np.asarray(trained["layers"][0]["self_attn"]["q_proj"]["kernel"]))
     assert not np.any(np.asarray(trainer.state.params["layers"][0]["self_attn"]["q_proj"]["lora_b"]))
+
+
+@pytest.fixture(scope="module")
+def bfloat16_run(tmp_path_factory):
+    """A one-step run that stores its parameters in bfloat16."""
+    directory = tmp_path_factory.mktemp("bfloat16")
+    trainer = BaseTrainer(tiny(directory, max_steps=1, save_steps=1, param_dtype="bfloat16", dtype="bfloat16"))
+    trainer.train()
+    return directory, jax.device_get(trainer.state.params)
+
+
+@pytest.mark.parametrize("into", ["float32", "bfloat16"])
+def test_a_checkpoint_of_another_param_dtype_is_verified_as_stored_then_cast(tmp_path, source_run, bfloat16_run, into):
+    directory, trained = bfloat16_run if into == "float32" else source_run
+    trainer = BaseTrainer(tiny(tmp_path / "new", init_weights_from=str(directory), param_dtype=into, dtype=into))
+    assert_trees_equal(jax.device_get(trainer.state.params), jax.tree.map(lambda x: x.astype(into), trained))
+
+
+def copied(run, tmp_path):
+    return shutil.copytree(run, tmp_path / "source")
+
+
+def test_values_that_differ_from_the_fingerprint_are_refused_also_when_cast(tmp_path, bfloat16_run):
+    source = copied(bfloat16_run[0], tmp_path)
+    fingerprint = source / "checkpoints" / "1" / "fingerprint" / "metadata"
+    digests = json.loads(fingerprint.read_text())
+    digests["params.embed_tokens.embedding"][1] ^= 1  # as if the stored bits had changed
+    fingerprint.write_text(json.dumps(digests))
+    with pytest.raises(CheckpointReadError, match=r"^init_weights_from: the checkpoint .*checkpoints/1 cannot be "
+                                                  r"read \(CorruptCheckpointError: .*1 array\(s\).*embed_tokens"):
+        BaseTrainer(tiny(tmp_path / "new", init_weights_from=str(source))).setup()
+
+
+@pytest.mark.parametrize("damage", ["metadata", "truncate"])
+def test_damaged_files_are_refused_naming_the_argument_and_the_checkpoint(tmp_path, source_run, damage):
+    source = copied(source_run[0], tmp_path)
+    state = source / "checkpoints" / "3" / "state"
+    if damage == "metadata":
+        (state / "_METADATA").write_text("{not json")
+    for path in [p for p in state.rglob("*") if p.is_file() and p.parent.name == "d"] * (damage == "truncate"):
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    step_dir = re.escape(str(source / "checkpoints" / "3"))
+    with pytest.raises(CheckpointReadError, match=rf"^init_weights_from: the checkpoint {step_dir} cannot be read "
+                                                  r".*corrupted or truncated.*final_model") as refused:
+        BaseTrainer(tiny(tmp_path / "new", init_weights_from=str(source))).setup()
+    if damage == "metadata":
+        assert "3/state/_METADATA is not valid JSON" in str(refused.value), "names the file that is not JSON"

@@ -6,12 +6,18 @@ are read: parameters and statistics such as BatchNorm's, matched by variable pat
 stacked (`scan_layers`) in the source or in this run are stacked or split to this run's layout. The
 optimizer state, the step, the RNG and the data order start fresh, which is what distinguishes this from
 resuming.
+
+A checkpoint's arrays are read in the dtype they were stored in and checked against its fingerprint (digests
+of the stored bits) before they are cast to this run's `param_dtype`; files that cannot be read, or values that
+differ from the fingerprint, are a `CheckpointReadError` naming `init_weights_from` and the checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -19,10 +25,11 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from easytrain import integrity
-from easytrain.checkpoint import CheckpointNotFoundError, resolve_checkpoint
-from easytrain.errors import ArgumentError
+from easytrain.checkpoint import CheckpointNotFoundError, finalized_steps, resolve_checkpoint
+from easytrain.errors import ArgumentError, CheckpointReadError
 from easytrain.models.scan import STACKED, abstract_layer, abstract_stack
 from easytrain.state import TrainState
+from easytrain.trainers.resume import _first_invalid_json, _innermost
 
 VariablePath = tuple[str, ...]
 #: The `TrainState` fields that hold module variables (`base` is never in a checkpoint).
@@ -60,11 +67,42 @@ def _pretrained_weights(directory: Path, load: Callable[[Path], nnx.Module]) -> 
     return {path: leaf for path, leaf in _flat(nnx.to_pure_dict(nnx.state(module))).items() if _is_weight(leaf)}
 
 
-def _stored(source: str) -> tuple[Path, int, dict[VariablePath, Any]]:
-    """The checkpoint's directory, step and flat metadata of its whole state."""
-    root, step = resolve_checkpoint(".", source)
-    metadata = ocp.PyTreeCheckpointer().metadata(root / str(step) / "state")
-    return root, step, _flat(getattr(getattr(metadata, "item_metadata", metadata), "tree", metadata))
+def _stored(root: Path, step: int) -> tuple[Path, int, dict[VariablePath, Any]]:
+    """The checkpoint's directory, step and flat metadata of its whole state. Read through the handler, which
+    raises on a damaged file (the checkpointer's `metadata` logs it and returns no tree)."""
+    with _reading(root, step), contextlib.closing(ocp.PyTreeCheckpointHandler()) as handler:
+        tree = handler.metadata(root / str(step) / "state").tree
+        if not isinstance(tree, dict):
+            raise ValueError(f"the state's metadata holds no tree of arrays (got {type(tree).__name__})")
+        return root, step, _flat(tree)
+
+
+@contextlib.contextmanager
+def _reading(root: Path, step: int) -> Iterator[None]:
+    """Any failure to read checkpoint `step` as a `CheckpointReadError`: the reader's own exception (an
+    `IndexError`, a TensorStore spec) names neither the argument nor what to do."""
+    try:
+        yield
+    except Exception as error:
+        raise _unreadable(root, step, error) from error
+
+
+def _unreadable(root: Path, step: int, error: Exception) -> CheckpointReadError:
+    """The error for a checkpoint that cannot be read, worded like the resume's, with what to pass instead."""
+    earlier = [s for s in finalized_steps(root) if s < step]
+    export = root.parent / "final_model"
+    hint = (f"pass an earlier one, e.g. --init_weights_from {root / str(earlier[-1])}" if earlier
+            else "no earlier checkpoint exists")
+    if (export / "config.json").is_file():
+        hint += f", or the run's exported model, --init_weights_from {export}"
+    reason = _innermost(error)
+    detail = (str(reason).strip().splitlines() or [""])[0]
+    detail = detail if len(detail) <= 300 else detail[:300] + " ..."
+    if isinstance(reason, json.JSONDecodeError) and (bad := _first_invalid_json(root / str(step))) is not None:
+        detail = f"{bad} is not valid JSON: {detail}"
+    return CheckpointReadError(f"init_weights_from: the checkpoint {root / str(step)} cannot be read "
+                               f"({type(reason).__name__}: {detail}); it may be corrupted or truncated. It was left "
+                               f"untouched; {hint}.")
 
 
 def _layer_paths(path: VariablePath, count: int) -> list[VariablePath]:
@@ -102,7 +140,7 @@ def _slice(value: Any, index: int) -> Any:
 def _checkpoint_weights(source: str, wanted: dict[VariablePath, jax.ShapeDtypeStruct]) -> dict[VariablePath, Any]:
     """`_restored_weights`, from a checkpoint whose decoder layers are stacked (`scan_layers`) or not, in this
     model's layout: read in the checkpoint's layout, then stacked or split."""
-    checkpoint = _stored(source)
+    checkpoint = _stored(*resolve_checkpoint(".", source))
     theirs = {path[1:]: meta.shape[0] for path, meta in checkpoint[2].items()
               if path[0] in ("params", "model_state") and STACKED in path}
     ours = {path: leaf.shape[0] for path, leaf in wanted.items() if STACKED in path}
@@ -118,7 +156,10 @@ def _checkpoint_weights(source: str, wanted: dict[VariablePath, jax.ShapeDtypeSt
 def _restored_weights(checkpoint: tuple[Path, int, dict[VariablePath, Any]],
                       wanted: dict[VariablePath, jax.ShapeDtypeStruct]) -> dict[VariablePath, Any]:
     """Restore only the module variables of another run's checkpoint (`_stored`) whose paths this model has
-    (others are reported as unexpected by the caller from the metadata), verified against its fingerprint."""
+    (others are reported as unexpected by the caller from the metadata), verified against its fingerprint.
+
+    They are restored in the dtype they were stored in, since the fingerprint digests the stored bits; the
+    caller casts them to this run's dtype (a bfloat16 checkpoint into a float32 run, or the reverse)."""
     root, step, stored = checkpoint
     item = root / str(step) / "state"
     available = {path[1:]: path for path in stored if path[0] in ("params", "model_state")
@@ -129,15 +170,17 @@ def _restored_weights(checkpoint: tuple[Path, int, dict[VariablePath, Any]],
             node = target
             for key in saved_path[:-1]:
                 node = node.setdefault(key, {})
-            node[saved_path[-1]] = wanted[variable]
+            node[saved_path[-1]] = jax.ShapeDtypeStruct(wanted[variable].shape, stored[saved_path].dtype,
+                                                        sharding=wanted[variable].sharding)
     if not target:  # nothing fits: the caller reports every tensor
         return {variable: stored[path] for variable, path in available.items()}
-    restored = ocp.PyTreeCheckpointer().restore(item, args=ocp.args.PyTreeRestore(
-        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
-    fingerprint_dir = root / str(step) / "fingerprint"
-    if fingerprint_dir.is_dir():
-        expected = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(fingerprint_dir)
-        integrity.verify(restored, dict(expected), where=str(root / str(step)))
+    with _reading(root, step):
+        restored = ocp.PyTreeCheckpointer().restore(item, args=ocp.args.PyTreeRestore(
+            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+        fingerprint_dir = root / str(step) / "fingerprint"
+        if fingerprint_dir.is_dir():
+            expected = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(fingerprint_dir)
+            integrity.verify(restored, dict(expected), where=str(root / str(step)))
     values = {path[1:]: leaf for path, leaf in _flat(restored).items()}
     # Paths present but with another shape come back as metadata, so the caller can name them.
     return {**{variable: stored[path] for variable, path in available.items() if variable not in values}, **values}
