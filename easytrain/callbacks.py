@@ -3,15 +3,24 @@
 The trainer calls every hook with itself as the first argument; a callback may
 read anything from it and may set ``trainer.should_stop = True`` to end training
 after the current step.
+
+Checkpoints store each callback's ``state_dict()`` under ``"<k>:<ClassName>"``, ``k`` counting the callbacks of
+that class (``"0:EarlyStopping"`` is the first ``EarlyStopping``, wherever it is in the list). So on resume a
+callback finds its own state however many callbacks of other classes were added or removed; those of one class
+are matched in order, when their number is the one saved. A callback that overrides ``load_state_dict`` and gets
+no state back logs a warning and starts afresh.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from easytrain.errors import EasytrainError
+
+logger = logging.getLogger("easytrain")
 
 __all__ = ["EVENTS", "Callback", "CallbackList", "EarlyStopping", "MissingMetricError"]
 
@@ -122,19 +131,69 @@ class CallbackList(Callback):
         self.call("on_job_update", trainer, job)
 
     def state_dict(self) -> dict[str, Any]:
-        """Per-callback states keyed by position and class name."""
-        states = {_state_key(index, callback): callback.state_dict() for index, callback in enumerate(self.callbacks)}
-        return {key: state for key, state in states.items() if state}
+        """Per-callback states keyed ``"<k>:<ClassName>"`` (the k-th callback of that class). Empty states are
+        kept for callbacks that restore state, so that those of one class still count as many on resume."""
+        states = {}
+        for index, callback in enumerate(self.callbacks):
+            if (state := callback.state_dict()) or _restores_state(callback):
+                states[_state_key(callback, self.callbacks[:index])] = state
+        return states
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restores states saved by ``state_dict`` into the matching callbacks."""
-        for index, callback in enumerate(self.callbacks):
-            if (key := _state_key(index, callback)) in state:
-                callback.load_state_dict(state[key])
+        """Restores each callback's state saved by ``state_dict``, matched by class, then in order among the
+        callbacks of that class. Also reads checkpoints keyed ``"<position in the list>:<ClassName>"`` (before
+        the keys counted per class), where the number of callbacks of each class is unchanged."""
+        saved = _saved_by_class(state)
+        for name, callbacks in _by_class(self.callbacks).items():
+            entries = saved.get(name, [])
+            if len(entries) != len(callbacks):
+                _warn_afresh(name, len(callbacks), len(entries), sorted(state))
+                continue
+            for callback, entry in zip(callbacks, entries):
+                if entry:
+                    callback.load_state_dict(entry)
 
 
-def _state_key(index: int, callback: Callback) -> str:
-    return f"{index}:{type(callback).__name__}"
+def _restores_state(callback: Callback) -> bool:
+    """Whether `callback` has progress to restore (its class overrides ``load_state_dict``)."""
+    return type(callback).load_state_dict is not Callback.load_state_dict
+
+
+def _state_key(callback: Callback, before: Sequence[Callback]) -> str:
+    name = type(callback).__name__
+    return f"{sum(type(other).__name__ == name for other in before)}:{name}"
+
+
+def _by_class(callbacks: Sequence[Callback]) -> dict[str, list[Callback]]:
+    """The callbacks that restore state, by class name, in list order."""
+    found: dict[str, list[Callback]] = {}
+    for callback in callbacks:
+        if _restores_state(callback):
+            found.setdefault(type(callback).__name__, []).append(callback)
+    return found
+
+
+def _saved_by_class(state: Mapping[str, Any]) -> dict[str, list[Any]]:
+    """Saved states by class name, ordered by their key's number (per class, or a list position in older
+    checkpoints: the order among one class is the same)."""
+    found: dict[str, list[tuple[int, Any]]] = {}
+    for key, value in state.items():
+        number, _, name = str(key).partition(":")
+        if number.isdigit() and name:
+            found.setdefault(name, []).append((int(number), value))
+    return {name: [value for _, value in sorted(entries, key=lambda entry: entry[0])]
+            for name, entries in found.items()}
+
+
+def _warn_afresh(name: str, count: int, saved: int, keys: list[str]) -> None:
+    """A resumed callback that silently restarted (early stopping's patience, say) would change the run."""
+    if saved:
+        reason = (f"the checkpoint holds {saved} saved {name} state(s) for this run's {count} {name} callback(s), "
+                  "so which is whose cannot be told")
+    else:
+        reason = f"the checkpoint holds no {name} state (it holds {keys or 'no callback state'})"
+    logger.warning("callback %s: %s; %s starts afresh, as in a new run.", name, reason,
+                   "it" if count == 1 else "they")
 
 
 class MissingMetricError(EasytrainError, KeyError):

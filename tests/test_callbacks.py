@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from types import SimpleNamespace
 
 import pytest
@@ -169,9 +170,77 @@ def test_state_round_trips_through_json_for_resume() -> None:
     before = CallbackList([Callback(), EarlyStopping(patience=3)])
     evaluate(before, fake_trainer(), [1.0, 0.5, 0.6, 0.7])
     state = json.loads(json.dumps(before.state_dict()))
-    assert list(state) == ["1:EarlyStopping"]
+    assert list(state) == ["0:EarlyStopping"]  # the first EarlyStopping, wherever it is in the list
     after = CallbackList([Callback(), EarlyStopping(patience=3)])
     after.load_state_dict(state)
     trainer = fake_trainer()
     after.on_evaluate(trainer, 50, {"eval_loss": 0.8})
     assert trainer.should_stop is True
+
+
+# ----------------------------------------------------------------------------- state across resumes
+
+
+class Counter(Callback):
+    """Counts steps; its state is empty until it has counted one."""
+
+    def __init__(self, steps: int = 0):
+        self.steps = steps
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps} if self.steps else {}
+
+    def load_state_dict(self, state) -> None:
+        self.steps = state["steps"]  # never handed an empty state
+
+
+def waiting_early_stopping() -> EarlyStopping:
+    callback = EarlyStopping(patience=3)
+    evaluate(callback, fake_trainer(), [1.0, 0.5, 0.6])
+    return callback
+
+
+def saved(*callbacks: Callback) -> dict:
+    return json.loads(json.dumps(CallbackList(callbacks).state_dict()))
+
+
+def progress(callback: EarlyStopping) -> tuple:
+    return callback.best, callback.best_step, callback.evaluations_without_improvement
+
+
+def test_a_callback_finds_its_state_when_other_callbacks_are_added_or_removed(caplog) -> None:
+    state = saved(Callback(), waiting_early_stopping(), Counter(5))
+    after = CallbackList([Recorder("new", []), Counter(), EarlyStopping(patience=3)])
+    with caplog.at_level(logging.WARNING, logger="easytrain"):
+        after.load_state_dict(state)
+    assert progress(after.callbacks[2]) == (0.5, 20, 1)
+    assert after.callbacks[1].steps == 5
+    assert not caplog.records
+
+
+def test_callbacks_of_one_class_keep_their_own_states_in_order() -> None:
+    state = saved(Counter(0), Callback(), Counter(2), Counter(3))
+    after = CallbackList([Counter(), Counter(), Counter(), Callback()])
+    after.load_state_dict(state)
+    assert [callback.steps for callback in after.callbacks[:3]] == [0, 2, 3]
+
+
+def test_checkpoints_keyed_by_position_are_still_read() -> None:
+    """Checkpoints written before the keys counted per class hold `<position in the list>:<class>`."""
+    state = {"1:EarlyStopping": waiting_early_stopping().state_dict(), "3:Counter": {"steps": 7}}
+    after = CallbackList([Counter(), EarlyStopping(patience=3)])
+    after.load_state_dict(state)
+    assert after.callbacks[0].steps == 7 and progress(after.callbacks[1]) == (0.5, 20, 1)
+
+
+def test_a_stateful_callback_whose_state_cannot_be_matched_warns_and_starts_afresh(caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="easytrain"):
+        CallbackList([Counter()]).load_state_dict({"0:Counter": {"steps": 1}, "4:Counter": {"steps": 2}})
+    assert "Counter" in caplog.text and "2 saved" in caplog.text and "afresh" in caplog.text
+    caplog.clear()
+    early = EarlyStopping()
+    with caplog.at_level(logging.WARNING, logger="easytrain"):
+        CallbackList([Callback(), early]).load_state_dict(saved(Counter(3)))
+    assert progress(early) == (None, None, 0)
+    assert "EarlyStopping" in caplog.text and "0:Counter" in caplog.text and "afresh" in caplog.text
+    assert len(caplog.records) == 1, "stateless callbacks have nothing to restore"
