@@ -33,6 +33,7 @@ from easytrain.models.hf_io import (
     checked_params,
     hf_name,
 )
+from easytrain.models.hf_load import generation_config_of
 from easytrain.models.llama import LlamaForCausalLM
 from easytrain.models.scan import unstack_layer_dicts
 
@@ -142,10 +143,18 @@ def _remove_stale_weights(directory: Path, keep: set[str]) -> None:
             file.unlink()
 
 
+def causal_lm_architecture(config: transformers.PretrainedConfig) -> str:
+    """transformers' causal-LM class of the config's family, named as its config class is (``Qwen2Config`` ->
+    ``Qwen2ForCausalLM``); transformers' own name table imports torch."""
+    return type(config).__name__.removesuffix("Config") + "ForCausalLM"
+
+
 def _write_configs(directory: Path, config: transformers.PretrainedConfig, dtype: np.dtype,
                    generation_config: transformers.GenerationConfig | None) -> None:
     config = copy.deepcopy(config)
     config.dtype = str(dtype)  # transformers reads the storage dtype from here
+    if not config.architectures:  # a config built rather than loaded: serving stacks (vLLM, TGI) read this field
+        config.architectures = [causal_lm_architecture(config)]
     config.save_pretrained(directory)
     if generation_config is None:
         generation_config = transformers.GenerationConfig.from_model_config(config)
@@ -179,13 +188,15 @@ def save_pretrained(
             ``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` plus
             ``model.safetensors.index.json``. Weight files of an earlier save are replaced.
         model_or_params: A model, or its ``nnx.Param`` pure dict; arrays may be sharded.
-        config: The model's config; written with the storage ``dtype`` recorded.
+        config: The model's config; written with the storage ``dtype`` recorded, and ``architectures`` set to the
+            family's class (``Qwen2ForCausalLM``) when the config has none.
         dtype: Storage dtype (e.g. ``"bfloat16"``); default keeps each parameter's dtype.
         tokenizer: Anything with ``save_pretrained(directory)`` (chat template included); saved alongside.
         max_shard_size: Largest shard file, in bytes or as ``"200MB"``/``"5GB"``; a single tensor
             larger than this gets a file of its own, as in transformers.
-        generation_config: Written as ``generation_config.json``; default derives one from the
-            config's ``bos/eos/pad_token_id``.
+        generation_config: Written as ``generation_config.json``; default: the one of the checkpoint
+            ``from_pretrained`` loaded the model from, unchanged (instruct models keep their extra EOS ids and
+            sampling defaults only there), else one derived from the config's ``bos/eos/pad_token_id``.
 
     Returns:
         ``directory``.
@@ -193,6 +204,8 @@ def save_pretrained(
     Example:
         >>> save_pretrained("export", model, model.config, dtype="bfloat16", max_shard_size="2GB")  # doctest: +SKIP
     """
+    if generation_config is None:
+        generation_config = generation_config_of(model_or_params)
     plan = export_plan(_params_of(model_or_params), config, dtype)
     split = _split(plan, max_shard_size)
     directory, writer = Path(directory), jax.process_index() == 0

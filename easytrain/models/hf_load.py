@@ -8,6 +8,7 @@ holds more than about one tensor beyond what the devices keep.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -43,10 +44,14 @@ from easytrain.models.hf_io import (
 from easytrain.models.llama import LlamaForCausalLM
 from easytrain.models.scan import STACKED
 
+GENERATION_CONFIG_NAME = "generation_config.json"
+#: Attribute of a loaded model that holds its checkpoint's generation config (`generation_config_of`).
+_GENERATION_ATTRIBUTE = "_source_generation_config"
+
 # What a hub download fetches: config, weights and tokenizer files, never PyTorch .bin duplicates.
 HUB_PATTERNS = (
     "config.json",
-    "generation_config.json",
+    GENERATION_CONFIG_NAME,
     "*.safetensors",
     WEIGHTS_INDEX_NAME,
     "tokenizer*",
@@ -58,6 +63,15 @@ HUB_PATTERNS = (
     "chat_template.*",
 )
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
+@dataclasses.dataclass(frozen=True)
+class _HeldGenerationConfig:
+    """A checkpoint's generation config on the model it loaded; compared by its JSON, since NNX graph definitions
+    (which hold the model's plain attributes) are jit cache keys."""
+
+    key: str
+    config: transformers.GenerationConfig = dataclasses.field(compare=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +110,37 @@ def resolve_checkpoint(path_or_name: str | os.PathLike) -> Path:
             f"Hub{offline}: {type(error).__name__}: {reason}. Pass the path of a local checkpoint directory "
             "(config.json + *.safetensors), e.g. one written by save_pretrained or huggingface-cli download."
         ) from error
+
+
+def read_generation_config(path_or_name: str | os.PathLike) -> transformers.GenerationConfig | None:
+    """The checkpoint's ``generation_config.json``, or None without one. Instruct checkpoints keep their extra
+    EOS ids (end of turn) and sampling defaults only there, so an export must carry it, not rebuild it.
+
+    Raises:
+        CheckpointError: The file exists but transformers cannot read it.
+    """
+    directory = resolve_checkpoint(path_or_name)
+    if not (directory / GENERATION_CONFIG_NAME).is_file():
+        return None
+    try:
+        return transformers.GenerationConfig.from_pretrained(directory)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{directory / GENERATION_CONFIG_NAME} cannot be read ({error}); fix the file, or "
+                              "delete it to export one derived from config.json.") from error
+
+
+def generation_config_of(model: Any) -> transformers.GenerationConfig | None:
+    """The generation config of the checkpoint ``from_pretrained`` loaded ``model`` from (a copy), or None.
+    ``generate`` takes its EOS ids as an argument: pass ``generation_config_of(model).eos_token_id`` to stop at
+    every EOS of an instruct model."""
+    held = getattr(model, _GENERATION_ATTRIBUTE, None)
+    return copy.deepcopy(held.config) if held is not None else None
+
+
+def _keep_generation_config(model: nnx.Module, generation_config: transformers.GenerationConfig | None) -> None:
+    if generation_config is not None:
+        setattr(model, _GENERATION_ATTRIBUTE, _HeldGenerationConfig(generation_config.to_json_string(),
+                                                                     generation_config))
 
 
 def _weight_files(directory: Path) -> tuple[list[Path], dict[str, str] | None]:
@@ -209,12 +254,14 @@ def from_pretrained(
             (setting ``scan_layers`` on the loaded model would, for a moment).
 
     Returns:
-        The model with every parameter loaded; no random initialisation is run.
+        The model with every parameter loaded; no random initialisation is run. It keeps the checkpoint's
+        ``generation_config.json`` (``generation_config_of``), which ``save_pretrained`` writes back.
 
     Raises:
         CheckpointError: Unresolvable name, unsupported ``model_type``, no weights, or weights not
-            matching the config (one error listing every missing, unexpected and mis-shaped tensor), or
-            a call inside a trace (``jax.jit``, a ``Frozen`` builder): load outside it and pass the module.
+            matching the config (one error listing every missing, unexpected and mis-shaped tensor), an
+            unreadable ``generation_config.json``, or a call inside a trace (``jax.jit``, a ``Frozen``
+            builder): load outside it and pass the module.
 
     Example:
         >>> mesh = easytrain.sharding.make_mesh(data=1, fsdp=-1)  # doctest: +SKIP
@@ -228,6 +275,7 @@ def from_pretrained(
             "mesh=self.mesh, rules=self.partition_rules), checkpoint=False).")
     directory = resolve_checkpoint(path_or_name)
     config = _read_config(directory)
+    generation_config = read_generation_config(directory)
     entries = read_headers(directory)
     if _validate(entries, config):
         _check_tied_head_values(entries)
@@ -250,6 +298,7 @@ def from_pretrained(
         flat = _stack_layers(flat, _param_shardings(abstract_params, mesh, rules))
     nnx.replace_by_pure_dict(abstract_params, traverse_util.unflatten_dict(flat))
     nnx.update(model, abstract_params)
+    _keep_generation_config(model, generation_config)  # save_pretrained writes it back
     return model
 
 

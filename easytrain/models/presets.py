@@ -24,7 +24,8 @@ PRESETS: dict[str, dict] = {
 
 def llama_config(name_or_path: str, *, vocab_size: int, bos_token_id: int | None = None,
                  eos_token_id: int | None = None, pad_token_id: int | None = None) -> transformers.PretrainedConfig:
-    """A preset (Llama) or a config.json of any supported family, sized to the tokenizer's vocabulary."""
+    """A preset (Llama) or a config.json of any supported family, sized to the tokenizer's vocabulary, with the
+    tokenizer's bos/eos/pad ids wherever the file does not set them (else the export would name no EOS)."""
     specials = dict(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
     if name_or_path in PRESETS:
         return transformers.LlamaConfig(vocab_size=vocab_size, **PRESETS[name_or_path], **specials)
@@ -47,6 +48,9 @@ def llama_config(name_or_path: str, *, vocab_size: int, bos_token_id: int | None
         raise ArgumentError("model_config", f"{path} has model_type {model_type!r}; supported: "
                                             f"{', '.join(SUPPORTED_MODEL_TYPES)}.")
     values.setdefault("vocab_size", vocab_size)
+    for name, value in specials.items():  # the tokenizer's ids where the file leaves them unset, as a preset gets
+        if values.get(name) is None:
+            values[name] = value
     try:
         return transformers.AutoConfig.for_model(model_type, **values)
     except (ValueError, TypeError, StrictDataclassError) as error:  # transformers' own validation of the fields

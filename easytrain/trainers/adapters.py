@@ -88,11 +88,14 @@ def check_base(stored: Mapping[str, Any], current: Mapping[str, Any]) -> None:
 
 
 def export(directory: Path, model: nnx.Module, config: LoRAConfig, *, how: str, model_config: Any,
-           tokenizer: Any = None, base_model_name_or_path: str | None = None) -> Path:
-    """Write an adapted model: `how="merged"` (Hugging Face weights with the adapters folded in) into
-    `directory`, `"adapter"` (PEFT's format) into `directory/adapter`, or `"both"`."""
+           tokenizer: Any = None, base_model_name_or_path: str | None = None,
+           generation_config: Any = None) -> Path:
+    """Write an adapted model: `how="merged"` (Hugging Face weights with the adapters folded in, with
+    `generation_config`: the base's, else derived) into `directory`, `"adapter"` (PEFT's format) into
+    `directory/adapter`, or `"both"`."""
     if how in ("merged", "both"):
-        save_pretrained(directory, lora.merge_lora(model), model_config, tokenizer=tokenizer)
+        save_pretrained(directory, lora.merge_lora(model), model_config, tokenizer=tokenizer,
+                        generation_config=generation_config)
     if how in ("adapter", "both"):
         adapter_dir = save_peft_adapter(directory / ADAPTER_DIRNAME, model, config,
                                         base_model_name_or_path=base_model_name_or_path)

@@ -24,6 +24,7 @@ from easytrain.eval_metrics import Predictions
 from easytrain.losses import Batch, LossOutput, causal_lm_loss
 from easytrain.metrics import Metric
 from easytrain.models import SUPPORTED_MODEL_TYPES, LlamaForCausalLM, from_pretrained, save_pretrained
+from easytrain.models.hf_load import read_generation_config
 from easytrain.trainers import adapters, builders
 from easytrain.trainers.resume import config_dict
 
@@ -163,14 +164,19 @@ class LanguageModelHooks:
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write config.json, model.safetensors and the tokenizer in Hugging Face layout; under LoRA, as
-        `lora_export` says: the merged model, and/or a PEFT adapter in `directory/adapter`."""
+        `lora_export` says: the merged model, and/or a PEFT adapter in `directory/adapter`. The generation config
+        is `model_name_or_path`'s, unchanged (an instruct model's extra EOS ids and sampling defaults live only
+        there), else derived from the config."""
         self.setup()
         if self._checkpoints is not None:
             self._checkpoints.wait_until_finished()
         directory = Path(directory)  # every process takes part (gathers); only process 0 writes
+        base = self.arguments.model_name_or_path
+        generation_config = read_generation_config(base) if base else None  # a resumed module never loaded it
         if self.lora is not None:
             return adapters.export(directory, self.model, self.lora, how=self.arguments.lora_export,
                                    model_config=self.model_config, tokenizer=self.tokenizer,
-                                   base_model_name_or_path=self.arguments.model_name_or_path)
-        save_pretrained(directory, self.model, self.model_config, tokenizer=self.tokenizer)
+                                   base_model_name_or_path=base, generation_config=generation_config)
+        save_pretrained(directory, self.model, self.model_config, tokenizer=self.tokenizer,
+                        generation_config=generation_config)
         return directory
