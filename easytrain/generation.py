@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 from collections.abc import Sequence
 
 import jax
@@ -59,6 +60,7 @@ class GenerationConfig:
     pad_token_id: int = 0
 
     def __post_init__(self):
+        self._check_types()
         if self.max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens = {self.max_new_tokens}; ask for at least 1 token.")
         if not self.temperature > 0:
@@ -69,6 +71,32 @@ class GenerationConfig:
             raise GenerationError(f"top_p = {self.top_p} must be in (0, 1], or None to keep every token.")
         if not self.do_sample and (self.top_k is not None or self.top_p is not None or self.temperature != 1.0):
             raise GenerationError("temperature, top_k and top_p only apply when sampling; set do_sample=True.")
+
+    def _check_types(self) -> None:
+        """Sizes and ids must be integers (not bool) before any comparison: a float would reach the compiled
+        loop as a shape and fail there with a raw JAX TypeError. Numpy integers become ints (hashing)."""
+        eos = (self.eos_token_id,) if _is_int(self.eos_token_id) else tuple(self.eos_token_id)
+        if not all(_is_int(token) for token in eos):
+            raise GenerationError(f"eos_token_id = {self.eos_token_id!r} must hold int token ids.")
+        object.__setattr__(self, "eos_token_id", tuple(int(token) for token in eos))
+        for name, kind, check in (("max_new_tokens", "an int", _is_int), ("top_k", "an int or None", _is_int),
+                                  ("pad_token_id", "an int", _is_int), ("temperature", "a number", _is_real),
+                                  ("top_p", "a number or None", _is_real)):
+            value = getattr(self, name)
+            if value is None and kind.endswith("None"):
+                continue
+            if not check(value):
+                raise GenerationError(f"{name} = {value!r} must be {kind}.")
+            if check is _is_int:
+                object.__setattr__(self, name, int(value))
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
 def filter_logits(logits_BV: Array, top_k: int | None = None, top_p: float | None = None) -> Array:
@@ -168,7 +196,24 @@ def _check_inputs(model: nnx.Module, input_ids, attention_mask) -> tuple[np.ndar
         raise GenerationError(f"attention_mask has shape {mask_BL.shape}; it must match input_ids {ids_BL.shape}.")
     if empty := np.flatnonzero(mask_BL.sum(axis=1) == 0).tolist():
         raise GenerationError(f"attention_mask rows {empty} have no real token; give every prompt at least one.")
-    return ids_BL, mask_BL
+    _check_vocabulary(ids_BL, mask_BL, getattr(getattr(model, "config", None), "vocab_size", None))
+    # Padding is never attended, but an id past the table embeds as NaN, and 0 * NaN reaches the real tokens.
+    return np.where(mask_BL != 0, ids_BL, 0).astype(np.int32), mask_BL
+
+
+def _check_vocabulary(ids_BL: np.ndarray, mask_BL: np.ndarray, vocab_size: int | None) -> None:
+    """Real prompt ids must index the embedding table: inside the compiled program an id past it gives NaN
+    logits and a negative one wraps around, both without an error."""
+    if vocab_size is None:
+        return
+    outside_BL = (mask_BL != 0) & ((ids_BL < 0) | (ids_BL >= vocab_size))
+    if outside_BL.any():
+        row, column = (int(i) for i in np.argwhere(outside_BL)[0])
+        raise GenerationError(
+            f"input_ids row {row}, position {column} holds token id {int(ids_BL[row, column])}, outside the model's "
+            f"vocabulary [0, {vocab_size}) (vocab_size {vocab_size}; {int(outside_BL.sum())} such id(s) in all). The "
+            "tokenizer is likely larger than the model's vocabulary (tokens added to it, or another model's "
+            "tokenizer): encode the prompts with the model's own tokenizer.")
 
 
 def generate(
@@ -205,7 +250,7 @@ def generate(
     Returns:
         int32 ``[B, max_new_tokens]`` new tokens only: each row's EOS is included, then pad.
     """
-    eos = () if eos_token_id is None else tuple(np.atleast_1d(eos_token_id).astype(int).tolist())
+    eos = () if eos_token_id is None else tuple(np.atleast_1d(eos_token_id).tolist())  # checked by the config
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
     config = GenerationConfig(max_new_tokens, do_sample, temperature, top_k, top_p, eos, pad)
     ids_BL, mask_BL = _check_inputs(model, input_ids, attention_mask)

@@ -228,11 +228,43 @@ def test_pad_prompts_layout():
         (dict(max_new_tokens=2, do_sample=True, top_k=0), "top_k"),
         (dict(max_new_tokens=2, attention_mask=np.array([[1, 1], [0, 0]])), "rows \\[1\\]"),
         (dict(max_new_tokens=2, attention_mask=np.ones((2, 3))), "attention_mask has shape"),
+        (dict(max_new_tokens=2.0), "max_new_tokens = 2.0 must be an int"),
+        (dict(max_new_tokens=True), "max_new_tokens = True must be an int"),
+        (dict(max_new_tokens=2, do_sample=True, top_k=2.5), "top_k = 2.5 must be an int"),
+        (dict(max_new_tokens=2, do_sample=True, top_k=True), "top_k = True must be an int"),
+        (dict(max_new_tokens=2, do_sample=True, temperature="hot"), "temperature = 'hot' must be a number"),
+        (dict(max_new_tokens=2, eos_token_id=2.5), "eos_token_id"),
+        (dict(max_new_tokens=2, pad_token_id=0.5), "pad_token_id = 0.5 must be an int"),
     ],
 )
 def test_bad_settings_name_the_field(model, kwargs, field):
     with pytest.raises(GenerationError, match=field):
         generate(model, np.array([[1, 2], [3, 4]]), **kwargs)
+
+
+def test_integral_settings_of_any_integer_type_are_accepted(model):
+    expected = generate(model, np.array([[1, 2]]), max_new_tokens=3, eos_token_id=5)
+    got = generate(model, np.array([[1, 2]]), max_new_tokens=np.int64(3), eos_token_id=np.int32(5))
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("bad_id", [VOCAB, VOCAB + 10, -3])
+def test_prompt_ids_outside_the_vocabulary_are_refused_before_compute(model, bad_id):
+    """An id past the table gave NaN logits and all-zero tokens, a negative one wrapped around: both silent."""
+    ids_BL, mask_BL = pad_prompts([[5, 17, 99], [4, bad_id, 8]], PAD)
+    expected = rf"row 1, position 1 holds token id {bad_id},.*vocab_size {VOCAB}.*tokenizer"
+    with pytest.raises(GenerationError, match=expected):
+        generate(model, ids_BL, mask_BL, max_new_tokens=2)
+
+
+def test_padding_ids_are_never_read(model):
+    """Padding is not attended, so its ids do not matter, even ones outside the vocabulary (a NaN embedding
+    there would reach the real tokens through the zero attention weights: 0 * NaN)."""
+    ids_BL, mask_BL = pad_prompts([[5, 17, 99], [4]], PAD)
+    expected = generate(model, ids_BL, mask_BL, max_new_tokens=3)
+    for pad in (VOCAB + 10, -3):
+        got = generate(model, np.where(mask_BL == 1, ids_BL, pad), mask_BL, max_new_tokens=3)
+        np.testing.assert_array_equal(got, expected)
 
 
 def test_generation_runs_in_eval_mode_even_for_a_module_in_train_mode():
