@@ -56,8 +56,9 @@ def checked(out: Any) -> LossOutput:
 def loss_metrics(out: LossOutput) -> Metrics:
     """The loss and its metrics as reducible values; a bare array is a sum over the loss's own count."""
     if clashes := sorted(set(out.metrics) & set(RESERVED_METRIC_NAMES)):
-        raise ValueError(f"the loss returns metric(s) {', '.join(map(repr, clashes))}, a name every train log record "
-                         f"already holds ({', '.join(RESERVED_METRIC_NAMES)}); rename them.")
+        raise ValueError(f"the loss returns metric(s) {', '.join(map(repr, clashes))}, a name taken by a built-in "
+                         f"metric or a field of every train log record ({', '.join(RESERVED_METRIC_NAMES)}); "
+                         "rename them.")
     count = jnp.asarray(out.count, jnp.float32)
     extra = {name: numeric(value if is_metric(value) else Mean(value, count)) for name, value in out.metrics.items()}
     return {"loss": Mean(out.loss_sum, count), **extra}
