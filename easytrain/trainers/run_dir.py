@@ -34,32 +34,46 @@ def check_writable(directory: Path) -> None:
                              "choose a writable --output_dir.") from error
 
 
+def resumes_own_checkpoints(output_dir: Path, resume: tuple[Path, int] | None) -> bool:
+    """Whether the resumed checkpoint is one of `output_dir/checkpoints` (the run continues its own lineage)."""
+    return resume is not None and resume[0].resolve() == (Path(output_dir) / CHECKPOINTS_DIRNAME).resolve()
+
+
 def check_output_dir(args: TrainingArguments, *, is_main_process: bool = True) -> tuple[Path, int] | None:
     """Validate `output_dir` and `resume_from_checkpoint`; return the checkpoint to resume, if any.
 
     Only checks: nothing is moved or removed here (`claim_output_dir` does that once the run has passed
     every other check). A directory holding another run's checkpoints, exported model or logs is refused
-    unless the run is resumed or `overwrite_output_dir` is set.
+    unless the run resumes its own checkpoints or `overwrite_output_dir` is set; so is one resumed from a
+    checkpoint outside it (another run's, or one set aside), whose saves would mix with that run's.
     """
     output_dir = Path(args.output_dir)
     resume = resolve_checkpoint(output_dir, args.resume_from_checkpoint)
     if is_main_process:
         check_writable(output_dir)
-    if resume is not None:
+    if resumes_own_checkpoints(output_dir, resume) or args.overwrite_output_dir:
         return resume
-    if args.overwrite_output_dir:
-        return None
     existing = finalized_steps(output_dir / CHECKPOINTS_DIRNAME)
+    if existing and resume is not None:
+        source = resume[0] / str(resume[1])
+        raise OutputDirError(
+            f"output_dir: {str(output_dir)!r} already holds a run with checkpoints at steps {existing}, and "
+            f"resume_from_checkpoint {str(source)!r} lies outside {str(output_dir / CHECKPOINTS_DIRNAME)!r}: the "
+            "resumed run's checkpoints would collide or mix with those. Resume into another (empty) --output_dir, "
+            "pass --resume_from_checkpoint latest to continue that run instead, or pass --overwrite_output_dir to "
+            f"move its checkpoints to {SUPERSEDED_DIRNAME}/ (and remove its logs and export) and continue the "
+            "resumed checkpoint here.")
     if existing:
         raise OutputDirError(
             f"output_dir: {str(output_dir)!r} already holds a run with checkpoints at steps {existing}. "
             "Pass --resume_from_checkpoint latest to continue it, --overwrite_output_dir to start over "
             "(removes those checkpoints), or choose another --output_dir.")
     if found := [name for name in PREVIOUS_RUN_OUTPUTS if (output_dir / name).exists()]:
+        resuming = "" if resume is None else " of its own"
         raise OutputDirError(
-            f"output_dir: {str(output_dir)!r} holds another run's {', '.join(found)} (and no checkpoint to "
+            f"output_dir: {str(output_dir)!r} holds another run's {', '.join(found)} (and no checkpoint{resuming} to "
             "resume). Pass --overwrite_output_dir to start over (removes them), or choose another --output_dir.")
-    return None
+    return resume
 
 
 def claim_run(args: TrainingArguments, resume: tuple[Path, int] | None, is_main_process: bool) -> None:
@@ -70,14 +84,20 @@ def claim_run(args: TrainingArguments, resume: tuple[Path, int] | None, is_main_
 
 
 def claim_output_dir(args: TrainingArguments, resume: tuple[Path, int] | None) -> None:
-    """Make `output_dir` this run's, on the main process, right before its first write: a resumed run moves
-    its newer checkpoints aside (`set_aside_newer_checkpoints`); a fresh run under `overwrite_output_dir`
-    removes the previous run's checkpoints, logs and export. Called after the data, model and steps are checked,
-    so a run refused for bad input leaves the old one whole."""
+    """Make `output_dir` this run's, on the main process, right before its first write: a run resuming its own
+    checkpoints moves the newer ones aside (`set_aside_newer_checkpoints`); one resumed from a checkpoint outside
+    moves every checkpoint there aside (`check_output_dir` required `overwrite_output_dir` for complete ones); a
+    fresh run under `overwrite_output_dir` removes the previous run's checkpoints. Both of the last remove its
+    logs and export under `overwrite_output_dir`. Called after the data, model and steps are checked, so a run
+    refused for bad input leaves the old one whole."""
     output_dir = Path(args.output_dir)
-    if resume is not None:
+    if resumes_own_checkpoints(output_dir, resume):
         set_aside_newer_checkpoints(output_dir, *resume)
-    elif args.overwrite_output_dir:
+        return
+    if resume is not None:
+        set_aside(output_dir, _step_dirs(output_dir / CHECKPOINTS_DIRNAME),
+                  f"resuming {resume[0] / str(resume[1])} (a checkpoint from outside this output_dir)")
+    if args.overwrite_output_dir:
         for name in RUN_ARTIFACTS:
             if name == JOB_FILENAME and _job_reports_into(output_dir):
                 continue  # the live job's record (the CLI opens it before training), not the old run's
@@ -93,25 +113,44 @@ def _job_reports_into(output_dir: Path) -> bool:
     return running is not None and running.output_dir.resolve() == output_dir.resolve()
 
 
+def _step_dirs(root: Path) -> list[int]:
+    """Every `<step>` directory under `root`, complete or not (a damaged copy would still block that step's save)."""
+    if not root.is_dir():
+        return []
+    return sorted(int(d.name) for d in root.iterdir() if d.name.isdigit() and d.is_dir())
+
+
 def set_aside_newer_checkpoints(output_dir: Path, root: Path, step: int) -> list[Path]:
     """Resuming an older step of this run: move its newer checkpoints out of the way, never delete them.
 
     Left in place, they would be resumed by the next `latest` instead of the continued run, and would
     block its saves. They go to `output_dir/superseded_checkpoints/<time>/<step>`.
     """
-    if root.resolve() != (output_dir / CHECKPOINTS_DIRNAME).resolve():
+    if not resumes_own_checkpoints(output_dir, (root, step)):
         return []
+    return set_aside(output_dir, [s for s in _step_dirs(root) if s > step], f"resuming step {step} of {root}")
+
+
+def set_aside(output_dir: Path, steps: list[int], why: str) -> list[Path]:
+    """Move these step directories of `output_dir/checkpoints` to a new `superseded_checkpoints/<time>/`."""
+    if not steps:
+        return []
+    root = output_dir / CHECKPOINTS_DIRNAME
     complete = set(finalized_steps(root))
-    # Incomplete step directories too (a damaged copy, no state): left in place, they would block that step's save.
-    newer = sorted(int(d.name) for d in root.iterdir() if d.name.isdigit() and d.is_dir() and int(d.name) > step)
-    if not newer:
-        return []
-    destination = output_dir / SUPERSEDED_DIRNAME / time.strftime("%Y%m%d-%H%M%S")
-    destination.mkdir(parents=True, exist_ok=True)
-    moved = [Path(shutil.move(str(root / str(s)), str(destination / str(s)))) for s in newer]
-    if incomplete := [s for s in newer if s not in complete]:
+    destination = _new_directory(output_dir / SUPERSEDED_DIRNAME / time.strftime("%Y%m%d-%H%M%S"))
+    moved = [Path(shutil.move(str(root / str(s)), str(destination / str(s)))) for s in steps]
+    if incomplete := [s for s in steps if s not in complete]:
         logger.warning("%s holds incomplete checkpoint(s) at step(s) %s (not resumable: an item is missing)",
                        root, incomplete)
-    logger.warning("resuming step %d of %s: moved its newer checkpoint directories %s to %s", step, root, newer,
-                   destination)
+    logger.warning("%s: moved the checkpoint directories %s of %s to %s", why, steps, root, destination)
     return moved
+
+
+def _new_directory(path: Path) -> Path:
+    """`path`, or `path-2`, `path-3`, ... if it exists: two set-asides in one second never merge."""
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    candidate.mkdir(parents=True)
+    return candidate
