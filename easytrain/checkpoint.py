@@ -330,6 +330,12 @@ class CheckpointManager:
         restored = self._manager.restore(step, args=ocp.args.Composite(run_info=ocp.args.JsonRestore()))
         return dict(restored.run_info)
 
+    def read_data_state(self, step: int) -> dict[str, Any]:
+        """Reads only the ``data_state`` JSON of ``step``, so a resume can check it before any array is loaded."""
+        self._require(step)
+        restored = self._manager.restore(step, args=ocp.args.Composite(data_state=ocp.args.JsonRestore()))
+        return dict(restored.data_state)
+
     def read_progress(self, step: int) -> dict[str, Any]:
         """The ``progress`` JSON of ``step``; empty for checkpoints written before it existed."""
         self._require(step)

@@ -100,6 +100,11 @@ class TrainBatches:
         return len(self._reader)
 
     @property
+    def fingerprint(self) -> dict[str, int]:
+        """The settings a saved data position depends on (`TrainIterator.get_state` records them)."""
+        return {"seed": self.seed, "global_batch_size": self.global_batch_size, "num_rows": self.num_rows}
+
+    @property
     def rows_read(self) -> int:
         """Rows fetched from the source so far, over all iterators (prefetch included)."""
         return self._reader.rows_read
@@ -110,12 +115,7 @@ class TrainBatches:
 
     def iterator(self, start_step: int = 0) -> TrainIterator:
         """An endless iterator whose first batch is global step ``start_step``."""
-        fingerprint = {
-            "seed": self.seed,
-            "global_batch_size": self.global_batch_size,
-            "num_rows": self.num_rows,
-        }
-        return TrainIterator(iter(self._batches), fingerprint, start_step)
+        return TrainIterator(iter(self._batches), self.fingerprint, start_step)
 
 
 class TrainIterator(Iterator[Batch]):
@@ -368,13 +368,20 @@ def _grain_state(step: int) -> dict[str, int]:
     return {"next_index": step}
 
 
+def position_mismatch(state: Mapping[str, Any], fingerprint: Mapping[str, Any]) -> list[str]:
+    """How a saved data position's settings differ from a loader's (`"num_rows: saved 775 vs now 1038"`)."""
+    return [f"{key}: saved {state.get(key)!r} vs now {fingerprint.get(key)!r}"
+            for key in _STATE_KEYS if state.get(key) != fingerprint.get(key)]
+
+
 def _check_same_settings(state: Mapping[str, Any], fingerprint: Mapping[str, int]) -> None:
-    saved = {key: state.get(key) for key in _STATE_KEYS}
-    if saved != dict(fingerprint) or "step" not in state:
+    if (diffs := position_mismatch(state, fingerprint)) or "step" not in state:
+        saved = {key: state.get(key) for key in _STATE_KEYS}
         raise DataError(
-            f"The data state was saved with {saved} but this loader has "
-            f"{dict(fingerprint)}; resume with the same dataset, seed and "
-            "global_batch_size, or start without restoring the data state."
+            f"The data state was saved with {saved} but this loader has {dict(fingerprint)} "
+            f"({'; '.join(diffs) or 'no step recorded'}): the same step would hold other examples. Resume with "
+            "the same dataset, seed and global_batch_size, or pass --allow_data_order_change to start the data "
+            "order afresh at the resumed step (not an exact continuation)."
         )
 
 

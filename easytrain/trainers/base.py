@@ -270,7 +270,8 @@ class BaseTrainer(LanguageModelHooks):
         else:
             fresh, shardings = self._place_module(tx, placed)
             target, base = placement.abstract_state(shardings, fresh), fresh.base
-        restored = restore_checkpoint(self._resume_from, self.run_info(), frozen.restore_target(target).checkpointed())
+        restored = restore_checkpoint(self._resume_from, self.run_info(), frozen.restore_target(target).checkpointed(),
+                                      data_fingerprint=getattr(self._data.train, "fingerprint", None))
         self.resumed_data_state = restored.data_state
         self.callbacks.load_state_dict(restored.callbacks_state)
         return restored.state.replace(base=base), shardings

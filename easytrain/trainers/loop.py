@@ -20,7 +20,8 @@ from easytrain import flops, heap, metrics as metrics_lib, profiling, throughput
 from easytrain.arguments import TrainingArguments
 from easytrain.callbacks import CallbackList
 from easytrain.checkpoint import CheckpointManager
-from easytrain.errors import NonFiniteLossError
+from easytrain.data.loader import position_mismatch
+from easytrain.errors import NonFiniteLossError, OutputDirError
 from easytrain.jobs import outcome_of
 from easytrain.memory_plan import MemoryPlan
 from easytrain.protocol import ConfiguredDataloaders
@@ -136,7 +137,10 @@ class TrainLoop:
         self.state, self.start_step = state, start_step
         self.iterator = self.data.train.iterator(start_step)
         if data_state:
-            self.iterator.set_state(data_state)
+            self.restore_data_position(data_state)
+        if resumed and start_step >= self.data.total_steps:
+            logger.warning("resumed at step %d, and this run ends at step %d (max_steps, num_train_epochs): nothing "
+                           "left to train; raise --max_steps to train on", start_step, self.data.total_steps)
         self.reporter = Reporter(output_dir=args.output_dir, report_to=args.report_to,
                                  total_steps=self.data.total_steps, initial_step=start_step,
                                  enabled=parts.is_main_process, show_progress=not args.disable_progress_bar,
@@ -156,6 +160,17 @@ class TrainLoop:
             raise
         self.shut_down(failing=False)
         return self.last_logs
+
+    def restore_data_position(self, data_state: dict[str, Any]) -> None:
+        """Continue the data where the checkpoint left it. Under `allow_data_order_change`, a position saved for
+        other data (one the resume could not compare: `resume.check_data_position`) is dropped instead: the data
+        starts afresh at the restored step, in the new data's order."""
+        if self.args.allow_data_order_change and (diffs := position_mismatch(data_state, self.iterator.get_state())):
+            logger.warning("the training data changed since the checkpoint (%s): allow_data_order_change is set, so "
+                           "the data starts afresh at step %d, in the new data's order", "; ".join(diffs),
+                           self.iterator.step)
+            return
+        self.iterator.set_state(data_state)
 
     def iterate(self, step: int) -> int:
         """Dispatch steps; a logging step's metrics are fetched only once the next step is queued behind it
@@ -350,12 +365,20 @@ class TrainLoop:
         self.parts.callbacks.on_evaluate(self.parts.owner, step, self.last_eval)
 
     def save(self, step: int, force: bool = False) -> None:
+        """Start a checkpoint of `step` (once per step). One the manager will not write (a step it holds, or one
+        not newer than its latest, left by another run) fails the run: it must never end without its checkpoint."""
         parts = self.parts
+        if step == self.last_saved_step:
+            return
         saved = self.manager.save(step, state=self.state.checkpointed(), data_state=self.iterator.get_state(),
                                   run_info=parts.run_info(), force=force,
                                   progress={"callbacks": parts.callbacks.state_dict()},
                                   metrics=self.last_eval if self.last_eval_step == step else None)
-        if saved:
-            self.heap.saved()
-            self.last_saved_step = step
-            parts.callbacks.on_save(parts.owner, step, str(self.manager.directory / str(step)))
+        if not saved:
+            raise OutputDirError(
+                f"output_dir: the checkpoint of step {step} was not written: {self.manager.directory} already holds "
+                f"checkpoints at steps {self.manager.all_steps()}, which this run did not write (another run, or "
+                "another process, writes there). Nothing was overwritten; resume into an output_dir of its own.")
+        self.heap.saved()
+        self.last_saved_step = step
+        parts.callbacks.on_save(parts.owner, step, str(self.manager.directory / str(step)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -18,7 +19,8 @@ logger = logging.getLogger("easytrain")
 
 #: The run_info layout this easytrain writes (`BaseTrainer.run_info`) and reads back on resume.
 FORMAT_VERSION = 1
-# Changing any of these would silently change which examples a resumed run sees, or in what order.
+# Changing any of these would silently change which examples a resumed run sees, or in what order. The tokenizer
+# (`tokenizer_name`, else `model_name_or_path`) is one too: other ids for the same text (`_tokenizer_change`).
 DATA_ORDER_FIELDS = ("seed", "train_batch_size", "dataset_name", "dataset_config_name", "train_file",
                      "max_length", "text_column", "max_train_samples", "validation_split_percentage")
 # Changing these is allowed (e.g. training longer) but bends the learning-rate curve from the restored step on.
@@ -29,9 +31,15 @@ LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules",
                "lora_train_norms", "lora_use_rslora")
 # What the stored arrays are: another optimizer has other state, another param_dtype other dtypes.
 STATE_FIELDS = ("optimizer", "param_dtype")
-# Architecture keys compared between the checkpoint and the model about to be trained.
+# Config keys that decide the function the model computes (its shapes, and what it computes with them: RoPE,
+# activation, norm epsilon, biases, attention windows), compared between the checkpoint and the model about to be
+# trained. Ids of special tokens, dtype, initialisation and version stamps are left out: they change nothing a
+# resumed run computes.
 ARCHITECTURE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings")
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings",
+                     "hidden_act", "rms_norm_eps", "rope_parameters", "rope_theta", "rope_scaling",
+                     "partial_rotary_factor", "attention_bias", "mlp_bias", "sliding_window", "use_sliding_window",
+                     "max_window_layers", "layer_types")
 
 
 def _differences(stored: dict[str, Any], current: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
@@ -39,9 +47,15 @@ def _differences(stored: dict[str, Any], current: dict[str, Any], keys: tuple[st
             for key in keys if stored.get(key) != current.get(key)]
 
 
+def _architecture_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Keys a checkpoint written before they were recorded lacks are not compared: absent is not "changed"."""
+    return _differences(stored, current, tuple(key for key in ARCHITECTURE_KEYS if key in stored and key in current))
+
+
 def config_dict(config: Any) -> dict[str, Any] | None:
-    """A Hugging Face config as plain JSON values (None for models without one)."""
-    return json.loads(config.to_json_string()) if hasattr(config, "to_json_string") else None
+    """A Hugging Face config as plain JSON values, every key (not only those differing from the class defaults, so
+    a resume can compare them all); None for models without one."""
+    return json.loads(config.to_json_string(use_diff=False)) if hasattr(config, "to_json_string") else None
 
 
 def check_resumable(run_info: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -55,7 +69,7 @@ def check_resumable(run_info: dict[str, Any], current: dict[str, Any]) -> list[s
     stored_config = run_info.get("model_config") or {}
     current_config = current.get("model_config") or {}
     if stored_config and current_config:
-        diffs = _differences(stored_config, current_config, ARCHITECTURE_KEYS)
+        diffs = _architecture_differences(stored_config, current_config)
         if diffs:
             raise ArgumentError("model_config", "the checkpoint was trained with a different architecture ("
                                 + "; ".join(diffs) + "). Resume with the same model, or start a new output_dir.")
@@ -66,7 +80,8 @@ def check_resumable(run_info: dict[str, Any], current: dict[str, Any]) -> list[s
                                 f"{stored_args[name]!r} vs now {current_args.get(name)!r}). Resume with the "
                                 "checkpoint's value, or start a new run from its weights with --init_weights_from "
                                 "(a fresh optimizer state).")
-    if lora_diffs := _differences(stored_args, current_args, tuple(k for k in LORA_FIELDS if k in stored_args)):
+    if lora_diffs := _differences(_lora_settings(stored_args), _lora_settings(current_args),
+                                  tuple(k for k in LORA_FIELDS if k in stored_args)):
         raise ArgumentError(lora_diffs[0].split(":")[0], "the checkpoint's adapters were trained with other LoRA "
                             "settings (" + "; ".join(lora_diffs) + "). Resume with the same lora_* arguments, or "
                             "start a new output_dir.")
@@ -79,7 +94,7 @@ def check_resumable(run_info: dict[str, Any], current: dict[str, Any]) -> list[s
     if schedule_diffs := _differences(stored_args, current_args, SCHEDULE_FIELDS):
         logger.warning("resuming with a different learning-rate schedule (%s): from the restored step on, the "
                        "curve differs from the one the checkpointed run would have followed", "; ".join(schedule_diffs))
-    order = _differences(stored_args, current_args, DATA_ORDER_FIELDS)
+    order = _differences(stored_args, current_args, DATA_ORDER_FIELDS) + _tokenizer_change(stored_args, current_args)
     stored_task, current_task = run_info.get("task_arguments") or {}, current.get("task_arguments") or {}
     task = _differences(stored_task, current_task, tuple(sorted(stored_task.keys() | current_task.keys())))
     diffs = order + task
@@ -93,6 +108,51 @@ def check_resumable(run_info: dict[str, Any], current: dict[str, Any]) -> list[s
                             f"{altered} of the resumed run ({'; '.join(diffs)}). Restore their values, pass "
                             "--allow_data_order_change to continue anyway, or start a new output_dir.")
     return diffs
+
+
+def _lora_settings(args: dict[str, Any]) -> dict[str, Any]:
+    """The LoRA fields as compared: target modules are a set (their order chooses no adapter)."""
+    targets = args.get("lora_target_modules")
+    return {**args, "lora_target_modules": sorted(set(targets)) if isinstance(targets, list) else targets}
+
+
+def _tokenizer_change(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The tokenizer the run loads (`tokenizer_name`, else `model_name_or_path`'s), if it changed: another one gives
+    other token ids for the same text, even at the same vocabulary size."""
+    before, now = (args.get("tokenizer_name") or args.get("model_name_or_path") for args in (stored, current))
+    if before == now:
+        return []
+    named = stored.get("tokenizer_name") or current.get("tokenizer_name")
+    return [f"tokenizer_name{'' if named else ' (from model_name_or_path)'}: checkpoint {before!r} vs now {now!r}"]
+
+
+def check_run_length(arguments: dict[str, Any], step: int) -> None:
+    """Refuse a `max_steps` below the checkpoint's step: nothing to train, and logs reporting step 4 of 2."""
+    max_steps = arguments.get("max_steps") or 0
+    if 0 < max_steps < step:
+        raise ArgumentError("max_steps", f"{max_steps} is below the checkpoint's step {step}: the resumed run would "
+                            f"have nothing to train. Pass --max_steps above {step} to train on, or start a new run "
+                            "(in another --output_dir) to train for fewer steps.")
+
+
+def check_data_position(position: dict[str, Any], fingerprint: Mapping[str, Any] | None, allow: bool) -> bool:
+    """Whether the saved data position can be kept: it was saved for the same data (`fingerprint`, the loader's
+    `seed`, `global_batch_size` and `num_rows`). The same arguments over other files or another dataset version
+    change `num_rows`: refused like a data-order change, or, under `allow_data_order_change`, the position is
+    dropped and the data starts afresh (in the new data's order) at the restored step. Without a fingerprint (a
+    loader of the trainer's own) nothing is compared here; the loader checks when the position is set."""
+    if fingerprint is None or not (diffs := _differences(position, dict(fingerprint), tuple(fingerprint))):
+        return True
+    described = "; ".join(diffs)
+    if allow:
+        logger.warning("the training data changed since the checkpoint (%s): allow_data_order_change is set, so the "
+                       "data starts afresh at the restored step, in the new data's order", described)
+        return False
+    raise ArgumentError("resume_from_checkpoint", f"the training data changed since the checkpoint ({described}), "
+                        "with the same arguments: the files or the dataset version behind them differ, and the "
+                        "restored data position would pick other examples than the interrupted run's. Restore the "
+                        "data it was trained on, pass --allow_data_order_change to continue from the restored step "
+                        "in the new data's order, or start a new output_dir.")
 
 
 def check_format(run_info: dict[str, Any]) -> None:
@@ -120,8 +180,10 @@ class Restored(NamedTuple):
     callbacks_state: dict[str, Any]
 
 
-def restore_checkpoint(checkpoint: tuple[Path, int], current: dict[str, Any], target: Any) -> Restored:
-    """Validate, then restore the state straight into `target`'s shapes and shardings, with the data
+def restore_checkpoint(checkpoint: tuple[Path, int], current: dict[str, Any], target: Any,
+                       data_fingerprint: Mapping[str, Any] | None = None) -> Restored:
+    """Validate (the run_info against `current`, the saved data position against the train loader's
+    `data_fingerprint`), then restore the state straight into `target`'s shapes and shardings, with the data
     position and the callbacks' progress."""
     root, step = checkpoint
     with CheckpointManager(root) as manager:
@@ -129,7 +191,11 @@ def restore_checkpoint(checkpoint: tuple[Path, int], current: dict[str, Any], ta
             run_info = manager.read_run_info(step)
         except Exception as error:  # any unreadable file means the same to the user: use another checkpoint
             raise _unreadable(root, step, manager.all_steps(), error) from error
+        check_run_length(current["arguments"], step)
         data_order_changed = check_resumable(run_info, current)
+        position = _read_position(manager, root, step, data_fingerprint)
+        allow = bool(current["arguments"].get("allow_data_order_change"))
+        keep_position = not data_order_changed and check_data_position(position, data_fingerprint, allow)
         try:
             if _stored_scan_layers(run_info) in (None, current["arguments"].get("scan_layers")):
                 state, data_state, _ = manager.restore(step, abstract_state=target)
@@ -141,7 +207,19 @@ def restore_checkpoint(checkpoint: tuple[Path, int], current: dict[str, Any], ta
         except Exception as error:
             raise _unreadable(root, step, manager.all_steps(), error) from error
     logger.info("resumed from %s at step %d", root / str(step), step)
-    return Restored(state, None if data_order_changed else data_state, progress.get("callbacks", {}))
+    return Restored(state, data_state if keep_position else None, progress.get("callbacks", {}))
+
+
+def _read_position(manager: CheckpointManager, root: Path, step: int,
+                   fingerprint: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The checkpoint's data position (JSON only); one without the settings the loader compares is damaged."""
+    try:
+        position = manager.read_data_state(step)
+        if fingerprint is not None and (missing := [key for key in fingerprint if key not in position]):
+            raise ValueError(f"its data_state records no {', '.join(missing)}")
+    except Exception as error:
+        raise _unreadable(root, step, manager.all_steps(), error) from error
+    return position
 
 
 def _stored_scan_layers(run_info: dict[str, Any]) -> bool | None:

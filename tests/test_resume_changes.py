@@ -1,0 +1,189 @@
+"""Changes since the checkpoint that a resume must not take silently: the data behind the same arguments, the
+tokenizer, the function the model computes. Each is refused before any compute, naming the fix."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from easytrain import ArgumentError, BaseTrainer
+from easytrain.checkpoint import CheckpointManager, finalized_steps
+from easytrain.data import TrainBatches
+from easytrain.data.errors import DataError
+from easytrain.trainers.resume import check_resumable, restore_checkpoint
+from test_resume_inputs import NoCompute, args_for, snapshot
+
+WORDS = "the quick brown fox jumps over the lazy dog and runs far away from home".split()
+
+
+def write_text(path: Path, lines: int) -> None:
+    path.write_text("\n".join(" ".join(WORDS[(i + j) % len(WORDS)] for j in range(30)) for i in range(lines)))
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "train.txt"
+    write_text(path, 60)
+    return path
+
+
+def file_args(output_dir, data_file, tokenizer_dir, **overrides):
+    return args_for(output_dir, train_file=str(data_file), tokenizer_name=tokenizer_dir, max_train_samples=None,
+                    validation_split_percentage=10, **overrides)
+
+
+@pytest.fixture(scope="module")
+def file_run(tmp_path_factory, data_file, tokenizer_dir) -> Path:
+    """A 4-step run on a text file with its own tokenizer: checkpoints at steps 2 and 4."""
+    output_dir = tmp_path_factory.mktemp("file_run") / "run"
+    BaseTrainer(file_args(output_dir, data_file, tokenizer_dir)).train()
+    return output_dir
+
+
+@pytest.fixture
+def run_copy(file_run, tmp_path) -> Path:
+    return Path(shutil.copytree(file_run, tmp_path / "run"))
+
+
+@pytest.fixture
+def grown_data(data_file):
+    """The same train_file path, now holding more text; put back afterwards."""
+    before = data_file.read_text()
+    write_text(data_file, 80)
+    yield data_file
+    data_file.write_text(before)
+
+
+def resume(run, data_file, tokenizer_dir, trainer=NoCompute, **overrides):
+    values = dict(max_steps=6, resume_from_checkpoint="latest") | overrides
+    return trainer(file_args(run, data_file, tokenizer_dir, **values))
+
+
+# ----------------------------------------------------------------------------- the data behind the same arguments
+
+
+def test_a_data_position_saved_for_other_data_is_refused_before_any_array_is_read(run_copy):
+    """`restore_checkpoint` checks the loader's fingerprint with the other resume checks: `target` is never used."""
+    root = run_copy / "checkpoints"
+    with CheckpointManager(root) as manager:
+        run_info, position = manager.read_run_info(4), manager.read_data_state(4)
+    changed = {key: position[key] for key in ("seed", "global_batch_size")} | {"num_rows": position["num_rows"] + 9}
+    before = snapshot(run_copy)
+    with pytest.raises(ArgumentError, match=rf"^resume_from_checkpoint: the training data changed .*num_rows: "
+                                            rf"checkpoint {position['num_rows']} vs now {changed['num_rows']}.*"
+                                            r"--allow_data_order_change"):
+        restore_checkpoint((root, 4), run_info, None, data_fingerprint=changed)
+    assert snapshot(run_copy) == before
+
+
+def test_a_changed_dataset_is_refused_before_compute_and_before_the_output_dir_is_claimed(run_copy, grown_data,
+                                                                                         tokenizer_dir):
+    before = snapshot(run_copy)
+    with pytest.raises(ArgumentError, match=r"resume_from_checkpoint: the training data changed.*num_rows"):
+        resume(run_copy, grown_data, tokenizer_dir, resume_from_checkpoint=str(run_copy / "checkpoints" / "2")).train()
+    assert snapshot(run_copy) == before  # checkpoint 4 not set aside, arguments.json not rewritten
+
+
+def test_allow_data_order_change_continues_a_changed_dataset_in_its_own_order(run_copy, grown_data, tokenizer_dir):
+    trainer = resume(run_copy, grown_data, tokenizer_dir, trainer=BaseTrainer, allow_data_order_change=True)
+    trainer.train()
+    assert finalized_steps(run_copy / "checkpoints") == [2, 4, 6]
+    with CheckpointManager(run_copy / "checkpoints") as manager:
+        assert manager.read_data_state(6) == {**trainer.dataloaders.train.fingerprint, "step": 6}
+
+
+def test_a_data_position_for_other_data_names_a_fix_that_exists():
+    rows = {"input_ids": [[1, 2, 3]] * 8}
+    saved = TrainBatches(rows, 2, seed=0).iterator(3).get_state()
+    with pytest.raises(DataError, match=r"num_rows: saved 8 vs now 12.*--allow_data_order_change") as refused:
+        TrainBatches({"input_ids": [[1, 2, 3]] * 12}, 2, seed=0).iterator().set_state(saved)
+    assert "without restoring the data state" not in str(refused.value)
+
+
+# ----------------------------------------------------------------------------- the tokenizer
+
+
+def test_another_tokenizer_is_refused_like_a_data_order_change(run_copy, data_file, tokenizer_dir, tmp_path):
+    """Another tokenizer of the same size gives other ids for the same text: other examples at every step."""
+    other = shutil.copytree(tokenizer_dir, tmp_path / "other_tokenizer")
+    before = snapshot(run_copy)
+    with pytest.raises(ArgumentError, match=r"resume_from_checkpoint: .*tokenizer_name: checkpoint .* vs now "
+                                            r".*other_tokenizer.*--allow_data_order_change"):
+        resume(run_copy, data_file, str(other)).setup()
+    assert snapshot(run_copy) == before
+
+
+def run_info_with(**arguments) -> dict:
+    defaults = dict(seed=0, train_batch_size=4, tokenizer_name=None, model_name_or_path=None)
+    return {"format_version": 1, "arguments": defaults | arguments, "model_config": None}
+
+
+@pytest.mark.parametrize("stored, now, refused", [
+    (dict(model_name_or_path="models/a"), dict(model_name_or_path="models/b"), True),
+    (dict(model_name_or_path="models/a"), dict(model_name_or_path="models/b", tokenizer_name="models/a"), False),
+    (dict(model_name_or_path="models/a"), dict(model_name_or_path="models/a", tokenizer_name="models/a"), False),
+])
+def test_the_tokenizer_a_model_supplies_counts_as_the_runs_tokenizer(stored, now, refused):
+    if refused:
+        with pytest.raises(ArgumentError, match=r"tokenizer_name \(from model_name_or_path\): checkpoint "
+                                                r"'models/a' vs now 'models/b'"):
+            check_resumable(run_info_with(**stored), run_info_with(**now))
+    else:
+        assert check_resumable(run_info_with(**stored), run_info_with(**now)) == []
+
+
+# ----------------------------------------------------------------------------- the model's function
+
+
+@pytest.mark.parametrize("change, listed", [
+    (dict(rope_theta=500.0), r"rope_parameters: checkpoint \{.*10000.0.*\} vs now \{.*500.0.*\}"),
+    (dict(hidden_act="gelu"), r"hidden_act: checkpoint 'silu' vs now 'gelu'"),
+    (dict(rms_norm_eps=0.1), r"rms_norm_eps: checkpoint 1e-06 vs now 0.1"),
+])
+def test_an_architecture_change_that_keeps_every_shape_is_refused(run_copy, data_file, tokenizer_dir, tmp_path,
+                                                                  change, listed):
+    from easytrain.models.presets import PRESETS
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model_type": "llama", **PRESETS["tiny"], **change}))
+    before = snapshot(run_copy)
+    with pytest.raises(ArgumentError, match=rf"^model_config: .*different architecture \(.*{listed}"):
+        resume(run_copy, data_file, tokenizer_dir, model_config=str(config)).setup()
+    assert snapshot(run_copy) == before
+
+
+def test_config_keys_an_older_checkpoint_did_not_record_are_not_compared():
+    stored, now = run_info_with(), run_info_with()
+    stored["model_config"] = {"model_type": "llama", "hidden_size": 128}
+    now["model_config"] = {"model_type": "llama", "hidden_size": 128, "rope_parameters": {"rope_theta": 1.0},
+                           "hidden_act": "gelu", "transformers_version": "9.0", "eos_token_id": 7}
+    assert check_resumable(stored, now) == []
+
+
+def test_harmless_config_keys_may_differ():
+    stored, now = run_info_with(), run_info_with()
+    stored["model_config"] = {"model_type": "llama", "eos_token_id": 2, "dtype": "float32", "architectures": None,
+                              "transformers_version": "5.0", "initializer_range": 0.02}
+    now["model_config"] = {"model_type": "llama", "eos_token_id": 3, "dtype": "bfloat16",
+                           "architectures": ["LlamaForCausalLM"], "transformers_version": "5.23.0",
+                           "initializer_range": 0.5}
+    assert check_resumable(stored, now) == []
+
+
+# ----------------------------------------------------------------------------- run length, LoRA targets
+
+
+def test_max_steps_below_the_checkpoint_step_is_refused(run_copy, data_file, tokenizer_dir):
+    before = snapshot(run_copy)
+    with pytest.raises(ArgumentError, match=r"^max_steps: 2 is below the checkpoint's step 4.*--max_steps"):
+        resume(run_copy, data_file, tokenizer_dir, max_steps=2).setup()
+    assert snapshot(run_copy) == before
+
+
+def test_lora_target_modules_in_another_order_are_the_same_adapters():
+    stored = run_info_with(lora_rank=4, lora_target_modules=["q_proj", "v_proj"])
+    now = run_info_with(lora_rank=4, lora_target_modules=["v_proj", "q_proj"])
+    assert check_resumable(stored, now) == []
+    with pytest.raises(ArgumentError, match="lora_target_modules"):
+        check_resumable(stored, run_info_with(lora_rank=4, lora_target_modules=["q_proj"]))
