@@ -38,8 +38,9 @@ class TrainingArguments:
     # --- run -----------------------------------------------------------------------------------
     output_dir: str = _arg("outputs/easytrain", "Where checkpoints, logs, arguments and the exported model go.")
     overwrite_output_dir: bool = _arg(
-        False, "Allow starting a fresh run in an output_dir that holds another run (its checkpoints, logs or "
-        "final_model), removing that run first."
+        False, "Allow starting a fresh run, or resuming a checkpoint from outside output_dir, in an output_dir that "
+        "holds another run (its checkpoints, logs or final_model): its logs and export are removed, its checkpoints "
+        "removed (fresh run) or moved to superseded_checkpoints/ (resume)."
     )
     task: str = _arg(
         "lm",
@@ -178,8 +179,9 @@ class TrainingArguments:
         "Resuming an older step of this output_dir moves its newer checkpoints to superseded_checkpoints/."
     )
     allow_data_order_change: bool = _arg(
-        False, "Resume even though seed, batch size, dataset or max_length changed since the checkpoint; "
-        "the data then continues in the order the new settings give at the restored step (not exact)."
+        False, "Resume even though seed, batch size, dataset (its arguments or its rows), tokenizer or max_length "
+        "changed since the checkpoint; the data then continues in the order the new settings give at the restored "
+        "step (not exact)."
     )
     metric_for_best_model: Optional[str] = _arg(
         None, "Eval metric (e.g. 'eval_loss') used to keep the best checkpoint and for early stopping."

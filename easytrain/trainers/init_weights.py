@@ -29,7 +29,7 @@ from easytrain.checkpoint import CheckpointNotFoundError, finalized_steps, resol
 from easytrain.errors import ArgumentError, CheckpointReadError
 from easytrain.models.scan import STACKED, abstract_layer, abstract_stack
 from easytrain.state import TrainState
-from easytrain.trainers.resume import _first_invalid_json, _innermost
+from easytrain.trainers.resume import first_invalid_json, innermost
 
 VariablePath = tuple[str, ...]
 #: The `TrainState` fields that hold module variables (`base` is never in a checkpoint).
@@ -95,10 +95,10 @@ def _unreadable(root: Path, step: int, error: Exception) -> CheckpointReadError:
             else "no earlier checkpoint exists")
     if (export / "config.json").is_file():
         hint += f", or the run's exported model, --init_weights_from {export}"
-    reason = _innermost(error)
+    reason = innermost(error)
     detail = (str(reason).strip().splitlines() or [""])[0]
     detail = detail if len(detail) <= 300 else detail[:300] + " ..."
-    if isinstance(reason, json.JSONDecodeError) and (bad := _first_invalid_json(root / str(step))) is not None:
+    if isinstance(reason, json.JSONDecodeError) and (bad := first_invalid_json(root / str(step))) is not None:
         detail = f"{bad} is not valid JSON: {detail}"
     return CheckpointReadError(f"init_weights_from: the checkpoint {root / str(step)} cannot be read "
                                f"({type(reason).__name__}: {detail}); it may be corrupted or truncated. It was left "

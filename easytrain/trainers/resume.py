@@ -253,10 +253,10 @@ def _unreadable(root: Path, step: int, steps: list[int], error: Exception) -> Ch
     earlier = [s for s in steps if s < step]
     hint = (f"resume from an earlier one, e.g. --resume_from_checkpoint {root / str(earlier[-1])}" if earlier
             else "no earlier checkpoint exists; start a new output_dir")
-    reason = _innermost(error)
+    reason = innermost(error)
     first_line = str(reason).strip().splitlines()[0] if str(reason).strip() else ""
     detail = first_line if len(first_line) <= 300 else first_line[:300] + " ..."
-    if isinstance(reason, json.JSONDecodeError) and (bad := _first_invalid_json(root / str(step))) is not None:
+    if isinstance(reason, json.JSONDecodeError) and (bad := first_invalid_json(root / str(step))) is not None:
         detail = f"{bad} is not valid JSON: {detail}"  # the decoder's reason says where in the text, not which file
     return CheckpointReadError(f"resume_from_checkpoint: the checkpoint {root / str(step)} cannot be read "
                                f"({type(reason).__name__}: {detail}); it may be corrupted or truncated. It was left "
@@ -267,7 +267,7 @@ def _unreadable(root: Path, step: int, steps: list[int], error: Exception) -> Ch
 _JSON_METADATA = ("_METADATA", "_CHECKPOINT_METADATA", "_sharding", "metadata")
 
 
-def _first_invalid_json(step_dir: Path) -> Path | None:
+def first_invalid_json(step_dir: Path) -> Path | None:
     """The first of the checkpoint's JSON metadata files that does not parse, if any."""
     candidates = [path for path in sorted(step_dir.rglob("*")) if path.is_file()
                   and (path.name in _JSON_METADATA or path.parent.name == "array_metadatas")]
@@ -279,7 +279,7 @@ def _first_invalid_json(step_dir: Path) -> Path | None:
     return None
 
 
-def _innermost(error: BaseException) -> BaseException:
+def innermost(error: BaseException) -> BaseException:
     """The exception at the bottom of `error`'s chain: the reader's own reason (which file, which bytes), where
     orbax wraps it in a generic one that prints a TensorStore spec."""
     seen = {id(error)}
