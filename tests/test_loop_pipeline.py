@@ -153,3 +153,46 @@ def test_the_peak_flop_rate_is_looked_up_before_the_first_step_is_dispatched(tmp
     logs = trainer.train()
     assert events[0] == ("peak", 0) and ("dispatch", 1) in events, events
     assert "mfu" in logs
+
+
+class FakeClock:
+    """`time.perf_counter` of the loop, advanced only by the test: a step takes 1 s, a log 10 s."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+class Timed(BaseTrainer):
+    clock: FakeClock
+
+    def train_iteration(self, state, batch):
+        self.clock.now += 1.0  # the step's compute, overlapping nothing in this fake
+        return super().train_iteration(state, batch)
+
+
+def test_the_logging_windows_tile_the_run_with_the_log_time_of_a_deferred_log_counted(tmp_path, monkeypatch):
+    """A deferred log runs while the next step computes; the time it takes is the loop's (the next dispatch waits
+    for it), so every second after the compile lies in exactly one window: step_time * steps sums to the run.
+    Restarting the window after the log instead dropped the next step's time (step_time read 0.004 s for 0.13)."""
+    clock = FakeClock()
+    monkeypatch.setattr(loop_module, "time", clock)
+    args = TrainingArguments(output_dir=str(tmp_path), max_length=32, train_batch_size=8, max_steps=6,
+                             logging_steps=2, eval_strategy="no", save_strategy="no", report_to=["jsonl"],
+                             disable_progress_bar=True, save_pretrained_at_end=False, max_train_samples=64)
+    trainer = Timed(args)
+    trainer.clock = clock
+    trainer.callbacks.callbacks.append(type("SlowLog", (), {
+        "on_log": lambda self, trainer, step, logs: setattr(clock, "now", clock.now + 10.0),
+        **{event: (lambda self, *a: None) for event in ("on_train_begin", "on_train_end", "on_step_end",
+                                                         "on_evaluate", "on_save", "on_exception",
+                                                         "on_job_update")}})())
+    trainer.train()
+    step_time = logged(tmp_path, "step_time")
+    # The clock reads 1 s once step 1 is compiled and 26 s at the last fetch (6 steps, two deferred 10 s logs; the
+    # last log is not deferred and comes after it). The fake charges a step at its dispatch, which precedes the
+    # deferred log of the step before, so the windows read 2, 2 + 10 and 1 + 10 seconds.
+    assert sum(2 * seconds for seconds in step_time.values()) == 26.0 - 1.0
+    assert step_time == {2: 1.0, 4: 6.0, 6: 5.5}

@@ -187,7 +187,7 @@ class TrainLoop:
                     flops.hardware_peak()  # on CPU a timed matmul: taken now, while nothing runs, not at the first log
                 metrics = self.dispatch(parts.to_device(batch))
             if deferred is not None:  # pending holds steps up to `deferred`; the device already has the next
-                self.log(deferred)
+                self.log(deferred, overlapping=True)
                 deferred = None
             step += 1
             self.pending.append((step, metrics, batch.get("example_id"), counts))
@@ -319,10 +319,16 @@ class TrainLoop:
         self.last_logs = {**self.last_logs, "best_step": best}
 
     # ------------------------------------------------------------------ events
-    def log(self, step: int) -> None:
-        """Fetch the metrics of every step since the last log in one transfer, merge and report them."""
+    def log(self, step: int, overlapping: bool = False) -> None:
+        """Fetch the metrics of every step since the last log in one transfer, merge and report them.
+
+        The next window starts when this one's metrics arrive if the log `overlapping`ly runs while the next step
+        computes (a deferred log): the next dispatch waits for the log, so its time is the loop's, and the part
+        of the next step it overlapped belongs to no window otherwise. A log with nothing queued behind it (an
+        evaluation, a save or the end follows) is off the clock, as they are."""
         fetched = metrics_lib.fetch([metrics for _, metrics, _, _ in self.pending])
-        elapsed = max(time.perf_counter() - self.window_start, 1e-9)
+        arrived = time.perf_counter()
+        elapsed = max(arrived - self.window_start, 1e-9)
         logs = metrics_lib.reduce_window(fetched)
         logs.update(throughput.window_logs([counts for *_, counts in self.pending], seconds=elapsed,
                                            rows_per_step=self.args.train_batch_size,
@@ -338,8 +344,8 @@ class TrainLoop:
         self.last_logs = logs
         self.reporter.log(step, logs, split="train")
         self.parts.callbacks.on_log(self.parts.owner, step, logs)
-        self.heap.check(saving=self.manager.is_saving())  # off the clock, like the log
-        self.window_start = time.perf_counter()
+        self.heap.check(saving=self.manager.is_saving())
+        self.window_start = arrived if overlapping else time.perf_counter()
 
     def check_finite(self, current_step: int, fetched: list[dict[str, Any]]) -> None:
         """Under `non_finite_policy='stop'`: checkpoint the (finite) current state and raise.
