@@ -150,7 +150,10 @@ def test_custom_loss_by_overriding_compute_loss(tmp_path):
     assert doubled["loss"] == pytest.approx(2 * plain["loss"], rel=1e-6)
 
 
-def test_non_finite_stop_policy_checkpoints_the_finite_state_and_names_the_step(tmp_path):
+@pytest.mark.parametrize("max_steps, logging_steps", [(3, 3), (6, 2)])
+def test_non_finite_stop_policy_checkpoints_the_finite_state_and_names_the_step(tmp_path, max_steps, logging_steps):
+    """With logging_steps 2 the log of step 2 is deferred until step 3 is dispatched: the state checkpointed is
+    then the one after step 3, so it is saved as step 3 (with its data position), and a resume continues it."""
     from easytrain import LossOutput, NonFiniteLossError, causal_lm_loss
 
     class NaNLoss(BaseTrainer):
@@ -158,17 +161,22 @@ def test_non_finite_stop_policy_checkpoints_the_finite_state_and_names_the_step(
             out = causal_lm_loss(model, batch, rng, train, frozen)
             return LossOutput(out.loss_sum * np.nan, out.count, out.metrics)
 
-    args = tiny_args(tmp_path, max_steps=3, logging_steps=3, non_finite_policy="stop")
+    args = tiny_args(tmp_path, max_steps=max_steps, logging_steps=logging_steps, non_finite_policy="stop",
+                     save_strategy="steps", save_steps=100)
     trainer = NaNLoss(args)
     initial = jax.tree.map(np.asarray, trainer.state.params)
-    with pytest.raises(NonFiniteLossError, match="at step 1 .*example ids"):
+    with pytest.raises(NonFiniteLossError, match="at step 1 .*example ids.*after step 3 was checkpointed"):
         trainer.train()
+    assert logged(args.output_dir, key="skipped_steps") == {logging_steps: logging_steps}  # the window is logged
     manager = CheckpointManager(Path(args.output_dir) / "checkpoints")
     assert manager.latest_step() == 3
     restored, data_state, _ = manager.restore(3, abstract_state=abstract_state(trainer.state_shardings, trainer.state))
     assert int(restored.step) == 3 and data_state["step"] == 3  # saved under its own step
     for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(initial)):
         np.testing.assert_array_equal(np.asarray(a), b)  # every non-finite update was skipped
+    resumed = BaseTrainer(tiny_args(tmp_path, max_steps=max_steps + 1, resume_from_checkpoint="latest"))
+    resumed.train()
+    assert int(resumed.state.step) == max_steps + 1
 
 
 def test_load_best_model_at_end_restores_the_best_checkpoint_while_the_metric_degrades(tmp_path):

@@ -339,23 +339,24 @@ class TrainLoop:
             logs.update(self.memory_plan.logs() if self.memory_plan else {})
             if "mfu" in logs:
                 logs["peak_flops"] = flops.hardware_peak().flops_per_second
-        self.check_finite(step, fetched)
-        self.pending = []
+        window, self.pending = self.pending, []
         self.last_logs = logs
         self.reporter.log(step, logs, split="train")
         self.parts.callbacks.on_log(self.parts.owner, step, logs)
+        self.check_finite(step + overlapping, window, fetched)  # the state in memory is after the next step too
         self.heap.check(saving=self.manager.is_saving())
         self.window_start = arrived if overlapping else time.perf_counter()
 
-    def check_finite(self, current_step: int, fetched: list[dict[str, Any]]) -> None:
+    def check_finite(self, current_step: int, window: list[tuple], fetched: list[dict[str, Any]]) -> None:
         """Under `non_finite_policy='stop'`: checkpoint the (finite) current state and raise.
 
         Non-finite updates were skipped inside the step, so the state in memory is finite; it is saved
-        under its own step, with the matching data position.
+        under its own step `current_step` (after a deferred log, the step dispatched after the window's
+        last), with the matching data position. The window is logged first.
         """
         if self.args.non_finite_policy != "stop":
             return
-        for (step, _, example_ids, _), metrics in zip(self.pending, fetched):
+        for (step, _, example_ids, _), metrics in zip(window, fetched):
             if int(metrics["skipped_steps"].result()):
                 self.save(current_step, force=True)
                 self.manager.wait_until_finished()  # the checkpoint must be complete before the error ends the run
