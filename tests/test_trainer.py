@@ -232,3 +232,21 @@ def test_a_second_train_call_is_refused_and_leaves_the_run_as_it_was(tmp_path):
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(trainer.state.params)):
         np.testing.assert_array_equal(a, b)
     assert sorted(logged(tmp_path / "run")) == [1, 2, 3]
+
+
+def test_a_checkpoint_off_the_logging_cadence_ends_a_logging_window(tmp_path):
+    """Steps after the last log and up to a checkpoint are logged with it: a run killed after the save and resumed
+    would otherwise never log them, and its next record would cover fewer steps than the straight run's."""
+    import shutil
+
+    straight = tiny_args(tmp_path / "a", max_steps=8, logging_steps=4, save_strategy="steps", save_steps=6,
+                         save_total_limit=None)
+    BaseTrainer(straight).train()
+    assert sorted(logged(straight.output_dir)) == [4, 6, 8]
+    resumed = tiny_args(tmp_path / "b", max_steps=8, logging_steps=4, save_strategy="steps", save_steps=6,
+                        save_total_limit=None, resume_from_checkpoint="latest")
+    shutil.copytree(straight.output_dir, resumed.output_dir)
+    shutil.rmtree(Path(resumed.output_dir) / "checkpoints" / "8")  # as if killed after step 7
+    BaseTrainer(resumed).train()
+    for key in ("loss", "num_tokens"):
+        assert logged(resumed.output_dir, key=key) == logged(straight.output_dir, key=key)

@@ -199,7 +199,9 @@ class TrainLoop:
                     self.profiler.stop()
             evaluating = is_due(step, args.eval_strategy, args.eval_steps, data.steps_per_epoch)
             saving = is_due(step, args.save_strategy, args.save_steps, data.steps_per_epoch)
-            if step % args.logging_steps == 0 or step == data.total_steps:
+            # A checkpoint ends a window too: steps between the last log and a save would not be logged by a run
+            # resumed from that save, whose next window would then hold fewer steps than this run's.
+            if step % args.logging_steps == 0 or step == data.total_steps or saving:
                 # Several processes log at once: deferred, a 2-process CPU run deadlocked in a collective.
                 if evaluating or saving or step == data.total_steps or jax.process_count() > 1:
                     self.log(step)
