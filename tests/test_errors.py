@@ -192,3 +192,29 @@ def test_tokenizer_without_pad_token_falls_back_to_eos_with_a_warning(tmp_path, 
         trainer.setup()
     assert trainer.tokenizer.pad_token == trainer.tokenizer.eos_token
     assert "no pad token" in caplog.text
+
+
+def test_a_second_run_in_an_output_dir_in_use_is_refused_before_it_writes(tmp_path):
+    """Two runs started together in one empty output_dir both passed its checks and then wrote side by side. The
+    lock is held as another process's would be (flock conflicts between open files, also in one process)."""
+    import fcntl
+    import subprocess
+    import sys
+
+    args = args_for(tmp_path, max_steps=2)
+    Path(args.output_dir).mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); f.write('pid 1 on x');"
+        "f.flush(); print('held', flush=True); time.sleep(120)"), str(Path(args.output_dir) / ".easytrain.lock")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(OutputDirError, match=r"in use by a run that is still training \(pid 1 on x holds"):
+            BaseTrainer(args).train()
+        assert sorted(p.name for p in Path(args.output_dir).iterdir()) == [".easytrain.lock"]  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+    BaseTrainer(args_for(tmp_path, max_steps=2)).train()  # the holder died: its lock went with it
+    with open(Path(args.output_dir) / ".easytrain.lock") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when train() returned

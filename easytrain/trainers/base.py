@@ -35,7 +35,7 @@ from easytrain.models import from_pretrained
 from easytrain.optim import build_optimizer, build_schedule
 from easytrain.protocol import ConfiguredDataloaders, ConfiguredFunctions, ConfiguredModel
 from easytrain.state import TrainState, bind
-from easytrain.trainers import adapters, builders, init_weights
+from easytrain.trainers import adapters, builders, init_weights, run_lock
 from easytrain.trainers.language_model import LanguageModelHooks
 from easytrain.trainers.loop import LoopParts, TrainLoop, evaluate_batches, trackers_then_claim
 from easytrain.trainers.resume import FORMAT_VERSION, config_dict, restore_checkpoint, restore_step
@@ -337,12 +337,13 @@ class BaseTrainer(LanguageModelHooks):
         self.setup()
         start = self._resume_from[1] if self._resume_from else 0
         builders.check_not_trained(int(self._state.step), start)
-        trackers, self.loop = trackers_then_claim(self._arguments, start, self.is_main_process, self._claim)
         try:
+            trackers, self.loop = trackers_then_claim(self._arguments, start, self.is_main_process, self._claim)
             return self.loop.run(self._state, start, self.resumed_data_state, resumed=self._resume_from is not None,
                                  trackers=trackers)
         finally:  # the step donated the arrays the module pointed at: show it the final ones
             bind(self._model.model, self._state)
+            run_lock.release(self._arguments.output_dir)  # taken by the claim
 
     def _claim(self) -> TrainLoop:
         """Once per trainer, after every check of `setup`: make `output_dir` this run's (`run_dir.claim_run`)."""

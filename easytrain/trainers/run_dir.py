@@ -13,6 +13,7 @@ from easytrain.arguments import TrainingArguments
 from easytrain.checkpoint import CHECKPOINTS_DIRNAME, finalized_steps, resolve_checkpoint
 from easytrain.errors import OutputDirError
 from easytrain.jobs import JOB_FILENAME, current_job
+from easytrain.trainers import run_lock
 
 #: What a run leaves in its output_dir that a later fresh run would overwrite or mix with its own.
 PREVIOUS_RUN_OUTPUTS = ("final_model", "results.json", "metrics.jsonl", "metrics.csv", "tensorboard")
@@ -77,9 +78,15 @@ def check_output_dir(args: TrainingArguments, *, is_main_process: bool = True) -
 
 
 def claim_run(args: TrainingArguments, resume: tuple[Path, int] | None, is_main_process: bool) -> None:
-    """Process 0 claims `output_dir` (`claim_output_dir`); the others wait until it has."""
+    """Process 0 locks `output_dir` for this run (`run_lock`) and claims it (`claim_output_dir`); the others wait
+    until it has."""
     if is_main_process:
-        claim_output_dir(args, resume)
+        run_lock.acquire(args.output_dir)
+        try:
+            claim_output_dir(args, resume)
+        except BaseException:
+            run_lock.release(args.output_dir)
+            raise
     distributed.barrier("easytrain:output_dir")  # process 0 may have cleared or moved checkpoints
 
 
