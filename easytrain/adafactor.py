@@ -102,12 +102,37 @@ def factored_rms_per_layer() -> optax.GradientTransformation:
     return optax.GradientTransformation(init, update)
 
 
+def clip_then_decay(threshold: float, rate: float | None, mask: Any = None,
+                    min_scale: float = 1e-3) -> optax.GradientTransformation:
+    """`clip_by_layer_rms`, then `rate * param / max(rms(param), min_scale)` added on the `mask`ed leaves: once
+    the update is scaled by the learning rate and by that same RMS (`scale_by_param_layer_rms`), the decay is
+    `lr * rate * param`, decoupled weight decay as AdamW's. Done here, not after the scalings as optax does
+    (`rate * param` per update, whatever the learning rate), so that the chain's states keep their places and
+    checkpoints of either restore."""
+    clip = clip_by_layer_rms(threshold)
+
+    def update(updates: Any, state: optax.EmptyState, params: Any = None) -> tuple[Any, optax.EmptyState]:
+        updates, state = clip.update(updates, state, params)
+        if not rate:
+            return updates, state
+        if params is None:
+            raise ValueError("adafactor's weight decay needs the parameters: pass params to update().")
+        decayed = jax.tree.map(lambda _: True, params) if mask is None else (mask(params) if callable(mask) else mask)
+        decay = lambda stacked, u, p, on: u + rate * p / jnp.maximum(_layer_rms(p, stacked), min_scale) if on else u  # noqa: E731,E501
+        return _map_stacked(decay, updates, params, decayed), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update)
+
+
 def adafactor(learning_rate: optax.ScalarOrSchedule, weight_decay_rate: float | None = None,
               weight_decay_mask: Any = None) -> optax.GradientTransformationExtraArgs:
     """optax's `adafactor` with its defaults (factored second moments, update clipping at RMS 1, updates
-    scaled by the parameter's RMS), each statistic per layer on stacked leaves."""
-    steps = [factored_rms_per_layer(), clip_by_layer_rms(1.0),
+    scaled by the parameter's RMS), each statistic per layer on stacked leaves, and weight decay multiplied by
+    the learning rate, as AdamW's and Lion's are (`clip_then_decay`; optax's is not). Its state is optax's,
+    position for position."""
+    steps = [factored_rms_per_layer(), clip_then_decay(1.0, weight_decay_rate, weight_decay_mask),
              optax.scale_by_learning_rate(learning_rate, flip_sign=False), scale_by_param_layer_rms()]
-    if weight_decay_rate is not None:
-        steps.append(optax.add_decayed_weights(weight_decay_rate, mask=weight_decay_mask))
+    if weight_decay_rate is not None:  # where optax adds its decay: the same (empty) state in the same place
+        placeholder = optax.identity()
+        steps.append(placeholder if weight_decay_mask is None else optax.masked(placeholder, weight_decay_mask))
     return optax.chain(*steps, optax.scale(-1))
