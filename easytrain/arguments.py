@@ -154,8 +154,8 @@ class TrainingArguments:
     warmup_steps: int = _arg(0, "Linear warmup length in optimizer updates; takes precedence over warmup_ratio.")
     warmup_ratio: float = _arg(0.05, "Warmup as a fraction of the total optimizer updates.")
     optimizer: Literal["adamw", "adafactor", "lion", "sgd"] = _arg("adamw", "Optimizer.")
-    weight_decay: float = _arg(0.0, "Decoupled weight decay, multiplied by the learning rate (AdamW, Lion, Adafactor alike); "
-                                "L2 for SGD.")
+    weight_decay: float = _arg(
+        0.0, "Decoupled weight decay, multiplied by the learning rate (AdamW, Lion, Adafactor alike); L2 for SGD.")
     adam_beta1: float = _arg(0.9, "beta1 of AdamW and Lion, in [0, 1).")
     adam_beta2: float = _arg(0.999, "beta2 of AdamW and Lion, in [0, 1).")
     adam_epsilon: float = _arg(1e-8, "epsilon of AdamW (> 0).")
