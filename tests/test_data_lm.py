@@ -95,8 +95,20 @@ def test_many_short_documents_lose_less_than_one_block(char_tokenizer):
     assert len(blocks) == 5000 * 6 // 1024
 
 
+def test_short_documents_beside_long_ones_all_reach_the_blocks(char_tokenizer):
+    """Grouping batches full of short documents once held under one block each and dropped it: at most one
+    partial block (the stream's tail) may be lost, wherever the short documents are."""
+    texts = ["1"] * 3000 + ["1+1=2" * 50] * 200 + ["7"] * 500  # 2 and 251 tokens with the EOS
+    blocks = tokenize_and_group(datasets.Dataset.from_dict({"text": texts}), char_tokenizer, max_length=127)
+    stream = _stream(char_tokenizer, texts)
+    flat = np.asarray(blocks.with_format("numpy")["input_ids"]).ravel().tolist()
+    assert len(stream) - len(flat) < 128
+    assert flat == stream[: len(flat)]
+
+
 def test_worker_processes_give_the_same_blocks(char_tokenizer):
-    data = datasets.Dataset.from_dict({"text": [f"{i}+{i}={2 * i}" for i in range(400)]})
+    texts = [f"{i}+{i}={2 * i}" for i in range(400)] + ["9"] * 300 + ["1+1=2" * 40] * 20
+    data = datasets.Dataset.from_dict({"text": texts})
     serial = tokenize_and_group(data, char_tokenizer, max_length=31)
     parallel = tokenize_and_group(data, char_tokenizer, max_length=31, num_proc=2)
     assert parallel["input_ids"][:] == serial["input_ids"][:]
@@ -105,6 +117,13 @@ def test_worker_processes_give_the_same_blocks(char_tokenizer):
 def test_missing_text_column_lists_the_columns(char_tokenizer):
     data = datasets.Dataset.from_dict({"content": ["a"], "id": [1]})
     with pytest.raises(DataError, match=r"'text' is not in .*content, id.*set `text_column`"):
+        tokenize_and_group(data, char_tokenizer, max_length=4)
+
+
+@pytest.mark.parametrize(("values", "kind"), [([["1+1=2", "3"]] * 4, "lists"), ([{"a": "1+1=2"}] * 4, "dicts")])
+def test_text_column_of_lists_or_dicts_is_refused(char_tokenizer, values, kind):
+    data = datasets.Dataset.from_dict({"text": values})
+    with pytest.raises(DataError, match=rf"'text' holds {kind} \(.*\), not strings.*format.*`text_column`"):
         tokenize_and_group(data, char_tokenizer, max_length=4)
 
 

@@ -155,3 +155,32 @@ def test_too_few_rows_to_hold_out_validation():
 
 def test_errors_are_value_errors():
     assert issubclass(DataError, ValueError)
+
+
+def test_dataset_save_to_disk_directories_load_as_dataset_name(tmp_path):
+    datasets.Dataset.from_dict({"text": TEXTS}).save_to_disk(tmp_path / "one")
+    splits = load_text_datasets(dataset_name=str(tmp_path / "one"), validation_split_percentage=10)
+    assert (len(splits["train"]), len(splits["validation"])) == (36, 4)
+    datasets.DatasetDict(train=datasets.Dataset.from_dict({"text": TEXTS[:30]}),
+                         validation=datasets.Dataset.from_dict({"text": TEXTS[30:]})).save_to_disk(tmp_path / "dict")
+    splits = load_text_datasets(dataset_name=str(tmp_path / "dict"))
+    assert list(splits["validation"]["text"]) == TEXTS[30:]
+
+
+def test_csv_text_cells_are_read_literally(tmp_path):
+    path = tmp_path / "na.csv"
+    path.write_text("text\nNone\nNA\nnull\nNaN\nn/a\nhello world\n")
+    splits = load_text_datasets(train_file=path, validation_split_percentage=0, cache_dir=tmp_path / "cache")
+    assert list(splits["train"]["text"]) == ["None", "NA", "null", "NaN", "n/a", "hello world"]
+
+
+def test_a_byte_order_mark_is_not_text(tmp_path):
+    path = tmp_path / "bom.txt"
+    path.write_bytes("\ufeffline one\nline two\n".encode("utf-8"))
+    splits = load_text_datasets(train_file=path, validation_split_percentage=0, cache_dir=tmp_path / "cache")
+    assert list(splits["train"]["text"]) == ["line one", "line two"]
+
+
+def test_a_directory_as_train_file_points_at_dataset_name(tmp_path):
+    with pytest.raises(DataError, match=r"`train_file` '.*' is a directory.*`dataset_name`"):
+        load_text_datasets(train_file=tmp_path)

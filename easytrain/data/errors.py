@@ -11,3 +11,11 @@ class DataError(EasytrainError, ValueError):
     Messages name the offending argument and say how to fix it, so the error
     can be shown to a user as-is.
     """
+
+
+class NotEnoughTokensError(DataError):
+    """A split holds fewer tokens than one block: callers that know which split it is add that and its fixes."""
+
+    def __init__(self, message: str, *, num_tokens: int = 0, block_size: int = 0) -> None:
+        super().__init__(message)
+        self.num_tokens, self.block_size = num_tokens, block_size

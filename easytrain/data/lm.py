@@ -15,9 +15,11 @@ from typing import Any, TypeAlias
 
 import datasets
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from transformers import PreTrainedTokenizerBase
 
-from easytrain.data.errors import DataError
+from easytrain.data.errors import DataError, NotEnoughTokensError
 
 #: One batch: static-shape host arrays keyed by name (see ``lm_collate``).
 Batch: TypeAlias = dict[str, np.ndarray]
@@ -26,8 +28,8 @@ Batch: TypeAlias = dict[str, np.ndarray]
 TOKENS = "input_ids"
 _NUM_TOKENS = "num_tokens"
 
-# Grouping runs per ``map`` batch and each batch drops its own partial block,
-# so batches are sized to hold about this many blocks: under 2% of tokens lost.
+# Grouping ``map`` batches are sized to hold about this many blocks on average: it bounds
+# the memory of one batch only, since each batch's leftover tokens carry into the next.
 _BLOCKS_PER_GROUP_BATCH = 64
 
 
@@ -119,6 +121,27 @@ def lm_collate_rows(rows: Mapping[str, np.ndarray], example_ids: np.ndarray) -> 
     return lm_collate(rows[TOKENS], example_ids)
 
 
+def mismatched_row_lengths(dataset: datasets.Dataset, length: int, column: str = TOKENS) -> np.ndarray | None:
+    """None when every row of ``column`` holds ``length`` tokens, else every row's token count in row order.
+
+    Reads the Arrow list offsets, so no token is copied; only when a selection (``select``, ``shuffle``,
+    a held-out split) sits over stored rows of other lengths are the selected rows read, to index them.
+    """
+    stored = _list_lengths(dataset.data.column(column), column)
+    if (stored == length).all():
+        return None
+    if getattr(dataset, "_indices", None) is None:  # the rows are the stored rows, in order
+        return stored
+    batches = dataset.with_format("arrow").iter(batch_size=4096)
+    return np.concatenate([np.zeros(0, np.int64), *(_list_lengths(batch[column], column) for batch in batches)])
+
+
+def _list_lengths(values: Any, column: str) -> np.ndarray:
+    if not any(check(values.type) for check in (pa.types.is_list, pa.types.is_large_list, pa.types.is_fixed_size_list)):
+        raise DataError(f"Column {column!r} holds {values.type} values, not one list of token ids per row.")
+    return np.asarray(pc.list_value_length(values).fill_null(0).to_numpy(), dtype=np.int64)
+
+
 def _check_text_column(dataset: datasets.Dataset, text_column: str) -> None:
     if text_column not in dataset.column_names:
         raise DataError(
@@ -126,11 +149,27 @@ def _check_text_column(dataset: datasets.Dataset, text_column: str) -> None:
             f"{', '.join(dataset.column_names) or 'none'}); set `text_column` to one of them."
         )
     feature = dataset.features.get(text_column)
-    if isinstance(feature, datasets.Value) and feature.dtype not in ("string", "large_string"):
+    if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
+        return
+    if isinstance(feature, datasets.Value):
         raise DataError(
             f"Text column {text_column!r} holds {feature.dtype} values, not text; set `text_column` to a "
             "column of strings, or convert this one (e.g. dataset.cast_column(name, datasets.Value('string')))."
         )
+    raise DataError(
+        f"Text column {text_column!r} holds {_feature_kind(feature)} ({feature!r}), not strings; turn each row "
+        "into one string first (a formatting step, e.g. dataset.map(lambda row: {'text': ...})), or set "
+        "`text_column` to a column of strings."
+    )
+
+
+def _feature_kind(feature: Any) -> str:
+    """What a non-string column holds, in words: the tokenizer fails on it with an unhelpful error."""
+    if isinstance(feature, dict):
+        return "dicts"
+    if isinstance(feature, (datasets.Sequence, datasets.LargeList, list)):
+        return "lists"
+    return f"{type(feature).__name__} values"
 
 
 def _eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -164,22 +203,25 @@ def _tokenize_documents(
 def _group_blocks(tokenized: datasets.Dataset, block_size: int) -> datasets.Dataset:
     """Pack token rows into blocks, failing early when not even one block fits.
 
-    Runs in one process: it is cheap, and worker shards would each drop a tail,
-    making the blocks depend on ``num_proc``.
+    Runs in one process, each batch's leftover tokens carried into the next: only the stream's
+    last partial block is lost, and the blocks depend on neither ``num_proc`` nor batch sizes.
     """
     num_tokens = int(np.sum(tokenized[_NUM_TOKENS]))
     if num_tokens < block_size:
-        raise DataError(
+        raise NotEnoughTokensError(
             f"The dataset has {num_tokens} tokens after tokenisation, but one block needs "
-            f"{block_size} (max_length + 1); add data or lower `max_length`."
+            f"{block_size} (max_length + 1); add data or lower `max_length`.",
+            num_tokens=num_tokens,
+            block_size=block_size,
         )
     return tokenized.map(
         _group,
         batched=True,
+        with_indices=True,
         batch_size=_group_batch_size(len(tokenized), num_tokens, block_size),
         remove_columns=tokenized.column_names,
         load_from_cache_file=True,
-        fn_kwargs={"block_size": block_size},
+        fn_kwargs={"block_size": block_size, "carry": _Carry()},
         desc=f"Grouping into blocks of {block_size}",
     )
 
@@ -208,10 +250,25 @@ def _group_batch_size(num_docs: int, num_tokens: int, block_size: int) -> int:
     return max(1, min(num_docs, math.ceil(_BLOCKS_PER_GROUP_BATCH * docs_per_block)))
 
 
+class _Carry:
+    """Tokens a grouping batch could not fill a block with, for the next batch (in row order)."""
+
+    def __init__(self) -> None:
+        self.tokens = np.zeros(0, dtype=np.int32)
+        self.next_row = 0
+
+
 def _group(
-    batch: Mapping[str, Sequence[Sequence[int]]], *, block_size: int
+    batch: Mapping[str, Sequence[Sequence[int]]], indices: Sequence[int], *, block_size: int, carry: _Carry
 ) -> dict[str, np.ndarray]:
-    """Concatenate a batch of token rows and cut it into whole blocks, dropping the tail."""
-    tokens = np.fromiter(itertools.chain.from_iterable(batch[TOKENS]), dtype=np.int32)
+    """Cut the carried tokens plus this batch's rows into whole blocks; carry the rest on."""
+    first = indices[0] if len(indices) else carry.next_row
+    if first == 0:  # a (re)run from the start
+        carry.tokens, carry.next_row = carry.tokens[:0], 0
+    if first != carry.next_row:
+        raise RuntimeError(f"grouping got rows from {first} on after rows up to {carry.next_row}: out of order")
+    batch_tokens = np.fromiter(itertools.chain.from_iterable(batch[TOKENS]), dtype=np.int32)
+    tokens = np.concatenate([carry.tokens, batch_tokens])
     num_blocks = len(tokens) // block_size
+    carry.tokens, carry.next_row = tokens[num_blocks * block_size :].copy(), first + len(indices)
     return {TOKENS: tokens[: num_blocks * block_size].reshape(num_blocks, block_size)}

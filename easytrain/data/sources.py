@@ -30,6 +30,13 @@ FILE_BUILDERS: Mapping[str, str] = {
     ".text": "text",
 }
 
+#: Builder options for a text corpus: CSV cells read literally (pandas turns "NA", "null", "None", "n/a" into
+#: missing values, dropped as empty documents) and a UTF-8 byte order mark not kept as text.
+BUILDER_OPTIONS: Mapping[str, Mapping[str, object]] = {
+    "csv": {"keep_default_na": False, "na_filter": False},
+    "text": {"encoding": "utf-8-sig"},
+}
+
 PathLike: TypeAlias = str | os.PathLike[str]
 
 
@@ -53,10 +60,10 @@ def load_text_datasets(
         dataset: An in-memory ``Dataset`` (used as the train split) or a
             ``DatasetDict`` with a ``"train"`` split.
         dataset_name: A dataset name or local directory for
-            ``datasets.load_dataset``.
+            ``datasets.load_dataset``, or a ``save_to_disk`` directory.
         dataset_config_name: The configuration of ``dataset_name``, if any.
         train_file: A local ``.json``/``.jsonl``/``.csv``/``.parquet``/
-            ``.txt``/``.text`` file with the training data.
+            ``.txt``/``.text`` file with the training data (see ``BUILDER_OPTIONS``).
         validation_file: A local file of the same format with validation data.
         validation_split_percentage: Percentage of train rows to hold out when
             the source has no validation split; 0 keeps everything for training.
@@ -139,6 +146,8 @@ def _from_memory(dataset: datasets.Dataset | datasets.DatasetDict) -> datasets.D
 
 
 def _from_name(name: str, config: str | None, cache_dir: str | None) -> datasets.DatasetDict:
+    if _saved_to_disk(name):
+        return _from_disk(name, config)
     try:
         loaded = datasets.load_dataset(name, config, cache_dir=cache_dir)
     except (ConnectionError, FileNotFoundError, DatasetGenerationError) as error:  # unreachable, unknown, unreadable
@@ -154,6 +163,29 @@ def _from_name(name: str, config: str | None, cache_dir: str | None) -> datasets
             f"(got {type(loaded).__name__}); point it at a map-style dataset."
         )
     return loaded
+
+
+def _saved_to_disk(name: str) -> bool:
+    """A directory written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``."""
+    markers = (datasets.config.DATASET_STATE_JSON_FILENAME, datasets.config.DATASETDICT_JSON_FILENAME)
+    return any(os.path.isfile(os.path.join(name, marker)) for marker in markers)
+
+
+def _from_disk(name: str, config: str | None) -> datasets.DatasetDict:
+    """``datasets.load_from_disk``, which ``load_dataset`` refuses to stand in for; a ``Dataset`` is the train split."""
+    if config is not None:
+        raise DataError(
+            f"`dataset_name` {name!r} is a save_to_disk directory, which has no configurations; "
+            f"drop `dataset_config_name` ({config!r})."
+        )
+    try:
+        loaded = datasets.load_from_disk(name)
+    except (FileNotFoundError, ValueError) as error:  # a damaged directory
+        raise DataError(
+            f"`dataset_name` {name!r} looks like a save_to_disk directory but could not be loaded "
+            f"({_reason(error)}); save it again with save_to_disk."
+        ) from error
+    return _from_memory(loaded)
 
 
 def _from_files(
@@ -172,7 +204,9 @@ def _from_files(
         if os.path.getsize(path) == 0:
             raise DataError(f"`{split}_file` {path!r} is empty; point it at a file with data.")
     try:
-        return datasets.load_dataset(builders[TRAIN], data_files=data_files, cache_dir=cache_dir)
+        return datasets.load_dataset(
+            builders[TRAIN], data_files=data_files, cache_dir=cache_dir, **BUILDER_OPTIONS.get(builders[TRAIN], {})
+        )
     except DatasetGenerationError as error:  # a parse error (broken JSON, CSV) or no rows to infer a schema from
         files = " or ".join(f"`{split}_file` {path!r}" for split, path in data_files.items())
         raise DataError(
@@ -196,6 +230,11 @@ def _offline() -> bool:
 
 def _builder_for(path: str, argument: str) -> str:
     """Pick the ``datasets`` builder from the file extension, checking the file exists."""
+    if os.path.isdir(path):
+        raise DataError(
+            f"`{argument}` {path!r} is a directory, not a file; pass a file, or pass the directory as "
+            "`dataset_name` (a dataset directory, or a folder of data files)."
+        )
     if not os.path.isfile(path):
         raise DataError(f"`{argument}` {path!r} does not exist; check the path.")
     extension = os.path.splitext(path)[1].lower()

@@ -21,6 +21,8 @@ from easytrain.arguments import TrainingArguments
 from easytrain.callbacks import Callback, EarlyStopping
 from easytrain.checkpoint import CHECKPOINTS_DIRNAME, CheckpointManager
 from easytrain.data import load_text_datasets, tokenize_and_group
+from easytrain.data.errors import DataError, NotEnoughTokensError
+from easytrain.data.lm import mismatched_row_lengths
 from easytrain.errors import ArgumentError, TrainedAlreadyError
 from easytrain.models.presets import llama_config
 from easytrain.tasks import arithmetic
@@ -61,9 +63,34 @@ def load_pretrained(field: str, name: str | os.PathLike, load: Callable[[str], L
                                    f"{type(error).__name__}: {reason}. {fix}") from error
 
 
-def uses_embedded_data(args: TrainingArguments, dataset_train: Any) -> bool:
-    """No dataset anywhere: train on the arithmetic corpus that ships with easytrain."""
-    return dataset_train is None and not (args.dataset_name or args.train_file)
+def uses_embedded_data(args: TrainingArguments, dataset_train: Any, dataset_eval: Any = None) -> bool:
+    """No data anywhere: train on the arithmetic corpus that ships with easytrain. Data given in a way that
+    would be ignored (an eval set alone, two training sources) is refused here, before anything is built."""
+    check_data_sources(args, dataset_train, dataset_eval)
+    return not _train_sources(args, dataset_train)
+
+
+def _train_sources(args: TrainingArguments, dataset_train: Any) -> list[str]:
+    given = {"dataset_train": dataset_train is not None, "train_file": bool(args.train_file),
+             "dataset_name": bool(args.dataset_name)}
+    return [name for name, present in given.items() if present]
+
+
+def check_data_sources(args: TrainingArguments, dataset_train: Any, dataset_eval: Any) -> None:
+    """One training source at most, one eval set at most, and no eval set without training data: any other
+    combination would silently drop one of them."""
+    train = _train_sources(args, dataset_train)
+    evaluation = [name for name, present in (("dataset_eval", dataset_eval is not None),
+                                             ("validation_file", bool(args.validation_file))) if present]
+    if len(train) > 1:
+        raise DataError(f"Got several training sources ({' and '.join(train)}), of which one would be ignored; "
+                        "pass exactly one of dataset_train, train_file or dataset_name.")
+    if len(evaluation) > 1:
+        raise DataError("Got two evaluation sets (dataset_eval and validation_file), of which one would be ignored; "
+                        "pass one.")
+    if evaluation and not train:
+        raise DataError(f"`{evaluation[0]}` was given without training data; pass dataset_train, train_file or "
+                        "dataset_name too (the embedded arithmetic data is used only when no data is given at all).")
 
 
 def build_tokenizer(args: TrainingArguments, *, embedded: bool) -> transformers.PreTrainedTokenizerBase:
@@ -127,19 +154,37 @@ def check_max_length(args: TrainingArguments, config: Any) -> None:
 
 
 def raw_datasets(args: TrainingArguments, dataset_train: Any, dataset_eval: Any) -> datasets.DatasetDict:
-    """The raw text splits from in-memory datasets, files, a dataset name, or the embedded corpus."""
-    if uses_embedded_data(args, dataset_train):
+    """The raw text splits from in-memory datasets, files, a dataset name, or the embedded corpus.
+
+    A given `dataset_eval` is the validation split whatever gives the training data (nothing is held out then,
+    and it replaces a validation split the training source brings)."""
+    if uses_embedded_data(args, dataset_train, dataset_eval):
         return arithmetic.make_arithmetic_splits(seed=args.seed)
-    if dataset_train is not None:
-        source = dataset_train
-        if dataset_eval is not None:
-            train = dataset_train["train"] if isinstance(dataset_train, datasets.DatasetDict) else dataset_train
-            source = datasets.DatasetDict(train=train, validation=dataset_eval)
-        return load_text_datasets(dataset=source, validation_split_percentage=args.validation_split_percentage,
-                                  seed=args.seed)
-    return load_text_datasets(dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name,
-                              train_file=args.train_file, validation_file=args.validation_file,
-                              validation_split_percentage=args.validation_split_percentage, seed=args.seed)
+    percentage = 0 if dataset_eval is not None else args.validation_split_percentage
+    splits = load_text_datasets(dataset=dataset_train, dataset_name=args.dataset_name or None,
+                                dataset_config_name=args.dataset_config_name, train_file=args.train_file or None,
+                                validation_file=args.validation_file, validation_split_percentage=percentage,
+                                seed=args.seed)
+    if dataset_eval is None:
+        return splits
+    if "validation" in splits:
+        logger.warning("dataset_eval replaces the 'validation' split of the training data source.")
+    return datasets.DatasetDict(train=splits["train"], validation=_eval_split(dataset_eval))
+
+
+def _eval_split(dataset_eval: Any) -> datasets.Dataset:
+    """`dataset_eval` as one split: a `Dataset`, or the 'validation' (or only) split of a `DatasetDict`."""
+    if isinstance(dataset_eval, datasets.DatasetDict):
+        if "validation" not in dataset_eval and len(dataset_eval) != 1:
+            raise DataError(f"`dataset_eval` is a DatasetDict with splits {', '.join(dataset_eval) or 'none'}; pass "
+                            "one split, e.g. dataset_eval=splits['test'].")
+        dataset_eval = dataset_eval["validation"] if "validation" in dataset_eval else next(iter(dataset_eval.values()))
+    if not isinstance(dataset_eval, datasets.Dataset):
+        raise DataError(f"`dataset_eval` must be a datasets.Dataset, got {type(dataset_eval).__name__}; build one "
+                        "with datasets.Dataset.from_dict(...).")
+    if len(dataset_eval) == 0:
+        raise DataError("`dataset_eval` has no rows; pass a non-empty evaluation set, or none.")
+    return dataset_eval
 
 
 def _truncate(dataset: datasets.Dataset, limit: int | None) -> datasets.Dataset:
@@ -182,22 +227,44 @@ def check_eval_metrics(args: TrainingArguments, device_names: set[str], evaluato
 
 
 def lm_eval_blocks(args: TrainingArguments, tokenizer: Any, split: datasets.Dataset,
-                   limit: int | None = None) -> datasets.Dataset:
-    """One split tokenised and grouped into `max_length + 1`-token blocks, numpy-formatted."""
+                   limit: int | None = None, split_name: str | None = None) -> datasets.Dataset:
+    """One split tokenised and grouped into `max_length + 1`-token blocks, numpy-formatted. `split_name`
+    ('train', 'validation') names it in errors; None is the dataset given to `evaluate(dataset)`."""
     if is_pretokenized(split, args):
-        return _truncate(check_block_length(split, args), limit).with_format("numpy")
-    grouped = tokenize_and_group(split, tokenizer, text_column=args.text_column, max_length=args.max_length,
-                                 num_proc=args.preprocessing_num_workers)
+        return check_block_length(_truncate(split, limit), args, split_name).with_format("numpy")
+    try:
+        grouped = tokenize_and_group(split, tokenizer, text_column=args.text_column, max_length=args.max_length,
+                                     num_proc=args.preprocessing_num_workers)
+    except NotEnoughTokensError as error:
+        raise NotEnoughTokensError(f"{_sentence(_described(split_name))} has {error.num_tokens} tokens after "
+                                   f"tokenisation, but one block needs {error.block_size} (max_length + 1); "
+                                   f"{_fixes_for_few_tokens(split_name)}", num_tokens=error.num_tokens,
+                                   block_size=error.block_size) from None
     return _truncate(grouped, limit).with_format("numpy")
+
+
+def _described(split_name: str | None) -> str:
+    return "the dataset given to evaluate(dataset)" if split_name is None else f"the {split_name!r} split"
+
+
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def _fixes_for_few_tokens(split_name: str | None) -> str:
+    if split_name == "validation":
+        return ("give more evaluation data (a larger validation_split_percentage, a validation_file or dataset_eval), "
+                "lower `max_length`, or set validation_split_percentage=0 when it is held out, to not evaluate.")
+    return f"add {'training ' if split_name == 'train' else ''}data or lower `max_length`."
 
 
 def lm_blocks(args: TrainingArguments, tokenizer: Any, splits: datasets.DatasetDict
               ) -> tuple[datasets.Dataset, datasets.Dataset | None]:
     """Tokenise and group each split into `max_length + 1`-token blocks, as numpy-formatted datasets."""
-    train = lm_eval_blocks(args, tokenizer, splits["train"], args.max_train_samples)
+    train = lm_eval_blocks(args, tokenizer, splits["train"], args.max_train_samples, "train")
     eval_split = splits.get("validation")
-    return train, (lm_eval_blocks(args, tokenizer, eval_split, args.max_eval_samples) if eval_split is not None
-                   else None)
+    return train, (lm_eval_blocks(args, tokenizer, eval_split, args.max_eval_samples, "validation")
+                   if eval_split is not None else None)
 
 
 def is_pretokenized(split: datasets.Dataset, args: TrainingArguments) -> bool:
@@ -205,12 +272,25 @@ def is_pretokenized(split: datasets.Dataset, args: TrainingArguments) -> bool:
     return "input_ids" in split.column_names and args.text_column not in split.column_names
 
 
-def check_block_length(split: datasets.Dataset, args: TrainingArguments) -> datasets.Dataset:
-    length = len(split[0]["input_ids"]) if len(split) else 0
-    if length != args.max_length + 1:
-        raise ArgumentError("max_length", f"pre-tokenized rows hold {length} tokens but training needs blocks of "
-                                          f"max_length + 1 = {args.max_length + 1}; set --max_length {length - 1}.")
-    return split
+def check_block_length(split: datasets.Dataset, args: TrainingArguments,
+                       split_name: str | None = "train") -> datasets.Dataset:
+    """Every pre-tokenized row holds `max_length + 1` tokens, checked on the Arrow offsets before any compute
+    (a wrong row otherwise fails mid-training, as a numpy error)."""
+    expected, where = args.max_length + 1, _described(split_name)
+    if len(split) == 0:
+        raise DataError(f"{_sentence(where)} has no rows; pass rows of {expected} token ids.")
+    lengths = mismatched_row_lengths(split, expected)
+    bad = np.flatnonzero(lengths != expected) if lengths is not None else np.zeros(0, np.int64)
+    if not bad.size:
+        return split
+    if lengths.min() == lengths.max() > 1:
+        raise ArgumentError("max_length", f"pre-tokenized rows of {where} hold {lengths[0]} tokens but training "
+                                          f"needs blocks of max_length + 1 = {expected}; set --max_length "
+                                          f"{lengths[0] - 1}.")
+    row = int(bad[0])
+    raise DataError(f"Pre-tokenized rows of {where}: row {row} holds {lengths[row]} tokens, but every row must hold "
+                    f"max_length + 1 = {expected} (row 0 holds {lengths[0]}); fix or drop such rows, e.g. "
+                    f"split.filter(lambda row: len(row['input_ids']) == {expected}).")
 
 
 def default_callbacks(args: TrainingArguments) -> list[Callback]:

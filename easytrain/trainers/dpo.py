@@ -131,7 +131,7 @@ class DPOTrainer(BaseTrainer):
     # ------------------------------------------------------------------ data
     def prepare_datasets(self) -> tuple[RowSource, RowSource | None]:
         args = self.arguments
-        embedded = builders.uses_embedded_data(args, self._raw_train)
+        embedded = builders.uses_embedded_data(args, self._raw_train, self._raw_eval)
         if self.tokenizer is None:
             self.tokenizer = (arithmetic.build_arithmetic_chat_tokenizer() if embedded and not args.model_name_or_path
                               else builders.build_tokenizer(args, embedded=False))

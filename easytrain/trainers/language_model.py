@@ -36,7 +36,7 @@ class LanguageModelHooks:
         """Rows to train and evaluate on, before batching. Default: text tokenised into blocks for
         causal language modelling (also sets `tokenizer` and `model_config`)."""
         args = self._arguments
-        embedded = builders.uses_embedded_data(args, self._raw_train)
+        embedded = builders.uses_embedded_data(args, self._raw_train, self._raw_eval)
         self.tokenizer = builders.ensure_pad_token(self.tokenizer or builders.build_tokenizer(args, embedded=embedded))
         self.model_config = getattr(self._given_model, "config", None) if self._given_model is not None \
             else builders.build_model_config(args, self.tokenizer)

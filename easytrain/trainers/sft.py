@@ -94,7 +94,7 @@ class SFTTrainer(BaseTrainer):
 
     def prepare_datasets(self) -> tuple[RowSource, RowSource | None]:
         args, sft = self.arguments, self.sft_arguments
-        embedded = builders.uses_embedded_data(args, self._raw_train)
+        embedded = builders.uses_embedded_data(args, self._raw_train, self._raw_eval)
         if self.tokenizer is None:
             self.tokenizer = (arithmetic.build_arithmetic_chat_tokenizer() if embedded
                               else builders.build_tokenizer(args, embedded=False))
