@@ -178,7 +178,7 @@ def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn, schedule: op
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state)
     metrics = {**metrics, "grad_norm": Mean(grad_norm, jnp.ones((), jnp.float32)),
                "learning_rate": Last(jnp.asarray(schedule(state.step), jnp.float32)),
-               "skipped_steps": Sum((~finite).astype(jnp.int32))}
+               "skipped_steps": Sum((~finite & skip_non_finite).astype(jnp.int32))}  # applied under 'ignore'
     return new_state, metrics
 
 

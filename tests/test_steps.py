@@ -207,6 +207,18 @@ def test_matches_a_hand_written_training_loop(clipping):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_a_non_finite_step_applied_under_ignore_is_not_counted_as_skipped():
+    """`skipped_steps` counts updates that were skipped; under 'ignore' the non-finite update is applied."""
+    state = make_state()
+    poisoned = jax.tree.map(lambda x: x, state.params)
+    poisoned["norm"]["scale"] = poisoned["norm"]["scale"].at[0].set(jnp.nan)
+    step = jax.jit(functools.partial(train_step, loss_fn=causal_lm_loss, schedule=lambda s: 1e-2,
+                                     skip_non_finite=False))
+    new_state, metrics = step(state.replace(params=poisoned), ragged_batch())
+    assert not np.isfinite(float(metrics["loss"].total))
+    assert int(metrics["skipped_steps"].total) == 0
+
+
 def test_non_finite_step_is_skipped():
     state = make_state()
     batch = ragged_batch()
