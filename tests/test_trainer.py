@@ -250,3 +250,17 @@ def test_a_checkpoint_off_the_logging_cadence_ends_a_logging_window(tmp_path):
     BaseTrainer(resumed).train()
     for key in ("loss", "num_tokens"):
         assert logged(resumed.output_dir, key=key) == logged(straight.output_dir, key=key)
+
+
+def test_a_run_without_evaluation_data_writes_no_empty_eval_records(tmp_path):
+    """eval_strategy 'steps' (the default) with nothing to evaluate wrote `{"step": 2, "split": "eval"}` records,
+    empty CSV rows and an empty `on_evaluate` every eval_steps."""
+    class TrainOnly(BaseTrainer):
+        def prepare_datasets(self):
+            return super().prepare_datasets()[0], None
+
+    recorder = Recorder()
+    args = tiny_args(tmp_path, max_steps=4, eval_strategy="steps", eval_steps=2, eval_metrics=[])
+    TrainOnly(args, callbacks=[recorder]).train()
+    assert not logged(args.output_dir, split="eval", key="step")
+    assert not [event for event in recorder.events if event.startswith("evaluate")]

@@ -207,6 +207,8 @@ def check_eval_metrics(args: TrainingArguments, device_names: set[str], evaluato
     names a metric evaluation produces (when every evaluator says what it returns), and what ranks or stops
     on evaluations has some to rank by."""
     if not has_eval_data and not evaluators:
+        if args.eval_strategy != "no":
+            logger.info("this run has no evaluation data: nothing is evaluated (eval_strategy=%r)", args.eval_strategy)
         for field in ("load_best_model_at_end", "early_stopping_patience"):
             if getattr(args, field):
                 raise ArgumentError(field, "ranks evaluations, but this run has no evaluation data: give it a "

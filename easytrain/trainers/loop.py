@@ -369,7 +369,11 @@ class TrainLoop:
                     f"or set non_finite_policy='skip'.")
 
     def evaluate(self, step: int) -> None:
-        self.last_eval, self.last_eval_step = self.parts.evaluate(), step
+        """Evaluate, report and tell the callbacks; a run with nothing to evaluate (no eval data, no evaluators)
+        reports nothing."""
+        if not (metrics := self.parts.evaluate()):
+            return
+        self.last_eval, self.last_eval_step = metrics, step
         self.reporter.log(step, self.last_eval, split="eval")
         self.parts.callbacks.on_evaluate(self.parts.owner, step, self.last_eval)
 
