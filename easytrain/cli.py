@@ -3,6 +3,10 @@
 `--task` picks a registered task (see `easytrain.tasks.registry`: decorators, lazy 'module:Class'
 strings, the `easytrain.tasks` entry-point group) or any `package.module:Class` implementing
 `TrainerProtocol`. A task's own argument dataclasses are parsed next to `TrainingArguments`.
+
+Exit status: 0 done (completed, or stopped by the stop file or a callback), 1 failed once training had started
+(job.json `failed`), 2 refused before it (arguments, data, model, output directory, checkpoint to resume: fix the
+command and rerun), 75 preempted after a checkpoint (`easytrain.trainers.preemption`).
 """
 
 from __future__ import annotations
@@ -23,9 +27,11 @@ from easytrain.config_io import build_parser, parse_task_arguments, peek_task
 from easytrain.errors import EasytrainError
 from easytrain.jobs import Job
 from easytrain.protocol import TrainerProtocol, check_implements
+from easytrain.sinks import strict_json
 from easytrain.tasks.registry import Task, available_tasks, register_task, resolve_task
 
-__all__ = ["main", "register_task", "resolve_task", "resolve_trainer", "run"]
+__all__ = ["FAILED_EXIT_CODE", "REFUSED_EXIT_CODE", "command_job", "main", "register_task", "resolve_task",
+           "resolve_trainer", "run"]
 
 TrainerFactory = Callable[..., TrainerProtocol]
 USAGE = """usage: easytrain train [--task NAME] [--config FILE] [--FIELD VALUE ...]   train (--help lists every field)
@@ -34,6 +40,8 @@ USAGE = """usage: easytrain train [--task NAME] [--config FILE] [--FIELD VALUE .
        easytrain --version                                                  versions of easytrain and its stack"""
 #: The libraries whose versions decide a run's numbers, reported by `easytrain --version` (for bug reports).
 STACK = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "transformers", "datasets", "tokenizers")
+FAILED_EXIT_CODE = 1  # training started, then failed: job.json says why
+REFUSED_EXIT_CODE = 2  # refused before training (or a bad command line): nothing was trained
 
 
 def resolve_trainer(task: str) -> TrainerFactory:
@@ -41,24 +49,33 @@ def resolve_trainer(task: str) -> TrainerFactory:
     return resolve_task(task).target
 
 
-def run(arguments: TrainingArguments, task_arguments: Sequence[Any] | None = None) -> dict[str, float]:
+def command_job(arguments: TrainingArguments) -> Job:
+    """The job `easytrain train` runs in, not entered yet. No sinks of its own: the trainer's are the run's, and
+    `log_metric` reaches them while it trains."""
+    return Job(arguments.output_dir, progress_start=arguments.progress_start, progress_end=arguments.progress_end,
+               stop_file=arguments.stop_file or None, report_to=["none"])
+
+
+def run(arguments: TrainingArguments, task_arguments: Sequence[Any] | None = None,
+        job: Job | None = None) -> dict[str, float]:
     """Build the trainer, train, evaluate and export: the whole job the CLI runs.
 
     `task_arguments` are the instances of the task's argument dataclasses (their defaults when None).
-    Every process returns the summary; only process 0 writes `results.json`, like every other file.
-    The whole job, from data loading to `results.json`, is reported in `output_dir/job.json` (queued
-    while the data and model are prepared; a failure anywhere is recorded there).
+    Every process returns the summary; only process 0 writes `results.json`, like every other file (NaN and
+    infinities as the strings "nan", "inf", "-inf", as in job.json). The whole job, from data loading to
+    `results.json`, is reported in `output_dir/job.json` (`job`, default `command_job(arguments)`: queued while
+    the data and model are prepared; a failure anywhere is recorded there).
     """
     trainer = resolve_task(arguments.task).build(arguments, task_arguments)
     check_implements(trainer)  # not isinstance: on Python 3.11 that evaluates properties, i.e. builds the run
-    with Job(arguments.output_dir, progress_start=arguments.progress_start, progress_end=arguments.progress_end,
-             stop_file=arguments.stop_file or None, report_to=["none"]):  # after the trainer: output_dir checked
+    with job or command_job(arguments):  # entered after the trainer: output_dir checked
         train_logs = dict(trainer.train())
         eval_logs = dict(trainer.evaluate())
         summary = {**{f"train_{k}": v for k, v in train_logs.items()}, **eval_logs}
         if jax.process_index() == 0:
             Path(arguments.output_dir).mkdir(parents=True, exist_ok=True)
-            (Path(arguments.output_dir) / "results.json").write_text(json.dumps(summary, indent=2))
+            text = json.dumps(strict_json(summary), indent=2, allow_nan=False)
+            (Path(arguments.output_dir) / "results.json").write_text(text)
     return summary
 
 
@@ -84,7 +101,15 @@ def _train(argv: list[str]) -> int:
         return 0
     _show_progress_messages()
     arguments, task_arguments = parse_task_arguments(argv, task.arguments, task.name)
-    print(json.dumps(run(arguments, task_arguments)))
+    job = command_job(arguments)
+    try:
+        summary = run(arguments, task_arguments, job)
+    except EasytrainError as error:
+        if not job.started:
+            raise  # refused before training: `main` exits with REFUSED_EXIT_CODE
+        print(f"easytrain: error: {error}", file=sys.stderr)
+        return FAILED_EXIT_CODE
+    print(json.dumps(strict_json(summary), allow_nan=False))
     return 0
 
 
@@ -132,6 +157,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             return plot_main(rest)
     except EasytrainError as error:
         print(f"easytrain: error: {error}", file=sys.stderr)
-        return 2
+        return REFUSED_EXIT_CODE
     print(f"easytrain: unknown command {command!r}\n{USAGE}", file=sys.stderr)
-    return 2
+    return REFUSED_EXIT_CODE

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import socket
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from easytrain.errors import ArgumentError
-from easytrain.sinks import RunStatus, check_report_to, write_json_atomically
+from easytrain.sinks import RunStatus, check_report_to, copy_json, json_scalars, write_json_atomically
 
 __all__ = [
     "JOB_FILENAME", "STATUSES", "Job", "JobListener", "JobStatus", "add_job_data", "check_progress_range",
@@ -39,6 +40,7 @@ JobStatus = Literal["queued", "running", "completed", "failed", "stopped"]
 JobListener = Callable[[Mapping[str, Any]], None]
 
 _ACTIVE: list[Job] = []  # innermost last; `log_metric` and friends report into `_ACTIVE[-1]`
+logger = logging.getLogger("easytrain")
 
 
 def check_progress_range(start: float, end: float) -> None:
@@ -70,34 +72,14 @@ def read_job(output_dir: str | os.PathLike) -> dict[str, Any] | None:
         return None
 
 
-def _json_value(value: Any) -> Any:
-    """Floats as JSON allows them: NaN and infinities become the strings "nan", "inf", "-inf"."""
-    if isinstance(value, Mapping):
-        return {str(key): _json_value(item) for key, item in value.items()}
-    if value is None or isinstance(value, (str, bool, int)):
-        return value
-    number = float(value)  # Python, numpy and 0-d jax scalars
-    return number if math.isfinite(number) else str(number)
-
-
-def _json_copy(value: Any) -> Any:
-    """A copy of JSON-shaped data (the record): new dicts, lists and tuples, the same immutable scalars. What
-    `copy.deepcopy` gives here, in 40% of its time: a trainer hands the record to its callbacks every step."""
-    if isinstance(value, dict):
-        return {key: _json_copy(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_json_copy(item) for item in value)
-    return value
-
-
 class Job(contextlib.ContextDecorator):
     """The state of one job, kept in `output_dir/job.json`; a context manager and a decorator.
 
     Entering writes status "queued"; the first progress report (`begin`, `progress_update`,
-    `log_metric`, or a trainer's first step) makes it "running". Leaving normally makes it "completed",
-    or "stopped" if a stop was requested; an exception makes it "failed" with the error and traceback
-    ("stopped" for SIGTERM preemption, Ctrl-C and a clean `sys.exit`). As a decorator, every call of
-    the function is a fresh job.
+    `log_metric`, or a trainer's loop starting) makes it "running". Leaving normally makes it "completed",
+    or "stopped" if a stop was requested before its progress reached `progress_end`; an exception makes it
+    "failed" with the error and traceback ("stopped" for SIGTERM preemption, Ctrl-C and a clean `sys.exit`).
+    As a decorator, every call of the function is a fresh job.
 
     Example:
         >>> @job("runs/mine", report_to=["jsonl", "csv"])  # doctest: +SKIP
@@ -113,7 +95,7 @@ class Job(contextlib.ContextDecorator):
                  progress_end: float = 100.0, stop_file: str | None = "STOP",
                  report_to: Sequence[str] = ("jsonl",), run_config: Mapping[str, Any] | None = None,
                  listeners: Sequence[JobListener] = (), enabled: bool | None = None,
-                 min_write_interval: float = 1.0):
+                 min_write_interval: float = 1.0, overwrite_metrics: bool = False):
         """Configures the job; nothing is written before it is entered.
 
         Args:
@@ -127,13 +109,15 @@ class Job(contextlib.ContextDecorator):
             enabled: Whether this process writes; default `jax.process_index() == 0`, read on entering.
             min_write_interval: Seconds between writes of progress, metrics and data (status changes are
                 written at once), so a fast loop does not spend its time rewriting the file.
+            overwrite_metrics: A fresh job (not `begin(initial_step=N)`) removes another run's files of its sinks
+                (`report_to`) at its first `log_metric`; without it, that call raises `OutputDirError`.
         """
         check_progress_range(progress_start, progress_end)
         check_report_to(list(report_to))
         self._options = dict(output_dir=output_dir, name=name, progress_start=progress_start,
                              progress_end=progress_end, stop_file=stop_file, report_to=report_to,
                              run_config=run_config, listeners=listeners, enabled=enabled,
-                             min_write_interval=min_write_interval)
+                             min_write_interval=min_write_interval, overwrite_metrics=overwrite_metrics)
         self.output_dir = Path(output_dir)
         self.path = self.output_dir / JOB_FILENAME
         self.stop_path = self.output_dir / stop_file if stop_file else None
@@ -142,9 +126,9 @@ class Job(contextlib.ContextDecorator):
         self.enabled = enabled
         self.record: dict[str, Any] = {}
         self._name, self._report_to, self._run_config = name, list(report_to), run_config
-        self._min_write_interval = min_write_interval
-        self._reporter: Any = None  # easytrain.reporting.Reporter, opened by the first `log_metric`
-        self._owns_reporter = False
+        self._min_write_interval, self._overwrite_metrics = min_write_interval, overwrite_metrics
+        self._reporter: Any = None  # the job's own easytrain.reporting.Reporter, opened by the first `log_metric`
+        self._borrowed: Any = None  # a trainer's reporter, used instead while it trains (`use_reporter`)
         self._previous: dict[str, Any] | None = None
         self._stop_reason: str | None = None
         self._stop_by_file = False
@@ -222,9 +206,17 @@ class Job(contextlib.ContextDecorator):
         if self.record.get("status", "queued") == "queued":
             self.begin(total_steps=self._total_steps, initial_step=self._initial_step)
 
+    @property
+    def started(self) -> bool:
+        """Whether the job began running (a trainer's loop started, or the first progress report)."""
+        return self.record.get("started_at") is not None
+
     def finish(self, status: JobStatus | None = None, reason: str | None = None) -> None:
-        """End the job: "completed" (progress at `progress_end`), or "stopped" if a stop was requested."""
-        status = status or ("stopped" if self.stop_requested else "completed")
+        """End the job: "completed" (progress at `progress_end`), or "stopped" if a stop was requested before its
+        progress got there (a request at the last step had nothing left to stop)."""
+        progress = self.record.get("progress", self.progress_start)
+        reached_end = self.progress_end > self.progress_start and progress >= self.progress_end
+        status = status or ("stopped" if self.stop_requested and not reached_end else "completed")
         if status == "completed":
             self.record.update(progress=self.progress_end, eta_seconds=0.0)
         self._end(status, reason or self._stop_reason)
@@ -239,12 +231,21 @@ class Job(contextlib.ContextDecorator):
 
     def _end(self, status: RunStatus, reason: str | None) -> None:
         self.record.update(status=status, finished_at=time.time(), stop_reason=reason if status == "stopped" else None)
-        if self._reporter is not None and self._owns_reporter:
+        if status != "completed":
+            self.record["eta_seconds"] = None  # it will not get there
+        if self._reporter is not None:
             self._reporter.close(status)
-        self._reporter = None
-        if status == "stopped" and self._stop_by_file and self.enabled and self.stop_path is not None:
-            self.stop_path.unlink(missing_ok=True)  # honoured: the next start runs normally
+        self._reporter = self._borrowed = None
+        self._remove_stop_file(status)
         self._publish(force=True)
+
+    def _remove_stop_file(self, status: RunStatus) -> None:
+        """The stop file was meant for this run, which is over: one it found is removed however it ended, and so is
+        one still there when it completed (too late to act on), so that the next start runs normally."""
+        if self.enabled and self.stop_path is not None and (self._stop_by_file or status == "completed"):
+            if status == "completed" and self.stop_path.exists():
+                logger.info("removed the stop file %s, found once the run had nothing left to stop", self.stop_path)
+            self.stop_path.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ progress and metrics
     def _mapped(self, percent: float) -> float:
@@ -279,26 +280,35 @@ class Job(contextlib.ContextDecorator):
     def update_metrics(self, split: str, step: int, metrics: Mapping[str, Any]) -> None:
         """Keep the latest `metrics` of `split` ("train", "eval", ...) in the record, with their step."""
         latest = self.record["metrics"].setdefault(split, {})
-        latest.update({"step": int(step), **_json_value(metrics)})
+        latest.update({"step": int(step), **json_scalars(metrics)})
         self._publish()
 
     def log_metric(self, name: str, value: float, step: int, split: str = "train") -> None:
-        """Send one metric at global `step` to the job's sinks (`report_to`) and keep it in the record."""
+        """Send one metric at global `step` to the job's sinks (`report_to`; a trainer's while it trains) and keep
+        it in the record."""
         self._ensure_running()
+        reporter = self._borrowed if self._borrowed is not None else self._own_reporter()
+        reporter.log(step, {name: value}, split=split)
+        self.update_metrics(split, step, {name: value})
+
+    def _own_reporter(self) -> Any:
+        """The job's sinks (`report_to`), opened by the first `log_metric` that is not a trainer's."""
         if self._reporter is None:
             # imported here: reporting imports rich, which a job without metrics never needs
-            from easytrain.reporting import Reporter
+            from easytrain.reporting import Reporter, claim_log_files
 
+            if self.enabled and self._initial_step == 0:  # a fresh job: another run's logs would get its steps twice
+                claim_log_files(self.output_dir, self._report_to, overwrite=self._overwrite_metrics)
             self._reporter = Reporter(output_dir=self.output_dir, report_to=self._report_to,
                                       total_steps=self._total_steps or 0, initial_step=self._initial_step,
                                       enabled=bool(self.enabled), show_progress=False, run_config=self._run_config)
-            self._owns_reporter = True
-        self._reporter.log(step, {name: value}, split=split)
-        self.update_metrics(split, step, {name: value})
+        return self._reporter
 
-    def use_reporter(self, reporter: Any) -> None:
-        """Send `log_metric` to a reporter someone else opened and closes (a trainer's)."""
-        self._reporter, self._owns_reporter = reporter, False
+    def use_reporter(self, reporter: Any) -> Any:
+        """Send `log_metric` to a reporter someone else opened and closes (a trainer's, while it trains) instead
+        of the job's own sinks; None: back to those. Returns the one it replaces, to give back afterwards."""
+        previous, self._borrowed = self._borrowed, reporter
+        return previous
 
     def add_job_data(self, key: str, value: Any) -> None:
         """Store `value` (JSON-serializable) under `data[key]` in the record; kept across a resume."""
@@ -339,7 +349,7 @@ class Job(contextlib.ContextDecorator):
         if not self.enabled:
             return
         for listener in list(self.listeners):
-            listener(_json_copy(self.record))
+            listener(copy_json(self.record))
         if force or time.monotonic() - self._written_at >= self._min_write_interval:
             self.flush()
 

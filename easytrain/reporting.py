@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -22,6 +23,7 @@ from typing import Any, Protocol
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from easytrain.errors import OutputDirError
 from easytrain.sinks import (
     CSV_FILENAME,
     REPORT_TO_CHOICES,
@@ -31,6 +33,7 @@ from easytrain.sinks import (
     WandbSink,
     check_report_to,
     metric_tag,
+    strict_json,
 )
 
 __all__ = [
@@ -39,6 +42,7 @@ __all__ = [
     "REPORT_TO_CHOICES",
     "TENSORBOARD_DIRNAME",
     "Reporter",
+    "claim_log_files",
     "format_metrics",
     "parse_report_to",
     "progress_description",
@@ -122,8 +126,29 @@ class _Sink(Protocol):
     def close(self, status: RunStatus = "completed") -> None: ...
 
 
+def claim_log_files(output_dir: str | os.PathLike, report_to: Sequence[str], *, overwrite: bool) -> None:
+    """Before a job's fresh run (step 0) opens its local sinks: another run's JSONL, CSV or TensorBoard files of
+    ``report_to`` there would hold every step twice. Removes them under ``overwrite``, else refuses, as a trainer
+    refuses such an output_dir (`OutputDirError`), naming the ways out."""
+    names = {"jsonl": METRICS_FILENAME, "csv": CSV_FILENAME, "tensorboard": TENSORBOARD_DIRNAME}
+    targets, output_dir = parse_report_to(report_to), Path(output_dir)
+    found = [name for sink, name in names.items() if sink in targets and (output_dir / name).exists()]
+    if found and not overwrite:
+        raise OutputDirError(
+            f"job: {str(output_dir)!r} already holds another run's {', '.join(found)}, and this job starts at step "
+            "0: its steps would be logged there twice. To continue that run, call `begin(total_steps=..., "
+            "initial_step=N)` (the step you restored) before the first log_metric; to start over, pass "
+            "overwrite_metrics=True to job(...) (removes them); or choose another output_dir.")
+    for name in found:
+        if (output_dir / name).is_dir():
+            shutil.rmtree(output_dir / name)
+        else:
+            (output_dir / name).unlink()
+
+
 class _JsonlSink:
-    """Appends one JSON object per ``log`` call, flushed so a crash loses at most one line."""
+    """Appends one JSON object per ``log`` call, flushed so a crash loses at most one line. NaN and infinities are
+    written as the strings "nan", "inf", "-inf" (as in job.json): JSON has no such numbers."""
 
     def __init__(self, path: Path, initial_step: int):
         if initial_step > 0:
@@ -131,8 +156,8 @@ class _JsonlSink:
         self._file = path.open("a", encoding="utf-8")
 
     def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
-        record = {"step": step, "split": split, **metrics, "time": time.time()}
-        self._file.write(json.dumps(record) + "\n")
+        record = {"step": step, "split": split, **strict_json(metrics), "time": time.time()}
+        self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
 
     def close(self, status: RunStatus = "completed") -> None:

@@ -134,3 +134,44 @@ def test_only_process_zero_writes_results_json(tmp_path, monkeypatch, process_in
     summary = run(args)
     assert {"train_loss", "eval_loss"} <= set(summary)  # every process still returns the summary
     assert (Path(args.output_dir) / "results.json").is_file() is writes
+
+
+NAN_TASK = '''
+import numpy as np
+
+from easytrain import BaseTrainer, LossOutput, causal_lm_loss
+
+
+class NaNLossTrainer(BaseTrainer):
+    def compute_loss(self, model, batch, rng, train, frozen):
+        out = causal_lm_loss(model, batch, rng, train, frozen)
+        return LossOutput(out.loss_sum * np.nan, out.count, out.metrics)
+'''
+TINY = ["--max_length", "16", "--train_batch_size", "4", "--eval_batch_size", "4", "--max_steps", "3",
+        "--max_train_samples", "64", "--max_eval_samples", "8", "--report_to", "jsonl", "--disable_progress_bar",
+        "--save_pretrained_at_end", "false", "--non_finite_policy", "stop", "--task", "nan_task:NaNLossTrainer"]
+
+
+def test_a_failure_during_training_exits_1_a_refusal_before_it_2(tmp_path, monkeypatch, capsys):
+    """2 is for what fails before training (arguments, the output directory): fix the command and rerun."""
+    (tmp_path / "nan_task.py").write_text(NAN_TASK)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["train", "--output_dir", str(tmp_path / "run"), *TINY]) == 1
+    assert "non-finite loss or gradient at step 1" in capsys.readouterr().err
+    assert json.loads((tmp_path / "run" / "job.json").read_text())["error"]["type"] == "NonFiniteLossError"
+    assert main(["train", "--output_dir", str(tmp_path / "run"), *TINY]) == 2  # its checkpoint: refused
+    assert "already holds a run with checkpoints" in capsys.readouterr().err
+
+
+def test_results_json_is_strict_json_with_non_finite_values(tmp_path, monkeypatch):
+    (tmp_path / "hand_written_trainer.py").write_text(textwrap.dedent(HAND_WRITTEN))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = TrainingArguments(task="hand_written_trainer:LinearRegressionTrainer", max_steps=5, learning_rate=1e30,
+                             output_dir=str(tmp_path / "out"))  # diverges: the losses overflow
+    summary = run(args)
+
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    written = json.loads((tmp_path / "out" / "results.json").read_text(), parse_constant=refuse)
+    assert written["eval_loss"] in ("nan", "inf") and written["eval_loss"] == str(summary["eval_loss"])

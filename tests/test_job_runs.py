@@ -16,6 +16,7 @@ import pytest
 
 from easytrain import BaseTrainer, Callback, TrainingArguments, parse_arguments
 from easytrain.checkpoint import finalized_steps
+from easytrain.cli import run
 from easytrain.jobs import current_job, job, read_job
 from runs import logged
 from sink_readers import csv_rows, mlflow_history, mlflow_run, tracker_env, wandb_segments
@@ -144,6 +145,83 @@ def test_overwriting_a_run_keeps_the_job_file_of_the_job_running_it(tmp_path: Pa
     assert finalized_steps(tmp_path / "run" / "checkpoints") == [2], "the old run's checkpoints are gone"
     assert sorted(logged(tmp_path / "run")) == [1, 2], "and so are its logs"
     assert read_job(tmp_path / "run")["status"] == "completed"
+
+
+# ----------------------------------------------------------------------------- the same through `easytrain train`
+
+JOB_TASKS = '''
+"""Trainers for `--task job_tasks:...`: a callback logs its own metric, or drops the stop file during the last step."""
+from pathlib import Path
+
+from easytrain import BaseTrainer, Callback
+from easytrain.jobs import current_job, log_metric
+
+
+class LogsOwnMetric(Callback):
+    def on_step_end(self, trainer, step):
+        log_metric("my_metric", 10.0 * step, step)
+
+
+class StopFileAtLastStep(Callback):
+    def on_step_end(self, trainer, step):
+        if step == trainer.arguments.max_steps:
+            (Path(trainer.arguments.output_dir) / "STOP").touch()
+
+
+class LogMetricTrainer(BaseTrainer):
+    status_while_compiling = None
+
+    def __init__(self, arguments, *task_arguments):
+        super().__init__(arguments, callbacks=[LogsOwnMetric()])
+
+    def plan_memory(self, state, batch):  # right before the first step compiles
+        LogMetricTrainer.status_while_compiling = current_job().record["status"]
+        return super().plan_memory(state, batch)
+
+
+class StopAtLastStepTrainer(BaseTrainer):
+    def __init__(self, arguments, *task_arguments):
+        super().__init__(arguments, callbacks=[StopFileAtLastStep()])
+'''
+
+
+@pytest.fixture
+def job_tasks(tmp_path: Path, monkeypatch):
+    """The module of `JOB_TASKS`, importable as `job_tasks` (`--task job_tasks:Class`)."""
+    (tmp_path / "job_tasks.py").write_text(JOB_TASKS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import job_tasks
+
+    return job_tasks
+
+
+def train_as(path: str, job_tasks, args: TrainingArguments) -> None:
+    """`easytrain train --task job_tasks:...` (its `run`, in this process), or the trainer's own `train()`."""
+    if path == "cli":
+        run(args)
+    else:
+        getattr(job_tasks, args.task.split(":")[1])(args).train()
+
+
+@pytest.mark.parametrize("path", ["cli", "train"])
+def test_log_metric_from_a_callback_reaches_the_runs_sinks(tmp_path: Path, job_tasks, path: str) -> None:
+    args = tiny_args(tmp_path / "run", max_steps=3, report_to=["jsonl", "csv"], task="job_tasks:LogMetricTrainer")
+    train_as(path, job_tasks, args)
+    assert logged(args.output_dir, "my_metric") == {1: 10.0, 2: 20.0, 3: 30.0}
+    assert [row["my_metric"] for row in csv_rows(args.output_dir) if row["my_metric"]] == ["10.0", "20.0", "30.0"]
+    assert read_job(args.output_dir)["metrics"]["train"]["my_metric"] == 30.0
+    assert job_tasks.LogMetricTrainer.status_while_compiling == "running", "docs/jobs.md: running from the loop on"
+
+
+@pytest.mark.parametrize("path", ["cli", "train"])
+def test_a_stop_file_during_the_last_step_completes_the_run_and_is_removed(tmp_path: Path, job_tasks,
+                                                                            path: str) -> None:
+    args = tiny_args(tmp_path / "run", max_steps=3, task="job_tasks:StopAtLastStepTrainer")
+    train_as(path, job_tasks, args)
+    record = read_job(args.output_dir)
+    assert (record["status"], record["step"], record["progress"], record["stop_reason"]) == ("completed", 3, 100.0,
+                                                                                            None)
+    assert not (tmp_path / "run" / "STOP").exists(), "left behind, it would stop the next resume at once"
 
 
 # ----------------------------------------------------------------------------- SIGKILL, then resume

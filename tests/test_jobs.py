@@ -4,6 +4,7 @@ atomic writes, and that only the main process writes."""
 from __future__ import annotations
 
 import json
+import math
 import threading
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 from doc_snippets import python_blocks, run_block
 
 from easytrain import TrainingArguments
-from easytrain.errors import ArgumentError
+from easytrain.errors import ArgumentError, OutputDirError
 from easytrain.jobs import (
     Job,
     add_job_data,
@@ -22,15 +23,20 @@ from easytrain.jobs import (
     read_job,
     should_stop,
 )
+from event_files import effective_scalars
 from sink_readers import csv_rows
 
 
-def strict_json(path: Path) -> dict:
+def strict_loads(text: str) -> dict:
     """Parse as a strict JSON reader (a browser, jq) would: NaN and Infinity are refused."""
     def refuse(constant):
         raise ValueError(f"non-standard JSON constant {constant}")
 
-    return json.loads(path.read_text(), parse_constant=refuse)
+    return json.loads(text, parse_constant=refuse)
+
+
+def strict_json(path: Path) -> dict:
+    return strict_loads(path.read_text())
 
 
 def test_queued_then_running_then_completed_with_progress_mapped_into_the_range(tmp_path: Path) -> None:
@@ -238,3 +244,74 @@ def test_the_hand_written_loop_examples_of_the_docs_run_as_written(tmp_path: Pat
     assert (record["status"], record["resumed_from_step"], record["progress"]) == ("completed", 10, 100.0)
     assert record["data"] == {"model": "y = w * x"}
     assert [int(row["step"]) for row in csv_rows(output_dir)] == list(range(1, 21))
+
+
+# ----------------------------------------------------------------------------- found in review
+
+
+def test_a_fresh_job_refuses_another_runs_metrics_unless_told_to_overwrite(tmp_path: Path) -> None:
+    """Each decorated call is a fresh job: the second would log steps 1..3 a second time into every sink."""
+    def loop(scale: float) -> None:
+        for step in range(1, 4):
+            log_metric("loss", scale / step, step)
+
+    sinks = ["jsonl", "csv", "tensorboard"]
+    train = job(tmp_path, report_to=sinks)(loop)
+    train(1.0)
+    with pytest.raises(OutputDirError, match=r"already holds another run's metrics.jsonl, metrics.csv, "
+                                             r"tensorboard.*initial_step.*overwrite_metrics=True"):
+        train(2.0)
+    assert read_job(tmp_path)["status"] == "failed"
+    job(tmp_path, report_to=sinks, overwrite_metrics=True)(loop)(3.0)
+    expected = [(1, 3.0), (2, 1.5), (3, 1.0)]
+    jsonl = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in jsonl] == expected
+    assert [(int(r["step"]), float(r["loss"])) for r in csv_rows(tmp_path)] == expected
+    assert effective_scalars(tmp_path / "tensorboard")["train/loss"] == expected
+
+
+def test_non_finite_metrics_are_strict_json_as_in_the_job_file(tmp_path: Path) -> None:
+    with job(tmp_path, report_to=["jsonl"]):
+        for step, value in enumerate([math.nan, math.inf, -math.inf, 0.5], start=1):
+            log_metric("loss", value, step)
+    lines = [strict_loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["loss"] for line in lines] == ["nan", "inf", "-inf", 0.5]
+    assert strict_json(tmp_path / "job.json")["metrics"]["train"]["loss"] == 0.5
+
+
+def test_a_job_that_ends_unfinished_has_no_eta(tmp_path: Path, monkeypatch) -> None:
+    now = [0.0]
+    monkeypatch.setattr("easytrain.jobs.time.monotonic", lambda: now[0])
+
+    def half_way(running: Job) -> None:
+        for percent in (10, 20):
+            now[0] += 1.0
+            running.progress_update(percent)
+        assert running.record["eta_seconds"] == pytest.approx(8.0)
+
+    with job(tmp_path / "stopped") as running:
+        half_way(running)
+        running.request_stop("enough")
+    with pytest.raises(RuntimeError), job(tmp_path / "failed") as running:
+        half_way(running)
+        raise RuntimeError("diverged")
+    for name in ("stopped", "failed"):
+        record = read_job(tmp_path / name)
+        assert (record["status"], record["eta_seconds"]) == (name, None)
+
+
+def test_a_stop_file_found_at_the_last_step_completes_the_job_and_is_removed(tmp_path: Path) -> None:
+    """Nothing was left to stop: the job completed, and the file must not stop the next start at once."""
+    @job(tmp_path)
+    def train() -> None:
+        for step in range(1, 4):
+            progress_update(100 * step / 3)
+            if step == 3:
+                (tmp_path / "STOP").touch()
+            if should_stop():
+                break
+
+    train()
+    record = read_job(tmp_path)
+    assert (record["status"], record["progress"], record["stop_reason"]) == ("completed", 100.0, None)
+    assert not (tmp_path / "STOP").exists()

@@ -58,6 +58,15 @@ def test_csv_resume_drops_later_rows_and_a_torn_line(tmp_path: Path) -> None:
         ("1", "1.0"), ("2", "2.0"), ("3", "3.0"), ("4", "40.0"), ("5", "50.0")]
 
 
+@pytest.mark.parametrize("initial_step", [0, 5])
+def test_csv_killed_while_writing_its_header_gets_it_once(tmp_path: Path, initial_step: int) -> None:
+    (tmp_path / "metrics.csv").write_text("step,spl")  # killed mid-write of the first line
+    log_steps(tmp_path, ["csv"], [6], initial_step=initial_step)
+    lines = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert lines[0] == "step,split,time,loss" and len(lines) == 2
+    assert [(r["step"], r["loss"]) for r in csv_rows(tmp_path)] == [("6", "6.0")]
+
+
 # ----------------------------------------------------------------------------- Weights & Biases
 
 
@@ -90,6 +99,12 @@ def test_mlflow_resume_reopens_the_run_and_never_logs_a_step_twice(tmp_path: Pat
     assert run.info.run_id == first_id and run.info.status == "FINISHED"
     assert mlflow_history(run_dir, "train/loss") == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 5.0),
                                                       (6, 60.0), (7, 70.0)]
+
+
+def test_mlflow_fresh_run_keeps_step_zero(tmp_path: Path, offline_trackers) -> None:
+    """An evaluation before training logs at step 0: a fresh run has no floor to drop it."""
+    log_steps(tmp_path / "run", ["mlflow"], range(0, 3))
+    assert mlflow_history(tmp_path / "run", "train/loss") == [(0, 0.0), (1, 1.0), (2, 2.0)]
 
 
 def test_mlflow_resume_completes_a_step_the_kill_tore(tmp_path: Path, offline_trackers) -> None:

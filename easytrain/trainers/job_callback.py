@@ -4,8 +4,9 @@ Added to every `BaseTrainer` by default. At the first hook it joins the running 
 decorated function around `train()`, or the `easytrain train` command), or opens its own in
 `output_dir`. It reports progress as steps mapped into `[progress_start, progress_end]` (the file is
 rewritten at least at every checkpoint), the latest train and eval metrics, and turns a stop request into
-`trainer.should_stop`, so the loop checkpoints after the current step. A job it opened it also ends:
-completed, stopped, or failed with the error.
+`trainer.should_stop`, so the loop checkpoints after the current step. While the trainer trains, `log_metric`
+reaches the trainer's sinks, whoever opened the job. A job it opened it also ends: completed (a stop requested
+during the last step had nothing left to stop), stopped, or failed with the error.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ class JobCallback(Callback):
         self.job: Job | None = None
         self._owned = False
         self._listener: Any = None
+        self._replaced_reporter: Any = None
+        self._lending = False  # whether the job's `log_metric` goes to this trainer's reporter
         self._step = self._total = 0
 
     def _percent(self, step: int) -> float:
@@ -51,9 +54,11 @@ class JobCallback(Callback):
             running = Job(args.output_dir, progress_start=args.progress_start, progress_end=args.progress_end,
                           stop_file=args.stop_file or None, report_to=["none"])
             running.open()
-            running.use_reporter(loop.reporter)  # `log_metric` from a callback reaches the trainer's sinks
             activate(running)
         self.job = running
+        # `log_metric` from a callback reaches this run's sinks, at its steps, also in a job opened around train()
+        # (`easytrain train`'s, which has no sinks of its own, or a pipeline's)
+        self._replaced_reporter, self._lending = running.use_reporter(loop.reporter), True
         self._listener = lambda record: trainer.callbacks.on_job_update(trainer, record)
         running.listeners.append(self._listener)
         running.begin(total_steps=self._total, initial_step=self._step, percent=self._percent(self._step))
@@ -63,6 +68,9 @@ class JobCallback(Callback):
         if self.job is not None:
             if self._listener in self.job.listeners:
                 self.job.listeners.remove(self._listener)
+            if self._lending:  # the trainer closes its reporter next
+                self.job.use_reporter(self._replaced_reporter)
+                self._replaced_reporter, self._lending = None, False
             if self._owned:
                 deactivate(self.job)
 
