@@ -151,8 +151,10 @@ class TrainingArguments:
     lr_scheduler_type: Literal["constant", "linear", "cosine"] = _arg(
         "cosine", "Decay after warmup, counted in optimizer updates (never micro-batches)."
     )
-    warmup_steps: int = _arg(0, "Linear warmup length in optimizer updates; takes precedence over warmup_ratio.")
-    warmup_ratio: float = _arg(0.05, "Warmup as a fraction of the total optimizer updates.")
+    warmup_steps: int = _arg(0, "Linear warmup length in optimizer updates; takes precedence over warmup_ratio. "
+                                "Cut to the run's length: the peak is reached at the last update at the latest.")
+    warmup_ratio: float = _arg(0.05, "Warmup as a fraction of the total optimizer updates, rounded down (0.05 of 10 "
+                                     "updates is no warmup; Hugging Face rounds up).")
     optimizer: Literal["adamw", "adafactor", "lion", "sgd"] = _arg("adamw", "Optimizer.")
     weight_decay: float = _arg(
         0.0, "Decoupled weight decay, multiplied by the learning rate (AdamW, Lion, Adafactor alike); L2 for SGD.")
