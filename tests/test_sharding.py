@@ -214,3 +214,33 @@ def test_activation_constraints_reach_the_trainers_compiled_step(layouts):
         assert layouts[name]["constraints"] > 0, (
             f"{name}: the train step was traced without the mesh in context; BaseTrainer.configure_functions "
             "must wrap the steps in sharding.with_activation_layout")
+
+
+class FakeDevice:
+    def __init__(self, process_index: int):
+        self.process_index = process_index
+
+
+class FakeMesh:
+    """What the check reads of a mesh: its axis names and its devices' processes."""
+
+    def __init__(self, shape: tuple[int, int, int], processes: int):
+        per_process = int(np.prod(shape)) // processes
+        self.axis_names = MESH_AXES
+        self.devices = np.array([FakeDevice(i // per_process) for i in range(int(np.prod(shape)))]).reshape(shape)
+
+
+@pytest.mark.parametrize("shape, processes, shared", [
+    ((2, 1, 4), 2, False), ((1, 2, 4), 2, False), ((8, 1, 1), 4, False),
+    ((1, 1, 8), 2, True), ((1, 2, 4), 4, True), ((2, 1, 4), 4, True)])
+def test_processes_that_would_hold_one_batch_shard_are_refused(shape, processes, shared):
+    """Each process loads its own rows; processes holding copies of one batch shard (tensor parallelism across
+    hosts) would feed it different rows: a silently wrong batch on 2 hosts x 4 devices with tensor=8."""
+    from easytrain.trainers.builders import check_batch_shards_per_process
+
+    mesh = FakeMesh(shape, processes)
+    if not shared:
+        check_batch_shards_per_process(mesh)
+        return
+    with pytest.raises(ArgumentError, match=r"tensor_parallel_size.*batch shard.*processes"):
+        check_batch_shards_per_process(mesh)

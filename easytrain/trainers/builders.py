@@ -314,6 +314,23 @@ def check_batch_sizes(args: TrainingArguments, mesh: Any) -> None:
                             f"{dp * args.gradient_accumulation_steps}.")
     if args.eval_batch_size % dp:
         raise ArgumentError("eval_batch_size", f"must be a multiple of the {dp} data-parallel devices.")
+    check_batch_shards_per_process(mesh)
+
+
+def check_batch_shards_per_process(mesh: Any) -> None:
+    """Every process loads rows of its own, so no two processes may hold one shard of the batch: they would feed
+    it different rows (tensor parallelism across hosts, with fewer data-parallel devices than processes)."""
+    batch_axes = [mesh.axis_names.index(name) for name in sharding.BATCH_AXES if name in mesh.axis_names]
+    holders: dict[tuple[int, ...], set[int]] = {}
+    for position in np.ndindex(*mesh.devices.shape):
+        shard = tuple(position[axis] for axis in batch_axes)
+        holders.setdefault(shard, set()).add(mesh.devices[position].process_index)
+    if shared := {shard: processes for shard, processes in holders.items() if len(processes) > 1}:
+        shard, processes = next(iter(shared.items()))
+        raise ArgumentError("tensor_parallel_size", f"processes {sorted(processes)} would each hold batch shard "
+                            f"{shard} of the (data, fsdp) axes and feed it different rows. Keep tensor parallelism "
+                            "within a host: data_parallel_size x fsdp_size must be a multiple of the "
+                            f"{len({p for ps in holders.values() for p in ps})} processes.")
 
 
 def checkpoint_manager(args: TrainingArguments) -> CheckpointManager:
