@@ -256,3 +256,36 @@ def test_lora_dpo_from_a_trained_adapter_starts_at_the_initial_policy(tmp_path):
     DPOTrainer(tiny_args(tmp_path / "cut", **common), callbacks=[StopAt(1)]).train()
     DPOTrainer(tiny_args(tmp_path / "cut", resume_from_checkpoint="latest", **common)).train()
     assert logged(tmp_path / "cut" / "run") == logged(tmp_path / "online" / "run")
+
+
+SMALL_SET_ON_A_MESH = """
+import json, sys, tempfile
+import jax
+from easytrain import TrainingArguments
+from easytrain.sharding import make_mesh
+from easytrain.trainers.dpo import DPOArguments, DPOTrainer
+
+class OnEight(DPOTrainer):
+    def configure_mesh(self):
+        return make_mesh(8, 1, 1)
+
+losses = {}
+for precompute in (False, True):
+    with tempfile.TemporaryDirectory() as directory:
+        args = TrainingArguments(output_dir=directory, max_length=16, train_batch_size=8, eval_batch_size=16,
+                                 max_steps=1, logging_steps=1, eval_strategy="no", save_strategy="no",
+                                 report_to=["none"], disable_progress_bar=True, save_pretrained_at_end=False,
+                                 max_train_samples=32, max_eval_samples=12, data_parallel_size=8)
+        losses[str(precompute)] = OnEight(args, DPOArguments(precompute_ref_log_probs=precompute)).evaluate()["eval_loss"]
+print(json.dumps(losses))
+"""
+
+
+def test_precomputed_reference_log_probs_of_a_set_smaller_than_a_batch_on_a_mesh():
+    """12 eval rows, eval_batch_size 16, 8 data-parallel devices: the precomputing pass shrank its batch to the 12
+    rows, which 8 devices cannot split (IndivisibleError); the trainer's own eval batches pad to a multiple of 8."""
+    done = subprocess.run([sys.executable, "-c", SMALL_SET_ON_A_MESH], capture_output=True, text=True,
+                          env=child_env(XLA_FLAGS=xla_flags(8)), timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    losses = json.loads(done.stdout.strip().splitlines()[-1])
+    assert losses["True"] == pytest.approx(losses["False"], rel=1e-5)

@@ -77,7 +77,7 @@ def precomputed_reference_logps(reference: Frozen, rows: RowSource, *, data_fing
     num_rows = len(rows["example_id"]) if isinstance(rows, Mapping) and "example_id" in rows else len(rows)
     result = np.zeros((num_rows, 2), np.float32)
     loader = EvalBatches(rows, batch_size, collate=collate, process_index=jax.process_index(),
-                         process_count=jax.process_count())
+                         process_count=jax.process_count(), multiple_of=sharding.data_parallel_size(mesh))
     for batch in loader:
         ids = batch.pop("example_id")
         device_batch = sharding.to_global_arrays(batch, batch_sh)
