@@ -276,7 +276,8 @@ for precompute in (False, True):
                                  max_steps=1, logging_steps=1, eval_strategy="no", save_strategy="no",
                                  report_to=["none"], disable_progress_bar=True, save_pretrained_at_end=False,
                                  max_train_samples=32, max_eval_samples=12, data_parallel_size=8)
-        losses[str(precompute)] = OnEight(args, DPOArguments(precompute_ref_log_probs=precompute)).evaluate()["eval_loss"]
+        trainer = OnEight(args, DPOArguments(precompute_ref_log_probs=precompute))
+        losses[str(precompute)] = trainer.evaluate()["eval_loss"]
 print(json.dumps(losses))
 """
 
