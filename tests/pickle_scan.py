@@ -2,6 +2,7 @@
 its content (JSON, safetensors, TensorBoard events, Orbax/OCDBT data), and none may hold pickle data."""
 
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -62,6 +63,8 @@ def known_kind(path: Path, data: bytes) -> bool:
         return is_safetensors(data)
     if name.startswith("events.out.tfevents."):
         return is_event_file(data)
+    if name == ".easytrain.lock":  # easytrain.trainers.run_lock: empty, or the holder while a run trains
+        return re.fullmatch(rb"(pid \d+ on \S+\n)?", data) is not None
     if name == "commit_success.txt":
         return data.startswith(b"Checkpoint commit was successful")
     if name == "manifest.ocdbt" or path.parent.name == "d":

@@ -60,5 +60,7 @@ def release(output_dir: str | os.PathLike) -> None:
     """Let another run into `output_dir` (a no-op where this process holds no lock on it)."""
     handle = _held.pop(Path(output_dir).resolve(), None)
     if handle is not None:
+        handle.seek(0)
+        handle.truncate()  # no holder named in a lock nobody holds
         fcntl.flock(handle, fcntl.LOCK_UN)
         handle.close()
