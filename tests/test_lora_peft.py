@@ -7,6 +7,7 @@ Reference behaviour comes from transformers + PEFT in PyTorch (the `peft` test e
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -116,17 +117,9 @@ IMPORTS = {
 
 @pytest.mark.parametrize("case", IMPORTS)
 def test_adapter_trained_in_peft_loads_into_easytrain_with_the_same_logits(case, llama_dir, qwen3_dir, tmp_path):
-    peft = pytest.importorskip("peft")
-    import torch
-
     family, fields = IMPORTS[case]
     base_dir = {"llama": llama_dir, "qwen3": qwen3_dir}[family]
-    torch.manual_seed(0)
-    peft_model = peft.get_peft_model(torch_model(base_dir), peft.LoraConfig(r=4, lora_alpha=12, **fields))
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_" in name or "modules_to_save" in name:
-                param.add_(0.1 * torch.randn_like(param))
+    peft_model = moved_peft_model(base_dir, lora_alpha=12, scale=0.1, **fields)
     peft_model.save_pretrained(tmp_path / "adapter")
     ids = ids_batch(3)
     expected = torch_logits(peft_model.eval(), ids)
@@ -163,18 +156,23 @@ def test_unsupported_or_mismatched_adapters_are_refused_by_name(llama_dir, qwen3
         save_peft_adapter(tmp_path / "wrong", model, LoRAConfig(rank=8, alpha=8, target_modules=["q_proj"]))
 
 
-def peft_adapter(base_dir: Path, directory: Path, **fields) -> Path:
-    """An adapter made and trained (randomly moved) in PEFT, saved to `directory`."""
+def moved_peft_model(base_dir: Path, *, lora_alpha: float, scale: float, **fields) -> Any:
+    """A PEFT model of rank 4 on `base_dir` whose adapters (and modules to save) were trained: randomly moved."""
     peft = pytest.importorskip("peft")
     import torch
 
     torch.manual_seed(0)
-    peft_model = peft.get_peft_model(torch_model(base_dir), peft.LoraConfig(r=4, lora_alpha=8, **fields))
+    peft_model = peft.get_peft_model(torch_model(base_dir), peft.LoraConfig(r=4, lora_alpha=lora_alpha, **fields))
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_" in name or "modules_to_save" in name:
-                param.add_(0.05 * torch.randn_like(param))
-    peft_model.save_pretrained(directory)
+                param.add_(scale * torch.randn_like(param))
+    return peft_model
+
+
+def peft_adapter(base_dir: Path, directory: Path, **fields) -> Path:
+    """An adapter made and trained (randomly moved) in PEFT, saved to `directory`."""
+    moved_peft_model(base_dir, lora_alpha=8, scale=0.05, **fields).save_pretrained(directory)
     return directory
 
 
