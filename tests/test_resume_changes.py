@@ -174,10 +174,13 @@ def test_harmless_config_keys_may_differ():
 # ----------------------------------------------------------------------------- run length, LoRA targets
 
 
-def test_max_steps_below_the_checkpoint_step_is_refused(run_copy, data_file, tokenizer_dir):
+def test_max_steps_below_the_checkpoint_step_is_refused_when_training(run_copy, data_file, tokenizer_dir):
+    """Training has nothing to do; evaluating that checkpoint (max_steps left at a default below it) is fine."""
     before = snapshot(run_copy)
+    trainer = resume(run_copy, data_file, tokenizer_dir, trainer=BaseTrainer, max_steps=2)
+    assert int(trainer.state.step) == 4 and "eval_loss" in trainer.evaluate()
     with pytest.raises(ArgumentError, match=r"^max_steps: 2 is below the checkpoint's step 4.*--max_steps"):
-        resume(run_copy, data_file, tokenizer_dir, max_steps=2).setup()
+        trainer.train()
     assert snapshot(run_copy) == before
 
 

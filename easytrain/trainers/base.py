@@ -38,7 +38,8 @@ from easytrain.state import TrainState, bind
 from easytrain.trainers import adapters, builders, init_weights, run_lock
 from easytrain.trainers.language_model import LanguageModelHooks
 from easytrain.trainers.loop import LoopParts, TrainLoop, evaluate_batches, trackers_then_claim
-from easytrain.trainers.resume import FORMAT_VERSION, config_dict, restore_checkpoint, restore_step
+from easytrain.trainers.resume import (FORMAT_VERSION, check_run_length, config_dict, restore_checkpoint,
+                                      restore_step)
 from easytrain.trainers.run_dir import check_output_dir, claim_run
 from easytrain.trainers.switches import apply_switches
 
@@ -337,6 +338,7 @@ class BaseTrainer(LanguageModelHooks):
         self.setup()
         start = self._resume_from[1] if self._resume_from else 0
         builders.check_not_trained(int(self._state.step), start)
+        check_run_length(self._data.total_steps, start)
         try:
             trackers, self.loop = trackers_then_claim(self._arguments, start, self.is_main_process, self._claim)
             return self.loop.run(self._state, start, self.resumed_data_state, resumed=self._resume_from is not None,

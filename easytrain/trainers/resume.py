@@ -126,11 +126,11 @@ def _tokenizer_change(stored: dict[str, Any], current: dict[str, Any]) -> list[s
     return [f"tokenizer_name{'' if named else ' (from model_name_or_path)'}: checkpoint {before!r} vs now {now!r}"]
 
 
-def check_run_length(arguments: dict[str, Any], step: int) -> None:
-    """Refuse a `max_steps` below the checkpoint's step: nothing to train, and logs reporting step 4 of 2."""
-    max_steps = arguments.get("max_steps") or 0
-    if 0 < max_steps < step:
-        raise ArgumentError("max_steps", f"{max_steps} is below the checkpoint's step {step}: the resumed run would "
+def check_run_length(total_steps: int, step: int) -> None:
+    """Before training from a checkpoint: a run that ends (`max_steps`, `num_train_epochs`) before the checkpoint's
+    step has nothing to train, and would log step 4 of 2. Evaluating that checkpoint is fine."""
+    if total_steps < step:
+        raise ArgumentError("max_steps", f"{total_steps} is below the checkpoint's step {step}: the resumed run would "
                             f"have nothing to train. Pass --max_steps above {step} to train on, or start a new run "
                             "(in another --output_dir) to train for fewer steps.")
 
@@ -191,7 +191,6 @@ def restore_checkpoint(checkpoint: tuple[Path, int], current: dict[str, Any], ta
             run_info = manager.read_run_info(step)
         except Exception as error:  # any unreadable file means the same to the user: use another checkpoint
             raise _unreadable(root, step, manager.all_steps(), error) from error
-        check_run_length(current["arguments"], step)
         data_order_changed = check_resumable(run_info, current)
         position = _read_position(manager, root, step, data_fingerprint)
         allow = bool(current["arguments"].get("allow_data_order_change"))
