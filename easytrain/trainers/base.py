@@ -386,12 +386,7 @@ class BaseTrainer(LanguageModelHooks):
     def to_global(self, host_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
         """One global array per field from this host's rows (no copy of other hosts' data); the
         `host_only_fields` (bookkeeping such as `example_id`) stay on the host."""
-        fields = {key: value for key, value in host_batch.items() if key not in self.host_only_fields}
-        try:
-            return sharding.to_global_arrays(fields, sharding.batch_sharding(self.mesh))
-        except TypeError:
-            builders.check_batch_fields(fields, self.host_only_fields)
-            raise
+        return builders.to_device_batch(host_batch, self.mesh, self.host_only_fields)
 
     # ------------------------------------------------------------------ checkpoints and export
     def checkpoint_manager(self) -> CheckpointManager:

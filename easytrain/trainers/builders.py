@@ -348,6 +348,16 @@ def check_row_sources(train: Any, evaluation: Any) -> None:
                             "return (train, eval), e.g. (splits['train'], splits['test']), or (train, None).")
 
 
+def to_device_batch(host_batch: Mapping[str, Any], mesh: Any, host_only: Sequence[str]) -> dict[str, jax.Array]:
+    """This host's rows as global arrays, the `host_only` fields left out; a field no device can hold is named."""
+    fields = {key: value for key, value in host_batch.items() if key not in host_only}
+    try:
+        return sharding.to_global_arrays(fields, sharding.batch_sharding(mesh))
+    except TypeError:
+        check_batch_fields(fields, host_only)
+        raise
+
+
 def check_batch_fields(fields: Mapping[str, Any], host_only: Sequence[str]) -> None:
     """Name the batch field a device cannot hold (strings, objects) and the way to keep it on the host."""
     for key, value in fields.items():
