@@ -107,11 +107,24 @@ def test_a_data_position_for_other_data_names_a_fix_that_exists():
 def test_another_tokenizer_is_refused_like_a_data_order_change(run_copy, data_file, tokenizer_dir, tmp_path):
     """Another tokenizer of the same size gives other ids for the same text: other examples at every step."""
     other = shutil.copytree(tokenizer_dir, tmp_path / "other_tokenizer")
+    content = json.loads((other / "tokenizer.json").read_text())
+    vocab = content["model"]["vocab"]
+    first, second = sorted(vocab, key=vocab.get)[-2:]
+    vocab[first], vocab[second] = vocab[second], vocab[first]  # two ids swapped: the same size, other ids
+    (other / "tokenizer.json").write_text(json.dumps(content))
     before = snapshot(run_copy)
     with pytest.raises(ArgumentError, match=r"resume_from_checkpoint: .*tokenizer_name: checkpoint .* vs now "
                                             r".*other_tokenizer.*--allow_data_order_change"):
         resume(run_copy, data_file, str(other)).setup()
     assert snapshot(run_copy) == before
+
+
+def test_the_same_tokenizer_moved_elsewhere_resumes(run_copy, data_file, tokenizer_dir, tmp_path):
+    """The tokenizer is compared by what it does, not by its path: base models and tokenizers move between
+    clusters."""
+    moved = shutil.copytree(tokenizer_dir, tmp_path / "moved_tokenizer")
+    trainer = resume(run_copy, data_file, str(moved), trainer=BaseTrainer)
+    assert int(trainer.state.step) == 4
 
 
 def run_info_with(**arguments) -> dict:

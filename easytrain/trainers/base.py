@@ -396,7 +396,8 @@ class BaseTrainer(LanguageModelHooks):
     def run_info(self) -> dict[str, Any]:
         """Everything besides arrays that a checkpoint must carry to be resumed or audited."""
         info = {"format_version": FORMAT_VERSION, "arguments": self._arguments.to_dict(),
-                "model_config": config_dict(self.model_config)}
+                "model_config": config_dict(self.model_config),
+                "tokenizer_fingerprint": builders.tokenizer_fingerprint(getattr(self, "tokenizer", None))}
         return info if self.base_fingerprint is None else {**info, "base_fingerprint": self.base_fingerprint}
 
     def save_arguments(self) -> Path | None:

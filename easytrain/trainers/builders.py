@@ -5,6 +5,7 @@ Every check here runs before any model is initialised or compiled.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -374,3 +375,14 @@ def check_not_trained(step: int, start: int) -> None:
         raise TrainedAlreadyError(
             f"train() has already run on this trainer (its state is at step {step}, its run starts at step {start}); "
             "to train on, build a new trainer with resume_from_checkpoint='latest' and a larger max_steps.")
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str | None:
+    """A digest of what a tokenizer does (a fast one's whole definition: vocabulary, merges, normalisation, special
+    tokens; else its vocabulary and special tokens), so a resume compares tokenizers, not the paths they load from."""
+    if tokenizer is None:
+        return None
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else repr((sorted(tokenizer.get_vocab().items()),
+                                                               tokenizer.all_special_tokens))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

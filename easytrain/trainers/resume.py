@@ -94,7 +94,8 @@ def check_resumable(run_info: dict[str, Any], current: dict[str, Any]) -> list[s
     if schedule_diffs := _differences(stored_args, current_args, SCHEDULE_FIELDS):
         logger.warning("resuming with a different learning-rate schedule (%s): from the restored step on, the "
                        "curve differs from the one the checkpointed run would have followed", "; ".join(schedule_diffs))
-    order = _differences(stored_args, current_args, DATA_ORDER_FIELDS) + _tokenizer_change(stored_args, current_args)
+    order = (_differences(stored_args, current_args, DATA_ORDER_FIELDS)
+             + _tokenizer_change(stored_args, current_args, run_info, current))
     stored_task, current_task = run_info.get("task_arguments") or {}, current.get("task_arguments") or {}
     task = _differences(stored_task, current_task, tuple(sorted(stored_task.keys() | current_task.keys())))
     diffs = order + task
@@ -116,11 +117,14 @@ def _lora_settings(args: dict[str, Any]) -> dict[str, Any]:
     return {**args, "lora_target_modules": sorted(set(targets)) if isinstance(targets, list) else targets}
 
 
-def _tokenizer_change(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+def _tokenizer_change(stored: dict[str, Any], current: dict[str, Any], stored_info: dict[str, Any],
+                      current_info: dict[str, Any]) -> list[str]:
     """The tokenizer the run loads (`tokenizer_name`, else `model_name_or_path`'s), if it changed: another one gives
-    other token ids for the same text, even at the same vocabulary size."""
+    other token ids for the same text, even at the same vocabulary size. Compared by its `tokenizer_fingerprint`
+    where both runs recorded one (a tokenizer moved to another path is the same), else by its path."""
     before, now = (args.get("tokenizer_name") or args.get("model_name_or_path") for args in (stored, current))
-    if before == now:
+    fingerprints = stored_info.get("tokenizer_fingerprint"), current_info.get("tokenizer_fingerprint")
+    if (fingerprints[0] == fingerprints[1]) if all(fingerprints) else before == now:
         return []
     named = stored.get("tokenizer_name") or current.get("tokenizer_name")
     return [f"tokenizer_name{'' if named else ' (from model_name_or_path)'}: checkpoint {before!r} vs now {now!r}"]
