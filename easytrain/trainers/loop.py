@@ -269,8 +269,7 @@ class TrainLoop:
             self.log(step)
         if self.args.save_strategy == "no":
             return None
-        if self.last_saved_step != step:
-            self.save(step, force=force)
+        self.save(step, force=force)  # a no-op for a step already saved
         self.manager.wait_until_finished()
         return str(self.manager.directory / str(step))
 
