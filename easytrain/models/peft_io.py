@@ -31,38 +31,12 @@ from easytrain.lora import LoRAConfig, LoRADense
 from easytrain.models.hf_export import _to_host
 from easytrain.models.hf_io import EMBEDDING_NAME, HEAD_NAME, CheckpointError, hf_name
 from easytrain.models.layers import RMSNorm
+from easytrain.models.peft_config import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, read_peft_config
 from easytrain.models.scan import layers_unstacked, per_layer_view
 
-ADAPTER_CONFIG_NAME = "adapter_config.json"
-ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 #: safetensors metadata key holding ``easytrain.lora.base_fingerprint`` of the base the adapter was saved on.
 FINGERPRINT_KEY = "easytrain_base_fingerprint"
-
-# adapter_config.json fields whose non-default values change what the adapter computes and that easytrain
-# does not implement: loading such an adapter would silently give other outputs, so it is refused.
-_UNSUPPORTED = {
-    "use_dora": (False, None),
-    "bias": ("none", None),
-    "lora_bias": (False, None),
-    "fan_in_fan_out": (False, None),
-    "rank_pattern": ({}, None),
-    "alpha_pattern": ({}, None),
-    "layers_to_transform": (None,),
-    "layer_replication": (None,),
-    "exclude_modules": (None, [], ""),
-    "target_parameters": (None, []),
-    "trainable_token_indices": (None,),
-    "use_qalora": (False, None),
-    "alora_invocation_tokens": (None,),
-    "use_bdlora": (None, False),
-    "arrow_config": (None,),
-}
-
-#: ``init_lora_weights`` values that leave the base weights as they are: only how A and B started differs, and
-#: the file holds their trained values, so the adapter is plain LoRA on the original checkpoint.
-_PLAIN_INITS = (True, False, "gaussian", "orthogonal", "eva")
-
 
 def _modules_to_save(model: nnx.Module, config: LoRAConfig) -> list[str]:
     """PEFT ``modules_to_save`` names of what ``config`` fully trains besides the adapters."""
@@ -189,68 +163,6 @@ def save_peft_adapter(
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("easytrain:save_peft_adapter")
     return directory
-
-
-def _check_init(path: Path, init: Any) -> None:
-    """Refuse initialisations after which the adapter does not mean ``W + scaling * B @ A`` on the original ``W``."""
-    if init in _PLAIN_INITS:
-        return
-    if isinstance(init, str) and (init.startswith("pissa") or init in ("olora", "corda", "lora_ga")):
-        why = ("rewrites the base weights when PEFT makes the adapter (the initial adapter is subtracted from them), "
-               "so the adapter gives its trained outputs only on that modified base, not on the original checkpoint "
-               "easytrain loads. Convert it in PEFT to a plain LoRA adapter of rank 2r: before training, set "
-               "peft_model.peft_config['default'].init_lora_weights = True and save_pretrained(initial_dir); after "
-               "training, save_pretrained(out_dir, path_initial_model_for_weight_conversion=initial_dir) and load "
-               "out_dir. Or")
-    elif init == "loftq":
-        why = "quantises the base weights and fits the adapter to that quantised base, which easytrain does not load;"
-    elif init == "mica":
-        why = "is PEFT's MiCA variant, which keeps lora_B frozen while training (easytrain would train it);"
-    else:
-        why = ("is not one easytrain knows to leave the base weights unchanged (it loads true, false, 'gaussian', "
-               "'orthogonal' and 'eva');")
-    raise CheckpointError(f"{path}: init_lora_weights={init!r} {why} merge it in PEFT (merge_and_unload()), save the "
-                          "merged model and load that with easytrain.models.from_pretrained.")
-
-
-def read_peft_config(directory: str | os.PathLike) -> tuple[LoRAConfig, dict[str, Any]]:
-    """The ``LoRAConfig`` an adapter directory describes, and its raw ``adapter_config.json``.
-
-    Raises:
-        CheckpointError: Not a LoRA adapter, or one using a PEFT feature easytrain does not implement, or made
-            with an ``init_lora_weights`` that rewrites the base weights (PiSSA, OLoRA, ...): the message names the
-            field. (``load_peft_adapter`` also refuses a ``modules_to_save`` narrower than what the config trains.)
-    """
-    path = Path(directory) / ADAPTER_CONFIG_NAME
-    if not path.is_file():
-        raise CheckpointError(f"{path} not found; a PEFT adapter directory holds {ADAPTER_CONFIG_NAME} and "
-                              f"{ADAPTER_WEIGHTS_NAME}.")
-    raw = json.loads(path.read_text())
-    if raw.get("peft_type") != "LORA":
-        raise CheckpointError(f"{path}: peft_type={raw.get('peft_type')!r}; only LoRA adapters (\"LORA\") load.")
-    for field, defaults in _UNSUPPORTED.items():
-        if field in raw and raw[field] not in defaults:
-            raise CheckpointError(f"{path}: {field}={raw[field]!r} is not supported by easytrain's LoRA (only "
-                                  f"{defaults[0]!r}); merge this adapter with PEFT (merge_and_unload) and load "
-                                  "the merged model with easytrain.models.from_pretrained instead.")
-    modules_to_save = [str(m).rsplit(".", 1)[-1] for m in raw.get("modules_to_save") or []]
-    if other := sorted(m for m in modules_to_save if m not in ("embed_tokens", "lm_head") and not m.endswith("norm")):
-        raise CheckpointError(f"{path}: modules_to_save={raw['modules_to_save']!r} names {other}; easytrain "
-                              "trains whole embeddings (embed_tokens, lm_head) and norms only. Merge this adapter "
-                              "with PEFT (merge_and_unload) and load the merged model instead.")
-    init = raw.get("init_lora_weights", True)
-    _check_init(path, init)
-    try:
-        config = LoRAConfig(
-            rank=raw.get("r", 8), alpha=raw.get("lora_alpha", 8), dropout=raw.get("lora_dropout", 0.0),
-            target_modules=raw.get("target_modules") or (),
-            train_embeddings=any(m in ("embed_tokens", "lm_head") for m in modules_to_save),
-            train_norms=any("norm" in m for m in modules_to_save),
-            use_rslora=bool(raw.get("use_rslora", False)),
-            init_a="gaussian" if init == "gaussian" else "kaiming_uniform")
-    except lora.LoRAConfigError as error:
-        raise CheckpointError(f"{path}: {error}") from error
-    return config, raw
 
 
 def _read_tensors(directory: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
