@@ -46,6 +46,7 @@ from easytrain.data.special_tokens import (  # SFT's special-token rules: the sa
     eos_id,
     typed_field,
 )
+from easytrain.data.token_range import check_token_ids
 
 PreferenceFormat = Literal["explicit_prompt", "implicit_prompt"]
 
@@ -58,6 +59,9 @@ PREFERENCE_FORMAT_COLUMNS: Mapping[PreferenceFormat, tuple[str, ...]] = {
 #: Columns of the tokenised dataset (``prompt_length`` and ``length`` stay out of batches).
 PAIR_COLUMNS = ("prompt_length", "chosen_input_ids", "chosen_loss_mask", "rejected_input_ids",
                 "rejected_loss_mask", "length")
+
+#: The token-id columns (targets are these ids shifted; the prompt is in both).
+PAIR_TOKEN_FIELDS = ("chosen_input_ids", "rejected_input_ids")
 
 #: Keys of the statistics ``tokenize_preference_dataset`` returns.
 PREFERENCE_STATS_KEYS = ("num_pairs", "num_kept", "prompt_truncated", "completion_truncated",
@@ -197,6 +201,7 @@ def tokenize_preference_dataset(
     *,
     formatting_func: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None,
     num_proc: int | None = None,
+    vocab_size: int | None = None,
 ) -> tuple[datasets.Dataset, dict[str, int]]:
     """Tokenise every pair (cached ``datasets.map``), drop unusable ones and count everything.
 
@@ -206,6 +211,8 @@ def tokenize_preference_dataset(
         options: Special-token, template and truncation settings.
         formatting_func: Maps one example to a dict in one of the formats, applied first.
         num_proc: Worker processes for ``map`` (``None`` runs in-process).
+        vocab_size: The model's vocabulary size: an id at or past it in ``PAIR_TOKEN_FIELDS`` (a tokenizer larger
+            than the model) is refused, naming the pair; None checks nothing.
 
     Returns:
         ``(tokenized, stats)``: ``tokenized`` has the ``PAIR_COLUMNS`` (``*_loss_mask`` is 1 on
@@ -216,6 +223,7 @@ def tokenize_preference_dataset(
 
     Raises:
         DataError: Unknown format, missing template or EOS, or no pair left.
+        TokenRangeError: A token id outside ``[0, vocab_size)``.
 
     Example::
 
@@ -234,6 +242,8 @@ def tokenize_preference_dataset(
         remove_columns=dataset.column_names, load_from_cache_file=True, desc="Tokenizing pairs",
         fn_kwargs={"tokenizer": tokenizer, "options": options},
     )
+    check_token_ids(tokenized, PAIR_TOKEN_FIELDS, vocab_size, tokenizer=tokenizer,
+                    rows_are="Preference pairs")
     stats = _stats(tokenized)
     if stats["num_kept"] == 0:
         raise DataError(

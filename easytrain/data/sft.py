@@ -30,6 +30,7 @@ from easytrain.data.columns import format_from_columns
 from easytrain.data.errors import DataError
 from easytrain.data.special_tokens import (encode_text, ensure_bos, ensure_eos, eos_id, last_content_index,
                                            typed_field)
+from easytrain.data.token_range import check_token_ids
 
 DataFormat = Literal["language_modeling", "prompt_completion", "conversational"]
 TruncationSide = Literal["right", "left", "drop"]
@@ -153,6 +154,7 @@ def tokenize_sft_dataset(
     *,
     formatting_func: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None,
     num_proc: int | None = None,
+    vocab_size: int | None = None,
 ) -> tuple[datasets.Dataset, dict[str, int]]:
     """Tokenise a whole dataset, drop what cannot be trained on, and count everything.
 
@@ -165,6 +167,8 @@ def tokenize_sft_dataset(
         options: Masking, special-token and truncation settings.
         formatting_func: Maps one example to a dict in one of the formats, applied first.
         num_proc: Worker processes for ``map`` (``None`` runs in-process).
+        vocab_size: The model's vocabulary size: an id at or past it (a tokenizer larger than the model) is
+            refused, naming the example; None checks nothing.
 
     Returns:
         ``(tokenized, stats)``: ``tokenized`` has columns ``input_ids``, ``loss_mask`` (0/1
@@ -174,6 +178,7 @@ def tokenize_sft_dataset(
 
     Raises:
         DataError: Unknown format, bad template for the options, or no example left.
+        TokenRangeError: A token id outside ``[0, vocab_size)``.
 
     Example::
 
@@ -192,6 +197,8 @@ def tokenize_sft_dataset(
         remove_columns=dataset.column_names, load_from_cache_file=True, desc="Tokenizing SFT data",
         fn_kwargs={"tokenizer": tokenizer, "options": options, "data_format": data_format},
     )
+    check_token_ids(tokenized, ("input_ids",), vocab_size, tokenizer=tokenizer,
+                    rows_are="SFT examples")
     stats = _stats(tokenized)
     if stats["num_kept"] == 0:
         raise DataError(

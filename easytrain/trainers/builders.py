@@ -23,7 +23,8 @@ from easytrain.callbacks import Callback, EarlyStopping
 from easytrain.checkpoint import CHECKPOINTS_DIRNAME, CheckpointManager
 from easytrain.data import load_text_datasets, tokenize_and_group
 from easytrain.data.errors import DataError, NotEnoughTokensError
-from easytrain.data.lm import mismatched_row_lengths
+from easytrain.data.lm import TOKENS, mismatched_row_lengths
+from easytrain.data.token_range import check_token_ids
 from easytrain.errors import ArgumentError, TrainedAlreadyError
 from easytrain.models.presets import llama_config
 from easytrain.tasks import arithmetic
@@ -229,12 +230,16 @@ def check_eval_metrics(args: TrainingArguments, device_names: set[str], evaluato
                                                      f"choose from {', '.join(sorted(known | {'eval_loss'}))}.")
 
 
-def lm_eval_blocks(args: TrainingArguments, tokenizer: Any, split: datasets.Dataset,
-                   limit: int | None = None, split_name: str | None = None) -> datasets.Dataset:
-    """One split tokenised and grouped into `max_length + 1`-token blocks, numpy-formatted. `split_name`
-    ('train', 'validation') names it in errors; None is the dataset given to `evaluate(dataset)`."""
+def lm_eval_blocks(args: TrainingArguments, tokenizer: Any, split: datasets.Dataset, limit: int | None = None,
+                   split_name: str | None = None, *, vocab_size: int | None = None) -> datasets.Dataset:
+    """One split tokenised and grouped into `max_length + 1`-token blocks, numpy-formatted, every id checked to
+    lie below `vocab_size` (None: not checked). `split_name` ('train', 'validation') names it in errors; None is the
+    dataset given to `evaluate(dataset)`."""
     if is_pretokenized(split, args):
-        return check_block_length(_truncate(split, limit), args, split_name).with_format("numpy")
+        blocks = check_block_length(_truncate(split, limit), args, split_name)
+        check_token_ids(blocks, (TOKENS,), vocab_size, rows_are=f"Pre-tokenized rows of {_described(split_name)}",
+                        tokenizer=tokenizer)
+        return blocks.with_format("numpy")
     try:
         grouped = tokenize_and_group(split, tokenizer, text_column=args.text_column, max_length=args.max_length,
                                      num_proc=args.preprocessing_num_workers)
@@ -243,7 +248,10 @@ def lm_eval_blocks(args: TrainingArguments, tokenizer: Any, split: datasets.Data
                                    f"tokenisation, but one block needs {error.block_size} (max_length + 1); "
                                    f"{_fixes_for_few_tokens(split_name)}", num_tokens=error.num_tokens,
                                    block_size=error.block_size) from None
-    return _truncate(grouped, limit).with_format("numpy")
+    blocks = _truncate(grouped, limit)
+    check_token_ids(blocks, (TOKENS,), vocab_size, rows_are=f"Token blocks of {_described(split_name)}",
+                    tokenizer=tokenizer)
+    return blocks.with_format("numpy")
 
 
 def _described(split_name: str | None) -> str:
@@ -261,13 +269,13 @@ def _fixes_for_few_tokens(split_name: str | None) -> str:
     return f"add {'training ' if split_name == 'train' else ''}data or lower `max_length`."
 
 
-def lm_blocks(args: TrainingArguments, tokenizer: Any, splits: datasets.DatasetDict
+def lm_blocks(args: TrainingArguments, tokenizer: Any, splits: datasets.DatasetDict, *, vocab_size: int | None = None
               ) -> tuple[datasets.Dataset, datasets.Dataset | None]:
     """Tokenise and group each split into `max_length + 1`-token blocks, as numpy-formatted datasets."""
-    train = lm_eval_blocks(args, tokenizer, splits["train"], args.max_train_samples, "train")
+    train = lm_eval_blocks(args, tokenizer, splits["train"], args.max_train_samples, "train", vocab_size=vocab_size)
     eval_split = splits.get("validation")
-    return train, (lm_eval_blocks(args, tokenizer, eval_split, args.max_eval_samples, "validation")
-                   if eval_split is not None else None)
+    return train, (lm_eval_blocks(args, tokenizer, eval_split, args.max_eval_samples, "validation",
+                                  vocab_size=vocab_size) if eval_split is not None else None)
 
 
 def is_pretokenized(split: datasets.Dataset, args: TrainingArguments) -> bool:

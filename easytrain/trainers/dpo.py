@@ -28,6 +28,7 @@ from easytrain.chunked_loss import map_token_chunks, target_logps
 from easytrain.data import RowSource, bucket_lengths
 from easytrain.data.paired_batches import PairedCollate, pair_rows
 from easytrain.data.preference_data import PreferenceDataOptions, tokenize_preference_dataset
+from easytrain.data.token_range import rows_of, vocab_size_of
 from easytrain.errors import ArgumentError
 from easytrain.frozen import Frozen
 from easytrain.lora import adapters_disabled
@@ -148,9 +149,10 @@ class DPOTrainer(BaseTrainer):
         for name, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples)):
             if name in splits:
                 split = splits[name] if limit is None else splits[name].select(range(min(limit, len(splits[name]))))
-                rows[name], self.data_stats[name] = tokenize_preference_dataset(
-                    split, self.tokenizer, options, formatting_func=self.formatting_func,
-                    num_proc=args.preprocessing_num_workers)
+                with rows_of(name):
+                    rows[name], self.data_stats[name] = tokenize_preference_dataset(
+                        split, self.tokenizer, options, formatting_func=self.formatting_func,
+                        num_proc=args.preprocessing_num_workers, vocab_size=vocab_size_of(self.model_config))
                 if self.dpo.precompute_ref_log_probs and self.dpo.needs_reference:
                     rows[name] = self._with_reference_logps(name, rows[name])
         for name, stats in self.data_stats.items():
@@ -162,8 +164,11 @@ class DPOTrainer(BaseTrainer):
         when the run uses them)."""
         options = PreferenceDataOptions(max_length=self.arguments.max_length + 1,
                                         max_prompt_length=self.dpo.max_prompt_length)
-        rows, _ = tokenize_preference_dataset(dataset, self.tokenizer, options, formatting_func=self.formatting_func,
-                                              num_proc=self.arguments.preprocessing_num_workers)
+        with rows_of(None):
+            rows, _ = tokenize_preference_dataset(dataset, self.tokenizer, options,
+                                                  formatting_func=self.formatting_func,
+                                                  num_proc=self.arguments.preprocessing_num_workers,
+                                                  vocab_size=vocab_size_of(self.model_config))
         if self.dpo.precompute_ref_log_probs and self.dpo.needs_reference:
             rows = self._with_reference_logps("evaluate", rows)
         return rows

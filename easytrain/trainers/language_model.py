@@ -17,6 +17,7 @@ from flax import nnx
 
 from easytrain import flops, placement, throughput
 from easytrain.data import RowSource, lm_collate_rows
+from easytrain.data.token_range import vocab_size_of
 from easytrain.evaluators import arithmetic_exact_match
 from easytrain import eval_metrics
 from easytrain.errors import ArgumentError
@@ -44,7 +45,7 @@ class LanguageModelHooks:
         splits = builders.raw_datasets(args, self._raw_train, self._raw_eval)
         if embedded and not self.evaluators and "validation" in splits and self.wants_metric("exact_match"):
             self.evaluators.append(arithmetic_exact_match(splits["validation"], self.tokenizer))
-        return builders.lm_blocks(args, self.tokenizer, splits)
+        return builders.lm_blocks(args, self.tokenizer, splits, vocab_size=vocab_size_of(self.model_config))
 
     def collate(self, rows: Mapping[str, np.ndarray], example_ids: np.ndarray) -> dict[str, np.ndarray]:
         """Rows -> one host batch, for training and evaluation alike. Rows whose example id is negative
@@ -154,7 +155,8 @@ class LanguageModelHooks:
                 f"{type(self).__name__} overrides prepare_datasets, so evaluate(dataset) cannot prepare raw "
                 "examples as language-model text blocks: override prepare_eval_dataset(dataset) to turn them into "
                 "the rows your collate takes (return the dataset itself if its examples already are such rows).")
-        return builders.lm_eval_blocks(self._arguments, self.tokenizer, dataset)
+        return builders.lm_eval_blocks(self._arguments, self.tokenizer, dataset,
+                                       vocab_size=vocab_size_of(self.model_config))
 
     def export_problem(self) -> str | None:
         """Why `save_pretrained` cannot export this run, or None; asked before training starts."""

@@ -23,6 +23,7 @@ from easytrain.data import (PaddedCollate, RowSource, SFTDataOptions, bucket_len
                             tokenize_sft_dataset)
 from easytrain.data.chat_templates import read_chat_template
 from easytrain.data.prompts import prompts_and_references
+from easytrain.data.token_range import rows_of, vocab_size_of
 from easytrain.evaluators import CompletionMetrics
 from easytrain.tasks import arithmetic
 from easytrain.tasks.registry import register_task
@@ -129,9 +130,11 @@ class SFTTrainer(BaseTrainer):
     def _rows(self, name: str, split: Any) -> RowSource:
         """Tokenised (and packed) rows of one split; what was counted goes to `data_stats`."""
         args, sft = self.arguments, self.sft_arguments
-        tokenized, stats = tokenize_sft_dataset(split, self.tokenizer, self._data_options(),
-                                                formatting_func=self.formatting_func,
-                                                num_proc=args.preprocessing_num_workers)
+        with rows_of(None if name == "evaluate" else name):
+            tokenized, stats = tokenize_sft_dataset(split, self.tokenizer, self._data_options(),
+                                                    formatting_func=self.formatting_func,
+                                                    num_proc=args.preprocessing_num_workers,
+                                                    vocab_size=vocab_size_of(self.model_config))
         self.data_stats[name] = dict(stats)
         if not sft.packing:
             buckets = bucket_lengths(args.max_length) if jax.process_count() == 1 else (args.max_length,)
