@@ -85,9 +85,15 @@ def first_max(logits_MV: Array, targets_M: Array) -> Array:
 
 
 def masked_token_sums(nll_M: Array, correct_M: Array, mask_M: Array) -> tuple[Array, Array, Array]:
-    """(cross-entropy sum, supervised-token count, correct-argmax count) over the tokens where mask is 1."""
+    """(cross-entropy sum, supervised-token count, correct-argmax count) over the tokens the mask weighs.
+
+    A masked token adds exactly nothing, selected away rather than multiplied by 0: a collate may mark ignored
+    targets with an id outside the vocabulary (Hugging Face's -100), whose gathered logit is NaN, and NaN * 0 is NaN.
+    """
     mask_M = mask_M.astype(jnp.float32)
-    return jnp.sum(nll_M * mask_M), jnp.sum(mask_M), jnp.sum(correct_M * mask_M)
+    kept = mask_M != 0
+    return (jnp.sum(jnp.where(kept, nll_M * mask_M, 0.0)), jnp.sum(mask_M),
+            jnp.sum(jnp.where(kept, correct_M * mask_M, 0.0)))
 
 
 def target_logps(logits_MV: Array, targets_M: Array) -> Array:

@@ -214,3 +214,22 @@ def test_bad_settings_fail_at_set_up_naming_loss_chunk_size(tmp_path):
     lora = dict(lora_rank=2, lora_dropout=0.1, lora_target_modules=["lm_head"])
     with pytest.raises(ArgumentError, match="loss_chunk_size.*LoRA dropout"):
         BaseTrainer(run_args(tmp_path, "dropout", loss_chunk_size=8, **lora)).setup()
+
+
+@pytest.mark.parametrize("chunk_size", [None, 5])
+def test_a_masked_target_outside_the_vocabulary_weighs_nothing(chunk_size):
+    """A custom collate may mark ignored targets as Hugging Face does (-100, or any id past the vocabulary); where
+    the mask is 0 they must add nothing, not a NaN that poisons the sum (the step would be skipped as non-finite)."""
+    x_MD, weight_DV, targets_M, mask_M = inputs()
+    ignored = mask_M == 0
+    marked_M = jnp.where(ignored, jnp.where(jnp.arange(M) % 2 == 0, -100, V + 7), targets_M)
+    logits_MV = np.asarray(x_MD @ weight_DV, np.float64)
+    log_probs = logits_MV - np.log(np.sum(np.exp(logits_MV - logits_MV.max(-1, keepdims=True)), -1,
+                                          keepdims=True)) - logits_MV.max(-1, keepdims=True)
+    expected = -np.sum(np.take_along_axis(log_probs, np.asarray(targets_M)[:, None], 1)[:, 0] * np.asarray(mask_M))
+    if chunk_size is None:
+        total, count, _ = token_cross_entropy_sums(x_MD @ weight_DV, marked_M, mask_M)
+    else:
+        total, count, _ = chunked_cross_entropy_sums(dense_head(weight_DV), x_MD, marked_M, mask_M, chunk_size)
+    assert float(count) == float(np.sum(mask_M))
+    np.testing.assert_allclose(float(total), expected, rtol=1e-5)
