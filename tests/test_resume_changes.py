@@ -85,6 +85,32 @@ def test_a_changed_dataset_is_refused_before_compute_and_before_the_output_dir_i
     assert snapshot(run_copy) == before  # checkpoint 4 not set aside, arguments.json not rewritten
 
 
+@pytest.fixture
+def edited_data(data_file):
+    """The same train_file path and line count, two words of one line swapped (the same tokens in another order,
+    so the same number of blocks); put back afterwards."""
+    before = data_file.read_text()
+    lines = before.split("\n")
+    words = lines[3].split(" ")
+    words[4], words[5] = words[5], words[4]
+    data_file.write_text("\n".join([*lines[:3], " ".join(words), *lines[4:]]))
+    yield data_file
+    data_file.write_text(before)
+
+
+def test_an_edited_train_file_of_the_same_row_count_is_refused_before_compute(run_copy, edited_data, tokenizer_dir):
+    with CheckpointManager(run_copy / "checkpoints") as manager:
+        saved = manager.read_data_state(4)
+    before = snapshot(run_copy)
+    trainer = resume(run_copy, edited_data, tokenizer_dir)
+    with pytest.raises(ArgumentError, match=r"^resume_from_checkpoint: the training data changed since the "
+                                            r"checkpoint \(data_digest: checkpoint '.+' vs now '.+'\).*"
+                                            r"--allow_data_order_change"):
+        trainer.setup()
+    assert trainer.configure_dataloaders().train.num_rows == saved["num_rows"]  # the count alone missed it
+    assert snapshot(run_copy) == before
+
+
 def test_allow_data_order_change_continues_a_changed_dataset_in_its_own_order(run_copy, grown_data, tokenizer_dir):
     trainer = resume(run_copy, grown_data, tokenizer_dir, trainer=BaseTrainer, allow_data_order_change=True)
     trainer.train()

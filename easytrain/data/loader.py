@@ -23,7 +23,9 @@ import datasets
 import grain
 import numpy as np
 
+from easytrain.data.digest import rows_digest
 from easytrain.data.errors import DataError
+from easytrain.data.position import DIGEST_KEY, check_same_settings, position_mismatch  # noqa: F401
 from easytrain.data.lm import Batch, lm_collate_rows
 
 #: A source addressable by row index: a ``datasets.Dataset`` or equal-length columns.
@@ -37,7 +39,6 @@ RowsCollate: TypeAlias = Callable[[Mapping[str, np.ndarray], np.ndarray], Batch]
 _READER_THREADS = 2
 _BATCHES_AHEAD = 4
 
-_STATE_KEYS = ("seed", "global_batch_size", "num_rows")
 _ENDLESS = sys.maxsize
 
 
@@ -88,6 +89,7 @@ class TrainBatches:
         if seed < 0:
             raise DataError(f"`seed` must be non-negative, got {seed}.")
         self.seed = seed
+        self._source = source
         rows = _StepRows(
             len(self._reader), global_batch_size, self.local_batch_size, seed, process_index
         )
@@ -99,10 +101,17 @@ class TrainBatches:
     def num_rows(self) -> int:
         return len(self._reader)
 
+    @functools.cached_property
+    def data_digest(self) -> str:
+        """The content digest of every row (not only this process's: each process holds them all), computed once."""
+        return rows_digest(self._source)
+
     @property
-    def fingerprint(self) -> dict[str, int]:
-        """The settings a saved data position depends on (`TrainIterator.get_state` records them)."""
-        return {"seed": self.seed, "global_batch_size": self.global_batch_size, "num_rows": self.num_rows}
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings and the rows a saved data position depends on (`TrainIterator.get_state` records them): the
+        same seed and batch size over other rows of the same count would pick other examples at every step."""
+        return {"seed": self.seed, "global_batch_size": self.global_batch_size, "num_rows": self.num_rows,
+                DIGEST_KEY: self.data_digest}
 
     @property
     def rows_read(self) -> int:
@@ -122,12 +131,13 @@ class TrainIterator(Iterator[Batch]):
     """Training batches from some global step on, checkpointable as that step.
 
     ``get_state`` returns JSON-serialisable data that also records the data
-    settings, so restoring into a loader with another seed, batch size or
-    dataset fails loudly instead of silently changing the data order.
+    settings and the rows' digest, so restoring into a loader with another
+    seed, batch size or dataset fails loudly instead of silently changing the
+    data order.
     """
 
     def __init__(
-        self, batches: grain.DatasetIterator, fingerprint: Mapping[str, int], start_step: int
+        self, batches: grain.DatasetIterator, fingerprint: Mapping[str, Any], start_step: int
     ) -> None:
         self._batches = batches
         self._fingerprint = dict(fingerprint)
@@ -144,13 +154,13 @@ class TrainIterator(Iterator[Batch]):
         self._step += 1
         return batch
 
-    def get_state(self) -> dict[str, int]:
+    def get_state(self) -> dict[str, Any]:
         """Where to resume: the next global step plus the settings it depends on."""
         return {"step": self._step, **self._fingerprint}
 
     def set_state(self, state: Mapping[str, Any]) -> None:
         """Continue from ``state["step"]``; O(1), nothing earlier is read."""
-        _check_same_settings(state, self._fingerprint)
+        check_same_settings(state, self._fingerprint)
         step = int(state["step"])
         if step < 0:
             raise DataError(f"Data state has negative step {step}; pass a saved state.")
@@ -366,23 +376,6 @@ def _grain_state(step: int) -> dict[str, int]:
     Each element here is one global step, so the step is the whole state.
     """
     return {"next_index": step}
-
-
-def position_mismatch(state: Mapping[str, Any], fingerprint: Mapping[str, Any]) -> list[str]:
-    """How a saved data position's settings differ from a loader's (`"num_rows: saved 775 vs now 1038"`)."""
-    return [f"{key}: saved {state.get(key)!r} vs now {fingerprint.get(key)!r}"
-            for key in _STATE_KEYS if state.get(key) != fingerprint.get(key)]
-
-
-def _check_same_settings(state: Mapping[str, Any], fingerprint: Mapping[str, int]) -> None:
-    if (diffs := position_mismatch(state, fingerprint)) or "step" not in state:
-        saved = {key: state.get(key) for key in _STATE_KEYS}
-        raise DataError(
-            f"The data state was saved with {saved} but this loader has {dict(fingerprint)} "
-            f"({'; '.join(diffs) or 'no step recorded'}): the same step would hold other examples. Resume with "
-            "the same dataset, seed and global_batch_size, or pass --allow_data_order_change to start the data "
-            "order afresh at the resumed step (not an exact continuation)."
-        )
 
 
 def _load_batch(reader: _RowReader, collate: RowsCollate, indices: np.ndarray) -> Batch:

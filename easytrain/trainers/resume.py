@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 import jax
 
 from easytrain.checkpoint import CheckpointManager, CheckpointMismatchError, path_name, tree_signature
+from easytrain.data.position import DIGEST_KEY
 from easytrain.errors import ArgumentError, CheckpointReadError
 from easytrain.models.scan import STACKED, abstract_layer, abstract_stack, stack_layer_dicts, unstack_layer_dicts
 from easytrain.trainers.adapters import check_base
@@ -141,22 +142,34 @@ def check_run_length(total_steps: int, step: int) -> None:
 
 def check_data_position(position: dict[str, Any], fingerprint: Mapping[str, Any] | None, allow: bool) -> bool:
     """Whether the saved data position can be kept: it was saved for the same data (`fingerprint`, the loader's
-    `seed`, `global_batch_size` and `num_rows`). The same arguments over other files or another dataset version
-    change `num_rows`: refused like a data-order change, or, under `allow_data_order_change`, the position is
-    dropped and the data starts afresh (in the new data's order) at the restored step. Without a fingerprint (a
-    loader of the trainer's own) nothing is compared here; the loader checks when the position is set."""
-    if fingerprint is None or not (diffs := _differences(position, dict(fingerprint), tuple(fingerprint))):
+    `seed`, `global_batch_size`, `num_rows` and `data_digest`, the rows' content). The same arguments over other
+    files, another dataset version or edited rows (another `dataset_train` of the same length) change `num_rows` or
+    the digest: refused like a data-order change, or, under `allow_data_order_change`, the position is dropped and
+    the data starts afresh (in the new data's order) at the restored step. A position saved before digests were
+    recorded is compared without one. Without a fingerprint (a loader of the trainer's own) nothing is compared
+    here; the loader checks when the position is set."""
+    if fingerprint is None:
+        return True
+    if not (diffs := _differences(position, dict(fingerprint), _compared(position, fingerprint))):
         return True
     described = "; ".join(diffs)
     if allow:
         logger.warning("the training data changed since the checkpoint (%s): allow_data_order_change is set, so the "
                        "data starts afresh at the restored step, in the new data's order", described)
         return False
+    what = ("the same number of rows with other content (edited examples, or another dataset of the same length)"
+            if all(diff.startswith(DIGEST_KEY) for diff in diffs)
+            else "the files or the dataset version behind them differ")
     raise ArgumentError("resume_from_checkpoint", f"the training data changed since the checkpoint ({described}), "
-                        "with the same arguments: the files or the dataset version behind them differ, and the "
-                        "restored data position would pick other examples than the interrupted run's. Restore the "
-                        "data it was trained on, pass --allow_data_order_change to continue from the restored step "
-                        "in the new data's order, or start a new output_dir.")
+                        f"with the same arguments: {what}, and the restored data position would pick other examples "
+                        "than the interrupted run's. Restore the data it was trained on, pass "
+                        "--allow_data_order_change to continue from the restored step in the new data's order, or "
+                        "start a new output_dir.")
+
+
+def _compared(position: Mapping[str, Any], fingerprint: Mapping[str, Any]) -> tuple[str, ...]:
+    """The loader's fingerprint keys, less the content digest where the checkpoint recorded none (older ones)."""
+    return tuple(key for key in fingerprint if key != DIGEST_KEY or DIGEST_KEY in position)
 
 
 def check_format(run_info: dict[str, Any]) -> None:
@@ -218,7 +231,8 @@ def _read_position(manager: CheckpointManager, root: Path, step: int,
     """The checkpoint's data position (JSON only); one without the settings the loader compares is damaged."""
     try:
         position = manager.read_data_state(step)
-        if fingerprint is not None and (missing := [key for key in fingerprint if key not in position]):
+        if fingerprint is not None and (missing := [key for key in fingerprint
+                                                    if key not in position and key != DIGEST_KEY]):
             raise ValueError(f"its data_state records no {', '.join(missing)}")
     except Exception as error:
         raise _unreadable(root, step, manager.all_steps(), error) from error
