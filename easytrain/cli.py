@@ -6,7 +6,8 @@ strings, the `easytrain.tasks` entry-point group) or any `package.module:Class` 
 
 Exit status: 0 done (completed, or stopped by the stop file or a callback), 1 failed once training had started
 (job.json `failed`), 2 refused before it (arguments, data, model, output directory, checkpoint to resume: fix the
-command and rerun), 75 preempted after a checkpoint (`easytrain.trainers.preemption`).
+command and rerun), 75 stopped by SIGTERM or SIGINT with nothing lost: after a checkpoint, or before the first step
+(`easytrain.trainers.preemption`; the command catches them from its start: `easytrain.stop_signals`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 import jax
 
+from easytrain import stop_signals
 from easytrain.arguments import TrainingArguments
 from easytrain.config_io import build_parser, parse_task_arguments, peek_task
 from easytrain.errors import EasytrainError
@@ -64,18 +66,32 @@ def run(arguments: TrainingArguments, task_arguments: Sequence[Any] | None = Non
     Every process returns the summary; only process 0 writes `results.json`, like every other file (NaN and
     infinities as the strings "nan", "inf", "-inf", as in job.json). The whole job, from data loading to
     `results.json`, is reported in `output_dir/job.json` (`job`, default `command_job(arguments)`: queued while
-    the data and model are prepared; a failure anywhere is recorded there).
+    the data and model are prepared; a failure anywhere is recorded there). A SIGTERM or SIGINT before the first
+    step (single-process runs) stops the job with status 75 and `stopped`: caught from here (from the command's
+    start) until a `BaseTrainer`'s `train()` takes the catch over and ends it.
     """
-    trainer = resolve_task(arguments.task).build(arguments, task_arguments)
-    check_implements(trainer)  # not isinstance: on Python 3.11 that evaluates properties, i.e. builds the run
-    with job or command_job(arguments):  # entered after the trainer: output_dir checked
-        train_logs = dict(trainer.train())
-        eval_logs = dict(trainer.evaluate())
-        summary = {**{f"train_{k}": v for k, v in train_logs.items()}, **eval_logs}
-        if jax.process_index() == 0:
-            Path(arguments.output_dir).mkdir(parents=True, exist_ok=True)
-            text = json.dumps(strict_json(summary), indent=2, allow_nan=False)
-            (Path(arguments.output_dir) / "results.json").write_text(text)
+    from easytrain.trainers import BaseTrainer  # imported here: `easytrain tasks` and `plot` need no trainer
+    from easytrain.trainers.preemption import joins_other_processes
+
+    if joins_other_processes(arguments):  # JAX's preemption service takes SIGTERM
+        stop_signals.release(redeliver=True)
+    else:
+        stop_signals.catch()
+    try:
+        trainer = resolve_task(arguments.task).build(arguments, task_arguments)
+        check_implements(trainer)  # not isinstance: on Python 3.11 that evaluates properties, i.e. builds the run
+        if not isinstance(trainer, BaseTrainer):  # its train() does not look at the flag: signals act as before
+            stop_signals.release(redeliver=True)
+        with job or command_job(arguments):  # entered after the trainer: output_dir checked
+            train_logs = dict(trainer.train())
+            eval_logs = dict(trainer.evaluate())
+            summary = {**{f"train_{k}": v for k, v in train_logs.items()}, **eval_logs}
+            if jax.process_index() == 0:
+                Path(arguments.output_dir).mkdir(parents=True, exist_ok=True)
+                text = json.dumps(strict_json(summary), indent=2, allow_nan=False)
+                (Path(arguments.output_dir) / "results.json").write_text(text)
+    finally:
+        stop_signals.release()  # refused before training (train() ended the catch otherwise)
     return summary
 
 

@@ -53,7 +53,8 @@ def check_progress_range(start: float, end: float) -> None:
 
 
 def outcome_of(error: BaseException) -> RunStatus:
-    """'stopped' for a preemption (SIGTERM: checkpointed, exit 75), Ctrl-C or a clean `sys.exit`; else 'failed'."""
+    """'stopped' for a preemption (SIGTERM, SIGINT: exit 75, after a checkpoint or before the first step), Ctrl-C or
+    a clean `sys.exit`; else 'failed'."""
     # imported here: easytrain.trainers imports this module
     from easytrain.trainers.preemption import TrainingPreempted
 

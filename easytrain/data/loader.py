@@ -25,7 +25,7 @@ import numpy as np
 
 from easytrain.data.digest import rows_digest
 from easytrain.data.errors import DataError
-from easytrain.data.position import DIGEST_KEY, check_same_settings, position_mismatch  # noqa: F401
+from easytrain.data.position import DIGEST_KEY, check_same_settings
 from easytrain.data.lm import Batch, lm_collate_rows
 
 #: A source addressable by row index: a ``datasets.Dataset`` or equal-length columns.

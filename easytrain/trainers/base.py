@@ -21,7 +21,7 @@ import optax
 from flax import nnx
 
 from easytrain import (compilation_cache, compiler_options, distributed, host_memory, integrity, memory_plan,
-                       placement, profiling, sharding, steps)
+                       placement, profiling, sharding, steps, stop_signals)
 from easytrain.arguments import TrainingArguments
 from easytrain.callbacks import Callback, CallbackList
 from easytrain.checkpoint import CheckpointManager
@@ -35,7 +35,7 @@ from easytrain.models import from_pretrained
 from easytrain.optim import build_optimizer, build_schedule
 from easytrain.protocol import ConfiguredDataloaders, ConfiguredFunctions, ConfiguredModel
 from easytrain.state import TrainState, bind
-from easytrain.trainers import adapters, builders, init_weights, run_lock
+from easytrain.trainers import adapters, builders, init_weights, preemption, run_lock
 from easytrain.trainers.language_model import LanguageModelHooks
 from easytrain.trainers.loop import LoopParts, TrainLoop, evaluate_batches, trackers_then_claim
 from easytrain.trainers.resume import (FORMAT_VERSION, check_run_length, config_dict, restore_checkpoint,
@@ -172,9 +172,11 @@ class BaseTrainer(LanguageModelHooks):
         """Build data, model and compiled steps once, in that order (all checks before compute)."""
         if self._functions is not None:
             return
-        self._data = self.configure_dataloaders()
+        with stop_signals.interruptible("preparing the data"):  # a stop signal here ends train() at once
+            self._data = self.configure_dataloaders()
         profiling.check_window(self._arguments, self._data.total_steps)  # the run's length is known from here
-        self._model = self.configure_model()
+        with stop_signals.interruptible("building the model"):
+            self._model = self.configure_model()
         self._state = self._model.state
         self._functions = self.configure_functions()
         names = builders.eval_metric_names(self._functions.eval_step, self._state, self._data.eval, self.mesh,
@@ -334,18 +336,20 @@ class BaseTrainer(LanguageModelHooks):
 
     def train(self) -> dict[str, float]:
         """Train until `max_steps` / `num_train_epochs` (or a stop request); returns the last logs. Once per
-        trainer: a later run resumes from its checkpoint in a new trainer."""
-        self.setup()
-        start = self._resume_from[1] if self._resume_from else 0
-        builders.check_not_trained(int(self._state.step), start)
-        check_run_length(self._data.total_steps, start)
-        try:
-            trackers, self.loop = trackers_then_claim(self._arguments, start, self.is_main_process, self._claim)
-            return self.loop.run(self._state, start, self.resumed_data_state, resumed=self._resume_from is not None,
-                                 trackers=trackers)
-        finally:  # the step donated the arrays the module pointed at: show it the final ones
-            bind(self._model.model, self._state)
-            run_lock.release(self._arguments.output_dir)  # taken by the claim
+        trainer: a later run resumes from its checkpoint in a new trainer. A SIGTERM or SIGINT before the first step
+        raises `TrainingPreempted` (exit status 75), nothing lost: `easytrain.trainers.preemption`."""
+        with preemption.stopping_before_training(self._resume_from):
+            self.setup()
+            start = self._resume_from[1] if self._resume_from else 0
+            builders.check_not_trained(int(self._state.step), start)
+            check_run_length(self._data.total_steps, start)
+            try:
+                trackers, self.loop = trackers_then_claim(self._arguments, start, self.is_main_process, self._claim)
+                return self.loop.run(self._state, start, self.resumed_data_state,
+                                     resumed=self._resume_from is not None, trackers=trackers)
+            finally:  # the step donated the arrays the module pointed at: show it the final ones
+                bind(self._model.model, self._state)
+                run_lock.release(self._arguments.output_dir)  # taken by the claim
 
     def _claim(self) -> TrainLoop:
         """Once per trainer, after every check of `setup`: make `output_dir` this run's (`run_dir.claim_run`)."""
@@ -364,7 +368,8 @@ class BaseTrainer(LanguageModelHooks):
             checkpoints=self.checkpoint_manager(), run_info=self.run_info, evaluate=self.evaluate,
             export=self.save_pretrained,
             restore_best=functools.partial(restore_step, self.checkpoint_manager(), self._model.state_shardings),
-            callbacks=self.callbacks, owner=self, is_main_process=self.is_main_process)
+            callbacks=self.callbacks, owner=self, is_main_process=self.is_main_process,
+            resumed_from=preemption.resume_point(self._resume_from)[1])
 
     def evaluate(self, dataset: Any = None) -> dict[str, float]:
         """Every eval metric over the whole eval set (`eval_` prefixed), plus the evaluators'.

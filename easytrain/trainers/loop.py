@@ -16,11 +16,11 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 import jax
 
-from easytrain import flops, heap, metrics as metrics_lib, profiling, throughput
+from easytrain import flops, heap, metrics as metrics_lib, profiling, stop_signals, throughput
 from easytrain.arguments import TrainingArguments
 from easytrain.callbacks import CallbackList
 from easytrain.checkpoint import CheckpointManager
-from easytrain.data.loader import position_mismatch
+from easytrain.data.position import position_mismatch
 from easytrain.errors import NonFiniteLossError, OutputDirError
 from easytrain.jobs import outcome_of
 from easytrain.memory_plan import MemoryPlan
@@ -55,6 +55,7 @@ class LoopParts:
     callbacks, which may set `owner.should_stop`. `count_tokens`, `count_token_slots` and `model_flops`
     read each host batch for the throughput logs (`easytrain.throughput`). `plan_memory(state, device_batch)`
     runs once, before the first iteration: it may compile ahead and check memory (`easytrain.memory_plan`).
+    `resumed_from`: the checkpoint the run resumed from (None: a fresh run), kept as it is by a stop before step one.
     """
 
     arguments: TrainingArguments
@@ -74,6 +75,7 @@ class LoopParts:
     count_token_slots: Callable[[HostBatch], tuple[int, int]] = lambda batch: (0, 0)
     model_flops: Callable[[HostBatch], float] = lambda batch: 0.0
     plan_memory: Callable[[Any, Mapping[str, jax.Array]], MemoryPlan | None] = lambda state, batch: None
+    resumed_from: str | None = None
 
 
 #: Eval batches dispatched between waits (each queues its step and its metrics' merges), for the reason of
@@ -97,13 +99,17 @@ def trackers_then_claim(args: TrainingArguments, start_step: int, is_main_proces
                         claim: Callable[[], T]) -> tuple[list[Any], T]:
     """Open the remote trackers (W&B, MLflow; the main process only), then `claim()` the output_dir (remove or
     move an older run's files): a tracker that cannot start (no API key, a store it cannot use) fails the run
-    while the older run is still whole. The trackers are closed if the claim fails."""
+    while the older run is still whole; so does a stop signal caught until then, or during the claim once it is done
+    (`easytrain.stop_signals`). The trackers are closed if the claim fails."""
     trackers = open_trackers(args.output_dir, args.report_to, start_step, args.to_dict()) if is_main_process else []
     try:
-        return trackers, claim()
-    except BaseException:
+        stop_signals.check("opening the metric trackers")
+        claimed = claim()
+        stop_signals.check("claiming the output directory")
+        return trackers, claimed
+    except BaseException as error:
         for tracker in trackers:
-            tracker.close("failed")
+            tracker.close(outcome_of(error))
         raise
 
 
@@ -243,6 +249,7 @@ class TrainLoop:
         started, first = time.perf_counter(), self.compile_seconds is None
         if first:  # raises, before anything runs, if the step cannot fit
             self.memory_plan = self.parts.plan_memory(self.state, global_batch)
+            self.preemption.stop_before_first_step(self.start_step, self.parts.resumed_from, "compiling the train step")
         self.state, metrics = self.parts.iteration(self.state, global_batch)
         self.parts.publish(self.state)
         if first:

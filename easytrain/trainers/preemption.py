@@ -1,79 +1,141 @@
-"""Graceful stop on SIGTERM / SIGINT: finish the step, checkpoint, flush logs, exit with a known status.
+"""Graceful stop on SIGTERM / SIGINT: exit with a known status, nothing lost, from `train()`'s first line on.
 
-Schedulers (SLURM, Kubernetes, Cloud TPU maintenance) send SIGTERM some seconds before killing a job.
-The first signal only sets a flag that the loop reads between steps; a second one gets the default
-action (the process dies at once; the last complete checkpoint is still intact, saves are atomic).
+Schedulers (SLURM, Kubernetes, Cloud TPU maintenance) send SIGTERM some seconds before killing a job. In the
+training loop the first signal only sets a flag that the loop reads between steps: it finishes the step,
+checkpoints, flushes its logs and exits. Before the first step (`train()` preparing the data, restoring the
+model, claiming the output directory, compiling) the run stops at once where it writes nothing, else at the next
+safe point, with the checkpoint it resumed from untouched (`easytrain.stop_signals`). A second signal gets the
+default action (the process dies at once; the last complete checkpoint is still intact, saves are atomic).
 
 Multi-process runs must agree on the step at which every process saves, or the cooperative save would
 deadlock. There SIGTERM goes through JAX's preemption service (`reached_preemption_sync_point`), which
-picks one step for all processes; SIGINT keeps its default (KeyboardInterrupt) behaviour.
+picks one step for all processes, the first one included; SIGINT keeps its default (KeyboardInterrupt) behaviour.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
-import threading
-from types import FrameType
+from collections.abc import Iterator
+from pathlib import Path
 
 import jax
 from jax.experimental import multihost_utils
 
-logger = logging.getLogger("easytrain")
+from easytrain import distributed, stop_signals
+from easytrain.arguments import TrainingArguments
+from easytrain.stop_signals import PREEMPTED_EXIT_CODE, SignalInterrupt
 
-#: Exit status of a run stopped by SIGTERM/SIGINT after saving its checkpoint (sysexits' EX_TEMPFAIL:
-#: "temporary failure, try again"). Job scripts can requeue on it: the next start resumes.
-PREEMPTED_EXIT_CODE = 75
+__all__ = ["PREEMPTED_EXIT_CODE", "PreemptionWatcher", "TrainingPreempted", "joins_other_processes", "resume_point",
+           "stopping_before_training"]
+
+logger = logging.getLogger("easytrain")
 
 
 class TrainingPreempted(SystemExit):
     """Training stopped on a signal after checkpointing `step`; exits the process with status 75.
 
+    `during` names the phase of the set-up a run stopped in before its first step: then `step` is the step it
+    resumed from (0 for a fresh run) and `checkpoint` that step's, untouched (None: it had none).
+
     A `SystemExit`, so an uncaught one ends a script with the documented status instead of a traceback,
     and `except Exception` blocks around user code do not swallow it.
     """
 
-    def __init__(self, step: int, signal_name: str, checkpoint: str | None):
+    def __init__(self, step: int, signal_name: str, checkpoint: str | None, during: str | None = None):
         super().__init__(PREEMPTED_EXIT_CODE)
-        self.step, self.signal_name, self.checkpoint = step, signal_name, checkpoint
+        self.step, self.signal_name, self.checkpoint, self.during = step, signal_name, checkpoint, during
 
     def __str__(self) -> str:
+        if self.during is not None:
+            kept = f"checkpoint {self.checkpoint} untouched" if self.checkpoint else "no checkpoint yet"
+            return (f"stopped by {self.signal_name} while {self.during}, before step {self.step + 1}: nothing "
+                    f"trained; {kept}; exit status {PREEMPTED_EXIT_CODE}")
         saved = f"checkpoint {self.checkpoint}" if self.checkpoint else "no checkpoint (save_strategy='no')"
         return f"stopped by {self.signal_name} after step {self.step}; {saved}; exit status {PREEMPTED_EXIT_CODE}"
 
 
-class PreemptionWatcher:
-    """Context manager that turns stop signals into a flag the training loop polls once per step."""
+def resume_point(resume_from: tuple[Path, int] | None) -> tuple[int, str | None]:
+    """The step and checkpoint a run stopped before its first step stays at: those it resumes from, or 0 and none."""
+    if resume_from is None:
+        return 0, None
+    root, step = resume_from
+    return step, str(root / str(step))
 
-    def __init__(self, signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT)):
+
+def joins_other_processes(args: TrainingArguments) -> bool:
+    """Whether `distributed.initialize` will start JAX's multi-process runtime (whose preemption service then
+    handles SIGTERM), read from the arguments and the environment before any JAX call."""
+    explicit = (args.coordinator_address, args.num_processes, args.process_id)
+    return (any(value is not None for value in explicit) or distributed.auto_detected_cluster() is not None
+            or jax.distributed.is_initialized())
+
+
+@contextlib.contextmanager
+def stopping_before_training(resume_from: tuple[Path, int] | None) -> Iterator[None]:
+    """`train()`'s whole body: stop signals are caught from here (single-process runs; the `easytrain` command
+    caught them from its start), the loop's `PreemptionWatcher` shares the flag, and a `SignalInterrupt` of the
+    set-up becomes `TrainingPreempted` at `resume_point`. The catch ends with `train()`, whoever started it: then
+    the signals act as before (a signal after the loop's last step had nothing left to stop)."""
+    stop_signals.catch(stop_signals.STOP_SIGNALS if jax.process_count() == 1 else ())
+    try:
+        yield
+    except SignalInterrupt as stop:
+        step, checkpoint = resume_point(resume_from)
+        error = TrainingPreempted(step, stop.signal_name, checkpoint, during=stop.during)
+        logger.warning("%s", error)
+        raise error from None
+    finally:
+        stop_signals.release()
+
+
+class PreemptionWatcher:
+    """Context manager that turns stop signals into a flag the training loop polls once per step.
+
+    Inside `train()` (or the `easytrain` command) the signals are caught already: it shares that flag, so a
+    signal of the set-up is not lost, and leaves the catch to its owner.
+    """
+
+    def __init__(self, signals: tuple[signal.Signals, ...] = stop_signals.STOP_SIGNALS):
         self.multi_process = jax.process_count() > 1
         self.signals = () if self.multi_process else signals  # multi-process: JAX's service handles SIGTERM
-        self.received: str | None = None
-        self._previous: dict[signal.Signals, object] = {}
+        self._synced: str | None = None
+        self._owner = False
+        self._plan = contextlib.ExitStack()
 
     def __enter__(self) -> PreemptionWatcher:
-        if threading.current_thread() is threading.main_thread():  # signal handlers live on the main thread
-            for sig in self.signals:
-                self._previous[sig] = signal.signal(sig, self._handle)
+        self._owner = stop_signals.catch(self.signals)
+        self._plan.enter_context(stop_signals.while_acting("finishing the current step, then checkpointing and "
+                                                          "exiting"))
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
+        self._plan.close()
+        if self._owner:
+            stop_signals.release()
+        self._owner = False
 
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        sig = signal.Signals(signum)
-        self.received = sig.name
-        signal.signal(sig, self._previous.get(sig, signal.SIG_DFL))  # a second signal is not graceful
-        logger.warning("%s received: finishing the current step, then checkpointing and exiting "
-                       "(send it again to stop immediately)", sig.name)
+    @property
+    def received(self) -> str | None:
+        """The stop signal's name once one is acted on (this process's, or JAX's agreed SIGTERM), else None."""
+        return self._synced or (None if self.multi_process else stop_signals.received())
+
+    def stop_before_first_step(self, step: int, resumed_from: str | None, during: str) -> None:
+        """Raise `TrainingPreempted` if a signal came before the first step (`during` it, e.g. the compile) of a run
+        resumed from `resumed_from`: nothing trained or saved. A fresh run (None) goes on to checkpoint its first step,
+        as a multi-process run (JAX's sync point) does: the metric files it has opened would make its next start
+        refuse output_dir, where a checkpoint makes it resume."""
+        if resumed_from is not None and (name := self.received) is not None:
+            error = TrainingPreempted(step, name, resumed_from, during=during)
+            logger.warning("%s", error)
+            raise error
 
     def should_stop(self, step: int) -> bool:
         """Whether to checkpoint and stop after `step`; called after every step, in every process."""
         if self.multi_process:
             if multihost_utils.reached_preemption_sync_point(step):
-                self.received = "SIGTERM"
+                self._synced = "SIGTERM"
                 return True
             return False
         return self.received is not None
