@@ -4,9 +4,10 @@ One forward pass of the policy runs over chosen and rejected together (`[B, 2, T
 `[2B, T]`); per-sequence log-probabilities are float32 sums over completion tokens, computed without a
 float32 log-softmax over the vocabulary (`easytrain.preference.token_logps`), or, with `loss_chunk_size`,
 from the final hidden states a few tokens at a time (`easytrain.chunked_loss`). The reference is a frozen
-copy of the initial policy (default), another model, precomputed log-probs, or a copy that moves
-toward the policy (TR-DPO); under LoRA, the policy's own weights with the adapters off, or with the adapter
-`lora_adapter_path` loaded. The losses are the pure functions of `easytrain.preference`.
+copy of the initial policy (default; with `init_weights_from`'s weights when the run starts from them), another
+model, precomputed log-probs, or a copy that moves toward the policy (TR-DPO); under LoRA, the policy's own weights
+with the adapters off, or with the adapter values it started from (`lora_adapter_path`, `init_weights_from`). The
+losses are the pure functions of `easytrain.preference`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from typing import Any, Callable, Mapping, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-import transformers
 from flax import nnx
 
 from easytrain.arguments import TrainingArguments
@@ -40,12 +40,14 @@ from easytrain.models.hf_load import resolve_checkpoint
 from easytrain.preference import (PREFERENCE_LOSSES, REFERENCE_FREE, PairLogps, combined_loss, running_mean,
                                   sequence_logps, token_logps)
 from easytrain.protocol import ConfiguredModel
+from easytrain.state import TrainState
 from easytrain.tasks import arithmetic
 from easytrain.tasks.registry import register_task
 from easytrain.trainers import adapters, builders
 from easytrain.trainers.base import BaseTrainer
-from easytrain.trainers.dpo_reference import (CACHE_DIRNAME, INITIAL_ADAPTERS, precomputed_reference_logps,
-                                              update_then_sync, with_values)
+from easytrain.trainers.dpo_reference import (CACHE_DIRNAME, INITIAL_ADAPTERS, INITIAL_POLICY, check_reference_path,
+                                              checked_initial_weights, precomputed_reference_logps, update_then_sync,
+                                              with_initial_adapters, with_initial_weights, with_values)
 from easytrain.trainers.switches import apply_switches
 
 logger = logging.getLogger("easytrain")
@@ -120,12 +122,13 @@ class DPOTrainer(BaseTrainer):
                             "DPOArguments(...) (or None for its defaults).")
         self.dpo = dpo_arguments or DPOArguments()
         if self.dpo.ref_model_name_or_path:  # refused before any data work: no such path, an unresolvable hub id
-            self._check_reference_path(self.dpo.ref_model_name_or_path)
+            check_reference_path(self.dpo.ref_model_name_or_path)
         self.task_arguments = (self.dpo,)
         self.formatting_func = formatting_func
         self.data_stats: dict[str, dict[str, float]] = {}
         self.reference_logps_cached: dict[str, bool] = {}  # split -> read from the cache (not recomputed)
-        self._loaded_adapter: dict | None = None  # `lora_adapter_path`'s values as loaded (`adapt_module`)
+        self._loaded_adapter: dict | None = None  # the adapter values the policy starts from (`INITIAL_ADAPTERS`)
+        self.initial_policy: dict[str, Any] | None = None  # with init_weights_from: its run_info record
         super().__init__(arguments, **kwargs)
         self._check_lora_reference()
 
@@ -197,43 +200,53 @@ class DPOTrainer(BaseTrainer):
 
     # ------------------------------------------------------------------ reference
     def reference(self) -> Frozen:
-        """The reference model: `ref_model_name_or_path`, else the initial policy (loaded again, copied from the
-        module you passed, or initialised like the policy). Checkpointed only when it moves (TR-DPO)."""
-        path = self.dpo.ref_model_name_or_path or self.arguments.model_name_or_path
-        moving = self.dpo.sync_ref_model
-        if path:
+        """The reference model: `ref_model_name_or_path`, else the initial policy (`_initial_policy` of the model loaded
+        again, of a copy of the module passed, or of one initialised like it). Checkpointed only when it moves."""
+        explicit, moving = self.dpo.ref_model_name_or_path, self.dpo.sync_ref_model
+        if path := explicit or self.arguments.model_name_or_path:
             try:
                 path = resolve_checkpoint(path)
             except CheckpointError as error:
-                field = "ref_model_name_or_path" if self.dpo.ref_model_name_or_path else "model_name_or_path"
-                raise ArgumentError(field, str(error)) from error
+                raise ArgumentError("ref_model_name_or_path" if explicit else "model_name_or_path", str(error)) \
+                    from error
+            stacked = self.arguments.scan_layers and (self.lora is None or bool(explicit))  # adapters on layers first
             module = from_pretrained(path, dtype=self.dtype, param_dtype=self.param_dtype, mesh=self.mesh,
-                                     rules=self.partition_rules, scan_layers=self.arguments.scan_layers)
-            if not self.dpo.ref_model_name_or_path:
-                module = self._with_loaded_adapter(module)
-            return Frozen(self._like_the_policy(module), checkpoint=moving, copy=False)
+                                     rules=self.partition_rules, scan_layers=stacked)
+            module = self._like_the_policy(module) if explicit else self._initial_policy(module)
+            return Frozen(module, checkpoint=moving, copy=False)
         if self._given_model is not None:
-            return Frozen(self._like_the_policy(self._with_loaded_adapter(self._given_model, clone=True)),
-                          checkpoint=moving)
+            return Frozen(self._initial_policy(nnx.clone(self._given_model)), checkpoint=moving)
         if moving and self._resume_from is not None:  # restored from the checkpoint: only its shapes are read
             return Frozen(lambda: self._like_the_policy(self.create_module()), checkpoint=moving)
-        return Frozen(self._like_the_policy(self.initial_module()), checkpoint=moving, copy=False)
+        return Frozen(self._initial_policy(self.initial_module()), checkpoint=moving, copy=False)
 
-    def _with_loaded_adapter(self, module: nnx.Module, clone: bool = False) -> nnx.Module:
-        """The initial policy from its base: with `lora_adapter_path`'s adapter loaded, when the run starts from one."""
-        if not self.arguments.lora_adapter_path:
+    def _initial_policy(self, module: nnx.Module) -> nnx.Module:
+        """The initial policy from `module`, its base, built as the policy is (`_place_module`): with the adapters the
+        run starts from (`lora_adapter_path`'s, or new ones for `init_weights_from` to fill), in the policy's layout,
+        then with `init_weights_from`'s weights. A resumed moving reference is restored: its source is not read."""
+        args, resuming = self.arguments, self._resume_from is not None
+        from_source = bool(args.init_weights_from) and not (self.dpo.sync_ref_model and resuming)
+        if args.lora_adapter_path or (from_source and self.lora is not None):
+            module = adapters.adapt(module, self.lora, args.seed, args.lora_adapter_path)
+        module = self._like_the_policy(module)
+        if not from_source:
             return module
-        module = nnx.clone(module) if clone else module
-        return adapters.adapt(module, self.lora, self.arguments.seed, self.arguments.lora_adapter_path)
+        module, self.initial_policy = with_initial_weights(
+            module, super()._initial_weights, source=args.init_weights_from, resume_from=self._resume_from,
+            seed=args.seed, mesh=self.mesh, rules=self.partition_rules,
+            filters=adapters.partition(self.lora, self.trainable))
+        return module
 
-    @staticmethod
-    def _check_reference_path(path: str) -> None:
-        """A local path must exist (it may be a checkpoint, resolved when the reference loads); a hub id must
-        resolve, which its config (one small file, from the cache when offline) shows."""
-        if not Path(path).expanduser().exists():  # `load_pretrained` first refuses what is not a hub id either
-            builders.load_pretrained("ref_model_name_or_path", path, transformers.AutoConfig.from_pretrained,
-                                     "the reference model's config", "Pass a local model directory or checkpoint, "
-                                     "or the id of a hub model.")
+    def _initial_weights(self, state: TrainState, shardings: TrainState) -> TrainState:
+        """Also keeps the adapter values `init_weights_from` gave the policy when they are its reference (a resume
+        places the policy again, and reads the source again, before it restores the trained adapters)."""
+        if not self.reference_is_initial_adapters:
+            return super()._initial_weights(state, shardings)
+        state, self.initial_policy = checked_initial_weights(
+            super()._initial_weights, state, shardings, source=self.arguments.init_weights_from,
+            resume_from=self._resume_from)
+        self._loaded_adapter = state.params
+        return state
 
     def _like_the_policy(self, module: nnx.Module) -> nnx.Module:
         """The reference with the policy's model switches (`scan_layers`, `attention_implementation`, `remat`):
@@ -250,13 +263,14 @@ class DPOTrainer(BaseTrainer):
     @property
     def reference_is_base(self) -> bool:
         """Under LoRA, the default reference is the policy with its adapters off (fresh adapters add nothing)."""
-        return self._reference_from_policy and not self.arguments.lora_adapter_path
+        return self._reference_from_policy and not self.reference_is_initial_adapters
 
     @property
-    def reference_is_loaded_adapter(self) -> bool:
-        """Under LoRA from a trained adapter (`lora_adapter_path`), the initial policy is the base with that adapter:
-        the reference is the policy's weights with a copy of the adapter's values as loaded (`INITIAL_ADAPTERS`)."""
-        return self._reference_from_policy and bool(self.arguments.lora_adapter_path)
+    def reference_is_initial_adapters(self) -> bool:
+        """Under LoRA from a trained adapter (`lora_adapter_path`) or another run's weights (`init_weights_from`): the
+        policy's weights with a copy of the trainable values it started from (`INITIAL_ADAPTERS`)."""
+        args = self.arguments
+        return self._reference_from_policy and bool(args.lora_adapter_path or args.init_weights_from)
 
     def configure_frozen(self) -> Mapping[str, Frozen]:
         frozen = {}
@@ -268,25 +282,18 @@ class DPOTrainer(BaseTrainer):
         return frozen
 
     def adapt_module(self, module: nnx.Module) -> nnx.Module:
-        """Also keeps the trainable values a `lora_adapter_path` run starts from (loaded again on resume)."""
+        """Also keeps the trainable values a `lora_adapter_path` run starts from (loaded again on resume; those of
+        `init_weights_from`, put in later, replace them: `_initial_weights`)."""
         module = super().adapt_module(module)
-        if self.reference_is_loaded_adapter:
+        if self.reference_is_initial_adapters:
             trainable = adapters.partition(self.lora, self.trainable)["trainable"]
             self._loaded_adapter = nnx.to_pure_dict(nnx.state(module, trainable))
         return module
 
     def configure_model(self) -> ConfiguredModel:
-        """Also places a copy of the loaded adapter's values in `state.frozen` (not checkpointed: small, and loaded
-        again on resume), sharded like the adapters."""
-        configured = super().configure_model()
-        if self._loaded_adapter is None:
-            return configured
-        state, shardings = configured.state, configured.state_shardings
-        values = jax.device_put(self._loaded_adapter, shardings.params, may_alias=False)  # the step donates params
-        self._loaded_adapter = None
-        return configured._replace(state=state.replace(frozen={**state.frozen, INITIAL_ADAPTERS: values}),
-                                   state_shardings=shardings.replace(
-                                       frozen={**shardings.frozen, INITIAL_ADAPTERS: shardings.params}))
+        """Also places a copy of the adapter values the policy starts from in `state.frozen` (`INITIAL_ADAPTERS`)."""
+        configured, values, self._loaded_adapter = super().configure_model(), self._loaded_adapter, None
+        return configured if values is None else with_initial_adapters(configured, values)
 
     def _check_lora_reference(self) -> None:
         """An adapter-off reference equals the initial policy only when nothing but the adapters trains."""
@@ -373,7 +380,8 @@ class DPOTrainer(BaseTrainer):
 
     def run_info(self) -> dict[str, Any]:
         """Also the options that decide the rows, so a resume under different ones is refused."""
-        return {**super().run_info(), "task_arguments": {"max_prompt_length": self.dpo.max_prompt_length}}
+        info = {**super().run_info(), "task_arguments": {"max_prompt_length": self.dpo.max_prompt_length}}
+        return info if self.initial_policy is None else {**info, INITIAL_POLICY: self.initial_policy}
 
 
 def logps_and_mean_logit(logits_MV: jax.Array, targets_M: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -2,7 +2,13 @@
 
 `update_then_sync` moves a TR-DPO reference toward the policy inside the train step. `with_values` runs the
 policy's own weights with other values for some variables: under LoRA from a trained adapter
-(`lora_adapter_path`), the reference is the base with a copy of that adapter's values as loaded.
+(`lora_adapter_path`) or from another run's weights (`init_weights_from`), the reference is the base with a copy
+of the adapter values the policy started from.
+
+A run started with `init_weights_from` has those weights in its initial policy, so its reference gets them too
+(`with_initial_weights`), and a resume, which rebuilds a fixed reference from that source rather than reading it
+from the checkpoint, must find the same weights there: `require_source` and `check_initial_policy` refuse a
+source gone or changed, against the digests the run recorded in its run_info (`INITIAL_POLICY`).
 
 `precomputed_reference_logps` runs the reference model over every pair once, in one compiled pass,
 before training, and caches the result on disk under a key made of the data's and the reference
@@ -21,16 +27,27 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+import transformers
 from flax import nnx, traverse_util
 
-from easytrain import integrity, sharding
+from easytrain import integrity, placement, sharding
+from easytrain.checkpoint import CheckpointManager
 from easytrain.data import EvalBatches, RowSource
+from easytrain.errors import ArgumentError
 from easytrain.frozen import Frozen, place_frozen
+from easytrain.protocol import ConfiguredModel
+from easytrain.trainers import builders
+from easytrain.trainers.init_weights import float_leaves, resolved_source
 
 logger = logging.getLogger("easytrain")
 CACHE_DIRNAME = "reference_logps"
-#: `state.frozen` entry of the trainable values a LoRA run started from (`lora_adapter_path`'s adapter as loaded).
+#: `state.frozen` entry of the trainable values a LoRA run started from (`lora_adapter_path`'s adapter as loaded,
+#: or `init_weights_from`'s adapters).
 INITIAL_ADAPTERS = "initial_adapters"
+#: run_info entry of a run started with `init_weights_from`: the source, the checkpoint it named then, and the digests
+#: of the initial policy's trained variables its reference was built from (`check_initial_policy`).
+INITIAL_POLICY = "initial_policy"
 
 
 def with_values(module: nnx.Module, selected: nnx.filterlib.Filter, values: Any) -> nnx.Module:
@@ -40,6 +57,85 @@ def with_values(module: nnx.Module, selected: nnx.filterlib.Filter, values: Any)
     out = nnx.merge(graphdef, values, nnx.to_pure_dict(rest))
     out.eval()
     return out
+
+
+def check_reference_path(path: str) -> None:
+    """A local path must exist (it may be a checkpoint, resolved when the reference loads); a hub id must
+    resolve, which its config (one small file, from the cache when offline) shows."""
+    if not Path(path).expanduser().exists():  # `load_pretrained` first refuses what is not a hub id either
+        builders.load_pretrained("ref_model_name_or_path", path, transformers.AutoConfig.from_pretrained,
+                                 "the reference model's config", "Pass a local model directory or checkpoint, "
+                                 "or the id of a hub model.")
+
+
+def with_initial_weights(module: nnx.Module, initial_weights: Callable[[Any, Any], Any], *, source: str,
+                         resume_from: tuple[Path, int] | None, seed: int, mesh: jax.sharding.Mesh,
+                         rules: sharding.LogicalRules, filters: Mapping[str, nnx.filterlib.Filter]
+                         ) -> tuple[nnx.Module, dict[str, Any]]:
+    """`module` (built and laid out as the policy is) with `init_weights_from`'s weights put in as the policy's are,
+    on a train state of it split by the policy's `filters` (`checked_initial_weights`): the same values the policy
+    starts from, whatever the source holds or lacks; and the run_info record of them."""
+    state, shardings = placement.place_module(module, optax.identity(), seed=seed, mesh=mesh, rules=rules,
+                                              copy=False, **filters)
+    state, record = checked_initial_weights(initial_weights, state, shardings, source=source, resume_from=resume_from)
+    return state.model(), record
+
+
+def checked_initial_weights(initial_weights: Callable[[Any, Any], Any], state: Any, shardings: Any, *, source: str,
+                            resume_from: tuple[Path, int] | None) -> tuple[Any, dict[str, Any]]:
+    """`initial_weights(state, shardings)` (the trainer's `_initial_weights`: `source`'s weights put in) and its
+    run_info record (`INITIAL_POLICY`: the digests of the trained variables it gave); a resume reads the source
+    again, so it must still be there (`require_source`) with the same values (`check_initial_policy`). A LoRA base
+    is not digested here: `base_fingerprint` already checks it on resume."""
+    require_source(source, resuming=resume_from is not None)
+    state = initial_weights(state, shardings)
+    record = {"init_weights_from": source, "read_from": resolved_source(source),
+              "fingerprint": integrity.fingerprint(float_leaves(state.params))}
+    check_initial_policy(resume_from, record)
+    return state, record
+
+
+def with_initial_adapters(configured: ConfiguredModel, values: Any) -> ConfiguredModel:
+    """`configured` with a copy of `values`, the adapter values the policy starts from, in `state.frozen`
+    (`INITIAL_ADAPTERS`; not checkpointed: small, and read again on resume), sharded like the adapters."""
+    state, shardings = configured.state, configured.state_shardings
+    copy = jax.device_put(values, shardings.params, may_alias=False)  # the step donates params
+    return configured._replace(state=state.replace(frozen={**state.frozen, INITIAL_ADAPTERS: copy}),
+                               state_shardings=shardings.replace(
+                                   frozen={**shardings.frozen, INITIAL_ADAPTERS: shardings.params}))
+
+
+def require_source(source: str, *, resuming: bool) -> None:
+    """A resume reads `init_weights_from` again to rebuild the initial policy: say so when it is gone."""
+    if resuming and not Path(source).expanduser().exists():
+        raise ArgumentError("init_weights_from", f"{source} no longer exists. This resumed DPO run's reference is its "
+                                                 "initial policy, rebuilt from the weights read there at its start (a "
+                                                 "fixed reference is not checkpointed). Put the same weights back at "
+                                                 "that path (they are checked against the digests the checkpoint "
+                                                 "recorded), or start a new output_dir.")
+
+
+def check_initial_policy(resume_from: tuple[Path, int] | None, record: Mapping[str, Any]) -> None:
+    """On resume, refuse an initial policy whose weights differ from those the run started from (its checkpoint's
+    run_info `INITIAL_POLICY`): the source may have changed since (e.g. the run it names trained on, so its
+    latest checkpoint is another), and a reference of other weights would bend every later loss without a word."""
+    if resume_from is None:
+        return
+    root, step = resume_from[0], resume_from[1]
+    try:
+        with CheckpointManager(root) as manager:
+            stored = manager.read_run_info(step).get(INITIAL_POLICY) or {}
+    except Exception:  # an unreadable checkpoint is reported by the restore that follows, with what to do
+        return
+    expected, digests = stored.get("fingerprint") or {}, record["fingerprint"]
+    changed = sorted(path for path in expected.keys() & digests.keys() if expected[path] != digests[path])
+    if changed:
+        shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+        raise ArgumentError("init_weights_from", f"the weights read from {record['read_from']} differ from those this "
+                                                 f"run started from ({len(changed)} tensor(s): {shown}); its DPO "
+                                                 "reference, the initial policy, is rebuilt from them on resume. Pass "
+                                                 f"--init_weights_from {stored.get('read_from')} (where they were read "
+                                                 "at the start), or start a new output_dir.")
 
 
 def cache_key(data_fingerprint: str, reference_digests: Mapping[str, Any], settings: Mapping[str, Any]) -> str:

@@ -52,6 +52,11 @@ def _flat(tree: Any) -> dict[VariablePath, Any]:
     return {tuple(_key(p) for p in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+def float_leaves(tree: Any) -> dict[str, Any]:
+    """Dotted variable path -> leaf of the float leaves of a pure tree: its weights (for their digests)."""
+    return {".".join(path): leaf for path, leaf in _flat(tree).items() if _is_weight(leaf)}
+
+
 def module_weights(state: TrainState) -> dict[VariablePath, tuple[str, VariablePath]]:
     """Variable path -> (state part, path inside it) of every float module variable of `state`."""
     found = {}
@@ -197,6 +202,16 @@ def _source_kind(source: str) -> str:
                                                  "*.safetensors) nor a run's checkpoint (output_dir, checkpoints/ or "
                                                  "checkpoints/<step>).") from None
     return "checkpoint"
+
+
+def resolved_source(source: str) -> str:
+    """Where `source`'s weights are read from now: the exported model directory, or the one checkpoint it names
+    (the latest, when it names a run's output_dir or checkpoints/, which may be another once that run goes on)."""
+    path = Path(source).expanduser()
+    if _source_kind(source) == "pretrained":
+        return str(path.absolute())
+    root, step = resolve_checkpoint(".", str(path))
+    return str(Path(root).absolute() / str(step))
 
 
 def initialise_from(source: str, state: TrainState, shardings: TrainState, *, load_pretrained: Callable[[Path], Any],
