@@ -142,3 +142,13 @@ def test_an_explicit_reference_model_stays_what_it_names(sources, tmp_path):
     assert any(not np.array_equal(p, b) for p, b in zip(jax.tree.leaves(trainer.state.params), from_base))
     for ours, theirs in zip(reference, from_base):
         np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+
+
+def test_lora_with_stacked_layers_builds_the_reference_as_the_policy(sources, tmp_path):
+    """`scan_layers`: the adapters go on separate layers, which are then stacked, for the reference as for the policy
+    (online and precomputed), so the LoRA source's adapters land where the policy's do."""
+    common = dict(model_name_or_path=str(sources["base"]), init_weights_from=str(sources["lora"]), scan_layers=True,
+                  max_steps=1, **LORA)
+    for name, dpo in (("online", DPOArguments()), ("precomputed", DPOArguments(precompute_ref_log_probs=True))):
+        DPOTrainer(tiny_args(tmp_path / name, **common), dpo).train()
+        assert_starts_at_the_reference(tmp_path / name / "run")
