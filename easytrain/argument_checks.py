@@ -7,7 +7,9 @@ line and `--config` files parse them). Two forgiving normalisations, both unambi
 * a single string for a list field (`report_to`, `eval_metrics`) is a one-element list, as in Hugging Face's
   `TrainingArguments`; `lora_target_modules` keeps PEFT's meaning of a string (one regular expression); a tuple
   for a list field is a list;
-* YAML 1.1 reads an unquoted `no` as `False`: a choice field whose choices include 'no' takes `False` as 'no'.
+* YAML 1.1 reads an unquoted `no` as `False`: a choice field whose choices include 'no' takes `False` as 'no';
+* `eval_metrics` 'none' alone is the empty list (no metrics), as `report_to` 'none' is no sink: the command line
+  cannot spell an empty list.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from easytrain.errors import ArgumentError
 
 #: List fields that take a single string as a one-element list.
 STRING_AS_LIST = ("report_to", "eval_metrics")
+#: List fields whose value 'none' alone means the empty list.
+NONE_AS_EMPTY = ("eval_metrics",)
 _YAML_BOOL_HINT = " YAML reads unquoted yes/no/on/off/true/false as booleans: quote the value."
 
 
@@ -43,15 +47,19 @@ def _split_optional(hint: Any) -> tuple[Any, bool]:
 def normalize(args: Any, cls: type) -> None:
     """The normalisations above, in place, over the fields of the dataclass `cls` (before `check_types`)."""
     for field in dataclasses.fields(cls):
-        value = getattr(args, field.name)
+        value = original = getattr(args, field.name)
         if field.name in STRING_AS_LIST and isinstance(value, str):
-            setattr(args, field.name, [value])
+            value = [value]
         elif isinstance(value, tuple) and typing.get_origin(_split_optional(_hints(cls)[field.name])[0]) is list:
-            setattr(args, field.name, list(value))  # so that the JSON/YAML round trip gives an equal object
+            value = list(value)  # so that the JSON/YAML round trip gives an equal object
         elif value is False:
             hint, _ = _split_optional(_hints(cls)[field.name])
             if typing.get_origin(hint) is Literal and "no" in typing.get_args(hint):
-                setattr(args, field.name, "no")
+                value = "no"
+        if field.name in NONE_AS_EMPTY and value == ["none"]:
+            value = []
+        if value is not original:
+            setattr(args, field.name, value)
 
 
 def _shown(value: Any) -> str:

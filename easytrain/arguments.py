@@ -152,7 +152,10 @@ class TrainingArguments:
         "cosine", "Decay after warmup, counted in optimizer updates (never micro-batches)."
     )
     warmup_steps: int = _arg(0, "Linear warmup length in optimizer updates; takes precedence over warmup_ratio. "
-                                "Cut to the run's length: the peak is reached at the last update at the latest.")
+                                "Update k (from 1) of the warmup uses learning_rate * (k - 1) / warmup_steps, so the "
+                                "first is 0 and the peak comes at update warmup_steps + 1. Cut to the run's length: "
+                                "with warmup_steps >= max_steps the peak is never applied (the last update uses "
+                                "(max_steps - 1) / max_steps of it).")
     warmup_ratio: float = _arg(0.05, "Warmup as a fraction of the total optimizer updates, rounded down (0.05 of 10 "
                                      "updates is no warmup; Hugging Face rounds up).")
     optimizer: Literal["adamw", "adafactor", "lion", "sgd"] = _arg("adamw", "Optimizer.")
@@ -182,9 +185,9 @@ class TrainingArguments:
         "Resuming an older step of this output_dir moves its newer checkpoints to superseded_checkpoints/."
     )
     allow_data_order_change: bool = _arg(
-        False, "Resume even though seed, batch size, dataset (its arguments or its rows), tokenizer or max_length "
-        "changed since the checkpoint; the data then continues in the order the new settings give at the restored "
-        "step (not exact)."
+        False, "Resume even though seed, batch size, dataset (its arguments, its rows or their content), tokenizer or "
+        "max_length changed since the checkpoint; the data then continues in the order the new settings give at the "
+        "restored step (not exact)."
     )
     metric_for_best_model: Optional[str] = _arg(
         None, "Eval metric (e.g. 'eval_loss') used to keep the best checkpoint and for early stopping."
@@ -200,7 +203,8 @@ class TrainingArguments:
     eval_metrics: Optional[list[str]] = _arg(
         None, "Evaluation metrics besides eval_loss: 'accuracy' and 'perplexity' (on device, from the loss's "
         "predictions), 'exact_match' (greedy answers to held-out prompts, where the trainer has them). Unset: "
-        "accuracy and perplexity when the loss gives predictions, exact_match where available; empty: none.")
+        "accuracy and perplexity when the loss gives predictions, exact_match where available; 'none' (or an empty "
+        "list): none.")
     report_to: list[str] = _arg(
         ["tensorboard", "jsonl"], "Metric sinks: any of 'tensorboard', 'jsonl', 'csv', 'wandb', 'mlflow', or 'none'. "
         "'wandb' and 'mlflow' need their extras (pip install 'easytrain[wandb]' / 'easytrain[mlflow]').")
@@ -224,9 +228,12 @@ class TrainingArguments:
     )
 
     # --- devices -------------------------------------------------------------------------------
-    data_parallel_size: int = _arg(-1, "Size of the 'data' mesh axis; -1 takes the devices left over.")
-    fsdp_size: int = _arg(1, "Size of the 'fsdp' mesh axis (parameters and optimizer state sharded).")
-    tensor_parallel_size: int = _arg(1, "Size of the 'tensor' mesh axis (matmuls split across devices).")
+    data_parallel_size: int = _arg(-1, "Size of the 'data' mesh axis; -1 takes the devices the other axes leave (1 "
+                                       "when fsdp_size or tensor_parallel_size is -1).")
+    fsdp_size: int = _arg(1, "Size of the 'fsdp' mesh axis (parameters and optimizer state sharded); -1 takes the "
+                             "devices left over.")
+    tensor_parallel_size: int = _arg(1, "Size of the 'tensor' mesh axis (matmuls split across devices); -1 takes the "
+                                        "devices left over (not with fsdp_size -1).")
     coordinator_address: Optional[str] = _arg(
         None, "host:port of process 0 for a multi-process run (SLURM and Cloud TPU launches are detected "
         "without it).")
@@ -312,8 +319,9 @@ def validate(args: TrainingArguments) -> None:
         from easytrain.eval_metrics import NAMES
 
         unknown = [name for name in args.eval_metrics if name not in NAMES]
-        _require(not unknown, "eval_metrics", f"unknown metric(s) {unknown}; choose from {', '.join(NAMES)}, or "
-                                              "override compute_metrics in your trainer for others.")
+        _require(not unknown, "eval_metrics", f"unknown metric(s) {unknown}; choose from {', '.join(NAMES)} ('none' "
+                                              "alone for no metrics), or override compute_metrics in your trainer "
+                                              "for others.")
     check_report_to(args.report_to)  # names, "none" alone, and optional packages installed
     check_progress_range(args.progress_start, args.progress_end)
     for name in ("data_parallel_size", "fsdp_size", "tensor_parallel_size"):

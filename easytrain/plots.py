@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,24 @@ def metrics_path(run_dir: str | Path) -> Path:
         raise ArgumentError("run_dir", f"{str(path)!r} does not exist; pass the output_dir of a run trained "
                                        f"with --report_to jsonl (the default).")
     return path
+
+
+def split_by_metrics(run_dirs: Sequence[str | Path]) -> tuple[list[Path], list[str]]:
+    """(metrics files, run directories without one): a glob such as `runs/*/` also matches runs that wrote no
+    metrics (refused before training, or without the jsonl sink); those are skipped, unless none has metrics."""
+    found, missing = [], []
+    for run_dir in run_dirs:
+        try:
+            found.append(metrics_path(run_dir))
+        except ArgumentError as error:
+            if len(run_dirs) == 1:
+                raise
+            missing.append((str(run_dir), error))
+    if not found:
+        raise ArgumentError("run_dir", f"none of {', '.join(repr(name) for name, _ in missing)} holds a "
+                                       f"{METRICS_FILENAME}; pass the output_dir of a run trained with --report_to "
+                                       f"jsonl (the default).")
+    return found, [name for name, _ in missing]
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
@@ -88,6 +107,7 @@ def run_labels(paths: Sequence[Path]) -> list[str]:
 
 
 def load_runs(run_dirs: Sequence[str | Path]) -> list[Run]:
+    """Every run's metrics; each of `run_dirs` must hold a metrics file (`split_by_metrics` sorts them out)."""
     files = [metrics_path(run_dir) for run_dir in run_dirs]
     labels = run_labels([path.parent for path in files])
     runs = []
@@ -244,7 +264,11 @@ def main(argv: Sequence[str]) -> int:
                         help=f"Output directory; default RUN_DIR/{PLOTS_DIRNAME} for one run, ./{PLOTS_DIRNAME} "
                              f"for several.")
     options = parser.parse_args(list(argv))
-    runs = load_runs(options.run_dirs)
+    files, skipped = split_by_metrics(options.run_dirs)
+    for run_dir in skipped:
+        print(f"easytrain plot: skipping {run_dir}: no {METRICS_FILENAME} (a run that never trained, or trained "
+              "without --report_to jsonl)", file=sys.stderr)
+    runs = load_runs(files)
     out = options.out or (runs[0].path / PLOTS_DIRNAME if len(runs) == 1 else Path(PLOTS_DIRNAME))
     for path in write_figures(runs, out):
         print(path)

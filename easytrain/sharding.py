@@ -39,12 +39,19 @@ DEFAULT_RULES: LogicalRules = (
 
 
 def resolve_mesh_shape(sizes: dict[str, int], num_devices: int) -> dict[str, int]:
-    """Fill the one `-1` axis with the devices left over; check the product matches."""
+    """Fill the one `-1` axis with the devices left over; check the product matches.
+
+    `data` at -1 (its default) means "the devices the other axes leave": when another axis is -1 too, that axis
+    takes them all and `data` is 1, so `--fsdp_size -1` works alone. Two other axes at -1 are ambiguous.
+    """
     unknown = [name for name, size in sizes.items() if size == -1]
+    if len(unknown) > 1 and "data" in unknown:
+        sizes = {**sizes, "data": 1}
+        unknown.remove("data")
     if len(unknown) > 1:
-        raise ArgumentError(MESH_FIELDS.get(unknown[1], unknown[1]), "only one mesh axis may be -1 (got "
-                            f"{' and '.join(MESH_FIELDS.get(name, name) for name in unknown)}); give the others "
-                            "a size.")
+        fields = " and ".join(MESH_FIELDS.get(name, name) for name in unknown)
+        raise ArgumentError(MESH_FIELDS.get(unknown[1], unknown[1]), f"only one of {fields} may be -1 (the "
+                            "devices left over); give the others a size.")
     known = math.prod(size for size in sizes.values() if size != -1)
     if unknown:
         if num_devices % known:

@@ -168,8 +168,8 @@ def test_mesh_shape_resolution_and_errors():
         resolve_mesh_shape({"data": 3, "fsdp": 2, "tensor": 1}, 8)
     with pytest.raises(ArgumentError, match="not divisible"):
         resolve_mesh_shape({"data": -1, "fsdp": 3, "tensor": 1}, 8)
-    with pytest.raises(ArgumentError, match="only one mesh axis may be -1"):
-        resolve_mesh_shape({"data": -1, "fsdp": -1, "tensor": 1}, 8)
+    with pytest.raises(ArgumentError, match="only one of fsdp_size and tensor_parallel_size may be -1"):
+        resolve_mesh_shape({"data": 1, "fsdp": -1, "tensor": -1}, 8)
 
 
 def test_logical_rules_replicate_what_does_not_divide():
