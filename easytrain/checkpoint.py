@@ -37,7 +37,7 @@ __all__ = ["CHECKPOINTS_DIRNAME", "CheckpointManager", "CheckpointMismatchError"
            "finalized_steps", "resolve_checkpoint"]
 
 CHECKPOINTS_DIRNAME = "checkpoints"
-_LATEST_ALIASES = frozenset({"true", "latest"})
+LATEST_ALIASES = frozenset({"true", "latest"})
 _DISABLED_ALIASES = frozenset({"false", "none", ""})
 
 Signature = dict[str, tuple[tuple[int, ...], str]]
@@ -180,7 +180,7 @@ def resolve_checkpoint(
     value = resume_from_checkpoint
     if value is None or value is False or (isinstance(value, str) and value.lower() in _DISABLED_ALIASES):
         return None
-    if value is True or (isinstance(value, str) and value.lower() in _LATEST_ALIASES):
+    if value is True or (isinstance(value, str) and value.lower() in LATEST_ALIASES):
         root = Path(output_dir).absolute() / CHECKPOINTS_DIRNAME
         steps = finalized_steps(root)
         if not steps:

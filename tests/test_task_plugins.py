@@ -121,6 +121,7 @@ def test_arguments_json_holds_the_task_fields_so_it_reruns_the_same_job(tmp_path
     """A task's own fields are saved beside TrainingArguments: `--config runs/x/arguments.json` (the documented
     resume) rebuilds both, instead of the task's defaults."""
     from easytrain import BaseTrainer, load_arguments
+    from easytrain.trainers.run_dir import rerun_arguments
     from easytrain.trainers.sft import SFTArguments, SFTTrainer
 
     class Saving(BaseTrainer):
@@ -133,14 +134,14 @@ def test_arguments_json_holds_the_task_fields_so_it_reruns_the_same_job(tmp_path
         path = resolve_task("unit_saving").build(args, [ToyArguments(toy_option=7, toy_label="x")]).save_arguments()
         assert json.loads(path.read_text())["toy_option"] == 7
         assert parse_task_arguments(["--config", str(path)], (ToyArguments,), "unit_saving") == (
-            args, (ToyArguments(toy_option=7, toy_label="x"),))
-        assert load_arguments(path) == args  # TrainingArguments alone, as before
+            rerun_arguments(args), (ToyArguments(toy_option=7, toy_label="x"),))
+        assert load_arguments(path) == rerun_arguments(args)  # TrainingArguments alone, as before
     finally:
         unregister_task("unit_saving")
     sft = SFTArguments(packing=True, truncation_side="left")  # built in Python, not through the command line
     args = TrainingArguments(task="sft", output_dir=str(tmp_path / "sft"))
     path = SFTTrainer(args, sft).save_arguments()
-    assert parse_task_arguments(["--config", str(path)], (SFTArguments,), "sft") == (args, (sft,))
+    assert parse_task_arguments(["--config", str(path)], (SFTArguments,), "sft") == (rerun_arguments(args), (sft,))
 
 
 def test_unknown_config_key_suggests_a_task_field(toy_task, tmp_path):

@@ -40,7 +40,7 @@ from easytrain.trainers.language_model import LanguageModelHooks
 from easytrain.trainers.loop import LoopParts, TrainLoop, evaluate_batches, trackers_then_claim
 from easytrain.trainers.resume import (FORMAT_VERSION, check_run_length, config_dict, restore_checkpoint,
                                       restore_step)
-from easytrain.trainers.run_dir import check_output_dir, claim_run
+from easytrain.trainers.run_dir import check_output_dir, claim_run, rerun_arguments
 from easytrain.trainers.switches import apply_switches
 
 logger = logging.getLogger("easytrain")
@@ -406,7 +406,7 @@ class BaseTrainer(LanguageModelHooks):
         return info if self.base_fingerprint is None else {**info, "base_fingerprint": self.base_fingerprint}
 
     def save_arguments(self) -> Path | None:
-        """`arguments.json`: the run's `TrainingArguments` and its `task_arguments` (process 0 writes it)."""
+        """`arguments.json`: the run's arguments and `task_arguments`, as a rerun continues them (process 0)."""
         if not self.is_main_process:
             return None
-        return save_arguments(self._arguments, self._arguments.output_dir, self.task_arguments)
+        return save_arguments(rerun_arguments(self._arguments), self._arguments.output_dir, self.task_arguments)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
 
 from easytrain.checkpoint import CheckpointManager, CheckpointMismatchError, path_name, tree_signature
+from easytrain.config_io import ARGUMENTS_FILE
 from easytrain.data.position import DIGEST_KEY
 from easytrain.errors import ArgumentError, CheckpointReadError
 from easytrain.models.scan import STACKED, abstract_layer, abstract_stack, stack_layer_dicts, unstack_layer_dicts
@@ -43,6 +44,12 @@ ARCHITECTURE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_si
                      "max_window_layers", "layer_types")
 
 
+# Arguments that say how to start, not what the run is: they differ on every resume and are not listed.
+FREE_ON_RESUME = ("resume_from_checkpoint", "overwrite_output_dir", "allow_data_order_change")
+#: How many differing arguments a refusal lists (then "and N more").
+MAX_LISTED = 8
+
+
 def _differences(stored: dict[str, Any], current: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
     return [f"{key}: checkpoint {stored.get(key)!r} vs now {current.get(key)!r}"
             for key in keys if stored.get(key) != current.get(key)]
@@ -73,7 +80,8 @@ def check_resumable(run_info: dict[str, Any], current: dict[str, Any]) -> list[s
         diffs = _architecture_differences(stored_config, current_config)
         if diffs:
             raise ArgumentError("model_config", "the checkpoint was trained with a different architecture ("
-                                + "; ".join(diffs) + "). Resume with the same model, or start a new output_dir.")
+                                + "; ".join(diffs) + "). Resume with the same model, or start a new output_dir."
+                                + rerun_hint(run_info.get("arguments") or {}, current["arguments"]))
     stored_args, current_args = run_info.get("arguments") or {}, current["arguments"]
     for name in STATE_FIELDS:
         if name in stored_args and stored_args[name] != current_args.get(name):
@@ -108,8 +116,35 @@ def check_resumable(run_info: dict[str, Any], current: dict[str, Any]) -> list[s
     elif diffs:
         raise ArgumentError("resume_from_checkpoint", f"these arguments changed since the checkpoint and would alter "
                             f"{altered} of the resumed run ({'; '.join(diffs)}). Restore their values, pass "
-                            "--allow_data_order_change to continue anyway, or start a new output_dir.")
+                            "--allow_data_order_change to continue anyway, or start a new output_dir."
+                            + rerun_hint(stored_args, current_args, shown=[diff.split(":")[0] for diff in diffs],
+                                         always=True))
     return diffs
+
+
+def rerun_hint(stored: dict[str, Any], current: dict[str, Any], shown: Collection[str] = (),
+               always: bool = False) -> str:
+    """Where a resume is refused for a change: every argument that differs from the checkpoint's saved ones (a
+    resume given only `--output_dir` and `--resume_from_checkpoint` leaves the data and tokenizer flags out, and
+    the refusal would otherwise blame only their effect) and the rerun that restores them all. Empty if none
+    differs, unless `always`."""
+    names = [name for name in dict.fromkeys([*stored, *current])
+             if name not in FREE_ON_RESUME and name not in shown and stored.get(name) != current.get(name)]
+    if not names and not always:
+        return ""
+    listed = "; ".join(f"{name}: checkpoint {_short(stored.get(name))} vs now {_short(current.get(name))}"
+                       for name in names[:MAX_LISTED])
+    more = f"; and {len(names) - MAX_LISTED} more" if len(names) > MAX_LISTED else ""
+    what = "Other arguments" if shown else "Arguments"
+    others = f" {what} that differ from the checkpoint's: {listed}{more}." if names else ""
+    config = Path(str(stored.get("output_dir") or current.get("output_dir") or "<output_dir>")) / ARGUMENTS_FILE
+    return (f"{others} To resume with the checkpoint's own settings: easytrain train --config {config} (plus only "
+            "the flags you mean to change).")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _lora_settings(args: dict[str, Any]) -> dict[str, Any]:

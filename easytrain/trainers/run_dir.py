@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import time
@@ -10,7 +11,8 @@ from pathlib import Path
 
 from easytrain import distributed
 from easytrain.arguments import TrainingArguments
-from easytrain.checkpoint import CHECKPOINTS_DIRNAME, finalized_steps, resolve_checkpoint
+from easytrain.checkpoint import CHECKPOINTS_DIRNAME, LATEST_ALIASES, finalized_steps, resolve_checkpoint
+from easytrain.config_io import ARGUMENTS_FILE
 from easytrain.errors import OutputDirError
 from easytrain.jobs import JOB_FILENAME, current_job
 from easytrain.trainers import run_lock
@@ -20,6 +22,8 @@ PREVIOUS_RUN_OUTPUTS = ("final_model", "results.json", "metrics.jsonl", "metrics
 #: What `overwrite_output_dir` removes: the previous run, so nothing of it is mistaken for the new one's.
 RUN_ARTIFACTS = (CHECKPOINTS_DIRNAME, *PREVIOUS_RUN_OUTPUTS, JOB_FILENAME)
 SUPERSEDED_DIRNAME = "superseded_checkpoints"
+#: The logs a run stopped before its first checkpoint leaves: a rerun that starts it over replaces them.
+STARTED_RUN_LOGS = ("metrics.jsonl", "metrics.csv", "tensorboard")
 
 logger = logging.getLogger("easytrain")
 
@@ -40,16 +44,36 @@ def resumes_own_checkpoints(output_dir: Path, resume: tuple[Path, int] | None) -
     return resume is not None and resume[0].resolve() == (Path(output_dir) / CHECKPOINTS_DIRNAME).resolve()
 
 
+def rerun_arguments(args: TrainingArguments) -> TrainingArguments:
+    """The arguments `arguments.json` records, so that `--config arguments.json` reruns the job where it stands:
+    from its newest checkpoint (`resume_from_checkpoint='latest'`, not an old step it was once resumed from, whose
+    newer checkpoints a rerun would set aside) and never removing it (`overwrite_output_dir=False`). The values
+    given stay in every checkpoint's run_info."""
+    return dataclasses.replace(args, resume_from_checkpoint="latest", overwrite_output_dir=False)
+
+
+def restarts_unsaved_run(args: TrainingArguments) -> bool:
+    """`latest` in an output_dir whose run stopped before its first complete checkpoint (it wrote its
+    arguments.json, none yet): nothing to resume, so the run starts over there. Without an arguments.json,
+    `latest` still fails (a mistyped output_dir is not a new run)."""
+    value, output_dir = args.resume_from_checkpoint, Path(args.output_dir)
+    asks_latest = value is True or (isinstance(value, str) and value.lower() in LATEST_ALIASES)
+    return (asks_latest and (output_dir / ARGUMENTS_FILE).is_file()
+            and not finalized_steps(output_dir / CHECKPOINTS_DIRNAME))
+
+
 def check_output_dir(args: TrainingArguments, *, is_main_process: bool = True) -> tuple[Path, int] | None:
     """Validate `output_dir` and `resume_from_checkpoint`; return the checkpoint to resume, if any.
 
     Only checks: nothing is moved or removed here (`claim_output_dir` does that once the run has passed
     every other check). A directory holding another run's checkpoints, exported model or logs is refused
     unless the run resumes its own checkpoints or `overwrite_output_dir` is set; so is one resumed from a
-    checkpoint outside it (another run's, or one set aside), whose saves would mix with that run's.
+    checkpoint outside it (another run's, or one set aside), whose saves would mix with that run's. `latest` over
+    a run stopped before its first checkpoint starts it over (`restarts_unsaved_run`).
     """
     output_dir = Path(args.output_dir)
-    resume = resolve_checkpoint(output_dir, args.resume_from_checkpoint)
+    restart = restarts_unsaved_run(args)
+    resume = None if restart else resolve_checkpoint(output_dir, args.resume_from_checkpoint)
     if is_main_process:
         check_writable(output_dir)
     if resumes_own_checkpoints(output_dir, resume) or args.overwrite_output_dir:
@@ -69,7 +93,8 @@ def check_output_dir(args: TrainingArguments, *, is_main_process: bool = True) -
             f"output_dir: {str(output_dir)!r} already holds a run with checkpoints at steps {existing}. "
             "Pass --resume_from_checkpoint latest to continue it, --overwrite_output_dir to start over "
             "(removes those checkpoints), or choose another --output_dir.")
-    if found := [name for name in PREVIOUS_RUN_OUTPUTS if (output_dir / name).exists()]:
+    if found := [name for name in PREVIOUS_RUN_OUTPUTS if (output_dir / name).exists()
+                 and not (restart and name in STARTED_RUN_LOGS)]:
         resuming = "" if resume is None else " of its own"
         raise OutputDirError(
             f"output_dir: {str(output_dir)!r} holds another run's {', '.join(found)} (and no checkpoint{resuming} to "
@@ -104,6 +129,8 @@ def claim_output_dir(args: TrainingArguments, resume: tuple[Path, int] | None) -
     if resume is not None:
         set_aside(output_dir, _step_dirs(output_dir / CHECKPOINTS_DIRNAME),
                   f"resuming {resume[0] / str(resume[1])} (a checkpoint from outside this output_dir)")
+    elif restarts_unsaved_run(args):
+        start_over(output_dir)
     if args.overwrite_output_dir:
         for name in RUN_ARTIFACTS:
             if name == JOB_FILENAME and _job_reports_into(output_dir):
@@ -113,6 +140,22 @@ def claim_output_dir(args: TrainingArguments, resume: tuple[Path, int] | None) -
                 shutil.rmtree(target)
             elif target.exists():
                 target.unlink()
+
+
+def start_over(output_dir: Path) -> None:
+    """A run stopped before its first complete checkpoint starts again from step 0: its incomplete step directories
+    are set aside (one would block that step's save), its logs removed (their steps are trained again)."""
+    set_aside(output_dir, _step_dirs(output_dir / CHECKPOINTS_DIRNAME), "starting over (no complete checkpoint)")
+    removed = [name for name in STARTED_RUN_LOGS if (output_dir / name).exists()]
+    for name in removed:
+        target = output_dir / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink()
+    logger.warning("resume_from_checkpoint=latest: %s holds no complete checkpoint yet (its run stopped before the "
+                   "first save), so the run starts over from step 0%s", output_dir,
+                   f"; removed its logs {removed}" if removed else "")
 
 
 def _job_reports_into(output_dir: Path) -> bool:
