@@ -6,6 +6,9 @@ devices and the jax version, so a hit is the executable XLA would have built. It
 one cache, so the setting holds for every later compilation in the process. JAX only stores programs that
 took at least `jax_persistent_cache_min_compile_time_secs` (1 s by default) to compile.
 
+A cache the trainer turns on is capped at `DEFAULT_MAX_BYTES` (4 GiB) unless JAX is given a size: JAX itself keeps
+every program it ever stored.
+
 The directory must be trusted: whoever can write to it can make this process run their code (JAX's
 warning), so the default is under the user's own cache directory, never a shared temporary one.
 """
@@ -23,6 +26,9 @@ from easytrain.errors import ArgumentError
 
 logger = logging.getLogger("easytrain")
 AUTO = "auto"
+#: The size cap of a cache the trainer turns on, unless JAX is given one (`jax_compilation_cache_max_size`,
+#: `JAX_COMPILATION_CACHE_MAX_SIZE`; -1 there is "no limit"): least recently used programs are evicted past it.
+DEFAULT_MAX_BYTES = 4 * 2**30
 
 
 def default_directory() -> Path:
@@ -60,8 +66,17 @@ def enable(setting: str | None) -> str | None:
     except OSError as error:
         raise ArgumentError("compilation_cache_dir", f"cannot create {directory!r} ({error}); give a writable "
                             "directory, or '' to compile without a persistent cache.") from error
+    cap_size()
     compilation_cache.set_cache_dir(directory)
     # A compilation before this one (with no directory) settled "no cache" for the process; start over.
     compilation_cache.reset_cache()
     logger.info("XLA compilation cache: %s", directory)
     return directory
+
+
+def cap_size() -> None:
+    """`DEFAULT_MAX_BYTES` as JAX's cache size where nothing gave it one: JAX keeps every program by default, and each
+    run that changes a shape, `max_steps` or the schedule adds one (tens of MiB each for a large model on an
+    accelerator), so a cache used run after run would fill the disk. Eviction is JAX's (least recently used)."""
+    if jax.config.jax_compilation_cache_max_size == -1 and "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:
+        jax.config.update("jax_compilation_cache_max_size", DEFAULT_MAX_BYTES)

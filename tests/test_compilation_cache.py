@@ -14,7 +14,8 @@ from easytrain.errors import ArgumentError
 @pytest.fixture
 def jax_settings():
     """Restore JAX's process-wide cache settings after the test (the suite runs with a cache of its own)."""
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_compilation_cache_max_size")
     previous = {name: getattr(jax.config, name) for name in names}
     yield
     for name, value in previous.items():
@@ -71,3 +72,19 @@ def test_a_second_trainer_loads_the_compiled_steps(jax_settings, tmp_path):
     finally:
         jax.monitoring.unregister_event_listener(count)
     assert "/jax/compilation_cache/cache_hits" in hits
+
+
+def test_the_cache_is_capped_unless_jax_is_given_a_size(jax_settings, monkeypatch, tmp_path):
+    """Every new program (another max_steps, schedule or shape) adds an entry and JAX evicts nothing by default, so a
+    cache the trainer turns on gets a size cap (least recently used entries go first); a size given to JAX stays."""
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_MAX_SIZE", raising=False)
+    jax.config.update("jax_compilation_cache_max_size", -1)
+    compilation_cache.enable(str(tmp_path / "capped"))
+    assert jax.config.jax_compilation_cache_max_size == compilation_cache.DEFAULT_MAX_BYTES
+    jax.config.update("jax_compilation_cache_max_size", 123 * 2**20)
+    compilation_cache.enable(str(tmp_path / "given"))
+    assert jax.config.jax_compilation_cache_max_size == 123 * 2**20
+    jax.config.update("jax_compilation_cache_max_size", -1)
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_MAX_SIZE", "-1")  # "no limit", asked for explicitly
+    compilation_cache.enable(str(tmp_path / "unlimited"))
+    assert jax.config.jax_compilation_cache_max_size == -1
