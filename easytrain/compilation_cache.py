@@ -67,11 +67,30 @@ def enable(setting: str | None) -> str | None:
         raise ArgumentError("compilation_cache_dir", f"cannot create {directory!r} ({error}); give a writable "
                             "directory, or '' to compile without a persistent cache.") from error
     cap_size()
+    if jax.config.jax_compilation_cache_max_size != -1:
+        date_unevictable_entries(Path(directory))
     compilation_cache.set_cache_dir(directory)
     # A compilation before this one (with no directory) settled "no cache" for the process; start over.
     compilation_cache.reset_cache()
     logger.info("XLA compilation cache: %s", directory)
     return directory
+
+
+#: JAX's file names of a cache entry and of its last access time (`jax._src.lru_cache`).
+_ENTRY_SUFFIX, _ACCESS_SUFFIX = "-cache", "-atime"
+
+
+def date_unevictable_entries(directory: Path) -> None:
+    """Give every entry of `directory` without an access-time file one (its modification time). JAX's eviction reads
+    that file for every entry before each write, and a cache filled with no size cap never wrote them: under a cap
+    every later write would fail, so the cache would store nothing new."""
+    for entry in directory.glob(f"*{_ENTRY_SUFFIX}"):
+        access = entry.with_name(entry.name.removesuffix(_ENTRY_SUFFIX) + _ACCESS_SUFFIX)
+        if not access.exists():
+            try:
+                access.write_bytes(entry.stat().st_mtime_ns.to_bytes(8, "little"))
+            except OSError as error:  # another process evicted it meanwhile, or a read-only cache: JAX copes
+                logger.debug("could not date cache entry %s: %s", entry, error)
 
 
 def cap_size() -> None:

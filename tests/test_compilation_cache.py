@@ -88,3 +88,19 @@ def test_the_cache_is_capped_unless_jax_is_given_a_size(jax_settings, monkeypatc
     monkeypatch.setenv("JAX_COMPILATION_CACHE_MAX_SIZE", "-1")  # "no limit", asked for explicitly
     compilation_cache.enable(str(tmp_path / "unlimited"))
     assert jax.config.jax_compilation_cache_max_size == -1
+
+
+def test_a_cache_filled_without_a_cap_takes_new_programs_under_one(jax_settings, monkeypatch, tmp_path):
+    """JAX's eviction reads an access-time file beside every entry, which a cache filled without a size cap never
+    wrote: without one, every later write failed (a warning), so the cache stopped storing programs for good."""
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_MAX_SIZE", raising=False)
+    jax.config.update("jax_compilation_cache_max_size", -1)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    directory = tmp_path / "older"
+    directory.mkdir()
+    (directory / "jit_old-0123-cache").write_bytes(b"an entry written before the cap")
+    compilation_cache.enable(str(directory))
+    before = set(directory.glob("*-cache"))
+    jax.block_until_ready(jax.jit(lambda x: x * 3 + 1)(jax.numpy.arange(7.0)))
+    assert any("lambda" in path.name for path in set(directory.glob("*-cache")) - before), "not stored"
+    assert (directory / "jit_old-0123-atime").is_file()
