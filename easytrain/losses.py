@@ -68,6 +68,20 @@ def model_hidden_states(model: nnx.Module, batch: Batch) -> jax.Array:
                                segment_ids_BT=batch.get("segment_ids"), positions_BT=batch.get("positions"))
 
 
+#: The fields of the batches `causal_lm_loss` reads (the default collate's token blocks).
+LM_BATCH_FIELDS = ("input_ids", "targets", "loss_mask")
+
+
+def check_lm_batch(batch: Batch) -> None:
+    """A batch without the token fields is another kind of data than the default (causal-LM) loss trains on: say so
+    and name the hook to override, instead of a `KeyError` deep in the loss."""
+    if missing := [name for name in LM_BATCH_FIELDS if name not in batch]:
+        raise ValueError(f"the default compute_loss is the causal-LM loss over batches of {', '.join(LM_BATCH_FIELDS)} "
+                         f"(the default collate's); this batch lacks {', '.join(map(repr, missing))} (it has "
+                         f"{', '.join(batch)}): override compute_loss to return LossOutput(loss_sum, count, metrics) "
+                         "for your data.")
+
+
 def causal_lm_loss(model: nnx.Module, batch: Batch, rng: jax.Array, train: bool,
                    frozen: Frozen | None = None, *, chunk_size: int = 0) -> LossOutput:
     """Next-token cross-entropy over the tokens where `loss_mask` is 1.
@@ -80,6 +94,7 @@ def causal_lm_loss(model: nnx.Module, batch: Batch, rng: jax.Array, train: bool,
     logits `[B*T, V]` never exist; the predictions are then per-token `TokenScores`, not logits.
     """
     del rng, frozen  # the default objective is deterministic and uses no frozen model
+    check_lm_batch(batch)
     targets_BT, mask_BT = batch["targets"], batch["loss_mask"]
     if chunk_size:
         nll_M, correct_M = chunked_token_scores(model.logits_from_hidden, model_hidden_states(model, batch),

@@ -7,6 +7,7 @@ ever materialised whole on one device.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 import jax
@@ -18,6 +19,7 @@ from easytrain import sharding
 from easytrain.state import TrainState, raw_key
 
 Filter = nnx.filterlib.Filter
+logger = logging.getLogger("easytrain")
 
 
 def abstract_module(model_fn: Callable[[], nnx.Module]) -> nnx.Module:
@@ -134,3 +136,27 @@ def abstract_train_state(model: nnx.Module, tx: optax.GradientTransformation, *,
 def abstract_state(shardings: TrainState, state: TrainState) -> TrainState:
     """`ShapeDtypeStruct`s carrying the target shardings: the restore target for checkpoints."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+
+
+def param_dtype_mismatches(module: nnx.Module, param_dtype: Any) -> list[str]:
+    """Paths of `module`'s floating-point parameters not stored in `param_dtype` (integer and other storage, a
+    quantised weight's, is not a float dtype the argument sets): a module that does not read the argument."""
+    wanted = jax.numpy.dtype(param_dtype)
+    found = []
+    for path, variable in nnx.to_flat_state(nnx.state(module, nnx.Param)):
+        dtype = jax.numpy.dtype(variable.get_value().dtype if hasattr(variable, "get_value") else variable.value.dtype)
+        if jax.numpy.issubdtype(dtype, jax.numpy.floating) and dtype != wanted:
+            found.append(f"{'.'.join(map(str, path))} ({dtype})")
+    return found
+
+
+def warn_unless_param_dtype(module: nnx.Module, param_dtype: Any, shown: int = 3) -> None:
+    """Warn when `create_module` built parameters in another float dtype than `param_dtype` (the run's `dtype` and
+    `param_dtype` reach a custom module only through the arguments it is built with)."""
+    if found := param_dtype_mismatches(module, param_dtype):
+        more = f" and {len(found) - shown} more" if len(found) > shown else ""
+        logger.warning("param_dtype is %s, but create_module built %d parameter(s) in another dtype: %s%s; the module "
+                       "does not read the run's dtype/param_dtype. Build it with param_dtype=self.param_dtype and "
+                       "dtype=self.dtype (e.g. nnx.Linear(..., dtype=self.dtype, param_dtype=self.param_dtype)) in "
+                       "create_module, or set param_dtype to the dtype it uses.", jax.numpy.dtype(param_dtype).name,
+                       len(found), ", ".join(found[:shown]), more)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import logging
 import math
 from typing import Any, Callable, Sequence
 
@@ -25,6 +26,7 @@ MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 MESH_FIELDS = {"data": "data_parallel_size", "fsdp": "fsdp_size", "tensor": "tensor_parallel_size"}  # the arguments
 LogicalRules = Sequence[tuple[str, Any]]
+logger = logging.getLogger("easytrain")
 
 # Logical axis -> mesh axis. Sizes of 1 make a rule a no-op, so one table serves pure data
 # parallel, FSDP and FSDP + tensor parallel alike.
@@ -114,15 +116,31 @@ def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], me
     return P(*spec)
 
 
+_WARNED_AXES: set[str] = set()
+
+
+def warn_unknown_axes(where: str, logical_axes: Sequence[str | None], rules: LogicalRules) -> None:
+    """Warn once per logical axis name that no rule names (a typo such as 'hiden' would silently replicate the
+    parameter); a name a rule maps to None is replicated on purpose and not warned about."""
+    known = dict(rules)
+    for name in logical_axes:
+        if name is not None and name not in known and name not in _WARNED_AXES:
+            _WARNED_AXES.add(name)
+            logger.warning("parameter %s has the logical axis %r, which no partition rule names, so that dimension is "
+                           "replicated; the rules name %s. Fix the name, or add a rule for it to partition_rules "
+                           "(map it to None to replicate it on purpose).", where, name, ", ".join(map(repr, known)))
+
+
 def param_shardings(abstract_params: nnx.State, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> Any:
     """NamedShardings for every parameter, as a pure dict matching `nnx.to_pure_dict(params)`."""
 
-    def one(variable: nnx.Variable) -> NamedSharding:
+    def one(path: Any, variable: nnx.Variable) -> NamedSharding:
         value = variable.get_value() if hasattr(variable, "get_value") else variable.value
         axes = variable.get_metadata().get("out_sharding") or (None,) * len(value.shape)
+        warn_unknown_axes(jax.tree_util.keystr(path, simple=True, separator="."), axes, rules)
         return NamedSharding(mesh, logical_to_spec(axes, value.shape, mesh, rules))
 
-    shardings = jax.tree.map(one, abstract_params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    shardings = jax.tree_util.tree_map_with_path(one, abstract_params, is_leaf=lambda x: isinstance(x, nnx.Variable))
     return nnx.to_pure_dict(shardings)
 
 

@@ -11,7 +11,7 @@ not averaged.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +45,9 @@ def checked(out: Any) -> LossOutput:
     if (shape := jnp.shape(out.loss_sum)) != ():
         raise ValueError(f"compute_loss's loss_sum has shape {shape}; it must be a scalar: sum the per-token or "
                          "per-example losses (and give their number as count).")
+    if not isinstance(out.metrics, Mapping):
+        raise TypeError(f"compute_loss's metrics is a {type(out.metrics).__name__}; it must be a dict of name -> "
+                        "metric, e.g. LossOutput(loss_sum, count, {'accuracy': Mean(correct, count)}).")
     for name, value in out.metrics.items():
         for leaf in (value if is_metric(value) else (value,)):
             if (shape := jnp.shape(leaf)) != ():
@@ -182,19 +185,49 @@ def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn, schedule: op
     return new_state, metrics
 
 
+class DefaultMetrics(dict):
+    """Metrics `compute_metrics` returns by default, not asked for by name: one the loss already reports (a
+    classifier's own `accuracy`) is left to the loss instead of clashing with it."""
+
+
+def checked_eval_metrics(metrics: Mapping[str, Any]) -> Metrics:
+    """`compute_metrics`' values as `easytrain.metrics` values of scalars; else an error naming the metric, raised
+    while the eval step is traced (at set-up) instead of at the first evaluation, after training steps."""
+    checked_metrics: Metrics = {}
+    for name, value in metrics.items():
+        if not is_metric(value):
+            what = f"array of shape {jnp.shape(value)}" if hasattr(value, "shape") else type(value).__name__
+            raise TypeError(f"compute_metrics' metric {name!r} is a bare {what}; wrap it in a metric that says how "
+                            "it merges: Mean(total, count) for an average (summed values and how many), Sum(total), "
+                            "Max(value) or Min(value). A bare per-batch value cannot be merged across eval batches: "
+                            "a mean of batch means weights a short last batch like a full one, and nothing says "
+                            "whether to add, average or take the largest.")
+        for leaf in value:
+            if (shape := jnp.shape(leaf)) != ():
+                raise ValueError(f"compute_metrics' metric {name!r} ({type(value).__name__}) has a leaf of shape "
+                                 f"{shape}; a metric is a scalar: reduce it over the batch (jnp.sum of values and of "
+                                 "weights in Mean(total, count), jnp.max in Max, ...).")
+        checked_metrics[name] = numeric(value)
+    return checked_metrics
+
+
 def eval_step(state: TrainState, batch: Batch, *, loss_fn: LossFn,
               metrics_fn: Callable[[Any, Batch], Metrics] | None = None) -> Metrics:
     """Metrics of one eval batch, the module in eval mode; padded rows must weigh nothing in the loss.
 
-    `metrics_fn(predictions, batch)` adds metrics computed from the loss's `predictions` (on device).
+    `metrics_fn(predictions, batch)` adds metrics computed from the loss's `predictions` (on device); of
+    `DefaultMetrics`, those the loss already reports are left out.
     """
     out = checked(loss_fn(state.model(train=False), batch, state.step_rng(), False, state.frozen_views()))
     metrics = loss_metrics(out)
     if metrics_fn is not None:
-        extra = {name: numeric(value) if is_metric(value) else value
-                 for name, value in metrics_fn(out.predictions, batch).items()}
+        returned = metrics_fn(out.predictions, batch)
+        if isinstance(returned, DefaultMetrics):
+            returned = {name: value for name, value in returned.items() if name not in metrics}
+        extra = checked_eval_metrics(returned)
         if clashes := sorted(set(extra) & set(metrics)):
-            raise ValueError(f"compute_metrics returns {clashes}, which the loss already reports; rename them or "
-                             "drop them from eval_metrics.")
+            raise ValueError(f"compute_metrics returns {', '.join(map(repr, clashes))}, which the loss already "
+                             "reports; drop them from eval_metrics (e.g. eval_metrics=['perplexity']), drop them "
+                             "from the loss's own metrics, or rename one of the two.")
         metrics.update(extra)
     return metrics

@@ -1,4 +1,4 @@
-"""builders.lm_blocks / lm_eval_blocks: what cannot make blocks is refused before compute, naming the split."""
+"""lm_blocks.lm_blocks / lm_eval_blocks: what cannot make blocks is refused before compute, naming the split."""
 
 import os
 
@@ -11,7 +11,7 @@ import pytest
 from easytrain import ArgumentError, TrainingArguments
 from easytrain.data import DataError
 from easytrain.tasks import build_arithmetic_tokenizer
-from easytrain.trainers import builders
+from easytrain.trainers import lm_blocks
 
 
 def _args(tmp_path, **kwargs) -> TrainingArguments:
@@ -27,29 +27,30 @@ def test_a_pretokenized_row_of_another_length_is_named_before_compute(tmp_path):
     lengths[13] = 7
     splits = datasets.DatasetDict(train=_rows(lengths), validation=_rows([9] * 4))
     with pytest.raises(DataError, match=r"'train' split: row 13 holds 7 tokens.*max_length \+ 1 = 9"):
-        builders.lm_blocks(_args(tmp_path), None, splits)
+        lm_blocks.lm_blocks(_args(tmp_path), None, splits)
     splits = datasets.DatasetDict(train=_rows([9] * 8), validation=_rows([9, 9, 10]))
     with pytest.raises(DataError, match=r"'validation' split: row 2 holds 10 tokens"):
-        builders.lm_blocks(_args(tmp_path), None, splits)
+        lm_blocks.lm_blocks(_args(tmp_path), None, splits)
 
 
 def test_evaluate_dataset_rows_are_checked_the_same_way(tmp_path):
     with pytest.raises(DataError, match=r"evaluate\(dataset\).*row 1 holds 0 tokens"):
-        builders.lm_eval_blocks(_args(tmp_path), None, _rows([9, 0, 9]))
+        lm_blocks.lm_eval_blocks(_args(tmp_path), None, _rows([9, 0, 9]))
 
 
 def test_rows_of_a_selection_are_checked_by_their_position_in_it(tmp_path):
     data = _rows([9, 5, 9, 9, 9, 9])
-    assert len(builders.lm_eval_blocks(_args(tmp_path), None, data.filter(lambda row: len(row["input_ids"]) == 9))) == 5
+    kept = data.filter(lambda row: len(row["input_ids"]) == 9)
+    assert len(lm_blocks.lm_eval_blocks(_args(tmp_path), None, kept)) == 5
     with pytest.raises(DataError, match=r"row 2 holds 5 tokens"):
-        builders.lm_eval_blocks(_args(tmp_path), None, data.select([0, 2, 1]))
-    assert len(builders.lm_eval_blocks(_args(tmp_path), None, data, limit=1)) == 1  # only the rows used
+        lm_blocks.lm_eval_blocks(_args(tmp_path), None, data.select([0, 2, 1]))
+    assert len(lm_blocks.lm_eval_blocks(_args(tmp_path), None, data, limit=1)) == 1  # only the rows used
 
 
 def test_rows_all_of_another_length_suggest_that_max_length(tmp_path):
     with pytest.raises(ArgumentError, match=r"max_length: pre-tokenized rows of the 'train' split hold 11 tokens.*"
                                             r"--max_length 10"):
-        builders.lm_blocks(_args(tmp_path), None, datasets.DatasetDict(train=_rows([11] * 4)))
+        lm_blocks.lm_blocks(_args(tmp_path), None, datasets.DatasetDict(train=_rows([11] * 4)))
 
 
 def test_a_validation_split_too_small_for_one_block_names_the_split_and_its_fixes(tmp_path):
@@ -57,11 +58,11 @@ def test_a_validation_split_too_small_for_one_block_names_the_split_and_its_fixe
                                   validation=datasets.Dataset.from_dict({"text": ["1+1=2"]}))
     with pytest.raises(DataError, match=r"The 'validation' split has 6 tokens.*one block needs 17 \(max_length \+ 1\).*"
                                         r"validation_split_percentage.*validation_file.*max_length") as info:
-        builders.lm_blocks(_args(tmp_path, max_length=16), build_arithmetic_tokenizer(), splits)
+        lm_blocks.lm_blocks(_args(tmp_path, max_length=16), build_arithmetic_tokenizer(), splits)
     assert (info.value.num_tokens, info.value.block_size) == (6, 17)
 
 
 def test_a_train_split_too_small_for_one_block_names_the_split(tmp_path):
     splits = datasets.DatasetDict(train=datasets.Dataset.from_dict({"text": ["1+1=2"]}))
     with pytest.raises(DataError, match=r"The 'train' split has 6 tokens.*add training data or lower `max_length`"):
-        builders.lm_blocks(_args(tmp_path, max_length=16), build_arithmetic_tokenizer(), splits)
+        lm_blocks.lm_blocks(_args(tmp_path, max_length=16), build_arithmetic_tokenizer(), splits)

@@ -21,10 +21,8 @@ from easytrain import sharding
 from easytrain.arguments import TrainingArguments
 from easytrain.callbacks import Callback, EarlyStopping
 from easytrain.checkpoint import CHECKPOINTS_DIRNAME, CheckpointManager
-from easytrain.data import load_text_datasets, tokenize_and_group
-from easytrain.data.errors import DataError, NotEnoughTokensError
-from easytrain.data.lm import TOKENS, mismatched_row_lengths
-from easytrain.data.token_range import check_token_ids
+from easytrain.data import load_text_datasets
+from easytrain.data.errors import DataError
 from easytrain.errors import ArgumentError, TrainedAlreadyError
 from easytrain.models.presets import llama_config
 from easytrain.tasks import arithmetic
@@ -189,18 +187,31 @@ def _eval_split(dataset_eval: Any) -> datasets.Dataset:
     return dataset_eval
 
 
-def _truncate(dataset: datasets.Dataset, limit: int | None) -> datasets.Dataset:
-    return dataset if limit is None else dataset.select(range(min(limit, len(dataset))))
-
-
 def eval_metric_names(eval_step: Any, state: Any, eval_batches: Any, mesh: Any, host_only: Sequence[str]) -> set[str]:
     """The `eval_`-prefixed names `eval_step` returns, from tracing it on the first eval batch (no compute)."""
     if eval_batches is None:
         return set()
     batch_sh, hosts = sharding.batch_sharding(mesh), jax.process_count()
+    fields = check_collated(next(iter(eval_batches)), host_only)
     batch = {key: jax.ShapeDtypeStruct((value.shape[0] * hosts, *value.shape[1:]), value.dtype, sharding=batch_sh)
-             for key, value in next(iter(eval_batches)).items() if key not in host_only}
+             for key, value in fields.items()}
     return {f"eval_{name}" for name in jax.eval_shape(eval_step, state, batch)}
+
+
+def check_collated(host_batch: Mapping[str, Any], host_only: Sequence[str]) -> dict[str, Any]:
+    """The device fields of a batch `collate` returned, each an array (with a shape and dtype); a list, a scalar or
+    another object is named with its fix instead of failing as an attribute error inside the tracing."""
+    if not isinstance(host_batch, Mapping):
+        raise TypeError(f"collate returned a {type(host_batch).__name__}; return a dict of field name -> numpy array "
+                        "(one row per example).")
+    fields = {key: value for key, value in host_batch.items() if key not in host_only}
+    for key, value in fields.items():
+        if not (hasattr(value, "shape") and hasattr(value, "dtype")) or not np.ndim(value):
+            shape = f" of shape {np.shape(value)}" if hasattr(value, "shape") else ""
+            raise TypeError(f"collate returned field {key!r} as a {type(value).__name__}{shape}; every field must be "
+                            "a numpy array with one row per example: wrap it, e.g. np.asarray(...) (or list it in "
+                            "host_only_fields to keep it on the host).")
+    return fields
 
 
 def check_eval_metrics(args: TrainingArguments, device_names: set[str], evaluators: Sequence[Any],
@@ -228,80 +239,6 @@ def check_eval_metrics(args: TrainingArguments, device_names: set[str], evaluato
     if metric and known is not None and metric not in known | {"eval_loss"}:
         raise ArgumentError("metric_for_best_model", f"{metric!r} is not a metric this run's evaluation produces; "
                                                      f"choose from {', '.join(sorted(known | {'eval_loss'}))}.")
-
-
-def lm_eval_blocks(args: TrainingArguments, tokenizer: Any, split: datasets.Dataset, limit: int | None = None,
-                   split_name: str | None = None, *, vocab_size: int | None = None) -> datasets.Dataset:
-    """One split tokenised and grouped into `max_length + 1`-token blocks, numpy-formatted, every id checked to
-    lie below `vocab_size` (None: not checked). `split_name` ('train', 'validation') names it in errors; None is the
-    dataset given to `evaluate(dataset)`."""
-    if is_pretokenized(split, args):
-        blocks = check_block_length(_truncate(split, limit), args, split_name)
-        check_token_ids(blocks, (TOKENS,), vocab_size, rows_are=f"Pre-tokenized rows of {_described(split_name)}",
-                        tokenizer=tokenizer)
-        return blocks.with_format("numpy")
-    try:
-        grouped = tokenize_and_group(split, tokenizer, text_column=args.text_column, max_length=args.max_length,
-                                     num_proc=args.preprocessing_num_workers)
-    except NotEnoughTokensError as error:
-        raise NotEnoughTokensError(f"{_sentence(_described(split_name))} has {error.num_tokens} tokens after "
-                                   f"tokenisation, but one block needs {error.block_size} (max_length + 1); "
-                                   f"{_fixes_for_few_tokens(split_name)}", num_tokens=error.num_tokens,
-                                   block_size=error.block_size) from None
-    blocks = _truncate(grouped, limit)
-    check_token_ids(blocks, (TOKENS,), vocab_size, rows_are=f"Token blocks of {_described(split_name)}",
-                    tokenizer=tokenizer)
-    return blocks.with_format("numpy")
-
-
-def _described(split_name: str | None) -> str:
-    return "the dataset given to evaluate(dataset)" if split_name is None else f"the {split_name!r} split"
-
-
-def _sentence(text: str) -> str:
-    return text[:1].upper() + text[1:]
-
-
-def _fixes_for_few_tokens(split_name: str | None) -> str:
-    if split_name == "validation":
-        return ("give more evaluation data (a larger validation_split_percentage, a validation_file or dataset_eval), "
-                "lower `max_length`, or set validation_split_percentage=0 when it is held out, to not evaluate.")
-    return f"add {'training ' if split_name == 'train' else ''}data or lower `max_length`."
-
-
-def lm_blocks(args: TrainingArguments, tokenizer: Any, splits: datasets.DatasetDict, *, vocab_size: int | None = None
-              ) -> tuple[datasets.Dataset, datasets.Dataset | None]:
-    """Tokenise and group each split into `max_length + 1`-token blocks, as numpy-formatted datasets."""
-    train = lm_eval_blocks(args, tokenizer, splits["train"], args.max_train_samples, "train", vocab_size=vocab_size)
-    eval_split = splits.get("validation")
-    return train, (lm_eval_blocks(args, tokenizer, eval_split, args.max_eval_samples, "validation",
-                                  vocab_size=vocab_size) if eval_split is not None else None)
-
-
-def is_pretokenized(split: datasets.Dataset, args: TrainingArguments) -> bool:
-    """Rows that are already token blocks (`input_ids`, no text column) are used as they are."""
-    return "input_ids" in split.column_names and args.text_column not in split.column_names
-
-
-def check_block_length(split: datasets.Dataset, args: TrainingArguments,
-                       split_name: str | None = "train") -> datasets.Dataset:
-    """Every pre-tokenized row holds `max_length + 1` tokens, checked on the Arrow offsets before any compute
-    (a wrong row otherwise fails mid-training, as a numpy error)."""
-    expected, where = args.max_length + 1, _described(split_name)
-    if len(split) == 0:
-        raise DataError(f"{_sentence(where)} has no rows; pass rows of {expected} token ids.")
-    lengths = mismatched_row_lengths(split, expected)
-    bad = np.flatnonzero(lengths != expected) if lengths is not None else np.zeros(0, np.int64)
-    if not bad.size:
-        return split
-    if lengths.min() == lengths.max() > 1:
-        raise ArgumentError("max_length", f"pre-tokenized rows of {where} hold {lengths[0]} tokens but training "
-                                          f"needs blocks of max_length + 1 = {expected}; set --max_length "
-                                          f"{lengths[0] - 1}.")
-    row = int(bad[0])
-    raise DataError(f"Pre-tokenized rows of {where}: row {row} holds {lengths[row]} tokens, but every row must hold "
-                    f"max_length + 1 = {expected} (row 0 holds {lengths[0]}); fix or drop such rows, e.g. "
-                    f"split.filter(lambda row: len(row['input_ids']) == {expected}).")
 
 
 def default_callbacks(args: TrainingArguments) -> list[Callback]:

@@ -11,6 +11,7 @@ import contextlib
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+import flax
 import jax
 import numpy as np
 from flax import nnx
@@ -24,9 +25,10 @@ from easytrain.errors import ArgumentError
 from easytrain.eval_metrics import Predictions
 from easytrain.losses import Batch, LossOutput, causal_lm_loss
 from easytrain.metrics import Metric
+from easytrain.steps import DefaultMetrics
 from easytrain.models import SUPPORTED_MODEL_TYPES, LlamaForCausalLM, from_pretrained, save_pretrained
 from easytrain.models.hf_load import read_generation_config
-from easytrain.trainers import adapters, builders
+from easytrain.trainers import adapters, builders, lm_blocks
 from easytrain.trainers.resume import config_dict
 
 
@@ -45,7 +47,7 @@ class LanguageModelHooks:
         splits = builders.raw_datasets(args, self._raw_train, self._raw_eval)
         if embedded and not self.evaluators and "validation" in splits and self.wants_metric("exact_match"):
             self.evaluators.append(arithmetic_exact_match(splits["validation"], self.tokenizer))
-        return builders.lm_blocks(args, self.tokenizer, splits, vocab_size=vocab_size_of(self.model_config))
+        return lm_blocks.lm_blocks(args, self.tokenizer, splits, vocab_size=vocab_size_of(self.model_config))
 
     def collate(self, rows: Mapping[str, np.ndarray], example_ids: np.ndarray) -> dict[str, np.ndarray]:
         """Rows -> one host batch, for training and evaluation alike. Rows whose example id is negative
@@ -84,6 +86,11 @@ class LanguageModelHooks:
         `scan_layers`, and whenever `initialising_module` is set (one vmapped layer: an initialisation compiled
         once whatever the depth, the same weights as built one by one); `adapt_module` then sets the run's
         layout outside that program, one weight at a time."""
+        if self.model_config is None:
+            raise NotImplementedError(
+                f"{type(self).__name__} has no model_config, which the default create_module builds a Llama model "
+                "from (the default prepare_datasets sets it; yours is overridden): override create_module to return "
+                "your module (creating its own nnx.Rngs), or pass model= to the trainer.")
         return LlamaForCausalLM(self.model_config, dtype=self.dtype, param_dtype=self.param_dtype,
                                 rngs=nnx.Rngs(self._arguments.seed),
                                 scan_layers=self._arguments.scan_layers or self.initialising_module)
@@ -102,7 +109,24 @@ class LanguageModelHooks:
         """A fresh run's module, concrete: `create_module()` inside one jitted program, straight into its sharded
         layout, with `initialising_module` set (the trainer's policy; DPO's reference when no path is given)."""
         with self.initialising():
-            return placement.initialise_module(self.create_module, mesh=self.mesh, rules=self.partition_rules)
+            return placement.initialise_module(self._created_module, mesh=self.mesh, rules=self.partition_rules)
+
+    def _created_module(self) -> nnx.Module:
+        """`create_module()`, where the error flax raises for `nnx.Rngs` made outside it (in `__init__`, and so
+        outside the program that builds the module) says where to make them."""
+        try:
+            return self.create_module()
+        except flax.errors.TraceContextError as error:
+            raise TypeError(f"create_module runs inside a compiled program (jax.jit or nnx.eval_shape), and the "
+                            f"module it built drew from state made outside it ({error}); create the module's "
+                            "nnx.Rngs inside create_module, e.g. MyModule(rngs=nnx.Rngs(self.arguments.seed)), "
+                            "never in __init__ or at module level.") from error
+
+    def _checked_module(self) -> nnx.Module:
+        """`_created_module()`, with a warning when its parameters are not in `param_dtype` (traced once a setup)."""
+        module = self._created_module()
+        placement.warn_unless_param_dtype(module, self.param_dtype)
+        return module
 
     def _own_module(self) -> nnx.Module:
         """The module the trainer builds: streamed tensor by tensor from `model_name_or_path` straight into the
@@ -120,7 +144,7 @@ class LanguageModelHooks:
         drawn: what `adapt_module` refuses, it refuses here, and the tree a checkpoint restores into. Stacked, the
         build is one layer's trace whatever the depth (0.07 s instead of 0.6-0.85 s for `llama-3b`'s 28 layers)."""
         with self.initialising():
-            return placement.abstract_module(lambda: self.adapt_module(self.create_module()))
+            return placement.abstract_module(lambda: self.adapt_module(self._checked_module()))
 
     def compute_loss(self, model: nnx.Module, batch: Batch, rng: jax.Array, train: bool,
                      frozen: Mapping[str, Any]) -> LossOutput:
@@ -135,13 +159,15 @@ class LanguageModelHooks:
     def compute_metrics(self, predictions: Predictions | None, batch: Batch) -> dict[str, Metric]:
         """Evaluation metrics from the loss's `predictions`, traced inside the eval step (never gathered to the
         host); each says how it reduces (`easytrain.metrics`). Default: the on-device metrics `eval_metrics`
-        names (`easytrain.eval_metrics`). Override to add your own; reported as `eval_<name>`."""
+        names (`easytrain.eval_metrics`); with `eval_metrics` unset, one the loss already reports (a classifier's own
+        `accuracy`) is left to the loss. Override to add your own; reported as `eval_<name>`."""
         requested = self._arguments.eval_metrics
         names = tuple(eval_metrics.DEFAULT if requested is None else requested)
         try:
-            return eval_metrics.on_device_metrics(names, predictions, requested=requested is not None)
+            metrics = eval_metrics.on_device_metrics(names, predictions, requested=requested is not None)
         except ValueError as error:
             raise ArgumentError("eval_metrics", str(error)) from None
+        return metrics if requested is not None else DefaultMetrics(metrics)  # unasked: the loss's own name wins
 
     def wants_metric(self, name: str) -> bool:
         """Whether `eval_metrics` asks for `name` (unset: every metric the trainer can compute)."""
@@ -155,7 +181,7 @@ class LanguageModelHooks:
                 f"{type(self).__name__} overrides prepare_datasets, so evaluate(dataset) cannot prepare raw "
                 "examples as language-model text blocks: override prepare_eval_dataset(dataset) to turn them into "
                 "the rows your collate takes (return the dataset itself if its examples already are such rows).")
-        return builders.lm_eval_blocks(self._arguments, self.tokenizer, dataset,
+        return lm_blocks.lm_eval_blocks(self._arguments, self.tokenizer, dataset,
                                        vocab_size=vocab_size_of(self.model_config))
 
     def export_problem(self) -> str | None:

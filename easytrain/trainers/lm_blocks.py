@@ -1,0 +1,97 @@
+"""The default hooks' training data: text (or pre-tokenized rows) as `max_length + 1`-token blocks.
+
+Every check runs while the data is prepared, before any model is built: blocks of the wrong length, too few tokens
+for one block (named by split, with its fixes), token ids outside the model's vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import datasets
+import numpy as np
+
+from easytrain.arguments import TrainingArguments
+from easytrain.data import tokenize_and_group
+from easytrain.data.errors import DataError, NotEnoughTokensError
+from easytrain.data.lm import TOKENS, mismatched_row_lengths
+from easytrain.data.token_range import check_token_ids
+from easytrain.errors import ArgumentError
+
+
+def lm_eval_blocks(args: TrainingArguments, tokenizer: Any, split: datasets.Dataset, limit: int | None = None,
+                   split_name: str | None = None, *, vocab_size: int | None = None) -> datasets.Dataset:
+    """One split tokenised and grouped into `max_length + 1`-token blocks, numpy-formatted, every id checked to
+    lie below `vocab_size` (None: not checked). `split_name` ('train', 'validation') names it in errors; None is the
+    dataset given to `evaluate(dataset)`."""
+    if is_pretokenized(split, args):
+        blocks = check_block_length(_truncate(split, limit), args, split_name)
+        check_token_ids(blocks, (TOKENS,), vocab_size, rows_are=f"Pre-tokenized rows of {_described(split_name)}",
+                        tokenizer=tokenizer)
+        return blocks.with_format("numpy")
+    try:
+        grouped = tokenize_and_group(split, tokenizer, text_column=args.text_column, max_length=args.max_length,
+                                     num_proc=args.preprocessing_num_workers)
+    except NotEnoughTokensError as error:
+        raise NotEnoughTokensError(f"{_sentence(_described(split_name))} has {error.num_tokens} tokens after "
+                                   f"tokenisation, but one block needs {error.block_size} (max_length + 1); "
+                                   f"{_fixes_for_few_tokens(split_name)}", num_tokens=error.num_tokens,
+                                   block_size=error.block_size) from None
+    blocks = _truncate(grouped, limit)
+    check_token_ids(blocks, (TOKENS,), vocab_size, rows_are=f"Token blocks of {_described(split_name)}",
+                    tokenizer=tokenizer)
+    return blocks.with_format("numpy")
+
+
+def _described(split_name: str | None) -> str:
+    return "the dataset given to evaluate(dataset)" if split_name is None else f"the {split_name!r} split"
+
+
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def _fixes_for_few_tokens(split_name: str | None) -> str:
+    if split_name == "validation":
+        return ("give more evaluation data (a larger validation_split_percentage, a validation_file or dataset_eval), "
+                "lower `max_length`, or set validation_split_percentage=0 when it is held out, to not evaluate.")
+    return f"add {'training ' if split_name == 'train' else ''}data or lower `max_length`."
+
+
+def lm_blocks(args: TrainingArguments, tokenizer: Any, splits: datasets.DatasetDict, *, vocab_size: int | None = None
+              ) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """Tokenise and group each split into `max_length + 1`-token blocks, as numpy-formatted datasets."""
+    train = lm_eval_blocks(args, tokenizer, splits["train"], args.max_train_samples, "train", vocab_size=vocab_size)
+    eval_split = splits.get("validation")
+    return train, (lm_eval_blocks(args, tokenizer, eval_split, args.max_eval_samples, "validation",
+                                  vocab_size=vocab_size) if eval_split is not None else None)
+
+
+def is_pretokenized(split: datasets.Dataset, args: TrainingArguments) -> bool:
+    """Rows that are already token blocks (`input_ids`, no text column) are used as they are."""
+    return "input_ids" in split.column_names and args.text_column not in split.column_names
+
+
+def check_block_length(split: datasets.Dataset, args: TrainingArguments,
+                       split_name: str | None = "train") -> datasets.Dataset:
+    """Every pre-tokenized row holds `max_length + 1` tokens, checked on the Arrow offsets before any compute
+    (a wrong row otherwise fails mid-training, as a numpy error)."""
+    expected, where = args.max_length + 1, _described(split_name)
+    if len(split) == 0:
+        raise DataError(f"{_sentence(where)} has no rows; pass rows of {expected} token ids.")
+    lengths = mismatched_row_lengths(split, expected)
+    bad = np.flatnonzero(lengths != expected) if lengths is not None else np.zeros(0, np.int64)
+    if not bad.size:
+        return split
+    if lengths.min() == lengths.max() > 1:
+        raise ArgumentError("max_length", f"pre-tokenized rows of {where} hold {lengths[0]} tokens but training "
+                                          f"needs blocks of max_length + 1 = {expected}; set --max_length "
+                                          f"{lengths[0] - 1}.")
+    row = int(bad[0])
+    raise DataError(f"Pre-tokenized rows of {where}: row {row} holds {lengths[row]} tokens, but every row must hold "
+                    f"max_length + 1 = {expected} (row 0 holds {lengths[0]}); fix or drop such rows, e.g. "
+                    f"split.filter(lambda row: len(row['input_ids']) == {expected}).")
+
+
+def _truncate(dataset: datasets.Dataset, limit: int | None) -> datasets.Dataset:
+    return dataset if limit is None else dataset.select(range(min(limit, len(dataset))))
