@@ -156,6 +156,15 @@ def wait_for(paths: list[Path], processes: list[subprocess.Popen], timeout: floa
 
 # ----------------------------------------------------------------------------- the catch itself
 
+@pytest.fixture(autouse=True)
+def python_ctrl_c():
+    """Python's own SIGINT handler for every test here, as in a user's process: pytest-xdist's workers ignore SIGINT
+    (SIG_IGN), under which a redelivered Ctrl-C does nothing."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 @pytest.fixture
 def caught():
     """Stop signals caught for the test (and given back after it, whatever happens)."""
