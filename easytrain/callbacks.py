@@ -130,6 +130,14 @@ class CallbackList(Callback):
     def on_job_update(self, trainer: Any, job: Mapping[str, Any]) -> None:
         self.call("on_job_update", trainer, job)
 
+    def stop_reason(self) -> str | None:
+        """Why training was stopped: the first ``stop_reason`` a callback gives (``EarlyStopping``'s, a stop
+        request's), or None."""
+        for callback in self.callbacks:
+            if isinstance(reason := getattr(callback, "stop_reason", None), str) and reason:
+                return reason
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         """Per-callback states keyed ``"<k>:<ClassName>"`` (the k-th callback of that class). Empty states are
         kept for callbacks that restore state, so that those of one class still count as many on resume."""
@@ -206,6 +214,11 @@ class MissingMetricError(EasytrainError, KeyError):
 class EarlyStopping(Callback):
     """Stops training once ``metric`` has not improved for ``patience`` evaluations.
 
+    The stop is part of the checkpointed state: a run resumed after it (``resume_from_checkpoint: latest``, a
+    requeued job) is finished and trains nothing; resumed with a larger ``patience`` it trains on, counting on
+    from the evaluations without improvement it had. State saved for another ``metric`` or ``greater_is_better``
+    is not restored (a warning; early stopping starts afresh); a changed ``min_delta`` applies from then on.
+
     Attributes:
         best: Best value seen so far (None before the first evaluation).
         best_step: Step at which ``best`` was reached.
@@ -234,6 +247,7 @@ class EarlyStopping(Callback):
         self.best_step: int | None = None
         self.evaluations_without_improvement = 0
         self.stop_reason: str | None = None
+        self._restored = False  # whether `load_state_dict` gave this run its progress (a resume)
 
     def is_improvement(self, value: float) -> bool:
         """True if ``value`` beats the best so far by more than ``min_delta``; NaN never does."""
@@ -263,14 +277,39 @@ class EarlyStopping(Callback):
             )
             trainer.should_stop = True
 
+    def on_train_begin(self, trainer: Any) -> None:
+        """A run resumed from a checkpoint written after this callback stopped it is finished: it stops before its
+        first step. With a larger ``patience`` than the stopped run's, it trains on from the evaluations counted."""
+        restored, self._restored = self._restored, False
+        if not restored or self.evaluations_without_improvement < self.patience:
+            self.stop_reason = None  # a stop the restored state recorded under a smaller patience no longer holds
+            return
+        self.stop_reason = self.stop_reason or (
+            f"early stopping: the restored state counts {self.evaluations_without_improvement} evaluation(s) without "
+            f"improvement of {self.metric}, patience {self.patience}; best {self.best} at step {self.best_step}")
+        trainer.should_stop = True
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "best": self.best,
             "best_step": self.best_step,
             "evaluations_without_improvement": self.evaluations_without_improvement,
+            "metric": self.metric,
+            "greater_is_better": self.greater_is_better,
+            "stop_reason": self.stop_reason,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restores the progress, unless it was counted for another metric or direction (older checkpoints do not
+        say: theirs is taken as this one's)."""
+        saved = (state.get("metric", self.metric), state.get("greater_is_better", self.greater_is_better))
+        if saved != (self.metric, self.greater_is_better):
+            logger.warning("EarlyStopping: the checkpoint's state monitored %r (greater_is_better=%s), this run "
+                           "monitors %r (greater_is_better=%s); early stopping starts afresh, as in a new run.",
+                           *saved, self.metric, self.greater_is_better)
+            return
         self.best = state["best"]
         self.best_step = state["best_step"]
         self.evaluations_without_improvement = state["evaluations_without_improvement"]
+        self.stop_reason = state.get("stop_reason")
+        self._restored = True

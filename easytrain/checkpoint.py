@@ -7,7 +7,8 @@ Layout: ``<output_dir>/checkpoints/<step>/`` holds three items:
 * ``run_info`` -- JSON arguments, model config and format version, readable on
   its own so a resume can be validated before any array is loaded.
 * ``progress`` -- JSON progress of the trainer's helpers (callback states such as
-  early stopping's best value and patience), so they resume where they were.
+  early stopping's best value and patience), so they resume where they were, and
+  the last train logs, which a run resumed there returns if it trains nothing more.
 * ``fingerprint`` -- JSON digests of every state array (``easytrain.integrity``),
   checked on restore so damaged files fail loudly instead of loading wrong values.
 

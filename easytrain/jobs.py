@@ -157,18 +157,18 @@ class Job(contextlib.ContextDecorator):
         return False
 
     def open(self) -> None:
-        """Write the "queued" record. An unfinished previous record of this directory (a killed or stopped run,
+        """Write the "queued" record. A previous record of this directory (a killed, stopped or completed run,
         perhaps about to be resumed) keeps its progress until `begin` says from which step this run starts."""
         if self.enabled is None:
             import jax
 
             self.enabled = jax.process_index() == 0
         self._previous = read_job(self.output_dir)
-        unfinished = self._previous is not None and self._previous.get("status") != "completed"
         now = time.time()
         self.record = {
             "name": self._name or self.output_dir.resolve().name, "status": "queued",
-            "progress": float(self._previous["progress"]) if unfinished else self.progress_start,
+            "progress": float(self._previous.get("progress", self.progress_start)) if self._previous else
+            self.progress_start,
             "progress_range": [self.progress_start, self.progress_end],
             "step": None, "total_steps": None, "eta_seconds": None, "metrics": {}, "data": {},
             "stop_reason": None, "error": None, "resumed_from_step": None, "pid": os.getpid(),
@@ -220,7 +220,15 @@ class Job(contextlib.ContextDecorator):
         status = status or ("stopped" if self.stop_requested and not reached_end else "completed")
         if status == "completed":
             self.record.update(progress=self.progress_end, eta_seconds=0.0)
+            if reason:
+                self.end_early(reason)
         self._end(status, reason or self._stop_reason)
+
+    def end_early(self, reason: str) -> None:
+        """Record why the work ended before its last step by its own decision (a trainer's callback: early
+        stopping): `reason` is the record's `stop_reason`, also once the job completes."""
+        self.record["stop_reason"] = reason
+        self._publish()
 
     def fail(self, error: BaseException) -> None:
         """End the job because of `error`: its type, message and traceback are recorded."""
@@ -231,7 +239,8 @@ class Job(contextlib.ContextDecorator):
         self._end(status, (str(error) or type(error).__name__) if status == "stopped" else None)
 
     def _end(self, status: RunStatus, reason: str | None) -> None:
-        self.record.update(status=status, finished_at=time.time(), stop_reason=reason if status == "stopped" else None)
+        kept = self.record.get("stop_reason") if status == "completed" else None  # `end_early`'s
+        self.record.update(status=status, finished_at=time.time(), stop_reason=reason if status == "stopped" else kept)
         if status != "completed":
             self.record["eta_seconds"] = None  # it will not get there
         if self._reporter is not None:
@@ -336,6 +345,11 @@ class Job(contextlib.ContextDecorator):
     @property
     def stop_requested(self) -> bool:
         return self._stop_reason is not None
+
+    @property
+    def stop_reason(self) -> str | None:
+        """Why a stop was requested (the stop file, `request_stop`'s reason), or None."""
+        return self._stop_reason
 
     # ------------------------------------------------------------------ writing
     def flush(self) -> None:

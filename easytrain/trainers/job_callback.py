@@ -63,6 +63,11 @@ class JobCallback(Callback):
         running.listeners.append(self._listener)
         running.begin(total_steps=self._total, initial_step=self._step, percent=self._percent(self._step))
 
+    @property
+    def stop_reason(self) -> str | None:
+        """The job's stop request (the stop file, `request_stop`), which this callback turned into a stop."""
+        return self.job.stop_reason if self.job is not None else None
+
     def _release(self) -> None:
         """Stop reporting into the job (it may still be ended later by a failure after `on_train_end`)."""
         if self.job is not None:
@@ -78,6 +83,8 @@ class JobCallback(Callback):
         if self.job is None:
             return
         stopped = self.job.stop_requested and self._step < self._total
+        if not stopped and trainer.should_stop and self._step < self._total:  # a callback's (early stopping)
+            self.job.end_early(trainer.callbacks.stop_reason() or "a callback set trainer.should_stop")
         if self._owned:
             self.job.finish("stopped" if stopped else "completed")
         else:  # the enclosing job ends when its block does; a stop request stays on it

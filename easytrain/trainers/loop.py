@@ -26,6 +26,7 @@ from easytrain.jobs import outcome_of
 from easytrain.memory_plan import MemoryPlan
 from easytrain.protocol import ConfiguredDataloaders
 from easytrain.reporting import Reporter, open_trackers
+from easytrain.trainers import run_end
 from easytrain.trainers.preemption import PreemptionWatcher, TrainingPreempted
 
 T = TypeVar("T")
@@ -140,19 +141,15 @@ class TrainLoop:
         """Train from `state` at `start_step`; `trackers` are the W&B / MLflow sinks `trackers_then_claim`
         opened (None: the reporter opens them)."""
         parts, args = self.parts, self.args
-        self.state, self.start_step = state, start_step
-        self.iterator = self.data.train.iterator(start_step)
+        self.state, self.start_step, self.iterator = state, start_step, self.data.train.iterator(start_step)
         if data_state:
             self.restore_data_position(data_state)
-        if resumed and start_step >= self.data.total_steps:
-            logger.warning("resumed at step %d, and this run ends at step %d (max_steps, num_train_epochs): nothing "
-                           "left to train; raise --max_steps to train on", start_step, self.data.total_steps)
+        run_end.warn_if_nothing_left(resumed, start_step, self.data.total_steps)
         self.reporter = Reporter(output_dir=args.output_dir, report_to=args.report_to,
                                  total_steps=self.data.total_steps, initial_step=start_step,
                                  enabled=parts.is_main_process, show_progress=not args.disable_progress_bar,
                                  run_config=args.to_dict(), trackers=trackers)
-        self.manager = parts.checkpoints
-        self.last_saved_step = start_step if resumed else -1
+        self.manager, self.last_saved_step = parts.checkpoints, start_step if resumed else -1
         try:
             with PreemptionWatcher() as self.preemption:
                 parts.callbacks.on_train_begin(parts.owner)
@@ -261,6 +258,9 @@ class TrainLoop:
 
     def finish(self, step: int) -> None:
         self.checkpoint_now(step)
+        if step == self.start_step:  # nothing trained (a finished run started again): its last train logs
+            self.last_logs = run_end.saved_train_logs(self.parts.resumed_from, self.manager)
+        run_end.log_early_stop(self.parts.callbacks, self.parts.owner.should_stop, step, self.data.total_steps)
         if self.args.load_best_model_at_end:
             self.load_best(step)
         self.parts.callbacks.on_train_end(self.parts.owner)
@@ -391,7 +391,7 @@ class TrainLoop:
             return
         saved = self.manager.save(step, state=self.state.checkpointed(), data_state=self.iterator.get_state(),
                                   run_info=parts.run_info(), force=force,
-                                  progress={"callbacks": parts.callbacks.state_dict()},
+                                  progress=run_end.progress(parts.callbacks, self.last_logs),
                                   metrics=self.last_eval if self.last_eval_step == step else None)
         if not saved:
             raise OutputDirError(
