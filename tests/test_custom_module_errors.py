@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from easytrain import BaseTrainer, LossOutput, TrainingArguments, placement, sharding
+from easytrain.data import DataError
 from easytrain.eval_metrics import Predictions
 from easytrain.metrics import Mean, mean_over
 
@@ -163,3 +164,13 @@ def test_logical_names_the_rules_map_to_none_are_not_warned_about(caplog) -> Non
         sharding.param_shardings(nnx.state(module), mesh, rules)
         sharding.param_shardings(nnx.state(module_none), mesh, rules)
     assert not caplog.records
+
+
+def test_a_collate_that_loses_rows_is_refused_before_they_are_trained_on(tmp_path) -> None:
+    """Every field a collate returns holds one row per example it was given: a row dropped (or added) would train
+    silently on one device and misalign the example ids a resume counts on."""
+    def dropping(self, rows, example_ids):
+        return {key: value[:-1] for key, value in Classifier.collate(self, rows, example_ids).items()}
+
+    with pytest.raises(DataError, match=r"collate returned 7 rows in field 'x' for 8 examples"):
+        with_hook("collate", dropping)(arguments(tmp_path)).train()

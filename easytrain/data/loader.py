@@ -379,7 +379,7 @@ def _grain_state(step: int) -> dict[str, int]:
 
 
 def _load_batch(reader: _RowReader, collate: RowsCollate, indices: np.ndarray) -> Batch:
-    return collate(reader.read(indices), indices.astype(np.int32))
+    return _one_row_each(collate(reader.read(indices), indices.astype(np.int32)), len(indices))
 
 
 def _load_padded_batch(reader: _RowReader, collate: RowsCollate, indices: np.ndarray) -> Batch:
@@ -387,4 +387,15 @@ def _load_padded_batch(reader: _RowReader, collate: RowsCollate, indices: np.nda
     -1; the collate gives those rows zero weight (it knows which fields weigh)."""
     real = indices < len(reader)
     example_ids = np.where(real, indices, -1).astype(np.int32)
-    return collate(reader.read(np.where(real, indices, 0)), example_ids)
+    return _one_row_each(collate(reader.read(np.where(real, indices, 0)), example_ids), len(indices))
+
+
+def _one_row_each(batch: Batch, rows: int) -> Batch:
+    """`batch` if each of its arrays holds one row per example collated: a row lost or added would otherwise train
+    silently on one device (and misalign the example ids a resume counts on)."""
+    for name, value in batch.items() if isinstance(batch, Mapping) else ():
+        if isinstance(value, np.ndarray) and value.ndim and len(value) != rows:
+            raise DataError(f"collate returned {len(value)} rows in field {name!r} for {rows} examples; every array "
+                            "field holds one row per example, in the order given (padding rows included: weigh them "
+                            "0 rather than dropping them).")
+    return batch
