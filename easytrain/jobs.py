@@ -26,6 +26,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from easytrain.active_job import (activate, add_job_data, current_job, deactivate, log_metric, progress_update,
+                                  should_stop)
 from easytrain.errors import ArgumentError
 from easytrain.sinks import RunStatus, check_report_to, copy_json, json_scalars, write_json_atomically
 
@@ -39,7 +41,6 @@ STATUSES = ("queued", "running", "completed", "failed", "stopped")
 JobStatus = Literal["queued", "running", "completed", "failed", "stopped"]
 JobListener = Callable[[Mapping[str, Any]], None]
 
-_ACTIVE: list[Job] = []  # innermost last; `log_metric` and friends report into `_ACTIVE[-1]`
 logger = logging.getLogger("easytrain")
 
 
@@ -143,7 +144,7 @@ class Job(contextlib.ContextDecorator):
 
     def __enter__(self) -> Job:
         self.open()
-        _ACTIVE.append(self)
+        activate(self)
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, error: BaseException | None, tb: object) -> bool:
@@ -370,49 +371,3 @@ class Job(contextlib.ContextDecorator):
 
 
 job = Job  # `@job(...)` / `with job(...) as j:` read better than the class name
-
-
-# ----------------------------------------------------------------------------- the active job
-
-
-def current_job() -> Job | None:
-    """The innermost job being run (a `job` block or decorated call, or a trainer's `train()`), or None."""
-    return _ACTIVE[-1] if _ACTIVE else None
-
-
-def _active(function: str) -> Job:
-    if not _ACTIVE:
-        raise RuntimeError(f"{function}() reports into the running job, and there is none: call it inside a "
-                           "function decorated with @easytrain.jobs.job(output_dir), a `with job(output_dir):` "
-                           "block, or a trainer's train()")
-    return _ACTIVE[-1]
-
-
-def activate(active: Job) -> None:
-    """Make `active` the job that `log_metric` and friends report into, until `deactivate`."""
-    _ACTIVE.append(active)
-
-
-def deactivate(active: Job) -> None:
-    if active in _ACTIVE:
-        _ACTIVE.remove(active)
-
-
-def log_metric(name: str, value: float, step: int, split: str = "train") -> None:
-    """Send `name=value` at global `step` to every sink of the running job (`report_to`)."""
-    _active("log_metric").log_metric(name, value, step, split)
-
-
-def progress_update(percent: float) -> None:
-    """Report the running job's progress, 0..100 (mapped into its `[progress_start, progress_end]`)."""
-    _active("progress_update").progress_update(percent)
-
-
-def add_job_data(key: str, value: Any) -> None:
-    """Store a JSON-serializable `value` under `data[key]` in the running job's record."""
-    _active("add_job_data").add_job_data(key, value)
-
-
-def should_stop() -> bool:
-    """Whether the running job was asked to stop (stop file or `request_stop`): save, then leave the loop."""
-    return _active("should_stop").should_stop()
