@@ -11,27 +11,28 @@ from typing import Any
 
 from easytrain.data.errors import DataError
 
-_STATE_KEYS = ("seed", "global_batch_size", "num_rows")
 #: The rows' content digest a position also records; compared where both sides have it (a position saved before
 #: it was recorded has none).
 DIGEST_KEY = "data_digest"
 
 
-def _compared_keys(state: Mapping[str, Any], fingerprint: Mapping[str, Any]) -> tuple[str, ...]:
-    """The settings a saved position and a loader are compared on: the digest only where both record one."""
-    return _STATE_KEYS + ((DIGEST_KEY,) if DIGEST_KEY in state and DIGEST_KEY in fingerprint else ())
+def compared_keys(state: Mapping[str, Any], fingerprint: Mapping[str, Any]) -> tuple[str, ...]:
+    """The settings a saved position and a loader are compared on: every one the loader's `fingerprint` records
+    (`TrainBatches.fingerprint`: seed, global batch size, row count, digest), the digest only where the saved
+    position has one too (a position saved before digests were recorded)."""
+    return tuple(key for key in fingerprint if key != DIGEST_KEY or DIGEST_KEY in state)
 
 
 def position_mismatch(state: Mapping[str, Any], fingerprint: Mapping[str, Any]) -> list[str]:
     """How a saved data position's settings differ from a loader's (`"num_rows: saved 775 vs now 1038"`)."""
     return [f"{key}: saved {state.get(key)!r} vs now {fingerprint.get(key)!r}"
-            for key in _compared_keys(state, fingerprint) if state.get(key) != fingerprint.get(key)]
+            for key in compared_keys(state, fingerprint) if state.get(key) != fingerprint.get(key)]
 
 
 def check_same_settings(state: Mapping[str, Any], fingerprint: Mapping[str, Any]) -> None:
     """Refuse a saved position recorded for other settings or rows: the same step would hold other examples."""
     if (diffs := position_mismatch(state, fingerprint)) or "step" not in state:
-        keys = _compared_keys(state, fingerprint)
+        keys = compared_keys(state, fingerprint)
         saved, now = ({key: settings.get(key) for key in keys} for settings in (state, fingerprint))
         raise DataError(
             f"The data state was saved with {saved} but this loader has {now} "

@@ -12,7 +12,7 @@ import jax
 
 from easytrain.checkpoint import CheckpointManager, CheckpointMismatchError, path_name, tree_signature
 from easytrain.config_io import ARGUMENTS_FILE
-from easytrain.data.position import DIGEST_KEY
+from easytrain.data.position import DIGEST_KEY, compared_keys
 from easytrain.errors import ArgumentError, CheckpointReadError
 from easytrain.models.scan import STACKED, abstract_layer, abstract_stack, stack_layer_dicts, unstack_layer_dicts
 from easytrain.trainers.adapters import check_base
@@ -185,7 +185,7 @@ def check_data_position(position: dict[str, Any], fingerprint: Mapping[str, Any]
     here; the loader checks when the position is set."""
     if fingerprint is None:
         return True
-    if not (diffs := _differences(position, dict(fingerprint), _compared(position, fingerprint))):
+    if not (diffs := _differences(position, dict(fingerprint), compared_keys(position, fingerprint))):
         return True
     described = "; ".join(diffs)
     if allow:
@@ -200,11 +200,6 @@ def check_data_position(position: dict[str, Any], fingerprint: Mapping[str, Any]
                         "than the interrupted run's. Restore the data it was trained on, pass "
                         "--allow_data_order_change to continue from the restored step in the new data's order, or "
                         "start a new output_dir.")
-
-
-def _compared(position: Mapping[str, Any], fingerprint: Mapping[str, Any]) -> tuple[str, ...]:
-    """The loader's fingerprint keys, less the content digest where the checkpoint recorded none (older ones)."""
-    return tuple(key for key in fingerprint if key != DIGEST_KEY or DIGEST_KEY in position)
 
 
 def check_format(run_info: dict[str, Any]) -> None:
