@@ -135,11 +135,15 @@ def claim_output_dir(args: TrainingArguments, resume: tuple[Path, int] | None) -
         for name in RUN_ARTIFACTS:
             if name == JOB_FILENAME and _job_reports_into(output_dir):
                 continue  # the live job's record (the CLI opens it before training), not the old run's
-            target = output_dir / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
+            remove(output_dir / name)
+
+
+def remove(target: Path) -> None:
+    """Delete a file or a directory tree, if it is there."""
+    if target.is_dir():
+        shutil.rmtree(target)
+    elif target.exists():
+        target.unlink()
 
 
 def start_over(output_dir: Path) -> None:
@@ -148,11 +152,7 @@ def start_over(output_dir: Path) -> None:
     set_aside(output_dir, _step_dirs(output_dir / CHECKPOINTS_DIRNAME), "starting over (no complete checkpoint)")
     removed = [name for name in STARTED_RUN_LOGS if (output_dir / name).exists()]
     for name in removed:
-        target = output_dir / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        else:
-            target.unlink()
+        remove(output_dir / name)
     logger.warning("resume_from_checkpoint=latest: %s holds no complete checkpoint yet (its run stopped before the "
                    "first save), so the run starts over from step 0%s", output_dir,
                    f"; removed its logs {removed}" if removed else "")
