@@ -7,7 +7,8 @@ every process, on every machine and across library upgrades: each column is hash
 of row lengths, integers widened to little-endian int64, text bytes and null positions, each fed in row order chunk
 by chunk, so Arrow's chunking, a selection's indices mapping or an integer width change nothing. Floating-point
 columns are left out: the ones a run adds (reference log-probs) differ in their last bits when recomputed on other
-hardware, and pick no example. About 0.1 s per 10M tokens (`tests/test_resume_data_digest.py`).
+hardware, and pick no example; the same pass records them apart (`easytrain.data.float_digest`), compared with
+tolerance and only warned about. About 0.1 s per 10M tokens (`tests/test_resume_data_digest.py`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from easytrain.data.float_digest import FloatColumns
+
 #: Bumped when the encoding changes; a digest of another version is another digest.
 DIGEST_VERSION = 1
 # Rows read from a `datasets.Dataset` at a time (a selection's rows are gathered batch by batch, never all at once).
@@ -33,7 +36,8 @@ class _Streams:
     """One SHA-256 per (column path, part), fed in row order, and how many values each path has seen so far (null
     positions are counted from the start of the column, not of the chunk)."""
 
-    def __init__(self) -> None:
+    def __init__(self, num_rows: int = 0) -> None:
+        self.floats = FloatColumns(num_rows)
         self._hashes: dict[str, Any] = {}
         self._seen: dict[str, int] = {}
         self._buffer = np.empty(_WIDEN_BLOCK, dtype="<i8")
@@ -66,7 +70,13 @@ class _Streams:
 def rows_digest(source: datasets.Dataset | Mapping[str, Any]) -> str:
     """The content digest of a loader's rows (`TrainBatches`' `source`): a `datasets.Dataset`, read in its row order
     (its selection applied) a few thousand rows at a time, or equal-length columns."""
-    streams = _Streams()
+    return rows_digests(source)[0]
+
+
+def rows_digests(source: datasets.Dataset | Mapping[str, Any]) -> tuple[str, dict[str, dict[str, Any]]]:
+    """`rows_digest` and the record of the float columns it leaves out (`FloatColumns.record`), in one pass."""
+    num_rows = len(source) if isinstance(source, datasets.Dataset) else len(next(iter(source.values()), ()))
+    streams = _Streams(num_rows)
     if isinstance(source, datasets.Dataset):
         for table in source.with_format("arrow").iter(batch_size=_ROWS_PER_READ):
             for name in sorted(table.column_names):
@@ -75,12 +85,14 @@ def rows_digest(source: datasets.Dataset | Mapping[str, Any]) -> str:
     else:
         for name in sorted(source):
             _feed_numpy(streams, name, np.asarray(source[name]))
-    return streams.hexdigest()
+    return streams.hexdigest(), streams.floats.record()
 
 
 def _feed_numpy(streams: _Streams, path: str, column: np.ndarray) -> None:
     """A column of numbers as the Arrow encoding of the same values (`[N, L]` as lists of length L); other columns
     (text, rows of different lengths) through Arrow itself."""
+    if column.dtype.kind == "f":
+        streams.floats.add_numpy(path, column, streams.advance(path, len(column)))
     if column.dtype.kind in "fc":
         return
     if column.ndim > 1:
@@ -105,6 +117,7 @@ def _as_arrow(column: np.ndarray) -> pa.Array:
 def _feed_arrow(streams: _Streams, path: str, array: pa.Array) -> None:
     """One chunk of a column (or of a nested part of one) into its streams."""
     if _floats_only(array.type):
+        streams.floats.add_arrow(path, array, streams.advance(path, len(array)))
         return
     start = streams.advance(path, len(array))
     if array.null_count:

@@ -3,7 +3,7 @@
 Training data order is a pure function of ``(seed, global step)``: epoch ``e``
 visits the rows in a permutation seeded by ``(seed, e)``, global batch ``k``
 takes the next ``global_batch_size`` rows of it, and process ``p`` keeps its
-contiguous slice. The pipeline is a grain ``MapDataset`` with one element per
+contiguous slice (`easytrain.data.order`). The pipeline is a grain ``MapDataset`` with one element per
 global step, so an iterator's state is just the next step: resuming jumps
 straight there without reading (or replaying) any earlier batch, and works
 for any number of processes, since the global order does not depend on how
@@ -16,16 +16,19 @@ import functools
 import math
 import sys
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeAlias
 
 import datasets
 import grain
 import numpy as np
 
-from easytrain.data.digest import rows_digest
+from easytrain.data.batch_checks import TOKEN_FIELDS, BatchCheck
+from easytrain.data.digest import rows_digests
 from easytrain.data.errors import DataError
-from easytrain.data.position import DIGEST_KEY, check_same_settings
+from easytrain.data.float_digest import report_float_changes
+from easytrain.data.order import StepRows, grain_state, per_process_batch_size
+from easytrain.data.position import DIGEST_KEY, FLOATS_KEY, check_same_settings
 from easytrain.data.lm import Batch, lm_collate_rows
 
 #: A source addressable by row index: a ``datasets.Dataset`` or equal-length columns.
@@ -59,6 +62,8 @@ class TrainBatches:
         process_index: int = 0,
         process_count: int = 1,
         read_options: grain.ReadOptions | None = None,
+        vocab_size: int | None = None,
+        token_fields: Sequence[str] = TOKEN_FIELDS,
     ) -> None:
         """Plan the batches; nothing is read until an iterator is advanced.
 
@@ -71,14 +76,19 @@ class TrainBatches:
             process_count: Number of processes sharing each global batch.
             read_options: grain reader threads and prefetch depth; ``None`` reads
                 with two threads, four batches ahead.
+            vocab_size: The model's vocabulary size: every collated batch's
+                ``token_fields`` are checked to lie in ``[0, vocab_size)``
+                (``easytrain.data.batch_checks``); None checks none.
+            token_fields: The batch fields that hold token ids.
 
         Raises:
             DataError: Bad batch, seed or process settings, or fewer rows than one
-                global batch.
+                global batch; at a batch, a collate's bad rows or token ids.
         """
+        check = BatchCheck(vocab_size, token_fields)
         self._reader = _RowReader(source, whole_copy=process_count == 1)
         self.global_batch_size = global_batch_size
-        self.local_batch_size = _local_batch_size(global_batch_size, process_index, process_count)
+        self.local_batch_size = per_process_batch_size(global_batch_size, process_index, process_count)
         self.steps_per_epoch = len(self._reader) // global_batch_size
         if self.steps_per_epoch == 0:
             raise DataError(
@@ -90,10 +100,10 @@ class TrainBatches:
             raise DataError(f"`seed` must be non-negative, got {seed}.")
         self.seed = seed
         self._source = source
-        rows = _StepRows(
+        rows = StepRows(
             len(self._reader), global_batch_size, self.local_batch_size, seed, process_index
         )
-        load = functools.partial(_load_batch, self._reader, collate)
+        load = functools.partial(_load_batch, self._reader, collate, check)
         steps = grain.MapDataset.range(_ENDLESS)  # element k is global step k
         self._batches = steps.map(rows).map(load).to_iter_dataset(_or_default(read_options))
 
@@ -102,9 +112,18 @@ class TrainBatches:
         return len(self._reader)
 
     @functools.cached_property
+    def _digests(self) -> tuple[str, dict[str, Any]]:
+        return rows_digests(self._source)
+
+    @property
     def data_digest(self) -> str:
         """The content digest of every row (not only this process's: each process holds them all), computed once."""
-        return rows_digest(self._source)
+        return self._digests[0]
+
+    @property
+    def float_columns(self) -> dict[str, Any]:
+        """The record of the float columns the digest leaves out (`easytrain.data.float_digest`); empty if none."""
+        return self._digests[1]
 
     @property
     def fingerprint(self) -> dict[str, Any]:
@@ -124,7 +143,7 @@ class TrainBatches:
 
     def iterator(self, start_step: int = 0) -> TrainIterator:
         """An endless iterator whose first batch is global step ``start_step``."""
-        return TrainIterator(iter(self._batches), self.fingerprint, start_step)
+        return TrainIterator(iter(self._batches), self.fingerprint, start_step, self.float_columns or None)
 
 
 class TrainIterator(Iterator[Batch]):
@@ -133,14 +152,14 @@ class TrainIterator(Iterator[Batch]):
     ``get_state`` returns JSON-serialisable data that also records the data
     settings and the rows' digest, so restoring into a loader with another
     seed, batch size or dataset fails loudly instead of silently changing the
-    data order.
+    data order; and the float columns' record, whose changes are only logged.
     """
 
-    def __init__(
-        self, batches: grain.DatasetIterator, fingerprint: Mapping[str, Any], start_step: int
-    ) -> None:
+    def __init__(self, batches: grain.DatasetIterator, fingerprint: Mapping[str, Any], start_step: int,
+                 float_columns: Mapping[str, Any] | None = None) -> None:
         self._batches = batches
         self._fingerprint = dict(fingerprint)
+        self._floats = {FLOATS_KEY: dict(float_columns)} if float_columns else {}
         self._step = 0
         self.set_state({**self._fingerprint, "step": start_step})
 
@@ -156,7 +175,7 @@ class TrainIterator(Iterator[Batch]):
 
     def get_state(self) -> dict[str, Any]:
         """Where to resume: the next global step plus the settings it depends on."""
-        return {"step": self._step, **self._fingerprint}
+        return {"step": self._step, **self._fingerprint, **self._floats}
 
     def set_state(self, state: Mapping[str, Any]) -> None:
         """Continue from ``state["step"]``; O(1), nothing earlier is read."""
@@ -164,7 +183,8 @@ class TrainIterator(Iterator[Batch]):
         step = int(state["step"])
         if step < 0:
             raise DataError(f"Data state has negative step {step}; pass a saved state.")
-        self._batches.set_state(_grain_state(step))
+        report_float_changes(state.get(FLOATS_KEY), self._floats.get(FLOATS_KEY))
+        self._batches.set_state(grain_state(step))
         self._step = step
 
     def close(self) -> None:
@@ -186,6 +206,8 @@ def eval_batches(
     process_index: int = 0,
     process_count: int = 1,
     read_options: grain.ReadOptions | None = None,
+    vocab_size: int | None = None,
+    token_fields: Sequence[str] = TOKEN_FIELDS,
 ) -> Iterator[Batch]:
     """One ordered pass over ``source`` in static-shape batches.
 
@@ -203,6 +225,7 @@ def eval_batches(
         process_count: Number of processes sharing each global batch.
         read_options: grain reader threads and prefetch depth; ``None`` reads
             with two threads, four batches ahead.
+        vocab_size, token_fields: As for ``TrainBatches``.
 
     Returns:
         An iterator of ``ceil(len(source) / global_batch_size)`` batches, the
@@ -211,14 +234,15 @@ def eval_batches(
     Raises:
         DataError: An empty source or bad batch or process settings.
     """
+    check = BatchCheck(vocab_size, token_fields)
     reader = _RowReader(source, whole_copy=process_count == 1)
-    local_batch_size = _local_batch_size(global_batch_size, process_index, process_count)
+    local_batch_size = per_process_batch_size(global_batch_size, process_index, process_count)
     if len(reader) == 0:
         raise DataError("The evaluation dataset has no rows; give it at least one.")
     num_steps = math.ceil(len(reader) / global_batch_size)
     positions = grain.MapDataset.range(num_steps * global_batch_size)  # past the end = padding
     indices = positions.batch(local_batch_size)[process_index::process_count]
-    load = functools.partial(_load_padded_batch, reader, collate)
+    load = functools.partial(_load_padded_batch, reader, collate, check)
     return iter(indices.map(load).to_iter_dataset(_or_default(read_options)))
 
 
@@ -226,14 +250,18 @@ class EvalBatches:
     """A re-iterable evaluation set: every ``iter()`` is one ordered pass (see ``eval_batches``)."""
 
     def __init__(self, source: RowSource, global_batch_size: int, *, collate: RowsCollate = lm_collate_rows,
-                 process_index: int = 0, process_count: int = 1, multiple_of: int = 1) -> None:
+                 process_index: int = 0, process_count: int = 1, multiple_of: int = 1, vocab_size: int | None = None,
+                 token_fields: Sequence[str] = TOKEN_FIELDS) -> None:
         """`multiple_of`: the data-parallel device count. A batch larger than the whole set shrinks to the set
-        rounded up to a multiple of it (and of `process_count`): the same examples, without a batch of padding."""
+        rounded up to a multiple of it (and of `process_count`): the same examples, without a batch of padding.
+        `vocab_size`, `token_fields`: as for `TrainBatches`."""
+        BatchCheck(vocab_size, token_fields)  # a bad vocab_size fails now
         self.source = source
         step = math.lcm(multiple_of, process_count)
         self.global_batch_size = min(global_batch_size, max(step, math.ceil(len(_RowReader(source)) / step) * step))
-        self._options = dict(collate=collate, process_index=process_index, process_count=process_count)
-        _local_batch_size(global_batch_size, process_index, process_count)  # fail now, not at the first eval
+        self._options = dict(collate=collate, process_index=process_index, process_count=process_count,
+                             vocab_size=vocab_size, token_fields=token_fields)
+        per_process_batch_size(global_batch_size, process_index, process_count)  # fail now, not at the first eval
 
     def __iter__(self) -> Iterator[Batch]:
         return eval_batches(self.source, self.global_batch_size, **self._options)
@@ -320,82 +348,15 @@ def _common_length(columns: Mapping[str, np.ndarray]) -> int:
     return next(iter(lengths.values()))
 
 
-def _local_batch_size(global_batch_size: int, process_index: int, process_count: int) -> int:
-    """Rows per process per step, checking the split is even and the index valid."""
-    if global_batch_size < 1:
-        raise DataError(f"`global_batch_size` must be at least 1, got {global_batch_size}.")
-    if not 0 <= process_index < process_count:
-        raise DataError(
-            f"`process_index` must be in [0, process_count={process_count}), got {process_index}."
-        )
-    if global_batch_size % process_count:
-        raise DataError(
-            f"`global_batch_size` {global_batch_size} is not divisible by "
-            f"`process_count` {process_count}; use a multiple of {process_count}."
-        )
-    return global_batch_size // process_count
+def _load_batch(reader: _RowReader, collate: RowsCollate, check: BatchCheck, indices: np.ndarray) -> Batch:
+    example_ids = indices.astype(np.int32)
+    return check(collate(reader.read(indices), example_ids), example_ids)
 
 
-class _StepRows:
-    """This process's row indices for a global step: a pure function of (seed, step).
-
-    Each epoch's order is one numpy permutation seeded by ``(seed, epoch)``,
-    computed once and cached; grain's per-index shuffle would cost up to
-    milliseconds per row on the small datasets this library often trains on.
-    """
-
-    def __init__(
-        self,
-        num_rows: int,
-        global_batch_size: int,
-        local_batch_size: int,
-        seed: int,
-        process_index: int,
-    ) -> None:
-        self._num_rows = num_rows
-        self._global_batch_size = global_batch_size
-        self._local_batch_size = local_batch_size
-        self._seed = seed
-        self._offset = process_index * local_batch_size
-        self._steps_per_epoch = num_rows // global_batch_size
-        # Two epochs: prefetching across an epoch boundary needs both at once.
-        self._permutation = functools.lru_cache(maxsize=2)(self._shuffle)
-
-    def __call__(self, step: int) -> np.ndarray:
-        epoch, step_in_epoch = divmod(step, self._steps_per_epoch)
-        start = step_in_epoch * self._global_batch_size + self._offset
-        return self._permutation(epoch)[start : start + self._local_batch_size]
-
-    def _shuffle(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self._seed, epoch]).permutation(self._num_rows)
-
-
-def _grain_state(step: int) -> dict[str, int]:
-    """Build grain's iterator state, which for a ``MapDataset`` is the next element's index.
-
-    Each element here is one global step, so the step is the whole state.
-    """
-    return {"next_index": step}
-
-
-def _load_batch(reader: _RowReader, collate: RowsCollate, indices: np.ndarray) -> Batch:
-    return _one_row_each(collate(reader.read(indices), indices.astype(np.int32)), len(indices))
-
-
-def _load_padded_batch(reader: _RowReader, collate: RowsCollate, indices: np.ndarray) -> Batch:
+def _load_padded_batch(reader: _RowReader, collate: RowsCollate, check: BatchCheck, indices: np.ndarray) -> Batch:
     """Collate the real rows, filling positions past the end with copies of row 0 whose example id is
     -1; the collate gives those rows zero weight (it knows which fields weigh)."""
     real = indices < len(reader)
     example_ids = np.where(real, indices, -1).astype(np.int32)
-    return _one_row_each(collate(reader.read(np.where(real, indices, 0)), example_ids), len(indices))
+    return check(collate(reader.read(np.where(real, indices, 0)), example_ids), example_ids)
 
-
-def _one_row_each(batch: Batch, rows: int) -> Batch:
-    """`batch` if each of its arrays holds one row per example collated: a row lost or added would otherwise train
-    silently on one device (and misalign the example ids a resume counts on)."""
-    for name, value in batch.items() if isinstance(batch, Mapping) else ():
-        if isinstance(value, np.ndarray) and value.ndim and len(value) != rows:
-            raise DataError(f"collate returned {len(value)} rows in field {name!r} for {rows} examples; every array "
-                            "field holds one row per example, in the order given (padding rows included: weigh them "
-                            "0 rather than dropping them).")
-    return batch

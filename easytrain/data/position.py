@@ -1,7 +1,9 @@
 """What a saved data position depends on, and how one is compared with a loader before it is restored.
 
 A position is a global step plus the settings that decide which rows that step holds: the seed, the global batch
-size, the number of rows and, since it was recorded, a digest of the rows' content (`easytrain.data.digest`).
+size, the number of rows and, since it was recorded, a digest of the rows' content (`easytrain.data.digest`); and,
+beside them, a record of the rows' float columns, which pick no example and are only reported on
+(`easytrain.data.float_digest`).
 """
 
 from __future__ import annotations
@@ -14,13 +16,16 @@ from easytrain.data.errors import DataError
 #: The rows' content digest a position also records; compared where both sides have it (a position saved before
 #: it was recorded has none).
 DIGEST_KEY = "data_digest"
+#: The record of the rows' float columns a position also keeps (`easytrain.data.float_digest`): never one of the
+#: compared settings (float values pick no example), only reported on when the position is restored.
+FLOATS_KEY = "data_floats"
 
 
 def compared_keys(state: Mapping[str, Any], fingerprint: Mapping[str, Any]) -> tuple[str, ...]:
     """The settings a saved position and a loader are compared on: every one the loader's `fingerprint` records
     (`TrainBatches.fingerprint`: seed, global batch size, row count, digest), the digest only where the saved
     position has one too (a position saved before digests were recorded)."""
-    return tuple(key for key in fingerprint if key != DIGEST_KEY or DIGEST_KEY in state)
+    return tuple(key for key in fingerprint if key != FLOATS_KEY and (key != DIGEST_KEY or DIGEST_KEY in state))
 
 
 def position_mismatch(state: Mapping[str, Any], fingerprint: Mapping[str, Any]) -> list[str]:

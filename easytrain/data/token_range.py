@@ -159,7 +159,7 @@ def _details(field: str, found: _Outside, vocab_size: int, tokenizer: Any) -> st
     ids = "1 such id" if found.count == 1 else f"{found.count} such ids, from {found.low} to {found.high}"
     return (f"hold token ids outside the model's vocabulary [0, {vocab_size}) (vocab_size {vocab_size}): field "
             f"{field!r}, row {found.row}, position {found.position} holds token id {found.value}"
-            f"{_token_name(found.value, tokenizer)} ({ids} in all). {_fix(found)}")
+            f"{_token_name(found.value, tokenizer)} ({ids} in all). {fix_for(found.value)}")
 
 
 def _token_name(token_id: int, tokenizer: Any) -> str:
@@ -169,8 +169,9 @@ def _token_name(token_id: int, tokenizer: Any) -> str:
     return f" (the tokenizer's {tokenizer.convert_ids_to_tokens(token_id)!r})"
 
 
-def _fix(found: _Outside) -> str:
-    if found.value < 0:
+def fix_for(token_id: int) -> str:
+    """What to do about an id outside the vocabulary: a negative one is a marker, a large one another tokenizer's."""
+    if token_id < 0:
         return ("Negative ids are not tokens (a padding or ignore marker such as -100 or -1?): easytrain never reads "
                 "padding or ignored positions from the ids (loss_mask and attention_mask mark them), so write real "
                 "token ids there (e.g. the pad token's) or drop those rows.")
