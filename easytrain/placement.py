@@ -150,13 +150,21 @@ def param_dtype_mismatches(module: nnx.Module, param_dtype: Any) -> list[str]:
     return found
 
 
-def warn_unless_param_dtype(module: nnx.Module, param_dtype: Any, shown: int = 3) -> None:
-    """Warn when `create_module` built parameters in another float dtype than `param_dtype` (the run's `dtype` and
-    `param_dtype` reach a custom module only through the arguments it is built with)."""
-    if found := param_dtype_mismatches(module, param_dtype):
-        more = f" and {len(found) - shown} more" if len(found) > shown else ""
-        logger.warning("param_dtype is %s, but create_module built %d parameter(s) in another dtype: %s%s; the module "
-                       "does not read the run's dtype/param_dtype. Build it with param_dtype=self.param_dtype and "
-                       "dtype=self.dtype (e.g. nnx.Linear(..., dtype=self.dtype, param_dtype=self.param_dtype)) in "
-                       "create_module, or set param_dtype to the dtype it uses.", jax.numpy.dtype(param_dtype).name,
-                       len(found), ", ".join(found[:shown]), more)
+def warn_unless_param_dtype(module: nnx.Module, param_dtype: Any, shown: int = 3, *, given: bool = False) -> None:
+    """Warn when `create_module` built parameters (or, `given`, the module passed as `model=` holds them) in another
+    float dtype than `param_dtype`: the run's `dtype` and `param_dtype` reach a custom module only through the
+    arguments it is built with, and the trainer trains its parameters in the dtypes it finds."""
+    if not (found := param_dtype_mismatches(module, param_dtype)):
+        return
+    more = f" and {len(found) - shown} more" if len(found) > shown else ""
+    listed = f"{len(found)} parameter(s) in another dtype: {', '.join(found[:shown])}{more}"
+    wanted = jax.numpy.dtype(param_dtype).name
+    if given:
+        logger.warning("param_dtype is %s, but the module passed as model= holds %s; it is trained in the dtypes it "
+                       "was built with. Build it with param_dtype=%s (and dtype=the run's dtype, e.g. nnx.Linear(..., "
+                       "dtype=..., param_dtype=...)), or set param_dtype to the dtype it uses.", wanted, listed, wanted)
+        return
+    logger.warning("param_dtype is %s, but create_module built %s; the module does not read the run's "
+                   "dtype/param_dtype. Build it with param_dtype=self.param_dtype and dtype=self.dtype (e.g. "
+                   "nnx.Linear(..., dtype=self.dtype, param_dtype=self.param_dtype)) in create_module, or set "
+                   "param_dtype to the dtype it uses.", wanted, listed)

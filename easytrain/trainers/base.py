@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from easytrain import (compilation_cache, compiler_options, distributed, host_memory, integrity, memory_plan,
+from easytrain import (compilation_cache, compiler_options, distributed, host_memory, memory_plan,
                        placement, profiling, sharding, steps, stop_signals)
 from easytrain.arguments import TrainingArguments
 from easytrain.callbacks import Callback, CallbackList
@@ -28,25 +28,26 @@ from easytrain.checkpoint import CheckpointManager
 from easytrain.chunked_loss import chunking_problem
 from easytrain.config_io import save_arguments
 from easytrain.data import EvalBatches, TrainBatches
+from easytrain.data.batch_checks import TOKEN_FIELDS
+from easytrain.data.token_range import vocab_size_of
 from easytrain.errors import ArgumentError
 from easytrain.evaluators import Evaluator
 from easytrain.frozen import Frozen, FrozenPlan
-from easytrain.models import from_pretrained
 from easytrain.optim import build_optimizer, build_schedule
 from easytrain.protocol import ConfiguredDataloaders, ConfiguredFunctions, ConfiguredModel
 from easytrain.state import TrainState, bind
-from easytrain.trainers import adapters, builders, init_weights, preemption, run_lock
+from easytrain.trainers import adapters, builders, data_agreement, preemption, run_lock
 from easytrain.trainers.language_model import LanguageModelHooks
 from easytrain.trainers.loop import LoopParts, TrainLoop, evaluate_batches, trackers_then_claim
-from easytrain.trainers.resume import (FORMAT_VERSION, check_run_length, config_dict, restore_checkpoint,
-                                      restore_step)
+from easytrain.trainers.resume import FORMAT_VERSION, check_run_length, config_dict, restore_step
 from easytrain.trainers.run_dir import check_output_dir, claim_run, rerun_arguments
+from easytrain.trainers.state_hooks import TrainStateHooks
 from easytrain.trainers.switches import apply_switches
 
 logger = logging.getLogger("easytrain")
 
 
-class BaseTrainer(LanguageModelHooks):
+class BaseTrainer(TrainStateHooks, LanguageModelHooks):
     """Causal-LM training on one device, a mesh of devices, or many hosts.
 
     Args:
@@ -69,6 +70,8 @@ class BaseTrainer(LanguageModelHooks):
     trainable: nnx.filterlib.Filter = nnx.Param
     #: Batch fields kept on the host (bookkeeping), never sent to the device.
     host_only_fields: tuple[str, ...] = ("example_id",)
+    #: Batch fields holding token ids, checked on the host against the model config's `vocab_size` (if it has one).
+    token_fields: tuple[str, ...] = TOKEN_FIELDS
     #: The task's argument dataclasses, saved in arguments.json beside `TrainingArguments` (so `--config` on
     #: that file reruns the same job); `easytrain train --task` sets them, SFT and DPO set their own.
     task_arguments: tuple[Any, ...] = ()
@@ -174,6 +177,8 @@ class BaseTrainer(LanguageModelHooks):
             return
         with stop_signals.interruptible("preparing the data"):  # a stop signal here ends train() at once
             self._data = self.configure_dataloaders()
+        given = (self._raw_train is not None, self._raw_eval is not None)
+        data_agreement.check_processes_agree(self._data, self._arguments, given, jax.process_count())
         profiling.check_window(self._arguments, self._data.total_steps)  # the run's length is known from here
         with stop_signals.interruptible("building the model"):
             self._model = self.configure_model()
@@ -196,7 +201,8 @@ class BaseTrainer(LanguageModelHooks):
         self._dataset_train, self._dataset_eval = self.prepare_datasets()
         builders.check_row_sources(self._dataset_train, self._dataset_eval)
         builders.check_batch_sizes(args, self.mesh)
-        hosts = dict(collate=self.collate, process_index=jax.process_index(), process_count=jax.process_count())
+        hosts = dict(collate=self.collate, process_index=jax.process_index(), process_count=jax.process_count(),
+                     vocab_size=vocab_size_of(self.model_config), token_fields=self.token_fields)
         loader = TrainBatches(self._dataset_train, args.train_batch_size, seed=args.seed, **hosts)
         eval_hosts = dict(hosts, multiple_of=sharding.data_parallel_size(self.mesh))
         evaluation = None if self._dataset_eval is None else EvalBatches(self._dataset_eval, args.eval_batch_size,
@@ -227,6 +233,8 @@ class BaseTrainer(LanguageModelHooks):
     def configure_model(self) -> ConfiguredModel:
         """Create the train state directly on the mesh, or restore a resumed run's state straight into it."""
         args = self._arguments
+        if self._given_model is not None:  # a module of the trainer's own is checked as create_module builds it
+            placement.warn_unless_param_dtype(self._given_model, self.param_dtype, given=True)
         self._schedule = self.configure_schedule(self._data.total_steps)
         tx = self.configure_optimizer(self._schedule)
         placed = dict(seed=args.seed, mesh=self.mesh, rules=self.partition_rules,
@@ -240,44 +248,6 @@ class BaseTrainer(LanguageModelHooks):
         state, shardings = frozen.attach_to(state, shardings)
         module = self._given_model if self._given_model is not None else state.model()
         return ConfiguredModel(bind(module, state), state, shardings, self.mesh)
-
-    def _place_module(self, tx: optax.GradientTransformation, placed: dict[str, Any]) -> tuple[TrainState, Any]:
-        if self._given_model is not None:  # copied: the step donates its buffers, the caller keeps theirs
-            state, shardings = placement.place_module(self.adapt_module(self._given_model), tx, **placed)
-        else:
-            state, shardings = placement.place_module(self.adapt_module(self._own_module()), tx, copy=False, **placed)
-        if self._arguments.init_weights_from:
-            state = self._initial_weights(state, shardings)
-        if state.base:  # what a resume must find again before it restores the adapters
-            self.base_fingerprint = integrity.fingerprint(state.base)
-        return state, shardings
-
-    def _initial_weights(self, state: TrainState, shardings: TrainState) -> TrainState:
-        """`init_weights_from`'s variables in place of the fresh ones (new LoRA adapters, and a base already
-        loaded from `model_name_or_path`, may stay as they are)."""
-        load = functools.partial(from_pretrained, dtype=self.dtype, param_dtype=self.param_dtype, mesh=self.mesh,
-                                 rules=self.partition_rules)
-        keeps = lambda path, part: (self.lora is not None and path[-1] in ("lora_a", "lora_b")) or (
-            part == "base" and bool(self._arguments.model_name_or_path))
-        return init_weights.initialise_from(self._arguments.init_weights_from, state, shardings,
-                                            load_pretrained=load, fresh_ok=keeps)
-
-    def _restore(self, tx: optax.GradientTransformation, placed: dict[str, Any],
-                 frozen: FrozenPlan) -> tuple[TrainState, Any]:
-        """The resumed state, restored straight into its layout: full weights are never initialised (or loaded)
-        only to be overwritten; a LoRA base is not in the checkpoint, so it is placed (and checked) first."""
-        if self.lora is None:
-            module = self.adapt_module(self._given_model) if self._given_model is not None else self._abstract_module()
-            target, shardings = placement.abstract_train_state(module, tx, **placed)
-            base = {}
-        else:
-            fresh, shardings = self._place_module(tx, placed)
-            target, base = placement.abstract_state(shardings, fresh), fresh.base
-        restored = restore_checkpoint(self._resume_from, self.run_info(), frozen.restore_target(target).checkpointed(),
-                                      data_fingerprint=getattr(self._data.train, "fingerprint", None))
-        self.resumed_data_state = restored.data_state
-        self.callbacks.load_state_dict(restored.callbacks_state)
-        return restored.state.replace(base=base), shardings
 
     def configure_schedule(self, total_steps: int) -> optax.Schedule:
         return build_schedule(self._arguments, total_steps)
