@@ -15,8 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 from pathlib import Path
-from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -37,70 +36,23 @@ from easytrain.metrics import Mean, mean_over
 from easytrain.models import from_pretrained
 from easytrain.models.hf_io import CheckpointError
 from easytrain.models.hf_load import resolve_checkpoint
-from easytrain.preference import (PREFERENCE_LOSSES, REFERENCE_FREE, PairLogps, combined_loss, running_mean,
-                                  sequence_logps, token_logps)
+from easytrain.preference import PairLogps, combined_loss, running_mean, sequence_logps, token_logps
 from easytrain.protocol import ConfiguredModel
 from easytrain.state import TrainState
 from easytrain.tasks import arithmetic
 from easytrain.tasks.registry import register_task
-from easytrain.trainers import adapters, builders
+from easytrain.trainers import adapters, builders, init_weights
 from easytrain.trainers.base import BaseTrainer
-from easytrain.trainers.dpo_reference import (CACHE_DIRNAME, INITIAL_ADAPTERS, INITIAL_POLICY, check_reference_path,
-                                              checked_initial_weights, precomputed_reference_logps, update_then_sync,
-                                              with_initial_adapters, with_initial_weights, with_values)
+from easytrain.trainers.dpo_arguments import DPOArguments
+from easytrain.trainers.dpo_reference import (CACHE_DIRNAME, INITIAL_ADAPTERS, INITIAL_POLICY, REFERENCE_WEIGHTS,
+                                              check_reference_path, checked_initial_weights, checked_reference_weights,
+                                              precomputed_reference_logps, update_then_sync, with_initial_adapters,
+                                              with_initial_weights, with_values)
 from easytrain.trainers.switches import apply_switches
 
 logger = logging.getLogger("easytrain")
 #: `state.frozen` entry of `bco_pair`'s δ: the running mean of the rewards of the pairs trained on so far.
 REWARD_MEAN = "bco_delta"
-
-
-def _help(text: str, default: Any = None, **kwargs: Any) -> Any:
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": text, **kwargs})
-    return field(default=default, metadata={"help": text, **kwargs})
-
-
-@dataclass
-class DPOArguments:
-    """Preference-optimisation options (`easytrain train --task dpo --help` lists them)."""
-
-    beta: float = _help("Strength of the KL-style tie to the reference (the inverse temperature).", 0.1)
-    loss_type: list[str] = _help("One loss or several, summed with loss_weights: "
-                                 + ", ".join(PREFERENCE_LOSSES) + ".", ["sigmoid"])
-    loss_weights: Optional[list[float]] = _help("A weight per loss_type entry (default 1 each).")
-    label_smoothing: float = _help("Label noise for sigmoid (cDPO) and robust, in [0, 0.5).", 0.0)
-    simpo_gamma: float = _help("Target reward margin of simpo.", 0.5)
-    max_prompt_length: Optional[int] = _help("Cut prompts to their last N tokens (default: only as needed).")
-    ref_model_name_or_path: Optional[str] = _help("Reference model (default: a frozen copy of the initial policy).")
-    precompute_ref_log_probs: bool = _help("Compute reference log-probs in one pass before training, cache "
-                                           "them in output_dir, and keep no reference model in memory.", False)
-    sync_ref_model: bool = _help("TR-DPO: move the reference toward the policy every ref_model_sync_steps.", False)
-    ref_model_mixup_alpha: float = _help("TR-DPO: reference <- alpha * policy + (1 - alpha) * reference.", 0.6)
-    ref_model_sync_steps: int = _help("TR-DPO: optimizer steps between reference updates.", 512)
-    logps_chunk_size: int = _help("Vocabulary entries per chunk of the float32 log-prob computation.", 4096)
-
-    def __post_init__(self) -> None:
-        unknown = [name for name in self.loss_type if name not in PREFERENCE_LOSSES]
-        checks = [
-            (not self.loss_type or unknown, "loss_type", f"unknown loss(es) {unknown}; choose from "
-                                                         f"{', '.join(PREFERENCE_LOSSES)}."),
-            (self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type), "loss_weights",
-             f"needs one weight per loss_type entry ({len(self.loss_type)})."),
-            (self.beta <= 0, "beta", f"must be positive, got {self.beta}."),
-            (not 0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)."),
-            (self.sync_ref_model and self.precompute_ref_log_probs, "sync_ref_model",
-             "a moving reference cannot be precomputed; drop one of sync_ref_model, precompute_ref_log_probs."),
-            (not 0 < self.ref_model_mixup_alpha <= 1 or self.ref_model_sync_steps < 1, "ref_model_mixup_alpha",
-             "needs 0 < ref_model_mixup_alpha <= 1 and ref_model_sync_steps >= 1."),
-        ]
-        for failed, name, message in checks:
-            if failed:
-                raise ArgumentError(name, message)
-
-    @property
-    def needs_reference(self) -> bool:
-        return not set(self.loss_type) <= REFERENCE_FREE
 
 
 @register_task("dpo", arguments=(DPOArguments,), replace=True,
@@ -129,6 +81,8 @@ class DPOTrainer(BaseTrainer):
         self.reference_logps_cached: dict[str, bool] = {}  # split -> read from the cache (not recomputed)
         self._loaded_adapter: dict | None = None  # the adapter values the policy starts from (`INITIAL_ADAPTERS`)
         self.initial_policy: dict[str, Any] | None = None  # with init_weights_from: its run_info record
+        self.reference_weights: dict[str, Any] | None = None  # a fixed reference read from a path: its record
+        self._source_weights: dict | None = None  # init_weights_from's variables, read once (`_read_initial_weights`)
         super().__init__(arguments, **kwargs)
         self._check_lora_reference()
 
@@ -213,6 +167,10 @@ class DPOTrainer(BaseTrainer):
             module = from_pretrained(path, dtype=self.dtype, param_dtype=self.param_dtype, mesh=self.mesh,
                                      rules=self.partition_rules, scan_layers=stacked)
             module = self._like_the_policy(module) if explicit else self._initial_policy(module)
+            if not moving and (explicit or not self.arguments.init_weights_from):  # rebuilt from `path` on resume
+                self.reference_weights = checked_reference_weights(
+                    module, field="ref_model_name_or_path" if explicit else "model_name_or_path", read_from=path,
+                    resume_from=self._resume_from)
             return Frozen(module, checkpoint=moving, copy=False)
         if self._given_model is not None:
             return Frozen(self._initial_policy(nnx.clone(self._given_model)), checkpoint=moving)
@@ -232,7 +190,7 @@ class DPOTrainer(BaseTrainer):
         if not from_source:
             return module
         module, self.initial_policy = with_initial_weights(
-            module, super()._initial_weights, source=args.init_weights_from, resume_from=self._resume_from,
+            module, self._read_initial_weights, source=args.init_weights_from, resume_from=self._resume_from,
             seed=args.seed, mesh=self.mesh, rules=self.partition_rules,
             filters=adapters.partition(self.lora, self.trainable))
         return module
@@ -240,13 +198,27 @@ class DPOTrainer(BaseTrainer):
     def _initial_weights(self, state: TrainState, shardings: TrainState) -> TrainState:
         """Also keeps the adapter values `init_weights_from` gave the policy when they are its reference (a resume
         places the policy again, and reads the source again, before it restores the trained adapters)."""
-        if not self.reference_is_initial_adapters:
-            return super()._initial_weights(state, shardings)
+        if not self.reference_is_initial_adapters:  # the reference read the source first: the policy takes its values
+            state = self._read_initial_weights(state, shardings, copy=not self.dpo.precompute_ref_log_probs)
+            self._source_weights = None
+            return state
         state, self.initial_policy = checked_initial_weights(
             super()._initial_weights, state, shardings, source=self.arguments.init_weights_from,
             resume_from=self._resume_from)
         self._loaded_adapter = state.params
         return state
+
+    def _read_initial_weights(self, state: TrainState, shardings: TrainState, *, copy: bool = True) -> TrainState:
+        """`init_weights_from`'s weights in `state`, read from the source by the first caller only (the reference),
+        then put in from those values (another reference, the policy): in copies of them with `copy`, since the
+        train step donates the state and a buffer the reference shares with the policy would be lost to it."""
+        if self._source_weights is not None:
+            placed = init_weights.put_weights(state, shardings, self._source_weights, copy=copy)
+            if placed is not None:
+                return placed
+        initialised = super()._initial_weights(state, shardings)
+        self._source_weights = init_weights.replaced_weights(state, initialised)
+        return initialised
 
     def _like_the_policy(self, module: nnx.Module) -> nnx.Module:
         """The reference with the policy's model switches (`scan_layers`, `attention_implementation`, `remat`):
@@ -293,6 +265,7 @@ class DPOTrainer(BaseTrainer):
     def configure_model(self) -> ConfiguredModel:
         """Also places a copy of the adapter values the policy starts from in `state.frozen` (`INITIAL_ADAPTERS`)."""
         configured, values, self._loaded_adapter = super().configure_model(), self._loaded_adapter, None
+        self._source_weights = None  # a resume restores the policy: the read values are not needed
         return configured if values is None else with_initial_adapters(configured, values)
 
     def _check_lora_reference(self) -> None:
@@ -381,7 +354,8 @@ class DPOTrainer(BaseTrainer):
     def run_info(self) -> dict[str, Any]:
         """Also the options that decide the rows, so a resume under different ones is refused."""
         info = {**super().run_info(), "task_arguments": {"max_prompt_length": self.dpo.max_prompt_length}}
-        return info if self.initial_policy is None else {**info, INITIAL_POLICY: self.initial_policy}
+        info = info if self.initial_policy is None else {**info, INITIAL_POLICY: self.initial_policy}
+        return info if self.reference_weights is None else {**info, REFERENCE_WEIGHTS: self.reference_weights}
 
 
 def logps_and_mean_logit(logits_MV: jax.Array, targets_M: jax.Array) -> tuple[jax.Array, jax.Array]:

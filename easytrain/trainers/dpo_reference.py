@@ -8,7 +8,9 @@ of the adapter values the policy started from.
 A run started with `init_weights_from` has those weights in its initial policy, so its reference gets them too
 (`with_initial_weights`), and a resume, which rebuilds a fixed reference from that source rather than reading it
 from the checkpoint, must find the same weights there: `require_source` and `check_initial_policy` refuse a
-source gone or changed, against the digests the run recorded in its run_info (`INITIAL_POLICY`).
+source gone or changed, against the digests the run recorded in its run_info (`INITIAL_POLICY`). A fixed
+reference read from a path (`model_name_or_path`'s weights, or `ref_model_name_or_path`) is rebuilt from it on
+resume too: `checked_reference_weights` records its digests (`REFERENCE_WEIGHTS`) and refuses other weights there.
 
 `precomputed_reference_logps` runs the reference model over every pair once, in one compiled pass,
 before training, and caches the result on disk under a key made of the data's and the reference
@@ -48,6 +50,8 @@ INITIAL_ADAPTERS = "initial_adapters"
 #: run_info entry of a run started with `init_weights_from`: the source, the checkpoint it named then, and the digests
 #: of the initial policy's trained variables its reference was built from (`check_initial_policy`).
 INITIAL_POLICY = "initial_policy"
+#: run_info entry of a fixed reference read from a path: the path read and the digests of its weights.
+REFERENCE_WEIGHTS = "reference_weights"
 
 
 def with_values(module: nnx.Module, selected: nnx.filterlib.Filter, values: Any) -> nnx.Module:
@@ -119,23 +123,50 @@ def check_initial_policy(resume_from: tuple[Path, int] | None, record: Mapping[s
     """On resume, refuse an initial policy whose weights differ from those the run started from (its checkpoint's
     run_info `INITIAL_POLICY`): the source may have changed since (e.g. the run it names trained on, so its
     latest checkpoint is another), and a reference of other weights would bend every later loss without a word."""
-    if resume_from is None:
-        return
-    root, step = resume_from[0], resume_from[1]
-    try:
-        with CheckpointManager(root) as manager:
-            stored = manager.read_run_info(step).get(INITIAL_POLICY) or {}
-    except Exception:  # an unreadable checkpoint is reported by the restore that follows, with what to do
-        return
-    expected, digests = stored.get("fingerprint") or {}, record["fingerprint"]
-    changed = sorted(path for path in expected.keys() & digests.keys() if expected[path] != digests[path])
-    if changed:
-        shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+    stored = _stored_record(resume_from, INITIAL_POLICY)
+    if changed := _changed(stored.get("fingerprint"), record["fingerprint"]):
         raise ArgumentError("init_weights_from", f"the weights read from {record['read_from']} differ from those this "
-                                                 f"run started from ({len(changed)} tensor(s): {shown}); its DPO "
+                                                 f"run started from ({changed}); its DPO "
                                                  "reference, the initial policy, is rebuilt from them on resume. Pass "
                                                  f"--init_weights_from {stored.get('read_from')} (where they were read "
                                                  "at the start), or start a new output_dir.")
+
+
+def checked_reference_weights(module: nnx.Module, *, field: str, read_from: Path,
+                              resume_from: tuple[Path, int] | None) -> dict[str, Any]:
+    """The run_info record (`REFERENCE_WEIGHTS`) of a fixed reference read from `read_from` (`field`'s path): the
+    digests of its weights. A resume rebuilds it from there, so refuse other weights found there now (the files
+    were replaced since the run started): they would bend every later loss without a word."""
+    digests = integrity.fingerprint(float_leaves(nnx.to_pure_dict(nnx.state(module))))
+    record = {"read_from": str(read_from), "fingerprint": digests}
+    if changed := _changed(_stored_record(resume_from, REFERENCE_WEIGHTS).get("fingerprint"), digests):
+        raise ArgumentError(field, f"the reference weights read from {read_from} differ from those this run started "
+                                   f"from ({changed}); a fixed DPO reference is not checkpointed but rebuilt from "
+                                   f"{field} on resume. Put the weights the run started from back at {read_from}, "
+                                   "or start a new output_dir.")
+    return record
+
+
+def _stored_record(resume_from: tuple[Path, int] | None, key: str) -> dict[str, Any]:
+    """The `key` entry of the resumed checkpoint's run_info; empty when not resuming or not recorded."""
+    if resume_from is None:
+        return {}
+    root, step = resume_from[0], resume_from[1]
+    try:
+        with CheckpointManager(root) as manager:
+            return dict(manager.read_run_info(step).get(key) or {})
+    except Exception:  # an unreadable checkpoint is reported by the restore that follows, with what to do
+        return {}
+
+
+def _changed(expected: Mapping[str, Any] | None, digests: Mapping[str, Any]) -> str:
+    """The tensors whose digests differ from the recorded ones, as an error shows them; empty when none do."""
+    expected = expected or {}
+    changed = sorted(path for path in expected.keys() & digests.keys() if expected[path] != digests[path])
+    if not changed:
+        return ""
+    return f"{len(changed)} tensor(s): " + ", ".join(changed[:5]) + (
+        f" and {len(changed) - 5} more" if len(changed) > 5 else "")
 
 
 def cache_key(data_fingerprint: str, reference_digests: Mapping[str, Any], settings: Mapping[str, Any]) -> str:

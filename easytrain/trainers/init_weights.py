@@ -10,6 +10,9 @@ resuming.
 A checkpoint's arrays are read in the dtype they were stored in and checked against its fingerprint (digests
 of the stored bits) before they are cast to this run's `param_dtype`; files that cannot be read, or values that
 differ from the fingerprint, are a `CheckpointReadError` naming `init_weights_from` and the checkpoint.
+
+A trainer that starts two states from the source (DPO's reference and policy) reads it once: `replaced_weights`
+keeps what it put into the first, `put_weights` puts copies of them into the second.
 """
 
 from __future__ import annotations
@@ -272,3 +275,28 @@ def _assign(tree: dict, inner: VariablePath, value: Any) -> None:
     for key in inner[:-1]:
         node = node[_match_key(node, key)]
     node[_match_key(node, inner[-1])] = value
+
+
+def replaced_weights(before: TrainState, after: TrainState) -> dict[VariablePath, jax.Array]:
+    """The module variables `initialise_from` put into `before` to make `after` (it keeps every other leaf as it
+    was, the same array), so another state can start from them without reading the source again (`put_weights`)."""
+    return {path: _leaf(after, part, inner) for path, (part, inner) in module_weights(after).items()
+            if _leaf(after, part, inner) is not _leaf(before, part, inner)}
+
+
+def put_weights(state: TrainState, shardings: TrainState, weights: dict[VariablePath, jax.Array], *,
+                copy: bool = True) -> TrainState | None:
+    """`state` with `weights` (`replaced_weights` of a state laid out as this one) in place, placed like `shardings`;
+    with `copy`, in buffers of their own (the train step donates the state: it must not share them with an array
+    another holds). None when they do not fit this state (another variable, shape or dtype)."""
+    ours = module_weights(state)
+    if any(path not in ours or (value.shape, value.dtype) != (_leaf(state, *ours[path]).shape,
+                                                              _leaf(state, *ours[path]).dtype)
+           for path, value in weights.items()):
+        return None
+    replaced = {part: jax.tree.map(lambda x: x, getattr(state, part)) for part in MODULE_PARTS}
+    for path, value in weights.items():
+        part, inner = ours[path]
+        _assign(replaced[part], inner, jax.device_put(value, _leaf(shardings, part, inner),
+                                                      may_alias=False if copy else None))
+    return state.replace(**replaced)
