@@ -9,7 +9,8 @@ One table, three ways in:
   registered and when tasks are listed, so a broken plugin cannot break `easytrain train`.
 
 A task is built as `factory(training_arguments, *task_arguments)`, one instance per dataclass in
-`arguments`, in order.
+`arguments`, in order. A factory whose signature cannot take them is refused before it is called (a wrong
+--task: `ArgumentError`, exit status 2); a TypeError raised inside it is its own bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -66,9 +67,10 @@ class Task:
         if len(values) != len(task.arguments):
             raise ArgumentError("task", f"task {self.name!r} takes {len(task.arguments)} argument dataclass(es) "
                                         f"({_names(task.arguments)}), got {len(values)}.")
+        _check_call(task, (arguments, *values))
         try:
             trainer = task.target(arguments, *values)
-        except TypeError as error:
+        except TypeError as error:  # raised inside the call: a bug in the task's code, unless no trainer at all
             if not _ad_hoc_function(task):
                 raise
             raise ArgumentError("task", f"{task.name!r} is not a trainer: calling it with the training arguments "
@@ -247,6 +249,25 @@ def _import(target: str) -> Any:
         return obj
     except (ImportError, AttributeError) as error:
         raise ArgumentError("task", f"cannot import {target!r} ({error}); check the module path and class name.")
+
+
+def _check_call(task: Task, values: tuple[Any, ...]) -> None:
+    """Refuse a target that cannot take `(training_arguments, *task_arguments)` before calling it: that TypeError
+    is a wrong --task (fixed on the command line), while one raised inside the call is the task's own (kept, with
+    its traceback). A target without a readable signature (a builtin) is simply called."""
+    try:
+        signature = inspect.signature(task.target)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(*values)
+    except TypeError as error:
+        name = getattr(task.target, "__name__", "target")
+        expected = ", ".join(["training_arguments", *(cls.__name__ for cls in task.arguments)])
+        raise ArgumentError("task", f"{task.name!r} cannot be built as {name}({expected}): it takes {name}{signature} "
+                                    f"({error}). --task takes a trainer class or factory whose first argument is the "
+                                    f"TrainingArguments, then one instance of each argument dataclass of the task "
+                                    f"(@register_task(..., arguments=...)).") from None
 
 
 def _ad_hoc_function(task: Task) -> bool:
