@@ -38,9 +38,10 @@ from easytrain.protocol import ConfiguredDataloaders, ConfiguredFunctions, Confi
 from easytrain.state import TrainState, bind
 from easytrain.trainers import adapters, builders, data_agreement, preemption, run_lock
 from easytrain.trainers.language_model import LanguageModelHooks
-from easytrain.trainers.loop import LoopParts, TrainLoop, evaluate_batches, trackers_then_claim
+from easytrain.trainers.loop import LoopParts, TrainLoop, evaluate_batches
 from easytrain.trainers.resume import FORMAT_VERSION, check_run_length, config_dict, restore_step
 from easytrain.trainers.run_dir import check_output_dir, claim_run, rerun_arguments
+from easytrain.trainers.run_start import trackers_then_claim
 from easytrain.trainers.state_hooks import TrainStateHooks
 from easytrain.trainers.switches import apply_switches
 

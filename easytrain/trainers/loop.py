@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import jax
 
@@ -21,15 +21,14 @@ from easytrain.arguments import TrainingArguments
 from easytrain.callbacks import CallbackList
 from easytrain.checkpoint import CheckpointManager
 from easytrain.data.position import position_mismatch
-from easytrain.errors import NonFiniteLossError, OutputDirError
+from easytrain.errors import OutputDirError
 from easytrain.jobs import outcome_of
 from easytrain.memory_plan import MemoryPlan
 from easytrain.protocol import ConfiguredDataloaders
-from easytrain.reporting import Reporter, open_trackers
-from easytrain.trainers import run_end
+from easytrain.reporting import Reporter
+from easytrain.trainers import non_finite, run_dir, run_end
 from easytrain.trainers.preemption import PreemptionWatcher, TrainingPreempted
 
-T = TypeVar("T")
 logger = logging.getLogger("easytrain")
 HostBatch = Mapping[str, Any]
 #: Steps the host may dispatch ahead of the device. Past 32 queued programs per device, XLA:CPU's runtime
@@ -96,24 +95,6 @@ def evaluate_batches(eval_step: Callable[[Mapping[str, jax.Array]], dict[str, An
     return metrics_lib.reduce_window([metrics_lib.fetch(merged)], prefix="eval_")
 
 
-def trackers_then_claim(args: TrainingArguments, start_step: int, is_main_process: bool,
-                        claim: Callable[[], T]) -> tuple[list[Any], T]:
-    """Open the remote trackers (W&B, MLflow; the main process only), then `claim()` the output_dir (remove or
-    move an older run's files): a tracker that cannot start (no API key, a store it cannot use) fails the run
-    while the older run is still whole; so does a stop signal caught until then, or during the claim once it is done
-    (`easytrain.stop_signals`). The trackers are closed if the claim fails."""
-    trackers = open_trackers(args.output_dir, args.report_to, start_step, args.to_dict()) if is_main_process else []
-    try:
-        stop_signals.check("opening the metric trackers")
-        claimed = claim()
-        stop_signals.check("claiming the output directory")
-        return trackers, claimed
-    except BaseException as error:
-        for tracker in trackers:
-            tracker.close(outcome_of(error))
-        raise
-
-
 class TrainLoop:
     """One call of `train()`: iterate, log, evaluate, checkpoint, from a given state and data position."""
 
@@ -160,6 +141,8 @@ class TrainLoop:
                 parts.callbacks.on_exception(parts.owner, error)
             finally:  # even if a callback fails too
                 self.shut_down(failing=True, status=outcome_of(error))
+                if isinstance(error, TrainingPreempted) and error.during and parts.resumed_from is None:
+                    run_dir.remove_unstarted_logs(Path(args.output_dir), parts.is_main_process)
             raise
         self.shut_down(failing=False)
         return self.last_logs
@@ -189,11 +172,11 @@ class TrainLoop:
                 if self.compile_seconds is None and counts.model_flops:
                     flops.hardware_peak()  # on CPU a timed matmul: taken now, while nothing runs, not at the first log
                 metrics = self.dispatch(parts.to_device(batch))
-            if deferred is not None:  # pending holds steps up to `deferred`; the device already has the next
-                self.log(deferred, overlapping=True)
-                deferred = None
             step += 1
             self.pending.append((step, metrics, batch.get("example_id"), counts))
+            if deferred is not None:  # pending holds steps up to `deferred`, and the next, already on the device
+                self.log(deferred, overlapping=True)
+                deferred = None
             if len(self.pending) > MAX_STEPS_IN_FLIGHT:  # wait (no transfer) for the step that far back
                 jax.block_until_ready(self.pending[-MAX_STEPS_IN_FLIGHT - 1][1])
             self.reporter.advance(step)
@@ -245,7 +228,8 @@ class TrainLoop:
         """Launch one iteration asynchronously; the first call also plans memory and compiles (timed separately)."""
         started, first = time.perf_counter(), self.compile_seconds is None
         if first:  # raises, before anything runs, if the step cannot fit
-            self.memory_plan = self.parts.plan_memory(self.state, global_batch)
+            with stop_signals.while_acting("stopping before the first step once the step is compiled, nothing trained"):
+                self.memory_plan = self.parts.plan_memory(self.state, global_batch)
             self.preemption.stop_before_first_step(self.start_step, self.parts.resumed_from, "compiling the train step")
         self.state, metrics = self.parts.iteration(self.state, global_batch)
         self.parts.publish(self.state)
@@ -327,18 +311,20 @@ class TrainLoop:
         self.last_logs = {**self.last_logs, "best_step": best}
 
     # ------------------------------------------------------------------ events
-    def log(self, step: int, overlapping: bool = False) -> None:
-        """Fetch the metrics of every step since the last log in one transfer, merge and report them.
+    def log(self, step: int, overlapping: bool = False, checking: bool = True) -> None:
+        """Fetch the metrics of every step since the last log up to `step` in one transfer, merge and report them.
 
         The next window starts when this one's metrics arrive if the log `overlapping`ly runs while the next step
         computes (a deferred log): the next dispatch waits for the log, so its time is the loop's, and the part
         of the next step it overlapped belongs to no window otherwise. A log with nothing queued behind it (an
-        evaluation, a save or the end follows) is off the clock, as they are."""
-        fetched = metrics_lib.fetch([metrics for _, metrics, _, _ in self.pending])
+        evaluation, a save or the end follows) is off the clock, as they are. `checking`: apply non_finite_policy."""
+        window = [entry for entry in self.pending if entry[0] <= step]
+        self.pending = self.pending[len(window):]
+        fetched = metrics_lib.fetch([metrics for _, metrics, _, _ in window])
         arrived = time.perf_counter()
         elapsed = max(arrived - self.window_start, 1e-9)
         logs = metrics_lib.reduce_window(fetched)
-        logs.update(throughput.window_logs([counts for *_, counts in self.pending], seconds=elapsed,
+        logs.update(throughput.window_logs([counts for *_, counts in window], seconds=elapsed,
                                            rows_per_step=self.args.train_batch_size,
                                            process_count=jax.process_count(), peak=flops.hardware_peak))
         logs["epoch"] = step / self.data.steps_per_epoch
@@ -347,32 +333,29 @@ class TrainLoop:
             logs.update(self.memory_plan.logs() if self.memory_plan else {})
             if "mfu" in logs:
                 logs["peak_flops"] = flops.hardware_peak().flops_per_second
-        window, self.pending = self.pending, []
         self.last_logs = logs
         self.reporter.log(step, logs, split="train")
         self.parts.callbacks.on_log(self.parts.owner, step, logs)
-        self.check_finite(step + overlapping, window, fetched)  # the state in memory is after the next step too
         self.heap.check(saving=self.manager.is_saving())
         self.window_start = arrived if overlapping else time.perf_counter()
+        if checking and self.args.non_finite_policy == "stop":
+            self.stop_if_skipped(window, fetched)
 
-    def check_finite(self, current_step: int, window: list[tuple], fetched: list[dict[str, Any]]) -> None:
-        """Under `non_finite_policy='stop'`: checkpoint the (finite) current state and raise.
+    def stop_if_skipped(self, window: list[tuple], fetched: list[dict[str, Any]]) -> None:
+        """Under `non_finite_policy='stop'`: if the window skipped an update, checkpoint the current state and raise.
 
-        Non-finite updates were skipped inside the step, so the state in memory is finite; it is saved
-        under its own step `current_step` (after a deferred log, the step dispatched after the window's
-        last), with the matching data position. The window is logged first.
+        Non-finite updates were skipped inside the step, so the state in memory is finite; it is saved under its own
+        step (after a deferred log, the step dispatched after the window's last), with the matching data position.
+        That step's metrics are logged first, as a window of their own: the log ends at the checkpoint.
         """
-        if self.args.non_finite_policy != "stop":
+        if (found := non_finite.first_skipped(window, fetched)) is None:
             return
-        for (step, _, example_ids, _), metrics in zip(window, fetched):
-            if int(metrics["skipped_steps"].result()):
-                self.save(current_step, force=True)
-                self.manager.wait_until_finished()  # the checkpoint must be complete before the error ends the run
-                batch = "" if example_ids is None else f" (batch example ids {list(map(int, example_ids))})"
-                raise NonFiniteLossError(
-                    f"non-finite loss or gradient at step {step}{batch}; that update was skipped and the state "
-                    f"after step {current_step} was checkpointed. Inspect those examples, lower learning_rate, "
-                    f"or set non_finite_policy='skip'.")
+        current_step = self.pending[-1][0] if self.pending else window[-1][0]
+        if self.pending:
+            self.log(current_step, checking=False)
+        self.save(current_step, force=True)
+        self.manager.wait_until_finished()  # the checkpoint must be complete before the error ends the run
+        raise non_finite.stop_error(*found, current_step)
 
     def evaluate(self, step: int) -> None:
         """Evaluate, report and tell the callbacks; a run with nothing to evaluate (no eval data, no evaluators)

@@ -122,11 +122,11 @@ class PreemptionWatcher:
         return self._synced or (None if self.multi_process else stop_signals.received())
 
     def stop_before_first_step(self, step: int, resumed_from: str | None, during: str) -> None:
-        """Raise `TrainingPreempted` if a signal came before the first step (`during` it, e.g. the compile) of a run
-        resumed from `resumed_from`: nothing trained or saved. A fresh run (None) goes on to checkpoint its first step,
-        as a multi-process run (JAX's sync point) does: the metric files it has opened would make its next start
-        refuse output_dir, where a checkpoint makes it resume."""
-        if resumed_from is not None and (name := self.received) is not None:
+        """Raise `TrainingPreempted` if a signal came before the first step (`during` it, e.g. the compile, which for a
+        large model can outlast the grace window) of a run resumed from `resumed_from` (None: a fresh run): nothing
+        trained or saved; the loop removes the logs a fresh run opened (`run_dir.remove_unstarted_logs`). A
+        multi-process run goes on to JAX's sync point after its first step, where every process checkpoints."""
+        if (name := self.received) is not None:
             error = TrainingPreempted(step, name, resumed_from, during=during)
             logger.warning("%s", error)
             raise error

@@ -158,6 +158,15 @@ def start_over(output_dir: Path) -> None:
                    f"; removed its logs {removed}" if removed else "")
 
 
+def remove_unstarted_logs(output_dir: Path, is_main_process: bool) -> None:
+    """A fresh run stopped before its first step (a signal while it compiled) leaves the logs it opened, with no step
+    in them: removed (process 0), so that the same command line starts it again (`check_output_dir` would take them
+    for another run's). They are this run's: a fresh run starts only where there are none, or removes them."""
+    if is_main_process:
+        for name in STARTED_RUN_LOGS:
+            remove(output_dir / name)
+
+
 def _job_reports_into(output_dir: Path) -> bool:
     running = current_job()
     return running is not None and running.output_dir.resolve() == output_dir.resolve()
