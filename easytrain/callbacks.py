@@ -215,14 +215,17 @@ class EarlyStopping(Callback):
     """Stops training once ``metric`` has not improved for ``patience`` evaluations.
 
     The stop is part of the checkpointed state: a run resumed after it (``resume_from_checkpoint: latest``, a
-    requeued job) is finished and trains nothing; resumed with a larger ``patience`` it trains on, counting on
-    from the evaluations without improvement it had. State saved for another ``metric`` or ``greater_is_better``
-    is not restored (a warning; early stopping starts afresh); a changed ``min_delta`` applies from then on.
+    requeued job) is finished and trains nothing (also with a smaller ``patience``, which would have stopped it
+    sooner); resumed with a larger ``patience`` it trains on, counting on from the evaluations without improvement it
+    had. The stop reason always names the ``patience`` in force. State saved for another ``metric`` or
+    ``greater_is_better`` is not restored (a warning; early stopping starts afresh); a changed ``min_delta`` applies
+    from then on.
 
     Attributes:
         best: Best value seen so far (None before the first evaluation).
         best_step: Step at which ``best`` was reached.
         evaluations_without_improvement: Consecutive evaluations without improvement.
+        last_evaluation_step: Step of the last evaluation counted (None before the first).
         stop_reason: Why training was stopped, or None.
     """
 
@@ -247,6 +250,7 @@ class EarlyStopping(Callback):
         self.best_step: int | None = None
         self.evaluations_without_improvement = 0
         self.stop_reason: str | None = None
+        self.last_evaluation_step: int | None = None
         self._restored = False  # whether `load_state_dict` gave this run its progress (a resume)
 
     def is_improvement(self, value: float) -> bool:
@@ -266,28 +270,32 @@ class EarlyStopping(Callback):
                 "set EarlyStopping(metric=...) to one of these"
             )
         value = float(metrics[self.metric])
+        self.last_evaluation_step = step
         if self.is_improvement(value):
             self.best, self.best_step, self.evaluations_without_improvement = value, step, 0
             return
         self.evaluations_without_improvement += 1
         if self.evaluations_without_improvement >= self.patience:
-            self.stop_reason = (
-                f"early stopping at step {step}: {self.metric} has not improved by more than "
-                f"{self.min_delta} for {self.patience} evaluation(s); best {self.best} at step {self.best_step}"
-            )
+            self.stop_reason = self.reason()
             trainer.should_stop = True
 
+    def reason(self) -> str:
+        """Why the count stops training under this callback's ``patience`` (the one in force, also after a resume)."""
+        at = "" if self.last_evaluation_step is None else f" at step {self.last_evaluation_step}"
+        return (f"early stopping{at}: {self.metric} has not improved by more than {self.min_delta} for "
+                f"{self.evaluations_without_improvement} evaluation(s), patience {self.patience}; best {self.best} "
+                f"at step {self.best_step}")
+
     def on_train_begin(self, trainer: Any) -> None:
-        """A run resumed from a checkpoint written after this callback stopped it is finished: it stops before its
-        first step. With a larger ``patience`` than the stopped run's, it trains on from the evaluations counted."""
+        """A run resumed with as many evaluations without improvement as ``patience`` (or more: a smaller patience
+        than the stopped run's) is finished: it stops before its first step, with a reason naming this patience. With
+        a larger one it trains on from the evaluations counted. The stopped run's own reason is never reused: it
+        named that run's patience."""
         restored, self._restored = self._restored, False
-        if not restored or self.evaluations_without_improvement < self.patience:
-            self.stop_reason = None  # a stop the restored state recorded under a smaller patience no longer holds
-            return
-        self.stop_reason = self.stop_reason or (
-            f"early stopping: the restored state counts {self.evaluations_without_improvement} evaluation(s) without "
-            f"improvement of {self.metric}, patience {self.patience}; best {self.best} at step {self.best_step}")
-        trainer.should_stop = True
+        self.stop_reason = None
+        if restored and self.evaluations_without_improvement >= self.patience:
+            self.stop_reason = self.reason()
+            trainer.should_stop = True
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -297,6 +305,7 @@ class EarlyStopping(Callback):
             "metric": self.metric,
             "greater_is_better": self.greater_is_better,
             "stop_reason": self.stop_reason,
+            "last_evaluation_step": self.last_evaluation_step,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -311,5 +320,5 @@ class EarlyStopping(Callback):
         self.best = state["best"]
         self.best_step = state["best_step"]
         self.evaluations_without_improvement = state["evaluations_without_improvement"]
-        self.stop_reason = state.get("stop_reason")
+        self.last_evaluation_step = state.get("last_evaluation_step")  # None in older checkpoints
         self._restored = True
