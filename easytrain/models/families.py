@@ -130,6 +130,21 @@ _FAMILIES: dict[str, Callable[[transformers.PretrainedConfig], ArchFeatures]] = 
 SUPPORTED_MODEL_TYPES = tuple(_FAMILIES)
 
 
+def _check_training_fields(config: transformers.PretrainedConfig) -> None:
+    """Refuse fields that change transformers' training forward and that this model does not implement.
+
+    Every other field the four families' transformers code reads (biases, windows, layer types, head_dim,
+    hidden_act, RoPE) is implemented or refused where it is read.
+    """
+    dropout = getattr(config, "attention_dropout", 0.0)
+    if dropout not in (None, 0):
+        raise UnsupportedConfigError(
+            f"config.attention_dropout = {dropout!r} is not supported; this model applies no dropout to the "
+            "attention probabilities (transformers does, in training), so training would differ. "
+            "Set it to 0.0 in the config (config.json's \"attention_dropout\": 0.0)."
+        )
+
+
 def features_of(config: transformers.PretrainedConfig) -> ArchFeatures:
     """The architecture switches of ``config``'s family, chosen by ``config.model_type``."""
     if config.model_type not in _FAMILIES:
@@ -137,6 +152,7 @@ def features_of(config: transformers.PretrainedConfig) -> ArchFeatures:
             f"config.model_type = {config.model_type!r} is not supported; use a config of one of "
             f"{SUPPORTED_MODEL_TYPES} (docs/models.md explains how to add a family)."
         )
+    _check_training_fields(config)
     features = _FAMILIES[config.model_type](config)
     if any(window is not None and window < 1 for window in features.windows):
         raise ConfigError(
