@@ -2,7 +2,8 @@
 
 An adapter easytrain cannot reproduce (DoRA, per-layer ranks, an initialisation that rewrote the base weights,
 modules easytrain does not train) would load without error and give other outputs than PEFT's, so each such
-field is refused by name, with the conversion PEFT offers.
+field is refused by name, with the conversion PEFT offers. A field easytrain does not know (a LoRA variant of a
+newer PEFT) is refused too when it is set, since it may change the outputs as well; left off, it loads.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 
 # adapter_config.json fields whose non-default values change what the adapter computes and that easytrain
-# does not implement: loading such an adapter would silently give other outputs, so it is refused.
+# does not implement: loading such an adapter would silently give other outputs (or fail later on weight names
+# that say nothing of the cause), so it is refused by name before any weight is read.
 _UNSUPPORTED = {
     "use_dora": (False, None),
     "bias": ("none", None),
@@ -37,7 +39,44 @@ _UNSUPPORTED = {
     "alora_invocation_tokens": (None,),
     "use_bdlora": (None, False),
     "arrow_config": (None,),
+    "kasa_config": (None,),
+    "monteclora_config": (None,),
+    "velora_config": (None,),
+    "enable_lora": (None,),  # early PEFT's merged-qkv LoRA
 }
+
+#: Fields easytrain reads or that do not change what the adapter computes, with the reason.
+ACCEPTED_FIELDS = {
+    **dict.fromkeys(("task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
+                     "revision", "inference_mode"), "metadata"),
+    **dict.fromkeys(("r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules", "modules_to_save",
+                     "init_lora_weights"), "read into LoRAConfig (or refused by value below)"),
+    "ensure_weight_tying": "checked against the model's tied embeddings when the adapter loads",
+    "layers_pattern": "only used with layers_to_transform, which is refused",
+    "qalora_group_size": "only used with use_qalora, which is refused",
+    **dict.fromkeys(("loftq_config", "eva_config", "corda_config", "lora_ga_config"),
+                    "settings of an initialisation, judged by init_lora_weights"),
+    **dict.fromkeys(("megatron_config", "megatron_core"), "how PEFT built its layers for Megatron; same LoRA math"),
+    "runtime_config": "runtime options, not saved",
+}
+
+
+def _check_fields(path: Path, raw: dict[str, Any]) -> None:
+    """Refuse each known unsupported field set off its default, and each field easytrain does not know that is set
+    at all: a LoRA variant added to a newer PEFT would otherwise load as plain LoRA and compute something else."""
+    merge = ("merge this adapter with PEFT (merge_and_unload), save the merged model and load it with "
+             "easytrain.models.from_pretrained instead.")
+    for field, value in raw.items():
+        if field in _UNSUPPORTED and value not in _UNSUPPORTED[field]:
+            allowed = _UNSUPPORTED[field][0]
+            raise CheckpointError(f"{path}: {field}={value!r} is not supported by easytrain's LoRA (only "
+                                  f"{allowed!r}); {merge}")
+        if field not in _UNSUPPORTED and field not in ACCEPTED_FIELDS and value not in (None, False, {}, [], "", 0):
+            raise CheckpointError(f"{path}: {field}={value!r} is a PEFT LoRA option easytrain does not know "
+                                  f"(adapter written by peft {raw.get('peft_version', '?')}); it may change what "
+                                  "the adapter computes, so it is refused. If that PEFT version documents it as not "
+                                  f"changing the LoRA outputs, delete it from {ADAPTER_CONFIG_NAME}; otherwise {merge}")
+
 
 #: ``init_lora_weights`` values that leave the base weights as they are: only how A and B started differs, and
 #: the file holds their trained values, so the adapter is plain LoRA on the original checkpoint.
@@ -81,11 +120,7 @@ def read_peft_config(directory: str | os.PathLike) -> tuple[LoRAConfig, dict[str
     raw = json.loads(path.read_text())
     if raw.get("peft_type") != "LORA":
         raise CheckpointError(f"{path}: peft_type={raw.get('peft_type')!r}; only LoRA adapters (\"LORA\") load.")
-    for field, defaults in _UNSUPPORTED.items():
-        if field in raw and raw[field] not in defaults:
-            raise CheckpointError(f"{path}: {field}={raw[field]!r} is not supported by easytrain's LoRA (only "
-                                  f"{defaults[0]!r}); merge this adapter with PEFT (merge_and_unload) and load "
-                                  "the merged model with easytrain.models.from_pretrained instead.")
+    _check_fields(path, raw)
     modules_to_save = [str(m).rsplit(".", 1)[-1] for m in raw.get("modules_to_save") or []]
     if other := sorted(m for m in modules_to_save if m not in ("embed_tokens", "lm_head") and not m.endswith("norm")):
         raise CheckpointError(f"{path}: modules_to_save={raw['modules_to_save']!r} names {other}; easytrain "
