@@ -33,13 +33,9 @@ def load_config_file(path: str | os.PathLike, task_arguments: Sequence[type] = (
     path = Path(path)
     if not path.is_file():
         raise ArgumentError("config", f"file {str(path)!r} does not exist; pass an existing .yaml or .json file.")
-    text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        values = yaml.safe_load(text) or {}
-    elif path.suffix == ".json":
-        values = json.loads(text)
-    else:
+    if path.suffix not in (".yaml", ".yml", ".json"):
         raise ArgumentError("config", f"unsupported file type {path.suffix!r}; use .yaml, .yml or .json.")
+    values = _parse(path)
     if not isinstance(values, dict):
         raise ArgumentError("config", f"{str(path)!r} must hold a mapping of argument names to values.")
     known = _known_fields(task_arguments)
@@ -132,8 +128,38 @@ def load_config_file_values(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file() or path.suffix not in (".yaml", ".yml", ".json"):
         return {}
-    values = yaml.safe_load(path.read_text()) if path.suffix != ".json" else json.loads(path.read_text())
+    values = _parse(path)
     return values if isinstance(values, dict) else {}
+
+
+def _parse(path: Path) -> Any:
+    """The file's YAML or JSON value; a file that does not parse is refused with its line, column and the parser's
+    message, before anything starts (an empty YAML file is an empty mapping)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ArgumentError("config", f"{str(path)!r} is not UTF-8 text ({error.reason} at byte {error.start}); "
+                                      "save it as a UTF-8 .yaml or .json file.") from None
+    if path.suffix == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ArgumentError("config", f"{str(path)!r} is not valid JSON: line {error.lineno} column "
+                                          f"{error.colno}: {error.msg}.") from None
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        raise ArgumentError("config", f"{str(path)!r} is not valid YAML: {_yaml_problem(error)}.") from None
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """`line L column C: problem (context)`, 1-based like an editor; tabs get the rule they broke."""
+    mark = getattr(error, "problem_mark", None)
+    where = f"line {mark.line + 1} column {mark.column + 1}: " if mark is not None else ""
+    problem = getattr(error, "problem", None) or str(error)
+    context = getattr(error, "context", None)
+    hint = "; YAML indents with spaces, not tabs" if "'\\t'" in problem else ""
+    return f"{where}{problem}{f' ({context})' if context else ''}{hint}"
 
 
 def parse_arguments(argv: Sequence[str] | None = None) -> TrainingArguments:
