@@ -2,7 +2,8 @@
 
 Writes `loss.png` (training loss), `learning_rate.png`, `eval.png` (one panel per `eval_*` metric)
 and `throughput.png` (tokens per second), each with one line per run, so runs compare at a glance
-without TensorBoard. A figure whose metric no run logged is skipped.
+without TensorBoard. A figure whose metric no run logged is skipped. Where a metric turns NaN or infinite, its
+curve ends at a dotted vertical line labelled with that step, and the command prints which metrics did so.
 
 matplotlib is an optional dependency (`pip install 'easytrain[plot]'`). Figures are drawn with its
 object-oriented API on the Agg canvas: headless, and it leaves the caller's pyplot backend alone.
@@ -26,16 +27,21 @@ PLOTS_DIRNAME = "plots"
 NOT_METRICS = ("eval_num_tokens",)  # how many tokens were evaluated: bookkeeping, not a curve worth a panel
 INSTALL_HINT = "pip install 'easytrain[plot]'"
 Series = tuple[list[int], list[float]]
+#: How the jsonl sink writes non-finite numbers (JSON has none); older files hold NaN / Infinity literals.
+NON_FINITE_STRINGS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 
 @dataclass
 class Run:
-    """One run's metrics: `train[name]` and `eval[name]` are (steps, values), sorted by step."""
+    """One run's metrics: `train[name]` and `eval[name]` are (steps, finite values), sorted by step;
+    `train_non_finite[name]` and `eval_non_finite[name]` the first step whose value is NaN or infinite."""
 
     label: str
     path: Path
     train: dict[str, Series] = field(default_factory=dict)
     eval: dict[str, Series] = field(default_factory=dict)
+    train_non_finite: dict[str, int] = field(default_factory=dict)
+    eval_non_finite: dict[str, int] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -82,18 +88,66 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def series_by_split(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, Series]]:
-    """`{split: {metric: (steps, values)}}`; the last value logged at a step wins (a resumed run)."""
+def _number(value: Any) -> float | None:
+    """A metric's value as a float (NaN and infinities included), None for what is not a number."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    return NON_FINITE_STRINGS.get(value.lower()) if isinstance(value, str) else None
+
+
+def _points(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[int, float]]]:
+    """`{split: {metric: {step: value}}}`, NaN and infinities kept; the last value logged at a step wins."""
     points: dict[str, dict[str, dict[int, float]]] = {}
     for record in records:
         split, step = str(record.get("split", "train")), int(record["step"])
         for name, value in record.items():
-            if name in ("step", "split", "time") or isinstance(value, bool) or not isinstance(value, (int, float)):
-                continue
-            if math.isfinite(value):
-                points.setdefault(split, {}).setdefault(name, {})[step] = float(value)
-    return {split: {name: (sorted(values), [values[s] for s in sorted(values)]) for name, values in metrics.items()}
-            for split, metrics in points.items()}
+            number = None if name in ("step", "split", "time") else _number(value)
+            if number is not None:
+                points.setdefault(split, {}).setdefault(name, {})[step] = number
+    return points
+
+
+def series_by_split(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, Series]]:
+    """`{split: {metric: (steps, finite values)}}`; the last value logged at a step wins (a resumed run). A metric
+    with no finite value is absent (`non_finite_steps` names it)."""
+    series: dict[str, dict[str, Series]] = {}
+    for split, metrics in _points(records).items():
+        for name, values in metrics.items():
+            steps = [step for step in sorted(values) if math.isfinite(values[step])]
+            if steps:
+                series.setdefault(split, {})[name] = (steps, [values[step] for step in steps])
+    return series
+
+
+def non_finite_steps(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """`{split: {metric: first step whose (last logged) value is NaN or infinite}}`, for the metrics that have one:
+    where a curve stops meaning anything, which a plot of the finite values alone would hide."""
+    found: dict[str, dict[str, int]] = {}
+    for split, metrics in _points(records).items():
+        for name, values in metrics.items():
+            steps = [step for step, value in values.items() if not math.isfinite(value)]
+            if steps:
+                found.setdefault(split, {})[name] = min(steps)
+    return found
+
+
+def non_finite_messages(runs: Sequence[Run]) -> list[str]:
+    """One line per run and metric that turned NaN or infinite: from which step, and where its curve ends."""
+    lines = []
+    for run in runs:
+        for series, first in ((run.train, run.train_non_finite), (run.eval, run.eval_non_finite)):
+            for name, step in sorted(first.items()):
+                before = [s for s in series[name][0] if s < step] if name in series else []
+                if name not in series:
+                    what = f"no finite value (NaN/inf from step {step})"
+                elif before:
+                    what = f"NaN/inf from step {step} (last finite value at step {before[-1]})"
+                else:
+                    what = f"NaN/inf from step {step}"
+                lines.append(f"{run.label}: {name}: {what}")
+    return lines
 
 
 def run_labels(paths: Sequence[Path]) -> list[str]:
@@ -112,8 +166,10 @@ def load_runs(run_dirs: Sequence[str | Path]) -> list[Run]:
     labels = run_labels([path.parent for path in files])
     runs = []
     for label, path in zip(labels, files):
-        splits = series_by_split(read_records(path))
-        runs.append(Run(label, path.parent, splits.get("train", {}), splits.get("eval", {})))
+        records = read_records(path)
+        splits, first = series_by_split(records), non_finite_steps(records)
+        runs.append(Run(label, path.parent, splits.get("train", {}), splits.get("eval", {}),
+                        first.get("train", {}), first.get("eval", {})))
     return runs
 
 
@@ -172,20 +228,31 @@ def _legend(figure: Any, axes: Any, runs: Sequence[Run]) -> None:
                   frameon=False)
 
 
+def _mark_non_finite(ax: Any, step: int, color: Any) -> None:
+    """A dotted vertical line at the first NaN/inf step, labelled, so a curve that ends there is not read as a run
+    that stopped."""
+    ax.axvline(step, color=color, linestyle=":", linewidth=1.2)
+    ax.annotate(f"non-finite from step {step}", xy=(step, 0.98), xycoords=("data", "axes fraction"), rotation=90,
+                ha="right", va="top", fontsize="x-small", color=color)
+
+
 def _line_plot(runs: Sequence[Run], metric: str, title: str, ylabel: str, ticker: Any, Figure: Any,
                colors: Sequence[Any], log_ok: bool = False) -> Any | None:
     """One line per run of train metric `metric`, or None when no run logged it. `log_ok` lets a wide
     range switch to a log axis (losses; a schedule or a throughput reads better linear)."""
-    present = [(run, color) for run, color in zip(runs, colors) if metric in run.train]
+    present = [(run, color) for run, color in zip(runs, colors)
+               if metric in run.train or metric in run.train_non_finite]
     if not present:
         return None
     figure, axes = _figure(runs, Figure)
     ax = axes[0, 0]
     values: list[float] = []
     for run, color in present:
-        steps, ys = run.train[metric]
+        steps, ys = run.train.get(metric, ([], []))
         ax.plot(steps, ys, color=color, label=run.label, linewidth=1.4, marker="." if len(steps) < 30 else None)
         values += ys
+        if metric in run.train_non_finite:
+            _mark_non_finite(ax, run.train_non_finite[metric], color)
     _style_axes(ax, _title(title, runs), ylabel, values, ticker, log_ok)
     _legend(figure, axes, runs)
     return figure
@@ -193,7 +260,8 @@ def _line_plot(runs: Sequence[Run], metric: str, title: str, ylabel: str, ticker
 
 def _eval_plot(runs: Sequence[Run], ticker: Any, Figure: Any, colors: Sequence[Any]) -> Any | None:
     """One panel per `eval_*` metric (any run), one line with markers per run."""
-    names = sorted({name for run in runs for name in run.eval if name.startswith("eval_")} - set(NOT_METRICS),
+    names = sorted({name for run in runs for name in (*run.eval, *run.eval_non_finite) if name.startswith("eval_")}
+                   - set(NOT_METRICS),
                    key=lambda name: (name != "eval_loss", name))
     if not names:
         return None
@@ -207,6 +275,8 @@ def _eval_plot(runs: Sequence[Run], ticker: Any, Figure: Any, colors: Sequence[A
                 steps, ys = run.eval[name]
                 ax.plot(steps, ys, color=color, label=run.label, linewidth=1.4, marker="o", markersize=3.5)
                 values += ys
+            if name in run.eval_non_finite:
+                _mark_non_finite(ax, run.eval_non_finite[name], color)
         log_ok = "loss" in name or "perplexity" in name
         _style_axes(ax, name.removeprefix("eval_").replace("_", " "), name, values, ticker, log_ok)
     for ax in list(axes.flat)[len(names):]:
@@ -269,6 +339,8 @@ def main(argv: Sequence[str]) -> int:
         print(f"easytrain plot: skipping {run_dir}: no {METRICS_FILENAME} (a run that never trained, or trained "
               "without --report_to jsonl)", file=sys.stderr)
     runs = load_runs(files)
+    for line in non_finite_messages(runs):
+        print(f"easytrain plot: {line}", file=sys.stderr)
     out = options.out or (runs[0].path / PLOTS_DIRNAME if len(runs) == 1 else Path(PLOTS_DIRNAME))
     for path in write_figures(runs, out):
         print(path)
