@@ -2,6 +2,8 @@
 tokenizer, the function the model computes. Each is refused before any compute, naming the fix."""
 
 import json
+import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -229,3 +231,18 @@ def test_lora_target_modules_in_another_order_are_the_same_adapters():
     assert check_resumable(stored, now) == []
     with pytest.raises(ArgumentError, match="lora_target_modules"):
         check_resumable(stored, run_info_with(lora_rank=4, lora_target_modules=["q_proj"]))
+
+
+@pytest.mark.parametrize("stored, now, warned", [
+    (dict(dtype="float32"), dict(dtype="bfloat16"), r"dtype: checkpoint 'float32' vs now 'bfloat16'"),
+    (dict(dtype="bfloat16"), dict(dtype="bfloat16"), None),
+])
+def test_a_changed_compute_dtype_resumes_with_a_warning(caplog, stored, now, warned):
+    """Another compute dtype fits the stored arrays (param_dtype decides them) but changes every later step's
+    numbers: not an exact resume, so said, like a changed schedule, rather than continued in silence."""
+    with caplog.at_level(logging.WARNING, logger="easytrain"):
+        assert check_resumable(run_info_with(**stored), run_info_with(**now)) == []
+    if warned is None:
+        assert not caplog.records
+    else:
+        assert re.search(warned, caplog.text) and "not what the checkpointed run would have computed" in caplog.text
