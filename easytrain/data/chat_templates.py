@@ -107,19 +107,42 @@ def render_chat(
     """
     if not messages:
         raise DataError("A conversation has no messages; give each example at least one message.")
-    encoded = tokenizer.apply_chat_template(
-        [drop_none(dict(message)) for message in messages],
-        tools=None if tools is None else [drop_none(dict(tool)) for tool in tools],
-        chat_template=template,
-        add_generation_prompt=add_generation_prompt,
-        tokenize=True,
-        return_dict=True,
-        return_assistant_tokens_mask=assistant_mask,
-    )
+    try:
+        encoded = tokenizer.apply_chat_template(
+            [drop_none(dict(message)) for message in messages],
+            tools=None if tools is None else [drop_none(dict(tool)) for tool in tools],
+            chat_template=template,
+            add_generation_prompt=add_generation_prompt,
+            tokenize=True,
+            return_dict=True,
+            return_assistant_tokens_mask=assistant_mask,
+        )
+    except (jinja2.TemplateError, TypeError) as error:  # TypeError: e.g. the template adds a str and a number
+        raise DataError(template_failure(error, messages)) from error
     ids = [int(token) for token in encoded["input_ids"]]
     if not assistant_mask:
         return ids, None
     return ids, [int(bit) for bit in encoded["assistant_masks"]]
+
+
+def template_failure(error: Exception, messages: Sequence[Message]) -> str:
+    """Why the template failed on ``messages``, quoting its message, with the fix.
+
+    Real templates refuse conversations with ``raise_exception(...)`` (e.g. roles that do not
+    alternate), and a null field is dropped before rendering, so ``message.content`` is undefined.
+    """
+    roles = [message.get("role") if isinstance(message, Mapping) else type(message).__name__
+             for message in messages]
+    nulls = [f"message {i}'s {key!r}" for i, message in enumerate(messages) if isinstance(message, Mapping)
+             for key, value in message.items() if value is None and key in ("role", "content")]
+    null_hint = (f" The conversation has null fields ({', '.join(nulls[:3])}), which are dropped before "
+                 "rendering, so the template finds them undefined." if nulls else "")
+    excerpt = json.dumps([drop_none(dict(m)) if isinstance(m, Mapping) else m for m in messages], default=str)
+    excerpt = excerpt if len(excerpt) <= 120 else excerpt[:117] + "..."
+    return (f"The chat template failed on this conversation (roles {roles}; {excerpt}): {type(error).__name__} "
+            f"\"{error}\".{null_hint} Fix the row's messages (give every message a string 'content', in the order the "
+            "template accepts), or fix the template (`chat_template`; on the command line "
+            "`--chat_template_path FILE`).")
 
 
 def parse_tools(tools: Any, column: str = "tools") -> list[dict[str, Any]] | None:

@@ -39,6 +39,7 @@ from easytrain.data.chat_templates import (
 )
 from easytrain.data.columns import format_from_columns
 from easytrain.data.errors import DataError
+from easytrain.data.row_errors import at_row
 from easytrain.data.special_tokens import (  # SFT's special-token rules: the same layout in SFT and DPO
     encode_text,
     ensure_bos,
@@ -223,6 +224,7 @@ def tokenize_preference_dataset(
 
     Raises:
         DataError: Unknown format, missing template or EOS, or no pair left.
+        RowError: An example cannot be tokenised (e.g. the chat template fails on it): names its row.
         TokenRangeError: A token id outside ``[0, vocab_size)``.
 
     Example::
@@ -238,7 +240,7 @@ def tokenize_preference_dataset(
     data_format = detect_preference_format(dataset.column_names)
     _check_options(tokenizer, options, data_format, dataset)
     tokenized = dataset.map(
-        _tokenize_batch, batched=True, num_proc=num_proc, features=_FEATURES,
+        _tokenize_batch, batched=True, with_indices=True, num_proc=num_proc, features=_FEATURES,
         remove_columns=dataset.column_names, load_from_cache_file=True, desc="Tokenizing pairs",
         fn_kwargs={"tokenizer": tokenizer, "options": options},
     )
@@ -342,10 +344,13 @@ def _check_options(tokenizer: PreTrainedTokenizerBase, options: PreferenceDataOp
         chat_template_of(tokenizer, options.chat_template)
 
 
-def _tokenize_batch(batch: Mapping[str, Sequence[Any]], *, tokenizer: PreTrainedTokenizerBase,
-                    options: PreferenceDataOptions) -> dict[str, list[Any]]:
-    size = len(next(iter(batch.values())))
-    rows = [_row(tokenize_pair({k: v[i] for k, v in batch.items()}, tokenizer, options)) for i in range(size)]
+def _tokenize_batch(batch: Mapping[str, Sequence[Any]], indices: Sequence[int], *,
+                    tokenizer: PreTrainedTokenizerBase, options: PreferenceDataOptions) -> dict[str, list[Any]]:
+    """Tokenise every pair; ``indices`` (rows of the whole dataset) name a bad one in the error."""
+    rows = []
+    for i, index in enumerate(indices):
+        with at_row(index):
+            rows.append(_row(tokenize_pair({k: v[i] for k, v in batch.items()}, tokenizer, options)))
     return {name: [row[name] for row in rows] for name in _FEATURES}
 
 

@@ -14,6 +14,7 @@ from transformers import PreTrainedTokenizerBase
 
 from easytrain.data.chat_templates import chat_template_of, drop_none, parse_tools, render_chat
 from easytrain.data.errors import DataError
+from easytrain.data.row_errors import at_row
 from easytrain.data.sft import CONVERSATIONAL, PROMPT_COMPLETION, SFTDataOptions, detect_format
 from easytrain.data.special_tokens import encode_text, ensure_bos
 
@@ -48,7 +49,10 @@ def prompts_and_references(rows: Any, tokenizer: PreTrainedTokenizerBase, limit:
     """`prompt_and_reference` of the first `limit` rows of a `datasets.Dataset`."""
     data_format = detect_format(rows.column_names)
     count = len(rows) if limit is None else min(limit, len(rows))
-    pairs = [prompt_and_reference(rows[i], tokenizer, data_format, options) for i in range(count)]
+    pairs = []
+    for i in range(count):
+        with at_row(i):
+            pairs.append(prompt_and_reference(rows[i], tokenizer, data_format, options))
     return [p for p, _ in pairs], [r for _, r in pairs]
 
 

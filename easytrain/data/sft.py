@@ -28,6 +28,7 @@ from easytrain.data.chat_templates import (
 )
 from easytrain.data.columns import format_from_columns
 from easytrain.data.errors import DataError
+from easytrain.data.row_errors import at_row
 from easytrain.data.special_tokens import (encode_text, ensure_bos, ensure_eos, eos_id, last_content_index,
                                            typed_field)
 from easytrain.data.token_range import check_token_ids
@@ -178,6 +179,7 @@ def tokenize_sft_dataset(
 
     Raises:
         DataError: Unknown format, bad template for the options, or no example left.
+        RowError: An example cannot be tokenised (e.g. the chat template fails on it): names its row.
         TokenRangeError: A token id outside ``[0, vocab_size)``.
 
     Example::
@@ -193,7 +195,7 @@ def tokenize_sft_dataset(
     data_format = detect_format(dataset.column_names)
     _check_options(tokenizer, options, data_format, dataset)
     tokenized = dataset.map(
-        _tokenize_batch, batched=True, num_proc=num_proc, features=_FEATURES,
+        _tokenize_batch, batched=True, with_indices=True, num_proc=num_proc, features=_FEATURES,
         remove_columns=dataset.column_names, load_from_cache_file=True, desc="Tokenizing SFT data",
         fn_kwargs={"tokenizer": tokenizer, "options": options, "data_format": data_format},
     )
@@ -324,12 +326,17 @@ def _last_content_supervised(ids: Sequence[int], mask: Sequence[int],
 
 
 
-def _tokenize_batch(batch: Mapping[str, Sequence[Any]], *, tokenizer: PreTrainedTokenizerBase,
-                    options: SFTDataOptions, data_format: DataFormat) -> dict[str, list[Any]]:
-    """Tokenise every row and record the flags the statistics are counted from."""
-    size = len(next(iter(batch.values())))
-    rows = [tokenize_example({k: v[i] for k, v in batch.items()}, tokenizer, options, data_format)
-            for i in range(size)]
+def _tokenize_batch(batch: Mapping[str, Sequence[Any]], indices: Sequence[int], *,
+                    tokenizer: PreTrainedTokenizerBase, options: SFTDataOptions,
+                    data_format: DataFormat) -> dict[str, list[Any]]:
+    """Tokenise every row and record the flags the statistics are counted from.
+
+    ``indices`` are the rows' indices in the whole dataset, so an error names the bad row.
+    """
+    rows = []
+    for i, index in enumerate(indices):
+        with at_row(index):
+            rows.append(tokenize_example({k: v[i] for k, v in batch.items()}, tokenizer, options, data_format))
     return {
         "input_ids": [row.input_ids for row in rows],
         "loss_mask": [row.loss_mask for row in rows],

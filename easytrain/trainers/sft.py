@@ -116,7 +116,9 @@ class SFTTrainer(BaseTrainer):
             validation = splits["validation"]
             if self.formatting_func is not None:  # the prompts come from the same formatted examples
                 validation = validation.map(self.formatting_func, remove_columns=validation.column_names)
-            prompts, references = prompts_and_references(validation, self.tokenizer, samples, self._data_options())
+            with rows_of("validation"):
+                prompts, references = prompts_and_references(validation, self.tokenizer, samples,
+                                                             self._data_options())
             self.evaluators.append(CompletionMetrics(prompts, references, self.tokenizer,
                                                      max_new_tokens=sft.max_new_tokens,
                                                      compute_metrics=self.answer_metrics))

@@ -1,0 +1,41 @@
+"""Errors in one example, named by its row, so a bad row in a million can be found and fixed.
+
+The per-row tokenisers raise plain ``DataError``s that describe the problem; ``at_row`` adds which row
+(its 0-based index in the dataset given, which ``datasets.map(with_indices=True)`` supplies even when
+worker processes tokenise shards of it). A caller that knows which split the rows are (train,
+validation) can say so with ``RowError.within``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from easytrain.data.errors import DataError
+
+
+class RowError(DataError):
+    """A bad example: ``row`` is its 0-based index in ``where``; ``details`` say what is wrong and the fix."""
+
+    def __init__(self, row: int, details: str, where: str = "the dataset given") -> None:
+        super().__init__(f"Example {row} (0-based row index) of {where}: {details}")
+        self.row, self.details, self.where = row, details, where
+
+    def __reduce__(self) -> tuple[type[RowError], tuple[int, str, str]]:
+        # Worker processes of ``datasets.map`` pickle the error back to the parent.
+        return type(self), (self.row, self.details, self.where)
+
+    def within(self, where: str) -> RowError:
+        """The same error, its row said to be in ``where`` (e.g. "the 'train' split")."""
+        return RowError(self.row, self.details, where)
+
+
+@contextlib.contextmanager
+def at_row(row: int) -> Iterator[None]:
+    """A ``DataError`` raised inside becomes a ``RowError`` naming ``row`` (the original chained)."""
+    try:
+        yield
+    except RowError:
+        raise
+    except DataError as error:
+        raise RowError(row, str(error)) from error
