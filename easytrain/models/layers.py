@@ -48,7 +48,9 @@ def in_use(variable: nnx.Variable, dtype: DType) -> Array:
 
 
 def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype: DType) -> Array:
-    return nnx.initializers.normal(std)(rngs.params(), shape, dtype)
+    """Normal weights drawn in float32, then cast: the same seed gives the same weights in every ``param_dtype``
+    (a bfloat16 model starts from the float32 one's weights, rounded), as random draws in bfloat16 differ."""
+    return nnx.initializers.normal(std)(rngs.params(), shape, jnp.float32).astype(dtype)
 
 
 class Dense(nnx.Module):
