@@ -30,22 +30,16 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from easytrain import integrity
+from easytrain import checkpoint_items, integrity
+from easytrain.checkpoint_dirs import (CHECKPOINTS_DIRNAME, LATEST_ALIASES, CheckpointNotFoundError, finalized_steps,
+                                       resolve_checkpoint)
 from easytrain.retention import best_index, metric_value, preservation_policy
 from easytrain.errors import EasytrainError
 
-__all__ = ["CHECKPOINTS_DIRNAME", "CheckpointManager", "CheckpointMismatchError", "CheckpointNotFoundError",
-           "finalized_steps", "resolve_checkpoint"]
-
-CHECKPOINTS_DIRNAME = "checkpoints"
-LATEST_ALIASES = frozenset({"true", "latest"})
-_DISABLED_ALIASES = frozenset({"false", "none", ""})
+__all__ = ["CHECKPOINTS_DIRNAME", "LATEST_ALIASES", "CheckpointManager", "CheckpointMismatchError",
+           "CheckpointNotFoundError", "finalized_steps", "resolve_checkpoint"]
 
 Signature = dict[str, tuple[tuple[int, ...], str]]
-
-
-class CheckpointNotFoundError(EasytrainError, FileNotFoundError):
-    """The requested checkpoint does not exist or is not a complete checkpoint."""
 
 
 class CheckpointMismatchError(EasytrainError, ValueError):
@@ -125,77 +119,6 @@ def check_signatures(stored: Signature, expected: Signature) -> None:
     }
     if missing or unexpected or mismatched:
         raise CheckpointMismatchError(missing, unexpected, mismatched)
-
-
-# ----------------------------------------------------------------------------- directories
-
-
-def _is_checkpoint(step_dir: Path) -> bool:
-    """True for a finalized ``<step>`` directory holding this library's items."""
-    return (
-        step_dir.name.isdigit()
-        and step_dir.is_dir()
-        and ocp.step.is_path_finalized(step_dir)
-        and (step_dir / "state").is_dir()
-        and (step_dir / "run_info").is_dir()
-    )
-
-
-def finalized_steps(directory: str | os.PathLike) -> list[int]:
-    """Steps of the complete checkpoints under ``directory``, ascending.
-
-    Half-written (tmp) directories left by a killed save are ignored.
-    """
-    root = Path(directory)
-    if not root.is_dir():
-        return []
-    return sorted(int(child.name) for child in root.iterdir() if _is_checkpoint(child))
-
-
-def _not_found(value: Any, problem: str) -> CheckpointNotFoundError:
-    return CheckpointNotFoundError(
-        f"resume_from_checkpoint={value!r}: {problem}. Pass a step directory such as "
-        f"'<output_dir>/{CHECKPOINTS_DIRNAME}/<step>', a '{CHECKPOINTS_DIRNAME}' directory, "
-        "or 'latest'; leave resume_from_checkpoint unset to start from scratch."
-    )
-
-
-def resolve_checkpoint(
-    output_dir: str | os.PathLike, resume_from_checkpoint: str | os.PathLike | bool | None
-) -> tuple[Path, int] | None:
-    """Turns a ``resume_from_checkpoint`` setting into a checkpoint to restore.
-
-    Args:
-        output_dir: The run's output directory; ``True``/``"latest"`` look in
-            ``output_dir/checkpoints``.
-        resume_from_checkpoint: ``None``/``False`` (no resume), ``True``/``"true"``/
-            ``"latest"``, or a path to a step directory, a checkpoints directory
-            or an output directory.
-
-    Returns:
-        ``(checkpoints_dir, step)`` of a complete checkpoint, or None for no resume.
-
-    Raises:
-        CheckpointNotFoundError: the path does not exist or holds no complete checkpoint.
-    """
-    value = resume_from_checkpoint
-    if value is None or value is False or (isinstance(value, str) and value.lower() in _DISABLED_ALIASES):
-        return None
-    if value is True or (isinstance(value, str) and value.lower() in LATEST_ALIASES):
-        root = Path(output_dir).absolute() / CHECKPOINTS_DIRNAME
-        steps = finalized_steps(root)
-        if not steps:
-            raise _not_found(value, f"no complete checkpoint under {root}")
-        return root, steps[-1]
-    path = Path(value).expanduser().absolute()
-    if not path.exists():
-        raise _not_found(value, f"{path} does not exist")
-    if _is_checkpoint(path):
-        return path.parent, int(path.name)
-    for root in (path, path / CHECKPOINTS_DIRNAME):
-        if steps := finalized_steps(root):
-            return root, steps[-1]
-    raise _not_found(value, f"{path} is not a complete checkpoint and contains none")
 
 
 def _json_ready(name: str, value: Mapping[str, Any]) -> dict[str, Any]:
@@ -338,9 +261,10 @@ class CheckpointManager:
         return dict(restored.data_state)
 
     def read_progress(self, step: int) -> dict[str, Any]:
-        """The ``progress`` JSON of ``step``; empty for checkpoints written before it existed."""
+        """The ``progress`` JSON of ``step``; empty for checkpoints written before it existed (one whose metadata
+        lists it but that lacks it is damaged: `checkpoint_items.MissingItemError`)."""
         self._require(step)
-        if not (self.directory / str(step) / "progress").is_dir():
+        if not checkpoint_items.present(self.directory / str(step), "progress"):
             return {}
         restored = self._manager.restore(step, args=ocp.args.Composite(progress=ocp.args.JsonRestore()))
         return dict(restored.progress)
@@ -366,12 +290,13 @@ class CheckpointManager:
         Raises:
             CheckpointNotFoundError: ``step`` is not a complete checkpoint.
             CheckpointMismatchError: keys, shapes or dtypes differ; nothing is loaded.
+            checkpoint_items.MissingItemError: its metadata lists a ``fingerprint`` the step lacks; nothing is loaded.
             integrity.CorruptCheckpointError: restored values differ from the saved fingerprint.
         """
         check_signatures(self.stored_signature(step), tree_signature(abstract_state))
         items = {"state": ocp.args.StandardRestore(abstract_state), "data_state": ocp.args.JsonRestore(),
                  "run_info": ocp.args.JsonRestore()}
-        fingerprinted = (self.directory / str(step) / "fingerprint").is_dir()  # absent in older checkpoints
+        fingerprinted = checkpoint_items.present(self.directory / str(step), "fingerprint")
         if fingerprinted:
             items["fingerprint"] = ocp.args.JsonRestore()
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))

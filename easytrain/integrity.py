@@ -168,10 +168,17 @@ def fingerprint(tree: Any) -> dict[str, list[int]]:
 
 
 def verify(tree: Any, expected: dict[str, list[int]], where: str) -> None:
-    """Raise `CorruptCheckpointError` naming every leaf whose digest differs from the saved one."""
+    """Raise `CorruptCheckpointError` naming every leaf whose digest differs from the saved one, or that the saved
+    fingerprint records no digest for (an emptied or edited fingerprint would otherwise check nothing)."""
     actual = fingerprint(tree)
+    if unrecorded := sorted(actual.keys() - expected.keys()):
+        raise CorruptCheckpointError(f"{where}: its fingerprint records no digest for {len(unrecorded)} restored "
+                                     f"array(s) ({_listed(unrecorded)}); the fingerprint file is damaged.")
     damaged = sorted(path for path, digest in expected.items() if actual.get(path, digest) != digest)
     if damaged:
-        shown = ", ".join(damaged[:8]) + (f", ... ({len(damaged) - 8} more)" if len(damaged) > 8 else "")
         raise CorruptCheckpointError(f"{where}: the restored values of {len(damaged)} array(s) differ from what "
-                                     f"was saved ({shown}); the checkpoint files are damaged.")
+                                     f"was saved ({_listed(damaged)}); the checkpoint files are damaged.")
+
+
+def _listed(paths: list[str], shown: int = 8) -> str:
+    return ", ".join(paths[:shown]) + (f", ... ({len(paths) - shown} more)" if len(paths) > shown else "")

@@ -123,3 +123,12 @@ def test_damaged_files_are_refused_naming_the_argument_and_the_checkpoint(tmp_pa
         BaseTrainer(tiny(tmp_path / "new", init_weights_from=str(source))).setup()
     if damage == "metadata":
         assert "3/state/_METADATA is not valid JSON" in str(refused.value), "names the file that is not JSON"
+
+
+def test_a_source_checkpoint_whose_fingerprint_was_deleted_is_refused(tmp_path, source_run):
+    """Deleting fingerprint/ must not turn the integrity check off: the step's Orbax metadata lists the item."""
+    source = copied(source_run[0], tmp_path)
+    shutil.rmtree(source / "checkpoints" / "3" / "fingerprint")
+    with pytest.raises(CheckpointReadError, match=r"^init_weights_from: the checkpoint .*checkpoints/3 cannot be "
+                                                  r"read .*fingerprint/ item is missing"):
+        BaseTrainer(tiny(tmp_path / "new", init_weights_from=str(source))).setup()

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from easytrain import integrity
+from easytrain import checkpoint_items, integrity
 from easytrain.checkpoint import CheckpointNotFoundError, finalized_steps, resolve_checkpoint
 from easytrain.errors import ArgumentError, CheckpointReadError
 from easytrain.models.scan import STACKED, abstract_layer, abstract_stack
@@ -185,9 +185,8 @@ def _restored_weights(checkpoint: tuple[Path, int, dict[VariablePath, Any]],
     with _reading(root, step):
         restored = ocp.PyTreeCheckpointer().restore(item, args=ocp.args.PyTreeRestore(
             target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
-        fingerprint_dir = root / str(step) / "fingerprint"
-        if fingerprint_dir.is_dir():
-            expected = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(fingerprint_dir)
+        if checkpoint_items.present(root / str(step), "fingerprint"):  # one its metadata lists must be there
+            expected = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(root / str(step) / "fingerprint")
             integrity.verify(restored, dict(expected), where=str(root / str(step)))
     values = {path[1:]: leaf for path, leaf in _flat(restored).items()}
     # Paths present but with another shape come back as metadata, so the caller can name them.

@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 
 import jax
 
+from easytrain import checkpoint_items
 from easytrain.checkpoint import CheckpointManager, CheckpointMismatchError, path_name, tree_signature
 from easytrain.config_io import ARGUMENTS_FILE
 from easytrain.data.position import DIGEST_KEY, compared_keys
@@ -245,6 +246,10 @@ def restore_checkpoint(checkpoint: tuple[Path, int], current: dict[str, Any], ta
         except Exception as error:  # any unreadable file means the same to the user: use another checkpoint
             raise _unreadable(root, step, manager.all_steps(), error) from error
         data_order_changed = check_resumable(run_info, current)
+        try:
+            checkpoint_items.check_later_items(root / str(step))
+        except Exception as error:
+            raise _unreadable(root, step, manager.all_steps(), error) from error
         position = _read_position(manager, root, step, data_fingerprint)
         allow = bool(current["arguments"].get("allow_data_order_change"))
         keep_position = not data_order_changed and check_data_position(position, data_fingerprint, allow)
@@ -253,6 +258,7 @@ def restore_checkpoint(checkpoint: tuple[Path, int], current: dict[str, Any], ta
                 state, data_state, _ = manager.restore(step, abstract_state=target)
             else:
                 state, data_state = restore_in_other_layout(manager, step, target)
+            check_restored_step(state, step)
             progress = manager.read_progress(step)
         except CheckpointMismatchError:
             raise
@@ -264,15 +270,32 @@ def restore_checkpoint(checkpoint: tuple[Path, int], current: dict[str, Any], ta
 
 def _read_position(manager: CheckpointManager, root: Path, step: int,
                    fingerprint: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The checkpoint's data position (JSON only); one without the settings the loader compares is damaged."""
+    """The checkpoint's data position (JSON only); one without the settings the loader compares, or of another
+    step than the checkpoint's (it would feed batches twice, or skip some), is damaged. A loader of the trainer's
+    own (no `fingerprint`) keeps a position of its own making, not compared here."""
     try:
         position = manager.read_data_state(step)
-        if fingerprint is not None and (missing := [key for key in fingerprint
-                                                    if key not in position and key != DIGEST_KEY]):
-            raise ValueError(f"its data_state records no {', '.join(missing)}")
+        if fingerprint is not None:
+            if missing := [key for key in ("step", *fingerprint) if key not in position and key != DIGEST_KEY]:
+                raise ValueError(f"its data_state records no {', '.join(missing)}")
+            check_position_step(position["step"], step)
     except Exception as error:
         raise _unreadable(root, step, manager.all_steps(), error) from error
     return position
+
+
+def check_position_step(saved: Any, step: int) -> None:
+    """A data position saved in checkpoint `step` is that step's: another one is an edited or damaged data_state."""
+    if type(saved) is not int or saved != step:
+        raise ValueError(f"its data_state records step {saved!r}, but this is the checkpoint of step {step}: resumed, "
+                         "the data would repeat or skip batches")
+
+
+def check_restored_step(state: Any, step: int) -> None:
+    """The restored train state's own step must be the checkpoint's (a renamed or mixed-up step directory)."""
+    restored = getattr(state, "step", None)
+    if restored is not None and int(restored) != step:
+        raise ValueError(f"its train state is at step {int(restored)}, but this is the checkpoint of step {step}")
 
 
 def _stored_scan_layers(run_info: dict[str, Any]) -> bool | None:
@@ -336,10 +359,16 @@ def innermost(error: BaseException) -> BaseException:
     """The exception at the bottom of `error`'s chain: the reader's own reason (which file, which bytes), where
     orbax wraps it in a generic one that prints a TensorStore spec."""
     seen = {id(error)}
-    while (inner := error.__cause__ or error.__context__) is not None and id(inner) not in seen:
+    while (inner := _raised_from(error)) is not None and id(inner) not in seen:
         seen.add(id(inner))
         error = inner
     return error
+
+
+def _raised_from(error: BaseException) -> BaseException | None:
+    """The exception `error` was raised from, or while handling; none past one raised `from None` (a JSON
+    decoder's reason would otherwise read as the `StopIteration` it replaced)."""
+    return error.__cause__ or (None if error.__suppress_context__ else error.__context__)
 
 
 def restore_step(manager: CheckpointManager, shardings: Any, step: int, current: Any) -> Any:
