@@ -15,7 +15,7 @@ from easytrain.checkpoint import CHECKPOINTS_DIRNAME, LATEST_ALIASES, finalized_
 from easytrain.config_io import ARGUMENTS_FILE
 from easytrain.errors import OutputDirError
 from easytrain.jobs import JOB_FILENAME, current_job
-from easytrain.trainers import run_lock
+from easytrain.trainers import run_lock, shared_output_dir
 
 #: What a run leaves in its output_dir that a later fresh run would overwrite or mix with its own.
 PREVIOUS_RUN_OUTPUTS = ("final_model", "results.json", "metrics.jsonl", "metrics.csv", "tensorboard")
@@ -69,8 +69,11 @@ def check_output_dir(args: TrainingArguments, *, is_main_process: bool = True) -
     every other check). A directory holding another run's checkpoints, exported model or logs is refused
     unless the run resumes its own checkpoints or `overwrite_output_dir` is set; so is one resumed from a
     checkpoint outside it (another run's, or one set aside), whose saves would mix with that run's. `latest` over
-    a run stopped before its first checkpoint starts it over (`restarts_unsaved_run`).
+    a run stopped before its first checkpoint starts it over (`restarts_unsaved_run`). First of all, in a
+    multi-process run, every process must see the same output_dir (`shared_output_dir`): else each would find
+    other checkpoints here, and the run would hang at its first save.
     """
+    shared_output_dir.check(args)
     output_dir = Path(args.output_dir)
     restart = restarts_unsaved_run(args)
     resume = None if restart else resolve_checkpoint(output_dir, args.resume_from_checkpoint)

@@ -1,0 +1,124 @@
+"""Every process of a multi-process run must see the same `output_dir`: each writes its share of every checkpoint
+there and process 0 completes it, so a process whose output_dir lies on storage of its own (a worker's local disk
+at the same path, or another --output_dir) leaves the save waiting forever for files it cannot see, with no error.
+
+At set-up, before any compute, process 0 writes a token file holding a fresh random nonce into its output_dir; the
+processes exchange that nonce (one small gather, which also orders the write before every read), each reads the
+token back from its own output_dir, and a second gather tells all of them who saw it. Every process then raises
+the same `ArgumentError`, and process 0 removes the token. A single process, and a run that neither checkpoints
+nor resumes (each process then writes nothing there, or only process 0 does), compare nothing.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from easytrain.arguments import TrainingArguments
+from easytrain.errors import ArgumentError, OutputDirError
+
+TOKEN_PREFIX = ".easytrain-shared-"
+_NONCE_BYTES = 16
+_PATH_BYTES = 1024  # of each process's output_dir, shown in the error (longer ones are cut)
+_NO_RESUME = frozenset({"false", "none", ""})  # resume_from_checkpoint values that resume nothing
+_READ_TRIES = 3  # a token not seen at once is looked for again (a mount may show a new file a little late)
+
+Gather = Callable[[np.ndarray], np.ndarray]
+
+
+def needs_check(args: TrainingArguments) -> bool:
+    """Whether every process uses `output_dir`: it checkpoints (all processes write) or resumes (all read)."""
+    resume = args.resume_from_checkpoint
+    resumes = not (resume is None or resume is False or (isinstance(resume, str) and resume.lower() in _NO_RESUME))
+    return args.save_strategy != "no" or resumes
+
+
+def check(args: TrainingArguments) -> None:
+    """Refuse, in every process alike, an output_dir that is not the same storage for all (see the module doc)."""
+    import jax
+
+    if jax.process_count() <= 1 or not needs_check(args):
+        return
+    from jax.experimental import multihost_utils
+
+    check_processes_share(Path(args.output_dir), jax.process_index(), multihost_utils.process_allgather)
+
+
+def check_processes_share(output_dir: Path, index: int, gather: Gather) -> None:
+    """Process `index`'s part of the check. `gather` stacks every process's record in process order (a collective:
+    every process calls it the same number of times, whatever it finds)."""
+    nonce, written = _write_token(output_dir) if index == 0 else (b"", None)
+    record = np.zeros(1 + _NONCE_BYTES + 2 + _PATH_BYTES, dtype=np.uint8)
+    record[0] = written is None
+    record[1:1 + len(nonce)] = np.frombuffer(nonce, dtype=np.uint8)
+    path = str(output_dir.absolute()).encode()[:_PATH_BYTES]
+    record[1 + _NONCE_BYTES:3 + _NONCE_BYTES] = np.frombuffer(len(path).to_bytes(2, "little"), dtype=np.uint8)
+    record[3 + _NONCE_BYTES:3 + _NONCE_BYTES + len(path)] = np.frombuffer(path, dtype=np.uint8)
+    everyone = np.asarray(gather(record)).reshape(-1, record.size)
+    paths = [_path(row) for row in everyone]
+    if not everyone[0, 0]:
+        raise OutputDirError(f"output_dir: process 0 cannot write to {paths[0]!r}; choose a writable --output_dir "
+                             "on storage every process shares.") from written
+    token = everyone[0, 1:1 + _NONCE_BYTES].tobytes()
+    seen = np.asarray(gather(np.array([_sees(output_dir, token)], dtype=np.uint8))).reshape(-1)
+    if index == 0:
+        _remove(output_dir / _token_name(token))
+    if blind := [process for process, saw in enumerate(seen) if not saw]:
+        raise ArgumentError("output_dir", _message(blind, paths))
+
+
+def _token_name(nonce: bytes) -> str:
+    return TOKEN_PREFIX + nonce.hex()
+
+
+def _write_token(output_dir: Path) -> tuple[bytes, OSError | None]:
+    """Process 0: a new nonce and, if its token could not be written, why (shown as the error's cause)."""
+    nonce = uuid.uuid4().bytes
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / _token_name(nonce)).write_bytes(nonce)
+    except OSError as error:
+        return nonce, error
+    return nonce, None
+
+
+def _sees(output_dir: Path, nonce: bytes) -> bool:
+    """Whether this process reads process 0's token, nonce and all, in its own output_dir."""
+    for attempt in range(_READ_TRIES):
+        try:
+            if (output_dir / _token_name(nonce)).read_bytes() == nonce:
+                return True
+        except OSError:
+            pass
+        if attempt + 1 < _READ_TRIES:
+            time.sleep(1.0)
+    return False
+
+
+def _remove(token: Path) -> None:
+    try:
+        token.unlink(missing_ok=True)
+    except OSError:
+        pass  # a hidden file left behind is harmless: no check of output_dir looks at it
+
+
+def _path(row: np.ndarray) -> str:
+    length = int.from_bytes(row[1 + _NONCE_BYTES:3 + _NONCE_BYTES].tobytes(), "little")
+    return row[3 + _NONCE_BYTES:3 + _NONCE_BYTES + length].tobytes().decode(errors="replace")
+
+
+def _message(blind: list[int], paths: list[str]) -> str:
+    who = f"process {blind[0]}" if len(blind) == 1 else f"processes {', '.join(map(str, blind))}"
+    if other := [process for process in blind if paths[process] != paths[0]]:
+        given = "; ".join(f"process {process} was given {paths[process]!r}" for process in other)
+    else:
+        given = f"the same path on {who}, but other storage: a disk of each host's own?"
+    return (f"{who} cannot see the files process 0 writes in its output_dir {paths[0]!r} ({given}). Every process "
+            "writes its share of each checkpoint into output_dir and process 0 completes it, so the run would hang "
+            "at its first save. Put output_dir on storage every process shares (an NFS or Filestore mount, or a GCS "
+            "bucket mounted with gcsfuse, at the same path on every host) and pass the same --output_dir to every "
+            "process.")
