@@ -16,11 +16,16 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from easytrain import sharding
+from easytrain.errors import EasytrainError
 from easytrain.models.scan import layer_slices, unstack_layer_dicts
 
 PyTree = Any
 #: A context under which module builders build their layers stacked (`LanguageModelHooks.initialising`).
 StackedBuild = Callable[[], ContextManager[Any]]
+
+
+class FrozenError(EasytrainError, ValueError):
+    """A frozen entry that does not fit the run it is declared in."""
 
 
 class Frozen(NamedTuple):
@@ -34,11 +39,15 @@ class Frozen(NamedTuple):
             changes, e.g. an EMA); False rebuilds it from `value` on resume (a fixed reference or teacher).
         copy: False keeps a given value's arrays when they are already in the target layout, for modules
             nobody else holds (e.g. just loaded with `from_pretrained(..., mesh=...)`): no second copy.
+        mirrors_params: True for an entry combined leaf by leaf with `state.params` (an EMA, a reference moved
+            toward the policy): set-up refuses one whose tree, shapes or dtypes differ from them, naming where,
+            instead of a pytree error in the traced step. `BaseTrainer.trainable_variables` builds one that fits.
     """
 
     value: nnx.Module | PyTree | Callable[[], nnx.Module | PyTree]
     checkpoint: bool = False
     copy: bool = True
+    mirrors_params: bool = False
 
 
 class PlacedFrozen(NamedTuple):
@@ -160,6 +169,34 @@ def attach(tree: Any, values: Mapping[str, PyTree], specs: Mapping[str, Frozen],
                         frozen_checkpointed=tuple(name for name, spec in specs.items() if spec.checkpoint))
 
 
+def _leaves(tree: PyTree) -> dict[str, Any]:
+    return {"/".join(str(getattr(key, "key", key)) for key in path): leaf
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _difference(entry: PyTree, params: PyTree) -> str | None:
+    """How `entry` differs from `params` (tree, then shapes and dtypes), or None."""
+    ours, theirs = _leaves(entry), _leaves(params)
+    for verb, names in (("has", ours.keys() - theirs.keys()), ("lacks", theirs.keys() - ours.keys())):
+        if names:
+            shown = ", ".join(sorted(names)[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            return f"it {verb} {len(names)} leaf(s) that state.params {'lacks' if verb == 'has' else 'has'}: {shown}"
+    for name, leaf in ours.items():
+        wanted = (tuple(theirs[name].shape), jax.numpy.dtype(theirs[name].dtype))
+        if (tuple(leaf.shape), jax.numpy.dtype(leaf.dtype)) != wanted:
+            return f"its {name} is {leaf.dtype}{list(leaf.shape)} where state.params holds {wanted[1]}{list(wanted[0])}"
+    return None
+
+
+def check_mirrors(specs: Mapping[str, Frozen], values: Mapping[str, PyTree], params: PyTree) -> None:
+    """Entries declared `mirrors_params` must have `params`' tree, shapes and dtypes (checked before any step)."""
+    for name, spec in specs.items():
+        if spec.mirrors_params and name in values and (problem := _difference(values[name], params)):
+            raise FrozenError(f"frozen entry '{name}' is declared mirrors_params=True but {problem}. Build it with "
+                              "Frozen(self.trainable_variables, ...): the variables this run trains (trainable_filter: "
+                              "the LoRA adapters under lora_rank), in the run's layout and dtype.")
+
+
 class FrozenPlan:
     """Where each declared entry comes from in this run: built now, or (checkpointed entries of a resumed
     run) restored from the checkpoint into an abstract target."""
@@ -175,9 +212,11 @@ class FrozenPlan:
 
     def restore_target(self, abstract_state: Any) -> Any:
         """The abstract state a checkpoint of this run holds (with its checkpointed frozen entries)."""
+        check_mirrors(self.specs, self.restored.values, abstract_state.params)
         return attach(abstract_state, self.restored.values, self.specs, self.modules)
 
     def attach_to(self, state: Any, shardings: Any) -> tuple[Any, Any]:
         """The state with every entry in place, and its shardings."""
+        check_mirrors(self.specs, {**state.frozen, **self.built.values}, state.params)
         return (attach(state, self.built.values, self.specs, self.modules),
                 attach(shardings, {**self.restored.shardings, **self.built.shardings}, self.specs, self.modules))

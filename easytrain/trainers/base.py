@@ -219,6 +219,19 @@ class BaseTrainer(TrainStateHooks, LanguageModelHooks):
         EMA copy); sharded by the same rules, never differentiated. Default: none."""
         return {}
 
+    @property
+    def trainable_filter(self) -> nnx.filterlib.Filter:
+        """The filter this run trains by (`state.params`): `trainable`, or under LoRA the adapters'."""
+        return adapters.partition(self.lora, self.trainable)["trainable"]
+
+    def trainable_variables(self) -> nnx.State:
+        """A fresh module's trained variables, with `state.params`' tree, shapes and logical axes (new values): the
+        builder of a `Frozen` entry mirroring them, e.g. an EMA. A PEFT adapter's shapes need no concrete base."""
+        module, args = self._created_module(), self._arguments
+        if args.lora_adapter_path:
+            apply_switches(adapters.adapt(module, self.lora, args.seed), args, self.mesh.devices.flat[0].platform)
+        return nnx.state(module if args.lora_adapter_path else self.adapt_module(module), self.trainable_filter)
+
     def adapt_module(self, module: nnx.Module) -> nnx.Module:
         """Change the module before it is placed (eagerly, or under `nnx.eval_shape`); default: set its
         `remat` (from `remat_policy`), `scan_layers` and `attention_implementation`, and add the LoRA adapters the
