@@ -13,6 +13,9 @@ Example::
 
     ids, mask = pad_prompts([[1, 5, 9], [1, 7]], pad_id=0)
     new_tokens = generate(model, ids, mask, max_new_tokens=16, eos_token_id=2, pad_token_id=0)
+
+Inside a compiled program (a rollout in a train step), ``generate_traced`` decodes the same way from traced
+arrays and a PRNG key, and returns the tokens with a mask of the generated ones.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import dataclasses
 import functools
 import numbers
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -182,18 +186,31 @@ def _replicated_on_mesh(params) -> NamedSharding | None:
     return None
 
 
-def _check_inputs(model: nnx.Module, input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
+def _config(max_new_tokens: int, do_sample: bool, temperature: float, top_k: int | None, top_p: float | None,
+            eos_token_id: int | Sequence[int] | None, pad_token_id: int | None) -> GenerationConfig:
+    """The config `generate`'s arguments describe: pad defaults to the first EOS id, else 0."""
+    eos = () if eos_token_id is None else tuple(np.atleast_1d(eos_token_id).tolist())  # checked by the config
+    pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+    return GenerationConfig(max_new_tokens, do_sample, temperature, top_k, top_p, eos, pad)
+
+
+def _check_shapes(model: nnx.Module, ids_BL, mask_BL) -> None:
+    """What can be checked of the inputs at trace time: the model can decode, and the shapes."""
     if not (hasattr(model, "init_cache") and hasattr(model, "decode")):
         raise GenerationError(
             f"{type(model).__name__} has no init_cache()/decode(); generation needs a model with a "
             "key/value cache such as easytrain.models.LlamaForCausalLM."
         )
-    ids_BL = np.asarray(input_ids, np.int32)
-    if ids_BL.ndim != 2:
+    if len(ids_BL.shape) != 2:
         raise GenerationError(f"input_ids has shape {ids_BL.shape}; pass a [batch, length] array (see pad_prompts).")
-    mask_BL = np.ones_like(ids_BL) if attention_mask is None else np.asarray(attention_mask, np.int32)
     if mask_BL.shape != ids_BL.shape:
         raise GenerationError(f"attention_mask has shape {mask_BL.shape}; it must match input_ids {ids_BL.shape}.")
+
+
+def _check_inputs(model: nnx.Module, input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
+    ids_BL = np.asarray(input_ids, np.int32)
+    mask_BL = np.ones_like(ids_BL) if attention_mask is None else np.asarray(attention_mask, np.int32)
+    _check_shapes(model, ids_BL, mask_BL)
     if empty := np.flatnonzero(mask_BL.sum(axis=1) == 0).tolist():
         raise GenerationError(f"attention_mask rows {empty} have no real token; give every prompt at least one.")
     _check_vocabulary(ids_BL, mask_BL, getattr(getattr(model, "config", None), "vocab_size", None))
@@ -250,14 +267,65 @@ def generate(
     Returns:
         int32 ``[B, max_new_tokens]`` new tokens only: each row's EOS is included, then pad.
     """
-    eos = () if eos_token_id is None else tuple(np.atleast_1d(eos_token_id).tolist())  # checked by the config
-    pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
-    config = GenerationConfig(max_new_tokens, do_sample, temperature, top_k, top_p, eos, pad)
+    config = _config(max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id)
     ids_BL, mask_BL = _check_inputs(model, input_ids, attention_mask)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tokens_BN = _generate(graphdef, params, rest, ids_BL, mask_BL, jax.random.key(seed), config=config,
                           out_sharding=_replicated_on_mesh(params))
     return np.asarray(tokens_BN)
+
+
+class Generated(NamedTuple):
+    """`generate_traced`'s result: int32 ``[B, max_new_tokens]`` new tokens, and 1 where a token was generated
+    (each row's tokens up to and including its first EOS), 0 on the pad after it."""
+
+    tokens: Array
+    mask: Array
+
+
+def generate_traced(
+    model: nnx.Module,
+    input_ids: Array,
+    attention_mask: Array | None,
+    rng: Array,
+    *,
+    max_new_tokens: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+) -> Generated:
+    """`generate` for use inside a compiled program, e.g. rollouts in a train step: arrays and a key in, arrays out.
+
+    The same decoding (and for the same key as ``generate``'s ``jax.random.key(seed)``, the same tokens), with no
+    host transfer: ``input_ids`` and ``attention_mask`` may be traced, ``model`` may hold traced weights (e.g.
+    ``state.model(train=False)``); the settings are Python values, static for the program. Only shapes are
+    checked here: every row needs a real token and every real id must lie in the vocabulary (``generate`` checks
+    those on the host). The module always decodes in eval mode.
+
+    Args:
+        model: A model with ``init_cache``/``decode``; not modified.
+        input_ids: ``[B, L]`` prompts, left- or right-padded; ids under a 0 of the mask are never read.
+        attention_mask: ``[B, L]``, nonzero for real tokens; None: all real.
+        rng: A PRNG key (typed, or raw ``uint32[2]`` key data such as ``TrainState.rng``).
+        max_new_tokens: ...and the other settings, as in ``generate``.
+
+    Returns:
+        ``Generated(tokens, mask)``, both int32 ``[B, max_new_tokens]``.
+    """
+    config = _config(max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id)
+    ids_BL = jnp.asarray(input_ids, jnp.int32)
+    mask_BL = jnp.ones_like(ids_BL) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+    _check_shapes(model, ids_BL, mask_BL)
+    if not jax.dtypes.issubdtype(jnp.asarray(rng).dtype, jax.dtypes.prng_key):
+        rng = jax.random.wrap_key_data(rng)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tokens_BN = _generate(graphdef, params, rest, jnp.where(mask_BL != 0, ids_BL, 0), mask_BL, rng, config=config)
+    ended_BN = _is_eos(tokens_BN, config)
+    after_eos_BN = (jnp.cumsum(ended_BN, axis=1) - ended_BN) > 0
+    return Generated(tokens_BN, (~after_eos_BN).astype(jnp.int32))
 
 
 def pad_prompts(

@@ -7,10 +7,12 @@ inside the traced step. The graph definition, the optimizer and the trainable fi
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx, struct
 
@@ -105,6 +107,14 @@ class TrainState(struct.PyTreeNode):
     def step_rng(self) -> jax.Array:
         """A PRNG key unique to this step, reproducible after a resume."""
         return jax.random.fold_in(jax.random.wrap_key_data(self.rng), self.step)
+
+    def stream_rng(self, name: str) -> jax.Array:
+        """A PRNG key unique to this step and to the stream `name` (a rollout's sampling, a teacher's noise),
+        reproducible after a resume. Never one of the loss's keys, `fold_in(step_rng(), micro_index)`, whatever
+        the accumulation, as `fold_in(step_rng(), 7)` is with 8 micro-batches: the name folds into the run's key
+        first, as a number of 2**31 or more (a step never is), and the step after it."""
+        tag = np.uint32(zlib.crc32(name.encode()) | 0x80000000)
+        return jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(self.rng), tag), self.step)
 
 
 def split_model(model: nnx.Module, trainable: nnx.filterlib.Filter = nnx.Param
