@@ -48,6 +48,6 @@ def test_image_classifier_learns_far_above_chance(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["train_from_text_file", "custom_loss", "finetune_hf_model", "image_classifier",
-                                  "sft_arithmetic", "dpo_arithmetic", "lora_sft"])
+                                  "sft_arithmetic", "dpo_arithmetic", "lora_sft", "reinforce"])
 def test_examples_document_how_to_run_them(name):
     assert f"python examples/{name}.py" in (EXAMPLES / f"{name}.py").read_text()
