@@ -105,3 +105,26 @@ def facts_on_eight_devices(script: str | Path, *args: str, script_sets_devices: 
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def train_on_localhost(per_process: list[list[str]], port: int, timeout: float) -> tuple[list[int], list[str]]:
+    """`easytrain train` as one process per argument list, joined by a coordinator on localhost at `port` (2 CPU
+    devices each): their exit statuses and outputs. Processes still running at `timeout` are killed and the test
+    fails as hung, showing the end of each output."""
+    import pytest
+
+    env = child_env(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(2))
+    processes = [subprocess.Popen([sys.executable, "-m", "easytrain", "train", *args,
+                                   "--coordinator_address", f"127.0.0.1:{port}", "--num_processes",
+                                   str(len(per_process)), "--process_id", str(index)],
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for index, args in enumerate(per_process)]
+    outputs = []
+    try:
+        for process in processes:
+            outputs.append(process.communicate(timeout=timeout)[0])
+    except subprocess.TimeoutExpired:
+        for process in processes:
+            process.kill()
+        pytest.fail("the processes hung: " + "\n".join(p.communicate()[0][-2000:] for p in processes))
+    return [process.returncode for process in processes], outputs
