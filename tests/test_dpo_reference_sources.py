@@ -82,3 +82,16 @@ def test_a_resume_refuses_a_reference_path_whose_weights_changed(sources, tmp_pa
     shutil.copytree(sources["base"], weights)  # the weights it started from: resumes
     DPOTrainer(tiny_args(tmp_path, resume_from_checkpoint="latest", **common), options).train()
     assert set(logged(tmp_path / "run")) == {1, 2}
+
+
+def test_evaluating_another_set_after_training_keeps_no_copy_of_the_source(sources, tmp_path):
+    """With precomputed log-probs, evaluate(dataset) builds the reference once more from init_weights_from; the
+    values read for it have no policy left to take them, so they must not stay alive with the trainer."""
+    import datasets
+
+    common = dict(model_name_or_path=str(sources["base"]), init_weights_from=str(sources["full"]), max_steps=1)
+    trainer = DPOTrainer(tiny_args(tmp_path / "eval", **common), DPOArguments(precompute_ref_log_probs=True))
+    trainer.train()
+    trainer.evaluate(datasets.Dataset.from_dict({"prompt": ["12+7=", "3+4="], "chosen": ["19", "7"],
+                                                 "rejected": ["91", "8"]}))
+    assert trainer._source_weights is None

@@ -139,6 +139,8 @@ class DPOTrainer(BaseTrainer):
             mesh=self.mesh, rules=self.partition_rules, cache_dir=self.cache_dir, is_main_process=self.is_main_process,
             compiler_options=self.compiler_options)
         self.reference_logps_cached[name] = cached
+        if self._model is not None:  # evaluate(dataset) after set-up: no policy is left to take the read weights
+            self._source_weights = None
         return pair_rows(rows, {"ref_logps": logps})
 
     @property
@@ -258,8 +260,7 @@ class DPOTrainer(BaseTrainer):
         `init_weights_from`, put in later, replace them: `_initial_weights`)."""
         module = super().adapt_module(module)
         if self.reference_is_initial_adapters:
-            trainable = adapters.partition(self.lora, self.trainable)["trainable"]
-            self._loaded_adapter = nnx.to_pure_dict(nnx.state(module, trainable))
+            self._loaded_adapter = nnx.to_pure_dict(nnx.state(module, self.trainable_filter))
         return module
 
     def configure_model(self) -> ConfiguredModel:
@@ -307,8 +308,7 @@ class DPOTrainer(BaseTrainer):
             with adapters_disabled(model):
                 return jax.lax.stop_gradient(self.pair_logps(model, batch)[0])
         if INITIAL_ADAPTERS in frozen:
-            trainable = adapters.partition(self.lora, self.trainable)["trainable"]
-            initial = with_values(model, trainable, frozen[INITIAL_ADAPTERS])
+            initial = with_values(model, self.trainable_filter, frozen[INITIAL_ADAPTERS])
             return jax.lax.stop_gradient(self.pair_logps(initial, batch)[0])
         if "reference" in frozen:
             return jax.lax.stop_gradient(self.pair_logps(frozen["reference"], batch)[0])
