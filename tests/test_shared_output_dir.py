@@ -102,3 +102,18 @@ def test_only_runs_that_checkpoint_or_resume_are_checked(tmp_path, save_strategy
 def test_a_single_process_writes_no_token(tmp_path):
     shared_output_dir.check(TrainingArguments(output_dir=str(tmp_path / "run"), save_strategy="steps"))
     assert not (tmp_path / "run").exists()
+
+
+def test_no_token_is_left_when_a_gather_fails(tmp_path):
+    """A peer dying or a signal during the second gather must not leave process 0's token in output_dir."""
+    calls = []
+
+    def gather(record):
+        calls.append(record)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("a signal during the second gather")
+        return np.stack([record, record])
+
+    with pytest.raises(KeyboardInterrupt):
+        shared_output_dir.check_processes_share(tmp_path, 0, gather)
+    assert [p.name for p in tmp_path.iterdir()] == []

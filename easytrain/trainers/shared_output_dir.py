@@ -58,15 +58,17 @@ def check_processes_share(output_dir: Path, index: int, gather: Gather) -> None:
     path = str(output_dir.absolute()).encode()[:_PATH_BYTES]
     record[1 + _NONCE_BYTES:3 + _NONCE_BYTES] = np.frombuffer(len(path).to_bytes(2, "little"), dtype=np.uint8)
     record[3 + _NONCE_BYTES:3 + _NONCE_BYTES + len(path)] = np.frombuffer(path, dtype=np.uint8)
-    everyone = np.asarray(gather(record)).reshape(-1, record.size)
-    paths = [_path(row) for row in everyone]
-    if not everyone[0, 0]:
-        raise OutputDirError(f"output_dir: process 0 cannot write to {paths[0]!r}; choose a writable --output_dir "
-                             "on storage every process shares.") from written
-    token = everyone[0, 1:1 + _NONCE_BYTES].tobytes()
-    seen = np.asarray(gather(np.array([_sees(output_dir, token)], dtype=np.uint8))).reshape(-1)
-    if index == 0:
-        _remove(output_dir / _token_name(token))
+    try:
+        everyone = np.asarray(gather(record)).reshape(-1, record.size)
+        paths = [_path(row) for row in everyone]
+        if not everyone[0, 0]:
+            raise OutputDirError(f"output_dir: process 0 cannot write to {paths[0]!r}; choose a writable "
+                                 "--output_dir on storage every process shares.") from written
+        token = everyone[0, 1:1 + _NONCE_BYTES].tobytes()
+        seen = np.asarray(gather(np.array([_sees(output_dir, token)], dtype=np.uint8))).reshape(-1)
+    finally:  # whatever happens (a peer gone, a signal), process 0's token does not outlive the check
+        if index == 0 and written is None:
+            _remove(output_dir / _token_name(nonce))
     if blind := [process for process, saw in enumerate(seen) if not saw]:
         raise ArgumentError("output_dir", _message(blind, paths))
 
