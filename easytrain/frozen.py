@@ -40,7 +40,7 @@ class Frozen(NamedTuple):
         copy: False keeps a given value's arrays when they are already in the target layout, for modules
             nobody else holds (e.g. just loaded with `from_pretrained(..., mesh=...)`): no second copy.
         mirrors_params: True for an entry combined leaf by leaf with `state.params` (an EMA, a reference moved
-            toward the policy): set-up refuses one whose tree, shapes or dtypes differ from them, naming where,
+            toward the policy): set-up refuses one whose tree or shapes differ from them (not dtypes), naming where,
             instead of a pytree error in the traced step. `BaseTrainer.trainable_variables` builds one that fits.
     """
 
@@ -175,26 +175,26 @@ def _leaves(tree: PyTree) -> dict[str, Any]:
 
 
 def _difference(entry: PyTree, params: PyTree) -> str | None:
-    """How `entry` differs from `params` (tree, then shapes and dtypes), or None."""
+    """How `entry` differs from `params` (tree, then shapes), or None. Dtypes may differ: an average kept in another
+    precision than the parameters (a float32 EMA of bfloat16 weights) is common practice."""
     ours, theirs = _leaves(entry), _leaves(params)
     for verb, names in (("has", ours.keys() - theirs.keys()), ("lacks", theirs.keys() - ours.keys())):
         if names:
             shown = ", ".join(sorted(names)[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
             return f"it {verb} {len(names)} leaf(s) that state.params {'lacks' if verb == 'has' else 'has'}: {shown}"
     for name, leaf in ours.items():
-        wanted = (tuple(theirs[name].shape), jax.numpy.dtype(theirs[name].dtype))
-        if (tuple(leaf.shape), jax.numpy.dtype(leaf.dtype)) != wanted:
-            return f"its {name} is {leaf.dtype}{list(leaf.shape)} where state.params holds {wanted[1]}{list(wanted[0])}"
+        if tuple(leaf.shape) != tuple(theirs[name].shape):
+            return f"its {name} has shape {list(leaf.shape)} where state.params holds {list(theirs[name].shape)}"
     return None
 
 
 def check_mirrors(specs: Mapping[str, Frozen], values: Mapping[str, PyTree], params: PyTree) -> None:
-    """Entries declared `mirrors_params` must have `params`' tree, shapes and dtypes (checked before any step)."""
+    """Entries declared `mirrors_params` must have `params`' tree and shapes (checked before any step)."""
     for name, spec in specs.items():
         if spec.mirrors_params and name in values and (problem := _difference(values[name], params)):
             raise FrozenError(f"frozen entry '{name}' is declared mirrors_params=True but {problem}. Build it with "
                               "Frozen(self.trainable_variables, ...): the variables this run trains (trainable_filter: "
-                              "the LoRA adapters under lora_rank), in the run's layout and dtype.")
+                              "the LoRA adapters under lora_rank), in the run's layout.")
 
 
 class FrozenPlan:

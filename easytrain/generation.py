@@ -309,7 +309,8 @@ def generate_traced(
         model: A model with ``init_cache``/``decode``; not modified.
         input_ids: ``[B, L]`` prompts, left- or right-padded; ids under a 0 of the mask are never read.
         attention_mask: ``[B, L]``, nonzero for real tokens; None: all real.
-        rng: A PRNG key (typed, or raw ``uint32[2]`` key data such as ``TrainState.rng``).
+        rng: A PRNG key (typed, or raw ``uint32[2]`` key data), new at every call that should sample anew: in a
+            train step ``state.stream_rng("rollout")`` (not ``state.rng``, the run's base key, the same every step).
         max_new_tokens: ...and the other settings, as in ``generate``.
 
     Returns:

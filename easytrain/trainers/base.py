@@ -225,9 +225,11 @@ class BaseTrainer(TrainStateHooks, LanguageModelHooks):
         return adapters.partition(self.lora, self.trainable)["trainable"]
 
     def trainable_variables(self) -> nnx.State:
-        """A fresh module's trained variables, with `state.params`' tree, shapes and logical axes (new values): the
-        builder of a `Frozen` entry mirroring them, e.g. an EMA. A PEFT adapter's shapes need no concrete base."""
-        module, args = self._created_module(), self._arguments
+        """A fresh module's trained variables (a copy of `model=`'s, if given), with `state.params`' tree, shapes and
+        logical axes: the builder of a `Frozen` entry mirroring them, e.g. an EMA. A PEFT adapter's shapes need no
+        concrete base."""
+        args = self._arguments
+        module = nnx.clone(self._given_model) if self._given_model is not None else self._created_module()
         if args.lora_adapter_path:
             apply_switches(adapters.adapt(module, self.lora, args.seed), args, self.mesh.devices.flat[0].platform)
         return nnx.state(module if args.lora_adapter_path else self.adapt_module(module), self.trainable_filter)
