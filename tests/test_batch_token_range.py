@@ -36,7 +36,7 @@ def pair_collate(rows_, example_ids):
 def test_a_negative_target_from_a_custom_collate_is_refused_naming_field_example_and_fix():
     batches = TrainBatches(rows(), 12, seed=0, collate=marking_collate, vocab_size=VOCAB, read_options=NO_PREFETCH)
     expected = (r"^A batch from `collate` holds .*\[0, 50\).*field 'targets'.*example id 5.*"
-                r"position \(0,\) holds token id -100.*loss_mask")
+                r"position 0 holds token id -100.*loss_mask")
     with pytest.raises(TokenRangeError, match=expected) as caught:
         next(batches.iterator())
     assert (caught.value.field, caught.value.row, caught.value.token_id) == ("targets", 5, -100)

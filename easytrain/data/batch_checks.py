@@ -74,9 +74,10 @@ def check_batch_ids(ids: Any, field: str, example_ids: np.ndarray, vocab_size: i
     ids_in_all = "1 such id" if count == 1 else f"{count} such ids, from {int(bad.min())} to {int(bad.max())}"
     row, position = int(where[0]), tuple(int(index) for index in where[1:])
     example = int(example_ids[row]) if row < len(example_ids) else -1
+    shown = position[0] if len(position) == 1 else position  # [B, T] fields: the token's index in the row
     raise TokenRangeError(
         "A batch from `collate`", f"holds a token id outside the model's vocabulary [0, {vocab_size}): field "
-        f"{field!r}, batch row {row} (example id {example}), position {position} holds token id {value} "
+        f"{field!r}, batch row {row} (example id {example}), position {shown} holds token id {value} "
         f"({ids_in_all} in the batch); the embedding would wrap or clamp it silently. {_fix(value)}",
         field=field, row=example, position=int(np.ravel_multi_index(position, ids.shape[1:])) if position else 0,
         token_id=value, vocab_size=vocab_size)
