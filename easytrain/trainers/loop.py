@@ -137,6 +137,7 @@ class TrainLoop:
                 step = self.iterate(start_step)
                 self.finish(step)
         except BaseException as error:
+            self.log_due_steps()
             try:
                 parts.callbacks.on_exception(parts.owner, error)
             finally:  # even if a callback fails too
@@ -146,6 +147,16 @@ class TrainLoop:
             raise
         self.shut_down(failing=False)
         return self.last_logs
+
+    def log_due_steps(self) -> None:
+        """On a failure: log the trained steps up to the last whose log was due (deferred behind the next dispatch), as
+        far as their metrics can still be fetched; a resume truncates records past its checkpoint."""
+        due = [step for step, *_ in self.pending if step % self.args.logging_steps == 0]
+        if due:
+            try:
+                self.log(due[-1], checking=False)
+            except Exception:  # the failure may be the device's own: the run's error is the one to raise
+                logger.debug("the metrics of steps up to %d could not be logged", due[-1], exc_info=True)
 
     def restore_data_position(self, data_state: dict[str, Any]) -> None:
         """Continue the data where the checkpoint left it. Under `allow_data_order_change`, a position saved for
