@@ -76,3 +76,20 @@ def test_both_reruns_of_a_run_stopped_while_compiling_train_it_from_step_one(tmp
         assert sorted(logged(output_dir)) == [1, 2], "every step logged once"
         assert finalized_steps(output_dir / "checkpoints") == [2]
         assert read_job(output_dir)["status"] == "completed"
+
+
+class FailsToCompile(BaseTrainer):
+    """The first train step fails while it is built (an out-of-memory plan, a bug in the loss): nothing trained."""
+
+    def plan_memory(self, state, batch):
+        raise MemoryError("the step does not fit")
+
+
+def test_a_fresh_run_that_fails_before_step_one_can_be_run_again_with_the_same_command(tmp_path):
+    """Its empty logs would make the same command refuse output_dir as another run's; a run that trained nothing
+    leaves none (job.json keeps its failure)."""
+    with pytest.raises(MemoryError):
+        FailsToCompile(tiny_args(tmp_path)).train()
+    assert read_job(tmp_path)["status"] == "failed"
+    BaseTrainer(tiny_args(tmp_path)).train()
+    assert sorted(logged(tmp_path)) == [1, 2]

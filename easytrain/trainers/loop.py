@@ -142,7 +142,7 @@ class TrainLoop:
                 parts.callbacks.on_exception(parts.owner, error)
             finally:  # even if a callback fails too
                 self.shut_down(failing=True, status=outcome_of(error))
-                if isinstance(error, TrainingPreempted) and error.during and parts.resumed_from is None:
+                if parts.resumed_from is None and self.compile_seconds is None:  # a fresh run that trained nothing
                     run_dir.remove_unstarted_logs(Path(args.output_dir), parts.is_main_process)
             raise
         self.shut_down(failing=False)

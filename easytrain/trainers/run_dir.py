@@ -162,9 +162,10 @@ def start_over(output_dir: Path) -> None:
 
 
 def remove_unstarted_logs(output_dir: Path, is_main_process: bool) -> None:
-    """A fresh run stopped before its first step (a signal while it compiled) leaves the logs it opened, with no step
-    in them: removed (process 0), so that the same command line starts it again (`check_output_dir` would take them
-    for another run's). They are this run's: a fresh run starts only where there are none, or removes them."""
+    """A fresh run stopped or failed before its first step (a signal or an error while it compiled) leaves the logs it
+    opened, with no step in them: removed (process 0), so that the same command line starts it again
+    (`check_output_dir` would take them for another run's). They are this run's: a fresh run starts only where there
+    are none, or removes them. `job.json` keeps how it ended."""
     if is_main_process:
         for name in STARTED_RUN_LOGS:
             remove(output_dir / name)
