@@ -357,7 +357,8 @@ class TrainLoop:
 
         Non-finite updates were skipped inside the step, so the state in memory is finite; it is saved under its own
         step (after a deferred log, the step dispatched after the window's last), with the matching data position.
-        That step's metrics are logged first, as a window of their own: the log ends at the checkpoint.
+        That step's metrics are logged first, as a window of their own: the log ends at the checkpoint. Its `on_log`
+        then comes before its `on_step_end`, which never comes: the run stops inside the step before.
         """
         if (found := non_finite.first_skipped(window, fetched)) is None:
             return
