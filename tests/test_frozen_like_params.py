@@ -113,3 +113,23 @@ def test_an_ema_of_an_adapter_loaded_from_a_peft_directory_mirrors_its_params(tm
                          SFTArguments(assistant_only_loss=True))
     trainer.setup()
     assert jax.tree.structure(trainer.state.frozen["ema"]) == jax.tree.structure(trainer.state.params)
+
+
+def test_trainable_variables_of_a_trainer_given_its_module_copy_that_module(tmp_path):
+    """A trainer given `model=` (and no `create_module` of its own) mirrors the module it was given."""
+    from easytrain import BaseTrainer
+    from test_custom_module_errors import MLP, Classifier, arguments
+
+    class GivenWithEMA(Classifier):
+        create_module = BaseTrainer.create_module  # the default: there is none, the module is given
+
+        def configure_frozen(self):
+            return {"ema": Frozen(self.trainable_variables, checkpoint=True, mirrors_params=True)}
+
+    with nnx.use_eager_sharding(False):
+        given = MLP(nnx.Rngs(7))
+    trainer = GivenWithEMA(arguments(tmp_path), model=given)
+    trainer.setup()
+    expected = nnx.to_pure_dict(nnx.state(given, nnx.Param))
+    for ours, theirs in zip(jax.tree.leaves(trainer.state.frozen["ema"]), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
