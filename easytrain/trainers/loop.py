@@ -103,6 +103,7 @@ class TrainLoop:
         self.args = parts.arguments
         self.data = parts.data
         self.pending: list[tuple[int, dict[str, Any], Any, throughput.BatchCounts]] = []
+        self.deferred: int | None = None  # a logging step whose log waits for the next dispatch (`iterate`)
         self.last_eval: dict[str, float] = {}
         self.last_eval_step = -1
         self.last_logs: dict[str, float] = {}
@@ -151,12 +152,11 @@ class TrainLoop:
     def log_due_steps(self) -> None:
         """On a failure: log the trained steps up to the last whose log was due (deferred behind the next dispatch), as
         far as their metrics can still be fetched; a resume truncates records past its checkpoint."""
-        due = [step for step, *_ in self.pending if step % self.args.logging_steps == 0]
-        if due:
+        if (step := self.deferred) is not None:
             try:
-                self.log(due[-1], checking=False)
+                self.log(step, checking=False)
             except Exception:  # the failure may be the device's own: the run's error is the one to raise
-                logger.debug("the metrics of steps up to %d could not be logged", due[-1], exc_info=True)
+                logger.debug("the metrics of steps up to %d could not be logged", step, exc_info=True)
 
     def restore_data_position(self, data_state: dict[str, Any]) -> None:
         """Continue the data where the checkpoint left it. Under `allow_data_order_change`, a position saved for
@@ -174,7 +174,6 @@ class TrainLoop:
         (so the device never idles while the host logs), unless an evaluation, a save or the end follows it,
         which wait for the device anyway. `on_log` of a step therefore runs after the next step's dispatch."""
         parts, args, data = self.parts, self.args, self.data
-        deferred: int | None = None
         while step < data.total_steps and not parts.owner.should_stop:
             self.profiler.before_step(step + 1)
             with self.profiler.annotate(step + 1):
@@ -185,9 +184,8 @@ class TrainLoop:
                 metrics = self.dispatch(parts.to_device(batch))
             step += 1
             self.pending.append((step, metrics, batch.get("example_id"), counts))
-            if deferred is not None:  # pending holds steps up to `deferred`, and the next, already on the device
-                self.log(deferred, overlapping=True)
-                deferred = None
+            if self.deferred is not None:  # pending holds steps up to it, and the next, already on the device
+                self.log(self.deferred, overlapping=True)
             if len(self.pending) > MAX_STEPS_IN_FLIGHT:  # wait (no transfer) for the step that far back
                 jax.block_until_ready(self.pending[-MAX_STEPS_IN_FLIGHT - 1][1])
             self.reporter.advance(step)
@@ -203,7 +201,7 @@ class TrainLoop:
                 if evaluating or saving or step == data.total_steps or jax.process_count() > 1:
                     self.log(step)
                 else:
-                    deferred = step
+                    self.deferred = step
             if evaluating:
                 with self.off_the_clock():
                     self.evaluate(step)
@@ -330,6 +328,7 @@ class TrainLoop:
         of the next step it overlapped belongs to no window otherwise. A log with nothing queued behind it (an
         evaluation, a save or the end follows) is off the clock, as they are. `checking`: apply non_finite_policy."""
         window = [entry for entry in self.pending if entry[0] <= step]
+        self.deferred = None if self.deferred is not None and self.deferred <= step else self.deferred
         self.pending = self.pending[len(window):]
         fetched = metrics_lib.fetch([metrics for _, metrics, _, _ in window])
         arrived = time.perf_counter()
