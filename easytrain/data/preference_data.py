@@ -39,7 +39,7 @@ from easytrain.data.chat_templates import (
 )
 from easytrain.data.columns import format_from_columns
 from easytrain.data.errors import DataError
-from easytrain.data.row_errors import at_row
+from easytrain.data.row_errors import at_row, rows_as_stored
 from easytrain.data.special_tokens import (  # SFT's special-token rules: the same layout in SFT and DPO
     encode_text,
     ensure_bos,
@@ -234,16 +234,17 @@ def tokenize_preference_dataset(
         loader = TrainBatches(pair_rows(pairs), 8, seed=0,
                               collate=PairedCollate(bucket_lengths(512), tokenizer.pad_token_id))
     """
-    if formatting_func is not None:
-        dataset = dataset.map(formatting_func, remove_columns=dataset.column_names,
-                              num_proc=num_proc, desc="Formatting")
-    data_format = detect_preference_format(dataset.column_names)
-    _check_options(tokenizer, options, data_format, dataset)
-    tokenized = dataset.map(
-        _tokenize_batch, batched=True, with_indices=True, num_proc=num_proc, features=_FEATURES,
-        remove_columns=dataset.column_names, load_from_cache_file=True, desc="Tokenizing pairs",
-        fn_kwargs={"tokenizer": tokenizer, "options": options},
-    )
+    with rows_as_stored(dataset):  # a bad pair is named as the stored data has it, not by its place in a split
+        if formatting_func is not None:
+            dataset = dataset.map(formatting_func, remove_columns=dataset.column_names,
+                                  num_proc=num_proc, desc="Formatting")
+        data_format = detect_preference_format(dataset.column_names)
+        _check_options(tokenizer, options, data_format, dataset)
+        tokenized = dataset.map(
+            _tokenize_batch, batched=True, with_indices=True, num_proc=num_proc, features=_FEATURES,
+            remove_columns=dataset.column_names, load_from_cache_file=True, desc="Tokenizing pairs",
+            fn_kwargs={"tokenizer": tokenizer, "options": options},
+        )
     check_token_ids(tokenized, PAIR_TOKEN_FIELDS, vocab_size, tokenizer=tokenizer,
                     rows_are="Preference pairs")
     stats = _stats(tokenized)

@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerBase
 
 from easytrain.data.chat_templates import chat_template_of, drop_none, parse_tools, render_chat
 from easytrain.data.errors import DataError
-from easytrain.data.row_errors import at_row
+from easytrain.data.row_errors import at_row, rows_as_stored
 from easytrain.data.sft import CONVERSATIONAL, PROMPT_COMPLETION, SFTDataOptions, detect_format
 from easytrain.data.special_tokens import encode_text, ensure_bos
 
@@ -46,13 +46,14 @@ def prompt_and_reference(example: Mapping[str, Any], tokenizer: PreTrainedTokeni
 
 def prompts_and_references(rows: Any, tokenizer: PreTrainedTokenizerBase, limit: int | None = None,
                            options: SFTDataOptions | None = None) -> tuple[list[list[int]], list[str]]:
-    """`prompt_and_reference` of the first `limit` rows of a `datasets.Dataset`."""
+    """`prompt_and_reference` of the first `limit` rows of a `datasets.Dataset` (a bad row named as stored)."""
     data_format = detect_format(rows.column_names)
     count = len(rows) if limit is None else min(limit, len(rows))
     pairs = []
-    for i in range(count):
-        with at_row(i):
-            pairs.append(prompt_and_reference(rows[i], tokenizer, data_format, options))
+    with rows_as_stored(rows):
+        for i in range(count):
+            with at_row(i):
+                pairs.append(prompt_and_reference(rows[i], tokenizer, data_format, options))
     return [p for p, _ in pairs], [r for _, r in pairs]
 
 

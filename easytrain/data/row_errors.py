@@ -2,20 +2,24 @@
 
 The per-row tokenisers raise plain ``DataError``s that describe the problem; ``at_row`` adds which row
 (its 0-based index in the dataset given, which ``datasets.map(with_indices=True)`` supplies even when
-worker processes tokenise shards of it). A caller that knows which split the rows are (train,
-validation) can say so with ``RowError.within``.
+worker processes tokenise shards of it). ``rows_as_stored`` then names that row as the user's data has it:
+a held-out validation split, a shuffle or a selection is a mapping onto the stored rows (the file's rows, the
+dataset as loaded), and the row a user can look up is the stored one. A caller that knows which split the rows
+are (train, validation) can say so with ``RowError.within``.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 from easytrain.data.errors import DataError
 
 
 class RowError(DataError):
-    """A bad example: ``row`` is its 0-based index in ``where``; ``details`` say what is wrong and the fix."""
+    """A bad example: ``row`` is its 0-based index in ``where`` (in its stored rows after ``rows_as_stored``);
+    ``details`` say what is wrong and the fix."""
 
     def __init__(self, row: int, details: str, where: str = "the dataset given") -> None:
         super().__init__(f"Example {row} (0-based row index) of {where}: {details}")
@@ -39,3 +43,21 @@ def at_row(row: int) -> Iterator[None]:
         raise
     except DataError as error:
         raise RowError(row, str(error)) from error
+
+
+@contextlib.contextmanager
+def rows_as_stored(dataset: Any) -> Iterator[None]:
+    """A ``RowError`` raised inside, naming a row of ``dataset``, names that row of the stored data instead.
+
+    ``dataset``'s selection (``datasets.Dataset`` indices mapping: a held-out split, a shuffle, a selection) is
+    read on entering, so rows may be re-mapped inside (``formatting_func``) without losing it. Without one, a
+    row of ``dataset`` is its stored row and the error goes on unchanged. Read only when an error is raised.
+    """
+    indices = getattr(dataset, "_indices", None)
+    try:
+        yield
+    except RowError as error:
+        if indices is None or not 0 <= error.row < indices.num_rows:
+            raise
+        stored = int(indices.column(0)[error.row].as_py())
+        raise RowError(stored, error.details, error.where) from error.__cause__

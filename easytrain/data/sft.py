@@ -28,7 +28,7 @@ from easytrain.data.chat_templates import (
 )
 from easytrain.data.columns import format_from_columns
 from easytrain.data.errors import DataError
-from easytrain.data.row_errors import at_row
+from easytrain.data.row_errors import at_row, rows_as_stored
 from easytrain.data.special_tokens import (encode_text, ensure_bos, ensure_eos, eos_id, last_content_index,
                                            typed_field)
 from easytrain.data.token_range import check_token_ids
@@ -179,7 +179,8 @@ def tokenize_sft_dataset(
 
     Raises:
         DataError: Unknown format, bad template for the options, or no example left.
-        RowError: An example cannot be tokenised (e.g. the chat template fails on it): names its row.
+        RowError: An example cannot be tokenised (e.g. the chat template fails on it): names its row as the
+            stored data has it (a held-out split's or a shuffle's row mapped back, see ``rows_as_stored``).
         TokenRangeError: A token id outside ``[0, vocab_size)``.
 
     Example::
@@ -189,16 +190,17 @@ def tokenize_sft_dataset(
         tokenized, stats = tokenize_sft_dataset(rows, tokenizer, SFTDataOptions(assistant_only_loss=True))
         packed = pack_examples(tokenized, seq_length=1024)  # or PaddedCollate(bucket_lengths(1024))
     """
-    if formatting_func is not None:
-        dataset = dataset.map(formatting_func, remove_columns=dataset.column_names,
-                              num_proc=num_proc, desc="Formatting")
-    data_format = detect_format(dataset.column_names)
-    _check_options(tokenizer, options, data_format, dataset)
-    tokenized = dataset.map(
-        _tokenize_batch, batched=True, with_indices=True, num_proc=num_proc, features=_FEATURES,
-        remove_columns=dataset.column_names, load_from_cache_file=True, desc="Tokenizing SFT data",
-        fn_kwargs={"tokenizer": tokenizer, "options": options, "data_format": data_format},
-    )
+    with rows_as_stored(dataset):  # a bad row is named as the stored data has it, not by its place in a split
+        if formatting_func is not None:
+            dataset = dataset.map(formatting_func, remove_columns=dataset.column_names,
+                                  num_proc=num_proc, desc="Formatting")
+        data_format = detect_format(dataset.column_names)
+        _check_options(tokenizer, options, data_format, dataset)
+        tokenized = dataset.map(
+            _tokenize_batch, batched=True, with_indices=True, num_proc=num_proc, features=_FEATURES,
+            remove_columns=dataset.column_names, load_from_cache_file=True, desc="Tokenizing SFT data",
+            fn_kwargs={"tokenizer": tokenizer, "options": options, "data_format": data_format},
+        )
     check_token_ids(tokenized, ("input_ids",), vocab_size, tokenizer=tokenizer,
                     rows_are="SFT examples")
     stats = _stats(tokenized)

@@ -265,7 +265,10 @@ def _check_not_empty(splits: datasets.DatasetDict) -> None:
 def _split_off_validation(
     train: datasets.Dataset, percentage: int, seed: int
 ) -> datasets.DatasetDict:
-    """Hold out ``percentage`` of the rows (at least one), seeded for reproducibility."""
+    """Hold out ``percentage`` of the rows (at least one), seeded for reproducibility.
+
+    Both splits are selections of the loaded rows (an indices mapping, not a copy), through which a bad example
+    is named by its row in the loaded data (``row_errors.rows_as_stored``), not by its place in the split."""
     num_validation = max(1, math.ceil(len(train) * percentage / 100))
     if num_validation >= len(train):
         raise DataError(

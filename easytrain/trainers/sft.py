@@ -23,6 +23,7 @@ from easytrain.data import (PaddedCollate, RowSource, SFTDataOptions, bucket_len
                             tokenize_sft_dataset)
 from easytrain.data.chat_templates import read_chat_template
 from easytrain.data.prompts import prompts_and_references
+from easytrain.data.row_errors import rows_as_stored
 from easytrain.data.token_range import rows_of, vocab_size_of
 from easytrain.evaluators import CompletionMetrics
 from easytrain.tasks import arithmetic
@@ -116,7 +117,7 @@ class SFTTrainer(BaseTrainer):
             validation = splits["validation"]
             if self.formatting_func is not None:  # the prompts come from the same formatted examples
                 validation = validation.map(self.formatting_func, remove_columns=validation.column_names)
-            with rows_of("validation"):
+            with rows_of("validation"), rows_as_stored(splits["validation"]):  # rows named as stored
                 prompts, references = prompts_and_references(validation, self.tokenizer, samples,
                                                              self._data_options())
             self.evaluators.append(CompletionMetrics(prompts, references, self.tokenizer,
