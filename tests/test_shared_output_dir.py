@@ -61,7 +61,7 @@ def test_processes_given_other_output_dirs_all_refuse_alike(tmp_path):
     assert "process 1 cannot see" in error.message and "process 2" not in error.message
     assert str(directories[0]) in error.message and str(directories[1]) in error.message
     assert "shares" in error.message and "same --output_dir" in error.message
-    assert list(directories[0].iterdir()) == [], "the token stayed in output_dir"
+    assert not directories[0].exists(), "the refused check left output_dir (or its token) behind"
     assert not directories[1].exists(), "the process that cannot see process 0's output_dir wrote into its own"
 
 
@@ -117,3 +117,53 @@ def test_no_token_is_left_when_a_gather_fails(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         shared_output_dir.check_processes_share(tmp_path, 0, gather)
     assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_a_refused_run_leaves_no_directory_it_created(tmp_path):
+    """The check made process 0's output_dir (and its missing parents) to write its token: refused, it removes them."""
+    directories = [tmp_path / "new" / "run0", tmp_path / "run1"]
+    outcomes = run_processes(directories)
+    assert all(isinstance(error, ArgumentError) for error in outcomes), outcomes
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "the refused check left the directories it created"
+
+
+def test_a_refused_run_keeps_directories_it_did_not_create_or_that_hold_files(tmp_path):
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("mine")
+    outcomes = run_processes([existing, tmp_path / "other"])
+    assert all(isinstance(error, ArgumentError) for error in outcomes), outcomes
+    assert [p.name for p in existing.iterdir()] == ["notes.txt"]
+
+    created = tmp_path / "made" / "run"
+    calls = []
+
+    def gather(record):  # a file written into the new output_dir during the check, then a refusal
+        calls.append(record)
+        if len(calls) == 2:
+            (created / "late.txt").write_text("another writer")
+            return np.array([1, 0], dtype=np.uint8)
+        return np.stack([record, record])
+
+    with pytest.raises(ArgumentError):
+        shared_output_dir.check_processes_share(created, 0, gather)
+    assert [p.name for p in created.iterdir()] == ["late.txt"], "a directory holding a file was removed"
+
+
+def test_a_failed_gather_or_an_unwritable_dir_leaves_no_directory_it_created(tmp_path, monkeypatch):
+    def failing(record):
+        raise KeyboardInterrupt("a signal during the gather")
+
+    with pytest.raises(KeyboardInterrupt):
+        shared_output_dir.check_processes_share(tmp_path / "a" / "b", 0, failing)
+    assert not (tmp_path / "a").exists()
+    monkeypatch.setattr(shared_output_dir, "_token_name", lambda nonce: "missing/token")  # the write fails
+    outcomes = run_processes([tmp_path / "made" / "run"] * 2)
+    assert all(isinstance(error, OutputDirError) for error in outcomes), outcomes
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_passing_run_keeps_the_output_dir_the_check_created(tmp_path):
+    run = tmp_path / "new" / "run"
+    assert run_processes([run, run]) == [None, None]
+    assert run.is_dir() and list(run.iterdir()) == []

@@ -5,8 +5,9 @@ at the same path, or another --output_dir) leaves the save waiting forever for f
 At set-up, before any compute, process 0 writes a token file holding a fresh random nonce into its output_dir; the
 processes exchange that nonce (one small gather, which also orders the write before every read), each reads the
 token back from its own output_dir, and a second gather tells all of them who saw it. Every process then raises
-the same `ArgumentError`, and process 0 removes the token. A single process, and a run that neither checkpoints
-nor resumes (each process then writes nothing there, or only process 0 does), compare nothing.
+the same `ArgumentError`, and process 0 removes the token (and, when the run is refused, the directories it made
+to hold it, while empty: a refused run leaves the file system as it found it). A single process, and a run that
+neither checkpoints nor resumes (each process then writes nothing there, or only process 0 does), compare nothing.
 """
 
 from __future__ import annotations
@@ -51,13 +52,14 @@ def check(args: TrainingArguments) -> None:
 def check_processes_share(output_dir: Path, index: int, gather: Gather) -> None:
     """Process `index`'s part of the check. `gather` stacks every process's record in process order (a collective:
     every process calls it the same number of times, whatever it finds)."""
-    nonce, written = _write_token(output_dir) if index == 0 else (b"", None)
+    nonce, written, created = _write_token(output_dir) if index == 0 else (b"", None, [])
     record = np.zeros(1 + _NONCE_BYTES + 2 + _PATH_BYTES, dtype=np.uint8)
     record[0] = written is None
     record[1:1 + len(nonce)] = np.frombuffer(nonce, dtype=np.uint8)
     path = str(output_dir.absolute()).encode()[:_PATH_BYTES]
     record[1 + _NONCE_BYTES:3 + _NONCE_BYTES] = np.frombuffer(len(path).to_bytes(2, "little"), dtype=np.uint8)
     record[3 + _NONCE_BYTES:3 + _NONCE_BYTES + len(path)] = np.frombuffer(path, dtype=np.uint8)
+    refused = True
     try:
         everyone = np.asarray(gather(record)).reshape(-1, record.size)
         paths = [_path(row) for row in everyone]
@@ -66,10 +68,14 @@ def check_processes_share(output_dir: Path, index: int, gather: Gather) -> None:
                                  "--output_dir on storage every process shares.") from written
         token = everyone[0, 1:1 + _NONCE_BYTES].tobytes()
         seen = np.asarray(gather(np.array([_sees(output_dir, token)], dtype=np.uint8))).reshape(-1)
+        blind = [process for process, saw in enumerate(seen) if not saw]
+        refused = bool(blind)
     finally:  # whatever happens (a peer gone, a signal), process 0's token does not outlive the check
         if index == 0 and written is None:
             _remove(output_dir / _token_name(nonce))
-    if blind := [process for process, saw in enumerate(seen) if not saw]:
+        if refused:  # nor do the directories it made for the token: a refused run leaves the disk as it was
+            _remove_empty(created)
+    if blind:
         raise ArgumentError("output_dir", _message(blind, paths))
 
 
@@ -77,15 +83,41 @@ def _token_name(nonce: bytes) -> str:
     return TOKEN_PREFIX + nonce.hex()
 
 
-def _write_token(output_dir: Path) -> tuple[bytes, OSError | None]:
-    """Process 0: a new nonce and, if its token could not be written, why (shown as the error's cause)."""
+def _write_token(output_dir: Path) -> tuple[bytes, OSError | None, list[Path]]:
+    """Process 0: a new nonce, why its token could not be written if so (shown as the error's cause), and the
+    directories made for it (output_dir and missing parents, deepest first) that a refused run removes again."""
     nonce = uuid.uuid4().bytes
+    missing = _missing(output_dir)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / _token_name(nonce)).write_bytes(nonce)
     except OSError as error:
-        return nonce, error
-    return nonce, None
+        return nonce, error, missing
+    return nonce, None, missing
+
+
+def _missing(directory: Path) -> list[Path]:
+    """`directory` and its ancestors that do not exist yet, deepest first (up to one that cannot be looked at:
+    this never raises, so process 0 always reaches the gathers its peers wait in)."""
+    missing, path = [], directory.absolute()
+    try:
+        while not path.exists() and path != path.parent:
+            missing.append(path)
+            path = path.parent
+    except OSError:
+        pass
+    return missing
+
+
+def _remove_empty(directories: list[Path]) -> None:
+    """Remove these directories, deepest first, while they are empty (a file someone put there keeps its own)."""
+    for directory in directories:
+        try:
+            directory.rmdir()
+        except FileNotFoundError:
+            continue  # never made (mkdir failed above it), or already gone
+        except OSError:
+            return  # not empty, or not ours to remove: it and its parents stay
 
 
 def _sees(output_dir: Path, nonce: bytes) -> bool:
