@@ -276,23 +276,50 @@ def _assign(tree: dict, inner: VariablePath, value: Any) -> None:
     node[_match_key(node, inner[-1])] = value
 
 
-def replaced_weights(before: TrainState, after: TrainState) -> dict[VariablePath, jax.Array]:
+class SourceWeights(dict):
+    """Variable path -> value of the variables a source set, and `expected`: the paths it set, so `put_weights`
+    can tell an entry removed since from a variable the source left fresh (e.g. new LoRA adapters)."""
+
+    def __init__(self, values: dict[VariablePath, jax.Array]) -> None:
+        super().__init__(values)
+        self.expected: frozenset[VariablePath] = frozenset(values)
+
+
+def replaced_weights(before: TrainState, after: TrainState) -> SourceWeights:
     """The module variables `initialise_from` put into `before` to make `after` (it keeps every other leaf as it
     was, the same array), so another state can start from them without reading the source again (`put_weights`)."""
-    return {path: _leaf(after, part, inner) for path, (part, inner) in module_weights(after).items()
-            if _leaf(after, part, inner) is not _leaf(before, part, inner)}
+    return SourceWeights({path: _leaf(after, part, inner) for path, (part, inner) in module_weights(after).items()
+                          if _leaf(after, part, inner) is not _leaf(before, part, inner)})
+
+
+def _missing(weights: dict[VariablePath, Any], ours: dict[VariablePath, Any]) -> list[VariablePath]:
+    """This state's variables the source set (`SourceWeights.expected`; every float module variable for a plain
+    mapping, which does not say what the source left fresh) that `weights` lacks. Paths only, nothing read."""
+    expected = weights.expected if isinstance(weights, SourceWeights) else ours.keys()
+    return sorted(path for path in expected if path in ours and path not in weights)
 
 
 def put_weights(state: TrainState, shardings: TrainState, weights: dict[VariablePath, jax.Array], *,
                 copy: bool = True) -> TrainState | None:
     """`state` with `weights` (`replaced_weights` of a state laid out as this one) in place, placed like `shardings`;
     with `copy`, in buffers of their own (the train step donates the state: it must not share them with an array
-    another holds). None when they do not fit this state (another variable, shape or dtype)."""
+    another holds). None when they do not fit this state (another variable, shape or dtype).
+
+    Raises:
+        ValueError: `weights` lack a variable the source set (see `_missing`): placed, it would silently keep its
+            random initial value.
+    """
     ours = module_weights(state)
     if any(path not in ours or (value.shape, value.dtype) != (_leaf(state, *ours[path]).shape,
                                                               _leaf(state, *ours[path]).dtype)
            for path, value in weights.items()):
         return None
+    if missing := _missing(weights, ours):
+        shown = ", ".join(".".join(path) for path in missing[:6]) + (f", and {len(missing) - 6} more"
+                                                                      if len(missing) > 6 else "")
+        raise ValueError(f"put_weights: {len(missing)} variable(s) the source set are missing: {shown}; they would "
+                         "keep their random initial values. Pass all of `replaced_weights`' result (or every float "
+                         "module variable of the state), or initialise this state from the source itself.")
     replaced = {part: jax.tree.map(lambda x: x, getattr(state, part)) for part in MODULE_PARTS}
     for path, value in weights.items():
         part, inner = ours[path]
