@@ -26,7 +26,7 @@ from easytrain.jobs import outcome_of
 from easytrain.memory_plan import MemoryPlan
 from easytrain.protocol import ConfiguredDataloaders
 from easytrain.reporting import Reporter
-from easytrain.trainers import non_finite, run_dir, run_end
+from easytrain.trainers import non_finite, process_failure, run_dir, run_end
 from easytrain.trainers.preemption import PreemptionWatcher, TrainingPreempted
 
 logger = logging.getLogger("easytrain")
@@ -133,11 +133,12 @@ class TrainLoop:
                                  run_config=args.to_dict(), trackers=trackers)
         self.manager, self.last_saved_step = parts.checkpoints, start_step if resumed else -1
         try:
-            with PreemptionWatcher() as self.preemption:
+            with PreemptionWatcher() as self.preemption, process_failure.watching():  # logs another's failure
                 parts.callbacks.on_train_begin(parts.owner)
                 step = self.iterate(start_step)
                 self.finish(step)
         except BaseException as error:
+            process_failure.publish_failure(error)  # first: the other processes look for it when they fail
             self.log_due_steps()
             try:
                 parts.callbacks.on_exception(parts.owner, error)
@@ -145,7 +146,7 @@ class TrainLoop:
                 self.shut_down(failing=True, status=outcome_of(error))
                 if parts.resumed_from is None and self.compile_seconds is None:  # a fresh run that trained nothing
                     run_dir.remove_unstarted_logs(Path(args.output_dir), parts.is_main_process)
-            raise
+            process_failure.reraise_naming_others(error)  # `error`, or one naming another process that failed first
         self.shut_down(failing=False)
         return self.last_logs
 

@@ -1,0 +1,203 @@
+"""A failure on one process of a multi-process run, named on every process.
+
+When one process fails inside `train()` (a bad batch, a bug in a callback), the others are left inside a step's
+collective, which fails only at the collective's deadline (about 30 s for Gloo on CPU, longer for NCCL) with an
+error that names nothing (`GetKeyValue() timed out`), or, once the step's collectives are set up, wait in them
+for many minutes. So a failing process publishes one line about its error in the coordination service's
+key-value store, and:
+
+- while the steps run, every process watches for such a line (`watching`: one thread, one long-polled key, no
+  device work) and logs it within seconds, even if it then waits in a collective that will never complete;
+- a process that fails afterwards looks the lines up and raises `OtherProcessFailedError` naming them first,
+  its own error chained (a process whose own error is an `EasytrainError`, which names its cause, raises it and
+  warns of the others').
+
+Everything here is best effort and bounded in time: it never hides the process's own error. A single-process
+run does nothing here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, TypeVar
+
+import jax
+
+from easytrain.errors import EasytrainError
+from easytrain.jobs import outcome_of
+
+logger = logging.getLogger("easytrain")
+T = TypeVar("T")
+
+#: Where process `i` publishes its failure in the `r`-th `train()` of the job: `f"{KEY_PREFIX}{r}/{i}"`; the
+#: first process to fail in it also sets `f"{FIRST_KEY}{r}"`, the key `watching` waits on.
+KEY_PREFIX = "easytrain/failed/"
+FIRST_KEY = "easytrain/first_failure/"
+#: How long one wait of the watcher lasts: a `train()` that ends waits up to this for the watcher to stop.
+WATCH_POLL_SECONDS = 0.5
+#: How long the watcher holds back another process's failure: a failure every process meets at about the same step
+#: (a non-finite stop, a refused save) ends this process's steps too, and its own error is the one to show then.
+WATCH_GRACE_SECONDS = 5.0
+#: How long a failing process waits for the others' lines (a process that failed at about the same time may
+#: publish just after this one looks), and the bound on any one call to the coordination service.
+LOOKUP_SECONDS = 2.0
+POLL_SECONDS = 0.2
+#: A published line is cut to this length (a data error's message with its fix fits).
+MAX_LINE = 2000
+#: `train()` calls this process has made in a multi-process run: every process makes the same calls, so the count
+#: names one run on all of them, and a failure caught in an earlier `train()` of the same job is not this one's.
+_runs = 0
+
+
+class OtherProcessFailedError(EasytrainError, RuntimeError):
+    """Another process of the run failed first; this process's own error (most often a collective's timeout,
+    which names nothing) is its `__cause__`."""
+
+
+def describe(error: BaseException) -> str:
+    """One line about `error`: its type and message, newlines folded, cut to `MAX_LINE`."""
+    message = " ".join(str(error).split())
+    line = f"{type(error).__name__}: {message}" if message else type(error).__name__
+    return line if len(line) <= MAX_LINE else line[:MAX_LINE - 3] + "..."
+
+
+def coordination_client() -> Any | None:
+    """The `jax.distributed` client of a multi-process run, or None (a single process, or none reachable)."""
+    if jax.process_count() <= 1:
+        return None
+    try:
+        from jax._src import distributed
+
+        return distributed.global_state.client
+    except (ImportError, AttributeError):  # another jax: the run fails as it would without this module
+        return None
+
+
+def bounded(call: Callable[[], T], seconds: float = LOOKUP_SECONDS) -> T | None:
+    """`call()` in a daemon thread, given up after `seconds` (None then, or if it raised): the service may be gone
+    with the process that hosted it, and a failing process must not hang on it."""
+    result: list[T] = []
+
+    def target() -> None:
+        try:
+            result.append(call())
+        except Exception:  # noqa: BLE001 - best effort: the run's own error is the one that matters
+            logger.debug("the coordination service did not answer", exc_info=True)
+
+    thread = threading.Thread(target=target, name="easytrain-process-failure", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return result[0] if result else None
+
+
+def publish(client: Any, process_index: int, error: BaseException, now: float | None = None) -> None:
+    """Put `<unix time> <one line about error>` under this process's key (the time orders the failures), and
+    `<index> <unix time> <line>` under the first-failure key unless another process set it first."""
+    value = f"{time.time() if now is None else now:.3f} {describe(error)}"
+    bounded(lambda: client.key_value_set(f"{KEY_PREFIX}{_runs}/{process_index}", value, allow_overwrite=True))
+    bounded(lambda: client.key_value_set(f"{FIRST_KEY}{_runs}", f"{process_index} {value}"))
+
+
+def parse(entries: Any, own_index: int) -> dict[int, tuple[float, str]]:
+    """`{process index: (time, line)}` of the other processes from `key_value_dir_get(KEY_PREFIX)`'s `(key, value)`
+    pairs (keys with or without the prefix, whatever the service returns); a value without a time sorts first."""
+    found: dict[int, tuple[float, str]] = {}
+    for key, value in entries or ():
+        index = str(key).rstrip("/").rsplit("/", 1)[-1]
+        if index.isdigit() and int(index) != own_index:
+            stamp, _, line = str(value).partition(" ")
+            try:
+                found[int(index)] = (float(stamp), line)
+            except ValueError:
+                found[int(index)] = (0.0, str(value))
+    return found
+
+
+def others_failures(client: Any, own_index: int,
+                    wait_seconds: float = LOOKUP_SECONDS) -> dict[int, tuple[float, str]]:
+    """What the other processes published, waiting up to `wait_seconds` for a first line."""
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        found = parse(bounded(lambda: client.key_value_dir_get(f"{KEY_PREFIX}{_runs}/")), own_index)
+        if found or time.monotonic() >= deadline:
+            return found
+        time.sleep(POLL_SECONDS)
+
+
+def naming_error(own: BaseException, own_index: int,
+                 others: Mapping[int, tuple[float, str]]) -> OtherProcessFailedError:
+    """The error that names the processes that failed (the first to fail first), then this process's own."""
+    ordered = sorted(others.items(), key=lambda item: (item[1][0], item[0]))
+    named = "; ".join(f"process {index} failed: {line}" for index, (_, line) in ordered)
+    return OtherProcessFailedError(f"{named}. This process ({own_index}) failed after it: {describe(own)}")
+
+
+@contextlib.contextmanager
+def watching() -> Iterator[None]:
+    """Around a multi-process `train()`'s steps: a thread logs the first failure another process publishes,
+    `WATCH_GRACE_SECONDS` after it is published unless the block ended meanwhile. Stopped (within
+    `WATCH_POLL_SECONDS`) when the block ends, failing or not."""
+    global _runs
+    if (client := coordination_client()) is None:
+        yield
+        return
+    _runs += 1
+    stop = threading.Event()
+    thread = threading.Thread(target=watch, args=(client, f"{FIRST_KEY}{_runs}", jax.process_index(), stop),
+                              name="easytrain-failure-watch", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(WATCH_POLL_SECONDS + LOOKUP_SECONDS)
+
+
+def watch(client: Any, key: str, own_index: int, stop: threading.Event) -> None:
+    """Wait on `key` until `stop`; log the failure of another process found there, then end."""
+    while not stop.is_set():
+        started = time.monotonic()
+        try:
+            value = client.blocking_key_value_get(key, int(WATCH_POLL_SECONDS * 1000))
+        except Exception:  # noqa: BLE001 - nothing published yet (or no service: wait as long as a poll would)
+            stop.wait(max(0.0, WATCH_POLL_SECONDS - (time.monotonic() - started)))
+            continue
+        if stop.wait(WATCH_GRACE_SECONDS):  # this process's steps ended meanwhile: its own failure handling names it
+            return
+        index, _, published = str(value).partition(" ")
+        failure = parse([(index, published)], own_index)
+        for other, (_, line) in failure.items():
+            logger.error("process %d failed: %s. This process (%d) cannot go on without it: it fails when its "
+                         "collectives give up, or waits in them (then stop the job).", other, line, own_index)
+        return
+
+
+def publish_failure(error: BaseException) -> None:
+    """On a failing process of a multi-process run (not one stopped by a signal): publish `error` at once, before
+    the rest of the failure handling, so the others find it when their own collectives give up."""
+    if outcome_of(error) == "failed" and (client := coordination_client()) is not None:
+        publish(client, jax.process_index(), error)
+
+
+def reraise_naming_others(error: BaseException) -> None:
+    """Raise `error`, or, if other processes published a failure, an `OtherProcessFailedError` naming them, from
+    `error`. Call from the `except` block that caught `error`.
+
+    An `EasytrainError` names its own cause (every process may raise the same one, e.g. a non-finite stop): it is
+    raised as it is, after a warning naming other processes' different failures, looked up without waiting.
+    """
+    if outcome_of(error) != "failed" or not isinstance(error, Exception) or (client := coordination_client()) is None:
+        raise error
+    own_index, deliberate = jax.process_index(), isinstance(error, EasytrainError)
+    others = others_failures(client, own_index, wait_seconds=0.0 if deliberate else LOOKUP_SECONDS)
+    if deliberate:
+        if other := {index: failure for index, failure in others.items() if failure[1] != describe(error)}:
+            logger.warning("%s", naming_error(error, own_index, other))
+        raise error
+    if others:
+        raise naming_error(error, own_index, others) from error
+    raise error
