@@ -28,6 +28,9 @@ from easytrain.norms import split_for_sum, splits_at_shards, sum_in_stages, sums
 _UNSIGNED = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
 _GOLDEN = np.uint32(2654435761)  # Knuth's multiplicative hash: position-weighted sum catches moved data
 _BLOCK_ELEMENTS = 2**20  # 4 MiB of uint32 bits: summed in cache on XLA:CPU (`_digest_from`)
+#: `host_elements` for a fingerprint taken once per run (not per save): a leaf this small is fetched and digested in
+#: NumPy in well under the time its digest takes to compile (tens of milliseconds per shape at the suite's -O0).
+SMALL_ON_HOST = 2**16
 
 
 class CorruptCheckpointError(EasytrainError, ValueError):
@@ -150,20 +153,44 @@ def _digest(leaf: jax.Array, block_elements: int = _BLOCK_ELEMENTS) -> jax.Array
 _IN_FLIGHT = 16
 
 
-def _digests(tree: Any) -> list[np.ndarray]:
+def _digests(tree: Any, host_elements: int = 0) -> list[np.ndarray]:
     """One compiled digest per leaf (one compilation per distinct shape, dtype and layout): the scratch
     memory is that of the largest leaf, never of the whole tree at once. Fetched `_IN_FLIGHT` leaves at a
-    time, so a tree of many leaves never queues more programs than XLA:CPU can run on a mesh."""
+    time, so a tree of many leaves never queues more programs than XLA:CPU can run on a mesh. Leaves that
+    `_on_host(leaf, host_elements)` takes are digested in NumPy instead (`_host_digest`), to the same values."""
     leaves = jax.tree.leaves(tree)
-    return [value for start in range(0, len(leaves), _IN_FLIGHT)
-            for value in jax.device_get([_digest(leaf) for leaf in leaves[start:start + _IN_FLIGHT]])]
+    on_host = [_on_host(leaf, host_elements) for leaf in leaves]
+    on_device = [leaf for leaf, host in zip(leaves, on_host) if not host]
+    fetched = iter([value for start in range(0, len(on_device), _IN_FLIGHT)
+                    for value in jax.device_get([_digest(leaf) for leaf in on_device[start:start + _IN_FLIGHT]])])
+    return [_host_digest(leaf) if host else next(fetched) for leaf, host in zip(leaves, on_host)]
 
 
-def fingerprint(tree: Any) -> dict[str, list[int]]:
-    """Dotted leaf path -> two uint32 digests; JSON-ready."""
+def _on_host(leaf: jax.Array, host_elements: int) -> bool:
+    """Whether `leaf` is digested in NumPy: at most `host_elements` elements, all held by this process, of a 1-, 2-
+    or 4-byte type (or bool), so its bits are read as they are. Fetching such a leaf costs less than compiling its
+    digest for a shape seen once; a larger or multi-process one is summed where it lies."""
+    return (leaf.size <= host_elements and leaf.is_fully_addressable
+            and not jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+            and jnp.dtype(leaf.dtype).itemsize in _UNSIGNED)
+
+
+def _host_digest(leaf: jax.Array) -> np.ndarray:
+    """`_leaf_digest`'s two values computed in NumPy: uint64 arithmetic wraps mod 2**64, a multiple of 2**32, so
+    its sums taken mod 2**32 are the device's exactly (bools are bytes 0 or 1 in both)."""
+    values = np.asarray(leaf)
+    bits = values.view(_UNSIGNED[values.dtype.itemsize]).reshape(-1).astype(np.uint64)
+    weights = np.arange(bits.size, dtype=np.uint64) * np.uint64(_GOLDEN) + np.uint64(1)
+    return (np.stack([bits.sum(dtype=np.uint64), (bits * weights).sum(dtype=np.uint64)]) % np.uint64(2**32)
+            ).astype(np.uint32)
+
+
+def fingerprint(tree: Any, host_elements: int = 0) -> dict[str, list[int]]:
+    """Dotted leaf path -> two uint32 digests; JSON-ready. Leaves of at most `host_elements` elements that this
+    process holds whole are digested on the host (`_on_host`), to the same values."""
     paths = [jax.tree_util.keystr(path, simple=True, separator=".")
              for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-    values = _digests(tree)
+    values = _digests(tree, host_elements)
     return {path: [int(v) for v in np.asarray(value)] for path, value in zip(paths, values)}
 
 

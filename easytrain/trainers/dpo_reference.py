@@ -94,7 +94,7 @@ def checked_initial_weights(initial_weights: Callable[[Any, Any], Any], state: A
     require_source(source, resuming=resume_from is not None)
     state = initial_weights(state, shardings)
     record = {"init_weights_from": source, "read_from": resolved_source(source),
-              "fingerprint": integrity.fingerprint(float_leaves(state.params))}
+              "fingerprint": integrity.fingerprint(float_leaves(state.params), integrity.SMALL_ON_HOST)}
     check_initial_policy(resume_from, record)
     return state, record
 
@@ -137,7 +137,7 @@ def checked_reference_weights(module: nnx.Module, *, field: str, read_from: Path
     """The run_info record (`REFERENCE_WEIGHTS`) of a fixed reference read from `read_from` (`field`'s path): the
     digests of its weights. A resume rebuilds it from there, so refuse other weights found there now (the files
     were replaced since the run started): they would bend every later loss without a word."""
-    digests = integrity.fingerprint(float_leaves(nnx.to_pure_dict(nnx.state(module))))
+    digests = integrity.fingerprint(float_leaves(nnx.to_pure_dict(nnx.state(module))), integrity.SMALL_ON_HOST)
     record = {"read_from": str(read_from), "fingerprint": digests}
     if changed := _changed(_stored_record(resume_from, REFERENCE_WEIGHTS).get("fingerprint"), digests):
         raise ArgumentError(field, f"the reference weights read from {read_from} differ from those this run started "
@@ -186,7 +186,7 @@ def precomputed_reference_logps(reference: Frozen, rows: RowSource, *, data_fing
     read from the cache. The reference lives on the mesh only inside this function."""
     placed = place_frozen({"reference": reference}, mesh, rules)
     values, graphdef = placed.values["reference"], dict(placed.modules)["reference"]
-    key = cache_key(data_fingerprint, integrity.fingerprint(values), settings)
+    key = cache_key(data_fingerprint, integrity.fingerprint(values, integrity.SMALL_ON_HOST), settings)
     path = cache_dir / f"{key}.npy"
     if path.is_file():
         logger.info("reference log-probs read from %s", path)
