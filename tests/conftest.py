@@ -46,7 +46,7 @@ if host_memory.would_help(os.environ, host_memory.thp_mode(), host_memory.glibc_
 import pytest  # noqa: E402
 
 import loaded_executables  # noqa: E402
-from runs import children_without_torch, without_hidden_torch  # noqa: E402
+from runs import args_for, children_without_torch, copied_run, without_hidden_torch  # noqa: E402
 
 # Each test process keeps the programs it compiled or loaded, for the next trainer that builds the same one.
 loaded_executables.install()
@@ -103,6 +103,24 @@ def tokenizer(tokenizer_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory):
+    """A finished 4-step run (`runs.args_for`) with checkpoints at steps 2 and 4, trained once per test process for
+    every module that resumes or reruns it. Tests change only copies of it (`run_copy`); a module whose tests need
+    another run defines its own `finished_run` or `run_copy`."""
+    from easytrain import BaseTrainer
+
+    output_dir = tmp_path_factory.mktemp("finished") / "run"
+    BaseTrainer(args_for(output_dir)).train()
+    return output_dir
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path):
+    """This test's own copy of `finished_run`, at `tmp_path / "run"`."""
+    return copied_run(finished_run, tmp_path / "run")
 
 
 @pytest.fixture

@@ -1,13 +1,16 @@
-"""Helpers shared by the tests: read a run's logged metrics, stop a run at a given step, run a script on 8 CPU
-devices, an environment in which the `easytrain` command would relaunch itself for huge pages."""
+"""Helpers shared by the tests: the small checkpointed run the resume tests start from and copies of a run, read a
+run's logged metrics, stop a run at a given step, run a script on 8 CPU devices, an environment in which the
+`easytrain` command would relaunch itself for huge pages."""
 
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from easytrain import Callback, compiler_options, host_memory
+from easytrain import Callback, TrainingArguments, compiler_options, host_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 #: A directory whose sitecustomize hides PyTorch from the process that has it on its PYTHONPATH.
@@ -64,6 +67,27 @@ def long_training_options() -> str:
 def long_training_env(**extra: str) -> dict[str, str]:
     """`child_env` for a child that trains hundreds of steps: compiled at `LONG_TRAINING_LEVEL`."""
     return child_env(XLA_FLAGS=long_training_flags(), **extra)
+
+
+def args_for(output_dir, **overrides) -> TrainingArguments:
+    """A 4-step run of 64 rows checkpointed at steps 2 and 4 (`finished_run` in tests/conftest.py), with `overrides`."""
+    values = dict(output_dir=str(output_dir), max_length=16, train_batch_size=4, eval_batch_size=4, max_steps=4,
+                  logging_steps=1, eval_strategy="no", save_strategy="steps", save_steps=2, report_to=["jsonl"],
+                  disable_progress_bar=True, save_pretrained_at_end=False, max_train_samples=64,
+                  max_eval_samples=16)
+    return TrainingArguments(**(values | overrides))
+
+
+def copied_run(run: Path, destination: Path) -> Path:
+    """A copy of the finished `run` at `destination`, for one test to change: the run trained once for a module (or
+    a test process) stays as it was for the next test."""
+    return Path(shutil.copytree(run, destination))
+
+
+def snapshot(directory: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every file under `directory`."""
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def logged(output_dir, key: str = "loss", split: str = "train") -> dict[int, float]:

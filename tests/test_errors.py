@@ -1,6 +1,5 @@
 """Bad input fails before any compute, naming the field and the fix, and never touches checkpoints."""
 
-import shutil
 from pathlib import Path
 
 import datasets
@@ -9,6 +8,7 @@ import pytest
 from easytrain import ArgumentError, BaseTrainer, OutputDirError, TrainingArguments
 from easytrain.checkpoint import CheckpointNotFoundError
 from easytrain.data import DataError
+from runs import copied_run
 
 
 def args_for(tmp_path, **overrides) -> TrainingArguments:
@@ -21,7 +21,8 @@ def args_for(tmp_path, **overrides) -> TrainingArguments:
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Path:
-    """A finished 4-step run with checkpoints at steps 2 and 4, trained once for the tests that need an old run."""
+    """A finished 4-step run with checkpoints at steps 2 and 4, trained once for the tests that need an old run (of
+    this module's `args_for`, in place of tests/conftest.py's shared run)."""
     args = args_for(tmp_path_factory.mktemp("finished"), max_steps=4)
     BaseTrainer(args).train()
     return Path(args.output_dir)
@@ -30,7 +31,7 @@ def finished_run(tmp_path_factory) -> Path:
 @pytest.fixture
 def old_run(finished_run, tmp_path) -> Path:
     """A copy of `finished_run` at this test's `args_for(tmp_path).output_dir`."""
-    return Path(shutil.copytree(finished_run, args_for(tmp_path).output_dir))
+    return copied_run(finished_run, Path(args_for(tmp_path).output_dir))
 
 
 def no_checkpoints(args) -> bool:

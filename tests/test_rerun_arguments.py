@@ -3,7 +3,6 @@ checkpoint (never an old step it was once resumed from), never wipes the run, an
 first checkpoint. A resume refused for changed settings names the arguments that differ and that rerun."""
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -13,20 +12,7 @@ from easytrain.checkpoint import CheckpointNotFoundError, finalized_steps
 from easytrain.config_io import parse_task_arguments
 from easytrain.trainers.resume import check_resumable
 from easytrain.trainers.run_dir import check_output_dir, claim_output_dir
-from test_resume_inputs import args_for, snapshot
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> Path:
-    """A 4-step run with checkpoints at steps 2 and 4."""
-    output_dir = tmp_path_factory.mktemp("rerun") / "run"
-    BaseTrainer(args_for(output_dir)).train()
-    return output_dir
-
-
-@pytest.fixture
-def run_copy(finished_run, tmp_path) -> Path:
-    return Path(shutil.copytree(finished_run, tmp_path / "run"))
+from runs import args_for, snapshot
 
 
 def rerun(output_dir: Path, *flags: str):

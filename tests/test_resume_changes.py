@@ -14,7 +14,8 @@ from easytrain.checkpoint import CheckpointManager, finalized_steps
 from easytrain.data import TrainBatches
 from easytrain.data.errors import DataError
 from easytrain.trainers.resume import check_resumable, restore_checkpoint
-from test_resume_inputs import NoCompute, args_for, snapshot
+from runs import args_for, copied_run, snapshot
+from test_resume_inputs import NoCompute
 
 WORDS = "the quick brown fox jumps over the lazy dog and runs far away from home".split()
 
@@ -45,7 +46,8 @@ def file_run(tmp_path_factory, data_file, tokenizer_dir) -> Path:
 
 @pytest.fixture
 def run_copy(file_run, tmp_path) -> Path:
-    return Path(shutil.copytree(file_run, tmp_path / "run"))
+    """This test's own copy of `file_run` (in place of tests/conftest.py's copy of the shared run)."""
+    return copied_run(file_run, tmp_path / "run")
 
 
 @pytest.fixture

@@ -11,22 +11,10 @@ import pytest
 
 from easytrain import BaseTrainer
 from easytrain.errors import CheckpointReadError
-from test_resume_inputs import args_for, resume, snapshot
+from runs import args_for, snapshot
+from test_resume_inputs import resume
 
 REFUSED = r"the checkpoint .*/4 cannot be read.*left untouched; resume from an earlier one.*checkpoints/2"
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> Path:
-    """A 4-step run with checkpoints at steps 2 and 4."""
-    output_dir = tmp_path_factory.mktemp("finished") / "run"
-    BaseTrainer(args_for(output_dir)).train()
-    return output_dir
-
-
-@pytest.fixture
-def run_copy(finished_run, tmp_path) -> Path:
-    return Path(shutil.copytree(finished_run, tmp_path / "run"))
 
 
 def _refused(run: Path, pattern: str) -> str:

@@ -3,7 +3,6 @@ same count (an edited `train_file`, another `dataset_train` of the same length) 
 count, while the same rows, however they were built, resume exactly."""
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,8 @@ from easytrain.data import TrainBatches
 from easytrain.data.digest import rows_digest
 from easytrain.data.errors import DataError
 from easytrain.trainers.resume import check_data_position
-from test_resume_inputs import NoCompute, args_for, snapshot
+from runs import args_for, copied_run, snapshot
+from test_resume_inputs import NoCompute
 
 def token_rows() -> dict[str, np.ndarray]:
     return {"input_ids": np.arange(12 * 9, dtype=np.int32).reshape(12, 9) * 7 % 301}
@@ -147,7 +147,8 @@ def given_run(tmp_path_factory, tokenizer_dir) -> Path:
 
 @pytest.fixture
 def run_copy(given_run, tmp_path) -> Path:
-    return Path(shutil.copytree(given_run, tmp_path / "run"))
+    """This test's own copy of `given_run` (in place of tests/conftest.py's copy of the shared run)."""
+    return copied_run(given_run, tmp_path / "run")
 
 
 def resume(run, tokenizer_dir, train_lines, eval_lines=LINES[:8], trainer=NoCompute, **overrides):

@@ -1,7 +1,7 @@
 """Bad input around resuming: each case fails before any compute, names the field and the fix, and leaves
-every existing checkpoint byte-for-byte untouched."""
+every existing checkpoint byte-for-byte untouched. Each test changes its own copy (`run_copy`) of the run trained
+once per test process (`finished_run`, tests/conftest.py)."""
 
-import hashlib
 import os
 import re
 import stat
@@ -9,40 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from easytrain import ArgumentError, BaseTrainer, OutputDirError, TrainingArguments, placement
+from easytrain import ArgumentError, BaseTrainer, OutputDirError, placement
 from easytrain.checkpoint import CheckpointNotFoundError
 from easytrain.errors import CheckpointReadError
-
-
-def args_for(output_dir, **overrides) -> TrainingArguments:
-    values = dict(output_dir=str(output_dir), max_length=16, train_batch_size=4, eval_batch_size=4, max_steps=4,
-                  logging_steps=1, eval_strategy="no", save_strategy="steps", save_steps=2, report_to=["jsonl"],
-                  disable_progress_bar=True, save_pretrained_at_end=False, max_train_samples=64,
-                  max_eval_samples=16)
-    return TrainingArguments(**(values | overrides))
-
-
-def snapshot(directory: Path) -> dict[str, str]:
-    """Relative path -> sha256 of every file under `directory`."""
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> Path:
-    """A 4-step run with checkpoints at steps 2 and 4."""
-    output_dir = tmp_path_factory.mktemp("finished") / "run"
-    BaseTrainer(args_for(output_dir)).train()
-    return output_dir
-
-
-@pytest.fixture
-def run_copy(finished_run, tmp_path) -> Path:
-    import shutil
-
-    copy = tmp_path / "run"
-    shutil.copytree(finished_run, copy)
-    return copy
+from runs import args_for, snapshot  # noqa: F401  (snapshot: imported from here by other test modules)
 
 
 class NoCompute(BaseTrainer):
