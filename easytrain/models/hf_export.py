@@ -29,6 +29,7 @@ from easytrain.models.hf_io import (
     EMBEDDING_NAME,
     WEIGHTS_INDEX_NAME,
     WEIGHTS_NAME,
+    HEAD_NAME,
     CheckpointError,
     checked_params,
     hf_name,
@@ -82,19 +83,46 @@ def _params_of(model_or_params: LlamaForCausalLM | dict) -> dict:
 
 
 def _storage_dtype(dtype: DType | str | None, value: Any) -> np.dtype:
-    stored = jnp.dtype(dtype) if dtype is not None else jnp.dtype(value.dtype)
+    accepted = "use 'float32', 'bfloat16' or 'float16', or None to keep each parameter's dtype"
+    try:
+        stored = jnp.dtype(dtype) if dtype is not None else jnp.dtype(value.dtype)
+    except TypeError as error:  # e.g. 'bf16': numpy names no such dtype
+        raise CheckpointError(f"dtype={dtype!r} is not a dtype; {accepted}.") from error
     if not jnp.issubdtype(stored, jnp.floating):
-        raise CheckpointError(f"dtype={dtype!r} is not a floating dtype; use 'float32', 'bfloat16' or 'float16'.")
+        raise CheckpointError(f"dtype={dtype!r} is not a floating dtype; {accepted}.")
     return stored
 
 
+# Within a decoder layer, transformers registers its modules (and so saves their tensors) in this order.
+_LAYER_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "self_attn.q_norm",
+                  "self_attn.k_norm", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm",
+                  "post_attention_layernorm")
+_LAYER_TENSOR = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
+_OUTSIDE_LAYERS = {EMBEDDING_NAME: 0, "model.norm.weight": 2, HEAD_NAME: 3}
+
+
+def _module_order(name: str) -> tuple:
+    """Sort key putting tensors in transformers' ``state_dict`` order: embedding, layers in turn (each module's
+    weight before its bias), final norm, head. The shard split is greedy in this order, so it decides which
+    tensors share a file; a name outside the table goes after the known ones (by name), never fails the export."""
+    if name in _OUTSIDE_LAYERS:
+        return (_OUTSIDE_LAYERS[name],)
+    match = _LAYER_TENSOR.fullmatch(name)
+    if match is None:
+        return (4, name)
+    layer, module, leaf = match.groups()
+    rank = _LAYER_MODULES.index(module) if module in _LAYER_MODULES else len(_LAYER_MODULES)
+    return (1, int(layer), rank, module, leaf == "bias")
+
+
 def export_plan(params: dict, config: transformers.PretrainedConfig, dtype: DType | str | None) -> dict[str, _Planned]:
-    """Hugging Face name -> tensor to write, checked against the config from shapes alone."""
+    """Hugging Face name -> tensor to write, in transformers' save order, checked against the config from shapes
+    alone."""
     plan = {}
     for path, value in checked_params(unstack_layer_dicts(params, _LayerSlice), config).items():
         name, transpose = hf_name(path)
         plan[name] = _Planned(value, transpose, _storage_dtype(dtype, value))
-    return plan
+    return dict(sorted(plan.items(), key=lambda item: _module_order(item[0])))
 
 
 def _to_host(value: Any) -> np.ndarray:
@@ -123,7 +151,8 @@ def _fetch(planned: _Planned) -> np.ndarray:
 
 
 def _split(plan: dict[str, _Planned], max_shard_size: int | str) -> Any:
-    """Shard files exactly as transformers names and fills them (greedy, in parameter order)."""
+    """Shard files exactly as transformers names and fills them: greedy, in the plan's order, which is
+    transformers' ``state_dict`` order (`_module_order`)."""
     if isinstance(max_shard_size, bool) or (isinstance(max_shard_size, int) and max_shard_size <= 0):
         raise CheckpointError(f"max_shard_size={max_shard_size!r} must be a positive number of bytes or a "
                               "string like '200MB' or '5GB'.")
