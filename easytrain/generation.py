@@ -24,7 +24,7 @@ import dataclasses
 import functools
 import numbers
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +33,10 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from easytrain.errors import EasytrainError
+from easytrain.sampling import filter_logits, sample_logits
+
+__all__ = ["GenerationConfig", "GenerationError", "Generated", "filter_logits", "generate", "generate_traced",
+           "greedy_complete", "pad_prompts", "sample_logits"]
 
 Array = jax.Array
 
@@ -83,6 +87,9 @@ class GenerationConfig:
         if not all(_is_int(token) for token in eos):
             raise GenerationError(f"eos_token_id = {self.eos_token_id!r} must hold int token ids.")
         object.__setattr__(self, "eos_token_id", tuple(int(token) for token in eos))
+        if not isinstance(self.do_sample, (bool, np.bool_)):  # "False" would sample, None decode greedily
+            raise GenerationError(f"do_sample = {self.do_sample!r} must be a bool (True samples, False is greedy).")
+        object.__setattr__(self, "do_sample", bool(self.do_sample))
         for name, kind, check in (("max_new_tokens", "an int", _is_int), ("top_k", "an int or None", _is_int),
                                   ("pad_token_id", "an int", _is_int), ("temperature", "a number", _is_real),
                                   ("top_p", "a number or None", _is_real)):
@@ -101,33 +108,6 @@ def _is_int(value: object) -> bool:
 
 def _is_real(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
-
-
-def filter_logits(logits_BV: Array, top_k: int | None = None, top_p: float | None = None) -> Array:
-    """Logits with every token outside the top-k, then outside the top-p nucleus, set to -inf.
-
-    Top-p keeps, in decreasing probability order, each token whose preceding tokens hold less than
-    ``top_p`` of the mass (the same set as transformers' ``TopPLogitsWarper``).
-    """
-    if top_k is not None and top_k < logits_BV.shape[-1]:
-        kth_B1 = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
-        logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
-    if top_p is not None and top_p < 1:
-        sorted_BV = -jnp.sort(-logits_BV, axis=-1)
-        probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
-        before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
-        kept_B1 = jnp.sum(before_BV < top_p, axis=-1, keepdims=True)
-        threshold_B1 = jnp.take_along_axis(sorted_BV, kept_B1 - 1, axis=-1)
-        logits_BV = jnp.where(logits_BV < threshold_B1, -jnp.inf, logits_BV)
-    return logits_BV
-
-
-def sample_logits(
-    logits_BV: Array, rng: Array, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
-) -> Array:
-    """One token id per row drawn from ``softmax(filter_logits(logits / temperature))``, int32 ``[B]``."""
-    filtered_BV = filter_logits(logits_BV.astype(jnp.float32) / temperature, top_k, top_p)
-    return jax.random.categorical(rng, filtered_BV, axis=-1).astype(jnp.int32)
 
 
 def _next_token(logits_BV: Array, rng: Array, config: GenerationConfig) -> Array:
@@ -207,9 +187,17 @@ def _check_shapes(model: nnx.Module, ids_BL, mask_BL) -> None:
         raise GenerationError(f"attention_mask has shape {mask_BL.shape}; it must match input_ids {ids_BL.shape}.")
 
 
+def _as_array(name: str, value) -> np.ndarray:
+    try:
+        return np.asarray(value, np.int32)
+    except (ValueError, TypeError) as error:  # ragged lists: numpy's "inhomogeneous shape"
+        raise GenerationError(f"{name} is not a [batch, length] array of ints ({error}); pad prompts of different "
+                              "lengths with pad_prompts(prompts, pad_id) and pass the mask it returns.") from error
+
+
 def _check_inputs(model: nnx.Module, input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
-    ids_BL = np.asarray(input_ids, np.int32)
-    mask_BL = np.ones_like(ids_BL) if attention_mask is None else np.asarray(attention_mask, np.int32)
+    ids_BL = _as_array("input_ids", input_ids)
+    mask_BL = np.ones_like(ids_BL) if attention_mask is None else _as_array("attention_mask", attention_mask)
     _check_shapes(model, ids_BL, mask_BL)
     if empty := np.flatnonzero(mask_BL.sum(axis=1) == 0).tolist():
         raise GenerationError(f"attention_mask rows {empty} have no real token; give every prompt at least one.")
@@ -233,21 +221,54 @@ def _check_vocabulary(ids_BL: np.ndarray, mask_BL: np.ndarray, vocab_size: int |
             "tokenizer): encode the prompts with the model's own tokenizer.")
 
 
+class _Unset:
+    """A `generate` default, told apart from the same value passed: a ``generation_config`` fills only these."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+def _settings(generation_config: Any, max_length: Any, **arguments: Any) -> dict[str, Any]:
+    """`generate`'s settings: those passed, then the generation config's, then the defaults."""
+    if max_length is not None:
+        raise GenerationError(f"max_length = {max_length!r} is not supported; pass max_new_tokens, the number of "
+                              "tokens to generate per row (transformers' max_length also counts the prompt).")
+    passed = {name: value for name, value in arguments.items() if not isinstance(value, _Unset)}
+    if generation_config is not None:
+        from easytrain.sampling_config import fill_settings  # imported here: it imports GenerationError from here
+
+        passed = fill_settings(generation_config, passed)
+    settings = {name: passed.get(name, getattr(value, "value", value)) for name, value in arguments.items()}
+    if settings["max_new_tokens"] is None:
+        raise GenerationError("max_new_tokens is required: pass the number of tokens to generate per row (or set "
+                              "it in generation_config).")
+    return settings
+
+
 def generate(
     model: nnx.Module,
     input_ids: np.ndarray | Array,
     attention_mask: np.ndarray | Array | None = None,
     *,
-    max_new_tokens: int,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    eos_token_id: int | Sequence[int] | None = None,
-    pad_token_id: int | None = None,
+    max_new_tokens: int = _Unset(None),
+    do_sample: bool = _Unset(False),
+    temperature: float = _Unset(1.0),
+    top_k: int | None = _Unset(None),
+    top_p: float | None = _Unset(None),
+    eos_token_id: int | Sequence[int] | None = _Unset(None),
+    pad_token_id: int | None = _Unset(None),
     seed: int = 0,
+    generation_config: Any = None,
+    max_length: None = None,
 ) -> np.ndarray:
     """Continues each prompt of a padded batch; greedy unless ``do_sample``.
+
+    Unlike transformers' ``generate``, nothing is read from the model's generation config and top-k is off
+    unless asked for; pass ``generation_config=generation_config_of(model)`` (``easytrain.models.hf_load``) to
+    decode as transformers would.
 
     Args:
         model: A model with ``init_cache``/``decode`` (``LlamaForCausalLM``); it is not modified. Its
@@ -263,11 +284,19 @@ def generate(
         eos_token_id: Id(s) that end a row; None generates exactly ``max_new_tokens`` everywhere.
         pad_token_id: Filler after a row's EOS; default the first EOS id (else 0).
         seed: Sampling seed; the same seed and inputs give the same tokens.
+        generation_config: A ``transformers.GenerationConfig`` or the mapping of a ``generation_config.json``;
+            it fills the settings above that the call leaves unset, as transformers does (when sampling, its
+            temperature/top_k/top_p, else transformers' defaults: top_k=50); fields that would change the
+            tokens but are not implemented here (repetition_penalty, min_p, num_beams > 1, ...) raise
+            ``GenerationError``. Default None: the arguments alone.
+        max_length: Not supported (refused): pass ``max_new_tokens``.
 
     Returns:
         int32 ``[B, max_new_tokens]`` new tokens only: each row's EOS is included, then pad.
     """
-    config = _config(max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id)
+    config = _config(**_settings(generation_config, max_length, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                 temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
+                                 pad_token_id=pad_token_id))
     ids_BL, mask_BL = _check_inputs(model, input_ids, attention_mask)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tokens_BN = _generate(graphdef, params, rest, ids_BL, mask_BL, jax.random.key(seed), config=config,

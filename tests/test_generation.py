@@ -282,3 +282,11 @@ def test_generation_runs_in_eval_mode_even_for_a_module_in_train_mode():
     expected = np.array([naive_greedy(merged, p, 6) for p in PROMPTS])
     ids_BL, mask_BL = pad_prompts(PROMPTS, PAD, side="left", multiple=16)
     np.testing.assert_array_equal(generate(adapted, ids_BL, mask_BL, max_new_tokens=6), expected)
+
+
+def test_top_p_keeps_every_token_tied_at_the_boundary():
+    """The nucleus reaches 0.5 inside a tie of two 0.2 tokens: both are kept (transformers keeps one, the one its
+    sort puts first), and nothing below them."""
+    logits_BV = jnp.log(jnp.asarray([[0.4, 0.2, 0.2, 0.1, 0.1]], jnp.float32))
+    kept_V = np.isfinite(np.asarray(filter_logits(logits_BV, top_p=0.5)))[0]
+    np.testing.assert_array_equal(kept_V, [True, True, True, False, False])

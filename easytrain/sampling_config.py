@@ -1,0 +1,98 @@
+"""A transformers-style generation config (a ``transformers.GenerationConfig``, or the mapping of a
+checkpoint's ``generation_config.json``) read as ``generate``'s settings.
+
+transformers' ``generate`` samples with the checkpoint's temperature/top-k/top-p and, where they are unset,
+its own defaults (top_k=50); ``generate`` applies neither unless given such a config. Fields that would change
+the tokens but that ``generate`` does not implement (repetition_penalty, min_p, beams, ...) are refused by
+name rather than ignored, so a config never decodes differently from what it says.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import transformers
+
+from easytrain.generation import GenerationError
+
+#: The settings a config can fill; each is taken from it only where the call leaves it unset.
+FILLED = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "eos_token_id", "pad_token_id")
+_SAMPLING = ("temperature", "top_k", "top_p")
+# transformers' values where a config leaves a field unset (GenerationConfig._get_default_generation_params);
+# a field at its neutral value (or None) changes nothing and is accepted.
+_NEUTRAL = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "min_length": 0, "num_beams": 1, "typical_p": 1.0,
+            "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0,
+            "encoder_repetition_penalty": 1.0, "num_return_sequences": 1, "remove_invalid_values": False,
+            "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "num_beam_groups": 1, "diversity_penalty": 0.0}
+# Fields that leave a single sequence's tokens as they are: ids, caching, output format, speculative decoding
+# (the same tokens, drawn faster), beam-only knobs (beams themselves are refused), the length cap that
+# max_new_tokens overrides, bookkeeping.
+_NO_EFFECT = frozenset({
+    "bos_token_id", "max_length", "use_cache", "cache_implementation", "cache_config", "max_cache_len",
+    "compile_config", "disable_compile", "prefill_chunk_size", "low_memory", "continuous_batching_config",
+    "output_attentions", "output_hidden_states", "output_scores", "output_logits", "return_dict_in_generate",
+    "renormalize_logits", "decoder_start_token_id", "early_stopping", "length_penalty", "is_assistant",
+    "num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold",
+    "prompt_lookup_num_tokens", "max_matching_ngram_size", "assistant_early_exit", "assistant_lookbehind",
+    "target_lookbehind", "speculation_type", "transformers_version", "_from_model_config"})
+# Logits warpers transformers applies only when sampling.
+_SAMPLING_ONLY = frozenset({"min_p", "top_h", "typical_p", "epsilon_cutoff", "eta_cutoff"})
+
+
+def _fields_of(generation_config: Any) -> dict[str, Any]:
+    if isinstance(generation_config, transformers.GenerationConfig):
+        return generation_config.to_dict()
+    if isinstance(generation_config, Mapping):
+        return dict(generation_config)
+    raise GenerationError(
+        f"generation_config = {generation_config!r} must be a transformers.GenerationConfig or a mapping of its "
+        "fields (as read from generation_config.json), e.g. generation_config_of(model); or None.")
+
+
+def _refuse_unimplemented(fields: dict[str, Any], sampling: bool) -> None:
+    """One error naming every field set to something ``generate`` would not do. Keys transformers does not know
+    are skipped, as transformers itself skips them."""
+    known = transformers.GenerationConfig().to_dict().keys()
+    refused = [
+        f"{name}={value!r}" for name, value in fields.items()
+        if name in known and name not in FILLED and name not in _NO_EFFECT and value is not None
+        and value != _NEUTRAL.get(name) and (sampling or name not in _SAMPLING_ONLY)
+    ]
+    if refused:
+        neutral = ", ".join(f"{item.split('=')[0]}={_NEUTRAL.get(item.split('=')[0])!r}" for item in refused)
+        raise GenerationError(
+            f"generation_config sets {', '.join(refused)}, which generate does not implement (it decodes greedily or "
+            f"samples with temperature, top_k and top_p only). Set them to their neutral value ({neutral}) or "
+            "drop them from the config to decode without them.")
+
+
+def fill_settings(generation_config: Any, passed: dict[str, Any]) -> dict[str, Any]:
+    """``passed`` (the settings the call gave), completed from the config as transformers' ``generate`` would.
+
+    Sampling settings come from the config only when sampling, with transformers' defaults where it leaves them
+    unset (temperature 1, top_k 50, top_p 1); top_k=0 and top_p=1 turn those filters off (None here).
+    ``max_length`` is never read: ``generate`` needs ``max_new_tokens``.
+    """
+    fields = _fields_of(generation_config)
+    settings = dict(passed)
+    for name in ("max_new_tokens", "do_sample", "eos_token_id", "pad_token_id"):
+        if name not in settings and fields.get(name) is not None:
+            settings[name] = fields[name]
+    do_sample = settings.get("do_sample", False)
+    sampling = isinstance(do_sample, (bool, np.bool_)) and bool(do_sample)  # anything else is refused later
+    _refuse_unimplemented(fields, sampling)
+    if sampling:
+        for name in _SAMPLING:
+            if name not in settings:
+                settings[name] = _from_config(name, fields.get(name))
+    return settings
+
+
+def _from_config(name: str, value: Any) -> Any:
+    """A sampling field as transformers reads it: unset takes the default; top_k=0 and top_p=1 mean no filter."""
+    value = _NEUTRAL[name] if value is None else value
+    if (name == "top_k" and value == 0) or (name == "top_p" and value == 1):
+        return None
+    return value
