@@ -24,7 +24,9 @@ from easytrain.data import (PaddedCollate, RowSource, SFTDataOptions, bucket_len
 from easytrain.data.chat_templates import read_chat_template
 from easytrain.data.prompts import prompts_and_references
 from easytrain.data.row_errors import rows_as_stored
+from easytrain.data.sft import FORMAT_COLUMNS, LANGUAGE_MODELING
 from easytrain.data.token_range import rows_of, vocab_size_of
+from easytrain.errors import ArgumentError
 from easytrain.evaluators import CompletionMetrics
 from easytrain.tasks import arithmetic
 from easytrain.tasks.registry import register_task
@@ -114,7 +116,7 @@ class SFTTrainer(BaseTrainer):
                 for name, split in splits.items() if name in limits}
         samples = min(sft.generation_eval_samples or (256 if embedded else 0), args.max_eval_samples or 1 << 30)
         if samples and "validation" in splits and self.wants_metric("exact_match"):
-            validation = splits["validation"]
+            validation = self._text_from_column(splits["validation"])
             if self.formatting_func is not None:  # the prompts come from the same formatted examples
                 validation = validation.map(self.formatting_func, remove_columns=validation.column_names)
             with rows_of("validation"), rows_as_stored(splits["validation"]):  # rows named as stored
@@ -134,7 +136,7 @@ class SFTTrainer(BaseTrainer):
         """Tokenised (and packed) rows of one split; what was counted goes to `data_stats`."""
         args, sft = self.arguments, self.sft_arguments
         with rows_of(None if name == "evaluate" else name):
-            tokenized, stats = tokenize_sft_dataset(split, self.tokenizer, self._data_options(),
+            tokenized, stats = tokenize_sft_dataset(self._text_from_column(split), self.tokenizer, self._data_options(),
                                                     formatting_func=self.formatting_func,
                                                     num_proc=args.preprocessing_num_workers,
                                                     vocab_size=vocab_size_of(self.model_config))
@@ -146,6 +148,11 @@ class SFTTrainer(BaseTrainer):
         packed = pack_examples(tokenized, args.max_length, strategy=sft.packing_strategy, seed=args.seed)
         self.data_stats[name].update({f"packing_{key}": value for key, value in packed.stats.items()})
         return packed.rows
+
+    def _text_from_column(self, split: Any) -> Any:
+        """`split` with its `text_column` as the plain-text `text` column (any other `text` dropped), so the
+        examples, and the data digest a resume compares, are that column's."""
+        return text_from_column(split, self.arguments.text_column, self.formatting_func is not None)
 
     def _data_options(self) -> SFTDataOptions:
         """How every split, and the generation prompts, are tokenised."""
@@ -184,6 +191,32 @@ class SFTTrainer(BaseTrainer):
         return {**super().run_info(), "task_arguments": {name: getattr(self.sft_arguments, name) for name in (
             "packing", "packing_strategy", "completion_only_loss", "assistant_only_loss", "truncation_side",
             "chat_template_path")}}
+
+
+def text_from_column(split: Any, text_column: str, formatted: bool) -> Any:
+    """The plain-text rows of `split`'s `text_column`, renamed `text`; `split` itself for the default column.
+
+    Raises:
+        ArgumentError: a non-default `text_column` with a `formatting_func` (`formatted`), over conversations or
+            prompt-completion rows (they are not plain text), or naming no column of `split`.
+    """
+    if text_column == "text":
+        return split
+    if formatted:
+        raise ArgumentError("text_column", f"{text_column!r} is not read when a formatting_func builds each "
+                            "example; read that column in the formatting_func and leave text_column at 'text'.")
+    names = split.column_names
+    for data_format, required in FORMAT_COLUMNS.items():
+        if data_format != LANGUAGE_MODELING and set(required) <= set(names):
+            raise ArgumentError("text_column", f"{text_column!r} selects plain text, but these rows are "
+                                f"{data_format} data (columns {', '.join(map(repr, required))}), whose text "
+                                "the format decides. Leave text_column at 'text', or drop those columns to train on "
+                                f"{text_column!r} as plain text.")
+    if text_column not in names:
+        raise ArgumentError("text_column", f"{text_column!r} is not a column of the data (columns: "
+                            f"{', '.join(map(repr, sorted(names))) or 'none'}); set text_column to the one holding "
+                            "the plain text.")
+    return split.select_columns([text_column]).rename_column(text_column, "text")
 
 
 def stats_line(stats: Mapping[str, Any]) -> str:
