@@ -331,8 +331,8 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
                         help="A run's output_dir (holding metrics.jsonl), or a metrics .jsonl file.")
     parser.add_argument("--out", default=None,
-                        help=f"Output directory; default RUN_DIR/{PLOTS_DIRNAME} for one run, ./{PLOTS_DIRNAME} "
-                             f"for several.")
+                        help=f"Output directory; default RUN_DIR/{PLOTS_DIRNAME} for one RUN_DIR, ./{PLOTS_DIRNAME} "
+                             f"for several (even if only one has metrics).")
     options = parser.parse_args(list(argv))
     files, skipped = split_by_metrics(options.run_dirs)
     for run_dir in skipped:
@@ -341,7 +341,8 @@ def main(argv: Sequence[str]) -> int:
     runs = load_runs(files)
     for line in non_finite_messages(runs):
         print(f"easytrain plot: {line}", file=sys.stderr)
-    out = options.out or (runs[0].path / PLOTS_DIRNAME if len(runs) == 1 else Path(PLOTS_DIRNAME))
+    # decided by the RUN_DIRs given, not those with metrics: `plot a b` writes to ./plots even if b never trained
+    out = options.out or (runs[0].path / PLOTS_DIRNAME if len(options.run_dirs) == 1 else Path(PLOTS_DIRNAME))
     for path in write_figures(runs, out):
         print(path)
     return 0

@@ -103,3 +103,14 @@ def test_missing_matplotlib_names_the_extra(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
     assert main(["plot", str(run)]) == 2
     assert "pip install 'easytrain[plot]'" in capsys.readouterr().err
+
+
+def test_several_run_dirs_default_to_the_working_directory_when_only_one_has_metrics(tmp_path, monkeypatch, capsys):
+    run, refused = write_run(tmp_path / "a", 3e-3), tmp_path / "refused"
+    refused.mkdir()
+    (refused / "job.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    assert main(["plot", str(run), str(refused)]) == 0
+    check_png(tmp_path / "plots" / "loss.png")
+    assert not (run / "plots").exists()
+    assert f"skipping {refused}" in capsys.readouterr().err
