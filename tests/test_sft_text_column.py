@@ -9,6 +9,8 @@ import pytest
 
 from easytrain import ArgumentError, TrainingArguments
 from easytrain.cli import main
+from easytrain.data import DataError
+from easytrain.data.sft import detect_format
 from easytrain.trainers.sft import SFTTrainer
 from runs import StopAt
 
@@ -98,3 +100,9 @@ def test_resuming_under_another_text_column_is_refused_before_compute(tmp_path, 
         SFTTrainer(tiny_args(tmp_path, resume_from_checkpoint="latest", **saving), tokenizer=tokenizer,
                    dataset_train=data).setup()
 
+
+
+def test_rows_of_no_format_point_to_text_column():
+    """A file whose plain text sits under another name (`body`) is told of `text_column`, not only of renaming."""
+    with pytest.raises(DataError, match="set `text_column` to the column holding plain text"):
+        detect_format(["body"])
