@@ -115,9 +115,9 @@ def detect_format(column_names: Sequence[str]) -> DataFormat:
     names = set(column_names)
     hint = (" A prompt-completion dataset needs both 'prompt' and 'completion'."
             if ("prompt" in names) != ("completion" in names) else "")
-    return format_from_columns(names, FORMAT_COLUMNS, kind="SFT", hint=hint, fix="Rename the columns, set `text_column` "
-                               "to the column holding plain text, or pass a `formatting_func` that maps each example "
-                               "to one of these formats.")
+    return format_from_columns(names, FORMAT_COLUMNS, kind="SFT", hint=hint,
+                               fix="Rename the columns, set `text_column` to the column holding plain text, or pass a "
+                               "`formatting_func` that maps each example to one of these formats.")
 
 
 def tokenize_example(
