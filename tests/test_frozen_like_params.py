@@ -109,7 +109,8 @@ def test_an_ema_of_an_adapter_loaded_from_a_peft_directory_mirrors_its_params(tm
     base = write_base(tmp_path / "base")
     model = lora.apply_lora(from_pretrained(base), lora.LoRAConfig(rank=RANK, alpha=8), rngs=nnx.Rngs(3))
     adapter = save_peft_adapter(tmp_path / "adapter", model, lora.LoRAConfig(rank=RANK, alpha=8))
-    trainer = AdapterEMA(lora_args(tmp_path / "run", base, lora_rank=0, lora_adapter_path=str(adapter)),
+    trainer = AdapterEMA(lora_args(tmp_path / "run", base, lora_rank=0, lora_dropout=0.0,  # the adapter's own
+                                   lora_adapter_path=str(adapter)),
                          SFTArguments(assistant_only_loss=True))
     trainer.setup()
     assert jax.tree.structure(trainer.state.frozen["ema"]) == jax.tree.structure(trainer.state.params)

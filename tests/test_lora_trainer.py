@@ -207,7 +207,8 @@ def test_a_peft_adapter_made_elsewhere_continues_training(tmp_path, base_dir):
     for module in lora.lora_modules(model).values():  # an adapter that is not the identity
         module.lora_b[...] = 0.3 * jax.random.normal(jax.random.key(1), module.lora_b.shape)
     adapter = save_peft_adapter(tmp_path / "adapter", model, lora.LoRAConfig(rank=RANK, alpha=8))
-    trainer = sft(lora_args(tmp_path / "run", base_dir, lora_rank=0, lora_adapter_path=str(adapter)))
+    trainer = sft(lora_args(tmp_path / "run", base_dir, lora_rank=0, lora_dropout=0.0,  # the adapter's
+                            lora_adapter_path=str(adapter)))
     trainer.setup()
     ids = prompt_ids(trainer.tokenizer)
     np.testing.assert_allclose(eval_logits(trainer.model, ids), np.asarray(model(ids)), atol=1e-5)
@@ -264,7 +265,7 @@ def test_an_adapter_on_a_random_base_is_refused_before_any_weight_is_drawn(tmp_p
     adapter = save_peft_adapter(tmp_path / "adapter", model, lora.LoRAConfig(rank=RANK))
     runs, real = [], placement.initialise_module
     monkeypatch.setattr(placement, "initialise_module", lambda *a, **k: runs.append(1) or real(*a, **k))
-    arguments = lora_args(tmp_path / "run", "", tokenizer_name=str(base_dir), lora_rank=0,
+    arguments = lora_args(tmp_path / "run", "", tokenizer_name=str(base_dir), lora_rank=0, lora_dropout=0.0,
                           lora_adapter_path=str(adapter))
     with pytest.raises(ArgumentError, match="needs pretrained base weights") as error:
         sft(arguments).setup()

@@ -8,6 +8,7 @@ or both). Without LoRA every function here is the identity of the full fine-tuni
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -16,7 +17,8 @@ from flax import nnx
 
 from easytrain import lora
 from easytrain.errors import ArgumentError
-from easytrain.lora_config import LoRAConfig, LoRAConfigError, as_argument_error, from_arguments
+from easytrain.lora_config import (LoRAConfig, LoRAConfigError, as_argument_error, from_arguments,
+                                   targets_from_arguments)
 from easytrain.models import save_pretrained
 from easytrain.models.peft_io import load_peft_adapter, read_peft_config, save_peft_adapter
 
@@ -31,10 +33,36 @@ def run_config(args: Any) -> LoRAConfig | None:
     if not args.lora_adapter_path:
         return from_arguments(args)
     config, _ = read_peft_config(args.lora_adapter_path)
-    if args.lora_rank not in (0, config.rank):
-        raise ArgumentError("lora_rank", f"is {args.lora_rank} but the adapter in lora_adapter_path has rank "
-                                         f"{config.rank}; drop --lora_rank (the adapter decides it).")
+    check_adapter_fields(args, config)
     return config
+
+
+def _adapter_values(config: LoRAConfig) -> dict[str, Any]:
+    """The `lora_*` arguments an adapter's config decides, with its values."""
+    return {"lora_rank": config.rank, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
+            "lora_target_modules": config.target_modules, "lora_train_embeddings": config.train_embeddings,
+            "lora_train_norms": config.train_norms, "lora_use_rslora": config.use_rslora}
+
+
+def _same(field: str, given: Any, decided: Any) -> bool:
+    if field == "lora_target_modules":  # names in any order, or one regular expression
+        given = targets_from_arguments(given)
+        return given == decided if isinstance(given, str) or isinstance(decided, str) else set(given) == set(decided)
+    return given == decided
+
+
+def check_adapter_fields(args: Any, config: LoRAConfig) -> None:
+    """Refuse a `lora_*` argument set off its default to another value than `lora_adapter_path`'s config: the
+    adapter decides them, so the value given would be silently replaced."""
+    defaults = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+                for f in dataclasses.fields(type(args))}
+    for field, decided in _adapter_values(config).items():
+        given = getattr(args, field)
+        if _same(field, given, defaults[field]) or _same(field, given, decided):
+            continue
+        shown = list(decided) if isinstance(decided, tuple) else decided
+        raise ArgumentError(field, f"is {given!r} but the adapter in lora_adapter_path has {shown!r}; drop "
+                                   f"--{field} (the adapter decides it), or pass its value.")
 
 
 def partition(config: LoRAConfig | None, trainable: nnx.filterlib.Filter) -> dict[str, nnx.filterlib.Filter]:
