@@ -311,6 +311,23 @@ PREFERENCE_LOSSES: dict[str, Callable[..., Array]] = {
 }
 #: Losses that read no reference log-probabilities (no reference model needs to run for them).
 REFERENCE_FREE = frozenset({"sft", "simpo", "orpo"})
+#: Losses that read `label_smoothing` (the others compute the same loss whatever its value).
+READS_LABEL_SMOOTHING = frozenset(name for name, fn in PREFERENCE_LOSSES.items()
+                                  if "label_smoothing" in inspect.signature(fn).parameters)
+#: Losses that read per-token mean log-probabilities rather than sums.
+PER_TOKEN_LOSSES = frozenset({"ipo", "sft", "simpo", "orpo"})
+
+
+def reports_per_token(names: Sequence[str]) -> bool:
+    """Whether the `rewards/*` and `logps/*` metrics are of per-token mean log-probs rather than sums: when every
+    loss reads per-token means and one is `ipo`, `simpo` or `orpo`, the losses TRL reports that way; `sft` alone
+    (TRL's DPOTrainer, which reports sums) and any loss on sums keep the sums."""
+    return set(names) <= PER_TOKEN_LOSSES and set(names) != {"sft"}
+
+
+def reported_logps(names: Sequence[str], logps_B2: Array, lengths_B2: Array) -> Array:
+    """`[B, 2]` log-probs as the metrics report them for `names` (`reports_per_token`)."""
+    return _per_token(logps_B2, lengths_B2) if reports_per_token(names) else logps_B2
 
 
 def combined_loss(names: str | Sequence[str], weights: Sequence[float] | None, inputs: PairLogps,

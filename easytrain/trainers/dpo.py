@@ -36,7 +36,8 @@ from easytrain.metrics import Mean, mean_over
 from easytrain.models import from_pretrained
 from easytrain.models.hf_io import CheckpointError
 from easytrain.models.hf_load import resolve_checkpoint
-from easytrain.preference import PairLogps, combined_loss, running_mean, sequence_logps, token_logps
+from easytrain.preference import (PairLogps, combined_loss, reported_logps, running_mean, sequence_logps,
+                                  token_logps)
 from easytrain.protocol import ConfiguredModel
 from easytrain.state import TrainState
 from easytrain.tasks import arithmetic
@@ -85,6 +86,9 @@ class DPOTrainer(BaseTrainer):
         self._source_weights: dict | None = None  # init_weights_from's variables, read once (`_read_initial_weights`)
         super().__init__(arguments, **kwargs)
         self._check_lora_reference()
+        if self.dpo.disable_dropout and self.lora is not None and self.lora.dropout > 0:
+            logger.warning("lora_dropout=%s is off in the DPO loss (disable_dropout, the default); pass "
+                           "--no_disable_dropout to train with it.", self.lora.dropout)
 
     # ------------------------------------------------------------------ data
     def prepare_datasets(self) -> tuple[RowSource, RowSource | None]:
@@ -316,12 +320,15 @@ class DPOTrainer(BaseTrainer):
 
     def compute_loss(self, model: nnx.Module, batch: Mapping[str, jax.Array], rng: jax.Array, train: bool,
                      frozen: Mapping[str, Any]) -> LossOutput:
+        if train and self.dpo.disable_dropout:  # the policy as the reference and evaluation run it
+            model.eval()
         policy_B2, lengths_B2, logits_B2 = self.pair_logps(model, batch)
         reference_B2 = self.reference_logps(model, batch, frozen)
         if reference_B2 is None:  # reference-free losses: rewards are beta * policy log-probs, as TRL reports them
             reference_B2 = jnp.zeros_like(policy_B2)
         valid_B = (lengths_B2[:, 0] > 0).astype(jnp.float32)  # padding rows of the last eval batch weigh 0
-        rewards_B2 = self.dpo.beta * jax.lax.stop_gradient(policy_B2 - reference_B2)
+        shown_B2 = reported_logps(self.dpo.loss_type, jax.lax.stop_gradient(policy_B2), lengths_B2)
+        rewards_B2 = self.dpo.beta * (shown_B2 - reported_logps(self.dpo.loss_type, reference_B2, lengths_B2))
         delta = frozen[REWARD_MEAN]["mean"] if REWARD_MEAN in frozen else 0.0  # bco_pair's baseline, fixed in a step
         inputs = PairLogps(policy_B2[:, 0], policy_B2[:, 1], reference_B2[:, 0], reference_B2[:, 1],
                            lengths_B2[:, 0], lengths_B2[:, 1])
@@ -331,7 +338,7 @@ class DPOTrainer(BaseTrainer):
         metrics = {"rewards/chosen": pair(rewards_B2[:, 0]), "rewards/rejected": pair(rewards_B2[:, 1]),
                    "rewards/accuracies": pair(rewards_B2[:, 0] > rewards_B2[:, 1]),
                    "rewards/margins": pair(rewards_B2[:, 0] - rewards_B2[:, 1]),
-                   "logps/chosen": pair(policy_B2[:, 0]), "logps/rejected": pair(policy_B2[:, 1]),
+                   "logps/chosen": pair(shown_B2[:, 0]), "logps/rejected": pair(shown_B2[:, 1]),
                    "logits/chosen": Mean(jnp.sum(logits_B2[:, 0] * valid_B), jnp.sum(lengths_B2[:, 0] * valid_B)),
                    "logits/rejected": Mean(jnp.sum(logits_B2[:, 1] * valid_B), jnp.sum(lengths_B2[:, 1] * valid_B))}
         return LossOutput(jnp.sum(losses_B * valid_B), jnp.sum(valid_B), metrics)

@@ -1,7 +1,8 @@
 """`DPOArguments`: the preference-optimisation options (`easytrain train --task dpo` flags), checked when made.
 
 They are refused at construction with the field named, before any data or model work: unknown losses, a weight per
-loss, the ranges of beta and label smoothing, and TR-DPO's options (a moving reference cannot be precomputed).
+loss, the ranges of beta and label smoothing, TR-DPO's options (a moving reference cannot be precomputed), and an
+option no chosen loss reads (a reference for reference-free losses, label smoothing for losses without it).
 """
 
 from __future__ import annotations
@@ -10,7 +11,11 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from easytrain.errors import ArgumentError
-from easytrain.preference import PREFERENCE_LOSSES, REFERENCE_FREE
+from easytrain.preference import PREFERENCE_LOSSES, READS_LABEL_SMOOTHING, REFERENCE_FREE
+
+
+def _in_order(names: frozenset[str]) -> list[str]:
+    return [name for name in PREFERENCE_LOSSES if name in names]
 
 
 def _help(text: str, default: Any = None, **kwargs: Any) -> Any:
@@ -27,7 +32,8 @@ class DPOArguments:
     loss_type: list[str] = _help("One loss or several, summed with loss_weights: "
                                  + ", ".join(PREFERENCE_LOSSES) + ".", ["sigmoid"])
     loss_weights: Optional[list[float]] = _help("A weight per loss_type entry (default 1 each).")
-    label_smoothing: float = _help("Label noise for sigmoid (cDPO) and robust, in [0, 0.5).", 0.0)
+    label_smoothing: float = _help("Label noise in [0, 0.5), read by " + ", ".join(_in_order(READS_LABEL_SMOOTHING))
+                                   + " only (sigmoid: cDPO).", 0.0)
     simpo_gamma: float = _help("Target reward margin of simpo.", 0.5)
     max_prompt_length: Optional[int] = _help("Cut prompts to their last N tokens (default: only as needed).")
     ref_model_name_or_path: Optional[str] = _help("Reference model (default: a frozen copy of the initial policy).")
@@ -37,6 +43,8 @@ class DPOArguments:
     ref_model_mixup_alpha: float = _help("TR-DPO: reference <- alpha * policy + (1 - alpha) * reference.", 0.6)
     ref_model_sync_steps: int = _help("TR-DPO: optimizer steps between reference updates.", 512)
     logps_chunk_size: int = _help("Vocabulary entries per chunk of the float32 log-prob computation.", 4096)
+    disable_dropout: bool = _help("Run the policy without dropout in the loss (e.g. lora_dropout), as the "
+                                  "reference runs: a dropped-out policy biases the margin.", True)
 
     def __post_init__(self) -> None:
         unknown = [name for name in self.loss_type if name not in PREFERENCE_LOSSES]
@@ -52,9 +60,22 @@ class DPOArguments:
             (not 0 < self.ref_model_mixup_alpha <= 1 or self.ref_model_sync_steps < 1, "ref_model_mixup_alpha",
              "needs 0 < ref_model_mixup_alpha <= 1 and ref_model_sync_steps >= 1."),
         ]
-        for failed, name, message in checks:
+        for failed, name, message in checks + self._unread_options():
             if failed:
                 raise ArgumentError(name, message)
+
+    def _unread_options(self) -> list[tuple[bool, str, str]]:
+        """Options set that no chosen loss reads: they would change nothing, silently (or crash later)."""
+        chosen = ", ".join(self.loss_type)
+        reference = [(bool(getattr(self, name)) and not self.needs_reference, name,
+                      f"the chosen losses ({chosen}) read no reference; drop {name}, or add a loss that reads one "
+                      f"(any but {', '.join(_in_order(REFERENCE_FREE))}).")
+                     for name in ("ref_model_name_or_path", "precompute_ref_log_probs", "sync_ref_model")]
+        readers = ", ".join(_in_order(READS_LABEL_SMOOTHING))
+        smoothing = (self.label_smoothing != 0 and not READS_LABEL_SMOOTHING & set(self.loss_type), "label_smoothing",
+                     f"only {readers} read it, not the chosen losses ({chosen}); drop label_smoothing, or add one "
+                     "of those losses.")
+        return [*reference, smoothing]
 
     @property
     def needs_reference(self) -> bool:
