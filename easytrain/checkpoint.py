@@ -20,10 +20,14 @@ key implementation; no conversion is needed on either side.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import logging
 import os
-from collections.abc import Iterable, Mapping
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +135,36 @@ def _json_ready(name: str, value: Mapping[str, Any]) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- manager
 
+# Orbax's read-only mode, with the options it would otherwise reset (and warn about) stated as it sets them.
+_READ_ONLY = {"read_only": True, "save_interval_steps": 0, "create": False}
+
+
+class _ReadOnlyNotice(logging.Filter):
+    """Drops Orbax's warning that a directory was opened read-only: every resume opens one so, on purpose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "read only" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_read_only_notice() -> Iterator[None]:
+    notice = _ReadOnlyNotice()
+    logging.getLogger("absl").addFilter(notice)
+    try:
+        yield
+    finally:
+        logging.getLogger("absl").removeFilter(notice)
+
+
+def _let_writers_end(running: set[threading.Thread], timeout: float = 60.0) -> None:
+    """A synchronous save whose one writer failed (a full disk) leaves its other writer threads running: wait for
+    them (at most `timeout` s in all), or they fail at interpreter exit with screens of 'cannot schedule new futures
+    after interpreter shutdown' behind the real error."""
+    deadline = time.monotonic() + timeout
+    for thread in threading.enumerate():
+        if thread not in running and not thread.daemon and thread is not threading.current_thread():
+            thread.join(max(0.0, deadline - time.monotonic()))
+
 
 class CheckpointManager:
     """Saves and restores ``(state, data_state, run_info)`` triples by step.
@@ -148,6 +182,8 @@ class CheckpointManager:
         async_save: bool = True,
         best_metric: str | None = None,
         greater_is_better: bool = False,
+        owner: bool = False,
+        read_only: bool = False,
     ):
         """Opens (creating if needed) the checkpoint directory.
 
@@ -158,20 +194,31 @@ class CheckpointManager:
             best_metric: Metric name (as passed to ``save(metrics=...)``) whose best
                 checkpoint is kept in addition to the newest ones.
             greater_is_better: Direction of ``best_metric``.
+            owner: This is the manager of the run holding the output_dir lock (``run_lock``): it alone removes
+                the ``<step>.orbax-checkpoint-tmp`` directories a crashed run left. Any other manager could be
+                deleting the save a live run is still writing there.
+            read_only: Only read (a resume, a reference model, a branch of a live run): never saves, deletes,
+                cleans up or creates anything in ``directory``.
         """
         if max_to_keep is not None and max_to_keep < 1:
             raise ValueError(f"max_to_keep must be None or >= 1, got {max_to_keep}")
+        if owner and read_only:
+            raise ValueError("a CheckpointManager is either its run's own (owner) or read_only, not both")
         self.directory = Path(directory).absolute()
         self.best_metric = best_metric
         self.greater_is_better = greater_is_better
+        self.read_only = read_only
+        self._async = async_save and not read_only
         options = ocp.CheckpointManagerOptions(
-            enable_async_checkpointing=async_save,
+            enable_async_checkpointing=self._async,
             # A best_fn only makes Orbax persist metrics, so the ranking survives a
             # restart; which steps are kept is decided by the preservation policy.
             best_fn=functools.partial(metric_value, name=best_metric) if best_metric else None,
             best_mode="max" if greater_is_better else "min",
-            preservation_policy=preservation_policy(max_to_keep, best_metric, greater_is_better),
-            cleanup_tmp_directories=True,
+            preservation_policy=None if read_only else preservation_policy(max_to_keep, best_metric,
+                                                                            greater_is_better),
+            cleanup_tmp_directories=owner,
+            **_READ_ONLY if read_only else {},
         )
         handlers = {
             "state": ocp.StandardCheckpointHandler(),
@@ -180,7 +227,8 @@ class CheckpointManager:
             "fingerprint": ocp.JsonCheckpointHandler(),
             "progress": ocp.JsonCheckpointHandler(),
         }
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        with _quiet_read_only_notice():
+            self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         self._closed = False
 
     def save(
@@ -210,9 +258,9 @@ class CheckpointManager:
 
         Returns:
             True if a save was started; False if ``step`` is already saved, or is
-            not newer than the latest checkpoint and ``force`` is off.
+            not newer than the latest checkpoint and ``force`` is off, or the manager is ``read_only``.
         """
-        if step in self._manager.all_steps():  # includes a save still in flight
+        if self.read_only or step in self._manager.all_steps():  # includes a save still in flight
             return False
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
@@ -222,7 +270,13 @@ class CheckpointManager:
             progress=ocp.args.JsonSave(_json_ready("progress", progress or {})),
         )
         ranked = {name: float(value) for name, value in (metrics or {}).items()} if self.best_metric else None
-        return bool(self._manager.save(int(step), args=args, metrics=ranked, force=force))
+        running = set(threading.enumerate())
+        try:
+            return bool(self._manager.save(int(step), args=args, metrics=ranked, force=force))
+        except BaseException:
+            if not self._async:
+                _let_writers_end(running)
+            raise
 
     def all_steps(self) -> list[int]:
         """Steps of complete checkpoints on disk, ascending (in-flight saves excluded)."""
@@ -307,6 +361,12 @@ class CheckpointManager:
     def wait_until_finished(self) -> None:
         """Blocks until background saves (and their cleanup) finish; re-raises their errors."""
         self._manager.wait_until_finished()
+
+    def raise_failed_save(self) -> None:
+        """Re-raise (once) the error of a background save that has ended; never waits for one still being written.
+        Called at every log step, a failed save (a full disk) stops the run there, not at the next save."""
+        if not self._manager.is_saving_in_progress():
+            self._manager.wait_until_finished()  # returns at once: no save left to wait for
 
     def is_saving(self) -> bool:
         """Whether a background save is still being written (never blocks)."""

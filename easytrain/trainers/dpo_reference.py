@@ -153,7 +153,7 @@ def _stored_record(resume_from: tuple[Path, int] | None, key: str) -> dict[str, 
         return {}
     root, step = resume_from[0], resume_from[1]
     try:
-        with CheckpointManager(root) as manager:
+        with CheckpointManager(root, read_only=True) as manager:
             return dict(manager.read_run_info(step).get(key) or {})
     except Exception:  # an unreadable checkpoint is reported by the restore that follows, with what to do
         return {}

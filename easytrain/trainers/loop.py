@@ -347,6 +347,8 @@ class TrainLoop:
         self.last_logs = logs
         self.reporter.log(step, logs, split="train")
         self.parts.callbacks.on_log(self.parts.owner, step, logs)
+        if checking:  # a background save that failed (a full disk) stops the run here, not at the next save
+            self.manager.raise_failed_save()
         self.heap.check(saving=self.manager.is_saving())
         self.window_start = arrived if overlapping else time.perf_counter()
         if checking and self.args.non_finite_policy == "stop":

@@ -240,7 +240,7 @@ def restore_checkpoint(checkpoint: tuple[Path, int], current: dict[str, Any], ta
     `data_fingerprint`), then restore the state straight into `target`'s shapes and shardings, with the data
     position and the callbacks' progress."""
     root, step = checkpoint
-    with CheckpointManager(root) as manager:
+    with CheckpointManager(root, read_only=True) as manager:  # a live run may be writing there
         try:
             run_info = manager.read_run_info(step)
         except Exception as error:  # any unreadable file means the same to the user: use another checkpoint
@@ -326,7 +326,15 @@ def restore_in_other_layout(manager: CheckpointManager, step: int, target: Any) 
 
 
 def _unreadable(root: Path, step: int, steps: list[int], error: Exception) -> CheckpointReadError:
+    """`steps`: the complete checkpoints there now. One gone since it was chosen was likely removed by a run still
+    writing there (its save_total_limit), which also makes newer ones: name those rather than advise a new run."""
     earlier = [s for s in steps if s < step]
+    if step not in steps:
+        return CheckpointReadError(
+            f"resume_from_checkpoint: the checkpoint {root / str(step)} vanished while it was read (likely removed "
+            f"by a run still writing there, under its save_total_limit); checkpoints there now: "
+            f"{', '.join(map(str, steps)) or 'none'}. Resume from one of them once that run ended (or from a copy "
+            "made now: it may remove those too).")
     hint = (f"resume from an earlier one, e.g. --resume_from_checkpoint {root / str(earlier[-1])}" if earlier
             else "no earlier checkpoint exists; start a new output_dir")
     reason = innermost(error)

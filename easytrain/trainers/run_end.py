@@ -44,7 +44,7 @@ def saved_train_logs(checkpoint: str | None, manager: CheckpointManager) -> dict
     if path.parent == manager.directory:
         progress = manager.read_progress(int(path.name))
     else:
-        with CheckpointManager(path.parent) as other:
+        with CheckpointManager(path.parent, read_only=True) as other:
             progress = other.read_progress(int(path.name))
     return {name: float(value) for name, value in progress.get(TRAIN_LOGS, {}).items()}
 
