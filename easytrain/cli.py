@@ -5,9 +5,11 @@ strings, the `easytrain.tasks` entry-point group) or any `package.module:Class` 
 `TrainerProtocol`. A task's own argument dataclasses are parsed next to `TrainingArguments`.
 
 Exit status: 0 done (completed, or stopped by the stop file or a callback), 1 failed once training had started
-(job.json `failed`), 2 refused before it (arguments, data, model, output directory, checkpoint to resume: fix the
-command and rerun), 75 stopped by SIGTERM or SIGINT with nothing lost: after a checkpoint, or before the first step
-(`easytrain.trainers.preemption`; the command catches them from its start: `easytrain.stop_signals`).
+(job.json `failed`), 2 refused before it (arguments, data, model, output directory, checkpoint to resume, another
+run still training in output_dir: fix the command and rerun), 75 stopped by SIGTERM or SIGINT with nothing lost:
+after a checkpoint, before the first step, or after the last one before `results.json`
+(`easytrain.trainers.preemption`; the command catches them from its start until `results.json` is written:
+`easytrain.stop_signals`).
 """
 
 from __future__ import annotations
@@ -68,31 +70,41 @@ def run(arguments: TrainingArguments, task_arguments: Sequence[Any] | None = Non
     `results.json`, is reported in `output_dir/job.json` (`job`, default `command_job(arguments)`: queued while
     the data and model are prepared; a failure anywhere is recorded there). A SIGTERM or SIGINT before the first
     step (single-process runs) stops the job with status 75 and `stopped`: caught from here (from the command's
-    start) until a `BaseTrainer`'s `train()` takes the catch over and ends it.
+    start) until the final evaluation has ended; one after the last step (the final export, the evaluation) stops it
+    with 75 too, before `results.json`, and the same command run again evaluates and writes it. A start while
+    another process trains in `output_dir` is refused before `job.json` is written (`run_lock.refuse_if_held`).
     """
-    from easytrain.trainers import BaseTrainer  # imported here: `easytrain tasks` and `plot` need no trainer
-    from easytrain.trainers.preemption import joins_other_processes
+    from easytrain.trainers import BaseTrainer, run_lock  # imported here: `easytrain tasks` and `plot` need neither
+    from easytrain.trainers.preemption import final_step, joins_other_processes, stopping_after_training
 
     if joins_other_processes(arguments):  # JAX's preemption service takes SIGTERM
         stop_signals.release(redeliver=True)
     else:
         stop_signals.catch()
     try:
+        run_lock.refuse_if_held(arguments.output_dir)  # a second start of a live run: before anything reads or writes
         trainer = resolve_task(arguments.task).build(arguments, task_arguments)
         check_implements(trainer)  # not isinstance: on Python 3.11 that evaluates properties, i.e. builds the run
         if not isinstance(trainer, BaseTrainer):  # its train() does not look at the flag: signals act as before
             stop_signals.release(redeliver=True)
         with job or command_job(arguments):  # entered after the trainer: output_dir checked
             train_logs = dict(trainer.train())
-            eval_logs = dict(trainer.evaluate())
+            with stopping_after_training(final_step(trainer)):  # a stop after the last step: exit 75, no results
+                eval_logs = dict(trainer.evaluate())
             summary = {**{f"train_{k}": v for k, v in train_logs.items()}, **eval_logs}
-            if jax.process_index() == 0:
-                Path(arguments.output_dir).mkdir(parents=True, exist_ok=True)
-                text = json.dumps(strict_json(summary), indent=2, allow_nan=False)
-                (Path(arguments.output_dir) / "results.json").write_text(text)
+            with stop_signals.while_acting("writing results.json, then ending as completed"):
+                _write_results(arguments.output_dir, summary)
     finally:
-        stop_signals.release()  # refused before training (train() ended the catch otherwise)
+        stop_signals.release()  # the command's catch ends once results.json is written (or the run failed)
     return summary
+
+
+def _write_results(output_dir: str, summary: dict[str, float]) -> None:
+    """`results.json`, on process 0."""
+    if jax.process_index() == 0:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        text = json.dumps(strict_json(summary), indent=2, allow_nan=False)
+        (Path(output_dir) / "results.json").write_text(text)
 
 
 def _show_progress_messages() -> None:

@@ -19,6 +19,7 @@ import logging
 import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import jax
 from jax.experimental import multihost_utils
@@ -27,8 +28,8 @@ from easytrain import distributed, stop_signals
 from easytrain.arguments import TrainingArguments
 from easytrain.stop_signals import PREEMPTED_EXIT_CODE, SignalInterrupt
 
-__all__ = ["PREEMPTED_EXIT_CODE", "PreemptionWatcher", "TrainingPreempted", "joins_other_processes", "resume_point",
-           "stopping_before_training"]
+__all__ = ["PREEMPTED_EXIT_CODE", "PreemptionWatcher", "StoppedAfterTraining", "TrainingPreempted",
+           "joins_other_processes", "final_step", "resume_point", "stopping_after_training", "stopping_before_training"]
 
 logger = logging.getLogger("easytrain")
 
@@ -74,20 +75,60 @@ def joins_other_processes(args: TrainingArguments) -> bool:
 
 @contextlib.contextmanager
 def stopping_before_training(resume_from: tuple[Path, int] | None) -> Iterator[None]:
-    """`train()`'s whole body: stop signals are caught from here (single-process runs; the `easytrain` command
-    caught them from its start), the loop's `PreemptionWatcher` shares the flag, and a `SignalInterrupt` of the
-    set-up becomes `TrainingPreempted` at `resume_point`. The catch ends with `train()`, whoever started it: then
-    the signals act as before (a signal after the loop's last step had nothing left to stop)."""
-    stop_signals.catch(stop_signals.STOP_SIGNALS if jax.process_count() == 1 else ())
+    """`train()`'s whole body: stop signals are caught from here (single-process runs), the loop's
+    `PreemptionWatcher` shares the flag, and a `SignalInterrupt` of the set-up becomes `TrainingPreempted` at
+    `resume_point`. A catch `train()` started ends with it. The `easytrain` command's (caught from its start) goes on
+    until `results.json` is written: a signal after the loop's last step (the final export) or in the final
+    evaluation then stops the command too (`stopping_after_training`)."""
+    started = stop_signals.catch(stop_signals.STOP_SIGNALS if jax.process_count() == 1 else ())
     try:
         yield
+        if started and (name := stop_signals.received()) is not None:  # in the final export: nothing left to stop
+            logger.warning("%s came after the last step, while the run finished (its final checkpoint is complete): "
+                           "train() returns as usual", name)
     except SignalInterrupt as stop:
         step, checkpoint = resume_point(resume_from)
         error = TrainingPreempted(step, stop.signal_name, checkpoint, during=stop.during)
         logger.warning("%s", error)
         raise error from None
     finally:
-        stop_signals.release()
+        if started:
+            stop_signals.release()
+
+
+class StoppedAfterTraining(TrainingPreempted):
+    """A stop signal after the last step: while the run finished (its final checkpoint, export) or the `easytrain`
+    command evaluated the final model, before `results.json`. Exit status 75 like any stop; the same command run
+    again trains nothing, evaluates and writes `results.json`."""
+
+    def __str__(self) -> str:
+        return (f"stopped by {self.signal_name} while {self.during}, after the last step ({self.step}): results.json "
+                "not written; run the same command again to evaluate and write it (it trains nothing more); exit "
+                f"status {PREEMPTED_EXIT_CODE}")
+
+
+@contextlib.contextmanager
+def stopping_after_training(step: int, during: str = "evaluating the final model") -> Iterator[None]:
+    """The `easytrain` command's final evaluation (`during`), after `train()` returned at `step`, as an
+    `interruptible` section: a stop signal caught since the loop's last step ends the command on entering, one in
+    the block at once, one right after it on leaving; all as `StoppedAfterTraining`, before `results.json`. Nothing
+    happens where the command catches no signals (multi-process runs)."""
+    try:
+        with stop_signals.while_acting("stopping before results.json is written (exit status 75)"):
+            stop_signals.check("the run finished (its final checkpoint, export)")
+            with stop_signals.interruptible(during):
+                yield
+            stop_signals.check(during)
+    except SignalInterrupt as stop:
+        error = StoppedAfterTraining(step, stop.signal_name, None, during=stop.during)
+        logger.warning("%s", error)
+        raise error from None
+
+
+def final_step(trainer: Any) -> int:
+    """The step a trainer's `train()` ended at, for `StoppedAfterTraining` (0 where its state has no step)."""
+    step = getattr(getattr(trainer, "state", None), "step", None)
+    return 0 if step is None else int(step)
 
 
 class PreemptionWatcher:

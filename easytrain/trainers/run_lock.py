@@ -39,11 +39,9 @@ def acquire(output_dir: str | os.PathLike) -> None:
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
+        error = _in_use(directory, handle)
         handle.close()
-        raise OutputDirError(f"output_dir: {str(directory)!r} is in use by a run that is still training ({holder} "
-                             f"holds {LOCK_FILENAME}); wait for it to end, or choose another --output_dir.") from None
+        raise error from None
     except OSError as error:  # no flock on this file system
         logger.warning("output_dir %s cannot be locked (%s): nothing stops a second run from writing into it at the "
                        "same time", directory, error.strerror)
@@ -54,6 +52,38 @@ def acquire(output_dir: str | os.PathLike) -> None:
     handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     handle.flush()
     _held[directory] = handle
+
+
+def refuse_if_held(output_dir: str | os.PathLike) -> None:
+    """Refuse at once, writing nothing, if another live process holds `output_dir`'s lock: a second start of a
+    running run's command (a resubmitted or requeued job) must not touch that run's files (its `job.json`, its
+    checkpoints being written) before `acquire` would refuse it. A probe: the lock is not kept.
+
+    Raises:
+        OutputDirError: another process trains in `output_dir`, as `acquire` raises it.
+    """
+    directory = Path(output_dir).resolve()
+    if directory in _held:
+        return
+    try:
+        handle = open(directory / LOCK_FILENAME)  # read only: creates nothing (no lock file, no run yet)
+    except OSError:
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _in_use(directory, handle) from None
+        except OSError:  # no flock on this file system: `acquire` warns
+            return
+        fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _in_use(directory: Path, handle: IO[str]) -> OutputDirError:
+    handle.seek(0)
+    holder = handle.read().strip() or "another process"
+    return OutputDirError(f"output_dir: {str(directory)!r} is in use by a run that is still training ({holder} "
+                          f"holds {LOCK_FILENAME}); wait for it to end, or choose another --output_dir.")
 
 
 def release(output_dir: str | os.PathLike) -> None:
