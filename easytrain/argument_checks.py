@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 import types
 import typing
@@ -28,6 +29,7 @@ from easytrain.errors import ArgumentError
 STRING_AS_LIST = ("report_to", "eval_metrics")
 #: List fields whose value 'none' alone means the empty list.
 NONE_AS_EMPTY = ("eval_metrics",)
+logger = logging.getLogger("easytrain")
 _YAML_BOOL_HINT = " YAML reads unquoted yes/no/on/off/true/false as booleans: quote the value."
 
 
@@ -205,6 +207,35 @@ def check_settings_apply(args: Any) -> None:
     _require(args.early_stopping_patience is None or args.eval_strategy != "no", "early_stopping_patience",
              "counts evaluations, but eval_strategy is 'no' (it would never stop): set eval_strategy to 'steps' "
              "or 'epoch', or unset early_stopping_patience.")
+    check_best_checkpoint_kept(args)
+
+
+def check_best_checkpoint_kept(args: Any) -> None:
+    """`metric_for_best_model` with `save_total_limit` keeps the best checkpoint only if checkpoints are saved at
+    evaluated steps: one saved elsewhere has no metric to rank it, so the best evaluated model would be evicted and
+    `best_step` name another. Refused; only warned about with `early_stopping_patience`, for which the metric may
+    be meant (`load_best_model_at_end` refuses it on its own)."""
+    if (args.metric_for_best_model is None or args.save_total_limit is None or args.load_best_model_at_end
+            or "no" in (args.save_strategy, args.eval_strategy)):
+        return
+    if args.save_strategy == "steps":
+        if args.eval_strategy == "steps" and args.save_steps % args.eval_steps == 0:
+            return
+        field, fix = "save_steps", (f"use eval_strategy='steps' and a save_steps that is a multiple of eval_steps="
+                                    f"{args.eval_steps}")
+    elif args.eval_strategy == args.save_strategy:
+        return
+    else:
+        field, fix = "eval_strategy", f"set it to save_strategy={args.save_strategy!r}"
+    message = (f"with metric_for_best_model={args.metric_for_best_model!r} and save_total_limit="
+               f"{args.save_total_limit}, checkpoints saved off the evaluations (save_strategy={args.save_strategy!r}, "
+               f"save_steps={args.save_steps}, eval_strategy={args.eval_strategy!r}, eval_steps={args.eval_steps}) "
+               f"carry no metric, so the best evaluated model is never kept: {fix}, or unset save_total_limit")
+    if args.early_stopping_patience is not None:
+        logger.warning("%s: %s (kept going: the metric may be meant for early_stopping_patience only).", field,
+                       message)
+        return
+    raise ArgumentError(field, message + ".")
 
 
 def _require(condition: bool, name: str, message: str) -> None:
