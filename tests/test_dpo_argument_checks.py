@@ -125,3 +125,12 @@ def test_an_eval_batch_the_devices_cannot_split_is_refused_before_the_reference_
     message = "must be a multiple of the 8 data-parallel devices."
     assert facts["False"] == ["eval_batch_size", message, 0]
     assert facts["True"] == ["eval_batch_size", message, 0]
+
+
+def test_a_text_column_is_refused_by_dpo(tmp_path):
+    """DPO rows are prompt/chosen/rejected: a text_column set for them would be silently unused."""
+    from easytrain import TrainingArguments
+    from easytrain.trainers.dpo import DPOTrainer
+
+    with pytest.raises(ArgumentError, match="text_column: 'body' is not read by DPO"):
+        DPOTrainer(TrainingArguments(output_dir=str(tmp_path / "run"), text_column="body"))

@@ -86,6 +86,10 @@ class DPOTrainer(BaseTrainer):
         self._source_weights: dict | None = None  # init_weights_from's variables, read once (`_read_initial_weights`)
         super().__init__(arguments, **kwargs)
         self._check_lora_reference()
+        if self.arguments.text_column != "text":  # pairs are prompt/chosen/rejected: no text column is read
+            raise ArgumentError("text_column", f"{self.arguments.text_column!r} is not read by DPO, whose rows are "
+                                "prompt/chosen/rejected (docs/dpo.md); leave text_column at 'text', or map another "
+                                "layout with a formatting_func.")
         if self.dpo.disable_dropout and self.lora is not None and self.lora.dropout > 0:
             logger.warning("lora_dropout=%s is off in the DPO loss (disable_dropout, the default); pass "
                            "--no_disable_dropout to train with it.", self.lora.dropout)
