@@ -248,3 +248,32 @@ def test_a_changed_compute_dtype_resumes_with_a_warning(caplog, stored, now, war
         assert not caplog.records
     else:
         assert re.search(warned, caplog.text) and "not what the checkpointed run would have computed" in caplog.text
+
+
+@pytest.mark.parametrize("field, stored, now", [
+    ("weight_decay", 0.0, 0.5), ("adam_beta1", 0.9, 0.5), ("adam_beta2", 0.999, 0.99), ("adam_epsilon", 1e-8, 0.1),
+    ("max_grad_norm", 1.0, 0.05), ("gradient_accumulation_steps", 1, 2),
+])
+def test_changed_update_settings_resume_with_a_warning_naming_them(caplog, field, stored, now):
+    """Optimizer settings and the gradient's accumulation fit the stored state but change every later update: said,
+    like another compute dtype, rather than continued in silence (resumed losses drifted from step 6 on)."""
+    with caplog.at_level(logging.WARNING, logger="easytrain"):
+        assert check_resumable(run_info_with(**{field: stored}), run_info_with(**{field: now})) == []
+    assert f"{field}: checkpoint {stored!r} vs now {now!r}" in caplog.text
+    assert "not what the checkpointed run would have computed" in caplog.text
+
+
+@pytest.mark.parametrize("stored, now, warned", [
+    ({"devices": 8, "shape": {"data": 1, "fsdp": 8, "tensor": 1}},
+     {"devices": 4, "shape": {"data": 1, "fsdp": 4, "tensor": 1}}, True),
+    ({"devices": 8, "shape": {"data": 2, "fsdp": 4, "tensor": 1}},
+     {"devices": 8, "shape": {"data": 2, "fsdp": 4, "tensor": 1}}, False),
+    (None, {"devices": 4, "shape": {"data": 4, "fsdp": 1, "tensor": 1}}, False),  # a checkpoint from before it
+])
+def test_another_mesh_resumes_with_a_warning_that_the_sums_run_in_another_order(caplog, stored, now, warned):
+    """The restored state is laid out for any mesh, but a step's sums then run in another order: the curve goes on
+    to rounding, not bit for bit (fsdp 8 -> 4: step 6's loss 2.5468111 vs 2.5468109), so the resume says so."""
+    info = {"format_version": 1, "arguments": run_info_with()["arguments"], "model_config": None}
+    with caplog.at_level(logging.WARNING, logger="easytrain"):
+        check_resumable(info if stored is None else {**info, "mesh": stored}, {**info, "mesh": now})
+    assert ("another mesh" in caplog.text) == warned, caplog.text

@@ -35,7 +35,8 @@ LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules",
 # What the stored arrays are: another optimizer has other state, another param_dtype other dtypes.
 STATE_FIELDS = ("optimizer", "param_dtype")
 # What the steps compute with: the stored arrays fit another value, but every later step's numbers change.
-COMPUTE_FIELDS = ("dtype",)
+COMPUTE_FIELDS = ("dtype", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm",
+                  "gradient_accumulation_steps")
 # Config keys that decide the function the model computes (its shapes, and what it computes with them: RoPE,
 # activation, norm epsilon, biases, attention windows), compared between the checkpoint and the model about to be
 # trained. Ids of special tokens, dtype, initialisation and version stamps are left out: they change nothing a
@@ -106,10 +107,14 @@ def check_resumable(run_info: dict[str, Any], current: dict[str, Any]) -> list[s
     if schedule_diffs := _differences(stored_args, current_args, SCHEDULE_FIELDS):
         logger.warning("resuming with a different learning-rate schedule (%s): from the restored step on, the "
                        "curve differs from the one the checkpointed run would have followed", "; ".join(schedule_diffs))
-    if compute_diffs := _differences(stored_args, current_args, COMPUTE_FIELDS):
-        logger.warning("resuming with another compute dtype (%s): the restored state fits, but the steps from here on "
-                       "are not what the checkpointed run would have computed (resume with its dtype for an exact "
-                       "continuation)", "; ".join(compute_diffs))
+    if compute_diffs := _differences(stored_args, current_args, tuple(k for k in COMPUTE_FIELDS if k in stored_args)):
+        logger.warning("resuming with other settings of what each step computes (%s): the restored state fits, but "
+                       "the steps from here on are not what the checkpointed run would have computed (resume with the "
+                       "checkpoint's values for an exact continuation)", "; ".join(compute_diffs))
+    if run_info.get("mesh") not in (None, current.get("mesh")):
+        logger.warning("resuming on another mesh (checkpoint %s vs now %s): the state is restored into the new layout, "
+                       "but each step's sums run in another order, so the curve continues to rounding, not bit for "
+                       "bit", run_info["mesh"], current.get("mesh"))
     order = (_differences(stored_args, current_args, DATA_ORDER_FIELDS)
              + _tokenizer_change(stored_args, current_args, run_info, current))
     stored_task, current_task = run_info.get("task_arguments") or {}, current.get("task_arguments") or {}
