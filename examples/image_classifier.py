@@ -9,6 +9,13 @@ random places with noise, so chance is 25%.
     python examples/image_classifier.py --max_steps 20 --train_size 512     # a quick look
     easytrain train --task image_classifier:ImageClassifierTrainer --output_dir runs/shapes \\
         --no_save_pretrained_at_end    # from the CLI, with examples/ on PYTHONPATH
+
+The export (runs/shapes/final_model/model.safetensors) holds what the module needs in eval mode: its
+parameters and BatchNorm's running mean and variance (`nnx.BatchStat`, not `nnx.Param`). To use it:
+
+    from image_classifier import load_exported
+    model = load_exported("runs/shapes/final_model")    # a fresh module, in eval mode
+    logits = model(images_BHWC)
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ from easytrain import BaseTrainer, LossOutput, TrainingArguments
 from easytrain.metrics import mean_over
 
 SIZE, CLASSES = 16, 4
+#: What the export holds: everything the module reads in eval mode (its RNG state only feeds dropout).
+EXPORTED = nnx.Any(nnx.Param, nnx.BatchStat)
 
 
 def make_images(count: int, seed: int) -> dict[str, np.ndarray]:
@@ -85,15 +94,36 @@ class ImageClassifierTrainer(BaseTrainer):
                           {"accuracy": mean_over(correct_B, batch["weight"])})
 
     def save_pretrained(self, directory):
-        """Parameters as one safetensors file (every process gathers; process 0 writes)."""
+        """Parameters and BatchNorm statistics as one safetensors file (every process gathers; process 0
+        writes): without the running mean and variance the module would evaluate differently."""
         directory = Path(directory)
-        params = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(self.model, nnx.Param)), sep=".")
+        variables = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(self.model, EXPORTED)), sep=".")
         arrays = {name: np.asarray(jax.experimental.multihost_utils.process_allgather(value, tiled=True))
-                  for name, value in params.items()}
+                  for name, value in variables.items()}
         if self.is_main_process:
             directory.mkdir(parents=True, exist_ok=True)
             safetensors.numpy.save_file(arrays, str(directory / "model.safetensors"))
         return directory
+
+
+def load_exported(directory: str | Path) -> ConvClassifier:
+    """A fresh module holding an export's arrays, in eval mode (running BatchNorm statistics, no dropout).
+
+    Built outside a training mesh, so with eager sharding off: the kernels' logical axes ("mlp") would
+    otherwise need a mesh to place them on."""
+    arrays = safetensors.numpy.load_file(str(Path(directory) / "model.safetensors"))
+    with nnx.use_eager_sharding(False):
+        module = ConvClassifier(nnx.Rngs(0), width=arrays["conv1.kernel"].shape[-1])
+    state = nnx.state(module, EXPORTED)
+    expected = set(traverse_util.flatten_dict(nnx.to_pure_dict(state), sep="."))
+    if set(arrays) != expected:
+        raise ValueError(f"{directory} does not hold this module's variables: missing {sorted(expected - set(arrays))}"
+                         f", unexpected {sorted(set(arrays) - expected)}.")
+    nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in arrays.items()},
+                                                                 sep="."))
+    nnx.update(module, state)
+    module.eval()
+    return module
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
