@@ -270,6 +270,11 @@ class EvalBatches:
         return math.ceil(len(_RowReader(self.source)) / self.global_batch_size)
 
 
+def count_rows(source: RowSource) -> int:
+    """Rows of a training or eval source, as the loaders count them."""
+    return len(_RowReader(source))
+
+
 class _RowReader:
     """Random access to rows by index list, counting the rows fetched.
 

@@ -9,10 +9,13 @@ number of them.
 from __future__ import annotations
 
 import functools
+import logging
 
 import numpy as np
 
 from easytrain.data.errors import DataError
+
+logger = logging.getLogger("easytrain")
 
 
 def per_process_batch_size(global_batch_size: int, process_index: int, process_count: int) -> int:
@@ -63,6 +66,18 @@ class StepRows:
 
     def _shuffle(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self._seed, epoch]).permutation(self._num_rows)
+
+
+def warn_rows_left_out(num_rows: int, global_batch_size: int, total_steps: int) -> None:
+    """Every epoch takes whole global batches of its permutation, so `num_rows % global_batch_size` rows (other
+    ones each epoch) are not trained on in it; warned once at set-up when the run reaches an epoch's end."""
+    per_epoch, left_out = divmod(num_rows, global_batch_size)
+    if not left_out or not per_epoch or total_steps < per_epoch:
+        return
+    logger.warning("train_batch_size=%d does not divide the %d training rows: each epoch trains on %d of them (%d "
+                   "steps) and leaves out %d, other ones each epoch (every epoch is shuffled anew). To train on every "
+                   "row each epoch, use a train_batch_size that divides the rows, or add or drop rows.",
+                   global_batch_size, num_rows, per_epoch * global_batch_size, per_epoch, left_out)
 
 
 def grain_state(step: int) -> dict[str, int]:

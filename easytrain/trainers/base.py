@@ -200,8 +200,7 @@ class BaseTrainer(TrainStateHooks, LanguageModelHooks):
         """Prepare the rows, then wrap them in resumable per-host loaders that batch with `collate`."""
         args = self._arguments
         builders.check_batch_sizes(args, self.mesh)  # before the rows: a subclass may batch them (DPO's reference)
-        self._dataset_train, self._dataset_eval = self.prepare_datasets()
-        builders.check_row_sources(self._dataset_train, self._dataset_eval)
+        self._dataset_train, self._dataset_eval = builders.prepared_rows(self)  # checked; given data read
         hosts = dict(collate=self.collate, process_index=jax.process_index(), process_count=jax.process_count(),
                      vocab_size=vocab_size_of(self.model_config), token_fields=self.token_fields)
         loader = TrainBatches(self._dataset_train, args.train_batch_size, seed=args.seed, **hosts)

@@ -23,9 +23,12 @@ from easytrain.callbacks import Callback, EarlyStopping
 from easytrain.checkpoint import CHECKPOINTS_DIRNAME, CheckpointManager
 from easytrain.data import load_text_datasets
 from easytrain.data.errors import DataError
+from easytrain.data.loader import count_rows
+from easytrain.data.order import warn_rows_left_out
 from easytrain.errors import ArgumentError, TrainedAlreadyError
 from easytrain.models.presets import llama_config
 from easytrain.tasks import arithmetic
+from easytrain.trainers import given_data
 from easytrain.trainers.job_callback import JobCallback
 
 logger = logging.getLogger("easytrain")
@@ -65,7 +68,9 @@ def load_pretrained(field: str, name: str | os.PathLike, load: Callable[[str], L
 
 def uses_embedded_data(args: TrainingArguments, dataset_train: Any, dataset_eval: Any = None) -> bool:
     """No data anywhere: train on the arithmetic corpus that ships with easytrain. Data given in a way that
-    would be ignored (an eval set alone, two training sources) is refused here, before anything is built."""
+    would be ignored (an eval set alone, two training sources) is refused here, before anything is built. Every
+    built-in `prepare_datasets` calls it: it marks the given data read (`given_data`)."""
+    given_data.mark_read()
     check_data_sources(args, dataset_train, dataset_eval)
     return not _train_sources(args, dataset_train)
 
@@ -288,12 +293,33 @@ def checkpoint_manager(args: TrainingArguments) -> CheckpointManager:
                              greater_is_better=args.greater_is_better, owner=True)
 
 
+def prepared_rows(trainer: Any) -> tuple[Any, Any]:
+    """`trainer.prepare_datasets()`, its rows checked (`check_row_sources`), data given to the trainer that it did
+    not read refused by name (`given_data`), and rows each epoch leaves out warned about, before the model is built."""
+    with given_data.tracking() as reads:
+        train, evaluation = trainer.prepare_datasets()
+    given_data.check_read(trainer, bool(reads))
+    check_row_sources(train, evaluation)
+    args, rows = trainer.arguments, count_rows(train)
+    epochs = rows // args.train_batch_size * args.num_train_epochs  # the steps of num_train_epochs
+    warn_rows_left_out(rows, args.train_batch_size, args.max_steps if args.max_steps > 0 else epochs)
+    return train, evaluation
+
+
 def check_row_sources(train: Any, evaluation: Any) -> None:
-    """Before any batching: `prepare_datasets` returned rows, not several splits in one (a `DatasetDict`)."""
+    """Before any batching: `prepare_datasets` returned rows, not several splits in one (a `DatasetDict`), nor
+    several eval sets in a dict (a dict of columns is one set)."""
     for name, rows in (("train", train), ("eval", evaluation)):
         if isinstance(rows, datasets.DatasetDict):
             raise TypeError(f"prepare_datasets returned a DatasetDict with splits {list(rows)} as its {name} rows; "
                             "return (train, eval), e.g. (splits['train'], splits['test']), or (train, None).")
+        if isinstance(rows, Mapping) and rows and all(isinstance(value, (Mapping, datasets.Dataset))
+                                                      for value in rows.values()):
+            fix = ("return one eval set, e.g. (train, sets['a']), and evaluate each of the others with "
+                   "trainer.evaluate(dataset) (prepare_eval_dataset makes rows of it)") if name == "eval" else \
+                "return one training set (its rows: columns of equal length, or a datasets.Dataset)"
+            raise TypeError(f"prepare_datasets returned a dict of several {name} sets {tuple(rows)} as its {name} "
+                            f"rows; {fix}.")
 
 
 def to_device_batch(host_batch: Mapping[str, Any], mesh: Any, host_only: Sequence[str]) -> dict[str, jax.Array]:
