@@ -29,6 +29,9 @@ from easytrain.errors import ArgumentError
 STRING_AS_LIST = ("report_to", "eval_metrics")
 #: List fields whose value 'none' alone means the empty list.
 NONE_AS_EMPTY = ("eval_metrics",)
+#: The optimizer settings each optimizer reads (`easytrain.optim.build_optimizer`); the others it ignores.
+OPTIMIZER_FIELDS = {"adamw": ("adam_beta1", "adam_beta2", "adam_epsilon"), "lion": ("adam_beta1", "adam_beta2"),
+                    "sgd": ("sgd_momentum",), "adafactor": ()}
 logger = logging.getLogger("easytrain")
 _YAML_BOOL_HINT = " YAML reads unquoted yes/no/on/off/true/false as booleans: quote the value."
 
@@ -208,6 +211,30 @@ def check_settings_apply(args: Any) -> None:
              "counts evaluations, but eval_strategy is 'no' (it would never stop): set eval_strategy to 'steps' "
              "or 'epoch', or unset early_stopping_patience.")
     check_best_checkpoint_kept(args)
+    warn_unread_optimizer_fields(args)
+
+
+def warn_unread_optimizer_fields(args: Any) -> None:
+    """Optimizer settings changed from their defaults that the chosen optimizer does not read (Adam's betas for
+    Adafactor, ...): warned about, once per process for the same settings (a rerun's copy of the arguments is
+    checked again)."""
+    reads = OPTIMIZER_FIELDS.get(args.optimizer)
+    if reads is None:
+        return
+    defaults = {field.name: field.default for field in dataclasses.fields(args)}
+    unread = tuple((name, getattr(args, name)) for name in sorted({n for f in OPTIMIZER_FIELDS.values() for n in f})
+                   if name not in reads and getattr(args, name) != defaults[name])
+    if unread:
+        _warn_unread(args.optimizer, unread)
+
+
+@functools.cache
+def _warn_unread(optimizer: str, unread: tuple[tuple[str, Any], ...]) -> None:
+    reads = OPTIMIZER_FIELDS[optimizer]
+    logger.warning("optimizer=%r does not read %s, so %s no effect; it reads %s (see the optimizer help).", optimizer,
+                   ", ".join(f"{name}={value!r}" for name, value in unread), "it has" if len(unread) == 1 else
+                   "they have", ", ".join(reads) if reads else "none of adam_beta1, adam_beta2, adam_epsilon, "
+                   "sgd_momentum")
 
 
 def check_best_checkpoint_kept(args: Any) -> None:

@@ -125,7 +125,9 @@ class TrainingArguments:
     dataset_config_name: Optional[str] = _arg(None, "The dataset's configuration name, if it has several.")
     train_file: Optional[str] = _arg(None, "Local training file: .json, .jsonl, .csv, .parquet or .txt.")
     validation_file: Optional[str] = _arg(None, "Local validation file, same formats as train_file (needs train_file).")
-    text_column: str = _arg("text", "Name of the dataset column holding the raw text.")
+    text_column: str = _arg(
+        "text", "Name of the dataset column holding the raw text (the lm task; SFT plain-text rows, renamed `text`). "
+        "SFT conversations or prompt-completion rows and DPO refuse any value other than 'text'.")
     validation_split_percentage: int = _arg(
         5, "Percent of the training set held out for evaluation when there is no validation split."
     )
@@ -136,7 +138,10 @@ class TrainingArguments:
     preprocessing_num_workers: Optional[int] = _arg(None, "Processes used to tokenise the dataset; unset: this one.")
 
     # --- optimisation --------------------------------------------------------------------------
-    num_train_epochs: int = _arg(3, "Passes over the training set; used only when max_steps <= 0.")
+    num_train_epochs: int = _arg(
+        3, "Passes over the training set; used only when max_steps <= 0. Each epoch is whole global batches of a "
+        "fresh shuffle: the remainder of the rows divided by train_batch_size is left out of it (other rows each "
+        "epoch; 31 rows at batch 16 train 16 in one step), warned about at set-up.")
     max_steps: int = _arg(1500, "Total optimizer updates; set <= 0 to train for num_train_epochs instead.")
     train_batch_size: int = _arg(
         16, "Global batch size: examples per optimizer update, summed over devices, hosts and micro-batches."
@@ -158,12 +163,22 @@ class TrainingArguments:
                                 "(max_steps - 1) / max_steps of it).")
     warmup_ratio: float = _arg(0.05, "Warmup as a fraction of the total optimizer updates, rounded down (0.05 of 10 "
                                      "updates is no warmup; Hugging Face rounds up).")
-    optimizer: Literal["adamw", "adafactor", "lion", "sgd"] = _arg("adamw", "Optimizer.")
+    optimizer: Literal["adamw", "adafactor", "lion", "sgd"] = _arg(
+        "adamw", "The update rule (optax's). 'adamw': Adam with decoupled weight decay; reads adam_beta1, adam_beta2, "
+        "adam_epsilon. 'lion': the sign of interpolated momenta; reads adam_beta1, adam_beta2 (no epsilon). 'sgd': "
+        "reads sgd_momentum. 'adafactor': optax's Adafactor with its defaults, reading none of them: no momentum, "
+        "second moments factored only for arrays whose two longest axes are both >= 128 (others keep a full one), "
+        "updates clipped at RMS 1 and scaled by the parameter's RMS (at least 1e-3), so its learning_rate is a "
+        "step relative to the weights' size, not the one transformers' Adafactor takes (which by default ignores "
+        "it for its own relative step). A field the chosen optimizer does not read is warned about.")
     weight_decay: float = _arg(
-        0.0, "Decoupled weight decay, multiplied by the learning rate (AdamW, Lion, Adafactor alike); L2 for SGD.")
+        0.0, "Decoupled weight decay, multiplied by the learning rate (AdamW, Lion, Adafactor alike); L2 for SGD. "
+        "Applies to arrays of 2 or more dimensions only (matrices, kernels, embeddings), never to biases or norm "
+        "scales: as transformers' Trainer leaves them out by name, here by shape. To decay others, override "
+        "configure_optimizer in a trainer (easytrain.optim.decay_mask is the default rule).")
     adam_beta1: float = _arg(0.9, "beta1 of AdamW and Lion, in [0, 1).")
     adam_beta2: float = _arg(0.999, "beta2 of AdamW and Lion, in [0, 1).")
-    adam_epsilon: float = _arg(1e-8, "epsilon of AdamW (> 0).")
+    adam_epsilon: float = _arg(1e-8, "epsilon of AdamW (> 0); Lion, SGD and Adafactor do not read it.")
     sgd_momentum: float = _arg(0.9, "Momentum of SGD, in [0, 1) (0 for plain SGD).")
     max_grad_norm: float = _arg(1.0, "Clip gradients to this global norm; 0 disables clipping.")
     non_finite_policy: Literal["skip", "stop", "ignore"] = _arg(
