@@ -212,6 +212,9 @@ def check_settings_apply(args: Any) -> None:
              "or 'epoch', or unset early_stopping_patience.")
     check_best_checkpoint_kept(args)
     warn_unread_optimizer_fields(args)
+    if args.max_steps > 0 and args.num_train_epochs != _default(args, "num_train_epochs"):
+        _warn_once("num_train_epochs=%s has no effect: max_steps=%d decides the run's length whenever it is positive; "
+                   "pass --max_steps 0 to train for num_train_epochs instead.", args.num_train_epochs, args.max_steps)
 
 
 def warn_unread_optimizer_fields(args: Any) -> None:
@@ -226,6 +229,16 @@ def warn_unread_optimizer_fields(args: Any) -> None:
                    if name not in reads and getattr(args, name) != defaults[name])
     if unread:
         _warn_unread(args.optimizer, unread)
+
+
+def _default(args: Any, name: str) -> Any:
+    return next(field.default for field in dataclasses.fields(args) if field.name == name)
+
+
+@functools.cache
+def _warn_once(message: str, *values: Any) -> None:
+    """One warning per process for the same settings: a rerun's copy of the arguments is checked again."""
+    logger.warning(message, *values)
 
 
 @functools.cache

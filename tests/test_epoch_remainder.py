@@ -34,13 +34,27 @@ def test_rows_left_out_of_each_epoch_are_warned_about_once(tmp_path, caplog):
 def test_no_warning_when_the_batch_divides_the_rows_or_no_epoch_ends(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="easytrain"):
         _trainer(tmp_path / "a", 32, num_train_epochs=2).configure_dataloaders()
-        _trainer(tmp_path / "b", 47, max_steps=1).configure_dataloaders()  # 1 step of the 2 an epoch has: no end
+        _trainer(tmp_path / "b", 47, max_steps=1, num_train_epochs=3).configure_dataloaders()  # 1 step of 2
     assert not _warnings(caplog)
     with caplog.at_level(logging.WARNING, logger="easytrain"):
-        _trainer(tmp_path / "c", 47, max_steps=3).configure_dataloaders()  # a second epoch: 15 rows left out
+        _trainer(tmp_path / "c", 47, max_steps=3, num_train_epochs=3).configure_dataloaders()  # 15 rows out
     assert len(_warnings(caplog)) == 1
 
 
 def test_num_train_epochs_help_says_the_remainder_is_dropped():
     (field,) = [f for f in dataclasses.fields(TrainingArguments) if f.name == "num_train_epochs"]
     assert "remainder" in field.metadata["help"] and "train_batch_size" in field.metadata["help"]
+
+
+def test_num_train_epochs_under_a_positive_max_steps_is_warned_about(tmp_path, caplog):
+    """max_steps (default 1500) decides the length whenever it is positive: a num_train_epochs given alongside it
+    would be ignored (a user of transformers, whose max_steps defaults to -1, expects 3 epochs from it)."""
+    with caplog.at_level(logging.WARNING, logger="easytrain"):
+        TrainingArguments(output_dir=str(tmp_path), num_train_epochs=5)
+    assert any("num_train_epochs=5 has no effect" in message and "--max_steps 0" in message
+               for message in _warnings(caplog)), caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="easytrain"):
+        TrainingArguments(output_dir=str(tmp_path), num_train_epochs=5, max_steps=0)
+        TrainingArguments(output_dir=str(tmp_path))
+    assert not _warnings(caplog), caplog.text
