@@ -48,6 +48,7 @@ def process_0_of_2(monkeypatch):
     client = FakeClient()
     monkeypatch.setattr(process_failure, "coordination_client", lambda: client)
     monkeypatch.setattr(process_failure, "_runs", 0)
+    monkeypatch.setattr(process_failure, "_published", {})
     monkeypatch.setattr(process_failure.jax, "process_index", lambda: 0)
     return client
 
@@ -85,6 +86,25 @@ def test_a_collective_error_after_another_process_failure_names_that_process(pro
     with pytest.raises(OtherProcessFailedError, match="^process 1 failed: TokenRangeError: A batch from") as raised:
         process_failure.reraise_naming_others(TIMEOUT)
     assert raised.value.__cause__ is TIMEOUT and "GetKeyValue() timed out" in str(raised.value)
+
+
+def test_of_two_processes_failing_close_together_only_the_later_names_the_other(process_0_of_2, caplog, monkeypatch):
+    """Each fails on its own bad batch, process 0 first: process 0 raises its own error (warning of process 1's,
+    published after it), and process 1 names process 0's first."""
+    monkeypatch.setattr(process_failure, "LOOKUP_SECONDS", 0.05)
+    first, second = ValueError("bad batch on process 0"), ValueError("bad batch on process 1")
+    process_failure.publish(process_0_of_2, 0, first, now=100.0)
+    process_failure.publish(process_0_of_2, 1, second, now=100.5)
+    with pytest.raises(ValueError) as raised:
+        process_failure.reraise_naming_others(first)
+    assert raised.value is first
+    assert "process 1 failed too, after this process (0): ValueError: bad batch on process 1" in caplog.text
+    monkeypatch.setattr(process_failure.jax, "process_index", lambda: 1)
+    with pytest.raises(OtherProcessFailedError, match="^process 0 failed: ValueError: bad batch on process 0. "
+                                                      "This process [(]1[)] failed after it: ValueError: bad batch on "
+                                                      "process 1$") as raised:
+        process_failure.reraise_naming_others(second)
+    assert raised.value.__cause__ is second
 
 
 def test_an_error_is_raised_as_it_is_when_no_other_process_failed(process_0_of_2, monkeypatch):

@@ -8,9 +8,13 @@ key-value store, and:
 
 - while the steps run, every process watches for such a line (`watching`: one thread, one long-polled key, no
   device work) and logs it within seconds, even if it then waits in a collective that will never complete;
-- a process that fails afterwards looks the lines up and raises `OtherProcessFailedError` naming them first,
-  its own error chained (a process whose own error is an `EasytrainError`, which names its cause, raises it and
-  warns of the others').
+- a process that fails afterwards looks the lines up and raises `OtherProcessFailedError` naming the ones published
+  before its own, its own error chained; with none earlier (it failed first) it raises its own error and warns
+  of the later ones (a process whose own error is an `EasytrainError`, which names its cause, raises it and warns
+  of the others').
+
+The order is that of the published unix times: processes on different hosts compare their clocks, so two failures
+closer together than the hosts' clock difference may be named in either order.
 
 Everything here is best effort and bounded in time: it never hides the process's own error. A single-process
 run does nothing here.
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -51,6 +56,9 @@ MAX_LINE = 2000
 #: `train()` calls this process has made in a multi-process run: every process makes the same calls, so the count
 #: names one run on all of them, and a failure caught in an earlier `train()` of the same job is not this one's.
 _runs = 0
+#: `{(run, process index): unix time}` of the failures `publish` published from this process: the time a failure
+#: of this process is compared with, to tell the others' earlier failures (named) from later ones (warned of).
+_published: dict[tuple[int, int], float] = {}
 
 
 class OtherProcessFailedError(EasytrainError, RuntimeError):
@@ -94,12 +102,17 @@ def bounded(call: Callable[[], T], seconds: float = LOOKUP_SECONDS) -> T | None:
     return result[0] if result else None
 
 
-def publish(client: Any, process_index: int, error: BaseException, now: float | None = None) -> None:
+def publish(client: Any, process_index: int, error: BaseException, now: float | None = None) -> float:
     """Put `<unix time> <one line about error>` under this process's key (the time orders the failures), and
-    `<index> <unix time> <line>` under the first-failure key unless another process set it first."""
-    value = f"{time.time() if now is None else now:.3f} {describe(error)}"
+    `<index> <unix time> <line>` under the first-failure key unless another process set it first. Returns the
+    published time, also kept in `_published` for `reraise_naming_others`."""
+    # In milliseconds, rounded down (never after the failure), kept as the others parse it: equal times compare equal.
+    stamp = f"{math.floor((time.time() if now is None else now) * 1000) / 1000:.3f}"
+    _published[(_runs, process_index)] = float(stamp)
+    value = f"{stamp} {describe(error)}"
     bounded(lambda: client.key_value_set(f"{KEY_PREFIX}{_runs}/{process_index}", value, allow_overwrite=True))
     bounded(lambda: client.key_value_set(f"{FIRST_KEY}{_runs}", f"{process_index} {value}"))
+    return float(stamp)
 
 
 def parse(entries: Any, own_index: int) -> dict[int, tuple[float, str]]:
@@ -117,15 +130,24 @@ def parse(entries: Any, own_index: int) -> dict[int, tuple[float, str]]:
     return found
 
 
-def others_failures(client: Any, own_index: int,
-                    wait_seconds: float = LOOKUP_SECONDS) -> dict[int, tuple[float, str]]:
-    """What the other processes published, waiting up to `wait_seconds` for a first line."""
+def others_failures(client: Any, own_index: int, wait_seconds: float = LOOKUP_SECONDS,
+                    before: float | None = None) -> dict[int, tuple[float, str]]:
+    """What the other processes published, waiting up to `wait_seconds` for a first line (with `before`, for a
+    first line published before that time: a later one never changes which error is raised)."""
     deadline = time.monotonic() + wait_seconds
     while True:
         found = parse(bounded(lambda: client.key_value_dir_get(f"{KEY_PREFIX}{_runs}/")), own_index)
-        if found or time.monotonic() >= deadline:
+        wanted = found if before is None else earlier(found, own_index, before)
+        if wanted or time.monotonic() >= deadline:
             return found
         time.sleep(POLL_SECONDS)
+
+
+def earlier(others: Mapping[int, tuple[float, str]], own_index: int,
+            own_time: float) -> dict[int, tuple[float, str]]:
+    """The failures of `others` published before this process's own at `own_time` (at the same time, those of
+    lower process indices), so that of two processes exactly one names the other."""
+    return {index: failure for index, failure in others.items() if (failure[0], index) < (own_time, own_index)}
 
 
 def naming_error(own: BaseException, own_index: int,
@@ -134,6 +156,12 @@ def naming_error(own: BaseException, own_index: int,
     ordered = sorted(others.items(), key=lambda item: (item[1][0], item[0]))
     named = "; ".join(f"process {index} failed: {line}" for index, (_, line) in ordered)
     return OtherProcessFailedError(f"{named}. This process ({own_index}) failed after it: {describe(own)}")
+
+
+def warn_of_later(own_index: int, later: Mapping[int, tuple[float, str]]) -> None:
+    """Log the failures other processes published after this process's own (most often caused by it)."""
+    for index, (_, line) in sorted(later.items(), key=lambda item: (item[1][0], item[0])):
+        logger.warning("process %d failed too, after this process (%d): %s", index, own_index, line)
 
 
 @contextlib.contextmanager
@@ -184,20 +212,24 @@ def publish_failure(error: BaseException) -> None:
 
 
 def reraise_naming_others(error: BaseException) -> None:
-    """Raise `error`, or, if other processes published a failure, an `OtherProcessFailedError` naming them, from
-    `error`. Call from the `except` block that caught `error`.
+    """Raise `error`, or, if other processes published a failure before this process published its own (or, if it
+    published none, before now), an `OtherProcessFailedError` naming those, from `error`; failures published
+    after it are only warned of. Call from the `except` block that caught `error`.
 
     An `EasytrainError` names its own cause (every process may raise the same one, e.g. a non-finite stop): it is
-    raised as it is, after a warning naming other processes' different failures, looked up without waiting.
+    raised as it is, after warnings naming other processes' different failures, looked up without waiting.
     """
     if outcome_of(error) != "failed" or not isinstance(error, Exception) or (client := coordination_client()) is None:
         raise error
     own_index, deliberate = jax.process_index(), isinstance(error, EasytrainError)
-    others = others_failures(client, own_index, wait_seconds=0.0 if deliberate else LOOKUP_SECONDS)
+    own_time = _published.get((_runs, own_index), time.time())
+    others = others_failures(client, own_index, wait_seconds=0.0 if deliberate else LOOKUP_SECONDS, before=own_time)
     if deliberate:
-        if other := {index: failure for index, failure in others.items() if failure[1] != describe(error)}:
-            logger.warning("%s", naming_error(error, own_index, other))
-        raise error
-    if others:
-        raise naming_error(error, own_index, others) from error
+        others = {index: failure for index, failure in others.items() if failure[1] != describe(error)}
+    first = earlier(others, own_index, own_time)
+    warn_of_later(own_index, {index: failure for index, failure in others.items() if index not in first})
+    if first and deliberate:
+        logger.warning("%s", naming_error(error, own_index, first))
+    elif first:
+        raise naming_error(error, own_index, first) from error
     raise error
