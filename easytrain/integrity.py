@@ -166,19 +166,25 @@ def _digests(tree: Any, host_elements: int = 0) -> list[np.ndarray]:
     return [_host_digest(leaf) if host else next(fetched) for leaf, host in zip(leaves, on_host)]
 
 
-def _on_host(leaf: jax.Array, host_elements: int) -> bool:
-    """Whether `leaf` is digested in NumPy: at most `host_elements` elements, all held by this process, of a 1-, 2-
-    or 4-byte type (or bool), so its bits are read as they are. Fetching such a leaf costs less than compiling its
-    digest for a shape seen once; a larger or multi-process one is summed where it lies."""
+def _on_host(leaf: Any, host_elements: int) -> bool:
+    """Whether `leaf` is digested in NumPy: any leaf that is not a `jax.Array` (a NumPy array or scalar is on the
+    host already), or one of at most `host_elements` elements, all held by this process, of a 1-, 2- or 4-byte type
+    (or bool), so its bits are read as they are. Fetching such a leaf costs less than compiling its digest for a
+    shape seen once; a larger or multi-process one is summed where it lies."""
+    if not isinstance(leaf, jax.Array):
+        return True
     return (leaf.size <= host_elements and leaf.is_fully_addressable
             and not jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
             and jnp.dtype(leaf.dtype).itemsize in _UNSIGNED)
 
 
-def _host_digest(leaf: jax.Array) -> np.ndarray:
+def _host_digest(leaf: Any) -> np.ndarray:
     """`_leaf_digest`'s two values computed in NumPy: uint64 arithmetic wraps mod 2**64, a multiple of 2**32, so
-    its sums taken mod 2**32 are the device's exactly (bools are bytes 0 or 1 in both)."""
+    its sums taken mod 2**32 are the device's exactly (bools are bytes 0 or 1 in both; an 8-byte type is digested
+    as its 32-bit view, as `_digestible` does)."""
     values = np.asarray(leaf)
+    if values.dtype.itemsize not in _UNSIGNED:
+        values = values.astype(np.float32 if np.issubdtype(values.dtype, np.floating) else np.int32)
     bits = values.view(_UNSIGNED[values.dtype.itemsize]).reshape(-1).astype(np.uint64)
     weights = np.arange(bits.size, dtype=np.uint64) * np.uint64(_GOLDEN) + np.uint64(1)
     return (np.stack([bits.sum(dtype=np.uint64), (bits * weights).sum(dtype=np.uint64)]) % np.uint64(2**32)

@@ -36,3 +36,18 @@ def test_leaves_above_the_threshold_stay_on_device(monkeypatch):
     leaf = jax.numpy.ones((integrity.SMALL_ON_HOST + 1,), jax.numpy.float32)
     monkeypatch.setattr(integrity, "_host_digest", lambda leaf: (_ for _ in ()).throw(AssertionError("on host")))
     assert integrity.fingerprint({"w": leaf}, host_elements=integrity.SMALL_ON_HOST) == {"w": reference(leaf)}
+
+
+def test_numpy_leaves_are_digested_where_they_lie_to_the_device_values(monkeypatch):
+    """A NumPy leaf (a reference model's weights read back, a scalar) is on the host already: it is digested there
+    at any threshold, to the values its device copy gives, with nothing compiled."""
+    rng = np.random.default_rng(2)
+    state = {"float32": rng.standard_normal((6, 4), dtype=np.float32), "bool": rng.random((3, 5)) < 0.5,
+             "float64": rng.standard_normal((5,)), "int64": np.arange(-3, 4), "scalar": np.float32(-3.25),
+             "bfloat16": rng.standard_normal((2, 3)).astype(jax.numpy.bfloat16),
+             "large": np.ones((integrity.SMALL_ON_HOST + 1,), np.float32)}
+    expected = integrity.fingerprint({name: jax.numpy.asarray(leaf) for name, leaf in state.items()})
+    monkeypatch.setattr(integrity, "_digest", lambda leaf: (_ for _ in ()).throw(AssertionError("on device")))
+    for host_elements in (integrity.SMALL_ON_HOST, 0):
+        assert integrity.fingerprint(state, host_elements) == expected == {
+            name: reference(leaf) for name, leaf in state.items()}
