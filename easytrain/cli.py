@@ -71,7 +71,8 @@ def run(arguments: TrainingArguments, task_arguments: Sequence[Any] | None = Non
     the data and model are prepared; a failure anywhere is recorded there). A SIGTERM or SIGINT before the first
     step (single-process runs) stops the job with status 75 and `stopped`: caught from here (from the command's
     start) until the final evaluation has ended; one after the last step (the final export, the evaluation) stops it
-    with 75 too, before `results.json`, and the same command run again evaluates and writes it. A start while
+    with 75 too, before `results.json`; its message names the rerun that evaluates and writes it
+    (`StoppedAfterTraining`). A start while
     another process trains in `output_dir` is refused before `job.json` is written (`run_lock.refuse_if_held`).
     """
     from easytrain.trainers import BaseTrainer, run_lock  # imported here: `easytrain tasks` and `plot` need neither
@@ -89,7 +90,7 @@ def run(arguments: TrainingArguments, task_arguments: Sequence[Any] | None = Non
             stop_signals.release(redeliver=True)
         with job or command_job(arguments):  # entered after the trainer: output_dir checked
             train_logs = dict(trainer.train())
-            with stopping_after_training(final_step(trainer)):  # a stop after the last step: exit 75, no results
+            with stopping_after_training(final_step(trainer), arguments):  # a stop after the last step: exit 75
                 eval_logs = dict(trainer.evaluate())
             summary = {**{f"train_{k}": v for k, v in train_logs.items()}, **eval_logs}
             with stop_signals.while_acting("writing results.json, then ending as completed"):

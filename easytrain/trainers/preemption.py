@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shlex
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,10 +27,13 @@ from jax.experimental import multihost_utils
 
 from easytrain import distributed, stop_signals
 from easytrain.arguments import TrainingArguments
+from easytrain.checkpoint_dirs import CHECKPOINTS_DIRNAME, finalized_steps
+from easytrain.config_io import ARGUMENTS_FILE
 from easytrain.stop_signals import PREEMPTED_EXIT_CODE, SignalInterrupt
 
 __all__ = ["PREEMPTED_EXIT_CODE", "PreemptionWatcher", "StoppedAfterTraining", "TrainingPreempted",
-           "joins_other_processes", "final_step", "resume_point", "stopping_after_training", "stopping_before_training"]
+           "final_checkpoint", "final_step", "joins_other_processes", "resume_point", "stopping_after_training",
+           "stopping_before_training"]
 
 logger = logging.getLogger("easytrain")
 
@@ -98,21 +102,38 @@ def stopping_before_training(resume_from: tuple[Path, int] | None) -> Iterator[N
 
 class StoppedAfterTraining(TrainingPreempted):
     """A stop signal after the last step: while the run finished (its final checkpoint, export) or the `easytrain`
-    command evaluated the final model, before `results.json`. Exit status 75 like any stop; the same command run
-    again trains nothing, evaluates and writes `results.json`."""
+    command evaluated the final model, before `results.json`. Exit status 75 like any stop. The message names the
+    rerun that finishes the job: the command with `--resume_from_checkpoint latest`, or `--config` on the run's
+    arguments.json (which records `latest`), evaluates from the final checkpoint and trains nothing more; the
+    command unchanged would be refused where a fresh run left checkpoints. Without a checkpoint
+    (save_strategy='no') a rerun trains again from step 0, under `--overwrite_output_dir` (its export, if any,
+    would otherwise be refused)."""
+
+    def __init__(self, step: int, signal_name: str, checkpoint: str | None, during: str, output_dir: str):
+        super().__init__(step, signal_name, checkpoint, during=during)
+        self.output_dir = output_dir
 
     def __str__(self) -> str:
-        return (f"stopped by {self.signal_name} while {self.during}, after the last step ({self.step}): results.json "
-                "not written; run the same command again to evaluate and write it (it trains nothing more); exit "
-                f"status {PREEMPTED_EXIT_CODE}")
+        config = shlex.quote(str(Path(self.output_dir) / ARGUMENTS_FILE))
+        if self.checkpoint:
+            rerun = (f"checkpoint {self.checkpoint}; results.json not written: to evaluate and write it, training "
+                     f"nothing more, add --resume_from_checkpoint latest to the command or run "
+                     f"`easytrain train --config {config}`")
+        else:
+            rerun = ("no checkpoint (save_strategy='no'); results.json not written: a rerun trains again from step 0, "
+                     "then evaluates and writes it: add --overwrite_output_dir to the command or run "
+                     f"`easytrain train --config {config} --overwrite_output_dir`")
+        return (f"stopped by {self.signal_name} while {self.during}, after the last step ({self.step}); {rerun}; "
+                f"exit status {PREEMPTED_EXIT_CODE}")
 
 
 @contextlib.contextmanager
-def stopping_after_training(step: int, during: str = "evaluating the final model") -> Iterator[None]:
-    """The `easytrain` command's final evaluation (`during`), after `train()` returned at `step`, as an
-    `interruptible` section: a stop signal caught since the loop's last step ends the command on entering, one in
-    the block at once, one right after it on leaving; all as `StoppedAfterTraining`, before `results.json`. Nothing
-    happens where the command catches no signals (multi-process runs)."""
+def stopping_after_training(step: int, args: TrainingArguments,
+                            during: str = "evaluating the final model") -> Iterator[None]:
+    """The `easytrain` command's final evaluation (`during`), after `train()` returned at `step` of the run of
+    `args`, as an `interruptible` section: a stop signal caught since the loop's last step ends the command on
+    entering, one in the block at once, one right after it on leaving; all as `StoppedAfterTraining`, before
+    `results.json`. Nothing happens where the command catches no signals (multi-process runs)."""
     try:
         with stop_signals.while_acting("stopping before results.json is written (exit status 75)"):
             stop_signals.check("the run finished (its final checkpoint, export)")
@@ -120,14 +141,23 @@ def stopping_after_training(step: int, during: str = "evaluating the final model
                 yield
             stop_signals.check(during)
     except SignalInterrupt as stop:
-        error = StoppedAfterTraining(step, stop.signal_name, None, during=stop.during)
+        error = StoppedAfterTraining(step, stop.signal_name, final_checkpoint(args, step), stop.during,
+                                     args.output_dir)
         logger.warning("%s", error)
         raise error from None
 
 
+def final_checkpoint(args: TrainingArguments, step: int) -> str | None:
+    """The complete checkpoint of the run's last `step` (the loop saves it unless save_strategy='no'), or None."""
+    checkpoints = Path(args.output_dir) / CHECKPOINTS_DIRNAME
+    return str(checkpoints / str(step)) if step in finalized_steps(checkpoints) else None
+
+
 def final_step(trainer: Any) -> int:
-    """The step a trainer's `train()` ended at, for `StoppedAfterTraining` (0 where its state has no step)."""
-    step = getattr(getattr(trainer, "state", None), "step", None)
+    """The step a trainer's `train()` ended at, for `StoppedAfterTraining` (0 where it holds no state with a step).
+    Read from the state it holds, never through `state`: that property would build a trainer whose `train()` did
+    not (an override)."""
+    step = getattr(vars(trainer).get("_state"), "step", None)
     return 0 if step is None else int(step)
 
 
