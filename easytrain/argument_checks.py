@@ -250,27 +250,37 @@ def _warn_unread(optimizer: str, unread: tuple[tuple[str, Any], ...]) -> None:
                    "sgd_momentum")
 
 
+def checkpoints_off_evaluations(args: Any) -> tuple[str, str] | None:
+    """The field and fix where some checkpoints are saved at steps with no evaluation (no metric to rank them by),
+    else None: the rule both `load_best_model_at_end` and `check_best_checkpoint_kept` apply."""
+    if args.save_strategy == "steps":
+        if args.eval_strategy == "steps" and args.save_steps % args.eval_steps == 0:
+            return None
+        return "save_steps", ("use eval_strategy='steps' and a save_steps that is a multiple of eval_steps="
+                              f"{args.eval_steps}")
+    if args.eval_strategy == args.save_strategy:
+        return None
+    return "eval_strategy", f"set eval_strategy to save_strategy={args.save_strategy!r}"
+
+
 def check_best_checkpoint_kept(args: Any) -> None:
     """`metric_for_best_model` with `save_total_limit` keeps the best checkpoint only if checkpoints are saved at
     evaluated steps: one saved elsewhere has no metric to rank it, so the best evaluated model would be evicted and
     `best_step` name another. Refused; only warned about with `early_stopping_patience`, for which the metric may
-    be meant (`load_best_model_at_end` refuses it on its own)."""
+    be meant (`load_best_model_at_end` refuses it on its own). save_total_limit is 3 by default, so the message says
+    so and how to lift it."""
     if (args.metric_for_best_model is None or args.save_total_limit is None or args.load_best_model_at_end
             or "no" in (args.save_strategy, args.eval_strategy)):
         return
-    if args.save_strategy == "steps":
-        if args.eval_strategy == "steps" and args.save_steps % args.eval_steps == 0:
-            return
-        field, fix = "save_steps", (f"use eval_strategy='steps' and a save_steps that is a multiple of eval_steps="
-                                    f"{args.eval_steps}")
-    elif args.eval_strategy == args.save_strategy:
+    if (off := checkpoints_off_evaluations(args)) is None:
         return
-    else:
-        field, fix = "eval_strategy", f"set it to save_strategy={args.save_strategy!r}"
+    field, fix = off
+    default = " (the default)" if args.save_total_limit == _default(args, "save_total_limit") else ""
     message = (f"with metric_for_best_model={args.metric_for_best_model!r} and save_total_limit="
-               f"{args.save_total_limit}, checkpoints saved off the evaluations (save_strategy={args.save_strategy!r}, "
-               f"save_steps={args.save_steps}, eval_strategy={args.eval_strategy!r}, eval_steps={args.eval_steps}) "
-               f"carry no metric, so the best evaluated model is never kept: {fix}, or unset save_total_limit")
+               f"{args.save_total_limit}{default}, checkpoints saved off the evaluations (save_strategy="
+               f"{args.save_strategy!r}, save_steps={args.save_steps}, eval_strategy={args.eval_strategy!r}, "
+               f"eval_steps={args.eval_steps}) carry no metric, so the best evaluated model is never kept: {fix}, or "
+               "keep every checkpoint with --save_total_limit None (save_total_limit: null in a config file)")
     if args.early_stopping_patience is not None:
         logger.warning("%s: %s (kept going: the metric may be meant for early_stopping_patience only).", field,
                        message)

@@ -380,13 +380,9 @@ def _check_best_model_settings(args: TrainingArguments) -> None:
              "needs metric_for_best_model (e.g. 'eval_loss') to rank checkpoints.")
     _require(args.save_strategy != "no" and args.eval_strategy != "no", "load_best_model_at_end",
              "needs both eval_strategy and save_strategy other than 'no'.")
-    if args.save_strategy == "steps":
-        _require(args.eval_strategy == "steps" and args.save_steps % args.eval_steps == 0, "save_steps",
-                 f"with load_best_model_at_end every checkpoint must follow an evaluation: use eval_strategy="
-                 f"'steps' and a save_steps that is a multiple of eval_steps={args.eval_steps}.")
-    else:
-        _require(args.eval_strategy == args.save_strategy, "eval_strategy",
-                 f"with load_best_model_at_end it must equal save_strategy={args.save_strategy!r}.")
+    if (off := argument_checks.checkpoints_off_evaluations(args)) is not None:
+        field, fix = off
+        raise ArgumentError(field, f"with load_best_model_at_end every checkpoint must follow an evaluation: {fix}.")
 
 
 def _divisors_hint(n: int) -> str:

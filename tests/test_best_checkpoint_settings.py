@@ -4,6 +4,7 @@ evaluations ran: saves off the evaluation cadence are refused (warned about wher
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 
@@ -38,3 +39,31 @@ def test_with_early_stopping_the_metric_may_rank_nothing_it_warns(tmp_path, capl
     with caplog.at_level(logging.WARNING, logger="easytrain"):
         ranked(tmp_path, early_stopping_patience=2)
     assert "save_steps" in caplog.text and "eval_steps=3" in caplog.text
+
+
+def test_the_default_save_total_limit_is_named_and_the_flag_that_lifts_it_works(tmp_path) -> None:
+    """save_total_limit defaults to 3: a user who never set it is told so, and given a flag the command accepts."""
+    from easytrain.config_io import parse_task_arguments
+
+    command = ["--output_dir", str(tmp_path), "--metric_for_best_model", "eval_loss", "--eval_strategy", "steps",
+               "--eval_steps", "300", "--save_steps", "500"]
+    with pytest.raises(ArgumentError) as refused:
+        parse_task_arguments(command, (), "lm")
+    message = str(refused.value)
+    assert "save_total_limit=3 (the default)" in message, message
+    lift = re.search(r"--save_total_limit ([^\s,;.)]+)", message)
+    assert lift, message
+    arguments, _ = parse_task_arguments([*command, "--save_total_limit", lift.group(1)], (), "lm")
+    assert arguments.save_total_limit is None
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(save_strategy="epoch")])
+def test_load_best_model_at_end_names_the_same_field_and_fix(tmp_path, overrides) -> None:
+    """One rule (`checkpoints_off_evaluations`) for both checks: the same field, the same fix."""
+    with pytest.raises(ArgumentError) as kept:
+        ranked(tmp_path, **overrides)
+    with pytest.raises(ArgumentError) as loaded:
+        ranked(tmp_path, save_total_limit=None, load_best_model_at_end=True, **overrides)
+    assert kept.value.field == loaded.value.field
+    fix = str(loaded.value).rsplit(": ", 1)[-1].rstrip(".")
+    assert fix in str(kept.value), (fix, str(kept.value))
