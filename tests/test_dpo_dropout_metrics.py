@@ -4,6 +4,7 @@ losses are of per-token mean log-probs, as TRL reports them."""
 
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
@@ -58,3 +59,21 @@ def test_per_token_metrics_for_length_normalised_losses(tmp_path, base, pairs):
               for key in ("logps/chosen", "logps/rejected")]
     assert ratios[0] == pytest.approx(ratios[1], rel=1e-5) and ratios[0] > 1.5
     assert ratios[0] == pytest.approx(round(ratios[0]), rel=1e-5)
+
+
+def test_a_checkpoint_from_before_disable_dropout_resumes_warning_that_dropout_is_now_off(tmp_path, base, pairs,
+                                                                                         caplog):
+    """Checkpoints record disable_dropout; one written before it was (its run kept lora_dropout on in the loss)
+    resumes, and the switch to no dropout from the restored step on is warned about, with the flag that keeps it."""
+    first = run(tmp_path, base, pairs, DPOArguments(beta=0.5), max_steps=1, eval_strategy="no",
+                save_strategy="steps", save_steps=1, lora_rank=4, lora_dropout=0.5)
+    assert first.run_info()["task_arguments"]["disable_dropout"] is True
+    stored = tmp_path / "checkpoints" / "1" / "run_info" / "metadata"
+    run_info = json.loads(stored.read_text())
+    del run_info["task_arguments"]["disable_dropout"]
+    stored.write_text(json.dumps(run_info))
+    with caplog.at_level(logging.WARNING, logger="easytrain"):
+        run(tmp_path, base, pairs, DPOArguments(beta=0.5), max_steps=2, eval_strategy="no", save_strategy="steps",
+            save_steps=1, lora_rank=4, lora_dropout=0.5, resume_from_checkpoint="latest")
+    warned = [r.getMessage() for r in caplog.records if "trained with" in r.getMessage()]
+    assert len(warned) == 1 and "--no_disable_dropout" in warned[0], caplog.text

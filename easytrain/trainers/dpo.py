@@ -46,9 +46,9 @@ from easytrain.trainers import adapters, builders, init_weights
 from easytrain.trainers.base import BaseTrainer
 from easytrain.trainers.dpo_arguments import DPOArguments
 from easytrain.trainers.dpo_reference import (CACHE_DIRNAME, INITIAL_ADAPTERS, INITIAL_POLICY, REFERENCE_WEIGHTS,
-                                              check_reference_path, checked_initial_weights, checked_reference_weights,
-                                              precomputed_reference_logps, update_then_sync, with_initial_adapters,
-                                              with_initial_weights, with_values)
+                                              _stored_record, check_reference_path, checked_initial_weights,
+                                              checked_reference_weights, precomputed_reference_logps, update_then_sync,
+                                              with_initial_adapters, with_initial_weights, with_values)
 from easytrain.trainers.switches import apply_switches
 
 logger = logging.getLogger("easytrain")
@@ -358,13 +358,26 @@ class DPOTrainer(BaseTrainer):
         return functools.partial(update_then_sync, update=update, alpha=self.dpo.ref_model_mixup_alpha,
                                  every=self.dpo.ref_model_sync_steps)
 
+    @functools.cached_property
+    def _dropout_unrecorded(self) -> bool:
+        """The resumed checkpoint predates disable_dropout (its run kept lora_dropout on): resume, warn if now off."""
+        unrecorded = self._resume_from is not None and "disable_dropout" not in _stored_record(self._resume_from,
+                                                                                                "task_arguments")
+        if unrecorded and self.dpo.disable_dropout and self.lora is not None and self.lora.dropout > 0:
+            logger.warning("resuming a run trained with lora_dropout=%s in the DPO loss (its checkpoint predates "
+                           "disable_dropout): the loss runs without it from here on; --no_disable_dropout keeps it",
+                           self.lora.dropout)
+        return unrecorded
+
     def longest_batch_length(self) -> int | None:
         """The largest bucket a batch of pairs is padded to (the memory plan's shape)."""
         return self._pad.buckets[-1]
 
     def run_info(self) -> dict[str, Any]:
-        """Also the options that decide the rows, so a resume under different ones is refused."""
-        info = {**super().run_info(), "task_arguments": {"max_prompt_length": self.dpo.max_prompt_length}}
+        """Also the options that decide the rows and the loss, so a resume under other ones is refused."""
+        task = {"max_prompt_length": self.dpo.max_prompt_length}
+        task = task if self._dropout_unrecorded else {**task, "disable_dropout": self.dpo.disable_dropout}
+        info = {**super().run_info(), "task_arguments": task}
         info = info if self.initial_policy is None else {**info, INITIAL_POLICY: self.initial_policy}
         return info if self.reference_weights is None else {**info, REFERENCE_WEIGHTS: self.reference_weights}
 
