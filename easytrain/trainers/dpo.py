@@ -46,7 +46,7 @@ from easytrain.trainers import adapters, builders, init_weights
 from easytrain.trainers.base import BaseTrainer
 from easytrain.trainers.dpo_arguments import DPOArguments
 from easytrain.trainers.dpo_reference import (CACHE_DIRNAME, INITIAL_ADAPTERS, INITIAL_POLICY, REFERENCE_WEIGHTS,
-                                              _stored_record, check_reference_path, checked_initial_weights,
+                                              stored_record, check_reference_path, checked_initial_weights,
                                               checked_reference_weights, precomputed_reference_logps, update_then_sync,
                                               with_initial_adapters, with_initial_weights, with_values)
 from easytrain.trainers.switches import apply_switches
@@ -361,7 +361,7 @@ class DPOTrainer(BaseTrainer):
     @functools.cached_property
     def _dropout_unrecorded(self) -> bool:
         """The resumed checkpoint predates disable_dropout (its run kept lora_dropout on): resume, warn if now off."""
-        unrecorded = self._resume_from is not None and "disable_dropout" not in _stored_record(self._resume_from,
+        unrecorded = self._resume_from is not None and "disable_dropout" not in stored_record(self._resume_from,
                                                                                                 "task_arguments")
         if unrecorded and self.dpo.disable_dropout and self.lora is not None and self.lora.dropout > 0:
             logger.warning("resuming a run trained with lora_dropout=%s in the DPO loss (its checkpoint predates "

@@ -123,7 +123,7 @@ def check_initial_policy(resume_from: tuple[Path, int] | None, record: Mapping[s
     """On resume, refuse an initial policy whose weights differ from those the run started from (its checkpoint's
     run_info `INITIAL_POLICY`): the source may have changed since (e.g. the run it names trained on, so its
     latest checkpoint is another), and a reference of other weights would bend every later loss without a word."""
-    stored = _stored_record(resume_from, INITIAL_POLICY)
+    stored = stored_record(resume_from, INITIAL_POLICY)
     if changed := _changed(stored.get("fingerprint"), record["fingerprint"]):
         raise ArgumentError("init_weights_from", f"the weights read from {record['read_from']} differ from those this "
                                                  f"run started from ({changed}); its DPO "
@@ -139,7 +139,7 @@ def checked_reference_weights(module: nnx.Module, *, field: str, read_from: Path
     were replaced since the run started): they would bend every later loss without a word."""
     digests = integrity.fingerprint(float_leaves(nnx.to_pure_dict(nnx.state(module))), integrity.SMALL_ON_HOST)
     record = {"read_from": str(read_from), "fingerprint": digests}
-    if changed := _changed(_stored_record(resume_from, REFERENCE_WEIGHTS).get("fingerprint"), digests):
+    if changed := _changed(stored_record(resume_from, REFERENCE_WEIGHTS).get("fingerprint"), digests):
         raise ArgumentError(field, f"the reference weights read from {read_from} differ from those this run started "
                                    f"from ({changed}); a fixed DPO reference is not checkpointed but rebuilt from "
                                    f"{field} on resume. Put the weights the run started from back at {read_from}, "
@@ -147,7 +147,7 @@ def checked_reference_weights(module: nnx.Module, *, field: str, read_from: Path
     return record
 
 
-def _stored_record(resume_from: tuple[Path, int] | None, key: str) -> dict[str, Any]:
+def stored_record(resume_from: tuple[Path, int] | None, key: str) -> dict[str, Any]:
     """The `key` entry of the resumed checkpoint's run_info; empty when not resuming or not recorded."""
     if resume_from is None:
         return {}
