@@ -212,3 +212,16 @@ TOOL_CHAT = [
     {"role": "tool", "content": "sunny and warm"},
     {"role": "assistant", "content": "The weather in Paris is sunny and warm."},
 ]
+
+#: A Mistral-style template that refuses two user turns in a row (its `raise_exception` message is `ALTERNATE`),
+#: and the two turns the tests build conversations from.
+ALTERNATE = "Conversation roles must alternate user/assistant/user/assistant/..."
+STRICT = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('" + ALTERNATE + "') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% else %}{% generation %}{{ ' ' + message['content'] + eos_token }}{% endgeneration %}{% endif %}"
+    "{% endfor %}"
+)
+USER, ANSWER = {"role": "user", "content": "What is two plus two?"}, {"role": "assistant", "content": "four"}

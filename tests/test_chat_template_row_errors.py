@@ -10,7 +10,7 @@ import re
 
 import datasets
 import pytest
-from chat_fixtures import build_chat_tokenizer
+from chat_fixtures import ALTERNATE, ANSWER, STRICT, USER, build_chat_tokenizer
 
 from easytrain.cli import main
 from easytrain.data import DataError
@@ -18,16 +18,6 @@ from easytrain.data.preference_data import tokenize_preference_dataset
 from easytrain.data.prompts import prompts_and_references
 from easytrain.data.sft import SFTDataOptions, tokenize_sft_dataset
 
-ALTERNATE = "Conversation roles must alternate user/assistant/user/assistant/..."
-STRICT = (  # a Mistral-style template that refuses two user turns in a row
-    "{{ bos_token }}{% for message in messages %}"
-    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{ raise_exception('" + ALTERNATE + "') }}{% endif %}"
-    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
-    "{% else %}{% generation %}{{ ' ' + message['content'] + eos_token }}{% endgeneration %}{% endif %}"
-    "{% endfor %}"
-)
-USER, ANSWER = {"role": "user", "content": "What is two plus two?"}, {"role": "assistant", "content": "four"}
 NULL_USER = {"role": "user", "content": None}
 BAD_ROW = 7
 

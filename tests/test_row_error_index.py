@@ -8,7 +8,7 @@ import json
 
 import datasets
 import pytest
-from chat_fixtures import build_chat_tokenizer
+from chat_fixtures import ANSWER, STRICT, USER, build_chat_tokenizer
 
 from easytrain import TrainingArguments
 from easytrain.cli import main
@@ -21,16 +21,6 @@ from easytrain.data.sources import load_text_datasets
 from easytrain.tasks.arithmetic import CHAT_TEMPLATE, build_arithmetic_chat_tokenizer
 from easytrain.trainers.sft import SFTArguments, SFTTrainer
 
-ALTERNATE = "Conversation roles must alternate"
-STRICT = (  # refuses two user turns in a row
-    "{{ bos_token }}{% for message in messages %}"
-    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{ raise_exception('" + ALTERNATE + "') }}{% endif %}"
-    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
-    "{% else %}{% generation %}{{ ' ' + message['content'] + eos_token }}{% endgeneration %}{% endif %}"
-    "{% endfor %}"
-)
-USER, ANSWER = {"role": "user", "content": "What is two plus two?"}, {"role": "assistant", "content": "four"}
 NUM_ROWS = 40
 
 
