@@ -212,7 +212,7 @@ def check_settings_apply(args: Any) -> None:
              "or 'epoch', or unset early_stopping_patience.")
     check_best_checkpoint_kept(args)
     warn_unread_optimizer_fields(args)
-    if args.max_steps > 0 and args.num_train_epochs != _default(args, "num_train_epochs"):
+    if args.max_steps > 0 and args.num_train_epochs != field_defaults(args)["num_train_epochs"]:
         _warn_once("num_train_epochs=%s has no effect: max_steps=%d decides the run's length whenever it is positive; "
                    "pass --max_steps 0 to train for num_train_epochs instead.", args.num_train_epochs, args.max_steps)
 
@@ -224,15 +224,17 @@ def warn_unread_optimizer_fields(args: Any) -> None:
     reads = OPTIMIZER_FIELDS.get(args.optimizer)
     if reads is None:
         return
-    defaults = {field.name: field.default for field in dataclasses.fields(args)}
+    defaults = field_defaults(args)
     unread = tuple((name, getattr(args, name)) for name in sorted({n for f in OPTIMIZER_FIELDS.values() for n in f})
                    if name not in reads and getattr(args, name) != defaults[name])
     if unread:
         _warn_unread(args.optimizer, unread)
 
 
-def _default(args: Any, name: str) -> Any:
-    return next(field.default for field in dataclasses.fields(args) if field.name == name)
+def field_defaults(arguments: Any) -> dict[str, Any]:
+    """Field name -> default of an arguments dataclass (or instance): what "left at its default" compares with."""
+    return {field.name: field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+            for field in dataclasses.fields(arguments)}
 
 
 @functools.cache
@@ -275,7 +277,7 @@ def check_best_checkpoint_kept(args: Any) -> None:
     if (off := checkpoints_off_evaluations(args)) is None:
         return
     field, fix = off
-    default = " (the default)" if args.save_total_limit == _default(args, "save_total_limit") else ""
+    default = " (the default)" if args.save_total_limit == field_defaults(args)["save_total_limit"] else ""
     message = (f"with metric_for_best_model={args.metric_for_best_model!r} and save_total_limit="
                f"{args.save_total_limit}{default}, checkpoints saved off the evaluations (save_strategy="
                f"{args.save_strategy!r}, save_steps={args.save_steps}, eval_strategy={args.eval_strategy!r}, "

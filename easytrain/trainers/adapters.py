@@ -8,7 +8,6 @@ or both). Without LoRA every function here is the identity of the full fine-tuni
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -16,6 +15,7 @@ import jax
 from flax import nnx
 
 from easytrain import lora
+from easytrain.argument_checks import field_defaults
 from easytrain.errors import ArgumentError
 from easytrain.lora_config import (LoRAConfig, LoRAConfigError, as_argument_error, from_arguments,
                                    targets_from_arguments)
@@ -54,8 +54,7 @@ def _same(field: str, given: Any, decided: Any) -> bool:
 def check_adapter_fields(args: Any, config: LoRAConfig) -> None:
     """Refuse a `lora_*` argument set off its default to another value than `lora_adapter_path`'s config: the
     adapter decides them, so the value given would be silently replaced."""
-    defaults = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
-                for f in dataclasses.fields(type(args))}
+    defaults = field_defaults(args)
     for field, decided in _adapter_values(config).items():
         given = getattr(args, field)
         if _same(field, given, defaults[field]) or _same(field, given, decided):

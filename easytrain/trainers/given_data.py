@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import dataclasses
 from typing import Any, Iterator
 
+from easytrain.argument_checks import field_defaults
 from easytrain.arguments import TrainingArguments
 from easytrain.errors import ArgumentError
 
@@ -50,7 +50,7 @@ def tracking() -> Iterator[list[bool]]:
 def given_items(trainer: Any) -> list[str]:
     """The constructor datasets given and the data arguments set to other than their defaults."""
     args = trainer.arguments
-    defaults = {field.name: field.default for field in dataclasses.fields(TrainingArguments)}
+    defaults = field_defaults(TrainingArguments)
     names = [name for name, rows in (("dataset_train", trainer._raw_train), ("dataset_eval", trainer._raw_eval))
              if rows is not None]
     return names + [name for name in DATA_FIELDS if getattr(args, name) != defaults[name]]
