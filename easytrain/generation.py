@@ -23,8 +23,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import numbers
-from collections.abc import Sequence
-from typing import Any, NamedTuple
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +38,11 @@ from easytrain.sampling import filter_logits, sample_logits
 __all__ = ["GenerationConfig", "GenerationError", "Generated", "filter_logits", "generate", "generate_traced",
            "greedy_complete", "pad_prompts", "sample_logits"]
 
+if TYPE_CHECKING:
+    import transformers
+
 Array = jax.Array
+T = TypeVar("T")
 
 
 class GenerationError(EasytrainError, ValueError):
@@ -166,14 +170,6 @@ def _replicated_on_mesh(params) -> NamedSharding | None:
     return None
 
 
-def _config(max_new_tokens: int, do_sample: bool, temperature: float, top_k: int | None, top_p: float | None,
-            eos_token_id: int | Sequence[int] | None, pad_token_id: int | None) -> GenerationConfig:
-    """The config `generate`'s arguments describe: pad defaults to the first EOS id, else 0."""
-    eos = () if eos_token_id is None else tuple(np.atleast_1d(eos_token_id).tolist())  # checked by the config
-    pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
-    return GenerationConfig(max_new_tokens, do_sample, temperature, top_k, top_p, eos, pad)
-
-
 def _check_shapes(model: nnx.Module, ids_BL, mask_BL) -> None:
     """What can be checked of the inputs at trace time: the model can decode, and the shapes."""
     if not (hasattr(model, "init_cache") and hasattr(model, "decode")):
@@ -221,31 +217,23 @@ def _check_vocabulary(ids_BL: np.ndarray, mask_BL: np.ndarray, vocab_size: int |
             "tokenizer): encode the prompts with the model's own tokenizer.")
 
 
-class _Unset:
-    """A `generate` default, told apart from the same value passed: a ``generation_config`` fills only these."""
+@dataclasses.dataclass(frozen=True, repr=False)
+class Default(Generic[T]):
+    """A setting's default value, told apart from the same value passed: a ``generation_config`` fills only the
+    settings a call leaves at their ``Default`` (a typed sentinel: the hints say what may be passed)."""
 
-    def __init__(self, value: Any) -> None:
-        self.value = value
+    value: T
 
     def __repr__(self) -> str:
-        return repr(self.value)
+        return f"Default({self.value!r})"
 
 
-def _settings(generation_config: Any, max_length: Any, **arguments: Any) -> dict[str, Any]:
-    """`generate`'s settings: those passed, then the generation config's, then the defaults."""
-    if max_length is not None:
-        raise GenerationError(f"max_length = {max_length!r} is not supported; pass max_new_tokens, the number of "
-                              "tokens to generate per row (transformers' max_length also counts the prompt).")
-    passed = {name: value for name, value in arguments.items() if not isinstance(value, _Unset)}
-    if generation_config is not None:
-        from easytrain.sampling_config import fill_settings  # imported here: it imports GenerationError from here
+def _resolved_config(generation_config: transformers.GenerationConfig | Mapping[str, Any] | None,
+                     max_length: object, **arguments: Any) -> GenerationConfig:
+    """`generate`'s and `generate_traced`'s one way to read their settings (``sampling_config.resolve_config``)."""
+    from easytrain.sampling_config import resolve_config  # imported here: it imports from this module
 
-        passed = fill_settings(generation_config, passed)
-    settings = {name: passed.get(name, getattr(value, "value", value)) for name, value in arguments.items()}
-    if settings["max_new_tokens"] is None:
-        raise GenerationError("max_new_tokens is required: pass the number of tokens to generate per row (or set "
-                              "it in generation_config).")
-    return settings
+    return resolve_config(generation_config, max_length, **arguments)
 
 
 def generate(
@@ -253,15 +241,15 @@ def generate(
     input_ids: np.ndarray | Array,
     attention_mask: np.ndarray | Array | None = None,
     *,
-    max_new_tokens: int = _Unset(None),
-    do_sample: bool = _Unset(False),
-    temperature: float = _Unset(1.0),
-    top_k: int | None = _Unset(None),
-    top_p: float | None = _Unset(None),
-    eos_token_id: int | Sequence[int] | None = _Unset(None),
-    pad_token_id: int | None = _Unset(None),
+    max_new_tokens: int | Default[None] = Default(None),
+    do_sample: bool | Default[bool] = Default(False),
+    temperature: float | Default[float] = Default(1.0),
+    top_k: int | None | Default[None] = Default(None),
+    top_p: float | None | Default[None] = Default(None),
+    eos_token_id: int | Sequence[int] | None | Default[None] = Default(None),
+    pad_token_id: int | None | Default[None] = Default(None),
     seed: int = 0,
-    generation_config: Any = None,
+    generation_config: transformers.GenerationConfig | Mapping[str, Any] | None = None,
     max_length: None = None,
 ) -> np.ndarray:
     """Continues each prompt of a padded batch; greedy unless ``do_sample``.
@@ -294,9 +282,9 @@ def generate(
     Returns:
         int32 ``[B, max_new_tokens]`` new tokens only: each row's EOS is included, then pad.
     """
-    config = _config(**_settings(generation_config, max_length, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                 temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
-                                 pad_token_id=pad_token_id))
+    config = _resolved_config(generation_config, max_length, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                              temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
+                              pad_token_id=pad_token_id)
     ids_BL, mask_BL = _check_inputs(model, input_ids, attention_mask)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tokens_BN = _generate(graphdef, params, rest, ids_BL, mask_BL, jax.random.key(seed), config=config,
@@ -318,13 +306,14 @@ def generate_traced(
     attention_mask: Array | None,
     rng: Array,
     *,
-    max_new_tokens: int,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    eos_token_id: int | Sequence[int] | None = None,
-    pad_token_id: int | None = None,
+    max_new_tokens: int | Default[None] = Default(None),
+    do_sample: bool | Default[bool] = Default(False),
+    temperature: float | Default[float] = Default(1.0),
+    top_k: int | None | Default[None] = Default(None),
+    top_p: float | None | Default[None] = Default(None),
+    eos_token_id: int | Sequence[int] | None | Default[None] = Default(None),
+    pad_token_id: int | None | Default[None] = Default(None),
+    generation_config: transformers.GenerationConfig | Mapping[str, Any] | None = None,
 ) -> Generated:
     """`generate` for use inside a compiled program, e.g. rollouts in a train step: arrays and a key in, arrays out.
 
@@ -340,12 +329,15 @@ def generate_traced(
         attention_mask: ``[B, L]``, nonzero for real tokens; None: all real.
         rng: A PRNG key (typed, or raw ``uint32[2]`` key data), new at every call that should sample anew: in a
             train step ``state.stream_rng("rollout")`` (not ``state.rng``, the run's base key, the same every step).
-        max_new_tokens: ...and the other settings, as in ``generate``.
+        max_new_tokens: ...and the other settings, and ``generation_config``, as in ``generate``: the same config
+            decodes the same way in both, and its unimplemented fields are refused here, before tracing.
 
     Returns:
         ``Generated(tokens, mask)``, both int32 ``[B, max_new_tokens]``.
     """
-    config = _config(max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id)
+    config = _resolved_config(generation_config, None, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                              temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
+                              pad_token_id=pad_token_id)
     ids_BL = jnp.asarray(input_ids, jnp.int32)
     mask_BL = jnp.ones_like(ids_BL) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
     _check_shapes(model, ids_BL, mask_BL)

@@ -1,5 +1,6 @@
-"""A transformers-style generation config (a ``transformers.GenerationConfig``, or the mapping of a
-checkpoint's ``generation_config.json``) read as ``generate``'s settings.
+"""``generate``'s and ``generate_traced``'s settings, resolved in one place: those a call passes, then a
+transformers-style generation config's (a ``transformers.GenerationConfig``, or the mapping of a checkpoint's
+``generation_config.json``), then the defaults.
 
 transformers' ``generate`` samples with the checkpoint's temperature/top-k/top-p and, where they are unset,
 its own defaults (top_k=50); ``generate`` applies neither unless given such a config. Fields that would change
@@ -9,13 +10,15 @@ name rather than ignored, so a config never decodes differently from what it say
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import transformers
 
-from easytrain.generation import GenerationError
+from easytrain.generation import Default, GenerationConfig, GenerationError
+
+if TYPE_CHECKING:
+    import transformers
 
 #: The settings a config can fill; each is taken from it only where the call leaves it unset.
 FILLED = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "eos_token_id", "pad_token_id")
@@ -41,7 +44,34 @@ _NO_EFFECT = frozenset({
 _SAMPLING_ONLY = frozenset({"min_p", "top_h", "typical_p", "epsilon_cutoff", "eta_cutoff"})
 
 
+def resolve_config(generation_config: transformers.GenerationConfig | Mapping[str, Any] | None, max_length: object,
+                   **arguments: Any) -> GenerationConfig:
+    """The decoding config of a call's settings: those passed (not a ``Default``), then ``generation_config``'s,
+    then each ``Default``'s value. Every refusal is raised here, on the host, before anything is traced."""
+    if max_length is not None:
+        raise GenerationError(f"max_length = {max_length!r} is not supported; pass max_new_tokens, the number of "
+                              "tokens to generate per row (transformers' max_length also counts the prompt).")
+    passed = {name: value for name, value in arguments.items() if not isinstance(value, Default)}
+    if generation_config is not None:
+        passed = fill_settings(generation_config, passed)
+    settings = {name: passed[name] if name in passed else value.value for name, value in arguments.items()}
+    if settings["max_new_tokens"] is None:
+        raise GenerationError("max_new_tokens is required: pass the number of tokens to generate per row (or set "
+                              "it in generation_config).")
+    return _config(**settings)
+
+
+def _config(max_new_tokens: int, do_sample: bool, temperature: float, top_k: int | None, top_p: float | None,
+            eos_token_id: int | Sequence[int] | None, pad_token_id: int | None) -> GenerationConfig:
+    """The config the settings describe: pad defaults to the first EOS id, else 0."""
+    eos = () if eos_token_id is None else tuple(np.atleast_1d(eos_token_id).tolist())  # checked by the config
+    pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+    return GenerationConfig(max_new_tokens, do_sample, temperature, top_k, top_p, eos, pad)
+
+
 def _fields_of(generation_config: Any) -> dict[str, Any]:
+    import transformers  # imported here: a call without a generation config needs none of it
+
     if isinstance(generation_config, transformers.GenerationConfig):
         return generation_config.to_dict()
     if isinstance(generation_config, Mapping):
@@ -54,6 +84,8 @@ def _fields_of(generation_config: Any) -> dict[str, Any]:
 def _refuse_unimplemented(fields: dict[str, Any], sampling: bool) -> None:
     """One error naming every field set to something ``generate`` would not do. Keys transformers does not know
     are skipped, as transformers itself skips them."""
+    import transformers
+
     known = transformers.GenerationConfig().to_dict().keys()
     refused = [
         f"{name}={value!r}" for name, value in fields.items()
