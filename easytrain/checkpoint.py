@@ -1,6 +1,6 @@
 """Checkpointing on Orbax: asynchronous saves, strict and exact resume.
 
-Layout: ``<output_dir>/checkpoints/<step>/`` holds three items:
+Layout: ``<output_dir>/checkpoints/<step>/`` holds five items:
 
 * ``state`` -- the train-state pytree (params, optimizer state, step, PRNG key).
 * ``data_state`` -- JSON position of the data iterator.
@@ -11,6 +11,9 @@ Layout: ``<output_dir>/checkpoints/<step>/`` holds three items:
   the last train logs, which a run resumed there returns if it trains nothing more.
 * ``fingerprint`` -- JSON digests of every state array (``easytrain.integrity``),
   checked on restore so damaged files fail loudly instead of loading wrong values.
+
+``run_info`` also records the names of the items saved beside it (``easytrain.checkpoint_items``), so a step
+that lost one (with its entry in Orbax's metadata) is refused instead of read as an older checkpoint.
 
 Orbax writes each step into ``<step>.orbax-checkpoint-tmp`` and renames it once
 complete, so only finalized directories ever count as checkpoints. Typed PRNG
@@ -262,13 +265,14 @@ class CheckpointManager:
         """
         if self.read_only or step in self._manager.all_steps():  # includes a save still in flight
             return False
-        args = ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data_state=ocp.args.JsonSave(_json_ready("data_state", data_state)),
-            run_info=ocp.args.JsonSave(_json_ready("run_info", run_info)),
-            fingerprint=ocp.args.JsonSave(integrity.fingerprint(state)),
-            progress=ocp.args.JsonSave(_json_ready("progress", progress or {})),
-        )
+        items = {
+            "state": ocp.args.StandardSave(state),
+            "data_state": ocp.args.JsonSave(_json_ready("data_state", data_state)),
+            "fingerprint": ocp.args.JsonSave(integrity.fingerprint(state)),
+            "progress": ocp.args.JsonSave(_json_ready("progress", progress or {})),
+        }
+        recorded = checkpoint_items.with_record(_json_ready("run_info", run_info), [*items, "run_info"])
+        args = ocp.args.Composite(**items, run_info=ocp.args.JsonSave(recorded))
         ranked = {name: float(value) for name, value in (metrics or {}).items()} if self.best_metric else None
         running = set(threading.enumerate())
         try:
@@ -303,22 +307,32 @@ class CheckpointManager:
             )
 
     def read_run_info(self, step: int) -> dict[str, Any]:
-        """Reads only the ``run_info`` JSON of ``step``: cheap, no arrays touched."""
+        """The ``run_info`` JSON of ``step`` as it was saved (no record of items): cheap, no arrays touched."""
         self._require(step)
         restored = self._manager.restore(step, args=ocp.args.Composite(run_info=ocp.args.JsonRestore()))
-        return dict(restored.run_info)
+        return checkpoint_items.without_record(restored.run_info)
+
+    def check_items(self, step: int) -> None:
+        """Refuse ``step`` if an item it was saved with is missing (`checkpoint_items.check_items`), naming the
+        steps there to resume instead. Reads JSON only.
+
+        Raises:
+            checkpoint_items.MissingItemError: an item it was saved with is gone; nothing is loaded.
+        """
+        self._require(step)
+        checkpoint_items.check_items(self.directory / str(step), self.all_steps())
 
     def read_data_state(self, step: int) -> dict[str, Any]:
         """Reads only the ``data_state`` JSON of ``step``, so a resume can check it before any array is loaded."""
-        self._require(step)
+        self.check_items(step)
         restored = self._manager.restore(step, args=ocp.args.Composite(data_state=ocp.args.JsonRestore()))
         return dict(restored.data_state)
 
     def read_progress(self, step: int) -> dict[str, Any]:
         """The ``progress`` JSON of ``step``; empty for checkpoints written before it existed (one whose metadata
-        lists it but that lacks it is damaged: `checkpoint_items.MissingItemError`)."""
-        self._require(step)
-        if not checkpoint_items.present(self.directory / str(step), "progress"):
+        was saved with it but lacks it is damaged: `checkpoint_items.MissingItemError`)."""
+        self.check_items(step)
+        if not (self.directory / str(step) / "progress").is_dir():
             return {}
         restored = self._manager.restore(step, args=ocp.args.Composite(progress=ocp.args.JsonRestore()))
         return dict(restored.progress)
@@ -344,19 +358,20 @@ class CheckpointManager:
         Raises:
             CheckpointNotFoundError: ``step`` is not a complete checkpoint.
             CheckpointMismatchError: keys, shapes or dtypes differ; nothing is loaded.
-            checkpoint_items.MissingItemError: its metadata lists a ``fingerprint`` the step lacks; nothing is loaded.
+            checkpoint_items.MissingItemError: an item it was saved with is gone; nothing is loaded.
             integrity.CorruptCheckpointError: restored values differ from the saved fingerprint.
         """
+        self.check_items(step)
         check_signatures(self.stored_signature(step), tree_signature(abstract_state))
         items = {"state": ocp.args.StandardRestore(abstract_state), "data_state": ocp.args.JsonRestore(),
                  "run_info": ocp.args.JsonRestore()}
-        fingerprinted = checkpoint_items.present(self.directory / str(step), "fingerprint")
+        fingerprinted = (self.directory / str(step) / "fingerprint").is_dir()
         if fingerprinted:
             items["fingerprint"] = ocp.args.JsonRestore()
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         if fingerprinted:
             integrity.verify(restored.state, dict(restored.fingerprint), where=str(self.directory / str(step)))
-        return restored.state, dict(restored.data_state), dict(restored.run_info)
+        return restored.state, dict(restored.data_state), checkpoint_items.without_record(restored.run_info)
 
     def wait_until_finished(self) -> None:
         """Blocks until background saves (and their cleanup) finish; re-raises their errors."""

@@ -1,16 +1,23 @@
 """Which items a checkpoint was written with, so that a missing one reads as damage, not as an older checkpoint.
 
+Every checkpoint records the names of its items in its run_info (``RECORD_KEY``, written and hidden by
+`easytrain.checkpoint.CheckpointManager`): an item whose directory is gone is refused before any array is read,
+even where its entry in Orbax's ``_CHECKPOINT_METADATA`` went with it (a partial copy or rsync, a clean-up by
+hand). run_info itself cannot go unnoticed: a step directory without it is not a checkpoint.
+
 ``fingerprint`` and ``progress`` were added after the first checkpoints were written, which lack them and still
-resume. Orbax's ``_CHECKPOINT_METADATA`` of each step names the items it was saved with (its item handlers): where
-it names one of them, that item must be there. Without this, deleting ``fingerprint/`` would turn the integrity
-check off (a damaged array would train as NaN), and deleting ``progress/`` would silently reset callback state
-such as early stopping's patience.
+resume; so do checkpoints written before the record. For those, Orbax's metadata (its item handlers) is what
+names the items the step was saved with: where it names one of them, that item must be there. Without these
+checks, deleting ``fingerprint/`` would turn the integrity check off (a damaged array would train as NaN), and
+deleting ``progress/`` would silently reset callback state such as early stopping's patience.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from easytrain.errors import EasytrainError
 
@@ -18,6 +25,10 @@ from easytrain.errors import EasytrainError
 ORBAX_METADATA = "_CHECKPOINT_METADATA"
 #: Items later easytrain versions write: required where the step's metadata lists them.
 LATER_ITEMS = ("fingerprint", "progress")
+#: The run_info key under which a checkpoint records the items it was saved with.
+RECORD_KEY = "_checkpoint_items"
+#: Where the run_info item keeps its JSON (Orbax's JSON handler writes one file per item).
+RUN_INFO_FILE = Path("run_info") / "metadata"
 
 
 class MissingItemError(EasytrainError, FileNotFoundError):
@@ -38,21 +49,78 @@ def listed_items(step_dir: Path) -> frozenset[str] | None:
     return frozenset(handlers) if isinstance(handlers, dict) else None
 
 
-def present(step_dir: Path, item: str) -> bool:
-    """Whether ``item`` of ``step_dir`` can be read: False for a checkpoint written before the item existed.
+def recorded_items(step_dir: Path) -> frozenset[str] | None:
+    """The items ``step_dir``'s run_info records it was saved with; None for a checkpoint written before the record
+    (or one whose run_info is gone: a step without it is no checkpoint, and its reader reports that).
 
     Raises:
-        MissingItemError: the step's metadata lists ``item`` but its directory is gone.
+        MissingItemError: the record is not a list of names (an edited or damaged run_info).
+        json.JSONDecodeError: run_info is not valid JSON (a damaged checkpoint).
+    """
+    path = step_dir / RUN_INFO_FILE
+    if not path.is_file():
+        return None
+    run_info = json.loads(path.read_bytes())
+    if not isinstance(run_info, dict) or RECORD_KEY not in run_info:
+        return None
+    record = run_info[RECORD_KEY]
+    if not isinstance(record, list) or not all(isinstance(name, str) for name in record):
+        raise MissingItemError(f"checkpoint step {step_dir.name}: the record of its items in run_info "
+                               f"({RECORD_KEY}: {record!r}) is damaged, so nothing shows which items it must have. "
+                               f"It was left untouched; restore {path} from a backup, or resume another step.")
+    return frozenset(record)
+
+
+def with_record(run_info: Mapping[str, Any], items: Iterable[str]) -> dict[str, Any]:
+    """``run_info`` with the names of the items saved beside it recorded (``RECORD_KEY``)."""
+    if RECORD_KEY in run_info:
+        raise ValueError(f"run_info key {RECORD_KEY!r} is reserved for the checkpoint's record of its items; "
+                         "rename that entry")
+    return {**run_info, RECORD_KEY: sorted(items)}
+
+
+def without_record(run_info: Mapping[str, Any]) -> dict[str, Any]:
+    """``run_info`` as its caller saved it: the record of items is the checkpoint's own bookkeeping."""
+    return {key: value for key, value in run_info.items() if key != RECORD_KEY}
+
+
+def required_items(step_dir: Path) -> tuple[frozenset[str], str]:
+    """The items ``step_dir`` must have, and what says so: its run_info's record, or, for a checkpoint written
+    before it, those of ``LATER_ITEMS`` that its Orbax metadata lists (the others a reader requires anyway)."""
+    recorded = recorded_items(step_dir)
+    if recorded is not None:
+        return recorded, f"its run_info's {RECORD_KEY}"
+    return frozenset(LATER_ITEMS) & (listed_items(step_dir) or frozenset()), f"its {ORBAX_METADATA}"
+
+
+def _missing(step_dir: Path, item: str, source: str, steps: Collection[int]) -> MissingItemError:
+    """The refusal of a checkpoint that lacks ``item``: which step, what was lost, and how to go on."""
+    there = f" (checkpoints there: {', '.join(map(str, steps))})" if steps else ""
+    return MissingItemError(
+        f"checkpoint step {step_dir.name}: its {item}/ item is missing, though it was saved with it ({source} lists "
+        f"it): deleted, or lost in a partial copy. Nothing was loaded and the checkpoint was left untouched. Copy "
+        f"{step_dir / item} back from a backup or from the run it was copied from, or resume from another "
+        f"step{there}.")
+
+
+def present(step_dir: Path, item: str, steps: Collection[int] = ()) -> bool:
+    """Whether ``item`` of ``step_dir`` can be read: False for a checkpoint written before the item existed.
+    ``steps``: the checkpoints beside it, named in a refusal.
+
+    Raises:
+        MissingItemError: the step was saved with ``item`` (`required_items`) but it is gone.
     """
     if (step_dir / item).is_dir():
         return True
-    if item in (listed_items(step_dir) or ()):
-        raise MissingItemError(f"its {item}/ item is missing, though its {ORBAX_METADATA} lists it (the "
-                               "checkpoint was written with it: deleted or lost since)")
+    required, source = required_items(step_dir)
+    if item in required:
+        raise _missing(step_dir, item, source, steps)
     return False
 
 
-def check_later_items(step_dir: Path) -> None:
-    """Refuse ``step_dir`` if an item its metadata lists (``LATER_ITEMS``) is missing, before any array is read."""
-    for item in LATER_ITEMS:
-        present(step_dir, item)
+def check_items(step_dir: Path, steps: Collection[int] = ()) -> None:
+    """Refuse ``step_dir`` before any array is read if an item it was saved with (`required_items`) is missing."""
+    required, source = required_items(step_dir)
+    for item in sorted(required):
+        if not (step_dir / item).is_dir():
+            raise _missing(step_dir, item, source, steps)

@@ -40,7 +40,8 @@ def test_an_emptied_fingerprint_is_refused(run_copy):
 
 
 def test_a_checkpoint_written_before_fingerprints_still_resumes(run_copy):
-    """An older checkpoint has neither item, and its metadata lists neither: resumed as before."""
+    """An older checkpoint has neither item, its metadata lists neither, and its run_info records no items: resumed
+    as before."""
     step_dir = run_copy / "checkpoints" / "4"
     metadata_file = step_dir / "_CHECKPOINT_METADATA"
     metadata = json.loads(metadata_file.read_text())
@@ -48,6 +49,10 @@ def test_a_checkpoint_written_before_fingerprints_still_resumes(run_copy):
         shutil.rmtree(step_dir / item)
         del metadata["item_handlers"][item]
     metadata_file.write_text(json.dumps(metadata))
+    run_info_file = step_dir / "run_info" / "metadata"
+    run_info = json.loads(run_info_file.read_text())
+    del run_info["_checkpoint_items"]
+    run_info_file.write_text(json.dumps(run_info))
     trainer = BaseTrainer(args_for(run_copy, max_steps=6, resume_from_checkpoint="latest"))
     trainer.setup()
     assert int(trainer.state.step) == 4 and trainer.resumed_data_state["step"] == 4

@@ -252,9 +252,14 @@ def restore_checkpoint(checkpoint: tuple[Path, int], current: dict[str, Any], ta
             raise _unreadable(root, step, manager.all_steps(), error) from error
         data_order_changed = check_resumable(run_info, current)
         try:
-            checkpoint_items.check_later_items(root / str(step))
+            manager.check_items(step)
+            recorded = checkpoint_items.recorded_items(root / str(step))
         except Exception as error:
             raise _unreadable(root, step, manager.all_steps(), error) from error
+        if recorded is None:
+            logger.info("the checkpoint %s records no list of its items (written before easytrain recorded them): "
+                        "a lost item is caught only where Orbax's %s lists it", root / str(step),
+                        checkpoint_items.ORBAX_METADATA)
         position = _read_position(manager, root, step, data_fingerprint)
         allow = bool(current["arguments"].get("allow_data_order_change"))
         keep_position = not data_order_changed and check_data_position(position, data_fingerprint, allow)
@@ -344,7 +349,8 @@ def _unreadable(root: Path, step: int, steps: list[int], error: Exception) -> Ch
             else "no earlier checkpoint exists; start a new output_dir")
     reason = innermost(error)
     first_line = str(reason).strip().splitlines()[0] if str(reason).strip() else ""
-    detail = first_line if len(first_line) <= 300 else first_line[:300] + " ..."
+    own = isinstance(reason, checkpoint_items.MissingItemError)  # written to be read whole: the step, item and fix
+    detail = first_line if own or len(first_line) <= 300 else first_line[:300] + " ..."
     if isinstance(reason, json.JSONDecodeError) and (bad := first_invalid_json(root / str(step))) is not None:
         detail = f"{bad} is not valid JSON: {detail}"  # the decoder's reason says where in the text, not which file
     return CheckpointReadError(f"resume_from_checkpoint: the checkpoint {root / str(step)} cannot be read "
