@@ -36,7 +36,7 @@ from easytrain.frozen import Frozen, FrozenPlan
 from easytrain.optim import build_optimizer, build_schedule
 from easytrain.protocol import ConfiguredDataloaders, ConfiguredFunctions, ConfiguredModel
 from easytrain.state import TrainState, bind
-from easytrain.trainers import adapters, builders, data_agreement, preemption, run_lock
+from easytrain.trainers import adapters, builders, data_agreement, preemption, process_failure, run_lock
 from easytrain.trainers.language_model import LanguageModelHooks
 from easytrain.trainers.loop import LoopParts, TrainLoop, evaluate_batches
 from easytrain.trainers.resume import FORMAT_VERSION, check_run_length, config_dict, restore_step
@@ -323,7 +323,7 @@ class BaseTrainer(TrainStateHooks, LanguageModelHooks):
         """Train until `max_steps` / `num_train_epochs` (or a stop request); returns the last logs. Once per
         trainer: a later run resumes from its checkpoint in a new trainer. A SIGTERM or SIGINT before the first step
         raises `TrainingPreempted` (exit status 75), nothing lost: `easytrain.trainers.preemption`."""
-        with preemption.stopping_before_training(self._resume_from):
+        with process_failure.running(), preemption.stopping_before_training(self._resume_from):
             self.setup()
             start = self._resume_from[1] if self._resume_from else 0
             builders.check_not_trained(int(self._state.step), start)

@@ -26,7 +26,7 @@ from easytrain.jobs import outcome_of
 from easytrain.memory_plan import MemoryPlan
 from easytrain.protocol import ConfiguredDataloaders
 from easytrain.reporting import Reporter
-from easytrain.trainers import non_finite, process_failure, run_dir, run_end
+from easytrain.trainers import due, non_finite, process_failure, run_dir, run_end
 from easytrain.trainers.preemption import PreemptionWatcher, TrainingPreempted
 
 logger = logging.getLogger("easytrain")
@@ -34,15 +34,6 @@ HostBatch = Mapping[str, Any]
 #: Steps the host may dispatch ahead of the device. Past 32 queued programs per device, XLA:CPU's runtime
 #: blocks a launch on one of the threads its queued collectives need, and a multi-device CPU mesh deadlocks.
 MAX_STEPS_IN_FLIGHT = 16
-
-
-def is_due(step: int, strategy: str, every: int, steps_per_epoch: int) -> bool:
-    """Whether an eval/save with this strategy happens after optimizer update `step`."""
-    if strategy == "steps":
-        return step % every == 0
-    if strategy == "epoch":
-        return step % steps_per_epoch == 0
-    return False
 
 
 @dataclasses.dataclass
@@ -133,7 +124,8 @@ class TrainLoop:
                                  run_config=args.to_dict(), trackers=trackers)
         self.manager, self.last_saved_step = parts.checkpoints, start_step if resumed else -1
         try:
-            with PreemptionWatcher() as self.preemption, process_failure.watching():  # logs another's failure
+            # logs another's failure; ends this process if, after it, no batch is drawn and no save ends for a while
+            with PreemptionWatcher() as self.preemption, process_failure.watching(self.progress):
                 parts.callbacks.on_train_begin(parts.owner)
                 step = self.iterate(start_step)
                 self.finish(step)
@@ -149,6 +141,10 @@ class TrainLoop:
             process_failure.reraise_naming_others(error)  # `error`, or one naming another process that failed first
         self.shut_down(failing=False)
         return self.last_logs
+
+    def progress(self) -> tuple[int, bool]:
+        """What changes as the steps go on (read by `process_failure`'s watcher thread): batches drawn, saving."""
+        return self.iterator.step, self.manager.is_saving()
 
     def log_due_steps(self) -> None:
         """On a failure: log the trained steps up to the last whose log was due (deferred behind the next dispatch), as
@@ -193,8 +189,8 @@ class TrainLoop:
             if self.profiler.ends_at(step):
                 with self.off_the_clock():  # waits for the traced steps' device work, then writes the trace
                     self.profiler.stop()
-            evaluating = is_due(step, args.eval_strategy, args.eval_steps, data.steps_per_epoch)
-            saving = is_due(step, args.save_strategy, args.save_steps, data.steps_per_epoch)
+            evaluating = due.is_due(step, args.eval_strategy, args.eval_steps, data.steps_per_epoch)
+            saving = due.is_due(step, args.save_strategy, args.save_steps, data.steps_per_epoch)
             # A checkpoint ends a window too: steps between the last log and a save would not be logged by a run
             # resumed from that save, whose next window would then hold fewer steps than this run's.
             if step % args.logging_steps == 0 or step == data.total_steps or saving:

@@ -1,13 +1,20 @@
 """A failure on one process of a multi-process run, named on every process.
 
-When one process fails inside `train()` (a bad batch, a bug in a callback), the others are left inside a step's
+When one process fails inside `train()` (its set-up: a data file missing on its host, a checkpoint it cannot
+restore; or its steps: a bad batch, a bug in a callback), the others are left inside a set-up gather or a step's
 collective, which fails only at the collective's deadline (about 30 s for Gloo on CPU, longer for NCCL) with an
 error that names nothing (`GetKeyValue() timed out`), or, once the step's collectives are set up, wait in them
 for many minutes. So a failing process publishes one line about its error in the coordination service's
 key-value store, and:
 
-- while the steps run, every process watches for such a line (`watching`: one thread, one long-polled key, no
-  device work) and logs it within seconds, even if it then waits in a collective that will never complete;
+- while a `train()` runs (`running`: its set-up, building the model, preparing the data, restoring a checkpoint,
+  and its steps; `watching`: the steps alone), every process watches for such a line (one thread, one long-polled
+  key, no device work) and logs it within seconds, even if it then waits in a collective that will never complete;
+- a process that then makes no progress for `EXIT_AFTER_SECONDS` (most often blocked in a collective that cannot
+  complete without the failed process: Gloo and NCCL wait there, and JAX ends it only when the failed process's
+  exit barrier times out, `shutdown_timeout_seconds`, 5 minutes by default, with an abort that leaves job.json
+  "running") ends itself: job.json says "failed" with an `OtherProcessFailedError` naming the other's error, and the
+  process exits with `EXIT_CODE` (`end_process`);
 - a process that fails afterwards looks the lines up and raises `OtherProcessFailedError` naming the ones published
   before its own, its own error chained; with none earlier (it failed first) it raises its own error and warns
   of the later ones (a process whose own error is an `EasytrainError`, which names its cause, raises it and warns
@@ -25,6 +32,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -33,6 +42,7 @@ from typing import Any, TypeVar
 import jax
 
 from easytrain.errors import EasytrainError
+from easytrain.active_job import current_job
 from easytrain.jobs import outcome_of
 
 logger = logging.getLogger("easytrain")
@@ -51,6 +61,13 @@ WATCH_GRACE_SECONDS = 5.0
 #: publish just after this one looks), and the bound on any one call to the coordination service.
 LOOKUP_SECONDS = 2.0
 POLL_SECONDS = 0.2
+#: How long a process waits without progress (no new batch drawn, no save ending) once another process's failure is
+#: logged, before it ends itself (`end_process`): long enough for a checkpoint save under way to complete.
+EXIT_AFTER_SECONDS = 60.0
+#: The exit status it ends with: that of `easytrain train` for a run that failed (`cli.FAILED_EXIT_CODE`).
+EXIT_CODE = 1
+#: How ending the process replaces it (`os._exit`: see `end_process`); tests replace it.
+exit_process: Callable[[int], Any] = os._exit
 #: A published line is cut to this length (a data error's message with its fix fits).
 MAX_LINE = 2000
 #: `train()` calls this process has made in a multi-process run: every process makes the same calls, so the count
@@ -59,6 +76,8 @@ _runs = 0
 #: `{(run, process index): unix time}` of the failures `publish` published from this process: the time a failure
 #: of this process is compared with, to tell the others' earlier failures (named) from later ones (warned of).
 _published: dict[tuple[int, int], float] = {}
+#: The progress signals of the `train()` being watched (`running`'s, which a `watching` inside it joins), or None.
+_progress: list[Callable[[], Any]] | None = None
 
 
 class OtherProcessFailedError(EasytrainError, RuntimeError):
@@ -165,28 +184,73 @@ def warn_of_later(own_index: int, later: Mapping[int, tuple[float, str]]) -> Non
 
 
 @contextlib.contextmanager
-def watching() -> Iterator[None]:
+def running() -> Iterator[None]:
+    """Around a whole multi-process `train()`, set-up included: watch (as `watching` does) from its start, and
+    publish a failure the steps did not handle themselves (a data file missing on one host, an error restoring a
+    checkpoint), raised naming the processes that failed before this one (`reraise_naming_others`)."""
+    if _progress is not None or (client := coordination_client()) is None:
+        yield
+        return
+    with _watched(client, []):
+        try:
+            yield
+        except BaseException as error:
+            if (_runs, jax.process_index()) in _published:  # the steps' handling published it, and named the others
+                raise
+            publish_failure(error)
+            reraise_naming_others(error)
+
+
+@contextlib.contextmanager
+def watching(progress: Callable[[], Any] = lambda: None) -> Iterator[None]:
     """Around a multi-process `train()`'s steps: a thread logs the first failure another process publishes,
-    `WATCH_GRACE_SECONDS` after it is published unless the block ended meanwhile. Stopped (within
-    `WATCH_POLL_SECONDS`) when the block ends, failing or not."""
-    global _runs
+    `WATCH_GRACE_SECONDS` after it is published unless the block ended meanwhile, then ends this process if
+    `progress()` (any value that changes as the steps go on) stays the same for `EXIT_AFTER_SECONDS`. Stopped
+    (within `WATCH_POLL_SECONDS`) when the block ends, failing or not. Inside `running`, it joins that watch."""
+    if _progress is not None:
+        _progress.append(progress)
+        try:
+            yield
+        finally:
+            _progress.remove(progress)
+        return
     if (client := coordination_client()) is None:
         yield
         return
-    _runs += 1
+    with _watched(client, [progress]):
+        yield
+
+
+@contextlib.contextmanager
+def _watched(client: Any, progress: list[Callable[[], Any]]) -> Iterator[None]:
+    """One `train()` of the job (its own keys), watched by one thread until the block ends."""
+    global _runs, _progress
+    _runs, _progress = _runs + 1, progress
     stop = threading.Event()
-    thread = threading.Thread(target=watch, args=(client, f"{FIRST_KEY}{_runs}", jax.process_index(), stop),
+    thread = threading.Thread(target=watch, args=(client, f"{FIRST_KEY}{_runs}", jax.process_index(), stop,
+                                                  lambda: [read(signal) for signal in list(progress)]),
                               name="easytrain-failure-watch", daemon=True)
     thread.start()
     try:
         yield
     finally:
+        _progress = None
         stop.set()
         thread.join(WATCH_POLL_SECONDS + LOOKUP_SECONDS)
 
 
-def watch(client: Any, key: str, own_index: int, stop: threading.Event) -> None:
-    """Wait on `key` until `stop`; log the failure of another process found there, then end."""
+def read(signal: Callable[[], Any]) -> Any:
+    """`signal()`, or None if it raised (read from the watcher thread, it must not end the watch)."""
+    try:
+        return signal()
+    except Exception:  # noqa: BLE001 - a signal that cannot be read shows no progress
+        return None
+
+
+def watch(client: Any, key: str, own_index: int, stop: threading.Event,
+          progress: Callable[[], Any] = lambda: None) -> None:
+    """Wait on `key` until `stop`; log the failure of another process found there, then end this process if it
+    makes no progress for `EXIT_AFTER_SECONDS` (`end_if_stuck`)."""
     while not stop.is_set():
         started = time.monotonic()
         try:
@@ -200,8 +264,46 @@ def watch(client: Any, key: str, own_index: int, stop: threading.Event) -> None:
         failure = parse([(index, published)], own_index)
         for other, (_, line) in failure.items():
             logger.error("process %d failed: %s. This process (%d) cannot go on without it: it fails when its "
-                         "collectives give up, or waits in them (then stop the job).", other, line, own_index)
+                         "collectives give up, or ends itself if it makes no progress for %g s.", other, line,
+                         own_index, EXIT_AFTER_SECONDS)
+            end_if_stuck(f"process {other} failed: {line}", own_index, stop, progress)
         return
+
+
+def end_if_stuck(failure: str, own_index: int, stop: threading.Event, progress: Callable[[], Any]) -> None:
+    """`end_process` once `progress()` has not changed for `EXIT_AFTER_SECONDS`, unless `stop` is set first."""
+    seen, deadline = progress(), time.monotonic() + EXIT_AFTER_SECONDS
+    while not stop.wait(min(WATCH_POLL_SECONDS, max(0.0, deadline - time.monotonic()))):
+        if (now := progress()) != seen:
+            seen, deadline = now, time.monotonic() + EXIT_AFTER_SECONDS
+        elif time.monotonic() >= deadline:
+            end_process(failure, own_index)
+            return
+
+
+def end_process(failure: str, own_index: int) -> None:
+    """Mark the running job failed with an `OtherProcessFailedError` naming `failure`, flush the logs, and exit.
+
+    Called from the watcher thread while the main thread is blocked in a collective (C++ code that holds no Python
+    frame to raise into: an exception set on that thread, or a signal handler, would run only once the collective
+    returns, which it never does), so the process is ended as a SIGKILL would end it (`os._exit`): no `atexit`
+    handler runs, and so JAX's exit barrier, which would wait for the failed process, is skipped. A checkpoint that
+    completed stays whole (Orbax writes a step into a temporary directory and renames it once complete); one still
+    being written leaves its temporary directory, removed by the next run.
+    """
+    error = OtherProcessFailedError(f"{failure}. This process ({own_index}) made no progress for "
+                                    f"{EXIT_AFTER_SECONDS:g} s after it (waiting in collectives that cannot complete "
+                                    f"without that process): it ends with exit status {EXIT_CODE}")
+    logger.error("%s", error)
+    if (job := current_job()) is not None:
+        bounded(lambda: job.fail(error), seconds=10 * LOOKUP_SECONDS)  # job.json (process 0), the trackers
+    for handler in logging.getLogger().handlers + logger.handlers:
+        with contextlib.suppress(Exception):
+            handler.flush()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    exit_process(EXIT_CODE)
 
 
 def publish_failure(error: BaseException) -> None:
