@@ -22,7 +22,6 @@ import transformers
 from flax import nnx
 from huggingface_hub.serialization import split_state_dict_into_shards_factory
 from jax.experimental import multihost_utils
-from safetensors.numpy import save_file
 
 from easytrain.models.attention import DType
 from easytrain.models.hf_io import (
@@ -37,6 +36,7 @@ from easytrain.models.hf_io import (
 from easytrain.models.hf_load import generation_config_of
 from easytrain.models.llama import LlamaForCausalLM
 from easytrain.models.scan import unstack_layer_dicts
+from easytrain.models.weight_files import write_safetensors
 
 SHARD_PATTERN = "model{suffix}.safetensors"
 _SHARD_FILE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
@@ -245,7 +245,7 @@ def save_pretrained(
     for filename, names in split.filename_to_tensors.items():
         tensors = {name: _fetch(plan[name]) for name in names}  # every process: gathers are collective
         if writer:
-            save_file(tensors, directory / filename, metadata={"format": "pt"})
+            write_safetensors(tensors, directory / filename, metadata={"format": "pt"})
         del tensors
     if writer and split.is_sharded:
         _write_index(directory, split, plan)

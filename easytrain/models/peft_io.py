@@ -24,7 +24,6 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from easytrain import lora
 from easytrain.lora import LoRAConfig, LoRADense
@@ -33,6 +32,7 @@ from easytrain.models.hf_io import EMBEDDING_NAME, HEAD_NAME, CheckpointError, h
 from easytrain.models.layers import RMSNorm
 from easytrain.models.peft_config import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, read_peft_config
 from easytrain.models.scan import layers_unstacked, per_layer_view
+from easytrain.models.weight_files import write_safetensors
 
 PEFT_PREFIX = "base_model.model."
 #: safetensors metadata key holding ``easytrain.lora.base_fingerprint`` of the base the adapter was saved on.
@@ -159,7 +159,7 @@ def save_peft_adapter(
         directory.mkdir(parents=True, exist_ok=True)
         peft_config = _peft_config(model, config, base_model_name_or_path)
         (directory / ADAPTER_CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
-        save_file(tensors, directory / ADAPTER_WEIGHTS_NAME, metadata=metadata)
+        write_safetensors(tensors, directory / ADAPTER_WEIGHTS_NAME, metadata=metadata)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("easytrain:save_peft_adapter")
     return directory
