@@ -212,6 +212,7 @@ def check_settings_apply(args: Any) -> None:
              "or 'epoch', or unset early_stopping_patience.")
     check_best_checkpoint_kept(args)
     warn_unread_optimizer_fields(args)
+    warn_low_precision_state(args)
     if args.max_steps > 0 and args.num_train_epochs != field_defaults(args)["num_train_epochs"]:
         _warn_once("num_train_epochs=%s has no effect: max_steps=%d decides the run's length whenever it is positive; "
                    "pass --max_steps 0 to train for num_train_epochs instead.", args.num_train_epochs, args.max_steps)
@@ -229,6 +230,41 @@ def warn_unread_optimizer_fields(args: Any) -> None:
                    if name not in reads and getattr(args, name) != defaults[name])
     if unread:
         _warn_unread(args.optimizer, unread)
+
+
+def warn_low_precision_state(args: Any) -> None:
+    """bfloat16 master weights (`param_dtype`): what float32 storage keeps and they lose, warned about once per
+    process for the same settings (every optimizer here keeps its state in the parameters' dtype)."""
+    if args.param_dtype == "bfloat16":
+        warn_bfloat16_state(args.optimizer, args.adam_beta1, args.adam_beta2, args.sgd_momentum)
+
+
+def _bfloat16(value: float) -> float:
+    import ml_dtypes  # a dependency of jax
+
+    return float(ml_dtypes.bfloat16(value))
+
+
+#: What each optimizer keeps in the parameters' dtype (optax and `easytrain.adafactor` build it like the params).
+_STATE_KEPT = {"adamw": "its first and second moments", "lion": "its momentum", "sgd": "its momentum",
+               "adafactor": "its factored second-moment statistics"}
+
+
+@functools.cache
+def warn_bfloat16_state(optimizer: str, beta1: float, beta2: float, momentum: float) -> None:
+    """The warning itself, once per process for the same settings: what is lost, and the fix."""
+    kept = ""
+    if optimizer in _STATE_KEPT and (optimizer != "sgd" or momentum):
+        rounded = [f"{name}={value!r} is {_bfloat16(value)!r}" for name, value in (("adam_beta1", beta1),
+                   ("adam_beta2", beta2)) if optimizer in ("adamw", "lion") and _bfloat16(value) != value]
+        decays = {"adamw": "the second moment", "lion": "the momentum"}.get(optimizer)
+        never = f", so {decays} never decays" if decays and _bfloat16(beta2) == 1.0 else ""
+        kept = f"; optimizer={optimizer!r} keeps {_STATE_KEPT[optimizer]} in bfloat16 too" + (
+            f" ({', '.join(rounded)} there{never})" if rounded else "")
+    logger.warning("param_dtype='bfloat16' stores the master weights in bfloat16 (8 significant bits): an update "
+                   "smaller than 1/512 to 1/256 of a weight's magnitude is rounded away, so at a small learning_rate "
+                   "most weights never change%s. Pass --param_dtype float32 to keep float32 master weights and "
+                   "optimizer state (--dtype bfloat16 still computes in bfloat16).", kept)
 
 
 def field_defaults(arguments: Any) -> dict[str, Any]:

@@ -68,10 +68,14 @@ class TrainingArguments:
     # 'float16' stays in the Literal so that the parser accepts it and validate() says why it is refused.
     dtype: Literal["float32", "bfloat16", "float16"] = _arg(
         "float32", "Compute dtype of activations: 'float32' or 'bfloat16' ('float16' is refused: it needs "
-        "loss scaling, which easytrain does not do).")
+        "loss scaling, which easytrain does not do). A module passed as model= (or built by create_module) computes "
+        "in the dtype it was built with: float16 is refused, another dtype than this one is warned about.")
     param_dtype: Literal["float32", "bfloat16", "float16"] = _arg(
         "float32", "Storage dtype of parameters and optimizer state (master weights): 'float32' or 'bfloat16' "
-        "('float16' is refused, as for dtype).")
+        "('float16' is refused, as for dtype). bfloat16 halves their memory but keeps 8 significant bits: updates "
+        "below about 1/256 of a weight round away, and the optimizer state is bfloat16 too (adam_beta2=0.999 is "
+        "1.0); warned about. For bfloat16 compute with float32 master weights: --dtype bfloat16 "
+        "--param_dtype float32.")
 
     remat_policy: Literal["none", "full", "dots"] = _arg(
         "none", "Recompute decoder-layer activations in the backward pass to save memory: 'full' keeps only each "

@@ -16,6 +16,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from easytrain import sharding
+from easytrain.errors import ArgumentError
 from easytrain.state import TrainState, raw_key
 
 Filter = nnx.filterlib.Filter
@@ -168,3 +169,56 @@ def warn_unless_param_dtype(module: nnx.Module, param_dtype: Any, shown: int = 3
                    "dtype/param_dtype. Build it with param_dtype=self.param_dtype and dtype=self.dtype (e.g. "
                    "nnx.Linear(..., dtype=self.dtype, param_dtype=self.param_dtype)) in create_module, or set "
                    "param_dtype to the dtype it uses.", wanted, listed)
+
+
+def compute_dtype_paths(module: nnx.Module) -> dict[str, Any]:
+    """Path -> compute dtype of each submodule (the module itself included) whose `dtype` attribute is set to a
+    float dtype (`nnx.Linear(..., dtype=...)`, the model's own layers): the dtype it computes in, which no argument
+    changes once it is built. None (compute in the inputs' dtype) and anything not a float dtype are left out."""
+    found = {}
+    for path, submodule in nnx.iter_modules(module):
+        if (value := getattr(submodule, "dtype", None)) is None:
+            continue
+        try:
+            dtype = jax.numpy.dtype(value)
+        except TypeError:  # a `dtype` attribute of another meaning
+            continue
+        if jax.numpy.issubdtype(dtype, jax.numpy.floating):
+            found[".".join(map(str, path)) or type(submodule).__name__] = dtype
+    return found
+
+
+def compute_dtypes(module: nnx.Module) -> set[Any]:
+    """The float dtypes `module`'s submodules compute in (`compute_dtype_paths`)."""
+    return set(compute_dtype_paths(module).values())
+
+
+def check_compute_dtype(module: nnx.Module | None, dtype: Any, shown: int = 3, *, given: bool = False) -> Any:
+    """Refuse a module (`given`: passed as `model=`, else built by `create_module`) that computes in float16, as
+    `--dtype float16` is refused; warn when it computes in another dtype than the run's `dtype`, which
+    `trainer.dtype`, the saved arguments and the resume and DPO reference checks follow. Returns `module`."""
+    if module is None or not (paths := compute_dtype_paths(module)):
+        return module
+    source = "the module passed as model=" if given else "the module create_module built"
+    listed = lambda chosen: ", ".join(f"{p} ({d.name})" for p, d in chosen[:shown]) + (  # noqa: E731
+        f" and {len(chosen) - shown} more" if len(chosen) > shown else "")
+    if half := [(p, d) for p, d in paths.items() if d == jax.numpy.float16]:
+        raise ArgumentError("dtype", f"{source} computes in float16 ({listed(half)}), which needs dynamic loss "
+                                     "scaling that easytrain does not do: small gradients underflow to zero silently. "
+                                     "Build it with dtype=bfloat16 (same exponent range as float32) or float32, and "
+                                     "pass --dtype bfloat16 or --dtype float32 to match.")
+    wanted = jax.numpy.dtype(dtype)
+    if other := [(p, d) for p, d in paths.items() if d != wanted]:
+        names = sorted({d.name for d in paths.values()})
+        fix = f"pass --dtype {names[0]}" if len(names) == 1 else f"build it in one dtype ({' or '.join(names)})"
+        logger.warning("dtype is %s, but %s computes in %s: %s. It computes in the dtypes it was built with, while "
+                       "trainer.dtype, the saved arguments, a resume's dtype check and DPO's reference log-prob cache "
+                       "follow --dtype: %s so they agree, or build it with dtype=%s.", wanted.name, source,
+                       "/".join(sorted({d.name for _, d in other})), listed(other), fix, wanted.name)
+    return module
+
+
+def check_given_module(module: nnx.Module | None, dtype: Any, param_dtype: Any) -> None:
+    """The module passed as `model=` (None: none was): its compute dtype checked, then its parameters' storage."""
+    if module is not None:
+        warn_unless_param_dtype(check_compute_dtype(module, dtype, given=True), param_dtype, given=True)

@@ -16,7 +16,7 @@ def _module(*dtypes) -> MLP:
 
 
 def _param_dtype_warnings(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if "param_dtype" in r.getMessage()]
+    return [r.getMessage() for r in caplog.records if "param_dtype is" in r.getMessage()]
 
 
 def test_a_given_module_that_ignores_param_dtype_is_warned_about(tmp_path, caplog) -> None:

@@ -245,11 +245,13 @@ class BaseTrainer(TrainStateHooks, LanguageModelHooks):
             raise ArgumentError("loss_chunk_size", problem)
         return module
 
+    def _checked_module(self) -> nnx.Module:  # create_module's module, its compute dtype checked as model='s is
+        return placement.check_compute_dtype(super()._checked_module(), self.dtype)
+
     def configure_model(self) -> ConfiguredModel:
         """Create the train state directly on the mesh, or restore a resumed run's state straight into it."""
         args = self._arguments
-        if self._given_model is not None:  # a module of the trainer's own is checked as create_module builds it
-            placement.warn_unless_param_dtype(self._given_model, self.param_dtype, given=True)
+        placement.check_given_module(self._given_model, self.dtype, self.param_dtype)  # create_module's: just above
         self._schedule = self.configure_schedule(self._data.total_steps)
         tx = self.configure_optimizer(self._schedule)
         placed = dict(seed=args.seed, mesh=self.mesh, rules=self.partition_rules,
