@@ -277,3 +277,14 @@ def test_another_mesh_resumes_with_a_warning_that_the_sums_run_in_another_order(
     with caplog.at_level(logging.WARNING, logger="easytrain"):
         check_resumable(info if stored is None else {**info, "mesh": stored}, {**info, "mesh": now})
     assert ("another mesh" in caplog.text) == warned, caplog.text
+
+
+def test_the_mesh_record_counts_the_mesh_devices_not_the_process(tmp_path, monkeypatch):
+    """A mesh over some of the process's devices (a custom `configure_mesh`) records its own size: a resume on the
+    same mesh then warns of nothing (it recorded the process's 8 devices, then compared them with a 4-device mesh)."""
+    import easytrain.trainers.base as base_module
+
+    trainer = BaseTrainer(args_for(tmp_path / "run"))
+    trainer.setup()
+    monkeypatch.setattr(base_module.jax, "device_count", lambda *_: 8)  # more devices than the mesh holds
+    assert trainer.run_info()["mesh"] == {"devices": trainer.mesh.size, "shape": dict(trainer.mesh.shape)}

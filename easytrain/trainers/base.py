@@ -390,7 +390,7 @@ class BaseTrainer(TrainStateHooks, LanguageModelHooks):
         info = {"format_version": FORMAT_VERSION, "arguments": self._arguments.to_dict(),
                 "model_config": config_dict(self.model_config),
                 "tokenizer_fingerprint": builders.tokenizer_fingerprint(getattr(self, "tokenizer", None)),
-                "mesh": {"devices": jax.device_count(), "shape": dict(self.mesh.shape)}}  # a resume elsewhere warns
+                "mesh": {"devices": self.mesh.size, "shape": dict(self.mesh.shape)}}  # a resume elsewhere warns
         return info if self.base_fingerprint is None else {**info, "base_fingerprint": self.base_fingerprint}
 
     def save_arguments(self) -> Path | None:
