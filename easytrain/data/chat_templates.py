@@ -1,9 +1,11 @@
 """Render conversations to token ids with a chat template, and the assistant-token mask.
 
-A thin, checked layer over ``tokenizer.apply_chat_template`` (transformers v5, which returns
-a ``BatchEncoding``): it picks the template once, refuses templates that cannot produce an
-assistant mask instead of silently returning zeros, and cleans the ``None`` fields that Arrow
-adds when rows of one column have different keys.
+A thin, checked layer over transformers' template rendering (``render_jinja_template``, as
+``apply_chat_template`` renders): it picks the template (a named one by the row's tools, as
+transformers does), refuses templates that cannot produce an assistant mask instead of silently
+returning zeros, renders the date a template prints as a fixed one (``template_date``), builds the
+mask from the generation spans and token offsets (``assistant_spans``), and cleans the ``None``
+fields that Arrow adds when rows of one column have different keys.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from typing import Any
 
 import jinja2
 from transformers import PreTrainedTokenizerBase
-from transformers.utils.chat_template_utils import _compile_jinja_template
+from transformers.utils.chat_template_utils import _compile_jinja_template, render_jinja_template
 
+from easytrain.data.assistant_spans import assistant_tokens
 from easytrain.data.errors import DataError
+from easytrain.data.template_date import with_fixed_date
 
 # The same pattern transformers uses to decide whether a template can return an assistant mask.
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
@@ -27,15 +31,29 @@ _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 Message = Mapping[str, Any]
 
 
-def chat_template_of(tokenizer: PreTrainedTokenizerBase, chat_template: str | None) -> str:
+def chat_template_of(tokenizer: PreTrainedTokenizerBase, chat_template: str | None,
+                     tools: Sequence[Any] | None = None) -> str:
     """The template to render with: ``chat_template`` if given, else the tokenizer's own.
 
+    Named templates (a dict, e.g. ``{"default": ..., "tool_use": ...}``) are chosen as transformers
+    chooses: the one ``chat_template`` names, else ``"tool_use"`` for a row with ``tools``, else ``"default"``.
+
     Raises:
-        DataError: Neither exists, so conversational data cannot be rendered.
+        DataError: No template exists, or none of the named ones fits.
     """
-    template = chat_template if chat_template is not None else tokenizer.chat_template
-    if isinstance(template, Mapping):  # named templates: use the default one
-        template = template.get("default")
+    named = tokenizer.chat_template
+    template = chat_template if chat_template is not None else named
+    if isinstance(named, Mapping) and isinstance(chat_template, str) and chat_template in named:
+        template = named[chat_template]
+    elif isinstance(template, Mapping):
+        choice = "tool_use" if tools and "tool_use" in template else "default"
+        if choice not in template:
+            raise DataError(
+                f"The tokenizer has named chat templates {sorted(template)} but no 'default' one; pass "
+                "`chat_template` (a template, or one of those names; on the command line "
+                "`--chat_template_path FILE`)."
+            )
+        template = template[choice]
     if not isinstance(template, str) or not template:
         raise DataError(
             "Conversational data needs a chat template, but the tokenizer has none; set "
@@ -43,6 +61,14 @@ def chat_template_of(tokenizer: PreTrainedTokenizerBase, chat_template: str | No
             "`--chat_template_path FILE`)."
         )
     return template
+
+
+def chat_templates_of(tokenizer: PreTrainedTokenizerBase, chat_template: str | None) -> list[str]:
+    """Every template a row may render with (both of ``default``/``tool_use``), to check before any row."""
+    named = tokenizer.chat_template
+    if chat_template is None and isinstance(named, Mapping):
+        return [chat_template_of(tokenizer, None, tools) for tools in (None, [{}])]
+    return [chat_template_of(tokenizer, chat_template)]
 
 
 def read_chat_template(path: str | os.PathLike[str], field: str = "chat_template_path") -> str:
@@ -99,30 +125,29 @@ def render_chat(
     """Token ids of the rendered conversation, and its assistant mask when asked.
 
     The template adds its own special tokens; the tokenizer adds none (transformers
-    tokenises rendered chats with ``add_special_tokens=False``).
+    tokenises rendered chats with ``add_special_tokens=False``). ``strftime_now`` reports
+    ``template_date.TEMPLATE_DATE``, so the ids never depend on the day they were rendered.
 
     Returns:
-        ``(input_ids, mask)``: ``mask[i]`` is 1 where token ``i`` lies inside a
-        ``{% generation %}`` block, or ``None`` when ``assistant_mask`` is False.
+        ``(input_ids, mask)``: ``mask[i]`` is 1 where token ``i`` overlaps a
+        ``{% generation %}`` block (see ``assistant_spans``), or ``None`` when ``assistant_mask`` is False.
     """
     if not messages:
         raise DataError("A conversation has no messages; give each example at least one message.")
     try:
-        encoded = tokenizer.apply_chat_template(
-            [drop_none(dict(message)) for message in messages],
+        rendered, spans = render_jinja_template(
+            conversations=[[drop_none(dict(message)) for message in messages]],
             tools=None if tools is None else [drop_none(dict(tool)) for tool in tools],
-            chat_template=template,
+            chat_template=with_fixed_date(template),
             add_generation_prompt=add_generation_prompt,
-            tokenize=True,
-            return_dict=True,
             return_assistant_tokens_mask=assistant_mask,
+            **tokenizer.special_tokens_map,
         )
     except (jinja2.TemplateError, TypeError) as error:  # TypeError: e.g. the template adds a str and a number
         raise DataError(template_failure(error, messages)) from error
-    ids = [int(token) for token in encoded["input_ids"]]
     if not assistant_mask:
-        return ids, None
-    return ids, [int(bit) for bit in encoded["assistant_masks"]]
+        return [int(token) for token in tokenizer(rendered[0], add_special_tokens=False)["input_ids"]], None
+    return assistant_tokens(tokenizer, rendered[0], spans[0], template)
 
 
 def template_failure(error: Exception, messages: Sequence[Message]) -> str:

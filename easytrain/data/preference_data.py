@@ -39,6 +39,7 @@ from easytrain.data.chat_templates import (
 )
 from easytrain.data.columns import format_from_columns
 from easytrain.data.errors import DataError
+from easytrain.data.formatting import apply_formatting
 from easytrain.data.row_errors import at_row, rows_as_stored
 from easytrain.data.special_tokens import (  # SFT's special-token rules: the same layout in SFT and DPO
     encode_text,
@@ -236,8 +237,7 @@ def tokenize_preference_dataset(
     """
     with rows_as_stored(dataset):  # a bad pair is named as the stored data has it, not by its place in a split
         if formatting_func is not None:
-            dataset = dataset.map(formatting_func, remove_columns=dataset.column_names,
-                                  num_proc=num_proc, desc="Formatting")
+            dataset = apply_formatting(dataset, formatting_func, PREFERENCE_FORMAT_COLUMNS, num_proc)
         data_format = detect_preference_format(dataset.column_names)
         _check_options(tokenizer, options, data_format, dataset)
         tokenized = dataset.map(
@@ -282,8 +282,8 @@ def _render_pair(prompt: list[Message], chosen: list[Message], rejected: list[Me
                  tokenizer: PreTrainedTokenizerBase, options: PreferenceDataOptions,
                  tools: Any) -> tuple[list[int], list[int], list[int]]:
     """Render the prompt once with the generation prompt; each completion is what follows it."""
-    template = chat_template_of(tokenizer, options.chat_template)
     tools = parse_tools(tools)
+    template = chat_template_of(tokenizer, options.chat_template, tools)
     prompt_ids, _ = render_chat(tokenizer, prompt, template=template, tools=tools,
                                 add_generation_prompt=True)
     completions = []

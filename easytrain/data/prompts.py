@@ -60,8 +60,9 @@ def prompts_and_references(rows: Any, tokenizer: PreTrainedTokenizerBase, limit:
 def _chat_prompt(messages: list[dict], tokenizer: PreTrainedTokenizerBase, options: SFTDataOptions,
                  tools: Any = None) -> list[int]:
     """Rendered as training rendered it: the same template, tools and generation prompt."""
-    ids, _ = render_chat(tokenizer, messages, template=chat_template_of(tokenizer, options.chat_template),
-                         tools=parse_tools(tools), add_generation_prompt=True)
+    tools = parse_tools(tools)
+    ids, _ = render_chat(tokenizer, messages, template=chat_template_of(tokenizer, options.chat_template, tools),
+                         tools=tools, add_generation_prompt=True)
     return ids
 
 

@@ -22,12 +22,14 @@ from transformers import PreTrainedTokenizerBase
 
 from easytrain.data.chat_templates import (
     chat_template_of,
+    chat_templates_of,
     parse_tools,
     render_chat,
     require_generation_markers,
 )
 from easytrain.data.columns import format_from_columns
 from easytrain.data.errors import DataError
+from easytrain.data.formatting import apply_formatting
 from easytrain.data.row_errors import at_row, rows_as_stored
 from easytrain.data.special_tokens import (encode_text, ensure_bos, ensure_eos, eos_id, last_content_index,
                                            typed_field)
@@ -74,7 +76,10 @@ class SFTDataOptions:
         add_bos: Make the example start with exactly one BOS (when the tokenizer has one).
         add_eos: Make the example end with an EOS unless it already does (trailing
             whitespace after it allowed), so the model learns to stop.
-        chat_template: A Jinja template that replaces the tokenizer's own.
+        chat_template: A Jinja template that replaces the tokenizer's own (or the name of one
+            of the tokenizer's named templates).
+        text_column: The user's column that holds the plain text (renamed ``text`` before
+            tokenising), named in row errors.
     """
 
     max_length: int | None = 1024
@@ -84,6 +89,7 @@ class SFTDataOptions:
     add_bos: bool = True
     add_eos: bool = True
     chat_template: str | None = None
+    text_column: str = "text"
 
     def __post_init__(self) -> None:
         if self.max_length is not None and self.max_length < 2:
@@ -193,8 +199,7 @@ def tokenize_sft_dataset(
     """
     with rows_as_stored(dataset):  # a bad row is named as the stored data has it, not by its place in a split
         if formatting_func is not None:
-            dataset = dataset.map(formatting_func, remove_columns=dataset.column_names,
-                                  num_proc=num_proc, desc="Formatting")
+            dataset = apply_formatting(dataset, formatting_func, FORMAT_COLUMNS, num_proc)
         data_format = detect_format(dataset.column_names)
         _check_options(tokenizer, options, data_format, dataset)
         tokenized = dataset.map(
@@ -231,16 +236,16 @@ def _check_options(tokenizer: PreTrainedTokenizerBase, options: SFTDataOptions,
             f"{dataset.column_names}); set `assistant_only_loss=False` or convert the data."
         )
     if uses_template:
-        template = chat_template_of(tokenizer, options.chat_template)
-        if options.assistant_only_loss:
-            require_generation_markers(template)
+        for template in chat_templates_of(tokenizer, options.chat_template):
+            if options.assistant_only_loss:
+                require_generation_markers(template)
 
 
 def _render(example: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase,
             options: SFTDataOptions, data_format: DataFormat) -> tuple[list[int], list[int], bool]:
     """Ids and mask before BOS/EOS handling, and whether an appended EOS is supervised."""
     if data_format == LANGUAGE_MODELING:
-        ids = encode_text(tokenizer, typed_field(example, "text", str))
+        ids = encode_text(tokenizer, typed_field(example, "text", str, column=options.text_column))
         return ids, [1] * len(ids), True
     if data_format == CONVERSATIONAL:
         return _render_conversation(example, tokenizer, options)
@@ -253,12 +258,13 @@ def _render(example: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase,
 
 def _render_conversation(example: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase,
                          options: SFTDataOptions) -> tuple[list[int], list[int], bool]:
-    template = chat_template_of(tokenizer, options.chat_template)
+    tools = parse_tools(example.get("tools"))
+    template = chat_template_of(tokenizer, options.chat_template, tools)
     if options.assistant_only_loss:
         require_generation_markers(template)
     ids, assistant_mask = render_chat(
         tokenizer, typed_field(example, "messages", list), template=template,
-        tools=parse_tools(example.get("tools")), assistant_mask=options.assistant_only_loss,
+        tools=tools, assistant_mask=options.assistant_only_loss,
     )
     mask = assistant_mask if assistant_mask is not None else [1] * len(ids)
     return ids, mask, _last_content_supervised(ids, mask, tokenizer)
@@ -277,10 +283,10 @@ def _render_prompt_completion_messages(
     example: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, options: SFTDataOptions
 ) -> tuple[list[int], list[int], bool]:
     """The prompt rendered with the generation prompt must be a token prefix of the whole."""
-    template = chat_template_of(tokenizer, options.chat_template)
     prompt_messages = typed_field(example, "prompt", list)
     messages = prompt_messages + typed_field(example, "completion", list)
     tools = parse_tools(example.get("tools"))
+    template = chat_template_of(tokenizer, options.chat_template, tools)
     prompt_ids, _ = render_chat(tokenizer, prompt_messages, template=template, tools=tools,
                                 add_generation_prompt=True)
     ids, assistant_mask = render_chat(tokenizer, messages, template=template, tools=tools,

@@ -51,11 +51,16 @@ def eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
         )
     return int(tokenizer.eos_token_id)
 
-def typed_field(example: Mapping[str, Any], name: str, kind: type) -> Any:
+
+def typed_field(example: Mapping[str, Any], name: str, kind: type, column: str | None = None) -> Any:
+    """``example[name]``, checked to be a ``kind``; ``column`` is the user's column it was renamed from."""
     value = example.get(name)
     if not isinstance(value, kind):
+        renamed = column not in (None, name)
+        field = f"{column!r} (`text_column`, read as {name!r})" if renamed else repr(name)
+        fix = "`text_column`" if renamed else "the `formatting_func`"
         raise DataError(
-            f"Field {name!r} must be a {kind.__name__}, got {type(value).__name__} "
-            f"({str(value)[:60]!r}); fix the data or the `formatting_func`."
+            f"Field {field} must be a {kind.__name__}, got {type(value).__name__} "
+            f"({str(value)[:60]!r}); fix the data or {fix}."
         )
     return value

@@ -159,7 +159,8 @@ class SFTTrainer(BaseTrainer):
         args, sft = self.arguments, self.sft_arguments
         return SFTDataOptions(max_length=args.max_length + 1, truncation_side=sft.truncation_side,
                               assistant_only_loss=sft.assistant_only_loss,
-                              completion_only_loss=sft.completion_only_loss)
+                              completion_only_loss=sft.completion_only_loss,
+                              text_column=args.text_column)
 
     def collate(self, rows: Mapping[str, np.ndarray], example_ids: np.ndarray) -> dict[str, np.ndarray]:
         return packed_collate(rows, example_ids) if self.sft_arguments.packing else self._pad(rows, example_ids)
