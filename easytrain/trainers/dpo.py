@@ -25,6 +25,7 @@ from flax import nnx
 from easytrain.arguments import TrainingArguments
 from easytrain.chunked_loss import map_token_chunks, target_logps
 from easytrain.data import RowSource, bucket_lengths
+from easytrain.data.chat_templates import read_chat_template
 from easytrain.data.paired_batches import PairedCollate, pair_rows
 from easytrain.data.preference_data import PreferenceDataOptions, tokenize_preference_dataset
 from easytrain.data.token_range import rows_of, vocab_size_of
@@ -36,8 +37,7 @@ from easytrain.metrics import Mean, mean_over
 from easytrain.models import from_pretrained
 from easytrain.models.hf_io import CheckpointError
 from easytrain.models.hf_load import resolve_checkpoint
-from easytrain.preference import (PairLogps, combined_loss, reported_logps, running_mean, sequence_logps,
-                                  token_logps)
+from easytrain.preference import PairLogps, combined_loss, reported_logps, sequence_logps, token_logps
 from easytrain.protocol import ConfiguredModel
 from easytrain.state import TrainState
 from easytrain.tasks import arithmetic
@@ -45,6 +45,7 @@ from easytrain.tasks.registry import register_task
 from easytrain.trainers import adapters, builders, init_weights
 from easytrain.trainers.base import BaseTrainer
 from easytrain.trainers.dpo_arguments import DPOArguments
+from easytrain.trainers.dpo_updates import REWARD_MEAN, update_then_track_rewards
 from easytrain.trainers.dpo_reference import (CACHE_DIRNAME, INITIAL_ADAPTERS, INITIAL_POLICY, REFERENCE_WEIGHTS,
                                               stored_record, check_reference_path, checked_initial_weights,
                                               checked_reference_weights, precomputed_reference_logps, update_then_sync,
@@ -52,8 +53,6 @@ from easytrain.trainers.dpo_reference import (CACHE_DIRNAME, INITIAL_ADAPTERS, I
 from easytrain.trainers.switches import apply_switches
 
 logger = logging.getLogger("easytrain")
-#: `state.frozen` entry of `bco_pair`'s δ: the running mean of the rewards of the pairs trained on so far.
-REWARD_MEAN = "bco_delta"
 
 
 @register_task("dpo", arguments=(DPOArguments,), replace=True,
@@ -102,12 +101,14 @@ class DPOTrainer(BaseTrainer):
             self.tokenizer = (arithmetic.build_arithmetic_chat_tokenizer() if embedded and not args.model_name_or_path
                               else builders.build_tokenizer(args, embedded=False))
         self.tokenizer = builders.ensure_pad_token(self.tokenizer)
+        if self.dpo.chat_template_path:
+            self.tokenizer.chat_template = read_chat_template(self.dpo.chat_template_path)
         self.model_config = getattr(self._given_model, "config", None) if self._given_model is not None \
             else builders.build_model_config(args, self.tokenizer)
         builders.check_max_length(args, self.model_config)
         splits = (arithmetic.make_arithmetic_preference_splits(seed=args.seed) if embedded
                   else builders.raw_datasets(args, self._raw_train, self._raw_eval))
-        options = PreferenceDataOptions(max_length=args.max_length + 1, max_prompt_length=self.dpo.max_prompt_length)
+        options = self._data_options()
         self._pad = PairedCollate(bucket_lengths(args.max_length) if jax.process_count() == 1 else (args.max_length,),
                                   pad_id=self.tokenizer.pad_token_id or 0)
         rows = {}
@@ -127,16 +128,18 @@ class DPOTrainer(BaseTrainer):
     def prepare_eval_dataset(self, dataset: Any) -> RowSource:
         """Another eval set's pairs, tokenised as the configured one's (with precomputed reference log-probs
         when the run uses them)."""
-        options = PreferenceDataOptions(max_length=self.arguments.max_length + 1,
-                                        max_prompt_length=self.dpo.max_prompt_length)
         with rows_of(None):
-            rows, _ = tokenize_preference_dataset(dataset, self.tokenizer, options,
+            rows, _ = tokenize_preference_dataset(dataset, self.tokenizer, self._data_options(),
                                                   formatting_func=self.formatting_func,
                                                   num_proc=self.arguments.preprocessing_num_workers,
                                                   vocab_size=vocab_size_of(self.model_config))
         if self.dpo.precompute_ref_log_probs and self.dpo.needs_reference:
             rows = self._with_reference_logps("evaluate", rows)
         return rows
+
+    def _data_options(self) -> PreferenceDataOptions:
+        return PreferenceDataOptions(max_length=self.arguments.max_length + 1,
+                                     max_prompt_length=self.dpo.max_prompt_length)
 
     def _with_reference_logps(self, name: str, rows: Any) -> Any:
         settings = {"max_length": self.arguments.max_length, "chunk": self.dpo.logps_chunk_size,
@@ -376,6 +379,7 @@ class DPOTrainer(BaseTrainer):
     def run_info(self) -> dict[str, Any]:
         """Also the options that decide the rows and the loss, so a resume under other ones is refused."""
         task = {"max_prompt_length": self.dpo.max_prompt_length}
+        task = {**task, "chat_template_path": path} if (path := self.dpo.chat_template_path) else task  # old: none
         task = task if self._dropout_unrecorded else {**task, "disable_dropout": self.dpo.disable_dropout}
         info = {**super().run_info(), "task_arguments": task}
         info = info if self.initial_policy is None else {**info, INITIAL_POLICY: self.initial_policy}
@@ -385,15 +389,3 @@ class DPOTrainer(BaseTrainer):
 def logps_and_mean_logit(logits_MV: jax.Array, targets_M: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Per token: float32 log p(target) and the mean logit over the vocabulary (the `logits/*` metrics)."""
     return target_logps(logits_MV, targets_M), jnp.mean(logits_MV.astype(jnp.float32), axis=-1)
-
-
-def update_then_track_rewards(state: Any, batch: Mapping[str, jax.Array], *,
-                              update: Callable[..., Any]) -> tuple[Any, dict]:
-    """One update, then `bco_pair`'s δ (`REWARD_MEAN`) takes in the rewards of the whole global batch, read from the
-    merged metrics: the same whatever the micro-batch split. A skipped (non-finite) step trained on nothing."""
-    state, metrics = update(state, batch)
-    chosen, rejected, old = metrics["rewards/chosen"], metrics["rewards/rejected"], state.frozen[REWARD_MEAN]
-    mean, count = running_mean(old["mean"], old["count"], (chosen.total + rejected.total) / 2, chosen.count)
-    kept = metrics["skipped_steps"].total == 0
-    new = {"mean": jnp.where(kept, mean, old["mean"]), "count": jnp.where(kept, count, old["count"])}
-    return state.replace(frozen={**state.frozen, REWARD_MEAN: new}), metrics

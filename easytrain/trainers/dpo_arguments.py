@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from easytrain.data.chat_templates import read_chat_template
 from easytrain.errors import ArgumentError
 from easytrain.preference import PREFERENCE_LOSSES, READS_LABEL_SMOOTHING, REFERENCE_FREE
 
@@ -45,6 +46,8 @@ class DPOArguments:
     logps_chunk_size: int = _help("Vocabulary entries per chunk of the float32 log-prob computation.", 4096)
     disable_dropout: bool = _help("Run the policy without dropout in the loss (e.g. lora_dropout), as the "
                                   "reference runs: a dropped-out policy biases the margin.", True)
+    chat_template_path: Optional[str] = _help("A Jinja chat template file that replaces the tokenizer's own (chat "
+                                              "pairs, as in SFT).")
 
     def __post_init__(self) -> None:
         unknown = [name for name in self.loss_type if name not in PREFERENCE_LOSSES]
@@ -63,6 +66,8 @@ class DPOArguments:
         for failed, name, message in checks + self._unread_options():
             if failed:
                 raise ArgumentError(name, message)
+        if self.chat_template_path:  # a missing file or a Jinja syntax error: before any data work
+            read_chat_template(self.chat_template_path)
 
     def _unread_options(self) -> list[tuple[bool, str, str]]:
         """Options set that no chosen loss reads: they would change nothing, silently (or crash later)."""
