@@ -110,11 +110,12 @@ def _check_value(field: dataclasses.Field, value: Any, declared: Any) -> None:
         raise ArgumentError(name, f"must be a finite number, got {value!r}.")
 
 
-def check_file_values(values: dict[str, Any], classes: Sequence[type]) -> dict[str, Any]:
+def check_file_values(values: dict[str, Any], classes: Sequence[type], source: str | None = None) -> dict[str, Any]:
     """A `--config` file's values for the fields of `classes` (a task's own dataclasses), checked and normalised
     as `TrainingArguments` checks its own: argparse parses only the file's strings (with the field's type), and
     checks no choice, so any other value would reach the dataclass as it is. A string for a list field is a
-    one-element list; YAML's `no` (False) is 'no' where that is a choice."""
+    one-element list; YAML's `no` (False) is 'no' where that is a choice. A string for a number or boolean field
+    must parse as its flag's would: refused here, naming `source` (the file), not as a flag the user never typed."""
     checked = dict(values)
     for cls in classes:
         for field in dataclasses.fields(cls):
@@ -131,9 +132,34 @@ def check_file_values(values: dict[str, Any], classes: Sequence[type]) -> dict[s
                 if value is not None and value not in choices:
                     raise ArgumentError(field.name, f"must be one of {', '.join(map(repr, choices))}, got "
                                                     f"{_shown(value)}.{choice_hint(value)}")
-            elif not (isinstance(value, str) and hint in (int, float, bool)):  # those strings argparse parses
+            elif isinstance(value, str) and hint in (int, float, bool):  # those strings argparse parses
+                _check_parses(field.name, value, hint, source)
+            else:
                 _check_value(field, value, declared)
     return checked
+
+
+def check_file_strings(values: dict[str, Any], classes: Sequence[type], source: str | None = None) -> None:
+    """A `--config` file's strings for the number and boolean fields of `classes` parse as their flags' would
+    (argparse parses them later, and would blame a flag the user never typed)."""
+    for cls in classes:
+        hints = _hints(cls)
+        for field in dataclasses.fields(cls):
+            if field.init and isinstance(value := values.get(field.name), str):
+                hint, _ = _split_optional(hints[field.name])
+                if hint in (int, float, bool):
+                    _check_parses(field.name, value, hint, source)
+
+
+def _check_parses(name: str, value: str, hint: type, source: str | None) -> None:
+    """A file's string for a number or boolean field parses as the command line would parse it."""
+    from transformers.hf_argparser import string_to_bool  # the parser of HfArgumentParser's boolean flags
+
+    try:
+        (string_to_bool if hint is bool else hint)(value)
+    except Exception:  # noqa: BLE001 - int and float raise ValueError, string_to_bool argparse's own error
+        where = f" in {source}" if source else ""
+        raise ArgumentError(name, f"must be {_describe(hint)}, got {value!r}{where}.") from None
 
 
 def _matches(hint: Any, value: Any) -> bool:

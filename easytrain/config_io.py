@@ -20,7 +20,7 @@ from typing import Any, Callable, get_type_hints
 import yaml
 from transformers import HfArgumentParser
 
-from easytrain.argument_checks import check_file_values
+from easytrain.argument_checks import check_file_strings, check_file_values
 from easytrain.arguments import TrainingArguments, field_names
 from easytrain.errors import ArgumentError
 from easytrain.tasks.registry import check_argument_dataclasses
@@ -44,7 +44,8 @@ def load_config_file(path: str | os.PathLike, task_arguments: Sequence[type] = (
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f" Did you mean '{close[0]}'?" if close else " Run `easytrain train --help` for the list."
             raise ArgumentError(str(key), f"unknown argument in {path}.{hint}")
-    return check_file_values(values, task_arguments)
+    check_file_strings(values, (TrainingArguments,), source=str(path))
+    return check_file_values(values, task_arguments, source=str(path))
 
 
 class _GroupedParser(HfArgumentParser):

@@ -39,3 +39,18 @@ def test_load_config_file_raises_argument_error_naming_the_file(name, tmp_path):
     with pytest.raises(ArgumentError, match=CASES[name][1]) as error:
         load_config_file(path)
     assert error.value.field == "config" and str(path) in str(error.value)
+
+
+@pytest.mark.parametrize("field, value, kind", [
+    ("max_steps", "two", "an integer"), ("learning_rate", "fast", "a number"),
+    ("scan_layers", "maybe", "True or False"),
+])
+def test_a_string_that_is_no_value_of_its_field_names_the_field_and_the_file(field, value, kind, tmp_path, capsys):
+    """Strings for number and boolean fields are parsed as their command-line flags are ('2', '1e-3', 'yes'); one that
+    is none is the file's error, not an 'invalid int value' of a flag the user never typed."""
+    path = tmp_path / "wrong_type.json"
+    path.write_text(f'{{"{field}": "{value}"}}')
+    assert main(["train", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"easytrain: error: {field}:" in err and f"'{value}'" in err and kind in err, err
+    assert str(path) in err and "argument --" not in err, err
