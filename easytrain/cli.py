@@ -19,6 +19,7 @@ import json
 import logging
 import platform
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -131,6 +132,7 @@ def _train(argv: list[str]) -> int:
     _show_progress_messages()
     arguments, task_arguments = parse_task_arguments(argv, task.arguments, task.name)
     job = command_job(arguments)
+    started = time.monotonic()
     try:
         summary = run(arguments, task_arguments, job)
     except EasytrainError as error:
@@ -138,8 +140,31 @@ def _train(argv: list[str]) -> int:
             raise  # refused before training: `main` exits with REFUSED_EXIT_CODE
         print(f"easytrain: error: {error}", file=sys.stderr)
         return FAILED_EXIT_CODE
-    print(json.dumps(strict_json(summary), allow_nan=False))
+    if jax.process_index() == 0:
+        print(done_message(arguments, summary, time.monotonic() - started), file=sys.stderr)
+    print(json.dumps(strict_json(summary), allow_nan=False))  # the last line of stdout, which scripts parse
     return 0
+
+
+def done_message(arguments: TrainingArguments, summary: dict[str, float], seconds: float) -> str:
+    """What a person reads at the end of a run (stderr): how long it took, the final eval metrics to 4 significant
+    digits, and where `results.json` and the exported model are. The JSON line on stdout keeps full precision."""
+    metrics = ", ".join(f"{name} {value:.4g}" for name, value in summary.items()
+                        if name.startswith("eval_") and isinstance(value, (int, float)))
+    output_dir = Path(arguments.output_dir)
+    lines = [f"easytrain: done in {_duration(seconds)}{': ' + metrics if metrics else ''}",
+             f"  results: {output_dir / 'results.json'}"]
+    if arguments.save_pretrained_at_end and (output_dir / "final_model").is_dir():
+        lines.append(f"  model: {output_dir / 'final_model'}")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    """`42.5 s`, `3 min 7 s`, `2 h 5 min`."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60} min"
 
 
 def versions() -> str:

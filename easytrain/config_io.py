@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import json
 import os
 from collections.abc import Sequence
@@ -23,13 +22,17 @@ from transformers import HfArgumentParser
 from easytrain.argument_checks import check_file_strings, check_file_values
 from easytrain.arguments import TrainingArguments, field_names
 from easytrain.errors import ArgumentError
-from easytrain.tasks.registry import check_argument_dataclasses
+from easytrain.suggestions import closest
+from easytrain.tasks.registry import check_argument_dataclasses, tasks_declaring
 
 ARGUMENTS_FILE = "arguments.json"
+_DEFAULT_TASK = TrainingArguments.__dataclass_fields__["task"].default
 
 
-def load_config_file(path: str | os.PathLike, task_arguments: Sequence[type] = ()) -> dict[str, Any]:
-    """Read a YAML (.yaml/.yml) or JSON (.json) file of argument values (TrainingArguments' and the task's)."""
+def load_config_file(path: str | os.PathLike, task_arguments: Sequence[type] = (),
+                     task: str | None = None) -> dict[str, Any]:
+    """Read a YAML (.yaml/.yml) or JSON (.json) file of argument values (TrainingArguments' and those of `task`,
+    whose argument dataclasses are `task_arguments`)."""
     path = Path(path)
     if not path.is_file():
         raise ArgumentError("config", f"file {str(path)!r} does not exist; pass an existing .yaml or .json file.")
@@ -41,9 +44,7 @@ def load_config_file(path: str | os.PathLike, task_arguments: Sequence[type] = (
     known = _known_fields(task_arguments)
     for key in values:
         if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else " Run `easytrain train --help` for the list."
-            raise ArgumentError(str(key), f"unknown argument in {path}.{hint}")
+            raise _unknown_key_error(str(key), path, known, task)
     check_file_strings(values, (TrainingArguments,), source=str(path))
     return check_file_values(values, task_arguments, source=str(path))
 
@@ -121,7 +122,7 @@ def peek_task(argv: Sequence[str]) -> str:
         values = load_config_file_values(known.config)
         if isinstance(values.get("task"), str):
             return values["task"]
-    return TrainingArguments.__dataclass_fields__["task"].default
+    return _DEFAULT_TASK
 
 
 def load_config_file_values(path: str | os.PathLike) -> dict[str, Any]:
@@ -177,11 +178,11 @@ def parse_task_arguments(argv: Sequence[str] | None = None, task_arguments: Sequ
     known, _ = pre.parse_known_args(argv)
     parser = build_parser(task_arguments, task)
     if known.config:
-        parser.set_defaults(**load_config_file(known.config, task_arguments))
+        parser.set_defaults(**load_config_file(known.config, task_arguments, task))
     outputs = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     remaining = outputs[-1]
     if remaining:
-        raise _unknown_flag_error(remaining, _known_fields(task_arguments))
+        raise _unknown_flag_error(remaining, _known_fields(task_arguments), task)
     count = 1 + len(task_arguments)
     return outputs[0], tuple(outputs[1:count])
 
@@ -190,12 +191,32 @@ def _known_fields(task_arguments: Sequence[type]) -> list[str]:
     return field_names() + [f.name for cls in task_arguments for f in dataclasses.fields(cls) if f.init]
 
 
-def _unknown_flag_error(remaining: list[str], known: list[str]) -> ArgumentError:
+def _unknown_flag_error(remaining: list[str], known: list[str], task: str | None) -> ArgumentError:
+    """Another task's flag names that task (its `--help` lists it, this one's does not); else the closest flag."""
     flag = next((r for r in remaining if r.startswith("-")), remaining[0])
     name = flag.lstrip("-").split("=")[0].replace("-", "_")
-    close = difflib.get_close_matches(name, known, n=1)
-    hint = f"Did you mean --{close[0]}?" if close else "Run `easytrain train --help` for the list."
+    chosen = task or _DEFAULT_TASK
+    if owners := tasks_declaring(name, besides=chosen):
+        return ArgumentError(name, f"--{name} is an argument of {_tasks(owners)}, not of task {chosen!r}; add "
+                                   f"--task {owners[0]} (`easytrain train --task {owners[0]} --help` lists its flags).")
+    close = closest(name, known)
+    hint = f"Did you mean --{close}?" if close else "Run `easytrain train --help` for the list."
     return ArgumentError(name, f"unknown command-line argument {flag!r}. {hint}")
+
+
+def _unknown_key_error(key: str, path: Path, known: list[str], task: str | None) -> ArgumentError:
+    """As `_unknown_flag_error`, for a key of a config file."""
+    chosen = task or _DEFAULT_TASK
+    if owners := tasks_declaring(key, besides=chosen):
+        return ArgumentError(key, f"an argument of {_tasks(owners)}, not of task {chosen!r} (in {path}); add "
+                                  f"`task: {owners[0]}` to the file or --task {owners[0]} to the command.")
+    close = closest(key, known)
+    hint = f" Did you mean '{close}'?" if close else " Run `easytrain train --help` for the list."
+    return ArgumentError(key, f"unknown argument in {path}.{hint}")
+
+
+def _tasks(names: list[str]) -> str:
+    return f"task {names[0]!r}" if len(names) == 1 else f"tasks {', '.join(map(repr, names))}"
 
 
 def save_arguments(arguments: TrainingArguments, directory: str | os.PathLike,

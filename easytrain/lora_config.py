@@ -119,7 +119,8 @@ REGEX_PREFIX = "re:"
 
 def targets_from_arguments(values: Sequence[str] | str) -> Sequence[str] | str:
     """``lora_target_modules`` as ``LoRAConfig.target_modules``: a plain string (YAML/JSON, as in PEFT) or one
-    ``"re:PATTERN"`` value is a regular expression; ``["all-linear"]`` is PEFT's shorthand; else names."""
+    ``"re:PATTERN"`` value is a regular expression; ``["all-linear"]`` is PEFT's shorthand; else names, each
+    value split at commas (``q_proj,v_proj``, as PEFT's command lines take them: no layer name holds a comma)."""
     if isinstance(values, str):
         return values
     values = list(values)
@@ -128,7 +129,8 @@ def targets_from_arguments(values: Sequence[str] | str) -> Sequence[str] | str:
     if bad := [v for v in values if v.startswith(REGEX_PREFIX)]:
         raise LoRAConfigError("lora_target_modules", f"{bad}: a regular expression ('re:PATTERN') must be the "
                                                      "only value; join alternatives inside it with '|'.")
-    return values
+    names = [name.strip() for value in values for name in value.split(",")]
+    return [name for name in names if name] or values
 
 
 def from_arguments(args: Any) -> LoRAConfig | None:

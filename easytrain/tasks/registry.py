@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 from easytrain.arguments import TrainingArguments
 from easytrain.errors import ArgumentError
+from easytrain.suggestions import closest
 
 ENTRY_POINT_GROUP = "easytrain.tasks"
 RESERVED_FLAGS = {"--config": "the config-file flag", "--help": "the help flag"}
@@ -129,8 +130,10 @@ def resolve_task(name: str) -> Task:
         return task
     if ":" in name:
         return _load(Task(name, name, origin="import path"))  # not cached: the path is its own name
+    close = closest(name, task_names())
+    hint = f" Did you mean {close!r}?" if close else ""
     raise ArgumentError("task", f"unknown task {name!r}; available: {', '.join(task_names())} "
-                                f"(see `easytrain tasks`), or pass 'package.module:Class'.")
+                                f"(see `easytrain tasks`), or pass 'package.module:Class'.{hint}")
 
 
 def task_names() -> list[str]:
@@ -158,6 +161,23 @@ def available_tasks() -> list[Task]:
                 task = dataclasses.replace(task, description=f"(cannot load: {error})")
         tasks[name] = task
     return [tasks[name] for name in sorted(tasks)]
+
+
+def tasks_declaring(field: str, *, besides: str) -> list[str]:
+    """The tasks other than `besides` whose argument dataclasses declare `field`, so that an argument unknown
+    to the chosen task can name the task it belongs to. Read on that error only: a task (or plugin) that
+    cannot be loaded is skipped."""
+    owners = []
+    for name in task_names():
+        if name == besides:
+            continue
+        try:
+            task = resolve_task(name)
+        except Exception:  # noqa: BLE001 - a broken plugin must not hide the error being reported
+            continue
+        if any(f.name == field for cls in task.arguments for f in dataclasses.fields(cls) if f.init):
+            owners.append(name)
+    return owners
 
 
 def check_argument_dataclasses(classes: Sequence[type], *, task: str) -> None:

@@ -5,6 +5,7 @@ Every check here runs before any model is initialised or compiled.
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import logging
 import os
@@ -25,6 +26,7 @@ from easytrain.data import load_text_datasets
 from easytrain.data.errors import DataError
 from easytrain.data.loader import count_rows
 from easytrain.data.order import warn_rows_left_out
+from easytrain.data.progress_bars import datasets_progress_bars
 from easytrain.errors import ArgumentError, TrainedAlreadyError
 from easytrain.models.presets import llama_config
 from easytrain.tasks import arithmetic
@@ -33,6 +35,8 @@ from easytrain.trainers.job_callback import JobCallback
 
 logger = logging.getLogger("easytrain")
 DEFAULT_PAD_TOKEN = "<pad>"
+#: Set while `prepared_rows` runs: `uses_embedded_data` notes there that the rows are the embedded corpus.
+_embedded_marks: contextvars.ContextVar[list[bool] | None] = contextvars.ContextVar("easytrain_embedded", default=None)
 Loaded = TypeVar("Loaded")
 
 
@@ -72,7 +76,10 @@ def uses_embedded_data(args: TrainingArguments, dataset_train: Any, dataset_eval
     built-in `prepare_datasets` calls it: it marks the given data read (`given_data`)."""
     given_data.mark_read()
     check_data_sources(args, dataset_train, dataset_eval)
-    return not _train_sources(args, dataset_train)
+    embedded = not _train_sources(args, dataset_train)
+    if embedded and (marks := _embedded_marks.get()) is not None:
+        marks.append(True)
+    return embedded
 
 
 def _train_sources(args: TrainingArguments, dataset_train: Any) -> list[str]:
@@ -295,14 +302,21 @@ def checkpoint_manager(args: TrainingArguments) -> CheckpointManager:
 
 def prepared_rows(trainer: Any) -> tuple[Any, Any]:
     """`trainer.prepare_datasets()`, its rows checked (`check_row_sources`), data given to the trainer that it did
-    not read refused by name (`given_data`), and rows each epoch leaves out warned about, before the model is built."""
-    with given_data.tracking() as reads:
-        train, evaluation = trainer.prepare_datasets()
+    not read refused by name (`given_data`), and rows each epoch leaves out warned about (not for the embedded demo
+    corpus, whose rows the user did not choose), before the model is built. `disable_progress_bar` turns off the bars
+    `datasets` draws while the rows are prepared."""
+    token = _embedded_marks.set(embedded := [])
+    try:
+        with given_data.tracking() as reads, datasets_progress_bars(trainer.arguments.disable_progress_bar):
+            train, evaluation = trainer.prepare_datasets()
+    finally:
+        _embedded_marks.reset(token)
     given_data.check_read(trainer, bool(reads))
     check_row_sources(train, evaluation)
     args, rows = trainer.arguments, count_rows(train)
     epochs = rows // args.train_batch_size * args.num_train_epochs  # the steps of num_train_epochs
-    warn_rows_left_out(rows, args.train_batch_size, args.max_steps if args.max_steps > 0 else epochs)
+    if not embedded:  # the demo's corpus (620 blocks): no rows of the user's to add or drop
+        warn_rows_left_out(rows, args.train_batch_size, args.max_steps if args.max_steps > 0 else epochs)
     return train, evaluation
 
 

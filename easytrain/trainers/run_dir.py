@@ -29,6 +29,10 @@ logger = logging.getLogger("easytrain")
 
 
 def check_writable(directory: Path) -> None:
+    """Create `directory` and write a file in it, or refuse naming the problem (a file in its place)."""
+    if file := next((p for p in (directory, *directory.parents) if p.exists() and not p.is_dir()), None):
+        raise OutputDirError(f"output_dir: {str(file)!r} is a file, not a directory; choose another --output_dir "
+                             "(a directory, or a path that does not exist yet), or move the file away.")
     try:
         directory.mkdir(parents=True, exist_ok=True)
         probe = directory / f".write-probe-{uuid.uuid4().hex}"
