@@ -133,15 +133,45 @@ def warn_unknown_axes(where: str, logical_axes: Sequence[str | None], rules: Log
 
 def param_shardings(abstract_params: nnx.State, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> Any:
     """NamedShardings for every parameter, as a pure dict matching `nnx.to_pure_dict(params)`."""
+    params: list[tuple[str, P]] = []  # (path, spec) of each nnx.Param, for `warn_unsharded_mesh_axes`
 
     def one(path: Any, variable: nnx.Variable) -> NamedSharding:
         value = variable.get_value() if hasattr(variable, "get_value") else variable.value
         axes = variable.get_metadata().get("out_sharding") or (None,) * len(value.shape)
-        warn_unknown_axes(jax.tree_util.keystr(path, simple=True, separator="."), axes, rules)
-        return NamedSharding(mesh, logical_to_spec(axes, value.shape, mesh, rules))
+        where = jax.tree_util.keystr(path, simple=True, separator=".")
+        warn_unknown_axes(where, axes, rules)
+        spec = logical_to_spec(axes, value.shape, mesh, rules)
+        if isinstance(variable, nnx.Param):
+            params.append((where, spec))
+        return NamedSharding(mesh, spec)
 
     shardings = jax.tree_util.tree_map_with_path(one, abstract_params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    warn_unsharded_mesh_axes(params, mesh, rules)
     return nnx.to_pure_dict(shardings)
+
+
+_WARNED_MESH_AXES: set[str] = set()
+
+
+def warn_unsharded_mesh_axes(params: Sequence[tuple[str, P]], mesh: Any, rules: LogicalRules) -> None:
+    """Warn once per model-parallel mesh axis of size > 1 that no parameter among `params` (path, spec) is split
+    over: a module whose parameters carry no logical axes the rules map there runs replicated, every device holding
+    every weight, though `fsdp_size` or `tensor_parallel_size` asked for them to be split."""
+    used = {name for _, spec in params for entry in spec if entry is not None
+            for name in ((entry,) if isinstance(entry, str) else entry)}
+    for axis in MESH_AXES[1:]:
+        if not params or mesh.shape.get(axis, 1) == 1 or axis in used or axis in _WARNED_MESH_AXES:
+            continue
+        _WARNED_MESH_AXES.add(axis)
+        logical = [name for name, target in rules if name != "batch"  # the rows of activations, not weights
+                   and (target == axis or (isinstance(target, (tuple, list)) and axis in target))]
+        shown = ", ".join(path for path, _ in params[:3]) + (f" and {len(params) - 3} more" if len(params) > 3 else "")
+        logger.warning("%s=%d, but no parameter (%s) is split over the mesh axis %r: each is replicated on every "
+                       "device. Give the module's parameters logical axes that the partition rules map to %r (%s), "
+                       "e.g. nnx.Linear(..., kernel_init=nnx.with_partitioning(init, ('embed', 'mlp'))) on dimensions "
+                       "that %d divides, or set %s=1.", MESH_FIELDS[axis], mesh.shape[axis], shown, axis, axis,
+                       ", ".join(map(repr, logical)) or "no rule does: add one to partition_rules",
+                       mesh.shape[axis], MESH_FIELDS[axis])
 
 
 def optimizer_shardings(tx: optax.GradientTransformation, abstract_opt_state: Any, abstract_params: Any,

@@ -105,14 +105,16 @@ class TrainState(struct.PyTreeNode):
         return self.replace(frozen={k: v for k, v in self.frozen.items() if k in self.frozen_checkpointed}, base={})
 
     def step_rng(self) -> jax.Array:
-        """A PRNG key unique to this step, reproducible after a resume."""
+        """A PRNG key unique to this step, reproducible after a resume. The loss gets `fold_in(step_rng(), i)` for
+        micro-batch `i` (0 without accumulation), never this key itself, so a draw of its own from it is fresh."""
         return jax.random.fold_in(jax.random.wrap_key_data(self.rng), self.step)
 
     def stream_rng(self, name: str) -> jax.Array:
         """A PRNG key unique to this step and to the stream `name` (a rollout's sampling, a teacher's noise),
         reproducible after a resume. Never one of the loss's keys, `fold_in(step_rng(), micro_index)`, whatever
         the accumulation, as `fold_in(step_rng(), 7)` is with 8 micro-batches: the name folds into the run's key
-        first, as a number of 2**31 or more (a step never is), and the step after it."""
+        first, as a number of 2**31 or more (a step never is), and the step after it. The stream "eval" gives the
+        loss's keys in evaluation (`easytrain.steps.eval_key`)."""
         tag = np.uint32(zlib.crc32(name.encode()) | 0x80000000)
         return jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(self.rng), tag), self.step)
 

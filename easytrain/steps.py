@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from easytrain.losses import Batch, LossFn, LossOutput
@@ -56,6 +57,29 @@ def checked(out: Any) -> LossOutput:
     return out
 
 
+class LossKeyError(KeyError):
+    """A key the loss read that its batch or frozen entries lack; a `KeyError` that prints its message as written."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def called(loss_fn: LossFn, module: Any, batch: Batch, rng: jax.Array, train: bool, frozen: Mapping[str, Any]) -> Any:
+    """`loss_fn`'s output; a `KeyError` it raises while traced (before any step runs) names the batch's fields and the
+    frozen entries and where each comes from, instead of a bare key. Python at trace time only: nothing at run time."""
+    try:
+        return loss_fn(module, batch, rng, train, frozen)
+    except KeyError as error:
+        key = error.args[0] if len(error.args) == 1 else None
+        if isinstance(error, LossKeyError) or not isinstance(key, str):
+            raise
+        listed = lambda names: ", ".join(map(repr, sorted(names))) or "none"  # noqa: E731
+        raise LossKeyError(f"compute_loss read {key!r}, which it was not given: the batch's fields: {listed(batch)} "
+                           f"(what the trainer's collate returns, less host_only_fields); the frozen entries: "
+                           f"{listed(frozen)} (what configure_frozen returns). Read one of those names, or have "
+                           "collate or configure_frozen provide it.") from error
+
+
 def loss_metrics(out: LossOutput) -> Metrics:
     """The loss and its metrics as reducible values; a bare array is a sum over the loss's own count."""
     if clashes := sorted(set(out.metrics) & set(RESERVED_METRIC_NAMES)):
@@ -93,7 +117,7 @@ def _micro_grads(state: TrainState, loss_fn: LossFn, micro: Batch, rng: jax.Arra
 
     def objective(params):
         module = state.replace(params=params, model_state=model_state).model(train=True)
-        out = checked(loss_fn(module, micro, rng, True, frozen))
+        out = checked(called(loss_fn, module, micro, rng, True, frozen))
         scale = 1 / divisor(jax.lax.stop_gradient(jnp.asarray(out.count, jnp.float32))) if mean else 1
         return out.loss_sum * scale, (out, state.model_state_of(module))
 
@@ -107,8 +131,8 @@ def accumulate_gradients(state: TrainState, batch: Batch, *, loss_fn: LossFn,
     non-trainable module state, over `num_micro` micro-batches (`lax.scan`, no Python loop; their summed
     gradients are divided by the total count once); module state flows from one micro-batch to the next."""
     rng = state.step_rng()
-    if num_micro == 1:
-        return _micro_grads(state, loss_fn, batch, rng, state.model_state, mean=True)
+    if num_micro == 1:  # `fold_in(step_rng, 0)`, as with accumulation: a draw of `step_rng()` never repeats it
+        return _micro_grads(state, loss_fn, batch, jax.random.fold_in(rng, 0), state.model_state, mean=True)
     micro_batches = split_microbatches(batch, num_micro)
     first = jax.tree.map(lambda x: x[0], micro_batches)
     shapes = jax.eval_shape(lambda: _micro_grads(state, loss_fn, first, rng, state.model_state)[1])
@@ -211,14 +235,47 @@ def checked_eval_metrics(metrics: Mapping[str, Any]) -> Metrics:
     return checked_metrics
 
 
-def eval_step(state: TrainState, batch: Batch, *, loss_fn: LossFn,
+def eval_key(state: TrainState, batch_index: jax.Array | int) -> jax.Array:
+    """The loss's key for eval batch `batch_index`: `fold_in(stream_rng("eval"), batch_index)`, so every eval batch
+    draws fresh noise and never a training step's key (`fold_in(step_rng(), micro_index)`)."""
+    return jax.random.fold_in(state.stream_rng("eval"), jnp.asarray(batch_index, jnp.int32))
+
+
+def numbered(compiled_eval: Any) -> Callable[..., Metrics]:
+    """`compiled_eval(state, batch, batch_index)` (a `jax.jit` of `eval_step`, the index replicated) callable as
+    `(state, batch)` too: the index defaults to 0, and goes in as an int32 array, so every index shares one compiled
+    program. Under a trace (`jax.eval_shape` of the step, a caller's own `jax.jit`) the step's function runs inline:
+    a jitted function nested in another trace cannot carry its XLA options."""
+
+    @functools.wraps(compiled_eval)
+    def call(state: TrainState, batch: Batch, batch_index: jax.Array | int = 0) -> Metrics:
+        index = batch_index if isinstance(batch_index, jax.Array) else np.int32(batch_index)
+        if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves((state, batch, index))):
+            return compiled_eval.__wrapped__(state, batch, index)
+        return compiled_eval(state, batch, index)
+
+    call.takes_batch_index = True  # type: ignore[attr-defined]  # read by `bound_eval`
+    return call
+
+
+def bound_eval(eval_step: Callable[..., Metrics], state: TrainState) -> Callable[[Batch, int], Metrics]:
+    """`eval_step` of `state`, called as `(batch, batch_index)`: the index reaches a step that takes it (`numbered`);
+    a `configure_functions` eval step of `(state, batch)` is called as it was written."""
+    if getattr(eval_step, "takes_batch_index", False):
+        return functools.partial(eval_step, state)
+    return lambda batch, _index: eval_step(state, batch)
+
+
+def eval_step(state: TrainState, batch: Batch, batch_index: jax.Array | int = 0, *, loss_fn: LossFn,
               metrics_fn: Callable[[Any, Batch], Metrics] | None = None) -> Metrics:
     """Metrics of one eval batch, the module in eval mode; padded rows must weigh nothing in the loss.
 
+    `batch_index` (the batch's position in the eval pass, traced: one compile) picks the loss's key (`eval_key`).
     `metrics_fn(predictions, batch)` adds metrics computed from the loss's `predictions` (on device); of
     `DefaultMetrics`, those the loss already reports are left out.
     """
-    out = checked(loss_fn(state.model(train=False), batch, state.step_rng(), False, state.frozen_views()))
+    rng = eval_key(state, batch_index)
+    out = checked(called(loss_fn, state.model(train=False), batch, rng, False, state.frozen_views()))
     metrics = loss_metrics(out)
     if metrics_fn is not None:
         returned = metrics_fn(out.predictions, batch)

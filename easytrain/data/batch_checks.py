@@ -39,13 +39,32 @@ class BatchCheck:
                             f"check no token id, got {vocab_size!r}.")
         self.vocab_size = None if vocab_size is None else int(vocab_size)
         self.token_fields = tuple(token_fields)
+        # The default names describe the trainers' own layouts, where a field may be absent (a classifier has no
+        # targets); fields a trainer declares are its token ids, so one absent or not integer is a mistake.
+        self.declared = self.token_fields != TOKEN_FIELDS
 
     def __call__(self, batch: Batch, example_ids: np.ndarray) -> Batch:
         one_row_each(batch, len(example_ids))
         if self.vocab_size is not None and isinstance(batch, Mapping):
             for field in self.token_fields:
+                if self.declared:
+                    check_declared_field(batch, field)
                 check_batch_ids(batch.get(field), field, example_ids, self.vocab_size)
         return batch
+
+
+def check_declared_field(batch: Mapping[str, Any], field: str) -> None:
+    """Refuse a declared token field that is absent (a typo would switch its range check off silently) or holds no
+    integers (float ids fail deep inside the compiled embedding lookup)."""
+    if field not in batch:
+        raise DataError(f"token_fields names {field!r}, which is not in the batch `collate` returned (its fields: "
+                        f"{', '.join(map(repr, sorted(batch)))}); set the trainer's token_fields to the fields that "
+                        "hold token ids, or have collate return that field.")
+    dtype = getattr(batch[field], "dtype", None)
+    if dtype is None or np.dtype(dtype).kind not in "iu":
+        raise DataError(f"token field {field!r} holds {dtype or type(batch[field]).__name__}, not integer token "
+                        f"ids; have collate return it as integers (e.g. np.asarray(ids, np.int32)), or drop {field!r} "
+                        "from the trainer's token_fields if it holds no token ids.")
 
 
 def one_row_each(batch: Batch, rows: int) -> Batch:

@@ -245,9 +245,6 @@ class BaseTrainer(TrainStateHooks, LanguageModelHooks):
             raise ArgumentError("loss_chunk_size", problem)
         return module
 
-    def _checked_module(self) -> nnx.Module:  # create_module's module, its compute dtype checked as model='s is
-        return placement.check_compute_dtype(super()._checked_module(), self.dtype)
-
     def configure_model(self) -> ConfiguredModel:
         """Create the train state directly on the mesh, or restore a resumed run's state straight into it."""
         args = self._arguments
@@ -273,15 +270,16 @@ class BaseTrainer(TrainStateHooks, LanguageModelHooks):
         return build_optimizer(self._arguments, schedule)
 
     # ------------------------------------------------------------------ compiled functions
-    def compile_step(self, fn: Callable[..., Any], *, donate_state: bool = False,
-                     returns_state: bool = False) -> Callable[..., Any]:
-        """`jax.jit` of a pure `fn(state, batch)` with this trainer's shardings, donation choice, activation
-        layout and XLA options. Outputs are replicated (or `(state, replicated)` with `returns_state`)."""
+    def compile_step(self, fn: Callable[..., Any], *, donate_state: bool = False, returns_state: bool = False,
+                     replicated_args: int = 0) -> Callable[..., Any]:
+        """`jax.jit` of a pure `fn(state, batch, *replicated_args)` with this trainer's shardings, donation choice,
+        activation layout and XLA options. Outputs are replicated (or `(state, replicated)` with `returns_state`)."""
         if self._model is None:  # the shardings come from the model
             self.setup()
         state_sh, replicated = self._model.state_shardings, sharding.replicated(self.mesh)
         traced = sharding.with_activation_layout(fn, self.mesh, self.partition_rules)
-        return jax.jit(traced, in_shardings=(state_sh, sharding.batch_sharding(self.mesh)),
+        in_shardings = (state_sh, sharding.batch_sharding(self.mesh)) + (replicated,) * replicated_args
+        return jax.jit(traced, in_shardings=in_shardings,
                        out_shardings=(state_sh, replicated) if returns_state else replicated,
                        donate_argnums=0 if donate_state else (), compiler_options=self.compiler_options)
 
@@ -299,7 +297,7 @@ class BaseTrainer(TrainStateHooks, LanguageModelHooks):
         evaluate = functools.partial(steps.eval_step, loss_fn=self.compute_loss, metrics_fn=self.compute_metrics)
         return ConfiguredFunctions(train_step=self.compile_step(self.train_function(), donate_state=True,
                                                                 returns_state=True),
-                                   eval_step=self.compile_step(evaluate))
+                                   eval_step=steps.numbered(self.compile_step(evaluate, replicated_args=1)))
 
     # ------------------------------------------------------------------ running
     def train_iteration(self, state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict]:
@@ -361,7 +359,8 @@ class BaseTrainer(TrainStateHooks, LanguageModelHooks):
     def evaluate(self, dataset: Any = None) -> dict[str, float]:
         """Every eval metric over the whole eval set (`eval_` prefixed), plus the evaluators'.
 
-        Results do not depend on the eval batch size: metrics are merged on device and divided once. With
+        Results do not depend on the eval batch size (unless the loss draws from its key, one per batch:
+        `steps.eval_key`): metrics are merged on device and divided once. With
         `dataset` (raw examples, like the configured eval set's), that set instead, prepared by
         `prepare_eval_dataset`; evaluators (generation metrics) run on the configured set only.
         """
@@ -369,7 +368,7 @@ class BaseTrainer(TrainStateHooks, LanguageModelHooks):
         metrics: dict[str, float] = {}
         batches = self._data.eval if dataset is None else self._eval_batches(self.prepare_eval_dataset(dataset))
         if batches is not None:
-            metrics = evaluate_batches(functools.partial(self._functions.eval_step, self._state),
+            metrics = evaluate_batches(steps.bound_eval(self._functions.eval_step, self._state),
                                        map(self.to_global, batches))
         for evaluator in self.evaluators if dataset is None else ():
             metrics.update(evaluator(self))

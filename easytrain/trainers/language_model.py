@@ -27,6 +27,7 @@ from easytrain.losses import Batch, LossOutput, causal_lm_loss
 from easytrain.metrics import Metric
 from easytrain.steps import DefaultMetrics
 from easytrain.models import SUPPORTED_MODEL_TYPES, LlamaForCausalLM, from_pretrained, save_pretrained
+from easytrain.models.hf_export import CheckpointError, export_plan
 from easytrain.models.hf_load import read_generation_config
 from easytrain.trainers import adapters, builders, lm_blocks
 from easytrain.trainers.resume import config_dict
@@ -123,10 +124,11 @@ class LanguageModelHooks:
                             "never in __init__ or at module level.") from error
 
     def _checked_module(self) -> nnx.Module:
-        """`_created_module()`, with a warning when its parameters are not in `param_dtype` (traced once a setup)."""
+        """`_created_module()`, with a warning when its parameters are not in `param_dtype` (traced once a setup),
+        and its compute dtype checked as a `model=` module's is (`placement.check_compute_dtype`)."""
         module = self._created_module()
         placement.warn_unless_param_dtype(module, self.param_dtype)
-        return module
+        return placement.check_compute_dtype(module, self.dtype)
 
     def _own_module(self) -> nnx.Module:
         """The module the trainer builds: streamed tensor by tensor from `model_name_or_path` straight into the
@@ -186,8 +188,13 @@ class LanguageModelHooks:
 
     def export_problem(self) -> str | None:
         """Why `save_pretrained` cannot export this run, or None; asked before training starts."""
-        if type(self).save_pretrained is LanguageModelHooks.save_pretrained and config_dict(self.model_config) is None:
+        if type(self).save_pretrained is not LanguageModelHooks.save_pretrained:
+            return None
+        if config_dict(self.model_config) is None:
             return "the model has no Hugging Face config, so it cannot be exported in Hugging Face layout"
+        if self.lora is None and (mismatch := export_mismatch(self.model, self.model_config)):
+            return (f"the default save_pretrained writes model_config's Hugging Face layout, and "
+                    f"{type(self.model).__name__}'s parameters are not that layout ({mismatch})")
         return None
 
     def save_pretrained(self, directory: str | Path) -> Path:
@@ -208,3 +215,19 @@ class LanguageModelHooks:
         save_pretrained(directory, self.model, self.model_config, tokenizer=self.tokenizer,
                         generation_config=generation_config)
         return directory
+
+
+def export_mismatch(module: nnx.Module, model_config: Any) -> str | None:
+    """Why the Hugging Face export of `model_config` cannot write `module`'s parameters (from their paths and shapes,
+    by the export's own naming; nothing is read from a device), or None. The library's own model of an equal config
+    matches by construction, so its layout is not built again."""
+    if isinstance(module, LlamaForCausalLM) and (module.config is model_config
+                                                 or module.config.to_dict() == model_config.to_dict()):
+        return None
+    shapes = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype),
+                          nnx.to_pure_dict(nnx.state(module, nnx.Param)))
+    try:
+        export_plan(shapes, model_config, None)
+    except CheckpointError as error:  # its names, without the advice on a checkpoint's config that follows them
+        return str(error).split(". Check that the config")[0]
+    return None

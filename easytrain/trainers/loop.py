@@ -74,12 +74,13 @@ class LoopParts:
 EVAL_BATCHES_IN_FLIGHT = 4
 
 
-def evaluate_batches(eval_step: Callable[[Mapping[str, jax.Array]], dict[str, Any]],
+def evaluate_batches(eval_step: Callable[[Mapping[str, jax.Array], int], dict[str, Any]],
                      batches: Iterable[Mapping[str, jax.Array]]) -> dict[str, float]:
-    """`eval_` metrics over every batch: merged on device (exact, whatever the batch size), fetched once."""
+    """`eval_` metrics over every batch (`eval_step(batch, batch_index)`, `steps.bound_eval`): merged on device
+    (exact, whatever the batch size), fetched once."""
     merged = None
     for index, batch in enumerate(batches, start=1):
-        values = eval_step(batch)
+        values = eval_step(batch, index - 1)  # the batch's key: `easytrain.steps.eval_key`
         merged = values if merged is None else metrics_lib.merge_all(merged, values)
         if index % EVAL_BATCHES_IN_FLIGHT == 0:
             jax.block_until_ready(merged)
