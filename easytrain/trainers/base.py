@@ -179,7 +179,8 @@ class BaseTrainer(TrainStateHooks, LanguageModelHooks):
         with stop_signals.interruptible("preparing the data"):  # a stop signal here ends train() at once
             self._data = self.configure_dataloaders()
         given = (self._raw_train is not None, self._raw_eval is not None)
-        data_agreement.check_processes_agree(self._data, self._arguments, given, jax.process_count())
+        data_agreement.check_processes_agree(self._data, self._arguments, given, jax.process_count(),
+                                             self.task_arguments)  # the task's options too
         profiling.check_window(self._arguments, self._data.total_steps)  # the run's length is known from here
         with stop_signals.interruptible("building the model"):
             self._model = self.configure_model()

@@ -3,23 +3,26 @@ global batch by row index, so all must hold the same rows: a host whose local `t
 or data arguments) differs would mix other examples into every batch without a word, and a resume refused by
 some processes only would leave the others waiting forever in the next collective.
 
-At set-up, before any compute, the processes exchange each split's row count and content digest
-(`easytrain.data.digest`, which the data position records anyway) in one small gather, and every process raises
-the same `ArgumentError`. A single process compares nothing and computes no digest here.
+At set-up, before any compute, the processes first agree on their arguments (`argument_agreement`), then
+exchange each split's row count and content digest (`easytrain.data.digest`, which the data position records
+anyway) in one small gather, and every process raises the same `ArgumentError`. A single process compares nothing
+and computes no digest here.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from easytrain.data.digest import rows_digest
 from easytrain.errors import ArgumentError
+from easytrain.trainers import argument_agreement
 
 #: (row count, content digest or None), or None for a split this process has no rows for.
 Summary = tuple[int, str | None] | None
 SPLITS = ("train", "eval")
+Gather = Callable[[np.ndarray], np.ndarray]
 _DIGEST_BYTES = 16  # `rows_digest` is 32 hex characters
 _SPLIT_BYTES = 1 + 8 + 1 + _DIGEST_BYTES  # has rows, row count, has digest, digest
 
@@ -55,8 +58,7 @@ def _describe(summary: Summary, split: str) -> str:
     return f"{rows} rows" + ("" if digest is None else f", digest {digest[:8]}")
 
 
-def check_same_rows(summaries: Mapping[str, Summary], fields: Mapping[str, str],
-                    gather: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+def check_same_rows(summaries: Mapping[str, Summary], fields: Mapping[str, str], gather: Gather | None = None) -> None:
     """Refuse, in every process alike, rows that differ between processes (compared with process 0's).
 
     `fields`: the argument each split comes from, named in the error. `gather`: stacks every process's record in
@@ -107,7 +109,17 @@ def data_fields(args: Any, given: tuple[bool, bool]) -> dict[str, str]:
     return {"train": train, "eval": evaluation}
 
 
-def check_processes_agree(data: Any, args: Any, given: tuple[bool, bool], process_count: int) -> None:
-    """`check_same_rows` over a trainer's configured loaders, when the run spans several processes."""
-    if process_count > 1:
-        check_same_rows({"train": summary_of(data.train), "eval": summary_of(data.eval)}, data_fields(args, given))
+def check_processes_agree(data: Any, args: Any, given: tuple[bool, bool], process_count: int,
+                          task_arguments: Sequence[Any] = (), gather: Gather | None = None) -> None:
+    """When the run spans several processes: the same arguments (`argument_agreement`: `args` and the trainer's
+    `task_arguments`), then `check_same_rows` over its configured loaders. Arguments first: a differing seed or
+    data argument is the cause the rows' error could only hint at."""
+    if process_count <= 1:
+        return
+    if gather is None:
+        from jax.experimental import multihost_utils
+
+        gather = multihost_utils.process_allgather
+    argument_agreement.check_same_arguments(args, task_arguments, gather)
+    check_same_rows({"train": summary_of(data.train), "eval": summary_of(data.eval)}, data_fields(args, given),
+                    gather)
