@@ -234,7 +234,8 @@ class TrainingArguments:
     stop_file: str = _arg(
         "STOP", "A file of this name appearing in output_dir stops the run after the current step, with a "
         "checkpoint and job status 'stopped' (the file is then removed); '' turns it off.")
-    disable_progress_bar: bool = _arg(False, "Print log lines only, without a live progress bar.")
+    disable_progress_bar: bool = _arg(False, "Print log lines only, without a live progress bar (nor the datasets "
+                                      "library's bars while data, or a set given to evaluate, is prepared).")
     profile_steps: int = _arg(
         0, "Record a jax.profiler trace of this many training steps, from profile_start_step on, into "
         "output_dir/tensorboard/plugins/profile/ (TensorBoard's profile tab; the perfetto_trace.json.gz beside it "

@@ -1,9 +1,11 @@
 """Model FLOPs and hardware peak FLOP/s, for model FLOP utilisation (`mfu`).
 
 Model FLOPs are counted from the architecture, not measured (the PaLM convention, appendix B): a
-training step costs 6 FLOPs per matmul weight per token (2 forward, 4 backward) plus
-12 * layers * attention width * attended length per token for the score and value products (no
-discount for the causal mask). So `mfu` compares runs on the same model whatever the kernels do.
+training step costs 6 FLOPs per trained matmul weight per token (2 forward, 2 for the gradient of its
+input, 2 for its own gradient) plus 12 * layers * attention width * attended length per token for the
+score and value products (no discount for the causal mask). A frozen weight (the base under LoRA) has
+no gradient of its own: 4 FLOPs per token. So `mfu` compares runs on the same model whatever the
+kernels do, and a LoRA run is not credited with weight gradients it never computes.
 
 The peak is a table of dense bf16 peaks keyed by `jax.Device.device_kind`. A CPU has no table entry:
 its peak is a float32 matmul rate measured once per process, and says so in its `source`.
@@ -18,6 +20,7 @@ from typing import Any, NamedTuple
 
 import jax
 import numpy as np
+from flax import nnx
 
 from easytrain.models.families import features_of, head_dim_of
 
@@ -41,6 +44,19 @@ PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
     ("tpu v6e", 918e12),
 )
 MEASURED_CPU_SOURCE = "measured cpu matmul (float32)"
+
+
+#: Last path names of the parameters that multiply activations in a Llama-family module: the projections and
+#: output head (`kernel`) and low-rank adapters. The embedding is a lookup unless it doubles as the head.
+MATMUL_WEIGHT_NAMES = ("kernel", "lora_a", "lora_b")
+TIED_HEAD_NAME = "embedding"
+
+
+class MatmulWeights(NamedTuple):
+    """Matmul weights of a module, split by whether the run computes their gradient."""
+
+    trained: int
+    frozen: int
 
 
 class PeakFlops(NamedTuple):
@@ -69,9 +85,24 @@ def attention_flops_per_token(config: Any, seq_len: int) -> int:
     return sum(12 * width * min(seq_len, window or seq_len) for window in features_of(config).windows)
 
 
-def training_flops_per_token(config: Any, seq_len: int) -> int:
-    """Model FLOPs of one training token (forward and backward) at sequence length `seq_len`."""
-    return 6 * matmul_params(config) + attention_flops_per_token(config, seq_len)
+def matmul_weights(module: nnx.Module, trainable: nnx.filterlib.Filter, tied: bool) -> MatmulWeights:
+    """`module`'s matmul weights (`MATMUL_WEIGHT_NAMES`, and the embedding when `tied` makes it the output head),
+    split by the run's `trainable` filter: under LoRA the adapters (and a trained head) against the frozen base.
+    Reads shapes only, so it works on abstract or donated arrays."""
+    trained_paths = {path for path, _ in nnx.to_flat_state(nnx.state(module, trainable))}
+    names = MATMUL_WEIGHT_NAMES + ((TIED_HEAD_NAME,) if tied else ())
+    counts = {True: 0, False: 0}
+    for path, variable in nnx.to_flat_state(nnx.state(module, nnx.Param)):
+        if path[-1] in names:
+            counts[path in trained_paths] += int(np.prod(np.shape(variable.value)))
+    return MatmulWeights(trained=counts[True], frozen=counts[False])
+
+
+def training_flops_per_token(config: Any, seq_len: int, weights: MatmulWeights | None = None) -> int:
+    """Model FLOPs of one training token (forward and backward) at sequence length `seq_len`: 6 per trained
+    matmul weight, 4 per frozen one (`weights`, from `matmul_weights`; None: every weight of `config` trained)."""
+    weights = weights or MatmulWeights(trained=matmul_params(config), frozen=0)
+    return 6 * weights.trained + 4 * weights.frozen + attention_flops_per_token(config, seq_len)
 
 
 # ----------------------------------------------------------------------------- hardware peak

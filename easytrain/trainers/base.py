@@ -367,7 +367,7 @@ class BaseTrainer(TrainStateHooks, LanguageModelHooks):
         """
         self.setup()
         metrics: dict[str, float] = {}
-        batches = self._data.eval if dataset is None else self._eval_batches(self.prepare_eval_dataset(dataset))
+        batches = self._data.eval if dataset is None else self._eval_batches(builders.prepared_eval_rows(self, dataset))
         if batches is not None:
             metrics = evaluate_batches(steps.bound_eval(self._functions.eval_step, self._state),
                                        map(self.to_global, batches))

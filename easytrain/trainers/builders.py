@@ -320,6 +320,13 @@ def prepared_rows(trainer: Any) -> tuple[Any, Any]:
     return train, evaluation
 
 
+def prepared_eval_rows(trainer: Any, dataset: Any) -> Any:
+    """`trainer.prepare_eval_dataset(dataset)`, for `evaluate(dataset)`: `disable_progress_bar` turns off the bars
+    `datasets` draws while that set is prepared too, as in `prepared_rows`."""
+    with datasets_progress_bars(trainer.arguments.disable_progress_bar):
+        return trainer.prepare_eval_dataset(dataset)
+
+
 def check_row_sources(train: Any, evaluation: Any) -> None:
     """Before any batching: `prepare_datasets` returned rows, not several splits in one (a `DatasetDict`), nor
     several eval sets in a dict (a dict of columns is one set)."""

@@ -67,16 +67,30 @@ class LanguageModelHooks:
     def model_flops(self, batch: Mapping[str, np.ndarray]) -> float:
         """Model FLOPs of one training step on this process's host batch, for `mfu` (0: unknown, not
         logged). Default: the Llama-family count (`easytrain.flops`) over every token slot, padding
-        included (padding is computed too; `padding_efficiency` says how much of it is useful)."""
+        included (padding is computed too; `padding_efficiency` says how much of it is useful), with the
+        weights `trainable_filter` leaves frozen (the base under LoRA) costing no weight gradient."""
         if "input_ids" not in batch or getattr(self.model_config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
             return 0.0
         ids = np.asarray(batch["input_ids"])
-        counted = self.__dict__.setdefault("_flops_per_token", {})  # length -> (config, FLOPs per token)
-        config, per_token = counted.get(ids.shape[-1], (None, 0))
-        if config is not self.model_config:  # once per length and config: reading the config takes 20 us a step
-            per_token = flops.training_flops_per_token(self.model_config, ids.shape[-1])
-            counted[ids.shape[-1]] = (self.model_config, per_token)
+        module = self._model.model if getattr(self, "_model", None) is not None else None
+        counted = self.__dict__.setdefault("_flops_per_token", {})  # length -> (config, module, FLOPs per token)
+        config, counted_module, per_token = counted.get(ids.shape[-1], (None, None, 0))
+        if config is not self.model_config or counted_module is not module:  # once each: 20 us a step otherwise
+            per_token = flops.training_flops_per_token(self.model_config, ids.shape[-1], self._matmul_weights(module))
+            counted[ids.shape[-1]] = (self.model_config, module, per_token)
         return float(per_token * ids.size)
+
+    def _matmul_weights(self, module: nnx.Module | None) -> flops.MatmulWeights | None:
+        """`module`'s (trained, frozen) matmul weights by `trainable_filter`, counted once per module (None: no
+        module yet, every weight of `model_config` counts as trained)."""
+        if module is None:
+            return None
+        counted_module, weights = self.__dict__.get("_counted_matmul_weights", (None, None))
+        if counted_module is not module:
+            tied = bool(getattr(self.model_config, "tie_word_embeddings", False))
+            weights = flops.matmul_weights(module, self.trainable_filter, tied)
+            self.__dict__["_counted_matmul_weights"] = (module, weights)
+        return weights
 
     #: True inside `initialising()`: a module built then is laid out afterwards (`adapt_module`, `easytrain.frozen`).
     initialising_module: bool = False

@@ -15,6 +15,7 @@ from easytrain.checkpoint import CheckpointManager, CheckpointMismatchError, pat
 from easytrain.config_io import ARGUMENTS_FILE
 from easytrain.data.position import DIGEST_KEY, compared_keys
 from easytrain.errors import ArgumentError, CheckpointReadError
+from easytrain.lora_config import targets_from_arguments
 from easytrain.models.scan import STACKED, abstract_layer, abstract_stack, stack_layer_dicts, unstack_layer_dicts
 from easytrain.trainers.adapters import check_base
 
@@ -160,8 +161,9 @@ def _short(value: Any) -> str:
 
 
 def _lora_settings(args: dict[str, Any]) -> dict[str, Any]:
-    """The LoRA fields as compared: target modules are a set (their order chooses no adapter)."""
+    """The LoRA fields as compared: targets as `LoRAConfig` reads them (split at commas), names as a set (unordered)."""
     targets = args.get("lora_target_modules")
+    targets = targets_from_arguments(targets) if isinstance(targets, (list, tuple)) else targets
     return {**args, "lora_target_modules": sorted(set(targets)) if isinstance(targets, list) else targets}
 
 
