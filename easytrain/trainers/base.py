@@ -176,11 +176,11 @@ class BaseTrainer(TrainStateHooks, LanguageModelHooks):
         """Build data, model and compiled steps once, in that order (all checks before compute)."""
         if self._functions is not None:
             return
+        data_agreement.check_arguments_agree(self._arguments, self.task_arguments, jax.process_count())
         with stop_signals.interruptible("preparing the data"):  # a stop signal here ends train() at once
             self._data = self.configure_dataloaders()
         given = (self._raw_train is not None, self._raw_eval is not None)
-        data_agreement.check_processes_agree(self._data, self._arguments, given, jax.process_count(),
-                                             self.task_arguments)  # the task's options too
+        data_agreement.check_processes_agree(self._data, self._arguments, given, jax.process_count())
         profiling.check_window(self._arguments, self._data.total_steps)  # the run's length is known from here
         with stop_signals.interruptible("building the model"):
             self._model = self.configure_model()

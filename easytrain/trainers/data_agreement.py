@@ -3,10 +3,10 @@ global batch by row index, so all must hold the same rows: a host whose local `t
 or data arguments) differs would mix other examples into every batch without a word, and a resume refused by
 some processes only would leave the others waiting forever in the next collective.
 
-At set-up, before any compute, the processes first agree on their arguments (`argument_agreement`), then
-exchange each split's row count and content digest (`easytrain.data.digest`, which the data position records
-anyway) in one small gather, and every process raises the same `ArgumentError`. A single process compares nothing
-and computes no digest here.
+At set-up, before any compute, the processes first agree on their arguments (`argument_agreement`, before the
+data is prepared), then exchange each split's row count and content digest (`easytrain.data.digest`, which the
+data position records anyway) in one small gather, and every process raises the same `ArgumentError`. A single
+process compares nothing and computes no digest here.
 """
 
 from __future__ import annotations
@@ -109,17 +109,27 @@ def data_fields(args: Any, given: tuple[bool, bool]) -> dict[str, str]:
     return {"train": train, "eval": evaluation}
 
 
-def check_processes_agree(data: Any, args: Any, given: tuple[bool, bool], process_count: int,
-                          task_arguments: Sequence[Any] = (), gather: Gather | None = None) -> None:
-    """When the run spans several processes: the same arguments (`argument_agreement`: `args` and the trainer's
-    `task_arguments`), then `check_same_rows` over its configured loaders. Arguments first: a differing seed or
-    data argument is the cause the rows' error could only hint at."""
-    if process_count <= 1:
-        return
-    if gather is None:
-        from jax.experimental import multihost_utils
+def _process_allgather(gather: Gather | None) -> Gather:
+    if gather is not None:
+        return gather
+    from jax.experimental import multihost_utils
 
-        gather = multihost_utils.process_allgather
-    argument_agreement.check_same_arguments(args, task_arguments, gather)
-    check_same_rows({"train": summary_of(data.train), "eval": summary_of(data.eval)}, data_fields(args, given),
-                    gather)
+    return multihost_utils.process_allgather
+
+
+def check_arguments_agree(args: Any, task_arguments: Sequence[Any], process_count: int,
+                          gather: Gather | None = None) -> None:
+    """When the run spans several processes: the same arguments (`argument_agreement`: `args` and the trainer's
+    `task_arguments`), checked before the data is prepared, whose own collectives (DPO's precomputed reference
+    log-probs) would otherwise fail first, naming nothing."""
+    if process_count > 1:
+        argument_agreement.check_same_arguments(args, task_arguments, _process_allgather(gather))
+
+
+def check_processes_agree(data: Any, args: Any, given: tuple[bool, bool], process_count: int,
+                          gather: Gather | None = None) -> None:
+    """When the run spans several processes: `check_same_rows` over its configured loaders (the arguments agree
+    already: `check_arguments_agree`)."""
+    if process_count > 1:
+        check_same_rows({"train": summary_of(data.train), "eval": summary_of(data.eval)}, data_fields(args, given),
+                        _process_allgather(gather))
