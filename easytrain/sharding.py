@@ -12,7 +12,7 @@ import contextvars
 import functools
 import logging
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import jax
 import numpy as np
@@ -21,6 +21,7 @@ from flax import nnx
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from easytrain.errors import ArgumentError, MeshError
+from easytrain.indivisible import Dropped, warn_indivisible
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -41,11 +42,14 @@ DEFAULT_RULES: LogicalRules = (
 
 
 def resolve_mesh_shape(sizes: dict[str, int], num_devices: int) -> dict[str, int]:
-    """Fill the one `-1` axis with the devices left over; check the product matches.
+    """Fill the one `-1` axis with the devices left over; check each size is positive or -1 and the product matches.
 
     `data` at -1 (its default) means "the devices the other axes leave": when another axis is -1 too, that axis
     takes them all and `data` is 1, so `--fsdp_size -1` works alone. Two other axes at -1 are ambiguous.
     """
+    for name, size in sizes.items():
+        if size != -1 and size < 1:
+            raise ArgumentError(MESH_FIELDS.get(name, name), f"must be a positive size or -1, got {size}.")
     unknown = [name for name, size in sizes.items() if size == -1]
     if len(unknown) > 1 and "data" in unknown:
         sizes = {**sizes, "data": 1}
@@ -99,21 +103,33 @@ def check_mesh(mesh: Mesh) -> None:
 
 def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
                     rules: LogicalRules = DEFAULT_RULES) -> P:
-    """Map logical names to mesh axes, replicating any dimension the mesh axis does not divide."""
+    """Map logical names to mesh axes, replicating any dimension the mesh axis does not divide (for an
+    `easytrain.indivisible.BlockedAxis`, whose blocks it does not divide: heads are never split)."""
+    return _resolve(logical_axes, shape, mesh, rules)[0]
+
+
+def _resolve(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Any,
+             rules: LogicalRules) -> tuple[P, list[Dropped]]:
+    """`logical_to_spec`, and the dimensions it replicated because their mesh axes (size > 1) do not divide them:
+    their length, or for a `BlockedAxis` their blocks, so no device holds part of a head."""
     table = dict(rules)
     used: set[str] = set()
-    spec = []
+    spec, dropped = [], []
     for name, dim in zip(logical_axes, shape):
         target = table.get(name) if name is not None else None
         names = (target,) if isinstance(target, str) else tuple(target or ())
         names = tuple(n for n in names if n not in used)
         size = math.prod(mesh.shape[n] for n in names)
-        if not names or size == 1 or dim % size:
+        blocks = getattr(name, "blocks", None)
+        count = blocks if blocks and dim % blocks == 0 else dim
+        if not names or size == 1 or count % size:
+            if names and size > 1:
+                dropped.append(Dropped(name, count, names, size))
             spec.append(None)
             continue
         used.update(names)
         spec.append(names[0] if len(names) == 1 else names)
-    return P(*spec)
+    return P(*spec), dropped
 
 
 _WARNED_AXES: set[str] = set()
@@ -133,34 +149,41 @@ def warn_unknown_axes(where: str, logical_axes: Sequence[str | None], rules: Log
 
 def param_shardings(abstract_params: nnx.State, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> Any:
     """NamedShardings for every parameter, as a pure dict matching `nnx.to_pure_dict(params)`."""
-    params: list[tuple[str, P]] = []  # (path, spec) of each nnx.Param, for `warn_unsharded_mesh_axes`
+    params: list[tuple[str, P, int]] = []  # (path, spec, bytes) of each nnx.Param, for the warnings below
+    dropped: list[tuple[str, int, Dropped]] = []  # (path, bytes, dimension) replicated as indivisible
 
     def one(path: Any, variable: nnx.Variable) -> NamedSharding:
         value = variable.get_value() if hasattr(variable, "get_value") else variable.value
         axes = variable.get_metadata().get("out_sharding") or (None,) * len(value.shape)
         where = jax.tree_util.keystr(path, simple=True, separator=".")
         warn_unknown_axes(where, axes, rules)
-        spec = logical_to_spec(axes, value.shape, mesh, rules)
+        spec, indivisible = _resolve(axes, value.shape, mesh, rules)
         if isinstance(variable, nnx.Param):
-            params.append((where, spec))
+            nbytes = math.prod(value.shape) * np.dtype(value.dtype).itemsize
+            params.append((where, spec, nbytes))
+            dropped.extend((where, nbytes, dim) for dim in indivisible)
         return NamedSharding(mesh, spec)
 
     shardings = jax.tree_util.tree_map_with_path(one, abstract_params, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    warn_unsharded_mesh_axes(params, mesh, rules)
+    explained = warn_indivisible(dropped, params, mesh, MESH_FIELDS)
+    warn_unsharded_mesh_axes([(where, spec) for where, spec, _ in params], mesh, rules, explained)
     return nnx.to_pure_dict(shardings)
 
 
 _WARNED_MESH_AXES: set[str] = set()
 
 
-def warn_unsharded_mesh_axes(params: Sequence[tuple[str, P]], mesh: Any, rules: LogicalRules) -> None:
+def warn_unsharded_mesh_axes(params: Sequence[tuple[str, P]], mesh: Any, rules: LogicalRules,
+                             explained: Collection[str] = ()) -> None:
     """Warn once per model-parallel mesh axis of size > 1 that no parameter among `params` (path, spec) is split
     over: a module whose parameters carry no logical axes the rules map there runs replicated, every device holding
-    every weight, though `fsdp_size` or `tensor_parallel_size` asked for them to be split."""
+    every weight, though `fsdp_size` or `tensor_parallel_size` asked for them to be split. Axes in `explained`
+    (dimensions they do not divide, `warn_indivisible`) are left to that warning."""
     used = {name for _, spec in params for entry in spec if entry is not None
             for name in ((entry,) if isinstance(entry, str) else entry)}
     for axis in MESH_AXES[1:]:
-        if not params or mesh.shape.get(axis, 1) == 1 or axis in used or axis in _WARNED_MESH_AXES:
+        if (not params or mesh.shape.get(axis, 1) == 1 or axis in used or axis in _WARNED_MESH_AXES
+                or axis in explained):
             continue
         _WARNED_MESH_AXES.add(axis)
         logical = [name for name, target in rules if name != "batch"  # the rows of activations, not weights

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import transformers
 from flax import nnx
 
+from easytrain.indivisible import BlockedAxis
 from easytrain.models.attention import DType, apply_rope, grouped_attention
 from easytrain.models.dense_product import dense_product
 from easytrain.models.families import ArchFeatures, ConfigError, activation_name, features_of, head_dim_of
@@ -28,7 +29,6 @@ Array = jax.Array
 # outside a mesh context). M is flattened batch-major, so "batch" splits it like the batch.
 RESIDUAL_MD = ("batch", "embed")
 HEADS_BTHK = ("batch", None, "heads", None)
-HEADS_MX = ("batch", "heads")
 MLP_MF = ("batch", "mlp")
 LOGITS_MV = ("batch", "vocab")
 
@@ -45,6 +45,13 @@ def in_use(variable: nnx.Variable, dtype: DType) -> Array:
     if not isinstance(variable, nnx.Variable):
         return variable[...].astype(dtype)
     return weight_in_use(variable[...], logical_axes(variable), dtype)
+
+
+def heads_axis(count: int, field: str) -> BlockedAxis:
+    """The logical axis "heads" of a flattened ``heads x head_dim`` dimension of `count` heads (set by the config's
+    `field`): tensor parallelism splits it at whole heads or, when it does not divide `count`, not at all, since a
+    kernel split mid-head is all-gathered again at every step."""
+    return BlockedAxis("heads", count, field)
 
 
 def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype: DType) -> Array:
@@ -149,10 +156,12 @@ class Attention(nnx.Module):
         q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         qkv_bias, o_bias = features.qkv_bias, features.o_bias
         dense = dense_factory(config, dtype, param_dtype, rngs)
-        self.q_proj = dense(hidden, q_width, axes=("embed", "heads"), use_bias=qkv_bias)
-        self.k_proj = dense(hidden, kv_width, axes=("embed", "heads"), use_bias=qkv_bias)
-        self.v_proj = dense(hidden, kv_width, axes=("embed", "heads"), use_bias=qkv_bias)
-        self.o_proj = dense(q_width, hidden, axes=("heads", "embed"), use_bias=o_bias)
+        q_heads = heads_axis(self.num_heads, "num_attention_heads")
+        kv_heads = heads_axis(self.num_kv_heads, "num_key_value_heads")
+        self.q_proj = dense(hidden, q_width, axes=("embed", q_heads), use_bias=qkv_bias)
+        self.k_proj = dense(hidden, kv_width, axes=("embed", kv_heads), use_bias=qkv_bias)
+        self.v_proj = dense(hidden, kv_width, axes=("embed", kv_heads), use_bias=qkv_bias)
+        self.o_proj = dense(q_width, hidden, axes=(q_heads, "embed"), use_bias=o_bias)
         head_norm = partial(
             RMSNorm, self.head_dim, eps=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype
         )
@@ -184,7 +193,8 @@ class Attention(nnx.Module):
         else:
             cache = cache.write(k_BTNK, v_BTNK)
             out_BTNGK = grouped_attention(q_BTNGK, cache.keys_BSNK, cache.values_BSNK, mask_BTS)
-        out_MD = self.o_proj(constrain(out_BTNGK.reshape(batch * length, heads * head_dim), HEADS_MX))
+        out_MX = out_BTNGK.reshape(batch * length, heads * head_dim)
+        out_MD = self.o_proj(constrain(out_MX, ("batch", heads_axis(heads, "num_attention_heads"))))
         return out_MD if cache is None else (out_MD, cache)
 
 
