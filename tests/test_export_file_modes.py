@@ -43,3 +43,16 @@ def test_sharded_export_and_adapter_follow_the_umask(tmp_path, group_readable_um
     adapted = lora.apply_lora(model, lora.LoRAConfig(rank=2, alpha=4), rngs=nnx.Rngs(0))
     adapter = save_peft_adapter(tmp_path / "adapter", adapted, lora.LoRAConfig(rank=2, alpha=4))
     assert _mode(adapter / "adapter_model.safetensors") == group_readable_umask
+
+
+def test_weight_files_with_the_same_tensors_and_metadata_are_the_same_bytes(tmp_path):
+    """safetensors keeps metadata in a hash map, so two keys came out in either order from one write to the next:
+    an adapter exported twice from the same weights differed in its bytes (checksums, 'same export?')."""
+    import numpy as np
+
+    from easytrain.models.weight_files import write_safetensors
+
+    tensors = {"b": np.zeros(3, np.float32), "a": np.ones(2, np.float32)}
+    metadata = {"format": "pt", "easytrain_base_fingerprint": '{"x": 1}', "zeta": "ü"}
+    written = {write_safetensors(tensors, tmp_path / f"{i}.safetensors", metadata).read_bytes() for i in range(12)}
+    assert len(written) == 1
