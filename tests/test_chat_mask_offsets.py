@@ -6,15 +6,15 @@ token's trimmed span. The mask must still be exactly the tokens overlapping a ge
 offset trimming; a span that no token covers is refused, naming the row.
 """
 
-import copy
 import json
 
 import datasets
 import pytest
 from chat_fixtures import CHAT, MARKED, TOOL_CHAT, WEATHER_TOOL, build_chat_tokenizer
-from tokenizers import normalizers, processors
+from tokenizers import normalizers, pre_tokenizers, processors
 from transformers.utils.chat_template_utils import render_jinja_template
 
+import easytrain.data.assistant_spans as assistant_spans
 from easytrain.data import DataError
 from easytrain.data.sft import CONVERSATIONAL, SFTDataOptions, tokenize_example, tokenize_sft_dataset
 
@@ -44,36 +44,59 @@ def _tokenizer(name: str, trim_offsets: bool | None, template: str | None = None
     return tokenizer
 
 
-def _reference(tokenizer, messages, tools=None) -> tuple[list[int], list[int]]:
-    """Tokens whose untrimmed offsets overlap a generation span (zero-width: lie inside one)."""
+def _reference(tokenizer, messages, tools=None) -> tuple[list[int], str, str]:
+    """The rendered chat's ids, and what its supervised and unsupervised tokens must decode to.
+
+    Independent of token offsets: the generation blocks' characters, joined, and the rest of the text. Every
+    block of these templates starts and ends at a token boundary, so exactly its tokens are supervised.
+    """
     rendered, spans = render_jinja_template(
         conversations=[messages], tools=tools, chat_template=tokenizer.chat_template,
         return_assistant_tokens_mask=True, **tokenizer.special_tokens_map)
-    raw = copy.deepcopy(tokenizer.backend_tokenizer)
-    raw.post_processor = None
-    encoding = raw.encode(rendered[0], add_special_tokens=False)
-    mask = [int(any(s < b and a < e if s < e else a <= s < b for a, b in spans[0])) for s, e in encoding.offsets]
-    return encoding.ids, mask
+    text, inside = rendered[0], [False] * len(rendered[0])
+    for start, end in spans[0]:
+        inside[start:end] = [True] * (end - start)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return (ids, "".join(c for c, bit in zip(text, inside, strict=True) if bit),
+            "".join(c for c, bit in zip(text, inside, strict=True) if not bit))
+
+
+class _PythonSplit:
+    """A pre-tokenizer written in Python (as RoFormer's jieba one is): its backend cannot be serialized."""
+
+    def pre_tokenize(self, pretok) -> None:
+        pretok.split(lambda _, piece: [piece])
+
+
+def _with_python_pre_tokenizer(tokenizer):
+    """``tokenizer`` tokenising as before, through a pre-tokenizer that cannot be serialized."""
+    backend = tokenizer.backend_tokenizer
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.PreTokenizer.custom(_PythonSplit()), backend.pre_tokenizer])
+    return tokenizer
 
 
 def _supervised(tokenizer, ids, mask) -> str:
     return tokenizer.decode([token for token, bit in zip(ids, mask, strict=True) if bit])
 
 
+@pytest.mark.parametrize("backend", ["serializable", "python_pre_tokenizer"])
 @pytest.mark.parametrize("trim_offsets", [None, False, True])
 @pytest.mark.parametrize("name", MARKED)
 @pytest.mark.parametrize("chat", ["plain", "tools"])
-def test_mask_matches_the_generation_spans_with_any_offset_trimming(name, trim_offsets, chat):
+def test_mask_matches_the_generation_spans_with_any_offset_trimming(name, trim_offsets, chat, backend):
     tokenizer = _tokenizer(name, trim_offsets)
+    if backend == "python_pre_tokenizer":
+        _with_python_pre_tokenizer(tokenizer)
     messages, tools = (CHAT, None) if chat == "plain" else (TOOL_CHAT, [WEATHER_TOOL])
     row = {"messages": messages} if tools is None else {"messages": messages, "tools": json.dumps(tools)}
     example = tokenize_example(row, tokenizer, OPTIONS, CONVERSATIONAL)
-    ids, mask = _reference(tokenizer, messages, tools)
-    mask[0] = 0  # token 0 is never supervised
-    assert example.input_ids[: len(ids)] == ids
-    got = example.loss_mask[: len(ids)]
-    assert got == mask, (_supervised(tokenizer, ids, got), _supervised(tokenizer, ids, mask))
-    assert sum(got) > 0
+    ids, supervised, rest = _reference(tokenizer, messages, tools)
+    assert example.input_ids[: len(ids)] == ids  # the rendered chat, then the EOS tokenize_example may add
+    mask = example.loss_mask[: len(ids)]
+    assert mask[0] == 0 and sum(mask) > 0
+    assert _supervised(tokenizer, ids, mask) == supervised
+    assert _supervised(tokenizer, ids, [1 - bit for bit in mask]) == rest
 
 
 @pytest.mark.parametrize("trim_offsets", [None, True])
@@ -113,3 +136,70 @@ def test_generation_span_without_a_token_is_refused_naming_the_row():
     text = str(info.value)
     assert "Example 2 (0-based row index)" in text, text
     assert "generation" in text and "'§§'" in text, text
+
+
+def test_python_pre_tokenizer_with_trimmed_offsets_keeps_a_leading_space_block():
+    tokenizer = _with_python_pre_tokenizer(_tokenizer("mistral", True, LEADING_SPACE))
+    example = tokenize_example({"messages": SHORT}, tokenizer, OPTIONS, CONVERSATIONAL)
+    assert _supervised(tokenizer, example.input_ids, example.loss_mask) == " four</s> Bye</s>"
+
+
+def test_python_pre_tokenizer_with_trimmed_offsets_refuses_a_wrong_mask_naming_the_row():
+    tokenizer = _with_python_pre_tokenizer(_tokenizer("chatml", True, TRAILING_SPACE))
+    rows = datasets.Dataset.from_list([{"messages": SHORT[:3]}])
+    with pytest.raises(DataError) as info:  # the trimmed ' ' before <|endoftext|> would not be trained
+        tokenize_sft_dataset(rows, tokenizer, OPTIONS)
+    text = str(info.value)
+    assert "Example 0 (0-based row index)" in text and "trim_offsets" in text and "cannot be serialized" in text, text
+
+
+def _copy_with(monkeypatch, change):
+    """Make the untrimmed copy of the backend differ as a tokenizer.json's settings can make it differ."""
+    serialised = assistant_spans._serialised_copy
+
+    def copy_then_change(backend):
+        copied = serialised(backend)
+        change(copied)
+        return copied
+    monkeypatch.setattr(assistant_spans, "_serialised_copy", copy_then_change)
+
+
+@pytest.mark.parametrize("setting", ["truncation", "padding"])
+def test_truncation_or_padding_in_the_backend_does_not_bring_back_trimmed_offsets(monkeypatch, setting):
+    def change(backend):
+        if setting == "truncation":
+            backend.enable_truncation(max_length=3)
+        else:
+            backend.enable_padding(length=512, pad_id=0)
+    _copy_with(monkeypatch, change)
+    tokenizer = _tokenizer("chatml", True, TRAILING_SPACE)
+    example = tokenize_example({"messages": SHORT[:3]}, tokenizer, OPTIONS, CONVERSATIONAL)
+    assert _supervised(tokenizer, example.input_ids, example.loss_mask) == "four "
+
+
+def test_a_copy_that_tokenises_differently_is_an_error_not_a_silent_fallback(monkeypatch):
+    def change(backend):
+        backend.normalizer = normalizers.Replace("o", "0")
+    _copy_with(monkeypatch, change)
+    tokenizer = _tokenizer("chatml", True, TRAILING_SPACE)
+    with pytest.raises(DataError, match="trim_offsets"):
+        tokenize_example({"messages": SHORT[:3]}, tokenizer, OPTIONS, CONVERSATIONAL)
+
+
+@pytest.mark.parametrize(("post_processor", "copies"), [
+    (None, 0), (processors.ByteLevel(trim_offsets=False), 0), (processors.ByteLevel(trim_offsets=True), 1),
+    (processors.RobertaProcessing(("</s>", 2), ("<s>", 1), trim_offsets=True), 1),
+    (processors.RobertaProcessing(("</s>", 2), ("<s>", 1), trim_offsets=False), 0),
+    (processors.Sequence([processors.ByteLevel(trim_offsets=True), processors.TemplateProcessing(single="$A")]), 1),
+    (processors.TemplateProcessing(single="$A"), 0),
+])
+def test_a_second_encoding_only_when_the_post_processor_trims_offsets(monkeypatch, post_processor, copies):
+    made = []
+    serialised = assistant_spans._serialised_copy
+    monkeypatch.setattr(assistant_spans, "_serialised_copy", lambda backend: made.append(1) or serialised(backend))
+    tokenizer = _tokenizer("mistral", None, LEADING_SPACE)
+    tokenizer.backend_tokenizer.post_processor = post_processor
+    for _ in range(2):
+        example = tokenize_example({"messages": SHORT}, tokenizer, OPTIONS, CONVERSATIONAL)
+        assert _supervised(tokenizer, example.input_ids, example.loss_mask) == " four</s> Bye</s>"
+    assert len(made) == copies

@@ -1,18 +1,24 @@
 """The assistant-token mask of a rendered chat, from its generation spans and each token's character offsets.
 
 A token is supervised iff its character span overlaps a ``{% generation %}`` span of the rendered text; a
-zero-width token (an empty offset span) iff its position lies inside one. Offsets are read without the
-post-processor's whitespace trimming (GPT-2-like ``ByteLevel(trim_offsets=True)``), which would leave a span
-that starts or ends with a space (``' ' + content + eos``) touching no token, so a turn would be lost or the
-mask would run on to the end of the text. Special tokens written by the template are text like any other.
+zero-width token (an empty offset span) iff its position lies inside one. Offsets must be read without the
+post-processor's whitespace trimming (GPT-2-like ``ByteLevel(trim_offsets=True)``, ``RobertaProcessing``),
+which would leave a span that starts or ends with a space (``' ' + content + eos``) touching no token, so a
+turn would be lost or the mask would run on to the end of the text. Only a post-processor trims (a
+pre-tokenizer's ``trim_offsets`` setting is not applied while pre-tokenising), so the text is encoded a second
+time, by a copy of the backend without its post-processor, only when the post-processor trims. A backend that
+cannot be copied (a pre-tokenizer written in Python) keeps its trimmed offsets, and the mask is then checked
+against the text and refused if it is wrong. Special tokens written by the template are text like any other.
 """
 
 from __future__ import annotations
 
 import bisect
+import json
 import logging
 import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
@@ -23,10 +29,22 @@ logger = logging.getLogger("easytrain")
 
 Span = tuple[int, int]
 
-# tokenizer -> (its backend, its size, an untrimmed copy of the backend, the ids of its special tokens); a new
-# backend or added tokens make a new copy
-_UNTRIMMED: weakref.WeakKeyDictionary[Any, tuple[Any, int, Any, frozenset[int]]] = weakref.WeakKeyDictionary()
+
+@dataclass(frozen=True)
+class _Backend:
+    """What one tokenizer's masks need from its backend, cached until the backend or its tokens change."""
+
+    key: tuple[Any, int, bytes | None]  # the backend, the tokenizer's size, its post-processor's settings
+    special: frozenset[int]  # ids of the special tokens
+    untrimmed: Any  # a copy of the backend without its post-processor, or None
+    trimmed_because: str | None  # why the offsets stay trimmed (None: they are not trimmed, or the copy undoes it)
+
+
+_BACKENDS: weakref.WeakKeyDictionary[Any, _Backend] = weakref.WeakKeyDictionary()
 _CHECKED: set[int] = set()  # hashes of the templates whose turn ends were checked (once per process)
+_FIX = ("Set the tokenizer's post-processor not to trim offsets (e.g. `tokenizer.backend_tokenizer.post_processor "
+        "= tokenizers.processors.ByteLevel(trim_offsets=False)`), or change the template so that no "
+        "{% generation %} block starts or ends with whitespace.")
 
 
 def assistant_tokens(tokenizer: PreTrainedTokenizerBase, text: str, spans: Sequence[Span],
@@ -34,7 +52,8 @@ def assistant_tokens(tokenizer: PreTrainedTokenizerBase, text: str, spans: Seque
     """``text``'s token ids (as ``tokenizer(text, add_special_tokens=False)`` gives them) and its assistant mask.
 
     Raises:
-        DataError: The tokenizer gives no character offsets, or a non-empty generation span holds no token.
+        DataError: The tokenizer gives no character offsets, a non-empty generation span holds no token, or the
+            offsets stay trimmed and the mask they give is not exactly the generation spans' tokens.
     """
     try:
         encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -42,10 +61,21 @@ def assistant_tokens(tokenizer: PreTrainedTokenizerBase, text: str, spans: Seque
         raise DataError("`assistant_only_loss=True` needs a fast tokenizer (one that reports character offsets); "
                         f"{type(tokenizer).__name__} does not. Load the tokenizer with `use_fast=True`.") from error
     ids = [int(token) for token in encoded["input_ids"]]
-    offsets, special = _untrimmed_offsets(tokenizer, text, ids)
-    offsets = offsets if offsets is not None else [tuple(pair) for pair in encoded["offset_mapping"]]
-    mask = mask_from_spans(offsets, spans, text)
-    _warn_if_turn_end_outside(tokenizer, ids, mask, offsets, spans, special, template)
+    offsets: Sequence[Span] = encoded["offset_mapping"]
+    backend = _backend_of(tokenizer)
+    trimmed_because = backend.trimmed_because
+    if backend.untrimmed is not None:
+        encoding = backend.untrimmed.encode(text, add_special_tokens=False)
+        if encoding.ids == ids:
+            offsets = encoding.offsets
+        else:
+            trimmed_because = ("a copy of its backend without the post-processor tokenises this text differently "
+                               "(the tokenizer's settings are not all in its serialised form)")
+    if trimmed_because is None:
+        mask = mask_from_spans(offsets, spans, text)
+    else:
+        mask = _checked_trimmed_mask(tokenizer, ids, offsets, spans, text, trimmed_because)
+    _warn_if_turn_end_outside(tokenizer, ids, mask, offsets, spans, backend.special, template)
     return ids, mask
 
 
@@ -55,40 +85,104 @@ def mask_from_spans(offsets: Sequence[Span], spans: Sequence[Span], text: str) -
     Raises:
         DataError: A non-empty span that no token overlaps, so its assistant turn could not be trained.
     """
+    owners = _owners(offsets, spans)
+    _require_covered(owners, spans, text, "its normalizer removes them")
+    return [int(owner >= 0) for owner in owners]
+
+
+def _owners(offsets: Sequence[Span], spans: Sequence[Span]) -> list[int]:
+    """For each token, the index of the span it overlaps (a zero-width token: lies inside), or -1."""
     ends = [end for _, end in spans]
-    mask, covered = [0] * len(offsets), [False] * len(spans)
+    owners = [-1] * len(offsets)
     for i, (start, end) in enumerate(offsets):
         j = bisect.bisect_right(ends, start)  # the first span ending after the token starts
         if j < len(spans) and (spans[j][0] < end if start < end else spans[j][0] <= start):
-            mask[i], covered[j] = 1, True
-    for (start, end), hit in zip(spans, covered, strict=True):
-        if start < end and not hit:
+            owners[i] = j
+    return owners
+
+
+def _require_covered(owners: Sequence[int], spans: Sequence[Span], text: str, cause: str) -> None:
+    covered = set(owners)
+    for j, (start, end) in enumerate(spans):
+        if start < end and j not in covered:
             raise DataError(
                 f"The chat template's {{% generation %}} block at characters {start}-{end} ({text[start:end]!r}) "
-                "holds no token: the tokenizer maps none of its characters to a token (its normalizer removes "
-                "them), so that assistant turn cannot be trained. Fix the row's assistant content, or use a "
-                "tokenizer that keeps these characters."
+                f"holds no token: the tokenizer maps none of its characters to a token ({cause}), so that "
+                "assistant turn cannot be trained. Fix the row's assistant content, or use a tokenizer that keeps "
+                "these characters."
             )
-    return mask
 
 
-def _untrimmed_offsets(tokenizer: PreTrainedTokenizerBase, text: str,
-                       ids: list[int]) -> tuple[list[Span] | None, frozenset[int]]:
-    """Offsets of ``text``'s tokens before any post-processor trims them, or None if they are not to be had."""
+def _checked_trimmed_mask(tokenizer: PreTrainedTokenizerBase, ids: list[int], offsets: Sequence[Span],
+                          spans: Sequence[Span], text: str, trimmed_because: str) -> list[int]:
+    """The mask from trimmed offsets, if each span's supervised tokens are exactly its text.
+
+    Trimmed offsets lie inside the tokens' characters, so a token they put in a span is in it; a token whose
+    trimmed whitespace alone reaches into a span (or a whitespace token trimmed to a point inside one) is not
+    seen. Decoding each span's supervised tokens back to the span's text shows that neither happened.
+    """
+    cause = f"its post-processor trims whitespace from token offsets (`trim_offsets=True`) and {trimmed_because}"
+    owners = _owners(offsets, spans)
+    _require_covered(owners, spans, text, cause)
+    for j, (start, end) in enumerate(spans):
+        tokens = [i for i, owner in enumerate(owners) if owner == j]
+        if not tokens:
+            continue
+        got = tokenizer.decode(ids[tokens[0]:tokens[-1] + 1], skip_special_tokens=False,
+                               clean_up_tokenization_spaces=False)
+        if got != text[start:end] or len(tokens) != tokens[-1] - tokens[0] + 1:
+            raise DataError(
+                f"The assistant mask of the chat template's {{% generation %}} block at characters {start}-{end} "
+                f"({text[start:end]!r}) cannot be built exactly: the tokenizer's {cause}, so its tokens would be "
+                f"trained as {got!r}. {_FIX}"
+            )
+    return [int(owner >= 0) for owner in owners]
+
+
+def _backend_of(tokenizer: PreTrainedTokenizerBase) -> _Backend:
+    """The cached ``_Backend`` of ``tokenizer``; a new backend, added tokens or a new post-processor renew it."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    cached = _UNTRIMMED.get(tokenizer)
-    if cached is None or cached[0] is not backend or cached[1] != len(tokenizer):
-        special = frozenset(int(i) for i, token in tokenizer.added_tokens_decoder.items() if token.special)
-        untrimmed = None
-        if backend is not None:
-            untrimmed = type(backend).from_str(backend.to_str())
+    processor = getattr(backend, "post_processor", None)
+    settings = _settings(processor)
+    key = (backend, len(tokenizer), settings)
+    cached = _BACKENDS.get(tokenizer)
+    if cached is not None and cached.key[0] is backend and cached.key[1:] == key[1:]:
+        return cached
+    special = frozenset(int(i) for i, token in tokenizer.added_tokens_decoder.items() if token.special)
+    special |= frozenset(tokenizer.all_special_ids)
+    untrimmed, because = None, None
+    if processor is not None and (settings is None or _trims(json.loads(settings))):
+        try:
+            untrimmed = _serialised_copy(backend)
+        except Exception as error:  # noqa: BLE001 - tokenizers raises a bare Exception, e.g. for Python components
+            because = f"its backend cannot be copied without it ({error})"
+        else:
             untrimmed.post_processor = None  # it only adds special tokens (not asked for) and trims offsets
-        cached = (backend, len(tokenizer), untrimmed, special | frozenset(tokenizer.all_special_ids))
-        _UNTRIMMED[tokenizer] = cached
-    if cached[2] is None:
-        return None, cached[3]
-    encoding = cached[2].encode(text, add_special_tokens=False)
-    return (list(encoding.offsets) if list(encoding.ids) == ids else None), cached[3]
+            untrimmed.no_truncation()  # a tokenizer.json's truncation or padding would change the copy's ids
+            untrimmed.no_padding()
+    cached = _Backend(key, special, untrimmed, because)
+    _BACKENDS[tokenizer] = cached
+    return cached
+
+
+def _settings(processor: Any) -> bytes | None:
+    """The post-processor's settings as JSON, or None if it has none to read."""
+    try:
+        return None if processor is None else processor.__getstate__()
+    except Exception:  # noqa: BLE001 - unreadable: treated as one that may trim
+        return None
+
+
+def _trims(settings: Any) -> bool:
+    """Whether post-processor ``settings`` (JSON, with nested processors of a ``Sequence``) trim offsets."""
+    if isinstance(settings, dict):
+        return settings.get("trim_offsets") is True or any(_trims(value) for value in settings.values())
+    return isinstance(settings, list) and any(_trims(value) for value in settings)
+
+
+def _serialised_copy(backend: Any) -> Any:
+    """A copy of a ``tokenizers.Tokenizer``, through its JSON form (which a Python component cannot take)."""
+    return type(backend).from_str(backend.to_str())
 
 
 def _warn_if_turn_end_outside(tokenizer: PreTrainedTokenizerBase, ids: list[int], mask: list[int],
