@@ -65,13 +65,15 @@ class LossKeyError(KeyError):
 
 
 def called(loss_fn: LossFn, module: Any, batch: Batch, rng: jax.Array, train: bool, frozen: Mapping[str, Any]) -> Any:
-    """`loss_fn`'s output; a `KeyError` it raises while traced (before any step runs) names the batch's fields and the
-    frozen entries and where each comes from, instead of a bare key. Python at trace time only: nothing at run time."""
+    """`loss_fn`'s output; a `KeyError` it raises while traced (before any step runs) for a name in neither the batch
+    nor the frozen entries names their fields and where each comes from, instead of a bare key. Python at trace time
+    only: nothing at run time."""
     try:
         return loss_fn(module, batch, rng, train, frozen)
     except KeyError as error:
         key = error.args[0] if len(error.args) == 1 else None
-        if isinstance(error, LossKeyError) or not isinstance(key, str):
+        # A key the loss was given comes from a lookup of its own (a config dict): its KeyError is the one to show.
+        if isinstance(error, LossKeyError) or not isinstance(key, str) or key in batch or key in frozen:
             raise
         listed = lambda names: ", ".join(map(repr, sorted(names))) or "none"  # noqa: E731
         raise LossKeyError(f"compute_loss read {key!r}, which it was not given: the batch's fields: {listed(batch)} "

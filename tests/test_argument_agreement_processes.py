@@ -113,6 +113,44 @@ def test_objects_in_task_arguments_compare_by_type_not_address():
     assert caught.value.field == "Options.path" and "scorer" not in str(caught.value)
 
 
+_SET_DIGEST = """
+import dataclasses
+from easytrain import TrainingArguments
+from easytrain.trainers import argument_agreement
+
+@dataclasses.dataclass
+class Tokens:
+    dropped: frozenset = frozenset({"<a>", "<b>", "<c>", "<d>", "<e>", "<f>"})
+
+args = TrainingArguments(output_dir="/tmp/run", max_length=16, train_batch_size=8)
+print(argument_agreement.summary_record(argument_agreement.compared_values(args, [Tokens()])).tobytes().hex())
+"""
+
+
+def test_equal_sets_agree_whatever_each_process_hash_seed():
+    """A set's repr lists its elements in an order that depends on PYTHONHASHSEED, random per process."""
+    import os
+    import subprocess
+    import sys
+
+    digests = {subprocess.run([sys.executable, "-c", _SET_DIGEST], capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONHASHSEED": seed}).stdout.strip() for seed in ("1", "2", "3")}
+    assert len(digests) == 1, digests
+
+
+def test_a_dict_with_keys_of_mixed_types_is_compared():
+    @dataclasses.dataclass
+    class Weights:
+        by_label: dict
+
+    values = argument_agreement.compared_values(_args(), (Weights({1: 0.5, "other": 2.0}),))
+    assert values["Weights.by_label"] == {"1": 0.5, "other": 2.0}
+    assert argument_agreement.summary_record(values).size == argument_agreement.SUMMARY_BYTES
+    assert argument_agreement.compared_values(_args(), (Weights({"other": 2.0, 1: 0.5}),)) == values
+    assert argument_agreement.compared_values(_args(), (Weights({(1, 2): 0.5}),))["Weights.by_label"] == {
+        "(1, 2)": 0.5}
+
+
 # ------------------------------------------------------------------ two processes on localhost
 FLAGS = ["--max_length", "16", "--eval_batch_size", "8", "--logging_steps", "1", "--eval_strategy", "no",
          "--save_strategy", "no", "--report_to", "jsonl", "--disable_progress_bar", "--save_pretrained_at_end",

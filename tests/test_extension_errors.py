@@ -69,6 +69,32 @@ def test_a_frozen_name_the_loss_misses_is_named_with_configure_frozen():
                        tiny_state(), {"x": np.ones((2, 2), np.float32)})
 
 
+@pytest.mark.parametrize("given", ["batch", "frozen"])
+def test_a_key_error_of_the_loss_own_for_a_name_it_was_given_is_raised_unchanged(given):
+    """The loss's own dict lacks a name the batch or the frozen entries hold: its KeyError is not reworded as a name
+    the loss was not given."""
+    from easytrain.steps import LossKeyError, called
+
+    def loss_fn(model, batch, rng, train, frozen):
+        return {"vocab": 10}["input_ids"]
+
+    fields = {"input_ids": np.ones(3, np.int32)}
+    with pytest.raises(KeyError) as error:
+        called(loss_fn, None, fields if given == "batch" else {}, None, True, fields if given == "frozen" else {})
+    assert not isinstance(error.value, LossKeyError) and error.value.args == ("input_ids",)
+
+
+def test_a_key_in_neither_the_batch_nor_the_frozen_entries_is_reworded():
+    from easytrain.steps import LossKeyError, called
+
+    def loss_fn(model, batch, rng, train, frozen):
+        return {"vocab": 10}["labels"]
+
+    with pytest.raises(LossKeyError, match=r"compute_loss read 'labels', which it was not given: the batch's "
+                                           r"fields: 'input_ids'"):
+        called(loss_fn, None, {"input_ids": np.ones(3, np.int32)}, None, True, {})
+
+
 def pair_rows(count: int) -> dict[str, np.ndarray]:
     ids = np.random.default_rng(count).integers(0, 64, (count, 8)).astype(np.int32)
     return {"chosen_ids": ids, "rejected_ids": ids[::-1].copy()}

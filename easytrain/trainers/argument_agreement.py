@@ -53,14 +53,33 @@ def compared_values(args: Any, task_arguments: Sequence[Any] = ()) -> dict[str, 
 
 
 def _json(values: Mapping[str, Any]) -> str:
-    return json.dumps(values, sort_keys=True, default=_stable_repr, allow_nan=True)
+    try:
+        return json.dumps(values, sort_keys=True, default=_stable_repr, allow_nan=True)
+    except TypeError:  # a dict whose keys do not sort (ints and strings) or that JSON cannot hold (tuples)
+        return json.dumps(_string_keys(values), sort_keys=True, default=_stable_repr, allow_nan=True)
+
+
+def _string_keys(value: Any) -> Any:
+    """`value` with every dict's keys as JSON spells them (`1` -> "1"), or by their stable repr."""
+    if isinstance(value, Mapping):
+        return {key if isinstance(key, str) else json.dumps(key) if isinstance(key, (int, float, bool, type(None)))
+                else _stable_repr(key): _string_keys(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_string_keys(item) for item in value]
+    return value
 
 
 def _stable_repr(value: Any) -> str:
     """A value JSON cannot hold, by its repr; by its type alone where the repr holds a memory address (an object
-    in a task's arguments), which differs per process."""
+    in a task's arguments), which differs per process; a set by its elements' sorted reprs (its own order depends
+    on each process's hash seed)."""
+    if isinstance(value, (set, frozenset)):
+        elements = ", ".join(sorted(_stable_repr(element) for element in value))
+        if not value or type(value) is not set:
+            return f"{type(value).__qualname__}({{{elements}}})" if value else f"{type(value).__qualname__}()"
+        return f"{{{elements}}}"
     text = repr(value)
-    return f"<{type(value).__qualname__}>" if " at 0x" in text else text
+    return f"<{type(value).__qualname__}>" if " at 0x" in text and not isinstance(value, str) else text
 
 
 def summary_record(values: Mapping[str, Any]) -> np.ndarray:

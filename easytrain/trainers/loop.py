@@ -124,27 +124,29 @@ class TrainLoop:
                                  enabled=parts.is_main_process, show_progress=not args.disable_progress_bar,
                                  run_config=args.to_dict(), trackers=trackers)
         self.manager, self.last_saved_step = parts.checkpoints, start_step if resumed else -1
-        try:
-            # logs another's failure; ends this process if, after it, no batch is drawn and no save ends for a while
-            with PreemptionWatcher() as self.preemption, process_failure.watching(self.progress):
-                parts.callbacks.on_train_begin(parts.owner)
-                step = self.iterate(start_step)
-                self.finish(step)
-        except BaseException as error:
-            process_failure.publish_failure(error)  # first: the other processes look for it when they fail
-            self.log_due_steps()
+        # Logs another's failure; ends this process if, after it, no batch is drawn and no save starts or ends for a
+        # while (a save being written, the final wait for it included, has longer), unless this process failed too.
+        with process_failure.watching(self.progress, saving=self.manager.is_saving):
             try:
-                parts.callbacks.on_exception(parts.owner, error)
-            finally:  # even if a callback fails too
-                self.shut_down(failing=True, status=outcome_of(error))
-                if parts.resumed_from is None and self.compile_seconds is None:  # a fresh run that trained nothing
-                    run_dir.remove_unstarted_logs(Path(args.output_dir), parts.is_main_process)
-            process_failure.reraise_naming_others(error)  # `error`, or one naming another process that failed first
-        self.shut_down(failing=False)
+                with PreemptionWatcher() as self.preemption:
+                    parts.callbacks.on_train_begin(parts.owner)
+                    step = self.iterate(start_step)
+                    self.finish(step)
+            except BaseException as error:
+                process_failure.publish_failure(error)  # first: the other processes look for it when they fail
+                self.log_due_steps()
+                try:
+                    parts.callbacks.on_exception(parts.owner, error)
+                finally:  # even if a callback fails too
+                    self.shut_down(failing=True, status=outcome_of(error))
+                    if parts.resumed_from is None and self.compile_seconds is None:  # a fresh run that trained nothing
+                        run_dir.remove_unstarted_logs(Path(args.output_dir), parts.is_main_process)
+                process_failure.reraise_naming_others(error)  # `error`, or one naming another that failed first
+            self.shut_down(failing=False)
         return self.last_logs
 
     def progress(self) -> tuple[int, bool]:
-        """What changes as the steps go on (read by `process_failure`'s watcher thread): batches drawn, saving."""
+        """What changes as the steps go on (read by `process_failure`'s watcher): batches drawn, saves running."""
         return self.iterator.step, self.manager.is_saving()
 
     def log_due_steps(self) -> None:

@@ -10,11 +10,14 @@ key-value store, and:
 - while a `train()` runs (`running`: its set-up, building the model, preparing the data, restoring a checkpoint,
   and its steps; `watching`: the steps alone), every process watches for such a line (one thread, one long-polled
   key, no device work) and logs it within seconds, even if it then waits in a collective that will never complete;
-- a process that then makes no progress for `EXIT_AFTER_SECONDS` (most often blocked in a collective that cannot
+- a process that then makes no progress for `EXIT_AFTER_SECONDS` (`SAVE_EXIT_AFTER_SECONDS` while a checkpoint save
+  is being written; most often blocked in a collective that cannot
   complete without the failed process: Gloo and NCCL wait there, and JAX ends it only when the failed process's
   exit barrier times out, `shutdown_timeout_seconds`, 5 minutes by default, with an abort that leaves job.json
   "running") ends itself: job.json says "failed" with an `OtherProcessFailedError` naming the other's error, and the
-  process exits with `EXIT_CODE` (`end_process`);
+  process exits with `EXIT_CODE` (`end_process`). A process that has failed itself (it published its own failure:
+  every process may stop with the same error at the same step) is never ended so: its own failure handling runs
+  to its end, naming the others;
 - a process that fails afterwards looks the lines up and raises `OtherProcessFailedError` naming the ones published
   before its own, its own error chained; with none earlier (it failed first) it raises its own error and warns
   of the later ones (a process whose own error is an `EasytrainError`, which names its cause, raises it and warns
@@ -61,9 +64,13 @@ WATCH_GRACE_SECONDS = 5.0
 #: publish just after this one looks), and the bound on any one call to the coordination service.
 LOOKUP_SECONDS = 2.0
 POLL_SECONDS = 0.2
-#: How long a process waits without progress (no new batch drawn, no save ending) once another process's failure is
-#: logged, before it ends itself (`end_process`): long enough for a checkpoint save under way to complete.
+#: How long a process waits without progress (no new batch drawn, no save starting or ending) once another process's
+#: failure is logged, before it ends itself (`end_process`): a step, an evaluation, a log take far less.
 EXIT_AFTER_SECONDS = 60.0
+#: The same while a checkpoint save is being written (`watching`'s `saving()`), which shows no progress until it ends
+#: (a 7B model's save to network storage takes minutes). A save that needs the failed process never ends by itself
+#: before Orbax gives up on it (`AsyncOptions.timeout_secs`, 20 minutes, then it fails the run): this bound is longer.
+SAVE_EXIT_AFTER_SECONDS = 25 * 60.0
 #: The exit status it ends with: that of `easytrain train` for a run that failed (`cli.FAILED_EXIT_CODE`).
 EXIT_CODE = 1
 #: How ending the process replaces it (`os._exit`: see `end_process`); tests replace it.
@@ -76,8 +83,9 @@ _runs = 0
 #: `{(run, process index): unix time}` of the failures `publish` published from this process: the time a failure
 #: of this process is compared with, to tell the others' earlier failures (named) from later ones (warned of).
 _published: dict[tuple[int, int], float] = {}
-#: The progress signals of the `train()` being watched (`running`'s, which a `watching` inside it joins), or None.
-_progress: list[Callable[[], Any]] | None = None
+#: The `(progress, saving)` signals of the `train()` being watched (`running`'s, which a `watching` inside it joins),
+#: or None.
+_progress: list[tuple[Callable[[], Any], Callable[[], Any]]] | None = None
 
 
 class OtherProcessFailedError(EasytrainError, RuntimeError):
@@ -202,33 +210,38 @@ def running() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def watching(progress: Callable[[], Any] = lambda: None) -> Iterator[None]:
+def watching(progress: Callable[[], Any] = lambda: None, saving: Callable[[], Any] = lambda: False) -> Iterator[None]:
     """Around a multi-process `train()`'s steps: a thread logs the first failure another process publishes,
     `WATCH_GRACE_SECONDS` after it is published unless the block ended meanwhile, then ends this process if
-    `progress()` (any value that changes as the steps go on) stays the same for `EXIT_AFTER_SECONDS`. Stopped
-    (within `WATCH_POLL_SECONDS`) when the block ends, failing or not. Inside `running`, it joins that watch."""
+    `progress()` (any value that changes as the steps go on) stays the same for `EXIT_AFTER_SECONDS`
+    (`SAVE_EXIT_AFTER_SECONDS` while `saving()`: a checkpoint save is being written), unless this process publishes
+    a failure of its own meanwhile. Stopped (within `WATCH_POLL_SECONDS`) when the block ends, failing or not.
+    Inside `running`, it joins that watch."""
+    signals = (progress, saving)
     if _progress is not None:
-        _progress.append(progress)
+        _progress.append(signals)
         try:
             yield
         finally:
-            _progress.remove(progress)
+            _progress.remove(signals)
         return
     if (client := coordination_client()) is None:
         yield
         return
-    with _watched(client, [progress]):
+    with _watched(client, [signals]):
         yield
 
 
 @contextlib.contextmanager
-def _watched(client: Any, progress: list[Callable[[], Any]]) -> Iterator[None]:
+def _watched(client: Any, signals: list[tuple[Callable[[], Any], Callable[[], Any]]]) -> Iterator[None]:
     """One `train()` of the job (its own keys), watched by one thread until the block ends."""
     global _runs, _progress
-    _runs, _progress = _runs + 1, progress
-    stop = threading.Event()
-    thread = threading.Thread(target=watch, args=(client, f"{FIRST_KEY}{_runs}", jax.process_index(), stop,
-                                                  lambda: [read(signal) for signal in list(progress)]),
+    _runs, _progress = _runs + 1, signals
+    run, own_index, stop = _runs, jax.process_index(), threading.Event()
+    thread = threading.Thread(target=watch, args=(client, f"{FIRST_KEY}{run}", own_index, stop,
+                                                  lambda: [read(progress) for progress, _ in list(signals)],
+                                                  lambda: any(read(saving) for _, saving in list(signals)),
+                                                  lambda: (run, own_index) in _published),
                               name="easytrain-failure-watch", daemon=True)
     thread.start()
     try:
@@ -247,10 +260,11 @@ def read(signal: Callable[[], Any]) -> Any:
         return None
 
 
-def watch(client: Any, key: str, own_index: int, stop: threading.Event,
-          progress: Callable[[], Any] = lambda: None) -> None:
+def watch(client: Any, key: str, own_index: int, stop: threading.Event, progress: Callable[[], Any] = lambda: None,
+          saving: Callable[[], Any] = lambda: False, failed: Callable[[], bool] = lambda: False) -> None:
     """Wait on `key` until `stop`; log the failure of another process found there, then end this process if it
-    makes no progress for `EXIT_AFTER_SECONDS` (`end_if_stuck`)."""
+    makes no progress for `EXIT_AFTER_SECONDS` (`end_if_stuck`). Once `failed()` (this process published a failure
+    of its own: its own failure handling names the others), it stands down: it logs nothing and ends nothing."""
     while not stop.is_set():
         started = time.monotonic()
         try:
@@ -258,7 +272,9 @@ def watch(client: Any, key: str, own_index: int, stop: threading.Event,
         except Exception:  # noqa: BLE001 - nothing published yet (or no service: wait as long as a poll would)
             stop.wait(max(0.0, WATCH_POLL_SECONDS - (time.monotonic() - started)))
             continue
-        if stop.wait(WATCH_GRACE_SECONDS):  # this process's steps ended meanwhile: its own failure handling names it
+        # This process's steps ended meanwhile, or it failed too (the same error, met at the same step): its own failure
+        # handling names the other.
+        if stop.wait(WATCH_GRACE_SECONDS) or failed():
             return
         index, _, published = str(value).partition(" ")
         failure = parse([(index, published)], own_index)
@@ -266,22 +282,26 @@ def watch(client: Any, key: str, own_index: int, stop: threading.Event,
             logger.error("process %d failed: %s. This process (%d) cannot go on without it: it fails when its "
                          "collectives give up, or ends itself if it makes no progress for %g s.", other, line,
                          own_index, EXIT_AFTER_SECONDS)
-            end_if_stuck(f"process {other} failed: {line}", own_index, stop, progress)
+            end_if_stuck(f"process {other} failed: {line}", own_index, stop, progress, saving, failed)
         return
 
 
-def end_if_stuck(failure: str, own_index: int, stop: threading.Event, progress: Callable[[], Any]) -> None:
-    """`end_process` once `progress()` has not changed for `EXIT_AFTER_SECONDS`, unless `stop` is set first."""
-    seen, deadline = progress(), time.monotonic() + EXIT_AFTER_SECONDS
-    while not stop.wait(min(WATCH_POLL_SECONDS, max(0.0, deadline - time.monotonic()))):
+def end_if_stuck(failure: str, own_index: int, stop: threading.Event, progress: Callable[[], Any],
+                 saving: Callable[[], Any] = lambda: False, failed: Callable[[], bool] = lambda: False) -> None:
+    """`end_process` once `progress()` has not changed for `EXIT_AFTER_SECONDS` (`SAVE_EXIT_AFTER_SECONDS` while
+    `saving()`), unless `stop` is set or this process has `failed()` itself first."""
+    seen, since = progress(), time.monotonic()
+    while not stop.wait(WATCH_POLL_SECONDS):
+        if failed():
+            return
         if (now := progress()) != seen:
-            seen, deadline = now, time.monotonic() + EXIT_AFTER_SECONDS
-        elif time.monotonic() >= deadline:
-            end_process(failure, own_index)
+            seen, since = now, time.monotonic()
+        elif time.monotonic() - since >= (bound := SAVE_EXIT_AFTER_SECONDS if saving() else EXIT_AFTER_SECONDS):
+            end_process(failure, own_index, bound)
             return
 
 
-def end_process(failure: str, own_index: int) -> None:
+def end_process(failure: str, own_index: int, waited: float) -> None:
     """Mark the running job failed with an `OtherProcessFailedError` naming `failure`, flush the logs, and exit.
 
     Called from the watcher thread while the main thread is blocked in a collective (C++ code that holds no Python
@@ -292,7 +312,7 @@ def end_process(failure: str, own_index: int) -> None:
     being written leaves its temporary directory, removed by the next run.
     """
     error = OtherProcessFailedError(f"{failure}. This process ({own_index}) made no progress for "
-                                    f"{EXIT_AFTER_SECONDS:g} s after it (waiting in collectives that cannot complete "
+                                    f"{waited:g} s after it (waiting in collectives that cannot complete "
                                     f"without that process): it ends with exit status {EXIT_CODE}")
     logger.error("%s", error)
     if (job := current_job()) is not None:
