@@ -355,3 +355,24 @@ def check_best_checkpoint_kept(args: Any) -> None:
 def _require(condition: bool, name: str, message: str) -> None:
     if not condition:
         raise ArgumentError(name, message)
+
+
+#: Metric name endings for which a lower value is better; any other metric is ranked higher-is-better.
+LOWER_IS_BETTER = ("loss", "perplexity")
+
+
+def resolve_best_metric(args: Any) -> None:
+    """Resolve, once and in place, what ranks evaluations: a bare `metric_for_best_model` ('accuracy') gets the
+    `eval_` prefix every evaluation metric carries, and an unset `greater_is_better` follows the metric's name (lower
+    is better for a loss or a perplexity, higher otherwise), so early stopping, checkpoint retention and
+    `load_best_model_at_end` all rank by the one direction stored with the run's arguments."""
+    metric = args.metric_for_best_model
+    if isinstance(metric, str) and metric and not metric.startswith("eval_"):
+        args.metric_for_best_model = metric = f"eval_{metric}"
+        logger.info("metric_for_best_model: ranking by %r (evaluation metrics carry the eval_ prefix)", metric)
+    if args.greater_is_better is None:
+        ranked = metric or "eval_loss"  # early stopping watches eval_loss when no metric is named
+        args.greater_is_better = not ranked.endswith(LOWER_IS_BETTER)
+        if metric is not None or args.early_stopping_patience is not None:
+            logger.info("greater_is_better=%s inferred for %r (lower is better only for names ending in %s); set "
+                        "--greater_is_better to choose", args.greater_is_better, ranked, " or ".join(LOWER_IS_BETTER))

@@ -209,9 +209,10 @@ class TrainingArguments:
         "restored step (not exact)."
     )
     metric_for_best_model: Optional[str] = _arg(
-        None, "Eval metric (e.g. 'eval_loss') used to keep the best checkpoint and for early stopping."
-    )
-    greater_is_better: bool = _arg(False, "Whether a larger metric_for_best_model is better.")
+        None, "Eval metric (e.g. 'eval_loss'; 'accuracy' means 'eval_accuracy') used to keep the best checkpoint and "
+        "for early stopping.")
+    greater_is_better: Optional[bool] = _arg(None, "Whether a larger metric_for_best_model is better. Unset: False "
+                                                   "for a name ending in 'loss' or 'perplexity', else True.")
     load_best_model_at_end: bool = _arg(
         False, "After training, restore the checkpoint with the best metric_for_best_model (before the export)."
     )
@@ -305,6 +306,7 @@ def validate(args: TrainingArguments) -> None:
     """Fail before any compute, naming the field and the fix."""
     argument_checks.normalize(args, TrainingArguments)  # a string for a list; YAML's `no` (False) for 'no'
     argument_checks.check_types(args, TrainingArguments)  # first: the checks below compare values
+    argument_checks.resolve_best_metric(args)  # eval_ prefix, greater_is_better from the name if unset
     positive_ints = ("train_batch_size", "eval_batch_size", "gradient_accumulation_steps", "max_length",
                      "logging_steps", "eval_steps", "save_steps")
     for name in positive_ints:

@@ -45,10 +45,10 @@ class Callback:
         """Called after every optimizer step with the new global step."""
 
     def on_log(self, trainer: Any, step: int, logs: Mapping[str, float]) -> None:
-        """Called whenever training metrics are reported."""
+        """Called whenever training metrics are reported; ``logs`` is this callback's own copy."""
 
     def on_evaluate(self, trainer: Any, step: int, metrics: Mapping[str, float]) -> None:
-        """Called after each evaluation with metrics such as ``eval_loss``."""
+        """Called after each evaluation with metrics such as ``eval_loss`` (this callback's own copy)."""
 
     def on_save(self, trainer: Any, step: int, checkpoint_dir: str) -> None:
         """Called after a checkpoint save has been started for ``step``."""
@@ -81,7 +81,12 @@ def _checked(callback: Any) -> Callback:
 
 
 class CallbackList(Callback):
-    """Dispatches each event to its callbacks in the order they were added."""
+    """Dispatches each event to its callbacks in the order they were added.
+
+    Each callback gets its own copy of the ``logs``/``metrics`` dict: a callback may change it or add keys for
+    itself, but what the run records (metrics files, ``results.json``, ``job.json``, the checkpoints' metrics that
+    rank the best one) and what the other callbacks see stay the trainer's values.
+    """
 
     def __init__(self, callbacks: Iterable[Callback] = ()):
         """Creates the list.
@@ -103,8 +108,8 @@ class CallbackList(Callback):
         """
         if event not in EVENTS:
             raise ValueError(f"unknown callback event {event!r}; expected one of {list(EVENTS)}")
-        for callback in self.callbacks:
-            getattr(callback, event)(trainer, *args)
+        for callback in self.callbacks:  # each its own copy of a dict: one that edits it alters no record, no peer
+            getattr(callback, event)(trainer, *(dict(arg) if isinstance(arg, dict) else arg for arg in args))
 
     def on_train_begin(self, trainer: Any) -> None:
         self.call("on_train_begin", trainer)

@@ -247,10 +247,11 @@ def check_eval_metrics(args: TrainingArguments, device_names: set[str], evaluato
         raise ArgumentError("eval_metrics", "exact_match needs held-out prompts with reference answers, which this "
                                             "run does not have (the embedded arithmetic data and SFT validation "
                                             "conversations do); drop it, or pass an evaluator.")
-    metric = args.metric_for_best_model
+    metric, offered = args.metric_for_best_model, sorted(name for name in (known or set()) | {"eval_loss"}
+                                                         if not name.startswith("eval_num_"))  # counts rank nothing
     if metric and known is not None and metric not in known | {"eval_loss"}:
         raise ArgumentError("metric_for_best_model", f"{metric!r} is not a metric this run's evaluation produces; "
-                                                     f"choose from {', '.join(sorted(known | {'eval_loss'}))}.")
+                                                     f"choose from {', '.join(offered)}.")
 
 
 def default_callbacks(args: TrainingArguments) -> list[Callback]:

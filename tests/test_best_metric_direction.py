@@ -1,0 +1,106 @@
+"""The direction of `metric_for_best_model`: left unset, `greater_is_better` follows the metric's name (lower is
+better for a loss or a perplexity, higher otherwise), resolved when the arguments are checked and used by early
+stopping, checkpoint ranking and `load_best_model_at_end` alike; a bare metric name gets its `eval_` prefix."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from easytrain import ArgumentError, BaseTrainer, TrainingArguments
+from easytrain.callbacks import EarlyStopping
+from easytrain.trainers import builders
+
+
+def arguments(tmp_path, **overrides) -> TrainingArguments:
+    values = dict(output_dir=str(tmp_path), max_length=32, train_batch_size=8, eval_batch_size=8, max_steps=2,
+                  logging_steps=1, eval_strategy="steps", eval_steps=2, save_strategy="no", report_to=["none"],
+                  disable_progress_bar=True, save_pretrained_at_end=False, max_train_samples=64, max_eval_samples=16)
+    return TrainingArguments(**(values | overrides))
+
+
+@pytest.mark.parametrize(("metric", "expected"), [("eval_accuracy", True), ("eval_top2_accuracy", True),
+                                                  ("eval_exact_match", True), ("eval_loss", False),
+                                                  ("eval_perplexity", False), ("eval_chosen_loss", False),
+                                                  (None, False)])
+def test_unset_direction_follows_the_metric_name(tmp_path, metric, expected) -> None:
+    assert arguments(tmp_path, metric_for_best_model=metric).greater_is_better is expected
+
+
+@pytest.mark.parametrize("explicit", [True, False])
+def test_an_explicit_direction_is_kept(tmp_path, explicit) -> None:
+    for metric in ("eval_accuracy", "eval_loss"):
+        assert arguments(tmp_path, metric_for_best_model=metric, greater_is_better=explicit).greater_is_better \
+            is explicit
+
+
+def test_the_inferred_direction_is_logged(tmp_path, caplog) -> None:
+    with caplog.at_level(logging.INFO, logger="easytrain"):
+        arguments(tmp_path, metric_for_best_model="eval_accuracy")
+    assert "greater_is_better=True" in caplog.text and "eval_accuracy" in caplog.text
+
+
+def test_the_command_line_flag_sets_either_direction(tmp_path) -> None:
+    from easytrain.config_io import parse_task_arguments
+
+    command = ["--output_dir", str(tmp_path), "--metric_for_best_model", "eval_accuracy"]
+    assert parse_task_arguments(command, (), "lm")[0].greater_is_better is True
+    assert parse_task_arguments([*command, "--greater_is_better", "false"], (), "lm")[0].greater_is_better is False
+    loss = ["--output_dir", str(tmp_path), "--metric_for_best_model", "eval_loss", "--greater_is_better", "true"]
+    assert parse_task_arguments(loss, (), "lm")[0].greater_is_better is True
+
+
+def test_early_stopping_and_checkpoint_ranking_get_the_resolved_direction(tmp_path) -> None:
+    args = arguments(tmp_path, metric_for_best_model="eval_accuracy", early_stopping_patience=2)
+    stopping = [c for c in builders.default_callbacks(args) if isinstance(c, EarlyStopping)]
+    assert [c.greater_is_better for c in stopping] == [True]
+    manager = builders.checkpoint_manager(args)
+    try:
+        assert manager.greater_is_better is True
+    finally:
+        manager.close()
+
+
+def test_a_bare_metric_name_gets_its_eval_prefix(tmp_path, caplog) -> None:
+    with caplog.at_level(logging.INFO, logger="easytrain"):
+        args = arguments(tmp_path, metric_for_best_model="accuracy")
+    assert args.metric_for_best_model == "eval_accuracy" and args.greater_is_better is True
+    assert "eval_accuracy" in caplog.text
+
+
+def test_count_metrics_are_not_offered_as_choices(tmp_path) -> None:
+    with pytest.raises(ArgumentError) as refused:
+        BaseTrainer(arguments(tmp_path, metric_for_best_model="eval_acuracy")).setup()
+    message = str(refused.value)
+    assert "eval_accuracy" in message and "eval_num_tokens" not in message, message
+
+
+def test_load_best_model_at_end_picks_the_highest_accuracy(tmp_path) -> None:
+    """The best checkpoint by eval_accuracy is the one with the largest value, not the smallest."""
+    from easytrain.cli import run
+
+    run(arguments(tmp_path, task="lm", max_steps=8, save_strategy="steps", save_steps=2, save_total_limit=None,
+                  metric_for_best_model="eval_accuracy", load_best_model_at_end=True, report_to=["jsonl"],
+                  max_train_samples=128, learning_rate=3e-3, seed=0))
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    evals = {r["step"]: r["eval_accuracy"] for r in records if r["split"] == "eval"}
+    assert len(set(evals.values())) > 1, evals  # the ranking is decided
+    best = max(evals, key=lambda step: (evals[step], -step))
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["train_best_step"] == best, (results["train_best_step"], evals)
+
+
+def test_a_checkpoint_ranked_the_old_way_resumes(tmp_path, caplog) -> None:
+    """A run saved with greater_is_better=False for eval_accuracy (the old default) resumes with it unset: the
+    resolved direction applies from there, and early stopping, whose counter was kept the other way, starts afresh."""
+    common = dict(task="lm", save_strategy="steps", save_steps=2, save_total_limit=None,
+                  metric_for_best_model="eval_accuracy", early_stopping_patience=5)
+    BaseTrainer(arguments(tmp_path, greater_is_better=False, **common)).train()
+    resumed = arguments(tmp_path, max_steps=4, resume_from_checkpoint="latest", **common)
+    assert resumed.greater_is_better is True
+    with caplog.at_level(logging.WARNING, logger="easytrain"):
+        BaseTrainer(resumed).train()
+    assert "early stopping starts afresh" in caplog.text
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
