@@ -127,3 +127,18 @@ def run_copy(finished_run, tmp_path):
 def children_with_torch(monkeypatch):
     """For a test whose child processes need PyTorch (a PyTorch contender): they start with it."""
     monkeypatch.setenv("PYTHONPATH", without_hidden_torch(os.environ.get("PYTHONPATH", "")))
+
+
+@pytest.fixture
+def process_0_of_2(monkeypatch):
+    """This test process as process 0 of a 2-process run, with a fake coordination service
+    (`test_process_failure.FakeClient`)."""
+    from easytrain.trainers import process_failure
+    from test_process_failure import FakeClient
+
+    client = FakeClient()
+    monkeypatch.setattr(process_failure, "coordination_client", lambda: client)
+    monkeypatch.setattr(process_failure, "_runs", 0)
+    monkeypatch.setattr(process_failure, "_published", {})
+    monkeypatch.setattr(process_failure.jax, "process_index", lambda: 0)
+    return client

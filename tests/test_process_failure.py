@@ -42,15 +42,6 @@ class FakeClient:
         return [(name, value) for name, value in self.store.items() if name.startswith(key)]
 
 
-@pytest.fixture
-def process_0_of_2(monkeypatch):
-    """This test process as process 0 of a 2-process run, with a fake coordination service."""
-    client = FakeClient()
-    monkeypatch.setattr(process_failure, "coordination_client", lambda: client)
-    monkeypatch.setattr(process_failure, "_runs", 0)
-    monkeypatch.setattr(process_failure, "_published", {})
-    monkeypatch.setattr(process_failure.jax, "process_index", lambda: 0)
-    return client
 
 
 def test_describe_is_one_line_with_the_type_and_cut_to_a_bound():

@@ -12,20 +12,9 @@ from easytrain.trainers import process_failure
 from easytrain.trainers.process_failure import OtherProcessFailedError
 from runs import train_on_localhost
 from test_multiprocess import free_port
-from test_process_failure import BAD_BATCH, TIMEOUT, FakeClient
+from test_process_failure import BAD_BATCH, TIMEOUT
 
 MISSING = FileNotFoundError("train_file /data/train.txt: no such file on this host")
-
-
-@pytest.fixture
-def process_0_of_2(monkeypatch):
-    """This test process as process 0 of a 2-process run, with a fake coordination service."""
-    client = FakeClient()
-    monkeypatch.setattr(process_failure, "coordination_client", lambda: client)
-    monkeypatch.setattr(process_failure, "_runs", 0)
-    monkeypatch.setattr(process_failure, "_published", {})
-    monkeypatch.setattr(process_failure.jax, "process_index", lambda: 0)
-    return client
 
 
 def test_a_setup_failure_is_published_for_the_others(process_0_of_2):
