@@ -153,3 +153,15 @@ def test_generation_prompts_of_rows_with_tools_render_with_tool_use():
     row = {"messages": TOOL_CHAT, "tools": json.dumps([WEATHER_TOOL])}
     prompt_ids, _ = prompt_and_reference(row, tokenizer, CONVERSATIONAL, OPTIONS)
     assert "Tools:" in tokenizer.decode(prompt_ids)
+
+
+def test_a_tool_use_template_without_markers_is_refused_only_for_rows_with_tools():
+    """Rows without tools render with `default`: its markers are what assistant_only_loss needs; a row with tools
+    that would render with an unmarked `tool_use` is refused, naming the row."""
+    unmarked = CHATML.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    tokenizer = _named_tokenizer({"default": CHATML, "tool_use": unmarked})
+    tokenized, _ = tokenize_sft_dataset(_rows({"messages": CHAT}, {"messages": CHAT}), tokenizer, OPTIONS)
+    assert len(tokenized) == 2
+    with pytest.raises(DataError, match=r"Example 1 .*generation"):
+        tokenize_sft_dataset(_rows({"messages": CHAT, "tools": None},
+                                   {"messages": TOOL_CHAT, "tools": json.dumps([WEATHER_TOOL])}), tokenizer, OPTIONS)

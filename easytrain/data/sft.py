@@ -236,9 +236,9 @@ def _check_options(tokenizer: PreTrainedTokenizerBase, options: SFTDataOptions,
             f"{dataset.column_names}); set `assistant_only_loss=False` or convert the data."
         )
     if uses_template:
-        for template in chat_templates_of(tokenizer, options.chat_template):
-            if options.assistant_only_loss:
-                require_generation_markers(template)
+        templates = chat_templates_of(tokenizer, options.chat_template)  # named ones: a `default` is required
+        if options.assistant_only_loss and len(templates) == 1:  # named ones: each row's, as it renders (tools pick)
+            require_generation_markers(templates[0])
 
 
 def _render(example: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase,
