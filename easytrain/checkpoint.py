@@ -30,102 +30,21 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import jax
 import orbax.checkpoint as ocp
 
 from easytrain import checkpoint_items, integrity
 from easytrain.checkpoint_dirs import (CHECKPOINTS_DIRNAME, LATEST_ALIASES, CheckpointNotFoundError, finalized_steps,
                                        resolve_checkpoint)
+from easytrain.checkpoint_signatures import (CheckpointMismatchError, Signature, check_signatures,  # noqa: F401
+                                             path_name, tree_signature)
 from easytrain.retention import best_index, metric_value, preservation_policy
-from easytrain.errors import EasytrainError
 
 __all__ = ["CHECKPOINTS_DIRNAME", "LATEST_ALIASES", "CheckpointManager", "CheckpointMismatchError",
            "CheckpointNotFoundError", "finalized_steps", "resolve_checkpoint"]
-
-Signature = dict[str, tuple[tuple[int, ...], str]]
-
-
-class CheckpointMismatchError(EasytrainError, ValueError):
-    """The stored state tree differs from the tree the caller wants to restore into.
-
-    Attributes:
-        missing: Keys the caller expects but the checkpoint lacks.
-        unexpected: Keys stored in the checkpoint that the caller does not expect.
-        mismatched: ``key -> (stored, expected)`` shape/dtype descriptions.
-    """
-
-    def __init__(self, missing: list[str], unexpected: list[str], mismatched: dict[str, tuple[str, str]]):
-        self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
-        lines = ["checkpoint does not match the state to restore into (nothing was loaded; another optimizer, "
-                 "param_dtype or model than the checkpoint's, or a damaged checkpoint: resume an earlier step?):"]
-        lines += _first(f"  missing in checkpoint: {key}" for key in missing)
-        lines += _first(f"  unexpected in checkpoint: {key}" for key in unexpected)
-        lines += _first(f"  {key}: stored {got}, expected {want}" for key, (got, want) in mismatched.items())
-        super().__init__("\n".join(lines))
-
-
-def _first(lines: Iterable[str], shown: int = 8) -> list[str]:
-    """At most `shown` lines, then how many more there were: a whole optimizer state would fill a screen."""
-    lines = list(lines)
-    return lines if len(lines) <= shown else lines[:shown] + [f"  ... and {len(lines) - shown} more"]
-
-
-# ----------------------------------------------------------------------------- tree metadata
-
-
-def _key_name(entry: Any) -> str:
-    """One path entry as Orbax names it (dict key, attribute or index)."""
-    for attr in ("key", "name", "idx"):
-        if hasattr(entry, attr):
-            return str(getattr(entry, attr))
-    return str(entry)
-
-
-def path_name(path: tuple[Any, ...]) -> str:
-    """Dotted name of a pytree path; dicts, dataclasses and namedtuples agree."""
-    return ".".join(_key_name(entry) for entry in path)
-
-
-def _leaf_signature(leaf: Any) -> tuple[tuple[int, ...], str]:
-    """(shape, dtype) as stored on disk; typed PRNG keys are stored as raw key data."""
-    dtype = getattr(leaf, "dtype", None)
-    if dtype is None:
-        return tuple(getattr(leaf, "shape", ())), type(leaf).__name__
-    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
-        leaf = jax.eval_shape(jax.random.key_data, leaf)
-    return tuple(leaf.shape), str(leaf.dtype)
-
-
-def tree_signature(tree: Any) -> Signature:
-    """Maps every leaf's dotted path to its (shape, dtype)."""
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {path_name(path): _leaf_signature(leaf) for path, leaf in leaves}
-
-
-def _describe(signature: tuple[tuple[int, ...], str]) -> str:
-    shape, dtype = signature
-    return f"{dtype}{list(shape)}"
-
-
-def check_signatures(stored: Signature, expected: Signature) -> None:
-    """Raises CheckpointMismatchError unless both trees have identical leaves.
-
-    Raises:
-        CheckpointMismatchError: listing missing, unexpected and mismatched keys.
-    """
-    missing = sorted(expected.keys() - stored.keys())
-    unexpected = sorted(stored.keys() - expected.keys())
-    mismatched = {
-        key: (_describe(stored[key]), _describe(expected[key]))
-        for key in sorted(stored.keys() & expected.keys())
-        if stored[key] != expected[key]
-    }
-    if missing or unexpected or mismatched:
-        raise CheckpointMismatchError(missing, unexpected, mismatched)
 
 
 def _json_ready(name: str, value: Mapping[str, Any]) -> dict[str, Any]:

@@ -4,18 +4,18 @@ The math lives in pure functions (`easytrain.steps`, `easytrain.losses`); this c
 them once and drives the loop. Each piece comes from one public hook a subclass may override: the
 data (`prepare_datasets`, `collate`), the module (`create_module`, `trainable`, `configure_frozen`),
 the objective (`compute_loss`), compiled functions (`compile_step`) and one iteration
-(`train_iteration`). docs/custom_trainer.md says which to override for what.
+(`train_iteration`). docs/custom_trainer.md says which to override for what. Mixed in: the protocol's
+properties (`protocol_properties`), what a run records (`run_record`), where its state comes from (`state_hooks`)
+and the language-modelling defaults of the data, module and loss hooks (`language_model`).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -26,7 +26,6 @@ from easytrain.arguments import TrainingArguments
 from easytrain.callbacks import Callback, CallbackList
 from easytrain.checkpoint import CheckpointManager
 from easytrain.chunked_loss import chunking_problem
-from easytrain.config_io import save_arguments
 from easytrain.data import EvalBatches, TrainBatches
 from easytrain.data.batch_checks import TOKEN_FIELDS
 from easytrain.data.token_range import vocab_size_of
@@ -38,9 +37,13 @@ from easytrain.protocol import ConfiguredDataloaders, ConfiguredFunctions, Confi
 from easytrain.state import TrainState, bind
 from easytrain.trainers import adapters, builders, data_agreement, preemption, process_failure, run_lock
 from easytrain.trainers.language_model import LanguageModelHooks
-from easytrain.trainers.loop import LoopParts, TrainLoop, evaluate_batches
-from easytrain.trainers.resume import FORMAT_VERSION, check_run_length, config_dict, restore_step
-from easytrain.trainers.run_dir import check_output_dir, claim_run, rerun_arguments
+from easytrain.trainers.loop import TrainLoop, evaluate_batches
+from easytrain.trainers.loop_parts import LoopParts
+from easytrain.trainers.protocol_properties import ProtocolProperties
+from easytrain.trainers.resume import restore_step
+from easytrain.trainers.resume_checks import check_run_length
+from easytrain.trainers.run_dir import check_output_dir, claim_run
+from easytrain.trainers.run_record import RunRecordHooks
 from easytrain.trainers.run_start import trackers_then_claim
 from easytrain.trainers.state_hooks import TrainStateHooks
 from easytrain.trainers.switches import apply_switches
@@ -48,7 +51,7 @@ from easytrain.trainers.switches import apply_switches
 logger = logging.getLogger("easytrain")
 
 
-class BaseTrainer(TrainStateHooks, LanguageModelHooks):
+class BaseTrainer(ProtocolProperties, RunRecordHooks, TrainStateHooks, LanguageModelHooks):
     """Causal-LM training on one device, a mesh of devices, or many hosts.
 
     Args:
@@ -107,69 +110,6 @@ class BaseTrainer(TrainStateHooks, LanguageModelHooks):
         self.base_fingerprint: dict[str, list[int]] | None = None  # of the frozen base under LoRA
         self.resumed_data_state: dict[str, Any] | None = None
         self.loop: TrainLoop | None = None
-
-    # ------------------------------------------------------------------ protocol properties
-    @property
-    def arguments(self) -> TrainingArguments:
-        return self._arguments
-
-    @property
-    def dataset_train(self) -> Any:
-        self.setup()
-        return self._dataset_train
-
-    @property
-    def dataset_eval(self) -> Any:
-        self.setup()
-        return self._dataset_eval
-
-    @property
-    def model(self) -> nnx.Module:
-        """The module being trained, showing the current state.
-
-        Always the same object (the one passed as `model=`, if any), re-pointed at the current arrays
-        whenever it is read and when `train()` ends, so a reference kept across training stays valid.
-        """
-        self.setup()
-        return bind(self._model.model, self._state)
-
-    @property
-    def state(self) -> Any:
-        self.setup()
-        return self._state
-
-    @property
-    def state_shardings(self) -> Any:
-        """`NamedSharding`s of every state leaf on the current mesh (also the checkpoint restore layout)."""
-        self.setup()
-        return self._model.state_shardings
-
-    @property
-    def dataloaders(self) -> ConfiguredDataloaders:
-        self.setup()
-        return self._data
-
-    @property
-    def functions(self) -> ConfiguredFunctions:
-        self.setup()
-        return self._functions
-
-    @property
-    def dtype(self) -> np.dtype:
-        return jnp.dtype(self._arguments.dtype)
-
-    @property
-    def param_dtype(self) -> np.dtype:
-        return jnp.dtype(self._arguments.param_dtype)
-
-    @property
-    def optimizer(self) -> optax.GradientTransformation:
-        return self.state.tx
-
-    @property
-    def scheduler(self) -> optax.Schedule:
-        self.setup()
-        return self._schedule
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
@@ -379,22 +319,3 @@ class BaseTrainer(TrainStateHooks, LanguageModelHooks):
         """One global array per field from this host's rows (no copy of other hosts' data); the
         `host_only_fields` (bookkeeping such as `example_id`) stay on the host."""
         return builders.to_device_batch(host_batch, self.mesh, self.host_only_fields)
-
-    # ------------------------------------------------------------------ checkpoints and export
-    def checkpoint_manager(self) -> CheckpointManager:
-        self._checkpoints = self._checkpoints or builders.checkpoint_manager(self._arguments)
-        return self._checkpoints
-
-    def run_info(self) -> dict[str, Any]:
-        """Everything besides arrays that a checkpoint must carry to be resumed or audited."""
-        info = {"format_version": FORMAT_VERSION, "arguments": self._arguments.to_dict(),
-                "model_config": config_dict(self.model_config),
-                "tokenizer_fingerprint": builders.tokenizer_fingerprint(getattr(self, "tokenizer", None)),
-                "mesh": {"devices": self.mesh.size, "shape": dict(self.mesh.shape)}}  # a resume elsewhere warns
-        return info if self.base_fingerprint is None else {**info, "base_fingerprint": self.base_fingerprint}
-
-    def save_arguments(self) -> Path | None:
-        """`arguments.json`: the run's arguments and `task_arguments`, as a rerun continues them (process 0)."""
-        if not self.is_main_process:
-            return None
-        return save_arguments(rerun_arguments(self._arguments), self._arguments.output_dir, self.task_arguments)

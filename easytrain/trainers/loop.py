@@ -2,13 +2,13 @@
 
 Between logging steps nothing blocks on device values, so the host prepares batch N+1 while the
 device runs step N; a logging step's metrics are fetched once the step after it is queued. The loop gets
-every collaborator explicitly (`LoopParts`); it knows no trainer class and no batch field by name.
+every collaborator explicitly (`LoopParts`); it knows no trainer class and no batch field by name. How a run ends
+(final checkpoint, best model, export, closing) is `loop_ending.LoopEnding`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -17,56 +17,20 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import jax
 
 from easytrain import flops, heap, metrics as metrics_lib, profiling, stop_signals, throughput
-from easytrain.arguments import TrainingArguments
-from easytrain.callbacks import CallbackList
-from easytrain.checkpoint import CheckpointManager
 from easytrain.data.position import position_mismatch
 from easytrain.errors import OutputDirError
 from easytrain.jobs import outcome_of
 from easytrain.memory_plan import MemoryPlan
-from easytrain.protocol import ConfiguredDataloaders
 from easytrain.reporting import Reporter
 from easytrain.trainers import due, non_finite, process_failure, run_dir, run_end
-from easytrain.trainers.preemption import PreemptionWatcher, TrainingPreempted
+from easytrain.trainers.loop_ending import LoopEnding
+from easytrain.trainers.loop_parts import HostBatch, LoopParts
+from easytrain.trainers.preemption import PreemptionWatcher
 
 logger = logging.getLogger("easytrain")
-HostBatch = Mapping[str, Any]
 #: Steps the host may dispatch ahead of the device. Past 32 queued programs per device, XLA:CPU's runtime
 #: blocks a launch on one of the threads its queued collectives need, and a multi-device CPU mesh deadlocks.
 MAX_STEPS_IN_FLIGHT = 16
-
-
-@dataclasses.dataclass
-class LoopParts:
-    """What one training run uses.
-
-    `iteration(state, device_batch) -> (state, metrics)` is one iteration (by default one compiled
-    train step; a subclass may run several updates per batch). `publish(state)` hands the newest state
-    to its owner after every iteration, so callbacks and evaluators see it. `owner` is passed to the
-    callbacks, which may set `owner.should_stop`. `count_tokens`, `count_token_slots` and `model_flops`
-    read each host batch for the throughput logs (`easytrain.throughput`). `plan_memory(state, device_batch)`
-    runs once, before the first iteration: it may compile ahead and check memory (`easytrain.memory_plan`).
-    `resumed_from`: the checkpoint the run resumed from (None: a fresh run), kept as it is by a stop before step one.
-    """
-
-    arguments: TrainingArguments
-    data: ConfiguredDataloaders
-    iteration: Callable[[Any, Mapping[str, jax.Array]], tuple[Any, dict[str, Any]]]
-    to_device: Callable[[HostBatch], Mapping[str, jax.Array]]
-    count_tokens: Callable[[HostBatch], int]
-    publish: Callable[[Any], None]
-    checkpoints: CheckpointManager
-    run_info: Callable[[], dict[str, Any]]
-    evaluate: Callable[[], dict[str, float]]
-    export: Callable[[Path], Any]
-    restore_best: Callable[[int, Any], Any]
-    callbacks: CallbackList
-    owner: Any
-    is_main_process: bool
-    count_token_slots: Callable[[HostBatch], tuple[int, int]] = lambda batch: (0, 0)
-    model_flops: Callable[[HostBatch], float] = lambda batch: 0.0
-    plan_memory: Callable[[Any, Mapping[str, jax.Array]], MemoryPlan | None] = lambda state, batch: None
-    resumed_from: str | None = None
 
 
 #: Eval batches dispatched between waits (each queues its step and its metrics' merges), for the reason of
@@ -87,7 +51,7 @@ def evaluate_batches(eval_step: Callable[[Mapping[str, jax.Array], int], dict[st
     return metrics_lib.reduce_window([metrics_lib.fetch(merged)], prefix="eval_")
 
 
-class TrainLoop:
+class TrainLoop(LoopEnding):
     """One call of `train()`: iterate, log, evaluate, checkpoint, from a given state and data position."""
 
     def __init__(self, parts: LoopParts):
@@ -248,76 +212,6 @@ class TrainLoop:
             logger.info("compiled the train step in %.2f s%s", self.compile_seconds, planned)
             self.window_start = time.perf_counter()
         return metrics
-
-    def finish(self, step: int) -> None:
-        self.checkpoint_now(step)
-        if step == self.start_step:  # nothing trained (a finished run started again): its last train logs
-            self.last_logs = run_end.saved_train_logs(self.parts.resumed_from, self.manager)
-        run_end.log_early_stop(self.parts.callbacks, self.parts.owner.should_stop, step, self.data.total_steps)
-        if self.args.load_best_model_at_end:
-            self.load_best(step)
-        self.parts.callbacks.on_train_end(self.parts.owner)
-        if self.args.save_pretrained_at_end:
-            self.parts.export(Path(self.args.output_dir) / "final_model")
-
-    def checkpoint_now(self, step: int, *, force: bool = False) -> str | None:
-        """Log pending metrics and complete a checkpoint of `step` (none under save_strategy='no').
-
-        Returns the checkpoint's path. `force` saves even if `step` is not newer than the latest checkpoint.
-        """
-        if self.pending:
-            self.log(step)
-        if self.args.save_strategy == "no":
-            return None
-        self.save(step, force=force)  # a no-op for a step already saved
-        self.manager.wait_until_finished()
-        return str(self.manager.directory / str(step))
-
-    def stop_for_signal(self, step: int) -> None:
-        """Checkpoint the state after `step`, flush the logs, and leave with `PREEMPTED_EXIT_CODE`."""
-        checkpoint = self.checkpoint_now(step, force=True)  # the process may be killed soon after: complete it
-        error = TrainingPreempted(step, self.preemption.received or "a signal", checkpoint)
-        logger.warning("%s", error)
-        raise error
-
-    def shut_down(self, *, failing: bool, status: str = "completed") -> None:
-        """However the loop ends: close the logs and the data prefetch threads, let in-flight saves finish so
-        they are complete (or cleanly absent), and give the host memory they freed back (`easytrain.heap`).
-
-        A background save error is raised, unless the loop is already failing with another error (then
-        it is logged), so it is never swallowed. `status` (completed, failed, stopped) goes to the trackers.
-        A trace still running (`profile_steps` past the run's end) is written, as far as it got.
-        """
-        self.end_profile(failing)
-        self.reporter.close(status)
-        self.iterator.close()
-        try:
-            self.manager.wait_until_finished()
-        except Exception:
-            if not failing:
-                raise
-            logger.exception("a background checkpoint save failed while training was stopping")
-        self.heap.check(saving=False)
-
-    def end_profile(self, failing: bool) -> None:
-        """Write a trace the run ended inside of: after the device's work, unless the run is failing (its state
-        may never be ready)."""
-        if self.profiler.tracing and not failing:
-            jax.block_until_ready(self.state)
-        self.profiler.stop()
-
-    def load_best(self, step: int) -> None:
-        """Restore the best-ranked checkpoint's state (`load_best_model_at_end`)."""
-        best = self.manager.best_step()
-        if best is None:
-            logger.warning("load_best_model_at_end: no checkpoint has %s; keeping the final state",
-                           self.args.metric_for_best_model)
-            return
-        if best != step:
-            self.state = self.parts.restore_best(best, self.state)
-            self.parts.publish(self.state)
-        logger.info("load_best_model_at_end: loaded step %d (%s)", best, self.args.metric_for_best_model)
-        self.last_logs = {**self.last_logs, "best_step": best}
 
     # ------------------------------------------------------------------ events
     def log(self, step: int, overlapping: bool = False, checking: bool = True) -> None:

@@ -1,0 +1,238 @@
+"""Whether a checkpoint can continue this run: its `run_info` compared with this run's before anything is restored.
+
+A change that would not fit the stored arrays (architecture, optimizer, `param_dtype`, LoRA settings) or would
+change which examples the resumed run sees (the data-order fields, the tokenizer, the task's own settings, the
+training data itself) is refused naming the fields and the rerun that restores them; one that only bends the curve
+(schedule, compute settings, another mesh) is warned about. `allow_data_order_change` lets data changes through.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Collection, Mapping
+from pathlib import Path
+from typing import Any
+
+from easytrain.config_io import ARGUMENTS_FILE
+from easytrain.data.position import DIGEST_KEY, compared_keys
+from easytrain.errors import ArgumentError
+from easytrain.lora_config import targets_from_arguments
+from easytrain.trainers.adapters import check_base
+
+logger = logging.getLogger("easytrain")
+
+#: The run_info layout this easytrain writes (`BaseTrainer.run_info`) and reads back on resume.
+FORMAT_VERSION = 1
+# Changing any of these would silently change which examples a resumed run sees, or in what order. The tokenizer
+# (`tokenizer_name`, else `model_name_or_path`) is one too: other ids for the same text (`_tokenizer_change`).
+DATA_ORDER_FIELDS = ("seed", "train_batch_size", "dataset_name", "dataset_config_name", "train_file",
+                     "max_length", "text_column", "max_train_samples", "validation_split_percentage")
+# Changing these is allowed (e.g. training longer) but bends the learning-rate curve from the restored step on.
+SCHEDULE_FIELDS = ("max_steps", "num_train_epochs", "learning_rate", "lr_scheduler_type", "warmup_ratio",
+                   "warmup_steps")
+# What the adapters are: a change would not fit (or not mean the same on) the checkpoint's adapters.
+LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_train_embeddings",
+               "lora_train_norms", "lora_use_rslora")
+# What the stored arrays are: another optimizer has other state, another param_dtype other dtypes.
+STATE_FIELDS = ("optimizer", "param_dtype")
+# What the steps compute with: the stored arrays fit another value, but every later step's numbers change.
+COMPUTE_FIELDS = ("dtype", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm",
+                  "gradient_accumulation_steps")
+# Config keys that decide the function the model computes (its shapes, and what it computes with them: RoPE,
+# activation, norm epsilon, biases, attention windows), compared between the checkpoint and the model about to be
+# trained. Ids of special tokens, dtype, initialisation and version stamps are left out: they change nothing a
+# resumed run computes.
+ARCHITECTURE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings",
+                     "hidden_act", "rms_norm_eps", "rope_parameters", "rope_theta", "rope_scaling",
+                     "partial_rotary_factor", "attention_bias", "mlp_bias", "sliding_window", "use_sliding_window",
+                     "max_window_layers", "layer_types")
+
+
+# Arguments that say how to start, not what the run is: they differ on every resume and are not listed.
+FREE_ON_RESUME = ("resume_from_checkpoint", "overwrite_output_dir", "allow_data_order_change")
+#: How many differing arguments a refusal lists (then "and N more").
+MAX_LISTED = 8
+
+
+def _differences(stored: dict[str, Any], current: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
+    return [f"{key}: checkpoint {stored.get(key)!r} vs now {current.get(key)!r}"
+            for key in keys if stored.get(key) != current.get(key)]
+
+
+def _architecture_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Keys a checkpoint written before they were recorded lacks are not compared: absent is not "changed"."""
+    return _differences(stored, current, tuple(key for key in ARCHITECTURE_KEYS if key in stored and key in current))
+
+
+def config_dict(config: Any) -> dict[str, Any] | None:
+    """A Hugging Face config as plain JSON values, every key (not only those differing from the class defaults, so
+    a resume can compare them all); None for models without one."""
+    return json.loads(config.to_json_string(use_diff=False)) if hasattr(config, "to_json_string") else None
+
+
+def check_resumable(run_info: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Refuse a resume whose model, data order or task settings differ from the checkpoint's. `run_info` is
+    the checkpoint's, `current` this run's (`BaseTrainer.run_info()`); a task's own options (its
+    `task_arguments`: SFT's packing, a distillation teacher) must match like the data-order fields.
+
+    Returns the data-order changes that `allow_data_order_change` let through (empty for an exact resume).
+    """
+    check_format(run_info)
+    stored_config = run_info.get("model_config") or {}
+    current_config = current.get("model_config") or {}
+    if stored_config and current_config:
+        diffs = _architecture_differences(stored_config, current_config)
+        if diffs:
+            raise ArgumentError("model_config", "the checkpoint was trained with a different architecture ("
+                                + "; ".join(diffs) + "). Resume with the same model, or start a new output_dir."
+                                + rerun_hint(run_info.get("arguments") or {}, current["arguments"]))
+    stored_args, current_args = run_info.get("arguments") or {}, current["arguments"]
+    for name in STATE_FIELDS:
+        if name in stored_args and stored_args[name] != current_args.get(name):
+            raise ArgumentError(name, f"the checkpoint's state was saved for another {name} (checkpoint "
+                                f"{stored_args[name]!r} vs now {current_args.get(name)!r}). Resume with the "
+                                "checkpoint's value, or start a new run from its weights with --init_weights_from "
+                                "(a fresh optimizer state).")
+    if lora_diffs := _differences(_lora_settings(stored_args), _lora_settings(current_args),
+                                  tuple(k for k in LORA_FIELDS if k in stored_args)):
+        raise ArgumentError(lora_diffs[0].split(":")[0], "the checkpoint's adapters were trained with other LoRA "
+                            "settings (" + "; ".join(lora_diffs) + "). Resume with the same lora_* arguments, or "
+                            "start a new output_dir.")
+    layout_changed = stored_scan_layers(run_info) not in (None, current_args.get("scan_layers"))
+    if run_info.get("base_fingerprint") and layout_changed:
+        raise ArgumentError("scan_layers", "the checkpoint's adapters were trained with scan_layers="
+                            f"{stored_scan_layers(run_info)}, and their frozen base is checked by per-layout "
+                            "fingerprints; resume with the same scan_layers, or start a new output_dir.")
+    check_base(run_info, current)
+    if schedule_diffs := _differences(stored_args, current_args, SCHEDULE_FIELDS):
+        logger.warning("resuming with a different learning-rate schedule (%s): from the restored step on, the "
+                       "curve differs from the one the checkpointed run would have followed", "; ".join(schedule_diffs))
+    if compute_diffs := _differences(stored_args, current_args, tuple(k for k in COMPUTE_FIELDS if k in stored_args)):
+        logger.warning("resuming with other settings of what each step computes (%s): the restored state fits, but "
+                       "the steps from here on are not what the checkpointed run would have computed (resume with the "
+                       "checkpoint's values for an exact continuation)", "; ".join(compute_diffs))
+    if run_info.get("mesh") not in (None, current.get("mesh")):
+        logger.warning("resuming on another mesh (checkpoint %s vs now %s): the state is restored into the new layout, "
+                       "but each step's sums run in another order, so the curve continues to rounding, not bit for "
+                       "bit", run_info["mesh"], current.get("mesh"))
+    order = (_differences(stored_args, current_args, DATA_ORDER_FIELDS)
+             + _tokenizer_change(stored_args, current_args, run_info, current))
+    stored_task, current_task = run_info.get("task_arguments") or {}, current.get("task_arguments") or {}
+    task = _differences(stored_task, current_task, tuple(sorted(stored_task.keys() | current_task.keys())))
+    diffs = order + task
+    altered = " and ".join(what for what, changed in (("the data order", order), (
+        "the task's own settings (its trainer's run_info()['task_arguments'])", task)) if changed)
+    if diffs and current_args.get("allow_data_order_change"):
+        logger.warning("resuming with changed settings (%s): allow_data_order_change is set, so the run continues "
+                       "under the new ones from the restored step (the data in their order)", "; ".join(diffs))
+    elif diffs:
+        raise ArgumentError("resume_from_checkpoint", f"these arguments changed since the checkpoint and would alter "
+                            f"{altered} of the resumed run ({'; '.join(diffs)}). Restore their values, pass "
+                            "--allow_data_order_change to continue anyway, or start a new output_dir."
+                            + rerun_hint(stored_args, current_args, shown=[diff.split(":")[0] for diff in diffs],
+                                         always=True))
+    return diffs
+
+
+def rerun_hint(stored: dict[str, Any], current: dict[str, Any], shown: Collection[str] = (),
+               always: bool = False) -> str:
+    """Where a resume is refused for a change: every argument that differs from the checkpoint's saved ones (a
+    resume given only `--output_dir` and `--resume_from_checkpoint` leaves the data and tokenizer flags out, and
+    the refusal would otherwise blame only their effect) and the rerun that restores them all. Empty if none
+    differs, unless `always`."""
+    names = [name for name in dict.fromkeys([*stored, *current])
+             if name not in FREE_ON_RESUME and name not in shown and stored.get(name) != current.get(name)]
+    if not names and not always:
+        return ""
+    listed = "; ".join(f"{name}: checkpoint {_short(stored.get(name))} vs now {_short(current.get(name))}"
+                       for name in names[:MAX_LISTED])
+    more = f"; and {len(names) - MAX_LISTED} more" if len(names) > MAX_LISTED else ""
+    what = "Other arguments" if shown else "Arguments"
+    others = f" {what} that differ from the checkpoint's: {listed}{more}." if names else ""
+    config = Path(str(stored.get("output_dir") or current.get("output_dir") or "<output_dir>")) / ARGUMENTS_FILE
+    return (f"{others} To resume with the checkpoint's own settings: easytrain train --config {config} (plus only "
+            "the flags you mean to change).")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _lora_settings(args: dict[str, Any]) -> dict[str, Any]:
+    """The LoRA fields as compared: targets as `LoRAConfig` reads them (split at commas), names as a set (unordered)."""
+    targets = args.get("lora_target_modules")
+    targets = targets_from_arguments(targets) if isinstance(targets, (list, tuple)) else targets
+    return {**args, "lora_target_modules": sorted(set(targets)) if isinstance(targets, list) else targets}
+
+
+def _tokenizer_change(stored: dict[str, Any], current: dict[str, Any], stored_info: dict[str, Any],
+                      current_info: dict[str, Any]) -> list[str]:
+    """The tokenizer the run loads (`tokenizer_name`, else `model_name_or_path`'s), if it changed: another one gives
+    other token ids for the same text, even at the same vocabulary size. Compared by its `tokenizer_fingerprint`
+    where both runs recorded one (a tokenizer moved to another path is the same), else by its path."""
+    before, now = (args.get("tokenizer_name") or args.get("model_name_or_path") for args in (stored, current))
+    fingerprints = stored_info.get("tokenizer_fingerprint"), current_info.get("tokenizer_fingerprint")
+    if (fingerprints[0] == fingerprints[1]) if all(fingerprints) else before == now:
+        return []
+    named = stored.get("tokenizer_name") or current.get("tokenizer_name")
+    return [f"tokenizer_name{'' if named else ' (from model_name_or_path)'}: checkpoint {before!r} vs now {now!r}"]
+
+
+def check_run_length(total_steps: int, step: int) -> None:
+    """Before training from a checkpoint: a run that ends (`max_steps`, `num_train_epochs`) before the checkpoint's
+    step has nothing to train, and would log step 4 of 2. Evaluating that checkpoint is fine."""
+    if total_steps < step:
+        raise ArgumentError("max_steps", f"{total_steps} is below the checkpoint's step {step}: the resumed run would "
+                            f"have nothing to train. Pass --max_steps above {step} to train on, or start a new run "
+                            "(in another --output_dir) to train for fewer steps.")
+
+
+def check_data_position(position: dict[str, Any], fingerprint: Mapping[str, Any] | None, allow: bool) -> bool:
+    """Whether the saved data position can be kept: it was saved for the same data (`fingerprint`, the loader's
+    `seed`, `global_batch_size`, `num_rows` and `data_digest`, the rows' content). The same arguments over other
+    files, another dataset version or edited rows (another `dataset_train` of the same length) change `num_rows` or
+    the digest: refused like a data-order change, or, under `allow_data_order_change`, the position is dropped and
+    the data starts afresh (in the new data's order) at the restored step. A position saved before digests were
+    recorded is compared without one. Without a fingerprint (a loader of the trainer's own) nothing is compared
+    here; the loader checks when the position is set."""
+    if fingerprint is None:
+        return True
+    if not (diffs := _differences(position, dict(fingerprint), compared_keys(position, fingerprint))):
+        return True
+    described = "; ".join(diffs)
+    if allow:
+        logger.warning("the training data changed since the checkpoint (%s): allow_data_order_change is set, so the "
+                       "data starts afresh at the restored step, in the new data's order", described)
+        return False
+    what = ("the same number of rows with other content (edited examples, or another dataset of the same length)"
+            if all(diff.startswith(DIGEST_KEY) for diff in diffs)
+            else "the files or the dataset version behind them differ")
+    raise ArgumentError("resume_from_checkpoint", f"the training data changed since the checkpoint ({described}), "
+                        f"with the same arguments: {what}, and the restored data position would pick other examples "
+                        "than the interrupted run's. Restore the data it was trained on, pass "
+                        "--allow_data_order_change to continue from the restored step in the new data's order, or "
+                        "start a new output_dir.")
+
+
+def check_format(run_info: dict[str, Any]) -> None:
+    """Refuse a run_info this easytrain cannot check a resume against: one without its version or arguments
+    (damaged, edited, another tool's), which would otherwise read as every setting changed, or a newer one."""
+    fix = "or start a new output_dir from its weights with --init_weights_from."
+    missing = [name for name, kind in (("format_version", int), ("arguments", dict))
+               if not isinstance(run_info.get(name), kind)]
+    if missing:
+        raise ArgumentError("resume_from_checkpoint", f"the checkpoint's run_info records no {' and no '.join(missing)}"
+                            " (it was damaged, edited, or written by another tool), so nothing shows what run it "
+                            f"continues. Resume a checkpoint this trainer wrote, {fix}")
+    if run_info["format_version"] > FORMAT_VERSION:
+        raise ArgumentError("resume_from_checkpoint", f"the checkpoint's run_info has format_version "
+                            f"{run_info['format_version']}, written by a newer easytrain (this one reads "
+                            f"{FORMAT_VERSION}). Upgrade easytrain to resume it, {fix}")
+
+
+def stored_scan_layers(run_info: dict[str, Any]) -> bool | None:
+    """The `scan_layers` the checkpoint was written with; None where its arguments do not record one."""
+    return (run_info.get("arguments") or {}).get("scan_layers")

@@ -1,0 +1,38 @@
+"""What a run records beside its arrays (mixed into `BaseTrainer`): the `run_info` each checkpoint carries, so a
+resume can be checked before any array is read, `arguments.json` in `output_dir`, so a rerun continues the same
+job, and the checkpoint manager that writes the checkpoints.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from easytrain.checkpoint import CheckpointManager
+from easytrain.config_io import save_arguments
+from easytrain.trainers import builders
+from easytrain.trainers.resume_checks import FORMAT_VERSION, config_dict
+from easytrain.trainers.run_dir import rerun_arguments
+
+
+class RunRecordHooks:
+    """`checkpoint_manager`, `run_info` (a task trainer adds its own entries with `super().run_info()`) and
+    `save_arguments`."""
+
+    def checkpoint_manager(self) -> CheckpointManager:
+        self._checkpoints = self._checkpoints or builders.checkpoint_manager(self._arguments)
+        return self._checkpoints
+
+    def run_info(self) -> dict[str, Any]:
+        """Everything besides arrays that a checkpoint must carry to be resumed or audited."""
+        info = {"format_version": FORMAT_VERSION, "arguments": self._arguments.to_dict(),
+                "model_config": config_dict(self.model_config),
+                "tokenizer_fingerprint": builders.tokenizer_fingerprint(getattr(self, "tokenizer", None)),
+                "mesh": {"devices": self.mesh.size, "shape": dict(self.mesh.shape)}}  # a resume elsewhere warns
+        return info if self.base_fingerprint is None else {**info, "base_fingerprint": self.base_fingerprint}
+
+    def save_arguments(self) -> Path | None:
+        """`arguments.json`: the run's arguments and `task_arguments`, as a rerun continues them (process 0)."""
+        if not self.is_main_process:
+            return None
+        return save_arguments(rerun_arguments(self._arguments), self._arguments.output_dir, self.task_arguments)
