@@ -72,7 +72,7 @@ class ReinforceTrainer(BaseTrainer):
 
 def arguments(output_dir: str, max_steps: int, **overrides) -> TrainingArguments:
     settings = dict(output_dir=output_dir, max_steps=max_steps, max_length=32, train_batch_size=16,
-                    learning_rate=1e-2, warmup_steps=0, lr_scheduler_type="constant", max_train_samples=512,
+                    learning_rate=1e-2, warmup_ratio=0.0, lr_scheduler_type="constant", max_train_samples=512,
                     eval_strategy="no", save_strategy="steps", save_steps=max(1, max_steps // 2),
                     logging_steps=max(1, max_steps // 10), save_pretrained_at_end=False)
     return TrainingArguments(**{**settings, **overrides})

@@ -34,3 +34,13 @@ def test_the_reward_rises_and_a_resume_continues_the_same_run(example, tmp_path)
 
 def test_it_says_how_to_run_it():
     assert "python examples/reinforce.py" in SCRIPT.read_text()
+
+
+def test_every_update_runs_at_the_full_learning_rate(example, tmp_path):
+    """The example asks for a constant rate without warmup: its first rollout is not spent at learning rate 0, and
+    the curve does not depend on --max_steps (else a run extended with --resume would differ from a longer one)."""
+    from easytrain.optim import build_schedule
+
+    for steps in (20, 40):
+        schedule = build_schedule(example.arguments(str(tmp_path), steps), steps)
+        np.testing.assert_allclose([float(schedule(update)) for update in range(steps)], 1e-2, rtol=1e-6)
