@@ -134,3 +134,9 @@ def test_a_text_column_is_refused_by_dpo(tmp_path):
 
     with pytest.raises(ArgumentError, match="text_column: 'body' is not read by DPO"):
         DPOTrainer(TrainingArguments(output_dir=str(tmp_path / "run"), text_column="body"))
+
+
+def test_one_loss_name_as_a_string_is_that_loss():
+    """docs/dpo.md: `loss_type` is one name or a list (as TRL takes it); a string is not read letter by letter."""
+    assert DPOArguments(loss_type="ipo").loss_type == ["ipo"]
+    assert DPOArguments(loss_type="ipo", loss_weights=[0.5]).loss_weights == [0.5]

@@ -50,6 +50,8 @@ class DPOArguments:
                                               "pairs, as in SFT).")
 
     def __post_init__(self) -> None:
+        if isinstance(self.loss_type, str):  # one name, as TRL takes it (not read letter by letter)
+            self.loss_type = [self.loss_type]
         unknown = [name for name in self.loss_type if name not in PREFERENCE_LOSSES]
         checks = [
             (not self.loss_type or unknown, "loss_type", f"unknown loss(es) {unknown}; choose from "
