@@ -40,7 +40,7 @@ def rope_theta(config: transformers.LlamaConfig) -> float:
     if rope_type != "default":
         raise UnsupportedConfigError(
             f"config.rope_parameters['rope_type'] = {rope_type!r} is not supported; "
-            "only 'default' RoPE is implemented. Use a checkpoint without RoPE scaling."
+            "only 'default' RoPE is implemented. Use a checkpoint or config without RoPE scaling."
         )
     if "rope_theta" not in rope:
         raise ConfigError("config.rope_parameters has no 'rope_theta'; set it (e.g. 10000.0).")
@@ -159,3 +159,11 @@ def features_of(config: transformers.PretrainedConfig) -> ArchFeatures:
             f"config.sliding_window = {config.sliding_window} must be a positive number of tokens."
         )
     return features
+
+
+def check_buildable(config: transformers.PretrainedConfig) -> None:
+    """Every refusal the model's construction makes from ``config`` alone (family, training fields, windows,
+    RoPE, activation), run without building it: a trainer asks before it prepares any data."""
+    features_of(config)
+    rope_theta(config)
+    activation_name(config)

@@ -28,6 +28,7 @@ from easytrain.data.loader import count_rows
 from easytrain.data.order import warn_rows_left_out
 from easytrain.data.progress_bars import datasets_progress_bars
 from easytrain.errors import ArgumentError, TrainedAlreadyError
+from easytrain.models.families import ConfigError, check_buildable
 from easytrain.models.presets import llama_config
 from easytrain.tasks import arithmetic
 from easytrain.trainers import given_data
@@ -143,14 +144,21 @@ def ensure_pad_token(tokenizer: Any) -> transformers.PreTrainedTokenizerBase:
 
 
 def build_model_config(args: TrainingArguments, tokenizer: transformers.PreTrainedTokenizerBase):
-    """The architecture: the pretrained model's config, or a preset/config file sized to the tokenizer."""
+    """The architecture: the pretrained model's config, or a preset/config file sized to the tokenizer. What the
+    model cannot build from it is refused here, before any data is prepared, naming the argument that gave it."""
     if args.model_name_or_path:
         config = load_pretrained("model_name_or_path", args.model_name_or_path, transformers.AutoConfig.from_pretrained,
                                  "a model config", "Pass a directory holding a valid config.json (save_pretrained "
                                  "writes one) or the id of a hub model.")
+        field, source = "model_name_or_path", os.fspath(args.model_name_or_path)
     else:
         config = llama_config(args.model_config, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        field, source = "model_config", args.model_config
+    try:
+        check_buildable(config)
+    except ConfigError as error:
+        raise ArgumentError(field, f"the model config of {source!r} cannot be trained: {error}") from error
     if len(tokenizer) > config.vocab_size:
         raise ArgumentError("tokenizer_name", f"the tokenizer has {len(tokenizer)} tokens but the model's "
                                               f"vocab_size is {config.vocab_size}; use the model's own tokenizer.")
