@@ -9,6 +9,7 @@ values. The signatures come from metadata only (`CheckpointManager.stored_signat
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -29,12 +30,35 @@ class CheckpointMismatchError(EasytrainError, ValueError):
 
     def __init__(self, missing: list[str], unexpected: list[str], mismatched: dict[str, tuple[str, str]]):
         self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
-        lines = ["checkpoint does not match the state to restore into (nothing was loaded; another optimizer, "
-                 "param_dtype or model than the checkpoint's, or a damaged checkpoint: resume an earlier step?):"]
+        lines = ["checkpoint does not match the state to restore into (nothing was loaded; another optimizer or "
+                 "optimizer settings, param_dtype or model than the checkpoint's, or a damaged checkpoint: resume an "
+                 "earlier step?):"]
         lines += _first(f"  missing in checkpoint: {key}" for key in missing)
         lines += _first(f"  unexpected in checkpoint: {key}" for key in unexpected)
         lines += _first(f"  {key}: stored {got}, expected {want}" for key, (got, want) in mismatched.items())
         super().__init__("\n".join(lines))
+
+
+class CheckpointStructureError(CheckpointMismatchError):
+    """Every stored array fits the state to restore into, but the two trees have other nodes (Orbax compares the
+    empty ones too: an optimizer's stateless steps). The checkpoint is intact; the run builds another state.
+
+    Attributes:
+        checkpoint: The checkpoint's directory.
+        detail: Orbax's comparison of the two trees.
+    """
+
+    def __init__(self, checkpoint: Path, detail: str):
+        self.checkpoint, self.detail = checkpoint, detail
+        self.missing, self.unexpected, self.mismatched = [], [], {}
+        shown = [line for line in detail.strip().splitlines()[1:] if line.strip() and "partial_restore" not in line]
+        EasytrainError.__init__(self, "\n".join([
+            f"the checkpoint {checkpoint} is intact (nothing was loaded, nothing changed), but this run builds a state "
+            "tree of other nodes around the same arrays: its settings differ from the checkpoint's. Compare this run's "
+            f"arguments with the checkpoint's ({Path(checkpoint) / 'run_info' / 'metadata'}, or the run's "
+            "arguments.json): above all the optimizer's, and a configure_optimizer or model code changed since. "
+            "Where the trees differ (Orbax's Source: this run's state, Target: the checkpoint's):",
+            *_first(shown, shown=12)]))
 
 
 def _first(lines: Iterable[str], shown: int = 8) -> list[str]:

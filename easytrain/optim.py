@@ -6,6 +6,7 @@ shifts warmup or decay.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -45,8 +46,28 @@ def decay_mask(params: optax.Params) -> optax.Params:
     return jax.tree_util.tree_map_with_path(lambda path, p: p.ndim - is_stacked_path(path) > 1, params)
 
 
+#: The arguments `state_switches` reads.
+SWITCH_ARGUMENTS = ("optimizer", "max_grad_norm", "weight_decay", "sgd_momentum")
+
+
+def state_switches(arguments: Mapping[str, Any]) -> dict[str, bool]:
+    """Which optional steps that own a part of the optimizer state `build_optimizer` chains for `arguments` (a
+    run's, or the ones a checkpoint stored), keyed by the argument that switches each: gradient clipping
+    (`max_grad_norm` > 0), Adafactor's weight-decay step (`weight_decay` != 0) and SGD's momentum trace
+    (`sgd_momentum` != 0). Another value of such an argument changes numbers only; another switch changes the
+    state's tree, so a resume compares these. An argument `arguments` lacks (a checkpoint older than it) is left
+    out. AdamW and Lion chain their decay whatever its value."""
+    tests: dict[str, Callable[[Any], bool]] = {"max_grad_norm": lambda norm: norm > 0}
+    if arguments.get("optimizer") == "adafactor":
+        tests["weight_decay"] = bool
+    elif arguments.get("optimizer") == "sgd":
+        tests["sgd_momentum"] = bool
+    return {name: test(arguments[name]) for name, test in tests.items() if name in arguments}
+
+
 def build_optimizer(args: TrainingArguments, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """Clipping (if asked) chained before the chosen optimizer."""
+    """Clipping (if asked) chained before the chosen optimizer; `state_switches` decides each optional step."""
+    switches = state_switches({name: getattr(args, name) for name in SWITCH_ARGUMENTS})
     wd = args.weight_decay
     if args.optimizer == "adamw":
         opt = optax.adamw(schedule, b1=args.adam_beta1, b2=args.adam_beta2, eps=args.adam_epsilon,
@@ -54,11 +75,12 @@ def build_optimizer(args: TrainingArguments, schedule: optax.Schedule) -> optax.
     elif args.optimizer == "lion":
         opt = optax.lion(schedule, b1=args.adam_beta1, b2=args.adam_beta2, weight_decay=wd, mask=decay_mask)
     elif args.optimizer == "adafactor":
-        opt = adafactor(schedule, weight_decay_rate=wd or None, weight_decay_mask=decay_mask)  # stacked: per layer
+        opt = adafactor(schedule, weight_decay_rate=wd if switches["weight_decay"] else None,
+                        weight_decay_mask=decay_mask)  # stacked: per layer
     else:
         opt = optax.chain(optax.add_decayed_weights(wd, mask=decay_mask),
-                          optax.sgd(schedule, momentum=args.sgd_momentum or None))
-    if args.max_grad_norm > 0:
+                          optax.sgd(schedule, momentum=args.sgd_momentum if switches["sgd_momentum"] else None))
+    if switches["max_grad_norm"]:
         return optax.chain(clip_by_global_norm(args.max_grad_norm), opt)
     return opt
 

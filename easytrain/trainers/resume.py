@@ -1,7 +1,9 @@
 """Resuming: once `resume_checks` found that a checkpoint can continue this run unchanged, restore it in place.
 
 JSON is read first (run_info, the items saved, the data position), so a refused or damaged checkpoint fails before
-any array is loaded; a file that cannot be read fails as `CheckpointReadError`, naming an earlier step to resume.
+any array is loaded; a file that cannot be read fails as `CheckpointReadError`, naming an earlier step to resume, and
+a sound checkpoint whose state tree is not this run's as `CheckpointMismatchError`. The changes a resume allows are
+warned of once the state is restored, after every check that could refuse it.
 """
 
 from __future__ import annotations
@@ -16,14 +18,15 @@ import jax
 
 from easytrain import checkpoint_items
 from easytrain.checkpoint import CheckpointManager
-from easytrain.checkpoint_signatures import CheckpointMismatchError, path_name, tree_signature
+from easytrain.checkpoint_signatures import (CheckpointMismatchError, CheckpointStructureError, path_name,
+                                             tree_signature)
 from easytrain.data.position import DIGEST_KEY
 from easytrain.errors import CheckpointReadError
 from easytrain.models.scan import STACKED, abstract_layer, abstract_stack, stack_layer_dicts, unstack_layer_dicts
 from easytrain.trainers.resume_checks import (  # noqa: F401 (the checks, importable from here as before)
     ARCHITECTURE_KEYS, COMPUTE_FIELDS, DATA_ORDER_FIELDS, FORMAT_VERSION, FREE_ON_RESUME, LORA_FIELDS, MAX_LISTED,
     SCHEDULE_FIELDS, STATE_FIELDS, check_data_position, check_format, check_resumable, check_run_length, config_dict,
-    rerun_hint, stored_scan_layers)
+    refuse_changes, rerun_hint, stored_scan_layers, warn_changes)
 
 logger = logging.getLogger("easytrain")
 
@@ -41,14 +44,14 @@ def restore_checkpoint(checkpoint: tuple[Path, int], current: dict[str, Any], ta
                        data_fingerprint: Mapping[str, Any] | None = None) -> Restored:
     """Validate (the run_info against `current`, the saved data position against the train loader's
     `data_fingerprint`), then restore the state straight into `target`'s shapes and shardings, with the data
-    position and the callbacks' progress."""
+    position and the callbacks' progress; the changes the resume allows are warned of last."""
     root, step = checkpoint
     with CheckpointManager(root, read_only=True) as manager:  # a live run may be writing there
         try:
             run_info = manager.read_run_info(step)
         except Exception as error:  # any unreadable file means the same to the user: use another checkpoint
             raise _unreadable(root, step, manager.all_steps(), error) from error
-        data_order_changed = check_resumable(run_info, current)
+        data_order_changed = refuse_changes(run_info, current)
         try:
             manager.check_items(step)
             recorded = checkpoint_items.recorded_items(root / str(step))
@@ -71,9 +74,20 @@ def restore_checkpoint(checkpoint: tuple[Path, int], current: dict[str, Any], ta
         except CheckpointMismatchError:
             raise
         except Exception as error:
+            if is_structure_mismatch(error):
+                raise CheckpointStructureError(root / str(step), str(innermost(error))) from error
             raise _unreadable(root, step, manager.all_steps(), error) from error
+    warn_changes(run_info, current)  # only now: every refusal check passed
     logger.info("resumed from %s at step %d", root / str(step), step)
     return Restored(state, data_state if keep_position else None, progress.get("callbacks", {}))
+
+
+def is_structure_mismatch(error: BaseException) -> bool:
+    """Whether Orbax refused `error`'s restore for a state tree of other nodes than the checkpoint's, with the same
+    arrays (`check_signatures` compares those first): empty nodes, such as an optimizer's stateless steps, count.
+    The checkpoint is sound; the run builds another state."""
+    reason = innermost(error)
+    return isinstance(reason, ValueError) and "tree structures do not match" in str(reason)
 
 
 def _read_position(manager: CheckpointManager, root: Path, step: int,

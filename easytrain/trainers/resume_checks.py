@@ -1,9 +1,10 @@
 """Whether a checkpoint can continue this run: its `run_info` compared with this run's before anything is restored.
 
-A change that would not fit the stored arrays (architecture, optimizer, `param_dtype`, LoRA settings) or would
-change which examples the resumed run sees (the data-order fields, the tokenizer, the task's own settings, the
-training data itself) is refused naming the fields and the rerun that restores them; one that only bends the curve
-(schedule, compute settings, another mesh) is warned about. `allow_data_order_change` lets data changes through.
+A change that would not fit the stored arrays (architecture, optimizer, a setting that adds or removes a part of the
+optimizer state, `param_dtype`, LoRA settings) or would change which examples the resumed run sees (the data-order
+fields, the tokenizer, the task's own settings, the training data itself) is refused naming the fields and the rerun
+that restores them; one that only bends the curve (schedule, compute settings, another mesh) is warned about, once
+every refusal check passed. `allow_data_order_change` lets data changes through.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
+from easytrain.argument_checks import OPTIMIZER_FIELDS
 from easytrain.config_io import ARGUMENTS_FILE
 from easytrain.data.position import DIGEST_KEY, compared_keys
 from easytrain.errors import ArgumentError
 from easytrain.lora_config import targets_from_arguments
+from easytrain.optim import state_switches
 from easytrain.trainers.adapters import check_base
 
 logger = logging.getLogger("easytrain")
@@ -37,8 +40,8 @@ LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules",
 # What the stored arrays are: another optimizer has other state, another param_dtype other dtypes.
 STATE_FIELDS = ("optimizer", "param_dtype")
 # What the steps compute with: the stored arrays fit another value, but every later step's numbers change.
-COMPUTE_FIELDS = ("dtype", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm",
-                  "gradient_accumulation_steps")
+COMPUTE_FIELDS = ("dtype", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "sgd_momentum",
+                  "max_grad_norm", "gradient_accumulation_steps")
 # Config keys that decide the function the model computes (its shapes, and what it computes with them: RoPE,
 # activation, norm epsilon, biases, attention windows), compared between the checkpoint and the model about to be
 # trained. Ids of special tokens, dtype, initialisation and version stamps are left out: they change nothing a
@@ -73,9 +76,21 @@ def config_dict(config: Any) -> dict[str, Any] | None:
 
 
 def check_resumable(run_info: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Refuse a resume whose model, data order or task settings differ from the checkpoint's. `run_info` is
-    the checkpoint's, `current` this run's (`BaseTrainer.run_info()`); a task's own options (its
-    `task_arguments`: SFT's packing, a distillation teacher) must match like the data-order fields.
+    """Refuse a resume whose model, optimizer state, data order or task settings differ from the checkpoint's
+    (`refuse_changes`), then warn of the changes it allows (`warn_changes`).
+
+    Returns the data-order changes that `allow_data_order_change` let through (empty for an exact resume).
+    """
+    allowed = refuse_changes(run_info, current)
+    warn_changes(run_info, current)
+    return allowed
+
+
+def refuse_changes(run_info: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Raise for a change the checkpoint cannot continue under. `run_info` is the checkpoint's, `current` this
+    run's (`BaseTrainer.run_info()`); a task's own options (its `task_arguments`: SFT's packing, a distillation
+    teacher) must match like the data-order fields. Logs nothing: the warnings wait until every refusal check
+    passed.
 
     Returns the data-order changes that `allow_data_order_change` let through (empty for an exact resume).
     """
@@ -95,6 +110,7 @@ def check_resumable(run_info: dict[str, Any], current: dict[str, Any]) -> list[s
                                 f"{stored_args[name]!r} vs now {current_args.get(name)!r}). Resume with the "
                                 "checkpoint's value, or start a new run from its weights with --init_weights_from "
                                 "(a fresh optimizer state).")
+    check_state_switches(stored_args, current_args)
     if lora_diffs := _differences(_lora_settings(stored_args), _lora_settings(current_args),
                                   tuple(k for k in LORA_FIELDS if k in stored_args)):
         raise ArgumentError(lora_diffs[0].split(":")[0], "the checkpoint's adapters were trained with other LoRA "
@@ -106,10 +122,29 @@ def check_resumable(run_info: dict[str, Any], current: dict[str, Any]) -> list[s
                             f"{stored_scan_layers(run_info)}, and their frozen base is checked by per-layout "
                             "fingerprints; resume with the same scan_layers, or start a new output_dir.")
     check_base(run_info, current)
+    order, task = _data_changes(run_info, current)
+    diffs = order + task
+    if diffs and not current_args.get("allow_data_order_change"):
+        altered = " and ".join(what for what, changed in (("the data order", order), (
+            "the task's own settings (its trainer's run_info()['task_arguments'])", task)) if changed)
+        raise ArgumentError("resume_from_checkpoint", f"these arguments changed since the checkpoint and would alter "
+                            f"{altered} of the resumed run ({'; '.join(diffs)}). Restore their values, pass "
+                            "--allow_data_order_change to continue anyway, or start a new output_dir."
+                            + rerun_hint(stored_args, current_args, shown=[diff.split(":")[0] for diff in diffs],
+                                         always=True))
+    return diffs
+
+
+def warn_changes(run_info: dict[str, Any], current: dict[str, Any]) -> None:
+    """Warn of each change `refuse_changes` let through: the resumed curve is no longer the checkpointed run's."""
+    stored_args, current_args = run_info.get("arguments") or {}, current["arguments"]
+    if (diffs := sum(_data_changes(run_info, current), [])) and current_args.get("allow_data_order_change"):
+        logger.warning("resuming with changed settings (%s): allow_data_order_change is set, so the run continues "
+                       "under the new ones from the restored step (the data in their order)", "; ".join(diffs))
     if schedule_diffs := _differences(stored_args, current_args, SCHEDULE_FIELDS):
         logger.warning("resuming with a different learning-rate schedule (%s): from the restored step on, the "
                        "curve differs from the one the checkpointed run would have followed", "; ".join(schedule_diffs))
-    if compute_diffs := _differences(stored_args, current_args, tuple(k for k in COMPUTE_FIELDS if k in stored_args)):
+    if compute_diffs := _differences(stored_args, current_args, _compared_compute_fields(stored_args, current_args)):
         logger.warning("resuming with other settings of what each step computes (%s): the restored state fits, but "
                        "the steps from here on are not what the checkpointed run would have computed (resume with the "
                        "checkpoint's values for an exact continuation)", "; ".join(compute_diffs))
@@ -117,23 +152,55 @@ def check_resumable(run_info: dict[str, Any], current: dict[str, Any]) -> list[s
         logger.warning("resuming on another mesh (checkpoint %s vs now %s): the state is restored into the new layout, "
                        "but each step's sums run in another order, so the curve continues to rounding, not bit for "
                        "bit", run_info["mesh"], current.get("mesh"))
+
+
+def _data_changes(run_info: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """The changes of the data order (arguments, tokenizer) and of the task's own settings, each `key: a vs b`."""
+    stored_args, current_args = run_info.get("arguments") or {}, current["arguments"]
     order = (_differences(stored_args, current_args, DATA_ORDER_FIELDS)
              + _tokenizer_change(stored_args, current_args, run_info, current))
     stored_task, current_task = run_info.get("task_arguments") or {}, current.get("task_arguments") or {}
-    task = _differences(stored_task, current_task, tuple(sorted(stored_task.keys() | current_task.keys())))
-    diffs = order + task
-    altered = " and ".join(what for what, changed in (("the data order", order), (
-        "the task's own settings (its trainer's run_info()['task_arguments'])", task)) if changed)
-    if diffs and current_args.get("allow_data_order_change"):
-        logger.warning("resuming with changed settings (%s): allow_data_order_change is set, so the run continues "
-                       "under the new ones from the restored step (the data in their order)", "; ".join(diffs))
-    elif diffs:
-        raise ArgumentError("resume_from_checkpoint", f"these arguments changed since the checkpoint and would alter "
-                            f"{altered} of the resumed run ({'; '.join(diffs)}). Restore their values, pass "
-                            "--allow_data_order_change to continue anyway, or start a new output_dir."
-                            + rerun_hint(stored_args, current_args, shown=[diff.split(":")[0] for diff in diffs],
-                                         always=True))
-    return diffs
+    return order, _differences(stored_task, current_task, tuple(sorted(stored_task.keys() | current_task.keys())))
+
+
+def _compared_compute_fields(stored: dict[str, Any], current: dict[str, Any]) -> tuple[str, ...]:
+    """The `COMPUTE_FIELDS` the checkpoint recorded, less the optimizer settings this run's optimizer does not read
+    (Adam's betas under SGD: no step computes with them)."""
+    reads = OPTIMIZER_FIELDS.get(current.get("optimizer"))
+    optimizer_settings = {name for names in OPTIMIZER_FIELDS.values() for name in names}
+    return tuple(key for key in COMPUTE_FIELDS
+                 if key in stored and (reads is None or key not in optimizer_settings or key in reads))
+
+
+# Per argument of `state_switches`: what it switches in the optimizer state, and the fix when the checkpoint's state
+# has that part (True) or lacks it (False).
+_SWITCHED = {
+    "max_grad_norm": ("gradient clipping (chained when max_grad_norm > 0)", {
+        True: "any positive max_grad_norm keeps the checkpoint's optimizer state (1e9 to clip effectively never)",
+        False: "max_grad_norm 0 keeps the checkpoint's optimizer state (no clipping)"}),
+    "weight_decay": ("Adafactor's weight-decay step (chained when weight_decay > 0)", {
+        True: "any positive weight_decay keeps the checkpoint's optimizer state (1e-9 to decay effectively never)",
+        False: "weight_decay 0 keeps the checkpoint's optimizer state (no decay)"}),
+    "sgd_momentum": ("SGD's momentum trace (kept when sgd_momentum > 0)", {
+        True: "any positive sgd_momentum keeps the checkpoint's optimizer state (1e-6 is plain SGD in effect)",
+        False: "sgd_momentum 0 keeps the checkpoint's optimizer state (plain SGD)"}),
+}
+
+
+def check_state_switches(stored: dict[str, Any], current: dict[str, Any]) -> None:
+    """Refuse a resume that switches a part of the optimizer state on or off (`easytrain.optim.state_switches`):
+    the stored state would not fit the one this run builds. Another value with the same switch is only warned of
+    (`COMPUTE_FIELDS`)."""
+    before, now = state_switches(stored), state_switches(current)
+    for name in (name for name in before if name in now):
+        if before[name] != now[name]:
+            part, fixes = _SWITCHED[name]
+            with_or_without = {True: "with", False: "without"}
+            raise ArgumentError(name, f"the checkpoint's optimizer state was saved {with_or_without[before[name]]} "
+                                f"{part}, and this run's would be {with_or_without[now[name]]} it: a state of another "
+                                f"layout (checkpoint {stored[name]!r} vs now {current[name]!r}). To resume: "
+                                f"{fixes[before[name]]}; or start a new run from its weights with --init_weights_from "
+                                "(a fresh optimizer state).")
 
 
 def rerun_hint(stored: dict[str, Any], current: dict[str, Any], shown: Collection[str] = (),
