@@ -239,9 +239,6 @@ def check_settings_apply(args: Any) -> None:
     check_best_checkpoint_kept(args)
     warn_unread_optimizer_fields(args)
     warn_low_precision_state(args)
-    if args.max_steps > 0 and args.num_train_epochs != field_defaults(args)["num_train_epochs"]:
-        _warn_once("num_train_epochs=%s has no effect: max_steps=%d decides the run's length whenever it is positive; "
-                   "pass --max_steps 0 to train for num_train_epochs instead.", args.num_train_epochs, args.max_steps)
 
 
 def warn_unread_optimizer_fields(args: Any) -> None:
@@ -297,12 +294,6 @@ def field_defaults(arguments: Any) -> dict[str, Any]:
     """Field name -> default of an arguments dataclass (or instance): what "left at its default" compares with."""
     return {field.name: field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
             for field in dataclasses.fields(arguments)}
-
-
-@functools.cache
-def _warn_once(message: str, *values: Any) -> None:
-    """One warning per process for the same settings: a rerun's copy of the arguments is checked again."""
-    logger.warning(message, *values)
 
 
 @functools.cache

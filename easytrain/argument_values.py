@@ -1,11 +1,14 @@
 """The value checks `TrainingArguments` runs when it is built, once `argument_checks` has checked each field's type.
 
 Choices, positive counts and sizes, and the settings that must fit together (accumulation dividing the batch, the
-best-model settings, LoRA, XLA options), each failing before any compute with the field and the fix.
+best-model settings, LoRA, XLA options), each failing before any compute with the field and the fix; and, first,
+the run's length (`resolve_run_length`: which of max_steps and num_train_epochs decides, as in transformers).
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 from typing import TYPE_CHECKING
 
@@ -22,6 +25,57 @@ OPTIMIZERS = ("adamw", "adafactor", "lion", "sgd")
 SCHEDULES = ("constant", "linear", "cosine")
 STRATEGIES = ("no", "steps", "epoch")
 NON_FINITE_POLICIES = ("skip", "stop", "ignore")
+logger = logging.getLogger("easytrain")
+#: The run's length when neither max_steps nor num_train_epochs is given (the embedded default job).
+DEFAULT_MAX_STEPS = 1500
+#: num_train_epochs when it is not given: transformers' default too, so also the value a saved arguments.json or a
+#: ported transformers configuration holds beside a positive max_steps (not warned about there).
+DEFAULT_EPOCHS = 3
+#: max_steps when num_train_epochs decides: transformers' "not set".
+EPOCHS_DECIDE = -1
+_CUSTOM_SCHEDULE = "override configure_schedule(total_steps) in a trainer to return an optax schedule " \
+                   "(docs/custom_trainer.md)"
+#: transformers' schedule names (its SchedulerType) that easytrain does not have: what to use instead.
+TRANSFORMERS_SCHEDULES = {
+    "constant_with_warmup": "use lr_scheduler_type='constant' with warmup_steps or warmup_ratio: easytrain's "
+                            "'constant' warms up as this one does (warmup_ratio defaults to 0.05)",
+    "cosine_with_restarts": "use lr_scheduler_type='cosine': the same curve at its default of one cycle "
+                            f"(num_cycles=1); for restarts, {_CUSTOM_SCHEDULE}",
+    "polynomial": "use lr_scheduler_type='linear': the same curve at its default power=1.0, down to 0 rather than "
+                  f"lr_end=1e-7; for another power, {_CUSTOM_SCHEDULE}",
+    **{name: f"easytrain has no equivalent: {_CUSTOM_SCHEDULE}" for name in (
+        "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+        "warmup_stable_decay", "greedy")},
+}
+
+
+def resolve_run_length(args: TrainingArguments) -> None:
+    """`max_steps` and `num_train_epochs` as given (None: not given) -> the concrete values that decide the run's
+    length, in place, before anything reads them. As in transformers: num_train_epochs alone decides (max_steps
+    becomes -1); a positive max_steps wins, a num_train_epochs other than 3 beside it warned about; neither gives the
+    default job's 1500 steps. The resolved values are what arguments.json and checkpoints store (earlier versions
+    stored 1500 and 3 for the default job): a rerun, a resume and every process of a run see the same ones."""
+    steps, epochs = args.max_steps, args.num_train_epochs
+    if steps is None:
+        steps = DEFAULT_MAX_STEPS if epochs is None else EPOCHS_DECIDE
+    if epochs is None:
+        epochs = DEFAULT_EPOCHS
+    elif steps > 0 and epochs != DEFAULT_EPOCHS:
+        warn_epochs_unused(epochs, steps)
+    args.max_steps, args.num_train_epochs = steps, epochs
+
+
+@functools.cache
+def warn_epochs_unused(epochs: int, steps: int) -> None:
+    """Once per process for the same values: a rerun's copy of the arguments (arguments.json) is resolved again."""
+    logger.warning("num_train_epochs=%s has no effect: max_steps=%d decides the run's length whenever it is positive; "
+                   "leave max_steps out (or pass --max_steps -1) to train for num_train_epochs instead.", epochs, steps)
+
+
+def scheduler_hint(value: object) -> str:
+    """Appended to the refusal of an `lr_scheduler_type`: the easytrain setting for a transformers name, if any."""
+    hint = TRANSFORMERS_SCHEDULES.get(value) if isinstance(value, str) else None
+    return f" {value!r} is a schedule of transformers' Trainer: {hint}." if hint else ""
 
 
 def check_values(args: TrainingArguments) -> None:
@@ -54,8 +108,9 @@ def check_values(args: TrainingArguments) -> None:
                           ("lr_scheduler_type", SCHEDULES), ("eval_strategy", STRATEGIES),
                           ("save_strategy", STRATEGIES), ("non_finite_policy", NON_FINITE_POLICIES)):
         value = getattr(args, name)
+        hint = scheduler_hint(value) if name == "lr_scheduler_type" else ""
         _require(value in allowed, name, f"must be one of {', '.join(allowed)}; got {value!r}."
-                                         f"{argument_checks.choice_hint(value)}")
+                                         f"{argument_checks.choice_hint(value)}{hint}")
     if args.eval_metrics is not None:
         from easytrain.eval_metrics import NAMES
 

@@ -135,11 +135,17 @@ class TrainingArguments:
     preprocessing_num_workers: Optional[int] = _arg(None, "Processes used to tokenise the dataset; unset: this one.")
 
     # --- optimisation --------------------------------------------------------------------------
-    num_train_epochs: int = _arg(
-        3, "Passes over the training set; used only when max_steps <= 0. Each epoch is whole global batches of a "
-        "fresh shuffle: the remainder of the rows divided by train_batch_size is left out of it (other rows each "
-        "epoch; 31 rows at batch 16 train 16 in one step), warned about at set-up.")
-    max_steps: int = _arg(1500, "Total optimizer updates; set <= 0 to train for num_train_epochs instead.")
+    num_train_epochs: Optional[int] = _arg(
+        None, "Passes over the training set. Given without max_steps (as in transformers), it decides the run's "
+        "length (max_steps becomes -1); with a positive max_steps it has no effect (warned about, unless it is 3). "
+        "Unset: 3, used only where max_steps <= 0. Each epoch is whole global batches of a fresh shuffle: the "
+        "remainder of the rows divided by train_batch_size is left out of it (other rows each epoch; 31 rows at "
+        "batch 16 train 16 in one step), warned about at set-up.")
+    max_steps: Optional[int] = _arg(
+        None, "Total optimizer updates; <= 0 (e.g. transformers' -1) trains for num_train_epochs instead. Unset: "
+        "1500, or -1 when num_train_epochs is given. A positive max_steps given with num_train_epochs decides the "
+        "length, and a num_train_epochs other than 3 is warned about. Stored resolved (arguments.json, checkpoints), "
+        "so a rerun trains the same length.")
     train_batch_size: int = _arg(
         16, "Global batch size: examples per optimizer update, summed over devices, hosts and micro-batches."
     )
@@ -151,8 +157,9 @@ class TrainingArguments:
         1e-3, "Peak learning rate. The default suits small models trained from scratch; fine-tuning a "
         "pretrained model usually wants 1e-5 to 1e-4.")
     lr_scheduler_type: Literal["constant", "linear", "cosine"] = _arg(
-        "cosine", "Decay after warmup, counted in optimizer updates (never micro-batches)."
-    )
+        "cosine", "Decay after warmup, counted in optimizer updates (never micro-batches). Every schedule warms up "
+        "(warmup_steps, warmup_ratio): 'constant' is transformers' 'constant_with_warmup'. transformers' other names "
+        "are refused naming the equivalent, where there is one (docs/porting.md).")
     warmup_steps: int = _arg(0, "Linear warmup length in optimizer updates; takes precedence over warmup_ratio. "
                                 "Update k (from 1) of the warmup uses learning_rate * (k - 1) / warmup_steps, so the "
                                 "first is 0 and the peak comes at update warmup_steps + 1. Cut to the run's length: "
@@ -294,5 +301,6 @@ def validate(args: TrainingArguments) -> None:
     """Fail before any compute, naming the field and the fix."""
     argument_checks.normalize(args, TrainingArguments)  # a string for a list; YAML's `no` (False) for 'no'
     argument_checks.check_types(args, TrainingArguments)  # first: the value checks compare values
+    argument_values.resolve_run_length(args)  # max_steps and num_train_epochs as given -> the values that decide
     argument_checks.resolve_best_metric(args)  # eval_ prefix, greater_is_better from the name if unset
     argument_values.check_values(args)

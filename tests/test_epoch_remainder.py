@@ -47,14 +47,15 @@ def test_num_train_epochs_help_says_the_remainder_is_dropped():
 
 
 def test_num_train_epochs_under_a_positive_max_steps_is_warned_about(tmp_path, caplog):
-    """max_steps (default 1500) decides the length whenever it is positive: a num_train_epochs given alongside it
-    would be ignored (a user of transformers, whose max_steps defaults to -1, expects 3 epochs from it)."""
+    """A max_steps given decides the length whenever it is positive: a num_train_epochs given alongside it is
+    ignored, and said so (tests/test_run_length.py: given alone, it decides)."""
     with caplog.at_level(logging.WARNING, logger="easytrain"):
-        TrainingArguments(output_dir=str(tmp_path), num_train_epochs=5)
-    assert any("num_train_epochs=5 has no effect" in message and "--max_steps 0" in message
+        TrainingArguments(output_dir=str(tmp_path), num_train_epochs=5, max_steps=11)
+    assert any("num_train_epochs=5 has no effect: max_steps=11" in message and "--max_steps -1" in message
                for message in _warnings(caplog)), caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="easytrain"):
         TrainingArguments(output_dir=str(tmp_path), num_train_epochs=5, max_steps=0)
+        TrainingArguments(output_dir=str(tmp_path), num_train_epochs=5)
         TrainingArguments(output_dir=str(tmp_path))
     assert not _warnings(caplog), caplog.text
