@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 from transformers import PreTrainedTokenizerBase
 
 from easytrain.data.errors import DataError, NotEnoughTokensError
+from easytrain.data.pretokenized import ATTENTION_MASK, LABELS, MASK_COLUMNS, honour_masks
 
 #: One batch: static-shape host arrays keyed by name (see ``lm_collate``).
 Batch: TypeAlias = dict[str, np.ndarray]
@@ -109,7 +110,10 @@ def lm_collate(blocks_NL: np.ndarray, example_ids: np.ndarray) -> Batch:
 
 
 def lm_collate_rows(rows: Mapping[str, np.ndarray], example_ids: np.ndarray) -> Batch:
-    """``lm_collate`` for rows read from a source: uses its ``"input_ids"`` column.
+    """``lm_collate`` for rows read from a source: uses its ``"input_ids"`` column, and honours transformers'
+    ``labels`` and ``attention_mask`` columns when the rows have them (``easytrain.data.pretokenized``):
+    a target whose label is -100 or that is padding gets ``loss_mask`` 0, and rows with an ``attention_mask``
+    get one in the batch (1 real, 0 the padding moved to their end). Other columns are not read.
 
     This is the loaders' default collate, since loaders hand over whole rows.
     """
@@ -118,7 +122,15 @@ def lm_collate_rows(rows: Mapping[str, np.ndarray], example_ids: np.ndarray) -> 
             f"Rows have no {TOKENS!r} column (they have {', '.join(rows)}); "
             "run `tokenize_and_group` first or pass a `collate` for these columns."
         )
-    return lm_collate(rows[TOKENS], example_ids)
+    if not any(column in rows for column in MASK_COLUMNS):
+        return lm_collate(rows[TOKENS], example_ids)
+    honoured = honour_masks(rows[TOKENS], rows.get(LABELS), rows.get(ATTENTION_MASK),
+                            row_names=np.asarray(example_ids).tolist(), rows_are="Rows")
+    batch = lm_collate(honoured.tokens_NL, example_ids)
+    batch["loss_mask"] = batch["loss_mask"] * honoured.supervised_NL[:, 1:]
+    if ATTENTION_MASK in rows:
+        batch["attention_mask"] = honoured.real_NL[:, :-1].astype(np.int32)
+    return batch
 
 
 def mismatched_row_lengths(dataset: datasets.Dataset, length: int, column: str = TOKENS) -> np.ndarray | None:
@@ -138,7 +150,7 @@ def mismatched_row_lengths(dataset: datasets.Dataset, length: int, column: str =
 
 def _list_lengths(values: Any, column: str) -> np.ndarray:
     if not any(check(values.type) for check in (pa.types.is_list, pa.types.is_large_list, pa.types.is_fixed_size_list)):
-        raise DataError(f"Column {column!r} holds {values.type} values, not one list of token ids per row.")
+        raise DataError(f"Column {column!r} holds {values.type} values, not one list per row.")
     return np.asarray(pc.list_value_length(values).fill_null(0).to_numpy(), dtype=np.int64)
 
 
