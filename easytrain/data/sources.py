@@ -7,6 +7,7 @@ path ends in the same shape so the rest of the pipeline has one case to handle.
 
 from __future__ import annotations
 
+import csv
 import math
 import os
 from collections.abc import Mapping
@@ -31,13 +32,17 @@ FILE_BUILDERS: Mapping[str, str] = {
 }
 
 #: Builder options for a text corpus: CSV cells read literally (pandas turns "NA", "null", "None", "n/a" into
-#: missing values, dropped as empty documents) and a UTF-8 byte order mark not kept as text.
+#: missing values, dropped as empty documents; every column is also read as text, `_csv_text_features`) and a
+#: UTF-8 byte order mark not kept as text.
 BUILDER_OPTIONS: Mapping[str, Mapping[str, object]] = {
     "csv": {"keep_default_na": False, "na_filter": False},
     "text": {"encoding": "utf-8-sig"},
 }
 
 PathLike: TypeAlias = str | os.PathLike[str]
+
+#: How `evaluate`'s argument is named in errors.
+EVALUATE = "evaluate(dataset)"
 
 
 def load_text_datasets(
@@ -135,14 +140,58 @@ def _check_percentage(validation_split_percentage: int) -> None:
 
 
 def _from_memory(dataset: datasets.Dataset | datasets.DatasetDict) -> datasets.DatasetDict:
+    """The given splits, read as plain rows (`plain_rows`); anything else is refused naming the trainer's
+    `dataset_train` too, through which most in-memory data comes."""
     if isinstance(dataset, datasets.Dataset):
-        return datasets.DatasetDict({TRAIN: dataset})
+        return datasets.DatasetDict({TRAIN: plain_rows(dataset)})
     if isinstance(dataset, datasets.DatasetDict):
-        return dataset
+        return datasets.DatasetDict({name: plain_rows(split) for name, split in dataset.items()})
+    _refuse_stream(dataset, "`dataset` (the training data: `dataset_train` of a trainer)")
     raise DataError(
-        f"`dataset` must be a datasets.Dataset or datasets.DatasetDict, got "
-        f"{type(dataset).__name__}; build one with datasets.Dataset.from_dict(...)."
+        f"`dataset` must be a datasets.Dataset or datasets.DatasetDict, got {type(dataset).__name__} (the "
+        f"training data: `dataset_train` of a trainer); {_how_to_build(dataset)}."
     )
+
+
+def evaluation_examples(dataset: object) -> datasets.Dataset:
+    """The raw examples given to `evaluate(dataset)`, for a built-in `prepare_eval_dataset`: one
+    `datasets.Dataset`, read as plain rows. A set of splits, a stream or other rows are refused naming the fix."""
+    _refuse_stream(dataset, f"`{EVALUATE}`")
+    if isinstance(dataset, datasets.DatasetDict):
+        raise DataError(
+            f"`{EVALUATE}` takes one split, got a DatasetDict with splits {list(dataset)}; pass one, e.g. "
+            f"evaluate(splits[{next(iter(dataset), 'validation')!r}])."
+        )
+    if not isinstance(dataset, datasets.Dataset):
+        raise DataError(f"`{EVALUATE}` takes a datasets.Dataset, got {type(dataset).__name__}; "
+                        f"{_how_to_build(dataset)}.")
+    return plain_rows(dataset)
+
+
+def plain_rows(dataset: datasets.Dataset) -> datasets.Dataset:
+    """`dataset` read as plain Python values: with a numpy, pandas or arrow format set, the data code would be
+    handed arrays and tables where it reads lists and strings."""
+    return dataset if dataset.format["type"] is None else dataset.with_format(None)
+
+
+def _refuse_stream(dataset: object, argument: str) -> None:
+    if isinstance(dataset, (datasets.IterableDataset, datasets.IterableDatasetDict)):
+        raise DataError(
+            f"{argument} is streamed ({type(dataset).__name__}), which is not accepted: training and evaluation "
+            "read rows by index. Load it without `streaming=True`, or collect its rows with "
+            "datasets.Dataset.from_list(list(rows))."
+        )
+
+
+def _how_to_build(rows: object) -> str:
+    """How to make a `datasets.Dataset` of `rows`."""
+    if isinstance(rows, (list, tuple)):
+        return "build one with datasets.Dataset.from_list(rows)"
+    if isinstance(rows, Mapping):
+        return "build one with datasets.Dataset.from_dict(columns)"
+    if type(rows).__name__ == "DataFrame":
+        return "build one with datasets.Dataset.from_pandas(frame)"
+    return "build one with datasets.Dataset.from_list(rows) or datasets.Dataset.from_dict(columns)"
 
 
 def _from_name(name: str, config: str | None, cache_dir: str | None) -> datasets.DatasetDict:
@@ -203,16 +252,58 @@ def _from_files(
     for split, path in data_files.items():
         if os.path.getsize(path) == 0:
             raise DataError(f"`{split}_file` {path!r} is empty; point it at a file with data.")
+    options = dict(BUILDER_OPTIONS.get(builders[TRAIN], {}))
+    if builders[TRAIN] == "csv":
+        options["features"] = _csv_text_features(data_files)
     try:
-        return datasets.load_dataset(
-            builders[TRAIN], data_files=data_files, cache_dir=cache_dir, **BUILDER_OPTIONS.get(builders[TRAIN], {})
-        )
+        return datasets.load_dataset(builders[TRAIN], data_files=data_files, cache_dir=cache_dir, **options)
     except DatasetGenerationError as error:  # a parse error (broken JSON, CSV) or no rows to infer a schema from
         files = " or ".join(f"`{split}_file` {path!r}" for split, path in data_files.items())
         raise DataError(
             f"{files} could not be read as {builders[TRAIN]} ({_reason(error)}); fix the file, e.g. one JSON "
             "object per line for .jsonl, a header row for .csv."
         ) from error
+
+
+def _csv_text_features(data_files: Mapping[str, str]) -> datasets.Features:
+    """Every column of the .csv files as text, so a cell reads as written: left to infer, the builder turns
+    all-numeric columns into numbers (`011` -> 11, `0012` -> 12.0), which text and chat data cannot use. The files
+    share one set of columns (in any order: cells are matched to columns by name)."""
+    headers = {split: _csv_header(path, f"{split}_file") for split, path in data_files.items()}
+    for split, header in headers.items():
+        if set(header) != set(headers[TRAIN]):
+            raise DataError(
+                f"`train_file` {data_files[TRAIN]!r} has the columns {headers[TRAIN]} but `{split}_file` "
+                f"{data_files[split]!r} has {header}; give both files the same header row."
+            )
+    return datasets.Features({name: datasets.Value("string") for name in headers[TRAIN]})
+
+
+def _csv_header(path: str, argument: str) -> list[str]:
+    """The column names in a .csv file's header row (its first non-blank row, as pandas reads it), each named
+    once, with at least one row of data after it: what pandas would make of anything else (`Unnamed: 1`, `a.1`,
+    no rows at all) is refused instead."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as file:
+            header = next((row for row in csv.reader(file) if row), None)
+            has_data = any(line.strip("\r\n") for line in file)
+    except UnicodeDecodeError as error:
+        raise DataError(f"`{argument}` {path!r} is not UTF-8 text ({_reason(error)}); save it as UTF-8 (in Excel: "
+                        "'CSV UTF-8').") from error
+    except csv.Error as error:  # a NUL byte, a header cell past the csv module's field size limit
+        raise DataError(f"`{argument}` {path!r} could not be read as csv ({_reason(error)}); fix the file.") from error
+    if header is None:
+        raise DataError(f"`{argument}` {path!r} has no header row; a .csv file starts with a row naming its "
+                        "columns, e.g. `text` or `prompt,completion`.")
+    if empty := [position for position, name in enumerate(header, 1) if not name.strip()]:
+        raise DataError(f"`{argument}` {path!r}: the header row has an empty column name (column {empty[0]}); "
+                        "name every column, or remove the trailing comma.")
+    if repeated := sorted({name for name in header if header.count(name) > 1}):
+        raise DataError(f"`{argument}` {path!r}: the header row names the column {repeated[0]!r} twice; give "
+                        "each column its own name.")
+    if not has_data:
+        raise DataError(f"`{argument}` {path!r} has a header row but no rows of data; add data.")
+    return header
 
 
 def _reason(error: BaseException, innermost: bool = True) -> str:

@@ -27,6 +27,7 @@ from easytrain.data.errors import DataError
 from easytrain.data.loader import count_rows
 from easytrain.data.order import warn_rows_left_out
 from easytrain.data.progress_bars import datasets_progress_bars
+from easytrain.data.sources import plain_rows
 from easytrain.errors import ArgumentError, TrainedAlreadyError
 from easytrain.models.families import ConfigError, check_buildable
 from easytrain.models.presets import llama_config
@@ -204,7 +205,7 @@ def _eval_split(dataset_eval: Any) -> datasets.Dataset:
                         "with datasets.Dataset.from_dict(...).")
     if len(dataset_eval) == 0:
         raise DataError("`dataset_eval` has no rows; pass a non-empty evaluation set, or none.")
-    return dataset_eval
+    return plain_rows(dataset_eval)
 
 
 def eval_metric_names(eval_step: Any, state: Any, eval_batches: Any, mesh: Any, host_only: Sequence[str]) -> set[str]:
@@ -332,6 +333,7 @@ def prepared_rows(trainer: Any) -> tuple[Any, Any]:
 def prepared_eval_rows(trainer: Any, dataset: Any) -> Any:
     """`trainer.prepare_eval_dataset(dataset)`, for `evaluate(dataset)`: `disable_progress_bar` turns off the bars
     `datasets` draws while that set is prepared too, as in `prepared_rows`."""
+    dataset = given_data.evaluation_input(dataset)  # a Dataset as plain rows; no set of splits, no stream
     with datasets_progress_bars(trainer.arguments.disable_progress_bar):
         return trainer.prepare_eval_dataset(dataset)
 

@@ -5,7 +5,8 @@
 rows would otherwise train on them and silently drop what it was given. Reading is recorded while
 `prepare_datasets` runs: every built-in one goes through `builders.uses_embedded_data`, which calls `mark_read`;
 a trainer of its own reads the given datasets with `given_datasets(self)`, or declares
-`reads_given_data = True` on its class when it reads the arguments itself.
+`reads_given_data = True` on its class when it reads the arguments itself. `evaluation_input` checks what
+`evaluate(dataset)` is given.
 """
 
 from __future__ import annotations
@@ -14,8 +15,11 @@ import contextlib
 import contextvars
 from typing import Any, Iterator
 
+import datasets
+
 from easytrain.argument_checks import field_defaults
 from easytrain.arguments import TrainingArguments
+from easytrain.data import sources
 from easytrain.errors import ArgumentError
 
 #: The `TrainingArguments` fields only a `prepare_datasets` reads (not `max_length`: collate or the module may).
@@ -70,3 +74,13 @@ def check_read(trainer: Any, read: bool) -> None:
                                    "returns dataset_train and dataset_eval, super().prepare_datasets() applies the "
                                    "language-model data arguments, and a class that reads the arguments itself "
                                    "declares `reads_given_data = True` (docs/custom_trainer.md).")
+
+
+def evaluation_input(dataset: Any) -> Any:
+    """What `evaluate(dataset)` hands the trainer's `prepare_eval_dataset`: a `datasets.Dataset` read as plain rows,
+    and other rows (a list, a dict of columns) as given, for a hook of one's own to make rows of; a set of splits or
+    a stream, which no hook can batch, is refused naming the fix (`sources.evaluation_examples`)."""
+    if isinstance(dataset, (datasets.Dataset, datasets.DatasetDict, datasets.IterableDataset,
+                            datasets.IterableDatasetDict)):
+        return sources.evaluation_examples(dataset)
+    return dataset

@@ -18,6 +18,7 @@ from flax import nnx
 
 from easytrain import flops, placement, throughput
 from easytrain.data import RowSource, lm_collate_rows
+from easytrain.data.sources import evaluation_examples
 from easytrain.data.token_range import vocab_size_of
 from easytrain.evaluators import arithmetic_exact_match
 from easytrain import eval_metrics
@@ -197,7 +198,7 @@ class LanguageModelHooks:
                 f"{type(self).__name__} overrides prepare_datasets, so evaluate(dataset) cannot prepare raw "
                 "examples as language-model text blocks: override prepare_eval_dataset(dataset) to turn them into "
                 "the rows your collate takes (return the dataset itself if its examples already are such rows).")
-        return lm_blocks.lm_eval_blocks(self._arguments, self.tokenizer, dataset,
+        return lm_blocks.lm_eval_blocks(self._arguments, self.tokenizer, evaluation_examples(dataset),
                                        vocab_size=vocab_size_of(self.model_config))
 
     def export_problem(self) -> str | None:

@@ -22,8 +22,11 @@ from easytrain.arguments import TrainingArguments
 from easytrain.data import (PaddedCollate, RowSource, SFTDataOptions, bucket_lengths, pack_examples, packed_collate,
                             tokenize_sft_dataset)
 from easytrain.data.chat_templates import read_chat_template
+from easytrain.data.errors import DataError
+from easytrain.data.loader import count_rows
 from easytrain.data.prompts import prompts_and_references
 from easytrain.data.row_errors import rows_as_stored
+from easytrain.data.sources import evaluation_examples
 from easytrain.data.sft import FORMAT_COLUMNS, LANGUAGE_MODELING
 from easytrain.data.token_range import rows_of, vocab_size_of
 from easytrain.errors import ArgumentError
@@ -114,6 +117,8 @@ class SFTTrainer(BaseTrainer):
         rows = {name: self._rows(name, split if limits[name] is None else split.select(range(min(limits[name],
                                                                                                 len(split)))))
                 for name, split in splits.items() if name in limits}
+        if sft.packing:  # before the loader, which would count only the rows packing made
+            check_packed_rows_fill_a_batch(count_rows(rows["train"]), self.data_stats["train"], args)
         samples = min(sft.generation_eval_samples or (256 if embedded else 0), args.max_eval_samples or 1 << 30)
         if samples and "validation" in splits and self.wants_metric("exact_match"):
             validation = self._text_from_column(splits["validation"])
@@ -129,8 +134,8 @@ class SFTTrainer(BaseTrainer):
         return rows["train"], rows.get("validation")
 
     def prepare_eval_dataset(self, dataset: Any) -> RowSource:
-        """Another eval set's examples, tokenised (and packed) as the configured one's."""
-        return self._rows("evaluate", dataset)
+        """Another eval set's examples (a `datasets.Dataset`), tokenised (and packed) as the configured one's."""
+        return self._rows("evaluate", evaluation_examples(dataset))
 
     def _rows(self, name: str, split: Any) -> RowSource:
         """Tokenised (and packed) rows of one split; what was counted goes to `data_stats`."""
@@ -218,6 +223,26 @@ def text_from_column(split: Any, text_column: str, formatted: bool) -> Any:
                             f"{', '.join(map(repr, sorted(names))) or 'none'}); set text_column to the one holding "
                             "the plain text.")
     return split.select_columns([text_column]).rename_column(text_column, "text")
+
+
+def check_packed_rows_fill_a_batch(num_rows: int, stats: Mapping[str, Any], args: TrainingArguments) -> None:
+    """Packing can make fewer rows of `max_length` tokens than one global batch from many short examples; say so
+    in terms of the examples given (`stats`: the training split's `data_stats`), with the ways to get more rows.
+
+    Raises:
+        DataError: `num_rows` is less than `train_batch_size`.
+    """
+    batch = args.train_batch_size
+    if num_rows >= batch:
+        return
+    tokens = int(stats["packing_num_tokens"])
+    samples = ", raise or unset `max_train_samples`" if args.max_train_samples is not None else ""
+    raise DataError(
+        f"Packing put the {stats['packing_num_examples']} training examples ({tokens} tokens in all) into {num_rows} "
+        f"row{'' if num_rows == 1 else 's'} of max_length {args.max_length} tokens, but one global batch needs "
+        f"{batch} rows (`train_batch_size`). Lower `max_length` (these tokens fill {batch} rows of about "
+        f"{max(1, tokens // batch)} tokens), set `packing` off (one row per example), lower `train_batch_size`"
+        f"{samples}, or add data.")
 
 
 def stats_line(stats: Mapping[str, Any]) -> str:
