@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 import typing
@@ -20,6 +21,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from easytrain.argument_checks import check_file_strings, check_file_values
+from easytrain.argument_values import scheduler_hint
 from easytrain.arguments import TrainingArguments, field_names
 from easytrain.errors import ArgumentError
 from easytrain.suggestions import closest
@@ -55,6 +57,11 @@ class _GroupedParser(HfArgumentParser):
     def __init__(self, dataclass_types: Sequence[type], titles: dict[type, str], **kwargs: Any):
         self._titles = titles
         super().__init__(dataclass_types, **kwargs)
+
+    def error(self, message: str) -> typing.NoReturn:
+        """argparse's refusal of a choice, followed by the easytrain setting for a transformers schedule name."""
+        refused = re.search(r"^argument --lr_scheduler_type\S*: invalid choice: '([^']*)'", message)
+        super().error(message + (scheduler_hint(refused.group(1)) if refused else ""))
 
     def _add_dataclass_arguments(self, dtype: type) -> None:
         doc = (dtype.__doc__ or "").strip()

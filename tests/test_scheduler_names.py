@@ -33,3 +33,11 @@ def test_an_unknown_name_still_lists_the_choices(tmp_path):
     with pytest.raises(ArgumentError, match="must be one of constant, linear, cosine; got 'cosin'") as raised:
         TrainingArguments(output_dir=str(tmp_path), lr_scheduler_type="cosin")
     assert "transformers" not in str(raised.value)
+
+
+def test_on_the_command_line_the_hint_follows_argparse_s_choices(capsys):
+    with pytest.raises(SystemExit) as exited:
+        parse_arguments(["--lr_scheduler_type", "constant_with_warmup", "--output_dir", "unused"])
+    error = capsys.readouterr().err
+    assert exited.value.code == 2 and "invalid choice: 'constant_with_warmup'" in error
+    assert "lr_scheduler_type='constant' with warmup_steps or warmup_ratio" in error, error
