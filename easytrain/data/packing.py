@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 
 from easytrain.data.errors import DataError
 from easytrain.data.lm import Batch
+from easytrain.data.row_errors import NoExampleLeftError
 
 PackingStrategy = Literal["bfd", "wrapped"]
 Overflow = Literal["right", "left", "split", "drop"]
@@ -103,6 +104,9 @@ def pack_examples(
         ``Packed`` rows, pieces and stats: ``num_examples``, ``num_rows``, ``num_pieces``,
         ``num_tokens`` (real positions), ``num_supervised_tokens``, ``fill_rate``,
         ``truncated``, ``split``, ``dropped_too_long``, ``dropped_no_supervised_tokens``.
+
+    Raises:
+        NoExampleLeftError: Every example was dropped; ``within`` names the split.
     """
     if seq_length < 1:
         raise DataError(f"`seq_length` must be at least 1, got {seq_length}.")
@@ -121,10 +125,8 @@ def pack_examples(
     place = _place_bfd if strategy == "bfd" else _place_wrapped
     placed = place(pieces[keep], seq_length, seed)
     if len(placed) == 0:
-        raise DataError(
-            f"Nothing to pack: all {len(lengths)} examples were dropped ({stats}); check that "
-            "examples have supervised tokens and that `seq_length`/`overflow` fit them."
-        )
+        raise NoExampleLeftError("Nothing to pack", f"all {len(lengths)} examples were dropped ({stats}); check that "
+                                 "examples have supervised tokens and that `seq_length`/`overflow` fit them.")
     rows = _fill(values, mask, starts, placed, seq_length)
     return Packed(rows, placed[:, :5], _pack_stats(rows, placed, len(lengths), stats))
 

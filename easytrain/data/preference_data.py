@@ -40,7 +40,8 @@ from easytrain.data.chat_templates import (
 from easytrain.data.columns import format_from_columns
 from easytrain.data.errors import DataError
 from easytrain.data.formatting import apply_formatting
-from easytrain.data.row_errors import at_row, rows_as_stored
+from easytrain.data.message_content import messages_for_template
+from easytrain.data.row_errors import NoExampleLeftError, at_row, rows_as_stored
 from easytrain.data.special_tokens import (  # SFT's special-token rules: the same layout in SFT and DPO
     encode_text,
     ensure_bos,
@@ -224,7 +225,8 @@ def tokenize_preference_dataset(
         preference signal.
 
     Raises:
-        DataError: Unknown format, missing template or EOS, or no pair left.
+        DataError: Unknown format, missing template or EOS, or a content the template cannot print.
+        NoExampleLeftError: No pair left; ``within`` names the split (``token_range.rows_of``).
         RowError: An example cannot be tokenised (e.g. the chat template fails on it): names its row.
         TokenRangeError: A token id outside ``[0, vocab_size)``.
 
@@ -249,10 +251,9 @@ def tokenize_preference_dataset(
                     rows_are="Preference pairs")
     stats = _stats(tokenized)
     if stats["num_kept"] == 0:
-        raise DataError(
-            f"No preference pair is left to train on: {stats}. Check that completions are "
-            "non-empty, or keep `add_eos=True` so an empty completion still teaches to stop."
-        )
+        raise NoExampleLeftError("No preference pair is left", f"every pair was dropped ({stats}). Check that "
+                                 "completions are non-empty, or keep `add_eos=True` so an empty completion still "
+                                 "teaches to stop.")
     kept = tokenized.filter(_keep, batched=True, num_proc=num_proc, desc="Dropping unusable pairs",
                             input_columns=["chosen_supervised", "rejected_supervised"])
     return kept.remove_columns(list(_FLAGS)), stats
@@ -262,9 +263,11 @@ def _pair_tokens(example: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase,
                  options: PreferenceDataOptions) -> tuple[list[int], list[int], list[int]]:
     """Prompt and completion ids before special-token handling; the prompt is tokenised once."""
     if "prompt" not in example:
-        prompt, chosen, rejected = split_implicit_prompt(typed_field(example, "chosen", list),
-                                                         typed_field(example, "rejected", list))
-        return _render_pair(prompt, chosen, rejected, tokenizer, options, example.get("tools"))
+        tools = parse_tools(example.get("tools"))
+        template = chat_template_of(tokenizer, options.chat_template, tools)
+        chosen, rejected = (messages_for_template(typed_field(example, name, list), template, name)
+                            for name in ("chosen", "rejected"))
+        return _render_pair(*split_implicit_prompt(chosen, rejected), tokenizer, options, example.get("tools"))
     if isinstance(example["prompt"], str):
         if not all(isinstance(example.get(name), str) for name in ("chosen", "rejected")):
             raise DataError(
@@ -284,6 +287,8 @@ def _render_pair(prompt: list[Message], chosen: list[Message], rejected: list[Me
     """Render the prompt once with the generation prompt; each completion is what follows it."""
     tools = parse_tools(tools)
     template = chat_template_of(tokenizer, options.chat_template, tools)
+    prompt, chosen, rejected = (messages_for_template(messages, template, name) for name, messages in
+                                (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)))
     prompt_ids, _ = render_chat(tokenizer, prompt, template=template, tools=tools,
                                 add_generation_prompt=True)
     completions = []

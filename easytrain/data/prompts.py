@@ -2,21 +2,29 @@
 
 The prompt is tokenised the way training tokenised it (the chat template with its generation prompt,
 or the prompt text), and then given training's one leading BOS (`special_tokens.ensure_bos`), so its
-ids are a prefix of the training ids and the model is asked exactly what it learned to answer.
+ids are a prefix of the training ids and the model is asked exactly what it learned to answer. Training's
+`max_length` cut applies too (`cut_as_trained`): the prompt is the part of the example's truncated ids that
+comes before its answer, so it is at most `max_length - 1` tokens, and an example whose cut keeps no answer token
+(or that `truncation_side="drop"` drops) gives no prompt: it is skipped, counted and warned about.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from easytrain.data.chat_templates import chat_template_of, drop_none, parse_tools, render_chat
+from easytrain.data.chat_templates import chat_template_of, parse_tools, render_chat
 from easytrain.data.errors import DataError
+from easytrain.data.message_content import content_text, messages_for_template
 from easytrain.data.row_errors import at_row, rows_as_stored
-from easytrain.data.sft import CONVERSATIONAL, PROMPT_COMPLETION, SFTDataOptions, detect_format
+from easytrain.data.sft import CONVERSATIONAL, PROMPT_COMPLETION, SFTDataOptions, detect_format, tokenize_example
 from easytrain.data.special_tokens import encode_text, ensure_bos
+
+logger = logging.getLogger("easytrain")
 
 
 def prompt_and_reference(example: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, data_format: str,
@@ -24,48 +32,120 @@ def prompt_and_reference(example: Mapping[str, Any], tokenizer: PreTrainedTokeni
     """`(prompt token ids, reference answer)` of one conversational or prompt-completion example.
 
     A conversation's reference is its last message, which must be the assistant's. `options` are those the
-    training data was tokenised with (its `chat_template` and `add_bos` apply here too).
+    training data was tokenised with (its `chat_template`, `add_bos`, `max_length` and `truncation_side` apply
+    here too). The prompt ids are `[]` when training's cut keeps no token of the answer (see `cut_as_trained`).
     """
-    options = options or SFTDataOptions()
-    if data_format == CONVERSATIONAL:
-        messages = [drop_none(dict(m)) for m in example["messages"]]
-        if not messages or messages[-1].get("role") != "assistant":
-            raise DataError("evaluation by generation needs conversations that end with an assistant message.")
-        ids = _chat_prompt(messages[:-1], tokenizer, options, example.get("tools"))
-        return _with_bos(ids, tokenizer, options), str(messages[-1]["content"])
-    if data_format == PROMPT_COMPLETION:
-        prompt, completion = example["prompt"], example["completion"]
-        if isinstance(prompt, str):
-            return _with_bos(encode_text(tokenizer, prompt), tokenizer, options), str(completion)
-        reference = completion[-1]["content"] if isinstance(completion, Sequence) else completion
-        ids = _chat_prompt([drop_none(dict(m)) for m in prompt], tokenizer, options, example.get("tools"))
-        return _with_bos(ids, tokenizer, options), str(reference)
-    raise DataError(f"evaluation by generation needs prompts: '{data_format}' data has none; use "
-                    "prompt-completion or conversational data.")
+    prompt, reference, _ = _prompt_as_trained(example, tokenizer, data_format, options or SFTDataOptions())
+    return prompt, reference
 
 
 def prompts_and_references(rows: Any, tokenizer: PreTrainedTokenizerBase, limit: int | None = None,
                            options: SFTDataOptions | None = None) -> tuple[list[list[int]], list[str]]:
-    """`prompt_and_reference` of the first `limit` rows of a `datasets.Dataset` (a bad row named as stored)."""
-    data_format = detect_format(rows.column_names)
+    """`prompt_and_reference` of the first `limit` rows of a `datasets.Dataset` (a bad row named as stored).
+
+    Rows whose prompt training's cut leaves without an answer are skipped; skipped and cut prompts are warned about.
+
+    Raises:
+        DataError: A row cannot be rendered (naming it), or every row was skipped.
+    """
+    data_format, options = detect_format(rows.column_names), options or SFTDataOptions()
     count = len(rows) if limit is None else min(limit, len(rows))
-    pairs = []
+    prompts, references, cut = [], [], 0
     with rows_as_stored(rows):
         for i in range(count):
             with at_row(i):
-                pairs.append(prompt_and_reference(rows[i], tokenizer, data_format, options))
-    return [p for p, _ in pairs], [r for _, r in pairs]
+                prompt, reference, was_cut = _prompt_as_trained(rows[i], tokenizer, data_format, options)
+            if prompt:
+                prompts.append(prompt)
+                references.append(reference)
+                cut += was_cut
+    _report(count, count - len(prompts), cut, options)
+    return prompts, references
 
 
-def _chat_prompt(messages: list[dict], tokenizer: PreTrainedTokenizerBase, options: SFTDataOptions,
+def cut_as_trained(prompt: list[int], example_length: int, options: SFTDataOptions, bos_id: int | None) -> list[int]:
+    """The part of `prompt` that training's `max_length` cut of its example (`example_length` tokens, the prompt
+    first) keeps before the answer; `[]` when the cut keeps no answer token after it or drops the example.
+
+    `"right"` keeps the example's start, so the prompt whole while the answer's first token fits; `"left"` keeps the
+    BOS and the end, so the prompt loses its start (BOS kept) to the answer's tokens.
+    """
+    limit = options.max_length
+    if limit is None or example_length <= limit:
+        return prompt
+    if options.truncation_side == "drop":
+        return []
+    if options.truncation_side == "right":
+        return prompt if len(prompt) < limit else []
+    keep = 1 if bos_id is not None and prompt[:1] == [bos_id] else 0  # the left cut keeps the BOS, then the end
+    room = limit - (example_length - len(prompt))  # the prompt's tokens the cut leaves, BOS included
+    return prompt[:keep] + prompt[len(prompt) - (room - keep):] if room > keep else []
+
+
+def _prompt_as_trained(example: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, data_format: str,
+                       options: SFTDataOptions) -> tuple[list[int], str, bool]:
+    """The prompt cut as training cuts its example, the reference, and whether the cut shortened the prompt.
+
+    The example is rendered whole only where its length decides the cut: a right cut keeps the prompt's
+    start, so only the prompt's own length matters."""
+    prompt, reference = _whole_prompt(example, tokenizer, data_format, options)
+    length = len(prompt) + 1  # an answer token at least
+    if options.max_length is not None and options.truncation_side != "right":
+        whole = dataclasses.replace(options, max_length=None)
+        length = len(tokenize_example(example, tokenizer, whole, data_format).input_ids)
+    cut = cut_as_trained(prompt, length, options, tokenizer.bos_token_id)
+    return cut, reference, 0 < len(cut) < len(prompt)
+
+
+def _whole_prompt(example: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, data_format: str,
+                  options: SFTDataOptions) -> tuple[list[int], str]:
+    """The prompt's ids before any cut, with training's BOS rule, and the reference's text."""
+    if data_format == CONVERSATIONAL:
+        messages = example["messages"]
+        if not messages or not isinstance(messages[-1], Mapping) or messages[-1].get("role") != "assistant":
+            raise DataError("evaluation by generation needs conversations that end with an assistant message.")
+        ids = _chat_prompt(messages[:-1], tokenizer, options, example.get("tools"))
+        return _with_bos(ids, tokenizer, options), content_text(messages[-1].get("content"), "the last message")
+    if data_format == PROMPT_COMPLETION:
+        prompt, completion = example["prompt"], example["completion"]
+        if isinstance(prompt, str):
+            return _with_bos(encode_text(tokenizer, prompt), tokenizer, options), str(completion)
+        if isinstance(completion, Sequence) and not isinstance(completion, str):
+            reference = content_text(completion[-1].get("content"), "the completion's last message")
+        else:
+            reference = str(completion)
+        ids = _chat_prompt(prompt, tokenizer, options, example.get("tools"))
+        return _with_bos(ids, tokenizer, options), reference
+    raise DataError(f"evaluation by generation needs prompts: '{data_format}' data has none; use "
+                    "prompt-completion or conversational data.")
+
+
+def _chat_prompt(messages: list[Any], tokenizer: PreTrainedTokenizerBase, options: SFTDataOptions,
                  tools: Any = None) -> list[int]:
-    """Rendered as training rendered it: the same template, tools and generation prompt."""
+    """Rendered as training rendered it: the same template, tools, contents and generation prompt."""
     tools = parse_tools(tools)
-    ids, _ = render_chat(tokenizer, messages, template=chat_template_of(tokenizer, options.chat_template, tools),
-                         tools=tools, add_generation_prompt=True)
+    template = chat_template_of(tokenizer, options.chat_template, tools)
+    ids, _ = render_chat(tokenizer, messages_for_template(messages, template), template=template, tools=tools,
+                         add_generation_prompt=True)
     return ids
 
 
 def _with_bos(ids: list[int], tokenizer: PreTrainedTokenizerBase, options: SFTDataOptions) -> list[int]:
     """Training's BOS rule (`tokenize_example`), so the prompt is a token prefix of the training ids."""
     return ensure_bos(list(ids), [0] * len(ids), tokenizer.bos_token_id, options.add_bos)[0]
+
+
+def _report(count: int, skipped: int, cut: int, options: SFTDataOptions) -> None:
+    """Warn of skipped and cut prompts; refuse when no prompt is left to generate from."""
+    if not skipped and not cut:
+        return
+    limit = options.max_length
+    if skipped == count:
+        raise DataError(
+            f"Evaluation by generation has no prompt: each of the {count} examples, cut to {limit} tokens as training "
+            f"cuts it (`truncation_side={options.truncation_side!r}`), keeps no token of its answer. Raise "
+            "`max_length`, use `truncation_side='left'` (the prompt loses its start), or set "
+            "`generation_eval_samples=0`."
+        )
+    logger.warning("Evaluation by generation: %d of the %d prompts skipped (training's cut to %d tokens keeps no token "
+                   "of their answer), %d cut at the left as training cuts their examples.", skipped, count, limit, cut)

@@ -5,7 +5,8 @@ The per-row tokenisers raise plain ``DataError``s that describe the problem; ``a
 worker processes tokenise shards of it). ``rows_as_stored`` then names that row as the user's data has it:
 a held-out validation split, a shuffle or a selection is a mapping onto the stored rows (the file's rows, the
 dataset as loaded), and the row a user can look up is the stored one. A caller that knows which split the rows
-are (train, validation) can say so with ``RowError.within``.
+are (train, validation) can say so with ``RowError.within``; ``NoExampleLeftError.within`` likewise names the split
+that lost every example, and where its rows come from.
 """
 
 from __future__ import annotations
@@ -32,6 +33,32 @@ class RowError(DataError):
     def within(self, where: str) -> RowError:
         """The same error, its row said to be in ``where`` (e.g. "the 'train' split")."""
         return RowError(self.row, self.details, where)
+
+
+#: Where each split's rows come from, as ``token_range.rows_of`` names the split: the fields a user checks.
+SPLIT_SOURCES = {
+    "the 'train' split": "Its rows come from `dataset_train`, `train_file` or `dataset_name`.",
+    "the 'validation' split": ("Its rows come from `dataset_eval`, `validation_file`, the validation split of "
+                               "`dataset_name`, or the `validation_split_percentage` of training rows held out."),
+}
+
+
+class NoExampleLeftError(DataError):
+    """Every example of a dataset was dropped. The data functions are not told which split they tokenise, so the
+    caller that knows names it with ``within``; ``opening`` says what is missing (e.g. "No example is left")."""
+
+    def __init__(self, opening: str, details: str, where: str | None = None) -> None:
+        located = opening if where is None else f"{opening} in {where}"
+        sources = f" {SPLIT_SOURCES[where]}" if where in SPLIT_SOURCES else ""
+        super().__init__(f"{located}: {details}{sources}")
+        self.opening, self.details, self.where = opening, details, where
+
+    def __reduce__(self) -> tuple[type[NoExampleLeftError], tuple[str, str, str | None]]:
+        return type(self), (self.opening, self.details, self.where)
+
+    def within(self, where: str) -> NoExampleLeftError:
+        """The same error, said to be about ``where`` (e.g. "the 'validation' split"), with where its rows come from."""
+        return NoExampleLeftError(self.opening, self.details, where)
 
 
 @contextlib.contextmanager

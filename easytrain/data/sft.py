@@ -30,7 +30,8 @@ from easytrain.data.chat_templates import (
 from easytrain.data.columns import format_from_columns
 from easytrain.data.errors import DataError
 from easytrain.data.formatting import apply_formatting
-from easytrain.data.row_errors import at_row, rows_as_stored
+from easytrain.data.message_content import messages_for_template, roles_hint
+from easytrain.data.row_errors import NoExampleLeftError, at_row, rows_as_stored
 from easytrain.data.special_tokens import (encode_text, ensure_bos, ensure_eos, eos_id, last_content_index,
                                            typed_field)
 from easytrain.data.token_range import check_token_ids
@@ -58,7 +59,7 @@ SFT_STATS_KEYS = (
 _FEATURES = datasets.Features({
     "input_ids": datasets.List(datasets.Value("int32")), "loss_mask": datasets.List(datasets.Value("int8")),
     "length": datasets.Value("int32"), "num_supervised": datasets.Value("int32"),
-    "truncated": datasets.Value("int8"), "too_long": datasets.Value("int8"),
+    "truncated": datasets.Value("int8"), "too_long": datasets.Value("int8"), "empty": datasets.Value("int8"),
 })
 
 
@@ -104,12 +105,14 @@ class SFTDataOptions:
 
 
 class TokenizedExample(NamedTuple):
-    """One example's tokens, which of them are supervised, and what truncation did."""
+    """One example's tokens, which of them are supervised, and what truncation did; ``empty``: it rendered to no
+    text (special tokens and whitespace only), so it has no tokens."""
 
     input_ids: list[int]
     loss_mask: list[int]
     truncated: bool = False
     too_long: bool = False
+    empty: bool = False
 
 
 def detect_format(column_names: Sequence[str]) -> DataFormat:
@@ -137,15 +140,17 @@ def tokenize_example(
     Special tokens: one BOS at position 0 (none if the tokenizer has none), one EOS at the
     end (not added when the last non-whitespace token already is one). An added EOS is
     supervised for text formats, and for chats when the turn it closes is. Then
-    ``max_length`` applies.
+    ``max_length`` applies. An example that renders to no text (an empty string, or a chat
+    whose roles the template skips, leaving only its special tokens) has no tokens: its EOS
+    alone would teach the model to stop at once.
 
     Raises:
         DataError: Missing fields, a template unable to make the requested mask, or a
             prompt rendering that is not a token prefix of the full conversation.
     """
     ids, mask, eos_supervised = _render(example, tokenizer, options, data_format)
-    if not ids:  # empty text: nothing to learn, and no EOS-only example either
-        return TokenizedExample([], [])
+    if not _has_text(ids, tokenizer):  # nothing to learn, and no EOS-only example either
+        return TokenizedExample([], [], empty=True)
     ids, mask = ensure_bos(ids, mask, tokenizer.bos_token_id, options.add_bos)
     if options.add_eos:
         ids, mask = ensure_eos(ids, mask, eos_id(tokenizer), tokenizer, eos_supervised)
@@ -185,7 +190,8 @@ def tokenize_sft_dataset(
         left without a supervised token) are counted, never silently trained with zero loss.
 
     Raises:
-        DataError: Unknown format, bad template for the options, or no example left.
+        DataError: Unknown format, bad template for the options, or a content the template cannot print.
+        NoExampleLeftError: No example left; ``within`` names the split (``token_range.rows_of``).
         RowError: An example cannot be tokenised (e.g. the chat template fails on it): names its row as the
             stored data has it (a held-out split's or a shuffle's row mapped back, see ``rows_as_stored``).
         TokenRangeError: A token id outside ``[0, vocab_size)``.
@@ -211,14 +217,26 @@ def tokenize_sft_dataset(
                     rows_are="SFT examples")
     stats = _stats(tokenized)
     if stats["num_kept"] == 0:
-        raise DataError(
-            f"No example is left to train on: {stats}. Raise `max_length`, use "
-            "`truncation_side='left'` or 'right' instead of 'drop', check that examples "
-            "have assistant turns / non-empty completions, or set the *_only_loss options to False."
-        )
+        raise NoExampleLeftError("No example is left", _why_none_is_left(stats, tokenized, dataset, data_format))
     kept = tokenized.filter(_keep, batched=True, input_columns=["num_supervised", "too_long"],
                             num_proc=num_proc, desc="Dropping unusable examples")
-    return kept.remove_columns(["num_supervised", "truncated", "too_long"]), stats
+    return kept.remove_columns(["num_supervised", "truncated", "too_long", "empty"]), stats
+
+
+def _why_none_is_left(stats: Mapping[str, int], tokenized: datasets.Dataset, dataset: datasets.Dataset,
+                      data_format: DataFormat) -> str:
+    """The counts and the fixes; for chats that rendered to special tokens only, the roles the template skipped."""
+    empty = [index for index, flag in enumerate(tokenized["empty"]) if flag]
+    fixes = ("Raise `max_length`, use `truncation_side='left'` or 'right' instead of 'drop', check that examples have "
+             "assistant turns / non-empty completions, or set the *_only_loss options to False.")
+    if not empty:
+        return f"every example was dropped ({stats}). {fixes}"
+    if data_format == CONVERSATIONAL:
+        why = f"rendered to special tokens only: {roles_hint(dataset.select(empty[:1000])['messages'])}."
+    else:
+        why = "are empty or whitespace only."
+    rest = "" if len(empty) == stats["num_examples"] else f" For the others: {fixes}"
+    return f"every example was dropped ({stats}); {len(empty)} of them {why}{rest}"
 
 
 def _check_options(tokenizer: PreTrainedTokenizerBase, options: SFTDataOptions,
@@ -262,10 +280,9 @@ def _render_conversation(example: Mapping[str, Any], tokenizer: PreTrainedTokeni
     template = chat_template_of(tokenizer, options.chat_template, tools)
     if options.assistant_only_loss:
         require_generation_markers(template)
-    ids, assistant_mask = render_chat(
-        tokenizer, typed_field(example, "messages", list), template=template,
-        tools=tools, assistant_mask=options.assistant_only_loss,
-    )
+    messages = messages_for_template(typed_field(example, "messages", list), template)
+    ids, assistant_mask = render_chat(tokenizer, messages, template=template, tools=tools,
+                                      assistant_mask=options.assistant_only_loss)
     mask = assistant_mask if assistant_mask is not None else [1] * len(ids)
     return ids, mask, _last_content_supervised(ids, mask, tokenizer)
 
@@ -283,10 +300,11 @@ def _render_prompt_completion_messages(
     example: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, options: SFTDataOptions
 ) -> tuple[list[int], list[int], bool]:
     """The prompt rendered with the generation prompt must be a token prefix of the whole."""
-    prompt_messages = typed_field(example, "prompt", list)
-    messages = prompt_messages + typed_field(example, "completion", list)
     tools = parse_tools(example.get("tools"))
     template = chat_template_of(tokenizer, options.chat_template, tools)
+    prompt_messages = messages_for_template(typed_field(example, "prompt", list), template, "prompt")
+    messages = prompt_messages + messages_for_template(typed_field(example, "completion", list), template,
+                                                       "completion")
     prompt_ids, _ = render_chat(tokenizer, prompt_messages, template=template, tools=tools,
                                 add_generation_prompt=True)
     ids, assistant_mask = render_chat(tokenizer, messages, template=template, tools=tools,
@@ -308,8 +326,6 @@ def _render_prompt_completion_messages(
     return ids, mask, _last_content_supervised(ids, mask, tokenizer)
 
 
-
-
 def _truncate(ids: list[int], mask: list[int], options: SFTDataOptions,
               has_bos: bool) -> TokenizedExample:
     limit = options.max_length
@@ -324,7 +340,6 @@ def _truncate(ids: list[int], mask: list[int], options: SFTDataOptions,
     return TokenizedExample(ids[:keep] + ids[-tail:], mask[:keep] + mask[-tail:], truncated=True)
 
 
-
 def _last_content_supervised(ids: Sequence[int], mask: Sequence[int],
                              tokenizer: PreTrainedTokenizerBase) -> bool:
     """An EOS appended to a chat is supervised only if the turn it closes is."""
@@ -332,7 +347,9 @@ def _last_content_supervised(ids: Sequence[int], mask: Sequence[int],
     return last is not None and bool(mask[last])
 
 
-
+def _has_text(ids: Sequence[int], tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether a token is text: neither special nor whitespace only (decoded one by one, so usually a token or two)."""
+    return any(tokenizer.decode([token], skip_special_tokens=True).strip() for token in ids)
 
 
 def _tokenize_batch(batch: Mapping[str, Sequence[Any]], indices: Sequence[int], *,
@@ -353,6 +370,7 @@ def _tokenize_batch(batch: Mapping[str, Sequence[Any]], indices: Sequence[int], 
         "num_supervised": [sum(row.loss_mask) for row in rows],
         "truncated": [int(row.truncated) for row in rows],
         "too_long": [int(row.too_long) for row in rows],
+        "empty": [int(row.empty) for row in rows],
     }
 
 

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from easytrain.data.errors import DataError
-from easytrain.data.row_errors import RowError
+from easytrain.data.row_errors import NoExampleLeftError, RowError
 
 # Rows per Arrow batch when a selection (``select``, ``shuffle``, a held-out split) is read to locate a bad id.
 _ROWS_PER_BATCH = 8192
@@ -47,10 +47,11 @@ class TokenRangeError(DataError):
 
 @contextlib.contextmanager
 def rows_of(split_name: str | None) -> Iterator[None]:
-    """Token-range and row errors raised inside name the split (None: the dataset given to ``evaluate(dataset)``)."""
+    """Token-range, row and no-example-left errors raised inside name the split (None: the dataset given to
+    ``evaluate(dataset)``)."""
     try:
         yield
-    except (TokenRangeError, RowError) as error:
+    except (TokenRangeError, RowError, NoExampleLeftError) as error:
         where = "the dataset given to evaluate(dataset)" if split_name is None else f"the {split_name!r} split"
         raise error.within(where) from None
 
