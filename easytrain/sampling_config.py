@@ -23,12 +23,18 @@ if TYPE_CHECKING:
 #: The settings a config can fill; each is taken from it only where the call leaves it unset.
 FILLED = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "eos_token_id", "pad_token_id")
 _SAMPLING = ("temperature", "top_k", "top_p")
-# transformers' values where a config leaves a field unset (GenerationConfig._get_default_generation_params);
-# a field at its neutral value (or None) changes nothing and is accepted.
+# Values with which transformers' generate applies nothing for the field (its defaults where a config leaves one
+# unset, GenerationConfig._get_default_generation_params, and the values its logits processors skip or apply as
+# no-ops: guidance_scale=1, min_new_tokens=0, min_p=0); a field at its neutral value (or None) is accepted.
 _NEUTRAL = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "min_length": 0, "num_beams": 1, "typical_p": 1.0,
             "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0,
             "encoder_repetition_penalty": 1.0, "num_return_sequences": 1, "remove_invalid_values": False,
-            "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "num_beam_groups": 1, "diversity_penalty": 0.0}
+            "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "num_beam_groups": 1, "diversity_penalty": 0.0,
+            "guidance_scale": 1.0, "min_new_tokens": 0, "min_p": 0.0, "penalty_alpha": 0.0, "token_healing": False,
+            "use_mtp": False}
+# Token lists that transformers applies as nothing when empty. Not every empty value is neutral: transformers
+# refuses an empty bad_words_ids or sequence_bias, and an empty watermarking_config watermarks with its defaults.
+_EMPTY_IS_NEUTRAL = frozenset({"suppress_tokens", "begin_suppress_tokens"})
 # Fields that leave a single sequence's tokens as they are: ids, caching, output format, speculative decoding
 # (the same tokens, drawn faster), beam-only knobs (beams themselves are refused), the length cap that
 # max_new_tokens overrides, bookkeeping.
@@ -89,8 +95,8 @@ def _refuse_unimplemented(fields: dict[str, Any], sampling: bool) -> None:
     known = transformers.GenerationConfig().to_dict().keys()
     refused = [
         f"{name}={value!r}" for name, value in fields.items()
-        if name in known and name not in FILLED and name not in _NO_EFFECT and value is not None
-        and value != _NEUTRAL.get(name) and (sampling or name not in _SAMPLING_ONLY)
+        if name in known and name not in FILLED and name not in _NO_EFFECT and not _is_neutral(name, value)
+        and (sampling or name not in _SAMPLING_ONLY)
     ]
     if refused:
         neutral = ", ".join(f"{item.split('=')[0]}={_NEUTRAL.get(item.split('=')[0])!r}" for item in refused)
@@ -98,6 +104,16 @@ def _refuse_unimplemented(fields: dict[str, Any], sampling: bool) -> None:
             f"generation_config sets {', '.join(refused)}, which generate does not implement (it decodes greedily or "
             f"samples with temperature, top_k and top_p only). Set them to their neutral value ({neutral}) or "
             "drop them from the config to decode without them.")
+
+
+def _is_neutral(name: str, value: Any) -> bool:
+    """Whether transformers' ``generate`` leaves the tokens as they are with this value of the field: unset, its
+    neutral value, an empty token list where that is a no-op, or a length penalty whose decay factor is 1."""
+    if value is None or (name in _EMPTY_IS_NEUTRAL and isinstance(value, (list, tuple)) and not value):
+        return True
+    if name == "exponential_decay_length_penalty":  # (start index, decay factor): a factor of 1 adds 0 to EOS
+        return isinstance(value, (list, tuple)) and len(value) == 2 and value[1] == 1
+    return name in _NEUTRAL and value == _NEUTRAL[name]
 
 
 def fill_settings(generation_config: Any, passed: dict[str, Any]) -> dict[str, Any]:

@@ -57,6 +57,20 @@ def activation_name(config: transformers.LlamaConfig) -> str:
     return config.hidden_act
 
 
+def attention_heads(config: transformers.PretrainedConfig) -> tuple[int, int]:
+    """``(num_attention_heads, num_key_value_heads)``, checked to group: each key/value head serves a whole number
+    of query heads (grouped-query attention reshapes the queries into ``kv_heads x group``)."""
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    for field, count in (("num_attention_heads", heads), ("num_key_value_heads", kv_heads)):
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise ConfigError(f"config.{field} = {count!r} must be a positive number of heads.")
+    if heads % kv_heads:
+        raise ConfigError(
+            f"config.num_attention_heads ({heads}) must be a multiple of config.num_key_value_heads ({kv_heads})."
+        )
+    return heads, kv_heads
+
+
 def head_dim_of(config: transformers.LlamaConfig) -> int:
     """Per-head width; ``config.head_dim`` may differ from hidden / heads."""
     head_dim = getattr(config, "head_dim", None)
@@ -163,7 +177,8 @@ def features_of(config: transformers.PretrainedConfig) -> ArchFeatures:
 
 def check_buildable(config: transformers.PretrainedConfig) -> None:
     """Every refusal the model's construction makes from ``config`` alone (family, training fields, windows,
-    RoPE, activation), run without building it: a trainer asks before it prepares any data."""
+    attention heads, RoPE, activation), run without building it: a trainer asks before it prepares any data."""
     features_of(config)
+    attention_heads(config)
     rope_theta(config)
     activation_name(config)

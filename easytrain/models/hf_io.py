@@ -15,7 +15,7 @@ import importlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -151,18 +151,33 @@ def hf_layout(config: transformers.PretrainedConfig) -> dict[str, tuple[ParamPat
     return layout
 
 
-def loadable_shapes(shapes: Shapes, config: transformers.PretrainedConfig) -> tuple[dict[str, tuple[int, ...]], bool]:
-    """Drops recomputed buffers and sets aside an lm_head that may repeat tied embeddings.
+class LoadableTensors(NamedTuple):
+    """A checkpoint's stored tensors as the config reads them (``loadable_shapes``)."""
 
-    Returns the shapes left to check, and whether such a head was set aside: the caller must then
-    confirm with ``check_tied_head`` that its values equal the embedding's.
-    """
+    #: Shapes left to check against ``hf_layout``, under the names it gives.
+    shapes: dict[str, tuple[int, ...]]
+    #: A stored lm_head was set aside as a possible copy of the tied embedding: ``check_tied_head`` must
+    #: confirm that its values equal the embedding's.
+    head_to_check: bool
+    #: Layout name -> the stored name its tensor is read from, where the two differ.
+    stored_as: dict[str, str]
+
+
+def loadable_shapes(shapes: Shapes, config: transformers.PretrainedConfig) -> LoadableTensors:
+    """Drops recomputed buffers and reads a tied lm_head as transformers does: a head repeating the stored
+    embedding is set aside, and a head stored without the embedding is read as the embedding (transformers
+    ties the embedding to it), so a checkpoint that keeps the shared matrix only as ``lm_head.weight`` loads."""
     kept = {name: tuple(shape) for name, shape in shapes.items() if not name.endswith(_IGNORED_SUFFIXES)}
     head = kept.get(HEAD_NAME)
-    maybe_tied = bool(config.tie_word_embeddings) and head is not None and head == kept.get(EMBEDDING_NAME)
-    if maybe_tied:
-        del kept[HEAD_NAME]
-    return kept, maybe_tied
+    if not config.tie_word_embeddings or head is None:
+        return LoadableTensors(kept, False, {})
+    if EMBEDDING_NAME not in kept:
+        kept[EMBEDDING_NAME] = kept.pop(HEAD_NAME)
+        return LoadableTensors(kept, False, {EMBEDDING_NAME: HEAD_NAME})
+    if head != kept[EMBEDDING_NAME]:
+        return LoadableTensors(kept, False, {})  # reported as unexpected by check_shapes
+    del kept[HEAD_NAME]
+    return LoadableTensors(kept, True, {})
 
 
 def check_tied_head(head: np.ndarray, embedding: np.ndarray) -> None:
@@ -188,14 +203,15 @@ def from_hf_state_dict(tensors: Mapping[str, np.ndarray], config: transformers.P
     Raises:
         CheckpointError: Listing all missing, unexpected and mis-shaped tensors.
     """
-    shapes, maybe_tied = loadable_shapes({name: np.shape(t) for name, t in tensors.items()}, config)
+    loadable = loadable_shapes({name: np.shape(t) for name, t in tensors.items()}, config)
     layout = hf_layout(config)
-    check_shapes(shapes, {name: hf_shape for name, (_, _, hf_shape) in layout.items()}, "checkpoint tensors")
-    if maybe_tied:
+    check_shapes(loadable.shapes, {name: hf_shape for name, (_, _, hf_shape) in layout.items()},
+                 "checkpoint tensors")
+    if loadable.head_to_check:
         check_tied_head(np.asarray(tensors[HEAD_NAME]), np.asarray(tensors[EMBEDDING_NAME]))
     flat = {}
     for name, (path, transpose, _) in layout.items():
-        array = np.asarray(tensors[name])
+        array = np.asarray(tensors[loadable.stored_as.get(name, name)])
         flat[path] = array.T if transpose else array
     return traverse_util.unflatten_dict(flat)
 

@@ -33,6 +33,7 @@ from easytrain.models.hf_io import (
     WEIGHTS_INDEX_NAME,
     WEIGHTS_NAME,
     CheckpointError,
+    LoadableTensors,
     ParamPath,
     _abstract_model,
     _read_config,
@@ -180,15 +181,17 @@ def read_headers(directory: Path) -> dict[str, TensorEntry]:
     return entries
 
 
-def _validate(entries: dict[str, TensorEntry], config: transformers.PretrainedConfig) -> bool:
-    """Checks names, shapes and dtypes; returns whether a tied lm_head still needs its value check."""
-    shapes, maybe_tied = loadable_shapes({name: e.shape for name, e in entries.items()}, config)
+def _validate(entries: dict[str, TensorEntry], config: transformers.PretrainedConfig) -> LoadableTensors:
+    """Checks names, shapes and dtypes; returns which stored tensor each weight is read from, and whether a
+    tied lm_head still needs its value check."""
+    loadable = loadable_shapes({name: e.shape for name, e in entries.items()}, config)
     expected = {name: hf_shape for name, (_, _, hf_shape) in hf_layout(config).items()}
-    check_shapes(shapes, expected, "checkpoint tensors")
-    if bad := sorted(f"{n} ({entries[n].dtype})" for n in shapes if entries[n].dtype not in _FLOAT_DTYPES):
+    check_shapes(loadable.shapes, expected, "checkpoint tensors")
+    stored = [loadable.stored_as.get(name, name) for name in loadable.shapes]
+    if bad := sorted(f"{n} ({entries[n].dtype})" for n in stored if entries[n].dtype not in _FLOAT_DTYPES):
         raise CheckpointError(f"tensors with non-float dtypes cannot be loaded: {bad[:8]}; only "
                               f"{_FLOAT_DTYPES} are supported (dequantise the checkpoint first).")
-    return maybe_tied
+    return loadable
 
 
 def _check_tied_head_values(entries: dict[str, TensorEntry]) -> None:
@@ -277,7 +280,8 @@ def from_pretrained(
     config = _read_config(directory)
     generation_config = read_generation_config(directory)
     entries = read_headers(directory)
-    if _validate(entries, config):
+    loadable = _validate(entries, config)
+    if loadable.head_to_check:
         _check_tied_head_values(entries)
     per_layer = _abstract_model(config, dtype, param_dtype)
     model = _abstract_model(config, dtype, param_dtype, scan_layers) if scan_layers else per_layer
@@ -286,14 +290,16 @@ def from_pretrained(
     by_file: dict[Path, list[str]] = defaultdict(list)
     layout = hf_layout(config)
     for name in layout:
-        by_file[entries[name].file].append(name)
+        by_file[entries[loadable.stored_as.get(name, name)].file].append(name)
     flat = {}
     for file, names in by_file.items():  # one open file at a time: its mapped pages are released on close
         with safe_open(file, framework="numpy") as handle:
             for name in names:
                 path, transpose, _ = layout[name]
-                shape = entries[name].shape[::-1] if transpose else entries[name].shape
-                flat[path] = _place(handle.get_slice(name), shape, transpose, targets[path], jnp.dtype(param_dtype))
+                stored = loadable.stored_as.get(name, name)
+                shape = entries[stored].shape[::-1] if transpose else entries[stored].shape
+                flat[path] = _place(handle.get_slice(stored), shape, transpose, targets[path],
+                                    jnp.dtype(param_dtype))
     if scan_layers:
         flat = _stack_layers(flat, _param_shardings(abstract_params, mesh, rules))
     nnx.replace_by_pure_dict(abstract_params, traverse_util.unflatten_dict(flat))

@@ -17,7 +17,7 @@ from flax import nnx
 from easytrain.indivisible import BlockedAxis
 from easytrain.models.attention import DType, apply_rope, grouped_attention
 from easytrain.models.dense_product import dense_product
-from easytrain.models.families import ArchFeatures, ConfigError, activation_name, features_of, head_dim_of
+from easytrain.models.families import ArchFeatures, activation_name, attention_heads, features_of, head_dim_of
 from easytrain.models.gated import gated_activation
 from easytrain.models.kv_cache import LayerCache
 from easytrain.models.masks import AttentionMask, attend
@@ -144,14 +144,8 @@ class Attention(nnx.Module):
         rngs: nnx.Rngs,
     ):
         features = features or features_of(config)
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        self.num_heads, self.num_kv_heads = attention_heads(config)
         self.head_dim = head_dim_of(config)
-        if self.num_heads % self.num_kv_heads:
-            raise ConfigError(
-                f"config.num_attention_heads ({self.num_heads}) must be a multiple of "
-                f"config.num_key_value_heads ({self.num_kv_heads})."
-            )
         hidden = config.hidden_size
         q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         qkv_bias, o_bias = features.qkv_bias, features.o_bias

@@ -17,8 +17,10 @@ from easytrain.errors import OutputDirError
 from easytrain.jobs import JOB_FILENAME, current_job
 from easytrain.trainers import run_lock, shared_output_dir
 
+#: What the end of a run writes (the export, the command's results): the state of the lineage that reached it.
+FINAL_OUTPUTS = ("final_model", "results.json")
 #: What a run leaves in its output_dir that a later fresh run would overwrite or mix with its own.
-PREVIOUS_RUN_OUTPUTS = ("final_model", "results.json", "metrics.jsonl", "metrics.csv", "tensorboard")
+PREVIOUS_RUN_OUTPUTS = (*FINAL_OUTPUTS, "metrics.jsonl", "metrics.csv", "tensorboard")
 #: What `overwrite_output_dir` removes: the previous run, so nothing of it is mistaken for the new one's.
 RUN_ARTIFACTS = (CHECKPOINTS_DIRNAME, *PREVIOUS_RUN_OUTPUTS, JOB_FILENAME)
 SUPERSEDED_DIRNAME = "superseded_checkpoints"
@@ -188,18 +190,23 @@ def _step_dirs(root: Path) -> list[int]:
 
 
 def set_aside_newer_checkpoints(output_dir: Path, root: Path, step: int) -> list[Path]:
-    """Resuming an older step of this run: move its newer checkpoints out of the way, never delete them.
+    """Resuming an older step of this run: move its newer checkpoints out of the way, never delete them, and with
+    them the outputs of that lineage's end (`FINAL_OUTPUTS`): its export and results.
 
-    Left in place, they would be resumed by the next `latest` instead of the continued run, and would
-    block its saves. They go to `output_dir/superseded_checkpoints/<time>/<step>`.
+    Left in place, the checkpoints would be resumed by the next `latest` instead of the continued run, and would
+    block its saves; the export would pass for the continued run's until that run writes its own (never, if it is
+    stopped first). They go to `output_dir/superseded_checkpoints/<time>/`. The logs stay: the continued run drops
+    their records past `step` (`easytrain.reporting`).
     """
     if not resumes_own_checkpoints(output_dir, (root, step)):
         return []
-    return set_aside(output_dir, [s for s in _step_dirs(root) if s > step], f"resuming step {step} of {root}")
+    return set_aside(output_dir, [s for s in _step_dirs(root) if s > step], f"resuming step {step} of {root}",
+                     outputs=FINAL_OUTPUTS)
 
 
-def set_aside(output_dir: Path, steps: list[int], why: str) -> list[Path]:
-    """Move these step directories of `output_dir/checkpoints` to a new `superseded_checkpoints/<time>/`."""
+def set_aside(output_dir: Path, steps: list[int], why: str, outputs: tuple[str, ...] = ()) -> list[Path]:
+    """Move these step directories of `output_dir/checkpoints`, and those of `outputs` (names in `output_dir`)
+    present, to a new `superseded_checkpoints/<time>/`; nothing moves without a step to set aside."""
     if not steps:
         return []
     root = output_dir / CHECKPOINTS_DIRNAME
@@ -210,6 +217,10 @@ def set_aside(output_dir: Path, steps: list[int], why: str) -> list[Path]:
         logger.warning("%s holds incomplete checkpoint(s) at step(s) %s (not resumable: an item is missing)",
                        root, incomplete)
     logger.warning("%s: moved the checkpoint directories %s of %s to %s", why, steps, root, destination)
+    if present := [name for name in outputs if (output_dir / name).exists()]:
+        moved += [Path(shutil.move(str(output_dir / name), str(destination / name))) for name in present]
+        logger.warning("%s: moved %s of %s (the end of the lineage set aside, not of the continued run) to %s",
+                       why, ", ".join(present), output_dir, destination)
     return moved
 
 
