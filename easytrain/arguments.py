@@ -201,7 +201,8 @@ class TrainingArguments:
     async_checkpointing: bool = _arg(True, "Write checkpoints in the background while training continues.")
     resume_from_checkpoint: Optional[str] = _arg(
         None, "'latest' (or 'true') to resume the newest checkpoint in output_dir, or a checkpoint path. "
-        "Resuming an older step of this output_dir moves its newer checkpoints to superseded_checkpoints/."
+        "Resuming an older step of this output_dir moves its newer checkpoints, and the final_model and "
+        "results.json they led to, to superseded_checkpoints/."
     )
     allow_data_order_change: bool = _arg(
         False, "Resume even though seed, batch size, dataset (its arguments, its rows or their content), tokenizer or "
