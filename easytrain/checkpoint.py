@@ -8,7 +8,8 @@ Layout: ``<output_dir>/checkpoints/<step>/`` holds five items:
   its own so a resume can be validated before any array is loaded.
 * ``progress`` -- JSON progress of the trainer's helpers (callback states such as
   early stopping's best value and patience), so they resume where they were, and
-  the last train logs, which a run resumed there returns if it trains nothing more.
+  the last train logs, which a run resumed there returns if it trains nothing more;
+  also the step it was saved at and the train state's own step (``SAVED_AT``).
 * ``fingerprint`` -- JSON digests of every state array (``easytrain.integrity``),
   checked on restore so damaged files fail loudly instead of loading wrong values.
 
@@ -45,6 +46,35 @@ from easytrain.retention import best_index, metric_value, preservation_policy
 
 __all__ = ["CHECKPOINTS_DIRNAME", "LATEST_ALIASES", "CheckpointManager", "CheckpointMismatchError",
            "CheckpointNotFoundError", "finalized_steps", "resolve_checkpoint"]
+
+
+#: The `progress` entry recording what a checkpoint was saved at: its step (the loop's, its directory's name) and
+#: the train state's own `step`, which counts optimizer updates (several per loop step where `train_iteration` runs
+#: more), so a resume can tell the state it restores is that checkpoint's without assuming one update per step.
+SAVED_AT = "saved_at"
+
+
+def saved_at(step: int, state: Any) -> dict[str, int]:
+    """The `SAVED_AT` record of `state` saved as `step` (no `state_step` for a state without a `step`)."""
+    updates = getattr(state, "step", None)
+    return {"step": int(step)} | ({} if updates is None else {"state_step": int(updates)})
+
+
+def recorded_updates(progress: Mapping[str, Any], step: int) -> int | None:
+    """The train state's step recorded in the `progress` of checkpoint `step`; None where nothing was recorded (a
+    checkpoint written before the record, or a state without a `step`).
+
+    Raises:
+        ValueError: the record is of another step (a renamed or mixed-up step directory), or damaged.
+    """
+    if (record := progress.get(SAVED_AT)) is None:
+        return None
+    if not isinstance(record, Mapping) or type(record.get("step")) is not int or \
+            type(record.get("state_step", 0)) is not int:
+        raise ValueError(f"its progress records a damaged {SAVED_AT} entry: {record!r}")
+    if record["step"] != step:
+        raise ValueError(f"its progress records step {record['step']}, but this is the checkpoint of step {step}")
+    return record.get("state_step")
 
 
 def _json_ready(name: str, value: Mapping[str, Any]) -> dict[str, Any]:
@@ -176,7 +206,8 @@ class CheckpointManager:
             run_info: JSON dict of arguments, model config and format version.
             metrics: Values used to rank checkpoints when ``best_metric`` is set.
             force: Save even if ``step`` is older than the latest checkpoint.
-            progress: JSON dict of helper progress, e.g. ``{"callbacks": ...}``; copied now.
+            progress: JSON dict of helper progress, e.g. ``{"callbacks": ...}``; copied now, with the
+                ``SAVED_AT`` record of ``step`` and ``state`` added.
 
         Returns:
             True if a save was started; False if ``step`` is already saved, or is
@@ -184,11 +215,12 @@ class CheckpointManager:
         """
         if self.read_only or step in self._manager.all_steps():  # includes a save still in flight
             return False
+        progress = {**(progress or {}), SAVED_AT: saved_at(step, state)}
         items = {
             "state": ocp.args.StandardSave(state),
             "data_state": ocp.args.JsonSave(_json_ready("data_state", data_state)),
             "fingerprint": ocp.args.JsonSave(integrity.fingerprint(state)),
-            "progress": ocp.args.JsonSave(_json_ready("progress", progress or {})),
+            "progress": ocp.args.JsonSave(_json_ready("progress", progress)),
         }
         recorded = checkpoint_items.with_record(_json_ready("run_info", run_info), [*items, "run_info"])
         args = ocp.args.Composite(**items, run_info=ocp.args.JsonSave(recorded))
@@ -255,6 +287,10 @@ class CheckpointManager:
             return {}
         restored = self._manager.restore(step, args=ocp.args.Composite(progress=ocp.args.JsonRestore()))
         return dict(restored.progress)
+
+    def read_saved_updates(self, step: int) -> int | None:
+        """The train state's step (its optimizer updates) recorded when ``step`` was saved (`recorded_updates`)."""
+        return recorded_updates(self.read_progress(step), step)
 
     def stored_signature(self, step: int) -> Signature:
         """(shape, dtype) per dotted key of the state stored at ``step``, from metadata only."""

@@ -36,4 +36,4 @@ class DeviceMemoryError(EasytrainError, MemoryError):
 
 
 class TrainedAlreadyError(EasytrainError, RuntimeError):
-    """`train()` was called again on a trainer whose state has moved past the step its run starts from."""
+    """`train()` was called again on a trainer whose `train()` already trained."""

@@ -267,7 +267,8 @@ class BaseTrainer(ProtocolProperties, RunRecordHooks, TrainStateHooks, LanguageM
         with process_failure.running(), preemption.stopping_before_training(self._resume_from):
             self.setup()
             start = self._resume_from[1] if self._resume_from else 0
-            builders.check_not_trained(int(self._state.step), start)
+            if self.loop is not None:  # the loop's own record: `state.step` counts updates, maybe several per step
+                self.loop.check_not_run()
             check_run_length(self._data.total_steps, start)
             try:
                 trackers, self.loop = trackers_then_claim(self._arguments, start, self.is_main_process, self._claim)

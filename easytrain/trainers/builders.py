@@ -28,7 +28,7 @@ from easytrain.data.loader import count_rows
 from easytrain.data.order import warn_rows_left_out
 from easytrain.data.progress_bars import datasets_progress_bars
 from easytrain.data.sources import plain_rows
-from easytrain.errors import ArgumentError, TrainedAlreadyError
+from easytrain.errors import ArgumentError
 from easytrain.models.families import ConfigError, check_buildable
 from easytrain.models.presets import llama_config
 from easytrain.tasks import arithmetic
@@ -371,15 +371,6 @@ def check_batch_fields(fields: Mapping[str, Any], host_only: Sequence[str]) -> N
             raise TypeError(f"batch field {key!r} has dtype {np.asarray(value).dtype}, which a device cannot hold; "
                             f"drop it in collate, or list it in the trainer's host_only_fields (now "
                             f"{tuple(host_only)}) to keep it on the host.")
-
-
-def check_not_trained(step: int, start: int) -> None:
-    """`train()` runs once per trainer: a second call would count steps and read data from the run's start again
-    while the state kept its updates (the same steps logged twice, the final save skipped as already written)."""
-    if step != start:
-        raise TrainedAlreadyError(
-            f"train() has already run on this trainer (its state is at step {step}, its run starts at step {start}); "
-            "to train on, build a new trainer with resume_from_checkpoint='latest' and a larger max_steps.")
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str | None:

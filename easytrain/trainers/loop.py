@@ -18,7 +18,7 @@ import jax
 
 from easytrain import flops, heap, metrics as metrics_lib, profiling, stop_signals, throughput
 from easytrain.data.position import position_mismatch
-from easytrain.errors import OutputDirError
+from easytrain.errors import OutputDirError, TrainedAlreadyError
 from easytrain.jobs import outcome_of
 from easytrain.memory_plan import MemoryPlan
 from easytrain.reporting import Reporter
@@ -66,6 +66,7 @@ class TrainLoop(LoopEnding):
         self.last_saved_step = -1
         self.heap = heap.TrimAfterSaves()
         self.compile_seconds: float | None = None
+        self.iterations = 0  # dispatched (or tried): the run's own record that it trained, whatever `state.step` counts
         self.memory_plan: MemoryPlan | None = None
         self.compile_logged = False
         self.window_start = time.perf_counter()
@@ -108,6 +109,16 @@ class TrainLoop(LoopEnding):
                 process_failure.reraise_naming_others(error)  # `error`, or one naming another that failed first
             self.shut_down(failing=False)
         return self.last_logs
+
+    def check_not_run(self) -> None:
+        """`train()` runs once per trainer: a second call would count steps and read data from the run's start again
+        while the state kept its updates (the same steps logged twice, the final save skipped as already written).
+        A loop that dispatched nothing (stopped before its first step) left the state as it was: it may run again."""
+        if self.iterations:
+            raise TrainedAlreadyError(
+                f"train() has already run on this trainer (it trained from step {self.start_step} to step "
+                f"{self.start_step + self.iterations}); to train on, build a new trainer with "
+                "resume_from_checkpoint='latest' and a larger max_steps.")
 
     def progress(self) -> tuple[int, bool]:
         """What changes as the steps go on (read by `process_failure`'s watcher): batches drawn, saves running."""
@@ -204,6 +215,7 @@ class TrainLoop(LoopEnding):
             with stop_signals.while_acting("stopping before the first step once the step is compiled, nothing trained"):
                 self.memory_plan = self.parts.plan_memory(self.state, global_batch)
             self.preemption.stop_before_first_step(self.start_step, self.parts.resumed_from, "compiling the train step")
+        self.iterations += 1  # before: an iteration that fails may have donated the state already
         self.state, metrics = self.parts.iteration(self.state, global_batch)
         self.parts.publish(self.state)
         if first:

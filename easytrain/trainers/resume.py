@@ -69,7 +69,7 @@ def restore_checkpoint(checkpoint: tuple[Path, int], current: dict[str, Any], ta
                 state, data_state, _ = manager.restore(step, abstract_state=target)
             else:
                 state, data_state = restore_in_other_layout(manager, step, target)
-            check_restored_step(state, step)
+            check_restored_step(state, step, manager.read_saved_updates(step))
             progress = manager.read_progress(step)
         except CheckpointMismatchError:
             raise
@@ -113,10 +113,18 @@ def check_position_step(saved: Any, step: int) -> None:
                          "the data would repeat or skip batches")
 
 
-def check_restored_step(state: Any, step: int) -> None:
-    """The restored train state's own step must be the checkpoint's (a renamed or mixed-up step directory)."""
+def check_restored_step(state: Any, step: int, saved_updates: int | None = None) -> None:
+    """The restored train state must be checkpoint `step`'s, not a renamed or mixed-up step directory's. Its own step
+    counts optimizer updates (several per loop step where `train_iteration` runs more): it must be the count recorded
+    when `step` was saved (`CheckpointManager.read_saved_updates`). A checkpoint without that record (written before
+    it) holds one update per step."""
     restored = getattr(state, "step", None)
-    if restored is not None and int(restored) != step:
+    if restored is None:
+        return
+    if saved_updates is not None and int(restored) != saved_updates:
+        raise ValueError(f"its train state is at update {int(restored)}, but checkpoint {step} was saved at update "
+                         f"{saved_updates}")
+    if saved_updates is None and int(restored) != step:
         raise ValueError(f"its train state is at step {int(restored)}, but this is the checkpoint of step {step}")
 
 
