@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     arguments = TrainingArguments(
         output_dir=str(options.output_dir / "run"), model_name_or_path=str(model_dir), train_file=str(text_file),
         max_length=64, train_batch_size=8, eval_batch_size=8, max_steps=options.max_steps, learning_rate=1e-3,
-        warmup_steps=0, eval_strategy="no", save_strategy="no", save_pretrained_at_end=False,
+        warmup_ratio=0.0, eval_strategy="no", save_strategy="no", save_pretrained_at_end=False,
         report_to=["none"], disable_progress_bar=True, overwrite_output_dir=True)
     trainer = BaseTrainer(arguments)
     logs = trainer.train()

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         output_dir=str(options.output_dir / "run"), model_name_or_path=str(model_dir), lora_rank=options.lora_rank,
         lora_alpha=2 * options.lora_rank, lora_dropout=0.05, lora_export="adapter", max_length=48,
         train_batch_size=16, eval_batch_size=16, max_steps=options.max_steps, learning_rate=options.learning_rate,
-        warmup_steps=0, logging_steps=max(1, options.max_steps // 10), eval_strategy="no", save_strategy="no",
+        warmup_ratio=0.0, logging_steps=max(1, options.max_steps // 10), eval_strategy="no", save_strategy="no",
         max_eval_samples=64, report_to=["jsonl"], disable_progress_bar=True, overwrite_output_dir=True)
     trainer = SFTTrainer(arguments, SFTArguments(assistant_only_loss=True))
     before = trainer.evaluate()["eval_loss"]

@@ -51,3 +51,15 @@ def test_image_classifier_learns_far_above_chance(tmp_path):
                                   "sft_arithmetic", "dpo_arithmetic", "lora_sft", "reinforce"])
 def test_examples_document_how_to_run_them(name):
     assert f"python examples/{name}.py" in (EXAMPLES / f"{name}.py").read_text()
+
+
+def test_no_example_spells_no_warmup_as_the_default_warmup_steps():
+    """`warmup_steps=0` is the default (unset: `warmup_ratio`, 0.05, decides), so an example passing it to mean "no
+    warmup" still warms up: its first update runs at learning rate 0 and its curve depends on max_steps."""
+    import ast
+
+    spelled = [f"{path.name}:{node.lineno}" for path in sorted(EXAMPLES.glob("*.py"))
+               for node in ast.walk(ast.parse(path.read_text()))
+               if isinstance(node, ast.keyword) and node.arg == "warmup_steps"
+               and isinstance(node.value, ast.Constant) and node.value.value == 0]
+    assert not spelled, f"use warmup_ratio=0.0 for no warmup: {spelled}"
