@@ -1,6 +1,7 @@
 """`TrainingArguments`: every knob of a run, with a default, a help string and a fast check.
 
-The dataclass is the single source of defaults. It round-trips through JSON and YAML and is parsed
+The dataclass is the single source of defaults (`max_steps` and `num_train_epochs` are stored resolved by
+`argument_values.resolve_run_length`, from what was given). It round-trips through JSON and YAML and is parsed
 from the command line by `transformers.HfArgumentParser` (see `easytrain.config_io`).
 """
 
