@@ -237,6 +237,9 @@ def check_settings_apply(args: Any) -> None:
              "counts evaluations, but eval_strategy is 'no' (it would never stop): set eval_strategy to 'steps' "
              "or 'epoch', or unset early_stopping_patience.")
     check_best_checkpoint_kept(args)
+    from easytrain.lora_config import check_lora_fields_apply  # here: lora_config imports this module
+
+    check_lora_fields_apply(args)
     warn_unread_optimizer_fields(args)
     warn_low_precision_state(args)
 

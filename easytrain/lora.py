@@ -21,6 +21,7 @@ Module names are Hugging Face's (``model.layers.0.self_attn.q_proj``, ``lm_head`
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import re
 from collections.abc import Iterator, Sequence
@@ -41,6 +42,7 @@ from easytrain.lora_config import (ALL_LINEAR, DEFAULT_TARGET_MODULES, INIT_A_CH
 from easytrain.sharding import constrain
 
 Filter = nnx.filterlib.Filter
+logger = logging.getLogger("easytrain")
 ModulePath = tuple[str | int, ...]
 
 # ---------------------------------------------------------------------------------------------- module
@@ -168,30 +170,67 @@ def lora_modules(model: nnx.Module) -> dict[str, LoRADense]:
     return {hf_module_name(path): node for path, node in nnx.iter_modules(model) if isinstance(node, LoRADense)}
 
 
+#: Flax layers LoRA does not adapt, named in errors with the route that gives them adapters.
+_FLAX_LINEAR = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
+_FLAX_ROUTE = ("only easytrain.models.layers.Dense layers take adapters from LoRAConfig / lora_rank; flax nnx.Linear "
+               "layers do not. Build those layers as Dense, or as flax's nnx.LoRALinear and train only its adapters "
+               "with `trainable = nnx.LoRAParam` and lora_rank 0 (docs/lora.md, LoRA on a custom module)")
+
+
 def _targets(model: nnx.Module, config: LoRAConfig) -> dict[ModulePath, Dense]:
-    """The dense layers ``config.target_modules`` names; raises when a name or the pattern finds none."""
+    """The dense layers ``config.target_modules`` names, less a head ``train_embeddings`` trains in full (PEFT's rule);
+    raises when a name (unless ``config.strict_targets`` is off) or the pattern finds none."""
     modules = [(path, node) for path, node in nnx.iter_modules(model) if path]
     dense = {path: node for path, node in modules if isinstance(node, Dense)}
+    flax_linear = [hf_module_name(p) for p, n in modules if isinstance(n, _FLAX_LINEAR)]
+    if not dense:
+        raise LoRAConfigError("target_modules", f"this model has no dense layer to adapt{_listed(flax_linear)}: "
+                                                f"{_FLAX_ROUTE}.")
     chosen = {path: node for path, node in dense.items() if matches(hf_module_name(path), config.target_modules)}
     other = [] if config.target_modules == ALL_LINEAR else sorted(
         hf_module_name(p) for p, n in modules if not isinstance(n, Dense) and matches(hf_module_name(p),
                                                                                     config.target_modules))
     if other:
+        why = _FLAX_ROUTE if set(other) & set(flax_linear) else ("LoRA adapts dense layers only (use train_embeddings "
+                                                                  "/ train_norms to train embeddings or norms)")
         raise LoRAConfigError("target_modules", f"{config.target_modules!r} names modules that are not dense "
-                                                f"layers: {other[:4]}; LoRA adapts dense layers only (use "
-                                                "train_embeddings / train_norms to train embeddings or norms).")
+                                                f"layers: {other[:4]}; {why}.")
     names = sorted({_leaf_name(p) for p in dense})
+    also = f" ({_FLAX_ROUTE}: {flax_linear[:4]})" if flax_linear else ""
     if isinstance(config.target_modules, str):
         if not chosen:
             raise LoRAConfigError("target_modules", f"the pattern {config.target_modules!r} matches no dense layer "
                                                     f"of this model; it must match a whole name such as "
-                                                    f"{hf_module_name(next(iter(dense)))!r}. Dense layers: {names}.")
-        return chosen
+                                                    f"{hf_module_name(next(iter(dense)))!r}. Dense layers: "
+                                                    f"{names}{also}.")
+        return _without_saved_modules(chosen, config)
     unused = [t for t in config.target_modules if not any(matches(hf_module_name(p), (t,)) for p in dense)]
-    if unused:
+    if unused and (config.strict_targets or not chosen):
         raise LoRAConfigError("target_modules", f"{unused} match no dense layer of this model; its dense "
-                                                f"layers are named {names}.")
-    return chosen
+                                                f"layers are named {names}{also}.")
+    if unused:
+        logger.info("target_modules %s match no dense layer of this model; skipped, as PEFT skips them", unused)
+    return _without_saved_modules(chosen, config)
+
+
+def _listed(names: list[str]) -> str:
+    return f" (its flax nnx.Linear layers: {names[:4]}{' ...' if len(names) > 4 else ''})" if names else ""
+
+
+def _without_saved_modules(chosen: dict[ModulePath, Dense], config: LoRAConfig) -> dict[ModulePath, Dense]:
+    """``chosen`` less the output head when ``train_embeddings`` trains it in full: PEFT adapts no module that
+    ``modules_to_save`` names, so the export computes in PEFT what it does here (an adapter on a fully trained
+    kernel would add nothing it cannot learn)."""
+    saved = sorted(hf_module_name(p) for p in chosen if config.train_embeddings and _leaf_name(p) in EMBEDDING_MODULES)
+    if not saved:
+        return chosen
+    if len(saved) == len(chosen):
+        raise LoRAConfigError("target_modules", f"{config.target_modules!r} selects only {saved}, which "
+                                                "train_embeddings trains in full (PEFT's modules_to_save, which takes "
+                                                "no adapter): name other layers to adapt, or drop train_embeddings.")
+    logger.info("%s: trained in full (train_embeddings), so it takes no adapter although target_modules names it, "
+                "as in PEFT (modules_to_save wins over target_modules)", ", ".join(saved))
+    return {path: node for path, node in chosen.items() if hf_module_name(path) not in saved}
 
 
 def _leaf_name(path: ModulePath) -> str:

@@ -11,6 +11,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from easytrain.argument_checks import field_defaults
 from easytrain.errors import ArgumentError, EasytrainError
 
 #: The attention and MLP projections: on these models the same layers as PEFT's ``"all-linear"``.
@@ -44,12 +45,16 @@ class LoRAConfig:
             every dense layer but ``lm_head``, as in PEFT. Names are Hugging Face's:
             ``model.layers.0.mlp.down_proj``, ``lm_head``. Only dense (linear) layers take adapters.
         train_embeddings: Also train the full input embedding and the output head (``embed_tokens``,
-            ``lm_head``; PEFT's ``modules_to_save``), e.g. after adding tokens.
+            ``lm_head``; PEFT's ``modules_to_save``), e.g. after adding tokens. A head trained in full takes no
+            adapter even when ``target_modules`` names it: PEFT skips a target that ``modules_to_save`` names.
         train_norms: Also train every RMSNorm scale.
         use_rslora: Rank-stabilised scaling ``alpha / sqrt(rank)`` (PEFT's ``use_rslora``).
         init_a: ``"kaiming_uniform"`` (PEFT's default) or ``"gaussian"`` (normal, std ``1 / rank``).
         param_dtype: Storage dtype of the adapters; default float32 (PEFT's ``autocast_adapter_dtype``
             keeps adapters in float32 under a bfloat16 base); None: the dtype of the kernel they adapt.
+        strict_targets: A listed name that matches no dense layer is an error (names a user writes); False skips it
+            with an info log, as PEFT loads an adapter (``read_peft_config`` gives False). Not compared: two configs
+            that adapt the same layers are equal.
     """
 
     rank: int = 8
@@ -61,6 +66,7 @@ class LoRAConfig:
     use_rslora: bool = False
     init_a: str = "kaiming_uniform"
     param_dtype: str | None = "float32"
+    strict_targets: bool = dataclasses.field(default=True, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, (int, np.integer)) or self.rank <= 0:
@@ -120,9 +126,10 @@ REGEX_PREFIX = "re:"
 def targets_from_arguments(values: Sequence[str] | str) -> Sequence[str] | str:
     """``lora_target_modules`` as ``LoRAConfig.target_modules``: a plain string (YAML/JSON, as in PEFT) or one
     ``"re:PATTERN"`` value is a regular expression; ``["all-linear"]`` is PEFT's shorthand; else names, each
-    value split at commas (``q_proj,v_proj``, as PEFT's command lines take them: no layer name holds a comma)."""
+    value split at commas (``q_proj,v_proj``, as PEFT's command lines take them: no layer name holds a comma). A plain
+    string may carry the ``re:`` prefix too (no module name holds a colon)."""
     if isinstance(values, str):
-        return values
+        return values.removeprefix(REGEX_PREFIX)
     values = list(values)
     if len(values) == 1 and (values[0] == ALL_LINEAR or values[0].startswith(REGEX_PREFIX)):
         return values[0].removeprefix(REGEX_PREFIX)
@@ -155,3 +162,23 @@ def as_argument_error(error: LoRAConfigError) -> LoRAConfigError:
     if error.field.startswith("lora_"):
         return error
     return LoRAConfigError(f"lora_{error.field}", error.message)
+
+
+#: The `lora_*` arguments that mean something only when LoRA runs (`lora_rank` > 0 or `lora_adapter_path`).
+LORA_ONLY_FIELDS = ("lora_alpha", "lora_dropout", "lora_target_modules", "lora_train_embeddings", "lora_train_norms",
+                    "lora_use_rslora", "lora_export")
+
+
+def check_lora_fields_apply(args: Any) -> None:
+    """Refuse `lora_*` settings given (off their defaults) while `lora_rank` is 0 and no `lora_adapter_path` is set:
+    the run would fine-tune every weight and ignore them without a word."""
+    if args.lora_rank or args.lora_adapter_path:
+        return
+    defaults = field_defaults(args)
+    given = [name for name in LORA_ONLY_FIELDS if getattr(args, name) != defaults[name]]
+    if given:
+        shown = ", ".join(f"{name}={getattr(args, name)!r}" for name in given)
+        raise ArgumentError(given[0], f"{shown} given, but lora_rank is 0 (full fine-tuning), so "
+                                      f"{'it has' if len(given) == 1 else 'they have'} no effect: set lora_rank "
+                                      "(e.g. --lora_rank 16) to train LoRA adapters, or drop "
+                                      f"{', '.join('--' + name for name in given)} to train every weight.")

@@ -160,7 +160,7 @@ def test_resuming_over_another_base_or_other_lora_settings_fails_before_compute(
         sft(lora_args(tmp_path / "run", base_dir, lora_rank=8, **resume)).setup()
     assert error.value.field == "lora_rank"
     with pytest.raises(ArgumentError) as error:
-        sft(lora_args(tmp_path / "run", base_dir, lora_rank=0, **resume)).setup()
+        sft(lora_args(tmp_path / "run", base_dir, lora_rank=0, lora_dropout=0.0, **resume)).setup()
     assert error.value.field == "lora_rank"
     with pytest.raises(ArgumentError, match="trained with scan_layers=False") as error:
         sft(lora_args(tmp_path / "run", base_dir, scan_layers=True, **resume)).setup()

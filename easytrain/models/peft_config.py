@@ -135,7 +135,7 @@ def read_peft_config(directory: str | os.PathLike) -> tuple[LoRAConfig, dict[str
             train_embeddings=any(m in ("embed_tokens", "lm_head") for m in modules_to_save),
             train_norms=any("norm" in m for m in modules_to_save),
             use_rslora=bool(raw.get("use_rslora", False)),
-            init_a="gaussian" if init == "gaussian" else "kaiming_uniform")
+            init_a="gaussian" if init == "gaussian" else "kaiming_uniform", strict_targets=False)  # as PEFT
     except lora.LoRAConfigError as error:
         raise CheckpointError(f"{path}: {error}") from error
     return config, raw

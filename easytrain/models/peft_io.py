@@ -26,7 +26,7 @@ from jax.experimental import multihost_utils
 from safetensors import safe_open
 
 from easytrain import lora
-from easytrain.lora import LoRAConfig, LoRADense
+from easytrain.lora import EMBEDDING_MODULES, LoRAConfig, LoRADense
 from easytrain.models.hf_export import _to_host
 from easytrain.models.hf_io import EMBEDDING_NAME, HEAD_NAME, CheckpointError, hf_name
 from easytrain.models.layers import RMSNorm
@@ -90,6 +90,11 @@ def _check_modules(modules: dict[str, LoRADense], config: LoRAConfig) -> None:
     if odd:
         raise CheckpointError(f"adapters of {odd[:4]} do not have config's rank={config.rank} and scaling="
                               f"{config.scaling:g}; pass the LoRAConfig the adapters were made with.")
+    if config.train_embeddings and (both := sorted(n for n in modules if n.rsplit(".", 1)[-1] in EMBEDDING_MODULES)):
+        raise CheckpointError(f"{both} have adapters and are trained in full (train_embeddings); PEFT adapts no module "
+                              "its modules_to_save names, so it cannot hold both. Adapt the model with "
+                              "easytrain.lora.apply_lora (which leaves them unadapted), or export the merged model "
+                              "(merge_lora, then save_pretrained).")
     if unmatched := sorted(n for n in modules if not lora.matches(n, config.target_modules)):
         raise CheckpointError(f"adapted modules {unmatched[:4]} are not matched by config.target_modules="
                               f"{config.target_modules!r}; PEFT would not adapt them. Pass the config the "
@@ -217,14 +222,23 @@ def _check_modules_to_save(model: nnx.Module, config: LoRAConfig, raw: dict[str,
             "PEFT (merge_and_unload()) and load the merged model with easytrain.models.from_pretrained.")
 
 
+_UNTIED_BY_PEFT = {  # which copies PEFT trains when modules_to_save names these without ensure_weight_tying
+    ("embed_tokens",): "gives the trained copy to the input embedding only and keeps the base matrix as output head",
+    ("lm_head",): "gives the trained copy to the output head only and keeps the base matrix as input embedding",
+    ("embed_tokens", "lm_head"): "trains a separate copy for the input embedding and for the output head",
+}
+
+
 def _check_tied_head(tensors: dict[str, np.ndarray], raw: dict[str, Any], directory: Path) -> None:
     """A tied model has one matrix for input embedding and output head; so must the adapter."""
     if not raw.get("ensure_weight_tying"):
+        saved = tuple(sorted({str(m).rsplit(".", 1)[-1] for m in raw.get("modules_to_save") or []}
+                             & set(EMBEDDING_MODULES)))
         raise CheckpointError(
-            f"{directory / ADAPTER_CONFIG_NAME}: modules_to_save={raw.get('modules_to_save')!r} trains the embedding "
-            "of a model with tie_word_embeddings=True but ensure_weight_tying is not set, so PEFT gives the trained "
-            "copy to the input embedding only and keeps the base one as output head; a tied easytrain model cannot "
-            "represent that. Merge the adapter with PEFT (merge_and_unload), save it untied, and load that instead.")
+            f"{directory / ADAPTER_CONFIG_NAME}: modules_to_save={raw.get('modules_to_save')!r} names the shared "
+            "embedding matrix of a model with tie_word_embeddings=True but ensure_weight_tying is not set, so PEFT "
+            f"{_UNTIED_BY_PEFT[saved]}; a tied easytrain model cannot represent that. Merge the adapter with PEFT "
+            "(merge_and_unload), save it untied, and load that instead.")
     head, embedding = tensors.pop(PEFT_PREFIX + HEAD_NAME, None), tensors.get(PEFT_PREFIX + EMBEDDING_NAME)
     if head is not None and (embedding is None or not np.array_equal(head, embedding)):
         raise CheckpointError(f"{directory / ADAPTER_WEIGHTS_NAME}: {PEFT_PREFIX + HEAD_NAME} differs from "
@@ -240,7 +254,8 @@ def load_peft_adapter(
 ) -> nnx.Module:
     """Applies a PEFT LoRA adapter (trained with PEFT or saved by ``save_peft_adapter``) to ``model``, in place.
 
-    The adapted modules are those its ``target_modules`` select, as PEFT selects them, and the file must
+    The adapted modules are those its ``target_modules`` select, as PEFT selects them (a listed name the model lacks
+    is skipped with an info log; a target ``modules_to_save`` also names takes no adapter), and the file must
     hold exactly their ``lora_A``/``lora_B`` tensors (one error lists every missing and unexpected one).
     Modules in ``modules_to_save`` (embeddings, norms, ...) overwrite the model's own weights, as in PEFT; the list
     must be exactly what ``train_embeddings``/``train_norms`` train (embedding with head, every norm).

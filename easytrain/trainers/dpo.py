@@ -46,10 +46,10 @@ from easytrain.trainers import adapters, builders, init_weights
 from easytrain.trainers.base import BaseTrainer
 from easytrain.trainers.dpo_arguments import DPOArguments
 from easytrain.trainers.dpo_updates import REWARD_MEAN, update_then_track_rewards
-from easytrain.trainers.dpo_reference import (CACHE_DIRNAME, INITIAL_ADAPTERS, INITIAL_POLICY, REFERENCE_WEIGHTS,
-                                              stored_record, check_reference_path, checked_initial_weights,
-                                              checked_reference_weights, precomputed_reference_logps, update_then_sync,
-                                              with_initial_adapters, with_initial_weights, with_values)
+from easytrain.trainers.dpo_reference import (
+    CACHE_DIRNAME, INITIAL_ADAPTERS, INITIAL_POLICY, LORA_ADAPTER, REFERENCE_WEIGHTS, stored_record,
+    check_reference_path, checked_adapter_values, checked_initial_weights, checked_reference_weights,
+    precomputed_reference_logps, update_then_sync, with_initial_adapters, with_initial_weights, with_values)
 from easytrain.trainers.switches import apply_switches
 
 logger = logging.getLogger("easytrain")
@@ -82,6 +82,7 @@ class DPOTrainer(BaseTrainer):
         self._loaded_adapter: dict | None = None  # the adapter values the policy starts from (`INITIAL_ADAPTERS`)
         self.initial_policy: dict[str, Any] | None = None  # with init_weights_from: its run_info record
         self.reference_weights: dict[str, Any] | None = None  # a fixed reference read from a path: its record
+        self.adapter_read: dict[str, Any] | None = None  # lora_adapter_path's values read for the reference: record
         self._source_weights: dict | None = None  # init_weights_from's variables, read once (`_read_initial_weights`)
         super().__init__(arguments, **kwargs)
         self._check_lora_reference()
@@ -200,6 +201,10 @@ class DPOTrainer(BaseTrainer):
         if args.lora_adapter_path or (from_source and self.lora is not None):
             module = adapters.adapt(module, self.lora, args.seed, args.lora_adapter_path)
         module = self._like_the_policy(module)
+        if args.lora_adapter_path:  # read again on resume: refused if other values are there now
+            values = nnx.to_pure_dict(nnx.state(module, self.trainable_filter))
+            self.adapter_read = checked_adapter_values(values, adapter_path=args.lora_adapter_path,
+                                                       resume_from=self._resume_from)
         if not from_source:
             return module
         module, self.initial_policy = with_initial_weights(
@@ -272,6 +277,9 @@ class DPOTrainer(BaseTrainer):
         module = super().adapt_module(module)
         if self.reference_is_initial_adapters:
             self._loaded_adapter = nnx.to_pure_dict(nnx.state(module, self.trainable_filter))
+            if path := self.arguments.lora_adapter_path:  # read again on resume: refused if other values are there
+                self.adapter_read = checked_adapter_values(self._loaded_adapter, adapter_path=path,
+                                                           resume_from=self._resume_from)
         return module
 
     def configure_model(self) -> ConfiguredModel:
@@ -381,9 +389,9 @@ class DPOTrainer(BaseTrainer):
         task = {"max_prompt_length": self.dpo.max_prompt_length}
         task = {**task, "chat_template_path": path} if (path := self.dpo.chat_template_path) else task  # old: none
         task = task if self._dropout_unrecorded else {**task, "disable_dropout": self.dpo.disable_dropout}
-        info = {**super().run_info(), "task_arguments": task}
-        info = info if self.initial_policy is None else {**info, INITIAL_POLICY: self.initial_policy}
-        return info if self.reference_weights is None else {**info, REFERENCE_WEIGHTS: self.reference_weights}
+        sources = {INITIAL_POLICY: self.initial_policy, LORA_ADAPTER: self.adapter_read,
+                   REFERENCE_WEIGHTS: self.reference_weights}  # what the reference was read from, checked on resume
+        return {**super().run_info(), "task_arguments": task, **{k: v for k, v in sources.items() if v is not None}}
 
 
 def logps_and_mean_logit(logits_MV: jax.Array, targets_M: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -10,7 +10,8 @@ A run started with `init_weights_from` has those weights in its initial policy, 
 from the checkpoint, must find the same weights there: `require_source` and `check_initial_policy` refuse a
 source gone or changed, against the digests the run recorded in its run_info (`INITIAL_POLICY`). A fixed
 reference read from a path (`model_name_or_path`'s weights, or `ref_model_name_or_path`) is rebuilt from it on
-resume too: `checked_reference_weights` records its digests (`REFERENCE_WEIGHTS`) and refuses other weights there.
+resume too: `checked_reference_weights` records its digests (`REFERENCE_WEIGHTS`) and refuses other weights there,
+as `checked_adapter_values` does for the adapter a LoRA reference reads from `lora_adapter_path` (`LORA_ADAPTER`).
 
 `precomputed_reference_logps` runs the reference model over every pair once, in one compiled pass,
 before training, and caches the result on disk under a key made of the data's and the reference
@@ -52,6 +53,9 @@ INITIAL_ADAPTERS = "initial_adapters"
 INITIAL_POLICY = "initial_policy"
 #: run_info entry of a fixed reference read from a path: the path read and the digests of its weights.
 REFERENCE_WEIGHTS = "reference_weights"
+#: run_info entry of a run whose reference reads `lora_adapter_path` (again on resume): the path read and the digests
+#: of the adapter values it gave (`checked_adapter_values`).
+LORA_ADAPTER = "lora_adapter"
 
 
 def with_values(module: nnx.Module, selected: nnx.filterlib.Filter, values: Any) -> nnx.Module:
@@ -101,7 +105,8 @@ def checked_initial_weights(initial_weights: Callable[[Any, Any], Any], state: A
 
 def with_initial_adapters(configured: ConfiguredModel, values: Any) -> ConfiguredModel:
     """`configured` with a copy of `values`, the adapter values the policy starts from, in `state.frozen`
-    (`INITIAL_ADAPTERS`; not checkpointed: small, and read again on resume), sharded like the adapters."""
+    (`INITIAL_ADAPTERS`; not checkpointed: small, and read again on resume, checked by `checked_adapter_values` or
+    `check_initial_policy`), sharded like the adapters."""
     state, shardings = configured.state, configured.state_shardings
     copy = jax.device_put(values, shardings.params, may_alias=False)  # the step donates params
     return configured._replace(state=state.replace(frozen={**state.frozen, INITIAL_ADAPTERS: copy}),
@@ -145,6 +150,31 @@ def checked_reference_weights(module: nnx.Module, *, field: str, read_from: Path
                                    f"{field} on resume. Put the weights the run started from back at {read_from}, "
                                    "or start a new output_dir.")
     return record
+
+
+def checked_adapter_values(values: Any, *, adapter_path: str, resume_from: tuple[Path, int] | None) -> dict[str, Any]:
+    """The run_info record (`LORA_ADAPTER`) of the adapter values read from `adapter_path` for the reference (the base
+    with the adapter the run started from). A resume reads the path again, so refuse other values found there now
+    (another directory, or the same one re-written since): they would bend every later loss without a word."""
+    digests = integrity.fingerprint(float_leaves(values), integrity.SMALL_ON_HOST)
+    record = {"read_from": str(Path(adapter_path).expanduser().absolute()), "fingerprint": digests}
+    stored = stored_record(resume_from, LORA_ADAPTER)
+    if stored.get("fingerprint") in (None, digests):
+        return record
+    changed = _changed(stored["fingerprint"], digests) or "other tensors"
+    raise ArgumentError("lora_adapter_path", f"the adapter read from {record['read_from']} (digest "
+                                             f"{_digest(digests)}) is not the one this run started from, read from "
+                                             f"{stored.get('read_from')} (digest {_digest(stored['fingerprint'])}; "
+                                             f"{changed}). The DPO reference under LoRA is the base with the adapter "
+                                             "the run started from, read again from lora_adapter_path on resume (it "
+                                             "is not checkpointed). Put that adapter back at "
+                                             f"{stored.get('read_from')} and pass --lora_adapter_path "
+                                             f"{stored.get('read_from')}, or start a new output_dir.")
+
+
+def _digest(fingerprint: Mapping[str, Any]) -> str:
+    """One short digest of a whole fingerprint, for a message."""
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def stored_record(resume_from: tuple[Path, int] | None, key: str) -> dict[str, Any]:
