@@ -140,3 +140,17 @@ def test_one_loss_name_as_a_string_is_that_loss():
     """docs/dpo.md: `loss_type` is one name or a list (as TRL takes it); a string is not read letter by letter."""
     assert DPOArguments(loss_type="ipo").loss_type == ["ipo"]
     assert DPOArguments(loss_type="ipo", loss_weights=[0.5]).loss_weights == [0.5]
+
+
+def test_evaluate_refuses_a_list_of_pairs_naming_the_fix(tmp_path):
+    """`evaluate(dataset)` takes one `datasets.Dataset`, in DPO as in the other trainers (a list failed inside the
+    tokenisation with a raw AttributeError)."""
+    from easytrain import TrainingArguments
+    from easytrain.data import DataError
+    from easytrain.trainers.dpo import DPOTrainer
+
+    trainer = DPOTrainer(TrainingArguments(output_dir=str(tmp_path / "run"), model_config="tiny", max_steps=1,
+                                           report_to=["none"], disable_progress_bar=True))
+    pairs = [{"prompt": "1+1=", "chosen": "2", "rejected": "3"}] * 4
+    with pytest.raises(DataError, match=r"Dataset\.from_list"):
+        trainer.evaluate(pairs)

@@ -99,3 +99,18 @@ def test_a_supported_config_still_reaches_tokenising(tmp_path, tokenizer_dir, te
     with pytest.raises(AssertionError, match="tokenised before"):
         trainer.train()
     assert len(tokenised) == 1
+
+
+@pytest.mark.parametrize("case", ["rope_scaling", "family"])
+def test_a_dpo_reference_config_is_refused_when_the_trainer_is_built(tmp_path, case):
+    """`ref_model_name_or_path` names a model directory whose config the model cannot build: refused, naming that
+    field, when the trainer is built (it failed only when the reference loaded, after the data was tokenised)."""
+    from easytrain.trainers.dpo import DPOArguments, DPOTrainer
+
+    changes, named = UNBUILDABLE[case]
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    (reference / "config.json").write_text(json.dumps(_config_fields(**changes)))
+    with pytest.raises(ArgumentError, match=named) as refused:
+        DPOTrainer(_args(tmp_path), DPOArguments(ref_model_name_or_path=str(reference)))
+    assert refused.value.field == "ref_model_name_or_path"

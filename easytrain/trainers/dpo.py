@@ -28,6 +28,7 @@ from easytrain.data import RowSource, bucket_lengths
 from easytrain.data.chat_templates import read_chat_template
 from easytrain.data.paired_batches import PairedCollate, pair_rows
 from easytrain.data.preference_data import PreferenceDataOptions, tokenize_preference_dataset
+from easytrain.data.sources import evaluation_examples
 from easytrain.data.token_range import rows_of, vocab_size_of
 from easytrain.errors import ArgumentError
 from easytrain.frozen import Frozen
@@ -130,7 +131,7 @@ class DPOTrainer(BaseTrainer):
         """Another eval set's pairs, tokenised as the configured one's (with precomputed reference log-probs
         when the run uses them)."""
         with rows_of(None):
-            rows, _ = tokenize_preference_dataset(dataset, self.tokenizer, self._data_options(),
+            rows, _ = tokenize_preference_dataset(evaluation_examples(dataset), self.tokenizer, self._data_options(),
                                                   formatting_func=self.formatting_func,
                                                   num_proc=self.arguments.preprocessing_num_workers,
                                                   vocab_size=vocab_size_of(self.model_config))

@@ -39,6 +39,7 @@ from easytrain.checkpoint import CheckpointManager
 from easytrain.data import EvalBatches, RowSource
 from easytrain.errors import ArgumentError
 from easytrain.frozen import Frozen, place_frozen
+from easytrain.models.families import ConfigError, check_buildable
 from easytrain.protocol import ConfiguredModel
 from easytrain.trainers import builders
 from easytrain.trainers.init_weights import float_leaves, resolved_source
@@ -69,11 +70,19 @@ def with_values(module: nnx.Module, selected: nnx.filterlib.Filter, values: Any)
 
 def check_reference_path(path: str) -> None:
     """A local path must exist (it may be a checkpoint, resolved when the reference loads); a hub id must
-    resolve, which its config (one small file, from the cache when offline) shows."""
-    if not Path(path).expanduser().exists():  # `load_pretrained` first refuses what is not a hub id either
-        builders.load_pretrained("ref_model_name_or_path", path, transformers.AutoConfig.from_pretrained,
-                                 "the reference model's config", "Pass a local model directory or checkpoint, "
-                                 "or the id of a hub model.")
+    resolve, which its config (one small file, from the cache when offline) shows. A config the model cannot
+    build is refused now, as the policy's is, not after the data was prepared."""
+    local = Path(path).expanduser()
+    if local.exists() and not (local / "config.json").is_file():
+        return
+    config = builders.load_pretrained("ref_model_name_or_path", path, transformers.AutoConfig.from_pretrained,
+                                      "the reference model's config", "Pass a local model directory or "
+                                      "checkpoint, or the id of a hub model.")
+    try:
+        check_buildable(config)
+    except ConfigError as error:
+        raise ArgumentError("ref_model_name_or_path",
+                            f"the model config of {path!r} cannot be a reference: {error}") from error
 
 
 def with_initial_weights(module: nnx.Module, initial_weights: Callable[[Any, Any], Any], *, source: str,
