@@ -1,10 +1,11 @@
 """Whether a checkpoint can continue this run: its `run_info` compared with this run's before anything is restored.
 
-A change that would not fit the stored arrays (architecture, optimizer, a setting that adds or removes a part of the
-optimizer state, `param_dtype`, LoRA settings) or would change which examples the resumed run sees (the data-order
-fields, the tokenizer, the task's own settings, the training data itself) is refused naming the fields and the rerun
-that restores them; one that only bends the curve (schedule, compute settings, another mesh) is warned about, once
-every refusal check passed. `allow_data_order_change` lets data changes through.
+A change that would not fit the stored arrays (architecture, optimizer or a setting that adds or removes a part of the
+optimizer state where the default `configure_optimizer` builds it, `param_dtype`, LoRA settings) or would change
+which examples the resumed run sees (the data-order fields, the tokenizer, the task's own settings, the training data
+itself) is refused naming the fields and the rerun that restores them; one that only bends the curve (schedule,
+compute settings, another mesh) is warned about, once every refusal check passed. `allow_data_order_change` lets
+data changes through.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from easytrain.config_io import ARGUMENTS_FILE
 from easytrain.data.position import DIGEST_KEY, compared_keys
 from easytrain.errors import ArgumentError
 from easytrain.lora_config import targets_from_arguments
-from easytrain.optim import state_switches
+from easytrain.optim import SWITCH_ARGUMENTS, state_switches
 from easytrain.trainers.adapters import check_base
 
 logger = logging.getLogger("easytrain")
@@ -39,6 +40,10 @@ LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules",
                "lora_train_norms", "lora_use_rslora")
 # What the stored arrays are: another optimizer has other state, another param_dtype other dtypes.
 STATE_FIELDS = ("optimizer", "param_dtype")
+#: The run_info key recording whether `BaseTrainer.configure_optimizer` built the optimizer state from the arguments
+#: (a trainer's own `configure_optimizer` decides its state's layout itself, whatever `optimizer` or `max_grad_norm`
+#: say): only then do the arguments tell that layout (`arguments_built_optimizer`).
+DEFAULT_OPTIMIZER_KEY = "default_optimizer"
 # What the steps compute with: the stored arrays fit another value, but every later step's numbers change.
 COMPUTE_FIELDS = ("dtype", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "sgd_momentum",
                   "max_grad_norm", "gradient_accumulation_steps")
@@ -104,13 +109,15 @@ def refuse_changes(run_info: dict[str, Any], current: dict[str, Any]) -> list[st
                                 + "; ".join(diffs) + "). Resume with the same model, or start a new output_dir."
                                 + rerun_hint(run_info.get("arguments") or {}, current["arguments"]))
     stored_args, current_args = run_info.get("arguments") or {}, current["arguments"]
-    for name in STATE_FIELDS:
+    from_arguments = arguments_built_optimizer(run_info, current)
+    for name in (name for name in STATE_FIELDS if from_arguments or name not in SWITCH_ARGUMENTS):
         if name in stored_args and stored_args[name] != current_args.get(name):
             raise ArgumentError(name, f"the checkpoint's state was saved for another {name} (checkpoint "
                                 f"{stored_args[name]!r} vs now {current_args.get(name)!r}). Resume with the "
                                 "checkpoint's value, or start a new run from its weights with --init_weights_from "
                                 "(a fresh optimizer state).")
-    check_state_switches(stored_args, current_args)
+    if from_arguments:  # else the restore's comparison of the state trees catches a layout that differs
+        check_state_switches(stored_args, current_args)
     if lora_diffs := _differences(_lora_settings(stored_args), _lora_settings(current_args),
                                   tuple(k for k in LORA_FIELDS if k in stored_args)):
         raise ArgumentError(lora_diffs[0].split(":")[0], "the checkpoint's adapters were trained with other LoRA "
@@ -141,7 +148,7 @@ def warn_changes(run_info: dict[str, Any], current: dict[str, Any]) -> None:
     if (diffs := sum(_data_changes(run_info, current), [])) and current_args.get("allow_data_order_change"):
         logger.warning("resuming with changed settings (%s): allow_data_order_change is set, so the run continues "
                        "under the new ones from the restored step (the data in their order)", "; ".join(diffs))
-    if schedule_diffs := _differences(stored_args, current_args, SCHEDULE_FIELDS):
+    if schedule_diffs := _schedule_differences(stored_args, current_args):
         logger.warning("resuming with a different learning-rate schedule (%s): from the restored step on, the "
                        "curve differs from the one the checkpointed run would have followed", "; ".join(schedule_diffs))
     if compute_diffs := _differences(stored_args, current_args, _compared_compute_fields(stored_args, current_args)):
@@ -161,6 +168,35 @@ def _data_changes(run_info: dict[str, Any], current: dict[str, Any]) -> tuple[li
              + _tokenizer_change(stored_args, current_args, run_info, current))
     stored_task, current_task = run_info.get("task_arguments") or {}, current.get("task_arguments") or {}
     return order, _differences(stored_task, current_task, tuple(sorted(stored_task.keys() | current_task.keys())))
+
+
+def arguments_built_optimizer(run_info: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Whether the default `configure_optimizer` built both the checkpoint's optimizer state and this run's, so that
+    their arguments (`optimizer`, the `state_switches`) tell each state's layout. A checkpoint written before this
+    was recorded counts as this run's; a `current` that does not record it, as the default."""
+    now = current.get(DEFAULT_OPTIMIZER_KEY, True)
+    return bool(now and run_info.get(DEFAULT_OPTIMIZER_KEY, now))
+
+
+def _schedule_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The `SCHEDULE_FIELDS` that changed the schedule, listed with the values as stored and given: every
+    `max_steps` <= 0 trains `num_train_epochs` (earlier docs wrote 0, the arguments store -1), and `num_train_epochs`
+    is compared only where neither side's positive `max_steps` decides the length instead (where one side's does,
+    `max_steps` itself differs)."""
+    before, now = _schedule_as_read(stored), _schedule_as_read(current)
+    return [f"{key}: checkpoint {stored.get(key)!r} vs now {current.get(key)!r}"
+            for key in SCHEDULE_FIELDS if key in before and key in now and before[key] != now[key]]
+
+
+def _schedule_as_read(arguments: dict[str, Any]) -> dict[str, Any]:
+    """`SCHEDULE_FIELDS` of `arguments` as the run's length reads them (`_schedule_differences`)."""
+    values = {key: arguments.get(key) for key in SCHEDULE_FIELDS}
+    steps = values["max_steps"]
+    if isinstance(steps, int) and steps > 0:
+        del values["num_train_epochs"]
+    elif isinstance(steps, int):
+        values["max_steps"] = 0
+    return values
 
 
 def _compared_compute_fields(stored: dict[str, Any], current: dict[str, Any]) -> tuple[str, ...]:

@@ -11,7 +11,7 @@ from typing import Any
 from easytrain.checkpoint import CheckpointManager
 from easytrain.config_io import save_arguments
 from easytrain.trainers import builders
-from easytrain.trainers.resume_checks import FORMAT_VERSION, config_dict
+from easytrain.trainers.resume_checks import DEFAULT_OPTIMIZER_KEY, FORMAT_VERSION, config_dict
 from easytrain.trainers.run_dir import rerun_arguments
 
 
@@ -28,7 +28,8 @@ class RunRecordHooks:
         info = {"format_version": FORMAT_VERSION, "arguments": self._arguments.to_dict(),
                 "model_config": config_dict(self.model_config),
                 "tokenizer_fingerprint": builders.tokenizer_fingerprint(getattr(self, "tokenizer", None)),
-                "mesh": {"devices": self.mesh.size, "shape": dict(self.mesh.shape)}}  # a resume elsewhere warns
+                "mesh": {"devices": self.mesh.size, "shape": dict(self.mesh.shape)},  # a resume elsewhere warns
+                DEFAULT_OPTIMIZER_KEY: builds_default_optimizer(self)}
         return info if self.base_fingerprint is None else {**info, "base_fingerprint": self.base_fingerprint}
 
     def save_arguments(self) -> Path | None:
@@ -36,3 +37,11 @@ class RunRecordHooks:
         if not self.is_main_process:
             return None
         return save_arguments(rerun_arguments(self._arguments), self._arguments.output_dir, self.task_arguments)
+
+
+def builds_default_optimizer(trainer: Any) -> bool:
+    """Whether `BaseTrainer.configure_optimizer` builds `trainer`'s optimizer from the arguments (not overridden):
+    only then do `optimizer` and the settings that switch a part of its state tell the state's layout."""
+    from easytrain.trainers.base import BaseTrainer  # base.py mixes RunRecordHooks in
+
+    return getattr(trainer.configure_optimizer, "__func__", None) is BaseTrainer.configure_optimizer
