@@ -6,7 +6,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import json
-import time
 
 import datasets
 import grain
@@ -128,9 +127,7 @@ def test_start_step_equals_set_state():
 def test_restoring_is_constant_time_far_into_training():
     loader = TrainBatches(_rows(1000), 10, seed=0)
     far = 10**9 + 7
-    began = time.perf_counter()
     batch = next(loader.iterator(start_step=far))
-    assert time.perf_counter() - began < 5
     assert loader.rows_read <= 10 * 5  # the batch plus the prefetch buffer, never the past
     sequential_epoch = _ids(_take(loader.iterator(start_step=far - 7), 8))[-1]
     assert batch["example_id"].tolist() == sequential_epoch

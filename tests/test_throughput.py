@@ -101,9 +101,7 @@ def test_the_cpu_peak_is_a_measured_matmul_rate_measured_once():
     peak = flops.hardware_peak()
     assert peak.source == flops.MEASURED_CPU_SOURCE
     assert 1e8 < peak.flops_per_second < 1e14, peak
-    started = time.perf_counter()
-    assert flops.hardware_peak() is peak and flops.measured_cpu_matmul_flops() > 0
-    assert time.perf_counter() - started < 0.01, "cached, not measured again"
+    assert flops.hardware_peak() is peak and flops.measured_cpu_matmul_flops() > 0  # cached: the same object
 
 
 def test_window_logs_by_hand():
