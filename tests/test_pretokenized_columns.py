@@ -194,10 +194,10 @@ def test_labels_without_a_mask_mask_the_loss_and_add_no_attention_mask():
     np.testing.assert_array_equal(batch["loss_mask"], columns["labels"][:, 1:] != IGNORE)
 
 
-def test_rows_of_a_selection_are_named_by_their_position_and_only_the_rows_used_are_checked(tmp_path):
+def test_rows_of_a_selection_are_named_as_stored_and_only_the_rows_used_are_checked(tmp_path):
     columns = hf_rows()
     columns["labels"][6, 10] = 5
     data = as_dataset(columns)
-    with pytest.raises(DataError, match=r"evaluate\(dataset\): row 1, column 'labels', position 10"):
+    with pytest.raises(DataError, match=r"evaluate\(dataset\): row 6, column 'labels', position 10"):
         lm_blocks.lm_eval_blocks(arguments(tmp_path), None, data.select([0, 6, 2]))
     assert len(lm_blocks.lm_eval_blocks(arguments(tmp_path), None, data, limit=6)) == 6

@@ -30,6 +30,12 @@ _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 Message = Mapping[str, Any]
 
+#: Where a user gives a chat template, in every message that asks for one (the trainers take a file, the data
+#: functions a string).
+GIVE_TEMPLATE = ("`--chat_template_path FILE` on the command line, `chat_template_path` of `SFTArguments`/"
+                 "`DPOArguments` in Python, `tokenizer.chat_template`, or the `chat_template` of "
+                 "`SFTDataOptions`/`PreferenceDataOptions`")
+
 
 def chat_template_of(tokenizer: PreTrainedTokenizerBase, chat_template: str | None,
                      tools: Sequence[Any] | None = None) -> str:
@@ -49,16 +55,13 @@ def chat_template_of(tokenizer: PreTrainedTokenizerBase, chat_template: str | No
         choice = "tool_use" if tools and "tool_use" in template else "default"
         if choice not in template:
             raise DataError(
-                f"The tokenizer has named chat templates {sorted(template)} but no 'default' one; pass "
-                "`chat_template` (a template, or one of those names; on the command line "
-                "`--chat_template_path FILE`)."
+                f"The tokenizer has named chat templates {sorted(template)} but no 'default' one; name one as the "
+                f"`chat_template` of `SFTDataOptions`/`PreferenceDataOptions`, or give a template: {GIVE_TEMPLATE}."
             )
         template = template[choice]
     if not isinstance(template, str) or not template:
         raise DataError(
-            "Conversational data needs a chat template, but the tokenizer has none; set "
-            "`tokenizer.chat_template` or pass `chat_template` (a Jinja string; on the command line "
-            "`--chat_template_path FILE`)."
+            f"Conversational data needs a chat template, but the tokenizer has none; give one: {GIVE_TEMPLATE}."
         )
     return template
 
@@ -107,9 +110,8 @@ def require_generation_markers(template: str) -> None:
         raise DataError(
             "`assistant_only_loss=True` needs a chat template that wraps each assistant turn "
             "(content and end-of-turn token) in `{% generation %}...{% endgeneration %}`, but "
-            "this template has no such markers. Add the markers to the template, pass "
-            "`chat_template` with a template that has them (on the command line `--chat_template_path FILE`), "
-            "or set `assistant_only_loss=False`."
+            "this template has no such markers. Add the markers to the template, give a template that has them "
+            f"({GIVE_TEMPLATE}), or set `assistant_only_loss=False`."
         )
 
 
@@ -166,8 +168,7 @@ def template_failure(error: Exception, messages: Sequence[Message]) -> str:
     excerpt = excerpt if len(excerpt) <= 120 else excerpt[:117] + "..."
     return (f"The chat template failed on this conversation (roles {roles}; {excerpt}): {type(error).__name__} "
             f"\"{error}\".{null_hint} Fix the row's messages (give every message a string 'content', in the order the "
-            "template accepts), or fix the template (`chat_template`; on the command line "
-            "`--chat_template_path FILE`).")
+            f"template accepts), or fix the template and give it ({GIVE_TEMPLATE}).")
 
 
 def parse_tools(tools: Any, column: str = "tools") -> list[dict[str, Any]] | None:

@@ -6,8 +6,11 @@ transformers hands such a list to the template unchanged, and a template written
 text parts is joined into one string (newline-separated, as vLLM joins them for string templates), unless the template
 loops over ``message['content']`` itself, as multimodal templates (Gemma 3, Qwen2-VL) do; those get the parts. A part of
 another type (image, audio) is refused: easytrain trains text models, and a placeholder without its image teaches
-nothing true. Any other content that is not a string is refused too, except null, which templates may accept beside
-``tool_calls`` and which ``chat_templates.template_failure`` explains when they do not.
+nothing true. Any other content that is not a string is refused too. A null content is refused for a user, assistant
+or system message without ``tool_calls``: the null field is dropped before rendering, so a template printing
+``message['content']`` renders an empty turn, and the model would learn an empty answer. An assistant's tool call with
+a null content is OpenAI's format and renders; other roles' nulls are left to the template
+(``chat_templates.template_failure`` explains them when it fails).
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ from easytrain.data.errors import DataError
 #: Joins the texts of a content's parts for templates that print the content as a string.
 PART_SEPARATOR = "\n"
 
+#: Roles whose message must have a content unless it carries ``tool_calls``.
+ROLES_WITH_CONTENT = frozenset({"system", "user", "assistant"})
+
 _FIX = ("give each message's 'content' as a string or a list of {'type': 'text', 'text': ...} parts (fix the data or "
         "the `formatting_func`)")
 
@@ -33,8 +39,9 @@ def messages_for_template(messages: Sequence[Any], template: str, field: str = "
     """``messages`` as dicts whose contents ``template`` can print: text-part lists joined unless it loops over them.
 
     Raises:
-        DataError: A message that is not a dict, a content part that is not text, or a content that is neither a
-            string, a list of text parts nor null; names ``field`` and the message's index.
+        DataError: A message that is not a dict, a content part that is not text, a content that is neither a
+            string, a list of text parts nor null, or a null content where a text is needed
+            (``check_null_content``); names ``field`` and the message's index.
     """
     joins = not loops_over_content(template)
     checked = []
@@ -43,6 +50,7 @@ def messages_for_template(messages: Sequence[Any], template: str, field: str = "
             raise DataError(f"{field!r} message {index} is a {type(message).__name__}, not a dict with 'role' and "
                             f"'content'; {_FIX}.")
         content = message.get("content")
+        check_null_content(message, f"{field!r} message {index}")
         if isinstance(content, list | tuple):
             texts = text_parts(content, f"{field!r} message {index}")
             message = {**message, "content": PART_SEPARATOR.join(texts)} if joins else dict(message)
@@ -51,6 +59,21 @@ def messages_for_template(messages: Sequence[Any], template: str, field: str = "
                             f"({str(content)[:60]!r}); {_FIX}.")
         checked.append(dict(message))
     return checked
+
+
+def check_null_content(message: Mapping[str, Any], where: str) -> None:
+    """Refuse a null (or missing) content in a message of a role in ``ROLES_WITH_CONTENT`` without ``tool_calls``.
+
+    Arrow fills keys that only some messages have with null, so a null ``tool_calls`` is no tool call, and a
+    message of another role (``tool``, or none, as ShareGPT's ``from``/``value``) is left to the template.
+    """
+    role = message.get("role")
+    if message.get("content") is not None or role not in ROLES_WITH_CONTENT or message.get("tool_calls"):
+        return
+    raise DataError(f"{where} (role {role!r}) has a null 'content' and no 'tool_calls': null fields are dropped "
+                    "before the chat template renders, so it would render an empty turn (an empty answer to learn). "
+                    "To fix it, give the message its text, drop the message or the row (a `formatting_func` can), "
+                    "or give an assistant's tool call its 'tool_calls'.")
 
 
 def content_text(content: Any, where: str) -> str:

@@ -227,8 +227,9 @@ def tokenize_preference_dataset(
     Raises:
         DataError: Unknown format, missing template or EOS, or a content the template cannot print.
         NoExampleLeftError: No pair left; ``within`` names the split (``token_range.rows_of``).
-        RowError: An example cannot be tokenised (e.g. the chat template fails on it): names its row.
-        TokenRangeError: A token id outside ``[0, vocab_size)``.
+        RowError: An example cannot be tokenised (e.g. the chat template fails on it): names its row as the
+            stored data has it (a held-out split's or a shuffle's row mapped back, see ``rows_as_stored``).
+        TokenRangeError: A token id outside ``[0, vocab_size)``, its pair named as stored too.
 
     Example::
 
@@ -247,8 +248,7 @@ def tokenize_preference_dataset(
             remove_columns=dataset.column_names, load_from_cache_file=True, desc="Tokenizing pairs",
             fn_kwargs={"tokenizer": tokenizer, "options": options},
         )
-    check_token_ids(tokenized, PAIR_TOKEN_FIELDS, vocab_size, tokenizer=tokenizer,
-                    rows_are="Preference pairs")
+        check_token_ids(tokenized, PAIR_TOKEN_FIELDS, vocab_size, tokenizer=tokenizer, rows_are="Preference pairs")
     stats = _stats(tokenized)
     if stats["num_kept"] == 0:
         raise NoExampleLeftError("No preference pair is left", f"every pair was dropped ({stats}). Check that "

@@ -4,21 +4,32 @@ The per-row tokenisers raise plain ``DataError``s that describe the problem; ``a
 (its 0-based index in the dataset given, which ``datasets.map(with_indices=True)`` supplies even when
 worker processes tokenise shards of it). ``rows_as_stored`` then names that row as the user's data has it:
 a held-out validation split, a shuffle or a selection is a mapping onto the stored rows (the file's rows, the
-dataset as loaded), and the row a user can look up is the stored one. A caller that knows which split the rows
-are (train, validation) can say so with ``RowError.within``; ``NoExampleLeftError.within`` likewise names the split
-that lost every example, and where its rows come from.
+dataset as loaded), and the row a user can look up is the stored one. It maps every ``RowNamingError`` (a
+``RowError``, a ``token_range.TokenRangeError``); checks that word their own messages name rows by ``stored_row``. A
+caller that knows which split the rows are (train, validation) can say so with ``RowError.within``;
+``NoExampleLeftError.within`` likewise names the split that lost every example, and where its rows come from.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from easytrain.data.errors import DataError
 
 
-class RowError(DataError):
+class RowNamingError(DataError):
+    """An error about one row, ``row``, of the rows it was raised over; ``naming_row`` gives the same error about
+    another row, so ``rows_as_stored`` can name the stored row of a split's."""
+
+    row: int
+
+    def naming_row(self, row: int) -> RowNamingError:
+        raise NotImplementedError(f"{type(self).__name__} must say how it names another row")
+
+
+class RowError(RowNamingError):
     """A bad example: ``row`` is its 0-based index in ``where`` (in its stored rows after ``rows_as_stored``);
     ``details`` say what is wrong and the fix."""
 
@@ -33,6 +44,9 @@ class RowError(DataError):
     def within(self, where: str) -> RowError:
         """The same error, its row said to be in ``where`` (e.g. "the 'train' split")."""
         return RowError(self.row, self.details, where)
+
+    def naming_row(self, row: int) -> RowError:
+        return RowError(row, self.details, self.where)
 
 
 #: Where each split's rows come from, as ``token_range.rows_of`` names the split: the fields a user checks.
@@ -74,17 +88,38 @@ def at_row(row: int) -> Iterator[None]:
 
 @contextlib.contextmanager
 def rows_as_stored(dataset: Any) -> Iterator[None]:
-    """A ``RowError`` raised inside, naming a row of ``dataset``, names that row of the stored data instead.
+    """A ``RowNamingError`` raised inside, naming a row of ``dataset``, names that row of the stored data instead.
 
     ``dataset``'s selection (``datasets.Dataset`` indices mapping: a held-out split, a shuffle, a selection) is
-    read on entering, so rows may be re-mapped inside (``formatting_func``) without losing it. Without one, a
-    row of ``dataset`` is its stored row and the error goes on unchanged. Read only when an error is raised.
+    read on entering, so rows may be re-mapped inside (``formatting_func``, ``map``'s output in the same order) without
+    losing it. Without one, a row of ``dataset`` is its stored row and the error goes on unchanged. Read only when an
+    error is raised.
     """
     indices = getattr(dataset, "_indices", None)
     try:
         yield
-    except RowError as error:
-        if indices is None or not 0 <= error.row < indices.num_rows:
+    except RowNamingError as error:
+        stored = _through(indices, error.row)
+        if stored == error.row:
             raise
-        stored = int(indices.column(0)[error.row].as_py())
-        raise RowError(stored, error.details, error.where) from error.__cause__
+        raise error.naming_row(stored) from error.__cause__
+
+
+def stored_row(dataset: Any, row: int) -> int:
+    """The stored row behind ``dataset``'s ``row``: through its selection (a held-out split, a shuffle), if any."""
+    return _through(getattr(dataset, "_indices", None), row)
+
+
+def _through(indices: Any, row: int) -> int:
+    """``row`` mapped through a selection's indices table (None, or a row outside it: ``row`` itself)."""
+    if indices is None or not 0 <= row < indices.num_rows:
+        return row
+    return int(indices.column(0)[row].as_py())
+
+
+def stored_rows(dataset: Any, start: int, stop: int) -> Sequence[int]:
+    """``stored_row`` of each of ``dataset``'s rows ``start`` to ``stop`` (one Arrow slice, no loop)."""
+    indices = getattr(dataset, "_indices", None)
+    if indices is None:
+        return range(start, stop)
+    return indices.column(0).slice(start, stop - start).to_pylist()

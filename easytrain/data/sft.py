@@ -194,7 +194,7 @@ def tokenize_sft_dataset(
         NoExampleLeftError: No example left; ``within`` names the split (``token_range.rows_of``).
         RowError: An example cannot be tokenised (e.g. the chat template fails on it): names its row as the
             stored data has it (a held-out split's or a shuffle's row mapped back, see ``rows_as_stored``).
-        TokenRangeError: A token id outside ``[0, vocab_size)``.
+        TokenRangeError: A token id outside ``[0, vocab_size)``, its example named as stored too.
 
     Example::
 
@@ -213,8 +213,7 @@ def tokenize_sft_dataset(
             remove_columns=dataset.column_names, load_from_cache_file=True, desc="Tokenizing SFT data",
             fn_kwargs={"tokenizer": tokenizer, "options": options, "data_format": data_format},
         )
-    check_token_ids(tokenized, ("input_ids",), vocab_size, tokenizer=tokenizer,
-                    rows_are="SFT examples")
+        check_token_ids(tokenized, ("input_ids",), vocab_size, tokenizer=tokenizer, rows_are="SFT examples")
     stats = _stats(tokenized)
     if stats["num_kept"] == 0:
         raise NoExampleLeftError("No example is left", _why_none_is_left(stats, tokenized, dataset, data_format))

@@ -23,26 +23,38 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from easytrain.data.errors import DataError
-from easytrain.data.row_errors import NoExampleLeftError, RowError
+from easytrain.data.row_errors import NoExampleLeftError, RowError, RowNamingError
 
 # Rows per Arrow batch when a selection (``select``, ``shuffle``, a held-out split) is read to locate a bad id.
 _ROWS_PER_BATCH = 8192
 
 
-class TokenRangeError(DataError):
-    """A token id outside ``[0, vocab_size)``; the attributes say where (``row`` counts the rows checked)."""
+class TokenRangeError(RowNamingError):
+    """A token id outside ``[0, vocab_size)``; the attributes say where (``row`` counts the rows checked, or is
+    the stored row after ``row_errors.rows_as_stored``). ``found`` and ``token_name``, given by
+    ``check_token_ids``, let ``naming_row`` word the message again; without them ``details`` is the caller's."""
 
     def __init__(self, rows_are: str, details: str, *, field: str, row: int, position: int, token_id: int,
-                 vocab_size: int) -> None:
+                 vocab_size: int, found: _Outside | None = None, token_name: str = "") -> None:
         super().__init__(f"{rows_are} {details}")
-        self.rows_are, self.details = rows_are, details
+        self.rows_are, self.details, self.found, self.token_name = rows_are, details, found, token_name
         self.field, self.row, self.position, self.token_id, self.vocab_size = field, row, position, token_id, vocab_size
 
     def within(self, where: str) -> TokenRangeError:
         """The same error, its rows said to be those of ``where`` (a split the data function was not told of)."""
-        return TokenRangeError(f"{self.rows_are} of {where}", self.details, field=self.field, row=self.row,
-                               position=self.position, token_id=self.token_id, vocab_size=self.vocab_size)
+        return self._copy(f"{self.rows_are} of {where}", self.details, self.row)
+
+    def naming_row(self, row: int) -> TokenRangeError:
+        """The same error about ``row`` (the stored row behind a split's); one worded by its caller names no row."""
+        if self.found is None:
+            return self
+        found = self.found._replace(row=row)
+        return self._copy(self.rows_are, _details(self.field, found, self.vocab_size, self.token_name), row, found)
+
+    def _copy(self, rows_are: str, details: str, row: int, found: _Outside | None = None) -> TokenRangeError:
+        return TokenRangeError(rows_are, details, field=self.field, row=row, position=self.position,
+                               token_id=self.token_id, vocab_size=self.vocab_size, found=found or self.found,
+                               token_name=self.token_name)
 
 
 @contextlib.contextmanager
@@ -85,7 +97,9 @@ def check_token_ids(rows: datasets.Dataset, fields: Sequence[str], vocab_size: i
         tokenizer: The run's tokenizer, to name the token behind an id past the model's vocabulary.
 
     Raises:
-        TokenRangeError: naming the field, the first bad row, position and id, the vocabulary size and the fix.
+        TokenRangeError: naming the field, the first bad row (its place among the rows checked: a caller whose rows
+            are a selection, or are made from one, names the stored row with ``row_errors.rows_as_stored``), the
+            position and id, the vocabulary size and the fix.
     """
     if vocab_size is None:
         return
@@ -93,8 +107,10 @@ def check_token_ids(rows: datasets.Dataset, fields: Sequence[str], vocab_size: i
         if _stored_ids_inside(rows, field, vocab_size):
             continue
         if (found := _first_outside(rows, field, vocab_size)) is not None:
-            raise TokenRangeError(rows_are, _details(field, found, vocab_size, tokenizer), field=field,
-                                  row=found.row, position=found.position, token_id=found.value, vocab_size=vocab_size)
+            name = _token_name(found.value, tokenizer)
+            raise TokenRangeError(rows_are, _details(field, found, vocab_size, name), field=field, row=found.row,
+                                  position=found.position, token_id=found.value, vocab_size=vocab_size, found=found,
+                                  token_name=name)
 
 
 def _stored_ids_inside(rows: datasets.Dataset, field: str, vocab_size: int) -> bool:
@@ -157,11 +173,11 @@ def _higher(current: Any, value: Any) -> Any:
     return value if current is None else max(current, value)
 
 
-def _details(field: str, found: _Outside, vocab_size: int, tokenizer: Any) -> str:
+def _details(field: str, found: _Outside, vocab_size: int, token_name: str) -> str:
     ids = "1 such id" if found.count == 1 else f"{found.count} such ids, from {found.low} to {found.high}"
     return (f"hold token ids outside the model's vocabulary [0, {vocab_size}) (vocab_size {vocab_size}): field "
             f"{field!r}, row {found.row}, position {found.position} holds token id {found.value}"
-            f"{_token_name(found.value, tokenizer)} ({ids} in all). {fix_for(found.value)}")
+            f"{token_name} ({ids} in all). {fix_for(found.value)}")
 
 
 def _token_name(token_id: int, tokenizer: Any) -> str:

@@ -19,6 +19,7 @@ from easytrain.data import tokenize_and_group
 from easytrain.data.errors import DataError, NotEnoughTokensError
 from easytrain.data.lm import TOKENS, mismatched_row_lengths
 from easytrain.data.pretokenized import ATTENTION_MASK, IGNORE_INDEX, LABELS, MASK_COLUMNS, check_masks
+from easytrain.data.row_errors import rows_as_stored, stored_row, stored_rows
 from easytrain.data.token_range import check_token_ids
 from easytrain.errors import ArgumentError
 
@@ -30,11 +31,13 @@ def lm_eval_blocks(args: TrainingArguments, tokenizer: Any, split: datasets.Data
                    split_name: str | None = None, *, vocab_size: int | None = None) -> datasets.Dataset:
     """One split tokenised and grouped into `max_length + 1`-token blocks, numpy-formatted, every id checked to
     lie below `vocab_size` (None: not checked). `split_name` ('train', 'validation') names it in errors; None is the
-    dataset given to `evaluate(dataset)`."""
+    dataset given to `evaluate(dataset)`. A bad pre-tokenized row is named as stored (`row_errors.stored_row`), not
+    by its place in a held-out split; text is grouped into new blocks, named by their place."""
     if is_pretokenized(split, args):
         rows_are = f"Pre-tokenized rows of {_described(split_name)}"
         blocks = check_mask_lengths(check_block_length(_truncate(split, limit), args, split_name), rows_are)
-        check_token_ids(blocks, (TOKENS,), vocab_size, rows_are=rows_are, tokenizer=tokenizer)
+        with rows_as_stored(blocks):  # a held-out split's row named as the data given has it
+            check_token_ids(blocks, (TOKENS,), vocab_size, rows_are=rows_are, tokenizer=tokenizer)
         return checked_masks(blocks, rows_are).with_format("numpy")
     try:
         grouped = tokenize_and_group(split, tokenizer, text_column=args.text_column, max_length=args.max_length,
@@ -96,9 +99,10 @@ def check_block_length(split: datasets.Dataset, args: TrainingArguments,
                                           f"needs blocks of max_length + 1 = {expected}; set --max_length "
                                           f"{lengths[0] - 1}.")
     row = int(bad[0])
-    raise DataError(f"Pre-tokenized rows of {where}: row {row} holds {lengths[row]} tokens, but every row must hold "
-                    f"max_length + 1 = {expected} (row 0 holds {lengths[0]}); fix or drop such rows, e.g. "
-                    f"split.filter(lambda row: len(row['input_ids']) == {expected}).")
+    raise DataError(f"Pre-tokenized rows of {where}: row {stored_row(split, row)} holds {lengths[row]} tokens, but "
+                    f"every row must hold max_length + 1 = {expected} (row {stored_row(split, 0)} holds "
+                    f"{lengths[0]}); fix or drop such rows, e.g. split.filter(lambda row: len(row['input_ids']) == "
+                    f"{expected}).")
 
 
 def check_mask_lengths(split: datasets.Dataset, rows_are: str) -> datasets.Dataset:
@@ -107,8 +111,8 @@ def check_mask_lengths(split: datasets.Dataset, rows_are: str) -> datasets.Datas
     for column in (name for name in MASK_COLUMNS if name in split.column_names):
         if (lengths := mismatched_row_lengths(split, expected, column)) is not None:
             row = int(np.flatnonzero(lengths != expected)[0])
-            raise DataError(f"{rows_are}: row {row}'s {column!r} holds {lengths[row]} values but its {TOKENS!r} "
-                            f"hold {expected}; give one value per token, or drop the {column!r} column.")
+            raise DataError(f"{rows_are}: row {stored_row(split, row)}'s {column!r} holds {lengths[row]} values but "
+                            f"its {TOKENS!r} hold {expected}; give one value per token, or drop the {column!r} column.")
     return split
 
 
@@ -125,7 +129,7 @@ def checked_masks(split: datasets.Dataset, rows_are: str) -> datasets.Dataset:
     for table in split.with_format("arrow", columns=[TOKENS, *columns]).iter(batch_size=rows_per_batch):
         rows = {name: _row_matrix(table.column(name), length) for name in table.column_names}
         check_masks(rows[TOKENS], rows.get(LABELS), rows.get(ATTENTION_MASK), rows_are=rows_are,
-                    row_names=range(start, start + table.num_rows))
+                    row_names=stored_rows(split, start, start + table.num_rows))
         start += table.num_rows
         masking |= {name for name, marker in ((LABELS, IGNORE_INDEX), (ATTENTION_MASK, 0))
                     if name in rows and (rows[name] == marker).any()}

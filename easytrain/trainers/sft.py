@@ -127,8 +127,9 @@ class SFTTrainer(BaseTrainer):
             with rows_of("validation"), rows_as_stored(splits["validation"]):  # rows named as stored
                 prompts, references = prompts_and_references(validation, self.tokenizer, samples,
                                                              self._data_options())
-            self.evaluators.append(CompletionMetrics(prompts, references, self.tokenizer,
-                                                     max_new_tokens=sft.max_new_tokens,
+            new_tokens = generation_length(prompts, sft.max_new_tokens, args.max_length, self.model_config,
+                                           asked=sft.generation_eval_samples > 0)
+            self.evaluators.append(CompletionMetrics(prompts, references, self.tokenizer, max_new_tokens=new_tokens,
                                                      compute_metrics=self.answer_metrics))
         self._report_data_stats()
         return rows["train"], rows.get("validation")
@@ -223,6 +224,36 @@ def text_from_column(split: Any, text_column: str, formatted: bool) -> Any:
                             f"{', '.join(map(repr, sorted(names))) or 'none'}); set text_column to the one holding "
                             "the plain text.")
     return split.select_columns([text_column]).rename_column(text_column, "text")
+
+
+def generation_length(prompts: list[list[int]], max_new_tokens: int, max_length: int, config: Any, *,
+                      asked: bool = True) -> int:
+    """The tokens to generate per prompt: `max_new_tokens`, when the longest prompt and they fit the config's
+    `max_position_embeddings`. Generating N tokens after P feeds the model P + N - 1 positions, and those past the
+    limit were never trained (RoPE extrapolates them silently), so, as `builders.check_max_length` refuses
+    `max_length` past it, an evaluation the user `asked` for (`generation_eval_samples`) is refused; the embedded
+    task's own (unasked, answers of a few tokens) generates what fits, with a warning.
+
+    Raises:
+        ArgumentError: naming `max_new_tokens`, with the largest that fits and the bound that fits any prompt.
+    """
+    limit = getattr(config, "max_position_embeddings", None)
+    longest = max(map(len, prompts), default=0)
+    if not isinstance(limit, numbers.Integral) or not longest or longest + max_new_tokens - 1 <= limit:
+        return max_new_tokens
+    room = int(limit) - longest + 1  # >= 1: prompts are at most max_length <= max_position_embeddings tokens
+    if not asked:
+        logger.warning("The embedded task's evaluation by generation generates %d tokens per prompt: max_new_tokens "
+                       "%d would run past max_position_embeddings=%d after its longest prompt (%d tokens).", room,
+                       max_new_tokens, limit, longest)
+        return room
+    raise ArgumentError("max_new_tokens", f"evaluation by generation would run past the model's positions "
+                        f"(max_position_embeddings={limit}): the longest eval prompt has {longest} tokens, and with "
+                        f"max_new_tokens {max_new_tokens} the model reads {longest + max_new_tokens - 1} positions, "
+                        f"the last ones never trained. Use max_new_tokens {room} or less (any prompt fits with "
+                        f"max_new_tokens <= max_position_embeddings - max_length + 1 = {max(limit - max_length + 1, 0)}"
+                        "), lower max_length (prompts are cut as training cuts examples), or set "
+                        "generation_eval_samples 0.")
 
 
 def check_packed_rows_fill_a_batch(num_rows: int, stats: Mapping[str, Any], args: TrainingArguments) -> None:
