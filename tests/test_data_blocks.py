@@ -38,11 +38,12 @@ def test_evaluate_dataset_rows_are_checked_the_same_way(tmp_path):
         lm_blocks.lm_eval_blocks(_args(tmp_path), None, _rows([9, 0, 9]))
 
 
-def test_rows_of_a_selection_are_checked_by_their_position_in_it(tmp_path):
+def test_rows_of_a_selection_are_checked_and_named_as_stored(tmp_path):
+    """The short row is the selection's third and the stored data's second: named as stored (data/row_errors.py)."""
     data = _rows([9, 5, 9, 9, 9, 9])
     kept = data.filter(lambda row: len(row["input_ids"]) == 9)
     assert len(lm_blocks.lm_eval_blocks(_args(tmp_path), None, kept)) == 5
-    with pytest.raises(DataError, match=r"row 2 holds 5 tokens"):
+    with pytest.raises(DataError, match=r"row 1 holds 5 tokens"):
         lm_blocks.lm_eval_blocks(_args(tmp_path), None, data.select([0, 2, 1]))
     assert len(lm_blocks.lm_eval_blocks(_args(tmp_path), None, data, limit=1)) == 1  # only the rows used
 

@@ -201,3 +201,16 @@ def test_rows_of_a_selection_are_named_as_stored_and_only_the_rows_used_are_chec
     with pytest.raises(DataError, match=r"evaluate\(dataset\): row 6, column 'labels', position 10"):
         lm_blocks.lm_eval_blocks(arguments(tmp_path), None, data.select([0, 6, 2]))
     assert len(lm_blocks.lm_eval_blocks(arguments(tmp_path), None, data, limit=6)) == 6
+
+
+def test_a_labels_column_of_one_value_per_row_is_not_a_token_mask(tmp_path):
+    """Class labels (one int per row) beside token blocks are another layout's column, carried along for a custom
+    collate as any other column: only list columns are transformers' per-token `labels` and `attention_mask`."""
+    columns = hf_rows()
+    rows = {"input_ids": columns["input_ids"].tolist(), "labels": list(range(len(columns["input_ids"]))),
+            "attention_mask": [1] * len(columns["input_ids"])}
+    blocks = lm_blocks.lm_eval_blocks(arguments(tmp_path), None, datasets.Dataset.from_dict(rows))
+    assert blocks.column_names == ["input_ids", "labels", "attention_mask"]
+    batch = lm_collate_rows(blocks[:4], np.arange(4))
+    np.testing.assert_array_equal(batch["loss_mask"], lm_collate_rows({"input_ids": blocks[:4]["input_ids"]},
+                                                                      np.arange(4))["loss_mask"])

@@ -122,13 +122,14 @@ def lm_collate_rows(rows: Mapping[str, np.ndarray], example_ids: np.ndarray) -> 
             f"Rows have no {TOKENS!r} column (they have {', '.join(rows)}); "
             "run `tokenize_and_group` first or pass a `collate` for these columns."
         )
-    if not any(column in rows for column in MASK_COLUMNS):
+    masks = {column: rows[column] for column in MASK_COLUMNS if column in rows and np.ndim(rows[column]) == 2}
+    if not masks:  # none, or another layout's columns of those names (a class label per row): not read
         return lm_collate(rows[TOKENS], example_ids)
-    honoured = honour_masks(rows[TOKENS], rows.get(LABELS), rows.get(ATTENTION_MASK),
+    honoured = honour_masks(rows[TOKENS], masks.get(LABELS), masks.get(ATTENTION_MASK),
                             row_names=np.asarray(example_ids).tolist(), rows_are="Rows")
     batch = lm_collate(honoured.tokens_NL, example_ids)
     batch["loss_mask"] = batch["loss_mask"] * honoured.supervised_NL[:, 1:]
-    if ATTENTION_MASK in rows:
+    if ATTENTION_MASK in masks:
         batch["attention_mask"] = honoured.real_NL[:, :-1].astype(np.int32)
     return batch
 

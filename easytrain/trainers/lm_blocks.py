@@ -108,7 +108,7 @@ def check_block_length(split: datasets.Dataset, args: TrainingArguments,
 def check_mask_lengths(split: datasets.Dataset, rows_are: str) -> datasets.Dataset:
     """Every row's `labels` and `attention_mask` hold one value per input id (checked on the Arrow offsets)."""
     expected = len(split[0][TOKENS])  # check_block_length made every row this long
-    for column in (name for name in MASK_COLUMNS if name in split.column_names):
+    for column in token_mask_columns(split):
         if (lengths := mismatched_row_lengths(split, expected, column)) is not None:
             row = int(np.flatnonzero(lengths != expected)[0])
             raise DataError(f"{rows_are}: row {stored_row(split, row)}'s {column!r} holds {lengths[row]} values but "
@@ -120,7 +120,7 @@ def checked_masks(split: datasets.Dataset, rows_are: str) -> datasets.Dataset:
     """`split` once its `labels` and `attention_mask` passed `check_masks` (before any compute, naming the row);
     a column that masks nothing (no -100 label, no padding) is removed, so batches keep the unmasked layout.
     Reads Arrow batches of about `_TOKENS_PER_CHECK` tokens (no copy of stored rows): about 0.2 s per 10M tokens."""
-    columns = [name for name in MASK_COLUMNS if name in split.column_names]
+    columns = token_mask_columns(split)
     if not columns:
         return split
     length = len(split[0][TOKENS])  # check_block_length made every row this long
@@ -134,6 +134,14 @@ def checked_masks(split: datasets.Dataset, rows_are: str) -> datasets.Dataset:
         masking |= {name for name, marker in ((LABELS, IGNORE_INDEX), (ATTENTION_MASK, 0))
                     if name in rows and (rows[name] == marker).any()}
     return split.remove_columns([name for name in columns if name not in masking])
+
+
+def token_mask_columns(split: datasets.Dataset) -> list[str]:
+    """transformers' per-token `labels` and `attention_mask` of `split`: list columns of those names (a column of
+    one value per row, such as a class label, belongs to another layout and is carried along unread)."""
+    lists = (pa.types.is_list, pa.types.is_large_list, pa.types.is_fixed_size_list)
+    return [name for name in MASK_COLUMNS if name in split.column_names
+            and any(is_list(split.data.schema.field(name).type) for is_list in lists)]
 
 
 def _row_matrix(column: pa.ChunkedArray, length: int) -> np.ndarray:
