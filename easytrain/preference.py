@@ -3,9 +3,10 @@
 Each loss is a pure function of per-pair arrays (`*_B`: one value per chosen/rejected pair) and returns
 the per-pair loss `loss_B`; the trainer sums it over pairs and divides once by the global pair count
 (`easytrain.losses`). Log-probabilities are summed over completion tokens (`sequence_logps`); losses on
-per-token averages take the token counts `chosen_len_B`, `rejected_len_B`. Definitions follow TRL
-(`DPOTrainer.dpo_loss`, `CPOTrainer` for SimPO, `ORPOTrainer`). Notation: a = πc − rc and b = πr − rr
-(chosen and rejected log-ratios to the reference), m = a − b.
+per-token averages take the token counts `chosen_len_B`, `rejected_len_B`. Definitions follow TRL's `DPOTrainer`,
+`CPOTrainer` for SimPO and `ORPOTrainer`; docs/dpo.md lists where they differ from TRL 1.16 (`sigmoid` with
+`label_smoothing`, `bco_pair`'s δ, the `sft` average). Notation: a = πc − rc and b = πr − rr (chosen and rejected
+log-ratios to the reference), m = a − b.
 
 Example (uniform logits over 8 tokens; the policy is the reference, so DPO gives ln 2 and SFT ln 8):
     >>> import jax.numpy as jnp
@@ -190,7 +191,10 @@ def _per_token(logps_B: Array, len_B: Array) -> Array:
 
 def dpo_sigmoid_loss(policy_chosen_logps_B: Array, policy_rejected_logps_B: Array, ref_chosen_logps_B: Array,
                      ref_rejected_logps_B: Array, *, beta: float, label_smoothing: float = 0.0) -> Array:
-    """DPO (Rafailov et al. 2023), conservative with ε > 0 (cDPO): −(1−ε)·logσ(βm) − ε·logσ(−βm)."""
+    """DPO (Rafailov et al. 2023), conservative with ε > 0 (cDPO): −(1−ε)·logσ(βm) − ε·logσ(−βm).
+
+    TRL up to 0.28 smoothed `sigmoid` the same way; TRL 0.29 and later ignore `label_smoothing` for it (ε = 0 here
+    gives their loss)."""
     m_B = _margin(policy_chosen_logps_B, policy_rejected_logps_B, ref_chosen_logps_B, ref_rejected_logps_B)
     return _smoothed_logistic(beta * m_B, label_smoothing)
 
@@ -223,8 +227,8 @@ def robust_loss(policy_chosen_logps_B: Array, policy_rejected_logps_B: Array, re
 def bco_pair_loss(policy_chosen_logps_B: Array, policy_rejected_logps_B: Array, ref_chosen_logps_B: Array,
                   ref_rejected_logps_B: Array, *, beta: float, delta: Array | float) -> Array:
     """BCO on pairs (Jung et al. 2024): −logσ(βa − δ) − logσ(−(βb − δ)); δ is the trainer's running mean of
-    the rewards βa, βb of the pairs trained on before this step (`running_mean`; TRL also folds in the current
-    micro-batch, which would make the loss depend on the accumulation split)."""
+    the rewards βa, βb of the pairs trained on before this step (`running_mean`), so the accumulation split never
+    changes the loss. TRL up to 0.28 also folded in the current micro-batch; TRL 0.29 and later have no δ (δ = 0)."""
     a_B, b_B = _log_ratios(policy_chosen_logps_B, policy_rejected_logps_B, ref_chosen_logps_B, ref_rejected_logps_B)
     return -log_sigmoid(beta * a_B - delta) - log_sigmoid(-(beta * b_B - delta))
 
@@ -320,8 +324,9 @@ PER_TOKEN_LOSSES = frozenset({"ipo", "sft", "simpo", "orpo"})
 
 def reports_per_token(names: Sequence[str]) -> bool:
     """Whether the `rewards/*` and `logps/*` metrics are of per-token mean log-probs rather than sums: when every
-    loss reads per-token means and one is `ipo`, `simpo` or `orpo`, the losses TRL reports that way; `sft` alone
-    (TRL's DPOTrainer, which reports sums) and any loss on sums keep the sums."""
+    loss reads per-token means and one is `ipo`, `simpo` or `orpo`, so the metrics compare what the loss compares
+    (as TRL's CPOTrainer and ORPOTrainer report `simpo` and `orpo`; TRL's DPOTrainer reported `ipo` so up to 0.28
+    and reports sums since 0.29). `sft` alone and any loss on sums keep the sums."""
     return set(names) <= PER_TOKEN_LOSSES and set(names) != {"sft"}
 
 

@@ -17,7 +17,10 @@ where P is the prompt's length and C the longer completion's (EOS included); the
 leading BOS (if any) and its last tokens, ``keep`` in all; then each completion keeps its first
 ``max_length - keep`` tokens. So the prompt is cut only when prompt + min(C,
 min_completion_length) exceed ``max_length``; ``min_completion_length`` defaults to half of
-``max_length``, which gives TRL's cut (1024 / 512) when prompt and completion are both long.
+``max_length``, so when prompt and completion are both long each keeps half. TRL's DPOTrainer
+cuts differently: up to 0.28 it had a ``max_prompt_length`` (default 512 from 0.14); from 0.29 it
+keeps the start of prompt + completion and, from 1.9, drops the pairs whose prompt fills
+``max_length`` (docs/dpo.md, "Differences from TRL").
 """
 
 from __future__ import annotations
