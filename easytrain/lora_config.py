@@ -171,14 +171,20 @@ LORA_ONLY_FIELDS = ("lora_alpha", "lora_dropout", "lora_target_modules", "lora_t
 
 def check_lora_fields_apply(args: Any) -> None:
     """Refuse `lora_*` settings given (off their defaults) while `lora_rank` is 0 and no `lora_adapter_path` is set:
-    the run would fine-tune every weight and ignore them without a word."""
-    if args.lora_rank or args.lora_adapter_path:
+    the run would fine-tune every weight and ignore them without a word. A resume is left to the comparison with its
+    checkpoint (`resume_checks.lora_changes`): a full fine-tuning run saved before this check kept such a field in
+    its arguments.json, and a LoRA run resumed without lora_rank is told to restore lora_rank, not to drop the rest."""
+    if args.lora_rank or args.lora_adapter_path or args.resume_from_checkpoint:
         return
     defaults = field_defaults(args)
-    given = [name for name in LORA_ONLY_FIELDS if getattr(args, name) != defaults[name]]
+    given = {name: getattr(args, name) for name in LORA_ONLY_FIELDS if getattr(args, name) != defaults[name]}
     if given:
-        shown = ", ".join(f"{name}={getattr(args, name)!r}" for name in given)
-        raise ArgumentError(given[0], f"{shown} given, but lora_rank is 0 (full fine-tuning), so "
-                                      f"{'it has' if len(given) == 1 else 'they have'} no effect: set lora_rank "
-                                      "(e.g. --lora_rank 16) to train LoRA adapters, or drop "
-                                      f"{', '.join('--' + name for name in given)} to train every weight.")
+        raise unused_lora_fields_error(given, "set lora_rank (e.g. --lora_rank 16) to train LoRA adapters, or drop "
+                                              f"{', '.join('--' + name for name in given)} to train every weight.")
+
+
+def unused_lora_fields_error(given: dict[str, Any], fix: str) -> ArgumentError:
+    """The refusal of `given` (name -> value) `lora_*` settings that full fine-tuning would ignore, naming the first."""
+    shown = ", ".join(f"{name}={value!r}" for name, value in given.items())
+    return ArgumentError(next(iter(given)), f"{shown} given, but lora_rank is 0 (full fine-tuning), so "
+                                            f"{'it has' if len(given) == 1 else 'they have'} no effect: {fix}")

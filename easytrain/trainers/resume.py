@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import jax
 
 from easytrain import checkpoint_items
-from easytrain.checkpoint import CheckpointManager
+from easytrain.checkpoint import CheckpointManager, recorded_updates
 from easytrain.checkpoint_signatures import (CheckpointMismatchError, CheckpointStructureError, path_name,
                                              tree_signature)
 from easytrain.data.position import DIGEST_KEY
@@ -25,8 +25,8 @@ from easytrain.errors import CheckpointReadError
 from easytrain.models.scan import STACKED, abstract_layer, abstract_stack, stack_layer_dicts, unstack_layer_dicts
 from easytrain.trainers.resume_checks import (  # noqa: F401 (the checks, importable from here as before)
     ARCHITECTURE_KEYS, COMPUTE_FIELDS, DATA_ORDER_FIELDS, FORMAT_VERSION, FREE_ON_RESUME, LORA_FIELDS, MAX_LISTED,
-    SCHEDULE_FIELDS, STATE_FIELDS, check_data_position, check_format, check_resumable, check_run_length, config_dict,
-    refuse_changes, rerun_hint, stored_scan_layers, warn_changes)
+    SCHEDULE_FIELDS, STATE_FIELDS, check_data_position, check_format, check_head_adapter_layout, check_resumable,
+    check_run_length, config_dict, may_hold_head_adapter, refuse_changes, rerun_hint, stored_scan_layers, warn_changes)
 
 logger = logging.getLogger("easytrain")
 
@@ -52,11 +52,16 @@ def restore_checkpoint(checkpoint: tuple[Path, int], current: dict[str, Any], ta
         except Exception as error:  # any unreadable file means the same to the user: use another checkpoint
             raise _unreadable(root, step, manager.all_steps(), error) from error
         data_order_changed = refuse_changes(run_info, current)
+        stored_args = run_info.get("arguments") or {}
         try:
             manager.check_items(step)
             recorded = checkpoint_items.recorded_items(root / str(step))
+            progress = manager.read_progress(step)
+            saved_updates = recorded_updates(progress, step)
+            stored_keys = manager.stored_signature(step) if may_hold_head_adapter(stored_args) else {}
         except Exception as error:
             raise _unreadable(root, step, manager.all_steps(), error) from error
+        check_head_adapter_layout(stored_args, stored_keys)
         if recorded is None:
             logger.info("the checkpoint %s records no list of its items (written before easytrain recorded them): "
                         "a lost item is caught only where Orbax's %s lists it", root / str(step),
@@ -69,8 +74,7 @@ def restore_checkpoint(checkpoint: tuple[Path, int], current: dict[str, Any], ta
                 state, data_state, _ = manager.restore(step, abstract_state=target)
             else:
                 state, data_state = restore_in_other_layout(manager, step, target)
-            check_restored_step(state, step, manager.read_saved_updates(step))
-            progress = manager.read_progress(step)
+            check_restored_step(state, step, saved_updates)
         except CheckpointMismatchError:
             raise
         except Exception as error:
@@ -117,14 +121,15 @@ def check_restored_step(state: Any, step: int, saved_updates: int | None = None)
     """The restored train state must be checkpoint `step`'s, not a renamed or mixed-up step directory's. Its own step
     counts optimizer updates (several per loop step where `train_iteration` runs more): it must be the count recorded
     when `step` was saved (`CheckpointManager.read_saved_updates`). A checkpoint without that record (written before
-    it) holds one update per step."""
+    it) holds at least one update per step: fewer is another step's state (a renamed directory is caught before,
+    by its data position's step: `check_position_step`)."""
     restored = getattr(state, "step", None)
     if restored is None:
         return
     if saved_updates is not None and int(restored) != saved_updates:
         raise ValueError(f"its train state is at update {int(restored)}, but checkpoint {step} was saved at update "
                          f"{saved_updates}")
-    if saved_updates is None and int(restored) != step:
+    if saved_updates is None and int(restored) < step:
         raise ValueError(f"its train state is at step {int(restored)}, but this is the checkpoint of step {step}")
 
 

@@ -16,11 +16,11 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
-from easytrain.argument_checks import OPTIMIZER_FIELDS
+from easytrain.argument_checks import OPTIMIZER_FIELDS, field_defaults
 from easytrain.config_io import ARGUMENTS_FILE
 from easytrain.data.position import DIGEST_KEY, compared_keys
 from easytrain.errors import ArgumentError
-from easytrain.lora_config import targets_from_arguments
+from easytrain.lora_config import EMBEDDING_MODULES, LORA_ONLY_FIELDS, targets_from_arguments, unused_lora_fields_error
 from easytrain.optim import SWITCH_ARGUMENTS, state_switches
 from easytrain.trainers.adapters import check_base
 
@@ -118,11 +118,11 @@ def refuse_changes(run_info: dict[str, Any], current: dict[str, Any]) -> list[st
                                 "(a fresh optimizer state).")
     if from_arguments:  # else the restore's comparison of the state trees catches a layout that differs
         check_state_switches(stored_args, current_args)
-    if lora_diffs := _differences(_lora_settings(stored_args), _lora_settings(current_args),
-                                  tuple(k for k in LORA_FIELDS if k in stored_args)):
+    if lora_diffs := lora_changes(stored_args, current_args):
         raise ArgumentError(lora_diffs[0].split(":")[0], "the checkpoint's adapters were trained with other LoRA "
                             "settings (" + "; ".join(lora_diffs) + "). Resume with the same lora_* arguments, or "
-                            "start a new output_dir.")
+                            "start a new output_dir." + rerun_hint(stored_args, current_args, shown=[
+                                diff.split(":")[0] for diff in lora_diffs]))
     layout_changed = stored_scan_layers(run_info) not in (None, current_args.get("scan_layers"))
     if run_info.get("base_fingerprint") and layout_changed:
         raise ArgumentError("scan_layers", "the checkpoint's adapters were trained with scan_layers="
@@ -262,6 +262,56 @@ def rerun_hint(stored: dict[str, Any], current: dict[str, Any], shown: Collectio
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def lora_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The `LORA_FIELDS` that differ, `key: a vs b`, where either run trains adapters. Where neither does (lora_rank 0
+    and no lora_adapter_path on both sides: full fine-tuning) they mean nothing, so none is compared (a run saved
+    before `check_lora_fields_apply` may hold one off its default); one given now, off its default and the
+    checkpoint's value, is refused as it is for a fresh run: it would have no effect."""
+    if any(args.get("lora_rank") or args.get("lora_adapter_path") for args in (stored, current)):
+        return _differences(_lora_settings(stored), _lora_settings(current),
+                            tuple(key for key in LORA_FIELDS if key in stored))
+    from easytrain.arguments import TrainingArguments  # here: the arguments module imports the trainers' checks
+
+    before, now = _lora_settings(stored), _lora_settings(current)
+    default = _lora_settings(field_defaults(TrainingArguments))
+    given = {name: current[name] for name in LORA_ONLY_FIELDS
+             if name in current and now[name] not in (before.get(name, default[name]), default[name])}
+    if given:
+        raise unused_lora_fields_error(given, f"the checkpoint's run fine-tunes every weight too; drop "
+                                              f"{', '.join('--' + name for name in given)} to resume it, or start a "
+                                              "new output_dir with --lora_rank (e.g. --init_weights_from this "
+                                              "checkpoint) to train LoRA adapters.")
+    return []
+
+
+def may_hold_head_adapter(stored_args: dict[str, Any]) -> bool:
+    """Whether the checkpoint's arguments allow `check_head_adapter_layout`'s old layout (adapters with
+    lora_train_embeddings): only then are its state's keys read to check."""
+    return bool((stored_args.get("lora_rank") or stored_args.get("lora_adapter_path"))
+                and stored_args.get("lora_train_embeddings"))
+
+
+def check_head_adapter_layout(stored_args: dict[str, Any], stored_keys: Collection[str]) -> None:
+    """Refuse a LoRA checkpoint whose trained-in-full embedding or head also holds an adapter: easytrain wrote that
+    layout before a head that `lora_train_embeddings` trains takes no adapter (PEFT's `modules_to_save` wins over
+    `target_modules`), and this run's state has no place for it. `stored_keys`: the checkpoint's dotted state keys."""
+    parts = [key.split(".") for key in stored_keys]
+    adapted = sorted({".".join(path[1:-1]) for path in parts if len(path) > 2 and path[0] == "params"
+                      and path[-2] in EMBEDDING_MODULES and path[-1].startswith("lora_")})
+    if not adapted or not may_hold_head_adapter(stored_args):
+        return
+    raise ArgumentError("lora_target_modules", f"the checkpoint's run adapted {', '.join(adapted)} (named in "
+                        f"lora_target_modules {stored_args.get('lora_target_modules')!r}) while lora_train_embeddings "
+                        "trained it in full, a layout this easytrain no longer builds: a head that "
+                        "lora_train_embeddings trains takes no adapter now, as PEFT's modules_to_save, so the "
+                        "checkpoint's adapter on it has no place in the state (whatever lora_target_modules says). It "
+                        "cannot be resumed here: finish the run with the easytrain release that wrote it, or start a "
+                        "new output_dir from its weights: --model_name_or_path on its merged export (final_model/, "
+                        "the head's adapter folded in) with the same lora_* arguments, or --init_weights_from this "
+                        "checkpoint without --lora_train_embeddings (every adapter, the head's included, fits; the "
+                        "embeddings and head then stay at their trained values) on the base it was trained from.")
 
 
 def _lora_settings(args: dict[str, Any]) -> dict[str, Any]:
