@@ -124,7 +124,7 @@ def test_start_step_equals_set_state():
     assert _ids(_take(started, 4)) == _ids(_take(restored, 4))
 
 
-def test_restoring_is_constant_time_far_into_training():
+def test_restoring_far_into_training_reads_only_the_rows_it_serves():
     loader = TrainBatches(_rows(1000), 10, seed=0)
     far = 10**9 + 7
     batch = next(loader.iterator(start_step=far))

@@ -5,7 +5,8 @@ or the prompt text), and then given training's one leading BOS (`special_tokens.
 ids are a prefix of the training ids and the model is asked exactly what it learned to answer. Training's
 `max_length` cut applies too (`cut_as_trained`): the prompt is the part of the example's truncated ids that
 comes before its answer, so it is at most `max_length - 1` tokens, and an example whose cut keeps no answer token
-(or that `truncation_side="drop"` drops) gives no prompt: it is skipped, counted and warned about.
+(or that `truncation_side="drop"` drops) gives no prompt: it is skipped, counted and warned about, as is one whose
+answer is an assistant tool call with no text (a valid training row with nothing to compare a generation with).
 """
 
 from __future__ import annotations
@@ -33,33 +34,36 @@ def prompt_and_reference(example: Mapping[str, Any], tokenizer: PreTrainedTokeni
 
     A conversation's reference is its last message, which must be the assistant's. `options` are those the
     training data was tokenised with (its `chat_template`, `add_bos`, `max_length` and `truncation_side` apply
-    here too). The prompt ids are `[]` when training's cut keeps no token of the answer (see `cut_as_trained`).
+    here too). The prompt ids are `[]` (and the reference `""`) when training's cut keeps no token of the answer (see
+    `cut_as_trained`) or the answer is a tool call with no text.
     """
     prompt, reference, _ = _prompt_as_trained(example, tokenizer, data_format, options or SFTDataOptions())
-    return prompt, reference
+    return (prompt, reference) if reference is not None else ([], "")
 
 
 def prompts_and_references(rows: Any, tokenizer: PreTrainedTokenizerBase, limit: int | None = None,
                            options: SFTDataOptions | None = None) -> tuple[list[list[int]], list[str]]:
     """`prompt_and_reference` of the first `limit` rows of a `datasets.Dataset` (a bad row named as stored).
 
-    Rows whose prompt training's cut leaves without an answer are skipped; skipped and cut prompts are warned about.
+    Rows whose prompt training's cut leaves without an answer, or whose answer is a tool call with no text, are
+    skipped; skipped and cut prompts are warned about.
 
     Raises:
         DataError: A row cannot be rendered (naming it), or every row was skipped.
     """
     data_format, options = detect_format(rows.column_names), options or SFTDataOptions()
     count = len(rows) if limit is None else min(limit, len(rows))
-    prompts, references, cut = [], [], 0
+    prompts, references, cut, tool_calls = [], [], 0, 0
     with rows_as_stored(rows):
         for i in range(count):
             with at_row(i):
                 prompt, reference, was_cut = _prompt_as_trained(rows[i], tokenizer, data_format, options)
-            if prompt:
+            tool_calls += reference is None
+            if prompt and reference is not None:
                 prompts.append(prompt)
                 references.append(reference)
                 cut += was_cut
-    _report(count, count - len(prompts), cut, options)
+    _report(count, count - len(prompts), cut, options, tool_calls)
     return prompts, references
 
 
@@ -83,12 +87,15 @@ def cut_as_trained(prompt: list[int], example_length: int, options: SFTDataOptio
 
 
 def _prompt_as_trained(example: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, data_format: str,
-                       options: SFTDataOptions) -> tuple[list[int], str, bool]:
-    """The prompt cut as training cuts its example, the reference, and whether the cut shortened the prompt.
+                       options: SFTDataOptions) -> tuple[list[int], str | None, bool]:
+    """The prompt cut as training cuts its example, the reference (None: a tool call with no text), and whether the
+    cut shortened the prompt.
 
     The example is rendered whole only where its length decides the cut: a right cut keeps the prompt's
     start, so only the prompt's own length matters."""
     prompt, reference = _whole_prompt(example, tokenizer, data_format, options)
+    if reference is None:
+        return [], None, False
     length = len(prompt) + 1  # an answer token at least
     if options.max_length is not None and options.truncation_side != "right":
         whole = dataclasses.replace(options, max_length=None)
@@ -98,12 +105,15 @@ def _prompt_as_trained(example: Mapping[str, Any], tokenizer: PreTrainedTokenize
 
 
 def _whole_prompt(example: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, data_format: str,
-                  options: SFTDataOptions) -> tuple[list[int], str]:
-    """The prompt's ids before any cut, with training's BOS rule, and the reference's text."""
+                  options: SFTDataOptions) -> tuple[list[int], str | None]:
+    """The prompt's ids before any cut, with training's BOS rule, and the reference's text (None, and no ids, for an
+    answer that is a tool call with no text)."""
     if data_format == CONVERSATIONAL:
         messages = example["messages"]
         if not messages or not isinstance(messages[-1], Mapping) or messages[-1].get("role") != "assistant":
             raise DataError("evaluation by generation needs conversations that end with an assistant message.")
+        if _tool_call_only(messages[-1]):
+            return [], None
         ids = _chat_prompt(messages[:-1], tokenizer, options, example.get("tools"))
         return _with_bos(ids, tokenizer, options), content_text(messages[-1].get("content"), "the last message")
     if data_format == PROMPT_COMPLETION:
@@ -111,6 +121,8 @@ def _whole_prompt(example: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase
         if isinstance(prompt, str):
             return _with_bos(encode_text(tokenizer, prompt), tokenizer, options), str(completion)
         if isinstance(completion, Sequence) and not isinstance(completion, str):
+            if completion and _tool_call_only(completion[-1]):
+                return [], None
             reference = content_text(completion[-1].get("content"), "the completion's last message")
         else:
             reference = str(completion)
@@ -118,6 +130,11 @@ def _whole_prompt(example: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase
         return _with_bos(ids, tokenizer, options), reference
     raise DataError(f"evaluation by generation needs prompts: '{data_format}' data has none; use "
                     "prompt-completion or conversational data.")
+
+
+def _tool_call_only(message: Any) -> bool:
+    """An assistant message that is a tool call with no content (valid for training): no text to compare with."""
+    return isinstance(message, Mapping) and message.get("content") is None and bool(message.get("tool_calls"))
 
 
 def _chat_prompt(messages: list[Any], tokenizer: PreTrainedTokenizerBase, options: SFTDataOptions,
@@ -135,17 +152,25 @@ def _with_bos(ids: list[int], tokenizer: PreTrainedTokenizerBase, options: SFTDa
     return ensure_bos(list(ids), [0] * len(ids), tokenizer.bos_token_id, options.add_bos)[0]
 
 
-def _report(count: int, skipped: int, cut: int, options: SFTDataOptions) -> None:
-    """Warn of skipped and cut prompts; refuse when no prompt is left to generate from."""
+def _report(count: int, skipped: int, cut: int, options: SFTDataOptions, tool_calls: int = 0) -> None:
+    """Warn of skipped and cut prompts (`tool_calls` of the skipped ones answer with a tool call and no text);
+    refuse when no prompt is left to generate from."""
     if not skipped and not cut:
         return
-    limit = options.max_length
+    limit, no_answer = options.max_length, skipped - tool_calls
+    if skipped == count and not no_answer:
+        raise DataError(f"Evaluation by generation has no prompt: each of the {count} examples answers with a tool "
+                        "call and no text, so no generation can be compared with it. Give validation rows that "
+                        "answer in text, or set `generation_eval_samples=0`.")
     if skipped == count:
+        calls = f" ({tool_calls} answer with a tool call and no text)" if tool_calls else ""
         raise DataError(
-            f"Evaluation by generation has no prompt: each of the {count} examples, cut to {limit} tokens as training "
-            f"cuts it (`truncation_side={options.truncation_side!r}`), keeps no token of its answer. Raise "
+            f"Evaluation by generation has no prompt: each of the {count} examples{calls}, cut to {limit} tokens as "
+            f"training cuts it (`truncation_side={options.truncation_side!r}`), keeps no token of its answer. Raise "
             "`max_length`, use `truncation_side='left'` (the prompt loses its start), or set "
             "`generation_eval_samples=0`."
         )
-    logger.warning("Evaluation by generation: %d of the %d prompts skipped (training's cut to %d tokens keeps no token "
-                   "of their answer), %d cut at the left as training cuts their examples.", skipped, count, limit, cut)
+    reasons = [f"{tool_calls} answer with a tool call and no text"] * bool(tool_calls) + [
+        f"training's cut to {limit} tokens keeps no token of the answer of {no_answer}"] * bool(no_answer)
+    logger.warning("Evaluation by generation: %d of the %d prompts skipped (%s), %d cut at the left as training cuts "
+                   "their examples.", skipped, count, "; ".join(reasons) or "none", cut)

@@ -40,6 +40,7 @@ from easytrain.data import EvalBatches, RowSource
 from easytrain.errors import ArgumentError
 from easytrain.frozen import Frozen, place_frozen
 from easytrain.models.families import ConfigError, check_buildable
+from easytrain.models.scan import STACKED, stack_layer_dicts, unstack_layer_dicts
 from easytrain.protocol import ConfiguredModel
 from easytrain.trainers import builders
 from easytrain.trainers.init_weights import float_leaves, resolved_source
@@ -163,11 +164,13 @@ def checked_reference_weights(module: nnx.Module, *, field: str, read_from: Path
 
 def checked_adapter_values(values: Any, *, adapter_path: str, resume_from: tuple[Path, int] | None) -> dict[str, Any]:
     """The run_info record (`LORA_ADAPTER`) of the adapter values read from `adapter_path` for the reference (the base
-    with the adapter the run started from). A resume reads the path again, so refuse other values found there now
-    (another directory, or the same one re-written since): they would bend every later loss without a word."""
-    digests = integrity.fingerprint(float_leaves(values), integrity.SMALL_ON_HOST)
-    record = {"read_from": str(Path(adapter_path).expanduser().absolute()), "fingerprint": digests}
+    with the adapter the run started from), digested per layer whatever scan_layers is. A resume reads the path
+    again, so refuse other values found there now (another directory, or the same one re-written since): they would
+    bend every later loss without a word."""
+    record = {"read_from": str(Path(adapter_path).expanduser().absolute()),
+              "fingerprint": _adapter_digests(unstack_layer_dicts(values))}
     stored = stored_record(resume_from, LORA_ADAPTER)
+    digests = _adapter_digests(_in_layout_of(values, stored.get("fingerprint") or {}))
     if stored.get("fingerprint") in (None, digests):
         return record
     changed = _changed(stored["fingerprint"], digests) or "other tensors"
@@ -179,6 +182,21 @@ def checked_adapter_values(values: Any, *, adapter_path: str, resume_from: tuple
                                              "is not checkpointed). Put that adapter back at "
                                              f"{stored.get('read_from')} and pass --lora_adapter_path "
                                              f"{stored.get('read_from')}, or start a new output_dir.")
+
+
+def _adapter_digests(values: Any) -> dict[str, Any]:
+    return integrity.fingerprint(float_leaves(values), integrity.SMALL_ON_HOST)
+
+
+def _in_layout_of(values: Any, recorded: Mapping[str, Any]) -> Any:
+    """`values` as `recorded`'s digests name them: per layer (whatever the layout, so a resume with the other
+    scan_layers reaches its own refusal), or stacked where a record kept before that names `….stacked.…`."""
+    marker = f".{STACKED}."
+    stacked = {key.split(marker)[0] for key in recorded if marker in key}
+    values = unstack_layer_dicts(values)
+    if not stacked:
+        return values
+    return stack_layer_dicts(values, lambda path: jax.tree_util.keystr(path, simple=True, separator=".") in stacked)
 
 
 def _digest(fingerprint: Mapping[str, Any]) -> str:

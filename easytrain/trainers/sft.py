@@ -140,8 +140,8 @@ class SFTTrainer(BaseTrainer):
 
     def _rows(self, name: str, split: Any) -> RowSource:
         """Tokenised (and packed) rows of one split; what was counted goes to `data_stats`."""
-        args, sft = self.arguments, self.sft_arguments
-        with rows_of(None if name == "evaluate" else name):
+        args, sft, split_name = self.arguments, self.sft_arguments, None if name == "evaluate" else name
+        with rows_of(split_name):
             tokenized, stats = tokenize_sft_dataset(self._text_from_column(split), self.tokenizer, self._data_options(),
                                                     formatting_func=self.formatting_func,
                                                     num_proc=args.preprocessing_num_workers,
@@ -151,7 +151,8 @@ class SFTTrainer(BaseTrainer):
             buckets = bucket_lengths(args.max_length) if jax.process_count() == 1 else (args.max_length,)
             self._pad = PaddedCollate(buckets, pad_id=self.tokenizer.pad_token_id or 0)  # one shape per process set
             return tokenized
-        packed = pack_examples(tokenized, args.max_length, strategy=sft.packing_strategy, seed=args.seed)
+        with rows_of(split_name):
+            packed = pack_examples(tokenized, args.max_length, strategy=sft.packing_strategy, seed=args.seed)
         self.data_stats[name].update({f"packing_{key}": value for key, value in packed.stats.items()})
         return packed.rows
 
