@@ -82,19 +82,27 @@ def test_adapter_saved_by_easytrain_loads_in_peft_with_the_same_logits(case, lla
     model = lora.apply_lora(from_pretrained(base_dir), config, rngs=5)
     randomise_adapters(model)
     if config.train_embeddings or config.train_norms:  # the fully trained modules changed too
-        for variable in jax.tree.leaves(nnx.state(model, nnx.All(lora.lora_trainable(config), nnx.Not(nnx.LoRAParam))),
-                                        is_leaf=lambda x: isinstance(x, nnx.Variable)):
-            variable.set_value(variable.get_value() + 0.05)
-    ids = ids_batch(2)
+        change_fully_trained(model, config)
+    check_peft_round_trip(peft, model, config, base_dir, ids_batch(2), tmp_path)
+
+
+def change_fully_trained(model, config: LoRAConfig) -> None:
+    """Move the modules trained in full (embeddings, norms, a head in `modules_to_save`) off the base's values."""
+    for variable in jax.tree.leaves(nnx.state(model, nnx.All(lora.lora_trainable(config), nnx.Not(nnx.LoRAParam))),
+                                    is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        variable.set_value(variable.get_value() + 0.05)
+
+
+def check_peft_round_trip(peft, model, config: LoRAConfig, base_dir, ids, tmp_path) -> None:
+    """`model`'s exported adapter holds the names and shapes PEFT itself writes for its config, PEFT computes
+    `model`'s logits from it, and the same directory restores the same model in easytrain."""
     ours = logits(model, ids)
     save_peft_adapter(tmp_path / "adapter", model, config, str(base_dir))
-    # The names and shapes PEFT itself writes for this config.
     own = peft.get_peft_model(torch_model(base_dir), peft.PeftConfig.from_pretrained(tmp_path / "adapter"))
     own.save_pretrained(tmp_path / "peft_own")
     assert peft_names(tmp_path / "adapter") == peft_names(tmp_path / "peft_own")
     reloaded = peft.PeftModel.from_pretrained(torch_model(base_dir), tmp_path / "adapter").eval()
     assert np.abs(torch_logits(reloaded, ids) - ours).max() <= 1e-4
-    # And back: the same directory restores the same model in easytrain.
     again = load_peft_adapter(tmp_path / "adapter", from_pretrained(base_dir), verify_base=True)
     assert np.abs(logits(again, ids) - ours).max() <= 1e-5
     assert read_peft_config(tmp_path / "adapter")[0] == config

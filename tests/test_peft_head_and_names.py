@@ -12,18 +12,16 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 from easytrain import lora
 from easytrain.lora import LoRAConfig, LoRAConfigError
 from easytrain.models import CheckpointError, from_pretrained
-from easytrain.models.peft_io import ADAPTER_CONFIG_NAME, load_peft_adapter, read_peft_config, save_peft_adapter
+from easytrain.models.peft_io import ADAPTER_CONFIG_NAME, load_peft_adapter
 
 from lora_models import LLAMA, QWEN3_TIED, ids_batch, logits, randomise_adapters, torch_logits, torch_model, write_base
-from test_lora_peft import moved_peft_model, peft_adapter, peft_names
+from test_lora_peft import change_fully_trained, check_peft_round_trip, moved_peft_model, peft_adapter
 
 
 @pytest.fixture(scope="module")
@@ -43,20 +41,8 @@ def test_lora_on_the_head_with_train_embeddings_exports_what_peft_computes(targe
     with caplog.at_level(logging.INFO, logger="easytrain"):
         model = lora.apply_lora(from_pretrained(llama_dir), config)
     randomise_adapters(model, 2)
-    for variable in jax.tree.leaves(nnx.state(model, nnx.All(lora.lora_trainable(config), nnx.Not(nnx.LoRAParam))),
-                                    is_leaf=lambda x: isinstance(x, nnx.Variable)):
-        variable.set_value(variable.get_value() + 0.05)  # the embedding and the head trained in full
-    ids = ids_batch(1)
-    ours = logits(model, ids)
-    save_peft_adapter(tmp_path / "adapter", model, config, str(llama_dir))
-    own = peft.get_peft_model(torch_model(llama_dir), peft.PeftConfig.from_pretrained(tmp_path / "adapter"))
-    own.save_pretrained(tmp_path / "peft_own")
-    assert peft_names(tmp_path / "adapter") == peft_names(tmp_path / "peft_own")
-    reloaded = peft.PeftModel.from_pretrained(torch_model(llama_dir), tmp_path / "adapter").eval()
-    assert np.abs(torch_logits(reloaded, ids) - ours).max() <= 1e-4
-    again = load_peft_adapter(tmp_path / "adapter", from_pretrained(llama_dir), verify_base=True)
-    assert np.abs(logits(again, ids) - ours).max() <= 1e-5
-    assert read_peft_config(tmp_path / "adapter")[0] == config
+    change_fully_trained(model, config)  # the embedding and the head trained in full
+    check_peft_round_trip(peft, model, config, llama_dir, ids_batch(1), tmp_path)
     assert "lm_head" not in lora.lora_modules(model) and len(lora.lora_modules(model)) == 2  # PEFT's layout
     assert "lm_head" in caplog.text and "train_embeddings" in caplog.text
 
