@@ -19,10 +19,11 @@ from easytrain.errors import ArgumentError
 logger = logging.getLogger("easytrain")
 Options = dict[str, "str | bool | int"]
 
-#: easytrain's measured defaults per platform (`compiler_options='auto'`). On XLA:CPU the YNNPACK library
-#: fusions (matmuls and reductions handed to YNNPACK) made the benchmark Llama's train step 1.06-1.16x
-#: slower and its compile slower than XLA's own emitters (docs/benchmarks.md, "XLA CPU flags").
-BACKEND_DEFAULTS: dict[str, Options] = {"cpu": {"xla_cpu_experimental_ynn_fusion_type": ""}}
+#: easytrain's measured XLA:CPU defaults per CPU vendor (`compiler_options='auto'`), XLA's own elsewhere. With
+#: XLA's YNNPACK library fusions (matmuls handed to YNNPACK) off, the benchmark Llama's train step ran 1.02-1.16x
+#: faster on AMD EPYC (Zen 3, 4 and 5) but 1.036x slower on an Intel Xeon (AVX-512, AMX), where XLA's defaults
+#: stay (docs/benchmarks.md, "XLA CPU flags"). A vendor not measured keeps XLA's defaults too.
+CPU_VENDOR_DEFAULTS: dict[str, Options] = {"AuthenticAMD": {"xla_cpu_experimental_ynn_fusion_type": ""}}
 AUTO = "auto"
 
 
@@ -61,12 +62,35 @@ def for_platform(setting: str, platform: str) -> Options:
             raise ArgumentError("compiler_options", f"XLA ({platform}) refused {options}: {problem}. Check each "
                                 "option's name and value for this jax version, or use 'auto'.")
         return options
-    defaults = dict(BACKEND_DEFAULTS.get(platform, {}))
+    defaults = dict(backend_defaults(platform))
     for name in list(defaults):
         if problem := rejection({name: defaults[name]}):  # a newer XLA dropped an experimental option
             logger.debug("compiler option %s not used: %s", name, problem)
             del defaults[name]
     return defaults
+
+
+def backend_defaults(platform: str) -> Options:
+    """easytrain's measured options for `platform` under `'auto'`, before checking that this XLA knows them."""
+    return CPU_VENDOR_DEFAULTS.get(cpu_vendor() or "", {}) if platform == "cpu" else {}
+
+
+def cpu_vendor() -> str | None:
+    """This machine's CPU vendor (`GenuineIntel`, `AuthenticAMD`, ...), or None where Linux's cpuinfo is absent."""
+    return read_cpu_vendor("/proc/cpuinfo")
+
+
+@functools.lru_cache(maxsize=None)
+def read_cpu_vendor(path: str) -> str | None:
+    try:
+        with open(path) as cpuinfo:
+            for line in cpuinfo:
+                name, _, value = line.partition(":")
+                if name.strip() == "vendor_id":
+                    return value.strip()
+    except OSError:
+        pass
+    return None
 
 
 def rejection(options: Mapping[str, str | bool | int]) -> str | None:

@@ -60,7 +60,7 @@ def long_training_flags() -> str:
 def long_training_options() -> str:
     """`compiler_options` for a trainer in the test process that trains tens of steps: easytrain's own CPU
     options at `LONG_TRAINING_LEVEL`, for its train and eval steps only (the rest stays at the suite's level)."""
-    options = {**compiler_options.BACKEND_DEFAULTS["cpu"], "xla_backend_optimization_level": LONG_TRAINING_LEVEL}
+    options = {**compiler_options.backend_defaults("cpu"), "xla_backend_optimization_level": LONG_TRAINING_LEVEL}
     return ",".join(f"{name}={value}" for name, value in options.items())
 
 

@@ -32,15 +32,25 @@ def test_a_malformed_setting_names_the_field_when_the_arguments_are_built(text, 
         TrainingArguments(compiler_options=text)
 
 
-def test_auto_gives_the_cpu_default_and_nothing_elsewhere():
-    assert compiler_options.for_platform("auto", "cpu") == {YNN: ""}
+@pytest.mark.parametrize("vendor, expected", [("AuthenticAMD", {YNN: ""}), ("GenuineIntel", {}), (None, {})])
+def test_auto_gives_the_measured_cpu_default_of_the_vendor_and_nothing_elsewhere(monkeypatch, vendor, expected):
+    monkeypatch.setattr(compiler_options, "cpu_vendor", lambda: vendor)
+    assert compiler_options.for_platform("auto", "cpu") == expected
     assert compiler_options.for_platform("auto", "gpu") == {}
     assert compiler_options.for_platform("", "cpu") == {}
 
 
+def test_the_cpu_vendor_is_read_from_cpuinfo(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\n\nprocessor\t: 1\n")
+    assert compiler_options.read_cpu_vendor(str(cpuinfo)) == "GenuineIntel"
+    assert compiler_options.read_cpu_vendor(str(tmp_path / "absent")) is None  # macOS, Windows: no such file
+
+
 def test_auto_drops_a_default_this_xla_does_not_know(monkeypatch):
-    monkeypatch.setitem(compiler_options.BACKEND_DEFAULTS, "cpu", {"xla_cpu_option_from_another_version": True,
-                                                                   YNN: ""})
+    monkeypatch.setattr(compiler_options, "cpu_vendor", lambda: "AuthenticAMD")
+    monkeypatch.setitem(compiler_options.CPU_VENDOR_DEFAULTS, "AuthenticAMD",
+                        {"xla_cpu_option_from_another_version": True, YNN: ""})
     assert compiler_options.for_platform("auto", "cpu") == {YNN: ""}
 
 
@@ -58,9 +68,10 @@ def compiled_train_step(trainer: BaseTrainer) -> str:
     return trainer.functions.train_step.lower(trainer.state, batch).compile().as_text()
 
 
-def test_the_options_reach_the_compiled_train_step_and_keep_its_values(tmp_path):
-    """XLA's defaults hand the step's matmuls to YNNPACK; 'auto' on CPU compiles them without it. Both
+def test_the_options_reach_the_compiled_train_step_and_keep_its_values(tmp_path, monkeypatch):
+    """XLA's defaults hand the step's matmuls to YNNPACK; 'auto' on an AMD CPU compiles them without it. Both
     runs train to the same losses (up to the float32 rounding of another matmul kernel)."""
+    monkeypatch.setattr(compiler_options, "cpu_vendor", lambda: "AuthenticAMD")
     default = BaseTrainer(tiny_args(tmp_path / "xla", compiler_options=""))
     tuned = BaseTrainer(tiny_args(tmp_path / "auto"))
     assert default.compiler_options == {} and tuned.compiler_options == {YNN: ""}
