@@ -200,6 +200,18 @@ def fingerprint(tree: Any, host_elements: int = 0) -> dict[str, list[int]]:
     return {path: [int(v) for v in np.asarray(value)] for path, value in zip(paths, values)}
 
 
+def combined_digest(parts: list[list[int]], part_elements: int) -> list[int]:
+    """The digest of the arrays whose digests are `parts`, stacked along a new leading axis in that order (each of
+    `part_elements` digested elements): a position's weight `p * _GOLDEN + 1` is linear in `p`, so part `i`'s
+    weighted sum moves by `i * part_elements * _GOLDEN` times its plain sum. Lets a digest recorded of a stacked
+    weight be compared with one taken layer by layer, without reading any layer again."""
+    golden, total, weighted = int(_GOLDEN), 0, 0
+    for index, (plain, positional) in enumerate(parts):
+        total += plain
+        weighted += positional + index * part_elements * golden * plain
+    return [total % 2**32, weighted % 2**32]
+
+
 def verify(tree: Any, expected: dict[str, list[int]], where: str) -> None:
     """Raise `CorruptCheckpointError` naming every leaf whose digest differs from the saved one, or that the saved
     fingerprint records no digest for (an emptied or edited fingerprint would otherwise check nothing)."""

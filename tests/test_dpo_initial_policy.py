@@ -152,3 +152,31 @@ def test_lora_with_stacked_layers_builds_the_reference_as_the_policy(sources, tm
     for name, dpo in (("online", DPOArguments()), ("precomputed", DPOArguments(precompute_ref_log_probs=True))):
         DPOTrainer(tiny_args(tmp_path / name, **common), dpo).train()
         assert_starts_at_the_reference(tmp_path / name / "run")
+
+
+def change_one_layer_weight(model_dir: Path) -> None:
+    """`model_dir`'s weights with one decoder layer's query projection moved: every other tensor as it was."""
+    from safetensors.numpy import load_file, save_file
+
+    path = model_dir / "model.safetensors"
+    tensors = load_file(path)
+    tensors["model.layers.1.self_attn.q_proj.weight"] += 0.5
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("field", ["init_weights_from", "ref_model_name_or_path"])
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["stacked then not", "not then stacked"])
+def test_a_resume_with_the_other_scan_layers_still_refuses_changed_reference_weights(sources, tmp_path, field,
+                                                                                      scan_layers):
+    """Full fine-tuning may resume with the other `scan_layers`; the reference's digests name each layer's tensors in
+    both layouts, so a layer's weights changed at the reference's path are still refused. Measured before: the
+    stacked digests shared no name with the per-layer ones, and the changed reference was taken without a word."""
+    source = write_base(tmp_path / "source", seed=1)
+    dpo = DPOArguments(ref_model_name_or_path=str(source)) if field == "ref_model_name_or_path" else DPOArguments()
+    common = dict(model_name_or_path=str(sources["base"]), max_steps=2, save_strategy="steps", save_steps=1,
+                  **({"init_weights_from": str(source)} if field == "init_weights_from" else {}))
+    DPOTrainer(tiny_args(tmp_path, scan_layers=scan_layers, **common), dpo, callbacks=[StopAt(1)]).train()
+    change_one_layer_weight(source)
+    resume = dict(common, scan_layers=not scan_layers, resume_from_checkpoint="latest")
+    with pytest.raises(ArgumentError, match=f"{field}.*differ.*layers.*q_proj"):
+        DPOTrainer(tiny_args(tmp_path, **resume), dpo).setup()

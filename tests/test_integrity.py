@@ -55,6 +55,16 @@ def test_digests_equal_the_ravel_formula():
     assert integrity.fingerprint(state) == {name: reference(leaf) for name, leaf in state.items()}
 
 
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
+def test_the_digests_of_the_layers_combine_into_the_digest_of_their_stack(dtype):
+    """What a record kept in the other `scan_layers` layout is compared with: a stacked weight's digest from its
+    layers' digests alone, with no layer's values read again."""
+    stack = jnp.asarray(np.random.default_rng(1).standard_normal((5, 6, 7)).astype(dtype))
+    layers = [reference(stack[i]) for i in range(stack.shape[0])]
+    assert integrity.combined_digest(layers, part_elements=6 * 7) == reference(stack)
+    assert integrity.combined_digest(layers[::-1], part_elements=6 * 7) != reference(stack)  # the order counts
+
+
 def test_eight_byte_types_digest_their_32_bit_view():
     with jax.enable_x64(True):
         state = {"f64": jnp.asarray(np.linspace(-2, 2, 30).reshape(5, 6)),

@@ -22,6 +22,7 @@ cache instead of recomputing, and the reference's parameters are released before
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 from pathlib import Path
@@ -107,9 +108,10 @@ def checked_initial_weights(initial_weights: Callable[[Any, Any], Any], state: A
     is not digested here: `base_fingerprint` already checks it on resume."""
     require_source(source, resuming=resume_from is not None)
     state = initial_weights(state, shardings)
+    weights = float_leaves(state.params)
     record = {"init_weights_from": source, "read_from": resolved_source(source),
-              "fingerprint": integrity.fingerprint(float_leaves(state.params), integrity.SMALL_ON_HOST)}
-    check_initial_policy(resume_from, record)
+              "fingerprint": integrity.fingerprint(weights, integrity.SMALL_ON_HOST)}
+    check_initial_policy(resume_from, record, weights)
     return state, record
 
 
@@ -134,12 +136,16 @@ def require_source(source: str, *, resuming: bool) -> None:
                                                  "recorded), or start a new output_dir.")
 
 
-def check_initial_policy(resume_from: tuple[Path, int] | None, record: Mapping[str, Any]) -> None:
+def check_initial_policy(resume_from: tuple[Path, int] | None, record: Mapping[str, Any],
+                         weights: Mapping[str, Any] | None = None) -> None:
     """On resume, refuse an initial policy whose weights differ from those the run started from (its checkpoint's
     run_info `INITIAL_POLICY`): the source may have changed since (e.g. the run it names trained on, so its
-    latest checkpoint is another), and a reference of other weights would bend every later loss without a word."""
+    latest checkpoint is another), and a reference of other weights would bend every later loss without a word.
+    `weights` (the record's, by dotted path) let a record kept in the other `scan_layers` layout be compared."""
     stored = stored_record(resume_from, INITIAL_POLICY)
-    if changed := _changed(stored.get("fingerprint"), record["fingerprint"]):
+    digests = record["fingerprint"] if weights is None else _digests_as_recorded(
+        weights, record["fingerprint"], stored.get("fingerprint") or {})
+    if changed := _changed(stored.get("fingerprint"), digests):
         raise ArgumentError("init_weights_from", f"the weights read from {record['read_from']} differ from those this "
                                                  f"run started from ({changed}); its DPO "
                                                  "reference, the initial policy, is rebuilt from them on resume. Pass "
@@ -152,9 +158,11 @@ def checked_reference_weights(module: nnx.Module, *, field: str, read_from: Path
     """The run_info record (`REFERENCE_WEIGHTS`) of a fixed reference read from `read_from` (`field`'s path): the
     digests of its weights. A resume rebuilds it from there, so refuse other weights found there now (the files
     were replaced since the run started): they would bend every later loss without a word."""
-    digests = integrity.fingerprint(float_leaves(nnx.to_pure_dict(nnx.state(module))), integrity.SMALL_ON_HOST)
+    weights = float_leaves(nnx.to_pure_dict(nnx.state(module)))
+    digests = integrity.fingerprint(weights, integrity.SMALL_ON_HOST)
     record = {"read_from": str(read_from), "fingerprint": digests}
-    if changed := _changed(stored_record(resume_from, REFERENCE_WEIGHTS).get("fingerprint"), digests):
+    stored = stored_record(resume_from, REFERENCE_WEIGHTS).get("fingerprint") or {}
+    if changed := _changed(stored, _digests_as_recorded(weights, digests, stored)):
         raise ArgumentError(field, f"the reference weights read from {read_from} differ from those this run started "
                                    f"from ({changed}); a fixed DPO reference is not checkpointed but rebuilt from "
                                    f"{field} on resume. Put the weights the run started from back at {read_from}, "
@@ -197,6 +205,30 @@ def _in_layout_of(values: Any, recorded: Mapping[str, Any]) -> Any:
     if not stacked:
         return values
     return stack_layer_dicts(values, lambda path: jax.tree_util.keystr(path, simple=True, separator=".") in stacked)
+
+
+def _digests_as_recorded(weights: Mapping[str, Any], digests: Mapping[str, Any],
+                         recorded: Mapping[str, Any]) -> dict[str, Any]:
+    """`digests` (of `weights`, by dotted path) with the names `recorded` gives them added: a full fine-tuning run
+    may resume with the other `scan_layers`, so a stacked weight is digested a layer at a time where the record
+    names its layers (one layer's copy at a time), and the layers' digests are combined where it names their
+    stack (`integrity.combined_digest`, nothing read again)."""
+    marker, found = f".{STACKED}.", dict(digests)
+    for path, leaf in weights.items():
+        if marker in path and path not in recorded and _layer_path(path, 0) in recorded:
+            for index in range(leaf.shape[0]):
+                found[_layer_path(path, index)] = integrity.fingerprint({"layer": leaf[index]},
+                                                                        integrity.SMALL_ON_HOST)["layer"]
+    for path in recorded:
+        if marker in path and path not in found and _layer_path(path, 0) in found:
+            layers = list(itertools.takewhile(found.__contains__, (_layer_path(path, i) for i in itertools.count())))
+            found[path] = integrity.combined_digest([found[name] for name in layers], weights[layers[0]].size)
+    return found
+
+
+def _layer_path(stacked_path: str, index: int) -> str:
+    """The dotted path layer `index` of a stacked weight has in the per-layer layout."""
+    return stacked_path.replace(f".{STACKED}.", f".{index}.", 1)
 
 
 def _digest(fingerprint: Mapping[str, Any]) -> str:
