@@ -63,11 +63,37 @@ def test_files_with_other_columns_are_refused_naming_both_headers(tmp_path):
     ("a,b\n", r"has a header row but no rows of data"),
     ("a,a\n1,2\n", r"header row names the column 'a' twice"),
     ("a,\n1,2\n", r"header row has an empty column name \(column 2\)"),
-    ("a,b\n1,2\n3,4,5\n", r"could not be read as csv \(ParserError: .*Expected 2 fields in line 3, saw 3"),
 ])
-def test_a_file_without_a_usable_header_or_with_a_ragged_row_is_refused(tmp_path, text, match):
+def test_a_file_without_a_usable_header_is_refused(tmp_path, text, match):
     with pytest.raises(DataError, match=match):
         _load(tmp_path, text)
+
+
+@pytest.mark.parametrize(("text", "line", "fields", "width"), [
+    ("a,b\n1,2,3\n", 2, 3, 2),  # the first data row: pandas took its first cell as the index, a='2', b='3'
+    ("text\nhello, world\ngood, day\n", 2, 2, 1),  # an unquoted comma in a one-column file lost half the row
+    ("prompt,completion\nWhat is 2+2?, 4,extra\nHi,there\n", 2, 3, 2),
+    ("a,b\n1,2\n3,4,5\n", 3, 3, 2),  # a later row
+    ("a,b\n1,2,\n", 2, 3, 2),  # a trailing comma
+    ("\na,b\n\n1,2,3\n", 4, 3, 2),  # blank lines count as an editor counts them
+    ('a,b\n"x\ny",2\n3,4,5\n', 4, 3, 2),  # so do the lines inside a quoted cell
+])
+def test_a_row_longer_than_the_header_is_refused_naming_file_and_line(tmp_path, text, line, fields, width):
+    with pytest.raises(DataError, match=rf"`train_file` .*train\.csv': line {line} has {fields} fields but the "
+                                        rf"header row has {width}; put a cell that contains a comma in double "
+                                        r'quotes \("hello, world"\)'):
+        _load(tmp_path, text)
+
+
+def test_a_quoted_comma_and_a_cell_past_the_csv_modules_field_limit_are_read(tmp_path):
+    long_cell = "x" * 200_000  # the csv module refuses fields over 131072 characters by default; pandas does not
+    train = _load(tmp_path, f'text,label\n"hello, world",a\n{long_cell},b\n')["train"]
+    assert train["text"] == ["hello, world", long_cell] and train["label"] == ["a", "b"]
+
+
+def test_a_longer_row_in_the_validation_file_is_refused_by_name(tmp_path):
+    with pytest.raises(DataError, match=r"`validation_file` .*valid\.csv': line 3 has 2 fields"):
+        _load(tmp_path, "text\nhi\n", "text\nok\nhello, world\n")
 
 
 def test_a_byte_order_mark_is_not_part_of_the_first_column_name(tmp_path):

@@ -19,3 +19,12 @@ class NotEnoughTokensError(DataError):
     def __init__(self, message: str, *, num_tokens: int = 0, block_size: int = 0) -> None:
         super().__init__(message)
         self.num_tokens, self.block_size = num_tokens, block_size
+
+
+def error_reason(error: BaseException, innermost: bool = True) -> str:
+    """The first line of ``error``, or of the innermost error it chains (``DatasetGenerationError`` says only
+    that generation failed)."""
+    while innermost and (error.__cause__ is not None or error.__context__ is not None):
+        error = error.__cause__ or error.__context__
+    text = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__

@@ -7,7 +7,6 @@ path ends in the same shape so the rest of the pipeline has one case to handle.
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 from collections.abc import Mapping
@@ -16,7 +15,8 @@ from typing import TypeAlias
 import datasets
 from datasets.exceptions import DatasetGenerationError
 
-from easytrain.data.errors import DataError
+from easytrain.data.csv_files import csv_text_features
+from easytrain.data.errors import DataError, error_reason
 
 TRAIN = "train"
 VALIDATION = "validation"
@@ -32,7 +32,7 @@ FILE_BUILDERS: Mapping[str, str] = {
 }
 
 #: Builder options for a text corpus: CSV cells read literally (pandas turns "NA", "null", "None", "n/a" into
-#: missing values, dropped as empty documents; every column is also read as text, `_csv_text_features`) and a
+#: missing values, dropped as empty documents; every column is also read as text, `csv_files.csv_text_features`) and a
 #: UTF-8 byte order mark not kept as text.
 BUILDER_OPTIONS: Mapping[str, Mapping[str, object]] = {
     "csv": {"keep_default_na": False, "na_filter": False},
@@ -201,7 +201,7 @@ def _from_name(name: str, config: str | None, cache_dir: str | None) -> datasets
         loaded = datasets.load_dataset(name, config, cache_dir=cache_dir)
     except (ConnectionError, FileNotFoundError, DatasetGenerationError) as error:  # unreachable, unknown, unreadable
         offline = " (HF_DATASETS_OFFLINE=1 is set: only datasets already in the cache load)" if _offline() else ""
-        reason = _reason(error, innermost=isinstance(error, DatasetGenerationError))
+        reason = error_reason(error, innermost=isinstance(error, DatasetGenerationError))
         raise DataError(
             f"`dataset_name` {name!r} could not be loaded{offline}: {reason}. Pass a local "
             "dataset directory, the name of a dataset on the Hugging Face Hub, or `train_file`."
@@ -232,7 +232,7 @@ def _from_disk(name: str, config: str | None) -> datasets.DatasetDict:
     except (FileNotFoundError, ValueError) as error:  # a damaged directory
         raise DataError(
             f"`dataset_name` {name!r} looks like a save_to_disk directory but could not be loaded "
-            f"({_reason(error)}); save it again with save_to_disk."
+            f"({error_reason(error)}); save it again with save_to_disk."
         ) from error
     return _from_memory(loaded)
 
@@ -254,65 +254,15 @@ def _from_files(
             raise DataError(f"`{split}_file` {path!r} is empty; point it at a file with data.")
     options = dict(BUILDER_OPTIONS.get(builders[TRAIN], {}))
     if builders[TRAIN] == "csv":
-        options["features"] = _csv_text_features(data_files)
+        options["features"] = csv_text_features(data_files, TRAIN)
     try:
         return datasets.load_dataset(builders[TRAIN], data_files=data_files, cache_dir=cache_dir, **options)
     except DatasetGenerationError as error:  # a parse error (broken JSON, CSV) or no rows to infer a schema from
         files = " or ".join(f"`{split}_file` {path!r}" for split, path in data_files.items())
         raise DataError(
-            f"{files} could not be read as {builders[TRAIN]} ({_reason(error)}); fix the file, e.g. one JSON "
+            f"{files} could not be read as {builders[TRAIN]} ({error_reason(error)}); fix the file, e.g. one JSON "
             "object per line for .jsonl, a header row for .csv."
         ) from error
-
-
-def _csv_text_features(data_files: Mapping[str, str]) -> datasets.Features:
-    """Every column of the .csv files as text, so a cell reads as written: left to infer, the builder turns
-    all-numeric columns into numbers (`011` -> 11, `0012` -> 12.0), which text and chat data cannot use. The files
-    share one set of columns (in any order: cells are matched to columns by name)."""
-    headers = {split: _csv_header(path, f"{split}_file") for split, path in data_files.items()}
-    for split, header in headers.items():
-        if set(header) != set(headers[TRAIN]):
-            raise DataError(
-                f"`train_file` {data_files[TRAIN]!r} has the columns {headers[TRAIN]} but `{split}_file` "
-                f"{data_files[split]!r} has {header}; give both files the same header row."
-            )
-    return datasets.Features({name: datasets.Value("string") for name in headers[TRAIN]})
-
-
-def _csv_header(path: str, argument: str) -> list[str]:
-    """The column names in a .csv file's header row (its first non-blank row, as pandas reads it), each named
-    once, with at least one row of data after it: what pandas would make of anything else (`Unnamed: 1`, `a.1`,
-    no rows at all) is refused instead."""
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as file:
-            header = next((row for row in csv.reader(file) if row), None)
-            has_data = any(line.strip("\r\n") for line in file)
-    except UnicodeDecodeError as error:
-        raise DataError(f"`{argument}` {path!r} is not UTF-8 text ({_reason(error)}); save it as UTF-8 (in Excel: "
-                        "'CSV UTF-8').") from error
-    except csv.Error as error:  # a NUL byte, a header cell past the csv module's field size limit
-        raise DataError(f"`{argument}` {path!r} could not be read as csv ({_reason(error)}); fix the file.") from error
-    if header is None:
-        raise DataError(f"`{argument}` {path!r} has no header row; a .csv file starts with a row naming its "
-                        "columns, e.g. `text` or `prompt,completion`.")
-    if empty := [position for position, name in enumerate(header, 1) if not name.strip()]:
-        raise DataError(f"`{argument}` {path!r}: the header row has an empty column name (column {empty[0]}); "
-                        "name every column, or remove the trailing comma.")
-    if repeated := sorted({name for name in header if header.count(name) > 1}):
-        raise DataError(f"`{argument}` {path!r}: the header row names the column {repeated[0]!r} twice; give "
-                        "each column its own name.")
-    if not has_data:
-        raise DataError(f"`{argument}` {path!r} has a header row but no rows of data; add data.")
-    return header
-
-
-def _reason(error: BaseException, innermost: bool = True) -> str:
-    """The first line of ``error``, or of the innermost error it chains (``DatasetGenerationError`` says only
-    that generation failed)."""
-    while innermost and (error.__cause__ is not None or error.__context__ is not None):
-        error = error.__cause__ or error.__context__
-    text = (str(error).strip().splitlines() or [""])[0]
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def _offline() -> bool:
