@@ -39,9 +39,10 @@ def log_metric(name: str, value: float, step: int, split: str = "train") -> None
     _active("log_metric").log_metric(name, value, step, split)
 
 
-def progress_update(percent: float) -> None:
-    """Report the running job's progress, 0..100 (mapped into its `[progress_start, progress_end]`)."""
-    _active("progress_update").progress_update(percent)
+def progress_update(percent: float, *, step: int | None = None) -> None:
+    """Report the running job's progress, 0..100 (mapped into its `[progress_start, progress_end]`), and with `step`
+    the steps done (its record's `step`)."""
+    _active("progress_update").progress_update(percent, step=step)
 
 
 def add_job_data(key: str, value: Any) -> None:

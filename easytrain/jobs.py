@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import math
+import numbers
 import os
 import socket
 import time
@@ -262,11 +263,14 @@ class Job(contextlib.ContextDecorator):
     def _mapped(self, percent: float) -> float:
         return self.progress_start + (self.progress_end - self.progress_start) * percent / 100.0
 
-    def progress_update(self, percent: float) -> None:
-        """Report the job's own progress, 0..100; written mapped into `[progress_start, progress_end]`."""
+    def progress_update(self, percent: float, *, step: int | None = None) -> None:
+        """Report the job's own progress, 0..100; written mapped into `[progress_start, progress_end]`. `step`, the
+        steps done, is the record's `step` (else it stays where `begin` put it: a loop's steps are its own)."""
         if not (isinstance(percent, (int, float)) and 0 <= percent <= 100):
             raise ValueError(f"progress_update takes a percentage in [0, 100], got {percent!r}")
-        self.set_progress(self._mapped(float(percent)))
+        if step is not None and (isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0):
+            raise ValueError(f"progress_update's step= is the number of steps done, an int >= 0, got {step!r}")
+        self.set_progress(self._mapped(float(percent)), step=None if step is None else int(step))
 
     def set_progress(self, percent: float, *, step: int | None = None, total_steps: int | None = None) -> None:
         """Record an already mapped progress (a trainer maps its steps itself), and the ETA it implies.
