@@ -41,7 +41,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     arguments = TrainingArguments(output_dir=options.output_dir, max_steps=options.max_steps, learning_rate=3e-3,
                                   train_batch_size=16, warmup_steps=20, overwrite_output_dir=True)
     logs = ZLossTrainer(arguments).train()  # the embedded arithmetic task: no dataset needed
-    print(f"loss {logs['loss']:.3f} (of which z-loss sum per token {logs['z_loss']:.2f})")
+    weight, mean_square_log_z = ZLossTrainer.z_weight, logs["z_loss"]  # the metric is log(Z)^2, unweighted
+    print(f"loss {logs['loss']:.3f} per token, of which the z-term {weight:g} x mean log(Z)^2 "
+          f"{mean_square_log_z:.2f} = {weight * mean_square_log_z:.5f}")
     return logs
 
 
