@@ -84,6 +84,7 @@ def on_device_metrics(names: tuple[str, ...], predictions: Predictions | TokenSc
 
     Raises:
         ValueError: `requested` names need predictions and the loss returned none.
+        TypeError: the loss returned predictions of another kind (bare logits), which these metrics cannot read.
     """
     names = tuple(name for name in names if name in ON_DEVICE)
     if predictions is None:
@@ -91,4 +92,17 @@ def on_device_metrics(names: tuple[str, ...], predictions: Predictions | TokenSc
             raise ValueError(f"{list(names)} need the loss to return LossOutput(..., predictions=Predictions(logits, "
                              "labels, weights)); this trainer's compute_loss returns none")
         return {}
+    if names and not isinstance(predictions, (Predictions, TokenScores)):
+        raise TypeError(unscorable(predictions, names))
     return {name: ON_DEVICE[name](predictions) for name in names}
+
+
+def unscorable(predictions: Any, names: tuple[str, ...]) -> str:
+    """Why the default metrics cannot read `predictions`, and the two ways out (a bare array would otherwise fail
+    deep in the tracing as an attribute error)."""
+    shape = f" of shape {tuple(predictions.shape)}" if hasattr(predictions, "shape") else ""
+    kind = "jax.Array" if isinstance(predictions, jax.Array) else type(predictions).__name__
+    return (f"compute_loss returned LossOutput.predictions as a {kind}{shape}, but the default compute_metrics "
+            f"({', '.join(names)}) reads easytrain.eval_metrics.Predictions or TokenScores; wrap it as "
+            "predictions=Predictions(logits, labels, weights) (weights 0 for padding rows), or override "
+            "compute_metrics(predictions, batch) to score it your own way (or set eval_metrics='none').")

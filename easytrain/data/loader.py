@@ -292,7 +292,7 @@ class _RowReader:
             self._source: Any = source.with_format("numpy")
             self._num_rows = len(source)
         elif isinstance(source, Mapping):
-            self._source = {name: np.asarray(column) for name, column in source.items()}
+            self._source = {name: _column_array(name, column) for name, column in source.items()}
             self._num_rows = _common_length(self._source)
         else:
             raise DataError(
@@ -342,6 +342,31 @@ def _or_default(read_options: grain.ReadOptions | None) -> grain.ReadOptions:
     if read_options is not None:
         return read_options
     return grain.ReadOptions(num_threads=_READER_THREADS, prefetch_buffer_size=_BATCHES_AHEAD)
+
+
+def _column_array(name: str, column: Any) -> np.ndarray:
+    """`column` as one numpy array, or a DataError naming it when its rows differ in shape (numpy's own error
+    names neither the column nor the fix). A numpy object array passes as it is: its rows reach `collate`."""
+    try:
+        return np.asarray(column)
+    except ValueError as error:
+        unstacked = error
+    shapes = list(dict.fromkeys(map(_row_shape, column)))
+    if len(shapes) < 2:
+        raise unstacked
+    raise DataError(
+        f"Data column {name!r} holds rows of different shapes ({', '.join(shapes[:3])}{', ...' * (len(shapes) > 3)}), "
+        "but every batch needs one shape: pad them in collate to a fixed length and pass a mask (collate gets the "
+        "rows as they are from a numpy object array, one entry a row, or a datasets.Dataset), or pad them in "
+        "prepare_datasets; docs/custom_trainer.md, 'Static shapes'.")
+
+
+def _row_shape(row: Any) -> str:
+    """A row's shape as shown in the error; "ragged" for a row whose own parts differ in shape."""
+    try:
+        return str(np.shape(row))
+    except ValueError:
+        return "ragged"
 
 
 def _common_length(columns: Mapping[str, np.ndarray]) -> int:

@@ -35,7 +35,7 @@ from easytrain.frozen import Frozen, FrozenPlan
 from easytrain.optim import build_optimizer, build_schedule
 from easytrain.protocol import ConfiguredDataloaders, ConfiguredFunctions, ConfiguredModel
 from easytrain.state import TrainState, bind
-from easytrain.trainers import adapters, builders, data_agreement, preemption, process_failure, run_lock
+from easytrain.trainers import adapters, batch_fields, builders, data_agreement, preemption, process_failure, run_lock
 from easytrain.trainers.language_model import LanguageModelHooks
 from easytrain.trainers.loop import TrainLoop, evaluate_batches
 from easytrain.trainers.loop_parts import LoopParts
@@ -319,4 +319,4 @@ class BaseTrainer(ProtocolProperties, RunRecordHooks, TrainStateHooks, LanguageM
     def to_global(self, host_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
         """One global array per field from this host's rows (no copy of other hosts' data); the
         `host_only_fields` (bookkeeping such as `example_id`) stay on the host."""
-        return builders.to_device_batch(host_batch, self.mesh, self.host_only_fields)
+        return batch_fields.to_device_batch(host_batch, self.mesh, self.host_only_fields)

@@ -33,6 +33,7 @@ from easytrain.models.families import ConfigError, check_buildable
 from easytrain.models.presets import llama_config
 from easytrain.tasks import arithmetic
 from easytrain.trainers import given_data
+from easytrain.trainers.batch_fields import check_collated
 from easytrain.trainers.job_callback import JobCallback
 
 logger = logging.getLogger("easytrain")
@@ -219,22 +220,6 @@ def eval_metric_names(eval_step: Any, state: Any, eval_batches: Any, mesh: Any, 
     return {f"eval_{name}" for name in jax.eval_shape(eval_step, state, batch)}
 
 
-def check_collated(host_batch: Mapping[str, Any], host_only: Sequence[str]) -> dict[str, Any]:
-    """The device fields of a batch `collate` returned, each an array (with a shape and dtype); a list, a scalar or
-    another object is named with its fix instead of failing as an attribute error inside the tracing."""
-    if not isinstance(host_batch, Mapping):
-        raise TypeError(f"collate returned a {type(host_batch).__name__}; return a dict of field name -> numpy array "
-                        "(one row per example).")
-    fields = {key: value for key, value in host_batch.items() if key not in host_only}
-    for key, value in fields.items():
-        if not (hasattr(value, "shape") and hasattr(value, "dtype")) or not np.ndim(value):
-            shape = f" of shape {np.shape(value)}" if hasattr(value, "shape") else ""
-            raise TypeError(f"collate returned field {key!r} as a {type(value).__name__}{shape}; every field must be "
-                            "a numpy array with one row per example: wrap it, e.g. np.asarray(...) (or list it in "
-                            "host_only_fields to keep it on the host).")
-    return fields
-
-
 def check_eval_metrics(args: TrainingArguments, device_names: set[str], evaluators: Sequence[Any],
                        has_eval_data: bool = True) -> None:
     """Before any compute: `eval_metrics` asks only for what this run can compute, `metric_for_best_model`
@@ -352,25 +337,6 @@ def check_row_sources(train: Any, evaluation: Any) -> None:
                 "return one training set (its rows: columns of equal length, or a datasets.Dataset)"
             raise TypeError(f"prepare_datasets returned a dict of several {name} sets {tuple(rows)} as its {name} "
                             f"rows; {fix}.")
-
-
-def to_device_batch(host_batch: Mapping[str, Any], mesh: Any, host_only: Sequence[str]) -> dict[str, jax.Array]:
-    """This host's rows as global arrays, the `host_only` fields left out; a field no device can hold is named."""
-    fields = {key: value for key, value in host_batch.items() if key not in host_only}
-    try:
-        return sharding.to_global_arrays(fields, sharding.batch_sharding(mesh))
-    except TypeError:
-        check_batch_fields(fields, host_only)
-        raise
-
-
-def check_batch_fields(fields: Mapping[str, Any], host_only: Sequence[str]) -> None:
-    """Name the batch field a device cannot hold (strings, objects) and the way to keep it on the host."""
-    for key, value in fields.items():
-        if np.asarray(value).dtype.kind in "OSUV":
-            raise TypeError(f"batch field {key!r} has dtype {np.asarray(value).dtype}, which a device cannot hold; "
-                            f"drop it in collate, or list it in the trainer's host_only_fields (now "
-                            f"{tuple(host_only)}) to keep it on the host.")
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str | None:
