@@ -23,6 +23,7 @@ import typing
 from collections.abc import Sequence
 from typing import Any, Literal, Union
 
+from easytrain.best_metric_direction import LOWER_IS_BETTER, resolve_best_metric  # noqa: F401 - validate's step
 from easytrain.errors import ArgumentError
 
 #: List fields that take a single string as a one-element list.
@@ -77,8 +78,8 @@ def _string_fix(name: str, value: Any, kind: type) -> str:
         parsed = kind(value.strip())
     except (ValueError, AttributeError):
         return ""
-    return f" Pass {name}={parsed!r}: TrainingArguments takes typed values from Python (strings are parsed only " \
-           f"on the command line and in --config files)."
+    return f" Pass {name}={parsed!r}: the argument dataclasses take typed values from Python (strings are parsed " \
+           f"only on the command line and in --config files)."
 
 
 def check_types(args: Any, cls: type) -> None:
@@ -107,7 +108,32 @@ def _check_value(field: dataclasses.Field, value: Any, declared: Any) -> None:
             fix = f" Write {int(value)}."
         raise ArgumentError(name, f"must be {a}, got {_shown(value)}.{bool_hint}{fix}")
     if hint is float and not math.isfinite(value):
-        raise ArgumentError(name, f"must be a finite number, got {value!r}.")
+        default = f" (the default is {field.default!r})" if isinstance(field.default, (int, float)) else ""
+        raise ArgumentError(name, f"must be a finite number, got {value!r}; give a real number{default}.")
+    if typing.get_origin(hint) is list and typing.get_args(hint) == (float,) and not all(map(math.isfinite, value)):
+        raise ArgumentError(name, f"must be a list of finite numbers, got {value!r}; give real numbers (no NaN or "
+                                  "infinity).")
+
+
+def check_given_values(args: Any, cls: type) -> None:
+    """`check_types` over the fields of a task's dataclass `cls` whose value is not its default (after `normalize`):
+    what a command line gives reaches the dataclass parsed but unchecked (NaN, infinity), while a default is the
+    task author's, not the user's, and may be looser than its annotation (`note: str = None`)."""
+    normalize(args, cls)
+    defaults = field_defaults(cls)
+    for field in dataclasses.fields(cls):
+        value = getattr(args, field.name)
+        if field.init and not _is_default(value, defaults[field.name]):
+            _check_value(field, value, _hints(cls)[field.name])
+
+
+def _is_default(value: Any, default: Any) -> bool:
+    if value is default:
+        return True
+    try:
+        return type(value) is type(default) and bool(value == default)
+    except Exception:  # noqa: BLE001 - a value whose comparison raises (an array) is checked, not trusted
+        return False
 
 
 def check_file_values(values: dict[str, Any], classes: Sequence[type], source: str | None = None) -> dict[str, Any]:
@@ -125,6 +151,8 @@ def check_file_values(values: dict[str, Any], classes: Sequence[type], source: s
             hint, _ = _split_optional(declared)
             if typing.get_origin(hint) is list and isinstance(value, str):
                 value = checked[field.name] = [value]
+            if isinstance(value, list) and typing.get_args(hint) in ((int,), (float,)):
+                value = checked[field.name] = _numbers(value, typing.get_args(hint)[0])
             if typing.get_origin(hint) is Literal:
                 choices = typing.get_args(hint)
                 if value is False and "no" in choices:
@@ -137,6 +165,16 @@ def check_file_values(values: dict[str, Any], classes: Sequence[type], source: s
             else:
                 _check_value(field, value, declared)
     return checked
+
+
+def _numbers(items: list[Any], kind: type) -> list[Any]:
+    """A file's list for a list[int] / list[float] field with its strings parsed (YAML 1.1 reads `1e-1`, without a
+    dot, as a string, and converts no list item as argparse converts a single value); unchanged if one does not
+    parse, to be refused whole by the type check."""
+    try:
+        return [kind(item.strip()) if isinstance(item, str) else item for item in items]
+    except ValueError:
+        return items
 
 
 def check_file_strings(values: dict[str, Any], classes: Sequence[type], source: str | None = None) -> None:
@@ -349,24 +387,3 @@ def check_best_checkpoint_kept(args: Any) -> None:
 def _require(condition: bool, name: str, message: str) -> None:
     if not condition:
         raise ArgumentError(name, message)
-
-
-#: Metric name endings for which a lower value is better; any other metric is ranked higher-is-better.
-LOWER_IS_BETTER = ("loss", "perplexity")
-
-
-def resolve_best_metric(args: Any) -> None:
-    """Resolve, once and in place, what ranks evaluations: a bare `metric_for_best_model` ('accuracy') gets the
-    `eval_` prefix every evaluation metric carries, and an unset `greater_is_better` follows the metric's name (lower
-    is better for a loss or a perplexity, higher otherwise), so early stopping, checkpoint retention and
-    `load_best_model_at_end` all rank by the one direction stored with the run's arguments."""
-    metric = args.metric_for_best_model
-    if isinstance(metric, str) and metric and not metric.startswith("eval_"):
-        args.metric_for_best_model = metric = f"eval_{metric}"
-        logger.info("metric_for_best_model: ranking by %r (evaluation metrics carry the eval_ prefix)", metric)
-    if args.greater_is_better is None:
-        ranked = metric or "eval_loss"  # early stopping watches eval_loss when no metric is named
-        args.greater_is_better = not ranked.endswith(LOWER_IS_BETTER)
-        if metric is not None or args.early_stopping_patience is not None:
-            logger.info("greater_is_better=%s inferred for %r (lower is better only for names ending in %s); set "
-                        "--greater_is_better to choose", args.greater_is_better, ranked, " or ".join(LOWER_IS_BETTER))

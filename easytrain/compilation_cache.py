@@ -26,6 +26,8 @@ from easytrain.errors import ArgumentError
 
 logger = logging.getLogger("easytrain")
 AUTO = "auto"
+#: Settings that leave JAX's own setting alone (a directory literally named so is written ./null).
+UNSET = ("", "null", "none")
 #: The size cap of a cache the trainer turns on, unless JAX is given one (`jax_compilation_cache_max_size`,
 #: `JAX_COMPILATION_CACHE_MAX_SIZE`; -1 there is "no limit"): least recently used programs are evicted past it.
 DEFAULT_MAX_BYTES = 4 * 2**30
@@ -41,9 +43,10 @@ def resolve(setting: str | None) -> str | None:
     """The directory `setting` asks for, or None to leave JAX's own setting alone.
 
     ``"auto"``: the directory JAX is already given (``JAX_COMPILATION_CACHE_DIR`` or jax.config), else
-    `default_directory`; ``""`` or None: JAX's own setting (no cache unless it has one); a path: that path.
+    `default_directory`; ``""``, None, or the words "null" / "none" (a quoted null in a file, never meant as a
+    directory of that name): JAX's own setting (no cache unless it has one); a path: that path.
     """
-    if setting is None or not setting.strip():
+    if setting is None or setting.strip().lower() in UNSET:
         return None
     if setting.strip() == AUTO:
         return jax.config.jax_compilation_cache_dir or str(default_directory())

@@ -20,9 +20,10 @@ from typing import Any, Callable, get_type_hints
 import yaml
 from transformers import HfArgumentParser
 
-from easytrain.argument_checks import check_file_strings, check_file_values
+from easytrain.argument_checks import check_file_strings, check_file_values, check_given_values
 from easytrain.argument_values import scheduler_hint
 from easytrain.arguments import TrainingArguments, field_names
+from easytrain.best_metric_direction import saved_values
 from easytrain.errors import ArgumentError
 from easytrain.suggestions import closest
 from easytrain.tasks.registry import check_argument_dataclasses, tasks_declaring
@@ -83,10 +84,13 @@ class _GroupedParser(HfArgumentParser):
 
 def _clarify(action: Any, field: dataclasses.Field, hint: Any) -> None:
     """`--no_<name>` says what it turns off (argparse showed the field's help with "default: False", the opposite);
-    an optional number with a default accepts `none` / `null` to unset it, as a config file's `null` does."""
+    an Optional field of one value (a number, a boolean, a string) accepts `none` / `null` to unset it, as a config
+    file's `null` does, so a value from `--config` can be unset on the command line. A list (`eval_metrics`) keeps
+    its own meaning of 'none', and a choice its choices."""
     if action.option_strings[0].startswith("--no_"):
         action.help, action.default = f"Turn off --{field.name}.", argparse.SUPPRESS
-    elif action.type in (int, float) and type(None) in typing.get_args(hint) and field.default is not None:
+    elif (type(None) in typing.get_args(hint) and action.type is not None and action.choices is None
+          and action.nargs not in ("+", "*")):
         action.type = _or_none(action.type)
 
 
@@ -191,6 +195,8 @@ def parse_task_arguments(argv: Sequence[str] | None = None, task_arguments: Sequ
     if remaining:
         raise _unknown_flag_error(remaining, _known_fields(task_arguments), task)
     count = 1 + len(task_arguments)
+    for values, cls in zip(outputs[1:count], task_arguments):
+        check_given_values(values, cls)  # TrainingArguments checks its own; a task's fields get the same checks
     return outputs[0], tuple(outputs[1:count])
 
 
@@ -229,8 +235,9 @@ def _tasks(names: list[str]) -> str:
 def save_arguments(arguments: TrainingArguments, directory: str | os.PathLike,
                    task_arguments: Sequence[Any] = ()) -> Path:
     """Write `arguments.json` atomically, so a crash never leaves half a file. The task's argument dataclasses
-    are saved beside `TrainingArguments`, flat, as a `--config` file holds them: the file reruns the whole job."""
-    values = arguments.to_dict()
+    are saved beside `TrainingArguments`, flat, as a `--config` file holds them: the file reruns the whole job. A
+    `greater_is_better` inferred from the metric's name is saved unset (`saved_values`)."""
+    values = saved_values(arguments)
     for extra in task_arguments:
         values.update(dataclasses.asdict(extra))
     directory = Path(directory)
@@ -253,4 +260,5 @@ def load_arguments(path: str | os.PathLike) -> TrainingArguments:
 
 
 def to_yaml(arguments: TrainingArguments) -> str:
-    return yaml.safe_dump(arguments.to_dict(), sort_keys=False)
+    """The arguments as a YAML `--config` file, as `save_arguments` writes them."""
+    return yaml.safe_dump(saved_values(arguments), sort_keys=False)

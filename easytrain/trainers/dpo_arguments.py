@@ -1,7 +1,8 @@
 """`DPOArguments`: the preference-optimisation options (`easytrain train --task dpo` flags), checked when made.
 
-They are refused at construction with the field named, before any data or model work: unknown losses, a weight per
-loss, the ranges of beta and label smoothing, TR-DPO's options (a moving reference cannot be precomputed), and an
+They are refused at construction with the field named, before any data or model work: a value of another type, NaN or
+infinity in any number, unknown losses, a weight per loss, the ranges of beta, label smoothing and the chunk and
+prompt lengths, TR-DPO's options (a moving reference cannot be precomputed), and an
 option no chosen loss reads (a reference for reference-free losses, label smoothing for losses without it).
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from easytrain import argument_checks
 from easytrain.data.chat_templates import read_chat_template
 from easytrain.errors import ArgumentError
 from easytrain.preference import PREFERENCE_LOSSES, READS_LABEL_SMOOTHING, REFERENCE_FREE
@@ -52,18 +54,28 @@ class DPOArguments:
     def __post_init__(self) -> None:
         if isinstance(self.loss_type, str):  # one name, as TRL takes it (not read letter by letter)
             self.loss_type = [self.loss_type]
+        # Types first, and no NaN or infinity in any number (a NaN beta skipped every update and exited 0).
+        argument_checks.normalize(self, DPOArguments)
+        argument_checks.check_types(self, DPOArguments)
         unknown = [name for name in self.loss_type if name not in PREFERENCE_LOSSES]
         checks = [
             (not self.loss_type or unknown, "loss_type", f"unknown loss(es) {unknown}; choose from "
                                                          f"{', '.join(PREFERENCE_LOSSES)}."),
             (self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type), "loss_weights",
              f"needs one weight per loss_type entry ({len(self.loss_type)})."),
-            (self.beta <= 0, "beta", f"must be positive, got {self.beta}."),
+            (self.beta <= 0, "beta", f"must be positive (e.g. 0.1), got {self.beta}."),
             (not 0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)."),
+            (self.max_prompt_length is not None and self.max_prompt_length < 1, "max_prompt_length",
+             f"must be a number of tokens >= 1, or unset (none) to cut prompts only as needed; got "
+             f"{self.max_prompt_length}."),
+            (self.logps_chunk_size < 1, "logps_chunk_size",
+             f"must be a number of vocabulary entries >= 1 (e.g. 4096), got {self.logps_chunk_size}."),
             (self.sync_ref_model and self.precompute_ref_log_probs, "sync_ref_model",
              "a moving reference cannot be precomputed; drop one of sync_ref_model, precompute_ref_log_probs."),
-            (not 0 < self.ref_model_mixup_alpha <= 1 or self.ref_model_sync_steps < 1, "ref_model_mixup_alpha",
-             "needs 0 < ref_model_mixup_alpha <= 1 and ref_model_sync_steps >= 1."),
+            (not 0 < self.ref_model_mixup_alpha <= 1, "ref_model_mixup_alpha",
+             f"must be in (0, 1] (1 copies the policy), got {self.ref_model_mixup_alpha}."),
+            (self.ref_model_sync_steps < 1, "ref_model_sync_steps",
+             f"must be a number of optimizer steps >= 1, got {self.ref_model_sync_steps}."),
         ]
         for failed, name, message in checks + self._unread_options():
             if failed:

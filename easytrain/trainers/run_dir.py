@@ -11,6 +11,7 @@ from pathlib import Path
 
 from easytrain import distributed
 from easytrain.arguments import TrainingArguments
+from easytrain.best_metric_direction import direction_inferred
 from easytrain.checkpoint import CHECKPOINTS_DIRNAME, LATEST_ALIASES, finalized_steps, resolve_checkpoint
 from easytrain.config_io import ARGUMENTS_FILE
 from easytrain.errors import OutputDirError
@@ -54,8 +55,11 @@ def rerun_arguments(args: TrainingArguments) -> TrainingArguments:
     """The arguments `arguments.json` records, so that `--config arguments.json` reruns the job where it stands:
     from its newest checkpoint (`resume_from_checkpoint='latest'`, not an old step it was once resumed from, whose
     newer checkpoints a rerun would set aside) and never removing it (`overwrite_output_dir=False`). The values
-    given stay in every checkpoint's run_info."""
-    return dataclasses.replace(args, resume_from_checkpoint="latest", overwrite_output_dir=False)
+    given stay in every checkpoint's run_info. A `greater_is_better` inferred from the metric's name is inferred
+    again in the copy (given as the resolved value, it would count as given and be saved so)."""
+    direction = None if direction_inferred(args) else args.greater_is_better
+    return dataclasses.replace(args, resume_from_checkpoint="latest", overwrite_output_dir=False,
+                               greater_is_better=direction)
 
 
 def restarts_unsaved_run(args: TrainingArguments) -> bool:

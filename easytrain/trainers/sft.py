@@ -64,9 +64,11 @@ class SFTArguments:
 
     def __post_init__(self) -> None:
         from easytrain.errors import ArgumentError
-        if self.generation_eval_samples < 0 or self.max_new_tokens < 1:
-            raise ArgumentError("generation_eval_samples", "needs generation_eval_samples >= 0 and "
-                                "max_new_tokens >= 1.")
+        if self.generation_eval_samples < 0:
+            raise ArgumentError("generation_eval_samples", f"must be a number of eval prompts >= 0 (0: no evaluation "
+                                f"by generation), got {self.generation_eval_samples}.")
+        if self.max_new_tokens < 1:
+            raise ArgumentError("max_new_tokens", f"must be a number of tokens >= 1, got {self.max_new_tokens}.")
 
 
 @register_task("sft", arguments=(SFTArguments,), replace=True,

@@ -1,0 +1,73 @@
+"""The direction that ranks evaluations (`greater_is_better` for `metric_for_best_model`): inferred from the metric's
+name where unset, recorded as inferred so that `arguments.json` saves it unset (a rerun with another metric infers that
+metric's direction, where a saved `false` for eval_loss ranked an accuracy backwards), and a given direction against a
+plain name warned about.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+logger = logging.getLogger("easytrain")
+
+#: Metric name endings for which a lower value is better; any other metric is ranked higher-is-better.
+LOWER_IS_BETTER = ("loss", "perplexity")
+#: Metric name endings for which a higher value is plainly better (an explicit False for them is warned about).
+HIGHER_IS_BETTER = ("accuracy", "exact_match")
+#: The instance attribute recording the direction `resolve_best_metric` inferred (not a field: never saved).
+_INFERRED_DIRECTION = "_inferred_greater_is_better"
+
+
+def resolve_best_metric(args: Any) -> None:
+    """Resolve, once and in place, what ranks evaluations: a bare `metric_for_best_model` ('accuracy') gets the
+    `eval_` prefix every evaluation metric carries, and an unset `greater_is_better` follows the metric's name (lower
+    is better for a loss or a perplexity, higher otherwise), so early stopping, checkpoint retention and
+    `load_best_model_at_end` all rank by one direction. An inferred direction is recorded as such, so that
+    `saved_values` writes it unset: a rerun with another metric infers that metric's direction."""
+    metric = args.metric_for_best_model
+    if isinstance(metric, str) and metric and not metric.startswith("eval_"):
+        args.metric_for_best_model = metric = f"eval_{metric}"
+        logger.info("metric_for_best_model: ranking by %r (evaluation metrics carry the eval_ prefix)", metric)
+    if args.greater_is_better is None:
+        ranked = metric or "eval_loss"  # early stopping watches eval_loss when no metric is named
+        args.greater_is_better = not ranked.endswith(LOWER_IS_BETTER)
+        setattr(args, _INFERRED_DIRECTION, args.greater_is_better)
+        if metric is not None or args.early_stopping_patience is not None:
+            logger.info("greater_is_better=%s inferred for %r (lower is better only for names ending in %s); set "
+                        "--greater_is_better to choose", args.greater_is_better, ranked, " or ".join(LOWER_IS_BETTER))
+    elif metric is not None or args.early_stopping_patience is not None:
+        _warn_contradicted_direction(metric or "eval_loss", args.greater_is_better)
+
+
+def direction_inferred(args: Any) -> bool:
+    """Whether `greater_is_better` holds the direction `resolve_best_metric` inferred (not one given, nor one set
+    on the instance since)."""
+    inferred = getattr(args, _INFERRED_DIRECTION, None)
+    return inferred is not None and inferred == args.greater_is_better
+
+
+def saved_values(args: Any) -> dict[str, Any]:
+    """The arguments as a file records them to be read again: `to_dict()`, with an inferred `greater_is_better` unset
+    (null). Saved resolved, it would read back as given and rank another `metric_for_best_model` backwards."""
+    values = args.to_dict()
+    if direction_inferred(args):
+        values["greater_is_better"] = None
+    return values
+
+
+@functools.cache
+def _warn_contradicted_direction(metric: str, greater_is_better: bool) -> None:
+    """A given direction against what the metric's name plainly says (a loss ranked higher-is-better, an accuracy
+    lower-is-better): kept, as given, but warned about once per process (a stale value in a reused config file)."""
+    if metric.endswith(LOWER_IS_BETTER) and greater_is_better:
+        implied = False
+    elif metric.endswith(HIGHER_IS_BETTER) and not greater_is_better:
+        implied = True
+    else:
+        return
+    logger.warning("greater_is_better=%s ranks %r %s is better, against its name: checkpoints and early stopping "
+                   "will prefer its %s values. Pass --greater_is_better %s (or none, to follow the name) if that is "
+                   "not meant.", greater_is_better, metric, "higher" if greater_is_better else "lower",
+                   "largest" if greater_is_better else "smallest", str(implied).lower())
