@@ -93,3 +93,15 @@ def test_tokenizer_refusal_points_to_the_rerun():
     stored, current = run_info(tokenizer_name="data/tok"), run_info(tokenizer_name="other/tok")
     with pytest.raises(ArgumentError, match=r"tokenizer_name.*--config runs/mine/arguments.json"):
         check_resumable(stored, current)
+
+
+def test_a_multi_process_runs_arguments_leave_the_launch_to_the_rerun(tmp_path):
+    """`coordinator_address`, `num_processes` and `process_id` describe one launch (process 0's, in arguments.json),
+    not the run: saved, a one-process rerun waited forever as the coordinator of a 2-process job, and two hosts
+    rerunning it both claimed process 0 (JAX's abort). They are saved unset; each launch gives its own."""
+    from easytrain.trainers.run_dir import rerun_arguments
+
+    launched = args_for(tmp_path / "run", coordinator_address="10.0.0.1:1234", num_processes=2, process_id=0)
+    saved = rerun_arguments(launched)
+    assert (saved.coordinator_address, saved.num_processes, saved.process_id) == (None, None, None)
+    assert saved.resume_from_checkpoint == "latest" and saved.output_dir == launched.output_dir

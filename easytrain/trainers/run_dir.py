@@ -56,10 +56,16 @@ def rerun_arguments(args: TrainingArguments) -> TrainingArguments:
     from its newest checkpoint (`resume_from_checkpoint='latest'`, not an old step it was once resumed from, whose
     newer checkpoints a rerun would set aside) and never removing it (`overwrite_output_dir=False`). The values
     given stay in every checkpoint's run_info. A `greater_is_better` inferred from the metric's name is inferred
-    again in the copy (given as the resolved value, it would count as given and be saved so)."""
+    again in the copy (given as the resolved value, it would count as given and be saved so). The launch fields
+    (`LAUNCH_FIELDS`) are left unset: they are process 0's, and a rerun on one process would wait forever as the
+    coordinator of the old job, two hosts given them would both claim process 0."""
     direction = None if direction_inferred(args) else args.greater_is_better
     return dataclasses.replace(args, resume_from_checkpoint="latest", overwrite_output_dir=False,
-                               greater_is_better=direction)
+                               greater_is_better=direction, **dict.fromkeys(LAUNCH_FIELDS))
+
+
+#: How one launch joins its processes (`jax.distributed`), given per host: not saved for a rerun.
+LAUNCH_FIELDS = ("coordinator_address", "num_processes", "process_id")
 
 
 def restarts_unsaved_run(args: TrainingArguments) -> bool:
