@@ -12,10 +12,12 @@ from typing import Any
 
 logger = logging.getLogger("easytrain")
 
-#: Metric name endings for which a lower value is better; any other metric is ranked higher-is-better.
-LOWER_IS_BETTER = ("loss", "perplexity")
-#: Metric name endings for which a higher value is plainly better (an explicit False for them is warned about).
-HIGHER_IS_BETTER = ("accuracy", "exact_match")
+#: Metric name endings for which a lower value is better: losses and error measures. Any other metric is ranked
+#: higher-is-better (transformers: only names ending in `loss`), with a warning unless it ends in `HIGHER_IS_BETTER`.
+LOWER_IS_BETTER = ("loss", "perplexity", "mse", "mae", "rmse", "error", "wer", "cer")
+#: Metric name endings for which a higher value is plainly better: inferred without a warning, and an explicit False
+#: for the first two is warned about.
+HIGHER_IS_BETTER = ("accuracy", "exact_match", "accuracies", "f1", "bleu", "rouge", "auc", "precision", "recall")
 #: The instance attribute recording the direction `resolve_best_metric` inferred (not a field: never saved).
 _INFERRED_DIRECTION = "_inferred_greater_is_better"
 
@@ -35,8 +37,12 @@ def resolve_best_metric(args: Any) -> None:
         args.greater_is_better = not ranked.endswith(LOWER_IS_BETTER)
         setattr(args, _INFERRED_DIRECTION, args.greater_is_better)
         if metric is not None or args.early_stopping_patience is not None:
-            logger.info("greater_is_better=%s inferred for %r (lower is better only for names ending in %s); set "
-                        "--greater_is_better to choose", args.greater_is_better, ranked, " or ".join(LOWER_IS_BETTER))
+            known = ranked.endswith(LOWER_IS_BETTER + HIGHER_IS_BETTER)
+            logger.log(logging.INFO if known else logging.WARNING,
+                       "greater_is_better=%s inferred for %r (%s); set --greater_is_better to choose",
+                       args.greater_is_better, ranked, "lower is better for names ending in " + ", ".join(
+                           LOWER_IS_BETTER) if known else "a name of no known direction, ranked higher-is-better: if "
+                       "lower is better, as for an error or a distance, the best checkpoint kept would be the worst")
     elif metric is not None or args.early_stopping_patience is not None:
         _warn_contradicted_direction(metric or "eval_loss", args.greater_is_better)
 
@@ -63,7 +69,7 @@ def _warn_contradicted_direction(metric: str, greater_is_better: bool) -> None:
     lower-is-better): kept, as given, but warned about once per process (a stale value in a reused config file)."""
     if metric.endswith(LOWER_IS_BETTER) and greater_is_better:
         implied = False
-    elif metric.endswith(HIGHER_IS_BETTER) and not greater_is_better:
+    elif metric.endswith(("accuracy", "exact_match")) and not greater_is_better:
         implied = True
     else:
         return

@@ -24,7 +24,9 @@ def arguments(tmp_path, **overrides) -> TrainingArguments:
 @pytest.mark.parametrize(("metric", "expected"), [("eval_accuracy", True), ("eval_top2_accuracy", True),
                                                   ("eval_exact_match", True), ("eval_loss", False),
                                                   ("eval_perplexity", False), ("eval_chosen_loss", False),
-                                                  (None, False)])
+                                                  ("eval_mse", False), ("eval_mae", False), ("eval_rmse", False),
+                                                  ("eval_top1_error", False), ("eval_wer", False), ("eval_cer", False),
+                                                  ("eval_f1", True), ("eval_bleu", True), (None, False)])
 def test_unset_direction_follows_the_metric_name(tmp_path, metric, expected) -> None:
     assert arguments(tmp_path, metric_for_best_model=metric).greater_is_better is expected
 
@@ -40,6 +42,16 @@ def test_the_inferred_direction_is_logged(tmp_path, caplog) -> None:
     with caplog.at_level(logging.INFO, logger="easytrain"):
         arguments(tmp_path, metric_for_best_model="eval_accuracy")
     assert "greater_is_better=True" in caplog.text and "eval_accuracy" in caplog.text
+
+
+def test_a_name_of_no_known_direction_is_warned_about(tmp_path, caplog) -> None:
+    """An error metric of a name easytrain cannot place (eval_widget_distance) would be ranked higher-is-better and
+    keep the worst checkpoint: the guess is a warning, naming the field to set; a known name's is only logged."""
+    with caplog.at_level(logging.INFO, logger="easytrain"):
+        assert arguments(tmp_path, metric_for_best_model="widget_distance").greater_is_better is True
+        assert arguments(tmp_path, metric_for_best_model="eval_f1").greater_is_better is True
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "eval_widget_distance" in warned[0] and "--greater_is_better" in warned[0], warned
 
 
 def test_the_command_line_flag_sets_either_direction(tmp_path) -> None:
