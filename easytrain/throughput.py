@@ -19,12 +19,20 @@ class BatchCounts(NamedTuple):
 
     `tokens` feeds `tokens_per_second` (the trainer's `count_tokens`); `real_tokens` / `token_slots`
     `padding_efficiency` (`count_token_slots`); `model_flops` `mfu` (`model_flops`). Zeros: not known.
+    `samples` feeds `samples_per_second` (`count_samples`); None: not counted, the step's share of the global batch.
     """
 
     tokens: int = 0
     real_tokens: int = 0
     token_slots: int = 0
     model_flops: float = 0.0
+    samples: int | None = None
+
+
+def batch_rows(batch: Mapping[str, Any]) -> int:
+    """Rows of a host batch: the leading axis of its first array field (every field holds one row per example);
+    0 for a batch without one."""
+    return next((len(value) for value in batch.values() if isinstance(value, np.ndarray) and value.ndim), 0)
 
 
 def token_slots(batch: Mapping[str, Any]) -> tuple[int, int]:
@@ -46,16 +54,18 @@ def window_logs(counts: Sequence[BatchCounts], *, seconds: float, rows_per_step:
                 peak: Callable[[], PeakFlops | None]) -> dict[str, float]:
     """Throughput of `len(counts)` steps that took `seconds` of wall-clock time.
 
-    `counts` are this process's; token and FLOP totals are scaled by `process_count` (every process
-    holds an equal share of the global batch). `rows_per_step` is the global batch size. `peak` is
-    called only when the window has model FLOPs. Fields with nothing to count are left out.
+    `counts` are this process's; token, sample and FLOP totals are scaled by `process_count` (every process
+    holds an equal share of the global batch). `rows_per_step` (the global batch size) stands for the samples of a
+    step that did not count them. `peak` is called only when the window has model FLOPs. Fields with nothing to
+    count are left out (`samples_per_second` is always logged).
     """
     seconds = max(seconds, 1e-9)
     logs = {"step_time": seconds / max(len(counts), 1)}
     tokens = sum(count.tokens for count in counts) * process_count
     if tokens:
         logs["tokens_per_second"] = tokens / seconds
-    logs["samples_per_second"] = len(counts) * rows_per_step / seconds  # rows (packed or not)
+    samples = sum(rows_per_step if count.samples is None else count.samples * process_count for count in counts)
+    logs["samples_per_second"] = samples / seconds  # rows (packed or not), unless a trainer counts otherwise
     slots = sum(count.token_slots for count in counts)
     if slots:
         logs["padding_efficiency"] = sum(count.real_tokens for count in counts) / slots

@@ -291,9 +291,9 @@ class BaseTrainer(ProtocolProperties, RunRecordHooks, TrainStateHooks, LanguageM
         return LoopParts(
             arguments=self._arguments, data=self._data, iteration=self.train_iteration, to_device=self.to_global,
             count_tokens=self.count_tokens, count_token_slots=self.count_token_slots, model_flops=self.model_flops,
-            plan_memory=self.plan_memory, publish=functools.partial(setattr, self, "_state"),
-            checkpoints=self.checkpoint_manager(), run_info=self.run_info, evaluate=self.evaluate,
-            export=self.save_pretrained,
+            count_samples=self.count_samples, plan_memory=self.plan_memory,
+            publish=functools.partial(setattr, self, "_state"), checkpoints=self.checkpoint_manager(),
+            run_info=self.run_info, evaluate=self.evaluate, export=self.save_pretrained,
             restore_best=functools.partial(restore_step, self.checkpoint_manager(), self._model.state_shardings),
             callbacks=self.callbacks, owner=self, is_main_process=self.is_main_process,
             resumed_from=preemption.resume_point(self._resume_from)[1])

@@ -46,11 +46,12 @@ from easytrain.tasks.registry import register_task
 from easytrain.trainers import adapters, builders, init_weights
 from easytrain.trainers.base import BaseTrainer
 from easytrain.trainers.dpo_arguments import DPOArguments
+from easytrain.trainers.dpo_record import DPORecordHooks
 from easytrain.trainers.dpo_updates import REWARD_MEAN, update_then_track_rewards
 from easytrain.trainers.dpo_reference import (
-    CACHE_DIRNAME, INITIAL_ADAPTERS, INITIAL_POLICY, LORA_ADAPTER, REFERENCE_WEIGHTS, stored_record,
-    check_reference_path, checked_adapter_values, checked_initial_weights, checked_reference_weights,
-    precomputed_reference_logps, update_then_sync, with_initial_adapters, with_initial_weights, with_values)
+    CACHE_DIRNAME, INITIAL_ADAPTERS, check_reference_path, checked_adapter_values, checked_initial_weights,
+    checked_reference_weights, precomputed_reference_logps, update_then_sync, with_initial_adapters,
+    with_initial_weights, with_values)
 from easytrain.trainers.switches import apply_switches
 
 logger = logging.getLogger("easytrain")
@@ -58,7 +59,7 @@ logger = logging.getLogger("easytrain")
 
 @register_task("dpo", arguments=(DPOArguments,), replace=True,
                description="Preference optimisation (DPO, IPO, SimPO, ORPO, ...) on prompt/chosen/rejected pairs.")
-class DPOTrainer(BaseTrainer):
+class DPOTrainer(DPORecordHooks, BaseTrainer):
     """Preference optimisation. Without a dataset it trains on generated arithmetic pairs (right vs. near-miss).
 
     Args:
@@ -370,29 +371,9 @@ class DPOTrainer(BaseTrainer):
         return functools.partial(update_then_sync, update=update, alpha=self.dpo.ref_model_mixup_alpha,
                                  every=self.dpo.ref_model_sync_steps)
 
-    @functools.cached_property
-    def _dropout_unrecorded(self) -> bool:
-        """The resumed checkpoint predates disable_dropout (its run kept lora_dropout on): resume, warn if now off."""
-        unrecorded = self._resume_from is not None and "disable_dropout" not in stored_record(self._resume_from,
-                                                                                                "task_arguments")
-        if unrecorded and self.dpo.disable_dropout and self.lora is not None and self.lora.dropout > 0:
-            logger.warning("resuming a run trained with lora_dropout=%s in the DPO loss (its checkpoint predates "
-                           "disable_dropout): the loss runs without it from here on; --no_disable_dropout keeps it",
-                           self.lora.dropout)
-        return unrecorded
-
     def longest_batch_length(self) -> int | None:
         """The largest bucket a batch of pairs is padded to (the memory plan's shape)."""
         return self._pad.buckets[-1]
-
-    def run_info(self) -> dict[str, Any]:
-        """Also the options that decide the rows and the loss, so a resume under other ones is refused."""
-        task = {"max_prompt_length": self.dpo.max_prompt_length}
-        task = {**task, "chat_template_path": path} if (path := self.dpo.chat_template_path) else task  # old: none
-        task = task if self._dropout_unrecorded else {**task, "disable_dropout": self.dpo.disable_dropout}
-        sources = {INITIAL_POLICY: self.initial_policy, LORA_ADAPTER: self.adapter_read,
-                   REFERENCE_WEIGHTS: self.reference_weights}  # what the reference was read from, checked on resume
-        return {**super().run_info(), "task_arguments": task, **{k: v for k, v in sources.items() if v is not None}}
 
 
 def logps_and_mean_logit(logits_MV: jax.Array, targets_M: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -60,6 +60,12 @@ class LanguageModelHooks:
         """Tokens in this process's host batch, for `tokens_per_second` (0: not a token model)."""
         return int(np.size(batch["input_ids"])) if "input_ids" in batch else 0
 
+    def count_samples(self, batch: Mapping[str, np.ndarray]) -> int:
+        """Samples this process's host batch trains on, for `samples_per_second` (summed over processes, as
+        `count_tokens`). Default: its rows (a packed row counts once). A step that trains on more rows than its
+        batch (G sampled completions per prompt) counts those."""
+        return throughput.batch_rows(batch)
+
     def count_token_slots(self, batch: Mapping[str, np.ndarray]) -> tuple[int, int]:
         """(real tokens, token slots) in this process's host batch, for `padding_efficiency`; real means
         attended or supervised. (0, 0): not a token model, nothing logged."""

@@ -192,7 +192,7 @@ class TrainLoop(LoopEnding):
         """Host-side counts of this step's batch for the throughput logs (no device values read)."""
         parts = self.parts
         return throughput.BatchCounts(parts.count_tokens(batch), *parts.count_token_slots(batch),
-                                      parts.model_flops(batch))
+                                      parts.model_flops(batch), parts.count_samples(batch))
 
     @contextlib.contextmanager
     def off_the_clock(self) -> Iterator[None]:

@@ -12,6 +12,7 @@ from typing import Any, Callable, Mapping
 
 import jax
 
+from easytrain import throughput
 from easytrain.arguments import TrainingArguments
 from easytrain.callbacks import CallbackList
 from easytrain.checkpoint import CheckpointManager
@@ -28,9 +29,10 @@ class LoopParts:
     `iteration(state, device_batch) -> (state, metrics)` is one iteration (by default one compiled
     train step; a subclass may run several updates per batch). `publish(state)` hands the newest state
     to its owner after every iteration, so callbacks and evaluators see it. `owner` is passed to the
-    callbacks, which may set `owner.should_stop`. `count_tokens`, `count_token_slots` and `model_flops`
-    read each host batch for the throughput logs (`easytrain.throughput`). `plan_memory(state, device_batch)`
-    runs once, before the first iteration: it may compile ahead and check memory (`easytrain.memory_plan`).
+    callbacks, which may set `owner.should_stop`. `count_tokens`, `count_token_slots`, `model_flops` and
+    `count_samples` read each host batch for the throughput logs (`easytrain.throughput`).
+    `plan_memory(state, device_batch)` runs once, before the first iteration: it may compile ahead and check memory
+    (`easytrain.memory_plan`).
     `resumed_from`: the checkpoint the run resumed from (None: a fresh run), kept as it is by a stop before step one.
     """
 
@@ -52,3 +54,4 @@ class LoopParts:
     model_flops: Callable[[HostBatch], float] = lambda batch: 0.0
     plan_memory: Callable[[Any, Mapping[str, jax.Array]], MemoryPlan | None] = lambda state, batch: None
     resumed_from: str | None = None
+    count_samples: Callable[[HostBatch], int] = throughput.batch_rows

@@ -1,6 +1,10 @@
 """What a run records beside its arrays (mixed into `BaseTrainer`): the `run_info` each checkpoint carries, so a
 resume can be checked before any array is read, `arguments.json` in `output_dir`, so a rerun continues the same
 job, and the checkpoint manager that writes the checkpoints.
+
+A trainer's own settings a resume must keep come from `task_settings()`, merged over the class chain by
+`run_info` (`merged_task_settings`): an override returns only its class's settings and cannot drop a parent's, as a
+`run_info` override replacing `task_arguments` would (SFT's packing and masking settings under a subclass).
 """
 
 from __future__ import annotations
@@ -16,8 +20,8 @@ from easytrain.trainers.run_dir import rerun_arguments
 
 
 class RunRecordHooks:
-    """`checkpoint_manager`, `run_info` (a task trainer adds its own entries with `super().run_info()`) and
-    `save_arguments`."""
+    """`checkpoint_manager`, `run_info` (a task trainer adds its own entries with `super().run_info()`), its
+    `task_settings` and `save_arguments`."""
 
     def checkpoint_manager(self) -> CheckpointManager:
         self._checkpoints = self._checkpoints or builders.checkpoint_manager(self._arguments)
@@ -30,13 +34,31 @@ class RunRecordHooks:
                 "tokenizer_fingerprint": builders.tokenizer_fingerprint(getattr(self, "tokenizer", None)),
                 "mesh": {"devices": self.mesh.size, "shape": dict(self.mesh.shape)},  # a resume elsewhere warns
                 DEFAULT_OPTIMIZER_KEY: builds_default_optimizer(self)}
+        if task := merged_task_settings(self):  # compared on resume (`resume_checks`); none: no entry
+            info["task_arguments"] = task
         return info if self.base_fingerprint is None else {**info, "base_fingerprint": self.base_fingerprint}
+
+    def task_settings(self) -> dict[str, Any]:
+        """This class's settings a resume must keep (JSON values): a resume under other values is refused, naming
+        them. Each class in the chain returns only its own; `run_info` merges them all, base classes first (a
+        subclass's value wins for a name both use), so an override need not call `super()`."""
+        return {}
 
     def save_arguments(self) -> Path | None:
         """`arguments.json`: the run's arguments and `task_arguments`, as a rerun continues them (process 0)."""
         if not self.is_main_process:
             return None
         return save_arguments(rerun_arguments(self._arguments), self._arguments.output_dir, self.task_arguments)
+
+
+def merged_task_settings(trainer: Any) -> dict[str, Any]:
+    """The `task_settings` of every class of `trainer`'s chain that defines one, base classes first: what
+    `run_info` records as `task_arguments`."""
+    merged: dict[str, Any] = {}
+    for cls in reversed(type(trainer).__mro__):
+        if (own := vars(cls).get("task_settings")) is not None:
+            merged.update(own.__get__(trainer, type(trainer))())
+    return merged
 
 
 def builds_default_optimizer(trainer: Any) -> bool:

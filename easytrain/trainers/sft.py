@@ -195,12 +195,12 @@ class SFTTrainer(BaseTrainer):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(self.data_stats, indent=2))
 
-    def run_info(self) -> dict[str, Any]:
-        """Also the SFT options that decide the rows: a resume under different packing, masking or truncation
-        is refused like any data-order change (`check_resumable` compares `task_arguments`)."""
-        return {**super().run_info(), "task_arguments": {name: getattr(self.sft_arguments, name) for name in (
+    def task_settings(self) -> dict[str, Any]:
+        """The SFT options that decide the rows: a resume under different packing, masking or truncation is
+        refused like any data-order change (`check_resumable` compares `run_info()['task_arguments']`)."""
+        return {name: getattr(self.sft_arguments, name) for name in (
             "packing", "packing_strategy", "completion_only_loss", "assistant_only_loss", "truncation_side",
-            "chat_template_path")}}
+            "chat_template_path")}
 
 
 def text_from_column(split: Any, text_column: str, formatted: bool) -> Any:
