@@ -30,22 +30,23 @@ import json
 import logging
 import os
 import threading
-import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
-from easytrain import checkpoint_items, integrity
+from easytrain import checkpoint_items, integrity, orbax_loops, save_failures
 from easytrain.checkpoint_dirs import (CHECKPOINTS_DIRNAME, LATEST_ALIASES, CheckpointNotFoundError, finalized_steps,
                                        resolve_checkpoint)
 from easytrain.checkpoint_signatures import (CheckpointMismatchError, Signature, check_signatures,  # noqa: F401
                                              path_name, tree_signature)
+from easytrain.errors import CheckpointWriteError, EasytrainError
 from easytrain.retention import best_index, metric_value, preservation_policy
 
 __all__ = ["CHECKPOINTS_DIRNAME", "LATEST_ALIASES", "CheckpointManager", "CheckpointMismatchError",
-           "CheckpointNotFoundError", "finalized_steps", "resolve_checkpoint"]
+           "CheckpointNotFoundError", "CheckpointWriteError", "finalized_steps", "resolve_checkpoint"]
 
 
 #: The `progress` entry recording what a checkpoint was saved at: its step (the loop's, its directory's name) and
@@ -106,16 +107,6 @@ def _quiet_read_only_notice() -> Iterator[None]:
         yield
     finally:
         logging.getLogger("absl").removeFilter(notice)
-
-
-def _let_writers_end(running: set[threading.Thread], timeout: float = 60.0) -> None:
-    """A synchronous save whose one writer failed (a full disk) leaves its other writer threads running: wait for
-    them (at most `timeout` s in all), or they fail at interpreter exit with screens of 'cannot schedule new futures
-    after interpreter shutdown' behind the real error."""
-    deadline = time.monotonic() + timeout
-    for thread in threading.enumerate():
-        if thread not in running and not thread.daemon and thread is not threading.current_thread():
-            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 class CheckpointManager:
@@ -179,9 +170,13 @@ class CheckpointManager:
             "fingerprint": ocp.JsonCheckpointHandler(),
             "progress": ocp.JsonCheckpointHandler(),
         }
+        orbax_loops.end_leftover_tasks()  # a failed read or write: its one error, not dozens of tracebacks
         with _quiet_read_only_notice():
             self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
-        self._closed = False
+        self._closed, self._owner = False, owner
+        self._in_flight: int | None = None  # the step of a background save not yet known to have succeeded
+        if not read_only:
+            save_failures.quiet_disk_full_reports(True)
 
     def save(
         self,
@@ -225,13 +220,21 @@ class CheckpointManager:
         recorded = checkpoint_items.with_record(_json_ready("run_info", run_info), [*items, "run_info"])
         args = ocp.args.Composite(**items, run_info=ocp.args.JsonSave(recorded))
         ranked = {name: float(value) for name, value in (metrics or {}).items()} if self.best_metric else None
+        if self._in_flight is not None:  # Orbax's save waits for it too: its failure is named as its own step's
+            self.wait_until_finished()
         running = set(threading.enumerate())
         try:
-            return bool(self._manager.save(int(step), args=args, metrics=ranked, force=force))
+            started = bool(self._manager.save(int(step), args=args, metrics=ranked, force=force))
+        except Exception as error:
+            if not self._async:
+                save_failures.let_writers_end(running)
+            raise self._write_error(int(step), error) from error
         except BaseException:
             if not self._async:
-                _let_writers_end(running)
+                save_failures.let_writers_end(running)
             raise
+        self._in_flight = int(step) if started and self._async else self._in_flight
+        return started
 
     def all_steps(self) -> list[int]:
         """Steps of complete checkpoints on disk, ascending (in-flight saves excluded)."""
@@ -329,14 +332,37 @@ class CheckpointManager:
         return restored.state, dict(restored.data_state), checkpoint_items.without_record(restored.run_info)
 
     def wait_until_finished(self) -> None:
-        """Blocks until background saves (and their cleanup) finish; re-raises their errors."""
-        self._manager.wait_until_finished()
+        """Blocks until background saves (and their cleanup) finish; raises a failed one's error (once), as
+        `CheckpointWriteError`."""
+        self._wait(self._manager.wait_until_finished)
 
     def raise_failed_save(self) -> None:
-        """Re-raise (once) the error of a background save that has ended; never waits for one still being written.
-        Called at every log step, a failed save (a full disk) stops the run there, not at the next save."""
+        """Raise (once) the error of a background save that has ended, as `CheckpointWriteError`; never waits for one
+        still being written. Called at every log step, a failed save (a full disk) stops the run there, not at the
+        next save."""
         if not self._manager.is_saving_in_progress():
-            self._manager.wait_until_finished()  # returns at once: no save left to wait for
+            self.wait_until_finished()  # returns at once: no save left to wait for
+
+    def _wait(self, wait: Any) -> None:
+        """Run Orbax's `wait` (its wait or close), raising the failure of the save in flight as its step's."""
+        step, self._in_flight = self._in_flight, None
+        try:
+            wait()
+        except EasytrainError:
+            raise
+        except Exception as error:
+            raise self._write_error(step, error) from error
+
+    def _write_error(self, step: int | None, error: BaseException) -> CheckpointWriteError:
+        """`error` of the save of `step` as the user reads it (`save_failures.write_error`). Its writers are let
+        end first; then, in a single-process run that owns the directory, the save's half-written files are removed
+        (on a full disk, job.json needs the space; the next start would remove them anyway)."""
+        if isinstance(error, CheckpointWriteError):
+            return error
+        save_failures.let_writers_end()
+        alone = self._owner and jax.process_count() == 1  # another process may still be writing its part there
+        removed = alone and step is not None and save_failures.remove_partial(self.directory, step)
+        return save_failures.write_error(self.directory, step, self.latest_step(), error, removed)
 
     def is_saving(self) -> bool:
         """Whether a background save is still being written (never blocks)."""
@@ -346,7 +372,11 @@ class CheckpointManager:
         """Waits for pending saves, then releases Orbax resources. Idempotent."""
         if not self._closed:
             self._closed = True
-            self._manager.close()
+            try:
+                self._wait(self._manager.close)
+            finally:
+                if not self.read_only:
+                    save_failures.quiet_disk_full_reports(False)
 
     def __enter__(self) -> CheckpointManager:
         return self

@@ -43,11 +43,26 @@ def finalized_steps(directory: str | os.PathLike) -> list[int]:
 
 
 def _not_found(value: Any, problem: str) -> CheckpointNotFoundError:
+    latest = " or 'latest'" if not _asks_latest(value) else ""
     return CheckpointNotFoundError(
         f"resume_from_checkpoint={value!r}: {problem}. Pass a step directory such as "
-        f"'<output_dir>/{CHECKPOINTS_DIRNAME}/<step>', a '{CHECKPOINTS_DIRNAME}' directory, "
-        "or 'latest'; leave resume_from_checkpoint unset to start from scratch."
+        f"'<output_dir>/{CHECKPOINTS_DIRNAME}/<step>'{',' if latest else ' or'} a '{CHECKPOINTS_DIRNAME}' "
+        f"directory{',' if latest else ''}{latest}; leave resume_from_checkpoint unset to start from scratch."
     )
+
+
+def _asks_latest(value: Any) -> bool:
+    return value is True or (isinstance(value, str) and value.lower() in LATEST_ALIASES)
+
+
+def _relative_note(output_dir: str | os.PathLike) -> str:
+    """Why `latest` found nothing where a relative output_dir was given from another working directory (a
+    `--config <run>/arguments.json` run elsewhere): it names the directory the path was resolved against."""
+    if Path(output_dir).is_absolute():
+        return ""
+    return (f": output_dir {str(output_dir)!r} is relative: it was resolved against the working directory "
+            f"{Path.cwd()}. Run from the directory the run was started in, or give --output_dir as an absolute path: "
+            f"the run's directory, the one holding its arguments.json and {CHECKPOINTS_DIRNAME}/")
 
 
 def resolve_checkpoint(
@@ -71,11 +86,11 @@ def resolve_checkpoint(
     value = resume_from_checkpoint
     if value is None or value is False or (isinstance(value, str) and value.lower() in _DISABLED_ALIASES):
         return None
-    if value is True or (isinstance(value, str) and value.lower() in LATEST_ALIASES):
+    if _asks_latest(value):
         root = Path(output_dir).absolute() / CHECKPOINTS_DIRNAME
         steps = finalized_steps(root)
         if not steps:
-            raise _not_found(value, f"no complete checkpoint under {root}")
+            raise _not_found(value, f"no complete checkpoint under {root}{_relative_note(output_dir)}")
         return root, steps[-1]
     path = Path(value).expanduser().absolute()
     if not path.exists():

@@ -30,7 +30,7 @@ from easytrain import stop_signals
 from easytrain.arguments import TrainingArguments
 from easytrain.config_io import build_parser, parse_task_arguments, peek_task
 from easytrain.errors import EasytrainError
-from easytrain.jobs import Job
+from easytrain.jobs import JOB_FILENAME, Job
 from easytrain.protocol import TrainerProtocol, check_implements
 from easytrain.sinks import strict_json
 from easytrain.tasks.registry import Task, available_tasks, register_task, resolve_task
@@ -139,6 +139,11 @@ def _train(argv: list[str]) -> int:
         if not job.started:
             raise  # refused before training: `main` exits with REFUSED_EXIT_CODE
         print(f"easytrain: error: {error}", file=sys.stderr)
+        return FAILED_EXIT_CODE
+    except OSError as error:  # job.json could not record a failure (a full disk): the failure is the news
+        if not job.started or not isinstance(failure := error.__context__, EasytrainError):
+            raise
+        print(f"easytrain: error: {failure} ({JOB_FILENAME} could not record this failure: {error})", file=sys.stderr)
         return FAILED_EXIT_CODE
     if jax.process_index() == 0:
         print(done_message(arguments, summary, time.monotonic() - started), file=sys.stderr)

@@ -31,6 +31,15 @@ class CheckpointReadError(EasytrainError, OSError):
     """A complete-looking checkpoint could not be read (corrupted or truncated files)."""
 
 
+class CheckpointWriteError(EasytrainError, OSError):
+    """A checkpoint could not be written (a full disk): the run stops there; the checkpoints before it are intact.
+    `step`: the step whose save failed; `latest`: the newest complete checkpoint (None: none yet)."""
+
+    def __init__(self, message: str, *, step: int | None = None, latest: int | None = None):
+        super().__init__(message)
+        self.step, self.latest = step, latest
+
+
 class DeviceMemoryError(EasytrainError, MemoryError):
     """A compiled step needs more device memory than the device has free (`easytrain.memory_plan`)."""
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import jax
 
+from easytrain.errors import CheckpointWriteError
 from easytrain.trainers import run_end
 from easytrain.trainers.preemption import TrainingPreempted
 
@@ -66,6 +67,10 @@ class LoopEnding:
         self.iterator.close()
         try:
             self.manager.wait_until_finished()
+        except CheckpointWriteError as error:  # says what failed and what is kept: no traceback to add
+            if not failing:
+                raise
+            logger.error("while training was stopping: %s", error)
         except Exception:
             if not failing:
                 raise
