@@ -23,7 +23,7 @@ import typing
 from collections.abc import Sequence
 from typing import Any, Literal, Union
 
-from easytrain.best_metric_direction import LOWER_IS_BETTER, resolve_best_metric  # noqa: F401 - validate's step
+from easytrain.best_metric_direction import resolve_best_metric  # noqa: F401 - validate's step
 from easytrain.errors import ArgumentError
 
 #: List fields that take a single string as a one-element list.

@@ -92,7 +92,8 @@ class TrainingArguments:
     compiler_options: str = _arg(
         "auto", "XLA options for the compiled train and eval steps (jax.jit's compiler_options), as 'name=value' "
         "pairs separated by commas, e.g. 'xla_cpu_enable_fast_math=true'. 'auto': easytrain's measured defaults "
-        "for the backend (on CPU, YNNPACK library fusions off; none on GPU and TPU); '': XLA's own defaults. "
+        "for the backend (on AMD CPUs, YNNPACK library fusions off; XLA's own on Intel and other CPUs, GPU and "
+        "TPU); '': XLA's own defaults. "
         "Given options replace the defaults.")
     compilation_cache_dir: str | None = _arg(
         "auto", "JAX's persistent compilation cache (process-wide), so a resumed or repeated run loads its compiled "

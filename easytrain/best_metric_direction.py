@@ -8,16 +8,34 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from typing import Any
 
 logger = logging.getLogger("easytrain")
 
-#: Metric name endings for which a lower value is better: losses and error measures. Any other metric is ranked
-#: higher-is-better (transformers: only names ending in `loss`), with a warning unless it ends in `HIGHER_IS_BETTER`.
+#: Last words of metric names for which a lower value is better: losses and error measures (`eval_top1_error`, not
+#: `eval_answer`). Any other metric is ranked higher-is-better (transformers: only names ending in `loss`), with a
+#: warning unless a word of its name is in `HIGHER_IS_BETTER`.
 LOWER_IS_BETTER = ("loss", "perplexity", "mse", "mae", "rmse", "error", "wer", "cer")
-#: Metric name endings for which a higher value is plainly better: inferred without a warning, and an explicit False
-#: for the first two is warned about.
+#: Words of metric names for which a higher value is plainly better, as metric libraries spell them (`rouge1`,
+#: `rougeL`, `f1_macro`, `rewards/accuracies`): inferred without a warning; an explicit False for the first two is
+#: warned about.
 HIGHER_IS_BETTER = ("accuracy", "exact_match", "accuracies", "f1", "bleu", "rouge", "auc", "precision", "recall")
+_WORD_END = r"(?:$|[_/.\-])"
+
+
+def ends_in(metric: str, words: tuple[str, ...]) -> bool:
+    """Whether `metric`'s last word (after `_`, `/`, `.` or `-`) is one of `words`."""
+    return re.search(rf"(?:^|[_/.\-])(?:{'|'.join(map(re.escape, words))})$", metric) is not None
+
+
+def names_a(metric: str, words: tuple[str, ...]) -> bool:
+    """Whether a word of `metric` is one of `words`, or one of them followed by digits or a capital (`rouge1`,
+    `rougeL`)."""
+    pattern = rf"(?:^|[_/.\-])(?:{'|'.join(map(re.escape, words))})(?:\d+|[A-Z]\w*)?{_WORD_END}"
+    return re.search(pattern, metric) is not None
+
+
 #: The instance attribute recording the direction `resolve_best_metric` inferred (not a field: never saved).
 _INFERRED_DIRECTION = "_inferred_greater_is_better"
 
@@ -34,15 +52,10 @@ def resolve_best_metric(args: Any) -> None:
         logger.info("metric_for_best_model: ranking by %r (evaluation metrics carry the eval_ prefix)", metric)
     if args.greater_is_better is None:
         ranked = metric or "eval_loss"  # early stopping watches eval_loss when no metric is named
-        args.greater_is_better = not ranked.endswith(LOWER_IS_BETTER)
+        args.greater_is_better = not ends_in(ranked, LOWER_IS_BETTER)
         setattr(args, _INFERRED_DIRECTION, args.greater_is_better)
         if metric is not None or args.early_stopping_patience is not None:
-            known = ranked.endswith(LOWER_IS_BETTER + HIGHER_IS_BETTER)
-            logger.log(logging.INFO if known else logging.WARNING,
-                       "greater_is_better=%s inferred for %r (%s); set --greater_is_better to choose",
-                       args.greater_is_better, ranked, "lower is better for names ending in " + ", ".join(
-                           LOWER_IS_BETTER) if known else "a name of no known direction, ranked higher-is-better: if "
-                       "lower is better, as for an error or a distance, the best checkpoint kept would be the worst")
+            _log_inferred_direction(ranked, args.greater_is_better)
     elif metric is not None or args.early_stopping_patience is not None:
         _warn_contradicted_direction(metric or "eval_loss", args.greater_is_better)
 
@@ -63,13 +76,30 @@ def saved_values(args: Any) -> dict[str, Any]:
     return values
 
 
+def _log_inferred_direction(metric: str, greater_is_better: bool) -> None:
+    """Say which direction a name gave: a warning (once per process: arguments are checked again when copied) for
+    a name of no known direction, ranked higher-is-better by default."""
+    if ends_in(metric, LOWER_IS_BETTER) or names_a(metric, HIGHER_IS_BETTER):
+        logger.info("greater_is_better=%s inferred for %r (lower is better for names ending in %s); set "
+                    "--greater_is_better to choose", greater_is_better, metric, ", ".join(LOWER_IS_BETTER))
+    else:
+        _warn_unknown_direction(metric, greater_is_better)
+
+
+@functools.cache
+def _warn_unknown_direction(metric: str, greater_is_better: bool) -> None:
+    logger.warning("greater_is_better=%s inferred for %r, a name of no known direction, ranked higher-is-better: if "
+                   "lower is better, as for an error or a distance, the best checkpoint kept would be the worst. Set "
+                   "--greater_is_better to choose.", greater_is_better, metric)
+
+
 @functools.cache
 def _warn_contradicted_direction(metric: str, greater_is_better: bool) -> None:
     """A given direction against what the metric's name plainly says (a loss ranked higher-is-better, an accuracy
     lower-is-better): kept, as given, but warned about once per process (a stale value in a reused config file)."""
-    if metric.endswith(LOWER_IS_BETTER) and greater_is_better:
+    if ends_in(metric, LOWER_IS_BETTER) and greater_is_better:
         implied = False
-    elif metric.endswith(("accuracy", "exact_match")) and not greater_is_better:
+    elif ends_in(metric, ("accuracy", "exact_match")) and not greater_is_better:
         implied = True
     else:
         return

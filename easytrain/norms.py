@@ -2,7 +2,7 @@
 staged sums it is made of (`split_for_sum`, `sum_in_stages`; checkpoint digests sum the same way).
 
 XLA:CPU rewrites every sum over an axis longer than 32 into a tree of `reduce-window` kernels, one kernel per
-level, for accuracy: with the YNNPACK fusions off (easytrain's `compiler_options='auto'`) the norm of the
+level, for accuracy: with the YNNPACK fusions off (`compiler_options='auto'` on AMD CPUs) the norm of the
 benchmark Llama's 39 gradients was 172 kernels and 0.21 s of compile. A sum whose reduced axes are all at most
 32 long is left alone and runs as one vectorised loop. So on CPU each leaf is viewed with every axis split into
 factors of at most 32 (a free reshape) and summed in stages of at most `_BLOCK` elements per partial sum: two

@@ -26,7 +26,8 @@ def arguments(tmp_path, **overrides) -> TrainingArguments:
                                                   ("eval_perplexity", False), ("eval_chosen_loss", False),
                                                   ("eval_mse", False), ("eval_mae", False), ("eval_rmse", False),
                                                   ("eval_top1_error", False), ("eval_wer", False), ("eval_cer", False),
-                                                  ("eval_f1", True), ("eval_bleu", True), (None, False)])
+                                                  ("eval_f1", True), ("eval_bleu", True), ("eval_exact_answer", True),
+                                                  ("eval_power", True), ("eval_rougeL", True), (None, False)])
 def test_unset_direction_follows_the_metric_name(tmp_path, metric, expected) -> None:
     assert arguments(tmp_path, metric_for_best_model=metric).greater_is_better is expected
 
@@ -52,6 +53,22 @@ def test_a_name_of_no_known_direction_is_warned_about(tmp_path, caplog) -> None:
         assert arguments(tmp_path, metric_for_best_model="eval_f1").greater_is_better is True
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warned) == 1 and "eval_widget_distance" in warned[0] and "--greater_is_better" in warned[0], warned
+
+
+@pytest.mark.parametrize("metric", ["rouge1", "rougeL", "f1_macro", "rewards/accuracies"])
+def test_higher_is_better_names_as_metric_libraries_spell_them_are_not_warned_about(tmp_path, caplog, metric) -> None:
+    with caplog.at_level(logging.INFO, logger="easytrain"):
+        assert arguments(tmp_path, metric_for_best_model=metric).greater_is_better is True
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING], caplog.text
+
+
+def test_the_warning_of_an_unknown_name_comes_once_per_run(tmp_path, caplog) -> None:
+    """arguments.json is written from a copy of the arguments (`rerun_arguments`), checked again: one warning."""
+    from easytrain.trainers.run_dir import rerun_arguments
+
+    with caplog.at_level(logging.WARNING, logger="easytrain"):
+        rerun_arguments(arguments(tmp_path, metric_for_best_model="eval_widget_gap"))
+    assert sum("eval_widget_gap" in r.getMessage() for r in caplog.records) == 1, caplog.text
 
 
 def test_the_command_line_flag_sets_either_direction(tmp_path) -> None:

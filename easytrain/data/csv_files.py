@@ -71,7 +71,8 @@ def _check_row_lengths(rows: _csv.Reader, width: int, path: str, argument: str) 
         if len(row) > width:
             raise DataError(
                 f"`{argument}` {path!r}: line {first_line} has {len(row)} fields but the header row has {width}; "
-                'put a cell that contains a comma in double quotes ("hello, world"), or remove the extra comma.'
+                'put a cell that contains a comma in double quotes ("hello, world"), with no space between the '
+                'comma before it and its opening quote, or remove the extra comma.'
             )
         has_data = has_data or bool(row)
         first_line = rows.line_num + 1
