@@ -13,10 +13,13 @@ from typing import Any
 
 logger = logging.getLogger("easytrain")
 
-#: Last words of metric names for which a lower value is better: losses and error measures (`eval_top1_error`, not
+#: Metric name endings for which a lower value is better: a loss or a perplexity however the name ends in it
+#: (`eval_logloss`, as transformers reads it), an error measure as the last word only (`eval_top1_error`, not
 #: `eval_answer`). Any other metric is ranked higher-is-better (transformers: only names ending in `loss`), with a
 #: warning unless a word of its name is in `HIGHER_IS_BETTER`.
-LOWER_IS_BETTER = ("loss", "perplexity", "mse", "mae", "rmse", "error", "wer", "cer")
+LOSS_ENDINGS = ("loss", "perplexity")
+ERROR_WORDS = ("mse", "mae", "rmse", "error", "wer", "cer")
+LOWER_IS_BETTER = LOSS_ENDINGS + ERROR_WORDS
 #: Words of metric names for which a higher value is plainly better, as metric libraries spell them (`rouge1`,
 #: `rougeL`, `f1_macro`, `rewards/accuracies`): inferred without a warning; an explicit False for the first two is
 #: warned about.
@@ -27,6 +30,11 @@ _WORD_END = r"(?:$|[_/.\-])"
 def ends_in(metric: str, words: tuple[str, ...]) -> bool:
     """Whether `metric`'s last word (after `_`, `/`, `.` or `-`) is one of `words`."""
     return re.search(rf"(?:^|[_/.\-])(?:{'|'.join(map(re.escape, words))})$", metric) is not None
+
+
+def lower_is_better(metric: str) -> bool:
+    """Whether `metric` is a loss, a perplexity or an error measure by its name (`LOWER_IS_BETTER`)."""
+    return metric.endswith(LOSS_ENDINGS) or ends_in(metric, ERROR_WORDS)
 
 
 def names_a(metric: str, words: tuple[str, ...]) -> bool:
@@ -52,7 +60,7 @@ def resolve_best_metric(args: Any) -> None:
         logger.info("metric_for_best_model: ranking by %r (evaluation metrics carry the eval_ prefix)", metric)
     if args.greater_is_better is None:
         ranked = metric or "eval_loss"  # early stopping watches eval_loss when no metric is named
-        args.greater_is_better = not ends_in(ranked, LOWER_IS_BETTER)
+        args.greater_is_better = not lower_is_better(ranked)
         setattr(args, _INFERRED_DIRECTION, args.greater_is_better)
         if metric is not None or args.early_stopping_patience is not None:
             _log_inferred_direction(ranked, args.greater_is_better)
@@ -79,7 +87,7 @@ def saved_values(args: Any) -> dict[str, Any]:
 def _log_inferred_direction(metric: str, greater_is_better: bool) -> None:
     """Say which direction a name gave: a warning (once per process: arguments are checked again when copied) for
     a name of no known direction, ranked higher-is-better by default."""
-    if ends_in(metric, LOWER_IS_BETTER) or names_a(metric, HIGHER_IS_BETTER):
+    if lower_is_better(metric) or names_a(metric, HIGHER_IS_BETTER):
         logger.info("greater_is_better=%s inferred for %r (lower is better for names ending in %s); set "
                     "--greater_is_better to choose", greater_is_better, metric, ", ".join(LOWER_IS_BETTER))
     else:
@@ -97,7 +105,7 @@ def _warn_unknown_direction(metric: str, greater_is_better: bool) -> None:
 def _warn_contradicted_direction(metric: str, greater_is_better: bool) -> None:
     """A given direction against what the metric's name plainly says (a loss ranked higher-is-better, an accuracy
     lower-is-better): kept, as given, but warned about once per process (a stale value in a reused config file)."""
-    if ends_in(metric, LOWER_IS_BETTER) and greater_is_better:
+    if lower_is_better(metric) and greater_is_better:
         implied = False
     elif ends_in(metric, ("accuracy", "exact_match")) and not greater_is_better:
         implied = True

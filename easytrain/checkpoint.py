@@ -228,6 +228,8 @@ class CheckpointManager:
         except Exception as error:
             if not self._async:
                 save_failures.let_writers_end(running)
+            if not save_failures.is_write_failure(error):
+                raise
             raise self._write_error(int(step), error) from error
         except BaseException:
             if not self._async:
@@ -337,9 +339,9 @@ class CheckpointManager:
         self._wait(self._manager.wait_until_finished)
 
     def raise_failed_save(self) -> None:
-        """Raise (once) the error of a background save that has ended, as `CheckpointWriteError`; never waits for one
-        still being written. Called at every log step, a failed save (a full disk) stops the run there, not at the
-        next save."""
+        """Raise (once) the error of a background save that has ended (a write failure as `CheckpointWriteError`,
+        anything else as it is); never waits for one still being written. Called at every log step, a failed save (a
+        full disk) stops the run there, not at the next save."""
         if not self._manager.is_saving_in_progress():
             self.wait_until_finished()  # returns at once: no save left to wait for
 
@@ -351,6 +353,8 @@ class CheckpointManager:
         except EasytrainError:
             raise
         except Exception as error:
+            if not save_failures.is_write_failure(error):
+                raise
             raise self._write_error(step, error) from error
 
     def _write_error(self, step: int | None, error: BaseException) -> CheckpointWriteError:

@@ -42,6 +42,18 @@ def is_disk_full(error: BaseException) -> bool:
                or any(text in str(each) for text in DISK_FULL_TEXTS) for each in chain(error))
 
 
+#: TensorStore statuses of a write that failed on the storage (not of a barrier or a peer).
+WRITE_STATUSES = ("RESOURCE_EXHAUSTED", "PERMISSION_DENIED", "Error writing", "Failed writing", "Failed to write")
+
+
+def is_write_failure(error: BaseException) -> bool:
+    """Whether `error` is the storage refusing a write (an `OSError`, a TensorStore write status), which
+    `CheckpointWriteError` explains; anything else (a barrier given up on a dead process, a bug) passes through
+    as it is, so `process_failure` can still name the process that failed first."""
+    return any(isinstance(each, OSError) or any(status in str(each) for status in WRITE_STATUSES)
+               for each in chain(error))
+
+
 def cause(error: BaseException) -> str:
     """`Type: first line` of `error`, shortened to `MAX_CAUSE_CHARS`."""
     text = str(error).strip()

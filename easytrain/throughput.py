@@ -29,10 +29,10 @@ class BatchCounts(NamedTuple):
     samples: int | None = None
 
 
-def batch_rows(batch: Mapping[str, Any]) -> int:
-    """Rows of a host batch: the leading axis of its first array field (every field holds one row per example);
-    0 for a batch without one."""
-    return next((len(value) for value in batch.values() if isinstance(value, np.ndarray) and value.ndim), 0)
+def batch_rows(batch: Mapping[str, Any]) -> int | None:
+    """Rows of a host batch: the leading axis of its first array field, NumPy or JAX (every field holds one row per
+    example); None for a batch without one (the window then counts the global batch size)."""
+    return next((int(np.shape(value)[0]) for value in batch.values() if len(getattr(value, "shape", ()))), None)
 
 
 def token_slots(batch: Mapping[str, Any]) -> tuple[int, int]:

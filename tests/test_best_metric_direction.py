@@ -27,7 +27,9 @@ def arguments(tmp_path, **overrides) -> TrainingArguments:
                                                   ("eval_mse", False), ("eval_mae", False), ("eval_rmse", False),
                                                   ("eval_top1_error", False), ("eval_wer", False), ("eval_cer", False),
                                                   ("eval_f1", True), ("eval_bleu", True), ("eval_exact_answer", True),
-                                                  ("eval_power", True), ("eval_rougeL", True), (None, False)])
+                                                  ("eval_power", True), ("eval_rougeL", True), ("eval_logloss", False),
+                                                  ("eval_binary_logloss", False), ("eval_nllloss", False),
+                                                  (None, False)])
 def test_unset_direction_follows_the_metric_name(tmp_path, metric, expected) -> None:
     assert arguments(tmp_path, metric_for_best_model=metric).greater_is_better is expected
 

@@ -170,3 +170,18 @@ def test_a_failed_save_for_another_reason_is_not_called_a_full_disk(tmp_path: Pa
     assert "disk is full" not in str(raised.value)
     monkeypatch.undo()
     manager.close()
+
+
+def test_a_failure_that_is_not_a_write_passes_through_unchanged(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A save that fails at Orbax's barrier because another process died is not a write failure: called one, it would
+    hide `OtherProcessFailedError`'s naming of the process that failed first (`process_failure`)."""
+    barrier = RuntimeError("DEADLINE_EXCEEDED: Barrier timed out. Id: CheckpointManager:save:1")
+    fail_progress_of(1, barrier, monkeypatch)
+    manager = CheckpointManager(tmp_path, owner=True)
+    manager.save(1, state=STATE, data_state={}, run_info={})
+    with pytest.raises(RuntimeError, match="Barrier timed out") as raised:
+        manager.wait_until_finished()
+    assert not isinstance(raised.value, CheckpointWriteError)
+    monkeypatch.undo()
+    manager.close()

@@ -4,6 +4,7 @@ batch (G sampled completions per prompt) counts those."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from easytrain import BaseTrainer, TrainingArguments
@@ -49,3 +50,23 @@ def test_window_counts_are_scaled_by_the_process_count():
     logs = window_logs([BatchCounts(samples=3)] * 2, seconds=2.0, rows_per_step=4, process_count=2,
                        peak=lambda: None)
     assert logs["samples_per_second"] == pytest.approx(2 * 3 * 2 / 2.0)
+
+
+def test_rows_are_counted_from_any_array_field():
+    """A collate may return jax arrays (check_collated takes any field with a shape and dtype): their rows count;
+    a batch with no array field counts none, and the window then takes the global batch size."""
+    import jax.numpy as jnp
+
+    from easytrain import throughput
+
+    assert throughput.batch_rows({"x": jnp.zeros((6, 3)), "ids": ["a"] * 6}) == 6
+    assert throughput.batch_rows({"note": "host only"}) is None
+    logs = throughput.window_logs([throughput.BatchCounts(samples=None)], seconds=1.0, process_count=2,
+                                  rows_per_step=8, peak=lambda: None)
+    assert logs["samples_per_second"] == 8
+
+
+def test_a_scalar_field_has_no_rows():
+    from easytrain import throughput
+
+    assert throughput.batch_rows({"temperature": np.float32(0.7), "x": np.zeros((3, 2))}) == 3

@@ -60,10 +60,11 @@ class LanguageModelHooks:
         """Tokens in this process's host batch, for `tokens_per_second` (0: not a token model)."""
         return int(np.size(batch["input_ids"])) if "input_ids" in batch else 0
 
-    def count_samples(self, batch: Mapping[str, np.ndarray]) -> int:
-        """Samples this process's host batch trains on, for `samples_per_second` (summed over processes, as
-        `count_tokens`). Default: its rows (a packed row counts once). A step that trains on more rows than its
-        batch (G sampled completions per prompt) counts those."""
+    def count_samples(self, batch: Mapping[str, np.ndarray]) -> int | None:
+        """Samples this process's host batch trains on, for `samples_per_second` (times the process count, as
+        `count_tokens`: every process holds an equal share). Default: its rows (a packed row counts once; None, no
+        array field: the global batch size). A step that trains on more rows than its batch (G sampled completions
+        per prompt) counts those."""
         return throughput.batch_rows(batch)
 
     def count_token_slots(self, batch: Mapping[str, np.ndarray]) -> tuple[int, int]:
