@@ -14,7 +14,8 @@ from easytrain import ArgumentError, BaseTrainer, TrainingArguments
 from easytrain.checkpoint import SAVED_AT, CheckpointManager
 from easytrain.errors import CheckpointReadError
 from easytrain.trainers.resume import check_restored_step
-from easytrain.trainers.resume_checks import DEFAULT_OPTIMIZER_KEY, check_head_adapter_layout, check_resumable
+from easytrain.trainers.restore_checks import check_head_adapter_layout
+from easytrain.trainers.resume_checks import DEFAULT_OPTIMIZER_KEY, check_resumable
 from runs import StopAt, args_for
 from test_resume_inputs import resume
 from test_several_updates_resume import TwoUpdatesPerBatch, two_update_args

@@ -41,7 +41,7 @@ from easytrain.trainers.loop import TrainLoop, evaluate_batches
 from easytrain.trainers.loop_parts import LoopParts
 from easytrain.trainers.protocol_properties import ProtocolProperties
 from easytrain.trainers.resume import restore_step
-from easytrain.trainers.resume_checks import check_run_length
+from easytrain.trainers.restore_checks import check_run_length
 from easytrain.trainers.run_dir import check_output_dir, claim_run
 from easytrain.trainers.run_record import RunRecordHooks
 from easytrain.trainers.run_start import trackers_then_claim
@@ -116,6 +116,7 @@ class BaseTrainer(ProtocolProperties, RunRecordHooks, TrainStateHooks, LanguageM
         """Build data, model and compiled steps once, in that order (all checks before compute)."""
         if self._functions is not None:
             return
+        self.check_task_settings()  # JSON values only: each checkpoint records them (`run_record`)
         data_agreement.check_arguments_agree(self._arguments, self.task_arguments, jax.process_count())
         with stop_signals.interruptible("preparing the data"):  # a stop signal here ends train() at once
             self._data = self.configure_dataloaders()

@@ -1,6 +1,8 @@
-"""What a DPO run records for its resume (mixed into `DPOTrainer`): the options that decide its rows and loss
-(`task_settings`: a resume under other ones is refused) and what its reference was read from (`run_info`: the
-sources are read and checked again on resume, `dpo_reference`).
+"""What a DPO run records for its resume (mixed into `DPOTrainer`): the options that decide its rows and whether
+dropout runs in the loss (`task_settings`: a resume under other ones is refused), the loss's own options
+(`loss_settings`: a resume under other ones is warned about, naming them, as the optimizer's hyperparameters are)
+and what its reference was read from (`run_info`: the sources are read and checked again on resume,
+`dpo_reference`).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import logging
 from typing import Any
 
 from easytrain.trainers.dpo_reference import INITIAL_POLICY, LORA_ADAPTER, REFERENCE_WEIGHTS, stored_record
+from easytrain.trainers.resume_checks import LOSS_SETTINGS_KEY
 
 logger = logging.getLogger("easytrain")
 
@@ -29,13 +32,29 @@ class DPORecordHooks:
         return unrecorded
 
     def task_settings(self) -> dict[str, Any]:
-        """The options that decide the rows and the loss, so a resume under other ones is refused."""
+        """The options that decide the rows (and dropout in the loss), so a resume under other ones is refused."""
         task = {"max_prompt_length": self.dpo.max_prompt_length}
         task = {**task, "chat_template_path": path} if (path := self.dpo.chat_template_path) else task  # old: none
         return task if self._dropout_unrecorded else {**task, "disable_dropout": self.dpo.disable_dropout}
 
+    def loss_settings(self) -> dict[str, Any]:
+        """The options of the objective the loss reads (those no chosen loss reads are left out, so that they are not
+        named as changed): the restored state fits other values, so a resume under them is warned about, not refused
+        (beta may be changed on purpose)."""
+        dpo = self.dpo
+        settings = {"beta": dpo.beta, "loss_type": list(dpo.loss_type),
+                    "loss_weights": list(dpo.loss_weights or [1.0] * len(dpo.loss_type)),
+                    "label_smoothing": dpo.label_smoothing, "sync_ref_model": dpo.sync_ref_model}
+        if "simpo" in dpo.loss_type:
+            settings["simpo_gamma"] = dpo.simpo_gamma
+        if dpo.sync_ref_model:
+            settings |= {"ref_model_mixup_alpha": dpo.ref_model_mixup_alpha,
+                         "ref_model_sync_steps": dpo.ref_model_sync_steps}
+        return settings
+
     def run_info(self) -> dict[str, Any]:
-        """Also what the reference was read from, checked on resume."""
+        """Also the loss's options (warned about on resume) and what the reference was read from (checked)."""
         sources = {INITIAL_POLICY: self.initial_policy, LORA_ADAPTER: self.adapter_read,
                    REFERENCE_WEIGHTS: self.reference_weights}
-        return {**super().run_info(), **{k: v for k, v in sources.items() if v is not None}}
+        return {**super().run_info(), LOSS_SETTINGS_KEY: self.loss_settings(),
+                **{k: v for k, v in sources.items() if v is not None}}

@@ -23,10 +23,12 @@ from easytrain.checkpoint_signatures import (CheckpointMismatchError, Checkpoint
 from easytrain.data.position import DIGEST_KEY
 from easytrain.errors import CheckpointReadError
 from easytrain.models.scan import STACKED, abstract_layer, abstract_stack, stack_layer_dicts, unstack_layer_dicts
+from easytrain.trainers.restore_checks import (  # noqa: F401 (the checks, importable from here as before)
+    check_head_adapter_layout, check_run_length, may_hold_head_adapter, stored_scan_layers)
 from easytrain.trainers.resume_checks import (  # noqa: F401 (the checks, importable from here as before)
     ARCHITECTURE_KEYS, COMPUTE_FIELDS, DATA_ORDER_FIELDS, FORMAT_VERSION, FREE_ON_RESUME, LORA_FIELDS, MAX_LISTED,
-    SCHEDULE_FIELDS, STATE_FIELDS, check_data_position, check_format, check_head_adapter_layout, check_resumable,
-    check_run_length, config_dict, may_hold_head_adapter, refuse_changes, rerun_hint, stored_scan_layers, warn_changes)
+    SCHEDULE_FIELDS, STATE_FIELDS, check_data_position, check_format, check_resumable, config_dict, refuse_changes,
+    rerun_hint, warn_changes)
 
 logger = logging.getLogger("easytrain")
 

@@ -4,8 +4,8 @@ A change that would not fit the stored arrays (architecture, optimizer or a sett
 optimizer state where the default `configure_optimizer` builds it, `param_dtype`, LoRA settings) or would change
 which examples the resumed run sees (the data-order fields, the tokenizer, the task's own settings, the training data
 itself) is refused naming the fields and the rerun that restores them; one that only bends the curve (schedule,
-compute settings, another mesh) is warned about, once every refusal check passed. `allow_data_order_change` lets
-data changes through.
+compute settings, a trainer's loss settings, another mesh) is warned about, once every refusal check passed.
+`allow_data_order_change` lets data changes through.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from easytrain.argument_checks import OPTIMIZER_FIELDS, field_defaults
 from easytrain.config_io import ARGUMENTS_FILE
 from easytrain.data.position import DIGEST_KEY, compared_keys
 from easytrain.errors import ArgumentError
-from easytrain.lora_config import EMBEDDING_MODULES, LORA_ONLY_FIELDS, targets_from_arguments, unused_lora_fields_error
+from easytrain.lora_config import LORA_ONLY_FIELDS, targets_from_arguments, unused_lora_fields_error
 from easytrain.optim import SWITCH_ARGUMENTS, state_switches
 from easytrain.trainers.adapters import check_base
+from easytrain.trainers.restore_checks import stored_scan_layers
 
 logger = logging.getLogger("easytrain")
 
@@ -47,6 +48,8 @@ DEFAULT_OPTIMIZER_KEY = "default_optimizer"
 # What the steps compute with: the stored arrays fit another value, but every later step's numbers change.
 COMPUTE_FIELDS = ("dtype", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "sgd_momentum",
                   "max_grad_norm", "gradient_accumulation_steps")
+#: The run_info entry of a trainer's loss options (DPO's beta, ...): fit by the state, warned of like `COMPUTE_FIELDS`.
+LOSS_SETTINGS_KEY = "loss_settings"
 # Config keys that decide the function the model computes (its shapes, and what it computes with them: RoPE,
 # activation, norm epsilon, biases, attention windows), compared between the checkpoint and the model about to be
 # trained. Ids of special tokens, dtype, initialisation and version stamps are left out: they change nothing a
@@ -155,10 +158,26 @@ def warn_changes(run_info: dict[str, Any], current: dict[str, Any]) -> None:
         logger.warning("resuming with other settings of what each step computes (%s): the restored state fits, but "
                        "the steps from here on are not what the checkpointed run would have computed (resume with the "
                        "checkpoint's values for an exact continuation)", "; ".join(compute_diffs))
+    if loss_diffs := _loss_differences(run_info, current):
+        logger.warning("resuming with other loss settings (%s): the restored state fits, but the objective from here "
+                       "on is not the checkpointed run's (resume with the checkpoint's values for an exact "
+                       "continuation)", "; ".join(loss_diffs))
     if run_info.get("mesh") not in (None, current.get("mesh")):
         logger.warning("resuming on another mesh (checkpoint %s vs now %s): the state is restored into the new layout, "
                        "but each step's sums run in another order, so the curve continues to rounding, not bit for "
                        "bit", run_info["mesh"], current.get("mesh"))
+
+
+def _loss_differences(run_info: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The loss options (`LOSS_SETTINGS_KEY`) both runs record that differ, `key: a vs b`. A checkpoint written
+    before they were recorded is noted once, not compared: absent is not "changed"."""
+    stored, now = run_info.get(LOSS_SETTINGS_KEY), current.get(LOSS_SETTINGS_KEY)
+    if stored is None and now:
+        logger.info("the checkpoint predates the record of the loss settings (%s): a change of them since is not "
+                    "checked", ", ".join(now))
+    if not stored or not now:
+        return []
+    return _differences(stored, _json_form(now), tuple(key for key in now if key in stored))
 
 
 def _data_changes(run_info: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
@@ -166,8 +185,16 @@ def _data_changes(run_info: dict[str, Any], current: dict[str, Any]) -> tuple[li
     stored_args, current_args = run_info.get("arguments") or {}, current["arguments"]
     order = (_differences(stored_args, current_args, DATA_ORDER_FIELDS)
              + _tokenizer_change(stored_args, current_args, run_info, current))
-    stored_task, current_task = run_info.get("task_arguments") or {}, current.get("task_arguments") or {}
+    stored_task, current_task = run_info.get("task_arguments") or {}, _json_form(current.get("task_arguments") or {})
     return order, _differences(stored_task, current_task, tuple(sorted(stored_task.keys() | current_task.keys())))
+
+
+def _json_form(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` as the checkpoint's JSON gives them back (a tuple as a list, an int key as a string); else as given."""
+    try:
+        return json.loads(json.dumps(values, allow_nan=False))
+    except (TypeError, ValueError):
+        return values
 
 
 def arguments_built_optimizer(run_info: dict[str, Any], current: dict[str, Any]) -> bool:
@@ -286,34 +313,6 @@ def lora_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
     return []
 
 
-def may_hold_head_adapter(stored_args: dict[str, Any]) -> bool:
-    """Whether the checkpoint's arguments allow `check_head_adapter_layout`'s old layout (adapters with
-    lora_train_embeddings): only then are its state's keys read to check."""
-    return bool((stored_args.get("lora_rank") or stored_args.get("lora_adapter_path"))
-                and stored_args.get("lora_train_embeddings"))
-
-
-def check_head_adapter_layout(stored_args: dict[str, Any], stored_keys: Collection[str]) -> None:
-    """Refuse a LoRA checkpoint whose trained-in-full embedding or head also holds an adapter: easytrain wrote that
-    layout before a head that `lora_train_embeddings` trains takes no adapter (PEFT's `modules_to_save` wins over
-    `target_modules`), and this run's state has no place for it. `stored_keys`: the checkpoint's dotted state keys."""
-    parts = [key.split(".") for key in stored_keys]
-    adapted = sorted({".".join(path[1:-1]) for path in parts if len(path) > 2 and path[0] == "params"
-                      and path[-2] in EMBEDDING_MODULES and path[-1].startswith("lora_")})
-    if not adapted or not may_hold_head_adapter(stored_args):
-        return
-    raise ArgumentError("lora_target_modules", f"the checkpoint's run adapted {', '.join(adapted)} (named in "
-                        f"lora_target_modules {stored_args.get('lora_target_modules')!r}) while lora_train_embeddings "
-                        "trained it in full, a layout this easytrain no longer builds: a head that "
-                        "lora_train_embeddings trains takes no adapter now, as PEFT's modules_to_save, so the "
-                        "checkpoint's adapter on it has no place in the state (whatever lora_target_modules says). It "
-                        "cannot be resumed here: finish the run with the easytrain release that wrote it, or start a "
-                        "new output_dir from its weights: --model_name_or_path on its merged export (final_model/, "
-                        "the head's adapter folded in) with the same lora_* arguments, or --init_weights_from this "
-                        "checkpoint without --lora_train_embeddings (every adapter, the head's included, fits; the "
-                        "embeddings and head then stay at their trained values) on the base it was trained from.")
-
-
 def _lora_settings(args: dict[str, Any]) -> dict[str, Any]:
     """The LoRA fields as compared: targets as `LoRAConfig` reads them (split at commas), names as a set (unordered)."""
     targets = args.get("lora_target_modules")
@@ -332,15 +331,6 @@ def _tokenizer_change(stored: dict[str, Any], current: dict[str, Any], stored_in
         return []
     named = stored.get("tokenizer_name") or current.get("tokenizer_name")
     return [f"tokenizer_name{'' if named else ' (from model_name_or_path)'}: checkpoint {before!r} vs now {now!r}"]
-
-
-def check_run_length(total_steps: int, step: int) -> None:
-    """Before training from a checkpoint: a run that ends (`max_steps`, `num_train_epochs`) before the checkpoint's
-    step has nothing to train, and would log step 4 of 2. Evaluating that checkpoint is fine."""
-    if total_steps < step:
-        raise ArgumentError("max_steps", f"{total_steps} is below the checkpoint's step {step}: the resumed run would "
-                            f"have nothing to train. Pass --max_steps above {step} to train on, or start a new run "
-                            "(in another --output_dir) to train for fewer steps.")
 
 
 def check_data_position(position: dict[str, Any], fingerprint: Mapping[str, Any] | None, allow: bool) -> bool:
@@ -384,8 +374,3 @@ def check_format(run_info: dict[str, Any]) -> None:
         raise ArgumentError("resume_from_checkpoint", f"the checkpoint's run_info has format_version "
                             f"{run_info['format_version']}, written by a newer easytrain (this one reads "
                             f"{FORMAT_VERSION}). Upgrade easytrain to resume it, {fix}")
-
-
-def stored_scan_layers(run_info: dict[str, Any]) -> bool | None:
-    """The `scan_layers` the checkpoint was written with; None where its arguments do not record one."""
-    return (run_info.get("arguments") or {}).get("scan_layers")

@@ -9,11 +9,13 @@ A trainer's own settings a resume must keep come from `task_settings()`, merged 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from easytrain.checkpoint import CheckpointManager
 from easytrain.config_io import save_arguments
+from easytrain.errors import ArgumentError
 from easytrain.trainers import builders
 from easytrain.trainers.resume_checks import DEFAULT_OPTIMIZER_KEY, FORMAT_VERSION, config_dict
 from easytrain.trainers.run_dir import rerun_arguments
@@ -21,7 +23,7 @@ from easytrain.trainers.run_dir import rerun_arguments
 
 class RunRecordHooks:
     """`checkpoint_manager`, `run_info` (a task trainer adds its own entries with `super().run_info()`), its
-    `task_settings` and `save_arguments`."""
+    `task_settings` (checked at set-up: `check_task_settings`) and `save_arguments`."""
 
     def checkpoint_manager(self) -> CheckpointManager:
         self._checkpoints = self._checkpoints or builders.checkpoint_manager(self._arguments)
@@ -39,10 +41,16 @@ class RunRecordHooks:
         return info if self.base_fingerprint is None else {**info, "base_fingerprint": self.base_fingerprint}
 
     def task_settings(self) -> dict[str, Any]:
-        """This class's settings a resume must keep (JSON values): a resume under other values is refused, naming
-        them. Each class in the chain returns only its own; `run_info` merges them all, base classes first (a
-        subclass's value wins for a name both use), so an override need not call `super()`."""
+        """This class's settings a resume must keep (JSON values: a tuple is recorded as a list; a path, a set or NaN
+        is refused at set-up): a resume under other values is refused, naming them. Each class in the chain returns
+        only its own; `run_info` merges them all, base classes first (a subclass's value wins for a name both use),
+        so an override need not call `super()`."""
         return {}
+
+    def check_task_settings(self) -> None:
+        """At set-up, before any data or model work: a setting JSON cannot hold is refused now, not at the first
+        save (`merged_task_settings`)."""
+        merged_task_settings(self)
 
     def save_arguments(self) -> Path | None:
         """`arguments.json`: the run's arguments and `task_arguments`, as a rerun continues them (process 0)."""
@@ -52,13 +60,38 @@ class RunRecordHooks:
 
 
 def merged_task_settings(trainer: Any) -> dict[str, Any]:
-    """The `task_settings` of every class of `trainer`'s chain that defines one, base classes first: what
-    `run_info` records as `task_arguments`."""
+    """The `task_settings` of every class of `trainer`'s chain that defines one, base classes first, in their JSON
+    form: what `run_info` records as `task_arguments`, and what a resume compares with the checkpoint's (decoded
+    from JSON: a tuple read back is a list, an int key a string).
+
+    Raises:
+        ArgumentError: a value JSON cannot hold (a path, a set, NaN or infinity), naming the key and its class.
+    """
     merged: dict[str, Any] = {}
     for cls in reversed(type(trainer).__mro__):
         if (own := vars(cls).get("task_settings")) is not None:
-            merged.update(own.__get__(trainer, type(trainer))())
+            merged.update(json_settings(own.__get__(trainer, type(trainer))(), f"{cls.__name__}.task_settings()"))
     return merged
+
+
+def json_settings(settings: dict[str, Any], owner: str) -> dict[str, Any]:
+    """`settings` as JSON gives them back, each key checked on its own so that a refusal names it."""
+    form: dict[str, Any] = {}
+    for key, value in settings.items():
+        try:
+            form[str(key)] = json.loads(json.dumps(value, allow_nan=False))
+        except (TypeError, ValueError) as error:
+            raise ArgumentError("task_settings", f"{owner} returned {key!r}: {value!r}, which JSON cannot hold "
+                                f"({error}); each checkpoint records it and a resume compares it. Return a JSON "
+                                f"value: {_json_fix(error)}.") from error
+    return form
+
+
+def _json_fix(error: Exception) -> str:
+    if isinstance(error, ValueError) and "float" in str(error):  # NaN is never equal to itself: no resume matches it
+        return "None (or a string such as 'nan') for a number that is unset or not finite"
+    return ("str(path) for a path, a sorted list for a set; numbers, strings, booleans or None, in lists and dicts "
+            "of them")
 
 
 def builds_default_optimizer(trainer: Any) -> bool:

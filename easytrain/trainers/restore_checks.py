@@ -1,0 +1,53 @@
+"""What a checkpoint holds, checked against this run before any array is read: its step against the run's length,
+the LoRA layout an older easytrain wrote (an adapter on a head trained in full), and the `scan_layers` it was written
+with."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from typing import Any
+
+from easytrain.errors import ArgumentError
+from easytrain.lora_config import EMBEDDING_MODULES
+
+
+def check_run_length(total_steps: int, step: int) -> None:
+    """Before training from a checkpoint: a run that ends (`max_steps`, `num_train_epochs`) before the checkpoint's
+    step has nothing to train, and would log step 4 of 2. Evaluating that checkpoint is fine."""
+    if total_steps < step:
+        raise ArgumentError("max_steps", f"{total_steps} is below the checkpoint's step {step}: the resumed run would "
+                            f"have nothing to train. Pass --max_steps above {step} to train on, or start a new run "
+                            "(in another --output_dir) to train for fewer steps.")
+
+
+def may_hold_head_adapter(stored_args: dict[str, Any]) -> bool:
+    """Whether the checkpoint's arguments allow `check_head_adapter_layout`'s old layout (adapters with
+    lora_train_embeddings): only then are its state's keys read to check."""
+    return bool((stored_args.get("lora_rank") or stored_args.get("lora_adapter_path"))
+                and stored_args.get("lora_train_embeddings"))
+
+
+def check_head_adapter_layout(stored_args: dict[str, Any], stored_keys: Collection[str]) -> None:
+    """Refuse a LoRA checkpoint whose trained-in-full embedding or head also holds an adapter: easytrain wrote that
+    layout before a head that `lora_train_embeddings` trains takes no adapter (PEFT's `modules_to_save` wins over
+    `target_modules`), and this run's state has no place for it. `stored_keys`: the checkpoint's dotted state keys."""
+    parts = [key.split(".") for key in stored_keys]
+    adapted = sorted({".".join(path[1:-1]) for path in parts if len(path) > 2 and path[0] == "params"
+                      and path[-2] in EMBEDDING_MODULES and path[-1].startswith("lora_")})
+    if not adapted or not may_hold_head_adapter(stored_args):
+        return
+    raise ArgumentError("lora_target_modules", f"the checkpoint's run adapted {', '.join(adapted)} (named in "
+                        f"lora_target_modules {stored_args.get('lora_target_modules')!r}) while lora_train_embeddings "
+                        "trained it in full, a layout this easytrain no longer builds: a head that "
+                        "lora_train_embeddings trains takes no adapter now, as PEFT's modules_to_save, so the "
+                        "checkpoint's adapter on it has no place in the state (whatever lora_target_modules says). It "
+                        "cannot be resumed here: finish the run with the easytrain release that wrote it, or start a "
+                        "new output_dir from its weights: --model_name_or_path on its merged export (final_model/, "
+                        "the head's adapter folded in) with the same lora_* arguments, or --init_weights_from this "
+                        "checkpoint without --lora_train_embeddings (every adapter, the head's included, fits; the "
+                        "embeddings and head then stay at their trained values) on the base it was trained from.")
+
+
+def stored_scan_layers(run_info: dict[str, Any]) -> bool | None:
+    """The `scan_layers` the checkpoint was written with; None where its arguments do not record one."""
+    return (run_info.get("arguments") or {}).get("scan_layers")
