@@ -45,7 +45,13 @@ class Callback:
         """Called after every optimizer step with the new global step."""
 
     def on_log(self, trainer: Any, step: int, logs: Mapping[str, float]) -> None:
-        """Called whenever training metrics are reported; ``logs`` is this callback's own copy."""
+        """Called whenever training metrics are reported; ``logs`` is this callback's own copy.
+
+        The log of ``step`` waits until the next step is dispatched (the device is never left idle while the host
+        logs), so ``trainer.model`` and ``trainer.state`` may already hold step ``step + 1``'s weights here (they
+        hold ``step``'s only where the step is also evaluated, saved or the last, or in a multi-process run). A
+        callback that needs the weights ``logs`` describe reads them in ``on_step_end``, which runs right after
+        ``step`` and before the next dispatch."""
 
     def on_evaluate(self, trainer: Any, step: int, metrics: Mapping[str, float]) -> None:
         """Called after each evaluation with metrics such as ``eval_loss`` (this callback's own copy)."""

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -164,12 +165,46 @@ def _split(plan: dict[str, _Planned], max_shard_size: int | str) -> Any:
                               "or a string like '200MB' or '5GB'.") from error
 
 
+#: The subdirectory a LoRA run's export writes its PEFT adapter into (`easytrain.trainers.adapters`): a merged export
+#: next to it stays loadable by `transformers` without PEFT taking over (it takes a directory with
+#: `adapter_config.json` for an adapter).
+ADAPTER_DIRNAME = "adapter"
+#: The configs a merged export writes beside its weights.
+_MODEL_CONFIGS = ("config.json", "generation_config.json")
+
+
+def _is_weight_file(file: Path) -> bool:
+    name = file.name
+    return (name in (WEIGHTS_NAME, WEIGHTS_INDEX_NAME) or bool(_SHARD_FILE.fullmatch(name))) and file.is_file()
+
+
 def _remove_stale_weights(directory: Path, keep: set[str]) -> None:
     """Weight files of an earlier save that this one does not overwrite would shadow or confuse loaders."""
     for file in directory.iterdir():
-        stale = file.name in (WEIGHTS_NAME, WEIGHTS_INDEX_NAME) or _SHARD_FILE.fullmatch(file.name)
-        if stale and file.name not in keep and file.is_file():
+        if _is_weight_file(file) and file.name not in keep:
             file.unlink()
+
+
+def remove_earlier_adapter(directory: Path) -> None:
+    """A model exported into `directory`: an earlier LoRA export's adapter there (`adapter/` holding PEFT's
+    adapter_config.json, as a whole) would pass for this model's. An `adapter/` that is no PEFT adapter stays."""
+    from easytrain.models.peft_config import ADAPTER_CONFIG_NAME  # via easytrain.lora, it imports this package
+
+    adapter = directory / ADAPTER_DIRNAME
+    if (adapter / ADAPTER_CONFIG_NAME).is_file():
+        shutil.rmtree(adapter)
+
+
+def remove_earlier_model(directory: Path) -> None:
+    """An adapter alone exported into `directory`: an earlier merged export there (its weight files, and with them
+    its config.json and generation_config.json) would load as the model instead of base + adapter. A config.json
+    with no weight file beside it is no export's and stays; so do tokenizer files (no weights)."""
+    if not directory.is_dir() or not any(_is_weight_file(file) for file in directory.iterdir()):
+        return
+    _remove_stale_weights(directory, keep=set())
+    for name in _MODEL_CONFIGS:
+        if (directory / name).is_file():
+            (directory / name).unlink()
 
 
 def causal_lm_architecture(config: transformers.PretrainedConfig) -> str:
@@ -215,7 +250,8 @@ def save_pretrained(
     Args:
         directory: Created if needed; gets ``config.json``, ``generation_config.json`` and either
             ``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` plus
-            ``model.safetensors.index.json``. Weight files of an earlier save are replaced.
+            ``model.safetensors.index.json``. Weight files of an earlier save are replaced, and an earlier LoRA
+            export's PEFT ``adapter/`` (one holding ``adapter_config.json``) is removed.
         model_or_params: A model, or its ``nnx.Param`` pure dict; arrays may be sharded.
         config: The model's config; written with the storage ``dtype`` recorded, and ``architectures`` set to the
             family's class (``Qwen2ForCausalLM``) when the config has none.
@@ -241,6 +277,7 @@ def save_pretrained(
     if writer:
         directory.mkdir(parents=True, exist_ok=True)
         _remove_stale_weights(directory, keep=set(split.filename_to_tensors))
+        remove_earlier_adapter(directory)
         _write_configs(directory, config, plan[EMBEDDING_NAME].dtype, generation_config)
     for filename, names in split.filename_to_tensors.items():
         tensors = {name: _fetch(plan[name]) for name in names}  # every process: gathers are collective

@@ -20,11 +20,8 @@ from easytrain.errors import ArgumentError
 from easytrain.lora_config import (LoRAConfig, LoRAConfigError, as_argument_error, from_arguments,
                                    targets_from_arguments)
 from easytrain.models import save_pretrained
+from easytrain.models.hf_export import ADAPTER_DIRNAME, remove_earlier_model
 from easytrain.models.peft_io import load_peft_adapter, read_peft_config, save_peft_adapter
-
-#: Subdirectory of an export that holds the PEFT adapter (a merged export next to it stays loadable by
-#: `transformers` without PEFT taking over: it treats a directory with `adapter_config.json` as an adapter).
-ADAPTER_DIRNAME = "adapter"
 
 
 def run_config(args: Any) -> LoRAConfig | None:
@@ -119,7 +116,10 @@ def export(directory: Path, model: nnx.Module, config: LoRAConfig, *, how: str, 
            generation_config: Any = None) -> Path:
     """Write an adapted model: `how="merged"` (Hugging Face weights with the adapters folded in, with
     `generation_config`: the base's, else derived) into `directory`, `"adapter"` (PEFT's format) into
-    `directory/adapter`, or `"both"`."""
+    `directory/adapter`, or `"both"`. What an earlier export there wrote and this one does not is removed (process 0):
+    the merged model's weights and configs under `"adapter"`, the adapter under `"merged"` (`save_pretrained`)."""
+    if how == "adapter" and jax.process_index() == 0:
+        remove_earlier_model(Path(directory))
     if how in ("merged", "both"):
         save_pretrained(directory, lora.merge_lora(model), model_config, tokenizer=tokenizer,
                         generation_config=generation_config)

@@ -113,12 +113,15 @@ class TrainLoop(LoopEnding):
     def check_not_run(self) -> None:
         """`train()` runs once per trainer: a second call would count steps and read data from the run's start again
         while the state kept its updates (the same steps logged twice, the final save skipped as already written).
-        A loop that dispatched nothing (stopped before its first step) left the state as it was: it may run again."""
+        A loop that dispatched nothing (stopped before its first step) left the state as it was: it may run again.
+        A larger max_steps is named only where the run reached its last step: one stopped before resumes as it is."""
         if self.iterations:
+            reached, total = self.start_step + self.iterations, self.data.total_steps
+            finished = reached >= total
             raise TrainedAlreadyError(
                 f"train() has already run on this trainer (it trained from step {self.start_step} to step "
-                f"{self.start_step + self.iterations}); to train on, build a new trainer with "
-                "resume_from_checkpoint='latest' and a larger max_steps.")
+                f"{reached}{'' if finished else f' of {total}'}); to train on, build a new trainer with "
+                f"resume_from_checkpoint='latest'{' and a larger max_steps' if finished else ''}.")
 
     def progress(self) -> tuple[int, bool]:
         """What changes as the steps go on (read by `process_failure`'s watcher): batches drawn, saves running."""

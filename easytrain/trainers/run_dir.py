@@ -1,4 +1,5 @@
-"""The output directory of a run: checked before any compute, never clobbered by accident."""
+"""The output directory of a run: checked before any compute, and again when `train()` takes it (another run may
+have trained there since the trainer was built), never clobbered by accident."""
 
 from __future__ import annotations
 
@@ -8,11 +9,14 @@ import shutil
 import time
 import uuid
 from pathlib import Path
+from typing import Callable
 
-from easytrain import distributed
+import numpy as np
+
 from easytrain.arguments import TrainingArguments
 from easytrain.best_metric_direction import direction_inferred
-from easytrain.checkpoint import CHECKPOINTS_DIRNAME, LATEST_ALIASES, finalized_steps, resolve_checkpoint
+from easytrain.checkpoint import (CHECKPOINTS_DIRNAME, LATEST_ALIASES, CheckpointNotFoundError, finalized_steps,
+                                 resolve_checkpoint)
 from easytrain.config_io import ARGUMENTS_FILE
 from easytrain.errors import OutputDirError
 from easytrain.jobs import JOB_FILENAME, current_job
@@ -90,6 +94,11 @@ def check_output_dir(args: TrainingArguments, *, is_main_process: bool = True) -
     other checkpoints here, and the run would hang at its first save.
     """
     shared_output_dir.check(args)
+    return _checked_directory(args, is_main_process)
+
+
+def _checked_directory(args: TrainingArguments, is_main_process: bool) -> tuple[Path, int] | None:
+    """`check_output_dir` on this process's view of the directory alone (no collective)."""
     output_dir = Path(args.output_dir)
     restart = restarts_unsaved_run(args)
     resume = None if restart else resolve_checkpoint(output_dir, args.resume_from_checkpoint)
@@ -121,17 +130,86 @@ def check_output_dir(args: TrainingArguments, *, is_main_process: bool = True) -
     return resume
 
 
-def claim_run(args: TrainingArguments, resume: tuple[Path, int] | None, is_main_process: bool) -> None:
-    """Process 0 locks `output_dir` for this run (`run_lock`) and claims it (`claim_output_dir`); the others wait
-    until it has."""
+def claim_run(args: TrainingArguments, resume: tuple[Path, int] | None, is_main_process: bool,
+              broadcast: Broadcast | None = None) -> None:
+    """Process 0 locks `output_dir` for this run (`run_lock`), checks it again (`recheck_output_dir`) and claims it
+    (`claim_output_dir`); the others wait until it has, and take its decision: where it refused (or failed), every
+    process raises an `OutputDirError` with its message. `broadcast` sends process 0's array to all
+    (`multihost_utils.broadcast_one_to_all` in a multi-process run)."""
+    failure: Exception | None = None
     if is_main_process:
-        run_lock.acquire(args.output_dir)
         try:
-            claim_output_dir(args, resume)
-        except BaseException:
-            run_lock.release(args.output_dir)
-            raise
-    distributed.barrier("easytrain:output_dir")  # process 0 may have cleared or moved checkpoints
+            run_lock.acquire(args.output_dir)
+            try:
+                recheck_output_dir(args, resume)
+                claim_output_dir(args, resume)
+            except BaseException:
+                run_lock.release(args.output_dir)
+                raise
+        except Exception as error:  # told to the other processes, then raised
+            failure = error
+    message = _from_process_0(_refusal(failure), broadcast)  # a collective: process 0 has claimed, or refused
+    if failure is not None:
+        raise failure
+    if message:
+        raise OutputDirError(message)
+
+
+def recheck_output_dir(args: TrainingArguments, resume: tuple[Path, int] | None) -> None:
+    """At `train()`, under the lock: the directory must still allow what `check_output_dir` decided when the trainer
+    was built. Another run may have trained there since (trainers of a sweep built side by side on an empty
+    directory): the same `OutputDirError` as a trainer built now would get, or, where a resume now resolves
+    otherwise (`latest` finds a newer step), a refusal naming both. Nothing is written before it."""
+    try:
+        now = _checked_directory(args, is_main_process=True)
+    except CheckpointNotFoundError as error:
+        raise OutputDirError(f"output_dir: {str(args.output_dir)!r} changed since this trainer was built (another "
+                             f"run wrote there): {error}") from error
+    if _same_resume(now, resume):
+        return
+    raise OutputDirError(
+        f"output_dir: {str(args.output_dir)!r} changed since this trainer was built (another run trained there): "
+        f"it was to {_describe(resume)}, it would now {_describe(now)}, and this trainer was set up for the former. "
+        "Build a new trainer to decide again (resume_from_checkpoint='latest' continues the run there), or choose "
+        "another --output_dir.")
+
+
+Broadcast = Callable[[np.ndarray], np.ndarray]
+_MESSAGE_CODES = 4096  # unicode code points of process 0's refusal sent to the others (a longer one is cut)
+
+
+def _refusal(error: Exception | None) -> str:
+    """What the other processes raise for process 0's failure to claim: its message ('' for none)."""
+    if error is None or isinstance(error, OutputDirError):
+        return "" if error is None else str(error)
+    return f"output_dir: process 0 could not claim it: {type(error).__name__}: {error}"
+
+
+def _from_process_0(message: str, broadcast: Broadcast | None) -> str:
+    """Process 0's `message`, on every process (one small collective; nothing to send in a single process)."""
+    if broadcast is None:
+        import jax
+
+        if jax.process_count() <= 1:
+            return message
+        from jax.experimental import multihost_utils
+
+        broadcast = multihost_utils.broadcast_one_to_all
+    codes = np.zeros(_MESSAGE_CODES, dtype=np.int32)
+    sent = [ord(c) for c in message[:_MESSAGE_CODES]]
+    codes[:len(sent)] = sent
+    received = np.asarray(broadcast(codes)).reshape(-1)
+    return "".join(chr(c) for c in received if c)
+
+
+def _same_resume(a: tuple[Path, int] | None, b: tuple[Path, int] | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a[0].resolve() == b[0].resolve() and a[1] == b[1]
+
+
+def _describe(resume: tuple[Path, int] | None) -> str:
+    return "start a fresh run" if resume is None else f"resume step {resume[1]} of {resume[0]}"
 
 
 def claim_output_dir(args: TrainingArguments, resume: tuple[Path, int] | None) -> None:
