@@ -50,6 +50,7 @@ def test_a_leftover_task_that_does_not_end_is_cancelled() -> None:
 
 
 def flip_a_byte_of_a_chunk(step_dir: Path) -> None:
+    """One bit of one of the state's OCDBT files (their names are random: a data file or a b-tree node)."""
     chunk = sorted((step_dir / "state" / "d").iterdir())[0]
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0x01
@@ -65,7 +66,8 @@ def test_a_damaged_chunk_is_refused_without_event_loop_tracebacks(tmp_path: Path
     monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), STATE)
     for _ in range(5):  # the leftover reads complete after the loop closed about every other time
-        with CheckpointManager(tmp_path, read_only=True) as reader, pytest.raises(Exception, match="DATA_LOSS"):
+        with CheckpointManager(tmp_path, read_only=True) as reader, \
+                pytest.raises(Exception, match="DATA_LOSS|Error decoding|Error reading"):  # a data or b-tree file
             reader.restore(1, abstract_state=target)
         threading.Event().wait(0.2)  # time for the callbacks of leftover reads to arrive (there are none)
     assert [f"{u.exc_type.__name__}: {u.exc_value}" for u in unraisable] == []
