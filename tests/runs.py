@@ -8,7 +8,9 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import Callable
 
 from easytrain import Callback, TrainingArguments, compiler_options, host_memory
 
@@ -152,3 +154,13 @@ def train_on_localhost(per_process: list[list[str]], port: int, timeout: float) 
             process.kill()
         pytest.fail("the processes hung: " + "\n".join(p.communicate()[0][-2000:] for p in processes))
     return [process.returncode for process in processes], outputs
+
+
+def as_processes(process: Callable[[int], None], count: int, what: str) -> None:
+    """`process(index)` in one thread per emulated process, all started, then joined (none may hang in `what`)."""
+    threads = [threading.Thread(target=process, args=(index,)) for index in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in threads), f"a process hung in {what}"

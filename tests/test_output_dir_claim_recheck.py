@@ -15,7 +15,7 @@ from easytrain.checkpoint import finalized_steps
 from easytrain.errors import OutputDirError
 from easytrain.trainers import run_dir
 from easytrain.trainers.run_dir import check_output_dir, claim_run, recheck_output_dir
-from runs import args_for, snapshot
+from runs import args_for, as_processes, snapshot
 
 
 def refusal_now(args) -> str:
@@ -97,12 +97,7 @@ def claimed_by_processes(args, count: int) -> list[BaseException | None]:
             if index == 0:
                 run_dir.run_lock.release(args.output_dir)
 
-    threads = [threading.Thread(target=process, args=(index,)) for index in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    assert not any(thread.is_alive() for thread in threads), "a process hung in the claim"
+    as_processes(process, count, "the claim")
     return outcomes
 
 

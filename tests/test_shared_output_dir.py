@@ -11,6 +11,7 @@ from easytrain.arguments import TrainingArguments
 from easytrain.errors import ArgumentError, OutputDirError
 from easytrain.trainers import shared_output_dir
 from easytrain.trainers.run_dir import check_output_dir
+from runs import as_processes
 
 
 def run_processes(directories: list[Path]) -> list[BaseException | None]:
@@ -35,12 +36,7 @@ def run_processes(directories: list[Path]) -> list[BaseException | None]:
         except BaseException as error:  # noqa: BLE001 - reported to the test
             outcomes[index] = error
 
-    threads = [threading.Thread(target=process, args=(index,)) for index in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    assert not any(thread.is_alive() for thread in threads), "a process hung in the check"
+    as_processes(process, count, "the check")
     return outcomes
 
 
