@@ -56,10 +56,26 @@ def assistant_tokens(tokenizer: PreTrainedTokenizerBase, text: str, spans: Seque
             offsets stay trimmed and the mask they give is not exactly the generation spans' tokens.
     """
     try:
-        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets, trimmed_because = encode_with_offsets(tokenizer, text)
     except NotImplementedError as error:
         raise DataError("`assistant_only_loss=True` needs a fast tokenizer (one that reports character offsets); "
                         f"{type(tokenizer).__name__} does not. Load the tokenizer with `use_fast=True`.") from error
+    if trimmed_because is None:
+        mask = mask_from_spans(offsets, spans, text)
+    else:
+        mask = _checked_trimmed_mask(tokenizer, ids, offsets, spans, text, trimmed_because)
+    _warn_if_turn_end_outside(tokenizer, ids, mask, offsets, spans, _backend_of(tokenizer).special, template)
+    return ids, mask
+
+
+def encode_with_offsets(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[list[int], Sequence[Span], str | None]:
+    """``tokenizer(text, add_special_tokens=False)``'s ids, each token's character offsets (untrimmed where the
+    backend can be copied without its post-processor), and why they stay trimmed (None: they are not).
+
+    Raises:
+        NotImplementedError: A slow tokenizer, which reports no offsets.
+    """
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = [int(token) for token in encoded["input_ids"]]
     offsets: Sequence[Span] = encoded["offset_mapping"]
     backend = _backend_of(tokenizer)
@@ -71,12 +87,7 @@ def assistant_tokens(tokenizer: PreTrainedTokenizerBase, text: str, spans: Seque
         else:
             trimmed_because = ("a copy of its backend without the post-processor tokenises this text differently "
                                "(the tokenizer's settings are not all in its serialised form)")
-    if trimmed_because is None:
-        mask = mask_from_spans(offsets, spans, text)
-    else:
-        mask = _checked_trimmed_mask(tokenizer, ids, offsets, spans, text, trimmed_because)
-    _warn_if_turn_end_outside(tokenizer, ids, mask, offsets, spans, backend.special, template)
-    return ids, mask
+    return ids, offsets, trimmed_because
 
 
 def mask_from_spans(offsets: Sequence[Span], spans: Sequence[Span], text: str) -> list[int]:

@@ -2,9 +2,10 @@
 
 Three formats, recognised from the columns: language modelling (``text``), prompt-completion
 (``prompt`` + ``completion``, strings or message lists) and conversational (``messages``).
-Every mask comes from how the example was tokenised (separate prompt/completion tokenisation,
-prefix renderings, the template's ``{% generation %}`` blocks), never from searching for a
-response string or from token ids, so ``pad_token == eos_token`` cannot unmask the EOS.
+Every mask comes from how the example was tokenised (the completion's character offsets in the
+joined prompt + completion text, prefix renderings, the template's ``{% generation %}`` blocks; see
+``prompt_completion``), never from searching for a response string or for token ids, so
+``pad_token == eos_token`` cannot unmask the EOS.
 
 ``loss_mask[i] == 1`` means token ``i`` is supervised: the model is trained to predict it from
 the tokens before it. Token 0 is never supervised, since nothing precedes it.
@@ -31,9 +32,10 @@ from easytrain.data.columns import format_from_columns
 from easytrain.data.errors import DataError
 from easytrain.data.formatting import apply_formatting
 from easytrain.data.message_content import messages_for_template, roles_hint
+from easytrain.data.prompt_completion import (last_content_supervised, render_prompt_completion_messages,
+                                              render_prompt_completion_text)
 from easytrain.data.row_errors import NoExampleLeftError, at_row, rows_as_stored
-from easytrain.data.special_tokens import (encode_text, ensure_bos, ensure_eos, eos_id, last_content_index,
-                                           typed_field)
+from easytrain.data.special_tokens import encode_text, ensure_bos, ensure_eos, eos_id, typed_field
 from easytrain.data.token_range import check_token_ids
 
 DataFormat = Literal["language_modeling", "prompt_completion", "conversational"]
@@ -268,8 +270,8 @@ def _render(example: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase,
         return _render_conversation(example, tokenizer, options)
     if data_format == PROMPT_COMPLETION:
         if isinstance(example.get("prompt"), str):
-            return _render_prompt_completion_text(example, tokenizer, options)
-        return _render_prompt_completion_messages(example, tokenizer, options)
+            return render_prompt_completion_text(example, tokenizer, options)
+        return render_prompt_completion_messages(example, tokenizer, options)
     raise DataError(f"Unknown SFT data format {data_format!r}; use one of {list(FORMAT_COLUMNS)}.")
 
 
@@ -283,46 +285,7 @@ def _render_conversation(example: Mapping[str, Any], tokenizer: PreTrainedTokeni
     ids, assistant_mask = render_chat(tokenizer, messages, template=template, tools=tools,
                                       assistant_mask=options.assistant_only_loss)
     mask = assistant_mask if assistant_mask is not None else [1] * len(ids)
-    return ids, mask, _last_content_supervised(ids, mask, tokenizer)
-
-
-def _render_prompt_completion_text(example: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase,
-                                   options: SFTDataOptions) -> tuple[list[int], list[int], bool]:
-    """Prompt and completion tokenised apart: the boundary is exact, as at inference time."""
-    prompt = encode_text(tokenizer, typed_field(example, "prompt", str))
-    completion = encode_text(tokenizer, typed_field(example, "completion", str))
-    prompt_bit = 0 if options.completion_only_loss else 1
-    return prompt + completion, [prompt_bit] * len(prompt) + [1] * len(completion), True
-
-
-def _render_prompt_completion_messages(
-    example: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, options: SFTDataOptions
-) -> tuple[list[int], list[int], bool]:
-    """The prompt rendered with the generation prompt must be a token prefix of the whole."""
-    tools = parse_tools(example.get("tools"))
-    template = chat_template_of(tokenizer, options.chat_template, tools)
-    prompt_messages = messages_for_template(typed_field(example, "prompt", list), template, "prompt")
-    messages = prompt_messages + messages_for_template(typed_field(example, "completion", list), template,
-                                                       "completion")
-    prompt_ids, _ = render_chat(tokenizer, prompt_messages, template=template, tools=tools,
-                                add_generation_prompt=True)
-    ids, assistant_mask = render_chat(tokenizer, messages, template=template, tools=tools,
-                                      assistant_mask=options.assistant_only_loss)
-    if ids[: len(prompt_ids)] != prompt_ids:
-        differ = next((i for i, (a, b) in enumerate(zip(prompt_ids, ids)) if a != b), len(ids))
-        raise DataError(
-            f"The prompt rendered with `add_generation_prompt=True` is not a token prefix of "
-            f"the prompt + completion rendering (they differ from token {differ}: "
-            f"{tokenizer.decode(prompt_ids[differ:differ + 8])!r} vs "
-            f"{tokenizer.decode(ids[differ:differ + 8])!r}), so the completion boundary is "
-            "unknown. Fix the chat template's generation prompt, or put the whole conversation "
-            "in a 'messages' column and use `assistant_only_loss=True`."
-        )
-    prompt_bit = 0 if options.completion_only_loss else 1
-    mask = [prompt_bit] * len(prompt_ids) + [1] * (len(ids) - len(prompt_ids))
-    if assistant_mask is not None:
-        mask = [a & b for a, b in zip(mask, assistant_mask, strict=True)]
-    return ids, mask, _last_content_supervised(ids, mask, tokenizer)
+    return ids, mask, last_content_supervised(ids, mask, tokenizer)
 
 
 def _truncate(ids: list[int], mask: list[int], options: SFTDataOptions,
@@ -337,13 +300,6 @@ def _truncate(ids: list[int], mask: list[int], options: SFTDataOptions,
     keep = 1 if has_bos else 0  # left: keep the BOS, then the end
     tail = limit - keep
     return TokenizedExample(ids[:keep] + ids[-tail:], mask[:keep] + mask[-tail:], truncated=True)
-
-
-def _last_content_supervised(ids: Sequence[int], mask: Sequence[int],
-                             tokenizer: PreTrainedTokenizerBase) -> bool:
-    """An EOS appended to a chat is supervised only if the turn it closes is."""
-    last = last_content_index(ids, tokenizer)
-    return last is not None and bool(mask[last])
 
 
 def _has_text(ids: Sequence[int], tokenizer: PreTrainedTokenizerBase) -> bool:
