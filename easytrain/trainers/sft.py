@@ -47,7 +47,8 @@ class SFTArguments:
                           "(segment ids and restarted positions: no attention across examples)."})
     packing_strategy: Literal["bfd", "wrapped"] = field(default="bfd", metadata={"help": "'bfd': best-fit "
                                                         "decreasing, whole examples; 'wrapped': concatenate and "
-                                                        "split long documents (pretraining-style text)."})
+                                                        "split long documents (pretraining-style text; training "
+                                                        "data only, eval examples are packed whole)."})
     completion_only_loss: bool = field(default=True, metadata={"help": "Prompt-completion data: supervise only "
                                                                "the completion (and its EOS)."})
     assistant_only_loss: bool = field(default=False, metadata={"help": "Conversations: supervise only the "
@@ -153,8 +154,9 @@ class SFTTrainer(BaseTrainer):
             buckets = bucket_lengths(args.max_length) if jax.process_count() == 1 else (args.max_length,)
             self._pad = PaddedCollate(buckets, pad_id=self.tokenizer.pad_token_id or 0)  # one shape per process set
             return tokenized
+        strategy = sft.packing_strategy if name == "train" else "bfd"  # eval examples whole: same eval_loss
         with rows_of(split_name):
-            packed = pack_examples(tokenized, args.max_length, strategy=sft.packing_strategy, seed=args.seed)
+            packed = pack_examples(tokenized, args.max_length, strategy=strategy, seed=args.seed)
         self.data_stats[name].update({f"packing_{key}": value for key, value in packed.stats.items()})
         return packed.rows
 
