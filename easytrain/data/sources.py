@@ -7,6 +7,7 @@ path ends in the same shape so the rest of the pipeline has one case to handle.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Mapping
@@ -40,6 +41,8 @@ BUILDER_OPTIONS: Mapping[str, Mapping[str, object]] = {
 }
 
 PathLike: TypeAlias = str | os.PathLike[str]
+
+logger = logging.getLogger("easytrain")
 
 #: How `evaluate`'s argument is named in errors.
 EVALUATE = "evaluate(dataset)"
@@ -294,6 +297,16 @@ def _keep_train_and_validation(splits: datasets.DatasetDict) -> datasets.Dataset
             f"rename the training split to {TRAIN!r}."
         )
     kept = {name: splits[name] for name in (TRAIN, VALIDATION) if name in splits}
+    unused = [name for name in splits if name not in kept]
+    if unused:  # a 'test' split evaluating nothing, silently, would surprise; which rows evaluate stays as it was
+        named = ", ".join(map(repr, unused))
+        logger.warning(
+            "The data source's split%s %s %s not used: only %r and %r are read, and evaluation uses the %r split, "
+            "`dataset_eval`, or the `validation_split_percentage` of %r rows held out. To evaluate on %r, rename "
+            "it %r in the source (e.g. `splits[%r] = splits.pop(%r)`, then `save_to_disk`), or pass it to the "
+            "trainer as `dataset_eval` (`dataset_eval=splits[%r]`).", "s" if len(unused) > 1 else "", named,
+            "are" if len(unused) > 1 else "is", TRAIN, VALIDATION, VALIDATION, TRAIN, unused[0], VALIDATION,
+            VALIDATION, unused[0], unused[0])
     return datasets.DatasetDict(kept)
 
 
