@@ -16,6 +16,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from easytrain import BaseTrainer, TrainingArguments
 from easytrain.models import from_pretrained, init_model, save_pretrained
 from easytrain.models.presets import llama_config
+from easytrain.tasks import build_arithmetic_tokenizer
 
 from model_configs import family_config
 
@@ -33,6 +34,7 @@ def base_checkpoint(directory: Path, model_type: str = "qwen2", generation: dict
     """A tiny checkpoint whose config.json has no EOS (as Qwen2's), with an instruct generation config."""
     config = family_config(model_type, bos_token_id=None, eos_token_id=None, pad_token_id=None)
     save_pretrained(directory, nnx.to_pure_dict(nnx.state(init_model(config), nnx.Param)), config)
+    build_arithmetic_tokenizer().save_pretrained(directory)  # the trainers below read the folder's tokenizer
     (directory / "generation_config.json").unlink()
     if generation is not None:
         transformers.GenerationConfig(**generation).save_pretrained(directory)

@@ -17,6 +17,7 @@ from easytrain.trainers.dpo import DPOArguments, DPOTrainer
 from easytrain.generation import GenerationConfig, _generate, generate
 from easytrain.lora import LoRAConfig, apply_lora
 from easytrain.models import from_pretrained, init_model, save_pretrained
+from easytrain.tasks import build_arithmetic_tokenizer
 from easytrain.sharding import make_mesh
 from easytrain.trainers import language_model
 from easytrain.models import scan as scan_module
@@ -204,6 +205,7 @@ def test_a_checkpoint_loads_straight_into_stacked_layers(tmp_path, monkeypatch):
     save_pretrained(tmp_path, nnx.to_pure_dict(nnx.state(init_model(config), nnx.Param)), config,
                     max_shard_size=50_000)
     assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) >= 3
+    build_arithmetic_tokenizer().save_pretrained(tmp_path)  # the run below reads the folder's tokenizer
     mesh = make_mesh()
     stacked = from_pretrained(tmp_path, mesh=mesh, scan_layers=True)
     reference = from_pretrained(tmp_path, mesh=mesh)

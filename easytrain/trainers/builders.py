@@ -118,11 +118,27 @@ def build_tokenizer(args: TrainingArguments, *, embedded: bool) -> transformers.
     return load_tokenizer("tokenizer_name" if args.tokenizer_name else "model_name_or_path", name)
 
 
+TOKENIZER_FILES_FIX = ("Pass a directory holding tokenizer files (tokenizer.json, tokenizer_config.json; "
+                       "save_pretrained writes them) or the id of a hub model that has them.")
+#: Text any real tokenizer turns into tokens (known pieces or its unknown token).
+TOKENIZER_PROBE = "a 1"
+
+
 def load_tokenizer(field: str, name: str | os.PathLike) -> transformers.PreTrainedTokenizerBase:
-    """`AutoTokenizer.from_pretrained(name)`; what cannot be loaded is an `ArgumentError` naming `field`."""
-    return load_pretrained(field, name, transformers.AutoTokenizer.from_pretrained, "a tokenizer",
-                           "Pass a directory holding tokenizer files (tokenizer.json, tokenizer_config.json; "
-                           "save_pretrained writes them) or the id of a hub model that has them.")
+    """`AutoTokenizer.from_pretrained(name)`; what cannot be loaded, or encodes text to nothing, is an
+    `ArgumentError` naming `field`. A model folder without tokenizer files still loads for some families
+    (Qwen2's tokenizer class from config.json, with no vocabulary): every text would become no tokens, the
+    run would train on EOS ids alone and export that tokenizer."""
+    tokenizer = load_pretrained(field, name, transformers.AutoTokenizer.from_pretrained, "a tokenizer",
+                                TOKENIZER_FILES_FIX)
+    if not tokenizer(TOKENIZER_PROBE, add_special_tokens=False).input_ids:
+        fix = TOKENIZER_FILES_FIX if field != "model_name_or_path" else (
+            "Save the model's tokenizer into that folder (tokenizer.save_pretrained(DIR)), or pass "
+            "--tokenizer_name DIR of a folder that has it.")
+        raise ArgumentError(field, f"the tokenizer loaded from {os.fspath(name)!r} ({type(tokenizer).__name__}, "
+                                   f"{len(tokenizer)} tokens) encodes {TOKENIZER_PROBE!r} to no tokens: the folder "
+                                   f"holds no tokenizer files. {fix}")
+    return tokenizer
 
 
 def ensure_pad_token(tokenizer: Any) -> transformers.PreTrainedTokenizerBase:
