@@ -313,13 +313,76 @@ PREFERENCE_LOSSES: dict[str, Callable[..., Array]] = {
     "apo_zero": apo_zero_loss, "apo_down": apo_down_loss, "sft": sft_loss, "simpo": simpo_loss,
     "orpo": orpo_loss,
 }
-#: Losses that read no reference log-probabilities (no reference model needs to run for them).
-REFERENCE_FREE = frozenset({"sft", "simpo", "orpo"})
-#: Losses that read `label_smoothing` (the others compute the same loss whatever its value).
-READS_LABEL_SMOOTHING = frozenset(name for name, fn in PREFERENCE_LOSSES.items()
-                                  if "label_smoothing" in inspect.signature(fn).parameters)
-#: Losses that read per-token mean log-probabilities rather than sums.
-PER_TOKEN_LOSSES = frozenset({"ipo", "sft", "simpo", "orpo"})
+#: Losses whose metrics are of per-token means (`reports_per_token`): the built-ins' and those registered `per_token`.
+_PER_TOKEN_NAMES = {"ipo", "sft", "simpo", "orpo"}
+_REFERENCE = ("ref_chosen_logps_B", "ref_rejected_logps_B")
+_LENGTHS = ("chosen_len_B", "rejected_len_B")
+#: The keywords `DPOTrainer` passes a loss besides the `PairLogps` fields.
+HYPER_PARAMETERS = ("beta", "label_smoothing", "gamma", "delta")
+
+
+def _reading(*params: str) -> frozenset[str]:
+    """The registered losses whose signature names any of `params`."""
+    return frozenset(name for name, fn in PREFERENCE_LOSSES.items()
+                     if set(params) & set(inspect.signature(fn).parameters))
+
+
+def reference_free_losses() -> frozenset[str]:
+    """Losses that read no reference log-probabilities (no reference model runs for them), read from the signatures
+    of the losses registered now: one added after import counts too."""
+    return frozenset(PREFERENCE_LOSSES) - _reading(*_REFERENCE)
+
+
+def label_smoothing_readers() -> frozenset[str]:
+    """Losses that read `label_smoothing` (the others compute the same loss whatever its value)."""
+    return _reading("label_smoothing")
+
+
+def per_token_losses() -> frozenset[str]:
+    """Losses that read per-token mean log-probabilities rather than sums."""
+    return frozenset(_PER_TOKEN_NAMES & set(PREFERENCE_LOSSES))
+
+
+def __getattr__(name: str) -> frozenset[str]:
+    """`REFERENCE_FREE`, `READS_LABEL_SMOOTHING` and `PER_TOKEN_LOSSES`, computed when read (frozen at import, they
+    missed every loss registered later)."""
+    tables = {"REFERENCE_FREE": reference_free_losses, "READS_LABEL_SMOOTHING": label_smoothing_readers,
+              "PER_TOKEN_LOSSES": per_token_losses}
+    if name not in tables:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return tables[name]()
+
+
+def register_preference_loss(name: str, fn: Callable[..., Array], *, reference_free: bool = False,
+                             per_token: bool = False, replace: bool = False) -> None:
+    """Add `fn` as the preference loss `name` (a `DPOArguments.loss_type` entry), in every table the trainer reads.
+
+    `fn` takes `PairLogps` fields and `HYPER_PARAMETERS` by name and returns the per-pair loss; it reads
+    `label_smoothing` when its signature names it. `reference_free`: it reads no `ref_*` log-probs, so no reference
+    model is built and rewards are β·policy log-probs. `per_token`: its metrics report per-token means (as `simpo`'s),
+    not sums; it reads `chosen_len_B` and `rejected_len_B`.
+
+    Raises:
+        ValueError: `name` taken (unless `replace`), a flag its signature contradicts, or a parameter without default
+            that the trainer never passes.
+    """
+    params, passed = inspect.signature(fn).parameters, set(PairLogps._fields) | set(HYPER_PARAMETERS)
+    unknown = [p for p, spec in params.items() if p not in passed and spec.default is inspect.Parameter.empty
+               and spec.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+    reads = [p for p in _REFERENCE if p in params]
+    for failed, problem in [
+        (name in PREFERENCE_LOSSES and not replace, "is already registered; choose another name, or pass replace=True"),
+        (unknown, f"needs {unknown}, which the trainer never passes; give them a default, or read only "
+                  f"{', '.join(sorted(passed))}"),
+        (reads and reference_free, f"reads {reads}, so it is not reference-free; drop reference_free=True"),
+        (not reads and not reference_free, f"reads no reference log-probs ({', '.join(_REFERENCE)}): pass "
+                                           "reference_free=True, or a reference model is built and run for nothing"),
+        (per_token and not set(_LENGTHS) <= set(params), f"is per_token, which reports per-token means from "
+                                                         f"{' and '.join(_LENGTHS)}; add them, or drop per_token")]:
+        if failed:
+            raise ValueError(f"preference loss {name!r} {problem}.")
+    PREFERENCE_LOSSES[name] = fn
+    (_PER_TOKEN_NAMES.add if per_token else _PER_TOKEN_NAMES.discard)(name)
 
 
 def reports_per_token(names: Sequence[str]) -> bool:
@@ -327,7 +390,7 @@ def reports_per_token(names: Sequence[str]) -> bool:
     loss reads per-token means and one is `ipo`, `simpo` or `orpo`, so the metrics compare what the loss compares
     (as TRL's CPOTrainer and ORPOTrainer report `simpo` and `orpo`; TRL's DPOTrainer reported `ipo` so up to 0.28
     and reports sums since 0.29). `sft` alone and any loss on sums keep the sums."""
-    return set(names) <= PER_TOKEN_LOSSES and set(names) != {"sft"}
+    return set(names) <= per_token_losses() and set(names) != {"sft"}
 
 
 def reported_logps(names: Sequence[str], logps_B2: Array, lengths_B2: Array) -> Array:

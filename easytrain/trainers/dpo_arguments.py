@@ -14,7 +14,7 @@ from typing import Any, Optional
 from easytrain import argument_checks
 from easytrain.data.chat_templates import read_chat_template
 from easytrain.errors import ArgumentError
-from easytrain.preference import PREFERENCE_LOSSES, READS_LABEL_SMOOTHING, REFERENCE_FREE
+from easytrain.preference import PREFERENCE_LOSSES, label_smoothing_readers, reference_free_losses
 
 
 def _in_order(names: frozenset[str]) -> list[str]:
@@ -35,7 +35,7 @@ class DPOArguments:
     loss_type: list[str] = _help("One loss or several, summed with loss_weights: "
                                  + ", ".join(PREFERENCE_LOSSES) + ".", ["sigmoid"])
     loss_weights: Optional[list[float]] = _help("A weight per loss_type entry (default 1 each).")
-    label_smoothing: float = _help("Label noise in [0, 0.5), read by " + ", ".join(_in_order(READS_LABEL_SMOOTHING))
+    label_smoothing: float = _help("Label noise in [0, 0.5), read by " + ", ".join(_in_order(label_smoothing_readers()))
                                    + " only (sigmoid: cDPO).", 0.0)
     simpo_gamma: float = _help("Target reward margin of simpo.", 0.5)
     max_prompt_length: Optional[int] = _help("Cut prompts to their last N tokens (default: only as needed).")
@@ -88,14 +88,15 @@ class DPOArguments:
         chosen = ", ".join(self.loss_type)
         reference = [(bool(getattr(self, name)) and not self.needs_reference, name,
                       f"the chosen losses ({chosen}) read no reference; drop {name}, or add a loss that reads one "
-                      f"(any but {', '.join(_in_order(REFERENCE_FREE))}).")
+                      f"(any but {', '.join(_in_order(reference_free_losses()))}).")
                      for name in ("ref_model_name_or_path", "precompute_ref_log_probs", "sync_ref_model")]
-        readers = ", ".join(_in_order(READS_LABEL_SMOOTHING))
-        smoothing = (self.label_smoothing != 0 and not READS_LABEL_SMOOTHING & set(self.loss_type), "label_smoothing",
-                     f"only {readers} read it, not the chosen losses ({chosen}); drop label_smoothing, or add one "
-                     "of those losses.")
+        readers = label_smoothing_readers()
+        smoothing = (self.label_smoothing != 0 and not readers & set(self.loss_type), "label_smoothing",
+                     f"only {', '.join(_in_order(readers))} read it, not the chosen losses ({chosen}); drop "
+                     "label_smoothing, or add one of those losses.")
         return [*reference, smoothing]
 
     @property
     def needs_reference(self) -> bool:
-        return not set(self.loss_type) <= REFERENCE_FREE
+        """Whether a chosen loss reads reference log-probs (losses registered after import included)."""
+        return not set(self.loss_type) <= reference_free_losses()
