@@ -1,8 +1,10 @@
 """The model switches the training arguments set on a module before it is placed (`BaseTrainer.adapt_module`):
 `remat` (`remat_policy`), `scan_layers` and `attention_implementation`.
 
-A module without one of these attributes accepts only the argument's default: the switch would otherwise be
-silently ignored, and the user would measure a run that is not the one they asked for.
+Each is set on every submodule that has the attribute (a Llama held by a wrapper module, as `super().create_module()`
+inside a custom `create_module` builds it, gets the run's layout too). A module none of whose submodules has one of
+these attributes accepts only the argument's default: the switch would otherwise be silently ignored, and the user
+would measure a run that is not the one they asked for.
 """
 
 from __future__ import annotations
@@ -26,9 +28,19 @@ def apply_switches(module: nnx.Module, args: Any, platform: str) -> None:
 
 
 def set_switch(module: nnx.Module, attribute: str, value: Any, default: Any, field: str, otherwise: str) -> None:
-    """`module.<attribute> = value`; a module without the attribute accepts only the argument's default."""
-    if hasattr(module, attribute):
-        setattr(module, attribute, value)
-    elif value != default:
+    """`<attribute> = value` on every submodule of `module` (itself included) that has the attribute; a module
+    without any such submodule accepts only the argument's default."""
+    owners = _owners(module, attribute)
+    for owner in owners:
+        setattr(owner, attribute, value)
+    if not owners and value != default:
         raise ArgumentError(field, f"{type(module).__name__} has no `{attribute}` attribute to set; use "
                                    f"{default!r}, or {otherwise}.")
+
+
+def _owners(module: Any, attribute: str) -> list[Any]:
+    """The submodules of `module` (itself included) that have `attribute`, listed before any is changed (setting
+    `scan_layers` restacks layers, which changes the graph being walked)."""
+    if not isinstance(module, nnx.Module):
+        return [module] if hasattr(module, attribute) else []
+    return [node for _, node in nnx.iter_modules(module) if hasattr(node, attribute)]
