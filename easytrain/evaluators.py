@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from easytrain.generation import greedy_complete
+from easytrain.errors import ArgumentError
+from easytrain.generation import GenerationError, greedy_complete
 
 Evaluator = Callable[[Any], Mapping[str, float]]
+logger = logging.getLogger("easytrain")
 
 
 class ExactMatch:
@@ -19,6 +22,9 @@ class ExactMatch:
         tokenizer: encodes prompts (each preceded by EOS, as documents are in training) and decodes.
         name: metric key, reported as `eval_<name>`.
     """
+
+    #: It runs the trained module's init_cache()/decode(): decided at set-up (`usable_evaluators`).
+    needs_generation = True
 
     def __init__(self, prompts: Sequence[str], answers: Sequence[str], tokenizer: Any, *,
                  name: str = "exact_match", max_new_tokens: int | None = None):
@@ -63,6 +69,8 @@ class CompletionMetrics:
             reported as `eval_<name>`.
     """
 
+    needs_generation = True
+
     def __init__(self, prompts: Sequence[Sequence[int]], references: Sequence[str], tokenizer: Any, *,
                  compute_metrics: Callable[[list[str], list[str]], Mapping[str, float]] | None = None,
                  max_new_tokens: int = 64):
@@ -100,3 +108,45 @@ def arithmetic_exact_match(validation: Any, tokenizer: Any, limit: int = 256) ->
 
     pairs = [split_problem(text) for text in validation["text"][:limit]]
     return ExactMatch([p for p, _ in pairs], [a for _, a in pairs], tokenizer, name="exact_match")
+
+
+def generation_problem(module: Any) -> str | None:
+    """Why `module` cannot generate (what `easytrain.generation` refuses at its first call), or None."""
+    if hasattr(module, "init_cache") and hasattr(module, "decode"):
+        return None
+    return f"{type(module).__name__} has no init_cache()/decode() to generate with"
+
+
+def usable_evaluators(evaluators: Sequence[Evaluator], module: Any, *, added: Sequence[Evaluator],
+                      asked: Sequence[str] | None) -> list[Evaluator]:
+    """`evaluators` that can run on `module`, decided at set-up rather than at the first evaluation (which would
+    lose the steps trained before it). One that generates (`needs_generation`) on a module that cannot is left out,
+    with a warning, when the trainer's rows `added` it unasked (`eval_metrics` unset: `asked` None); asked for by
+    `eval_metrics`, or passed as `evaluators=`, it is refused, naming its metric."""
+    problem = generation_problem(module)
+    if problem is None:
+        return list(evaluators)
+    kept = []
+    for evaluator in evaluators:
+        if not getattr(evaluator, "needs_generation", False):
+            kept.append(evaluator)
+            continue
+        metric = _metric_label(evaluator)
+        if not any(evaluator is default for default in added):
+            raise GenerationError(f"the evaluator {type(evaluator).__name__} ({metric}) scores greedy generations, "
+                                  f"and {problem}: remove it from evaluators=, or give the module init_cache() and "
+                                  "decode() (as easytrain.models.LlamaForCausalLM has).")
+        if asked is not None:
+            rest = " ".join(name for name in asked if name not in metric.split(", ")) or "none"
+            raise ArgumentError("eval_metrics", f"{metric} scores greedy generations, and {problem}; pass "
+                                                f"--eval_metrics without {metric} (--eval_metrics {rest}).")
+        logger.warning("%s is left out of evaluation: it scores greedy generations, and %s.", metric, problem)
+    return kept
+
+
+def _metric_label(evaluator: Any) -> str:
+    """The metric names an evaluator reports, without the `eval_` prefix (its type's name when it does not say)."""
+    names = getattr(evaluator, "metric_names", None)
+    if not names:
+        return "exact_match" if isinstance(evaluator, CompletionMetrics) else type(evaluator).__name__
+    return ", ".join(name.removeprefix("eval_") for name in names)
