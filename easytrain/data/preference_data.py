@@ -4,12 +4,13 @@ Formats, recognised from the columns: ``prompt`` + ``chosen`` + ``rejected`` (th
 prompt message list and two completion message lists), or only ``chosen`` + ``rejected`` as full
 conversations whose longest common message prefix is the prompt (``split_implicit_prompt``).
 
-The prompt is tokenised once and both sequences are built from those very tokens, so chosen and
-rejected can only differ after it; a log-ratio never sees a prompt-side difference such as a
-doubled BOS or a template mismatch. Special tokens follow SFT (``easytrain.data.sft``): exactly one
-leading BOS, and an EOS appended (and supervised) unless the completion already ends with one.
-``loss_mask`` is 1 on completion tokens only, EOS included, taken from the token boundary and never
-from token ids, so ``pad == eos`` cannot unmask the EOS.
+Both sequences start with the same ``prompt_length`` prompt tokens (``preference_tokens``: strings are
+tokenised as the joined texts prompt + chosen and prompt + rejected, a chat prompt is rendered once), so
+a log-ratio never sees a prompt-side difference such as a doubled BOS or a template mismatch. Special
+tokens follow SFT (``easytrain.data.sft``): exactly one leading BOS, and an EOS appended (and
+supervised) unless the completion already ends with one. ``loss_mask`` is 1 on completion tokens
+only, EOS included, taken from the token boundary and never from token ids, so ``pad == eos`` cannot
+unmask the EOS.
 
 Truncation to ``max_length`` tokens per sequence (one cut of the prompt, shared by both):
 ``keep = min(P, max_prompt_length, max_length - min(C, min_completion_length))`` prompt tokens,
@@ -33,24 +34,17 @@ import datasets
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from easytrain.data.chat_templates import (
-    Message,
-    chat_template_of,
-    drop_none,
-    parse_tools,
-    render_chat,
-)
+from easytrain.data.chat_templates import chat_template_of
 from easytrain.data.columns import format_from_columns
 from easytrain.data.errors import DataError
 from easytrain.data.formatting import apply_formatting
-from easytrain.data.message_content import messages_for_template
+from easytrain.data.preference_tokens import pair_tokens
+from easytrain.data.preference_tokens import split_implicit_prompt as split_implicit_prompt  # re-exported
 from easytrain.data.row_errors import NoExampleLeftError, at_row, rows_as_stored
 from easytrain.data.special_tokens import (  # SFT's special-token rules: the same layout in SFT and DPO
-    encode_text,
     ensure_bos,
     ensure_eos,
     eos_id,
-    typed_field,
 )
 from easytrain.data.token_range import check_token_ids
 
@@ -146,36 +140,6 @@ def detect_preference_format(column_names: Sequence[str]) -> PreferenceFormat:
                                    "to {'prompt', 'chosen', 'rejected'}.")
 
 
-def split_implicit_prompt(chosen: Sequence[Message], rejected: Sequence[Message]
-                          ) -> tuple[list[Message], list[Message], list[Message]]:
-    """``(prompt, chosen_tail, rejected_tail)``: the longest common message prefix and the rest.
-
-    Raises:
-        DataError: No common first message, an empty tail (one conversation is a prefix of the
-            other), or a tail that does not open with an assistant message.
-    """
-    a, b = ([drop_none(dict(message)) for message in side] for side in (chosen, rejected))
-    shared = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-    if shared == 0:
-        raise DataError(
-            "'chosen' and 'rejected' share no leading message, so there is no implicit prompt; "
-            "start both with the same prompt messages or add a 'prompt' column."
-        )
-    for name, tail in (("chosen", a[shared:]), ("rejected", b[shared:])):
-        if not tail:
-            raise DataError(
-                f"'{name}' has no messages after the prompt the two conversations share ({shared} "
-                "messages), so it has no completion; make each end with a different assistant reply."
-            )
-        if tail[0].get("role") != "assistant":
-            raise DataError(
-                f"'{name}' continues the shared prompt with a {tail[0].get('role')!r} message, but a "
-                "completion must start with an assistant message; the conversations must first "
-                "differ in an assistant reply, or give an explicit 'prompt' column."
-            )
-    return list(chosen[:shared]), list(chosen[shared:]), list(rejected[shared:])
-
-
 def tokenize_pair(example: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase,
                   options: PreferenceDataOptions = PreferenceDataOptions()) -> TokenizedPair:
     """Tokenise one pair: one prompt, two completions with SFT's BOS/EOS rules, then truncation.
@@ -184,16 +148,16 @@ def tokenize_pair(example: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase
         DataError: Missing or mistyped fields, or a template whose generation prompt is not a token
             prefix of the rendered conversation.
     """
-    prompt, chosen, rejected = _pair_tokens(example, tokenizer, options)
+    prompt, *responses = pair_tokens(example, tokenizer, options.chat_template)
     prompt, _ = ensure_bos(prompt, [0] * len(prompt), tokenizer.bos_token_id, options.add_bos)
     if options.add_eos:
         eos = eos_id(tokenizer)
-        chosen, rejected = (ensure_eos(ids, [1] * len(ids), eos, tokenizer, True)[0]
-                            for ids in (chosen, rejected))
+        responses = [ensure_eos(ids, mask, eos, tokenizer, True) for ids, mask in responses]
+    (chosen, _), (rejected, _) = responses
     keep = _prompt_keep(len(prompt), max(len(chosen), len(rejected)), options)
     kept_prompt = _keep_end(prompt, keep, tokenizer.bos_token_id)
     room = None if options.max_length is None else options.max_length - len(kept_prompt)
-    sequences = [_sequence(kept_prompt, completion[:room]) for completion in (chosen, rejected)]
+    sequences = [_sequence(kept_prompt, ids[:room], mask[:room]) for ids, mask in responses]
     return TokenizedPair(len(kept_prompt), *sequences[0], *sequences[1],
                          prompt_truncated=len(kept_prompt) < len(prompt),
                          chosen_truncated=room is not None and len(chosen) > room,
@@ -262,54 +226,6 @@ def tokenize_preference_dataset(
     return kept.remove_columns(list(_FLAGS)), stats
 
 
-def _pair_tokens(example: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase,
-                 options: PreferenceDataOptions) -> tuple[list[int], list[int], list[int]]:
-    """Prompt and completion ids before special-token handling; the prompt is tokenised once."""
-    if "prompt" not in example:
-        tools = parse_tools(example.get("tools"))
-        template = chat_template_of(tokenizer, options.chat_template, tools)
-        chosen, rejected = (messages_for_template(typed_field(example, name, list), template, name)
-                            for name in ("chosen", "rejected"))
-        return _render_pair(*split_implicit_prompt(chosen, rejected), tokenizer, options, example.get("tools"))
-    if isinstance(example["prompt"], str):
-        if not all(isinstance(example.get(name), str) for name in ("chosen", "rejected")):
-            raise DataError(
-                f"'prompt' is a string but 'chosen'/'rejected' are "
-                f"{type(example.get('chosen')).__name__}/{type(example.get('rejected')).__name__}; "
-                "give three strings, or three message lists. For full conversations in "
-                "'chosen'/'rejected', drop the 'prompt' column (`dataset.remove_columns('prompt')`)."
-            )
-        return tuple(encode_text(tokenizer, example[name]) for name in ("prompt", "chosen", "rejected"))
-    return _render_pair(typed_field(example, "prompt", list), typed_field(example, "chosen", list),
-                        typed_field(example, "rejected", list), tokenizer, options, example.get("tools"))
-
-
-def _render_pair(prompt: list[Message], chosen: list[Message], rejected: list[Message],
-                 tokenizer: PreTrainedTokenizerBase, options: PreferenceDataOptions,
-                 tools: Any) -> tuple[list[int], list[int], list[int]]:
-    """Render the prompt once with the generation prompt; each completion is what follows it."""
-    tools = parse_tools(tools)
-    template = chat_template_of(tokenizer, options.chat_template, tools)
-    prompt, chosen, rejected = (messages_for_template(messages, template, name) for name, messages in
-                                (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)))
-    prompt_ids, _ = render_chat(tokenizer, prompt, template=template, tools=tools,
-                                add_generation_prompt=True)
-    completions = []
-    for name, completion in (("chosen", chosen), ("rejected", rejected)):
-        ids, _ = render_chat(tokenizer, prompt + completion, template=template, tools=tools)
-        if ids[: len(prompt_ids)] != prompt_ids:
-            differ = next((i for i, (a, b) in enumerate(zip(prompt_ids, ids)) if a != b), len(ids))
-            raise DataError(
-                f"The prompt rendered with `add_generation_prompt=True` is not a token prefix of "
-                f"prompt + {name!r} (they differ from token {differ}: "
-                f"{tokenizer.decode(prompt_ids[differ:differ + 8])!r} vs "
-                f"{tokenizer.decode(ids[differ:differ + 8])!r}), so chosen and rejected cannot "
-                "share the prompt tokens. Fix the template's generation prompt or pass `chat_template`."
-            )
-        completions.append(ids[len(prompt_ids):])
-    return prompt_ids, completions[0], completions[1]
-
-
 def _prompt_keep(prompt: int, longest: int, options: PreferenceDataOptions) -> int:
     """Prompt tokens to keep: cut only when prompt + min(longest, completion room) overflow."""
     keep = prompt if options.max_prompt_length is None else min(prompt, options.max_prompt_length)
@@ -327,9 +243,9 @@ def _keep_end(ids: list[int], keep: int, bos_id: int | None) -> list[int]:
     return head + (ids[len(ids) - tail:] if tail > 0 else [])
 
 
-def _sequence(prompt: list[int], completion: list[int]) -> tuple[list[int], list[int]]:
-    """Ids and mask: completion tokens supervised, token 0 never (nothing precedes it)."""
-    mask = [0] * len(prompt) + [1] * len(completion)
+def _sequence(prompt: list[int], completion: list[int], supervised: list[int]) -> tuple[list[int], list[int]]:
+    """Ids and mask: the completion's supervised tokens, token 0 never (nothing precedes it)."""
+    mask = [0] * len(prompt) + supervised
     if mask:
         mask[0] = 0
     return prompt + completion, mask
