@@ -3,7 +3,8 @@ warning that says which parameters were replicated because of them, and how to s
 
 A parameter dimension whose mesh axis does not divide it is replicated over that axis (`sharding._resolve`): the
 numbers stay right, but every device holds the parameter and its optimizer moments whole, so `fsdp_size` or
-`tensor_parallel_size` saves no memory on it. That is worth one warning per run, never an error.
+`tensor_parallel_size` saves no memory on it. That is worth one warning per run, never an error: per finding in
+a process, so that a second trainer on another mesh is warned about its own.
 """
 
 from __future__ import annotations
@@ -45,22 +46,28 @@ class Dropped(NamedTuple):
 #: The config field that sets each default logical axis's length, named in the warning's fix.
 AXIS_FIELDS = {"embed": "hidden_size", "mlp": "intermediate_size", "vocab": "vocab_size",
                "heads": "num_attention_heads"}
-_WARNED_INDIVISIBLE: set[tuple[str, ...]] = set()
+#: The findings warned about in this process: (mesh axes, their size, config field, its length). Keyed by what the
+#: warning says, not by the axes alone, so a second trainer of a notebook or sweep on another mesh (or with another
+#: model) is warned about its own parameters, while one set-up placing them again (optimizer, reload, stacking)
+#: repeats nothing.
+_WARNED_INDIVISIBLE: set[tuple[tuple[str, ...], int, str, int]] = set()
 
 
 def warn_indivisible(dropped: Sequence[tuple[str, int, Dropped]], params: Sequence[tuple[str, P, int]],
                      mesh: Any, mesh_fields: Mapping[str, str]) -> set[str]:
     """Warn once per run, in one message, about the parameters (`dropped`: path, bytes, dimension) replicated over
-    mesh axes that do not divide them, among `params` (path, spec, bytes). Returns the mesh axes such parameters
+    mesh axes that do not divide them, among `params` (path, spec, bytes). A finding already warned about in this
+    process (the same axes and size, field and length) is not repeated. Returns the mesh axes such parameters
     explain (warned now or before), so the warning about axes that split nothing does not repeat it."""
     groups: dict[tuple[str, ...], list[tuple[str, int, Dropped]]] = {}
     for entry in dropped:
         groups.setdefault(entry[2].axes, []).append(entry)
     explained = {axis for axes in groups for axis in axes}
-    new = {axes: entries for axes, entries in groups.items() if axes not in _WARNED_INDIVISIBLE}
+    new = {axes: entries for axes, entries in groups.items() if not _findings(entries) <= _WARNED_INDIVISIBLE}
     if not new:
         return explained
-    _WARNED_INDIVISIBLE.update(new)
+    for entries in new.values():
+        _WARNED_INDIVISIBLE.update(_findings(entries))
     total_bytes = sum(nbytes for *_, nbytes in params)
     parts = []
     for axes, entries in new.items():
@@ -80,6 +87,11 @@ def warn_indivisible(dropped: Sequence[tuple[str, int, Dropped]], params: Sequen
     logger.warning("Parameters replicated where a mesh axis does not divide their dimension (every device holds "
                    "them and their optimizer moments whole): %s.", ". ".join(parts))
     return explained
+
+
+def _findings(entries: Sequence[tuple[str, int, Dropped]]) -> set[tuple[tuple[str, ...], int, str, int]]:
+    """What the warning about `entries` says, without paths or bytes: (axes, size, field, length) per dimension."""
+    return {(dim.axes, dim.size, _field(dim), dim.count) for _, _, dim in entries}
 
 
 def _field(dim: Dropped) -> str:

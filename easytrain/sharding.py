@@ -170,22 +170,25 @@ def param_shardings(abstract_params: nnx.State, mesh: Mesh, rules: LogicalRules 
     return nnx.to_pure_dict(shardings)
 
 
-_WARNED_MESH_AXES: set[str] = set()
+#: (mesh axis, its size, the parameters' paths) warned about in this process: a second trainer of a notebook or sweep
+#: with another mesh or module is warned again, one set-up placing the same parameters again is not.
+_WARNED_MESH_AXES: set[tuple[str, int, tuple[str, ...]]] = set()
 
 
 def warn_unsharded_mesh_axes(params: Sequence[tuple[str, P]], mesh: Any, rules: LogicalRules,
                              explained: Collection[str] = ()) -> None:
-    """Warn once per model-parallel mesh axis of size > 1 that no parameter among `params` (path, spec) is split
-    over: a module whose parameters carry no logical axes the rules map there runs replicated, every device holding
-    every weight, though `fsdp_size` or `tensor_parallel_size` asked for them to be split. Axes in `explained`
-    (dimensions they do not divide, `warn_indivisible`) are left to that warning."""
+    """Warn once per model-parallel mesh axis of size > 1 and set of parameters that no parameter among `params`
+    (path, spec) is split over: a module whose parameters carry no logical axes the rules map there runs replicated,
+    every device holding every weight, though `fsdp_size` or `tensor_parallel_size` asked for them to be split.
+    Axes in `explained` (dimensions they do not divide, `warn_indivisible`) are left to that warning."""
     used = {name for _, spec in params for entry in spec if entry is not None
             for name in ((entry,) if isinstance(entry, str) else entry)}
+    paths = tuple(path for path, _ in params)
     for axis in MESH_AXES[1:]:
-        if (not params or mesh.shape.get(axis, 1) == 1 or axis in used or axis in _WARNED_MESH_AXES
-                or axis in explained):
+        finding = (axis, mesh.shape.get(axis, 1), paths)
+        if not params or finding[1] == 1 or axis in used or finding in _WARNED_MESH_AXES or axis in explained:
             continue
-        _WARNED_MESH_AXES.add(axis)
+        _WARNED_MESH_AXES.add(finding)
         logical = [name for name, target in rules if name != "batch"  # the rows of activations, not weights
                    and (target == axis or (isinstance(target, (tuple, list)) and axis in target))]
         shown = ", ".join(path for path, _ in params[:3]) + (f" and {len(params) - 3} more" if len(params) > 3 else "")
