@@ -138,6 +138,7 @@ class Job(contextlib.ContextDecorator):
         self._anchor: tuple[float, float] | None = None  # (time, percent) of the first progress after `begin`
         self._initial_step, self._total_steps = 0, None
         self._written_at = -math.inf
+        self._value_steps: dict[str, dict[str, int]] = {}  # split -> metric -> the step its value in `record` is of
 
     # ------------------------------------------------------------------ lifecycle
     def _recreate_cm(self) -> Job:  # contextlib.ContextDecorator: a fresh job for every decorated call
@@ -166,6 +167,7 @@ class Job(contextlib.ContextDecorator):
 
             self.enabled = jax.process_index() == 0
         self._previous = read_job(self.output_dir)
+        self._value_steps = {}
         now = time.time()
         self.record = {
             "name": self._name or self.output_dir.resolve().name, "status": "queued",
@@ -292,10 +294,20 @@ class Job(contextlib.ContextDecorator):
             self.record["total_steps"] = total_steps
         self._publish()
 
-    def update_metrics(self, split: str, step: int, metrics: Mapping[str, Any]) -> None:
-        """Keep the latest `metrics` of `split` ("train", "eval", ...) in the record, with their step."""
+    def update_metrics(self, split: str, step: int, metrics: Mapping[str, Any], *, complete: bool = False) -> None:
+        """Keep the latest `metrics` of `split` ("train", "eval", ...) in the record, with their step.
+
+        `complete`: `metrics` is the whole record of `step` (a trainer's log or evaluation), so values of other steps
+        are dropped: a field logged once (compile_seconds) must not sit under a later step. Values `log_metric` added
+        at the same step stay. Otherwise (`log_metric`, one name at a time) they are added to the split's record."""
         latest = self.record["metrics"].setdefault(split, {})
-        latest.update({"step": int(step), **json_scalars(metrics)})
+        steps = self._value_steps.setdefault(split, {})
+        if complete:
+            for name in [name for name in latest if name != "step" and steps.get(name) != int(step)]:
+                del latest[name]
+        values = json_scalars(metrics)
+        latest.update({"step": int(step), **values})
+        steps.update(dict.fromkeys(values, int(step)))
         self._publish()
 
     def log_metric(self, name: str, value: float, step: int, split: str = "train") -> None:

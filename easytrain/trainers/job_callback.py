@@ -3,10 +3,10 @@
 Added to every `BaseTrainer` by default. At the first hook it joins the running job (a `job` block or
 decorated function around `train()`, or the `easytrain train` command), or opens its own in
 `output_dir`. It reports progress as steps mapped into `[progress_start, progress_end]` (the file is
-rewritten at least at every checkpoint), the latest train and eval metrics, and turns a stop request into
-`trainer.should_stop`, so the loop checkpoints after the current step. While the trainer trains, `log_metric`
-reaches the trainer's sinks, whoever opened the job. A job it opened it also ends: completed (a stop requested
-during the last step had nothing left to stop), stopped, or failed with the error.
+rewritten at least at every checkpoint), the latest train and eval metrics (each log replaces its split's record),
+and turns a stop request into `trainer.should_stop`, so the loop checkpoints after the current step. While the
+trainer trains, `log_metric` reaches the trainer's sinks, whoever opened the job. A job it opened it also ends:
+completed (a stop requested during the last step had nothing left to stop), stopped, or failed with the error.
 """
 
 from __future__ import annotations
@@ -129,8 +129,8 @@ class JobCallback(Callback):
 
     def on_log(self, trainer: Any, step: int, logs: Mapping[str, float]) -> None:
         if self.job is not None:
-            self.job.update_metrics("train", step, logs)
+            self.job.update_metrics("train", step, logs, complete=True)
 
     def on_evaluate(self, trainer: Any, step: int, metrics: Mapping[str, float]) -> None:
         if self.job is not None:
-            self.job.update_metrics("eval", step, metrics)
+            self.job.update_metrics("eval", step, metrics, complete=True)
