@@ -172,7 +172,7 @@ LORA_ONLY_FIELDS = ("lora_alpha", "lora_dropout", "lora_target_modules", "lora_t
 def check_lora_fields_apply(args: Any) -> None:
     """Refuse `lora_*` settings given (off their defaults) while `lora_rank` is 0 and no `lora_adapter_path` is set:
     the run would fine-tune every weight and ignore them without a word. A resume is left to the comparison with its
-    checkpoint (`resume_checks.lora_changes`): a full fine-tuning run saved before this check kept such a field in
+    checkpoint (`lora_record.lora_changes`): a full fine-tuning run saved before this check kept such a field in
     its arguments.json, and a LoRA run resumed without lora_rank is told to restore lora_rank, not to drop the rest."""
     if args.lora_rank or args.lora_adapter_path or args.resume_from_checkpoint:
         return

@@ -205,7 +205,7 @@ class DPOTrainer(DPORecordHooks, BaseTrainer):
         module = self._like_the_policy(module)
         if args.lora_adapter_path:  # read again on resume: refused if other values are there now
             values = nnx.to_pure_dict(nnx.state(module, self.trainable_filter))
-            self.adapter_read = checked_adapter_values(values, adapter_path=args.lora_adapter_path,
+            self.adapter_read = checked_adapter_values(values, adapter_path=args.lora_adapter_path, config=self.lora,
                                                        resume_from=self._resume_from)
         if not from_source:
             return module
@@ -280,7 +280,7 @@ class DPOTrainer(DPORecordHooks, BaseTrainer):
         if self.reference_is_initial_adapters:
             self._loaded_adapter = nnx.to_pure_dict(nnx.state(module, self.trainable_filter))
             if path := self.arguments.lora_adapter_path:  # read again on resume: refused if other values are there
-                self.adapter_read = checked_adapter_values(self._loaded_adapter, adapter_path=path,
+                self.adapter_read = checked_adapter_values(self._loaded_adapter, adapter_path=path, config=self.lora,
                                                            resume_from=self._resume_from)
         return module
 

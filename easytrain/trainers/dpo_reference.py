@@ -15,8 +15,9 @@ as `checked_adapter_values` does for the adapter a LoRA reference reads from `lo
 
 `precomputed_reference_logps` runs the reference model over every pair once, in one compiled pass,
 before training, and caches the result on disk under a key made of the data's and the reference
-weights' fingerprints; a second run (or a resumed one) with the same data and reference reads the
-cache instead of recomputing, and the reference's parameters are released before training starts.
+weights' fingerprints (and its adapters' scaling, which the weights do not show); a second run (or a resumed one)
+with the same data and reference reads the cache instead of recomputing, and the reference's parameters are
+released before training starts.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import optax
 import transformers
 from flax import nnx, traverse_util
 
-from easytrain import integrity, placement, sharding
+from easytrain import integrity, lora, placement, sharding
 from easytrain.checkpoint import CheckpointManager
 from easytrain.data import EvalBatches, RowSource
 from easytrain.errors import ArgumentError
@@ -45,6 +46,7 @@ from easytrain.models.scan import STACKED, stack_layer_dicts, unstack_layer_dict
 from easytrain.protocol import ConfiguredModel
 from easytrain.trainers import builders
 from easytrain.trainers.init_weights import float_leaves, resolved_source
+from easytrain.trainers.lora_record import LORA_CONFIG_KEY, config_changes, config_record, described
 
 logger = logging.getLogger("easytrain")
 CACHE_DIRNAME = "reference_logps"
@@ -170,14 +172,25 @@ def checked_reference_weights(module: nnx.Module, *, field: str, read_from: Path
     return record
 
 
-def checked_adapter_values(values: Any, *, adapter_path: str, resume_from: tuple[Path, int] | None) -> dict[str, Any]:
+def checked_adapter_values(values: Any, *, adapter_path: str, config: Any,
+                           resume_from: tuple[Path, int] | None) -> dict[str, Any]:
     """The run_info record (`LORA_ADAPTER`) of the adapter values read from `adapter_path` for the reference (the base
     with the adapter the run started from), digested per layer whatever scan_layers is. A resume reads the path
     again, so refuse other values found there now (another directory, or the same one re-written since): they would
-    bend every later loss without a word."""
+    bend every later loss without a word. Its LoRA `config` (the `LoRAConfig` read from there) is recorded and compared
+    too: another lora_alpha or use_rslora scales the same tensors into another reference."""
     record = {"read_from": str(Path(adapter_path).expanduser().absolute()),
-              "fingerprint": _adapter_digests(unstack_layer_dicts(values))}
+              "fingerprint": _adapter_digests(unstack_layer_dicts(values)),
+              LORA_CONFIG_KEY: config_record(config, adapter_path)}
     stored = stored_record(resume_from, LORA_ADAPTER)
+    before, now = stored.get(LORA_CONFIG_KEY) or {}, record[LORA_CONFIG_KEY]
+    if changes := config_changes(before, now):
+        raise ArgumentError("lora_adapter_path", f"the adapter config read from {record['read_from']} is not the one "
+                                                 f"this run started from, read from {stored.get('read_from')} "
+                                                 f"({described(changes, before, now)}). The DPO reference under LoRA "
+                                                 "is the base with the adapter the run started from, as its config "
+                                                 "scales it, read again from lora_adapter_path on resume. Restore that "
+                                                 "adapter_config.json, or start a new output_dir.")
     digests = _adapter_digests(_in_layout_of(values, stored.get("fingerprint") or {}))
     if stored.get("fingerprint") in (None, digests):
         return record
@@ -258,6 +271,12 @@ def _changed(expected: Mapping[str, Any] | None, digests: Mapping[str, Any]) -> 
         f" and {len(changed) - 5} more" if len(changed) > 5 else "")
 
 
+def adapter_scalings(value: Any) -> list[float]:
+    """The distinct LoRA scalings of a reference module's adapters (none for another value): a cache key part."""
+    return sorted({module.scaling for module in lora.lora_modules(value).values()}) if isinstance(
+        value, nnx.Module) else []
+
+
 def cache_key(data_fingerprint: str, reference_digests: Mapping[str, Any], settings: Mapping[str, Any]) -> str:
     """A name for one (data, reference weights, tokenisation settings) combination."""
     payload = json.dumps({"data": data_fingerprint, "reference": reference_digests, "settings": settings},
@@ -273,6 +292,8 @@ def precomputed_reference_logps(reference: Frozen, rows: RowSource, *, data_fing
                                 ) -> tuple[np.ndarray, bool]:
     """`[num_pairs, 2]` reference log-probs of (chosen, rejected) for every row, and whether they were
     read from the cache. The reference lives on the mesh only inside this function."""
+    if scalings := adapter_scalings(reference.value):  # not in the tensors' digests: another lora_alpha, same tensors
+        settings = {**settings, "lora_scalings": scalings}
     placed = place_frozen({"reference": reference}, mesh, rules)
     values, graphdef = placed.values["reference"], dict(placed.modules)["reference"]
     key = cache_key(data_fingerprint, integrity.fingerprint(values, integrity.SMALL_ON_HOST), settings)

@@ -16,13 +16,14 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
-from easytrain.argument_checks import OPTIMIZER_FIELDS, field_defaults
+from easytrain.argument_checks import OPTIMIZER_FIELDS
 from easytrain.config_io import ARGUMENTS_FILE
 from easytrain.data.position import DIGEST_KEY, compared_keys
 from easytrain.errors import ArgumentError
-from easytrain.lora_config import LORA_ONLY_FIELDS, targets_from_arguments, unused_lora_fields_error
 from easytrain.optim import SWITCH_ARGUMENTS, state_switches
 from easytrain.trainers.adapters import check_base
+from easytrain.trainers.lora_record import (  # noqa: F401 (lora_changes, LORA_FIELDS: importable from here as before)
+    LORA_FIELDS, check_lora_resume, lora_changes)
 from easytrain.trainers.restore_checks import stored_scan_layers
 
 logger = logging.getLogger("easytrain")
@@ -36,9 +37,6 @@ DATA_ORDER_FIELDS = ("seed", "train_batch_size", "dataset_name", "dataset_config
 # Changing these is allowed (e.g. training longer) but bends the learning-rate curve from the restored step on.
 SCHEDULE_FIELDS = ("max_steps", "num_train_epochs", "learning_rate", "lr_scheduler_type", "warmup_ratio",
                    "warmup_steps")
-# What the adapters are: a change would not fit (or not mean the same on) the checkpoint's adapters.
-LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_train_embeddings",
-               "lora_train_norms", "lora_use_rslora")
 # What the stored arrays are: another optimizer has other state, another param_dtype other dtypes.
 STATE_FIELDS = ("optimizer", "param_dtype")
 #: The run_info key recording whether `BaseTrainer.configure_optimizer` built the optimizer state from the arguments
@@ -121,11 +119,7 @@ def refuse_changes(run_info: dict[str, Any], current: dict[str, Any]) -> list[st
                                 "(a fresh optimizer state).")
     if from_arguments:  # else the restore's comparison of the state trees catches a layout that differs
         check_state_switches(stored_args, current_args)
-    if lora_diffs := lora_changes(stored_args, current_args):
-        raise ArgumentError(lora_diffs[0].split(":")[0], "the checkpoint's adapters were trained with other LoRA "
-                            "settings (" + "; ".join(lora_diffs) + "). Resume with the same lora_* arguments, or "
-                            "start a new output_dir." + rerun_hint(stored_args, current_args, shown=[
-                                diff.split(":")[0] for diff in lora_diffs]))
+    check_lora_resume(run_info, current, lambda shown: rerun_hint(stored_args, current_args, shown=shown))
     layout_changed = stored_scan_layers(run_info) not in (None, current_args.get("scan_layers"))
     if run_info.get("base_fingerprint") and layout_changed:
         raise ArgumentError("scan_layers", "the checkpoint's adapters were trained with scan_layers="
@@ -289,35 +283,6 @@ def rerun_hint(stored: dict[str, Any], current: dict[str, Any], shown: Collectio
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
-
-
-def lora_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """The `LORA_FIELDS` that differ, `key: a vs b`, where either run trains adapters. Where neither does (lora_rank 0
-    and no lora_adapter_path on both sides: full fine-tuning) they mean nothing, so none is compared (a run saved
-    before `check_lora_fields_apply` may hold one off its default); one given now, off its default and the
-    checkpoint's value, is refused as it is for a fresh run: it would have no effect."""
-    if any(args.get("lora_rank") or args.get("lora_adapter_path") for args in (stored, current)):
-        return _differences(_lora_settings(stored), _lora_settings(current),
-                            tuple(key for key in LORA_FIELDS if key in stored))
-    from easytrain.arguments import TrainingArguments  # here: the arguments module imports the trainers' checks
-
-    before, now = _lora_settings(stored), _lora_settings(current)
-    default = _lora_settings(field_defaults(TrainingArguments))
-    given = {name: current[name] for name in LORA_ONLY_FIELDS
-             if name in current and now[name] not in (before.get(name, default[name]), default[name])}
-    if given:
-        raise unused_lora_fields_error(given, f"the checkpoint's run fine-tunes every weight too; drop "
-                                              f"{', '.join('--' + name for name in given)} to resume it, or start a "
-                                              "new output_dir with --lora_rank (e.g. --init_weights_from this "
-                                              "checkpoint) to train LoRA adapters.")
-    return []
-
-
-def _lora_settings(args: dict[str, Any]) -> dict[str, Any]:
-    """The LoRA fields as compared: targets as `LoRAConfig` reads them (split at commas), names as a set (unordered)."""
-    targets = args.get("lora_target_modules")
-    targets = targets_from_arguments(targets) if isinstance(targets, (list, tuple)) else targets
-    return {**args, "lora_target_modules": sorted(set(targets)) if isinstance(targets, list) else targets}
 
 
 def _tokenizer_change(stored: dict[str, Any], current: dict[str, Any], stored_info: dict[str, Any],

@@ -17,6 +17,7 @@ from easytrain.checkpoint import CheckpointManager
 from easytrain.config_io import save_arguments
 from easytrain.errors import ArgumentError
 from easytrain.trainers import builders
+from easytrain.trainers.lora_record import LORA_CONFIG_KEY, config_record
 from easytrain.trainers.resume_checks import DEFAULT_OPTIMIZER_KEY, FORMAT_VERSION, config_dict
 from easytrain.trainers.run_dir import rerun_arguments
 
@@ -38,6 +39,8 @@ class RunRecordHooks:
                 DEFAULT_OPTIMIZER_KEY: builds_default_optimizer(self)}
         if task := merged_task_settings(self):  # compared on resume (`resume_checks`); none: no entry
             info["task_arguments"] = task
+        if self.lora is not None:  # the config in use, whichever route set it: compared on resume (`lora_record`)
+            info[LORA_CONFIG_KEY] = config_record(self.lora, self._arguments.lora_adapter_path)
         return info if self.base_fingerprint is None else {**info, "base_fingerprint": self.base_fingerprint}
 
     def task_settings(self) -> dict[str, Any]:
