@@ -22,15 +22,20 @@ from easytrain.lora_config import (LoRAConfig, LoRAConfigError, as_argument_erro
 from easytrain.models import save_pretrained
 from easytrain.models.hf_export import ADAPTER_DIRNAME, remove_earlier_model
 from easytrain.models.peft_io import load_peft_adapter, read_peft_config, save_peft_adapter
+from easytrain.trainers.lora_record import check_source_lora
 
 
 def run_config(args: Any) -> LoRAConfig | None:
-    """The run's `LoRAConfig`: from `lora_adapter_path`'s adapter_config.json when set, else from the `lora_*`
-    arguments (None when `lora_rank` is 0)."""
+    """The run's `LoRAConfig`: from `lora_adapter_path`'s adapter_config.json when set (read again at every start:
+    a resume compares it with the one its checkpoint recorded, `lora_record`), else from the `lora_*` arguments
+    (None when `lora_rank` is 0); refused when `init_weights_from` names adapters of another rank or scaling."""
     if not args.lora_adapter_path:
-        return from_arguments(args)
-    config, _ = read_peft_config(args.lora_adapter_path)
-    check_adapter_fields(args, config)
+        config = from_arguments(args)
+    else:
+        config, _ = read_peft_config(args.lora_adapter_path)
+        check_adapter_fields(args, config)
+    if args.init_weights_from:
+        check_source_lora(args.init_weights_from, config, args.lora_adapter_path)
     return config
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -32,7 +33,10 @@ from easytrain.checkpoint import CheckpointNotFoundError, finalized_steps, resol
 from easytrain.errors import ArgumentError, CheckpointReadError
 from easytrain.models.scan import STACKED, abstract_layer, abstract_stack
 from easytrain.state import TrainState
+from easytrain.trainers.lora_record import source_run_info
 from easytrain.trainers.resume import first_invalid_json, innermost
+
+logger = logging.getLogger("easytrain")
 
 VariablePath = tuple[str, ...]
 #: The `TrainState` fields that hold module variables (`base` is never in a checkpoint).
@@ -250,12 +254,32 @@ def initialise_from(source: str, state: TrainState, shardings: TrainState, *, lo
         raise ArgumentError("init_weights_from", f"{source} does not fit this model ({len(problems)} tensor(s): "
                                                  f"{shown}). Use weights of the same architecture (model_config or "
                                                  "model_name_or_path), or resume_from_checkpoint to continue a run.")
+    warn_other_base(source, state.base)
     replaced = {part: jax.tree.map(lambda x: x, getattr(state, part)) for part in MODULE_PARTS}
     for path, (part, inner) in ours.items():
         if path in theirs:
             value = jax.device_put(theirs[path], wanted[path].sharding).astype(wanted[path].dtype)
             _assign(replaced[part], inner, value)
     return state.replace(**replaced)
+
+
+def warn_other_base(source: str, base: Any) -> None:
+    """Warn when `source` is a LoRA checkpoint whose adapters were trained on another frozen base than `base` (this
+    run's, from model_name_or_path): they start here as asked, but compute another function than in the source run.
+    A warning, not a refusal: a new run may move adapters onto a related base on purpose (a resume, which must
+    continue the same function, refuses it). Compared by the digests the source recorded (`base_fingerprint`)."""
+    if not base or not (recorded := source_run_info(source).get("base_fingerprint")):
+        return
+    actual = integrity.fingerprint(base)
+    if not (common := recorded.keys() & actual.keys()):
+        logger.info("init_weights_from %s: its base was recorded in another scan_layers layout; not compared with "
+                    "this run's", source)
+        return
+    if changed := sorted(name for name in common if recorded[name] != actual[name]):
+        logger.warning("init_weights_from %s: its adapters were trained on another base than this run's (%d of %d "
+                       "tensor(s) differ: %s): they start on this base as asked, computing another function than in "
+                       "the source run. Pass the source run's model_name_or_path to start from its function.", source,
+                       len(changed), len(common), ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else ""))
 
 
 def _leaf(tree_owner: Any, part: str, inner: VariablePath) -> Any:
