@@ -205,12 +205,24 @@ def _targets(model: nnx.Module, config: LoRAConfig) -> dict[ModulePath, Dense]:
                                                     f"{names}{also}.")
         return _without_saved_modules(chosen, config)
     unused = [t for t in config.target_modules if not any(matches(hf_module_name(p), (t,)) for p in dense)]
+    _check_tied_head(model, unused)
     if unused and (config.strict_targets or not chosen):
         raise LoRAConfigError("target_modules", f"{unused} match no dense layer of this model; its dense "
                                                 f"layers are named {names}{also}.")
     if unused:
         logger.info("target_modules %s match no dense layer of this model; skipped, as PEFT skips them", unused)
     return _without_saved_modules(chosen, config)
+
+
+def _check_tied_head(model: nnx.Module, unused: list[str]) -> None:
+    """Refuse a head target on a model whose head is its input embedding (``tie_word_embeddings``): there is no head
+    layer to adapt here, and PEFT, which adapts the tied head, would compute another model (not skipped)."""
+    head = [t for t in unused if t == "lm_head" or t.endswith(".lm_head")]
+    if head and getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        raise LoRAConfigError("target_modules", f"{head} names the output head, which is tied to the input "
+                                                "embeddings in this base (tie_word_embeddings): it has no head layer "
+                                                "of its own to adapt. Drop lm_head from target_modules (or train the "
+                                                "tied embedding in full with train_embeddings).")
 
 
 def _listed(names: list[str]) -> str:
