@@ -31,7 +31,7 @@ def arguments(output_dir: Path, **fields) -> TrainingArguments:
 @pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
 def test_a_model_folder_without_tokenizer_files_is_refused_by_field(tmp_path, model_type):
     base = checkpoint(tmp_path / "base", model_type, with_tokenizer=False)
-    with pytest.raises(ArgumentError, match="model_name_or_path.*no tokens.*--tokenizer_name"):
+    with pytest.raises(ArgumentError, match="model_name_or_path.*no token but its special ones.*--tokenizer_name"):
         BaseTrainer(arguments(tmp_path / "run", model_name_or_path=str(base))).setup()
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
 
@@ -39,7 +39,7 @@ def test_a_model_folder_without_tokenizer_files_is_refused_by_field(tmp_path, mo
 def test_a_tokenizer_folder_without_tokenizer_files_is_refused_by_field(tmp_path):
     base = checkpoint(tmp_path / "base", "qwen2", with_tokenizer=True)
     empty = checkpoint(tmp_path / "empty", "qwen2", with_tokenizer=False)
-    with pytest.raises(ArgumentError, match="tokenizer_name.*no tokens"):
+    with pytest.raises(ArgumentError, match="tokenizer_name.*no token but its special ones"):
         BaseTrainer(arguments(tmp_path / "run", model_name_or_path=str(base), tokenizer_name=str(empty))).setup()
 
 
@@ -48,3 +48,20 @@ def test_a_model_folder_with_its_tokenizer_trains(tmp_path):
     trainer = BaseTrainer(arguments(tmp_path / "run", model_name_or_path=str(base)))
     trainer.setup()
     assert trainer.tokenizer("12+34=46", add_special_tokens=False).input_ids
+
+
+def test_a_tokenizer_that_drops_unknown_characters_is_not_refused(tmp_path):
+    """A domain tokenizer (DNA letters, no unknown token) encodes common text to nothing and is still a tokenizer:
+    only one without any token but its special ones is refused."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from easytrain.trainers.builders import load_tokenizer
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="removed")
+    bpe.train_from_iterator(["ACGTTGCAACGGTTAC GATTACA CCGGTTAA"] * 50,
+                            trainers.BpeTrainer(vocab_size=40, special_tokens=["<s>", "</s>", "<pad>"]))
+    PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>",
+                            pad_token="<pad>").save_pretrained(tmp_path)
+    assert load_tokenizer("tokenizer_name", tmp_path)("GATTACA", add_special_tokens=False).input_ids

@@ -120,24 +120,24 @@ def build_tokenizer(args: TrainingArguments, *, embedded: bool) -> transformers.
 
 TOKENIZER_FILES_FIX = ("Pass a directory holding tokenizer files (tokenizer.json, tokenizer_config.json; "
                        "save_pretrained writes them) or the id of a hub model that has them.")
-#: Text any real tokenizer turns into tokens (known pieces or its unknown token).
-TOKENIZER_PROBE = "a 1"
 
 
 def load_tokenizer(field: str, name: str | os.PathLike) -> transformers.PreTrainedTokenizerBase:
-    """`AutoTokenizer.from_pretrained(name)`; what cannot be loaded, or encodes text to nothing, is an
+    """`AutoTokenizer.from_pretrained(name)`; what cannot be loaded, or has no token but its special ones, is an
     `ArgumentError` naming `field`. A model folder without tokenizer files still loads for some families
     (Qwen2's tokenizer class from config.json, with no vocabulary): every text would become no tokens, the
-    run would train on EOS ids alone and export that tokenizer."""
+    run would train on EOS ids alone and export that tokenizer. (A tokenizer that drops what it cannot
+    encode, as a DNA tokenizer without an unknown token does, is one.)"""
     tokenizer = load_pretrained(field, name, transformers.AutoTokenizer.from_pretrained, "a tokenizer",
                                 TOKENIZER_FILES_FIX)
-    if not tokenizer(TOKENIZER_PROBE, add_special_tokens=False).input_ids:
+    special = set(tokenizer.all_special_ids)
+    if all(index in special for index in tokenizer.get_vocab().values()):
         fix = TOKENIZER_FILES_FIX if field != "model_name_or_path" else (
             "Save the model's tokenizer into that folder (tokenizer.save_pretrained(DIR)), or pass "
             "--tokenizer_name DIR of a folder that has it.")
         raise ArgumentError(field, f"the tokenizer loaded from {os.fspath(name)!r} ({type(tokenizer).__name__}, "
-                                   f"{len(tokenizer)} tokens) encodes {TOKENIZER_PROBE!r} to no tokens: the folder "
-                                   f"holds no tokenizer files. {fix}")
+                                   f"{len(tokenizer)} tokens) has no token but its special ones, so every text "
+                                   f"encodes to nothing: the folder holds no tokenizer files. {fix}")
     return tokenizer
 
 
