@@ -25,6 +25,7 @@ from easytrain.trainers.adapters import check_base
 from easytrain.trainers.lora_record import (  # noqa: F401 (lora_changes, LORA_FIELDS: importable from here as before)
     LORA_FIELDS, check_lora_resume, lora_changes)
 from easytrain.trainers.restore_checks import stored_scan_layers
+from easytrain.trainers.run_dir import LAUNCH_FIELDS
 
 logger = logging.getLogger("easytrain")
 
@@ -59,8 +60,10 @@ ARCHITECTURE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_si
                      "max_window_layers", "layer_types")
 
 
-# Arguments that say how to start, not what the run is: they differ on every resume and are not listed.
-FREE_ON_RESUME = ("resume_from_checkpoint", "overwrite_output_dir", "allow_data_order_change")
+# Arguments that say how to start, not what the run is: they differ on every resume and are not listed. The launch
+# fields too (`LAUNCH_FIELDS`): a checkpoint's run_info records process 0's, while each process has its own
+# `process_id` and each launch its own coordinator. Left out here, not from run_info, so older checkpoints resume too.
+FREE_ON_RESUME = ("resume_from_checkpoint", "overwrite_output_dir", "allow_data_order_change", *LAUNCH_FIELDS)
 #: How many differing arguments a refusal lists (then "and N more").
 MAX_LISTED = 8
 

@@ -55,17 +55,18 @@ def resumes_own_checkpoints(output_dir: Path, resume: tuple[Path, int] | None) -
     return resume is not None and resume[0].resolve() == (Path(output_dir) / CHECKPOINTS_DIRNAME).resolve()
 
 
-def rerun_arguments(args: TrainingArguments) -> TrainingArguments:
+def rerun_arguments(args: TrainingArguments, task: str | None = None) -> TrainingArguments:
     """The arguments `arguments.json` records, so that `--config arguments.json` reruns the job where it stands:
     from its newest checkpoint (`resume_from_checkpoint='latest'`, not an old step it was once resumed from, whose
     newer checkpoints a rerun would set aside) and never removing it (`overwrite_output_dir=False`). The values
     given stay in every checkpoint's run_info. A `greater_is_better` inferred from the metric's name is inferred
     again in the copy (given as the resolved value, it would count as given and be saved so). The launch fields
     (`LAUNCH_FIELDS`) are left unset: they are process 0's, and a rerun on one process would wait forever as the
-    coordinator of the old job, two hosts given them would both claim process 0."""
+    coordinator of the old job, two hosts given them would both claim process 0. `task`, where given, replaces the
+    argument's (the task of the trainer that ran: `run_record.recorded_task`)."""
     direction = None if direction_inferred(args) else args.greater_is_better
     return dataclasses.replace(args, resume_from_checkpoint="latest", overwrite_output_dir=False,
-                               greater_is_better=direction, **dict.fromkeys(LAUNCH_FIELDS))
+                               greater_is_better=direction, task=task or args.task, **dict.fromkeys(LAUNCH_FIELDS))
 
 
 #: How one launch joins its processes (`jax.distributed`), given per host: not saved for a rerun.

@@ -5,21 +5,28 @@ job, and the checkpoint manager that writes the checkpoints.
 A trainer's own settings a resume must keep come from `task_settings()`, merged over the class chain by
 `run_info` (`merged_task_settings`): an override returns only its class's settings and cannot drop a parent's, as a
 `run_info` override replacing `task_arguments` would (SFT's packing and masking settings under a subclass).
+
+Both records name the task of the class that runs (`recorded_task`), not only the `task` argument as given: an
+SFTTrainer built in Python keeps the default 'lm' there, and its arguments.json would not load as SFT's.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from easytrain.checkpoint import CheckpointManager
 from easytrain.config_io import save_arguments
 from easytrain.errors import ArgumentError
+from easytrain.tasks.registry import Task, resolve_task
 from easytrain.trainers import builders
 from easytrain.trainers.lora_record import LORA_CONFIG_KEY, config_record
 from easytrain.trainers.resume_checks import DEFAULT_OPTIMIZER_KEY, FORMAT_VERSION, config_dict
 from easytrain.trainers.run_dir import rerun_arguments
+
+logger = logging.getLogger("easytrain")
 
 
 class RunRecordHooks:
@@ -32,7 +39,8 @@ class RunRecordHooks:
 
     def run_info(self) -> dict[str, Any]:
         """Everything besides arrays that a checkpoint must carry to be resumed or audited."""
-        info = {"format_version": FORMAT_VERSION, "arguments": self._arguments.to_dict(),
+        arguments = {**self._arguments.to_dict(), "task": self.running_task()}  # as arguments.json names it
+        info = {"format_version": FORMAT_VERSION, "arguments": arguments,
                 "model_config": config_dict(self.model_config),
                 "tokenizer_fingerprint": builders.tokenizer_fingerprint(getattr(self, "tokenizer", None)),
                 "mesh": {"devices": self.mesh.size, "shape": dict(self.mesh.shape)},  # a resume elsewhere warns
@@ -59,7 +67,54 @@ class RunRecordHooks:
         """`arguments.json`: the run's arguments and `task_arguments`, as a rerun continues them (process 0)."""
         if not self.is_main_process:
             return None
-        return save_arguments(rerun_arguments(self._arguments), self._arguments.output_dir, self.task_arguments)
+        return save_arguments(rerun_arguments(self._arguments, task=self.running_task()), self._arguments.output_dir,
+                              self.task_arguments)
+
+    def running_task(self) -> str:
+        """The task both records name for this trainer's class (`recorded_task`), decided once per trainer."""
+        if (task := self.__dict__.get("_recorded_task")) is None:
+            task = self.__dict__["_recorded_task"] = recorded_task(type(self), self._arguments.task)
+        return task
+
+
+def recorded_task(trainer_class: type, given: str) -> str:
+    """The task that rebuilds `trainer_class` from the command line, for arguments.json and run_info: `given` where it
+    builds that class (the CLI's run) or names a factory (which built this trainer, as far as can be told); else the
+    class's own registered task (an SFTTrainer built in Python: 'sft'); else its 'package.module:Class' path, where
+    the CLI can import it (a subclass defined in a module). A class defined in a script (`__main__`) or a function has
+    neither: its nearest registered base class's task, whose arguments the file holds, with a note (INFO) that the
+    CLI rebuilds that class, not this one."""
+    built = _target(given)
+    if built is trainer_class or (built is not None and not isinstance(built, type)):
+        return given
+    if (own := _registered_name(trainer_class)) is not None:
+        return own
+    module, name = trainer_class.__module__, trainer_class.__qualname__
+    if module != "__main__" and "<locals>" not in name and _target(path := f"{module}:{name}") is trainer_class:
+        return path
+    base, task = next(((cls, task) for cls in trainer_class.__mro__[1:] if (task := _registered_name(cls) or (
+        given if cls is built else None))), (None, given))
+    # INFO, not a warning: every script's own subclass lands here, and its run is right; only a CLI rerun would differ.
+    logger.info("arguments.json names task %r: `easytrain train --config` rebuilds %s from it, not %s, which it "
+                   "cannot import (defined in %s). To rerun %s itself, define it in an importable module (the file "
+                   "then names 'package.module:%s') or register it with @easytrain.register_task.", task,
+                   getattr(base, "__name__", "that task's trainer"), trainer_class.__name__,
+                   "a function" if "<locals>" in name else module, trainer_class.__name__, trainer_class.__name__)
+    return task
+
+
+def _registered_name(cls: type) -> str | None:
+    """The task `cls` registered itself as (`@register_task` on the class, not inherited), while it still builds it."""
+    mark = vars(cls).get("__easytrain_task__")
+    return mark.name if isinstance(mark, Task) and _target(mark.name) is cls else None
+
+
+def _target(task: str) -> Any:
+    """What `--task task` builds, or None where it builds nothing (an unknown name, a plugin that fails to load)."""
+    try:
+        return resolve_task(task).target
+    except Exception:  # noqa: BLE001 - a task the CLI could not load either: another name is sought
+        return None
 
 
 def merged_task_settings(trainer: Any) -> dict[str, Any]:
