@@ -48,7 +48,8 @@ class LanguageModelHooks:
         builders.check_max_length(args, self.model_config)
         splits = builders.raw_datasets(args, self._raw_train, self._raw_eval)
         if embedded and not self.evaluators and "validation" in splits and self.wants_metric("exact_match"):
-            self.evaluators.append(arithmetic_exact_match(splits["validation"], self.tokenizer))
+            limit = min(256, args.max_eval_samples or 256)  # eval_loss's cap: the rows max_eval_samples keeps
+            self.evaluators.append(arithmetic_exact_match(splits["validation"], self.tokenizer, limit))
         return lm_blocks.lm_blocks(args, self.tokenizer, splits, vocab_size=vocab_size_of(self.model_config))
 
     def collate(self, rows: Mapping[str, np.ndarray], example_ids: np.ndarray) -> dict[str, np.ndarray]:

@@ -72,7 +72,7 @@ def build_trainer(options: argparse.Namespace) -> BaseTrainer:
         resume_from_checkpoint="latest" if options.resume else None,
         save_strategy="steps" if checkpointing else "no", save_steps=1000, max_steps=5, max_length=32,
         train_batch_size=16, eval_batch_size=16, logging_steps=1, eval_strategy="no", report_to=["jsonl"],
-        disable_progress_bar=True, save_pretrained_at_end=False, max_train_samples=128, max_eval_samples=16,
+        disable_progress_bar=True, save_pretrained_at_end=False, max_train_samples=128, max_eval_samples=32,
         warmup_steps=0, data_parallel_size=options.data, fsdp_size=options.fsdp,
         tensor_parallel_size=options.tensor, gradient_accumulation_steps=options.accumulation,
         attention_implementation=options.attention, scan_layers=options.scan,
