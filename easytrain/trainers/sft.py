@@ -30,7 +30,7 @@ from easytrain.data.sources import evaluation_examples
 from easytrain.data.sft import FORMAT_COLUMNS, LANGUAGE_MODELING
 from easytrain.data.token_range import rows_of, vocab_size_of
 from easytrain.errors import ArgumentError
-from easytrain.evaluators import CompletionMetrics
+from easytrain.evaluators import CompletionMetrics, generation_problem
 from easytrain.tasks import arithmetic
 from easytrain.tasks.registry import register_task
 from easytrain.trainers import builders
@@ -132,10 +132,25 @@ class SFTTrainer(BaseTrainer):
                                                              self._data_options())
             new_tokens = generation_length(prompts, sft.max_new_tokens, args.max_length, self.model_config,
                                            asked=sft.generation_eval_samples > 0)
-            self.evaluators.append(CompletionMetrics(prompts, references, self.tokenizer, max_new_tokens=new_tokens,
-                                                     compute_metrics=self.answer_metrics))
+            evaluator = CompletionMetrics(prompts, references, self.tokenizer, max_new_tokens=new_tokens,
+                                          compute_metrics=self.answer_metrics)
+            self.evaluators.append(evaluator)
+            self._asked_generation = evaluator if sft.generation_eval_samples > 0 else None
         self._report_data_stats()
         return rows["train"], rows.get("validation")
+
+    #: The generation evaluator `generation_eval_samples > 0` asked for: refused, not left out, where it cannot run.
+    _asked_generation: CompletionMetrics | None = None
+
+    def _keep_usable_evaluators(self, module: Any) -> None:
+        """As `BaseTrainer`'s, but the evaluation `generation_eval_samples` asked for is refused by that name on a
+        module that cannot generate (the embedded task's own, unasked, is left out with a warning)."""
+        samples, asked = self.sft_arguments.generation_eval_samples, self._asked_generation
+        if asked is not None and any(e is asked for e in self.evaluators) and (problem := generation_problem(module)):
+            raise ArgumentError("generation_eval_samples", f"{samples} asks for exact_match on greedy completions, "
+                                f"and {problem}; pass --generation_eval_samples 0, or give the module init_cache() "
+                                "and decode() (as easytrain.models.LlamaForCausalLM has).")
+        super()._keep_usable_evaluators(module)
 
     def prepare_eval_dataset(self, dataset: Any) -> RowSource:
         """Another eval set's examples (a `datasets.Dataset`), tokenised (and packed) as the configured one's."""
