@@ -50,6 +50,7 @@ def resolve_mesh_shape(sizes: dict[str, int], num_devices: int) -> dict[str, int
     for name, size in sizes.items():
         if size != -1 and size < 1:
             raise ArgumentError(MESH_FIELDS.get(name, name), f"must be a positive size or -1, got {size}.")
+    given = {MESH_FIELDS.get(name, name): size for name, size in sizes.items() if size > 1}  # as the user gave them
     unknown = [name for name, size in sizes.items() if size == -1]
     if len(unknown) > 1 and "data" in unknown:
         sizes = {**sizes, "data": 1}
@@ -60,13 +61,13 @@ def resolve_mesh_shape(sizes: dict[str, int], num_devices: int) -> dict[str, int
                             "devices left over); give the others a size.")
     known = math.prod(size for size in sizes.values() if size != -1)
     if unknown:
-        if num_devices % known:
-            given = {MESH_FIELDS.get(name, name): size for name, size in sizes.items() if size != -1}
-            culprit = max((name for name, size in given.items() if size > 1), key=given.get, default=None)
-            raise ArgumentError(culprit or MESH_FIELDS.get(unknown[0], unknown[0]),
-                                f"{num_devices} devices are not divisible by "
-                                f"{' * '.join(f'{name}={size}' for name, size in given.items())} = {known}; choose "
-                                f"sizes whose product divides {num_devices}.")
+        if num_devices % known:  # known > 1, so some size the user gave is > 1
+            product = " * ".join(f"{name}={size}" for name, size in given.items())
+            product += f" = {known}" if len(given) > 1 else ""
+            problem = (f"{product} needs {known} devices, but {num_devices} are available" if known > num_devices
+                       else f"{num_devices} devices are not divisible by {product}")
+            raise ArgumentError(max(given, key=given.get), f"{problem}; choose sizes whose product divides "
+                                                           f"{num_devices}.")
         sizes = {**sizes, unknown[0]: num_devices // known}
     if math.prod(sizes.values()) != num_devices:
         shown = ", ".join(f"{MESH_FIELDS.get(name, name)}={size}" for name, size in sizes.items())
