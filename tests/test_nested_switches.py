@@ -83,3 +83,25 @@ def test_a_switch_no_submodule_has_is_refused_by_name(tmp_path):
         apply_switches(plain, tiny(tmp_path, scan_layers=True), "cpu")
     assert caught.value.field == "scan_layers"
     apply_switches(plain, tiny(tmp_path), "cpu")  # the defaults ask for nothing
+
+
+class OwnBlock(nnx.Module):
+    """A user's block with attributes named like the switches, of its own meaning."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.linear = nnx.Linear(4, 4, rngs=rngs)
+        self.remat, self.attention_implementation = True, "ring"
+
+
+class OwnModel(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.block = OwnBlock(rngs)
+
+
+def test_a_users_own_submodule_attributes_named_like_switches_are_left_alone(tmp_path):
+    """Only the module itself or an easytrain model inside it takes a switch: a user's block keeps its own `remat`
+    and `attention_implementation` under the default arguments."""
+    with nnx.use_eager_sharding(False):
+        model = OwnModel(nnx.Rngs(0))
+    apply_switches(model, tiny(tmp_path), "cpu")
+    assert model.block.remat is True and model.block.attention_implementation == "ring"

@@ -1,10 +1,11 @@
 """The model switches the training arguments set on a module before it is placed (`BaseTrainer.adapt_module`):
 `remat` (`remat_policy`), `scan_layers` and `attention_implementation`.
 
-Each is set on every submodule that has the attribute (a Llama held by a wrapper module, as `super().create_module()`
-inside a custom `create_module` builds it, gets the run's layout too). A module none of whose submodules has one of
-these attributes accepts only the argument's default: the switch would otherwise be silently ignored, and the user
-would measure a run that is not the one they asked for.
+A switch is set on the module itself when it has the attribute; otherwise on the outermost easytrain models inside it
+(a Llama held by a wrapper module, as `super().create_module()` inside a custom `create_module` builds it, gets the
+run's layout too). A user's own submodules are never touched: an attribute of the same name there may mean something
+else. A module that takes none of these switches accepts only the argument's default: the switch would otherwise be
+silently ignored, and the user would measure a run that is not the one they asked for.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ def apply_switches(module: nnx.Module, args: Any, platform: str) -> None:
 
 
 def set_switch(module: nnx.Module, attribute: str, value: Any, default: Any, field: str, otherwise: str) -> None:
-    """`<attribute> = value` on every submodule of `module` (itself included) that has the attribute; a module
-    without any such submodule accepts only the argument's default."""
+    """`<attribute> = value` on `module`, or on the easytrain models it holds (`_owners`); a module with neither
+    accepts only the argument's default."""
     owners = _owners(module, attribute)
     for owner in owners:
         setattr(owner, attribute, value)
@@ -39,8 +40,13 @@ def set_switch(module: nnx.Module, attribute: str, value: Any, default: Any, fie
 
 
 def _owners(module: Any, attribute: str) -> list[Any]:
-    """The submodules of `module` (itself included) that have `attribute`, listed before any is changed (setting
-    `scan_layers` restacks layers, which changes the graph being walked)."""
-    if not isinstance(module, nnx.Module):
+    """`module` if it has `attribute`; else the outermost easytrain models inside it that have it, listed before any
+    is changed (setting `scan_layers` restacks layers, which changes the graph being walked)."""
+    if hasattr(module, attribute) or not isinstance(module, nnx.Module):
         return [module] if hasattr(module, attribute) else []
-    return [node for _, node in nnx.iter_modules(module) if hasattr(node, attribute)]
+    found: dict[tuple, Any] = {}
+    for path, node in sorted(nnx.iter_modules(module), key=lambda item: len(item[0])):  # outermost first
+        if (hasattr(node, attribute) and type(node).__module__.startswith("easytrain.")
+                and not any(path[:len(owner)] == owner for owner in found)):
+            found[tuple(path)] = node
+    return list(found.values())
