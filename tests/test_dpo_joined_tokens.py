@@ -1,7 +1,8 @@
-"""Preference pairs of strings are tokenised as two whole texts, prompt + chosen and prompt + rejected, as the model
-reads them: tokenised apart, a SentencePiece-style tokenizer (one that prepends '▁' to every text it encodes) gives
-[..., '▁French:', '▁', '▁bonjour'], a second space the data never had. Both sequences still share their first
-``prompt_length`` tokens: the tokens the two joined texts have in common that lie within the prompt."""
+"""Preference pairs of strings that do not read the same tokenised apart are tokenised as two whole texts, prompt +
+chosen and prompt + rejected, as the model reads them: tokenised apart, a SentencePiece-style tokenizer (one that
+prepends '▁' to every text it encodes) gives [..., '▁French:', '▁', '▁bonjour'], a second space the data never had.
+Both sequences still share their first ``prompt_length`` tokens: the tokens the two joined texts have in common that
+lie within the prompt."""
 
 import os
 

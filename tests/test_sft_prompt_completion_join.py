@@ -1,7 +1,8 @@
-"""Prompt-completion strings are tokenised as one text, as the model reads them, and the completion's tokens are
-found from character offsets: tokenising prompt and completion apart gives a SentencePiece-style tokenizer (one
-that prepends '▁' to every text it encodes) a second '▁' at the boundary, so the model would train on
-'French:  bonjour' for the documented {"prompt": "...French:", "completion": " bonjour"}."""
+"""Prompt-completion strings whose apart tokenisation does not read as the joined text are tokenised as one text,
+and the completion's tokens are found from character offsets: tokenising prompt and completion apart gives a
+SentencePiece-style tokenizer (one that prepends '▁' to every text it encodes) a second '▁' at the boundary, so the
+model would train on 'French:  bonjour' for the documented {"prompt": "...French:", "completion": " bonjour"}.
+Where apart is faithful (byte-level BPE), the rows stay tokenised apart (tests/test_tokenise_apart_when_faithful.py)."""
 
 import os
 

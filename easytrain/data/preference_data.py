@@ -5,9 +5,9 @@ prompt message list and two completion message lists), or only ``chosen`` + ``re
 conversations whose longest common message prefix is the prompt (``split_implicit_prompt``).
 
 Both sequences start with the same ``prompt_length`` prompt tokens (``preference_tokens``: strings are
-tokenised as the joined texts prompt + chosen and prompt + rejected, a chat prompt is rendered once), so
-a log-ratio never sees a prompt-side difference such as a doubled BOS or a template mismatch. Special
-tokens follow SFT (``easytrain.data.sft``): exactly one leading BOS, and an EOS appended (and
+tokenised apart where that reads as the joined texts, else as prompt + chosen and prompt + rejected joined;
+a chat prompt is rendered once), so a log-ratio never sees a prompt-side difference such as a doubled BOS or a
+template mismatch. Special tokens follow SFT (``easytrain.data.sft``): exactly one leading BOS, and an EOS appended (and
 supervised) unless the completion already ends with one. ``loss_mask`` is 1 on completion tokens
 only, EOS included, taken from the token boundary and never from token ids, so ``pad == eos`` cannot
 unmask the EOS.

@@ -1,14 +1,15 @@
 """One preference row -> the prompt's ids and each response's ids and mask, before special tokens and truncation.
 
-Strings are tokenised as two whole texts, ``prompt + chosen`` and ``prompt + rejected``, the texts the model reads:
-tokenised apart, a SentencePiece-style tokenizer (one that prepends '▁' to every text it encodes, as Llama's legacy
-converter and Metaspace ``prepend_scheme="first"``/``"always"`` do) would read ``"French:" + " bonjour"`` as
-``'▁French:', '▁', '▁bonjour'``, a second space the data never had. Each response's tokens are found as in SFT
-(``prompt_completion.completion_tokens``: by character offsets, a token ending after the prompt is the response's,
-so one that straddles the boundary is supervised). The prompt is the tokens both joined texts share that lie within
-it; a token past those that still lies within the prompt (the two texts split the prompt's end differently) stays
-in its sequence, unsupervised, so a log-ratio never weighs a prompt-side difference. For byte-level BPE, where
-prompt and responses split cleanly, this is the three texts tokenised apart.
+Strings follow SFT's rule (``prompt_completion``), per pair: where both ``prompt + chosen`` and ``prompt + rejected``
+read the same tokenised apart as whole, the three texts are tokenised apart (the prompt's ids are what generation is
+given for it, and the ids are those easytrain gave before joined tokenisation, so older runs' data digests match).
+Otherwise (a SentencePiece-style tokenizer, one that prepends '▁' to every text it encodes, reads ``"French:" +
+" bonjour"`` apart as ``'▁French:', '▁', '▁bonjour'``, a second space the data never had) both sequences are the
+joined texts, each response's tokens found as in SFT (``prompt_completion.completion_tokens``: by character offsets,
+a token ending after the prompt is the response's, so one that straddles the boundary is supervised). The prompt is
+then the tokens both joined texts share that lie within it; a token past those that still lies within the prompt
+(the two texts split the prompt's end differently) stays in its sequence, unsupervised, so a log-ratio never weighs
+a prompt-side difference.
 
 Message lists are rendered whole by the chat template (the prompt once more with the generation prompt, which must
 be a token prefix of both), so each completion is what follows the rendered prompt.
@@ -24,8 +25,8 @@ from transformers import PreTrainedTokenizerBase
 from easytrain.data.chat_templates import Message, chat_template_of, drop_none, parse_tools, render_chat
 from easytrain.data.errors import DataError
 from easytrain.data.message_content import messages_for_template
-from easytrain.data.prompt_completion import completion_tokens
-from easytrain.data.special_tokens import typed_field
+from easytrain.data.prompt_completion import common_prefix, completion_tokens, reads_as_joined
+from easytrain.data.special_tokens import encode_text, typed_field
 
 #: A response's ids and mask (1 on its supervised tokens).
 Response = tuple[list[int], list[int]]
@@ -52,9 +53,19 @@ def pair_tokens(example: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase,
                 "give three strings, or three message lists. For full conversations in "
                 "'chosen'/'rejected', drop the 'prompt' column (`dataset.remove_columns('prompt')`)."
             )
-        return joined_pair_tokens(tokenizer, example["prompt"], example["chosen"], example["rejected"])
+        return string_pair_tokens(tokenizer, example["prompt"], example["chosen"], example["rejected"])
     return _render_pair(typed_field(example, "prompt", list), typed_field(example, "chosen", list),
                         typed_field(example, "rejected", list), tokenizer, chat_template, example.get("tools"))
+
+
+def string_pair_tokens(tokenizer: PreTrainedTokenizerBase, prompt: str, chosen: str,
+                       rejected: str) -> tuple[list[int], Response, Response]:
+    """The three texts tokenised apart where both sequences read as their joined texts, else ``joined_pair_tokens``."""
+    prompt_ids, chosen_ids, rejected_ids = (encode_text(tokenizer, text) for text in (prompt, chosen, rejected))
+    if all(reads_as_joined(tokenizer, (prompt_ids, ids), prompt + response)
+           for ids, response in ((chosen_ids, chosen), (rejected_ids, rejected))):
+        return prompt_ids, (chosen_ids, [1] * len(chosen_ids)), (rejected_ids, [1] * len(rejected_ids))
+    return joined_pair_tokens(tokenizer, prompt, chosen, rejected)
 
 
 def joined_pair_tokens(tokenizer: PreTrainedTokenizerBase, prompt: str, chosen: str,
@@ -64,11 +75,6 @@ def joined_pair_tokens(tokenizer: PreTrainedTokenizerBase, prompt: str, chosen: 
     shared = min(common_prefix(sides[0][0], sides[1][0]), *(_unsupervised_prefix(mask) for _, mask in sides))
     chosen_side, rejected_side = ((ids[shared:], mask[shared:]) for ids, mask in sides)
     return sides[0][0][:shared], chosen_side, rejected_side
-
-
-def common_prefix(first: Sequence[int], second: Sequence[int]) -> int:
-    """How many leading ids the two lists share."""
-    return next((i for i, (a, b) in enumerate(zip(first, second)) if a != b), min(len(first), len(second)))
 
 
 def _unsupervised_prefix(mask: Sequence[int]) -> int:

@@ -1,13 +1,18 @@
 """Prompt-completion examples -> ids and the mask of the completion's tokens (before BOS/EOS and truncation).
 
-Strings are tokenised as ONE text, ``prompt + completion``, the text the model reads: tokenised apart, a
-SentencePiece-style tokenizer (one that prepends '▁' to every text it encodes, as Llama's legacy converter and
-Metaspace ``prepend_scheme="always"`` do) would put a second space at the boundary, or one the data never had. The
-completion's tokens are then found from each token's character offsets: a token is the completion's if it ends
-after the prompt's last character, so a token that holds both the prompt's end and the completion's start (e.g.
-``'▁four'`` of ``"two? " + "four"``) is supervised, since the model has to produce it. A tokenizer without offsets
-(a slow one), or whose offsets stay trimmed, finds the same boundary from ids: the completion starts at the first
-token of the joined text that differs from the prompt's own tokenisation.
+Strings are tokenised APART, prompt and completion each alone, wherever that reads as the joined text: where
+``decode(prompt_ids + completion_ids) == decode(joined_ids)`` (one decode, without its clean-up, so a decoder's
+quirks cancel out). The prompt's ids are then exactly what generation is given for that prompt (byte-level BPE keeps
+a trailing space as the prompt's 'Ġ'), and the ids are those easytrain gave before joined tokenisation existed, so
+older runs' data digests match. Only where apart is not faithful (a SentencePiece-style tokenizer prepends '▁' to
+every text it encodes, as Llama's legacy converter and Metaspace ``prepend_scheme="first"``/``"always"`` do, so
+``"French:" + " bonjour"`` reads ``'French:  bonjour'``) are the joined text's ids used. The completion's tokens are
+then found from each token's character offsets: a token is the completion's if it ends after the prompt's last
+character, so a token that holds both the prompt's end and the completion's start (e.g. ``'▁four'`` of
+``"two? " + "four"``) is supervised, since the model has to produce it. A tokenizer without offsets (a slow one), or
+whose offsets stay trimmed, finds the same boundary from ids: the completion starts at the first token of the joined
+text that differs from the prompt's own tokenisation. Either way the ids before the completion's first token are the
+prompt generation is asked with (``prompts``).
 
 Message lists are rendered by the chat template twice, the prompt with the generation prompt and the whole; the
 first must be a token prefix of the second.
@@ -32,15 +37,34 @@ if TYPE_CHECKING:
 
 def render_prompt_completion_text(example: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase,
                                   options: SFTDataOptions) -> tuple[list[int], list[int], bool]:
-    """The joined text's ids, its mask (the completion's tokens; every token without `completion_only_loss`), and
-    True: an appended EOS ends the completion, so it is supervised."""
-    prompt = typed_field(example, "prompt", str)
-    text = prompt + typed_field(example, "completion", str)
-    if not options.completion_only_loss:
-        ids = encode_text(tokenizer, text)
-        return ids, [1] * len(ids), True
-    ids, mask = completion_tokens(tokenizer, text, len(prompt))
-    return ids, mask, True
+    """The row's ids (``prompt_completion_tokens``), its mask (the completion's tokens; every token without
+    `completion_only_loss`), and True: an appended EOS ends the completion, so it is supervised."""
+    prompt, completion = (typed_field(example, name, str) for name in ("prompt", "completion"))
+    ids, mask = prompt_completion_tokens(tokenizer, prompt, completion)
+    return ids, mask if options.completion_only_loss else [1] * len(ids), True
+
+
+def prompt_completion_tokens(tokenizer: PreTrainedTokenizerBase, prompt: str,
+                             completion: str) -> tuple[list[int], list[int]]:
+    """The ids of ``prompt + completion`` and 1 on the completion's tokens: the two tokenised apart where that reads
+    as the joined text (``reads_as_joined``), else the joined text's (``completion_tokens``)."""
+    apart = encode_text(tokenizer, prompt), encode_text(tokenizer, completion)
+    if reads_as_joined(tokenizer, apart, prompt + completion):
+        return apart[0] + apart[1], [0] * len(apart[0]) + [1] * len(apart[1])
+    return completion_tokens(tokenizer, prompt + completion, len(prompt))
+
+
+def reads_as_joined(tokenizer: PreTrainedTokenizerBase, pieces: Sequence[Sequence[int]], text: str) -> bool:
+    """Whether ``pieces`` (the parts of ``text`` tokenised apart), put together, read as ``text`` tokenised whole:
+    the same ids, or ids that decode to the same string (decoded alike, so a decoder that strips a leading space
+    treats both alike; without `clean_up_tokenization_spaces`, which would read 'two ?' as 'two?')."""
+    ids = [token for piece in pieces for token in piece]
+    joined = encode_text(tokenizer, text)
+    return ids == joined or _decoded(tokenizer, ids) == _decoded(tokenizer, joined)
+
+
+def _decoded(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> str:
+    return tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
 def completion_tokens(tokenizer: PreTrainedTokenizerBase, text: str, boundary: int) -> tuple[list[int], list[int]]:
@@ -53,11 +77,12 @@ def completion_tokens(tokenizer: PreTrainedTokenizerBase, text: str, boundary: i
     if trimmed_because is None:
         return ids, [int(end > boundary or start == end >= boundary) for start, end in offsets]
     prompt_ids = encode_text(tokenizer, text[:boundary])
-    start = _common_prefix(prompt_ids, ids)
+    start = common_prefix(prompt_ids, ids)
     return ids, [0] * start + [1] * (len(ids) - start)
 
 
-def _common_prefix(first: Sequence[int], second: Sequence[int]) -> int:
+def common_prefix(first: Sequence[int], second: Sequence[int]) -> int:
+    """How many leading ids the two lists share."""
     return next((i for i, (a, b) in enumerate(zip(first, second)) if a != b), min(len(first), len(second)))
 
 
@@ -83,7 +108,7 @@ def render_prompt_completion_messages(
     ids, assistant_mask = render_chat(tokenizer, messages, template=template, tools=tools,
                                       assistant_mask=options.assistant_only_loss)
     if ids[: len(prompt_ids)] != prompt_ids:
-        differ = _common_prefix(prompt_ids, ids)
+        differ = common_prefix(prompt_ids, ids)
         raise DataError(
             f"The prompt rendered with `add_generation_prompt=True` is not a token prefix of "
             f"the prompt + completion rendering (they differ from token {differ}: "

@@ -1,12 +1,14 @@
 """Prompts and reference answers of supervised examples, for evaluation by generation.
 
-The prompt is tokenised the way training tokenised it (the chat template with its generation prompt,
-or the prompt text), and then given training's one leading BOS (`special_tokens.ensure_bos`), so its
-ids are a prefix of the training ids and the model is asked exactly what it learned to answer. Training's
-`max_length` cut applies too (`cut_as_trained`): the prompt is the part of the example's truncated ids that
-comes before its answer, so it is at most `max_length - 1` tokens, and an example whose cut keeps no answer token
-(or that `truncation_side="drop"` drops) gives no prompt: it is skipped, counted and warned about, as is one whose
-answer is an assistant tool call with no text (a valid training row with nothing to compare a generation with).
+The prompt is tokenised the way training tokenised it (the chat template with its generation prompt, or a prompt
+string's training ids before the completion's first token: the prompt tokenised alone wherever training tokenised
+prompt and completion apart, see `prompt_completion`), and then given training's one leading BOS
+(`special_tokens.ensure_bos`), so its ids are a prefix of the training ids and the model is asked exactly what it
+learned to answer. Training's `max_length` cut applies too (`cut_as_trained`): the prompt is the part of the
+example's truncated ids that comes before its answer, so it is at most `max_length - 1` tokens, and an example whose
+cut keeps no answer token (or that `truncation_side="drop"` drops) gives no prompt: it is skipped, counted and
+warned about, as is one whose answer is an assistant tool call with no text (a valid training row with nothing to
+compare a generation with).
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from transformers import PreTrainedTokenizerBase
 from easytrain.data.chat_templates import chat_template_of, parse_tools, render_chat
 from easytrain.data.errors import DataError
 from easytrain.data.message_content import content_text, messages_for_template
+from easytrain.data.prompt_completion import prompt_completion_tokens
 from easytrain.data.row_errors import at_row, rows_as_stored
 from easytrain.data.sft import CONVERSATIONAL, PROMPT_COMPLETION, SFTDataOptions, detect_format, tokenize_example
-from easytrain.data.special_tokens import encode_text, ensure_bos
+from easytrain.data.special_tokens import ensure_bos
 
 logger = logging.getLogger("easytrain")
 
@@ -119,7 +122,7 @@ def _whole_prompt(example: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase
     if data_format == PROMPT_COMPLETION:
         prompt, completion = example["prompt"], example["completion"]
         if isinstance(prompt, str):
-            return _with_bos(encode_text(tokenizer, prompt), tokenizer, options), str(completion)
+            return _with_bos(_string_prompt(prompt, str(completion), tokenizer), tokenizer, options), str(completion)
         if isinstance(completion, Sequence) and not isinstance(completion, str):
             if completion and _tool_call_only(completion[-1]):
                 return [], None
@@ -130,6 +133,14 @@ def _whole_prompt(example: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase
         return _with_bos(ids, tokenizer, options), reference
     raise DataError(f"evaluation by generation needs prompts: '{data_format}' data has none; use "
                     "prompt-completion or conversational data.")
+
+
+def _string_prompt(prompt: str, completion: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The training ids before the completion's first token (`prompt_completion_tokens`): the prompt tokenised alone
+    where training tokenised it apart, else the joined text's tokens before the completion's (a SentencePiece-style
+    '▁four' holding the prompt's trailing space is the answer's, so the prompt ends before it)."""
+    ids, mask = prompt_completion_tokens(tokenizer, prompt, completion)
+    return ids[:next((i for i, bit in enumerate(mask) if bit), len(ids))]
 
 
 def _tool_call_only(message: Any) -> bool:

@@ -2,9 +2,9 @@
 
 Three formats, recognised from the columns: language modelling (``text``), prompt-completion
 (``prompt`` + ``completion``, strings or message lists) and conversational (``messages``).
-Every mask comes from how the example was tokenised (the completion's character offsets in the
-joined prompt + completion text, prefix renderings, the template's ``{% generation %}`` blocks; see
-``prompt_completion``), never from searching for a response string or for token ids, so
+Every mask comes from how the example was tokenised (prompt and completion tokenised apart where
+that reads as the joined text, else the completion's character offsets in the joined text; prefix
+renderings; the template's ``{% generation %}`` blocks; see ``prompt_completion``), never from searching for a response string or for token ids, so
 ``pad_token == eos_token`` cannot unmask the EOS.
 
 ``loss_mask[i] == 1`` means token ``i`` is supervised: the model is trained to predict it from
