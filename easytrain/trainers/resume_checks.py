@@ -304,8 +304,9 @@ def _tokenizer_change(stored: dict[str, Any], current: dict[str, Any], stored_in
 def check_data_position(position: dict[str, Any], fingerprint: Mapping[str, Any] | None, allow: bool) -> bool:
     """Whether the saved data position can be kept: it was saved for the same data (`fingerprint`, the loader's
     `seed`, `global_batch_size`, `num_rows` and `data_digest`, the rows' content). The same arguments over other
-    files, another dataset version or edited rows (another `dataset_train` of the same length) change `num_rows` or
-    the digest: refused like a data-order change, or, under `allow_data_order_change`, the position is dropped and
+    files, another dataset version, edited rows (another `dataset_train` of the same length) or the same rows
+    tokenised otherwise (an easytrain that splits prompt and completion otherwise) change `num_rows` or the digest:
+    refused like a data-order change, or, under `allow_data_order_change`, the position is dropped and
     the data starts afresh (in the new data's order) at the restored step. A position saved before digests were
     recorded is compared without one. Without a fingerprint (a loader of the trainer's own) nothing is compared
     here; the loader checks when the position is set."""
@@ -318,7 +319,9 @@ def check_data_position(position: dict[str, Any], fingerprint: Mapping[str, Any]
         logger.warning("the training data changed since the checkpoint (%s): allow_data_order_change is set, so the "
                        "data starts afresh at the restored step, in the new data's order", described)
         return False
-    what = ("the same number of rows with other content (edited examples, or another dataset of the same length)"
+    what = ("the same number of rows with other content (edited examples, another dataset of the same length, or "
+            "the rows tokenise differently: another tokenizer or chat template, or an easytrain version that "
+            "tokenises prompt and completion differently)"
             if all(diff.startswith(DIGEST_KEY) for diff in diffs)
             else "the files or the dataset version behind them differ")
     raise ArgumentError("resume_from_checkpoint", f"the training data changed since the checkpoint ({described}), "
