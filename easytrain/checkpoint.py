@@ -37,7 +37,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from easytrain import checkpoint_items, integrity, orbax_loops, save_failures
+from easytrain import checkpoint_items, integrity, orbax_loops, save_barrier, save_failures
 from easytrain.checkpoint_dirs import (CHECKPOINTS_DIRNAME, LATEST_ALIASES, CheckpointNotFoundError, finalized_steps,
                                        resolve_checkpoint)
 from easytrain.checkpoint_signatures import (CheckpointMismatchError, Signature, check_signatures,  # noqa: F401
@@ -161,15 +161,15 @@ class CheckpointManager:
             preservation_policy=None if read_only else preservation_policy(max_to_keep, best_metric,
                                                                             greater_is_better),
             cleanup_tmp_directories=owner,
+            async_options=ocp.AsyncOptions(barrier_sync_fn=save_barrier.barrier) if jax.process_count() > 1 else None,
             **_READ_ONLY if read_only else {},
         )
-        handlers = {
-            "state": ocp.StandardCheckpointHandler(),
-            "data_state": ocp.JsonCheckpointHandler(),
-            "run_info": ocp.JsonCheckpointHandler(),
-            "fingerprint": ocp.JsonCheckpointHandler(),
-            "progress": ocp.JsonCheckpointHandler(),
-        }
+        handlers = {"state": ocp.StandardCheckpointHandler(), "data_state": ocp.JsonCheckpointHandler(),
+                    "run_info": ocp.JsonCheckpointHandler(), "fingerprint": ocp.JsonCheckpointHandler(),
+                    "progress": ocp.JsonCheckpointHandler()}
+        for handler in handlers.values():  # several processes: a failed write ends the others' wait (`save_barrier`)
+            save_barrier.report_write_failures(handler, self._report_write_failure)
+        self._writing: int | None = None  # the step of the save last started
         orbax_loops.end_leftover_tasks()  # a failed read or write: its one error, not dozens of tracebacks
         with _quiet_read_only_notice():
             self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
@@ -222,7 +222,7 @@ class CheckpointManager:
         ranked = {name: float(value) for name, value in (metrics or {}).items()} if self.best_metric else None
         if self._in_flight is not None:  # Orbax's save waits for it too: its failure is named as its own step's
             self.wait_until_finished()
-        running = set(threading.enumerate())
+        running, self._writing = set(threading.enumerate()), int(step)
         try:
             started = bool(self._manager.save(int(step), args=args, metrics=ranked, force=force))
         except Exception as error:
@@ -363,10 +363,19 @@ class CheckpointManager:
         (on a full disk, job.json needs the space; the next start would remove them anyway)."""
         if isinstance(error, CheckpointWriteError):
             return error
+        self._report_write_failure(error, step)  # before waiting for the writers: the others wait for this save
         save_failures.let_writers_end()
         alone = self._owner and jax.process_count() == 1  # another process may still be writing its part there
         removed = alone and step is not None and save_failures.remove_partial(self.directory, step)
         return save_failures.write_error(self.directory, step, self.latest_step(), error, removed)
+
+    def _report_write_failure(self, error: BaseException, step: int | None = None) -> None:
+        """In a multi-process run, publish a failed write of the save of `step` (None: the one last started) at once,
+        from the writer that failed (`save_barrier`): the other processes stop waiting for this save."""
+        if jax.process_count() > 1 and save_failures.is_write_failure(error):
+            step = self._writing if step is None else step
+            save_barrier.publish_failed_write(save_failures.write_error(self.directory, step, self.latest_step(), error,
+                                                                        removed_partial=False))
 
     def is_saving(self) -> bool:
         """Whether a background save is still being written (never blocks)."""

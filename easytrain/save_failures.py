@@ -46,12 +46,24 @@ def is_disk_full(error: BaseException) -> bool:
 WRITE_STATUSES = ("RESOURCE_EXHAUSTED", "PERMISSION_DENIED", "Error writing", "Failed writing", "Failed to write")
 
 
+class SaveAbandonedError(RuntimeError):
+    """This process stopped waiting for a save another process could not write its part of (`save_barrier`): no
+    failure of this process's storage; its message names that process (`process_failure` quotes its error)."""
+
+
+def refused_write(error: BaseException) -> bool:
+    """Whether `error` itself (not its chain) is the storage refusing a write: an `OSError` (but no `TimeoutError`,
+    which Orbax raises for a barrier given up on, nor a `SaveAbandonedError`), a TensorStore write status."""
+    if isinstance(error, (TimeoutError, SaveAbandonedError)):
+        return False
+    return isinstance(error, OSError) or any(status in str(error) for status in WRITE_STATUSES)
+
+
 def is_write_failure(error: BaseException) -> bool:
-    """Whether `error` is the storage refusing a write (an `OSError`, a TensorStore write status), which
-    `CheckpointWriteError` explains; anything else (a barrier given up on a dead process, a bug) passes through
-    as it is, so `process_failure` can still name the process that failed first."""
-    return any(isinstance(each, OSError) or any(status in str(each) for status in WRITE_STATUSES)
-               for each in chain(error))
+    """Whether `error` (or one in its chain) is the storage refusing a write (`refused_write`), which
+    `CheckpointWriteError` explains; anything else (a barrier given up on a process that failed, a bug) passes
+    through as it is, so `process_failure` can still name the process that failed first."""
+    return any(refused_write(each) for each in chain(error))
 
 
 def cause(error: BaseException) -> str:
@@ -67,6 +79,7 @@ def write_error(directory: Path, step: int | None, latest: int | None, error: Ba
     """The error a failed save of `step` into `directory` is raised as; `latest` is the newest complete checkpoint
     there (None: none yet), `removed_partial` whether the save's half-written files were removed."""
     full = is_disk_full(error)
+    error = next((each for each in chain(error) if refused_write(each)), error)  # not a barrier given up after it
     which = f"the checkpoint of step {step}" if step is not None else "a checkpoint"
     what = f"{which} could not be written{': the disk is full' if full else ''} ({cause(error)})."
     if latest is None:
@@ -108,11 +121,13 @@ def let_writers_end(running: set[threading.Thread] | None = None, timeout: float
 
 
 class _DiskFullReports(logging.Filter):
-    """Drops Orbax's reports (with tracebacks) of a write that found the disk full: the save raises it once."""
+    """Drops Orbax's reports (with tracebacks) of a write that found the disk full, and of a save given up for
+    another process's failed write: the save raises it once."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        return not (error is not None and "orbax" in record.pathname and is_disk_full(error))
+        return not (error is not None and "orbax" in record.pathname and
+                    (is_disk_full(error) or any(isinstance(each, SaveAbandonedError) for each in chain(error))))
 
 
 _REPORTS = _DiskFullReports()

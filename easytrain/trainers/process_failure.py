@@ -181,7 +181,7 @@ def naming_error(own: BaseException, own_index: int,
                  others: Mapping[int, tuple[float, str]]) -> OtherProcessFailedError:
     """The error that names the processes that failed (the first to fail first), then this process's own."""
     ordered = sorted(others.items(), key=lambda item: (item[1][0], item[0]))
-    named = "; ".join(f"process {index} failed: {line}" for index, (_, line) in ordered)
+    named = "; ".join(f"process {index} failed: {line.removesuffix('.')}" for index, (_, line) in ordered)
     return OtherProcessFailedError(f"{named}. This process ({own_index}) failed after it: {describe(own)}")
 
 
@@ -328,9 +328,16 @@ def end_process(failure: str, own_index: int, waited: float) -> None:
 
 def publish_failure(error: BaseException) -> None:
     """On a failing process of a multi-process run (not one stopped by a signal): publish `error` at once, before
-    the rest of the failure handling, so the others find it when their own collectives give up."""
-    if outcome_of(error) == "failed" and (client := coordination_client()) is not None:
+    the rest of the failure handling, so the others find it when their own collectives give up. Once a run: a
+    failure published as it happened (a checkpoint write, from its writer thread: `save_barrier`) keeps its time."""
+    if outcome_of(error) == "failed" and (client := coordination_client()) is not None and \
+            (_runs, jax.process_index()) not in _published:
         publish(client, jax.process_index(), error)
+
+
+def run_number() -> int:
+    """The number of this `train()` in the job, the same on every process (keys scoped to one run use it)."""
+    return _runs
 
 
 def reraise_naming_others(error: BaseException) -> None:
