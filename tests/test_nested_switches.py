@@ -105,3 +105,14 @@ def test_a_users_own_submodule_attributes_named_like_switches_are_left_alone(tmp
         model = OwnModel(nnx.Rngs(0))
     apply_switches(model, tiny(tmp_path), "cpu")
     assert model.block.remat is True and model.block.attention_implementation == "ring"
+
+
+class ValueHeadLlama(LlamaForCausalLM):
+    """A user's subclass of easytrain's Llama (a value head on it): still an easytrain model for the switches."""
+
+
+def test_a_wrapped_subclass_of_an_easytrain_model_takes_the_switch(tmp_path):
+    with nnx.use_eager_sharding(False):
+        scorer = Scorer(ValueHeadLlama(tiny_config(num_hidden_layers=2), rngs=nnx.Rngs(0)), nnx.Rngs(1))
+    apply_switches(scorer, tiny(tmp_path, remat_policy="full"), "cpu")
+    assert scorer.llama.remat == "full"

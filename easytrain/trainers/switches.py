@@ -40,13 +40,18 @@ def set_switch(module: nnx.Module, attribute: str, value: Any, default: Any, fie
 
 
 def _owners(module: Any, attribute: str) -> list[Any]:
-    """`module` if it has `attribute`; else the outermost easytrain models inside it that have it, listed before any
-    is changed (setting `scan_layers` restacks layers, which changes the graph being walked)."""
+    """`module` if it has `attribute`; else the outermost easytrain models (or subclasses of one) inside it that have
+    it, listed before any is changed (setting `scan_layers` restacks layers, which changes the graph being walked)."""
     if hasattr(module, attribute) or not isinstance(module, nnx.Module):
         return [module] if hasattr(module, attribute) else []
     found: dict[tuple, Any] = {}
     for path, node in sorted(nnx.iter_modules(module), key=lambda item: len(item[0])):  # outermost first
-        if (hasattr(node, attribute) and type(node).__module__.startswith("easytrain.")
+        if (hasattr(node, attribute) and _is_easytrain_model(type(node))
                 and not any(path[:len(owner)] == owner for owner in found)):
             found[tuple(path)] = node
     return list(found.values())
+
+
+def _is_easytrain_model(cls: type) -> bool:
+    """An easytrain class, or a user's subclass of one (a Llama with a value head): its switches mean easytrain's."""
+    return any(base.__module__.startswith("easytrain.") for base in cls.__mro__)
