@@ -86,3 +86,12 @@ def test_a_refused_resume_on_process_1_names_only_the_real_change():
         check_resumable(stored, now)
     assert "train_batch_size" in str(refused.value)
     assert "process_id" not in str(refused.value) and "coordinator_address" not in str(refused.value)
+
+
+def test_a_checkpoint_recording_the_default_task_is_not_listed_as_changed():
+    """Before the running trainer's task was recorded, a Python-built SFTTrainer's checkpoints said 'lm': a refusal
+    of their resume for another reason must not list `task: 'lm' vs 'sft'`, a change the user never made."""
+    from easytrain.trainers.resume_checks import rerun_hint
+
+    assert rerun_hint({"task": "lm", "seed": 1}, {"task": "sft", "seed": 1}) == ""
+    assert "task: checkpoint 'dpo' vs now 'sft'" in rerun_hint({"task": "dpo"}, {"task": "sft"})

@@ -64,6 +64,9 @@ ARCHITECTURE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_si
 # fields too (`LAUNCH_FIELDS`): a checkpoint's run_info records process 0's, while each process has its own
 # `process_id` and each launch its own coordinator. Left out here, not from run_info, so older checkpoints resume too.
 FREE_ON_RESUME = ("resume_from_checkpoint", "overwrite_output_dir", "allow_data_order_change", *LAUNCH_FIELDS)
+#: The `task` a checkpoint written before the running trainer's task was recorded may hold for any trainer built in
+#: Python (the argument's default): not listed as a change.
+UNRECORDED_TASK = "lm"
 #: How many differing arguments a refusal lists (then "and N more").
 MAX_LISTED = 8
 
@@ -270,7 +273,8 @@ def rerun_hint(stored: dict[str, Any], current: dict[str, Any], shown: Collectio
     the refusal would otherwise blame only their effect) and the rerun that restores them all. Empty if none
     differs, unless `always`."""
     names = [name for name in dict.fromkeys([*stored, *current])
-             if name not in FREE_ON_RESUME and name not in shown and stored.get(name) != current.get(name)]
+             if name not in FREE_ON_RESUME and name not in shown and stored.get(name) != current.get(name)
+             and not (name == "task" and stored.get(name) == UNRECORDED_TASK)]
     if not names and not always:
         return ""
     listed = "; ".join(f"{name}: checkpoint {_short(stored.get(name))} vs now {_short(current.get(name))}"
