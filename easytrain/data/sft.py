@@ -4,8 +4,8 @@ Three formats, recognised from the columns: language modelling (``text``), promp
 (``prompt`` + ``completion``, strings or message lists) and conversational (``messages``).
 Every mask comes from how the example was tokenised (prompt and completion tokenised apart where
 that reads as the joined text, else the completion's character offsets in the joined text; prefix
-renderings; the template's ``{% generation %}`` blocks; see ``prompt_completion``), never from searching for a response string or for token ids, so
-``pad_token == eos_token`` cannot unmask the EOS.
+renderings; the template's ``{% generation %}`` blocks; see ``prompt_completion``), never from
+searching for a response string or for token ids, so ``pad_token == eos_token`` cannot unmask the EOS.
 
 ``loss_mask[i] == 1`` means token ``i`` is supervised: the model is trained to predict it from
 the tokens before it. Token 0 is never supervised, since nothing precedes it.
