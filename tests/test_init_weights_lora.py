@@ -75,3 +75,37 @@ def test_adapters_put_onto_another_base_are_warned_about(lora_run, tmp_path, cap
         start(lora_run, tmp_path / "run", base=other)
     warned = [r.getMessage() for r in caplog.records if "init_weights_from" in r.getMessage()]
     assert len(warned) == 1 and "another base" in warned[0] and "tensor(s) differ" in warned[0], warned
+
+
+def _reuse_with_alpha(source, alpha: float) -> None:
+    """The source's output_dir as another run with `alpha` left it (its run_info; the arrays need not change)."""
+    metadata = source / "checkpoints" / "2" / "run_info" / "metadata"
+    info = json.loads(metadata.read_text())
+    info["arguments"]["lora_alpha"] = alpha
+    info["lora_config"].update(alpha=alpha, scaling=alpha / info["lora_config"]["rank"])
+    metadata.write_text(json.dumps(info))
+
+
+def test_a_resume_is_not_compared_with_a_source_changed_since(lora_run, tmp_path):
+    """The resume wins (docs/checkpoints.md): it continues its own adapters, so a source reused since with another
+    lora_alpha is not compared. Measured before: the resume was refused ("lora_alpha: checkpoint 32.0 vs now 8.0"),
+    and passing 32 was then refused by the resume's own check."""
+    source = shutil.copytree(lora_run.root / "run", tmp_path / "source")
+    run = dict(init_weights_from=str(source), save_strategy="steps", save_steps=2, **SOURCE)
+    sft(lora_args(tmp_path / "run", lora_run.base, max_steps=2, **run)).train()
+    _reuse_with_alpha(source, 32.0)
+    with pytest.raises(ArgumentError, match="lora_alpha"):  # a fresh start still compares it
+        sft(lora_args(tmp_path / "fresh", lora_run.base, max_steps=2, **run))
+    trainer = sft(lora_args(tmp_path / "run", lora_run.base, max_steps=4, resume_from_checkpoint="latest", **run))
+    assert int(trainer.state.step) == 2 and trainer.lora.scaling == 2.0
+
+
+def test_a_source_stored_in_another_dtype_is_not_taken_for_another_base(lora_run, tmp_path, caplog):
+    """The base fingerprint digests the stored bits: a float32 source's base and this bfloat16 run's differ in every
+    tensor though model_name_or_path is the same. Measured before: "trained on another base than this run's (21 of 21
+    tensor(s) differ ...) ... Pass the source run's model_name_or_path"."""
+    with caplog.at_level(logging.INFO, logger="easytrain"):
+        start(lora_run, tmp_path / "bf16", param_dtype="bfloat16")
+    messages = [r.getMessage() for r in caplog.records if "init_weights_from" in r.getMessage()]
+    assert not [m for m in messages if "another base" in m], messages
+    assert [m for m in messages if "param_dtype" in m and "not compared" in m], messages

@@ -16,6 +16,7 @@ from flax import nnx
 
 from easytrain import lora
 from easytrain.argument_checks import field_defaults
+from easytrain.checkpoint import CheckpointNotFoundError, resolve_checkpoint
 from easytrain.errors import ArgumentError
 from easytrain.lora_config import (LoRAConfig, LoRAConfigError, as_argument_error, from_arguments,
                                    targets_from_arguments)
@@ -23,20 +24,33 @@ from easytrain.models import save_pretrained
 from easytrain.models.hf_export import ADAPTER_DIRNAME, remove_earlier_model
 from easytrain.models.peft_io import load_peft_adapter, read_peft_config, save_peft_adapter
 from easytrain.trainers.lora_record import check_source_lora
+from easytrain.trainers.run_dir import restarts_unsaved_run
 
 
 def run_config(args: Any) -> LoRAConfig | None:
     """The run's `LoRAConfig`: from `lora_adapter_path`'s adapter_config.json when set (read again at every start:
     a resume compares it with the one its checkpoint recorded, `lora_record`), else from the `lora_*` arguments
-    (None when `lora_rank` is 0); refused when `init_weights_from` names adapters of another rank or scaling."""
+    (None when `lora_rank` is 0); refused when `init_weights_from` names adapters of another rank or scaling, on a
+    fresh start only: a resume continues its own adapters (the resume wins), whatever the source became since."""
     if not args.lora_adapter_path:
         config = from_arguments(args)
     else:
         config, _ = read_peft_config(args.lora_adapter_path)
         check_adapter_fields(args, config)
-    if args.init_weights_from:
+    if args.init_weights_from and not _resumes(args):
         check_source_lora(args.init_weights_from, config, args.lora_adapter_path)
     return config
+
+
+def _resumes(args: Any) -> bool:
+    """Whether this start resumes a checkpoint, as `run_dir.check_output_dir` decides it (it runs next, and reports
+    a `resume_from_checkpoint` that names none: that run never starts, so its source needs no comparing)."""
+    if restarts_unsaved_run(args):
+        return False
+    try:
+        return resolve_checkpoint(args.output_dir, args.resume_from_checkpoint) is not None
+    except CheckpointNotFoundError:
+        return True
 
 
 def _adapter_values(config: LoRAConfig) -> dict[str, Any]:

@@ -267,8 +267,16 @@ def warn_other_base(source: str, base: Any) -> None:
     """Warn when `source` is a LoRA checkpoint whose adapters were trained on another frozen base than `base` (this
     run's, from model_name_or_path): they start here as asked, but compute another function than in the source run.
     A warning, not a refusal: a new run may move adapters onto a related base on purpose (a resume, which must
-    continue the same function, refuses it). Compared by the digests the source recorded (`base_fingerprint`)."""
-    if not base or not (recorded := source_run_info(source).get("base_fingerprint")):
+    continue the same function, refuses it). Compared by the digests the source recorded (`base_fingerprint`), which
+    are of the stored bits: only where both bases are stored in one dtype (`_stored_dtypes`)."""
+    info = source_run_info(source)
+    if not base or not (recorded := info.get("base_fingerprint")):
+        return
+    theirs, ours = _stored_dtypes(info, base)
+    if theirs and ours != {theirs}:
+        logger.info("init_weights_from %s: its base was stored in %s (its param_dtype), this run's in %s; their "
+                    "digests differ whatever the weights, so the bases are not compared", source, theirs,
+                    ", ".join(sorted(ours)))
         return
     actual = integrity.fingerprint(base)
     if not (common := recorded.keys() & actual.keys()):
@@ -280,6 +288,14 @@ def warn_other_base(source: str, base: Any) -> None:
                        "tensor(s) differ: %s): they start on this base as asked, computing another function than in "
                        "the source run. Pass the source run's model_name_or_path to start from its function.", source,
                        len(changed), len(common), ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else ""))
+
+
+def _stored_dtypes(info: dict[str, Any], base: Any) -> tuple[str | None, set[str]]:
+    """The dtype the source run stored its base in (its `param_dtype`; None where its run_info records none) and those
+    of this run's base: the same weights stored in two dtypes have other bits, so other digests. (Casting this run's
+    base to the source's would be exact only from the wider dtype: a bfloat16 base lost the float32 bits.)"""
+    recorded = (info.get("arguments") or {}).get("param_dtype") or (info.get("lora_config") or {}).get("param_dtype")
+    return recorded, {str(leaf.dtype) for leaf in jax.tree.leaves(base) if _is_weight(leaf)}
 
 
 def _leaf(tree_owner: Any, part: str, inner: VariablePath) -> Any:
