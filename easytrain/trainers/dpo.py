@@ -215,6 +215,9 @@ class DPOTrainer(DPORecordHooks, BaseTrainer):
             filters=adapters.partition(self.lora, self.trainable))
         return module
 
+    #: The reference is the initial policy: a resume reads `init_weights_from` again (docs/dpo.md).
+    reads_init_source_on_resume = True
+
     def _initial_weights(self, state: TrainState, shardings: TrainState) -> TrainState:
         """Also keeps the adapter values `init_weights_from` gave the policy when they are its reference (a resume
         places the policy again, and reads the source again, before it restores the trained adapters)."""

@@ -221,7 +221,7 @@ def resolved_source(source: str) -> str:
 
 
 def initialise_from(source: str, state: TrainState, shardings: TrainState, *, load_pretrained: Callable[[Path], Any],
-                    fresh_ok: Callable[[VariablePath, str], bool]) -> TrainState:
+                    fresh_ok: Callable[[VariablePath, str], bool], resuming: bool = False) -> TrainState:
     """`state` with its module variables replaced by `source`'s, placed like `shardings`.
 
     Args:
@@ -229,11 +229,15 @@ def initialise_from(source: str, state: TrainState, shardings: TrainState, *, lo
         state / shardings: the freshly placed state and its layout.
         load_pretrained: loads an exported model directory as a module (on the mesh).
         fresh_ok: whether a variable the source lacks may keep its fresh value (e.g. new LoRA adapters).
+        resuming: a LoRA resume, which restores all but the frozen base from its own checkpoint: only the base is
+            taken from the source, where it supplies one (`_resumed_base`), and the source's base is not compared.
 
     Raises:
         ArgumentError: naming `init_weights_from`, with every missing, unexpected or misshapen tensor.
     """
     ours = module_weights(state)
+    if resuming and not (ours := _resumed_base(source, ours, fresh_ok)):
+        return state
     wanted = {}
     for path, (part, inner) in ours.items():
         leaf = _leaf(state, part, inner)
@@ -246,7 +250,7 @@ def initialise_from(source: str, state: TrainState, shardings: TrainState, *, lo
         theirs = _checkpoint_weights(source, wanted)
     problems = [f"{'.'.join(p)}: source {tuple(theirs[p].shape)} vs model {wanted[p].shape}"
                 for p in sorted(theirs.keys() & wanted.keys()) if tuple(theirs[p].shape) != wanted[p].shape]
-    problems += [f"{'.'.join(p)}: not in this model" for p in sorted(theirs.keys() - wanted.keys())]
+    problems += [f"{'.'.join(p)}: not in this model" for p in sorted(theirs.keys() - wanted.keys()) if not resuming]
     problems += [f"{'.'.join(p)}: missing from the source" for p in sorted(wanted.keys() - theirs.keys())
                  if not fresh_ok(p, ours[p][0])]
     if problems:
@@ -254,13 +258,30 @@ def initialise_from(source: str, state: TrainState, shardings: TrainState, *, lo
         raise ArgumentError("init_weights_from", f"{source} does not fit this model ({len(problems)} tensor(s): "
                                                  f"{shown}). Use weights of the same architecture (model_config or "
                                                  "model_name_or_path), or resume_from_checkpoint to continue a run.")
-    warn_other_base(source, state.base)
+    if not resuming:
+        warn_other_base(source, state.base)
     replaced = {part: jax.tree.map(lambda x: x, getattr(state, part)) for part in MODULE_PARTS}
     for path, (part, inner) in ours.items():
         if path in theirs:
             value = jax.device_put(theirs[path], wanted[path].sharding).astype(wanted[path].dtype)
             _assign(replaced[part], inner, value)
     return state.replace(**replaced)
+
+
+def _resumed_base(source: str, ours: dict[VariablePath, tuple[str, VariablePath]],
+                  fresh_ok: Callable[[VariablePath, str], bool]) -> dict[VariablePath, tuple[str, VariablePath]]:
+    """Of `ours` (`module_weights`), what a resume reads from `source`: the frozen base alone (the restore brings
+    back everything else, so the source's adapters may be gone or of another rank since). Nothing when the base may
+    stay as placed (model_name_or_path's) and `source` is no longer there: the resume then checks that base against
+    the one its checkpoint recorded, as it does any LoRA base."""
+    base = {path: where for path, where in ours.items() if where[0] == "base"}
+    if base and all(fresh_ok(path, part) for path, (part, _) in base.items()):
+        try:
+            _source_kind(source)
+        except ArgumentError:
+            logger.info("init_weights_from %s is gone: the resume takes its base from model_name_or_path", source)
+            return {}
+    return base
 
 
 def warn_other_base(source: str, base: Any) -> None:

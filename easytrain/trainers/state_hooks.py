@@ -23,14 +23,20 @@ from easytrain.trainers.resume import restore_checkpoint
 class TrainStateHooks:
     """Placing, initialising and restoring the `TrainState` (`BaseTrainer.configure_model` chooses which)."""
 
+    #: Whether a resume puts `init_weights_from`'s weights in as a fresh start does (DPO: its reference is the initial
+    #: policy, read again on resume, docs/dpo.md); otherwise a resume reads only the base its restore cannot bring back.
+    reads_init_source_on_resume: bool = False
+
     def _place_module(self, tx: optax.GradientTransformation, placed: dict[str, Any]) -> tuple[TrainState, Any]:
         """A fresh run's state: the given (copied) or own module adapted and placed, `init_weights_from` put in."""
         if self._given_model is not None:  # copied: the step donates its buffers, the caller keeps theirs
             state, shardings = placement.place_module(self.adapt_module(self._given_model), tx, **placed)
         else:
             state, shardings = placement.place_module(self.adapt_module(self._own_module()), tx, copy=False, **placed)
-        if self._arguments.init_weights_from:
+        if self._arguments.init_weights_from and (self._resume_from is None or self.reads_init_source_on_resume):
             state = self._initial_weights(state, shardings)
+        elif self._arguments.init_weights_from:  # a LoRA resume: the restore brings back all but the base
+            state = self._from_source(state, shardings, resuming=True)
         if state.base:  # what a resume must find again before it restores the adapters
             self.base_fingerprint = integrity.fingerprint(state.base)
         return state, shardings
@@ -38,12 +44,16 @@ class TrainStateHooks:
     def _initial_weights(self, state: TrainState, shardings: TrainState) -> TrainState:
         """`init_weights_from`'s variables in place of the fresh ones (new LoRA adapters, and a base already
         loaded from `model_name_or_path`, may stay as they are)."""
+        return self._from_source(state, shardings)
+
+    def _from_source(self, state: TrainState, shardings: TrainState, *, resuming: bool = False) -> TrainState:
+        """`_initial_weights`; `resuming`: only the base a LoRA resume cannot restore (`initialise_from`)."""
         load = functools.partial(from_pretrained, dtype=self.dtype, param_dtype=self.param_dtype, mesh=self.mesh,
                                  rules=self.partition_rules)
         keeps = lambda path, part: (self.lora is not None and path[-1] in ("lora_a", "lora_b")) or (
             part == "base" and bool(self._arguments.model_name_or_path))
         return init_weights.initialise_from(self._arguments.init_weights_from, state, shardings,
-                                            load_pretrained=load, fresh_ok=keeps)
+                                            load_pretrained=load, fresh_ok=keeps, resuming=resuming)
 
     def _restore(self, tx: optax.GradientTransformation, placed: dict[str, Any],
                  frozen: FrozenPlan) -> tuple[TrainState, Any]:
