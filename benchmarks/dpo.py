@@ -27,7 +27,7 @@
    side `dpo_adapter_off_lora` trains rank-`--lora_rank` adapters on every projection and uses the policy
    with its adapters off as the reference: no reference weights in the state (its `frozen` is 0) and no
    full-size optimizer state.
-3. **Log-prob memory.** Compiled temporary bytes of `easytrain.preference.token_logps` against
+3. **Log-prob memory.** Compiled temporary bytes of `easytrain.sequence_logps.token_logps` against
    `jax.nn.log_softmax` + gather (forward; gradient; value and gradient together, as a train step
    needs), at `--logps_shape` (default 8 x 256 x 32768) for bfloat16 and float32 logits. Nothing is
    allocated: the functions are lowered on shapes. `output_bytes` is what the pass returns (the

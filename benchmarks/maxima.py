@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks.report import relaunch_like_the_command  # noqa: E402
 from benchmarks.step_forms import compare, parse_options, unchanged  # noqa: E402
-from easytrain import chunked_loss, compiler_options, preference  # noqa: E402
+from easytrain import chunked_loss, compiler_options, sequence_logps  # noqa: E402
 from easytrain.models import maxima  # noqa: E402
 
 
@@ -42,7 +42,7 @@ def plain_max(x: jax.Array, axis: int = -1, keepdims: bool = False) -> jax.Array
 def with_plain_max():
     """Every user of `shift_max` shifting by `plain_max` instead."""
     with contextlib.ExitStack() as stack:
-        for module in (maxima, chunked_loss, preference):
+        for module in (maxima, chunked_loss, sequence_logps):
             stack.enter_context(mock.patch.object(module, "shift_max", plain_max))
         yield
 

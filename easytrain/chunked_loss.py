@@ -151,5 +151,5 @@ def chunked_cross_entropy_sums(head: Head, x_MD: Array, targets_M: Array, mask_M
 
 def chunked_target_logps(head: Head, x_MD: Array, targets_M: Array, chunk_size: int) -> Array:
     """Float32 `log_softmax(head(x_MD))[target]` per token, `[M]`, chunk by chunk (sequence log-probs of
-    DPO/SFT sum these over completion tokens, `easytrain.preference.sequence_logps`)."""
+    DPO/SFT sum these over completion tokens, `easytrain.sequence_logps.sequence_logps`)."""
     return map_token_chunks(target_logps, head, x_MD, targets_M, chunk_size)

@@ -2,7 +2,7 @@
 
 One forward pass of the policy runs over chosen and rejected together (`[B, 2, T]` rows reshaped to
 `[2B, T]`); per-sequence log-probabilities are float32 sums over completion tokens, computed without a
-float32 log-softmax over the vocabulary (`easytrain.preference.token_logps`), or, with `loss_chunk_size`,
+float32 log-softmax over the vocabulary (`easytrain.sequence_logps.token_logps`), or, with `loss_chunk_size`,
 from the final hidden states a few tokens at a time (`easytrain.chunked_loss`). The reference is a frozen
 copy of the initial policy (default; with `init_weights_from`'s weights when the run starts from them), another
 model, precomputed log-probs, or a copy that moves toward the policy (TR-DPO); under LoRA, the policy's own weights
