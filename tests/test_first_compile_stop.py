@@ -70,7 +70,8 @@ def test_both_reruns_of_a_run_stopped_while_compiling_train_it_from_step_one(tmp
     for output_dir in (first, second):
         with pytest.raises(TrainingPreempted):
             SignalWhileCompiling(tiny_args(output_dir)).train()
-    assert main(["train", "--config", str(first / "arguments.json")]) == 0
+    # The file names the class that ran (this module's SignalWhileCompiling, importable): rerun as the plain task.
+    assert main(["train", "--config", str(first / "arguments.json"), "--task", "lm"]) == 0
     BaseTrainer(tiny_args(second)).train()
     for output_dir in (first, second):
         assert sorted(logged(output_dir)) == [1, 2], "every step logged once"
