@@ -25,7 +25,8 @@ from transformers import PreTrainedTokenizerBase
 from easytrain.data.chat_templates import Message, chat_template_of, drop_none, parse_tools, render_chat
 from easytrain.data.errors import DataError
 from easytrain.data.message_content import messages_for_template
-from easytrain.data.prompt_completion import common_prefix, completion_tokens, reads_as_joined
+from easytrain.data.prompt_completion import (common_prefix, completion_tokens, reads_as_joined,
+                                              require_prompt_prefix)
 from easytrain.data.special_tokens import encode_text, typed_field
 
 #: A response's ids and mask (1 on its supervised tokens).
@@ -128,15 +129,9 @@ def _render_pair(prompt: list[Message], chosen: list[Message], rejected: list[Me
     completions = []
     for name, completion in (("chosen", chosen), ("rejected", rejected)):
         ids, _ = render_chat(tokenizer, prompt + completion, template=template, tools=tools)
-        if ids[: len(prompt_ids)] != prompt_ids:
-            differ = common_prefix(prompt_ids, ids)
-            raise DataError(
-                f"The prompt rendered with `add_generation_prompt=True` is not a token prefix of "
-                f"prompt + {name!r} (they differ from token {differ}: "
-                f"{tokenizer.decode(prompt_ids[differ:differ + 8])!r} vs "
-                f"{tokenizer.decode(ids[differ:differ + 8])!r}), so chosen and rejected cannot "
-                "share the prompt tokens. Fix the template's generation prompt or pass `chat_template`."
-            )
+        require_prompt_prefix(tokenizer, prompt_ids, ids, f"prompt + {name!r}",
+                              "so chosen and rejected cannot share the prompt tokens. Fix the template's generation "
+                              "prompt or pass `chat_template`.")
         tail = ids[len(prompt_ids):]
         completions.append((tail, [1] * len(tail)))
     return prompt_ids, completions[0], completions[1]

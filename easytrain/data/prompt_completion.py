@@ -81,6 +81,21 @@ def completion_tokens(tokenizer: PreTrainedTokenizerBase, text: str, boundary: i
     return ids, [0] * start + [1] * (len(ids) - start)
 
 
+def require_prompt_prefix(tokenizer: PreTrainedTokenizerBase, prompt_ids: Sequence[int], ids: Sequence[int],
+                          rendering: str, consequence: str) -> None:
+    """Refuse a conversation whose rendering (`ids`) does not start with its prompt rendered with the generation
+    prompt (`prompt_ids`): where the completion starts would be unknown. The error shows where the two part.
+
+    Raises:
+        DataError: Not a prefix; names `rendering` and what follows from it (`consequence`, with the fix).
+    """
+    if list(ids[: len(prompt_ids)]) != list(prompt_ids):
+        differ = common_prefix(prompt_ids, ids)
+        raise DataError(f"The prompt rendered with `add_generation_prompt=True` is not a token prefix of {rendering} "
+                        f"(they differ from token {differ}: {tokenizer.decode(prompt_ids[differ:differ + 8])!r} vs "
+                        f"{tokenizer.decode(ids[differ:differ + 8])!r}), {consequence}")
+
+
 def common_prefix(first: Sequence[int], second: Sequence[int]) -> int:
     """How many leading ids the two lists share."""
     return next((i for i, (a, b) in enumerate(zip(first, second)) if a != b), min(len(first), len(second)))
@@ -107,16 +122,9 @@ def render_prompt_completion_messages(
                                 add_generation_prompt=True)
     ids, assistant_mask = render_chat(tokenizer, messages, template=template, tools=tools,
                                       assistant_mask=options.assistant_only_loss)
-    if ids[: len(prompt_ids)] != prompt_ids:
-        differ = common_prefix(prompt_ids, ids)
-        raise DataError(
-            f"The prompt rendered with `add_generation_prompt=True` is not a token prefix of "
-            f"the prompt + completion rendering (they differ from token {differ}: "
-            f"{tokenizer.decode(prompt_ids[differ:differ + 8])!r} vs "
-            f"{tokenizer.decode(ids[differ:differ + 8])!r}), so the completion boundary is "
-            "unknown. Fix the chat template's generation prompt, or put the whole conversation "
-            "in a 'messages' column and use `assistant_only_loss=True`."
-        )
+    require_prompt_prefix(tokenizer, prompt_ids, ids, "the prompt + completion rendering",
+                          "so the completion boundary is unknown. Fix the chat template's generation prompt, or put "
+                          "the whole conversation in a 'messages' column and use `assistant_only_loss=True`.")
     prompt_bit = 0 if options.completion_only_loss else 1
     mask = [prompt_bit] * len(prompt_ids) + [1] * (len(ids) - len(prompt_ids))
     if assistant_mask is not None:
