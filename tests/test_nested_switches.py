@@ -2,7 +2,6 @@
 trainer's module: a wrapper built on `super().create_module()` gets the layout the arguments ask for (its Llama is
 built stacked while initialising), and a switch no submodule has is refused by name."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,25 +11,14 @@ from easytrain import ArgumentError, BaseTrainer, LossOutput, TrainingArguments
 from easytrain.models import LlamaForCausalLM
 from easytrain.trainers.switches import apply_switches
 from model_configs import tiny_config
-
-
-class Scorer(nnx.Module):
-    """A scalar head on a Llama that the module holds (as a reward model does); no switch of its own."""
-
-    def __init__(self, llama: LlamaForCausalLM, rngs: nnx.Rngs):
-        self.llama = llama
-        self.head = nnx.Linear(llama.config.hidden_size, 1, rngs=rngs)
-
-    def __call__(self, ids_BT: jax.Array) -> jax.Array:
-        B, T = ids_BT.shape
-        return self.head(self.llama.hidden_states(ids_BT).reshape(B, T, -1)[:, -1])[:, 0]
+from reward_model import RewardModel
 
 
 class ScorerTrainer(BaseTrainer):
     token_fields = ()
 
     def create_module(self) -> nnx.Module:
-        return Scorer(super().create_module(), nnx.Rngs(self.arguments.seed + 1))
+        return RewardModel(super().create_module(), nnx.Rngs(self.arguments.seed + 1))
 
     def collate(self, rows, example_ids):
         ids = np.asarray(rows["input_ids"], np.int32)[:, :-1]
@@ -61,9 +49,9 @@ def test_a_wrapped_llama_takes_the_layout_the_arguments_ask_for(tmp_path, scan):
     assert ("stacked" in trainer.state.params["llama"]["layers"]) is scan
 
 
-def _scorer() -> Scorer:
+def _scorer() -> RewardModel:
     with nnx.use_eager_sharding(False):
-        return Scorer(LlamaForCausalLM(tiny_config(num_hidden_layers=2), rngs=nnx.Rngs(0)), nnx.Rngs(1))
+        return RewardModel(LlamaForCausalLM(tiny_config(num_hidden_layers=2), rngs=nnx.Rngs(0)), nnx.Rngs(1))
 
 
 def test_every_switch_reaches_the_submodule_that_has_it(tmp_path):
@@ -113,6 +101,6 @@ class ValueHeadLlama(LlamaForCausalLM):
 
 def test_a_wrapped_subclass_of_an_easytrain_model_takes_the_switch(tmp_path):
     with nnx.use_eager_sharding(False):
-        scorer = Scorer(ValueHeadLlama(tiny_config(num_hidden_layers=2), rngs=nnx.Rngs(0)), nnx.Rngs(1))
+        scorer = RewardModel(ValueHeadLlama(tiny_config(num_hidden_layers=2), rngs=nnx.Rngs(0)), nnx.Rngs(1))
     apply_switches(scorer, tiny(tmp_path, remat_policy="full"), "cpu")
     assert scorer.llama.remat == "full"
