@@ -1,5 +1,5 @@
 """Helpers shared by the tests: the small checkpointed run the resume tests start from and copies of a run, read a
-run's logged metrics, stop a run at a given step, run a script on 8 CPU devices, an environment in which the
+run's logged metrics, stop or fail a run at a given step, run a script on 8 CPU devices, an environment in which the
 `easytrain` command would relaunch itself for huge pages."""
 
 import hashlib
@@ -107,6 +107,17 @@ class StopAt(Callback):
     def on_step_end(self, trainer, step):
         if step == self.step:
             trainer.should_stop = True
+
+
+class FailAt(Callback):
+    """Raises at the end of `step`, as a failing callback (or a killed process) does: nothing checkpoints that step."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, trainer, step):
+        if step == self.step:
+            raise RuntimeError(f"a failing callback at step {step}")
 
 
 def xla_flags(devices: int | None) -> str:

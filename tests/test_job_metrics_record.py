@@ -9,20 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from easytrain import BaseTrainer, Callback
+from easytrain import BaseTrainer
 from easytrain.jobs import Job, read_job
-from runs import args_for
+from runs import FailAt, args_for
 
 ONCE = ("compile_seconds", "planned_memory_mib", "peak_flops")
-
-
-class CrashAt(Callback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, trainer, step):
-        if step == self.step:
-            raise RuntimeError("killed")
 
 
 def train_records(output_dir: Path) -> list[dict]:
@@ -41,8 +32,8 @@ def test_the_train_record_holds_exactly_the_last_logged_window(tmp_path: Path) -
 
 def test_a_resumed_runs_train_record_holds_exactly_its_last_window(tmp_path: Path) -> None:
     args = args_for(tmp_path / "run", max_steps=8, logging_steps=2, save_steps=4)
-    with pytest.raises(RuntimeError, match="killed"):
-        BaseTrainer(args, callbacks=[CrashAt(5)]).train()
+    with pytest.raises(RuntimeError, match="a failing callback"):
+        BaseTrainer(args, callbacks=[FailAt(5)]).train()
     killed = read_job(args.output_dir)["metrics"]["train"]
     assert killed["step"] == 4 and not set(ONCE) & set(killed), killed
     BaseTrainer(args_for(tmp_path / "run", max_steps=8, logging_steps=2, save_steps=4,

@@ -4,23 +4,14 @@ needs a larger `max_steps` too."""
 
 import pytest
 
-from easytrain import BaseTrainer, Callback
+from easytrain import BaseTrainer
 from easytrain.errors import TrainedAlreadyError
-from runs import args_for
-
-
-class FailAt(Callback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, trainer, step):
-        if step == self.step:
-            raise ValueError("a failing callback")
+from runs import FailAt, args_for
 
 
 def test_a_run_stopped_before_its_end_is_not_told_to_raise_max_steps(tmp_path):
     trainer = BaseTrainer(args_for(tmp_path / "run", save_strategy="no"), callbacks=[FailAt(2)])
-    with pytest.raises(ValueError, match="a failing callback"):
+    with pytest.raises(RuntimeError, match="a failing callback"):
         trainer.train()
     with pytest.raises(TrainedAlreadyError) as refused:
         trainer.train()

@@ -30,7 +30,7 @@ from easytrain.data import EvalBatches, TrainBatches
 from easytrain.data.batch_checks import TOKEN_FIELDS
 from easytrain.data.token_range import vocab_size_of
 from easytrain.errors import ArgumentError
-from easytrain.evaluators import Evaluator
+from easytrain.evaluators import Evaluator, usable_evaluators
 from easytrain.frozen import Frozen, FrozenPlan
 from easytrain.optim import build_optimizer, build_schedule
 from easytrain.protocol import ConfiguredDataloaders, ConfiguredFunctions, ConfiguredModel
@@ -118,13 +118,16 @@ class BaseTrainer(ProtocolProperties, RunRecordHooks, TrainStateHooks, LanguageM
             return
         self.check_task_settings()  # JSON values only: each checkpoint records them (`run_record`)
         data_agreement.check_arguments_agree(self._arguments, self.task_arguments, jax.process_count())
+        passed = list(self.evaluators)
         with stop_signals.interruptible("preparing the data"):  # a stop signal here ends train() at once
             self._data = self.configure_dataloaders()
+        self._evaluators_from_rows = tuple(e for e in self.evaluators if all(e is not p for p in passed))
         given = (self._raw_train is not None, self._raw_eval is not None)
         data_agreement.check_processes_agree(self._data, self._arguments, given, jax.process_count())
         profiling.check_window(self._arguments, self._data.total_steps)  # the run's length is known from here
         with stop_signals.interruptible("building the model"):
             self._model = self.configure_model()
+        self._settle_evaluators(self._model.model)  # the module trained, whatever built it: before any step
         self._state = self._model.state
         self._functions = self.configure_functions()
         names = builders.eval_metric_names(self._functions.eval_step, self._state, self._data.eval, self.mesh,
@@ -133,6 +136,18 @@ class BaseTrainer(ProtocolProperties, RunRecordHooks, TrainStateHooks, LanguageM
         if self._arguments.save_pretrained_at_end and (problem := self.export_problem()):
             raise ArgumentError("save_pretrained_at_end", f"{problem}; pass --no_save_pretrained_at_end, or "
                                                           "override save_pretrained in your trainer.")
+
+    #: The evaluators the trainer's data preparation added itself, not passed as `evaluators=` (`setup` records
+    #: them): such a default is left out, not refused, where the module cannot run it.
+    _evaluators_from_rows: tuple[Evaluator, ...] = ()
+
+    def _settle_evaluators(self, module: Any) -> None:
+        """Keep the evaluators `module` can run, decided at set-up rather than at the first evaluation (which would
+        lose the steps before it): a generation evaluator on a module that cannot generate is refused, or left out
+        with a warning if the rows added it unasked. `setup` settles on the module `configure_model` returned; the
+        default one settles earlier, before any weight is placed."""
+        self.evaluators[:] = usable_evaluators(self.evaluators, module, added=self._evaluators_from_rows,
+                                               asked=self._arguments.eval_metrics)
 
     def configure_mesh(self) -> jax.sharding.Mesh:
         args = self._arguments
@@ -191,6 +206,8 @@ class BaseTrainer(ProtocolProperties, RunRecordHooks, TrainStateHooks, LanguageM
         """Create the train state directly on the mesh, or restore a resumed run's state straight into it."""
         args = self._arguments
         placement.check_given_module(self._given_model, self.dtype, self.param_dtype)  # create_module's: just above
+        if self._given_model is not None:  # before it is placed (the trainer's own: `_abstract_module`)
+            self._settle_evaluators(self._given_model)
         self._schedule = self.configure_schedule(self._data.total_steps)
         tx = self.configure_optimizer(self._schedule)
         placed = dict(seed=args.seed, mesh=self.mesh, rules=self.partition_rules,

@@ -315,15 +315,13 @@ def prepared_rows(trainer: Any) -> tuple[Any, Any]:
     """`trainer.prepare_datasets()`, its rows checked (`check_row_sources`), data given to the trainer that it did
     not read refused by name (`given_data`), and rows each epoch leaves out warned about (not for the embedded demo
     corpus, whose rows the user did not choose), before the model is built. `disable_progress_bar` turns off the bars
-    `datasets` draws while the rows are prepared. The evaluators `prepare_datasets` added are recorded (defaults a
-    module that cannot run them leaves out); those a given module cannot run are settled here."""
-    token, given = _embedded_marks.set(embedded := []), list(getattr(trainer, "evaluators", ()))
+    `datasets` draws while the rows are prepared."""
+    token = _embedded_marks.set(embedded := [])
     try:
         with given_data.tracking() as reads, datasets_progress_bars(trainer.arguments.disable_progress_bar):
             train, evaluation = trainer.prepare_datasets()
     finally:
         _embedded_marks.reset(token)
-    _settle_evaluators(trainer, given)
     given_data.check_read(trainer, bool(reads))
     check_row_sources(train, evaluation)
     args, rows = trainer.arguments, count_rows(train)
@@ -331,17 +329,6 @@ def prepared_rows(trainer: Any) -> tuple[Any, Any]:
     if not embedded:  # the demo's corpus (620 blocks): no rows of the user's to add or drop
         warn_rows_left_out(rows, args.train_batch_size, args.max_steps if args.max_steps > 0 else epochs)
     return train, evaluation
-
-
-def _settle_evaluators(trainer: Any, given: list[Any]) -> None:
-    """Record the evaluators `prepare_datasets` added beside the `given` ones (such a default is left out, not
-    refused, where the module cannot run it), and settle a given module's now that its type is known (a module the
-    trainer builds: `_abstract_module`)."""
-    if not hasattr(trainer, "_keep_usable_evaluators"):  # a trainer-like object of a test: no evaluators
-        return
-    trainer._evaluators_from_rows = tuple(e for e in trainer.evaluators if all(e is not g for g in given))
-    if trainer._given_model is not None:
-        trainer._keep_usable_evaluators(trainer._given_model)
 
 
 def prepared_eval_rows(trainer: Any, dataset: Any) -> Any:

@@ -20,7 +20,7 @@ from easytrain import flops, placement, throughput
 from easytrain.data import RowSource, lm_collate_rows
 from easytrain.data.sources import evaluation_examples
 from easytrain.data.token_range import vocab_size_of
-from easytrain.evaluators import arithmetic_exact_match, usable_evaluators
+from easytrain.evaluators import arithmetic_exact_match
 from easytrain import eval_metrics
 from easytrain.errors import ArgumentError
 from easytrain.eval_metrics import Predictions
@@ -170,18 +170,8 @@ class LanguageModelHooks:
         build is one layer's trace whatever the depth (0.07 s instead of 0.6-0.85 s for `llama-3b`'s 28 layers)."""
         with self.initialising():
             module = placement.abstract_module(lambda: self.adapt_module(self._checked_module()))
-        self._keep_usable_evaluators(module)
+        self._settle_evaluators(module)  # its type is known: before any weight is drawn
         return module
-
-    #: The evaluators `prepare_datasets` added itself (`builders.prepared_rows` records them): such a default is left
-    #: out, not refused, when the module cannot run it.
-    _evaluators_from_rows: tuple = ()
-
-    def _keep_usable_evaluators(self, module: nnx.Module) -> None:
-        """The evaluators `module` can run, decided once its type is known and before any compute: a generation
-        evaluator on a module that cannot generate is refused, or left out if the rows added it unasked."""
-        self.evaluators[:] = usable_evaluators(self.evaluators, module, added=self._evaluators_from_rows,
-                                               asked=self._arguments.eval_metrics)
 
     def compute_loss(self, model: nnx.Module, batch: Batch, rng: jax.Array, train: bool,
                      frozen: Mapping[str, Any]) -> LossOutput:

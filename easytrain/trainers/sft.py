@@ -142,7 +142,7 @@ class SFTTrainer(BaseTrainer):
     #: The generation evaluator `generation_eval_samples > 0` asked for: refused, not left out, where it cannot run.
     _asked_generation: CompletionMetrics | None = None
 
-    def _keep_usable_evaluators(self, module: Any) -> None:
+    def _settle_evaluators(self, module: Any) -> None:
         """As `BaseTrainer`'s, but the evaluation `generation_eval_samples` asked for is refused by that name on a
         module that cannot generate (the embedded task's own, unasked, is left out with a warning)."""
         samples, asked = self.sft_arguments.generation_eval_samples, self._asked_generation
@@ -150,7 +150,7 @@ class SFTTrainer(BaseTrainer):
             raise ArgumentError("generation_eval_samples", f"{samples} asks for exact_match on greedy completions, "
                                 f"and {problem}; pass --generation_eval_samples 0, or give the module init_cache() "
                                 "and decode() (as easytrain.models.LlamaForCausalLM has).")
-        super()._keep_usable_evaluators(module)
+        super()._settle_evaluators(module)
 
     def prepare_eval_dataset(self, dataset: Any) -> RowSource:
         """Another eval set's examples (a `datasets.Dataset`), tokenised (and packed) as the configured one's."""
