@@ -27,7 +27,8 @@ from easytrain.data.errors import DataError
 from easytrain.data.message_content import messages_for_template
 from easytrain.data.prompt_completion import (common_prefix, completion_tokens, reads_as_joined,
                                               require_prompt_prefix)
-from easytrain.data.special_tokens import encode_text, typed_field
+from easytrain.data.special_tokens import typed_field
+from easytrain.data.text_coder import TextCoder
 
 #: A response's ids and mask (1 on its supervised tokens).
 Response = tuple[list[int], list[int]]
@@ -62,8 +63,9 @@ def pair_tokens(example: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase,
 def string_pair_tokens(tokenizer: PreTrainedTokenizerBase, prompt: str, chosen: str,
                        rejected: str) -> tuple[list[int], Response, Response]:
     """The three texts tokenised apart where both sequences read as their joined texts, else ``joined_pair_tokens``."""
-    prompt_ids, chosen_ids, rejected_ids = (encode_text(tokenizer, text) for text in (prompt, chosen, rejected))
-    if all(reads_as_joined(tokenizer, (prompt_ids, ids), prompt + response)
+    coder = TextCoder(tokenizer)
+    prompt_ids, chosen_ids, rejected_ids = coder.encode([prompt, chosen, rejected])
+    if all(reads_as_joined(coder, (prompt_ids, ids), prompt + response)
            for ids, response in ((chosen_ids, chosen), (rejected_ids, rejected))):
         return prompt_ids, (chosen_ids, [1] * len(chosen_ids)), (rejected_ids, [1] * len(rejected_ids))
     return joined_pair_tokens(tokenizer, prompt, chosen, rejected)
