@@ -41,7 +41,10 @@ class TrainingArguments:
         "What to train: a registered task name ('lm') or 'package.module:TrainerClass' "
         "for any class that implements easytrain.TrainerProtocol.",
     )
-    seed: int = _arg(42, "Seed for parameter init, data order and dropout/sampling RNG.")
+    seed: int = _arg(
+        42, "Seed for parameter init, data order, the held-out validation split (validation_split_percentage) "
+        "and dropout/sampling RNG: one seed for all of them. transformers' data_seed (the data order alone) has no "
+        "counterpart: a new seed also draws other initial weights and holds out other rows.")
 
     # --- model ---------------------------------------------------------------------------------
     model_name_or_path: Optional[str] = _arg(
@@ -132,8 +135,15 @@ class TrainingArguments:
     )
     max_length: int = _arg(128, "Sequence length of every training block, in tokens.")
     max_train_samples: Optional[int] = _arg(
-        None, "Truncate the training set to this many rows (debugging); unset: all.")
-    max_eval_samples: Optional[int] = _arg(None, "Truncate the evaluation set to this many rows; unset: all.")
+        None, "Train on the first N training examples only (debugging); unset: all. The lm task tokenises the whole "
+        "split and keeps its first N blocks of max_length + 1 tokens (pre-tokenized rows: the first N rows); sft and "
+        "dpo keep the first N rows (conversations, prompt-completion pairs, preference pairs) before tokenising. "
+        "With a held-out split (validation_split_percentage > 0 and no validation split given), the rows left for "
+        "training are in a seeded shuffled order, so the first N are a sample chosen by seed.")
+    max_eval_samples: Optional[int] = _arg(
+        None, "Evaluate on the first N evaluation examples only; unset: all. As max_train_samples: for the lm task "
+        "the first N token blocks of the tokenised validation split, for sft and dpo its first N rows; a held-out "
+        "split is in a seeded shuffled order, so its first N are a sample chosen by seed.")
     preprocessing_num_workers: Optional[int] = _arg(None, "Processes used to tokenise the dataset; unset: this one.")
 
     # --- optimisation --------------------------------------------------------------------------

@@ -7,10 +7,12 @@ path ends in the same shape so the rest of the pipeline has one case to handle.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TypeAlias
 
 import datasets
@@ -46,6 +48,10 @@ logger = logging.getLogger("easytrain")
 
 #: How `evaluate`'s argument is named in errors.
 EVALUATE = "evaluate(dataset)"
+
+#: The folder of the `datasets` cache (or of `cache_dir`) that holds local files' Arrow copies, one sub-folder per
+#: state of the files (`local_files_cache`).
+LOCAL_FILES_CACHE = "easytrain_local_files"
 
 
 def load_text_datasets(
@@ -200,6 +206,8 @@ def _how_to_build(rows: object) -> str:
 def _from_name(name: str, config: str | None, cache_dir: str | None) -> datasets.DatasetDict:
     if _saved_to_disk(name):
         return _from_disk(name, config)
+    if os.path.isdir(name):  # a folder of data files, cached as they are now; a Hub name keeps the shared cache
+        cache_dir = local_files_cache(_folder_files(name), cache_dir)
     try:
         loaded = datasets.load_dataset(name, config, cache_dir=cache_dir)
     except (ConnectionError, FileNotFoundError, DatasetGenerationError) as error:  # unreachable, unknown, unreadable
@@ -259,13 +267,41 @@ def _from_files(
     if builders[TRAIN] == "csv":
         options["features"] = csv_text_features(data_files, TRAIN)
     try:
-        return datasets.load_dataset(builders[TRAIN], data_files=data_files, cache_dir=cache_dir, **options)
+        return datasets.load_dataset(builders[TRAIN], data_files=data_files,
+                                     cache_dir=local_files_cache(data_files.values(), cache_dir), **options)
     except DatasetGenerationError as error:  # a parse error (broken JSON, CSV) or no rows to infer a schema from
         files = " or ".join(f"`{split}_file` {path!r}" for split, path in data_files.items())
         raise DataError(
             f"{files} could not be read as {builders[TRAIN]} ({error_reason(error)}); fix the file, e.g. one JSON "
             "object per line for .jsonl, a header row for .csv."
         ) from error
+
+
+def local_files_cache(paths: Iterable[str], cache_dir: str | None) -> str:
+    """The cache folder of local `paths` as they are now: `datasets` keys a local file's cache on its path and
+    modification time only, so a file replaced keeping its old mtime (cp -p, rsync -t, tar, a build tool that fixes
+    mtimes) would be read as its old rows. The folder is named by each file's size, inode and change time too (the
+    change time cannot be set back by utime), so an unchanged file is read from its cache, a changed one parsed anew."""
+    signature = []
+    for path in sorted({os.path.abspath(path) for path in paths}):
+        try:
+            stat = os.stat(path)
+        except OSError:  # gone since it was listed: `datasets` names it
+            continue
+        signature.append([path, stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns])
+    digest = hashlib.sha256(json.dumps(signature).encode()).hexdigest()[:20]
+    return os.path.join(cache_dir if cache_dir is not None else datasets.config.HF_DATASETS_CACHE,
+                        LOCAL_FILES_CACHE, digest)
+
+
+def _folder_files(folder: str) -> list[str]:
+    """The files `datasets` may read from a dataset folder: all but hidden ones (a changed file it does not read
+    only costs one parse)."""
+    files = []
+    for root, directories, names in os.walk(folder):
+        directories[:] = [name for name in directories if not name.startswith(".")]
+        files += [os.path.join(root, name) for name in names if not name.startswith(".")]
+    return files
 
 
 def _offline() -> bool:
