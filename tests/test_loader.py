@@ -242,10 +242,10 @@ def test_eval_rejects_an_empty_source():
         eval_batches({"input_ids": np.zeros((0, 5))}, 2)
 
 
-@pytest.mark.parametrize("batch_size, devices, expected", [(100_000, 8, 40), (16, 8, 16), (100, 1, 38), (7, 1, 7)])
+@pytest.mark.parametrize("batch_size, devices, expected", [(100_000, 8, 64), (16, 8, 16), (100, 1, 64), (7, 1, 7)])
 def test_an_eval_batch_larger_than_the_eval_set_shrinks_to_fit_it(batch_size, devices, expected):
-    """38 rows in batches of 100000 would pad 99962 rows (and may not fit in memory): the batch is the set,
-    rounded up to the data-parallel devices; the same examples are evaluated once each."""
+    """38 rows in batches of 100000 would pad 99962 rows (and may not fit in memory): the batch shrinks to a power
+    of two of the data-parallel devices, at least 64 rows; the same examples are evaluated once each."""
     from easytrain.data import EvalBatches
 
     batches = EvalBatches(_rows(38), batch_size, multiple_of=devices)

@@ -246,19 +246,36 @@ def eval_batches(
     return iter(indices.map(load).to_iter_dataset(_or_default(read_options)))
 
 
+#: Eval batches of up to this many rows never shrink to a set: a compile costs more than the padding.
+PADDED_EVAL_ROWS = 64
+
+
+def eval_batch_rows(num_rows: int, batch_size: int, step: int = 1) -> int:
+    """The rows of each batch of an eval set of `num_rows`: `batch_size`, so that every set shares one compiled eval
+    step; or, if smaller, the least `step * 2**k` holding the set and `PADDED_EVAL_ROWS`, so that a huge
+    `eval_batch_size` does not pad a small set into a batch that may not fit (38 rows under 100000), and the sizes
+    between share a few shapes. `step` divides `batch_size`: the data-parallel devices and the processes.
+    Padding rows weigh nothing: metrics are the set's own up to float rounding (XLA may sum a row's products in
+    another order in a batch of another size; `tests/test_eval_batch_shapes.py`)."""
+    rows = step
+    while rows < max(num_rows, PADDED_EVAL_ROWS):
+        rows *= 2
+    return min(batch_size, rows)
+
+
 class EvalBatches:
     """A re-iterable evaluation set: every ``iter()`` is one ordered pass (see ``eval_batches``)."""
 
     def __init__(self, source: RowSource, global_batch_size: int, *, collate: RowsCollate = lm_collate_rows,
                  process_index: int = 0, process_count: int = 1, multiple_of: int = 1, vocab_size: int | None = None,
                  token_fields: Sequence[str] = TOKEN_FIELDS) -> None:
-        """`multiple_of`: the data-parallel device count. A batch larger than the whole set shrinks to the set
-        rounded up to a multiple of it (and of `process_count`): the same examples, without a batch of padding.
-        `vocab_size`, `token_fields`: as for `TrainBatches`."""
+        """`multiple_of`: the data-parallel device count. Batches hold `global_batch_size` rows, padded (one eval
+        step for every set), unless `eval_batch_rows` shrinks them. `vocab_size`, `token_fields`: as for
+        `TrainBatches`."""
         BatchCheck(vocab_size, token_fields)  # a bad vocab_size fails now
         self.source = source
         step = math.lcm(multiple_of, process_count)
-        self.global_batch_size = min(global_batch_size, max(step, math.ceil(len(_RowReader(source)) / step) * step))
+        self.global_batch_size = eval_batch_rows(len(_RowReader(source)), global_batch_size, step)
         self._options = dict(collate=collate, process_index=process_index, process_count=process_count,
                              vocab_size=vocab_size, token_fields=token_fields)
         per_process_batch_size(global_batch_size, process_index, process_count)  # fail now, not at the first eval
