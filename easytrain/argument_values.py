@@ -16,6 +16,7 @@ from easytrain import argument_checks
 from easytrain.errors import ArgumentError
 from easytrain.jobs import check_progress_range
 from easytrain.sinks import check_report_to
+from easytrain.suggestions import TRANSFORMERS_OPTIMIZERS, as_keywords
 
 if TYPE_CHECKING:
     from easytrain.arguments import TrainingArguments
@@ -78,6 +79,38 @@ def scheduler_hint(value: object) -> str:
     return f" {value!r} is a schedule of transformers' Trainer: {hint}." if hint else ""
 
 
+def transformers_value_hint(name: str, value: object) -> str:
+    """Appended to the refusal of `value` for the field `name`: what transformers' Trainer means by it and the
+    easytrain setting that gives it ('' when it means nothing there). The command line, a config file and Python
+    refuse such values with their own words (argparse's 'invalid int value'); this sentence is the same in all."""
+    if name == "lr_scheduler_type":
+        return scheduler_hint(value)
+    if name == "optimizer" and (ported := TRANSFORMERS_OPTIMIZERS.get(str(value))) is not None:
+        return f" {value!r} is an optimizer of transformers' Trainer: use {as_keywords(ported.settings)}. {ported.why}."
+    number = _number(value)
+    if number is None:
+        return ""
+    if name == "warmup_steps" and 0 < number < 1:
+        return (f" In transformers 5 a warmup_steps below 1 is a fraction of the run: use warmup_ratio={number} "
+                "(rounded down here, up there: docs/porting.md).")
+    if name == "num_train_epochs" and not number.is_integer():
+        whole = " or ".join(str(n) for n in sorted({max(1, math.floor(number)), max(1, math.ceil(number))}))
+        return (f" Epochs are whole here (transformers' may be fractions): use num_train_epochs={whole}, or "
+                "max_steps for a part of an epoch (an epoch is rows // train_batch_size updates).")
+    return ""
+
+
+def _number(value: object) -> float | None:
+    """`value` as a finite number (a command line's string too), or None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
 def check_values(args: TrainingArguments) -> None:
     """Every value check of `validate` after the types: raises `ArgumentError` naming the field and the fix."""
     positive_ints = ("train_batch_size", "eval_batch_size", "gradient_accumulation_steps", "max_length",
@@ -108,7 +141,7 @@ def check_values(args: TrainingArguments) -> None:
                           ("lr_scheduler_type", SCHEDULES), ("eval_strategy", STRATEGIES),
                           ("save_strategy", STRATEGIES), ("non_finite_policy", NON_FINITE_POLICIES)):
         value = getattr(args, name)
-        hint = scheduler_hint(value) if name == "lr_scheduler_type" else ""
+        hint = transformers_value_hint(name, value)
         _require(value in allowed, name, f"must be one of {', '.join(allowed)}; got {value!r}."
                                          f"{argument_checks.choice_hint(value)}{hint}")
     if args.eval_metrics is not None:

@@ -303,14 +303,15 @@ def field_names() -> list[str]:
 
 
 def check_known_fields(values: dict[str, Any], *, source: str) -> None:
-    import difflib
+    """An unknown key is refused as a config file's is: a transformers name with its easytrain setting (`data_seed`
+    is `seed`, not `dataset_name`), else the closest name."""
+    from easytrain.suggestions import as_keys, unknown_name_hint
 
     known = field_names()
     for key in values:
         if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else " Run `easytrain train --help` for the list."
-            raise ArgumentError(key, f"unknown argument in {source}.{hint}")
+            hint = unknown_name_hint(key, values[key], known, as_keys)
+            raise ArgumentError(key, f"unknown argument in {source}. {hint}")
 
 
 def validate(args: TrainingArguments) -> None:

@@ -21,11 +21,11 @@ import yaml
 from transformers import HfArgumentParser
 
 from easytrain.argument_checks import check_file_strings, check_file_values, check_given_values
-from easytrain.argument_values import scheduler_hint
+from easytrain.argument_values import transformers_value_hint
 from easytrain.arguments import TrainingArguments, field_names
 from easytrain.best_metric_direction import saved_values
 from easytrain.errors import ArgumentError
-from easytrain.suggestions import closest
+from easytrain.suggestions import as_flags, as_keys, unknown_name_hint
 from easytrain.tasks.registry import check_argument_dataclasses, tasks_declaring
 
 ARGUMENTS_FILE = "arguments.json"
@@ -47,7 +47,7 @@ def load_config_file(path: str | os.PathLike, task_arguments: Sequence[type] = (
     known = _known_fields(task_arguments)
     for key in values:
         if key not in known:
-            raise _unknown_key_error(str(key), path, known, task)
+            raise _unknown_key_error(str(key), values[key], path, known, task)
     check_file_strings(values, (TrainingArguments,), source=str(path))
     return check_file_values(values, task_arguments, source=str(path))
 
@@ -60,9 +60,10 @@ class _GroupedParser(HfArgumentParser):
         super().__init__(dataclass_types, **kwargs)
 
     def error(self, message: str) -> typing.NoReturn:
-        """argparse's refusal of a choice, followed by the easytrain setting for a transformers schedule name."""
-        refused = re.search(r"^argument --lr_scheduler_type\S*: invalid choice: '([^']*)'", message)
-        super().error(message + (scheduler_hint(refused.group(1)) if refused else ""))
+        """argparse's refusal of a value (a choice, a number), followed by the easytrain setting for what
+        transformers' Trainer means by it (`--optimizer adamw_torch`, `--warmup_steps 0.1`)."""
+        refused = re.search(r"^argument --(\w+)\S*: invalid (?:choice|\w+ value): '([^']*)'", message)
+        super().error(message + (transformers_value_hint(*refused.groups()) if refused else ""))
 
     def _add_dataclass_arguments(self, dtype: type) -> None:
         doc = (dtype.__doc__ or "").strip()
@@ -188,9 +189,15 @@ def parse_task_arguments(argv: Sequence[str] | None = None, task_arguments: Sequ
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)
     parser = build_parser(task_arguments, task)
-    if known.config:
-        parser.set_defaults(**load_config_file(known.config, task_arguments, task))
-    outputs = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    config = load_config_file(known.config, task_arguments, task) if known.config else {}
+    parser.set_defaults(**config)
+    try:
+        outputs = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    except ArgumentError as error:  # a file's value, typed: the command line's are refused by argparse first
+        hint = transformers_value_hint(error.field, config.get(error.field))
+        if not hint or hint in error.message:
+            raise
+        raise ArgumentError(error.field, f"{error.message.rstrip('.')} in {known.config}.{hint}") from None
     remaining = outputs[-1]
     if remaining:
         raise _unknown_flag_error(remaining, _known_fields(task_arguments), task)
@@ -212,20 +219,26 @@ def _unknown_flag_error(remaining: list[str], known: list[str], task: str | None
     if owners := tasks_declaring(name, besides=chosen):
         return ArgumentError(name, f"--{name} is an argument of {_tasks(owners)}, not of task {chosen!r}; add "
                                    f"--task {owners[0]} (`easytrain train --task {owners[0]} --help` lists its flags).")
-    close = closest(name, known)
-    hint = f"Did you mean --{close}?" if close else "Run `easytrain train --help` for the list."
+    hint = unknown_name_hint(name, _flag_value(remaining, flag), known, as_flags)
     return ArgumentError(name, f"unknown command-line argument {flag!r}. {hint}")
 
 
-def _unknown_key_error(key: str, path: Path, known: list[str], task: str | None) -> ArgumentError:
-    """As `_unknown_flag_error`, for a key of a config file."""
+def _flag_value(remaining: list[str], flag: str) -> str | None:
+    """What the command line gives an unknown `flag`: after its '=', else the next string unless that is a flag
+    (None: a bare flag, which transformers reads as true for a boolean)."""
+    if "=" in flag:
+        return flag.split("=", 1)[1]
+    after = remaining[remaining.index(flag) + 1:]
+    return after[0] if after and not after[0].startswith("--") else None
+
+
+def _unknown_key_error(key: str, value: Any, path: Path, known: list[str], task: str | None) -> ArgumentError:
+    """As `_unknown_flag_error`, for a key of a config file (and its value)."""
     chosen = task or _DEFAULT_TASK
     if owners := tasks_declaring(key, besides=chosen):
         return ArgumentError(key, f"an argument of {_tasks(owners)}, not of task {chosen!r} (in {path}); add "
                                   f"`task: {owners[0]}` to the file or --task {owners[0]} to the command.")
-    close = closest(key, known)
-    hint = f" Did you mean '{close}'?" if close else " Run `easytrain train --help` for the list."
-    return ArgumentError(key, f"unknown argument in {path}.{hint}")
+    return ArgumentError(key, f"unknown argument in {path}. {unknown_name_hint(key, value, known, as_keys)}")
 
 
 def _tasks(names: list[str]) -> str:
