@@ -296,11 +296,21 @@ def warn_unread_optimizer_fields(args: Any) -> None:
         _warn_unread(args.optimizer, unread)
 
 
+_LORA_FULLY_TRAINED = {"lora_train_embeddings": "the input embedding and the output head",
+                       "lora_train_norms": "the norm scales"}
+
+
 def warn_low_precision_state(args: Any) -> None:
     """bfloat16 master weights (`param_dtype`): what float32 storage keeps and they lose, warned about once per
-    process for the same settings (every optimizer here keeps its state in the parameters' dtype)."""
-    if args.param_dtype == "bfloat16":
+    process for the same settings (every optimizer here keeps its state in the parameters' dtype). Under LoRA the
+    adapters and their state are float32 and the bfloat16 base is frozen: warned only for what the `lora_train_*`
+    switches train in full, in bfloat16."""
+    if args.param_dtype != "bfloat16":
+        return
+    if not (args.lora_rank or args.lora_adapter_path):
         warn_bfloat16_state(args.optimizer, args.adam_beta1, args.adam_beta2, args.sgd_momentum)
+    elif trained := tuple(field for field in _LORA_FULLY_TRAINED if getattr(args, field)):
+        warn_bfloat16_state(args.optimizer, args.adam_beta1, args.adam_beta2, args.sgd_momentum, trained)
 
 
 def _bfloat16(value: float) -> float:
@@ -315,8 +325,10 @@ _STATE_KEPT = {"adamw": "its first and second moments", "lion": "its momentum", 
 
 
 @functools.cache
-def warn_bfloat16_state(optimizer: str, beta1: float, beta2: float, momentum: float) -> None:
-    """The warning itself, once per process for the same settings: what is lost, and the fix."""
+def warn_bfloat16_state(optimizer: str, beta1: float, beta2: float, momentum: float,
+                        lora_trained: tuple[str, ...] = ()) -> None:
+    """The warning itself, once per process for the same settings: what is lost, and the fix; under LoRA
+    (`lora_trained`: the `lora_train_*` switches on) for what those switches train in bfloat16 only."""
     kept = ""
     if optimizer in _STATE_KEPT and (optimizer != "sgd" or momentum):
         rounded = [f"{name}={value!r} is {_bfloat16(value)!r}" for name, value in (("adam_beta1", beta1),
@@ -325,6 +337,14 @@ def warn_bfloat16_state(optimizer: str, beta1: float, beta2: float, momentum: fl
         never = f", so {decays} never decays" if decays and _bfloat16(beta2) == 1.0 else ""
         kept = f"; optimizer={optimizer!r} keeps {_STATE_KEPT[optimizer]} in bfloat16 too" + (
             f" ({', '.join(rounded)} there{never})" if rounded else "")
+    if lora_trained:
+        logger.warning("param_dtype='bfloat16' with LoRA: the adapters and their optimizer state are float32, but %s "
+                       "(%s) are trained in full in bfloat16 (8 significant bits): an update smaller than 1/512 to "
+                       "1/256 of a weight's magnitude is rounded away%s. Pass --param_dtype float32 to train them in "
+                       "float32 (the frozen base then takes twice the memory), or drop %s.",
+                       " and ".join(_LORA_FULLY_TRAINED[field] for field in lora_trained), ", ".join(lora_trained),
+                       kept, " and ".join(f"--{field}" for field in lora_trained))
+        return
     logger.warning("param_dtype='bfloat16' stores the master weights in bfloat16 (8 significant bits): an update "
                    "smaller than 1/512 to 1/256 of a weight's magnitude is rounded away, so at a small learning_rate "
                    "most weights never change%s. Pass --param_dtype float32 to keep float32 master weights and "

@@ -69,10 +69,11 @@ class TrainingArguments:
         "in the dtype it was built with: float16 is refused, another dtype than this one is warned about.")
     param_dtype: Literal["float32", "bfloat16", "float16"] = _arg(
         "float32", "Storage dtype of parameters and optimizer state (master weights): 'float32' or 'bfloat16' "
-        "('float16' is refused, as for dtype). bfloat16 halves their memory but keeps 8 significant bits: updates "
-        "below about 1/256 of a weight round away, and the optimizer state is bfloat16 too (adam_beta2=0.999 is "
-        "1.0); warned about. For bfloat16 compute with float32 master weights: --dtype bfloat16 "
-        "--param_dtype float32.")
+        "('float16' is refused, as for dtype, and so are float16 parameters in a module passed as model= or built by "
+        "create_module). bfloat16 halves their memory but keeps 8 significant bits: updates below about 1/256 of a "
+        "weight round away, and the optimizer state is bfloat16 too (adam_beta2=0.999 is 1.0); warned about (under "
+        "LoRA, whose adapters stay float32, only for lora_train_embeddings/lora_train_norms). For bfloat16 compute "
+        "with float32 master weights: --dtype bfloat16 --param_dtype float32.")
 
     remat_policy: Literal["none", "full", "dots"] = _arg(
         "none", "Recompute decoder-layer activations in the backward pass to save memory: 'full' keeps only each "

@@ -139,26 +139,54 @@ def abstract_state(shardings: TrainState, state: TrainState) -> TrainState:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
 
 
-def param_dtype_mismatches(module: nnx.Module, param_dtype: Any) -> list[str]:
-    """Paths of `module`'s floating-point parameters not stored in `param_dtype` (integer and other storage, a
-    quantised weight's, is not a float dtype the argument sets): a module that does not read the argument."""
-    wanted = jax.numpy.dtype(param_dtype)
+def float_param_dtypes(module: nnx.Module) -> list[tuple[str, Any]]:
+    """(path, dtype) of `module`'s floating-point parameters (integer and other storage, a quantised weight's, is
+    not a float dtype the run's arguments set)."""
     found = []
     for path, variable in nnx.to_flat_state(nnx.state(module, nnx.Param)):
         dtype = jax.numpy.dtype(variable.get_value().dtype if hasattr(variable, "get_value") else variable.value.dtype)
-        if jax.numpy.issubdtype(dtype, jax.numpy.floating) and dtype != wanted:
-            found.append(f"{'.'.join(map(str, path))} ({dtype})")
+        if jax.numpy.issubdtype(dtype, jax.numpy.floating):
+            found.append((".".join(map(str, path)), dtype))
     return found
 
 
+def param_dtype_mismatches(module: nnx.Module, param_dtype: Any) -> list[str]:
+    """`path (dtype)` of each floating-point parameter not stored in `param_dtype`: a module that does not read
+    the argument."""
+    wanted = jax.numpy.dtype(param_dtype)
+    return [f"{path} ({dtype})" for path, dtype in float_param_dtypes(module) if dtype != wanted]
+
+
+def _listed(found: list[str], shown: int) -> str:
+    more = f" and {len(found) - shown} more" if len(found) > shown else ""
+    return f"{', '.join(found[:shown])}{more}"
+
+
+def refuse_float16_params(module: nnx.Module, shown: int = 3, *, given: bool = False) -> None:
+    """Refuse float16 parameters in the module passed as `model=` (`given`) or built by `create_module`, as
+    `--param_dtype float16` is: the optimizer state is kept in the parameters' dtype, where AdamW's adam_epsilon
+    (1e-8) and small squared gradients are zero, so most first updates are non-finite (NaN weights, even in a
+    checkpoint saved under non_finite_policy='stop')."""
+    half = [path for path, dtype in float_param_dtypes(module) if dtype == jax.numpy.float16]
+    if not half:
+        return
+    source = "the module passed as model=" if given else "the module create_module built"
+    raise ArgumentError("param_dtype", f"{source} stores {len(half)} parameter(s) in float16 "
+                        f"({_listed(half, shown)}). The optimizer state is kept in the parameters' dtype, where "
+                        "adam_epsilon and small squared gradients round to zero (the first updates are non-finite), "
+                        "and float16 needs loss scaling, which easytrain does not do. Build it with "
+                        "param_dtype=float32 (or bfloat16) and pass --param_dtype to match.")
+
+
 def warn_unless_param_dtype(module: nnx.Module, param_dtype: Any, shown: int = 3, *, given: bool = False) -> None:
-    """Warn when `create_module` built parameters (or, `given`, the module passed as `model=` holds them) in another
-    float dtype than `param_dtype`: the run's `dtype` and `param_dtype` reach a custom module only through the
-    arguments it is built with, and the trainer trains its parameters in the dtypes it finds."""
+    """Refuse float16 parameters (`refuse_float16_params`), and warn when `create_module` built parameters (or,
+    `given`, the module passed as `model=` holds them) in another float dtype than `param_dtype`: the run's `dtype`
+    and `param_dtype` reach a custom module only through the arguments it is built with, and the trainer trains its
+    parameters in the dtypes it finds."""
+    refuse_float16_params(module, shown, given=given)
     if not (found := param_dtype_mismatches(module, param_dtype)):
         return
-    more = f" and {len(found) - shown} more" if len(found) > shown else ""
-    listed = f"{len(found)} parameter(s) in another dtype: {', '.join(found[:shown])}{more}"
+    listed = f"{len(found)} parameter(s) in another dtype: {_listed(found, shown)}"
     wanted = jax.numpy.dtype(param_dtype).name
     if given:
         logger.warning("param_dtype is %s, but the module passed as model= holds %s; it is trained in the dtypes it "

@@ -83,15 +83,25 @@ def _params_of(model_or_params: LlamaForCausalLM | dict) -> dict:
     return model_or_params
 
 
-def _storage_dtype(dtype: DType | str | None, value: Any) -> np.dtype:
+#: The storage dtypes an export is written in: transformers cannot load float8 tensors, and float64 only doubles
+#: the files of weights trained in float32 at most.
+EXPORT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _storage_dtype(dtype: DType | str | None, value: Any, name: str = "") -> np.dtype:
+    """The dtype `name` is written in: `dtype`, or with None its parameter's; one of `EXPORT_DTYPES`."""
     accepted = "use 'float32', 'bfloat16' or 'float16', or None to keep each parameter's dtype"
     try:
         stored = jnp.dtype(dtype) if dtype is not None else jnp.dtype(value.dtype)
     except TypeError as error:  # e.g. 'bf16': numpy names no such dtype
         raise CheckpointError(f"dtype={dtype!r} is not a dtype; {accepted}.") from error
-    if not jnp.issubdtype(stored, jnp.floating):
-        raise CheckpointError(f"dtype={dtype!r} is not a floating dtype; {accepted}.")
-    return stored
+    if stored.name in EXPORT_DTYPES:
+        return stored
+    if dtype is None:
+        raise CheckpointError(f"dtype=None keeps each parameter's dtype, but {name or 'a parameter'} is {stored.name}, "
+                              "not an export dtype; pass dtype='float32', 'bfloat16' or 'float16'.")
+    raise CheckpointError(f"dtype={dtype!r} ({stored.name}) is not an export dtype (transformers cannot load float8 "
+                          f"tensors; float64 only doubles the files); {accepted}.")
 
 
 # Within a decoder layer, transformers registers its modules (and so saves their tensors) in this order.
@@ -122,7 +132,7 @@ def export_plan(params: dict, config: transformers.PretrainedConfig, dtype: DTyp
     plan = {}
     for path, value in checked_params(unstack_layer_dicts(params, _LayerSlice), config).items():
         name, transpose = hf_name(path)
-        plan[name] = _Planned(value, transpose, _storage_dtype(dtype, value))
+        plan[name] = _Planned(value, transpose, _storage_dtype(dtype, value, name))
     return dict(sorted(plan.items(), key=lambda item: _module_order(item[0])))
 
 

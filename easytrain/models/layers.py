@@ -101,9 +101,10 @@ class Embedding(nnx.Module):
     def __call__(self, ids_BT: Array) -> Array:
         # The table is gathered along embed first, as FSDP does for every weight (rows looked up in a
         # table split along embed come out split along embed, and would need a full relayout to split
-        # by batch), in the compute dtype; the lookup itself is in the parameter dtype (exact: the
-        # values are already rounded), so its gradient, a scatter-add over every token, sums in it too.
-        table_VD = in_use(self.embedding, self.dtype).astype(self.embedding[...].dtype)
+        # by batch), in the compute dtype; the lookup itself reads it upcast to float32 (exact: the
+        # values are already rounded), so its gradient, a scatter-add over every token, sums in float32
+        # and is rounded once, whatever the parameter dtype (a frequent token adds thousands of terms).
+        table_VD = in_use(self.embedding, self.dtype).astype(jnp.float32)
         return jnp.take(table_VD, ids_BT, axis=0).astype(self.dtype)
 
     def attend(self, x_MD: Array) -> Array:
