@@ -15,10 +15,11 @@ logger = logging.getLogger("easytrain")
 
 
 class ExactMatch:
-    """Fraction of prompts whose greedy completion equals the expected answer exactly.
+    """Fraction of prompts whose greedy completion equals the expected answer (`exact_match`).
 
     Args:
-        prompts / answers: strings; the completion is compared after decoding up to EOS.
+        prompts / answers: strings; the completion, decoded up to EOS, and the answer are compared stripped of
+            surrounding whitespace (so " Paris", as a BPE vocabulary spells it after the prompt, matches "Paris").
         tokenizer: encodes prompts (each preceded by EOS, as documents are in training) and decodes.
         name: metric key, reported as `eval_<name>`.
     """
@@ -38,8 +39,7 @@ class ExactMatch:
         return (f"eval_{self.name}",)
 
     def __call__(self, trainer: Any) -> dict[str, float]:
-        correct = [completion == answer for completion, answer in zip(self.completions(trainer), self.answers)]
-        return {f"eval_{self.name}": float(np.mean(correct))}
+        return {f"eval_{self.name}": exact_match(self.completions(trainer), self.answers)}
 
     def completions(self, trainer: Any) -> list[str]:
         """The decoded greedy completion of every prompt; in a multi-process run, the same on every process."""
@@ -65,8 +65,9 @@ class CompletionMetrics:
     Args:
         prompts: token ids of each prompt, as training tokenised them (`easytrain.data.prompts`).
         references: the expected answer of each prompt.
-        compute_metrics: `(predictions, references) -> {name: value}` on decoded, stripped strings;
-            reported as `eval_<name>`.
+        compute_metrics: `(predictions, references) -> {name: value}`, reported as `eval_<name>`; it gets the
+            completions decoded up to EOS and the references, both stripped of surrounding whitespace, as
+            `exact_match` compares them.
     """
 
     needs_generation = True
@@ -83,16 +84,22 @@ class CompletionMetrics:
         return ("eval_exact_match",) if self.compute_metrics is None else None
 
     def __call__(self, trainer: Any) -> dict[str, float]:
-        predictions = self.completions(trainer)
-        metrics = {"exact_match": float(np.mean([p == r.strip() for p, r in zip(predictions, self.references)]))}
+        predictions, references = self.completions(trainer), [reference.strip() for reference in self.references]
+        metrics = {"exact_match": exact_match(predictions, references)}
         if self.compute_metrics is not None:
-            metrics.update(self.compute_metrics(predictions, self.references))
+            metrics.update(self.compute_metrics(predictions, references))
         return {f"eval_{name}": float(value) for name, value in metrics.items()}
 
     def completions(self, trainer: Any) -> list[str]:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         rows = greedy_complete(trainer.model, self.prompts, self.max_new_tokens, pad, self.tokenizer.eos_token_id)
         return [_until_eos(row, self.tokenizer) for row in rows]
+
+
+def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Share of predictions equal to their reference, both stripped of surrounding whitespace: what a completion
+    decoded from tokens starts or ends with (the space a BPE word carries) is no part of the answer."""
+    return float(np.mean([p.strip() == r.strip() for p, r in zip(predictions, references)]))
 
 
 def _until_eos(ids: np.ndarray, tokenizer: Any) -> str:

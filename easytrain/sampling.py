@@ -1,7 +1,8 @@
 """Drawing one token from logits: temperature, then top-k, then top-p, as transformers orders them.
 
 Pure functions of the logits, usable on their own; ``easytrain.generation`` decodes with them (and re-exports
-them).
+them). Each works on the last axis, the vocabulary, of logits of any leading shape (``[V]``, ``[B, V]``,
+``[B, T, V]``).
 """
 
 from __future__ import annotations
@@ -12,30 +13,41 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
-def filter_logits(logits_BV: Array, top_k: int | None = None, top_p: float | None = None) -> Array:
-    """Logits with every token outside the top-k, then outside the top-p nucleus, set to -inf.
+def filter_logits(logits_V: Array, top_k: int | None = None, top_p: float | None = None) -> Array:
+    """Logits ``[..., V]`` with every token outside the top-k, then outside the top-p nucleus, of its row set to -inf.
 
     Top-p keeps, in decreasing probability order, each token whose preceding tokens hold less than
     ``top_p`` of the mass, and every token tied with the last one kept: a rule that does not depend on how ties
     are sorted. transformers' ``TopPLogitsWarper`` keeps the same set except at such ties, where it keeps the
     subset its sort order puts first.
     """
-    if top_k is not None and top_k < logits_BV.shape[-1]:
-        kth_B1 = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
-        logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+    if top_k is not None and top_k < logits_V.shape[-1]:
+        kth_1 = jax.lax.top_k(logits_V, top_k)[0][..., -1:]
+        logits_V = jnp.where(logits_V < kth_1, -jnp.inf, logits_V)
     if top_p is not None and top_p < 1:
-        sorted_BV = -jnp.sort(-logits_BV, axis=-1)
-        probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
-        before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
-        kept_B1 = jnp.sum(before_BV < top_p, axis=-1, keepdims=True)
-        threshold_B1 = jnp.take_along_axis(sorted_BV, kept_B1 - 1, axis=-1)
-        logits_BV = jnp.where(logits_BV < threshold_B1, -jnp.inf, logits_BV)
-    return logits_BV
+        sorted_V = -jnp.sort(-logits_V, axis=-1)
+        probs_V = jax.nn.softmax(sorted_V, axis=-1)
+        before_V = jnp.cumsum(probs_V, axis=-1) - probs_V
+        kept_1 = jnp.sum(before_V < top_p, axis=-1, keepdims=True)
+        threshold_1 = jnp.take_along_axis(sorted_V, kept_1 - 1, axis=-1)
+        logits_V = jnp.where(logits_V < threshold_1, -jnp.inf, logits_V)
+    return logits_V
+
+
+def scale_logits(logits_V: Array, temperature: float | Array) -> Array:
+    """``logits / temperature`` in float32, less each row's largest logit: the same distribution, and at a
+    temperature so small that the division overflows float32 (or the temperature underflows to 0) still its
+    limit, all the mass on the row's largest logits, instead of +inf (or NaN) that would make the first of them
+    to overflow, not the largest, the one drawn."""
+    logits_V = logits_V.astype(jnp.float32)
+    top_1 = jnp.max(logits_V, axis=-1, keepdims=True)
+    return jnp.where(logits_V == top_1, 0.0, (logits_V - top_1) / temperature)
 
 
 def sample_logits(
-    logits_BV: Array, rng: Array, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
+    logits_V: Array, rng: Array, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
 ) -> Array:
-    """One token id per row drawn from ``softmax(filter_logits(logits / temperature))``, int32 ``[B]``."""
-    filtered_BV = filter_logits(logits_BV.astype(jnp.float32) / temperature, top_k, top_p)
-    return jax.random.categorical(rng, filtered_BV, axis=-1).astype(jnp.int32)
+    """One token id per row of ``logits [..., V]`` drawn from ``softmax(filter_logits(logits / temperature))``,
+    int32 of the leading shape ``[...]``. As the temperature goes to 0 this is the argmax (ties drawn evenly)."""
+    filtered_V = filter_logits(scale_logits(logits_V, temperature), top_k, top_p)
+    return jax.random.categorical(rng, filtered_V, axis=-1).astype(jnp.int32)

@@ -25,8 +25,8 @@ class OwnModelTrainer(RewardTrainer):
     def configure_model(self) -> ConfiguredModel:
         build = lambda: RewardModel(LlamaForCausalLM(self.model_config, rngs=nnx.Rngs(0)), nnx.Rngs(1))
         module = initialise_module(build, mesh=self.mesh, rules=self.partition_rules)
-        self.steps_seen, self._schedule = 0, optax.constant_schedule(1e-3)  # the schedule train_function logs
-        state, shardings = place_module(module, optax.sgd(self._schedule), seed=0, mesh=self.mesh)
+        self.steps_seen = 0
+        state, shardings = place_module(module, optax.sgd(self.scheduler), seed=0, mesh=self.mesh)  # `setup`'s
         return ConfiguredModel(bind(module, state), state, shardings, self.mesh)
 
     def train_iteration(self, state, batch):

@@ -125,6 +125,7 @@ class BaseTrainer(ProtocolProperties, RunRecordHooks, TrainStateHooks, LanguageM
         given = (self._raw_train is not None, self._raw_eval is not None)
         data_agreement.check_processes_agree(self._data, self._arguments, given, jax.process_count())
         profiling.check_window(self._arguments, self._data.total_steps)  # the run's length is known from here
+        self._schedule = self.configure_schedule(self._data.total_steps)  # `scheduler`: configure_model may read it
         with stop_signals.interruptible("building the model"):
             self._model = self.configure_model()
         self._settle_evaluators(self._model.model)  # the module trained, whatever built it: before any step
@@ -208,8 +209,7 @@ class BaseTrainer(ProtocolProperties, RunRecordHooks, TrainStateHooks, LanguageM
         placement.check_given_module(self._given_model, self.dtype, self.param_dtype)  # create_module's: just above
         if self._given_model is not None:  # before it is placed (the trainer's own: `_abstract_module`)
             self._settle_evaluators(self._given_model)
-        self._schedule = self.configure_schedule(self._data.total_steps)
-        tx = self.configure_optimizer(self._schedule)
+        tx = self.configure_optimizer(self.scheduler)  # settled by `setup`, from `configure_schedule`
         placed = dict(seed=args.seed, mesh=self.mesh, rules=self.partition_rules,
                       **adapters.partition(self.lora, self.trainable))
         frozen = FrozenPlan(self.configure_frozen(), self.mesh, self.partition_rules,
@@ -223,6 +223,8 @@ class BaseTrainer(ProtocolProperties, RunRecordHooks, TrainStateHooks, LanguageM
         return ConfiguredModel(bind(module, state), state, shardings, self.mesh)
 
     def configure_schedule(self, total_steps: int) -> optax.Schedule:
+        """The learning rate of each update; `setup` calls it once, before `configure_model`, and the train step
+        applies and logs it (`scheduler`)."""
         return build_schedule(self._arguments, total_steps)
 
     def configure_optimizer(self, schedule: optax.Schedule) -> optax.GradientTransformation:

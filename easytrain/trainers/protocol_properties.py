@@ -81,5 +81,9 @@ class ProtocolProperties:
 
     @property
     def scheduler(self) -> optax.Schedule:
-        self.setup()
+        """The run's `configure_schedule(total_steps)`, which the train step applies and logs as `learning_rate`;
+        `setup` settles it before `configure_model`, so a `configure_model` of one's own reads it here to build its
+        optimizer with."""
+        if self._schedule is None:
+            self.setup()
         return self._schedule
