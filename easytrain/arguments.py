@@ -186,8 +186,10 @@ class TrainingArguments:
         "reads sgd_momentum. 'adafactor': optax's Adafactor with its defaults, reading none of them: no momentum, "
         "second moments factored only for arrays whose two longest axes are both >= 128 (others keep a full one), "
         "updates clipped at RMS 1 and scaled by the parameter's RMS (at least 1e-3), so its learning_rate is a "
-        "step relative to the weights' size, not the one transformers' Adafactor takes (which by default ignores "
-        "it for its own relative step). A field the chosen optimizer does not read is warned about.")
+        "step relative to the weights' size. transformers.Trainer builds its Adafactor (optim='adafactor') with "
+        "scale_parameter=False, relative_step=False: learning_rate is an absolute step there, and every matrix is "
+        "factored, so the same learning_rate is another step here. A field the chosen optimizer does not read is "
+        "warned about.")
     weight_decay: float = _arg(
         0.0, "Decoupled weight decay, multiplied by the learning rate (AdamW, Lion, Adafactor alike); L2 for SGD. "
         "Applies to arrays of 2 or more dimensions only (matrices, kernels, embeddings), never to biases or norm "

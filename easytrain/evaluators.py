@@ -18,8 +18,9 @@ class ExactMatch:
     """Fraction of prompts whose greedy completion equals the expected answer (`exact_match`).
 
     Args:
-        prompts / answers: strings; the completion, decoded up to EOS, and the answer are compared stripped of
-            surrounding whitespace (so " Paris", as a BPE vocabulary spells it after the prompt, matches "Paris").
+        prompts / answers: strings, one answer per prompt (refused otherwise); the completion, decoded up to EOS,
+            and the answer are compared stripped of surrounding whitespace (so " Paris", as a BPE vocabulary spells
+            it after the prompt, matches "Paris").
         tokenizer: encodes prompts (each preceded by EOS, as documents are in training) and decodes.
         name: metric key, reported as `eval_<name>`.
     """
@@ -30,6 +31,9 @@ class ExactMatch:
     def __init__(self, prompts: Sequence[str], answers: Sequence[str], tokenizer: Any, *,
                  name: str = "exact_match", max_new_tokens: int | None = None):
         self.prompts, self.answers, self.tokenizer, self.name = list(prompts), list(answers), tokenizer, name
+        if len(self.prompts) != len(self.answers):  # zip would score only the pairs that line up, without a word
+            raise ValueError(f"ExactMatch pairs prompt i with answer i, but got {len(self.prompts)} prompts and "
+                             f"{len(self.answers)} answers: give one answer per prompt.")
         longest = max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in self.answers)
         self.max_new_tokens = max_new_tokens or longest + 1
 
