@@ -194,10 +194,12 @@ def parse_task_arguments(argv: Sequence[str] | None = None, task_arguments: Sequ
     try:
         outputs = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     except ArgumentError as error:  # a file's value, typed: the command line's are refused by argparse first
-        hint = transformers_value_hint(error.field, config.get(error.field))
-        if not hint or hint in error.message:
+        given_here = any(arg == f"--{error.field}" or arg.startswith(f"--{error.field}=") for arg in argv)
+        if error.field not in config or given_here:
             raise
-        raise ArgumentError(error.field, f"{error.message.rstrip('.')} in {known.config}.{hint}") from None
+        hint = transformers_value_hint(error.field, config[error.field])
+        message = error.message.replace(hint, "") if hint else error.message  # Python's refusal may hold it already
+        raise ArgumentError(error.field, f"{message.rstrip('.')} in {known.config}.{hint}") from None
     remaining = outputs[-1]
     if remaining:
         raise _unknown_flag_error(remaining, _known_fields(task_arguments), task)

@@ -9,6 +9,7 @@ import pytest
 
 from easytrain import TrainingArguments
 from easytrain.cli import main
+from easytrain.argument_values import transformers_value_hint
 from easytrain.errors import ArgumentError
 
 
@@ -66,6 +67,13 @@ def test_warmup_steps_ratio_points_to_warmup_ratio(argv, capsys):
 def test_warmup_steps_ratio_in_a_config_file_points_to_warmup_ratio(suffix, tmp_path, capsys):
     err = config_error(tmp_path, capsys, {"warmup_steps": 0.1}, suffix)
     assert "warmup_steps:" in err and "warmup_ratio" in err, err
+
+
+@pytest.mark.parametrize("values", [{"warmup_steps": 0.1}, {"num_train_epochs": 1.5}, {"optimizer": "adamw_torch"}])
+def test_a_config_files_transformers_value_names_the_file_and_gives_the_hint_once(values, tmp_path, capsys):
+    err = config_error(tmp_path, capsys, values)
+    hint = transformers_value_hint(*next(iter(values.items())))
+    assert str(tmp_path / "run.yaml") in err and err.count(hint.strip()) == 1, err
 
 
 def test_fractional_epochs_point_to_max_steps(tmp_path, capsys):
