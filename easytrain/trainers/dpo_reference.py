@@ -10,12 +10,14 @@ A run started with `init_weights_from` has those weights in its initial policy, 
 from the checkpoint, must find the same weights there: `require_source` and `check_initial_policy` refuse a
 source gone or changed, against the digests the run recorded in its run_info (`INITIAL_POLICY`). A fixed
 reference read from a path (`model_name_or_path`'s weights, or `ref_model_name_or_path`) is rebuilt from it on
-resume too: `checked_reference_weights` records its digests (`REFERENCE_WEIGHTS`) and refuses other weights there,
+resume too: `checked_reference_weights` records its digests and its config's architecture (`REFERENCE_WEIGHTS`)
+and refuses other weights, or another config, there,
 as `checked_adapter_values` does for the adapter a LoRA reference reads from `lora_adapter_path` (`LORA_ADAPTER`).
 
 `precomputed_reference_logps` runs the reference model over every pair once, in one compiled pass,
 before training, and caches the result on disk under a key made of the data's and the reference
-weights' fingerprints (and its adapters' scaling, which the weights do not show); a second run (or a resumed one)
+weights' fingerprints and what the weights do not show: its architecture (`dpo_architecture.architecture_key`: the
+config's RoPE theta, norm epsilon, ..., the attention kernel) and its adapters' scaling; a second run (or a resumed one)
 with the same data and reference reads the cache instead of recomputing, and the reference's parameters are
 released before training starts.
 """
@@ -45,6 +47,8 @@ from easytrain.models.families import ConfigError, check_buildable
 from easytrain.models.scan import STACKED, stack_layer_dicts, unstack_layer_dicts
 from easytrain.protocol import ConfiguredModel
 from easytrain.trainers import builders
+from easytrain.trainers.dpo_architecture import (ARCHITECTURE, architecture_changes, architecture_key,
+                                                 config_architecture)
 from easytrain.trainers.init_weights import float_leaves, resolved_source
 from easytrain.trainers.lora_record import LORA_CONFIG_KEY, config_changes, config_record, described
 
@@ -158,12 +162,20 @@ def check_initial_policy(resume_from: tuple[Path, int] | None, record: Mapping[s
 def checked_reference_weights(module: nnx.Module, *, field: str, read_from: Path,
                               resume_from: tuple[Path, int] | None) -> dict[str, Any]:
     """The run_info record (`REFERENCE_WEIGHTS`) of a fixed reference read from `read_from` (`field`'s path): the
-    digests of its weights. A resume rebuilds it from there, so refuse other weights found there now (the files
-    were replaced since the run started): they would bend every later loss without a word."""
+    digests of its weights and its config's architecture. A resume rebuilds it from there, so refuse other weights
+    or another architecture found there now (the files were replaced or edited since the run started): they would
+    bend every later loss without a word. A record without the architecture (an older checkpoint) checks weights."""
     weights = float_leaves(nnx.to_pure_dict(nnx.state(module)))
     digests = integrity.fingerprint(weights, integrity.SMALL_ON_HOST)
-    record = {"read_from": str(read_from), "fingerprint": digests}
-    stored = stored_record(resume_from, REFERENCE_WEIGHTS).get("fingerprint") or {}
+    record = {"read_from": str(read_from), "fingerprint": digests, ARCHITECTURE: config_architecture(module)}
+    before = stored_record(resume_from, REFERENCE_WEIGHTS)
+    if changes := architecture_changes(before.get(ARCHITECTURE), record[ARCHITECTURE]):
+        raise ArgumentError(field, f"the reference model config read from {read_from} is not the one this run "
+                                   f"started from ({'; '.join(changes)}): the same weights under it give other "
+                                   "log-probs, and a fixed DPO reference is not checkpointed but rebuilt from "
+                                   f"{field} on resume. Restore the config.json the run started from at "
+                                   f"{read_from}, or start a new output_dir.")
+    stored = before.get("fingerprint") or {}
     if changed := _changed(stored, _digests_as_recorded(weights, digests, stored)):
         raise ArgumentError(field, f"the reference weights read from {read_from} differ from those this run started "
                                    f"from ({changed}); a fixed DPO reference is not checkpointed but rebuilt from "
@@ -296,6 +308,7 @@ def precomputed_reference_logps(reference: Frozen, rows: RowSource, *, data_fing
         settings = {**settings, "lora_scalings": scalings}
     placed = place_frozen({"reference": reference}, mesh, rules)
     values, graphdef = placed.values["reference"], dict(placed.modules)["reference"]
+    settings = {**settings, ARCHITECTURE: architecture_key(graphdef, reference.value)}  # not in the weights either
     key = cache_key(data_fingerprint, integrity.fingerprint(values, integrity.SMALL_ON_HOST), settings)
     path = cache_dir / f"{key}.npy"
     if path.is_file():
