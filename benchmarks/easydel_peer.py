@@ -12,6 +12,12 @@ warm-up, each window timed whole (EasyDeL's `--steps` give its windows, easytrai
 Without the interpreter, or when EasyDeL fails, the JSON holds `error` and the exit status is still 0:
 a missing peer is a recorded result, not a crash. `--quick` runs the EasyDeL side once at a tiny size
 (no easytrain side, no ratio): a check that the peer still runs. Prints one JSON line.
+
+The first step means the same on both sides: `first_step_ready_seconds` from its start until step 1's results are
+ready (trace, compile, launch and the run; EasyDeL's `first_step_seconds`), `first_step_over_median_seconds` that
+minus the median later step (EasyDeL's `compile_seconds`). easytrain's `trainer_compile_seconds` is trace + compile +
+launch alone, which EasyDeL does not report. JSON written before 2026-12-06 has `trainer_first_step_seconds` in
+`easytrain`: that was `trainer_compile_seconds`, not a whole first step.
 """
 
 from __future__ import annotations
@@ -33,6 +39,9 @@ DEFAULT_PYTHON = "/work/easydel-venv/bin/python"
 INSTALL = ("python3 -m venv /work/easydel-venv && "
            "/work/easydel-venv/bin/pip install easydel==0.3.0 pillow torch==2.13.0")
 TAIL_CHARS = 2000
+#: What overhead.py's trainer reports as lists over its cold processes, taken from its first: trace + compile +
+#: launch, the first step until ready, and that minus the median later step (EasyDeL's "compile").
+FIRST_PROCESS = ("compile_seconds", "first_step_ready_seconds", "first_step_over_median_seconds")
 
 
 def resolve_python(flag: str | None) -> str:
@@ -87,8 +96,9 @@ def compare(python: str, options: argparse.Namespace) -> dict[str, Any]:
             break
         if not options.quick:
             mine = run_child(ours, options.timeout)
-            if not mine.get("error"):  # compile time and peak RSS of the trainer alone in a cold process
-                mine["trainer_first_step_seconds"] = mine["trainer_compile_seconds"][0]
+            if not mine.get("error"):  # the trainer alone in a cold process: its first step, compile, peak RSS
+                for key in FIRST_PROCESS:
+                    mine[key] = (mine.get(f"trainer_{key}") or [None])[0]
                 mine["peak_rss_mib"] = mine["trainer_peak_rss_mib"][0]
             row["easytrain"] = mine
             row["ratio"] = (round(mine["trainer_tokens_per_second"] / theirs["tokens_per_second"], 4)
@@ -107,10 +117,12 @@ def compare(python: str, options: argparse.Namespace) -> dict[str, Any]:
         "tokens_per_second_per_step_median": med("easydel", "tokens_per_second_per_step_median"),
         "compile_seconds": med("easydel", "compile_seconds"),
         "first_step_seconds": med("easydel", "first_step_seconds"),
+        "first_step_ready_seconds": med("easydel", "first_step_seconds"),
+        "first_step_over_median_seconds": med("easydel", "compile_seconds"),
         "peak_rss_mib": med("easydel", "peak_rss_mib"),
         "easytrain": None if options.quick else {
             "trainer_tokens_per_second": med("easytrain", "trainer_tokens_per_second"),
-            "trainer_first_step_seconds": med("easytrain", "trainer_first_step_seconds"),
+            **{f"trainer_{key}": med("easytrain", key) for key in FIRST_PROCESS},
             "peak_rss_mib": med("easytrain", "peak_rss_mib")},
         "ratio_easytrain_over_easydel": median_or_none([row.get("ratio") for row in repeats]),
         "per_repeat_ratio": [row.get("ratio") for row in repeats], "per_repeat": repeats,

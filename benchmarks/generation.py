@@ -1,7 +1,7 @@
 """Greedy generation speed: KV-cache `generate` vs re-running the whole buffer for every token, and
 `generate` on the same model with its layers stored stacked (`scan_layers`: decoded as one scan).
 
-    python benchmarks/generation.py [--batch 8] [--prompt 64] [--new 64] [--layers 4] [--repeats 3]
+    python -m benchmarks.generation [--batch 8] [--prompt 64] [--new 64] [--layers 4] [--repeats 3]
 
 The 6.3M-parameter Llama of `benchmarks/overhead.py` (`--layers` deep), random weights, no EOS (every
 row generates `--new` tokens). Each side is compiled first (timed separately), then run `--repeats` times;

@@ -114,7 +114,7 @@ def versus_torch(r: dict) -> list[Headline]:
                      *spread),
             Headline("versus_torch", "easytrain / PyTorch loop tokens/s", dig(r, "ratios.easytrain_over_torch_loop")),
             *(side(name) for name in ("easytrain", "hf_trainer", "torch_loop", "nnx_step")),
-            Headline("versus_torch", "easytrain CPU MFU", dig(r, "contenders.easytrain.cpu_mfu"))]
+            Headline("versus_torch", "easytrain CPU MFU", dig(r, "contenders.easytrain.cpu_mfu"), ratio=False)]
 
 
 def xla_cpu(r: dict) -> list[Headline]:

@@ -7,9 +7,11 @@ Same model (Llama-style, 6.3M parameters), same token blocks, same AdamW, same X
 every `steps_per_round` trainer steps, a callback runs as many hand-written steps, so both sides see the
 same machine state; steady-state tokens/s of each side is the median over rounds (the first round, which
 holds compilation, is excluded), and each round's paired ratio is reported too, with their median. First-step
-compile time (trace + compile of the step) and peak RSS come from each side alone in a fresh child process (`--repeats`
-of each, alternating), so both compile cold and neither's memory counts against the other. Both import
-the same modules; the peak is counted from there (Linux `clear_refs`), and `added_rss` is that peak minus
+compile time (`compile_seconds`: trace + compile of the step, and for the trainer its launch), the first step until
+its results are ready (`first_step_ready_seconds`, the run included), that minus the median later step
+(`first_step_over_median_seconds`, EasyDeL's "compile") and peak RSS come from each side alone in a fresh child
+process (`--repeats` of each, alternating), so both compile cold and neither's memory counts against the other.
+Both import the same modules; the peak is counted from there (Linux `clear_refs`), and `added_rss` is that peak minus
 the RSS at that moment: what building and training the model took. The planned memory of each compiled step
 (`easytrain.memory_plan`: XLA's per-device buffer assignment, no noise) is compared too. Prints one JSON line.
 """
@@ -34,7 +36,7 @@ import optax  # noqa: E402
 import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from easytrain import BaseTrainer, Callback, TrainingArguments, compiler_options  # noqa: E402
+from easytrain import BaseTrainer, Callback, TrainingArguments, compiler_options, flops  # noqa: E402
 from easytrain.memory_plan import MIB, plan_of  # noqa: E402
 from easytrain.models import init_model  # noqa: E402
 from easytrain.tasks import build_arithmetic_tokenizer  # noqa: E402
@@ -102,6 +104,29 @@ def hand_written_loop(config: transformers.LlamaConfig, blocks: np.ndarray, seed
     return run, compile_seconds
 
 
+class StepClock(Callback):
+    """Blocks at every step's end and stamps it: the first step from `on_train_begin` until step 1's parameters are
+    ready, and each later step whole (as EasyDeL's loop, which blocks on every step, is timed)."""
+
+    def __init__(self):
+        self.stamps: list[float] = []
+
+    def on_train_begin(self, trainer):
+        flops.hardware_peak()  # cached: the loop's own call before step 1 then costs nothing
+        self.stamps.append(time.perf_counter())
+
+    def on_step_end(self, trainer, step):
+        jax.block_until_ready(trainer.state.params)
+        self.stamps.append(time.perf_counter())
+
+
+def first_step_fields(stamps: list[float]) -> dict[str, float]:
+    """From the start and every step's end: the first step whole, and it minus the median later step."""
+    steps = [b - a for a, b in zip(stamps, stamps[1:])]
+    later = statistics.median(steps[1:]) if len(steps) > 1 else 0.0
+    return {"first_step_ready_seconds": steps[0], "first_step_over_median_seconds": steps[0] - later}
+
+
 class Alternate(Callback):
     """Every `every` trainer steps: time that trainer segment, then run and time a hand-written one."""
 
@@ -160,20 +185,26 @@ def standard_error(values: list[float]) -> float:
 
 
 def run_side(side: str, config: transformers.LlamaConfig, blocks: np.ndarray, steps: int) -> dict:
-    """One side alone in a fresh process: its first-step compile seconds, and its peak RSS from the moment
-    every module is imported (both sides import the same ones) with what training added to that baseline."""
+    """One side alone in a fresh process: its first-step compile seconds, its first step until ready (and that minus
+    its median later step), and its peak RSS from the moment every module is imported (both sides import the same
+    ones) with what training added to that baseline. Both sides wait for every step here, as EasyDeL does."""
     reset_peak_rss()
     baseline = memory_mib("VmRSS")
     if side == "trainer":
-        trainer = build_trainer(config, blocks, steps, every=steps, callbacks=[])
+        clock = StepClock()
+        trainer = build_trainer(config, blocks, steps, every=steps, callbacks=[clock])
         trainer.setup()
         trainer.train()
-        compile_seconds = trainer.loop.compile_seconds
+        compile_seconds, stamps = trainer.loop.compile_seconds, clock.stamps
     else:
         run_loop, compile_seconds = hand_written_loop(config, blocks, seed=0)
-        run_loop(steps)
+        stamps = [time.perf_counter() - compile_seconds]  # the first step starts with the compile
+        for _ in range(steps):
+            run_loop(1)  # returns the loss as a float: the step has finished
+            stamps.append(time.perf_counter())
     peak = memory_mib("VmHWM")
-    return {"side": side, "compile_seconds": compile_seconds, "peak_rss_mib": peak, "added_rss_mib": peak - baseline}
+    return {"side": side, "compile_seconds": compile_seconds, **first_step_fields(stamps), "peak_rss_mib": peak,
+            "added_rss_mib": peak - baseline}
 
 
 def run_sides(options: argparse.Namespace) -> dict[str, list[dict]]:
@@ -237,6 +268,8 @@ def main(argv: list[str] | None = None) -> dict:
         "ratio_trainer_over_loop_paired_standard_error": round(standard_error(per_round), 4),
         "trainer_compile_seconds": [round(r["compile_seconds"], 3) for r in sides["trainer"]],
         "loop_compile_seconds": [round(r["compile_seconds"], 3) for r in sides["loop"]],
+        **{f"{side}_{key}": [round(r[key], 3) for r in sides[side]] for side in ("trainer", "loop")
+           for key in ("first_step_ready_seconds", "first_step_over_median_seconds")},
         "ratio_compile_trainer_over_loop": round(compile_ratio, 4),
         "trainer_peak_rss_mib": [round(r["peak_rss_mib"], 1) for r in sides["trainer"]],
         "loop_peak_rss_mib": [round(r["peak_rss_mib"], 1) for r in sides["loop"]],

@@ -180,7 +180,7 @@ def draw_chart(rows: list[Headline], path: Path, title: str) -> bool:
     if not bars:
         ax.text(0.5, 0.5, "no ratios to show", transform=ax.transAxes, ha="center")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # long labels: constrained layout alone cut the x label off
     return True
 
 

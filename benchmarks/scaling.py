@@ -1,7 +1,7 @@
 """Per-device memory, collectives and step time of one model on several meshes of 8 CPU devices,
 with and without the model's activation sharding constraints.
 
-    python benchmarks/scaling.py [--quick] [--rounds 6] [--meshes 8,1,1 1,8,1 2,2,2 1,2,4]
+    python -m benchmarks.scaling [--quick] [--rounds 6] [--meshes 8,1,1 1,8,1 2,2,2 1,2,4]
 
 The 6.3M-parameter Llama of `benchmarks/overhead.py`, global batch 16 × 256 tokens, AdamW. For each
 mesh the trainer places the state; then `steps.train_step` with the trainer's loss, shardings and

@@ -10,11 +10,14 @@ starts one child process per contender, in an order that rotates between rounds,
 same machine; a child warms up (`--warmup` steps, compilation included), then times `--windows` windows of
 `--window_steps` steps, synchronising only at window ends (as a trainer does per logging window).
 Reported per contender: tokens/s (median over every window of every round, with min and max), tokens per
-CPU-second of the process (steadier on a shared machine, but blind to how well each side uses the cores),
-first-step seconds, peak RSS, and CPU MFU: model FLOP/s (6 N per token plus attention, `easytrain.flops`) over the
-best float32 matmul rate measured here by JAX and by PyTorch. Ratios compare medians. Round by round: each
-contender's median tokens/s and tokens per CPU-second, and its minor page faults, kernel CPU milliseconds and the
-machine's stolen CPU milliseconds per timed step (`per_round*`), and the pairs' ratios (`round_ratios`), to tell
+CPU-second of the process (steadier on a shared machine, but blind to how well each side uses the cores), the
+first step measured alike on every side (`first_step_ready_seconds`: from its start until step 1's results are
+ready, a JAX side's trace, compile and launch included; `first_step_over_median_seconds`: that minus the median
+timed step, EasyDeL's "compile"; `trace_compile_seconds`: trace + compile + launch alone, JAX sides only), peak
+RSS, and CPU MFU: model FLOP/s (6 N per token plus attention, `easytrain.flops`) over the best float32 matmul rate
+measured here by JAX and by PyTorch. Ratios compare medians. Round by round: each contender's median tokens/s and
+tokens per CPU-second, and its minor page faults, kernel CPU milliseconds and the machine's stolen CPU
+milliseconds per timed step (`per_round*`), and the pairs' ratios (`round_ratios`), to tell
 a round that one side ran slow in from a slower step. Prints one JSON line.
 """
 
@@ -80,13 +83,17 @@ class Windows:
         self.cpu_seconds.append(cpu_now - self.cpu_mark)
         self.mark, self.cpu_mark = now, cpu_now
 
-    def result(self, first_step_seconds: float, **details: Any) -> dict[str, Any]:
+    def result(self, first_step_ready_seconds: float, trace_compile_seconds: float | None = None,
+               **details: Any) -> dict[str, Any]:
+        """`first_step_ready_seconds`: step 1 from its start until its results are ready (every side alike);
+        `trace_compile_seconds`: the part before it runs, where a JAX side can time it (None for PyTorch)."""
         usage = resource.getrusage(resource.RUSAGE_SELF)  # the last `lap` has synchronised
         return {"window_seconds": self.seconds, "window_cpu_seconds": self.cpu_seconds,
                 "timed_minor_faults": usage.ru_minflt - self.usage_at_start.ru_minflt,
                 "timed_system_seconds": usage.ru_stime - self.usage_at_start.ru_stime,
                 "timed_stolen_seconds": stolen_seconds() - self.stolen_at_start,
-                "first_step_seconds": first_step_seconds, "details": details}
+                "first_step_ready_seconds": first_step_ready_seconds, "trace_compile_seconds": trace_compile_seconds,
+                "details": details}
 
 
 # ---------------------------------------------------------------------------------------------- PyTorch
@@ -160,20 +167,30 @@ def run_torch_loop(config: dict, blocks: np.ndarray, batch: int, warmup: int, wi
 
 # ---------------------------------------------------------------------------------------------- JAX
 def run_easytrain(config: dict, blocks: np.ndarray, batch: int, warmup: int, windows: int, every: int) -> dict:
-    """`BaseTrainer` with logging every window (its own sync point), no eval, no checkpoints."""
+    """`BaseTrainer` with logging every window (its own sync point), no eval, no checkpoints. Its first step runs
+    from `on_train_begin` (the peak FLOP/s measured before: not part of a step) until step 1's parameters are ready:
+    the first batch drawn and placed, the step traced, compiled, launched and run."""
     import datasets
     import jax
     import transformers
 
-    from easytrain import BaseTrainer, Callback, TrainingArguments
+    from easytrain import BaseTrainer, Callback, TrainingArguments, flops
     from easytrain.models import init_model
     from easytrain.tasks import build_arithmetic_tokenizer
 
     timer = Windows(sync=lambda: None)
+    first: list[float] = []
 
     class Timing(Callback):
+        def on_train_begin(self, trainer):
+            flops.hardware_peak()  # cached: the loop's own call before step 1 then costs nothing
+            first.append(time.perf_counter())
+
         def on_step_end(self, trainer, step):
             timer.sync = lambda: jax.block_until_ready(trainer.state.params)
+            if step == 1:
+                timer.sync()
+                first[0] = time.perf_counter() - first[0]
             if step == warmup:
                 timer.start()
             elif step > warmup and (step - warmup) % every == 0:
@@ -191,12 +208,13 @@ def run_easytrain(config: dict, blocks: np.ndarray, batch: int, warmup: int, win
                           dataset_train=datasets.Dataset.from_dict({"input_ids": blocks}), callbacks=[Timing()])
     trainer.setup()
     trainer.train()
-    return timer.result(trainer.loop.compile_seconds)
+    return timer.result(first[0], trainer.loop.compile_seconds)
 
 
 def run_nnx_step(config: dict, blocks: np.ndarray, batch: int, warmup: int, windows: int, every: int) -> dict:
     """The minimal hand-written jitted NNX step of `benchmarks.overhead` on the same model, compiled with
-    easytrain's XLA options (`compiler_options='auto'`), so easytrain against it is the trainer's own cost."""
+    easytrain's XLA options (`compiler_options='auto'`), so easytrain against it is the trainer's own cost. Its
+    first step: lower + compile, then step 1 run until its loss is on the host."""
     import transformers
 
     from benchmarks import overhead
@@ -204,12 +222,16 @@ def run_nnx_step(config: dict, blocks: np.ndarray, batch: int, warmup: int, wind
     run, compile_seconds = overhead.hand_written_loop(transformers.LlamaConfig(**config), blocks, seed=0,
                                                       batch=batch)
     timer = Windows(sync=lambda: None)  # `run` returns a float loss: it has synchronised already
-    run(warmup)
+    started = time.perf_counter()
+    run(1)
+    first_step = compile_seconds + time.perf_counter() - started
+    if warmup > 1:
+        run(warmup - 1)
     timer.start()
     for _ in range(windows):
         run(every)
         timer.lap()
-    return timer.result(compile_seconds)
+    return timer.result(first_step, compile_seconds)
 
 
 RUNNERS = {"hf_trainer": run_hf_trainer, "torch_loop": run_torch_loop, "easytrain": run_easytrain,
@@ -243,6 +265,19 @@ def per_step(results: list[dict], key: str, every: int, scale: float = 1.0) -> l
     return [round(scale * r[key] / (every * len(r["window_seconds"])), 1) for r in results]
 
 
+def first_step_fields(results: list[dict], every: int) -> dict[str, float | None]:
+    """Medians over rounds of the first step until its results are ready, of that minus the round's median timed
+    step (EasyDeL's "compile"), and of trace + compile + launch (JAX sides; None for PyTorch). JSON written before
+    2026-12-06 has `first_step_seconds` instead: the whole first step for PyTorch, trace + compile + launch only
+    for easytrain and the NNX step."""
+    ready = [r["first_step_ready_seconds"] for r in results]
+    excess = [r["first_step_ready_seconds"] - statistics.median(r["window_seconds"]) / every for r in results]
+    compiled = [r["trace_compile_seconds"] for r in results if r.get("trace_compile_seconds") is not None]
+    return {"first_step_ready_seconds": round(statistics.median(ready), 3),
+            "first_step_over_median_seconds": round(statistics.median(excess), 3),
+            "trace_compile_seconds": round(statistics.median(compiled), 3) if compiled else None}
+
+
 def summarise(runs: dict[str, list[dict]], tokens_per_step: int, every: int, flops_per_token: int,
               peak: float) -> dict[str, Any]:
     summary = {}
@@ -261,7 +296,7 @@ def summarise(runs: dict[str, list[dict]], tokens_per_step: int, every: int, flo
             "per_round_system_ms_per_step": per_step(results, "timed_system_seconds", every, scale=1e3),
             "per_round_stolen_ms_per_step": per_step(results, "timed_stolen_seconds", every, scale=1e3),
             "tokens_per_cpu_second": round(statistics.median(cpu_rates), 1),
-            "first_step_seconds": round(statistics.median(r["first_step_seconds"] for r in results), 3),
+            **first_step_fields(results, every),
             "peak_rss_mib": round(max(r["peak_rss_mib"] for r in results), 1),
             "cpu_mfu": float(f"{median * flops_per_token / peak:.4g}"), "details": results[0]["details"]}
     return summary
@@ -295,6 +330,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--child", choices=CONTENDERS, help=argparse.SUPPRESS)
     parser.add_argument("--out")
     options = parser.parse_args(argv)
+    if options.warmup < 1:
+        parser.error(f"--warmup must be at least 1 (the first step, timed on its own); got {options.warmup}")
     config = {**CONFIG, **QUICK["config"]} if options.quick else CONFIG
     batch, length = (QUICK["batch"], QUICK["length"]) if options.quick else (BATCH, LENGTH)
     if options.child:

@@ -23,6 +23,7 @@ def test_overhead_benchmark_smoke(tmp_path):
     for side in ("trainer", "loop"):
         assert len(result[f"{side}_compile_seconds"]) == 1 and result[f"{side}_compile_seconds"][0] > 0
         assert result[f"{side}_peak_rss_mib"][0] > 100
+        assert result[f"{side}_first_step_ready_seconds"][0] >= result[f"{side}_compile_seconds"][0]  # rounded to ms
     assert result["ratio_compile_trainer_over_loop"] > 0 and result["ratio_peak_rss_trainer_over_loop"] > 0
     assert result["trainer_added_rss_mib"][0] > 0 and result["ratio_added_rss_trainer_over_loop"] > 0
     planned = result["trainer_planned_memory_mib"], result["loop_planned_memory_mib"]

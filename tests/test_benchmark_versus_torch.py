@@ -24,6 +24,12 @@ def test_versus_torch_smoke(tmp_path, children_with_torch):
         assert row["per_round_tokens_per_cpu_second"][0] > 0
         for name in ("minor_faults", "system_ms", "stolen_ms"):
             assert row[f"per_round_{name}_per_step"][0] >= 0
+    for name, row in contenders.items():  # every side's first step runs until step 1's results are ready
+        assert row["first_step_ready_seconds"] > 0 and "first_step_seconds" not in row, name
+        jax_side = name in ("easytrain", "nnx_step")
+        assert (row["trace_compile_seconds"] is not None) == jax_side, name
+        if jax_side:
+            assert row["first_step_ready_seconds"] >= row["trace_compile_seconds"] > 0, name  # rounded to ms
     assert contenders["hf_trainer"]["details"]["attention"]  # what the peer really ran, recorded
     assert set(result["ratios"]) == {f"{a}_over_{b}" for a, b in versus_torch.PAIRS}
     assert result["ratio_easytrain_over_hf_trainer"] == result["ratios"]["easytrain_over_hf_trainer"]
