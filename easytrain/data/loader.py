@@ -38,7 +38,8 @@ RowSource: TypeAlias = datasets.Dataset | Mapping[str, np.ndarray]
 RowsCollate: TypeAlias = Callable[[Mapping[str, np.ndarray], np.ndarray], Batch]
 
 # A couple of reader threads keep the next batches ready while the device works;
-# grain returns results in order, so threading never changes what is produced.
+# grain returns results in order, so threading never changes what is produced,
+# though `collate` runs there, ahead of the step and out of order (so it keeps no state).
 _READER_THREADS = 2
 _BATCHES_AHEAD = 4
 
@@ -71,7 +72,9 @@ class TrainBatches:
             source: Rows to train on; a ``datasets.Dataset`` is read in numpy format.
             global_batch_size: Rows per step summed over all processes.
             seed: Fixes every epoch's order, so a run is reproducible.
-            collate: Turns this process's rows and row indices into a batch.
+            collate: Turns this process's rows and row indices into a batch; called on
+                the reader threads, ahead of the step and in no fixed order, so it
+                must be a pure function of its arguments.
             process_index: Which process this is, in ``[0, process_count)``.
             process_count: Number of processes sharing each global batch.
             read_options: grain reader threads and prefetch depth; ``None`` reads
@@ -220,7 +223,8 @@ def eval_batches(
     Args:
         source: Rows to evaluate; a ``datasets.Dataset`` is read in numpy format.
         global_batch_size: Rows per step summed over all processes.
-        collate: Turns this process's rows and row indices into a batch.
+        collate: Turns this process's rows and row indices into a batch (on the
+            reader threads, ahead of the step: a pure function of its arguments).
         process_index: Which process this is, in ``[0, process_count)``.
         process_count: Number of processes sharing each global batch.
         read_options: grain reader threads and prefetch depth; ``None`` reads

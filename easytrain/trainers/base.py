@@ -35,7 +35,8 @@ from easytrain.frozen import Frozen, FrozenPlan
 from easytrain.optim import build_optimizer, build_schedule
 from easytrain.protocol import ConfiguredDataloaders, ConfiguredFunctions, ConfiguredModel
 from easytrain.state import TrainState, bind
-from easytrain.trainers import adapters, batch_fields, builders, data_agreement, preemption, process_failure, run_lock
+from easytrain.trainers import (adapters, batch_fields, builders, data_agreement, preemption, process_failure, run_lock,
+                                step_outputs)
 from easytrain.trainers.language_model import LanguageModelHooks
 from easytrain.trainers.loop import TrainLoop, evaluate_batches
 from easytrain.trainers.loop_parts import LoopParts
@@ -118,7 +119,7 @@ class BaseTrainer(ProtocolProperties, RunRecordHooks, TrainStateHooks, LanguageM
             return
         self.check_task_settings()  # JSON values only: each checkpoint records them (`run_record`)
         data_agreement.check_arguments_agree(self._arguments, self.task_arguments, jax.process_count())
-        passed = list(self.evaluators)
+        passed = self._users_evaluators()
         with stop_signals.interruptible("preparing the data"):  # a stop signal here ends train() at once
             self._data = self.configure_dataloaders()
         self._evaluators_from_rows = tuple(e for e in self.evaluators if all(e is not p for p in passed))
@@ -141,6 +142,17 @@ class BaseTrainer(ProtocolProperties, RunRecordHooks, TrainStateHooks, LanguageM
     #: The evaluators the trainer's data preparation added itself, not passed as `evaluators=` (`setup` records
     #: them): such a default is left out, not refused, where the module cannot run it.
     _evaluators_from_rows: tuple[Evaluator, ...] = ()
+    #: The user's evaluators (`evaluators=`, or the list as it stood), recorded at the first `setup` before anything
+    #: can fail: a retried set-up starts from them, not from what the failed attempt's data preparation added.
+    _own_evaluators: tuple[Evaluator, ...] | None = None
+
+    def _users_evaluators(self) -> tuple[Evaluator, ...]:
+        """The user's evaluators, `evaluators` reset to them when an earlier `setup` failed part-way (its defaults
+        would otherwise count as passed: refused where they cannot run, or run twice)."""
+        if self._own_evaluators is None:
+            self._own_evaluators = tuple(self.evaluators)
+        self.evaluators[:] = self._own_evaluators
+        return self._own_evaluators
 
     def _settle_evaluators(self, module: Any) -> None:
         """Keep the evaluators `module` can run, decided at set-up rather than at the first evaluation (which would
@@ -232,17 +244,22 @@ class BaseTrainer(ProtocolProperties, RunRecordHooks, TrainStateHooks, LanguageM
 
     # ------------------------------------------------------------------ compiled functions
     def compile_step(self, fn: Callable[..., Any], *, donate_state: bool = False, returns_state: bool = False,
-                     replicated_args: int = 0) -> Callable[..., Any]:
+                     replicated_args: int = 0, batch_outputs: step_outputs.BatchOutputs = False) -> Callable[..., Any]:
         """`jax.jit` of a pure `fn(state, batch, *replicated_args)` with this trainer's shardings, donation choice,
-        activation layout and XLA options. Outputs are replicated (or `(state, replicated)` with `returns_state`)."""
+        activation layout and XLA options. Outputs are replicated (or `(state, outputs)` with `returns_state`), except
+        `batch_outputs`: True splits every output like the batch, names split those entries of a dict of outputs
+        (rows a rollout makes, which the train step takes only laid out as its batch is)."""
+        step_outputs.check_batch_outputs(batch_outputs)
         if self._model is None:  # the shardings come from the model
             self.setup()
         state_sh, replicated = self._model.state_shardings, sharding.replicated(self.mesh)
+        fn, outputs = step_outputs.laid_out(fn, batch_outputs, returns_state, self.mesh)
         traced = sharding.with_activation_layout(fn, self.mesh, self.partition_rules)
         in_shardings = (state_sh, sharding.batch_sharding(self.mesh)) + (replicated,) * replicated_args
-        return jax.jit(traced, in_shardings=in_shardings,
-                       out_shardings=(state_sh, replicated) if returns_state else replicated,
-                       donate_argnums=0 if donate_state else (), compiler_options=self.compiler_options)
+        out_shardings = (state_sh, outputs) if returns_state else outputs
+        laid = {} if out_shardings is None else {"out_shardings": out_shardings}  # None: XLA follows `fn`'s constraints
+        return jax.jit(traced, in_shardings=in_shardings, **laid, donate_argnums=0 if donate_state else (),
+                       compiler_options=self.compiler_options)
 
     def train_function(self) -> Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, dict]]:
         """The pure `(state, batch) -> (state, metrics)` step `configure_functions` compiles: one update with this
