@@ -268,10 +268,10 @@ def _formats():
 
 @pytest.mark.parametrize("name", list(_formats()))
 def test_rows_read_from_a_numpy_copy_equal_the_formatted_rows(name):
-    from easytrain.data import loader
+    from easytrain.data import row_reader
 
     dataset, copied = _formats()[name]
-    reader = loader._RowReader(dataset, whole_copy=True)
+    reader = row_reader.RowReader(dataset, whole_copy=True)
     for indices in (np.array([3, 0, 7]), np.array([5]), np.arange(len(dataset))[::-1]):
         read, expected = reader.read(indices), dataset.with_format("numpy")[indices.tolist()]
         assert sorted(read) == sorted(expected)
@@ -286,11 +286,11 @@ def test_rows_read_from_a_numpy_copy_equal_the_formatted_rows(name):
 
 
 def test_a_dataset_over_the_copy_limit_is_formatted_batch_by_batch(monkeypatch):
-    from easytrain.data import loader
+    from easytrain.data import row_reader
 
-    monkeypatch.setattr(loader, "_COPY_LIMIT", 64)
+    monkeypatch.setattr(row_reader, "_COPY_LIMIT", 64)
     dataset = datasets.Dataset.from_dict(_rows(16))
-    reader = loader._RowReader(dataset, whole_copy=True)
+    reader = row_reader.RowReader(dataset, whole_copy=True)
     np.testing.assert_array_equal(reader.read(np.array([2, 9]))["input_ids"][:, 0], [2, 9])
     assert isinstance(reader._source, datasets.Dataset)
 
