@@ -79,6 +79,7 @@ def rows_digests(source: datasets.Dataset | Mapping[str, Any]) -> tuple[str, dic
     streams = _Streams(num_rows)
     if isinstance(source, datasets.Dataset):
         for table in source.with_format("arrow").iter(batch_size=_ROWS_PER_READ):
+            table = table.combine_chunks()  # a selection's rows come a chunk each: fed per column, not per row
             for name in sorted(table.column_names):
                 for chunk in table.column(name).chunks:
                     _feed_arrow(streams, name, chunk)

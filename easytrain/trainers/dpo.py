@@ -148,10 +148,9 @@ class DPOTrainer(DPORecordHooks, BaseTrainer):
         settings = {"max_length": self.arguments.max_length, "chunk": self.dpo.logps_chunk_size,
                     "dtype": str(self.dtype)}  # a bfloat16 run's reference differs from a float32 one's
         logps, cached = precomputed_reference_logps(
-            self.reference(), rows, data_fingerprint=rows._fingerprint, settings=settings, collate=self.collate,
-            batch_size=self.arguments.eval_batch_size, sequence_logps=lambda m, b: self.pair_logps(m, b)[0],
-            mesh=self.mesh, rules=self.partition_rules, cache_dir=self.cache_dir, is_main_process=self.is_main_process,
-            compiler_options=self.compiler_options)
+            self.reference(), rows, settings=settings, collate=self.collate, batch_size=self.arguments.eval_batch_size,
+            sequence_logps=lambda m, b: self.pair_logps(m, b)[0], mesh=self.mesh, rules=self.partition_rules,
+            cache_dir=self.cache_dir, is_main_process=self.is_main_process, compiler_options=self.compiler_options)
         self.reference_logps_cached[name] = cached
         if self._model is not None:  # evaluate(dataset) after set-up: no policy is left to take the read weights
             self._source_weights = None

@@ -15,10 +15,10 @@ and refuses other weights, or another config, there,
 as `checked_adapter_values` does for the adapter a LoRA reference reads from `lora_adapter_path` (`LORA_ADAPTER`).
 
 `precomputed_reference_logps` runs the reference model over every pair once, in one compiled pass,
-before training, and caches the result on disk under a key made of the data's and the reference
-weights' fingerprints and what the weights do not show: its architecture (`dpo_architecture.architecture_key`: the
-config's RoPE theta, norm epsilon, ..., the attention kernel) and its adapters' scaling; a second run (or a resumed one)
-with the same data and reference reads the cache instead of recomputing, and the reference's parameters are
+before training, and caches the result on disk under a key made of the pairs' content (`pairs_digest`), the
+reference weights' fingerprints and what the weights do not show: its architecture (`dpo_architecture.architecture_key`:
+the config's RoPE theta, norm epsilon, ..., the attention kernel) and its adapters' scaling; a second run (or a resumed
+one) with the same pairs and reference reads the cache instead of recomputing, and the reference's parameters are
 released before training starts.
 """
 
@@ -41,6 +41,7 @@ from flax import nnx, traverse_util
 from easytrain import integrity, lora, placement, sharding
 from easytrain.checkpoint import CheckpointManager
 from easytrain.data import EvalBatches, RowSource
+from easytrain.data.digest import rows_digest
 from easytrain.errors import ArgumentError
 from easytrain.frozen import Frozen, place_frozen
 from easytrain.models.families import ConfigError, check_buildable
@@ -289,27 +290,34 @@ def adapter_scalings(value: Any) -> list[float]:
         value, nnx.Module) else []
 
 
-def cache_key(data_fingerprint: str, reference_digests: Mapping[str, Any], settings: Mapping[str, Any]) -> str:
-    """A name for one (data, reference weights, tokenisation settings) combination."""
-    payload = json.dumps({"data": data_fingerprint, "reference": reference_digests, "settings": settings},
+def pairs_digest(rows: RowSource) -> str:
+    """The content digest of the tokenised pairs the reference pass reads, in row order (`data.digest.rows_digest`):
+    the cache key's data part. Not the rows' `datasets` fingerprint, which for a local file is its path and
+    modification time, so a file rewritten keeping them (cp -p, rsync -t) would read the old pairs' log-probs."""
+    return rows_digest(rows)
+
+
+def cache_key(data_digest: str, reference_digests: Mapping[str, Any], settings: Mapping[str, Any]) -> str:
+    """A name for one (pairs, reference weights, tokenisation settings) combination."""
+    payload = json.dumps({"pairs": data_digest, "reference": reference_digests, "settings": settings},
                          sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
-def precomputed_reference_logps(reference: Frozen, rows: RowSource, *, data_fingerprint: str,
-                                settings: Mapping[str, Any], collate: Callable, batch_size: int,
+def precomputed_reference_logps(reference: Frozen, rows: RowSource, *, settings: Mapping[str, Any],
+                                collate: Callable, batch_size: int,
                                 sequence_logps: Callable[[nnx.Module, Mapping[str, jax.Array]], jax.Array],
                                 mesh: jax.sharding.Mesh, rules: sharding.LogicalRules, cache_dir: Path,
                                 is_main_process: bool, compiler_options: Mapping[str, Any] | None = None
                                 ) -> tuple[np.ndarray, bool]:
     """`[num_pairs, 2]` reference log-probs of (chosen, rejected) for every row, and whether they were
-    read from the cache. The reference lives on the mesh only inside this function."""
+    read from the cache, keyed on `rows`' content. The reference lives on the mesh only inside this function."""
     if scalings := adapter_scalings(reference.value):  # not in the tensors' digests: another lora_alpha, same tensors
         settings = {**settings, "lora_scalings": scalings}
     placed = place_frozen({"reference": reference}, mesh, rules)
     values, graphdef = placed.values["reference"], dict(placed.modules)["reference"]
     settings = {**settings, ARCHITECTURE: architecture_key(graphdef, reference.value)}  # not in the weights either
-    key = cache_key(data_fingerprint, integrity.fingerprint(values, integrity.SMALL_ON_HOST), settings)
+    key = cache_key(pairs_digest(rows), integrity.fingerprint(values, integrity.SMALL_ON_HOST), settings)
     path = cache_dir / f"{key}.npy"
     if path.is_file():
         logger.info("reference log-probs read from %s", path)
