@@ -139,11 +139,11 @@ def abstract_state(shardings: TrainState, state: TrainState) -> TrainState:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
 
 
-def float_param_dtypes(module: nnx.Module) -> list[tuple[str, Any]]:
-    """(path, dtype) of `module`'s floating-point parameters (integer and other storage, a quantised weight's, is
-    not a float dtype the run's arguments set)."""
+def float_param_dtypes(module: nnx.Module, selected: nnx.filterlib.Filter = nnx.Param) -> list[tuple[str, Any]]:
+    """(path, dtype) of `module`'s floating-point parameters (those `selected`; integer and other storage, a quantised
+    weight's, is not a float dtype the run's arguments set)."""
     found = []
-    for path, variable in nnx.to_flat_state(nnx.state(module, nnx.Param)):
+    for path, variable in nnx.to_flat_state(nnx.state(module, nnx.All(nnx.Param, selected))):
         dtype = jax.numpy.dtype(variable.get_value().dtype if hasattr(variable, "get_value") else variable.value.dtype)
         if jax.numpy.issubdtype(dtype, jax.numpy.floating):
             found.append((".".join(map(str, path)), dtype))
@@ -162,12 +162,13 @@ def _listed(found: list[str], shown: int) -> str:
     return f"{', '.join(found[:shown])}{more}"
 
 
-def refuse_float16_params(module: nnx.Module, shown: int = 3, *, given: bool = False) -> None:
-    """Refuse float16 parameters in the module passed as `model=` (`given`) or built by `create_module`, as
-    `--param_dtype float16` is: the optimizer state is kept in the parameters' dtype, where AdamW's adam_epsilon
-    (1e-8) and small squared gradients are zero, so most first updates are non-finite (NaN weights, even in a
-    checkpoint saved under non_finite_policy='stop')."""
-    half = [path for path, dtype in float_param_dtypes(module) if dtype == jax.numpy.float16]
+def refuse_float16_params(module: nnx.Module, shown: int = 3, *, given: bool = False,
+                          trained: nnx.filterlib.Filter = nnx.Param) -> None:
+    """Refuse float16 parameters the run trains (`trained`: under LoRA a frozen base is not) in the module passed as
+    `model=` (`given`) or built by `create_module`, as `--param_dtype float16` is: the optimizer state is kept in the
+    parameters' dtype, where AdamW's adam_epsilon (1e-8) and small squared gradients are zero, so most first updates
+    are non-finite (NaN weights, even in a checkpoint saved under non_finite_policy='stop')."""
+    half = [path for path, dtype in float_param_dtypes(module, trained) if dtype == jax.numpy.float16]
     if not half:
         return
     source = "the module passed as model=" if given else "the module create_module built"
@@ -178,12 +179,13 @@ def refuse_float16_params(module: nnx.Module, shown: int = 3, *, given: bool = F
                         "param_dtype=float32 (or bfloat16) and pass --param_dtype to match.")
 
 
-def warn_unless_param_dtype(module: nnx.Module, param_dtype: Any, shown: int = 3, *, given: bool = False) -> None:
+def warn_unless_param_dtype(module: nnx.Module, param_dtype: Any, shown: int = 3, *, given: bool = False,
+                            trained: nnx.filterlib.Filter = nnx.Param) -> None:
     """Refuse float16 parameters (`refuse_float16_params`), and warn when `create_module` built parameters (or,
     `given`, the module passed as `model=` holds them) in another float dtype than `param_dtype`: the run's `dtype`
     and `param_dtype` reach a custom module only through the arguments it is built with, and the trainer trains its
     parameters in the dtypes it finds."""
-    refuse_float16_params(module, shown, given=given)
+    refuse_float16_params(module, shown, given=given, trained=trained)
     if not (found := param_dtype_mismatches(module, param_dtype)):
         return
     listed = f"{len(found)} parameter(s) in another dtype: {_listed(found, shown)}"
@@ -246,7 +248,10 @@ def check_compute_dtype(module: nnx.Module | None, dtype: Any, shown: int = 3, *
     return module
 
 
-def check_given_module(module: nnx.Module | None, dtype: Any, param_dtype: Any) -> None:
-    """The module passed as `model=` (None: none was): its compute dtype checked, then its parameters' storage."""
+def check_given_module(module: nnx.Module | None, dtype: Any, param_dtype: Any,
+                       trained: nnx.filterlib.Filter = nnx.Param) -> None:
+    """The module passed as `model=` (None: none was): its compute dtype checked, then its parameters' storage
+    (those `trained` refused in float16)."""
     if module is not None:
-        warn_unless_param_dtype(check_compute_dtype(module, dtype, given=True), param_dtype, given=True)
+        warn_unless_param_dtype(check_compute_dtype(module, dtype, given=True), param_dtype, given=True,
+                                trained=trained)

@@ -4,6 +4,7 @@ non-finite), bfloat16 storage under LoRA only for what LoRA trains in it, and an
 
 import logging
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -40,6 +41,31 @@ def test_a_given_llama_with_float16_parameters_is_refused(tmp_path) -> None:
     trainer = BaseTrainer(args, model=model)
     with pytest.raises(ArgumentError, match=r"^param_dtype: .*model=.* in float16 \(embed_tokens\.embedding, "):
         trainer.setup()
+
+
+def _llama_arguments(tmp_path, **fields) -> TrainingArguments:
+    return TrainingArguments(output_dir=str(tmp_path), max_steps=2, max_length=16, train_batch_size=4,
+                             eval_strategy="no", save_strategy="no", report_to=["none"], disable_progress_bar=True,
+                             save_pretrained_at_end=False, max_train_samples=16, **fields)
+
+
+def test_a_float16_base_lora_keeps_frozen_trains(tmp_path) -> None:
+    """LoRA trains float32 adapters over a frozen base, which gets no optimizer state: a float16 base is fine."""
+    config = tiny_config(vocab_size=len(build_arithmetic_tokenizer()), max_position_embeddings=64)
+    model = init_model(config, dtype=jnp.bfloat16, param_dtype=jnp.float16)
+    trainer = BaseTrainer(_llama_arguments(tmp_path, dtype="bfloat16", param_dtype="bfloat16", lora_rank=4),
+                          model=model)
+    logs = trainer.train()
+    assert np.isfinite(logs["loss"]) and {leaf.dtype for leaf in jax.tree.leaves(trainer.state.params)} == {
+        jnp.dtype(jnp.float32)}
+
+
+def test_float16_norms_lora_trains_in_full_are_refused(tmp_path) -> None:
+    config = tiny_config(vocab_size=len(build_arithmetic_tokenizer()), max_position_embeddings=64)
+    model = init_model(config, dtype=jnp.bfloat16, param_dtype=jnp.float16)
+    arguments = _llama_arguments(tmp_path, dtype="bfloat16", param_dtype="bfloat16", lora_rank=4, lora_train_norms=True)
+    with pytest.raises(ArgumentError, match=r"^param_dtype: .*model=.*float16.*norm\.scale"):
+        BaseTrainer(arguments, model=model).setup()
 
 
 def test_a_created_module_with_float16_parameters_is_refused(tmp_path) -> None:

@@ -218,7 +218,8 @@ class BaseTrainer(ProtocolProperties, RunRecordHooks, TrainStateHooks, LanguageM
     def configure_model(self) -> ConfiguredModel:
         """Create the train state directly on the mesh, or restore a resumed run's state straight into it."""
         args = self._arguments
-        placement.check_given_module(self._given_model, self.dtype, self.param_dtype)  # create_module's: just above
+        placement.check_given_module(self._given_model, self.dtype, self.param_dtype,  # create_module's: above
+                                     trained=self.trainable_filter)
         if self._given_model is not None:  # before it is placed (the trainer's own: `_abstract_module`)
             self._settle_evaluators(self._given_model)
         tx = self.configure_optimizer(self.scheduler)  # settled by `setup`, from `configure_schedule`

@@ -150,7 +150,7 @@ class LanguageModelHooks:
         """`_created_module()`, with a warning when its parameters are not in `param_dtype` (traced once a setup),
         and its compute dtype checked as a `model=` module's is (`placement.check_compute_dtype`)."""
         module = self._created_module()
-        placement.warn_unless_param_dtype(module, self.param_dtype)
+        placement.warn_unless_param_dtype(module, self.param_dtype, trained=self.trainable_filter)
         return placement.check_compute_dtype(module, self.dtype)
 
     def _own_module(self) -> nnx.Module:
