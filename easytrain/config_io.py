@@ -194,7 +194,8 @@ def parse_task_arguments(argv: Sequence[str] | None = None, task_arguments: Sequ
     try:
         outputs = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     except ArgumentError as error:  # a file's value, typed: the command line's are refused by argparse first
-        given_here = any(arg == f"--{error.field}" or arg.startswith(f"--{error.field}=") for arg in argv)
+        given_here = any(arg.startswith("--") and arg[2:].split("=", 1)[0].replace("-", "_") == error.field
+                         for arg in argv)  # `--warmup-steps` is an alias of `--warmup_steps`
         if error.field not in config or given_here:
             raise
         hint = transformers_value_hint(error.field, config[error.field])

@@ -76,6 +76,14 @@ def test_a_config_files_transformers_value_names_the_file_and_gives_the_hint_onc
     assert str(tmp_path / "run.yaml") in err and err.count(hint.strip()) == 1, err
 
 
+@pytest.mark.parametrize("flag", [["--learning_rate", "-1"], ["--learning-rate", "-1"], ["--learning-rate=-1"]])
+def test_a_refused_command_line_value_is_not_blamed_on_the_config_file(flag, tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text(json.dumps({"learning_rate": 0.001}))
+    err = command_line_error(capsys, "--config", str(path), *flag)
+    assert "learning_rate" in err and str(path) not in err, err
+
+
 def test_fractional_epochs_point_to_max_steps(tmp_path, capsys):
     err = command_line_error(capsys, "--num_train_epochs", "1.5")
     assert "invalid int value: '1.5'" in err and "Epochs are whole" in err and "max_steps" in err, err
