@@ -81,6 +81,9 @@ class CompletionMetrics:
                  max_new_tokens: int = 64):
         self.prompts, self.references, self.tokenizer = [list(p) for p in prompts], list(references), tokenizer
         self.compute_metrics, self.max_new_tokens = compute_metrics, max_new_tokens
+        if len(self.prompts) != len(self.references):  # zip would score only the pairs that line up
+            raise ValueError(f"CompletionMetrics pairs prompt i with reference i, but got {len(self.prompts)} prompts "
+                             f"and {len(self.references)} references: give one reference per prompt.")
 
     @property
     def metric_names(self) -> tuple[str, ...] | None:
