@@ -63,3 +63,35 @@ def test_a_retried_setup_keeps_the_evaluators_passed(tmp_path):
     trainer.setup()
     assert trainer.evaluators[0] is given
     assert [type(evaluator).__name__ for evaluator in trainer.evaluators] == ["ExactMatch", "CompletionMetrics"]
+
+
+def test_evaluators_the_user_changed_after_a_failed_setup_count_on_the_retry(tmp_path):
+    """The list as the user left it after the failure is what the retry starts from: one appended is kept, one
+    removed as the refusal says stays removed (a snapshot from the first attempt undid both)."""
+    from easytrain.tasks.arithmetic import build_arithmetic_chat_tokenizer
+
+    trainer = FlakySFT(args_for(tmp_path, max_steps=1))
+    try:
+        trainer.setup()
+    except OSError:
+        pass
+    added = ExactMatch(["1+1="], ["2"], build_arithmetic_chat_tokenizer(), name="sums")
+    trainer.evaluators.append(added)
+    trainer.setup()
+    assert [type(evaluator).__name__ for evaluator in trainer.evaluators] == ["ExactMatch", "CompletionMetrics"]
+    assert trainer.evaluators[0] is added
+
+
+def test_an_evaluator_removed_as_the_refusal_says_stays_removed_on_the_retry(tmp_path):
+    import pytest
+
+    from easytrain.generation import GenerationError
+    from easytrain.tasks.arithmetic import build_arithmetic_tokenizer
+
+    given = ExactMatch(["1+1="], ["2"], build_arithmetic_tokenizer(), name="sums")
+    trainer = OwnModelTrainer(tiny(tmp_path), evaluators=[given])
+    with pytest.raises(GenerationError, match="evaluators="):
+        trainer.setup()
+    trainer.evaluators.remove(given)
+    trainer.setup()
+    assert not any(evaluator is given for evaluator in trainer.evaluators)

@@ -114,12 +114,22 @@ class BaseTrainer(ProtocolProperties, RunRecordHooks, TrainStateHooks, LanguageM
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
-        """Build data, model and compiled steps once, in that order (all checks before compute)."""
+        """Build data, model and compiled steps once, in that order (all checks before compute). A set-up that fails
+        leaves `evaluators` as it found them, so a retry starts from the user's list as they leave it, without the
+        defaults the failed attempt's data preparation added (they would count as passed: refused, or run twice)."""
         if self._functions is not None:
             return
+        passed = list(self.evaluators)
+        try:
+            self._set_up(passed)
+        except BaseException:
+            self.evaluators[:] = passed
+            raise
+
+    def _set_up(self, passed: list[Evaluator]) -> None:
+        """`setup`'s work; `passed`: the evaluators before it, the user's."""
         self.check_task_settings()  # JSON values only: each checkpoint records them (`run_record`)
         data_agreement.check_arguments_agree(self._arguments, self.task_arguments, jax.process_count())
-        passed = self._users_evaluators()
         with stop_signals.interruptible("preparing the data"):  # a stop signal here ends train() at once
             self._data = self.configure_dataloaders()
         self._evaluators_from_rows = tuple(e for e in self.evaluators if all(e is not p for p in passed))
@@ -142,17 +152,6 @@ class BaseTrainer(ProtocolProperties, RunRecordHooks, TrainStateHooks, LanguageM
     #: The evaluators the trainer's data preparation added itself, not passed as `evaluators=` (`setup` records
     #: them): such a default is left out, not refused, where the module cannot run it.
     _evaluators_from_rows: tuple[Evaluator, ...] = ()
-    #: The user's evaluators (`evaluators=`, or the list as it stood), recorded at the first `setup` before anything
-    #: can fail: a retried set-up starts from them, not from what the failed attempt's data preparation added.
-    _own_evaluators: tuple[Evaluator, ...] | None = None
-
-    def _users_evaluators(self) -> tuple[Evaluator, ...]:
-        """The user's evaluators, `evaluators` reset to them when an earlier `setup` failed part-way (its defaults
-        would otherwise count as passed: refused where they cannot run, or run twice)."""
-        if self._own_evaluators is None:
-            self._own_evaluators = tuple(self.evaluators)
-        self.evaluators[:] = self._own_evaluators
-        return self._own_evaluators
 
     def _settle_evaluators(self, module: Any) -> None:
         """Keep the evaluators `module` can run, decided at set-up rather than at the first evaluation (which would
