@@ -66,6 +66,22 @@ def test_the_same_rows_built_differently_have_one_digest():
     assert len(digests) == 1
 
 
+@pytest.mark.parametrize("piece_bytes", [1, 200, 1 << 20])
+def test_rows_a_chunk_each_are_joined_in_pieces_to_the_same_digest(monkeypatch, piece_bytes):
+    """A selection's rows come an Arrow chunk each; small chunks are joined into pieces before they are fed, large
+    ones fed as they are (`digest._fed_chunks`): whatever the piece size, the digest is the plain dataset's."""
+    from easytrain.data import digest
+
+    rng = np.random.default_rng(0)
+    rows = {"input_ids": [list(rng.integers(0, 50, rng.integers(1, 120))) for _ in range(40)]}
+    plain = rows_digest(datasets.Dataset.from_dict(rows))
+    order = rng.permutation(40)
+    selected = datasets.Dataset.from_dict({"input_ids": [rows["input_ids"][i] for i in order]}).select(
+        np.argsort(order))
+    monkeypatch.setattr(digest, "_PIECE_BYTES", piece_bytes)
+    assert rows_digest(selected) == plain
+
+
 def test_the_digest_is_the_same_in_another_process():
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import datasets; "
             "from easytrain.data.digest import rows_digest; from test_resume_data_digest import token_rows; "

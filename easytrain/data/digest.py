@@ -14,7 +14,7 @@ tolerance and only warned about. About 0.1 s per 10M tokens (`tests/test_resume_
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import datasets
@@ -79,14 +79,40 @@ def rows_digests(source: datasets.Dataset | Mapping[str, Any]) -> tuple[str, dic
     streams = _Streams(num_rows)
     if isinstance(source, datasets.Dataset):
         for table in source.with_format("arrow").iter(batch_size=_ROWS_PER_READ):
-            table = table.combine_chunks()  # a selection's rows come a chunk each: fed per column, not per row
             for name in sorted(table.column_names):
-                for chunk in table.column(name).chunks:
+                for chunk in _fed_chunks(table.column(name)):
                     _feed_arrow(streams, name, chunk)
     else:
         for name in sorted(source):
             _feed_numpy(streams, name, np.asarray(source[name]))
     return streams.hexdigest(), streams.floats.record()
+
+
+#: Consecutive Arrow chunks smaller than this are joined (copied) into pieces of about this size before they are fed.
+_PIECE_BYTES = 1 << 20
+
+
+def _fed_chunks(column: Any) -> Iterator[Any]:
+    """`column`'s chunks, consecutive small ones joined into pieces of about `_PIECE_BYTES`: a selection's rows
+    come a chunk each, and feeding them one by one cost 10x the time (0.95 s against 0.11 s for 10k DPO pairs),
+    while joining a whole read would copy it (256 MiB more at the peak for rows of 4096 tokens). The digest is the
+    same however the rows are chunked."""
+    piece: list[Any] = []
+    size = 0
+    for chunk in column.chunks:
+        if chunk.nbytes >= _PIECE_BYTES:
+            if piece:
+                yield pa.concat_arrays(piece)
+                piece, size = [], 0
+            yield chunk
+            continue
+        piece.append(chunk)
+        size += chunk.nbytes
+        if size >= _PIECE_BYTES:
+            yield pa.concat_arrays(piece)
+            piece, size = [], 0
+    if piece:
+        yield pa.concat_arrays(piece)
 
 
 def _feed_numpy(streams: _Streams, path: str, column: np.ndarray) -> None:
