@@ -49,14 +49,19 @@ def tiny(tmp_path, **overrides) -> TrainingArguments:
     return TrainingArguments(**{**values, **overrides})
 
 
-def test_the_default_exact_match_is_left_out_for_a_module_that_cannot_generate(tmp_path, caplog):
-    trainer = RewardTrainer(tiny(tmp_path))
+def check_default_exact_match_left_out(trainer, tmp_path, caplog) -> None:
+    """Set-up warns that the default exact_match is left out for the reward model, and training evaluates without
+    attempting a generation, to a checkpoint."""
     with caplog.at_level(logging.WARNING, logger="easytrain"):
         trainer.setup()
     assert not any(isinstance(evaluator, ExactMatch) for evaluator in trainer.evaluators)
     assert any("exact_match" in r.getMessage() and "RewardModel" in r.getMessage() for r in caplog.records)
     trainer.train()  # evaluates after steps 1 and 2: no generation is attempted
     assert (tmp_path / "checkpoints").is_dir() and any((tmp_path / "checkpoints").iterdir())
+
+
+def test_the_default_exact_match_is_left_out_for_a_module_that_cannot_generate(tmp_path, caplog):
+    check_default_exact_match_left_out(RewardTrainer(tiny(tmp_path)), tmp_path, caplog)
 
 
 def test_exact_match_asked_for_on_a_module_that_cannot_generate_fails_at_set_up(tmp_path):

@@ -3,7 +3,6 @@ evaluators settled on that module at set-up too: on one without init_cache()/dec
 out with a warning and one asked for is refused, naming the metric. The check ran only where the trainer built or was
 given the module, so such a run trained, then crashed at its first evaluation before any checkpoint."""
 
-import logging
 
 import optax
 import pytest
@@ -16,7 +15,7 @@ from easytrain.models import LlamaForCausalLM
 from easytrain.placement import initialise_module, place_module
 from easytrain.state import bind
 from reward_model import RewardModel
-from test_default_evaluators import RewardTrainer, tiny
+from test_default_evaluators import RewardTrainer, check_default_exact_match_left_out, tiny
 
 
 class OwnModelTrainer(RewardTrainer):
@@ -53,9 +52,5 @@ def test_a_generation_evaluator_passed_is_refused_on_the_module_configure_model_
 
 def test_the_default_exact_match_is_left_out_for_the_module_configure_model_built(tmp_path, caplog):
     trainer = OwnModelTrainer(tiny(tmp_path))
-    with caplog.at_level(logging.WARNING, logger="easytrain"):
-        trainer.setup()
-    assert not any(isinstance(evaluator, ExactMatch) for evaluator in trainer.evaluators)
-    assert any("exact_match" in r.getMessage() and "RewardModel" in r.getMessage() for r in caplog.records)
-    trainer.train()  # evaluates after steps 1 and 2: no generation is attempted
-    assert trainer.steps_seen == 2 and any((tmp_path / "checkpoints").iterdir())
+    check_default_exact_match_left_out(trainer, tmp_path, caplog)
+    assert trainer.steps_seen == 2

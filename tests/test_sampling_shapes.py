@@ -8,24 +8,7 @@ import numpy as np
 import pytest
 
 from easytrain.sampling import filter_logits, sample_logits
-
-
-def numpy_keep(logits_V: np.ndarray, top_k: int | None, top_p: float | None) -> np.ndarray:
-    """Reference filter of one row: top-k by sorting, then the smallest most-likely set holding top_p of the mass."""
-    keep_V = np.ones(logits_V.shape, bool)
-    if top_k is not None:
-        keep_V &= logits_V >= np.sort(logits_V)[::-1][top_k - 1]
-    if top_p is not None:
-        masked_V = np.where(keep_V, logits_V.astype(np.float64), -np.inf)
-        probs_V = np.exp(masked_V - masked_V.max())
-        probs_V /= probs_V.sum()
-        nucleus, mass = np.zeros_like(keep_V), 0.0
-        for token in np.argsort(-probs_V, kind="stable"):
-            if mass >= top_p:
-                break
-            nucleus[token], mass = True, mass + probs_V[token]
-        keep_V &= nucleus
-    return keep_V
+from test_generation import numpy_keep  # the reference filter of one row
 
 
 @pytest.mark.parametrize("shape", [(12,), (3, 12), (2, 3, 12)])
