@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -19,6 +20,17 @@ STATE = {"w": jnp.arange(4.0)}
 
 def _save(manager: CheckpointManager, step: int) -> bool:
     return manager.save(step, state=STATE, data_state={"step": step}, run_info={"format_version": 1})
+
+
+def _eventually(condition, seconds: float = 30.0) -> bool:
+    """Whether `condition()` holds within `seconds`: Orbax may create a save's temporary directory on its
+    background thread, after `save` has returned (a loaded machine showed it missing right after)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def test_a_reader_leaves_a_save_in_flight_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -39,7 +51,7 @@ def test_a_reader_leaves_a_save_in_flight_alone(tmp_path: Path, monkeypatch: pyt
         run.wait_until_finished()
         assert _save(run, 2)
         try:
-            assert any(path.name.startswith("2.") for path in tmp_path.iterdir())  # in flight, not finalized
+            assert _eventually(lambda: any(path.name.startswith("2.") for path in tmp_path.iterdir()))  # in flight
             with CheckpointManager(tmp_path, read_only=True) as reader:
                 assert reader.all_steps() == [1]
                 assert reader.read_data_state(1) == {"step": 1}
