@@ -19,7 +19,7 @@ from typing import Any
 from flax import nnx
 from flax.nnx.graphlib import Static
 
-from easytrain.trainers.resume_checks import ARCHITECTURE_KEYS, config_dict
+from easytrain.trainers.resume_checks import ARCHITECTURE_KEYS, architecture_differences, config_dict
 
 #: Key of the config's architecture in a fixed reference's run_info record (`REFERENCE_WEIGHTS`).
 ARCHITECTURE = "architecture"
@@ -37,11 +37,9 @@ def config_architecture(module: Any) -> dict[str, Any] | None:
 
 
 def architecture_changes(stored: Mapping[str, Any] | None, now: Mapping[str, Any] | None) -> list[str]:
-    """`key: checkpoint X vs now Y` for each key both records hold with other values; a record written before
-    the architecture was kept (None), or a key one side lacks, is not compared: absent is not "changed"."""
-    stored, now = stored or {}, now or {}
-    return [f"{key}: checkpoint {stored[key]!r} vs now {now[key]!r}"
-            for key in stored if key in now and stored[key] != now[key]]
+    """`key: checkpoint X vs now Y` for each key both records hold with other values (`resume_checks`' comparison of
+    the policy's config); a record written before the architecture was kept (None) is not compared."""
+    return architecture_differences(dict(stored or {}), dict(now or {}))
 
 
 def architecture_key(graphdef: nnx.GraphDef, module: Any) -> str:

@@ -76,7 +76,7 @@ def _differences(stored: dict[str, Any], current: dict[str, Any], keys: tuple[st
             for key in keys if stored.get(key) != current.get(key)]
 
 
-def _architecture_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+def architecture_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Keys a checkpoint written before they were recorded lacks are not compared: absent is not "changed"."""
     return _differences(stored, current, tuple(key for key in ARCHITECTURE_KEYS if key in stored and key in current))
 
@@ -110,7 +110,7 @@ def refuse_changes(run_info: dict[str, Any], current: dict[str, Any]) -> list[st
     stored_config = run_info.get("model_config") or {}
     current_config = current.get("model_config") or {}
     if stored_config and current_config:
-        diffs = _architecture_differences(stored_config, current_config)
+        diffs = architecture_differences(stored_config, current_config)
         if diffs:
             raise ArgumentError("model_config", "the checkpoint was trained with a different architecture ("
                                 + "; ".join(diffs) + "). Resume with the same model, or start a new output_dir."
