@@ -369,38 +369,3 @@ def test_tokenised_chats_pack_and_pad_with_the_same_supervised_targets(toks):
     assert tok.decode(padded["targets"][padded["loss_mask"] > 0]) == expected
     supervised = sorted(packed["targets"][packed["loss_mask"] > 0].tolist())
     assert supervised == sorted(padded["targets"][padded["loss_mask"] > 0].tolist())
-
-
-def test_generation_prompts_render_tools_as_training_did():
-    from easytrain.data.prompts import prompt_and_reference
-    from chat_fixtures import TOOL_CHAT, WEATHER_TOOL, build_chat_tokenizer
-
-    tokenizer = build_chat_tokenizer("llama3")
-    example = {"messages": TOOL_CHAT, "tools": [WEATHER_TOOL]}
-    prompt, reference = prompt_and_reference(example, tokenizer, "conversational")
-    full = tokenize_example(example, tokenizer, SFTDataOptions(max_length=None), "conversational").input_ids
-    assert full[: len(prompt)] == prompt and reference == TOOL_CHAT[-1]["content"]
-
-
-def generation_examples(name):
-    """Every format with a prompt, and prompt strings that already start with the BOS text."""
-    bos = SPECS[name].bos or ""
-    return [({"messages": CHAT}, "conversational"),
-            ({"messages": TOOL_CHAT, "tools": [WEATHER_TOOL]}, "conversational"),
-            ({"prompt": CHAT[:2], "completion": CHAT[2:3]}, "prompt_completion"),
-            ({"prompt": "What is two plus two?", "completion": " Four."}, "prompt_completion"),
-            ({"prompt": bos + "What is two plus two?", "completion": " Four."}, "prompt_completion"),
-            ({"prompt": bos + bos + "What is two plus two?", "completion": " Four."}, "prompt_completion")]
-
-
-@pytest.mark.parametrize("name", sorted(SPECS))
-def test_generation_prompts_are_a_token_prefix_of_the_training_ids(toks, name):
-    """BOS included: a template without `{{ bos_token }}` or a prompt string holding the BOS text."""
-    from easytrain.data.prompts import prompt_and_reference
-
-    tok = toks[name]
-    for example, data_format in generation_examples(name):
-        prompt, _ = prompt_and_reference(example, tok, data_format)
-        full = tokenize_example(example, tok, SFTDataOptions(max_length=None), data_format).input_ids
-        assert 0 < len(prompt) < len(full) and full[: len(prompt)] == prompt, (
-            data_format, tok.convert_ids_to_tokens(prompt[:4]), tok.convert_ids_to_tokens(full[:4]))
