@@ -108,3 +108,22 @@ def test_a_header_that_is_not_utf8_is_refused_by_name(tmp_path):
     with pytest.raises(DataError, match=r"`train_file` .*latin\.csv' is not UTF-8 text.*save it as UTF-8"):
         load_text_datasets(train_file=tmp_path / "latin.csv", validation_split_percentage=0,
                            cache_dir=tmp_path / "cache")
+
+
+def test_an_unchanged_file_is_not_read_again_at_the_next_start_a_changed_one_is(tmp_path, monkeypatch):
+    """The row check reads the whole file (about 12 s per GB); a resume of an unchanged file reads its header only."""
+    from easytrain.data import csv_files
+
+    checked = []
+    check = csv_files._check_row_lengths
+    monkeypatch.setattr(csv_files, "_check_row_lengths", lambda rows, *a: checked.append(1) or check(rows, *a))
+    assert list(_load(tmp_path, "text,label\nhi,a\n")["train"]["text"]) == ["hi"] and len(checked) == 1
+    path = tmp_path / "train.csv"
+    again = load_text_datasets(train_file=path, validation_split_percentage=0, cache_dir=tmp_path / "cache")
+    assert list(again["train"]["text"]) == ["hi"] and len(checked) == 1  # the same file: its header read only
+    stat = path.stat()
+    path.write_text("text,label\nhi,a,b\n", encoding="utf-8")  # another row, the same size and mtime (cp -p)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(DataError, match=r"line 2 has 3 fields"):
+        load_text_datasets(train_file=path, validation_split_percentage=0, cache_dir=tmp_path / "cache")
+    assert len(checked) == 2

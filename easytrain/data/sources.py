@@ -52,6 +52,8 @@ EVALUATE = "evaluate(dataset)"
 #: The folder of the `datasets` cache (or of `cache_dir`) that holds local files' Arrow copies, one sub-folder per
 #: state of the files (`local_files_cache`).
 LOCAL_FILES_CACHE = "easytrain_local_files"
+#: A marker in that folder: the .csv files of this signature passed the row check (`csv_files.csv_text_features`).
+CSV_ROWS_CHECKED = "csv_rows_checked"
 
 
 def load_text_datasets(
@@ -264,11 +266,11 @@ def _from_files(
         if os.path.getsize(path) == 0:
             raise DataError(f"`{split}_file` {path!r} is empty; point it at a file with data.")
     options = dict(BUILDER_OPTIONS.get(builders[TRAIN], {}))
+    files_cache = local_files_cache(data_files.values(), cache_dir)
     if builders[TRAIN] == "csv":
-        options["features"] = csv_text_features(data_files, TRAIN)
+        options["features"] = csv_text_features(data_files, TRAIN, os.path.join(files_cache, CSV_ROWS_CHECKED))
     try:
-        return datasets.load_dataset(builders[TRAIN], data_files=data_files,
-                                     cache_dir=local_files_cache(data_files.values(), cache_dir), **options)
+        return datasets.load_dataset(builders[TRAIN], data_files=data_files, cache_dir=files_cache, **options)
     except DatasetGenerationError as error:  # a parse error (broken JSON, CSV) or no rows to infer a schema from
         files = " or ".join(f"`{split}_file` {path!r}" for split, path in data_files.items())
         raise DataError(
