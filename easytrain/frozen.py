@@ -4,20 +4,23 @@ A reference policy, a teacher, an EMA copy or a reward model is declared once wi
 `BaseTrainer.configure_frozen`. It is placed on the mesh by the same logical-axis rules as the
 parameters, lives in `TrainState.frozen` (so it reaches the compiled step as an argument, never as a
 compile-time constant, and is donated and returned without a copy), is handed to the loss, gets no
-gradient and no optimizer state, and is either checkpointed or rebuilt on resume, as declared.
+gradient and no optimizer state, and is either checkpointed or rebuilt on resume, as declared. A rebuilt entry's
+digests are taken once at every start (`FrozenPlan.fingerprints`) and recorded in run_info, so a resume that would
+rebuild it with other values (a teacher folder overwritten since) is refused before any array is restored.
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Callable, ContextManager, Mapping, NamedTuple
 
 import jax
 from flax import nnx
 from jax.sharding import Mesh
 
-from easytrain import sharding
+from easytrain import integrity, sharding
 from easytrain.errors import EasytrainError
-from easytrain.models.scan import layer_slices, unstack_layer_dicts
+from easytrain.models.scan import STACKED, layer_slices, unstack_layer_dicts
 
 PyTree = Any
 #: A context under which module builders build their layers stacked (`LanguageModelHooks.initialising`).
@@ -42,12 +45,19 @@ class Frozen(NamedTuple):
         mirrors_params: True for an entry combined leaf by leaf with `state.params` (an EMA, a reference moved
             toward the policy): set-up refuses one whose tree or shapes differ from them (not dtypes), naming where,
             instead of a pytree error in the traced step. `BaseTrainer.trainable_variables` builds one that fits.
+        fingerprint: for a `checkpoint=False` entry: True digests its values at every start (on its devices, no
+            weight gathered) into the checkpoints' run_info, and a resume that rebuilds it with other values (its
+            source overwritten, a builder changed) is refused naming the tensors that differ, before any array is
+            restored; False skips both, for an entry meant to differ between starts (re-drawn at random on purpose).
+            The same values resume on any mesh and in either `scan_layers` layout. No effect with `checkpoint=True`:
+            the checkpoint holds such an entry, checked by the checkpoint's own fingerprint.
     """
 
     value: nnx.Module | PyTree | Callable[[], nnx.Module | PyTree]
     checkpoint: bool = False
     copy: bool = True
     mirrors_params: bool = False
+    fingerprint: bool = True
 
 
 class PlacedFrozen(NamedTuple):
@@ -209,6 +219,18 @@ class FrozenPlan:
         self.restored = place_frozen({k: f for k, f in specs.items() if resuming and f.checkpoint}, mesh, rules,
                                      abstract=True)
         self.modules = self.restored.modules + self.built.modules
+        # Now, before the first step donates the built arrays: a resume compares these with the checkpoint's.
+        self.fingerprints = fixed_fingerprints(self.specs, self.built.values)
+        self._as_recorded: dict[str, dict[str, list[int]]] | None = None
+
+    def fingerprints_as(self, recorded: Callable[[], Mapping[str, Any]]) -> dict[str, dict[str, list[int]]]:
+        """`fingerprints`, each entry's named as the resumed checkpoint's record (`recorded()`, read once, before the
+        first step: a stacked weight may be digested again a layer at a time) names it: `digests_as_recorded`."""
+        if self._as_recorded is None:
+            before = recorded() if self.fingerprints else {}
+            self._as_recorded = {name: digests_as_recorded(self.built.values[name], digests, before[name])
+                                 if before.get(name) else digests for name, digests in self.fingerprints.items()}
+        return self._as_recorded
 
     def restore_target(self, abstract_state: Any) -> Any:
         """The abstract state a checkpoint of this run holds (with its checkpointed frozen entries)."""
@@ -220,3 +242,38 @@ class FrozenPlan:
         check_mirrors(self.specs, {**state.frozen, **self.built.values}, state.params)
         return (attach(state, self.built.values, self.specs, self.modules),
                 attach(shardings, {**self.restored.shardings, **self.built.shardings}, self.specs, self.modules))
+
+
+def fixed_fingerprints(specs: Mapping[str, Frozen], values: Mapping[str, PyTree]) -> dict[str, dict[str, list[int]]]:
+    """Entry -> dotted path -> two digests (`integrity.fingerprint`) of each entry rebuilt on resume and declared
+    `fingerprint=True`, computed where its arrays lie (each device digests its shard; a leaf of at most
+    `integrity.SMALL_ON_HOST` elements on the host, cheaper than compiling its digest)."""
+    return {name: integrity.fingerprint(values[name], integrity.SMALL_ON_HOST) for name, spec in specs.items()
+            if not spec.checkpoint and spec.fingerprint and name in values}
+
+
+def _layer_path(stacked_path: str, index: int) -> str:
+    """The dotted path layer `index` of a stacked weight has in the per-layer layout."""
+    return stacked_path.replace(f".{STACKED}.", f".{index}.", 1)
+
+
+def digests_as_recorded(values: PyTree, digests: Mapping[str, list[int]],
+                        recorded: Mapping[str, Any]) -> dict[str, list[int]]:
+    """`digests` (of `values`, by dotted path) in the layout `recorded` names, where a resume switched `scan_layers`:
+    a stacked weight the record names layer by layer is digested a layer at a time (one layer's copy at a time), and
+    layers the record names as one stack are combined into its digest (`integrity.combined_digest`: nothing is read
+    again). Either way the digest is of the same values, so an entry compares equal in both layouts."""
+    marker, found = f".{STACKED}.", dict(digests)
+    leaves = {jax.tree_util.keystr(path, simple=True, separator="."): leaf
+              for path, leaf in jax.tree_util.tree_flatten_with_path(values)[0]}
+    for path, leaf in leaves.items():
+        if marker in path and path not in recorded and _layer_path(path, 0) in recorded:
+            del found[path]
+            for index in range(leaf.shape[0]):
+                found[_layer_path(path, index)] = integrity.fingerprint({"layer": leaf[index]},
+                                                                        integrity.SMALL_ON_HOST)["layer"]
+    for path in recorded:
+        if marker in path and path not in found and _layer_path(path, 0) in found:
+            layers = list(itertools.takewhile(found.__contains__, (_layer_path(path, i) for i in itertools.count())))
+            found[path] = integrity.combined_digest([found.pop(name) for name in layers], leaves[layers[0]].size)
+    return found

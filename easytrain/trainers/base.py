@@ -226,6 +226,7 @@ class BaseTrainer(ProtocolProperties, RunRecordHooks, TrainStateHooks, LanguageM
                       **adapters.partition(self.lora, self.trainable))
         frozen = FrozenPlan(self.configure_frozen(), self.mesh, self.partition_rules,
                             resuming=self._resume_from is not None, stacked=self.initialising)
+        self._frozen_plan = frozen  # its fixed entries' digests go into run_info (`run_record`)
         if self._resume_from is None:
             state, shardings = self._place_module(tx, placed)
         else:

@@ -1,6 +1,6 @@
 """What a checkpoint holds, checked against this run before any array is read: its step against the run's length,
-the LoRA layout an older easytrain wrote (an adapter on a head trained in full), and the `scan_layers` it was written
-with."""
+the LoRA layout an older easytrain wrote (an adapter on a head trained in full), the `scan_layers` it was written
+with, and the fixed frozen entries it trained against (`check_frozen_entries`)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ from typing import Any
 
 from easytrain.errors import ArgumentError
 from easytrain.lora_config import EMBEDDING_MODULES
+
+#: The run_info key of the digests of each frozen entry rebuilt on resume: entry -> dotted path -> two digests.
+FROZEN_FINGERPRINTS = "frozen_fingerprints"
 
 
 def check_run_length(total_steps: int, step: int) -> None:
@@ -51,3 +54,34 @@ def check_head_adapter_layout(stored_args: dict[str, Any], stored_keys: Collecti
 def stored_scan_layers(run_info: dict[str, Any]) -> bool | None:
     """The `scan_layers` the checkpoint was written with; None where its arguments do not record one."""
     return (run_info.get("arguments") or {}).get("scan_layers")
+
+
+def check_frozen_entries(run_info: dict[str, Any], current: dict[str, Any]) -> None:
+    """Refuse a resume whose fixed frozen entries (`Frozen(..., checkpoint=False)`: rebuilt from their source, not
+    restored) hold other values than the ones the checkpoint's run trained against, by their digests
+    (`FROZEN_FINGERPRINTS`): a teacher folder overwritten since, or a builder that now draws other values, would
+    otherwise bend every later step without a word. An entry one side does not record (a checkpoint written before
+    they were recorded, an entry declared `fingerprint=False` or added since) is not compared."""
+    stored, now = run_info.get(FROZEN_FINGERPRINTS) or {}, current.get(FROZEN_FINGERPRINTS) or {}
+    for name in sorted(stored.keys() & now.keys()):
+        if problem := _entry_difference(stored[name], now[name]):
+            raise ArgumentError("resume_from_checkpoint", f"frozen entry '{name}' (checkpoint=False: rebuilt from its "
+                                f"source on resume, not restored) holds other values than the checkpoint's run "
+                                f"trained against: {problem}. Its source changed since that run started (a folder "
+                                "overwritten, a builder that now builds other values). Restore the source the run "
+                                "started from to resume; or start a new output_dir (--init_weights_from the "
+                                "checkpoint keeps its trained weights) to train on against the new one; or, for an "
+                                "entry meant to differ between starts, declare it Frozen(..., fingerprint=False).")
+
+
+def _entry_difference(stored: dict[str, Any], now: dict[str, Any]) -> str:
+    """Which tensors of an entry differ from the checkpoint's record, in words; empty when none does."""
+    if changed := sorted(path for path in stored.keys() & now.keys() if list(stored[path]) != list(now[path])):
+        return f"{len(changed)} tensor(s) differ: {_listed(changed)}"
+    gone, added = sorted(stored.keys() - now.keys()), sorted(now.keys() - stored.keys())
+    return "; ".join(f"{len(paths)} tensor(s) {where}: {_listed(paths)}" for paths, where in (
+        (gone, "the checkpoint's run had are gone"), (added, "are new")) if paths)
+
+
+def _listed(paths: list[str], shown: int = 5) -> str:
+    return ", ".join(paths[:shown]) + (f" and {len(paths) - shown} more" if len(paths) > shown else "")

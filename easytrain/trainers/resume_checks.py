@@ -3,7 +3,8 @@
 A change that would not fit the stored arrays (architecture, optimizer or a setting that adds or removes a part of the
 optimizer state where the default `configure_optimizer` builds it, `param_dtype`, LoRA settings) or would change
 which examples the resumed run sees (the data-order fields, the tokenizer, the task's own settings, the training data
-itself) is refused naming the fields and the rerun that restores them; one that only bends the curve (schedule,
+itself) is refused naming the fields and the rerun that restores them, and so is a fixed frozen entry rebuilt with
+other values (`check_frozen_entries`); one that only bends the curve (schedule,
 compute settings, a trainer's loss settings, another mesh) is warned about, once every refusal check passed.
 `allow_data_order_change` lets data changes through.
 """
@@ -24,7 +25,7 @@ from easytrain.optim import SWITCH_ARGUMENTS, state_switches
 from easytrain.trainers.adapters import check_base
 from easytrain.trainers.lora_record import (  # noqa: F401 (lora_changes, LORA_FIELDS: importable from here as before)
     LORA_FIELDS, check_lora_resume, lora_changes)
-from easytrain.trainers.restore_checks import stored_scan_layers
+from easytrain.trainers.restore_checks import check_frozen_entries, stored_scan_layers
 from easytrain.trainers.run_dir import LAUNCH_FIELDS
 
 logger = logging.getLogger("easytrain")
@@ -132,6 +133,7 @@ def refuse_changes(run_info: dict[str, Any], current: dict[str, Any]) -> list[st
                             f"{stored_scan_layers(run_info)}, and their frozen base is checked by per-layout "
                             "fingerprints; resume with the same scan_layers, or start a new output_dir.")
     check_base(run_info, current)
+    check_frozen_entries(run_info, current)
     order, task = _data_changes(run_info, current)
     diffs = order + task
     if diffs and not current_args.get("allow_data_order_change"):

@@ -6,6 +6,9 @@ A trainer's own settings a resume must keep come from `task_settings()`, merged 
 `run_info` (`merged_task_settings`): an override returns only its class's settings and cannot drop a parent's, as a
 `run_info` override replacing `task_arguments` would (SFT's packing and masking settings under a subclass).
 
+Each fixed frozen entry's digests (`FrozenPlan.fingerprints`, taken at set-up) are recorded too, as
+`frozen_fingerprints`: a resume rebuilds such an entry from its source and compares them (`restore_checks`).
+
 Both records name the task of the class that runs (`recorded_task`), not only the `task` argument as given: an
 SFTTrainer built in Python keeps the default 'lm' there, and its arguments.json would not load as SFT's.
 """
@@ -23,6 +26,7 @@ from easytrain.errors import ArgumentError
 from easytrain.tasks.registry import Task, resolve_task
 from easytrain.trainers import builders
 from easytrain.trainers.lora_record import LORA_CONFIG_KEY, config_record
+from easytrain.trainers.restore_checks import FROZEN_FINGERPRINTS
 from easytrain.trainers.resume_checks import DEFAULT_OPTIMIZER_KEY, FORMAT_VERSION, config_dict
 from easytrain.trainers.run_dir import rerun_arguments
 
@@ -49,6 +53,8 @@ class RunRecordHooks:
             info["task_arguments"] = task
         if self.lora is not None:  # the config in use, whichever route set it: compared on resume (`lora_record`)
             info[LORA_CONFIG_KEY] = config_record(self.lora, self._arguments.lora_adapter_path)
+        if frozen := frozen_fingerprints(self):  # compared on resume (`restore_checks.check_frozen_entries`)
+            info[FROZEN_FINGERPRINTS] = frozen
         return info if self.base_fingerprint is None else {**info, "base_fingerprint": self.base_fingerprint}
 
     def task_settings(self) -> dict[str, Any]:
@@ -150,6 +156,27 @@ def _json_fix(error: Exception) -> str:
         return "None (or a string such as 'nan') for a number that is unset or not finite"
     return ("str(path) for a path, a sorted list for a set; numbers, strings, booleans or None, in lists and dicts "
             "of them")
+
+
+def frozen_fingerprints(trainer: Any) -> dict[str, Any]:
+    """The digests of `trainer`'s fixed frozen entries (`FrozenPlan.fingerprints_as`), named as the resumed
+    checkpoint's record names them (another `scan_layers` layout); empty before set-up or without such entries."""
+    plan = getattr(trainer, "_frozen_plan", None)
+    if plan is None:
+        return {}
+    return plan.fingerprints_as(lambda: stored_frozen_fingerprints(getattr(trainer, "_resume_from", None)))
+
+
+def stored_frozen_fingerprints(resume_from: tuple[Path, int] | None) -> dict[str, Any]:
+    """The resumed checkpoint's `frozen_fingerprints` (its run_info JSON only: no array read); empty when not resuming,
+    or where it records none or cannot be read (the restore that follows reports that, with what to do)."""
+    if resume_from is None:
+        return {}
+    try:
+        with CheckpointManager(resume_from[0], read_only=True) as manager:
+            return dict(manager.read_run_info(resume_from[1]).get(FROZEN_FINGERPRINTS) or {})
+    except Exception:  # noqa: BLE001 - reported by the restore, which reads the same run_info next
+        return {}
 
 
 def builds_default_optimizer(trainer: Any) -> bool:
