@@ -283,6 +283,7 @@ def check_settings_apply(args: Any) -> None:
 
     check_lora_fields_apply(args)
     warn_unread_optimizer_fields(args)
+    warn_adafactor_lora(args.optimizer, bool(args.lora_rank or args.lora_adapter_path))
     warn_low_precision_state(args)
 
 
@@ -298,6 +299,18 @@ def warn_unread_optimizer_fields(args: Any) -> None:
                    if name not in reads and getattr(args, name) != defaults[name])
     if unread:
         _warn_unread(args.optimizer, unread)
+
+
+@functools.cache
+def warn_adafactor_lora(optimizer: str, lora: bool) -> None:
+    """Adafactor's step is relative to the weight's RMS (at least 1e-3): LoRA's B starts at zero (a trained adapter's
+    is small), so the adapters move about 1000x less than learning_rate says and the run barely trains."""
+    if optimizer == "adafactor" and lora:
+        logger.warning("optimizer='adafactor' scales each update by the parameter's RMS (at least 1e-3), and LoRA's "
+                       "B matrices start at zero: the adapters move about 1000x less per step than learning_rate "
+                       "says and barely train (30 steps at 1e-3: |B| 3e-5, against 2.7e-2 with AdamW). Use "
+                       "optimizer='adamw' or 'lion', or override configure_optimizer with optax.adafactor(..., "
+                       "multiply_by_parameter_scale=False) for an absolute step (transformers.Trainer's Adafactor).")
 
 
 def field_defaults(arguments: Any) -> dict[str, Any]:

@@ -51,3 +51,24 @@ def test_help_texts_say_what_each_setting_applies_to():
     assert "2 or more dimensions" in decay and "configure_optimizer" in decay
     text = _help("text_column")
     assert "SFT" in text and "DPO" in text and "'text'" in text
+
+
+@pytest.mark.parametrize("lora", [dict(lora_rank=4), dict(lora_adapter_path="adapter")])
+def test_adafactor_with_lora_is_warned_about_its_relative_step(tmp_path, caplog, lora):
+    """Adafactor scales each update by the parameter's RMS (at least 1e-3): LoRA's B starts at zero, so it moves
+    1000x slower than learning_rate says (30 steps at 1e-3: |B| 3e-5, against AdamW's 2.7e-2), and nothing said so."""
+    from easytrain.argument_checks import warn_adafactor_lora
+
+    warn_adafactor_lora.cache_clear()  # warned once per process: each case from a clean slate
+    with caplog.at_level(logging.WARNING, logger="easytrain"):
+        TrainingArguments(output_dir=str(tmp_path), optimizer="adafactor", **lora)
+    (message,) = [m for m in _warned(caplog) if "LoRA" in m]
+    assert "optimizer='adafactor'" in message and "multiply_by_parameter_scale=False" in message, message
+    assert "optimizer='adamw'" in message, message
+
+
+def test_adafactor_without_lora_and_adamw_with_lora_are_not_warned_about_it(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="easytrain"):
+        TrainingArguments(output_dir=str(tmp_path), optimizer="adafactor")
+        TrainingArguments(output_dir=str(tmp_path), optimizer="adamw", lora_rank=4)
+    assert not [m for m in _warned(caplog) if "LoRA" in m], _warned(caplog)
