@@ -92,7 +92,9 @@ class TrainingArguments:
     scan_layers: bool = _arg(
         False, "Store the decoder layers stacked ([L, ...] per weight) and run them as one jax.lax.scan (compiled "
         "once, so compile time stays flat with depth); same values and gradients. Checkpoints hold the stacked "
-        "layout (a resume with the other setting converts them); Hugging Face and PEFT exports stay per layer.")
+        "layout (a resume with the other setting converts them); Hugging Face and PEFT exports stay per layer. "
+        "With attention_implementation 'dot_product_attention' or 'splash' every layer must use one sliding "
+        "window: a config mixing windows (e.g. Qwen2's max_window_layers) is refused; use 'xla' for it.")
     compiler_options: str = _arg(
         "auto", "XLA options for the compiled train and eval steps (jax.jit's compiler_options), as 'name=value' "
         "pairs separated by commas, e.g. 'xla_cpu_enable_fast_math=true'. 'auto': easytrain's measured defaults "

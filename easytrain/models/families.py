@@ -7,6 +7,7 @@ one entry to ``_FAMILIES`` (see docs/models.md).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable
 from functools import partial
@@ -122,8 +123,33 @@ def _llama(c: transformers.PretrainedConfig) -> ArchFeatures:
     return ArchFeatures(c.attention_bias, c.attention_bias, c.mlp_bias, qk_norm=False, windows=windows)
 
 
+def _uniform_layer_types(config: transformers.PretrainedConfig) -> list[str]:
+    """The ``layer_types`` that describe Mistral: its one window (or none) on every layer."""
+    kind = "full_attention" if config.sliding_window is None else "sliding_attention"
+    return [kind] * config.num_hidden_layers
+
+
+def _check_mistral_layer_types(config: transformers.PretrainedConfig) -> None:
+    """transformers' ``MistralModel`` ignores ``layer_types``, but its ``from_pretrained`` reads a 'mistral'
+    config.json holding them as 'ministral', whose layers honour them: entries naming other windows than Mistral's
+    one would train one model and export another."""
+    types = getattr(config, "layer_types", None)
+    if types is None or list(types) == (uniform := _uniform_layer_types(config)):
+        return
+    applies = "no window" if config.sliding_window is None else "that window"
+    raise UnsupportedConfigError(
+        f"config.layer_types = {list(types)} disagrees with config.sliding_window = {config.sliding_window}: a "
+        f"Mistral model applies {applies} to every layer (transformers' MistralModel ignores layer_types), while "
+        "transformers' from_pretrained reads a 'mistral' config.json holding layer_types as a Ministral model that "
+        "honours them, so the model trained and its export would differ. Per-layer windows (Ministral) are not "
+        f"implemented; remove layer_types from the config (config.json's \"layer_types\"), or set every entry to "
+        f"{uniform[0]!r}."
+    )
+
+
 def _mistral(c: transformers.PretrainedConfig) -> ArchFeatures:
-    windows = (c.sliding_window,) * c.num_hidden_layers  # Like transformers, ignores any layer_types.
+    _check_mistral_layer_types(c)
+    windows = (c.sliding_window,) * c.num_hidden_layers
     return ArchFeatures(False, False, False, qk_norm=False, windows=windows)
 
 
@@ -142,6 +168,24 @@ _FAMILIES: dict[str, Callable[[transformers.PretrainedConfig], ArchFeatures]] = 
     "qwen3": _qwen3,
 }
 SUPPORTED_MODEL_TYPES = tuple(_FAMILIES)
+#: Why a config.json that says 'mistral' can arrive as 'ministral' (transformers' AutoConfig renames it).
+_MINISTRAL_NOTE = {"ministral": (
+    " transformers' AutoConfig.from_pretrained reads a config.json with model_type 'mistral' and layer_types as "
+    "'ministral' (per-layer sliding windows, not implemented here). If every layer_types entry is "
+    "'sliding_attention' (or every one 'full_attention' with sliding_window null), remove layer_types from "
+    "config.json: it then loads as the same model, Mistral."
+)}
+
+
+def exported_config(config: transformers.PretrainedConfig) -> transformers.PretrainedConfig:
+    """A copy of ``config`` to write as config.json, read back by transformers as the model that was built: a
+    Mistral config's ``layer_types`` (checked to agree with its one window) are left out, since transformers'
+    ``from_pretrained`` would read them as a Ministral model, which easytrain cannot load."""
+    exported = copy.deepcopy(config)
+    if config.model_type == "mistral" and hasattr(exported, "layer_types"):  # even None: the key alone renames it
+        _check_mistral_layer_types(config)
+        del exported.layer_types
+    return exported
 
 
 def _check_training_fields(config: transformers.PretrainedConfig) -> None:
@@ -165,6 +209,7 @@ def features_of(config: transformers.PretrainedConfig) -> ArchFeatures:
         raise UnsupportedConfigError(
             f"config.model_type = {config.model_type!r} is not supported; use a config of one of "
             f"{SUPPORTED_MODEL_TYPES} (docs/models.md explains how to add a family)."
+            + _MINISTRAL_NOTE.get(config.model_type, "")
         )
     _check_training_fields(config)
     features = _FAMILIES[config.model_type](config)

@@ -7,7 +7,6 @@ written, so the host never holds more than one shard file of tensors. Only proce
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import os
@@ -25,6 +24,7 @@ from huggingface_hub.serialization import split_state_dict_into_shards_factory
 from jax.experimental import multihost_utils
 
 from easytrain.models.attention import DType
+from easytrain.models.families import exported_config
 from easytrain.models.hf_io import (
     EMBEDDING_NAME,
     WEIGHTS_INDEX_NAME,
@@ -225,7 +225,7 @@ def causal_lm_architecture(config: transformers.PretrainedConfig) -> str:
 
 def _write_configs(directory: Path, config: transformers.PretrainedConfig, dtype: np.dtype,
                    generation_config: transformers.GenerationConfig | None) -> None:
-    config = copy.deepcopy(config)
+    config = exported_config(config)  # a copy, without fields transformers would read as another model
     config.dtype = str(dtype)  # transformers reads the storage dtype from here
     if not config.architectures:  # a config built rather than loaded: serving stacks (vLLM, TGI) read this field
         config.architectures = [causal_lm_architecture(config)]

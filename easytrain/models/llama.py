@@ -174,8 +174,9 @@ class LlamaForCausalLM(nnx.Module):
         if len(windows) > 1 and isinstance(masks[windows[0]], AttentionMask):
             raise ValueError(  # a structured mask's window is static: it cannot vary along the scan
                 f"scan_layers with attention_implementation {self.attention_implementation!r} needs one attention "
-                f"window for every layer; this config mixes {windows}. Use attention_implementation 'xla' or "
-                "scan_layers False.")
+                f"window for every layer; this config mixes {windows} (None: full attention). Set "
+                "model.attention_implementation = 'xla' (dense masks take a window per layer) or "
+                "model.scan_layers = False (in a trainer: --attention_implementation xla or --no_scan_layers).")
         masks_WBTS = jnp.stack([masks[window] for window in windows]) if len(windows) > 1 else None
         window_index_L = jnp.asarray([windows.index(window) for window in self.features.windows])
         return (lambda index: masks[windows[0]] if masks_WBTS is None else masks_WBTS[index]), window_index_L

@@ -35,6 +35,7 @@ from easytrain.tasks import arithmetic
 from easytrain.trainers import given_data
 from easytrain.trainers.batch_fields import check_collated
 from easytrain.trainers.job_callback import JobCallback
+from easytrain.trainers.switches import check_scan_windows
 
 logger = logging.getLogger("easytrain")
 DEFAULT_PAD_TOKEN = "<pad>"
@@ -185,6 +186,9 @@ def build_model_config(args: TrainingArguments, tokenizer: transformers.PreTrain
 
 
 def check_max_length(args: TrainingArguments, config: Any) -> None:
+    """The arguments the model config (built or given) cannot honour, refused before any data is prepared:
+    `max_length` beyond `max_position_embeddings`, `scan_layers` with a structured mask on mixed windows."""
+    check_scan_windows(args, config)
     limit = getattr(config, "max_position_embeddings", None)
     if limit is not None and args.max_length > limit:
         raise ArgumentError("max_length", f"{args.max_length} is longer than the model allows "
