@@ -190,8 +190,8 @@ class TrainingArguments:
         "updates clipped at RMS 1 and scaled by the parameter's RMS (at least 1e-3), so its learning_rate is a "
         "step relative to the weights' size. transformers.Trainer builds its Adafactor (optim='adafactor') with "
         "scale_parameter=False, relative_step=False: learning_rate is an absolute step there, and every matrix is "
-        "factored, so the same learning_rate is another step here. A field the chosen optimizer does not read is "
-        "warned about.")
+        "factored, so the same learning_rate is another step here; LoRA's B starts at zero, so its adapters barely "
+        "move (warned: use 'adamw' or 'lion' with LoRA). A field the chosen optimizer does not read is warned about.")
     weight_decay: float = _arg(
         0.0, "Decoupled weight decay, multiplied by the learning rate (AdamW, Lion, Adafactor alike); L2 for SGD. "
         "Applies to arrays of 2 or more dimensions only (matrices, kernels, embeddings), never to biases or norm "
