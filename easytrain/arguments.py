@@ -207,7 +207,9 @@ class TrainingArguments:
     )
 
     # --- logging, evaluation, checkpoints ------------------------------------------------------
-    logging_steps: int = _arg(10, "Fetch metrics from the device and log them every N optimizer updates.")
+    logging_steps: int = _arg(10, "Fetch metrics from the device and log them every N optimizer updates; a checkpoint "
+                                  "also ends a logging window (save_steps 6, logging_steps 4: records at 4, 6, 8, 12), "
+                                  "so a resumed run logs the same records as one that never stopped.")
     eval_strategy: Literal["no", "steps", "epoch"] = _arg("steps", "When to evaluate during training.")
     eval_steps: int = _arg(250, "Evaluate every N updates when eval_strategy='steps'.")
     save_strategy: Literal["no", "steps", "epoch"] = _arg(
