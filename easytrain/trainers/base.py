@@ -5,8 +5,9 @@ them once and drives the loop. Each piece comes from one public hook a subclass 
 data (`prepare_datasets`, `collate`), the module (`create_module`, `trainable`, `configure_frozen`),
 the objective (`compute_loss`), compiled functions (`compile_step`) and one iteration
 (`train_iteration`). docs/custom_trainer.md says which to override for what. Mixed in: the protocol's
-properties (`protocol_properties`), what a run records (`run_record`), where its state comes from (`state_hooks`)
-and the language-modelling defaults of the data, module and loss hooks (`language_model`).
+properties (`protocol_properties`), the module as the policy starts (`initial_policy`: a frozen reference), what a
+run records (`run_record`), where its state comes from (`state_hooks`) and the language-modelling defaults of the
+data, module and loss hooks (`language_model`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from easytrain.protocol import ConfiguredDataloaders, ConfiguredFunctions, Confi
 from easytrain.state import TrainState, bind
 from easytrain.trainers import (adapters, batch_fields, builders, data_agreement, preemption, process_failure, run_lock,
                                 step_outputs)
+from easytrain.trainers.initial_policy import InitialPolicyHooks
 from easytrain.trainers.language_model import LanguageModelHooks
 from easytrain.trainers.loop import TrainLoop, evaluate_batches
 from easytrain.trainers.loop_parts import LoopParts
@@ -52,7 +54,7 @@ from easytrain.trainers.switches import apply_switches
 logger = logging.getLogger("easytrain")
 
 
-class BaseTrainer(ProtocolProperties, RunRecordHooks, TrainStateHooks, LanguageModelHooks):
+class BaseTrainer(ProtocolProperties, InitialPolicyHooks, RunRecordHooks, TrainStateHooks, LanguageModelHooks):
     """Causal-LM training on one device, a mesh of devices, or many hosts.
 
     Args:
@@ -184,7 +186,8 @@ class BaseTrainer(ProtocolProperties, RunRecordHooks, TrainStateHooks, LanguageM
     # ------------------------------------------------------------------ model and state
     def configure_frozen(self) -> Mapping[str, Frozen]:
         """Named non-trainable state the loss receives as `frozen[name]` (a reference model, a teacher, an
-        EMA copy); sharded by the same rules, never differentiated. Default: none."""
+        EMA copy); sharded by the same rules, never differentiated. Default: none. A reference that is the policy as
+        it starts: `Frozen(self.initial_policy(), checkpoint=False, copy=False)`."""
         return {}
 
     @property
@@ -232,6 +235,7 @@ class BaseTrainer(ProtocolProperties, RunRecordHooks, TrainStateHooks, LanguageM
         else:
             state, shardings = self._restore(tx, placed, frozen)
         state, shardings = frozen.attach_to(state, shardings)
+        self._source_weights = None  # `initial_policy()`'s read of init_weights_from: the policy is placed or restored
         module = self._given_model if self._given_model is not None else state.model()
         return ConfiguredModel(bind(module, state), state, shardings, self.mesh)
 

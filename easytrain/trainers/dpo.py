@@ -43,16 +43,15 @@ from easytrain.protocol import ConfiguredModel
 from easytrain.state import TrainState
 from easytrain.tasks import arithmetic
 from easytrain.tasks.registry import register_task
-from easytrain.trainers import adapters, builders, init_weights
+from easytrain.trainers import builders
 from easytrain.trainers.base import BaseTrainer
 from easytrain.trainers.dpo_arguments import DPOArguments
 from easytrain.trainers.dpo_record import DPORecordHooks
 from easytrain.trainers.dpo_updates import REWARD_MEAN, update_then_track_rewards
 from easytrain.trainers.dpo_reference import (
-    CACHE_DIRNAME, INITIAL_ADAPTERS, check_reference_path, checked_adapter_values, checked_initial_weights,
-    checked_reference_weights, precomputed_reference_logps, update_then_sync, with_initial_adapters,
-    with_initial_weights, with_values)
-from easytrain.trainers.switches import apply_switches
+    CACHE_DIRNAME, DPO_REFERENCE, INITIAL_ADAPTERS, check_reference_path, checked_adapter_values,
+    checked_initial_weights, checked_reference_weights, precomputed_reference_logps, update_then_sync,
+    with_initial_adapters, with_values)
 
 logger = logging.getLogger("easytrain")
 
@@ -82,10 +81,6 @@ class DPOTrainer(DPORecordHooks, BaseTrainer):
         self.data_stats: dict[str, dict[str, float]] = {}
         self.reference_logps_cached: dict[str, bool] = {}  # split -> read from the cache (not recomputed)
         self._loaded_adapter: dict | None = None  # the adapter values the policy starts from (`INITIAL_ADAPTERS`)
-        self.initial_policy: dict[str, Any] | None = None  # with init_weights_from: its run_info record
-        self.reference_weights: dict[str, Any] | None = None  # a fixed reference read from a path: its record
-        self.adapter_read: dict[str, Any] | None = None  # lora_adapter_path's values read for the reference: record
-        self._source_weights: dict | None = None  # init_weights_from's variables, read once (`_read_initial_weights`)
         super().__init__(arguments, **kwargs)
         self._check_lora_reference()
         if self.arguments.text_column != "text":  # pairs are prompt/chosen/rejected: no text column is read
@@ -169,50 +164,29 @@ class DPOTrainer(DPORecordHooks, BaseTrainer):
 
     # ------------------------------------------------------------------ reference
     def reference(self) -> Frozen:
-        """The reference model: `ref_model_name_or_path`, else the initial policy (`_initial_policy` of the model loaded
-        again, of a copy of the module passed, or of one initialised like it). Checkpointed only when it moves."""
+        """The reference model: `ref_model_name_or_path` (in the policy's layout), else the initial policy
+        (`initial_policy()`: the model loaded again, a copy of the module passed, or one initialised like it, with
+        the run's adapters and `init_weights_from`'s weights). Checkpointed only when it moves (TR-DPO)."""
         explicit, moving = self.dpo.ref_model_name_or_path, self.dpo.sync_ref_model
-        if path := explicit or self.arguments.model_name_or_path:
+        if explicit:
             try:
-                path = resolve_checkpoint(path)
+                path = resolve_checkpoint(explicit)
             except CheckpointError as error:
-                raise ArgumentError("ref_model_name_or_path" if explicit else "model_name_or_path", str(error)) \
-                    from error
-            stacked = self.arguments.scan_layers and (self.lora is None or bool(explicit))  # adapters on layers first
-            module = from_pretrained(path, dtype=self.dtype, param_dtype=self.param_dtype, mesh=self.mesh,
-                                     rules=self.partition_rules, scan_layers=stacked)
-            module = self._like_the_policy(module) if explicit else self._initial_policy(module)
-            if not moving and (explicit or not self.arguments.init_weights_from):  # rebuilt from `path` on resume
-                self.reference_weights = checked_reference_weights(
-                    module, field="ref_model_name_or_path" if explicit else "model_name_or_path", read_from=path,
-                    resume_from=self._resume_from)
+                raise ArgumentError("ref_model_name_or_path", str(error)) from error
+            module = self._like_the_policy(from_pretrained(path, dtype=self.dtype, param_dtype=self.param_dtype,
+                                                           mesh=self.mesh, rules=self.partition_rules,
+                                                           scan_layers=self.arguments.scan_layers))
+            if not moving:  # rebuilt from `path` on resume
+                self.reference_weights = checked_reference_weights(module, field="ref_model_name_or_path",
+                                                                   read_from=path, resume_from=self._resume_from)
             return Frozen(module, checkpoint=moving, copy=False)
-        if self._given_model is not None:
-            return Frozen(self._initial_policy(nnx.clone(self._given_model)), checkpoint=moving)
-        if moving and self._resume_from is not None:  # restored from the checkpoint: only its shapes are read
+        if moving and self._resume_from is not None and not self.arguments.model_name_or_path \
+                and self._given_model is None:  # restored from the checkpoint: only its shapes are read
             return Frozen(lambda: self._like_the_policy(self.create_module()), checkpoint=moving)
-        return Frozen(self._initial_policy(self.initial_module()), checkpoint=moving, copy=False)
+        return Frozen(self._initial_policy_module(checkpointed=moving), checkpoint=moving, copy=False)
 
-    def _initial_policy(self, module: nnx.Module) -> nnx.Module:
-        """The initial policy from `module`, its base, built as the policy is (`_place_module`): with the adapters the
-        run starts from (`lora_adapter_path`'s, or new ones for `init_weights_from` to fill), in the policy's layout,
-        then with `init_weights_from`'s weights. A resumed moving reference is restored: its source is not read."""
-        args, resuming = self.arguments, self._resume_from is not None
-        from_source = bool(args.init_weights_from) and not (self.dpo.sync_ref_model and resuming)
-        if args.lora_adapter_path or (from_source and self.lora is not None):
-            module = adapters.adapt(module, self.lora, args.seed, args.lora_adapter_path)
-        module = self._like_the_policy(module)
-        if args.lora_adapter_path:  # read again on resume: refused if other values are there now
-            values = nnx.to_pure_dict(nnx.state(module, self.trainable_filter))
-            self.adapter_read = checked_adapter_values(values, adapter_path=args.lora_adapter_path, config=self.lora,
-                                                       resume_from=self._resume_from)
-        if not from_source:
-            return module
-        module, self.initial_policy = with_initial_weights(
-            module, self._read_initial_weights, source=args.init_weights_from, resume_from=self._resume_from,
-            seed=args.seed, mesh=self.mesh, rules=self.partition_rules,
-            filters=adapters.partition(self.lora, self.trainable))
-        return module
+    #: How error messages name the initial policy: this trainer's reference.
+    initial_policy_subject = DPO_REFERENCE
 
     #: The reference is the initial policy: a resume reads `init_weights_from` again (docs/dpo.md).
     reads_init_source_on_resume = True
@@ -224,29 +198,11 @@ class DPOTrainer(DPORecordHooks, BaseTrainer):
             state = self._read_initial_weights(state, shardings, copy=not self.dpo.precompute_ref_log_probs)
             self._source_weights = None
             return state
-        state, self.initial_policy = checked_initial_weights(
+        state, self.initial_policy_record = checked_initial_weights(
             super()._initial_weights, state, shardings, source=self.arguments.init_weights_from,
             resume_from=self._resume_from)
         self._loaded_adapter = state.params
         return state
-
-    def _read_initial_weights(self, state: TrainState, shardings: TrainState, *, copy: bool = True) -> TrainState:
-        """`init_weights_from`'s weights in `state`, read from the source by the first caller only (the reference),
-        then put in from those values (another reference, the policy): in copies of them with `copy`, since the
-        train step donates the state and a buffer the reference shares with the policy would be lost to it."""
-        if self._source_weights is not None:
-            placed = init_weights.put_weights(state, shardings, self._source_weights, copy=copy)
-            if placed is not None:
-                return placed
-        initialised = super()._initial_weights(state, shardings)
-        self._source_weights = init_weights.replaced_weights(state, initialised)
-        return initialised
-
-    def _like_the_policy(self, module: nnx.Module) -> nnx.Module:
-        """The reference with the policy's model switches (`scan_layers`, `attention_implementation`, `remat`):
-        its layers stored as the policy's (TR-DPO mixes the two leaf by leaf) and run by the same kernels."""
-        apply_switches(module, self.arguments, self.mesh.devices.flat[0].platform)
-        return module
 
     @property
     def _reference_from_policy(self) -> bool:
@@ -289,7 +245,6 @@ class DPOTrainer(DPORecordHooks, BaseTrainer):
     def configure_model(self) -> ConfiguredModel:
         """Also places a copy of the adapter values the policy starts from in `state.frozen` (`INITIAL_ADAPTERS`)."""
         configured, values, self._loaded_adapter = super().configure_model(), self._loaded_adapter, None
-        self._source_weights = None  # a resume restores the policy: the read values are not needed
         return configured if values is None else with_initial_adapters(configured, values)
 
     def _check_lora_reference(self) -> None:

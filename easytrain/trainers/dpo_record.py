@@ -1,8 +1,8 @@
 """What a DPO run records for its resume (mixed into `DPOTrainer`): the options that decide its rows and whether
 dropout runs in the loss (`task_settings`: a resume under other ones is refused), the loss's own options
 (`loss_settings`: a resume under other ones is warned about, naming them, as the optimizer's hyperparameters are)
-and what its reference was read from (`run_info`: the sources are read and checked again on resume,
-`dpo_reference`).
+and what its reference was read from (`run_info`: the sources are read and checked again on resume, as for every
+`initial_policy()`: `dpo_reference`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import functools
 import logging
 from typing import Any
 
-from easytrain.trainers.dpo_reference import INITIAL_POLICY, LORA_ADAPTER, REFERENCE_WEIGHTS, stored_record
+from easytrain.trainers.dpo_reference import stored_record
 from easytrain.trainers.resume_checks import LOSS_SETTINGS_KEY
 
 logger = logging.getLogger("easytrain")
@@ -53,8 +53,6 @@ class DPORecordHooks:
         return settings
 
     def run_info(self) -> dict[str, Any]:
-        """Also the loss's options (warned about on resume) and what the reference was read from (checked)."""
-        sources = {INITIAL_POLICY: self.initial_policy, LORA_ADAPTER: self.adapter_read,
-                   REFERENCE_WEIGHTS: self.reference_weights}
-        return {**super().run_info(), LOSS_SETTINGS_KEY: self.loss_settings(),
-                **{k: v for k, v in sources.items() if v is not None}}
+        """Also the loss's options (warned about on resume); what the reference was read from (checked on resume) is
+        recorded as every initial policy's (`InitialPolicyHooks.run_info`)."""
+        return {**super().run_info(), LOSS_SETTINGS_KEY: self.loss_settings()}

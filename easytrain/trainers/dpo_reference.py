@@ -13,6 +13,8 @@ reference read from a path (`model_name_or_path`'s weights, or `ref_model_name_o
 resume too: `checked_reference_weights` records its digests and its config's architecture (`REFERENCE_WEIGHTS`)
 and refuses other weights, or another config, there,
 as `checked_adapter_values` does for the adapter a LoRA reference reads from `lora_adapter_path` (`LORA_ADAPTER`).
+These records and checks serve every `BaseTrainer.initial_policy()` (`easytrain.trainers.initial_policy`), DPO's
+reference being one; `subject` names in their messages what the initial policy is used as.
 
 `precomputed_reference_logps` runs the reference model over every pair once, in one compiled pass,
 before training, and caches the result on disk under a key made of the pairs' content (`pairs_digest`), the
@@ -66,6 +68,8 @@ REFERENCE_WEIGHTS = "reference_weights"
 #: run_info entry of a run whose reference reads `lora_adapter_path` (again on resume): the path read and the digests
 #: of the adapter values it gave (`checked_adapter_values`).
 LORA_ADAPTER = "lora_adapter"
+#: How a message names a DPO run's initial policy (`subject`): its reference.
+DPO_REFERENCE = "DPO reference"
 
 
 def with_values(module: nnx.Module, selected: nnx.filterlib.Filter, values: Any) -> nnx.Module:
@@ -96,29 +100,31 @@ def check_reference_path(path: str) -> None:
 
 def with_initial_weights(module: nnx.Module, initial_weights: Callable[[Any, Any], Any], *, source: str,
                          resume_from: tuple[Path, int] | None, seed: int, mesh: jax.sharding.Mesh,
-                         rules: sharding.LogicalRules, filters: Mapping[str, nnx.filterlib.Filter]
-                         ) -> tuple[nnx.Module, dict[str, Any]]:
+                         rules: sharding.LogicalRules, filters: Mapping[str, nnx.filterlib.Filter],
+                         subject: str = DPO_REFERENCE) -> tuple[nnx.Module, dict[str, Any]]:
     """`module` (built and laid out as the policy is) with `init_weights_from`'s weights put in as the policy's are,
     on a train state of it split by the policy's `filters` (`checked_initial_weights`): the same values the policy
     starts from, whatever the source holds or lacks; and the run_info record of them."""
     state, shardings = placement.place_module(module, optax.identity(), seed=seed, mesh=mesh, rules=rules,
                                               copy=False, **filters)
-    state, record = checked_initial_weights(initial_weights, state, shardings, source=source, resume_from=resume_from)
+    state, record = checked_initial_weights(initial_weights, state, shardings, source=source, resume_from=resume_from,
+                                            subject=subject)
     return state.model(), record
 
 
 def checked_initial_weights(initial_weights: Callable[[Any, Any], Any], state: Any, shardings: Any, *, source: str,
-                            resume_from: tuple[Path, int] | None) -> tuple[Any, dict[str, Any]]:
+                            resume_from: tuple[Path, int] | None, subject: str = DPO_REFERENCE
+                            ) -> tuple[Any, dict[str, Any]]:
     """`initial_weights(state, shardings)` (the trainer's `_initial_weights`: `source`'s weights put in) and its
     run_info record (`INITIAL_POLICY`: the digests of the trained variables it gave); a resume reads the source
     again, so it must still be there (`require_source`) with the same values (`check_initial_policy`). A LoRA base
     is not digested here: `base_fingerprint` already checks it on resume."""
-    require_source(source, resuming=resume_from is not None)
+    require_source(source, resuming=resume_from is not None, subject=subject)
     state = initial_weights(state, shardings)
     weights = float_leaves(state.params)
     record = {"init_weights_from": source, "read_from": resolved_source(source),
               "fingerprint": integrity.fingerprint(weights, integrity.SMALL_ON_HOST)}
-    check_initial_policy(resume_from, record, weights)
+    check_initial_policy(resume_from, record, weights, subject=subject)
     return state, record
 
 
@@ -133,10 +139,10 @@ def with_initial_adapters(configured: ConfiguredModel, values: Any) -> Configure
                                    frozen={**shardings.frozen, INITIAL_ADAPTERS: shardings.params}))
 
 
-def require_source(source: str, *, resuming: bool) -> None:
+def require_source(source: str, *, resuming: bool, subject: str = DPO_REFERENCE) -> None:
     """A resume reads `init_weights_from` again to rebuild the initial policy: say so when it is gone."""
     if resuming and not Path(source).expanduser().exists():
-        raise ArgumentError("init_weights_from", f"{source} no longer exists. This resumed DPO run's reference is its "
+        raise ArgumentError("init_weights_from", f"{source} no longer exists. This resumed run's {subject} is its "
                                                  "initial policy, rebuilt from the weights read there at its start (a "
                                                  "fixed reference is not checkpointed). Put the same weights back at "
                                                  "that path (they are checked against the digests the checkpoint "
@@ -144,7 +150,7 @@ def require_source(source: str, *, resuming: bool) -> None:
 
 
 def check_initial_policy(resume_from: tuple[Path, int] | None, record: Mapping[str, Any],
-                         weights: Mapping[str, Any] | None = None) -> None:
+                         weights: Mapping[str, Any] | None = None, *, subject: str = DPO_REFERENCE) -> None:
     """On resume, refuse an initial policy whose weights differ from those the run started from (its checkpoint's
     run_info `INITIAL_POLICY`): the source may have changed since (e.g. the run it names trained on, so its
     latest checkpoint is another), and a reference of other weights would bend every later loss without a word.
@@ -154,14 +160,14 @@ def check_initial_policy(resume_from: tuple[Path, int] | None, record: Mapping[s
         weights, record["fingerprint"], stored.get("fingerprint") or {})
     if changed := _changed(stored.get("fingerprint"), digests):
         raise ArgumentError("init_weights_from", f"the weights read from {record['read_from']} differ from those this "
-                                                 f"run started from ({changed}); its DPO "
-                                                 "reference, the initial policy, is rebuilt from them on resume. Pass "
+                                                 f"run started from ({changed}); its {subject}, "
+                                                 "the initial policy, is rebuilt from them on resume. Pass "
                                                  f"--init_weights_from {stored.get('read_from')} (where they were read "
                                                  "at the start), or start a new output_dir.")
 
 
 def checked_reference_weights(module: nnx.Module, *, field: str, read_from: Path,
-                              resume_from: tuple[Path, int] | None) -> dict[str, Any]:
+                              resume_from: tuple[Path, int] | None, subject: str = DPO_REFERENCE) -> dict[str, Any]:
     """The run_info record (`REFERENCE_WEIGHTS`) of a fixed reference read from `read_from` (`field`'s path): the
     digests of its weights and its config's architecture. A resume rebuilds it from there, so refuse other weights
     or another architecture found there now (the files were replaced or edited since the run started): they would
@@ -173,20 +179,20 @@ def checked_reference_weights(module: nnx.Module, *, field: str, read_from: Path
     if changes := architecture_changes(before.get(ARCHITECTURE), record[ARCHITECTURE]):
         raise ArgumentError(field, f"the reference model config read from {read_from} is not the one this run "
                                    f"started from ({'; '.join(changes)}): the same weights under it give other "
-                                   "log-probs, and a fixed DPO reference is not checkpointed but rebuilt from "
+                                   f"log-probs, and a fixed {subject} is not checkpointed but rebuilt from "
                                    f"{field} on resume. Restore the config.json the run started from at "
                                    f"{read_from}, or start a new output_dir.")
     stored = before.get("fingerprint") or {}
     if changed := _changed(stored, _digests_as_recorded(weights, digests, stored)):
         raise ArgumentError(field, f"the reference weights read from {read_from} differ from those this run started "
-                                   f"from ({changed}); a fixed DPO reference is not checkpointed but rebuilt from "
+                                   f"from ({changed}); a fixed {subject} is not checkpointed but rebuilt from "
                                    f"{field} on resume. Put the weights the run started from back at {read_from}, "
                                    "or start a new output_dir.")
     return record
 
 
 def checked_adapter_values(values: Any, *, adapter_path: str, config: Any,
-                           resume_from: tuple[Path, int] | None) -> dict[str, Any]:
+                           resume_from: tuple[Path, int] | None, subject: str = DPO_REFERENCE) -> dict[str, Any]:
     """The run_info record (`LORA_ADAPTER`) of the adapter values read from `adapter_path` for the reference (the base
     with the adapter the run started from), digested per layer whatever scan_layers is. A resume reads the path
     again, so refuse other values found there now (another directory, or the same one re-written since): they would
@@ -200,7 +206,7 @@ def checked_adapter_values(values: Any, *, adapter_path: str, config: Any,
     if changes := config_changes(before, now):
         raise ArgumentError("lora_adapter_path", f"the adapter config read from {record['read_from']} is not the one "
                                                  f"this run started from, read from {stored.get('read_from')} "
-                                                 f"({described(changes, before, now)}). The DPO reference under LoRA "
+                                                 f"({described(changes, before, now)}). The {subject} under LoRA "
                                                  "is the base with the adapter the run started from, as its config "
                                                  "scales it, read again from lora_adapter_path on resume. Restore that "
                                                  "adapter_config.json, or start a new output_dir.")
@@ -211,7 +217,7 @@ def checked_adapter_values(values: Any, *, adapter_path: str, config: Any,
     raise ArgumentError("lora_adapter_path", f"the adapter read from {record['read_from']} (digest "
                                              f"{_digest(digests)}) is not the one this run started from, read from "
                                              f"{stored.get('read_from')} (digest {_digest(stored['fingerprint'])}; "
-                                             f"{changed}). The DPO reference under LoRA is the base with the adapter "
+                                             f"{changed}). The {subject} under LoRA is the base with the adapter "
                                              "the run started from, read again from lora_adapter_path on resume (it "
                                              "is not checkpointed). Put that adapter back at "
                                              f"{stored.get('read_from')} and pass --lora_adapter_path "

@@ -1,8 +1,8 @@
 """Where a fresh or resumed run's train state comes from (mixed into `BaseTrainer`): a module placed on the mesh,
 `init_weights_from`'s variables put in, or a checkpoint restored straight into the training layout.
 
-The hooks keep their names: a trainer overrides `_initial_weights` (DPO's reference starts from the same weights)
-and calls `super()` as before.
+The hooks keep their names: a trainer overrides `_initial_weights` and calls `super()` as before (`initial_policy`
+does: where `initial_policy()` read `init_weights_from` first, the policy takes copies of those values).
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ from easytrain.trainers.resume import restore_checkpoint
 class TrainStateHooks:
     """Placing, initialising and restoring the `TrainState` (`BaseTrainer.configure_model` chooses which)."""
 
-    #: Whether a resume puts `init_weights_from`'s weights in as a fresh start does (DPO: its reference is the initial
-    #: policy, read again on resume, docs/dpo.md); otherwise a resume reads only the base its restore cannot bring back.
+    #: Whether a resume puts `init_weights_from`'s weights in as a fresh start does (DPO: under LoRA its reference is
+    #: the policy's weights with the adapter values it started from, read again on resume, docs/dpo.md); otherwise a
+    #: resume reads only the base its restore cannot bring back (an `initial_policy()` reads its own sources again).
     reads_init_source_on_resume: bool = False
 
     def _place_module(self, tx: optax.GradientTransformation, placed: dict[str, Any]) -> tuple[TrainState, Any]:
