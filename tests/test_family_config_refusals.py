@@ -154,3 +154,21 @@ def test_layouts_the_masks_can_run_are_accepted(tmp_path, family, implementation
     args = TrainingArguments(output_dir=str(tmp_path), scan_layers=scan, attention_implementation=implementation)
     model = BaseTrainer(args).adapt_module(init_model(family_config(family)))
     assert model.scan_layers is scan and model.attention_implementation == implementation
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_a_module_of_its_own_with_a_features_attribute_gets_its_switch_as_before(tmp_path, scan):
+    """A user's module defines `scan_layers` (its own scan) and a `features` of its own meaning: the mixed-window
+    check is for easytrain's models only (it read `features.windows` and failed with AttributeError, defaults too)."""
+    from flax import nnx
+
+    from easytrain.trainers.switches import apply_switches
+
+    class OwnModel(nnx.Module):
+        def __init__(self, rngs):
+            self.scan_layers = False
+            self.features = nnx.Linear(4, 4, rngs=rngs)  # a feature extractor, not easytrain's ArchFeatures
+
+    module = OwnModel(nnx.Rngs(0))
+    apply_switches(module, TrainingArguments(output_dir=str(tmp_path), scan_layers=scan), "cpu")
+    assert module.scan_layers is scan

@@ -20,14 +20,14 @@ from flax import nnx
 
 from easytrain.errors import ArgumentError
 from easytrain.models import splash
-from easytrain.models.families import SUPPORTED_MODEL_TYPES, ConfigError, features_of
+from easytrain.models.families import SUPPORTED_MODEL_TYPES, ArchFeatures, ConfigError, features_of
 
 
 def apply_switches(module: nnx.Module, args: Any, platform: str) -> None:
     """Set the switches `args` (`TrainingArguments`) asks for on `module`, in place, for a run on `platform`."""
     for owner in _owners(module, "scan_layers"):  # before any layer is restacked
-        features = getattr(owner, "features", None)
-        if features is not None and (problem := scan_windows_problem(args, features.windows)):
+        features = getattr(owner, "features", None)  # easytrain's models only: a user's `features` is their own
+        if isinstance(features, ArchFeatures) and (problem := scan_windows_problem(args, features.windows)):
             raise ArgumentError("scan_layers", problem)
     set_switch(module, "remat", args.remat_policy, "none", "remat_policy", "apply nnx.remat inside your module")
     set_switch(module, "scan_layers", args.scan_layers, False, "scan_layers", "scan over the layers inside your module")
