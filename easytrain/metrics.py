@@ -15,6 +15,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class Mean(NamedTuple):
@@ -57,20 +58,26 @@ class Sum(NamedTuple):
 
 
 class Max(NamedTuple):
+    """The largest value of a window or an evaluation, e.g. a worst-case gradient norm that a mean would hide. A NaN
+    in any part makes the whole NaN, on device and on the host alike: a diverging step shows in its log."""
+
     value: Any
 
     def merge(self, other: "Max") -> "Max":
-        return Max(jnp.maximum(self.value, other.value) if _traced(self.value) else max(self.value, other.value))
+        return Max(_ops(self.value, other.value).maximum(self.value, other.value))
 
     def result(self) -> float:
         return float(self.value)
 
 
 class Min(NamedTuple):
+    """The smallest value of a window or an evaluation, e.g. the lowest reward of a batch. NaN propagates as in
+    `Max`."""
+
     value: Any
 
     def merge(self, other: "Min") -> "Min":
-        return Min(jnp.minimum(self.value, other.value) if _traced(self.value) else min(self.value, other.value))
+        return Min(_ops(self.value, other.value).minimum(self.value, other.value))
 
     def result(self) -> float:
         return float(self.value)
@@ -92,11 +99,16 @@ Metric = Mean | ExpMean | Sum | Max | Min | Last
 METRIC_TYPES = (Mean, ExpMean, Sum, Max, Min, Last)
 
 
-def _traced(value: Any) -> bool:
-    return isinstance(value, jax.Array)
+def _ops(*values: Any) -> Any:
+    """`jnp` for device (or traced) values, `np` for fetched ones, which stay on the host: both propagate NaN as a
+    compiled step does (Python's `max` keeps its first argument when the other is NaN)."""
+    return jnp if any(isinstance(value, jax.Array) for value in values) else np
 
 
 def is_metric(value: Any) -> bool:
+    """Whether `value` already says how it merges: a loss's bare value is taken as a sum over the loss's count
+    (`Mean(value, count)`), and `compute_metrics` refuses one (nothing says whether to add, average or take the
+    largest across eval batches)."""
     return isinstance(value, METRIC_TYPES)
 
 
