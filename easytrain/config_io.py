@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 import typing
@@ -177,14 +178,16 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
 
 
 def parse_arguments(argv: Sequence[str] | None = None) -> TrainingArguments:
-    """Parse `[--config FILE] [--field value ...]` into validated `TrainingArguments`."""
+    """Parse `[--config FILE] [--field value ...]` into validated `TrainingArguments`. `argv` None reads the
+    command line (`sys.argv[1:]`), as argparse does, so a script of one's own takes flags; `[]` means none."""
     return parse_task_arguments(argv)[0]
 
 
 def parse_task_arguments(argv: Sequence[str] | None = None, task_arguments: Sequence[type] = (),
                          task: str | None = None) -> tuple[TrainingArguments, tuple[Any, ...]]:
-    """Parse a command line into `TrainingArguments` and one instance of each of the task's dataclasses."""
-    argv = list(argv) if argv is not None else []
+    """Parse a command line into `TrainingArguments` and one instance of each of the task's dataclasses (`argv`
+    None: `sys.argv[1:]`, as in `parse_arguments`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)
