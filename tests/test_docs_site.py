@@ -26,14 +26,15 @@ def test_the_site_builds_strictly_with_the_api_reference(tmp_path):
         assert (site / f"{page}.html").is_file(), page
     api = {name: (site / "api" / name / "index.html").read_text() for name in
            ("trainers", "arguments", "state", "metrics", "callbacks", "models", "lora", "preference", "data",
-            "throughput")}
+            "throughput", "errors")}
     expected = {  # objects the API pages document, by the anchor mkdocstrings gives each
         "trainers": ["trainers.base.BaseTrainer", "trainers.base.BaseTrainer.train_iteration",
                      "trainers.base.BaseTrainer.count_token_slots", "trainers.sft.SFTTrainer",
-                     "trainers.dpo.DPOTrainer", "protocol.TrainerProtocol"],
-        "arguments": ["arguments.TrainingArguments", "config_io.parse_arguments"],
+                     "trainers.dpo.DPOTrainer", "protocol.TrainerProtocol", "protocol.ConfiguredModel",
+                     "tasks.registry.register_task"],
+        "arguments": ["arguments.TrainingArguments", "config_io.parse_arguments", "config_io.parse_task_arguments"],
         "state": ["state.TrainState", "frozen.Frozen"],
-        "metrics": ["losses.LossOutput", "metrics.ExpMean", "metrics.reduce_window"],
+        "metrics": ["losses.LossOutput", "metrics.ExpMean", "metrics.reduce_window", "metrics.Max", "metrics.Min"],
         "callbacks": ["callbacks.Callback", "callbacks.EarlyStopping"],
         "models": ["models.hf_load.from_pretrained", "models.hf_export.save_pretrained",
                    "models.llama.LlamaForCausalLM", "generation.generate"],
@@ -41,6 +42,7 @@ def test_the_site_builds_strictly_with_the_api_reference(tmp_path):
         "preference": ["preference.dpo_sigmoid_loss", "preference.combined_loss"],
         "data": ["data.pack_examples", "data.TrainBatches"],
         "throughput": ["throughput.window_logs", "flops.training_flops_per_token", "memory_plan.MemoryPlan"],
+        "errors": ["errors.EasytrainError", "errors.ArgumentError", "errors.OutputDirError"],
     }
     for name, objects in expected.items():
         for obj in objects:
