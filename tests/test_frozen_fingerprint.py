@@ -169,3 +169,23 @@ def test_digests_follow_the_recorded_layout_both_ways():
     assert digests_as_recorded(apart, digests["apart"], digests["stacked"]) == digests["stacked"]
     assert digests_as_recorded(stacked, digests["stacked"], digests["apart"]) == digests["apart"]
     assert digests_as_recorded(apart, digests["apart"], digests["apart"]) == digests["apart"]
+
+
+def test_the_trainer_keeps_no_copy_of_a_frozen_entrys_original_after_set_up(tmp_path):
+    """The digests are kept, not the plan: keeping it held every copied entry's original (a second teacher on the
+    devices for the whole run; 21.2 against 13.4 MiB live for a 7.8 MiB teacher)."""
+    import gc
+    import weakref
+
+    given = [init_model(tiny_config(), seed=1)]
+    original = weakref.ref(given[0])
+
+    class Teacher(BaseTrainer):
+        def configure_frozen(self):
+            return {"teacher": Frozen(given.pop())}  # copy=True: the module given is copied onto the mesh
+
+    trainer = Teacher(args_for(tmp_path, max_steps=1, save_strategy="no"))
+    trainer.train()
+    gc.collect()
+    assert "teacher" in trainer.run_info()["frozen_fingerprints"]
+    assert original() is None, "the trainer still holds the teacher it copied"

@@ -46,7 +46,7 @@ from easytrain.trainers.protocol_properties import ProtocolProperties
 from easytrain.trainers.resume import restore_step
 from easytrain.trainers.restore_checks import check_run_length
 from easytrain.trainers.run_dir import check_output_dir, claim_run
-from easytrain.trainers.run_record import RunRecordHooks
+from easytrain.trainers.run_record import RunRecordHooks, frozen_fingerprints
 from easytrain.trainers.run_start import trackers_then_claim
 from easytrain.trainers.state_hooks import TrainStateHooks
 from easytrain.trainers.switches import apply_switches
@@ -235,6 +235,8 @@ class BaseTrainer(ProtocolProperties, InitialPolicyHooks, RunRecordHooks, TrainS
         else:
             state, shardings = self._restore(tx, placed, frozen)
         state, shardings = frozen.attach_to(state, shardings)
+        # Keep the fixed entries' digests, not the plan: it holds the values it was given (a copied teacher's original).
+        self._frozen_fingerprints, self._frozen_plan = frozen_fingerprints(self), None
         self._source_weights = None  # `initial_policy()`'s read of init_weights_from: the policy is placed or restored
         module = self._given_model if self._given_model is not None else state.model()
         return ConfiguredModel(bind(module, state), state, shardings, self.mesh)

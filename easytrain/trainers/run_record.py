@@ -159,11 +159,12 @@ def _json_fix(error: Exception) -> str:
 
 
 def frozen_fingerprints(trainer: Any) -> dict[str, Any]:
-    """The digests of `trainer`'s fixed frozen entries (`FrozenPlan.fingerprints_as`), named as the resumed
-    checkpoint's record names them (another `scan_layers` layout); empty before set-up or without such entries."""
+    """The digests of `trainer`'s fixed frozen entries (`FrozenPlan.fingerprints_as` while the model is configured,
+    then the copy `configure_model` keeps), named as the resumed checkpoint's record names them (another
+    `scan_layers` layout); empty before set-up or without such entries."""
     plan = getattr(trainer, "_frozen_plan", None)
-    if plan is None:
-        return {}
+    if plan is None:  # after set-up: the record `configure_model` kept (the plan is released with its values)
+        return getattr(trainer, "_frozen_fingerprints", None) or {}
     return plan.fingerprints_as(lambda: stored_frozen_fingerprints(getattr(trainer, "_resume_from", None)))
 
 
