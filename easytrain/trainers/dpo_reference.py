@@ -27,7 +27,6 @@ released before training starts.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import logging
 from pathlib import Path
@@ -41,11 +40,10 @@ import transformers
 from flax import nnx, traverse_util
 
 from easytrain import integrity, lora, placement, sharding
-from easytrain.checkpoint import CheckpointManager
 from easytrain.data import EvalBatches, RowSource
 from easytrain.data.digest import rows_digest
 from easytrain.errors import ArgumentError
-from easytrain.frozen import Frozen, place_frozen
+from easytrain.frozen import Frozen, digests_as_recorded, place_frozen
 from easytrain.models.families import ConfigError, check_buildable
 from easytrain.models.scan import STACKED, stack_layer_dicts, unstack_layer_dicts
 from easytrain.protocol import ConfiguredModel
@@ -53,6 +51,7 @@ from easytrain.trainers import builders
 from easytrain.trainers.dpo_architecture import (ARCHITECTURE, architecture_changes, architecture_key,
                                                  config_architecture)
 from easytrain.trainers.init_weights import float_leaves, resolved_source
+from easytrain.trainers.restore_checks import stored_record
 from easytrain.trainers.lora_record import LORA_CONFIG_KEY, config_changes, config_record, described
 
 logger = logging.getLogger("easytrain")
@@ -156,7 +155,7 @@ def check_initial_policy(resume_from: tuple[Path, int] | None, record: Mapping[s
     latest checkpoint is another), and a reference of other weights would bend every later loss without a word.
     `weights` (the record's, by dotted path) let a record kept in the other `scan_layers` layout be compared."""
     stored = stored_record(resume_from, INITIAL_POLICY)
-    digests = record["fingerprint"] if weights is None else _digests_as_recorded(
+    digests = record["fingerprint"] if weights is None else digests_as_recorded(
         weights, record["fingerprint"], stored.get("fingerprint") or {})
     if changed := _changed(stored.get("fingerprint"), digests):
         raise ArgumentError("init_weights_from", f"the weights read from {record['read_from']} differ from those this "
@@ -183,7 +182,7 @@ def checked_reference_weights(module: nnx.Module, *, field: str, read_from: Path
                                    f"{field} on resume. Restore the config.json the run started from at "
                                    f"{read_from}, or start a new output_dir.")
     stored = before.get("fingerprint") or {}
-    if changed := _changed(stored, _digests_as_recorded(weights, digests, stored)):
+    if changed := _changed(stored, digests_as_recorded(weights, digests, stored)):
         raise ArgumentError(field, f"the reference weights read from {read_from} differ from those this run started "
                                    f"from ({changed}); a fixed {subject} is not checkpointed but rebuilt from "
                                    f"{field} on resume. Put the weights the run started from back at {read_from}, "
@@ -239,45 +238,9 @@ def _in_layout_of(values: Any, recorded: Mapping[str, Any]) -> Any:
     return stack_layer_dicts(values, lambda path: jax.tree_util.keystr(path, simple=True, separator=".") in stacked)
 
 
-def _digests_as_recorded(weights: Mapping[str, Any], digests: Mapping[str, Any],
-                         recorded: Mapping[str, Any]) -> dict[str, Any]:
-    """`digests` (of `weights`, by dotted path) with the names `recorded` gives them added: a full fine-tuning run
-    may resume with the other `scan_layers`, so a stacked weight is digested a layer at a time where the record
-    names its layers (one layer's copy at a time), and the layers' digests are combined where it names their
-    stack (`integrity.combined_digest`, nothing read again)."""
-    marker, found = f".{STACKED}.", dict(digests)
-    for path, leaf in weights.items():
-        if marker in path and path not in recorded and _layer_path(path, 0) in recorded:
-            for index in range(leaf.shape[0]):
-                found[_layer_path(path, index)] = integrity.fingerprint({"layer": leaf[index]},
-                                                                        integrity.SMALL_ON_HOST)["layer"]
-    for path in recorded:
-        if marker in path and path not in found and _layer_path(path, 0) in found:
-            layers = list(itertools.takewhile(found.__contains__, (_layer_path(path, i) for i in itertools.count())))
-            found[path] = integrity.combined_digest([found[name] for name in layers], weights[layers[0]].size)
-    return found
-
-
-def _layer_path(stacked_path: str, index: int) -> str:
-    """The dotted path layer `index` of a stacked weight has in the per-layer layout."""
-    return stacked_path.replace(f".{STACKED}.", f".{index}.", 1)
-
-
 def _digest(fingerprint: Mapping[str, Any]) -> str:
     """One short digest of a whole fingerprint, for a message."""
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def stored_record(resume_from: tuple[Path, int] | None, key: str) -> dict[str, Any]:
-    """The `key` entry of the resumed checkpoint's run_info; empty when not resuming or not recorded."""
-    if resume_from is None:
-        return {}
-    root, step = resume_from[0], resume_from[1]
-    try:
-        with CheckpointManager(root, read_only=True) as manager:
-            return dict(manager.read_run_info(step).get(key) or {})
-    except Exception:  # an unreadable checkpoint is reported by the restore that follows, with what to do
-        return {}
 
 
 def _changed(expected: Mapping[str, Any] | None, digests: Mapping[str, Any]) -> str:

@@ -5,13 +5,27 @@ with, and the fixed frozen entries it trained against (`check_frozen_entries`)."
 from __future__ import annotations
 
 from collections.abc import Collection
+from pathlib import Path
 from typing import Any
 
+from easytrain.checkpoint import CheckpointManager
 from easytrain.errors import ArgumentError
 from easytrain.lora_config import EMBEDDING_MODULES
 
 #: The run_info key of the digests of each frozen entry rebuilt on resume: entry -> dotted path -> two digests.
 FROZEN_FINGERPRINTS = "frozen_fingerprints"
+
+
+def stored_record(resume_from: tuple[Path, int] | None, key: str) -> dict[str, Any]:
+    """The `key` entry of the resumed checkpoint's run_info (its JSON only: no array read); empty when not resuming,
+    not recorded, or unreadable (the restore that follows reports that, with what to do)."""
+    if resume_from is None:
+        return {}
+    try:
+        with CheckpointManager(resume_from[0], read_only=True) as manager:
+            return dict(manager.read_run_info(resume_from[1]).get(key) or {})
+    except Exception:  # noqa: BLE001 - reported by the restore, which reads the same run_info next
+        return {}
 
 
 def check_run_length(total_steps: int, step: int) -> None:

@@ -26,7 +26,7 @@ from easytrain.errors import ArgumentError
 from easytrain.tasks.registry import Task, resolve_task
 from easytrain.trainers import builders
 from easytrain.trainers.lora_record import LORA_CONFIG_KEY, config_record
-from easytrain.trainers.restore_checks import FROZEN_FINGERPRINTS
+from easytrain.trainers.restore_checks import FROZEN_FINGERPRINTS, stored_record
 from easytrain.trainers.resume_checks import DEFAULT_OPTIMIZER_KEY, FORMAT_VERSION, config_dict
 from easytrain.trainers.run_dir import rerun_arguments
 
@@ -165,19 +165,7 @@ def frozen_fingerprints(trainer: Any) -> dict[str, Any]:
     plan = getattr(trainer, "_frozen_plan", None)
     if plan is None:  # after set-up: the record `configure_model` kept (the plan is released with its values)
         return getattr(trainer, "_frozen_fingerprints", None) or {}
-    return plan.fingerprints_as(lambda: stored_frozen_fingerprints(getattr(trainer, "_resume_from", None)))
-
-
-def stored_frozen_fingerprints(resume_from: tuple[Path, int] | None) -> dict[str, Any]:
-    """The resumed checkpoint's `frozen_fingerprints` (its run_info JSON only: no array read); empty when not resuming,
-    or where it records none or cannot be read (the restore that follows reports that, with what to do)."""
-    if resume_from is None:
-        return {}
-    try:
-        with CheckpointManager(resume_from[0], read_only=True) as manager:
-            return dict(manager.read_run_info(resume_from[1]).get(FROZEN_FINGERPRINTS) or {})
-    except Exception:  # noqa: BLE001 - reported by the restore, which reads the same run_info next
-        return {}
+    return plan.fingerprints_as(lambda: stored_record(getattr(trainer, "_resume_from", None), FROZEN_FINGERPRINTS))
 
 
 def builds_default_optimizer(trainer: Any) -> bool:
