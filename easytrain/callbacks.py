@@ -4,6 +4,10 @@ The trainer calls every hook with itself as the first argument; a callback may
 read anything from it and may set ``trainer.should_stop = True`` to end training
 after the current step.
 
+Within a step the hooks run in the order ``on_log`` (where the step logs at once), ``on_evaluate``, ``on_step_end``,
+then the checkpoint and ``on_save``: the checkpoint of step N holds every callback's state after all of step N's
+hooks, so a run resumed there calls each hook as often as a run that never stopped.
+
 Checkpoints store each callback's ``state_dict()`` under ``"<k>:<ClassName>"``, ``k`` counting the callbacks of
 that class (``"0:EarlyStopping"`` is the first ``EarlyStopping``, wherever it is in the list). So on resume a
 callback finds its own state however many callbacks of other classes were added or removed; those of one class
@@ -42,7 +46,8 @@ class Callback:
         """Called once after the last step, or after an early stop."""
 
     def on_step_end(self, trainer: Any, step: int) -> None:
-        """Called after every optimizer step with the new global step."""
+        """Called after every optimizer step with the new global step: after that step's evaluation, before its
+        checkpoint, which holds what this hook changed (the ``state_dict``, a stop it requested)."""
 
     def on_log(self, trainer: Any, step: int, logs: Mapping[str, float]) -> None:
         """Called whenever training metrics are reported; ``logs`` is this callback's own copy.
@@ -57,7 +62,7 @@ class Callback:
         """Called after each evaluation with metrics such as ``eval_loss`` (this callback's own copy)."""
 
     def on_save(self, trainer: Any, step: int, checkpoint_dir: str) -> None:
-        """Called after a checkpoint save has been started for ``step``."""
+        """Called after a checkpoint save has been started for ``step``, the last hook of that step."""
 
     def on_exception(self, trainer: Any, error: BaseException) -> None:
         """Called when training ends with ``error`` (a SIGTERM preemption included), before it propagates."""

@@ -67,7 +67,7 @@ def test_callback_events_in_order(tmp_path):
                      save_strategy="steps", save_steps=4)
     BaseTrainer(args, callbacks=[recorder]).train()
     assert recorder.events == ["train_begin", "step:1", "log:2", "evaluate:2", "step:2", "step:3", "log:4",
-                               "evaluate:4", "save:4", "step:4", "train_end"]
+                               "evaluate:4", "step:4", "save:4", "train_end"]
 
 
 def test_compiles_train_and_eval_steps_once_across_epochs(tmp_path, caplog):

@@ -150,7 +150,12 @@ class TrainLoop(LoopEnding):
     def iterate(self, step: int) -> int:
         """Dispatch steps; a logging step's metrics are fetched only once the next step is queued behind it
         (so the device never idles while the host logs), unless an evaluation, a save or the end follows it,
-        which wait for the device anyway. `on_log` of a step therefore runs after the next step's dispatch."""
+        which wait for the device anyway. `on_log` of a step therefore runs after the next step's dispatch.
+
+        A step's hooks run in the order log, evaluate, `on_step_end`, save: a checkpoint of step N holds every
+        callback's state after all of step N's hooks (a stop one requests included), so a run resumed there calls
+        each hook as often as one that never stopped. A log is deferred only at a step not saved here; a stop's or
+        the end's checkpoint (`checkpoint_now`) logs what is pending first."""
         parts, args, data = self.parts, self.args, self.data
         while step < data.total_steps and not parts.owner.should_stop:
             self.profiler.before_step(step + 1)
@@ -183,10 +188,10 @@ class TrainLoop(LoopEnding):
             if evaluating:
                 with self.off_the_clock():
                     self.evaluate(step)
+            parts.callbacks.on_step_end(parts.owner, step)  # before the save: its checkpoint holds what this hook did
             if saving:
                 with self.off_the_clock():
                     self.save(step)
-            parts.callbacks.on_step_end(parts.owner, step)
             if self.preemption.should_stop(step):
                 self.stop_for_signal(step)
         return step
