@@ -187,7 +187,7 @@ def parse_task_arguments(argv: Sequence[str] | None = None, task_arguments: Sequ
                          task: str | None = None) -> tuple[TrainingArguments, tuple[Any, ...]]:
     """Parse a command line into `TrainingArguments` and one instance of each of the task's dataclasses (`argv`
     None: `sys.argv[1:]`, as in `parse_arguments`)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    from_command_line, argv = argv is None, list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)
@@ -206,7 +206,12 @@ def parse_task_arguments(argv: Sequence[str] | None = None, task_arguments: Sequ
         raise ArgumentError(error.field, f"{message.rstrip('.')} in {known.config}.{hint}") from None
     remaining = outputs[-1]
     if remaining:
-        raise _unknown_flag_error(remaining, _known_fields(task_arguments), task)
+        error = _unknown_flag_error(remaining, _known_fields(task_arguments), task)
+        if from_command_line:  # the caller gave no argv: it may not know whose flags these are (a notebook's kernel)
+            raise ArgumentError(error.field, f"{error.message} The flags were read from the command line "
+                                             f"(sys.argv[1:] = {argv}); pass [] for none, e.g. in a notebook, whose "
+                                             "kernel passes -f.") from None
+        raise error
     count = 1 + len(task_arguments)
     for values, cls in zip(outputs[1:count], task_arguments):
         check_given_values(values, cls)  # TrainingArguments checks its own; a task's fields get the same checks

@@ -3,7 +3,10 @@ argparse and HfArgumentParser do, so a training script of one's own takes flags;
 
 import sys
 
+import pytest
+
 from easytrain.arguments import TrainingArguments
+from easytrain.errors import ArgumentError
 from easytrain.config_io import parse_arguments, parse_task_arguments
 from easytrain.trainers.dpo import DPOArguments
 
@@ -23,3 +26,12 @@ def test_parse_task_arguments_without_argv_reads_the_command_line(monkeypatch):
 def test_an_empty_argv_means_no_flags(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["my_train.py", "--max_steps", "5"])
     assert parse_arguments([]).max_steps == TrainingArguments().max_steps != 5
+
+
+def test_a_notebook_kernels_flags_are_refused_saying_where_they_came_from(monkeypatch):
+    """A Jupyter kernel runs with `-f kernel.json`: the refusal says the flags came from sys.argv and that [] gives
+    none, instead of only "unknown command-line argument '-f'", which the user never typed."""
+    monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "/tmp/kernel-1234.json"])
+    with pytest.raises(ArgumentError, match=r"read from the command line .*'-f'.*pass \[\] for none"):
+        parse_arguments()
+    assert parse_arguments([]).max_steps == TrainingArguments(output_dir="x").max_steps
