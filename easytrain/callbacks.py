@@ -5,8 +5,8 @@ read anything from it and may set ``trainer.should_stop = True`` to end training
 after the current step.
 
 Within a step the hooks run in the order ``on_log`` (where the step logs at once), ``on_evaluate``, ``on_step_end``,
-then the checkpoint and ``on_save``: the checkpoint of step N holds every callback's state after all of step N's
-hooks, so a run resumed there calls each hook as often as a run that never stopped.
+then the checkpoint and ``on_save``: the checkpoint of step N holds every callback's state after step N's
+``on_log``, ``on_evaluate`` and ``on_step_end`` (what ``on_save`` changes is in the next checkpoint only).
 
 Checkpoints store each callback's ``state_dict()`` under ``"<k>:<ClassName>"``, ``k`` counting the callbacks of
 that class (``"0:EarlyStopping"`` is the first ``EarlyStopping``, wherever it is in the list). So on resume a

@@ -153,9 +153,9 @@ class TrainLoop(LoopEnding):
         which wait for the device anyway. `on_log` of a step therefore runs after the next step's dispatch.
 
         A step's hooks run in the order log, evaluate, `on_step_end`, save: a checkpoint of step N holds every
-        callback's state after all of step N's hooks (a stop one requests included), so a run resumed there calls
-        each hook as often as one that never stopped. A log is deferred only at a step not saved here; a stop's or
-        the end's checkpoint (`checkpoint_now`) logs what is pending first."""
+        callback's state after step N's log, evaluation and `on_step_end` (a stop one requests included), so a run
+        resumed there calls those as often as one that never stopped. A log is deferred only at a step not saved
+        here; a stop's or the end's checkpoint (`checkpoint_now`) logs what is pending first."""
         parts, args, data = self.parts, self.args, self.data
         while step < data.total_steps and not parts.owner.should_stop:
             self.profiler.before_step(step + 1)
