@@ -1,7 +1,7 @@
 """`BaseTrainer.initial_policy()`: the module exactly as this run's policy starts, as a frozen reference of a custom
 trainer. A KL of the policy to it is 0 at the first step whatever the run starts from (a model directory, `model=`,
-a fresh initialisation, another run's weights, a trained adapter, stacked layers); a resume rebuilds it from the
-same sources bit for bit, and refuses a source whose weights changed, naming the field."""
+a fresh initialisation, another run's weights, a trained adapter, stacked layers, an `adapt_module` override); a
+resume rebuilds it from the same sources bit for bit, and refuses a source whose weights changed, naming the field."""
 
 from __future__ import annotations
 
@@ -95,6 +95,21 @@ def test_the_kl_to_the_initial_policy_is_zero_at_the_first_step(sources, tmp_pat
 def test_a_given_module_is_its_own_initial_policy(tmp_path):
     given = init_model(tiny_config(), seed=7)
     KLTrainer(arguments(tmp_path), model=given).train()
+    assert first_kl(tmp_path) == 0.0
+
+
+class HalvedHeadTrainer(KLTrainer):
+    """A documented `adapt_module` override: the run's policy starts from a halved output head."""
+
+    def adapt_module(self, module):
+        module = super().adapt_module(module)
+        module.lm_head.kernel[...] = module.lm_head.kernel[...] * 0.5
+        return module
+
+
+@pytest.mark.parametrize("start", ["fresh", "lora_adapter_path"])
+def test_the_initial_policy_is_built_through_an_adapt_module_override(sources, tmp_path, start):
+    HalvedHeadTrainer(arguments(tmp_path, **STARTS[start](sources))).train()
     assert first_kl(tmp_path) == 0.0
 
 

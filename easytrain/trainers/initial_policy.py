@@ -2,10 +2,11 @@
 `BaseTrainer`), for a frozen reference or a teacher-like entry of `configure_frozen`.
 
 It is built the way the policy is: the module loaded again from `model_name_or_path`, a copy of `model=`, or one
-initialised like it (same seed, so equal values); the run's LoRA adapters (`lora_adapter_path`'s, or fresh ones
-that `init_weights_from` fills); the policy's layout (`apply_switches`); then `init_weights_from`'s weights, put in
-by the policy's own `_initial_weights`. It lives on the mesh, sharded by `partition_rules`. `init_weights_from` is
-read once: the policy placed after it takes copies of the values it read (`_read_initial_weights`).
+initialised like it (same seed, so equal values); then `adapt_module`, a subclass's override included (by default
+the run's LoRA adapters, `lora_adapter_path`'s or fresh ones, and the policy's layout, `apply_switches`); then
+`init_weights_from`'s weights, put in by the policy's own `_initial_weights`. It lives on the mesh, sharded by
+`partition_rules`. `init_weights_from` is read once: the policy placed after it takes copies of the values it read
+(`_read_initial_weights`).
 
 A fixed entry is rebuilt on resume, not checkpointed, so the sources are read again: the run records what it read
 (run_info `initial_policy`, `reference_weights`, `lora_adapter`: the records and checks DPO's reference has always
@@ -81,14 +82,13 @@ class InitialPolicyHooks:
         return self._as_initial_policy(self.initial_module(), checkpointed=checkpointed)
 
     def _as_initial_policy(self, module: nnx.Module, *, checkpointed: bool = False) -> nnx.Module:
-        """The initial policy from `module`, its base, built as the policy is (`_place_module`): with the adapters the
-        run starts from (`lora_adapter_path`'s, or new ones for `init_weights_from` to fill), in the policy's layout,
-        then with `init_weights_from`'s weights. A resumed checkpointed entry is restored: its source is not read."""
+        """The initial policy from `module`, its base, built as the policy is (`_place_module`): through
+        `adapt_module`, a subclass's override included (the run's adapters, `lora_adapter_path`'s values, the
+        policy's layout), then with `init_weights_from`'s weights. A resumed checkpointed entry is restored: its
+        source is not read."""
         args, resuming = self._arguments, self._resume_from is not None
         from_source = bool(args.init_weights_from) and not (checkpointed and resuming)
-        if args.lora_adapter_path or (from_source and self.lora is not None):
-            module = adapters.adapt(module, self.lora, args.seed, args.lora_adapter_path)
-        module = self._like_the_policy(module)
+        module = self.adapt_module(module)
         if args.lora_adapter_path:  # read again on resume: refused if other values are there now
             values = nnx.to_pure_dict(nnx.state(module, self.trainable_filter))
             self.adapter_read = checked_adapter_values(values, adapter_path=args.lora_adapter_path, config=self.lora,
@@ -104,7 +104,8 @@ class InitialPolicyHooks:
 
     def _like_the_policy(self, module: nnx.Module) -> nnx.Module:
         """`module` with the policy's model switches (`scan_layers`, `attention_implementation`, `remat`): its layers
-        stored as the policy's (an entry mixed with it leaf by leaf must match) and run by the same kernels."""
+        stored as the policy's (an entry mixed with it leaf by leaf must match) and run by the same kernels (DPO's
+        `ref_model_name_or_path`: another model, so no `adapt_module`)."""
         apply_switches(module, self._arguments, self.mesh.devices.flat[0].platform)
         return module
 
