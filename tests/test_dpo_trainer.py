@@ -290,3 +290,21 @@ def test_precomputed_reference_log_probs_of_a_set_smaller_than_a_batch_on_a_mesh
     assert done.returncode == 0, done.stderr[-3000:]
     losses = json.loads(done.stdout.strip().splitlines()[-1])
     assert losses["True"] == pytest.approx(losses["False"], rel=1e-5)
+
+
+def test_a_new_eval_set_after_training_a_given_module_is_refused_not_scored_against_the_policy(tmp_path):
+    """Precomputed reference log-probs of a set first seen after training need the initial policy; the module passed
+    as `model=` holds the trained weights by then, so scoring against a copy of it made every reward 0 (eval loss
+    ln 2 exactly): refused, naming the fixes."""
+    import datasets
+
+    from easytrain import ArgumentError
+    from easytrain.models.llama import init_model
+    from model_configs import tiny_config
+
+    trainer = DPOTrainer(tiny_args(tmp_path, max_steps=2), DPOArguments(precompute_ref_log_probs=True),
+                         model=init_model(tiny_config(), seed=7))
+    trainer.train()
+    later = datasets.Dataset.from_dict({"prompt": ["12+7=", "3+4="], "chosen": ["19", "7"], "rejected": ["91", "8"]})
+    with pytest.raises(ArgumentError, match=r"model=.*trained weights.*dataset_eval"):
+        trainer.evaluate(later)

@@ -98,6 +98,16 @@ def test_a_given_module_is_its_own_initial_policy(tmp_path):
     assert first_kl(tmp_path) == 0.0
 
 
+def test_after_training_a_given_module_is_not_taken_for_the_initial_policy(tmp_path):
+    """After set-up the module passed as `model=` holds the trained weights: a copy of it is not where the run
+    started, so building the initial policy from it then is refused, not silently the trained policy."""
+    given = init_model(tiny_config(), seed=7)
+    trainer = KLTrainer(arguments(tmp_path, max_steps=2), model=given)
+    trainer.train()
+    with pytest.raises(ArgumentError, match=r"model=.*trained weights.*configure_frozen"):
+        trainer.initial_policy()
+
+
 class HalvedHeadTrainer(KLTrainer):
     """A documented `adapt_module` override: the run's policy starts from a halved output head."""
 

@@ -51,7 +51,8 @@ class InitialPolicyHooks:
         and on the mesh: call it in `configure_frozen`, `Frozen(self.initial_policy(), checkpoint=False,
         copy=False)` (its arrays are its own, a `model=` module's copied). One more copy of the weights on the
         devices, the LoRA base included (not shared with the policy's). A resume reads its sources again
-        (`model_name_or_path`, `init_weights_from`, `lora_adapter_path`) and refuses one whose values changed."""
+        (`model_name_or_path`, `init_weights_from`, `lora_adapter_path`) and refuses one whose values changed. After
+        set-up it is refused for a module passed as `model=`, which by then holds the trained weights."""
         module = self._initial_policy_module(checkpointed=False)
         if self._model is not None:  # called after set-up: no policy is left to take the values it read
             self._source_weights = None
@@ -75,6 +76,13 @@ class InitialPolicyHooks:
                     subject=self.initial_policy_subject)
             return module
         if self._given_model is not None:  # copied: the step donates its own state, the caller keeps `model=`
+            if self._model is not None:  # set up: `model=` is bound to the state the run trains
+                raise ArgumentError("model", "the module passed as model= holds the trained weights once the trainer "
+                                    "is set up, not the ones the run started from, so the initial policy cannot be "
+                                    "copied from it now. Build it at set-up (configure_frozen: Frozen(self."
+                                    "initial_policy(), ...)); for DPO's precomputed reference log-probs of an "
+                                    "evaluation set, pass the set as dataset_eval= when the trainer is built (they "
+                                    "are computed at set-up); or give the model as model_name_or_path (read again).")
             module = self._as_initial_policy(nnx.clone(self._given_model), checkpointed=checkpointed)
             nnx.update(module, jax.tree.map(lambda leaf: leaf.copy() if isinstance(leaf, jax.Array) else leaf,
                                             nnx.state(module)))
