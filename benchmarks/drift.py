@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 import transformers  # noqa: E402
 
 from benchmarks.overhead import BATCH, CONFIG, LENGTH, QUICK, build_trainer, memory_mib, token_blocks  # noqa: E402
-from benchmarks.report import emit, relaunch_like_the_command  # noqa: E402
+from benchmarks.report import emit, fill_defaults, relaunch_like_the_command  # noqa: E402
 from easytrain import Callback  # noqa: E402
 from easytrain.memory_plan import MIB  # noqa: E402
 
@@ -118,14 +118,15 @@ def summarise(samples: list[Sample], total_steps: int) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="the tiny Llama, 120 steps: a smoke run")
-    parser.add_argument("--steps", type=int, default=500)
-    parser.add_argument("--logging_steps", type=int, default=10)
-    parser.add_argument("--every", type=int, default=50, help="steps between evaluations and checkpoints")
+    parser.add_argument("--quick", action="store_true",
+                        help="the tiny Llama, 120 steps logged every 5, evaluated and saved every 20: a smoke run")
+    parser.add_argument("--steps", type=int, help="default 500 (--quick 120)")
+    parser.add_argument("--logging_steps", type=int, help="default 10 (--quick 5)")
+    parser.add_argument("--every", type=int, help="steps between evaluations and checkpoints: default 50 (--quick 20)")
     parser.add_argument("--out")
     options = parser.parse_args(argv)
-    if options.quick:
-        options.steps, options.logging_steps, options.every = 120, 5, 20
+    fill_defaults(options, dict(steps=120, logging_steps=5, every=20) if options.quick
+                  else dict(steps=500, logging_steps=10, every=50))
     config = transformers.LlamaConfig(**{**CONFIG, **(QUICK if options.quick else {})})
     blocks = token_blocks(config, options.quick)
     eval_blocks = np.random.default_rng(1).integers(0, config.vocab_size, (BATCH * 2, blocks.shape[1]), np.int32)

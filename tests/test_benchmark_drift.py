@@ -10,18 +10,41 @@ from benchmarks import drift, headlines
 
 def test_drift_benchmark_smoke(tmp_path):
     out = tmp_path / "drift.json"
-    result = drift.main(["--quick", "--out", str(out)])
+    # The tiny Llama of --quick, cut to 40 steps: evaluated and saved every 10 (four saves, two kept), logged every 5.
+    result = drift.main(["--quick", "--steps", "40", "--logging_steps", "5", "--every", "10", "--out", str(out)])
     assert json.loads(out.read_text()) == result
-    assert result["steps"] == 120 and result["eval_and_save_every"] == 20
-    assert [s["step"] for s in result["samples"]] == list(range(5, 121, 5))
+    assert result["steps"] == 40 and result["logging_steps"] == 5 and result["eval_and_save_every"] == 10
+    assert [s["step"] for s in result["samples"]] == list(range(5, 41, 5))
     assert result["mean_ms_per_step"] > 0 and result["ratio_fourth_over_second_quarter"] > 0
-    for name in drift.RESOURCES:
+    for name in drift.RESOURCES:  # the floors are rounded to 0.001: 1000 * 0.001 / 20 = 0.05 per 1000 steps
         floors = result[name]
         assert floors["growth_per_1000_steps"] == pytest.approx(
-            1000 * (floors["fourth_quarter_floor"] - floors["second_quarter_floor"]) / 60, abs=0.05)
+            1000 * (floors["fourth_quarter_floor"] - floors["second_quarter_floor"]) / 20, abs=0.051)
     rows = headlines.drift(result)
     assert rows[0].value == result["ratio_fourth_over_second_quarter"]
     assert rows[2].value == result["live_array_mib"]["growth_per_1000_steps"]
+
+
+def test_quick_sizes_are_the_documented_smoke_run_and_the_defaults_stay():
+    """--quick alone is docs/benchmarks.md's smoke run (120 steps, logged every 5, evaluated and saved every 20);
+    the sizes given on the command line win over it, and without it the measurement's defaults hold."""
+    seen = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(drift, "build_trainer", lambda *args, **kwargs: seen.append((args, kwargs)) or Stop())
+        for argv in (["--quick"], [], ["--quick", "--steps", "8"]):
+            with pytest.raises(Stopped):
+                drift.main(argv)
+    assert [(args[2], args[3], kwargs["eval_steps"]) for args, kwargs in seen] == [(120, 5, 20), (500, 10, 50),
+                                                                                  (8, 5, 20)]
+
+
+class Stopped(Exception):
+    pass
+
+
+class Stop:
+    def train(self):
+        raise Stopped
 
 
 def test_slope_and_its_standard_error_match_numpys_fit():
