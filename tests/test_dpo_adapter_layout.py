@@ -10,7 +10,7 @@ import pytest
 
 from easytrain import ArgumentError
 from easytrain.lora import LoRAConfig
-from easytrain.trainers import dpo_reference
+from easytrain.trainers import initial_policy_checks as checks
 from easytrain.trainers.dpo import DPOArguments, DPOTrainer
 from runs import StopAt
 from test_dpo_adapter_resume import sources  # noqa: F401 (the fixture: a base and two adapters on it)
@@ -34,29 +34,29 @@ def per_layer(scale: float = 1.0) -> dict:
 
 def recorded(monkeypatch, record: dict) -> None:
     """Make `record` the resumed checkpoint's `LORA_ADAPTER` entry."""
-    monkeypatch.setattr(dpo_reference, "stored_record", lambda resume_from, key: dict(record))
+    monkeypatch.setattr(checks, "stored_record", lambda resume_from, key: dict(record))
 
 
 def test_the_adapter_digests_are_the_same_in_both_layouts(monkeypatch):
-    records = [dpo_reference.checked_adapter_values(values, adapter_path="a", config=CONFIG, resume_from=None)
+    records = [checks.checked_adapter_values(values, adapter_path="a", config=CONFIG, resume_from=None)
                for values in (stacked(), per_layer())]
     assert records[0] == records[1] and "layers.1.q_proj.lora_a" in records[0]["fingerprint"]
     for values in (stacked(), per_layer()):  # a resume in either layout accepts the record of the other
         recorded(monkeypatch, records[0])
-        dpo_reference.checked_adapter_values(values, adapter_path="a", config=CONFIG, resume_from=(None, 1))
+        checks.checked_adapter_values(values, adapter_path="a", config=CONFIG, resume_from=(None, 1))
     with pytest.raises(ArgumentError, match="not the one this run started from"):
-        dpo_reference.checked_adapter_values(per_layer(2.0), adapter_path="a", config=CONFIG, resume_from=(None, 1))
+        checks.checked_adapter_values(per_layer(2.0), adapter_path="a", config=CONFIG, resume_from=(None, 1))
 
 
 @pytest.mark.parametrize("values", [stacked, per_layer], ids=["stacked", "per layer"])
 def test_a_record_of_stacked_names_is_still_compared(monkeypatch, values):
-    legacy = {"read_from": "a", "fingerprint": dpo_reference.integrity.fingerprint(
-        dpo_reference.float_leaves(stacked()), dpo_reference.integrity.SMALL_ON_HOST)}
+    legacy = {"read_from": "a", "fingerprint": checks.integrity.fingerprint(
+        checks.float_leaves(stacked()), checks.integrity.SMALL_ON_HOST)}
     assert "layers.stacked.q_proj.lora_a" in legacy["fingerprint"]
     recorded(monkeypatch, legacy)
-    dpo_reference.checked_adapter_values(values(), adapter_path="a", config=CONFIG, resume_from=(None, 1))
+    checks.checked_adapter_values(values(), adapter_path="a", config=CONFIG, resume_from=(None, 1))
     with pytest.raises(ArgumentError, match="not the one this run started from"):
-        dpo_reference.checked_adapter_values(values(2.0), adapter_path="a", config=CONFIG, resume_from=(None, 1))
+        checks.checked_adapter_values(values(2.0), adapter_path="a", config=CONFIG, resume_from=(None, 1))
 
 
 @pytest.mark.parametrize("scan_layers", [True, False], ids=["stacked then not", "not then stacked"])

@@ -12,7 +12,7 @@ import pytest
 
 from easytrain import ArgumentError
 from easytrain.trainers.dpo import DPOArguments, DPOTrainer
-from easytrain.trainers.dpo_reference import REFERENCE_WEIGHTS
+from easytrain.trainers.initial_policy_checks import REFERENCE_WEIGHTS
 from runs import StopAt, logged
 from test_dpo_trainer import tiny_args
 from test_lora_trainer import write_base

@@ -49,9 +49,10 @@ from easytrain.trainers.dpo_arguments import DPOArguments
 from easytrain.trainers.dpo_record import DPORecordHooks
 from easytrain.trainers.dpo_updates import REWARD_MEAN, update_then_track_rewards
 from easytrain.trainers.dpo_reference import (
-    CACHE_DIRNAME, DPO_REFERENCE, INITIAL_ADAPTERS, check_reference_path, checked_adapter_values,
-    checked_initial_weights, checked_reference_weights, precomputed_reference_logps, update_then_sync,
-    with_initial_adapters, with_values)
+    CACHE_DIRNAME, DPO_REFERENCE, INITIAL_ADAPTERS, check_reference_path, precomputed_reference_logps,
+    update_then_sync, with_initial_adapters, with_values)
+from easytrain.trainers.initial_policy_checks import (checked_adapter_values, checked_initial_weights,
+                                                      checked_reference_weights)
 
 logger = logging.getLogger("easytrain")
 
@@ -166,7 +167,8 @@ class DPOTrainer(DPORecordHooks, BaseTrainer):
     def reference(self) -> Frozen:
         """The reference model: `ref_model_name_or_path` (in the policy's layout), else the initial policy
         (`initial_policy()`: the model loaded again, a copy of the module passed, or one initialised like it, with
-        the run's adapters and `init_weights_from`'s weights). Checkpointed only when it moves (TR-DPO)."""
+        the run's adapters and `init_weights_from`'s weights). Checkpointed only when it moves (TR-DPO): a resume
+        restores it into the module the fresh run built (through `adapt_module`), of which only the shapes are read."""
         explicit, moving = self.dpo.ref_model_name_or_path, self.dpo.sync_ref_model
         if explicit:
             try:
@@ -177,12 +179,13 @@ class DPOTrainer(DPORecordHooks, BaseTrainer):
                                                            mesh=self.mesh, rules=self.partition_rules,
                                                            scan_layers=self.arguments.scan_layers))
             if not moving:  # rebuilt from `path` on resume
-                self.reference_weights = checked_reference_weights(module, field="ref_model_name_or_path",
-                                                                   read_from=path, resume_from=self._resume_from)
+                self.reference_weights = checked_reference_weights(
+                    module, field="ref_model_name_or_path", read_from=path, resume_from=self._resume_from,
+                    subject=self.initial_policy_subject)
             return Frozen(module, checkpoint=moving, copy=False)
         if moving and self._resume_from is not None and not self.arguments.model_name_or_path \
-                and self._given_model is None:  # restored from the checkpoint: only its shapes are read
-            return Frozen(lambda: self._like_the_policy(self.create_module()), checkpoint=moving)
+                and self._given_model is None:  # restored from the checkpoint: only the shapes of its build are read
+            return Frozen(lambda: self._as_initial_policy(self._created_module(), checkpointed=True), checkpoint=True)
         return Frozen(self._initial_policy_module(checkpointed=moving), checkpoint=moving, copy=False)
 
     #: How error messages name the initial policy: this trainer's reference.
@@ -200,7 +203,7 @@ class DPOTrainer(DPORecordHooks, BaseTrainer):
             return state
         state, self.initial_policy_record = checked_initial_weights(
             super()._initial_weights, state, shardings, source=self.arguments.init_weights_from,
-            resume_from=self._resume_from)
+            resume_from=self._resume_from, subject=self.initial_policy_subject)
         self._loaded_adapter = state.params
         return state
 
@@ -239,7 +242,8 @@ class DPOTrainer(DPORecordHooks, BaseTrainer):
             self._loaded_adapter = nnx.to_pure_dict(nnx.state(module, self.trainable_filter))
             if path := self.arguments.lora_adapter_path:  # read again on resume: refused if other values are there
                 self.adapter_read = checked_adapter_values(self._loaded_adapter, adapter_path=path, config=self.lora,
-                                                           resume_from=self._resume_from)
+                                                           resume_from=self._resume_from,
+                                                           subject=self.initial_policy_subject)
         return module
 
     def configure_model(self) -> ConfiguredModel:

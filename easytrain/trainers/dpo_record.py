@@ -2,7 +2,7 @@
 dropout runs in the loss (`task_settings`: a resume under other ones is refused), the loss's own options
 (`loss_settings`: a resume under other ones is warned about, naming them, as the optimizer's hyperparameters are)
 and what its reference was read from (`run_info`: the sources are read and checked again on resume, as for every
-`initial_policy()`: `dpo_reference`).
+`initial_policy()`: `initial_policy_checks`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import functools
 import logging
 from typing import Any
 
-from easytrain.trainers.dpo_reference import stored_record
+from easytrain.trainers.restore_checks import stored_record
 from easytrain.trainers.resume_checks import LOSS_SETTINGS_KEY
 
 logger = logging.getLogger("easytrain")

@@ -10,7 +10,7 @@ the run's LoRA adapters, `lora_adapter_path`'s or fresh ones, and the policy's l
 
 A fixed entry is rebuilt on resume, not checkpointed, so the sources are read again: the run records what it read
 (run_info `initial_policy`, `reference_weights`, `lora_adapter`: the records and checks DPO's reference has always
-made, `dpo_reference`) and a resume that finds other values there is refused, naming the field and the fix.
+made, `initial_policy_checks`) and a resume that finds other values there is refused, naming the field and the fix.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from easytrain.models.hf_io import CheckpointError
 from easytrain.models.hf_load import resolve_checkpoint
 from easytrain.state import TrainState
 from easytrain.trainers import adapters, init_weights
-from easytrain.trainers.dpo_reference import (INITIAL_POLICY, LORA_ADAPTER, REFERENCE_WEIGHTS,
-                                              checked_adapter_values, checked_reference_weights,
-                                              with_initial_weights)
+from easytrain.trainers.initial_policy_checks import (FROZEN_REFERENCE, INITIAL_POLICY, LORA_ADAPTER,
+                                                      REFERENCE_WEIGHTS, checked_adapter_values,
+                                                      checked_reference_weights, with_initial_weights)
 from easytrain.trainers.switches import apply_switches
 
 
@@ -36,7 +36,7 @@ class InitialPolicyHooks:
     """`initial_policy()` and the run_info records of the sources it read (`BaseTrainer` mixes it in)."""
 
     #: How error messages name the initial policy's use (DPO: "DPO reference").
-    initial_policy_subject: str = "frozen reference"
+    initial_policy_subject: str = FROZEN_REFERENCE
     #: run_info `initial_policy`: the `init_weights_from` source read and the digests of what it gave.
     initial_policy_record: dict[str, Any] | None = None
     #: run_info `reference_weights`: the model directory a fixed initial policy was read from, and its digests.
