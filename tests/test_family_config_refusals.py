@@ -23,8 +23,8 @@ import transformers
 from easytrain import ArgumentError, BaseTrainer, TrainingArguments
 from easytrain.models import ConfigError, init_model, load_pretrained, save_pretrained
 from easytrain.models.families import check_buildable
-from easytrain.trainers import lm_blocks
 
+import tokenising_spy
 from model_configs import VOCAB, family_config
 
 FULL, SLIDING = "full_attention", "sliding_attention"
@@ -81,17 +81,7 @@ def test_agreeing_layer_types_export_runs_the_same_in_transformers(tmp_path):
     assert np.abs(np.asarray(model(jnp.asarray(ids_BT))) - theirs).max() <= 1e-4
 
 
-@pytest.fixture
-def tokenised(monkeypatch):
-    """Every call of the default rows' tokenisation, made to fail: a refusal must come before the first."""
-    calls = []
-
-    def spy(*args, **kwargs):
-        calls.append(args)
-        raise AssertionError("the text was tokenised before the refusal")
-
-    monkeypatch.setattr(lm_blocks, "tokenize_and_group", spy)
-    return calls
+tokenised = tokenising_spy.tokenised  # the spy on tokenisation, a fixture
 
 
 def _checkpoint(tmp_path, tokenizer_dir, config: transformers.PretrainedConfig) -> str:

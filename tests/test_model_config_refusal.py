@@ -9,8 +9,8 @@ import pytest
 
 from easytrain import ArgumentError, BaseTrainer, TrainingArguments
 from easytrain.cli import main
-from easytrain.trainers import lm_blocks
 
+import tokenising_spy
 from model_configs import family_config
 
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768, "rope_theta": 1e6}
@@ -23,17 +23,7 @@ UNBUILDABLE = {
 }
 
 
-@pytest.fixture
-def tokenised(monkeypatch):
-    """Every call of the default rows' tokenisation, made to fail: a refusal must come before the first."""
-    calls = []
-
-    def spy(*args, **kwargs):
-        calls.append(args)
-        raise AssertionError("the text was tokenised before the model config was refused")
-
-    monkeypatch.setattr(lm_blocks, "tokenize_and_group", spy)
-    return calls
+tokenised = tokenising_spy.tokenised  # the spy on tokenisation, a fixture
 
 
 def _config_fields(**changes) -> dict:
