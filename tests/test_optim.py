@@ -7,7 +7,8 @@ import optax
 import pytest
 
 from easytrain import TrainingArguments, compiler_options
-from easytrain.optim import build_optimizer, build_schedule, clip_by_global_norm, decay_mask, global_norm
+from easytrain.optim import (build_optimizer, build_schedule, clip_by_global_norm, decay_mask, global_norm,
+                             warmup_steps)
 from runs import facts_on_eight_devices
 
 
@@ -29,6 +30,21 @@ def test_warmup_ratio():
     schedule = build_schedule(TrainingArguments(learning_rate=1.0, warmup_ratio=0.2), total_steps=100)
     assert float(schedule(20)) == pytest.approx(1.0)
     assert float(schedule(10)) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(("ratio", "expected"), [(0.29, 29), (0.57, 57), (0.58, 58), (0.05, 5), (0.295, 29)])
+def test_warmup_ratio_rounds_the_decimal_product_down_not_its_float_error(ratio, expected):
+    """0.29 * 100 is 28.999999999999996 in floats: a plain int() gave 28 updates of warmup where the help's
+    'rounded down' means 29."""
+    assert warmup_steps(TrainingArguments(warmup_ratio=ratio), total_steps=100) == expected
+
+
+@pytest.mark.parametrize("kind", ["constant", "linear", "cosine"])
+def test_warmup_longer_than_the_run_is_cut_to_its_length(kind):
+    """As warmup_steps' help says: with warmup_steps >= the run's updates the peak is never applied, the last
+    update uses (total - 1) / total of it (an uncut warmup of 10 would climb by 1/10 per update instead)."""
+    schedule = build_schedule(TrainingArguments(learning_rate=1.0, warmup_steps=10, lr_scheduler_type=kind), 5)
+    assert [float(schedule(k)) for k in range(5)] == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8])
 
 
 @pytest.mark.parametrize("name", ["adamw", "adafactor", "lion", "sgd"])
