@@ -64,12 +64,15 @@ def test_loss_is_token_normalised_not_mean_of_means():
     assert reduce_window([fetch(metrics)])["loss"] == pytest.approx(expected, rel=1e-5)
 
 
-def test_batch_without_supervised_tokens_gives_zero_not_nan():
+@pytest.mark.parametrize("num_micro", [1, 2])
+def test_batch_without_supervised_tokens_gives_zero_not_nan(num_micro):
+    """Also under gradient accumulation, where the step divides the summed micro-batch gradients by the global
+    token count (0 here)."""
     state = make_state()
     batch = ragged_batch()
     batch["loss_mask"] = np.zeros_like(batch["loss_mask"])
-    new_state, metrics = jax.jit(functools.partial(train_step, loss_fn=causal_lm_loss, schedule=lambda s: 1e-2))(
-        state, batch)
+    new_state, metrics = jax.jit(functools.partial(train_step, loss_fn=causal_lm_loss, schedule=lambda s: 1e-2,
+                                                   num_micro=num_micro))(state, batch)
     assert float(metrics["num_tokens"].total) == 0 and float(metrics["loss"].total) == 0.0
     assert int(metrics["skipped_steps"].total) == 0 and float(metrics["grad_norm"].total) == 0.0
     assert reduce_window([fetch(metrics)])["loss"] == 0.0

@@ -11,6 +11,7 @@ import pytest
 from easytrain import BaseTrainer, Callback, TrainerProtocol, TrainingArguments
 from easytrain.checkpoint import CheckpointManager
 from easytrain.placement import abstract_state
+from test_foundation import regression_trainer
 
 
 def tiny_args(tmp_path, **overrides) -> TrainingArguments:
@@ -182,18 +183,37 @@ def test_non_finite_stop_policy_checkpoints_the_finite_state_and_names_the_step(
 
 
 def test_load_best_model_at_end_restores_the_best_checkpoint_while_the_metric_degrades(tmp_path):
+    """The whole checkpointed state comes back, the module's other state too: the regressor's BatchNorm running
+    statistics and dropout RNG count moved on after step 2, and restoring its params alone would keep them."""
     scores = iter([3.0, 2.0, 1.0])  # best first, then worse at every evaluation
     args = tiny_args(tmp_path, max_steps=6, eval_strategy="steps", eval_steps=2, save_strategy="steps",
                      save_steps=2, save_total_limit=1, metric_for_best_model="eval_score", greater_is_better=True,
                      load_best_model_at_end=True, max_eval_samples=8)
-    trainer = BaseTrainer(args, evaluators=[lambda trainer: {"eval_score": next(scores)}])
+    trainer = regression_trainer(args, evaluators=[lambda trainer: {"eval_score": next(scores)}])
     logs = trainer.train()
     manager = CheckpointManager(Path(args.output_dir) / "checkpoints")
     assert manager.all_steps() == [2, 6], "the newest (6) and the best (2) survive save_total_limit=1"
     assert logs["best_step"] == 2 and int(trainer.state.step) == 2
-    best, _, _ = manager.restore(2, abstract_state=abstract_state(trainer.state_shardings, trainer.state))
-    for a, b in zip(jax.tree.leaves(best.params), jax.tree.leaves(trainer.state.params)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    target = abstract_state(trainer.state_shardings, trainer.state).checkpointed()
+    best, state = manager.restore(2, abstract_state=target)[0], trainer.state.checkpointed()
+    assert jax.tree.structure(best) == jax.tree.structure(state) and jax.tree.leaves(state.model_state)
+    for a, b in zip(jax.tree.leaves(best), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(key_free(a), key_free(b))
+
+
+def key_free(leaf) -> np.ndarray:
+    """`leaf` as a NumPy array, a typed PRNG key (a dropout stream's) as its key data."""
+    return np.asarray(jax.random.key_data(leaf) if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key) else leaf)
+
+
+def test_the_schedule_spans_the_optimizer_updates_under_gradient_accumulation(tmp_path):
+    """With 2 micro-batches a step the logged rates are those of the run without accumulation: warmup 2, linear
+    decay over the 4 updates (a schedule sized in micro-batches would decay over 8). The small regressor keeps the
+    run cheap; the trainer sizes the schedule whatever the module."""
+    args = tiny_args(tmp_path, max_steps=4, max_train_samples=32, gradient_accumulation_steps=2, learning_rate=1e-2,
+                     lr_scheduler_type="linear", warmup_steps=2)
+    regression_trainer(args).train()
+    assert logged(args.output_dir, key="learning_rate") == pytest.approx({1: 0.0, 2: 5e-3, 3: 1e-2, 4: 5e-3})
 
 
 def test_trains_another_family_from_a_config_file(tmp_path):
