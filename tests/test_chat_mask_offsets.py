@@ -203,3 +203,12 @@ def test_a_second_encoding_only_when_the_post_processor_trims_offsets(monkeypatc
         example = tokenize_example({"messages": SHORT}, tokenizer, OPTIONS, CONVERSATIONAL)
         assert _supervised(tokenizer, example.input_ids, example.loss_mask) == " four</s> Bye</s>"
     assert len(made) == copies
+
+
+def test_a_token_straddling_a_span_boundary_is_supervised_and_one_touching_it_is_not():
+    # " Two" (7-11) starts before the block (8-20) and ends inside it: it overlaps, so it is trained
+    text = "[/INST] Two plus two"
+    offsets = [(0, 7), (7, 11), (11, 16), (16, 20)]
+    assert assistant_spans.mask_from_spans(offsets, [(8, 20)], text) == [0, 1, 1, 1]
+    assert assistant_spans.mask_from_spans(offsets, [(7, 13)], text) == [0, 1, 1, 0]  # (11-16) straddles the end
+    assert assistant_spans.mask_from_spans([(0, 7), (7, 7), (7, 11)], [(7, 11)], text) == [0, 1, 1]  # zero-width

@@ -114,3 +114,12 @@ def test_model_config_file_takes_the_tokenizer_special_ids_it_leaves_unset(tmp_p
         assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (1, 2, 0), name
     own = llama_config(str(tmp_path / "own.json"), vocab_size=300, **specials)
     assert (own.bos_token_id, own.eos_token_id, own.pad_token_id) == (1, 7, 0)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_config_records_the_storage_dtype_not_the_source_one(tmp_path, dtype):
+    """transformers' dtype="auto" and vLLM read config.json's dtype: a float32 model stored in bfloat16 must say so."""
+    config = family_config("llama", dtype="float32")
+    save_pretrained(tmp_path, nnx.to_pure_dict(nnx.state(init_model(config), nnx.Param)), config, dtype=dtype)
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == dtype
+    assert config.to_dict()["dtype"] == "float32"  # the caller's config is left as it was

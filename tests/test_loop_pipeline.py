@@ -1,6 +1,8 @@
 """The loop keeps the device busy while it logs: metrics of a logging step are fetched from the device only
 after the next step has been dispatched, and nothing is fetched between logging steps."""
 
+import jax
+
 from easytrain import BaseTrainer, TrainingArguments
 from easytrain.trainers import loop as loop_module
 from runs import logged
@@ -40,9 +42,11 @@ def test_metrics_of_a_logging_step_are_fetched_after_the_next_step_is_dispatched
 
 
 def test_nothing_is_read_from_the_device_between_logging_steps(tmp_path, monkeypatch):
-    """Every host read of a `jax.Array` (`__array__`, `_value`, host copies) during the loop happens inside the
-    logging fetch. (`jax.transfer_guard` cannot show this on CPU, where device arrays already live in host
-    memory, so the reads are counted at the array type itself.)"""
+    """Every host read of a `jax.Array` (`__array__`, `_value`, host copies) and every wait for one (its
+    `block_until_ready` method, or `jax.block_until_ready` on several) during the loop happens inside the logging
+    fetch: a wait each step stalls the host as a read does. (`jax.transfer_guard` cannot show this on CPU, where
+    device arrays already live in host memory, so the reads are counted at the array type itself.)"""
+    from jax._src import api as api_module
     from jax._src import array as array_module
 
     state = {"training": False, "fetching": False}
@@ -56,8 +60,11 @@ def test_nothing_is_read_from_the_device_between_logging_steps(tmp_path, monkeyp
         return read
 
     impl = array_module.ArrayImpl
-    for name in ("__array__", "copy_to_host_async", "_copy_single_device_array_to_host_async"):
+    for name in ("__array__", "copy_to_host_async", "_copy_single_device_array_to_host_async", "block_until_ready"):
         monkeypatch.setattr(impl, name, counted(name, getattr(impl, name)))
+    batched = api_module.xc.batched_block_until_ready  # `jax.block_until_ready` of two or more arrays
+    wait_for_all = counted("batched_block_until_ready", lambda _, arrays: batched(arrays))
+    monkeypatch.setattr(api_module.xc, "batched_block_until_ready", lambda arrays: wait_for_all(None, arrays))
     monkeypatch.setattr(impl, "_value", property(counted("_value", impl._value.fget)))
     fetch = loop_module.metrics_lib.fetch
 
@@ -86,6 +93,12 @@ def test_nothing_is_read_from_the_device_between_logging_steps(tmp_path, monkeyp
     state["fetching"] = False
     float(trainer.state.step)
     assert stray, "the patched reads must observe a host read"
+    stray.clear()
+    trainer.state.step.block_until_ready()
+    assert stray == ["block_until_ready"], "the patched method must observe a wait"
+    stray.clear()
+    jax.block_until_ready(trainer.state)
+    assert stray == ["batched_block_until_ready"], "the patched function must observe a wait on several arrays"
 
 
 def test_at_most_max_steps_in_flight_are_queued_in_a_long_logging_window(tmp_path, monkeypatch):

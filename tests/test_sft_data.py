@@ -369,3 +369,14 @@ def test_tokenised_chats_pack_and_pad_with_the_same_supervised_targets(toks):
     assert tok.decode(padded["targets"][padded["loss_mask"] > 0]) == expected
     supervised = sorted(packed["targets"][packed["loss_mask"] > 0].tolist())
     assert supervised == sorted(padded["targets"][padded["loss_mask"] > 0].tolist())
+
+
+@pytest.mark.parametrize("row", [{"messages": CHAT[:4]}, {"prompt": CHAT[:2], "completion": CHAT[2:4]}],
+                         ids=["conversation", "prompt_completion_messages"])
+def test_eos_after_an_unsupervised_last_turn_is_not_supervised(toks, row):
+    """A chat ending in a user turn under assistant_only_loss: the EOS appended after it ends no answer."""
+    tok = toks["llama3_base"]  # EOS is not the end of turn, so one is appended
+    out = tokenize(row, tok, ASSISTANT_ONLY)
+    assert out.input_ids[-1] == tok.eos_token_id and out.loss_mask[-1] == 0
+    assert supervised_spans(tok, out.input_ids, out.loss_mask) == [assistant_span("llama3_base", CHAT[2]["content"])]
+    assert tokenize(row, tok).loss_mask[-1] == 1  # every token supervised: so is the EOS

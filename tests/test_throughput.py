@@ -50,6 +50,16 @@ def test_matmul_params_are_the_models_kernels(tied):
     assert flops.matmul_params(config) == kernels + (embedding if tied else 0)
 
 
+def test_model_flops_count_each_batch_at_its_own_length(tmp_path):
+    """The per-token count depends on the sequence length (attention): a padded run's buckets differ."""
+    trainer = BaseTrainer(tiny_args(tmp_path))
+    trainer.model_config = hand_config()  # what setup would build; no module yet: every weight is trained
+    for rows, length in ((4, 16), (2, 32), (4, 16)):
+        batch = {"input_ids": np.zeros((rows, length), np.int32)}
+        per_token = flops.training_flops_per_token(trainer.model_config, length)
+        assert trainer.model_flops(batch) == per_token * rows * length, length
+
+
 # ------------------------------------------------------------------------------------ padding efficiency
 EXAMPLE_LENGTHS = np.array([5, 9, 3, 12, 7, 4])  # tokens per example: n tokens give n - 1 positions
 
