@@ -18,6 +18,16 @@ from model_configs import right_padded_batch, tiny_config
 from scan_models import arguments, lora_model, per_layer
 
 
+@pytest.fixture
+def collections_of_this_test():
+    """`gc.collect()` looks only at the objects this test makes: the process's older ones (a million in a worker that
+    ran half the suite: a second a collection) are frozen until it ends, garbage among them included, which then
+    counts alike before and after each call. What the test makes and lets go of is collected."""
+    gc.freeze()
+    yield
+    gc.unfreeze()
+
+
 def live_bytes() -> int:
     """Bytes of the device buffers alive now, each counted once (arrays placed with aliasing share one)."""
     gc.collect()
@@ -40,7 +50,8 @@ def bytes_after_each_call(monkeypatch, owner, name: str) -> list[int]:
 
 
 @pytest.mark.parametrize("direction", ["stack", "unstack"])
-def test_switching_the_layout_holds_at_most_one_stacked_weight_more_than_the_model(monkeypatch, direction):
+def test_switching_the_layout_holds_at_most_one_stacked_weight_more_than_the_model(monkeypatch, direction,
+                                                                                 collections_of_this_test):
     """Setting `scan_layers` moves the weights one variable at a time and lets go of what it moved: the
     devices never hold a second copy of every layer (what made a LoRA run under scan_layers, which stacks
     the loaded layers after adding its adapters, peak at twice its base weights)."""
@@ -59,7 +70,8 @@ def test_switching_the_layout_holds_at_most_one_stacked_weight_more_than_the_mod
         np.testing.assert_array_equal(got[path], value, err_msg="/".join(map(str, path)))
 
 
-def test_a_lora_run_under_scan_layers_stacks_its_loaded_base_without_a_second_copy(tmp_path, monkeypatch):
+def test_a_lora_run_under_scan_layers_stacks_its_loaded_base_without_a_second_copy(tmp_path, monkeypatch,
+                                                                                  collections_of_this_test):
     """A LoRA run from `model_name_or_path` loads per layer, adds its adapters, then stacks: at every stack the
     devices hold the base and adapters plus at most one stacked weight, never the base twice."""
     config = tiny_config(hidden_size=128, intermediate_size=512, num_hidden_layers=8)

@@ -34,18 +34,22 @@ def run_layouts(*layouts: tuple) -> list[dict]:
     return lines
 
 
-def run_layout(data, fsdp, tensor, devices, *flags) -> dict:
-    return run_layouts((data, fsdp, tensor, devices, *flags))[0]
+@pytest.fixture(scope="module")
+def saved_on_222(tmp_path_factory) -> Path:
+    """Where the `layouts` process writes a (2,2,2) run stopped and checkpointed at step 3."""
+    return tmp_path_factory.mktemp("saved_on_222") / "run"
 
 
 @pytest.fixture(scope="module")
-def layouts() -> dict[str, dict]:
+def layouts(saved_on_222) -> dict[str, dict]:
     """Each layout trained 5 steps in one process; the 1-device run also evaluates and samples (the generation
     reference), the (2,2,2) one counts its step's collectives (the plain attention's, for the splash test). Also
-    on (2,2,2): the splash kernel, and scan_layers with evaluation and sampling."""
+    on (2,2,2): the splash kernel, scan_layers with evaluation and sampling, and a run stopped at step 3 and
+    checkpointed in `saved_on_222` (for the resume test: a process start costs more than its three steps)."""
     extra = {"1 device": ["--evaluate"], "(2,2,2)": ["--collectives"]}
     variants = {"(2,2,2) splash": (2, 2, 2, 8, "--attention", "splash", "--collectives"),
-                "(2,2,2) scan": (2, 2, 2, 8, "--scan", "--evaluate")}
+                "(2,2,2) scan": (2, 2, 2, 8, "--scan", "--evaluate"),
+                "(2,2,2) stopped at 3": (2, 2, 2, 8, "--output-dir", saved_on_222, "--stop-at", 3)}
     runs = {**{name: (*shape, *extra.get(name, [])) for name, shape in LAYOUTS.items()}, **variants}
     return dict(zip(runs, run_layouts(*runs.values())))
 
@@ -105,17 +109,19 @@ def test_fsdp_holds_about_one_eighth_per_device(layouts):
 
 
 @pytest.mark.slow
-def test_checkpoint_from_one_layout_resumes_on_others(layouts, tmp_path):
-    """Saved on (2,2,2) at step 3; resumed on (8,1,1) and on 1 device: the loss curve continues."""
+def test_checkpoint_from_one_layout_resumes_on_others(layouts, saved_on_222, tmp_path):
+    """Saved on (2,2,2) at step 3 (by the `layouts` process); resumed, each from its own copy, on (8,1,1) and on 1
+    device by one fresh process that wrote neither: the loss curve continues."""
     import shutil
 
     reference = layouts["1 device"]["losses"]
-    saved = run_layout(2, 2, 2, 8, "--output-dir", tmp_path / "a", "--stop-at", 3)
-    assert saved["losses"] == pytest.approx(reference[:3], abs=1e-5)
-    shutil.copytree(tmp_path / "a", tmp_path / "b")
-    for directory, shape in (("a", (8, 1, 1, 8)), ("b", (1, 1, 1, 1))):
-        resumed = run_layout(*shape, "--output-dir", tmp_path / directory, "--resume")
-        assert resumed["losses"] == pytest.approx(reference[3:], abs=1e-5, rel=1e-5), (directory, shape)
+    assert layouts["(2,2,2) stopped at 3"]["losses"] == pytest.approx(reference[:3], abs=1e-5)
+    shapes = {tmp_path / "a": (8, 1, 1, 8), tmp_path / "b": (1, 1, 1, 1)}
+    for directory in shapes:
+        shutil.copytree(saved_on_222, directory)
+    resumed = run_layouts(*((*shape, "--output-dir", directory, "--resume") for directory, shape in shapes.items()))
+    for result, (directory, shape) in zip(resumed, shapes.items()):
+        assert result["losses"] == pytest.approx(reference[3:], abs=1e-5, rel=1e-5), (directory.name, shape)
 
 
 RAGGED = [((1, 1, 1, 1), 4), ((2, 2, 2, 8), 4), ((8, 1, 1, 8), 2)]
