@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from fractions import Fraction
 from typing import Any
 
 import jax
@@ -21,11 +20,11 @@ from easytrain.norms import global_norm
 
 
 def warmup_steps(args: TrainingArguments, total_steps: int) -> int:
-    """`warmup_steps` cut to the run's length, else `warmup_ratio` of it rounded down. The ratio is taken as the
-    decimal it prints as, so 0.29 of 100 is 29 (the float product is 28.999999999999996)."""
+    """`warmup_steps` cut to the run's length, else `warmup_ratio` of it rounded down, the product's float error
+    first rounded off: 0.29 of 100 is 29 (the float product is 28.999999999999996), 1/3 of 3 is 1."""
     if args.warmup_steps > 0:
         return min(args.warmup_steps, total_steps)
-    return math.floor(Fraction(str(args.warmup_ratio)) * total_steps)
+    return math.floor(round(args.warmup_ratio * total_steps, 6))
 
 
 def build_schedule(args: TrainingArguments, total_steps: int) -> optax.Schedule:

@@ -32,11 +32,14 @@ def test_warmup_ratio():
     assert float(schedule(10)) == pytest.approx(0.5)
 
 
-@pytest.mark.parametrize(("ratio", "expected"), [(0.29, 29), (0.57, 57), (0.58, 58), (0.05, 5), (0.295, 29)])
-def test_warmup_ratio_rounds_the_decimal_product_down_not_its_float_error(ratio, expected):
+@pytest.mark.parametrize(("ratio", "total", "expected"), [
+    (0.29, 100, 29), (0.57, 100, 57), (0.58, 100, 58), (0.05, 100, 5), (0.295, 100, 29),
+    (1 / 3, 3, 1), (1 / 3, 300, 100), (2 / 3, 3, 2), (1 / 7, 700, 100), (0.1, 7, 0)])
+def test_warmup_ratio_rounds_the_product_down_not_its_float_error(ratio, total, expected):
     """0.29 * 100 is 28.999999999999996 in floats: a plain int() gave 28 updates of warmup where the help's
-    'rounded down' means 29."""
-    assert warmup_steps(TrainingArguments(warmup_ratio=ratio), total_steps=100) == expected
+    'rounded down' means 29; and 1/3 of 3 is 1, however the ratio was written (its 16-digit decimal times 3 is
+    0.9999999999999999)."""
+    assert warmup_steps(TrainingArguments(warmup_ratio=ratio), total_steps=total) == expected
 
 
 @pytest.mark.parametrize("kind", ["constant", "linear", "cosine"])
