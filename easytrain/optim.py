@@ -27,6 +27,12 @@ def warmup_steps(args: TrainingArguments, total_steps: int) -> int:
     return math.floor(round(args.warmup_ratio * total_steps, 6))
 
 
+def schedule_record(args: TrainingArguments, total_steps: int) -> dict[str, int]:
+    """What `build_schedule` resolves `args` to, in updates: each checkpoint records it, so a resume under the same
+    arguments can tell a schedule this easytrain computes otherwise (another rounding of `warmup_ratio`)."""
+    return {"warmup_updates": int(warmup_steps(args, total_steps)), "total_updates": int(total_steps)}
+
+
 def build_schedule(args: TrainingArguments, total_steps: int) -> optax.Schedule:
     """Linear warmup from 0 to the peak, then constant, linear or cosine decay to 0 at `total_steps`."""
     peak = args.learning_rate

@@ -33,7 +33,7 @@ from easytrain.data.token_range import vocab_size_of
 from easytrain.errors import ArgumentError
 from easytrain.evaluators import Evaluator, usable_evaluators
 from easytrain.frozen import Frozen, FrozenPlan
-from easytrain.optim import build_optimizer, build_schedule
+from easytrain.optim import build_optimizer, build_schedule, schedule_record
 from easytrain.protocol import ConfiguredDataloaders, ConfiguredFunctions, ConfiguredModel
 from easytrain.state import TrainState, bind
 from easytrain.trainers import (adapters, batch_fields, builders, data_agreement, preemption, process_failure, run_lock,
@@ -108,6 +108,7 @@ class BaseTrainer(ProtocolProperties, InitialPolicyHooks, RunRecordHooks, TrainS
         self._model: ConfiguredModel | None = None
         self._functions: ConfiguredFunctions | None = None
         self._schedule: optax.Schedule | None = None
+        self._schedule_record: dict[str, int] | None = None  # what `configure_schedule` built, for run_info
         self._checkpoints: CheckpointManager | None = None
         self.model_config: Any = None
         self.base_fingerprint: dict[str, list[int]] | None = None  # of the frozen base under LoRA
@@ -243,7 +244,8 @@ class BaseTrainer(ProtocolProperties, InitialPolicyHooks, RunRecordHooks, TrainS
 
     def configure_schedule(self, total_steps: int) -> optax.Schedule:
         """The learning rate of each update; `setup` calls it once, before `configure_model`, and the train step
-        applies and logs it (`scheduler`)."""
+        applies and logs it (`scheduler`). Its warmup and length are recorded in each checkpoint (`run_record`)."""
+        self._schedule_record = schedule_record(self._arguments, total_steps)
         return build_schedule(self._arguments, total_steps)
 
     def configure_optimizer(self, schedule: optax.Schedule) -> optax.GradientTransformation:

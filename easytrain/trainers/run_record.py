@@ -27,7 +27,7 @@ from easytrain.tasks.registry import Task, resolve_task
 from easytrain.trainers import builders
 from easytrain.trainers.lora_record import LORA_CONFIG_KEY, config_record
 from easytrain.trainers.restore_checks import FROZEN_FINGERPRINTS, stored_record
-from easytrain.trainers.resume_checks import DEFAULT_OPTIMIZER_KEY, FORMAT_VERSION, config_dict
+from easytrain.trainers.resume_checks import DEFAULT_OPTIMIZER_KEY, FORMAT_VERSION, SCHEDULE_KEY, config_dict
 from easytrain.trainers.run_dir import rerun_arguments
 
 logger = logging.getLogger("easytrain")
@@ -53,6 +53,8 @@ class RunRecordHooks:
             info["task_arguments"] = task
         if self.lora is not None:  # the config in use, whichever route set it: compared on resume (`lora_record`)
             info[LORA_CONFIG_KEY] = config_record(self.lora, self._arguments.lora_adapter_path)
+        if schedule := getattr(self, "_schedule_record", None):  # compared on resume (`resume_checks.warn_changes`)
+            info[SCHEDULE_KEY] = dict(schedule)
         if frozen := frozen_fingerprints(self):  # compared on resume (`restore_checks.check_frozen_entries`)
             info[FROZEN_FINGERPRINTS] = frozen
         return info if self.base_fingerprint is None else {**info, "base_fingerprint": self.base_fingerprint}

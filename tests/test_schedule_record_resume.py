@@ -1,0 +1,102 @@
+"""A resume under the checkpoint's own schedule arguments still warns where the schedule this easytrain computes
+from them is not the one the run started with: each checkpoint records the warmup and the length in updates its
+run computed (an easytrain that rounded warmup_ratio otherwise gave 1/3 of 6 updates one warmup update where this
+one gives two, and the resumed curve changed in silence). A resume computing the same schedule warns nothing, and
+a checkpoint written before the record resumes as before."""
+
+import logging
+import math
+from fractions import Fraction
+
+import pytest
+
+from easytrain import BaseTrainer, optim
+from easytrain.checkpoint import CheckpointManager
+from easytrain.trainers.resume import check_resumable
+from easytrain.trainers.resume_checks import SCHEDULE_KEY
+from runs import StopAt, args_for, copied_run, logged
+
+SCHEDULE = dict(max_steps=6, save_steps=3, warmup_ratio=1 / 3, learning_rate=1e-2, lr_scheduler_type="linear")
+#: What the warning says of the run below: the warmup as the older rule computed it, and as this easytrain does.
+WARMUP_CHANGED = "the schedule's warmup is now 2 updates where the run started with 1"
+
+
+def decimal_rule(args, total_steps: int) -> int:
+    """An earlier easytrain's warmup rule (63e5fbd): the ratio read as its printed decimal, so 1/3 of 6 updates is
+    1 (0.3333333333333333 * 6 is below 2)."""
+    if args.warmup_steps > 0:
+        return min(args.warmup_steps, total_steps)
+    return math.floor(Fraction(str(args.warmup_ratio)) * total_steps)
+
+
+@pytest.fixture(scope="module")
+def older_run(tmp_path_factory):
+    """A run of 6 updates stopped (and checkpointed) at step 3, started under `decimal_rule`."""
+    output_dir = tmp_path_factory.mktemp("older") / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(optim, "warmup_steps", decimal_rule)
+        BaseTrainer(args_for(output_dir, **SCHEDULE), callbacks=[StopAt(3)]).train()
+    return output_dir
+
+
+def schedule_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.levelno >= logging.WARNING and "learning-rate schedule" in r.getMessage()]
+
+
+def resumed(run, caplog) -> list[str]:
+    """Resume `run` to its end with its own arguments; the schedule warnings it logged."""
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="easytrain"):
+        BaseTrainer(args_for(run, resume_from_checkpoint="latest", **SCHEDULE)).train()
+    return schedule_warnings(caplog)
+
+
+def test_the_checkpoint_records_the_schedule_its_run_computed(older_run):
+    with CheckpointManager(older_run / "checkpoints", read_only=True) as manager:
+        assert manager.read_run_info(3)[SCHEDULE_KEY] == {"warmup_updates": 1, "total_updates": 6}
+
+
+def test_a_schedule_computed_otherwise_from_the_same_arguments_is_warned_of(older_run, tmp_path, caplog):
+    run = copied_run(older_run, tmp_path / "run")
+    warned = resumed(run, caplog)
+    assert len(warned) == 1 and WARMUP_CHANGED in warned[0], warned
+    assert "how warmup_ratio rounds" in warned[0] and "--warmup_steps 1 keeps" in warned[0], warned  # why; the fix
+    rates = logged(run, "learning_rate")
+    assert rates[4] == pytest.approx(0.01 * 3 / 4), rates  # the resumed run follows this easytrain's schedule
+
+
+def test_the_same_schedule_resumes_without_a_warning(older_run, tmp_path, caplog, monkeypatch):
+    run = copied_run(older_run, tmp_path / "run")
+    monkeypatch.setattr(optim, "warmup_steps", decimal_rule)  # the rule the run started under
+    assert resumed(run, caplog) == []
+
+
+def run_info(schedule: dict | None, **arguments) -> dict:
+    info = {"format_version": 1, "arguments": {"seed": 0, "max_steps": 6, "warmup_ratio": 1 / 3, **arguments},
+            "model_config": None}
+    return info if schedule is None else {**info, SCHEDULE_KEY: schedule}
+
+
+def checked(caplog, stored: dict, current: dict) -> list[str]:
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="easytrain"):
+        assert check_resumable(stored, current) == []
+    return schedule_warnings(caplog)
+
+
+def test_a_checkpoint_without_the_record_resumes_as_before(caplog):
+    assert checked(caplog, run_info(None), run_info({"warmup_updates": 2, "total_updates": 6})) == []
+
+
+def test_a_length_computed_otherwise_is_named(caplog):
+    warned = checked(caplog, run_info({"warmup_updates": 2, "total_updates": 6}),
+                     run_info({"warmup_updates": 2, "total_updates": 8}))
+    assert len(warned) == 1 and "length is now 8 updates where the run started with 6" in warned[0], warned
+
+
+def test_a_changed_argument_is_warned_of_once_naming_the_argument(caplog):
+    """Another max_steps changes the computed length too: the argument's warning says why."""
+    warned = checked(caplog, run_info({"warmup_updates": 2, "total_updates": 6}),
+                     run_info({"warmup_updates": 2, "total_updates": 8}, max_steps=8))
+    assert len(warned) == 1 and "max_steps: checkpoint 6 vs now 8" in warned[0], warned
