@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+import transformers
 from flax import nnx
 
 from easytrain.arguments import TrainingArguments
@@ -35,7 +36,7 @@ from easytrain.frozen import Frozen
 from easytrain.lora import adapters_disabled
 from easytrain.losses import LossOutput
 from easytrain.metrics import Mean, mean_over
-from easytrain.models import from_pretrained
+from easytrain.models import LlamaForCausalLM, from_pretrained
 from easytrain.models.hf_io import CheckpointError
 from easytrain.models.hf_load import resolve_checkpoint
 from easytrain.preference import PairLogps, combined_loss, reported_logps, sequence_logps, token_logps
@@ -170,11 +171,14 @@ class DPOTrainer(DPORecordHooks, BaseTrainer):
         the run's adapters and `init_weights_from`'s weights). Checkpointed only when it moves (TR-DPO): a resume
         restores it into the module the fresh run built (through `adapt_module`), of which only the shapes are read."""
         explicit, moving = self.dpo.ref_model_name_or_path, self.dpo.sync_ref_model
+        restored = moving and self._resume_from is not None  # from the checkpoint: only its build's shapes are read
         if explicit:
             try:
                 path = resolve_checkpoint(explicit)
             except CheckpointError as error:
                 raise ArgumentError("ref_model_name_or_path", str(error)) from error
+            if restored:
+                return Frozen(self._shapes_of(transformers.AutoConfig.from_pretrained(path)), checkpoint=True)
             module = self._like_the_policy(from_pretrained(path, dtype=self.dtype, param_dtype=self.param_dtype,
                                                            mesh=self.mesh, rules=self.partition_rules,
                                                            scan_layers=self.arguments.scan_layers))
@@ -183,10 +187,17 @@ class DPOTrainer(DPORecordHooks, BaseTrainer):
                     module, field="ref_model_name_or_path", read_from=path, resume_from=self._resume_from,
                     subject=self.initial_policy_subject)
             return Frozen(module, checkpoint=moving, copy=False)
-        if moving and self._resume_from is not None and not self.arguments.model_name_or_path \
-                and self._given_model is None:  # restored from the checkpoint: only the shapes of its build are read
-            return Frozen(lambda: self._as_initial_policy(self._created_module(), checkpointed=True), checkpoint=True)
+        if restored:  # the policy's own build (`model_name_or_path`'s config, a clone of model=), never its weights
+            given = self._given_model
+            return Frozen(lambda: self._as_initial_policy(self._created_module() if given is None else nnx.clone(given),
+                                                          checkpointed=True), checkpoint=True)
         return Frozen(self._initial_policy_module(checkpointed=moving), checkpoint=moving, copy=False)
+
+    def _shapes_of(self, config: Any) -> Callable[[], nnx.Module]:
+        """A builder of `ref_model_name_or_path`'s module as `from_pretrained` lays it out, for a restore target:
+        traced for its shapes (`Frozen`), so no weight is read or drawn."""
+        return lambda: self._like_the_policy(LlamaForCausalLM(config, dtype=self.dtype, param_dtype=self.param_dtype,
+                                                              rngs=nnx.Rngs(0), scan_layers=self.arguments.scan_layers))
 
     #: How error messages name the initial policy: this trainer's reference.
     initial_policy_subject = DPO_REFERENCE
