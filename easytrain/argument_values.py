@@ -132,7 +132,8 @@ def check_values(args: TrainingArguments) -> None:
     _require(0 <= args.validation_split_percentage < 100, "validation_split_percentage",
              f"must be in [0, 100), got {args.validation_split_percentage}.")
     _require(args.save_total_limit is None or args.save_total_limit > 0, "save_total_limit",
-             f"must be a positive integer or unset, got {args.save_total_limit}.")
+             f"must be a positive number of checkpoints to keep, or unset (null): unset keeps every checkpoint "
+             f"(save_strategy='no' saves none); got {args.save_total_limit}.")
     for name in ("dtype", "param_dtype"):
         _require(getattr(args, name) != "float16", name,
                  "float16 needs dynamic loss scaling, which easytrain does not do: without it small gradients "

@@ -1,5 +1,6 @@
 """`put_weights` refuses weights that leave out a variable the source set: placed anyway, that variable would keep
-its random initial value in the second state (DPO's policy after its reference), silently."""
+its random initial value in the second state (DPO's policy after its reference), silently; `initialise_from` refuses
+a source tensor this model has no place for."""
 
 import jax
 import jax.numpy as jnp
@@ -7,8 +8,11 @@ import numpy as np
 import optax
 import pytest
 
-from easytrain.state import TrainState
+from easytrain.errors import ArgumentError
+from easytrain.models import init_model
+from easytrain.state import TrainState, raw_key, split_model
 from easytrain.trainers import init_weights
+from model_configs import tiny_config
 
 
 def make_state(seed: int) -> TrainState:
@@ -64,3 +68,19 @@ def test_weights_of_another_layout_still_give_none(read_once):
     state = make_state(1)
     misshapen = {**read_once, ("dense", "bias"): jnp.zeros((4,))}
     assert init_weights.put_weights(state, shardings_of(state), misshapen) is None
+
+
+def test_an_untied_source_into_a_tied_model_is_refused_naming_its_head(tmp_path):
+    """A fresh start from an export with an `lm_head` into a tied model (no head) would drop the trained head without
+    a word: the refusal lists it as not in this model (docs/checkpoints.md, "Every tensor must fit")."""
+    source = init_model(tiny_config(num_hidden_layers=1, tie_word_embeddings=False))
+    graphdef, params, rest = split_model(init_model(tiny_config(num_hidden_layers=1, tie_word_embeddings=True)))
+    state = TrainState.create(graphdef=graphdef, params=params, model_state=rest, tx=optax.sgd(0.1),
+                              rng=raw_key(0))
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"")  # an export directory's files; load_pretrained reads none
+    with pytest.raises(ArgumentError) as refusal:
+        init_weights.initialise_from(str(tmp_path), state, shardings_of(state), load_pretrained=lambda _: source,
+                                     fresh_ok=lambda path, part: False)
+    assert refusal.value.field == "init_weights_from"
+    assert "(1 tensor(s): lm_head.kernel: not in this model)" in refusal.value.message

@@ -141,12 +141,19 @@ def test_packed_rows_hold_each_example_exactly(strategy):
     assert packed.stats["num_tokens"] == int(np.sum(lengths - 1))
 
 
-def test_segments_are_numbered_from_one_in_each_row():
+def test_segments_are_numbered_from_one_in_each_row_and_their_positions_restart_at_zero():
+    """Positions are read by custom models and by RoPE (where a row's offset changes bfloat16 results), though
+    segment masks plus RoPE's relative angles make the tiny model's logits agree without the restart."""
     packed = pack_examples(random_examples([5, 3, 9, 2, 7, 4, 4]), 12, seed=0)
-    for row in collated(packed)["segment_ids"]:
+    batch = collated(packed)
+    for row, positions in zip(batch["segment_ids"], batch["positions"]):
         numbers = row[row > 0]
         assert numbers[0] == 1 and set(np.diff(numbers)) <= {0, 1}
         assert np.all(row[np.argmax(row == 0):] == 0) or np.all(row > 0)  # padding only at the end
+        for segment in set(numbers.tolist()):
+            np.testing.assert_array_equal(positions[row == segment], np.arange(np.sum(row == segment)))
+        assert np.all(positions[row == 0] == 0)
+    assert any(len(set(row[row > 0].tolist())) > 1 for row in batch["segment_ids"]), "rows hold several segments"
 
 
 @pytest.mark.parametrize("strategy", ["bfd", "wrapped"])

@@ -9,11 +9,11 @@ import optax
 import pytest
 import transformers
 
-from easytrain import TrainState, token_cross_entropy_sums
+from easytrain import LossOutput, TrainState, token_cross_entropy_sums
 from easytrain.losses import causal_lm_loss
 from easytrain.models import init_model
 from easytrain.state import raw_key, split_model
-from easytrain.metrics import Max, Mean, Min, Sum, fetch, reduce_window
+from easytrain.metrics import Last, Max, Mean, Min, Sum, fetch, reduce_window
 from easytrain.optim import clip_by_global_norm
 from easytrain.steps import eval_step, split_microbatches, train_step, updated
 
@@ -142,6 +142,40 @@ def test_boolean_metrics_count_and_reduce(num_micro):
     assert logged["batches"] == 2 * num_micro
     assert logged["has_first_row"] == 1.0 and logged["all_first_row"] == 0.0
     assert logged["rows_first"] == pytest.approx(2 / 16)
+
+
+def extreme_metrics_loss(model, batch, rng, train, frozen):
+    """A loss that skips the model (quick to compile): the summed target ids over the supervised tokens, plus a
+    float Max of negative values and a Min of positive ones per micro-batch; with rows interleaved over 2
+    micro-batches (ids 0, 2, .. and 1, 3, ..) the Max is -1 and the Min 7."""
+    mask = batch["loss_mask"]
+    ids = batch["example_id"].astype(jnp.float32)
+    return LossOutput(jnp.sum(batch["targets"] * mask), jnp.sum(mask),
+                      {"top": Max(-1 - jnp.min(ids)), "bottom": Min(1 + jnp.max(ids))})
+
+
+def test_a_log_window_weighs_tokens_keeps_the_last_rate_and_the_extremes():
+    """Two accumulated steps with different token counts, logged as one window: the loss is the token-weighted
+    mean (not the mean of the step means), the learning rate the second step's, and the float Max/Min of negative
+    and positive values are theirs (not the accumulation's start value)."""
+    step = jax.jit(functools.partial(train_step, loss_fn=extreme_metrics_loss, schedule=lambda s: 1e-2 * (s + 1),
+                                     num_micro=2))
+    state, first = step(make_state(), ragged_batch())
+    _, second = step(state, ragged_batch(seed=2))
+    first, second = fetch(first), fetch(second)
+    assert first["loss"].count != second["loss"].count
+    logged = reduce_window([first, second])
+    tokens = (first["loss"].total + second["loss"].total) / (first["loss"].count + second["loss"].count)
+    assert logged["loss"] == pytest.approx(float(tokens), rel=1e-6)
+    assert logged["loss"] != pytest.approx((first["loss"].result() + second["loss"].result()) / 2, rel=1e-4)
+    assert logged["learning_rate"] == pytest.approx(2e-2)
+    assert (logged["top"], logged["bottom"]) == (-1.0, 7.0)
+
+
+def test_window_reductions_of_plain_numbers():
+    assert reduce_window([{"loss": Mean(np.float32(1), np.float32(1))},
+                          {"loss": Mean(np.float32(30), np.float32(10))}])["loss"] == pytest.approx(31 / 11)
+    assert reduce_window([{"lr": Last(np.float32(v))} for v in (1, 2, 3)])["lr"] == 3.0
 
 
 def test_microbatches_interleave_rows():
