@@ -1,4 +1,4 @@
-"""Callback dispatch and early stopping, driven by a fake trainer."""
+"""Callback dispatch and early stopping, driven by a fake trainer; and `on_save`'s directory in a one-step run."""
 
 from __future__ import annotations
 
@@ -244,3 +244,19 @@ def test_a_stateful_callback_whose_state_cannot_be_matched_warns_and_starts_afre
     assert progress(early) == (None, None, 0)
     assert "EarlyStopping" in caplog.text and "0:Counter" in caplog.text and "afresh" in caplog.text
     assert len(caplog.records) == 1, "stateless callbacks have nothing to restore"
+
+
+# ----------------------------------------------------------------------------- in a run
+
+
+def test_on_save_names_the_checkpoint_directory_of_its_step(tmp_path) -> None:
+    """`checkpoint_dir` is `output_dir/checkpoints/<step>`, the checkpoint just started, there once the run ends (a
+    callback copies or uploads it then): the directory of all checkpoints, or another step's, sends the wrong files."""
+    from easytrain import BaseTrainer
+    from runs import args_for
+
+    journal: list = []
+    BaseTrainer(args_for(tmp_path / "run", max_steps=1, save_steps=1), callbacks=[Recorder("r", journal)]).train()
+    saved = [args for _, event, args in journal if event == "on_save"]
+    assert saved == [(1, str(tmp_path / "run" / "checkpoints" / "1"))]
+    assert (tmp_path / "run" / "checkpoints" / "1").is_dir()

@@ -63,3 +63,22 @@ def test_compute_metrics_gets_predictions_and_references_both_stripped(tokenizer
                                           max_new_tokens=8)
     assert metric(Trainer()) == {"eval_exact_match": 1.0, "eval_my_exact": 1.0}
     assert seen == {"predictions": ["42", "7"], "references": ["42", "7"]}
+
+
+@pytest.mark.parametrize("without_eos", [False, True])
+def test_exact_match_prompts_start_as_training_documents_do(tokenizer, monkeypatch, without_eos):
+    """Training sees each document right after an EOS separator, so the prompt starts with one (the BOS where the
+    tokenizer has no EOS): without it the model completes a prompt unlike anything it was trained on."""
+    if without_eos:
+        tokenizer.eos_token = None
+    seen = []
+
+    def greedy_complete(model, prompts, max_new_tokens, pad_id, eos_id=None):
+        seen.extend(prompts)
+        return np.full((len(prompts), max_new_tokens), pad_id)
+
+    monkeypatch.setattr(evaluators, "greedy_complete", greedy_complete)
+    evaluators.ExactMatch(["1+1=", "3*4="], ["2", "12"], tokenizer)(Trainer())
+    start = tokenizer.bos_token_id if without_eos else tokenizer.eos_token_id
+    assert start is not None
+    assert seen == [[start, *tokenizer(p, add_special_tokens=False)["input_ids"]] for p in ["1+1=", "3*4="]]

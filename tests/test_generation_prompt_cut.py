@@ -57,6 +57,19 @@ def test_a_prompt_training_keeps_no_answer_of_is_skipped_and_counted(llama3, sid
     assert any("1 of the 3" in r.getMessage() and "skipped" in r.getMessage() for r in caplog.records), caplog.text
 
 
+@pytest.mark.parametrize("room", [0, 1])
+def test_a_right_cut_keeps_the_prompt_only_while_an_answer_token_fits(llama3, room):
+    """At `max_length` = the prompt's length, training keeps the prompt and no answer token: the prompt is skipped.
+    One token more and training keeps the answer's first token: the prompt is kept whole."""
+    row = chat("What is two plus two?")
+    whole, _ = prompt_and_reference(row, llama3, "conversational", SFTDataOptions(max_length=None))
+    options = SFTDataOptions(max_length=len(whole) + room, truncation_side="right")
+    trained = tokenize_example(row, llama3, options, "conversational").input_ids
+    assert trained[: len(whole)] == whole and len(trained) == len(whole) + room
+    prompt, _ = prompt_and_reference(row, llama3, "conversational", options)
+    assert prompt == (whole if room else [])
+
+
 def test_a_short_prompt_is_unchanged(llama3):
     row = chat("What is two plus two?")
     cut, _ = prompt_and_reference(row, llama3, "conversational", SFTDataOptions(max_length=33, truncation_side="left"))

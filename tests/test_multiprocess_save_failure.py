@@ -52,6 +52,19 @@ def test_the_save_barrier_passes_once_every_process_arrived(two_processes_barrie
         save_barrier.barrier(key="async_write_complete.4", timeout_ms=300)  # its second call: process 1 is not there
 
 
+def test_a_passed_barrier_key_is_kept_until_the_next_barrier_is_passed(two_processes_barrier):
+    """A slower process may still be polling for this process's key after this one passed: deleted at once, that
+    process would wait Orbax's whole timeout. No process passes the next barrier before reading it, so the key
+    goes then (the store keeps one per process)."""
+    client, base = two_processes_barrier, f"{save_barrier.BARRIER_KEY}0/async_write_complete.4/"
+    client.key_value_set(f"{base}1/1", "1")  # process 1 is there first
+    save_barrier.barrier(key="async_write_complete.4", timeout_ms=10_000)
+    assert f"{base}1/0" in client.store, "process 1 may still be waiting for it"
+    client.key_value_set(f"{base}2/1", "1")
+    save_barrier.barrier(key="async_write_complete.4", timeout_ms=10_000)
+    assert f"{base}1/0" not in client.store and f"{base}2/0" in client.store
+
+
 def test_the_save_barrier_gives_up_once_another_process_could_not_write(two_processes_barrier):
     """Process 1's part of the save failed: it never arrives, and process 0 stops waiting for it at once (not after
     Orbax's 20 minutes), naming it; its own failed write never ends its wait."""

@@ -41,6 +41,12 @@ class FakeClient:
     def key_value_dir_get(self, key):
         return [(name, value) for name, value in self.store.items() if name.startswith(key)]
 
+    def key_value_delete(self, key):
+        """Deletes `key` and, as the coordination service does, every key in the directory `key/`."""
+        with self.changed:
+            for name in [name for name in self.store if name == key or name.startswith(key.rstrip("/") + "/")]:
+                del self.store[name]
+
 
 
 

@@ -42,7 +42,7 @@ def test_one_token_in_one_row_changes_the_digest():
 
 @pytest.mark.parametrize("column, edited", [
     (["a b", "c", None], ["a b", "c", "d"]),
-    (["a b", "c", "d"], ["a", "b c", "d"]),  # the same bytes, split otherwise
+    (["a b", "c", "d"], ["a", " bc", "d"]),  # the same bytes ("a bcd"), split otherwise
     ([[[1, 2]], [[3]], []], [[[1, 2]], [[3]], [[]]]),
     ([[1, 2], None, [3]], [[1, 2], [], [3]]),
 ])

@@ -14,7 +14,7 @@ import yaml
 
 from easytrain import ArgumentError, TrainingArguments
 from easytrain.cli import main, run
-from easytrain.config_io import parse_task_arguments
+from easytrain.config_io import parse_task_arguments, peek_task
 from easytrain.tasks import register_task, resolve_task, task_names, unregister_task
 
 from runs import child_env
@@ -115,6 +115,16 @@ def test_config_file_holds_task_fields(toy_task, tmp_path, suffix):
     assert main(["train", "--config", str(path), "--toy_label", "flag"]) == 0  # the task comes from the file
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results == {"train_loss": 7.0, "eval_toy_label": "flag"}  # the command line wins over the file
+
+
+def test_the_task_flag_wins_over_the_config_files_task(toy_task, tmp_path):
+    """As every other flag does: `--task unit_toy --config sft.yaml` runs the toy task with the file's other values."""
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"task": "sft", "toy_option": 5, "output_dir": str(tmp_path / "run")}))
+    assert peek_task(["--config", str(path)]) == "sft"
+    assert peek_task(["--task", "unit_toy", "--config", str(path)]) == "unit_toy"
+    assert main(["train", "--task", "unit_toy", "--config", str(path)]) == 0
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["train_loss"] == 5.0
 
 
 def test_arguments_json_holds_the_task_fields_so_it_reruns_the_same_job(tmp_path):
