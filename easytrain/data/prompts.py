@@ -37,8 +37,8 @@ def prompt_and_reference(example: Mapping[str, Any], tokenizer: PreTrainedTokeni
 
     A conversation's reference is its last message, which must be the assistant's. `options` are those the
     training data was tokenised with (its `chat_template`, `add_bos`, `max_length` and `truncation_side` apply
-    here too). The prompt ids are `[]` (and the reference `""`) when training's cut keeps no token of the answer (see
-    `cut_as_trained`) or the answer is a tool call with no text.
+    here too). The prompt ids are `[]` when training's cut keeps no token of the answer (see `cut_as_trained`; the
+    reference is still returned), and both are empty (`[]`, `""`) when the answer is a tool call with no text.
     """
     prompt, reference, _ = _prompt_as_trained(example, tokenizer, data_format, options or SFTDataOptions())
     return (prompt, reference) if reference is not None else ([], "")
