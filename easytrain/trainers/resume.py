@@ -27,8 +27,8 @@ from easytrain.trainers.restore_checks import (  # noqa: F401 (the checks, impor
     check_head_adapter_layout, check_run_length, may_hold_head_adapter, stored_scan_layers)
 from easytrain.trainers.resume_checks import (  # noqa: F401 (the checks, importable from here as before)
     ARCHITECTURE_KEYS, COMPUTE_FIELDS, DATA_ORDER_FIELDS, FORMAT_VERSION, FREE_ON_RESUME, LORA_FIELDS, MAX_LISTED,
-    SCHEDULE_FIELDS, STATE_FIELDS, check_data_position, check_format, check_resumable, config_dict, refuse_changes,
-    rerun_hint, warn_changes)
+    SCHEDULE_FIELDS, STATE_FIELDS, check_data_position, check_format, check_resumable, config_dict, moved_data,
+    refuse_changes, rerun_hint, warn_changes)
 
 logger = logging.getLogger("easytrain")
 
@@ -53,7 +53,8 @@ def restore_checkpoint(checkpoint: tuple[Path, int], current: dict[str, Any], ta
             run_info = manager.read_run_info(step)
         except Exception as error:  # any unreadable file means the same to the user: use another checkpoint
             raise _unreadable(root, step, manager.all_steps(), error) from error
-        data_order_changed = refuse_changes(run_info, current)
+        content_compared = compares_content(manager, step, data_fingerprint)
+        data_order_changed = refuse_changes(run_info, current, content_compared)
         stored_args = run_info.get("arguments") or {}
         try:
             manager.check_items(step)
@@ -70,7 +71,8 @@ def restore_checkpoint(checkpoint: tuple[Path, int], current: dict[str, Any], ta
                         checkpoint_items.ORBAX_METADATA)
         position = _read_position(manager, root, step, data_fingerprint)
         allow = bool(current["arguments"].get("allow_data_order_change"))
-        keep_position = not data_order_changed and check_data_position(position, data_fingerprint, allow)
+        moved = moved_data(stored_args, current["arguments"]) if content_compared else []
+        keep_position = not data_order_changed and check_data_position(position, data_fingerprint, allow, moved)
         try:
             if stored_scan_layers(run_info) in (None, current["arguments"].get("scan_layers")):
                 state, data_state, _ = manager.restore(step, abstract_state=target)
@@ -83,9 +85,25 @@ def restore_checkpoint(checkpoint: tuple[Path, int], current: dict[str, Any], ta
             if is_structure_mismatch(error):
                 raise CheckpointStructureError(root / str(step), str(innermost(error))) from error
             raise _unreadable(root, step, manager.all_steps(), error) from error
-    warn_changes(run_info, current)  # only now: every refusal check passed
+    warn_changes(run_info, current, content_compared)  # only now: every refusal check passed
+    if moved and keep_position:
+        logger.info("the training data moved (%s) and holds the checkpoint's rows (their count and content digest): "
+                    "the run continues exactly from the saved data position", "; ".join(moved))
     logger.info("resumed from %s at step %d", root / str(step), step)
     return Restored(state, data_state if keep_position else None, progress.get("callbacks", {}))
+
+
+def compares_content(manager: CheckpointManager, step: int, fingerprint: Mapping[str, Any] | None) -> bool:
+    """Whether the checkpoint's data position and this run's loader both record the rows' digest, so that
+    `check_data_position` compares the data's content and a local file moved to another path is not refused for its
+    path (`resume_checks.moved_data`). A position that cannot be read counts as one that does: `_read_position`
+    then refuses the checkpoint as unreadable, not the moved path."""
+    if fingerprint is None or DIGEST_KEY not in fingerprint:
+        return False
+    try:
+        return DIGEST_KEY in manager.read_data_state(step)
+    except Exception:  # any reason: `_read_position` reads it again and names it
+        return True
 
 
 def is_structure_mismatch(error: BaseException) -> bool:

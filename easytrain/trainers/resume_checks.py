@@ -4,16 +4,17 @@ A change that would not fit the stored arrays (architecture, optimizer or a sett
 optimizer state where the default `configure_optimizer` builds it, `param_dtype`, LoRA settings) or would change
 which examples the resumed run sees (the data-order fields, the tokenizer, the task's own settings, the training data
 itself) is refused naming the fields and the rerun that restores them, and so is a fixed frozen entry rebuilt with
-other values (`check_frozen_entries`); one that only bends the curve (schedule,
-compute settings, a trainer's loss settings, another mesh) is warned about, once every refusal check passed.
-`allow_data_order_change` lets data changes through.
+other values (`check_frozen_entries`); one that only bends the curve (schedule, compute settings, a trainer's loss
+settings, another mesh) is warned about, once every refusal check passed. `allow_data_order_change` lets data changes
+through. Local data moved to another path is compared by its content where the checkpoint records it (`moved_data`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Collection, Mapping
+import os
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -90,22 +91,22 @@ def config_dict(config: Any) -> dict[str, Any] | None:
     return json.loads(config.to_json_string(use_diff=False)) if hasattr(config, "to_json_string") else None
 
 
-def check_resumable(run_info: dict[str, Any], current: dict[str, Any]) -> list[str]:
+def check_resumable(run_info: dict[str, Any], current: dict[str, Any], content_compared: bool = False) -> list[str]:
     """Refuse a resume whose model, optimizer state, data order or task settings differ from the checkpoint's
     (`refuse_changes`), then warn of the changes it allows (`warn_changes`).
 
     Returns the data-order changes that `allow_data_order_change` let through (empty for an exact resume).
     """
-    allowed = refuse_changes(run_info, current)
-    warn_changes(run_info, current)
+    allowed = refuse_changes(run_info, current, content_compared)
+    warn_changes(run_info, current, content_compared)
     return allowed
 
 
-def refuse_changes(run_info: dict[str, Any], current: dict[str, Any]) -> list[str]:
+def refuse_changes(run_info: dict[str, Any], current: dict[str, Any], content_compared: bool = False) -> list[str]:
     """Raise for a change the checkpoint cannot continue under. `run_info` is the checkpoint's, `current` this
     run's (`BaseTrainer.run_info()`); a task's own options (its `task_arguments`: SFT's packing, a distillation
     teacher) must match like the data-order fields. Logs nothing: the warnings wait until every refusal check
-    passed.
+    passed. `content_compared`: data moved to another path is left to its digest (`moved_data`).
 
     Returns the data-order changes that `allow_data_order_change` let through (empty for an exact resume).
     """
@@ -136,7 +137,7 @@ def refuse_changes(run_info: dict[str, Any], current: dict[str, Any]) -> list[st
                             "fingerprints; resume with the same scan_layers, or start a new output_dir.")
     check_base(run_info, current)
     check_frozen_entries(run_info, current)
-    order, task = _data_changes(run_info, current)
+    order, task = _data_changes(run_info, current, content_compared)
     diffs = order + task
     if diffs and not current_args.get("allow_data_order_change"):
         altered = " and ".join(what for what, changed in (("the data order", order), (
@@ -149,10 +150,11 @@ def refuse_changes(run_info: dict[str, Any], current: dict[str, Any]) -> list[st
     return diffs
 
 
-def warn_changes(run_info: dict[str, Any], current: dict[str, Any]) -> None:
+def warn_changes(run_info: dict[str, Any], current: dict[str, Any], content_compared: bool = False) -> None:
     """Warn of each change `refuse_changes` let through: the resumed curve is no longer the checkpointed run's."""
     stored_args, current_args = run_info.get("arguments") or {}, current["arguments"]
-    if (diffs := sum(_data_changes(run_info, current), [])) and current_args.get("allow_data_order_change"):
+    diffs = sum(_data_changes(run_info, current, content_compared), [])
+    if diffs and current_args.get("allow_data_order_change"):
         logger.warning("resuming with changed settings (%s): allow_data_order_change is set, so the run continues "
                        "under the new ones from the restored step (the data in their order)", "; ".join(diffs))
     if schedule_diffs := _schedule_differences(stored_args, current_args):
@@ -189,10 +191,13 @@ def _loss_differences(run_info: dict[str, Any], current: dict[str, Any]) -> list
     return _differences(stored, _json_form(now), tuple(key for key in now if key in stored))
 
 
-def _data_changes(run_info: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """The changes of the data order (arguments, tokenizer) and of the task's own settings, each `key: a vs b`."""
+def _data_changes(run_info: dict[str, Any], current: dict[str, Any],
+                  content_compared: bool = False) -> tuple[list[str], list[str]]:
+    """The changes of the data order (arguments, tokenizer) and of the task's own settings, each `key: a vs b`;
+    under `content_compared`, less the data moved to another path (`moved_data`)."""
     stored_args, current_args = run_info.get("arguments") or {}, current["arguments"]
-    order = (_differences(stored_args, current_args, DATA_ORDER_FIELDS)
+    moved = {diff.split(":")[0] for diff in moved_data(stored_args, current_args)} if content_compared else set()
+    order = (_differences(stored_args, current_args, tuple(key for key in DATA_ORDER_FIELDS if key not in moved))
              + _tokenizer_change(stored_args, current_args, run_info, current))
     stored_task, current_task = run_info.get("task_arguments") or {}, _json_form(current.get("task_arguments") or {})
     return order, _differences(stored_task, current_task, tuple(sorted(stored_task.keys() | current_task.keys())))
@@ -337,7 +342,17 @@ def _tokenizer_change(stored: dict[str, Any], current: dict[str, Any], stored_in
     return [f"tokenizer_name{'' if named else ' (from model_name_or_path)'}: checkpoint {before!r} vs now {now!r}"]
 
 
-def check_data_position(position: dict[str, Any], fingerprint: Mapping[str, Any] | None, allow: bool) -> bool:
+def moved_data(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Local training data named by another path than the checkpoint's, `key: a vs b` (a copy on another cluster,
+    /scratch copied to /data): `train_file` where both name one, `dataset_name` where this run's is a local folder or
+    file (the checkpoint's may be gone). Whether it holds the same rows only their digest tells."""
+    return [f"{key}: checkpoint {stored[key]!r} vs now {current[key]!r}" for key in ("train_file", "dataset_name")
+            if stored.get(key) and current.get(key) and stored[key] != current[key]
+            and (key == "train_file" or os.path.exists(str(current[key])))]
+
+
+def check_data_position(position: dict[str, Any], fingerprint: Mapping[str, Any] | None, allow: bool,
+                        moved: Sequence[str] = ()) -> bool:
     """Whether the saved data position can be kept: it was saved for the same data (`fingerprint`, the loader's
     `seed`, `global_batch_size`, `num_rows` and `data_digest`, the rows' content). The same arguments over other
     files, another dataset version, edited rows (another `dataset_train` of the same length) or the same rows
@@ -345,12 +360,12 @@ def check_data_position(position: dict[str, Any], fingerprint: Mapping[str, Any]
     refused like a data-order change, or, under `allow_data_order_change`, the position is dropped and
     the data starts afresh (in the new data's order) at the restored step. A position saved before digests were
     recorded is compared without one. Without a fingerprint (a loader of the trainer's own) nothing is compared
-    here; the loader checks when the position is set."""
+    here; the loader checks when the position is set. `moved` (`moved_data`) is named with a content change."""
     if fingerprint is None:
         return True
     if not (diffs := _differences(position, dict(fingerprint), compared_keys(position, fingerprint))):
         return True
-    described = "; ".join(diffs)
+    described, behind = "; ".join([*diffs, *moved]), "at its new path" if moved else "with the same arguments"
     if allow:
         logger.warning("the training data changed since the checkpoint (%s): allow_data_order_change is set, so the "
                        "data starts afresh at the restored step, in the new data's order", described)
@@ -361,7 +376,7 @@ def check_data_position(position: dict[str, Any], fingerprint: Mapping[str, Any]
             if all(diff.startswith(DIGEST_KEY) for diff in diffs)
             else "the files or the dataset version behind them differ")
     raise ArgumentError("resume_from_checkpoint", f"the training data changed since the checkpoint ({described}), "
-                        f"with the same arguments: {what}, and the restored data position would pick other examples "
+                        f"{behind}: {what}, and the restored data position would pick other examples "
                         "than the interrupted run's. Restore the data it was trained on, pass "
                         "--allow_data_order_change to continue from the restored step in the new data's order, or "
                         "start a new output_dir.")
