@@ -100,3 +100,18 @@ def test_a_changed_argument_is_warned_of_once_naming_the_argument(caplog):
     warned = checked(caplog, run_info({"warmup_updates": 2, "total_updates": 6}),
                      run_info({"warmup_updates": 2, "total_updates": 8}, max_steps=8))
     assert len(warned) == 1 and "max_steps: checkpoint 6 vs now 8" in warned[0], warned
+
+
+@pytest.mark.parametrize("advice", [dict(warmup_steps=1, warmup_ratio=1 / 3), dict(warmup_ratio=0.0)])
+def test_following_the_warnings_advice_resumes_the_recorded_schedule_without_a_warning(caplog, advice):
+    """`--warmup_steps 1` (or `--warmup_ratio 0` for a run without warmup) is what the warning above offers to keep
+    the run's warmup: the schedule computed from it is the recorded one, so the changed argument bends nothing."""
+    warmup = advice.get("warmup_steps", 0)
+    assert checked(caplog, run_info({"warmup_updates": warmup, "total_updates": 6}),
+                   run_info({"warmup_updates": warmup, "total_updates": 6}, **advice)) == []
+
+
+def test_a_changed_rate_is_warned_of_even_where_the_updates_agree(caplog):
+    warned = checked(caplog, run_info({"warmup_updates": 2, "total_updates": 6}),
+                     run_info({"warmup_updates": 2, "total_updates": 6}, learning_rate=0.5))
+    assert len(warned) == 1 and "learning_rate: checkpoint None vs now 0.5" in warned[0], warned

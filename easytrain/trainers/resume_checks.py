@@ -28,6 +28,8 @@ from easytrain.trainers.lora_record import (  # noqa: F401 (lora_changes, LORA_F
     LORA_FIELDS, check_lora_resume, lora_changes)
 from easytrain.trainers.restore_checks import check_frozen_entries, stored_scan_layers
 from easytrain.trainers.run_dir import LAUNCH_FIELDS
+from easytrain.trainers.schedule_checks import (  # noqa: F401 (SCHEDULE_*: importable from here as before)
+    SCHEDULE_FIELDS, SCHEDULE_KEY, warn_schedule_changes)
 
 logger = logging.getLogger("easytrain")
 
@@ -37,11 +39,6 @@ FORMAT_VERSION = 1
 # (`tokenizer_name`, else `model_name_or_path`) is one too: other ids for the same text (`_tokenizer_change`).
 DATA_ORDER_FIELDS = ("seed", "train_batch_size", "dataset_name", "dataset_config_name", "train_file",
                      "max_length", "text_column", "max_train_samples", "validation_split_percentage")
-# Changing these is allowed (e.g. training longer) but bends the learning-rate curve from the restored step on.
-SCHEDULE_FIELDS = ("max_steps", "num_train_epochs", "learning_rate", "lr_scheduler_type", "warmup_ratio",
-                   "warmup_steps")
-#: The run_info entry of the schedule its run computed from the arguments (`easytrain.optim.schedule_record`).
-SCHEDULE_KEY = "schedule"
 # What the stored arrays are: another optimizer has other state, another param_dtype other dtypes.
 STATE_FIELDS = ("optimizer", "param_dtype")
 #: The run_info key recording whether `BaseTrainer.configure_optimizer` built the optimizer state from the arguments
@@ -157,14 +154,7 @@ def warn_changes(run_info: dict[str, Any], current: dict[str, Any], content_comp
     if diffs and current_args.get("allow_data_order_change"):
         logger.warning("resuming with changed settings (%s): allow_data_order_change is set, so the run continues "
                        "under the new ones from the restored step (the data in their order)", "; ".join(diffs))
-    if schedule_diffs := _schedule_differences(stored_args, current_args):
-        logger.warning("resuming with a different learning-rate schedule (%s): from the restored step on, the "
-                       "curve differs from the one the checkpointed run would have followed", "; ".join(schedule_diffs))
-    elif computed := computed_schedule_changes(run_info.get(SCHEDULE_KEY), current.get(SCHEDULE_KEY)):
-        logger.warning("resuming with a different learning-rate schedule under the checkpoint's own schedule "
-                       "arguments (%s): %s, so from the restored step on the curve differs from the one the "
-                       "checkpointed run would have followed%s", "; ".join(computed),
-                       *_why_computed_otherwise(run_info[SCHEDULE_KEY], current[SCHEDULE_KEY]))
+    warn_schedule_changes(run_info, current)
     if compute_diffs := _differences(stored_args, current_args, _compared_compute_fields(stored_args, current_args)):
         logger.warning("resuming with other settings of what each step computes (%s): the restored state fits, but "
                        "the steps from here on are not what the checkpointed run would have computed (resume with the "
@@ -217,50 +207,6 @@ def arguments_built_optimizer(run_info: dict[str, Any], current: dict[str, Any])
     was recorded counts as this run's; a `current` that does not record it, as the default."""
     now = current.get(DEFAULT_OPTIMIZER_KEY, True)
     return bool(now and run_info.get(DEFAULT_OPTIMIZER_KEY, now))
-
-
-def _schedule_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """The `SCHEDULE_FIELDS` that changed the schedule, listed with the values as stored and given: every
-    `max_steps` <= 0 trains `num_train_epochs` (earlier docs wrote 0, the arguments store -1), and `num_train_epochs`
-    is compared only where neither side's positive `max_steps` decides the length instead (where one side's does,
-    `max_steps` itself differs)."""
-    before, now = _schedule_as_read(stored), _schedule_as_read(current)
-    return [f"{key}: checkpoint {stored.get(key)!r} vs now {current.get(key)!r}"
-            for key in SCHEDULE_FIELDS if key in before and key in now and before[key] != now[key]]
-
-
-def computed_schedule_changes(stored: Any, now: Any) -> list[str]:
-    """How the schedule this run computed (`SCHEDULE_KEY`: `easytrain.optim.schedule_record`) differs from the one
-    the checkpoint's run computed. A checkpoint written before the record, or a run whose own `configure_schedule`
-    records none, compares nothing: absent is not "changed"."""
-    if not isinstance(stored, dict) or not isinstance(now, dict):
-        return []
-    return [f"the schedule's {what} is now {now[key]} updates where the run started with {stored[key]}"
-            for key, what in (("warmup_updates", "warmup"), ("total_updates", "length"))
-            if key in stored and key in now and stored[key] != now[key]]
-
-
-def _why_computed_otherwise(stored: dict[str, Any], now: dict[str, Any]) -> tuple[str, str]:
-    """Why the same schedule arguments gave another schedule, and (for a warmup alone) the flag that keeps the
-    run's."""
-    if stored.get("total_updates") != now.get("total_updates"):
-        return ("the run's length in updates is counted otherwise from them (under num_train_epochs: other training "
-                "rows or batch size, or an easytrain that counts them otherwise)", "")
-    warmup = stored.get("warmup_updates")
-    keep = f"--warmup_steps {warmup}" if isinstance(warmup, int) and warmup > 0 else "--warmup_ratio 0"
-    return ("this easytrain derives the warmup from them otherwise (how warmup_ratio rounds to whole updates)",
-            f" ({keep} keeps the warmup it started with)")
-
-
-def _schedule_as_read(arguments: dict[str, Any]) -> dict[str, Any]:
-    """`SCHEDULE_FIELDS` of `arguments` as the run's length reads them (`_schedule_differences`)."""
-    values = {key: arguments.get(key) for key in SCHEDULE_FIELDS}
-    steps = values["max_steps"]
-    if isinstance(steps, int) and steps > 0:
-        del values["num_train_epochs"]
-    elif isinstance(steps, int):
-        values["max_steps"] = 0
-    return values
 
 
 def _compared_compute_fields(stored: dict[str, Any], current: dict[str, Any]) -> tuple[str, ...]:
