@@ -126,3 +126,15 @@ def test_a_moved_local_dataset_folder_is_compared_by_content(tmp_path):
 def test_other_data_changes_are_refused_even_with_a_digest(stored, now):
     with pytest.raises(ArgumentError, match="these arguments changed since the checkpoint"):
         resume_checks.refuse_changes(run_info_with(**stored), run_info_with(**now), content_compared=True)
+
+
+def test_a_refusal_beside_a_move_keeps_the_new_path_in_its_rerun_advice():
+    """The rerun the refusal offers reads the checkpoint's arguments.json, which holds the old path: after a real move
+    that file is gone, so the advice names the new path to keep instead of listing the move as a difference."""
+    stored = run_info_with(train_file="/scratch/a.jsonl", max_length=16)
+    now = run_info_with(train_file="/data/a.jsonl", max_length=12)
+    with pytest.raises(ArgumentError) as refused:
+        resume_checks.refuse_changes(stored, now, content_compared=True)
+    message = str(refused.value)
+    assert "max_length: checkpoint 16 vs now 12" in message and "train_file: checkpoint" not in message, message
+    assert "--train_file /data/a.jsonl" in message and "compared by content" in message, message

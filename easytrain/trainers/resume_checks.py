@@ -108,6 +108,9 @@ def refuse_changes(run_info: dict[str, Any], current: dict[str, Any], content_co
     Returns the data-order changes that `allow_data_order_change` let through (empty for an exact resume).
     """
     check_format(run_info)
+    stored_args, current_args = run_info.get("arguments") or {}, current["arguments"]
+    moved = {diff.split(":")[0]: current_args[diff.split(":")[0]]
+             for diff in moved_data(stored_args, current_args)} if content_compared else {}
     stored_config = run_info.get("model_config") or {}
     current_config = current.get("model_config") or {}
     if stored_config and current_config:
@@ -115,8 +118,7 @@ def refuse_changes(run_info: dict[str, Any], current: dict[str, Any], content_co
         if diffs:
             raise ArgumentError("model_config", "the checkpoint was trained with a different architecture ("
                                 + "; ".join(diffs) + "). Resume with the same model, or start a new output_dir."
-                                + rerun_hint(run_info.get("arguments") or {}, current["arguments"]))
-    stored_args, current_args = run_info.get("arguments") or {}, current["arguments"]
+                                + rerun_hint(stored_args, current_args, moved=moved))
     from_arguments = arguments_built_optimizer(run_info, current)
     for name in (name for name in STATE_FIELDS if from_arguments or name not in SWITCH_ARGUMENTS):
         if name in stored_args and stored_args[name] != current_args.get(name):
@@ -126,7 +128,7 @@ def refuse_changes(run_info: dict[str, Any], current: dict[str, Any], content_co
                                 "(a fresh optimizer state).")
     if from_arguments:  # else the restore's comparison of the state trees catches a layout that differs
         check_state_switches(stored_args, current_args)
-    check_lora_resume(run_info, current, lambda shown: rerun_hint(stored_args, current_args, shown=shown))
+    check_lora_resume(run_info, current, lambda shown: rerun_hint(stored_args, current_args, shown=shown, moved=moved))
     layout_changed = stored_scan_layers(run_info) not in (None, current_args.get("scan_layers"))
     if run_info.get("base_fingerprint") and layout_changed:
         raise ArgumentError("scan_layers", "the checkpoint's adapters were trained with scan_layers="
@@ -143,7 +145,7 @@ def refuse_changes(run_info: dict[str, Any], current: dict[str, Any], content_co
                             f"{altered} of the resumed run ({'; '.join(diffs)}). Restore their values, pass "
                             "--allow_data_order_change to continue anyway, or start a new output_dir."
                             + rerun_hint(stored_args, current_args, shown=[diff.split(":")[0] for diff in diffs],
-                                         always=True))
+                                         always=True, moved=moved))
     return diffs
 
 
@@ -250,13 +252,14 @@ def check_state_switches(stored: dict[str, Any], current: dict[str, Any]) -> Non
 
 
 def rerun_hint(stored: dict[str, Any], current: dict[str, Any], shown: Collection[str] = (),
-               always: bool = False) -> str:
+               always: bool = False, moved: Mapping[str, Any] | None = None) -> str:
     """Where a resume is refused for a change: every argument that differs from the checkpoint's saved ones (a
     resume given only `--output_dir` and `--resume_from_checkpoint` leaves the data and tokenizer flags out, and
-    the refusal would otherwise blame only their effect) and the rerun that restores them all. Empty if none
-    differs, unless `always`."""
-    names = [name for name in dict.fromkeys([*stored, *current])
-             if name not in FREE_ON_RESUME and name not in shown and stored.get(name) != current.get(name)
+    the refusal would otherwise blame only their effect) and the rerun that restores them all, keeping the new path
+    of data that `moved` (`moved_data`: the saved one may be gone). Empty if none differs, unless `always`."""
+    moved = moved or {}
+    names = [name for name in dict.fromkeys([*stored, *current]) if name not in moved
+             and name not in FREE_ON_RESUME and name not in shown and stored.get(name) != current.get(name)
              and not (name == "task" and stored.get(name) == UNRECORDED_TASK)]
     if not names and not always:
         return ""
@@ -266,8 +269,10 @@ def rerun_hint(stored: dict[str, Any], current: dict[str, Any], shown: Collectio
     what = "Other arguments" if shown else "Arguments"
     others = f" {what} that differ from the checkpoint's: {listed}{more}." if names else ""
     config = Path(str(stored.get("output_dir") or current.get("output_dir") or "<output_dir>")) / ARGUMENTS_FILE
-    return (f"{others} To resume with the checkpoint's own settings: easytrain train --config {config} (plus only "
-            "the flags you mean to change).")
+    keep = "".join(f" --{name} {value}" for name, value in moved.items())
+    kept = f" (keep{keep}: the data moved there, and its rows are compared by content)" if moved else ""
+    return (f"{others} To resume with the checkpoint's own settings: easytrain train --config {config}{kept} (plus "
+            "only the flags you mean to change).")
 
 
 def _short(value: Any) -> str:
