@@ -109,8 +109,7 @@ def refuse_changes(run_info: dict[str, Any], current: dict[str, Any], content_co
     """
     check_format(run_info)
     stored_args, current_args = run_info.get("arguments") or {}, current["arguments"]
-    moved = {diff.split(":")[0]: current_args[diff.split(":")[0]]
-             for diff in moved_data(stored_args, current_args)} if content_compared else {}
+    moved = moved_paths(stored_args, current_args) if content_compared else {}
     stored_config = run_info.get("model_config") or {}
     current_config = current.get("model_config") or {}
     if stored_config and current_config:
@@ -188,7 +187,7 @@ def _data_changes(run_info: dict[str, Any], current: dict[str, Any],
     """The changes of the data order (arguments, tokenizer) and of the task's own settings, each `key: a vs b`;
     under `content_compared`, less the data moved to another path (`moved_data`)."""
     stored_args, current_args = run_info.get("arguments") or {}, current["arguments"]
-    moved = {diff.split(":")[0] for diff in moved_data(stored_args, current_args)} if content_compared else set()
+    moved = moved_paths(stored_args, current_args) if content_compared else {}
     order = (_differences(stored_args, current_args, tuple(key for key in DATA_ORDER_FIELDS if key not in moved))
              + _tokenizer_change(stored_args, current_args, run_info, current))
     stored_task, current_task = run_info.get("task_arguments") or {}, _json_form(current.get("task_arguments") or {})
@@ -293,13 +292,18 @@ def _tokenizer_change(stored: dict[str, Any], current: dict[str, Any], stored_in
     return [f"tokenizer_name{'' if named else ' (from model_name_or_path)'}: checkpoint {before!r} vs now {now!r}"]
 
 
-def moved_data(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Local training data named by another path than the checkpoint's, `key: a vs b` (a copy on another cluster,
-    /scratch copied to /data): `train_file` where both name one, `dataset_name` where this run's is a local folder or
-    file (the checkpoint's may be gone). Whether it holds the same rows only their digest tells."""
-    return [f"{key}: checkpoint {stored[key]!r} vs now {current[key]!r}" for key in ("train_file", "dataset_name")
+def moved_paths(stored: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+    """Local training data named by another path than the checkpoint's, `{field: new path}` (a copy on another
+    cluster, /scratch copied to /data): `train_file` where both name one, `dataset_name` where this run's is a local
+    folder or file (the checkpoint's may be gone). Whether it holds the same rows only their digest tells."""
+    return {key: current[key] for key in ("train_file", "dataset_name")
             if stored.get(key) and current.get(key) and stored[key] != current[key]
-            and (key == "train_file" or os.path.exists(str(current[key])))]
+            and (key == "train_file" or os.path.exists(str(current[key])))}
+
+
+def moved_data(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """`moved_paths` as `key: checkpoint a vs now b`, for messages."""
+    return [f"{key}: checkpoint {stored[key]!r} vs now {path!r}" for key, path in moved_paths(stored, current).items()]
 
 
 def check_data_position(position: dict[str, Any], fingerprint: Mapping[str, Any] | None, allow: bool,
