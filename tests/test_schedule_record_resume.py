@@ -115,3 +115,78 @@ def test_a_changed_rate_is_warned_of_even_where_the_updates_agree(caplog):
     warned = checked(caplog, run_info({"warmup_updates": 2, "total_updates": 6}),
                      run_info({"warmup_updates": 2, "total_updates": 6}, learning_rate=0.5))
     assert len(warned) == 1 and "learning_rate: checkpoint None vs now 0.5" in warned[0], warned
+
+
+# ----------------------------------------------------------------------------- a constant schedule's length
+
+
+def constant_info(schedule: dict | None, **arguments) -> dict:
+    return run_info(schedule, **{"lr_scheduler_type": "constant", "learning_rate": 1e-2, **arguments})
+
+
+@pytest.mark.parametrize("stored, now", [
+    (dict(max_steps=6), dict(max_steps=12)),  # a run made longer
+    (dict(max_steps=-1, num_train_epochs=2), dict(max_steps=-1, num_train_epochs=5)),
+    (dict(max_steps=6, warmup_steps=2), dict(max_steps=12, warmup_steps=2)),  # the same warmup, then the peak
+])
+def test_a_constant_schedule_made_longer_with_the_same_warmup_resumes_without_a_warning(caplog, stored, now):
+    """After its warmup a constant schedule holds the peak whatever the run's length: a longer run applies the rate
+    the checkpointed run would have at every update (it warned "max_steps: checkpoint 6 vs now 12")."""
+    warmup = stored.get("warmup_steps", 0)
+    assert checked(caplog, constant_info({"warmup_updates": warmup, "total_updates": 6}, warmup_ratio=0.0, **stored),
+                   constant_info({"warmup_updates": warmup, "total_updates": 12}, warmup_ratio=0.0, **now)) == []
+
+
+def test_a_constant_schedule_counted_longer_from_the_same_arguments_resumes_without_a_warning(caplog):
+    assert checked(caplog, constant_info({"warmup_updates": 0, "total_updates": 6}, warmup_ratio=0.0),
+                   constant_info({"warmup_updates": 0, "total_updates": 8}, warmup_ratio=0.0)) == []
+
+
+def test_a_constant_schedule_whose_warmup_grew_with_its_length_is_warned_of(caplog):
+    """warmup_ratio 1/3 of 12 updates is 4: the rate of updates 2 and 3 is no longer the peak."""
+    warned = checked(caplog, constant_info({"warmup_updates": 2, "total_updates": 6}),
+                     constant_info({"warmup_updates": 4, "total_updates": 12}, max_steps=12))
+    assert len(warned) == 1 and "max_steps: checkpoint 6 vs now 12" in warned[0], warned
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_a_decaying_schedule_made_longer_is_still_warned_of(caplog, kind):
+    warned = checked(caplog, run_info({"warmup_updates": 0, "total_updates": 6}, lr_scheduler_type=kind),
+                     run_info({"warmup_updates": 0, "total_updates": 12}, lr_scheduler_type=kind, max_steps=12))
+    assert len(warned) == 1 and "max_steps: checkpoint 6 vs now 12" in warned[0], warned
+
+
+def test_a_schedule_turned_constant_is_still_warned_of(caplog):
+    warned = checked(caplog, run_info({"warmup_updates": 0, "total_updates": 6}, lr_scheduler_type="linear"),
+                     constant_info({"warmup_updates": 0, "total_updates": 12}, max_steps=12))
+    assert len(warned) == 1 and "lr_scheduler_type: checkpoint 'linear' vs now 'constant'" in warned[0], warned
+
+
+@pytest.mark.parametrize("warmup, updates, warned", [
+    (dict(warmup_steps=0, warmup_ratio=0.0), 0, False),
+    (dict(warmup_steps=2, warmup_ratio=0.0), 2, False),  # 2 of 6 updates and of 12
+    (dict(warmup_steps=0, warmup_ratio=0.25), 3, True),  # 1 of 6 updates, 3 of 12
+])
+def test_a_constant_schedule_of_a_checkpoint_without_the_record_is_read_from_its_arguments(caplog, warmup, updates,
+                                                                                          warned):
+    stored = constant_info(None, **warmup)
+    now = constant_info({"warmup_updates": updates, "total_updates": 12}, max_steps=12, **warmup)
+    assert bool(checked(caplog, stored, now)) is warned
+
+
+def test_a_trainers_own_schedule_made_longer_is_still_warned_of(caplog):
+    """A `configure_schedule` of a trainer's own records nothing, and may decay over the run's length whatever
+    lr_scheduler_type says: the length's change is warned of as before."""
+    warned = checked(caplog, constant_info(None, warmup_steps=0, warmup_ratio=0.0),
+                     constant_info(None, warmup_steps=0, warmup_ratio=0.0, max_steps=12))
+    assert len(warned) == 1 and "max_steps: checkpoint 6 vs now 12" in warned[0], warned
+
+
+def test_a_longer_constant_run_resumes_without_a_warning_at_the_same_rates(tmp_path, caplog):
+    schedule = dict(save_steps=2, learning_rate=1e-2, lr_scheduler_type="constant", warmup_ratio=0.0)
+    BaseTrainer(args_for(tmp_path / "run", max_steps=4, **schedule), callbacks=[StopAt(2)]).train()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="easytrain"):
+        BaseTrainer(args_for(tmp_path / "run", resume_from_checkpoint="latest", max_steps=6, **schedule)).train()
+    assert schedule_warnings(caplog) == []
+    assert list(logged(tmp_path / "run", "learning_rate").values()) == pytest.approx([1e-2] * 6)

@@ -1,6 +1,7 @@
 """The learning-rate schedule on resume: a resume may change it (train longer, another rate), which bends the curve
 from the restored step on and is warned about; so is a schedule this easytrain computes otherwise from the same
-arguments, which each checkpoint's record of the updates its schedule came to (`SCHEDULE_KEY`) shows."""
+arguments, which each checkpoint's record of the updates its schedule came to (`SCHEDULE_KEY`) shows. A constant
+schedule of the same warmup applies the same rate at every update whatever its length: made longer, it bends nothing."""
 
 from __future__ import annotations
 
@@ -20,29 +21,58 @@ SCHEDULE_KEY = "schedule"
 
 def warn_schedule_changes(run_info: dict[str, Any], current: dict[str, Any]) -> None:
     """Warn of a schedule changed by its arguments, else of one computed otherwise from the same arguments."""
+    stored_args, current_args = run_info.get("arguments") or {}, current["arguments"]
     stored_record, current_record = run_info.get(SCHEDULE_KEY), current.get(SCHEDULE_KEY)
-    if schedule_diffs := _schedule_differences(run_info.get("arguments") or {}, current["arguments"], stored_record,
-                                               current_record):
+    same_rates = same_constant_rates(stored_args, current_args, stored_record, current_record)
+    if schedule_diffs := _schedule_differences(stored_args, current_args, stored_record, current_record, same_rates):
         logger.warning("resuming with a different learning-rate schedule (%s): from the restored step on, the "
                        "curve differs from the one the checkpointed run would have followed", "; ".join(schedule_diffs))
-    elif computed := computed_schedule_changes(stored_record, current_record):
+    elif not same_rates and (computed := computed_schedule_changes(stored_record, current_record)):
         logger.warning("resuming with a different learning-rate schedule under the checkpoint's own schedule "
                        "arguments (%s): %s, so from the restored step on the curve differs from the one the "
                        "checkpointed run would have followed%s", "; ".join(computed),
                        *_why_computed_otherwise(stored_record, current_record))
 
 
+def same_constant_rates(stored: dict[str, Any], current: dict[str, Any], stored_record: Any = None,
+                        current_record: Any = None) -> bool:
+    """Whether both runs' schedules are constant (transformers' constant_with_warmup) with the same warmup in
+    updates: each then applies the rate the other would at every update, whatever their lengths (the peak, compared
+    apart as a `RATE_FIELDS` field, after the same warmup), so a run made longer bends nothing. This run must record
+    its schedule (the default `configure_schedule`: a trainer's own may read the length whatever the arguments say);
+    a checkpoint written before the record is read from its arguments."""
+    if (stored.get("lr_scheduler_type") != "constant" or current.get("lr_scheduler_type") != "constant"
+            or not isinstance(current_record, dict)):
+        return False
+    warmups = _warmup_updates(stored, stored_record), _warmup_updates(current, current_record)
+    return warmups[0] is not None and warmups[0] == warmups[1]
+
+
+def _warmup_updates(arguments: dict[str, Any], record: Any) -> int | None:
+    """The warmup in updates a run's schedule came to: its record (`SCHEDULE_KEY`), else (a checkpoint written before
+    it) what the arguments fix whatever the run's length: none, or `warmup_steps` within a positive `max_steps`. None
+    where the length decides it (`warmup_ratio`, or `warmup_steps` beside an epoch count)."""
+    if isinstance(record, dict) and isinstance(record.get("warmup_updates"), int):
+        return record["warmup_updates"]
+    steps, ratio, length = arguments.get("warmup_steps") or 0, arguments.get("warmup_ratio") or 0, arguments.get(
+        "max_steps")
+    if isinstance(steps, int) and steps > 0:
+        return steps if isinstance(length, int) and length >= steps else None
+    return 0 if ratio == 0 else None
+
+
 def _schedule_differences(stored: dict[str, Any], current: dict[str, Any], stored_record: Any = None,
-                          current_record: Any = None) -> list[str]:
+                          current_record: Any = None, same_rates: bool = False) -> list[str]:
     """The `SCHEDULE_FIELDS` that changed the schedule, listed with the values as stored and given: every
     `max_steps` <= 0 trains `num_train_epochs` (earlier docs wrote 0, the arguments store -1), and `num_train_epochs`
     is compared only where neither side's positive `max_steps` decides the length instead (where one side's does,
     `max_steps` itself differs). Where both runs recorded the updates their schedule came to (`SCHEDULE_KEY`) and
     those agree, the fields that only set them (warmup, length) changed nothing: `--warmup_steps N` given to keep a
-    run's warmup is not a change."""
+    run's warmup is not a change; nor are they where `same_rates` (`same_constant_rates`): the rates agree."""
     before, now = _schedule_as_read(stored), _schedule_as_read(current)
     records = (stored_record, current_record)
-    same_updates = all(isinstance(r, dict) and r for r in records) and not computed_schedule_changes(*records)
+    same_updates = same_rates or (all(isinstance(r, dict) and r for r in records)
+                                  and not computed_schedule_changes(*records))
     return [f"{key}: checkpoint {stored.get(key)!r} vs now {current.get(key)!r}"
             for key in SCHEDULE_FIELDS if key in before and key in now and before[key] != now[key]
             and not (same_updates and key not in RATE_FIELDS)]
