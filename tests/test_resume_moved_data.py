@@ -81,8 +81,9 @@ def test_a_moved_and_edited_train_file_is_refused_naming_it(run, tmp_path, token
     before = snapshot(run)
     with pytest.raises(ArgumentError, match=r"^resume_from_checkpoint: the training data changed since the "
                                             r"checkpoint \(data_digest: .*train_file: checkpoint '.*a\.jsonl' vs now "
-                                            r"'.*b\.jsonl'.*--allow_data_order_change"):
+                                            r"'.*b\.jsonl'.*--allow_data_order_change") as refused:
         resume(run, new, tokenizer_dir, trainer=NoCompute).setup()
+    assert "read otherwise" not in str(refused.value)  # the same field reads the file the same way
     assert snapshot(run) == before
 
 
@@ -120,8 +121,9 @@ def test_a_moved_local_dataset_folder_is_compared_by_content(tmp_path):
 
 @pytest.mark.parametrize("stored, now", [
     (dict(dataset_name="org/a"), dict(dataset_name="org/b")),  # a Hub name: another dataset, not a moved one
-    (dict(dataset_name="org/a"), dict(train_file="a.jsonl")),  # another kind of source
+    (dict(train_file="a.jsonl"), dict(dataset_name="org/a")),  # a Hub name is not the file moved
     (dict(train_file="a.jsonl", seed=0), dict(train_file="b.jsonl", seed=1)),  # the seed still counts
+    (dict(dataset_name="/data/a"), dict(train_file="b.jsonl", seed=1)),  # across fields too
 ])
 def test_other_data_changes_are_refused_even_with_a_digest(stored, now):
     with pytest.raises(ArgumentError, match="these arguments changed since the checkpoint"):
@@ -138,3 +140,70 @@ def test_a_refusal_beside_a_move_keeps_the_new_path_in_its_rerun_advice():
     message = str(refused.value)
     assert "max_length: checkpoint 16 vs now 12" in message and "train_file: checkpoint" not in message, message
     assert "--train_file /data/a.jsonl" in message and "compared by content" in message, message
+
+
+# ----------------------------------------------------------------------------- moved between the two fields
+
+
+def folder_args(output_dir, folder, tokenizer_dir, **overrides):
+    return args_for(output_dir, dataset_name=str(folder), tokenizer_name=tokenizer_dir, max_train_samples=None,
+                    validation_split_percentage=10, **overrides)
+
+
+def test_a_train_file_now_in_a_dataset_name_folder_resumes_exactly(runs, run, tokenizer_dir, tmp_path, caplog):
+    """The loader reads a .jsonl file the same under either field (the same rows, order and columns: the digest of
+    the prepared rows agrees), so the saved position holds the same examples. It was refused by path ("train_file:
+    checkpoint '...a.jsonl' vs now None")."""
+    folder = tmp_path / "folder"
+    shutil.copytree(runs[3].parent, folder)
+    with caplog.at_level(logging.INFO, logger="easytrain"):
+        trainer = BaseTrainer(folder_args(run, folder, tokenizer_dir, resume_from_checkpoint="latest"))
+        trainer.train()
+    assert trainer.resumed_data_state is not None and trainer.resumed_data_state["step"] == 2
+    assert logged(run) == logged(runs[0])
+    moved = [r.getMessage() for r in caplog.records if "moved" in r.getMessage() and str(folder) in r.getMessage()]
+    assert len(moved) == 1 and "dataset_name" in moved[0] and "train_file" in moved[0], moved
+    saved = json.loads((run / ARGUMENTS_FILE).read_text())
+    assert (saved["dataset_name"], saved["train_file"]) == (str(folder), None)
+
+
+def test_a_dataset_name_folders_file_given_as_train_file_resumes_exactly(runs, tokenizer_dir, tmp_path):
+    folder = tmp_path / "folder"
+    shutil.copytree(runs[3].parent, folder)
+    BaseTrainer(folder_args(tmp_path / "run", folder, tokenizer_dir), callbacks=[StopAt(2)]).train()
+    shutil.rmtree(folder)  # gone: the rows live on in the file
+    trainer = resume(tmp_path / "run", runs[3], tokenizer_dir)
+    trainer.train()
+    assert trainer.resumed_data_state is not None and logged(tmp_path / "run") == logged(runs[0])
+
+
+def test_a_csv_file_read_otherwise_under_the_other_field_is_refused_naming_why(tmp_path, tokenizer_dir):
+    """A train_file's CSV cells are read literally; a dataset_name folder's as `datasets` infers them ('NA' is a
+    missing value there, dropped): the same file gives other rows, and the refusal says so and how to keep them."""
+    rows = ["text", *LINES[:20], "NA", *LINES[20:]]
+    csv = tmp_path / "data" / "a.csv"
+    csv.parent.mkdir()
+    csv.write_text("\n".join(rows) + "\n")
+    BaseTrainer(file_args(tmp_path / "run", csv, tokenizer_dir), callbacks=[StopAt(1)]).train()
+    before = snapshot(tmp_path / "run")
+    with pytest.raises(ArgumentError) as refused:
+        NoCompute(folder_args(tmp_path / "run", csv.parent, tokenizer_dir, resume_from_checkpoint="latest")).setup()
+    message = str(refused.value)
+    assert "the training data changed since the checkpoint" in message, message
+    assert f"train_file: checkpoint {str(csv)!r} vs now dataset_name {str(csv.parent)!r}" in message, message
+    assert "read otherwise" in message and "--dataset_name none --train_file FILE" in message, message
+    assert snapshot(tmp_path / "run") == before
+
+
+def test_a_move_between_the_fields_keeps_the_new_source_in_the_rerun_advice():
+    """The checkpoint's arguments.json names the other field: the advice unsets it, or the rerun would name two
+    sources."""
+    stored = run_info_with(dataset_name="/scratch/folder", max_length=16)
+    now = run_info_with(train_file="/data/a.jsonl", max_length=12)
+    assert resume_checks.moved_paths(stored["arguments"], now["arguments"]) == {
+        "dataset_name": None, "train_file": "/data/a.jsonl"}
+    with pytest.raises(ArgumentError) as refused:
+        resume_checks.refuse_changes(stored, now, content_compared=True)
+    message = str(refused.value)
+    assert "max_length: checkpoint 16 vs now 12" in message and "dataset_name: checkpoint" not in message, message
+    assert "--dataset_name none --train_file /data/a.jsonl" in message, message

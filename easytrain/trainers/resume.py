@@ -28,7 +28,7 @@ from easytrain.trainers.restore_checks import (  # noqa: F401 (the checks, impor
 from easytrain.trainers.resume_checks import (  # noqa: F401 (the checks, importable from here as before)
     ARCHITECTURE_KEYS, COMPUTE_FIELDS, DATA_ORDER_FIELDS, FORMAT_VERSION, FREE_ON_RESUME, LORA_FIELDS, MAX_LISTED,
     SCHEDULE_FIELDS, STATE_FIELDS, check_data_position, check_format, check_resumable, config_dict, moved_data,
-    refuse_changes, rerun_hint, warn_changes)
+    moved_paths, refuse_changes, rerun_hint, warn_changes)
 
 logger = logging.getLogger("easytrain")
 
@@ -72,7 +72,9 @@ def restore_checkpoint(checkpoint: tuple[Path, int], current: dict[str, Any], ta
         position = _read_position(manager, root, step, data_fingerprint)
         allow = bool(current["arguments"].get("allow_data_order_change"))
         moved = moved_data(stored_args, current["arguments"]) if content_compared else []
-        keep_position = not data_order_changed and check_data_position(position, data_fingerprint, allow, moved)
+        across = content_compared and None in moved_paths(stored_args, current["arguments"]).values()
+        keep_position = not data_order_changed and check_data_position(position, data_fingerprint, allow, moved,
+                                                                       across)
         try:
             if stored_scan_layers(run_info) in (None, current["arguments"].get("scan_layers")):
                 state, data_state, _ = manager.restore(step, abstract_state=target)

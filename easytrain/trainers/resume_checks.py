@@ -268,7 +268,7 @@ def rerun_hint(stored: dict[str, Any], current: dict[str, Any], shown: Collectio
     what = "Other arguments" if shown else "Arguments"
     others = f" {what} that differ from the checkpoint's: {listed}{more}." if names else ""
     config = Path(str(stored.get("output_dir") or current.get("output_dir") or "<output_dir>")) / ARGUMENTS_FILE
-    keep = "".join(f" --{name} {value}" for name, value in moved.items())
+    keep = "".join(f" --{name} {'none' if value is None else value}" for name, value in moved.items())
     kept = f" (keep{keep}: the data moved there, and its rows are compared by content)" if moved else ""
     return (f"{others} To resume with the checkpoint's own settings: easytrain train --config {config}{kept} (plus "
             "only the flags you mean to change).")
@@ -292,22 +292,50 @@ def _tokenizer_change(stored: dict[str, Any], current: dict[str, Any], stored_in
     return [f"tokenizer_name{'' if named else ' (from model_name_or_path)'}: checkpoint {before!r} vs now {now!r}"]
 
 
+#: The fields that name local training data, each read as its own kind of source (`easytrain.data.sources`).
+SOURCE_FIELDS = ("train_file", "dataset_name")
+
+
 def moved_paths(stored: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
     """Local training data named by another path than the checkpoint's, `{field: new path}` (a copy on another
     cluster, /scratch copied to /data): `train_file` where both name one, `dataset_name` where this run's is a local
-    folder or file (the checkpoint's may be gone). Whether it holds the same rows only their digest tells."""
-    return {key: current[key] for key in ("train_file", "dataset_name")
-            if stored.get(key) and current.get(key) and stored[key] != current[key]
-            and (key == "train_file" or os.path.exists(str(current[key])))}
+    folder or file (the checkpoint's may be gone). Data that moved to the other field (a `dataset_name` folder's file
+    now given as `train_file`, or back) gives both fields, the one given up as None. Whether it holds the same rows
+    only their digest tells: the two fields read some files otherwise (`check_data_position`)."""
+    moved = {key: current[key] for key in SOURCE_FIELDS if stored.get(key) and current.get(key)
+             and stored[key] != current[key] and _local(current, key)}
+    across = [(old, new) for old, new in (SOURCE_FIELDS, SOURCE_FIELDS[::-1]) if stored.get(old) and current.get(new)
+              and not stored.get(new) and not current.get(old) and _local(current, new)]
+    return moved or {field: current.get(field) for field in (across[0] if across else ())}
+
+
+def _local(arguments: dict[str, Any], key: str) -> bool:
+    """Whether `arguments[key]` names local data: a `train_file` always, a `dataset_name` where it exists here (else a
+    Hub name)."""
+    return key == "train_file" or os.path.exists(str(arguments[key]))
 
 
 def moved_data(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """`moved_paths` as `key: checkpoint a vs now b`, for messages."""
-    return [f"{key}: checkpoint {stored[key]!r} vs now {path!r}" for key, path in moved_paths(stored, current).items()]
+    """`moved_paths` as `key: checkpoint a vs now b`, for messages; a move to the other field as `dataset_name:
+    checkpoint a vs now train_file b` (or back)."""
+    moved = moved_paths(stored, current)
+    if None in moved.values():  # across the fields: the one given up is None
+        (old, _), (new, path) = sorted(moved.items(), key=lambda item: item[1] is not None)
+        return [f"{old}: checkpoint {stored[old]!r} vs now {new} {path!r}"]
+    return [f"{key}: checkpoint {stored[key]!r} vs now {path!r}" for key, path in moved.items()]
+
+
+#: Where data moved between `train_file` and a `dataset_name` folder: why the same file may give other rows.
+_ACROSS_FIELDS = ("; moved between dataset_name and train_file, the same file may also be read otherwise: a "
+                  "train_file's CSV cells are read literally and as text and a .txt file's byte-order mark is dropped, "
+                  "while a dataset_name folder's files are read as datasets infers them ('NA' a missing value, "
+                  "numbers as numbers) and its files named for a split (validation.jsonl) are that split, not "
+                  "training rows. To read it as the run did, give it under the checkpoint's field, at the path named "
+                  "here (--dataset_name none --train_file FILE, or --train_file none --dataset_name FOLDER)")
 
 
 def check_data_position(position: dict[str, Any], fingerprint: Mapping[str, Any] | None, allow: bool,
-                        moved: Sequence[str] = ()) -> bool:
+                        moved: Sequence[str] = (), across_fields: bool = False) -> bool:
     """Whether the saved data position can be kept: it was saved for the same data (`fingerprint`, the loader's
     `seed`, `global_batch_size`, `num_rows` and `data_digest`, the rows' content). The same arguments over other
     files, another dataset version, edited rows (another `dataset_train` of the same length) or the same rows
@@ -315,7 +343,8 @@ def check_data_position(position: dict[str, Any], fingerprint: Mapping[str, Any]
     refused like a data-order change, or, under `allow_data_order_change`, the position is dropped and
     the data starts afresh (in the new data's order) at the restored step. A position saved before digests were
     recorded is compared without one. Without a fingerprint (a loader of the trainer's own) nothing is compared
-    here; the loader checks when the position is set. `moved` (`moved_data`) is named with a content change."""
+    here; the loader checks when the position is set. `moved` (`moved_data`) is named with a content change, and
+    where the data moved to the other field (`across_fields`) how the two fields read a file otherwise."""
     if fingerprint is None:
         return True
     if not (diffs := _differences(position, dict(fingerprint), compared_keys(position, fingerprint))):
@@ -330,6 +359,8 @@ def check_data_position(position: dict[str, Any], fingerprint: Mapping[str, Any]
             "tokenises prompt and completion differently)"
             if all(diff.startswith(DIGEST_KEY) for diff in diffs)
             else "the files or the dataset version behind them differ")
+    if across_fields:
+        what += _ACROSS_FIELDS
     raise ArgumentError("resume_from_checkpoint", f"the training data changed since the checkpoint ({described}), "
                         f"{behind}: {what}, and the restored data position would pick other examples "
                         "than the interrupted run's. Restore the data it was trained on, pass "
