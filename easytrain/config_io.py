@@ -104,19 +104,26 @@ def _or_none(convert: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
-def build_parser(task_arguments: Sequence[type] = (), task: str | None = None) -> HfArgumentParser:
-    """One parser over `TrainingArguments` and the task's dataclasses (a flag declared twice is refused)."""
+#: The name the `easytrain train` command's help and errors give; a script's own parse gives its own (`prog=None`).
+CLI_PROG = "easytrain train"
+
+
+def build_parser(task_arguments: Sequence[type] = (), task: str | None = None,
+                 prog: str | None = CLI_PROG) -> HfArgumentParser:
+    """One parser over `TrainingArguments` and the task's dataclasses (a flag declared twice is refused), named
+    `prog` in its help and errors: the command's, or (None) the running script's, as argparse names it."""
     check_argument_dataclasses(task_arguments, task=task or "?")
     name = task or "lm"
     titles = {TrainingArguments: "training arguments (TrainingArguments, shared by every task)",
               **{cls: f"task {name!r} arguments ({cls.__name__})" for cls in task_arguments}}
-    parser = _GroupedParser([TrainingArguments, *task_arguments], titles, allow_abbrev=False,
-                            prog="easytrain train",
-                            usage="easytrain train [--task NAME] [--config FILE] [--FIELD VALUE ...]",
-                            description="Train a model with easytrain. Every flag has a default; "
-                                        "with none, a tiny model learns arithmetic on embedded data.",
+    command = prog == CLI_PROG
+    parser = _GroupedParser([TrainingArguments, *task_arguments], titles, allow_abbrev=False, prog=prog,
+                            usage=f"%(prog)s {'[--task NAME] ' if command else ''}[--config FILE] [--FIELD VALUE ...]",
+                            description="Train a model with easytrain. Every flag has a default; with none, a tiny "
+                                        "model learns arithmetic on embedded data." if command else
+                                        "easytrain's training arguments. Every flag has a default.",
                             epilog="A task's own flags show with `easytrain train --task NAME --help`; "
-                                   "`easytrain tasks` lists the tasks.")
+                                   "`easytrain tasks` lists the tasks." if command else None)
     parser.add_argument("--config", default=None,
                         help="YAML or JSON file of arguments; command-line flags override its values.")
     return parser
@@ -177,21 +184,24 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
     return f"{where}{problem}{f' ({context})' if context else ''}{hint}"
 
 
-def parse_arguments(argv: Sequence[str] | None = None) -> TrainingArguments:
+def parse_arguments(argv: Sequence[str] | None = None, prog: str | None = None) -> TrainingArguments:
     """Parse `[--config FILE] [--field value ...]` into validated `TrainingArguments`. `argv` None reads the
-    command line (`sys.argv[1:]`), as argparse does, so a script of one's own takes flags; `[]` means none."""
-    return parse_task_arguments(argv)[0]
+    command line (`sys.argv[1:]`), as argparse does, so a script of one's own takes flags; `[]` means none. Its
+    `--help` and errors name `prog`: None, the script (argparse's default, e.g. `my_train.py`)."""
+    return parse_task_arguments(argv, prog=prog)[0]
 
 
 def parse_task_arguments(argv: Sequence[str] | None = None, task_arguments: Sequence[type] = (),
-                         task: str | None = None) -> tuple[TrainingArguments, tuple[Any, ...]]:
+                         task: str | None = None, prog: str | None = CLI_PROG) -> tuple[TrainingArguments,
+                                                                                        tuple[Any, ...]]:
     """Parse a command line into `TrainingArguments` and one instance of each of the task's dataclasses (`argv`
-    None: `sys.argv[1:]`, as in `parse_arguments`)."""
+    None: `sys.argv[1:]`, as in `parse_arguments`). Help and errors name `prog`: the `easytrain train` command, as
+    it parses with this; pass None from a script of one's own to name the script."""
     from_command_line, argv = argv is None, list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)
-    parser = build_parser(task_arguments, task)
+    parser = build_parser(task_arguments, task, prog)
     config = load_config_file(known.config, task_arguments, task) if known.config else {}
     parser.set_defaults(**config)
     try:
