@@ -2,8 +2,6 @@
 run resumed there counts on exactly as one that never stopped: after a SIGTERM, a callback's stop or a larger
 max_steps."""
 
-import os
-import signal
 from pathlib import Path
 
 import pytest
@@ -12,6 +10,7 @@ from easytrain import BaseTrainer, Callback
 from easytrain.checkpoint import CheckpointManager
 from easytrain.trainers.preemption import TrainingPreempted
 from runs import StopAt
+from signal_callbacks import SigtermAt
 from test_trainer import tiny_args
 
 
@@ -40,17 +39,6 @@ class Counter(Callback):
 
     def load_state_dict(self, state) -> None:
         self.n = state["n"]
-
-
-class SigtermAt(Callback):
-    """Sends this process SIGTERM at the end of `step`: the run checkpoints that step and stops."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, trainer, step) -> None:
-        if step == self.step:
-            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def saved_counts(output_dir: str) -> dict[int, int]:

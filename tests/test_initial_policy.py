@@ -5,9 +5,7 @@ resume rebuilds it from the same sources bit for bit, and refuses a source whose
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 from pathlib import Path
 
 import jax
@@ -16,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from easytrain import ArgumentError, BaseTrainer, Callback, TrainingArguments, lora
+from easytrain import ArgumentError, BaseTrainer, TrainingArguments, lora
 from easytrain.frozen import Frozen
 from easytrain.losses import causal_lm_loss, model_logits
 from easytrain.metrics import Mean
@@ -26,6 +24,7 @@ from easytrain.models.peft_io import save_peft_adapter
 from easytrain.trainers.preemption import TrainingPreempted
 from model_configs import tiny_config
 from runs import StopAt, facts_on_eight_devices, logged
+from signal_callbacks import SigtermAt
 from test_lora_trainer import write_base
 
 RANK = 4
@@ -125,17 +124,6 @@ class HalvedHeadTrainer(KLTrainer):
 def test_the_initial_policy_is_built_through_an_adapt_module_override(sources, tmp_path, start):
     HalvedHeadTrainer(arguments(tmp_path, **STARTS[start](sources))).train()
     assert first_kl(tmp_path) == 0.0
-
-
-class SigtermAt(Callback):
-    """Sends this process SIGTERM at the end of `step`: the run checkpoints it and stops (`TrainingPreempted`)."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, trainer, step):
-        if step == self.step:
-            os.kill(os.getpid(), signal.SIGTERM)
 
 
 @pytest.mark.parametrize("start", RESUMED_STARTS)
