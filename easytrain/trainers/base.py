@@ -109,6 +109,7 @@ class BaseTrainer(ProtocolProperties, InitialPolicyHooks, RunRecordHooks, TrainS
         self._functions: ConfiguredFunctions | None = None
         self._schedule: optax.Schedule | None = None
         self._schedule_record: dict[str, int] | None = None  # what `configure_schedule` built, for run_info
+        self._default_schedule: optax.Schedule | None = None  # the base's: the record is the run's only if it applies
         self._checkpoints: CheckpointManager | None = None
         self.model_config: Any = None
         self.base_fingerprint: dict[str, list[int]] | None = None  # of the frozen base under LoRA
@@ -244,9 +245,11 @@ class BaseTrainer(ProtocolProperties, InitialPolicyHooks, RunRecordHooks, TrainS
 
     def configure_schedule(self, total_steps: int) -> optax.Schedule:
         """The learning rate of each update; `setup` calls it once, before `configure_model`, and the train step
-        applies and logs it (`scheduler`). Its warmup and length are recorded in each checkpoint (`run_record`)."""
+        applies and logs it (`scheduler`). Its warmup and length are recorded in each checkpoint (`run_record`),
+        marked as the default's where the run applies this very schedule (an override may wrap it)."""
         self._schedule_record = schedule_record(self._arguments, total_steps)
-        return build_schedule(self._arguments, total_steps)
+        self._default_schedule = build_schedule(self._arguments, total_steps)
+        return self._default_schedule
 
     def configure_optimizer(self, schedule: optax.Schedule) -> optax.GradientTransformation:
         return build_optimizer(self._arguments, schedule)

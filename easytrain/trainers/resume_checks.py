@@ -28,8 +28,8 @@ from easytrain.trainers.lora_record import (  # noqa: F401 (lora_changes, LORA_F
     LORA_FIELDS, check_lora_resume, lora_changes)
 from easytrain.trainers.restore_checks import check_frozen_entries, stored_scan_layers
 from easytrain.trainers.run_dir import LAUNCH_FIELDS
-from easytrain.trainers.schedule_checks import (  # noqa: F401 (SCHEDULE_*: importable from here as before)
-    SCHEDULE_FIELDS, SCHEDULE_KEY, warn_schedule_changes)
+from easytrain.trainers.schedule_checks import (  # noqa: F401 (SCHEDULE_*, DEFAULT_*: importable from here as before)
+    DEFAULT_OPTIMIZER_KEY, SCHEDULE_FIELDS, SCHEDULE_KEY, warn_schedule_changes)
 
 logger = logging.getLogger("easytrain")
 
@@ -41,10 +41,6 @@ DATA_ORDER_FIELDS = ("seed", "train_batch_size", "dataset_name", "dataset_config
                      "max_length", "text_column", "max_train_samples", "validation_split_percentage")
 # What the stored arrays are: another optimizer has other state, another param_dtype other dtypes.
 STATE_FIELDS = ("optimizer", "param_dtype")
-#: The run_info key recording whether `BaseTrainer.configure_optimizer` built the optimizer state from the arguments
-#: (a trainer's own `configure_optimizer` decides its state's layout itself, whatever `optimizer` or `max_grad_norm`
-#: say): only then do the arguments tell that layout (`arguments_built_optimizer`).
-DEFAULT_OPTIMIZER_KEY = "default_optimizer"
 # What the steps compute with: the stored arrays fit another value, but every later step's numbers change.
 COMPUTE_FIELDS = ("dtype", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "sgd_momentum",
                   "max_grad_norm", "gradient_accumulation_steps")

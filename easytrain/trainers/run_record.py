@@ -29,6 +29,7 @@ from easytrain.trainers.lora_record import LORA_CONFIG_KEY, config_record
 from easytrain.trainers.restore_checks import FROZEN_FINGERPRINTS, stored_record
 from easytrain.trainers.resume_checks import DEFAULT_OPTIMIZER_KEY, FORMAT_VERSION, SCHEDULE_KEY, config_dict
 from easytrain.trainers.run_dir import rerun_arguments
+from easytrain.trainers.schedule_checks import DEFAULT_SCHEDULE_MARK
 
 logger = logging.getLogger("easytrain")
 
@@ -54,7 +55,7 @@ class RunRecordHooks:
         if self.lora is not None:  # the config in use, whichever route set it: compared on resume (`lora_record`)
             info[LORA_CONFIG_KEY] = config_record(self.lora, self._arguments.lora_adapter_path)
         if schedule := getattr(self, "_schedule_record", None):  # compared on resume (`resume_checks.warn_changes`)
-            info[SCHEDULE_KEY] = dict(schedule)
+            info[SCHEDULE_KEY] = {**schedule, DEFAULT_SCHEDULE_MARK: applies_default_schedule(self)}
         if frozen := frozen_fingerprints(self):  # compared on resume (`restore_checks.check_frozen_entries`)
             info[FROZEN_FINGERPRINTS] = frozen
         return info if self.base_fingerprint is None else {**info, "base_fingerprint": self.base_fingerprint}
@@ -176,3 +177,11 @@ def builds_default_optimizer(trainer: Any) -> bool:
     from easytrain.trainers.base import BaseTrainer  # base.py mixes RunRecordHooks in
 
     return getattr(trainer.configure_optimizer, "__func__", None) is BaseTrainer.configure_optimizer
+
+
+def applies_default_schedule(trainer: Any) -> bool:
+    """Whether the schedule `trainer` applies is the very one `BaseTrainer.configure_schedule` built (returned
+    as is, e.g. of `2 * total_steps` updates): only then do its arguments and record tell its rate at each update; an
+    override wrapping it may read the run's length whatever they say."""
+    built = getattr(trainer, "_default_schedule", None)
+    return built is not None and getattr(trainer, "_schedule", None) is built

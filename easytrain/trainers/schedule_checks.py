@@ -1,7 +1,8 @@
 """The learning-rate schedule on resume: a resume may change it (train longer, another rate), which bends the curve
 from the restored step on and is warned about; so is a schedule this easytrain computes otherwise from the same
 arguments, which each checkpoint's record of the updates its schedule came to (`SCHEDULE_KEY`) shows. A constant
-schedule of the same warmup applies the same rate at every update whatever its length: made longer, it bends nothing."""
+schedule of the same warmup applies the same rate at every update whatever its length: made longer, it bends nothing,
+where the defaults set the rates (not a trainer's own optimizer, nor a schedule of its own wrapping the default's)."""
 
 from __future__ import annotations
 
@@ -17,13 +18,19 @@ SCHEDULE_FIELDS = ("max_steps", "num_train_epochs", "learning_rate", "lr_schedul
 RATE_FIELDS = ("learning_rate", "lr_scheduler_type")
 #: The run_info entry of the schedule its run computed from the arguments (`easytrain.optim.schedule_record`).
 SCHEDULE_KEY = "schedule"
+#: The run_info key recording whether `BaseTrainer.configure_optimizer` built the optimizer state from the arguments
+#: (a trainer's own `configure_optimizer` decides its state's layout itself, whatever `optimizer` or `max_grad_norm`
+#: say): only then do the arguments tell that layout (`resume_checks.arguments_built_optimizer`), or its rates.
+DEFAULT_OPTIMIZER_KEY = "default_optimizer"
+#: The record's entry saying the default `configure_schedule` built the schedule the run applies (`run_record`).
+DEFAULT_SCHEDULE_MARK = "default"
 
 
 def warn_schedule_changes(run_info: dict[str, Any], current: dict[str, Any]) -> None:
     """Warn of a schedule changed by its arguments, else of one computed otherwise from the same arguments."""
     stored_args, current_args = run_info.get("arguments") or {}, current["arguments"]
     stored_record, current_record = run_info.get(SCHEDULE_KEY), current.get(SCHEDULE_KEY)
-    same_rates = same_constant_rates(stored_args, current_args, stored_record, current_record)
+    same_rates = same_constant_rates(run_info, current)
     if schedule_diffs := _schedule_differences(stored_args, current_args, stored_record, current_record, same_rates):
         logger.warning("resuming with a different learning-rate schedule (%s): from the restored step on, the "
                        "curve differs from the one the checkpointed run would have followed", "; ".join(schedule_diffs))
@@ -34,31 +41,26 @@ def warn_schedule_changes(run_info: dict[str, Any], current: dict[str, Any]) -> 
                        *_why_computed_otherwise(stored_record, current_record))
 
 
-def same_constant_rates(stored: dict[str, Any], current: dict[str, Any], stored_record: Any = None,
-                        current_record: Any = None) -> bool:
+def same_constant_rates(run_info: dict[str, Any], current: dict[str, Any]) -> bool:
     """Whether both runs' schedules are constant (transformers' constant_with_warmup) with the same warmup in
     updates: each then applies the rate the other would at every update, whatever their lengths (the peak, compared
-    apart as a `RATE_FIELDS` field, after the same warmup), so a run made longer bends nothing. This run must record
-    its schedule (the default `configure_schedule`: a trainer's own may read the length whatever the arguments say);
-    a checkpoint written before the record is read from its arguments."""
-    if (stored.get("lr_scheduler_type") != "constant" or current.get("lr_scheduler_type") != "constant"
-            or not isinstance(current_record, dict)):
+    apart as a `RATE_FIELDS` field, after the same warmup), so a run made longer bends nothing. Only where the
+    defaults set the rates on both sides: each run's `default_optimizer` (an optimizer of one's own may carry a
+    schedule of its own) and its record marked `DEFAULT_SCHEDULE_MARK` (an override calling `super()` writes the record,
+    then may read the run's length whatever the arguments say). A checkpoint written before the mark is warned of."""
+    stored, now = run_info.get("arguments") or {}, current["arguments"]
+    records = run_info.get(SCHEDULE_KEY), current.get(SCHEDULE_KEY)
+    defaults = (run_info.get(DEFAULT_OPTIMIZER_KEY) is True and current.get(DEFAULT_OPTIMIZER_KEY) is True
+                and all(_marked_default(record) for record in records))
+    if not defaults or stored.get("lr_scheduler_type") != "constant" or now.get("lr_scheduler_type") != "constant":
         return False
-    warmups = _warmup_updates(stored, stored_record), _warmup_updates(current, current_record)
-    return warmups[0] is not None and warmups[0] == warmups[1]
+    warmups = [record.get("warmup_updates") for record in records]
+    return isinstance(warmups[0], int) and warmups[0] == warmups[1]
 
 
-def _warmup_updates(arguments: dict[str, Any], record: Any) -> int | None:
-    """The warmup in updates a run's schedule came to: its record (`SCHEDULE_KEY`), else (a checkpoint written before
-    it) what the arguments fix whatever the run's length: none, or `warmup_steps` within a positive `max_steps`. None
-    where the length decides it (`warmup_ratio`, or `warmup_steps` beside an epoch count)."""
-    if isinstance(record, dict) and isinstance(record.get("warmup_updates"), int):
-        return record["warmup_updates"]
-    steps, ratio, length = arguments.get("warmup_steps") or 0, arguments.get("warmup_ratio") or 0, arguments.get(
-        "max_steps")
-    if isinstance(steps, int) and steps > 0:
-        return steps if isinstance(length, int) and length >= steps else None
-    return 0 if ratio == 0 else None
+def _marked_default(record: Any) -> bool:
+    """Whether a schedule record (`SCHEDULE_KEY`) says the default `configure_schedule` built the applied schedule."""
+    return isinstance(record, dict) and record.get(DEFAULT_SCHEDULE_MARK) is True
 
 
 def _schedule_differences(stored: dict[str, Any], current: dict[str, Any], stored_record: Any = None,
