@@ -28,7 +28,7 @@ import jax
 
 from easytrain import stop_signals
 from easytrain.arguments import TrainingArguments
-from easytrain.config_io import build_parser, parse_task_arguments, peek_task
+from easytrain.config_io import CLI_PROG, build_parser, parse_task_arguments, peek_task
 from easytrain.errors import EasytrainError
 from easytrain.jobs import JOB_FILENAME, Job
 from easytrain.protocol import TrainerProtocol, check_implements
@@ -124,13 +124,13 @@ def _show_progress_messages() -> None:
 def _train(argv: list[str]) -> int:
     task = resolve_task(peek_task(argv))
     if "-h" in argv or "--help" in argv:
-        parser = build_parser(task.arguments, task.name)
+        parser = build_parser(task.arguments, task.name, CLI_PROG)
         if task.description:
             parser.description = f"{parser.description}\n\nTask {task.name!r}: {task.description}"
         parser.print_help()
         return 0
     _show_progress_messages()
-    arguments, task_arguments = parse_task_arguments(argv, task.arguments, task.name)
+    arguments, task_arguments = parse_task_arguments(argv, task.arguments, task.name, CLI_PROG)
     job = command_job(arguments)
     started = time.monotonic()
     try:

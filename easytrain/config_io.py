@@ -34,9 +34,10 @@ _DEFAULT_TASK = TrainingArguments.__dataclass_fields__["task"].default
 
 
 def load_config_file(path: str | os.PathLike, task_arguments: Sequence[type] = (),
-                     task: str | None = None) -> dict[str, Any]:
+                     task: str | None = None, prog: str | None = None) -> dict[str, Any]:
     """Read a YAML (.yaml/.yml) or JSON (.json) file of argument values (TrainingArguments' and those of `task`,
-    whose argument dataclasses are `task_arguments`)."""
+    whose argument dataclasses are `task_arguments`); a key of another task is refused with the fix of `prog`'s
+    parse (`CLI_PROG`: the command's `--task`; else a script's: `parse_task_arguments`)."""
     path = Path(path)
     if not path.is_file():
         raise ArgumentError("config", f"file {str(path)!r} does not exist; pass an existing .yaml or .json file.")
@@ -48,7 +49,7 @@ def load_config_file(path: str | os.PathLike, task_arguments: Sequence[type] = (
     known = _known_fields(task_arguments)
     for key in values:
         if key not in known:
-            raise _unknown_key_error(str(key), values[key], path, known, task)
+            raise _unknown_key_error(str(key), values[key], path, known, _Parse(task, task_arguments, prog))
     check_file_strings(values, (TrainingArguments,), source=str(path))
     return check_file_values(values, task_arguments, source=str(path))
 
@@ -192,17 +193,17 @@ def parse_arguments(argv: Sequence[str] | None = None, prog: str | None = None) 
 
 
 def parse_task_arguments(argv: Sequence[str] | None = None, task_arguments: Sequence[type] = (),
-                         task: str | None = None, prog: str | None = CLI_PROG) -> tuple[TrainingArguments,
-                                                                                        tuple[Any, ...]]:
+                         task: str | None = None, prog: str | None = None) -> tuple[TrainingArguments,
+                                                                                   tuple[Any, ...]]:
     """Parse a command line into `TrainingArguments` and one instance of each of the task's dataclasses (`argv`
-    None: `sys.argv[1:]`, as in `parse_arguments`). Help and errors name `prog`: the `easytrain train` command, as
-    it parses with this; pass None from a script of one's own to name the script."""
+    None: `sys.argv[1:]`, as in `parse_arguments`). Help and errors name `prog`: None, the running script (as in
+    `parse_arguments`); the `easytrain train` command passes its own (`CLI_PROG`)."""
     from_command_line, argv = argv is None, list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)
     parser = build_parser(task_arguments, task, prog)
-    config = load_config_file(known.config, task_arguments, task) if known.config else {}
+    config = load_config_file(known.config, task_arguments, task, prog) if known.config else {}
     parser.set_defaults(**config)
     try:
         outputs = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
@@ -216,7 +217,7 @@ def parse_task_arguments(argv: Sequence[str] | None = None, task_arguments: Sequ
         raise ArgumentError(error.field, f"{message.rstrip('.')} in {known.config}.{hint}") from None
     remaining = outputs[-1]
     if remaining:
-        error = _unknown_flag_error(remaining, _known_fields(task_arguments), task)
+        error = _unknown_flag_error(remaining, _known_fields(task_arguments), _Parse(task, task_arguments, prog))
         if from_command_line:  # the caller gave no argv: it may not know whose flags these are (a notebook's kernel)
             raise ArgumentError(error.field, f"{error.message} The flags were read from the command line "
                                              f"(sys.argv[1:] = {argv}); pass [] for none, e.g. in a notebook, whose "
@@ -232,16 +233,37 @@ def _known_fields(task_arguments: Sequence[type]) -> list[str]:
     return field_names() + [f.name for cls in task_arguments for f in dataclasses.fields(cls) if f.init]
 
 
-def _unknown_flag_error(remaining: list[str], known: list[str], task: str | None) -> ArgumentError:
+class _Parse(typing.NamedTuple):
+    """What a parse reads (`task`, whose dataclasses are `task_arguments`) and whose it is (`prog`): another task's
+    argument is fixed by the command's `--task`, or by a script's parse of that task's dataclasses."""
+
+    task: str | None
+    task_arguments: Sequence[type]
+    prog: str | None
+
+
+def _unknown_flag_error(remaining: list[str], known: list[str], parse: _Parse) -> ArgumentError:
     """Another task's flag names that task (its `--help` lists it, this one's does not); else the closest flag."""
     flag = next((r for r in remaining if r.startswith("-")), remaining[0])
     name = flag.lstrip("-").split("=")[0].replace("-", "_")
-    chosen = task or _DEFAULT_TASK
-    if owners := tasks_declaring(name, besides=chosen):
+    chosen = parse.task or _DEFAULT_TASK
+    if (owners := tasks_declaring(name, besides=chosen)) and parse.prog != CLI_PROG:
+        return ArgumentError(name, f"--{name} is an argument of {_tasks(owners)}; {_script_fix(owners[0], parse)}")
+    if owners:
         return ArgumentError(name, f"--{name} is an argument of {_tasks(owners)}, not of task {chosen!r}; add "
                                    f"--task {owners[0]} (`easytrain train --task {owners[0]} --help` lists its flags).")
     hint = unknown_name_hint(name, _flag_value(remaining, flag), known, as_flags)
     return ArgumentError(name, f"unknown command-line argument {flag!r}. {hint}")
+
+
+def _script_fix(owner: str, parse: _Parse) -> str:
+    """For a script's parse (not the command's): what it reads, which its `task` field does not change, and the
+    parse that reads `owner`'s arguments (docs/tasks.md)."""
+    own = ", ".join(cls.__name__ for cls in parse.task_arguments)
+    reads = f"TrainingArguments and task {parse.task or _DEFAULT_TASK!r} ({own})" if own else "TrainingArguments"
+    return (f"this parse reads {reads} only, whatever --task or a config file's `task` says: to read the arguments "
+            f"of task {owner!r}, parse with easytrain.config_io.parse_task_arguments(argv, task.arguments, task.name), "
+            f"where task = easytrain.tasks.resolve_task({owner!r}) (docs/tasks.md).")
 
 
 def _flag_value(remaining: list[str], flag: str) -> str | None:
@@ -253,10 +275,12 @@ def _flag_value(remaining: list[str], flag: str) -> str | None:
     return after[0] if after and not after[0].startswith("--") else None
 
 
-def _unknown_key_error(key: str, value: Any, path: Path, known: list[str], task: str | None) -> ArgumentError:
+def _unknown_key_error(key: str, value: Any, path: Path, known: list[str], parse: _Parse) -> ArgumentError:
     """As `_unknown_flag_error`, for a key of a config file (and its value)."""
-    chosen = task or _DEFAULT_TASK
-    if owners := tasks_declaring(key, besides=chosen):
+    chosen = parse.task or _DEFAULT_TASK
+    if (owners := tasks_declaring(key, besides=chosen)) and parse.prog != CLI_PROG:
+        return ArgumentError(key, f"an argument of {_tasks(owners)} (in {path}); {_script_fix(owners[0], parse)}")
+    if owners:
         return ArgumentError(key, f"an argument of {_tasks(owners)}, not of task {chosen!r} (in {path}); add "
                                   f"`task: {owners[0]}` to the file or --task {owners[0]} to the command.")
     return ArgumentError(key, f"unknown argument in {path}. {unknown_name_hint(key, value, known, as_keys)}")

@@ -1,5 +1,7 @@
-"""`parse_arguments()` in a training script of one's own names that script in its help and errors, as argparse
-does (it named `easytrain train`, a command the user never ran); the `easytrain train` command keeps its own name."""
+"""`parse_arguments()` and `parse_task_arguments()` in a training script of one's own name that script in their help
+and errors, as argparse does (they named `easytrain train`, a command the user never ran); the `easytrain train`
+command keeps its own name. Another task's flag (or config key) in such a script names the parse that reads it
+(`parse_task_arguments` with that task's dataclasses), not `--task`, which changes nothing there."""
 
 import subprocess
 import sys
@@ -7,7 +9,9 @@ import sys
 import pytest
 
 from easytrain.cli import main
-from easytrain.config_io import parse_arguments, parse_task_arguments
+from easytrain.config_io import CLI_PROG, parse_arguments, parse_task_arguments
+from easytrain.errors import ArgumentError
+from easytrain.tasks import resolve_task
 from runs import child_env
 
 
@@ -44,5 +48,47 @@ def test_a_script_run_by_python_names_itself(tmp_path):
 def test_the_easytrain_command_keeps_its_name(capsys):
     assert main(["train", "--help"]) == 0
     assert capsys.readouterr().out.startswith("usage: easytrain train [--task NAME] [--config FILE]")
-    code, text = exit_output(capsys, lambda: parse_task_arguments(["--max_steps", "x"], (), "lm"))
+    code, text = exit_output(capsys, lambda: main(["train", "--max_steps", "x"]))
     assert code == 2 and "easytrain train: error: argument --max_steps" in text, text
+    code, text = exit_output(capsys, lambda: parse_task_arguments(["--max_steps", "x"], (), "lm", prog=CLI_PROG))
+    assert code == 2 and "easytrain train: error: argument --max_steps" in text, text
+
+
+def test_a_scripts_parse_task_arguments_names_the_script(monkeypatch, capsys):
+    """docs/tasks.md offers `parse_task_arguments(argv, task.arguments, task.name)` to a script of one's own."""
+    monkeypatch.setattr(sys, "argv", ["my_train.py", "--help"])
+    task = resolve_task("dpo")
+    code, text = exit_output(capsys, lambda: parse_task_arguments(None, task.arguments, task.name))
+    assert code == 0 and text.startswith("usage: my_train.py [--config FILE]"), text[:300]
+    assert "--task NAME" not in text and "easytrain tasks" not in text and "--beta" in text, text[:300]
+
+
+def refusal(parse) -> str:
+    with pytest.raises(ArgumentError) as refused:
+        parse()
+    return str(refused.value)
+
+
+@pytest.mark.parametrize("flags", [["--beta", "0.1"], ["--task", "dpo", "--beta", "0.1"]])
+def test_another_tasks_flag_in_a_script_names_the_parse_that_reads_it(tmp_path, flags):
+    """`--task dpo` is a TrainingArguments field there: it does not make parse_arguments read DPO's flags."""
+    text = refusal(lambda: parse_arguments(["--output_dir", str(tmp_path), *flags]))
+    assert "--beta is an argument of task 'dpo'" in text and "reads TrainingArguments only" in text, text
+    assert "parse_task_arguments(argv, task.arguments, task.name)" in text and "resolve_task('dpo')" in text, text
+    assert "easytrain train" not in text and "add --task" not in text, text
+
+
+def test_another_tasks_config_key_in_a_script_names_the_parse_that_reads_it(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"output_dir: {tmp_path}\ntask: dpo\nbeta: 0.1\n")
+    text = refusal(lambda: parse_arguments(["--config", str(config)]))
+    assert "beta: an argument of task 'dpo'" in text and "reads TrainingArguments only" in text, text
+    assert "resolve_task('dpo')" in text and "add `task: dpo`" not in text and "--task dpo" not in text, text
+
+
+def test_a_scripts_task_parse_names_the_task_it_reads(tmp_path):
+    sft = resolve_task("sft")
+    text = refusal(lambda: parse_task_arguments(["--output_dir", str(tmp_path), "--beta", "0.1"], sft.arguments,
+                                                sft.name))
+    assert "--beta is an argument of task 'dpo'" in text and "reads TrainingArguments and task 'sft'" in text, text
+    assert "resolve_task('dpo')" in text and "easytrain train" not in text, text
