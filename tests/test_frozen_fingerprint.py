@@ -29,12 +29,14 @@ def export_teacher(folder: Path, seed: int) -> Path:
     return folder
 
 
-def write_pytree(path: Path, flip: bool = False) -> Path:
-    """Two arrays saved as `.npz`; `flip` changes one element of `w` only."""
+def write_pytree(path: Path, flip: bool = False, without: str = "", extra: bool = False) -> Path:
+    """Two arrays saved as `.npz`; `flip` changes one element of `w` only, `without` leaves one out and `extra`
+    adds a third (`c`): the teacher's source with a leaf gone or new."""
     w = np.linspace(-1, 1, 96, dtype=np.float32).reshape(8, 12)
     if flip:
         w[3, 4] = 7.0
-    np.savez(path, w=w, b=np.arange(12, dtype=np.float32))
+    arrays = {"w": w, "b": np.arange(12, dtype=np.float32)} | ({"c": np.ones(3, np.float32)} if extra else {})
+    np.savez(path, **{name: value for name, value in arrays.items() if name != without})
     return path
 
 
@@ -49,13 +51,14 @@ class FolderTeacher(BaseTrainer):
 
 
 class PytreeTeacher(BaseTrainer):
-    """A teacher that is a pytree read from a `.npz`, one leaf in bfloat16."""
+    """A teacher that is a pytree of the arrays a `.npz` holds, `w` in bfloat16."""
     source: Path | None = None
     options: dict = {}
 
     def configure_frozen(self):
         arrays = np.load(self.source)
-        value = {"w": jnp.asarray(arrays["w"], jnp.bfloat16), "b": arrays["b"]}
+        value = {name: jnp.asarray(arrays[name], jnp.bfloat16) if name == "w" else arrays[name]
+                 for name in arrays.files}
         return {"teacher": Frozen(value, checkpoint=False, **self.options)}
 
 
@@ -120,6 +123,13 @@ def test_a_pytree_teacher_names_the_one_tensor_that_changed(tmp_path, monkeypatc
     with pytest.raises(ArgumentError, match=r"frozen entry 'teacher'.*1 tensor\(s\) differ: w\b") as refused:
         resumed(PytreeTeacher, tmp_path / "run")
     assert "fingerprint=False" in str(refused.value) and "output_dir" in str(refused.value), "the fixes are named"
+    write_pytree(tmp_path / "teacher.npz", extra=True)  # the same values, and a leaf the run never had
+    with pytest.raises(ArgumentError, match=r"frozen entry 'teacher'.*1 tensor\(s\) are new: c\b"):
+        resumed(PytreeTeacher, tmp_path / "run")
+    write_pytree(tmp_path / "teacher.npz", without="b")  # the same values, one leaf of the run's gone
+    with pytest.raises(ArgumentError, match=r"frozen entry 'teacher'.*1 tensor\(s\) the checkpoint's run had are "
+                                            r"gone: b\b"):
+        resumed(PytreeTeacher, tmp_path / "run")
 
 
 def test_an_entry_declared_without_fingerprint_and_an_older_checkpoint_resume_as_before(tmp_path, monkeypatch):

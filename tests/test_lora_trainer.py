@@ -77,6 +77,14 @@ def prompt_ids(tokenizer) -> np.ndarray:
                                                      tokenize=True, return_dict=True)["input_ids"]])
 
 
+def assert_holds_the_tokenizer(adapter_dir: Path, tokenizer) -> None:
+    """docs/lora.md: `final_model/adapter/` holds the tokenizer, loadable on its own, encoding as the run did."""
+    assert (adapter_dir / "tokenizer_config.json").is_file() and (adapter_dir / "tokenizer.json").is_file()
+    loaded = transformers.AutoTokenizer.from_pretrained(adapter_dir)
+    assert loaded("12+30=42")["input_ids"] == tokenizer("12+30=42")["input_ids"]
+    np.testing.assert_array_equal(prompt_ids(loaded), prompt_ids(tokenizer))
+
+
 def torch_logits(model, ids: np.ndarray) -> np.ndarray:
     import torch
 
@@ -201,6 +209,7 @@ def test_exports_a_merged_model_and_a_peft_adapter_with_the_adapted_logits(tmp_p
     assert np.abs(torch_logits(adapted, ids) - ours).max() < 1e-4
     config = json.loads((export / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == RANK and config["base_model_name_or_path"] == str(base_dir)
+    assert_holds_the_tokenizer(export / "adapter", trainer.tokenizer)  # lora_export="both"
 
 
 def test_a_peft_adapter_made_elsewhere_continues_training(tmp_path, base_dir):
@@ -256,6 +265,8 @@ def test_the_cli_trains_lora(tmp_path, base_dir, task):
     assert code == 0
     config = json.loads((tmp_path / "final_model" / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 8 and not (tmp_path / "final_model" / "config.json").exists()
+    run_tokenizer = transformers.AutoTokenizer.from_pretrained(base_dir)  # the run's: the base's own
+    assert_holds_the_tokenizer(tmp_path / "final_model" / "adapter", run_tokenizer)  # lora_export="adapter"
     assert len(logged(tmp_path)) == 2
 
 

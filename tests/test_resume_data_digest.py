@@ -3,6 +3,8 @@ same count (an edited `train_file`, another `dataset_train` of the same length) 
 count, while the same rows, however they were built, resume exactly."""
 
 import json
+import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -185,11 +187,14 @@ def test_another_dataset_train_of_the_same_length_is_refused_before_compute(run_
     assert snapshot(run_copy) == before
 
 
-def test_allow_data_order_change_lets_other_rows_through_in_their_own_order(run_copy, tokenizer_dir):
+def test_allow_data_order_change_lets_other_rows_through_in_their_own_order(run_copy, tokenizer_dir, caplog):
     trainer = resume(run_copy, tokenizer_dir, two_words_swapped(LINES), trainer=BaseTrainer,
                      allow_data_order_change=True)
-    trainer.setup()
+    with caplog.at_level(logging.WARNING, logger="easytrain"):
+        trainer.setup()
     assert int(trainer.state.step) == 4 and trainer.resumed_data_state is None
+    assert re.search(r"the training data changed since the checkpoint \(data_digest: .*\): allow_data_order_change "
+                     r"is set, so the data starts afresh", caplog.text), "the dropped position is said, not silent"
 
 
 def test_another_eval_set_resumes_exactly(run_copy, tokenizer_dir):

@@ -2,6 +2,7 @@
 every existing checkpoint byte-for-byte untouched. Each test changes its own copy (`run_copy`) of the run trained
 once per test process (`finished_run`, tests/conftest.py)."""
 
+import logging
 import os
 import re
 import stat
@@ -12,6 +13,7 @@ import pytest
 from easytrain import ArgumentError, BaseTrainer, OutputDirError, placement
 from easytrain.checkpoint import CheckpointNotFoundError
 from easytrain.errors import CheckpointReadError
+from easytrain.trainers.resume_checks import FORMAT_VERSION
 from runs import args_for, snapshot  # noqa: F401  (snapshot: imported from here by other test modules)
 
 
@@ -34,7 +36,7 @@ def test_mismatched_model_config_on_resume(run_copy):
 
 
 @pytest.mark.parametrize("change", [dict(seed=1), dict(train_batch_size=8), dict(max_train_samples=32)])
-def test_data_order_changes_are_refused_unless_allowed(run_copy, change):
+def test_data_order_changes_are_refused_unless_allowed(run_copy, change, caplog):
     before = snapshot(run_copy)
     field = next(iter(change))
     with pytest.raises(ArgumentError, match=rf"resume_from_checkpoint.*{field}.*--allow_data_order_change"):
@@ -42,8 +44,11 @@ def test_data_order_changes_are_refused_unless_allowed(run_copy, change):
     assert snapshot(run_copy) == before
     trainer = BaseTrainer(args_for(run_copy, max_steps=6, resume_from_checkpoint="latest",
                                    allow_data_order_change=True, **change))
-    trainer.setup()
+    with caplog.at_level(logging.WARNING, logger="easytrain"):
+        trainer.setup()
     assert int(trainer.state.step) == 4 and trainer.resumed_data_state is None  # old position is meaningless now
+    assert re.search(rf"resuming with changed settings \({field}: .*\): allow_data_order_change is set",
+                     caplog.text), "the change let through is said, not passed over in silence"
 
 
 class WithTeacher(NoCompute):
@@ -179,6 +184,8 @@ def test_resuming_an_older_step_sets_newer_checkpoints_aside(run_copy):
 @pytest.mark.parametrize("run_info, expected", [
     ({}, r"records no format_version and no arguments"),
     ({"format_version": 99, "arguments": {}, "model_config": None}, r"format_version 99.*newer easytrain.*reads 1"),
+    ({"format_version": FORMAT_VERSION + 1, "arguments": {}, "model_config": None},
+     rf"format_version {FORMAT_VERSION + 1}.*newer easytrain.*reads {FORMAT_VERSION}"),  # the next one already
 ])
 def test_a_checkpoint_whose_run_info_cannot_be_checked_is_refused(run_copy, run_info, expected):
     """A run_info without the fields a resume checks (damaged, hand-edited, another tool's) or from a newer
