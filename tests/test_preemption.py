@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 import easytrain.trainers.loop_ending as loop_ending
-from easytrain import Callback
 from easytrain.checkpoint import finalized_steps
 from easytrain.jobs import read_job
 from easytrain.trainers.preemption import PREEMPTED_EXIT_CODE, TrainingPreempted
+from signal_callbacks import SigtermAt
 from test_foundation import regression_trainer, tiny_args
 
 FLAGS = ["--max_length", "16", "--train_batch_size", "4", "--eval_batch_size", "4", "--logging_steps", "1",
@@ -81,17 +81,6 @@ def test_signal_checkpoints_flushes_and_exits_75_then_resumes(tmp_path, sig):
     assert train_steps(output_dir) == train_steps(reference_dir)
 
 
-class SigtermAfterStep(Callback):
-    """Sends this process SIGTERM at the end of `step`, as a scheduler preempting the job would."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, trainer, step):
-        if step == self.step:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-
 def test_the_checkpoint_a_sigterm_stop_names_is_complete_when_the_stop_is_raised(tmp_path, monkeypatch):
     """The process may be killed right after it reports the stop: the checkpoint that `TrainingPreempted` (and its
     'checkpoint <path>' log line) names is already finalized then, not still being written in the background."""
@@ -105,5 +94,5 @@ def test_the_checkpoint_a_sigterm_stop_names_is_complete_when_the_stop_is_raised
     monkeypatch.setattr(loop_ending, "TrainingPreempted", Recording)
     args = tiny_args(tmp_path, max_steps=3, save_strategy="steps", save_steps=100)
     with pytest.raises(TrainingPreempted):
-        regression_trainer(args, callbacks=[SigtermAfterStep(1)]).train()
+        regression_trainer(args, callbacks=[SigtermAt(1)]).train()
     assert complete == {str(tmp_path / "run" / "checkpoints" / "1"): True}
