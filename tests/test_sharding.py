@@ -1,6 +1,7 @@
 """The math does not change with the layout: 1 device vs 8 CPU devices in several meshes."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -109,34 +110,40 @@ def test_fsdp_holds_about_one_eighth_per_device(layouts):
 
 
 @pytest.mark.slow
-def test_checkpoint_from_one_layout_resumes_on_others(layouts, saved_on_222, tmp_path):
+def test_checkpoint_from_one_layout_resumes_on_others(layouts, later_process):
     """Saved on (2,2,2) at step 3 (by the `layouts` process); resumed, each from its own copy, on (8,1,1) and on 1
     device by one fresh process that wrote neither: the loss curve continues."""
-    import shutil
-
     reference = layouts["1 device"]["losses"]
     assert layouts["(2,2,2) stopped at 3"]["losses"] == pytest.approx(reference[:3], abs=1e-5)
-    shapes = {tmp_path / "a": (8, 1, 1, 8), tmp_path / "b": (1, 1, 1, 1)}
-    for directory in shapes:
-        shutil.copytree(saved_on_222, directory)
-    resumed = run_layouts(*((*shape, "--output-dir", directory, "--resume") for directory, shape in shapes.items()))
-    for result, (directory, shape) in zip(resumed, shapes.items()):
-        assert result["losses"] == pytest.approx(reference[3:], abs=1e-5, rel=1e-5), (directory.name, shape)
+    for shape, result in later_process["resumed"].items():
+        assert result["losses"] == pytest.approx(reference[3:], abs=1e-5, rel=1e-5), shape
 
 
 RAGGED = [((1, 1, 1, 1), 4), ((2, 2, 2, 8), 4), ((8, 1, 1, 8), 2)]
 
 
 @pytest.fixture(scope="module")
-def ragged_runs(tmp_path_factory) -> dict[tuple, tuple[dict, dict]]:
-    """Ragged loss masks, in one process: the 1-device run without accumulation (key `None`) and each layout of
-    `RAGGED`; each run's results and its initial and final weights."""
-    directory = tmp_path_factory.mktemp("ragged")
+def later_process(layouts, saved_on_222, tmp_path_factory) -> dict:
+    """One process started after the `layouts` one (a process start costs more than a few steps): with ragged loss
+    masks, the 1-device run without accumulation (key `None`) and each layout of `RAGGED`, each run's results and
+    its initial and final weights (`ragged`); then the (2,2,2) checkpoint of `saved_on_222`, which this process did
+    not write, resumed from its own copy on (8,1,1) and on 1 device (`resumed`)."""
+    directory = tmp_path_factory.mktemp("later")
     runs = {None: (1, 1, 1, 1)} | {(shape, accumulation): (*shape, "--accumulation", accumulation)
                                     for shape, accumulation in RAGGED}
     paths = {key: directory / f"params{index}.npz" for index, key in enumerate(runs)}
-    results = run_layouts(*((*flags, "--ragged", "--save-params", paths[key]) for key, flags in runs.items()))
-    return {key: (result, dict(np.load(paths[key]))) for key, result in zip(runs, results)}
+    resumes = {(8, 1, 1, 8): directory / "a", (1, 1, 1, 1): directory / "b"}
+    for copy in resumes.values():
+        shutil.copytree(saved_on_222, copy)
+    results = run_layouts(*((*flags, "--ragged", "--save-params", paths[key]) for key, flags in runs.items()),
+                          *((*shape, "--output-dir", copy, "--resume") for shape, copy in resumes.items()))
+    ragged = {key: (result, dict(np.load(paths[key]))) for key, result in zip(runs, results)}
+    return {"ragged": ragged, "resumed": dict(zip(resumes, results[len(runs):]))}
+
+
+@pytest.fixture(scope="module")
+def ragged_runs(later_process) -> dict[tuple, tuple[dict, dict]]:
+    return later_process["ragged"]
 
 
 def relative_error(actual: list[np.ndarray], expected: list[np.ndarray]) -> float:
