@@ -7,12 +7,13 @@ import jax
 import numpy as np
 import pytest
 
+from dpo_fixtures import stopped_copy
 from easytrain import TrainingArguments
 from easytrain.checkpoint import CheckpointManager
 from easytrain.data import EvalBatches
 from easytrain.trainers.dpo import DPOArguments, DPOTrainer
 from easytrain.trainers.loop import evaluate_batches
-from runs import StopAt, logged
+from runs import logged
 
 BCO = DPOArguments(loss_type=["bco_pair"])
 
@@ -58,7 +59,7 @@ def test_delta_is_checkpointed_and_a_resume_continues_exactly(tmp_path):
     common = dict(max_steps=5, save_strategy="steps", save_steps=3)
     straight = DPOTrainer(tiny_args(tmp_path / "straight", **common), BCO)
     straight.train()
-    DPOTrainer(tiny_args(tmp_path / "cut", **common), BCO, callbacks=[StopAt(3)]).train()
+    stopped_copy(tmp_path / "straight", tmp_path / "cut", step=3)
     keys = CheckpointManager(tmp_path / "cut" / "checkpoints").stored_signature(3)
     assert any(key.startswith("frozen.bco_delta.") for key in keys)
     resumed = DPOTrainer(tiny_args(tmp_path / "cut", resume_from_checkpoint="latest", **common), BCO)

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from dpo_fixtures import stopped_copy
 from easytrain import ArgumentError
 from easytrain.trainers.dpo import DPOArguments, DPOTrainer
 from runs import StopAt, logged
@@ -45,7 +46,7 @@ def test_online_reference_is_the_initial_policy_and_a_resume_keeps_it(sources, t
                   save_strategy="steps", save_steps=1)
     DPOTrainer(tiny_args(tmp_path / "straight", **common)).train()
     assert_starts_at_the_reference(tmp_path / "straight" / "run")
-    DPOTrainer(tiny_args(tmp_path / "cut", **common), callbacks=[StopAt(1)]).train()
+    stopped_copy(tmp_path / "straight" / "run", tmp_path / "cut" / "run", step=1)
     DPOTrainer(tiny_args(tmp_path / "cut", resume_from_checkpoint="latest", **common)).train()
     assert logged(tmp_path / "cut" / "run") == logged(tmp_path / "straight" / "run")
 
@@ -104,7 +105,7 @@ def test_lora_reference_is_the_base_with_the_initial_adapters_and_a_resume_keeps
     for run in ("straight", "pre"):
         assert_starts_at_the_reference(tmp_path / run / "run")
     assert set(online.state.frozen) == {"initial_adapters"}, "a copy of the adapters, not of the base"
-    DPOTrainer(tiny_args(tmp_path / "cut", **common), callbacks=[StopAt(1)]).train()
+    stopped_copy(tmp_path / "straight" / "run", tmp_path / "cut" / "run", step=1)
     DPOTrainer(tiny_args(tmp_path / "cut", resume_from_checkpoint="latest", **common)).train()
     assert logged(tmp_path / "cut" / "run") == logged(tmp_path / "straight" / "run")
 

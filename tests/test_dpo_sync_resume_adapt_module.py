@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from dpo_fixtures import stopped_copy
 from easytrain.trainers.dpo import DPOArguments, DPOTrainer
-from runs import StopAt, logged
+from runs import logged
 from test_dpo_trainer import tiny_args
 
 
@@ -42,7 +43,7 @@ def test_a_tr_dpo_resume_restores_the_reference_into_the_adapted_module(tmp_path
     options = DPOArguments(sync_ref_model=True, ref_model_sync_steps=1, ref_model_mixup_alpha=0.5)
     straight = trainer(tiny_args(tmp_path / "straight", **common), options)
     straight.train()
-    trainer(tiny_args(tmp_path / "cut", **common), options, callbacks=[StopAt(1)]).train()
+    stopped_copy(tmp_path / "straight" / "run", tmp_path / "cut" / "run", step=1)
     resumed = trainer(tiny_args(tmp_path / "cut", resume_from_checkpoint="latest", **common), options)
     resumed.train()
     assert logged(tmp_path / "cut" / "run") == logged(tmp_path / "straight" / "run")

@@ -11,12 +11,13 @@ import jax
 import numpy as np
 import pytest
 
+from dpo_fixtures import stopped_copy
 from easytrain.models import hf_load
 from easytrain.models.llama import init_model
 from easytrain.trainers import state_hooks
 from easytrain.trainers.dpo import DPOArguments, DPOTrainer
 from model_configs import tiny_config
-from runs import StopAt, logged
+from runs import logged
 from test_dpo_trainer import tiny_args
 from test_lora_trainer import write_base
 
@@ -58,9 +59,7 @@ def test_a_tr_dpo_resume_builds_no_reference_only_to_restore_it(base, tmp_path, 
     trainer_kwargs, model_args = STARTS[start](base)
     straight = DPOTrainer(tiny_args(tmp_path / "straight", **COMMON, **model_args), options, **trainer_kwargs)
     straight.train()
-    trainer_kwargs, _ = STARTS[start](base)
-    DPOTrainer(tiny_args(tmp_path / "cut", **COMMON, **model_args), options, callbacks=[StopAt(1)],
-               **trainer_kwargs).train()
+    stopped_copy(tmp_path / "straight" / "run", tmp_path / "cut" / "run", step=1)
     weights = sum(leaf.nbytes for leaf in jax.tree.leaves(straight.state.params))
 
     read, at_restore = [], []

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from dpo_fixtures import stopped_copy
 from easytrain import TrainingArguments
 from easytrain.checkpoint import CheckpointManager
 from easytrain.cli import main
 from easytrain.tasks.arithmetic import build_arithmetic_chat_tokenizer
 from easytrain.trainers.dpo import DPOArguments, DPOTrainer
-from runs import StopAt, child_env, logged, long_training_env, xla_flags
+from runs import child_env, logged, long_training_env, xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -162,7 +163,7 @@ def test_tr_dpo_resumes_exactly_between_two_syncs(tmp_path):
     options = DPOArguments(sync_ref_model=True, ref_model_sync_steps=2, ref_model_mixup_alpha=0.5)
     straight = DPOTrainer(tiny_args(tmp_path / "straight", **common), options)
     straight.train()
-    DPOTrainer(tiny_args(tmp_path / "cut", **common), options, callbacks=[StopAt(3)]).train()
+    stopped_copy(tmp_path / "straight" / "run", tmp_path / "cut" / "run", step=3)
     keys = CheckpointManager(tmp_path / "cut" / "run" / "checkpoints").stored_signature(3)
     assert any(key.startswith("frozen.reference.") for key in keys)
     resumed = DPOTrainer(tiny_args(tmp_path / "cut", resume_from_checkpoint="latest", **common), options)
@@ -177,7 +178,7 @@ def test_resume_with_a_precomputed_reference_never_recomputes(tmp_path):
     common = dict(max_steps=4, save_strategy="steps", save_steps=2)
     options = DPOArguments(precompute_ref_log_probs=True)
     DPOTrainer(tiny_args(tmp_path / "straight", **common), options).train()
-    DPOTrainer(tiny_args(tmp_path / "cut", **common), options, callbacks=[StopAt(2)]).train()
+    stopped_copy(tmp_path / "straight" / "run", tmp_path / "cut" / "run", step=2)
     resumed = DPOTrainer(tiny_args(tmp_path / "cut", resume_from_checkpoint="latest", **common), options)
     resumed.train()
     assert resumed.reference_logps_cached == {"train": True, "validation": True}
@@ -253,7 +254,7 @@ def test_lora_dpo_from_a_trained_adapter_starts_at_the_initial_policy(tmp_path):
         for name in ("rewards/chosen", "rewards/rejected"):
             assert logged(tmp_path / run / "run", name)[1] == pytest.approx(0.0, abs=1e-6), (run, name)
     assert set(online.state.frozen) == {"initial_adapters"}, "no second copy of the base, only of the adapter"
-    DPOTrainer(tiny_args(tmp_path / "cut", **common), callbacks=[StopAt(1)]).train()
+    stopped_copy(tmp_path / "online" / "run", tmp_path / "cut" / "run", step=1)
     DPOTrainer(tiny_args(tmp_path / "cut", resume_from_checkpoint="latest", **common)).train()
     assert logged(tmp_path / "cut" / "run") == logged(tmp_path / "online" / "run")
 
