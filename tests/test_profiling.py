@@ -77,10 +77,19 @@ def test_a_run_failing_inside_the_window_writes_its_trace_and_stops_the_profiler
 
 
 def test_a_trace_already_running_is_left_alone_with_a_warning(tmp_path, caplog):
-    jax.profiler.start_trace(str(tmp_path / "users_own"))
+    class UsersOwnTrace(Callback):
+        """The user's trace, started after step 2, just before the window (steps 3-4) opens: a trace over the
+        whole run would record its compilation too, and take far longer to write."""
+
+        def on_step_end(self, trainer, step):
+            if step == 2:
+                jax.profiler.start_trace(str(tmp_path / "users_own"))
+
+    trainer = BaseTrainer(TrainingArguments(output_dir=str(tmp_path / "run"), profile_steps=2, **RUN),
+                          callbacks=[UsersOwnTrace()])
     try:
         with caplog.at_level(logging.WARNING, logger="easytrain"):
-            BaseTrainer(TrainingArguments(output_dir=str(tmp_path / "run"), profile_steps=2, **RUN)).train()
+            trainer.train()
     finally:
         jax.profiler.stop_trace()  # raises if the run had stopped the user's trace
     assert "not tracing steps 3-4" in caplog.text
