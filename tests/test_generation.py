@@ -22,7 +22,7 @@ from easytrain.generation import (
 )
 from easytrain.models import LlamaForCausalLM, init_model, load_pretrained
 
-from model_configs import VOCAB, tiny_config
+from model_configs import VOCAB, family_config, tiny_config
 
 torch = pytest.importorskip("torch")
 
@@ -107,14 +107,23 @@ def test_left_right_and_unpadded_generation_agree(model):
     np.testing.assert_array_equal(greedy_complete(model, PROMPTS, 6, PAD), expected)
 
 
-@pytest.mark.parametrize("window", [None, 3], ids=["llama", "mistral_window_3"])
-def test_cached_decoding_logits_equal_full_forward(window):
+def decoding_config(case: str) -> transformers.PretrainedConfig:
+    """`llama` and `mistral_window_3`: the tiny Llama's sizes (the second as a Mistral whose every layer attends to
+    the last 3 positions); a family name: that family's distinguishing switches (`family_config`)."""
     config = tiny_config(initializer_range=0.2)
-    if window is not None:  # Same sizes, Mistral family: every layer attends to the last 3 positions.
+    if case == "mistral_window_3":
         sizes = {k: v for k, v in config.to_diff_dict().items() if k != "model_type"}
-        config = transformers.MistralConfig(**sizes, sliding_window=window)
-    model = init_model(config, seed=1)
-    assert model.features.windows == (window,) * config.num_hidden_layers
+        return transformers.MistralConfig(**sizes, sliding_window=3)
+    return config if case == "llama" else family_config(case, initializer_range=0.2)
+
+
+@pytest.mark.parametrize("case", ["llama", "mistral_window_3", "mistral", "qwen2", "qwen3"])
+def test_cached_decoding_logits_equal_full_forward(case):
+    """The cached path applies what the full forward applies: windows on every layer or one (Mistral, Qwen2,
+    Qwen3), Mistral's head_dim apart from hidden / heads, and Qwen3's q/k norms on every decoded token too."""
+    model = init_model(decoding_config(case), seed=1)
+    if case == "mistral_window_3":
+        assert model.features.windows == (3, 3)
     rng = np.random.RandomState(0)
     rows = [rng.randint(1, VOCAB, n).tolist() for n in (9, 6, 8)]  # Each row: prompt, then 4 decoded tokens.
     prompts = [row[:-4] for row in rows]

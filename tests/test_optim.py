@@ -97,6 +97,32 @@ def test_clipping_bounds_the_update():
     assert float(optax.tree.norm(updates)) == pytest.approx(1.0, rel=1e-5)
 
 
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_clipping_acts_on_the_gradients_before_the_update_rule(name):
+    """max_grad_norm clips the gradients, first in the chain, not the optimizer's update: at learning rate 0.5 a
+    clipped SGD update has norm 0.5 (clipping the update would give 1.0), and AdamW's updates are optax's chain."""
+    args = TrainingArguments(optimizer=name, learning_rate=0.5, max_grad_norm=1.0, weight_decay=0.0,
+                             sgd_momentum=0.0, lr_scheduler_type="constant", warmup_steps=0)
+    inner = optax.adamw(0.5, weight_decay=0.0, mask=decay_mask) if name == "adamw" else optax.sgd(0.5)
+    params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "b": jnp.zeros(4)}
+    grads = {"w": jnp.full((3, 4), 10.0), "b": jnp.arange(4.0)}  # norm about 35: clipped
+
+    def updates_of(tx: optax.GradientTransformation) -> list[dict]:
+        state, out = tx.init(params), []
+        for k in range(3):
+            updates, state = tx.update(jax.tree.map(lambda g, k=k: g * (k + 1), grads), state, params)
+            out.append(updates)
+        return out
+
+    got = updates_of(build_optimizer(args, build_schedule(args, 10)))
+    want = updates_of(optax.chain(optax.clip_by_global_norm(1.0), inner))
+    for mine, theirs in zip(got, want):
+        for key in params:
+            np.testing.assert_allclose(mine[key], theirs[key], rtol=1e-6, atol=1e-7, err_msg=key)
+        if name == "sgd":
+            assert float(optax.tree.norm(mine)) == pytest.approx(0.5, rel=1e-5)
+
+
 def test_global_norm_is_the_float64_norm_of_every_leaf():
     rng = np.random.default_rng(0)
     tree = {"w": rng.normal(size=(5, 7)).astype(np.float32), "b": rng.normal(size=3).astype(np.float32),

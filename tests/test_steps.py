@@ -13,9 +13,9 @@ from easytrain import LossOutput, TrainState, token_cross_entropy_sums
 from easytrain.losses import causal_lm_loss
 from easytrain.models import init_model
 from easytrain.state import raw_key, split_model
-from easytrain.metrics import Last, Max, Mean, Min, Sum, fetch, reduce_window
+from easytrain.metrics import Last, Max, Mean, Min, Sum, fetch, merge_all, reduce_window
 from easytrain.optim import clip_by_global_norm
-from easytrain.steps import eval_step, split_microbatches, train_step, updated
+from easytrain.steps import eval_step, loss_metrics, split_microbatches, train_step, updated
 
 CONFIG = transformers.LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
@@ -170,6 +170,17 @@ def test_a_log_window_weighs_tokens_keeps_the_last_rate_and_the_extremes():
     assert logged["loss"] != pytest.approx((first["loss"].result() + second["loss"].result()) / 2, rel=1e-4)
     assert logged["learning_rate"] == pytest.approx(2e-2)
     assert (logged["top"], logged["bottom"]) == (-1.0, 7.0)
+
+
+def test_a_bare_array_metric_is_a_mean_over_the_loss_count():
+    """As LossOutput says, a bare array metric is a sum over the loss's own count: logged as that mean, merged over
+    micro-batches and steps as one (a Sum would log 4.0, the batches' total)."""
+    first = loss_metrics(LossOutput(jnp.float32(6.0), jnp.float32(4.0), {"half_loss": jnp.float32(3.0)}))
+    second = loss_metrics(LossOutput(jnp.float32(2.0), jnp.float32(12.0), {"half_loss": jnp.float32(1.0)}))
+    assert first["half_loss"].result() == pytest.approx(0.75)
+    assert merge_all(first, second)["half_loss"].result() == pytest.approx(4.0 / 16)
+    logged = reduce_window([fetch(first), fetch(second)])
+    assert logged["half_loss"] == pytest.approx(0.5 * logged["loss"]) == pytest.approx(0.25)
 
 
 def test_window_reductions_of_plain_numbers():

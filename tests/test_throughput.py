@@ -1,5 +1,6 @@
 """Throughput and efficiency logs: the FLOP count against a hand count, padding efficiency against a
-NumPy count, the peak table, and a short run that logs step_time, padding_efficiency and mfu."""
+NumPy count, the peak table, and short runs that log step_time, padding_efficiency, mfu, tokens_per_second over
+the real (unpadded) tokens only, and the epoch as the fraction of an epoch done."""
 
 import time
 
@@ -157,13 +158,15 @@ class HostOnly(BaseTrainer):
         return super().model_flops(batch)
 
 
-def test_a_short_run_logs_step_time_padding_efficiency_and_mfu(tmp_path):
+def test_a_short_run_logs_step_time_padding_efficiency_mfu_and_a_fractional_epoch(tmp_path):
     args = tiny_args(tmp_path)
     trainer = HostOnly(args)
     trainer.train()
     assert trainer.seen == {np.ndarray}, "counted on the host: no device value is read between logs"
-    field = {key: logged(args.output_dir, key) for key in
-             ("step_time", "padding_efficiency", "mfu", "tokens_per_second", "samples_per_second", "peak_flops")}
+    field = {key: logged(args.output_dir, key) for key in ("step_time", "padding_efficiency", "mfu",
+                                                            "tokens_per_second", "samples_per_second", "peak_flops",
+                                                            "epoch")}
+    assert field["epoch"] == pytest.approx({3: 3 / 8, 6: 6 / 8}), "64 rows, 8 a step: step / 8 (docs/metrics.md)"
     assert sorted(field["mfu"]) == [3, 6]
     peak = flops.hardware_peak().flops_per_second
     assert field["peak_flops"] == {3: peak}, "the denominator, once"
@@ -205,7 +208,7 @@ def test_a_module_without_tokens_logs_no_token_efficiency(tmp_path):
     assert not {"padding_efficiency", "mfu", "tokens_per_second"} & set(logs)
 
 
-def test_a_padded_sft_run_logs_the_padding_of_its_batches(tmp_path):
+def test_a_padded_sft_run_logs_the_padding_and_the_real_tokens_of_its_batches(tmp_path):
     from easytrain.trainers.sft import SFTArguments, SFTTrainer
 
     args = tiny_args(tmp_path, max_length=64, max_steps=2, logging_steps=2)
@@ -218,4 +221,6 @@ def test_a_padded_sft_run_logs_the_padding_of_its_batches(tmp_path):
     slots = sum(batch["input_ids"].size for batch in batches)
     assert real < slots, "padded rows"
     assert logs["padding_efficiency"] == pytest.approx(real / slots)
+    assert [trainer.count_tokens(batch) for batch in batches] == [batch["attention_mask"].sum() for batch in batches]
+    assert logs["tokens_per_second"] * logs["step_time"] * 2 == pytest.approx(real), "real tokens, not slots"
     assert logs["mfu"] > 0
