@@ -1,6 +1,6 @@
 """`put_weights` refuses weights that leave out a variable the source set: placed anyway, that variable would keep
 its random initial value in the second state (DPO's policy after its reference), silently; `initialise_from` refuses
-a source tensor this model has no place for."""
+a source tensor this model has no place for, and a tensor of this model the source lacks."""
 
 import jax
 import jax.numpy as jnp
@@ -84,3 +84,19 @@ def test_an_untied_source_into_a_tied_model_is_refused_naming_its_head(tmp_path)
                                      fresh_ok=lambda path, part: False)
     assert refusal.value.field == "init_weights_from"
     assert "(1 tensor(s): lm_head.kernel: not in this model)" in refusal.value.message
+
+
+def test_a_tied_source_into_an_untied_model_is_refused_naming_its_head(tmp_path):
+    """The other direction: a tied export has no `lm_head`, so an untied model would keep a random head and train from
+    there; the refusal lists it as missing from the source."""
+    source = init_model(tiny_config(num_hidden_layers=1, tie_word_embeddings=True))
+    graphdef, params, rest = split_model(init_model(tiny_config(num_hidden_layers=1, tie_word_embeddings=False)))
+    state = TrainState.create(graphdef=graphdef, params=params, model_state=rest, tx=optax.sgd(0.1),
+                              rng=raw_key(0))
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ArgumentError) as refusal:
+        init_weights.initialise_from(str(tmp_path), state, shardings_of(state), load_pretrained=lambda _: source,
+                                     fresh_ok=lambda path, part: False)
+    assert refusal.value.field == "init_weights_from"
+    assert "(1 tensor(s): lm_head.kernel: missing from the source)" in refusal.value.message

@@ -141,3 +141,12 @@ def test_unsupported_family_and_bad_windows_are_rejected():
         init_model(config)
     with pytest.raises(ConfigError, match="sliding_window = 0"):
         init_model(family_config("mistral", sliding_window=0))
+
+
+def test_rms_norm_eps_is_read_from_the_config(tmp_path):
+    """Every family test config keeps transformers' 1e-6, so a norm built with a fixed eps would still match them:
+    a large eps moves Qwen3's logits through each of its norms (decoder layers, final, per-head q/k)."""
+    reference = reference_model(family_config("qwen3", rms_norm_eps=0.5))
+    reference.save_pretrained(tmp_path)
+    model = load_pretrained(tmp_path)
+    assert real_token_error(model, reference) <= 1e-4
