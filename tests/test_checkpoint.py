@@ -1,4 +1,5 @@
-"""Checkpoint round trips, retention, strict restore and resume resolution."""
+"""Checkpoint round trips, retention (the newest, and the best by a finite metric: the earliest of equal ones),
+strict restore and resume resolution (the latest is the highest step, not the last name)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ from easytrain.checkpoint import (
     CheckpointManager,
     CheckpointMismatchError,
     CheckpointNotFoundError,
+    finalized_steps,
     resolve_checkpoint,
 )
+from easytrain.retention import best_index
 
 DATA_STATE = {"epoch": 1, "position": 37, "shard_order": [2, 0, 1]}
 RUN_INFO = {"format_version": 1, "args": {"learning_rate": 3e-4}, "model": {"hidden": 8}}
@@ -247,6 +250,19 @@ def test_checkpoints_without_the_metric_are_never_best(tmp_path: Path, state: Tr
         assert manager.best_step() == 4
 
 
+def test_the_earliest_of_equal_best_values_is_best() -> None:
+    """A later checkpoint that only equals the best does not take its place, in either direction."""
+    assert best_index([0.7, 0.5, 0.5, 0.9], greater_is_better=False) == 1
+    assert best_index([0.5, 0.9, 0.9], greater_is_better=True) == 1
+
+
+def test_an_infinite_metric_never_ranks_best() -> None:
+    """An overflowed metric ranks no more than a NaN one: -inf is not the lowest loss, inf not the highest score."""
+    assert best_index([0.5, float("-inf"), 0.7], greater_is_better=False) == 0
+    assert best_index([0.5, float("inf"), 0.2], greater_is_better=True) == 0
+    assert best_index([float("inf"), float("nan")], greater_is_better=False) is None
+
+
 def test_max_to_keep_must_be_positive(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="max_to_keep"):
         CheckpointManager(tmp_path, max_to_keep=0)
@@ -295,6 +311,17 @@ def test_resolve_paths(run_dir: Path) -> None:
     assert resolve_checkpoint("/elsewhere", checkpoints / "100") == (checkpoints, 100)
     assert resolve_checkpoint("/elsewhere", str(checkpoints)) == (checkpoints, 120)
     assert resolve_checkpoint("/elsewhere", run_dir) == (checkpoints, 120)
+
+
+def test_the_latest_is_the_highest_step_not_the_last_name(tmp_path: Path) -> None:
+    """Steps 9 and 10: by name '9' sorts last, and a resume would continue the older checkpoint."""
+    checkpoints = tmp_path / "checkpoints"
+    for step in (10, 9):
+        for item in ("state", "run_info"):
+            (checkpoints / str(step) / item).mkdir(parents=True)
+    assert finalized_steps(checkpoints) == [9, 10]
+    assert resolve_checkpoint(tmp_path, "latest") == (checkpoints, 10)
+    assert resolve_checkpoint(tmp_path, checkpoints) == (checkpoints, 10)
 
 
 def test_resolve_missing_path_names_the_setting(run_dir: Path) -> None:

@@ -1,6 +1,7 @@
 """A background save that failed (a full disk) is reported as soon as it has ended, without waiting for a save
 still being written: the loop asks at every log step instead of finding out at the next save. It is one
-`CheckpointWriteError` naming the failed step, the cause, the checkpoint kept and how to resume."""
+`CheckpointWriteError` naming the failed step, the cause, the checkpoint kept and how to resume; the next save,
+started before anything asked, reports it as that failed step's, not as its own."""
 
 from __future__ import annotations
 
@@ -39,6 +40,26 @@ def test_a_failed_background_save_is_raised_once_it_ended(tmp_path: Path, monkey
     assert manager.save(2, state=STATE, data_state={}, run_info={})
     manager.close()
     assert manager.all_steps() == [2]
+
+
+def test_the_next_save_names_the_step_that_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Step 1's background save fails while step 2's is being started: the error is step 1's (Orbax's save would wait
+    for it too, and its failure would be named as step 2's)."""
+    go = threading.Event()
+
+    async def disk_full(self) -> None:
+        go.wait(60)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", disk_full)
+    manager = CheckpointManager(tmp_path, owner=True)
+    assert manager.save(1, state=STATE, data_state={}, run_info={})
+    go.set()
+    with pytest.raises(CheckpointWriteError, match="step 1 could not be written: the disk is full") as raised:
+        manager.save(2, state=STATE, data_state={}, run_info={})
+    assert raised.value.step == 1
+    monkeypatch.undo()
+    manager.close()
 
 
 def test_a_failed_synchronous_save_leaves_no_writer_running(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,4 +1,5 @@
-"""Checkpoint fingerprints: the values of the first (ravel-based) formula, computed shard by shard.
+"""Checkpoint fingerprints: the values of the first (ravel-based) formula, computed shard by shard; `verify` refuses
+an element changed or moved (the position-weighted digest, not only the plain sum).
 
 Checkpoints written before the digests stopped flattening must still verify, so every value is
 compared with that formula evaluated in NumPy. The multi-device facts come from this file run as a
@@ -133,13 +134,15 @@ def test_one_changed_element_changes_the_digest():
         integrity.verify({"w": jnp.asarray(damaged)}, saved, where="step 3")
 
 
-def test_two_swapped_elements_change_the_position_weighted_digest():
+def test_two_swapped_elements_change_the_position_weighted_digest_and_are_refused():
     values = np.random.default_rng(2).standard_normal((16, 32), dtype=np.float32)
     saved = integrity.fingerprint({"w": jnp.asarray(values)})["w"]
     swapped = values.copy()
     swapped[2, 3], swapped[9, 30] = values[9, 30], values[2, 3]
     digest = integrity.fingerprint({"w": jnp.asarray(swapped)})["w"]
     assert digest[0] == saved[0] and digest[1] != saved[1]  # same bits, moved
+    with pytest.raises(integrity.CorruptCheckpointError, match=r"1 array\(s\) differ from what was saved \(w\)"):
+        integrity.verify({"w": jnp.asarray(swapped)}, {"w": saved}, where="step 3")  # not only the plain sum compared
     integrity.verify({"w": jnp.asarray(values)}, {"w": saved}, where="step 3")  # the original still passes
 
 

@@ -1,11 +1,15 @@
-"""Two processes x 4 CPU devices on localhost behave like one process with 8 devices."""
+"""Two processes x 4 CPU devices on localhost behave like one process with 8 devices: the same losses, evaluation,
+checkpoints, logged throughput (the global batch's tokens, not one process's share), and DPO reference log-probs
+precomputed for every pair (each process computes its share and gathers the rest)."""
 
 import json
+import math
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from runs import child_env, xla_flags
@@ -45,25 +49,27 @@ def launch_each(devices_per_process: int, processes: int, runs: list[list[str]])
 @pytest.fixture(scope="module")
 def run_dirs(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("multiprocess")
-    return {name: str(root / name) for name in ("match", "together", "stacked", "from_one")}
+    return {name: str(root / name) for name in ("match", "together", "stacked", "from_one", "dpo")}
 
 
 @pytest.fixture(scope="module")
 def single(run_dirs) -> dict:
     """One process with 8 devices on (8,1,1): 5 steps, then evaluate() with the exact-match evaluator. The same
-    process then trains 3 steps on (2,2,2) and checkpoints them, for the two-process resume of that checkpoint."""
-    reference, _ = launch_each(8, 1, [["8", "1", "1", "8", "--evaluate"],
-                                      ["2", "2", "2", "8", "--output-dir", run_dirs["from_one"], "--stop-at", "3"]])
-    return reference[0]
+    process then trains 3 steps on (2,2,2) and checkpoints them, for the two-process resume of that checkpoint, and
+    takes one DPO step with precomputed reference log-probs (its result under "dpo")."""
+    reference, _, dpo = launch_each(8, 1, [["8", "1", "1", "8", "--evaluate"],
+                                           ["2", "2", "2", "8", "--output-dir", run_dirs["from_one"], "--stop-at", "3"],
+                                           ["8", "1", "1", "8", "--dpo"]])
+    return {**reference[0], "dpo": dpo[0]}
 
 
 @pytest.fixture(scope="module")
 def two_processes(run_dirs) -> dict[str, list[dict]]:
     """The first launches of the two-process tests, in one pair of processes: 5 steps with evaluate() and steps 2-3
-    traced, and two runs stopped and checkpointed at step 3 (one with stacked layers). Resumes start fresh
-    processes."""
+    traced, two runs stopped and checkpointed at step 3 (one with stacked layers), and one DPO step with precomputed
+    reference log-probs. Resumes start fresh processes."""
     runs = {"match": ["--evaluate", "--profile"], "together": ["--stop-at", "3"],
-            "stacked": ["--stop-at", "3", "--scan"]}
+            "stacked": ["--stop-at", "3", "--scan"], "dpo": ["--dpo"]}
     results = launch_each(4, 2, [["8", "1", "1", "8", "--output-dir", run_dirs[name], *flags]
                                  for name, flags in runs.items()])
     return dict(zip(runs, results))
@@ -80,12 +86,14 @@ def resumed(run_dirs, single, two_processes) -> dict[str, list[dict]]:
 
 @pytest.mark.slow
 def test_two_processes_match_one_process_with_eight_devices(run_dirs, single, two_processes):
-    """Same losses; and evaluate(), generation included, gives both processes the single-process metrics."""
+    """Same losses and logged tokens; and evaluate(), generation included, gives both processes the single-process
+    metrics."""
     first, second = two_processes["match"]
     assert (first["process"], second["process"]) == (0, 1)
     assert len({tuple(row) for row in single["sampled"]}) > 16, "samples too uniform to compare generation"
     for result in (first, second):
         assert result["losses"] == pytest.approx(single["losses"], abs=1e-5, rel=1e-5)
+        assert result["logged_tokens"] == single["logged_tokens"] == [16 * 32] * 5, "tokens_per_second x step_time"
         assert result["sampled"] == result["sampled_under_mesh"] == single["sampled"]
         assert result["eval"]["eval_exact_match"] == single["eval"]["eval_exact_match"]
         assert result["eval"]["eval_loss"] == pytest.approx(single["eval"]["eval_loss"], rel=1e-5)
@@ -95,6 +103,21 @@ def test_two_processes_match_one_process_with_eight_devices(run_dirs, single, tw
     assert "metrics.jsonl" in first["written"] and "arguments.json" in first["written"]
     lines = (Path(run_dirs["match"]) / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4, 5], "only process 0 logs, once per step"
+
+
+@pytest.mark.slow
+def test_two_processes_precompute_the_reference_log_probs_of_every_pair(single, two_processes):
+    """Each process runs the reference over its share of the pairs and gathers the others': both hold every pair's
+    log-probs, one process's values, and the first DPO step is ln 2 (a pair left at 0.0 would not be)."""
+    alone = single["dpo"]
+    assert len(alone["ref_logps"]) == 24 and not alone["cached"]
+    assert alone["losses"][0] == pytest.approx(math.log(2), abs=1e-6)
+    for result in two_processes["dpo"]:
+        logps = np.asarray(result["ref_logps"])
+        assert not result["cached"] and logps.shape == (24, 2)
+        assert np.all(logps < 0), f"pairs left without: {np.flatnonzero(logps.max(1) >= 0).tolist()}"
+        np.testing.assert_allclose(logps, alone["ref_logps"], rtol=1e-5, atol=1e-5)
+        assert result["losses"][0] == pytest.approx(math.log(2), abs=1e-6)
 
 
 @pytest.mark.slow

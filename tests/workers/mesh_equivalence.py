@@ -2,11 +2,13 @@
 
     python mesh_equivalence.py DATA FSDP TENSOR DEVICES [--output-dir D] [--stop-at N] [--resume]
         [--accumulation A] [--ragged] [--save-params FILE.npz] [--evaluate] [--attention IMPLEMENTATION]
-        [--collectives] [--scan]
+        [--collectives] [--scan] [--dpo]
     python mesh_equivalence.py --each '[["1", "1", "1", "1", "--evaluate"], ["8", "1", "1", "8"], ...]'
 
 `--each`: several layouts one after another in this process, one JSON line each (a process's start, its
-imports, tokenizer and data, costs more than a layout's five steps).
+imports, tokenizer and data, costs more than a layout's five steps). `--dpo`: instead of the five steps, one DPO step
+with precomputed reference log-probs on (8,1,1) (tests/workers/dpo_precomputed.py). Each line also holds the
+tokens each step logged (`tokens_per_second` x `step_time`: the global batch's, whatever the process count).
 
 Run with XLA_FLAGS=--xla_force_host_platform_device_count=8 by tests/test_sharding.py, and as
 2 processes x 4 devices by tests/test_multiprocess.py.
@@ -26,6 +28,7 @@ from jax.experimental import multihost_utils
 from easytrain import BaseTrainer, Callback, TrainingArguments
 from easytrain.generation import generate, pad_prompts
 from easytrain.sharding import make_mesh
+from dpo_precomputed import precomputed_dpo_step
 
 
 def multi_process_arguments() -> dict:
@@ -62,6 +65,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--collectives", action="store_true", help="count the compiled train step's collectives")
     parser.add_argument("--scan", action="store_true", help="scan_layers: the decoder layers stored stacked")
     parser.add_argument("--profile", action="store_true", help="trace steps 2-3 with jax.profiler (profile_steps)")
+    parser.add_argument("--dpo", action="store_true", help="one DPO step with precomputed reference log-probs")
     return parser.parse_args(argv)
 
 
@@ -145,14 +149,17 @@ def run(options: argparse.Namespace) -> dict:
     if not options.output_dir:  # a scratch directory, gone with the run
         with tempfile.TemporaryDirectory() as scratch:
             return run(argparse.Namespace(**{**vars(options), "output_dir": scratch}))
+    if options.dpo:
+        return {"process": jax.process_index(), **precomputed_dpo_step(options.output_dir, multi_process_arguments())}
     trainer = build_trainer(options)
     initial = host_params(trainer, "initial") if options.save_params else {}
-    losses, tokens = [], []
+    losses, tokens, logged_tokens = [], [], []
 
     class Record(Callback):
         def on_log(self, trainer, step, logs):
             losses.append(logs["loss"])
             tokens.append(logs["num_tokens"])
+            logged_tokens.append(round(logs["tokens_per_second"] * logs["step_time"]))  # one step a window
 
         def on_step_end(self, trainer, step):
             trainer.should_stop = step == options.stop_at
@@ -160,7 +167,7 @@ def run(options: argparse.Namespace) -> dict:
     trainer.callbacks.add(Record())
     trainer.train()
     rows = trainer.dataloaders.train.iterator(0)
-    result = {"losses": losses, "num_tokens": tokens, "process": jax.process_index(),
+    result = {"losses": losses, "num_tokens": tokens, "logged_tokens": logged_tokens, "process": jax.process_index(),
               "example_ids": [next(rows)["example_id"].tolist() for _ in range(5)],
               "written": sorted(os.listdir(trainer.arguments.output_dir)),
               "constraints": constraints_in_train_step(trainer), **shard_facts(trainer.state)}
