@@ -27,8 +27,11 @@ def supervised(ids, mask) -> list[int]:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("chosen,rejected", [(" bonjour", " au revoir"), ("bonjour", " hello")])
+@pytest.mark.parametrize("chosen,rejected", [(" bonjour", " au revoir"), ("bonjour", " hello"),
+                                             (" The word is bonjour", " The word is salut"), ("", " hello")])
 def test_each_sequence_is_the_joined_text_and_the_prompt_is_shared(kind, chosen, rejected):
+    """Responses that start with the same words share those tokens, yet they are the responses' (prompt_length
+    stops at the prompt's end); an empty chosen reads the same apart, a rejected beside it does not."""
     tok = sentencepiece_tokenizer(kind)
     pair = tokenize_pair({"prompt": PROMPT, "chosen": chosen, "rejected": rejected}, tok)
     n = pair.prompt_length

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import datasets
 import jax
 import numpy as np
 import pytest
@@ -206,6 +207,20 @@ def test_bad_options_fail_with_the_field_named():
         DPOArguments(loss_type=["sigmoid", "sft"], loss_weights=[1.0])
     with pytest.raises(ArgumentError, match="sync_ref_model"):
         DPOArguments(sync_ref_model=True, precompute_ref_log_probs=True)
+
+
+def test_long_pairs_fill_all_max_length_positions_after_a_prompt_of_max_prompt_length(tmp_path):
+    """max_length counts positions: a long sequence keeps max_length + 1 tokens, max_length (input, target) pairs
+    (TRL's max_length N is `--max_length N-1`, docs/dpo.md), and its prompt is cut to max_prompt_length though
+    max_length has room for more. Checked on the batch, without a model."""
+    rows = datasets.Dataset.from_list([{"prompt": "1+2=3 " * 10, "chosen": "4" * 30, "rejected": "5" * 30}] * 8)
+    trainer = DPOTrainer(tiny_args(tmp_path, validation_split_percentage=0), DPOArguments(max_prompt_length=4),
+                         tokenizer=build_arithmetic_chat_tokenizer(), dataset_train=rows)
+    train, _ = trainer.prepare_datasets()
+    assert set(train["prompt_length"]) == {4}
+    batch = trainer.collate(train[:2], np.arange(2))
+    assert batch["input_ids"].shape == (2, 2, 16) and batch["attention_mask"].all()
+    assert (batch["loss_mask"][..., :3] == 0).all() and batch["loss_mask"][..., 3:].all()  # target 3: token 4
 
 
 def test_the_example_raises_reward_accuracy_and_margins(tmp_path):

@@ -198,6 +198,9 @@ def test_prompt_is_cut_only_when_the_completion_room_overflows(toks):
     assert default_room.prompt_length == prompt_len + 4 - (prompt_len + 4) // 2  # half for the completions
     capped = tokenize_pair(example, tok, PreferenceDataOptions(max_length=None, max_prompt_length=5))
     assert capped.prompt_length == 5 and capped.chosen_input_ids[5:] == full.chosen_input_ids[prompt_len:]
+    # the cap holds under a max_length with room for the whole prompt too
+    assert tokenize_pair(example, tok, PreferenceDataOptions(max_length=prompt_len + chosen_len,
+                                                             max_prompt_length=5)) == capped
 
 
 def test_truncation_and_drops_are_counted(toks):

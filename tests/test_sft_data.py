@@ -241,6 +241,9 @@ def test_prompt_completion_messages_split_at_the_generation_prompt(toks, name):
     assert all(out.loss_mask[len(prompt_ids):])
     both = tokenize({"prompt": CHAT[:2], "completion": CHAT[2:3]}, tok, ASSISTANT_ONLY)
     assert supervised_spans(tok, both.input_ids, both.loss_mask) == expected_spans(name, [CHAT[2]["content"]])
+    everything = tokenize({"prompt": CHAT[:2], "completion": CHAT[2:3]}, tok,
+                          SFTDataOptions(completion_only_loss=False))
+    assert everything.input_ids == out.input_ids and everything.loss_mask == [0] + [1] * (len(out.input_ids) - 1)
 
 
 def test_prompt_not_a_token_prefix_is_refused(toks):
@@ -269,6 +272,19 @@ def test_truncation_sides_are_kept_and_counted(toks):
     dropped, stats = tokenize_sft_dataset(dataset, tok, drop)
     assert len(dropped) == 1 and stats["dropped_too_long"] == 1 and stats["truncated"] == 0
     assert dropped[0]["length"] == short
+
+
+def test_left_truncation_keeps_the_mask_of_the_kept_tokens(toks):
+    """A prompt/completion row cut on the left keeps its BOS and the end: the mask is the end's too (the completion
+    supervised, the prompt's kept tail not), never the start's all-zero prompt mask."""
+    tok = toks["llama3"]
+    row = {"prompt": "A journey of a thousand miles begins with one step. " * 2, "completion": " Gold."}
+    full = tokenize(row, tok, SFTDataOptions(max_length=None))
+    limit = 12
+    assert 0 < sum(full.loss_mask[-(limit - 1):]) < limit - 1  # the kept end holds prompt and completion tokens
+    left = tokenize(row, tok, SFTDataOptions(max_length=limit, truncation_side="left"))
+    assert left.truncated and left.input_ids == full.input_ids[:1] + full.input_ids[-(limit - 1):]
+    assert left.loss_mask == [0] + full.loss_mask[-(limit - 1):]
 
 
 def test_examples_without_supervised_tokens_are_dropped_and_counted(toks):

@@ -205,6 +205,18 @@ def test_examples_dropped_for_length_are_warned_about(tmp_path):
     assert len(warnings) == 1 and "5 dropped as too long" in warnings[0], records.lines
 
 
+def test_an_example_longer_than_max_length_fills_all_its_positions(tmp_path):
+    """max_length counts positions: a long example keeps max_length + 1 tokens, max_length (input, target) pairs
+    (TRL's max_length N is `--max_length N-1`, docs/porting.md). Checked on the batch, without a model."""
+    rows = datasets.Dataset.from_list([{"text": "1+2=3 " * 20}] * 8)
+    trainer = SFTTrainer(tiny_args(tmp_path, max_length=8, validation_split_percentage=0),
+                         tokenizer=build_arithmetic_chat_tokenizer(), dataset_train=rows)
+    train, _ = trainer.prepare_datasets()
+    assert set(train["length"]) == {9}
+    batch = trainer.collate(train[:2], np.arange(2))
+    assert batch["input_ids"].shape == (2, 8) and batch["attention_mask"].all() and batch["loss_mask"].all()
+
+
 def test_data_stats_log_counts_as_integers(tmp_path):
     trainer = SFTTrainer(tiny_args(tmp_path))
     trainer.data_stats = {"train": {"num_examples": 123456, "num_kept": 123450, "truncated": 0,
