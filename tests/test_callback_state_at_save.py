@@ -2,6 +2,8 @@
 run resumed there counts on exactly as one that never stopped: after a SIGTERM, a callback's stop or a larger
 max_steps."""
 
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -73,6 +75,26 @@ def test_a_sigterm_resume_counts_as_an_unbroken_run(tmp_path, stop_at):
     resumed = Counter()
     BaseTrainer(args(tmp_path / "cut", max_steps=8, resume_from_checkpoint="latest"), callbacks=[resumed]).train()
     assert resumed.n == unbroken.n == 8
+
+
+class SigtermWhileEvaluating(Callback):
+    """Sends this process SIGTERM during the evaluation of `step`, before its `on_step_end`, as a scheduler's may."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_evaluate(self, trainer, step, metrics) -> None:
+        if step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_sigterm_before_on_step_end_is_checkpointed_after_that_hook(tmp_path):
+    """The stop for a signal is checked after the step's every hook: a SIGTERM during step 4's evaluation still lets
+    its `on_step_end` run, so the signal's checkpoint of step 4 holds 4 step ends, as a resume there expects."""
+    with pytest.raises(TrainingPreempted):
+        BaseTrainer(args(tmp_path, max_steps=8, eval_strategy="steps", eval_steps=4, max_eval_samples=8),
+                    callbacks=[Counter(), SigtermWhileEvaluating(4)]).train()
+    assert saved_counts(str(tmp_path / "run")) == {3: 3, 4: 4}
 
 
 def test_a_max_steps_resume_counts_as_an_unbroken_run(tmp_path):

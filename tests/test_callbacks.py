@@ -144,6 +144,23 @@ def test_greater_is_better() -> None:
     assert trainer.should_stop is True
 
 
+def test_greater_is_better_min_delta_requires_a_real_improvement() -> None:
+    """An accuracy up by less than min_delta is no improvement, one down by less neither (min_delta is not a
+    tolerance for getting worse)."""
+    callback = EarlyStopping("eval_accuracy", patience=2, min_delta=0.1, greater_is_better=True)
+    trainer = fake_trainer()
+    evaluate(callback, trainer, [0.5, 0.45, 0.55], metric="eval_accuracy")
+    assert trainer.should_stop is True and callback.best == 0.5
+
+
+@pytest.mark.parametrize("greater_is_better", [False, True])
+def test_the_same_value_again_is_no_improvement(greater_is_better: bool) -> None:
+    """A plateau counts against patience (min_delta 0): it is not a new best."""
+    callback, trainer = EarlyStopping(patience=2, greater_is_better=greater_is_better), fake_trainer()
+    evaluate(callback, trainer, [1.0, 1.0, 1.0])
+    assert trainer.should_stop is True and callback.best_step == 10
+
+
 def test_nan_never_counts_as_improvement() -> None:
     callback, trainer = EarlyStopping(patience=2), fake_trainer()
     evaluate(callback, trainer, [float("nan"), float("nan")])
@@ -176,6 +193,20 @@ def test_state_round_trips_through_json_for_resume() -> None:
     trainer = fake_trainer()
     after.on_evaluate(trainer, 50, {"eval_loss": 0.8})
     assert trainer.should_stop is True
+
+
+@pytest.mark.parametrize(("metric", "expected"), [("eval_accuracy", ("eval_accuracy", True)),
+                                                  (None, ("eval_loss", False))])
+def test_early_stopping_patience_watches_metric_for_best_model(tmp_path, metric, expected) -> None:
+    """--early_stopping_patience stops on metric_for_best_model (eval_loss when unset), in its direction: not on
+    eval_loss whatever the run ranks its checkpoints by."""
+    from easytrain import TrainingArguments
+    from easytrain.trainers.builders import default_callbacks
+
+    args = TrainingArguments(output_dir=str(tmp_path), metric_for_best_model=metric, early_stopping_patience=2,
+                             report_to=["none"])
+    stopping = [c for c in default_callbacks(args) if isinstance(c, EarlyStopping)]
+    assert [(c.metric, c.greater_is_better, c.patience) for c in stopping] == [(*expected, 2)]
 
 
 # ----------------------------------------------------------------------------- state across resumes

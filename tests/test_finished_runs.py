@@ -70,11 +70,15 @@ def test_another_metric_starts_early_stopping_afresh(tmp_path, caplog):
     assert "monitored 'eval_score'" in caplog.text
 
 
-def test_a_rerun_with_nothing_left_returns_the_last_train_logs(tmp_path):
+def test_a_rerun_with_nothing_left_says_so_and_returns_the_last_train_logs(tmp_path, caplog):
+    """Resumed at its last step (4 of 4), the run trains nothing: it warns how to train on (a larger max_steps)."""
     out = tmp_path / "run"
     first = BaseTrainer(tiny_args(out, max_steps=4, eval_strategy="no")).train()
-    again = BaseTrainer(tiny_args(out, max_steps=4, eval_strategy="no", resume_from_checkpoint="latest")).train()
+    with caplog.at_level(logging.WARNING, logger="easytrain"):
+        again = BaseTrainer(tiny_args(out, max_steps=4, eval_strategy="no", resume_from_checkpoint="latest")).train()
     assert "loss" in first and again == first
+    (warned,) = [r.getMessage() for r in caplog.records if "nothing left to train" in r.getMessage()]
+    assert "resumed at step 4" in warned and "--max_steps" in warned, warned
 
 
 def test_results_json_keeps_the_train_metrics_of_a_rerun_with_nothing_left(tmp_path):

@@ -98,6 +98,16 @@ def test_processes_split_each_global_batch_and_read_only_their_rows():
     assert [loader.rows_read for loader in loaders] == [steps * 4, steps * 4]
 
 
+def test_an_epoch_counts_global_batches_on_every_process():
+    """24 rows, global batch 8: 3 steps an epoch on each of 2 processes, as on one (not 24 rows over a process's 4):
+    the epoch strategies and the logged epoch count optimizer steps."""
+    for source in (_rows(24), datasets.Dataset.from_dict(_rows(24))):
+        loaders = [TrainBatches(source, 8, seed=0, process_index=p, process_count=2, read_options=NO_PREFETCH)
+                   for p in range(2)]
+        assert [loader.steps_per_epoch for loader in loaders] == [3, 3]
+        assert [loader.epoch_of(3) for loader in loaders] == [1, 1]
+
+
 @pytest.mark.parametrize("stop", [3, 7, 13])  # epochs 0, 2 and 4 (steps_per_epoch is 3)
 def test_restored_state_continues_identically_without_replay(stop):
     rows = _rows(10)

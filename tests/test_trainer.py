@@ -274,6 +274,17 @@ def test_a_checkpoint_off_the_logging_cadence_ends_a_logging_window(tmp_path):
         assert logged(resumed.output_dir, key=key) == logged(straight.output_dir, key=key)
 
 
+def test_a_stopped_run_without_checkpoints_logs_the_steps_since_its_last_log(tmp_path):
+    """save_strategy 'no' and a callback's stop after step 3 of a 4-step logging window: steps 1-3 are logged at the
+    end, and their loss is what train() returns, as with a final checkpoint (which would log them first)."""
+    from runs import StopAt
+
+    args = tiny_args(tmp_path, max_steps=8, logging_steps=4, save_strategy="no")
+    logs = BaseTrainer(args, callbacks=[StopAt(3)]).train()
+    losses = logged(args.output_dir)
+    assert sorted(losses) == [3] and logs["loss"] == losses[3]
+
+
 def test_a_run_without_evaluation_data_writes_no_empty_eval_records(tmp_path):
     """eval_strategy 'steps' (the default) with nothing to evaluate wrote `{"step": 2, "split": "eval"}` records,
     empty CSV rows and an empty `on_evaluate` every eval_steps."""
