@@ -77,6 +77,8 @@ def resolve_mesh_shape(sizes: dict[str, int], num_devices: int) -> dict[str, int
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default `jax.devices()`, ordered by process), laid out row-major:
+    a tensor group is consecutive devices, so within a host, where its per-layer collectives are cheapest."""
     devices = list(devices if devices is not None else jax.devices())
     sizes = resolve_mesh_shape({"data": data, "fsdp": fsdp, "tensor": tensor}, len(devices))
     shape = tuple(sizes[name] for name in MESH_AXES)

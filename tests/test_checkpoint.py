@@ -1,8 +1,10 @@
 """Checkpoint round trips, retention (the newest, and the best by a finite metric: the earliest of equal ones),
-strict restore and resume resolution (the latest is the highest step, not the last name)."""
+strict restore, resume resolution (the latest is the highest step, not the last name) and the save a run's end
+waits for."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import jax
@@ -337,3 +339,39 @@ def test_resolve_directory_without_checkpoints(tmp_path: Path) -> None:
         resolve_checkpoint(tmp_path, "latest")
     with pytest.raises(FileNotFoundError, match="leave resume_from_checkpoint unset"):
         resolve_checkpoint(tmp_path, True)
+
+
+# ----------------------------------------------------------------------------- the end of a run
+
+
+def test_shutting_down_a_failing_run_completes_the_save_in_flight(
+    tmp_path: Path, state: TrainState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`LoopEnding.shut_down` waits for the background save still being written, even while the run fails with
+    another error: the run's last checkpoint is complete (resumable) when train() returns, not cut off at exit."""
+    from types import SimpleNamespace
+
+    from orbax.checkpoint._src.path import atomicity
+
+    from easytrain.trainers.loop_ending import LoopEnding
+
+    original = atomicity.AtomicRenameTemporaryPath.finalize
+
+    async def slow_finalize(self, *args, **kwargs):
+        time.sleep(1)  # the save is still being written when shut_down is called
+        return await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", slow_finalize)
+    manager = CheckpointManager(tmp_path / "checkpoints", owner=True)
+    ending = LoopEnding()
+    ending.manager = manager
+    ending.profiler = SimpleNamespace(tracing=False, stop=lambda: None)
+    ending.reporter = SimpleNamespace(close=lambda status: None)
+    ending.iterator = SimpleNamespace(close=lambda: None)
+    ending.heap = SimpleNamespace(check=lambda saving: None)
+    try:
+        assert manager.save(2, state=state, data_state=DATA_STATE, run_info=RUN_INFO)
+        ending.shut_down(failing=True, status="failed")
+        assert finalized_steps(tmp_path / "checkpoints") == [2]
+    finally:
+        manager.close()

@@ -172,6 +172,18 @@ def test_a_log_window_weighs_tokens_keeps_the_last_rate_and_the_extremes():
     assert (logged["top"], logged["bottom"]) == (-1.0, 7.0)
 
 
+def test_a_log_window_logs_the_mean_of_its_steps_grad_norms():
+    """`grad_norm` over a logging window is the mean of its steps' norms, not the last step's (nor their sum)."""
+    step = jax.jit(functools.partial(train_step, loss_fn=causal_lm_loss, schedule=lambda s: 1e-2))
+    state, window = make_state(), []
+    for seed in (0, 3, 5):
+        state, metrics = step(state, ragged_batch(seed=seed))
+        window.append(fetch(metrics))
+    norms = [reduce_window([metrics])["grad_norm"] for metrics in window]
+    assert len(set(norms)) == 3 and min(norms) > 0
+    assert reduce_window(window)["grad_norm"] == pytest.approx(sum(norms) / 3, rel=1e-6)
+
+
 def test_a_bare_array_metric_is_a_mean_over_the_loss_count():
     """As LossOutput says, a bare array metric is a sum over the loss's own count: logged as that mean, merged over
     micro-batches and steps as one (a Sum would log 4.0, the batches' total)."""
