@@ -204,7 +204,7 @@ def parse_task_arguments(argv: Sequence[str] | None = None, task_arguments: Sequ
     known, _ = pre.parse_known_args(argv)
     parser = build_parser(task_arguments, task, prog)
     config = load_config_file(known.config, task_arguments, task, prog) if known.config else {}
-    parser.set_defaults(**config)
+    parser.set_defaults(**({"task": task} if task else {}) | config)  # the task whose dataclasses are read
     try:
         outputs = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     except ArgumentError as error:  # a file's value, typed: the command line's are refused by argparse first
@@ -223,10 +223,29 @@ def parse_task_arguments(argv: Sequence[str] | None = None, task_arguments: Sequ
                                              f"(sys.argv[1:] = {argv}); pass [] for none, e.g. in a notebook, whose "
                                              "kernel passes -f.") from None
         raise error
+    if task and outputs[0].task != task:
+        raise _other_task_error(task, outputs[0].task, known.config)
     count = 1 + len(task_arguments)
     for values, cls in zip(outputs[1:count], task_arguments):
         check_given_values(values, cls)  # TrainingArguments checks its own; a task's fields get the same checks
     return outputs[0], tuple(outputs[1:count])
+
+
+def _other_task_error(task: str, named: str, config: str | None) -> ArgumentError:
+    """A script's parse of `task`'s dataclasses given `--task named` (or a config file's `task: named`): the run would
+    pair one task's trainer with another's arguments (the command reads `--task` first, so never meets this)."""
+    where = f"--task or {config}" if config else "--task"
+    return ArgumentError("task", f"this parse reads the arguments of task {task!r}, but {where} names task {named!r}; "
+                                 f"leave it out (or give {task!r}), or parse that task's with "
+                                 f"parse_task_arguments(argv, resolve_task({named!r}).arguments, {named!r}).")
+
+
+def _listing(parse: _Parse) -> str:
+    """Whose `--help` lists a parse's flags: the command's (with its `--task`), or the running script's (argparse's
+    default name)."""
+    if parse.prog != CLI_PROG:
+        return parse.prog or os.path.basename(sys.argv[0])
+    return CLI_PROG if (parse.task or _DEFAULT_TASK) == _DEFAULT_TASK else f"{CLI_PROG} --task {parse.task}"
 
 
 def _known_fields(task_arguments: Sequence[type]) -> list[str]:
@@ -252,7 +271,7 @@ def _unknown_flag_error(remaining: list[str], known: list[str], parse: _Parse) -
     if owners:
         return ArgumentError(name, f"--{name} is an argument of {_tasks(owners)}, not of task {chosen!r}; add "
                                    f"--task {owners[0]} (`easytrain train --task {owners[0]} --help` lists its flags).")
-    hint = unknown_name_hint(name, _flag_value(remaining, flag), known, as_flags)
+    hint = unknown_name_hint(name, _flag_value(remaining, flag), known, as_flags, _listing(parse))
     return ArgumentError(name, f"unknown command-line argument {flag!r}. {hint}")
 
 
@@ -283,7 +302,8 @@ def _unknown_key_error(key: str, value: Any, path: Path, known: list[str], parse
     if owners:
         return ArgumentError(key, f"an argument of {_tasks(owners)}, not of task {chosen!r} (in {path}); add "
                                   f"`task: {owners[0]}` to the file or --task {owners[0]} to the command.")
-    return ArgumentError(key, f"unknown argument in {path}. {unknown_name_hint(key, value, known, as_keys)}")
+    return ArgumentError(key, f"unknown argument in {path}. "
+                              f"{unknown_name_hint(key, value, known, as_keys, _listing(parse))}")
 
 
 def _tasks(names: list[str]) -> str:

@@ -127,13 +127,14 @@ def as_keywords(settings: Settings) -> str:
     return ", ".join(name if value is None else f"{name}={value!r}" for name, value in settings)
 
 
-def unknown_name_hint(name: str, value: Any, known: Collection[str], spell: Callable[[Settings], str]) -> str:
+def unknown_name_hint(name: str, value: Any, known: Collection[str], spell: Callable[[Settings], str],
+                      listing: str = "easytrain train") -> str:
     """The sentence after the refusal of an unknown `name` given `value` (None: a bare flag): a transformers setting
     as easytrain spells it (`spell`: `as_flags` or `as_keys`) and how the two differ; else the known name it most
-    likely misspells; else where the list is."""
+    likely misspells; else where the list is (`listing --help`: the command, or a script of one's own)."""
     port = TRANSFORMERS_FIELDS.get(name)
     ported = port(value) if port is not None else None
     if ported is not None and all(field in known for field, _ in ported.settings):
         return (f"Did you mean {spell(ported.settings)}? " if ported.settings else "") + f"{ported.why}."
     close = closest(name, known)
-    return f"Did you mean {spell(((close, None),))}?" if close else "Run `easytrain train --help` for the list."
+    return f"Did you mean {spell(((close, None),))}?" if close else f"Run `{listing} --help` for the list."

@@ -92,3 +92,35 @@ def test_a_scripts_task_parse_names_the_task_it_reads(tmp_path):
                                                 sft.name))
     assert "--beta is an argument of task 'dpo'" in text and "reads TrainingArguments and task 'sft'" in text, text
     assert "resolve_task('dpo')" in text and "easytrain train" not in text, text
+
+
+def test_a_scripts_task_parse_gives_its_task_and_refuses_another(tmp_path):
+    """A script that parses task 'dpo''s arguments (the advice above) gets `task='dpo'`, so `easytrain.cli.run` builds
+    a DPO trainer; it gave the default task, which `run` refused for its DPO arguments. Another task named on the
+    command line or in a config file is refused, not silently paired with DPO's arguments."""
+    dpo = resolve_task("dpo")
+    arguments, (dpo_arguments,) = parse_task_arguments(["--beta", "0.2"], dpo.arguments, dpo.name)
+    assert arguments.task == "dpo" and dpo_arguments.beta == 0.2
+    config = tmp_path / "c.yaml"
+    config.write_text("task: sft\nbeta: 0.2\n")
+    for argv in (["--task", "sft", "--beta", "0.2"], ["--config", str(config)]):
+        with pytest.raises(ArgumentError, match=r"^task: this parse reads the arguments of task 'dpo', but .* names "
+                                                r"task 'sft'.*resolve_task\('sft'\)"):
+            parse_task_arguments(argv, dpo.arguments, dpo.name)
+    assert parse_task_arguments(["--task", "dpo"], dpo.arguments, dpo.name)[0].task == "dpo"
+
+
+def test_a_scripts_unknown_flag_points_to_the_scripts_own_help(monkeypatch, tmp_path):
+    """`easytrain train --help` does not list a script's task flags (nor is it what the user ran)."""
+    monkeypatch.setattr(sys, "argv", ["my_train.py"])
+    sft = resolve_task("sft")
+    config = tmp_path / "c.yaml"
+    config.write_text("zzzz: 1\n")
+    for argv in (["--zzzz", "1"], ["--config", str(config)]):
+        with pytest.raises(ArgumentError) as refused:
+            parse_task_arguments(argv, sft.arguments, sft.name)
+        assert "Run `my_train.py --help` for the list." in str(refused.value), str(refused.value)
+    with pytest.raises(ArgumentError, match=r"Run `easytrain train --help` for the list\."):
+        parse_task_arguments(["--zzzz", "1"], (), "lm", CLI_PROG)
+    with pytest.raises(ArgumentError, match=r"Run `easytrain train --task sft --help` for the list\."):
+        parse_task_arguments(["--task", "sft", "--zzzz", "1"], sft.arguments, sft.name, CLI_PROG)
