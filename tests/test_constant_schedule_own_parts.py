@@ -11,10 +11,10 @@ import optax
 import pytest
 
 from easytrain import BaseTrainer
-from easytrain.trainers.resume import check_resumable
 from easytrain.trainers.resume_checks import DEFAULT_OPTIMIZER_KEY, SCHEDULE_KEY
 from easytrain.trainers.schedule_checks import DEFAULT_SCHEDULE_MARK
 from runs import StopAt, args_for, logged
+from test_schedule_record_resume import checked, schedule_warnings
 from test_several_updates_resume import TwoUpdatesPerBatch
 
 CONSTANT = dict(save_steps=2, learning_rate=1e-2, lr_scheduler_type="constant", warmup_ratio=0.0)
@@ -34,11 +34,6 @@ class OwnDecayingOptimizer(BaseTrainer):
 
     def configure_optimizer(self, schedule):
         return optax.sgd(optax.linear_schedule(self.arguments.learning_rate, 0.0, self.arguments.max_steps))
-
-
-def schedule_warnings(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records
-            if r.levelno >= logging.WARNING and "learning-rate schedule" in r.getMessage()]
 
 
 def resumed_longer(trainer: type[BaseTrainer], run, caplog) -> list[str]:
@@ -70,13 +65,6 @@ def constant_info(max_steps: int, marked: bool = True, default_optimizer: bool |
             SCHEDULE_KEY: {"warmup_updates": 0, "total_updates": max_steps, **({DEFAULT_SCHEDULE_MARK: True}
                                                                                  if marked else {})}}
     return info if default_optimizer is None else {**info, DEFAULT_OPTIMIZER_KEY: default_optimizer}
-
-
-def checked(caplog, stored: dict, current: dict) -> list[str]:
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="easytrain"):
-        assert check_resumable(stored, current) == []
-    return schedule_warnings(caplog)
 
 
 def test_the_default_parts_on_both_sides_resume_longer_without_a_warning(caplog):
