@@ -138,9 +138,10 @@ class TrainingArguments:
     )
     max_length: int = _arg(128, "Sequence length of every training block, in tokens.")
     max_train_samples: Optional[int] = _arg(
-        None, "Train on the first N training examples only (debugging); unset: all. The lm task tokenises the whole "
-        "split and keeps its first N blocks of max_length + 1 tokens (pre-tokenized rows: the first N rows); sft and "
-        "dpo keep the first N rows (conversations, prompt-completion pairs, preference pairs) before tokenising. "
+        None, "Train on the first N training examples only (debugging); unset: all. The lm task keeps the first N "
+        "blocks of max_length + 1 tokens, tokenising the documents from the first on until they fill them, not the "
+        "whole split (pre-tokenized rows: the first N rows); sft and dpo keep the first N rows (conversations, "
+        "prompt-completion pairs, preference pairs) before tokenising. "
         "With a held-out split (validation_split_percentage > 0 and no validation split given), the rows left for "
         "training are in a seeded shuffled order, so the first N are a sample chosen by seed.")
     max_eval_samples: Optional[int] = _arg(

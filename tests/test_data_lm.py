@@ -114,6 +114,64 @@ def test_worker_processes_give_the_same_blocks(char_tokenizer):
     assert parallel["input_ids"][:] == serial["input_ids"][:]
 
 
+class _CountingTokenizer(PreTrainedTokenizerFast):
+    """Counts the documents it is asked to tokenise (in this process: no `num_proc`)."""
+
+    documents: list[int] = []
+
+    def __call__(self, texts, *args, **kwargs):
+        type(self).documents.append(len(texts))
+        return super().__call__(texts, *args, **kwargs)
+
+
+def _counting(tokenizer) -> _CountingTokenizer:
+    _CountingTokenizer.documents = []
+    return _CountingTokenizer(tokenizer_object=tokenizer.backend_tokenizer, eos_token=tokenizer.eos_token,
+                              pad_token=tokenizer.pad_token)
+
+
+@pytest.mark.parametrize("max_blocks", [1, 40, 500])
+def test_a_block_limit_gives_the_first_blocks_and_tokenises_only_what_they_need(char_tokenizer, max_blocks):
+    """A run that trains on `max_train_samples` blocks of a large corpus reads the documents those blocks hold
+    (and a bounded margin), not the whole corpus; its blocks are the unlimited run's first ones."""
+    texts = [f"{i}+{i % 97}={i + i % 97}" for i in range(20000)] + ["1+1=2" * 30] * 50
+    data = datasets.Dataset.from_dict({"text": texts})
+    everything = np.asarray(tokenize_and_group(data, char_tokenizer, max_length=31).with_format("numpy")["input_ids"])
+    tokenizer = _counting(char_tokenizer)
+    limited = np.asarray(tokenize_and_group(data, tokenizer, max_length=31, max_blocks=max_blocks)
+                         .with_format("numpy")["input_ids"])
+    assert len(limited) >= max_blocks
+    np.testing.assert_array_equal(limited[:max_blocks], everything[:max_blocks])
+    needed = np.searchsorted(np.cumsum([len(t) + 1 for t in texts]), max_blocks * 32) + 1
+    assert needed <= sum(tokenizer.documents) <= max(2 * needed, 1024), (needed, tokenizer.documents)
+
+
+def test_the_trainers_blocks_under_max_train_samples_tokenise_a_prefix(tmp_path, char_tokenizer):
+    from easytrain import TrainingArguments
+    from easytrain.trainers.lm_blocks import lm_eval_blocks
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_length=15, max_train_samples=3)
+    data = datasets.Dataset.from_dict({"text": [f"{i}-1={i - 1}" for i in range(10000)]})
+    tokenizer = _counting(char_tokenizer)
+    blocks = lm_eval_blocks(args, tokenizer, data, args.max_train_samples, "train")
+    assert len(blocks) == 3 and sum(tokenizer.documents) <= 1024
+    everything = tokenize_and_group(data, char_tokenizer, max_length=15)
+    np.testing.assert_array_equal(blocks["input_ids"], np.asarray(everything["input_ids"][:3]))
+
+
+def test_a_block_limit_beyond_the_data_gives_every_block(char_tokenizer):
+    texts = [f"{i}*3={3 * i}" for i in range(3000)]
+    data = datasets.Dataset.from_dict({"text": texts})
+    everything = tokenize_and_group(data, char_tokenizer, max_length=15)
+    limited = tokenize_and_group(data, char_tokenizer, max_length=15, max_blocks=10**6)
+    assert limited["input_ids"][:] == everything["input_ids"][:]
+    parallel = tokenize_and_group(data, char_tokenizer, max_length=15, max_blocks=len(everything) - 1, num_proc=2)
+    assert parallel["input_ids"][: len(everything) - 1] == everything["input_ids"][: len(everything) - 1]
+    with pytest.raises(DataError, match=r"has 12 tokens.*one block needs 17"):
+        tokenize_and_group(datasets.Dataset.from_dict({"text": ["1+1=2", "3+4=7"]}), char_tokenizer, max_length=16,
+                           max_blocks=4)
+
+
 def test_missing_text_column_lists_the_columns(char_tokenizer):
     data = datasets.Dataset.from_dict({"content": ["a"], "id": [1]})
     with pytest.raises(DataError, match=r"'text' is not in .*content, id.*set `text_column`"):

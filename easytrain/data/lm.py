@@ -33,6 +33,10 @@ _NUM_TOKENS = "num_tokens"
 # the memory of one batch only, since each batch's leftover tokens carry into the next.
 _BLOCKS_PER_GROUP_BATCH = 64
 
+# Under a block limit, documents are tokenised in parts from the first on: this many at least per part,
+# the next part sized from the tokens per document seen so far.
+_PART_DOCUMENTS = 1024
+
 
 def tokenize_and_group(
     dataset: datasets.Dataset,
@@ -42,6 +46,7 @@ def tokenize_and_group(
     max_length: int,
     num_proc: int | None = None,
     append_eos: bool = True,
+    max_blocks: int | None = None,
 ) -> datasets.Dataset:
     """Tokenise documents and pack the tokens into blocks of ``max_length + 1``.
 
@@ -56,6 +61,10 @@ def tokenize_and_group(
         max_length: Sequence length the model sees; blocks hold one more token.
         num_proc: Worker processes for tokenising (``None`` runs in-process).
         append_eos: Add ``tokenizer.eos_token_id`` after every document.
+        max_blocks: Only these first blocks are wanted (``max_train_samples``):
+            documents are tokenised from the first on until they fill them, so
+            a short run on a large corpus does not tokenise all of it. The
+            blocks are the unlimited call's first ones; a few more may follow.
 
     Returns:
         A dataset with only an ``"input_ids"`` column of equal-length blocks;
@@ -69,7 +78,10 @@ def tokenize_and_group(
     if max_length < 1:
         raise DataError(f"`max_length` must be at least 1, got {max_length}.")
     eos_id = _eos_id(tokenizer) if append_eos else None
-    tokenized = _tokenize_documents(dataset, tokenizer, text_column, eos_id, num_proc)
+    if max_blocks is None:
+        tokenized = _tokenize_documents(dataset, tokenizer, text_column, eos_id, num_proc)
+    else:
+        tokenized = _tokenize_prefix(dataset, tokenizer, text_column, eos_id, num_proc, max_blocks * (max_length + 1))
     return _group_blocks(tokenized, max_length + 1)
 
 
@@ -213,13 +225,42 @@ def _tokenize_documents(
     )
 
 
+def _tokenize_prefix(
+    dataset: datasets.Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    text_column: str,
+    eos_id: int | None,
+    num_proc: int | None,
+    tokens_wanted: int,
+) -> datasets.Dataset:
+    """The first documents, tokenised, until they hold ``tokens_wanted`` tokens (or every document): the blocks
+    cut from this prefix's stream are the whole stream's first ones, since grouping only cuts the stream."""
+    parts: list[datasets.Dataset] = []
+    tokens = start = 0
+    size = _PART_DOCUMENTS
+    while start < len(dataset) and (not parts or tokens < tokens_wanted):
+        stop = min(len(dataset), start + size)
+        part = dataset if (start, stop) == (0, len(dataset)) else dataset.select(range(start, stop))
+        parts.append(_tokenize_documents(part, tokenizer, text_column, eos_id, num_proc))
+        tokens, start = tokens + _token_count(parts[-1]), stop
+        # aim to finish with the next part: 5% over the documents the tokens per document so far say are left
+        left = math.ceil((tokens_wanted - tokens) * start / tokens * 1.05) if tokens else 2 * size
+        size = max(_PART_DOCUMENTS, left)
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+def _token_count(tokenized: datasets.Dataset) -> int:
+    """Tokens in all rows, summed by Arrow (numpy over a `datasets` column reads it row by row)."""
+    return int(pc.sum(tokenized.with_format("arrow")[_NUM_TOKENS]).as_py() or 0)
+
+
 def _group_blocks(tokenized: datasets.Dataset, block_size: int) -> datasets.Dataset:
     """Pack token rows into blocks, failing early when not even one block fits.
 
     Runs in one process, each batch's leftover tokens carried into the next: only the stream's
     last partial block is lost, and the blocks depend on neither ``num_proc`` nor batch sizes.
     """
-    num_tokens = int(np.sum(tokenized[_NUM_TOKENS]))
+    num_tokens = _token_count(tokenized)
     if num_tokens < block_size:
         raise NotEnoughTokensError(
             f"The dataset has {num_tokens} tokens after tokenisation, but one block needs "

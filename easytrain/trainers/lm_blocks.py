@@ -41,7 +41,7 @@ def lm_eval_blocks(args: TrainingArguments, tokenizer: Any, split: datasets.Data
         return checked_masks(blocks, rows_are).with_format("numpy")
     try:
         grouped = tokenize_and_group(split, tokenizer, text_column=args.text_column, max_length=args.max_length,
-                                     num_proc=args.preprocessing_num_workers)
+                                     num_proc=args.preprocessing_num_workers, max_blocks=limit)
     except NotEnoughTokensError as error:
         raise NotEnoughTokensError(f"{_sentence(_described(split_name))} has {error.num_tokens} tokens after "
                                    f"tokenisation, but one block needs {error.block_size} (max_length + 1); "
