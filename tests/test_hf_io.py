@@ -124,6 +124,28 @@ def test_sharded_checkpoint_loads(tmp_path):
     np.testing.assert_array_equal(model.norm.scale[...], expected)
 
 
+def test_loading_builds_the_shape_only_model_once_per_config_and_sees_a_changed_one(tmp_path, monkeypatch):
+    """Every shape-only model traces each initialiser; a load reads the layout twice and a trainer loads its
+    policy, reference and initial weights from one config, so its shapes are taken once per config."""
+    from easytrain.models import hf_io, hf_load
+
+    built = []
+    build = hf_io._abstract_model
+    counted = lambda config, *args, **kwargs: built.append(config.num_hidden_layers) or build(config, *args, **kwargs)
+    monkeypatch.setattr(hf_io, "_abstract_model", counted)
+    monkeypatch.setattr(hf_load, "_abstract_model", counted)
+    for layers in (1, 3):
+        config = tiny_config(num_hidden_layers=layers)
+        save_pretrained(tmp_path / f"layers{layers}", init_model(config), config)
+    built.clear()
+    load_pretrained(tmp_path / "layers1")
+    first = len(built)
+    load_pretrained(tmp_path / "layers1")
+    assert len(built) - first <= 1, built  # the loaded model's own abstract skeleton only
+    deeper = load_pretrained(tmp_path / "layers3")
+    assert len(deeper.layers) == 3 and built.count(3) >= 1
+
+
 def test_mismatched_tensors_are_all_reported():
     config = tiny_config()
     tensors = to_hf_state_dict(nnx.to_pure_dict(nnx.state(init_model(config), nnx.Param)), config)
