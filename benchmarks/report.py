@@ -12,8 +12,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from easytrain.memory_plan import plan_of
-
 
 def relaunch_like_the_command() -> None:
     """Run this benchmark with the malloc setting the `easytrain` command runs with (`easytrain.host_memory`:
@@ -43,6 +41,8 @@ def fill_defaults(options: Any, profile: dict[str, Any]) -> None:
 def step_memory(compiled: Any) -> dict[str, int] | None:
     """Argument / output / alias / temp bytes of a compiled step and its peak estimate (arguments + outputs -
     aliased + temp: what `easytrain.memory_plan` plans, without generated code); None where XLA gives none."""
+    from easytrain.memory_plan import plan_of  # here: a benchmark refusing its flags imports no JAX
+
     plan = plan_of(compiled)
     if plan is None:
         return None
@@ -52,6 +52,8 @@ def step_memory(compiled: Any) -> dict[str, int] | None:
 
 def compiled_memory(compiled: Any) -> dict[str, int]:
     """A compiled step's scratch bytes and its peak estimate (arguments + outputs + scratch), from XLA."""
+    from easytrain.memory_plan import plan_of
+
     plan = plan_of(compiled)
     return {"temp": plan.temporaries, "peak_estimate": plan.arguments + plan.outputs + plan.temporaries}
 

@@ -2,19 +2,42 @@
 reports tokens/s, CPU MFU and the ratios (no timing asserted)."""
 
 import json
+import os
 
 import pytest
 
 pytest.importorskip("torch")
 
-from benchmarks import headlines, versus_torch  # noqa: E402
+from benchmarks import headlines, report, versus_torch  # noqa: E402
+from runs import without_hidden_torch  # noqa: E402
+
+TORCH_SIDES = ("hf_trainer", "torch_loop")
 
 
-def test_versus_torch_smoke(tmp_path, children_with_torch):
+@pytest.fixture
+def torch_for_torch_sides(monkeypatch) -> list[str]:
+    """Only the PyTorch contenders' children start with PyTorch; the JAX ones start as the suite's other children do,
+    without it (as under easytrain's runtime install): with it, transformers' configuration module imported it, about
+    1.5 s of CPU in each JAX child. Returns the contenders started, in order."""
+    started = []
+
+    def child_json(module: str, *args: str, env: dict[str, str] | None = None) -> dict:
+        contender = args[args.index("--child") + 1]
+        started.append(contender)
+        if contender in TORCH_SIDES:
+            env = {**os.environ, "PYTHONPATH": without_hidden_torch(os.environ.get("PYTHONPATH", ""))}
+        return report.child_json(module, *args, env=env)
+
+    monkeypatch.setattr(versus_torch, "child_json", child_json)
+    return started
+
+
+def test_versus_torch_smoke(tmp_path, torch_for_torch_sides):
     out = tmp_path / "versus_torch.json"
     result = versus_torch.main(["--quick", "--warmup", "1", "--windows", "1", "--window_steps", "2",
                                 "--out", str(out)])
     assert json.loads(out.read_text()) == result
+    assert sorted(torch_for_torch_sides) == sorted(versus_torch.CONTENDERS), "each in a child process of its own"
     contenders = result["contenders"]
     assert set(contenders) == set(versus_torch.CONTENDERS)
     for row in contenders.values():

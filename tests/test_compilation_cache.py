@@ -1,6 +1,7 @@
 """`compilation_cache_dir`: the trainer points JAX's persistent cache at a directory, and a second trainer of
 the same run loads its compiled steps from there instead of compiling them."""
 
+import json
 from pathlib import Path
 
 import jax
@@ -54,11 +55,17 @@ def test_a_second_trainer_loads_the_compiled_steps(jax_settings, tmp_path):
     def count(event: str, **_):
         hits.append(event)
 
+    config = tmp_path / "config.json"  # one narrow layer: less to trace and compile, twice
+    config.write_text(json.dumps(dict(model_type="llama", vocab_size=32, hidden_size=16, intermediate_size=32,
+                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                      max_position_embeddings=64)))
+
     def run(name: str) -> BaseTrainer:
         args = TrainingArguments(output_dir=str(tmp_path / name), max_length=16, train_batch_size=4, max_steps=2,
                                  eval_strategy="no", save_strategy="no", report_to=["none"],
                                  disable_progress_bar=True, save_pretrained_at_end=False, max_train_samples=16,
-                                 max_eval_samples=4, compilation_cache_dir=str(tmp_path / "cache"))
+                                 max_eval_samples=4, compilation_cache_dir=str(tmp_path / "cache"),
+                                 model_config=str(config))
         trainer = BaseTrainer(args)
         trainer.train()
         return trainer
