@@ -20,13 +20,21 @@ from jax._src import compiler
 
 SIZE = 128
 
+#: The kept executables by `install`'s key, the least recently used first.
+loaded: collections.OrderedDict[tuple, tuple[Any, int]] = collections.OrderedDict()
+
+
+def forget() -> None:
+    """Drop every kept executable: the next identical program is read from the persistent cache, as in a new
+    process (for a test of that read)."""
+    loaded.clear()
+
 
 def install(size: int = SIZE) -> None:
     """Wrap JAX's persistent-cache read and write in this process (a no-op where JAX lacks them)."""
     read, compile_ = getattr(compiler, "_cache_read", None), getattr(compiler, "_compile_and_write_cache", None)
     if read is None or compile_ is None:
         return
-    loaded: collections.OrderedDict[tuple, tuple[Any, int]] = collections.OrderedDict()
 
     def key(cache_key: str, devices: Any) -> tuple:
         return cache_key, jax.config.jax_compilation_cache_dir, tuple(device.id for device in devices)

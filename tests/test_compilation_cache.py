@@ -10,6 +10,7 @@ from jax.experimental.compilation_cache import compilation_cache as jax_cache
 
 from easytrain import BaseTrainer, TrainingArguments, compilation_cache
 from easytrain.errors import ArgumentError
+import loaded_executables
 
 
 @pytest.fixture
@@ -72,7 +73,8 @@ def test_a_second_trainer_loads_the_compiled_steps(jax_settings, tmp_path):
 
     first = run("first")
     assert first.compilation_cache_dir == str(tmp_path / "cache") and any((tmp_path / "cache").iterdir())
-    jax.clear_caches()  # what a new process starts from
+    jax.clear_caches()  # what a new process starts from: neither JAX's in-memory caches nor the suite's memo
+    loaded_executables.forget()
     jax.monitoring.register_event_listener(count)
     try:
         run("second")
