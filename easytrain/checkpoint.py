@@ -214,7 +214,7 @@ class CheckpointManager:
         items = {
             "state": ocp.args.StandardSave(state),
             "data_state": ocp.args.JsonSave(_json_ready("data_state", data_state)),
-            "fingerprint": ocp.args.JsonSave(integrity.fingerprint(state)),
+            "fingerprint": ocp.args.JsonSave(integrity.fingerprint(state, integrity.SMALL_ON_HOST)),
             "progress": ocp.args.JsonSave(_json_ready("progress", progress)),
         }
         recorded = checkpoint_items.with_record(_json_ready("run_info", run_info), [*items, "run_info"])
@@ -256,11 +256,13 @@ class CheckpointManager:
         best = best_index(values, self.greater_is_better)
         return None if best is None else steps[best]
 
-    def _require(self, step: int) -> None:
-        if step not in self.all_steps():
+    def _require(self, step: int) -> list[int]:
+        """The complete steps there now (listed once: each listing asks Orbax about every step), `step` among them."""
+        if step not in (steps := self.all_steps()):
             raise CheckpointNotFoundError(
-                f"no complete checkpoint for step {step} in {self.directory}; available: {self.all_steps()}"
+                f"no complete checkpoint for step {step} in {self.directory}; available: {steps}"
             )
+        return steps
 
     def read_run_info(self, step: int) -> dict[str, Any]:
         """The ``run_info`` JSON of ``step`` as it was saved (no record of items): cheap, no arrays touched."""
@@ -275,8 +277,7 @@ class CheckpointManager:
         Raises:
             checkpoint_items.MissingItemError: an item it was saved with is gone; nothing is loaded.
         """
-        self._require(step)
-        checkpoint_items.check_items(self.directory / str(step), self.all_steps())
+        checkpoint_items.check_items(self.directory / str(step), self._require(step))
 
     def read_data_state(self, step: int) -> dict[str, Any]:
         """Reads only the ``data_state`` JSON of ``step``, so a resume can check it before any array is loaded."""
@@ -300,6 +301,10 @@ class CheckpointManager:
     def stored_signature(self, step: int) -> Signature:
         """(shape, dtype) per dotted key of the state stored at ``step``, from metadata only."""
         self._require(step)
+        return self._signature(step)
+
+    def _signature(self, step: int) -> Signature:
+        """`stored_signature` of a step already found complete."""
         metadata = self._manager.item_metadata(step).state
         return tree_signature(getattr(metadata, "tree", metadata))
 
@@ -322,7 +327,7 @@ class CheckpointManager:
             integrity.CorruptCheckpointError: restored values differ from the saved fingerprint.
         """
         self.check_items(step)
-        check_signatures(self.stored_signature(step), tree_signature(abstract_state))
+        check_signatures(self._signature(step), tree_signature(abstract_state))
         items = {"state": ocp.args.StandardRestore(abstract_state), "data_state": ocp.args.JsonRestore(),
                  "run_info": ocp.args.JsonRestore()}
         fingerprinted = (self.directory / str(step) / "fingerprint").is_dir()
