@@ -39,7 +39,7 @@ class TrainStateHooks:
         elif self._arguments.init_weights_from:  # a LoRA resume: the restore brings back all but the base
             state = self._from_source(state, shardings, resuming=True)
         if state.base:  # what a resume must find again before it restores the adapters
-            self.base_fingerprint = integrity.fingerprint(state.base)
+            self.base_fingerprint = integrity.fingerprint(state.base, integrity.SMALL_ON_HOST)
         return state, shardings
 
     def _initial_weights(self, state: TrainState, shardings: TrainState) -> TrainState:
