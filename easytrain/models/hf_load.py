@@ -35,12 +35,12 @@ from easytrain.models.hf_io import (
     CheckpointError,
     LoadableTensors,
     ParamPath,
-    _abstract_model,
     _read_config,
     check_shapes,
     check_tied_head,
     hf_layout,
     loadable_shapes,
+    shape_only_model,
 )
 from easytrain.models.llama import LlamaForCausalLM
 from easytrain.models.scan import STACKED
@@ -283,8 +283,8 @@ def from_pretrained(
     loadable = _validate(entries, config)
     if loadable.head_to_check:
         _check_tied_head_values(entries)
-    per_layer = _abstract_model(config, dtype, param_dtype)
-    model = _abstract_model(config, dtype, param_dtype, scan_layers) if scan_layers else per_layer
+    per_layer = shape_only_model(config, dtype, param_dtype)
+    model = shape_only_model(config, dtype, param_dtype, scan_layers) if scan_layers else per_layer
     abstract_params = nnx.state(model, nnx.Param)
     targets = _param_shardings(nnx.state(per_layer, nnx.Param), mesh, rules)
     by_file: dict[Path, list[str]] = defaultdict(list)

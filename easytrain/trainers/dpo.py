@@ -119,8 +119,8 @@ class DPOTrainer(DPORecordHooks, BaseTrainer):
                     rows[name], self.data_stats[name] = tokenize_preference_dataset(
                         split, self.tokenizer, options, formatting_func=self.formatting_func,
                         num_proc=args.preprocessing_num_workers, vocab_size=vocab_size_of(self.model_config))
-                if self.dpo.precompute_ref_log_probs and self.dpo.needs_reference:
-                    rows[name] = self._with_reference_logps(name, rows[name])
+        if self.dpo.precompute_ref_log_probs and self.dpo.needs_reference:  # one reference for every split
+            rows = self._with_reference_logps(rows)
         for name, stats in self.data_stats.items():
             logger.info("DPO %s pairs: %s", name, ", ".join(f"{k}={v}" for k, v in stats.items()))
         return rows["train"], rows.get("validation")
@@ -134,24 +134,28 @@ class DPOTrainer(DPORecordHooks, BaseTrainer):
                                                   num_proc=self.arguments.preprocessing_num_workers,
                                                   vocab_size=vocab_size_of(self.model_config))
         if self.dpo.precompute_ref_log_probs and self.dpo.needs_reference:
-            rows = self._with_reference_logps("evaluate", rows)
+            rows = self._with_reference_logps({"evaluate": rows})["evaluate"]
         return rows
 
     def _data_options(self) -> PreferenceDataOptions:
         return PreferenceDataOptions(max_length=self.arguments.max_length + 1,
                                      max_prompt_length=self.dpo.max_prompt_length)
 
-    def _with_reference_logps(self, name: str, rows: Any) -> Any:
+    def _with_reference_logps(self, splits: Mapping[str, Any]) -> dict[str, Any]:
+        """Each split's rows with their reference log-probs (`ref_logps`), from one reference built, placed and
+        compiled for all of them (`precomputed_reference_logps`)."""
         settings = {"max_length": self.arguments.max_length, "chunk": self.dpo.logps_chunk_size,
                     "dtype": str(self.dtype)}  # a bfloat16 run's reference differs from a float32 one's
-        logps, cached = precomputed_reference_logps(
-            self.reference(), rows, settings=settings, collate=self.collate, batch_size=self.arguments.eval_batch_size,
-            sequence_logps=lambda m, b: self.pair_logps(m, b)[0], mesh=self.mesh, rules=self.partition_rules,
-            cache_dir=self.cache_dir, is_main_process=self.is_main_process, compiler_options=self.compiler_options)
-        self.reference_logps_cached[name] = cached
+        found = precomputed_reference_logps(
+            self.reference(), splits, settings=settings, collate=self.collate,
+            batch_size=self.arguments.eval_batch_size, sequence_logps=lambda m, b: self.pair_logps(m, b)[0],
+            mesh=self.mesh, rules=self.partition_rules, cache_dir=self.cache_dir,
+            is_main_process=self.is_main_process, compiler_options=self.compiler_options)
         if self._model is not None:  # evaluate(dataset) after set-up: no policy is left to take the read weights
             self._source_weights = None
-        return pair_rows(rows, {"ref_logps": logps})
+        for name, (_, cached) in found.items():
+            self.reference_logps_cached[name] = cached
+        return {name: pair_rows(rows, {"ref_logps": found[name][0]}) for name, rows in splits.items()}
 
     @property
     def cache_dir(self) -> Path:

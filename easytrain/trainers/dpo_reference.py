@@ -20,6 +20,7 @@ released before training starts.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -108,24 +109,21 @@ def cache_key(data_digest: str, reference_digests: Mapping[str, Any], settings: 
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
-def precomputed_reference_logps(reference: Frozen, rows: RowSource, *, settings: Mapping[str, Any],
+def precomputed_reference_logps(reference: Frozen, splits: Mapping[str, RowSource], *, settings: Mapping[str, Any],
                                 collate: Callable, batch_size: int,
                                 sequence_logps: Callable[[nnx.Module, Mapping[str, jax.Array]], jax.Array],
                                 mesh: jax.sharding.Mesh, rules: sharding.LogicalRules, cache_dir: Path,
                                 is_main_process: bool, compiler_options: Mapping[str, Any] | None = None
-                                ) -> tuple[np.ndarray, bool]:
-    """`[num_pairs, 2]` reference log-probs of (chosen, rejected) for every row, and whether they were
-    read from the cache, keyed on `rows`' content. The reference lives on the mesh only inside this function."""
+                                ) -> dict[str, tuple[np.ndarray, bool]]:
+    """Split name -> `[num_pairs, 2]` reference log-probs of (chosen, rejected) for every row of its pairs, and
+    whether they were read from the cache, keyed on the rows' content. The reference is placed, digested and its
+    pass compiled once for all splits; it lives on the mesh only inside this function."""
     if scalings := adapter_scalings(reference.value):  # not in the tensors' digests: another lora_alpha, same tensors
         settings = {**settings, "lora_scalings": scalings}
     placed = place_frozen({"reference": reference}, mesh, rules)
     values, graphdef = placed.values["reference"], dict(placed.modules)["reference"]
     settings = {**settings, ARCHITECTURE: architecture_key(graphdef, reference.value)}  # not in the weights either
-    key = cache_key(pairs_digest(rows), integrity.fingerprint(values, integrity.SMALL_ON_HOST), settings)
-    path = cache_dir / f"{key}.npy"
-    if path.is_file():
-        logger.info("reference log-probs read from %s", path)
-        return np.load(path), True
+    digests = integrity.fingerprint(values, integrity.SMALL_ON_HOST)
     batch_sh = sharding.batch_sharding(mesh)
 
     def pass_(reference_values: Any, batch: Mapping[str, jax.Array]) -> jax.Array:
@@ -136,6 +134,30 @@ def precomputed_reference_logps(reference: Frozen, rows: RowSource, *, settings:
     compiled = jax.jit(sharding.with_activation_layout(pass_, mesh, rules),
                        in_shardings=(placed.shardings["reference"], batch_sh), out_shardings=batch_sh,
                        compiler_options=compiler_options)
+    found = {}
+    for name, rows in splits.items():
+        path = cache_dir / f"{cache_key(pairs_digest(rows), digests, settings)}.npy"
+        if path.is_file():
+            logger.info("reference log-probs read from %s", path)
+            found[name] = np.load(path), True
+            continue
+        found[name] = _logps_of(rows, functools.partial(compiled, values), batch_size=batch_size, collate=collate,
+                                mesh=mesh), False
+        if is_main_process:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            temporary = path.with_suffix(".tmp.npy")
+            np.save(temporary, found[name][0])
+            temporary.replace(path)  # atomic: a killed run never leaves a half-written cache
+        logger.info("reference log-probs computed for %d pairs and cached in %s", len(found[name][0]), path)
+    del values, placed  # the reference leaves device memory before training
+    return found
+
+
+def _logps_of(rows: RowSource, run: Callable[[Mapping[str, jax.Array]], jax.Array], *, batch_size: int,
+              collate: Callable, mesh: jax.sharding.Mesh) -> np.ndarray:
+    """`[num_pairs, 2]`: `run` over `rows` in evaluation batches, each pair's result put at its example id (the
+    padding rows of the last batch, id -1, dropped)."""
+    batch_sh = sharding.batch_sharding(mesh)
     num_rows = len(rows["example_id"]) if isinstance(rows, Mapping) and "example_id" in rows else len(rows)
     result = np.zeros((num_rows, 2), np.float32)
     loader = EvalBatches(rows, batch_size, collate=collate, process_index=jax.process_index(),
@@ -143,19 +165,11 @@ def precomputed_reference_logps(reference: Frozen, rows: RowSource, *, settings:
     for batch in loader:
         ids = batch.pop("example_id")
         device_batch = sharding.to_global_arrays(batch, batch_sh)
-        logps = np.asarray(jax.experimental.multihost_utils.process_allgather(compiled(values, device_batch),
-                                                                               tiled=True))
+        logps = np.asarray(jax.experimental.multihost_utils.process_allgather(run(device_batch), tiled=True))
         all_ids = np.asarray(jax.experimental.multihost_utils.process_allgather(jnp.asarray(ids), tiled=True))
         real = all_ids >= 0
         result[all_ids[real]] = logps[real]
-    del values, placed  # the reference leaves device memory before training
-    if is_main_process:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(".tmp.npy")
-        np.save(temporary, result)
-        temporary.replace(path)  # atomic: a killed run never leaves a half-written cache
-    logger.info("reference log-probs computed for %d pairs and cached in %s", num_rows, path)
-    return result, False
+    return result
 
 
 def update_then_sync(state: Any, batch: Mapping[str, jax.Array], *, update: Callable[..., Any], alpha: float,
