@@ -172,6 +172,23 @@ def test_a_block_limit_beyond_the_data_gives_every_block(char_tokenizer):
                            max_blocks=4)
 
 
+@pytest.mark.parametrize("max_blocks", [None, 4])
+def test_a_split_without_rows_says_it_has_no_tokens(char_tokenizer, max_blocks):
+    with pytest.raises(DataError, match=r"has 0 tokens.*one block needs 12"):
+        tokenize_and_group(datasets.Dataset.from_dict({"text": []}, features=datasets.Features(
+            {"text": datasets.Value("string")})), char_tokenizer, max_length=11, max_blocks=max_blocks)
+
+
+@pytest.mark.parametrize("max_blocks", [None, 4])
+def test_a_first_thousand_empty_documents_before_text_give_the_texts_blocks(char_tokenizer, max_blocks):
+    """`datasets` infers a column's type from the first batch it writes: one of only empty documents had no token
+    to type its rows by, and the next batch's integers could not be cast to it."""
+    texts = [""] * 1000 + [None] * 500 + ["1+1=2"] * 100
+    blocks = tokenize_and_group(datasets.Dataset.from_dict({"text": texts}), char_tokenizer, max_length=11,
+                                max_blocks=max_blocks)
+    assert len(blocks) == 100 * 6 // 12 and char_tokenizer.decode(blocks[0]["input_ids"]) == "1+1=2<eos>1+1=2<eos>"
+
+
 def test_missing_text_column_lists_the_columns(char_tokenizer):
     data = datasets.Dataset.from_dict({"content": ["a"], "id": [1]})
     with pytest.raises(DataError, match=r"'text' is not in .*content, id.*set `text_column`"):

@@ -37,6 +37,8 @@ _BLOCKS_PER_GROUP_BATCH = 64
 # the next part sized from the tokens per document seen so far.
 _PART_DOCUMENTS = 1024
 
+_TOKENIZED = datasets.Features({TOKENS: datasets.List(datasets.Value("int64")), _NUM_TOKENS: datasets.Value("int64")})
+
 
 def tokenize_and_group(
     dataset: datasets.Dataset,
@@ -221,6 +223,7 @@ def _tokenize_documents(
         remove_columns=dataset.column_names,
         load_from_cache_file=True,
         fn_kwargs={"tokenizer": tokenizer, "text_column": text_column, "eos_id": eos_id},
+        features=_TOKENIZED,  # not inferred from the first batch: one of empty documents types its rows as null
         desc="Tokenizing",
     )
 
@@ -238,7 +241,7 @@ def _tokenize_prefix(
     parts: list[datasets.Dataset] = []
     tokens = start = 0
     size = _PART_DOCUMENTS
-    while start < len(dataset) and (not parts or tokens < tokens_wanted):
+    while not parts or (start < len(dataset) and tokens < tokens_wanted):  # an empty split: one empty part
         stop = min(len(dataset), start + size)
         part = dataset if (start, stop) == (0, len(dataset)) else dataset.select(range(start, stop))
         parts.append(_tokenize_documents(part, tokenizer, text_column, eos_id, num_proc))
@@ -251,6 +254,8 @@ def _tokenize_prefix(
 
 def _token_count(tokenized: datasets.Dataset) -> int:
     """Tokens in all rows, summed by Arrow (numpy over a `datasets` column reads it row by row)."""
+    if _NUM_TOKENS not in tokenized.column_names:  # `map` over no rows gives no columns
+        return 0
     return int(pc.sum(tokenized.with_format("arrow")[_NUM_TOKENS]).as_py() or 0)
 
 
