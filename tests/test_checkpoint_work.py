@@ -90,3 +90,18 @@ def test_a_save_and_its_restore_digest_small_arrays_on_the_host_without_compilin
     values = lambda tree: jax.tree.map(lambda leaf: jax.random.key_data(leaf) if leaf is tree["key"] else leaf, tree)
     assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool((a == b).all()), values(restored), values(state))))
     assert saved == sorted(on_device) == ["float32", "key<fry>"]  # the large array and the PRNG key
+
+
+def test_small_arrays_are_copied_to_the_host_together_not_one_blocking_copy_each(monkeypatch):
+    """On a GPU each `np.asarray` of a device array waits for its own copy: a save's few hundred norm scales and
+    their optimizer moments are asked for together (`jax.device_get` of a group), to the same digests."""
+    import jax.numpy as jnp
+
+    from easytrain import integrity
+
+    tree = {f"scale{index}": jnp.full((8,), index, jnp.float32) for index in range(40)}
+    expected = integrity.fingerprint(tree)  # every leaf through the compiled digest
+    requests, device_get = [], jax.device_get
+    monkeypatch.setattr(jax, "device_get", lambda values: requests.append(len(values)) or device_get(values))
+    assert integrity.fingerprint(tree, integrity.SMALL_ON_HOST) == expected
+    assert requests == [40]
