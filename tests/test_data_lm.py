@@ -130,13 +130,21 @@ def _counting(tokenizer) -> _CountingTokenizer:
                               pad_token=tokenizer.pad_token)
 
 
-@pytest.mark.parametrize("max_blocks", [1, 40, 500])
-def test_a_block_limit_gives_the_first_blocks_and_tokenises_only_what_they_need(char_tokenizer, max_blocks):
-    """A run that trains on `max_train_samples` blocks of a large corpus reads the documents those blocks hold
-    (and a bounded margin), not the whole corpus; its blocks are the unlimited run's first ones."""
+@pytest.fixture(scope="module")
+def large_corpus(char_tokenizer) -> tuple[list[str], datasets.Dataset, np.ndarray]:
+    """20050 documents, and every block of 32 tokens they give without a limit."""
     texts = [f"{i}+{i % 97}={i + i % 97}" for i in range(20000)] + ["1+1=2" * 30] * 50
     data = datasets.Dataset.from_dict({"text": texts})
-    everything = np.asarray(tokenize_and_group(data, char_tokenizer, max_length=31).with_format("numpy")["input_ids"])
+    return texts, data, np.asarray(tokenize_and_group(data, char_tokenizer, max_length=31)
+                                   .with_format("numpy")["input_ids"])
+
+
+@pytest.mark.parametrize("max_blocks", [1, 40, 500])
+def test_a_block_limit_gives_the_first_blocks_and_tokenises_only_what_they_need(char_tokenizer, large_corpus,
+                                                                                max_blocks):
+    """A run that trains on `max_train_samples` blocks of a large corpus reads the documents those blocks hold
+    (and a bounded margin), not the whole corpus; its blocks are the unlimited run's first ones."""
+    texts, data, everything = large_corpus
     tokenizer = _counting(char_tokenizer)
     limited = np.asarray(tokenize_and_group(data, tokenizer, max_length=31, max_blocks=max_blocks)
                          .with_format("numpy")["input_ids"])
