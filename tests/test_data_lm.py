@@ -197,6 +197,13 @@ def test_a_first_thousand_empty_documents_before_text_give_the_texts_blocks(char
     assert len(blocks) == 100 * 6 // 12 and char_tokenizer.decode(blocks[0]["input_ids"]) == "1+1=2<eos>1+1=2<eos>"
 
 
+def test_token_ids_are_stored_as_int32(char_tokenizer):
+    """`datasets` stores an inferred `input_ids` column as int32; the columns given to `map` keep that (int64 would
+    double a large corpus's cached tokens on disk and in Arrow memory)."""
+    blocks = tokenize_and_group(datasets.Dataset.from_dict({"text": ["1+1=2"] * 20}), char_tokenizer, max_length=7)
+    assert blocks.features["input_ids"].feature.dtype == "int32"
+
+
 def test_missing_text_column_lists_the_columns(char_tokenizer):
     data = datasets.Dataset.from_dict({"content": ["a"], "id": [1]})
     with pytest.raises(DataError, match=r"'text' is not in .*content, id.*set `text_column`"):

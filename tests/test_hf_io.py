@@ -146,6 +146,16 @@ def test_loading_builds_the_shape_only_model_once_per_config_and_sees_a_changed_
     assert len(deeper.layers) == 3 and built == [1, 3]
 
 
+def test_a_load_keeps_the_dtype_objects_it_was_given_whatever_was_loaded_before(tmp_path):
+    """The model's static attributes (its GraphDef: jit and reference-cache keys) hold the dtypes as given, not those
+    of an earlier load of the same config that happened to pass an equal dtype written another way."""
+    config = tiny_config()
+    save_pretrained(tmp_path, init_model(config), config)
+    load_pretrained(tmp_path, dtype=jnp.float32, param_dtype=jnp.float32)
+    model = load_pretrained(tmp_path, dtype=np.dtype("float32"), param_dtype=np.dtype("float32"))
+    assert repr(model.dtype) == repr(np.dtype("float32")) == repr(model.embed_tokens.dtype)
+
+
 def test_mismatched_tensors_are_all_reported():
     config = tiny_config()
     tensors = to_hf_state_dict(nnx.to_pure_dict(nnx.state(init_model(config), nnx.Param)), config)

@@ -37,7 +37,8 @@ _BLOCKS_PER_GROUP_BATCH = 64
 # the next part sized from the tokens per document seen so far.
 _PART_DOCUMENTS = 1024
 
-_TOKENIZED = datasets.Features({TOKENS: datasets.List(datasets.Value("int64")), _NUM_TOKENS: datasets.Value("int64")})
+# The tokenised columns, as `datasets` infers them from a batch with tokens (an `input_ids` column as int32).
+_TOKENIZED = datasets.Features({TOKENS: datasets.List(datasets.Value("int32")), _NUM_TOKENS: datasets.Value("int64")})
 
 
 def tokenize_and_group(

@@ -91,9 +91,10 @@ def shape_only_model(config: transformers.PretrainedConfig, dtype: DType, param_
     """A copy of `_abstract_model`, which is built once per config, dtypes and layout: building it traces every
     initialiser (21-38 ms at two tiny layers), a load reads the layout and fills a model, and a trainer loads its
     policy, reference and initial weights from one config. The copy holds `config` itself, not the equal config of
-    the call that built the kept model, which is never handed out."""
-    key = (type(config).__qualname__, config.to_json_string(use_diff=False), jnp.dtype(dtype).name,
-           jnp.dtype(param_dtype).name, scan_layers)
+    the call that built the kept model."""
+    # the dtypes as given (`jnp.float32` or `np.dtype('float32')`): the model keeps them as static attributes
+    key = (type(config).__qualname__, config.to_json_string(use_diff=False), repr(dtype), repr(param_dtype),
+           scan_layers)
     if key not in _SHAPE_ONLY_MODELS:
         while len(_SHAPE_ONLY_MODELS) >= _SHAPE_ONLY_KEPT:
             _SHAPE_ONLY_MODELS.pop(next(iter(_SHAPE_ONLY_MODELS)))
