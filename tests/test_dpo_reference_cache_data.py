@@ -82,3 +82,18 @@ def test_evaluate_on_other_pairs_under_the_same_fingerprint_recomputes(base, tmp
     assert one == pytest.approx(np.log(2), abs=1e-6) and other == pytest.approx(np.log(2), abs=1e-6)
     trainer.evaluate(second)
     assert trainer.reference_logps_cached["evaluate"] is True, "the same pairs again: read from the cache"
+
+
+def test_the_cache_is_read_only_where_every_process_sees_it(base, tmp_path, monkeypatch):
+    """A process that does not see the main process's cache file yet runs the pass, whose gathers would wait forever
+    for processes that read the file: all read it or all compute (found by review: two processes hung)."""
+    from easytrain.trainers import dpo_reference
+
+    assert dpo_reference.seen_by_every_process(True, gather=lambda flag: np.stack([flag, np.int32(0)])) is False
+    assert dpo_reference.seen_by_every_process(True, gather=lambda flag: np.stack([flag, np.int32(1)])) is True
+    assert dpo_reference.seen_by_every_process(False) is False and dpo_reference.seen_by_every_process(True)
+    train_file = rewritten(tmp_path / "pairs.jsonl", pairs(0, 16))
+    assert precomputed(tmp_path, base, train_file).reference_logps_cached == {"train": False}
+    assert precomputed(tmp_path, base, train_file).reference_logps_cached == {"train": True}
+    monkeypatch.setattr(dpo_reference, "seen_by_every_process", lambda found: False)  # another process sees no file
+    assert precomputed(tmp_path, base, train_file).reference_logps_cached == {"train": False}

@@ -137,7 +137,7 @@ def precomputed_reference_logps(reference: Frozen, splits: Mapping[str, RowSourc
     found = {}
     for name, rows in splits.items():
         path = cache_dir / f"{cache_key(pairs_digest(rows), digests, settings)}.npy"
-        if path.is_file():
+        if seen_by_every_process(path.is_file()):
             logger.info("reference log-probs read from %s", path)
             found[name] = np.load(path), True
             continue
@@ -151,6 +151,17 @@ def precomputed_reference_logps(reference: Frozen, splits: Mapping[str, RowSourc
         logger.info("reference log-probs computed for %d pairs and cached in %s", len(found[name][0]), path)
     del values, placed  # the reference leaves device memory before training
     return found
+
+
+def seen_by_every_process(found: bool, gather: Callable[[np.ndarray], np.ndarray] | None = None) -> bool:
+    """Whether every process found the cache file: one that did not (a shared filesystem showing the main process's
+    write late) would run the pass and wait forever in its gathers for processes that read the file instead, so
+    all read it or all compute. `gather`: `multihost_utils.process_allgather` (one process: `found` itself)."""
+    if gather is None:
+        if jax.process_count() == 1:
+            return found
+        gather = jax.experimental.multihost_utils.process_allgather
+    return bool(np.all(np.asarray(gather(np.int32(found)))))
 
 
 def _logps_of(rows: RowSource, run: Callable[[Mapping[str, jax.Array]], jax.Array], *, batch_size: int,
