@@ -8,12 +8,11 @@ warned of once the state is restored, after every check that could refuse it.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple
 
 import jax
 
@@ -32,7 +31,6 @@ from easytrain.trainers.resume_checks import (  # noqa: F401 (the checks, import
     moved_paths, refuse_changes, rerun_hint, warn_changes)
 
 logger = logging.getLogger("easytrain")
-_T = TypeVar("_T")
 
 
 class Restored(NamedTuple):
@@ -55,7 +53,7 @@ def restore_checkpoint(checkpoint: tuple[Path, int], current: dict[str, Any], ta
             run_info = manager.read_run_info(step)
         except Exception as error:  # any unreadable file means the same to the user: use another checkpoint
             raise _unreadable(root, step, manager.all_steps(), error) from error
-        saved_position = read_once(functools.partial(manager.read_data_state, step))
+        saved_position = _position_or_error(manager, step)  # read once: two checks below need it
         content_compared = compares_content(saved_position, data_fingerprint)
         data_order_changed = refuse_changes(run_info, current, content_compared)
         stored_args = run_info.get("arguments") or {}
@@ -98,36 +96,23 @@ def restore_checkpoint(checkpoint: tuple[Path, int], current: dict[str, Any], ta
     return Restored(state, data_state if keep_position else None, progress.get("callbacks", {}))
 
 
-def read_once(read: Callable[[], _T]) -> Callable[[], _T]:
-    """`read`, called at the first call only: later calls return its value again, or raise its error again. The
-    data position is read (Orbax restores it, listing the checkpoints first) by whichever check needs it first."""
-    outcome: list[tuple[Any, Exception | None]] = []
-
-    def once() -> _T:
-        if not outcome:
-            try:
-                outcome.append((read(), None))
-            except Exception as error:  # noqa: BLE001 - raised again to every caller
-                outcome.append((None, error))
-        value, error = outcome[0]
-        if error is not None:
-            raise error
-        return value
-
-    return once
+def _position_or_error(manager: CheckpointManager, step: int) -> dict[str, Any] | Exception:
+    """The checkpoint's data position, or the error reading it, which `_read_position` raises naming the checkpoint
+    (after the checks that refuse a resume for what it changed)."""
+    try:
+        return manager.read_data_state(step)
+    except Exception as error:  # any reason: raised by `_read_position`
+        return error
 
 
-def compares_content(position: Callable[[], Mapping[str, Any]], fingerprint: Mapping[str, Any] | None) -> bool:
-    """Whether the checkpoint's data position (`position()`, read when needed) and this run's loader both record the
-    rows' digest, so that `check_data_position` compares the data's content and a local file moved to another path is
-    not refused for its path (`resume_checks.moved_data`). A position that cannot be read counts as one that does:
-    `_read_position` then refuses the checkpoint as unreadable, not the moved path."""
+def compares_content(position: Mapping[str, Any] | Exception, fingerprint: Mapping[str, Any] | None) -> bool:
+    """Whether the checkpoint's data position and this run's loader both record the rows' digest, so that
+    `check_data_position` compares the data's content and a local file moved to another path is not refused for its
+    path (`resume_checks.moved_data`). A position that could not be read counts as one that does: `_read_position`
+    then refuses the checkpoint as unreadable, not the moved path."""
     if fingerprint is None or DIGEST_KEY not in fingerprint:
         return False
-    try:
-        return DIGEST_KEY in position()
-    except Exception:  # any reason: `_read_position` raises it again and names it
-        return True
+    return isinstance(position, Exception) or DIGEST_KEY in position
 
 
 def is_structure_mismatch(error: BaseException) -> bool:
@@ -138,13 +123,14 @@ def is_structure_mismatch(error: BaseException) -> bool:
     return isinstance(reason, ValueError) and "tree structures do not match" in str(reason)
 
 
-def _read_position(saved: Callable[[], dict[str, Any]], manager: CheckpointManager, root: Path, step: int,
+def _read_position(position: dict[str, Any] | Exception, manager: CheckpointManager, root: Path, step: int,
                    fingerprint: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The checkpoint's data position (JSON only, `saved()`); one without the settings the loader compares, or of
-    another step than the checkpoint's (it would feed batches twice, or skip some), is damaged. A loader of the
-    trainer's own (no `fingerprint`) keeps a position of its own making, not compared here."""
+    """The checkpoint's data position (JSON only: `_position_or_error`); one without the settings the loader
+    compares, or of another step than the checkpoint's (it would feed batches twice, or skip some), is damaged. A
+    loader of the trainer's own (no `fingerprint`) keeps a position of its own making, not compared here."""
     try:
-        position = saved()
+        if isinstance(position, Exception):
+            raise position
         if fingerprint is not None:
             if missing := [key for key in ("step", *fingerprint) if key not in position and key != DIGEST_KEY]:
                 raise ValueError(f"its data_state records no {', '.join(missing)}")
