@@ -51,6 +51,8 @@ class Frozen(NamedTuple):
             restored; False skips both, for an entry meant to differ between starts (re-drawn at random on purpose).
             The same values resume on any mesh and in either `scan_layers` layout. No effect with `checkpoint=True`:
             the checkpoint holds such an entry, checked by the checkpoint's own fingerprint.
+        digests: the fingerprint (`integrity.fingerprint`, by dotted path) already taken of `value`'s very arrays, e.g.
+            for a record of its own, so they are not digested again; used only where it names exactly its leaves.
     """
 
     value: nnx.Module | PyTree | Callable[[], nnx.Module | PyTree]
@@ -58,6 +60,7 @@ class Frozen(NamedTuple):
     copy: bool = True
     mirrors_params: bool = False
     fingerprint: bool = True
+    digests: Mapping[str, list[int]] | None = None
 
 
 class PlacedFrozen(NamedTuple):
@@ -248,8 +251,24 @@ def fixed_fingerprints(specs: Mapping[str, Frozen], values: Mapping[str, PyTree]
     """Entry -> dotted path -> two digests (`integrity.fingerprint`) of each entry rebuilt on resume and declared
     `fingerprint=True`, computed where its arrays lie (each device digests its shard; a leaf of at most
     `integrity.SMALL_ON_HOST` elements on the host, cheaper than compiling its digest)."""
-    return {name: integrity.fingerprint(values[name], integrity.SMALL_ON_HOST) for name, spec in specs.items()
+    return {name: entry_digests(spec, values[name]) for name, spec in specs.items()
             if not spec.checkpoint and spec.fingerprint and name in values}
+
+
+def entry_digests(spec: Frozen, values: PyTree) -> dict[str, list[int]]:
+    """The digests of an entry's placed `values`: those `spec` was given of them (`given_digests`), else taken now."""
+    given = given_digests(spec, values)
+    return integrity.fingerprint(values, integrity.SMALL_ON_HOST) if given is None else given
+
+
+def given_digests(spec: Frozen, values: PyTree) -> dict[str, list[int]] | None:
+    """`spec.digests` where they name exactly the leaves of `values` (its value placed: the same arrays, or copies,
+    whose digests are the same on any sharding); None otherwise."""
+    if spec.digests is None:
+        return None
+    paths = {jax.tree_util.keystr(path, simple=True, separator=".")
+             for path, _ in jax.tree_util.tree_flatten_with_path(values)[0]}
+    return dict(spec.digests) if paths == spec.digests.keys() else None
 
 
 def _layer_path(stacked_path: str, index: int) -> str:

@@ -153,6 +153,7 @@ class DPOTrainer(DPORecordHooks, BaseTrainer):
             is_main_process=self.is_main_process, compiler_options=self.compiler_options)
         if self._model is not None:  # evaluate(dataset) after set-up: no policy is left to take the read weights
             self._source_weights = None
+        self._read_module_shared = False  # the reference has left the devices: the policy takes its arrays as read
         for name, (_, cached) in found.items():
             self.reference_logps_cached[name] = cached
         return {name: pair_rows(rows, {"ref_logps": found[name][0]}) for name, rows in splits.items()}
@@ -190,12 +191,17 @@ class DPOTrainer(DPORecordHooks, BaseTrainer):
                 self.reference_weights = checked_reference_weights(
                     module, field="ref_model_name_or_path", read_from=path, resume_from=self._resume_from,
                     subject=self.initial_policy_subject)
-            return Frozen(module, checkpoint=moving, copy=False)
+            return self._fixed(module, moving=moving)
         if restored:  # the policy's own build (`model_name_or_path`'s config, a clone of model=), never its weights
             given = self._given_model
             return Frozen(lambda: self._as_initial_policy(self._created_module() if given is None else nnx.clone(given),
                                                           checkpointed=True), checkpoint=True)
-        return Frozen(self._initial_policy_module(checkpointed=moving), checkpoint=moving, copy=False)
+        return self._fixed(self._initial_policy_module(checkpointed=moving), moving=moving)
+
+    def _fixed(self, module: nnx.Module, *, moving: bool) -> Frozen:
+        """The reference entry of `module`, with the digests its resume record took of it (not taken again)."""
+        digests = None if moving or self.reference_weights is None else self.reference_weights["fingerprint"]
+        return Frozen(module, checkpoint=moving, copy=False, digests=digests)
 
     def _shapes_of(self, config: Any) -> Callable[[], nnx.Module]:
         """A builder of `ref_model_name_or_path`'s module as `from_pretrained` lays it out, for a restore target:

@@ -33,11 +33,11 @@ import numpy as np
 import transformers
 from flax import nnx, traverse_util
 
-from easytrain import integrity, lora, sharding
+from easytrain import lora, sharding
 from easytrain.data import EvalBatches, RowSource
 from easytrain.data.digest import rows_digest
 from easytrain.errors import ArgumentError
-from easytrain.frozen import Frozen, place_frozen
+from easytrain.frozen import Frozen, entry_digests, place_frozen
 from easytrain.models.families import ConfigError, check_buildable
 from easytrain.protocol import ConfiguredModel
 from easytrain.trainers import builders
@@ -123,7 +123,7 @@ def precomputed_reference_logps(reference: Frozen, splits: Mapping[str, RowSourc
     placed = place_frozen({"reference": reference}, mesh, rules)
     values, graphdef = placed.values["reference"], dict(placed.modules)["reference"]
     settings = {**settings, ARCHITECTURE: architecture_key(graphdef, reference.value)}  # not in the weights either
-    digests = integrity.fingerprint(values, integrity.SMALL_ON_HOST)
+    digests = entry_digests(reference, values)  # those its resume record took, where it has one
     batch_sh = sharding.batch_sharding(mesh)
 
     def pass_(reference_values: Any, batch: Mapping[str, jax.Array]) -> jax.Array:

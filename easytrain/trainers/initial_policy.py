@@ -1,12 +1,13 @@
 """`initial_policy()`: the module exactly as this run's policy starts, before its first step (mixed into
 `BaseTrainer`), for a frozen reference or a teacher-like entry of `configure_frozen`.
 
-It is built the way the policy is: the module loaded again from `model_name_or_path`, a copy of `model=`, or one
+It is built the way the policy is: the module loaded from `model_name_or_path`, a copy of `model=`, or one
 initialised like it (same seed, so equal values); then `adapt_module`, a subclass's override included (by default
 the run's LoRA adapters, `lora_adapter_path`'s or fresh ones, and the policy's layout, `apply_switches`); then
 `init_weights_from`'s weights, put in by the policy's own `_initial_weights`. It lives on the mesh, sharded by
-`partition_rules`. `init_weights_from` is read once: the policy placed after it takes copies of the values it read
-(`_read_initial_weights`).
+`partition_rules`. Each source is read once: the policy placed after it takes copies of the values it read
+(`_read_initial_weights` for `init_weights_from`, `_own_module` for `model_name_or_path`; the values themselves once
+the initial policy is gone, as DPO's precomputing reference is).
 
 A fixed entry is rebuilt on resume, not checkpointed, so the sources are read again: the run records what it read
 (run_info `initial_policy`, `reference_weights`, `lora_adapter`: the records and checks DPO's reference has always
@@ -45,6 +46,10 @@ class InitialPolicyHooks:
     adapter_read: dict[str, Any] | None = None
     #: `init_weights_from`'s variables as read for the initial policy, until the policy takes copies of them.
     _source_weights: Any = None
+    #: `model_name_or_path`'s module as read for the initial policy (before its layout), until the policy takes it.
+    _read_module: nnx.Module | None = None
+    #: Whether the initial policy still holds `_read_module`'s arrays, so the policy takes copies of them.
+    _read_module_shared: bool = True
 
     def initial_policy(self) -> nnx.Module:
         """A new module holding exactly the weights this run's policy starts from (before step 1), in its layout
@@ -69,6 +74,8 @@ class InitialPolicyHooks:
                 raise ArgumentError("model_name_or_path", str(error)) from error
             module = from_pretrained(path, dtype=self.dtype, param_dtype=self.param_dtype, mesh=self.mesh,
                                      rules=self.partition_rules, scan_layers=args.scan_layers and self.lora is None)
+            if self._places_read_module:  # the same load as the policy's: it takes these values (`_own_module`)
+                self._read_module, self._read_module_shared = nnx.clone(module), True
             module = self._as_initial_policy(module, checkpointed=checkpointed)
             if not checkpointed and not args.init_weights_from:  # rebuilt from `path` on resume: checked
                 self.reference_weights = checked_reference_weights(
@@ -83,11 +90,25 @@ class InitialPolicyHooks:
                                     "initial_policy(), ...)); for DPO's precomputed reference log-probs of an "
                                     "evaluation set, pass the set as dataset_eval= when the trainer is built (they "
                                     "are computed at set-up); or give the model as model_name_or_path (read again).")
-            module = self._as_initial_policy(nnx.clone(self._given_model), checkpointed=checkpointed)
-            nnx.update(module, jax.tree.map(lambda leaf: leaf.copy() if isinstance(leaf, jax.Array) else leaf,
-                                            nnx.state(module)))
-            return module
+            return _with_copied_arrays(self._as_initial_policy(nnx.clone(self._given_model),
+                                                               checkpointed=checkpointed))
         return self._as_initial_policy(self.initial_module(), checkpointed=checkpointed)
+
+    @property
+    def _places_read_module(self) -> bool:
+        """Whether set-up has yet to place the policy loaded from `model_name_or_path` (`_own_module`): a fresh
+        run's, or a LoRA resume's base (a resume restores the rest), and not a `model=` module."""
+        return self._model is None and self._given_model is None and (self._resume_from is None
+                                                                       or self.lora is not None)
+
+    def _own_module(self) -> nnx.Module:
+        """Also: where the initial policy read `model_name_or_path` first, the policy is built from the module it
+        read (the directory is read once), from device copies of its arrays while the initial policy holds them
+        (the train step donates the policy's buffers)."""
+        module, self._read_module = self._read_module, None
+        if module is None:
+            return super()._own_module()
+        return _with_copied_arrays(module) if self._read_module_shared else module
 
     def _as_initial_policy(self, module: nnx.Module, *, checkpointed: bool = False) -> nnx.Module:
         """The initial policy from `module`, its base, built as the policy is (`_place_module`): through
@@ -143,3 +164,10 @@ class InitialPolicyHooks:
         records = {INITIAL_POLICY: self.initial_policy_record, LORA_ADAPTER: self.adapter_read,
                    REFERENCE_WEIGHTS: self.reference_weights}
         return {**super().run_info(), **{key: value for key, value in records.items() if value is not None}}
+
+
+def _with_copied_arrays(module: nnx.Module) -> nnx.Module:
+    """`module` holding device copies of its arrays (same values and shardings), buffers no other module shares."""
+    nnx.update(module, jax.tree.map(lambda leaf: leaf.copy() if isinstance(leaf, jax.Array) else leaf,
+                                    nnx.state(module)))
+    return module
