@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any, Callable, Mapping, Sequence
 
@@ -47,10 +48,15 @@ class ExactMatch:
 
     def completions(self, trainer: Any) -> list[str]:
         """The decoded greedy completion of every prompt; in a multi-process run, the same on every process."""
-        encoded = [self._context() + self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in self.prompts]
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        rows = greedy_complete(trainer.model, encoded, self.max_new_tokens, pad, self.tokenizer.eos_token_id)
+        rows = greedy_complete(trainer.model, self.encoded_prompts, self.max_new_tokens, pad,
+                               self.tokenizer.eos_token_id)
         return [self._decode(row) for row in rows]
+
+    @functools.cached_property
+    def encoded_prompts(self) -> list[list[int]]:
+        """Every prompt's ids after the context: the same at every evaluation, so encoded at the first only."""
+        return [self._context() + self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in self.prompts]
 
     def _context(self) -> list[int]:
         """Start each prompt as a document starts in training: right after an EOS separator."""

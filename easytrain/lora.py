@@ -21,6 +21,7 @@ Module names are Hugging Face's (``model.layers.0.self_attn.q_proj``, ``lm_head`
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import re
@@ -60,6 +61,25 @@ def _placed_sharding(value: Any) -> NamedSharding | None:
         return None
     sharding = value.sharding
     return sharding if isinstance(sharding, NamedSharding) else None
+
+
+@functools.lru_cache(maxsize=64)
+def _kernel_merge(sharding: NamedSharding | None) -> Any:
+    """``kernel + delta`` in float32, back in the kernel's dtype, placed as `sharding`: one jitted function per
+    placement, kept, so a model's kernels of one shape share a program at every merge (a jit made per kernel traced
+    and lowered again per layer and per export)."""
+    return jax.jit(lambda kernel, delta: (kernel.astype(jnp.float32) + delta).astype(kernel.dtype),
+                   out_shardings=sharding)
+
+
+@functools.lru_cache(maxsize=64)
+def _abstract_dense(in_features: int, out_features: int, axes: tuple[Any, Any], use_bias: bool, dtype: Any,
+                    param_dtype: Any) -> Dense:
+    """A shape-only ``Dense`` to clone for a merged layer, built once per layout: building one traces its
+    initialisers (a trace per adapted layer at every merge)."""
+    with nnx.use_eager_sharding(False):
+        return nnx.eval_shape(lambda: Dense(in_features, out_features, axes=axes, use_bias=use_bias, std=0.0,
+                                            dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
 
 
 def _placed_like(array: jax.Array, kernel_value: Any, dims: tuple[int | None, int | None]) -> jax.Array:
@@ -132,14 +152,9 @@ class LoRADense(Dense):
     def merged(self) -> Dense:
         """A plain ``Dense`` whose kernel is ``kernel + scaling * lora_a @ lora_b`` (same dtype, axes, placement)."""
         kernel = self.kernel.get_value()
-        merge = jax.jit(lambda k, d: (k.astype(jnp.float32) + d).astype(k.dtype),
-                        out_shardings=_placed_sharding(kernel))
-        new_kernel = merge(kernel, self.delta())
-        in_features, out_features = kernel.shape
-        with nnx.use_eager_sharding(False):
-            dense = nnx.eval_shape(lambda: Dense(
-                in_features, out_features, axes=_kernel_axes(self.kernel), use_bias=self.bias is not None,
-                std=0.0, dtype=self.dtype, param_dtype=kernel.dtype, rngs=nnx.Rngs(0)))
+        new_kernel = _kernel_merge(_placed_sharding(kernel))(kernel, self.delta())
+        dense = nnx.clone(_abstract_dense(*kernel.shape, _kernel_axes(self.kernel), self.bias is not None,
+                                          self.dtype, kernel.dtype))
         dense.kernel = self.kernel.replace(new_kernel)
         dense.bias = self.bias
         return dense

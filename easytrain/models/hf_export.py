@@ -1,8 +1,8 @@
 """Export to a Hugging Face checkpoint directory, one shard file of tensors at a time.
 
-Parameters may be sharded over many devices (and many processes): each tensor is fetched to the host
-on its own, converted to the Hugging Face layout and dtype, and dropped once its shard file is
-written, so the host never holds more than one shard file of tensors. Only process 0 writes.
+Parameters may be sharded over many devices (and many processes): a shard file's tensors are fetched to the host
+together (in transfers of at most 256 MiB), converted to the Hugging Face layout and dtype, and dropped once their
+shard file is written, so the host never holds more than one shard file of tensors. Only process 0 writes.
 """
 
 from __future__ import annotations
@@ -136,29 +136,65 @@ def export_plan(params: dict, config: transformers.PretrainedConfig, dtype: DTyp
     return dict(sorted(plan.items(), key=lambda item: _module_order(item[0])))
 
 
-def _to_host(value: Any) -> np.ndarray:
-    """The whole tensor on this host; a collective when other processes hold some of its shards.
-
-    Assembled from the device shards because ``np.asarray(array)`` would cache the host copy on
-    the parameter itself, and the host would end up holding every tensor it exported.
-    """
-    if not isinstance(value, jax.Array):
-        return np.asarray(value)
-    if not value.is_fully_addressable:
-        return np.asarray(multihost_utils.process_allgather(value, tiled=True))
-    host = np.empty(value.shape, value.dtype)
-    done: set[str] = set()
+def _local_blocks(value: jax.Array) -> list[tuple[Any, jax.Array]]:
+    """The distinct blocks of an array this process holds whole (replicas hold the same block), each as an array
+    of its own: a host copy of those is never cached on the parameter itself, as ``np.asarray(array)``'s would be
+    (the host would end up holding every tensor it exported)."""
+    blocks: dict[str, tuple[Any, jax.Array]] = {}
     for shard in value.addressable_shards:
-        if repr(shard.index) not in done:  # replicas hold the same block
-            host[shard.index] = np.asarray(shard.data)
-            done.add(repr(shard.index))
-    return host
+        blocks.setdefault(repr(shard.index), (shard.index, shard.data))
+    return list(blocks.values())
 
 
-def _fetch(planned: _Planned) -> np.ndarray:
-    value = planned.value
-    array = _to_host(value.stacked[value.index] if isinstance(value, _LayerSlice) else value)
-    return np.ascontiguousarray(array.T if planned.transpose else array, dtype=planned.dtype)
+def _to_host(values: list[Any]) -> list[np.ndarray]:
+    """Every value whole on this host. The blocks this process holds are asked for in one ``jax.device_get`` (on a
+    GPU one blocking copy per tensor waits for each in turn); an array spanning processes is gathered, a collective
+    every process calls in the same order."""
+    local = [isinstance(value, jax.Array) and value.is_fully_addressable for value in values]
+    blocks = [_local_blocks(value) if whole else [] for value, whole in zip(values, local)]
+    fetched = iter(jax.device_get([data for group in blocks for _, data in group]))
+    hosts = []
+    for value, whole, group in zip(values, local, blocks):
+        if not isinstance(value, jax.Array):
+            hosts.append(np.asarray(value))
+        elif not whole:
+            hosts.append(np.asarray(multihost_utils.process_allgather(value, tiled=True)))
+        else:
+            host = np.empty(value.shape, value.dtype)
+            for index, _ in group:
+                host[index] = next(fetched)
+            hosts.append(host)
+    return hosts
+
+
+#: The most bytes of tensors asked for in one transfer: a stacked weight's layers are sliced on the device first, so
+#: a group costs as much device memory again.
+_FETCH_GROUP_BYTES = 256 * 2**20
+
+
+def _groups(names: list[str], plan: dict[str, _Planned]) -> list[list[str]]:
+    """`names` in order, in runs of at most `_FETCH_GROUP_BYTES` (a larger tensor alone)."""
+    groups: list[list[str]] = []
+    size = 0
+    for name in names:
+        if not groups or size + plan[name].nbytes > _FETCH_GROUP_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += plan[name].nbytes
+    return groups
+
+
+def _fetch(names: list[str], plan: dict[str, _Planned]) -> dict[str, np.ndarray]:
+    """The tensors `names` on the host, in their stored layout and dtype, fetched a group at a time."""
+    tensors = {}
+    for group in _groups(names, plan):
+        values = [plan[name].value for name in group]
+        arrays = _to_host([v.stacked[v.index] if isinstance(v, _LayerSlice) else v for v in values])
+        for name, array in zip(group, arrays):
+            planned = plan[name]
+            tensors[name] = np.ascontiguousarray(array.T if planned.transpose else array, dtype=planned.dtype)
+    return tensors
 
 
 def _split(plan: dict[str, _Planned], max_shard_size: int | str) -> Any:
@@ -290,7 +326,7 @@ def save_pretrained(
         remove_earlier_adapter(directory)
         _write_configs(directory, config, plan[EMBEDDING_NAME].dtype, generation_config)
     for filename, names in split.filename_to_tensors.items():
-        tensors = {name: _fetch(plan[name]) for name in names}  # every process: gathers are collective
+        tensors = _fetch(names, plan)  # every process: gathers are collective
         if writer:
             write_safetensors(tensors, directory / filename, metadata={"format": "pt"})
         del tensors

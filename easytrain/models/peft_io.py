@@ -155,8 +155,8 @@ def save_peft_adapter(
     if fingerprint:
         metadata[FINGERPRINT_KEY] = json.dumps(lora.base_fingerprint(model, config), sort_keys=True)
     tensors = {}
-    for name, (value, transpose) in planned.items():  # every process: gathers are collective
-        array = _to_host(value)
+    arrays = _to_host([value for value, _ in planned.values()])  # every process: gathers are collective
+    for (name, (_, transpose)), array in zip(planned.items(), arrays):
         stored = np.dtype(jnp.dtype(dtype)) if dtype is not None else array.dtype
         tensors[name] = np.ascontiguousarray(array.T if transpose else array, dtype=stored)
     directory = Path(directory)

@@ -1,0 +1,110 @@
+"""The work a run's evaluations and its end do: each export, program and encoding done once, not again per call."""
+
+import jax
+import numpy as np
+import pytest
+import transformers
+from flax import nnx
+from safetensors.numpy import load_file
+
+from easytrain import lora
+from easytrain.evaluators import ExactMatch
+from easytrain.lora_config import LoRAConfig
+from easytrain.models import hf_export, init_model, save_pretrained
+from easytrain.tasks.arithmetic import build_arithmetic_chat_tokenizer
+
+CONFIG = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+
+
+@pytest.fixture
+def programs() -> dict[str, list[str]]:
+    """The functions traced to jaxprs (jitted or `eval_shape`d) and lowered to XLA programs while the test runs."""
+    found: dict[str, list[str]] = {"traced": [], "lowered": []}
+    kinds = {"/jax/core/compile/jaxpr_trace_duration": "traced",
+             "/jax/core/compile/jaxpr_to_mlir_module_duration": "lowered"}
+
+    def listen(event: str, duration: float, **fields) -> None:
+        if event in kinds:
+            found[kinds[event]].append(str(fields.get("fun_name")))
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    yield found
+    jax.monitoring.unregister_event_duration_listener(listen)
+
+
+def test_a_second_merge_of_a_lora_model_traces_and_lowers_nothing(programs):
+    """A LoRA run's export merges each adapted kernel: one program per kernel shape and placement, kept, not a new
+    jitted function per layer and per export (14 lowered at every export of a two-layer model before), and one
+    shape-only layer per layout to clone (its initialisers traced per layer and per export before)."""
+    model = lora.apply_lora(init_model(CONFIG), LoRAConfig(rank=4))
+    first = lora.merge_lora(model)
+    for found in programs.values():
+        found.clear()
+    second = lora.merge_lora(model)
+    assert programs == {"traced": [], "lowered": []}
+    same = jax.tree.map(lambda a, b: bool((a == b).all()), jax.tree.leaves(first), jax.tree.leaves(second))
+    assert all(same)
+
+
+@pytest.mark.parametrize("max_shard_size", ["5GB", 60_000])
+def test_an_export_fetches_its_tensors_together_per_shard_file(tmp_path, monkeypatch, max_shard_size):
+    """On a GPU each `np.asarray` of a device array waits for its own copy: an export asks for a shard file's
+    tensors in one `jax.device_get`, and writes the same files."""
+    model = init_model(CONFIG)
+    requests, device_get = [], jax.device_get
+    monkeypatch.setattr(jax, "device_get", lambda values: requests.append(len(values)) or device_get(values))
+    directory = save_pretrained(tmp_path / "export", model, CONFIG, max_shard_size=max_shard_size)
+    files = sorted(directory.glob("*.safetensors"))
+    written = [load_file(str(file)) for file in files]
+    assert requests == [len(tensors) for tensors in written] and len(files) == (1 if max_shard_size == "5GB" else 2)
+    expected = {name: np.ascontiguousarray(planned.value.T if planned.transpose else planned.value)
+                for name, planned in hf_export.export_plan(
+                    jax.tree.map(np.asarray, hf_export._params_of(model)), CONFIG, None).items()}
+    assert {name: tensor.tolist() for tensors in written for name, tensor in tensors.items()} == {
+        name: tensor.tolist() for name, tensor in expected.items()}
+
+
+def test_a_peft_adapters_tensors_are_fetched_together(tmp_path, monkeypatch):
+    """The adapter's tensors (a LoRA run's export) are asked for in one `jax.device_get`, not one copy each."""
+    from easytrain.models.peft_io import load_peft_adapter, save_peft_adapter
+
+    config = LoRAConfig(rank=4)
+    model = lora.apply_lora(init_model(CONFIG), config)
+    requests, device_get = [], jax.device_get
+    monkeypatch.setattr(jax, "device_get", lambda values: requests.append(len(values)) or device_get(values))
+    directory = save_peft_adapter(tmp_path / "adapter", model, config, fingerprint=False)
+    written = load_file(str(directory / "adapter_model.safetensors"))
+    assert requests == [len(written)] == [28]
+    monkeypatch.setattr(jax, "device_get", device_get)
+    loaded = load_peft_adapter(directory, init_model(CONFIG, seed=1))
+    assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool((a == b).all()), nnx.state(loaded, nnx.LoRAParam),
+                                            nnx.state(model, nnx.LoRAParam))))
+
+
+class CountingTokenizer:
+    """The arithmetic tokenizer, counting the texts it encodes."""
+
+    def __init__(self):
+        self.inner, self.encoded = build_arithmetic_chat_tokenizer(), []
+
+    def __call__(self, text, **kwargs):
+        self.encoded.append(text)
+        return self.inner(text, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_exact_match_encodes_its_prompts_once_for_every_evaluation():
+    """The prompts are the same at every evaluation: encoded at the first, not again at each."""
+    tokenizer = CountingTokenizer()
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer.inner), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=64)
+    trainer = type("Trainer", (), {"model": init_model(config)})()
+    evaluator = ExactMatch(["1+2=", "3+4="], ["3", "7"], tokenizer)
+    tokenizer.encoded.clear()  # the answers' lengths, read once at construction
+    first = evaluator(trainer)
+    assert evaluator(trainer) == first
+    assert tokenizer.encoded == ["1+2=", "3+4="]
