@@ -167,7 +167,11 @@ class InitialPolicyHooks:
 
 
 def _with_copied_arrays(module: nnx.Module) -> nnx.Module:
-    """`module` holding device copies of its arrays (same values and shardings), buffers no other module shares."""
-    nnx.update(module, jax.tree.map(lambda leaf: leaf.copy() if isinstance(leaf, jax.Array) else leaf,
-                                    nnx.state(module)))
+    """`module` holding device copies of its arrays (same values and shardings), buffers no other module shares: one
+    transfer of them all, not a copy compiled per leaf shape."""
+    leaves, tree = jax.tree.flatten(nnx.state(module))
+    arrays = [leaf for leaf in leaves if isinstance(leaf, jax.Array)]
+    copies = iter(jax.device_put(arrays, [leaf.sharding for leaf in arrays], may_alias=False))
+    nnx.update(module, jax.tree.unflatten(tree, [next(copies) if isinstance(leaf, jax.Array) else leaf
+                                                 for leaf in leaves]))
     return module
