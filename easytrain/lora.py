@@ -374,9 +374,10 @@ def base_fingerprint(model: nnx.Module, config: LoRAConfig | None = None) -> dic
     """Content digests (``easytrain.integrity.fingerprint``) of the frozen base parameters.
 
     Stored beside an adapter-only checkpoint, it proves on restore that the adapters are put back on the
-    very base weights they were trained on (same values, same dtype; any mesh or process count).
+    very base weights they were trained on (same values, same dtype; any mesh or process count). Small arrays are
+    digested on the host (the same values), as a trainer's set-up digests the base: no program compiled per shape.
     """
-    return integrity.fingerprint(base_state(model, config))
+    return integrity.fingerprint(base_state(model, config), integrity.SMALL_ON_HOST)
 
 
 def count_params(tree: Any) -> int:

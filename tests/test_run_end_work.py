@@ -1,10 +1,13 @@
 """The work a run's evaluations and its end do: each export, program and encoding done once, not again per call."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
 import transformers
 from flax import nnx
+from safetensors import safe_open
 from safetensors.numpy import load_file
 
 from easytrain import lora
@@ -80,6 +83,23 @@ def test_a_peft_adapters_tensors_are_fetched_together(tmp_path, monkeypatch):
     loaded = load_peft_adapter(directory, init_model(CONFIG, seed=1))
     assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool((a == b).all()), nnx.state(loaded, nnx.LoRAParam),
                                             nnx.state(model, nnx.LoRAParam))))
+
+
+def test_an_adapters_base_fingerprint_digests_its_small_arrays_on_the_host(tmp_path, monkeypatch):
+    """A LoRA run's adapter export records the base's fingerprint: its small arrays digested in NumPy, to the same
+    values, as the set-up's fingerprint of that base is, not with a digest program compiled per shape at the end."""
+    from easytrain import integrity
+    from easytrain.models.peft_io import FINGERPRINT_KEY, save_peft_adapter
+
+    config = LoRAConfig(rank=4)
+    model = lora.apply_lora(init_model(CONFIG), config)
+    expected = integrity.fingerprint(lora.base_state(model, config))  # every leaf through the compiled digest
+    on_device, digest = [], integrity._digest
+    monkeypatch.setattr(integrity, "_digest", lambda leaf: on_device.append(leaf.shape) or digest(leaf))
+    directory = save_peft_adapter(tmp_path / "adapter", model, config)
+    with safe_open(str(directory / "adapter_model.safetensors"), framework="numpy") as handle:
+        assert json.loads(handle.metadata()[FINGERPRINT_KEY]) == expected
+    assert on_device == []
 
 
 class CountingTokenizer:
