@@ -67,3 +67,14 @@ def test_precomputed_reference_is_built_and_placed_once_for_both_splits(base, tm
     trainer.setup()
     assert trainer.reference_logps_cached == {"train": False, "validation": False}
     assert (len(references), len(placed)) == (1, 1), "reference built, placed for the train and validation pairs"
+
+
+def test_a_load_lays_out_the_config_once(base, monkeypatch):
+    """`hf_layout` (every tensor the config implies, from a copy of its shape-only model) is the layout both the
+    checkpoint's check and the reads use: measured before, built twice per load."""
+    from easytrain.models import hf_load
+
+    laid_out, real = [], hf_load.hf_layout
+    monkeypatch.setattr(hf_load, "hf_layout", lambda config: laid_out.append(1) or real(config))
+    from_pretrained(base, param_dtype=jnp.bfloat16)
+    assert len(laid_out) == 1

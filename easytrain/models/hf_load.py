@@ -181,11 +181,12 @@ def read_headers(directory: Path) -> dict[str, TensorEntry]:
     return entries
 
 
-def _validate(entries: dict[str, TensorEntry], config: transformers.PretrainedConfig) -> LoadableTensors:
-    """Checks names, shapes and dtypes; returns which stored tensor each weight is read from, and whether a
-    tied lm_head still needs its value check."""
+def _validate(entries: dict[str, TensorEntry], config: transformers.PretrainedConfig,
+              layout: dict[str, tuple[ParamPath, bool, tuple[int, ...]]]) -> LoadableTensors:
+    """Checks names, shapes and dtypes against `layout` (`hf_layout(config)`); returns which stored tensor each
+    weight is read from, and whether a tied lm_head still needs its value check."""
     loadable = loadable_shapes({name: e.shape for name, e in entries.items()}, config)
-    expected = {name: hf_shape for name, (_, _, hf_shape) in hf_layout(config).items()}
+    expected = {name: hf_shape for name, (_, _, hf_shape) in layout.items()}
     check_shapes(loadable.shapes, expected, "checkpoint tensors")
     stored = [loadable.stored_as.get(name, name) for name in loadable.shapes]
     if bad := sorted(f"{n} ({entries[n].dtype})" for n in stored if entries[n].dtype not in _FLOAT_DTYPES):
@@ -280,7 +281,8 @@ def from_pretrained(
     config = _read_config(directory)
     generation_config = read_generation_config(directory)
     entries = read_headers(directory)
-    loadable = _validate(entries, config)
+    layout = hf_layout(config)  # the check's and the reads' (built from a shape-only model: once)
+    loadable = _validate(entries, config, layout)
     if loadable.head_to_check:
         _check_tied_head_values(entries)
     per_layer = shape_only_model(config, dtype, param_dtype)
@@ -288,7 +290,6 @@ def from_pretrained(
     abstract_params = nnx.state(model, nnx.Param)
     targets = _param_shardings(nnx.state(per_layer, nnx.Param), mesh, rules)
     by_file: dict[Path, list[str]] = defaultdict(list)
-    layout = hf_layout(config)
     for name in layout:
         by_file[entries[loadable.stored_as.get(name, name)].file].append(name)
     flat = {}
