@@ -9,7 +9,7 @@ Layout: ``<output_dir>/checkpoints/<step>/`` holds five items:
 * ``progress`` -- JSON progress of the trainer's helpers (callback states such as
   early stopping's best value and patience), so they resume where they were, and
   the last train logs, which a run resumed there returns if it trains nothing more;
-  also the step it was saved at and the train state's own step (``SAVED_AT``).
+  also the step it was saved at and the train state's own step (``SAVED_AT``, `easytrain.checkpoint_progress`).
 * ``fingerprint`` -- JSON digests of every state array (``easytrain.integrity``),
   checked on restore so damaged files fail loudly instead of loading wrong values.
 
@@ -24,58 +24,29 @@ key implementation; no conversion is needed on either side.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import json
-import logging
 import os
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import orbax.checkpoint as ocp
 
-from easytrain import checkpoint_items, integrity, orbax_loops, save_barrier, save_failures
+from easytrain import checkpoint_items, checkpoint_options, integrity, orbax_loops, save_barrier, save_failures
 from easytrain.checkpoint_dirs import (CHECKPOINTS_DIRNAME, LATEST_ALIASES, CheckpointNotFoundError, finalized_steps,
-                                       resolve_checkpoint)
+                                       is_checkpoint, resolve_checkpoint)
+from easytrain.checkpoint_progress import SAVED_AT, recorded_updates, saved_at  # noqa: F401 (importable from here)
 from easytrain.checkpoint_signatures import (CheckpointMismatchError, Signature, check_signatures,  # noqa: F401
                                              path_name, tree_signature)
 from easytrain.errors import CheckpointWriteError, EasytrainError
-from easytrain.retention import best_index, metric_value, preservation_policy
+from easytrain.retention import best_index, metric_value
+
+_T = TypeVar("_T")
 
 __all__ = ["CHECKPOINTS_DIRNAME", "LATEST_ALIASES", "CheckpointManager", "CheckpointMismatchError",
            "CheckpointNotFoundError", "CheckpointWriteError", "finalized_steps", "resolve_checkpoint"]
-
-
-#: The `progress` entry recording what a checkpoint was saved at: its step (the loop's, its directory's name) and
-#: the train state's own `step`, which counts optimizer updates (several per loop step where `train_iteration` runs
-#: more), so a resume can tell the state it restores is that checkpoint's without assuming one update per step.
-SAVED_AT = "saved_at"
-
-
-def saved_at(step: int, state: Any) -> dict[str, int]:
-    """The `SAVED_AT` record of `state` saved as `step` (no `state_step` for a state without a `step`)."""
-    updates = getattr(state, "step", None)
-    return {"step": int(step)} | ({} if updates is None else {"state_step": int(updates)})
-
-
-def recorded_updates(progress: Mapping[str, Any], step: int) -> int | None:
-    """The train state's step recorded in the `progress` of checkpoint `step`; None where nothing was recorded (a
-    checkpoint written before the record, or a state without a `step`).
-
-    Raises:
-        ValueError: the record is of another step (a renamed or mixed-up step directory), or damaged.
-    """
-    if (record := progress.get(SAVED_AT)) is None:
-        return None
-    if not isinstance(record, Mapping) or type(record.get("step")) is not int or \
-            type(record.get("state_step", 0)) is not int:
-        raise ValueError(f"its progress records a damaged {SAVED_AT} entry: {record!r}")
-    if record["step"] != step:
-        raise ValueError(f"its progress records step {record['step']}, but this is the checkpoint of step {step}")
-    return record.get("state_step")
 
 
 def _json_ready(name: str, value: Mapping[str, Any]) -> dict[str, Any]:
@@ -87,27 +58,6 @@ def _json_ready(name: str, value: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- manager
-
-# Orbax's read-only mode, with the options it would otherwise reset (and warn about) stated as it sets them.
-_READ_ONLY = {"read_only": True, "save_interval_steps": 0, "create": False}
-
-
-class _ReadOnlyNotice(logging.Filter):
-    """Drops Orbax's warning that a directory was opened read-only: every resume opens one so, on purpose."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "read only" not in record.getMessage()
-
-
-@contextlib.contextmanager
-def _quiet_read_only_notice() -> Iterator[None]:
-    notice = _ReadOnlyNotice()
-    logging.getLogger("absl").addFilter(notice)
-    try:
-        yield
-    finally:
-        logging.getLogger("absl").removeFilter(notice)
-
 
 class CheckpointManager:
     """Saves and restores ``(state, data_state, run_info)`` triples by step.
@@ -152,26 +102,18 @@ class CheckpointManager:
         self.greater_is_better = greater_is_better
         self.read_only = read_only
         self._async = async_save and not read_only
-        options = ocp.CheckpointManagerOptions(
-            enable_async_checkpointing=self._async,
-            # A best_fn only makes Orbax persist metrics, so the ranking survives a
-            # restart; which steps are kept is decided by the preservation policy.
-            best_fn=functools.partial(metric_value, name=best_metric) if best_metric else None,
-            best_mode="max" if greater_is_better else "min",
-            preservation_policy=None if read_only else preservation_policy(max_to_keep, best_metric,
-                                                                            greater_is_better),
-            cleanup_tmp_directories=owner,
-            async_options=ocp.AsyncOptions(barrier_sync_fn=save_barrier.barrier) if jax.process_count() > 1 else None,
-            **_READ_ONLY if read_only else {},
-        )
+        options = checkpoint_options.manager_options(max_to_keep, async_save=self._async, best_metric=best_metric,
+                                                     greater_is_better=greater_is_better, owner=owner,
+                                                     read_only=read_only)
         handlers = {"state": ocp.StandardCheckpointHandler(), "data_state": ocp.JsonCheckpointHandler(),
                     "run_info": ocp.JsonCheckpointHandler(), "fingerprint": ocp.JsonCheckpointHandler(),
                     "progress": ocp.JsonCheckpointHandler()}
         for handler in handlers.values():  # several processes: a failed write ends the others' wait (`save_barrier`)
             save_barrier.report_write_failures(handler, self._report_write_failure)
         self._writing: int | None = None  # the step of the save last started
+        self._read: dict[tuple[str, int], Any] = {}  # what `_once` read of each step
         orbax_loops.end_leftover_tasks()  # a failed read or write: its one error, not dozens of tracebacks
-        with _quiet_read_only_notice():
+        with checkpoint_options.quiet_read_only_notice():
             self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         self._closed, self._owner = False, owner
         self._in_flight: int | None = None  # the step of a background save not yet known to have succeeded
@@ -210,6 +152,7 @@ class CheckpointManager:
         """
         if self.read_only or step in self._manager.all_steps():  # includes a save still in flight
             return False
+        self._read.clear()  # retention may remove steps read before
         progress = {**(progress or {}), SAVED_AT: saved_at(step, state)}
         items = {
             "state": ocp.args.StandardSave(state),
@@ -256,28 +199,54 @@ class CheckpointManager:
         best = best_index(values, self.greater_is_better)
         return None if best is None else steps[best]
 
-    def _require(self, step: int) -> list[int]:
-        """The complete steps there now (listed once: each listing asks Orbax about every step), `step` among them."""
-        if step not in (steps := self.all_steps()):
-            raise CheckpointNotFoundError(
-                f"no complete checkpoint for step {step} in {self.directory}; available: {steps}"
-            )
-        return steps
+    def _once(self, what: str, step: int, read: Callable[[], _T]) -> _T:
+        """`read()`, the `what` of `step`, done once per manager until its next save: a resume's checks ask the same
+        things of its checkpoint again, each a file read (and on a network filesystem, a round trip)."""
+        if (what, step) not in self._read:
+            self._read[what, step] = read()
+        return self._read[what, step]
+
+    def _require(self, step: int) -> None:
+        """`step` must be a complete checkpoint: its directory alone is looked at; the directory's steps are listed
+        only to name them in the refusal."""
+        def check() -> None:
+            if not is_checkpoint(self.directory / str(step)):
+                raise CheckpointNotFoundError(f"no complete checkpoint for step {step} in {self.directory}; "
+                                              f"available: {self.all_steps()}")
+
+        self._once("complete", step, check)
+
+    def _run_info(self, step: int) -> Any:
+        """The run_info JSON of complete `step` as saved, with its record of items: read once for both."""
+        self._require(step)
+        return self._once("run_info", step, lambda: checkpoint_items.read_json(self.directory / str(step), "run_info"))
 
     def read_run_info(self, step: int) -> dict[str, Any]:
         """The ``run_info`` JSON of ``step`` as it was saved (no record of items): cheap, no arrays touched."""
-        self._require(step)
-        restored = self._manager.restore(step, args=ocp.args.Composite(run_info=ocp.args.JsonRestore()))
-        return checkpoint_items.without_record(restored.run_info)
+        return checkpoint_items.without_record(self._run_info(step))
 
-    def check_items(self, step: int) -> None:
+    def check_items(self, step: int) -> frozenset[str] | None:
         """Refuse ``step`` if an item it was saved with is missing (`checkpoint_items.check_items`), naming the
         steps there to resume instead. Reads JSON only.
+
+        Returns:
+            The items its run_info records (`checkpoint_items.record_of`); None for a checkpoint written before.
 
         Raises:
             checkpoint_items.MissingItemError: an item it was saved with is gone; nothing is loaded.
         """
-        checkpoint_items.check_items(self.directory / str(step), self._require(step))
+        return self._once("items", step, lambda: self._check_items(step))
+
+    def _check_items(self, step: int) -> frozenset[str] | None:
+        self._require(step)
+        try:
+            run_info = self._run_info(step)
+        except FileNotFoundError:  # no checkpoint lacks its directory (`_require`): its file alone is gone, which its
+            run_info = None        # reader reports
+        step_dir = self.directory / str(step)
+        recorded = checkpoint_items.record_of(run_info, step_dir)
+        checkpoint_items.check_items(step_dir, recorded, self.all_steps)
+        return recorded
 
     def read_data_state(self, step: int) -> dict[str, Any]:
         """Reads only the ``data_state`` JSON of ``step``, so a resume can check it before any array is loaded."""
@@ -299,26 +268,32 @@ class CheckpointManager:
         return recorded_updates(self.read_progress(step), step)
 
     def stored_signature(self, step: int) -> Signature:
-        """(shape, dtype) per dotted key of the state stored at ``step``, from metadata only."""
+        """(shape, dtype) per dotted key of the state stored at ``step``, from metadata only (read once)."""
         self._require(step)
-        return self._signature(step)
+        def read() -> Signature:
+            metadata = self._manager.item_metadata(step).state
+            return tree_signature(getattr(metadata, "tree", metadata))
 
-    def _signature(self, step: int) -> Signature:
-        """`stored_signature` of a step already found complete."""
-        metadata = self._manager.item_metadata(step).state
-        return tree_signature(getattr(metadata, "tree", metadata))
+        return self._once("signature", step, read)
 
     def restore(self, step: int, *, abstract_state: Any) -> tuple[Any, dict[str, Any], dict[str, Any]]:
-        """Restores ``step`` into the structure, shapes and shardings of ``abstract_state``.
+        """Restores ``step`` into the structure, shapes and shardings of ``abstract_state`` (`restore_state`), with
+        its data position and run_info.
+
+        Returns:
+            ``(state, data_state, run_info)``.
+        """
+        return self.restore_state(step, abstract_state=abstract_state), self.read_data_state(step), \
+            self.read_run_info(step)
+
+    def restore_state(self, step: int, *, abstract_state: Any) -> Any:
+        """Restores the state of ``step`` into the structure, shapes and shardings of ``abstract_state``.
 
         Args:
             step: A step from ``all_steps()``.
             abstract_state: Pytree like the saved state whose leaves are
                 ``jax.ShapeDtypeStruct(shape, dtype, sharding=...)`` carrying the
                 target shardings (a different mesh than at save time is fine).
-
-        Returns:
-            ``(state, data_state, run_info)``.
 
         Raises:
             CheckpointNotFoundError: ``step`` is not a complete checkpoint.
@@ -327,16 +302,15 @@ class CheckpointManager:
             integrity.CorruptCheckpointError: restored values differ from the saved fingerprint.
         """
         self.check_items(step)
-        check_signatures(self._signature(step), tree_signature(abstract_state))
-        items = {"state": ocp.args.StandardRestore(abstract_state), "data_state": ocp.args.JsonRestore(),
-                 "run_info": ocp.args.JsonRestore()}
+        check_signatures(self.stored_signature(step), tree_signature(abstract_state))
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
         fingerprinted = (self.directory / str(step) / "fingerprint").is_dir()
         if fingerprinted:
             items["fingerprint"] = ocp.args.JsonRestore()
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         if fingerprinted:
             integrity.verify(restored.state, dict(restored.fingerprint), where=str(self.directory / str(step)))
-        return restored.state, dict(restored.data_state), checkpoint_items.without_record(restored.run_info)
+        return restored.state
 
     def wait_until_finished(self) -> None:
         """Blocks until background saves (and their cleanup) finish; raises a failed one's error (once), as

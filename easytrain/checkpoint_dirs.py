@@ -46,7 +46,7 @@ def _finalized(step_dirs: list[Path]) -> list[bool]:
     return run_sync(all_finalized())
 
 
-def _is_checkpoint(step_dir: Path) -> bool:
+def is_checkpoint(step_dir: Path) -> bool:
     """True for a finalized ``<step>`` directory holding this library's items."""
     return _holds_items(step_dir) and _finalized([step_dir])[0]
 
@@ -116,7 +116,7 @@ def resolve_checkpoint(
     path = Path(value).expanduser().absolute()
     if not path.exists():
         raise _not_found(value, f"{path} does not exist")
-    if _is_checkpoint(path):
+    if is_checkpoint(path):
         return path.parent, int(path.name)
     for root in (path, path / CHECKPOINTS_DIRNAME):
         if steps := finalized_steps(root):

@@ -15,10 +15,11 @@ deleting ``progress/`` would silently reset callback state such as early stoppin
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from easytrain.checkpoint_dirs import CheckpointNotFoundError, is_checkpoint
 from easytrain.errors import EasytrainError
 
 #: Orbax's per-step metadata file, listing the step's items.
@@ -27,8 +28,10 @@ ORBAX_METADATA = "_CHECKPOINT_METADATA"
 LATER_ITEMS = ("fingerprint", "progress")
 #: The run_info key under which a checkpoint records the items it was saved with.
 RECORD_KEY = "_checkpoint_items"
-#: Where the run_info item keeps its JSON (Orbax's JSON handler writes one file per item).
-RUN_INFO_FILE = Path("run_info") / "metadata"
+#: The file Orbax's JSON handler keeps an item's JSON in, in the item's directory.
+JSON_FILE = "metadata"
+#: Where the run_info item keeps its JSON.
+RUN_INFO_FILE = Path("run_info") / JSON_FILE
 
 
 class MissingItemError(EasytrainError, FileNotFoundError):
@@ -49,25 +52,58 @@ def listed_items(step_dir: Path) -> frozenset[str] | None:
     return frozenset(handlers) if isinstance(handlers, dict) else None
 
 
-def recorded_items(step_dir: Path) -> frozenset[str] | None:
-    """The items ``step_dir``'s run_info records it was saved with; None for a checkpoint written before the record
-    (or one whose run_info is gone: a step without it is no checkpoint, and its reader reports that).
+def read_json(step_dir: Path, item: str) -> Any:
+    """The JSON of ``step_dir``'s ``item`` as Orbax's JSON handler reads it (the same error where the file is gone),
+    without an Orbax manager: one file read, where a manager would first list the directory's checkpoints.
 
     Raises:
-        MissingItemError: the record is not a list of names (an edited or damaged run_info).
+        FileNotFoundError: the item's file is missing.
+        json.JSONDecodeError: it is not valid JSON (a damaged checkpoint).
+    """
+    path = step_dir / item / JSON_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"File {path} not found.")
+    return json.loads(path.read_text())
+
+
+def stored_run_info(step_dir: Path) -> dict[str, Any]:
+    """The run_info of the complete checkpoint ``step_dir`` as its run saved it (`without_record`): its JSON alone.
+
+    Raises:
+        CheckpointNotFoundError: ``step_dir`` is not a complete checkpoint.
+        FileNotFoundError, json.JSONDecodeError: as `read_json`.
+    """
+    if not is_checkpoint(step_dir):
+        raise CheckpointNotFoundError(f"{step_dir} is not a complete checkpoint")
+    return without_record(read_json(step_dir, "run_info"))
+
+
+def recorded_items(step_dir: Path) -> frozenset[str] | None:
+    """The items ``step_dir``'s run_info records it was saved with (`record_of`); None for a checkpoint written before
+    the record (or one whose run_info is gone: a step without it is no checkpoint, and its reader reports that).
+
+    Raises:
+        MissingItemError: the record is damaged.
         json.JSONDecodeError: run_info is not valid JSON (a damaged checkpoint).
     """
     path = step_dir / RUN_INFO_FILE
-    if not path.is_file():
-        return None
-    run_info = json.loads(path.read_bytes())
+    return record_of(json.loads(path.read_bytes()), step_dir) if path.is_file() else None
+
+
+def record_of(run_info: Any, step_dir: Path) -> frozenset[str] | None:
+    """The items the run_info JSON of ``step_dir`` records it was saved with; None where it records none.
+
+    Raises:
+        MissingItemError: the record is not a list of names (an edited or damaged run_info).
+    """
     if not isinstance(run_info, dict) or RECORD_KEY not in run_info:
         return None
     record = run_info[RECORD_KEY]
     if not isinstance(record, list) or not all(isinstance(name, str) for name in record):
         raise MissingItemError(f"checkpoint step {step_dir.name}: the record of its items in run_info "
                                f"({RECORD_KEY}: {record!r}) is damaged, so nothing shows which items it must have. "
-                               f"It was left untouched; restore {path} from a backup, or resume another step.")
+                               f"It was left untouched; restore {step_dir / RUN_INFO_FILE} from a backup, or resume "
+                               "another step.")
     return frozenset(record)
 
 
@@ -84,17 +120,22 @@ def without_record(run_info: Mapping[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in run_info.items() if key != RECORD_KEY}
 
 
-def required_items(step_dir: Path) -> tuple[frozenset[str], str]:
-    """The items ``step_dir`` must have, and what says so: its run_info's record, or, for a checkpoint written
-    before it, those of ``LATER_ITEMS`` that its Orbax metadata lists (the others a reader requires anyway)."""
-    recorded = recorded_items(step_dir)
+def required_items(step_dir: Path, recorded: frozenset[str] | None) -> tuple[frozenset[str], str]:
+    """The items ``step_dir`` must have, and what says so: its run_info's record (``recorded``, `recorded_items`), or,
+    for a checkpoint written before it, those of ``LATER_ITEMS`` that its Orbax metadata lists (the others a reader
+    requires anyway)."""
     if recorded is not None:
         return recorded, f"its run_info's {RECORD_KEY}"
     return frozenset(LATER_ITEMS) & (listed_items(step_dir) or frozenset()), f"its {ORBAX_METADATA}"
 
 
-def _missing(step_dir: Path, item: str, source: str, steps: Collection[int]) -> MissingItemError:
-    """The refusal of a checkpoint that lacks ``item``: which step, what was lost, and how to go on."""
+Steps = Collection[int] | Callable[[], Collection[int]]
+
+
+def _missing(step_dir: Path, item: str, source: str, steps: Steps) -> MissingItemError:
+    """The refusal of a checkpoint that lacks ``item``: which step, what was lost, and how to go on. ``steps``: the
+    checkpoints beside it, or how to list them (only a refusal needs them)."""
+    steps = steps() if callable(steps) else steps
     there = f" (checkpoints there: {', '.join(map(str, steps))})" if steps else ""
     return MissingItemError(
         f"checkpoint step {step_dir.name}: its {item}/ item is missing, though it was saved with it ({source} lists "
@@ -103,7 +144,7 @@ def _missing(step_dir: Path, item: str, source: str, steps: Collection[int]) -> 
         f"step{there}.")
 
 
-def present(step_dir: Path, item: str, steps: Collection[int] = ()) -> bool:
+def present(step_dir: Path, item: str, steps: Steps = ()) -> bool:
     """Whether ``item`` of ``step_dir`` can be read: False for a checkpoint written before the item existed.
     ``steps``: the checkpoints beside it, named in a refusal.
 
@@ -112,15 +153,16 @@ def present(step_dir: Path, item: str, steps: Collection[int] = ()) -> bool:
     """
     if (step_dir / item).is_dir():
         return True
-    required, source = required_items(step_dir)
+    required, source = required_items(step_dir, recorded_items(step_dir))
     if item in required:
         raise _missing(step_dir, item, source, steps)
     return False
 
 
-def check_items(step_dir: Path, steps: Collection[int] = ()) -> None:
-    """Refuse ``step_dir`` before any array is read if an item it was saved with (`required_items`) is missing."""
-    required, source = required_items(step_dir)
+def check_items(step_dir: Path, recorded: frozenset[str] | None, steps: Steps = ()) -> None:
+    """Refuse ``step_dir`` before any array is read if an item it was saved with (`required_items`, given its
+    run_info's ``recorded`` items) is missing."""
+    required, source = required_items(step_dir, recorded)
     for item in sorted(required):
         if not (step_dir / item).is_dir():
             raise _missing(step_dir, item, source, steps)

@@ -2,13 +2,20 @@
 its JSON items, each as often as the checks need it, not once per check that happens to ask."""
 
 import asyncio
+import builtins
+import collections
+import io
+import os
 from pathlib import Path
 
 import jax
+import orbax.checkpoint as ocp
 import pytest
 
 from easytrain import checkpoint, checkpoint_dirs
 from easytrain.checkpoint import CheckpointManager, finalized_steps
+from easytrain.trainers.lora_record import source_run_info
+from easytrain.trainers.restore_checks import stored_record
 from easytrain.trainers.resume import restore_checkpoint
 
 
@@ -28,7 +35,7 @@ def test_listing_checkpoints_runs_one_event_loop_however_many_steps_there_are(tm
     (tmp_path / "12" / "state").mkdir(parents=True)  # no run_info: not this library's checkpoint
     assert finalized_steps(tmp_path) == [2, 4, 6, 8]
     assert len(event_loops) <= 1
-    assert finalized_steps(tmp_path / "missing") == [] and checkpoint_dirs._is_checkpoint(tmp_path / "4")
+    assert finalized_steps(tmp_path / "missing") == [] and checkpoint_dirs.is_checkpoint(tmp_path / "4")
 
 
 @pytest.fixture
@@ -39,12 +46,59 @@ def listings(monkeypatch) -> list[Path]:
     return listed
 
 
-def test_checking_the_items_of_a_step_lists_the_checkpoints_once(finished_run, listings):
+def test_checking_the_items_of_a_complete_step_lists_no_checkpoints(finished_run, listings):
     with CheckpointManager(finished_run / "checkpoints", read_only=True) as manager:
         manager.check_items(4)
-        assert len(listings) == 1
+        assert listings == []
         with pytest.raises(checkpoint.CheckpointNotFoundError, match=r"step 3 .*available: \[2, 4\]"):
-            manager.check_items(3)
+            manager.check_items(3)  # only a refusal lists them, to name the steps there
+        assert len(listings) == 1
+
+
+@pytest.fixture
+def opened(monkeypatch) -> collections.Counter:
+    """Files opened under a `checkpoints` directory, as `<step>/<item>/<file>`, by Orbax's readers or this library's."""
+    counts, real = collections.Counter(), io.open
+
+    def counting(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and "checkpoints" in (parts := Path(os.fspath(file)).parts):
+            counts["/".join(parts[parts.index("checkpoints") + 1:])] += 1
+        return real(file, *args, **kwargs)
+
+    monkeypatch.setattr(io, "open", counting)
+    monkeypatch.setattr(builtins, "open", counting)
+    return counts
+
+
+@pytest.fixture
+def scans(monkeypatch) -> list[str]:
+    """Each listing of a `checkpoints` directory, by whoever lists it (this library or Orbax)."""
+    listed, real_listdir, real_scandir = [], os.listdir, os.scandir
+
+    def counting(real):
+        def listing(path="."):
+            if Path(os.fspath(path)).name == "checkpoints":
+                listed.append(os.fspath(path))
+            return real(path)
+        return listing
+
+    monkeypatch.setattr(os, "listdir", counting(real_listdir))
+    monkeypatch.setattr(os, "scandir", counting(real_scandir))
+    return listed
+
+
+@pytest.fixture
+def managers(monkeypatch) -> list[Path]:
+    """The directories an Orbax `CheckpointManager` was opened on."""
+    opened_on, real = [], ocp.CheckpointManager
+
+    class Counting(real):
+        def __init__(self, directory, *args, **kwargs):
+            opened_on.append(Path(directory))
+            super().__init__(directory, *args, **kwargs)
+
+    monkeypatch.setattr(ocp, "CheckpointManager", Counting)
+    return opened_on
 
 
 def _metadata_target(manager: CheckpointManager, step: int):
@@ -55,18 +109,31 @@ def _metadata_target(manager: CheckpointManager, step: int):
                         getattr(tree, "tree", tree))
 
 
-def test_a_resume_reads_the_data_position_once_and_lists_the_checkpoints_a_few_times(finished_run, listings,
-                                                                                     monkeypatch):
+def test_a_resume_lists_the_checkpoints_once_and_reads_each_of_its_files_once(finished_run, listings, opened, scans,
+                                                                           managers, monkeypatch):
     root = finished_run / "checkpoints"
     with CheckpointManager(root, read_only=True) as manager:
         run_info, position, target = manager.read_run_info(4), manager.read_data_state(4), _metadata_target(manager, 4)
     fingerprint = {key: position[key] for key in ("seed", "global_batch_size", "num_rows", "data_digest")}
     reads, read = [], CheckpointManager.read_data_state
     monkeypatch.setattr(CheckpointManager, "read_data_state", lambda self, step: reads.append(step) or read(self, step))
-    listings.clear()
+    listings.clear(), opened.clear(), scans.clear(), managers.clear()
     restored = restore_checkpoint((root, 4), run_info, target, data_fingerprint=fingerprint)
     assert restored.data_state == position and reads == [4]
-    assert len(listings) <= 6, f"{len(listings)} listings of {root} for one resume"
+    assert managers == [root] and len(scans) == 1 and listings == []  # Orbax's own listing as it opens
+    json_items = {name: count for name, count in opened.items() if name.endswith("/metadata")}
+    assert json_items == {f"4/{item}/metadata": 1 for item in ("run_info", "data_state", "progress", "fingerprint")}
+    assert "2/_CHECKPOINT_METADATA" not in opened and opened["4/_CHECKPOINT_METADATA"] <= 1  # no other step's read
+
+
+def test_a_record_of_the_resumed_checkpoint_is_read_without_a_manager(finished_run, opened, scans, managers):
+    """The checks that compare one entry of the resumed checkpoint's run_info (`stored_record`), or of the one
+    `init_weights_from` names (`source_run_info`), read its JSON alone: no manager, no listing, nothing else read."""
+    root = finished_run / "checkpoints"
+    assert stored_record((root, 4), "arguments")["max_steps"] == 4
+    assert source_run_info(str(root / "4"))["arguments"]["max_steps"] == 4
+    assert managers == [] and scans == [] and opened == {"4/run_info/metadata": 2}
+    assert stored_record((root, 3), "arguments") == {} and source_run_info(str(root / "3")) == {}  # not there
 
 
 def test_a_save_and_its_restore_digest_small_arrays_on_the_host_without_compiling(tmp_path, monkeypatch):
@@ -105,3 +172,13 @@ def test_small_arrays_are_copied_to_the_host_together_not_one_blocking_copy_each
     monkeypatch.setattr(jax, "device_get", lambda values: requests.append(len(values)) or device_get(values))
     assert integrity.fingerprint(tree, integrity.SMALL_ON_HOST) == expected
     assert requests == [40]
+
+
+def test_a_save_forgets_what_was_read_of_the_steps_its_retention_may_remove(tmp_path):
+    state = {"w": jax.numpy.ones(3)}
+    with CheckpointManager(tmp_path, max_to_keep=1, async_save=False, owner=True) as manager:
+        manager.save(1, state=state, data_state={}, run_info={})
+        assert manager.check_items(1) == frozenset({"data_state", "fingerprint", "progress", "run_info", "state"})
+        manager.save(2, state=state, data_state={}, run_info={})  # removes step 1 (max_to_keep)
+        with pytest.raises(checkpoint.CheckpointNotFoundError, match=r"step 1 .*available: \[2\]"):
+            manager.check_items(1)

@@ -14,6 +14,8 @@ from types import SimpleNamespace
 from typing import Any, Callable, Collection
 
 from easytrain.argument_checks import field_defaults
+from easytrain.checkpoint_dirs import resolve_checkpoint
+from easytrain.checkpoint_items import stored_run_info
 from easytrain.errors import ArgumentError
 from easytrain.lora_config import (LORA_ONLY_FIELDS, LoRAConfig, LoRAConfigError, from_arguments,
                                    targets_from_arguments, unused_lora_fields_error)
@@ -168,14 +170,11 @@ def check_source_lora(source: str, config: LoRAConfig | None, adapter_path: str 
 def source_run_info(source: str) -> dict[str, Any]:
     """The run_info of the checkpoint `source` names; empty for an exported model directory, or one that cannot be
     resolved or read here (the weights' reader reports that, naming init_weights_from)."""
-    from easytrain.checkpoint import CheckpointManager, resolve_checkpoint
-
     path = Path(source).expanduser()
     if (path / "config.json").is_file():
         return {}
     try:
         root, step = resolve_checkpoint(".", str(path))
-        with CheckpointManager(root, read_only=True) as manager:
-            return dict(manager.read_run_info(step))
+        return stored_run_info(root / str(step))
     except Exception:  # reported by the weights' reader, with what to pass instead
         return {}

@@ -8,7 +8,7 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
-from easytrain.checkpoint import CheckpointManager
+from easytrain.checkpoint_items import stored_run_info
 from easytrain.errors import ArgumentError
 from easytrain.lora_config import EMBEDDING_MODULES
 
@@ -22,8 +22,7 @@ def stored_record(resume_from: tuple[Path, int] | None, key: str) -> dict[str, A
     if resume_from is None:
         return {}
     try:
-        with CheckpointManager(resume_from[0], read_only=True) as manager:
-            return dict(manager.read_run_info(resume_from[1]).get(key) or {})
+        return dict(stored_run_info(resume_from[0] / str(resume_from[1])).get(key) or {})
     except Exception:  # noqa: BLE001 - reported by the restore, which reads the same run_info next
         return {}
 

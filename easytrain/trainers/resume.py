@@ -58,8 +58,7 @@ def restore_checkpoint(checkpoint: tuple[Path, int], current: dict[str, Any], ta
         data_order_changed = refuse_changes(run_info, current, content_compared)
         stored_args = run_info.get("arguments") or {}
         try:
-            manager.check_items(step)
-            recorded = checkpoint_items.recorded_items(root / str(step))
+            recorded = manager.check_items(step)
             progress = manager.read_progress(step)
             saved_updates = recorded_updates(progress, step)
             stored_keys = manager.stored_signature(step) if may_hold_head_adapter(stored_args) else {}
@@ -78,9 +77,9 @@ def restore_checkpoint(checkpoint: tuple[Path, int], current: dict[str, Any], ta
                                                                        across)
         try:
             if stored_scan_layers(run_info) in (None, current["arguments"].get("scan_layers")):
-                state, data_state, _ = manager.restore(step, abstract_state=target)
+                state = manager.restore_state(step, abstract_state=target)
             else:
-                state, data_state = restore_in_other_layout(manager, step, target)
+                state = restore_in_other_layout(manager, step, target)
             check_restored_step(state, step, saved_updates)
         except CheckpointMismatchError:
             raise
@@ -93,7 +92,7 @@ def restore_checkpoint(checkpoint: tuple[Path, int], current: dict[str, Any], ta
         logger.info("the training data moved (%s) and holds the checkpoint's rows (their count and content digest): "
                     "the run continues exactly from the saved data position", "; ".join(moved))
     logger.info("resumed from %s at step %d", root / str(step), step)
-    return Restored(state, data_state if keep_position else None, progress.get("callbacks", {}))
+    return Restored(state, position if keep_position else None, progress.get("callbacks", {}))
 
 
 def _position_or_error(manager: CheckpointManager, step: int) -> dict[str, Any] | Exception:
@@ -163,7 +162,7 @@ def check_restored_step(state: Any, step: int, saved_updates: int | None = None)
         raise ValueError(f"its train state is at step {int(restored)}, but this is the checkpoint of step {step}")
 
 
-def restore_in_other_layout(manager: CheckpointManager, step: int, target: Any) -> tuple[Any, dict[str, Any]]:
+def restore_in_other_layout(manager: CheckpointManager, step: int, target: Any) -> Any:
     """A checkpoint written with the other `scan_layers` setting, restored in its own layout (stacked decoder
     layers, `layers.stacked.*`, or separate ones, `layers.0.*`) and converted to `target`'s: every array of the
     state (parameters, optimizer moments, module state) keeps its values. The conversion holds the restored and
@@ -177,13 +176,13 @@ def restore_in_other_layout(manager: CheckpointManager, step: int, target: Any) 
     else:
         stored = stacked_groups(manager.stored_signature(step))
         stored_target = stack_layer_dicts(target, lambda path: path_name(path) in stored, abstract_stack)
-    state, data_state, _ = manager.restore(step, abstract_state=stored_target)
+    state = manager.restore_state(step, abstract_state=stored_target)
     if now:
         state = stack_layer_dicts(state, lambda path: path_name(path) in now)
     else:
         state = unstack_layer_dicts(state)
     logger.info("converted the checkpoint's decoder layers to this run's scan_layers layout")
-    return jax.device_put(state, jax.tree.map(lambda leaf: leaf.sharding, target)), data_state
+    return jax.device_put(state, jax.tree.map(lambda leaf: leaf.sharding, target))
 
 
 def _unreadable(root: Path, step: int, steps: list[int], error: Exception) -> CheckpointReadError:
@@ -245,5 +244,5 @@ def restore_step(manager: CheckpointManager, shardings: Any, step: int, current:
     """The state of checkpoint `step` in `current`'s layout, keeping the frozen entries that are rebuilt
     rather than checkpointed (`load_best_model_at_end`)."""
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), current, shardings)
-    restored, _, _ = manager.restore(step, abstract_state=target.checkpointed())
+    restored = manager.restore_state(step, abstract_state=target.checkpointed())
     return restored.replace(frozen={**current.frozen, **restored.frozen}, base=current.base)
