@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 from typing import Any, Callable, Mapping, Sequence
 
@@ -37,6 +36,7 @@ class ExactMatch:
                              f"{len(self.answers)} answers: give one answer per prompt.")
         longest = max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in self.answers)
         self.max_new_tokens = max_new_tokens or longest + 1
+        self._encoding: tuple[Any, tuple[str, ...], list[int], list[list[int]]] | None = None
 
     @property
     def metric_names(self) -> tuple[str, ...]:
@@ -53,10 +53,17 @@ class ExactMatch:
                                self.tokenizer.eos_token_id)
         return [self._decode(row) for row in rows]
 
-    @functools.cached_property
+    @property
     def encoded_prompts(self) -> list[list[int]]:
-        """Every prompt's ids after the context: the same at every evaluation, so encoded at the first only."""
-        return [self._context() + self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in self.prompts]
+        """Every prompt's ids after the context. Kept with what they were encoded from (the tokenizer, the prompts and
+        the context): an evaluation encodes again only when one of those was changed since the last one (`prompts`
+        edited or replaced between evaluations), never the same prompts at every evaluation."""
+        prompts, context = tuple(self.prompts), self._context()
+        kept = self._encoding
+        if kept is None or kept[0] is not self.tokenizer or kept[1] != prompts or kept[2] != context:
+            encoded = [context + self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+            self._encoding = kept = (self.tokenizer, prompts, context, encoded)
+        return kept[3]
 
     def _context(self) -> list[int]:
         """Start each prompt as a document starts in training: right after an EOS separator."""

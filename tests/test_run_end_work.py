@@ -128,3 +128,27 @@ def test_exact_match_encodes_its_prompts_once_for_every_evaluation():
     first = evaluator(trainer)
     assert evaluator(trainer) == first
     assert tokenizer.encoded == ["1+2=", "3+4="]
+
+
+def test_exact_match_follows_prompts_edited_after_an_evaluation():
+    """An evaluator's prompts may be edited between evaluations (in place or replaced): the next evaluation generates
+    from the new ones, as a new evaluator would, not from the encodings of the first."""
+    tokenizer = CountingTokenizer()
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer.inner), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=64)
+    trainer = type("Trainer", (), {"model": init_model(config)})()
+    evaluator = ExactMatch(["1+2=", "3+4="], ["3", "7"], tokenizer)
+    evaluator(trainer)
+    evaluator.prompts.append("5+6=")
+    evaluator.answers.append("11")
+    tokens = evaluator.max_new_tokens  # set from the answers given at construction
+    grown = ExactMatch(["1+2=", "3+4=", "5+6="], ["3", "7", "11"], tokenizer, max_new_tokens=tokens)
+    assert evaluator.completions(trainer) == grown.completions(trainer)
+    evaluator.prompts, evaluator.answers = ["2+2="], ["4"]
+    fresh = ExactMatch(["2+2="], ["4"], tokenizer, max_new_tokens=tokens)
+    tokenizer.encoded.clear()
+    assert evaluator.completions(trainer) == fresh.completions(trainer)
+    assert tokenizer.encoded == ["2+2=", "2+2="]  # this evaluator's new prompt, then the fresh one's
+    evaluator(trainer)
+    assert tokenizer.encoded == ["2+2=", "2+2="]  # not encoded again while unchanged
