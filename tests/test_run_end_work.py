@@ -68,6 +68,22 @@ def test_an_export_fetches_its_tensors_together_per_shard_file(tmp_path, monkeyp
         name: tensor.tolist() for name, tensor in expected.items()}
 
 
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_an_exports_transfers_are_bounded_in_the_bytes_they_move(tmp_path, monkeypatch, scan_layers):
+    """A transfer moves the device's arrays, in their own dtype: float32 weights exported as bfloat16 move twice the
+    bytes they are written in, so a group is bounded in the former (the device also holds a stacked weight's slices
+    of a group at once), not the latter."""
+    model = init_model(CONFIG, scan_layers=scan_layers)
+    bound = 8192  # the float32 embedding, gate, up and down kernels each; two of them written in bfloat16
+    monkeypatch.setattr(hf_export, "_FETCH_GROUP_BYTES", bound)
+    requests, device_get = [], jax.device_get
+    monkeypatch.setattr(jax, "device_get",
+                        lambda values: requests.append([v.nbytes for v in values]) or device_get(values))
+    save_pretrained(tmp_path / "export", model, CONFIG, dtype="bfloat16")
+    assert sum(len(request) for request in requests) == 21
+    assert [request for request in requests if sum(request) > bound and len(request) > 1] == []
+
+
 def test_a_peft_adapters_tensors_are_fetched_together(tmp_path, monkeypatch):
     """The adapter's tensors (a LoRA run's export) are asked for in one `jax.device_get`, not one copy each."""
     from easytrain.models.peft_io import load_peft_adapter, save_peft_adapter

@@ -53,7 +53,14 @@ class _Planned:
 
     @property
     def nbytes(self) -> int:
+        """Its bytes as written (what a shard file holds)."""
         return int(np.prod(np.shape(self.value), dtype=np.int64)) * self.dtype.itemsize
+
+    @property
+    def fetched_nbytes(self) -> int:
+        """Its bytes as fetched, in the parameter's own dtype (float32 weights written in bfloat16 move twice their
+        written bytes), which bound a transfer."""
+        return int(np.prod(np.shape(self.value), dtype=np.int64)) * np.dtype(self.value.dtype).itemsize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,21 +174,21 @@ def _to_host(values: list[Any]) -> list[np.ndarray]:
     return hosts
 
 
-#: The most bytes of tensors asked for in one transfer: a stacked weight's layers are sliced on the device first, so
-#: a group costs as much device memory again.
+#: The most bytes of tensors asked for in one transfer, in the parameters' own dtypes: a stacked weight's layers are
+#: sliced on the device first, so a group costs as much device memory again.
 _FETCH_GROUP_BYTES = 256 * 2**20
 
 
 def _groups(names: list[str], plan: dict[str, _Planned]) -> list[list[str]]:
-    """`names` in order, in runs of at most `_FETCH_GROUP_BYTES` (a larger tensor alone)."""
+    """`names` in order, in runs of at most `_FETCH_GROUP_BYTES` fetched (a larger tensor alone)."""
     groups: list[list[str]] = []
     size = 0
     for name in names:
-        if not groups or size + plan[name].nbytes > _FETCH_GROUP_BYTES:
+        if not groups or size + plan[name].fetched_nbytes > _FETCH_GROUP_BYTES:
             groups.append([])
             size = 0
         groups[-1].append(name)
-        size += plan[name].nbytes
+        size += plan[name].fetched_nbytes
     return groups
 
 
