@@ -24,6 +24,7 @@ key implementation; no conversion is needed on either side.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import threading
@@ -201,10 +202,15 @@ class CheckpointManager:
 
     def _once(self, what: str, step: int, read: Callable[[], _T]) -> _T:
         """`read()`, the `what` of `step`, done once per manager until its next save: a resume's checks ask the same
-        things of its checkpoint again, each a file read (and on a network filesystem, a round trip)."""
-        if (what, step) not in self._read:
-            self._read[what, step] = read()
-        return self._read[what, step]
+        things of its checkpoint again, each a file read (and on a network filesystem, a round trip). Nothing is kept
+        while a background save is in flight: its retention removes steps once it is written, after `save` returned.
+        Callers copy what they hand out, so a change of theirs is not what the next read returns."""
+        if (what, step) in self._read:
+            return self._read[what, step]
+        value = read()
+        if self._in_flight is None:
+            self._read[what, step] = value
+        return value
 
     def _require(self, step: int) -> None:
         """`step` must be a complete checkpoint: its directory alone is looked at; the directory's steps are listed
@@ -223,7 +229,7 @@ class CheckpointManager:
 
     def read_run_info(self, step: int) -> dict[str, Any]:
         """The ``run_info`` JSON of ``step`` as it was saved (no record of items): cheap, no arrays touched."""
-        return checkpoint_items.without_record(self._run_info(step))
+        return copy.deepcopy(checkpoint_items.without_record(self._run_info(step)))
 
     def check_items(self, step: int) -> frozenset[str] | None:
         """Refuse ``step`` if an item it was saved with is missing (`checkpoint_items.check_items`), naming the
@@ -248,6 +254,16 @@ class CheckpointManager:
         checkpoint_items.check_items(step_dir, recorded, self.all_steps)
         return recorded
 
+    def _present(self, step: int, item: str) -> bool:
+        """Whether ``item`` of ``step`` is there to read; False for a checkpoint written before it. One missing now is
+        checked again, fresh (the step's completeness too): one gone since the step's first check (a live run's
+        retention removing the step, damage) is refused as it was then, not taken for an older checkpoint's."""
+        if (self.directory / str(step) / item).is_dir():
+            return True
+        self._read.pop(("complete", step), None)
+        self._check_items(step)
+        return False
+
     def read_data_state(self, step: int) -> dict[str, Any]:
         """Reads only the ``data_state`` JSON of ``step``, so a resume can check it before any array is loaded."""
         self.check_items(step)
@@ -258,7 +274,7 @@ class CheckpointManager:
         """The ``progress`` JSON of ``step``; empty for checkpoints written before it existed (one whose metadata
         was saved with it but lacks it is damaged: `checkpoint_items.MissingItemError`)."""
         self.check_items(step)
-        if not (self.directory / str(step) / "progress").is_dir():
+        if not self._present(step, "progress"):
             return {}
         restored = self._manager.restore(step, args=ocp.args.Composite(progress=ocp.args.JsonRestore()))
         return dict(restored.progress)
@@ -270,11 +286,12 @@ class CheckpointManager:
     def stored_signature(self, step: int) -> Signature:
         """(shape, dtype) per dotted key of the state stored at ``step``, from metadata only (read once)."""
         self._require(step)
+
         def read() -> Signature:
             metadata = self._manager.item_metadata(step).state
             return tree_signature(getattr(metadata, "tree", metadata))
 
-        return self._once("signature", step, read)
+        return dict(self._once("signature", step, read))
 
     def restore(self, step: int, *, abstract_state: Any) -> tuple[Any, dict[str, Any], dict[str, Any]]:
         """Restores ``step`` into the structure, shapes and shardings of ``abstract_state`` (`restore_state`), with
@@ -304,7 +321,7 @@ class CheckpointManager:
         self.check_items(step)
         check_signatures(self.stored_signature(step), tree_signature(abstract_state))
         items = {"state": ocp.args.StandardRestore(abstract_state)}
-        fingerprinted = (self.directory / str(step) / "fingerprint").is_dir()
+        fingerprinted = self._present(step, "fingerprint")
         if fingerprinted:
             items["fingerprint"] = ocp.args.JsonRestore()
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))

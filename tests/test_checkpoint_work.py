@@ -6,6 +6,8 @@ import builtins
 import collections
 import io
 import os
+import shutil
+import threading
 from pathlib import Path
 
 import jax
@@ -14,6 +16,7 @@ import pytest
 
 from easytrain import checkpoint, checkpoint_dirs
 from easytrain.checkpoint import CheckpointManager, finalized_steps
+from easytrain.checkpoint_items import MissingItemError
 from easytrain.trainers.lora_record import source_run_info
 from easytrain.trainers.restore_checks import stored_record
 from easytrain.trainers.resume import restore_checkpoint
@@ -182,3 +185,48 @@ def test_a_save_forgets_what_was_read_of_the_steps_its_retention_may_remove(tmp_
         manager.save(2, state=state, data_state={}, run_info={})  # removes step 1 (max_to_keep)
         with pytest.raises(checkpoint.CheckpointNotFoundError, match=r"step 1 .*available: \[2\]"):
             manager.check_items(1)
+
+
+def test_a_background_saves_retention_is_not_hidden_by_what_was_read_while_it_was_written(tmp_path, monkeypatch):
+    """Retention removes steps once the save in flight is written, after `save` returned: a step read meanwhile is
+    not kept as read."""
+    state = {"w": jax.numpy.ones(3)}
+    with CheckpointManager(tmp_path, max_to_keep=1, async_save=True, owner=True) as manager:
+        manager.save(1, state=state, data_state={}, run_info={})
+        manager.wait_until_finished()
+        written, deleter = threading.Event(), manager._manager._checkpoint_deleter  # Orbax's: removes old steps
+        delete_steps = deleter.delete_steps
+        monkeypatch.setattr(deleter, "delete_steps", lambda steps: written.wait(60) and delete_steps(steps))
+        manager.save(2, state=state, data_state={}, run_info={})  # removes step 1 (max_to_keep) once written
+        assert manager.read_run_info(1) == {} and manager.check_items(1)  # still there while step 2 is written
+        written.set()
+        manager.wait_until_finished()
+        with pytest.raises(checkpoint.CheckpointNotFoundError, match=r"step 1 .*available: \[2\]"):
+            manager.read_run_info(1)
+
+
+def test_an_item_gone_since_the_items_were_checked_is_refused_not_read_as_an_older_checkpoints(run_copy):
+    """The items are checked once per step; one gone later (a live run's retention removing the step, damage) is
+    refused where it is read, as then, not taken for one the checkpoint was written before: its progress silently
+    empty, its state restored unverified."""
+    root = run_copy / "checkpoints"
+    with CheckpointManager(root, read_only=True) as manager:
+        target = _metadata_target(manager, 4)
+        manager.check_items(4)
+        shutil.rmtree(root / "4" / "progress")
+        with pytest.raises(MissingItemError, match=r"step 4: its progress/ item is missing"):
+            manager.read_progress(4)
+        shutil.rmtree(root / "4" / "fingerprint")
+        with pytest.raises(MissingItemError, match=r"step 4: its fingerprint/ item is missing"):
+            manager.restore_state(4, abstract_state=target)
+        shutil.rmtree(root / "4")
+        with pytest.raises(checkpoint.CheckpointNotFoundError, match=r"step 4 .*available: \[2\]"):
+            manager.read_progress(4)
+
+
+def test_what_a_manager_returns_is_its_callers_to_change(finished_run):
+    """What a manager read once is handed out as copies: a caller's change is not what the next read returns."""
+    with CheckpointManager(finished_run / "checkpoints", read_only=True) as manager:
+        manager.read_run_info(4)["arguments"]["max_steps"] = 99
+        manager.stored_signature(4).clear()
+        assert manager.read_run_info(4)["arguments"]["max_steps"] == 4 and manager.stored_signature(4)
