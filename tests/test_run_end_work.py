@@ -1,6 +1,7 @@
 """The work a run's evaluations and its end do: each export, program and encoding done once, not again per call."""
 
 import json
+import tracemalloc
 
 import jax
 import numpy as np
@@ -82,6 +83,29 @@ def test_an_exports_transfers_are_bounded_in_the_bytes_they_move(tmp_path, monke
     save_pretrained(tmp_path / "export", model, CONFIG, dtype="bfloat16")
     assert sum(len(request) for request in requests) == 21
     assert [request for request in requests if sum(request) > bound and len(request) > 1] == []
+
+
+@pytest.mark.parametrize("copied", [False, True])
+def test_a_fetched_groups_host_copies_are_dropped_as_they_are_converted(monkeypatch, copied):
+    """The host holds a group's fetched arrays once: each is used as fetched when one block holds it whole (not copied
+    into another array) and dropped once converted, so a group costs its fetched bytes plus one converted tensor over
+    the shard file's tensors, not two copies of the group and its conversions. XLA:CPU's fetch may alias the device
+    buffer (no host bytes); `copied` fetches into new host memory, as from a GPU."""
+    if copied:
+        device_get = jax.device_get
+        monkeypatch.setattr(jax, "device_get", lambda values: [np.array(v, copy=True) for v in device_get(values)])
+    values = {f"t{i}": jax.numpy.full((512, 512), i, jax.numpy.float32) for i in range(8)}  # 1 MiB each
+    plan = {name: hf_export._Planned(value, True, np.dtype(jax.numpy.bfloat16)) for name, value in values.items()}
+    jax.block_until_ready(list(values.values()))
+    tracemalloc.start()
+    try:
+        tensors = hf_export._fetch(list(plan), plan)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [tensor[0, 0] for tensor in tensors.values()] == list(range(8))
+    fetched, written, converted = 8 * 2**20, 4 * 2**20, 2**19
+    assert peak <= (fetched + converted if copied else written) + 2**16
 
 
 def test_a_peft_adapters_tensors_are_fetched_together(tmp_path, monkeypatch):

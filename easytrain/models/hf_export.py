@@ -156,20 +156,23 @@ def _local_blocks(value: jax.Array) -> list[tuple[Any, jax.Array]]:
 def _to_host(values: list[Any]) -> list[np.ndarray]:
     """Every value whole on this host. The blocks this process holds are asked for in one ``jax.device_get`` (on a
     GPU one blocking copy per tensor waits for each in turn); an array spanning processes is gathered, a collective
-    every process calls in the same order."""
+    every process calls in the same order. A block holding its whole array is that array's host copy; others are
+    copied into one and dropped as they are, so the host holds the fetched bytes about once."""
     local = [isinstance(value, jax.Array) and value.is_fully_addressable for value in values]
     blocks = [_local_blocks(value) if whole else [] for value, whole in zip(values, local)]
-    fetched = iter(jax.device_get([data for group in blocks for _, data in group]))
+    fetched = jax.device_get([data for group in blocks for _, data in group])[::-1]  # popped in order
     hosts = []
     for value, whole, group in zip(values, local, blocks):
         if not isinstance(value, jax.Array):
             hosts.append(np.asarray(value))
         elif not whole:
             hosts.append(np.asarray(multihost_utils.process_allgather(value, tiled=True)))
+        elif len(group) == 1 and group[0][1].shape == value.shape:
+            hosts.append(fetched.pop())
         else:
             host = np.empty(value.shape, value.dtype)
             for index, _ in group:
-                host[index] = next(fetched)
+                host[index] = fetched.pop()
             hosts.append(host)
     return hosts
 
@@ -197,10 +200,11 @@ def _fetch(names: list[str], plan: dict[str, _Planned]) -> dict[str, np.ndarray]
     tensors = {}
     for group in _groups(names, plan):
         values = [plan[name].value for name in group]
-        arrays = _to_host([v.stacked[v.index] if isinstance(v, _LayerSlice) else v for v in values])
-        for name, array in zip(group, arrays):
-            planned = plan[name]
+        arrays = _to_host([v.stacked[v.index] if isinstance(v, _LayerSlice) else v for v in values])[::-1]
+        for name in group:  # each fetched array dropped once converted
+            planned, array = plan[name], arrays.pop()
             tensors[name] = np.ascontiguousarray(array.T if planned.transpose else array, dtype=planned.dtype)
+        del array
     return tensors
 
 
