@@ -1,10 +1,8 @@
 """Create the `TrainState` directly in its sharded layout.
 
-Shardings come from the parameters' logical axes, read from the very trace that builds the state (each
-optimizer moment takes its parameter's); the whole state (parameters and optimizer moments) is built
-inside one `jax.jit` whose outputs are constrained to that layout (`jax.lax.with_sharding_constraint`, as
-`out_shardings` would), so no array is ever materialised whole on one device, and nothing is traced
-twice to learn shapes first.
+Shapes come from `nnx.eval_shape`; shardings from the parameters' logical axes; then the whole state
+(parameters and optimizer moments) is built inside `jax.jit(..., out_shardings=...)`, so no array is
+ever materialised whole on one device.
 """
 
 from __future__ import annotations
@@ -31,44 +29,20 @@ def abstract_module(model_fn: Callable[[], nnx.Module]) -> nnx.Module:
         return nnx.eval_shape(model_fn)
 
 
-def _variable_layout(model: nnx.Module, mesh: Mesh, rules: sharding.LogicalRules, trainable: Filter,
-                     base: Filter) -> dict[str, Any]:
-    """The `NamedSharding`s of `model`'s variables (`params`, `base`, `model_state`), from their logical axes; `model`
-    may be abstract or traced."""
-    _, params, base_values, rest = nnx.split(model, trainable, base, ...)
-    return dict(params=sharding.param_shardings(params, mesh, rules), base=sharding.param_shardings(base_values, mesh,
-                rules), model_state=sharding.param_shardings(rest, mesh, rules))
-
-
-def _layout(variables: dict[str, Any], state: TrainState, mesh: Mesh) -> TrainState:
-    """A `TrainState`-shaped tree of `NamedSharding`s: the variables' (`_variable_layout`), each optimizer moment its
-    parameter's. `state` may be abstract or traced (shapes are all it reads), so the trace that builds the state also
-    gives its layout, and `tx.init` is traced once."""
-    opt_sh = sharding.optimizer_shardings(state.tx, state.opt_state, state.params, variables["params"], mesh)
+def state_shardings(abstract_model: nnx.Module, tx: optax.GradientTransformation, mesh: Mesh,
+                    rules: sharding.LogicalRules = sharding.DEFAULT_RULES, trainable: Filter = nnx.Param,
+                    base: Filter = nnx.Nothing) -> TrainState:
+    """A `TrainState`-shaped tree of `NamedSharding`s for this model, optimizer and mesh."""
+    graphdef, abs_params, abs_base, abs_rest = nnx.split(abstract_model, trainable, base, ...)
+    params_sh = sharding.param_shardings(abs_params, mesh, rules)
+    rest_sh = sharding.param_shardings(abs_rest, mesh, rules)
+    base_sh = sharding.param_shardings(abs_base, mesh, rules)
+    pure_params = nnx.to_pure_dict(abs_params)
+    abs_opt = jax.eval_shape(tx.init, pure_params)
+    opt_sh = sharding.optimizer_shardings(tx, abs_opt, pure_params, params_sh, mesh)
     replicated = sharding.replicated(mesh)
-    return state.replace(step=replicated, opt_state=opt_sh, rng=replicated, **variables)
-
-
-def _laid_out(build: Callable[..., tuple[dict[str, Any], TrainState]],
-              mesh: Mesh) -> tuple[Callable[..., TrainState], dict[str, TrainState]]:
-    """`build(*args) -> (variable layout, state)` as a function for `jax.jit` that returns the state constrained to
-    its layout (`_layout` of that very trace), and the dict its trace leaves the layout in under "shardings": the
-    outputs are sharded as `out_shardings` would shard them, with no other trace to learn their shapes first."""
-    found: dict[str, TrainState] = {}
-
-    def laid_out(*args: Any) -> TrainState:
-        variables, state = build(*args)
-        found["shardings"] = layout = _layout(variables, state, mesh)
-        return jax.lax.with_sharding_constraint(state, layout)
-
-    return laid_out, found
-
-
-def _labelled(state: TrainState, layout: TrainState) -> TrainState:
-    """`state` holding `layout`'s very `NamedSharding`s: a constrained output's is the equivalent one XLA reports
-    (`P()` for `P(None, None)`), which jit caches and checkpoints keyed on shardings would tell apart. The buffers
-    are kept (no copy)."""
-    return jax.device_put(state, layout, may_alias=None)
+    return TrainState(step=replicated, params=params_sh, model_state=rest_sh, opt_state=opt_sh,
+                      rng=replicated, graphdef=graphdef, tx=tx, trainable=trainable, base=base_sh, base_filter=base)
 
 
 def _fresh_state(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, seed: int,
@@ -90,42 +64,38 @@ def _pure_split(model: nnx.Module, trainable: Filter, base: Filter) -> tuple[nnx
 def create_state(model_fn: Callable[[], nnx.Module], tx: optax.GradientTransformation, *, seed: int,
                  mesh: Mesh, rules: sharding.LogicalRules = sharding.DEFAULT_RULES,
                  trainable: Filter = nnx.Param, base: Filter = nnx.Nothing) -> tuple[TrainState, TrainState]:
-    """Initialise a fresh model and its optimizer state in place on the mesh, in one program traced once.
+    """Initialise a fresh model and its optimizer state in place on the mesh.
 
     Returns `(state, shardings)`; `shardings` is also the layout every checkpoint restores onto.
     """
-    def build() -> tuple[dict[str, Any], TrainState]:
-        with nnx.use_eager_sharding(False):
-            module = model_fn()
-        graphdef, *parts = _pure_split(module, trainable, base)
-        variables = _variable_layout(module, mesh, rules, trainable, base)
-        return variables, _fresh_state(graphdef, tx, seed, trainable, base)(*parts)
+    shardings = state_shardings(abstract_module(model_fn), tx, mesh, rules, trainable, base)
 
-    init, found = _laid_out(build, mesh)
+    def init() -> TrainState:
+        with nnx.use_eager_sharding(False):
+            graphdef, *parts = _pure_split(model_fn(), trainable, base)
+        return _fresh_state(graphdef, tx, seed, trainable, base)(*parts)
+
     with jax.set_mesh(mesh):
-        state = jax.jit(init)()
-    return _labelled(state, found["shardings"]), found["shardings"]
+        state = jax.jit(init, out_shardings=shardings)()
+    return state, shardings
 
 
 def initialise_module(model_fn: Callable[[], nnx.Module], *, mesh: Mesh,
                       rules: sharding.LogicalRules = sharding.DEFAULT_RULES) -> nnx.Module:
     """A fresh module, its variables built by one jitted program straight into their sharded layout (each split
-    by its logical axes, read from the program's own trace of `model_fn`): concrete, to be changed eagerly and then
-    placed with `place_module(..., copy=False)` as a loaded model is. Nothing is ever materialised whole on one
-    device."""
-    built: dict[str, Any] = {}
+    by its logical axes): concrete, to be changed eagerly and then placed with `place_module(..., copy=False)`
+    as a loaded model is. Nothing is ever materialised whole on one device."""
+    graphdef, abstract = nnx.split(abstract_module(model_fn))
+    shardings = sharding.param_shardings(abstract, mesh, rules)
 
     def init() -> Any:
         with nnx.use_eager_sharding(False):
-            built["graphdef"], variables = nnx.split(model_fn())
-        built["shapes"] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), variables)
-        values = nnx.to_pure_dict(variables)
-        return jax.lax.with_sharding_constraint(values, sharding.param_shardings(variables, mesh, rules))
+            return nnx.to_pure_dict(nnx.state(model_fn()))
 
     with jax.set_mesh(mesh):
-        values = jax.jit(init)()
-    nnx.replace_by_pure_dict(built["shapes"], values)
-    return nnx.merge(built["graphdef"], built["shapes"])
+        values = jax.jit(init, out_shardings=shardings)()
+    nnx.replace_by_pure_dict(abstract, values)
+    return nnx.merge(graphdef, abstract)
 
 
 def place_module(model: nnx.Module, tx: optax.GradientTransformation, *, seed: int, mesh: Mesh,
@@ -138,16 +108,16 @@ def place_module(model: nnx.Module, tx: optax.GradientTransformation, *, seed: i
     trainer built itself (`from_pretrained(..., mesh=...)`), where a copy would only double the memory.
     """
     graphdef, params, base_values, rest = _pure_split(model, trainable, base)
+    shardings = state_shardings(model, tx, mesh, rules, trainable, base)
     create = _fresh_state(graphdef, tx, seed, trainable, base)
-    variables = _variable_layout(model, mesh, rules, trainable, base)
-    put = lambda tree, part: jax.device_put(tree, variables[part], may_alias=False if copy else None)
+    put = lambda tree, target: jax.device_put(tree, target, may_alias=False if copy else None)
     placed = dict(params=None, base=None, model_state=None)
-    init, found = _laid_out(lambda p, b, r: (variables, create(p, b, r)), mesh)
     with jax.set_mesh(mesh):
-        params, base_values, rest = put(params, "params"), put(base_values, "base"), put(rest, "model_state")
-        state = jax.jit(lambda p, b, r: init(p, b, r).replace(**placed))(params, base_values, rest)
-    state = _labelled(state, found["shardings"].replace(**placed))
-    return state.replace(params=params, base=base_values, model_state=rest), found["shardings"]
+        params, base_values = put(params, shardings.params), put(base_values, shardings.base)
+        rest = put(rest, shardings.model_state)
+        state = jax.jit(lambda p, b, r: create(p, b, r).replace(**placed),
+                        out_shardings=shardings.replace(**placed))(params, base_values, rest)
+    return state.replace(params=params, base=base_values, model_state=rest), shardings
 
 
 def abstract_train_state(model: nnx.Module, tx: optax.GradientTransformation, *, seed: int, mesh: Mesh,
@@ -159,8 +129,8 @@ def abstract_train_state(model: nnx.Module, tx: optax.GradientTransformation, *,
     run never initialises (or loads pretrained) weights only to overwrite them. `model` may be abstract.
     """
     graphdef, *parts = _pure_split(model, trainable, base)
+    shardings = state_shardings(model, tx, mesh, rules, trainable, base)
     shapes = jax.eval_shape(_fresh_state(graphdef, tx, seed, trainable, base), *parts)
-    shardings = _layout(_variable_layout(model, mesh, rules, trainable, base), shapes, mesh)
     return abstract_state(shardings, shapes), shardings
 
 
