@@ -1,6 +1,8 @@
 """The work a trainer's set-up and first steps do: each program traced once, not again for a question its first
 trace already answered."""
 
+import pytest
+
 from easytrain import BaseTrainer, TrainingArguments
 
 
@@ -54,3 +56,60 @@ def test_a_lora_runs_base_fingerprint_digests_its_small_arrays_on_the_host(tmp_p
     trainer = SFTTrainer(small_args(tmp_path, model_name_or_path=str(tmp_path / "base"), lora_rank=4), SFTArguments())
     trainer.setup()
     assert trainer.base_fingerprint and on_device == []
+
+
+PLACE_IN_PROCESSES = '''
+import json, os, sys
+import jax
+address, count, index = sys.argv[1:4]
+jax.distributed.initialize(address, int(count), int(index))
+import optax
+from flax import nnx
+from easytrain.placement import create_state
+from easytrain.sharding import make_mesh
+
+compiles = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda name, *_, **__: compiles.append(name) if name == "/jax/core/compile/backend_compile_duration" else None)
+
+
+class Tiny(nnx.Module):
+    def __init__(self, rngs):
+        sharded = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("embed", "mlp"))
+        self.sharded = nnx.Linear(8, 4, kernel_init=sharded, rngs=rngs)
+        self.replicated = nnx.Linear(4, 2, rngs=rngs)
+        self.norm = nnx.LayerNorm(2, rngs=rngs)
+
+
+mesh = make_mesh(data=-1, fsdp=int(sys.argv[4]))
+state, shardings = create_state(lambda: Tiny(nnx.Rngs(0)), optax.adamw(1e-3), seed=0, mesh=mesh)
+jax.block_until_ready(state)
+labelled = all(leaf.sharding == want for leaf, want in zip(jax.tree.leaves(state), jax.tree.leaves(shardings)))
+print(json.dumps({"compiles": len(compiles), "labelled": labelled}))
+'''
+
+
+@pytest.mark.parametrize("fsdp", [1, 2], ids=["data_parallel", "fsdp"])
+def test_processes_place_a_fresh_state_with_its_one_init_program(tmp_path, fsdp):
+    """Over several processes (arrays no process fully addresses) the fresh state is the init program's own output,
+    already in the layout's shardings: no reshard program compiled, and no copy made, per leaf to label it (each copy
+    would hold a second state in memory at set-up)."""
+    import json
+    import subprocess
+    import sys
+
+    from runs import child_env, xla_flags
+    from test_multiprocess import free_port
+
+    script = tmp_path / "place.py"
+    script.write_text(PLACE_IN_PROCESSES)
+    env = child_env(JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(2))
+    address = f"127.0.0.1:{free_port()}"
+    procs = [subprocess.Popen([sys.executable, str(script), address, "2", str(index), str(fsdp)], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for index in range(2)]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        results.append(json.loads(out.splitlines()[-1]))
+    assert results == [{"compiles": 1, "labelled": True}] * 2
