@@ -108,6 +108,25 @@ def test_a_fetched_groups_host_copies_are_dropped_as_they_are_converted(monkeypa
     assert peak <= (fetched + converted if copied else written) + 2**16
 
 
+def test_an_export_fetches_no_parameters_own_array_objects(tmp_path, monkeypatch):
+    """Fetching a `jax.Array` keeps its host copy on the object fetched wherever that copy is not an alias of the
+    device buffer (on a GPU), and a shard's `data` is the parameter's own array object (a one-device parameter's, the
+    parameter itself): an export fetches new objects over the same buffers, so the host keeps no copy of any tensor
+    it exported (the model stays in use after a run's export)."""
+    from easytrain.models.peft_io import save_peft_adapter
+
+    config = LoRAConfig(rank=4)
+    model = lora.apply_lora(init_model(CONFIG), config)
+    owned = {id(array) for leaf in jax.tree.leaves(nnx.state(model))
+             for array in [leaf, *(shard.data for shard in leaf.addressable_shards)]}
+    fetched, device_get = [], jax.device_get
+    monkeypatch.setattr(jax, "device_get", lambda values: fetched.extend(values) or device_get(values))
+    save_pretrained(tmp_path / "export", lora.merge_lora(model), CONFIG)
+    save_peft_adapter(tmp_path / "adapter", model, config, fingerprint=False)
+    assert len(fetched) == 21 + 28
+    assert [array.shape for array in fetched if id(array) in owned] == []
+
+
 def test_a_peft_adapters_tensors_are_fetched_together(tmp_path, monkeypatch):
     """The adapter's tensors (a LoRA run's export) are asked for in one `jax.device_get`, not one copy each."""
     from easytrain.models.peft_io import load_peft_adapter, save_peft_adapter

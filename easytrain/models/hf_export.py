@@ -144,13 +144,15 @@ def export_plan(params: dict, config: transformers.PretrainedConfig, dtype: DTyp
 
 
 def _local_blocks(value: jax.Array) -> list[tuple[Any, jax.Array]]:
-    """The distinct blocks of an array this process holds whole (replicas hold the same block), each as an array
-    of its own: a host copy of those is never cached on the parameter itself, as ``np.asarray(array)``'s would be
-    (the host would end up holding every tensor it exported)."""
+    """The distinct blocks of an array this process holds whole (replicas hold the same block), each a new array
+    object over its device buffer. Fetching a ``jax.Array`` keeps the host copy on the object fetched wherever it is
+    a copy (on a GPU), and a shard's ``data`` is the parameter's own object (a one-device parameter's, the parameter
+    itself): fetched as it is, the host would keep every tensor it exported for as long as the model lives."""
     blocks: dict[str, tuple[Any, jax.Array]] = {}
     for shard in value.addressable_shards:
         blocks.setdefault(repr(shard.index), (shard.index, shard.data))
-    return list(blocks.values())
+    return [(index, jax.make_array_from_single_device_arrays(data.shape, data.sharding, [data]))
+            for index, data in blocks.values()]
 
 
 def _to_host(values: list[Any]) -> list[np.ndarray]:
