@@ -7,7 +7,9 @@ the run's LoRA adapters, `lora_adapter_path`'s or fresh ones, and the policy's l
 `init_weights_from`'s weights, put in by the policy's own `_initial_weights`. It lives on the mesh, sharded by
 `partition_rules`. Each source is read once: the policy placed after it takes copies of the values it read
 (`_read_initial_weights` for `init_weights_from`, `_own_module` for `model_name_or_path`; the values themselves once
-the initial policy is gone, as DPO's precomputing reference is).
+the initial policy is gone, as DPO's precomputing reference is). `model_name_or_path`'s read is kept only where the
+initial policy holds its very arrays (not replaced by `init_weights_from`, nor stacked anew after LoRA's adapters):
+else the policy reads it again, rather than the devices holding one more copy of the weights meanwhile.
 
 A fixed entry is rebuilt on resume, not checkpointed, so the sources are read again: the run records what it read
 (run_info `initial_policy`, `reference_weights`, `lora_adapter`: the records and checks DPO's reference has always
@@ -74,9 +76,10 @@ class InitialPolicyHooks:
                 raise ArgumentError("model_name_or_path", str(error)) from error
             module = from_pretrained(path, dtype=self.dtype, param_dtype=self.param_dtype, mesh=self.mesh,
                                      rules=self.partition_rules, scan_layers=args.scan_layers and self.lora is None)
-            if self._places_read_module:  # the same load as the policy's: it takes these values (`_own_module`)
-                self._read_module, self._read_module_shared = nnx.clone(module), True
+            read = nnx.clone(module) if self._places_read_module else None  # the policy's load (`_own_module`)
             module = self._as_initial_policy(module, checkpointed=checkpointed)
+            if read is not None:  # kept only at no device memory: else the policy reads the directory itself
+                self._read_module, self._read_module_shared = (read if _holds_arrays_of(module, read) else None), True
             if not checkpointed and not args.init_weights_from:  # rebuilt from `path` on resume: checked
                 self.reference_weights = checked_reference_weights(
                     module, field="model_name_or_path", read_from=path, resume_from=self._resume_from,
@@ -164,6 +167,15 @@ class InitialPolicyHooks:
         records = {INITIAL_POLICY: self.initial_policy_record, LORA_ADAPTER: self.adapter_read,
                    REFERENCE_WEIGHTS: self.reference_weights}
         return {**super().run_info(), **{key: value for key, value in records.items() if value is not None}}
+
+
+def _holds_arrays_of(module: nnx.Module, read: nnx.Module) -> bool:
+    """Whether `module` holds every array of `read`, so keeping `read` holds nothing more on the devices. Not where
+    the initial policy replaced or re-laid out what was read (`init_weights_from`'s weights, LoRA's layers stacked
+    after the adapters are added): kept, those would be one more copy of the weights for as long as the reference is
+    used (DPO's whole precomputed pass). Decided on the arrays' identity, the same in every process."""
+    held = {id(leaf) for leaf in jax.tree.leaves(nnx.state(module))}
+    return all(id(leaf) in held for leaf in jax.tree.leaves(nnx.state(read)))
 
 
 def _with_copied_arrays(module: nnx.Module) -> nnx.Module:
