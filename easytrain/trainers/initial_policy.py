@@ -180,7 +180,8 @@ def _holds_arrays_of(module: nnx.Module, read: nnx.Module) -> bool:
 
 def _with_copied_arrays(module: nnx.Module) -> nnx.Module:
     """`module` holding device copies of its arrays (same values and shardings), buffers no other module shares: one
-    transfer of them all, not a copy compiled per leaf shape."""
+    transfer of them all, not a copy compiled per leaf shape (in one process; an array spanning processes is copied by
+    JAX's own small program per shape and sharding, as `leaf.copy()` was)."""
     leaves, tree = jax.tree.flatten(nnx.state(module))
     arrays = [leaf for leaf in leaves if isinstance(leaf, jax.Array)]
     copies = iter(jax.device_put(arrays, [leaf.sharding for leaf in arrays], may_alias=False))
