@@ -199,11 +199,32 @@ def _host_digest(leaf: Any) -> np.ndarray:
             ).astype(np.uint32)
 
 
+def _bits(dtype: Any) -> int | None:
+    """Bits per element of an integer or float dtype (4 for int4 and float4, which NumPy stores a byte each)."""
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        return None
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.integer):
+        return jnp.iinfo(dtype).bits
+    return jnp.finfo(dtype).bits if jnp.issubdtype(dtype, jnp.floating) else None
+
+
+def _refuse_sub_byte(paths: list[str], leaves: list[Any]) -> None:
+    """Refuse sub-byte types by name before any digest: XLA cannot view their bits as bytes, and NumPy's byte per
+    element would digest a small one on the host where a large or multi-process one fails on the device."""
+    for path, leaf in zip(paths, leaves):
+        if (bits := _bits(getattr(leaf, "dtype", np.float32))) is not None and bits < 8:
+            raise ValueError(f"{path!r} is {jnp.dtype(leaf.dtype).name} ({bits} bits per element), which cannot be "
+                             "digested: a checkpoint or fingerprint needs whole-byte types. Keep quantised values "
+                             "as int8/uint8 (or unpacked) in the state, or leave them out of what is fingerprinted.")
+
+
 def fingerprint(tree: Any, host_elements: int = 0) -> dict[str, list[int]]:
     """Dotted leaf path -> two uint32 digests; JSON-ready. Leaves of at most `host_elements` elements that this
     process holds whole are digested on the host (`_on_host`), to the same values."""
-    paths = [jax.tree_util.keystr(path, simple=True, separator=".")
-             for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    paths = [jax.tree_util.keystr(path, simple=True, separator=".") for path, _ in flat]
+    _refuse_sub_byte(paths, [leaf for _, leaf in flat])
     values = _digests(tree, host_elements)
     return {path: [int(v) for v in np.asarray(value)] for path, value in zip(paths, values)}
 

@@ -286,3 +286,14 @@ def test_a_tree_of_many_sharded_leaves_digests_on_eight_devices(facts):
 
 if __name__ == "__main__":
     print(json.dumps(multi_device_facts()))
+
+
+@pytest.mark.parametrize("dtype", [jnp.int4, jnp.uint4, jnp.float4_e2m1fn])
+def test_a_sub_byte_array_is_refused_however_small_or_wherever_it_lies(dtype):
+    """A 4-bit type has no bytes of its own to digest: refused by name on the host (a small array, since saves and
+    fingerprints digest those in NumPy) as on the device (a large one), so whether a state can be fingerprinted does
+    not depend on its arrays' sizes or on how many processes hold them."""
+    small = jnp.zeros((8,), dtype)
+    for host_elements in (0, integrity.SMALL_ON_HOST):
+        with pytest.raises(ValueError, match=r"'w' is .*4 bits.* cannot be digested"):
+            integrity.fingerprint({"w": small}, host_elements)
