@@ -175,13 +175,18 @@ class CountingTokenizer:
         return getattr(self.inner, name)
 
 
-def test_exact_match_encodes_its_prompts_once_for_every_evaluation():
-    """The prompts are the same at every evaluation: encoded at the first, not again at each."""
+def counting_tokenizer_and_trainer():
+    """A counting tokenizer and a stand-in trainer holding a one-layer Llama (what ExactMatch reads)."""
     tokenizer = CountingTokenizer()
     config = transformers.LlamaConfig(vocab_size=len(tokenizer.inner), hidden_size=32, intermediate_size=64,
                                       num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
                                       max_position_embeddings=64)
-    trainer = type("Trainer", (), {"model": init_model(config)})()
+    return tokenizer, type("Trainer", (), {"model": init_model(config)})()
+
+
+def test_exact_match_encodes_its_prompts_once_for_every_evaluation():
+    """The prompts are the same at every evaluation: encoded at the first, not again at each."""
+    tokenizer, trainer = counting_tokenizer_and_trainer()
     evaluator = ExactMatch(["1+2=", "3+4="], ["3", "7"], tokenizer)
     tokenizer.encoded.clear()  # the answers' lengths, read once at construction
     first = evaluator(trainer)
@@ -192,11 +197,7 @@ def test_exact_match_encodes_its_prompts_once_for_every_evaluation():
 def test_exact_match_follows_prompts_edited_after_an_evaluation():
     """An evaluator's prompts may be edited between evaluations (in place or replaced): the next evaluation generates
     from the new ones, as a new evaluator would, not from the encodings of the first."""
-    tokenizer = CountingTokenizer()
-    config = transformers.LlamaConfig(vocab_size=len(tokenizer.inner), hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=64)
-    trainer = type("Trainer", (), {"model": init_model(config)})()
+    tokenizer, trainer = counting_tokenizer_and_trainer()
     evaluator = ExactMatch(["1+2=", "3+4="], ["3", "7"], tokenizer)
     evaluator(trainer)
     evaluator.prompts.append("5+6=")
