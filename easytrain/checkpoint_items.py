@@ -32,6 +32,11 @@ RECORD_KEY = "_checkpoint_items"
 JSON_FILE = "metadata"
 #: Where the run_info item keeps its JSON.
 RUN_INFO_FILE = Path("run_info") / JSON_FILE
+#: What reading a checkpoint's JSON raises where the checkpoint, not the code, is at fault: a file that cannot be
+#: opened or read (`OSError`: gone, denied, a directory in its place) or text that is not the JSON expected
+#: (`ValueError`: bad or truncated JSON, bytes that are not UTF-8, no JSON object). A `KeyError` or `TypeError` is
+#: the reader's own bug, never taken for damage.
+READ_ERRORS = (OSError, ValueError)
 
 
 class MissingItemError(EasytrainError, FileNotFoundError):
@@ -72,6 +77,7 @@ def stored_run_info(step_dir: Path) -> dict[str, Any]:
     Raises:
         CheckpointNotFoundError: ``step_dir`` is not a complete checkpoint.
         FileNotFoundError, json.JSONDecodeError: as `read_json`.
+        ValueError: it holds no JSON object (`without_record`).
     """
     if not is_checkpoint(step_dir):
         raise CheckpointNotFoundError(f"{step_dir} is not a complete checkpoint")
@@ -116,7 +122,13 @@ def with_record(run_info: Mapping[str, Any], items: Iterable[str]) -> dict[str, 
 
 
 def without_record(run_info: Mapping[str, Any]) -> dict[str, Any]:
-    """``run_info`` as its caller saved it: the record of items is the checkpoint's own bookkeeping."""
+    """``run_info`` as its caller saved it: the record of items is the checkpoint's own bookkeeping.
+
+    Raises:
+        ValueError: it is not a JSON object (a damaged or overwritten run_info).
+    """
+    if not isinstance(run_info, Mapping):
+        raise ValueError(f"its run_info is not a JSON object (it holds a {type(run_info).__name__})")
     return {key: value for key, value in run_info.items() if key != RECORD_KEY}
 
 

@@ -136,7 +136,7 @@ def test_a_record_of_the_resumed_checkpoint_is_read_without_a_manager(finished_r
     assert stored_record((root, 4), "arguments")["max_steps"] == 4
     assert source_run_info(str(root / "4"))["arguments"]["max_steps"] == 4
     assert managers == [] and scans == [] and opened == {"4/run_info/metadata": 2}
-    assert stored_record((root, 3), "arguments") == {} and source_run_info(str(root / "3")) == {}  # not there
+    assert source_run_info(str(root / "3")) == {}  # not there (a resume's step gone: tests/test_unreadable_records.py)
 
 
 def test_a_save_and_its_restore_digest_small_arrays_on_the_host_without_compiling(tmp_path, monkeypatch):

@@ -290,9 +290,8 @@ def warn_other_base(source: str, base: Any) -> None:
     A warning, not a refusal: a new run may move adapters onto a related base on purpose (a resume, which must
     continue the same function, refuses it). Compared by the digests the source recorded (`base_fingerprint`), which
     are of the stored bits: only where both bases are stored in one dtype (`_stored_dtypes`)."""
-    info = source_run_info(source)
-    if not base or not (recorded := info.get("base_fingerprint")):
-        return
+    if not base or not (recorded := (info := source_run_info(source)).get("base_fingerprint")):
+        return  # no base (full fine-tuning): the source's run_info is not read
     theirs, ours = _stored_dtypes(info, base)
     if theirs and ours != {theirs}:
         logger.info("init_weights_from %s: its base was stored in %s (its param_dtype), this run's in %s; their "

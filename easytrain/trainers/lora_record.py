@@ -14,8 +14,8 @@ from types import SimpleNamespace
 from typing import Any, Callable, Collection
 
 from easytrain.argument_checks import field_defaults
-from easytrain.checkpoint_dirs import resolve_checkpoint
-from easytrain.checkpoint_items import stored_run_info
+from easytrain.checkpoint_dirs import CheckpointNotFoundError, resolve_checkpoint
+from easytrain.checkpoint_items import READ_ERRORS, stored_run_info
 from easytrain.errors import ArgumentError
 from easytrain.lora_config import (LORA_ONLY_FIELDS, LoRAConfig, LoRAConfigError, from_arguments,
                                    targets_from_arguments, unused_lora_fields_error)
@@ -168,13 +168,23 @@ def check_source_lora(source: str, config: LoRAConfig | None, adapter_path: str 
 
 
 def source_run_info(source: str) -> dict[str, Any]:
-    """The run_info of the checkpoint `source` names; empty for an exported model directory, or one that cannot be
-    resolved or read here (the weights' reader reports that, naming init_weights_from)."""
+    """The run_info of the checkpoint `source` names; empty for an exported model directory, or a path that is
+    neither (the weights' reader refuses it, naming init_weights_from).
+
+    Raises:
+        CheckpointReadError: the checkpoint's run_info cannot be read (the weights' reader never reads it: the checks
+            comparing it would pass on an empty record, and adapters be copied under another scaling).
+    """
     path = Path(source).expanduser()
     if (path / "config.json").is_file():
         return {}
     try:
         root, step = resolve_checkpoint(".", str(path))
-        return stored_run_info(root / str(step))
-    except Exception:  # reported by the weights' reader, with what to pass instead
+    except CheckpointNotFoundError:
         return {}
+    try:
+        return stored_run_info(root / str(step))
+    except READ_ERRORS as error:
+        from easytrain.trainers.init_weights import _unreadable  # here: init_weights imports this module
+
+        raise _unreadable(root, step, error) from error

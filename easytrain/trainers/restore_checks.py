@@ -4,11 +4,12 @@ with, and the fixed frozen entries it trained against (`check_frozen_entries`)."
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
-from easytrain.checkpoint_items import stored_run_info
+from easytrain.checkpoint_dirs import finalized_steps
+from easytrain.checkpoint_items import READ_ERRORS, stored_run_info
 from easytrain.errors import ArgumentError
 from easytrain.lora_config import EMBEDDING_MODULES
 
@@ -18,13 +19,44 @@ FROZEN_FINGERPRINTS = "frozen_fingerprints"
 
 def stored_record(resume_from: tuple[Path, int] | None, key: str) -> dict[str, Any]:
     """The `key` entry of the resumed checkpoint's run_info (its JSON only: no array read); empty when not resuming,
-    not recorded, or unreadable (the restore that follows reports that, with what to do)."""
+    or not recorded (a checkpoint written before it was kept), which the checks comparing it take as nothing to
+    compare.
+
+    Raises:
+        CheckpointReadError: the run_info cannot be read, or the entry is no JSON object: refused as the restore
+            would refuse it, before the checks that compare it decide anything (read as empty, they would pass, and
+            in a multi-process run a process that met a read error would take another branch than the others).
+    """
     if resume_from is None:
         return {}
+    root, step = resume_from
     try:
-        return dict(stored_run_info(resume_from[0] / str(resume_from[1])).get(key) or {})
-    except Exception:  # noqa: BLE001 - reported by the restore, which reads the same run_info next
+        return recorded_entry(stored_run_info(root / str(step)), key)
+    except READ_ERRORS as error:
+        from easytrain.trainers.resume import _unreadable  # here: resume imports these checks
+
+        raise _unreadable(root, step, finalized_steps(root), error) from error
+
+
+def recorded_entry(run_info: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """The `key` entry of `run_info`; empty where it records none (absent, or null).
+
+    Raises:
+        ValueError: the entry is not a JSON object (a damaged or edited run_info).
+    """
+    entry = run_info.get(key)
+    if entry is None:
         return {}
+    if not isinstance(entry, Mapping):
+        raise ValueError(f"its run_info's {key} is not a JSON object (it holds a {type(entry).__name__})")
+    return dict(entry)
+
+
+def check_run_info_readable(resume_from: tuple[Path, int] | None) -> None:
+    """Refuse a resumed checkpoint whose run_info cannot be read (`stored_record`) when the trainer is built: the
+    restore would refuse it too, but only after the data was prepared and the model built (a LoRA base read, a DPO
+    reference's log-probs computed and cached). One JSON file read."""
+    stored_record(resume_from, "arguments")
 
 
 def check_run_length(total_steps: int, step: int) -> None:

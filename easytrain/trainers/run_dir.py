@@ -21,6 +21,7 @@ from easytrain.config_io import ARGUMENTS_FILE
 from easytrain.errors import OutputDirError
 from easytrain.jobs import JOB_FILENAME, current_job
 from easytrain.trainers import run_lock, shared_output_dir
+from easytrain.trainers.restore_checks import check_run_info_readable
 
 #: What the end of a run writes (the export, the command's results): the state of the lineage that reached it.
 FINAL_OUTPUTS = ("final_model", "results.json")
@@ -92,10 +93,13 @@ def check_output_dir(args: TrainingArguments, *, is_main_process: bool = True) -
     checkpoint outside it (another run's, or one set aside), whose saves would mix with that run's. `latest` over
     a run stopped before its first checkpoint starts it over (`restarts_unsaved_run`). First of all, in a
     multi-process run, every process must see the same output_dir (`shared_output_dir`): else each would find
-    other checkpoints here, and the run would hang at its first save.
+    other checkpoints here, and the run would hang at its first save. A resumed checkpoint whose run_info cannot be
+    read is refused here, before any data or weights are read (`check_run_info_readable`).
     """
     shared_output_dir.check(args)
-    return _checked_directory(args, is_main_process)
+    resume = _checked_directory(args, is_main_process)
+    check_run_info_readable(resume)
+    return resume
 
 
 def _checked_directory(args: TrainingArguments, is_main_process: bool) -> tuple[Path, int] | None:
