@@ -295,13 +295,13 @@ class CheckpointManager:
 
     def restore(self, step: int, *, abstract_state: Any) -> tuple[Any, dict[str, Any], dict[str, Any]]:
         """Restores ``step`` into the structure, shapes and shardings of ``abstract_state`` (`restore_state`), with
-        its data position and run_info.
+        its data position and run_info, both read first: a damaged one is refused before any array is read.
 
         Returns:
             ``(state, data_state, run_info)``.
         """
-        return self.restore_state(step, abstract_state=abstract_state), self.read_data_state(step), \
-            self.read_run_info(step)
+        data_state, run_info = self.read_data_state(step), self.read_run_info(step)
+        return self.restore_state(step, abstract_state=abstract_state), data_state, run_info
 
     def restore_state(self, step: int, *, abstract_state: Any) -> Any:
         """Restores the state of ``step`` into the structure, shapes and shardings of ``abstract_state``.

@@ -78,10 +78,15 @@ def restarts_unsaved_run(args: TrainingArguments) -> bool:
     """`latest` in an output_dir whose run stopped before its first complete checkpoint (it wrote its
     arguments.json, none yet): nothing to resume, so the run starts over there. Without an arguments.json,
     `latest` still fails (a mistyped output_dir is not a new run)."""
-    value, output_dir = args.resume_from_checkpoint, Path(args.output_dir)
+    return _asks_latest_of_started_run(args) and not finalized_steps(Path(args.output_dir) / CHECKPOINTS_DIRNAME)
+
+
+def _asks_latest_of_started_run(args: TrainingArguments) -> bool:
+    """`latest` in an output_dir a run has started in (its arguments.json): `restarts_unsaved_run` without its
+    listing of the checkpoints."""
+    value = args.resume_from_checkpoint
     asks_latest = value is True or (isinstance(value, str) and value.lower() in LATEST_ALIASES)
-    return (asks_latest and (output_dir / ARGUMENTS_FILE).is_file()
-            and not finalized_steps(output_dir / CHECKPOINTS_DIRNAME))
+    return asks_latest and (Path(args.output_dir) / ARGUMENTS_FILE).is_file()
 
 
 def check_output_dir(args: TrainingArguments, *, is_main_process: bool = True) -> tuple[Path, int] | None:
@@ -105,8 +110,12 @@ def check_output_dir(args: TrainingArguments, *, is_main_process: bool = True) -
 def _checked_directory(args: TrainingArguments, is_main_process: bool) -> tuple[Path, int] | None:
     """`check_output_dir` on this process's view of the directory alone (no collective)."""
     output_dir = Path(args.output_dir)
-    restart = restarts_unsaved_run(args)
-    resume = None if restart else resolve_checkpoint(output_dir, args.resume_from_checkpoint)
+    try:  # one listing of the checkpoints: `latest` finds none only where the run stopped before its first save
+        resume, restart = resolve_checkpoint(output_dir, args.resume_from_checkpoint), False
+    except CheckpointNotFoundError:
+        if not _asks_latest_of_started_run(args):
+            raise
+        resume, restart = None, True  # `restarts_unsaved_run`
     if is_main_process:
         check_writable(output_dir)
     if resumes_own_checkpoints(output_dir, resume) or args.overwrite_output_dir:

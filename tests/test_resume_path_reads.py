@@ -1,0 +1,56 @@
+"""What the resume path reads before it decides: the checkpoints directory listed once when a trainer resumes
+`latest`, and a damaged JSON item refused by the public `CheckpointManager.restore` before any array is read (on a
+network filesystem each listing is a round trip; an array read of a damaged checkpoint is time spent for a refusal)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from easytrain.checkpoint import CheckpointManager
+from easytrain.trainers.run_dir import check_output_dir
+from runs import args_for
+
+
+@pytest.fixture
+def scans(monkeypatch) -> list[str]:
+    """Each listing of a `checkpoints` directory (`os.listdir` or `os.scandir`, which `Path.iterdir` uses)."""
+    listed, real_listdir, real_scandir = [], os.listdir, os.scandir
+
+    def counting(real):
+        def listing(path="."):
+            if Path(os.fspath(path)).name == "checkpoints":
+                listed.append(os.fspath(path))
+            return real(path)
+        return listing
+
+    monkeypatch.setattr(os, "listdir", counting(real_listdir))
+    monkeypatch.setattr(os, "scandir", counting(real_scandir))
+    return listed
+
+
+def test_checking_a_resume_of_latest_lists_the_checkpoints_once(run_copy, scans):
+    """Measured before: twice (whether the run stopped before its first checkpoint, then the latest step)."""
+    assert check_output_dir(args_for(run_copy, max_steps=6, resume_from_checkpoint="latest"))[1] == 4
+    assert len(scans) == 1, scans
+
+
+def test_latest_over_a_run_stopped_before_its_first_checkpoint_still_starts_over(run_copy):
+    """`restarts_unsaved_run`: an arguments.json and no complete checkpoint is a run to start over, not an error."""
+    for step in ("2", "4"):  # as saves killed before they finished
+        (run_copy / "checkpoints" / step).rename(run_copy / "checkpoints" / f"{step}.orbax-checkpoint-tmp-1")
+    assert check_output_dir(args_for(run_copy, max_steps=6, resume_from_checkpoint="latest")) is None
+
+
+def test_restore_refuses_a_damaged_data_state_before_reading_any_array(run_copy, monkeypatch):
+    """Measured before: the state's arrays were restored (and fingerprinted), then the data_state failed."""
+    (run_copy / "checkpoints" / "4" / "data_state" / "metadata").write_text("xx\n")
+    restored = []
+    monkeypatch.setattr(CheckpointManager, "restore_state",
+                        lambda self, step, *, abstract_state: restored.append(step))
+    with CheckpointManager(run_copy / "checkpoints", read_only=True) as manager:
+        with pytest.raises(ValueError):  # the JSON reader's error (json.JSONDecodeError is a ValueError)
+            manager.restore(4, abstract_state=None)
+    assert restored == []
