@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from easytrain.sharding import devices_in_play, on_one_cpu_device
 
@@ -55,9 +56,9 @@ def _same_size_squares(leaves: list[jax.Array]) -> list[jax.Array]:
     once. Only on one device: leaves of one size may be sharded differently, and adding them would move shards.
     """
     by_size: dict[int, jax.Array] = {}
-    for leaf in leaves:
-        squared = jnp.square(split_for_sum(leaf.reshape(-1)).astype(jnp.float32))
-        by_size[leaf.size] = by_size[leaf.size] + squared if leaf.size in by_size else squared
+    for leaf in leaves:  # `lax` ops: each `jnp` call costs several times as much to trace, for the same program
+        squared = jax.lax.square(jax.lax.convert_element_type(_view(leaf, _split_axis(leaf.size)), jnp.float32))
+        by_size[leaf.size] = jax.lax.add(by_size[leaf.size], squared) if leaf.size in by_size else squared
     return list(by_size.values())
 
 
@@ -77,7 +78,12 @@ def split_for_sum(leaf: jax.Array) -> jax.Array:
     leaf = jnp.asarray(leaf)
     if jax.default_backend() != "cpu":
         return leaf
-    return jax.lax.optimization_barrier(leaf.reshape([factor for size in leaf.shape for factor in _split_axis(size)]))
+    return _view(leaf, [factor for size in leaf.shape for factor in _split_axis(size)])
+
+
+def _view(leaf: jax.Array, shape: list[int]) -> jax.Array:
+    """`leaf` reshaped to `shape` behind an `optimization_barrier` (CPU only)."""
+    return jax.lax.optimization_barrier(jax.lax.reshape(leaf, tuple(shape)))
 
 
 def sums_in_place(shape: tuple[int, ...]) -> bool:
@@ -105,7 +111,9 @@ def sum_in_stages(values: jax.Array) -> jax.Array:
         while reduced < values.ndim and block * values.shape[-1 - reduced] <= _BLOCK:
             block *= values.shape[-1 - reduced]
             reduced += 1
-        values = values.sum(axis=tuple(range(values.ndim - reduced, values.ndim)), dtype=values.dtype)
+        # `lax.reduce` of an addition from zero is `jnp.sum`'s own reduction, without its per-call trace
+        values = jax.lax.reduce(values, np.zeros((), values.dtype), jax.lax.add,
+                                tuple(range(values.ndim - reduced, values.ndim)))
         if values.ndim:
             values = jax.lax.optimization_barrier(values)
     return values

@@ -169,6 +169,15 @@ def test_global_norm_on_one_device_sums_leaves_of_one_size_together():
     assert reductions <= 2 * len({np.prod(shape) for shape in shapes}), reductions
 
 
+def test_global_norm_on_one_device_views_each_leaf_once():
+    """Every train step's first compile traces the norm: each leaf is reshaped once, straight to its staged view
+    (not flattened first), and its stages are plain reductions with no nested program."""
+    shapes = [(256, 256)] * 4 + [(256, 1024), (1024, 256)] + [(256,)] * 3
+    jaxpr = jax.make_jaxpr(global_norm)([jax.ShapeDtypeStruct(shape, jnp.float32) for shape in shapes])
+    names = [eqn.primitive.name for eqn in jaxpr.eqns]
+    assert names.count("reshape") == len(shapes) and "pjit" not in names and "jit" not in names, names
+
+
 @pytest.mark.parametrize("scale", [0.01, 100.0])
 def test_clipping_equals_optaxs_with_the_same_state(scale):
     """Below and above the threshold, with and without the norm handed in; optax's state, so checkpoints
