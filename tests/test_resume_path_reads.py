@@ -4,34 +4,15 @@ network filesystem each listing is a round trip; an array read of a damaged chec
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 
 from easytrain.checkpoint import CheckpointManager
 from easytrain.trainers.run_dir import check_output_dir
 from runs import args_for
+from test_checkpoint_work import scans  # noqa: F401 (the fixture: each listing of a checkpoints directory)
 
 
-@pytest.fixture
-def scans(monkeypatch) -> list[str]:
-    """Each listing of a `checkpoints` directory (`os.listdir` or `os.scandir`, which `Path.iterdir` uses)."""
-    listed, real_listdir, real_scandir = [], os.listdir, os.scandir
-
-    def counting(real):
-        def listing(path="."):
-            if Path(os.fspath(path)).name == "checkpoints":
-                listed.append(os.fspath(path))
-            return real(path)
-        return listing
-
-    monkeypatch.setattr(os, "listdir", counting(real_listdir))
-    monkeypatch.setattr(os, "scandir", counting(real_scandir))
-    return listed
-
-
-def test_checking_a_resume_of_latest_lists_the_checkpoints_once(run_copy, scans):
+def test_checking_a_resume_of_latest_lists_the_checkpoints_once(run_copy, scans):  # noqa: F811
     """Measured before: twice (whether the run stopped before its first checkpoint, then the latest step)."""
     assert check_output_dir(args_for(run_copy, max_steps=6, resume_from_checkpoint="latest"))[1] == 4
     assert len(scans) == 1, scans

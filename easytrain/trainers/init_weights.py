@@ -18,7 +18,6 @@ keeps what it put into the first, `put_weights` puts copies of them into the sec
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -29,12 +28,12 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from easytrain import checkpoint_items, integrity
-from easytrain.checkpoint import CheckpointNotFoundError, finalized_steps, resolve_checkpoint
-from easytrain.errors import ArgumentError, CheckpointReadError
+from easytrain.checkpoint import CheckpointNotFoundError, resolve_checkpoint
+from easytrain.checkpoint_read_errors import source_read_error
+from easytrain.errors import ArgumentError
 from easytrain.models.scan import STACKED, abstract_layer, abstract_stack
 from easytrain.state import TrainState
 from easytrain.trainers.lora_record import source_run_info
-from easytrain.trainers.resume import first_invalid_json, innermost
 
 logger = logging.getLogger("easytrain")
 
@@ -96,25 +95,7 @@ def _reading(root: Path, step: int) -> Iterator[None]:
     try:
         yield
     except Exception as error:
-        raise _unreadable(root, step, error) from error
-
-
-def _unreadable(root: Path, step: int, error: Exception) -> CheckpointReadError:
-    """The error for a checkpoint that cannot be read, worded like the resume's, with what to pass instead."""
-    earlier = [s for s in finalized_steps(root) if s < step]
-    export = root.parent / "final_model"
-    hint = (f"pass an earlier one, e.g. --init_weights_from {root / str(earlier[-1])}" if earlier
-            else "no earlier checkpoint exists")
-    if (export / "config.json").is_file():
-        hint += f", or the run's exported model, --init_weights_from {export}"
-    reason = innermost(error)
-    detail = (str(reason).strip().splitlines() or [""])[0]
-    detail = detail if len(detail) <= 300 else detail[:300] + " ..."
-    if isinstance(reason, json.JSONDecodeError) and (bad := first_invalid_json(root / str(step))) is not None:
-        detail = f"{bad} is not valid JSON: {detail}"
-    return CheckpointReadError(f"init_weights_from: the checkpoint {root / str(step)} cannot be read "
-                               f"({type(reason).__name__}: {detail}); it may be corrupted or truncated. It was left "
-                               f"untouched; {hint}.")
+        raise source_read_error(root, step, error) from error
 
 
 def _layer_paths(path: VariablePath, count: int) -> list[VariablePath]:

@@ -16,6 +16,7 @@ from typing import Any, Callable, Collection
 from easytrain.argument_checks import field_defaults
 from easytrain.checkpoint_dirs import CheckpointNotFoundError, resolve_checkpoint
 from easytrain.checkpoint_items import READ_ERRORS, stored_run_info
+from easytrain.checkpoint_read_errors import source_read_error
 from easytrain.errors import ArgumentError
 from easytrain.lora_config import (LORA_ONLY_FIELDS, LoRAConfig, LoRAConfigError, from_arguments,
                                    targets_from_arguments, unused_lora_fields_error)
@@ -169,7 +170,9 @@ def check_source_lora(source: str, config: LoRAConfig | None, adapter_path: str 
 
 def source_run_info(source: str) -> dict[str, Any]:
     """The run_info of the checkpoint `source` names; empty for an exported model directory, or a path that is
-    neither (the weights' reader refuses it, naming init_weights_from).
+    neither (the weights' reader refuses it, naming init_weights_from). A step gone between choosing and reading it
+    (the source run trains on, and its save_total_limit removed the step it had just superseded) is chosen again:
+    the newest one now, or none where `source` named that step (the weights' reader then refuses it).
 
     Raises:
         CheckpointReadError: the checkpoint's run_info cannot be read (the weights' reader never reads it: the checks
@@ -178,13 +181,16 @@ def source_run_info(source: str) -> dict[str, Any]:
     path = Path(source).expanduser()
     if (path / "config.json").is_file():
         return {}
-    try:
-        root, step = resolve_checkpoint(".", str(path))
-    except CheckpointNotFoundError:
-        return {}
-    try:
-        return stored_run_info(root / str(step))
-    except READ_ERRORS as error:
-        from easytrain.trainers.init_weights import _unreadable  # here: init_weights imports this module
-
-        raise _unreadable(root, step, error) from error
+    for again in (False, True):
+        try:
+            root, step = resolve_checkpoint(".", str(path))
+        except CheckpointNotFoundError:
+            return {}
+        try:
+            return stored_run_info(root / str(step))
+        except FileNotFoundError as error:  # the step (CheckpointNotFoundError) or its file removed meanwhile
+            if again:
+                raise source_read_error(root, step, error) from error
+        except READ_ERRORS as error:
+            raise source_read_error(root, step, error) from error
+    raise AssertionError("unreachable: the second try returns or raises")

@@ -10,6 +10,7 @@ from typing import Any
 
 from easytrain.checkpoint_dirs import finalized_steps
 from easytrain.checkpoint_items import READ_ERRORS, stored_run_info
+from easytrain.checkpoint_read_errors import resume_read_error
 from easytrain.errors import ArgumentError
 from easytrain.lora_config import EMBEDDING_MODULES
 
@@ -33,9 +34,7 @@ def stored_record(resume_from: tuple[Path, int] | None, key: str) -> dict[str, A
     try:
         return recorded_entry(stored_run_info(root / str(step)), key)
     except READ_ERRORS as error:
-        from easytrain.trainers.resume import _unreadable  # here: resume imports these checks
-
-        raise _unreadable(root, step, finalized_steps(root), error) from error
+        raise resume_read_error(root, step, finalized_steps(root), error) from error
 
 
 def recorded_entry(run_info: Mapping[str, Any], key: str) -> dict[str, Any]:

@@ -8,7 +8,6 @@ warned of once the state is restored, after every check that could refuse it.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,10 +17,10 @@ import jax
 
 from easytrain import checkpoint_items
 from easytrain.checkpoint import CheckpointManager, recorded_updates
+from easytrain.checkpoint_read_errors import first_invalid_json, innermost, resume_read_error  # noqa: F401 (as before)
 from easytrain.checkpoint_signatures import (CheckpointMismatchError, CheckpointStructureError, path_name,
                                              tree_signature)
 from easytrain.data.position import DIGEST_KEY
-from easytrain.errors import CheckpointReadError
 from easytrain.models.scan import STACKED, abstract_layer, abstract_stack, stack_layer_dicts, unstack_layer_dicts
 from easytrain.trainers.restore_checks import (  # noqa: F401 (the checks, importable from here as before)
     check_head_adapter_layout, check_run_length, may_hold_head_adapter, stored_scan_layers)
@@ -31,6 +30,7 @@ from easytrain.trainers.resume_checks import (  # noqa: F401 (the checks, import
     moved_paths, refuse_changes, rerun_hint, warn_changes)
 
 logger = logging.getLogger("easytrain")
+_unreadable = resume_read_error  # its name here before `checkpoint_read_errors` held it
 
 
 class Restored(NamedTuple):
@@ -52,7 +52,7 @@ def restore_checkpoint(checkpoint: tuple[Path, int], current: dict[str, Any], ta
         try:
             run_info = manager.read_run_info(step)
         except Exception as error:  # any unreadable file means the same to the user: use another checkpoint
-            raise _unreadable(root, step, manager.all_steps(), error) from error
+            raise resume_read_error(root, step, manager.all_steps(), error) from error
         saved_position = _position_or_error(manager, step)  # read once: two checks below need it
         content_compared = compares_content(saved_position, data_fingerprint)
         data_order_changed = refuse_changes(run_info, current, content_compared)
@@ -63,7 +63,7 @@ def restore_checkpoint(checkpoint: tuple[Path, int], current: dict[str, Any], ta
             saved_updates = recorded_updates(progress, step)
             stored_keys = manager.stored_signature(step) if may_hold_head_adapter(stored_args) else {}
         except Exception as error:
-            raise _unreadable(root, step, manager.all_steps(), error) from error
+            raise resume_read_error(root, step, manager.all_steps(), error) from error
         check_head_adapter_layout(stored_args, stored_keys)
         if recorded is None:
             logger.info("the checkpoint %s records no list of its items (written before easytrain recorded them): "
@@ -86,7 +86,7 @@ def restore_checkpoint(checkpoint: tuple[Path, int], current: dict[str, Any], ta
         except Exception as error:
             if is_structure_mismatch(error):
                 raise CheckpointStructureError(root / str(step), str(innermost(error))) from error
-            raise _unreadable(root, step, manager.all_steps(), error) from error
+            raise resume_read_error(root, step, manager.all_steps(), error) from error
     warn_changes(run_info, current, content_compared)  # only now: every refusal check passed
     if moved and keep_position:
         logger.info("the training data moved (%s) and holds the checkpoint's rows (their count and content digest): "
@@ -135,7 +135,7 @@ def _read_position(position: dict[str, Any] | Exception, manager: CheckpointMana
                 raise ValueError(f"its data_state records no {', '.join(missing)}")
             check_position_step(position["step"], step)
     except Exception as error:
-        raise _unreadable(root, step, manager.all_steps(), error) from error
+        raise resume_read_error(root, step, manager.all_steps(), error) from error
     return position
 
 
@@ -183,61 +183,6 @@ def restore_in_other_layout(manager: CheckpointManager, step: int, target: Any) 
         state = unstack_layer_dicts(state)
     logger.info("converted the checkpoint's decoder layers to this run's scan_layers layout")
     return jax.device_put(state, jax.tree.map(lambda leaf: leaf.sharding, target))
-
-
-def _unreadable(root: Path, step: int, steps: list[int], error: Exception) -> CheckpointReadError:
-    """`steps`: the complete checkpoints there now. One gone since it was chosen was likely removed by a run still
-    writing there (its save_total_limit), which also makes newer ones: name those rather than advise a new run."""
-    earlier = [s for s in steps if s < step]
-    if step not in steps:
-        return CheckpointReadError(
-            f"resume_from_checkpoint: the checkpoint {root / str(step)} vanished while it was read (likely removed "
-            f"by a run still writing there, under its save_total_limit); checkpoints there now: "
-            f"{', '.join(map(str, steps)) or 'none'}. Resume from one of them once that run ended (or from a copy "
-            "made now: it may remove those too).")
-    hint = (f"resume from an earlier one, e.g. --resume_from_checkpoint {root / str(earlier[-1])}" if earlier
-            else "no earlier checkpoint exists; start a new output_dir")
-    reason = innermost(error)
-    first_line = str(reason).strip().splitlines()[0] if str(reason).strip() else ""
-    own = isinstance(reason, checkpoint_items.MissingItemError)  # written to be read whole: the step, item and fix
-    detail = first_line if own or len(first_line) <= 300 else first_line[:300] + " ..."
-    if isinstance(reason, json.JSONDecodeError) and (bad := first_invalid_json(root / str(step))) is not None:
-        detail = f"{bad} is not valid JSON: {detail}"  # the decoder's reason says where in the text, not which file
-    return CheckpointReadError(f"resume_from_checkpoint: the checkpoint {root / str(step)} cannot be read "
-                               f"({type(reason).__name__}: {detail}); it may be corrupted or truncated. It was left "
-                               f"untouched; {hint}.")
-
-
-# The JSON files orbax writes next to the arrays; the arrays themselves live under `d/` and `*.ocdbt`.
-_JSON_METADATA = ("_METADATA", "_CHECKPOINT_METADATA", "_sharding", "metadata")
-
-
-def first_invalid_json(step_dir: Path) -> Path | None:
-    """The first of the checkpoint's JSON metadata files that does not parse, if any."""
-    candidates = [path for path in sorted(step_dir.rglob("*")) if path.is_file()
-                  and (path.name in _JSON_METADATA or path.parent.name == "array_metadatas")]
-    for path in candidates:
-        try:
-            json.loads(path.read_bytes())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return path
-    return None
-
-
-def innermost(error: BaseException) -> BaseException:
-    """The exception at the bottom of `error`'s chain: the reader's own reason (which file, which bytes), where
-    orbax wraps it in a generic one that prints a TensorStore spec."""
-    seen = {id(error)}
-    while (inner := _raised_from(error)) is not None and id(inner) not in seen:
-        seen.add(id(inner))
-        error = inner
-    return error
-
-
-def _raised_from(error: BaseException) -> BaseException | None:
-    """The exception `error` was raised from, or while handling; none past one raised `from None` (a JSON
-    decoder's reason would otherwise read as the `StopIteration` it replaced)."""
-    return error.__cause__ or (None if error.__suppress_context__ else error.__context__)
 
 
 def restore_step(manager: CheckpointManager, shardings: Any, step: int, current: Any) -> Any:
