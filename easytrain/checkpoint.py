@@ -39,6 +39,7 @@ from easytrain import checkpoint_items, checkpoint_options, integrity, orbax_loo
 from easytrain.checkpoint_dirs import (CHECKPOINTS_DIRNAME, LATEST_ALIASES, CheckpointNotFoundError, finalized_steps,
                                        is_checkpoint, resolve_checkpoint)
 from easytrain.checkpoint_progress import SAVED_AT, recorded_updates, saved_at  # noqa: F401 (importable from here)
+from easytrain.checkpoint_read_errors import restore_read_error
 from easytrain.checkpoint_signatures import (CheckpointMismatchError, Signature, check_signatures,  # noqa: F401
                                              path_name, tree_signature)
 from easytrain.errors import CheckpointWriteError, EasytrainError
@@ -295,12 +296,17 @@ class CheckpointManager:
 
     def restore(self, step: int, *, abstract_state: Any) -> tuple[Any, dict[str, Any], dict[str, Any]]:
         """Restores ``step`` into the structure, shapes and shardings of ``abstract_state`` (`restore_state`), with
-        its data position and run_info, both read first: a damaged one is refused before any array is read.
+        its data position and run_info, both read first: a damaged one is a `CheckpointReadError` before any array.
 
         Returns:
             ``(state, data_state, run_info)``.
         """
-        data_state, run_info = self.read_data_state(step), self.read_run_info(step)
+        try:
+            data_state, run_info = self.read_data_state(step), self.read_run_info(step)
+        except EasytrainError:  # a step that is gone, or lost an item: already said so
+            raise
+        except checkpoint_items.READ_ERRORS as error:
+            raise restore_read_error(self.directory, step, self.all_steps(), error) from error
         return self.restore_state(step, abstract_state=abstract_state), data_state, run_info
 
     def restore_state(self, step: int, *, abstract_state: Any) -> Any:

@@ -60,6 +60,13 @@ def source_read_error(root: Path, step: int, error: BaseException) -> Checkpoint
     return read_error("init_weights_from", root / str(step), error, hint)
 
 
+def restore_read_error(root: Path, step: int, steps: list[int], error: BaseException) -> CheckpointReadError:
+    """A step `CheckpointManager.restore` cannot read (`steps`: the checkpoints there), with an earlier one."""
+    earlier = [s for s in steps if s < step]
+    hint = f"restore an earlier one, e.g. step {earlier[-1]}" if earlier else "no earlier checkpoint exists"
+    return read_error("CheckpointManager.restore", root / str(step), error, hint)
+
+
 def first_invalid_json(step_dir: Path) -> Path | None:
     """The first of the checkpoint's JSON metadata files that does not parse, if any."""
     candidates = [path for path in sorted(step_dir.rglob("*")) if path.is_file()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from easytrain.checkpoint import CheckpointManager
+from easytrain.errors import CheckpointReadError
 from easytrain.trainers.run_dir import check_output_dir
 from runs import args_for
 from test_checkpoint_work import scans  # noqa: F401 (the fixture: each listing of a checkpoints directory)
@@ -26,12 +27,16 @@ def test_latest_over_a_run_stopped_before_its_first_checkpoint_still_starts_over
 
 
 def test_restore_refuses_a_damaged_data_state_before_reading_any_array(run_copy, monkeypatch):
-    """Measured before: the state's arrays were restored (and fingerprinted), then the data_state failed."""
-    (run_copy / "checkpoints" / "4" / "data_state" / "metadata").write_text("xx\n")
+    """Measured before: the state's arrays were restored (and fingerprinted), then the data_state failed, with the
+    JSON decoder's own error (naming no checkpoint and no file)."""
+    path = run_copy / "checkpoints" / "4" / "data_state" / "metadata"
+    path.write_text("xx\n")
     restored = []
     monkeypatch.setattr(CheckpointManager, "restore_state",
                         lambda self, step, *, abstract_state: restored.append(step))
     with CheckpointManager(run_copy / "checkpoints", read_only=True) as manager:
-        with pytest.raises(ValueError):  # the JSON reader's error (json.JSONDecodeError is a ValueError)
+        with pytest.raises(CheckpointReadError, match=rf"CheckpointManager.restore: the checkpoint "
+                                                      rf"{run_copy / 'checkpoints' / '4'} cannot be read "
+                                                      rf"\(JSONDecodeError: {path} is not valid JSON.*step 2\."):
             manager.restore(4, abstract_state=None)
     assert restored == []
