@@ -22,6 +22,8 @@ from easytrain.errors import OutputDirError
 from easytrain.jobs import JOB_FILENAME, current_job
 from easytrain.trainers import run_lock, shared_output_dir
 from easytrain.trainers.restore_checks import check_run_info_readable
+from easytrain.trainers.shared_output_dir import Gather
+from easytrain.trainers.start_agreement import agreed, decoded, encoded
 
 #: What the end of a run writes (the export, the command's results): the state of the lineage that reached it.
 FINAL_OUTPUTS = ("final_model", "results.json")
@@ -89,7 +91,8 @@ def _asks_latest_of_started_run(args: TrainingArguments) -> bool:
     return asks_latest and (Path(args.output_dir) / ARGUMENTS_FILE).is_file()
 
 
-def check_output_dir(args: TrainingArguments, *, is_main_process: bool = True) -> tuple[Path, int] | None:
+def check_output_dir(args: TrainingArguments, *, is_main_process: bool = True,
+                     gather: Gather | None = None) -> tuple[Path, int] | None:
     """Validate `output_dir` and `resume_from_checkpoint`; return the checkpoint to resume, if any.
 
     Only checks: nothing is moved or removed here (`claim_output_dir` does that once the run has passed
@@ -99,9 +102,19 @@ def check_output_dir(args: TrainingArguments, *, is_main_process: bool = True) -
     a run stopped before its first checkpoint starts it over (`restarts_unsaved_run`). First of all, in a
     multi-process run, every process must see the same output_dir (`shared_output_dir`): else each would find
     other checkpoints here, and the run would hang at its first save. A resumed checkpoint whose run_info cannot be
-    read is refused here, before any data or weights are read (`check_run_info_readable`).
+    read is refused here, before any data or weights are read (`check_run_info_readable`). Every process decides
+    alike (`agreed`, over `gather`: by default `multihost_utils.process_allgather` where several processes use
+    output_dir).
     """
     shared_output_dir.check(args)
+    if gather is None and shared_output_dir.needs_check(args) and _process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        gather = multihost_utils.process_allgather
+    return agreed(lambda: _checked_resume(args, is_main_process), gather)
+
+
+def _checked_resume(args: TrainingArguments, is_main_process: bool) -> tuple[Path, int] | None:
     resume = _checked_directory(args, is_main_process)
     check_run_info_readable(resume)
     return resume
@@ -189,7 +202,6 @@ def recheck_output_dir(args: TrainingArguments, resume: tuple[Path, int] | None)
 
 
 Broadcast = Callable[[np.ndarray], np.ndarray]
-_MESSAGE_CODES = 4096  # unicode code points of process 0's refusal sent to the others (a longer one is cut)
 
 
 def _refusal(error: Exception | None) -> str:
@@ -202,18 +214,18 @@ def _refusal(error: Exception | None) -> str:
 def _from_process_0(message: str, broadcast: Broadcast | None) -> str:
     """Process 0's `message`, on every process (one small collective; nothing to send in a single process)."""
     if broadcast is None:
-        import jax
-
-        if jax.process_count() <= 1:
+        if _process_count() <= 1:
             return message
         from jax.experimental import multihost_utils
 
         broadcast = multihost_utils.broadcast_one_to_all
-    codes = np.zeros(_MESSAGE_CODES, dtype=np.int32)
-    sent = [ord(c) for c in message[:_MESSAGE_CODES]]
-    codes[:len(sent)] = sent
-    received = np.asarray(broadcast(codes)).reshape(-1)
-    return "".join(chr(c) for c in received if c)
+    return decoded(np.asarray(broadcast(encoded(message))).reshape(-1))
+
+
+def _process_count() -> int:
+    import jax
+
+    return jax.process_count()
 
 
 def _same_resume(a: tuple[Path, int] | None, b: tuple[Path, int] | None) -> bool:

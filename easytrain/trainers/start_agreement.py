@@ -1,0 +1,69 @@
+"""Every process of a multi-process run decides the same start when its trainer is built: the same checkpoint to
+resume, or the same refusal. Each process checks `output_dir` and `resume_from_checkpoint` on its own view of the
+directory (`run_dir.check_output_dir`); one that raised alone (a run_info it may not read, a mount that does not
+show the checkpoints yet) would leave the others to go on into set-up, where they wait in the first collective for
+it, which names nothing until its deadline (about 30 s for Gloo on CPU, many minutes for NCCL); processes that
+chose other steps would restore other states. One small gather of each process's choice or error settles it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from easytrain.errors import ArgumentError
+from easytrain.trainers.process_failure import OtherProcessFailedError, describe
+from easytrain.trainers.shared_output_dir import Gather
+
+#: Unicode code points of an error's message sent to the other processes (a longer one is cut).
+MESSAGE_CODES = 4096
+#: The same for each process's line in `agreed`'s gather, which every process receives from all: 4 KiB a process.
+LINE_CODES = 1024
+
+
+def agreed(decide: Callable[[], tuple[Path, int] | None], gather: Gather | None) -> tuple[Path, int] | None:
+    """`decide()` (this process's view of the checkpoint to resume), the same on every process: one that raised
+    raises its own error, the others an `OtherProcessFailedError` naming it, and processes that chose other steps
+    (a mount that shows a new checkpoint late) all refuse. A process that raised alone would leave the others to
+    wait in set-up's first collective, which names nothing. `gather`: every process's record, in process order
+    (None: a single process, nothing to agree)."""
+    try:
+        resume, failure = decide(), None
+    except Exception as error:
+        if gather is None:
+            raise
+        resume, failure = None, error
+    if gather is None:
+        return resume
+    step = -1 if resume is None else resume[1]
+    record = np.concatenate([[step], encoded("" if failure is None else describe(failure), LINE_CODES)])
+    rows = np.asarray(gather(record.astype(np.int32))).reshape(-1, record.size)
+    if failure is not None:
+        raise failure
+    if failed := [f"process {index} failed: {decoded(row[1:]).removesuffix('.')}"
+                  for index, row in enumerate(rows) if row[1]]:
+        raise OtherProcessFailedError(f"{'; '.join(failed)}. Every process stops with it: all must start alike (the "
+                                      "same output_dir and checkpoint, on storage each of them shares).")
+    if len({int(row[0]) for row in rows}) > 1:
+        chose = ", ".join(f"process {index}: {'none' if row[0] < 0 else f'step {row[0]}'}"
+                          for index, row in enumerate(rows))
+        raise ArgumentError("resume_from_checkpoint", f"the processes chose other checkpoints to resume ({chose}): "
+                            "a save was completed while they looked, or some see the checkpoints directory late or "
+                            "not at all. Rerun once every host shows the same checkpoints, or pass one step "
+                            "directory (<output_dir>/checkpoints/<step>).")
+    return resume
+
+
+def encoded(message: str, size: int = MESSAGE_CODES) -> np.ndarray:
+    """`message` as `size` unicode code points (zero-padded; a longer one is cut), to send between processes."""
+    codes = np.zeros(size, dtype=np.int32)
+    sent = [ord(c) for c in message[:size]]
+    codes[:len(sent)] = sent
+    return codes
+
+
+def decoded(codes: np.ndarray) -> str:
+    """The message `encoded` sent."""
+    return "".join(chr(c) for c in codes if c)
