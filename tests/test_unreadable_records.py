@@ -112,7 +112,7 @@ def test_an_error_of_the_code_is_not_taken_for_an_unreadable_checkpoint(run_copy
 def test_one_process_that_cannot_read_the_record_raises_instead_of_deciding_otherwise(run_copy, monkeypatch):
     """Several processes read one checkpoint on a shared filesystem: one that meets a read error (here, a denied
     read) must not take the branch of an unrecorded checkpoint while the others compare the record: the checks
-    differ, then the collectives, and the run hangs. It raises; `process_failure` names it on the others."""
+    differ, then the collectives, and the run hangs. It raises (and the others name it: `start_agreement`)."""
     root = run_copy / "checkpoints"
     assert stored_record((root, 4), "arguments")["max_steps"] == 4  # process 0 reads it
     real = Path.read_text
