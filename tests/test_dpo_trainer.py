@@ -110,17 +110,21 @@ def test_pair_log_probs_do_not_depend_on_padding_or_batch_company(tmp_path):
 
 #: Every layout the two mesh tests compare, as `DATA,FSDP,TENSOR,ACCUMULATION[,LORA_RANK]`.
 LAYOUTS = ("1,1,1,1", "2,2,2,4", "1,1,1,4", "1,1,1,1,4", "2,2,2,2,4")
+#: Also run by that process: the small eval set on 8 devices (`small_set`).
+WORKER_RUNS = (*LAYOUTS, "small-set")
 
 
 @pytest.fixture(scope="module")
 def layouts() -> dict[str, dict]:
-    """Three DPO steps on each layout, all in one 8-device process (tests/workers/dpo_layout.py)."""
+    """Three DPO steps on each layout, and the small eval set, all in one 8-device process
+    (tests/workers/dpo_layout.py)."""
     env = child_env(XLA_FLAGS=xla_flags(8))
-    done = subprocess.run([sys.executable, str(ROOT / "tests" / "workers" / "dpo_layout.py"), *LAYOUTS],
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "workers" / "dpo_layout.py"), *WORKER_RUNS],
                           capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     results = [json.loads(line) for line in done.stdout.strip().splitlines() if line.startswith("{")]
-    return {result["layout"]: {**result, "values": np.asarray(result["values"])} for result in results}
+    return {result["layout"]: {key: np.asarray(value) if key == "values" else value for key, value in result.items()}
+            for result in results}
 
 
 @pytest.mark.slow
@@ -274,37 +278,14 @@ def test_lora_dpo_from_a_trained_adapter_starts_at_the_initial_policy(tmp_path):
     assert logged(tmp_path / "cut" / "run") == logged(tmp_path / "online" / "run")
 
 
-SMALL_SET_ON_A_MESH = """
-import json, sys, tempfile
-import jax
-from easytrain import TrainingArguments
-from easytrain.sharding import make_mesh
-from easytrain.trainers.dpo import DPOArguments, DPOTrainer
-
-class OnEight(DPOTrainer):
-    def configure_mesh(self):
-        return make_mesh(8, 1, 1)
-
-losses = {}
-for precompute in (False, True):
-    with tempfile.TemporaryDirectory() as directory:
-        args = TrainingArguments(output_dir=directory, max_length=16, train_batch_size=8, eval_batch_size=16,
-                                 max_steps=1, logging_steps=1, eval_strategy="no", save_strategy="no",
-                                 report_to=["none"], disable_progress_bar=True, save_pretrained_at_end=False,
-                                 max_train_samples=32, max_eval_samples=12, data_parallel_size=8)
-        trainer = OnEight(args, DPOArguments(precompute_ref_log_probs=precompute))
-        losses[str(precompute)] = trainer.evaluate()["eval_loss"]
-print(json.dumps(losses))
-"""
-
-
-def test_precomputed_reference_log_probs_of_a_set_smaller_than_a_batch_on_a_mesh():
+@pytest.mark.slow
+def test_precomputed_reference_log_probs_of_a_set_smaller_than_a_batch_on_a_mesh(layouts):
     """12 eval rows, eval_batch_size 16, 8 data-parallel devices: the precomputing pass shrank its batch to the 12
-    rows, which 8 devices cannot split (IndivisibleError); the trainer's own eval batches pad to a multiple of 8."""
-    done = subprocess.run([sys.executable, "-c", SMALL_SET_ON_A_MESH], capture_output=True, text=True,
-                          env=child_env(XLA_FLAGS=xla_flags(8)), timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    losses = json.loads(done.stdout.strip().splitlines()[-1])
+    rows, which 8 devices cannot split (IndivisibleError); the trainer's own eval batches pad to a multiple of 8.
+    Run in the 8-device process of `layouts` (tests/workers/dpo_layout.py `small_set`)."""
+    result = layouts["small-set"]
+    assert "error" not in result, result.get("error")
+    losses = result["losses"]
     assert losses["True"] == pytest.approx(losses["False"], rel=1e-5)
 
 
