@@ -16,9 +16,10 @@ ready, a JAX side's trace, compile and launch included; `first_step_over_median_
 timed step, EasyDeL's "compile"; `trace_compile_seconds`: trace + compile + launch alone, JAX sides only), peak
 RSS, and CPU MFU: model FLOP/s (6 N per token plus attention, `easytrain.flops`) over the best float32 matmul rate
 measured here by JAX and by PyTorch. Ratios compare medians. Round by round: each contender's median tokens/s and
-tokens per CPU-second, and its minor page faults, kernel CPU milliseconds and the machine's stolen CPU
-milliseconds per timed step (`per_round*`), and the pairs' ratios (`round_ratios`), to tell
-a round that one side ran slow in from a slower step. Prints one JSON line.
+tokens per CPU-second, its minor page faults, kernel CPU milliseconds, the machine's stolen CPU milliseconds
+and its threads' CPU milliseconds by thread name, per timed step (`per_round*`), and the pairs' ratios
+(`round_ratios`), to tell a round that one side ran slow in from a slower step, and the compute threads' CPU from
+what its other threads take from them. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
+from benchmarks import thread_times  # noqa: E402
 from benchmarks.report import child_json, emit, relaunch_like_the_command, scratch_dir  # noqa: E402
 
 CONFIG = dict(vocab_size=4096, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
@@ -70,11 +72,13 @@ class Windows:
     def __init__(self, sync: Callable[[], None]):
         self.sync, self.seconds, self.cpu_seconds, self.mark, self.cpu_mark = sync, [], [], 0.0, 0.0
         self.usage_at_start, self.stolen_at_start = resource.getrusage(resource.RUSAGE_SELF), stolen_seconds()
+        self.threads_at_start = thread_times.snapshot()
 
     def start(self) -> None:
         self.sync()
         self.mark, self.cpu_mark = time.perf_counter(), time.process_time()
         self.usage_at_start, self.stolen_at_start = resource.getrusage(resource.RUSAGE_SELF), stolen_seconds()
+        self.threads_at_start = thread_times.snapshot()
 
     def lap(self) -> None:
         self.sync()
@@ -92,6 +96,7 @@ class Windows:
                 "timed_minor_faults": usage.ru_minflt - self.usage_at_start.ru_minflt,
                 "timed_system_seconds": usage.ru_stime - self.usage_at_start.ru_stime,
                 "timed_stolen_seconds": stolen_seconds() - self.stolen_at_start,
+                "timed_thread_seconds": thread_times.by_name(self.threads_at_start, thread_times.snapshot()),
                 "first_step_ready_seconds": first_step_ready_seconds, "trace_compile_seconds": trace_compile_seconds,
                 "details": details}
 
@@ -265,6 +270,14 @@ def per_step(results: list[dict], key: str, every: int, scale: float = 1.0) -> l
     return [round(scale * r[key] / (every * len(r["window_seconds"])), 1) for r in results]
 
 
+def thread_ms_per_step(result: dict, every: int, at_least: float = 1.0) -> dict[str, float]:
+    """CPU milliseconds (user + kernel) per timed step of each thread name of one round's child, those over
+    `at_least`: whether anything besides the compute threads (a loader, a logger, a watcher) takes CPU from them."""
+    steps = every * len(result["window_seconds"])
+    spent = {name: 1e3 * (t["user"] + t["system"]) / steps for name, t in result["timed_thread_seconds"].items()}
+    return {name: round(ms, 1) for name, ms in spent.items() if ms >= at_least}
+
+
 def first_step_fields(results: list[dict], every: int) -> dict[str, float | None]:
     """Medians over rounds of the first step until its results are ready, of that minus the round's median timed
     step (EasyDeL's "compile"), and of trace + compile + launch (JAX sides; None for PyTorch). JSON written before
@@ -295,6 +308,7 @@ def summarise(runs: dict[str, list[dict]], tokens_per_step: int, every: int, flo
             "per_round_minor_faults_per_step": per_step(results, "timed_minor_faults", every),
             "per_round_system_ms_per_step": per_step(results, "timed_system_seconds", every, scale=1e3),
             "per_round_stolen_ms_per_step": per_step(results, "timed_stolen_seconds", every, scale=1e3),
+            "per_round_thread_ms_per_step": [thread_ms_per_step(r, every) for r in results],
             "tokens_per_cpu_second": round(statistics.median(cpu_rates), 1),
             **first_step_fields(results, every),
             "peak_rss_mib": round(max(r["peak_rss_mib"] for r in results), 1),

@@ -47,6 +47,7 @@ def test_versus_torch_smoke(tmp_path, torch_for_torch_sides):
         assert row["per_round_tokens_per_cpu_second"][0] > 0
         for name in ("minor_faults", "system_ms", "stolen_ms"):
             assert row[f"per_round_{name}_per_step"][0] >= 0
+        assert all(ms >= 1.0 for ms in row["per_round_thread_ms_per_step"][0].values())  # by thread name
     for name, row in contenders.items():  # every side's first step runs until step 1's results are ready
         assert row["first_step_ready_seconds"] > 0 and "first_step_seconds" not in row, name
         jax_side = name in ("easytrain", "nnx_step")
