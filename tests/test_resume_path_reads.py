@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from easytrain import BaseTrainer
 from easytrain.checkpoint import CheckpointManager
 from easytrain.errors import CheckpointReadError
 from easytrain.trainers.run_dir import check_output_dir
@@ -17,6 +18,15 @@ def test_checking_a_resume_of_latest_lists_the_checkpoints_once(run_copy, scans)
     """Measured before: twice (whether the run stopped before its first checkpoint, then the latest step)."""
     assert check_output_dir(args_for(run_copy, max_steps=6, resume_from_checkpoint="latest"))[1] == 4
     assert len(scans) == 1, scans
+
+
+def test_a_lora_trainer_resuming_latest_with_init_weights_from_lists_the_checkpoints_once(run_copy, scans):  # noqa: F811
+    """`init_weights_from` is compared with a fresh start only, so the trainer asks whether it resumes. Measured
+    before: three listings when it is built (twice in `adapters._resumes`, then `check_output_dir`)."""
+    source = str(run_copy / "checkpoints" / "2")
+    trainer = BaseTrainer(args_for(run_copy, max_steps=6, resume_from_checkpoint="latest", lora_rank=4,
+                                   init_weights_from=source))
+    assert trainer._resume_from[1] == 4 and len(scans) == 1, scans
 
 
 def test_latest_over_a_run_stopped_before_its_first_checkpoint_still_starts_over(run_copy):

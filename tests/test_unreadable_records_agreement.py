@@ -1,7 +1,8 @@
 """The processes of one run that see the resumed checkpoint differently (one cannot read its run_info, or finds
-another `latest`) all refuse when their trainers are built, alike: a process that raised alone left the others to
-wait in set-up's first collective, which names nothing until its deadline (tens of seconds to many minutes). Processes
-are threads here, joined by a stand-in for `multihost_utils.process_allgather`."""
+another `latest`), or the run_info of a LoRA run's `init_weights_from` source, all refuse when their trainers are
+built, alike: a process that raised alone left the others to wait in set-up's first collective, which names nothing
+until its deadline (tens of seconds to many minutes). Processes are threads here, joined by a stand-in for
+`multihost_utils.process_allgather`."""
 
 from __future__ import annotations
 
@@ -9,11 +10,14 @@ import functools
 import threading
 from pathlib import Path
 
+import jax
 import numpy as np
+from easytrain import BaseTrainer
 from easytrain.errors import ArgumentError, CheckpointReadError
 from easytrain.trainers import run_dir
 from easytrain.trainers.process_failure import OtherProcessFailedError
 from easytrain.trainers.run_dir import check_output_dir
+from jax.experimental import multihost_utils
 from runs import args_for, as_processes, snapshot
 
 
@@ -21,8 +25,8 @@ class Collective:
     """`count` threads standing for processes: each `at(index)` call returns every thread's record, stacked in
     process order, once all have given theirs (`multihost_utils.process_allgather`)."""
 
-    def __init__(self, count: int) -> None:
-        self.barrier, self.records, self.calls = threading.Barrier(count, timeout=60), [None] * count, 0
+    def __init__(self, count: int, timeout: float = 60) -> None:
+        self.barrier, self.records, self.calls = threading.Barrier(count, timeout=timeout), [None] * count, 0
 
     def at(self, index: int):
         return functools.partial(self._gather, index)
@@ -101,3 +105,43 @@ def test_a_refusal_every_process_meets_is_each_ones_own(run_copy):
     (run_copy / "checkpoints" / "4" / "run_info" / "metadata").write_text("{")
     outcomes, _ = _checked_on(2, args_for(run_copy, max_steps=6, resume_from_checkpoint="latest"))
     assert all(type(outcome) is CheckpointReadError for outcome in outcomes), outcomes
+
+
+def test_a_process_that_cannot_read_the_lora_source_run_info_stops_every_trainer_at_construction(run_copy, tmp_path,
+                                                                                                monkeypatch):
+    """`init_weights_from` under LoRA compares the source's run_info with this run's scaling when the trainer is
+    built. Process 1 is denied that read: it raises its own `CheckpointReadError`, process 0 one naming it. Before,
+    the check ran ahead of the agreement: process 1 raised alone and process 0 waited in its gather for it."""
+    real = Path.read_text
+
+    def denied_on_process_1(path, *args, **kwargs):
+        if getattr(_process, "index", None) == 1 and path.parent.name == "run_info":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", denied_on_process_1)
+    args = args_for(tmp_path / "fresh", lora_rank=4, init_weights_from=str(run_copy / "checkpoints" / "4"))
+    (first, second), collective = _built_on(2, args, monkeypatch)
+    assert isinstance(second, CheckpointReadError) and "init_weights_from" in str(second), second
+    assert isinstance(first, OtherProcessFailedError), first
+    assert "process 1" in str(first) and "CheckpointReadError" in str(first) and "PermissionError" in str(first)
+    assert collective.calls == 1
+
+
+def _built_on(count: int, args, monkeypatch) -> tuple[list, Collective]:
+    """A `BaseTrainer` built on `count` emulated processes: what each built or raised. Each thread reports its own
+    process index, and several processes (`check_output_dir` then gathers, through `collective`)."""
+    collective, outcomes = Collective(count, timeout=20), [None] * count
+    monkeypatch.setattr(jax, "process_index", lambda: getattr(_process, "index", 0))
+    monkeypatch.setattr(run_dir, "_process_count", lambda: count)
+    monkeypatch.setattr(multihost_utils, "process_allgather", lambda record: collective.at(_process.index)(record))
+
+    def process(index: int) -> None:
+        _process.index = index
+        try:
+            outcomes[index] = BaseTrainer(args)
+        except Exception as error:  # noqa: BLE001 - reported to the test
+            outcomes[index] = error
+
+    as_processes(process, count, "BaseTrainer")
+    return outcomes, collective

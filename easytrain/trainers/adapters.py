@@ -9,14 +9,13 @@ or both). Without LoRA every function here is the identity of the full fine-tuni
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 from flax import nnx
 
 from easytrain import lora
 from easytrain.argument_checks import field_defaults
-from easytrain.checkpoint import CheckpointNotFoundError, resolve_checkpoint
 from easytrain.errors import ArgumentError
 from easytrain.lora_config import (LoRAConfig, LoRAConfigError, as_argument_error, from_arguments,
                                    targets_from_arguments)
@@ -24,33 +23,33 @@ from easytrain.models import save_pretrained
 from easytrain.models.hf_export import ADAPTER_DIRNAME, remove_earlier_model
 from easytrain.models.peft_io import load_peft_adapter, read_peft_config, save_peft_adapter
 from easytrain.trainers.lora_record import check_source_lora
-from easytrain.trainers.run_dir import restarts_unsaved_run
 
 
 def run_config(args: Any) -> LoRAConfig | None:
     """The run's `LoRAConfig`: from `lora_adapter_path`'s adapter_config.json when set (read again at every start:
     a resume compares it with the one its checkpoint recorded, `lora_record`), else from the `lora_*` arguments
-    (None when `lora_rank` is 0); refused when `init_weights_from` names adapters of another rank or scaling, on a
-    fresh start only: a resume continues its own adapters (the resume wins), whatever the source became since."""
+    (None when `lora_rank` is 0). Its `init_weights_from` source is compared by `source_check`."""
     if not args.lora_adapter_path:
-        config = from_arguments(args)
-    else:
-        config, _ = read_peft_config(args.lora_adapter_path)
-        check_adapter_fields(args, config)
-    if args.init_weights_from and not _resumes(args):
-        check_source_lora(args.init_weights_from, config, args.lora_adapter_path)
+        return from_arguments(args)
+    config, _ = read_peft_config(args.lora_adapter_path)
+    check_adapter_fields(args, config)
     return config
 
 
-def _resumes(args: Any) -> bool:
-    """Whether this start resumes a checkpoint, as `run_dir.check_output_dir` decides it (it runs next, and reports
-    a `resume_from_checkpoint` that names none: that run never starts, so its source needs no comparing)."""
-    if restarts_unsaved_run(args):
-        return False
-    try:
-        return resolve_checkpoint(args.output_dir, args.resume_from_checkpoint) is not None
-    except CheckpointNotFoundError:
-        return True
+def source_check(args: Any, config: LoRAConfig | None) -> Callable[[tuple[Path, int] | None], None] | None:
+    """What `run_dir.check_output_dir` runs on the checkpoint it decided to resume (None: nothing to check): an
+    `init_weights_from` source's adapters of another rank or scaling are refused on a fresh start only, since a resume
+    continues its own adapters (the resume wins), whatever the source became since. Run inside that decision, a
+    source one process cannot read stops every process alike (`start_agreement`); the resume is the one it decided,
+    so the checkpoints are not listed again to learn whether it resumes."""
+    if config is None or not args.init_weights_from:
+        return None
+
+    def check(resume: tuple[Path, int] | None) -> None:
+        if resume is None:
+            check_source_lora(args.init_weights_from, config, args.lora_adapter_path)
+
+    return check
 
 
 def _adapter_values(config: LoRAConfig) -> dict[str, Any]:

@@ -96,7 +96,8 @@ class BaseTrainer(ProtocolProperties, InitialPolicyHooks, RunRecordHooks, TrainS
         self.evaluators: list[Evaluator] = list(evaluators)
         self.should_stop = False
         self.is_main_process = jax.process_index() == 0
-        self._resume_from = check_output_dir(self._arguments, is_main_process=self.is_main_process)
+        self._resume_from = check_output_dir(self._arguments, is_main_process=self.is_main_process,
+                                             check_start=adapters.source_check(self._arguments, self.lora))
         self._output_dir_claimed = False
         self.mesh = self.configure_mesh()
         sharding.check_mesh(self.mesh)

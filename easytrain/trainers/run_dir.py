@@ -91,8 +91,8 @@ def _asks_latest_of_started_run(args: TrainingArguments) -> bool:
     return asks_latest and (Path(args.output_dir) / ARGUMENTS_FILE).is_file()
 
 
-def check_output_dir(args: TrainingArguments, *, is_main_process: bool = True,
-                     gather: Gather | None = None) -> tuple[Path, int] | None:
+def check_output_dir(args: TrainingArguments, *, is_main_process: bool = True, gather: Gather | None = None,
+                     check_start: StartCheck | None = None) -> tuple[Path, int] | None:
     """Validate `output_dir` and `resume_from_checkpoint`; return the checkpoint to resume, if any.
 
     Only checks: nothing is moved or removed here (`claim_output_dir` does that once the run has passed
@@ -104,19 +104,27 @@ def check_output_dir(args: TrainingArguments, *, is_main_process: bool = True,
     other checkpoints here, and the run would hang at its first save. A resumed checkpoint whose run_info cannot be
     read is refused here, before any data or weights are read (`check_run_info_readable`). Every process decides
     alike (`agreed`, over `gather`: by default `multihost_utils.process_allgather` where several processes use
-    output_dir).
+    output_dir or `check_start` is given), `check_start` included: a further check of the start decided (the
+    LoRA source of `init_weights_from`, `adapters.source_check`), given the checkpoint to resume.
     """
     shared_output_dir.check(args)
-    if gather is None and shared_output_dir.needs_check(args) and _process_count() > 1:
+    if gather is None and (shared_output_dir.needs_check(args) or check_start) and _process_count() > 1:
         from jax.experimental import multihost_utils
 
         gather = multihost_utils.process_allgather
-    return agreed(lambda: _checked_resume(args, is_main_process), gather)
+    return agreed(lambda: _checked_resume(args, is_main_process, check_start), gather)
 
 
-def _checked_resume(args: TrainingArguments, is_main_process: bool) -> tuple[Path, int] | None:
+#: A check of the start `check_output_dir` decided, given the checkpoint to resume (None: a fresh start).
+StartCheck = Callable[[tuple[Path, int] | None], None]
+
+
+def _checked_resume(args: TrainingArguments, is_main_process: bool,
+                    check_start: StartCheck | None = None) -> tuple[Path, int] | None:
     resume = _checked_directory(args, is_main_process)
     check_run_info_readable(resume)
+    if check_start is not None:
+        check_start(resume)
     return resume
 
 
