@@ -64,7 +64,7 @@ def finalized_steps(directory: str | os.PathLike) -> list[int]:
 
 
 def _not_found(value: Any, problem: str) -> CheckpointNotFoundError:
-    latest = " or 'latest'" if not _asks_latest(value) else ""
+    latest = " or 'latest'" if not asks_latest(value) else ""
     return CheckpointNotFoundError(
         f"resume_from_checkpoint={value!r}: {problem}. Pass a step directory such as "
         f"'<output_dir>/{CHECKPOINTS_DIRNAME}/<step>'{',' if latest else ' or'} a '{CHECKPOINTS_DIRNAME}' "
@@ -72,7 +72,8 @@ def _not_found(value: Any, problem: str) -> CheckpointNotFoundError:
     )
 
 
-def _asks_latest(value: Any) -> bool:
+def asks_latest(value: Any) -> bool:
+    """Whether a `resume_from_checkpoint` value asks for the newest checkpoint (`True`, or one of `LATEST_ALIASES`)."""
     return value is True or (isinstance(value, str) and value.lower() in LATEST_ALIASES)
 
 
@@ -107,7 +108,7 @@ def resolve_checkpoint(
     value = resume_from_checkpoint
     if value is None or value is False or (isinstance(value, str) and value.lower() in _DISABLED_ALIASES):
         return None
-    if _asks_latest(value):
+    if asks_latest(value):
         root = Path(output_dir).absolute() / CHECKPOINTS_DIRNAME
         steps = finalized_steps(root)
         if not steps:

@@ -15,8 +15,8 @@ import numpy as np
 
 from easytrain.arguments import TrainingArguments
 from easytrain.best_metric_direction import direction_inferred
-from easytrain.checkpoint import (CHECKPOINTS_DIRNAME, LATEST_ALIASES, CheckpointNotFoundError, finalized_steps,
-                                 resolve_checkpoint)
+from easytrain.checkpoint import CHECKPOINTS_DIRNAME, CheckpointNotFoundError, finalized_steps, resolve_checkpoint
+from easytrain.checkpoint_dirs import asks_latest
 from easytrain.config_io import ARGUMENTS_FILE
 from easytrain.errors import OutputDirError
 from easytrain.jobs import JOB_FILENAME, current_job
@@ -86,9 +86,7 @@ def restarts_unsaved_run(args: TrainingArguments) -> bool:
 def _asks_latest_of_started_run(args: TrainingArguments) -> bool:
     """`latest` in an output_dir a run has started in (its arguments.json): `restarts_unsaved_run` without its
     listing of the checkpoints."""
-    value = args.resume_from_checkpoint
-    asks_latest = value is True or (isinstance(value, str) and value.lower() in LATEST_ALIASES)
-    return asks_latest and (Path(args.output_dir) / ARGUMENTS_FILE).is_file()
+    return asks_latest(args.resume_from_checkpoint) and (Path(args.output_dir) / ARGUMENTS_FILE).is_file()
 
 
 def check_output_dir(args: TrainingArguments, *, is_main_process: bool = True, gather: Gather | None = None,
