@@ -28,17 +28,17 @@ def agreed(decide: Callable[[], tuple[Path, int] | None], gather: Gather | None)
     raises its own error, the others an `OtherProcessFailedError` naming it, and processes that chose other steps
     (a mount that shows a new checkpoint late) all refuse. A process that raised alone would leave the others to
     wait in set-up's first collective, which names nothing. `gather`: every process's record, in process order
-    (None: a single process, nothing to agree)."""
+    (None: a single process, nothing to agree). An interrupt (Ctrl-C) is told the others too, then raised."""
     try:
         resume, failure = decide(), None
-    except Exception as error:
+    except BaseException as error:  # each process must reach the gather the others wait in, whatever it raised
         if gather is None:
             raise
         resume, failure = None, error
     if gather is None:
         return resume
     step = -1 if resume is None else resume[1]
-    record = np.concatenate([[step], encoded("" if failure is None else describe(failure), LINE_CODES)])
+    record = np.concatenate([[step], encoded(_line(failure), LINE_CODES)])
     rows = np.asarray(gather(record.astype(np.int32))).reshape(-1, record.size)
     if failure is not None:
         raise failure
@@ -54,6 +54,15 @@ def agreed(decide: Callable[[], tuple[Path, int] | None], gather: Gather | None)
                             "not at all. Rerun once every host shows the same checkpoints, or pass one step "
                             "directory (<output_dir>/checkpoints/<step>).")
     return resume
+
+
+def _line(failure: BaseException | None) -> str:
+    """What the others are told of this process's failure ('' for none): `describe`'s line, or the error's type
+    where its message cannot be made (a broken `__str__` must not keep this process from the gather)."""
+    try:
+        return "" if failure is None else describe(failure)
+    except Exception:  # noqa: BLE001 - the failure itself is raised after the gather
+        return type(failure).__name__
 
 
 def encoded(message: str, size: int = MESSAGE_CODES) -> np.ndarray:

@@ -1,0 +1,67 @@
+"""`start_agreement.agreed`: whatever one process's decision raises, it reaches the gather every other process waits
+in, so the others name it at construction instead of waiting there for it (a collective names nothing until its
+deadline: tens of seconds for Gloo, many minutes for NCCL). Processes are threads joined by a stand-in gather."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from easytrain.trainers.process_failure import OtherProcessFailedError
+from easytrain.trainers.start_agreement import agreed
+from runs import as_processes
+from test_unreadable_records_agreement import Collective
+
+RESUME = (Path("/run/checkpoints"), 4)
+
+
+def _agreed_on(count: int, failing: dict[int, BaseException]) -> list:
+    """`agreed` on `count` emulated processes, process `i` raising `failing[i]` in its decision: what each returned
+    or raised (a gather that waits past 5 s for a process breaks its barrier)."""
+    collective, outcomes = Collective(count, timeout=5), [None] * count
+
+    def process(index: int) -> None:
+        def decide():
+            if index in failing:
+                raise failing[index]
+            return RESUME
+
+        try:
+            outcomes[index] = agreed(decide, collective.at(index))
+        except BaseException as error:  # noqa: BLE001 - reported to the test, a KeyboardInterrupt too
+            outcomes[index] = error
+
+    as_processes(process, count, "agreed")
+    return outcomes
+
+
+def test_a_process_interrupted_while_deciding_is_named_on_the_others():
+    """Ctrl-C (SIGINT is a KeyboardInterrupt in a multi-process run) reaches process 1 while it reads the
+    checkpoints: it stops with it, and process 0 names it. Before: process 0 waited in the gather for process 1,
+    which had left without it ('BrokenBarrierError' here, the collective's deadline in a real run)."""
+    first, second = _agreed_on(2, {1: KeyboardInterrupt()})
+    assert type(second) is KeyboardInterrupt, second
+    assert isinstance(first, OtherProcessFailedError) and "process 1 failed: KeyboardInterrupt" in str(first), first
+
+
+class _Unprintable(OSError):
+    def __str__(self) -> str:
+        raise RuntimeError("no message")
+
+
+def test_an_error_that_cannot_be_printed_is_still_named_by_its_type():
+    """Before: describing it raised in process 1 ahead of the gather, and process 0 waited there for it."""
+    first, second = _agreed_on(2, {1: _Unprintable()})
+    assert type(second) is _Unprintable, second
+    assert isinstance(first, OtherProcessFailedError) and "process 1 failed: _Unprintable" in str(first), first
+
+
+@pytest.mark.parametrize("message", ["\U0001F600 emoji", "a\x00NUL", "surrogate \udcff path", "x" * 5000])
+def test_every_message_goes_through_the_gather_whole_or_cut(message):
+    """Code points beyond the BMP, a lone surrogate (a path Python decoded with surrogateescape), a NUL (dropped)
+    and a message longer than a process's line (cut): each process's record has the same size, and the line
+    arrives as sent."""
+    first, second = _agreed_on(2, {1: OSError(message)})
+    expected = f"OSError: {message}".replace("\x00", "")[:1024]
+    assert isinstance(first, OtherProcessFailedError) and f"process 1 failed: {expected}" in str(first), first
+    assert type(second) is OSError, second
