@@ -38,11 +38,7 @@ def resume_read_error(root: Path, step: int, steps: list[int], error: BaseExcept
     chosen was likely removed by a run still writing there (its save_total_limit), which also makes newer ones: name
     those rather than advise a new run."""
     if step not in steps:
-        return CheckpointReadError(
-            f"resume_from_checkpoint: the checkpoint {root / str(step)} vanished while it was read (likely removed "
-            f"by a run still writing there, under its save_total_limit); checkpoints there now: "
-            f"{', '.join(map(str, steps)) or 'none'}. Resume from one of them once that run ended (or from a copy "
-            "made now: it may remove those too).")
+        return vanished_error("resume_from_checkpoint", root, step, steps, "Resume from")
     earlier = [s for s in steps if s < step]
     hint = (f"resume from an earlier one, e.g. --resume_from_checkpoint {root / str(earlier[-1])}" if earlier
             else "no earlier checkpoint exists; start a new output_dir")
@@ -61,10 +57,22 @@ def source_read_error(root: Path, step: int, error: BaseException) -> Checkpoint
 
 
 def restore_read_error(root: Path, step: int, steps: list[int], error: BaseException) -> CheckpointReadError:
-    """A step `CheckpointManager.restore` cannot read (`steps`: the checkpoints there), with an earlier one."""
+    """A step `CheckpointManager.restore` cannot read (`steps`: the checkpoints there), with an earlier one; one
+    gone meanwhile (a read-only manager beside a run that trains on) as `vanished_error`."""
+    if step not in steps:
+        return vanished_error("CheckpointManager.restore", root, step, steps, "Restore")
     earlier = [s for s in steps if s < step]
     hint = f"restore an earlier one, e.g. step {earlier[-1]}" if earlier else "no earlier checkpoint exists"
     return read_error("CheckpointManager.restore", root / str(step), error, hint)
+
+
+def vanished_error(reader: str, root: Path, step: int, steps: list[int], verb: str) -> CheckpointReadError:
+    """`step` of `root` gone while `reader` read it: likely removed by a run still writing there (its
+    save_total_limit), which also makes newer ones, so name the `steps` there now rather than call it damaged."""
+    return CheckpointReadError(
+        f"{reader}: the checkpoint {root / str(step)} vanished while it was read (likely removed by a run still "
+        f"writing there, under its save_total_limit); checkpoints there now: {', '.join(map(str, steps)) or 'none'}. "
+        f"{verb} one of them once that run ended (or a copy made now: it may remove those too).")
 
 
 def first_invalid_json(step_dir: Path) -> Path | None:
