@@ -46,8 +46,12 @@ def resume_read_error(root: Path, step: int, steps: list[int], error: BaseExcept
 
 
 def source_read_error(root: Path, step: int, error: BaseException) -> CheckpointReadError:
-    """An `init_weights_from` checkpoint that cannot be read, with an earlier step or the run's export to pass."""
-    earlier = [s for s in finalized_steps(root) if s < step]
+    """An `init_weights_from` checkpoint that cannot be read, with an earlier step or the run's export to pass; one
+    gone meanwhile (its run trains on) as `vanished_error`."""
+    steps = finalized_steps(root)
+    if step not in steps:
+        return vanished_error("init_weights_from", root, step, steps, "Pass")
+    earlier = [s for s in steps if s < step]
     export = root.parent / "final_model"
     hint = (f"pass an earlier one, e.g. --init_weights_from {root / str(earlier[-1])}" if earlier
             else "no earlier checkpoint exists")

@@ -7,6 +7,8 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
+from easytrain.errors import CheckpointReadError
 from easytrain.trainers import lora_record
 from easytrain.trainers.lora_record import source_run_info
 
@@ -46,3 +48,21 @@ def test_a_named_source_step_removed_meanwhile_is_left_to_the_weights_reader(run
 
     monkeypatch.setattr(lora_record, "resolve_checkpoint", resolved_then_removed)
     assert source_run_info(str(root / "4")) == {}
+
+
+def test_a_source_step_removed_on_each_choice_is_named_gone_not_damaged(run_copy, monkeypatch):
+    """The source run saves again and removes the chosen step twice in a row (the second choice too): refused as gone,
+    naming the steps there now, never as 'corrupted or truncated' (as it was before)."""
+    root, real = run_copy / "checkpoints", lora_record.resolve_checkpoint
+
+    def resolved_then_superseded(output_dir, value):
+        found = real(output_dir, value)
+        _marked_copy(root, found[1], found[1] + 2)
+        shutil.rmtree(root / str(found[1]))
+        return found
+
+    monkeypatch.setattr(lora_record, "resolve_checkpoint", resolved_then_superseded)
+    with pytest.raises(CheckpointReadError, match=r"init_weights_from: the checkpoint .*/6 vanished while it was read"
+                                                  r".*there now: 2, 8\. Pass one of them") as refused:
+        source_run_info(str(run_copy))
+    assert "corrupted" not in str(refused.value)
