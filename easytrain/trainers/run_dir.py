@@ -103,10 +103,11 @@ def check_output_dir(args: TrainingArguments, *, is_main_process: bool = True, g
     read is refused here, before any data or weights are read (`check_run_info_readable`). Every process decides
     alike (`agreed`, over `gather`: by default `multihost_utils.process_allgather` where several processes use
     output_dir or `check_start` is given), `check_start` included: a further check of the start decided (the
-    LoRA source of `init_weights_from`, `adapters.source_check`), given the checkpoint to resume.
+    LoRA source of `init_weights_from`, `adapters.source_check`), given the checkpoint to resume, before output_dir
+    is created.
     """
     shared_output_dir.check(args)
-    if gather is None and (shared_output_dir.needs_check(args) or check_start) and _process_count() > 1:
+    if gather is None and (shared_output_dir.needs_check(args) or check_start is not None) and _process_count() > 1:
         from jax.experimental import multihost_utils
 
         gather = multihost_utils.process_allgather
@@ -119,15 +120,15 @@ StartCheck = Callable[[tuple[Path, int] | None], None]
 
 def _checked_resume(args: TrainingArguments, is_main_process: bool,
                     check_start: StartCheck | None = None) -> tuple[Path, int] | None:
-    resume = _checked_directory(args, is_main_process)
+    resume = _checked_directory(args, is_main_process, check_start)
     check_run_info_readable(resume)
-    if check_start is not None:
-        check_start(resume)
     return resume
 
 
-def _checked_directory(args: TrainingArguments, is_main_process: bool) -> tuple[Path, int] | None:
-    """`check_output_dir` on this process's view of the directory alone (no collective)."""
+def _checked_directory(args: TrainingArguments, is_main_process: bool,
+                       check_start: StartCheck | None = None) -> tuple[Path, int] | None:
+    """`check_output_dir` on this process's view of the directory alone (no collective). `check_start` runs once
+    the resume is known, before `check_writable` creates output_dir: a start it refuses leaves nothing behind."""
     output_dir = Path(args.output_dir)
     try:  # one listing of the checkpoints: `latest` finds none only where the run stopped before its first save
         resume, restart = resolve_checkpoint(output_dir, args.resume_from_checkpoint), False
@@ -135,6 +136,8 @@ def _checked_directory(args: TrainingArguments, is_main_process: bool) -> tuple[
         if not _asks_latest_of_started_run(args):
             raise
         resume, restart = None, True  # `restarts_unsaved_run`
+    if check_start is not None:
+        check_start(resume)
     if is_main_process:
         check_writable(output_dir)
     if resumes_own_checkpoints(output_dir, resume) or args.overwrite_output_dir:
