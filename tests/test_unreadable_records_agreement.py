@@ -12,6 +12,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 from easytrain import BaseTrainer
 from easytrain.errors import ArgumentError, CheckpointReadError
 from easytrain.trainers import run_dir
@@ -59,10 +60,8 @@ def _checked_on(count: int, args) -> tuple[list, Collective]:
     return outcomes, collective
 
 
-def test_a_process_that_cannot_read_the_resumed_run_info_stops_every_process_at_construction(run_copy, monkeypatch):
-    """Process 1 is denied the read (its host's mount, its user): it raises its own `CheckpointReadError`, and
-    process 0, which read the record, raises naming it instead of going on to wait in set-up's first collective.
-    Before: process 0 returned the checkpoint to resume."""
+def _deny_run_info_on_process_1(monkeypatch) -> None:
+    """Process 1 may not read any run_info (its host's mount, its user); the others read as usual."""
     real = Path.read_text
 
     def denied_on_process_1(path, *args, **kwargs):
@@ -71,6 +70,13 @@ def test_a_process_that_cannot_read_the_resumed_run_info_stops_every_process_at_
         return real(path, *args, **kwargs)
 
     monkeypatch.setattr(Path, "read_text", denied_on_process_1)
+
+
+def test_a_process_that_cannot_read_the_resumed_run_info_stops_every_process_at_construction(run_copy, monkeypatch):
+    """Process 1 is denied the read (its host's mount, its user): it raises its own `CheckpointReadError`, and
+    process 0, which read the record, raises naming it instead of going on to wait in set-up's first collective.
+    Before: process 0 returned the checkpoint to resume."""
+    _deny_run_info_on_process_1(monkeypatch)
     before = snapshot(run_copy)
     (first, second), collective = _checked_on(2, args_for(run_copy, max_steps=6, resume_from_checkpoint="latest"))
     assert isinstance(second, CheckpointReadError) and "PermissionError" in str(second), second
@@ -107,20 +113,16 @@ def test_a_refusal_every_process_meets_is_each_ones_own(run_copy):
     assert all(type(outcome) is CheckpointReadError for outcome in outcomes), outcomes
 
 
-def test_a_process_that_cannot_read_the_lora_source_run_info_stops_every_trainer_at_construction(run_copy, tmp_path,
-                                                                                                monkeypatch):
+@pytest.mark.parametrize("save_strategy", ["steps", "no"])
+def test_a_process_that_cannot_read_the_lora_source_run_info_stops_every_trainer_at_construction(
+        run_copy, tmp_path, monkeypatch, save_strategy):
     """`init_weights_from` under LoRA compares the source's run_info with this run's scaling when the trainer is
     built. Process 1 is denied that read: it raises its own `CheckpointReadError`, process 0 one naming it. Before,
-    the check ran ahead of the agreement: process 1 raised alone and process 0 waited in its gather for it."""
-    real = Path.read_text
-
-    def denied_on_process_1(path, *args, **kwargs):
-        if getattr(_process, "index", None) == 1 and path.parent.name == "run_info":
-            raise PermissionError(13, "Permission denied", str(path))
-        return real(path, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "read_text", denied_on_process_1)
-    args = args_for(tmp_path / "fresh", lora_rank=4, init_weights_from=str(run_copy / "checkpoints" / "4"))
+    the check ran ahead of the agreement: process 1 raised alone and process 0 waited in its gather for it. A run
+    that neither saves nor resumes gathers for that check alone (else process 0 would build its trainer)."""
+    _deny_run_info_on_process_1(monkeypatch)
+    args = args_for(tmp_path / "fresh", lora_rank=4, init_weights_from=str(run_copy / "checkpoints" / "4"),
+                    save_strategy=save_strategy)
     (first, second), collective = _built_on(2, args, monkeypatch)
     assert isinstance(second, CheckpointReadError) and "init_weights_from" in str(second), second
     assert isinstance(first, OtherProcessFailedError), first

@@ -9,7 +9,7 @@ or both). Without LoRA every function here is the identity of the full fine-tuni
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import jax
 from flax import nnx
@@ -23,6 +23,7 @@ from easytrain.models import save_pretrained
 from easytrain.models.hf_export import ADAPTER_DIRNAME, remove_earlier_model
 from easytrain.models.peft_io import load_peft_adapter, read_peft_config, save_peft_adapter
 from easytrain.trainers.lora_record import check_source_lora
+from easytrain.trainers.run_dir import StartCheck
 
 
 def run_config(args: Any) -> LoRAConfig | None:
@@ -36,7 +37,7 @@ def run_config(args: Any) -> LoRAConfig | None:
     return config
 
 
-def source_check(args: Any, config: LoRAConfig | None) -> Callable[[tuple[Path, int] | None], None] | None:
+def source_check(args: Any, config: LoRAConfig | None) -> StartCheck | None:
     """What `run_dir.check_output_dir` runs on the checkpoint it decided to resume (None: nothing to check): an
     `init_weights_from` source's adapters of another rank or scaling are refused on a fresh start only, since a resume
     continues its own adapters (the resume wins), whatever the source became since. Run inside that decision, a
