@@ -7,10 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from easytrain.checkpoint import CheckpointNotFoundError
+from easytrain.trainers import run_dir
 from easytrain.trainers.process_failure import OtherProcessFailedError
 from easytrain.trainers.start_agreement import agreed
-from runs import as_processes
-from test_unreadable_records_agreement import Collective
+from runs import args_for, as_processes
+from test_unreadable_records_agreement import Collective, _checked_on, _process
 
 RESUME = (Path("/run/checkpoints"), 4)
 
@@ -65,3 +67,24 @@ def test_every_message_goes_through_the_gather_whole_or_cut(message):
     expected = f"OSError: {message}".replace("\x00", "")[:1024]
     assert isinstance(first, OtherProcessFailedError) and f"process 1 failed: {expected}" in str(first), first
     assert type(second) is OSError, second
+
+
+def test_processes_given_one_step_directory_resume_it_and_one_that_cannot_see_it_is_named(run_copy, monkeypatch):
+    """`resume_from_checkpoint` naming a step directory (what the refusal of different `latest` steps advises): every
+    process resumes that step; one whose mount does not show it raises its own `CheckpointNotFoundError`, and the
+    others name it."""
+    step_dir = run_copy / "checkpoints" / "2"
+    args = args_for(run_copy, max_steps=6, resume_from_checkpoint=str(step_dir))
+    outcomes, _ = _checked_on(2, args)
+    assert outcomes == [(step_dir.parent, 2)] * 2, outcomes
+    real = run_dir.resolve_checkpoint
+
+    def unseen_on_process_1(output_dir, value):
+        if getattr(_process, "index", None) == 1:
+            raise CheckpointNotFoundError(f"{value} is not a complete checkpoint")
+        return real(output_dir, value)
+
+    monkeypatch.setattr(run_dir, "resolve_checkpoint", unseen_on_process_1)
+    first, second = _checked_on(2, args)[0]
+    assert type(second) is CheckpointNotFoundError, second
+    assert isinstance(first, OtherProcessFailedError) and "process 1 failed: CheckpointNotFoundError" in str(first)
