@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from easytrain.checkpoint import CheckpointNotFoundError
-from easytrain.trainers import run_dir
+from easytrain.trainers import run_dir, start_agreement
 from easytrain.trainers.process_failure import OtherProcessFailedError
 from easytrain.trainers.start_agreement import agreed
 from runs import args_for, as_processes
@@ -88,3 +88,22 @@ def test_processes_given_one_step_directory_resume_it_and_one_that_cannot_see_it
     first, second = _checked_on(2, args)[0]
     assert type(second) is CheckpointNotFoundError, second
     assert isinstance(first, OtherProcessFailedError) and "process 1 failed: CheckpointNotFoundError" in str(first)
+
+
+def test_a_step_one_process_sees_late_is_looked_for_again_before_refusing(monkeypatch):
+    """Process 1's mount shows step 4 a moment late: its first look finds step 2, its second step 4. Every process
+    looks again (`DECIDE_TRIES`, `RETRY_SECONDS` apart) and resumes step 4. Before: all refused at once
+    ('ArgumentError: resume_from_checkpoint: the processes chose other checkpoints ...')."""
+    monkeypatch.setattr(start_agreement, "RETRY_SECONDS", 0.0)
+    looks = {0: [RESUME], 1: [(RESUME[0], 2), RESUME]}
+    collective, outcomes = Collective(2, timeout=5), [None] * 2
+
+    def process(index: int) -> None:
+        try:
+            outcomes[index] = agreed(lambda: looks[index].pop(0) if len(looks[index]) > 1 else looks[index][0],
+                                     collective.at(index))
+        except Exception as error:  # noqa: BLE001 - reported to the test
+            outcomes[index] = error
+
+    as_processes(process, 2, "agreed")
+    assert outcomes == [RESUME, RESUME] and collective.calls == 2, outcomes

@@ -8,6 +8,7 @@ chose other steps would restore other states. One small gather of each process's
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,39 +22,54 @@ from easytrain.trainers.shared_output_dir import Gather
 MESSAGE_CODES = 4096
 #: The same for each process's line in `agreed`'s gather, which every process receives from all: 4 KiB a process.
 LINE_CODES = 1024
+#: How often the processes decide before processes that chose other steps refuse, and the pause between: a mount
+#: may show a step just saved a moment late (`shared_output_dir` looks for its token as often).
+DECIDE_TRIES = 3
+RETRY_SECONDS = 1.0
+#: A checkpoint to resume (its checkpoints directory and step), or None for a fresh start.
+Resume = tuple[Path, int] | None
 
 
-def agreed(decide: Callable[[], tuple[Path, int] | None], gather: Gather | None) -> tuple[Path, int] | None:
+def agreed(decide: Callable[[], Resume], gather: Gather | None) -> Resume:
     """`decide()` (this process's view of the checkpoint to resume), the same on every process: one that raised
     raises its own error, the others an `OtherProcessFailedError` naming it, and processes that chose other steps
-    (a mount that shows a new checkpoint late) all refuse. A process that raised alone would leave the others to
-    wait in set-up's first collective, which names nothing. `gather`: every process's record, in process order
-    (None: a single process, nothing to agree). An interrupt (Ctrl-C) is told the others too, then raised."""
+    (a mount that shows a new checkpoint late) decide again, `DECIDE_TRIES` times in all, then all refuse. A process
+    that raised alone would leave the others to wait in set-up's first collective, which names nothing. `gather`:
+    every process's record, in process order (None: a single process, nothing to agree). An interrupt (Ctrl-C) is
+    told the others too, then raised. Every process gathers as often as the others: all read the same rows."""
+    if gather is None:
+        return decide()
+    for attempt in range(DECIDE_TRIES):
+        resume, rows = _gathered(decide, gather)
+        if failed := [f"process {index} failed: {decoded(row[1:]).removesuffix('.')}"
+                      for index, row in enumerate(rows) if row[1]]:
+            raise OtherProcessFailedError(f"{'; '.join(failed)}. Every process stops with it: all must start alike "
+                                          "(the same output_dir and checkpoint, on storage each of them shares).")
+        if len({int(row[0]) for row in rows}) == 1:
+            return resume
+        if attempt + 1 < DECIDE_TRIES:
+            time.sleep(RETRY_SECONDS)
+    chose = ", ".join(f"process {index}: {'none' if row[0] < 0 else f'step {row[0]}'}"
+                      for index, row in enumerate(rows))
+    raise ArgumentError("resume_from_checkpoint", f"the processes chose other checkpoints to resume ({chose}; looked "
+                        f"{DECIDE_TRIES} times, {RETRY_SECONDS:g} s apart): a save was completed while they looked, "
+                        "or some see the checkpoints directory late or not at all. Rerun once every host shows the "
+                        "same checkpoints, or pass one step directory (<output_dir>/checkpoints/<step>).")
+
+
+def _gathered(decide: Callable[[], Resume], gather: Gather) -> tuple[Resume, np.ndarray]:
+    """This process's decision and every process's record (its step, -1 for none, and its error line), after one
+    gather; a process whose decision raised raises it once the others have its line."""
     try:
         resume, failure = decide(), None
     except BaseException as error:  # each process must reach the gather the others wait in, whatever it raised
-        if gather is None:
-            raise
         resume, failure = None, error
-    if gather is None:
-        return resume
     step = -1 if resume is None else resume[1]
     record = np.concatenate([[step], encoded(_line(failure), LINE_CODES)])
     rows = np.asarray(gather(record.astype(np.int32))).reshape(-1, record.size)
     if failure is not None:
         raise failure
-    if failed := [f"process {index} failed: {decoded(row[1:]).removesuffix('.')}"
-                  for index, row in enumerate(rows) if row[1]]:
-        raise OtherProcessFailedError(f"{'; '.join(failed)}. Every process stops with it: all must start alike (the "
-                                      "same output_dir and checkpoint, on storage each of them shares).")
-    if len({int(row[0]) for row in rows}) > 1:
-        chose = ", ".join(f"process {index}: {'none' if row[0] < 0 else f'step {row[0]}'}"
-                          for index, row in enumerate(rows))
-        raise ArgumentError("resume_from_checkpoint", f"the processes chose other checkpoints to resume ({chose}): "
-                            "a save was completed while they looked, or some see the checkpoints directory late or "
-                            "not at all. Rerun once every host shows the same checkpoints, or pass one step "
-                            "directory (<output_dir>/checkpoints/<step>).")
-    return resume
+    return resume, rows
 
 
 def _line(failure: BaseException | None) -> str:
