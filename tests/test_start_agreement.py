@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 from easytrain.checkpoint import CheckpointNotFoundError
+from easytrain.errors import OutputDirError
 from easytrain.trainers import run_dir, start_agreement
 from easytrain.trainers.process_failure import OtherProcessFailedError
 from easytrain.trainers.start_agreement import agreed
 from runs import args_for, as_processes
-from test_unreadable_records_agreement import Collective, _checked_on, _process
+from test_unreadable_records_agreement import Collective, _built_on, _checked_on, _process
 
 RESUME = (Path("/run/checkpoints"), 4)
 
@@ -107,3 +108,21 @@ def test_a_step_one_process_sees_late_is_looked_for_again_before_refusing(monkey
 
     as_processes(process, 2, "agreed")
     assert outcomes == [RESUME, RESUME] and collective.calls == 2, outcomes
+
+
+def test_a_process_refused_in_a_run_that_neither_saves_nor_resumes_is_named_on_the_others(tmp_path, monkeypatch):
+    """save_strategy='no', nothing resumed: process 0 cannot write output_dir (its logs and export go there) and
+    refuses; process 1 names it. Before: nothing was gathered, process 1 built its trainer and would have waited in
+    set-up's first collective for process 0, named nowhere."""
+    real = run_dir.check_writable
+
+    def denied_on_process_0(directory):
+        if getattr(_process, "index", None) == 0:
+            raise OutputDirError(f"output_dir: cannot write to {str(directory)!r} (denied); choose a writable one.")
+        return real(directory)
+
+    monkeypatch.setattr(run_dir, "check_writable", denied_on_process_0)
+    (first, second), collective = _built_on(2, args_for(tmp_path / "fresh", save_strategy="no"), monkeypatch)
+    assert type(first) is OutputDirError, first
+    assert isinstance(second, OtherProcessFailedError) and "process 0 failed: OutputDirError" in str(second), second
+    assert collective.calls == 1

@@ -119,7 +119,7 @@ def test_a_process_that_cannot_read_the_lora_source_run_info_stops_every_trainer
     """`init_weights_from` under LoRA compares the source's run_info with this run's scaling when the trainer is
     built. Process 1 is denied that read: it raises its own `CheckpointReadError`, process 0 one naming it. Before,
     the check ran ahead of the agreement: process 1 raised alone and process 0 waited in its gather for it. A run
-    that neither saves nor resumes gathers for that check alone (else process 0 would build its trainer)."""
+    that neither saves nor resumes gathers too (else process 0 would build its trainer)."""
     _deny_run_info_on_process_1(monkeypatch)
     args = args_for(tmp_path / "fresh", lora_rank=4, init_weights_from=str(run_copy / "checkpoints" / "4"),
                     save_strategy=save_strategy)

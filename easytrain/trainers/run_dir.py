@@ -101,13 +101,14 @@ def check_output_dir(args: TrainingArguments, *, is_main_process: bool = True, g
     multi-process run, every process must see the same output_dir (`shared_output_dir`): else each would find
     other checkpoints here, and the run would hang at its first save. A resumed checkpoint whose run_info cannot be
     read is refused here, before any data or weights are read (`check_run_info_readable`). Every process decides
-    alike (`agreed`, over `gather`: by default `multihost_utils.process_allgather` where several processes use
-    output_dir or `check_start` is given), `check_start` included: a further check of the start decided (the
+    alike (`agreed`, over `gather`: by default `multihost_utils.process_allgather` wherever there are several
+    processes, since any of them may refuse, even in a run that neither saves nor resumes, where process 0 alone
+    writes its logs), `check_start` included: a further check of the start decided (the
     LoRA source of `init_weights_from`, `adapters.source_check`), given the checkpoint to resume, before output_dir
     is created.
     """
     shared_output_dir.check(args)
-    if gather is None and (shared_output_dir.needs_check(args) or check_start is not None) and _process_count() > 1:
+    if gather is None and _process_count() > 1:
         from jax.experimental import multihost_utils
 
         gather = multihost_utils.process_allgather
