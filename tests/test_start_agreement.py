@@ -4,6 +4,8 @@ deadline: tens of seconds for Gloo, many minutes for NCCL). Processes are thread
 
 from __future__ import annotations
 
+import threading
+import types
 from pathlib import Path
 
 import pytest
@@ -126,3 +128,26 @@ def test_a_process_refused_in_a_run_that_neither_saves_nor_resumes_is_named_on_t
     assert type(first) is OutputDirError, first
     assert isinstance(second, OtherProcessFailedError) and "process 0 failed: OutputDirError" in str(second), second
     assert collective.calls == 1
+
+
+def test_a_process_interrupted_between_two_looks_is_named_on_the_others(monkeypatch):
+    """The processes chose other steps and pause before looking again: Ctrl-C reaches process 1 in that pause. It
+    stops with it, and process 0 names it at the next look. Before: process 0 waited in that look's gather."""
+    def sleep(seconds: float) -> None:
+        if threading.current_thread().name.endswith("(1)"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(start_agreement, "time", types.SimpleNamespace(sleep=sleep))
+    collective, outcomes = Collective(2, timeout=5), [None] * 2
+
+    def process(index: int) -> None:
+        threading.current_thread().name = f"process ({index})"
+        try:
+            outcomes[index] = agreed(lambda: (RESUME[0], 2 + 2 * index), collective.at(index))
+        except BaseException as error:  # noqa: BLE001 - reported to the test, a KeyboardInterrupt too
+            outcomes[index] = error
+
+    as_processes(process, 2, "agreed")
+    assert type(outcomes[1]) is KeyboardInterrupt, outcomes
+    assert isinstance(outcomes[0], OtherProcessFailedError) and "process 1 failed: KeyboardInterrupt" in str(
+        outcomes[0]), outcomes

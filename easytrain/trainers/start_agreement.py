@@ -39,22 +39,30 @@ def agreed(decide: Callable[[], Resume], gather: Gather | None) -> Resume:
     told the others too, then raised. Every process gathers as often as the others: all read the same rows."""
     if gather is None:
         return decide()
-    for attempt in range(DECIDE_TRIES):
-        resume, rows = _gathered(decide, gather)
+    look = decide
+    for _ in range(DECIDE_TRIES):
+        resume, rows = _gathered(look, gather)
         if failed := [f"process {index} failed: {decoded(row[1:]).removesuffix('.')}"
                       for index, row in enumerate(rows) if row[1]]:
             raise OtherProcessFailedError(f"{'; '.join(failed)}. Every process stops with it: all must start alike "
                                           "(the same output_dir and checkpoint, on storage each of them shares).")
         if len({int(row[0]) for row in rows}) == 1:
             return resume
-        if attempt + 1 < DECIDE_TRIES:
-            time.sleep(RETRY_SECONDS)
+        look = _after_pause(decide)
     chose = ", ".join(f"process {index}: {'none' if row[0] < 0 else f'step {row[0]}'}"
                       for index, row in enumerate(rows))
     raise ArgumentError("resume_from_checkpoint", f"the processes chose other checkpoints to resume ({chose}; looked "
                         f"{DECIDE_TRIES} times, {RETRY_SECONDS:g} s apart): a save was completed while they looked, "
                         "or some see the checkpoints directory late or not at all. Rerun once every host shows the "
                         "same checkpoints, or pass one step directory (<output_dir>/checkpoints/<step>).")
+
+
+def _after_pause(decide: Callable[[], Resume]) -> Callable[[], Resume]:
+    """`decide` again after `RETRY_SECONDS`, the pause part of the decision: an interrupt in it is gathered too."""
+    def look() -> Resume:
+        time.sleep(RETRY_SECONDS)
+        return decide()
+    return look
 
 
 def _gathered(decide: Callable[[], Resume], gather: Gather) -> tuple[Resume, np.ndarray]:
