@@ -30,8 +30,8 @@ def test_jax_first_step_includes_its_run(runner):
 
 def test_summary_names_what_each_first_step_field_holds():
     rows = [{"window_seconds": [2.0, 4.0], "window_cpu_seconds": [2.0, 4.0], "timed_minor_faults": 0,
-             "timed_system_seconds": 0.0, "timed_stolen_seconds": 0.0, "first_step_ready_seconds": 10.0,
-             "trace_compile_seconds": 7.0, "peak_rss_mib": 1.0, "details": {}}]
+             "timed_system_seconds": 0.0, "timed_stolen_seconds": 0.0, "timed_thread_seconds": {},
+             "first_step_ready_seconds": 10.0, "trace_compile_seconds": 7.0, "peak_rss_mib": 1.0, "details": {}}]
     row = versus_torch.summarise({"easytrain": rows}, tokens_per_step=1, every=2, flops_per_token=1, peak=1e9)
     side = row["easytrain"]
     assert side["first_step_ready_seconds"] == 10.0 and side["trace_compile_seconds"] == 7.0
