@@ -29,8 +29,11 @@ def read_error(reader: str, step_dir: Path, error: BaseException, hint: str) -> 
         detail = detail[:_DETAIL_CHARS] + " ..."
     if isinstance(reason, json.JSONDecodeError) and (bad := first_invalid_json(step_dir)) is not None:
         detail = f"{bad} is not valid JSON: {detail}"
+    denied = isinstance(reason, PermissionError)
+    cause = ("this process may not read it: check the files' permissions and owner" if denied
+             else "it may be corrupted or truncated")
     return CheckpointReadError(f"{reader}: the checkpoint {step_dir} cannot be read ({type(reason).__name__}: "
-                               f"{detail}); it may be corrupted or truncated. It was left untouched; {hint}.")
+                               f"{detail}); {cause}. It was left untouched; {hint}.")
 
 
 def resume_read_error(root: Path, step: int, steps: list[int], error: BaseException) -> CheckpointReadError:

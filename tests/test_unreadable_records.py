@@ -123,8 +123,9 @@ def test_one_process_that_cannot_read_the_record_raises_instead_of_deciding_othe
         return real(path, *args, **kwargs)
 
     monkeypatch.setattr(Path, "read_text", denied)  # process 1 cannot
-    with pytest.raises(CheckpointReadError, match=r"PermissionError.*Permission denied"):
+    with pytest.raises(CheckpointReadError, match=r"PermissionError.*Permission denied") as refused:
         stored_record((root, 4), "arguments")
+    assert "corrupted" not in str(refused.value) and "permissions" in str(refused.value)  # a denial, not damage
 
 
 @pytest.mark.parametrize("damage", ["bad_json", "not_an_object"])
