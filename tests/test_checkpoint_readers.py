@@ -13,7 +13,7 @@ import pytest
 from orbax.checkpoint._src.handlers import json_checkpoint_handler
 
 from easytrain.checkpoint import CheckpointManager
-from easytrain.trainers.resume import _unreadable
+from easytrain.checkpoint_read_errors import resume_read_error
 
 STATE = {"w": jnp.arange(4.0)}
 
@@ -77,7 +77,7 @@ def test_the_run_manager_cleans_a_crashed_runs_leftovers(tmp_path: Path) -> None
 def test_a_vanished_checkpoint_is_reported_with_the_steps_there_now(tmp_path: Path) -> None:
     """A resume whose checkpoint a live run's retention removed meanwhile names the newer steps, not 'no earlier
     checkpoint exists; start a new output_dir'."""
-    error = _unreadable(tmp_path, 150, [160, 170], FileNotFoundError("missing .zarray"))
+    error = resume_read_error(tmp_path, 150, [160, 170], FileNotFoundError("missing .zarray"))
     message = str(error)
     assert "start a new output_dir" not in message
     assert "160, 170" in message and "still writing" in message

@@ -17,7 +17,7 @@ import jax
 
 from easytrain import checkpoint_items
 from easytrain.checkpoint import CheckpointManager, recorded_updates
-from easytrain.checkpoint_read_errors import first_invalid_json, innermost, resume_read_error  # noqa: F401 (as before)
+from easytrain.checkpoint_read_errors import innermost, resume_read_error
 from easytrain.checkpoint_signatures import (CheckpointMismatchError, CheckpointStructureError, path_name,
                                              tree_signature)
 from easytrain.data.position import DIGEST_KEY
@@ -30,7 +30,6 @@ from easytrain.trainers.resume_checks import (  # noqa: F401 (the checks, import
     moved_paths, refuse_changes, rerun_hint, warn_changes)
 
 logger = logging.getLogger("easytrain")
-_unreadable = resume_read_error  # its name here before `checkpoint_read_errors` held it
 
 
 class Restored(NamedTuple):
