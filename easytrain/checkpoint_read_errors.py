@@ -7,6 +7,7 @@ that the readers of single run_info records (`restore_checks`, `lora_record`) an
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from easytrain.checkpoint_dirs import finalized_steps
@@ -40,37 +41,39 @@ def resume_read_error(root: Path, step: int, steps: list[int], error: BaseExcept
     """A resumed checkpoint that cannot be read. `steps`: the complete checkpoints there now. One gone since it was
     chosen was likely removed by a run still writing there (its save_total_limit), which also makes newer ones: name
     those rather than advise a new run."""
-    if step not in steps:
-        return vanished_error("resume_from_checkpoint", root, step, steps, "Resume from")
-    earlier = [s for s in steps if s < step]
-    hint = (f"resume from an earlier one, e.g. --resume_from_checkpoint {root / str(earlier[-1])}" if earlier
-            else "no earlier checkpoint exists; start a new output_dir")
-    return read_error("resume_from_checkpoint", root / str(step), error, hint)
+    return _step_read_error("resume_from_checkpoint", root, step, steps, error, verb="Resume from",
+                            earlier=lambda path: f"resume from an earlier one, e.g. --resume_from_checkpoint {path}",
+                            no_earlier="no earlier checkpoint exists; start a new output_dir")
 
 
 def source_read_error(root: Path, step: int, error: BaseException) -> CheckpointReadError:
     """An `init_weights_from` checkpoint that cannot be read, with an earlier step or the run's export to pass; one
     gone meanwhile (its run trains on) as `vanished_error`."""
-    steps = finalized_steps(root)
-    if step not in steps:
-        return vanished_error("init_weights_from", root, step, steps, "Pass")
-    earlier = [s for s in steps if s < step]
     export = root.parent / "final_model"
-    hint = (f"pass an earlier one, e.g. --init_weights_from {root / str(earlier[-1])}" if earlier
-            else "no earlier checkpoint exists")
-    if (export / "config.json").is_file():
-        hint += f", or the run's exported model, --init_weights_from {export}"
-    return read_error("init_weights_from", root / str(step), error, hint)
+    also = f", or the run's exported model, --init_weights_from {export}" if (export / "config.json").is_file() else ""
+    return _step_read_error("init_weights_from", root, step, finalized_steps(root), error, verb="Pass",
+                            earlier=lambda path: f"pass an earlier one, e.g. --init_weights_from {path}",
+                            no_earlier="no earlier checkpoint exists", also=also)
 
 
 def restore_read_error(root: Path, step: int, steps: list[int], error: BaseException) -> CheckpointReadError:
     """A step `CheckpointManager.restore` cannot read (`steps`: the checkpoints there), with an earlier one; one
     gone meanwhile (a read-only manager beside a run that trains on) as `vanished_error`."""
+    return _step_read_error("CheckpointManager.restore", root, step, steps, error, verb="Restore",
+                            earlier=lambda path: f"restore an earlier one, e.g. step {path.name}",
+                            no_earlier="no earlier checkpoint exists")
+
+
+def _step_read_error(reader: str, root: Path, step: int, steps: list[int], error: BaseException, *, verb: str,
+                     earlier: Callable[[Path], str], no_earlier: str, also: str = "") -> CheckpointReadError:
+    """Step `step` of `root` that `reader` cannot read: `vanished_error` if it is no longer among `steps`, else
+    `read_error` with the hint `earlier(<the newest earlier step's directory>)` (`no_earlier` where there is none),
+    then `also`."""
     if step not in steps:
-        return vanished_error("CheckpointManager.restore", root, step, steps, "Restore")
-    earlier = [s for s in steps if s < step]
-    hint = f"restore an earlier one, e.g. step {earlier[-1]}" if earlier else "no earlier checkpoint exists"
-    return read_error("CheckpointManager.restore", root / str(step), error, hint)
+        return vanished_error(reader, root, step, steps, verb)
+    before = [s for s in steps if s < step]
+    hint = (earlier(root / str(before[-1])) if before else no_earlier) + also
+    return read_error(reader, root / str(step), error, hint)
 
 
 def vanished_error(reader: str, root: Path, step: int, steps: list[int], verb: str) -> CheckpointReadError:

@@ -27,8 +27,9 @@ class NonFiniteLossError(EasytrainError, FloatingPointError):
     """Training produced a NaN/Inf loss or gradient under `non_finite_policy='stop'`."""
 
 
-class CheckpointReadError(EasytrainError, OSError):
-    """A complete-looking checkpoint could not be read (corrupted or truncated files)."""
+class CheckpointReadError(EasytrainError, OSError, ValueError):
+    """A complete-looking checkpoint could not be read (corrupted, truncated or unreadable files). Also a `ValueError`,
+    the JSON decoder's error a damaged record raised before it was named, so code catching either still catches it."""
 
 
 class CheckpointWriteError(EasytrainError, OSError):

@@ -50,3 +50,13 @@ def test_restore_refuses_a_damaged_data_state_before_reading_any_array(run_copy,
                                                       rf"\(JSONDecodeError: {path} is not valid JSON.*step 2\."):
             manager.restore(4, abstract_state=None)
     assert restored == []
+
+
+def test_a_damaged_data_state_is_still_the_value_error_restore_raised_before(run_copy):
+    """`restore` raised the JSON decoder's `ValueError` for a damaged data_state before it named the checkpoint;
+    code around it that catches `ValueError` must still catch the named error (as it catches an `OSError`)."""
+    (run_copy / "checkpoints" / "4" / "data_state" / "metadata").write_text("xx\n")
+    with CheckpointManager(run_copy / "checkpoints", read_only=True) as manager:
+        with pytest.raises(ValueError) as caught:
+            manager.restore(4, abstract_state=None)
+    assert isinstance(caught.value, (CheckpointReadError, OSError))
