@@ -15,7 +15,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from easytrain.chunked_loss import token_scores
+from easytrain.chunked_loss import masked_token_sums, token_scores
 from easytrain.metrics import ExpMean, Mean, Metric
 
 
@@ -63,10 +63,11 @@ def accuracy(predictions: Predictions | TokenScores) -> Mean:
 
 
 def perplexity(predictions: Predictions | TokenScores) -> ExpMean:
-    """`exp` of the weighted mean cross-entropy of the labels, in float32."""
-    scored = scores(predictions)
-    weights = scored.weights.astype(jnp.float32)
-    return ExpMean(jnp.sum(scored.nll * weights), jnp.sum(weights))
+    """`exp` of the weighted mean cross-entropy of the labels, in float32: `exp` of the loss. Positions of weight 0
+    are selected away as the loss does (`masked_token_sums`): a label marked ignored by an id outside the classes
+    (-100) scores NaN there, and NaN * 0 is NaN."""
+    nll, count, _ = masked_token_sums(*scores(predictions))
+    return ExpMean(nll, count)
 
 
 #: Metrics computed inside the compiled eval step from `Predictions`.
