@@ -285,6 +285,8 @@ def generate(
     config = _resolved_config(generation_config, max_length, max_new_tokens=max_new_tokens, do_sample=do_sample,
                               temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
                               pad_token_id=pad_token_id)
+    if not _is_int(seed):  # else JAX fails on it inside jax.random.key, with a message that names no argument
+        raise GenerationError(f"seed = {seed!r} must be an int (the same seed and inputs give the same tokens).")
     ids_BL, mask_BL = _check_inputs(model, input_ids, attention_mask)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tokens_BN = _generate(graphdef, params, rest, ids_BL, mask_BL, jax.random.key(seed), config=config,
@@ -356,6 +358,10 @@ def pad_prompts(
     """Token lists packed into ``[N, L]`` ids and attention mask; L is the longest rounded up to ``multiple``."""
     if side not in ("left", "right"):
         raise GenerationError(f"side = {side!r}; choose 'left' or 'right'.")
+    if not _is_int(multiple) or multiple < 1:
+        raise GenerationError(f"multiple = {multiple!r} must be an int >= 1 (1: pad to the longest prompt only).")
+    if len(prompts) == 0:
+        raise GenerationError("prompts is empty; pass at least one prompt (a list of token ids).")
     longest = max(len(p) for p in prompts)
     length = -(-longest // multiple) * multiple
     ids_NL = np.full((len(prompts), length), pad_id, np.int32)
