@@ -119,6 +119,35 @@ def _check_value(field: dataclasses.Field, value: Any, declared: Any) -> None:
                                   "infinity).")
 
 
+#: String fields whose '' means something (XLA's own options, JAX's own cache, no stop file, no resume).
+EMPTY_ALLOWED = ("compiler_options", "compilation_cache_dir", "stop_file", "resume_from_checkpoint")
+
+
+def check_choices(args: Any, cls: type) -> None:
+    """Every `Literal` field of `cls` holds one of its choices (`check_types` leaves choices to the caller)."""
+    for field in dataclasses.fields(cls):
+        hint, optional = _split_optional(_hints(cls)[field.name])
+        value = getattr(args, field.name)
+        if typing.get_origin(hint) is Literal and not (optional and value is None):
+            choices = typing.get_args(hint)
+            if value not in choices or isinstance(value, bool):
+                raise ArgumentError(field.name, f"must be one of {', '.join(map(repr, choices))}, got "
+                                                f"{_shown(value)}.{choice_hint(value)}")
+
+
+def check_not_blank(args: Any, cls: type) -> None:
+    """A path, name or column given as '' (or spaces) is refused, not read as unset: `--train_file "$FILE"` with
+    the variable empty would otherwise train the embedded task, `init_weights_from=''` start from random weights."""
+    for field in dataclasses.fields(cls):
+        value = getattr(args, field.name)
+        if field.name in EMPTY_ALLOWED or not isinstance(value, str) or value.strip():
+            continue
+        _, optional = _split_optional(_hints(cls)[field.name])
+        fix = ("leave it unset (omit the flag; null in a config file)" if optional
+               else f"leave it out for the default {field.default!r}")
+        raise ArgumentError(field.name, f"is empty ({value!r}); give a value, or {fix}.")
+
+
 def check_given_values(args: Any, cls: type) -> None:
     """`check_types` over the fields of a task's dataclass `cls` whose value is not its default (after `normalize`):
     what a command line gives reaches the dataclass parsed but unchecked (NaN, infinity), while a default is the

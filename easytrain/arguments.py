@@ -326,6 +326,7 @@ def validate(args: TrainingArguments) -> None:
     """Fail before any compute, naming the field and the fix."""
     argument_checks.normalize(args, TrainingArguments)  # a string for a list; YAML's `no` (False) for 'no'
     argument_checks.check_types(args, TrainingArguments)  # first: the value checks compare values
+    argument_checks.check_not_blank(args, TrainingArguments)  # '' is no path: never read as unset
     argument_values.resolve_run_length(args)  # max_steps and num_train_epochs as given -> the values that decide
     argument_checks.resolve_best_metric(args)  # eval_ prefix, greater_is_better from the name if unset
     argument_values.check_values(args)

@@ -16,7 +16,8 @@ HEADER = """# Arguments reference
 Generated from `easytrain.TrainingArguments` by `python -m easytrain.reference > docs/arguments.md`;
 do not edit by hand. Every field is a command-line flag (`--name value`), a key of a `--config`
 YAML/JSON file, and a keyword of `TrainingArguments(...)`. Booleans that default to true are
-turned off with `--no_name`.
+turned off with `--no_name`. A path, name or column given as an empty string is refused (leave the
+field unset instead), except where `''` has a meaning said below.
 
 | argument | type | default | description |
 | --- | --- | --- | --- |

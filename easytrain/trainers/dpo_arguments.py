@@ -1,8 +1,8 @@
 """`DPOArguments`: the preference-optimisation options (`easytrain train --task dpo` flags), checked when made.
 
 They are refused at construction with the field named, before any data or model work: a value of another type, NaN or
-infinity in any number, unknown losses, a weight per loss, the ranges of beta, label smoothing and the chunk and
-prompt lengths, TR-DPO's options (a moving reference cannot be precomputed), and an
+infinity in any number, an empty path ('' is not unset), unknown losses, a weight per loss, the ranges of beta, label
+smoothing and the chunk and prompt lengths, TR-DPO's options (a moving reference cannot be precomputed), and an
 option no chosen loss reads (a reference for reference-free losses, label smoothing for losses without it).
 """
 
@@ -57,6 +57,7 @@ class DPOArguments:
         # Types first, and no NaN or infinity in any number (a NaN beta skipped every update and exited 0).
         argument_checks.normalize(self, DPOArguments)
         argument_checks.check_types(self, DPOArguments)
+        argument_checks.check_not_blank(self, DPOArguments)
         unknown = [name for name in self.loss_type if name not in PREFERENCE_LOSSES]
         checks = [
             (not self.loss_type or unknown, "loss_type", f"unknown loss(es) {unknown}; choose from "

@@ -18,6 +18,7 @@ from typing import Any, Callable, Literal, Mapping, Optional
 import jax
 import numpy as np
 
+from easytrain import argument_checks
 from easytrain.arguments import TrainingArguments
 from easytrain.data import (PaddedCollate, RowSource, SFTDataOptions, bucket_lengths, pack_examples, packed_collate,
                             tokenize_sft_dataset)
@@ -64,7 +65,11 @@ class SFTArguments:
     max_new_tokens: int = field(default=64, metadata={"help": "Tokens generated per prompt in that evaluation."})
 
     def __post_init__(self) -> None:
-        from easytrain.errors import ArgumentError
+        # Types and choices first (packing='no' would pack; a bad packing_strategy was refused after the data work).
+        argument_checks.normalize(self, SFTArguments)
+        argument_checks.check_types(self, SFTArguments)
+        argument_checks.check_choices(self, SFTArguments)
+        argument_checks.check_not_blank(self, SFTArguments)
         if self.generation_eval_samples < 0:
             raise ArgumentError("generation_eval_samples", f"must be a number of eval prompts >= 0 (0: no evaluation "
                                 f"by generation), got {self.generation_eval_samples}.")
