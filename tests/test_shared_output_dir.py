@@ -32,7 +32,7 @@ def run_processes(directories: list[Path]) -> list[BaseException | None]:
 
     def process(index):
         try:
-            shared_output_dir.check_processes_share(directories[index], index, gather_for(index))
+            shared_output_dir.check_processes_share(directories[index], gather_for(index), is_main_process=index == 0)
         except BaseException as error:  # noqa: BLE001 - reported to the test
             outcomes[index] = error
 
@@ -96,8 +96,8 @@ def test_only_runs_that_checkpoint_or_resume_are_checked(tmp_path, save_strategy
 
 
 def test_a_single_process_writes_no_token(tmp_path):
-    shared_output_dir.check(TrainingArguments(output_dir=str(tmp_path / "run"), save_strategy="steps"))
-    assert not (tmp_path / "run").exists()
+    assert check_output_dir(TrainingArguments(output_dir=str(tmp_path / "run"), save_strategy="steps")) is None
+    assert list((tmp_path / "run").iterdir()) == []
 
 
 def test_no_token_is_left_when_a_gather_fails(tmp_path):
@@ -111,7 +111,7 @@ def test_no_token_is_left_when_a_gather_fails(tmp_path):
         return np.stack([record, record])
 
     with pytest.raises(KeyboardInterrupt):
-        shared_output_dir.check_processes_share(tmp_path, 0, gather)
+        shared_output_dir.check_processes_share(tmp_path, gather, is_main_process=True)
     assert [p.name for p in tmp_path.iterdir()] == []
 
 
@@ -142,7 +142,7 @@ def test_a_refused_run_keeps_directories_it_did_not_create_or_that_hold_files(tm
         return np.stack([record, record])
 
     with pytest.raises(ArgumentError):
-        shared_output_dir.check_processes_share(created, 0, gather)
+        shared_output_dir.check_processes_share(created, gather, is_main_process=True)
     assert [p.name for p in created.iterdir()] == ["late.txt"], "a directory holding a file was removed"
 
 
@@ -151,7 +151,7 @@ def test_a_failed_gather_or_an_unwritable_dir_leaves_no_directory_it_created(tmp
         raise KeyboardInterrupt("a signal during the gather")
 
     with pytest.raises(KeyboardInterrupt):
-        shared_output_dir.check_processes_share(tmp_path / "a" / "b", 0, failing)
+        shared_output_dir.check_processes_share(tmp_path / "a" / "b", failing, is_main_process=True)
     assert not (tmp_path / "a").exists()
     monkeypatch.setattr(shared_output_dir, "_token_name", lambda nonce: "missing/token")  # the write fails
     outcomes = run_processes([tmp_path / "made" / "run"] * 2)

@@ -8,8 +8,9 @@ or both). Without LoRA every function here is the identity of the full fine-tuni
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 from flax import nnx
@@ -29,7 +30,7 @@ from easytrain.trainers.run_dir import StartCheck
 def run_config(args: Any) -> LoRAConfig | None:
     """The run's `LoRAConfig`: from `lora_adapter_path`'s adapter_config.json when set (read again at every start:
     a resume compares it with the one its checkpoint recorded, `lora_record`), else from the `lora_*` arguments
-    (None when `lora_rank` is 0). Its `init_weights_from` source is compared by `source_check`."""
+    (None when `lora_rank` is 0). A trainer reads it inside its start's agreement (`start_check`)."""
     if not args.lora_adapter_path:
         return from_arguments(args)
     config, _ = read_peft_config(args.lora_adapter_path)
@@ -37,20 +38,21 @@ def run_config(args: Any) -> LoRAConfig | None:
     return config
 
 
-def source_check(args: Any, config: LoRAConfig | None) -> StartCheck | None:
-    """What `run_dir.check_output_dir` runs on the checkpoint it decided to resume (None: nothing to check): an
-    `init_weights_from` source's adapters of another rank or scaling are refused on a fresh start only, since a resume
-    continues its own adapters (the resume wins), whatever the source became since. Run inside that decision, a
-    source one process cannot read stops every process alike (`start_agreement`); the resume is the one it decided,
-    so the checkpoints are not listed again to learn whether it resumes."""
-    if config is None or not args.init_weights_from:
-        return None
+def start_check(args: Any) -> tuple[StartCheck, Callable[[], LoRAConfig | None]]:
+    """What `run_dir.check_output_dir` runs on the checkpoint it decided to resume, and the run's `LoRAConfig` it
+    read there (`run_config`, read once however often the processes look). Run inside that decision, an adapter
+    config one process cannot read (its mount, its permissions, bad JSON) stops every process alike
+    (`start_agreement`): read before it, that process raised alone and the others waited in a later collective,
+    named nowhere. An `init_weights_from` source's adapters of another rank or scaling are refused on a fresh start
+    only, since a resume continues its own adapters (the resume wins), whatever the source became since; the resume
+    is the one decided, so the checkpoints are not listed again to learn whether it resumes."""
+    config = functools.cache(lambda: run_config(args))
 
     def check(resume: tuple[Path, int] | None) -> None:
-        if resume is None:
-            check_source_lora(args.init_weights_from, config, args.lora_adapter_path)
+        if (lora := config()) is not None and args.init_weights_from and resume is None:
+            check_source_lora(args.init_weights_from, lora, args.lora_adapter_path)
 
-    return check
+    return check, config
 
 
 def _adapter_values(config: LoRAConfig) -> dict[str, Any]:

@@ -88,7 +88,6 @@ class BaseTrainer(ProtocolProperties, InitialPolicyHooks, RunRecordHooks, TrainS
                  callbacks: Sequence[Callback] = (), evaluators: Sequence[Evaluator] = ()):
         self._arguments = arguments if arguments is not None else TrainingArguments()
         distributed.initialize(self._arguments)  # before any other JAX call
-        self.lora = adapters.run_config(self._arguments)  # a LoRAConfig when lora_rank > 0 or lora_adapter_path
         self._given_model = model
         self.tokenizer = tokenizer
         self._raw_train, self._raw_eval = dataset_train, dataset_eval
@@ -96,8 +95,10 @@ class BaseTrainer(ProtocolProperties, InitialPolicyHooks, RunRecordHooks, TrainS
         self.evaluators: list[Evaluator] = list(evaluators)
         self.should_stop = False
         self.is_main_process = jax.process_index() == 0
+        check_start, lora = adapters.start_check(self._arguments)  # its reads part of the start all processes agree
         self._resume_from = check_output_dir(self._arguments, is_main_process=self.is_main_process,
-                                             check_start=adapters.source_check(self._arguments, self.lora))
+                                             check_start=check_start)
+        self.lora = lora()  # a LoRAConfig when lora_rank > 0 or lora_adapter_path
         self._output_dir_claimed = False
         self.mesh = self.configure_mesh()
         sharding.check_mesh(self.mesh)

@@ -103,16 +103,35 @@ def check_output_dir(args: TrainingArguments, *, is_main_process: bool = True, g
     read is refused here, before any data or weights are read (`check_run_info_readable`). Every process decides
     alike (`agreed`, over `gather`: by default `multihost_utils.process_allgather` wherever there are several
     processes, since any of them may refuse, even in a run that neither saves nor resumes, where process 0 alone
-    writes its logs), `check_start` included: a further check of the start decided (the
-    LoRA source of `init_weights_from`, `adapters.source_check`), given the checkpoint to resume, before output_dir
-    is created.
+    writes its logs), `check_start` included: a further check of the start decided (the LoRA adapter config and
+    source, `adapters.start_check`), given the checkpoint to resume, before output_dir is created. The shared-storage
+    check's answer travels in the agreement's gather: two gathers in all where it applies, one elsewhere. A start
+    refused on any process leaves no directory that process 0 made for it.
     """
-    shared_output_dir.check(args)
     if gather is None and _process_count() > 1:
         from jax.experimental import multihost_utils
 
         gather = multihost_utils.process_allgather
-    return agreed(lambda: _checked_resume(args, is_main_process, check_start), gather)
+    output_dir = Path(args.output_dir)
+    created = shared_output_dir.missing_directories(output_dir) if is_main_process else []
+    try:
+        return _agreed_start(args, is_main_process, gather, check_start)
+    except BaseException:
+        shared_output_dir.remove_empty(created)  # check_writable's, where another process refused
+        raise
+
+
+def _agreed_start(args: TrainingArguments, is_main_process: bool, gather: Gather | None,
+                  check_start: StartCheck | None) -> tuple[Path, int] | None:
+    """`check_output_dir`'s collectives: the shared-storage check (where every process uses output_dir) around the
+    agreement, whose first gather carries its answer."""
+    def agree(gather: Gather | None) -> tuple[Path, int] | None:
+        return agreed(lambda: _checked_resume(args, is_main_process, check_start), gather)
+
+    if gather is None or not shared_output_dir.needs_check(args):
+        return agree(gather)
+    return shared_output_dir.check_processes_share(Path(args.output_dir), gather, is_main_process=is_main_process,
+                                                   then=agree)
 
 
 #: A check of the start `check_output_dir` decided, given the checkpoint to resume (None: a fresh start).

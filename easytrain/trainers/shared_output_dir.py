@@ -3,11 +3,13 @@ there and process 0 completes it, so a process whose output_dir lies on storage 
 at the same path, or another --output_dir) leaves the save waiting forever for files it cannot see, with no error.
 
 At set-up, before any compute, process 0 writes a token file holding a fresh random nonce into its output_dir; the
-processes exchange that nonce (one small gather, which also orders the write before every read), each reads the
-token back from its own output_dir, and a second gather tells all of them who saw it. Every process then raises
-the same `ArgumentError`, and process 0 removes the token (and, when the run is refused, the directories it made
-to hold it, while empty: a refused run leaves the file system as it found it). A single process, and a run that
-neither checkpoints nor resumes (each process then writes nothing there, or only process 0 does), compare nothing.
+processes exchange that nonce (one small gather, which also orders the write before every read), and each reads the
+token back from its own output_dir. Who saw it travels in the next gather, beside what the caller gathers then (the
+start each process decided, `start_agreement`): no gather of its own. Every process then raises the same
+`ArgumentError`, whatever else it gathered, and process 0 removes the token (and, when the run is refused, by this
+check or by the caller, the directories it made to hold it, while empty: a refused run leaves the file system as it
+found it). A single process, and a run that neither checkpoints nor resumes (each process then writes nothing there,
+or only process 0 does), compare nothing.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import time
 import uuid
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 import numpy as np
 
@@ -29,6 +31,7 @@ _NO_RESUME = frozenset({"false", "none", ""})  # resume_from_checkpoint values t
 _READ_TRIES = 3  # a token not seen at once is looked for again (a mount may show a new file a little late)
 
 Gather = Callable[[np.ndarray], np.ndarray]
+T = TypeVar("T")
 
 
 def needs_check(args: TrainingArguments) -> bool:
@@ -38,21 +41,13 @@ def needs_check(args: TrainingArguments) -> bool:
     return args.save_strategy != "no" or resumes
 
 
-def check(args: TrainingArguments) -> None:
-    """Refuse, in every process alike, an output_dir that is not the same storage for all (see the module doc)."""
-    import jax
-
-    if jax.process_count() <= 1 or not needs_check(args):
-        return
-    from jax.experimental import multihost_utils
-
-    check_processes_share(Path(args.output_dir), jax.process_index(), multihost_utils.process_allgather)
-
-
-def check_processes_share(output_dir: Path, index: int, gather: Gather) -> None:
-    """Process `index`'s part of the check. `gather` stacks every process's record in process order (a collective:
-    every process calls it the same number of times, whatever it finds)."""
-    nonce, written, created = _write_token(output_dir) if index == 0 else (b"", None, [])
+def check_processes_share(output_dir: Path, gather: Gather, *, is_main_process: bool,
+                          then: Callable[[Gather], T] = lambda gather: gather(np.zeros(0, np.uint8))) -> T:
+    """This process's part of the check, then `then(gather)`, whose first gather carries who saw the token (a
+    refusal raised from it on every process alike). `gather` stacks every process's record in process order (a
+    collective: every process calls it the same number of times, whatever it finds); by default `then` gathers
+    nothing more. A `then` that raises is a refused run too: the directories made for the token are removed."""
+    nonce, written, created = _write_token(output_dir) if is_main_process else (b"", None, [])
     record = np.zeros(1 + _NONCE_BYTES + 2 + _PATH_BYTES, dtype=np.uint8)
     record[0] = written is None
     record[1:1 + len(nonce)] = np.frombuffer(nonce, dtype=np.uint8)
@@ -67,16 +62,27 @@ def check_processes_share(output_dir: Path, index: int, gather: Gather) -> None:
             raise OutputDirError(f"output_dir: process 0 cannot write to {paths[0]!r}; choose a writable "
                                  "--output_dir on storage every process shares.") from written
         token = everyone[0, 1:1 + _NONCE_BYTES].tobytes()
-        seen = np.asarray(gather(np.array([_sees(output_dir, token)], dtype=np.uint8))).reshape(-1)
-        blind = [process for process, saw in enumerate(seen) if not saw]
-        refused = bool(blind)
+        result = then(_telling_sight(gather, _sees(output_dir, token), paths))
+        refused = False
     finally:  # whatever happens (a peer gone, a signal), process 0's token does not outlive the check
-        if index == 0 and written is None:
+        if is_main_process and written is None:
             _remove(output_dir / _token_name(nonce))
         if refused:  # nor do the directories it made for the token: a refused run leaves the disk as it was
-            _remove_empty(created)
-    if blind:
-        raise ArgumentError("output_dir", _message(blind, paths))
+            remove_empty(created)
+    return result
+
+
+def _telling_sight(gather: Gather, saw: bool, paths: list[str]) -> Gather:
+    """`gather` with whether this process saw the token put before its record (and taken off every row): where any
+    process did not see it, every process raises the same `ArgumentError` instead of returning the rows."""
+    def gather_telling(record: np.ndarray) -> np.ndarray:
+        record = np.asarray(record)
+        rows = np.asarray(gather(np.concatenate([np.array([saw], dtype=record.dtype), record])))
+        rows = rows.reshape(-1, record.size + 1)
+        if blind := [process for process, row in enumerate(rows) if not row[0]]:
+            raise ArgumentError("output_dir", _message(blind, paths))
+        return rows[:, 1:]
+    return gather_telling
 
 
 def _token_name(nonce: bytes) -> str:
@@ -87,7 +93,7 @@ def _write_token(output_dir: Path) -> tuple[bytes, OSError | None, list[Path]]:
     """Process 0: a new nonce, why its token could not be written if so (shown as the error's cause), and the
     directories made for it (output_dir and missing parents, deepest first) that a refused run removes again."""
     nonce = uuid.uuid4().bytes
-    missing = _missing(output_dir)
+    missing = missing_directories(output_dir)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / _token_name(nonce)).write_bytes(nonce)
@@ -96,7 +102,7 @@ def _write_token(output_dir: Path) -> tuple[bytes, OSError | None, list[Path]]:
     return nonce, None, missing
 
 
-def _missing(directory: Path) -> list[Path]:
+def missing_directories(directory: Path) -> list[Path]:
     """`directory` and its ancestors that do not exist yet, deepest first (up to one that cannot be looked at:
     this never raises, so process 0 always reaches the gathers its peers wait in)."""
     missing, path = [], directory.absolute()
@@ -109,7 +115,7 @@ def _missing(directory: Path) -> list[Path]:
     return missing
 
 
-def _remove_empty(directories: list[Path]) -> None:
+def remove_empty(directories: list[Path]) -> None:
     """Remove these directories, deepest first, while they are empty (a file someone put there keeps its own)."""
     for directory in directories:
         try:

@@ -74,7 +74,12 @@ def _gathered(decide: Callable[[], Resume], gather: Gather) -> tuple[Resume, np.
         resume, failure = None, error
     step = -1 if resume is None else resume[1]
     record = np.concatenate([[step], encoded(_line(failure), LINE_CODES)])
-    rows = np.asarray(gather(record.astype(np.int32))).reshape(-1, record.size)
+    try:
+        rows = np.asarray(gather(record.astype(np.int32))).reshape(-1, record.size)
+    except Exception:  # a refusal the gather carried (`shared_output_dir`): this process's interrupt stays one
+        if failure is not None and not isinstance(failure, Exception):
+            raise failure from None
+        raise
     if failure is not None:
         raise failure
     return resume, rows
