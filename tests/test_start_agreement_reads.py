@@ -10,6 +10,7 @@ from pathlib import Path
 
 import jax
 import pytest
+from easytrain import compilation_cache
 from easytrain.errors import ArgumentError
 from easytrain.trainers.process_failure import OtherProcessFailedError
 from easytrain.trainers.run_dir import check_output_dir
@@ -117,3 +118,19 @@ def test_a_process_that_cannot_read_the_adapter_config_stops_every_trainer_at_co
     assert isinstance(first, OtherProcessFailedError), first
     assert "process 1 failed: PermissionError" in str(first) and "adapter_config.json" in str(first), first
     assert not (tmp_path / "new").exists(), "the refused start left output_dir behind"
+
+
+def test_a_process_that_cannot_create_its_compilation_cache_stops_every_trainer_at_construction(tmp_path, monkeypatch):
+    """`compilation_cache_dir` may differ per host (`PER_HOST_FIELDS`): process 1 cannot create its own. It raises its
+    own `ArgumentError`, process 0 one naming it. Before: the cache was enabled after the agreement, so process 1
+    raised alone and process 0 built its trainer, to wait in set-up's first collective for it, named nowhere."""
+    def enable(setting):
+        if _process.index == 1:
+            raise ArgumentError("compilation_cache_dir", "cannot create '/host1/cache' (denied); give a writable one.")
+        return None
+
+    monkeypatch.setattr(compilation_cache, "enable", enable)
+    (first, second), _ = _built_on(2, args_for(tmp_path / "run", save_strategy="no"), monkeypatch)
+    assert type(second) is ArgumentError and second.field == "compilation_cache_dir", second
+    assert isinstance(first, OtherProcessFailedError), first
+    assert "process 1 failed: ArgumentError: compilation_cache_dir" in str(first), first

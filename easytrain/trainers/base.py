@@ -95,17 +95,23 @@ class BaseTrainer(ProtocolProperties, InitialPolicyHooks, RunRecordHooks, TrainS
         self.evaluators: list[Evaluator] = list(evaluators)
         self.should_stop = False
         self.is_main_process = jax.process_index() == 0
-        check_start, lora = adapters.start_check(self._arguments)  # its reads part of the start all processes agree
+        check_lora, lora = adapters.start_check(self._arguments)
+        cache_dir = functools.cache(lambda: compilation_cache.enable(self._arguments.compilation_cache_dir))
+
+        def check_start(resume: Any) -> None:  # what one process alone may fail: the others name it (start_agreement)
+            check_lora(resume)  # lora_adapter_path's config, init_weights_from's run_info
+            cache_dir()  # a directory of each host's own (PER_HOST_FIELDS), which one may be unable to create
+
         self._resume_from = check_output_dir(self._arguments, is_main_process=self.is_main_process,
                                              check_start=check_start)
         self.lora = lora()  # a LoRAConfig when lora_rank > 0 or lora_adapter_path
+        self.compilation_cache_dir = cache_dir()
         self._output_dir_claimed = False
         self.mesh = self.configure_mesh()
         sharding.check_mesh(self.mesh)
         self.compiler_options = compiler_options.for_platform(self._arguments.compiler_options,
                                                               self.mesh.devices.flat[0].platform)
         host_memory.advise(self.mesh.devices.flat[0].platform)
-        self.compilation_cache_dir = compilation_cache.enable(self._arguments.compilation_cache_dir)
         self._data: ConfiguredDataloaders | None = None
         self._model: ConfiguredModel | None = None
         self._functions: ConfiguredFunctions | None = None
