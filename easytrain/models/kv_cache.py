@@ -20,7 +20,13 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from easytrain.errors import EasytrainError
+
 Array = jax.Array
+
+
+class CacheOverflowError(EasytrainError, ValueError):
+    """More tokens written into a key/value cache than it has slots."""
 
 
 class LayerCache(NamedTuple):
@@ -103,12 +109,29 @@ def init_cache(
     )
 
 
+def check_room(cache: KVCache, new: int) -> None:
+    """Refuses ``new`` tokens that do not fit in the cache's slots, where the write index is known (eager
+    decoding): the write would be clamped to end at the last slot, overwriting earlier keys and values silently.
+    Inside a compiled program the index is traced and cannot be checked (``generate`` sizes its own cache)."""
+    index = cache.index
+    if isinstance(index, jax.core.Tracer) or not getattr(index, "is_fully_addressable", True):
+        return
+    slots, written = cache.positions_BS.shape[1], int(index)
+    if written + new > slots:
+        raise CacheOverflowError(
+            f"the key/value cache holds {slots} slots, {written} of them written: {new} more token(s) do not fit "
+            "(the write would overwrite the last slots). Make it with model.init_cache(batch, max_length) and "
+            f"max_length >= prompt length + tokens to decode (here at least {written + new}).")
+
+
 def advance(cache: KVCache, attention_mask_BT: Array) -> tuple[Array, KVCache]:
     """Positions of ``T`` new tokens, and the cache's bookkeeping with them appended.
 
     Real tokens continue each row's count (so left, right or no padding give the same positions);
     padding gets -1. Keys and values are left to the layers, which write at the old ``index``.
+    Raises ``CacheOverflowError`` (eagerly, see ``check_room``) if they do not fit.
     """
+    check_room(cache, attention_mask_BT.shape[1])
     real_BT = attention_mask_BT != 0
     counts_BT = jnp.cumsum(real_BT, axis=1, dtype=jnp.int32)
     positions_BT = jnp.where(real_BT, cache.lengths_B[:, None] + counts_BT - 1, -1)
