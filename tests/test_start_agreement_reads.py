@@ -5,15 +5,21 @@ behind. Processes are threads joined by a stand-in for `multihost_utils.process_
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 import jax
 import pytest
 from easytrain import compilation_cache
+from easytrain.data.errors import DataError
 from easytrain.errors import ArgumentError
+from easytrain.trainers import dpo
+from easytrain.trainers.dpo import DPOTrainer
+from easytrain.trainers.dpo_arguments import DPOArguments
 from easytrain.trainers.process_failure import OtherProcessFailedError
 from easytrain.trainers.run_dir import check_output_dir
+from easytrain.trainers.sft import SFTArguments, SFTTrainer
 from jax.experimental import multihost_utils
 from runs import args_for, as_processes
 from test_unreadable_records_agreement import Collective, _built_on, _process
@@ -134,3 +140,40 @@ def test_a_process_that_cannot_create_its_compilation_cache_stops_every_trainer_
     assert type(second) is ArgumentError and second.field == "compilation_cache_dir", second
     assert isinstance(first, OtherProcessFailedError), first
     assert "process 1 failed: ArgumentError: compilation_cache_dir" in str(first), first
+
+
+def _denied_on_process_1(monkeypatch, name: str) -> None:
+    """Process 1 may not read files called `name` (its host's mount, its user); the others read as usual."""
+    real = Path.read_text
+
+    def denied(path, *args, **kwargs):
+        if getattr(_process, "index", None) == 1 and path.name == name:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", denied)
+
+
+def test_a_process_that_cannot_read_the_chat_template_stops_every_sft_trainer_at_construction(tmp_path, monkeypatch):
+    """SFT reads `chat_template_path` when it is built. Before: process 1 raised reading it ahead of the agreement
+    (even ahead of joining the other processes), and process 0 waited in the agreement's gather for it."""
+    (template := tmp_path / "template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    _denied_on_process_1(monkeypatch, template.name)
+    build = functools.partial(SFTTrainer, sft_arguments=SFTArguments(chat_template_path=str(template)))
+    (first, second), _ = _built_on(2, args_for(tmp_path / "run", save_strategy="no"), monkeypatch, build)
+    assert type(second) is DataError and "chat_template_path" in str(second), second
+    assert isinstance(first, OtherProcessFailedError) and "process 1 failed: DataError" in str(first), first
+
+
+def test_a_process_that_cannot_find_the_dpo_reference_stops_every_dpo_trainer_at_construction(tmp_path, monkeypatch):
+    """DPO checks `ref_model_name_or_path` (a local path, or a hub id's config) when it is built: one host's mount may
+    lack it. Before: process 1 raised ahead of the agreement, and process 0 waited in its gather for it."""
+    def missing_on_process_1(path):
+        if _process.index == 1:
+            raise ArgumentError("ref_model_name_or_path", f"{path!r} does not exist on this host.")
+
+    monkeypatch.setattr(dpo, "check_reference_path", missing_on_process_1)
+    build = functools.partial(DPOTrainer, dpo_arguments=DPOArguments(ref_model_name_or_path=str(tmp_path / "ref")))
+    (first, second), _ = _built_on(2, args_for(tmp_path / "run", save_strategy="no"), monkeypatch, build)
+    assert type(second) is ArgumentError and second.field == "ref_model_name_or_path", second
+    assert isinstance(first, OtherProcessFailedError) and "process 1 failed: ArgumentError" in str(first), first

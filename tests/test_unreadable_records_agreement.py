@@ -130,9 +130,9 @@ def test_a_process_that_cannot_read_the_lora_source_run_info_stops_every_trainer
     assert collective.calls == (2 if save_strategy == "steps" else 1)  # output_dir's token where it saves
 
 
-def _built_on(count: int, args, monkeypatch) -> tuple[list, Collective]:
-    """A `BaseTrainer` built on `count` emulated processes: what each built or raised. Each thread reports its own
-    process index, and several processes (`check_output_dir` then gathers, through `collective`)."""
+def _built_on(count: int, args, monkeypatch, build=BaseTrainer) -> tuple[list, Collective]:
+    """`build(args)` (a `BaseTrainer`) on `count` emulated processes: what each built or raised. Each thread reports
+    its own process index, and several processes (`check_output_dir` then gathers, through `collective`)."""
     collective, outcomes = Collective(count, timeout=20), [None] * count
     monkeypatch.setattr(jax, "process_index", lambda: getattr(_process, "index", 0))
     monkeypatch.setattr(run_dir, "_process_count", lambda: count)
@@ -141,7 +141,7 @@ def _built_on(count: int, args, monkeypatch) -> tuple[list, Collective]:
     def process(index: int) -> None:
         _process.index = index
         try:
-            outcomes[index] = BaseTrainer(args)
+            outcomes[index] = build(args)
         except Exception as error:  # noqa: BLE001 - reported to the test
             outcomes[index] = error
 

@@ -99,6 +99,7 @@ class BaseTrainer(ProtocolProperties, InitialPolicyHooks, RunRecordHooks, TrainS
         cache_dir = functools.cache(lambda: compilation_cache.enable(self._arguments.compilation_cache_dir))
 
         def check_start(resume: Any) -> None:  # what one process alone may fail: the others name it (start_agreement)
+            self.check_inputs()
             check_lora(resume)  # lora_adapter_path's config, init_weights_from's run_info
             cache_dir()  # a directory of each host's own (PER_HOST_FIELDS), which one may be unable to create
 
@@ -123,6 +124,13 @@ class BaseTrainer(ProtocolProperties, InitialPolicyHooks, RunRecordHooks, TrainS
         self.base_fingerprint: dict[str, list[int]] | None = None  # of the frozen base under LoRA
         self.resumed_data_state: dict[str, Any] | None = None
         self.loop: TrainLoop | None = None
+
+    def check_inputs(self) -> None:
+        """Check the files this trainer's own arguments name, which one process alone may fail to read (a mount of its
+        host's that lacks one): called when the trainer is built, inside the start every process agrees on, so that
+        the others name that process instead of waiting for it in a later collective. Nothing here; SFT reads its
+        chat template, DPO its reference model's config. Called again if the processes look at their checkpoints
+        again (`start_agreement`), before `output_dir` is made."""
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:

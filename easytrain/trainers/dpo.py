@@ -76,8 +76,6 @@ class DPOTrainer(DPORecordHooks, BaseTrainer):
             raise TypeError(f"dpo_arguments must be a DPOArguments, got {type(dpo_arguments).__name__}; pass "
                             "DPOArguments(...) (or None for its defaults).")
         self.dpo = dpo_arguments or DPOArguments()
-        if self.dpo.ref_model_name_or_path:  # refused before any data work: no such path, an unresolvable hub id
-            check_reference_path(self.dpo.ref_model_name_or_path)
         self.task_arguments = (self.dpo,)
         self.formatting_func = formatting_func
         self.data_stats: dict[str, dict[str, float]] = {}
@@ -92,6 +90,10 @@ class DPOTrainer(DPORecordHooks, BaseTrainer):
         if self.dpo.disable_dropout and self.lora is not None and self.lora.dropout > 0:
             logger.warning("lora_dropout=%s is off in the DPO loss (disable_dropout, the default); pass "
                            "--no_disable_dropout to train with it.", self.lora.dropout)
+
+    def check_inputs(self) -> None:
+        if self.dpo.ref_model_name_or_path:  # refused before any data work: no such path, an unresolvable hub id
+            check_reference_path(self.dpo.ref_model_name_or_path)
 
     # ------------------------------------------------------------------ data
     def prepare_datasets(self) -> tuple[RowSource, RowSource | None]:

@@ -100,12 +100,14 @@ class SFTTrainer(BaseTrainer):
             raise TypeError(f"sft_arguments must be an SFTArguments, got {type(sft_arguments).__name__}; pass "
                             "SFTArguments(...) (or None for its defaults).")
         self.sft_arguments = sft_arguments or SFTArguments()
-        if self.sft_arguments.chat_template_path:  # a missing file or a Jinja syntax error: before any data work
-            read_chat_template(self.sft_arguments.chat_template_path)
         self.task_arguments = (self.sft_arguments,)
         self.formatting_func, self.answer_metrics = formatting_func, compute_metrics  # not the on-device hook
         self.data_stats: dict[str, dict[str, float]] = {}
         super().__init__(arguments, **kwargs)
+
+    def check_inputs(self) -> None:
+        if self.sft_arguments.chat_template_path:  # a missing file or a Jinja syntax error: before any data work
+            read_chat_template(self.sft_arguments.chat_template_path)
 
     def prepare_datasets(self) -> tuple[RowSource, RowSource | None]:
         args, sft = self.arguments, self.sft_arguments
