@@ -231,7 +231,7 @@ class TrainingArguments:
     )
     metric_for_best_model: Optional[str] = _arg(
         None, "Eval metric (e.g. 'eval_loss'; 'accuracy' means 'eval_accuracy') used to keep the best checkpoint and "
-        "for early stopping.")
+        "for early stopping; needs an eval_strategy other than 'no' and evaluation data.")
     greater_is_better: Optional[bool] = _arg(
         None, "Whether a larger metric_for_best_model is better. Unset: False for a name ending in 'loss', "
         "'perplexity' or an error measure ('mse', 'mae', 'rmse', 'error', 'wer', 'cer'), else True (with a warning for "

@@ -104,3 +104,15 @@ def test_good_values_still_build():
     assert SFTArguments(packing=True, packing_strategy="wrapped", truncation_side="drop").packing is True
     assert DPOArguments(ref_model_name_or_path="some/model").ref_model_name_or_path == "some/model"
     assert TrainingArguments(output_dir="o", report_to=["jsonl"], train_file="t.jsonl").train_file == "t.jsonl"
+
+
+def test_a_metric_for_best_model_that_nothing_evaluates_is_refused():
+    """With eval_strategy='no' no evaluation runs while training, so the metric ranks no checkpoint: it was kept
+    silently (save_total_limit then kept the newest checkpoints, not the best)."""
+    with pytest.raises(ArgumentError, match="eval_strategy is 'no'") as error:
+        TrainingArguments(output_dir="unused", report_to=["jsonl"], metric_for_best_model="eval_loss",
+                          eval_strategy="no")
+    assert error.value.field == "metric_for_best_model"
+    assert "unset metric_for_best_model" in error.value.message
+    assert TrainingArguments(output_dir="unused", report_to=["jsonl"], metric_for_best_model="eval_loss",
+                             eval_strategy="steps", eval_steps=500).metric_for_best_model == "eval_loss"

@@ -69,14 +69,14 @@ class TopTwo(BaseTrainer):
 
 def test_compute_metrics_adds_a_metric_that_metric_for_best_model_may_name(tmp_path):
     trainer = TopTwo(tiny(tmp_path, metric_for_best_model="eval_top2_accuracy", greater_is_better=True,
-                          eval_metrics=["accuracy"]))
+                          eval_metrics=["accuracy"], eval_strategy="steps"))
     metrics = trainer.evaluate()
     assert metrics["eval_top2_accuracy"] >= metrics["eval_accuracy"]
 
 
 def test_metrics_a_run_cannot_produce_fail_before_compute(tmp_path):
     with pytest.raises(ArgumentError) as error:
-        BaseTrainer(tiny(tmp_path / "typo", metric_for_best_model="eval_acuracy")).setup()
+        BaseTrainer(tiny(tmp_path / "typo", metric_for_best_model="eval_acuracy", eval_strategy="steps")).setup()
     assert error.value.field == "metric_for_best_model" and "eval_accuracy" in str(error.value)
     tokenizer = build_arithmetic_tokenizer()
     own_text = datasets.Dataset.from_dict({"text": [TEXT] * 40})  # no held-out prompts with answers

@@ -258,7 +258,7 @@ def check_eval_metrics(args: TrainingArguments, device_names: set[str], evaluato
     if not has_eval_data and not evaluators:
         if args.eval_strategy != "no":
             logger.info("this run has no evaluation data: nothing is evaluated (eval_strategy=%r)", args.eval_strategy)
-        for field in ("load_best_model_at_end", "early_stopping_patience"):
+        for field in ("load_best_model_at_end", "early_stopping_patience", "metric_for_best_model"):
             if getattr(args, field):
                 raise ArgumentError(field, "ranks evaluations, but this run has no evaluation data: give it a "
                                            "validation_file, a validation split (validation_split_percentage > 0) "
