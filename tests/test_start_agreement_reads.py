@@ -14,7 +14,7 @@ import pytest
 from easytrain import compilation_cache
 from easytrain.data.errors import DataError
 from easytrain.errors import ArgumentError
-from easytrain.trainers import dpo
+from easytrain.trainers import dpo, shared_output_dir
 from easytrain.trainers.dpo import DPOTrainer
 from easytrain.trainers.dpo_arguments import DPOArguments
 from easytrain.trainers.process_failure import OtherProcessFailedError
@@ -63,6 +63,7 @@ def test_a_run_that_neither_saves_nor_resumes_decides_in_one_gather(tmp_path, mo
 def test_a_process_that_cannot_see_output_dir_refuses_alike_whatever_its_own_decision_raised(tmp_path, monkeypatch):
     """Process 1 was given a directory of its own, where `latest` finds no checkpoint: every process still raises the
     same refusal naming output_dir (the cause of the rest), as when the check gathered apart."""
+    monkeypatch.setattr(shared_output_dir, "_READ_TRIES", 1)  # no second look for a token that is not there
     (shared := tmp_path / "shared").mkdir()
     (shared / "arguments.json").write_text("{}")  # a started run: `latest` without a checkpoint starts over there
     outcomes, collective = _started_on(2, lambda index: args_for(tmp_path / ("shared", "own")[index],
@@ -77,6 +78,7 @@ def test_an_interrupt_of_a_process_that_cannot_see_output_dir_stays_an_interrupt
         if _process.index == 1:
             raise KeyboardInterrupt
 
+    monkeypatch.setattr(shared_output_dir, "_READ_TRIES", 1)
     outcomes, _ = _started_on(2, lambda index: args_for(tmp_path / f"run{index}"), monkeypatch,
                               check_start=interrupted_on_process_1)
     assert type(outcomes[0]) is ArgumentError and type(outcomes[1]) is KeyboardInterrupt, outcomes
