@@ -238,12 +238,29 @@ def from_hf_state_dict(tensors: Mapping[str, np.ndarray], config: transformers.P
     return traverse_util.unflatten_dict(flat)
 
 
+def damaged_file(path: Path, error: Exception) -> CheckpointError:
+    """The refusal of a file that cannot be read as what its name says, naming it: most often one cut short."""
+    return CheckpointError(f"{path} cannot be read ({type(error).__name__}: {error}); the file is damaged or "
+                           "incomplete (an interrupted download or copy?): fetch or copy it again.")
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object ``path`` holds, or a `damaged_file` refusal naming it."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+        raise damaged_file(path, error) from error
+    if not isinstance(value, dict):
+        raise damaged_file(path, TypeError(f"it holds a JSON {type(value).__name__}, not an object"))
+    return value
+
+
 def _read_config(directory: Path) -> transformers.PretrainedConfig:
     """Loads ``config.json``, rejecting architectures this model cannot represent."""
     path = directory / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{path} not found; a checkpoint directory needs a config.json.")
-    model_type = json.loads(path.read_text()).get("model_type")
+    model_type = read_json_object(path).get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise CheckpointError(
             f"{path} has model_type={model_type!r}; load_pretrained supports model_type in "

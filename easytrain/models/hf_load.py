@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -23,7 +22,7 @@ import numpy as np
 import transformers
 from flax import nnx, traverse_util
 from jax.sharding import Mesh
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from easytrain import sharding
 from easytrain.models.attention import DType
@@ -37,9 +36,11 @@ from easytrain.models.hf_io import (
     ParamPath,
     _read_config,
     check_shapes,
+    damaged_file,
     check_tied_head,
     hf_layout,
     loadable_shapes,
+    read_json_object,
     shape_only_model,
 )
 from easytrain.models.llama import LlamaForCausalLM
@@ -154,7 +155,7 @@ def _weight_files(directory: Path) -> tuple[list[Path], dict[str, str] | None]:
             f"no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} in {directory}; only safetensors "
             "checkpoints are supported (re-save other formats as safetensors)."
         )
-    weight_map = json.loads(index_path.read_text()).get("weight_map")
+    weight_map = read_json_object(index_path).get("weight_map")
     if not isinstance(weight_map, dict):
         raise CheckpointError(f"{index_path} has no 'weight_map' object; re-save the checkpoint.")
     files = [directory / name for name in sorted(set(weight_map.values()))]
@@ -169,10 +170,13 @@ def read_headers(directory: Path) -> dict[str, TensorEntry]:
     files, weight_map = _weight_files(directory)
     entries = {}
     for file in files:
-        with safe_open(file, framework="numpy") as handle:
-            for name in handle.keys():
-                view = handle.get_slice(name)
-                entries[name] = TensorEntry(file, tuple(view.get_shape()), view.get_dtype())
+        try:
+            with safe_open(file, framework="numpy") as handle:
+                for name in handle.keys():
+                    view = handle.get_slice(name)
+                    entries[name] = TensorEntry(file, tuple(view.get_shape()), view.get_dtype())
+        except SafetensorError as error:  # a header cut short, or tensors past the end of the file
+            raise damaged_file(file, error) from error
     if weight_map is not None:
         misplaced = sorted(n for n, f in weight_map.items() if n not in entries or entries[n].file.name != f)
         if misplaced:

@@ -8,14 +8,13 @@ newer PEFT) is refused too when it is set, since it may change the outputs as we
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 from easytrain import lora
 from easytrain.lora import LoRAConfig
-from easytrain.models.hf_io import CheckpointError
+from easytrain.models.hf_io import CheckpointError, read_json_object
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -117,7 +116,7 @@ def read_peft_config(directory: str | os.PathLike) -> tuple[LoRAConfig, dict[str
     if not path.is_file():
         raise CheckpointError(f"{path} not found; a PEFT adapter directory holds {ADAPTER_CONFIG_NAME} and "
                               f"{ADAPTER_WEIGHTS_NAME}.")
-    raw = json.loads(path.read_text())
+    raw = read_json_object(path)
     if raw.get("peft_type") != "LORA":
         raise CheckpointError(f"{path}: peft_type={raw.get('peft_type')!r}; only LoRA adapters (\"LORA\") load.")
     _check_fields(path, raw)

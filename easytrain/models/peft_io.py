@@ -23,12 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from easytrain import lora
 from easytrain.lora import EMBEDDING_MODULES, LoRAConfig, LoRADense
 from easytrain.models.hf_export import _to_host
-from easytrain.models.hf_io import EMBEDDING_NAME, HEAD_NAME, CheckpointError, hf_name
+from easytrain.models.hf_io import EMBEDDING_NAME, HEAD_NAME, CheckpointError, damaged_file, hf_name
 from easytrain.models.layers import RMSNorm
 from easytrain.models.peft_config import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, read_peft_config
 from easytrain.models.scan import layers_unstacked, per_layer_view
@@ -176,8 +176,11 @@ def _read_tensors(directory: Path) -> tuple[dict[str, np.ndarray], dict[str, str
         alternative = " (adapter_model.bin found: re-save it with safe_serialization=True)" if (
             directory / "adapter_model.bin").is_file() else ""
         raise CheckpointError(f"{path} not found{alternative}; only safetensors adapters load.")
-    with safe_open(path, framework="numpy") as handle:
-        return {name: handle.get_tensor(name) for name in handle.keys()}, handle.metadata() or {}
+    try:
+        with safe_open(path, framework="numpy") as handle:
+            return {name: handle.get_tensor(name) for name in handle.keys()}, handle.metadata() or {}
+    except SafetensorError as error:
+        raise damaged_file(path, error) from error
 
 
 def _assign(variable: nnx.Variable, value: np.ndarray, what: str) -> None:

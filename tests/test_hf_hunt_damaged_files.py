@@ -1,0 +1,56 @@
+"""A damaged checkpoint or adapter file (an interrupted download or copy) is refused with a CheckpointError that
+names the file and says to fetch it again, not a JSONDecodeError, SafetensorError or AttributeError naming none."""
+
+import shutil
+
+import jax.numpy as jnp
+import pytest
+
+from easytrain import lora
+from easytrain.lora import LoRAConfig
+from easytrain.models import init_model, load_pretrained
+from easytrain.models.hf_io import CheckpointError, save_pretrained
+from easytrain.models.peft_io import load_peft_adapter, save_peft_adapter
+
+from model_configs import tiny_config
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """One tiny model saved whole, sharded, and as a LoRA adapter."""
+    root = tmp_path_factory.mktemp("damaged")
+    model = init_model(tiny_config(), seed=0)
+    save_pretrained(root / "whole", model, model.config)
+    save_pretrained(root / "sharded", model, model.config, max_shard_size=20000)
+    config = LoRAConfig(rank=2, alpha=4, target_modules=["q_proj"])
+    save_peft_adapter(root / "adapter", lora.apply_lora(init_model(tiny_config(), seed=0), config), config)
+    return root
+
+
+def damaged(saved, tmp_path, kind: str, name: str, content: bytes | None = None):
+    """A copy of ``saved / kind`` whose file ``name`` (a glob) holds ``content`` (default: its first half)."""
+    directory = shutil.copytree(saved / kind, tmp_path / kind)
+    file = next(directory.glob(name))
+    file.write_bytes(content if content is not None else file.read_bytes()[: file.stat().st_size // 2])
+    return directory, file
+
+
+@pytest.mark.parametrize("kind, name, content", [
+    ("whole", "config.json", None),  # was JSONDecodeError: Expecting property name enclosed in double quotes
+    ("whole", "config.json", b"[1, 2]"),  # was AttributeError: 'list' object has no attribute 'get'
+    ("whole", "config.json", b"\xff\xfe"),  # was UnicodeDecodeError
+    ("sharded", "model.safetensors.index.json", None),  # was JSONDecodeError
+    ("whole", "model.safetensors", None),  # was SafetensorError: incomplete metadata, file not fully covered
+    ("sharded", "model-00002-of-*.safetensors", b""),  # was SafetensorError: header too small
+])
+def test_a_damaged_checkpoint_file_is_named(saved, tmp_path, kind, name, content):
+    directory, file = damaged(saved, tmp_path, kind, name, content)
+    with pytest.raises(CheckpointError, match=f"{file}.*again"):
+        load_pretrained(directory)
+
+
+@pytest.mark.parametrize("name", ["adapter_config.json", "adapter_model.safetensors"])
+def test_a_damaged_adapter_file_is_named(saved, tmp_path, name):
+    directory, file = damaged(saved, tmp_path, "adapter", name)
+    with pytest.raises(CheckpointError, match=f"{file}.*again"):
+        load_peft_adapter(directory, init_model(tiny_config(), seed=0, dtype=jnp.float32))
