@@ -144,7 +144,7 @@ def check_not_blank(args: Any, cls: type) -> None:
             continue
         _, optional = _split_optional(_hints(cls)[field.name])
         fix = ("leave it unset (omit the flag; null in a config file)" if optional
-               else f"leave it out for the default {field.default!r}")
+               else f"leave it out for the default {field_defaults(cls)[field.name]!r}")
         raise ArgumentError(field.name, f"is empty ({value!r}); give a value, or {fix}.")
 
 
