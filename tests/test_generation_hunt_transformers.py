@@ -64,3 +64,22 @@ def test_mistral_window_shorter_than_the_prompt_decodes_as_transformers(tmp_path
     mask_1L = np.ones_like(ids_1L)
     expected_1N = hf_generate(reference, ids_1L, mask_1L, 10, eos=None, pad=0)
     np.testing.assert_array_equal(generate(ours, ids_1L, mask_1L, max_new_tokens=10), expected_1N)
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.3, 3, 0.9), (1.7, None, 0.5), (1.0, 10, None),
+                                                       (0.7, 40, 0.99), (2.0, 1, 0.1)])
+def test_the_sampling_filters_keep_the_set_transformers_warpers_keep(temperature, top_k, top_p):
+    """Temperature, then top-k, then top-p, as transformers' logits warpers in `generate(do_sample=True)`, on
+    logits without ties (at exact ties the two keep different subsets; docs/models.md, Sampling)."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from easytrain.sampling import filter_logits, scale_logits
+
+    rng = np.random.RandomState(0)
+    logits_BV = (rng.randn(64, 50) * rng.choice([0.3, 3.0, 20.0], (64, 1))).astype(np.float32)
+    scores = TemperatureLogitsWarper(temperature)(None, torch.tensor(logits_BV))
+    scores = scores if top_k is None else TopKLogitsWarper(top_k)(None, scores)
+    scores = scores if top_p is None else TopPLogitsWarper(top_p)(None, scores)
+    kept_BV = np.isfinite(np.asarray(filter_logits(scale_logits(logits_BV, temperature), top_k, top_p)))
+    np.testing.assert_array_equal(kept_BV, np.isfinite(scores.numpy()))
+    assert 0 < kept_BV.sum() < kept_BV.size
