@@ -45,11 +45,12 @@ def saved_on_222(tmp_path_factory) -> Path:
 def layouts(saved_on_222) -> dict[str, dict]:
     """Each layout trained 5 steps in one process; the 1-device run also evaluates and samples (the generation
     reference), the (2,2,2) one counts its step's collectives (the plain attention's, for the splash test). Also
-    on (2,2,2): the splash kernel, scan_layers with evaluation and sampling, and a run stopped at step 3 and
+    on (2,2,2): the splash kernel, scan_layers with the loss a few tokens at a time (the head's vocabulary split over
+    tensor) with evaluation and sampling, and a run stopped at step 3 and
     checkpointed in `saved_on_222` (for the resume test: a process start costs more than its three steps)."""
     extra = {"1 device": ["--evaluate"], "(2,2,2)": ["--collectives"]}
     variants = {"(2,2,2) splash": (2, 2, 2, 8, "--attention", "splash", "--collectives"),
-                "(2,2,2) scan": (2, 2, 2, 8, "--scan", "--evaluate"),
+                "(2,2,2) scan": (2, 2, 2, 8, "--scan", "--loss-chunk-size", 5, "--evaluate"),
                 "(2,2,2) stopped at 3": (2, 2, 2, 8, "--output-dir", saved_on_222, "--stop-at", 3)}
     runs = {**{name: (*shape, *extra.get(name, [])) for name, shape in LAYOUTS.items()}, **variants}
     return dict(zip(runs, run_layouts(*runs.values())))
@@ -76,8 +77,9 @@ def test_splash_attention_runs_on_each_devices_shard(layouts):
 
 @pytest.mark.slow
 def test_stacked_layers_train_the_same_and_stay_split_like_their_layer(layouts):
-    """scan_layers on (2,2,2): the 1-device curve; each stacked weight split as its layer's, the layer axis whole;
-    evaluation and sampling (a scan over the sharded stack and a stacked cache) give the 1-device results."""
+    """scan_layers with loss_chunk_size 5 on (2,2,2): the 1-device curve of whole logits; each stacked weight split as
+    its layer's, the layer axis whole; evaluation and sampling (a scan over the sharded stack and a stacked cache)
+    give the 1-device results."""
     scanned, reference = layouts["(2,2,2) scan"], layouts["1 device"]
     assert scanned["losses"] == pytest.approx(reference["losses"], abs=1e-5, rel=1e-5)
     assert len({tuple(row) for row in reference["sampled"]}) > 16, "samples too uniform to compare generation"

@@ -2,7 +2,7 @@
 
     python mesh_equivalence.py DATA FSDP TENSOR DEVICES [--output-dir D] [--stop-at N] [--resume]
         [--accumulation A] [--ragged] [--save-params FILE.npz] [--evaluate] [--attention IMPLEMENTATION]
-        [--collectives] [--scan] [--dpo]
+        [--collectives] [--scan] [--loss-chunk-size C] [--dpo]
     python mesh_equivalence.py --each '[["1", "1", "1", "1", "--evaluate"], ["8", "1", "1", "8"], ...]'
 
 `--each`: several layouts one after another in this process, one JSON line each (a process's start, its
@@ -64,6 +64,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--attention", default="xla", help="attention_implementation")
     parser.add_argument("--collectives", action="store_true", help="count the compiled train step's collectives")
     parser.add_argument("--scan", action="store_true", help="scan_layers: the decoder layers stored stacked")
+    parser.add_argument("--loss-chunk-size", type=int, default=0, help="loss_chunk_size: head on C tokens at a time")
     parser.add_argument("--profile", action="store_true", help="trace steps 2-3 with jax.profiler (profile_steps)")
     parser.add_argument("--dpo", action="store_true", help="one DPO step with precomputed reference log-probs")
     return parser.parse_args(argv)
@@ -79,7 +80,7 @@ def build_trainer(options: argparse.Namespace) -> BaseTrainer:
         disable_progress_bar=True, save_pretrained_at_end=False, max_train_samples=128, max_eval_samples=32,
         warmup_steps=0, data_parallel_size=options.data, fsdp_size=options.fsdp,
         tensor_parallel_size=options.tensor, gradient_accumulation_steps=options.accumulation,
-        attention_implementation=options.attention, scan_layers=options.scan,
+        attention_implementation=options.attention, scan_layers=options.scan, loss_chunk_size=options.loss_chunk_size,
         profile_steps=2 if options.profile else 0, profile_start_step=2,
         # SGD's update is linear in the gradient; Adam divides near-zero gradients by their own size,
         # which turns float32 rounding into learning-rate-sized differences in a few weights.
