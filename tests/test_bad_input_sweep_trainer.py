@@ -90,6 +90,9 @@ CASES: dict[str, tuple[Callable[[Path], BaseTrainer], str, str]] = {
     "metric_for_best_model without eval data": (lambda out: SFTTrainer(
         _args(out, eval_strategy="steps", eval_steps=1, metric_for_best_model="eval_loss", save_total_limit=None),
         tokenizer=_tokenizer(), dataset_train=_rows(PROMPTS)), "metric_for_best_model", "no evaluation data"),
+    "sft generation evaluation without eval data": (lambda out: SFTTrainer(
+        _args(out, eval_strategy="steps", eval_steps=1), SFTArguments(generation_eval_samples=2),
+        tokenizer=_tokenizer(), dataset_train=_rows(PROMPTS)), "generation_eval_samples", "no evaluation data"),
     "init_weights_from missing": (lambda out: BaseTrainer(_args(out, init_weights_from=str(out.parent / "none"))),
                                   "init_weights_from", "neither an exported model"),
 }

@@ -49,7 +49,8 @@ class SFTArguments:
     packing_strategy: Literal["bfd", "wrapped"] = field(default="bfd", metadata={"help": "'bfd': best-fit "
                                                         "decreasing, whole examples; 'wrapped': concatenate and "
                                                         "split long documents (pretraining-style text; training "
-                                                        "data only, eval examples are packed whole)."})
+                                                        "data only, eval examples are packed whole). Needs "
+                                                        "packing."})
     completion_only_loss: bool = field(default=True, metadata={"help": "Prompt-completion data: supervise only "
                                                                "the completion (and its EOS)."})
     assistant_only_loss: bool = field(default=False, metadata={"help": "Conversations: supervise only the "
@@ -75,6 +76,9 @@ class SFTArguments:
                                 f"by generation), got {self.generation_eval_samples}.")
         if self.max_new_tokens < 1:
             raise ArgumentError("max_new_tokens", f"must be a number of tokens >= 1, got {self.max_new_tokens}.")
+        if self.packing_strategy != "bfd" and not self.packing:  # read only when packing: silently padded rows
+            raise ArgumentError("packing_strategy", f"{self.packing_strategy!r} is read only with packing=True; pass "
+                                                    "--packing too, or drop packing_strategy.")
 
 
 @register_task("sft", arguments=(SFTArguments,), replace=True,
@@ -123,6 +127,8 @@ class SFTTrainer(BaseTrainer):
         builders.check_max_length(args, self.model_config)
         splits = (arithmetic.make_arithmetic_chat_splits(seed=args.seed) if embedded
                   else builders.raw_datasets(args, self._raw_train, self._raw_eval))
+        check_generation_has_prompts(sft.generation_eval_samples, "validation" in splits,
+                                     self.wants_metric("exact_match"))
         limits = {"train": args.max_train_samples, "validation": args.max_eval_samples}
         rows = {name: self._rows(name, split if limits[name] is None else split.select(range(min(limits[name],
                                                                                                 len(split)))))
@@ -225,6 +231,16 @@ class SFTTrainer(BaseTrainer):
         return {name: getattr(self.sft_arguments, name) for name in (
             "packing", "packing_strategy", "completion_only_loss", "assistant_only_loss", "truncation_side",
             "chat_template_path")}
+
+
+def check_generation_has_prompts(samples: int, has_eval_data: bool, wanted: bool) -> None:
+    """`generation_eval_samples > 0` asks for exact_match on held-out prompts: without evaluation data there are
+    none, and the run trained without the evaluation it asked for."""
+    if samples > 0 and wanted and not has_eval_data:
+        raise ArgumentError("generation_eval_samples", f"{samples} asks for exact_match on held-out prompts, but this "
+                                                       "run has no evaluation data: give it a validation_file, a "
+                                                       "validation split (validation_split_percentage > 0) or an eval "
+                                                       "dataset, or pass --generation_eval_samples 0.")
 
 
 def text_from_column(split: Any, text_column: str, formatted: bool) -> Any:
