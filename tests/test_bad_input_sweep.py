@@ -125,3 +125,23 @@ def test_a_packing_strategy_without_packing_is_refused():
         SFTArguments(packing_strategy="wrapped")
     assert error.value.field == "packing_strategy"
     assert SFTArguments(packing=True, packing_strategy="wrapped").packing_strategy == "wrapped"
+
+
+@pytest.mark.parametrize("values,field,fix", [
+    (dict(simpo_gamma=1.0), "simpo_gamma", "simpo"),  # the default loss, sigmoid, has no margin
+    (dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, -0.5]), "loss_weights", ">= 0"),
+    (dict(loss_type=["sigmoid"], loss_weights=[0.0]), "loss_weights", "positive"),
+    (dict(loss_type=["sigmoid", "sigmoid"]), "loss_type", "loss_weights"),
+], ids=["simpo_gamma", "negative_weight", "zero_weights", "twice"])
+def test_a_dpo_option_no_loss_reads_or_that_turns_the_objective_is_refused(values, field, fix):
+    """Read by no chosen loss (changing nothing, silently), a negative weight (maximising that loss) or no positive
+    one (training nothing), a loss named twice (weighed twice)."""
+    with pytest.raises(ArgumentError) as error:
+        DPOArguments(**values)
+    assert error.value.field == field and fix in error.value.message, error.value
+
+
+def test_dpo_options_read_by_a_chosen_loss_are_accepted():
+    assert DPOArguments(loss_type=["simpo"], simpo_gamma=1.0).simpo_gamma == 1.0
+    assert DPOArguments(sync_ref_model=True, ref_model_mixup_alpha=0.9, ref_model_sync_steps=64).sync_ref_model
+    assert DPOArguments(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.0]).loss_weights == [1.0, 0.0]

@@ -8,6 +8,7 @@ option no chosen loss reads (a reference for reference-free losses, label smooth
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -25,6 +26,22 @@ def _help(text: str, default: Any = None, **kwargs: Any) -> Any:
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": text, **kwargs})
     return field(default=default, metadata={"help": text, **kwargs})
+
+
+def _reading(parameter: str) -> frozenset[str]:
+    """The losses registered now whose signature names `parameter` (what they read)."""
+    return frozenset(name for name, loss in PREFERENCE_LOSSES.items()
+                     if parameter in inspect.signature(loss).parameters)
+
+
+def _weight_checks(weights: list[float] | None) -> list[tuple[bool, str, str]]:
+    """A negative weight maximises its loss, and with no positive weight nothing trains."""
+    if weights is None:
+        return []
+    return [(any(w < 0 for w in weights), "loss_weights", f"must each be >= 0, got {weights}: a negative weight "
+                                                          "maximises its loss."),
+            (not any(w > 0 for w in weights), "loss_weights", f"needs a positive weight, got {weights}: with none, "
+                                                              "nothing trains.")]
 
 
 @dataclass
@@ -77,6 +94,10 @@ class DPOArguments:
              f"must be in (0, 1] (1 copies the policy), got {self.ref_model_mixup_alpha}."),
             (self.ref_model_sync_steps < 1, "ref_model_sync_steps",
              f"must be a number of optimizer steps >= 1, got {self.ref_model_sync_steps}."),
+            (len(set(self.loss_type)) < len(self.loss_type), "loss_type",
+             f"names a loss twice ({self.loss_type}), which weighs it twice; name each once and weigh them with "
+             "loss_weights."),
+            *_weight_checks(self.loss_weights),
         ]
         for failed, name, message in checks + self._unread_options():
             if failed:
@@ -95,9 +116,15 @@ class DPOArguments:
         smoothing = (self.label_smoothing != 0 and not readers & set(self.loss_type), "label_smoothing",
                      f"only {', '.join(_in_order(readers))} read it, not the chosen losses ({chosen}); drop "
                      "label_smoothing, or add one of those losses.")
-        return [*reference, smoothing]
+        gamma = (self.simpo_gamma != _DEFAULTS["simpo_gamma"] and not _reading("gamma") & set(self.loss_type),
+                 "simpo_gamma", f"only {', '.join(_in_order(_reading('gamma')))} read it, not the chosen losses "
+                                f"({chosen}); drop simpo_gamma, or add one of those losses.")
+        return [*reference, smoothing, gamma]
 
     @property
     def needs_reference(self) -> bool:
         """Whether a chosen loss reads reference log-probs (losses registered after import included)."""
         return not set(self.loss_type) <= reference_free_losses()
+
+
+_DEFAULTS = argument_checks.field_defaults(DPOArguments)
