@@ -158,3 +158,15 @@ def test_a_refusal_leaves_an_existing_runs_files_untouched(claim, refusal, run_c
         BaseTrainer(args_for(run_copy, **overrides, **LATE_REFUSALS[refusal])).train()
     assert _tree_digest(run_copy) == before
     assert train_step_traces[0] == 0
+
+
+def test_a_chat_template_over_rows_it_never_renders_is_warned_about(caplog):
+    """Prompt-completion strings and plain text train the same tokens with or without chat_template_path (it was
+    silent); conversations render through it."""
+    from easytrain.trainers.sft import check_template_read
+
+    with caplog.at_level("WARNING", logger="easytrain"):
+        assert not check_template_read(_rows(PROMPTS), "chat.jinja")
+        assert check_template_read(_rows([{"messages": MESSAGES}]), "chat.jinja")
+    warned = [r.getMessage() for r in caplog.records if "chat_template_path" in r.getMessage()]
+    assert len(warned) == 1 and "prompt_completion" in warned[0] and "changes no training token" in warned[0]

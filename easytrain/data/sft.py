@@ -240,14 +240,19 @@ def _why_none_is_left(stats: Mapping[str, int], tokenized: datasets.Dataset, dat
     return f"every example was dropped ({stats}); {len(empty)} of them {why}{rest}"
 
 
+def uses_chat_template(data_format: DataFormat, dataset: datasets.Dataset) -> bool:
+    """Whether rows of this format render through the chat template: conversations, and prompt-completion rows
+    whose prompt is a message list (plain strings are tokenised as they are)."""
+    return data_format == CONVERSATIONAL or bool(
+        data_format == PROMPT_COMPLETION and len(dataset) and not isinstance(dataset[0]["prompt"], str))
+
+
 def _check_options(tokenizer: PreTrainedTokenizerBase, options: SFTDataOptions,
                    data_format: DataFormat, dataset: datasets.Dataset) -> None:
     """Fail before any work when the options cannot be honoured for this data."""
     if options.add_eos:
         eos_id(tokenizer)
-    uses_template = data_format == CONVERSATIONAL or (
-        data_format == PROMPT_COMPLETION and len(dataset) and not isinstance(dataset[0]["prompt"], str)
-    )
+    uses_template = uses_chat_template(data_format, dataset)
     if options.assistant_only_loss and not uses_template:
         raise DataError(
             f"`assistant_only_loss=True` needs conversational data (a 'messages' column of "

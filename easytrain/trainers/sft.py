@@ -28,7 +28,7 @@ from easytrain.data.loader import count_rows
 from easytrain.data.prompts import prompts_and_references
 from easytrain.data.row_errors import rows_as_stored
 from easytrain.data.sources import evaluation_examples
-from easytrain.data.sft import FORMAT_COLUMNS, LANGUAGE_MODELING
+from easytrain.data.sft import FORMAT_COLUMNS, LANGUAGE_MODELING, detect_format, uses_chat_template
 from easytrain.data.token_range import rows_of, vocab_size_of
 from easytrain.errors import ArgumentError
 from easytrain.evaluators import CompletionMetrics, generation_problem
@@ -172,6 +172,8 @@ class SFTTrainer(BaseTrainer):
     def _rows(self, name: str, split: Any) -> RowSource:
         """Tokenised (and packed) rows of one split; what was counted goes to `data_stats`."""
         args, sft, split_name = self.arguments, self.sft_arguments, None if name == "evaluate" else name
+        if name == "train" and sft.chat_template_path and self.formatting_func is None:
+            check_template_read(self._text_from_column(split), sft.chat_template_path)
         with rows_of(split_name):
             tokenized, stats = tokenize_sft_dataset(self._text_from_column(split), self.tokenizer, self._data_options(),
                                                     formatting_func=self.formatting_func,
@@ -231,6 +233,19 @@ class SFTTrainer(BaseTrainer):
         return {name: getattr(self.sft_arguments, name) for name in (
             "packing", "packing_strategy", "completion_only_loss", "assistant_only_loss", "truncation_side",
             "chat_template_path")}
+
+
+def check_template_read(split: Any, path: str) -> bool:
+    """Whether the training rows render through the chat template. Rows that never do (plain text, prompt-completion
+    strings) train exactly as without `chat_template_path`: warned about, not refused, since the template still
+    goes with the exported tokenizer (text rendered with it beforehand is a reason to give it)."""
+    data_format = detect_format(split.column_names)
+    if uses_chat_template(data_format, split):
+        return True
+    logger.warning("chat_template_path=%r: the training rows are %s strings, which no chat template renders, so it "
+                   "changes no training token; it is only saved with the exported tokenizer. Convert the rows to "
+                   "messages for the template to shape them.", path, data_format)
+    return False
 
 
 def check_generation_has_prompts(samples: int, has_eval_data: bool, wanted: bool) -> None:
