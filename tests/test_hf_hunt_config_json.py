@@ -68,7 +68,15 @@ def test_qwen2_sliding_window_switched_off_by_use_sliding_window_is_full_attenti
     assert_same_logits(reference, ours)  # 12 tokens: a window of 4 on layer 1 would change them
 
 
-@pytest.mark.parametrize("scaling", [{"type": "linear", "factor": 2.0}, {"type": "dynamic", "factor": 2.0}])
+def test_a_v4_linear_rope_scaling_loads_as_transformers_reads_it(tmp_path):
+    reference = rewritten_checkpoint(tiny_config(), tmp_path, v4_rope(1e4, {"type": "linear", "factor": 4.0}))
+    ours = load_pretrained(tmp_path)
+    assert (ours.rope_scaling.rope_type, ours.rope_scaling.value("factor")) == ("linear", 4.0)
+    assert_same_logits(reference, ours)
+
+
+@pytest.mark.parametrize("scaling", [{"type": "dynamic", "factor": 2.0}, {"type": "longrope", "factor": 2.0,
+                                     "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}])
 def test_a_v4_rope_scaling_of_another_type_is_refused_naming_it(tmp_path, scaling):
     rewritten_checkpoint(tiny_config(), tmp_path, v4_rope(1e4, scaling))
     with pytest.raises(UnsupportedConfigError, match=f"rope_type'\\] = '{scaling['type']}'"):

@@ -161,7 +161,7 @@ def test_graphdef_is_hashable_for_jit_caching(model):
 @pytest.mark.parametrize(
     "overrides, field",
     [
-        ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}, "rope_type"),
+        ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}}, "rope_type"),
         ({"hidden_act": "relu2"}, "hidden_act"),
     ],
 )

@@ -13,10 +13,10 @@ from easytrain.cli import main
 import tokenising_spy
 from model_configs import family_config
 
-YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768, "rope_theta": 1e6}
+DYNAMIC = {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 1e6}  # frequencies that follow the sequence seen
 # (config.json fields changed, what the refusal names: the field and its value)
 UNBUILDABLE = {
-    "rope_scaling": ({"rope_parameters": YARN}, r"rope_type'\] = 'yarn'"),
+    "rope_scaling": ({"rope_parameters": DYNAMIC}, r"rope_type'\] = 'dynamic'"),
     "activation": ({"hidden_act": "gelu_new"}, r"hidden_act = 'gelu_new'.*choose one of"),
     "attention_dropout": ({"attention_dropout": 0.1}, r"attention_dropout = 0\.1.*Set it to 0\.0"),
     "family": ({"model_type": "gemma"}, r"model_type = 'gemma'.*qwen3"),

@@ -8,22 +8,30 @@ import jax
 import jax.numpy as jnp
 
 from easytrain.models.maxima import softmax
+from easytrain.models.rope import RopeScaling
 
 Array = jax.Array
 DType = jnp.dtype | type
 
 
-def rope_tables(positions_BT: Array, head_dim: int, theta: float, dtype: DType) -> tuple[Array, Array]:
-    """Cos/sin tables in rotate-half layout (frequencies repeated, not interleaved).
+def rope_tables(positions_BT: Array, head_dim: int, theta: float, dtype: DType,
+                scaling: RopeScaling | None = None) -> tuple[Array, Array]:
+    """Cos/sin tables in rotate-half layout (frequencies repeated, not interleaved); `scaling`: a long-context
+    checkpoint's scaled frequencies (`easytrain.models.rope`), computed on the host.
 
     Angles are computed in float32 and only then cast, so low-precision compute
     does not lose positional resolution.
     """
-    exponents_K2 = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
-    inv_freq_K2 = 1.0 / (theta**exponents_K2)
+    if scaling is None:
+        exponents_K2 = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
+        inv_freq_K2 = 1.0 / (theta**exponents_K2)
+    else:
+        inv_freq_K2 = jnp.asarray(scaling.inverse_frequencies(head_dim, theta))
     angles_BTK2 = positions_BT.astype(jnp.float32)[..., None] * inv_freq_K2
     angles_BTK = jnp.concatenate([angles_BTK2, angles_BTK2], axis=-1)
     cos_BTK, sin_BTK = jnp.cos(angles_BTK), jnp.sin(angles_BTK)
+    if scaling is not None and scaling.attention_factor != 1.0:  # YaRN's temperature, on both tables as transformers
+        cos_BTK, sin_BTK = cos_BTK * scaling.attention_factor, sin_BTK * scaling.attention_factor
     if jax.default_backend() == "cpu":
         cos_BTK, sin_BTK = _computed_once(cos_BTK, sin_BTK)
     return cos_BTK.astype(dtype), sin_BTK.astype(dtype)

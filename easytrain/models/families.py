@@ -16,6 +16,8 @@ import jax
 import transformers
 
 from easytrain.errors import EasytrainError
+from easytrain.models import rope as rope_math
+from easytrain.models.rope import RopeScaling
 
 Array = jax.Array
 
@@ -35,17 +37,41 @@ class UnsupportedConfigError(ConfigError, NotImplementedError):
 
 
 def rope_theta(config: transformers.LlamaConfig) -> float:
-    """Reads the RoPE base; only the default (unscaled) RoPE is implemented."""
+    """The RoPE base, `config.rope_parameters['rope_theta']`."""
     rope = config.rope_parameters or {}
-    rope_type = rope.get("rope_type", "default")
-    if rope_type != "default":
-        raise UnsupportedConfigError(
-            f"config.rope_parameters['rope_type'] = {rope_type!r} is not supported; "
-            "only 'default' RoPE is implemented. Use a checkpoint or config without RoPE scaling."
-        )
     if "rope_theta" not in rope:
         raise ConfigError("config.rope_parameters has no 'rope_theta'; set it (e.g. 10000.0).")
     return float(rope["rope_theta"])
+
+
+def rope_scaling(config: transformers.LlamaConfig) -> RopeScaling | None:
+    """The config's RoPE scaling (None for the default RoPE), each key its type needs checked by name."""
+    rope = config.rope_parameters or {}
+    rope_type = rope.get("rope_type", "default")
+    if rope_type == "default":
+        return None
+    if rope_type not in rope_math.REQUIRED_KEYS:
+        raise UnsupportedConfigError(
+            f"config.rope_parameters['rope_type'] = {rope_type!r} is not supported; easytrain implements 'default', "
+            f"{', '.join(map(repr, rope_math.REQUIRED_KEYS))} (frequencies that depend on the sequence seen, as "
+            "'dynamic' and 'longrope' scale them, are not). Use a checkpoint or config with one of those."
+        )
+    if missing := [key for key in rope_math.REQUIRED_KEYS[rope_type] if rope.get(key) is None]:
+        raise ConfigError(f"config.rope_parameters (rope_type {rope_type!r}) lacks {', '.join(missing)}; set them "
+                          "as the checkpoint's model card gives them.")
+    if rope_type == "yarn" and rope.get("factor") is None and not getattr(config, "max_position_embeddings", None):
+        raise ConfigError("config.rope_parameters (rope_type 'yarn') has no factor, and no "
+                          "config.max_position_embeddings to derive it from; set the factor.")
+    keys = rope_math.REQUIRED_KEYS[rope_type] + rope_math.OPTIONAL_KEYS[rope_type]
+    read = tuple(sorted((key, rope[key]) for key in keys if rope.get(key) is not None))
+    scaling = RopeScaling(rope_type, read, getattr(config, "max_position_embeddings", None))
+    factor = scaling.yarn_factor() if rope_type == "yarn" else scaling.value("factor")
+    if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not factor > 0:
+        raise ConfigError(f"config.rope_parameters['factor'] = {factor!r} must be a positive number.")
+    if rope_type == "llama3" and not scaling.value("high_freq_factor") > scaling.value("low_freq_factor"):
+        raise ConfigError(f"config.rope_parameters: high_freq_factor ({scaling.value('high_freq_factor')}) must "
+                          f"exceed low_freq_factor ({scaling.value('low_freq_factor')}).")
+    return scaling
 
 
 def activation_name(config: transformers.LlamaConfig) -> str:
@@ -226,4 +252,5 @@ def check_buildable(config: transformers.PretrainedConfig) -> None:
     features_of(config)
     attention_heads(config)
     rope_theta(config)
+    rope_scaling(config)
     activation_name(config)

@@ -25,7 +25,7 @@ import transformers
 from flax import nnx
 
 from easytrain.models.attention import DType, cached_attention_mask, rope_tables
-from easytrain.models.families import features_of, head_dim_of, rope_theta
+from easytrain.models.families import features_of, head_dim_of, rope_scaling, rope_theta
 from easytrain.models.kv_cache import KVCache, advance, init_cache, with_layers
 from easytrain.models.layers import LOGITS_MV, RESIDUAL_MD, DecoderLayer, Embedding, RMSNorm, dense_factory
 from easytrain.models.masks import AttentionMask, check_implementation
@@ -69,6 +69,7 @@ class LlamaForCausalLM(nnx.Module):
         self._config = _StaticConfig(config.to_json_string(use_diff=False), config)
         self.features = features_of(config)
         self.rope_theta = rope_theta(config)
+        self.rope_scaling = rope_scaling(config)  # None, or a long-context checkpoint's scaled frequencies
         self.head_dim = head_dim_of(config)
         self.dtype = dtype
         self.remat = "none"  # decoder layers' rematerialisation policy (easytrain.models.remat.POLICIES)
@@ -148,7 +149,7 @@ class LlamaForCausalLM(nnx.Module):
         batch, length = input_ids_BT.shape
         if positions_BT is None:  # every row at positions 0..T-1: one row of tables, broadcast over the batch
             positions_BT = jnp.arange(length)[None, :]
-        cos_BTK, sin_BTK = rope_tables(positions_BT, self.head_dim, self.rope_theta, self.dtype)
+        cos_BTK, sin_BTK = rope_tables(positions_BT, self.head_dim, self.rope_theta, self.dtype, self.rope_scaling)
         check_implementation(self.attention_implementation)
         masks = {  # One mask per distinct window: full-attention layers share the causal one.
             window: AttentionMask(attention_mask_BT, segment_ids_BT, window, self.attention_implementation)
@@ -249,7 +250,7 @@ class LlamaForCausalLM(nnx.Module):
         if attention_mask_BT is None:
             attention_mask_BT = jnp.ones((batch, length), jnp.int32)
         positions_BT, advanced = advance(cache, attention_mask_BT)
-        cos_BTK, sin_BTK = rope_tables(positions_BT, self.head_dim, self.rope_theta, self.dtype)
+        cos_BTK, sin_BTK = rope_tables(positions_BT, self.head_dim, self.rope_theta, self.dtype, self.rope_scaling)
         masks = {
             window: cached_attention_mask(positions_BT, advanced.positions_BS, sliding_window=window)
             for window in dict.fromkeys(self.features.windows)

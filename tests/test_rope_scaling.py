@@ -1,0 +1,123 @@
+"""Scaled RoPE (`rope_parameters['rope_type']` llama3, linear, yarn) as transformers computes it: the inverse
+frequencies and YaRN's attention factor against transformers' own functions, and the logits and greedy decoding of
+checkpoints with each scaling against the PyTorch model on the same weights. Types whose frequencies follow the
+sequence seen at run time stay refused by name."""
+
+import json
+import os
+import shutil
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import transformers
+from flax import nnx
+
+from easytrain.generation import generate, pad_prompts
+from easytrain.models import load_pretrained, save_pretrained
+from easytrain.models.families import ConfigError, UnsupportedConfigError, rope_scaling
+from easytrain.models.llama import init_model
+
+from model_configs import VOCAB, family_config, forward, reference_logits, right_padded_batch, tiny_config
+
+torch = pytest.importorskip("torch")
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402 (needs torch)
+
+LLAMA3 = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+# (family, rope_parameters): each scaling moves most of a head's frequencies at the tiny head widths here
+CASES = {
+    "llama3": ("llama", LLAMA3),
+    "linear": ("mistral", {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}),
+    "yarn": ("qwen2", {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                       "original_max_position_embeddings": 16}),
+    "yarn mscale": ("qwen3", {"rope_type": "yarn", "rope_theta": 500.0, "factor": 8.0, "mscale": 1.0,
+                              "mscale_all_dim": 0.5, "beta_fast": 16, "beta_slow": 2, "truncate": False,
+                              "original_max_position_embeddings": 32}),
+}
+
+
+def config_of(case: str, **fields) -> transformers.PretrainedConfig:
+    family, rope = CASES[case]
+    return family_config(family, rope_parameters=dict(rope), max_position_embeddings=256, **fields)
+
+
+@pytest.mark.parametrize("case", [*CASES, "yarn without factor", "yarn attention_factor"])
+def test_inverse_frequencies_and_attention_factor_are_transformers(case):
+    if case == "yarn without factor":  # the factor follows from the context lengths
+        config = config_of("yarn")
+        config.rope_parameters["factor"] = None
+    elif case == "yarn attention_factor":
+        config = config_of("yarn")
+        config.rope_parameters["attention_factor"] = 0.75
+    else:
+        config = config_of(case)
+    expected, expected_factor = ROPE_INIT_FUNCTIONS[config.rope_parameters["rope_type"]](config, "cpu")
+    scaling = rope_scaling(config)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    ours = scaling.inverse_frequencies(head_dim, config.rope_parameters["rope_theta"])
+    np.testing.assert_allclose(ours, expected.numpy(), rtol=1e-6)
+    assert scaling.attention_factor == pytest.approx(expected_factor, rel=1e-6)
+    unscaled = 1.0 / config.rope_parameters["rope_theta"] ** (np.arange(0, head_dim, 2) / head_dim)
+    assert np.abs(ours / unscaled - 1).max() > 0.5  # the case scales: the default RoPE would fail this test
+
+
+def torch_model(config: transformers.PretrainedConfig, directory) -> object:
+    """A PyTorch model with its weights moved far from their initialisation, saved to ``directory``."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.5 * torch.randn_like(param))
+    model.generation_config.eos_token_id = model.generation_config.bos_token_id = None
+    model.save_pretrained(directory)
+    return model
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_logits_of_a_scaled_checkpoint_are_transformers(tmp_path, case):
+    config = config_of(case)
+    reference = torch_model(config, tmp_path / "scaled")
+    ours = load_pretrained(tmp_path / "scaled")
+    ids_BT, mask_BT = right_padded_batch(lengths=(40, 23))
+    expected = reference_logits(reference, ids_BT, mask_BT)
+    actual = np.asarray(forward(ours, ids_BT, mask_BT))
+    real = mask_BT.astype(bool)
+    np.testing.assert_allclose(actual[real], expected[real], rtol=1e-4, atol=2e-4)
+    shutil.copytree(tmp_path / "scaled", tmp_path / "unscaled")
+    fields = json.loads((tmp_path / "unscaled" / "config.json").read_text())
+    fields["rope_parameters"] = {"rope_type": "default", "rope_theta": fields["rope_parameters"]["rope_theta"]}
+    (tmp_path / "unscaled" / "config.json").write_text(json.dumps(fields))
+    unscaled = load_pretrained(tmp_path / "unscaled")  # the same weights without the scaling: far from transformers
+    assert np.abs(np.asarray(forward(unscaled, ids_BT, mask_BT))[real] - expected[real]).max() > 1e-2
+
+
+def test_greedy_decoding_of_a_llama3_checkpoint_is_transformers(tmp_path):
+    """The cached decode builds its tables from the same scaled frequencies as the full forward."""
+    reference = torch_model(config_of("llama3"), tmp_path)
+    ours = load_pretrained(tmp_path)
+    rng = np.random.RandomState(1)
+    ids_BL, mask_BL = pad_prompts([rng.randint(1, VOCAB, n).tolist() for n in (30, 9)], 0, side="left")
+    with torch.no_grad():
+        out = reference.generate(torch.tensor(ids_BL, dtype=torch.long), attention_mask=torch.tensor(mask_BL),
+                                 max_new_tokens=10, do_sample=False, pad_token_id=0)
+    np.testing.assert_array_equal(generate(ours, ids_BL, mask_BL, max_new_tokens=10, pad_token_id=0),
+                                  out[:, ids_BL.shape[1]:].numpy())
+    assert hash(nnx.split(ours)[0]) == hash(nnx.split(load_pretrained(tmp_path))[0])  # a static attribute: jit caches
+    save_pretrained(tmp_path / "export", ours, ours.config)
+    exported = transformers.AutoConfig.from_pretrained(tmp_path / "export").rope_parameters
+    assert exported == reference.config.rope_parameters and exported["rope_type"] == "llama3"
+
+
+@pytest.mark.parametrize("rope, error, match", [
+    ({"rope_type": "dynamic", "factor": 2.0}, UnsupportedConfigError, r"rope_type'\] = 'dynamic'.*'llama3'"),
+    ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0}, ConfigError,
+     r"lacks high_freq_factor, original_max_position_embeddings"),
+    (LLAMA3 | {"low_freq_factor": 4.0}, ConfigError, r"high_freq_factor \(4.0\) must exceed low_freq_factor"),
+])
+def test_a_scaling_easytrain_cannot_compute_is_refused_by_name(rope, error, match):
+    config = tiny_config()
+    config.rope_parameters = {"rope_theta": 10000.0} | rope  # past transformers' own validation, as a config.json
+    with pytest.raises(error, match=match):
+        init_model(config)
