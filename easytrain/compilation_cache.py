@@ -53,22 +53,34 @@ def resolve(setting: str | None) -> str | None:
     return str(Path(setting).expanduser())
 
 
-def enable(setting: str | None) -> str | None:
-    """Point JAX's persistent cache at the directory `setting` asks for; returns the directory in use.
-
-    Leaves JAX alone when its cache is switched off (``jax_enable_compilation_cache`` false). Raises
-    `ArgumentError` (field `compilation_cache_dir`) when the directory cannot be created.
-    """
+def make_directory(setting: str | None) -> str | None:
+    """Create the directory `enable` would point JAX at (None: it would leave JAX as it is), changing no setting:
+    a multi-process run makes each host's own inside the start every process agrees on (`start_agreement`), so a
+    host that cannot is named on the others, and enables the cache once that start is agreed. Raises
+    `ArgumentError` (field `compilation_cache_dir`) when the directory cannot be created."""
     if not jax.config.jax_enable_compilation_cache:
         return None
     directory = resolve(setting)
     if directory is None or directory == jax.config.jax_compilation_cache_dir:
-        return jax.config.jax_compilation_cache_dir
+        return None
     try:
         Path(directory).mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise ArgumentError("compilation_cache_dir", f"cannot create {directory!r} ({error}); give a writable "
                             "directory, or '' to compile without a persistent cache.") from error
+    return directory
+
+
+def enable(setting: str | None) -> str | None:
+    """Point JAX's persistent cache at the directory `setting` asks for; returns the directory in use.
+
+    Leaves JAX alone when its cache is switched off (``jax_enable_compilation_cache`` false). Raises
+    `ArgumentError` (field `compilation_cache_dir`) when the directory cannot be created (`make_directory`).
+    """
+    if not jax.config.jax_enable_compilation_cache:
+        return None
+    if (directory := make_directory(setting)) is None:
+        return jax.config.jax_compilation_cache_dir
     cap_size()
     if jax.config.jax_compilation_cache_max_size != -1:
         date_unevictable_entries(Path(directory))

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import jax
 import pytest
-from easytrain import compilation_cache
 from easytrain.data.errors import DataError
 from easytrain.errors import ArgumentError
 from easytrain.trainers import dpo, shared_output_dir
@@ -22,6 +21,7 @@ from easytrain.trainers.run_dir import check_output_dir
 from easytrain.trainers.sft import SFTArguments, SFTTrainer
 from jax.experimental import multihost_utils
 from runs import args_for, as_processes
+from test_compilation_cache import jax_settings  # noqa: F401 - a fixture
 from test_unreadable_records_agreement import Collective, _built_on, _process
 
 ADAPTER = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
@@ -128,20 +128,28 @@ def test_a_process_that_cannot_read_the_adapter_config_stops_every_trainer_at_co
     assert not (tmp_path / "new").exists(), "the refused start left output_dir behind"
 
 
-def test_a_process_that_cannot_create_its_compilation_cache_stops_every_trainer_at_construction(tmp_path, monkeypatch):
+@pytest.mark.usefixtures("jax_settings")
+def test_a_process_that_cannot_create_its_compilation_cache_stops_every_trainer_at_construction(
+        tmp_path, monkeypatch):
     """`compilation_cache_dir` may differ per host (`PER_HOST_FIELDS`): process 1 cannot create its own. It raises its
-    own `ArgumentError`, process 0 one naming it. Before: the cache was enabled after the agreement, so process 1
-    raised alone and process 0 built its trainer, to wait in set-up's first collective for it, named nowhere."""
-    def enable(setting):
-        if _process.index == 1:
-            raise ArgumentError("compilation_cache_dir", "cannot create '/host1/cache' (denied); give a writable one.")
-        return None
+    own `ArgumentError`, process 0 one naming it, and neither points JAX's process-wide cache at it. Before: the
+    cache was enabled after the agreement, so process 1 raised alone and process 0 built its trainer, to wait in
+    set-up's first collective for it, named nowhere."""
+    real, cache = Path.mkdir, tmp_path / "cache"
 
-    monkeypatch.setattr(compilation_cache, "enable", enable)
-    (first, second), _ = _built_on(2, args_for(tmp_path / "run", save_strategy="no"), monkeypatch)
+    def denied_on_process_1(path, *args, **kwargs):
+        if getattr(_process, "index", None) == 1 and path == cache:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", denied_on_process_1)
+    before = jax.config.jax_compilation_cache_dir
+    args = args_for(tmp_path / "run", save_strategy="no", compilation_cache_dir=str(cache))
+    (first, second), _ = _built_on(2, args, monkeypatch)
     assert type(second) is ArgumentError and second.field == "compilation_cache_dir", second
     assert isinstance(first, OtherProcessFailedError), first
     assert "process 1 failed: ArgumentError: compilation_cache_dir" in str(first), first
+    assert jax.config.jax_compilation_cache_dir == before
 
 
 def _denied_on_process_1(monkeypatch, name: str) -> None:

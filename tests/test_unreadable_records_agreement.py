@@ -136,6 +136,7 @@ def _built_on(count: int, args, monkeypatch, build=BaseTrainer) -> tuple[list, C
     collective, outcomes = Collective(count, timeout=20), [None] * count
     monkeypatch.setattr(jax, "process_index", lambda: getattr(_process, "index", 0))
     monkeypatch.setattr(run_dir, "_process_count", lambda: count)
+    monkeypatch.setattr(jax, "process_count", lambda: count)  # the trainer asks JAX too
     monkeypatch.setattr(multihost_utils, "process_allgather", lambda record: collective.at(_process.index)(record))
 
     def process(index: int) -> None:

@@ -39,8 +39,8 @@ def run_config(args: Any) -> LoRAConfig | None:
 
 
 def start_check(args: Any) -> tuple[StartCheck, Callable[[], LoRAConfig | None]]:
-    """What `run_dir.check_output_dir` runs on the checkpoint it decided to resume, and the run's `LoRAConfig` it
-    read there (`run_config`, read once however often the processes look). Run inside that decision, an adapter
+    """What `run_dir.check_output_dir` runs on the checkpoint it decided to resume, and the run's `LoRAConfig`
+    (`run_config`, read once: a trainer reads it first in that decision, its `read_inputs`). Run inside it, an adapter
     config one process cannot read (its mount, its permissions, bad JSON) stops every process alike
     (`start_agreement`): read before it, that process raised alone and the others waited in a later collective,
     named nowhere. An `init_weights_from` source's adapters of another rank or scaling are refused on a fresh start

@@ -96,23 +96,24 @@ class BaseTrainer(ProtocolProperties, InitialPolicyHooks, RunRecordHooks, TrainS
         self.should_stop = False
         self.is_main_process = jax.process_index() == 0
         check_lora, lora = adapters.start_check(self._arguments)
-        cache_dir = functools.cache(lambda: compilation_cache.enable(self._arguments.compilation_cache_dir))
+        several = jax.process_count() > 1
 
-        def check_start(resume: Any) -> None:  # what one process alone may fail: the others name it (start_agreement)
+        def read_inputs() -> None:  # what one process alone may fail to read: the others name it (start_agreement)
             self.check_inputs()
-            check_lora(resume)  # lora_adapter_path's config, init_weights_from's run_info
-            cache_dir()  # a directory of each host's own (PER_HOST_FIELDS), which one may be unable to create
+            lora()  # lora_adapter_path's config
+            if several:  # a directory of each host's own (PER_HOST_FIELDS), which one may be unable to create; a
+                compilation_cache.make_directory(self._arguments.compilation_cache_dir)  # single process: `enable`
 
         self._resume_from = check_output_dir(self._arguments, is_main_process=self.is_main_process,
-                                             check_start=check_start)
+                                             check_start=check_lora, read_inputs=read_inputs)
         self.lora = lora()  # a LoRAConfig when lora_rank > 0 or lora_adapter_path
-        self.compilation_cache_dir = cache_dir()
         self._output_dir_claimed = False
         self.mesh = self.configure_mesh()
         sharding.check_mesh(self.mesh)
         self.compiler_options = compiler_options.for_platform(self._arguments.compiler_options,
                                                               self.mesh.devices.flat[0].platform)
         host_memory.advise(self.mesh.devices.flat[0].platform)
+        self.compilation_cache_dir = compilation_cache.enable(self._arguments.compilation_cache_dir)
         self._data: ConfiguredDataloaders | None = None
         self._model: ConfiguredModel | None = None
         self._functions: ConfiguredFunctions | None = None
@@ -127,10 +128,11 @@ class BaseTrainer(ProtocolProperties, InitialPolicyHooks, RunRecordHooks, TrainS
 
     def check_inputs(self) -> None:
         """Check the files this trainer's own arguments name, which one process alone may fail to read (a mount of its
-        host's that lacks one): called when the trainer is built, inside the start every process agrees on, so that
-        the others name that process instead of waiting for it in a later collective. Nothing here; SFT reads its
-        chat template, DPO its reference model's config. Called again if the processes look at their checkpoints
-        again (`start_agreement`), before `output_dir` is made."""
+        host's that lacks one): called once, from `BaseTrainer.__init__`, inside the start every process agrees on
+        and first in it (before the checkpoints are looked at), so that the others name that process instead of
+        waiting for it in a later collective. Only what a subclass sets before calling `super().__init__()` exists
+        then (`self.lora`, `self.mesh` do not yet). Nothing here; SFT reads its chat template, DPO its reference
+        model's config."""
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:

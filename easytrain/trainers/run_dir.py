@@ -4,6 +4,7 @@ have trained there since the trainer was built), never clobbered by accident."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import shutil
 import time
@@ -90,7 +91,8 @@ def _asks_latest_of_started_run(args: TrainingArguments) -> bool:
 
 
 def check_output_dir(args: TrainingArguments, *, is_main_process: bool = True, gather: Gather | None = None,
-                     check_start: StartCheck | None = None) -> tuple[Path, int] | None:
+                     check_start: StartCheck | None = None,
+                     read_inputs: Callable[[], None] | None = None) -> tuple[Path, int] | None:
     """Validate `output_dir` and `resume_from_checkpoint`; return the checkpoint to resume, if any.
 
     Only checks: nothing is moved or removed here (`claim_output_dir` does that once the run has passed
@@ -103,30 +105,38 @@ def check_output_dir(args: TrainingArguments, *, is_main_process: bool = True, g
     read is refused here, before any data or weights are read (`check_run_info_readable`). Every process decides
     alike (`agreed`, over `gather`: by default `multihost_utils.process_allgather` wherever there are several
     processes, since any of them may refuse, even in a run that neither saves nor resumes, where process 0 alone
-    writes its logs), `check_start` included: a further check of the start decided (the LoRA adapter config and
-    source, `adapters.start_check`), given the checkpoint to resume, before output_dir is created. The shared-storage
-    check's answer travels in the agreement's gather: two gathers in all where it applies, one elsewhere. A start
-    refused on any process leaves no directory that process 0 made for it.
+    writes its logs), `read_inputs` and `check_start` included: the files the arguments name (`BaseTrainer`'s
+    `check_inputs`, the LoRA adapter config), read first and once however often the processes look (a failure
+    stops them all at once), then a further check of the start decided (the LoRA source of `init_weights_from`,
+    `adapters.start_check`), given the checkpoint to resume, before `check_writable` creates output_dir. The
+    shared-storage check's answer travels in the agreement's first gather: two gathers in all where it applies,
+    one elsewhere (more where the processes look again). A start refused on any process leaves no directory that
+    process 0 made for it.
     """
     if gather is None and _process_count() > 1:
         from jax.experimental import multihost_utils
 
         gather = multihost_utils.process_allgather
-    output_dir = Path(args.output_dir)
-    created = shared_output_dir.missing_directories(output_dir) if is_main_process else []
+    inputs = functools.cache(read_inputs or (lambda: None))  # once: a read that failed stops every process
+
+    def decide() -> tuple[Path, int] | None:
+        inputs()
+        return _checked_resume(args, is_main_process, check_start)
+
+    created = shared_output_dir.missing_directories(Path(args.output_dir)) if is_main_process else []
     try:
-        return _agreed_start(args, is_main_process, gather, check_start)
+        return _agreed_start(args, is_main_process, gather, decide)
     except BaseException:
         shared_output_dir.remove_empty(created)  # check_writable's, where another process refused
         raise
 
 
 def _agreed_start(args: TrainingArguments, is_main_process: bool, gather: Gather | None,
-                  check_start: StartCheck | None) -> tuple[Path, int] | None:
+                  decide: Callable[[], tuple[Path, int] | None]) -> tuple[Path, int] | None:
     """`check_output_dir`'s collectives: the shared-storage check (where every process uses output_dir) around the
-    agreement, whose first gather carries its answer."""
+    agreement on `decide`, whose first gather carries its answer."""
     def agree(gather: Gather | None) -> tuple[Path, int] | None:
-        return agreed(lambda: _checked_resume(args, is_main_process, check_start), gather)
+        return agreed(decide, gather)
 
     if gather is None or not shared_output_dir.needs_check(args):
         return agree(gather)
