@@ -94,11 +94,52 @@ TRANSFORMERS_FIELDS: Mapping[str, Callable[[Any], Ported]] = {
 }
 
 
+def _global_batch(field: str, per_device: str) -> Callable[[Any], Ported]:
+    return lambda value: Ported(((field, None),), (
+        f"{field} here is the global batch, summed over devices, hosts (and gradient_accumulation_steps for training): "
+        f"the Trainer's {per_device} times the number of devices (times its accumulation) gives the same batch"))
+
+
+def _rpo(value: Any) -> Ported:
+    return Ported((("loss_type", "sigmoid sft"), ("loss_weights", None if value is None else f"1 {value}")), (
+        "TRL's RPO adds rpo_alpha times the chosen completion's per-token NLL to the sigmoid loss: that NLL is the "
+        "'sft' loss here, weighted by loss_weights"))
+
+
+def _fixed(why: str) -> Callable[[Any], Ported]:
+    return lambda value: Ported((), why)
+
+
+#: TRL's and common names that spelling would point to a look-alike that does something else (`dataset_text_field`
+#: to `dataset_name`, `max_completion_length` to `max_prompt_length`, `batch_size` to `eval_batch_size`).
+OTHER_FIELDS: Mapping[str, Callable[[Any], Ported]] = {
+    "per_device_train_batch_size": _global_batch("train_batch_size", "per_device_train_batch_size"),
+    "per_device_eval_batch_size": _global_batch("eval_batch_size", "per_device_eval_batch_size"),
+    "batch_size": _global_batch("train_batch_size", "per-device batch size"),
+    "max_completion_length": lambda value: Ported((("max_length", None),), (
+        "TRL's max_completion_length caps the completion alone; max_length here caps prompt + completion, and "
+        "max_prompt_length the prompt (docs/dpo.md)")),
+    "dataset_text_field": lambda value: Ported((("text_column", value),), "TRL's dataset_text_field is the column "
+                                                                          "of plain text: text_column here"),
+    "dataset_num_proc": lambda value: Ported((("preprocessing_num_workers", value),), (
+        "The processes that tokenise the dataset: preprocessing_num_workers here")),
+    "ref_model": lambda value: Ported((("ref_model_name_or_path", value),), (
+        "The reference model's directory or hub id: ref_model_name_or_path here (unset: a frozen copy of the "
+        "initial policy)")),
+    "rpo_alpha": _rpo,
+    "logging_dir": _fixed("There is no such setting here: logs go under output_dir (tensorboard/, metrics.jsonl)"),
+    "save_safetensors": _fixed("There is no such setting here: exports are always safetensors, and checkpoints "
+                               "Orbax's"),
+    "lr": lambda value: Ported((("learning_rate", value),), "The peak learning rate is learning_rate"),
+    "epochs": lambda value: Ported((("num_train_epochs", value),), "Passes over the training set: num_train_epochs"),
+}
+
+
 @functools.cache
 def known_as() -> Mapping[str, str]:
     """The easytrain field each name of `TRANSFORMERS_FIELDS` points to, for `closest` (a bare name, no value);
     built at first use, since `_optim` imports `argument_values`, which imports this module."""
-    bare = {name: port(None) for name, port in TRANSFORMERS_FIELDS.items()}
+    bare = {name: port(None) for name, port in {**TRANSFORMERS_FIELDS, **OTHER_FIELDS}.items()}
     return {name: ported.settings[0][0] for name, ported in bare.items() if ported.settings}
 
 
@@ -132,7 +173,7 @@ def unknown_name_hint(name: str, value: Any, known: Collection[str], spell: Call
     """The sentence after the refusal of an unknown `name` given `value` (None: a bare flag): a transformers setting
     as easytrain spells it (`spell`: `as_flags` or `as_keys`) and how the two differ; else the known name it most
     likely misspells; else where the list is (`listing --help`: the command, or a script of one's own)."""
-    port = TRANSFORMERS_FIELDS.get(name)
+    port = TRANSFORMERS_FIELDS.get(name) or OTHER_FIELDS.get(name)
     ported = port(value) if port is not None else None
     if ported is not None and all(field in known for field, _ in ported.settings):
         return (f"Did you mean {spell(ported.settings)}? " if ported.settings else "") + f"{ported.why}."

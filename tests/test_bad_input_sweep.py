@@ -145,3 +145,31 @@ def test_dpo_options_read_by_a_chosen_loss_are_accepted():
     assert DPOArguments(loss_type=["simpo"], simpo_gamma=1.0).simpo_gamma == 1.0
     assert DPOArguments(sync_ref_model=True, ref_model_mixup_alpha=0.9, ref_model_sync_steps=64).sync_ref_model
     assert DPOArguments(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.0]).loss_weights == [1.0, 0.0]
+
+
+#: transformers/TRL names whose spelling reads closest to an easytrain field that means something else: the hint
+#: names the field that does what they do (and never the look-alike).
+PORTED_NAMES = [
+    ("per_device_train_batch_size", "--train_batch_size", "global"),
+    ("per_device_eval_batch_size", "--eval_batch_size", "global"),
+    ("max_completion_length", "--max_length", "prompt + completion"),
+    ("dataset_text_field", "--text_column", "text_column"),
+    ("dataset_num_proc", "--preprocessing_num_workers", "preprocessing_num_workers"),
+    ("logging_dir", "output_dir", "tensorboard"),
+    ("save_safetensors", "safetensors", "safetensors"),
+    ("ref_model", "--ref_model_name_or_path", "ref_model_name_or_path"),
+    ("rpo_alpha", "--loss_type sigmoid sft", "loss_weights"),
+    ("batch_size", "--train_batch_size", "global"),
+    ("lr", "--learning_rate", "learning_rate"),
+    ("epochs", "--num_train_epochs", "num_train_epochs"),
+]
+
+
+@pytest.mark.parametrize("name,flag,why", PORTED_NAMES)
+def test_a_ported_name_is_pointed_to_what_does_the_same_not_to_a_look_alike(name, flag, why):
+    from easytrain.arguments import field_names
+    from easytrain.suggestions import as_flags, unknown_name_hint
+
+    known = field_names() + [f.name for cls in (SFTArguments, DPOArguments) for f in dataclasses.fields(cls)]
+    hint = unknown_name_hint(name, None, known, as_flags)
+    assert flag in hint and why in hint, hint
