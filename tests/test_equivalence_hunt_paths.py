@@ -80,7 +80,6 @@ def assert_same_training(got, want) -> None:
 
 COMBINATIONS = {
     "scan + full remat + chunked": dict(scan=True, remat="full", chunk=5),
-    "scan + dots remat": dict(scan=True, remat="dots"),
     "scan + dots remat + chunked + dot_product_attention": dict(scan=True, remat="dots", chunk=7,
                                                                 implementation="dot_product_attention"),
 }
