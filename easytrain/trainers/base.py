@@ -132,7 +132,7 @@ class BaseTrainer(ProtocolProperties, InitialPolicyHooks, RunRecordHooks, TrainS
         and first in it (before the checkpoints are looked at), so that the others name that process instead of
         waiting for it in a later collective. Only what a subclass sets before calling `super().__init__()` exists
         then (`self.lora`, `self.mesh` do not yet). Nothing here; SFT reads its chat template, DPO its reference
-        model's config."""
+        model's config: an override of theirs calls `super().check_inputs()`."""
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:

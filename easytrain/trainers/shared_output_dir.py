@@ -6,10 +6,10 @@ At set-up, before any compute, process 0 writes a token file holding a fresh ran
 processes exchange that nonce (one small gather, which also orders the write before every read), and each reads the
 token back from its own output_dir. Who saw it travels in the next gather, beside what the caller gathers then (the
 start each process decided, `start_agreement`): no gather of its own. Every process then raises the same
-`ArgumentError`, whatever else it gathered, and process 0 removes the token (and, when the run is refused, by this
-check or by the caller, the directories it made to hold it, while empty: a refused run leaves the file system as it
-found it). A single process, and a run that neither checkpoints nor resumes (each process then writes nothing there,
-or only process 0 does), compare nothing.
+`ArgumentError`, whatever else it gathered (an interrupted one its interrupt), and process 0 removes the token (and,
+when the run is refused, by this check or by the caller, the directories it made to hold it, while empty: a refused
+run leaves the file system as it found it). A single process, and a run that neither checkpoints nor resumes (each
+process then writes nothing there, or only process 0 does), compare nothing.
 """
 
 from __future__ import annotations
