@@ -43,11 +43,14 @@ def config_of(case: str, **fields) -> transformers.PretrainedConfig:
     return family_config(family, rope_parameters=dict(rope), max_position_embeddings=256, **fields)
 
 
-@pytest.mark.parametrize("case", [*CASES, "yarn without factor", "yarn attention_factor"])
+@pytest.mark.parametrize("case", [*CASES, "yarn without factor", "yarn attention_factor", "yarn truncate null"])
 def test_inverse_frequencies_and_attention_factor_are_transformers(case):
     if case == "yarn without factor":  # the factor follows from the context lengths
         config = config_of("yarn")
         config.rope_parameters["factor"] = None
+    elif case == "yarn truncate null":  # transformers reads `"truncate": null` as false (`if truncate:`)
+        config = config_of("yarn mscale")
+        config.rope_parameters["truncate"] = None
     elif case == "yarn attention_factor":
         config = config_of("yarn")
         config.rope_parameters["attention_factor"] = 0.75
@@ -115,9 +118,23 @@ def test_greedy_decoding_of_a_llama3_checkpoint_is_transformers(tmp_path):
     ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0}, ConfigError,
      r"lacks high_freq_factor, original_max_position_embeddings"),
     (LLAMA3 | {"low_freq_factor": 4.0}, ConfigError, r"high_freq_factor \(4.0\) must exceed low_freq_factor"),
+    # transformers rotates only part of each head here and its attention then fails on the shapes
+    (LLAMA3 | {"partial_rotary_factor": 0.5}, UnsupportedConfigError, r"partial_rotary_factor'\] = 0.5"),
+    # a hand-edited config.json: strings where numbers belong, past transformers' own checks (it only warns)
+    (CASES["yarn"][1] | {"attention_factor": "0.5"}, ConfigError, r"\['attention_factor'\] = '0.5' must be a number"),
+    (CASES["yarn"][1] | {"mscale": "1", "mscale_all_dim": 1.0}, ConfigError, r"\['mscale'\] = '1' must be a number"),
+    (CASES["yarn"][1] | {"truncate": "false"}, ConfigError, r"\['truncate'\] = 'false' must be true or false"),
+    (LLAMA3 | {"low_freq_factor": "1.0"}, ConfigError, r"\['low_freq_factor'\] = '1.0' must be a number"),
 ])
 def test_a_scaling_easytrain_cannot_compute_is_refused_by_name(rope, error, match):
     config = tiny_config()
     config.rope_parameters = {"rope_theta": 10000.0} | rope  # past transformers' own validation, as a config.json
     with pytest.raises(error, match=match):
         init_model(config)
+
+
+def test_a_full_partial_rotary_factor_is_the_plain_scaling():
+    """1.0 rotates the whole head, as transformers does; only a fraction of it is refused."""
+    full, plain = tiny_config(), tiny_config()
+    full.rope_parameters, plain.rope_parameters = LLAMA3 | {"partial_rotary_factor": 1.0}, dict(LLAMA3)
+    assert rope_scaling(full) == rope_scaling(plain) is not None

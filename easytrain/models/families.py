@@ -59,19 +59,43 @@ def rope_scaling(config: transformers.LlamaConfig) -> RopeScaling | None:
     if missing := [key for key in rope_math.REQUIRED_KEYS[rope_type] if rope.get(key) is None]:
         raise ConfigError(f"config.rope_parameters (rope_type {rope_type!r}) lacks {', '.join(missing)}; set them "
                           "as the checkpoint's model card gives them.")
+    _check_rope_values(rope_type, rope, getattr(config, "partial_rotary_factor", None))
     if rope_type == "yarn" and rope.get("factor") is None and not getattr(config, "max_position_embeddings", None):
         raise ConfigError("config.rope_parameters (rope_type 'yarn') has no factor, and no "
                           "config.max_position_embeddings to derive it from; set the factor.")
     keys = rope_math.REQUIRED_KEYS[rope_type] + rope_math.OPTIONAL_KEYS[rope_type]
-    read = tuple(sorted((key, rope[key]) for key in keys if rope.get(key) is not None))
-    scaling = RopeScaling(rope_type, read, getattr(config, "max_position_embeddings", None))
+    read = {key: rope[key] for key in keys if rope.get(key) is not None}
+    if "truncate" in keys and "truncate" in rope:  # transformers tests `if truncate:`, so null does not truncate
+        read["truncate"] = bool(rope["truncate"])
+    scaling = RopeScaling(rope_type, tuple(sorted(read.items())), getattr(config, "max_position_embeddings", None))
     factor = scaling.yarn_factor() if rope_type == "yarn" else scaling.value("factor")
-    if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not factor > 0:
+    if not _is_number(factor) or not factor > 0:
         raise ConfigError(f"config.rope_parameters['factor'] = {factor!r} must be a positive number.")
     if rope_type == "llama3" and not scaling.value("high_freq_factor") > scaling.value("low_freq_factor"):
         raise ConfigError(f"config.rope_parameters: high_freq_factor ({scaling.value('high_freq_factor')}) must "
                           f"exceed low_freq_factor ({scaling.value('low_freq_factor')}).")
     return scaling
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_rope_values(rope_type: str, rope: dict, partial_rotary_factor: object) -> None:
+    """Values of the wrong type (a hand-edited config.json: transformers only warns of most) and a partial rotation
+    are refused by name, before they fail unnamed in the arithmetic or compute what transformers does not."""
+    for key in rope_math.REQUIRED_KEYS[rope_type] + rope_math.OPTIONAL_KEYS[rope_type]:
+        value = rope.get(key)
+        if key == "truncate" and value is not None and not isinstance(value, bool):
+            raise ConfigError(f"config.rope_parameters['truncate'] = {value!r} must be true or false (or absent).")
+        if key != "truncate" and value is not None and not _is_number(value):
+            raise ConfigError(f"config.rope_parameters[{key!r}] = {value!r} must be a number.")
+    fraction = rope.get("partial_rotary_factor", partial_rotary_factor)
+    if fraction is not None and fraction != 1:
+        raise UnsupportedConfigError(
+            f"config.rope_parameters['partial_rotary_factor'] = {fraction!r} with rope_type {rope_type!r}: "
+            "transformers' scaled RoPE then rotates only that fraction of each head, which these families' attention "
+            "does not apply (transformers' own model fails on the shapes). Remove it, or set it to 1.0.")
 
 
 def activation_name(config: transformers.LlamaConfig) -> str:
