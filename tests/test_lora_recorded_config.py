@@ -152,3 +152,14 @@ def test_precomputed_reference_log_probs_are_not_reused_under_another_adapter_sc
     other = DPOTrainer(tiny_args(tmp_path, overwrite_output_dir=True, **common), options)
     other.setup()
     assert not other.reference_logps_cached["train"]
+
+
+@pytest.mark.parametrize("content", [None, "{not json"], ids=["absent", "damaged"])
+def test_an_adapter_directory_without_a_readable_config_is_refused_naming_lora_adapter_path(tmp_path, content):
+    """The reader's error named the file but not the argument that pointed there."""
+    (adapter := tmp_path / "adapter").mkdir()
+    if content is not None:
+        (adapter / "adapter_config.json").write_text(content)
+    with pytest.raises(ArgumentError, match=r"^lora_adapter_path: .*adapter_config\.json"):
+        DPOTrainer(tiny_args(tmp_path / "run", lora_adapter_path=str(adapter)))
+    assert not (tmp_path / "run").exists()

@@ -277,8 +277,8 @@ def test_an_adapter_on_a_random_base_is_refused_before_any_weight_is_drawn(tmp_p
     adapter = save_peft_adapter(tmp_path / "adapter", model, lora.LoRAConfig(rank=RANK))
     runs, real = [], placement.initialise_module
     monkeypatch.setattr(placement, "initialise_module", lambda *a, **k: runs.append(1) or real(*a, **k))
-    arguments = lora_args(tmp_path / "run", "", tokenizer_name=str(base_dir), lora_rank=0, lora_dropout=0.0,
-                          lora_adapter_path=str(adapter))
+    arguments = lora_args(tmp_path / "run", "", model_name_or_path=None, tokenizer_name=str(base_dir), lora_rank=0,
+                          lora_dropout=0.0, lora_adapter_path=str(adapter))
     with pytest.raises(ArgumentError, match="needs pretrained base weights") as error:
         sft(arguments).setup()
     assert error.value.field == "lora_adapter_path" and not runs

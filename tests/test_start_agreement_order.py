@@ -40,7 +40,10 @@ def test_an_input_it_cannot_read_is_refused_before_its_checkpoints_are_looked_at
     extra = {"lora_adapter_path": missing} if kind == "lora_adapter_path" else {}
     error = _first_error(build, args_for(tmp_path / "run", resume_from_checkpoint="latest", **extra))
     assert not isinstance(error, CheckpointNotFoundError), f"{kind}: {error!r}"
-    assert isinstance(error, DataError if kind == "chat_template_path" else CheckpointError), repr(error)
+    if kind == "chat_template_path":
+        assert isinstance(error, DataError), repr(error)
+    else:  # the reader's error, under the argument that pointed at the file
+        assert isinstance(error, ArgumentError) and isinstance(error.__cause__, CheckpointError), repr(error)
 
 
 @pytest.mark.usefixtures("jax_settings")

@@ -22,6 +22,7 @@ from easytrain.lora_config import (LoRAConfig, LoRAConfigError, as_argument_erro
                                    targets_from_arguments)
 from easytrain.models import save_pretrained
 from easytrain.models.hf_export import ADAPTER_DIRNAME, remove_earlier_model
+from easytrain.models.hf_io import CheckpointError
 from easytrain.models.peft_io import load_peft_adapter, read_peft_config, save_peft_adapter
 from easytrain.trainers.lora_record import check_source_lora
 from easytrain.trainers.run_dir import StartCheck
@@ -33,7 +34,10 @@ def run_config(args: Any) -> LoRAConfig | None:
     (None when `lora_rank` is 0). A trainer reads it inside its start's agreement (`start_check`)."""
     if not args.lora_adapter_path:
         return from_arguments(args)
-    config, _ = read_peft_config(args.lora_adapter_path)
+    try:
+        config, _ = read_peft_config(args.lora_adapter_path)
+    except CheckpointError as error:  # it names the file; name the argument that pointed there too
+        raise ArgumentError("lora_adapter_path", str(error)) from error
     check_adapter_fields(args, config)
     return config
 
