@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
 
 import jax
@@ -59,7 +59,8 @@ def rope_scaling(config: transformers.LlamaConfig) -> RopeScaling | None:
     if missing := [key for key in rope_math.REQUIRED_KEYS[rope_type] if rope.get(key) is None]:
         raise ConfigError(f"config.rope_parameters (rope_type {rope_type!r}) lacks {', '.join(missing)}; set them "
                           "as the checkpoint's model card gives them.")
-    _check_rope_values(rope_type, rope, getattr(config, "partial_rotary_factor", None))
+    check_rope_values(rope)
+    _check_full_rotation(rope_type, rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None)))
     if rope_type == "yarn" and rope.get("factor") is None and not getattr(config, "max_position_embeddings", None):
         raise ConfigError("config.rope_parameters (rope_type 'yarn') has no factor, and no "
                           "config.max_position_embeddings to derive it from; set the factor.")
@@ -81,16 +82,22 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _check_rope_values(rope_type: str, rope: dict, partial_rotary_factor: object) -> None:
-    """Values of the wrong type (a hand-edited config.json: transformers only warns of most) and a partial rotation
-    are refused by name, before they fail unnamed in the arithmetic or compute what transformers does not."""
-    for key in rope_math.REQUIRED_KEYS[rope_type] + rope_math.OPTIONAL_KEYS[rope_type]:
+def check_rope_values(rope: Mapping) -> None:
+    """Values of the wrong type in a scaled RoPE's parameters (a hand-edited config.json: transformers only warns
+    of most, or fails naming no key) refused by name, before they fail unnamed in the arithmetic. `rope`:
+    `rope_parameters`, or a config.json's v4 `rope_scaling` (its `type`)."""
+    rope_type = rope.get("rope_type", rope.get("type"))
+    for key in rope_math.REQUIRED_KEYS.get(rope_type, ()) + rope_math.OPTIONAL_KEYS.get(rope_type, ()):
         value = rope.get(key)
         if key == "truncate" and value is not None and not isinstance(value, bool):
             raise ConfigError(f"config.rope_parameters['truncate'] = {value!r} must be true or false (or absent).")
         if key != "truncate" and value is not None and not _is_number(value):
             raise ConfigError(f"config.rope_parameters[{key!r}] = {value!r} must be a number.")
-    fraction = rope.get("partial_rotary_factor", partial_rotary_factor)
+
+
+def _check_full_rotation(rope_type: str, fraction: object) -> None:
+    """transformers' scaled RoPE rotates only `partial_rotary_factor` of each head, which these families' attention
+    does not apply (transformers' own models fail on the shapes there); with the default RoPE both ignore it."""
     if fraction is not None and fraction != 1:
         raise UnsupportedConfigError(
             f"config.rope_parameters['partial_rotary_factor'] = {fraction!r} with rope_type {rope_type!r}: "

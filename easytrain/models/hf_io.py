@@ -23,11 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 import transformers
 from flax import nnx, traverse_util
+from huggingface_hub.errors import StrictDataclassError
 from jax.sharding import AbstractMesh
 
 from easytrain.errors import EasytrainError
 from easytrain.models.attention import DType
-from easytrain.models.families import SUPPORTED_MODEL_TYPES
+from easytrain.models.families import SUPPORTED_MODEL_TYPES, ConfigError, check_rope_values
 from easytrain.models.llama import LlamaForCausalLM
 from easytrain.models.scan import unstack_layer_dicts
 
@@ -255,18 +256,34 @@ def read_json_object(path: Path) -> dict[str, Any]:
     return value
 
 
+#: What `AutoConfig.from_pretrained` raises for a readable config.json whose values it refuses (its validators'
+#: errors, a required RoPE key missing, a zero it divides by).
+_CONFIG_REFUSALS = (StrictDataclassError, ValueError, TypeError, KeyError, ArithmeticError)
+
+
 def _read_config(directory: Path) -> transformers.PretrainedConfig:
     """Loads ``config.json``, rejecting architectures this model cannot represent."""
     path = directory / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{path} not found; a checkpoint directory needs a config.json.")
-    model_type = read_json_object(path).get("model_type")
+    fields = read_json_object(path)
+    model_type = fields.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise CheckpointError(
             f"{path} has model_type={model_type!r}; load_pretrained supports model_type in "
             f"{SUPPORTED_MODEL_TYPES}."
         )
-    return transformers.AutoConfig.from_pretrained(directory)
+    rope = fields.get("rope_parameters") or fields.get("rope_scaling")
+    try:
+        if isinstance(rope, dict):
+            check_rope_values(rope)  # before transformers' own checks, which name no key
+        return transformers.AutoConfig.from_pretrained(directory)
+    except ConfigError as error:
+        raise CheckpointError(f"{path}: {error} Fix the value in the file.") from error
+    except _CONFIG_REFUSALS as error:
+        reason = (str(error).strip().splitlines() or [""])[-1].strip()
+        raise CheckpointError(f"{path} holds values transformers refuses ({type(error).__name__}: {reason}); fix "
+                              "them, or fetch the file again.") from error
 
 
 # Loading and export live in their own modules; ``hf_io`` keeps exporting their names (PEP 562,
