@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import numbers
+import reprlib
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
 
@@ -360,8 +361,12 @@ def pad_prompts(
         raise GenerationError(f"side = {side!r}; choose 'left' or 'right'.")
     if not _is_int(multiple) or multiple < 1:
         raise GenerationError(f"multiple = {multiple!r} must be an int >= 1 (1: pad to the longest prompt only).")
+    if not _is_int(pad_id):  # None: a tokenizer without a pad token
+        raise GenerationError(f"pad_id = {pad_id!r} must be an int token id (a tokenizer without a pad token has "
+                              "None: pass its eos_token_id).")
     if len(prompts) == 0:
         raise GenerationError("prompts is empty; pass at least one prompt (a list of token ids).")
+    prompts = [_prompt_ids(index, prompt) for index, prompt in enumerate(prompts)]
     longest = max(len(p) for p in prompts)
     length = -(-longest // multiple) * multiple
     ids_NL = np.full((len(prompts), length), pad_id, np.int32)
@@ -370,6 +375,15 @@ def pad_prompts(
         span = slice(length - len(prompt), length) if side == "left" else slice(0, len(prompt))
         ids_NL[row, span], mask_NL[row, span] = prompt, 1
     return ids_NL, mask_NL
+
+
+def _prompt_ids(index: int, prompt: Sequence[int]) -> np.ndarray:
+    """One prompt as a 1-D array of ids: a float id would be truncated into another token without an error."""
+    ids = np.asarray(prompt)
+    if ids.ndim != 1 or not (ids.size == 0 or np.issubdtype(ids.dtype, np.integer)):
+        raise GenerationError(f"prompts[{index}] = {reprlib.repr(prompt)} is not a list of int token ids; pass a "
+                              "list of prompts, each a list of ids (one prompt: [ids]).")
+    return ids
 
 
 def greedy_complete(

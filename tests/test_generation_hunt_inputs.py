@@ -31,3 +31,20 @@ def test_a_seed_that_is_not_an_int_is_refused_by_name(seed):
     model = init_model(tiny_config(), seed=0)
     with pytest.raises(GenerationError, match="seed"):  # was: None is not a valid value for jnp.array
         generate(model, np.array([[1, 2, 3]]), max_new_tokens=1, seed=seed)
+
+
+@pytest.mark.parametrize("prompts, pad_id, match", [
+    ([[1, 2]], None, r"pad_id = None"),  # a tokenizer without a pad token; was TypeError: int() argument ... 'NoneType'
+    ([[1, 2], [3]], 0.5, r"pad_id = 0.5"),  # was silently padded with 0
+    ([1, 2], 0, r"prompts\[0\] = 1 is not a list of int token ids"),  # one prompt, not a list of them; was
+    # TypeError: object of type 'int' has no len()
+    ([[1, 2.5]], 0, r"prompts\[0\] = \[1, 2.5\] is not a list of int token ids"),  # was silently read as [1, 2]
+])
+def test_pad_prompts_refuses_a_pad_id_or_prompt_that_is_not_int_ids_by_name(prompts, pad_id, match):
+    with pytest.raises(GenerationError, match=match):
+        pad_prompts(prompts, pad_id)
+
+
+def test_pad_prompts_takes_numpy_ids_and_an_empty_prompt():
+    ids_NL, mask_NL = pad_prompts([np.array([4, 5], np.int64), [], (6,)], np.int32(0), side="right")
+    assert ids_NL.tolist() == [[4, 5], [0, 0], [6, 0]] and mask_NL.tolist() == [[1, 1], [0, 0], [1, 0]]
