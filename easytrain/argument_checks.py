@@ -307,7 +307,9 @@ def check_settings_apply(args: Any) -> None:
     _require(args.early_stopping_patience is None or args.eval_strategy != "no", "early_stopping_patience",
              "counts evaluations, but eval_strategy is 'no' (it would never stop): set eval_strategy to 'steps' "
              "or 'epoch', or unset early_stopping_patience.")
-    _require(args.metric_for_best_model is None or args.eval_strategy != "no", "metric_for_best_model",
+    # Not on a resume: a run saved before this check recorded it so, and reruns from its arguments.json.
+    _require(args.metric_for_best_model is None or args.eval_strategy != "no" or bool(args.resume_from_checkpoint),
+             "metric_for_best_model",
              "ranks evaluations, but eval_strategy is 'no' (no checkpoint would be ranked): set eval_strategy to "
              "'steps' or 'epoch', or unset metric_for_best_model.")
     check_best_checkpoint_kept(args)

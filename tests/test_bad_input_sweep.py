@@ -119,14 +119,6 @@ def test_a_metric_for_best_model_that_nothing_evaluates_is_refused():
                              eval_strategy="steps", eval_steps=500).metric_for_best_model == "eval_loss"
 
 
-def test_a_packing_strategy_without_packing_is_refused():
-    """packing_strategy is read only when packing: 'wrapped' alone trained padded rows without a word."""
-    with pytest.raises(ArgumentError, match="--packing") as error:
-        SFTArguments(packing_strategy="wrapped")
-    assert error.value.field == "packing_strategy"
-    assert SFTArguments(packing=True, packing_strategy="wrapped").packing_strategy == "wrapped"
-
-
 @pytest.mark.parametrize("values,field,fix", [
     (dict(simpo_gamma=1.0), "simpo_gamma", "simpo"),  # the default loss, sigmoid, has no margin
     (dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, -0.5]), "loss_weights", ">= 0"),

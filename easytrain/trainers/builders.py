@@ -259,7 +259,8 @@ def check_eval_metrics(args: TrainingArguments, device_names: set[str], evaluato
         if args.eval_strategy != "no":
             logger.info("this run has no evaluation data: nothing is evaluated (eval_strategy=%r)", args.eval_strategy)
         for field in ("load_best_model_at_end", "early_stopping_patience", "metric_for_best_model"):
-            if getattr(args, field):
+            # metric_for_best_model not on a resume: a run saved before it was refused here recorded it so
+            if getattr(args, field) and not (field == "metric_for_best_model" and args.resume_from_checkpoint):
                 raise ArgumentError(field, "ranks evaluations, but this run has no evaluation data: give it a "
                                            "validation_file, a validation split (validation_split_percentage > 0) "
                                            f"or an eval dataset, or unset {field}.")

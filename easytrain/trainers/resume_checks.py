@@ -68,9 +68,15 @@ UNRECORDED_TASK = "lm"
 MAX_LISTED = 8
 
 
+def same_setting(stored: Any, current: Any) -> bool:
+    """Whether a checkpoint's recorded value and this run's are one setting: '' and None are, since an easytrain
+    before `argument_checks.check_not_blank` read '' as unset and recorded it so (its rerun must give None now)."""
+    return stored == current or (stored in ("", None) and current in ("", None))
+
+
 def _differences(stored: dict[str, Any], current: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
     return [f"{key}: checkpoint {stored.get(key)!r} vs now {current.get(key)!r}"
-            for key in keys if stored.get(key) != current.get(key)]
+            for key in keys if not same_setting(stored.get(key), current.get(key))]
 
 
 def architecture_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -254,7 +260,8 @@ def rerun_hint(stored: dict[str, Any], current: dict[str, Any], shown: Collectio
     of data that `moved` (`moved_data`: the saved one may be gone). Empty if none differs, unless `always`."""
     moved = moved or {}
     names = [name for name in dict.fromkeys([*stored, *current]) if name not in moved
-             and name not in FREE_ON_RESUME and name not in shown and stored.get(name) != current.get(name)
+             and name not in FREE_ON_RESUME and name not in shown
+             and not same_setting(stored.get(name), current.get(name))
              and not (name == "task" and stored.get(name) == UNRECORDED_TASK)]
     if not names and not always:
         return ""

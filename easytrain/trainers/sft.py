@@ -76,9 +76,6 @@ class SFTArguments:
                                 f"by generation), got {self.generation_eval_samples}.")
         if self.max_new_tokens < 1:
             raise ArgumentError("max_new_tokens", f"must be a number of tokens >= 1, got {self.max_new_tokens}.")
-        if self.packing_strategy != "bfd" and not self.packing:  # read only when packing: silently padded rows
-            raise ArgumentError("packing_strategy", f"{self.packing_strategy!r} is read only with packing=True; pass "
-                                                    "--packing too, or drop packing_strategy.")
 
 
 @register_task("sft", arguments=(SFTArguments,), replace=True,
@@ -104,6 +101,7 @@ class SFTTrainer(BaseTrainer):
             raise TypeError(f"sft_arguments must be an SFTArguments, got {type(sft_arguments).__name__}; pass "
                             "SFTArguments(...) (or None for its defaults).")
         self.sft_arguments = sft_arguments or SFTArguments()
+        check_packing_read(self.sft_arguments, resuming=bool(arguments and arguments.resume_from_checkpoint))
         self.task_arguments = (self.sft_arguments,)
         self.formatting_func, self.answer_metrics = formatting_func, compute_metrics  # not the on-device hook
         self.data_stats: dict[str, dict[str, float]] = {}
@@ -128,7 +126,7 @@ class SFTTrainer(BaseTrainer):
         splits = (arithmetic.make_arithmetic_chat_splits(seed=args.seed) if embedded
                   else builders.raw_datasets(args, self._raw_train, self._raw_eval))
         check_generation_has_prompts(sft.generation_eval_samples, "validation" in splits,
-                                     self.wants_metric("exact_match"))
+                                     self.wants_metric("exact_match"), bool(args.resume_from_checkpoint))
         limits = {"train": args.max_train_samples, "validation": args.max_eval_samples}
         rows = {name: self._rows(name, split if limits[name] is None else split.select(range(min(limits[name],
                                                                                                 len(split)))))
@@ -248,10 +246,20 @@ def check_template_read(split: Any, path: str) -> bool:
     return False
 
 
-def check_generation_has_prompts(samples: int, has_eval_data: bool, wanted: bool) -> None:
+def check_packing_read(sft: SFTArguments, resuming: bool = False) -> None:
+    """packing_strategy is read only when packing: given alone it trained padded rows without a word. Refused for a
+    fresh run; a resume is left to the comparison of its task_arguments with the checkpoint's, since a run saved before
+    this refusal recorded it so and reruns from its arguments.json."""
+    if sft.packing_strategy != "bfd" and not sft.packing and not resuming:
+        raise ArgumentError("packing_strategy", f"{sft.packing_strategy!r} is read only with packing=True; pass "
+                                                "--packing too, or drop packing_strategy.")
+
+
+def check_generation_has_prompts(samples: int, has_eval_data: bool, wanted: bool, resuming: bool = False) -> None:
     """`generation_eval_samples > 0` asks for exact_match on held-out prompts: without evaluation data there are
-    none, and the run trained without the evaluation it asked for."""
-    if samples > 0 and wanted and not has_eval_data:
+    none, and the run trained without the evaluation it asked for. Not on a resume: a run saved before this refusal
+    recorded it so, and reruns from its arguments.json."""
+    if samples > 0 and wanted and not has_eval_data and not resuming:
         raise ArgumentError("generation_eval_samples", f"{samples} asks for exact_match on held-out prompts, but this "
                                                        "run has no evaluation data: give it a validation_file, a "
                                                        "validation split (validation_split_percentage > 0) or an eval "
