@@ -103,7 +103,8 @@ def _global_batch(field: str, per_device: str) -> Callable[[Any], Ported]:
 def _rpo(value: Any) -> Ported:
     return Ported((("loss_type", "sigmoid sft"), ("loss_weights", None if value is None else f"1 {value}")), (
         "TRL's RPO adds rpo_alpha times the chosen completion's per-token NLL to the sigmoid loss: that NLL is the "
-        "'sft' loss here, weighted by loss_weights"))
+        "'sft' loss here, weighted by loss_weights (averaged per pair, where TRL averages over a micro-batch's "
+        "chosen tokens: docs/dpo.md)"))
 
 
 def _fixed(why: str) -> Callable[[Any], Ported]:
@@ -175,7 +176,21 @@ def unknown_name_hint(name: str, value: Any, known: Collection[str], spell: Call
     likely misspells; else where the list is (`listing --help`: the command, or a script of one's own)."""
     port = TRANSFORMERS_FIELDS.get(name) or OTHER_FIELDS.get(name)
     ported = port(value) if port is not None else None
-    if ported is not None and all(field in known for field, _ in ported.settings):
-        return (f"Did you mean {spell(ported.settings)}? " if ported.settings else "") + f"{ported.why}."
+    if ported is not None:
+        settings = _with_task(ported.settings, known)
+        return (f"Did you mean {spell(settings)}? " if settings else "") + f"{ported.why}."
     close = closest(name, known)
     return f"Did you mean {spell(((close, None),))}?" if close else f"Run `{listing} --help` for the list."
+
+
+def _with_task(settings: Settings, known: Collection[str]) -> Settings:
+    """`settings` where `known` has their fields; else led by the task whose arguments have them all (TRL's rpo_alpha
+    given to task sft: `--task dpo --loss_type ...`, not the look-alike `--lora_alpha`); else none (the why alone)."""
+    missing = {field for field, _ in settings} - set(known)
+    if not missing:
+        return settings
+    from easytrain.tasks.registry import tasks_declaring  # here: read on this error only (it loads every task)
+
+    owners = [task for task in tasks_declaring(min(missing), besides="")
+              if all(task in tasks_declaring(field, besides="") for field in missing)]
+    return (("task", owners[0]), *settings) if owners else ()

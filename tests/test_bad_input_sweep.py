@@ -165,3 +165,14 @@ def test_a_ported_name_is_pointed_to_what_does_the_same_not_to_a_look_alike(name
     known = field_names() + [f.name for cls in (SFTArguments, DPOArguments) for f in dataclasses.fields(cls)]
     hint = unknown_name_hint(name, None, known, as_flags)
     assert flag in hint and why in hint, hint
+
+
+@pytest.mark.parametrize("name,flags", [("rpo_alpha", "--task dpo --loss_type sigmoid sft --loss_weights 1 0.5"),
+                                        ("ref_model", "--task dpo --ref_model_name_or_path 0.5")])
+def test_a_dpo_name_given_to_another_task_names_the_dpo_task_not_a_look_alike(name, flags):
+    """`easytrain train --task sft --rpo_alpha 0.5` has no loss_type: the spelling match then said --lora_alpha."""
+    from easytrain.arguments import field_names
+    from easytrain.suggestions import as_flags, unknown_name_hint
+
+    hint = unknown_name_hint(name, "0.5", field_names() + [f.name for f in dataclasses.fields(SFTArguments)], as_flags)
+    assert hint.startswith(f"Did you mean {flags}?") and "lora_alpha" not in hint, hint
