@@ -138,3 +138,16 @@ def test_a_full_partial_rotary_factor_is_the_plain_scaling():
     full, plain = tiny_config(), tiny_config()
     full.rope_parameters, plain.rope_parameters = LLAMA3 | {"partial_rotary_factor": 1.0}, dict(LLAMA3)
     assert rope_scaling(full) == rope_scaling(plain) is not None
+
+
+def test_a_resume_compares_the_context_length_a_yarn_factor_is_derived_from():
+    """Without a factor, YaRN's follows from max_position_embeddings, which otherwise decides nothing computed: a
+    resume whose config changed it would have trained with other frequencies without a word."""
+    from easytrain.trainers.resume_checks import architecture_differences
+
+    stored = config_of("yarn").to_dict()
+    stored["rope_parameters"]["factor"] = None
+    assert architecture_differences(stored, stored | {"max_position_embeddings": 512}) == [
+        "max_position_embeddings: checkpoint 256 vs now 512"]
+    given = config_of("yarn").to_dict()  # with a factor of its own, the context length decides nothing
+    assert architecture_differences(given, given | {"max_position_embeddings": 512}) == []

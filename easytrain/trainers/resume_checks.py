@@ -81,7 +81,15 @@ def _differences(stored: dict[str, Any], current: dict[str, Any], keys: tuple[st
 
 def architecture_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Keys a checkpoint written before they were recorded lacks are not compared: absent is not "changed"."""
-    return _differences(stored, current, tuple(key for key in ARCHITECTURE_KEYS if key in stored and key in current))
+    keys = ARCHITECTURE_KEYS + _deciding_through_rope(stored) + _deciding_through_rope(current)
+    return _differences(stored, current, tuple(key for key in dict.fromkeys(keys) if key in stored and key in current))
+
+
+def _deciding_through_rope(config: dict[str, Any]) -> tuple[str, ...]:
+    """Keys that decide the function only through the RoPE scaling: YaRN without a factor derives it from
+    max_position_embeddings (`easytrain.models.rope`)."""
+    rope = config.get("rope_parameters") or {}
+    return ("max_position_embeddings",) if rope.get("rope_type") == "yarn" and rope.get("factor") is None else ()
 
 
 def config_dict(config: Any) -> dict[str, Any] | None:
