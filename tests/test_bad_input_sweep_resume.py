@@ -3,16 +3,16 @@
 and recorded, an empty path it read as unset, a `metric_for_best_model` that ranked nothing, SFT's
 `packing_strategy` without packing, is refused for a fresh run only. A resume is left to the comparison with its
 checkpoint, where an empty string is the unset value it was read as (as `lora_*` fields without `lora_rank` are left to
-it, tests/test_old_checkpoint_resume.py)."""
+it, tests/test_old_checkpoint_resume.py). A run without evaluation data is warned about its metric_for_best_model and
+generation_eval_samples, not refused (test_bad_input_sweep_trainer.py)."""
 
 from __future__ import annotations
 
 import pytest
 
 from easytrain import ArgumentError, TrainingArguments
-from easytrain.trainers.builders import check_eval_metrics
 from easytrain.trainers.resume_checks import check_resumable
-from easytrain.trainers.sft import SFTArguments, SFTTrainer, check_generation_has_prompts, check_packing_read
+from easytrain.trainers.sft import SFTArguments, SFTTrainer, check_packing_read
 
 
 def _info(arguments: dict, task_arguments: dict) -> dict:
@@ -40,11 +40,6 @@ def test_a_metric_for_best_model_that_ranked_nothing_reruns_as_a_resume():
     with pytest.raises(ArgumentError, match="eval_strategy is 'no'"):
         _args(**old)
     assert _args(**old, resume_from_checkpoint="latest").metric_for_best_model == "eval_loss"
-    with pytest.raises(ArgumentError, match="no evaluation data") as error:
-        check_eval_metrics(_args(metric_for_best_model="eval_loss"), set(), [], has_eval_data=False)
-    assert error.value.field == "metric_for_best_model"
-    check_eval_metrics(_args(metric_for_best_model="eval_loss", resume_from_checkpoint="latest"), set(), [],
-                       has_eval_data=False)
 
 
 def test_a_packing_strategy_without_packing_is_refused_for_a_fresh_run_only(tmp_path):
@@ -57,8 +52,3 @@ def test_a_packing_strategy_without_packing_is_refused_for_a_fresh_run_only(tmp_
     check_packing_read(sft, resuming=True)
     check_packing_read(SFTArguments(packing=True, packing_strategy="wrapped"))
 
-
-def test_generation_eval_samples_without_eval_data_is_refused_for_a_fresh_run_only():
-    with pytest.raises(ArgumentError, match="no evaluation data"):
-        check_generation_has_prompts(2, has_eval_data=False, wanted=True, resuming=False)
-    check_generation_has_prompts(2, has_eval_data=False, wanted=True, resuming=True)

@@ -87,12 +87,6 @@ CASES: dict[str, tuple[Callable[[Path], BaseTrainer], str, str]] = {
                                                       tokenizer=_tokenizer()), "train_file", "check the path"),
     "lm model_config unknown": (lambda out: BaseTrainer(_args(out, model_config="huge")), "model_config",
                                 "pass one of those"),
-    "metric_for_best_model without eval data": (lambda out: SFTTrainer(
-        _args(out, eval_strategy="steps", eval_steps=1, metric_for_best_model="eval_loss", save_total_limit=None),
-        tokenizer=_tokenizer(), dataset_train=_rows(PROMPTS)), "metric_for_best_model", "no evaluation data"),
-    "sft generation evaluation without eval data": (lambda out: SFTTrainer(
-        _args(out, eval_strategy="steps", eval_steps=1), SFTArguments(generation_eval_samples=2),
-        tokenizer=_tokenizer(), dataset_train=_rows(PROMPTS)), "generation_eval_samples", "no evaluation data"),
     "init_weights_from missing": (lambda out: BaseTrainer(_args(out, init_weights_from=str(out.parent / "none"))),
                                   "init_weights_from", "neither an exported model"),
 }
@@ -170,3 +164,17 @@ def test_a_chat_template_over_rows_it_never_renders_is_warned_about(caplog):
         assert check_template_read(_rows([{"messages": MESSAGES}]), "chat.jinja")
     warned = [r.getMessage() for r in caplog.records if "chat_template_path" in r.getMessage()]
     assert len(warned) == 1 and "prompt_completion" in warned[0] and "changes no training token" in warned[0]
+
+
+def test_a_trainer_without_eval_data_evaluates_a_given_set_with_a_ranking_metric_and_generation_asked(tmp_path, caplog):
+    """`evaluate(dataset)` alone ranks no checkpoint and generates nothing, so metric_for_best_model and
+    generation_eval_samples (a config shared with the training stage) have nothing to refuse there: both are warned
+    about at set-up, for a trainer that would train without them (before, they were refused, or silently unread)."""
+    trainer = SFTTrainer(_args(tmp_path / "run", eval_strategy="steps", eval_steps=1, metric_for_best_model="eval_loss",
+                               save_total_limit=None), SFTArguments(generation_eval_samples=2),
+                         tokenizer=_tokenizer(), dataset_train=_rows(PROMPTS))
+    with caplog.at_level("WARNING", logger="easytrain"):
+        assert trainer.evaluate(_rows(PROMPTS))["eval_loss"] > 0
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "metric_for_best_model" in warned and "generation_eval_samples" in warned, warned
+    assert warned.count("no evaluation data") == 2, warned

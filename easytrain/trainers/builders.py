@@ -258,12 +258,16 @@ def check_eval_metrics(args: TrainingArguments, device_names: set[str], evaluato
     if not has_eval_data and not evaluators:
         if args.eval_strategy != "no":
             logger.info("this run has no evaluation data: nothing is evaluated (eval_strategy=%r)", args.eval_strategy)
-        for field in ("load_best_model_at_end", "early_stopping_patience", "metric_for_best_model"):
-            # metric_for_best_model not on a resume: a run saved before it was refused here recorded it so
-            if getattr(args, field) and not (field == "metric_for_best_model" and args.resume_from_checkpoint):
+        for field in ("load_best_model_at_end", "early_stopping_patience"):
+            if getattr(args, field):
                 raise ArgumentError(field, "ranks evaluations, but this run has no evaluation data: give it a "
                                            "validation_file, a validation split (validation_split_percentage > 0) "
                                            f"or an eval dataset, or unset {field}.")
+        if args.metric_for_best_model:  # warned, not refused: `evaluate(dataset)` alone ranks nothing either
+            logger.warning("metric_for_best_model=%r ranks evaluations, but this run has no evaluation data, so no "
+                           "checkpoint is ranked (save_total_limit keeps the newest): give it a validation_file, a "
+                           "validation split (validation_split_percentage > 0) or an eval dataset, or unset "
+                           "metric_for_best_model.", args.metric_for_best_model)
     declared = [getattr(evaluator, "metric_names", None) for evaluator in evaluators]
     known = None if any(names is None for names in declared) else device_names.union(*map(set, declared))
     generated = {name for names in declared for name in (names or ())}

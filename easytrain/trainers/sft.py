@@ -125,8 +125,8 @@ class SFTTrainer(BaseTrainer):
         builders.check_max_length(args, self.model_config)
         splits = (arithmetic.make_arithmetic_chat_splits(seed=args.seed) if embedded
                   else builders.raw_datasets(args, self._raw_train, self._raw_eval))
-        check_generation_has_prompts(sft.generation_eval_samples, "validation" in splits,
-                                     self.wants_metric("exact_match"), bool(args.resume_from_checkpoint))
+        warn_generation_without_prompts(sft.generation_eval_samples, "validation" in splits,
+                                        self.wants_metric("exact_match"))
         limits = {"train": args.max_train_samples, "validation": args.max_eval_samples}
         rows = {name: self._rows(name, split if limits[name] is None else split.select(range(min(limits[name],
                                                                                                 len(split)))))
@@ -255,15 +255,17 @@ def check_packing_read(sft: SFTArguments, resuming: bool = False) -> None:
                                                 "--packing too, or drop packing_strategy.")
 
 
-def check_generation_has_prompts(samples: int, has_eval_data: bool, wanted: bool, resuming: bool = False) -> None:
-    """`generation_eval_samples > 0` asks for exact_match on held-out prompts: without evaluation data there are
-    none, and the run trained without the evaluation it asked for. Not on a resume: a run saved before this refusal
-    recorded it so, and reruns from its arguments.json."""
-    if samples > 0 and wanted and not has_eval_data and not resuming:
-        raise ArgumentError("generation_eval_samples", f"{samples} asks for exact_match on held-out prompts, but this "
-                                                       "run has no evaluation data: give it a validation_file, a "
-                                                       "validation split (validation_split_percentage > 0) or an eval "
-                                                       "dataset, or pass --generation_eval_samples 0.")
+def warn_generation_without_prompts(samples: int, has_eval_data: bool, wanted: bool) -> bool:
+    """Whether `generation_eval_samples > 0` asks for exact_match on held-out prompts a run without evaluation data
+    lacks: warned about (it was silent), not refused, since such a trainer may only `evaluate(dataset)` a set given
+    later, which generates nothing anyway, or rerun a run saved before (its arguments.json holds it)."""
+    if samples > 0 and wanted and not has_eval_data:
+        logger.warning("generation_eval_samples=%d asks for exact_match on held-out prompts, but this run has no "
+                       "evaluation data, so none is computed: give it a validation_file, a validation split "
+                       "(validation_split_percentage > 0) or an eval dataset, or pass --generation_eval_samples 0.",
+                       samples)
+        return True
+    return False
 
 
 def text_from_column(split: Any, text_column: str, formatted: bool) -> Any:
