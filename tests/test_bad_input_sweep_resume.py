@@ -32,6 +32,8 @@ def test_an_empty_path_an_older_run_saved_resumes_as_unset():
                            _info(now, {"chat_template_path": None})) == []
     with pytest.raises(ArgumentError, match="dataset_config_name: checkpoint '' vs now 'other'"):
         check_resumable(_info(old, {}), _info({**now, "dataset_config_name": "other"}, {}))
+    with pytest.raises(ArgumentError, match="system_prompt: checkpoint '' vs now None"):  # a task's own: '' may mean
+        check_resumable(_info(now, {"system_prompt": ""}), _info(now, {"system_prompt": None}))  # an empty turn
 
 
 def test_a_metric_for_best_model_that_ranked_nothing_reruns_as_a_resume():

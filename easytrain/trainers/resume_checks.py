@@ -68,15 +68,22 @@ UNRECORDED_TASK = "lm"
 MAX_LISTED = 8
 
 
-def same_setting(stored: Any, current: Any) -> bool:
-    """Whether a checkpoint's recorded value and this run's are one setting: '' and None are, since an easytrain
-    before `argument_checks.check_not_blank` read '' as unset and recorded it so (its rerun must give None now)."""
-    return stored == current or (stored in ("", None) and current in ("", None))
+#: The optional paths and names an easytrain before `argument_checks.check_not_blank` read as unset when given ''
+#: (TrainingArguments', SFT's and DPO's): a checkpoint may record '' for them, which its rerun must now give as None.
+BLANK_WAS_UNSET = ("model_name_or_path", "init_weights_from", "tokenizer_name", "lora_adapter_path", "dataset_name",
+                   "dataset_config_name", "train_file", "validation_file", "metric_for_best_model",
+                   "compilation_cache_dir", "chat_template_path", "ref_model_name_or_path")
+
+
+def same_setting(name: str, stored: Any, current: Any) -> bool:
+    """Whether a checkpoint's recorded value of `name` and this run's are one setting: '' and None are for
+    `BLANK_WAS_UNSET` (a task's own setting keeps its '': an empty system prompt is not none)."""
+    return stored == current or (name in BLANK_WAS_UNSET and stored in ("", None) and current in ("", None))
 
 
 def _differences(stored: dict[str, Any], current: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
     return [f"{key}: checkpoint {stored.get(key)!r} vs now {current.get(key)!r}"
-            for key in keys if not same_setting(stored.get(key), current.get(key))]
+            for key in keys if not same_setting(key, stored.get(key), current.get(key))]
 
 
 def architecture_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -269,7 +276,7 @@ def rerun_hint(stored: dict[str, Any], current: dict[str, Any], shown: Collectio
     moved = moved or {}
     names = [name for name in dict.fromkeys([*stored, *current]) if name not in moved
              and name not in FREE_ON_RESUME and name not in shown
-             and not same_setting(stored.get(name), current.get(name))
+             and not same_setting(name, stored.get(name), current.get(name))
              and not (name == "task" and stored.get(name) == UNRECORDED_TASK)]
     if not names and not always:
         return ""
