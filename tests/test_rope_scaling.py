@@ -20,6 +20,7 @@ from easytrain.models.families import ConfigError, UnsupportedConfigError, rope_
 from easytrain.models.llama import init_model
 
 from model_configs import VOCAB, family_config, forward, reference_logits, right_padded_batch, tiny_config
+from test_generation_hunt_transformers import torch_and_ours
 
 torch = pytest.importorskip("torch")
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402 (needs torch)
@@ -66,23 +67,10 @@ def test_inverse_frequencies_and_attention_factor_are_transformers(case):
     assert np.abs(ours / unscaled - 1).max() > 0.5  # the case scales: the default RoPE would fail this test
 
 
-def torch_model(config: transformers.PretrainedConfig, directory) -> object:
-    """A PyTorch model with its weights moved far from their initialisation, saved to ``directory``."""
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.5 * torch.randn_like(param))
-    model.generation_config.eos_token_id = model.generation_config.bos_token_id = None
-    model.save_pretrained(directory)
-    return model
-
-
 @pytest.mark.parametrize("case", CASES)
 def test_logits_of_a_scaled_checkpoint_are_transformers(tmp_path, case):
     config = config_of(case)
-    reference = torch_model(config, tmp_path / "scaled")
-    ours = load_pretrained(tmp_path / "scaled")
+    reference, ours = torch_and_ours(config, tmp_path / "scaled")
     ids_BT, mask_BT = right_padded_batch(lengths=(40, 23))
     expected = reference_logits(reference, ids_BT, mask_BT)
     actual = np.asarray(forward(ours, ids_BT, mask_BT))
@@ -98,8 +86,7 @@ def test_logits_of_a_scaled_checkpoint_are_transformers(tmp_path, case):
 
 def test_greedy_decoding_of_a_llama3_checkpoint_is_transformers(tmp_path):
     """The cached decode builds its tables from the same scaled frequencies as the full forward."""
-    reference = torch_model(config_of("llama3"), tmp_path)
-    ours = load_pretrained(tmp_path)
+    reference, ours = torch_and_ours(config_of("llama3"), tmp_path)
     rng = np.random.RandomState(1)
     ids_BL, mask_BL = pad_prompts([rng.randint(1, VOCAB, n).tolist() for n in (30, 9)], 0, side="left")
     with torch.no_grad():

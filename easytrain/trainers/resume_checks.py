@@ -93,8 +93,7 @@ def architecture_differences(stored: dict[str, Any], current: dict[str, Any]) ->
 
 
 def _deciding_through_rope(config: dict[str, Any]) -> tuple[str, ...]:
-    """Keys that decide the function only through the RoPE scaling: YaRN without a factor derives it from
-    max_position_embeddings (`easytrain.models.rope`)."""
+    """YaRN without a factor derives it from max_position_embeddings (`easytrain.models.rope`)."""
     rope = config.get("rope_parameters") or {}
     return ("max_position_embeddings",) if rope.get("rope_type") == "yarn" and rope.get("factor") is None else ()
 
