@@ -43,3 +43,20 @@ def test_a_config_json_transformers_refuses_is_named(saved, tmp_path, fields, ma
     with pytest.raises(CheckpointError, match=f"{path}.*{match}") as refusal:
         load_pretrained(directory)
     assert refusal.value.__cause__ is not None  # what refused it, chained
+
+
+@pytest.mark.parametrize("fields", [{"rope_parameters": LLAMA3 | {"low_freq_factor": "1.0"}},
+                                    {"rope_parameters": {k: v for k, v in LLAMA3.items() if k != "high_freq_factor"}},
+                                    {"rope_parameters": YARN | {"original_max_position_embeddings": 0}}],
+                         ids=["a string", "a key missing", "a zero context"])
+def test_a_trainer_names_model_name_or_path_for_such_a_config_json(saved, tmp_path, fields):
+    """The trainer reads the config with transformers' AutoConfig, whose own refusals were raised bare."""
+    from easytrain import ArgumentError, TrainingArguments
+    from easytrain.trainers.builders import build_model_config
+
+    directory = shutil.copytree(saved, tmp_path / "model")
+    path = directory / "config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | fields))
+    with pytest.raises(ArgumentError, match=r"^model_name_or_path: cannot load a model config") as refusal:
+        build_model_config(TrainingArguments(output_dir=str(tmp_path / "run"), model_name_or_path=str(directory)), None)
+    assert refusal.value.__cause__ is not None

@@ -17,6 +17,7 @@ import huggingface_hub
 import jax
 import numpy as np
 import transformers
+from huggingface_hub.errors import StrictDataclassError
 
 from easytrain import sharding
 from easytrain.arguments import TrainingArguments
@@ -61,13 +62,18 @@ def _offline_hint() -> str:
     return " (HF_HUB_OFFLINE=1 is set: only hub models already in the cache resolve)" if offline else ""
 
 
+#: transformers' ways of saying "cannot load this": files, hub, JSON (OSError, ValueError), and a config.json whose
+#: values its own checks refuse (the dataclass validation, a RoPE key missing, a zero context length).
+LOAD_ERRORS = (OSError, ValueError, StrictDataclassError, KeyError, TypeError, ArithmeticError)
+
+
 def load_pretrained(field: str, name: str | os.PathLike, load: Callable[[str], Loaded], what: str, fix: str) -> Loaded:
     """`load(name)` (a transformers `from_pretrained`), with a missing path, an unresolvable hub id and
     unreadable files refused as an `ArgumentError` naming `field` (the loader's exception chained)."""
     check_pretrained_path(field, name)
     try:
         return load(os.fspath(name))
-    except (OSError, ValueError) as error:  # transformers' ways of saying "cannot load this": files, hub, JSON
+    except LOAD_ERRORS as error:
         reason = (str(error).strip().splitlines() or [""])[0].rstrip(" :.")
         hint = "" if Path(name).expanduser().exists() else _offline_hint()
         raise ArgumentError(field, f"cannot load {what} from {os.fspath(name)!r}{hint}: "
