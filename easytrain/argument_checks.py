@@ -143,7 +143,7 @@ def check_not_blank(args: Any, cls: type) -> None:
         if field.name in EMPTY_ALLOWED or not isinstance(value, str) or value.strip():
             continue
         _, optional = _split_optional(_hints(cls)[field.name])
-        fix = ("leave it unset (omit the flag; null in a config file)" if optional
+        fix = (f"leave it unset (omit the flag or pass --{field.name} none; null in a config file)" if optional
                else f"leave it out for the default {field_defaults(cls)[field.name]!r}")
         raise ArgumentError(field.name, f"is empty ({value!r}); give a value, or {fix}.")
 
