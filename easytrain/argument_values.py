@@ -12,7 +12,8 @@ import logging
 import math
 from typing import TYPE_CHECKING
 
-from easytrain import argument_checks
+from easytrain import argument_checks, argument_settings
+from easytrain.argument_settings import require
 from easytrain.errors import ArgumentError
 from easytrain.jobs import check_progress_range
 from easytrain.sinks import check_report_to
@@ -117,25 +118,25 @@ def check_values(args: TrainingArguments) -> None:
                      "logging_steps", "eval_steps", "save_steps")
     for name in positive_ints:
         value = getattr(args, name)
-        _require(isinstance(value, int) and value > 0, name, f"must be a positive integer, got {value!r}.")
-    _require(args.learning_rate > 0 and math.isfinite(args.learning_rate), "learning_rate",
+        require(isinstance(value, int) and value > 0, name, f"must be a positive integer, got {value!r}.")
+    require(args.learning_rate > 0 and math.isfinite(args.learning_rate), "learning_rate",
              f"must be a positive number, got {args.learning_rate!r}.")
-    _require(args.num_train_epochs > 0 or args.max_steps > 0, "num_train_epochs",
+    require(args.num_train_epochs > 0 or args.max_steps > 0, "num_train_epochs",
              "must be positive, or set max_steps > 0.")
-    _require(args.train_batch_size % args.gradient_accumulation_steps == 0, "gradient_accumulation_steps",
+    require(args.train_batch_size % args.gradient_accumulation_steps == 0, "gradient_accumulation_steps",
              f"must divide train_batch_size={args.train_batch_size}; e.g. use "
              f"{_divisors_hint(args.train_batch_size)}.")
-    _require(0.0 <= args.warmup_ratio < 1.0, "warmup_ratio", f"must be in [0, 1), got {args.warmup_ratio}.")
-    _require(args.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {args.warmup_steps}.")
-    _require(args.weight_decay >= 0, "weight_decay", f"must be >= 0, got {args.weight_decay}.")
-    _require(args.max_grad_norm >= 0, "max_grad_norm", f"must be >= 0 (0 disables), got {args.max_grad_norm}.")
-    _require(0 <= args.validation_split_percentage < 100, "validation_split_percentage",
+    require(0.0 <= args.warmup_ratio < 1.0, "warmup_ratio", f"must be in [0, 1), got {args.warmup_ratio}.")
+    require(args.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {args.warmup_steps}.")
+    require(args.weight_decay >= 0, "weight_decay", f"must be >= 0, got {args.weight_decay}.")
+    require(args.max_grad_norm >= 0, "max_grad_norm", f"must be >= 0 (0 disables), got {args.max_grad_norm}.")
+    require(0 <= args.validation_split_percentage < 100, "validation_split_percentage",
              f"must be in [0, 100), got {args.validation_split_percentage}.")
-    _require(args.save_total_limit is None or args.save_total_limit > 0, "save_total_limit",
+    require(args.save_total_limit is None or args.save_total_limit > 0, "save_total_limit",
              f"must be a positive number of checkpoints to keep, or unset (null): unset keeps every checkpoint "
              f"(save_strategy='no' saves none); got {args.save_total_limit}.")
     for name in ("dtype", "param_dtype"):
-        _require(getattr(args, name) != "float16", name,
+        require(getattr(args, name) != "float16", name,
                  "float16 needs dynamic loss scaling, which easytrain does not do: without it small gradients "
                  "underflow to zero silently. Use 'bfloat16' (same exponent range as float32) or 'float32'.")
     for name, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES), ("optimizer", OPTIMIZERS),
@@ -143,59 +144,59 @@ def check_values(args: TrainingArguments) -> None:
                           ("save_strategy", STRATEGIES), ("non_finite_policy", NON_FINITE_POLICIES)):
         value = getattr(args, name)
         hint = transformers_value_hint(name, value)
-        _require(value in allowed, name, f"must be one of {', '.join(allowed)}; got {value!r}."
+        require(value in allowed, name, f"must be one of {', '.join(allowed)}; got {value!r}."
                                          f"{argument_checks.choice_hint(value)}{hint}")
     if args.eval_metrics is not None:
         from easytrain.eval_metrics import NAMES
 
         unknown = [name for name in args.eval_metrics if name not in NAMES]
-        _require(not unknown, "eval_metrics", f"unknown metric(s) {unknown}; choose from {', '.join(NAMES)} ('none' "
+        require(not unknown, "eval_metrics", f"unknown metric(s) {unknown}; choose from {', '.join(NAMES)} ('none' "
                                               "alone for no metrics), or override compute_metrics in your trainer "
                                               "for others.")
     check_report_to(args.report_to)  # names, "none" alone, and optional packages installed
     check_progress_range(args.progress_start, args.progress_end)
     for name in ("data_parallel_size", "fsdp_size", "tensor_parallel_size"):
         value = getattr(args, name)
-        _require(value == -1 or value > 0, name, f"must be a positive size or -1, got {value}.")
+        require(value == -1 or value > 0, name, f"must be a positive size or -1, got {value}.")
     if args.load_best_model_at_end:
         _check_best_model_settings(args)
-    _require(isinstance(args.lora_rank, int) and args.lora_rank >= 0, "lora_rank",
+    require(isinstance(args.lora_rank, int) and args.lora_rank >= 0, "lora_rank",
              f"must be a positive integer, or 0 to train every weight; got {args.lora_rank!r}.")
-    _require(args.remat_policy in ("none", "full", "dots"), "remat_policy",
+    require(args.remat_policy in ("none", "full", "dots"), "remat_policy",
              f"must be 'none', 'full' or 'dots'; got {args.remat_policy!r}.")
     from easytrain.models.masks import IMPLEMENTATIONS
 
-    _require(args.attention_implementation in IMPLEMENTATIONS, "attention_implementation",
+    require(args.attention_implementation in IMPLEMENTATIONS, "attention_implementation",
              f"must be one of {', '.join(map(repr, IMPLEMENTATIONS))}; got {args.attention_implementation!r}.")
     from easytrain.compiler_options import AUTO, parse
 
-    _require(isinstance(args.compiler_options, str), "compiler_options",
+    require(isinstance(args.compiler_options, str), "compiler_options",
              f"must be a string: 'auto', 'name=value,...' or ''; got {args.compiler_options!r}.")
     if args.compiler_options.strip() != AUTO:
         parse(args.compiler_options)  # raises naming compiler_options
-    _require(args.compilation_cache_dir is None or isinstance(args.compilation_cache_dir, str), "compilation_cache_dir",
+    require(args.compilation_cache_dir is None or isinstance(args.compilation_cache_dir, str), "compilation_cache_dir",
              f"must be a directory, 'auto' or ''; got {args.compilation_cache_dir!r}.")
-    _require(isinstance(args.loss_chunk_size, int) and args.loss_chunk_size >= 0, "loss_chunk_size",
+    require(isinstance(args.loss_chunk_size, int) and args.loss_chunk_size >= 0, "loss_chunk_size",
              f"must be a positive number of tokens, or 0 to compute the full logits; got {args.loss_chunk_size!r}.")
-    _require(args.lora_export in ("adapter", "merged", "both"), "lora_export",
+    require(args.lora_export in ("adapter", "merged", "both"), "lora_export",
              f"must be 'adapter', 'merged' or 'both'; got {args.lora_export!r}.")
     if args.lora_rank:
         from easytrain.lora_config import from_arguments
 
         from_arguments(args)  # raises naming the lora_* field
-    _require(args.early_stopping_patience is None or args.early_stopping_patience > 0, "early_stopping_patience",
+    require(args.early_stopping_patience is None or args.early_stopping_patience > 0, "early_stopping_patience",
              f"must be a positive integer or unset, got {args.early_stopping_patience}.")
-    argument_checks.check_ranges(args)
-    argument_checks.check_settings_apply(args)
+    argument_settings.check_ranges(args)
+    argument_settings.check_settings_apply(args)
 
 
 def _check_best_model_settings(args: TrainingArguments) -> None:
     """The best checkpoint exists only if checkpoints are saved at steps that were also evaluated."""
-    _require(args.metric_for_best_model is not None, "load_best_model_at_end",
+    require(args.metric_for_best_model is not None, "load_best_model_at_end",
              "needs metric_for_best_model (e.g. 'eval_loss') to rank checkpoints.")
-    _require(args.save_strategy != "no" and args.eval_strategy != "no", "load_best_model_at_end",
+    require(args.save_strategy != "no" and args.eval_strategy != "no", "load_best_model_at_end",
              "needs both eval_strategy and save_strategy other than 'no'.")
-    if (off := argument_checks.checkpoints_off_evaluations(args)) is not None:
+    if (off := argument_settings.checkpoints_off_evaluations(args)) is not None:
         field, fix = off
         raise ArgumentError(field, f"with load_best_model_at_end every checkpoint must follow an evaluation: {fix}.")
 
@@ -203,8 +204,3 @@ def _check_best_model_settings(args: TrainingArguments) -> None:
 def _divisors_hint(n: int) -> str:
     divisors = [d for d in range(1, n + 1) if n % d == 0]
     return ", ".join(str(d) for d in divisors[:8])
-
-
-def _require(condition: bool, name: str, message: str) -> None:
-    if not condition:
-        raise ArgumentError(name, message)

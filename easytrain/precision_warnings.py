@@ -1,6 +1,6 @@
 """The warning `validate` gives for bfloat16 master weights (`param_dtype`): an update smaller than bfloat16 can
 represent, and the optimizer state kept in the parameters' dtype, lose what float32 storage keeps. A warning, once
-per process for the same settings (a rerun's copy of the arguments is checked again); `argument_checks` runs it."""
+per process for the same settings (a rerun's copy of the arguments is checked again); `argument_settings` runs it."""
 
 from __future__ import annotations
 

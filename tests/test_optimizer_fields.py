@@ -70,7 +70,7 @@ def test_help_texts_say_what_each_setting_applies_to():
 def test_adafactor_with_lora_is_warned_about_its_relative_step(tmp_path, caplog, lora):
     """Adafactor scales each update by the parameter's RMS (at least 1e-3): LoRA's B starts at zero, so it moves
     1000x slower than learning_rate says (30 steps at 1e-3: |B| 3e-5, against AdamW's 2.7e-2), and nothing said so."""
-    from easytrain.argument_checks import warn_adafactor_lora
+    from easytrain.argument_settings import warn_adafactor_lora
 
     warn_adafactor_lora.cache_clear()  # warned once per process: each case from a clean slate
     with caplog.at_level(logging.WARNING, logger="easytrain"):

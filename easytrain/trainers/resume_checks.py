@@ -18,7 +18,7 @@ from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from easytrain.argument_checks import OPTIMIZER_FIELDS
+from easytrain.argument_settings import OPTIMIZER_FIELDS
 from easytrain.config_io import ARGUMENTS_FILE
 from easytrain.data.position import DIGEST_KEY, compared_keys
 from easytrain.errors import ArgumentError
