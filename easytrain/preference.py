@@ -36,7 +36,7 @@ __all__ = [
     "token_logps", "token_logps_from_hidden", "sequence_logps", "implicit_rewards", "dpo_sigmoid_loss", "ipo_loss",
     "hinge_loss", "robust_loss", "bco_pair_loss", "running_mean", "sppo_hard_loss", "nca_pair_loss", "apo_zero_loss",
     "apo_down_loss", "sft_loss", "simpo_loss", "orpo_loss", "PairLogps", "PREFERENCE_LOSSES", "HYPER_PARAMETERS",
-    "reference_free_losses", "label_smoothing_readers", "per_token_losses", "register_preference_loss",
+    "reference_free_losses", "label_smoothing_readers", "gamma_readers", "per_token_losses", "register_preference_loss",
     "reports_per_token", "reported_logps", "combined_loss"]
 
 Array = jax.Array
@@ -213,6 +213,11 @@ def reference_free_losses() -> frozenset[str]:
 def label_smoothing_readers() -> frozenset[str]:
     """Losses that read `label_smoothing` (the others compute the same loss whatever its value)."""
     return _reading("label_smoothing")
+
+
+def gamma_readers() -> frozenset[str]:
+    """Losses that read SimPO's margin `gamma` (`simpo_gamma`)."""
+    return _reading("gamma")
 
 
 def per_token_losses() -> frozenset[str]:

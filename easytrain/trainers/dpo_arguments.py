@@ -8,14 +8,13 @@ option no chosen loss reads (a reference for reference-free losses, label smooth
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from easytrain import argument_checks
 from easytrain.data.chat_templates import read_chat_template
 from easytrain.errors import ArgumentError
-from easytrain.preference import PREFERENCE_LOSSES, label_smoothing_readers, reference_free_losses
+from easytrain.preference import PREFERENCE_LOSSES, gamma_readers, label_smoothing_readers, reference_free_losses
 
 
 def _in_order(names: frozenset[str]) -> list[str]:
@@ -26,12 +25,6 @@ def _help(text: str, default: Any = None, **kwargs: Any) -> Any:
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": text, **kwargs})
     return field(default=default, metadata={"help": text, **kwargs})
-
-
-def _reading(parameter: str) -> frozenset[str]:
-    """The losses registered now whose signature names `parameter` (what they read)."""
-    return frozenset(name for name, loss in PREFERENCE_LOSSES.items()
-                     if parameter in inspect.signature(loss).parameters)
 
 
 def _weight_checks(weights: list[float] | None) -> list[tuple[bool, str, str]]:
@@ -116,8 +109,8 @@ class DPOArguments:
         smoothing = (self.label_smoothing != 0 and not readers & set(self.loss_type), "label_smoothing",
                      f"only {', '.join(_in_order(readers))} read it, not the chosen losses ({chosen}); drop "
                      "label_smoothing, or add one of those losses.")
-        gamma = (self.simpo_gamma != _DEFAULTS["simpo_gamma"] and not _reading("gamma") & set(self.loss_type),
-                 "simpo_gamma", f"only {', '.join(_in_order(_reading('gamma')))} read it, not the chosen losses "
+        gamma = (self.simpo_gamma != _DEFAULTS["simpo_gamma"] and not gamma_readers() & set(self.loss_type),
+                 "simpo_gamma", f"only {', '.join(_in_order(gamma_readers()))} read it, not the chosen losses "
                                 f"({chosen}); drop simpo_gamma, or add one of those losses.")
         return [*reference, smoothing, gamma]
 
