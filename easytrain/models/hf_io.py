@@ -258,7 +258,7 @@ def read_json_object(path: Path) -> dict[str, Any]:
 
 #: What `AutoConfig.from_pretrained` raises for a readable config.json whose values it refuses (its validators'
 #: errors, a required RoPE key missing, a zero it divides by).
-_CONFIG_REFUSALS = (StrictDataclassError, ValueError, TypeError, KeyError, ArithmeticError)
+CONFIG_REFUSALS = (StrictDataclassError, ValueError, TypeError, KeyError, ArithmeticError)
 
 
 def _read_config(directory: Path) -> transformers.PretrainedConfig:
@@ -280,7 +280,7 @@ def _read_config(directory: Path) -> transformers.PretrainedConfig:
         return transformers.AutoConfig.from_pretrained(directory)
     except ConfigError as error:
         raise CheckpointError(f"{path}: {error} Fix the value in the file.") from error
-    except _CONFIG_REFUSALS as error:
+    except CONFIG_REFUSALS as error:
         reason = (str(error).strip().splitlines() or [""])[-1].strip()
         raise CheckpointError(f"{path} holds values transformers refuses ({type(error).__name__}: {reason}); fix "
                               "them, or fetch the file again.") from error

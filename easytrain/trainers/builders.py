@@ -17,7 +17,6 @@ import huggingface_hub
 import jax
 import numpy as np
 import transformers
-from huggingface_hub.errors import StrictDataclassError
 
 from easytrain import sharding
 from easytrain.arguments import TrainingArguments
@@ -31,6 +30,7 @@ from easytrain.data.progress_bars import datasets_progress_bars
 from easytrain.data.sources import plain_rows
 from easytrain.errors import ArgumentError
 from easytrain.models.families import ConfigError, check_buildable
+from easytrain.models.hf_io import CONFIG_REFUSALS
 from easytrain.models.presets import llama_config
 from easytrain.tasks import arithmetic
 from easytrain.trainers import given_data
@@ -62,9 +62,9 @@ def _offline_hint() -> str:
     return " (HF_HUB_OFFLINE=1 is set: only hub models already in the cache resolve)" if offline else ""
 
 
-#: transformers' ways of saying "cannot load this": files, hub, JSON (OSError, ValueError), and a config.json whose
-#: values its own checks refuse (the dataclass validation, a RoPE key missing, a zero context length).
-LOAD_ERRORS = (OSError, ValueError, StrictDataclassError, KeyError, TypeError, ArithmeticError)
+#: transformers' ways of saying "cannot load this": files and the hub (OSError), and a config.json whose JSON or
+#: values it refuses (`hf_io.CONFIG_REFUSALS`: ValueError, its dataclass validation, a RoPE key missing, ...).
+LOAD_ERRORS = (OSError, *CONFIG_REFUSALS)
 
 
 def load_pretrained(field: str, name: str | os.PathLike, load: Callable[[str], Loaded], what: str, fix: str) -> Loaded:
