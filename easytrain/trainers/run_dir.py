@@ -135,9 +135,7 @@ def _agreed_start(args: TrainingArguments, is_main_process: bool, gather: Gather
                   decide: Callable[[], tuple[Path, int] | None]) -> tuple[Path, int] | None:
     """`check_output_dir`'s collectives: the shared-storage check (where every process uses output_dir) around the
     agreement on `decide`, whose first gather carries its answer."""
-    def agree(gather: Gather | None) -> tuple[Path, int] | None:
-        return agreed(decide, gather)
-
+    agree = functools.partial(agreed, decide)
     if gather is None or not shared_output_dir.needs_check(args):
         return agree(gather)
     return shared_output_dir.check_processes_share(Path(args.output_dir), gather, is_main_process=is_main_process,
