@@ -42,6 +42,9 @@ def damaged(saved, tmp_path, kind: str, name: str, content: bytes | None = None)
     ("sharded", "model.safetensors.index.json", None),  # was JSONDecodeError
     ("whole", "model.safetensors", None),  # was SafetensorError: incomplete metadata, file not fully covered
     ("sharded", "model-00002-of-*.safetensors", b""),  # was SafetensorError: header too small
+    ("sharded", "model.safetensors.index.json", b'{"weight_map": {"lm_head.weight": 5}}'),  # was TypeError
+    ("sharded", "model.safetensors.index.json", b'{"weight_map": {"lm_head.weight": ["a"]}}'),  # was TypeError
+    ("sharded", "model.safetensors.index.json", b'{"weight_map": ["model-00001-of-00002.safetensors"]}'),
 ])
 def test_a_damaged_checkpoint_file_is_named(saved, tmp_path, kind, name, content):
     directory, file = damaged(saved, tmp_path, kind, name, content)

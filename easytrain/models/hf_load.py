@@ -155,14 +155,28 @@ def _weight_files(directory: Path) -> tuple[list[Path], dict[str, str] | None]:
             f"no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} in {directory}; only safetensors "
             "checkpoints are supported (re-save other formats as safetensors)."
         )
-    weight_map = read_json_object(index_path).get("weight_map")
-    if not isinstance(weight_map, dict):
-        raise CheckpointError(f"{index_path} has no 'weight_map' object; re-save the checkpoint.")
+    weight_map = _weight_map(index_path)
     files = [directory / name for name in sorted(set(weight_map.values()))]
     if absent := [f.name for f in files if not f.is_file()]:
         raise CheckpointError(f"{index_path} names shard files that are not in {directory}: {absent}; "
                               "download or copy every shard.")
     return files, weight_map
+
+
+def _weight_map(index_path: Path) -> dict[str, str]:
+    """The index's tensor name -> shard file name map, or a `damaged_file` refusal naming the index."""
+    weight_map = read_json_object(index_path).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise damaged_file(index_path, TypeError(f"its 'weight_map' is a JSON {type(weight_map).__name__}, not an "
+                                                 "object of tensor name -> shard file name"))
+    if odd := sorted(name for name, file in weight_map.items() if not isinstance(file, str)):
+        raise damaged_file(index_path, TypeError(f"'weight_map' maps {_preview_names(odd)} to no file name (a "
+                                                 f"JSON {type(weight_map[odd[0]]).__name__}, not a string)"))
+    return weight_map
+
+
+def _preview_names(names: list[str], shown: int = 8) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def read_headers(directory: Path) -> dict[str, TensorEntry]:
