@@ -25,6 +25,7 @@ from jax.experimental import multihost_utils
 
 from easytrain.models.attention import DType
 from easytrain.models.families import exported_config
+from easytrain.models.float16_range import check_float16_range, largest_finite, narrows_to_float16
 from easytrain.models.hf_io import (
     EMBEDDING_NAME,
     WEIGHTS_INDEX_NAME,
@@ -141,6 +142,26 @@ def export_plan(params: dict, config: transformers.PretrainedConfig, dtype: DTyp
         name, transpose = hf_name(path)
         plan[name] = _Planned(value, transpose, _storage_dtype(dtype, value, name))
     return dict(sorted(plan.items(), key=lambda item: _module_order(item[0])))
+
+
+def _check_float16_range(plan: dict[str, _Planned]) -> None:
+    """`float16_range.check_float16_range` over the tensors written narrower than float16's range, before any
+    file is written: one reduction per parameter on its devices (a stacked weight's gives every layer's peak)."""
+    arrays: dict[int, tuple[Any, tuple[int, ...] | None]] = {}  # id -> (parameter, axes reduced)
+    taken: dict[str, tuple[int, int | None]] = {}  # name -> (its parameter's id, its layer)
+    for name, planned in plan.items():
+        value = planned.value
+        if not narrows_to_float16(planned.dtype, value):
+            continue
+        if isinstance(value, _LayerSlice):
+            arrays.setdefault(id(value.stacked), (value.stacked, tuple(range(1, value.stacked.ndim))))
+            taken[name] = (id(value.stacked), value.index)
+        else:
+            arrays[id(value)] = (value, None)
+            taken[name] = (id(value), None)
+    peaks = dict(zip(arrays, largest_finite(list(arrays.values()), _to_host)))  # collective on every process
+    check_float16_range({name: peaks[key] if layer is None else peaks[key][layer]
+                         for name, (key, layer) in taken.items()})
 
 
 def _local_blocks(value: jax.Array) -> list[tuple[Any, jax.Array]]:
@@ -314,7 +335,8 @@ def save_pretrained(
         model_or_params: A model, or its ``nnx.Param`` pure dict; arrays may be sharded.
         config: The model's config; written with the storage ``dtype`` recorded, and ``architectures`` set to the
             family's class (``Qwen2ForCausalLM``) when the config has none.
-        dtype: Storage dtype (e.g. ``"bfloat16"``); default keeps each parameter's dtype.
+        dtype: Storage dtype (e.g. ``"bfloat16"``); default keeps each parameter's dtype. ``"float16"`` refuses
+            weights beyond its range (|value| >= 65520 would be written as inf) before writing anything.
         tokenizer: Anything with ``save_pretrained(directory)`` (chat template included); saved alongside.
         max_shard_size: Largest shard file, in bytes or as ``"200MB"``/``"5GB"``; a single tensor
             larger than this gets a file of its own, as in transformers.
@@ -331,6 +353,7 @@ def save_pretrained(
     if generation_config is None:
         generation_config = generation_config_of(model_or_params)
     plan = export_plan(_params_of(model_or_params), config, dtype)
+    _check_float16_range(plan)
     split = _split(plan, max_shard_size)
     directory, writer = Path(directory), jax.process_index() == 0
     if writer:

@@ -27,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 
 from easytrain import lora
 from easytrain.lora import EMBEDDING_MODULES, LoRAConfig, LoRADense
+from easytrain.models.float16_range import check_float16_range, largest_finite, narrows_to_float16
 from easytrain.models.hf_export import _to_host
 from easytrain.models.hf_io import EMBEDDING_NAME, HEAD_NAME, CheckpointError, damaged_file, hf_name
 from easytrain.models.layers import RMSNorm
@@ -140,7 +141,8 @@ def save_peft_adapter(
         model: A model with adapters (``easytrain.lora.apply_lora``); arrays may be sharded.
         config: The ``LoRAConfig`` the adapters were made with.
         base_model_name_or_path: Recorded in ``adapter_config.json`` (a Hub name or a path).
-        dtype: Storage dtype of the tensors (e.g. ``"bfloat16"``); default keeps each one's dtype.
+        dtype: Storage dtype of the tensors (e.g. ``"bfloat16"``); default keeps each one's dtype. ``"float16"``
+            refuses tensors beyond its range (written as inf) before writing anything.
         fingerprint: Also record ``easytrain.lora.base_fingerprint`` of the frozen base weights in the
             safetensors metadata (PEFT ignores it), for ``load_peft_adapter(..., verify_base=True)``.
 
@@ -156,9 +158,13 @@ def save_peft_adapter(
         metadata[FINGERPRINT_KEY] = json.dumps(lora.base_fingerprint(model, config), sort_keys=True)
     tensors = {}
     arrays = _to_host([value for value, _ in planned.values()])  # every process: gathers are collective
+    stored = {name: np.dtype(jnp.dtype(dtype)) if dtype is not None else array.dtype
+              for name, array in zip(planned, arrays)}
+    narrowed = {name: array for name, array in zip(planned, arrays) if narrows_to_float16(stored[name], array)}
+    check_float16_range(dict(zip(narrowed, largest_finite([(a, None) for a in narrowed.values()], list))),
+                        "the adapter")
     for (name, (_, transpose)), array in zip(planned.items(), arrays):
-        stored = np.dtype(jnp.dtype(dtype)) if dtype is not None else array.dtype
-        tensors[name] = np.ascontiguousarray(array.T if transpose else array, dtype=stored)
+        tensors[name] = np.ascontiguousarray(array.T if transpose else array, dtype=stored[name])
     directory = Path(directory)
     if jax.process_index() == 0:
         directory.mkdir(parents=True, exist_ok=True)

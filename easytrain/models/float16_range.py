@@ -1,0 +1,79 @@
+"""Float16 exports refuse weights beyond float16's range instead of writing them as inf.
+
+Float16 keeps 10 mantissa bits but only 5 exponent bits: its largest finite value is 65504, and a float32 or
+bfloat16 weight of 65520 or more casts to inf (``numpy``, ``torch`` and transformers' ``model.to(torch.float16)``
+alike, without a word). The exported model would then compute inf/NaN logits. Clipping would write a model other
+than the one trained, so the export is refused, naming the tensors and their largest |value|, before any file is
+written; bfloat16 (float32's range) or float32 exports them as they are.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from easytrain.models.hf_io import CheckpointError
+
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+#: The smallest magnitude float16 rounds to inf: half a step (32) past its largest value; 65504 < |x| < 65520
+#: round to 65504.
+FLOAT16_OVERFLOW = FLOAT16_MAX + 16.0
+_SHOWN = 8
+
+
+def narrows_to_float16(stored: np.dtype, value: Any) -> bool:
+    """Whether writing `value` as `stored` can overflow: float16 storage of a wider float."""
+    return np.dtype(stored) == np.float16 and np.dtype(value.dtype) != np.float16
+
+
+Axes = tuple[int, ...] | None
+
+
+@functools.partial(jax.jit, static_argnames=("axes", "finite"))
+def _device_peak(value: jax.Array, axes: Axes, finite: bool) -> jax.Array:
+    magnitude = jnp.abs(value)
+    if finite:
+        return jnp.max(magnitude, axis=axes, where=jnp.isfinite(value), initial=0).astype(jnp.float32)
+    return jnp.max(magnitude, axis=axes).astype(jnp.float32)
+
+
+def _peak(value: Any, axes: Axes, finite: bool) -> Any:
+    """The largest |value| over `axes` (all when None), of the finite entries only if `finite`: one fused
+    reduction on the device for a ``jax.Array`` (no copy)."""
+    if isinstance(value, jax.Array):
+        return _device_peak(value, axes, finite)
+    array = np.asarray(value)
+    where = np.isfinite(array) if finite else True
+    return np.max(np.abs(array), axis=axes, where=where, initial=0).astype(np.float32)
+
+
+def largest_finite(values: Sequence[tuple[Any, Axes]], to_host: Callable[[list[Any]], list[np.ndarray]]
+                   ) -> list[np.ndarray]:
+    """Each `(value, axes)`'s largest finite |value| over `axes`, on the host. A weight already inf or NaN is so
+    in any dtype, and must not hide another's overflow; but a masked reduction runs 3-9x slower on XLA's CPU
+    than a plain one (0.4 against 3.6 GB/s over a [32000, 512] embedding), so it is taken only where the plain
+    peak is not finite. `to_host`: every value whole on this host (a collective where arrays span processes)."""
+    peaks = to_host([_peak(value, axes, finite=False) for value, axes in values])
+    again = [i for i, peak in enumerate(peaks) if not np.isfinite(peak).all()]  # the same on every process
+    for i, peak in zip(again, to_host([_peak(*values[i], finite=True) for i in again])):
+        peaks[i] = peak
+    return peaks
+
+
+def check_float16_range(peaks: Mapping[str, float], what: str = "the export") -> None:
+    """Refuses the tensors whose largest finite |value| (`peaks`, by name) float16 would write as inf."""
+    over = {name: float(peak) for name, peak in peaks.items() if float(peak) >= FLOAT16_OVERFLOW}
+    if not over:
+        return
+    names = sorted(over, key=lambda name: -over[name])
+    listed = "; ".join(f"{name}: largest |value| {over[name]:.6g}" for name in names[:_SHOWN])
+    more = f"; and {len(names) - _SHOWN} more" if len(names) > _SHOWN else ""
+    raise CheckpointError(
+        f"dtype='float16' cannot hold {len(names)} tensor(s) of {what}, which would be written as inf "
+        f"(float16's largest value is {FLOAT16_MAX:.0f}): {listed}{more}. Export with dtype='bfloat16' (float32's "
+        "range, half the bytes of float32) or dtype='float32', or None to keep each parameter's dtype.")

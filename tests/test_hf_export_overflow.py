@@ -1,0 +1,89 @@
+"""A float16 export refuses weights beyond float16's range (largest finite 65504), naming the tensor and its largest
+|value|, before any file is written: cast as they were, float32/bfloat16 weights past it became inf in the
+safetensors without a word (as ``model.to(torch.float16)`` makes them in transformers), and the exported model
+computed inf/NaN logits."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file
+
+from easytrain import lora
+from easytrain.lora import LoRAConfig
+from easytrain.models import init_model
+from easytrain.models.float16_range import check_float16_range
+from easytrain.models.hf_io import CheckpointError, save_pretrained
+from easytrain.models.peft_io import save_peft_adapter
+
+from model_configs import tiny_config
+
+DOWN = "model.layers.1.mlp.down_proj.weight"
+
+
+def _params(param_dtype=jnp.float32, scan_layers: bool = False, value: float = 1.0e5) -> tuple[dict, object]:
+    """A tiny model's parameters with one entry of layer 1's down projection set to `value`."""
+    model = init_model(tiny_config(), seed=0, param_dtype=param_dtype, scan_layers=scan_layers)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    down = params["layers"]["stacked" if scan_layers else 1]["mlp"]["down_proj"]
+    down["kernel"] = down["kernel"].at[(1, 3, 5) if scan_layers else (3, 5)].set(value)
+    return params, model.config
+
+
+@pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.bfloat16])
+def test_a_weight_past_float16s_range_is_refused_by_name_before_any_file(tmp_path, param_dtype):
+    params, config = _params(param_dtype)
+    refusal = rf"65504\): {DOWN}: largest \|value\| (100000|99840)\. .*bfloat16"
+    with pytest.raises(CheckpointError, match=refusal) as info:
+        save_pretrained(tmp_path / "export", params, config, dtype="float16")
+    assert "dtype='float16'" in str(info.value)
+    assert not (tmp_path / "export").exists()
+
+
+def test_a_stacked_layers_overflow_names_its_layer(tmp_path):
+    params, config = _params(scan_layers=True)
+    with pytest.raises(CheckpointError, match=DOWN):
+        save_pretrained(tmp_path / "export", params, config, dtype="float16")
+
+
+def test_weights_within_range_and_other_dtypes_export_as_before(tmp_path):
+    params, config = _params(value=65504.0)  # float16's largest: exact
+    save_pretrained(tmp_path / "f16", params, config, dtype="float16")
+    assert load_file(tmp_path / "f16" / "model.safetensors")[DOWN][5, 3] == np.float16(65504.0)
+    params, config = _params()
+    save_pretrained(tmp_path / "bf16", params, config, dtype="bfloat16")
+    assert load_file(tmp_path / "bf16" / "model.safetensors")[DOWN][5, 3] == 99840  # 1e5 in bfloat16
+
+
+def test_an_inf_already_in_the_weights_is_not_called_an_overflow(tmp_path):
+    """An inf or NaN weight is inf or NaN in any dtype: the cast changes nothing there, so it is no refusal of it
+    (and a NaN elsewhere in the tensor hides no overflow)."""
+    params, config = _params(value=float("inf"))
+    save_pretrained(tmp_path / "export", params, config, dtype="float16")
+    params, config = _params()
+    kernel = params["layers"][1]["mlp"]["down_proj"]["kernel"]
+    params["layers"][1]["mlp"]["down_proj"]["kernel"] = kernel.at[0, 0].set(float("nan"))
+    with pytest.raises(CheckpointError, match=DOWN):
+        save_pretrained(tmp_path / "nan", params, config, dtype="float16")
+
+
+def test_an_adapter_past_float16s_range_is_refused_by_name(tmp_path):
+    config = LoRAConfig(rank=2, alpha=4, target_modules=["q_proj"])
+    model = lora.apply_lora(init_model(tiny_config(), seed=0), config)
+    model.layers[0].self_attn.q_proj.lora_b.value = model.layers[0].self_attn.q_proj.lora_b.value.at[0, 0].set(1e6)
+    refusal = r"layers\.0\.self_attn\.q_proj\.lora_B\.weight: largest \|value\| 1e\+06\. .*bfloat16"
+    with pytest.raises(CheckpointError, match=refusal):
+        save_peft_adapter(tmp_path / "adapter", model, config, dtype="float16")
+    assert not (tmp_path / "adapter").exists()
+    save_peft_adapter(tmp_path / "adapter", model, config, dtype="bfloat16")
+
+
+def test_the_refusal_starts_where_float16_rounds_to_inf():
+    """65504 < |x| < 65520 round to 65504 (float16's largest), 65520 to inf."""
+    check_float16_range({"w": np.float32(65519.99)})
+    with np.errstate(over="ignore"):
+        assert np.float16(np.float32(65519.99)) == 65504 and np.isinf(np.float16(np.float32(65520.0)))
+    with pytest.raises(CheckpointError, match="w: largest"):
+        check_float16_range({"w": 65520.0})
