@@ -138,3 +138,17 @@ def test_a_resume_compares_the_context_length_a_yarn_factor_is_derived_from():
         "max_position_embeddings: checkpoint 256 vs now 512"]
     given = config_of("yarn").to_dict()  # with a factor of its own, the context length decides nothing
     assert architecture_differences(given, given | {"max_position_embeddings": 512}) == []
+
+
+@pytest.mark.parametrize("case", [*CASES, "yarn without factor"])
+def test_the_scaling_holds_max_position_embeddings_only_where_it_reads_it(case):
+    """The scaling is a static attribute of the model: two configs differing only in a context length their
+    frequencies never read give equal scalings (they held it for every type); YaRN without a factor derives it from
+    that length, so there the two differ."""
+    configs = [config_of(case.removesuffix(" without factor")) for _ in range(2)]
+    configs[1].max_position_embeddings = 512
+    if case == "yarn without factor":
+        for config in configs:
+            config.rope_parameters["factor"] = None
+    first, second = (rope_scaling(config) for config in configs)
+    assert (first == second) is (case != "yarn without factor")

@@ -68,7 +68,9 @@ def rope_scaling(config: transformers.LlamaConfig) -> RopeScaling | None:
     read = {key: rope[key] for key in keys if rope.get(key) is not None}
     if "truncate" in keys and "truncate" in rope:  # transformers tests `if truncate:`, so null does not truncate
         read["truncate"] = bool(rope["truncate"])
-    scaling = RopeScaling(rope_type, tuple(sorted(read.items())), getattr(config, "max_position_embeddings", None))
+    derived = rope_type == "yarn" and "factor" not in read  # the only reader of the context length
+    scaling = RopeScaling(rope_type, tuple(sorted(read.items())),
+                          getattr(config, "max_position_embeddings", None) if derived else None)
     factor = scaling.yarn_factor() if rope_type == "yarn" else scaling.value("factor")
     if not _is_number(factor) or not factor > 0:
         raise ConfigError(f"config.rope_parameters['factor'] = {factor!r} must be a positive number.")

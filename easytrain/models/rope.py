@@ -39,7 +39,9 @@ class RopeScaling:
     Attributes:
         rope_type: one of `REQUIRED_KEYS`.
         parameters: `(key, value)` pairs the type reads, sorted by key.
-        max_position_embeddings: the config's, which YaRN's `factor` defaults from.
+        max_position_embeddings: the config's where YaRN's `factor` is derived from it (none given), else None: the
+            scaling is a static model attribute, and a context length no frequency reads must not tell two
+            programs apart.
     """
 
     rope_type: str
