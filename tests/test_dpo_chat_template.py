@@ -37,3 +37,24 @@ def test_chat_pairs_train_with_the_template_file_and_record_it(tmp_path):
     trainer.setup()
     assert trainer.tokenizer.chat_template == CHATML
     assert trainer.run_info()["task_arguments"]["chat_template_path"] == str(template)
+
+
+def test_string_pairs_with_a_template_file_are_warned_about_once(tmp_path, caplog):
+    """Prompt/chosen/rejected strings are tokenised as they are, never through a chat template: the file changes no
+    training token, which SFT warns about for its string rows and DPO passed over without a word."""
+    template = tmp_path / "chatml.jinja"
+    template.write_text(CHATML)
+    strings = datasets.Dataset.from_dict({"prompt": ["Two plus two?"] * 16, "chosen": [" four"] * 16,
+                                          "rejected": [" five"] * 16})
+    trainer = DPOTrainer(_args(tmp_path), DPOArguments(chat_template_path=str(template)),
+                         tokenizer=build_chat_tokenizer("chatml"), dataset_train=strings, dataset_eval=strings)
+    with caplog.at_level("WARNING", logger="easytrain"):
+        trainer.setup()
+    warned = [r.getMessage() for r in caplog.records if "chat_template_path" in r.getMessage()]
+    assert len(warned) == 1 and "string" in warned[0] and "changes no training token" in warned[0], warned
+    chats = DPOTrainer(_args(tmp_path / "chats"), DPOArguments(chat_template_path=str(template)),
+                       tokenizer=build_chat_tokenizer("chatml"), dataset_train=datasets.Dataset.from_dict(PAIRS))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="easytrain"):
+        chats.setup()
+    assert not [r for r in caplog.records if "chat_template_path" in r.getMessage()]

@@ -226,6 +226,14 @@ def tokenize_preference_dataset(
     return kept.remove_columns(list(_FLAGS)), stats
 
 
+def uses_chat_template(dataset: datasets.Dataset) -> bool:
+    """Whether the pairs render through the chat template: message lists do, prompt/chosen/rejected strings are
+    tokenised as they are. Rows it cannot tell (none, no 'chosen') count as rendering: their refusal comes later."""
+    if not len(dataset) or "chosen" not in dataset.column_names:
+        return True
+    return isinstance(dataset[0]["chosen"], list)
+
+
 def _prompt_keep(prompt: int, longest: int, options: PreferenceDataOptions) -> int:
     """Prompt tokens to keep: cut only when prompt + min(longest, completion room) overflow."""
     keep = prompt if options.max_prompt_length is None else min(prompt, options.max_prompt_length)

@@ -28,7 +28,7 @@ from easytrain.chunked_loss import map_token_chunks, target_logps
 from easytrain.data import RowSource, bucket_lengths
 from easytrain.data.chat_templates import read_chat_template
 from easytrain.data.paired_batches import PairedCollate, pair_rows
-from easytrain.data.preference_data import PreferenceDataOptions, tokenize_preference_dataset
+from easytrain.data.preference_data import PreferenceDataOptions, tokenize_preference_dataset, uses_chat_template
 from easytrain.data.sources import evaluation_examples
 from easytrain.data.token_range import rows_of, vocab_size_of
 from easytrain.errors import ArgumentError
@@ -117,6 +117,8 @@ class DPOTrainer(DPORecordHooks, BaseTrainer):
         for name, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples)):
             if name in splits:
                 split = splits[name] if limit is None else splits[name].select(range(min(limit, len(splits[name]))))
+                if name == "train" and self.dpo.chat_template_path and self.formatting_func is None:
+                    check_template_read(split, self.dpo.chat_template_path)
                 with rows_of(name):
                     rows[name], self.data_stats[name] = tokenize_preference_dataset(
                         split, self.tokenizer, options, formatting_func=self.formatting_func,
@@ -363,3 +365,15 @@ class DPOTrainer(DPORecordHooks, BaseTrainer):
 def logps_and_mean_logit(logits_MV: jax.Array, targets_M: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Per token: float32 log p(target) and the mean logit over the vocabulary (the `logits/*` metrics)."""
     return target_logps(logits_MV, targets_M), jnp.mean(logits_MV.astype(jnp.float32), axis=-1)
+
+
+def check_template_read(split: Any, path: str) -> bool:
+    """Whether the training pairs render through the chat template. Prompt/chosen/rejected strings never do: they
+    train exactly as without `chat_template_path`, warned about as SFT's string rows are, not refused, since the
+    template still goes with the exported tokenizer."""
+    if uses_chat_template(split):
+        return True
+    logger.warning("chat_template_path=%r: the training pairs are prompt/chosen/rejected strings, which no chat "
+                   "template renders, so it changes no training token; it is only saved with the exported tokenizer. "
+                   "Convert the pairs to message lists for the template to shape them.", path)
+    return False
