@@ -38,6 +38,7 @@ from easytrain.protocol import ConfiguredDataloaders, ConfiguredFunctions, Confi
 from easytrain.state import TrainState, bind
 from easytrain.trainers import (adapters, batch_fields, builders, data_agreement, preemption, process_failure, run_lock,
                                 step_outputs)
+from easytrain.trainers.held_run import HeldRun
 from easytrain.trainers.initial_policy import InitialPolicyHooks
 from easytrain.trainers.language_model import LanguageModelHooks
 from easytrain.trainers.loop import TrainLoop, evaluate_batches
@@ -330,7 +331,9 @@ class BaseTrainer(ProtocolProperties, InitialPolicyHooks, RunRecordHooks, TrainS
     def train(self) -> dict[str, float]:
         """Train until `max_steps` / `num_train_epochs` (or a stop request); returns the last logs. Once per
         trainer: a later run resumes from its checkpoint in a new trainer. A SIGTERM or SIGINT before the first step
-        raises `TrainingPreempted` (exit status 75), nothing lost: `easytrain.trainers.preemption`."""
+        raises `TrainingPreempted` (exit status 75), nothing lost: `easytrain.trainers.preemption`. A run that ends
+        before its first step is done (that signal, a step refused for memory, a loss that fails to compile) leaves
+        the older run in output_dir as it was: `easytrain.trainers.held_run`."""
         with process_failure.running(), preemption.stopping_before_training(self._resume_from):
             self.setup()
             start = self._resume_from[1] if self._resume_from else 0
@@ -341,17 +344,37 @@ class BaseTrainer(ProtocolProperties, InitialPolicyHooks, RunRecordHooks, TrainS
                 trackers, self.loop = trackers_then_claim(self._arguments, start, self.is_main_process, self._claim)
                 return self.loop.run(self._state, start, self.resumed_data_state,
                                      resumed=self._resume_from is not None, trackers=trackers)
+            except BaseException:
+                self._give_back_claim()
+                raise
             finally:  # the step donated the arrays the module pointed at: show it the final ones
                 bind(self._model.model, self._state)
                 run_lock.release(self._arguments.output_dir)  # taken by the claim
 
     def _claim(self) -> TrainLoop:
-        """Once per trainer, after every check of `setup`: make `output_dir` this run's (`run_dir.claim_run`)."""
+        """Once per trainer, after every check of `setup`: make `output_dir` this run's (`run_dir.claim_run`). What
+        the claim removes or sets aside is held until the first step is done (`held_run`)."""
         if not self._output_dir_claimed:
-            claim_run(self._arguments, self._resume_from, self.is_main_process)
+            self._held_run = claim_run(self._arguments, self._resume_from, self.is_main_process)
             self._output_dir_claimed = True
         self.save_arguments()
         return TrainLoop(self.loop_parts())  # its checkpoint manager reads the claimed directory
+
+    #: What the claim of output_dir holds of the older run (`held_run.HeldRun`) until the first step is done.
+    _held_run: HeldRun | None = None
+
+    def _give_back_claim(self) -> None:
+        """The run ended before its first step was done (a step too large for the device, a loss that does not
+        trace, a stop signal): the older run is put back as the claim found it, and a later `train()` claims
+        again. Once the first step is done the claim is settled, and this does nothing."""
+        if not self._held_run:
+            return
+        try:
+            self._held_run.undo()
+            self._output_dir_claimed = False
+        except Exception:  # the run's own error is the one to raise
+            logger.exception("could not put the older run in %s back as it was: what is left of it lies in %s and "
+                             "superseded_checkpoints/", self._arguments.output_dir, self._held_run.holding)
 
     def loop_parts(self) -> LoopParts:
         """The collaborators the loop runs with."""
@@ -363,7 +386,8 @@ class BaseTrainer(ProtocolProperties, InitialPolicyHooks, RunRecordHooks, TrainS
             run_info=self.run_info, evaluate=self.evaluate, export=self.save_pretrained,
             restore_best=functools.partial(restore_step, self.checkpoint_manager(), self._model.state_shardings),
             callbacks=self.callbacks, owner=self, is_main_process=self.is_main_process,
-            resumed_from=preemption.resume_point(self._resume_from)[1])
+            resumed_from=preemption.resume_point(self._resume_from)[1],
+            settle_claim=self._held_run.settle if self._held_run else None)
 
     def evaluate(self, dataset: Any = None) -> dict[str, float]:
         """Every eval metric over the whole eval set (`eval_` prefixed), plus the evaluators'.

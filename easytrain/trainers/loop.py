@@ -231,7 +231,16 @@ class TrainLoop(LoopEnding):
             planned = f"; it holds {self.memory_plan.describe()}" if self.memory_plan else ""
             logger.info("compiled the train step in %.2f s%s", self.compile_seconds, planned)
             self.window_start = time.perf_counter()
+            self.settle_claim()
         return metrics
+
+    def settle_claim(self) -> None:
+        """Once the first step is done, not merely dispatched (a runtime failure of it, or, in a multi-process run,
+        another process that never dispatched it, keeps it from ending), delete what the claim of output_dir held
+        of the older run (`held_run`); off the clock. Only where the claim holds something: no wait otherwise."""
+        if self.parts.settle_claim is not None:
+            with self.off_the_clock():
+                self.parts.settle_claim()
 
     # ------------------------------------------------------------------ events
     def log(self, step: int, overlapping: bool = False, checking: bool = True) -> None:

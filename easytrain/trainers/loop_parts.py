@@ -34,6 +34,8 @@ class LoopParts:
     `plan_memory(state, device_batch)` runs once, before the first iteration: it may compile ahead and check memory
     (`easytrain.memory_plan`).
     `resumed_from`: the checkpoint the run resumed from (None: a fresh run), kept as it is by a stop before step one.
+    `settle_claim()`: once the first step is done, delete what the claim of output_dir held of the older run
+    (`held_run.HeldRun.settle`); None where it holds nothing.
     """
 
     arguments: TrainingArguments
@@ -55,3 +57,4 @@ class LoopParts:
     plan_memory: Callable[[Any, Mapping[str, jax.Array]], MemoryPlan | None] = lambda state, batch: None
     resumed_from: str | None = None
     count_samples: Callable[[HostBatch], int] = throughput.batch_rows
+    settle_claim: Callable[[], None] | None = None

@@ -1,0 +1,140 @@
+"""What the claim of an output_dir takes from the older run there, held until the new run's first step is done.
+
+`run_dir.claim_output_dir` removes an overwritten run (`overwrite_output_dir`) and sets aside the checkpoints a
+resume of an older step abandons. A run can still fail after that and before its first step: the step may not fit
+the device (`DeviceMemoryError`: a batch too large, bad input), the loss may fail to trace or compile, a stop signal
+may come while it compiles. None of those may cost the older run. So the claim only moves: what it removes goes to
+`output_dir/replaced_run/<time>/`, what it sets aside to `superseded_checkpoints/<time>/` as always, every move
+recorded (`HeldRun`), and the logs a resumed run rewrites (it drops their records past its step) are copied first.
+`undo` (the run ended before its first step was done) puts everything back as it was, byte for byte; `settle` (the
+first step is done) deletes `replaced_run/`. A process killed in between leaves the older run in `replaced_run/`,
+whole: moved back by hand, or removed by the next claim under `overwrite_output_dir` once its first step is done.
+
+Compiling ahead before the claim instead would cover only what `plan_memory` compiles: a `train_iteration` of a
+subclass compiles its own steps at the first call, after the claim, and a runtime failure of the first step would
+still cost the older run; holding covers whatever ends the run before its first step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from easytrain.jobs import JOB_FILENAME
+
+logger = logging.getLogger("easytrain")
+
+#: Where a claim keeps what it removes until the new run's first step is done.
+REPLACED_DIRNAME = "replaced_run"
+
+
+@dataclasses.dataclass
+class HeldRun:
+    """The moves and copies one claim of `output_dir` made (main process; empty elsewhere)."""
+
+    output_dir: Path
+    moves: list[tuple[Path, Path]] = dataclasses.field(default_factory=list)  # (from, to), in the order made
+    copies: list[tuple[Path, Path]] = dataclasses.field(default_factory=list)  # (original, its copy)
+    listings: dict[Path, set[str]] = dataclasses.field(default_factory=dict)  # a directory -> its entries then
+    made: list[Path] = dataclasses.field(default_factory=list)  # directories the moves created
+    leftovers: list[Path] = dataclasses.field(default_factory=list)  # a killed run's held runs, removed at `settle`
+    holding: Path | None = None
+
+    def __bool__(self) -> bool:
+        """Whether anything is held: a run with nothing to give back needs no `settle`."""
+        return bool(self.moves or self.copies or self.leftovers)
+
+    def move(self, source: Path, destination: Path) -> Path:
+        """Move `source` to `destination` (a new path), recorded so that `undo` moves it back."""
+        moved = Path(shutil.move(str(source), str(destination)))
+        self.moves.append((source, moved))
+        return moved
+
+    def remove(self, target: Path) -> None:
+        """What the claim would delete: moved into this claim's `replaced_run/<time>/`, deleted at `settle`."""
+        if target.exists():
+            self.move(target, self._holding() / target.relative_to(self.output_dir))
+
+    def copy(self, target: Path) -> None:
+        """A file the run rewrites in place (a log it truncates): copied, put back by `undo`."""
+        if target.is_file():
+            self.copies.append((target, Path(shutil.copy2(target, self._holding() / f"{target.name}.before"))))
+
+    def list_entries(self, directory: Path) -> None:
+        """A directory the run adds files to (TensorBoard's events): `undo` removes the entries added since."""
+        if directory.is_dir():
+            self.listings[directory] = {p.name for p in directory.iterdir()}
+
+    def new_directory(self, path: Path) -> Path:
+        """`path`, or `path-2`, `path-3`, ... if it exists (two claims in one second never merge), created and
+        recorded (with its missing parents) so that `undo` removes it once emptied."""
+        candidate, n = path, 1
+        while candidate.exists():
+            n += 1
+            candidate = path.with_name(f"{path.name}-{n}")
+        self.made += [p for p in (*reversed(candidate.parents), candidate) if not p.exists()]
+        candidate.mkdir(parents=True)
+        return candidate
+
+    def _holding(self) -> Path:
+        if self.holding is None:
+            self.holding = self.new_directory(self.output_dir / REPLACED_DIRNAME / time.strftime("%Y%m%d-%H%M%S"))
+        return self.holding
+
+    def settle(self) -> None:
+        """The run's first step is done: delete what the claim removed (and what killed runs' claims held, where
+        this one overwrites); what it set aside stays in `superseded_checkpoints/`."""
+        removed = [self.holding, *self.leftovers]
+        self._forget()  # first: a removal that fails fails the run, with nothing left to move back
+        for held in removed:
+            if held is not None and held.exists():
+                shutil.rmtree(held)
+        _remove_if_empty(self.output_dir / REPLACED_DIRNAME)
+
+    def _forget(self) -> None:
+        self.moves, self.copies, self.listings, self.made, self.leftovers, self.holding = [], [], {}, [], [], None
+
+    def undo(self) -> None:
+        """The run ended before its first step was done: put the older run back as the claim found it. What the run
+        wrote in its place (logs with no step in them, an empty checkpoints/) goes; its job.json, which records
+        how it ended, stays."""
+        for original, copied in reversed(self.copies):
+            copied.replace(original)
+        for directory, entries in self.listings.items():
+            for added in [p for p in directory.iterdir() if p.name not in entries] if directory.is_dir() else []:
+                _delete(added)
+        for source, moved in reversed(self.moves):
+            if source.exists() or source.is_symlink():
+                if source.name == JOB_FILENAME and source.parent == self.output_dir:
+                    _delete(moved)
+                    continue
+                _delete(source)
+            source.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(moved), str(source))
+        for directory in reversed(self.made):
+            _remove_if_empty(directory)
+        if self:
+            logger.warning("%s: the run ended before its first step was done, so the older run there is as it was "
+                           "(nothing removed or set aside)", self.output_dir)
+        self._forget()
+
+
+def held_leftovers(output_dir: Path) -> list[Path]:
+    """What claims of runs killed before their first step left in `replaced_run/`: older runs, whole."""
+    root = output_dir / REPLACED_DIRNAME
+    return sorted(root.iterdir()) if root.is_dir() else []
+
+
+def _delete(target: Path) -> None:
+    if target.is_dir() and not target.is_symlink():
+        shutil.rmtree(target)
+    elif target.exists() or target.is_symlink():
+        target.unlink()
+
+
+def _remove_if_empty(directory: Path) -> None:
+    if directory.is_dir() and not any(directory.iterdir()):
+        directory.rmdir()

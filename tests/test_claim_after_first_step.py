@@ -1,0 +1,149 @@
+"""A run refused or failing before its first step never costs the older run in its output_dir: what the claim would
+remove (`overwrite_output_dir`) or set aside (resuming an older step) is held, put back byte for byte if the run ends
+before its first step is done, and removed or set aside for good once it is (`easytrain.trainers.held_run`)."""
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from easytrain import BaseTrainer
+from easytrain.checkpoint import finalized_steps
+from easytrain.errors import DeviceMemoryError
+from easytrain.jobs import read_job
+from easytrain.trainers.held_run import REPLACED_DIRNAME
+from easytrain.trainers.preemption import TrainingPreempted
+from easytrain.trainers.run_dir import SUPERSEDED_DIRNAME, claim_output_dir
+
+from runs import args_for, snapshot
+
+
+class RefusedMemory(BaseTrainer):
+    """A step that cannot fit the device: `plan_memory` refuses it, as `memory_plan.check_fits` does on a GPU."""
+
+    def plan_memory(self, state, batch):
+        raise DeviceMemoryError("the train step needs 80 GiB per device beyond its inputs (forced by the test)")
+
+
+class BrokenLoss(BaseTrainer):
+    """A bug in the user's loss that only the train step traces (evaluation passes `train=False`)."""
+
+    def compute_loss(self, model, batch, rng, train, frozen):
+        if train:
+            raise ValueError("a bug in the loss (forced by the test)")
+        return super().compute_loss(model, batch, rng, train, frozen)
+
+
+class RefusedOnce(BaseTrainer):
+    """A step refused at the first `train()`, as if the device were busy then, and fitting at the second."""
+
+    refused = False
+
+    def plan_memory(self, state, batch):
+        if not self.refused:
+            self.refused = True
+            raise DeviceMemoryError("the device is busy (forced by the test)")
+        return super().plan_memory(state, batch)
+
+
+class StoppedWhileCompiling(BaseTrainer):
+    """A SIGTERM while the first step compiles."""
+
+    def plan_memory(self, state, batch):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return super().plan_memory(state, batch)
+
+
+def _with_export(run: Path) -> Path:
+    """The older run as it ends: its checkpoints and logs, plus an export and the command's results."""
+    (run / "final_model").mkdir()
+    (run / "final_model" / "config.json").write_text('{"written_at_step": 4}')
+    (run / "results.json").write_text('{"global_step": 4}')
+    return run
+
+
+def _everything(run: Path) -> dict[str, str]:
+    """Every path (empty directories included) -> its file's digest ('' for a directory)."""
+    return {str(p.relative_to(run)): "" for p in run.rglob("*")} | snapshot(run)
+
+
+def _changed(run: Path, before: dict[str, str]) -> list[str]:
+    """The paths of `run` that differ from `before` (added, removed or rewritten), but job.json: the record of the
+    latest job there, which says how the failed run ended (`_ended_failed`)."""
+    now = _everything(run)
+    return sorted(path for path in before.keys() | now.keys() if before.get(path) != now.get(path)
+                  and path != "job.json")
+
+
+def _ended_failed(run: Path, message: str) -> bool:
+    record = read_job(run)
+    return record["status"] == "failed" and message in record["error"]["message"]
+
+
+FAILURES = [(RefusedMemory, DeviceMemoryError, "80 GiB"), (BrokenLoss, ValueError, "a bug in the loss")]
+
+
+def test_a_run_stopped_while_compiling_under_overwrite_keeps_the_older_run(run_copy):
+    before = _everything(_with_export(run_copy))
+    with pytest.raises(TrainingPreempted):
+        StoppedWhileCompiling(args_for(run_copy, overwrite_output_dir=True, learning_rate=1e-3)).train()
+    assert _changed(run_copy, before) == []
+    assert read_job(run_copy)["status"] == "stopped"
+
+
+@pytest.mark.parametrize(("trainer_class", "error", "message"), FAILURES, ids=["memory", "loss"])
+def test_a_fresh_run_failing_before_step_one_under_overwrite_keeps_the_older_run(run_copy, trainer_class, error,
+                                                                                 message):
+    before = _everything(_with_export(run_copy))
+    trainer = trainer_class(args_for(run_copy, overwrite_output_dir=True, learning_rate=1e-3, report_to=["jsonl",
+                                                                                                     "csv"]))
+    with pytest.raises(error, match=message):
+        trainer.train()
+    assert _changed(run_copy, before) == [], "the older run's checkpoints, logs, export and arguments, byte for byte"
+    assert _ended_failed(run_copy, message)
+
+
+@pytest.mark.parametrize(("trainer_class", "error", "message"), FAILURES, ids=["memory", "loss"])
+def test_a_resume_of_an_older_step_failing_before_its_first_step_sets_nothing_aside(run_copy, trainer_class, error,
+                                                                                    message):
+    before = _everything(_with_export(run_copy))
+    trainer = trainer_class(args_for(run_copy, resume_from_checkpoint=str(run_copy / "checkpoints" / "2")))
+    with pytest.raises(error, match=message):
+        trainer.train()
+    assert not (run_copy / SUPERSEDED_DIRNAME).exists()
+    assert finalized_steps(run_copy / "checkpoints") == [2, 4], "the newer checkpoint still in place"
+    assert _changed(run_copy, before) == [], "its logs too: nothing past step 2 dropped"
+    assert _ended_failed(run_copy, message)
+
+
+def test_a_run_that_trains_still_removes_the_run_it_overwrites(run_copy):
+    """At its second `train()`: the first, refused, gave the claim back, and the second claims again."""
+    before = _everything(_with_export(run_copy))
+    trainer = RefusedOnce(args_for(run_copy, overwrite_output_dir=True, max_steps=2))
+    with pytest.raises(DeviceMemoryError):
+        trainer.train()
+    assert _changed(run_copy, before) == []
+    trainer.train()
+    assert finalized_steps(run_copy / "checkpoints") == [2]
+    assert not (run_copy / "final_model").exists() and not (run_copy / "results.json").exists()
+    assert not (run_copy / REPLACED_DIRNAME).exists(), "the held run is removed once the first step is done"
+    assert not (run_copy / SUPERSEDED_DIRNAME).exists()
+
+
+@pytest.mark.parametrize("resume", ["older step", "fresh"])
+def test_a_claim_given_back_leaves_the_directory_as_it_was(run_copy, resume):
+    """The claim alone, without training: undone, every file is back; settled, it is as the claim always left it."""
+    before = _everything(_with_export(run_copy))
+    overrides = (dict(resume_from_checkpoint=str(run_copy / "checkpoints" / "2")) if resume == "older step"
+                 else dict(overwrite_output_dir=True))
+    resumed = (run_copy / "checkpoints", 2) if resume == "older step" else None
+    held = claim_output_dir(args_for(run_copy, **overrides), resumed)
+    assert not (run_copy / "final_model").exists(), "claimed: the export is out of the way"
+    (run_copy / "metrics.jsonl").write_text("")  # what the failed run's logs did to them
+    held.undo()
+    assert _changed(run_copy, before) == []
+    held = claim_output_dir(args_for(run_copy, **overrides), resumed)
+    held.settle()
+    assert not (run_copy / REPLACED_DIRNAME).exists() and not (run_copy / "final_model").exists()
+    assert (run_copy / SUPERSEDED_DIRNAME).exists() == (resume == "older step")
