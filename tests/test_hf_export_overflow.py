@@ -13,7 +13,7 @@ from safetensors.numpy import load_file
 
 from easytrain import lora
 from easytrain.lora import LoRAConfig
-from easytrain.models import init_model
+from easytrain.models import from_pretrained, init_model
 from easytrain.models.float16_range import check_float16_range
 from easytrain.models.hf_io import CheckpointError, save_pretrained
 from easytrain.models.peft_io import save_peft_adapter
@@ -87,3 +87,14 @@ def test_the_refusal_starts_where_float16_rounds_to_inf():
         assert np.float16(np.float32(65519.99)) == 65504 and np.isinf(np.float16(np.float32(65520.0)))
     with pytest.raises(CheckpointError, match="w: largest"):
         check_float16_range({"w": 65520.0})
+
+
+def test_a_float16_load_refuses_weights_beyond_its_range_by_name(tmp_path):
+    """from_pretrained(param_dtype=float16) casts each weight as it is read: a float32 checkpoint's 1e5 became inf
+    in the loaded model without a word."""
+    params, config = _params()
+    save_pretrained(tmp_path / "export", params, config)
+    with pytest.raises(CheckpointError, match=rf"{DOWN}: largest \|value\| 100000\. .*param_dtype"):
+        from_pretrained(tmp_path / "export", param_dtype=jnp.float16)
+    model = from_pretrained(tmp_path / "export", param_dtype=jnp.bfloat16)
+    assert float(model.layers[1].mlp.down_proj.kernel.value[3, 5]) == 99840

@@ -1,4 +1,4 @@
-"""Float16 exports refuse weights beyond float16's range instead of writing them as inf.
+"""Float16 exports (and float16 loads) refuse weights beyond float16's range instead of writing them as inf.
 
 Float16 keeps 10 mantissa bits but only 5 exponent bits: its largest finite value is 65504, and a float32 or
 bfloat16 weight of 65520 or more casts to inf (``numpy``, ``torch`` and transformers' ``model.to(torch.float16)``
@@ -65,8 +65,9 @@ def largest_finite(values: Sequence[tuple[Any, Axes]], to_host: Callable[[list[A
     return peaks
 
 
-def check_float16_range(peaks: Mapping[str, float], what: str = "the export") -> None:
-    """Refuses the tensors whose largest finite |value| (`peaks`, by name) float16 would write as inf."""
+def check_float16_range(peaks: Mapping[str, float], what: str = "the export", field: str = "dtype") -> None:
+    """Refuses the tensors whose largest finite |value| (`peaks`, by name) float16 would hold as inf; `field`: the
+    argument that asked for float16."""
     over = {name: float(peak) for name, peak in peaks.items() if float(peak) >= FLOAT16_OVERFLOW}
     if not over:
         return
@@ -74,6 +75,6 @@ def check_float16_range(peaks: Mapping[str, float], what: str = "the export") ->
     listed = "; ".join(f"{name}: largest |value| {over[name]:.6g}" for name in names[:_SHOWN])
     more = f"; and {len(names) - _SHOWN} more" if len(names) > _SHOWN else ""
     raise CheckpointError(
-        f"dtype='float16' cannot hold {len(names)} tensor(s) of {what}, which would be written as inf "
-        f"(float16's largest value is {FLOAT16_MAX:.0f}): {listed}{more}. Export with dtype='bfloat16' (float32's "
-        "range, half the bytes of float32) or dtype='float32', or None to keep each parameter's dtype.")
+        f"{field}='float16' cannot hold {len(names)} tensor(s) of {what}, which would become inf (float16's "
+        f"largest value is {FLOAT16_MAX:.0f}): {listed}{more}. Pass {field}='bfloat16' (float32's range, half the "
+        f"bytes of float32) or {field}='float32'.")

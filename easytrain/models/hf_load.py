@@ -26,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 
 from easytrain import sharding
 from easytrain.models.attention import DType
+from easytrain.models.float16_range import check_float16_range, largest_finite, narrows_to_float16
 from easytrain.models.hf_io import (
     EMBEDDING_NAME,
     HEAD_NAME,
@@ -231,9 +232,10 @@ def _param_shardings(abstract_params: nnx.State, mesh: Mesh | None,
     return traverse_util.flatten_dict(tree)
 
 
-def _place(view: Any, shape: tuple[int, ...], transpose: bool, target: jax.sharding.Sharding | None,
+def _place(name: str, view: Any, shape: tuple[int, ...], transpose: bool, target: jax.sharding.Sharding | None,
            dtype: np.dtype) -> jax.Array:
-    """One parameter on its devices; each distinct slice is read from the file once.
+    """One parameter (stored as `name`) on its devices; each distinct slice is read from the file once, and
+    refused where float16 `dtype` would make its values inf.
 
     Without a target the array is left uncommitted on the default device, as ``jnp.asarray`` would,
     so a later ``jit`` over a mesh may still move it.
@@ -244,6 +246,9 @@ def _place(view: Any, shape: tuple[int, ...], transpose: bool, target: jax.shard
         key = repr(index)
         if key not in blocks:
             block = view[index[::-1] if transpose else index]
+            if narrows_to_float16(dtype, block):
+                check_float16_range({name: largest_finite([(block, None)], list)[0]},
+                                    "the checkpoint", "param_dtype")
             blocks[key] = np.ascontiguousarray(block.T if transpose else block, dtype=dtype)
         return blocks[key]
 
@@ -317,7 +322,7 @@ def from_pretrained(
                 path, transpose, _ = layout[name]
                 stored = loadable.stored_as.get(name, name)
                 shape = entries[stored].shape[::-1] if transpose else entries[stored].shape
-                flat[path] = _place(handle.get_slice(stored), shape, transpose, targets[path],
+                flat[path] = _place(stored, handle.get_slice(stored), shape, transpose, targets[path],
                                     jnp.dtype(param_dtype))
     if scan_layers:
         flat = _stack_layers(flat, _param_shardings(abstract_params, mesh, rules))
