@@ -45,6 +45,7 @@ def damaged(saved, tmp_path, kind: str, name: str, content: bytes | None = None)
     ("sharded", "model.safetensors.index.json", b'{"weight_map": {"lm_head.weight": 5}}'),  # was TypeError
     ("sharded", "model.safetensors.index.json", b'{"weight_map": {"lm_head.weight": ["a"]}}'),  # was TypeError
     ("sharded", "model.safetensors.index.json", b'{"weight_map": ["model-00001-of-00002.safetensors"]}'),
+    ("sharded", "model.safetensors.index.json", b'{"weight_map": {}}'),  # was: "missing (21) ... check the config"
 ])
 def test_a_damaged_checkpoint_file_is_named(saved, tmp_path, kind, name, content):
     directory, file = damaged(saved, tmp_path, kind, name, content)
@@ -57,3 +58,16 @@ def test_a_damaged_adapter_file_is_named(saved, tmp_path, name):
     directory, file = damaged(saved, tmp_path, "adapter", name)
     with pytest.raises(CheckpointError, match=f"{file}.*again"):
         load_peft_adapter(directory, init_model(tiny_config(), seed=0, dtype=jnp.float32))
+
+
+def test_a_tensor_held_by_two_shards_is_named_with_both(saved, tmp_path):
+    """The later file's copy was read silently, or the index was called out of sync with a shard that does hold the
+    tensor: the two files are named, whichever the index maps it to."""
+    from safetensors.numpy import load_file, save_file
+
+    directory = shutil.copytree(saved / "sharded", tmp_path / "sharded")
+    first, second = sorted(directory.glob("model-0*.safetensors"))[:2]
+    tensors, name = load_file(second), next(iter(load_file(first)))
+    save_file({**tensors, name: load_file(first)[name] * 2}, second)
+    with pytest.raises(CheckpointError, match=rf"{name}.*{first.name}.*{second.name}.*again"):
+        load_pretrained(directory)

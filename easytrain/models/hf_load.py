@@ -170,6 +170,8 @@ def _weight_map(index_path: Path) -> dict[str, str]:
     if not isinstance(weight_map, dict):
         raise damaged_file(index_path, TypeError(f"its 'weight_map' is a JSON {type(weight_map).__name__}, not an "
                                                  "object of tensor name -> shard file name"))
+    if not weight_map:
+        raise damaged_file(index_path, ValueError("its 'weight_map' names no tensor"))
     if odd := sorted(name for name, file in weight_map.items() if not isinstance(file, str)):
         raise damaged_file(index_path, TypeError(f"'weight_map' maps {_preview_names(odd)} to no file name (a "
                                                  f"JSON {type(weight_map[odd[0]]).__name__}, not a string)"))
@@ -183,12 +185,16 @@ def _preview_names(names: list[str], shown: int = 8) -> str:
 def read_headers(directory: Path) -> dict[str, TensorEntry]:
     """Name -> file, shape and dtype of every stored tensor, from the headers alone."""
     files, weight_map = _weight_files(directory)
-    entries = {}
+    entries: dict[str, TensorEntry] = {}
     for file in files:
         try:
             with safe_open(file, framework="numpy") as handle:
                 for name in handle.keys():
                     view = handle.get_slice(name)
+                    if name in entries:  # which copy is the model's? the later one was read without a word
+                        raise damaged_file(directory / WEIGHTS_INDEX_NAME, ValueError(
+                            f"{name} is held by both {entries[name].file.name} and {file.name}; one of them is "
+                            "left from another save"))
                     entries[name] = TensorEntry(file, tuple(view.get_shape()), view.get_dtype())
         except SafetensorError as error:  # a header cut short, or tensors past the end of the file
             raise damaged_file(file, error) from error
