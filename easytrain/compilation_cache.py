@@ -55,9 +55,9 @@ def resolve(setting: str | None) -> str | None:
 
 def make_directory(setting: str | None) -> str | None:
     """Create the directory `enable` would point JAX at (None: it would leave JAX as it is), changing no setting:
-    a multi-process run makes each host's own inside the start every process agrees on (`start_agreement`), so a
-    host that cannot is named on the others, and enables the cache once that start is agreed. Raises
-    `ArgumentError` (field `compilation_cache_dir`) when the directory cannot be created."""
+    a trainer makes it inside the start every process agrees on (`start_agreement`), so a host that cannot is named
+    on the others and a refused start changes nothing process-wide, then `use`s it once that start is agreed.
+    Raises `ArgumentError` (field `compilation_cache_dir`) when the directory cannot be created."""
     if not jax.config.jax_enable_compilation_cache:
         return None
     directory = resolve(setting)
@@ -77,9 +77,15 @@ def enable(setting: str | None) -> str | None:
     Leaves JAX alone when its cache is switched off (``jax_enable_compilation_cache`` false). Raises
     `ArgumentError` (field `compilation_cache_dir`) when the directory cannot be created (`make_directory`).
     """
+    return use(make_directory(setting))
+
+
+def use(directory: str | None) -> str | None:
+    """Point JAX's persistent cache at `directory`, which `make_directory` made (None: leave JAX's own setting);
+    returns the directory in use (None where JAX's cache is switched off)."""
     if not jax.config.jax_enable_compilation_cache:
         return None
-    if (directory := make_directory(setting)) is None:
+    if directory is None:
         return jax.config.jax_compilation_cache_dir
     cap_size()
     if jax.config.jax_compilation_cache_max_size != -1:

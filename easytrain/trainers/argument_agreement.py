@@ -3,10 +3,14 @@ a process given another `train_batch_size` assembles a global batch the size of 
 `learning_rate` or `seed` updates (or initialises) its parameter shards its own way, all without a word, and one
 given another `lora_rank` dies in the first collective of other sizes (a raw Gloo abort, job.json left queued).
 
-At set-up, before any compute, the processes exchange a digest of their compared arguments (every
-`TrainingArguments` field and every field of the trainer's `task_arguments`, less `PER_HOST_FIELDS`) in one small
-gather; only when the digests differ do they exchange the values themselves (a second gather, as JSON), so that
-every process raises the same `ArgumentError` naming each differing field with every process's value.
+The processes exchange a digest of their compared arguments (every `TrainingArguments` field and every field of
+the trainer's `task_arguments`, less `PER_HOST_FIELDS`): when their trainers are built, in the first gather of the
+start (`telling_differences`), before anything the arguments decide there (a check of theirs that raised on one
+process would leave the others waiting for it in the next collective, naming nothing); and at set-up, before the
+data is prepared, in one small gather of its own (`check_same_arguments`: a task's arguments may be set after its
+trainer is built, as `easytrain train --task` does). Only when the digests differ do they exchange the values
+themselves (a second gather, as JSON), so that every process raises the same `ArgumentError` naming each differing
+field with every process's value.
 """
 
 from __future__ import annotations
@@ -129,6 +133,41 @@ def check_same_arguments(args: Any, task_arguments: Sequence[Any], gather: Gathe
     once, or twice where the arguments differ (every process sees that alike, so all call it as often)."""
     values = compared_values(args, task_arguments)
     summaries = np.asarray(gather(summary_record(values))).reshape(-1, SUMMARY_BYTES)
+    _refuse_differences(values, summaries, gather)
+
+
+#: The int32 codes a record `telling_differences` carries may hold (the record padded to it): one size for every
+#: record a start may gather first (output_dir's token, or each process's decision), whatever the arguments.
+FIRST_RECORD_CODES = 2048
+
+
+def telling_differences(gather: Gather, args: Any, task_arguments: Sequence[Any] = ()) -> Gather:
+    """`gather` whose first call also carries this process's compared-arguments digest, the record padded to
+    `FIRST_RECORD_CODES` int32 codes: processes given other arguments may gather other records first (the token of
+    `shared_output_dir` only where they checkpoint), so that gather has one size on all. Where the digests differ,
+    every process raises the `ArgumentError` of `check_same_arguments` from it (a second gather for the values),
+    before anything the arguments decide; later calls are `gather`'s own."""
+    values = compared_values(args, task_arguments)
+    summary, first = summary_record(values).astype(np.int32), [True]
+
+    def gather_telling(record: np.ndarray) -> np.ndarray:
+        if not first:
+            return gather(record)
+        first.clear()
+        record = np.asarray(record)
+        if record.size > FIRST_RECORD_CODES:
+            raise ValueError(f"a first record of {record.size} codes exceeds FIRST_RECORD_CODES")
+        padded = np.zeros(SUMMARY_BYTES + FIRST_RECORD_CODES, dtype=np.int32)
+        padded[:SUMMARY_BYTES], padded[SUMMARY_BYTES:SUMMARY_BYTES + record.size] = summary, record.reshape(-1)
+        rows = np.asarray(gather(padded)).reshape(-1, padded.size)
+        _refuse_differences(values, rows[:, :SUMMARY_BYTES].astype(np.uint8), gather)
+        return rows[:, SUMMARY_BYTES:SUMMARY_BYTES + record.size].astype(record.dtype)
+    return gather_telling
+
+
+def _refuse_differences(values: Mapping[str, Any], summaries: np.ndarray, gather: Gather) -> None:
+    """Given every process's `summary_record`: nothing where all are equal, else the values gathered (all processes
+    see the same summaries, so all gather them) and the `ArgumentError` naming each differing field."""
     if all((row == summaries[0]).all() for row in summaries):
         return
     size = max(int.from_bytes(row[_DIGEST_BYTES:].tobytes(), "little") for row in summaries)

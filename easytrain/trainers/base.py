@@ -97,24 +97,26 @@ class BaseTrainer(ProtocolProperties, InitialPolicyHooks, RunRecordHooks, TrainS
         self.should_stop = False
         self.is_main_process = jax.process_index() == 0
         check_lora, lora = adapters.start_check(self._arguments)
-        several = jax.process_count() > 1
+        cache: list[str | None] = []
 
         def read_inputs() -> None:  # what one process alone may fail to read: the others name it (start_agreement)
             self.check_inputs()
             lora()  # lora_adapter_path's config
-            if several:  # a directory of each host's own (PER_HOST_FIELDS), which one may be unable to create; a
-                compilation_cache.make_directory(self._arguments.compilation_cache_dir)  # single process: `enable`
+
+        def check_settings() -> None:  # what the arguments refuse once output_dir is checked, inside the agreement:
+            self.lora = lora()  # a LoRAConfig when lora_rank > 0 or lora_adapter_path
+            self.mesh = self.configure_mesh()  # every process refuses alike, and a refused start leaves no output_dir
+            sharding.check_mesh(self.mesh)
+            self.compiler_options = compiler_options.for_platform(self._arguments.compiler_options,
+                                                                  self.mesh.devices.flat[0].platform)
+            cache.append(compilation_cache.make_directory(self._arguments.compilation_cache_dir))  # each host's own
 
         self._resume_from = check_output_dir(self._arguments, is_main_process=self.is_main_process,
-                                             check_start=check_lora, read_inputs=read_inputs)
-        self.lora = lora()  # a LoRAConfig when lora_rank > 0 or lora_adapter_path
+                                             check_start=check_lora, read_inputs=read_inputs,
+                                             check_settings=check_settings, task_arguments=self.task_arguments)
         self._output_dir_claimed = False
-        self.mesh = self.configure_mesh()
-        sharding.check_mesh(self.mesh)
-        self.compiler_options = compiler_options.for_platform(self._arguments.compiler_options,
-                                                              self.mesh.devices.flat[0].platform)
         host_memory.advise(self.mesh.devices.flat[0].platform)
-        self.compilation_cache_dir = compilation_cache.enable(self._arguments.compilation_cache_dir)
+        self.compilation_cache_dir = compilation_cache.use(cache[0])
         self._data: ConfiguredDataloaders | None = None
         self._model: ConfiguredModel | None = None
         self._functions: ConfiguredFunctions | None = None

@@ -10,7 +10,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -21,7 +21,7 @@ from easytrain.checkpoint_dirs import asks_latest
 from easytrain.config_io import ARGUMENTS_FILE
 from easytrain.errors import OutputDirError
 from easytrain.jobs import JOB_FILENAME, current_job
-from easytrain.trainers import run_lock, shared_output_dir
+from easytrain.trainers import argument_agreement, run_lock, shared_output_dir
 from easytrain.trainers.held_run import HeldRun, held_leftovers
 from easytrain.trainers.restore_checks import check_run_info_readable
 from easytrain.trainers.shared_output_dir import Gather
@@ -92,8 +92,9 @@ def _asks_latest_of_started_run(args: TrainingArguments) -> bool:
 
 
 def check_output_dir(args: TrainingArguments, *, is_main_process: bool = True, gather: Gather | None = None,
-                     check_start: StartCheck | None = None,
-                     read_inputs: Callable[[], None] | None = None) -> tuple[Path, int] | None:
+                     check_start: StartCheck | None = None, read_inputs: Callable[[], None] | None = None,
+                     check_settings: Callable[[], None] | None = None,
+                     task_arguments: Sequence[Any] = ()) -> tuple[Path, int] | None:
     """Validate `output_dir` and `resume_from_checkpoint`; return the checkpoint to resume, if any.
 
     Only checks: nothing is moved or removed here (`claim_output_dir` does that once the run has passed
@@ -101,46 +102,47 @@ def check_output_dir(args: TrainingArguments, *, is_main_process: bool = True, g
     unless the run resumes its own checkpoints or `overwrite_output_dir` is set; so is one resumed from a
     checkpoint outside it (another run's, or one set aside), whose saves would mix with that run's. `latest` over
     a run stopped before its first checkpoint starts it over (`restarts_unsaved_run`). First of all, in a
-    multi-process run, every process must see the same output_dir (`shared_output_dir`): else each would find
-    other checkpoints here, and the run would hang at its first save. A resumed checkpoint whose run_info cannot be
-    read is refused here, before any data or weights are read (`check_run_info_readable`). Every process decides
-    alike (`agreed`, over `gather`: by default `multihost_utils.process_allgather` wherever there are several
-    processes, since any of them may refuse, even in a run that neither saves nor resumes, where process 0 alone
-    writes its logs), `read_inputs` and `check_start` included: the files the arguments name (`BaseTrainer`'s
-    `check_inputs`, the LoRA adapter config), read first and once however often the processes look (a failure
-    stops them all at once), then a further check of the start decided (the LoRA source of `init_weights_from`,
-    `adapters.start_check`), given the checkpoint to resume, before `check_writable` creates output_dir. The
-    shared-storage check's answer travels in the agreement's first gather: two gathers in all where it applies,
-    one elsewhere (more where the processes look again). A start refused on any process leaves no directory that
-    process 0 made for it.
+    multi-process run, every process must be given the same arguments (`args` and `task_arguments`, compared by
+    `argument_agreement.telling_differences` in the first gather, before anything they decide) and see the same
+    output_dir (`shared_output_dir`): else each would find other checkpoints here, and the run would hang at its
+    first save. A resumed checkpoint whose run_info cannot be read is refused here, before any data or weights are
+    read (`check_run_info_readable`). Every process decides alike (`agreed`, over `gather`: by default
+    `multihost_utils.process_allgather` wherever there are several processes, since any of them may refuse, even in
+    a run that neither saves nor resumes, where process 0 alone writes its logs), `read_inputs`, `check_start` and
+    `check_settings` included: the files the arguments name (`BaseTrainer`'s `check_inputs`, the LoRA adapter
+    config), read first and once however often the processes look (a failure stops them all at once), then a further
+    check of the start decided (the LoRA source of `init_weights_from`, `adapters.start_check`), given the
+    checkpoint to resume, before `check_writable` creates output_dir, and last, once, what the arguments refuse
+    after output_dir is checked (the trainer's mesh, compiler options and compilation cache directory). The
+    arguments' digest and the shared-storage check's answer travel in the gathers the start makes anyway: two
+    gathers in all where output_dir is shared, one elsewhere (more where the processes look again, or where their
+    arguments differ). A start refused on any process leaves no directory that process 0 made for it.
     """
     if gather is None and _process_count() > 1:
         from jax.experimental import multihost_utils
 
         gather = multihost_utils.process_allgather
     inputs = functools.cache(read_inputs or (lambda: None))  # once: a read that failed stops every process
+    settings = functools.cache(check_settings or (lambda: None))
 
     def decide() -> tuple[Path, int] | None:
         inputs()
-        return _checked_resume(args, is_main_process, check_start)
+        resume = _checked_resume(args, is_main_process, check_start)
+        settings()
+        return resume
 
+    agree = functools.partial(agreed, decide)
+    if gather is not None:
+        gather = argument_agreement.telling_differences(gather, args, task_arguments)
+        if shared_output_dir.needs_check(args):  # it removes what process 0 made for a start refused
+            return shared_output_dir.check_processes_share(Path(args.output_dir), gather,
+                                                           is_main_process=is_main_process, then=agree)
     created = shared_output_dir.missing_directories(Path(args.output_dir)) if is_main_process else []
     try:
-        return _agreed_start(args, is_main_process, gather, decide)
-    except BaseException:
-        shared_output_dir.remove_empty(created)  # check_writable's, where another process refused
-        raise
-
-
-def _agreed_start(args: TrainingArguments, is_main_process: bool, gather: Gather | None,
-                  decide: Callable[[], tuple[Path, int] | None]) -> tuple[Path, int] | None:
-    """`check_output_dir`'s collectives: the shared-storage check (where every process uses output_dir) around the
-    agreement on `decide`, whose first gather carries its answer."""
-    agree = functools.partial(agreed, decide)
-    if gather is None or not shared_output_dir.needs_check(args):
         return agree(gather)
-    return shared_output_dir.check_processes_share(Path(args.output_dir), gather, is_main_process=is_main_process,
-                                                   then=agree)
+    except BaseException:
+        shared_output_dir.remove_empty(created)  # check_writable's, where a process refused
+        raise
 
 
 #: A check of the start `check_output_dir` decided, given the checkpoint to resume (None: a fresh start).

@@ -2,10 +2,11 @@
 there and process 0 completes it, so a process whose output_dir lies on storage of its own (a worker's local disk
 at the same path, or another --output_dir) leaves the save waiting forever for files it cannot see, with no error.
 
-At set-up, before any compute, process 0 writes a token file holding a fresh random nonce into its output_dir; the
-processes exchange that nonce (one small gather, which also orders the write before every read), and each reads the
-token back from its own output_dir. Who saw it travels in the next gather, beside what the caller gathers then (the
-start each process decided, `start_agreement`): no gather of its own. Every process then raises the same
+When the trainers are built, before any compute, process 0 writes a token file holding a fresh random nonce into
+its output_dir; the processes exchange that nonce (one small gather, which also orders the write before every read,
+and carries their arguments' digest: `argument_agreement.telling_differences`), and each reads the token back
+from its own output_dir. Who saw it travels in the next gather, beside what the caller gathers then (the start each
+process decided, `start_agreement`): no gather of its own. Every process then raises the same
 `ArgumentError`, whatever else it gathered (an interrupted one its interrupt), and process 0 removes the token (and,
 when the run is refused, by this check or by the caller, the directories it made to hold it, while empty: a refused
 run leaves the file system as it found it). A single process, and a run that neither checkpoints nor resumes (each

@@ -76,9 +76,11 @@ def _gathered(decide: Callable[[], Resume], gather: Gather) -> tuple[Resume, np.
     record = np.concatenate([[step], encoded(_line(failure), LINE_CODES)])
     try:
         rows = np.asarray(gather(record.astype(np.int32))).reshape(-1, record.size)
-    except Exception:  # a refusal the gather carried (`shared_output_dir`): this process's interrupt stays one
+    except Exception as refusal:  # one the gather carried (other arguments, an output_dir not shared), which wins
         if failure is not None and not isinstance(failure, Exception):
-            raise failure from None
+            raise failure from None  # this process's interrupt stays one
+        if failure is not None and refusal.__cause__ is None:
+            raise refusal from failure  # this process's own error stays told, as the refusal's cause
         raise
     if failure is not None:
         raise failure
