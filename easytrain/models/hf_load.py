@@ -306,6 +306,8 @@ def from_pretrained(
             "Frozen builder, which runs under jax.jit): every weight would become a constant of the compiled "
             "program. Load the model outside and pass the module instead: Frozen(from_pretrained(path, "
             "mesh=self.mesh, rules=self.partition_rules), checkpoint=False).")
+    for field, value in (("dtype", dtype), ("param_dtype", param_dtype)):
+        _check_float_dtype(field, value)
     directory = resolve_checkpoint(path_or_name)
     config = _read_config(directory)
     generation_config = read_generation_config(directory)
@@ -336,6 +338,19 @@ def from_pretrained(
     nnx.update(model, abstract_params)
     _keep_generation_config(model, generation_config)  # save_pretrained writes it back
     return model
+
+
+def _check_float_dtype(field: str, value: DType | str) -> None:
+    """`value` names a floating dtype, or the load is refused naming `field`: an integer one would round every
+    weight, and a name numpy does not know failed unnamed (as `dtype`, only at the model's first forward)."""
+    try:
+        dtype = jnp.dtype(value)
+    except TypeError as error:  # 'bf16'
+        raise CheckpointError(f"{field}={value!r} is not a dtype; use jnp.float32 or jnp.bfloat16 (or their names, "
+                              "'float32', 'bfloat16').") from error
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise CheckpointError(f"{field}={value!r} is not a floating dtype: every weight would be rounded to "
+                              f"{dtype.name}; use jnp.float32 or jnp.bfloat16 (quantised loading is not supported).")
 
 
 def _stack_layers(flat: dict[ParamPath, jax.Array], targets: dict[ParamPath, jax.sharding.Sharding | None]
