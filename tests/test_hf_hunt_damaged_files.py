@@ -46,6 +46,9 @@ def damaged(saved, tmp_path, kind: str, name: str, content: bytes | None = None)
     ("sharded", "model.safetensors.index.json", b'{"weight_map": {"lm_head.weight": ["a"]}}'),  # was TypeError
     ("sharded", "model.safetensors.index.json", b'{"weight_map": ["model-00001-of-00002.safetensors"]}'),
     ("sharded", "model.safetensors.index.json", b'{"weight_map": {}}'),  # was: "missing (21) ... check the config"
+    ("whole", "generation_config.json", b"[1, 2]"),  # was TypeError: 'list' object is not a mapping
+    ("whole", "generation_config.json", b"null"),  # was TypeError: 'NoneType' object is not a mapping
+    ("whole", "generation_config.json", None),  # was: "is not a valid JSON file", without the fetch-again advice
 ])
 def test_a_damaged_checkpoint_file_is_named(saved, tmp_path, kind, name, content):
     directory, file = damaged(saved, tmp_path, kind, name, content)

@@ -120,14 +120,15 @@ def read_generation_config(path_or_name: str | os.PathLike) -> transformers.Gene
     EOS ids (end of turn) and sampling defaults only there, so an export must carry it, not rebuild it.
 
     Raises:
-        CheckpointError: The file exists but transformers cannot read it.
+        CheckpointError: The file exists but is damaged (no JSON object), or transformers refuses its values.
     """
     directory = resolve_checkpoint(path_or_name)
     if not (directory / GENERATION_CONFIG_NAME).is_file():
         return None
+    read_json_object(directory / GENERATION_CONFIG_NAME)  # cut short, or no JSON object: a `damaged_file`
     try:
         return transformers.GenerationConfig.from_pretrained(directory)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, TypeError) as error:
         raise CheckpointError(f"{directory / GENERATION_CONFIG_NAME} cannot be read ({error}); fix the file, or "
                               "delete it to export one derived from config.json.") from error
 
