@@ -147,3 +147,18 @@ def test_a_claim_given_back_leaves_the_directory_as_it_was(run_copy, resume):
     held.settle()
     assert not (run_copy / REPLACED_DIRNAME).exists() and not (run_copy / "final_model").exists()
     assert (run_copy / SUPERSEDED_DIRNAME).exists() == (resume == "older step")
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_what_a_killed_claim_held_is_named_and_removed_only_by_an_overwrite(tmp_path, caplog, overwrite):
+    """A process killed between its claim and its first step left the older run in replaced_run/: the next start
+    names it; only a run that overwrites the directory removes it, once its own first step is done."""
+    run = tmp_path / "run"
+    leftover = run / REPLACED_DIRNAME / "20240101-000000"
+    (leftover / "checkpoints" / "4").mkdir(parents=True)
+    (leftover / "checkpoints" / "4" / "state").write_text("the older run")
+    with caplog.at_level("WARNING", logger="easytrain"):
+        held = claim_output_dir(args_for(run, overwrite_output_dir=overwrite), None)
+    assert any(str(leftover) in record.message for record in caplog.records)
+    held.settle()
+    assert leftover.exists() != overwrite
