@@ -74,3 +74,16 @@ def test_a_tensor_held_by_two_shards_is_named_with_both(saved, tmp_path):
     save_file({**tensors, name: load_file(first)[name] * 2}, second)
     with pytest.raises(CheckpointError, match=rf"{name}.*{first.name}.*{second.name}.*again"):
         load_pretrained(directory)
+
+
+@pytest.mark.parametrize("fingerprint", ["{", "[1, 2]"])  # were JSONDecodeError, AttributeError naming no file
+def test_a_damaged_base_fingerprint_is_named(saved, tmp_path, fingerprint):
+    from safetensors.numpy import load_file, save_file
+
+    from easytrain.models.peft_io import FINGERPRINT_KEY
+
+    directory = shutil.copytree(saved / "adapter", tmp_path / "adapter")
+    file = directory / "adapter_model.safetensors"
+    save_file(load_file(file), file, metadata={"format": "pt", FINGERPRINT_KEY: fingerprint})
+    with pytest.raises(CheckpointError, match=f"{file}.*{FINGERPRINT_KEY}.*again"):
+        load_peft_adapter(directory, init_model(tiny_config(), seed=0, dtype=jnp.float32), verify_base=True)

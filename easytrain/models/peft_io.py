@@ -189,6 +189,18 @@ def _read_tensors(directory: Path) -> tuple[dict[str, np.ndarray], dict[str, str
         raise damaged_file(path, error) from error
 
 
+def _recorded_fingerprint(path: Path, text: str) -> dict[str, Any]:
+    """The base fingerprint `save_peft_adapter` recorded in `path`'s metadata, or a `damaged_file` refusal."""
+    try:
+        fingerprint = json.loads(text)
+    except ValueError as error:
+        raise damaged_file(path, ValueError(f"its {FINGERPRINT_KEY} metadata is no JSON: {error}")) from error
+    if not isinstance(fingerprint, dict):
+        raise damaged_file(path, TypeError(f"its {FINGERPRINT_KEY} metadata is a JSON {type(fingerprint).__name__}, "
+                                           "not an object"))
+    return fingerprint
+
+
 def _assign(variable: nnx.Variable, value: np.ndarray, what: str) -> None:
     """``variable`` takes ``value`` (its shape checked), keeping its dtype and placement."""
     old = variable.get_value()
@@ -292,7 +304,7 @@ def _load_peft_adapter(directory: Path, model: nnx.Module, rngs: nnx.Rngs | int,
     config, raw = read_peft_config(directory)
     tensors, metadata = _read_tensors(directory)
     if verify_base and FINGERPRINT_KEY in metadata:
-        expected = json.loads(metadata[FINGERPRINT_KEY])
+        expected = _recorded_fingerprint(directory / ADAPTER_WEIGHTS_NAME, metadata[FINGERPRINT_KEY])
         actual = lora.base_fingerprint(model, config)
         if differ := sorted(k for k in set(expected) | set(actual) if expected.get(k) != actual.get(k)):
             raise CheckpointError(f"the base weights differ from those the adapter in {directory} was saved on "
