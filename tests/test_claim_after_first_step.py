@@ -12,7 +12,7 @@ from easytrain import BaseTrainer
 from easytrain.checkpoint import finalized_steps
 from easytrain.errors import DeviceMemoryError
 from easytrain.jobs import read_job
-from easytrain.trainers.held_run import REPLACED_DIRNAME
+from easytrain.trainers.held_run import REPLACED_DIRNAME, HeldRun
 from easytrain.trainers.preemption import TrainingPreempted
 from easytrain.trainers.run_dir import SUPERSEDED_DIRNAME, claim_output_dir
 
@@ -108,7 +108,8 @@ def test_a_fresh_run_failing_before_step_one_under_overwrite_keeps_the_older_run
 def test_a_resume_of_an_older_step_failing_before_its_first_step_sets_nothing_aside(run_copy, trainer_class, error,
                                                                                     message):
     before = _everything(_with_export(run_copy))
-    trainer = trainer_class(args_for(run_copy, resume_from_checkpoint=str(run_copy / "checkpoints" / "2")))
+    trainer = trainer_class(args_for(run_copy, resume_from_checkpoint=str(run_copy / "checkpoints" / "2"),
+                                     report_to=["jsonl", "csv"]))  # a CSV log the older run did not keep
     with pytest.raises(error, match=message):
         trainer.train()
     assert not (run_copy / SUPERSEDED_DIRNAME).exists()
@@ -162,3 +163,28 @@ def test_what_a_killed_claim_held_is_named_and_removed_only_by_an_overwrite(tmp_
     assert any(str(leftover) in record.message for record in caplog.records)
     held.settle()
     assert leftover.exists() != overwrite
+
+
+def test_a_resume_with_nothing_left_to_train_settles_its_claim(run_copy):
+    """Resumed at its last step, the run ends without a step, as it should: it is done, so its claim is settled
+    (the newer lineage stays set aside, the copies of the logs it kept go), never left in replaced_run/."""
+    BaseTrainer(args_for(run_copy, resume_from_checkpoint=str(run_copy / "checkpoints" / "2"), max_steps=2)).train()
+    assert not (run_copy / REPLACED_DIRNAME).exists()
+    assert [p.name for p in (run_copy / SUPERSEDED_DIRNAME).glob("*/*")] == ["4"]
+
+
+def test_a_claim_failing_midway_puts_back_what_it_had_moved(run_copy, monkeypatch):
+    """A move the file system refuses (permissions) after others were made: the claim fails with the older run
+    whole in its place, not split between output_dir and replaced_run/."""
+    before = _everything(_with_export(run_copy))
+    move = HeldRun.move
+
+    def refusing_the_second(held, source, destination):
+        if held.moves:
+            raise PermissionError(13, "Permission denied (forced by the test)", str(source))
+        return move(held, source, destination)
+
+    monkeypatch.setattr(HeldRun, "move", refusing_the_second)
+    with pytest.raises(PermissionError):
+        claim_output_dir(args_for(run_copy, overwrite_output_dir=True), None)
+    assert _changed(run_copy, before) == []

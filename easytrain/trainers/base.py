@@ -344,8 +344,11 @@ class BaseTrainer(ProtocolProperties, InitialPolicyHooks, RunRecordHooks, TrainS
             check_run_length(self._data.total_steps, start)
             try:
                 trackers, self.loop = trackers_then_claim(self._arguments, start, self.is_main_process, self._claim)
-                return self.loop.run(self._state, start, self.resumed_data_state,
+                logs = self.loop.run(self._state, start, self.resumed_data_state,
                                      resumed=self._resume_from is not None, trackers=trackers)
+                if self._held_run:  # it ended without a step, as asked (nothing left to train): what it wrote stays
+                    self._held_run.settle()
+                return logs
             except BaseException:
                 self._give_back_claim()
                 raise

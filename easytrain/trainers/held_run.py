@@ -41,6 +41,7 @@ class HeldRun:
     listings: dict[Path, set[str]] = dataclasses.field(default_factory=dict)  # a directory -> its entries then
     made: list[Path] = dataclasses.field(default_factory=list)  # directories the moves created
     leftovers: list[Path] = dataclasses.field(default_factory=list)  # a killed run's held runs, removed at `settle`
+    absent: list[Path] = dataclasses.field(default_factory=list)  # run outputs the older run lacked: gone at `undo`
     holding: Path | None = None
 
     def __bool__(self) -> bool:
@@ -67,6 +68,11 @@ class HeldRun:
         """A directory the run adds files to (TensorBoard's events): `undo` removes the entries added since."""
         if directory.is_dir():
             self.listings[directory] = {p.name for p in directory.iterdir()}
+
+    def note_absent(self, paths: list[Path]) -> None:
+        """Of the files and directories a run writes (its logs, checkpoints, arguments), those the older run lacks:
+        what the failed run wrote there (a CSV log the older one did not keep) is removed by `undo`."""
+        self.absent = [path for path in paths if not (path.exists() or path.is_symlink())]
 
     def new_directory(self, path: Path) -> Path:
         """`path`, or `path-2`, `path-3`, ... if it exists (two claims in one second never merge), created and
@@ -96,6 +102,7 @@ class HeldRun:
 
     def _forget(self) -> None:
         self.moves, self.copies, self.listings, self.made, self.leftovers, self.holding = [], [], {}, [], [], None
+        self.absent = []
 
     def undo(self) -> None:
         """The run ended before its first step was done: put the older run back as the claim found it. What the run
@@ -103,6 +110,8 @@ class HeldRun:
         how it ended, stays."""
         for original, copied in reversed(self.copies):
             copied.replace(original)
+        for added in self.absent:
+            _delete(added)
         for directory, entries in self.listings.items():
             for added in [p for p in directory.iterdir() if p.name not in entries] if directory.is_dir() else []:
                 _delete(added)

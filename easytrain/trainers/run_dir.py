@@ -301,11 +301,16 @@ def claim_output_dir(args: TrainingArguments, resume: tuple[Path, int] | None) -
                        " (removed once this run's first step is done: overwrite_output_dir)"
                        if args.overwrite_output_dir else "")
         held.leftovers = leftovers if args.overwrite_output_dir else []
-    _claim_into(held, args, resume)
-    if held:  # the logs a resumed run rewrites, the arguments save_arguments replaces: put back by `undo`
-        for name in (ARGUMENTS_FILE, "metrics.jsonl", "metrics.csv"):
-            held.copy(output_dir / name)
-        held.list_entries(output_dir / "tensorboard")
+    held.note_absent([output_dir / name for name in (*RUN_ARTIFACTS, ARGUMENTS_FILE) if name != JOB_FILENAME])
+    try:  # a move refused midway (permissions) puts back those made: the older run stays whole in its place
+        _claim_into(held, args, resume)
+        if held:  # the logs a resumed run rewrites, the arguments save_arguments replaces: put back by `undo`
+            for name in (ARGUMENTS_FILE, "metrics.jsonl", "metrics.csv"):
+                held.copy(output_dir / name)
+            held.list_entries(output_dir / "tensorboard")
+    except BaseException:
+        held.undo()
+        raise
     return held
 
 
