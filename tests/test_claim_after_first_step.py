@@ -17,6 +17,7 @@ from easytrain.trainers.preemption import TrainingPreempted
 from easytrain.trainers.run_dir import SUPERSEDED_DIRNAME, claim_output_dir
 
 from runs import args_for, snapshot
+from sink_readers import tracker_env
 
 
 class RefusedMemory(BaseTrainer):
@@ -187,4 +188,18 @@ def test_a_claim_failing_midway_puts_back_what_it_had_moved(run_copy, monkeypatc
     monkeypatch.setattr(HeldRun, "move", refusing_the_second)
     with pytest.raises(PermissionError):
         claim_output_dir(args_for(run_copy, overwrite_output_dir=True), None)
+    assert _changed(run_copy, before) == []
+
+
+def test_a_fresh_run_failing_before_step_one_keeps_the_older_runs_tracker_record(run_copy, tmp_path, monkeypatch):
+    """The metric trackers open before the claim, and a fresh run's MLflow sink records its new run in
+    mlflow_run.json: failing before its first step, the older run's record is put back (resuming it continues
+    its own MLflow run)."""
+    pytest.importorskip("mlflow")
+    for name, value in tracker_env(tmp_path).items():
+        monkeypatch.setenv(name, value)
+    (run_copy / "mlflow_run.json").write_text('{"run_id": "the older run", "tracking_uri": "file:///elsewhere"}')
+    before = _everything(run_copy)
+    with pytest.raises(DeviceMemoryError):
+        RefusedMemory(args_for(run_copy, overwrite_output_dir=True, report_to=["jsonl", "mlflow"])).train()
     assert _changed(run_copy, before) == []

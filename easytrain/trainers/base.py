@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -38,7 +39,7 @@ from easytrain.protocol import ConfiguredDataloaders, ConfiguredFunctions, Confi
 from easytrain.state import TrainState, bind
 from easytrain.trainers import (adapters, batch_fields, builders, data_agreement, preemption, process_failure, run_lock,
                                 step_outputs)
-from easytrain.trainers.held_run import HeldRun
+from easytrain.trainers.held_run import HeldRun, tracker_records
 from easytrain.trainers.initial_policy import InitialPolicyHooks
 from easytrain.trainers.language_model import LanguageModelHooks
 from easytrain.trainers.loop import TrainLoop, evaluate_batches
@@ -343,7 +344,9 @@ class BaseTrainer(ProtocolProperties, InitialPolicyHooks, RunRecordHooks, TrainS
                 self.loop.check_not_run()
             check_run_length(self._data.total_steps, start)
             try:
-                trackers, self.loop = trackers_then_claim(self._arguments, start, self.is_main_process, self._claim)
+                records = tracker_records(Path(self._arguments.output_dir)) if self.is_main_process else {}
+                trackers, self.loop = trackers_then_claim(self._arguments, start, self.is_main_process,
+                                                          functools.partial(self._claim, records))
                 logs = self.loop.run(self._state, start, self.resumed_data_state,
                                      resumed=self._resume_from is not None, trackers=trackers)
                 if self._held_run:  # it ended without a step, as asked (nothing left to train): what it wrote stays
@@ -356,11 +359,13 @@ class BaseTrainer(ProtocolProperties, InitialPolicyHooks, RunRecordHooks, TrainS
                 bind(self._model.model, self._state)
                 run_lock.release(self._arguments.output_dir)  # taken by the claim
 
-    def _claim(self) -> TrainLoop:
+    def _claim(self, tracker_records: dict[Path, bytes | None]) -> TrainLoop:
         """Once per trainer, after every check of `setup`: make `output_dir` this run's (`run_dir.claim_run`). What
-        the claim removes or sets aside is held until the first step is done (`held_run`)."""
+        the claim removes or sets aside is held until the first step is done (`held_run`), and so are the trackers'
+        records as they were before the trackers opened (`tracker_records`)."""
         if not self._output_dir_claimed:
             self._held_run = claim_run(self._arguments, self._resume_from, self.is_main_process)
+            self._held_run.records = tracker_records
             self._output_dir_claimed = True
         self.save_arguments()
         return TrainLoop(self.loop_parts())  # its checkpoint manager reads the claimed directory

@@ -24,11 +24,14 @@ import time
 from pathlib import Path
 
 from easytrain.jobs import JOB_FILENAME
+from easytrain.sinks import MLFLOW_STATE_FILENAME, WANDB_STATE_FILENAME
 
 logger = logging.getLogger("easytrain")
 
 #: Where a claim keeps what it removes until the new run's first step is done.
 REPLACED_DIRNAME = "replaced_run"
+#: The records of the run the metric trackers log into, written as they open, before the claim (`run_start`).
+TRACKER_RECORDS = (WANDB_STATE_FILENAME, MLFLOW_STATE_FILENAME)
 
 
 @dataclasses.dataclass
@@ -42,6 +45,7 @@ class HeldRun:
     made: list[Path] = dataclasses.field(default_factory=list)  # directories the moves created
     leftovers: list[Path] = dataclasses.field(default_factory=list)  # a killed run's held runs, removed at `settle`
     absent: list[Path] = dataclasses.field(default_factory=list)  # run outputs the older run lacked: gone at `undo`
+    records: dict[Path, bytes | None] = dataclasses.field(default_factory=dict)  # `tracker_records` before they open
     holding: Path | None = None
 
     def __bool__(self) -> bool:
@@ -102,7 +106,7 @@ class HeldRun:
 
     def _forget(self) -> None:
         self.moves, self.copies, self.listings, self.made, self.leftovers, self.holding = [], [], {}, [], [], None
-        self.absent = []
+        self.absent, self.records = [], {}
 
     def undo(self) -> None:
         """The run ended before its first step was done: put the older run back as the claim found it. What the run
@@ -112,6 +116,11 @@ class HeldRun:
             copied.replace(original)
         for added in self.absent:
             _delete(added)
+        for record, content in self.records.items():  # the older run's trackers: a resume of it logs into them
+            if content is None:
+                _delete(record)
+            else:
+                record.write_bytes(content)
         for directory, entries in self.listings.items():
             for added in [p for p in directory.iterdir() if p.name not in entries] if directory.is_dir() else []:
                 _delete(added)
@@ -129,6 +138,13 @@ class HeldRun:
             logger.warning("%s: the run ended before its first step was done, so the older run there is as it was "
                            "(nothing removed or set aside)", self.output_dir)
         self._forget()
+
+
+def tracker_records(output_dir: Path) -> dict[Path, bytes | None]:
+    """The trackers' records in `output_dir` (`TRACKER_RECORDS`; None: none there), read before the trackers open:
+    a fresh run's replace them, and `undo` puts them back (`HeldRun.records`)."""
+    paths = [output_dir / name for name in TRACKER_RECORDS]
+    return {path: path.read_bytes() if path.is_file() else None for path in paths}
 
 
 def held_leftovers(output_dir: Path) -> list[Path]:
