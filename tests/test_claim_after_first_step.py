@@ -13,6 +13,7 @@ from easytrain.checkpoint import finalized_steps
 from easytrain.errors import DeviceMemoryError
 from easytrain.jobs import read_job
 from easytrain.trainers.held_run import REPLACED_DIRNAME, HeldRun
+from easytrain.trainers import process_failure, run_lock
 from easytrain.trainers.preemption import TrainingPreempted
 from easytrain.trainers.run_dir import SUPERSEDED_DIRNAME, claim_output_dir
 
@@ -203,3 +204,26 @@ def test_a_fresh_run_failing_before_step_one_keeps_the_older_runs_tracker_record
     with pytest.raises(DeviceMemoryError):
         RefusedMemory(args_for(run_copy, overwrite_output_dir=True, report_to=["jsonl", "mlflow"])).train()
     assert _changed(run_copy, before) == []
+
+
+class EndedByAnotherProcess(BaseTrainer):
+    """What the failure watcher does when another process failed before the first step: this process, blocked in
+    the step's collectives, is ended (`process_failure.end_process`), here from the compile instead of its thread."""
+
+    def plan_memory(self, state, batch):
+        process_failure.end_process("process 1 failed: ValueError: a bug (forced by the test)", 0, 60.0)
+        raise AssertionError("end_process returned")
+
+
+def test_a_process_ended_for_another_process_failure_gives_the_older_run_back(run_copy, monkeypatch):
+    before = _everything(_with_export(run_copy))
+    left_at_exit: list[list[str]] = []
+
+    def exit_process(status):  # `os._exit` ends the process at once: nothing of train() runs after it
+        left_at_exit.append([path for path in _changed(run_copy, before) if path != run_lock.LOCK_FILENAME])
+        raise SystemExit(status)
+
+    monkeypatch.setattr(process_failure, "exit_process", exit_process)
+    with pytest.raises(SystemExit):
+        EndedByAnotherProcess(args_for(run_copy, overwrite_output_dir=True)).train()
+    assert left_at_exit == [[]], "the older run put back before the process ended"

@@ -337,7 +337,8 @@ class BaseTrainer(ProtocolProperties, InitialPolicyHooks, RunRecordHooks, TrainS
         raises `TrainingPreempted` (exit status 75), nothing lost: `easytrain.trainers.preemption`. A run that ends
         before its first step is done (that signal, a step refused for memory, a loss that fails to compile) leaves
         the older run in output_dir as it was: `easytrain.trainers.held_run`."""
-        with process_failure.running(), preemption.stopping_before_training(self._resume_from):
+        with process_failure.running(), process_failure.before_ending(self._give_back_claim), \
+                preemption.stopping_before_training(self._resume_from):
             self.setup()
             start = self._resume_from[1] if self._resume_from else 0
             if self.loop is not None:  # the loop's own record: `state.step` counts updates, maybe several per step
@@ -364,8 +365,8 @@ class BaseTrainer(ProtocolProperties, InitialPolicyHooks, RunRecordHooks, TrainS
         the claim removes or sets aside is held until the first step is done (`held_run`), and so are the trackers'
         records as they were before the trackers opened (`tracker_records`)."""
         if not self._output_dir_claimed:
-            self._held_run = claim_run(self._arguments, self._resume_from, self.is_main_process)
-            self._held_run.records = tracker_records
+            self._held_run = HeldRun(Path(self._arguments.output_dir), records=tracker_records)
+            claim_run(self._arguments, self._resume_from, self.is_main_process, held=self._held_run)
             self._output_dir_claimed = True
         self.save_arguments()
         return TrainLoop(self.loop_parts())  # its checkpoint manager reads the claimed directory

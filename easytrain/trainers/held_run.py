@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -47,6 +48,8 @@ class HeldRun:
     absent: list[Path] = dataclasses.field(default_factory=list)  # run outputs the older run lacked: gone at `undo`
     records: dict[Path, bytes | None] = dataclasses.field(default_factory=dict)  # `tracker_records` before they open
     holding: Path | None = None
+    #: `undo` may come from the failure watcher's thread (`process_failure.before_ending`) while the run settles.
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False, compare=False)
 
     def __bool__(self) -> bool:
         """Whether anything is held: a run with nothing to give back needs no `settle`."""
@@ -97,8 +100,9 @@ class HeldRun:
     def settle(self) -> None:
         """The run's first step is done: delete what the claim removed (and what killed runs' claims held, where
         this one overwrites); what it set aside stays in `superseded_checkpoints/`."""
-        removed = [self.holding, *self.leftovers]
-        self._forget()  # first: a removal that fails fails the run, with nothing left to move back
+        with self.lock:
+            removed = [self.holding, *self.leftovers]
+            self._forget()  # first: a removal that fails fails the run, with nothing left to move back
         for held in removed:
             if held is not None and held.exists():
                 shutil.rmtree(held)
@@ -112,6 +116,10 @@ class HeldRun:
         """The run ended before its first step was done: put the older run back as the claim found it. What the run
         wrote in its place (logs with no step in them, an empty checkpoints/) goes; its job.json, which records
         how it ended, stays."""
+        with self.lock:
+            self._undo()
+
+    def _undo(self) -> None:
         for original, copied in reversed(self.copies):
             copied.replace(original)
         for added in self.absent:

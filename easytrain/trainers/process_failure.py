@@ -77,6 +77,8 @@ EXIT_CODE = 1
 exit_process: Callable[[int], Any] = os._exit
 #: A published line is cut to this length (a data error's message with its fix fits).
 MAX_LINE = 2000
+#: What `end_process` does before it ends the process (`before_ending`): the older run in output_dir given back.
+_before_ending: list[Callable[[], Any]] = []
 #: `train()` calls this process has made in a multi-process run: every process makes the same calls, so the count
 #: names one run on all of them, and a failure caught in an earlier `train()` of the same job is not this one's.
 _runs = 0
@@ -301,6 +303,18 @@ def end_if_stuck(failure: str, own_index: int, stop: threading.Event, progress: 
             return
 
 
+@contextlib.contextmanager
+def before_ending(action: Callable[[], Any]) -> Iterator[None]:
+    """Inside the block, `end_process` runs `action` before it ends the process: `train()` gives back its claim of
+    output_dir there (`BaseTrainer._give_back_claim`), so a process ended before its first step was done (another
+    process failed before it) leaves the older run in place, not in replaced_run/."""
+    _before_ending.append(action)
+    try:
+        yield
+    finally:
+        _before_ending.remove(action)
+
+
 def end_process(failure: str, own_index: int, waited: float) -> None:
     """Mark the running job failed with an `OtherProcessFailedError` naming `failure`, flush the logs, and exit.
 
@@ -315,6 +329,8 @@ def end_process(failure: str, own_index: int, waited: float) -> None:
                                     f"{waited:g} s after it (waiting in collectives that cannot complete "
                                     f"without that process): it ends with exit status {EXIT_CODE}")
     logger.error("%s", error)
+    for action in list(_before_ending):
+        bounded(action, seconds=30 * LOOKUP_SECONDS)  # moves back within output_dir: renames
     if (job := current_job()) is not None:
         bounded(lambda: job.fail(error), seconds=10 * LOOKUP_SECONDS)  # job.json (process 0), the trackers
     for handler in logging.getLogger().handlers + logger.handlers:

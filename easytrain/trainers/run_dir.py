@@ -198,20 +198,21 @@ def _checked_directory(args: TrainingArguments, is_main_process: bool,
 
 
 def claim_run(args: TrainingArguments, resume: tuple[Path, int] | None, is_main_process: bool,
-              broadcast: Broadcast | None = None) -> HeldRun:
+              broadcast: Broadcast | None = None, held: HeldRun | None = None) -> HeldRun:
     """Process 0 locks `output_dir` for this run (`run_lock`), checks it again (`recheck_output_dir`) and claims it
     (`claim_output_dir`); the others wait until it has, and take its decision: where it refused (or failed), every
     process raises an `OutputDirError` with its message. `broadcast` sends process 0's array to all
     (`multihost_utils.broadcast_one_to_all` in a multi-process run). Returns what process 0's claim holds (empty on
-    the others), for the run to `settle` once its first step is done, or `undo` if it ends before."""
+    the others), for the run to `settle` once its first step is done, or `undo` if it ends before: `held`, where
+    given, filled as the claim moves (a process ended in the collective below can give it back)."""
     failure: Exception | None = None
-    held = HeldRun(Path(args.output_dir))
+    held = held if held is not None else HeldRun(Path(args.output_dir))
     if is_main_process:
         try:
             run_lock.acquire(args.output_dir)
             try:
                 recheck_output_dir(args, resume)
-                held = claim_output_dir(args, resume)
+                claim_output_dir(args, resume, held)
             except BaseException:
                 run_lock.release(args.output_dir)
                 raise
@@ -285,16 +286,18 @@ def _describe(resume: tuple[Path, int] | None) -> str:
     return "start a fresh run" if resume is None else f"resume step {resume[1]} of {resume[0]}"
 
 
-def claim_output_dir(args: TrainingArguments, resume: tuple[Path, int] | None) -> HeldRun:
+def claim_output_dir(args: TrainingArguments, resume: tuple[Path, int] | None,
+                     held: HeldRun | None = None) -> HeldRun:
     """Make `output_dir` this run's, on the main process, right before its first write: a run resuming its own
     checkpoints moves the newer ones aside (`set_aside_newer_checkpoints`); one resumed from a checkpoint outside
     moves every checkpoint there aside (`check_output_dir` required `overwrite_output_dir` for complete ones); a
     fresh run under `overwrite_output_dir` removes the previous run's checkpoints. Both of the last remove its
     logs and export under `overwrite_output_dir`. Called after the data, model and steps are checked, so a run
     refused for bad input leaves the old one whole; and nothing is gone for good before the run's first step is
-    done: the `HeldRun` returned puts it all back (`undo`) or deletes what was removed (`settle`)."""
+    done: the `HeldRun` returned (`held`, where given) puts it all back (`undo`) or deletes what was removed
+    (`settle`)."""
     output_dir = Path(args.output_dir)
-    held = HeldRun(output_dir)
+    held = held if held is not None else HeldRun(output_dir)
     if leftovers := held_leftovers(output_dir):
         logger.warning("%s holds %s: older runs whose replacing run was stopped before its first step was done; "
                        "move them back to continue them, or delete them%s", output_dir, [str(p) for p in leftovers],
