@@ -3,6 +3,7 @@ remove (`overwrite_output_dir`) or set aside (resuming an older step) is held, p
 before its first step is done, and removed or set aside for good once it is (`easytrain.trainers.held_run`)."""
 
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -227,3 +228,24 @@ def test_a_process_ended_for_another_process_failure_gives_the_older_run_back(ru
     with pytest.raises(SystemExit):
         EndedByAnotherProcess(args_for(run_copy, overwrite_output_dir=True)).train()
     assert left_at_exit == [[]], "the older run put back before the process ended"
+
+
+def test_a_claim_that_could_not_be_given_back_is_claimed_again(run_copy, monkeypatch):
+    """An undo refused midway (permissions) leaves part of the older run in place: a later `train()` of the trainer
+    claims the directory again, under its lock, instead of writing among those files."""
+
+    def undo_refused_midway(held):  # the older run's checkpoints put back, then a refusal
+        source, moved = next((source, moved) for source, moved in held.moves if source.name == "checkpoints")
+        shutil.rmtree(source)
+        shutil.move(moved, source)
+        raise PermissionError(13, "Permission denied (forced by the test)")
+
+    trainer = RefusedOnce(args_for(run_copy, overwrite_output_dir=True, max_steps=2))
+    with monkeypatch.context() as patched:
+        patched.setattr(HeldRun, "_undo", undo_refused_midway)
+        with pytest.raises(DeviceMemoryError):
+            trainer.train()
+    assert finalized_steps(run_copy / "checkpoints") == [2, 4]
+    trainer.train()
+    assert finalized_steps(run_copy / "checkpoints") == [2]
+    assert not (run_copy / REPLACED_DIRNAME).exists()

@@ -382,10 +382,11 @@ class BaseTrainer(ProtocolProperties, InitialPolicyHooks, RunRecordHooks, TrainS
             return
         try:
             self._held_run.undo()
-            self._output_dir_claimed = False
         except Exception:  # the run's own error is the one to raise
             logger.exception("could not put the older run in %s back as it was: what is left of it lies in %s and "
                              "superseded_checkpoints/", self._arguments.output_dir, self._held_run.holding)
+        finally:  # a later train() claims again, under the lock, whatever is left in place
+            self._held_run, self._output_dir_claimed = None, False
 
     def loop_parts(self) -> LoopParts:
         """The collaborators the loop runs with."""
