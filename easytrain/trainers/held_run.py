@@ -6,9 +6,12 @@ the device (`DeviceMemoryError`: a batch too large, bad input), the loss may fai
 may come while it compiles. None of those may cost the older run. So the claim only moves: what it removes goes to
 `output_dir/replaced_run/<time>/`, what it sets aside to `superseded_checkpoints/<time>/` as always, every move
 recorded (`HeldRun`), and the logs a resumed run rewrites (it drops their records past its step) are copied first.
-`undo` (the run ended before its first step was done) puts everything back as it was, byte for byte; `settle` (the
-first step is done) deletes `replaced_run/`. A process killed in between leaves the older run in `replaced_run/`,
-whole: moved back by hand, or removed by the next claim under `overwrite_output_dir` once its first step is done.
+`undo` (the run ended before its first step was done, or the claim failed midway) puts everything back as it was,
+byte for byte: the trackers' records too (`tracker_records`, read before they open), and none of the run's outputs
+the older run lacked (`note_absent`); `settle` (the first step is done, or the run ended without one as asked)
+deletes `replaced_run/`. A process ended by the failure watcher undoes first (`process_failure.before_ending`); one
+killed in between leaves the older run in `replaced_run/`, whole: moved back by hand, or removed by the next claim
+under `overwrite_output_dir` once its first step is done.
 
 Compiling ahead before the claim instead would cover only what `plan_memory` compiles: a `train_iteration` of a
 subclass compiles its own steps at the first call, after the claim, and a runtime failure of the first step would
