@@ -16,7 +16,8 @@ from easytrain.jobs import read_job
 from easytrain.trainers.held_run import REPLACED_DIRNAME, HeldRun
 from easytrain.trainers import process_failure, run_lock
 from easytrain.trainers.preemption import TrainingPreempted
-from easytrain.trainers.run_dir import SUPERSEDED_DIRNAME, claim_output_dir
+from easytrain.trainers.claim import claim_output_dir
+from easytrain.trainers.run_dir import SUPERSEDED_DIRNAME
 
 from runs import args_for, snapshot
 from sink_readers import tracker_env

@@ -13,8 +13,9 @@ import pytest
 from easytrain import BaseTrainer
 from easytrain.checkpoint import finalized_steps
 from easytrain.errors import OutputDirError
-from easytrain.trainers import run_dir
-from easytrain.trainers.run_dir import check_output_dir, claim_run, recheck_output_dir
+from easytrain.trainers import run_lock
+from easytrain.trainers.claim import claim_run, recheck_output_dir
+from easytrain.trainers.run_dir import check_output_dir
 from runs import args_for, as_processes, snapshot
 
 
@@ -95,7 +96,7 @@ def claimed_by_processes(args, count: int) -> list[BaseException | None]:
             outcomes[index] = error
         finally:
             if index == 0:
-                run_dir.run_lock.release(args.output_dir)
+                run_lock.release(args.output_dir)
 
     as_processes(process, count, "the claim")
     return outcomes

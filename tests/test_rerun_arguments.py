@@ -11,7 +11,8 @@ from easytrain import ArgumentError, BaseTrainer
 from easytrain.checkpoint import CheckpointNotFoundError, finalized_steps
 from easytrain.config_io import parse_task_arguments
 from easytrain.trainers.resume import check_resumable
-from easytrain.trainers.run_dir import check_output_dir, claim_output_dir
+from easytrain.trainers.claim import claim_output_dir
+from easytrain.trainers.run_dir import check_output_dir
 from runs import args_for, snapshot
 
 

@@ -5,7 +5,7 @@ lineage its checkpoints no longer continue. Resuming the newest step abandons no
 import logging
 
 from easytrain import BaseTrainer
-from easytrain.trainers.run_dir import set_aside_newer_checkpoints
+from easytrain.trainers.claim import set_aside_newer_checkpoints
 
 from runs import StopAt, args_for, snapshot
 

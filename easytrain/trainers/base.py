@@ -47,7 +47,8 @@ from easytrain.trainers.loop_parts import LoopParts
 from easytrain.trainers.protocol_properties import ProtocolProperties
 from easytrain.trainers.resume import restore_step
 from easytrain.trainers.restore_checks import check_run_length
-from easytrain.trainers.run_dir import check_output_dir, claim_run
+from easytrain.trainers.claim import claim_run
+from easytrain.trainers.run_dir import check_output_dir
 from easytrain.trainers.run_record import RunRecordHooks, frozen_fingerprints
 from easytrain.trainers.run_start import trackers_then_claim
 from easytrain.trainers.state_hooks import TrainStateHooks
@@ -361,7 +362,7 @@ class BaseTrainer(ProtocolProperties, InitialPolicyHooks, RunRecordHooks, TrainS
                 run_lock.release(self._arguments.output_dir)  # taken by the claim
 
     def _claim(self, tracker_records: dict[Path, bytes | None]) -> TrainLoop:
-        """Once per trainer, after every check of `setup`: make `output_dir` this run's (`run_dir.claim_run`). What
+        """Once per trainer, after every check of `setup`: make `output_dir` this run's (`claim.claim_run`). What
         the claim removes or sets aside is held until the first step is done (`held_run`), and so are the trackers'
         records as they were before the trackers opened (`tracker_records`)."""
         if not self._output_dir_claimed:

@@ -329,7 +329,7 @@ def check_batch_shards_per_process(mesh: Any) -> None:
 
 def checkpoint_manager(args: TrainingArguments) -> CheckpointManager:
     """The run's checkpoint manager: retention, async saves and best-model ranking as the arguments say. Built
-    after `run_dir.claim_run` took the output_dir lock, so it is the one manager that cleans up temporary
+    after `claim.claim_run` took the output_dir lock, so it is the one manager that cleans up temporary
     directories there (`owner`): a crashed run's, never a live one's."""
     return CheckpointManager(Path(args.output_dir) / CHECKPOINTS_DIRNAME, max_to_keep=args.save_total_limit,
                              async_save=args.async_checkpointing, best_metric=args.metric_for_best_model,

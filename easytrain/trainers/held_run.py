@@ -1,6 +1,6 @@
 """What the claim of an output_dir takes from the older run there, held until the new run's first step is done.
 
-`run_dir.claim_output_dir` removes an overwritten run (`overwrite_output_dir`) and sets aside the checkpoints a
+`claim.claim_output_dir` removes an overwritten run (`overwrite_output_dir`) and sets aside the checkpoints a
 resume of an older step abandons. A run can still fail after that and before its first step: the step may not fit
 the device (`DeviceMemoryError`: a batch too large, bad input), the loss may fail to trace or compile, a stop signal
 may come while it compiles. None of those may cost the older run. So the claim only moves: what it removes goes to

@@ -2,7 +2,7 @@
 
 Two runs started together in one directory both passed its checks (it was empty) and then wrote into it side
 by side: interleaved metrics, and one run's checkpoints silently replaced by the other's. The lock is taken
-right before a run first changes the directory (`run_dir.claim_run`, main process only) and released when
+right before a run first changes the directory (`claim.claim_run`, main process only) and released when
 `train()` returns. The kernel drops it with the process, so a run killed with SIGKILL leaves nothing stale
 behind for the resumed run to trip over. Where the file system has no `flock` (some network mounts), the run
 goes on unlocked, with a warning.
