@@ -13,7 +13,7 @@ from safetensors.numpy import load_file
 
 from easytrain import lora
 from easytrain.lora import LoRAConfig
-from easytrain.models import from_pretrained, init_model
+from easytrain.models import float16_range, from_pretrained, init_model
 from easytrain.models.float16_range import check_float16_range
 from easytrain.models.hf_io import CheckpointError, save_pretrained
 from easytrain.models.peft_io import save_peft_adapter
@@ -98,3 +98,33 @@ def test_a_float16_load_refuses_weights_beyond_its_range_by_name(tmp_path):
         from_pretrained(tmp_path / "export", param_dtype=jnp.float16)
     model = from_pretrained(tmp_path / "export", param_dtype=jnp.bfloat16)
     assert float(model.layers[1].mlp.down_proj.kernel.value[3, 5]) == 99840
+
+
+def test_a_float16_load_refuses_what_another_process_read_beyond_its_range(tmp_path, monkeypatch):
+    """Over a mesh spanning processes each reads only its own blocks: a block past float16's range refused only on
+    the process holding it left the others loaded, to wait in their next collective. Every process now refuses the
+    tensors any of them found (here a second process's row, gathered, finds every tensor at 70000)."""
+    params, config = _params(value=1.0)
+    save_pretrained(tmp_path / "export", params, config)
+    monkeypatch.setattr(float16_range, "every_process_gather",
+                        lambda: lambda local: np.stack([local, np.full_like(local, 7.0e4)]))
+    with pytest.raises(CheckpointError, match=r"param_dtype='float16' cannot hold \d+ tensor\(s\).*largest \|value\| "
+                                              r"70000; .*param_dtype='bfloat16'"):
+        from_pretrained(tmp_path / "export", param_dtype=jnp.float16)
+
+
+@pytest.mark.parametrize("stored, value, loaded", [
+    ("float32", 65519.99, 65504.0),  # rounds to float16's largest: loads
+    ("float32", 65520.0, None),  # rounds to inf: refused
+    ("bfloat16", 1.0e5, None),  # stored as 99840
+    ("float32", float("inf"), float("inf")),  # inf in any dtype: the cast changes nothing, loads as stored
+])
+def test_a_float16_load_refuses_exactly_what_the_cast_makes_inf(tmp_path, stored, value, loaded):
+    params, config = _params(value=value)
+    save_pretrained(tmp_path / "export", params, config, dtype=stored)
+    if loaded is None:
+        with pytest.raises(CheckpointError, match=rf"{DOWN}: largest \|value\| (65520|99840)\. "):
+            from_pretrained(tmp_path / "export", param_dtype=jnp.float16)
+        return
+    model = from_pretrained(tmp_path / "export", param_dtype=jnp.float16)
+    assert float(model.layers[1].mlp.down_proj.kernel.value[3, 5]) == loaded

@@ -26,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 
 from easytrain import sharding
 from easytrain.models.attention import DType
-from easytrain.models.float16_range import check_float16_range, largest_finite, narrows_to_float16
+from easytrain.models.float16_range import cast_overflowed, largest_finite, narrows_to_float16, refuse_loaded
 from easytrain.models.hf_io import (
     EMBEDDING_NAME,
     HEAD_NAME,
@@ -240,9 +240,10 @@ def _param_shardings(abstract_params: nnx.State, mesh: Mesh | None,
 
 
 def _place(name: str, view: Any, shape: tuple[int, ...], transpose: bool, target: jax.sharding.Sharding | None,
-           dtype: np.dtype) -> jax.Array:
-    """One parameter (stored as `name`) on its devices; each distinct slice is read from the file once, and
-    refused where float16 `dtype` would make its values inf.
+           dtype: np.dtype, peaks: dict[str, float]) -> jax.Array:
+    """One parameter (stored as `name`) on its devices; each distinct slice is read from the file once. Where a
+    float16 `dtype` made a value inf, its block's largest finite |value| goes to `peaks` (the refusal waits for
+    every process's: `agreed_peaks`).
 
     Without a target the array is left uncommitted on the default device, as ``jnp.asarray`` would,
     so a later ``jit`` over a mesh may still move it.
@@ -253,10 +254,10 @@ def _place(name: str, view: Any, shape: tuple[int, ...], transpose: bool, target
         key = repr(index)
         if key not in blocks:
             block = view[index[::-1] if transpose else index]
-            if narrows_to_float16(dtype, block):
-                check_float16_range({name: largest_finite([(block, None)], list)[0]},
-                                    "the checkpoint", "param_dtype")
-            blocks[key] = np.ascontiguousarray(block.T if transpose else block, dtype=dtype)
+            with np.errstate(over="ignore"):  # refused below, by name
+                blocks[key] = np.ascontiguousarray(block.T if transpose else block, dtype=dtype)
+            if narrows_to_float16(dtype, block) and cast_overflowed(blocks[key]):  # an inf, or one made now?
+                peaks[name] = max(peaks.get(name, 0.0), float(largest_finite([(block, None)], list)[0]))
         return blocks[key]
 
     if target is None:
@@ -324,7 +325,7 @@ def from_pretrained(
     by_file: dict[Path, list[str]] = defaultdict(list)
     for name in layout:
         by_file[entries[loadable.stored_as.get(name, name)].file].append(name)
-    flat = {}
+    flat, peaks = {}, {}
     for file, names in by_file.items():  # one open file at a time: its mapped pages are released on close
         with safe_open(file, framework="numpy") as handle:
             for name in names:
@@ -332,7 +333,9 @@ def from_pretrained(
                 stored = loadable.stored_as.get(name, name)
                 shape = entries[stored].shape[::-1] if transpose else entries[stored].shape
                 flat[path] = _place(stored, handle.get_slice(stored), shape, transpose, targets[path],
-                                    jnp.dtype(param_dtype))
+                                    jnp.dtype(param_dtype), peaks)
+    if jnp.dtype(param_dtype) == jnp.float16:  # on every process, for tensors any of them read past the range
+        refuse_loaded(peaks, [loadable.stored_as.get(name, name) for name in layout])
     if scan_layers:
         flat = _stack_layers(flat, _param_shardings(abstract_params, mesh, rules))
     nnx.replace_by_pure_dict(abstract_params, traverse_util.unflatten_dict(flat))
