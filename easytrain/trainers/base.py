@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from easytrain import (compilation_cache, compiler_options, distributed, host_memory, memory_plan,
+from easytrain import (compilation_cache, distributed, host_memory, memory_plan,
                        placement, profiling, sharding, steps, stop_signals)
 from easytrain.arguments import TrainingArguments
 from easytrain.callbacks import Callback, CallbackList
@@ -38,7 +38,7 @@ from easytrain.optim import build_optimizer, build_schedule, schedule_record
 from easytrain.protocol import ConfiguredDataloaders, ConfiguredFunctions, ConfiguredModel
 from easytrain.state import TrainState, bind
 from easytrain.trainers import (adapters, batch_fields, builders, data_agreement, preemption, process_failure, run_lock,
-                                step_outputs)
+                                step_outputs, trainer_start)
 from easytrain.trainers.held_run import HeldRun, tracker_records
 from easytrain.trainers.initial_policy import InitialPolicyHooks
 from easytrain.trainers.language_model import LanguageModelHooks
@@ -48,7 +48,6 @@ from easytrain.trainers.protocol_properties import ProtocolProperties
 from easytrain.trainers.resume import restore_step
 from easytrain.trainers.restore_checks import check_run_length
 from easytrain.trainers.claim import claim_run
-from easytrain.trainers.run_dir import check_output_dir
 from easytrain.trainers.run_record import RunRecordHooks, frozen_fingerprints
 from easytrain.trainers.run_start import trackers_then_claim
 from easytrain.trainers.state_hooks import TrainStateHooks
@@ -98,27 +97,11 @@ class BaseTrainer(ProtocolProperties, InitialPolicyHooks, RunRecordHooks, TrainS
         self.evaluators: list[Evaluator] = list(evaluators)
         self.should_stop = False
         self.is_main_process = jax.process_index() == 0
-        check_lora, lora = adapters.start_check(self._arguments)
-        cache: list[str | None] = []
-
-        def read_inputs() -> None:  # what one process alone may fail to read: the others name it (start_agreement)
-            self.check_inputs()
-            lora()  # lora_adapter_path's config
-
-        def check_settings() -> None:  # what the arguments refuse once output_dir is checked, inside the agreement:
-            self.lora = lora()  # a LoRAConfig when lora_rank > 0 or lora_adapter_path
-            self.mesh = self.configure_mesh()  # every process refuses alike, and a refused start leaves no output_dir
-            sharding.check_mesh(self.mesh)
-            self.compiler_options = compiler_options.for_platform(self._arguments.compiler_options,
-                                                                  self.mesh.devices.flat[0].platform)
-            cache.append(compilation_cache.make_directory(self._arguments.compilation_cache_dir))  # each host's own
-
-        self._resume_from = check_output_dir(self._arguments, is_main_process=self.is_main_process,
-                                             check_start=check_lora, read_inputs=read_inputs,
-                                             check_settings=check_settings, task_arguments=self.task_arguments)
+        # check_inputs, output_dir, then self.lora, self.mesh and self.compiler_options, agreed by every process
+        self._resume_from, cache_directory = trainer_start.agreed_start(self)
         self._output_dir_claimed = False
         host_memory.advise(self.mesh.devices.flat[0].platform)
-        self.compilation_cache_dir = compilation_cache.use(cache[0])
+        self.compilation_cache_dir = compilation_cache.use(cache_directory)
         self._data: ConfiguredDataloaders | None = None
         self._model: ConfiguredModel | None = None
         self._functions: ConfiguredFunctions | None = None

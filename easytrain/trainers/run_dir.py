@@ -97,22 +97,18 @@ def check_output_dir(args: TrainingArguments, *, is_main_process: bool = True, g
     every other check). A directory holding another run's checkpoints, exported model or logs is refused
     unless the run resumes its own checkpoints or `overwrite_output_dir` is set; so is one resumed from a
     checkpoint outside it (another run's, or one set aside), whose saves would mix with that run's. `latest` over
-    a run stopped before its first checkpoint starts it over (`restarts_unsaved_run`). First of all, in a
-    multi-process run, every process must be given the same arguments (`args` and `task_arguments`, compared by
-    `argument_agreement.telling_differences` in the first gather, before anything they decide) and see the same
-    output_dir (`shared_output_dir`): else each would find other checkpoints here, and the run would hang at its
-    first save. A resumed checkpoint whose run_info cannot be read is refused here, before any data or weights are
-    read (`check_run_info_readable`). Every process decides alike (`agreed`, over `gather`: by default
-    `multihost_utils.process_allgather` wherever there are several processes, since any of them may refuse, even in
-    a run that neither saves nor resumes, where process 0 alone writes its logs), `read_inputs`, `check_start` and
-    `check_settings` included: the files the arguments name (`BaseTrainer`'s `check_inputs`, the LoRA adapter
-    config), read first and once however often the processes look (a failure stops them all at once), then a further
-    check of the start decided (the LoRA source of `init_weights_from`, `adapters.start_check`), given the
-    checkpoint to resume, before `check_writable` creates output_dir, and last, once, what the arguments refuse
-    after output_dir is checked (the trainer's mesh, compiler options and compilation cache directory). The
-    arguments' digest and the shared-storage check's answer travel in the gathers the start makes anyway: two
-    gathers in all where output_dir is shared, one elsewhere (more where the processes look again, or where their
-    arguments differ). A start refused on any process leaves no directory that process 0 made for it.
+    a run stopped before its first checkpoint starts it over (`restarts_unsaved_run`); a resumed checkpoint whose
+    run_info cannot be read is refused before any data or weights are read (`check_run_info_readable`).
+
+    Several processes (`gather`: by default `multihost_utils.process_allgather`) decide alike (`agreed`: any may
+    refuse, even where only process 0 writes here), given the same arguments (`args`, `task_arguments`: compared in
+    the first gather, `argument_agreement.telling_differences`) and, where they checkpoint or resume, one shared
+    output_dir (`shared_output_dir`): else the run would hang at its first save. Two gathers where output_dir is
+    shared, one elsewhere (more where they look again, or where their arguments differ). The decision runs, in a
+    single process's order too: `read_inputs` (the files the arguments name, read once however often the processes
+    look), `check_start` given the checkpoint to resume (before `check_writable` creates output_dir), then, once,
+    `check_settings` (what the arguments alone refuse: the trainer's mesh, compiler options, cache directory). A
+    start refused on any process leaves no directory that process 0 made for it.
     """
     if gather is None and _process_count() > 1:
         from jax.experimental import multihost_utils
