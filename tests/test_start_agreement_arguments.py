@@ -47,13 +47,20 @@ def _built_each(args_of: Callable[[int], TrainingArguments], monkeypatch,
 def test_other_compiler_options_are_named_on_every_process_before_xla_refuses_them(tmp_path, monkeypatch,
                                                                                    save_strategy):
     """Before: process 1 raised XLA's refusal of its option alone; process 0 built its trainer (and would have waited
-    for process 1 in set-up's first collective)."""
+    for process 1 in set-up's first collective). Where output_dir is not checked, the first gather carries the start
+    each process decided, so process 1 met XLA's refusal first: it is the cause of the refusal it raises."""
     options = ["", "xla_cpu_no_such_option=1"]
     outcomes, collective = _built_each(lambda index: args_for(tmp_path / "run", compiler_options=options[index],
                                                               save_strategy=save_strategy), monkeypatch)
     for outcome in outcomes:
         assert isinstance(outcome, ArgumentError) and outcome.field == "compiler_options", outcome
         assert OTHER_ARGUMENTS in str(outcome) and "process 1: \"xla_cpu_no_such_option=1\"" in str(outcome), outcome
+    own = outcomes[1].__cause__
+    if save_strategy == "steps":  # compared in output_dir's token exchange, before the options were read
+        assert own is None and outcomes[0].__cause__ is None, own
+    else:
+        assert isinstance(own, ArgumentError) and OTHER_ARGUMENTS not in str(own) and "xla_cpu_no_such_option" in str(
+            own), own
     assert collective.calls == 2  # the digests (in the start's first gather), then the values
     assert not (tmp_path / "run").exists(), "the refused start left its output_dir"
 

@@ -74,12 +74,12 @@ def test_a_refused_start_leaves_the_compilation_cache_as_it_was(tmp_path):
 @pytest.mark.usefixtures("jax_settings")
 def test_processes_that_look_twice_read_each_input_once(run_copy, tmp_path, monkeypatch):
     """Process 1 sees step 2 as `latest` at its first look (a mount showing step 4 late), so the processes look
-    again: the trainer's own inputs (`check_inputs`), the adapter config and the compilation cache directory are
-    each read or made once per process, not once per look (nor the directory a second time once the start is
-    agreed: it was, by `enable`)."""
+    again: the trainer's own inputs (`check_inputs`), the adapter config, its mesh (`configure_mesh`) and the
+    compilation cache directory are each read or made once per process, not once per look (nor the directory a
+    second time once the start is agreed: it was, by `enable`)."""
     (adapter := tmp_path / "adapter").mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps(ADAPTER))
-    calls: dict[str, list[int]] = {"check_inputs": [], "adapter_config.json": [], "cache": []}
+    calls: dict[str, list[int]] = {"check_inputs": [], "adapter_config.json": [], "configure_mesh": [], "cache": []}
     real_read, real_resolve = Path.read_text, run_dir.resolve_checkpoint
 
     def read_text(path, *args, **kwargs):
@@ -95,6 +95,10 @@ def test_processes_that_look_twice_read_each_input_once(run_copy, tmp_path, monk
     class Counting(BaseTrainer):
         def check_inputs(self) -> None:
             calls["check_inputs"].append(_process.index)
+
+        def configure_mesh(self):
+            calls["configure_mesh"].append(_process.index)
+            return super().configure_mesh()
 
     real_make = compilation_cache.make_directory
 

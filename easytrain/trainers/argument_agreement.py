@@ -5,8 +5,8 @@ given another `lora_rank` dies in the first collective of other sizes (a raw Glo
 
 The processes exchange a digest of their compared arguments (every `TrainingArguments` field and every field of
 the trainer's `task_arguments`, less `PER_HOST_FIELDS`): when their trainers are built, in the first gather of the
-start (`telling_differences`), before anything the arguments decide there (a check of theirs that raised on one
-process would leave the others waiting for it in the next collective, naming nothing); and at set-up, before the
+start (`telling_differences`), so that every process names the differing fields (whatever check of those arguments
+one of them failed first: kept as the refusal's cause) before any further collective; and at set-up, before the
 data is prepared, in one small gather of its own (`check_same_arguments`: a task's arguments may be set after its
 trainer is built, as `easytrain train --task` does). Only when the digests differ do they exchange the values
 themselves (a second gather, as JSON), so that every process raises the same `ArgumentError` naming each differing
@@ -137,7 +137,8 @@ def check_same_arguments(args: Any, task_arguments: Sequence[Any], gather: Gathe
 
 
 #: The int32 codes a record `telling_differences` carries may hold (the record padded to it): one size for every
-#: record a start may gather first (output_dir's token, or each process's decision), whatever the arguments.
+#: record a start may gather first (output_dir's token, 1043 codes, or each process's decision, 1025), whatever the
+#: arguments. Both are of fixed size; a larger one would be refused only where it is gathered, the others waiting.
 FIRST_RECORD_CODES = 2048
 
 
@@ -145,8 +146,9 @@ def telling_differences(gather: Gather, args: Any, task_arguments: Sequence[Any]
     """`gather` whose first call also carries this process's compared-arguments digest, the record padded to
     `FIRST_RECORD_CODES` int32 codes: processes given other arguments may gather other records first (the token of
     `shared_output_dir` only where they checkpoint), so that gather has one size on all. Where the digests differ,
-    every process raises the `ArgumentError` of `check_same_arguments` from it (a second gather for the values),
-    before anything the arguments decide; later calls are `gather`'s own."""
+    every process raises the `ArgumentError` of `check_same_arguments` from it (a second gather for the values);
+    later calls are `gather`'s own. A record gathered after this process's own checks (`start_agreement`'s) may
+    come with its own error: the refusal raised then has it as its cause."""
     values = compared_values(args, task_arguments)
     summary, first = summary_record(values).astype(np.int32), [True]
 
