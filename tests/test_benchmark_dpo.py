@@ -3,6 +3,8 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from script_modules import load_script
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "dpo.py"
@@ -13,6 +15,7 @@ def load():
     return load_script("benchmark_dpo", BENCHMARK, register=True)  # its dataclasses look their module up by name
 
 
+@pytest.mark.usefixtures("collections_of_this_test")  # its gc.collect calls: this test's objects
 def test_dpo_benchmark_smoke(tmp_path):
     out, config = tmp_path / "dpo.json", tmp_path / "config.json"
     config.write_text(json.dumps(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,

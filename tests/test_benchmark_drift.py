@@ -8,6 +8,7 @@ import pytest
 from benchmarks import drift, headlines
 
 
+@pytest.mark.usefixtures("collections_of_this_test")  # its gc.collect calls: this test's objects
 def test_drift_benchmark_smoke(tmp_path):
     out = tmp_path / "drift.json"
     # The tiny Llama of --quick, cut to 20 steps: evaluated and saved every 8, logged every 4: five logs (each

@@ -3,9 +3,12 @@ trainer's step compiles, runs and is timed, and each left-out part changes the c
 
 import json
 
+import pytest
+
 from benchmarks import overhead, step_breakdown
 
 
+@pytest.mark.usefixtures("collections_of_this_test")  # its gc.collect calls: this test's objects
 def test_step_breakdown_smoke(tmp_path):
     out = tmp_path / "breakdown.json"
     result = step_breakdown.main(["--quick", "--out", str(out)])

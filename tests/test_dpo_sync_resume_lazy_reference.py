@@ -53,6 +53,7 @@ def live_bytes() -> int:
     return sum(array.nbytes for array in jax.live_arrays())
 
 
+@pytest.mark.usefixtures("collections_of_this_test")  # its gc.collect calls: this test's objects
 @pytest.mark.parametrize("start", list(STARTS))
 def test_a_tr_dpo_resume_builds_no_reference_only_to_restore_it(base, tmp_path, monkeypatch, start):
     options = options_for(start, base)

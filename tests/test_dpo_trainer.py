@@ -54,6 +54,7 @@ def test_starts_at_ln2_and_online_and_precomputed_references_agree(tmp_path):
         assert second[step] == pytest.approx(first[step], rel=1e-5, abs=1e-6), step
 
 
+@pytest.mark.usefixtures("collections_of_this_test")  # its gc.collect calls: this test's objects
 def test_precomputed_log_probs_are_cached_reused_and_free_the_reference(tmp_path):
     first = DPOTrainer(tiny_args(tmp_path / "b"), DPOArguments(precompute_ref_log_probs=True))
     baseline = live_bytes()

@@ -6,6 +6,7 @@ measured by `benchmarks/drift.py`, never asserted here.)"""
 import gc
 
 import jax
+import pytest
 
 from easytrain import BaseTrainer, Callback, TrainingArguments
 
@@ -42,6 +43,7 @@ def train(tmp_path, every: int | None, max_steps: int, logging_steps: int, sampl
     return holdings
 
 
+@pytest.mark.usefixtures("collections_of_this_test")  # its gc.collect calls: this test's objects
 def test_training_steps_keep_no_device_arrays_and_no_python_objects(tmp_path):
     # 8 steps an epoch: the 55 steps between the two samples cross seven epoch boundaries.
     held = train(tmp_path, every=None, max_steps=80, logging_steps=5, samples=(20, 75))
@@ -51,6 +53,7 @@ def test_training_steps_keep_no_device_arrays_and_no_python_objects(tmp_path):
     assert objects_later - objects < 25, f"{objects_later - objects} more Python objects after 55 more steps"
 
 
+@pytest.mark.usefixtures("collections_of_this_test")  # its gc.collect calls: this test's objects
 def test_evaluations_and_async_checkpoints_keep_no_device_arrays(tmp_path):
     # Each sample is taken 2 steps after an evaluation and a save, with the save written: after two cycles and
     # after five. (Python objects are not compared here: grain and orbax keep a few small records per iterator

@@ -18,16 +18,6 @@ from model_configs import right_padded_batch, tiny_config
 from scan_models import arguments, lora_model, per_layer
 
 
-@pytest.fixture
-def collections_of_this_test():
-    """`gc.collect()` looks only at the objects this test makes: the process's older ones (a million in a worker that
-    ran half the suite: a second a collection) are frozen until it ends, garbage among them included, which then
-    counts alike before and after each call. What the test makes and lets go of is collected."""
-    gc.freeze()
-    yield
-    gc.unfreeze()
-
-
 def live_bytes() -> int:
     """Bytes of the device buffers alive now, each counted once (arrays placed with aliasing share one)."""
     gc.collect()
