@@ -5,6 +5,7 @@ computed inf/NaN logits."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -128,3 +129,13 @@ def test_a_float16_load_refuses_exactly_what_the_cast_makes_inf(tmp_path, stored
         return
     model = from_pretrained(tmp_path / "export", param_dtype=jnp.float16)
     assert float(model.layers[1].mlp.down_proj.kernel.value[3, 5]) == loaded
+
+
+def test_a_float64_weight_just_below_the_rounding_point_exports(tmp_path):
+    """numpy casts float64 to float16 in one rounding: 65519.999 becomes 65504. Its peak was taken in float32 first,
+    where it rounds to 65520, and the export refused it."""
+    params, config = _params(value=1.0)
+    params = jax.tree.map(lambda leaf: np.asarray(leaf, np.float64), params)
+    params["layers"][1]["mlp"]["down_proj"]["kernel"][3, 5] = 65519.999
+    save_pretrained(tmp_path / "export", params, config, dtype="float16")
+    assert load_file(tmp_path / "export" / "model.safetensors")[DOWN][5, 3] == np.float16(65504.0)

@@ -65,18 +65,19 @@ def agreed_peaks(peaks: Mapping[str, float], names: Sequence[str], gather: Gathe
 def _device_peak(value: jax.Array, axes: Axes, finite: bool) -> jax.Array:
     magnitude = jnp.abs(value)
     if finite:
-        return jnp.max(magnitude, axis=axes, where=jnp.isfinite(value), initial=0).astype(jnp.float32)
-    return jnp.max(magnitude, axis=axes).astype(jnp.float32)
+        return jnp.max(magnitude, axis=axes, where=jnp.isfinite(value), initial=0)
+    return jnp.max(magnitude, axis=axes)
 
 
 def _peak(value: Any, axes: Axes, finite: bool) -> Any:
     """The largest |value| over `axes` (all when None), of the finite entries only if `finite`: one fused
-    reduction on the device for a ``jax.Array`` (no copy)."""
+    reduction on the device for a ``jax.Array`` (no copy). Kept in the value's dtype, exact: a float64 65519.999
+    casts to float16's 65504, but to float32 it rounds to 65520, which float16 rounds to inf."""
     if isinstance(value, jax.Array):
         return _device_peak(value, axes, finite)
     array = np.asarray(value)
     where = np.isfinite(array) if finite else True
-    return np.max(np.abs(array), axis=axes, where=where, initial=0).astype(np.float32)
+    return np.max(np.abs(array), axis=axes, where=where, initial=0)
 
 
 def largest_finite(values: Sequence[tuple[Any, Axes]], to_host: Callable[[list[Any]], list[np.ndarray]]
