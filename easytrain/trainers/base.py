@@ -344,12 +344,12 @@ class BaseTrainer(ProtocolProperties, InitialPolicyHooks, RunRecordHooks, TrainS
                 bind(self._model.model, self._state)
                 run_lock.release(self._arguments.output_dir)  # taken by the claim
 
-    def _claim(self, tracker_records: dict[Path, bytes | None]) -> TrainLoop:
+    def _claim(self, records: dict[Path, bytes | None]) -> TrainLoop:
         """Once per trainer, after every check of `setup`: make `output_dir` this run's (`claim.claim_run`). What
         the claim removes or sets aside is held until the first step is done (`held_run`), and so are the trackers'
         records as they were before the trackers opened (`tracker_records`)."""
         if not self._output_dir_claimed:
-            self._held_run = HeldRun(Path(self._arguments.output_dir), records=tracker_records)
+            self._held_run = HeldRun(Path(self._arguments.output_dir), records=records)
             claim_run(self._arguments, self._resume_from, self.is_main_process, held=self._held_run)
             self._output_dir_claimed = True
         self.save_arguments()
