@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from easytrain import lora
 from easytrain.lora import EMBEDDING_MODULES, LoRAConfig, LoRADense
 from easytrain.models.float16_range import check_float16_range, largest_finite, narrows_to_float16
-from easytrain.models.hf_export import _to_host
+from easytrain.models.hf_export import _storage_dtype, _to_host
 from easytrain.models.hf_io import EMBEDDING_NAME, HEAD_NAME, CheckpointError, damaged_file, hf_name
 from easytrain.models.layers import RMSNorm
 from easytrain.models.peft_config import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, read_peft_config
@@ -157,9 +157,8 @@ def save_peft_adapter(
     if fingerprint:
         metadata[FINGERPRINT_KEY] = json.dumps(lora.base_fingerprint(model, config), sort_keys=True)
     tensors = {}
+    stored = {name: _storage_dtype(dtype, value, name) for name, (value, _) in planned.items()}  # save_pretrained's
     arrays = _to_host([value for value, _ in planned.values()])  # every process: gathers are collective
-    stored = {name: np.dtype(jnp.dtype(dtype)) if dtype is not None else array.dtype
-              for name, array in zip(planned, arrays)}
     narrowed = {name: array for name, array in zip(planned, arrays) if narrows_to_float16(stored[name], array)}
     check_float16_range(dict(zip(narrowed, largest_finite([(a, None) for a in narrowed.values()], list))),
                         "the adapter")
