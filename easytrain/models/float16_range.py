@@ -4,7 +4,8 @@ Float16 keeps 10 mantissa bits but only 5 exponent bits: its largest finite valu
 bfloat16 weight of 65520 or more casts to inf (``numpy``, ``torch`` and transformers' ``model.to(torch.float16)``
 alike, without a word). The exported model would then compute inf/NaN logits. Clipping would write a model other
 than the one trained, so the export is refused, naming the tensors and their largest |value|, before any file is
-written; bfloat16 (float32's range) or float32 exports them as they are.
+written; bfloat16 (float32's range) or float32 exports them as they are. A float16 load tests each block's cast
+(`cast_overflowed`) and refuses, once every block is read, what any process found (`refuse_loaded`).
 """
 
 from __future__ import annotations
