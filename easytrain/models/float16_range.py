@@ -90,7 +90,7 @@ def largest_finite(values: Sequence[tuple[Any, Axes]], to_host: Callable[[list[A
     `to_host`: every value whole on this host (a collective where arrays span processes)."""
     peaks = to_host([_peak(value, axes, finite=False) for value, axes in values])
     again = [i for i, peak in enumerate(peaks) if not np.isfinite(peak).all()]  # the same on every process
-    for i, peak in zip(again, to_host([_peak(*values[i], finite=True) for i in again])):
+    for i, peak in zip(again, to_host([_peak(*values[i], finite=True) for i in again]) if again else []):
         peaks[i] = peak
     return peaks
 

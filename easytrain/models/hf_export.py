@@ -159,6 +159,8 @@ def _check_float16_range(plan: dict[str, _Planned]) -> None:
         else:
             arrays[id(value)] = (value, None)
             taken[name] = (id(value), None)
+    if not arrays:  # nothing narrowed to float16: no transfer (an export asks once per shard file, nothing more)
+        return
     peaks = dict(zip(arrays, largest_finite(list(arrays.values()), _to_host)))  # collective on every process
     check_float16_range({name: peaks[key] if layer is None else peaks[key][layer]
                          for name, (key, layer) in taken.items()})
