@@ -365,10 +365,7 @@ class BaseTrainer(ProtocolProperties, InitialPolicyHooks, RunRecordHooks, TrainS
         if not self._held_run:
             return
         try:
-            self._held_run.undo()
-        except Exception:  # the run's own error is the one to raise
-            logger.exception("could not put the older run in %s back as it was: what is left of it lies in %s and "
-                             "superseded_checkpoints/", self._arguments.output_dir, self._held_run.holding)
+            self._held_run.give_back()
         finally:  # a later train() claims again, under the lock, whatever is left in place
             self._held_run, self._output_dir_claimed = None, False
 

@@ -122,6 +122,15 @@ class HeldRun:
         with self.lock:
             self._undo()
 
+    def give_back(self) -> None:
+        """`undo` for a run ending with an error of its own, which is the one to raise: a failure to put the older
+        run back is logged, naming where what is left of it lies."""
+        try:
+            self.undo()
+        except Exception:
+            logger.exception("could not put the older run in %s back as it was: what is left of it lies in %s and "
+                             "superseded_checkpoints/", self.output_dir, self.holding)
+
     def _undo(self) -> None:
         for original, copied in reversed(self.copies):
             copied.replace(original)
