@@ -250,3 +250,39 @@ def test_a_claim_that_could_not_be_given_back_is_claimed_again(run_copy, monkeyp
     trainer.train()
     assert finalized_steps(run_copy / "checkpoints") == [2]
     assert not (run_copy / REPLACED_DIRNAME).exists()
+
+
+def test_a_run_whose_older_run_cannot_be_deleted_after_step_one_goes_on(run_copy, monkeypatch, caplog):
+    """Deleting the held older run once the first step is done is refused (a read-only directory in it): a warning
+    names what is left, the run finishes, and the next claim of the directory names it and deletes it."""
+    rmtree = shutil.rmtree
+
+    def refused_in_replaced_run(path, *args, **kwargs):
+        if REPLACED_DIRNAME in Path(path).parts:
+            raise PermissionError(13, "Permission denied (forced by the test)", str(path))
+        return rmtree(path, *args, **kwargs)
+
+    with monkeypatch.context() as patched, caplog.at_level("WARNING", logger="easytrain"):
+        patched.setattr(shutil, "rmtree", refused_in_replaced_run)
+        BaseTrainer(args_for(run_copy, overwrite_output_dir=True, max_steps=2)).train()
+    assert read_job(run_copy)["status"] == "completed" and finalized_steps(run_copy / "checkpoints") == [2]
+    [left] = (run_copy / REPLACED_DIRNAME).iterdir()
+    assert any(str(left) in r.message and "the run goes on" in r.message for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="easytrain"):
+        held = claim_output_dir(args_for(run_copy, resume_from_checkpoint="latest"), (run_copy / "checkpoints", 2))
+    assert any(str(left) in r.message and "failed to delete" in r.message for r in caplog.records)
+    held.settle()
+    assert not (run_copy / REPLACED_DIRNAME).exists()
+
+
+def test_a_killed_resumes_log_copies_are_named_as_such(run_copy, caplog):
+    """A resume of an older step killed between its claim and its first step leaves in replaced_run/ only the copies
+    of the logs it was to rewrite: the next start names them for what they are, not as an older run."""
+    claim_output_dir(args_for(run_copy, resume_from_checkpoint=str(run_copy / "checkpoints" / "2")),
+                     (run_copy / "checkpoints", 2))  # then killed: neither settled nor undone
+    [left] = (run_copy / REPLACED_DIRNAME).iterdir()
+    with caplog.at_level("WARNING", logger="easytrain"):
+        claim_output_dir(args_for(run_copy, resume_from_checkpoint="latest"), (run_copy / "checkpoints", 2))
+    [named] = [r.message for r in caplog.records if str(left) in r.message]
+    assert "copies (*.before) of the logs" in named and "older runs" not in named

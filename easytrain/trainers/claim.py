@@ -21,8 +21,8 @@ from easytrain.checkpoint import CHECKPOINTS_DIRNAME, CheckpointNotFoundError, f
 from easytrain.config_io import ARGUMENTS_FILE
 from easytrain.errors import OutputDirError
 from easytrain.jobs import JOB_FILENAME, current_job
-from easytrain.trainers import run_lock
-from easytrain.trainers.held_run import HeldRun, held_leftovers
+from easytrain.trainers import run_dir, run_lock
+from easytrain.trainers.held_run import LEFTOVER_KINDS, HeldRun, held_leftovers, leftover_kind
 from easytrain.trainers.run_dir import (FINAL_OUTPUTS, RUN_ARTIFACTS, STARTED_RUN_LOGS, SUPERSEDED_DIRNAME,
                                         _checked_directory, restarts_unsaved_run, resumes_own_checkpoints)
 from easytrain.trainers.start_agreement import decoded, encoded
@@ -132,11 +132,7 @@ def claim_output_dir(args: TrainingArguments, resume: tuple[Path, int] | None,
     output_dir = Path(args.output_dir)
     held = held if held is not None else HeldRun(output_dir)
     if leftovers := held_leftovers(output_dir):
-        logger.warning("%s holds %s: older runs whose replacing run was stopped before its first step was done; "
-                       "move them back to continue them, or delete them%s", output_dir, [str(p) for p in leftovers],
-                       " (removed once this run's first step is done: overwrite_output_dir)"
-                       if args.overwrite_output_dir else "")
-        held.leftovers = leftovers if args.overwrite_output_dir else []
+        held.leftovers = _note_leftovers(output_dir, leftovers, args.overwrite_output_dir)
     held.note_absent([output_dir / name for name in (*RUN_ARTIFACTS, ARGUMENTS_FILE) if name != JOB_FILENAME])
     try:  # a move refused midway (permissions) puts back those made: the older run stays whole in its place
         _claim_into(held, args, resume)
@@ -148,6 +144,18 @@ def claim_output_dir(args: TrainingArguments, resume: tuple[Path, int] | None,
         held.undo()
         raise
     return held
+
+
+def _note_leftovers(output_dir: Path, leftovers: list[Path], overwrite: bool) -> list[Path]:
+    """Name what earlier claims left in `replaced_run/`, by kind (`held_run.LEFTOVER_KINDS`); return those this
+    claim's `settle` deletes: all under `overwrite_output_dir`, else those already being deleted."""
+    kinds = {path: leftover_kind(path) for path in leftovers}
+    for kind, what in LEFTOVER_KINDS.items():
+        if paths := [str(path) for path in leftovers if kinds[path] == kind]:
+            removed = overwrite and kind != "deleting"
+            logger.warning("%s holds %s: %s%s", output_dir, paths, what,
+                           " (deleted once this run's first step is done: overwrite_output_dir)" if removed else "")
+    return [path for path in leftovers if overwrite or kinds[path] == "deleting"]
 
 
 def _claim_into(held: HeldRun, args: TrainingArguments, resume: tuple[Path, int] | None) -> None:
@@ -189,10 +197,11 @@ def _job_reports_into(output_dir: Path) -> bool:
 
 
 def _step_dirs(root: Path) -> list[int]:
-    """Every `<step>` directory under `root`, complete or not (a damaged copy would still block that step's save)."""
+    """Every `<step>` directory under `root`, complete or not (a damaged copy would still block that step's save), or
+    link to one, even dangling (it would block the save too)."""
     if not root.is_dir():
         return []
-    return sorted(int(d.name) for d in root.iterdir() if d.name.isdigit() and d.is_dir())
+    return sorted(int(d.name) for d in root.iterdir() if d.name.isdigit() and (d.is_dir() or d.is_symlink()))
 
 
 def set_aside_newer_checkpoints(output_dir: Path, root: Path, step: int, held: HeldRun | None = None) -> list[Path]:
@@ -226,7 +235,7 @@ def set_aside(output_dir: Path, steps: list[int], why: str, outputs: tuple[str, 
         logger.warning("%s holds incomplete checkpoint(s) at step(s) %s (not resumable: an item is missing)",
                        root, incomplete)
     logger.warning("%s: moved the checkpoint directories %s of %s to %s", why, steps, root, destination)
-    if present := [name for name in outputs if (output_dir / name).exists()]:
+    if present := [name for name in outputs if run_dir.present(output_dir / name)]:
         moved += [held.move(output_dir / name, destination / name) for name in present]
         logger.warning("%s: moved %s of %s (the end of the lineage set aside, not of the continued run) to %s",
                        why, ", ".join(present), output_dir, destination)

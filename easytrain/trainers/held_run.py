@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
 import threading
 import time
@@ -29,6 +30,7 @@ from pathlib import Path
 
 from easytrain.jobs import JOB_FILENAME
 from easytrain.sinks import MLFLOW_STATE_FILENAME, WANDB_STATE_FILENAME
+from easytrain.trainers.run_dir import present, remove as _delete
 
 logger = logging.getLogger("easytrain")
 
@@ -66,7 +68,7 @@ class HeldRun:
 
     def remove(self, target: Path) -> None:
         """What the claim would delete: moved into this claim's `replaced_run/<time>/`, deleted at `settle`."""
-        if target.exists():
+        if present(target):  # a link too, even a dangling one: moved itself, never what it points to
             self.move(target, self._holding() / target.relative_to(self.output_dir))
 
     def copy(self, target: Path) -> None:
@@ -82,7 +84,7 @@ class HeldRun:
     def note_absent(self, paths: list[Path]) -> None:
         """Of the files and directories a run writes (its logs, checkpoints, arguments), those the older run lacks:
         what the failed run wrote there (a CSV log the older one did not keep) is removed by `undo`."""
-        self.absent = [path for path in paths if not (path.exists() or path.is_symlink())]
+        self.absent = [path for path in paths if not present(path)]
 
     def new_directory(self, path: Path) -> Path:
         """`path`, or `path-2`, `path-3`, ... if it exists (two claims in one second never merge), created and
@@ -101,14 +103,20 @@ class HeldRun:
         return self.holding
 
     def settle(self) -> None:
-        """The run's first step is done: delete what the claim removed (and what killed runs' claims held, where
-        this one overwrites); what it set aside stays in `superseded_checkpoints/`."""
+        """The run's first step is done: delete what the claim removed (and what earlier claims held, where this one
+        overwrites or they were being deleted: `leftover_kind`); what it set aside stays in `superseded_checkpoints/`.
+        A link the claim moved is removed itself, never what it points to (named in the log). A deletion that fails
+        (permissions) is a warning naming what is left: the run that replaced the older one goes on."""
         with self.lock:
-            removed = [self.holding, *self.leftovers]
-            self._forget()  # first: a removal that fails fails the run, with nothing left to move back
+            removed = [held for held in (self.holding, *self.leftovers) if held is not None]
+            links = [(source, moved) for source, moved in self.moves
+                     if moved.is_symlink() and self.holding is not None and self.holding in moved.parents]
+            self._forget()  # first: nothing is left to move back
+        for source, link in links:
+            logger.warning("%s was a link to %s: the link is removed with the older run, what it points to is left "
+                           "as it was (delete it there if it is no longer needed)", source, os.readlink(link))
         for held in removed:
-            if held is not None and held.exists():
-                shutil.rmtree(held)
+            _delete_held(held)
         _remove_if_empty(self.output_dir / REPLACED_DIRNAME)
 
     def _forget(self) -> None:
@@ -145,7 +153,7 @@ class HeldRun:
             for added in [p for p in directory.iterdir() if p.name not in entries] if directory.is_dir() else []:
                 _delete(added)
         for source, moved in reversed(self.moves):
-            if source.exists() or source.is_symlink():
+            if present(source):
                 if source.name == JOB_FILENAME and source.parent == self.output_dir:
                     _delete(moved)
                     continue
@@ -168,16 +176,49 @@ def tracker_records(output_dir: Path) -> dict[Path, bytes | None]:
 
 
 def held_leftovers(output_dir: Path) -> list[Path]:
-    """What claims of runs killed before their first step left in `replaced_run/`: older runs, whole."""
+    """What earlier claims left in `replaced_run/` (`leftover_kind` tells what each is)."""
     root = output_dir / REPLACED_DIRNAME
     return sorted(root.iterdir()) if root.is_dir() else []
 
 
-def _delete(target: Path) -> None:
-    if target.is_dir() and not target.is_symlink():
-        shutil.rmtree(target)
-    elif target.exists() or target.is_symlink():
-        target.unlink()
+#: The kinds of leftover in `replaced_run/` (`leftover_kind`), each with what it is and what to do with it.
+LEFTOVER_KINDS = {
+    "older run": "older runs whose replacing run was stopped before its first step was done, whole: move them back "
+                 "to continue them, or delete them",
+    "log copies": "copies (*.before) of the logs a resume of an older step had kept before rewriting them, stopped "
+                  "before its first step was done: those logs' records past the step it resumed, of the lineage it "
+                  "set aside in superseded_checkpoints/; to continue that lineage, move its checkpoints back and copy "
+                  "these over the logs (without .before), else delete them",
+    "deleting": "what is left of older runs that their replacing run failed to delete after its first step: "
+                "delete them (they are deleted once this run's first step is done)",
+}
+
+
+def leftover_kind(path: Path) -> str:
+    """Which of `LEFTOVER_KINDS` one entry of `replaced_run/` is: a held run `settle` began to delete (renamed with
+    `DELETING_SUFFIX`), one holding only the `*.before` copies of a resume's logs (`HeldRun.copy`), or an older run."""
+    if path.name.endswith(DELETING_SUFFIX):
+        return "deleting"
+    entries = list(path.iterdir()) if path.is_dir() and not path.is_symlink() else []  # the copies lie at its top
+    return "log copies" if entries and all(p.is_file() and p.name.endswith(".before") for p in entries) else "older run"
+
+
+#: What `settle` renames a held run to before deleting it: what a deletion refused or killed midway leaves is never
+#: taken for an older run, whole (`leftover_kind`).
+DELETING_SUFFIX = ".deleting"
+
+
+def _delete_held(held: Path) -> None:
+    """Delete what a claim held, renamed first (`DELETING_SUFFIX`); a failure is logged, naming what is left."""
+    doomed = held
+    try:
+        if present(held) and not held.name.endswith(DELETING_SUFFIX):
+            doomed = held.rename(held.with_name(held.name + DELETING_SUFFIX))
+        _delete(doomed)
+    except OSError as error:
+        logger.warning("could not delete %s (%s: %s), what the claim of output_dir held of the older run there; the "
+                       "run goes on. Delete it by hand (see its permissions), or leave it: the next run claiming this "
+                       "output_dir deletes it once its first step is done", doomed, type(error).__name__, error)
 
 
 def _remove_if_empty(directory: Path) -> None:

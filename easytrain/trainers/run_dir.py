@@ -189,11 +189,17 @@ def _checked_directory(args: TrainingArguments, is_main_process: bool,
     return resume
 
 
+def present(path: Path) -> bool:
+    """Whether `path` is there: a file, a directory, or a link, even one whose target is gone."""
+    return path.exists() or path.is_symlink()
+
+
 def remove(target: Path) -> None:
-    """Delete a file or a directory tree, if it is there."""
-    if target.is_dir():
+    """Delete a file or a directory tree, if it is there. A link (to a directory on another disk, say, or dangling)
+    is removed itself, never what it points to."""
+    if target.is_dir() and not target.is_symlink():
         shutil.rmtree(target)
-    elif target.exists():
+    elif present(target):
         target.unlink()
 
 

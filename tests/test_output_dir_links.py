@@ -1,0 +1,116 @@
+"""Links in an output_dir (a `checkpoints/` or log directory linked to a scratch disk, a link whose target is gone):
+whatever removes or moves things there (`run_dir.remove`, the claim, `HeldRun.settle` and `undo`) takes the link
+itself, never what it points to."""
+
+import os
+from pathlib import Path
+
+from easytrain import BaseTrainer
+from easytrain.checkpoint import finalized_steps
+from easytrain.trainers.claim import claim_output_dir
+from easytrain.trainers.held_run import REPLACED_DIRNAME
+from easytrain.trainers.run_dir import SUPERSEDED_DIRNAME, remove, remove_unstarted_logs
+
+from runs import args_for
+
+
+def _linked(link: Path, target: Path) -> Path:
+    """`link` made a link to `target` (a directory holding one file), which is returned."""
+    target.mkdir(parents=True)
+    (target / "kept").write_text("behind the link")
+    link.symlink_to(target, target_is_directory=True)
+    return target
+
+
+def _dangling(link: Path) -> Path:
+    link.symlink_to(link.parent / "gone-target")
+    return link
+
+
+def _links(run: Path) -> dict[str, str]:
+    """Every link under `run` (not followed) -> what it points to."""
+    return {str(p.relative_to(run)): os.readlink(p) for p in run.rglob("*") if p.is_symlink()}
+
+
+def test_remove_takes_the_link_and_leaves_its_target(tmp_path):
+    target = _linked(tmp_path / "checkpoints", tmp_path / "scratch")
+    remove(tmp_path / "checkpoints")
+    remove(_dangling(tmp_path / "tensorboard"))
+    assert not os.path.lexists(tmp_path / "checkpoints") and not os.path.lexists(tmp_path / "tensorboard")
+    assert (target / "kept").read_text() == "behind the link"
+
+
+def test_a_fresh_runs_unstarted_logs_go_as_links(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    target = _linked(run / "tensorboard", tmp_path / "scratch")
+    _dangling(run / "metrics.jsonl")
+    remove_unstarted_logs(run, is_main_process=True)
+    assert sorted(p.name for p in run.iterdir()) == []
+    assert (target / "kept").exists()
+
+
+def test_an_overwrite_moves_linked_checkpoints_and_dangling_links_and_never_empties_their_targets(run_copy, tmp_path,
+                                                                                                   caplog):
+    """The older run's `checkpoints/` a link to a scratch disk: the claim holds the link, `undo` puts it back as it
+    was, `settle` removes the link alone (the older run's checkpoints stay on the scratch disk, named in the log)."""
+    scratch = tmp_path / "scratch"
+    os.rename(run_copy / "checkpoints", scratch)
+    (run_copy / "checkpoints").symlink_to(scratch, target_is_directory=True)
+    _dangling(run_copy / "final_model")
+    links = _links(run_copy)
+    args = args_for(run_copy, overwrite_output_dir=True)
+    held = claim_output_dir(args, None)
+    assert not os.path.lexists(run_copy / "checkpoints") and not os.path.lexists(run_copy / "final_model")
+    held.undo()
+    assert _links(run_copy) == links
+    held = claim_output_dir(args, None)
+    with caplog.at_level("WARNING", logger="easytrain"):
+        held.settle()
+    assert _links(run_copy) == {} and not (run_copy / REPLACED_DIRNAME).exists()
+    assert any(str(scratch) in r.message and "left as it was" in r.message for r in caplog.records)
+    assert finalized_steps(scratch) == [2, 4], "the data behind the link is never deleted through it"
+
+
+def test_a_run_overwriting_linked_checkpoints_trains_into_its_own(run_copy, tmp_path):
+    scratch = tmp_path / "scratch"
+    os.rename(run_copy / "checkpoints", scratch)
+    (run_copy / "checkpoints").symlink_to(scratch, target_is_directory=True)
+    BaseTrainer(args_for(run_copy, overwrite_output_dir=True, max_steps=2)).train()
+    assert not (run_copy / "checkpoints").is_symlink() and finalized_steps(run_copy / "checkpoints") == [2]
+    assert finalized_steps(scratch) == [2, 4]
+
+
+def test_a_resume_of_an_older_step_sets_aside_through_linked_checkpoints(run_copy, tmp_path):
+    """Resuming step 2 of a run whose checkpoints/ is a link: its step 4 (a link itself here), a dangling step link
+    (it would block that step's save) and a dangling export link are set aside, and put back by `undo`."""
+    scratch = tmp_path / "scratch"
+    os.rename(run_copy / "checkpoints", scratch)
+    (run_copy / "checkpoints").symlink_to(scratch, target_is_directory=True)
+    os.rename(scratch / "4", tmp_path / "step-4")
+    (scratch / "4").symlink_to(tmp_path / "step-4", target_is_directory=True)
+    _dangling(scratch / "6")
+    _dangling(run_copy / "final_model")
+    links = _links(run_copy) | _links(scratch)
+    args = args_for(run_copy, resume_from_checkpoint=str(run_copy / "checkpoints" / "2"))
+    held = claim_output_dir(args, (run_copy / "checkpoints", 2))
+    assert sorted(p.name for p in scratch.iterdir()) == ["2"]
+    held.undo()
+    assert _links(run_copy) | _links(scratch) == links and not (run_copy / SUPERSEDED_DIRNAME).exists()
+    held = claim_output_dir(args, (run_copy / "checkpoints", 2))
+    held.settle()
+    [aside] = (run_copy / SUPERSEDED_DIRNAME).iterdir()
+    assert sorted(p.name for p in aside.iterdir()) == ["4", "6", "final_model"]
+    assert any((tmp_path / "step-4").iterdir()), "step 4 itself never touched"
+
+
+def test_settle_removes_a_linked_leftover_and_leaves_its_target(tmp_path):
+    """What a killed claim left in replaced_run/ may be a link (moved there as the older run's checkpoints/ was):
+    the next overwrite removes the link once its first step is done."""
+    run = tmp_path / "run"
+    (run / REPLACED_DIRNAME).mkdir(parents=True)
+    target = _linked(run / REPLACED_DIRNAME / "20240101-000000", tmp_path / "scratch")
+    _dangling(run / REPLACED_DIRNAME / "20240101-000001")
+    held = claim_output_dir(args_for(run, overwrite_output_dir=True), None)
+    held.settle()
+    assert not (run / REPLACED_DIRNAME).exists() and (target / "kept").exists()
