@@ -81,17 +81,13 @@ class DPOTrainer(DPORecordHooks, BaseTrainer):
         self.data_stats: dict[str, dict[str, float]] = {}
         self.reference_logps_cached: dict[str, bool] = {}  # split -> read from the cache (not recomputed)
         self._loaded_adapter: dict | None = None  # the adapter values the policy starts from (`INITIAL_ADAPTERS`)
-        super().__init__(arguments, **kwargs)
-        self._check_lora_reference()
-        if self.arguments.text_column != "text":  # pairs are prompt/chosen/rejected: no text column is read
-            raise ArgumentError("text_column", f"{self.arguments.text_column!r} is not read by DPO, whose rows are "
-                                "prompt/chosen/rejected (docs/dpo.md); leave text_column at 'text', or map another "
-                                "layout with a formatting_func.")
+        super().__init__(arguments, **kwargs)  # `check_inputs` first: what the arguments alone refuse
         if self.dpo.disable_dropout and self.lora is not None and self.lora.dropout > 0:
             logger.warning("lora_dropout=%s is off in the DPO loss (disable_dropout, the default); pass "
                            "--no_disable_dropout to train with it.", self.lora.dropout)
 
     def check_inputs(self) -> None:
+        check_arguments_for_dpo(self.arguments, self.dpo)  # before output_dir is made, agreed by every process
         if self.dpo.ref_model_name_or_path:  # refused before any data work: no such path, an unresolvable hub id
             check_reference_path(self.dpo.ref_model_name_or_path)
 
@@ -276,16 +272,6 @@ class DPOTrainer(DPORecordHooks, BaseTrainer):
         configured, values, self._loaded_adapter = super().configure_model(), self._loaded_adapter, None
         return configured if values is None else with_initial_adapters(configured, values)
 
-    def _check_lora_reference(self) -> None:
-        """An adapter-off reference equals the initial policy only when nothing but the adapters trains."""
-        if self.lora is not None and self.dpo.sync_ref_model:
-            raise ArgumentError("sync_ref_model", "TR-DPO mixes the trained weights into a reference copy; under "
-                                                  "LoRA only adapters train. Drop sync_ref_model or lora_rank.")
-        if self.reference_is_base and (self.lora.train_embeddings or self.lora.train_norms):
-            raise ArgumentError("lora_train_embeddings" if self.lora.train_embeddings else "lora_train_norms",
-                                "the adapter-off reference would move with the fully trained embeddings/norms; "
-                                "pass --precompute_ref_log_probs or --ref_model_name_or_path for a fixed reference.")
-
     # ------------------------------------------------------------------ the objective
     def pair_logps(self, model: nnx.Module, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
         """`[B, 2]` summed completion log-probs, completion lengths and summed mean-over-vocab logits."""
@@ -377,3 +363,25 @@ def check_template_read(split: Any, path: str) -> bool:
                    "template renders, so it changes no training token; it is only saved with the exported tokenizer. "
                    "Convert the pairs to message lists for the template to shape them.", path)
     return False
+
+
+def check_arguments_for_dpo(args: TrainingArguments, dpo: DPOArguments) -> None:
+    """What DPO refuses from the arguments alone (`DPOTrainer.check_inputs`, before anything is written): a text
+    column (pairs are prompt/chosen/rejected), and under LoRA a reference its training would move. LoRA is on with
+    `lora_rank` or `lora_adapter_path`; the adapter-off reference (`reference_is_base`) is the policy's own reference
+    without a trained adapter or another run's weights to start from, so its LoRA config is the arguments'."""
+    if args.text_column != "text":
+        raise ArgumentError("text_column", f"{args.text_column!r} is not read by DPO, whose rows are "
+                            "prompt/chosen/rejected (docs/dpo.md); leave text_column at 'text', or map another "
+                            "layout with a formatting_func.")
+    if not (args.lora_rank or args.lora_adapter_path):
+        return
+    if dpo.sync_ref_model:
+        raise ArgumentError("sync_ref_model", "TR-DPO mixes the trained weights into a reference copy; under "
+                                              "LoRA only adapters train. Drop sync_ref_model or lora_rank.")
+    adapter_off = (dpo.needs_reference and not dpo.precompute_ref_log_probs and not dpo.ref_model_name_or_path
+                   and not (args.lora_adapter_path or args.init_weights_from))
+    if adapter_off and (args.lora_train_embeddings or args.lora_train_norms):
+        raise ArgumentError("lora_train_embeddings" if args.lora_train_embeddings else "lora_train_norms",
+                            "the adapter-off reference would move with the fully trained embeddings/norms; "
+                            "pass --precompute_ref_log_probs or --ref_model_name_or_path for a fixed reference.")
