@@ -286,3 +286,15 @@ def test_a_killed_resumes_log_copies_are_named_as_such(run_copy, caplog):
         claim_output_dir(args_for(run_copy, resume_from_checkpoint="latest"), (run_copy / "checkpoints", 2))
     [named] = [r.message for r in caplog.records if str(left) in r.message]
     assert "copies (*.before) of the logs" in named and "older runs" not in named
+
+
+def test_a_fresh_run_failing_before_step_one_leaves_no_wandb_folder(run_copy, tmp_path, monkeypatch):
+    """W&B opens before the claim and writes its offline run under output_dir/wandb/: an older run that kept none
+    gets none from the failed run."""
+    pytest.importorskip("wandb")
+    for name, value in tracker_env(tmp_path).items():
+        monkeypatch.setenv(name, value)
+    before = _everything(run_copy)
+    with pytest.raises(DeviceMemoryError):
+        RefusedMemory(args_for(run_copy, overwrite_output_dir=True, report_to=["jsonl", "wandb"])).train()
+    assert _changed(run_copy, before) == []

@@ -38,6 +38,8 @@ logger = logging.getLogger("easytrain")
 REPLACED_DIRNAME = "replaced_run"
 #: The records of the run the metric trackers log into, written as they open, before the claim (`run_start`).
 TRACKER_RECORDS = (WANDB_STATE_FILENAME, MLFLOW_STATE_FILENAME)
+#: Where W&B writes its runs, offline ones included (`sinks`), as it opens: a record of a kind too.
+WANDB_DIRNAME = "wandb"
 
 
 @dataclasses.dataclass
@@ -170,9 +172,13 @@ class HeldRun:
 
 def tracker_records(output_dir: Path) -> dict[Path, bytes | None]:
     """The trackers' records in `output_dir` (`TRACKER_RECORDS`; None: none there), read before the trackers open:
-    a fresh run's replace them, and `undo` puts them back (`HeldRun.records`)."""
+    a fresh run's replace them, and `undo` puts them back (`HeldRun.records`). So is the absence of a `wandb/`
+    folder (the failed run's offline run is removed); one the older run kept is left as the failed run left it."""
     paths = [output_dir / name for name in TRACKER_RECORDS]
-    return {path: path.read_bytes() if path.is_file() else None for path in paths}
+    records = {path: path.read_bytes() if path.is_file() else None for path in paths}
+    if not present(output_dir / WANDB_DIRNAME):  # the older run kept none: `undo` removes the failed run's
+        records[output_dir / WANDB_DIRNAME] = None
+    return records
 
 
 def held_leftovers(output_dir: Path) -> list[Path]:
