@@ -5,11 +5,14 @@ itself, never what it points to."""
 import os
 from pathlib import Path
 
+import pytest
+
 from easytrain import BaseTrainer
 from easytrain.checkpoint import finalized_steps
+from easytrain.errors import OutputDirError
 from easytrain.trainers.claim import claim_output_dir
 from easytrain.trainers.held_run import REPLACED_DIRNAME
-from easytrain.trainers.run_dir import SUPERSEDED_DIRNAME, remove, remove_unstarted_logs
+from easytrain.trainers.run_dir import SUPERSEDED_DIRNAME, check_output_dir, remove, remove_unstarted_logs
 
 from runs import args_for
 
@@ -114,3 +117,27 @@ def test_settle_removes_a_linked_leftover_and_leaves_its_target(tmp_path):
     held = claim_output_dir(args_for(run, overwrite_output_dir=True), None)
     held.settle()
     assert not (run / REPLACED_DIRNAME).exists() and (target / "kept").exists()
+
+
+@pytest.mark.parametrize("name", ["checkpoints", "final_model", "metrics.jsonl"])
+def test_a_dangling_link_where_the_run_writes_is_refused_before_anything_is_written(tmp_path, name):
+    """A `checkpoints/` linked to a scratch disk not mounted: refused by the check, naming the link and its target,
+    not by a FileExistsError once the run is set up."""
+    run = tmp_path / "run"
+    run.mkdir()
+    _dangling(run / name)
+    with pytest.raises(OutputDirError, match=f"{name} links to '.*gone-target'.*does not exist"):
+        check_output_dir(args_for(run))
+    assert sorted(p.name for p in run.iterdir()) == [name]
+
+
+def test_a_run_started_over_removes_its_dangling_log_links(tmp_path):
+    """`latest` over a run stopped before its first checkpoint starts it over, removing its logs, links too."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "arguments.json").write_text("{}")
+    _dangling(run / "metrics.jsonl")
+    args = args_for(run, resume_from_checkpoint="latest")
+    assert check_output_dir(args) is None
+    claim_output_dir(args, None).settle()
+    assert not os.path.lexists(run / "metrics.jsonl")

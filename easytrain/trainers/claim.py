@@ -183,7 +183,7 @@ def start_over(output_dir: Path, held: HeldRun | None = None) -> None:
     held = held if held is not None else HeldRun(output_dir)
     set_aside(output_dir, _step_dirs(output_dir / CHECKPOINTS_DIRNAME), "starting over (no complete checkpoint)",
               held=held)
-    removed = [name for name in STARTED_RUN_LOGS if (output_dir / name).exists()]
+    removed = [name for name in STARTED_RUN_LOGS if run_dir.present(output_dir / name)]
     for name in removed:
         held.remove(output_dir / name)
     logger.warning("resume_from_checkpoint=latest: %s holds no complete checkpoint yet (its run stopped before the "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 import shutil
 import uuid
 from pathlib import Path
@@ -161,6 +162,8 @@ def _checked_directory(args: TrainingArguments, is_main_process: bool,
         resume, restart = None, True  # `restarts_unsaved_run`
     if check_start is not None:
         check_start(resume)
+    if not args.overwrite_output_dir:  # which moves them away, as links
+        check_links(output_dir, skip=STARTED_RUN_LOGS if restart else ())
     if is_main_process:
         check_writable(output_dir)
     if resumes_own_checkpoints(output_dir, resume) or args.overwrite_output_dir:
@@ -192,6 +195,18 @@ def _checked_directory(args: TrainingArguments, is_main_process: bool,
 def present(path: Path) -> bool:
     """Whether `path` is there: a file, a directory, or a link, even one whose target is gone."""
     return path.exists() or path.is_symlink()
+
+
+def check_links(output_dir: Path, skip: tuple[str, ...] = ()) -> None:
+    """Refuse a link whose target is gone where the run writes (its checkpoints/ on a scratch disk not mounted): the
+    run would fail at its first write into it, after its set-up. `skip`: what the claim removes anyway."""
+    names = [name for name in (*RUN_ARTIFACTS, ARGUMENTS_FILE) if name not in skip]
+    if dangling := {name: os.readlink(output_dir / name) for name in names
+                    if (output_dir / name).is_symlink() and not (output_dir / name).exists()}:
+        raise OutputDirError(
+            f"output_dir: in {str(output_dir)!r}, {', '.join(f'{k} links to {v!r}' for k, v in dangling.items())}, "
+            "which does not exist (a disk not mounted?). Make the target available, remove the link (the run then "
+            "writes into output_dir itself), or pass --overwrite_output_dir (moves the link away with the older run).")
 
 
 def remove(target: Path) -> None:
