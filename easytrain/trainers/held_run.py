@@ -11,7 +11,9 @@ byte for byte: the trackers' records too (`tracker_records`, read before they op
 the older run lacked (`note_absent`); `settle` (the first step is done, or the run ended without one as asked)
 deletes `replaced_run/`. A process ended by the failure watcher undoes first (`process_failure.before_ending`); one
 killed in between leaves the older run in `replaced_run/`, whole: moved back by hand, or removed by the next claim
-under `overwrite_output_dir` once its first step is done.
+under `overwrite_output_dir` once its first step is done. A deletion at `settle` the file system refuses is a warning,
+never the healthy run's failure: what is left, renamed `<time>.deleting` first, goes at the next claim's `settle`.
+Links are moved and removed as links, never followed (`run_dir.remove`).
 
 Compiling ahead before the claim instead would cover only what `plan_memory` compiles: a `train_iteration` of a
 subclass compiles its own steps at the first call, after the claim, and a runtime failure of the first step would
