@@ -12,7 +12,7 @@ import copy
 import dataclasses
 import os
 from collections import defaultdict
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import huggingface_hub
@@ -158,8 +158,8 @@ def _weight_files(directory: Path) -> tuple[list[Path], dict[str, str] | None]:
             "checkpoints are supported (re-save other formats as safetensors)."
         )
     weight_map = _weight_map(index_path)
-    files = [directory / name for name in sorted(set(weight_map.values()))]
-    if absent := [f.name for f in files if not f.is_file()]:
+    files = sorted({_shard_path(directory, name) for name in weight_map.values()})
+    if absent := [str(f.relative_to(directory)) for f in files if not f.is_file()]:
         raise CheckpointError(f"{index_path} names shard files that are not in {directory}: {absent}; "
                               "download or copy every shard.")
     return files, weight_map
@@ -176,7 +176,25 @@ def _weight_map(index_path: Path) -> dict[str, str]:
     if odd := sorted(name for name, file in weight_map.items() if not isinstance(file, str)):
         raise damaged_file(index_path, TypeError(f"'weight_map' maps {_preview_names(odd)} to no file name (a "
                                                  f"JSON {type(weight_map[odd[0]]).__name__}, not a string)"))
+    if outside := sorted(name for name, file in weight_map.items() if _outside(file)):
+        files = sorted({repr(weight_map[name]) for name in outside})
+        raise damaged_file(index_path, ValueError(
+            f"'weight_map' maps {len(outside)} tensor(s) ({_preview_names(outside, 2)}) to {_preview_names(files)}, "
+            f"outside {index_path.parent}: a checkpoint directory holds its own shards (a hub repository cannot name "
+            "such a file)"))
     return weight_map
+
+
+def _outside(name: str) -> bool:
+    """Whether the shard file name `name` leads out of the checkpoint directory (absolute, or up past it). A
+    subdirectory stays inside, as transformers joins each name to the directory; symlinks are not followed (a hub
+    cache snapshot links every file to its blob elsewhere)."""
+    return PurePosixPath(name).is_absolute() or os.path.normpath(name).split("/")[0] == ".."
+
+
+def _shard_path(directory: Path, name: str) -> Path:
+    """Where the index's `name` is read from: one path for each spelling of one file (`a/../b`, `./b`: `b`)."""
+    return directory / os.path.normpath(name)
 
 
 def _preview_names(names: list[str], shown: int = 8) -> str:
@@ -194,13 +212,14 @@ def read_headers(directory: Path) -> dict[str, TensorEntry]:
                     view = handle.get_slice(name)
                     if name in entries:  # which copy is the model's? the later one was read without a word
                         raise damaged_file(directory / WEIGHTS_INDEX_NAME, ValueError(
-                            f"{name} is held by both {entries[name].file.name} and {file.name}; one of them is "
-                            "left from another save"))
+                            f"{name} is held by both {entries[name].file.relative_to(directory)} and "
+                            f"{file.relative_to(directory)}; one of them is left from another save"))
                     entries[name] = TensorEntry(file, tuple(view.get_shape()), view.get_dtype())
         except SafetensorError as error:  # a header cut short, or tensors past the end of the file
             raise damaged_file(file, error) from error
     if weight_map is not None:
-        misplaced = sorted(n for n, f in weight_map.items() if n not in entries or entries[n].file.name != f)
+        misplaced = sorted(n for n, f in weight_map.items()
+                           if n not in entries or entries[n].file != _shard_path(directory, f))
         if misplaced:
             raise CheckpointError(f"{directory / WEIGHTS_INDEX_NAME} maps tensors to files that do not hold "
                                   f"them: {misplaced[:8]}; the index and the shards are out of sync.")
