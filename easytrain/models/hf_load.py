@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import os
 from collections import defaultdict
 from pathlib import Path, PurePosixPath
@@ -50,6 +51,11 @@ from easytrain.models.scan import STACKED
 GENERATION_CONFIG_NAME = "generation_config.json"
 #: Attribute of a loaded model that holds its checkpoint's generation config (`generation_config_of`).
 _GENERATION_ATTRIBUTE = "_source_generation_config"
+
+#: generation_config.json's token id fields, and whether each may hold a list of ids (transformers' types: several
+#: EOS ids end a turn in instruct models).
+_TOKEN_ID_FIELDS = {"eos_token_id": True, "decoder_start_token_id": True, "pad_token_id": False,
+                    "bos_token_id": False}
 
 # What a hub download fetches: config, weights and tokenizer files, never PyTorch .bin duplicates.
 HUB_PATTERNS = (
@@ -120,17 +126,38 @@ def read_generation_config(path_or_name: str | os.PathLike) -> transformers.Gene
     EOS ids (end of turn) and sampling defaults only there, so an export must carry it, not rebuild it.
 
     Raises:
-        CheckpointError: The file exists but is damaged (no JSON object), or transformers refuses its values.
+        CheckpointError: The file exists but is damaged (no JSON object), a token id field holds something other
+            than token ids, or transformers refuses its values.
     """
     directory = resolve_checkpoint(path_or_name)
     if not (directory / GENERATION_CONFIG_NAME).is_file():
         return None
-    read_json_object(directory / GENERATION_CONFIG_NAME)  # cut short, or no JSON object: a `damaged_file`
+    # cut short, or no JSON object: a `damaged_file`
+    _check_token_ids(directory / GENERATION_CONFIG_NAME, read_json_object(directory / GENERATION_CONFIG_NAME))
     try:
         return transformers.GenerationConfig.from_pretrained(directory)
     except (OSError, ValueError, TypeError) as error:
         raise CheckpointError(f"{directory / GENERATION_CONFIG_NAME} cannot be read ({error}); fix the file, or "
                               "delete it to export one derived from config.json.") from error
+
+
+def _check_token_ids(path: Path, fields: dict[str, Any]) -> None:
+    """Each token id field of `path` holds null, an id or (where transformers takes one) a list of ids: transformers
+    keeps `"x"`, 2.5, true or -1 without a word, and ``generate`` then fails far from the file, or, for an EOS of
+    -1, never stops."""
+    for field, listed in _TOKEN_ID_FIELDS.items():
+        value = fields.get(field)
+        if value is None or _is_token_id(value) or (listed and isinstance(value, list) and all(map(_is_token_id,
+                                                                                                    value))):
+            continue
+        kind = "a non-negative int, a list of them, or null" if listed else "one non-negative int, or null"
+        raise CheckpointError(f"{path} sets '{field}' to {json.dumps(value)}, which is no token id: it must be "
+                              f"{kind}. Fix the file: the id the tokenizer uses (e.g. tokenizer.eos_token_id), or "
+                              "null; or delete it (an export then derives one from config.json).")
+
+
+def _is_token_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def generation_config_of(model: Any) -> transformers.GenerationConfig | None:
