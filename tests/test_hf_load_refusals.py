@@ -1,5 +1,7 @@
 """Checkpoint inputs that loaded silently wrong, or read files from elsewhere, are refused by name when read:
 
+- a tensor whose values the cast to `param_dtype` makes inf (a float64 weight beyond float32's range, a float32
+  one beyond bfloat16's) loaded as inf, so the model computed inf/NaN logits;
 - a `generation_config.json` token id that is not a token id (`"x"`, 2.5, true, -1) was kept, and `generate`
   failed far from the file, or never stopped (an EOS of -1 never matches);
 - a shard index naming a file outside the checkpoint directory (`../x.safetensors`, an absolute path) had that
@@ -13,13 +15,20 @@ import json
 import re
 import shutil
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from safetensors.numpy import load_file, save_file
 
 from easytrain.models import CheckpointError, from_pretrained, init_model, save_pretrained
+from easytrain.models import float16_range
 from easytrain.models.hf_load import read_generation_config
 
 from model_configs import tiny_config
+
+DOWN = "model.layers.1.mlp.down_proj.weight"
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
@@ -29,6 +38,68 @@ def saved(tmp_path_factory):
     save_pretrained(root / "whole", model, model.config)
     save_pretrained(root / "sharded", model, model.config, max_shard_size=20000)
     return root
+
+
+# --- values the cast to param_dtype makes inf -------------------------------------------------------------
+
+def with_weights(saved, tmp_path, dtype, value: float, name: str = "whole"):
+    """A copy of the whole checkpoint stored as `dtype`, DOWN[5, 3] set to `value`."""
+    directory = shutil.copytree(saved / name, tmp_path / name)
+    tensors = {key: array.astype(dtype) for key, array in load_file(directory / "model.safetensors").items()}
+    tensors[DOWN][5, 3] = value
+    save_file(tensors, directory / "model.safetensors")
+    return directory
+
+
+@pytest.mark.parametrize("stored, value, param_dtype, match", [
+    (np.float64, 1.0e300, jnp.float32, r"param_dtype='float32' .*largest \|value\| 1e\+300\. .*checkpoint"),
+    (np.float64, -1.0e39, jnp.float32, r"param_dtype='float32' .*largest \|value\| 1e\+39\. "),
+    (np.float64, 1.0e300, jnp.bfloat16, r"param_dtype='bfloat16' .*largest \|value\| 1e\+300\. .*checkpoint"),
+    (np.float32, FLOAT32_MAX, jnp.bfloat16, r"param_dtype='bfloat16' .*3\.40282e\+38\. .*param_dtype='float32'"),
+])
+def test_a_weight_the_cast_makes_inf_is_refused_by_name(saved, tmp_path, stored, value, param_dtype, match):
+    """Was: loaded, the weight inf in the model."""
+    directory = with_weights(saved, tmp_path, stored, value)
+    with pytest.raises(CheckpointError, match=match) as info:
+        from_pretrained(directory, param_dtype=param_dtype)
+    assert DOWN in str(info.value)
+
+
+@pytest.mark.parametrize("stored, value, param_dtype, loaded", [
+    (np.float64, 3.4028235e38, jnp.float32, FLOAT32_MAX),  # rounds to float32's largest: finite
+    (np.float64, 1.0e30, jnp.bfloat16, float(jnp.bfloat16(1.0e30))),  # rounded, finite
+    (np.float64, float("inf"), jnp.float32, float("inf")),  # inf in any dtype: loads as stored
+    (np.float32, 3.0e38, jnp.bfloat16, float(jnp.bfloat16(3.0e38))),
+])
+def test_a_weight_the_cast_only_rounds_loads(saved, tmp_path, stored, value, param_dtype, loaded):
+    directory = with_weights(saved, tmp_path, stored, value)
+    model = from_pretrained(directory, param_dtype=param_dtype)
+    assert float(model.layers[1].mlp.down_proj.kernel.value[3, 5]) == loaded
+
+
+def test_float64_peaks_cross_processes_exactly(saved, tmp_path, monkeypatch):
+    """The peaks travel between processes through JAX, which holds float64 as float32 unless x64 is on: a peak of
+    1e300 must arrive as 1e300 (not inf) on every process, and be named as such."""
+    directory = with_weights(saved, tmp_path, np.float64, 1.0e300)
+    monkeypatch.setattr(float16_range.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(float16_range.multihost_utils, "process_allgather",
+                        lambda local: np.stack([np.asarray(jnp.asarray(local))] * 2))
+    with pytest.raises(CheckpointError, match=r"param_dtype='float32' cannot hold 1 tensor\(s\).*largest \|value\| "
+                                              r"1e\+300\. "):
+        from_pretrained(directory, param_dtype=jnp.float32)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, jnp.bfloat16, np.float32, np.float64])
+def test_the_overflow_test_reads_every_inf_and_nan_from_the_bits(dtype):
+    """Signed and unsigned maxima of the bits: a negative NaN, a negative inf and the largest finite values of
+    either sign must each be told apart."""
+    largest = float(jnp.finfo(dtype).max)
+    assert not float16_range.cast_overflowed(np.array([[largest, -largest], [0.0, -0.0]], dtype))
+    assert not float16_range.cast_overflowed(np.zeros((0, 3), dtype))
+    for value in (np.inf, -np.inf, np.nan, -np.nan):
+        block = np.ones((3, 4), dtype)
+        block[1, 2] = value
+        assert float16_range.cast_overflowed(block), value
 
 
 # --- generation_config.json token ids ---------------------------------------------------------------------

@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 
 from easytrain import sharding
 from easytrain.models.attention import DType
-from easytrain.models.float16_range import cast_overflowed, largest_finite, narrows_to_float16, refuse_loaded
+from easytrain.models.float16_range import cast_overflowed, largest_finite, narrows, refuse_loaded
 from easytrain.models.hf_io import (
     EMBEDDING_NAME,
     HEAD_NAME,
@@ -71,7 +71,8 @@ HUB_PATTERNS = (
     "*.model",
     "chat_template.*",
 )
-_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+_FLOAT_DTYPES = {"F16": np.dtype(np.float16), "BF16": np.dtype(jnp.bfloat16), "F32": np.dtype(np.float32),
+                 "F64": np.dtype(np.float64)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,7 +264,7 @@ def _validate(entries: dict[str, TensorEntry], config: transformers.PretrainedCo
     stored = [loadable.stored_as.get(name, name) for name in loadable.shapes]
     if bad := sorted(f"{n} ({entries[n].dtype})" for n in stored if entries[n].dtype not in _FLOAT_DTYPES):
         raise CheckpointError(f"tensors with non-float dtypes cannot be loaded: {bad[:8]}; only "
-                              f"{_FLOAT_DTYPES} are supported (dequantise the checkpoint first).")
+                              f"{tuple(_FLOAT_DTYPES)} are supported (dequantise the checkpoint first).")
     return loadable
 
 
@@ -287,9 +288,9 @@ def _param_shardings(abstract_params: nnx.State, mesh: Mesh | None,
 
 def _place(name: str, view: Any, shape: tuple[int, ...], transpose: bool, target: jax.sharding.Sharding | None,
            dtype: np.dtype, peaks: dict[str, float]) -> jax.Array:
-    """One parameter (stored as `name`) on its devices; each distinct slice is read from the file once. Where a
-    float16 `dtype` made a value inf, its block's largest finite |value| goes to `peaks` (the refusal waits for
-    every process's: `agreed_peaks`).
+    """One parameter (stored as `name`) on its devices; each distinct slice is read from the file once. Where the
+    cast to a narrower `dtype` made a value inf, its block's largest finite |value| goes to `peaks` (the refusal
+    waits for every process's: `agreed_peaks`).
 
     Without a target the array is left uncommitted on the default device, as ``jnp.asarray`` would,
     so a later ``jit`` over a mesh may still move it.
@@ -302,7 +303,7 @@ def _place(name: str, view: Any, shape: tuple[int, ...], transpose: bool, target
             block = view[index[::-1] if transpose else index]
             with np.errstate(over="ignore"):  # refused below, by name
                 blocks[key] = np.ascontiguousarray(block.T if transpose else block, dtype=dtype)
-            if narrows_to_float16(dtype, block) and cast_overflowed(blocks[key]):  # an inf, or one made now?
+            if narrows(dtype, block.dtype) and cast_overflowed(blocks[key]):  # an inf, or one made now?
                 peaks[name] = max(peaks.get(name, 0.0), float(largest_finite([(block, None)], list)[0]))
         return blocks[key]
 
@@ -341,8 +342,9 @@ def from_pretrained(
     Raises:
         CheckpointError: Unresolvable name, unsupported ``model_type``, no weights, or weights not
             matching the config (one error listing every missing, unexpected and mis-shaped tensor), an
-            unreadable ``generation_config.json``, or a call inside a trace (``jax.jit``, a ``Frozen``
-            builder): load outside it and pass the module.
+            unreadable ``generation_config.json`` or one whose token ids are none, a shard index naming a file
+            outside the directory, a weight the cast to ``param_dtype`` makes inf, or a call inside a trace
+            (``jax.jit``, a ``Frozen`` builder): load outside it and pass the module.
 
     Example:
         >>> mesh = easytrain.sharding.make_mesh(data=1, fsdp=-1)  # doctest: +SKIP
@@ -371,7 +373,7 @@ def from_pretrained(
     by_file: dict[Path, list[str]] = defaultdict(list)
     for name in layout:
         by_file[entries[loadable.stored_as.get(name, name)].file].append(name)
-    flat, peaks = {}, {}
+    flat, peaks, cast = {}, {}, _cast_dtype(param_dtype)
     for file, names in by_file.items():  # one open file at a time: its mapped pages are released on close
         with safe_open(file, framework="numpy") as handle:
             for name in names:
@@ -379,9 +381,10 @@ def from_pretrained(
                 stored = loadable.stored_as.get(name, name)
                 shape = entries[stored].shape[::-1] if transpose else entries[stored].shape
                 flat[path] = _place(stored, handle.get_slice(stored), shape, transpose, targets[path],
-                                    jnp.dtype(param_dtype), peaks)
-    if jnp.dtype(param_dtype) == jnp.float16:  # on every process, for tensors any of them read past the range
-        refuse_loaded(peaks, [loadable.stored_as.get(name, name) for name in layout])
+                                    cast, peaks)
+    stored = [loadable.stored_as.get(name, name) for name in layout]
+    if any(narrows(cast, _FLOAT_DTYPES[entries[name].dtype]) for name in stored):  # the same on every process
+        refuse_loaded(peaks, stored, cast)  # for tensors any process read past the range
     if scan_layers:
         flat = _stack_layers(flat, _param_shardings(abstract_params, mesh, rules))
     nnx.replace_by_pure_dict(abstract_params, traverse_util.unflatten_dict(flat))
@@ -401,6 +404,11 @@ def _check_float_dtype(field: str, value: DType | str) -> None:
     if not jnp.issubdtype(dtype, jnp.floating):
         raise CheckpointError(f"{field}={value!r} is not a floating dtype: every weight would be rounded to "
                               f"{dtype.name}; use jnp.float32 or jnp.bfloat16 (quantised loading is not supported).")
+
+
+def _cast_dtype(param_dtype: DType) -> np.dtype:
+    """The dtype the parameters are held in: float64 is float32 unless x64 is on, and its range is float32's."""
+    return np.dtype(jax.dtypes.canonicalize_dtype(param_dtype))
 
 
 def _stack_layers(flat: dict[ParamPath, jax.Array], targets: dict[ParamPath, jax.sharding.Sharding | None]
