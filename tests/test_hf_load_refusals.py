@@ -2,7 +2,7 @@
 
 - a tensor whose values the cast to `param_dtype` makes inf (a float64 weight beyond float32's range, a float32
   one beyond bfloat16's) loaded as inf, so the model computed inf/NaN logits;
-- a `generation_config.json` token id that is not a token id (`"x"`, 2.5, true, -1) was kept, and `generate`
+- a `generation_config.json` token id that is not a token id (`"x"`, 2.5, true, an EOS of -1) was kept, and `generate`
   failed far from the file, or never stopped (an EOS of -1 never matches);
 - a shard index naming a file outside the checkpoint directory (`../x.safetensors`, an absolute path) had that
   file opened, and was then called out of sync with the shards, naming a tensor rather than the entry (and a
@@ -22,7 +22,7 @@ from safetensors.numpy import load_file, save_file
 
 from easytrain.models import CheckpointError, from_pretrained, init_model, save_pretrained
 from easytrain.models import float16_range
-from easytrain.models.hf_load import read_generation_config
+from easytrain.models.hf_load import generation_config_of, read_generation_config
 
 from model_configs import tiny_config
 
@@ -113,7 +113,6 @@ def test_the_overflow_test_reads_every_inf_and_nan_from_the_bits(dtype):
     ("eos_token_id", [2, -1]),
     ("eos_token_id", True),
     ("eos_token_id", [[1, 2]]),
-    ("pad_token_id", -1),  # was: kept; generate wrote -1 after each row's EOS
     ("pad_token_id", [0, 1]),
     ("bos_token_id", "1"),
     ("decoder_start_token_id", False),
@@ -122,7 +121,7 @@ def test_a_token_id_that_is_no_token_id_is_refused_when_read(saved, tmp_path, fi
     directory = shutil.copytree(saved / "whole", tmp_path / "whole")
     path = directory / "generation_config.json"
     path.write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2, field: value}))
-    match = rf"{path}.*'{field}' to {re.escape(json.dumps(value))}, .*(null|non-negative)"
+    match = rf"{path}.*'{field}' to {re.escape(json.dumps(value))}, .*int.*null"
     with pytest.raises(CheckpointError, match=match):
         read_generation_config(directory)
     with pytest.raises(CheckpointError, match=match):
@@ -134,12 +133,22 @@ def test_a_token_id_that_is_no_token_id_is_refused_when_read(saved, tmp_path, fi
     {"eos_token_id": 151645, "pad_token_id": 151643, "bos_token_id": 151643},  # Qwen2.5 Instruct
     {"eos_token_id": None, "pad_token_id": None, "bos_token_id": 0, "decoder_start_token_id": [0]},
     {"eos_token_id": []},
+    {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": -1},  # LLaMA-1 conversions (decapoda-research)
 ])
 def test_token_ids_and_lists_of_them_are_read(saved, tmp_path, fields):
     directory = shutil.copytree(saved / "whole", tmp_path / "whole")
     (directory / "generation_config.json").write_text(json.dumps(fields))
     config = read_generation_config(directory)
     assert config.eos_token_id == fields["eos_token_id"]
+
+
+def test_an_export_of_a_config_with_pad_minus_one_loads_back(tmp_path):
+    """save_pretrained derives generation_config.json from config.json (GenerationConfig.from_model_config), which
+    copies a LLaMA-1 conversion's pad_token_id of -1 there."""
+    model = init_model(tiny_config(pad_token_id=-1), seed=0)
+    directory = save_pretrained(tmp_path / "export", model, model.config)
+    assert json.loads((directory / "generation_config.json").read_text())["pad_token_id"] == -1
+    assert generation_config_of(from_pretrained(directory)).pad_token_id == -1
 
 
 # --- shard index entries outside the checkpoint directory -------------------------------------------------

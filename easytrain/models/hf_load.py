@@ -51,10 +51,12 @@ GENERATION_CONFIG_NAME = "generation_config.json"
 #: Attribute of a loaded model that holds its checkpoint's generation config (`generation_config_of`).
 _GENERATION_ATTRIBUTE = "_source_generation_config"
 
-#: generation_config.json's token id fields, and whether each may hold a list of ids (transformers' types: several
-#: EOS ids end a turn in instruct models).
-_TOKEN_ID_FIELDS = {"eos_token_id": True, "decoder_start_token_id": True, "pad_token_id": False,
-                    "bos_token_id": False}
+#: generation_config.json's token id fields: whether each may hold a list of ids (transformers' types: several EOS
+#: ids end a turn in instruct models), and a negative one. LLaMA-1 conversions (decapoda-research/llama-*-hf and
+#: their fine-tunes) hold "pad_token_id": -1, which transformers reads with a warning: refusing it would refuse
+#: those checkpoints, and an export of a config.json holding it.
+_TOKEN_ID_FIELDS = {"eos_token_id": (True, False), "decoder_start_token_id": (True, False),
+                    "pad_token_id": (False, True), "bos_token_id": (False, False)}
 
 # What a hub download fetches: config, weights and tokenizer files, never PyTorch .bin duplicates.
 HUB_PATTERNS = (
@@ -134,21 +136,22 @@ def read_generation_config(path_or_name: str | os.PathLike) -> transformers.Gene
 
 def _check_token_ids(path: Path, fields: dict[str, Any]) -> None:
     """Each token id field of `path` holds null, an id or (where transformers takes one) a list of ids: transformers
-    keeps `"x"`, 2.5, true or -1 without a word, and ``generate`` then fails far from the file, or, for an EOS of
-    -1, never stops."""
-    for field, listed in _TOKEN_ID_FIELDS.items():
+    keeps `"x"`, 2.5, true or an EOS of -1 without a word, and ``generate`` then fails far from the file, or, for an
+    EOS of -1, never stops."""
+    for field, (listed, negative) in _TOKEN_ID_FIELDS.items():
         value = fields.get(field)
-        if value is None or _is_token_id(value) or (listed and isinstance(value, list) and all(map(_is_token_id,
-                                                                                                    value))):
+        if value is None or _is_token_id(value, negative) or (
+                listed and isinstance(value, list) and all(_is_token_id(token, negative) for token in value)):
             continue
-        kind = "a non-negative int, a list of them, or null" if listed else "one non-negative int, or null"
+        sign = "" if negative else "non-negative "
+        kind = f"a {sign}int, a list of them, or null" if listed else f"one {sign}int, or null"
         raise CheckpointError(f"{path} sets '{field}' to {json.dumps(value)}, which is no token id: it must be "
                               f"{kind}. Fix the file: the id the tokenizer uses (e.g. tokenizer.eos_token_id), or "
                               "null; or delete it (an export then derives one from config.json).")
 
 
-def _is_token_id(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+def _is_token_id(value: Any, negative: bool) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and (negative or value >= 0)
 
 
 def generation_config_of(model: Any) -> transformers.GenerationConfig | None:
