@@ -105,6 +105,9 @@ class GenerationConfig:
                 raise GenerationError(f"{name} = {value!r} must be {kind}.")
             if check is _is_int:
                 object.__setattr__(self, name, int(value))
+        if self.pad_token_id < 0:  # emitted after EOS: a negative id fails every decode of the output
+            raise GenerationError(f"pad_token_id = {self.pad_token_id} must be a token id >= 0 (finished rows emit "
+                                  "it); pass the tokenizer's pad id, or leave it unset for the first EOS id.")
 
 
 def _is_int(value: object) -> bool:

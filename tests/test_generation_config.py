@@ -135,3 +135,22 @@ def test_the_generation_config_a_checkpoint_was_loaded_with_decodes_as_its_setti
         generate(loaded, ids, max_new_tokens=6, seed=4, generation_config=generation_config_of(loaded)),
         generate(model, ids, max_new_tokens=6, seed=4, do_sample=True, temperature=0.7, top_k=50, top_p=0.8,
                  eos_token_id=[2, 7]))
+
+
+def test_a_negative_pad_of_a_config_is_not_emitted_after_eos(model, caplog):
+    """LLaMA-1 conversions carry `pad_token_id: -1`, which transformers reads with a warning: rows that finish must
+    not fill with -1 (no token id: decoding fails), but with the default pad, the first EOS id."""
+    ids = np.array([PROMPT, PROMPT[::-1]])
+    first = generate(model, ids, max_new_tokens=1)[:, 0]
+    eos = int(first[0])  # row 0 ends at its first token: every later position is pad
+    config = dict(eos_token_id=eos, pad_token_id=-1, max_new_tokens=4)
+    with caplog.at_level("WARNING", logger="easytrain"):
+        got = generate(model, ids, generation_config=config)
+    assert (got >= 0).all(), got
+    np.testing.assert_array_equal(got, generate(model, ids, eos_token_id=eos, max_new_tokens=4))
+    assert "pad_token_id=-1" in caplog.text and "generation_config" in caplog.text
+
+
+def test_a_negative_pad_passed_to_the_call_is_refused(model):
+    with pytest.raises(GenerationError, match="pad_token_id = -1"):
+        generate(model, np.array([PROMPT]), max_new_tokens=2, eos_token_id=2, pad_token_id=-1)
