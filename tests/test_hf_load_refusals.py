@@ -183,3 +183,42 @@ def test_shards_in_a_subdirectory_load_as_transformers_reads_them(saved, tmp_pat
     expected = from_pretrained(saved / "sharded")
     model = from_pretrained(directory)
     np.testing.assert_array_equal(model.embed_tokens.embedding.value, expected.embed_tokens.embedding.value)
+
+
+#: The largest float64 below bfloat16's overflow point (2**128 - 2**119): rounded once, bfloat16's largest value;
+#: numpy's cast (ml_dtypes) rounds it to float32 first, to the overflow point itself, and then to inf.
+JUST_UNDER_BFLOAT16_OVERFLOW = float(np.nextafter(2.0**128 - 2.0**119, 0.0))
+
+
+def test_a_float64_weight_the_cast_double_rounds_to_inf_is_refused(saved, tmp_path):
+    """Was: loaded as inf: its |value| is under the overflow point, but the cast that loads it makes it inf."""
+    assert np.isinf(np.asarray(JUST_UNDER_BFLOAT16_OVERFLOW, jnp.bfloat16))  # the reference: numpy's cast
+    directory = with_weights(saved, tmp_path, np.float64, JUST_UNDER_BFLOAT16_OVERFLOW)
+    with pytest.raises(CheckpointError, match=r"param_dtype='bfloat16' .*3\.39618e\+38\. Pass param_dtype='float32'"):
+        from_pretrained(directory, param_dtype=jnp.bfloat16)
+
+
+def _edges(source, target) -> list[float]:
+    """`source` values around `target`'s largest value and the point past which it rounds to inf."""
+    top = float(jnp.finfo(target).max)
+    points = [top, 2.0 ** int(jnp.finfo(target).maxexp) - 2.0 ** (int(jnp.finfo(target).maxexp)
+                                                                   - int(jnp.finfo(target).nmant) - 2)]
+    with np.errstate(over="ignore"):
+        near = [np.asarray(p, source) for p in points]
+        return sorted({float(v) for p in near for v in (np.nextafter(p, 0 * p), p, np.nextafter(p, np.inf * p))
+                       if np.isfinite(v)})
+
+
+@pytest.mark.parametrize("source, target", [(np.float32, np.float16), (np.float64, np.float16),
+                                            (jnp.bfloat16, np.float16), (np.float32, jnp.bfloat16),
+                                            (np.float64, jnp.bfloat16), (np.float64, np.float32)])
+def test_the_range_test_agrees_with_the_cast_at_every_edge(source, target):
+    """`becomes_inf` of a peak, `cast_overflowed` of the cast block and numpy's cast (the reference) agree, both
+    signs, just under, at and over the rounding point."""
+    for value in _edges(source, target):
+        for signed in (value, -value):
+            with np.errstate(over="ignore"):
+                cast = np.asarray(np.asarray([signed, 1.0], source), target)
+            expected = bool(np.isinf(cast[0]))
+            assert float16_range.becomes_inf(signed, target) == expected, (signed, source, target)
+            assert float16_range.cast_overflowed(cast) == expected, (signed, source, target)

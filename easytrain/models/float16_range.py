@@ -27,15 +27,13 @@ from easytrain.models.hf_io import CheckpointError
 _SHOWN = 8
 
 
-def overflow_point(dtype: Any) -> float:
-    """The smallest |value| `dtype` rounds to inf: half a step past its largest value (ties round to the even
-    neighbour, inf). Float16: 65520 (65504 < |x| < 65520 round to 65504); bfloat16: 2**128 - 2**119."""
-    info = jnp.finfo(dtype)
-    return 2.0 ** info.maxexp - 2.0 ** (info.maxexp - info.nmant - 2)
-
-
-FLOAT16_MAX = float(np.finfo(np.float16).max)
-FLOAT16_OVERFLOW = overflow_point(np.float16)
+def becomes_inf(peak: float, dtype: Any) -> bool:
+    """Whether numpy's cast of `peak` to `dtype` is inf, the cast a load or an export makes: rounding is monotone,
+    so a tensor's largest |value| tells for all of them. No threshold: float16's is 65520 (half a step past 65504,
+    ties to even), but float64 reaches bfloat16 through float32 (ml_dtypes), so a float64 just under 2**128 - 2**119
+    rounds to it first, and then to inf."""
+    with np.errstate(over="ignore"):
+        return bool(np.isinf(np.asarray(abs(float(peak)), np.float64).astype(dtype)))
 
 
 def narrows(target: Any, source: Any) -> bool:
@@ -137,7 +135,7 @@ def check_range(peaks: Mapping[str, float], dtype: Any, what: str, field: str) -
     """Refuses the tensors whose largest finite |value| (`peaks`, by name) `dtype` would hold as inf, naming them,
     their peaks and a dtype that holds them (or, where float32 does not, the checkpoint as the thing to fix)."""
     dtype = np.dtype(dtype)
-    over = {name: float(peak) for name, peak in peaks.items() if float(peak) >= overflow_point(dtype)}
+    over = {name: float(peak) for name, peak in peaks.items() if becomes_inf(peak, dtype)}
     if not over:
         return
     names = sorted(over, key=lambda name: -over[name])
@@ -151,7 +149,7 @@ def check_range(peaks: Mapping[str, float], dtype: Any, what: str, field: str) -
 
 def _wider(dtype: np.dtype, peak: float, field: str) -> str:
     """The fix: a wider dtype that holds `peak`, or, beyond float32's range, the checkpoint."""
-    holders = [name for name in ("bfloat16", "float32") if narrows(dtype, name) and peak < overflow_point(name)]
+    holders = [name for name in ("bfloat16", "float32") if narrows(dtype, name) and not becomes_inf(peak, name)]
     if len(holders) == 2:
         return f"Pass {field}='bfloat16' (float32's range, half the bytes of float32) or {field}='float32'."
     if holders:
