@@ -141,3 +141,15 @@ def test_a_run_started_over_removes_its_dangling_log_links(tmp_path):
     assert check_output_dir(args) is None
     claim_output_dir(args, None).settle()
     assert not os.path.lexists(run / "metrics.jsonl")
+
+
+def test_a_resume_under_overwrite_is_refused_a_dangling_link_it_keeps(run_copy):
+    """`overwrite_output_dir` moves the older run's outputs away on a fresh start only: a run resuming its own
+    checkpoints keeps them where they are, so a dangling metrics.jsonl there is refused as without it (it would fail
+    the run at its first log, after its set-up), and the refusal does not offer the flag that did not help."""
+    (run_copy / "metrics.jsonl").unlink()
+    _dangling(run_copy / "metrics.jsonl")
+    with pytest.raises(OutputDirError, match="metrics.jsonl links to") as refused:
+        check_output_dir(args_for(run_copy, resume_from_checkpoint="latest", overwrite_output_dir=True))
+    assert "overwrite_output_dir" not in str(refused.value)
+    assert check_output_dir(args_for(run_copy, overwrite_output_dir=True)) is None  # the claim moves the link away

@@ -162,11 +162,12 @@ def _checked_directory(args: TrainingArguments, is_main_process: bool,
         resume, restart = None, True  # `restarts_unsaved_run`
     if check_start is not None:
         check_start(resume)
-    if not args.overwrite_output_dir:  # which moves them away, as links
-        check_links(output_dir, skip=STARTED_RUN_LOGS if restart else ())
+    own = resumes_own_checkpoints(output_dir, resume)
+    if not args.overwrite_output_dir or own:  # a fresh start under overwrite moves them away, as links
+        check_links(output_dir, skip=STARTED_RUN_LOGS if restart else (), overwrite_moves=not own)
     if is_main_process:
         check_writable(output_dir)
-    if resumes_own_checkpoints(output_dir, resume) or args.overwrite_output_dir:
+    if own or args.overwrite_output_dir:
         return resume
     existing = finalized_steps(output_dir / CHECKPOINTS_DIRNAME)
     if existing and resume is not None:
@@ -197,16 +198,20 @@ def present(path: Path) -> bool:
     return path.exists() or path.is_symlink()
 
 
-def check_links(output_dir: Path, skip: tuple[str, ...] = ()) -> None:
+def check_links(output_dir: Path, skip: tuple[str, ...] = (), overwrite_moves: bool = True) -> None:
     """Refuse a link whose target is gone where the run writes (its checkpoints/ on a scratch disk not mounted): the
-    run would fail at its first write into it, after its set-up. `skip`: what the claim removes anyway."""
+    run would fail at its first write into it, after its set-up. `skip`: what the claim removes anyway.
+    `overwrite_moves`: whether `overwrite_output_dir` would move the link away (not for a resume of the run's own
+    checkpoints, which keeps its outputs in place), offered as a way out only then."""
     names = [name for name in (*RUN_ARTIFACTS, ARGUMENTS_FILE) if name not in skip]
     if dangling := {name: os.readlink(output_dir / name) for name in names
                     if (output_dir / name).is_symlink() and not (output_dir / name).exists()}:
+        overwrite = ", or pass --overwrite_output_dir (moves the link away with the older run)" \
+            if overwrite_moves else ""
         raise OutputDirError(
             f"output_dir: in {str(output_dir)!r}, {', '.join(f'{k} links to {v!r}' for k, v in dangling.items())}, "
-            "which does not exist (a disk not mounted?). Make the target available, remove the link (the run then "
-            "writes into output_dir itself), or pass --overwrite_output_dir (moves the link away with the older run).")
+            "which does not exist (a disk not mounted?). Make the target available or remove the link (the run then "
+            f"writes into output_dir itself){overwrite}.")
 
 
 def remove(target: Path) -> None:
