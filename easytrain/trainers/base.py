@@ -115,12 +115,12 @@ class BaseTrainer(ProtocolProperties, InitialPolicyHooks, RunRecordHooks, TrainS
         self.loop: TrainLoop | None = None
 
     def check_inputs(self) -> None:
-        """Check the files this trainer's own arguments name, which one process alone may fail to read (a mount of its
-        host's that lacks one): called once, from `BaseTrainer.__init__`, inside the start every process agrees on
-        and first in it (before the checkpoints are looked at), so that the others name that process instead of
-        waiting for it in a later collective. Only what a subclass sets before calling `super().__init__()` exists
-        then (`self.lora`, `self.mesh` do not yet). Nothing here; SFT reads its chat template, DPO its reference
-        model's config: an override of theirs calls `super().check_inputs()`."""
+        """Refuse what this trainer's own arguments alone refuse, and check the files they name (one process alone may
+        fail to read one): called once, from `BaseTrainer.__init__`, first in the start every process agrees on
+        (before the checkpoints are looked at), so the others name a failing process instead of waiting in a later
+        collective, and a refusal leaves no output_dir made for it. Only what a subclass sets before
+        `super().__init__()` exists then (not `self.lora`, `self.mesh`). Nothing here; SFT reads its chat template,
+        DPO refuses arguments (`check_arguments_for_dpo`), reads its reference's config: overrides call super()."""
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
