@@ -153,3 +153,18 @@ def test_a_resume_under_overwrite_is_refused_a_dangling_link_it_keeps(run_copy):
         check_output_dir(args_for(run_copy, resume_from_checkpoint="latest", overwrite_output_dir=True))
     assert "overwrite_output_dir" not in str(refused.value)
     assert check_output_dir(args_for(run_copy, overwrite_output_dir=True)) is None  # the claim moves the link away
+
+
+def test_settle_names_where_a_relative_link_pointed(tmp_path, caplog):
+    """A relative link (`checkpoints -> ../scratch`) no longer leads there once moved into replaced_run/: the log
+    names its target as seen from where the link was."""
+    run = tmp_path / "run"
+    run.mkdir()
+    target = _linked(run / "checkpoints", tmp_path / "scratch")
+    (run / "checkpoints").unlink()
+    (run / "checkpoints").symlink_to(Path("..") / "scratch", target_is_directory=True)
+    held = claim_output_dir(args_for(run, overwrite_output_dir=True), None)
+    with caplog.at_level("WARNING", logger="easytrain"):
+        held.settle()
+    assert any(f"a link to {target}:" in r.message for r in caplog.records)
+    assert (target / "kept").exists()

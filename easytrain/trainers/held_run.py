@@ -118,7 +118,7 @@ class HeldRun:
             self._forget()  # first: nothing is left to move back
         for source, link in links:
             logger.warning("%s was a link to %s: the link is removed with the older run, what it points to is left "
-                           "as it was (delete it there if it is no longer needed)", source, os.readlink(link))
+                           "as it was (delete it there if it is no longer needed)", source, _link_target(source, link))
         for held in removed:
             _delete_held(held)
         _remove_if_empty(self.output_dir / REPLACED_DIRNAME)
@@ -227,6 +227,11 @@ def _delete_held(held: Path) -> None:
         logger.warning("could not delete %s (%s: %s), what the claim of output_dir held of the older run there; the "
                        "run goes on. Delete it by hand (see its permissions), or leave it: the next run claiming this "
                        "output_dir deletes it once its first step is done", doomed, type(error).__name__, error)
+
+
+def _link_target(source: Path, link: Path) -> str:
+    """Where `link`, moved from `source`, pointed from there: a relative link no longer leads there once moved."""
+    return os.path.normpath(os.path.join(source.parent, os.readlink(link)))
 
 
 def _remove_if_empty(directory: Path) -> None:
