@@ -222,3 +222,17 @@ def test_the_range_test_agrees_with_the_cast_at_every_edge(source, target):
             expected = bool(np.isinf(cast[0]))
             assert float16_range.becomes_inf(signed, target) == expected, (signed, source, target)
             assert float16_range.cast_overflowed(cast) == expected, (signed, source, target)
+
+
+def test_a_hub_snapshot_whose_files_link_outside_it_loads(saved, tmp_path):
+    """The hub cache links every snapshot file (index and shards included) to a blob outside the snapshot
+    directory: links are not followed by the index check, so the snapshot loads as its copy does."""
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshots" / ("0" * 40)
+    blobs.mkdir()
+    snapshot.mkdir(parents=True)
+    for i, file in enumerate(sorted((saved / "sharded").iterdir())):
+        shutil.copyfile(file, blobs / f"blob{i}")
+        (snapshot / file.name).symlink_to(f"../../blobs/blob{i}")
+    model = from_pretrained(snapshot)
+    np.testing.assert_array_equal(model.embed_tokens.embedding.value,
+                                  from_pretrained(saved / "sharded").embed_tokens.embedding.value)
