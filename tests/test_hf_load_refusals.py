@@ -236,3 +236,15 @@ def test_a_hub_snapshot_whose_files_link_outside_it_loads(saved, tmp_path):
     model = from_pretrained(snapshot)
     np.testing.assert_array_equal(model.embed_tokens.embedding.value,
                                   from_pretrained(saved / "sharded").embed_tokens.embedding.value)
+
+
+@pytest.mark.parametrize("field, value", [("eos_token_id", -1), ("bos_token_id", -1), ("eos_token_id", [2, -1])])
+def test_a_config_json_token_id_that_is_no_token_id_is_refused_without_a_generation_config(tmp_path, field, value):
+    """Was: loaded (transformers only warns); its export then wrote generation_config.json derived from config.json,
+    which the reload refused, and deleting that file, as the refusal advised, derived the same one again."""
+    model = init_model(tiny_config(**{field: value}), seed=0)
+    directory = save_pretrained(tmp_path / "export", model, model.config)
+    (directory / "generation_config.json").unlink()
+    with pytest.raises(CheckpointError, match=rf"{directory / 'config.json'} sets '{field}' to "
+                                              rf"{re.escape(json.dumps(value))}, .*Fix config\.json"):
+        from_pretrained(directory)

@@ -126,7 +126,8 @@ def read_generation_config(path_or_name: str | os.PathLike) -> transformers.Gene
     if not (directory / GENERATION_CONFIG_NAME).is_file():
         return None
     # cut short, or no JSON object: a `damaged_file`
-    _check_token_ids(directory / GENERATION_CONFIG_NAME, read_json_object(directory / GENERATION_CONFIG_NAME))
+    _check_token_ids(directory / GENERATION_CONFIG_NAME, read_json_object(directory / GENERATION_CONFIG_NAME),
+                     "; or delete it (an export then derives one from config.json)")
     try:
         return transformers.GenerationConfig.from_pretrained(directory)
     except (OSError, ValueError, TypeError) as error:
@@ -134,10 +135,10 @@ def read_generation_config(path_or_name: str | os.PathLike) -> transformers.Gene
                               "delete it to export one derived from config.json.") from error
 
 
-def _check_token_ids(path: Path, fields: dict[str, Any]) -> None:
+def _check_token_ids(path: Path, fields: dict[str, Any], fix: str) -> None:
     """Each token id field of `path` holds null, an id or (where transformers takes one) a list of ids: transformers
     keeps `"x"`, 2.5, true or an EOS of -1 without a word, and ``generate`` then fails far from the file, or, for an
-    EOS of -1, never stops."""
+    EOS of -1, never stops. `fix`: what else to do about the file."""
     for field, (listed, negative) in _TOKEN_ID_FIELDS.items():
         value = fields.get(field)
         if value is None or _is_token_id(value, negative) or (
@@ -146,8 +147,8 @@ def _check_token_ids(path: Path, fields: dict[str, Any]) -> None:
         sign = "" if negative else "non-negative "
         kind = f"a {sign}int, a list of them, or null" if listed else f"one {sign}int, or null"
         raise CheckpointError(f"{path} sets '{field}' to {json.dumps(value)}, which is no token id: it must be "
-                              f"{kind}. Fix the file: the id the tokenizer uses (e.g. tokenizer.eos_token_id), or "
-                              "null; or delete it (an export then derives one from config.json).")
+                              f"{kind}. Fix {path.name}: the id the tokenizer uses (e.g. tokenizer.eos_token_id), "
+                              f"or null{fix}.")
 
 
 def _is_token_id(value: Any, negative: bool) -> bool:
@@ -256,7 +257,8 @@ def from_pretrained(
     Raises:
         CheckpointError: Unresolvable name, unsupported ``model_type``, no weights, or weights not
             matching the config (one error listing every missing, unexpected and mis-shaped tensor), an
-            unreadable ``generation_config.json`` or one whose token ids are none, a shard index naming a file
+            unreadable ``generation_config.json`` or one whose token ids are none (without one, such ids in
+            ``config.json``, which an export would write there), a shard index naming a file
             outside the directory, a weight the cast to ``param_dtype`` makes inf, or a call inside a trace
             (``jax.jit``, a ``Frozen`` builder): load outside it and pass the module.
 
@@ -275,6 +277,8 @@ def from_pretrained(
     directory = resolve_checkpoint(path_or_name)
     config = _read_config(directory)
     generation_config = read_generation_config(directory)
+    if generation_config is None:  # an export derives generation_config.json from config.json's ids
+        _check_token_ids(directory / "config.json", config.to_dict(), "")
     entries = read_headers(directory)
     layout = hf_layout(config)  # the check's and the reads' (built from a shape-only model: once)
     loadable = _validate(entries, config, layout)
