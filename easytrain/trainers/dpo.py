@@ -87,7 +87,7 @@ class DPOTrainer(DPORecordHooks, BaseTrainer):
                            "--no_disable_dropout to train with it.", self.lora.dropout)
 
     def check_inputs(self) -> None:
-        check_arguments_for_dpo(self.arguments, self.dpo)  # before output_dir is made, agreed by every process
+        check_arguments_for_dpo(self.arguments, self.dpo)  # first in the agreed start: a refusal leaves no output_dir
         if self.dpo.ref_model_name_or_path:  # refused before any data work: no such path, an unresolvable hub id
             check_reference_path(self.dpo.ref_model_name_or_path)
 
