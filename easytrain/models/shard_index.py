@@ -60,7 +60,7 @@ def _weight_map(index_path: Path) -> dict[str, str]:
         raise damaged_file(index_path, ValueError(
             f"'weight_map' maps {len(outside)} tensor(s) ({_preview_names(outside, 2)}) to {_preview_names(files)}, "
             f"outside {index_path.parent}: a checkpoint directory holds its own shards (a hub repository cannot name "
-            "such a file)"))
+            "such a file; a copy made by hand: move the shards into the directory, named relative to it)"))
     return weight_map
 
 
