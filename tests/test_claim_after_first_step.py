@@ -14,7 +14,7 @@ from easytrain.checkpoint import finalized_steps
 from easytrain.errors import DeviceMemoryError
 from easytrain.jobs import read_job
 from easytrain.trainers.held_run import REPLACED_DIRNAME, HeldRun
-from easytrain.trainers import process_failure, run_lock
+from easytrain.trainers import held_run, process_failure, run_lock
 from easytrain.trainers.preemption import TrainingPreempted
 from easytrain.trainers.claim import claim_output_dir
 from easytrain.trainers.run_dir import SUPERSEDED_DIRNAME
@@ -298,3 +298,35 @@ def test_a_fresh_run_failing_before_step_one_leaves_no_wandb_folder(run_copy, tm
     with pytest.raises(DeviceMemoryError):
         RefusedMemory(args_for(run_copy, overwrite_output_dir=True, report_to=["jsonl", "wandb"])).train()
     assert _changed(run_copy, before) == []
+
+
+def test_a_leftover_this_user_cannot_list_is_named_not_a_failed_claim(run_copy, monkeypatch, caplog):
+    """What another user's killed claim left in replaced_run/ may be unreadable here (forced by the test: root reads
+    anything): the claim names it as an older run, as before leftovers were told apart, instead of failing."""
+    left = run_copy / REPLACED_DIRNAME / "20240101-000000"
+    left.mkdir(parents=True)
+    iterdir = Path.iterdir
+
+    def refused(path):
+        if path == left:
+            raise PermissionError(13, "Permission denied (forced by the test)", str(path))
+        return iterdir(path)
+
+    monkeypatch.setattr(Path, "iterdir", refused)
+    with caplog.at_level("WARNING", logger="easytrain"):
+        claim_output_dir(args_for(run_copy, resume_from_checkpoint="latest"), (run_copy / "checkpoints", 4))
+    assert any(str(left) in r.message and "older runs" in r.message for r in caplog.records)
+
+
+def test_a_claim_in_the_second_of_a_failed_deletion_still_deletes_its_held_run(tmp_path, monkeypatch):
+    """A claim named `<time>` like an earlier one whose deletion failed (`<time>.deleting`: a rerun within the same
+    second) renames its own held run elsewhere at settle, and both go."""
+    run = tmp_path / "run"
+    (run / REPLACED_DIRNAME / "20240101-000000.deleting").mkdir(parents=True)
+    (run / REPLACED_DIRNAME / "20240101-000000.deleting" / "left").write_text("")
+    (run / "metrics.jsonl").write_text("")
+    monkeypatch.setattr(held_run.time, "strftime", lambda _: "20240101-000000")
+    held = claim_output_dir(args_for(run, overwrite_output_dir=True), None)
+    assert sorted(p.name for p in (run / REPLACED_DIRNAME).iterdir()) == ["20240101-000000", "20240101-000000.deleting"]
+    held.settle()
+    assert not (run / REPLACED_DIRNAME).exists()

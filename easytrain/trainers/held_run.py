@@ -207,7 +207,10 @@ def leftover_kind(path: Path) -> str:
     `DELETING_SUFFIX`), one holding only the `*.before` copies of a resume's logs (`HeldRun.copy`), or an older run."""
     if path.name.endswith(DELETING_SUFFIX):
         return "deleting"
-    entries = list(path.iterdir()) if path.is_dir() and not path.is_symlink() else []  # the copies lie at its top
+    try:  # the copies lie at its top; one this user cannot list (another's) is taken for an older run
+        entries = list(path.iterdir()) if path.is_dir() and not path.is_symlink() else []
+    except OSError:
+        entries = []
     return "log copies" if entries and all(p.is_file() and p.name.endswith(".before") for p in entries) else "older run"
 
 
@@ -221,12 +224,22 @@ def _delete_held(held: Path) -> None:
     doomed = held
     try:
         if present(held) and not held.name.endswith(DELETING_SUFFIX):
-            doomed = held.rename(held.with_name(held.name + DELETING_SUFFIX))
+            doomed = held.rename(_deleting_name(held))
         _delete(doomed)
     except OSError as error:
         logger.warning("could not delete %s (%s: %s), what the claim of output_dir held of the older run there; the "
                        "run goes on. Delete it by hand (see its permissions), or leave it: the next run claiming this "
                        "output_dir deletes it once its first step is done", doomed, type(error).__name__, error)
+
+
+def _deleting_name(held: Path) -> Path:
+    """`held` with `DELETING_SUFFIX`, at a name no leftover has: a claim in the same second as one whose deletion
+    failed is named alike, and a rename onto that leftover would fail (or merge into it)."""
+    candidate, n = held.with_name(held.name + DELETING_SUFFIX), 1
+    while present(candidate):
+        n += 1
+        candidate = held.with_name(f"{held.name}-{n}{DELETING_SUFFIX}")
+    return candidate
 
 
 def _link_target(source: Path, link: Path) -> str:
