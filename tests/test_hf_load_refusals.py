@@ -249,3 +249,16 @@ def test_a_config_json_token_id_that_is_no_token_id_is_refused_without_a_generat
     with pytest.raises(CheckpointError, match=rf"{directory / 'config.json'} sets '{field}' to "
                                               rf"{re.escape(json.dumps(value))}, .*Fix config\.json"):
         from_pretrained(directory)
+
+
+def test_index_entries_spelled_with_dot_segments_load(saved, tmp_path):
+    """`./name` and `shards/../name` name a file inside the directory: read as `name` (one file, once)."""
+    directory = shutil.copytree(saved / "sharded", tmp_path / "model")
+    index_path = directory / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    spellings = ["./{}", "shards/../{}", "{}"]
+    index["weight_map"] = {name: spellings[i % 3].format(file) for i, (name, file) in
+                           enumerate(sorted(index["weight_map"].items()))}
+    index_path.write_text(json.dumps(index))
+    np.testing.assert_array_equal(from_pretrained(directory).embed_tokens.embedding.value,
+                                  from_pretrained(saved / "sharded").embed_tokens.embedding.value)
