@@ -2,7 +2,9 @@
 whatever removes or moves things there (`run_dir.remove`, the claim, `HeldRun.settle` and `undo`) takes the link
 itself, never what it points to."""
 
+import errno
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -168,3 +170,37 @@ def test_settle_names_where_a_relative_link_pointed(tmp_path, caplog):
         held.settle()
     assert any(f"a link to {target}:" in r.message for r in caplog.records)
     assert (target / "kept").exists()
+
+
+def test_a_set_aside_copy_across_disks_that_fails_leaves_no_part_of_it(run_copy, tmp_path, monkeypatch):
+    """Setting step 4 aside through a checkpoints/ linked to another disk is a copy (the disks forced by the test);
+    one that fails midway (that disk full) refuses the claim and leaves no half checkpoint in superseded_checkpoints/;
+    one that succeeds takes step 4 off the scratch disk, and `undo` copies it back."""
+    scratch = tmp_path / "scratch"
+    os.rename(run_copy / "checkpoints", scratch)
+    (run_copy / "checkpoints").symlink_to(scratch, target_is_directory=True)
+    rename, copyfile, copied = os.rename, shutil.copyfile, []
+
+    def across_disks(source, destination, *args, **kwargs):
+        if any(str(scratch) in os.path.realpath(path) for path in (source, destination)):
+            raise OSError(errno.EXDEV, "Invalid cross-device link (forced by the test)")
+        return rename(source, destination, *args, **kwargs)
+
+    def disk_full_at_the_second_file(source, destination, *args, **kwargs):
+        if copied:
+            raise OSError(errno.ENOSPC, "No space left on device (forced by the test)")
+        copied.append(source)
+        return copyfile(source, destination, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", across_disks)
+    monkeypatch.setattr(shutil, "copyfile", disk_full_at_the_second_file)
+    args = args_for(run_copy, resume_from_checkpoint=str(run_copy / "checkpoints" / "2"))
+    with pytest.raises(OSError, match="No space left"):
+        claim_output_dir(args, (run_copy / "checkpoints", 2))
+    assert copied and finalized_steps(scratch) == [2, 4]
+    assert not (run_copy / SUPERSEDED_DIRNAME).exists()
+    monkeypatch.setattr(shutil, "copyfile", copyfile)
+    held = claim_output_dir(args, (run_copy / "checkpoints", 2))
+    assert finalized_steps(scratch) == [2]
+    held.undo()
+    assert finalized_steps(scratch) == [2, 4] and not (run_copy / SUPERSEDED_DIRNAME).exists()

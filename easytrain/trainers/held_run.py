@@ -23,6 +23,7 @@ still cost the older run; holding covers whatever ends the run before its first 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import os
 import shutil
@@ -65,10 +66,11 @@ class HeldRun:
         return bool(self.moves or self.copies or self.leftovers)
 
     def move(self, source: Path, destination: Path) -> Path:
-        """Move `source` to `destination` (a new path), recorded so that `undo` moves it back."""
-        moved = Path(shutil.move(str(source), str(destination)))
-        self.moves.append((source, moved))
-        return moved
+        """Move `source` to `destination` (a new path), recorded so that `undo` moves it back. Across file systems
+        (through a checkpoints/ linked to a scratch disk) it is a copy, then the source is deleted (`_move`)."""
+        _move(source, destination)
+        self.moves.append((source, destination))
+        return destination
 
     def remove(self, target: Path) -> None:
         """What the claim would delete: moved into this claim's `replaced_run/<time>/`, deleted at `settle`."""
@@ -163,7 +165,7 @@ class HeldRun:
                     continue
                 _delete(source)
             source.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(moved), str(source))
+            _move(moved, source)
         for directory in reversed(self.made):
             _remove_if_empty(directory)
         if self:
@@ -240,6 +242,29 @@ def _deleting_name(held: Path) -> Path:
         n += 1
         candidate = held.with_name(f"{held.name}-{n}{DELETING_SUFFIX}")
     return candidate
+
+
+def _move(source: Path, destination: Path) -> None:
+    """`shutil.move` to a new path, except that a copy across file systems that fails midway (that disk full) leaves
+    no part of it beside the whole source; a deletion of the source that fails leaves the whole copy, as it did."""
+    try:
+        os.rename(source, destination)
+        return
+    except OSError:
+        pass  # as `shutil.move`: another file system, or one that cannot rename directories
+    if present(destination):
+        raise FileExistsError(errno.EEXIST, "cannot move onto it", str(destination))
+    try:
+        if source.is_symlink():
+            os.symlink(os.readlink(source), destination)
+        elif source.is_dir():
+            shutil.copytree(source, destination, symlinks=True)
+        else:
+            shutil.copy2(source, destination)
+    except BaseException:
+        _delete(destination)
+        raise
+    _delete(source)
 
 
 def _link_target(source: Path, link: Path) -> str:
