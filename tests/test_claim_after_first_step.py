@@ -2,6 +2,7 @@
 remove (`overwrite_output_dir`) or set aside (resuming an older step) is held, put back byte for byte if the run ends
 before its first step is done, and removed or set aside for good once it is (`easytrain.trainers.held_run`)."""
 
+import errno
 import os
 import shutil
 import signal
@@ -13,7 +14,7 @@ from easytrain import BaseTrainer
 from easytrain.checkpoint import finalized_steps
 from easytrain.errors import DeviceMemoryError
 from easytrain.jobs import read_job
-from easytrain.trainers.held_run import REPLACED_DIRNAME, HeldRun
+from easytrain.trainers.held_run import REPLACED_DIRNAME, HeldRun, tracker_records
 from easytrain.trainers import held_run, process_failure, run_lock
 from easytrain.trainers.preemption import TrainingPreempted
 from easytrain.trainers.claim import claim_output_dir
@@ -330,3 +331,26 @@ def test_a_claim_in_the_second_of_a_failed_deletion_still_deletes_its_held_run(t
     assert sorted(p.name for p in (run / REPLACED_DIRNAME).iterdir()) == ["20240101-000000", "20240101-000000.deleting"]
     held.settle()
     assert not (run / REPLACED_DIRNAME).exists()
+
+
+def test_undo_puts_the_older_run_back_when_the_failed_runs_wandb_folder_cannot_go(tmp_path, monkeypatch, caplog):
+    """W&B may still write its offline run into wandb/ while the claim is undone (a claim refused midway, or the
+    failure watcher's undo): its removal failing is a warning, and the older run still goes back."""
+    run = tmp_path / "run"
+    (run / "checkpoints" / "2").mkdir(parents=True)
+    (run / "checkpoints" / "2" / "state").write_text("older")
+    held = HeldRun(run, records=tracker_records(run))  # read before W&B opens: no wandb/ there
+    held.remove(run / "checkpoints")  # as an overwrite's claim does
+    (run / "wandb" / "offline-run").mkdir(parents=True)
+    rmtree = shutil.rmtree
+
+    def still_written(path, *args, **kwargs):
+        if Path(path).name == "wandb":
+            raise OSError(errno.ENOTEMPTY, "Directory not empty (forced by the test)", str(path))
+        return rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", still_written)
+    with caplog.at_level("WARNING", logger="easytrain"):
+        held.undo()
+    assert (run / "checkpoints" / "2" / "state").read_text() == "older"
+    assert any(str(run / "wandb") in r.message for r in caplog.records)

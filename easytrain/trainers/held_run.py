@@ -151,10 +151,13 @@ class HeldRun:
         for added in self.absent:
             _delete(added)
         for record, content in self.records.items():  # the older run's trackers: a resume of it logs into them
-            if content is None:
-                _delete(record)
-            else:
+            if content is not None:
                 record.write_bytes(content)
+                continue
+            try:
+                _delete(record)
+            except OSError as error:  # W&B may still write into wandb/: the older run goes back all the same
+                logger.warning("could not remove %s, which the failed run made (%s); delete it by hand", record, error)
         for directory, entries in self.listings.items():
             for added in [p for p in directory.iterdir() if p.name not in entries] if directory.is_dir() else []:
                 _delete(added)
