@@ -12,6 +12,7 @@ import pytest
 from easytrain import BaseTrainer
 from easytrain.checkpoint import finalized_steps
 from easytrain.errors import OutputDirError
+from easytrain.reporting import truncate_jsonl
 from easytrain.trainers.claim import claim_output_dir
 from easytrain.trainers.held_run import REPLACED_DIRNAME
 from easytrain.trainers.run_dir import SUPERSEDED_DIRNAME, check_output_dir, remove, remove_unstarted_logs
@@ -204,3 +205,18 @@ def test_a_set_aside_copy_across_disks_that_fails_leaves_no_part_of_it(run_copy,
     assert finalized_steps(scratch) == [2]
     held.undo()
     assert finalized_steps(scratch) == [2, 4] and not (run_copy / SUPERSEDED_DIRNAME).exists()
+
+
+def test_undo_puts_back_a_log_that_was_a_link(run_copy, tmp_path):
+    """A resume of an older step rewrites metrics.jsonl (`truncate_jsonl` replaces the path, never writing through
+    a link): where it was a link to a file elsewhere, `undo` puts the link back, its target untouched."""
+    target = tmp_path / "kept-logs" / "metrics.jsonl"
+    target.parent.mkdir()
+    os.rename(run_copy / "metrics.jsonl", target)
+    (run_copy / "metrics.jsonl").symlink_to(target)
+    logged = target.read_bytes()
+    held = claim_output_dir(args_for(run_copy, resume_from_checkpoint=str(run_copy / "checkpoints" / "2")),
+                            (run_copy / "checkpoints", 2))
+    truncate_jsonl(run_copy / "metrics.jsonl", 2)  # as the resumed run's log does when it opens
+    held.undo()
+    assert os.readlink(run_copy / "metrics.jsonl") == str(target) and target.read_bytes() == logged

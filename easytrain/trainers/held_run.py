@@ -78,9 +78,11 @@ class HeldRun:
             self.move(target, self._holding() / target.relative_to(self.output_dir))
 
     def copy(self, target: Path) -> None:
-        """A file the run rewrites in place (a log it truncates): copied, put back by `undo`."""
-        if target.is_file():
-            self.copies.append((target, Path(shutil.copy2(target, self._holding() / f"{target.name}.before"))))
+        """A file the run rewrites in place (a log it truncates): copied, put back by `undo`. A link is copied as the
+        link: the run replaces the path (`os.replace`), never writing through it, so its target stays as it was."""
+        if target.is_file() or target.is_symlink():
+            copied = shutil.copy2(target, self._holding() / f"{target.name}.before", follow_symlinks=False)
+            self.copies.append((target, Path(copied)))
 
     def list_entries(self, directory: Path) -> None:
         """A directory the run adds files to (TensorBoard's events): `undo` removes the entries added since."""
