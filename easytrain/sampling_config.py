@@ -11,13 +11,12 @@ name rather than ignored, so a config never decodes differently from what it say
 from __future__ import annotations
 
 import logging
-import numbers
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from easytrain.generation import Default, GenerationConfig, GenerationError
+from easytrain.generation import Default, GenerationConfig, GenerationError, _is_int
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +131,7 @@ def fill_settings(generation_config: Any, passed: dict[str, Any]) -> dict[str, A
     for name in ("max_new_tokens", "do_sample", "eos_token_id", "pad_token_id"):
         if name not in settings and fields.get(name) is not None:
             settings[name] = fields[name]
-    if "pad_token_id" not in passed and _is_negative_int(settings.get("pad_token_id")):
+    if "pad_token_id" not in passed and _is_int(pad := settings.get("pad_token_id")) and pad < 0:
         logger.warning("generation_config sets pad_token_id=%s, no token id (LLaMA-1 conversions carry it, and "
                        "transformers only warns): finished rows are filled with the default pad, the first EOS id, "
                        "instead; pass pad_token_id to choose another.", settings.pop("pad_token_id"))
@@ -152,7 +151,3 @@ def _from_config(name: str, value: Any) -> Any:
     if (name == "top_k" and value == 0) or (name == "top_p" and value == 1):
         return None
     return value
-
-
-def _is_negative_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value < 0
