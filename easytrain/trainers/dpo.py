@@ -230,9 +230,7 @@ class DPOTrainer(DPORecordHooks, BaseTrainer):
 
     @property
     def _reference_from_policy(self) -> bool:
-        """Under LoRA, the default reference runs the policy's own weights: no second copy of the base."""
-        return (self.lora is not None and self.dpo.needs_reference and not self.dpo.precompute_ref_log_probs
-                and not self.dpo.ref_model_name_or_path)
+        return reference_from_policy(self.arguments, self.dpo)
 
     @property
     def reference_is_base(self) -> bool:
@@ -243,8 +241,7 @@ class DPOTrainer(DPORecordHooks, BaseTrainer):
     def reference_is_initial_adapters(self) -> bool:
         """Under LoRA from a trained adapter (`lora_adapter_path`) or another run's weights (`init_weights_from`): the
         policy's weights with a copy of the trainable values it started from (`INITIAL_ADAPTERS`)."""
-        args = self.arguments
-        return self._reference_from_policy and bool(args.lora_adapter_path or args.init_weights_from)
+        return self._reference_from_policy and starts_from_trained_weights(self.arguments)
 
     def configure_frozen(self) -> Mapping[str, Frozen]:
         frozen = {}
@@ -365,22 +362,36 @@ def check_template_read(split: Any, path: str) -> bool:
     return False
 
 
+def uses_lora(args: TrainingArguments) -> bool:
+    """LoRA is on with `lora_rank` or `lora_adapter_path` (`adapters.run_config` is then a `LoRAConfig`)."""
+    return bool(args.lora_rank or args.lora_adapter_path)
+
+
+def starts_from_trained_weights(args: TrainingArguments) -> bool:
+    """A trained adapter (`lora_adapter_path`) or another run's weights (`init_weights_from`) to start from."""
+    return bool(args.lora_adapter_path or args.init_weights_from)
+
+
+def reference_from_policy(args: TrainingArguments, dpo: DPOArguments) -> bool:
+    """Under LoRA, the default reference runs the policy's own weights: no second copy of the base."""
+    return (uses_lora(args) and dpo.needs_reference and not dpo.precompute_ref_log_probs
+            and not dpo.ref_model_name_or_path)
+
+
 def check_arguments_for_dpo(args: TrainingArguments, dpo: DPOArguments) -> None:
     """What DPO refuses from the arguments alone (`DPOTrainer.check_inputs`, before anything is written): a text
-    column (pairs are prompt/chosen/rejected), and under LoRA a reference its training would move. LoRA is on with
-    `lora_rank` or `lora_adapter_path`; the adapter-off reference (`reference_is_base`) is the policy's own reference
-    without a trained adapter or another run's weights to start from, so its LoRA config is the arguments'."""
+    column (pairs are prompt/chosen/rejected), and under LoRA a reference its training would move. The adapter-off
+    reference (`reference_is_base`) starts from no trained weights, so its LoRA config is the arguments'."""
     if args.text_column != "text":
         raise ArgumentError("text_column", f"{args.text_column!r} is not read by DPO, whose rows are "
                             "prompt/chosen/rejected (docs/dpo.md); leave text_column at 'text', or map another "
                             "layout with a formatting_func.")
-    if not (args.lora_rank or args.lora_adapter_path):
+    if not uses_lora(args):
         return
     if dpo.sync_ref_model:
         raise ArgumentError("sync_ref_model", "TR-DPO mixes the trained weights into a reference copy; under "
                                               "LoRA only adapters train. Drop sync_ref_model or lora_rank.")
-    adapter_off = (dpo.needs_reference and not dpo.precompute_ref_log_probs and not dpo.ref_model_name_or_path
-                   and not (args.lora_adapter_path or args.init_weights_from))
+    adapter_off = reference_from_policy(args, dpo) and not starts_from_trained_weights(args)
     if adapter_off and (args.lora_train_embeddings or args.lora_train_norms):
         raise ArgumentError("lora_train_embeddings" if args.lora_train_embeddings else "lora_train_norms",
                             "the adapter-off reference would move with the fully trained embeddings/norms; "
