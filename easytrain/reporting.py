@@ -105,16 +105,29 @@ def _step_of(line: str) -> int | None:
 
 
 def truncate_jsonl(path: Path, last_step: int) -> None:
-    """Atomically drops lines with ``step > last_step`` (and torn lines) from ``path``."""
+    """Atomically drops lines with ``step > last_step`` (and torn lines) from ``path``; a link (logs kept on another
+    disk) stays a link, its target rewritten (`replace_through_link`)."""
     if not path.exists():
         return
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
     kept = [line for line in lines if (step := _step_of(line)) is not None and step <= last_step]
     if len(kept) == len(lines) and all(line.endswith("\n") for line in kept):
         return
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line if line.endswith("\n") else line + "\n" for line in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    replace_through_link(path, "".join(line if line.endswith("\n") else line + "\n" for line in kept).encode())
+
+
+def replace_through_link(path: Path, content: bytes) -> None:
+    """Replace the file `path` leads to with `content`, atomically (a temporary file beside it, then `os.replace`,
+    which stays on its disk): where `path` is a link, its target is replaced and the link kept, so that the lines
+    written next reach the same file, not a plain one left in `path`'s place."""
+    real = Path(os.path.realpath(path))
+    tmp = real.with_name(f".{real.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(content)
+        os.replace(tmp, real)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 # ----------------------------------------------------------------------------- sinks

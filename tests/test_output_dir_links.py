@@ -208,8 +208,8 @@ def test_a_set_aside_copy_across_disks_that_fails_leaves_no_part_of_it(run_copy,
 
 
 def test_undo_puts_back_a_log_that_was_a_link(run_copy, tmp_path):
-    """A resume of an older step rewrites metrics.jsonl (`truncate_jsonl` replaces the path, never writing through
-    a link): where it was a link to a file elsewhere, `undo` puts the link back, its target untouched."""
+    """A resume of an older step rewrites metrics.jsonl (`truncate_jsonl` writes through a link): where it was a link
+    to a file elsewhere, `undo` puts back the target's lines, the link as it was."""
     target = tmp_path / "kept-logs" / "metrics.jsonl"
     target.parent.mkdir()
     os.rename(run_copy / "metrics.jsonl", target)
@@ -220,3 +220,17 @@ def test_undo_puts_back_a_log_that_was_a_link(run_copy, tmp_path):
     truncate_jsonl(run_copy / "metrics.jsonl", 2)  # as the resumed run's log does when it opens
     held.undo()
     assert os.readlink(run_copy / "metrics.jsonl") == str(target) and target.read_bytes() == logged
+
+
+def test_a_resume_truncates_a_linked_log_through_its_link(tmp_path):
+    """Logs linked to another disk stay linked across a resume: the records past the resumed step are dropped from
+    the target, and the run's next lines reach it (not a plain file left in output_dir)."""
+    target = tmp_path / "scratch" / "metrics.jsonl"
+    target.parent.mkdir()
+    target.write_text("".join(f'{{"step": {step}, "split": "train"}}\n' for step in (1, 2, 3, 4)))
+    (tmp_path / "metrics.jsonl").symlink_to(target)
+    truncate_jsonl(tmp_path / "metrics.jsonl", 2)
+    assert os.readlink(tmp_path / "metrics.jsonl") == str(target)
+    assert [line[:11] for line in target.read_text().splitlines()] == ['{"step": 1,', '{"step": 2,']
+    assert sorted(p.name for p in target.parent.iterdir()) == ["metrics.jsonl"], "no temporary file left there"
+

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from easytrain.jobs import JOB_FILENAME
+from easytrain.reporting import replace_through_link
 from easytrain.sinks import MLFLOW_STATE_FILENAME, WANDB_STATE_FILENAME
 from easytrain.trainers.run_dir import present, remove as _delete
 
@@ -57,6 +58,7 @@ class HeldRun:
     leftovers: list[Path] = dataclasses.field(default_factory=list)  # a killed run's held runs, removed at `settle`
     absent: list[Path] = dataclasses.field(default_factory=list)  # run outputs the older run lacked: gone at `undo`
     records: dict[Path, bytes | None] = dataclasses.field(default_factory=dict)  # `tracker_records` before they open
+    link_texts: dict[Path, str] = dataclasses.field(default_factory=dict)  # a link moved or copied -> its text then
     holding: Path | None = None
     #: `undo` may come from the failure watcher's thread (`process_failure.before_ending`) while the run settles.
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False, compare=False)
@@ -78,11 +80,15 @@ class HeldRun:
             self.move(target, self._holding() / target.relative_to(self.output_dir))
 
     def copy(self, target: Path) -> None:
-        """A file the run rewrites in place (a log it truncates): copied, put back by `undo`. A link is copied as the
-        link: the run replaces the path (`os.replace`), never writing through it, so its target stays as it was."""
+        """A file the run rewrites in place (a log it truncates): copied, put back by `undo`. Through a link (logs
+        kept on another disk) it is what the link leads to that is copied, and put back, the link kept as it was
+        (a log truncates through it: `reporting.replace_through_link`); a dangling one is copied as the link."""
         if target.is_file() or target.is_symlink():
-            copied = shutil.copy2(target, self._holding() / f"{target.name}.before", follow_symlinks=False)
+            through = target.is_symlink() and target.is_file()
+            copied = shutil.copy2(target, self._holding() / f"{target.name}.before", follow_symlinks=through)
             self.copies.append((target, Path(copied)))
+            if through:
+                self.link_texts[target] = os.readlink(target)
 
     def list_entries(self, directory: Path) -> None:
         """A directory the run adds files to (TensorBoard's events): `undo` removes the entries added since."""
@@ -129,7 +135,7 @@ class HeldRun:
 
     def _forget(self) -> None:
         self.moves, self.copies, self.listings, self.made, self.leftovers, self.holding = [], [], {}, [], [], None
-        self.absent, self.records = [], {}
+        self.absent, self.records, self.link_texts = [], {}, {}
 
     def undo(self) -> None:
         """The run ended before its first step was done: put the older run back as the claim found it. What the run
@@ -149,7 +155,12 @@ class HeldRun:
 
     def _undo(self) -> None:
         for original, copied in reversed(self.copies):
-            copied.replace(original)
+            if original in self.link_texts:
+                _restore_link(original, self.link_texts[original])
+                replace_through_link(original, copied.read_bytes())
+                copied.unlink()
+            else:
+                copied.replace(original)
         for added in self.absent:
             _delete(added)
         for record, content in self.records.items():  # the older run's trackers: a resume of it logs into them
@@ -275,6 +286,14 @@ def _move(source: Path, destination: Path) -> None:
 def _link_target(source: Path, link: Path) -> str:
     """Where `link`, moved from `source`, pointed from there: a relative link no longer leads there once moved."""
     return os.path.normpath(os.path.join(source.parent, os.readlink(link)))
+
+
+def _restore_link(path: Path, text: str) -> None:
+    """`path` a link with `text` again, where the run replaced it (with a plain file) or left it otherwise."""
+    if path.is_symlink() and os.readlink(path) == text:
+        return
+    _delete(path)
+    os.symlink(text, path)
 
 
 def _remove_if_empty(directory: Path) -> None:
