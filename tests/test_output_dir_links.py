@@ -47,13 +47,16 @@ def test_remove_takes_the_link_and_leaves_its_target(tmp_path):
 
 
 def test_a_fresh_runs_unstarted_logs_go_as_links(tmp_path):
+    """The logs a fresh run opened go as links, their targets kept; a dangling link is not one the run wrote through
+    (`check_links` refuses those): it stays."""
     run = tmp_path / "run"
     run.mkdir()
     target = _linked(run / "tensorboard", tmp_path / "scratch")
+    _linked(run / "metrics.csv", tmp_path / "scratch-csv")
     _dangling(run / "metrics.jsonl")
     remove_unstarted_logs(run, is_main_process=True)
-    assert sorted(p.name for p in run.iterdir()) == []
-    assert (target / "kept").exists()
+    assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl"]
+    assert (target / "kept").exists() and (tmp_path / "scratch-csv" / "kept").exists()
 
 
 def test_an_overwrite_moves_linked_checkpoints_and_dangling_links_and_never_empties_their_targets(run_copy, tmp_path,
@@ -130,7 +133,7 @@ def test_a_dangling_link_where_the_run_writes_is_refused_before_anything_is_writ
     run.mkdir()
     _dangling(run / name)
     with pytest.raises(OutputDirError, match=f"{name} links to '.*gone-target'.*does not exist"):
-        check_output_dir(args_for(run))
+        check_output_dir(args_for(run, save_pretrained_at_end=True))
     assert sorted(p.name for p in run.iterdir()) == [name]
 
 
@@ -233,4 +236,21 @@ def test_a_resume_truncates_a_linked_log_through_its_link(tmp_path):
     assert os.readlink(tmp_path / "metrics.jsonl") == str(target)
     assert [line[:11] for line in target.read_text().splitlines()] == ['{"step": 1,', '{"step": 2,']
     assert sorted(p.name for p in target.parent.iterdir()) == ["metrics.jsonl"], "no temporary file left there"
+
+
+def test_a_dangling_link_the_run_does_not_write_through_is_left_alone(tmp_path):
+    """Only the links the run's own outputs go through are refused: a dangling tensorboard/ or wandb/ link where
+    neither is reported to (nor a final_model one, with no export) is left as it is, by the check and by the
+    removal of a failed fresh run's logs."""
+    run = tmp_path / "run"
+    run.mkdir()
+    links = {name: os.readlink(_dangling(run / name)) for name in ("tensorboard", "wandb", "final_model")}
+    assert check_output_dir(args_for(run)) is None
+    remove_unstarted_logs(run, is_main_process=True)
+    assert _links(run) == links
+    for name, report_to in (("tensorboard", ["jsonl", "tensorboard"]), ("wandb", ["wandb"])):
+        with pytest.raises(OutputDirError, match=f"{name} links to '.*gone-target'"):
+            check_output_dir(args_for(run, report_to=report_to))
+    with pytest.raises(OutputDirError, match="final_model links to"):
+        check_output_dir(args_for(run, save_pretrained_at_end=True))
 

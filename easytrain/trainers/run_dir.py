@@ -19,6 +19,8 @@ from easytrain.checkpoint_dirs import asks_latest
 from easytrain.config_io import ARGUMENTS_FILE
 from easytrain.errors import OutputDirError
 from easytrain.jobs import JOB_FILENAME
+from easytrain.reporting import parse_report_to
+from easytrain.sinks import MLFLOW_STATE_FILENAME, WANDB_STATE_FILENAME
 from easytrain.trainers import argument_agreement, shared_output_dir
 from easytrain.trainers.restore_checks import check_run_info_readable
 from easytrain.trainers.shared_output_dir import Gather
@@ -164,7 +166,7 @@ def _checked_directory(args: TrainingArguments, is_main_process: bool,
         check_start(resume)
     own = resumes_own_checkpoints(output_dir, resume)
     if not args.overwrite_output_dir or own:  # a fresh start under overwrite moves them away, as links
-        check_links(output_dir, skip=STARTED_RUN_LOGS if restart else (), overwrite_moves=not own)
+        check_links(output_dir, run_outputs(args), skip=STARTED_RUN_LOGS if restart else (), overwrite_moves=not own)
     if is_main_process:
         check_writable(output_dir)
     if own or args.overwrite_output_dir:
@@ -198,12 +200,25 @@ def present(path: Path) -> bool:
     return path.exists() or path.is_symlink()
 
 
-def check_links(output_dir: Path, skip: tuple[str, ...] = (), overwrite_moves: bool = True) -> None:
-    """Refuse a link whose target is gone where the run writes (its checkpoints/ on a scratch disk not mounted): the
-    run would fail at its first write into it, after its set-up. `skip`: what the claim removes anyway.
+def run_outputs(args: TrainingArguments) -> tuple[str, ...]:
+    """The names in output_dir this run writes through: its checkpoints, records and arguments always, the export
+    where `save_pretrained_at_end`, each log and tracker folder or record where `report_to` names its sink."""
+    sinks = parse_report_to(args.report_to)
+    by_sink = {"jsonl": ("metrics.jsonl",), "csv": ("metrics.csv",), "tensorboard": ("tensorboard",),
+               "wandb": ("wandb", WANDB_STATE_FILENAME), "mlflow": (MLFLOW_STATE_FILENAME,)}
+    return (CHECKPOINTS_DIRNAME, JOB_FILENAME, ARGUMENTS_FILE, "results.json",
+            *(("final_model",) if args.save_pretrained_at_end else ()),
+            *(name for sink, names in by_sink.items() if sink in sinks for name in names))
+
+
+def check_links(output_dir: Path, outputs: Sequence[str], skip: tuple[str, ...] = (),
+                overwrite_moves: bool = True) -> None:
+    """Refuse a link whose target is gone where the run writes (`outputs`, `run_outputs`: its checkpoints/ on a scratch
+    disk not mounted): the run would fail at its first write into it, after its set-up. A link the run does not write
+    through (a `tensorboard` one with no TensorBoard sink) is left alone. `skip`: what the claim removes anyway.
     `overwrite_moves`: whether `overwrite_output_dir` would move the link away (not for a resume of the run's own
     checkpoints, which keeps its outputs in place), offered as a way out only then."""
-    names = [name for name in (*RUN_ARTIFACTS, ARGUMENTS_FILE) if name not in skip]
+    names = [name for name in outputs if name not in skip]
     if dangling := {name: os.readlink(output_dir / name) for name in names
                     if (output_dir / name).is_symlink() and not (output_dir / name).exists()}:
         overwrite = ", or pass --overwrite_output_dir (moves the link away with the older run)" \
@@ -227,10 +242,12 @@ def remove_unstarted_logs(output_dir: Path, is_main_process: bool) -> None:
     """A fresh run stopped or failed before its first step (a signal or an error while it compiled) leaves the logs it
     opened, with no step in them: removed (process 0), so that the same command line starts it again
     (`check_output_dir` would take them for another run's). They are this run's: a fresh run starts only where there
-    are none, or removes them. `job.json` keeps how it ended."""
+    are none, or removes them. `job.json` keeps how it ended. A dangling link is not the run's (`check_links`
+    refused those it writes through): it stays."""
     if is_main_process:
         for name in STARTED_RUN_LOGS:
-            remove(output_dir / name)
+            if (output_dir / name).exists() or not (output_dir / name).is_symlink():
+                remove(output_dir / name)
 
 
 def _process_count() -> int:
