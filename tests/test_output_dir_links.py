@@ -254,3 +254,19 @@ def test_a_dangling_link_the_run_does_not_write_through_is_left_alone(tmp_path):
     with pytest.raises(OutputDirError, match="final_model links to"):
         check_output_dir(args_for(run, save_pretrained_at_end=True))
 
+
+def test_a_relative_step_link_set_aside_still_leads_to_its_step(run_copy, tmp_path):
+    """A step directory that is a relative link (`checkpoints/4 -> ../../step-4`) keeps leading to that step once
+    moved into superseded_checkpoints/<time>/ (its text rewritten for the new place), and `undo` puts back the text
+    it had."""
+    os.rename(run_copy / "checkpoints" / "4", tmp_path / "step-4")
+    (run_copy / "checkpoints" / "4").symlink_to(Path("..") / ".." / "step-4", target_is_directory=True)
+    args = args_for(run_copy, resume_from_checkpoint=str(run_copy / "checkpoints" / "2"))
+    held = claim_output_dir(args, (run_copy / "checkpoints", 2))
+    [aside] = (run_copy / SUPERSEDED_DIRNAME).iterdir()
+    assert (aside / "4").is_symlink() and (aside / "4").resolve() == (tmp_path / "step-4").resolve()
+    held.undo()
+    assert os.readlink(run_copy / "checkpoints" / "4") == str(Path("..") / ".." / "step-4")
+    held = claim_output_dir(args, (run_copy / "checkpoints", 2))
+    held.settle()
+    assert finalized_steps(aside) == [4], "the step set aside is found through its link"

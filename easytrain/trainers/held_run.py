@@ -13,7 +13,8 @@ deletes `replaced_run/`. A process ended by the failure watcher undoes first (`p
 killed in between leaves the older run in `replaced_run/`, whole: moved back by hand, or removed by the next claim
 under `overwrite_output_dir` once its first step is done. A deletion at `settle` the file system refuses is a warning,
 never the healthy run's failure: what is left, renamed `<time>.deleting` first, goes at the next claim's `settle`.
-Links are moved, copied and removed as links, never followed (`run_dir.remove`).
+Links are moved, copied and removed as links, never followed (`run_dir.remove`); a relative one moved is made again
+with a text for its new place, so it leads where it did (`_relinked`), and moved back gets its own text again.
 
 Compiling ahead before the claim instead would cover only what `plan_memory` compiles: a `train_iteration` of a
 subclass compiles its own steps at the first call, after the claim, and a runtime failure of the first step would
@@ -58,7 +59,8 @@ class HeldRun:
     leftovers: list[Path] = dataclasses.field(default_factory=list)  # a killed run's held runs, removed at `settle`
     absent: list[Path] = dataclasses.field(default_factory=list)  # run outputs the older run lacked: gone at `undo`
     records: dict[Path, bytes | None] = dataclasses.field(default_factory=dict)  # `tracker_records` before they open
-    link_texts: dict[Path, str] = dataclasses.field(default_factory=dict)  # a link moved or copied -> its text then
+    link_texts: dict[Path, str] = dataclasses.field(default_factory=dict)  # a link moved -> its text then
+    copied_links: dict[Path, str] = dataclasses.field(default_factory=dict)  # a link whose target was copied -> text
     holding: Path | None = None
     #: `undo` may come from the failure watcher's thread (`process_failure.before_ending`) while the run settles.
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False, compare=False)
@@ -70,6 +72,8 @@ class HeldRun:
     def move(self, source: Path, destination: Path) -> Path:
         """Move `source` to `destination` (a new path), recorded so that `undo` moves it back. Across file systems
         (through a checkpoints/ linked to a scratch disk) it is a copy, then the source is deleted (`_move`)."""
+        if source.is_symlink():
+            self.link_texts[source] = os.readlink(source)  # `undo` puts back this text, not the one made for its place
         _move(source, destination)
         self.moves.append((source, destination))
         return destination
@@ -88,7 +92,7 @@ class HeldRun:
             copied = shutil.copy2(target, self._holding() / f"{target.name}.before", follow_symlinks=through)
             self.copies.append((target, Path(copied)))
             if through:
-                self.link_texts[target] = os.readlink(target)
+                self.copied_links[target] = os.readlink(target)
 
     def list_entries(self, directory: Path) -> None:
         """A directory the run adds files to (TensorBoard's events): `undo` removes the entries added since."""
@@ -128,14 +132,14 @@ class HeldRun:
             self._forget()  # first: nothing is left to move back
         for source, link in links:
             logger.warning("%s was a link to %s: the link is removed with the older run, what it points to is left "
-                           "as it was (delete it there if it is no longer needed)", source, _link_target(source, link))
+                           "as it was (delete it there if it is no longer needed)", source, _link_target(link))
         for held in removed:
             _delete_held(held)
         _remove_if_empty(self.output_dir / REPLACED_DIRNAME)
 
     def _forget(self) -> None:
         self.moves, self.copies, self.listings, self.made, self.leftovers, self.holding = [], [], {}, [], [], None
-        self.absent, self.records, self.link_texts = [], {}, {}
+        self.absent, self.records, self.link_texts, self.copied_links = [], {}, {}, {}
 
     def undo(self) -> None:
         """The run ended before its first step was done: put the older run back as the claim found it. What the run
@@ -155,8 +159,8 @@ class HeldRun:
 
     def _undo(self) -> None:
         for original, copied in reversed(self.copies):
-            if original in self.link_texts:
-                _restore_link(original, self.link_texts[original])
+            if original in self.copied_links:
+                _restore_link(original, self.copied_links[original])
                 replace_through_link(original, copied.read_bytes())
                 copied.unlink()
             else:
@@ -181,7 +185,7 @@ class HeldRun:
                     continue
                 _delete(source)
             source.parent.mkdir(parents=True, exist_ok=True)
-            _move(moved, source)
+            _move(moved, source, link_text=self.link_texts.get(source))
         for directory in reversed(self.made):
             _remove_if_empty(directory)
         if self:
@@ -260,9 +264,17 @@ def _deleting_name(held: Path) -> Path:
     return candidate
 
 
-def _move(source: Path, destination: Path) -> None:
+def _move(source: Path, destination: Path, link_text: str | None = None) -> None:
     """`shutil.move` to a new path, except that a copy across file systems that fails midway (that disk full) leaves
-    no part of it beside the whole source; a deletion of the source that fails leaves the whole copy, as it did."""
+    no part of it beside the whole source; a deletion of the source that fails leaves the whole copy, as it did. A
+    link keeps leading where it did: a relative one is made again with its text for the new place (`link_text`,
+    where given: the text it is to have there)."""
+    if source.is_symlink():
+        text = link_text if link_text is not None else _relinked(source, destination)
+        if text != os.readlink(source):
+            os.symlink(text, destination)
+            _delete(source)
+            return
     try:
         os.rename(source, destination)
         return
@@ -283,9 +295,19 @@ def _move(source: Path, destination: Path) -> None:
     _delete(source)
 
 
-def _link_target(source: Path, link: Path) -> str:
-    """Where `link`, moved from `source`, pointed from there: a relative link no longer leads there once moved."""
-    return os.path.normpath(os.path.join(source.parent, os.readlink(link)))
+def _relinked(source: Path, destination: Path) -> str:
+    """The text of the link `source` moved to `destination`: an absolute one as it is, a relative one leading from
+    there where it led from `source` (through the real directories: `..` in a link climbs out of the real one)."""
+    text = os.readlink(source)
+    if os.path.isabs(text):
+        return text
+    target = os.path.normpath(os.path.join(os.path.realpath(source.parent), text))
+    return os.path.relpath(target, os.path.realpath(destination.parent))
+
+
+def _link_target(link: Path) -> str:
+    """Where `link` points (moved, it points where it did from its first place: `_relinked`)."""
+    return os.path.normpath(os.path.join(os.path.realpath(link.parent), os.readlink(link)))
 
 
 def _restore_link(path: Path, text: str) -> None:
