@@ -15,6 +15,7 @@ from typing import Any
 import jax
 
 from easytrain.errors import EasytrainError
+from easytrain.listing import listed
 
 Signature = dict[str, tuple[tuple[int, ...], str]]
 
@@ -33,9 +34,9 @@ class CheckpointMismatchError(EasytrainError, ValueError):
         lines = ["checkpoint does not match the state to restore into (nothing was loaded; another optimizer or "
                  "optimizer settings, param_dtype or model than the checkpoint's, or a damaged checkpoint: resume an "
                  "earlier step?):"]
-        lines += _first(f"  missing in checkpoint: {key}" for key in missing)
-        lines += _first(f"  unexpected in checkpoint: {key}" for key in unexpected)
-        lines += _first(f"  {key}: stored {got}, expected {want}" for key, (got, want) in mismatched.items())
+        lines += _first(f"missing in checkpoint: {key}" for key in missing)
+        lines += _first(f"unexpected in checkpoint: {key}" for key in unexpected)
+        lines += _first(f"{key}: stored {got}, expected {want}" for key, (got, want) in mismatched.items())
         super().__init__("\n".join(lines))
 
 
@@ -62,9 +63,8 @@ class CheckpointStructureError(CheckpointMismatchError):
 
 
 def _first(lines: Iterable[str], shown: int = 8) -> list[str]:
-    """At most `shown` lines, then how many more there were: a whole optimizer state would fill a screen."""
-    lines = list(lines)
-    return lines if len(lines) <= shown else lines[:shown] + [f"  ... and {len(lines) - shown} more"]
+    """At most `shown` lines, indented, then how many more there were: a whole optimizer state would fill a screen."""
+    return [f"  {line}" for line in listed(lines, shown, "\n").splitlines()]
 
 
 def _key_name(entry: Any) -> str:

@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 
 from easytrain import integrity, sharding
 from easytrain.errors import EasytrainError
+from easytrain.listing import listed
 from easytrain.models.scan import STACKED, layer_slices, unstack_layer_dicts
 
 PyTree = Any
@@ -193,8 +194,8 @@ def _difference(entry: PyTree, params: PyTree) -> str | None:
     ours, theirs = _leaves(entry), _leaves(params)
     for verb, names in (("has", ours.keys() - theirs.keys()), ("lacks", theirs.keys() - ours.keys())):
         if names:
-            shown = ", ".join(sorted(names)[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-            return f"it {verb} {len(names)} leaf(s) that state.params {'lacks' if verb == 'has' else 'has'}: {shown}"
+            return (f"it {verb} {len(names)} leaf(s) that state.params {'lacks' if verb == 'has' else 'has'}: "
+                    f"{listed(sorted(names), 3)}")
     for name, leaf in ours.items():
         if tuple(leaf.shape) != tuple(theirs[name].shape):
             return f"its {name} has shape {list(leaf.shape)} where state.params holds {list(theirs[name].shape)}"

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from easytrain.errors import EasytrainError
+from easytrain.listing import listed
 from easytrain.norms import split_for_sum, splits_at_shards, sum_in_stages, sums_in_place
 
 _UNSIGNED = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
@@ -248,12 +249,8 @@ def verify(tree: Any, expected: dict[str, list[int]], where: str) -> None:
     actual = fingerprint(tree, SMALL_ON_HOST)
     if unrecorded := sorted(actual.keys() - expected.keys()):
         raise CorruptCheckpointError(f"{where}: its fingerprint records no digest for {len(unrecorded)} restored "
-                                     f"array(s) ({_listed(unrecorded)}); the fingerprint file is damaged.")
+                                     f"array(s) ({listed(unrecorded, 8)}); the fingerprint file is damaged.")
     damaged = sorted(path for path, digest in expected.items() if actual.get(path, digest) != digest)
     if damaged:
         raise CorruptCheckpointError(f"{where}: the restored values of {len(damaged)} array(s) differ from what "
-                                     f"was saved ({_listed(damaged)}); the checkpoint files are damaged.")
-
-
-def _listed(paths: list[str], shown: int = 8) -> str:
-    return ", ".join(paths[:shown]) + (f", ... ({len(paths) - shown} more)" if len(paths) > shown else "")
+                                     f"was saved ({listed(damaged, 8)}); the checkpoint files are damaged.")

@@ -17,6 +17,7 @@ from jax.sharding import Mesh
 
 from easytrain import sharding
 from easytrain.errors import ArgumentError
+from easytrain.listing import listed
 from easytrain.state import TrainState, raw_key
 
 Filter = nnx.filterlib.Filter
@@ -157,11 +158,6 @@ def param_dtype_mismatches(module: nnx.Module, param_dtype: Any) -> list[str]:
     return [f"{path} ({dtype})" for path, dtype in float_param_dtypes(module) if dtype != wanted]
 
 
-def _listed(found: list[str], shown: int) -> str:
-    more = f" and {len(found) - shown} more" if len(found) > shown else ""
-    return f"{', '.join(found[:shown])}{more}"
-
-
 def refuse_float16_params(module: nnx.Module, shown: int = 3, *, given: bool = False,
                           trained: nnx.filterlib.Filter = nnx.Param) -> None:
     """Refuse float16 parameters the run trains (`trained`: under LoRA a frozen base is not) in the module passed as
@@ -173,7 +169,7 @@ def refuse_float16_params(module: nnx.Module, shown: int = 3, *, given: bool = F
         return
     source = "the module passed as model=" if given else "the module create_module built"
     raise ArgumentError("param_dtype", f"{source} stores {len(half)} parameter(s) in float16 "
-                        f"({_listed(half, shown)}). The optimizer state is kept in the parameters' dtype, where "
+                        f"({listed(half, shown)}). The optimizer state is kept in the parameters' dtype, where "
                         "adam_epsilon and small squared gradients round to zero (the first updates are non-finite), "
                         "and float16 needs loss scaling, which easytrain does not do. Build it with "
                         "param_dtype=float32 (or bfloat16) and pass --param_dtype to match.")
@@ -188,17 +184,17 @@ def warn_unless_param_dtype(module: nnx.Module, param_dtype: Any, shown: int = 3
     refuse_float16_params(module, shown, given=given, trained=trained)
     if not (found := param_dtype_mismatches(module, param_dtype)):
         return
-    listed = f"{len(found)} parameter(s) in another dtype: {_listed(found, shown)}"
+    which = f"{len(found)} parameter(s) in another dtype: {listed(found, shown)}"
     wanted = jax.numpy.dtype(param_dtype).name
     if given:
         logger.warning("param_dtype is %s, but the module passed as model= holds %s; it is trained in the dtypes it "
                        "was built with. Build it with param_dtype=%s (and dtype=the run's dtype, e.g. nnx.Linear(..., "
-                       "dtype=..., param_dtype=...)), or set param_dtype to the dtype it uses.", wanted, listed, wanted)
+                       "dtype=..., param_dtype=...)), or set param_dtype to the dtype it uses.", wanted, which, wanted)
         return
     logger.warning("param_dtype is %s, but create_module built %s; the module does not read the run's "
                    "dtype/param_dtype. Build it with param_dtype=self.param_dtype and dtype=self.dtype (e.g. "
                    "nnx.Linear(..., dtype=self.dtype, param_dtype=self.param_dtype)) in create_module, or set "
-                   "param_dtype to the dtype it uses.", wanted, listed)
+                   "param_dtype to the dtype it uses.", wanted, which)
 
 
 def compute_dtype_paths(module: nnx.Module) -> dict[str, Any]:
@@ -230,10 +226,9 @@ def check_compute_dtype(module: nnx.Module | None, dtype: Any, shown: int = 3, *
     if module is None or not (paths := compute_dtype_paths(module)):
         return module
     source = "the module passed as model=" if given else "the module create_module built"
-    listed = lambda chosen: ", ".join(f"{p} ({d.name})" for p, d in chosen[:shown]) + (  # noqa: E731
-        f" and {len(chosen) - shown} more" if len(chosen) > shown else "")
+    named = lambda chosen: listed((f"{p} ({d.name})" for p, d in chosen), shown)  # noqa: E731
     if half := [(p, d) for p, d in paths.items() if d == jax.numpy.float16]:
-        raise ArgumentError("dtype", f"{source} computes in float16 ({listed(half)}), which needs dynamic loss "
+        raise ArgumentError("dtype", f"{source} computes in float16 ({named(half)}), which needs dynamic loss "
                                      "scaling that easytrain does not do: small gradients underflow to zero silently. "
                                      "Build it with dtype=bfloat16 (same exponent range as float32) or float32, and "
                                      "pass --dtype bfloat16 or --dtype float32 to match.")
@@ -244,7 +239,7 @@ def check_compute_dtype(module: nnx.Module | None, dtype: Any, shown: int = 3, *
         logger.warning("dtype is %s, but %s computes in %s: %s. It computes in the dtypes it was built with, while "
                        "trainer.dtype, the saved arguments, a resume's dtype check and DPO's reference log-prob cache "
                        "follow --dtype: %s so they agree, or build it with dtype=%s.", wanted.name, source,
-                       "/".join(sorted({d.name for _, d in other})), listed(other), fix, wanted.name)
+                       "/".join(sorted({d.name for _, d in other})), named(other), fix, wanted.name)
     return module
 
 

@@ -22,6 +22,7 @@ from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionS
 
 from easytrain.errors import ArgumentError, MeshError
 from easytrain.indivisible import Dropped, warn_indivisible
+from easytrain.listing import listed
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -194,7 +195,7 @@ def warn_unsharded_mesh_axes(params: Sequence[tuple[str, P]], mesh: Any, rules: 
         _WARNED_MESH_AXES.add(finding)
         logical = [name for name, target in rules if name != "batch"  # the rows of activations, not weights
                    and (target == axis or (isinstance(target, (tuple, list)) and axis in target))]
-        shown = ", ".join(path for path, _ in params[:3]) + (f" and {len(params) - 3} more" if len(params) > 3 else "")
+        shown = listed((path for path, _ in params), 3)
         logger.warning("%s=%d, but no parameter (%s) is split over the mesh axis %r: each is replicated on every "
                        "device. Give the module's parameters logical axes that the partition rules map to %r (%s), "
                        "e.g. nnx.Linear(..., kernel_init=nnx.with_partitioning(init, ('embed', 'mlp'))) on dimensions "

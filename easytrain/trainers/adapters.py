@@ -18,6 +18,7 @@ from flax import nnx
 from easytrain import lora
 from easytrain.argument_checks import field_defaults
 from easytrain.errors import ArgumentError
+from easytrain.listing import listed
 from easytrain.lora_config import (LoRAConfig, LoRAConfigError, as_argument_error, from_arguments,
                                    targets_from_arguments)
 from easytrain.models import save_pretrained
@@ -130,10 +131,10 @@ def check_base(stored: Mapping[str, Any], current: Mapping[str, Any]) -> None:
                                          "with the checkpoint's lora_rank, or start a new output_dir.")
     changed = sorted(name for name in expected.keys() | actual.keys() if expected.get(name) != actual.get(name))
     if changed:
-        shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
         raise ArgumentError("model_name_or_path", f"the base model differs from the one the checkpoint's adapters "
-                                                  f"were trained on ({len(changed)} tensor(s) differ: {shown}). "
-                                                  "Resume over the same base weights, or start a new output_dir.")
+                                                  f"were trained on ({len(changed)} tensor(s) differ: "
+                                                  f"{listed(changed, 5)}). Resume over the same base weights, or start "
+                                                  "a new output_dir.")
 
 
 def export(directory: Path, model: nnx.Module, config: LoRAConfig, *, how: str, model_config: Any,

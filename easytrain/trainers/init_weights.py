@@ -31,6 +31,7 @@ from easytrain import checkpoint_items, integrity
 from easytrain.checkpoint import CheckpointNotFoundError, resolve_checkpoint
 from easytrain.checkpoint_read_errors import source_read_error
 from easytrain.errors import ArgumentError
+from easytrain.listing import listed
 from easytrain.models.scan import STACKED, abstract_layer, abstract_stack
 from easytrain.state import TrainState
 from easytrain.trainers.lora_record import source_run_info
@@ -235,10 +236,10 @@ def initialise_from(source: str, state: TrainState, shardings: TrainState, *, lo
     problems += [f"{'.'.join(p)}: missing from the source" for p in sorted(wanted.keys() - theirs.keys())
                  if not fresh_ok(p, ours[p][0])]
     if problems:
-        shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
         raise ArgumentError("init_weights_from", f"{source} does not fit this model ({len(problems)} tensor(s): "
-                                                 f"{shown}). Use weights of the same architecture (model_config or "
-                                                 "model_name_or_path), or resume_from_checkpoint to continue a run.")
+                                                 f"{listed(problems, 6, '; ')}). Use weights of the same architecture "
+                                                 "(model_config or model_name_or_path), or resume_from_checkpoint to "
+                                                 "continue a run.")
     if not resuming:
         warn_other_base(source, state.base)
     replaced = {part: jax.tree.map(lambda x: x, getattr(state, part)) for part in MODULE_PARTS}
@@ -356,9 +357,8 @@ def put_weights(state: TrainState, shardings: TrainState, weights: dict[Variable
            for path, value in weights.items()):
         return None
     if missing := _missing(weights, ours):
-        shown = ", ".join(".".join(path) for path in missing[:6]) + (f", and {len(missing) - 6} more"
-                                                                      if len(missing) > 6 else "")
-        raise ValueError(f"put_weights: {len(missing)} variable(s) the source set are missing: {shown}; they would "
+        raise ValueError(f"put_weights: {len(missing)} variable(s) the source set are missing: "
+                         f"{listed(('.'.join(path) for path in missing), 6)}; they would "
                          "keep their random initial values. Pass all of `replaced_weights`' result (or every float "
                          "module variable of the state), or initialise this state from the source itself.")
     replaced = {part: jax.tree.map(lambda x: x, getattr(state, part)) for part in MODULE_PARTS}

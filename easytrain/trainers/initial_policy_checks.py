@@ -26,6 +26,7 @@ from flax import nnx
 from easytrain import integrity, placement, sharding
 from easytrain.errors import ArgumentError
 from easytrain.frozen import digests_as_recorded
+from easytrain.listing import listed
 from easytrain.models.scan import STACKED, stack_layer_dicts, unstack_layer_dicts
 from easytrain.trainers.dpo_architecture import ARCHITECTURE, architecture_changes, config_architecture
 from easytrain.trainers.init_weights import float_leaves, resolved_source
@@ -185,5 +186,4 @@ def _changed(expected: Mapping[str, Any] | None, digests: Mapping[str, Any]) -> 
     changed = sorted(path for path in expected.keys() & digests.keys() if expected[path] != digests[path])
     if not changed:
         return ""
-    return f"{len(changed)} tensor(s): " + ", ".join(changed[:5]) + (
-        f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+    return f"{len(changed)} tensor(s): {listed(changed, 5)}"

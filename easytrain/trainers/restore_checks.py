@@ -12,6 +12,7 @@ from easytrain.checkpoint_dirs import finalized_steps
 from easytrain.checkpoint_items import READ_ERRORS, stored_run_info
 from easytrain.checkpoint_read_errors import resume_read_error
 from easytrain.errors import ArgumentError
+from easytrain.listing import listed
 from easytrain.lora_config import EMBEDDING_MODULES
 
 #: The run_info key of the digests of each frozen entry rebuilt on resume: entry -> dotted path -> two digests.
@@ -121,11 +122,7 @@ def check_frozen_entries(run_info: dict[str, Any], current: dict[str, Any]) -> N
 def _entry_difference(stored: dict[str, Any], now: dict[str, Any]) -> str:
     """Which tensors of an entry differ from the checkpoint's record, in words; empty when none does."""
     if changed := sorted(path for path in stored.keys() & now.keys() if list(stored[path]) != list(now[path])):
-        return f"{len(changed)} tensor(s) differ: {_listed(changed)}"
+        return f"{len(changed)} tensor(s) differ: {listed(changed, 5)}"
     gone, added = sorted(stored.keys() - now.keys()), sorted(now.keys() - stored.keys())
-    return "; ".join(f"{len(paths)} tensor(s) {where}: {_listed(paths)}" for paths, where in (
+    return "; ".join(f"{len(paths)} tensor(s) {where}: {listed(paths, 5)}" for paths, where in (
         (gone, "the checkpoint's run had are gone"), (added, "are new")) if paths)
-
-
-def _listed(paths: list[str], shown: int = 5) -> str:
-    return ", ".join(paths[:shown]) + (f" and {len(paths) - shown} more" if len(paths) > shown else "")

@@ -22,6 +22,7 @@ from easytrain.argument_settings import OPTIMIZER_FIELDS
 from easytrain.config_io import ARGUMENTS_FILE
 from easytrain.data.position import DIGEST_KEY, compared_keys
 from easytrain.errors import ArgumentError
+from easytrain.listing import listed
 from easytrain.optim import SWITCH_ARGUMENTS, state_switches
 from easytrain.trainers.adapters import check_base
 from easytrain.trainers.lora_record import (  # noqa: F401 (lora_changes, LORA_FIELDS: importable from here as before)
@@ -279,11 +280,10 @@ def rerun_hint(stored: dict[str, Any], current: dict[str, Any], shown: Collectio
              and not (name == "task" and stored.get(name) == UNRECORDED_TASK)]
     if not names and not always:
         return ""
-    listed = "; ".join(f"{name}: checkpoint {_short(stored.get(name))} vs now {_short(current.get(name))}"
-                       for name in names[:MAX_LISTED])
-    more = f"; and {len(names) - MAX_LISTED} more" if len(names) > MAX_LISTED else ""
+    differing = listed((f"{name}: checkpoint {_short(stored.get(name))} vs now {_short(current.get(name))}"
+                        for name in names), MAX_LISTED, "; ")
     what = "Other arguments" if shown else "Arguments"
-    others = f" {what} that differ from the checkpoint's: {listed}{more}." if names else ""
+    others = f" {what} that differ from the checkpoint's: {differing}." if names else ""
     config = Path(str(stored.get("output_dir") or current.get("output_dir") or "<output_dir>")) / ARGUMENTS_FILE
     keep = "".join(f" --{name} {'none' if value is None else value}" for name, value in moved.items())
     kept = f" (keep{keep}: the data moved there, and its rows are compared by content)" if moved else ""
