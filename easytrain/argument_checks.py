@@ -145,6 +145,19 @@ def check_not_blank(args: Any, cls: type) -> None:
         raise ArgumentError(field.name, f"is empty ({value!r}); give a value, or {fix}.")
 
 
+#: The optional paths and names an easytrain before `check_not_blank` read as unset when given ''
+#: (TrainingArguments', SFT's and DPO's): a checkpoint may record '' for them, which its rerun must now give as None.
+BLANK_WAS_UNSET = ("model_name_or_path", "init_weights_from", "tokenizer_name", "lora_adapter_path", "dataset_name",
+                   "dataset_config_name", "train_file", "validation_file", "metric_for_best_model",
+                   "compilation_cache_dir", "chat_template_path", "ref_model_name_or_path")
+
+
+def same_setting(name: str, stored: Any, current: Any) -> bool:
+    """Whether a checkpoint's recorded value of `name` and this run's are one setting: '' and None are for
+    `BLANK_WAS_UNSET` (a task's own setting keeps its '': an empty system prompt is not none)."""
+    return stored == current or (name in BLANK_WAS_UNSET and stored in ("", None) and current in ("", None))
+
+
 def check_given_values(args: Any, cls: type) -> None:
     """`check_types` over the fields of a task's dataclass `cls` whose value is not its default (after `normalize`):
     what a command line gives reaches the dataclass parsed but unchecked (NaN, infinity), while a default is the

@@ -18,6 +18,8 @@ from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from easytrain.argument_checks import (  # noqa: F401 (BLANK_WAS_UNSET: importable from here as before)
+    BLANK_WAS_UNSET, same_setting)
 from easytrain.argument_settings import OPTIMIZER_FIELDS
 from easytrain.config_io import ARGUMENTS_FILE
 from easytrain.data.position import DIGEST_KEY, compared_keys
@@ -67,19 +69,6 @@ FREE_ON_RESUME = ("resume_from_checkpoint", "overwrite_output_dir", "allow_data_
 UNRECORDED_TASK = "lm"
 #: How many differing arguments a refusal lists (then "and N more").
 MAX_LISTED = 8
-
-
-#: The optional paths and names an easytrain before `argument_checks.check_not_blank` read as unset when given ''
-#: (TrainingArguments', SFT's and DPO's): a checkpoint may record '' for them, which its rerun must now give as None.
-BLANK_WAS_UNSET = ("model_name_or_path", "init_weights_from", "tokenizer_name", "lora_adapter_path", "dataset_name",
-                   "dataset_config_name", "train_file", "validation_file", "metric_for_best_model",
-                   "compilation_cache_dir", "chat_template_path", "ref_model_name_or_path")
-
-
-def same_setting(name: str, stored: Any, current: Any) -> bool:
-    """Whether a checkpoint's recorded value of `name` and this run's are one setting: '' and None are for
-    `BLANK_WAS_UNSET` (a task's own setting keeps its '': an empty system prompt is not none)."""
-    return stored == current or (name in BLANK_WAS_UNSET and stored in ("", None) and current in ("", None))
 
 
 def _differences(stored: dict[str, Any], current: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
