@@ -34,7 +34,8 @@ from easytrain.sinks import RunStatus, check_report_to, copy_json, json_scalars,
 
 __all__ = [
     "JOB_FILENAME", "STATUSES", "Job", "JobListener", "JobStatus", "add_job_data", "check_progress_range",
-    "current_job", "job", "log_metric", "outcome_of", "progress_update", "read_job", "should_stop",
+    "OLDER_RUN_DATA", "current_job", "job", "log_metric", "outcome_of", "progress_update", "read_job",
+    "resumable_data", "should_stop",
 ]
 
 JOB_FILENAME = "job.json"
@@ -65,6 +66,18 @@ def outcome_of(error: BaseException) -> RunStatus:
     if isinstance(error, SystemExit) and error.code in (None, 0):
         return "stopped"
     return "failed"
+
+
+#: The record's key for the `data` of the older run a job left in place, having ended before it trained (before it
+#: began, or with the claim of output_dir given back: `held_run`): a resume of that run keeps those entries.
+OLDER_RUN_DATA = "older_run_data"
+
+
+def resumable_data(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The `data` a resume of the run recorded in `record` keeps: the older run's (`OLDER_RUN_DATA`) where the job of
+    `record` ended before it trained, leaving that run in place; else the record's own."""
+    older = record.get(OLDER_RUN_DATA)
+    return dict(older if older is not None else record.get("data") or {})
 
 
 def read_job(output_dir: str | os.PathLike) -> dict[str, Any] | None:
@@ -202,7 +215,7 @@ class Job(contextlib.ContextDecorator):
         self.record.update(status="running", started_at=time.time(), progress=percent, eta_seconds=None,
                            step=initial_step, total_steps=total_steps, resumed_from_step=initial_step or None)
         if previous:
-            self.record["data"] = {**previous.get("data", {}), **self.record["data"]}
+            self.record["data"] = {**resumable_data(previous), **self.record["data"]}
         self._anchor = None
         self._publish(force=True)
 
@@ -242,8 +255,18 @@ class Job(contextlib.ContextDecorator):
             self.record["error"] = {"type": type(error).__name__, "message": str(error), "traceback": trace}
         self._end(status, (str(error) or type(error).__name__) if status == "stopped" else None)
 
+    def keep_older_run(self) -> None:
+        """This job's run ended before its first step, leaving the older run in output_dir in place (`held_run`):
+        the record keeps that run's data (`OLDER_RUN_DATA`) for a later resume of it; how this job ends is
+        recorded as ever."""
+        if self._previous is not None:
+            self.record[OLDER_RUN_DATA] = resumable_data(self._previous)
+            self._publish(force=True)
+
     def _end(self, status: RunStatus, reason: str | None) -> None:
         kept = self.record.get("stop_reason") if status == "completed" else None  # `end_early`'s
+        if status != "completed" and not self.started and self._previous is not None:  # it never began: nothing done
+            self.record[OLDER_RUN_DATA] = resumable_data(self._previous)
         self.record.update(status=status, finished_at=time.time(), stop_reason=reason if status == "stopped" else kept)
         if status != "completed":
             self.record["eta_seconds"] = None  # it will not get there

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import json
 import logging
 import os
 import shutil
@@ -32,9 +33,9 @@ import threading
 import time
 from pathlib import Path
 
-from easytrain.jobs import JOB_FILENAME
+from easytrain.jobs import JOB_FILENAME, OLDER_RUN_DATA, current_job, read_job, resumable_data
 from easytrain.reporting import replace_through_link
-from easytrain.sinks import MLFLOW_STATE_FILENAME, WANDB_STATE_FILENAME
+from easytrain.sinks import MLFLOW_STATE_FILENAME, WANDB_STATE_FILENAME, write_json_atomically
 from easytrain.trainers.run_dir import present, remove as _delete
 
 logger = logging.getLogger("easytrain")
@@ -144,7 +145,7 @@ class HeldRun:
     def undo(self) -> None:
         """The run ended before its first step was done: put the older run back as the claim found it. What the run
         wrote in its place (logs with no step in them, an empty checkpoints/) goes; its job.json, which records
-        how it ended, stays."""
+        how it ended, stays, keeping the older run's data for a resume of it (`jobs.OLDER_RUN_DATA`)."""
         with self.lock:
             self._undo()
 
@@ -158,6 +159,9 @@ class HeldRun:
                              "superseded_checkpoints/", self.output_dir, self.holding)
 
     def _undo(self) -> None:
+        running = current_job()  # a job opened around train() (the command's): it records the failure next
+        if self and running is not None and running.output_dir.resolve() == self.output_dir.resolve():
+            running.keep_older_run()
         for original, copied in reversed(self.copies):
             if original in self.copied_links:
                 _restore_link(original, self.copied_links[original])
@@ -180,7 +184,8 @@ class HeldRun:
                 _delete(added)
         for source, moved in reversed(self.moves):
             if present(source):
-                if source.name == JOB_FILENAME and source.parent == self.output_dir:
+                if source.name == JOB_FILENAME and source.parent == self.output_dir:  # the failed run's record
+                    _keep_older_run_data(self.output_dir, _read_record(moved))
                     _delete(moved)
                     continue
                 _delete(source)
@@ -316,6 +321,22 @@ def _restore_link(path: Path, text: str) -> None:
         return
     _delete(path)
     os.symlink(text, path)
+
+
+def _keep_older_run_data(output_dir: Path, older: dict | None) -> None:
+    """The failed run's job.json (its job has ended) keeps the data of `older`, the record of the run put back, for a
+    resume of that run (`jobs.OLDER_RUN_DATA`); its status and error stay as they are."""
+    record = read_job(output_dir)
+    if record is not None and older is not None:
+        write_json_atomically(output_dir / JOB_FILENAME, {**record, OLDER_RUN_DATA: resumable_data(older)})
+
+
+def _read_record(path: Path) -> dict | None:
+    """The job record moved aside at `path` (None where it cannot be read)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def _remove_if_empty(directory: Path) -> None:
