@@ -1,14 +1,15 @@
-"""Float16 exports, and loads into any narrower dtype, refuse weights beyond the range instead of making them inf.
+"""Exports and loads into a narrower float dtype refuse weights beyond its range instead of making them inf.
 
-Float16 keeps 10 mantissa bits but only 5 exponent bits: its largest finite value is 65504, and a float32 or
-bfloat16 weight of 65520 or more casts to inf (``numpy``, ``torch`` and transformers' ``model.to(torch.float16)``
-alike, without a word). The exported model would then compute inf/NaN logits. Clipping would write a model other
-than the one trained, so the export is refused, naming the tensors and their largest |value|, before any file is
-written; bfloat16 (float32's range) or float32 exports them as they are. A load tests each block's cast to
-`param_dtype` wherever the stored dtype has the wider range (float16 from anything wider; bfloat16 from float32 or
-float64, whose largest values it rounds to inf; float32 from float64) by the cast's bits (`cast_overflowed`), and
-refuses, once every block is read, what any process found (`refuse_loaded`). A value the cast only rounds (finite to
-finite) loads.
+One rule for both: a cast to a dtype of smaller range (`narrows`) makes a finite value inf exactly where numpy's
+cast of it does (`becomes_inf`); such a tensor is refused, naming it, its largest |value| and a dtype that holds it
+(`check_range`), before any file is written or any model returned. Float16 keeps 10 mantissa bits but only 5
+exponent bits: its largest finite value is 65504, and a float32 or bfloat16 weight of 65520 or more casts to inf
+(``numpy``, ``torch`` and transformers' ``model.to(torch.float16)`` alike, without a word). Bfloat16's largest is
+about 3.390e38, and float32 values from about 3.396e38 (2**128 - 2**119) round past it to inf. Clipping would write
+a model other than the one trained. An export (float32 or float64 to bfloat16 or float16, bfloat16 to float16,
+float64 to float32) takes each written tensor's largest finite |value| first (`largest_finite`, one reduction per
+parameter); a load tests each block's cast to `param_dtype` by its bits (`cast_overflowed`), and refuses, once every
+block is read, what any process found (`refuse_loaded`). A value the cast only rounds (finite to finite) passes.
 """
 
 from __future__ import annotations
@@ -41,9 +42,9 @@ def narrows(target: Any, source: Any) -> bool:
     return float(jnp.finfo(target).max) < float(jnp.finfo(source).max)
 
 
-def narrows_to_float16(stored: np.dtype, value: Any) -> bool:
-    """Whether writing `value` as `stored` can overflow: float16 storage of a wider float."""
-    return np.dtype(stored) == np.float16 and np.dtype(value.dtype) != np.float16
+def narrows_value(stored: Any, value: Any) -> bool:
+    """Whether writing `value` (an array) as `stored` can make a finite value inf (`narrows`)."""
+    return narrows(stored, value.dtype)
 
 
 Axes = tuple[int, ...] | None
@@ -131,6 +132,13 @@ def check_float16_range(peaks: Mapping[str, float], what: str = "the export", fi
     check_range(peaks, np.float16, what, field)
 
 
+def check_ranges(peaks: Mapping[str, float], stored: Mapping[str, Any], what: str, field: str) -> None:
+    """`check_range` of each tensor's peak (`peaks`, by name) against the dtype it is written in (`stored`)."""
+    for dtype in sorted({np.dtype(stored[name]) for name in peaks}, key=str):
+        check_range({name: peak for name, peak in peaks.items() if np.dtype(stored[name]) == dtype}, dtype, what,
+                    field)
+
+
 def check_range(peaks: Mapping[str, float], dtype: Any, what: str, field: str) -> None:
     """Refuses the tensors whose largest finite |value| (`peaks`, by name) `dtype` would hold as inf, naming them,
     their peaks and a dtype that holds them (or, where float32 does not, the checkpoint as the thing to fix)."""
@@ -158,7 +166,13 @@ def _wider(dtype: np.dtype, peak: float, field: str) -> str:
             "a weight this large is most likely damage; fix the checkpoint (or rescale it where it was made).")
 
 
+def refuse_narrowed(peaks: Mapping[str, float], names: Sequence[str], stored: Mapping[str, Any], what: str,
+                    field: str) -> None:
+    """`check_ranges` on every process alike (each calls it with the same `names`, and `stored`: each name's
+    dtype): the tensors any of them found past their dtype's range (`peaks`: this process's, by name)."""
+    check_ranges(agreed_peaks(peaks, names, every_process_gather()), stored, what, field)
+
+
 def refuse_loaded(peaks: Mapping[str, float], names: Sequence[str], dtype: Any) -> None:
-    """`check_range` of a load into `dtype` on every process (each calls it with the same `names`): the tensors any
-    of them read past `dtype`'s range (`peaks`: this process's, by stored name)."""
-    check_range(agreed_peaks(peaks, names, every_process_gather()), dtype, "the checkpoint", "param_dtype")
+    """`refuse_narrowed` of a load into `dtype` (`peaks`: of the blocks this process read, by stored name)."""
+    refuse_narrowed(peaks, names, dict.fromkeys(names, dtype), "the checkpoint", "param_dtype")

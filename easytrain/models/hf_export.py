@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 
 from easytrain.models.attention import DType
 from easytrain.models.families import exported_config
-from easytrain.models.float16_range import check_float16_range, largest_finite, narrows_to_float16
+from easytrain.models.float16_range import largest_finite, narrows_value, refuse_narrowed
 from easytrain.models.hf_io import (
     EMBEDDING_NAME,
     WEIGHTS_INDEX_NAME,
@@ -144,14 +144,16 @@ def export_plan(params: dict, config: transformers.PretrainedConfig, dtype: DTyp
     return dict(sorted(plan.items(), key=lambda item: _module_order(item[0])))
 
 
-def _check_float16_range(plan: dict[str, _Planned]) -> None:
-    """`float16_range.check_float16_range` over the tensors written narrower than float16's range, before any
-    file is written: one reduction per parameter on its devices (a stacked weight's gives every layer's peak)."""
+def _check_range(plan: dict[str, _Planned]) -> None:
+    """`float16_range.refuse_narrowed` over the tensors written in a dtype of smaller range than their own (float32
+    to bfloat16 or float16, bfloat16 to float16, float64 to any), before any file is written: one reduction per
+    parameter on its devices (a stacked weight's gives every layer's peak), the peaks agreed over processes, so
+    that every process refuses alike."""
     arrays: dict[int, tuple[Any, tuple[int, ...] | None]] = {}  # id -> (parameter, axes reduced)
     taken: dict[str, tuple[int, int | None]] = {}  # name -> (its parameter's id, its layer)
     for name, planned in plan.items():
         value = planned.value
-        if not narrows_to_float16(planned.dtype, value):
+        if not narrows_value(planned.dtype, value):
             continue
         if isinstance(value, _LayerSlice):
             arrays.setdefault(id(value.stacked), (value.stacked, tuple(range(1, value.stacked.ndim))))
@@ -159,11 +161,11 @@ def _check_float16_range(plan: dict[str, _Planned]) -> None:
         else:
             arrays[id(value)] = (value, None)
             taken[name] = (id(value), None)
-    if not arrays:  # nothing narrowed to float16: no transfer (an export asks once per shard file, nothing more)
+    if not arrays:  # nothing narrowed: no transfer (an export asks once per shard file, nothing more)
         return
     peaks = dict(zip(arrays, largest_finite(list(arrays.values()), _to_host)))  # collective on every process
-    check_float16_range({name: peaks[key] if layer is None else peaks[key][layer]
-                         for name, (key, layer) in taken.items()})
+    local = {name: peaks[key] if layer is None else peaks[key][layer] for name, (key, layer) in taken.items()}
+    refuse_narrowed(local, list(taken), {name: plan[name].dtype for name in taken}, "the export", "dtype")
 
 
 def _local_blocks(value: jax.Array) -> list[tuple[Any, jax.Array]]:
@@ -337,8 +339,9 @@ def save_pretrained(
         model_or_params: A model, or its ``nnx.Param`` pure dict; arrays may be sharded.
         config: The model's config; written with the storage ``dtype`` recorded, and ``architectures`` set to the
             family's class (``Qwen2ForCausalLM``) when the config has none.
-        dtype: Storage dtype (e.g. ``"bfloat16"``); default keeps each parameter's dtype. ``"float16"`` refuses
-            weights beyond its range (|value| >= 65520 would be written as inf) before writing anything.
+        dtype: Storage dtype (e.g. ``"bfloat16"``); default keeps each parameter's dtype. A dtype of smaller
+            range than a parameter's refuses weights the cast would write as inf (float16: |value| >= 65520;
+            bfloat16: about 3.396e38) before writing anything.
         tokenizer: Anything with ``save_pretrained(directory)`` (chat template included); saved alongside.
         max_shard_size: Largest shard file, in bytes or as ``"200MB"``/``"5GB"``; a single tensor
             larger than this gets a file of its own, as in transformers.
@@ -355,7 +358,7 @@ def save_pretrained(
     if generation_config is None:
         generation_config = generation_config_of(model_or_params)
     plan = export_plan(_params_of(model_or_params), config, dtype)
-    _check_float16_range(plan)
+    _check_range(plan)
     split = _split(plan, max_shard_size)
     directory, writer = Path(directory), jax.process_index() == 0
     if writer:

@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 
 from easytrain import lora
 from easytrain.lora import EMBEDDING_MODULES, LoRAConfig, LoRADense
-from easytrain.models.float16_range import check_float16_range, largest_finite, narrows_to_float16
+from easytrain.models.float16_range import largest_finite, narrows_value, refuse_narrowed
 from easytrain.models.hf_export import _storage_dtype, _to_host
 from easytrain.models.hf_io import EMBEDDING_NAME, HEAD_NAME, CheckpointError, damaged_file, hf_name
 from easytrain.models.layers import RMSNorm
@@ -141,8 +141,9 @@ def save_peft_adapter(
         model: A model with adapters (``easytrain.lora.apply_lora``); arrays may be sharded.
         config: The ``LoRAConfig`` the adapters were made with.
         base_model_name_or_path: Recorded in ``adapter_config.json`` (a Hub name or a path).
-        dtype: Storage dtype of the tensors (e.g. ``"bfloat16"``); default keeps each one's dtype. ``"float16"``
-            refuses tensors beyond its range (written as inf) before writing anything.
+        dtype: Storage dtype of the tensors (e.g. ``"bfloat16"``); default keeps each one's dtype. A dtype of
+            smaller range than a tensor's (``"float16"``, ``"bfloat16"`` of float32) refuses values the cast would
+            write as inf before writing anything.
         fingerprint: Also record ``easytrain.lora.base_fingerprint`` of the frozen base weights in the
             safetensors metadata (PEFT ignores it), for ``load_peft_adapter(..., verify_base=True)``.
 
@@ -159,9 +160,9 @@ def save_peft_adapter(
     tensors = {}
     stored = {name: _storage_dtype(dtype, value, name) for name, (value, _) in planned.items()}  # save_pretrained's
     arrays = _to_host([value for value, _ in planned.values()])  # every process: gathers are collective
-    narrowed = {name: array for name, array in zip(planned, arrays) if narrows_to_float16(stored[name], array)}
-    check_float16_range(dict(zip(narrowed, largest_finite([(a, None) for a in narrowed.values()], list))),
-                        "the adapter")
+    narrowed = {name: array for name, array in zip(planned, arrays) if narrows_value(stored[name], array)}
+    refuse_narrowed(dict(zip(narrowed, largest_finite([(a, None) for a in narrowed.values()], list))),
+                    list(narrowed), stored, "the adapter", "dtype")
     for (name, (_, transpose)), array in zip(planned.items(), arrays):
         tensors[name] = np.ascontiguousarray(array.T if transpose else array, dtype=stored[name])
     directory = Path(directory)
