@@ -6,8 +6,8 @@ data (`prepare_datasets`, `collate`), the module (`create_module`, `trainable`, 
 the objective (`compute_loss`), compiled functions (`compile_step`) and one iteration
 (`train_iteration`). docs/custom_trainer.md says which to override for what. Mixed in: the protocol's
 properties (`protocol_properties`), the module as the policy starts (`initial_policy`: a frozen reference), what a
-run records (`run_record`), where its state comes from (`state_hooks`) and the language-modelling defaults of the
-data, module and loss hooks (`language_model`).
+run records (`run_record`), where its state comes from (`state_hooks`), the language-modelling defaults of the
+data, module and loss hooks (`language_model`) and the claim of `output_dir` (`claim_hooks`).
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ from easytrain.protocol import ConfiguredDataloaders, ConfiguredFunctions, Confi
 from easytrain.state import TrainState, bind
 from easytrain.trainers import (adapters, batch_fields, builders, data_agreement, preemption, process_failure, run_lock,
                                 step_outputs, trainer_start)
-from easytrain.trainers.held_run import HeldRun, tracker_records
+from easytrain.trainers.claim_hooks import ClaimHooks
+from easytrain.trainers.held_run import tracker_records
 from easytrain.trainers.initial_policy import InitialPolicyHooks
 from easytrain.trainers.language_model import LanguageModelHooks
 from easytrain.trainers.loop import TrainLoop, evaluate_batches
@@ -47,7 +48,6 @@ from easytrain.trainers.loop_parts import LoopParts
 from easytrain.trainers.protocol_properties import ProtocolProperties
 from easytrain.trainers.resume import restore_step
 from easytrain.trainers.restore_checks import check_run_length
-from easytrain.trainers.claim import claim_run
 from easytrain.trainers.run_record import RunRecordHooks, frozen_fingerprints
 from easytrain.trainers.run_start import trackers_then_claim
 from easytrain.trainers.state_hooks import TrainStateHooks
@@ -56,7 +56,8 @@ from easytrain.trainers.switches import apply_switches
 logger = logging.getLogger("easytrain")
 
 
-class BaseTrainer(ProtocolProperties, InitialPolicyHooks, RunRecordHooks, TrainStateHooks, LanguageModelHooks):
+class BaseTrainer(ProtocolProperties, InitialPolicyHooks, RunRecordHooks, TrainStateHooks, LanguageModelHooks,
+                  ClaimHooks):
     """Causal-LM training on one device, a mesh of devices, or many hosts.
 
     Args:
@@ -99,7 +100,6 @@ class BaseTrainer(ProtocolProperties, InitialPolicyHooks, RunRecordHooks, TrainS
         self.is_main_process = jax.process_index() == 0
         # check_inputs, output_dir, then self.lora, self.mesh and self.compiler_options, agreed by every process
         self._resume_from, cache_directory = trainer_start.agreed_start(self)
-        self._output_dir_claimed = False
         host_memory.advise(self.mesh.devices.flat[0].platform)
         self.compilation_cache_dir = compilation_cache.use(cache_directory)
         self._data: ConfiguredDataloaders | None = None
@@ -343,31 +343,6 @@ class BaseTrainer(ProtocolProperties, InitialPolicyHooks, RunRecordHooks, TrainS
             finally:  # the step donated the arrays the module pointed at: show it the final ones
                 bind(self._model.model, self._state)
                 run_lock.release(self._arguments.output_dir)  # taken by the claim
-
-    def _claim(self, records: dict[Path, bytes | None]) -> TrainLoop:
-        """Once per trainer, after every check of `setup`: make `output_dir` this run's (`claim.claim_run`). What
-        the claim removes or sets aside is held until the first step is done (`held_run`), and so are the trackers'
-        records as they were before the trackers opened (`tracker_records`)."""
-        if not self._output_dir_claimed:
-            self._held_run = HeldRun(Path(self._arguments.output_dir), records=records)
-            claim_run(self._arguments, self._resume_from, self.is_main_process, held=self._held_run)
-            self._output_dir_claimed = True
-        self.save_arguments()
-        return TrainLoop(self.loop_parts())  # its checkpoint manager reads the claimed directory
-
-    #: What the claim of output_dir holds of the older run (`held_run.HeldRun`) until the first step is done.
-    _held_run: HeldRun | None = None
-
-    def _give_back_claim(self) -> None:
-        """The run ended before its first step was done (a step too large for the device, a loss that does not
-        trace, a stop signal): the older run is put back as the claim found it, and a later `train()` claims
-        again. Once the first step is done the claim is settled, and this does nothing."""
-        if not self._held_run:
-            return
-        try:
-            self._held_run.give_back()
-        finally:  # a later train() claims again, under the lock, whatever is left in place
-            self._held_run, self._output_dir_claimed = None, False
 
     def loop_parts(self) -> LoopParts:
         """The collaborators the loop runs with."""
