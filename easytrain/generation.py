@@ -232,12 +232,14 @@ class Default(Generic[T]):
         return f"Default({self.value!r})"
 
 
-def _resolved_config(generation_config: transformers.GenerationConfig | Mapping[str, Any] | None,
+def _resolved_config(model: nnx.Module, generation_config: transformers.GenerationConfig | Mapping[str, Any] | None,
                      max_length: object, **arguments: Any) -> GenerationConfig:
-    """`generate`'s and `generate_traced`'s one way to read their settings (``sampling_config.resolve_config``)."""
+    """`generate`'s and `generate_traced`'s one way to read their settings (``sampling_config.resolve_config``),
+    their ids checked against `model`'s vocabulary."""
     from easytrain.sampling_config import resolve_config  # imported here: it imports from this module
 
-    return resolve_config(generation_config, max_length, **arguments)
+    vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+    return resolve_config(generation_config, max_length, vocab_size=vocab_size, **arguments)
 
 
 def generate(
@@ -286,7 +288,7 @@ def generate(
     Returns:
         int32 ``[B, max_new_tokens]`` new tokens only: each row's EOS is included, then pad.
     """
-    config = _resolved_config(generation_config, max_length, max_new_tokens=max_new_tokens, do_sample=do_sample,
+    config = _resolved_config(model, generation_config, max_length, max_new_tokens=max_new_tokens, do_sample=do_sample,
                               temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
                               pad_token_id=pad_token_id)
     if not _is_int(seed):  # else JAX fails on it inside jax.random.key, with a message that names no argument
@@ -341,7 +343,7 @@ def generate_traced(
     Returns:
         ``Generated(tokens, mask)``, both int32 ``[B, max_new_tokens]``.
     """
-    config = _resolved_config(generation_config, None, max_new_tokens=max_new_tokens, do_sample=do_sample,
+    config = _resolved_config(model, generation_config, None, max_new_tokens=max_new_tokens, do_sample=do_sample,
                               temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
                               pad_token_id=pad_token_id)
     ids_BL = jnp.asarray(input_ids, jnp.int32)

@@ -54,20 +54,40 @@ _SAMPLING_ONLY = frozenset({"min_p", "top_h", "typical_p", "epsilon_cutoff", "et
 
 
 def resolve_config(generation_config: transformers.GenerationConfig | Mapping[str, Any] | None, max_length: object,
-                   **arguments: Any) -> GenerationConfig:
+                   vocab_size: int | None = None, **arguments: Any) -> GenerationConfig:
     """The decoding config of a call's settings: those passed (not a ``Default``), then ``generation_config``'s,
-    then each ``Default``'s value. Every refusal is raised here, on the host, before anything is traced."""
+    then each ``Default``'s value. Every refusal is raised here, on the host, before anything is traced.
+    `vocab_size`: the model's, which the EOS and pad ids must lie under (None: not checked)."""
     if max_length is not None:
         raise GenerationError(f"max_length = {max_length!r} is not supported; pass max_new_tokens, the number of "
                               "tokens to generate per row (transformers' max_length also counts the prompt).")
     passed = {name: value for name, value in arguments.items() if not isinstance(value, Default)}
     if generation_config is not None:
-        passed = fill_settings(generation_config, passed)
+        passed = fill_settings(generation_config, passed, vocab_size)
     settings = {name: passed[name] if name in passed else value.value for name, value in arguments.items()}
     if settings["max_new_tokens"] is None:
         raise GenerationError("max_new_tokens is required: pass the number of tokens to generate per row (or set "
                               "it in generation_config).")
-    return _config(**settings)
+    config = _config(**settings)
+    _check_vocabulary(config, vocab_size)
+    return config
+
+
+def _check_vocabulary(config: GenerationConfig, vocab_size: int | None) -> None:
+    """EOS and pad ids must be ids the model has: no logit produces an EOS past its vocabulary, so rows never stop
+    (transformers runs to its length cap without a word), and a finished row's pad is fed back to the model, whose
+    embedding has no row for one past it (transformers fails there with an IndexError)."""
+    if vocab_size is None:
+        return
+    bound = f"outside the model's vocabulary [0, {vocab_size}) (vocab_size {vocab_size})"
+    if beyond := [token for token in config.eos_token_id if token >= vocab_size]:
+        raise GenerationError(f"eos_token_id = {list(config.eos_token_id)} holds {beyond[0]}, {bound}: no logit "
+                              "produces it, so rows would never stop at it. Pass the model's tokenizer's EOS id(s) "
+                              "(tokenizer.eos_token_id).")
+    if config.pad_token_id >= vocab_size:
+        raise GenerationError(f"pad_token_id = {config.pad_token_id} is {bound}: finished rows emit it and feed it "
+                              "back to the model, whose embedding has no row for it. Pass an id under vocab_size, or "
+                              "leave it unset for the first EOS id.")
 
 
 def _config(max_new_tokens: int, do_sample: bool, temperature: float, top_k: int | None, top_p: float | None,
@@ -119,8 +139,10 @@ def _is_neutral(name: str, value: Any) -> bool:
     return name in _NEUTRAL and value == _NEUTRAL[name]
 
 
-def fill_settings(generation_config: Any, passed: dict[str, Any]) -> dict[str, Any]:
+def fill_settings(generation_config: Any, passed: dict[str, Any], vocab_size: int | None = None) -> dict[str, Any]:
     """``passed`` (the settings the call gave), completed from the config as transformers' ``generate`` would.
+    A config's pad that is no id of the model (negative, or past `vocab_size`) is dropped with a warning: real
+    configs hold both (`easytrain.models.token_ids`).
 
     Sampling settings come from the config only when sampling, with transformers' defaults where it leaves them
     unset (temperature 1, top_k 50, top_p 1); top_k=0 and top_p=1 turn those filters off (None here).
@@ -131,10 +153,12 @@ def fill_settings(generation_config: Any, passed: dict[str, Any]) -> dict[str, A
     for name in ("max_new_tokens", "do_sample", "eos_token_id", "pad_token_id"):
         if name not in settings and fields.get(name) is not None:
             settings[name] = fields[name]
-    if "pad_token_id" not in passed and _is_int(pad := settings.get("pad_token_id")) and pad < 0:
-        logger.warning("generation_config sets pad_token_id=%s, no token id (LLaMA-1 conversions carry it, and "
-                       "transformers only warns): finished rows are filled with the default pad, the first EOS id, "
-                       "instead; pass pad_token_id to choose another.", settings.pop("pad_token_id"))
+    if "pad_token_id" not in passed and _is_int(pad := settings.get("pad_token_id")) and (
+            pad < 0 or (vocab_size is not None and pad >= vocab_size)):
+        logger.warning("generation_config sets pad_token_id=%s, no token id of the model (vocab_size %s; LLaMA-1 "
+                       "conversions carry -1, a pad added to the tokenizer after training vocab_size): finished rows "
+                       "are filled with the default pad, the first EOS id, instead; pass pad_token_id to choose "
+                       "another.", settings.pop("pad_token_id"), vocab_size)
     do_sample = settings.get("do_sample", False)
     sampling = isinstance(do_sample, (bool, np.bool_)) and bool(do_sample)  # anything else is refused later
     _refuse_unimplemented(fields, sampling)

@@ -138,6 +138,8 @@ def test_a_token_id_that_is_no_token_id_is_refused_when_read(saved, tmp_path, fi
 def test_token_ids_and_lists_of_them_are_read(saved, tmp_path, fields):
     directory = shutil.copytree(saved / "whole", tmp_path / "whole")
     (directory / "generation_config.json").write_text(json.dumps(fields))
+    config = json.loads((directory / "config.json").read_text())  # real ids lie under a real vocabulary
+    (directory / "config.json").write_text(json.dumps(config | {"vocab_size": 152064}))
     config = read_generation_config(directory)
     assert config.eos_token_id == fields["eos_token_id"]
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -46,17 +45,11 @@ from easytrain.models.hf_io import (
 from easytrain.models.llama import LlamaForCausalLM
 from easytrain.models.scan import STACKED
 from easytrain.models.shard_index import TensorEntry, read_headers
+from easytrain.models.token_ids import file_fix, token_id_refusal
 
 GENERATION_CONFIG_NAME = "generation_config.json"
 #: Attribute of a loaded model that holds its checkpoint's generation config (`generation_config_of`).
 _GENERATION_ATTRIBUTE = "_source_generation_config"
-
-#: generation_config.json's token id fields: whether each may hold a list of ids (transformers' types: several EOS
-#: ids end a turn in instruct models), and a negative one. LLaMA-1 conversions (decapoda-research/llama-*-hf and
-#: their fine-tunes) hold "pad_token_id": -1, which transformers reads with a warning: refusing it would refuse
-#: those checkpoints, and an export of a config.json holding it.
-_TOKEN_ID_FIELDS = {"eos_token_id": (True, False), "decoder_start_token_id": (True, False),
-                    "pad_token_id": (False, True), "bos_token_id": (False, False)}
 
 # What a hub download fetches: config, weights and tokenizer files, never PyTorch .bin duplicates.
 HUB_PATTERNS = (
@@ -114,20 +107,24 @@ def resolve_checkpoint(path_or_name: str | os.PathLike) -> Path:
         ) from error
 
 
-def read_generation_config(path_or_name: str | os.PathLike) -> transformers.GenerationConfig | None:
+def read_generation_config(path_or_name: str | os.PathLike, vocab_size: int | None = None
+                           ) -> transformers.GenerationConfig | None:
     """The checkpoint's ``generation_config.json``, or None without one. Instruct checkpoints keep their extra
     EOS ids (end of turn) and sampling defaults only there, so an export must carry it, not rebuild it.
+    `vocab_size`: the model's, which its token ids must lie under (default: ``config.json``'s, where it has one).
 
     Raises:
         CheckpointError: The file exists but is damaged (no JSON object), a token id field holds something other
-            than token ids, or transformers refuses its values.
+            than token ids (`easytrain.models.token_ids`), or transformers refuses its values.
     """
     directory = resolve_checkpoint(path_or_name)
     if not (directory / GENERATION_CONFIG_NAME).is_file():
         return None
+    if vocab_size is None and (directory / "config.json").is_file():
+        vocab_size = read_json_object(directory / "config.json").get("vocab_size")
     # cut short, or no JSON object: a `damaged_file`
     _check_token_ids(directory / GENERATION_CONFIG_NAME, read_json_object(directory / GENERATION_CONFIG_NAME),
-                     "; or delete it (an export then derives one from config.json)")
+                     vocab_size, "; or delete it (an export then derives one from config.json)")
     try:
         return transformers.GenerationConfig.from_pretrained(directory)
     except (OSError, ValueError, TypeError) as error:
@@ -135,24 +132,13 @@ def read_generation_config(path_or_name: str | os.PathLike) -> transformers.Gene
                               "delete it to export one derived from config.json.") from error
 
 
-def _check_token_ids(path: Path, fields: dict[str, Any], fix: str) -> None:
-    """Each token id field of `path` holds null, an id or (where transformers takes one) a list of ids: transformers
-    keeps `"x"`, 2.5, true or an EOS of -1 without a word, and ``generate`` then fails far from the file, or, for an
-    EOS of -1, never stops. `fix`: what else to do about the file."""
-    for field, (listed, negative) in _TOKEN_ID_FIELDS.items():
-        value = fields.get(field)
-        if value is None or _is_token_id(value, negative) or (
-                listed and isinstance(value, list) and all(_is_token_id(token, negative) for token in value)):
-            continue
-        sign = "" if negative else "non-negative "
-        kind = f"a {sign}int, a list of them, or null" if listed else f"one {sign}int, or null"
-        raise CheckpointError(f"{path} sets '{field}' to {json.dumps(value)}, which is no token id: it must be "
-                              f"{kind}. Fix {path.name}: the id the tokenizer uses (e.g. tokenizer.eos_token_id), "
-                              f"or null{fix}.")
-
-
-def _is_token_id(value: Any, negative: bool) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and (negative or value >= 0)
+def _check_token_ids(path: Path, fields: dict[str, Any], vocab_size: Any, fix: str) -> None:
+    """`token_ids.token_id_refusal` of the file `path` as a `CheckpointError`: transformers keeps `"x"`, 2.5, true,
+    an EOS of -1 or one past the vocabulary without a word, and ``generate`` then fails far from the file, or never
+    stops. `fix`: what else to do about the file."""
+    vocab_size = vocab_size if isinstance(vocab_size, int) and not isinstance(vocab_size, bool) else None
+    if refusal := token_id_refusal(str(path), fields, vocab_size, file_fix(path.name, fix)):
+        raise CheckpointError(refusal)
 
 
 def generation_config_of(model: Any) -> transformers.GenerationConfig | None:
@@ -276,9 +262,9 @@ def from_pretrained(
         _check_float_dtype(field, value)
     directory = resolve_checkpoint(path_or_name)
     config = _read_config(directory)
-    generation_config = read_generation_config(directory)
+    generation_config = read_generation_config(directory, config.vocab_size)
     if generation_config is None:  # an export derives generation_config.json from config.json's ids
-        _check_token_ids(directory / "config.json", config.to_dict(), "")
+        _check_token_ids(directory / "config.json", config.to_dict(), config.vocab_size, "")
     entries = read_headers(directory)
     layout = hf_layout(config)  # the check's and the reads' (built from a shape-only model: once)
     loadable = _validate(entries, config, layout)
