@@ -180,6 +180,19 @@ def many_leaves() -> dict[str, np.ndarray]:
     return {f"w{i}": rng.standard_normal((8, 16), dtype=np.float32) for i in range(200)}
 
 
+def compiled_facts(x: jax.Array) -> dict:
+    """The digest of `x` as compiled: its collectives, scratch and loops, `x`'s shard size, whether it kept `x`'s
+    layout, and the digest itself."""
+    executable = compiled_digest(x)
+    text = executable.as_text()
+    return {"counts": {op: text.count(op) for op in COLLECTIVES},
+            "temp_bytes": executable.memory_analysis().temp_size_in_bytes,
+            "shard_bytes": x.addressable_shards[0].data.nbytes,
+            "input_sharding_kept": executable.input_shardings[0][0].is_equivalent_to(x.sharding, x.ndim),
+            "digest": integrity.fingerprint({"w": x})["w"],
+            "loops": text.count(" while(")}
+
+
 def multi_device_facts() -> dict:
     """Compiled collectives and scratch of the digest of BIG per layout, and digests per layout."""
     from jax.sharding import NamedSharding
@@ -191,39 +204,13 @@ def multi_device_facts() -> dict:
     big = big_array()
     compiled = {}
     for spec in (P("fsdp", "tensor"), P("tensor", "fsdp"), P(None, "tensor"), P(("fsdp", "tensor"), None)):
-        x = jax.device_put(big, NamedSharding(mesh, spec))
-        executable = compiled_digest(x)
-        text = executable.as_text()
-        compiled[str(spec)] = {
-            "counts": {op: text.count(op) for op in COLLECTIVES},
-            "temp_bytes": executable.memory_analysis().temp_size_in_bytes,
-            "shard_bytes": x.addressable_shards[0].data.nbytes,
-            "input_sharding_kept": executable.input_shardings[0][0].is_equivalent_to(x.sharding, x.ndim),
-            "digest": integrity.fingerprint({"w": x})["w"],
-        }
+        compiled[str(spec)] = compiled_facts(jax.device_put(big, NamedSharding(mesh, spec)))
     # An axis over three devices: the staged sums' view would move data between them, so it is summed as it is.
     six = jax.sharding.Mesh(np.array(jax.devices()[:6]).reshape(3, 2), ("fsdp", "tensor"))
     three_way = jax.device_put(big[:THREE_WAY_ROWS], NamedSharding(six, P("fsdp", "tensor")))
-    executable = compiled_digest(three_way)
-    text = executable.as_text()
-    compiled["three_way"] = {
-        "counts": {op: text.count(op) for op in COLLECTIVES},
-        "temp_bytes": executable.memory_analysis().temp_size_in_bytes,
-        "shard_bytes": three_way.addressable_shards[0].data.nbytes,
-        "input_sharding_kept": executable.input_shardings[0][0].is_equivalent_to(three_way.sharding, three_way.ndim),
-        "digest": integrity.fingerprint({"w": three_way})["w"],
-    }
-    stacked = jax.device_put(stacked_array(), NamedSharding(mesh, P(None, "fsdp", "tensor")))
-    executable = compiled_digest(stacked)
-    text = executable.as_text()
-    compiled["stacked"] = {
-        "counts": {op: text.count(op) for op in COLLECTIVES},
-        "temp_bytes": executable.memory_analysis().temp_size_in_bytes,
-        "shard_bytes": stacked.addressable_shards[0].data.nbytes // STACKED[0],  # one layer's shard: a block
-        "input_sharding_kept": executable.input_shardings[0][0].is_equivalent_to(stacked.sharding, stacked.ndim),
-        "digest": integrity.fingerprint({"w": stacked})["w"],
-        "loops": text.count(" while("),
-    }
+    compiled["three_way"] = compiled_facts(three_way)
+    stacked = compiled_facts(jax.device_put(stacked_array(), NamedSharding(mesh, P(None, "fsdp", "tensor"))))
+    compiled["stacked"] = {**stacked, "shard_bytes": stacked["shard_bytes"] // STACKED[0]}  # one layer's: a block
     damaged = big.copy()
     damaged.view(np.uint32)[700, 3000] ^= 1
     damaged_digest = integrity.fingerprint({"w": jax.device_put(damaged, NamedSharding(mesh, P("fsdp", "tensor")))})
