@@ -289,7 +289,7 @@ def warn_other_base(source: str, base: Any) -> None:
         logger.warning("init_weights_from %s: its adapters were trained on another base than this run's (%d of %d "
                        "tensor(s) differ: %s): they start on this base as asked, computing another function than in "
                        "the source run. Pass the source run's model_name_or_path to start from its function.", source,
-                       len(changed), len(common), ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else ""))
+                       len(changed), len(common), listed(changed, 5))
 
 
 def _stored_dtypes(info: dict[str, Any], base: Any) -> tuple[str | None, set[str]]:
