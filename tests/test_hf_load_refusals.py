@@ -245,9 +245,11 @@ def test_a_hub_snapshot_whose_files_link_outside_it_loads(saved, tmp_path):
 def test_a_config_json_token_id_that_is_no_token_id_is_refused_without_a_generation_config(tmp_path, field, value):
     """Was: loaded (transformers only warns); its export then wrote generation_config.json derived from config.json,
     which the reload refused, and deleting that file, as the refusal advised, derived the same one again."""
-    model = init_model(tiny_config(**{field: value}), seed=0)
+    model = init_model(tiny_config(), seed=0)  # init_model refuses such a config (tests/test_token_id_range.py)
     directory = save_pretrained(tmp_path / "export", model, model.config)
     (directory / "generation_config.json").unlink()
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps(config | {field: value}))
     with pytest.raises(CheckpointError, match=rf"{directory / 'config.json'} sets '{field}' to "
                                               rf"{re.escape(json.dumps(value))}, .*Fix config\.json"):
         from_pretrained(directory)

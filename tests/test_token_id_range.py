@@ -1,8 +1,9 @@
 """Token ids the model has no row for: an EOS (BOS, decoder start) at or past ``vocab_size`` in a checkpoint's
 ``generation_config.json`` (or, without one, ``config.json``) loaded without a word, and ``generate`` then never
-stopped; ``generate`` took such ids passed to it too. A pad past the vocabulary is kept at load (real configs hold
-one: a pad added to the tokenizer after training) and dropped from a config at ``generate`` with a warning, as a
-negative one is."""
+stopped; ``generate`` took such ids passed to it too. A model built from a config holding an EOS of -1 (or one past
+the vocabulary) exported a ``generation_config.json`` that the load refuses. A pad past the vocabulary is kept at
+load (real configs hold one: a pad added to the tokenizer after training) and dropped from a config at ``generate``
+with a warning, as a negative one is."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ import shutil
 
 import numpy as np
 import pytest
+import transformers
 
 from easytrain.generation import GenerationError, generate, generate_traced
 from easytrain.models import from_pretrained, init_model
+from easytrain.models.families import ConfigError
 from easytrain.models.hf_io import CheckpointError, save_pretrained
 from easytrain.models.hf_load import generation_config_of, read_generation_config
 
@@ -100,3 +103,35 @@ def test_generate_refuses_eos_and_pad_ids_past_the_vocabulary(arguments, match):
         generate(model, np.array([PROMPT]), max_new_tokens=2, **arguments)
     with pytest.raises(GenerationError, match=match):
         generate_traced(model, np.array([PROMPT]), None, np.zeros(2, np.uint32), max_new_tokens=2, **arguments)
+
+
+@pytest.mark.parametrize("field, value", [("eos_token_id", -1), ("eos_token_id", VOCAB), ("bos_token_id", VOCAB)])
+def test_init_model_refuses_a_config_whose_export_would_not_load(field, value):
+    """Was: built, and its export's generation_config.json (derived from the config) refused by the reload."""
+    with pytest.raises(ConfigError, match=rf"the config sets '{field}' to {value}.*Set config\.{field} to the id "
+                                          "the tokenizer uses"):
+        init_model(tiny_config(**{field: value}))
+
+
+@pytest.mark.parametrize("fields", [dict(), dict(pad_token_id=-1), dict(pad_token_id=VOCAB),
+                                    dict(eos_token_id=[2, VOCAB - 1], bos_token_id=None)])
+def test_init_save_and_load_round_trip(tmp_path, fields):
+    model = init_model(tiny_config(**fields), seed=0)
+    directory = save_pretrained(tmp_path / "export", model, model.config)
+    written = json.loads((directory / "generation_config.json").read_text())
+    loaded = generation_config_of(from_pretrained(directory))
+    for field in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        assert written.get(field) == getattr(loaded, field) == getattr(model.config, field), field
+
+
+def test_an_export_refuses_ids_the_load_would_refuse_before_any_file(tmp_path):
+    """A params dict with a config (or a generation config) init_model never saw."""
+    model = init_model(tiny_config(), seed=0)
+    config = tiny_config(eos_token_id=-1)
+    with pytest.raises(CheckpointError, match=r"config \(written to generation_config\.json\) sets 'eos_token_id' "
+                                              r"to -1, which is no token id.*Set config\.eos_token_id"):
+        save_pretrained(tmp_path / "export", model, config)
+    generation_config = transformers.GenerationConfig(eos_token_id=[2, VOCAB])
+    with pytest.raises(CheckpointError, match=rf"generation_config sets 'eos_token_id' to \[2, {VOCAB}\]: "):
+        save_pretrained(tmp_path / "export", model, model.config, generation_config=generation_config)
+    assert not (tmp_path / "export").exists()

@@ -38,6 +38,7 @@ from easytrain.models.hf_io import (
 from easytrain.models.hf_load import generation_config_of
 from easytrain.models.llama import LlamaForCausalLM
 from easytrain.models.scan import unstack_layer_dicts
+from easytrain.models.token_ids import token_id_refusal
 from easytrain.models.weight_files import write_safetensors
 
 SHARD_PATTERN = "model{suffix}.safetensors"
@@ -166,6 +167,22 @@ def _check_range(plan: dict[str, _Planned]) -> None:
     peaks = dict(zip(arrays, largest_finite(list(arrays.values()), _to_host)))  # collective on every process
     local = {name: peaks[key] if layer is None else peaks[key][layer] for name, (key, layer) in taken.items()}
     refuse_narrowed(local, list(taken), {name: plan[name].dtype for name in taken}, "the export", "dtype")
+
+
+def _generation_config_to_write(config: transformers.PretrainedConfig,
+                                generation_config: transformers.GenerationConfig | None
+                                ) -> transformers.GenerationConfig:
+    """The ``generation_config.json`` an export writes, refused before any file where ``from_pretrained`` would
+    refuse it (`token_ids.token_id_refusal`): the one given, else one derived from the config's ids."""
+    given = generation_config is not None
+    if not given:
+        generation_config = transformers.GenerationConfig.from_model_config(config)
+    source = "generation_config" if given else "config (written to generation_config.json)"
+    fix = (f"Set {'generation_config' if given else 'config'}.{{field}} to the id the tokenizer uses (e.g. "
+           "tokenizer.eos_token_id), or None.")
+    if refusal := token_id_refusal(source, generation_config.to_dict(), config.vocab_size, fix):
+        raise CheckpointError(refusal)
+    return generation_config
 
 
 def _local_blocks(value: jax.Array) -> list[tuple[Any, jax.Array]]:
@@ -298,14 +315,12 @@ def causal_lm_architecture(config: transformers.PretrainedConfig) -> str:
 
 
 def _write_configs(directory: Path, config: transformers.PretrainedConfig, dtype: np.dtype,
-                   generation_config: transformers.GenerationConfig | None) -> None:
+                   generation_config: transformers.GenerationConfig) -> None:
     config = exported_config(config)  # a copy, without fields transformers would read as another model
     config.dtype = str(dtype)  # transformers reads the storage dtype from here
     if not config.architectures:  # a config built rather than loaded: serving stacks (vLLM, TGI) read this field
         config.architectures = [causal_lm_architecture(config)]
     config.save_pretrained(directory)
-    if generation_config is None:
-        generation_config = transformers.GenerationConfig.from_model_config(config)
     generation_config.save_pretrained(directory)
 
 
@@ -347,7 +362,8 @@ def save_pretrained(
             larger than this gets a file of its own, as in transformers.
         generation_config: Written as ``generation_config.json``; default: the one of the checkpoint
             ``from_pretrained`` loaded the model from, unchanged (instruct models keep their extra EOS ids and
-            sampling defaults only there), else one derived from the config's ``bos/eos/pad_token_id``.
+            sampling defaults only there), else one derived from the config's ``bos/eos/pad_token_id``. Its
+            token ids are held to the load's rule (`easytrain.models.token_ids`) before any file is written.
 
     Returns:
         ``directory``.
@@ -357,6 +373,7 @@ def save_pretrained(
     """
     if generation_config is None:
         generation_config = generation_config_of(model_or_params)
+    generation_config = _generation_config_to_write(config, generation_config)
     plan = export_plan(_params_of(model_or_params), config, dtype)
     _check_range(plan)
     split = _split(plan, max_shard_size)

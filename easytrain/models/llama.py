@@ -25,12 +25,13 @@ import transformers
 from flax import nnx
 
 from easytrain.models.attention import DType, cached_attention_mask, rope_tables
-from easytrain.models.families import features_of, head_dim_of, rope_scaling, rope_theta
+from easytrain.models.families import ConfigError, features_of, head_dim_of, rope_scaling, rope_theta
 from easytrain.models.kv_cache import KVCache, advance, init_cache, with_layers
 from easytrain.models.layers import LOGITS_MV, RESIDUAL_MD, DecoderLayer, Embedding, RMSNorm, dense_factory
 from easytrain.models.masks import AttentionMask, check_implementation
 from easytrain.models.remat import layer_runner
 from easytrain.models.scan import StackedLayers, build_layers
+from easytrain.models.token_ids import TOKEN_ID_FIELDS, token_id_refusal
 from easytrain.sharding import constrain
 
 Array = jax.Array
@@ -275,6 +276,15 @@ class LlamaForCausalLM(nnx.Module):
         return logits_MV.reshape(batch, length, -1), advanced
 
 
+def check_config_token_ids(config: transformers.PretrainedConfig, source: str = "the config") -> None:
+    """`token_ids.token_id_refusal` of the config's own fields, as a `ConfigError` naming the attribute to set."""
+    fields = {field: getattr(config, field, None) for field in TOKEN_ID_FIELDS}
+    fix = ("Set config.{field} to the id the tokenizer uses (e.g. tokenizer.eos_token_id), or None: an export "
+           "writes it to generation_config.json, which from_pretrained refuses.")
+    if refusal := token_id_refusal(source, fields, getattr(config, "vocab_size", None), fix):
+        raise ConfigError(refusal)
+
+
 def init_model(
     config: transformers.LlamaConfig,
     *,
@@ -297,7 +307,12 @@ def init_model(
 
     Returns:
         The model, parameters on the default device.
+
+    Raises:
+        ConfigError: A token id field of the config holds no id of the model (`easytrain.models.token_ids`):
+            an export would write it to ``generation_config.json``, which ``from_pretrained`` refuses.
     """
+    check_config_token_ids(config)
     with nnx.use_eager_sharding(False):
         return LlamaForCausalLM(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed),
                                 scan_layers=scan_layers)
