@@ -255,12 +255,12 @@ class Job(contextlib.ContextDecorator):
             self.record["error"] = {"type": type(error).__name__, "message": str(error), "traceback": trace}
         self._end(status, (str(error) or type(error).__name__) if status == "stopped" else None)
 
-    def keep_older_run(self) -> None:
+    def keep_older_run(self, older: Mapping[str, Any] | None = None) -> None:
         """This job's run ended before its first step, leaving the older run in output_dir in place (`held_run`):
         the record keeps that run's data (`OLDER_RUN_DATA`) for a later resume of it; how this job ends is
-        recorded as ever."""
-        if self._previous is not None:
-            self.record[OLDER_RUN_DATA] = resumable_data(self._previous)
+        recorded as ever. `older`: that run's record (default: the one this job found when it opened)."""
+        if (older := older if older is not None else self._previous) is not None:
+            self.record[OLDER_RUN_DATA] = resumable_data(older)
             self._publish(force=True)
 
     def _end(self, status: RunStatus, reason: str | None) -> None:

@@ -13,7 +13,8 @@ import pytest
 from easytrain import BaseTrainer
 from easytrain.cli import FAILED_EXIT_CODE, main
 from easytrain.errors import DeviceMemoryError
-from easytrain.jobs import Job, read_job
+from easytrain.jobs import OLDER_RUN_DATA, Job, read_job
+from easytrain.trainers.claim import claim_output_dir
 
 from runs import args_for
 
@@ -76,3 +77,16 @@ def test_the_command_reports_the_failure_then_resumes_the_older_run_with_its_dat
     assert failed["status"] == "failed" and failed["error"]["type"] == "DeviceMemoryError"
     assert main(["train", "--output_dir", str(out), "--resume_from_checkpoint", "latest", *RUN]) == 0
     assert read_job(out)["data"] == OLDER_DATA
+
+
+def test_an_undo_before_the_runs_own_job_has_ended_gives_it_the_older_record(run_copy):
+    """The failure watcher may put the older run back before the run's own job records the failure (a process ended
+    for another's): the job, which opened after the claim moved the older record aside, is given that record."""
+    held = claim_output_dir(args_for(_with_data(run_copy), overwrite_output_dir=True), None)
+    assert not (run_copy / "job.json").exists(), "moved aside by the claim"
+    running = Job(run_copy, report_to=["none"])
+    with pytest.raises(RuntimeError), running:
+        held.undo()
+        raise RuntimeError("another process failed (forced by the test)")
+    record = read_job(run_copy)
+    assert record["status"] == "failed" and record[OLDER_RUN_DATA] == OLDER_DATA

@@ -159,8 +159,10 @@ class HeldRun:
                              "superseded_checkpoints/", self.output_dir, self.holding)
 
     def _undo(self) -> None:
-        running = current_job()  # a job opened around train() (the command's): it records the failure next
-        if self and running is not None and running.output_dir.resolve() == self.output_dir.resolve():
+        running = current_job()  # a job opened around train() (the command's) that records the failure next
+        if running is not None and running.output_dir.resolve() != self.output_dir.resolve():
+            running = None
+        if self and running is not None:
             running.keep_older_run()
         for original, copied in reversed(self.copies):
             if original in self.copied_links:
@@ -185,7 +187,10 @@ class HeldRun:
         for source, moved in reversed(self.moves):
             if present(source):
                 if source.name == JOB_FILENAME and source.parent == self.output_dir:  # the failed run's record
-                    _keep_older_run_data(self.output_dir, _read_record(moved))
+                    if running is not None:  # it is still to record how it ended
+                        running.keep_older_run(_read_record(moved))
+                    else:
+                        _keep_older_run_data(self.output_dir, _read_record(moved))
                     _delete(moved)
                     continue
                 _delete(source)
