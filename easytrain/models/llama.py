@@ -276,11 +276,13 @@ class LlamaForCausalLM(nnx.Module):
         return logits_MV.reshape(batch, length, -1), advanced
 
 
-def check_config_token_ids(config: transformers.PretrainedConfig, source: str = "the config") -> None:
-    """`token_ids.token_id_refusal` of the config's own fields, as a `ConfigError` naming the attribute to set."""
+def check_config_token_ids(config: transformers.PretrainedConfig, source: str = "the config",
+                           fix: str | None = None) -> None:
+    """`token_ids.token_id_refusal` of the config's own fields, as a `ConfigError` naming the attribute to set (or
+    `fix`, where the config was read from a file: "{field}" is replaced by the field)."""
     fields = {field: getattr(config, field, None) for field in TOKEN_ID_FIELDS}
-    fix = ("Set config.{field} to the id the tokenizer uses (e.g. tokenizer.eos_token_id), or None: an export "
-           "writes it to generation_config.json, which from_pretrained refuses.")
+    fix = fix or ("Set config.{field} to the id the tokenizer uses (e.g. tokenizer.eos_token_id), or None: an export "
+                  "writes it to generation_config.json, which from_pretrained refuses.")
     if refusal := token_id_refusal(source, fields, getattr(config, "vocab_size", None), fix):
         raise ConfigError(refusal)
 

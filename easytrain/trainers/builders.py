@@ -31,7 +31,9 @@ from easytrain.data.sources import plain_rows
 from easytrain.errors import ArgumentError
 from easytrain.models.families import ConfigError, check_buildable
 from easytrain.models.hf_io import CONFIG_REFUSALS
+from easytrain.models.llama import check_config_token_ids
 from easytrain.models.presets import llama_config
+from easytrain.models.token_ids import file_fix
 from easytrain.tasks import arithmetic
 from easytrain.trainers import given_data
 from easytrain.trainers.batch_fields import check_collated
@@ -187,6 +189,11 @@ def build_model_config(args: TrainingArguments, tokenizer: transformers.PreTrain
     if len(tokenizer) > config.vocab_size:
         raise ArgumentError("tokenizer_name", f"the tokenizer has {len(tokenizer)} tokens but the model's "
                                               f"vocab_size is {config.vocab_size}; use the model's own tokenizer.")
+    if not args.model_name_or_path:  # the model is built from these ids, and its export derives its
+        try:  # generation_config.json from them: held to the load's rule now, not refused by the final export
+            check_config_token_ids(config, source, file_fix(source, " (the tokenizer's id is used where it sets none)"))
+        except ConfigError as error:  # (a checkpoint's ids are checked by its load, generation_config.json first)
+            raise ArgumentError("model_config", str(error)) from error
     check_max_length(args, config)
     return config
 
