@@ -37,9 +37,9 @@ def _trainer(kind: str, tmp_path, config_file: str, tokenizer_dir: str, text_lin
     return (BaseTrainer if kind == "base" else SFTTrainer)(args, dataset_train=datasets.Dataset.from_dict(rows))
 
 
-@pytest.mark.parametrize("kind", ["base", "sft", "dpo"])
-@pytest.mark.parametrize("field, value", [("eos_token_id", -1), ("eos_token_id", [2, VOCAB]),
-                                          ("bos_token_id", VOCAB)])
+@pytest.mark.parametrize("kind, field, value", [("base", "eos_token_id", -1), ("base", "eos_token_id", [2, VOCAB]),
+                                                ("base", "bos_token_id", VOCAB), ("sft", "eos_token_id", VOCAB),
+                                                ("dpo", "eos_token_id", -1)])
 def test_a_model_config_with_ids_the_model_lacks_is_refused_before_any_work(tmp_path, tokenizer_dir, text_lines,
                                                                             tokenised, kind, field, value):
     """Was: trained to the end, then the export refused: 'config (written to generation_config.json) sets ...'."""
