@@ -48,9 +48,8 @@ class ExactMatch:
 
     def completions(self, trainer: Any) -> list[str]:
         """The decoded greedy completion of every prompt; in a multi-process run, the same on every process."""
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        rows = greedy_complete(trainer.model, self.encoded_prompts, self.max_new_tokens, pad,
-                               self.tokenizer.eos_token_id)
+        rows = greedy_complete(trainer.model, self.encoded_prompts, self.max_new_tokens,
+                               pad_id(self.tokenizer, trainer.model), self.tokenizer.eos_token_id)
         return [self._decode(row) for row in rows]
 
     @property
@@ -111,8 +110,8 @@ class CompletionMetrics:
         return {f"eval_{name}": float(value) for name, value in metrics.items()}
 
     def completions(self, trainer: Any) -> list[str]:
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        rows = greedy_complete(trainer.model, self.prompts, self.max_new_tokens, pad, self.tokenizer.eos_token_id)
+        rows = greedy_complete(trainer.model, self.prompts, self.max_new_tokens, pad_id(self.tokenizer, trainer.model),
+                               self.tokenizer.eos_token_id)
         return [_until_eos(row, self.tokenizer) for row in rows]
 
 
@@ -120,6 +119,17 @@ def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
     """Share of predictions equal to their reference, both stripped of surrounding whitespace: what a completion
     decoded from tokens starts or ends with (the space a BPE word carries) is no part of the answer."""
     return float(np.mean([p.strip() == r.strip() for p, r in zip(predictions, references)]))
+
+
+def pad_id(tokenizer: Any, model: Any) -> int:
+    """What `greedy_complete` pads with: the tokenizer's pad where the model has a row for it, else `generate`'s
+    default pad, the first EOS id (0 without one). Finished rows emit it and feed it back, so `generate` refuses a
+    pad past the model's vocabulary (one added to the tokenizer after training); the completions are decoded up to
+    EOS, so which id it is changes nothing in them."""
+    pad, vocab_size = tokenizer.pad_token_id, getattr(getattr(model, "config", None), "vocab_size", None)
+    if pad is not None and (not isinstance(vocab_size, int) or pad < vocab_size):
+        return pad
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
 
 
 def _until_eos(ids: np.ndarray, tokenizer: Any) -> str:
