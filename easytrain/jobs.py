@@ -30,6 +30,7 @@ from typing import Any, Literal
 from easytrain.active_job import (activate, add_job_data, current_job, deactivate, log_metric, progress_update,
                                   should_stop)
 from easytrain.errors import ArgumentError
+from easytrain.job_records import JOB_FILENAME, OLDER_RUN_DATA, read_job, resumable_data
 from easytrain.sinks import RunStatus, check_report_to, copy_json, json_scalars, write_json_atomically
 
 __all__ = [
@@ -38,7 +39,6 @@ __all__ = [
     "resumable_data", "should_stop",
 ]
 
-JOB_FILENAME = "job.json"
 STATUSES = ("queued", "running", "completed", "failed", "stopped")
 JobStatus = Literal["queued", "running", "completed", "failed", "stopped"]
 JobListener = Callable[[Mapping[str, Any]], None]
@@ -66,26 +66,6 @@ def outcome_of(error: BaseException) -> RunStatus:
     if isinstance(error, SystemExit) and error.code in (None, 0):
         return "stopped"
     return "failed"
-
-
-#: The record's key for the `data` of the older run a job left in place, having ended before it trained (before it
-#: began, or with the claim of output_dir given back: `held_run`): a resume of that run keeps those entries.
-OLDER_RUN_DATA = "older_run_data"
-
-
-def resumable_data(record: Mapping[str, Any]) -> dict[str, Any]:
-    """The `data` a resume of the run recorded in `record` keeps: the older run's (`OLDER_RUN_DATA`) where the job of
-    `record` ended before it trained, leaving that run in place; else the record's own."""
-    older = record.get(OLDER_RUN_DATA)
-    return dict(older if older is not None else record.get("data") or {})
-
-
-def read_job(output_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """The job record of a run directory, or None when there is none (or it cannot be parsed)."""
-    try:
-        return json.loads((Path(output_dir) / JOB_FILENAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
 
 
 class Job(contextlib.ContextDecorator):
@@ -216,6 +196,7 @@ class Job(contextlib.ContextDecorator):
                            step=initial_step, total_steps=total_steps, resumed_from_step=initial_step or None)
         if previous:
             self.record["data"] = {**resumable_data(previous), **self.record["data"]}
+        self.record.pop(OLDER_RUN_DATA, None)  # a failed run's in this job (`keep_older_run`): this one may train
         self._anchor = None
         self._publish(force=True)
 

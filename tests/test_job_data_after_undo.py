@@ -13,7 +13,7 @@ import pytest
 from easytrain import BaseTrainer
 from easytrain.cli import FAILED_EXIT_CODE, main
 from easytrain.errors import DeviceMemoryError
-from easytrain.jobs import OLDER_RUN_DATA, Job, read_job
+from easytrain.jobs import OLDER_RUN_DATA, Job, read_job, resumable_data
 from easytrain.trainers.claim import claim_output_dir
 
 from runs import args_for
@@ -90,3 +90,17 @@ def test_an_undo_before_the_runs_own_job_has_ended_gives_it_the_older_record(run
         raise RuntimeError("another process failed (forced by the test)")
     record = read_job(run_copy)
     assert record["status"] == "failed" and record[OLDER_RUN_DATA] == OLDER_DATA
+
+
+def test_a_run_that_trains_after_a_failed_one_in_the_same_job_is_resumed_with_its_own_data(run_copy):
+    """A job around two `train()` calls (a retry that fits): the first ends before its first step and gives the older
+    run back, the second replaces that run and trains. Its checkpoints are the ones a resume continues, with its data,
+    not the older run's it replaced."""
+    retry = {"dataset": {"rows": 32, "source": "the retry's"}}
+    with Job(_with_data(run_copy), report_to=["none"]) as running:
+        with pytest.raises(DeviceMemoryError):
+            RefusedMemory(args_for(run_copy, overwrite_output_dir=True)).train()
+        running.add_job_data("dataset", retry["dataset"])
+        BaseTrainer(args_for(run_copy, overwrite_output_dir=True, max_steps=2)).train()
+    record = read_job(run_copy)
+    assert (record["status"], record["data"], resumable_data(record)) == ("completed", retry, retry)

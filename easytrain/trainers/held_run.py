@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import json
 import logging
 import os
 import shutil
@@ -33,9 +32,10 @@ import threading
 import time
 from pathlib import Path
 
-from easytrain.jobs import JOB_FILENAME, OLDER_RUN_DATA, current_job, read_job, resumable_data
+from easytrain.job_records import JOB_FILENAME, keep_older_run_data, read_record
+from easytrain.jobs import current_job
 from easytrain.reporting import replace_through_link
-from easytrain.sinks import MLFLOW_STATE_FILENAME, WANDB_STATE_FILENAME, write_json_atomically
+from easytrain.sinks import MLFLOW_STATE_FILENAME, WANDB_STATE_FILENAME
 from easytrain.trainers.run_dir import present, remove as _delete
 
 logger = logging.getLogger("easytrain")
@@ -145,7 +145,7 @@ class HeldRun:
     def undo(self) -> None:
         """The run ended before its first step was done: put the older run back as the claim found it. What the run
         wrote in its place (logs with no step in them, an empty checkpoints/) goes; its job.json, which records
-        how it ended, stays, keeping the older run's data for a resume of it (`jobs.OLDER_RUN_DATA`)."""
+        how it ended, stays, keeping the older run's data for a resume of it (`job_records.OLDER_RUN_DATA`)."""
         with self.lock:
             self._undo()
 
@@ -188,9 +188,9 @@ class HeldRun:
             if present(source):
                 if source.name == JOB_FILENAME and source.parent == self.output_dir:  # the failed run's record
                     if running is not None:  # it is still to record how it ended
-                        running.keep_older_run(_read_record(moved))
+                        running.keep_older_run(read_record(moved))
                     else:
-                        _keep_older_run_data(self.output_dir, _read_record(moved))
+                        keep_older_run_data(self.output_dir, read_record(moved))
                     _delete(moved)
                     continue
                 _delete(source)
@@ -326,22 +326,6 @@ def _restore_link(path: Path, text: str) -> None:
         return
     _delete(path)
     os.symlink(text, path)
-
-
-def _keep_older_run_data(output_dir: Path, older: dict | None) -> None:
-    """The failed run's job.json (its job has ended) keeps the data of `older`, the record of the run put back, for a
-    resume of that run (`jobs.OLDER_RUN_DATA`); its status and error stay as they are."""
-    record = read_job(output_dir)
-    if record is not None and older is not None:
-        write_json_atomically(output_dir / JOB_FILENAME, {**record, OLDER_RUN_DATA: resumable_data(older)})
-
-
-def _read_record(path: Path) -> dict | None:
-    """The job record moved aside at `path` (None where it cannot be read)."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
 
 
 def _remove_if_empty(directory: Path) -> None:
