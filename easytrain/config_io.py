@@ -26,6 +26,7 @@ from easytrain.argument_values import transformers_value_hint
 from easytrain.arguments import TrainingArguments, field_names
 from easytrain.best_metric_direction import saved_values
 from easytrain.errors import ArgumentError
+from easytrain.sinks import replace_through_link
 from easytrain.suggestions import as_flags, as_keys, unknown_name_hint
 from easytrain.tasks.registry import check_argument_dataclasses, tasks_declaring
 
@@ -321,9 +322,7 @@ def save_arguments(arguments: TrainingArguments, directory: str | os.PathLike,
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / ARGUMENTS_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(values, indent=2))
-    os.replace(tmp, path)
+    replace_through_link(path, json.dumps(values, indent=2).encode("utf-8"))  # a link stays one: its target is written
     return path
 
 

@@ -33,6 +33,7 @@ from easytrain.sinks import (
     WandbSink,
     check_report_to,
     metric_tag,
+    replace_through_link,
     strict_json,
 )
 
@@ -106,7 +107,7 @@ def _step_of(line: str) -> int | None:
 
 def truncate_jsonl(path: Path, last_step: int) -> None:
     """Atomically drops lines with ``step > last_step`` (and torn lines) from ``path``; a link (logs kept on another
-    disk) stays a link, its target rewritten (`replace_through_link`)."""
+    disk) stays a link, its target rewritten (`sinks.replace_through_link`)."""
     if not path.exists():
         return
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
@@ -114,20 +115,6 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
     if len(kept) == len(lines) and all(line.endswith("\n") for line in kept):
         return
     replace_through_link(path, "".join(line if line.endswith("\n") else line + "\n" for line in kept).encode())
-
-
-def replace_through_link(path: Path, content: bytes) -> None:
-    """Replace the file `path` leads to with `content`, atomically (a temporary file beside it, then `os.replace`,
-    which stays on its disk): where `path` is a link, its target is replaced and the link kept, so that the lines
-    written next reach the same file, not a plain one left in `path`'s place."""
-    real = Path(os.path.realpath(path))
-    tmp = real.with_name(f".{real.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(content)
-        os.replace(tmp, real)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # ----------------------------------------------------------------------------- sinks

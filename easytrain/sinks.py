@@ -17,6 +17,7 @@ imported only when `report_to` names them, and checked before any compute.
 from __future__ import annotations
 
 import csv
+import errno
 import importlib.util
 import io
 import json
@@ -34,7 +35,7 @@ from easytrain.errors import ArgumentError
 __all__ = [
     "CSV_FILENAME", "MLFLOW_STATE_FILENAME", "OPTIONAL_SINKS", "REPORT_TO_CHOICES", "WANDB_STATE_FILENAME",
     "CsvSink", "MlflowSink", "RunStatus", "WandbSink", "check_report_to", "copy_json", "json_scalars", "metric_tag",
-    "strict_json", "write_json_atomically",
+    "replace_through_link", "strict_json", "write_json_atomically",
 ]
 
 logger = logging.getLogger("easytrain")
@@ -108,10 +109,26 @@ def copy_json(value: Any) -> Any:
 
 
 def write_json_atomically(path: Path, value: Any) -> None:
-    """Write a temporary file then rename it over ``path``: a reader (or a kill) never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(strict_json(value), indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    """Write a temporary file then rename it over ``path`` (through a link, over the file it leads to:
+    `replace_through_link`): a reader (or a kill) never sees half a file."""
+    replace_through_link(path, (json.dumps(strict_json(value), indent=2, allow_nan=False) + "\n").encode("utf-8"))
+
+
+def replace_through_link(path: Path, content: bytes) -> None:
+    """Replace the file `path` leads to with `content`, atomically (a temporary file beside it, then `os.replace`,
+    which stays on its disk): where `path` is a link (a log kept on another disk), its target is replaced and the
+    link kept, so that what is written next reaches the same file, not a plain one left in `path`'s place."""
+    real = Path(os.path.realpath(path))
+    if not real.parent.is_dir():  # a dangling link into a directory that is gone: name the link, not the temporary
+        raise FileNotFoundError(errno.ENOENT, f"{path} links to {os.readlink(path)!r}, whose directory does not "
+                                "exist (a disk not mounted?)", str(path))
+    tmp = real.with_name(f".{real.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(content)
+        os.replace(tmp, real)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -170,10 +187,9 @@ class CsvSink:
         self._file = path.open("a", encoding="utf-8")
 
     def _rewrite(self, rows: Sequence[Mapping[str, str]]) -> None:
-        tmp = self._path.with_name(f".{self._path.name}.{os.getpid()}.tmp")
+        """The whole file at once, atomically; through a link (logs kept on another disk), the file it leads to."""
         lines = [_csv_line(self._columns)] + [_csv_line(row.get(c, "") for c in self._columns) for row in rows]
-        tmp.write_text("".join(lines), encoding="utf-8")
-        os.replace(tmp, self._path)
+        replace_through_link(self._path, "".join(lines).encode("utf-8"))
 
     def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
         row = {"step": str(step), "split": split, "time": repr(time.time()), **{k: repr(v) for k, v in metrics.items()}}

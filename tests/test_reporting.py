@@ -127,7 +127,7 @@ def test_truncate_jsonl_keeps_file_untouched_when_nothing_is_stale(tmp_path: Pat
     assert path.stat().st_ino == before
     truncate_jsonl(path, 1)
     assert path.read_text() == '{"step": 1}\n'
-    assert not (tmp_path / "metrics.jsonl.tmp").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"], "no temporary file left"
 
 
 # ----------------------------------------------------------------------------- console

@@ -34,8 +34,7 @@ from pathlib import Path
 
 from easytrain.job_records import JOB_FILENAME, keep_older_run_data, read_record
 from easytrain.jobs import current_job
-from easytrain.reporting import replace_through_link
-from easytrain.sinks import MLFLOW_STATE_FILENAME, WANDB_STATE_FILENAME
+from easytrain.sinks import MLFLOW_STATE_FILENAME, WANDB_STATE_FILENAME, replace_through_link
 from easytrain.trainers.run_dir import present, remove as _delete
 
 logger = logging.getLogger("easytrain")
@@ -87,7 +86,7 @@ class HeldRun:
     def copy(self, target: Path) -> None:
         """A file the run rewrites in place (a log it truncates): copied, put back by `undo`. Through a link (logs
         kept on another disk) it is what the link leads to that is copied, and put back, the link kept as it was
-        (a log truncates through it: `reporting.replace_through_link`); a dangling one is copied as the link."""
+        (a log truncates through it: `sinks.replace_through_link`); a dangling one is copied as the link."""
         if target.is_file() or target.is_symlink():
             through = target.is_symlink() and target.is_file()
             copied = shutil.copy2(target, self._holding() / f"{target.name}.before", follow_symlinks=through)

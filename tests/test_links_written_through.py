@@ -1,0 +1,56 @@
+"""A run's files that are links to another disk (`metrics.csv`, `job.json`, `arguments.json` kept elsewhere) stay
+links when the run rewrites them: the file the link leads to is replaced, atomically, in its own directory
+(`sinks.replace_through_link`), so the run's next writes reach it rather than a plain file left in output_dir."""
+
+import csv
+import os
+from pathlib import Path
+
+from easytrain.config_io import load_arguments, save_arguments
+from easytrain.jobs import Job, read_job
+from easytrain.sinks import CsvSink
+
+from runs import args_for
+
+
+def _link_to_elsewhere(run: Path, name: str, content: str | None = None) -> Path:
+    """`run/name` made a link to `<run>/../scratch/name` (with `content`, where given), which is returned."""
+    target = run.parent / "scratch" / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if content is not None:
+        target.write_text(content)
+    run.mkdir(exist_ok=True)
+    (run / name).symlink_to(target)
+    return target
+
+
+def test_a_resume_rewrites_a_linked_csv_through_its_link(tmp_path):
+    """The CSV of a resumed run drops its rows past the step resumed, and widens its header for a new metric: both
+    rewrite the file the link leads to, and the rows written next reach it."""
+    run = tmp_path / "run"
+    target = _link_to_elsewhere(run, "metrics.csv")
+    older = CsvSink(target, initial_step=0)
+    for step in (1, 2, 3, 4):
+        older.write(step, "train", {"loss": 1.0})
+    older.close()
+    resumed = CsvSink(run / "metrics.csv", initial_step=2)
+    resumed.write(3, "train", {"loss": 0.5})
+    resumed.write(3, "eval", {"eval_loss": 0.7})  # a new column: the whole file is rewritten
+    resumed.close()
+    assert os.readlink(run / "metrics.csv") == str(target)
+    rows = list(csv.DictReader(target.open()))
+    assert [(row["step"], row["split"], row["eval_loss"]) for row in rows] == [
+        ("1", "train", ""), ("2", "train", ""), ("3", "train", ""), ("3", "eval", "0.7")]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["metrics.csv"], "no temporary file left there"
+
+
+def test_the_job_record_and_the_arguments_are_written_through_their_links(tmp_path):
+    run = tmp_path / "run"
+    record = _link_to_elsewhere(run, "job.json", "{}")
+    arguments = _link_to_elsewhere(run, "arguments.json", "{}")
+    with Job(run, report_to=["none"], enabled=True) as running:
+        running.add_job_data("rows", 64)
+    save_arguments(args_for(run, max_steps=3), run)
+    assert (os.readlink(run / "job.json"), os.readlink(run / "arguments.json")) == (str(record), str(arguments))
+    assert read_job(run)["status"] == "completed" and read_job(record.parent)["data"] == {"rows": 64}
+    assert load_arguments(arguments).max_steps == 3
