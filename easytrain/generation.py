@@ -177,10 +177,8 @@ def _replicated_on_mesh(params) -> NamedSharding | None:
 def _check_shapes(model: nnx.Module, ids_BL, mask_BL) -> None:
     """What can be checked of the inputs at trace time: the model can decode, and the shapes."""
     if not (hasattr(model, "init_cache") and hasattr(model, "decode")):
-        raise GenerationError(
-            f"{type(model).__name__} has no init_cache()/decode(); generation needs a model with a "
-            "key/value cache such as easytrain.models.LlamaForCausalLM."
-        )
+        raise GenerationError(f"{type(model).__name__} has no init_cache()/decode(); generation needs a model with a "
+                              "key/value cache such as easytrain.models.LlamaForCausalLM.")
     if len(ids_BL.shape) != 2:
         raise GenerationError(f"input_ids has shape {ids_BL.shape}; pass a [batch, length] array (see pad_prompts).")
     if mask_BL.shape != ids_BL.shape:
@@ -394,9 +392,8 @@ def _prompt_ids(index: int, prompt: Sequence[int]) -> np.ndarray:
 def greedy_complete(
     model: nnx.Module, prompts: list[list[int]], max_new_tokens: int, pad_id: int, eos_id: int | None = None
 ) -> np.ndarray:
-    """The greedy continuations of each prompt, ``[N, max_new_tokens]``; after ``eos_id`` (kept) come pads.
-
-    Prompt lengths are bucketed to multiples of 16 so varied prompt sets share compilations.
-    """
+    """The greedy continuations of each prompt, ``[N, max_new_tokens]``; after ``eos_id`` (kept) come ``pad_id``s,
+    an id of the model (`generate` refuses one past its vocabulary). Prompt lengths are bucketed to multiples of 16
+    so varied prompt sets share compilations."""
     ids_NL, mask_NL = pad_prompts(prompts, pad_id, multiple=16)
     return generate(model, ids_NL, mask_NL, max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=pad_id)
