@@ -270,3 +270,21 @@ def test_a_relative_step_link_set_aside_still_leads_to_its_step(run_copy, tmp_pa
     held = claim_output_dir(args, (run_copy / "checkpoints", 2))
     held.settle()
     assert finalized_steps(aside) == [4], "the step set aside is found through its link"
+
+
+@pytest.mark.parametrize("name, start", [(SUPERSEDED_DIRNAME, "resume step 2"), (REPLACED_DIRNAME, "overwrite"),
+                                         ("arguments.json", "overwrite")])
+def test_a_dangling_link_where_the_claim_moves_things_or_overwrite_keeps_is_refused_at_the_check(run_copy, name, start):
+    """Where the claim moves the older run's files (superseded_checkpoints/ for a resume of an older step,
+    replaced_run/ under overwrite_output_dir), and what overwrite_output_dir does not move away (arguments.json, the
+    trackers' folders): a dangling link there is refused by the check, naming it, not by the claim once the run is set
+    up; the refusal does not offer the flag that would not help. A resume that moves nothing leaves such a link be."""
+    (run_copy / name).unlink(missing_ok=True)
+    _dangling(run_copy / name)
+    overrides = dict(resume_from_checkpoint=str(run_copy / "checkpoints" / "2")) if start == "resume step 2" else \
+        dict(overwrite_output_dir=True)
+    with pytest.raises(OutputDirError, match=f"{name} links to '.*gone-target'.*does not exist") as refused:
+        check_output_dir(args_for(run_copy, **overrides))
+    assert "overwrite_output_dir" not in str(refused.value)
+    if name == SUPERSEDED_DIRNAME:
+        assert check_output_dir(args_for(run_copy, resume_from_checkpoint="latest"))[1] == 4

@@ -35,12 +35,10 @@ from pathlib import Path
 from easytrain.job_records import JOB_FILENAME, keep_older_run_data, read_record
 from easytrain.jobs import current_job
 from easytrain.sinks import MLFLOW_STATE_FILENAME, WANDB_STATE_FILENAME, replace_through_link
-from easytrain.trainers.run_dir import present, remove as _delete
+from easytrain.trainers.run_dir import REPLACED_DIRNAME, present, remove as _delete
 
 logger = logging.getLogger("easytrain")
 
-#: Where a claim keeps what it removes until the new run's first step is done.
-REPLACED_DIRNAME = "replaced_run"
 #: The records of the run the metric trackers log into, written as they open, before the claim (`run_start`).
 TRACKER_RECORDS = (WANDB_STATE_FILENAME, MLFLOW_STATE_FILENAME)
 #: Where W&B writes its runs, offline ones included (`sinks`), as it opens: a record of a kind too.

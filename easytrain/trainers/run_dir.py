@@ -33,6 +33,10 @@ PREVIOUS_RUN_OUTPUTS = (*FINAL_OUTPUTS, "metrics.jsonl", "metrics.csv", "tensorb
 #: What `overwrite_output_dir` removes: the previous run, so nothing of it is mistaken for the new one's.
 RUN_ARTIFACTS = (CHECKPOINTS_DIRNAME, *PREVIOUS_RUN_OUTPUTS, JOB_FILENAME)
 SUPERSEDED_DIRNAME = "superseded_checkpoints"
+#: Where a claim keeps what it removes until the new run's first step is done (`held_run`).
+REPLACED_DIRNAME = "replaced_run"
+#: Where the claim moves an older run's files: a dangling link there is refused before the claim (`check_links`).
+HELD_DIRNAMES = (SUPERSEDED_DIRNAME, REPLACED_DIRNAME)
 #: The logs a run stopped before its first checkpoint leaves: a rerun that starts it over replaces them.
 STARTED_RUN_LOGS = ("metrics.jsonl", "metrics.csv", "tensorboard")
 
@@ -165,8 +169,10 @@ def _checked_directory(args: TrainingArguments, is_main_process: bool,
     if check_start is not None:
         check_start(resume)
     own = resumes_own_checkpoints(output_dir, resume)
-    if not args.overwrite_output_dir or own:  # a fresh start under overwrite moves them away, as links
-        check_links(output_dir, run_outputs(args), skip=STARTED_RUN_LOGS if restart else (), overwrite_moves=not own)
+    moved = RUN_ARTIFACTS if args.overwrite_output_dir and not own else ()  # moved away as links: not checked
+    held = HELD_DIRNAMES if args.overwrite_output_dir or restart or _sets_aside(output_dir, resume) else ()
+    check_links(output_dir, (*run_outputs(args), *held), skip=(*moved, *(STARTED_RUN_LOGS if restart else ())),
+                movable=() if own else RUN_ARTIFACTS)
     if is_main_process:
         check_writable(output_dir)
     if own or args.overwrite_output_dir:
@@ -211,18 +217,26 @@ def run_outputs(args: TrainingArguments) -> tuple[str, ...]:
             *(name for sink, names in by_sink.items() if sink in sinks for name in names))
 
 
-def check_links(output_dir: Path, outputs: Sequence[str], skip: tuple[str, ...] = (),
-                overwrite_moves: bool = True) -> None:
+def _sets_aside(output_dir: Path, resume: tuple[Path, int] | None) -> bool:
+    """Whether a resume of the run's own checkpoints moves newer step directories aside (`claim.set_aside`)."""
+    root = output_dir / CHECKPOINTS_DIRNAME
+    return resumes_own_checkpoints(output_dir, resume) and root.is_dir() and any(
+        entry.name.isdigit() and int(entry.name) > resume[1] for entry in root.iterdir())
+
+
+def check_links(output_dir: Path, outputs: Sequence[str], skip: Sequence[str] = (),
+                movable: Sequence[str] = RUN_ARTIFACTS) -> None:
     """Refuse a link whose target is gone where the run writes (`outputs`, `run_outputs`: its checkpoints/ on a scratch
-    disk not mounted): the run would fail at its first write into it, after its set-up. A link the run does not write
-    through (a `tensorboard` one with no TensorBoard sink) is left alone. `skip`: what the claim removes anyway.
-    `overwrite_moves`: whether `overwrite_output_dir` would move the link away (not for a resume of the run's own
-    checkpoints, which keeps its outputs in place), offered as a way out only then."""
+    disk not mounted; where the claim moves the older run's files, `HELD_DIRNAMES`): the run would fail at its first
+    write into it, after its set-up. A link the run does not write through (a `tensorboard` one with no TensorBoard
+    sink) is left alone. `skip`: what the claim removes anyway. `movable`: what `overwrite_output_dir` would move away
+    (nothing for a resume of the run's own checkpoints, which keeps its outputs in place), offered as a way out only
+    where every such link is one of those."""
     names = [name for name in outputs if name not in skip]
     if dangling := {name: os.readlink(output_dir / name) for name in names
                     if (output_dir / name).is_symlink() and not (output_dir / name).exists()}:
         overwrite = ", or pass --overwrite_output_dir (moves the link away with the older run)" \
-            if overwrite_moves else ""
+            if all(name in movable for name in dangling) else ""
         raise OutputDirError(
             f"output_dir: in {str(output_dir)!r}, {', '.join(f'{k} links to {v!r}' for k, v in dangling.items())}, "
             "which does not exist (a disk not mounted?). Make the target available or remove the link (the run then "
