@@ -257,8 +257,8 @@ def test_a_dangling_link_the_run_does_not_write_through_is_left_alone(tmp_path):
 
 def test_a_relative_step_link_set_aside_still_leads_to_its_step(run_copy, tmp_path):
     """A step directory that is a relative link (`checkpoints/4 -> ../../step-4`) keeps leading to that step once
-    moved into superseded_checkpoints/<time>/ (its text rewritten for the new place), and `undo` puts back the text
-    it had."""
+    moved into superseded_checkpoints/<time>/, and once moved back from there by hand (to continue that lineage); `undo`
+    puts back the text it had."""
     os.rename(run_copy / "checkpoints" / "4", tmp_path / "step-4")
     (run_copy / "checkpoints" / "4").symlink_to(Path("..") / ".." / "step-4", target_is_directory=True)
     args = args_for(run_copy, resume_from_checkpoint=str(run_copy / "checkpoints" / "2"))
@@ -270,6 +270,8 @@ def test_a_relative_step_link_set_aside_still_leads_to_its_step(run_copy, tmp_pa
     held = claim_output_dir(args, (run_copy / "checkpoints", 2))
     held.settle()
     assert finalized_steps(aside) == [4], "the step set aside is found through its link"
+    os.rename(aside / "4", run_copy / "checkpoints" / "4")  # the lineage continued: its steps moved back by hand
+    assert finalized_steps(run_copy / "checkpoints") == [2, 4], "the link moved back by hand leads to its step"
 
 
 @pytest.mark.parametrize("name, start", [(SUPERSEDED_DIRNAME, "resume step 2"), (REPLACED_DIRNAME, "overwrite"),

@@ -13,8 +13,9 @@ deletes `replaced_run/`. A process ended by the failure watcher undoes first (`p
 killed in between leaves the older run in `replaced_run/`, whole: moved back by hand, or removed by the next claim
 under `overwrite_output_dir` once its first step is done. A deletion at `settle` the file system refuses is a warning,
 never the healthy run's failure: what is left, renamed `<time>.deleting` first, goes at the next claim's `settle`.
-Links are moved, copied and removed as links, never followed (`run_dir.remove`); a relative one moved is made again
-with a text for its new place, so it leads where it did (`_relinked`), and moved back gets its own text again.
+Links are moved, copied and removed as links, never followed (`run_dir.remove`); a relative one moved is made again,
+absolute, so it leads where it did from its new place and once moved back by hand (`_relinked`); `undo` gives it its
+own text again.
 
 Compiling ahead before the claim instead would cover only what `plan_memory` compiles: a `train_iteration` of a
 subclass compiles its own steps at the first call, after the claim, and a runtime failure of the first step would
@@ -274,10 +275,10 @@ def _deleting_name(held: Path) -> Path:
 def _move(source: Path, destination: Path, link_text: str | None = None) -> None:
     """`shutil.move` to a new path, except that a copy across file systems that fails midway (that disk full) leaves
     no part of it beside the whole source; a deletion of the source that fails leaves the whole copy, as it did. A
-    link keeps leading where it did: a relative one is made again with its text for the new place (`link_text`,
-    where given: the text it is to have there)."""
+    link keeps leading where it did: a relative one is made again, absolute (`_relinked`; `link_text`, where given:
+    the text it is to have there)."""
     if source.is_symlink():
-        text = link_text if link_text is not None else _relinked(source, destination)
+        text = link_text if link_text is not None else _relinked(source)
         if text != os.readlink(source):
             os.symlink(text, destination)
             _delete(source)
@@ -302,18 +303,17 @@ def _move(source: Path, destination: Path, link_text: str | None = None) -> None
     _delete(source)
 
 
-def _relinked(source: Path, destination: Path) -> str:
-    """The text of the link `source` moved to `destination`: an absolute one as it is, a relative one leading from
-    there where it led from `source` (through the real directories: `..` in a link climbs out of the real one)."""
+def _relinked(source: Path) -> str:
+    """The text of the link `source` once moved: an absolute one as it is, a relative one made absolute (through the
+    real directories: `..` in a link climbs out of the real one). It leads to its target from its new place, and from
+    output_dir again once moved back by hand (a killed run's held files, a lineage set aside); `undo` puts its own
+    text back."""
     text = os.readlink(source)
-    if os.path.isabs(text):
-        return text
-    target = os.path.normpath(os.path.join(os.path.realpath(source.parent), text))
-    return os.path.relpath(target, os.path.realpath(destination.parent))
+    return text if os.path.isabs(text) else os.path.normpath(os.path.join(os.path.realpath(source.parent), text))
 
 
 def _link_target(link: Path) -> str:
-    """Where `link` points (moved, it points where it did from its first place: `_relinked`)."""
+    """Where `link` points (moved, where it pointed from its first place: `_relinked`)."""
     return os.path.normpath(os.path.join(os.path.realpath(link.parent), os.readlink(link)))
 
 
