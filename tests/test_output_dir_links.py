@@ -240,8 +240,8 @@ def test_a_resume_truncates_a_linked_log_through_its_link(tmp_path):
 
 def test_a_dangling_link_the_run_does_not_write_through_is_left_alone(tmp_path):
     """Only the links the run's own outputs go through are refused: a dangling tensorboard/ or wandb/ link where
-    neither is reported to (nor a final_model one, with no export) is left as it is, by the check and by the
-    removal of a failed fresh run's logs."""
+    neither is reported to (nor a trace written: profile_steps; nor a final_model one, with no export) is left as it
+    is, by the check and by the removal of a failed fresh run's logs."""
     run = tmp_path / "run"
     run.mkdir()
     links = {name: os.readlink(_dangling(run / name)) for name in ("tensorboard", "wandb", "final_model")}
@@ -253,6 +253,8 @@ def test_a_dangling_link_the_run_does_not_write_through_is_left_alone(tmp_path):
             check_output_dir(args_for(run, report_to=report_to))
     with pytest.raises(OutputDirError, match="final_model links to"):
         check_output_dir(args_for(run, save_pretrained_at_end=True))
+    with pytest.raises(OutputDirError, match="tensorboard links to"):  # a trace goes there (`profiling.trace_dir`)
+        check_output_dir(args_for(run, profile_steps=1))
 
 
 def test_a_relative_step_link_set_aside_still_leads_to_its_step(run_copy, tmp_path):

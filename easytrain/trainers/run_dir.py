@@ -208,8 +208,9 @@ def present(path: Path) -> bool:
 
 def run_outputs(args: TrainingArguments) -> tuple[str, ...]:
     """The names in output_dir this run writes through: its checkpoints, records and arguments always, the export
-    where `save_pretrained_at_end`, each log and tracker folder or record where `report_to` names its sink."""
-    sinks = parse_report_to(args.report_to)
+    where `save_pretrained_at_end`, each log and tracker folder or record where `report_to` names its sink, and
+    tensorboard/ where it writes a trace (`profile_steps`: `profiling.trace_dir`)."""
+    sinks = {*parse_report_to(args.report_to), *(("tensorboard",) if args.profile_steps else ())}
     by_sink = {"jsonl": ("metrics.jsonl",), "csv": ("metrics.csv",), "tensorboard": ("tensorboard",),
                "wandb": ("wandb", WANDB_STATE_FILENAME), "mlflow": (MLFLOW_STATE_FILENAME,)}
     return (CHECKPOINTS_DIRNAME, JOB_FILENAME, ARGUMENTS_FILE, "results.json",
