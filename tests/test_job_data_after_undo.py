@@ -5,6 +5,7 @@ the failure, and keeps the older run's `data` entries (`add_job_data`) for a lat
 from __future__ import annotations
 
 import json
+import os
 import logging
 from pathlib import Path
 
@@ -104,3 +105,20 @@ def test_a_run_that_trains_after_a_failed_one_in_the_same_job_is_resumed_with_it
         BaseTrainer(args_for(run_copy, overwrite_output_dir=True, max_steps=2)).train()
     record = read_job(run_copy)
     assert (record["status"], record["data"], resumable_data(record)) == ("completed", retry, retry)
+
+
+def test_an_undo_puts_back_a_linked_job_record_as_the_link(run_copy, tmp_path):
+    """job.json a link to a file elsewhere: the claim moves the link aside with the older run, the failed run writes
+    its own record; `undo` puts the link back, the failed run's record (with the older run's data) written through
+    it, as into a plain job.json."""
+    target = tmp_path / "records" / "job.json"
+    target.parent.mkdir()
+    os.rename(_with_data(run_copy) / "job.json", target)
+    (run_copy / "job.json").symlink_to(target)
+    held = claim_output_dir(args_for(run_copy, overwrite_output_dir=True), None)
+    with pytest.raises(RuntimeError), Job(run_copy, report_to=["none"]):
+        raise RuntimeError("the run failed before its first step (forced by the test)")
+    held.undo()
+    assert os.readlink(run_copy / "job.json") == str(target)
+    record = read_job(target.parent)
+    assert (record["status"], record[OLDER_RUN_DATA]) == ("failed", OLDER_DATA)

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 from easytrain.job_records import JOB_FILENAME, keep_older_run_data, read_record
-from easytrain.jobs import current_job
+from easytrain.jobs import Job, current_job
 from easytrain.sinks import MLFLOW_STATE_FILENAME, WANDB_STATE_FILENAME, replace_through_link
 from easytrain.trainers.run_dir import REPLACED_DIRNAME, present, remove as _delete
 
@@ -185,11 +185,7 @@ class HeldRun:
         for source, moved in reversed(self.moves):
             if present(source):
                 if source.name == JOB_FILENAME and source.parent == self.output_dir:  # the failed run's record
-                    if running is not None:  # it is still to record how it ended
-                        running.keep_older_run(read_record(moved))
-                    else:
-                        keep_older_run_data(self.output_dir, read_record(moved))
-                    _delete(moved)
+                    self._keep_failed_record(source, moved, running)
                     continue
                 _delete(source)
             source.parent.mkdir(parents=True, exist_ok=True)
@@ -200,6 +196,23 @@ class HeldRun:
             logger.warning("%s: the run ended before its first step was done, so the older run there is as it was "
                            "(nothing removed or set aside)", self.output_dir)
         self._forget()
+
+
+    def _keep_failed_record(self, record: Path, moved: Path, running: Job | None) -> None:
+        """`record`, the failed run's job.json, stays and keeps the data of the older one (`moved` aside by the claim),
+        given to `running` where that job is still to record how it ended. Where the older one was a link, the link
+        goes back, the failed run's record written through it, as into a plain job.json."""
+        if running is not None:
+            running.keep_older_run(read_record(moved))
+        else:
+            keep_older_run_data(self.output_dir, read_record(moved))
+        if not moved.is_symlink():
+            _delete(moved)
+            return
+        failed = record.read_bytes()
+        _delete(record)
+        _move(moved, record, link_text=self.link_texts.get(record))
+        replace_through_link(record, failed)
 
 
 def tracker_records(output_dir: Path) -> dict[Path, bytes | None]:
