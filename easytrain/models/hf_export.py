@@ -38,7 +38,7 @@ from easytrain.models.hf_io import (
 from easytrain.models.hf_load import generation_config_of
 from easytrain.models.llama import LlamaForCausalLM
 from easytrain.models.scan import unstack_layer_dicts
-from easytrain.models.token_ids import token_id_refusal
+from easytrain.models.token_ids import attribute_fix, token_id_refusal
 from easytrain.models.weight_files import write_safetensors
 
 SHARD_PATTERN = "model{suffix}.safetensors"
@@ -178,8 +178,7 @@ def _generation_config_to_write(config: transformers.PretrainedConfig,
     if not given:
         generation_config = transformers.GenerationConfig.from_model_config(config)
     source = "generation_config" if given else "config (written to generation_config.json)"
-    fix = (f"Set {'generation_config' if given else 'config'}.{{field}} to the id the tokenizer uses (e.g. "
-           "tokenizer.eos_token_id), or None.")
+    fix = attribute_fix("generation_config" if given else "config")
     if refusal := token_id_refusal(source, generation_config.to_dict(), config.vocab_size, fix):
         raise CheckpointError(refusal)
     return generation_config

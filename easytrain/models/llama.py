@@ -31,7 +31,7 @@ from easytrain.models.layers import LOGITS_MV, RESIDUAL_MD, DecoderLayer, Embedd
 from easytrain.models.masks import AttentionMask, check_implementation
 from easytrain.models.remat import layer_runner
 from easytrain.models.scan import StackedLayers, build_layers
-from easytrain.models.token_ids import TOKEN_ID_FIELDS, token_id_refusal
+from easytrain.models.token_ids import TOKEN_ID_FIELDS, attribute_fix, token_id_refusal
 from easytrain.sharding import constrain
 
 Array = jax.Array
@@ -281,8 +281,8 @@ def check_config_token_ids(config: transformers.PretrainedConfig, source: str = 
     """`token_ids.token_id_refusal` of the config's own fields, as a `ConfigError` naming the attribute to set (or
     `fix`, where the config was read from a file: "{field}" is replaced by the field)."""
     fields = {field: getattr(config, field, None) for field in TOKEN_ID_FIELDS}
-    fix = fix or ("Set config.{field} to the id the tokenizer uses (e.g. tokenizer.eos_token_id), or None: an export "
-                  "writes it to generation_config.json, which from_pretrained refuses.")
+    fix = fix or attribute_fix("config", ": an export writes it to generation_config.json, which from_pretrained "
+                                         "refuses")
     if refusal := token_id_refusal(source, fields, getattr(config, "vocab_size", None), fix):
         raise ConfigError(refusal)
 

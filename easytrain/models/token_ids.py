@@ -62,3 +62,8 @@ def token_id_refusal(source: str, fields: Mapping[str, Any], vocab_size: int | N
 def file_fix(name: str, more: str = "") -> str:
     """The fix of a refused file `name`: its field set to the tokenizer's id, or null (`more`: what else)."""
     return f"Fix {name}: set '{{field}}' to the id the tokenizer uses (e.g. tokenizer.eos_token_id), or null{more}."
+
+
+def attribute_fix(owner: str, more: str = "") -> str:
+    """The fix of a refused field of the object `owner` names (a config): the tokenizer's id, or None (`more`)."""
+    return f"Set {owner}.{{field}} to the id the tokenizer uses (e.g. tokenizer.eos_token_id), or None{more}."
