@@ -269,8 +269,8 @@ def test_a_relative_step_link_set_aside_still_leads_to_its_step(run_copy, tmp_pa
     assert (aside / "4").is_symlink() and (aside / "4").resolve() == (tmp_path / "step-4").resolve()
     held.undo()
     assert os.readlink(run_copy / "checkpoints" / "4") == str(Path("..") / ".." / "step-4")
-    held = claim_output_dir(args, (run_copy / "checkpoints", 2))
-    held.settle()
+    claim_output_dir(args, (run_copy / "checkpoints", 2)).settle()
+    [aside] = (run_copy / SUPERSEDED_DIRNAME).iterdir()  # named for the second of this claim, not the first's
     assert finalized_steps(aside) == [4], "the step set aside is found through its link"
     os.rename(aside / "4", run_copy / "checkpoints" / "4")  # the lineage continued: its steps moved back by hand
     assert finalized_steps(run_copy / "checkpoints") == [2, 4], "the link moved back by hand leads to its step"
@@ -292,3 +292,4 @@ def test_a_dangling_link_where_the_claim_moves_things_or_overwrite_keeps_is_refu
     assert "overwrite_output_dir" not in str(refused.value)
     if name == SUPERSEDED_DIRNAME:
         assert check_output_dir(args_for(run_copy, resume_from_checkpoint="latest"))[1] == 4
+
