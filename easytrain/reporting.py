@@ -128,8 +128,8 @@ class _Sink(Protocol):
 
 def claim_log_files(output_dir: str | os.PathLike, report_to: Sequence[str], *, overwrite: bool) -> None:
     """Before a job's fresh run (step 0) opens its local sinks: another run's JSONL, CSV or TensorBoard files of
-    ``report_to`` there would hold every step twice. Removes them under ``overwrite``, else refuses, as a trainer
-    refuses such an output_dir (`OutputDirError`), naming the ways out."""
+    ``report_to`` there would hold every step twice. Removes them under ``overwrite`` (a link itself, its target left
+    as it is), else refuses, as a trainer refuses such an output_dir (`OutputDirError`), naming the ways out."""
     names = {"jsonl": METRICS_FILENAME, "csv": CSV_FILENAME, "tensorboard": TENSORBOARD_DIRNAME}
     targets, output_dir = parse_report_to(report_to), Path(output_dir)
     found = [name for sink, name in names.items() if sink in targets and (output_dir / name).exists()]
@@ -139,8 +139,8 @@ def claim_log_files(output_dir: str | os.PathLike, report_to: Sequence[str], *, 
             "0: its steps would be logged there twice. To continue that run, call `begin(total_steps=..., "
             "initial_step=N)` (the step you restored) before the first log_metric; to start over, pass "
             "overwrite_metrics=True to job(...) (removes them); or choose another output_dir.")
-    for name in found:
-        if (output_dir / name).is_dir():
+    for name in found:  # a link (logs kept on another disk) is removed itself, never what it leads to
+        if (output_dir / name).is_dir() and not (output_dir / name).is_symlink():
             shutil.rmtree(output_dir / name)
         else:
             (output_dir / name).unlink()

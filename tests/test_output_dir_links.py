@@ -12,7 +12,7 @@ import pytest
 from easytrain import BaseTrainer
 from easytrain.checkpoint import finalized_steps
 from easytrain.errors import OutputDirError
-from easytrain.reporting import truncate_jsonl
+from easytrain.reporting import claim_log_files, truncate_jsonl
 from easytrain.trainers.claim import claim_output_dir
 from easytrain.trainers.held_run import REPLACED_DIRNAME
 from easytrain.trainers.run_dir import SUPERSEDED_DIRNAME, check_output_dir, remove, remove_unstarted_logs
@@ -293,3 +293,14 @@ def test_a_dangling_link_where_the_claim_moves_things_or_overwrite_keeps_is_refu
     if name == SUPERSEDED_DIRNAME:
         assert check_output_dir(args_for(run_copy, resume_from_checkpoint="latest"))[1] == 4
 
+
+def test_a_jobs_overwrite_of_linked_logs_takes_the_links_and_leaves_their_targets(tmp_path):
+    """`job(..., overwrite_metrics=True)` starting fresh where logs are links (a tensorboard/ on a scratch disk)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    target = _linked(run / "tensorboard", tmp_path / "scratch")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    (run / "metrics.jsonl").symlink_to(tmp_path / "metrics.jsonl")
+    claim_log_files(run, ["jsonl", "tensorboard"], overwrite=True)
+    assert list(run.iterdir()) == []
+    assert (target / "kept").exists() and (tmp_path / "metrics.jsonl").exists()
