@@ -13,9 +13,9 @@ deletes `replaced_run/`. A process ended by the failure watcher undoes first (`p
 killed in between leaves the older run in `replaced_run/`, whole: moved back by hand, or removed by the next claim
 under `overwrite_output_dir` once its first step is done. A deletion at `settle` the file system refuses is a warning,
 never the healthy run's failure: what is left, renamed `<time>.deleting` first, goes at the next claim's `settle`.
-Links are moved, copied and removed as links, never followed (`run_dir.remove`); a relative one moved is made again,
+Links are moved and removed as links, never followed (`run_dir.remove`); a relative one moved is made again,
 absolute, so it leads where it did from its new place and once moved back by hand (`_relinked`); `undo` gives it its
-own text again.
+own text again. A log copied through its link (`copy`) is put back through it.
 
 Compiling ahead before the claim instead would cover only what `plan_memory` compiles: a `train_iteration` of a
 subclass compiles its own steps at the first call, after the claim, and a runtime failure of the first step would
