@@ -103,13 +103,23 @@ def _device_peak(value: jax.Array, axes: Axes, finite: bool) -> jax.Array:
 
 def _peak(value: Any, axes: Axes, finite: bool) -> Any:
     """The largest |value| over `axes` (all when None), of the finite entries only if `finite`: one fused
-    reduction on the device for a ``jax.Array`` (no copy). Kept in the value's dtype, exact: a float64 65519.999
-    casts to float16's 65504, but to float32 it rounds to 65520, which float16 rounds to inf."""
-    if isinstance(value, jax.Array):
+    reduction on the device for a ``jax.Array`` (no copy), but numpy's in place for one on a single CPU device (no
+    compile per weight shape: 0.2-0.7 s the first time in a process on a 58.5M-parameter model). Kept in the
+    value's dtype, exact: a float64 65519.999 casts to float16's 65504, but to float32 it rounds to 65520, which
+    float16 rounds to inf."""
+    if isinstance(value, jax.Array) and not _on_one_cpu(value):
         return _device_peak(value, axes, finite)
     array = np.asarray(value)
-    where = np.isfinite(array) if finite else True
-    return np.max(np.abs(array), axis=axes, where=where, initial=0)
+    if finite:
+        return np.max(np.abs(array), axis=axes, where=np.isfinite(array), initial=0)
+    with np.errstate(invalid="ignore"):  # a NaN makes the peak NaN: taken again over the finite ones
+        return np.maximum(np.max(array, axis=axes, initial=0), -np.min(array, axis=axes, initial=0))  # no temporary
+
+
+def _on_one_cpu(value: jax.Array) -> bool:
+    """Whether numpy reads `value`'s buffer in place: one CPU device of this process holds it whole."""
+    devices = value.sharding.device_set
+    return len(devices) == 1 and value.is_fully_addressable and next(iter(devices)).platform == "cpu"
 
 
 def largest_finite(values: Sequence[tuple[Any, Axes]], to_host: Callable[[list[Any]], list[np.ndarray]]
