@@ -57,3 +57,23 @@ def test_a_pad_past_the_vocabulary_is_kept(tmp_path, tokenizer_dir, text_lines, 
     trainer = _trainer("base", tmp_path, _config_file(tmp_path, pad_token_id=VOCAB), tokenizer_dir, text_lines)
     with pytest.raises(AssertionError, match="tokenised before"):
         trainer.train()
+
+
+def test_a_given_model_whose_export_would_write_ids_the_load_refuses_is_refused_before_training(tmp_path):
+    """A model built directly (not through `init_model`) from a config with an EOS of -1: was trained, then the
+    final export refused it ('config (written to generation_config.json) sets 'eos_token_id' to -1')."""
+    from easytrain.models import LlamaForCausalLM
+    from easytrain.tasks import build_arithmetic_tokenizer
+    from flax import nnx
+    from model_configs import tiny_config
+
+    tokenizer = build_arithmetic_tokenizer()
+    with nnx.use_eager_sharding(False):  # as init_model builds it
+        model = LlamaForCausalLM(tiny_config(vocab_size=len(tokenizer), eos_token_id=-1), rngs=nnx.Rngs(0))
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=1, max_length=32, train_batch_size=8,
+                             eval_strategy="no", save_strategy="no", report_to=["none"], max_train_samples=16)
+    with pytest.raises(ArgumentError, match=r"config \(written to generation_config\.json\) sets 'eos_token_id' "
+                                            r"to -1.*Set config\.eos_token_id") as error:
+        BaseTrainer(args, model=model, tokenizer=tokenizer).train()
+    assert error.value.field == "save_pretrained_at_end"
+    assert not (tmp_path / "run" / "checkpoints").exists()

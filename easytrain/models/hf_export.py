@@ -169,7 +169,7 @@ def _check_range(plan: dict[str, _Planned]) -> None:
     refuse_narrowed(local, list(taken), {name: plan[name].dtype for name in taken}, "the export", "dtype")
 
 
-def _generation_config_to_write(config: transformers.PretrainedConfig,
+def generation_config_to_write(config: transformers.PretrainedConfig,
                                 generation_config: transformers.GenerationConfig | None
                                 ) -> transformers.GenerationConfig:
     """The ``generation_config.json`` an export writes, refused before any file where ``from_pretrained`` would
@@ -372,7 +372,7 @@ def save_pretrained(
     """
     if generation_config is None:
         generation_config = generation_config_of(model_or_params)
-    generation_config = _generation_config_to_write(config, generation_config)
+    generation_config = generation_config_to_write(config, generation_config)
     plan = export_plan(_params_of(model_or_params), config, dtype)
     _check_range(plan)
     split = _split(plan, max_shard_size)

@@ -28,8 +28,8 @@ from easytrain.losses import Batch, LossOutput, causal_lm_loss
 from easytrain.metrics import Metric
 from easytrain.steps import DefaultMetrics
 from easytrain.models import SUPPORTED_MODEL_TYPES, LlamaForCausalLM, from_pretrained, save_pretrained
-from easytrain.models.hf_export import CheckpointError, export_plan
-from easytrain.models.hf_load import read_generation_config
+from easytrain.models.hf_export import CheckpointError, export_plan, generation_config_to_write
+from easytrain.models.hf_load import generation_config_of, read_generation_config
 from easytrain.trainers import adapters, builders, lm_blocks
 from easytrain.trainers.resume import config_dict
 
@@ -220,6 +220,17 @@ class LanguageModelHooks:
         if self.lora is None and (mismatch := export_mismatch(self.model, self.model_config)):
             return (f"the default save_pretrained writes model_config's Hugging Face layout, and "
                     f"{type(self.model).__name__}'s parameters are not that layout ({mismatch})")
+        return None if self.lora is not None and self.arguments.lora_export == "adapter" else self._ids_problem()
+
+    def _ids_problem(self) -> str | None:
+        """Why the export would refuse the generation config it writes (its token ids: the base's file, the one
+        the model was loaded with, else the config's), or None: found before training, not at its end."""
+        base = self.arguments.model_name_or_path
+        try:
+            generation_config_to_write(self.model_config,
+                                       read_generation_config(base) if base else generation_config_of(self.model))
+        except CheckpointError as error:
+            return str(error).rstrip(".")
         return None
 
     def save_pretrained(self, directory: str | Path) -> Path:
