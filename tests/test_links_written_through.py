@@ -6,9 +6,11 @@ import csv
 import os
 from pathlib import Path
 
+import pytest
+
 from easytrain.config_io import load_arguments, save_arguments
 from easytrain.jobs import Job, read_job
-from easytrain.sinks import CsvSink
+from easytrain.sinks import CsvSink, write_json_atomically
 
 from runs import args_for
 
@@ -54,3 +56,10 @@ def test_the_job_record_and_the_arguments_are_written_through_their_links(tmp_pa
     assert (os.readlink(run / "job.json"), os.readlink(run / "arguments.json")) == (str(record), str(arguments))
     assert read_job(run)["status"] == "completed" and read_job(record.parent)["data"] == {"rows": 64}
     assert load_arguments(arguments).max_steps == 3
+
+
+def test_a_write_through_a_link_into_a_directory_that_is_gone_names_the_link(tmp_path):
+    (tmp_path / "job.json").symlink_to(tmp_path / "unmounted" / "job.json")
+    with pytest.raises(FileNotFoundError, match=r"job.json links to '.*unmounted/job.json', whose directory does not"):
+        write_json_atomically(tmp_path / "job.json", {"status": "queued"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.json"]
