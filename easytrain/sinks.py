@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -122,7 +123,7 @@ def replace_through_link(path: Path, content: bytes) -> None:
     if not real.parent.is_dir():  # a dangling link into a directory that is gone: name the link, not the temporary
         raise FileNotFoundError(errno.ENOENT, f"{path} links to {os.readlink(path)!r}, whose directory does not "
                                 "exist (a disk not mounted?)", str(path))
-    tmp = real.with_name(f".{real.name}.{os.getpid()}.tmp")
+    tmp = real.with_name(f".{real.name}.{os.getpid()}.{threading.get_ident()}.tmp")  # a thread's own (the watcher's)
     try:
         tmp.write_bytes(content)
         os.replace(tmp, real)

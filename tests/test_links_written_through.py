@@ -4,6 +4,7 @@ links when the run rewrites them: the file the link leads to is replaced, atomic
 
 import csv
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -63,3 +64,32 @@ def test_a_write_through_a_link_into_a_directory_that_is_gone_names_the_link(tmp
     with pytest.raises(FileNotFoundError, match=r"job.json links to '.*unmounted/job.json', whose directory does not"):
         write_json_atomically(tmp_path / "job.json", {"status": "queued"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["job.json"]
+
+
+def test_two_threads_writing_one_record_at_once_each_replace_it_whole(tmp_path, monkeypatch):
+    """The failure watcher's thread may write job.json (`HeldRun.undo` giving the job the older run's data) while
+    the main thread does: each writes its own temporary file, so neither renames the other's away."""
+    replace, second_done = os.replace, threading.Event()
+
+    def first_waits_for_the_second(source, destination):
+        if threading.current_thread() is not threading.main_thread():
+            second_done.wait(5)
+        return replace(source, destination)
+
+    monkeypatch.setattr(os, "replace", first_waits_for_the_second)
+    errors = []
+    first = threading.Thread(target=lambda: _written(tmp_path / "job.json", {"by": "watcher"}, errors))
+    first.start()
+    while first.is_alive() and not any(p.name.endswith(".tmp") for p in tmp_path.iterdir()):  # the watcher's written
+        threading.Event().wait(0.001)
+    _written(tmp_path / "job.json", {"by": "main"}, errors)
+    second_done.set()
+    first.join()
+    assert errors == [] and read_job(tmp_path)["by"] == "watcher"
+
+
+def _written(path: Path, record: dict, errors: list) -> None:
+    try:
+        write_json_atomically(path, record)
+    except OSError as error:
+        errors.append(error)
