@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from easytrain.listing import listed
 from easytrain.models.hf_io import CheckpointError
 
 _SHOWN = 8
@@ -157,11 +158,10 @@ def check_range(peaks: Mapping[str, float], dtype: Any, what: str, field: str) -
     if not over:
         return
     names = sorted(over, key=lambda name: -over[name])
-    listed = "; ".join(f"{name}: largest |value| {over[name]:.6g}" for name in names[:_SHOWN])
-    more = f"; and {len(names) - _SHOWN} more" if len(names) > _SHOWN else ""
+    shown = listed((f"{name}: largest |value| {over[name]:.6g}" for name in names), _SHOWN, sep="; ")
     raise CheckpointError(
         f"{field}='{dtype.name}' cannot hold {len(names)} tensor(s) of {what}, which would become inf "
-        f"({dtype.name}'s largest value is {float(jnp.finfo(dtype).max):.6g}): {listed}{more}. "
+        f"({dtype.name}'s largest value is {float(jnp.finfo(dtype).max):.6g}): {shown}. "
         f"{_wider(dtype, over[names[0]], field)}")
 
 

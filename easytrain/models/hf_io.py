@@ -27,6 +27,7 @@ from huggingface_hub.errors import StrictDataclassError
 from jax.sharding import AbstractMesh
 
 from easytrain.errors import EasytrainError
+from easytrain.listing import listed
 from easytrain.models.attention import DType
 from easytrain.models.families import SUPPORTED_MODEL_TYPES, ConfigError, check_rope_values
 from easytrain.models.llama import LlamaForCausalLM
@@ -111,11 +112,6 @@ def _expected_shapes(config: transformers.PretrainedConfig) -> dict[ParamPath, t
     return {path: tuple(leaf.shape) for path, leaf in flat.items()}
 
 
-def _preview(names: list[str]) -> str:
-    shown = ", ".join(names[:_PREVIEW])
-    return shown + (f", ... ({len(names) - _PREVIEW} more)" if len(names) > _PREVIEW else "")
-
-
 def check_shapes(found: Shapes, expected: Shapes, what: str) -> None:
     """Raises one error listing every missing, unexpected and mis-shaped entry."""
     missing = sorted(expected.keys() - found.keys())
@@ -128,7 +124,7 @@ def check_shapes(found: Shapes, expected: Shapes, what: str) -> None:
     if not (missing or unexpected or mismatched):
         return
     problems = [
-        f"{label} ({len(items)}): {_preview(items)}"
+        f"{label} ({len(items)}): {listed(items, _PREVIEW)}"
         for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched))
         if items
     ]

@@ -26,6 +26,7 @@ from jax.experimental import multihost_utils
 from safetensors import SafetensorError, safe_open
 
 from easytrain import lora
+from easytrain.listing import listed
 from easytrain.lora import EMBEDDING_MODULES, LoRAConfig, LoRADense
 from easytrain.models.float16_range import largest_finite, narrows_value, refuse_narrowed
 from easytrain.models.hf_export import _storage_dtype, _to_host
@@ -215,7 +216,7 @@ def _assign(variable: nnx.Variable, value: np.ndarray, what: str) -> None:
 def _check_names(found: set[str], expected: set[str], directory: Path) -> None:
     missing, unexpected = sorted(expected - found), sorted(found - expected)
     if missing or unexpected:
-        parts = [f"{label} ({len(items)}): {', '.join(items[:6])}{' ...' if len(items) > 6 else ''}"
+        parts = [f"{label} ({len(items)}): {listed(items, 6)}"
                  for label, items in (("missing", missing), ("unexpected", unexpected)) if items]
         raise CheckpointError(f"{directory / ADAPTER_WEIGHTS_NAME} does not match the modules its "
                               f"target_modules select in this model: {'; '.join(parts)}. Check that the adapter "
@@ -238,7 +239,7 @@ def _check_modules_to_save(model: nnx.Module, config: LoRAConfig, raw: dict[str,
             f"{directory / ADAPTER_CONFIG_NAME}: modules_to_save={raw.get('modules_to_save')!r} has PEFT train "
             f"{sorted(peft)[:6]}, but easytrain trains the input embedding together with the output head "
             "(train_embeddings) and every norm (train_norms), so continuing to train would also train "
-            f"{extra[:6]}{' ...' if len(extra) > 6 else ''}. Make the adapter in PEFT with whole groups "
+            f"{listed(extra, 6)}. Make the adapter in PEFT with whole groups "
             "(['embed_tokens', 'lm_head'] and/or ['norm'], which PEFT matches as name suffixes), or merge it in "
             "PEFT (merge_and_unload()) and load the merged model with easytrain.models.from_pretrained.")
 

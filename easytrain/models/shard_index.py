@@ -14,6 +14,7 @@ from pathlib import Path, PurePosixPath
 
 from safetensors import SafetensorError, safe_open
 
+from easytrain.listing import listed
 from easytrain.models.hf_io import WEIGHTS_INDEX_NAME, WEIGHTS_NAME, CheckpointError, damaged_file, read_json_object
 
 
@@ -53,12 +54,12 @@ def _weight_map(index_path: Path) -> dict[str, str]:
     if not weight_map:
         raise damaged_file(index_path, ValueError("its 'weight_map' names no tensor"))
     if odd := sorted(name for name, file in weight_map.items() if not isinstance(file, str)):
-        raise damaged_file(index_path, TypeError(f"'weight_map' maps {_preview_names(odd)} to no file name (a "
+        raise damaged_file(index_path, TypeError(f"'weight_map' maps {listed(odd, 8)} to no file name (a "
                                                  f"JSON {type(weight_map[odd[0]]).__name__}, not a string)"))
     if outside := sorted(name for name, file in weight_map.items() if _outside(file)):
         files = sorted({repr(weight_map[name]) for name in outside})
         raise damaged_file(index_path, ValueError(
-            f"'weight_map' maps {len(outside)} tensor(s) ({_preview_names(outside, 2)}) to {_preview_names(files)}, "
+            f"'weight_map' maps {len(outside)} tensor(s) ({listed(outside, 2)}) to {listed(files, 8)}, "
             f"outside {index_path.parent}: a checkpoint directory holds its own shards (a hub repository cannot name "
             "such a file; a copy made by hand: move the shards into the directory, named relative to it)"))
     return weight_map
@@ -74,10 +75,6 @@ def _outside(name: str) -> bool:
 def _shard_path(directory: Path, name: str) -> Path:
     """Where the index's `name` is read from: one path for each spelling of one file (`a/../b`, `./b`: `b`)."""
     return directory / os.path.normpath(name)
-
-
-def _preview_names(names: list[str], shown: int = 8) -> str:
-    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def read_headers(directory: Path) -> dict[str, TensorEntry]:
