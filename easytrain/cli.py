@@ -32,7 +32,7 @@ from easytrain.config_io import CLI_PROG, build_parser, parse_task_arguments, pe
 from easytrain.errors import EasytrainError
 from easytrain.jobs import JOB_FILENAME, Job
 from easytrain.protocol import TrainerProtocol, check_implements
-from easytrain.sinks import strict_json
+from easytrain.sinks import strict_json, write_json_atomically
 from easytrain.tasks.registry import Task, available_tasks, register_task, resolve_task
 
 __all__ = ["FAILED_EXIT_CODE", "REFUSED_EXIT_CODE", "command_job", "main", "register_task", "resolve_task",
@@ -46,6 +46,7 @@ USAGE = """usage: easytrain train [--task NAME] [--config FILE] [--FIELD VALUE .
 #: The libraries whose versions decide a run's numbers, reported by `easytrain --version` (for bug reports).
 STACK = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "transformers", "datasets", "tokenizers")
 FAILED_EXIT_CODE = 1  # training started, then failed: job.json says why
+RESULTS_FILENAME = "results.json"  # the command's, not the trainer's: `run_dir.command_outputs`
 REFUSED_EXIT_CODE = 2  # refused before training (or a bad command line): nothing was trained
 
 
@@ -78,35 +79,36 @@ def run(arguments: TrainingArguments, task_arguments: Sequence[Any] | None = Non
     """
     from easytrain.trainers import BaseTrainer, run_lock  # imported here: `easytrain tasks` and `plot` need neither
     from easytrain.trainers.preemption import final_step, joins_other_processes, stopping_after_training
+    from easytrain.trainers.run_dir import command_outputs
 
     if joins_other_processes(arguments):  # JAX's preemption service takes SIGTERM
         stop_signals.release(redeliver=True)
     else:
         stop_signals.catch()
     try:
-        run_lock.refuse_if_held(arguments.output_dir)  # a second start of a live run: before anything reads or writes
-        trainer = resolve_task(arguments.task).build(arguments, task_arguments)
-        check_implements(trainer)  # not isinstance: on Python 3.11 that evaluates properties, i.e. builds the run
-        if not isinstance(trainer, BaseTrainer):  # its train() does not look at the flag: signals act as before
-            stop_signals.release(redeliver=True)
-        with job or command_job(arguments):  # entered after the trainer: output_dir checked
-            train_logs = dict(trainer.train())
-            with stopping_after_training(final_step(trainer), arguments):  # a stop after the last step: exit 75
-                eval_logs = dict(trainer.evaluate())
-            summary = {**{f"train_{k}": v for k, v in train_logs.items()}, **eval_logs}
-            with stop_signals.while_acting("writing results.json, then ending as completed"):
-                _write_results(arguments.output_dir, summary)
+        with command_outputs((RESULTS_FILENAME,)):  # a dangling link there: refused at the trainer's check
+            run_lock.refuse_if_held(arguments.output_dir)  # a second start of a live run: before any read or write
+            trainer = resolve_task(arguments.task).build(arguments, task_arguments)
+            check_implements(trainer)  # not isinstance: on Python 3.11 that evaluates properties, i.e. builds the run
+            if not isinstance(trainer, BaseTrainer):  # its train() does not look at the flag: signals act as before
+                stop_signals.release(redeliver=True)
+            with job or command_job(arguments):  # entered after the trainer: output_dir checked
+                train_logs = dict(trainer.train())
+                with stopping_after_training(final_step(trainer), arguments):  # a stop after the last step: exit 75
+                    eval_logs = dict(trainer.evaluate())
+                summary = {**{f"train_{k}": v for k, v in train_logs.items()}, **eval_logs}
+                with stop_signals.while_acting("writing results.json, then ending as completed"):
+                    _write_results(arguments.output_dir, summary)
     finally:
         stop_signals.release()  # the command's catch ends once results.json is written (or the run failed)
     return summary
 
 
 def _write_results(output_dir: str, summary: dict[str, float]) -> None:
-    """`results.json`, on process 0."""
+    """`results.json`, on process 0: whole or not at all (a kill mid-write), through a link (to another disk)."""
     if jax.process_index() == 0:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
-        text = json.dumps(strict_json(summary), indent=2, allow_nan=False)
-        (Path(output_dir) / "results.json").write_text(text)
+        write_json_atomically(Path(output_dir) / RESULTS_FILENAME, summary)
 
 
 def _show_progress_messages() -> None:

@@ -3,6 +3,8 @@ have trained there since the trainer was built: `claim`), never clobbered by acc
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import logging
@@ -10,7 +12,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from easytrain.arguments import TrainingArguments
 from easytrain.best_metric_direction import direction_inferred
@@ -26,7 +28,8 @@ from easytrain.trainers.restore_checks import check_run_info_readable
 from easytrain.trainers.shared_output_dir import Gather
 from easytrain.trainers.start_agreement import agreed
 
-#: What the end of a run writes (the export, the command's results): the state of the lineage that reached it.
+#: What the end of a run writes (the export, the command's results): the state of the lineage that reached it. A
+#: claim moves both aside with the lineage (`claim.set_aside_newer_checkpoints`), whoever wrote results.json.
 FINAL_OUTPUTS = ("final_model", "results.json")
 #: What a run leaves in its output_dir that a later fresh run would overwrite or mix with its own.
 PREVIOUS_RUN_OUTPUTS = (*FINAL_OUTPUTS, "metrics.jsonl", "metrics.csv", "tensorboard")
@@ -41,6 +44,21 @@ HELD_DIRNAMES = (SUPERSEDED_DIRNAME, REPLACED_DIRNAME)
 STARTED_RUN_LOGS = ("metrics.jsonl", "metrics.csv", "tensorboard")
 
 logger = logging.getLogger("easytrain")
+
+#: What the command running the trainer writes in output_dir besides the trainer's own outputs (`easytrain train`:
+#: results.json): `run_outputs` while it runs (`command_outputs`). A Python-API run writes no results.json.
+_COMMAND_OUTPUTS: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("command_outputs", default=())
+
+
+@contextlib.contextmanager
+def command_outputs(names: Sequence[str]) -> Iterator[None]:
+    """While the command that builds and trains a run writes `names` in its output_dir itself: a dangling link there is
+    refused with the run's own (`check_links`), before training, not by the command's write once it is done."""
+    token = _COMMAND_OUTPUTS.set(tuple(names))
+    try:
+        yield
+    finally:
+        _COMMAND_OUTPUTS.reset(token)
 
 
 def check_writable(directory: Path) -> None:
@@ -208,12 +226,13 @@ def present(path: Path) -> bool:
 
 def run_outputs(args: TrainingArguments) -> tuple[str, ...]:
     """The names in output_dir this run writes through: its checkpoints, records and arguments always, the export
-    where `save_pretrained_at_end`, each log and tracker folder or record where `report_to` names its sink, and
-    tensorboard/ where it writes a trace (`profile_steps`: `profiling.trace_dir`)."""
+    where `save_pretrained_at_end`, each log and tracker folder or record where `report_to` names its sink,
+    tensorboard/ where it writes a trace (`profile_steps`: `profiling.trace_dir`), and what the command running it
+    writes (`command_outputs`: results.json under `easytrain train`)."""
     sinks = {*parse_report_to(args.report_to), *(("tensorboard",) if args.profile_steps else ())}
     by_sink = {"jsonl": ("metrics.jsonl",), "csv": ("metrics.csv",), "tensorboard": ("tensorboard",),
                "wandb": ("wandb", WANDB_STATE_FILENAME), "mlflow": (MLFLOW_STATE_FILENAME,)}
-    return (CHECKPOINTS_DIRNAME, JOB_FILENAME, ARGUMENTS_FILE, "results.json",
+    return (CHECKPOINTS_DIRNAME, JOB_FILENAME, ARGUMENTS_FILE, *_COMMAND_OUTPUTS.get(),
             *(("final_model",) if args.save_pretrained_at_end else ()),
             *(name for sink, names in by_sink.items() if sink in sinks for name in names))
 
