@@ -85,6 +85,17 @@ def vocab_size_of(config: Any) -> int | None:
     return int(size) if isinstance(size, numbers.Integral) and size > 0 else None
 
 
+def filler_id(pad_token_id: int | None, config: Any) -> int:
+    """The id padding positions hold: the tokenizer's pad where the model's vocabulary has it, else 0 (also without a
+    pad). Padding is masked (``attention_mask``, ``loss_mask`` 0), so its id never reaches the loss; a pad past the
+    table (added to the tokenizer after the model was trained) would only have the batch check refuse the filler.
+    A real token equal to that pad is still refused with the data (``check_token_ids``)."""
+    vocab_size = vocab_size_of(config)
+    if pad_token_id is None or pad_token_id < 0 or vocab_size is not None and pad_token_id >= vocab_size:
+        return 0
+    return int(pad_token_id)
+
+
 def check_token_ids(rows: datasets.Dataset, fields: Sequence[str], vocab_size: int | None, *, rows_are: str,
                     tokenizer: Any = None) -> None:
     """Refuse an id outside ``[0, vocab_size)`` in any of ``fields`` (list columns) of the rows in use.

@@ -30,7 +30,7 @@ from easytrain.data.chat_templates import read_chat_template
 from easytrain.data.paired_batches import PairedCollate, pair_rows
 from easytrain.data.preference_data import PreferenceDataOptions, tokenize_preference_dataset, uses_chat_template
 from easytrain.data.sources import evaluation_examples
-from easytrain.data.token_range import rows_of, vocab_size_of
+from easytrain.data.token_range import filler_id, rows_of, vocab_size_of
 from easytrain.errors import ArgumentError
 from easytrain.frozen import Frozen
 from easytrain.lora import adapters_disabled
@@ -108,7 +108,7 @@ class DPOTrainer(DPORecordHooks, BaseTrainer):
                   else builders.raw_datasets(args, self._raw_train, self._raw_eval))
         options = self._data_options()
         self._pad = PairedCollate(bucket_lengths(args.max_length) if jax.process_count() == 1 else (args.max_length,),
-                                  pad_id=self.tokenizer.pad_token_id or 0)
+                                  pad_id=filler_id(self.tokenizer.pad_token_id, self.model_config))
         rows = {}
         for name, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples)):
             if name in splits:

@@ -29,7 +29,7 @@ from easytrain.data.prompts import prompts_and_references
 from easytrain.data.row_errors import rows_as_stored
 from easytrain.data.sources import evaluation_examples
 from easytrain.data.sft import FORMAT_COLUMNS, LANGUAGE_MODELING, detect_format, uses_chat_template
-from easytrain.data.token_range import rows_of, vocab_size_of
+from easytrain.data.token_range import filler_id, rows_of, vocab_size_of
 from easytrain.errors import ArgumentError
 from easytrain.evaluators import CompletionMetrics, generation_problem
 from easytrain.tasks import arithmetic
@@ -179,8 +179,9 @@ class SFTTrainer(BaseTrainer):
                                                     vocab_size=vocab_size_of(self.model_config))
         self.data_stats[name] = dict(stats)
         if not sft.packing:
+            # one shape per process set; a pad past the model's vocabulary (added since) pads with an id it has
             buckets = bucket_lengths(args.max_length) if jax.process_count() == 1 else (args.max_length,)
-            self._pad = PaddedCollate(buckets, pad_id=self.tokenizer.pad_token_id or 0)  # one shape per process set
+            self._pad = PaddedCollate(buckets, filler_id(self.tokenizer.pad_token_id, self.model_config))
             return tokenized
         strategy = sft.packing_strategy if name == "train" else "bfd"  # eval examples whole: same eval_loss
         with rows_of(split_name):
