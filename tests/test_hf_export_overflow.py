@@ -15,7 +15,7 @@ from safetensors.numpy import load_file
 from easytrain import lora
 from easytrain.lora import LoRAConfig
 from easytrain.models import float16_range, from_pretrained, init_model
-from easytrain.models.float16_range import check_float16_range
+from easytrain.models.float16_range import check_range
 from easytrain.models.hf_io import CheckpointError, save_pretrained
 from easytrain.models.peft_io import save_peft_adapter
 
@@ -83,11 +83,11 @@ def test_an_adapter_past_float16s_range_is_refused_by_name(tmp_path):
 
 def test_the_refusal_starts_where_float16_rounds_to_inf():
     """65504 < |x| < 65520 round to 65504 (float16's largest), 65520 to inf."""
-    check_float16_range({"w": np.float32(65519.99)})
+    check_range({"w": np.float32(65519.99)}, np.float16, "the export", "dtype")
     with np.errstate(over="ignore"):
         assert np.float16(np.float32(65519.99)) == 65504 and np.isinf(np.float16(np.float32(65520.0)))
     with pytest.raises(CheckpointError, match="w: largest"):
-        check_float16_range({"w": 65520.0})
+        check_range({"w": 65520.0}, np.float16, "the export", "dtype")
 
 
 def test_a_float16_load_refuses_weights_beyond_its_range_by_name(tmp_path):

@@ -137,12 +137,6 @@ def largest_finite(values: Sequence[tuple[Any, Axes]], to_host: Callable[[list[A
     return peaks
 
 
-def check_float16_range(peaks: Mapping[str, float], what: str = "the export", field: str = "dtype") -> None:
-    """Refuses the tensors whose largest finite |value| (`peaks`, by name) float16 would hold as inf; `field`: the
-    argument that asked for float16."""
-    check_range(peaks, np.float16, what, field)
-
-
 def check_ranges(peaks: Mapping[str, float], stored: Mapping[str, Any], what: str, field: str) -> None:
     """`check_range` of each tensor's peak (`peaks`, by name) against the dtype it is written in (`stored`)."""
     for dtype in sorted({np.dtype(stored[name]) for name in peaks}, key=str):
