@@ -24,7 +24,8 @@ from easytrain.jobs import JOB_FILENAME, current_job
 from easytrain.trainers import run_dir, run_lock
 from easytrain.trainers.held_run import LEFTOVER_KINDS, HeldRun, held_leftovers, leftover_kind
 from easytrain.trainers.run_dir import (FINAL_OUTPUTS, RUN_ARTIFACTS, STARTED_RUN_LOGS, SUPERSEDED_DIRNAME,
-                                        _checked_directory, restarts_unsaved_run, resumes_own_checkpoints)
+                                        _checked_directory, restarts_unsaved_run, resumes_own_checkpoints,
+                                        step_dirs)
 from easytrain.trainers.start_agreement import decoded, encoded
 
 logger = logging.getLogger("easytrain")
@@ -165,7 +166,7 @@ def _claim_into(held: HeldRun, args: TrainingArguments, resume: tuple[Path, int]
         set_aside_newer_checkpoints(output_dir, *resume, held=held)
         return
     if resume is not None:
-        set_aside(output_dir, _step_dirs(output_dir / CHECKPOINTS_DIRNAME),
+        set_aside(output_dir, step_dirs(output_dir / CHECKPOINTS_DIRNAME),
                   f"resuming {resume[0] / str(resume[1])} (a checkpoint from outside this output_dir)", held=held)
     elif restarts_unsaved_run(args):
         start_over(output_dir, held)
@@ -181,7 +182,7 @@ def start_over(output_dir: Path, held: HeldRun | None = None) -> None:
     are set aside (one would block that step's save), its logs removed (their steps are trained again); `held`
     records both (`claim_output_dir`)."""
     held = held if held is not None else HeldRun(output_dir)
-    set_aside(output_dir, _step_dirs(output_dir / CHECKPOINTS_DIRNAME), "starting over (no complete checkpoint)",
+    set_aside(output_dir, step_dirs(output_dir / CHECKPOINTS_DIRNAME), "starting over (no complete checkpoint)",
               held=held)
     removed = [name for name in STARTED_RUN_LOGS if run_dir.present(output_dir / name)]
     for name in removed:
@@ -196,14 +197,6 @@ def _job_reports_into(output_dir: Path) -> bool:
     return running is not None and running.output_dir.resolve() == output_dir.resolve()
 
 
-def _step_dirs(root: Path) -> list[int]:
-    """Every `<step>` directory under `root`, complete or not (a damaged copy would still block that step's save), or
-    link to one, even dangling (it would block the save too)."""
-    if not root.is_dir():
-        return []
-    return sorted(int(d.name) for d in root.iterdir() if d.name.isdigit() and (d.is_dir() or d.is_symlink()))
-
-
 def set_aside_newer_checkpoints(output_dir: Path, root: Path, step: int, held: HeldRun | None = None) -> list[Path]:
     """Resuming an older step of this run: move its newer checkpoints out of the way, never delete them, and with
     them the outputs of that lineage's end (`FINAL_OUTPUTS`): its export and results.
@@ -215,7 +208,7 @@ def set_aside_newer_checkpoints(output_dir: Path, root: Path, step: int, held: H
     """
     if not resumes_own_checkpoints(output_dir, (root, step)):
         return []
-    return set_aside(output_dir, [s for s in _step_dirs(root) if s > step], f"resuming step {step} of {root}",
+    return set_aside(output_dir, [s for s in step_dirs(root) if s > step], f"resuming step {step} of {root}",
                      outputs=FINAL_OUTPUTS, held=held)
 
 

@@ -240,9 +240,16 @@ def run_outputs(args: TrainingArguments) -> tuple[str, ...]:
 
 def _sets_aside(output_dir: Path, resume: tuple[Path, int] | None) -> bool:
     """Whether a resume of the run's own checkpoints moves newer step directories aside (`claim.set_aside`)."""
-    root = output_dir / CHECKPOINTS_DIRNAME
-    return resumes_own_checkpoints(output_dir, resume) and root.is_dir() and any(
-        entry.name.isdigit() and int(entry.name) > resume[1] for entry in root.iterdir())
+    return resumes_own_checkpoints(output_dir, resume) and any(
+        step > resume[1] for step in step_dirs(output_dir / CHECKPOINTS_DIRNAME))
+
+
+def step_dirs(root: Path) -> list[int]:
+    """Every `<step>` directory under `root`, complete or not (a damaged copy would still block that step's save), or
+    link to one, even dangling (it would block the save too): what a claim sets aside (`claim.set_aside`)."""
+    if not root.is_dir():
+        return []
+    return sorted(int(d.name) for d in root.iterdir() if d.name.isdigit() and (d.is_dir() or d.is_symlink()))
 
 
 def check_links(output_dir: Path, outputs: Sequence[str], skip: Sequence[str] = (),
