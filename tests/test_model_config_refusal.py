@@ -1,5 +1,7 @@
-"""A model config the model cannot build (another family, RoPE scaling, an unknown activation, attention dropout)
-is refused by name when the trainer reads it, before any text is tokenised: not after the whole dataset was."""
+"""A model config the model cannot build (another family, RoPE scaling, an unknown activation, attention dropout,
+attention heads that cannot be grouped) is refused by name when the trainer reads it, before any text is tokenised:
+not after the whole dataset was. The heads are refused from the config alone, by ``check_buildable`` and by the
+model's construction, with the same message."""
 
 import json
 import shutil
@@ -9,6 +11,8 @@ import pytest
 
 from easytrain import ArgumentError, BaseTrainer, TrainingArguments
 from easytrain.cli import main
+from easytrain.models import init_model
+from easytrain.models.families import ConfigError, check_buildable
 
 import tokenising_spy
 from model_configs import family_config
@@ -21,6 +25,14 @@ UNBUILDABLE = {
     "attention_dropout": ({"attention_dropout": 0.1}, r"attention_dropout = 0\.1.*Set it to 0\.0"),
     "family": ({"model_type": "gemma"}, r"model_type = 'gemma'.*qwen3"),
 }
+#: Attention heads that cannot be grouped: num_attention_heads not a multiple of num_key_value_heads, or no heads.
+UNGROUPABLE = {
+    "not-a-multiple": (dict(num_key_value_heads=3),
+                       r"num_attention_heads \(4\) must be a multiple of config.num_key_value_heads \(3\)"),
+    "no-key-value-heads": (dict(num_key_value_heads=0), r"num_key_value_heads = 0 must be a positive"),
+    "no-heads": (dict(num_attention_heads=0, head_dim=16), r"num_attention_heads = 0 must be a positive"),
+}
+REFUSED = UNBUILDABLE | UNGROUPABLE
 
 
 tokenised = tokenising_spy.tokenised  # the spy on tokenisation, a fixture
@@ -45,9 +57,24 @@ def _args(tmp_path, **kwargs) -> TrainingArguments:
                              report_to=["none"], **kwargs)
 
 
-@pytest.mark.parametrize("case", sorted(UNBUILDABLE))
+@pytest.mark.parametrize("case", sorted(UNGROUPABLE))
+def test_check_buildable_and_the_model_refuse_the_same_heads(case):
+    changes, named = UNGROUPABLE[case]
+    config = family_config("qwen2", **changes)
+    with pytest.raises(ConfigError, match=named) as checked:
+        check_buildable(config)
+    with pytest.raises(ConfigError) as built:
+        init_model(config)
+    assert str(built.value) == str(checked.value)
+
+
+def test_grouped_heads_are_accepted():
+    check_buildable(family_config("qwen2", num_attention_heads=6, num_key_value_heads=3))
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
 def test_pretrained_config_is_refused_before_tokenising(tmp_path, tokenizer_dir, text_lines, tokenised, case):
-    changes, named = UNBUILDABLE[case]
+    changes, named = REFUSED[case]
     path = _checkpoint(tmp_path, tokenizer_dir, changes)
     trainer = BaseTrainer(_args(tmp_path, model_name_or_path=path),
                           dataset_train=datasets.Dataset.from_dict({"text": text_lines}))
