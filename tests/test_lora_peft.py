@@ -6,12 +6,9 @@ Reference behaviour comes from transformers + PEFT in PyTorch (the `peft` test e
 
 import json
 import os
-from pathlib import Path
-from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -19,26 +16,14 @@ from flax import nnx
 from easytrain import lora
 from easytrain.lora import LoRAConfig
 from easytrain.models import CheckpointError, from_pretrained, save_pretrained
-from easytrain.models.peft_io import (
-    ADAPTER_CONFIG_NAME,
-    ADAPTER_WEIGHTS_NAME,
-    load_peft_adapter,
-    read_peft_config,
-    save_peft_adapter,
-)
+from easytrain.models.peft_io import ADAPTER_CONFIG_NAME, load_peft_adapter, read_peft_config, save_peft_adapter
 
-from lora_models import LLAMA, QWEN3_TIED, ids_batch, logits, randomise_adapters, torch_logits, torch_model, write_base
+import peft_fixtures
+from lora_models import LLAMA, ids_batch, logits, randomise_adapters, torch_logits, torch_model, write_base
+from peft_fixtures import change_fully_trained, check_peft_round_trip, moved_peft_model, peft_adapter, peft_names
 
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory) -> Path:
-    return write_base(tmp_path_factory.mktemp("llama"), LLAMA)
-
-
-@pytest.fixture(scope="module")
-def qwen3_dir(tmp_path_factory) -> Path:
-    return write_base(tmp_path_factory.mktemp("qwen3"), QWEN3_TIED, seed=1)
-
+llama_dir = peft_fixtures.llama_dir  # module-scoped fixtures: the randomised bases
+qwen3_dir = peft_fixtures.qwen3_dir
 
 
 def test_merged_model_exports_for_transformers_with_the_adapted_logits(llama_dir, tmp_path):
@@ -59,13 +44,6 @@ def test_merged_model_exports_for_transformers_with_the_adapted_logits(llama_dir
     assert np.abs(reference - adapted).max() <= 1e-4
 
 
-def peft_names(directory: Path) -> dict[str, tuple[int, ...]]:
-    from safetensors import safe_open
-
-    with safe_open(directory / ADAPTER_WEIGHTS_NAME, framework="numpy") as handle:
-        return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
-
-
 EXPORTS = {
     "llama, names": ("llama", dict(rank=4, alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"])),
     "qwen3 tied, regex, rslora, embeddings and norms": (
@@ -84,28 +62,6 @@ def test_adapter_saved_by_easytrain_loads_in_peft_with_the_same_logits(case, lla
     if config.train_embeddings or config.train_norms:  # the fully trained modules changed too
         change_fully_trained(model, config)
     check_peft_round_trip(peft, model, config, base_dir, ids_batch(2), tmp_path)
-
-
-def change_fully_trained(model, config: LoRAConfig) -> None:
-    """Move the modules trained in full (embeddings, norms, a head in `modules_to_save`) off the base's values."""
-    for variable in jax.tree.leaves(nnx.state(model, nnx.All(lora.lora_trainable(config), nnx.Not(nnx.LoRAParam))),
-                                    is_leaf=lambda x: isinstance(x, nnx.Variable)):
-        variable.set_value(variable.get_value() + 0.05)
-
-
-def check_peft_round_trip(peft, model, config: LoRAConfig, base_dir, ids, tmp_path) -> None:
-    """`model`'s exported adapter holds the names and shapes PEFT itself writes for its config, PEFT computes
-    `model`'s logits from it, and the same directory restores the same model in easytrain."""
-    ours = logits(model, ids)
-    save_peft_adapter(tmp_path / "adapter", model, config, str(base_dir))
-    own = peft.get_peft_model(torch_model(base_dir), peft.PeftConfig.from_pretrained(tmp_path / "adapter"))
-    own.save_pretrained(tmp_path / "peft_own")
-    assert peft_names(tmp_path / "adapter") == peft_names(tmp_path / "peft_own")
-    reloaded = peft.PeftModel.from_pretrained(torch_model(base_dir), tmp_path / "adapter").eval()
-    assert np.abs(torch_logits(reloaded, ids) - ours).max() <= 1e-4
-    again = load_peft_adapter(tmp_path / "adapter", from_pretrained(base_dir), verify_base=True)
-    assert np.abs(logits(again, ids) - ours).max() <= 1e-5
-    assert read_peft_config(tmp_path / "adapter")[0] == config
 
 
 IMPORTS = {
@@ -162,26 +118,6 @@ def test_unsupported_or_mismatched_adapters_are_refused_by_name(llama_dir, qwen3
     load_peft_adapter(tmp_path / "adapter", from_pretrained(other_base))  # unchecked by default
     with pytest.raises(CheckpointError, match="rank=8"):
         save_peft_adapter(tmp_path / "wrong", model, LoRAConfig(rank=8, alpha=8, target_modules=["q_proj"]))
-
-
-def moved_peft_model(base_dir: Path, *, lora_alpha: float, scale: float, **fields) -> Any:
-    """A PEFT model of rank 4 on `base_dir` whose adapters (and modules to save) were trained: randomly moved."""
-    peft = pytest.importorskip("peft")
-    import torch
-
-    torch.manual_seed(0)
-    peft_model = peft.get_peft_model(torch_model(base_dir), peft.LoraConfig(r=4, lora_alpha=lora_alpha, **fields))
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_" in name or "modules_to_save" in name:
-                param.add_(scale * torch.randn_like(param))
-    return peft_model
-
-
-def peft_adapter(base_dir: Path, directory: Path, **fields) -> Path:
-    """An adapter made and trained (randomly moved) in PEFT, saved to `directory`."""
-    moved_peft_model(base_dir, lora_alpha=8, scale=0.05, **fields).save_pretrained(directory)
-    return directory
 
 
 @pytest.mark.parametrize("init", ["pissa", "pissa_niter_2", "olora"])

@@ -13,7 +13,7 @@ from easytrain.lora import LoRAConfig, LoRAConfigError
 from easytrain.models import from_pretrained
 from easytrain.models.peft_io import load_peft_adapter
 from lora_models import QWEN3_TIED, write_base
-from test_lora_peft import moved_peft_model
+from peft_fixtures import moved_peft_model
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -20,18 +19,12 @@ from easytrain.lora import LoRAConfig, LoRAConfigError
 from easytrain.models import CheckpointError, from_pretrained
 from easytrain.models.peft_io import ADAPTER_CONFIG_NAME, load_peft_adapter
 
-from lora_models import LLAMA, QWEN3_TIED, ids_batch, logits, randomise_adapters, torch_logits, torch_model, write_base
-from test_lora_peft import change_fully_trained, check_peft_round_trip, moved_peft_model, peft_adapter
+import peft_fixtures
+from lora_models import ids_batch, logits, randomise_adapters, torch_logits, torch_model
+from peft_fixtures import change_fully_trained, check_peft_round_trip, moved_peft_model, peft_adapter
 
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory) -> Path:
-    return write_base(tmp_path_factory.mktemp("llama"), LLAMA)
-
-
-@pytest.fixture(scope="module")
-def qwen3_dir(tmp_path_factory) -> Path:
-    return write_base(tmp_path_factory.mktemp("qwen3"), QWEN3_TIED, seed=1)
+llama_dir = peft_fixtures.llama_dir  # module-scoped fixtures: the randomised bases
+qwen3_dir = peft_fixtures.qwen3_dir
 
 
 @pytest.mark.parametrize("targets", [["q_proj", "lm_head"], r"model\.layers\.\d+\.self_attn\.q_proj|lm_head"])
