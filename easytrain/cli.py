@@ -79,7 +79,7 @@ def run(arguments: TrainingArguments, task_arguments: Sequence[Any] | None = Non
     """
     from easytrain.trainers import BaseTrainer, run_lock  # imported here: `easytrain tasks` and `plot` need neither
     from easytrain.trainers.preemption import final_step, joins_other_processes, stopping_after_training
-    from easytrain.trainers.run_dir import command_outputs
+    from easytrain.trainers.run_dir import check_links, command_outputs
 
     if joins_other_processes(arguments):  # JAX's preemption service takes SIGTERM
         stop_signals.release(redeliver=True)
@@ -92,6 +92,7 @@ def run(arguments: TrainingArguments, task_arguments: Sequence[Any] | None = Non
             check_implements(trainer)  # not isinstance: on Python 3.11 that evaluates properties, i.e. builds the run
             if not isinstance(trainer, BaseTrainer):  # its train() does not look at the flag: signals act as before
                 stop_signals.release(redeliver=True)
+                check_links(Path(arguments.output_dir), (RESULTS_FILENAME,), movable=())  # it has no check of its own
             with job or command_job(arguments):  # entered after the trainer: output_dir checked
                 train_logs = dict(trainer.train())
                 with stopping_after_training(final_step(trainer), arguments):  # a stop after the last step: exit 75

@@ -59,9 +59,11 @@ def test_results_json_is_written_through_its_link(tmp_path, monkeypatch):
     assert sorted(p.name for p in target.parent.iterdir()) == ["results.json"], "no temporary file left there"
 
 
-def test_a_results_json_link_into_a_directory_that_is_gone_is_named(tmp_path, monkeypatch):
-    """A task that is not a BaseTrainer has no output_dir check: the write itself names the link."""
+def test_a_task_not_built_on_base_trainer_is_refused_a_dangling_results_json_before_training(tmp_path, monkeypatch):
+    """A `--task` trainer of its own (no `check_output_dir`): the command checks the link it writes itself before the
+    trainer trains, with the check's message, not at its last write once training is done."""
     args = _hand_written_args(tmp_path, monkeypatch)
     _dangling_results(tmp_path / "out")
-    with pytest.raises(FileNotFoundError, match="results.json links to '.*unmounted/results.json', whose directory"):
+    with pytest.raises(OutputDirError, match="results.json links to '.*unmounted/results.json', which does not exist"):
         run(args)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["results.json"], "no job.json: nothing trained"
