@@ -6,25 +6,15 @@ import shutil
 import jax.numpy as jnp
 import pytest
 
-from easytrain import lora
-from easytrain.lora import LoRAConfig
 from easytrain.models import init_model, load_pretrained
-from easytrain.models.hf_io import CheckpointError, save_pretrained
-from easytrain.models.peft_io import load_peft_adapter, save_peft_adapter
+from easytrain.models.hf_io import CheckpointError
+from easytrain.models.peft_io import load_peft_adapter
 
+import saved_checkpoints
 from model_configs import tiny_config
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    """One tiny model saved whole, sharded, and as a LoRA adapter."""
-    root = tmp_path_factory.mktemp("damaged")
-    model = init_model(tiny_config(), seed=0)
-    save_pretrained(root / "whole", model, model.config)
-    save_pretrained(root / "sharded", model, model.config, max_shard_size=20000)
-    config = LoRAConfig(rank=2, alpha=4, target_modules=["q_proj"])
-    save_peft_adapter(root / "adapter", lora.apply_lora(init_model(tiny_config(), seed=0), config), config)
-    return root
+saved = saved_checkpoints.saved  # a module-scoped fixture: the model saved whole, sharded and as an adapter
 
 
 def damaged(saved, tmp_path, kind: str, name: str, content: bytes | None = None):

@@ -24,20 +24,14 @@ from easytrain.models import CheckpointError, from_pretrained, init_model, save_
 from easytrain.models import float16_range
 from easytrain.models.hf_load import generation_config_of, read_generation_config
 
+import saved_checkpoints
 from model_configs import tiny_config
 
 DOWN = "model.layers.1.mlp.down_proj.weight"
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    """One tiny model saved whole (float32) and sharded."""
-    root = tmp_path_factory.mktemp("refusals")
-    model = init_model(tiny_config(), seed=0)
-    save_pretrained(root / "whole", model, model.config)
-    save_pretrained(root / "sharded", model, model.config, max_shard_size=20000)
-    return root
+saved = saved_checkpoints.saved  # a module-scoped fixture: the model saved whole (float32) and sharded
 
 
 # --- values the cast to param_dtype makes inf -------------------------------------------------------------
