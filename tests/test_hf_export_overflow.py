@@ -14,8 +14,8 @@ from safetensors.numpy import load_file
 
 from easytrain import lora
 from easytrain.lora import LoRAConfig
-from easytrain.models import float16_range, from_pretrained, init_model
-from easytrain.models.float16_range import check_range
+from easytrain.models import narrowing, from_pretrained, init_model
+from easytrain.models.narrowing import check_range
 from easytrain.models.hf_io import CheckpointError, save_pretrained
 from easytrain.models.peft_io import save_peft_adapter
 
@@ -107,7 +107,7 @@ def test_a_float16_load_refuses_what_another_process_read_beyond_its_range(tmp_p
     tensors any of them found (here a second process's row, gathered, finds every tensor at 70000)."""
     params, config = _params(value=1.0)
     save_pretrained(tmp_path / "export", params, config)
-    monkeypatch.setattr(float16_range, "every_process_gather",
+    monkeypatch.setattr(narrowing, "every_process_gather",
                         lambda: lambda local: np.stack([local, np.full_like(local, 7.0e4)]))
     with pytest.raises(CheckpointError, match=r"param_dtype='float16' cannot hold \d+ tensor\(s\).*largest \|value\| "
                                               r"70000; .*param_dtype='bfloat16'"):

@@ -14,7 +14,7 @@ from safetensors.numpy import load_file
 
 from easytrain import lora
 from easytrain.lora import LoRAConfig
-from easytrain.models import float16_range, init_model
+from easytrain.models import narrowing, init_model
 from easytrain.models.hf_io import CheckpointError, save_pretrained
 from easytrain.models.peft_io import save_peft_adapter
 
@@ -53,8 +53,8 @@ def test_the_edge_is_where_numpy_rounds_past_bfloat16s_largest():
         below = np.nextafter(EDGE, np.float32(0))
         assert np.isinf(EDGE.astype(ml_dtypes.bfloat16)) and np.isfinite(below.astype(ml_dtypes.bfloat16))
     assert 3.396e38 < EDGE < 3.397e38  # 2**128 - 2**119
-    assert float16_range.becomes_inf(EDGE, ml_dtypes.bfloat16)
-    assert not float16_range.becomes_inf(below, ml_dtypes.bfloat16)
+    assert narrowing.becomes_inf(EDGE, ml_dtypes.bfloat16)
+    assert not narrowing.becomes_inf(below, ml_dtypes.bfloat16)
 
 
 @pytest.mark.parametrize("scan_layers", [False, True])
@@ -90,7 +90,7 @@ def test_a_float64_weight_past_float32s_range_is_refused_naming_the_checkpoint_a
 def test_an_export_of_the_parameters_own_dtype_checks_nothing(tmp_path, monkeypatch):
     """A bfloat16 model written as bfloat16 narrows nothing: no reduction, no transfer."""
     calls = []
-    monkeypatch.setattr(float16_range, "_peak", lambda *args, **kwargs: calls.append(args))
+    monkeypatch.setattr(narrowing, "_peak", lambda *args, **kwargs: calls.append(args))
     params, config = _params(1.0, param_dtype=jnp.bfloat16)
     save_pretrained(tmp_path / "export", params, config, dtype="bfloat16")
     assert calls == []
@@ -111,7 +111,7 @@ def test_every_process_refuses_what_any_process_found(tmp_path, monkeypatch, dty
     """The peaks are agreed over processes (the load's `agreed_peaks`): here a second process's row, gathered,
     finds every narrowed tensor at `peak`, and this process refuses too instead of waiting in the next gather."""
     params, config = _params(1.0)
-    monkeypatch.setattr(float16_range, "every_process_gather",
+    monkeypatch.setattr(narrowing, "every_process_gather",
                         lambda: lambda local: np.stack([local, np.full_like(local, peak)]))
     with pytest.raises(CheckpointError, match=rf"dtype='{dtype}' cannot hold \d+ tensor\(s\) of the export"):
         save_pretrained(tmp_path / "export", params, config, dtype=dtype)
@@ -125,7 +125,7 @@ def test_a_weight_on_one_cpu_device_is_read_in_place_without_a_compile(tmp_path,
     def compiled(*args, **kwargs):
         raise AssertionError("a reduction was compiled for a weight on one CPU device")
 
-    monkeypatch.setattr(float16_range, "_device_peak", compiled)
+    monkeypatch.setattr(narrowing, "_device_peak", compiled)
     params, config = _params(float(EDGE), scan_layers=scan_layers)
     down = params["layers"]["stacked" if scan_layers else 1]["mlp"]["down_proj"]
     down["kernel"] = down["kernel"].at[(1, 0, 0) if scan_layers else (0, 0)].set(np.nan)
@@ -140,5 +140,5 @@ def test_the_compiled_peak_equals_the_in_place_one(axes):
     values = np.random.RandomState(0).randn(3, 4, 5).astype(np.float32) * 1e3
     values[0, 1, 2], values[2, 0, 0], values[1, 3, 3] = np.nan, -np.inf, -7e4
     for finite in (False, True):
-        compiled = np.asarray(float16_range._device_peak(jnp.asarray(values), axes, finite))
-        np.testing.assert_array_equal(compiled, float16_range._peak(values, axes, finite))
+        compiled = np.asarray(narrowing._device_peak(jnp.asarray(values), axes, finite))
+        np.testing.assert_array_equal(compiled, narrowing._peak(values, axes, finite))

@@ -21,7 +21,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from easytrain.models import CheckpointError, from_pretrained, init_model, save_pretrained
-from easytrain.models import float16_range
+from easytrain.models import narrowing
 from easytrain.models.hf_load import generation_config_of, read_generation_config
 
 import saved_checkpoints
@@ -75,8 +75,8 @@ def test_float64_peaks_cross_processes_exactly(saved, tmp_path, monkeypatch):
     """The peaks travel between processes through JAX, which holds float64 as float32 unless x64 is on: a peak of
     1e300 must arrive as 1e300 (not inf) on every process, and be named as such."""
     directory = with_weights(saved, tmp_path, np.float64, 1.0e300)
-    monkeypatch.setattr(float16_range.jax, "process_count", lambda: 2)
-    monkeypatch.setattr(float16_range.multihost_utils, "process_allgather",
+    monkeypatch.setattr(narrowing.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(narrowing.multihost_utils, "process_allgather",
                         lambda local: np.stack([np.asarray(jnp.asarray(local))] * 2))
     with pytest.raises(CheckpointError, match=r"param_dtype='float32' cannot hold 1 tensor\(s\).*largest \|value\| "
                                               r"1e\+300\. "):
@@ -88,12 +88,12 @@ def test_the_overflow_test_reads_every_inf_and_nan_from_the_bits(dtype):
     """Signed and unsigned maxima of the bits: a negative NaN, a negative inf and the largest finite values of
     either sign must each be told apart."""
     largest = float(jnp.finfo(dtype).max)
-    assert not float16_range.cast_overflowed(np.array([[largest, -largest], [0.0, -0.0]], dtype))
-    assert not float16_range.cast_overflowed(np.zeros((0, 3), dtype))
+    assert not narrowing.cast_overflowed(np.array([[largest, -largest], [0.0, -0.0]], dtype))
+    assert not narrowing.cast_overflowed(np.zeros((0, 3), dtype))
     for value in (np.inf, -np.inf, np.nan, -np.nan):
         block = np.ones((3, 4), dtype)
         block[1, 2] = value
-        assert float16_range.cast_overflowed(block), value
+        assert narrowing.cast_overflowed(block), value
 
 
 # --- generation_config.json token ids ---------------------------------------------------------------------
@@ -217,8 +217,8 @@ def test_the_range_test_agrees_with_the_cast_at_every_edge(source, target):
             with np.errstate(over="ignore"):
                 cast = np.asarray(np.asarray([signed, 1.0], source), target)
             expected = bool(np.isinf(cast[0]))
-            assert float16_range.becomes_inf(signed, target) == expected, (signed, source, target)
-            assert float16_range.cast_overflowed(cast) == expected, (signed, source, target)
+            assert narrowing.becomes_inf(signed, target) == expected, (signed, source, target)
+            assert narrowing.cast_overflowed(cast) == expected, (signed, source, target)
 
 
 def test_a_hub_snapshot_whose_files_link_outside_it_loads(saved, tmp_path):

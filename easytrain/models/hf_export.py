@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 
 from easytrain.models.attention import DType
 from easytrain.models.families import exported_config
-from easytrain.models.float16_range import largest_finite, narrows_value, refuse_narrowed
+from easytrain.models.narrowing import largest_finite, narrows_value, refuse_narrowed
 from easytrain.models.hf_io import (
     EMBEDDING_NAME,
     WEIGHTS_INDEX_NAME,
@@ -146,7 +146,7 @@ def export_plan(params: dict, config: transformers.PretrainedConfig, dtype: DTyp
 
 
 def _check_range(plan: dict[str, _Planned]) -> None:
-    """`float16_range.refuse_narrowed` over the tensors written in a dtype of smaller range than their own (float32
+    """`narrowing.refuse_narrowed` over the tensors written in a dtype of smaller range than their own (float32
     to bfloat16 or float16, bfloat16 to float16, float64 to any), before any file is written: one reduction per
     parameter on its devices (a stacked weight's gives every layer's peak), the peaks agreed over processes, so
     that every process refuses alike."""

@@ -26,7 +26,7 @@ from safetensors import safe_open
 
 from easytrain import sharding
 from easytrain.models.attention import DType
-from easytrain.models.float16_range import cast_overflowed, largest_finite, narrows, refuse_loaded
+from easytrain.models.narrowing import cast_overflowed, largest_finite, narrows, refuse_loaded
 from easytrain.models.hf_io import (
     EMBEDDING_NAME,
     HEAD_NAME,

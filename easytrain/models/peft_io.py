@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from easytrain import lora
 from easytrain.listing import listed
 from easytrain.lora import EMBEDDING_MODULES, LoRAConfig, LoRADense
-from easytrain.models.float16_range import largest_finite, narrows_value, refuse_narrowed
+from easytrain.models.narrowing import largest_finite, narrows_value, refuse_narrowed
 from easytrain.models.hf_export import _storage_dtype, _to_host
 from easytrain.models.hf_io import EMBEDDING_NAME, HEAD_NAME, CheckpointError, damaged_file, hf_name
 from easytrain.models.layers import RMSNorm
