@@ -45,6 +45,7 @@ __all__ = [
     "Reporter",
     "claim_log_files",
     "format_metrics",
+    "holds_records",
     "parse_report_to",
     "progress_description",
     "tensorboard_tag",
@@ -126,13 +127,22 @@ class _Sink(Protocol):
     def close(self, status: RunStatus = "completed") -> None: ...
 
 
+def holds_records(log: Path) -> bool:
+    """Whether a log in output_dir (an existing `metrics.jsonl`, `metrics.csv`, `tensorboard/`) holds anything: an
+    empty file or directory is no run's. So a log linked before the first run to an empty file or directory on another
+    disk is written through, not refused as another run's (`run_dir.check_output_dir`, `claim_log_files`)."""
+    return any(log.iterdir()) if log.is_dir() else log.stat().st_size > 0
+
+
 def claim_log_files(output_dir: str | os.PathLike, report_to: Sequence[str], *, overwrite: bool) -> None:
     """Before a job's fresh run (step 0) opens its local sinks: another run's JSONL, CSV or TensorBoard files of
     ``report_to`` there would hold every step twice. Removes them under ``overwrite`` (a link itself, its target left
-    as it is), else refuses, as a trainer refuses such an output_dir (`OutputDirError`), naming the ways out."""
+    as it is), else refuses, as a trainer refuses such an output_dir (`OutputDirError`), naming the ways out. An
+    empty one is no run's (`holds_records`: a log linked to another disk before the first run): it stays."""
     names = {"jsonl": METRICS_FILENAME, "csv": CSV_FILENAME, "tensorboard": TENSORBOARD_DIRNAME}
     targets, output_dir = parse_report_to(report_to), Path(output_dir)
-    found = [name for sink, name in names.items() if sink in targets and (output_dir / name).exists()]
+    found = [name for sink, name in names.items()
+             if sink in targets and (output_dir / name).exists() and holds_records(output_dir / name)]
     if found and not overwrite:
         raise OutputDirError(
             f"job: {str(output_dir)!r} already holds another run's {', '.join(found)}, and this job starts at step "

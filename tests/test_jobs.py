@@ -249,6 +249,24 @@ def test_the_hand_written_loop_examples_of_the_docs_run_as_written(tmp_path: Pat
 # ----------------------------------------------------------------------------- found in review
 
 
+def test_a_fresh_job_logs_through_logs_linked_to_empty_files_elsewhere(tmp_path: Path) -> None:
+    """An empty log (linked before the first run to another disk) is no other run's: the job writes through it,
+    overwrite_metrics or not, and the link stays."""
+    run, disk = tmp_path / "run", tmp_path / "disk"
+    run.mkdir()
+    disk.mkdir()
+    for name in ("metrics.jsonl", "metrics.csv"):
+        (disk / name).write_bytes(b"")
+        (run / name).symlink_to(disk / name)
+    for overwrite in (False, True):
+        job(run, report_to=["jsonl", "csv"], overwrite_metrics=overwrite)(lambda: log_metric("loss", 1.0, 1))()
+        assert (run / "metrics.jsonl").is_symlink() and (run / "metrics.csv").is_symlink()
+        assert [json.loads(line)["step"] for line in (disk / "metrics.jsonl").read_text().splitlines()] == [1]
+        assert [int(r["step"]) for r in csv_rows(disk)] == [1]
+        for name in ("metrics.jsonl", "metrics.csv"):
+            (disk / name).write_bytes(b"")
+
+
 def test_a_fresh_job_refuses_another_runs_metrics_unless_told_to_overwrite(tmp_path: Path) -> None:
     """Each decorated call is a fresh job: the second would log steps 1..3 a second time into every sink."""
     def loop(scale: float) -> None:

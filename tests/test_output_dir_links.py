@@ -46,17 +46,23 @@ def test_remove_takes_the_link_and_leaves_its_target(tmp_path):
     assert (target / "kept").read_text() == "behind the link"
 
 
-def test_a_fresh_runs_unstarted_logs_go_as_links(tmp_path):
-    """The logs a fresh run opened go as links, their targets kept; a dangling link is not one the run wrote through
-    (`check_links` refuses those): it stays."""
+def test_a_fresh_runs_unstarted_logs_through_links_are_emptied_and_the_links_kept(tmp_path):
+    """A log linked to another disk (admitted only empty: `holds_records`) stays linked, what the run wrote through it
+    goes; a plain one goes; a dangling link is not one the run wrote through (`check_links` refuses those): it stays."""
     run = tmp_path / "run"
     run.mkdir()
-    target = _linked(run / "tensorboard", tmp_path / "scratch")
-    _linked(run / "metrics.csv", tmp_path / "scratch-csv")
+    target = _linked(run / "tensorboard", tmp_path / "scratch")  # its one entry: what the run wrote there
+    (tmp_path / "scratch.csv").write_text("step,split,time\n")
+    (run / "metrics.csv").symlink_to(tmp_path / "scratch.csv")
     _dangling(run / "metrics.jsonl")
+    links = _links(run)
     remove_unstarted_logs(run, is_main_process=True)
-    assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl"]
-    assert (target / "kept").exists() and (tmp_path / "scratch-csv" / "kept").exists()
+    assert _links(run) == links and sorted(p.name for p in run.iterdir()) == sorted(links)
+    assert list(target.iterdir()) == [] and (tmp_path / "scratch.csv").read_bytes() == b""
+    (run / "tensorboard").unlink()
+    (run / "tensorboard").mkdir()
+    remove_unstarted_logs(run, is_main_process=True)
+    assert not os.path.lexists(run / "tensorboard")
 
 
 def test_an_overwrite_moves_linked_checkpoints_and_dangling_links_and_never_empties_their_targets(run_copy, tmp_path,

@@ -169,7 +169,7 @@ def _claim_into(held: HeldRun, args: TrainingArguments, resume: tuple[Path, int]
         set_aside(output_dir, step_dirs(output_dir / CHECKPOINTS_DIRNAME),
                   f"resuming {resume[0] / str(resume[1])} (a checkpoint from outside this output_dir)", held=held)
     elif restarts_unsaved_run(args):
-        start_over(output_dir, held)
+        start_over(output_dir, held, keep_links=not args.overwrite_output_dir)
     if args.overwrite_output_dir:
         for name in RUN_ARTIFACTS:
             if name == JOB_FILENAME and _job_reports_into(output_dir):
@@ -177,19 +177,26 @@ def _claim_into(held: HeldRun, args: TrainingArguments, resume: tuple[Path, int]
             held.remove(output_dir / name)
 
 
-def start_over(output_dir: Path, held: HeldRun | None = None) -> None:
+def start_over(output_dir: Path, held: HeldRun | None = None, keep_links: bool = True) -> None:
     """A run stopped before its first complete checkpoint starts again from step 0: its incomplete step directories
-    are set aside (one would block that step's save), its logs removed (their steps are trained again); `held`
-    records both (`claim_output_dir`)."""
+    are set aside (one would block that step's save), its logs removed (their steps are trained again); a log that
+    is a link (kept on another disk) stays one, what it leads to emptied (the run logs there again), unless not
+    `keep_links` (`overwrite_output_dir` moves the links away, their targets left as they are); `held` records all
+    of it (`claim_output_dir`)."""
     held = held if held is not None else HeldRun(output_dir)
     set_aside(output_dir, step_dirs(output_dir / CHECKPOINTS_DIRNAME), "starting over (no complete checkpoint)",
               held=held)
-    removed = [name for name in STARTED_RUN_LOGS if run_dir.present(output_dir / name)]
+    linked = [name for name in STARTED_RUN_LOGS
+              if keep_links and (output_dir / name).is_symlink() and (output_dir / name).exists()]
+    removed = [name for name in STARTED_RUN_LOGS if run_dir.present(output_dir / name) and name not in linked]
+    for name in linked:
+        held.empty_through_link(output_dir / name)
     for name in removed:
         held.remove(output_dir / name)
     logger.warning("resume_from_checkpoint=latest: %s holds no complete checkpoint yet (its run stopped before the "
-                   "first save), so the run starts over from step 0%s", output_dir,
-                   f"; removed its logs {removed}" if removed else "")
+                   "first save), so the run starts over from step 0%s%s", output_dir,
+                   f"; removed its logs {removed}" if removed else "",
+                   f"; emptied its logs {linked} through their links" if linked else "")
 
 
 def _job_reports_into(output_dir: Path) -> bool:

@@ -5,7 +5,8 @@ resume of an older step abandons. A run can still fail after that and before its
 the device (`DeviceMemoryError`: a batch too large, bad input), the loss may fail to trace or compile, a stop signal
 may come while it compiles. None of those may cost the older run. So the claim only moves: what it removes goes to
 `output_dir/replaced_run/<time>/`, what it sets aside to `superseded_checkpoints/<time>/` as always, every move
-recorded (`HeldRun`), and the logs a resumed run rewrites (it drops their records past its step) are copied first.
+recorded (`HeldRun`), and the logs a resumed run rewrites (it drops their records past its step) are copied first, as
+are those behind a link that a run started over empties (`empty_through_link`).
 `undo` (the run ended before its first step was done, or the claim failed midway) puts everything back as it was,
 byte for byte: the trackers' records too (`tracker_records`, read before they open), and none of the run's outputs
 the older run lacked (`note_absent`); `settle` (the first step is done, or the run ended without one as asked)
@@ -86,12 +87,29 @@ class HeldRun:
         """A file the run rewrites in place (a log it truncates): copied, put back by `undo`. Through a link (logs
         kept on another disk) it is what the link leads to that is copied, and put back, the link kept as it was
         (a log truncates through it: `sinks.replace_through_link`); a dangling one is copied as the link."""
+        if any(original == target for original, _ in self.copies):
+            return  # copied once: the first copy is what the claim found
         if target.is_file() or target.is_symlink():
             through = target.is_symlink() and target.is_file()
             copied = shutil.copy2(target, self._holding() / f"{target.name}.before", follow_symlinks=through)
             self.copies.append((target, Path(copied)))
             if through:
                 self.copied_links[target] = os.readlink(target)
+
+    def empty_through_link(self, link: Path) -> None:
+        """A log behind a link (kept on another disk) that the run starts anew: the link stays, what it leads to is
+        emptied, its content held (`copy` for a file; a directory's entries moved into this claim's `replaced_run/`),
+        put back by `undo`, deleted at `settle`."""
+        if not link.is_dir():
+            self.copy(link)
+            replace_through_link(link, b"")
+            return
+        if entries := sorted(link.iterdir()):
+            holding = self._holding() / link.name
+            holding.mkdir()
+            self.made.append(holding)
+            for entry in entries:
+                self.move(entry, holding / entry.name)
 
     def list_entries(self, directory: Path) -> None:
         """A directory the run adds files to (TensorBoard's events): `undo` removes the entries added since."""

@@ -1,0 +1,98 @@
+"""Logs linked to another disk before a run's first start (`metrics.jsonl`, `metrics.csv`, `tensorboard/` leading to
+an empty file or directory there): the run writes through the links, and a fresh run that fails leaves them as it found
+them, so that the same command line (or `latest` over a run stopped before its first checkpoint) logs to that disk
+again instead of into plain files in output_dir."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from easytrain import BaseTrainer
+from easytrain.errors import OutputDirError
+from easytrain.trainers.claim import claim_output_dir
+from easytrain.trainers.run_dir import check_output_dir
+
+from runs import FailAt, args_for, logged
+
+SINKS = ["jsonl", "csv", "tensorboard"]
+LOGS = ("metrics.jsonl", "metrics.csv", "tensorboard")
+
+
+def _link_logs(run: Path, disk: Path) -> dict[str, str]:
+    """Each of `LOGS` in `run` a link to an empty file or directory on `disk`; returns every link's text."""
+    run.mkdir()
+    disk.mkdir()
+    (disk / "tensorboard").mkdir()
+    for name in LOGS[:2]:
+        (disk / name).write_bytes(b"")
+    for name in LOGS:
+        (run / name).symlink_to(disk / name, target_is_directory=name == "tensorboard")
+    return {name: os.readlink(run / name) for name in LOGS}
+
+
+def _links(run: Path) -> dict[str, str]:
+    return {p.name: os.readlink(p) for p in run.iterdir() if p.is_symlink()}
+
+
+def _contents(disk: Path) -> dict[str, object]:
+    """What the logs on `disk` hold: the files' bytes, the directory's entries."""
+    return {name: sorted(p.name for p in (disk / name).iterdir()) if name == "tensorboard"
+            else (disk / name).read_bytes() for name in LOGS}
+
+
+class FailsToCompile(BaseTrainer):
+    """The first train step fails while it is built: nothing trained."""
+
+    def plan_memory(self, state, batch):
+        raise MemoryError("the step does not fit")
+
+
+def test_an_empty_linked_log_is_no_other_runs_and_the_run_writes_through_it(tmp_path):
+    links = _link_logs(tmp_path / "run", tmp_path / "disk")
+    BaseTrainer(args_for(tmp_path / "run", report_to=SINKS, max_steps=2)).train()
+    assert _links(tmp_path / "run") == links
+    assert sorted(logged(tmp_path / "disk")) == [1, 2], "the steps reach the other disk"
+    assert (tmp_path / "disk" / "metrics.csv").read_text().startswith("step,split,time")
+    assert any((tmp_path / "disk" / "tensorboard").iterdir())
+
+
+def test_a_linked_log_holding_records_is_still_another_runs(tmp_path):
+    _link_logs(tmp_path / "run", tmp_path / "disk")
+    (tmp_path / "disk" / "metrics.jsonl").write_text('{"step": 1, "split": "train"}\n')
+    with pytest.raises(OutputDirError, match="holds another run's metrics.jsonl \\("):
+        check_output_dir(args_for(tmp_path / "run", report_to=SINKS))
+
+
+def test_a_fresh_run_failing_before_its_first_step_leaves_the_links_as_it_found_them(tmp_path):
+    """The links stay, what the run wrote through them goes (the targets empty again, as the check found them); the
+    same command line then trains, through them."""
+    links = _link_logs(tmp_path / "run", tmp_path / "disk")
+    args = args_for(tmp_path / "run", report_to=SINKS, max_steps=2)
+    with pytest.raises(MemoryError):
+        FailsToCompile(args).train()
+    assert _links(tmp_path / "run") == links
+    assert _contents(tmp_path / "disk") == {"metrics.jsonl": b"", "metrics.csv": b"", "tensorboard": []}
+    BaseTrainer(args).train()
+    assert _links(tmp_path / "run") == links and sorted(logged(tmp_path / "disk")) == [1, 2]
+
+
+def test_latest_over_a_run_failed_before_its_first_checkpoint_keeps_the_links(tmp_path):
+    """A fresh run that failed after its first step, before its first save: `latest` starts it over, emptying the
+    linked logs through their links (held for `undo`, which puts their records back), and trains through them."""
+    links = _link_logs(tmp_path / "run", tmp_path / "disk")
+    args = args_for(tmp_path / "run", report_to=SINKS, max_steps=3, save_steps=3)
+    with pytest.raises(RuntimeError, match="a failing callback"):
+        BaseTrainer(args, callbacks=[FailAt(1)]).train()
+    assert _links(tmp_path / "run") == links and sorted(logged(tmp_path / "disk")) == [1]
+    failed = _contents(tmp_path / "disk")
+    again = args_for(tmp_path / "run", report_to=SINKS, max_steps=3, save_steps=3, resume_from_checkpoint="latest")
+    assert check_output_dir(again) is None
+    held = claim_output_dir(again, None)
+    assert _links(tmp_path / "run") == links
+    assert _contents(tmp_path / "disk") == {"metrics.jsonl": b"", "metrics.csv": b"", "tensorboard": []}
+    held.undo()
+    assert _links(tmp_path / "run") == links and _contents(tmp_path / "disk") == failed
+    BaseTrainer(again).train()
+    assert _links(tmp_path / "run") == links and sorted(logged(tmp_path / "disk")) == [1, 2, 3]
+    assert not (tmp_path / "run" / "replaced_run").exists()
