@@ -216,14 +216,16 @@ class WandbSink:
 
     The run id is kept in ``output_dir/wandb_run.json``; a resumed run reopens that run
     (``resume="allow"``, recorded in offline runs too, so ``wandb sync`` appends to it). W&B files go
-    to ``output_dir/wandb``. Set ``WANDB_PROJECT``, ``WANDB_ENTITY``, ``WANDB_MODE=offline`` and
-    others as W&B documents.
+    to ``output_dir/wandb``. A start that fails leaves the record it found as it was (the trackers open before the
+    claim of output_dir, so no undo would put an older run's back). Set ``WANDB_PROJECT``, ``WANDB_ENTITY``,
+    ``WANDB_MODE=offline`` and others as W&B documents.
     """
 
     def __init__(self, output_dir: Path, initial_step: int, run_config: Mapping[str, Any] | None):
         import wandb
 
         state_path = output_dir / WANDB_STATE_FILENAME
+        found = state_path.read_bytes() if state_path.is_file() else None  # put back if W&B cannot start
         previous = _read_json(state_path) if initial_step > 0 else None
         run_id = previous["run_id"] if previous else uuid.uuid4().hex[:12]  # W&B ids: lowercase letters, digits
         write_json_atomically(state_path, {"run_id": run_id})  # before any step: a run killed early keeps its id
@@ -232,8 +234,10 @@ class WandbSink:
                                    project=os.environ.get("WANDB_PROJECT", "easytrain"),
                                    name=os.environ.get("WANDB_NAME", output_dir.resolve().name))
         except Exception as error:  # not logged in, a bad entity or project: wandb's own message says which
-            if previous is None:
+            if found is None:
                 state_path.unlink(missing_ok=True)
+            else:  # an older run's record (kept on another disk through a link, maybe), as it was
+                replace_through_link(state_path, found)
             raise ArgumentError("report_to", f"W&B could not start a run ({type(error).__name__}: {error}). Log in "
                                 "(`wandb login`, or WANDB_API_KEY), run offline with WANDB_MODE=offline, or leave "
                                 "wandb out of --report_to.") from error

@@ -96,3 +96,31 @@ def test_latest_over_a_run_failed_before_its_first_checkpoint_keeps_the_links(tm
     BaseTrainer(again).train()
     assert _links(tmp_path / "run") == links and sorted(logged(tmp_path / "disk")) == [1, 2, 3]
     assert not (tmp_path / "run" / "replaced_run").exists()
+
+
+@pytest.mark.parametrize("linked", [True, False])
+def test_wandb_that_cannot_start_leaves_the_record_it_found(tmp_path, monkeypatch, linked):
+    """A fresh run's W&B start failing (no API key) before the claim: the record there (an older run's, kept on another
+    disk through a link or not) is as it was, the link too; none is left where there was none."""
+    wandb = pytest.importorskip("wandb")
+    from easytrain.errors import ArgumentError
+    from easytrain.sinks import WandbSink
+
+    def no_key(**kwargs):
+        raise wandb.errors.UsageError("No API key configured.")
+
+    monkeypatch.setattr(wandb, "init", no_key)
+    run, record = tmp_path / "run", tmp_path / ("disk" if linked else "run") / "wandb_run.json"
+    record.parent.mkdir(parents=True, exist_ok=True)
+    run.mkdir(exist_ok=True)
+    record.write_text('{"run_id": "older"}\n')
+    if linked:
+        (run / "wandb_run.json").symlink_to(record)
+    with pytest.raises(ArgumentError, match="W&B could not start a run"):
+        WandbSink(run, 0, {})
+    assert (run / "wandb_run.json").is_symlink() == linked and record.read_text() == '{"run_id": "older"}\n'
+    record.unlink()
+    (run / "wandb_run.json").unlink(missing_ok=True)
+    with pytest.raises(ArgumentError, match="W&B could not start a run"):
+        WandbSink(run, 0, {})
+    assert not os.path.lexists(run / "wandb_run.json")
