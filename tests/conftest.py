@@ -5,6 +5,7 @@ import importlib.metadata
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -35,6 +36,13 @@ _OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
 if _OWN_CACHE:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), f"easytrain-xla-pid{os.getpid()}")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# transformers' maps of its lazily imported names, which `import transformers` builds by reading 1 600 files in every
+# child process: built once per test run, read by the others (tests/without_torch/sitecustomize.py), removed with
+# the compilation cache.
+_OWN_IMPORT_MAPS = "EASYTRAIN_TESTS_TRANSFORMERS_IMPORT_MAPS" not in os.environ
+if _OWN_IMPORT_MAPS:
+    os.environ["EASYTRAIN_TESTS_TRANSFORMERS_IMPORT_MAPS"] = os.path.join(
+        tempfile.gettempdir(), f"easytrain-transformers-imports-pid{os.getpid()}.pickle")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 # XLA:CPU's per-step scratch memory on transparent huge pages, the setting the easytrain command runs with
@@ -63,9 +71,12 @@ def pytest_configure(config):
 
 
 def pytest_unconfigure(config):
-    """The run's compilation cache goes with the run (pytest-xdist's workers inherit it from the controller)."""
+    """The run's compilation cache and transformers' import maps go with the run (pytest-xdist's workers inherit
+    their paths from the controller)."""
     if _OWN_CACHE and not hasattr(config, "workerinput"):
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+    if _OWN_IMPORT_MAPS and not hasattr(config, "workerinput"):
+        Path(os.environ["EASYTRAIN_TESTS_TRANSFORMERS_IMPORT_MAPS"]).unlink(missing_ok=True)
 
 
 # Python's cyclic collector at its default thresholds (700, 10, 10) took 7% of a trainer module's CPU time (16.4 of

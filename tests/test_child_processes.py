@@ -61,3 +61,29 @@ def test_the_sitecustomize_it_shadows_still_runs(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == ["True", "None"]
+
+
+MAPS = """
+import json, transformers, transformers.models
+from transformers import LlamaConfig
+print(json.dumps([sorted(transformers._class_to_module.items()), sorted(transformers._modules),
+                  sorted(transformers.models._modules), sorted(transformers.models.llama._class_to_module.items())]))
+"""
+
+
+def test_children_read_transformers_import_maps_as_transformers_builds_them(tmp_path):
+    """A child builds transformers' lazy-import maps and stores them for the test run (tests/conftest.py); the next
+    loads them: both get the names and modules of a child that builds its own."""
+    maps = tmp_path / "maps.pickle"
+
+    def lazy_names(where: str) -> list:
+        env = {**child_env(), "EASYTRAIN_TESTS_TRANSFORMERS_IMPORT_MAPS": where}
+        done = subprocess.run([sys.executable, "-c", MAPS], capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.splitlines()[-1])
+
+    own = lazy_names("")
+    assert own == lazy_names(str(maps))
+    stored = maps.stat().st_mtime_ns
+    assert own == lazy_names(str(maps)) and maps.stat().st_mtime_ns == stored, "the second child built them again"
+    assert ["LlamaConfig", "models.llama.configuration_llama"] in own[0]

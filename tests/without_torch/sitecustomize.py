@@ -1,5 +1,6 @@
 """Started by the tests' child processes (this directory is on their PYTHONPATH, tests/conftest.py): PyTorch,
-which the test extra installs for the interop tests, is hidden from every import in the process.
+which the test extra installs for the interop tests, is hidden from every import in the process; and transformers'
+map of its lazily imported names is read from the test run's copy (below).
 
 easytrain's runtime install has no PyTorch, so the children run as a user's process would. Without this,
 every child that builds a `transformers` config imports PyTorch through it (about 3 s of CPU each).
@@ -9,10 +10,13 @@ where PyTorch is not installed, so `transformers` and `datasets` both treat it a
 collector's thresholds the test processes run with (below).
 """
 
+import functools
 import gc
 import importlib.util
 import os
+import pickle
 import sys
+import tempfile
 from importlib.machinery import PathFinder
 
 HIDDEN = "torch"
@@ -27,6 +31,67 @@ class _PathFinderWithoutTorch(PathFinder):
 
 
 sys.meta_path[sys.meta_path.index(PathFinder)] = _PathFinderWithoutTorch
+
+#: Where the test run keeps transformers' import maps for its children (tests/conftest.py); unset: none kept.
+IMPORT_MAPS = os.environ.get("EASYTRAIN_TESTS_TRANSFORMERS_IMPORT_MAPS")
+
+
+def _read_maps() -> dict:
+    try:
+        with open(IMPORT_MAPS, "rb") as file:
+            return pickle.load(file)
+    except (OSError, EOFError, pickle.UnpicklingError):
+        return {}
+
+
+def _stored_once(define):
+    """`define_import_structure` read from `IMPORT_MAPS`, computed by `define` (and added there) when missing.
+
+    `import transformers` reads the `__all__` of its 1 600 model files to build its map of what to import lazily
+    (0.55 s of a child's 1.0 s of CPU in that import); every child of a test run reads the same files with PyTorch
+    hidden alike, so the first to need a map computes it and the others load it. A map is stored as `define` returns
+    it, before its caller adds to it; `lru_cache` keeps transformers' own rule of one object per call in a process.
+    """
+    maps = {}
+
+    @functools.lru_cache
+    def define_import_structure(module_path, prefix=None):
+        key = f"{module_path}|{prefix}"
+        if key not in maps:
+            maps.update(_read_maps())
+        if key not in maps:
+            maps[key] = define(module_path, prefix)
+            with tempfile.NamedTemporaryFile(dir=os.path.dirname(IMPORT_MAPS), delete=False) as file:
+                pickle.dump({**_read_maps(), key: maps[key]}, file)
+            os.replace(file.name, IMPORT_MAPS)  # whole or not at all, for a child reading it meanwhile
+        return maps[key]
+
+    return define_import_structure
+
+
+class _TransformersImportMaps:
+    """Finds `transformers.utils.import_utils` as the path finder does; once run, its `define_import_structure`
+    is `_stored_once`."""
+
+    @classmethod
+    def find_spec(cls, fullname, path=None, target=None):
+        if fullname != "transformers.utils.import_utils":
+            return None
+        spec = PathFinder.find_spec(fullname, path, target)
+        if spec is None or spec.loader is None:
+            return spec
+        execute = spec.loader.exec_module
+
+        def exec_module(module):
+            execute(module)
+            module.define_import_structure = _stored_once(module.define_import_structure)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+if IMPORT_MAPS:
+    sys.meta_path.insert(0, _TransformersImportMaps)
 
 
 def _run_the_sitecustomize_this_one_shadows() -> None:
