@@ -310,3 +310,17 @@ def test_a_jobs_overwrite_of_linked_logs_takes_the_links_and_leaves_their_target
     claim_log_files(run, ["jsonl", "tensorboard"], overwrite=True)
     assert list(run.iterdir()) == []
     assert (target / "kept").exists() and (tmp_path / "metrics.jsonl").exists()
+
+
+def test_undo_leaves_a_dangling_tracker_record_link_the_run_did_not_write_through(run_copy):
+    """A dangling `mlflow_run.json` link with MLflow off is not the run's (`check_links` refuses it only where the run
+    writes it): the undo of a failed overwrite leaves it as it was, not removed as a record the run made."""
+    from easytrain.trainers.held_run import HeldRun, tracker_records
+
+    link = _dangling(run_copy / "mlflow_run.json")
+    args = args_for(run_copy, overwrite_output_dir=True)
+    check_output_dir(args)
+    held = HeldRun(run_copy, records=tracker_records(run_copy))
+    claim_output_dir(args, None, held)
+    held.undo()
+    assert link.is_symlink() and os.readlink(link) == str(run_copy / "gone-target")
