@@ -124,3 +124,30 @@ def test_wandb_that_cannot_start_leaves_the_record_it_found(tmp_path, monkeypatc
     with pytest.raises(ArgumentError, match="W&B could not start a run"):
         WandbSink(run, 0, {})
     assert not os.path.lexists(run / "wandb_run.json")
+
+
+@pytest.mark.parametrize("precompute", [True, False])
+def test_a_dpo_run_is_refused_a_dangling_reference_cache_link_before_its_reference_pass(tmp_path, precompute):
+    """The precomputed reference log-probs are cached in output_dir/reference_logps once the reference pass is done:
+    a dangling link there is refused when the trainer is built (naming it), not after that pass; a run that writes no
+    cache leaves the link alone."""
+    from easytrain.trainers.dpo import DPOArguments, DPOTrainer
+    from easytrain.trainers.dpo_reference import CACHE_DIRNAME
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / CACHE_DIRNAME).symlink_to(tmp_path / "unmounted" / CACHE_DIRNAME)
+    args = args_for(tmp_path / "run", save_strategy="no")
+    if not precompute:
+        DPOTrainer(args, DPOArguments(precompute_ref_log_probs=False))
+        return
+    with pytest.raises(OutputDirError, match=f"{CACHE_DIRNAME} links to '.*unmounted/{CACHE_DIRNAME}'.*does not exist"):
+        DPOTrainer(args, DPOArguments(precompute_ref_log_probs=True))
+
+
+def test_an_sft_run_is_refused_a_dangling_data_stats_link_before_its_data_work(tmp_path):
+    from easytrain.trainers.sft import SFTTrainer
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "sft_data_stats.json").symlink_to(tmp_path / "unmounted" / "sft_data_stats.json")
+    with pytest.raises(OutputDirError, match="sft_data_stats.json links to '.*unmounted/sft_data_stats.json'"):
+        SFTTrainer(args_for(tmp_path / "run", save_strategy="no"))

@@ -44,7 +44,7 @@ from easytrain.protocol import ConfiguredModel
 from easytrain.state import TrainState
 from easytrain.tasks import arithmetic
 from easytrain.tasks.registry import register_task
-from easytrain.trainers import builders
+from easytrain.trainers import builders, run_dir
 from easytrain.trainers.base import BaseTrainer
 from easytrain.trainers.dpo_arguments import DPOArguments
 from easytrain.trainers.dpo_record import DPORecordHooks
@@ -90,6 +90,8 @@ class DPOTrainer(DPORecordHooks, BaseTrainer):
         check_arguments_for_dpo(self.arguments, self.dpo)  # first in the agreed start: a refusal leaves no output_dir
         if self.dpo.ref_model_name_or_path:  # refused before any data work: no such path, an unresolvable hub id
             check_reference_path(self.dpo.ref_model_name_or_path)
+        if self.dpo.precompute_ref_log_probs and self.dpo.needs_reference:  # written once the reference pass is done
+            run_dir.check_links(self.cache_dir.parent, (CACHE_DIRNAME,), movable=())
 
     # ------------------------------------------------------------------ data
     def prepare_datasets(self) -> tuple[RowSource, RowSource | None]:

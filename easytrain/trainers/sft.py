@@ -34,10 +34,12 @@ from easytrain.errors import ArgumentError
 from easytrain.evaluators import CompletionMetrics, generation_problem
 from easytrain.tasks import arithmetic
 from easytrain.tasks.registry import register_task
-from easytrain.trainers import builders
+from easytrain.trainers import builders, run_dir
 from easytrain.trainers.base import BaseTrainer
 
 logger = logging.getLogger("easytrain")
+#: What data preparation truncated, dropped and packed, kept in output_dir (`_report_data_stats`).
+DATA_STATS_FILE = "sft_data_stats.json"
 
 
 @dataclass
@@ -110,6 +112,7 @@ class SFTTrainer(BaseTrainer):
     def check_inputs(self) -> None:
         if self.sft_arguments.chat_template_path:  # a missing file or a Jinja syntax error: before any data work
             read_chat_template(self.sft_arguments.chat_template_path)
+        run_dir.check_links(Path(self.arguments.output_dir), (DATA_STATS_FILE,), movable=())  # written after the data
 
     def prepare_datasets(self) -> tuple[RowSource, RowSource | None]:
         args, sft = self.arguments, self.sft_arguments
@@ -222,7 +225,7 @@ class SFTTrainer(BaseTrainer):
                                "supervised token left", name, stats.get("truncated", 0),
                                stats.get("dropped_too_long", 0), stats.get("dropped_no_supervised_tokens", 0))
         if self.is_main_process:
-            path = Path(self.arguments.output_dir) / "sft_data_stats.json"
+            path = Path(self.arguments.output_dir) / DATA_STATS_FILE
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(self.data_stats, indent=2))
 
