@@ -9,33 +9,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from safetensors.numpy import load_file
 
 from easytrain import lora
 from easytrain.lora import LoRAConfig
-from easytrain.models import narrowing, from_pretrained, init_model
-from easytrain.models.narrowing import check_range
+from easytrain.models import from_pretrained, init_model, narrowing
 from easytrain.models.hf_io import CheckpointError, save_pretrained
+from easytrain.models.narrowing import check_range
 from easytrain.models.peft_io import save_peft_adapter
 
 from model_configs import tiny_config
+from narrowed_exports import DOWN, params_with
 
-DOWN = "model.layers.1.mlp.down_proj.weight"
-
-
-def _params(param_dtype=jnp.float32, scan_layers: bool = False, value: float = 1.0e5) -> tuple[dict, object]:
-    """A tiny model's parameters with one entry of layer 1's down projection set to `value`."""
-    model = init_model(tiny_config(), seed=0, param_dtype=param_dtype, scan_layers=scan_layers)
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    down = params["layers"]["stacked" if scan_layers else 1]["mlp"]["down_proj"]
-    down["kernel"] = down["kernel"].at[(1, 3, 5) if scan_layers else (3, 5)].set(value)
-    return params, model.config
+BEYOND = 1.0e5  # past float16's largest (65504); 99840 in bfloat16
 
 
 @pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.bfloat16])
 def test_a_weight_past_float16s_range_is_refused_by_name_before_any_file(tmp_path, param_dtype):
-    params, config = _params(param_dtype)
+    params, config = params_with(BEYOND, param_dtype)
     refusal = rf"65504\): {DOWN}: largest \|value\| (100000|99840)\. .*bfloat16"
     with pytest.raises(CheckpointError, match=refusal) as info:
         save_pretrained(tmp_path / "export", params, config, dtype="float16")
@@ -44,16 +35,16 @@ def test_a_weight_past_float16s_range_is_refused_by_name_before_any_file(tmp_pat
 
 
 def test_a_stacked_layers_overflow_names_its_layer(tmp_path):
-    params, config = _params(scan_layers=True)
+    params, config = params_with(BEYOND, scan_layers=True)
     with pytest.raises(CheckpointError, match=DOWN):
         save_pretrained(tmp_path / "export", params, config, dtype="float16")
 
 
 def test_weights_within_range_and_other_dtypes_export_as_before(tmp_path):
-    params, config = _params(value=65504.0)  # float16's largest: exact
+    params, config = params_with(65504.0)  # float16's largest: exact
     save_pretrained(tmp_path / "f16", params, config, dtype="float16")
     assert load_file(tmp_path / "f16" / "model.safetensors")[DOWN][5, 3] == np.float16(65504.0)
-    params, config = _params()
+    params, config = params_with(BEYOND)
     save_pretrained(tmp_path / "bf16", params, config, dtype="bfloat16")
     assert load_file(tmp_path / "bf16" / "model.safetensors")[DOWN][5, 3] == 99840  # 1e5 in bfloat16
 
@@ -61,9 +52,9 @@ def test_weights_within_range_and_other_dtypes_export_as_before(tmp_path):
 def test_an_inf_already_in_the_weights_is_not_called_an_overflow(tmp_path):
     """An inf or NaN weight is inf or NaN in any dtype: the cast changes nothing there, so it is no refusal of it
     (and a NaN elsewhere in the tensor hides no overflow)."""
-    params, config = _params(value=float("inf"))
+    params, config = params_with(float("inf"))
     save_pretrained(tmp_path / "export", params, config, dtype="float16")
-    params, config = _params()
+    params, config = params_with(BEYOND)
     kernel = params["layers"][1]["mlp"]["down_proj"]["kernel"]
     params["layers"][1]["mlp"]["down_proj"]["kernel"] = kernel.at[0, 0].set(float("nan"))
     with pytest.raises(CheckpointError, match=DOWN):
@@ -93,7 +84,7 @@ def test_the_refusal_starts_where_float16_rounds_to_inf():
 def test_a_float16_load_refuses_weights_beyond_its_range_by_name(tmp_path):
     """from_pretrained(param_dtype=float16) casts each weight as it is read: a float32 checkpoint's 1e5 became inf
     in the loaded model without a word."""
-    params, config = _params()
+    params, config = params_with(BEYOND)
     save_pretrained(tmp_path / "export", params, config)
     with pytest.raises(CheckpointError, match=rf"{DOWN}: largest \|value\| 100000\. .*param_dtype"):
         from_pretrained(tmp_path / "export", param_dtype=jnp.float16)
@@ -105,7 +96,7 @@ def test_a_float16_load_refuses_what_another_process_read_beyond_its_range(tmp_p
     """Over a mesh spanning processes each reads only its own blocks: a block past float16's range refused only on
     the process holding it left the others loaded, to wait in their next collective. Every process now refuses the
     tensors any of them found (here a second process's row, gathered, finds every tensor at 70000)."""
-    params, config = _params(value=1.0)
+    params, config = params_with(1.0)
     save_pretrained(tmp_path / "export", params, config)
     monkeypatch.setattr(narrowing, "every_process_gather",
                         lambda: lambda local: np.stack([local, np.full_like(local, 7.0e4)]))
@@ -121,7 +112,7 @@ def test_a_float16_load_refuses_what_another_process_read_beyond_its_range(tmp_p
     ("float32", float("inf"), float("inf")),  # inf in any dtype: the cast changes nothing, loads as stored
 ])
 def test_a_float16_load_refuses_exactly_what_the_cast_makes_inf(tmp_path, stored, value, loaded):
-    params, config = _params(value=value)
+    params, config = params_with(value)
     save_pretrained(tmp_path / "export", params, config, dtype=stored)
     if loaded is None:
         with pytest.raises(CheckpointError, match=rf"{DOWN}: largest \|value\| (65520|99840)\. "):
@@ -134,7 +125,7 @@ def test_a_float16_load_refuses_exactly_what_the_cast_makes_inf(tmp_path, stored
 def test_a_float64_weight_just_below_the_rounding_point_exports(tmp_path):
     """numpy casts float64 to float16 in one rounding: 65519.999 becomes 65504. Its peak was taken in float32 first,
     where it rounds to 65520, and the export refused it."""
-    params, config = _params(value=1.0)
+    params, config = params_with(1.0)
     params = jax.tree.map(lambda leaf: np.asarray(leaf, np.float64), params)
     params["layers"][1]["mlp"]["down_proj"]["kernel"][3, 5] = 65519.999
     save_pretrained(tmp_path / "export", params, config, dtype="float16")

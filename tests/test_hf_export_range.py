@@ -9,18 +9,16 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from flax import nnx
 from safetensors.numpy import load_file
 
 from easytrain import lora
 from easytrain.lora import LoRAConfig
-from easytrain.models import narrowing, init_model
+from easytrain.models import init_model, narrowing
 from easytrain.models.hf_io import CheckpointError, save_pretrained
 from easytrain.models.peft_io import save_peft_adapter
 
 from model_configs import tiny_config
-
-DOWN = "model.layers.1.mlp.down_proj.weight"
+from narrowed_exports import DOWN, params_with
 
 
 def _bfloat16_edge() -> np.float32:
@@ -39,15 +37,6 @@ def _bfloat16_edge() -> np.float32:
 EDGE = _bfloat16_edge()
 
 
-def _params(value: float, param_dtype=jnp.float32, scan_layers: bool = False) -> tuple[dict, object]:
-    """A tiny model's parameters with one entry of layer 1's down projection set to `value`."""
-    model = init_model(tiny_config(), seed=0, param_dtype=param_dtype, scan_layers=scan_layers)
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    down = params["layers"]["stacked" if scan_layers else 1]["mlp"]["down_proj"]
-    down["kernel"] = down["kernel"].at[(1, 3, 5) if scan_layers else (3, 5)].set(value)
-    return params, model.config
-
-
 def test_the_edge_is_where_numpy_rounds_past_bfloat16s_largest():
     with np.errstate(over="ignore"):
         below = np.nextafter(EDGE, np.float32(0))
@@ -60,7 +49,7 @@ def test_the_edge_is_where_numpy_rounds_past_bfloat16s_largest():
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_a_bfloat16_export_refuses_a_weight_it_would_write_as_inf(tmp_path, scan_layers):
     """Was: written, the tensor holding inf (3.4e38 casts to bfloat16's inf)."""
-    params, config = _params(float(EDGE), scan_layers=scan_layers)
+    params, config = params_with(float(EDGE), scan_layers=scan_layers)
     with pytest.raises(CheckpointError, match=rf"dtype='bfloat16' cannot hold 1 tensor\(s\) of the export.*"
                                               rf"{DOWN}: largest \|value\| 3\.39\d+e\+38\. Pass dtype='float32'"):
         save_pretrained(tmp_path / "export", params, config, dtype="bfloat16")
@@ -69,16 +58,16 @@ def test_a_bfloat16_export_refuses_a_weight_it_would_write_as_inf(tmp_path, scan
 
 def test_a_bfloat16_export_writes_the_largest_value_it_rounds_to_a_finite_one(tmp_path):
     below = np.nextafter(EDGE, np.float32(0))
-    params, config = _params(float(below))
+    params, config = params_with(float(below))
     save_pretrained(tmp_path / "export", params, config, dtype="bfloat16")
     written = load_file(tmp_path / "export" / "model.safetensors")[DOWN][5, 3]
     assert written == np.asarray(below, ml_dtypes.bfloat16) and np.isfinite(written)
-    save_pretrained(tmp_path / "float32", *_params(float(EDGE)), dtype="float32")  # float32 holds it: no check
+    save_pretrained(tmp_path / "float32", *params_with(float(EDGE)), dtype="float32")  # float32 holds it: no check
     assert load_file(tmp_path / "float32" / "model.safetensors")[DOWN][5, 3] == EDGE
 
 
 def test_a_float64_weight_past_float32s_range_is_refused_naming_the_checkpoint_as_the_fix(tmp_path):
-    params, config = _params(1.0)
+    params, config = params_with(1.0)
     params = jax.tree.map(lambda leaf: np.asarray(leaf, np.float64), params)
     params["layers"][1]["mlp"]["down_proj"]["kernel"][3, 5] = -1e300
     with pytest.raises(CheckpointError, match=rf"dtype='float32' .*{DOWN}: largest \|value\| 1e\+300\. Not even "
@@ -91,7 +80,7 @@ def test_an_export_of_the_parameters_own_dtype_checks_nothing(tmp_path, monkeypa
     """A bfloat16 model written as bfloat16 narrows nothing: no reduction, no transfer."""
     calls = []
     monkeypatch.setattr(narrowing, "_peak", lambda *args, **kwargs: calls.append(args))
-    params, config = _params(1.0, param_dtype=jnp.bfloat16)
+    params, config = params_with(1.0, param_dtype=jnp.bfloat16)
     save_pretrained(tmp_path / "export", params, config, dtype="bfloat16")
     assert calls == []
 
@@ -110,7 +99,7 @@ def test_an_adapter_past_bfloat16s_range_is_refused_by_name(tmp_path):
 def test_every_process_refuses_what_any_process_found(tmp_path, monkeypatch, dtype, peak):
     """The peaks are agreed over processes (the load's `agreed_peaks`): here a second process's row, gathered,
     finds every narrowed tensor at `peak`, and this process refuses too instead of waiting in the next gather."""
-    params, config = _params(1.0)
+    params, config = params_with(1.0)
     monkeypatch.setattr(narrowing, "every_process_gather",
                         lambda: lambda local: np.stack([local, np.full_like(local, peak)]))
     with pytest.raises(CheckpointError, match=rf"dtype='{dtype}' cannot hold \d+ tensor\(s\) of the export"):
@@ -126,12 +115,12 @@ def test_a_weight_on_one_cpu_device_is_read_in_place_without_a_compile(tmp_path,
         raise AssertionError("a reduction was compiled for a weight on one CPU device")
 
     monkeypatch.setattr(narrowing, "_device_peak", compiled)
-    params, config = _params(float(EDGE), scan_layers=scan_layers)
+    params, config = params_with(float(EDGE), scan_layers=scan_layers)
     down = params["layers"]["stacked" if scan_layers else 1]["mlp"]["down_proj"]
     down["kernel"] = down["kernel"].at[(1, 0, 0) if scan_layers else (0, 0)].set(np.nan)
     with pytest.raises(CheckpointError, match=rf"{DOWN}: largest \|value\| 3\.39"):
         save_pretrained(tmp_path / "export", params, config, dtype="bfloat16")
-    save_pretrained(tmp_path / "export", *_params(1.0, scan_layers=scan_layers), dtype="bfloat16")
+    save_pretrained(tmp_path / "export", *params_with(1.0, scan_layers=scan_layers), dtype="bfloat16")
 
 
 @pytest.mark.parametrize("axes", [None, (1, 2)])
