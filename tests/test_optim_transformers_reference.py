@@ -1,9 +1,10 @@
 """The optimizer settings that share a name with `transformers.TrainingArguments` against transformers and PyTorch
 themselves (docs/porting.md, "What is the same"): each schedule's rate at every update against
 `transformers.get_scheduler`, AdamW and SGD with the Trainer's decay groups and clipping against `torch.optim` and
-`torch.nn.utils.clip_grad_norm_`, Adafactor against `transformers.Adafactor`, and the parameters weight decay leaves
-out against `Trainer.get_decay_parameter_names` for every supported family: a few updates of a tiny least-squares
-problem. And the rates a run logs, with gradient accumulation and a resume, against the Trainer's scheduler."""
+`torch.nn.utils.clip_grad_norm_`, Adafactor against `transformers.Adafactor`, Lion against its paper's update, and
+the parameters weight decay leaves out against `Trainer.get_decay_parameter_names` for every supported family: a few
+updates of a tiny least-squares problem. And the rates a run logs, with gradient accumulation and a resume, against
+the Trainer's scheduler."""
 
 import jax
 import jax.numpy as jnp
@@ -139,6 +140,27 @@ def test_adafactor_is_transformers_adafactor_with_parameter_scaling():
     assert np.abs(ours["w"] - data["w"]).max() > 0.1
     for name in ours:
         np.testing.assert_allclose(ours[name], theirs[name], atol=1e-5, err_msg=name)
+
+
+def test_lion_is_the_papers_update():
+    """No Lion in PyTorch or transformers (the Trainer's is bitsandbytes'): the update of Chen et al. 2023, Algorithm
+    2, in NumPy, with `adam_beta1`, `adam_beta2` as its betas and decoupled decay on the matrix only. At this rate
+    the gradients change sign between updates, so betas swapped train otherwise."""
+    args = TrainingArguments(optimizer="lion", learning_rate=0.1, warmup_steps=2, lr_scheduler_type="linear",
+                             weight_decay=0.1, max_grad_norm=0.0)
+    data = problem()
+    params = {"w": data["w"].astype(np.float64), "b": data["b"].astype(np.float64)}
+    momenta, decays = {name: np.zeros_like(value) for name, value in params.items()}, {"w": 0.1, "b": 0.0}
+    for rate in np.asarray(transformers_rates("linear", 2, UPDATES)) * args.learning_rate:
+        error = data["x"] @ params["w"] + params["b"] - data["y"]
+        grads = {"w": 20 * data["x"].T @ error / error.size, "b": 20 * error.sum(0) / error.size}
+        for name in params:
+            interpolated = args.adam_beta1 * momenta[name] + (1 - args.adam_beta1) * grads[name]
+            params[name] = params[name] - rate * (np.sign(interpolated) + decays[name] * params[name])
+            momenta[name] = args.adam_beta2 * momenta[name] + (1 - args.adam_beta2) * grads[name]
+    ours = train_here(args, data)
+    for name in ours:
+        np.testing.assert_allclose(ours[name], params[name], atol=1e-5, err_msg=name)
 
 
 def decayed_names(config, scan_layers: bool) -> set[str]:
