@@ -238,7 +238,7 @@ def tracker_records(output_dir: Path) -> dict[Path, bytes | None]:
     a fresh run's replace them, and `undo` puts them back (`HeldRun.records`); a dangling link there (refused where
     the run writes it: `run_dir.check_links`) is no record of the run, and stays. So is the absence of a `wandb/`
     folder (the failed run's offline run is removed); one the older run kept is left as the failed run left it."""
-    paths = [output_dir / name for name in TRACKER_RECORDS]  # a dangling link is not the run's (`check_links`): left
+    paths = [output_dir / name for name in TRACKER_RECORDS]
     records = {path: path.read_bytes() if path.is_file() else None for path in paths
                if path.exists() or not path.is_symlink()}
     if not present(output_dir / WANDB_DIRNAME):  # the older run kept none: `undo` removes the failed run's
