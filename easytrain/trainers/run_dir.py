@@ -229,7 +229,9 @@ def run_outputs(args: TrainingArguments) -> tuple[str, ...]:
     """The names in output_dir this run writes through: its checkpoints, records and arguments always, the export
     where `save_pretrained_at_end`, each log and tracker folder or record where `report_to` names its sink,
     tensorboard/ where it writes a trace (`profile_steps`: `profiling.trace_dir`), and what the command running it
-    writes (`command_outputs`: results.json under `easytrain train`)."""
+    writes (`command_outputs`: results.json under `easytrain train`). What a trainer alone writes there (SFT's
+    sft_data_stats.json, DPO's reference_logps/) its own `check_inputs` checks, and the command checks results.json
+    for a trainer not built on BaseTrainer (`cli.run`)."""
     sinks = {*parse_report_to(args.report_to), *(("tensorboard",) if args.profile_steps else ())}
     by_sink = {"jsonl": ("metrics.jsonl",), "csv": ("metrics.csv",), "tensorboard": ("tensorboard",),
                "wandb": ("wandb", WANDB_STATE_FILENAME), "mlflow": (MLFLOW_STATE_FILENAME,)}
