@@ -9,16 +9,10 @@ import logging
 
 import pytest
 
-from easytrain import ArgumentError, BaseTrainer, TrainingArguments
+from easytrain import ArgumentError, BaseTrainer
 from easytrain.callbacks import EarlyStopping
 from easytrain.trainers import builders
-
-
-def arguments(tmp_path, **overrides) -> TrainingArguments:
-    values = dict(output_dir=str(tmp_path), max_length=32, train_batch_size=8, eval_batch_size=8, max_steps=2,
-                  logging_steps=1, eval_strategy="steps", eval_steps=2, save_strategy="no", report_to=["none"],
-                  disable_progress_bar=True, save_pretrained_at_end=False, max_train_samples=64, max_eval_samples=16)
-    return TrainingArguments(**(values | overrides))
+from metric_direction_arguments import arguments
 
 
 @pytest.mark.parametrize(("metric", "expected"), [("eval_accuracy", True), ("eval_top2_accuracy", True),

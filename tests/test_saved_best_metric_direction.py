@@ -14,13 +14,7 @@ import pytest
 from easytrain import BaseTrainer, TrainingArguments, best_metric_direction
 from easytrain.config_io import load_arguments, parse_task_arguments, save_arguments
 from easytrain.trainers.run_dir import rerun_arguments
-
-
-def arguments(tmp_path, **overrides) -> TrainingArguments:
-    values = dict(output_dir=str(tmp_path), max_length=32, train_batch_size=8, eval_batch_size=8, max_steps=2,
-                  logging_steps=1, eval_strategy="steps", eval_steps=2, save_strategy="no", report_to=["none"],
-                  disable_progress_bar=True, save_pretrained_at_end=False, max_train_samples=64, max_eval_samples=16)
-    return TrainingArguments(**(values | overrides))
+from metric_direction_arguments import arguments
 
 
 def saved_direction(args: TrainingArguments, directory) -> object:
