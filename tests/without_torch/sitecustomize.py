@@ -84,7 +84,8 @@ class _TransformersImportMaps:
 
         def exec_module(module):
             execute(module)
-            module.define_import_structure = _stored_once(module.define_import_structure)
+            if callable(define := getattr(module, "define_import_structure", None)):  # absent: nothing stored
+                module.define_import_structure = _stored_once(define)
 
         spec.loader.exec_module = exec_module
         return spec
