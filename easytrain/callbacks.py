@@ -119,6 +119,8 @@ class CallbackList(Callback):
         """
         if event not in EVENTS:
             raise ValueError(f"unknown callback event {event!r}; expected one of {list(EVENTS)}")
+        if event == "on_exception":
+            return self.on_exception(trainer, *args)
         for callback in self.callbacks:  # each its own copy of a dict: one that edits it alters no record, no peer
             getattr(callback, event)(trainer, *(dict(arg) if isinstance(arg, dict) else arg for arg in args))
 
@@ -141,7 +143,14 @@ class CallbackList(Callback):
         self.call("on_save", trainer, step, checkpoint_dir)
 
     def on_exception(self, trainer: Any, error: BaseException) -> None:
-        self.call("on_exception", trainer, error)
+        """Every callback's ``on_exception`` runs, also after one raises: a cleanup hook's own bug neither skips
+        the others (the job record's among them) nor replaces ``error``, the run's failure that propagates. Such a
+        bug is logged with its traceback and noted on ``error``."""
+        for callback in self.callbacks:
+            try:
+                callback.on_exception(trainer, error)
+            except Exception as hook_error:
+                _report_failed_handler(callback, hook_error, error)
 
     def on_job_update(self, trainer: Any, job: Mapping[str, Any]) -> None:
         self.call("on_job_update", trainer, job)
@@ -176,6 +185,14 @@ class CallbackList(Callback):
             for callback, entry in zip(callbacks, entries):
                 if entry:
                     callback.load_state_dict(entry)
+
+
+def _report_failed_handler(callback: Callback, hook_error: Exception, error: BaseException) -> None:
+    """Logs a callback's failing ``on_exception`` and notes it on the run's ``error``, which stays the one raised."""
+    where = f"{type(callback).__name__}.on_exception"
+    logger.error("%s raised %s: %s (the run's own error, %s, is the one raised)", where, type(hook_error).__name__,
+                 hook_error, type(error).__name__, exc_info=hook_error)
+    error.add_note(f"while handling it, {where} raised {type(hook_error).__name__}: {hook_error} (logged)")
 
 
 def _restores_state(callback: Callback) -> bool:
