@@ -65,6 +65,75 @@ def _optim(value: Any) -> Ported:
                                           "configure_optimizer(schedule) in a trainer (docs/custom_trainer.md)")
 
 
+def _fixed(why: str) -> Callable[[Any], Ported]:
+    """A setting easytrain has no field for, whatever its value: the why alone (no "Did you mean")."""
+    return lambda value: Ported((), why)
+
+
+def _pointing(field: str, why: str) -> Callable[[Any], Ported]:
+    """A setting whose nearest easytrain field is `field` (the user's to set), whatever its value."""
+    return lambda value: Ported(((field, None),), why)
+
+
+_CUSTOM = "in a trainer (docs/custom_trainer.md)"
+_MESH = ("There is no such setting here: a run is placed on a device mesh of data_parallel_size x fsdp_size x "
+         "tensor_parallel_size devices, fsdp_size sharding parameters and optimizer state (docs/scaling.md)")
+_HUB = ("There is no pushing to the Hub here: save_pretrained_at_end exports output_dir/final_model (config.json "
+        "and safetensors), which `hf upload` pushes")
+#: transformers.TrainingArguments fields whose spelling alone would point to a look-alike that does something else.
+_UNTAKEN: Mapping[str, Callable[[Any], Ported]] = {
+    "lr_scheduler_kwargs": _fixed(
+        "There is no such setting here: the schedules ('constant', 'linear', 'cosine') take no arguments besides "
+        "warmup_steps or warmup_ratio; 'cosine' is cosine_with_restarts at num_cycles=1, 'linear' polynomial at "
+        f"power=1.0 (down to 0, not lr_end); for another schedule, override configure_schedule(total_steps) {_CUSTOM}"),
+    "optim_args": _fixed(
+        "There is no such setting here: each optimizer setting is a field of its own: adam_beta1, adam_beta2 and "
+        "adam_epsilon (adamw; lion reads the betas), sgd_momentum (sgd), weight_decay and max_grad_norm (all "
+        "four); adafactor's others are optax's defaults. For other options, override "
+        f"configure_optimizer(schedule) {_CUSTOM}"),
+    "optim_target_modules": _fixed(
+        "There is no such setting here: it chooses the modules transformers' GaLore and APOLLO optimizers update, "
+        "which easytrain does not have (lora_target_modules chooses where LoRA adapters go: another thing)"),
+    "auto_find_batch_size": _fixed(
+        "There is no such setting here: train_batch_size is used as given, never lowered after running out of "
+        "memory; gradient_accumulation_steps splits it into micro-batches, which need less memory"),
+    "logging_strategy": _pointing("logging_steps", (
+        "Logging is by updates only: every logging_steps updates (transformers' 'steps'), a checkpoint and the last "
+        "update also ending a logging window; there is no 'epoch' logging")),
+    "logging_first_step": _fixed(
+        "There is no such setting here: records come every logging_steps updates, at each checkpoint and at the last "
+        "update (logging_steps 1 logs the first update by itself)"),
+    "eval_delay": _fixed("There is no such setting here: evaluation follows eval_strategy from the start (every "
+                         "eval_steps updates, or every epoch)"),
+    "eval_on_start": _fixed("There is no such setting here: the first evaluation comes after eval_steps updates "
+                            "(eval_strategy 'steps') or at the first epoch's end ('epoch')"),
+    "batch_eval_metrics": _fixed(
+        "There is no such setting here, and none is needed: the eval_metrics of the loss (accuracy, perplexity) "
+        "merge each batch's sums and counts on the device, never computed from every prediction gathered at once"),
+    "enable_jit_checkpoint": _fixed(
+        "There is no such setting here, and none is needed: a SIGTERM (or SIGINT) during training always ends "
+        "the run after the current step with a checkpoint, whatever save_strategy, exit status 75 "
+        "(docs/checkpoints.md)"),
+    "restore_callback_states_from_checkpoint": _fixed(
+        "There is no such setting here: a resume always gives each callback its state_dict back "
+        "(docs/api/callbacks.md)"),
+    **dict.fromkeys(("push_to_hub", "hub_strategy", "hub_model_id", "hub_token", "hub_private_repo",
+                     "hub_always_push", "hub_revision"), _fixed(_HUB)),
+    **dict.fromkeys(("accelerator_config", "parallelism_config", "fsdp_config", "deepspeed"), _fixed(_MESH)),
+    "fsdp": _pointing("fsdp_size", (
+        "transformers' fsdp takes FSDP's options ('full_shard', 'offload', ...); fsdp_size here is the number of "
+        "devices parameters and optimizer state are sharded over (-1: those the other mesh axes leave; "
+        "docs/scaling.md)")),
+    "label_names": _fixed("There is no such setting here: each task makes its own targets from its rows "
+                          "(docs/tasks.md)"),
+    "train_sampling_strategy": _fixed(
+        "There is no such setting here: the training rows are shuffled anew every epoch, from seed (transformers' "
+        "'random'); there is no 'sequential' or 'group_by_length'"),
+    "local_rank": _pointing("process_id", (
+        "A multi-process run (one process per host) is set up by coordinator_address, num_processes and "
+        "process_id; SLURM and Cloud TPU launches are detected without them")),
+}
+
 _REMAT_FULL = Ported((("remat_policy", "full"),),
                      "It recomputes each decoder layer's activations from the layer's input in the backward pass, as "
                      "transformers' activation checkpointing of every layer does ('dots' also keeps matmul outputs)")
@@ -91,6 +160,7 @@ TRANSFORMERS_FIELDS: Mapping[str, Callable[[Any], Ported]] = {
         "There is no such setting here, and none is needed: evaluation merges each batch's metric sums and counts on "
         "the device and fetches them once, so no logits or predictions pile up on the device or the host "
         "(gradient_accumulation_steps is another thing: it splits training batches)")),
+    **_UNTAKEN,
 }
 
 
@@ -105,10 +175,6 @@ def _rpo(value: Any) -> Ported:
         "TRL's RPO adds rpo_alpha times the chosen completion's per-token NLL to the sigmoid loss: that NLL is the "
         "'sft' loss here, weighted by loss_weights (averaged per pair, where TRL averages over a micro-batch's "
         "chosen tokens: docs/dpo.md)"))
-
-
-def _fixed(why: str) -> Callable[[Any], Ported]:
-    return lambda value: Ported((), why)
 
 
 #: TRL's and common names that spelling would point to a look-alike that does something else (`dataset_text_field`
