@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from easytrain.errors import OutputDirError
+from easytrain.linked_logs import WrittenLog, opened
 from easytrain.sinks import (
     CSV_FILENAME,
     REPORT_TO_CHOICES,
@@ -54,6 +55,8 @@ __all__ = [
 
 METRICS_FILENAME = "metrics.jsonl"
 TENSORBOARD_DIRNAME = "tensorboard"
+#: The local sinks' logs in output_dir, by sink.
+_LOG_NAMES = {"jsonl": METRICS_FILENAME, "csv": CSV_FILENAME, "tensorboard": TENSORBOARD_DIRNAME}
 _DESCRIPTION_KEYS = (("loss", "loss"), ("learning_rate", "lr"))
 
 
@@ -139,9 +142,8 @@ def claim_log_files(output_dir: str | os.PathLike, report_to: Sequence[str], *, 
     ``report_to`` there would hold every step twice. Removes them under ``overwrite`` (a link itself, its target left
     as it is), else refuses, as a trainer refuses such an output_dir (`OutputDirError`), naming the ways out. An
     empty one is no run's (`holds_records`: a log linked to another disk before the first run): it stays."""
-    names = {"jsonl": METRICS_FILENAME, "csv": CSV_FILENAME, "tensorboard": TENSORBOARD_DIRNAME}
     targets, output_dir = parse_report_to(report_to), Path(output_dir)
-    found = [name for sink, name in names.items()
+    found = [name for sink, name in _LOG_NAMES.items()
              if sink in targets and (output_dir / name).exists() and holds_records(output_dir / name)]
     if found and not overwrite:
         raise OutputDirError(
@@ -163,12 +165,17 @@ class _JsonlSink:
     def __init__(self, path: Path, initial_step: int):
         if initial_step > 0:
             truncate_jsonl(path, initial_step)
+        #: What it wrote, counted from an empty file (None: it found lines there): `linked_logs.take_back`.
+        self.written: WrittenLog | None = opened(path) if not path.exists() or not path.stat().st_size else None
         self._file = path.open("a", encoding="utf-8")
 
     def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
         record = {"step": step, "split": split, **strict_json(metrics), "time": time.time()}
-        self._file.write(json.dumps(record, allow_nan=False) + "\n")
+        line = json.dumps(record, allow_nan=False) + "\n"
+        self._file.write(line)
         self._file.flush()
+        if self.written is not None:
+            self.written.size += len(line.encode("utf-8"))
 
     def close(self, status: RunStatus = "completed") -> None:
         self._file.close()
@@ -207,7 +214,9 @@ class _TensorBoardSink:
     def __init__(self, logdir: Path, initial_step: int):
         logdir.mkdir(parents=True, exist_ok=True)
         self._tb = _tensorboard_events()
-        self._writer = self._tb.EventsWriter(str(logdir / "events"), filename_suffix=f".{os.getpid()}.{time.time_ns()}")
+        suffix = f".{os.getpid()}.{time.time_ns()}"  # this process's own name (`linked_logs.own_event_file`)
+        self._writer = self._tb.EventsWriter(str(logdir / "events"), filename_suffix=suffix)
+        self.written = opened(next(logdir.glob(f"events.out.tfevents.*{suffix}")), created=True)
         if initial_step > 0:
             session_log = self._tb.event_pb2.SessionLog
             self._write(step=initial_step + 1, session_log=session_log(status=session_log.START))
@@ -329,6 +338,9 @@ class Reporter:
         targets = parse_report_to(report_to)
         self._sinks: list[_Sink] = []
         self._console: _ConsoleSink | None = None
+        #: Log name -> what its sink wrote there, kept once closed: a run failing before its first step takes back
+        #: that alone where the log is a link (`run_dir.remove_unstarted_logs`).
+        self.written_logs: dict[str, WrittenLog] = {}
         if not enabled:
             return
         output_dir = Path(output_dir)
@@ -339,7 +351,10 @@ class Reporter:
             "tensorboard": lambda: _TensorBoardSink(output_dir / TENSORBOARD_DIRNAME, initial_step),
         }
         try:
-            self._sinks.extend(open_sink() for name, open_sink in openers.items() if name in targets)
+            for name in [name for name in openers if name in targets]:
+                self._sinks.append(sink := openers[name]())
+                if sink.written is not None:
+                    self.written_logs[_LOG_NAMES[name]] = sink.written
             self._sinks.extend(open_trackers(output_dir, report_to, initial_step, run_config)
                                if trackers is None else trackers)
         except BaseException:

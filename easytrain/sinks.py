@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from easytrain.errors import ArgumentError
+from easytrain.linked_logs import WrittenLog, opened
 
 __all__ = [
     "CSV_FILENAME", "MLFLOW_STATE_FILENAME", "OPTIONAL_SINKS", "REPORT_TO_CHOICES", "WANDB_STATE_FILENAME",
@@ -179,6 +180,8 @@ class CsvSink:
 
     def __init__(self, path: Path, initial_step: int):
         self._path = path
+        #: What it wrote, counted from an empty file (None: it found rows there): `linked_logs.take_back`.
+        self.written: WrittenLog | None = opened(path) if not path.exists() or not path.stat().st_size else None
         header, rows, damaged = _read_csv(path)
         self._columns = header or list(_CSV_FIXED)
         kept = rows if initial_step <= 0 else [
@@ -190,7 +193,10 @@ class CsvSink:
     def _rewrite(self, rows: Sequence[Mapping[str, str]]) -> None:
         """The whole file at once, atomically; through a link (logs kept on another disk), the file it leads to."""
         lines = [_csv_line(self._columns)] + [_csv_line(row.get(c, "") for c in self._columns) for row in rows]
-        replace_through_link(self._path, "".join(lines).encode("utf-8"))
+        content = "".join(lines).encode("utf-8")
+        replace_through_link(self._path, content)
+        if self.written is not None:
+            self.written.size = len(content)
 
     def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
         row = {"step": str(step), "split": split, "time": repr(time.time()), **{k: repr(v) for k, v in metrics.items()}}
@@ -201,8 +207,11 @@ class CsvSink:
             self._columns += new
             self._rewrite(rows)
             self._file = self._path.open("a", encoding="utf-8")
-        self._file.write(_csv_line(row.get(column, "") for column in self._columns))
+        line = _csv_line(row.get(column, "") for column in self._columns)
+        self._file.write(line)
         self._file.flush()
+        if self.written is not None:
+            self.written.size += len(line.encode("utf-8"))
 
     def close(self, status: RunStatus = "completed") -> None:
         self._file.close()

@@ -151,3 +151,57 @@ def test_an_sft_run_is_refused_a_dangling_data_stats_link_before_its_data_work(t
     (tmp_path / "run" / "sft_data_stats.json").symlink_to(tmp_path / "unmounted" / "sft_data_stats.json")
     with pytest.raises(OutputDirError, match="sft_data_stats.json links to '.*unmounted/sft_data_stats.json'"):
         SFTTrainer(args_for(tmp_path / "run", save_strategy="no"))
+
+
+class OthersWriteThenFails(FailsToCompile):
+    """While the run compiles its first step, something else writes into the linked targets (another run sharing the
+    tensorboard/ folder, a line appended to the JSONL file) and the metrics.csv link is pointed at another file."""
+
+    def plan_memory(self, state, batch):
+        run = Path(self._arguments.output_dir)
+        disk = run.parent / "disk"
+        (disk / "tensorboard" / "other_run").mkdir()
+        (disk / "tensorboard" / "other_run" / "events").write_bytes(b"another run's")
+        with open(disk / "metrics.jsonl", "a") as log:
+            log.write('{"step": 7, "split": "train"}\n')
+        (disk / "elsewhere.csv").write_text("step,split,time\n3,train,1.0\n")
+        (run / "metrics.csv").unlink()
+        (run / "metrics.csv").symlink_to(disk / "elsewhere.csv")
+        super().plan_memory(state, batch)
+
+
+def test_a_failed_fresh_run_removes_only_what_it_wrote_through_the_links(tmp_path):
+    """What others wrote into a linked target during the run, and a file the link was pointed at since, stay: the
+    run removes its own TensorBoard event file and empties a linked file only while that holds nothing but its own."""
+    _link_logs(tmp_path / "run", tmp_path / "disk")
+    with pytest.raises(MemoryError):
+        OthersWriteThenFails(args_for(tmp_path / "run", report_to=SINKS, max_steps=2)).train()
+    disk = tmp_path / "disk"
+    assert sorted(p.name for p in (disk / "tensorboard").iterdir()) == ["other_run"]
+    assert (disk / "tensorboard" / "other_run" / "events").read_bytes() == b"another run's"
+    assert (disk / "metrics.jsonl").read_text() == '{"step": 7, "split": "train"}\n'
+    assert (disk / "elsewhere.csv").read_text() == "step,split,time\n3,train,1.0\n"
+    assert (disk / "metrics.csv").read_bytes() == b"", "what the run wrote through the link before it moved"
+
+
+def test_latest_over_a_linked_tensorboard_holds_only_the_runs_entries_and_undo_removes_only_its_own(tmp_path):
+    """A tensorboard/ linked to a folder others write too: starting over moves the older run's event files (held,
+    put back by `undo`), never another's folder there; `undo` removes the event file this process added, not what
+    another wrote there meanwhile."""
+    run, shared = tmp_path / "run", tmp_path / "shared"
+    (shared / "other_run").mkdir(parents=True)
+    (shared / "other_run" / "events").write_bytes(b"another run's")
+    (shared / "events.out.tfevents.1.host.9.1").write_bytes(b"the older run's")
+    run.mkdir()
+    (run / "arguments.json").write_text("{}")
+    (run / "tensorboard").symlink_to(shared, target_is_directory=True)
+    args = args_for(run, report_to=["tensorboard"], resume_from_checkpoint="latest")
+    held = claim_output_dir(args, None)
+    assert sorted(p.name for p in shared.iterdir()) == ["other_run"]
+    (shared / "third_run").mkdir()
+    (shared / f"events.out.tfevents.2.host.{os.getpid()}.5").write_bytes(b"this run's")
+    held.undo()
+    assert sorted(p.name for p in shared.iterdir()) == ["events.out.tfevents.1.host.9.1", "other_run", "third_run"]
+    assert (shared / "events.out.tfevents.1.host.9.1").read_bytes() == b"the older run's"
+    claim_output_dir(args, None).settle()
+    assert sorted(p.name for p in shared.iterdir()) == ["other_run", "third_run"]

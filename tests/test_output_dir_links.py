@@ -15,6 +15,7 @@ from easytrain.errors import OutputDirError
 from easytrain.reporting import claim_log_files, truncate_jsonl
 from easytrain.trainers.claim import claim_output_dir
 from easytrain.trainers.held_run import REPLACED_DIRNAME
+from easytrain.linked_logs import WrittenLog, opened
 from easytrain.trainers.run_dir import SUPERSEDED_DIRNAME, check_output_dir, remove, remove_unstarted_logs
 
 from runs import args_for
@@ -46,23 +47,32 @@ def test_remove_takes_the_link_and_leaves_its_target(tmp_path):
     assert (target / "kept").read_text() == "behind the link"
 
 
-def test_a_fresh_runs_unstarted_logs_through_links_are_emptied_and_the_links_kept(tmp_path):
+def test_a_fresh_runs_unstarted_logs_through_links_lose_what_it_wrote_and_the_links_stay(tmp_path):
     """A log linked to another disk (admitted only empty: `holds_records`) stays linked, what the run wrote through it
-    goes; a plain one goes; a dangling link is not one the run wrote through (`check_links` refuses those): it stays."""
+    goes (`written`: its event file, the bytes of a file holding nothing else), what another wrote there stays; a
+    plain one goes; a dangling link is not one the run wrote through (`check_links` refuses those): it stays."""
     run = tmp_path / "run"
     run.mkdir()
-    target = _linked(run / "tensorboard", tmp_path / "scratch")  # its one entry: what the run wrote there
+    target = _linked(run / "tensorboard", tmp_path / "scratch")  # "kept": another's
+    (target / "events.out.tfevents.1.host.2.3").write_bytes(b"the run's")
     (tmp_path / "scratch.csv").write_text("step,split,time\n")
+    (tmp_path / "scratch.jsonl").write_text('{"step": 0}\n{"step": 9}\n')  # one line the run's, one another's
     (run / "metrics.csv").symlink_to(tmp_path / "scratch.csv")
-    _dangling(run / "metrics.jsonl")
+    (run / "metrics.jsonl").symlink_to(tmp_path / "scratch.jsonl")
     links = _links(run)
-    remove_unstarted_logs(run, is_main_process=True)
+    written = {"tensorboard": opened(target / "events.out.tfevents.1.host.2.3", created=True),
+               "metrics.csv": WrittenLog(tmp_path / "scratch.csv", size=16),
+               "metrics.jsonl": WrittenLog(tmp_path / "scratch.jsonl", size=12)}
+    remove_unstarted_logs(run, is_main_process=True, written=written)
     assert _links(run) == links and sorted(p.name for p in run.iterdir()) == sorted(links)
-    assert list(target.iterdir()) == [] and (tmp_path / "scratch.csv").read_bytes() == b""
+    assert [p.name for p in target.iterdir()] == ["kept"] and (tmp_path / "scratch.csv").read_bytes() == b""
+    assert (tmp_path / "scratch.jsonl").read_text() == '{"step": 0}\n{"step": 9}\n'
+    (run / "metrics.jsonl").unlink()
+    _dangling(run / "metrics.jsonl")
     (run / "tensorboard").unlink()
     (run / "tensorboard").mkdir()
-    remove_unstarted_logs(run, is_main_process=True)
-    assert not os.path.lexists(run / "tensorboard")
+    remove_unstarted_logs(run, is_main_process=True, written=written)
+    assert not os.path.lexists(run / "tensorboard") and (run / "metrics.jsonl").is_symlink()
 
 
 def test_an_overwrite_moves_linked_checkpoints_and_dangling_links_and_never_empties_their_targets(run_copy, tmp_path,

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from easytrain.job_records import JOB_FILENAME, keep_older_run_data, read_record
 from easytrain.jobs import Job, current_job
+from easytrain.linked_logs import own_event_file, run_entry
 from easytrain.sinks import MLFLOW_STATE_FILENAME, WANDB_STATE_FILENAME, replace_through_link
 from easytrain.trainers.run_dir import REPLACED_DIRNAME, present, remove as _delete
 
@@ -99,12 +100,13 @@ class HeldRun:
     def empty_through_link(self, link: Path) -> None:
         """A log behind a link (kept on another disk) that the run starts anew: the link stays, what it leads to is
         emptied, its content held (`copy` for a file; a directory's entries moved into this claim's `replaced_run/`),
-        put back by `undo`, deleted at `settle`."""
+        put back by `undo`, deleted at `settle`. Of a directory, only what a run writes there goes
+        (`linked_logs.run_entry`): another's folder in a TensorBoard root the link leads to stays."""
         if not link.is_dir():
             self.copy(link)
             replace_through_link(link, b"")
             return
-        if entries := sorted(link.iterdir()):
+        if entries := sorted(entry for entry in link.iterdir() if run_entry(entry.name)):
             holding = self._holding() / link.name
             holding.mkdir()
             self.made.append(holding)
@@ -112,7 +114,8 @@ class HeldRun:
                 self.move(entry, holding / entry.name)
 
     def list_entries(self, directory: Path) -> None:
-        """A directory the run adds files to (TensorBoard's events): `undo` removes the entries added since."""
+        """A directory the run adds files to (TensorBoard's events): `undo` removes the entries added since; through
+        a link (a folder others may write to), only the event file this process added (`linked_logs.own_event_file`)."""
         if directory.is_dir():
             self.listings[directory] = {p.name for p in directory.iterdir()}
 
@@ -198,7 +201,9 @@ class HeldRun:
             except OSError as error:  # W&B may still write into wandb/: the older run goes back all the same
                 logger.warning("could not remove %s, which the failed run made (%s); delete it by hand", record, error)
         for directory, entries in self.listings.items():
-            for added in [p for p in directory.iterdir() if p.name not in entries] if directory.is_dir() else []:
+            ours = own_event_file if directory.is_symlink() else lambda name: True
+            for added in [p for p in directory.iterdir() if p.name not in entries and ours(p.name)] \
+                    if directory.is_dir() else []:
                 _delete(added)
         for source, moved in reversed(self.moves):
             if present(source):

@@ -105,7 +105,8 @@ class TrainLoop(LoopEnding):
                 finally:  # even if a callback fails too
                     self.shut_down(failing=True, status=outcome_of(error))
                     if parts.resumed_from is None and self.compile_seconds is None:  # a fresh run that trained nothing
-                        run_dir.remove_unstarted_logs(Path(args.output_dir), parts.is_main_process)
+                        run_dir.remove_unstarted_logs(Path(args.output_dir), parts.is_main_process,
+                                                      self.reporter.written_logs)
                 process_failure.reraise_naming_others(error)  # `error`, or one naming another that failed first
             self.shut_down(failing=False)
         return self.last_logs

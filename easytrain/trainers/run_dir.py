@@ -12,7 +12,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from easytrain.arguments import TrainingArguments
 from easytrain.best_metric_direction import direction_inferred
@@ -21,8 +21,9 @@ from easytrain.checkpoint_dirs import asks_latest
 from easytrain.config_io import ARGUMENTS_FILE
 from easytrain.errors import OutputDirError
 from easytrain.jobs import JOB_FILENAME
+from easytrain.linked_logs import WrittenLog, take_back
 from easytrain.reporting import holds_records, parse_report_to
-from easytrain.sinks import MLFLOW_STATE_FILENAME, WANDB_STATE_FILENAME, replace_through_link
+from easytrain.sinks import MLFLOW_STATE_FILENAME, WANDB_STATE_FILENAME
 from easytrain.trainers import argument_agreement, shared_output_dir
 from easytrain.trainers.restore_checks import check_run_info_readable
 from easytrain.trainers.shared_output_dir import Gather
@@ -282,32 +283,22 @@ def remove(target: Path) -> None:
         target.unlink()
 
 
-def remove_unstarted_logs(output_dir: Path, is_main_process: bool) -> None:
+def remove_unstarted_logs(output_dir: Path, is_main_process: bool,
+                          written: Mapping[str, WrittenLog] | None = None) -> None:
     """A fresh run stopped or failed before its first step (a signal or an error while it compiled) leaves the logs it
     opened, with no step in them: removed (process 0), so that the same command line starts it again
     (`check_output_dir` would take them for another run's). They are this run's: a fresh run starts only where there
-    are none, or removes them. `job.json` keeps how it ended. A link there (a log kept on another disk) stays as the
-    run found it: `check_output_dir` admitted it only empty (`reporting.holds_records`, checked again at the claim,
-    under the lock), and the claim of a run started over empties it (`claim.start_over`), so what the run wrote
-    through it goes (`empty_through_link`). A dangling link is not the run's (`check_links` refused those it writes
-    through): it stays."""
+    are none, or removes them. `job.json` keeps how it ended. A link there (a log kept on another disk, admitted only
+    empty: `reporting.holds_records`) stays as the run found it, and of what it leads to only what the run wrote
+    goes (`written`, its sinks' `Reporter.written_logs`: `linked_logs.take_back`), never what another wrote there
+    meanwhile or a file the link was pointed at since. A dangling link is not the run's (`check_links` refused those
+    it writes through): it stays."""
     if is_main_process:
         for name in STARTED_RUN_LOGS:
-            if (output_dir / name).is_symlink():
-                if (output_dir / name).exists():
-                    empty_through_link(output_dir / name)
-            else:
+            if not (output_dir / name).is_symlink():
                 remove(output_dir / name)
-
-
-def empty_through_link(link: Path) -> None:
-    """Empty what `link` leads to, the link kept: a file's bytes (atomically, `replace_through_link`), a directory's
-    entries (each removed as `remove` does, a link among them as the link)."""
-    if link.is_dir():
-        for entry in list(link.iterdir()):
-            remove(entry)
-    elif link.stat().st_size:
-        replace_through_link(link, b"")
+            elif written and name in written:
+                take_back(written[name])
 
 
 def _process_count() -> int:
