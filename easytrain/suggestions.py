@@ -129,6 +129,21 @@ _UNTAKEN: Mapping[str, Callable[[Any], Ported]] = {
     "train_sampling_strategy": _fixed(
         "There is no such setting here: the training rows are shuffled anew every epoch, from seed (transformers' "
         "'random'); there is no 'sequential' or 'group_by_length'"),
+    "dataloader_drop_last": _fixed(
+        "There is no such setting here: an epoch is floor(rows / train_batch_size) updates of full batches, as with "
+        "transformers' dataloader_drop_last true; the rows left over are other ones in each epoch, shuffled anew "
+        "(docs/porting.md)"),
+    **dict.fromkeys(("torch_compile", "torch_compile_backend", "torch_compile_mode"), _fixed(
+        "There is no such setting here, and none is needed: the train and eval steps are always compiled by XLA "
+        "(jax.jit); compiler_options passes XLA's own options")),
+    "use_cpu": _fixed("There is no such setting here: JAX runs on the accelerator it finds; JAX_PLATFORMS=cpu in the "
+                      "environment runs on the CPU"),
+    "ignore_data_skip": _fixed(
+        "There is no such setting here: a resume continues the data where the checkpoint left it (with "
+        "allow_data_order_change, in the order changed data settings give)"),
+    "save_only_model": _fixed(
+        "There is no such setting here: checkpoints always hold the optimizer state and the data position, for an "
+        "exact resume; save_pretrained_at_end exports the model alone to output_dir/final_model"),
     "local_rank": _pointing("process_id", (
         "A multi-process run (one process per host) is set up by coordinator_address, num_processes and "
         "process_id; SLURM and Cloud TPU launches are detected without them")),

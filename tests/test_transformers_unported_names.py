@@ -53,6 +53,12 @@ def test_no_transformers_name_is_sent_to_a_look_alike_by_spelling_alone():
     ("auto_find_batch_size", ["gradient_accumulation_steps"], ["Did you mean"]),
     ("logging_strategy", ["Did you mean 'logging_steps'?", "epoch"], []),
     ("logging_first_step", ["logging_steps"], ["Did you mean"]),
+    ("dataloader_drop_last", ["floor(rows / train_batch_size)"], ["Run `easytrain"]),
+    ("torch_compile", ["jax.jit", "compiler_options"], ["Run `easytrain"]),
+    ("torch_compile_mode", ["jax.jit"], ["Run `easytrain"]),
+    ("use_cpu", ["JAX_PLATFORMS=cpu"], ["Run `easytrain"]),
+    ("ignore_data_skip", ["where the checkpoint left it", "allow_data_order_change"], ["Run `easytrain"]),
+    ("save_only_model", ["optimizer state", "final_model"], ["Run `easytrain"]),
 ])
 def test_each_name_gets_what_easytrain_offers(name, present, absent):
     hint = unknown_name_hint(name, None, OURS, as_keys)
