@@ -65,7 +65,9 @@ class Callback:
         """Called after a checkpoint save has been started for ``step``, the last hook of that step."""
 
     def on_exception(self, trainer: Any, error: BaseException) -> None:
-        """Called when training ends with ``error`` (a SIGTERM preemption included), before it propagates."""
+        """Called when training ends with ``error`` (a SIGTERM preemption included), before it propagates. An
+        ``Exception`` raised here is logged and noted on ``error``, which is still the one raised; the other
+        callbacks' ``on_exception`` run all the same."""
 
     def on_job_update(self, trainer: Any, job: Mapping[str, Any]) -> None:
         """Called on the main process with a copy of the job record (``job.json``) after every change.
