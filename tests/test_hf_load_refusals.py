@@ -31,7 +31,7 @@ DOWN = "model.layers.1.mlp.down_proj.weight"
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-saved = saved_checkpoints.saved  # a module-scoped fixture: the model saved whole (float32) and sharded
+saved = saved_checkpoints.saved  # a module-scoped fixture: the model saved whole (float32), sharded and as an adapter
 
 
 # --- values the cast to param_dtype makes inf -------------------------------------------------------------
