@@ -205,3 +205,23 @@ def test_latest_over_a_linked_tensorboard_holds_only_the_runs_entries_and_undo_r
     assert (shared / "events.out.tfevents.1.host.9.1").read_bytes() == b"the older run's"
     claim_output_dir(args, None).settle()
     assert sorted(p.name for p in shared.iterdir()) == ["other_run", "third_run"]
+
+
+def test_an_sft_run_ending_before_its_first_step_leaves_the_older_runs_data_stats(tmp_path):
+    """sft_data_stats.json is written once the run has claimed output_dir, held with the older run's files: a run
+    that overwrites another and fails before its first step leaves that run's stats as they were."""
+    from easytrain.trainers.sft import SFTTrainer
+
+    class FailsToCompileSFT(SFTTrainer):
+        plan_memory = FailsToCompile.plan_memory
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "split": "train"}\n')
+    (run / "sft_data_stats.json").write_text('{"train": "the older run\'s"}')
+    trainer = FailsToCompileSFT(args_for(run, overwrite_output_dir=True, save_strategy="no", max_steps=1))
+    assert (run / "sft_data_stats.json").read_text() == '{"train": "the older run\'s"}', "not before the claim"
+    with pytest.raises(MemoryError):
+        trainer.train()
+    assert (run / "sft_data_stats.json").read_text() == '{"train": "the older run\'s"}'
+    assert (run / "metrics.jsonl").read_text() == '{"step": 1, "split": "train"}\n'

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -32,13 +32,15 @@ logger = logging.getLogger("easytrain")
 
 
 def claim_run(args: TrainingArguments, resume: tuple[Path, int] | None, is_main_process: bool,
-              broadcast: Broadcast | None = None, held: HeldRun | None = None) -> HeldRun:
+              broadcast: Broadcast | None = None, held: HeldRun | None = None,
+              outputs: Sequence[str] = ()) -> HeldRun:
     """Process 0 locks `output_dir` for this run (`run_lock`), checks it again (`recheck_output_dir`) and claims it
     (`claim_output_dir`); the others wait until it has, and take its decision: where it refused (or failed), every
     process raises an `OutputDirError` with its message. `broadcast` sends process 0's array to all
     (`multihost_utils.broadcast_one_to_all` in a multi-process run). Returns what process 0's claim holds (empty on
     the others), for the run to `settle` once its first step is done, or `undo` if it ends before: `held`, where
-    given, filled as the claim moves (a process ended in the collective below can give it back)."""
+    given, filled as the claim moves (a process ended in the collective below can give it back). `outputs`: the
+    trainer's own files it writes once it has claimed (`claim_output_dir`)."""
     failure: Exception | None = None
     held = held if held is not None else HeldRun(Path(args.output_dir))
     if is_main_process:
@@ -46,7 +48,7 @@ def claim_run(args: TrainingArguments, resume: tuple[Path, int] | None, is_main_
             run_lock.acquire(args.output_dir)
             try:
                 recheck_output_dir(args, resume)
-                claim_output_dir(args, resume, held)
+                claim_output_dir(args, resume, held, outputs)
             except BaseException:
                 run_lock.release(args.output_dir)
                 raise
@@ -121,7 +123,7 @@ def _describe(resume: tuple[Path, int] | None) -> str:
 
 
 def claim_output_dir(args: TrainingArguments, resume: tuple[Path, int] | None,
-                     held: HeldRun | None = None) -> HeldRun:
+                     held: HeldRun | None = None, outputs: Sequence[str] = ()) -> HeldRun:
     """Make `output_dir` this run's, on the main process, right before its first write: a run resuming its own
     checkpoints moves the newer ones aside (`set_aside_newer_checkpoints`); one resumed from a checkpoint outside
     moves every checkpoint there aside (`check_output_dir` required `overwrite_output_dir` for complete ones); a
@@ -129,16 +131,17 @@ def claim_output_dir(args: TrainingArguments, resume: tuple[Path, int] | None,
     logs and export under `overwrite_output_dir`. Called after the data, model and steps are checked, so a run
     refused for bad input leaves the old one whole; and nothing is gone for good before the run's first step is
     done: the `HeldRun` returned (`held`, where given) puts it all back (`undo`) or deletes what was removed
-    (`settle`)."""
+    (`settle`). `outputs`, the files the trainer writes in output_dir once it has claimed it (SFT's data stats), are
+    held as its arguments.json is."""
     output_dir = Path(args.output_dir)
     held = held if held is not None else HeldRun(output_dir)
     if leftovers := held_leftovers(output_dir):
         held.leftovers = _note_leftovers(output_dir, leftovers, args.overwrite_output_dir)
-    held.note_absent([output_dir / name for name in (*RUN_ARTIFACTS, ARGUMENTS_FILE) if name != JOB_FILENAME])
+    held.note_absent([output_dir / name for name in (*RUN_ARTIFACTS, ARGUMENTS_FILE, *outputs) if name != JOB_FILENAME])
     try:  # a move refused midway (permissions) puts back those made: the older run stays whole in its place
         _claim_into(held, args, resume)
         if held:  # the logs a resumed run rewrites, the arguments save_arguments replaces: put back by `undo`
-            for name in (ARGUMENTS_FILE, "metrics.jsonl", "metrics.csv"):
+            for name in (ARGUMENTS_FILE, *outputs, "metrics.jsonl", "metrics.csv"):
                 held.copy(output_dir / name)
             held.list_entries(output_dir / "tensorboard")
     except BaseException:

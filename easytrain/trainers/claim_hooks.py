@@ -21,6 +21,9 @@ class ClaimHooks:
     _output_dir_claimed: bool = False
     #: What the claim of output_dir holds of the older run (`held_run.HeldRun`) until the first step is done.
     _held_run: HeldRun | None = None
+    #: The trainer's own files in output_dir, written once it is claimed (`save_claimed_outputs`), held with the
+    #: older run's: a run ending before its first step leaves those of the run it replaced as they were.
+    claimed_outputs: tuple[str, ...] = ()
 
     def _claim(self, records: dict[Path, bytes | None]) -> TrainLoop:
         """Once per trainer, after every check of `setup`: make `output_dir` this run's (`claim.claim_run`). What
@@ -28,10 +31,15 @@ class ClaimHooks:
         records as they were before the trackers opened (`tracker_records`)."""
         if not self._output_dir_claimed:
             self._held_run = HeldRun(Path(self._arguments.output_dir), records=records)
-            claim_run(self._arguments, self._resume_from, self.is_main_process, held=self._held_run)
+            claim_run(self._arguments, self._resume_from, self.is_main_process, held=self._held_run,
+                      outputs=self.claimed_outputs)
             self._output_dir_claimed = True
         self.save_arguments()
+        self.save_claimed_outputs()
         return TrainLoop(self.loop_parts())  # its checkpoint manager reads the claimed directory
+
+    def save_claimed_outputs(self) -> None:
+        """Write `claimed_outputs` in the claimed output_dir (none by default)."""
 
     def _give_back_claim(self) -> None:
         """The run ended before its first step was done (a step too large for the device, a loss that does not

@@ -8,7 +8,6 @@ are `BaseTrainer`'s, untouched; the loss is its token cross-entropy over the sup
 
 from __future__ import annotations
 
-import json
 import logging
 import numbers
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from easytrain.data.sft import FORMAT_COLUMNS, LANGUAGE_MODELING, detect_format,
 from easytrain.data.token_range import filler_id, rows_of, vocab_size_of
 from easytrain.errors import ArgumentError
 from easytrain.evaluators import CompletionMetrics, generation_problem
+from easytrain.sinks import write_json_atomically
 from easytrain.tasks import arithmetic
 from easytrain.tasks.registry import register_task
 from easytrain.trainers import builders, run_dir
@@ -217,17 +217,23 @@ class SFTTrainer(BaseTrainer):
         return int(np.sum(batch["attention_mask"]))
 
     def _report_data_stats(self) -> None:
-        """Log what preparation truncated, dropped and packed, and keep it in the output directory."""
+        """Log what preparation truncated, dropped and packed (kept in output_dir once it is claimed:
+        `save_claimed_outputs`)."""
         for name, stats in self.data_stats.items():
             logger.info("SFT %s data: %s", name, stats_line(stats))
             if stats.get("truncated") or stats.get("dropped_too_long") or stats.get("dropped_no_supervised_tokens"):
                 logger.warning("SFT %s data: %d example(s) truncated, %d dropped as too long, %d dropped with no "
                                "supervised token left", name, stats.get("truncated", 0),
                                stats.get("dropped_too_long", 0), stats.get("dropped_no_supervised_tokens", 0))
+
+    claimed_outputs = (DATA_STATS_FILE,)  # held by the claim with the older run's files
+
+    def save_claimed_outputs(self) -> None:
+        """`sft_data_stats.json`, once the run has claimed output_dir (process 0): written at set-up, it would replace
+        the stats of a run there that this one may yet leave as it was (refused at the claim, or ending before its
+        first step: the claim holds the older file)."""
         if self.is_main_process:
-            path = Path(self.arguments.output_dir) / DATA_STATS_FILE
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(self.data_stats, indent=2))
+            write_json_atomically(Path(self.arguments.output_dir) / DATA_STATS_FILE, self.data_stats)
 
     def task_settings(self) -> dict[str, Any]:
         """The SFT options that decide the rows: a resume under different packing, masking or truncation is
