@@ -183,7 +183,8 @@ def _claim_into(held: HeldRun, args: TrainingArguments, resume: tuple[Path, int]
 def start_over(output_dir: Path, held: HeldRun | None = None, keep_links: bool = True) -> None:
     """A run stopped before its first complete checkpoint starts again from step 0: its incomplete step directories
     are set aside (one would block that step's save), its logs removed (their steps are trained again); a log that
-    is a link (kept on another disk) stays one, what it leads to emptied (the run logs there again), unless not
+    is a link (kept on another disk) stays one, what it leads to emptied (the run logs there again: a file's bytes,
+    what a run writes in a folder, never another's entries there: `HeldRun.empty_through_link`), unless not
     `keep_links` (`overwrite_output_dir` moves the links away, their targets left as they are); `held` records all
     of it (`claim_output_dir`)."""
     held = held if held is not None else HeldRun(output_dir)
