@@ -225,3 +225,20 @@ def test_an_sft_run_ending_before_its_first_step_leaves_the_older_runs_data_stat
         trainer.train()
     assert (run / "sft_data_stats.json").read_text() == '{"train": "the older run\'s"}'
     assert (run / "metrics.jsonl").read_text() == '{"step": 1, "split": "train"}\n'
+
+
+def test_logs_a_killed_run_left_through_links_are_refused_naming_latest(tmp_path):
+    """A run killed before its first step (nothing took back what it wrote) leaves records behind the links: a fresh
+    run there is refused as for plain logs, naming `latest`, which starts that run over through the links
+    (`--overwrite_output_dir` would move them away)."""
+    run = tmp_path / "run"
+    _link_logs(run, tmp_path / "disk")
+    (run / "arguments.json").write_text("{}")
+    (tmp_path / "disk" / "metrics.csv").write_text("step,split,time\n")
+    with pytest.raises(OutputDirError, match="metrics.csv .*--resume_from_checkpoint latest to start that run over"):
+        check_output_dir(args_for(run, report_to=SINKS))
+    assert check_output_dir(args_for(run, report_to=SINKS, resume_from_checkpoint="latest")) is None
+    (run / "arguments.json").unlink()
+    with pytest.raises(OutputDirError, match="metrics.csv") as refused:
+        check_output_dir(args_for(run, report_to=SINKS))
+    assert "latest" not in str(refused.value), "no run started there to start over"
