@@ -217,15 +217,17 @@ def _checked_directory(args: TrainingArguments, is_main_process: bool,
         resuming = "" if resume is None else " of its own"
         raise OutputDirError(
             f"output_dir: {str(output_dir)!r} holds another run's {', '.join(found)} (and no checkpoint{resuming} to "
-            f"resume).{_start_over_hint(output_dir, found) if resume is None else ''} Pass --overwrite_output_dir to start over (removes them), "
+            f"resume).{_start_over_hint(output_dir, found, resume)} Pass --overwrite_output_dir to start over (removes them), "
             "or choose another --output_dir.")
     return resume
 
 
-def _start_over_hint(output_dir: Path, found: Sequence[str]) -> str:
-    """Where a run started in `output_dir` (its arguments.json) left only logs (killed before its first step, say):
-    `latest` starts it over, keeping the links among them (`claim.start_over`)."""
-    if not (output_dir / ARGUMENTS_FILE).is_file() or any(name not in STARTED_RUN_LOGS for name in found):
+def _start_over_hint(output_dir: Path, found: Sequence[str], resume: tuple[Path, int] | None) -> str:
+    """Where a run started in `output_dir` (its arguments.json) left only logs (killed before its first step, say),
+    for a fresh run (not one resuming a checkpoint from outside): `latest` starts that run over, keeping the links
+    among them (`claim.start_over`)."""
+    if resume is not None or not (output_dir / ARGUMENTS_FILE).is_file() \
+            or any(name not in STARTED_RUN_LOGS for name in found):
         return ""
     return (" A run started there and stopped before its first checkpoint: pass --resume_from_checkpoint latest to "
             "start that run over (its logs emptied, a log linked to another disk kept linked).")
