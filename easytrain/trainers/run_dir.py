@@ -217,8 +217,8 @@ def _checked_directory(args: TrainingArguments, is_main_process: bool,
         resuming = "" if resume is None else " of its own"
         raise OutputDirError(
             f"output_dir: {str(output_dir)!r} holds another run's {', '.join(found)} (and no checkpoint{resuming} to "
-            f"resume).{_start_over_hint(output_dir, found, resume)} Pass --overwrite_output_dir to start over (removes them), "
-            "or choose another --output_dir.")
+            f"resume).{_start_over_hint(output_dir, found, resume)} Pass --overwrite_output_dir to start over "
+            "(removes them), or choose another --output_dir.")
     return resume
 
 
