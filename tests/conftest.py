@@ -3,6 +3,7 @@
 import gc
 import importlib.metadata
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -27,22 +28,28 @@ for _flag, _value in _FLAGS:
     if _flag not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_flag}={_value}".strip()
 
+
+def of_this_run(stem: str) -> str:
+    """A path in the temporary directory that no other test run names: a process id alone is reused by a later run,
+    which would then read what a killed run left there (`pytest_unconfigure` never ran for it)."""
+    return os.path.join(tempfile.gettempdir(), f"{stem}-pid{os.getpid()}-{secrets.token_hex(6)}")
+
+
 # One persistent XLA compilation cache per test run, shared by its worker subprocesses (they inherit the
 # environment): the suite compiles the same tiny programs many times (a straight run, an interrupted
 # one and its resume; every trainer of the contract test). "Compiling ..." is still logged on a cache
-# hit, so compile-count tests keep counting. A test run never reads an earlier run's cache, and the process that
-# named it (pytest-xdist's controller, or the only process) removes it at the end (`pytest_unconfigure`).
+# hit, so compile-count tests keep counting. A test run never reads an earlier run's cache (`of_this_run`), and the
+# process that named it (pytest-xdist's controller, or the only process) removes it at the end (`pytest_unconfigure`).
 _OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
 if _OWN_CACHE:
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), f"easytrain-xla-pid{os.getpid()}")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = of_this_run("easytrain-xla")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # transformers' maps of its lazily imported names, which `import transformers` builds by reading 1 600 files in every
 # child process: built once per test run, read by the others (tests/without_torch/sitecustomize.py), removed with
 # the compilation cache.
 _OWN_IMPORT_MAPS = "EASYTRAIN_TESTS_TRANSFORMERS_IMPORT_MAPS" not in os.environ
 if _OWN_IMPORT_MAPS:
-    os.environ["EASYTRAIN_TESTS_TRANSFORMERS_IMPORT_MAPS"] = os.path.join(
-        tempfile.gettempdir(), f"easytrain-transformers-imports-pid{os.getpid()}.pickle")
+    os.environ["EASYTRAIN_TESTS_TRANSFORMERS_IMPORT_MAPS"] = of_this_run("easytrain-transformers-imports") + ".pickle"
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 # XLA:CPU's per-step scratch memory on transparent huge pages, the setting the easytrain command runs with

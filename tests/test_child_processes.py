@@ -66,24 +66,52 @@ def test_the_sitecustomize_it_shadows_still_runs(tmp_path):
 MAPS = """
 import json, transformers, transformers.models
 from transformers import LlamaConfig
+from transformers.utils.import_utils import define_import_structure
+models = transformers.models.__file__
 print(json.dumps([sorted(transformers._class_to_module.items()), sorted(transformers._modules),
-                  sorted(transformers.models._modules), sorted(transformers.models.llama._class_to_module.items())]))
+                  sorted(transformers.models._modules), sorted(transformers.models.llama._class_to_module.items()),
+                  define_import_structure(models) is define_import_structure(models, None)]))
 """
 
 
-def test_children_read_transformers_import_maps_as_transformers_builds_them(tmp_path):
+def lazy_names(where: str) -> list:
+    """What a child's transformers imports lazily, read from (and stored in) the maps at `where`; '': none kept."""
+    env = {**child_env(), "EASYTRAIN_TESTS_TRANSFORMERS_IMPORT_MAPS": where}
+    done = subprocess.run([sys.executable, "-c", MAPS], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def own_names() -> list:
+    """A child that builds its own maps, as transformers does: each call of its own, a call again the same object."""
+    own = lazy_names("")
+    assert ["LlamaConfig", "models.llama.configuration_llama"] in own[0] and own[-1] is False
+    return own
+
+
+def test_children_read_transformers_import_maps_as_transformers_builds_them(tmp_path, own_names):
     """A child builds transformers' lazy-import maps and stores them for the test run (tests/conftest.py); the next
     loads them: both get the names and modules of a child that builds its own."""
     maps = tmp_path / "maps.pickle"
-
-    def lazy_names(where: str) -> list:
-        env = {**child_env(), "EASYTRAIN_TESTS_TRANSFORMERS_IMPORT_MAPS": where}
-        done = subprocess.run([sys.executable, "-c", MAPS], capture_output=True, text=True, env=env, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
-        return json.loads(done.stdout.splitlines()[-1])
-
-    own = lazy_names("")
-    assert own == lazy_names(str(maps))
+    assert own_names == lazy_names(str(maps))
     stored = maps.stat().st_mtime_ns
-    assert own == lazy_names(str(maps)) and maps.stat().st_mtime_ns == stored, "the second child built them again"
-    assert ["LlamaConfig", "models.llama.configuration_llama"] in own[0]
+    assert own_names == lazy_names(str(maps)) and maps.stat().st_mtime_ns == stored, "the second child built them again"
+
+
+@pytest.mark.parametrize("where", ["missing/maps.pickle", "unreadable.pickle"])
+def test_a_child_that_cannot_keep_or_read_the_maps_builds_its_own(tmp_path, own_names, where):
+    """A file that cannot be written (its directory gone, a full disk) or read (not a pickle this Python reads)
+    leaves a child building its maps, as without one, not failing at `import transformers`."""
+    (tmp_path / "unreadable.pickle").write_bytes(b"\x80\x63 not a pickle this Python reads")
+    assert own_names == lazy_names(str(tmp_path / where))
+
+
+def test_a_test_run_never_names_an_earlier_runs_files(monkeypatch):
+    """A killed run leaves its compilation cache and import maps behind; a later run whose process gets the same id
+    (ids are reused) reads neither: an earlier transformers' maps would give the names of another version."""
+    from conftest import of_this_run
+
+    monkeypatch.setattr(os, "getpid", lambda: 4242)
+    assert of_this_run("easytrain-xla") != of_this_run("easytrain-xla")
+    assert os.path.basename(of_this_run("easytrain-xla")).startswith("easytrain-xla-pid4242-")

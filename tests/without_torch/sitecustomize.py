@@ -10,6 +10,7 @@ where PyTorch is not installed, so `transformers` and `datasets` both treat it a
 collector's thresholds the test processes run with (below).
 """
 
+import contextlib
 import functools
 import gc
 import importlib.util
@@ -33,38 +34,59 @@ class _PathFinderWithoutTorch(PathFinder):
 sys.meta_path[sys.meta_path.index(PathFinder)] = _PathFinderWithoutTorch
 
 #: Where the test run keeps transformers' import maps for its children (tests/conftest.py); unset: none kept.
-IMPORT_MAPS = os.environ.get("EASYTRAIN_TESTS_TRANSFORMERS_IMPORT_MAPS")
+IMPORT_MAPS = os.path.abspath(os.environ["EASYTRAIN_TESTS_TRANSFORMERS_IMPORT_MAPS"]) if os.environ.get(
+    "EASYTRAIN_TESTS_TRANSFORMERS_IMPORT_MAPS") else None
 
 
 def _read_maps() -> dict:
+    """The stored maps, each pickled apart, by (absolute path, prefix); none where the file is missing or cannot be
+    read, whatever the reason (then a child builds its own, as without the file)."""
     try:
         with open(IMPORT_MAPS, "rb") as file:
-            return pickle.load(file)
-    except (OSError, EOFError, pickle.UnpicklingError):
+            maps = pickle.load(file)
+    except Exception:  # a missing file, another Python's pickle protocol, a foreign file: build them
         return {}
+    return maps if isinstance(maps, dict) else {}
+
+
+def _store(key: tuple, stored: bytes) -> None:
+    """Adds one map to the file, whole or not at all (a new file replaces it, for a child reading it meanwhile). A
+    file that cannot be written (its directory gone, a full disk) leaves the map unstored, not the import failed."""
+    temporary = None
+    try:
+        with tempfile.NamedTemporaryFile(dir=os.path.dirname(IMPORT_MAPS), prefix=os.path.basename(IMPORT_MAPS),
+                                         delete=False) as file:
+            temporary = file.name
+            pickle.dump({**_read_maps(), key: stored}, file)
+        os.replace(temporary, IMPORT_MAPS)
+    except OSError:
+        if temporary is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
 
 
 def _stored_once(define):
     """`define_import_structure` read from `IMPORT_MAPS`, computed by `define` (and added there) when missing.
 
     `import transformers` reads the `__all__` of its 1 600 model files to build its map of what to import lazily
-    (0.55 s of a child's 1.0 s of CPU in that import); every child of a test run reads the same files with PyTorch
-    hidden alike, so the first to need a map computes it and the others load it. A map is stored as `define` returns
-    it, before its caller adds to it; `lru_cache` keeps transformers' own rule of one object per call in a process.
+    (0.55 s of a child's 1.0 s of CPU in that import); every child of a test run reads the same files, so the first
+    to need a map computes it and the others load it. A map is a function of the files under its path alone
+    (transformers asks no backend's availability while building it), so a child that hides PyTorch and one that
+    does not would build the same; a map of another installation is under another path. Each is stored as `define`
+    returns it, before its caller adds to it, and each call unpickles its own copy: with `lru_cache`, one object per
+    call form in a process, as transformers' own cache gives.
     """
-    maps = {}
+    stored: dict[tuple, bytes] = {}
 
     @functools.lru_cache
     def define_import_structure(module_path, prefix=None):
-        key = f"{module_path}|{prefix}"
-        if key not in maps:
-            maps.update(_read_maps())
-        if key not in maps:
-            maps[key] = define(module_path, prefix)
-            with tempfile.NamedTemporaryFile(dir=os.path.dirname(IMPORT_MAPS), delete=False) as file:
-                pickle.dump({**_read_maps(), key: maps[key]}, file)
-            os.replace(file.name, IMPORT_MAPS)  # whole or not at all, for a child reading it meanwhile
-        return maps[key]
+        key = (os.path.abspath(module_path), prefix)
+        if key not in stored:
+            stored.update(_read_maps())
+        if key not in stored:
+            stored[key] = pickle.dumps(define(module_path, prefix))
+            _store(key, stored[key])
+        return pickle.loads(stored[key])
 
     return define_import_structure
 
