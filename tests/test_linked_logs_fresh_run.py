@@ -242,3 +242,23 @@ def test_logs_a_killed_run_left_through_links_are_refused_naming_latest(tmp_path
     with pytest.raises(OutputDirError, match="metrics.csv") as refused:
         check_output_dir(args_for(run, report_to=SINKS))
     assert "latest" not in str(refused.value), "no run started there to start over"
+
+
+def test_a_log_that_holds_lines_when_its_sink_opens_is_never_taken_back(tmp_path):
+    """Lines written into a linked file between the claim and the sinks' opening (a race the check cannot see): the
+    sink counts nothing of it as the run's, so a failed run leaves it whole; its own event file alone goes."""
+    from easytrain.reporting import Reporter
+    from easytrain.trainers.run_dir import remove_unstarted_logs
+
+    run = tmp_path / "run"
+    _link_logs(run, tmp_path / "disk")
+    (tmp_path / "disk" / "metrics.jsonl").write_text('{"step": 5}\n')
+    (tmp_path / "disk" / "metrics.csv").write_text("step,split,time\n5,train,1.0\n")
+    reporter = Reporter(output_dir=run, report_to=SINKS, total_steps=2, show_progress=False)
+    reporter.log(1, {"loss": 1.0})
+    reporter.close("failed")
+    assert list(reporter.written_logs) == ["tensorboard"]
+    remove_unstarted_logs(run, is_main_process=True, written=reporter.written_logs)
+    assert (tmp_path / "disk" / "metrics.jsonl").read_text().startswith('{"step": 5}\n{"step": 1,')
+    assert (tmp_path / "disk" / "metrics.csv").read_text().startswith("step,split,time,loss\n5,train,1.0,\n1,train,")
+    assert list((tmp_path / "disk" / "tensorboard").iterdir()) == []
