@@ -17,6 +17,10 @@ def spin(cpu_seconds: float) -> None:
         pass
 
 
+#: Seconds a thread may wait for another on a loaded machine: a bound for a hung test, not a timing checked.
+WAIT = 120.0
+
+
 def cpu(times: dict[str, float]) -> float:
     return times["user"] + times["system"]
 
@@ -31,22 +35,24 @@ def test_the_main_thread_is_named_apart():
 
 
 def test_another_thread_counts_under_its_own_name_while_the_main_thread_waits():
-    stop = threading.Event()
-    worker = threading.Thread(target=lambda: [spin(0.01) for _ in iter(stop.is_set, True)])
+    """The other thread spins until it has used 0.3 s of CPU, however long a loaded machine takes to give it that,
+    and stays alive (a thread that ended is missed) until the main thread, which waited meanwhile, has looked."""
+    spun, looked = threading.Event(), threading.Event()
+    worker = threading.Thread(target=lambda: (spin(0.3), spun.set(), looked.wait(WAIT)))
+    before = thread_times.snapshot()  # before the thread starts: all its CPU counts (from zero)
+    started = time.thread_time()
     worker.start()
     try:
-        before = thread_times.snapshot()
-        started = time.thread_time()
-        stop.wait(0.5)  # the main thread sleeps
+        assert spun.wait(WAIT), f"the other thread did not get 0.3 s of CPU in {WAIT} s"  # the main thread sleeps
         after = thread_times.snapshot()
         main_cpu = time.thread_time() - started
     finally:
-        stop.set()
+        looked.set()
         worker.join()
     assert worker.native_id in after and worker.native_id != os.getpid()
     spent = thread_times.by_name(before, after)
     others = sum(cpu(times) for name, times in spent.items() if not name.startswith("main ("))
-    assert others >= 0.2 > main_cpu
+    assert others >= 0.2 > main_cpu  # clock ticks of 10 ms
     assert list(spent) == sorted(spent, key=lambda name: -cpu(spent[name]))  # busiest first
 
 
