@@ -233,10 +233,12 @@ class TrainingArguments:
         None, "Eval metric (e.g. 'eval_loss'; 'accuracy' means 'eval_accuracy') used to keep the best checkpoint and "
         "for early stopping; needs an eval_strategy other than 'no' and evaluation data.")
     greater_is_better: Optional[bool] = _arg(
-        None, "Whether a larger metric_for_best_model is better. Unset: False for a name ending in 'loss', "
-        "'perplexity' or an error measure ('mse', 'mae', 'rmse', 'error', 'wer', 'cer'), else True (with a warning for "
-        "a name of no known direction), inferred and saved unset (null) in arguments.json, so a rerun with another "
-        "metric infers again. A value against the name (True for a loss, False for an accuracy) is warned about.")
+        None, "Whether a larger metric_for_best_model is better. Unset: False for a name ending in 'loss' or "
+        "'perplexity', or whose last word names a lower-is-better measure ('ppl', 'nll', 'bpb', 'bits_per_byte', "
+        "'error', 'error_rate', 'mse', 'mae', 'wer', 'cer', 'ter', 'distance', 'divergence', 'kl', ...: "
+        "docs/metrics.md lists them), else True (with a warning for a name of no known direction), inferred and saved "
+        "unset (null) in arguments.json, so a rerun with another metric infers again. A value against the name (True "
+        "for a loss, False for an accuracy) is warned about.")
     load_best_model_at_end: bool = _arg(
         False, "After training, restore the checkpoint with the best metric_for_best_model (before the export)."
     )

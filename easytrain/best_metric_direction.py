@@ -13,13 +13,21 @@ from typing import Any
 
 logger = logging.getLogger("easytrain")
 
-#: Metric name endings for which a lower value is better: a loss or a perplexity however the name ends in it
-#: (`eval_logloss`, as transformers reads it), an error measure as the last word only (`eval_top1_error`, not
-#: `eval_answer`). Any other metric is ranked higher-is-better (transformers: only names ending in `loss`), with a
-#: warning unless a word of its name is in `HIGHER_IS_BETTER`.
+#: Metric names for which a lower value is better: a loss or a perplexity however the name ends in it
+#: (`eval_logloss`, as transformers reads it; `eval_word_perplexity`, as lm-evaluation-harness names it), and the last
+#: word or words of a name (`eval_top1_error`, `eval_char_error_rate`; not `eval_answer`, nor `eval_kl_coverage`) in
+#: `LOWER_WORDS`, as evaluate, torchmetrics and lm-evaluation-harness name their lower-is-better metrics. Any other
+#: metric is ranked higher-is-better (transformers: only names ending in `loss`), with a warning unless a word of its
+#: name is in `HIGHER_IS_BETTER`.
 LOSS_ENDINGS = ("loss", "perplexity")
-ERROR_WORDS = ("mse", "mae", "rmse", "error", "wer", "cer")
-LOWER_IS_BETTER = LOSS_ENDINGS + ERROR_WORDS
+LOWER_WORDS = (
+    "ppl", "nll", "negative_log_likelihood",  # a perplexity, a negative log-likelihood
+    "bpb", "bpc", "bits_per_byte", "bits_per_token", "bits_per_character", "bits_per_char",  # a code length
+    "mse", "mae", "rmse", "msle", "rmsle", "mape", "smape", "brier_score",  # a regression or calibration error
+    "error", "error_rate", "wer", "cer", "mer", "wil", "ter",  # an error, edit or word-information-lost rate
+    "distance", "divergence", "kl", "kld",  # a distance (edit, Hamming, ...) or a divergence (KL, JS)
+)
+LOWER_IS_BETTER = LOSS_ENDINGS + LOWER_WORDS
 #: Words of metric names for which a higher value is plainly better, as metric libraries spell them (`rouge1`,
 #: `rougeL`, `f1_macro`, `rewards/accuracies`): inferred without a warning; an explicit False for the first two is
 #: warned about.
@@ -28,13 +36,15 @@ _WORD_END = r"(?:$|[_/.\-])"
 
 
 def ends_in(metric: str, words: tuple[str, ...]) -> bool:
-    """Whether `metric`'s last word (after `_`, `/`, `.` or `-`) is one of `words`."""
+    """Whether `metric`'s last word (after `_`, `/`, `.` or `-`), or last words for a phrase such as
+    `bits_per_byte`, is one of `words`."""
     return re.search(rf"(?:^|[_/.\-])(?:{'|'.join(map(re.escape, words))})$", metric) is not None
 
 
 def lower_is_better(metric: str) -> bool:
-    """Whether `metric` is a loss, a perplexity or an error measure by its name (`LOWER_IS_BETTER`)."""
-    return metric.endswith(LOSS_ENDINGS) or ends_in(metric, ERROR_WORDS)
+    """Whether `metric` is a loss, a perplexity, an error measure, a distance or a divergence by its name
+    (`LOSS_ENDINGS`, `LOWER_WORDS`)."""
+    return metric.endswith(LOSS_ENDINGS) or ends_in(metric, LOWER_WORDS)
 
 
 def names_a(metric: str, words: tuple[str, ...]) -> bool:
@@ -51,9 +61,10 @@ _INFERRED_DIRECTION = "_inferred_greater_is_better"
 def resolve_best_metric(args: Any) -> None:
     """Resolve, once and in place, what ranks evaluations: a bare `metric_for_best_model` ('accuracy') gets the
     `eval_` prefix every evaluation metric carries, and an unset `greater_is_better` follows the metric's name (lower
-    is better for a loss or a perplexity, higher otherwise), so early stopping, checkpoint retention and
-    `load_best_model_at_end` all rank by one direction. An inferred direction is recorded as such, so that
-    `saved_values` writes it unset: a rerun with another metric infers that metric's direction."""
+    is better for a loss, a perplexity, an error, a distance or a divergence: `lower_is_better`; higher otherwise),
+    so early stopping, checkpoint retention and `load_best_model_at_end` all rank by one direction. An inferred
+    direction is recorded as such, so that `saved_values` writes it unset: a rerun with another metric infers that
+    metric's direction."""
     metric = args.metric_for_best_model
     if isinstance(metric, str) and metric and not metric.startswith("eval_"):
         args.metric_for_best_model = metric = f"eval_{metric}"
@@ -88,8 +99,9 @@ def _log_inferred_direction(metric: str, greater_is_better: bool) -> None:
     """Say which direction a name gave: a warning (once per process: arguments are checked again when copied) for
     a name of no known direction, ranked higher-is-better by default."""
     if lower_is_better(metric) or names_a(metric, HIGHER_IS_BETTER):
-        logger.info("greater_is_better=%s inferred for %r (lower is better for names ending in %s); set "
-                    "--greater_is_better to choose", greater_is_better, metric, ", ".join(LOWER_IS_BETTER))
+        logger.info("greater_is_better=%s inferred for %r (lower is better for a name ending in a loss, a perplexity, "
+                    "an error, a distance or a divergence: %s); set --greater_is_better to choose", greater_is_better,
+                    metric, ", ".join(LOWER_IS_BETTER))
     else:
         _warn_unknown_direction(metric, greater_is_better)
 

@@ -1,6 +1,7 @@
 """The direction of `metric_for_best_model`: left unset, `greater_is_better` follows the metric's name (lower is
-better for a loss or a perplexity, higher otherwise), resolved when the arguments are checked and used by early
-stopping, checkpoint ranking and `load_best_model_at_end` alike; a bare metric name gets its `eval_` prefix."""
+better for a loss, a perplexity, an error, a distance or a divergence, higher otherwise), resolved when the arguments
+are checked and used by early stopping, checkpoint ranking and `load_best_model_at_end` alike; a bare metric name gets
+its `eval_` prefix."""
 
 from __future__ import annotations
 
@@ -28,6 +29,28 @@ def test_unset_direction_follows_the_metric_name(tmp_path, metric, expected) -> 
     assert arguments(tmp_path, metric_for_best_model=metric).greater_is_better is expected
 
 
+#: Lower-is-better names as metric libraries spell them (evaluate, torchmetrics, lm-evaluation-harness): a perplexity
+#: however abbreviated, a negative log-likelihood, bits per byte / token / character, an error or edit rate, a
+#: distance, a divergence. A word of such a name that is not its last (`kl_coverage`), or a name merely ending in
+#: those letters (`eval_answer`, `eval_counter`), says nothing.
+LOWER_NAMES = ["eval_ppl", "eval_word_perplexity", "eval_byte_perplexity", "eval_nll", "eval_chosen_nll",
+               "eval_bpb", "eval_bits_per_byte", "eval_bits_per_token", "eval_bits_per_character", "eval_bpc",
+               "eval_error_rate", "eval_char_error_rate", "eval_ter", "eval_mer", "eval_wil", "eval_edit_distance",
+               "eval_levenshtein_distance", "eval_kl", "eval_kl_divergence", "eval_js_divergence", "eval_msle",
+               "eval_mape", "eval_smape", "eval_brier_score", "eval_calibration_error", "eval_negative_log_likelihood"]
+HIGHER_NAMES = ["eval_answer", "eval_counter", "eval_f1", "rewards/accuracies", "eval_kl_coverage", "eval_pll_gain",
+                "eval_log_likelihood", "eval_distance_covered", "eval_bits_saved", "eval_acc", "eval_chrf",
+                "eval_nllb_bleu", "eval_error_free", "eval_pass_rate"]
+
+
+@pytest.mark.parametrize(("metric", "expected"), [*((name, False) for name in LOWER_NAMES),
+                                                  *((name, True) for name in HIGHER_NAMES)])
+def test_common_lower_is_better_names_are_ranked_lower_is_better(tmp_path, metric, expected) -> None:
+    """Ranked higher-is-better, `save_total_limit` with `load_best_model_at_end` would keep and load the worst
+    checkpoint by `eval_ppl` or `eval_bits_per_byte`."""
+    assert arguments(tmp_path, metric_for_best_model=metric).greater_is_better is expected
+
+
 @pytest.mark.parametrize("explicit", [True, False])
 def test_an_explicit_direction_is_kept(tmp_path, explicit) -> None:
     for metric in ("eval_accuracy", "eval_loss"):
@@ -42,13 +65,13 @@ def test_the_inferred_direction_is_logged(tmp_path, caplog) -> None:
 
 
 def test_a_name_of_no_known_direction_is_warned_about(tmp_path, caplog) -> None:
-    """An error metric of a name easytrain cannot place (eval_widget_distance) would be ranked higher-is-better and
+    """An error metric of a name easytrain cannot place (eval_widget_spread) would be ranked higher-is-better and
     keep the worst checkpoint: the guess is a warning, naming the field to set; a known name's is only logged."""
     with caplog.at_level(logging.INFO, logger="easytrain"):
-        assert arguments(tmp_path, metric_for_best_model="widget_distance").greater_is_better is True
+        assert arguments(tmp_path, metric_for_best_model="widget_spread").greater_is_better is True
         assert arguments(tmp_path, metric_for_best_model="eval_f1").greater_is_better is True
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warned) == 1 and "eval_widget_distance" in warned[0] and "--greater_is_better" in warned[0], warned
+    assert len(warned) == 1 and "eval_widget_spread" in warned[0] and "--greater_is_better" in warned[0], warned
 
 
 @pytest.mark.parametrize("metric", ["rouge1", "rougeL", "f1_macro", "rewards/accuracies"])

@@ -66,7 +66,8 @@ def test_each_checkpoint_still_records_the_resolved_direction(tmp_path) -> None:
 
 
 @pytest.mark.parametrize(("metric", "explicit"), [("eval_loss", True), ("eval_perplexity", True),
-                                                  ("eval_accuracy", False), ("exact_match", False)])
+                                                  ("eval_accuracy", False), ("exact_match", False),
+                                                  ("eval_bits_per_byte", True)])
 def test_a_direction_against_the_metric_name_is_warned_about(tmp_path, caplog, metric, explicit) -> None:
     best_metric_direction._warn_contradicted_direction.cache_clear()  # once per process: earlier tests may have warned
     with caplog.at_level(logging.WARNING, logger="easytrain"):
