@@ -2,7 +2,9 @@
 
 import gc
 import importlib.metadata
+import importlib.util
 import os
+import py_compile
 import secrets
 import shutil
 import tempfile
@@ -68,13 +70,48 @@ from runs import args_for, children_without_torch, copied_run, without_hidden_to
 loaded_executables.install()
 
 
+#: A checked-hash .pyc's flags (PEP 552): Python hashes the source at each import and compiles it afresh if it changed.
+_CHECKED_HASH = (0b11).to_bytes(4, "little")
+
+
+def precompile(package: Path) -> int:
+    """Writes a checked-hash .pyc for each module of `package` whose own is missing or stale; how many it wrote.
+
+    This environment may set PYTHONDONTWRITEBYTECODE, and then every test process and child compiles the easytrain
+    modules it imports from source: a 2-step `easytrain train` child compiles 163 of them, 0.2 CPU-s, and the suite
+    starts a few hundred children. Python still reads a .pyc that is there. Checked-hash, not timestamped: a source
+    edited during the run (in the same second, to the same size) is never run from an older .pyc. A .pyc that cannot
+    be written is left out (the module compiles from source, as before).
+    """
+    written = 0
+    for source in sorted(package.rglob("*.py")):
+        cached = importlib.util.cache_from_source(str(source))
+        try:
+            with open(cached, "rb") as file:
+                header = file.read(16)
+        except OSError:
+            header = b""
+        if header == importlib.util.MAGIC_NUMBER + _CHECKED_HASH + importlib.util.source_hash(source.read_bytes()):
+            continue
+        try:  # written whole or not at all (py_compile replaces the file), for a process importing it meanwhile
+            py_compile.compile(str(source), cached, quiet=2,
+                               invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)
+        except OSError:
+            continue
+        written += 1
+    return written
+
+
 def pytest_configure(config):
     """Child processes started by the tests run without PyTorch (tests/without_torch), as under easytrain's
     runtime install; the test processes themselves keep it for the interop tests. pytest-xdist's controller
-    leaves the environment alone, or its workers would start without PyTorch too."""
+    leaves the environment alone, or its workers would start without PyTorch too. The controller (or the only
+    process) compiles easytrain's modules once for all (`precompile`), before any worker starts."""
     controller = not hasattr(config, "workerinput") and config.getoption("dist", "no") != "no"
     if not controller:
         os.environ["PYTHONPATH"] = children_without_torch(os.environ.get("PYTHONPATH", ""))
+    if not hasattr(config, "workerinput"):
+        precompile(Path(__file__).resolve().parents[1] / "easytrain")
 
 
 def pytest_unconfigure(config):

@@ -115,3 +115,37 @@ def test_a_test_run_never_names_an_earlier_runs_files(monkeypatch):
     monkeypatch.setattr(os, "getpid", lambda: 4242)
     assert of_this_run("easytrain-xla") != of_this_run("easytrain-xla")
     assert os.path.basename(of_this_run("easytrain-xla")).startswith("easytrain-xla-pid4242-")
+
+
+COMPILES = """
+import importlib._bootstrap_external as bootstrap, json, sys
+compiled = []
+source_to_code = bootstrap.SourceLoader.source_to_code
+bootstrap.SourceLoader.source_to_code = lambda self, data, path, **kw: (compiled.append(path.rsplit("/", 1)[-1]),
+                                                                        source_to_code(self, data, path, **kw))[1]
+import package.first, package.second
+print(json.dumps([package.first.VALUE, package.second.VALUE, compiled]))
+"""
+
+
+def test_a_precompiled_package_is_read_not_compiled_and_an_edited_module_is_compiled_afresh(tmp_path):
+    """tests/conftest.py `precompile`: a child that writes no bytecode compiles none of the package's modules; one
+    edited since (to the same size, within the same second) runs its new source, and only it is compiled again."""
+    from conftest import precompile
+
+    package = tmp_path / "package"
+    package.mkdir()
+    for name in ("__init__", "first", "second"):
+        (package / f"{name}.py").write_text(f"VALUE = '{name[:5]}'\n")
+
+    def child() -> list:
+        env = {**os.environ, "PYTHONPATH": str(tmp_path), "PYTHONDONTWRITEBYTECODE": "1"}
+        done = subprocess.run([sys.executable, "-c", COMPILES], capture_output=True, text=True, env=env, timeout=60)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout)
+
+    assert precompile(package) == 3 and precompile(package) == 0
+    assert child() == ["first", "secon", []]
+    (package / "first.py").write_text("VALUE = 'FIRST'\n")
+    assert child() == ["FIRST", "secon", ["first.py"]]
+    assert precompile(package) == 1 and child() == ["FIRST", "secon", []]
