@@ -126,7 +126,7 @@ def check_values(args: TrainingArguments) -> None:
     require(args.train_batch_size % args.gradient_accumulation_steps == 0, "gradient_accumulation_steps",
              f"must divide train_batch_size={args.train_batch_size}; e.g. use "
              f"{_divisors_hint(args.train_batch_size)}.")
-    require(0.0 <= args.warmup_ratio < 1.0, "warmup_ratio", f"must be in [0, 1), got {args.warmup_ratio}.")
+    require(0.0 <= args.warmup_ratio <= 1.0, "warmup_ratio", f"must be in [0, 1], got {args.warmup_ratio}.")
     require(args.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {args.warmup_steps}.")
     require(args.weight_decay >= 0, "weight_decay", f"must be >= 0, got {args.weight_decay}.")
     require(args.max_grad_norm >= 0, "max_grad_norm", f"must be >= 0 (0 disables), got {args.max_grad_norm}.")

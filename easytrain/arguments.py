@@ -181,8 +181,9 @@ class TrainingArguments:
                                 "first is 0 and the peak comes at update warmup_steps + 1. Cut to the run's length: "
                                 "with warmup_steps >= max_steps the peak is never applied (the last update uses "
                                 "(max_steps - 1) / max_steps of it).")
-    warmup_ratio: float = _arg(0.05, "Warmup as a fraction of the total optimizer updates, rounded down (0.05 of 10 "
-                                     "updates is no warmup; Hugging Face rounds up).")
+    warmup_ratio: float = _arg(0.05, "Warmup as a fraction of the total optimizer updates, in [0, 1], rounded down "
+                                     "(0.05 of 10 updates is no warmup; Hugging Face rounds up). 1.0 warms up over "
+                                     "the whole run, as warmup_steps >= max_steps does: the peak is never applied.")
     optimizer: Literal["adamw", "adafactor", "lion", "sgd"] = _arg(
         "adamw", "The update rule (optax's). 'adamw': Adam with decoupled weight decay; reads adam_beta1, adam_beta2, "
         "adam_epsilon. 'lion': the sign of interpolated momenta; reads adam_beta1, adam_beta2 (no epsilon). 'sgd': "

@@ -6,6 +6,8 @@ the parameters weight decay leaves out against `Trainer.get_decay_parameter_name
 updates of a tiny least-squares problem. And the rates a run logs, with gradient accumulation and a resume, against
 the Trainer's scheduler."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -57,6 +59,21 @@ def test_every_schedule_gives_transformers_rate_at_every_update(ours, theirs):
             schedule = build_schedule(args, total)
             assert [float(schedule(k)) for k in range(total)] == pytest.approx(
                 transformers_rates(theirs, warmup, total), abs=1e-6), (warmup, total)
+
+
+@pytest.mark.parametrize(("ours", "theirs"), SCHEDULES[:4])
+@pytest.mark.parametrize("ratio", [0.5, 1.0])
+def test_a_warmup_ratio_up_to_the_whole_run_gives_transformers_rate_at_every_update(ours, theirs, ratio):
+    """`warmup_ratio` 1.0, accepted by transformers 4 (in [0, 1]; 5 spells a ratio as a `warmup_steps` below 1):
+    warmup over the whole run, the last update at (total - 1) / total of the peak, as transformers' scheduler
+    gives it for that many warmup updates (its ratio rounds up: the same count at 1.0, and at 0.5 of an even run).
+    Not `polynomial`, which divides by a decay of 0 updates there."""
+    for total in (2, 10, 100) if ratio < 1 else (1, 2, 7, 100):
+        args = TrainingArguments(learning_rate=1.0, warmup_steps=0, warmup_ratio=ratio, lr_scheduler_type=ours)
+        schedule = build_schedule(args, total)
+        warmup = math.ceil(ratio * total)
+        assert [float(schedule(k)) for k in range(total)] == pytest.approx(
+            transformers_rates(theirs, warmup, total), abs=1e-6), (ratio, total)
 
 
 def problem(rows: int = 8, inputs: int = 5, outputs: int = 3, seed: int = 0) -> dict[str, np.ndarray]:
