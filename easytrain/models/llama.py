@@ -178,7 +178,7 @@ class LlamaForCausalLM(nnx.Module):
                 f"scan_layers with attention_implementation {self.attention_implementation!r} needs one attention "
                 f"window for every layer; this config mixes {windows} (None: full attention). Set "
                 "model.attention_implementation = 'xla' (dense masks take a window per layer) or "
-                "model.scan_layers = False (in a trainer: --attention_implementation xla or --no_scan_layers).")
+                "model.scan_layers = False (in a trainer: --attention_implementation xla or --scan_layers false).")
         masks_WBTS = jnp.stack([masks[window] for window in windows]) if len(windows) > 1 else None
         window_index_L = jnp.asarray([windows.index(window) for window in self.features.windows])
         return (lambda index: masks[windows[0]] if masks_WBTS is None else masks_WBTS[index]), window_index_L
