@@ -9,13 +9,16 @@ https://ui.perfetto.dev without TensorBoard. Over several processes each writes 
 `tensorboard/process_<index>/`: processes on one host would otherwise write files of the same name.
 
 Steps are counted as the loop counts them (the first update is step 1; step 1 compiles the train step). A run
-resumed inside the window traces the rest of it; one resumed past it traces nothing.
+resumed inside the window traces the rest of it; one resumed past it traces nothing. A fresh run that fails before its
+first step takes back the trace it wrote through a linked `tensorboard/` with its event file (`StepProfiler.take_back`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any, ContextManager
 
@@ -31,6 +34,12 @@ def trace_dir(output_dir: str | Path, process_index: int, process_count: int) ->
     """Where this process writes its trace: TensorBoard's log directory of the run (one per process if several)."""
     root = Path(output_dir) / "tensorboard"
     return root if process_count == 1 else root / f"process_{process_index}"
+
+
+def trace_runs(directory: Path) -> set[str]:
+    """The traces under `directory` (`plugins/profile/<time>/`, one per `start_trace`), by name."""
+    runs = directory / "plugins" / "profile"
+    return {entry.name for entry in runs.iterdir()} if runs.is_dir() else set()
 
 
 def check_window(args: Any, total_steps: int) -> None:
@@ -50,6 +59,10 @@ class StepProfiler:
         self.tracing = False
         self.done = count == 0
         self.traced: list[int] = []
+        #: What the trace added under `directory`, for `take_back`: its folder, and the empty folders above it that
+        #: were not there before (`plugins/profile/`, ...), deepest first.
+        self.written: list[Path] = []
+        self._made: list[Path] = []
 
     def before_step(self, step: int) -> None:
         """Called before step `step` reads its batch: start the trace at the window's first step, or at the first
@@ -85,10 +98,27 @@ class StepProfiler:
             return
         self.tracing, self.done = False, True
         steps = f"{self.traced[0]}-{self.traced[-1]}" if self.traced else "none"
+        found = trace_runs(self.directory)  # the trace's folder is made as it is written, at the stop
+        self._made = [folder for folder in (self.directory / "plugins" / "profile", self.directory / "plugins",
+                                            self.directory) if not folder.exists()]
         try:
             jax.profiler.stop_trace()
         except Exception:
             logger.exception("profile_steps: the trace of steps %s could not be written to %s", steps, self.directory)
             return
+        finally:  # what it wrote, even in part
+            runs = self.directory / "plugins" / "profile"
+            self.written = [runs / name for name in sorted(trace_runs(self.directory) - found)]
         logger.info("profile of steps %s written to %s (tensorboard --logdir %s, or its perfetto_trace.json.gz at "
                     "https://ui.perfetto.dev)", steps, self.directory / "plugins" / "profile", self.directory)
+
+    def take_back(self) -> None:
+        """Remove the trace this run wrote and the empty folders it made for it, nothing else: a fresh run that failed
+        before its first step, in a `tensorboard/` linked to a folder others may write to (`run_dir.
+        remove_unstarted_logs` removes a plain one whole), leaves it as it found it, like its event file."""
+        for trace in self.written:
+            shutil.rmtree(trace, ignore_errors=True)
+        for folder in self._made:
+            with contextlib.suppress(OSError):  # not empty: another wrote there meanwhile
+                os.rmdir(folder)
+        self.written, self._made = [], []

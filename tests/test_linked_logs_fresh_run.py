@@ -262,3 +262,33 @@ def test_a_log_that_holds_lines_when_its_sink_opens_is_never_taken_back(tmp_path
     assert (tmp_path / "disk" / "metrics.jsonl").read_text().startswith('{"step": 5}\n{"step": 1,')
     assert (tmp_path / "disk" / "metrics.csv").read_text().startswith("step,split,time,loss\n5,train,1.0,\n1,train,")
     assert list((tmp_path / "disk" / "tensorboard").iterdir()) == []
+
+
+class OtherTraceThenFails(FailsToCompile):
+    """Another run writes a trace into the linked tensorboard/ while this one builds its traced first step, which
+    then fails."""
+
+    def plan_memory(self, state, batch):
+        other = Path(self.arguments.output_dir, "tensorboard", "plugins", "profile", "2026_01_01_00_00_00").resolve()
+        other.mkdir(parents=True)
+        (other / "host.xplane.pb").write_bytes(b"another run's trace")
+        super().plan_memory(state, batch)
+
+
+def test_the_trace_of_a_failed_first_step_through_a_linked_tensorboard_goes_with_its_event_file(tmp_path):
+    """`profile_start_step 1`: the trace of a first step that failed is the run's as its event file is: both go (the
+    same command line then starts through the link); a trace another run wrote there meanwhile stays."""
+    run, disk = tmp_path / "run", tmp_path / "disk"
+    links = _link_logs(run, disk)
+    args = args_for(run, report_to=SINKS, max_steps=2, profile_steps=1, profile_start_step=1)
+    with pytest.raises(MemoryError):
+        FailsToCompile(args).train()
+    assert _links(run) == links
+    assert _contents(disk) == {"metrics.jsonl": b"", "metrics.csv": b"", "tensorboard": []}
+    assert check_output_dir(args) is None
+    with pytest.raises(MemoryError):
+        OtherTraceThenFails(args).train()
+    traces = disk / "tensorboard" / "plugins" / "profile"
+    assert [p.name for p in (disk / "tensorboard").iterdir()] == ["plugins"]
+    assert [p.name for p in traces.iterdir()] == ["2026_01_01_00_00_00"]
+    assert [p.name for p in (traces / "2026_01_01_00_00_00").iterdir()] == ["host.xplane.pb"]

@@ -107,6 +107,8 @@ class TrainLoop(LoopEnding):
                     if parts.resumed_from is None and self.compile_seconds is None:  # a fresh run that trained nothing
                         run_dir.remove_unstarted_logs(Path(args.output_dir), parts.is_main_process,
                                                       self.reporter.written_logs)
+                        if (Path(args.output_dir) / "tensorboard").is_symlink():  # a plain one went whole
+                            self.profiler.take_back()
                 process_failure.reraise_naming_others(error)  # `error`, or one naming another that failed first
             self.shut_down(failing=False)
         return self.last_logs
