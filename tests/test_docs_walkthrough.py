@@ -1,6 +1,7 @@
 """What a new user copies from the pages is accepted as written: every `--flag` the guides name is a flag of
 `easytrain train` (or `easytrain plot`), and an error's advice names a flag that exists."""
 
+import json
 import re
 from pathlib import Path
 
@@ -49,3 +50,60 @@ def test_the_mixed_window_scan_refusal_advises_flags_that_exist():
         model(ids, attention_mask_BT=mask)
     advised = set(FLAG.findall(str(refused.value)))
     assert advised and not advised - known_flags(), str(refused.value)
+
+
+# ----------------------------------------------------------------------------- the pages' Python, run as written
+
+
+def page_blocks(name: str) -> list:
+    from doc_snippets import python_blocks
+
+    return python_blocks(ROOT / "docs" / name)
+
+
+def test_the_quickstart_tokenizer_recipe_saves_a_tokenizer_with_its_special_tokens(tmp_path, monkeypatch, text_lines):
+    from doc_snippets import run_block
+    from transformers import AutoTokenizer
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpus.txt").write_text("\n".join(text_lines) + "\n")
+    block = page_blocks("quickstart.md")[0]
+    assert 'tokenizer.train(["corpus.txt"]' in block.source
+    run_block(block, {"__name__": "doc:quickstart.md"})
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "path" / "to" / "tokenizer")
+    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == ("<s>", "</s>", "<pad>")
+    assert tokenizer.decode(tokenizer("a corpus line").input_ids) == "a corpus line"
+
+
+def test_the_sft_page_builds_its_trainers_as_written(tmp_path, monkeypatch):
+    """Every block but the 300-step training run ("From Python", a minute on 2 cores): the formatting_func and
+    compute_metrics trainers are built, and the two subclasses are SFTTrainers."""
+    from doc_snippets import run_block
+
+    monkeypatch.chdir(tmp_path)
+    blocks = [block for block in page_blocks("sft.md") if "logs = trainer.train()" not in block.source]
+    assert len(blocks) == len(page_blocks("sft.md")) - 1 == 4
+    namespace: dict = {"__name__": "doc:sft.md"}
+    for block in blocks:
+        run_block(block, namespace)
+    assert namespace["trainer"].answer_metrics is namespace["numeric"]
+    assert namespace["trainer"].formatting_func is None  # the compute_metrics trainer maps to_chat over its rows itself
+    for name in ("ZLossSFTTrainer", "PromptWeightSFTTrainer"):
+        assert issubclass(namespace[name], namespace["SFTTrainer"]), name
+
+
+def test_the_plots_page_draws_the_runs_it_names(tmp_path, monkeypatch):
+    """plots.md's Python on two runs' metrics.jsonl: every figure the page's table lists, drawn and written."""
+    from doc_snippets import run_page
+
+    monkeypatch.chdir(tmp_path)
+    for run, scale in (("baseline", 1.0), ("high_lr", 2.0)):
+        (tmp_path / "runs" / run).mkdir(parents=True)
+        records = [{"step": step, "split": "train", "loss": scale / step, "learning_rate": 1e-3,
+                    "tokens_per_second": 100.0} for step in (1, 2, 3, 4)]
+        records.append({"step": 4, "split": "eval", "eval_loss": scale, "eval_accuracy": 0.5})
+        (tmp_path / "runs" / run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    namespace = run_page(ROOT / "docs" / "plots.md")
+    names = {"loss", "learning_rate", "eval", "throughput"}
+    assert set(namespace["figures"]) == names
+    assert {path.name for path in (tmp_path / "reports").iterdir()} == {f"{name}.png" for name in names}
