@@ -107,3 +107,25 @@ def test_the_plots_page_draws_the_runs_it_names(tmp_path, monkeypatch):
     names = {"loss", "learning_rate", "eval", "throughput"}
     assert set(namespace["figures"]) == names
     assert {path.name for path in (tmp_path / "reports").iterdir()} == {f"{name}.png" for name in names}
+
+
+def test_the_models_page_loads_exports_and_generates_as_written(tmp_path, monkeypatch):
+    """models.md's blocks on tiny local checkpoints in place of its `path/to/...` ones: load, load onto a mesh,
+    export with a tokenizer, generate."""
+    from doc_snippets import run_block
+
+    from easytrain.models import save_pretrained
+    from easytrain.tasks import build_arithmetic_tokenizer
+
+    monkeypatch.chdir(tmp_path)
+    tokenizer = build_arithmetic_tokenizer()
+    for path, config in (("path/to/qwen3-checkpoint", family_config("qwen3", vocab_size=len(tokenizer))),
+                         ("path/to/llama", family_config("llama", vocab_size=len(tokenizer)))):
+        model = init_model(config)
+        save_pretrained(path, model, model.config, tokenizer=tokenizer)
+    namespace: dict = {"__name__": "doc:models.md"}
+    for block in page_blocks("models.md"):
+        run_block(block, namespace)
+    assert namespace["model"].config.model_type == "llama"  # the mesh block's model is the one exported
+    assert (tmp_path / "export" / "model.safetensors").is_file() and (tmp_path / "export" / "tokenizer.json").is_file()
+    assert namespace["tokens"].shape[0] == 2
