@@ -129,3 +129,17 @@ def test_the_models_page_loads_exports_and_generates_as_written(tmp_path, monkey
     assert namespace["model"].config.model_type == "llama"  # the mesh block's model is the one exported
     assert (tmp_path / "export" / "model.safetensors").is_file() and (tmp_path / "export" / "tokenizer.json").is_file()
     assert namespace["tokens"].shape[0] == 2
+
+
+def test_the_quickstart_table_lists_what_the_command_writes(tmp_path, monkeypatch):
+    """The quickstart's table of `outputs/easytrain/` names every file and folder `easytrain train` leaves there."""
+    from easytrain import cli
+
+    page = (ROOT / "docs" / "quickstart.md").read_text()
+    table = page.split("| path | what |", 1)[1].split("\n\n", 1)[0]
+    listed = {re.sub(r"/.*", "", path) for path in re.findall(r"^\| `([^`]+)` \|", table, re.MULTILINE)}
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train", "--max_steps", "2", "--max_eval_samples", "8", "--eval_metrics", "none",
+                     "--output_dir", "outputs/easytrain"]) == 0
+    written = {path.name for path in (tmp_path / "outputs" / "easytrain").iterdir()}
+    assert written - {".easytrain.lock"} == listed  # the run lock: docs/checkpoints.md
