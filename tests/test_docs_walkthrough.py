@@ -143,3 +143,25 @@ def test_the_quickstart_table_lists_what_the_command_writes(tmp_path, monkeypatc
                      "--output_dir", "outputs/easytrain"]) == 0
     written = {path.name for path in (tmp_path / "outputs" / "easytrain").iterdir()}
     assert written - {".easytrain.lock"} == listed  # the run lock: docs/checkpoints.md
+
+
+def test_the_dpo_page_registers_its_loss_as_written():
+    """dpo.md's `register_preference_loss` block: `my_simpo` becomes a reference-free `loss_type`. The registry is
+    restored afterwards (other tests list every loss)."""
+    from doc_snippets import run_block
+
+    from easytrain import preference
+    from easytrain.trainers.dpo import DPOArguments
+
+    losses, per_token = dict(preference.PREFERENCE_LOSSES), set(preference._PER_TOKEN_NAMES)
+    try:
+        block, = [block for block in page_blocks("dpo.md") if "register_preference_loss(" in block.source]
+        run_block(block, {"__name__": "doc:dpo.md"})
+        arguments = DPOArguments(loss_type="my_simpo", label_smoothing=0.1)
+        assert arguments.loss_type == ["my_simpo"] and not arguments.needs_reference
+        assert preference.reports_per_token(["my_simpo"])
+    finally:
+        preference.PREFERENCE_LOSSES.clear()
+        preference.PREFERENCE_LOSSES.update(losses)
+        preference._PER_TOKEN_NAMES.clear()
+        preference._PER_TOKEN_NAMES.update(per_token)
