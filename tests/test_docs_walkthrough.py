@@ -1,6 +1,7 @@
 """What a new user copies from the pages is accepted as written: every `--flag` the guides name is a flag of
 `easytrain train` (or `easytrain plot`), and an error's advice names a flag that exists."""
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -24,13 +25,14 @@ NOT_EASYTRAIN = {"--nodes", "--ntasks", "--gpus", "--worker", "--command", "--ki
                  "--teacher_path"}
 
 
-def known_flags() -> set[str]:
+@functools.cache
+def known_flags() -> frozenset[str]:
     """Every option string of `easytrain train` under the built-in tasks, and `easytrain plot --out`."""
     flags = {"--out", "--config", "--task", "--help"}
     for task in ("lm", "sft", "dpo"):
         parser = build_parser(resolve_task(task).arguments, task=task)
         flags |= {option for action in parser._actions for option in action.option_strings}
-    return flags
+    return frozenset(flags)
 
 
 @pytest.mark.parametrize("page", PAGES)
