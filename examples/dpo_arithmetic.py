@@ -5,13 +5,13 @@ that export with `--model_name_or_path` and runs DPO on generated pairs: the use
 chosen is "082", rejected a near miss ("083", "072", ...). The reference is a frozen copy of the SFT
 model; the loss is DPO's sigmoid plus the chosen answer's NLL (RPO), which keeps the likelihood of
 right answers from sinking with that of the wrong ones. Held-out reward accuracy
-(`eval_rewards/accuracies`) and greedy exact match are reported before and after DPO. Measured with the
-first command below on 2 CPU cores (Intel Xeon, 2026-12-06, `0e0af8f`): SFT exact match 1.0; after 600 DPO
-steps reward accuracy 0.92 (margin 0.16) and exact match 0.996 (one of 256 held-out answers wrong). These
-depend on the seed (`TrainingArguments`' default, 42) through the initial weights' draws: the same command at
-an earlier commit, whose draws differed, gave 0.97 (margin 0.34) and 1.0. (Plain `sigmoid` at a 5x higher
-learning rate, `--loss_type sigmoid --dpo_learning_rate 5e-4`, reached 1.0 reward accuracy but collapsed exact
-match to 0.23 at that commit: both answers' log-probs fell.)
+(`eval_rewards/accuracies`) and greedy exact match are reported before DPO (the SFT model's) and after it, each
+model evaluated once. Measured with the first command below on 2 CPU cores (Intel Xeon, 2026-12-06, `0e0af8f`):
+exact match 1.0 before DPO (the SFT model's); after 600 DPO steps reward accuracy 0.92 (margin 0.16) and exact
+match 0.996 (one of 256 held-out answers wrong). These depend on the seed (`TrainingArguments`' default, 42)
+through the initial weights' draws: the same command at an earlier commit, whose draws differed, gave 0.97
+(margin 0.34) and 1.0. (Plain `sigmoid` at a 5x higher learning rate, `--loss_type sigmoid --dpo_learning_rate
+5e-4`, reached 1.0 reward accuracy but collapsed exact match to 0.23 at that commit: both answers' log-probs fell.)
 
     python examples/dpo_arithmetic.py --output_dir runs/dpo_arithmetic      # 2-4 minutes on 2 CPU cores
     python examples/dpo_arithmetic.py --sft_steps 100 --dpo_steps 40         # a quick look
@@ -46,9 +46,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     sft = SFTTrainer(TrainingArguments(
         output_dir=str(options.output_dir / "sft"), max_length=128, train_batch_size=16, max_steps=options.sft_steps,
         learning_rate=3e-3, eval_strategy="no", max_eval_samples=options.eval_samples, **quiet),
-        SFTArguments(assistant_only_loss=True, packing=True, generation_eval_samples=options.eval_samples))
-    sft.train()
-    before = sft.evaluate()
+        SFTArguments(assistant_only_loss=True, packing=True))
+    sft.train()  # no evaluation here: DPO's first one is of this model, exported, on the same held-out prompts
 
     validation = make_arithmetic_chat_splits(seed=42)["validation"]  # the SFT run's held-out questions
     prompts, answers = prompts_and_references(validation, sft.tokenizer, options.eval_samples)
@@ -56,15 +55,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         output_dir=str(options.output_dir / "dpo"), model_name_or_path=str(options.output_dir / "sft" / "final_model"),
         max_length=16, train_batch_size=16, eval_batch_size=32, max_steps=options.dpo_steps,
         learning_rate=options.dpo_learning_rate,
-        warmup_steps=10, eval_steps=max(options.dpo_steps // 2, 1), max_eval_samples=options.eval_samples,
-        save_pretrained_at_end=False, **quiet),
+        warmup_steps=10, eval_strategy="no", max_eval_samples=options.eval_samples, save_pretrained_at_end=False,
+        **quiet),
         DPOArguments(beta=0.1, loss_type=options.loss_type),
         evaluators=[CompletionMetrics(prompts, answers, sft.tokenizer)])
-    at_start = dpo.evaluate()
+    at_start = dpo.evaluate()  # the reference's own rewards: accuracy and margin 0
     dpo.train()
     after = dpo.evaluate()
-    result = {"sft_exact_match": before["eval_exact_match"],
-              "reward_accuracy_before": at_start["eval_rewards/accuracies"],
+    result = {"reward_accuracy_before": at_start["eval_rewards/accuracies"],
               "reward_accuracy_after": after["eval_rewards/accuracies"],
               "margin_before": at_start["eval_rewards/margins"], "margin_after": after["eval_rewards/margins"],
               "exact_match_before": at_start["eval_exact_match"], "exact_match_after": after["eval_exact_match"]}

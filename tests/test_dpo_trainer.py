@@ -234,19 +234,17 @@ def test_the_example_raises_reward_accuracy_and_margins(tmp_path):
     # threshold by a change of float rounding in the gradient norm. At 450 + 200 steps over the same seeds: exact
     # match 0.88-1.0, reward accuracy 0.91-0.97, margins 0.09-0.18, exact match kept (2026-12-01).
     # In a child compiled at -O1: 650 steps run twice as slow at the suite's -O0 (tests/runs.py).
-    run_main = ("import importlib.util, json, sys; "
-                "spec = importlib.util.spec_from_file_location('dpo_arithmetic', sys.argv[1]); "
-                "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module); "
-                "print(json.dumps(module.main(sys.argv[2:])))")
-    done = subprocess.run([sys.executable, "-c", run_main, str(ROOT / "examples" / "dpo_arithmetic.py"),
-                           "--output_dir", str(tmp_path), "--sft_steps", "450", "--dpo_steps", "200",
-                           "--eval_samples", "32"], capture_output=True, text=True, env=long_training_env(),
-                          timeout=900)
+    # Each model the example reports is evaluated once: the SFT model (DPO's start), and DPO's last update.
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "example_evaluations.py"),
+                           str(ROOT / "examples" / "dpo_arithmetic.py"), "--output_dir", str(tmp_path),
+                           "--sft_steps", "450", "--dpo_steps", "200", "--eval_samples", "32"],
+                          capture_output=True, text=True, env=long_training_env(), timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["reward_accuracy_before"] == 0.0 and result["margin_before"] == 0.0  # policy == reference
     assert result["reward_accuracy_after"] > 0.75 and result["margin_after"] > 0.04
     assert result["exact_match_after"] > 0.75  # the SFT term keeps right answers likely
+    assert result["evaluated"] == [["DPOTrainer", 0], ["DPOTrainer", 200]], result["evaluated"]
 
 
 def test_lora_dpo_from_a_trained_adapter_starts_at_the_initial_policy(tmp_path):
