@@ -127,3 +127,21 @@ def _warn_contradicted_direction(metric: str, greater_is_better: bool) -> None:
                    "will prefer its %s values. Pass --greater_is_better %s (or none, to follow the name) if that is "
                    "not meant.", greater_is_better, metric, "higher" if greater_is_better else "lower",
                    "largest" if greater_is_better else "smallest", str(implied).lower())
+
+
+def direction_change(stored: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """The warning for a resume that ranks the checkpoint's `metric_for_best_model` the other way (`arguments` as
+    run_info records them, the direction resolved): retention re-ranks the kept checkpoints by this run's direction,
+    so the checkpoint kept as best so far may go at the next save. A direction inferred from the name changes so
+    when easytrain's inference does (`LOWER_WORDS` grew: ppl, nll, a distance, a divergence), not only when given."""
+    metric = current.get("metric_for_best_model")
+    before, now = stored.get("greater_is_better"), current.get("greater_is_better")
+    if not metric or stored.get("metric_for_best_model") != metric or None in (before, now) or before == now:
+        return None
+    return (f"greater_is_better: the checkpoint's run ranked {metric!r} {'higher' if before else 'lower'}-is-better "
+            f"(greater_is_better={before}), this run ranks it {'higher' if now else 'lower'}-is-better ({now}; "
+            "inferred from the name where unset: docs/metrics.md lists the names read as lower-is-better, ppl, nll, "
+            "bits_per_byte, a distance or a divergence among them). Checkpoint retention and load_best_model_at_end "
+            "re-rank every kept checkpoint by this run's direction, so the one kept as best so far may be removed at "
+            "the next save. Pass "
+            f"--greater_is_better {str(before).lower()} to rank as before.")

@@ -13,6 +13,7 @@ import pytest
 
 from easytrain import BaseTrainer, TrainingArguments, best_metric_direction
 from easytrain.config_io import load_arguments, parse_task_arguments, save_arguments
+from easytrain.trainers.resume import check_resumable
 from easytrain.trainers.run_dir import rerun_arguments
 from metric_direction_arguments import arguments
 
@@ -82,3 +83,27 @@ def test_a_direction_the_name_does_not_contradict_is_not_warned_about(tmp_path, 
     with caplog.at_level(logging.WARNING, logger="easytrain"):
         arguments(tmp_path, metric_for_best_model=metric, greater_is_better=explicit)
     assert "greater_is_better" not in caplog.text
+
+
+def resume_warnings(caplog, stored: dict, current: dict) -> list[str]:
+    """The warnings `check_resumable` logs for a checkpoint of `stored` arguments resumed with `current`."""
+    with caplog.at_level(logging.WARNING, logger="easytrain"):
+        assert check_resumable({"format_version": 1, "arguments": stored, "model_config": None},
+                               {"arguments": current, "model_config": None}) == []
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_a_resume_ranking_the_metric_the_other_way_is_warned_about(tmp_path, caplog) -> None:
+    """A run of eval_ppl whose checkpoints recorded greater_is_better=True (inferred so before ppl was known as
+    lower-is-better) resumed with the direction unset ranks lower-is-better: retention then re-ranks its kept
+    checkpoints and removes the one kept as best so far. The resume says so, naming the field and the old value."""
+    current = arguments(tmp_path, metric_for_best_model="eval_ppl").to_dict()
+    assert current["greater_is_better"] is False
+    warned = [m for m in resume_warnings(caplog, {**current, "greater_is_better": True}, current)
+              if "greater_is_better" in m]
+    assert len(warned) == 1 and "eval_ppl" in warned[0] and "--greater_is_better true" in warned[0], warned
+
+
+def test_a_resume_ranking_as_before_is_not_warned_about(tmp_path, caplog) -> None:
+    current = arguments(tmp_path, metric_for_best_model="eval_ppl").to_dict()
+    assert not [m for m in resume_warnings(caplog, dict(current), current) if "greater_is_better" in m]

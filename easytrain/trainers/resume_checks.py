@@ -21,6 +21,7 @@ from typing import Any
 from easytrain.argument_checks import (  # noqa: F401 (BLANK_WAS_UNSET: importable from here as before)
     BLANK_WAS_UNSET, same_setting)
 from easytrain.argument_settings import OPTIMIZER_FIELDS
+from easytrain.best_metric_direction import direction_change
 from easytrain.config_io import ARGUMENTS_FILE
 from easytrain.data.position import DIGEST_KEY, compared_keys
 from easytrain.errors import ArgumentError
@@ -162,6 +163,8 @@ def warn_changes(run_info: dict[str, Any], current: dict[str, Any], content_comp
         logger.warning("resuming with changed settings (%s): allow_data_order_change is set, so the run continues "
                        "under the new ones from the restored step (the data in their order)", "; ".join(diffs))
     warn_schedule_changes(run_info, current)
+    if ranking := direction_change(stored_args, current_args):
+        logger.warning("resuming with another ranking of checkpoints: %s", ranking)
     if compute_diffs := _differences(stored_args, current_args, _compared_compute_fields(stored_args, current_args)):
         logger.warning("resuming with other settings of what each step computes (%s): the restored state fits, but "
                        "the steps from here on are not what the checkpointed run would have computed (resume with the "
