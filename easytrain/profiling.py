@@ -19,6 +19,7 @@ import contextlib
 import logging
 import os
 import shutil
+import socket
 from pathlib import Path
 from typing import Any, ContextManager
 
@@ -28,6 +29,8 @@ from easytrain.errors import ArgumentError
 
 logger = logging.getLogger("easytrain")
 STEP_NAME = "train"
+#: The Perfetto file jax writes beside a trace (`create_perfetto_trace`), under no host name.
+PERFETTO_FILE = "perfetto_trace.json.gz"
 
 
 def trace_dir(output_dir: str | Path, process_index: int, process_count: int) -> Path:
@@ -40,6 +43,31 @@ def trace_runs(directory: Path) -> set[str]:
     """The traces under `directory` (`plugins/profile/<time>/`, one per `start_trace`), by name."""
     runs = directory / "plugins" / "profile"
     return {entry.name for entry in runs.iterdir()} if runs.is_dir() else set()
+
+
+def own_trace(directory: Path, appeared: set[str]) -> list[Path]:
+    """The folder this process's stop wrote, of the trace folders that `appeared` under `directory` meanwhile: none
+    where several did (another run traced into a shared `tensorboard/` meanwhile; which is whose cannot be told)."""
+    if len(appeared) != 1:
+        if appeared:
+            logger.info("profile_steps: several traces appeared in %s while this one was written (%s): none is taken "
+                        "back if the run fails", directory, ", ".join(sorted(appeared)))
+        return []
+    return [directory / "plugins" / "profile" / appeared.pop()]
+
+
+def take_back_files(trace: Path) -> None:
+    """Remove this host's files of `trace` (jax names them `<hostname>.*`), and the folder with its Perfetto file
+    where nothing else is in it: another run's trace stopped in the same second (jax names the folder by the time)
+    writes into the same folder, and its files stay."""
+    ours = f"{socket.gethostname()}."
+    files = list(trace.iterdir()) if trace.is_dir() else []
+    if all(file.name.startswith(ours) or file.name == PERFETTO_FILE for file in files):
+        shutil.rmtree(trace, ignore_errors=True)
+        return
+    for file in files:
+        if file.name.startswith(ours) and file.is_file():
+            file.unlink(missing_ok=True)
 
 
 def check_window(args: Any, total_steps: int) -> None:
@@ -107,8 +135,7 @@ class StepProfiler:
             logger.exception("profile_steps: the trace of steps %s could not be written to %s", steps, self.directory)
             return
         finally:  # what it wrote, even in part
-            runs = self.directory / "plugins" / "profile"
-            self.written = [runs / name for name in sorted(trace_runs(self.directory) - found)]
+            self.written = own_trace(self.directory, trace_runs(self.directory) - found)
         logger.info("profile of steps %s written to %s (tensorboard --logdir %s, or its perfetto_trace.json.gz at "
                     "https://ui.perfetto.dev)", steps, self.directory / "plugins" / "profile", self.directory)
 
@@ -117,7 +144,7 @@ class StepProfiler:
         before its first step, in a `tensorboard/` linked to a folder others may write to (`run_dir.
         remove_unstarted_logs` removes a plain one whole), leaves it as it found it, like its event file."""
         for trace in self.written:
-            shutil.rmtree(trace, ignore_errors=True)
+            take_back_files(trace)
         for folder in self._made:
             with contextlib.suppress(OSError):  # not empty: another wrote there meanwhile
                 os.rmdir(folder)

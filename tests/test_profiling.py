@@ -4,6 +4,7 @@ changes nothing about training and is written (and stopped) however the run ends
 import gzip
 import json
 import logging
+import socket
 from pathlib import Path
 
 import jax
@@ -159,3 +160,34 @@ def test_a_trace_that_cannot_be_written_is_logged_and_training_goes_on(tmp_path,
         BaseTrainer(TrainingArguments(output_dir=str(tmp_path), profile_steps=2, profile_start_step=2, **RUN)).train()
     assert "the trace of steps 2-3 could not be written" in caplog.text and "No space left" in caplog.text
     assert logged(tmp_path).keys() == {1, 2, 3, 4, 5}, "every step trained and logged"
+
+
+def traced_by_fakes(tmp_path, monkeypatch, others: dict[str, str]) -> Path:
+    """A `StepProfiler` over `tmp_path/tb` whose stop writes this host's trace in `plugins/profile/ours/` while
+    another run writes, meanwhile, each file of `others` (`folder/name`), then takes back what it wrote."""
+    directory = tmp_path / "tb"
+
+    def stop() -> None:
+        for where in ("ours/" + socket.gethostname() + ".xplane.pb", "ours/perfetto_trace.json.gz", *others):
+            (directory / "plugins" / "profile" / where).parent.mkdir(parents=True, exist_ok=True)
+            (directory / "plugins" / "profile" / where).write_text(others.get(where, "ours"))
+
+    monkeypatch.setattr(jax.profiler, "start_trace", lambda *args, **kwargs: None)
+    monkeypatch.setattr(jax.profiler, "stop_trace", stop)
+    profiler = profiling.StepProfiler(directory, 1, 1)
+    profiler.before_step(1)
+    profiler.stop()
+    profiler.take_back()
+    return directory / "plugins" / "profile"
+
+
+def test_taking_back_a_trace_removes_this_runs_files_and_the_folders_it_made(tmp_path, monkeypatch):
+    assert not (traced_by_fakes(tmp_path, monkeypatch, {})).parent.parent.exists()
+
+
+@pytest.mark.parametrize("other", ["ours/otherhost.xplane.pb", "theirs/otherhost.xplane.pb"])
+def test_taking_back_a_trace_leaves_one_another_run_wrote_meanwhile(tmp_path, monkeypatch, other):
+    """Another run writing a trace into a shared (linked) tensorboard/ while this one's stop writes: in the same
+    second (jax names the folder by the time: the same folder) or in another folder; either stays as written."""
+    runs = traced_by_fakes(tmp_path, monkeypatch, {other: "theirs"})
+    assert (runs / other).read_text() == "theirs"
