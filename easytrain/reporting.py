@@ -43,6 +43,7 @@ __all__ = [
     "METRICS_FILENAME",
     "REPORT_TO_CHOICES",
     "TENSORBOARD_DIRNAME",
+    "LOG_NAMES",
     "Reporter",
     "claim_log_files",
     "format_metrics",
@@ -55,8 +56,8 @@ __all__ = [
 
 METRICS_FILENAME = "metrics.jsonl"
 TENSORBOARD_DIRNAME = "tensorboard"
-#: The local sinks' logs in output_dir, by sink.
-_LOG_NAMES = {"jsonl": METRICS_FILENAME, "csv": CSV_FILENAME, "tensorboard": TENSORBOARD_DIRNAME}
+#: The local sinks' logs in output_dir, by sink (`run_dir.run_outputs`, `run_dir.STARTED_RUN_LOGS`).
+LOG_NAMES = {"jsonl": METRICS_FILENAME, "csv": CSV_FILENAME, "tensorboard": TENSORBOARD_DIRNAME}
 _DESCRIPTION_KEYS = (("loss", "loss"), ("learning_rate", "lr"))
 
 
@@ -143,7 +144,7 @@ def claim_log_files(output_dir: str | os.PathLike, report_to: Sequence[str], *, 
     as it is), else refuses, as a trainer refuses such an output_dir (`OutputDirError`), naming the ways out. An
     empty one is no run's (`holds_records`: a log linked to another disk before the first run): it stays."""
     targets, output_dir = parse_report_to(report_to), Path(output_dir)
-    found = [name for sink, name in _LOG_NAMES.items()
+    found = [name for sink, name in LOG_NAMES.items()
              if sink in targets and (output_dir / name).exists() and holds_records(output_dir / name)]
     if found and not overwrite:
         raise OutputDirError(
@@ -354,7 +355,7 @@ class Reporter:
             for name in [name for name in openers if name in targets]:
                 self._sinks.append(sink := openers[name]())
                 if sink.written is not None:
-                    self.written_logs[_LOG_NAMES[name]] = sink.written
+                    self.written_logs[LOG_NAMES[name]] = sink.written
             self._sinks.extend(open_trackers(output_dir, report_to, initial_step, run_config)
                                if trackers is None else trackers)
         except BaseException:

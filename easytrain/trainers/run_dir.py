@@ -22,7 +22,7 @@ from easytrain.config_io import ARGUMENTS_FILE
 from easytrain.errors import OutputDirError
 from easytrain.jobs import JOB_FILENAME
 from easytrain.linked_logs import WrittenLog, take_back
-from easytrain.reporting import holds_records, parse_report_to
+from easytrain.reporting import LOG_NAMES, holds_records, parse_report_to
 from easytrain.sinks import MLFLOW_STATE_FILENAME, WANDB_STATE_FILENAME
 from easytrain.trainers import argument_agreement, shared_output_dir
 from easytrain.trainers.restore_checks import check_run_info_readable
@@ -42,7 +42,7 @@ REPLACED_DIRNAME = "replaced_run"
 #: Where the claim moves an older run's files: a dangling link there is refused before the claim (`check_links`).
 HELD_DIRNAMES = (SUPERSEDED_DIRNAME, REPLACED_DIRNAME)
 #: The logs a run stopped before its first checkpoint leaves: a rerun that starts it over replaces them.
-STARTED_RUN_LOGS = ("metrics.jsonl", "metrics.csv", "tensorboard")
+STARTED_RUN_LOGS = tuple(LOG_NAMES.values())  # metrics.jsonl, metrics.csv, tensorboard
 
 logger = logging.getLogger("easytrain")
 
@@ -246,7 +246,7 @@ def run_outputs(args: TrainingArguments) -> tuple[str, ...]:
     sft_data_stats.json, DPO's reference_logps/) its own `check_inputs` checks, and the command checks results.json
     for a trainer not built on BaseTrainer (`cli.run`)."""
     sinks = {*parse_report_to(args.report_to), *(("tensorboard",) if args.profile_steps else ())}
-    by_sink = {"jsonl": ("metrics.jsonl",), "csv": ("metrics.csv",), "tensorboard": ("tensorboard",),
+    by_sink = {**{sink: (name,) for sink, name in LOG_NAMES.items()},
                "wandb": ("wandb", WANDB_STATE_FILENAME), "mlflow": (MLFLOW_STATE_FILENAME,)}
     return (CHECKPOINTS_DIRNAME, JOB_FILENAME, ARGUMENTS_FILE, *_COMMAND_OUTPUTS.get(),
             *(("final_model",) if args.save_pretrained_at_end else ()),
