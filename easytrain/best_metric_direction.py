@@ -15,17 +15,21 @@ logger = logging.getLogger("easytrain")
 
 #: Metric names for which a lower value is better: a loss or a perplexity however the name ends in it
 #: (`eval_logloss`, as transformers reads it; `eval_word_perplexity`, as lm-evaluation-harness names it), and the last
-#: word or words of a name (`eval_top1_error`, `eval_char_error_rate`; not `eval_answer`, nor `eval_kl_coverage`) in
-#: `LOWER_WORDS`, as evaluate, torchmetrics and lm-evaluation-harness name their lower-is-better metrics. Any other
-#: metric is ranked higher-is-better (transformers: only names ending in `loss`), with a warning unless a word of its
-#: name is in `HIGHER_IS_BETTER`.
+#: word or words of a name (`eval_top1_error`, `eval_char_error_rate`; not `eval_answer`, `eval_kl_coverage` nor
+#: `eval_ce_accuracy`) in `LOWER_WORDS`, as evaluate, torchmetrics and lm-evaluation-harness name their lower-is-better
+#: metrics. Any other metric is ranked higher-is-better (transformers: only names ending in `loss`), with a warning
+#: unless a word of its name is in `HIGHER_IS_BETTER`.
 LOSS_ENDINGS = ("loss", "perplexity")
 LOWER_WORDS = (
     "ppl", "nll", "negative_log_likelihood",  # a perplexity, a negative log-likelihood
+    "cross_entropy", "xent", "ce",  # a cross-entropy (a loss by another name)
     "bpb", "bpc", "bits_per_byte", "bits_per_token", "bits_per_character", "bits_per_char",  # a code length
+    "bpd", "bits_per_dim", "bits_per_dimension",  # a code length per pixel or dimension (image likelihood models)
     "mse", "mae", "rmse", "msle", "rmsle", "mape", "smape", "brier_score",  # a regression or calibration error
+    "mad", "huber",  # a mean absolute deviation, a Huber error
     "error", "error_rate", "wer", "cer", "mer", "wil", "ter",  # an error, edit or word-information-lost rate
-    "distance", "divergence", "kl", "kld",  # a distance (edit, Hamming, ...) or a divergence (KL, JS)
+    "distance", "divergence", "kl", "kld", "jsd",  # a distance (edit, Hamming, ...) or a divergence (KL, JS)
+    "fid", "kid",  # the Frechet and kernel inception distances of generated images
 )
 LOWER_IS_BETTER = LOSS_ENDINGS + LOWER_WORDS
 #: Words of metric names for which a higher value is plainly better, as metric libraries spell them (`rouge1`,

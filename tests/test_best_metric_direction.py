@@ -37,10 +37,14 @@ LOWER_NAMES = ["eval_ppl", "eval_word_perplexity", "eval_byte_perplexity", "eval
                "eval_bpb", "eval_bits_per_byte", "eval_bits_per_token", "eval_bits_per_character", "eval_bpc",
                "eval_error_rate", "eval_char_error_rate", "eval_ter", "eval_mer", "eval_wil", "eval_edit_distance",
                "eval_levenshtein_distance", "eval_kl", "eval_kl_divergence", "eval_js_divergence", "eval_msle",
-               "eval_mape", "eval_smape", "eval_brier_score", "eval_calibration_error", "eval_negative_log_likelihood"]
+               "eval_mape", "eval_smape", "eval_brier_score", "eval_calibration_error", "eval_negative_log_likelihood",
+               "eval_cross_entropy", "eval_xent", "eval_ce", "eval_token_ce", "eval_bpd", "eval_bits_per_dim",
+               "eval_bits_per_dimension", "eval_jsd", "eval_js_divergence", "eval_fid", "eval_kid", "eval_mad",
+               "eval_huber"]
 HIGHER_NAMES = ["eval_answer", "eval_counter", "eval_f1", "rewards/accuracies", "eval_kl_coverage", "eval_pll_gain",
                 "eval_log_likelihood", "eval_distance_covered", "eval_bits_saved", "eval_acc", "eval_chrf",
-                "eval_nllb_bleu", "eval_error_free", "eval_pass_rate"]
+                "eval_nllb_bleu", "eval_error_free", "eval_pass_rate", "eval_ce_accuracy", "eval_confidence",
+                "eval_fidelity", "eval_xent_reduction", "eval_madlad_bleu"]
 
 
 @pytest.mark.parametrize(("metric", "expected"), [*((name, False) for name in LOWER_NAMES),
