@@ -207,9 +207,11 @@ def test_latest_over_a_linked_tensorboard_holds_only_the_runs_entries_and_undo_r
     assert sorted(p.name for p in shared.iterdir()) == ["other_run", "third_run"]
 
 
-def test_an_sft_run_ending_before_its_first_step_leaves_the_older_runs_data_stats(tmp_path):
+@pytest.mark.parametrize("with_logs", [True, False], ids=["overwriting-a-run", "stats-alone"])
+def test_an_sft_run_ending_before_its_first_step_leaves_the_older_runs_data_stats(tmp_path, with_logs):
     """sft_data_stats.json is written once the run has claimed output_dir, held with the older run's files: a run
-    that overwrites another and fails before its first step leaves that run's stats as they were."""
+    that overwrites another and fails before its first step leaves that run's stats as they were; so does a fresh
+    run into a directory that holds nothing else of the older run (the claim moved nothing, and held nothing)."""
     from easytrain.trainers.sft import SFTTrainer
 
     class FailsToCompileSFT(SFTTrainer):
@@ -217,14 +219,20 @@ def test_an_sft_run_ending_before_its_first_step_leaves_the_older_runs_data_stat
 
     run = tmp_path / "run"
     run.mkdir()
-    (run / "metrics.jsonl").write_text('{"step": 1, "split": "train"}\n')
-    (run / "sft_data_stats.json").write_text('{"train": "the older run\'s"}')
-    trainer = FailsToCompileSFT(args_for(run, overwrite_output_dir=True, save_strategy="no", max_steps=1))
-    assert (run / "sft_data_stats.json").read_text() == '{"train": "the older run\'s"}', "not before the claim"
+    older = b'{"train": "the older run\'s"}'
+    if with_logs:
+        (run / "metrics.jsonl").write_text('{"step": 1, "split": "train"}\n')
+    (run / "sft_data_stats.json").write_bytes(older)
+    trainer = FailsToCompileSFT(args_for(run, overwrite_output_dir=with_logs, save_strategy="no", max_steps=1))
+    assert (run / "sft_data_stats.json").read_bytes() == older, "not before the claim"
     with pytest.raises(MemoryError):
         trainer.train()
-    assert (run / "sft_data_stats.json").read_text() == '{"train": "the older run\'s"}'
-    assert (run / "metrics.jsonl").read_text() == '{"step": 1, "split": "train"}\n'
+    assert (run / "sft_data_stats.json").read_bytes() == older
+    expected = ["job.json", *(["metrics.jsonl"] if with_logs else []), "sft_data_stats.json"]  # job.json: how it ended
+    left = sorted(p.name for p in run.iterdir() if p.name != ".easytrain.lock")
+    assert left == expected, f"nothing else of the failed run left, nothing held: {left}"
+    if with_logs:
+        assert (run / "metrics.jsonl").read_text() == '{"step": 1, "split": "train"}\n'
 
 
 def test_logs_a_killed_run_left_through_links_are_refused_naming_latest(tmp_path):

@@ -59,6 +59,7 @@ def test_the_cli_runs_sft_with_its_own_options(tmp_path, capsys):
     assert main(["train", "--task", "sft", "--help"]) == 0
     help_text = capsys.readouterr().out
     assert "--packing" in help_text and "generation markers" in help_text
+    (tmp_path / "sft_data_stats.json").write_text('{"train": "an older run\'s"}')  # alone: no run to refuse for
     status = main(["train", "--task", "sft", "--output_dir", str(tmp_path), "--max_steps", "2", "--max_length", "32",
                    "--train_batch_size", "8", "--max_train_samples", "64", "--max_eval_samples", "8",
                    "--packing", "--assistant_only_loss", "--generation_eval_samples", "4", "--max_new_tokens", "4",
@@ -68,6 +69,7 @@ def test_the_cli_runs_sft_with_its_own_options(tmp_path, capsys):
     assert np.isfinite(summary["train_loss"]) and 0 <= summary["eval_exact_match"] <= 1
     stats = json.loads((tmp_path / "sft_data_stats.json").read_text())
     assert stats["train"]["num_kept"] == 64 and "packing_fill_rate" in stats["train"]
+    assert not (tmp_path / "replaced_run").exists(), "the older stats, held until the first step, are gone"
 
 
 def test_padding_compiles_once_per_bucket_at_most(tmp_path, caplog):

@@ -132,7 +132,8 @@ def claim_output_dir(args: TrainingArguments, resume: tuple[Path, int] | None,
     refused for bad input leaves the old one whole; and nothing is gone for good before the run's first step is
     done: the `HeldRun` returned (`held`, where given) puts it all back (`undo`) or deletes what was removed
     (`settle`). `outputs`, the files the trainer writes in output_dir once it has claimed it (SFT's data stats), are
-    held as its arguments.json is."""
+    held as its arguments.json is: wherever the run does not continue its own checkpoints, alone too (a fresh run
+    into a directory that holds nothing else of an older run)."""
     output_dir = Path(args.output_dir)
     held = held if held is not None else HeldRun(output_dir)
     if leftovers := held_leftovers(output_dir):
@@ -140,10 +141,14 @@ def claim_output_dir(args: TrainingArguments, resume: tuple[Path, int] | None,
     held.note_absent([output_dir / name for name in (*RUN_ARTIFACTS, ARGUMENTS_FILE, *outputs) if name != JOB_FILENAME])
     try:  # a move refused midway (permissions) puts back those made: the older run stays whole in its place
         _claim_into(held, args, resume)
-        if held:  # the logs a resumed run rewrites, the arguments save_arguments replaces: put back by `undo`
-            for name in (ARGUMENTS_FILE, *outputs, "metrics.jsonl", "metrics.csv"):
-                held.copy(output_dir / name)
+        # The files the run replaces whole as it starts (its arguments, the trainer's `outputs`) are another run's
+        # wherever it does not continue its own checkpoints: held even where nothing else of that run is there.
+        replaced = (ARGUMENTS_FILE, *outputs) if held or not resumes_own_checkpoints(output_dir, resume) else ()
+        if held:  # the logs a resumed run rewrites: put back by `undo` too
+            replaced += ("metrics.jsonl", "metrics.csv")
             held.list_entries(output_dir / "tensorboard")
+        for name in replaced:
+            held.copy(output_dir / name)
     except BaseException:
         held.undo()
         raise
