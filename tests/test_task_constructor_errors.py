@@ -15,6 +15,9 @@ from easytrain.cli import main, run
 from runs import child_env
 
 TASKS = textwrap.dedent('''
+    import easytrain
+
+
     class TakesNothing:
         """Built with no arguments: not a trainer --task can build."""
 
@@ -22,8 +25,8 @@ TASKS = textwrap.dedent('''
             pass
 
 
-    class Buggy:
-        """Takes the training arguments, then fails inside."""
+    class Buggy(easytrain.BaseTrainer):
+        """A trainer that takes the training arguments, then fails inside."""
 
         def __init__(self, arguments):
             self.size = len(arguments.output_dir) + None  # a bug in the task's own code
@@ -61,3 +64,27 @@ def test_the_command_exits_1_with_the_traceback_of_the_bug(tasks_module, tmp_pat
     assert done.returncode == 1, done.stderr[-2000:]
     assert "Traceback" in done.stderr and "ctor_error_tasks.py" in done.stderr
     assert "self.size = len(arguments.output_dir) + None" in done.stderr
+
+
+#: `--task module:attribute` naming something importable that is no trainer: each refused as `task`, saying what
+#: --task takes, before anything runs (print would print the arguments; OrderedDict raised a bare TypeError).
+NOT_TRAINERS = {"collections:OrderedDict": "not a trainer", "math:pi": "not callable",
+                "os.path:join": "not a trainer", "builtins:print": "built-in function",
+                "argparse:Namespace": "cannot be built as Namespace(training_arguments)"}
+
+
+@pytest.mark.parametrize("target", sorted(NOT_TRAINERS))
+def test_an_importable_object_that_is_no_trainer_is_refused_as_task(target, tmp_path, capsys):
+    with pytest.raises(ArgumentError) as refused:
+        run(TrainingArguments(task=target, output_dir=str(tmp_path / "out")))
+    assert refused.value.field == "task" and NOT_TRAINERS[target] in refused.value.message, refused.value.message
+    assert "--task takes" in refused.value.message, refused.value.message
+    assert capsys.readouterr().out == ""  # nothing called that prints
+
+
+def test_a_trainer_class_by_import_path_is_built(tmp_path):
+    from easytrain import BaseTrainer
+    from easytrain.tasks.registry import resolve_task
+
+    trainer = resolve_task("easytrain:BaseTrainer").build(TrainingArguments(output_dir=str(tmp_path)))
+    assert type(trainer) is BaseTrainer

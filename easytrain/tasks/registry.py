@@ -10,7 +10,9 @@ One table, three ways in:
 
 A task is built as `factory(training_arguments, *task_arguments)`, one instance per dataclass in
 `arguments`, in order. A factory whose signature cannot take them is refused before it is called (a wrong
---task: `ArgumentError`, exit status 2); a TypeError raised inside it is its own bug and keeps its traceback.
+--task: `ArgumentError`, exit status 2), and so is a `--task module:attribute` that plainly is no trainer (a
+built-in function, a class with none of the trainer's methods); a TypeError raised inside a factory is its own bug and
+keeps its traceback.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ from easytrain.suggestions import closest
 
 ENTRY_POINT_GROUP = "easytrain.tasks"
 RESERVED_FLAGS = {"--config": "the config-file flag", "--help": "the help flag"}
+#: What --task takes, closing each message that refuses a --task.
+TASK_TAKES = ("--task takes a task name, a trainer class implementing easytrain.TrainerProtocol, or a "
+              "factory(training_arguments, *task_arguments) returning one.")
 
 T = TypeVar("T")
 
@@ -69,15 +74,14 @@ class Task:
             raise ArgumentError("task", f"task {self.name!r} takes {len(task.arguments)} argument dataclass(es) "
                                         f"({_names(task.arguments)}), got {len(values)}.")
         _check_call(task, (arguments, *values))
+        _check_plainly_a_trainer(task)
         try:
             trainer = task.target(arguments, *values)
         except TypeError as error:  # raised inside the call: a bug in the task's code, unless no trainer at all
             if not _ad_hoc_function(task):
                 raise
             raise ArgumentError("task", f"{task.name!r} is not a trainer: calling it with the training arguments "
-                                        f"raised TypeError: {error}. --task takes a task name, a trainer class "
-                                        f"implementing easytrain.TrainerProtocol, or a "
-                                        f"factory(training_arguments, *task_arguments) returning one.") from error
+                                        f"raised TypeError: {error}. {TASK_TAKES}") from error
         if values and hasattr(trainer, "task_arguments"):  # a BaseTrainer saves them in arguments.json
             trainer.task_arguments = values
         return trainer
@@ -290,11 +294,34 @@ def _check_call(task: Task, values: tuple[Any, ...]) -> None:
                                     f"(@register_task(..., arguments=...)).") from None
 
 
+def _check_plainly_a_trainer(task: Task) -> None:
+    """Refuse, before calling it, a `--task module:attribute` that no `@register_task` vouches for and that cannot
+    be a trainer: a built-in function (`builtins:print` would print the arguments, then return None), or a class
+    with none of the methods of `TrainerProtocol` (`collections:OrderedDict` raised a bare TypeError). A class with
+    some is built, and `check_implements` names what it lacks (a trainer may set members on the instance)."""
+    if not _ad_hoc(task):
+        return
+    if isinstance(task.target, types.BuiltinFunctionType):
+        raise ArgumentError("task", f"{task.name!r} is a built-in function, not a trainer factory. {TASK_TAKES}")
+    if isinstance(task.target, type):
+        from easytrain.protocol import TrainerProtocol, missing_members, protocol_members  # jax: a --task path only
+
+        methods = [name for name in protocol_members() if callable(getattr(TrainerProtocol, name))]
+        if set(methods) <= set(missing_members(task.target)):
+            raise ArgumentError("task", f"{task.name!r} is a class but not a trainer: it has none of the methods "
+                                        f"of easytrain.TrainerProtocol ({', '.join(methods)}; subclass "
+                                        f"easytrain.BaseTrainer to have them). {TASK_TAKES}")
+
+
+def _ad_hoc(task: Task) -> bool:
+    """A `--task package.module:attribute` that no `@register_task` vouches for."""
+    return task.origin == "import path" and not isinstance(getattr(task.target, "__easytrain_task__", None), Task)
+
+
 def _ad_hoc_function(task: Task) -> bool:
     """A `--task package.module:function` that no `@register_task` vouches for (`json:dumps`): a TypeError
     from calling it most likely says it is no trainer factory. Classes and registered targets raise their own."""
-    return (task.origin == "import path" and not isinstance(task.target, type)
-            and not isinstance(getattr(task.target, "__easytrain_task__", None), Task))
+    return _ad_hoc(task) and not isinstance(task.target, type)
 
 
 def _load(task: Task) -> Task:
@@ -307,8 +334,7 @@ def _load(task: Task) -> Task:
                                         f"decorate its trainer with @easytrain.register_task({task.name!r}).")
         return dataclasses.replace(registered, origin=task.origin)
     if not callable(obj):
-        raise ArgumentError("task", f"{task.target!r} is not callable; point the task at a trainer class or "
-                                    f"a factory(training_arguments, *task_arguments).")
+        raise ArgumentError("task", f"{task.target!r} is not callable (a {type(obj).__name__}). {TASK_TAKES}")
     marked = getattr(obj, "__easytrain_task__", None)  # inherited by subclasses: same constructor arguments
     marked = marked if isinstance(marked, Task) else None
     arguments = task.arguments or (marked.arguments if marked else ())
