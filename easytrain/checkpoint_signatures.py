@@ -52,18 +52,35 @@ class CheckpointStructureError(CheckpointMismatchError):
     def __init__(self, checkpoint: Path, detail: str):
         self.checkpoint, self.detail = checkpoint, detail
         self.missing, self.unexpected, self.mismatched = [], [], {}
-        shown = [line for line in detail.strip().splitlines()[1:] if line.strip() and "partial_restore" not in line]
         EasytrainError.__init__(self, "\n".join([
             f"the checkpoint {checkpoint} is intact (nothing was loaded, nothing changed), but this run builds a state "
             "tree of other nodes around the same arrays: its settings differ from the checkpoint's. Compare this run's "
             f"arguments with the checkpoint's ({Path(checkpoint) / 'run_info' / 'metadata'}, or the run's "
             "arguments.json): above all the optimizer's, and a configure_optimizer or model code changed since. "
             "Where the trees differ (Orbax's Source: this run's state, Target: the checkpoint's):",
-            *_first(shown, shown=12)]))
+            *_first(differing_nodes(detail), shown=4),
+            "Resume with the checkpoint's settings and code, or start a new output_dir from its weights with "
+            f"--init_weights_from {checkpoint} (a fresh optimizer state)."]))
+
+
+def differing_nodes(detail: str) -> list[str]:
+    """Orbax's comparison of two trees as one entry per node that differs: its path line with the lines indented
+    under it (Source, Target), so that a count of what is left out counts nodes, not Orbax's three lines a node.
+    Orbax's heading (the first line), its blank lines and its `partial_restore` hint are dropped."""
+    nodes: list[list[str]] = []
+    for line in detail.strip().splitlines()[1:]:
+        if not line.strip() or "partial_restore" in line:
+            continue
+        if line[0].isspace() and nodes:
+            nodes[-1].append(line)
+        else:
+            nodes.append([line])
+    return ["\n".join(node) for node in nodes]
 
 
 def _first(lines: Iterable[str], shown: int = 8) -> list[str]:
-    """At most `shown` lines, indented, then how many more there were: a whole optimizer state would fill a screen."""
+    """At most `shown` entries (one line each, or several: `differing_nodes`), every line indented, then how many
+    more entries there were: a whole optimizer state would fill a screen."""
     return [f"  {line}" for line in listed(lines, shown, "\n").splitlines()]
 
 

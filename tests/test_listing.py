@@ -21,18 +21,24 @@ def test_listed_reads_an_iterable_once():
     assert listed((name for name in "abcde"), 2) == "a, b, and 3 more"
 
 
+#: What Orbax writes between two nodes that differ (`format_tree_diff`).
+NODE_GAP = "\n\n"
+
+
 def test_the_checkpoint_refusals_indent_each_shown_line_and_count_the_rest_beneath():
-    """Orbax's comparison keeps its own indentation under the refusal's, its partial_restore hint is dropped, and
-    the count of the lines left out follows the last one shown."""
+    """Orbax's comparison keeps its own indentation under the refusal's, its blank lines and partial_restore hint are
+    dropped, and the count of the nodes left out (not of Orbax's lines: three a node) follows the last one shown,
+    then the fix."""
     from pathlib import Path
 
     from easytrain.checkpoint_signatures import CheckpointMismatchError, CheckpointStructureError
 
-    nodes = "\n".join(f"opt_state.{i}:\n    - Source: (<class 'list'>, 3)\n    - Target: (<class 'list'>, 2)"
-                      for i in range(5))
-    detail = f"tree structures do not match:\n{nodes}\nIf intentional, pass `partial_restore=True`."
+    nodes = [f"opt_state.{i}:\n    - Source: (<class 'list'>, 3)\n    - Target: (<class 'list'>, 2)" for i in range(5)]
+    detail = f"tree structures do not match:\n{NODE_GAP.join(nodes)}\nIf intentional, pass `partial_restore=True`."
     lines = str(CheckpointStructureError(Path("run/checkpoints/4"), detail)).splitlines()
-    assert lines[1:] == [f"  {line}" for line in nodes.splitlines()[:12]] + ["  and 3 more"], lines
+    shown = [f"  {line}" for node in nodes[:4] for line in node.splitlines()]
+    assert lines[1:-1] == shown + ["  and 1 more"], lines
+    assert "--init_weights_from run/checkpoints/4" in lines[-1], lines
     lines = str(CheckpointMismatchError([f"k{i}" for i in range(10)], [], {"w": ("f32[2]", "bf16[2]")})).splitlines()
     assert lines[1:] == [f"  missing in checkpoint: k{i}" for i in range(8)] + [
         "  and 2 more", "  w: stored f32[2], expected bf16[2]"], lines

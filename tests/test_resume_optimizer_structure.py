@@ -145,3 +145,24 @@ def test_warnings_come_only_after_every_refusal_check_passed(caplog):
         with pytest.raises(ArgumentError, match="seed"):
             check_resumable(run_info_with(max_steps=4, seed=0), run_info_with(max_steps=6, seed=1))
     assert not caplog.records, caplog.text
+
+
+def test_a_structure_refusal_counts_the_nodes_that_differ_not_orbaxs_lines(tmp_path):
+    """Orbax prints each node that differs as three lines (its path, Source, Target) and a hint of its own; the
+    refusal showed four nodes of nine and said 'and 15 more', counting lines. Built as `restore_checkpoint` builds
+    it, from the real Orbax error, where this run's state has nine empty nodes the checkpoint lacks."""
+    from easytrain.checkpoint import CheckpointManager
+    from easytrain.checkpoint_read_errors import innermost
+    from easytrain.checkpoint_signatures import CheckpointStructureError
+
+    with CheckpointManager(tmp_path, async_save=False) as manager:
+        manager.save(1, state={"params": {"w": jnp.ones(2)}}, data_state={}, run_info={})
+        added = {f"added_{i}": {} for i in range(9)}
+        target = {"params": {"w": jax.ShapeDtypeStruct((2,), jnp.float32), **added}}
+        with pytest.raises(ValueError, match="tree structures do not match") as refused:
+            manager.restore_state(1, abstract_state=target)
+    message = str(CheckpointStructureError(tmp_path / "1", str(innermost(refused.value))))
+    assert message.count("- Source:") == 4 and "params.added_3:" in message, message
+    assert "\n  and 5 more\n" in message and "partial_restore" not in message, message
+    fix = f"--init_weights_from {tmp_path / '1'} (a fresh optimizer state)."
+    assert message.splitlines()[-1].endswith(fix), message
