@@ -22,7 +22,7 @@ from easytrain.config_io import ARGUMENTS_FILE
 from easytrain.errors import OutputDirError
 from easytrain.jobs import JOB_FILENAME, current_job
 from easytrain.trainers import run_dir, run_lock
-from easytrain.trainers.held_run import LEFTOVER_KINDS, HeldRun, held_leftovers, leftover_kind
+from easytrain.trainers.held_run import LEFTOVER_KINDS, REWRITTEN_LOGS, HeldRun, held_leftovers, leftover_kind
 from easytrain.trainers.run_dir import (FINAL_OUTPUTS, RUN_ARTIFACTS, STARTED_RUN_LOGS, SUPERSEDED_DIRNAME,
                                         _checked_directory, restarts_unsaved_run, resumes_own_checkpoints,
                                         step_dirs)
@@ -145,7 +145,7 @@ def claim_output_dir(args: TrainingArguments, resume: tuple[Path, int] | None,
         # wherever it does not continue its own checkpoints: held even where nothing else of that run is there.
         replaced = (ARGUMENTS_FILE, *outputs) if held or not resumes_own_checkpoints(output_dir, resume) else ()
         if held:  # the logs a resumed run rewrites: put back by `undo` too
-            replaced += ("metrics.jsonl", "metrics.csv")
+            replaced += REWRITTEN_LOGS
             held.list_entries(output_dir / "tensorboard")
         for name in replaced:
             held.copy(output_dir / name)

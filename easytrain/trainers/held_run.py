@@ -37,6 +37,7 @@ from pathlib import Path
 from easytrain.job_records import JOB_FILENAME, keep_older_run_data, read_record
 from easytrain.jobs import Job, current_job
 from easytrain.linked_logs import own_event_file, run_entry
+from easytrain.reporting import CSV_FILENAME, METRICS_FILENAME
 from easytrain.sinks import MLFLOW_STATE_FILENAME, WANDB_STATE_FILENAME, replace_through_link
 from easytrain.trainers.run_dir import REPLACED_DIRNAME, present, remove as _delete
 
@@ -257,6 +258,8 @@ def held_leftovers(output_dir: Path) -> list[Path]:
     return sorted(root.iterdir()) if root.is_dir() else []
 
 
+#: The logs a resumed run rewrites from the step it resumes: `claim_output_dir` holds copies of them.
+REWRITTEN_LOGS = (METRICS_FILENAME, CSV_FILENAME)
 #: The kinds of leftover in `replaced_run/` (`leftover_kind`), each with what it is and what to do with it.
 LEFTOVER_KINDS = {
     "older run": "older runs whose replacing run was stopped before its first step was done, whole: move them back "
@@ -265,6 +268,9 @@ LEFTOVER_KINDS = {
                   "before its first step was done: those logs' records past the step it resumed, of the lineage it "
                   "set aside in superseded_checkpoints/; to continue that lineage, move its checkpoints back and copy "
                   "these over the logs (without .before), else delete them",
+    "file copies": "copies (*.before) of an older run's files (arguments.json, sft_data_stats.json) that a fresh run "
+                   "replaced as it started, stopped before its first step was done: to keep the older run's, copy "
+                   "them over those files (without .before), else delete them",
     "deleting": "what is left of older runs that their replacing run failed to delete after its first step: "
                 "delete them (they are deleted once this run's first step is done)",
 }
@@ -272,14 +278,17 @@ LEFTOVER_KINDS = {
 
 def leftover_kind(path: Path) -> str:
     """Which of `LEFTOVER_KINDS` one entry of `replaced_run/` is: a held run `settle` began to delete (renamed with
-    `DELETING_SUFFIX`), one holding only the `*.before` copies of a resume's logs (`HeldRun.copy`), or an older run."""
+    `DELETING_SUFFIX`), one holding only `*.before` copies (`HeldRun.copy`): of a resume's logs, or of the files a
+    fresh run replaced as it started where none is a log; or an older run."""
     if path.name.endswith(DELETING_SUFFIX):
         return "deleting"
     try:  # the copies lie at its top; one this user cannot list (another's) is taken for an older run
         entries = list(path.iterdir()) if path.is_dir() and not path.is_symlink() else []
     except OSError:
         entries = []
-    return "log copies" if entries and all(p.is_file() and p.name.endswith(".before") for p in entries) else "older run"
+    if not entries or not all(p.is_file() and p.name.endswith(".before") for p in entries):
+        return "older run"
+    return "log copies" if any(p.name.removesuffix(".before") in REWRITTEN_LOGS for p in entries) else "file copies"
 
 
 #: What `settle` renames a held run to before deleting it: what a deletion refused or killed midway leaves is never
