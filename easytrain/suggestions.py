@@ -1,6 +1,7 @@
 """The "did you mean" of every unknown name (arguments, config keys, tasks): one rule, so all typos read alike.
 
-Before the spelling match, the names transformers.Trainer gives what easytrain names otherwise (`TRANSFORMERS_FIELDS`):
+Before the spelling match, the names transformers.Trainer gives what easytrain names otherwise or lacks
+(`TRANSFORMERS_FIELDS`, with `easytrain.transformers_unported.UNTAKEN`):
 spelling alone would point elsewhere, sometimes somewhere that trains differently (`gradient_checkpointing` reads
 closest to `async_checkpointing`, `eval_accumulation_steps` to `gradient_accumulation_steps`, `data_seed` to
 `dataset_name`), and some mean a setting only with their value (`optim sgd` is `optimizer sgd` with momentum 0).
@@ -11,31 +12,9 @@ from __future__ import annotations
 import difflib
 import functools
 from collections.abc import Callable, Collection, Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
-#: (field, value) pairs to write; a value of None: the field alone (its value is the user's to choose).
-Settings = tuple[tuple[str, Any], ...]
-
-
-@dataclass(frozen=True)
-class Ported:
-    """A transformers setting as easytrain spells it: `settings` (none: easytrain has no equivalent) and `why`, how
-    the two differ or why none is needed."""
-
-    settings: Settings
-    why: str
-
-
-def _on(value: Any) -> bool:
-    """A transformers boolean as given: a bare flag (None) or anything but transformers' false strings is on."""
-    return value is not False and str(value).strip().lower() not in ("false", "f", "no", "n", "0", "off")
-
-
-def _switch(name: str, on: Ported, default: Any) -> Callable[[Any], Ported]:
-    """A transformers boolean: `on` when it is set, else `name` at its default (nothing to write)."""
-    return lambda value: on if _on(value) else Ported(((name, default),), "It is the default: leave it out")
-
+from easytrain.transformers_unported import UNTAKEN, Ported, Settings, fixed, switch
 
 _ADAMW = Ported((("optimizer", "adamw"),), "The same AdamW (adam_beta1, adam_beta2, adam_epsilon, decoupled weight "
                                            "decay)")
@@ -65,90 +44,6 @@ def _optim(value: Any) -> Ported:
                                           "configure_optimizer(schedule) in a trainer (docs/custom_trainer.md)")
 
 
-def _fixed(why: str) -> Callable[[Any], Ported]:
-    """A setting easytrain has no field for, whatever its value: the why alone (no "Did you mean")."""
-    return lambda value: Ported((), why)
-
-
-def _pointing(field: str, why: str) -> Callable[[Any], Ported]:
-    """A setting whose nearest easytrain field is `field` (the user's to set), whatever its value."""
-    return lambda value: Ported(((field, None),), why)
-
-
-_CUSTOM = "in a trainer (docs/custom_trainer.md)"
-_MESH = ("There is no such setting here: a run is placed on a device mesh of data_parallel_size x fsdp_size x "
-         "tensor_parallel_size devices, fsdp_size sharding parameters and optimizer state (docs/scaling.md)")
-_HUB = ("There is no pushing to the Hub here: save_pretrained_at_end exports output_dir/final_model (config.json "
-        "and safetensors), which `hf upload` pushes")
-#: transformers.TrainingArguments fields whose spelling alone would point to a look-alike that does something else.
-_UNTAKEN: Mapping[str, Callable[[Any], Ported]] = {
-    "lr_scheduler_kwargs": _fixed(
-        "There is no such setting here: the schedules ('constant', 'linear', 'cosine') take no arguments besides "
-        "warmup_steps or warmup_ratio; 'cosine' is cosine_with_restarts at num_cycles=1, 'linear' polynomial at "
-        f"power=1.0 (down to 0, not lr_end); for another schedule, override configure_schedule(total_steps) {_CUSTOM}"),
-    "optim_args": _fixed(
-        "There is no such setting here: each optimizer setting is a field of its own: adam_beta1, adam_beta2 and "
-        "adam_epsilon (adamw; lion reads the betas), sgd_momentum (sgd), weight_decay and max_grad_norm (all "
-        "four); adafactor's others are optax's defaults. For other options, override "
-        f"configure_optimizer(schedule) {_CUSTOM}"),
-    "optim_target_modules": _fixed(
-        "There is no such setting here: it chooses the modules transformers' GaLore and APOLLO optimizers update, "
-        "which easytrain does not have (lora_target_modules chooses where LoRA adapters go: another thing)"),
-    "auto_find_batch_size": _fixed(
-        "There is no such setting here: train_batch_size is used as given, never lowered after running out of "
-        "memory; gradient_accumulation_steps splits it into micro-batches, which need less memory"),
-    "logging_strategy": _pointing("logging_steps", (
-        "Logging is by updates only: every logging_steps updates (transformers' 'steps'), a checkpoint and the last "
-        "update also ending a logging window; there is no 'epoch' logging")),
-    "logging_first_step": _fixed(
-        "There is no such setting here: records come every logging_steps updates, at each checkpoint and at the last "
-        "update (logging_steps 1 logs the first update by itself)"),
-    "eval_delay": _fixed("There is no such setting here: evaluation follows eval_strategy from the start (every "
-                         "eval_steps updates, or every epoch)"),
-    "eval_on_start": _fixed("There is no such setting here: the first evaluation comes after eval_steps updates "
-                            "(eval_strategy 'steps') or at the first epoch's end ('epoch')"),
-    "batch_eval_metrics": _fixed(
-        "There is no such setting here, and none is needed: the eval_metrics of the loss (accuracy, perplexity) "
-        "merge each batch's sums and counts on the device, never computed from every prediction gathered at once"),
-    "enable_jit_checkpoint": _fixed(
-        "There is no such setting here, and none is needed: a SIGTERM (or SIGINT) during training always ends "
-        "the run after the current step with a checkpoint, whatever save_strategy, exit status 75 "
-        "(docs/checkpoints.md)"),
-    "restore_callback_states_from_checkpoint": _fixed(
-        "There is no such setting here: a resume always gives each callback its state_dict back "
-        "(docs/api/callbacks.md)"),
-    **dict.fromkeys(("push_to_hub", "hub_strategy", "hub_model_id", "hub_token", "hub_private_repo",
-                     "hub_always_push", "hub_revision"), _fixed(_HUB)),
-    **dict.fromkeys(("accelerator_config", "parallelism_config", "fsdp_config", "deepspeed"), _fixed(_MESH)),
-    "fsdp": _pointing("fsdp_size", (
-        "transformers' fsdp takes FSDP's options ('full_shard', 'offload', ...); fsdp_size here is the number of "
-        "devices parameters and optimizer state are sharded over (-1: those the other mesh axes leave; "
-        "docs/scaling.md)")),
-    "label_names": _fixed("There is no such setting here: each task makes its own targets from its rows "
-                          "(docs/tasks.md)"),
-    "train_sampling_strategy": _fixed(
-        "There is no such setting here: the training rows are shuffled anew every epoch, from seed (transformers' "
-        "'random'); there is no 'sequential' or 'group_by_length'"),
-    "dataloader_drop_last": _fixed(
-        "There is no such setting here: an epoch is floor(rows / train_batch_size) updates of full batches, as with "
-        "transformers' dataloader_drop_last true; the rows left over are other ones in each epoch, shuffled anew "
-        "(docs/porting.md)"),
-    **dict.fromkeys(("torch_compile", "torch_compile_backend", "torch_compile_mode"), _fixed(
-        "There is no such setting here, and none is needed: the train and eval steps are always compiled by XLA "
-        "(jax.jit); compiler_options passes XLA's own options")),
-    "use_cpu": _fixed("There is no such setting here: JAX runs on the accelerator it finds; JAX_PLATFORMS=cpu in the "
-                      "environment runs on the CPU"),
-    "ignore_data_skip": _fixed(
-        "There is no such setting here: a resume continues the data where the checkpoint left it (with "
-        "allow_data_order_change, in the order changed data settings give)"),
-    "save_only_model": _fixed(
-        "There is no such setting here: checkpoints always hold the optimizer state and the data position, for an "
-        "exact resume; save_pretrained_at_end exports the model alone to output_dir/final_model"),
-    "local_rank": _pointing("process_id", (
-        "A multi-process run (one process per host) is set up by coordinator_address, num_processes and "
-        "process_id; SLURM and Cloud TPU launches are detected without them")),
-}
-
 _REMAT_FULL = Ported((("remat_policy", "full"),),
                      "It recomputes each decoder layer's activations from the layer's input in the backward pass, as "
                      "transformers' activation checkpointing of every layer does ('dots' also keeps matmul outputs)")
@@ -161,21 +56,21 @@ TRANSFORMERS_FIELDS: Mapping[str, Callable[[Any], Ported]] = {
         "The Trainer's data_seed seeds the data order alone; seed here seeds the initial weights, the data order "
         "and the held-out validation split together (see seed's help and docs/porting.md)")),
     "optim": _optim,
-    "gradient_checkpointing": _switch("remat_policy", _REMAT_FULL, "none"),
-    "activation_checkpointing": _switch("remat_policy", _REMAT_FULL, "none"),
+    "gradient_checkpointing": switch("remat_policy", _REMAT_FULL, "none"),
+    "activation_checkpointing": switch("remat_policy", _REMAT_FULL, "none"),
     "gradient_checkpointing_kwargs": lambda value: _REMAT_OPTIONS,
     "activation_checkpointing_kwargs": lambda value: _REMAT_OPTIONS,
-    "bf16": _switch("dtype", Ported((("dtype", "bfloat16"),), (
+    "bf16": switch("dtype", Ported((("dtype", "bfloat16"),), (
         "It computes activations in bfloat16; parameters and optimizer state keep param_dtype (float32 unless set)")),
         "float32"),
-    "fp16": _switch("dtype", Ported((("dtype", "bfloat16"),), (
+    "fp16": switch("dtype", Ported((("dtype", "bfloat16"),), (
         "The Trainer's fp16 relies on loss scaling (a gradient scaler), which easytrain does not do, so float16 is "
         "refused here; bfloat16 has float32's exponent range and needs none")), "float32"),
     "eval_accumulation_steps": lambda value: Ported((), (
         "There is no such setting here, and none is needed: evaluation merges each batch's metric sums and counts on "
         "the device and fetches them once, so no logits or predictions pile up on the device or the host "
         "(gradient_accumulation_steps is another thing: it splits training batches)")),
-    **_UNTAKEN,
+    **UNTAKEN,
 }
 
 
@@ -209,8 +104,8 @@ OTHER_FIELDS: Mapping[str, Callable[[Any], Ported]] = {
         "The reference model's directory or hub id: ref_model_name_or_path here (unset: a frozen copy of the "
         "initial policy)")),
     "rpo_alpha": _rpo,
-    "logging_dir": _fixed("There is no such setting here: logs go under output_dir (tensorboard/, metrics.jsonl)"),
-    "save_safetensors": _fixed("There is no such setting here: exports are always safetensors, and checkpoints "
+    "logging_dir": fixed("There is no such setting here: logs go under output_dir (tensorboard/, metrics.jsonl)"),
+    "save_safetensors": fixed("There is no such setting here: exports are always safetensors, and checkpoints "
                                "Orbax's"),
     "lr": lambda value: Ported((("learning_rate", value),), "The peak learning rate is learning_rate"),
     "epochs": lambda value: Ported((("num_train_epochs", value),), "Passes over the training set: num_train_epochs"),
