@@ -12,6 +12,7 @@ rebuild it with other values (a teacher folder overwritten since) is refused bef
 from __future__ import annotations
 
 import itertools
+import os
 from typing import Any, Callable, ContextManager, Mapping, NamedTuple
 
 import jax
@@ -211,13 +212,32 @@ def check_mirrors(specs: Mapping[str, Frozen], values: Mapping[str, PyTree], par
                               "the LoRA adapters under lora_rank), in the run's layout.")
 
 
+def declared_entries(specs: Any) -> dict[str, Frozen]:
+    """`configure_frozen`'s result as a dict of `Frozen` entries, or a TypeError naming what is not one and the fix,
+    before any entry is placed (not an AttributeError or a JAX type error from deep inside the placement)."""
+    if not isinstance(specs, Mapping):
+        raise TypeError(f"configure_frozen returned a {type(specs).__name__}; return a dict {{name: Frozen(...)}} "
+                        "(empty for none): each entry reaches compute_loss as frozen[name].")
+    for name, spec in specs.items():
+        if not isinstance(spec, Frozen):
+            raise TypeError(f"configure_frozen's entry {name!r} is a {type(spec).__name__}, not a Frozen: declare it "
+                            f"as {{{name!r}: Frozen(value, checkpoint=False)}} (easytrain.frozen.Frozen; "
+                            "checkpoint=True for an entry that changes, such as an EMA).")
+        if isinstance(spec.value, (str, bytes, os.PathLike)):
+            raise TypeError(f"configure_frozen's entry {name!r} holds the {type(spec.value).__name__} "
+                            f"{os.fsdecode(spec.value)!r}, which is not loaded: pass the loaded module, "
+                            "Frozen(from_pretrained(path, mesh=self.mesh, rules=self.partition_rules), "
+                            "checkpoint=False) (easytrain.models.from_pretrained).")
+    return dict(specs)
+
+
 class FrozenPlan:
     """Where each declared entry comes from in this run: built now, or (checkpointed entries of a resumed
     run) restored from the checkpoint into an abstract target."""
 
     def __init__(self, specs: Mapping[str, Frozen], mesh: Mesh, rules: sharding.LogicalRules, *, resuming: bool,
                  stacked: StackedBuild | None = None):
-        self.specs = dict(specs)
+        self.specs = specs = declared_entries(specs)
         self.built = place_frozen({k: f for k, f in specs.items() if not (resuming and f.checkpoint)}, mesh, rules,
                                   stacked=stacked)
         self.restored = place_frozen({k: f for k, f in specs.items() if resuming and f.checkpoint}, mesh, rules,

@@ -14,6 +14,7 @@ from flax import nnx
 from easytrain import BaseTrainer, LossOutput, TrainingArguments, placement, sharding
 from easytrain.data import DataError
 from easytrain.eval_metrics import Predictions
+from easytrain.frozen import Frozen
 from easytrain.metrics import Mean, mean_over
 
 FEATURES, CLASSES = 5, 3
@@ -174,3 +175,18 @@ def test_a_collate_that_loses_rows_is_refused_before_they_are_trained_on(tmp_pat
 
     with pytest.raises(DataError, match=r"collate returned 7 rows in field 'x' for 8 examples"):
         with_hook("collate", dropping)(arguments(tmp_path)).train()
+
+
+@pytest.mark.parametrize("declared, said", [
+    ({"teacher": nnx.Linear(2, 3, rngs=nnx.Rngs(0))}, r"configure_frozen's entry 'teacher' is a Linear, not a "
+                                                      r"Frozen.*\{'teacher': Frozen\(value, checkpoint=False\)\}"),
+    ({"teacher": Frozen("runs/teacher")}, r"entry 'teacher' holds the str 'runs/teacher'.*not loaded.*"
+                                          r"from_pretrained\(path, mesh=self.mesh"),
+    ([Frozen(np.ones(3))], r"configure_frozen returned a list.*\{name: Frozen\(\.\.\.\)\}"),
+])
+def test_a_configure_frozen_result_of_other_than_frozen_entries_is_named_with_the_fix(tmp_path, declared, said):
+    """Before, an AttributeError ('MLP' object has no attribute 'value') or JAX's 'not a valid JAX type' from deep
+    inside the placement."""
+    with pytest.raises(TypeError, match=said):
+        with_hook("configure_frozen", lambda self: declared)(arguments(tmp_path)).setup()
+
