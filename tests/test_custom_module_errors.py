@@ -190,3 +190,10 @@ def test_a_configure_frozen_result_of_other_than_frozen_entries_is_named_with_th
     with pytest.raises(TypeError, match=said):
         with_hook("configure_frozen", lambda self: declared)(arguments(tmp_path)).setup()
 
+
+@pytest.mark.parametrize("returned, said", [(1e-3, r"a float \(0.001\).*optax.constant_schedule\(0.001\)"),
+                                            (None, r"None.*return")])
+def test_a_schedule_that_is_no_function_of_the_update_is_refused_at_setup(tmp_path, returned, said):
+    """Before, "TypeError: 'float' object is not callable" from inside the first train step's trace."""
+    with pytest.raises(TypeError, match=r"configure_schedule returned " + said):
+        with_hook("configure_schedule", lambda self, total_steps: returned)(arguments(tmp_path)).setup()

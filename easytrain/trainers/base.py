@@ -38,7 +38,7 @@ from easytrain.optim import build_optimizer, build_schedule, schedule_record
 from easytrain.protocol import ConfiguredDataloaders, ConfiguredFunctions, ConfiguredModel
 from easytrain.state import TrainState, bind
 from easytrain.trainers import (adapters, batch_fields, builders, data_agreement, preemption, process_failure, run_lock,
-                                step_outputs, trainer_start)
+                                schedule_checks, step_outputs, trainer_start)
 from easytrain.trainers.claim_hooks import ClaimHooks
 from easytrain.trainers.held_run import tracker_records
 from easytrain.trainers.initial_policy import InitialPolicyHooks
@@ -146,7 +146,8 @@ class BaseTrainer(ProtocolProperties, InitialPolicyHooks, RunRecordHooks, TrainS
         given = (self._raw_train is not None, self._raw_eval is not None)
         data_agreement.check_processes_agree(self._data, self._arguments, given, jax.process_count())
         profiling.check_window(self._arguments, self._data.total_steps)  # the run's length is known from here
-        self._schedule = self.configure_schedule(self._data.total_steps)  # `scheduler`: configure_model may read it
+        # `scheduler`: configure_model may read it
+        self._schedule = schedule_checks.checked_schedule(self.configure_schedule(self._data.total_steps))
         with stop_signals.interruptible("building the model"):
             self._model = self.configure_model()
         self._settle_evaluators(self._model.model)  # the module trained, whatever built it: before any step
