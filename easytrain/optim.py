@@ -94,6 +94,15 @@ def build_optimizer(args: TrainingArguments, schedule: optax.Schedule) -> optax.
     return opt
 
 
+def checked_optimizer(tx: Any) -> optax.GradientTransformation:
+    """`configure_optimizer`'s result, refused at set-up unless it has optax's `init` and `update` (a forgotten
+    `return` otherwise fails as an attribute error while the state is placed)."""
+    if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
+        raise TypeError(f"configure_optimizer returned a {type(tx).__name__}; return an optax "
+                        "GradientTransformation built from the schedule it is given, e.g. optax.adamw(schedule).")
+    return tx
+
+
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
     """`optax.clip_by_global_norm`, reusing the norm the train step already has.
 

@@ -219,6 +219,9 @@ class DefaultMetrics(dict):
 def checked_eval_metrics(metrics: Mapping[str, Any]) -> Metrics:
     """`compute_metrics`' values as `easytrain.metrics` values of scalars; else an error naming the metric, raised
     while the eval step is traced (at set-up) instead of at the first evaluation, after training steps."""
+    if not isinstance(metrics, Mapping):
+        raise TypeError(f"compute_metrics returned a {type(metrics).__name__}; return a dict of name -> metric "
+                        "(Mean(total, count), Sum, Max, ...), {} for none.")
     checked_metrics: Metrics = {}
     for name, value in metrics.items():
         if not is_metric(value):

@@ -197,3 +197,22 @@ def test_a_schedule_that_is_no_function_of_the_update_is_refused_at_setup(tmp_pa
     """Before, "TypeError: 'float' object is not callable" from inside the first train step's trace."""
     with pytest.raises(TypeError, match=r"configure_schedule returned " + said):
         with_hook("configure_schedule", lambda self, total_steps: returned)(arguments(tmp_path)).setup()
+
+
+@pytest.mark.parametrize("hook, returned, said", [
+    ("prepare_datasets", lambda self: blobs(32, 1), r"prepare_datasets returned a dict.*\(train_rows, eval_rows\)"),
+    ("prepare_datasets", lambda self: None, r"prepare_datasets returned None.*\(train_rows, eval_rows\)"),
+    ("collate", lambda self, rows, example_ids: None, r"collate returned a NoneType; return a dict"),
+    ("create_module", lambda self: None, r"create_module returned a NoneType; return the module it builds"),
+    ("create_module", lambda self: MLP, r"create_module returned the class MLP.*an instance"),
+    ("compute_metrics", lambda self, predictions, batch: None, r"compute_metrics returned a NoneType.*\{\} for none"),
+    ("configure_optimizer", lambda self, schedule: None, r"configure_optimizer returned a NoneType.*optax"),
+    ("task_settings", lambda self: None, r"Trainer.task_settings\(\) returned a NoneType.*\{\} for none"),
+])
+def test_a_hook_that_returns_the_wrong_kind_of_value_is_named_with_the_fix(tmp_path, hook, returned, said):
+    """A forgotten `return` (None) or another kind of value than the hook's, named at set-up. Before, each failed
+    inside easytrain: 'cannot unpack non-iterable NoneType object', prepare_datasets' train dict unpacked into its
+    column names ('data source ... got str'), a StopIteration from the loader (which drops a None batch),
+    "'NoneType' object has no attribute 'eval'" / 'items' / 'init', flax's 'tuple index out of range'."""
+    with pytest.raises(TypeError, match=said):
+        with_hook(hook, returned)(arguments(tmp_path)).setup()

@@ -44,6 +44,7 @@ class BatchCheck:
         self.declared = self.token_fields != TOKEN_FIELDS
 
     def __call__(self, batch: Batch, example_ids: np.ndarray) -> Batch:
+        check_is_batch(batch)  # here, on the reader thread: the loader would drop a None batch, ending the data
         one_row_each(batch, len(example_ids))
         if self.vocab_size is not None and isinstance(batch, Mapping):
             for field in self.token_fields:
@@ -51,6 +52,13 @@ class BatchCheck:
                     check_declared_field(batch, field)
                 check_batch_ids(batch.get(field), field, example_ids, self.vocab_size)
         return batch
+
+
+def check_is_batch(batch: Any) -> None:
+    """Refuse what `collate` returned unless it is a dict of fields."""
+    if not isinstance(batch, Mapping):
+        raise TypeError(f"collate returned a {type(batch).__name__}; return a dict of field name -> numpy array "
+                        "(one row per example).")
 
 
 def check_declared_field(batch: Mapping[str, Any], field: str) -> None:

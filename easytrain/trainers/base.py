@@ -34,7 +34,7 @@ from easytrain.data.token_range import vocab_size_of
 from easytrain.errors import ArgumentError
 from easytrain.evaluators import Evaluator, usable_evaluators
 from easytrain.frozen import Frozen, FrozenPlan
-from easytrain.optim import build_optimizer, build_schedule, schedule_record
+from easytrain.optim import build_optimizer, build_schedule, checked_optimizer, schedule_record
 from easytrain.protocol import ConfiguredDataloaders, ConfiguredFunctions, ConfiguredModel
 from easytrain.state import TrainState, bind
 from easytrain.trainers import (adapters, batch_fields, builders, data_agreement, preemption, process_failure, run_lock,
@@ -233,7 +233,7 @@ class BaseTrainer(ProtocolProperties, InitialPolicyHooks, RunRecordHooks, TrainS
                                      trained=self.trainable_filter)
         if self._given_model is not None:  # before it is placed (the trainer's own: `_abstract_module`)
             self._settle_evaluators(self._given_model)
-        tx = self.configure_optimizer(self.scheduler)  # settled by `setup`, from `configure_schedule`
+        tx = checked_optimizer(self.configure_optimizer(self.scheduler))  # `scheduler`: settled by `setup`
         placed = dict(seed=args.seed, mesh=self.mesh, rules=self.partition_rules,
                       **adapters.partition(self.lora, self.trainable))
         frozen = FrozenPlan(self.configure_frozen(), self.mesh, self.partition_rules,

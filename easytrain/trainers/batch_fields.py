@@ -9,15 +9,14 @@ import jax
 import numpy as np
 
 from easytrain import sharding
+from easytrain.data.batch_checks import check_is_batch
 from easytrain.data.errors import DataError
 
 
 def check_collated(host_batch: Mapping[str, Any], host_only: Sequence[str]) -> dict[str, Any]:
     """The device fields of a batch `collate` returned, each an array (with a shape and dtype); a list, a scalar or
     another object is named with its fix instead of failing as an attribute error inside the tracing."""
-    if not isinstance(host_batch, Mapping):
-        raise TypeError(f"collate returned a {type(host_batch).__name__}; return a dict of field name -> numpy array "
-                        "(one row per example).")
+    check_is_batch(host_batch)
     fields = {key: value for key, value in host_batch.items() if key not in host_only}
     for key, value in fields.items():
         if not (hasattr(value, "shape") and hasattr(value, "dtype")) or not np.ndim(value):

@@ -344,18 +344,18 @@ def checkpoint_manager(args: TrainingArguments) -> CheckpointManager:
 
 
 def prepared_rows(trainer: Any) -> tuple[Any, Any]:
-    """`trainer.prepare_datasets()`, its rows checked (`check_row_sources`), data given to the trainer that it did
+    """`trainer.prepare_datasets()`, its rows checked (`row_sources`), data given to the trainer that it did
     not read refused by name (`given_data`), and rows each epoch leaves out warned about (not for the embedded demo
     corpus, whose rows the user did not choose), before the model is built. `disable_progress_bar` turns off the bars
     `datasets` draws while the rows are prepared."""
     token = _embedded_marks.set(embedded := [])
     try:
         with given_data.tracking() as reads, datasets_progress_bars(trainer.arguments.disable_progress_bar):
-            train, evaluation = trainer.prepare_datasets()
+            prepared = trainer.prepare_datasets()
     finally:
         _embedded_marks.reset(token)
     given_data.check_read(trainer, bool(reads))
-    check_row_sources(train, evaluation)
+    train, evaluation = row_sources(prepared)
     args, rows = trainer.arguments, count_rows(train)
     epochs = rows // args.train_batch_size * args.num_train_epochs  # the steps of num_train_epochs
     if not embedded:  # the demo's corpus (620 blocks): no rows of the user's to add or drop
@@ -371,9 +371,15 @@ def prepared_eval_rows(trainer: Any, dataset: Any) -> Any:
         return trainer.prepare_eval_dataset(dataset)
 
 
-def check_row_sources(train: Any, evaluation: Any) -> None:
-    """Before any batching: `prepare_datasets` returned rows, not several splits in one (a `DatasetDict`), nor
-    several eval sets in a dict (a dict of columns is one set)."""
+def row_sources(prepared: Any) -> tuple[Any, Any]:
+    """`prepare_datasets`' pair, before any batching: not the train rows alone (a dict would unpack into its column
+    names), nor several splits in one (a `DatasetDict`), nor several eval sets in a dict (a dict of columns is one)."""
+    if not isinstance(prepared, (tuple, list)) or len(prepared) != 2:
+        what = "None" if prepared is None else f"a {type(prepared).__name__}" + (
+            f" of {len(prepared)}" if isinstance(prepared, (tuple, list)) else "")
+        raise TypeError(f"prepare_datasets returned {what}; return (train_rows, eval_rows), eval_rows None for no "
+                        "evaluation set.")
+    train, evaluation = prepared
     for name, rows in (("train", train), ("eval", evaluation)):
         if isinstance(rows, datasets.DatasetDict):
             raise TypeError(f"prepare_datasets returned a DatasetDict with splits {list(rows)} as its {name} rows; "
@@ -385,6 +391,7 @@ def check_row_sources(train: Any, evaluation: Any) -> None:
                 "return one training set (its rows: columns of equal length, or a datasets.Dataset)"
             raise TypeError(f"prepare_datasets returned a dict of several {name} sets {tuple(rows)} as its {name} "
                             f"rows; {fix}.")
+    return train, evaluation
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str | None:

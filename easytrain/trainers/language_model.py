@@ -139,12 +139,17 @@ class LanguageModelHooks:
         """`create_module()`, where the error flax raises for `nnx.Rngs` made outside it (in `__init__`, and so
         outside the program that builds the module) says where to make them."""
         try:
-            return self.create_module()
+            module = self.create_module()
         except flax.errors.TraceContextError as error:
             raise TypeError(f"create_module runs inside a compiled program (jax.jit or nnx.eval_shape), and the "
                             f"module it built drew from state made outside it ({error}); create the module's "
                             "nnx.Rngs inside create_module, e.g. MyModule(rngs=nnx.Rngs(self.arguments.seed)), "
                             "never in __init__ or at module level.") from error
+        if not isinstance(module, nnx.Module):
+            what = f"the class {module.__name__}" if isinstance(module, type) else f"a {type(module).__name__}"
+            raise TypeError(f"create_module returned {what}; return the module it builds, an instance of an "
+                            "nnx.Module, e.g. MyModule(rngs=nnx.Rngs(self.arguments.seed)).")
+        return module
 
     def _checked_module(self) -> nnx.Module:
         """`_created_module()`, with a warning when its parameters are not in `param_dtype` (traced once a setup),

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from easytrain.checkpoint import CheckpointManager
 from easytrain.config_io import save_arguments
@@ -143,6 +143,9 @@ def merged_task_settings(trainer: Any) -> dict[str, Any]:
 
 def json_settings(settings: dict[str, Any], owner: str) -> dict[str, Any]:
     """`settings` as JSON gives them back, each key checked on its own so that a refusal names it."""
+    if not isinstance(settings, Mapping):
+        raise TypeError(f"{owner} returned a {type(settings).__name__}; return a dict of this class's settings "
+                        "(name -> JSON value), {} for none.")
     form: dict[str, Any] = {}
     for key, value in settings.items():
         try:
