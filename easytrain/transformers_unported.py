@@ -65,7 +65,8 @@ _GATHERED = ("There is no such setting here, and none is needed: evaluation gath
              "compute_metrics(predictions, batch) override, which sees each batch (docs/metrics.md)")
 _BY_LENGTH = ("There is no such setting here: rows are never grouped by length, each epoch is a shuffle from seed; "
               "for less padding, the sft task's packing fills each row with several examples, and without it each "
-              "batch is padded to the smallest bucket length that holds its longest example (docs/sft.md)")
+              "batch is padded to the smallest bucket length that holds its longest example (to max_length in a "
+              "multi-process run, whose processes run one shape: docs/sft.md)")
 _DDP = ("There is no such setting here, and none is needed: data parallelism is the compiled step sharded over the "
         "mesh's data axis, its gradient reductions placed and scheduled by XLA; there is no DistributedDataParallel "
         "wrapper to tune (docs/scaling.md)")
@@ -118,11 +119,11 @@ UNTAKEN: Mapping[str, Callable[[Any], Ported]] = {
         "There is no such setting here, and none is needed: the eval_metrics of the loss (accuracy, perplexity) "
         "merge each batch's sums and counts on the device, never computed from every prediction gathered at once"),
     "enable_jit_checkpoint": fixed(
-        "There is no such setting here, and none is needed: a SIGTERM (or SIGINT) during training always ends "
-        "the run after the current step with a checkpoint, whatever save_strategy, exit status 75 "
-        "(docs/checkpoints.md)"),
+        "There is no such setting here, and none is needed: a SIGTERM (or SIGINT) during training ends the run "
+        "after the current step with a checkpoint, whatever save_steps, unless save_strategy is 'no' (then it "
+        "stops with none), exit status 75 (docs/checkpoints.md)"),
     "restore_callback_states_from_checkpoint": fixed(
-        "There is no such setting here: a resume always gives each callback its state_dict back "
+        "There is no such setting here: a resume gives each callback its state_dict back, matched by class "
         "(docs/api/callbacks.md)"),
     **dict.fromkeys(("push_to_hub", "hub_strategy", "hub_model_id", "hub_token", "hub_private_repo",
                      "hub_always_push", "hub_revision"), fixed(_HUB)),

@@ -57,7 +57,9 @@ def test_no_transformers_name_is_sent_to_a_look_alike_by_spelling_alone():
     ("train_sampling_strategy", ["shuffled", "seed"], ["save_strategy"]),
     ("hub_strategy", ["final_model"], ["save_strategy"]),
     ("push_to_hub", ["final_model"], []),
-    ("enable_jit_checkpoint", ["SIGTERM", "75"], ["resume_from_checkpoint"]),
+    # save_strategy 'no' stops on a SIGTERM with no checkpoint (loop_ending.checkpoint_now)
+    ("enable_jit_checkpoint", ["SIGTERM", "75", "unless save_strategy is 'no'"],
+     ["resume_from_checkpoint", "whatever save_strategy"]),
     ("restore_callback_states_from_checkpoint", ["state_dict"], ["Did you mean"]),
     ("eval_delay", ["eval_steps"], ["Did you mean"]),
     ("eval_on_start", ["eval_steps"], ["Did you mean"]),
@@ -87,7 +89,8 @@ def test_no_transformers_name_is_sent_to_a_look_alike_by_spelling_alone():
     ("ddp_backend", ["coordinator_address"], ["Did you mean"]),
     ("ddp_find_unused_parameters", ["XLA"], ["Did you mean"]),
     ("length_column_name", ["packing", "bucket"], ["Did you mean"]),
-    ("group_by_length", ["packing", "bucket"], ["Did you mean"]),
+    # one bucket, max_length, across processes (SFTTrainer.prepare_datasets)
+    ("group_by_length", ["packing", "bucket", "multi-process run"], ["Did you mean"]),
     ("prediction_loss_only", ["eval_metrics"], []),
     ("save_on_each_node", ["shared", "output_dir"], []),
     ("full_determinism", ["seed", "xla_gpu_deterministic_ops"], []),
