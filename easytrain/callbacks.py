@@ -22,6 +22,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from easytrain.best_metric_direction import lower_is_better
 from easytrain.errors import EasytrainError
 
 logger = logging.getLogger("easytrain")
@@ -264,23 +265,23 @@ class EarlyStopping(Callback):
         stop_reason: Why training was stopped, or None.
     """
 
-    def __init__(
-        self, metric: str = "eval_loss", patience: int = 3, min_delta: float = 0.0, greater_is_better: bool = False
-    ):
+    def __init__(self, metric: str = "eval_loss", patience: int = 3, min_delta: float = 0.0,
+                 greater_is_better: bool | None = None):
         """Configures what counts as improvement.
 
         Args:
             metric: Name in the evaluation metrics, e.g. "eval_loss".
             patience: Evaluations without improvement tolerated before stopping.
             min_delta: An improvement must exceed this margin to count.
-            greater_is_better: True for metrics such as accuracy.
+            greater_is_better: True for metrics such as accuracy. None: from the metric's name, as for
+                `metric_for_best_model` (lower for a loss, a perplexity, an error, ...: docs/metrics.md; else higher).
         """
         if patience < 1:
             raise ValueError(f"patience must be >= 1, got {patience}")
         if min_delta < 0:
             raise ValueError(f"min_delta must be >= 0, got {min_delta}")
         self.metric, self.patience, self.min_delta = metric, patience, min_delta
-        self.greater_is_better = greater_is_better
+        self.greater_is_better = not lower_is_better(metric) if greater_is_better is None else greater_is_better
         self.best: float | None = None
         self.best_step: int | None = None
         self.evaluations_without_improvement = 0

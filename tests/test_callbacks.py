@@ -144,6 +144,18 @@ def test_greater_is_better() -> None:
     assert trainer.should_stop is True
 
 
+@pytest.mark.parametrize("metric, rising_stops", [("eval_accuracy", False), ("eval_f1", False),
+                                                  ("eval_loss", True), ("eval_mse", True)])
+def test_unset_greater_is_better_follows_the_metric_name(metric: str, rising_stops: bool) -> None:
+    """EarlyStopping(metric) without a direction ranks as metric_for_best_model does (an accuracy higher, a loss or
+    an error lower), not lower-is-better for every name: before, EarlyStopping('eval_accuracy', patience=2) stopped a
+    run whose accuracy rose at every evaluation."""
+    callback, trainer = EarlyStopping(metric, patience=2), fake_trainer()
+    evaluate(callback, trainer, [0.5, 0.6, 0.7], metric=metric)
+    assert trainer.should_stop is rising_stops
+    assert callback.greater_is_better is not rising_stops
+
+
 def test_greater_is_better_min_delta_requires_a_real_improvement() -> None:
     """An accuracy up by less than min_delta is no improvement, one down by less neither (min_delta is not a
     tolerance for getting worse)."""
