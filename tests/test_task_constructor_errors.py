@@ -30,6 +30,13 @@ TASKS = textwrap.dedent('''
 
         def __init__(self, arguments):
             self.size = len(arguments.output_dir) + None  # a bug in the task's own code
+
+
+    class Chooser:
+        """A trainer factory written as a class: its __new__ returns the trainer, not an instance of it."""
+
+        def __new__(cls, arguments):
+            return easytrain.BaseTrainer(arguments)
     ''')
 
 
@@ -87,4 +94,14 @@ def test_a_trainer_class_by_import_path_is_built(tmp_path):
     from easytrain.tasks.registry import resolve_task
 
     trainer = resolve_task("easytrain:BaseTrainer").build(TrainingArguments(output_dir=str(tmp_path)))
+    assert type(trainer) is BaseTrainer
+
+
+def test_a_class_whose_new_returns_a_trainer_is_built_as_a_factory(tasks_module, tmp_path):
+    """A class with none of the trainer's methods is no trainer, unless its own __new__ makes something else: then
+    it is a factory(training_arguments), called as one."""
+    from easytrain import BaseTrainer
+    from easytrain.tasks.registry import resolve_task
+
+    trainer = resolve_task(f"{tasks_module}:Chooser").build(TrainingArguments(output_dir=str(tmp_path)))
     assert type(trainer) is BaseTrainer

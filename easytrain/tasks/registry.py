@@ -298,12 +298,13 @@ def _check_plainly_a_trainer(task: Task) -> None:
     """Refuse, before calling it, a `--task module:attribute` that no `@register_task` vouches for and that cannot
     be a trainer: a built-in function (`builtins:print` would print the arguments, then return None), or a class
     with none of the methods of `TrainerProtocol` (`collections:OrderedDict` raised a bare TypeError). A class with
-    some is built, and `check_implements` names what it lacks (a trainer may set members on the instance)."""
+    some is built, and `check_implements` names what it lacks (a trainer may set members on the instance); so is one
+    whose own `__new__` may return something else, a trainer factory written as a class (`_makes_its_own`)."""
     if not _ad_hoc(task):
         return
     if isinstance(task.target, types.BuiltinFunctionType):
         raise ArgumentError("task", f"{task.name!r} is a built-in function, not a trainer factory. {TASK_TAKES}")
-    if isinstance(task.target, type):
+    if isinstance(task.target, type) and not _makes_its_own(task.target):
         from easytrain.protocol import TrainerProtocol, missing_members, protocol_members  # jax: a --task path only
 
         methods = [name for name in protocol_members() if callable(getattr(TrainerProtocol, name))]
@@ -311,6 +312,11 @@ def _check_plainly_a_trainer(task: Task) -> None:
             raise ArgumentError("task", f"{task.name!r} is a class but not a trainer: it has none of the methods "
                                         f"of easytrain.TrainerProtocol ({', '.join(methods)}; subclass "
                                         f"easytrain.BaseTrainer to have them). {TASK_TAKES}")
+
+
+def _makes_its_own(cls: type) -> bool:
+    """Whether `cls` or a base defines `__new__` in Python: calling it may return a trainer of another class."""
+    return any(isinstance(vars(base).get("__new__"), (staticmethod, types.FunctionType)) for base in cls.__mro__)
 
 
 def _ad_hoc(task: Task) -> bool:
