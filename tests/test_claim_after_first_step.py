@@ -289,19 +289,23 @@ def test_a_killed_resumes_log_copies_are_named_as_such(run_copy, caplog):
     assert "copies (*.before) of the logs" in named and "older runs" not in named
 
 
-
-def test_a_killed_fresh_runs_copies_of_an_older_runs_arguments_are_named_as_such(tmp_path, caplog):
-    """A fresh run into a directory holding only an older run's arguments.json, killed between its claim and its
-    first step, leaves in replaced_run/ only that file's copy: the next start names it as a copy of a file the run
-    replaced as it started, not as logs a resume of an older step rewrote."""
+@pytest.mark.parametrize("resumed", [False, True], ids=["fresh", "resumed-from-elsewhere"])
+def test_a_killed_fresh_runs_copies_of_an_older_runs_arguments_are_named_as_such(tmp_path, caplog, resumed):
+    """A run that does not continue the directory's own checkpoints (a fresh one, or one resumed from a checkpoint
+    elsewhere), into a directory holding only an older run's arguments.json, killed between its claim and its first
+    step, leaves in replaced_run/ only that file's copy: the next start names it as a copy of a file such a run
+    replaced as it started, not as logs a resume of an older step rewrote, nor always as a fresh run's."""
     (output_dir := tmp_path / "run").mkdir()
     (output_dir / "arguments.json").write_text('{"learning_rate": 0.5}')
-    claim_output_dir(args_for(output_dir), None)  # then killed: neither settled nor undone
+    resume = (tmp_path / "elsewhere" / "checkpoints", 2) if resumed else None
+    claim_output_dir(args_for(output_dir), resume)  # then killed: neither settled nor undone
     [left] = (output_dir / REPLACED_DIRNAME).iterdir()
     with caplog.at_level("WARNING", logger="easytrain"):
         claim_output_dir(args_for(output_dir), None)
     [named] = [r.message for r in caplog.records if str(left) in r.message]
     assert "arguments.json" in named and "a resume of an older step" not in named, named
+    assert "resumed from a checkpoint elsewhere" in named, named
+
 
 def test_a_fresh_run_failing_before_step_one_leaves_no_wandb_folder(run_copy, tmp_path, monkeypatch):
     """W&B opens before the claim and writes its offline run under output_dir/wandb/: an older run that kept none

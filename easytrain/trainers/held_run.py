@@ -268,9 +268,10 @@ LEFTOVER_KINDS = {
                   "before its first step was done: those logs' records past the step it resumed, of the lineage it "
                   "set aside in superseded_checkpoints/; to continue that lineage, move its checkpoints back and copy "
                   "these over the logs (without .before), else delete them",
-    "file copies": "copies (*.before) of an older run's files (arguments.json, sft_data_stats.json) that a fresh run "
-                   "replaced as it started, stopped before its first step was done: to keep the older run's, copy "
-                   "them over those files (without .before), else delete them",
+    "file copies": "copies (*.before) of an older run's files (arguments.json, sft_data_stats.json) that a run not "
+                   "continuing its checkpoints (a fresh run, or one resumed from a checkpoint elsewhere) replaced as "
+                   "it started, stopped before its first step was done: to keep the older run's, copy them over "
+                   "those files (without .before), else delete them",
     "deleting": "what is left of older runs that their replacing run failed to delete after its first step: "
                 "delete them (they are deleted once this run's first step is done)",
 }
