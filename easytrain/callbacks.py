@@ -22,7 +22,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from easytrain.best_metric_direction import lower_is_better
+from easytrain.best_metric_direction import HIGHER_IS_BETTER, lower_is_better, names_a
 from easytrain.errors import EasytrainError
 
 logger = logging.getLogger("easytrain")
@@ -247,6 +247,19 @@ class MissingMetricError(EasytrainError, KeyError):
         return str(self.args[0])
 
 
+def direction_of(metric: str) -> bool:
+    """`greater_is_better` by a metric's name, as `metric_for_best_model` infers it: lower for a loss, a perplexity,
+    an error, a distance or a divergence, higher for an accuracy, an F1, ... (docs/metrics.md). A name of neither kind
+    keeps this callback's old default, lower-is-better (`metric_for_best_model` ranks it higher), with a warning."""
+    if lower_is_better(metric):
+        return False
+    if names_a(metric, HIGHER_IS_BETTER):
+        return True
+    logger.warning("EarlyStopping(%r) ranks a name of no known direction lower-is-better: pass "
+                   "greater_is_better=True if a larger value is better.", metric)
+    return False
+
+
 class EarlyStopping(Callback):
     """Stops training once ``metric`` has not improved for ``patience`` evaluations.
 
@@ -273,15 +286,14 @@ class EarlyStopping(Callback):
             metric: Name in the evaluation metrics, e.g. "eval_loss".
             patience: Evaluations without improvement tolerated before stopping.
             min_delta: An improvement must exceed this margin to count.
-            greater_is_better: True for metrics such as accuracy. None: from the metric's name, as for
-                `metric_for_best_model` (lower for a loss, a perplexity, an error, ...: docs/metrics.md; else higher).
+            greater_is_better: True for metrics such as accuracy. None: from the metric's name (`direction_of`).
         """
         if patience < 1:
             raise ValueError(f"patience must be >= 1, got {patience}")
         if min_delta < 0:
             raise ValueError(f"min_delta must be >= 0, got {min_delta}")
         self.metric, self.patience, self.min_delta = metric, patience, min_delta
-        self.greater_is_better = not lower_is_better(metric) if greater_is_better is None else greater_is_better
+        self.greater_is_better = direction_of(metric) if greater_is_better is None else greater_is_better
         self.best: float | None = None
         self.best_step: int | None = None
         self.evaluations_without_improvement = 0

@@ -145,15 +145,19 @@ def test_greater_is_better() -> None:
 
 
 @pytest.mark.parametrize("metric, rising_stops", [("eval_accuracy", False), ("eval_f1", False),
-                                                  ("eval_loss", True), ("eval_mse", True)])
-def test_unset_greater_is_better_follows_the_metric_name(metric: str, rising_stops: bool) -> None:
-    """EarlyStopping(metric) without a direction ranks as metric_for_best_model does (an accuracy higher, a loss or
-    an error lower), not lower-is-better for every name: before, EarlyStopping('eval_accuracy', patience=2) stopped a
-    run whose accuracy rose at every evaluation."""
-    callback, trainer = EarlyStopping(metric, patience=2), fake_trainer()
+                                                  ("eval_loss", True), ("eval_mse", True), ("eval_score", True)])
+def test_unset_greater_is_better_follows_the_metric_name(metric: str, rising_stops: bool, caplog) -> None:
+    """EarlyStopping(metric) without a direction ranks a name of known direction as metric_for_best_model does (an
+    accuracy higher, a loss or an error lower): before, EarlyStopping('eval_accuracy', patience=2) stopped a run whose
+    accuracy rose at every evaluation. A name of neither kind keeps the callback's lower-is-better, with a warning."""
+    with caplog.at_level(logging.WARNING, logger="easytrain"):
+        callback, trainer = EarlyStopping(metric, patience=2), fake_trainer()
     evaluate(callback, trainer, [0.5, 0.6, 0.7], metric=metric)
     assert trainer.should_stop is rising_stops
     assert callback.greater_is_better is not rising_stops
+    warned = [record.getMessage() for record in caplog.records]
+    assert warned == (["EarlyStopping('eval_score') ranks a name of no known direction lower-is-better: pass "
+                       "greater_is_better=True if a larger value is better."] if metric == "eval_score" else [])
 
 
 def test_greater_is_better_min_delta_requires_a_real_improvement() -> None:
