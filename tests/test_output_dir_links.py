@@ -310,6 +310,19 @@ def test_a_dangling_link_where_the_claim_moves_things_or_overwrite_keeps_is_refu
         assert check_output_dir(args_for(run_copy, resume_from_checkpoint="latest"))[1] == 4
 
 
+
+def test_a_fresh_run_over_an_older_runs_arguments_is_refused_a_dangling_replaced_run_link(tmp_path):
+    """A fresh run holds an older run's arguments.json in replaced_run/ even where nothing else of that run is
+    there: a dangling replaced_run link is refused by the check, naming it, not by the claim once the run is set up
+    (a raw FileExistsError); the older file is untouched."""
+    (run := tmp_path / "run").mkdir()
+    (run / "arguments.json").write_text('{"learning_rate": 0.5}')
+    _dangling(run / REPLACED_DIRNAME)
+    with pytest.raises(OutputDirError, match=f"{REPLACED_DIRNAME} links to '.*gone-target'.*does not exist"):
+        check_output_dir(args_for(run))
+    assert (run / "arguments.json").read_text() == '{"learning_rate": 0.5}'
+
+
 def test_a_jobs_overwrite_of_linked_logs_takes_the_links_and_leaves_their_targets(tmp_path):
     """`job(..., overwrite_metrics=True)` starting fresh where logs are links (a tensorboard/ on a scratch disk)."""
     run = tmp_path / "run"

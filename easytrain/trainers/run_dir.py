@@ -190,7 +190,9 @@ def _checked_directory(args: TrainingArguments, is_main_process: bool,
     own = resumes_own_checkpoints(output_dir, resume)
     moved = RUN_ARTIFACTS if args.overwrite_output_dir and not own else ()  # moved away as links: not checked
     held = tuple(name for name in HELD_DIRNAMES if (output_dir / name).is_symlink())  # listed only where one is
-    held = held if held and (args.overwrite_output_dir or restart or _sets_aside(output_dir, resume)) else ()
+    # replaced_run/ takes what a claim holds: an older run's files (its arguments.json alone, where nothing else of
+    # it is there) wherever the run does not continue its own checkpoints; superseded_checkpoints/ what it sets aside
+    held = held if held and (args.overwrite_output_dir or restart or not own or _sets_aside(output_dir, resume)) else ()
     check_links(output_dir, (*run_outputs(args), *held), skip=(*moved, *(STARTED_RUN_LOGS if restart else ())),
                 movable=() if own else RUN_ARTIFACTS)
     if is_main_process:
