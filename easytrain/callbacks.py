@@ -247,17 +247,13 @@ class MissingMetricError(EasytrainError, KeyError):
         return str(self.args[0])
 
 
-def direction_of(metric: str) -> bool:
+def direction_of(metric: str) -> bool | None:
     """`greater_is_better` by a metric's name, as `metric_for_best_model` infers it: lower for a loss, a perplexity,
-    an error, a distance or a divergence, higher for an accuracy, an F1, ... (docs/metrics.md). A name of neither kind
-    keeps this callback's old default, lower-is-better (`metric_for_best_model` ranks it higher), with a warning."""
+    an error, a distance or a divergence, higher for an accuracy, an F1, ... (docs/metrics.md); None for a name of
+    neither kind."""
     if lower_is_better(metric):
         return False
-    if names_a(metric, HIGHER_IS_BETTER):
-        return True
-    logger.warning("EarlyStopping(%r) ranks a name of no known direction lower-is-better: pass "
-                   "greater_is_better=True if a larger value is better.", metric)
-    return False
+    return True if names_a(metric, HIGHER_IS_BETTER) else None
 
 
 class EarlyStopping(Callback):
@@ -286,20 +282,33 @@ class EarlyStopping(Callback):
             metric: Name in the evaluation metrics, e.g. "eval_loss".
             patience: Evaluations without improvement tolerated before stopping.
             min_delta: An improvement must exceed this margin to count.
-            greater_is_better: True for metrics such as accuracy. None: from the metric's name (`direction_of`).
+            greater_is_better: True for metrics such as accuracy. None: the run's `greater_is_better` where
+                ``metric`` is its `metric_for_best_model` (`rank_as_run`), else from the name (`direction_of`;
+                lower-is-better, with a warning, for a name of neither kind).
         """
         if patience < 1:
             raise ValueError(f"patience must be >= 1, got {patience}")
         if min_delta < 0:
             raise ValueError(f"min_delta must be >= 0, got {min_delta}")
         self.metric, self.patience, self.min_delta = metric, patience, min_delta
-        self.greater_is_better = direction_of(metric) if greater_is_better is None else greater_is_better
+        named = direction_of(metric)
+        # A name of no known direction keeps this callback's old default, lower-is-better (warned of as training
+        # begins, unless `rank_as_run` settles it: `metric_for_best_model` ranks such a name higher).
+        self.greater_is_better = bool(named) if greater_is_better is None else greater_is_better
+        self._direction_given = greater_is_better is not None
+        self._direction_unknown = greater_is_better is None and named is None
         self.best: float | None = None
         self.best_step: int | None = None
         self.evaluations_without_improvement = 0
         self.stop_reason: str | None = None
         self.last_evaluation_step: int | None = None
         self._restored = False  # whether `load_state_dict` gave this run its progress (a resume)
+
+    def rank_as_run(self, metric: str, greater_is_better: bool) -> None:
+        """Rank `metric`, the run's `metric_for_best_model`, in the run's direction if this callback watches it and
+        was given none: early stopping, checkpoint retention and `load_best_model_at_end` then agree."""
+        if metric == self.metric and not self._direction_given:
+            self.greater_is_better, self._direction_unknown = greater_is_better, False
 
     def is_improvement(self, value: float) -> bool:
         """True if ``value`` beats the best so far by more than ``min_delta``; NaN never does."""
@@ -339,6 +348,10 @@ class EarlyStopping(Callback):
         than the stopped run's) is finished: it stops before its first step, with a reason naming this patience. With
         a larger one it trains on from the evaluations counted. The stopped run's own reason is never reused: it
         named that run's patience."""
+        if self._direction_unknown:
+            logger.warning("EarlyStopping(%r) ranks a name of no known direction lower-is-better: pass "
+                           "greater_is_better=True if a larger value is better.", self.metric)
+            self._direction_unknown = False  # once
         restored, self._restored = self._restored, False
         self.stop_reason = None
         if restored and self.evaluations_without_improvement >= self.patience:

@@ -149,15 +149,43 @@ def test_greater_is_better() -> None:
 def test_unset_greater_is_better_follows_the_metric_name(metric: str, rising_stops: bool, caplog) -> None:
     """EarlyStopping(metric) without a direction ranks a name of known direction as metric_for_best_model does (an
     accuracy higher, a loss or an error lower): before, EarlyStopping('eval_accuracy', patience=2) stopped a run whose
-    accuracy rose at every evaluation. A name of neither kind keeps the callback's lower-is-better, with a warning."""
+    accuracy rose at every evaluation. A name of neither kind keeps the callback's lower-is-better, with a warning
+    as training begins (once)."""
+    callback, trainer = EarlyStopping(metric, patience=2), fake_trainer()
     with caplog.at_level(logging.WARNING, logger="easytrain"):
-        callback, trainer = EarlyStopping(metric, patience=2), fake_trainer()
+        callback.on_train_begin(trainer)
+        callback.on_train_begin(trainer)
     evaluate(callback, trainer, [0.5, 0.6, 0.7], metric=metric)
     assert trainer.should_stop is rising_stops
     assert callback.greater_is_better is not rising_stops
     warned = [record.getMessage() for record in caplog.records]
     assert warned == (["EarlyStopping('eval_score') ranks a name of no known direction lower-is-better: pass "
                        "greater_is_better=True if a larger value is better."] if metric == "eval_score" else [])
+
+
+@pytest.mark.parametrize("ranked, direction, watched, expected", [
+    ("eval_score", True, "eval_score", True),  # the run's given direction, for a name of no known direction
+    ("eval_score", None, "eval_score", True),  # the run's inferred one (higher), not the callback's lower
+    ("eval_accuracy", False, "eval_accuracy", False),  # a given direction against the name: the run's
+    ("eval_score", True, "eval_accuracy", True),  # another metric than the run's: by its own name
+    ("eval_score", True, "eval_mse", False),
+])
+def test_an_early_stopping_given_no_direction_ranks_the_runs_metric_as_the_run_does(
+        tmp_path, ranked, direction, watched, expected, caplog) -> None:
+    """EarlyStopping(metric_for_best_model) given no greater_is_better ranks that metric as the run ranks its
+    checkpoints and load_best_model_at_end's: before, EarlyStopping('eval_score') under greater_is_better=True
+    ranked lower-is-better, stopping a run whose score rose (and warned to pass a direction the run had)."""
+    from easytrain import BaseTrainer, TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), metric_for_best_model=ranked, greater_is_better=direction,
+                             report_to=["none"])
+    stopper = EarlyStopping(watched, patience=2)
+    trainer = BaseTrainer(args, callbacks=[stopper, EarlyStopping(watched, patience=2, greater_is_better=False)])
+    assert [c.greater_is_better for c in trainer.callbacks.callbacks if isinstance(c, EarlyStopping)] \
+        == [expected, False]  # a direction given to the callback is its own
+    with caplog.at_level(logging.WARNING, logger="easytrain"):
+        stopper.on_train_begin(fake_trainer())
+    assert "EarlyStopping(" not in caplog.text
 
 
 def test_greater_is_better_min_delta_requires_a_real_improvement() -> None:

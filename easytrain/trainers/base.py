@@ -94,7 +94,7 @@ class BaseTrainer(ProtocolProperties, InitialPolicyHooks, RunRecordHooks, TrainS
         self._given_model = model
         self.tokenizer = tokenizer
         self._raw_train, self._raw_eval = dataset_train, dataset_eval
-        self.callbacks = CallbackList(list(callbacks) + builders.default_callbacks(self._arguments))
+        self.callbacks = CallbackList(builders.run_callbacks(self._arguments, list(callbacks)))
         self.evaluators: list[Evaluator] = list(evaluators)
         self.should_stop = False
         self.is_main_process = jax.process_index() == 0

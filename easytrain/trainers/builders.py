@@ -296,6 +296,15 @@ def check_eval_metrics(args: TrainingArguments, device_names: set[str], evaluato
                                                      f"choose from {', '.join(offered)}.")
 
 
+def run_callbacks(args: TrainingArguments, given: Sequence[Callback]) -> list[Callback]:
+    """The callbacks given, an `EarlyStopping` of the run's metric given no direction ranking it as the run does,
+    then `default_callbacks`."""
+    for callback in given:
+        if isinstance(callback, EarlyStopping):
+            callback.rank_as_run(args.metric_for_best_model or "eval_loss", args.greater_is_better)
+    return [*given, *default_callbacks(args)]
+
+
 def default_callbacks(args: TrainingArguments) -> list[Callback]:
     """Callbacks the arguments ask for (early stopping), then job reporting (`job.json`, stop file)."""
     callbacks: list[Callback] = []
