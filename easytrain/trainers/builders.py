@@ -38,6 +38,7 @@ from easytrain.tasks import arithmetic
 from easytrain.trainers import given_data
 from easytrain.trainers.batch_fields import check_collated
 from easytrain.trainers.job_callback import JobCallback
+from easytrain.trainers.row_sources import row_sources
 from easytrain.trainers.switches import check_scan_windows
 
 logger = logging.getLogger("easytrain")
@@ -378,29 +379,6 @@ def prepared_eval_rows(trainer: Any, dataset: Any) -> Any:
     dataset = given_data.evaluation_input(dataset)  # a Dataset as plain rows; no set of splits, no stream
     with datasets_progress_bars(trainer.arguments.disable_progress_bar):
         return trainer.prepare_eval_dataset(dataset)
-
-
-def row_sources(prepared: Any) -> tuple[Any, Any]:
-    """`prepare_datasets`' pair, before any batching: not the train rows alone (a dict would unpack into its column
-    names), nor several splits in one (a `DatasetDict`), nor several eval sets in a dict (a dict of columns is one)."""
-    if not isinstance(prepared, (tuple, list)) or len(prepared) != 2:
-        what = "None" if prepared is None else f"a {type(prepared).__name__}" + (
-            f" of {len(prepared)}" if isinstance(prepared, (tuple, list)) else "")
-        raise TypeError(f"prepare_datasets returned {what}; return (train_rows, eval_rows), eval_rows None for no "
-                        "evaluation set.")
-    train, evaluation = prepared
-    for name, rows in (("train", train), ("eval", evaluation)):
-        if isinstance(rows, datasets.DatasetDict):
-            raise TypeError(f"prepare_datasets returned a DatasetDict with splits {list(rows)} as its {name} rows; "
-                            "return (train, eval), e.g. (splits['train'], splits['test']), or (train, None).")
-        if isinstance(rows, Mapping) and rows and all(isinstance(value, (Mapping, datasets.Dataset))
-                                                      for value in rows.values()):
-            fix = ("return one eval set, e.g. (train, sets['a']), and evaluate each of the others with "
-                   "trainer.evaluate(dataset) (prepare_eval_dataset makes rows of it)") if name == "eval" else \
-                "return one training set (its rows: columns of equal length, or a datasets.Dataset)"
-            raise TypeError(f"prepare_datasets returned a dict of several {name} sets {tuple(rows)} as its {name} "
-                            f"rows; {fix}.")
-    return train, evaluation
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str | None:
