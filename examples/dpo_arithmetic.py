@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", type=Path, default=Path("runs/dpo_arithmetic"))
     parser.add_argument("--sft_steps", type=int, default=600)
+    parser.add_argument("--sft_batch_size", type=int, default=16, help="SFT rows per step (packed, 128 tokens each)")
     parser.add_argument("--dpo_steps", type=int, default=600)
     parser.add_argument("--eval_samples", type=int, default=256)
     parser.add_argument("--dpo_learning_rate", type=float, default=1e-4)
@@ -44,8 +45,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     quiet = dict(overwrite_output_dir=True, save_strategy="no", disable_progress_bar=True, logging_steps=50)
 
     sft = SFTTrainer(TrainingArguments(
-        output_dir=str(options.output_dir / "sft"), max_length=128, train_batch_size=16, max_steps=options.sft_steps,
-        learning_rate=3e-3, eval_strategy="no", max_eval_samples=options.eval_samples, **quiet),
+        output_dir=str(options.output_dir / "sft"), max_length=128, train_batch_size=options.sft_batch_size,
+        max_steps=options.sft_steps, learning_rate=3e-3, eval_strategy="no", max_eval_samples=options.eval_samples,
+        **quiet),
         SFTArguments(assistant_only_loss=True, packing=True))
     sft.train()  # no evaluation here: DPO's first one is of this model, exported, on the same held-out prompts
 
