@@ -17,11 +17,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # The suite compiles hundreds of tiny programs and runs most of them a few steps, so XLA:CPU's LLVM backend at
 # -O0 instead of its default -O3: the same HLO passes, fusions and buffer assignment, compiles about a quarter
-# faster than at -O1, steps about twice as slow. A test that trains hundreds of steps asks for -O1 in its child process
-# (tests/runs.py `long_training_env`). And XLA:CPU's elemental emitters instead of its MLIR fusion emitters: the
-# same HLO, the same losses in the runs compared, a train step's code generated in 0.5-0.8 of the time and run about
-# a tenth slower at -O0 (docs/benchmarks.md). Benchmarks and the easytrain command keep XLA's defaults.
-# Subprocesses inherit these; tests that set a device count add it to them (tests/runs.py `xla_flags`). The
+# faster than at -O1, steps about twice as slow. And XLA:CPU's elemental emitters instead of its MLIR fusion emitters:
+# the same HLO, the same losses in the runs compared, a train step's code generated in 0.5-0.8 of the time and run
+# about a tenth slower at -O0 (docs/benchmarks.md). A test that trains hundreds of steps asks for -O1 and the fusion
+# emitters in its child process (tests/runs.py `long_training_env`). Benchmarks and the easytrain command keep XLA's
+# defaults. Subprocesses inherit these; tests that set a device count add it to them (tests/runs.py `xla_flags`). The
 # emitter switch exists in jaxlib 0.10 and is gone from 0.11, whose XLA aborts on an unknown flag at backend start.
 _FLAGS = [("--xla_backend_optimization_level", "0")]
 if tuple(int(part) for part in importlib.metadata.version("jaxlib").split(".")[:2]) < (0, 11):
