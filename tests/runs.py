@@ -124,6 +124,17 @@ class FailAt(Callback):
             raise RuntimeError(f"a failing callback at step {step}")
 
 
+class FailAtSave(Callback):
+    """Raises in `on_save` of `step`, once the save of that step has started: the run's own failure after it."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_save(self, trainer, step, checkpoint_dir):
+        if step == self.step:
+            raise RuntimeError(f"a failing on_save at step {step}")
+
+
 def xla_flags(devices: int | None) -> str:
     """This process's `XLA_FLAGS` (the suite's compile settings, tests/conftest.py) with `devices` CPU devices
     (None: no device count)."""

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from easytrain import Callback
 from easytrain.checkpoint import CheckpointManager
-from runs import StopAt
+from runs import FailAtSave, StopAt
 from test_foundation import regression_trainer
 from test_trainer import logged, tiny_args
 
@@ -43,17 +42,6 @@ def test_the_best_checkpoint_survives_a_resume_under_a_limit_of_one_and_is_loade
     assert logs["best_step"] == best and int(resumed.state.step) == best
 
 
-class FailingSave(Callback):
-    """Raises in `on_save` of `step`, once the save of that step has started."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_save(self, trainer, step, checkpoint_dir):
-        if step == self.step:
-            raise RuntimeError(f"a failing on_save at step {step}")
-
-
 def test_a_callback_raising_in_on_save_loses_no_checkpoint(tmp_path):
     """save_total_limit 1: the raise comes after checkpoint 4 replaced checkpoint 2, so 4 must be whole. The run
     resumed from it logs what an uninterrupted run logs."""
@@ -62,7 +50,7 @@ def test_a_callback_raising_in_on_save_loses_no_checkpoint(tmp_path):
     regression_trainer(straight).train()
     failed = tiny_args(tmp_path / "failed", **common)
     with pytest.raises(RuntimeError, match="a failing on_save at step 4"):
-        regression_trainer(failed, callbacks=[FailingSave(4)]).train()
+        regression_trainer(failed, callbacks=[FailAtSave(4)]).train()
     assert CheckpointManager(Path(failed.output_dir) / "checkpoints").all_steps() == [4]
     resumed = regression_trainer(tiny_args(tmp_path / "failed", resume_from_checkpoint="latest", **common))
     resumed.train()

@@ -14,6 +14,7 @@ import pytest
 from easytrain import Callback
 from easytrain.callbacks import CallbackList
 from easytrain.checkpoint import CheckpointManager
+from runs import FailAtSave
 from test_foundation import regression_trainer
 from test_trainer import tiny_args
 
@@ -35,17 +36,6 @@ class Seen(Callback):
         self.errors.append(error)
 
 
-class FailAt(Callback):
-    """The run's own failure: raises in `on_save` of `step`, once that save has started."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_save(self, trainer, step, checkpoint_dir):
-        if step == self.step:
-            raise RuntimeError(f"the run failed at step {step}")
-
-
 def test_every_on_exception_runs_and_the_callbacks_error_is_logged(caplog):
     seen, original = Seen(), RuntimeError("the run's failure")
     with caplog.at_level(logging.ERROR, logger="easytrain"):
@@ -64,10 +54,10 @@ def test_call_of_on_exception_is_guarded_too():
 def test_the_runs_error_propagates_past_a_broken_on_exception(tmp_path):
     seen = Seen()
     args = tiny_args(tmp_path, max_steps=4, save_strategy="steps", save_steps=2, save_total_limit=1)
-    with pytest.raises(RuntimeError, match="the run failed at step 2") as raised:
-        regression_trainer(args, callbacks=[FailAt(2), BrokenHandler(), seen]).train()
+    with pytest.raises(RuntimeError, match="a failing on_save at step 2") as raised:
+        regression_trainer(args, callbacks=[FailAtSave(2), BrokenHandler(), seen]).train()
     assert seen.errors == [raised.value]
     assert raised.value.__context__ is None, "the run's error is the primary one, not a context"
     assert CheckpointManager(Path(args.output_dir) / "checkpoints").all_steps() == [2]
     job = json.loads((Path(args.output_dir) / "job.json").read_text())
-    assert job["status"] == "failed" and "the run failed at step 2" in job["error"]["message"], job
+    assert job["status"] == "failed" and "a failing on_save at step 2" in job["error"]["message"], job
