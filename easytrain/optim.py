@@ -7,6 +7,7 @@ shifts warmup or decay.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -92,6 +93,21 @@ def build_optimizer(args: TrainingArguments, schedule: optax.Schedule) -> optax.
     if switches["max_grad_norm"]:
         return optax.chain(clip_by_global_norm(args.max_grad_norm), opt)
     return opt
+
+
+def checked_schedule(schedule: Any) -> Any:
+    """`configure_schedule`'s result, refused at set-up unless it is a function of the update count: the train step
+    calls it to apply and log the rate, so a number (which optax's optimizers take as a fixed rate) failed only inside
+    the first step's trace, and a missing `return` (None) sent `scheduler` back into `setup` without end."""
+    if callable(schedule):
+        return schedule
+    if schedule is None:
+        raise TypeError("configure_schedule returned None: return the optax schedule it builds, a function of the "
+                        "update count (e.g. `return optax.cosine_decay_schedule(...)`).")
+    fix = f"optax.constant_schedule({schedule!r}) for a fixed rate" if isinstance(schedule, numbers.Real) else \
+        "an optax schedule"
+    raise TypeError(f"configure_schedule returned a {type(schedule).__name__} ({schedule!r}): the train step calls "
+                    f"the schedule with the update count to apply and log the learning rate; return {fix}.")
 
 
 def checked_optimizer(tx: Any) -> optax.GradientTransformation:

@@ -34,11 +34,11 @@ from easytrain.data.token_range import vocab_size_of
 from easytrain.errors import ArgumentError
 from easytrain.evaluators import Evaluator, usable_evaluators
 from easytrain.frozen import Frozen, FrozenPlan
-from easytrain.optim import build_optimizer, build_schedule, checked_optimizer, schedule_record
+from easytrain.optim import build_optimizer, build_schedule, checked_optimizer, checked_schedule, schedule_record
 from easytrain.protocol import ConfiguredDataloaders, ConfiguredFunctions, ConfiguredModel
 from easytrain.state import TrainState, bind
 from easytrain.trainers import (adapters, batch_fields, builders, data_agreement, preemption, process_failure, run_lock,
-                                schedule_checks, step_outputs, trainer_start)
+                                step_outputs, trainer_start)
 from easytrain.trainers.claim_hooks import ClaimHooks
 from easytrain.trainers.held_run import tracker_records
 from easytrain.trainers.initial_policy import InitialPolicyHooks
@@ -147,7 +147,7 @@ class BaseTrainer(ProtocolProperties, InitialPolicyHooks, RunRecordHooks, TrainS
         data_agreement.check_processes_agree(self._data, self._arguments, given, jax.process_count())
         profiling.check_window(self._arguments, self._data.total_steps)  # the run's length is known from here
         # `scheduler`: configure_model may read it
-        self._schedule = schedule_checks.checked_schedule(self.configure_schedule(self._data.total_steps))
+        self._schedule = checked_schedule(self.configure_schedule(self._data.total_steps))
         with stop_signals.interruptible("building the model"):
             self._model = self.configure_model()
         self._settle_evaluators(self._model.model)  # the module trained, whatever built it: before any step

@@ -7,7 +7,6 @@ where the defaults set the rates (not a trainer's own optimizer, nor a schedule 
 from __future__ import annotations
 
 import logging
-import numbers
 from typing import Any
 
 logger = logging.getLogger("easytrain")
@@ -25,21 +24,6 @@ SCHEDULE_KEY = "schedule"
 DEFAULT_OPTIMIZER_KEY = "default_optimizer"
 #: The record's entry saying the default `configure_schedule` built the schedule the run applies (`run_record`).
 DEFAULT_SCHEDULE_MARK = "default"
-
-
-def checked_schedule(schedule: Any) -> Any:
-    """`configure_schedule`'s result, refused at set-up unless it is a function of the update count: the train step
-    calls it to apply and log the rate, so a number (which optax's optimizers take as a fixed rate) failed only inside
-    the first step's trace, and a missing `return` (None) sent `scheduler` back into `setup` without end."""
-    if callable(schedule):
-        return schedule
-    if schedule is None:
-        raise TypeError("configure_schedule returned None: return the optax schedule it builds, a function of the "
-                        "update count (e.g. `return optax.cosine_decay_schedule(...)`).")
-    fix = f"optax.constant_schedule({schedule!r}) for a fixed rate" if isinstance(schedule, numbers.Real) else \
-        "an optax schedule"
-    raise TypeError(f"configure_schedule returned a {type(schedule).__name__} ({schedule!r}): the train step calls "
-                    f"the schedule with the update count to apply and log the learning rate; return {fix}.")
 
 
 def warn_schedule_changes(run_info: dict[str, Any], current: dict[str, Any]) -> None:
